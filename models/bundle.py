@@ -1,0 +1,222 @@
+"""The model bundle: a directory with the `.keras` model, its tokenizer and a manifest.
+
+Layout::
+
+    BUNDLE/
+      model.keras      the trained Keras 3 model (no Lambda layers: loads in safe mode)
+      tokenizer.json   the `models.tokenizer.Tokenizer` used in training
+      manifest.json    which input reads which corpus field, sequence lengths,
+                       padding side, label names, SHA-256 of both files,
+                       training metrics and library versions
+
+`load_bundle` checks all of it and raises `BundleError` saying what is wrong
+and how to fix it.  Paths here are local: callers that read bundles from object
+storage copy them to a local directory first.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+
+import keras
+
+from models import __version__
+from models.tokenizer import Tokenizer
+
+FORMAT = "embexport-bundle"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.keras"
+TOKENIZER_FILE = "tokenizer.json"
+DEFAULT_BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "default_bundle")
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, incomplete, corrupt or inconsistent."""
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A loaded bundle: the model, its tokenizer and its manifest dict."""
+
+    path: str
+    model: keras.Model
+    tokenizer: Tokenizer
+    manifest: dict
+
+    @property
+    def input_fields(self):
+        """Model input name -> corpus field it reads."""
+        return {entry["name"]: entry["field"] for entry in self.manifest["inputs"]}
+
+    @property
+    def sequence_lengths(self):
+        """Model input name -> number of token ids it takes."""
+        return {entry["name"]: entry["length"] for entry in self.manifest["inputs"]}
+
+
+def sha256_file(path):
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions():
+    import tensorflow as tf
+
+    return {
+        "package": __version__,
+        "keras": keras.__version__,
+        "tensorflow": tf.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_bundle(directory, model, tokenizer, input_fields, labels=None, metrics=None, extra=None):
+    """Writes a bundle.
+
+    Args:
+        directory: target directory (created; existing bundle files are replaced).
+        model: a Keras model whose inputs are named.
+        tokenizer: the `Tokenizer` that produced its training ids.
+        input_fields: model input name -> corpus field it reads.
+        labels: output name -> {"field": corpus field, "classes": [names]}.
+        metrics: held-out metrics to record.
+        extra: other JSON-serialisable facts to record (topology, sizes, ...).
+
+    Returns:
+        The manifest dict that was written.
+    """
+    os.makedirs(directory, exist_ok=True)
+    model_path = os.path.join(directory, MODEL_FILE)
+    tokenizer_path = os.path.join(directory, TOKENIZER_FILE)
+    model.save(model_path)
+    with open(tokenizer_path, "w", encoding="utf-8") as handle:
+        handle.write(tokenizer.to_json())
+    inputs = []
+    for tensor in model.inputs:
+        if tensor.name not in input_fields:
+            raise BundleError(f"input_fields has no corpus field for model input {tensor.name!r}.")
+        inputs.append({"name": tensor.name, "field": input_fields[tensor.name], "length": int(tensor.shape[1])})
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_file": MODEL_FILE,
+        "tokenizer_file": TOKENIZER_FILE,
+        "inputs": inputs,
+        "padding": tokenizer.padding,
+        "truncating": tokenizer.truncating,
+        "vocabulary_size": tokenizer.size,
+        "labels": labels or {},
+        "metrics": metrics or {},
+        "sha256": {MODEL_FILE: sha256_file(model_path), TOKENIZER_FILE: sha256_file(tokenizer_path)},
+        "versions": library_versions(),
+        **(extra or {}),
+    }
+    with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+    return manifest
+
+
+def is_bundle(path):
+    """Whether `path` is a directory holding a bundle manifest."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST_FILE))
+
+
+def read_manifest(directory):
+    """Reads and validates `manifest.json`; returns it as a dict."""
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isdir(directory):
+        raise BundleError(f"Bundle directory {directory!r} does not exist; pass --model with a bundle directory or a .keras/.h5 file.")
+    if not os.path.isfile(path):
+        raise BundleError(
+            f"{directory!r} has no {MANIFEST_FILE}, so it is not a model bundle. "
+            "Write bundles with `python -m models.train`, or pass a .keras/.h5 file."
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path} is not valid JSON ({error}); restore it from the bundle's source.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not an {FORMAT} manifest (its 'format' field must be {FORMAT!r}).")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has format_version {manifest.get('format_version')!r}; this version "
+            f"reads {FORMAT_VERSION}. Re-export the bundle with this package's `models.train`."
+        )
+    required = {"model_file": str, "tokenizer_file": str, "inputs": list, "sha256": dict}
+    for key, kind in required.items():
+        if not isinstance(manifest.get(key), kind):
+            raise BundleError(f"{path} lacks {key!r} (expected a {kind.__name__}).")
+    for entry in manifest["inputs"]:
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("field"), str)
+            and isinstance(entry.get("length"), int)
+            and entry["length"] > 0
+        ):
+            raise BundleError(
+                f"{path}: each entry of 'inputs' needs a string 'name' and 'field' and a "
+                f"positive integer 'length'; received {entry!r}."
+            )
+    return manifest
+
+
+def load_bundle(directory, verify_hashes=True):
+    """Loads and validates a bundle directory.
+
+    Raises:
+        BundleError: the bundle is missing a file, a hash does not match, the
+            manifest is malformed, or the manifest disagrees with the model.
+    """
+    manifest = read_manifest(directory)
+    paths = {}
+    for key in ("model_file", "tokenizer_file"):
+        name = manifest[key]
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise BundleError(f"Bundle {directory!r} is missing {name} (named by {key} in its manifest).")
+        if verify_hashes:
+            expected = manifest["sha256"].get(name)
+            actual = sha256_file(path)
+            if expected != actual:
+                raise BundleError(
+                    f"{path} has SHA-256 {actual}, but the manifest records {expected}: the "
+                    "file was changed or corrupted after the bundle was written. Restore the "
+                    "original file or re-export the bundle."
+                )
+        paths[key] = path
+    try:
+        model = keras.saving.load_model(paths["model_file"], compile=False)
+    except Exception as error:  # Keras raises many types for a corrupt archive.
+        raise BundleError(f"Could not load {paths['model_file']}: {type(error).__name__}: {error}") from None
+    with open(paths["tokenizer_file"], encoding="utf-8") as handle:
+        try:
+            tokenizer = Tokenizer.from_json(handle.read())
+        except ValueError as error:
+            raise BundleError(f"{paths['tokenizer_file']}: {error}") from None
+    model_inputs = {t.name: t.shape for t in model.inputs}
+    for entry in manifest["inputs"]:
+        shape = model_inputs.get(entry["name"])
+        if shape is None:
+            raise BundleError(
+                f"The manifest maps input {entry['name']!r}, but the model's inputs are "
+                f"{sorted(model_inputs)}; fix 'inputs' in {MANIFEST_FILE}."
+            )
+        if len(shape) != 2 or shape[1] != entry["length"]:
+            raise BundleError(
+                f"The manifest says input {entry['name']!r} takes {entry['length']} token ids, "
+                f"but the model's input shape is {tuple(shape)}; fix 'length' in {MANIFEST_FILE}."
+            )
+    missing = sorted(set(model_inputs) - {entry["name"] for entry in manifest["inputs"]})
+    if missing:
+        raise BundleError(f"The manifest gives no corpus field for model input(s) {missing}; add them to 'inputs'.")
+    return Bundle(path=directory, model=model, tokenizer=tokenizer, manifest=manifest)

@@ -1,0 +1,156 @@
+"""The one tokenizer used by training and export: text to fixed-length token ids.
+
+Standardisation: Unicode NFKC, then `str.casefold()` (lower case that also folds
+"ß" to "ss").  Splitting: Han ideographs, Hiragana and Katakana are one token per
+character (Chinese and Japanese are not space-separated); emoji and other
+pictographs are one token per character; every other run of letters and digits
+(`\\w` without "_") is one token.  Zero-width and bidirectional format characters
+are deleted; everything else (spaces, punctuation, control characters)
+separates tokens and is dropped.
+
+Ids: 0 is padding, 1 is out-of-vocabulary, 2.. are vocabulary entries ordered by
+descending training frequency (ties alphabetical).  Each model input has a fixed
+length; `padding` says on which side short documents get 0s and `truncating`
+which end of a long document is cut.  Both default to the choice recorded in the
+bundle: pre-padding (real tokens at the end, as Keras's `pad_sequences`) and
+post-truncation (a long document keeps its beginning).
+"""
+
+import collections
+import json
+import re
+import unicodedata
+
+import numpy as np
+
+PADDING_ID = 0
+OOV_ID = 1
+FORMAT = "embexport-tokenizer"
+SIDES = ("pre", "post")
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_PICTOGRAPHS = "\u2600-\u27bf\U0001f000-\U0001faff"
+_TOKEN_PATTERN = re.compile(
+    f"[{_CJK}]|[{_PICTOGRAPHS}]|[^\\W_{_CJK}]+"
+)
+
+
+# Zero-width and other invisible format characters are deleted, not treated as
+# separators, so that "wo\u200brd" stays one word.
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+
+
+def split_text(text):
+    """Standardises `text` and splits it into token strings."""
+    text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
+    return _TOKEN_PATTERN.findall(text.casefold())
+
+
+class Tokenizer:
+    """Maps text to token ids with a fixed vocabulary.
+
+    Args:
+        vocabulary: token strings; the first gets id 2.
+        padding: "pre" or "post", where padding ids go.
+        truncating: "pre" or "post", which end of an over-long document is cut.
+    """
+
+    def __init__(self, vocabulary, padding="pre", truncating="post"):
+        for name, side in (("padding", padding), ("truncating", truncating)):
+            if side not in SIDES:
+                raise ValueError(f"{name} must be 'pre' or 'post', received {side!r}.")
+        self.vocabulary = list(vocabulary)
+        self.padding = padding
+        self.truncating = truncating
+        self._ids = {token: index + 2 for index, token in enumerate(self.vocabulary)}
+        if len(self._ids) != len(self.vocabulary):
+            raise ValueError("The vocabulary has duplicate tokens.")
+
+    @property
+    def size(self):
+        """Number of ids, padding and out-of-vocabulary included."""
+        return len(self.vocabulary) + 2
+
+    @classmethod
+    def fit(cls, texts, vocabulary_size, **kwargs):
+        """Builds the vocabulary of the `vocabulary_size - 2` most frequent tokens."""
+        if vocabulary_size < 3:
+            raise ValueError(f"vocabulary_size must be at least 3, received {vocabulary_size}.")
+        counts = collections.Counter()
+        for text in texts:
+            counts.update(split_text(text))
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        return cls([token for token, _ in ranked[: vocabulary_size - 2]], **kwargs)
+
+    def token_ids(self, text):
+        """All token ids of `text`, unpadded and untruncated."""
+        get = self._ids.get
+        return [get(token, OOV_ID) for token in split_text(text)]
+
+    def encode_batch(self, texts, length):
+        """Encodes texts into a padded id matrix.
+
+        Args:
+            texts: strings.
+            length: ids per row.
+
+        Returns:
+            `(ids, token_counts, oov_counts, truncated)`: an int32 array of shape
+            `(len(texts), length)`, the number of real tokens kept per row, the
+            number of those that are out-of-vocabulary, and whether each row was
+            cut.
+        """
+        ids = np.zeros((len(texts), length), dtype=np.int32)
+        counts = np.zeros(len(texts), dtype=np.int32)
+        truncated = np.zeros(len(texts), dtype=bool)
+        for row, text in enumerate(texts):
+            sequence = self.token_ids(text)
+            if len(sequence) > length:
+                truncated[row] = True
+                sequence = sequence[:length] if self.truncating == "post" else sequence[-length:]
+            count = len(sequence)
+            counts[row] = count
+            if count:
+                if self.padding == "pre":
+                    ids[row, length - count :] = sequence
+                else:
+                    ids[row, :count] = sequence
+        oov = (ids == OOV_ID).sum(axis=1).astype(np.int32)
+        return ids, counts, oov, truncated
+
+    def to_json(self):
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "format_version": 1,
+                "standardize": "NFKC+casefold",
+                "padding": self.padding,
+                "truncating": self.truncating,
+                "padding_id": PADDING_ID,
+                "oov_id": OOV_ID,
+                "vocabulary": self.vocabulary,
+            },
+            ensure_ascii=False,
+            indent=0,
+        )
+
+    @classmethod
+    def from_json(cls, text):
+        """Loads a tokenizer written by `to_json`; raises ValueError if it is not one."""
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"The tokenizer file is not valid JSON: {error}.") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ValueError(
+                f"The tokenizer file is not an {FORMAT} file (its 'format' is "
+                f"{config.get('format') if isinstance(config, dict) else None!r})."
+            )
+        vocabulary = config.get("vocabulary")
+        if not isinstance(vocabulary, list) or not all(isinstance(t, str) for t in vocabulary):
+            raise ValueError("The tokenizer file's 'vocabulary' must be a list of strings.")
+        return cls(
+            vocabulary,
+            padding=config.get("padding", "pre"),
+            truncating=config.get("truncating", "post"),
+        )

@@ -1,0 +1,144 @@
+"""Cuts a trained model down to a sub-model whose outputs are chosen layers.
+
+This is the tutorial's `Model(inputs=model.input, outputs=model.get_layer('emb').output)`
+made safe: a layer called several times (a shared embedding) has one output per
+call and the caller picks which; and the sub-model takes only the inputs its
+outputs depend on, so exporting `lstm_content` does not need a `title` field.
+"""
+
+import dataclasses
+import difflib
+import re
+
+import keras
+
+_SPEC = re.compile(r"^(?:(?P<column>[A-Za-z_][A-Za-z0-9_]*)=)?(?P<layer>[^=:]+?)(?::(?P<call>\d+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One exported layer: output column name, layer name, and which call of it."""
+
+    column: str
+    layer: str
+    call: int = 0
+
+
+def parse_layer_spec(text):
+    """Parses `[COLUMN=]LAYER[:CALL]` into a `LayerSpec`.
+
+    The column defaults to the layer name, with `_callK` appended for K > 0.
+    """
+    match = _SPEC.match(text.strip())
+    if not match:
+        raise ValueError(
+            f"Invalid layer spec {text!r}: expected [COLUMN=]LAYER[:CALL], e.g. "
+            "'emb', 'emb:1' or 'title_tokens=emb:1'."
+        )
+    layer = match["layer"]
+    call = int(match["call"] or 0)
+    column = match["column"] or (layer if call == 0 else f"{layer}_call{call}")
+    return LayerSpec(column=column, layer=layer, call=call)
+
+
+def layer_calls(model):
+    """Maps each layer name to the output tensor of each of its calls in `model`.
+
+    Only calls that belong to `model`'s own graph count: a layer shared with
+    another model built in the same process keeps those other calls to itself.
+    """
+    own_nodes = getattr(model, "_nodes", None)
+    calls = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        tensors = []
+        for index, node in enumerate(layer._inbound_nodes):
+            if own_nodes is not None and f"{id(layer)}_ib-{index}" not in own_nodes:
+                continue
+            outputs = node.output_tensors
+            tensors.append(outputs[0] if len(outputs) == 1 else outputs)
+        calls[layer.name] = tensors
+    return calls
+
+
+def describe_layers(model):
+    """One line per layer: its name and how many calls it has."""
+    return ", ".join(f"{name} ({len(tensors)} call{'s' * (len(tensors) != 1)})"
+                     for name, tensors in layer_calls(model).items())
+
+
+def input_dependencies(model, tensor):
+    """Names of `model`'s inputs that `tensor` is computed from, in model order."""
+    input_ids = {id(t): t.name for t in model.inputs}
+    found, seen, stack = set(), set(), [tensor]
+    while stack:
+        current = stack.pop()
+        if id(current) in input_ids:
+            found.add(id(current))
+            continue
+        history = getattr(current, "_keras_history", None)
+        if history is None:
+            continue
+        node = history.operation._inbound_nodes[history.node_index]
+        for parent in node.input_tensors:
+            if id(parent) not in seen:
+                seen.add(id(parent))
+                stack.append(parent)
+    return [t.name for t in model.inputs if id(t) in found]
+
+
+def resolve_layer(model, spec, calls=None):
+    """Returns the output tensor that `spec` selects; raises ValueError if none."""
+    calls = layer_calls(model) if calls is None else calls
+    if spec.layer not in calls:
+        close = difflib.get_close_matches(spec.layer, list(calls), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+        raise ValueError(
+            f"The model has no layer named {spec.layer!r}.{hint} Its layers are: "
+            f"{describe_layers(model)}. Pass --layer with one of these names."
+        )
+    tensors = calls[spec.layer]
+    if not 0 <= spec.call < len(tensors):
+        raise ValueError(
+            f"Layer {spec.layer!r} has {len(tensors)} call(s) in this model, so call "
+            f"{spec.call} does not exist; use {spec.layer}:0"
+            + (f" .. {spec.layer}:{len(tensors) - 1}." if len(tensors) > 1 else ".")
+        )
+    tensor = tensors[spec.call]
+    if isinstance(tensor, (list, tuple)):
+        raise ValueError(
+            f"Layer {spec.layer!r} returns {len(tensor)} tensors per call; only layers "
+            "with one output tensor can be exported."
+        )
+    return tensor
+
+
+def truncate(model, specs):
+    """Builds one sub-model that computes every requested layer in one forward pass.
+
+    Args:
+        model: a functional Keras model.
+        specs: `LayerSpec`s with distinct column names.
+
+    Returns:
+        A `keras.Model` whose inputs are a dict of only the needed inputs (keyed by
+        input name, in the model's order) and whose outputs are a dict keyed by
+        column name.
+    """
+    if not specs:
+        raise ValueError("No layers to export: pass at least one --layer.")
+    columns = [spec.column for spec in specs]
+    duplicates = sorted({column for column in columns if columns.count(column) > 1})
+    if duplicates:
+        raise ValueError(
+            f"Two --layer specs write the same column {duplicates}; name them apart "
+            "with COLUMN=LAYER[:CALL]."
+        )
+    calls = layer_calls(model)
+    outputs = {spec.column: resolve_layer(model, spec, calls) for spec in specs}
+    needed = set()
+    for tensor in outputs.values():
+        needed.update(input_dependencies(model, tensor))
+    inputs = {t.name: t for t in model.inputs if t.name in needed}
+    return keras.Model(inputs=inputs, outputs=outputs, name=f"{model.name}_truncated")
