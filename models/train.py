@@ -168,7 +168,7 @@ def parse_args(argv=None):
     parser.add_argument("--lstm_units", type=int, default=128)
     parser.add_argument("--content_length", type=int, default=300, help="token ids per content input.")
     parser.add_argument("--title_length", type=int, default=20, help="token ids per title input.")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction of documents held out.")
     parser.add_argument("--seed", type=int, default=1337)
