@@ -1,0 +1,26 @@
+"""Builds the export's Beam graph on a given pipeline; does not run it."""
+
+import apache_beam as beam
+
+from pipeline.transforms import EmbedDocuments, ReadCorpus, WriteDeadLetters, WriteEmbeddings, count_errors
+
+
+def build_pipeline(pipeline, plan, rows_prefix, errors_prefix):
+    """Adds read -> embed -> write to `pipeline`.
+
+    Args:
+        pipeline: a `beam.Pipeline` (tests pass a `TestPipeline`).
+        plan: the validated `ExportPlan`.
+        rows_prefix: file prefix of the row shards (under the staging directory).
+        errors_prefix: file prefix of the dead-letter shards.
+
+    Returns:
+        A dict with the PCollections "rows" (Arrow RecordBatches) and "errors"
+        (dead-letter dicts).
+    """
+    documents, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(plan)
+    rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan)
+    rows | "WriteEmbeddings" >> WriteEmbeddings(plan, rows_prefix)
+    errors = (read_errors, embed_errors) | "CollectErrors" >> beam.Flatten()
+    count_errors(errors) | "WriteDeadLetters" >> WriteDeadLetters(plan, errors_prefix)
+    return {"rows": rows, "errors": errors}

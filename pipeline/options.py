@@ -1,0 +1,133 @@
+"""The pipeline's own flags, in one `PipelineOptions` subclass; Beam's flags pass through."""
+
+import datetime
+import os
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from models.bundle import DEFAULT_BUNDLE
+from models.train import SAMPLE_CORPUS
+
+INPUT_FORMATS = ("auto", "text", "jsonl", "csv", "parquet")
+POOLINGS = ("none", "mean", "max", "last")
+DTYPES = ("float32", "float16")
+COMPRESSIONS = ("snappy", "zstd", "gzip", "none")
+
+
+def default_output():
+    """A fresh directory per run, so the no-argument command can be repeated."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("output", f"embeddings-{stamp}")
+
+
+class ExportOptions(PipelineOptions):
+    """Flags of `python -m pipeline.run`."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--model",
+            default=DEFAULT_BUNDLE,
+            help="Model bundle directory (from `python -m models.train`) or a .keras/.h5 "
+            "file; local path or any Beam filesystem URI (gs://, s3://). "
+            "Default: the bundled model trained on the sample corpus.",
+        )
+        parser.add_argument(
+            "--tokenizer",
+            default=None,
+            help="Tokenizer file for a bare .keras/.h5 model (a bundle carries its own).",
+        )
+        parser.add_argument(
+            "--input",
+            default=SAMPLE_CORPUS,
+            help="File pattern of the corpus, e.g. 'data/*.jsonl' or 'gs://b/c/*.csv'. "
+            "Default: the bundled sample corpus (CPython docstrings).",
+        )
+        parser.add_argument(
+            "--input_format",
+            default="auto",
+            choices=INPUT_FORMATS,
+            help="auto picks by file extension (.txt/.text = one document per line, "
+            ".jsonl/.json/.ndjson, .csv, .parquet). Default: %(default)s.",
+        )
+        parser.add_argument(
+            "--id_field",
+            default="id",
+            help="Record field holding the document id (default: %(default)s). For "
+            "text files the id is FILE:LINE.",
+        )
+        parser.add_argument(
+            "--input_map",
+            action="append",
+            default=None,
+            metavar="INPUT=FIELD",
+            help="Which corpus field feeds which model input; repeatable. Default: the "
+            "bundle's manifest, else a field with the input's name (text files: 'text').",
+        )
+        parser.add_argument(
+            "--layer",
+            action="append",
+            default=None,
+            metavar="[COLUMN=]LAYER[:CALL]",
+            help="A layer to export; repeatable. CALL picks the call of a layer used "
+            "several times (shared embedding: emb:0 on content, emb:1 on title). "
+            "COLUMN names the output column (default LAYER, or LAYER_callK for K>0). "
+            "Default: the bundle's default layers, else the layers feeding the outputs.",
+        )
+        parser.add_argument(
+            "--pooling",
+            default="mean",
+            choices=POOLINGS,
+            help="How sequence outputs (one vector per token, e.g. emb) become a row: "
+            "mean/max over real tokens, last real token, or none = a list with one "
+            "vector per real token (padding dropped) plus a COLUMN_tokens count. "
+            "Default: %(default)s.",
+        )
+        parser.add_argument(
+            "--dtype", default="float32", choices=DTYPES, help="Vector storage type (default: %(default)s)."
+        )
+        parser.add_argument(
+            "--keep_fields",
+            default="",
+            help="Comma-separated record fields copied to the output as strings (for joins).",
+        )
+        parser.add_argument(
+            "--output",
+            default=None,
+            help="Output directory (local or gs://, s3://). Default: output/embeddings-<timestamp>.",
+        )
+        parser.add_argument(
+            "--overwrite",
+            action="store_true",
+            default=False,
+            help="Replace an existing finished output in --output.",
+        )
+        parser.add_argument(
+            "--batch_size", type=int, default=128, help="Documents per forward pass (default: %(default)s)."
+        )
+        parser.add_argument(
+            "--compression",
+            default="snappy",
+            choices=COMPRESSIONS,
+            help="Parquet compression codec (default: %(default)s, which BigQuery, DuckDB "
+            "and Spark all read).",
+        )
+        parser.add_argument(
+            "--max_error_fraction",
+            type=float,
+            default=0.5,
+            help="Exit non-zero after the run if more than this fraction of records was "
+            "dead-lettered (a wrong --input_map or --input_format). Default: %(default)s.",
+        )
+        parser.add_argument(
+            "--max_record_bytes",
+            type=int,
+            default=1_000_000,
+            help="Records larger than this are dead-lettered as too_large (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--tf_threads",
+            type=int,
+            default=0,
+            help="TensorFlow intra-op threads per worker process (0 = TensorFlow's default).",
+        )

@@ -1,0 +1,171 @@
+"""The output directory's life cycle: stage, commit atomically, write the manifest last.
+
+Layout of a finished export::
+
+    OUTPUT/part-SSSSS-of-NNNNN.parquet          the rows
+    OUTPUT/errors/part-SSSSS-of-NNNNN.parquet   the dead letters
+    OUTPUT/_MANIFEST.json                       written last: marks success
+
+While a run is in flight its files live under `OUTPUT/_staging/RUN_ID/`, which
+readers skip (pyarrow.dataset ignores names starting with "_"; a
+`OUTPUT/*.parquet` glob does not descend into it).  Only after the pipeline
+succeeded are the shards renamed into place and the manifest written.  A
+directory with our files but no manifest is the leftover of a run that died;
+the next run removes it.
+"""
+
+import json
+import logging
+import posixpath
+import uuid
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+MANIFEST = "_MANIFEST.json"
+STAGING = "_staging"
+ERRORS_DIR = "errors"
+SHARD_PREFIX = "part-"
+
+
+def join(base, *parts):
+    """Joins path parts for local paths and URIs alike."""
+    return FileSystems.join(base, *parts)
+
+
+def _list(directory):
+    """Paths directly or indirectly under `directory` (empty if it does not exist)."""
+    try:
+        result = FileSystems.match([join(directory, "**")])[0]
+    except Exception:  # Local match on a missing directory raises on some Beam versions.
+        return []
+    return [metadata.path for metadata in result.metadata_list]
+
+
+def _relative(directory, path):
+    base = directory.rstrip("/")
+    return path[len(base) + 1 :] if path.startswith(base + "/") else posixpath.basename(path)
+
+
+def _ours(relative):
+    return (
+        relative in (MANIFEST, MANIFEST + ".tmp")
+        or relative.startswith(STAGING + "/")
+        or (relative.startswith(SHARD_PREFIX) and relative.endswith(".parquet"))
+        or (relative.startswith(ERRORS_DIR + "/" + SHARD_PREFIX) and relative.endswith(".parquet"))
+    )
+
+
+def output_state(directory):
+    """"empty", "finished" (manifest present), "unfinished" (only leftovers of ours) or "foreign"."""
+    relatives = [_relative(directory, path) for path in _list(directory)]
+    if not relatives:
+        return "empty"
+    if MANIFEST in relatives:
+        return "finished" if all(_ours(r) for r in relatives) else "foreign"
+    return "unfinished" if all(_ours(r) for r in relatives) else "foreign"
+
+
+def _delete(paths):
+    if paths:
+        FileSystems.delete(paths)
+
+
+def prepare(directory, overwrite):
+    """Removes what a dead run left (and, with `overwrite`, foreign files); returns a run id.
+
+    A finished export is kept until `commit` replaces it, so a failed
+    `--overwrite` run does not destroy the previous result.
+    """
+    state = output_state(directory)
+    paths = _list(directory)
+    if state == "unfinished":
+        logging.warning("Removing %d files left in %s by a run that did not finish.", len(paths), directory)
+        _delete(paths)
+        remove_staging(directory)
+    elif state == "foreign" and overwrite:
+        logging.warning("--overwrite: removing %d files from %s.", len(paths), directory)
+        _delete(paths)
+    elif state == "finished":
+        remove_staging(directory)
+    return uuid.uuid4().hex[:12]
+
+
+def remove_staging(directory):
+    """Deletes the staging area (files and, locally, the emptied directories)."""
+    staging = join(directory, STAGING)
+    _delete(_list(staging))
+    if FileSystems.exists(staging):
+        FileSystems.delete([staging])
+
+
+def staging_prefixes(directory, run_id):
+    """(rows prefix, dead-letters prefix) for a run's shards."""
+    staging = join(directory, STAGING, run_id)
+    return join(staging, "data", "part"), join(staging, ERRORS_DIR, "part")
+
+
+def _row_count(path):
+    with FileSystems.open(path) as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def _staged_shards(directory, run_id, kind):
+    prefix = join(directory, STAGING, run_id, kind) + "/"
+    return sorted(
+        p for p in _list(join(directory, STAGING, run_id))
+        if p.startswith(prefix) and posixpath.basename(p).startswith(SHARD_PREFIX) and p.endswith(".parquet")
+    )
+
+
+def staged_counts(directory, run_id):
+    """Rows and dead letters written by the run, read from the Parquet footers."""
+    rows = sum(_row_count(p) for p in _staged_shards(directory, run_id, "data"))
+    errors = sum(_row_count(p) for p in _staged_shards(directory, run_id, ERRORS_DIR))
+    return rows, errors
+
+
+def commit(directory, run_id, manifest):
+    """Moves the run's shards into place and writes the manifest last.
+
+    Args:
+        directory: the output directory.
+        run_id: from `prepare`.
+        manifest: facts of the run (options, counts, ...); shard lists are added.
+
+    Returns:
+        The manifest dict as written.
+    """
+    data = _staged_shards(directory, run_id, "data")
+    errors = _staged_shards(directory, run_id, ERRORS_DIR)
+    old = [p for p in _list(directory) if not _relative(directory, p).startswith(STAGING + "/")]
+    old_manifest = [p for p in old if _relative(directory, p) == MANIFEST]
+    # The manifest goes first so a reader never sees it over a mix of shards.
+    _delete(old_manifest)
+    _delete([p for p in old if p not in old_manifest])
+    sources, targets, shards = [], [], {"rows": [], "errors": []}
+    for kind, paths, target_dir in (("rows", data, directory), ("errors", errors, join(directory, ERRORS_DIR))):
+        for path in paths:
+            target = join(target_dir, posixpath.basename(path))
+            sources.append(path)
+            targets.append(target)
+            shards[kind].append({"file": _relative(directory, target), "rows": _row_count(path)})
+    if errors and not FileSystems.exists(join(directory, ERRORS_DIR)):
+        FileSystems.mkdirs(join(directory, ERRORS_DIR))
+    FileSystems.rename(sources, targets)
+    remove_staging(directory)
+    manifest = dict(manifest, shards=shards)
+    temporary = join(directory, MANIFEST + ".tmp")
+    with FileSystems.create(temporary) as handle:
+        handle.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))
+    FileSystems.rename([temporary], [join(directory, MANIFEST)])
+    return manifest
+
+
+def read_manifest(directory):
+    """The manifest of a finished export, or None."""
+    path = join(directory, MANIFEST)
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))

@@ -1,0 +1,267 @@
+"""Launch-time validation: turns flags and the loaded model into a small, picklable `ExportPlan`.
+
+Everything that can be wrong with the model, the layers, the input mapping or
+the output location is found here, on the launching machine, before any worker
+exists.  Workers receive only the plan and load the model themselves.
+"""
+
+import dataclasses
+import os
+
+from apache_beam.io.filesystems import FileSystems
+
+from models import __version__
+from models.truncate import input_dependencies, parse_layer_spec, truncate
+from pipeline.model_source import ExportConfigError, load_model_source
+from pipeline.options import INPUT_FORMATS
+
+TEXT_FIELD = "text"
+EXTENSION_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputInfo:
+    """A model input the sub-model needs: its name, corpus field and length."""
+
+    name: str
+    field: str
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnInfo:
+    """An exported output column.
+
+    `kind` is "vector" (one vector per document) or "sequence" (one vector per
+    token of `source_input`, turned into a row by `pooling`).
+    """
+
+    column: str
+    layer: str
+    call: int
+    kind: str
+    dim: int
+    source_input: str
+    pooling: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """What workers need to run the export; holds no model, only its URI."""
+
+    model_uri: str
+    tokenizer_uri: str
+    model_sha256: str
+    tokenizer_sha256: str
+    layer_specs: tuple
+    inputs: tuple
+    columns: tuple
+    input_pattern: str
+    input_format: str
+    id_field: str
+    keep_fields: tuple
+    output: str
+    dtype: str
+    batch_size: int
+    compression: str
+    max_record_bytes: int
+    tf_threads: int
+    padding: str
+    package_version: str = __version__
+
+    @property
+    def fields(self):
+        """Model input name -> corpus field."""
+        return {info.name: info.field for info in self.inputs}
+
+
+def detect_format(pattern, input_format):
+    """Resolves `--input_format auto` from the pattern's extension."""
+    if input_format != "auto":
+        return input_format
+    stem = pattern[:-3] if pattern.endswith(".gz") else pattern
+    extension = os.path.splitext(stem)[1].lower()
+    if extension not in EXTENSION_FORMATS:
+        raise ExportConfigError(
+            f"Cannot tell the format of --input {pattern!r} from its extension; pass "
+            f"--input_format ({', '.join(f for f in INPUT_FORMATS if f != 'auto')})."
+        )
+    return EXTENSION_FORMATS[extension]
+
+
+def _parse_input_map(entries):
+    mapping = {}
+    for entry in entries or []:
+        name, separator, field = entry.partition("=")
+        if not separator or not name.strip() or not field.strip():
+            raise ExportConfigError(f"Invalid --input_map {entry!r}: expected INPUT=FIELD, e.g. content=body.")
+        if name.strip() in mapping:
+            raise ExportConfigError(f"--input_map names input {name.strip()!r} twice.")
+        mapping[name.strip()] = field.strip()
+    return mapping
+
+
+def _default_layer_names(model):
+    """The layers whose outputs feed the model's output layers (the penultimate vectors)."""
+    output_layers = {t._keras_history.operation.name for t in model.outputs}
+    names = []
+    for tensor in model.outputs:
+        operation = tensor._keras_history.operation
+        node = operation._inbound_nodes[tensor._keras_history.node_index]
+        for parent in node.input_tensors:
+            name = parent._keras_history.operation.name
+            if name not in names and name not in output_layers:
+                names.append(name)
+    return names
+
+
+def resolve_input_map(needed, explicit, bundle_fields, input_format):
+    """Maps each needed model input to a corpus field.
+
+    Explicit `--input_map` entries win, then the bundle's manifest, then a field of
+    the input's own name (for text files, the line itself).
+    """
+    unknown = sorted(set(explicit) - set(needed))
+    if unknown:
+        raise ExportConfigError(
+            f"--input_map names {unknown}, which the exported layers do not need; the "
+            f"sub-model's inputs are {needed}. Remove those --input_map entries."
+        )
+    mapping = {}
+    for name in needed:
+        if name in explicit:
+            mapping[name] = explicit[name]
+        elif input_format == "text":
+            mapping[name] = TEXT_FIELD
+        else:
+            mapping[name] = bundle_fields.get(name, name)
+    if input_format == "text":
+        bad = {name: field for name, field in mapping.items() if field != TEXT_FIELD}
+        if bad:
+            raise ExportConfigError(
+                f"Text input has one field per record, '{TEXT_FIELD}', but --input_map asks "
+                f"for {bad}. Use jsonl/csv/parquet input for several fields."
+            )
+    return mapping
+
+
+def check_output(output, overwrite):
+    """Refuses an output location holding a finished dataset or foreign files."""
+    from pipeline.output import output_state
+
+    state = output_state(output)
+    if state == "finished" and not overwrite:
+        raise ExportConfigError(
+            f"--output {output!r} already holds a finished export. Pass --overwrite to "
+            "replace it, or choose another --output."
+        )
+    if state == "foreign" and not overwrite:
+        raise ExportConfigError(
+            f"--output {output!r} is not empty and does not look like an export of this "
+            "tool. Choose an empty or new directory, or pass --overwrite to replace it."
+        )
+
+
+def build_plan(options):
+    """Validates `options` (an `ExportOptions` view) and returns `(plan, model_source)`.
+
+    Raises:
+        ExportConfigError: anything that would make the run fail or write nonsense.
+    """
+    if options.batch_size < 1:
+        raise ExportConfigError(f"--batch_size must be at least 1, received {options.batch_size}.")
+    if not 0 <= options.max_error_fraction <= 1:
+        raise ExportConfigError(
+            f"--max_error_fraction must be between 0 and 1, received {options.max_error_fraction}."
+        )
+    if options.max_record_bytes < 1:
+        raise ExportConfigError(f"--max_record_bytes must be positive, received {options.max_record_bytes}.")
+    input_format = detect_format(options.input, options.input_format)
+    check_input(options.input)
+    explicit_map = _parse_input_map(options.input_map)
+    source = load_model_source(options.model, options.tokenizer)
+    model = source.model
+
+    layer_texts = options.layer or source.default_layers or _default_layer_names(model)
+    try:
+        specs = [parse_layer_spec(text) for text in layer_texts]
+        sub_model = truncate(model, specs)
+    except ValueError as error:
+        raise ExportConfigError(str(error)) from None
+
+    needed = [t.name for t in sub_model.inputs]
+    mapping = resolve_input_map(needed, explicit_map, source.input_fields, input_format)
+    for tensor in sub_model.inputs:
+        if len(tensor.shape) != 2 or tensor.shape[1] is None:
+            raise ExportConfigError(
+                f"Model input {tensor.name!r} has shape {tuple(tensor.shape)}; token-id inputs "
+                "need the shape (batch, length) with a fixed length."
+            )
+    lengths = {t.name: t.shape[1] for t in sub_model.inputs}
+    inputs = tuple(InputInfo(name, mapping[name], int(lengths[name])) for name in needed)
+
+    columns = []
+    outputs = sub_model.output if isinstance(sub_model.output, dict) else {specs[0].column: sub_model.output}
+    for spec in specs:
+        tensor = outputs[spec.column]
+        shape = tensor.shape
+        dependencies = input_dependencies(sub_model, tensor)
+        if len(shape) == 2:
+            columns.append(ColumnInfo(spec.column, spec.layer, spec.call, "vector", int(shape[1]), "", "none"))
+        elif len(shape) == 3 and len(dependencies) == 1 and shape[1] == lengths[dependencies[0]]:
+            columns.append(
+                ColumnInfo(spec.column, spec.layer, spec.call, "sequence", int(shape[2]), dependencies[0], options.pooling)
+            )
+        else:
+            raise ExportConfigError(
+                f"Layer {spec.layer!r} (call {spec.call}) outputs shape {tuple(shape)}; only "
+                "vectors (batch, dim) and per-token sequences (batch, tokens, dim) aligned with "
+                "one model input can be exported. Pick another --layer."
+            )
+    keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
+    reserved = {"id"} | {c.column for c in columns} | {f"{c.column}_tokens" for c in columns}
+    clashes = sorted(reserved & set(keep_fields))
+    if clashes:
+        raise ExportConfigError(f"--keep_fields {clashes} clash with output column names; rename the layer columns.")
+
+    output = options.output
+    check_output(output, options.overwrite)
+    plan = ExportPlan(
+        model_uri=options.model,
+        tokenizer_uri=options.tokenizer or "",
+        model_sha256=source.model_sha256,
+        tokenizer_sha256=source.tokenizer_sha256,
+        layer_specs=tuple(specs),
+        inputs=inputs,
+        columns=tuple(columns),
+        input_pattern=options.input,
+        input_format=input_format,
+        id_field=options.id_field,
+        keep_fields=keep_fields,
+        output=output,
+        dtype=options.dtype,
+        batch_size=options.batch_size,
+        compression=options.compression,
+        max_record_bytes=options.max_record_bytes,
+        tf_threads=options.tf_threads,
+        padding=source.tokenizer.padding,
+    )
+    return plan, source
+
+
+def check_input(pattern):
+    """Refuses an --input pattern that matches no files."""
+    try:
+        matched = FileSystems.match([pattern])[0].metadata_list
+    except Exception as error:  # Beam raises BeamIOError subclasses per filesystem.
+        raise ExportConfigError(f"Cannot list --input {pattern!r}: {error}") from None
+    if not matched:
+        raise ExportConfigError(f"--input {pattern!r} matches no files; check the path or pattern.")

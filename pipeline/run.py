@@ -1,0 +1,46 @@
+"""Command line: `python -m pipeline.run [flags]` exports layer vectors to Parquet.
+
+With no flags it exports the bundled model's default layers for the bundled
+sample corpus.  `--help` lists our flags; Beam's own (--runner, --project,
+--region, --temp_location, ...) pass through to the runner.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+# Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EXIT_CONFIG_ERROR = 2
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        from pipeline.options import ExportOptions
+
+        parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__)
+        ExportOptions._add_argparse_args(parser)
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Beam logs every bundle and worker message at INFO; keep its warnings only.
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    from pipeline.export import format_summary, run_export
+    from pipeline.model_source import ExportConfigError
+
+    try:
+        summary = run_export(argv)
+    except ExportConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(format_summary(summary))
+    if summary.exit_code:
+        print(f"error: {summary.message}", file=sys.stderr)
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

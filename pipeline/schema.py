@@ -1,0 +1,150 @@
+"""The Arrow schemas of the output and dead-letter datasets, and rows-to-Arrow conversion.
+
+This module is the one place that decides column names, types and Parquet
+metadata; the writer, the tests and the README examples all use it.
+"""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+ID_COLUMN = "id"
+TOKENS_SUFFIX = "_tokens"
+METADATA_KEY = b"embexport"
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string()),
+        pa.field("position", pa.int64()),
+        pa.field("id", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("raw", pa.string()),
+    ]
+)
+
+
+def _value_type(dtype):
+    return pa.float16() if dtype == "float16" else pa.float32()
+
+
+def column_type(column, dtype):
+    """Arrow type of an exported layer column (see `plan.ColumnInfo`)."""
+    vector = pa.list_(_value_type(dtype), column.dim)
+    if column.kind == "sequence" and column.pooling == "none":
+        return pa.list_(vector)
+    return vector
+
+
+def output_schema(plan):
+    """The output dataset's schema, with the export's facts as Parquet key-value metadata."""
+    fields = [pa.field(ID_COLUMN, pa.string(), nullable=False)]
+    fields += [pa.field(name, pa.string()) for name in plan.keep_fields]
+    for column in plan.columns:
+        fields.append(pa.field(column.column, column_type(column, plan.dtype)))
+        if column.kind == "sequence" and column.pooling == "none":
+            fields.append(pa.field(column.column + TOKENS_SUFFIX, pa.int32()))
+    metadata = {
+        "model_uri": plan.model_uri,
+        "model_sha256": plan.model_sha256,
+        "tokenizer_sha256": plan.tokenizer_sha256,
+        "package_version": plan.package_version,
+        "dtype": plan.dtype,
+        "inputs": [{"name": i.name, "field": i.field, "length": i.length} for i in plan.inputs],
+        "columns": [
+            {
+                "column": c.column,
+                "layer": c.layer,
+                "call": c.call,
+                "kind": c.kind,
+                "dim": c.dim,
+                "dtype": plan.dtype,
+                "pooling": c.pooling if c.kind == "sequence" else None,
+                "source_input": c.source_input or None,
+            }
+            for c in plan.columns
+        ],
+    }
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode("utf-8")})
+
+
+def read_export_metadata(schema):
+    """The export metadata dict stored by `output_schema`, from a Parquet file's schema."""
+    return json.loads(schema.metadata[METADATA_KEY])
+
+
+def _fixed_size(matrix, value_type):
+    """(n, dim) array -> FixedSizeListArray without a per-row Python loop."""
+    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
+
+
+def pool_sequence(values, mask, pooling):
+    """Pools (n, tokens, dim) `values` over the real tokens marked in `mask` (n, tokens).
+
+    Rows with no real token are the caller's to exclude: their mean is 0/0.
+    """
+    if pooling == "mean":
+        weights = mask[:, :, None].astype(values.dtype)
+        return (values * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1)
+    if pooling == "max":
+        return np.where(mask[:, :, None], values, -np.inf).max(axis=1).astype(values.dtype)
+    if pooling == "last":
+        # Index of the last real token per row (rows are padded on either side).
+        positions = np.arange(mask.shape[1])[None, :]
+        last = np.where(mask, positions, -1).max(axis=1)
+        return values[np.arange(values.shape[0]), np.maximum(last, 0)]
+    raise ValueError(f"Unknown pooling {pooling!r}; expected mean, max or last.")
+
+
+def to_record_batch(schema, plan, ids, kept, outputs, masks):
+    """Builds the output rows of one batch as an Arrow RecordBatch.
+
+    Args:
+        schema: `output_schema(plan)`.
+        plan: the `ExportPlan`.
+        ids: document ids (strings).
+        kept: field name -> list of values (strings or None) for `plan.keep_fields`.
+        outputs: column name -> numpy array from the sub-model, rows aligned with `ids`.
+        masks: model input name -> boolean (n, length) array of real-token positions.
+
+    Returns:
+        A `pyarrow.RecordBatch` with `schema`.
+    """
+    value_type = _value_type(plan.dtype)
+    numpy_type = np.float16 if plan.dtype == "float16" else np.float32
+    arrays = [pa.array(ids, type=pa.string())]
+    arrays += [pa.array(kept[name], type=pa.string()) for name in plan.keep_fields]
+    for column in plan.columns:
+        values = np.asarray(outputs[column.column])
+        if column.kind == "vector":
+            arrays.append(_fixed_size(values.astype(numpy_type), value_type))
+            continue
+        mask = masks[column.source_input]
+        if column.pooling != "none":
+            arrays.append(_fixed_size(pool_sequence(values, mask, column.pooling).astype(numpy_type), value_type))
+            continue
+        # Boolean indexing walks rows in order, so each document's real tokens stay
+        # contiguous and in document order: the offsets are the running counts.
+        tokens = values[mask].astype(numpy_type)
+        counts = mask.sum(axis=1).astype(np.int32)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        arrays.append(pa.ListArray.from_arrays(pa.array(offsets), _fixed_size(tokens, value_type)))
+        arrays.append(pa.array(counts, type=pa.int32()))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def error_row(source, position, document_id, reason, message, raw, raw_limit=4096):
+    """One dead-letter row; `raw` is cut to `raw_limit` characters."""
+    if isinstance(raw, bytes):
+        raw = raw[: raw_limit * 4].decode("utf-8", errors="backslashreplace")
+    raw = None if raw is None else str(raw)[:raw_limit]
+    return {
+        "source": source,
+        "position": position,
+        "id": None if document_id is None else str(document_id),
+        "reason": reason,
+        "message": str(message)[:1000],
+        "raw": raw,
+    }
