@@ -1,0 +1,35 @@
+"""Packaging for the embedding-export pipeline (also what Dataflow workers install via --setup_file)."""
+
+import setuptools
+
+setuptools.setup(
+    name="embexport",
+    version="0.1.0",
+    description="Export intermediate-layer vectors of Keras text models to Parquet with Apache Beam.",
+    packages=setuptools.find_packages(include=["models", "models.*", "pipeline", "pipeline.*"]),
+    # The sample corpus and the trained default bundle travel with the package so
+    # `python -m pipeline.run` works anywhere it is installed, Dataflow workers included.
+    package_data={"models": ["data/*.jsonl", "data/default_bundle/*"]},
+    include_package_data=True,
+    python_requires=">=3.10,<3.13",
+    install_requires=[
+        # Keras 3 on the TensorFlow backend; 2.21 is the version the bundle was trained with.
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.10,<4",
+        # [gcp] brings the GCS filesystem and the Dataflow runner.
+        "apache-beam[gcp]>=2.77,<2.78",
+        # Arrow writes the Parquet output; Beam 2.77 caps it below 26.
+        "pyarrow>=16,<26",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "duckdb>=1.1",
+            "pandas>=2.2",
+            # Builds Keras 2 (.h5) models exactly as the tutorial wrote them.
+            "tf_keras>=2.21,<2.22",
+            "ruff",
+        ],
+    },
+)
