@@ -88,14 +88,20 @@ class Embedder:
         """Runs the sub-model on {input name: int32 ids}; returns {column: numpy array}."""
         return {name: value.numpy() for name, value in self._forward(features).items()}
 
-    def embed(self, documents):
-        """Embeds `documents`; bad ones become dead-letter rows, never exceptions."""
-        plan = self.plan
+    def encode(self, documents):
+        """Turns documents into model features.
+
+        Returns:
+            `(features, masks, nonempty, truncated, oov)`: {input name: int32 ids},
+            {input name: bool real-token mask}, a bool per document saying whether
+            any input has a real token, and the truncated-document and
+            out-of-vocabulary-token counts.
+        """
         features, masks = {}, {}
         nonempty = np.zeros(len(documents), dtype=bool)
         truncated = 0
         oov = 0
-        for position, info in enumerate(plan.inputs):
+        for position, info in enumerate(self.plan.inputs):
             ids, counts, oov_counts, cut = self.tokenizer.encode_batch(
                 [document.texts[position] for document in documents], info.length
             )
@@ -104,6 +110,12 @@ class Embedder:
             nonempty |= counts > 0
             truncated += int(cut.sum())
             oov += int(oov_counts.sum())
+        return features, masks, nonempty, truncated, oov
+
+    def embed(self, documents):
+        """Embeds `documents`; bad ones become dead-letter rows, never exceptions."""
+        plan = self.plan
+        features, masks, nonempty, truncated, oov = self.encode(documents)
         errors = [
             schema_lib.error_row(
                 d.source, d.position, d.id, EMPTY_DOCUMENT,
