@@ -2,17 +2,28 @@
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+    TestOptions,
+)
 
 from pipeline import output as output_lib
 from pipeline.graph import build_pipeline
+from pipeline.model_source import ExportConfigError, is_default_bundle, is_local
 from pipeline.options import ExportOptions, default_output
 from pipeline.plan import build_plan
 from pipeline.transforms import NAMESPACE
+
+_LOGGER = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -29,6 +40,9 @@ class ExportSummary:
     seconds: float
     exit_code: int
     message: str
+    # --dry_run: nothing was read or written; `job` is the Dataflow job Beam built, if any.
+    dry_run: bool = False
+    job: object = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def docs_per_second(self):
@@ -60,6 +74,105 @@ def local_runner(options):
     return None
 
 
+def is_dataflow(options):
+    """Whether --runner names Google Cloud Dataflow."""
+    return str(options.view_as(StandardOptions).runner or "").lower() in ("dataflowrunner", "dataflow")
+
+
+def is_dry_run(options):
+    """Whether Beam's test option `--dry_run` asks to build the job without running it.
+
+    Beam declares the flag without a type and tests it for truth, so any value
+    (even `--dry_run=False`) makes the DataflowRunner stop before submitting;
+    this follows the same rule.
+    """
+    return bool(options.view_as(TestOptions).dry_run)
+
+
+def check_worker_paths(export_options):
+    """Refuses local --model, --input and --output paths, which Dataflow workers cannot see.
+
+    The bundled default model is the exception: the package installed on the
+    workers carries it.
+
+    Raises:
+        ExportConfigError: naming the local paths.
+    """
+    local = [
+        f"--{name} {value!r}"
+        for name, value in (
+            ("model", export_options.model),
+            ("tokenizer", export_options.tokenizer),
+            ("input", export_options.input),
+            ("output", export_options.output),
+        )
+        if value and is_local(value) and not (name == "model" and is_default_bundle(value))
+    ]
+    if local:
+        raise ExportConfigError(
+            f"Dataflow workers cannot read files on this machine, but {', '.join(local)} "
+            "is local. Copy it to Cloud Storage (gcloud storage cp -r PATH gs://BUCKET/...) "
+            "and pass the gs:// URI; only the bundled default --model may stay local."
+        )
+
+
+def worker_tf_threads(options, requested):
+    """TensorFlow intra-op threads per SDK worker process; `requested` unless it is 0.
+
+    Each SDK worker process loads its own model, and TensorFlow's default is one
+    thread per core in every process, so several processes on one machine would
+    run cores x processes threads.  With 0 the answer is cores / processes:
+    1 on Dataflow, which starts one SDK process per vCPU (TensorFlow's default
+    with --experiments=no_use_multiple_sdk_containers, one process per VM),
+    cores / --direct_num_workers for --direct_running_mode=multi_processing,
+    and TensorFlow's default where one process has the machine to itself.
+    """
+    if requested < 0:
+        raise ExportConfigError(f"--tf_threads must be 0 (automatic) or positive, received {requested}.")
+    if requested:
+        return requested
+    if is_dataflow(options):
+        experiments = options.view_as(DebugOptions).experiments or []
+        return 0 if "no_use_multiple_sdk_containers" in experiments else 1
+    direct = options.view_as(DirectOptions)
+    if local_runner(options) is not None and direct.direct_running_mode == "multi_processing":
+        cores = os.cpu_count() or 1
+        return max(1, cores // (direct.direct_num_workers or cores))
+    return 0
+
+
+def _dry_run(pipeline, plan, options):
+    """Builds the job (Dataflow) or just the graph (other runners) without running anything."""
+    skipped = [f"listing --input {plan.input_pattern!r}"] if not is_local(plan.input_pattern) else []
+    if not is_local(plan.output):
+        skipped.append(f"checking --output {plan.output!r} for earlier runs")
+    skipped.append("removing leftovers of earlier runs")
+    job = None
+    if is_dataflow(options):
+        # Beam's DataflowRunner stops after building the job: no staging, no submission.
+        job = getattr(pipeline.run(), "job", None)
+        skipped.append("uploading packages to the staging location and submitting the job")
+    else:
+        skipped.append("running the pipeline")
+    skipped.append("waiting for the job, counting rows and writing the manifest")
+    message = "dry run: the job was built, not run; skipped " + "; ".join(skipped) + "."
+    _LOGGER.warning("--dry_run: %s", message)
+    return ExportSummary(
+        output=plan.output,
+        records_read=0,
+        rows_written=0,
+        dead_letters=0,
+        errors_by_reason={},
+        truncated=0,
+        oov_tokens=0,
+        seconds=0.0,
+        exit_code=0,
+        message=message,
+        dry_run=True,
+        job=job,
+    )
+
+
 def run_export(argv=None):
     """Runs the export described by command-line `argv`; returns an `ExportSummary`.
 
@@ -67,16 +180,31 @@ def run_export(argv=None):
         ExportConfigError: a launch-time validation failed; nothing was written.
     """
     options = PipelineOptions(argv)
+    # The launcher reads --model, --input and --output before any Pipeline exists;
+    # object stores (s3:// endpoint and keys, ...) take their settings from these options.
+    FileSystems.set_options(options)
     export_options = options.view_as(ExportOptions)
     if not export_options.output:
         export_options.output = default_output()
-    plan, _ = build_plan(export_options)
-    run_id = output_lib.prepare(plan.output, export_options.overwrite)
+    dry_run = is_dry_run(options)
+    if is_dataflow(options):
+        check_worker_paths(export_options)
+    if dry_run and not is_local(export_options.model):
+        raise ExportConfigError(
+            f"--dry_run builds the plan from the model without cloud credentials, so --model "
+            f"must be local; received {export_options.model!r}. Leave --model out (the "
+            "bundled default) or pass a local copy of the bundle."
+        )
+    plan, _ = build_plan(export_options, check_remote=not dry_run)
+    plan = dataclasses.replace(plan, tf_threads=worker_tf_threads(options, export_options.tf_threads))
+    run_id = output_lib.new_run_id() if dry_run else output_lib.prepare(plan.output, export_options.overwrite)
     rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
 
     started = time.time()
     pipeline = beam.Pipeline(runner=local_runner(options), options=options)
     build_pipeline(pipeline, plan, rows_prefix, errors_prefix)
+    if dry_run:
+        return _dry_run(pipeline, plan, options)
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.time() - started
@@ -133,8 +261,10 @@ def run_export(argv=None):
 
 def format_summary(summary):
     """The one-screen summary printed at the end of a run."""
+    if summary.dry_run:
+        return f"\nNothing exported: {summary.message}\n  output           {summary.output}"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
-    pattern = output_lib.join(summary.output, "*.parquet")
+    pattern = output_lib.join(summary.output, "part-*.parquet")
     lines = [
         "",
         "Export finished" if summary.exit_code == 0 else f"Export finished with problems: {summary.message}",
@@ -146,7 +276,8 @@ def format_summary(summary):
         f"  output           {summary.output}",
         "  read it with     "
         f"python -c \"import duckdb; print(duckdb.sql(\\\"SELECT * FROM '{pattern}' LIMIT 5\\\"))\"",
-        f"               or python -c \"import pandas as pd; print(pd.read_parquet('{summary.output}').head())\"",
+        f"               or python -c \"import pandas as pd; print(pd.read_parquet('{summary.output}', "
+        f"ignore_prefixes=['_', '.', 'errors']).head())\"",
     ]
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         lines.append(f"  oov tokens       {summary.oov_tokens}")

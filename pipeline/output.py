@@ -6,6 +6,10 @@ Layout of a finished export::
     OUTPUT/errors/part-SSSSS-of-NNNNN.parquet   the dead letters
     OUTPUT/_MANIFEST.json                       written last: marks success
 
+Readers of the rows use `OUTPUT/part-*.parquet` (DuckDB, polars, BigQuery) or
+`pd.read_parquet(OUTPUT, ignore_prefixes=READER_IGNORE_PREFIXES)`, since a
+plain recursive read would also pick up `errors/`.
+
 While a run is in flight its files live under `OUTPUT/_staging/RUN_ID/`, which
 readers skip (pyarrow.dataset ignores names starting with "_"; a
 `OUTPUT/*.parquet` glob does not descend into it).  Only after the pipeline
@@ -23,6 +27,9 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 MANIFEST = "_MANIFEST.json"
+# pyarrow.dataset (and so pandas) reads directories recursively: these prefixes
+# keep the dead letters and the staging area out of a read of the rows.
+READER_IGNORE_PREFIXES = ["_", ".", "errors"]
 STAGING = "_staging"
 ERRORS_DIR = "errors"
 SHARD_PREFIX = "part-"
@@ -60,7 +67,8 @@ def output_state(directory):
     """"empty", "finished" (manifest present), "unfinished" (only leftovers of ours) or "foreign"."""
     relatives = [_relative(directory, path) for path in _list(directory)]
     if not relatives:
-        return "empty"
+        # A run killed before writing any file leaves only its staging directory.
+        return "unfinished" if FileSystems.exists(join(directory, STAGING)) else "empty"
     if MANIFEST in relatives:
         return "finished" if all(_ours(r) for r in relatives) else "foreign"
     return "unfinished" if all(_ours(r) for r in relatives) else "foreign"
@@ -88,6 +96,11 @@ def prepare(directory, overwrite):
         _delete(paths)
     elif state == "finished":
         remove_staging(directory)
+    return new_run_id()
+
+
+def new_run_id():
+    """A fresh id naming a run's staging directory."""
     return uuid.uuid4().hex[:12]
 
 

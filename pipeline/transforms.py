@@ -35,6 +35,8 @@ BAD_ID = "bad_id"
 MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
 UNREADABLE_FILE = "unreadable_file"
+EMPTY_RECORD = "empty_record"
+DUPLICATE_ID = "duplicate_id"
 
 # Row groups this large keep Parquet readers fast; one forward pass is smaller.
 ROW_GROUP_ROWS = 8192
@@ -100,7 +102,7 @@ class ReadCorpusFn(beam.DoFn):
                 yield self._document(path, number, f"{path}:{number}", fields, text)
                 continue
             if not text.strip():
-                yield self._error(path, number, None, MALFORMED_JSON, "Blank line where a JSON object was expected.", text)
+                yield self._error(path, number, None, EMPTY_RECORD, "Blank line where a JSON object was expected.", text)
                 continue
             try:
                 record = json.loads(text)
@@ -183,8 +185,39 @@ class ReadCorpus(beam.PTransform):
             | "ReshuffleFiles" >> beam.Reshuffle()
             | "ParseRecords" >> beam.ParDo(ReadCorpusFn(self._plan)).with_outputs(ERRORS, main=DOCUMENTS)
         )
-        documents = results[DOCUMENTS] | "ReshuffleDocuments" >> beam.Reshuffle()
-        return documents, results[ERRORS]
+        # Grouping by id finds duplicates and, like a Reshuffle, spreads the
+        # documents of one file over all workers.
+        unique = (
+            results[DOCUMENTS]
+            | "KeyById" >> beam.Map(lambda document: (document.id, document))
+            | "GroupById" >> beam.GroupByKey()
+            | "DropDuplicateIds" >> beam.ParDo(DropDuplicateIdsFn()).with_outputs(ERRORS, main=DOCUMENTS)
+        )
+        errors = (results[ERRORS], unique[ERRORS]) | "CollectReadErrors" >> beam.Flatten()
+        return unique[DOCUMENTS], errors
+
+
+class DropDuplicateIdsFn(beam.DoFn):
+    """Keeps the first record of each id (by file, then position); dead-letters the others.
+
+    "First" is by source path and record number, not by arrival, so reruns keep
+    the same record whatever order the workers read in.
+    """
+
+    def process(self, element):
+        _, documents = element
+        documents = sorted(documents, key=lambda d: (d.source, d.position))
+        yield documents[0]
+        for duplicate in documents[1:]:
+            first = documents[0]
+            yield beam.pvalue.TaggedOutput(
+                ERRORS,
+                schema_lib.error_row(
+                    duplicate.source, duplicate.position, duplicate.id, DUPLICATE_ID,
+                    f"Id {duplicate.id!r} was already used by {first.source}:{first.position}.",
+                    " | ".join(duplicate.texts),
+                ),
+            )
 
 
 class EmbeddingModelHandler(ModelHandler):
