@@ -20,6 +20,20 @@ from models import architectures
 from models.bundle import DEFAULT_BUNDLE, save_bundle
 from models.tokenizer import Tokenizer
 
+DEFAULT_LAYERS = {
+    "single_input": [architectures.LSTM_CONTENT, architectures.EMBEDDING],
+    "two_inputs_one_output": [
+        architectures.LSTM_CONTENT,
+        architectures.LSTM_TITLE,
+        architectures.ADD,
+        architectures.EMBEDDING,
+    ],
+    "two_inputs_two_outputs": [
+        architectures.LSTM_CONTENT,
+        architectures.LSTM_TITLE,
+        architectures.EMBEDDING,
+    ],
+}
 SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_corpus.jsonl")
 
 
@@ -137,6 +151,8 @@ def train(args):
         extra={
             "topology": args.topology,
             "sizes": sizes,
+            # What `python -m pipeline.run` exports when given no --layer.
+            "default_layers": DEFAULT_LAYERS[args.topology],
             "training": {
                 "corpus": os.path.basename(args.corpus),
                 "documents": len(train_docs),
