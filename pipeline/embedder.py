@@ -16,6 +16,23 @@ EMPTY_DOCUMENT = "empty_document"
 INFERENCE_FAILED = "inference_failed"
 
 
+FAST_PATH_TOLERANCE = 1e-5
+
+
+def verification_batch(plan, vocabulary_size, rows=48, seed=0):
+    """Pre-padded random ids of every length from 0 to the input length, per model input."""
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for info in plan.inputs:
+        ids = np.zeros((rows, info.length), dtype=np.int32)
+        counts = np.linspace(0, info.length, rows).astype(int)
+        for row, count in enumerate(counts):
+            if count:
+                ids[row, info.length - count :] = rng.integers(1, max(2, vocabulary_size), count)
+        batch[info.name] = ids
+    return batch
+
+
 class Document(typing.NamedTuple):
     """A parsed record ready to embed: texts per model input, in `plan.inputs` order."""
 
@@ -83,10 +100,42 @@ class Embedder:
             return outputs
 
         self._forward = forward
+        self._fast = self._choose_fast_path() if getattr(plan, "fast_path", "auto") == "auto" else None
+
+    def keras_predict(self, features):
+        """The sub-model's own forward pass: {input name: ids} -> {column: numpy array}."""
+        return {name: value.numpy() for name, value in self._forward(features).items()}
 
     def predict(self, features):
         """Runs the sub-model on {input name: int32 ids}; returns {column: numpy array}."""
-        return {name: value.numpy() for name, value in self._forward(features).items()}
+        if self._fast is not None:
+            return self._fast(features)
+        return self.keras_predict(features)
+
+    @property
+    def uses_fast_path(self):
+        return self._fast is not None
+
+    def _choose_fast_path(self):
+        """The exact fast path if the model qualifies and matches Keras on a sample batch."""
+        from models.fast_lstm import build_fast_path
+
+        fast, reason = build_fast_path(self.sub_model, self.plan.padding)
+        if fast is None:
+            logging.info("Fast path off (%s); using Keras's forward pass.", reason)
+            return None
+        sample = verification_batch(self.plan, self.tokenizer.size)
+        expected = self.keras_predict(sample)
+        actual = fast(sample)
+        worst = max(float(np.abs(expected[name] - actual[name]).max()) for name in expected)
+        if not worst <= FAST_PATH_TOLERANCE:
+            logging.warning(
+                "Fast path off: it differs from Keras by %.3g (> %g) on a sample batch; using "
+                "Keras's forward pass.", worst, FAST_PATH_TOLERANCE,
+            )
+            return None
+        logging.info("Fast path on: folded LSTM inputs, padding skipped (max |diff| vs Keras %.2g).", worst)
+        return fast
 
     def encode(self, documents):
         """Turns documents into model features.
@@ -99,7 +148,8 @@ class Embedder:
         """
         features, masks = {}, {}
         nonempty = np.zeros(len(documents), dtype=bool)
-        truncated = 0
+        # A document counts once as truncated, however many of its inputs were cut.
+        cut_any = np.zeros(len(documents), dtype=bool)
         oov = 0
         for position, info in enumerate(self.plan.inputs):
             ids, counts, oov_counts, cut = self.tokenizer.encode_batch(
@@ -108,9 +158,9 @@ class Embedder:
             features[info.name] = ids
             masks[info.name] = ids != 0
             nonempty |= counts > 0
-            truncated += int(cut.sum())
+            cut_any |= cut
             oov += int(oov_counts.sum())
-        return features, masks, nonempty, truncated, oov
+        return features, masks, nonempty, int(cut_any.sum()), oov
 
     def embed(self, documents):
         """Embeds `documents`; bad ones become dead-letter rows, never exceptions."""

@@ -103,7 +103,7 @@ class ExportOptions(PipelineOptions):
             help="Replace an existing finished output in --output.",
         )
         parser.add_argument(
-            "--batch_size", type=int, default=128, help="Documents per forward pass (default: %(default)s)."
+            "--batch_size", type=int, default=256, help="Documents per forward pass (default: %(default)s)."
         )
         parser.add_argument(
             "--compression",
@@ -124,6 +124,14 @@ class ExportOptions(PipelineOptions):
             type=int,
             default=1_000_000,
             help="Records larger than this are dead-lettered as too_large (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--fast_path",
+            default="auto",
+            choices=("auto", "off"),
+            help="auto: use the exact fast path for Embedding->LSTM models (folded input "
+            "projection, padding skipped) when the model qualifies and matches Keras on a "
+            "sample batch to 1e-5; off: always Keras's own forward pass. Default: %(default)s.",
         )
         parser.add_argument(
             "--tf_threads",

@@ -12,7 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from models import __version__
 from models.truncate import input_dependencies, parse_layer_spec, truncate
-from pipeline.model_source import ExportConfigError, load_model_source
+from pipeline.model_source import ExportConfigError, is_local, load_model_source
 from pipeline.options import INPUT_FORMATS
 
 TEXT_FIELD = "text"
@@ -75,6 +75,7 @@ class ExportPlan:
     max_record_bytes: int
     tf_threads: int
     padding: str
+    fast_path: str = "auto"
     package_version: str = __version__
 
     @property
@@ -170,8 +171,13 @@ def check_output(output, overwrite):
         )
 
 
-def build_plan(options):
+def build_plan(options, check_remote=True):
     """Validates `options` (an `ExportOptions` view) and returns `(plan, model_source)`.
+
+    Args:
+        options: the `ExportOptions` view of the pipeline options.
+        check_remote: False skips listing --input and --output where they are
+            object-store URIs (gs://, s3://), for a --dry_run without credentials.
 
     Raises:
         ExportConfigError: anything that would make the run fail or write nonsense.
@@ -185,7 +191,8 @@ def build_plan(options):
     if options.max_record_bytes < 1:
         raise ExportConfigError(f"--max_record_bytes must be positive, received {options.max_record_bytes}.")
     input_format = detect_format(options.input, options.input_format)
-    check_input(options.input)
+    if check_remote or is_local(options.input):
+        check_input(options.input)
     explicit_map = _parse_input_map(options.input_map)
     source = load_model_source(options.model, options.tokenizer)
     model = source.model
@@ -233,7 +240,8 @@ def build_plan(options):
         raise ExportConfigError(f"--keep_fields {clashes} clash with output column names; rename the layer columns.")
 
     output = options.output
-    check_output(output, options.overwrite)
+    if check_remote or is_local(output):
+        check_output(output, options.overwrite)
     plan = ExportPlan(
         model_uri=options.model,
         tokenizer_uri=options.tokenizer or "",
@@ -253,6 +261,7 @@ def build_plan(options):
         max_record_bytes=options.max_record_bytes,
         tf_threads=options.tf_threads,
         padding=source.tokenizer.padding,
+        fast_path=options.fast_path,
     )
     return plan, source
 
