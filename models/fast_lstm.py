@@ -77,10 +77,10 @@ def _plan_output(tensor, input_names):
         return ("embedding", layer, _input_name(node.input_tensors[0], input_names))
     if isinstance(layer, keras.layers.LSTM) or type(layer).__name__ in ("GRU", "Bidirectional", "SimpleRNN", "RNN"):
         _check_lstm(layer)
-        if len(node.input_tensors) != 1:
-            raise Unsupported(f"LSTM {layer.name!r} is called with initial states or a mask")
         embedding, embedding_node = _producer(node.input_tensors[0])
         _check_embedding(embedding)
+        if len(node.input_tensors) != 1:
+            raise Unsupported(f"LSTM {layer.name!r} is called with initial states or a mask")
         return ("lstm", layer, embedding, _input_name(embedding_node.input_tensors[0], input_names))
     if type(layer) is keras.layers.Add:
         parts = [_plan_output(parent, input_names) for parent in node.input_tensors]

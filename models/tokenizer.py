@@ -29,7 +29,7 @@ FORMAT = "embexport-tokenizer"
 SIDES = ("pre", "post")
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
-_PICTOGRAPHS = "\u2600-\u27bf\U0001f000-\U0001faff"
+_PICTOGRAPHS = "\u2300-\u23ff\u2600-\u27bf\u2b00-\u2bff\U0001f000-\U0001faff"
 _TOKEN_PATTERN = re.compile(
     f"[{_CJK}]|[{_PICTOGRAPHS}]|[^\\W_{_CJK}]+"
 )
@@ -37,7 +37,7 @@ _TOKEN_PATTERN = re.compile(
 
 # Zero-width and other invisible format characters are deleted, not treated as
 # separators, so that "wo\u200brd" stays one word.
-_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_INVISIBLE = re.compile("[\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 
 
 def split_text(text):

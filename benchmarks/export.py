@@ -1,0 +1,234 @@
+"""Side-by-side benchmark: the export pipeline against plain Keras `predict`, in one run.
+
+    python -m benchmarks.export [--documents 1024] [--batch_size 256] [--json PATH]
+
+Everything uses the same model (the bundled default: Embedding(4000, 300) shared
+by two LSTM(128)), the same corpus and the same batch size, measured in this one
+process tree so that the ratios are fair on a noisy machine:
+
+- reference: `keras.Model(inputs, layer_tensor).predict` over already tokenized,
+  padded arrays (what a user would write by hand);
+- inference alone: our Keras forward pass (a traced `tf.function`) and the exact
+  fast path, over the same arrays;
+- the whole pipeline (read -> tokenize -> infer -> write Parquet) on the local
+  DirectRunner engine, generic and fast path, as a subprocess.
+
+Throughput is *marginal*: the time for 3N documents minus the time for N, so
+start-up (TensorFlow import, model load, tracing) is separated out.  Peak RSS is
+the subprocess's.  The corpus is the sample corpus, repeated with fresh ids: its
+documents are mostly far shorter than the 300-token input (median about 30
+tokens).  Results go to stdout as a table and to a JSON file.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "models", "data", "sample_corpus.jsonl")
+LSTM_LAYERS = ("lstm_content",)
+
+
+def write_corpus(path, count):
+    """Writes `count` documents cycling through the sample corpus, with fresh ids."""
+    with open(SAMPLE, encoding="utf-8") as handle:
+        documents = [json.loads(line) for line in handle]
+    with open(path, "w", encoding="utf-8") as handle:
+        for index in range(count):
+            document = dict(documents[index % len(documents)], id=f"doc-{index}")
+            handle.write(json.dumps(document, ensure_ascii=False) + "\n")
+    return path
+
+
+def _timed(function):
+    started = time.perf_counter()
+    result = function()
+    return time.perf_counter() - started, result
+
+
+def _marginal(small_seconds, large_seconds, small_count, large_count):
+    extra = large_seconds - small_seconds
+    return (large_count - small_count) / extra if extra > 0 else float("nan")
+
+
+def run_pipeline(corpus, output, extra_flags):
+    """Runs `python -m pipeline.run` as a child; returns (seconds, peak RSS MiB, output bytes)."""
+    command = [sys.executable, "-m", "pipeline.run", "--input", corpus, "--output", output, *extra_flags]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stdout = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if status != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stdout.decode(errors='replace')[-3000:]}")
+    size = sum(
+        os.path.getsize(os.path.join(output, name)) for name in os.listdir(output) if name.endswith(".parquet")
+    )
+    return seconds, usage.ru_maxrss / 1024, size
+
+
+def inference_rates(documents_small, documents_large, batch_size, layers):
+    """Marginal docs/s of Keras predict, our traced forward pass and the fast path."""
+    import keras
+
+    from pipeline.embedder import Embedder
+    from pipeline.model_source import load_model_source
+    from pipeline.options import ExportOptions
+    from pipeline.plan import build_plan
+
+    with tempfile.TemporaryDirectory() as scratch:
+        corpus = write_corpus(os.path.join(scratch, "c.jsonl"), documents_large)
+        flags = ["--input", corpus, "--output", os.path.join(scratch, "o")] + [f"--layer={x}" for x in layers]
+        plan, source = build_plan(ExportOptions(flags))
+    embedder = Embedder(plan, load_model_source(plan.model_uri))
+    with open(SAMPLE, encoding="utf-8") as handle:
+        texts = [json.loads(line) for line in handle]
+    texts = [texts[i % len(texts)] for i in range(documents_large)]
+    features = {
+        info.name: embedder.tokenizer.encode_batch([t[info.field] for t in texts], info.length)[0]
+        for info in plan.inputs
+    }
+    reference_model = keras.Model(embedder.sub_model.inputs, embedder.sub_model.outputs)
+
+    def batched(function, count):
+        outputs = []
+        for start in range(0, count, batch_size):
+            outputs.append(function({k: v[start : start + batch_size] for k, v in features.items()}))
+        return outputs
+
+    def reference(count):
+        return reference_model.predict({k: v[:count] for k, v in features.items()}, batch_size=batch_size, verbose=0)
+
+    fast = embedder._fast
+    rates = {}
+    reference(batch_size)  # warm-up: builds predict's function
+    batched(embedder.keras_predict, batch_size)
+    small_ref, _ = _timed(lambda: reference(documents_small))
+    large_ref, expected = _timed(lambda: reference(documents_large))
+    rates["reference_predict"] = _marginal(small_ref, large_ref, documents_small, documents_large)
+    small, _ = _timed(lambda: batched(embedder.keras_predict, documents_small))
+    large, _ = _timed(lambda: batched(embedder.keras_predict, documents_large))
+    rates["inference_generic"] = _marginal(small, large, documents_small, documents_large)
+    worst = None
+    if fast is not None:
+        batched(fast, batch_size)
+        small, _ = _timed(lambda: batched(fast, documents_small))
+        large, outputs = _timed(lambda: batched(fast, documents_large))
+        rates["inference_fast"] = _marginal(small, large, documents_small, documents_large)
+        expected = expected if isinstance(expected, list) else [expected]
+        got = np.concatenate([o[plan.columns[0].column] for o in outputs])
+        worst = float(np.abs(got - np.asarray(expected[0])).max())
+    return rates, worst
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--documents", type=int, default=1024, help="N; the large runs use 3N (default %(default)s).")
+    parser.add_argument("--batch_size", type=int, default=256, help="batch size for every contender.")
+    parser.add_argument(
+        "--json", default=os.path.join(ROOT, "benchmarks", "results", "export.json"), help="where to write results."
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    small, large = args.documents, 3 * args.documents
+    results = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "documents": [small, large],
+        "batch_size": args.batch_size,
+    }
+
+    rates, worst = inference_rates(small, large, args.batch_size, LSTM_LAYERS)
+    results["inference_docs_per_s"] = rates
+    results["fast_path_max_abs_diff"] = worst
+
+    pipeline_rows = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        corpora = {n: write_corpus(os.path.join(scratch, f"corpus-{n}.jsonl"), n) for n in (small, large)}
+        variants = {
+            "pipeline_generic": ["--layer", "lstm_content", "--fast_path", "off"],
+            "pipeline_fast": ["--layer", "lstm_content"],
+            "pipeline_emb_tokens_f32": ["--layer", "emb", "--pooling", "none"],
+            "pipeline_emb_tokens_f16": ["--layer", "emb", "--pooling", "none", "--dtype", "float16"],
+        }
+        for name, flags in variants.items():
+            runs = {}
+            for n in (small, large):
+                output = os.path.join(scratch, f"{name}-{n}")
+                runs[n] = run_pipeline(corpora[n], output, [*flags, "--batch_size", str(args.batch_size)])
+            extra_seconds = runs[large][0] - runs[small][0]
+            pipeline_rows[name] = {
+                "seconds": {str(n): round(runs[n][0], 2) for n in runs},
+                "marginal_docs_per_s": _marginal(runs[small][0], runs[large][0], small, large),
+                "peak_rss_mib": {str(n): round(runs[n][1], 1) for n in runs},
+                "rss_ratio_3x": runs[large][1] / runs[small][1],
+                "output_mib": {str(n): round(runs[n][2] / 2**20, 2) for n in runs},
+                "marginal_mib_per_s": (runs[large][2] - runs[small][2]) / 2**20 / extra_seconds
+                if extra_seconds > 0
+                else float("nan"),
+            }
+            if name.startswith("pipeline_emb"):
+                pipeline_rows[name]["parquet_encoder_mib_per_s"] = parquet_encoder_rate(
+                    os.path.join(scratch, f"{name}-{large}")
+                )
+    results["pipeline"] = pipeline_rows
+    reference = rates["reference_predict"]
+    results["ratios_to_reference"] = {
+        "inference_generic": rates["inference_generic"] / reference,
+        "inference_fast": rates.get("inference_fast", float("nan")) / reference,
+        **{name: row["marginal_docs_per_s"] / reference for name, row in pipeline_rows.items()},
+    }
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    print(format_table(results))
+    print(f"\nJSON: {args.json}")
+
+
+def parquet_encoder_rate(directory):
+    """MiB/s at which pyarrow alone re-encodes the dataset the pipeline wrote (same codec)."""
+    import pyarrow.parquet as pq
+
+    path = next(os.path.join(directory, n) for n in sorted(os.listdir(directory)) if n.endswith(".parquet"))
+    table = pq.read_table(path)
+    codec = pq.ParquetFile(path).metadata.row_group(0).column(0).compression.lower()
+    target = path + ".rewrite"
+    seconds, _ = _timed(lambda: pq.write_table(table, target, compression=codec))
+    size = os.path.getsize(target)
+    os.remove(target)
+    return size / 2**20 / seconds
+
+
+def format_table(results):
+    reference = results["inference_docs_per_s"]["reference_predict"]
+    lines = [
+        f"documents N={results['documents'][0]} and 3N={results['documents'][1]}, batch {results['batch_size']}, "
+        f"{results['machine']['cpus']} CPUs",
+        "",
+        f"{'contender':<28}{'marginal docs/s':>16}{'x reference':>13}{'peak RSS MiB (N/3N)':>22}{'MiB/s':>9}",
+    ]
+    lines.append(f"{'keras predict (reference)':<28}{reference:>16.0f}{1.0:>13.2f}")
+    for name, value in results["inference_docs_per_s"].items():
+        if name != "reference_predict":
+            lines.append(f"{name:<28}{value:>16.0f}{value / reference:>13.2f}")
+    for name, row in results["pipeline"].items():
+        rss = "/".join(f"{v:.0f}" for v in row["peak_rss_mib"].values())
+        lines.append(
+            f"{name:<28}{row['marginal_docs_per_s']:>16.0f}{row['marginal_docs_per_s'] / reference:>13.2f}"
+            f"{rss:>22}{row['marginal_mib_per_s']:>9.1f}"
+        )
+    for name, row in results["pipeline"].items():
+        if "parquet_encoder_mib_per_s" in row:
+            lines.append(f"  {name}: pyarrow alone encodes the same table at {row['parquet_encoder_mib_per_s']:.0f} MiB/s")
+    lines.append(f"fast path max |diff| vs predict: {results['fast_path_max_abs_diff']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

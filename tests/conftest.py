@@ -1,0 +1,89 @@
+"""Shared test fixtures: tiny models trained with real Keras, and a tiny bundle."""
+
+import functools
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Lets a plain `pytest` (not only `python -m pytest`) import `models` from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras
+import numpy as np
+import pytest
+
+from models import architectures
+from models.bundle import save_bundle
+from models.tokenizer import Tokenizer
+
+TINY_SIZES = {
+    "vocabulary_size": 50,
+    "embedding_dim": 8,
+    "lstm_units": 4,
+    "content_length": 12,
+    "title_length": 6,
+    "num_title_classes": 3,
+}
+TINY_EXAMPLES = 32
+TINY_BATCH = 8
+
+
+@functools.cache
+def _train_tiny_model(topology, seed=0):
+    """Builds, compiles and fits `topology` at TINY_SIZES on random ids for 4 steps.
+
+    Cached: tests share each trained model and must not train or alter it further.
+
+    Returns:
+        `(model, inputs)`: the trained model and the input it was trained on (a dict
+        keyed by input name, or the `content` array for the one-input topology).
+    """
+    keras.utils.set_random_seed(seed)
+    model = architectures.compile_model(architectures.build_model(topology, **TINY_SIZES))
+    rng = np.random.default_rng(seed)
+    vocabulary = TINY_SIZES["vocabulary_size"]
+    inputs = {
+        "content": rng.integers(0, vocabulary, (TINY_EXAMPLES, TINY_SIZES["content_length"]), dtype=np.int32)
+    }
+    if topology != "single_input":
+        inputs["title"] = rng.integers(
+            0, vocabulary, (TINY_EXAMPLES, TINY_SIZES["title_length"]), dtype=np.int32
+        )
+    binary = rng.integers(0, 2, (TINY_EXAMPLES, 1)).astype("float32")
+    if topology == "two_inputs_two_outputs":
+        classes = rng.integers(0, TINY_SIZES["num_title_classes"], TINY_EXAMPLES)
+        targets = {
+            "out_content": binary,
+            "out_title": keras.utils.to_categorical(classes, TINY_SIZES["num_title_classes"]),
+        }
+    else:
+        targets = binary
+    if topology == "single_input":
+        inputs = inputs["content"]
+    model.fit(inputs, targets, epochs=1, batch_size=TINY_BATCH, verbose=0)
+    return model, inputs
+
+
+@pytest.fixture(scope="session")
+def train_tiny_model():
+    """The cached `_train_tiny_model(topology, seed=0)` factory."""
+    return _train_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A trained tiny `two_inputs_two_outputs` bundle: `(directory, model, inputs)`.
+
+    Shared by the session: tests that alter the bundle copy the directory first.
+    """
+    model, inputs = _train_tiny_model("two_inputs_two_outputs")
+    directory = str(tmp_path_factory.mktemp("tiny_bundle"))
+    tokenizer = Tokenizer([f"word{index}" for index in range(TINY_SIZES["vocabulary_size"] - 2)])
+    save_bundle(
+        directory,
+        model,
+        tokenizer,
+        {"content": "content", "title": "title"},
+        labels={"out_content": {"field": "kind", "classes": ["a", "b"]}},
+    )
+    return directory, model, inputs

@@ -1,0 +1,146 @@
+"""Tests for models.train: the training CLI end to end on a small real corpus."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from models import architectures
+from models.bundle import load_bundle
+from models.train import SAMPLE_CORPUS, is_held_out, main, read_jsonl
+
+DOCUMENTS = 120
+HOLDOUT = 0.25
+TINY_ARGS = [
+    "--vocabulary_size", "50",
+    "--embedding_dim", "8",
+    "--lstm_units", "4",
+    "--content_length", "12",
+    "--title_length", "6",
+    "--epochs", "1",
+    "--batch_size", "32",
+    "--holdout", str(HOLDOUT),
+]  # fmt: skip
+OUTPUTS = {
+    "single_input": {"output": "kind"},
+    "two_inputs_one_output": {"output": "kind"},
+    "two_inputs_two_outputs": {"out_content": "kind", "out_title": "topic"},
+}
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """`(path, documents)`: every 17th document of the sample corpus, 120 in all."""
+    documents = read_jsonl(SAMPLE_CORPUS)[::17][:DOCUMENTS]
+    assert len(documents) == DOCUMENTS
+    assert {document["kind"] for document in documents} == {"class", "function"}
+    path = tmp_path_factory.mktemp("corpus") / "small.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(document, ensure_ascii=False) + "\n" for document in documents)
+    return str(path), documents
+
+
+@pytest.mark.parametrize("topology", architectures.TOPOLOGIES)
+def test_train_writes_a_loadable_bundle_with_metrics(topology, small_corpus, tmp_path):
+    corpus, documents = small_corpus
+    output = str(tmp_path / "bundle")
+    main(["--topology", topology, "--corpus", corpus, "--output", output, *TINY_ARGS])
+
+    bundle = load_bundle(output)
+    manifest = bundle.manifest
+    held_out = [document for document in documents if is_held_out(document["id"], HOLDOUT)]
+    assert 0 < len(held_out) < DOCUMENTS
+
+    assert manifest["topology"] == topology
+    assert bundle.model.name == topology
+    if topology == "single_input":
+        assert bundle.input_fields == {"content": "content"}
+        assert bundle.sequence_lengths == {"content": 12}
+    else:
+        assert bundle.input_fields == {"content": "content", "title": "title"}
+        assert bundle.sequence_lengths == {"content": 12, "title": 6}
+    assert bundle.tokenizer.size == 50 == bundle.model.get_layer("emb").input_dim
+    assert manifest["training"]["documents"] == DOCUMENTS - len(held_out)
+    assert manifest["training"]["epochs"] == 1
+    # The layers exported by default exist in the model (get_layer raises otherwise).
+    assert manifest["default_layers"]
+    for name in manifest["default_layers"]:
+        bundle.model.get_layer(name)
+
+    assert set(manifest["labels"]) == set(manifest["metrics"]) == set(OUTPUTS[topology])
+    for output_name, field in OUTPUTS[topology].items():
+        classes = sorted({document[field] for document in documents})
+        assert manifest["labels"][output_name] == {"field": field, "classes": classes}
+        truth = collections.Counter(document[field] for document in held_out)
+        metrics = manifest["metrics"][output_name]
+        assert metrics["held_out_documents"] == len(held_out)
+        assert metrics["majority_baseline"] == round(max(truth.values()) / len(held_out), 4)
+        assert 0.0 <= metrics["held_out_accuracy"] <= 1.0
+
+    # The bundle alone (its tokenizer, lengths and weights) reproduces the recorded accuracy.
+    features = {
+        name: bundle.tokenizer.encode_batch(
+            [document[field] for document in held_out], bundle.sequence_lengths[name]
+        )[0]
+        for name, field in bundle.input_fields.items()
+    }
+    # The batch size `train` predicts with, so the forward pass is computed identically.
+    predictions = bundle.model.predict(
+        features if len(features) > 1 else features["content"],
+        batch_size=256,
+        verbose=0,
+    )
+    if not isinstance(predictions, dict):
+        predictions = {"output": predictions}
+    for output_name, field in OUTPUTS[topology].items():
+        classes = manifest["labels"][output_name]["classes"]
+        truth = np.array([classes.index(document[field]) for document in held_out])
+        prediction = predictions[output_name]
+        predicted = (
+            prediction.argmax(axis=1) if output_name == "out_title" else (prediction[:, 0] > 0.5).astype(int)
+        )
+        accuracy = round(float((predicted == truth).mean()), 4)
+        assert accuracy == manifest["metrics"][output_name]["held_out_accuracy"]
+
+
+def test_train_rejects_a_missing_field(small_corpus, tmp_path):
+    corpus, _ = small_corpus
+    with pytest.raises(ValueError, match="have no field 'summary'"):
+        main(
+            [
+                "--corpus",
+                corpus,
+                "--output",
+                str(tmp_path),
+                "--content_field",
+                "summary",
+                *TINY_ARGS,
+            ]
+        )
+
+
+def test_train_rejects_a_binary_label_without_two_values(small_corpus, tmp_path):
+    corpus, _ = small_corpus
+    with pytest.raises(ValueError, match="--binary_label 'topic' must have 2 values"):
+        main(
+            [
+                "--corpus",
+                corpus,
+                "--output",
+                str(tmp_path),
+                "--binary_label",
+                "topic",
+                *TINY_ARGS,
+            ]
+        )
+
+
+def test_held_out_split_follows_the_fraction_and_nests():
+    ids = [document["id"] for document in read_jsonl(SAMPLE_CORPUS)]
+    small = {document_id for document_id in ids if is_held_out(document_id, 0.1)}
+    large = {document_id for document_id in ids if is_held_out(document_id, 0.25)}
+    assert small < large
+    assert 0.05 < len(small) / len(ids) < 0.15
+    assert 0.2 < len(large) / len(ids) < 0.3
+    assert not any(is_held_out(document_id, 0.0) for document_id in ids)
