@@ -14,6 +14,12 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXIT_CONFIG_ERROR = 2
+# RunInference warns once per batch that it cannot read memory use; it changes nothing.
+_NOISE = ("Resource module is not available",)
+
+
+def _drop_noise(record):
+    return not str(record.msg).startswith(_NOISE)
 
 
 def main(argv=None):
@@ -28,6 +34,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Beam logs every bundle and worker message at INFO; keep its warnings only.
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_noise)
     from pipeline.export import format_summary, run_export
     from pipeline.model_source import ExportConfigError
 

@@ -83,18 +83,24 @@ def _fixed_size(matrix, value_type):
 def pool_sequence(values, mask, pooling):
     """Pools (n, tokens, dim) `values` over the real tokens marked in `mask` (n, tokens).
 
-    Rows with no real token are the caller's to exclude: their mean is 0/0.
+    A row with no real token (an empty title beside a non-empty content) pools to
+    a zero vector whatever the pooling, as an empty mean does: not -inf (max) nor
+    the padding position's vector (last).  Parquet cannot hold a null
+    fixed-size list that pyarrow reads back (apache/arrow#35692), so zeros it is.
     """
     if pooling == "mean":
         weights = mask[:, :, None].astype(values.dtype)
         return (values * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1)
+    empty = ~mask.any(axis=1)[:, None]
     if pooling == "max":
-        return np.where(mask[:, :, None], values, -np.inf).max(axis=1).astype(values.dtype)
+        pooled = np.where(mask[:, :, None], values, -np.inf).max(axis=1).astype(values.dtype)
+        return np.where(empty, 0, pooled).astype(values.dtype)
     if pooling == "last":
         # Index of the last real token per row (rows are padded on either side).
         positions = np.arange(mask.shape[1])[None, :]
         last = np.where(mask, positions, -1).max(axis=1)
-        return values[np.arange(values.shape[0]), np.maximum(last, 0)]
+        pooled = values[np.arange(values.shape[0]), np.maximum(last, 0)]
+        return np.where(empty, 0, pooled).astype(values.dtype)
     raise ValueError(f"Unknown pooling {pooling!r}; expected mean, max or last.")
 
 

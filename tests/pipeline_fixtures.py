@@ -1,0 +1,195 @@
+"""Helpers for the export tests: tiny trained bundles, small real corpora, and readers of the output."""
+
+import glob
+import json
+import os
+import random
+
+import keras
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models import architectures
+from models.bundle import load_bundle, save_bundle
+from models.tokenizer import Tokenizer
+from models.train import SAMPLE_CORPUS
+from pipeline.output import ERRORS_DIR, MANIFEST, read_manifest
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = dict(
+    vocabulary_size=60,
+    embedding_dim=8,
+    lstm_units=6,
+    content_length=24,
+    title_length=6,
+    num_title_classes=3,
+)
+LENGTHS = {"content": SIZES["content_length"], "title": SIZES["title_length"]}
+CORPUS_DOCUMENTS = 40
+# Records every topology dead-letters: not JSON, no id, content null.
+BAD_LINES = (
+    '{"id": "broken", "content": ',
+    json.dumps({"content": "a record without an id", "title": "no id"}),
+    json.dumps({"id": "null-content", "content": None, "title": "content is null"}),
+)
+DEFAULT_LAYERS = {
+    "single_input": ["lstm_content", "emb"],
+    "two_inputs_one_output": ["lstm_content", "lstm_title", "add", "emb"],
+    "two_inputs_two_outputs": ["lstm_content", "lstm_title", "emb"],
+}
+
+_BUNDLES = {}
+
+
+def sample_documents(count=CORPUS_DOCUMENTS, seed=0):
+    """`count` records of the bundled sample corpus (CPython docstrings), picked at random."""
+    with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
+        documents = [json.loads(line) for line in handle if line.strip()]
+    return random.Random(seed).sample(documents, count)
+
+
+def write_jsonl(path, documents, extra_lines=()):
+    """Writes `documents` (dicts) and then `extra_lines` (raw strings) as a JSONL file."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for document in documents:
+            handle.write(json.dumps(document, ensure_ascii=False) + "\n")
+        for line in extra_lines:
+            handle.write(line + "\n")
+    return str(path)
+
+
+def input_fields(topology):
+    fields = {"content": "content"}
+    if topology != "single_input":
+        fields["title"] = "title"
+    return fields
+
+
+def train_bundle(directory, topology, documents, seed=0):
+    """Fits a tiny `topology` for one epoch on random labels and saves it as a bundle."""
+    keras.utils.set_random_seed(seed)
+    tokenizer = Tokenizer.fit((d["content"] + " " + d["title"] for d in documents), SIZES["vocabulary_size"])
+    model = architectures.compile_model(architectures.build_model(topology, **SIZES))
+    fields = input_fields(topology)
+    features = {
+        name: tokenizer.encode_batch([d[field] for d in documents], LENGTHS[name])[0]
+        for name, field in fields.items()
+    }
+    rng = np.random.default_rng(seed)
+    binary = rng.integers(0, 2, (len(documents), 1)).astype("float32")
+    if topology == "two_inputs_two_outputs":
+        classes = rng.integers(0, SIZES["num_title_classes"], len(documents))
+        targets = {
+            "out_content": binary,
+            "out_title": keras.utils.to_categorical(classes, SIZES["num_title_classes"]),
+        }
+    else:
+        targets = binary
+    if topology == "single_input":
+        features = features["content"]
+    model.fit(features, targets, epochs=1, batch_size=8, verbose=0)
+    save_bundle(
+        str(directory),
+        model,
+        tokenizer,
+        fields,
+        extra={"topology": topology, "default_layers": DEFAULT_LAYERS[topology]},
+    )
+    return str(directory)
+
+
+def shared_bundle(tmp_path_factory, topology):
+    """A bundle of `topology` trained once per test session on `sample_documents()`."""
+    if topology not in _BUNDLES:
+        directory = tmp_path_factory.mktemp(f"bundle_{topology}")
+        _BUNDLES[topology] = train_bundle(directory, topology, sample_documents())
+    return _BUNDLES[topology]
+
+
+def export_args(model, corpus, output, *flags):
+    """argv for `run_export`."""
+    return ["--model", str(model), "--input", str(corpus), "--output", str(output), *map(str, flags)]
+
+
+def row_files(output):
+    return sorted(glob.glob(os.path.join(str(output), "part-*.parquet")))
+
+
+def error_files(output):
+    return sorted(glob.glob(os.path.join(str(output), ERRORS_DIR, "part-*.parquet")))
+
+
+def read_rows(output):
+    """The output rows of a finished export as one pyarrow Table (data shards only)."""
+    files = row_files(output)
+    assert files, f"no part-*.parquet in {output}"
+    return pa.concat_tables([pq.read_table(path) for path in files])
+
+
+def read_errors(output):
+    files = error_files(output)
+    return pa.concat_tables([pq.read_table(path) for path in files]) if files else None
+
+
+def rows_by_id(table):
+    """id -> row dict, checking that ids are unique."""
+    rows = table.to_pylist()
+    by_id = {row["id"]: row for row in rows}
+    assert len(by_id) == len(rows), "duplicate ids in the output"
+    return by_id
+
+
+def manifest_of(output):
+    manifest = read_manifest(str(output))
+    assert manifest is not None, f"{output} has no {MANIFEST}"
+    return manifest
+
+
+def is_empty_or_absent(directory):
+    return not os.path.exists(directory) or os.listdir(directory) == []
+
+
+class Reference:
+    """The Keras oracle: the loaded bundle's model, its tokenizer, and ids encoded here."""
+
+    def __init__(self, bundle_directory, documents):
+        bundle = load_bundle(bundle_directory)
+        self.model = bundle.model
+        self.tokenizer = bundle.tokenizer
+        self.documents = documents
+        self.ids = [d["id"] for d in documents]
+        names = [t.name for t in self.model.inputs]
+        self.token_ids = {
+            name: self.tokenizer.encode_batch([d.get(name, "") for d in documents], LENGTHS[name])[0]
+            for name in names
+        }
+        self._feed = [self.token_ids[name] for name in names]
+        self._predictions = {}
+
+    def tensor(self, layer, call=0):
+        """Output tensor of call `call` of `layer`, read off the layer's inbound nodes."""
+        return self.model.get_layer(layer)._inbound_nodes[call].output_tensors[0]
+
+    def predict(self, layer, call=0):
+        """`keras.Model(model.inputs, tensor).predict(token_ids)` for the chosen call."""
+        if (layer, call) not in self._predictions:
+            sub_model = keras.Model(self.model.inputs, self.tensor(layer, call))
+            prediction = sub_model.predict(self._feed, batch_size=64, verbose=0)
+            self._predictions[layer, call] = np.asarray(prediction)
+        return self._predictions[layer, call]
+
+    def mask(self, input_name):
+        return self.token_ids[input_name] != 0
+
+
+def pool(values, mask, pooling):
+    """Pools one document's (tokens, dim) `values` over its real tokens in numpy."""
+    real = values[mask]
+    if pooling == "mean":
+        return real.mean(axis=0)
+    if pooling == "max":
+        return real.max(axis=0)
+    if pooling == "last":
+        return real[-1]
+    raise ValueError(pooling)

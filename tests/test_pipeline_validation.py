@@ -1,0 +1,302 @@
+"""Launch-time validation: a wrong flag, model or output is refused with a useful message, writing nothing."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from pipeline_fixtures import (
+    REPOSITORY,
+    Reference,
+    export_args,
+    is_empty_or_absent,
+    manifest_of,
+    read_rows,
+    rows_by_id,
+    sample_documents,
+    shared_bundle,
+    write_jsonl,
+)
+
+from models.bundle import MODEL_FILE, TOKENIZER_FILE
+from models.tokenizer import Tokenizer
+from pipeline.export import run_export
+from pipeline.model_source import ExportConfigError
+from pipeline.output import MANIFEST, STAGING
+from pipeline.run import EXIT_CONFIG_ERROR
+
+TOPOLOGY = "two_inputs_two_outputs"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return shared_bundle(tmp_path_factory, TOPOLOGY)
+
+
+@pytest.fixture(scope="module")
+def documents():
+    return sample_documents(count=12, seed=2)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, documents):
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", documents)
+
+
+def assert_refused(argv, output, pattern):
+    """Runs the export in-process, expects ExportConfigError matching `pattern`, and nothing written."""
+    with pytest.raises(ExportConfigError, match=pattern) as caught:
+        run_export(argv)
+    assert is_empty_or_absent(output), os.listdir(output)
+    return str(caught.value)
+
+
+def snapshot(directory):
+    """Every file under `directory` with its bytes."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, directory)] = handle.read()
+    return files
+
+
+def test_missing_layer_lists_the_layers_with_call_counts_and_the_close_name(bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    message = assert_refused(
+        export_args(bundle, corpus, output, "--layer=lstm_contnt"), output, "no layer named 'lstm_contnt'"
+    )
+    assert "Did you mean 'lstm_content'" in message
+    for described in ("emb (2 calls)", "lstm_content (1 call)", "lstm_title (1 call)", "out_title (1 call)"):
+        assert described in message
+
+
+def test_call_index_out_of_range_names_the_valid_calls(bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    message = assert_refused(
+        export_args(bundle, corpus, output, "--layer=emb:2"), output, r"Layer 'emb' has 2 call\(s\)"
+    )
+    assert "call 2 does not exist; use emb:0 .. emb:1." in message
+    assert_refused(
+        export_args(bundle, corpus, output, "--layer=lstm_title:1"),
+        output,
+        r"'lstm_title' has 1 call\(s\) in this model, so call 1 does not exist; use lstm_title:0\.$",
+    )
+
+
+def test_input_map_for_an_input_the_sub_model_does_not_need(bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    assert_refused(
+        export_args(bundle, corpus, output, "--layer=lstm_content", "--input_map=title=title"),
+        output,
+        r"--input_map names \['title'\], which the exported layers do not need; "
+        r"the sub-model's inputs are \['content'\]",
+    )
+
+
+@pytest.mark.parametrize("entry", ["content", "=body", "content=", "content:body"])
+def test_input_map_syntax(entry, bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    assert_refused(
+        export_args(bundle, corpus, output, f"--input_map={entry}"),
+        output,
+        f"Invalid --input_map '{entry}': expected INPUT=FIELD",
+    )
+
+
+def test_finished_export_is_kept_without_overwrite_and_replaced_with_it(bundle, corpus, documents, tmp_path):
+    output = tmp_path / "out"
+    first = run_export(export_args(bundle, corpus, output, "--layer=lstm_content"))
+    assert first.exit_code == 0 and first.rows_written == len(documents)
+    before = snapshot(output)
+    assert MANIFEST in before
+
+    with pytest.raises(ExportConfigError, match="already holds a finished export. Pass --overwrite"):
+        run_export(export_args(bundle, corpus, output, "--layer=lstm_title"))
+    assert snapshot(output) == before
+
+    second = run_export(export_args(bundle, corpus, output, "--layer=lstm_title", "--overwrite"))
+    assert second.exit_code == 0 and second.rows_written == len(documents)
+    assert read_rows(output).column_names == ["id", "lstm_title"]
+    assert [c["column"] for c in manifest_of(output)["columns"]] == ["lstm_title"]
+    assert STAGING not in os.listdir(output)
+
+
+def test_output_with_foreign_files_is_refused(bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("someone else's file\n")
+    with pytest.raises(ExportConfigError, match="is not empty and does not look like an export of this tool"):
+        run_export(export_args(bundle, corpus, output))
+    assert snapshot(output) == {"notes.txt": b"someone else's file\n"}
+
+
+def test_model_path_that_does_not_exist(corpus, tmp_path):
+    output = tmp_path / "out"
+    missing = tmp_path / "no_such_bundle"
+    assert_refused(export_args(missing, corpus, output), output, f"--model '{missing}' does not exist")
+
+
+def test_directory_without_manifest(bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    directory = tmp_path / "not_a_bundle"
+    directory.mkdir()
+    shutil.copy(os.path.join(bundle, MODEL_FILE), directory)
+    assert_refused(export_args(directory, corpus, output), output, "is a directory without manifest.json")
+
+
+def test_unknown_model_file_extension(bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    model = tmp_path / "model.pt"
+    shutil.copy(os.path.join(bundle, MODEL_FILE), model)
+    assert_refused(
+        export_args(model, corpus, output),
+        output,
+        "has an unknown format: expected a bundle directory or a file ending in",
+    )
+
+
+def test_bare_keras_model_needs_a_tokenizer(bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    assert_refused(
+        export_args(os.path.join(bundle, MODEL_FILE), corpus, output),
+        output,
+        "is a bare model file, which carries no tokenizer: pass --tokenizer",
+    )
+
+
+def test_input_matching_no_files(bundle, tmp_path):
+    output = tmp_path / "out"
+    pattern = tmp_path / "corpus" / "*.jsonl"
+    assert_refused(export_args(bundle, pattern, output), output, "matches no files")
+
+
+def test_input_with_unknown_extension_and_auto_format(bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    odd = tmp_path / "corpus.dat"
+    shutil.copy(corpus, odd)
+    assert_refused(
+        export_args(bundle, odd, output),
+        output,
+        r"Cannot tell the format of --input .*corpus\.dat.* pass --input_format",
+    )
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_batch_size_must_be_positive(size, bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    assert_refused(
+        export_args(bundle, corpus, output, f"--batch_size={size}"),
+        output,
+        f"--batch_size must be at least 1, received {size}",
+    )
+
+
+@pytest.fixture(scope="module")
+def odd_model(tmp_path_factory, bundle):
+    """A bare .keras model with a length-changing Conv1D and a three-output LSTM, and a tokenizer file.
+
+    Neither layer's output can be a row: (batch, 22, 4) is aligned with no input
+    of length 24, and `lstm_state` returns three tensors per call.
+    """
+    keras.utils.set_random_seed(3)
+    content = keras.Input(shape=(24,), dtype="int32", name="content")
+    embedded = keras.layers.Embedding(60, 8, name="emb")(content)
+    convolved = keras.layers.Conv1D(4, 3, name="conv")(embedded)
+    sequence, _, _ = keras.layers.LSTM(5, return_state=True, name="lstm_state")(convolved)
+    model = keras.Model(content, keras.layers.Dense(1, name="output")(sequence))
+    directory = tmp_path_factory.mktemp("odd_model")
+    path = str(directory / "odd.keras")
+    model.save(path)
+    tokenizer = str(directory / "tokenizer.json")
+    shutil.copy(os.path.join(bundle, TOKENIZER_FILE), tokenizer)
+    return path, tokenizer
+
+
+def test_layer_whose_output_shape_cannot_be_a_row(odd_model, corpus, tmp_path):
+    model, tokenizer = odd_model
+    output = tmp_path / "out"
+    assert_refused(
+        export_args(model, corpus, output, "--tokenizer", tokenizer, "--layer=conv"),
+        output,
+        r"Layer 'conv' \(call 0\) outputs shape \(None, 22, 4\); only vectors",
+    )
+    assert_refused(
+        export_args(model, corpus, output, "--tokenizer", tokenizer, "--layer=lstm_state"),
+        output,
+        "Layer 'lstm_state' returns 3 tensors per call",
+    )
+
+
+def test_bare_model_with_tokenizer_exports(odd_model, corpus, documents, tmp_path):
+    model_path, tokenizer_path = odd_model
+    output = tmp_path / "out"
+    argv = export_args(model_path, corpus, output, "--tokenizer", tokenizer_path, "--layer=emb")
+    summary = run_export(argv)
+    assert (summary.exit_code, summary.rows_written, summary.dead_letters) == (0, len(documents), 0)
+    weights = keras.saving.load_model(model_path, compile=False).get_layer("emb").embeddings.numpy()
+    with open(tokenizer_path, encoding="utf-8") as handle:
+        tokenizer = Tokenizer.from_json(handle.read())
+    ids = tokenizer.encode_batch([d["content"] for d in documents], 24)[0]
+    rows = rows_by_id(read_rows(output))
+    for document, row_ids in zip(documents, ids, strict=True):
+        expected = weights[row_ids[row_ids != 0]].mean(axis=0)
+        np.testing.assert_allclose(rows[document["id"]]["emb"], expected, atol=1e-5, rtol=0)
+
+
+def test_content_layer_exports_from_a_corpus_without_titles(bundle, documents, tmp_path):
+    untitled = [{key: value for key, value in d.items() if key != "title"} for d in documents]
+    corpus = write_jsonl(tmp_path / "untitled.jsonl", untitled)
+    output = tmp_path / "out"
+    summary = run_export(export_args(bundle, corpus, output, "--layer=lstm_content"))
+    assert (summary.exit_code, summary.rows_written, summary.dead_letters) == (0, len(documents), 0)
+    assert manifest_of(output)["counts"]["records_read"] == len(documents)
+    reference = Reference(bundle, untitled)  # titles encode as all padding: lstm_content ignores them
+    expected = reference.predict("lstm_content")
+    rows = rows_by_id(read_rows(output))
+    actual = np.array([rows[document_id]["lstm_content"] for document_id in reference.ids])
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=0)
+
+
+def run_cli(*argv):
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *map(str, argv)],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_cli_missing_layer_exits_2_with_an_error_line(bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    result = run_cli(*export_args(bundle, corpus, output, "--layer=lstm_contnt"))
+    assert result.returncode == EXIT_CONFIG_ERROR == 2, result.stderr[-2000:]
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("error: The model has no layer named 'lstm_contnt'. Did you mean 'lstm_content'")
+    assert "emb (2 calls)" in line
+    assert is_empty_or_absent(output)
+
+
+def test_cli_missing_model_exits_2_with_an_error_line(corpus, tmp_path):
+    output = tmp_path / "out"
+    missing = tmp_path / "no_such_bundle"
+    result = run_cli(*export_args(missing, corpus, output))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert error_lines(result.stderr) == [
+        f"error: --model '{missing}' does not exist. Pass a bundle directory written by "
+        "`python -m models.train`, or a .keras/.h5 file."
+    ]
+    assert result.stdout.strip() == ""
+    assert is_empty_or_absent(output)

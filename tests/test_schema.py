@@ -1,0 +1,214 @@
+"""`pipeline.schema` as pure functions: column types, pooling, rows to Arrow, dead-letter rows."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import schema
+from pipeline.plan import ColumnInfo, ExportPlan, InputInfo
+
+
+def column(name, layer, call, kind, dim, source_input, pooling):
+    return ColumnInfo(
+        column=name, layer=layer, call=call, kind=kind, dim=dim, source_input=source_input, pooling=pooling
+    )
+
+
+VECTOR = column("lstm", "lstm_content", 0, "vector", 2, "", "none")
+PER_TOKEN = column("emb", "emb", 0, "sequence", 3, "content", "none")
+MEAN_TITLE = column("emb_call1", "emb", 1, "sequence", 3, "title", "mean")
+INPUTS = (
+    InputInfo(name="content", field="body", length=4),
+    InputInfo(name="title", field="headline", length=2),
+)
+
+
+def make_plan(columns, dtype="float32", keep_fields=()):
+    return ExportPlan(
+        model_uri="gs://bucket/bundle",
+        tokenizer_uri="",
+        model_sha256="a" * 64,
+        tokenizer_sha256="b" * 64,
+        layer_specs=(),
+        inputs=INPUTS,
+        columns=tuple(columns),
+        input_pattern="corpus.jsonl",
+        input_format="jsonl",
+        id_field="id",
+        keep_fields=tuple(keep_fields),
+        output="out",
+        dtype=dtype,
+        batch_size=8,
+        compression="snappy",
+        max_record_bytes=1000,
+        tf_threads=0,
+        padding="pre",
+    )
+
+
+@pytest.mark.parametrize(
+    "column, dtype, expected",
+    [
+        (VECTOR, "float32", pa.list_(pa.float32(), 2)),
+        (VECTOR, "float16", pa.list_(pa.float16(), 2)),
+        (MEAN_TITLE, "float32", pa.list_(pa.float32(), 3)),
+        (PER_TOKEN, "float32", pa.list_(pa.list_(pa.float32(), 3))),
+        (PER_TOKEN, "float16", pa.list_(pa.list_(pa.float16(), 3))),
+    ],
+)
+def test_column_type(column, dtype, expected):
+    assert schema.column_type(column, dtype) == expected
+
+
+# Three documents of four positions, two dims. Padding positions hold large values so
+# that any leak of padding into a pooled vector shows.
+VALUES = np.array(
+    [
+        [[99.0, 99.0], [99.0, 99.0], [1.0, -4.0], [3.0, -2.0]],  # pre-padded: 2 real tokens
+        [[-1.0, 5.0], [2.0, -6.0], [-3.0, 1.0], [99.0, 99.0]],  # post-padded: 3 real tokens
+        [[-99.0, -99.0], [99.0, 99.0], [7.0, 7.0], [-7.0, 0.5]],  # no real token
+    ],
+    dtype=np.float32,
+)
+MASK = np.array(
+    [[False, False, True, True], [True, True, True, False], [False, False, False, False]],
+)
+
+
+@pytest.mark.parametrize(
+    "pooling, expected",
+    [
+        ("mean", [[2.0, -3.0], [-2 / 3, 0.0], [0.0, 0.0]]),
+        ("max", [[3.0, -2.0], [2.0, 5.0], [0.0, 0.0]]),
+        ("last", [[3.0, -2.0], [-3.0, 1.0], [0.0, 0.0]]),
+    ],
+)
+def test_pool_sequence_uses_real_tokens_only(pooling, expected):
+    pooled = schema.pool_sequence(VALUES, MASK, pooling)
+    assert pooled.dtype == np.float32
+    np.testing.assert_allclose(pooled, np.array(expected, dtype=np.float32), rtol=1e-6, atol=1e-7)
+    assert np.isfinite(pooled).all()
+
+
+def test_pool_sequence_rejects_unknown_pooling():
+    with pytest.raises(ValueError, match="Unknown pooling 'sum'; expected mean, max or last"):
+        schema.pool_sequence(VALUES, MASK, "sum")
+
+
+def test_output_schema_names_and_types_with_metadata():
+    plan = make_plan([PER_TOKEN, MEAN_TITLE, VECTOR], keep_fields=("kind",))
+    output = schema.output_schema(plan)
+    assert output.names == ["id", "kind", "emb", "emb_tokens", "emb_call1", "lstm"]
+    assert output.field("id").type == pa.string() and not output.field("id").nullable
+    assert output.field("emb_tokens").type == pa.int32()
+    metadata = schema.read_export_metadata(output)
+    assert metadata["model_uri"] == "gs://bucket/bundle"
+    assert metadata["inputs"] == [
+        {"name": "content", "field": "body", "length": 4},
+        {"name": "title", "field": "headline", "length": 2},
+    ]
+    assert metadata["columns"][1] == {
+        "column": "emb_call1",
+        "layer": "emb",
+        "call": 1,
+        "kind": "sequence",
+        "dim": 3,
+        "dtype": "float32",
+        "pooling": "mean",
+        "source_input": "title",
+    }
+    assert metadata["columns"][2]["pooling"] is None and metadata["columns"][2]["source_input"] is None
+
+
+def _batch_inputs():
+    rng = np.random.default_rng(0)
+    content = rng.normal(size=(3, 4, 3)).astype(np.float32)
+    title = rng.normal(size=(3, 2, 3)).astype(np.float32)
+    lstm = rng.normal(size=(3, 2)).astype(np.float32)
+    masks = {
+        "content": np.array(
+            [[False, True, True, True], [False, False, False, False], [True, True, True, True]]
+        ),
+        "title": np.array([[True, True], [False, True], [True, False]]),
+    }
+    return {"emb": content, "emb_call1": title, "lstm": lstm}, masks
+
+
+def test_to_record_batch_builds_rows_in_document_order():
+    plan = make_plan([PER_TOKEN, MEAN_TITLE, VECTOR], keep_fields=("kind",))
+    output_schema = schema.output_schema(plan)
+    outputs, masks = _batch_inputs()
+    ids = ["a", "b", "c"]
+    batch = schema.to_record_batch(output_schema, plan, ids, {"kind": ["x", None, "z"]}, outputs, masks)
+    assert batch.schema == output_schema
+    rows = batch.to_pylist()
+    assert [row["id"] for row in rows] == ids
+    assert [row["kind"] for row in rows] == ["x", None, "z"]
+    for index, row in enumerate(rows):
+        real = masks["content"][index]
+        assert row["emb_tokens"] == int(real.sum())
+        np.testing.assert_array_equal(
+            np.array(row["emb"], dtype=np.float32).reshape(-1, 3), outputs["emb"][index][real]
+        )
+        title = masks["title"][index]
+        np.testing.assert_allclose(
+            row["emb_call1"], outputs["emb_call1"][index][title].mean(axis=0), rtol=1e-6
+        )
+        np.testing.assert_array_equal(np.float32(row["lstm"]), outputs["lstm"][index])
+    assert rows[1]["emb"] == [] and rows[1]["emb_tokens"] == 0
+
+
+def test_to_record_batch_round_trips_through_parquet():
+    plan = make_plan([PER_TOKEN, MEAN_TITLE, VECTOR])
+    output_schema = schema.output_schema(plan)
+    outputs, masks = _batch_inputs()
+    batch = schema.to_record_batch(output_schema, plan, ["a", "b", "c"], {}, outputs, masks)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_batches([batch]), buffer)
+    buffer.seek(0)
+    table = pq.read_table(buffer)
+    assert table.to_pylist() == batch.to_pylist()
+    assert schema.read_export_metadata(table.schema) == schema.read_export_metadata(output_schema)
+
+
+def test_to_record_batch_float16():
+    plan = make_plan([PER_TOKEN, VECTOR], dtype="float16")
+    output_schema = schema.output_schema(plan)
+    outputs, masks = _batch_inputs()
+    batch = schema.to_record_batch(output_schema, plan, ["a", "b", "c"], {}, outputs, masks)
+    assert batch.schema.field("lstm").type == pa.list_(pa.float16(), 2)
+    values = batch.column("lstm").values.to_numpy()
+    assert values.dtype == np.float16
+    np.testing.assert_allclose(values.reshape(3, 2), outputs["lstm"], rtol=1e-3)
+    tokens = batch.column("emb").values.values.to_numpy()
+    assert tokens.dtype == np.float16
+    np.testing.assert_allclose(tokens.reshape(-1, 3), outputs["emb"][masks["content"]], rtol=1e-3)
+
+
+def test_error_row_fields_and_limits():
+    row = schema.error_row("gs://b/c.jsonl", 7, 42, "malformed_json", "x" * 2000, "y" * 5000, raw_limit=100)
+    assert row == {
+        "source": "gs://b/c.jsonl",
+        "position": 7,
+        "id": "42",
+        "reason": "malformed_json",
+        "message": "x" * 1000,
+        "raw": "y" * 100,
+    }
+    table = pa.Table.from_pylist([row], schema=schema.ERROR_SCHEMA)
+    assert table.num_rows == 1
+
+
+def test_error_row_without_id_position_or_raw():
+    row = schema.error_row("f.txt", None, None, "unreadable_file", ValueError("boom"), None)
+    assert (row["id"], row["position"], row["raw"], row["message"]) == (None, None, None, "boom")
+
+
+def test_error_row_keeps_undecodable_bytes_visible():
+    row = schema.error_row("f.jsonl", 1, None, "invalid_utf8", "bad", b'{"content": "caf\xe9"}')
+    assert row["raw"] == '{"content": "caf\\xe9"}'
+    # A long bytes record is cut to the character limit as well.
+    assert len(schema.error_row("f", 1, None, "too_large", "m", b"z" * 50, raw_limit=10)["raw"]) == 10
