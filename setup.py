@@ -23,6 +23,10 @@ setuptools.setup(
         "numpy>=1.26,<3",
     ],
     extras_require={
+        # `python -m pipeline.analyze plot` draws with matplotlib.
+        "analysis": ["matplotlib>=3.8"],
+        # s3:// for --model, --input and --output: Beam's S3 filesystem runs on boto3.
+        "aws": ["apache-beam[aws]>=2.77,<2.78"],
         "test": [
             "pytest>=8",
             "duckdb>=1.1",
@@ -30,6 +34,16 @@ setuptools.setup(
             # Builds Keras 2 (.h5) models exactly as the tutorial wrote them.
             "tf_keras>=2.21,<2.22",
             "ruff",
+            # The analysis tests draw a plot and run the README's polars example.
+            "matplotlib>=3.8",
+            "polars>=1.0",
+            # The object-storage test: Beam's S3 filesystem against moto's S3 server on
+            # loopback.  moto[s3] plus Flask is that server; moto[server] would pull in
+            # every AWS service's dependencies (cfn-lint, docker, ...).
+            "apache-beam[aws]>=2.77,<2.78",
+            "moto[s3]>=5,<6",
+            "flask!=2.2.0,!=2.2.1",
+            "flask-cors",
         ],
     },
 )

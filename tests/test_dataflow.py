@@ -1,0 +1,315 @@
+"""Scale-out: the Dataflow job built offline (`--dry_run=True`), worker settings, and multi-worker runs.
+
+The Dataflow job is built by Beam's real DataflowRunner from the documented
+command line; Beam's `--dry_run` test option stops it before anything is staged
+or submitted, and our launcher skips the checks that would need credentials.
+"""
+
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+import tarfile
+
+import apache_beam
+import keras
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.internal import pickler
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.portability.api import beam_runner_api_pb2
+from apache_beam.runners.dataflow.internal import apiclient
+
+from models import architectures
+from models.bundle import DEFAULT_BUNDLE, MODEL_FILE, read_manifest, save_bundle
+from models.tokenizer import Tokenizer
+from models.train import SAMPLE_CORPUS
+from pipeline.export import check_worker_paths, run_export, worker_tf_threads
+from pipeline.model_source import ExportConfigError, load_model_source
+from pipeline.options import ExportOptions
+from pipeline.output import ERRORS_DIR
+from pipeline.plan import ExportPlan
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "gs://embexport-example"
+# README "Running on Dataflow", with a bucket name Beam accepts and --setup_file added by the fixture.
+DATAFLOW_FLAGS = [
+    "--runner", "DataflowRunner",
+    "--project", "my-project",
+    "--region", "us-central1",
+    "--temp_location", f"{BUCKET}/tmp",
+    "--input", f"{BUCKET}/corpus/*.jsonl",
+    "--output", f"{BUCKET}/emb",
+]  # fmt: skip
+OUR_TRANSFORMS = (
+    "ReadCorpus",
+    "EmbedDocuments",
+    "EmbedDocuments/RunInference",
+    "WriteEmbeddings",
+    "WriteDeadLetters",
+)
+RUN_INFERENCE = "EmbedDocuments/RunInference/BeamML_RunInference"
+PACKAGE_SOURCES = ("setup.py", "MANIFEST.in", "README.md", "models", "pipeline")
+
+
+def copy_sources(target):
+    """Copies what `setup.py` packages, so building the sdist leaves the checkout untouched."""
+    os.makedirs(target, exist_ok=True)
+    for name in PACKAGE_SOURCES:
+        source = os.path.join(REPOSITORY, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(target, name), ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    return str(target)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """(summary, launcher log messages, setup_file) of the documented command with --dry_run=True."""
+    setup_file = os.path.join(copy_sources(tmp_path_factory.mktemp("source")), "setup.py")
+    records = _Records()
+    logger = logging.getLogger("pipeline.export")
+    logger.addHandler(records)
+    try:
+        summary = run_export([*DATAFLOW_FLAGS, "--setup_file", setup_file, "--dry_run=True"])
+    finally:
+        logger.removeHandler(records)
+    return summary, records.messages, setup_file
+
+
+def test_dry_run_builds_the_job_without_google_cloud(dry_run):
+    summary, messages, _ = dry_run
+    assert summary.dry_run and summary.exit_code == 0
+    assert isinstance(summary.job, apiclient.Job)
+    skipped = [m for m in messages if m.startswith("--dry_run:")]
+    assert len(skipped) == 1, messages
+    for check in (
+        f"listing --input '{BUCKET}/corpus/*.jsonl'",
+        f"checking --output '{BUCKET}/emb'",
+        "submitting the job",
+        "writing the manifest",
+    ):
+        assert check in skipped[0]
+
+
+def test_job_holds_our_transforms(dry_run):
+    names = {t.unique_name for t in dry_run[0].job.proto_pipeline.components.transforms.values()}
+    missing = [name for name in OUR_TRANSFORMS if name not in names]
+    assert not missing, f"{missing} not among {sorted(n for n in names if n.count('/') < 2)}"
+
+
+def test_job_embeds_no_model(dry_run):
+    """The graph carries the plan, small; workers load the weights from --model."""
+    job = dry_run[0].job
+    model_bytes = os.path.getsize(os.path.join(DEFAULT_BUNDLE, MODEL_FILE))
+    assert job.proto_pipeline.ByteSize() < model_bytes / 20
+    assert job.proto._pb.ByteSize() < 100_000
+    largest = max(t.spec.ByteSize() for t in job.proto_pipeline.components.transforms.values())
+    assert largest < 100_000
+
+    (transform,) = [
+        t for t in job.proto_pipeline.components.transforms.values() if t.unique_name == RUN_INFERENCE
+    ]
+    payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload).do_fn.payload
+    do_fn = pickler.loads(payload)[0]
+    assert do_fn._model is None
+    plan = do_fn._model_handler._plan
+    assert isinstance(plan, ExportPlan)
+    assert plan.model_uri == DEFAULT_BUNDLE
+    assert plan.model_sha256 == read_manifest(DEFAULT_BUNDLE)["sha256"][MODEL_FILE]
+    # One SDK process per vCPU on Dataflow: one TensorFlow thread each.
+    assert plan.tf_threads == 1
+
+
+def test_job_options_carry_what_workers_need(dry_run):
+    """What Dataflow hands the workers: our flags, --setup_file and its sdist, and the SDK image."""
+    summary, _, setup_file = dry_run
+    job = summary.job
+    environment = apiclient.Environment([], job.options, "8", f"{BUCKET}/tmp/pipeline.pb", job.proto_pipeline)
+    worker_options = environment.proto.sdk_pipeline_options["options"]
+    assert worker_options["setup_file"] == setup_file
+    assert worker_options["model"] == DEFAULT_BUNDLE
+    assert worker_options["input"] == f"{BUCKET}/corpus/*.jsonl"
+    assert worker_options["output"] == f"{BUCKET}/emb"
+    version = apache_beam.__version__
+    image = environment.proto.worker_pools[0].worker_harness_container_image
+    python = "{}.{}".format(*sys.version_info[:2])
+    assert image.endswith(f"/beam_python{python}_sdk:{version}"), image
+
+    staged = {}
+    for environment_proto in job.proto_pipeline.components.environments.values():
+        for artifact in environment_proto.dependencies:
+            name = beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(
+                artifact.role_payload
+            ).staged_name
+            staged[name] = beam_runner_api_pb2.ArtifactFilePayload.FromString(artifact.type_payload).path
+    assert "workflow.tar.gz" in staged, sorted(staged)
+    # The model reaches workers inside the package that --setup_file builds.
+    with tarfile.open(staged["workflow.tar.gz"]) as sdist:
+        members = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    for name in os.listdir(DEFAULT_BUNDLE):
+        assert f"models/data/default_bundle/{name}" in members
+    assert "models/data/sample_corpus.jsonl" in members
+    assert all(
+        os.path.getsize(path) < 1_000_000 for name, path in staged.items() if name != "workflow.tar.gz"
+    )
+
+
+def test_dataflow_refuses_local_paths(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "a", "content": "x", "title": "y"}\n')
+    flags = [*DATAFLOW_FLAGS, "--input", str(corpus), "--dry_run=True"]
+    with pytest.raises(
+        ExportConfigError, match=r"Dataflow workers cannot read files on this machine.*--input"
+    ):
+        run_export(flags)
+
+
+def test_dataflow_accepts_the_default_model_and_no_tokenizer():
+    options = PipelineOptions([*DATAFLOW_FLAGS, "--tokenizer", "none"]).view_as(ExportOptions)
+    check_worker_paths(options)  # --model is the bundled default, which workers have
+    options.model = os.path.join(REPOSITORY, "some_bundle")
+    with pytest.raises(ExportConfigError, match="--model"):
+        check_worker_paths(options)
+
+
+def test_dry_run_needs_a_local_model():
+    flags = [*DATAFLOW_FLAGS, "--model", f"{BUCKET}/model", "--dry_run=True"]
+    with pytest.raises(ExportConfigError, match="--dry_run .* --model must be local"):
+        run_export(flags)
+
+
+@pytest.mark.parametrize(
+    "flags, requested, expected",
+    [
+        (["--runner", "DataflowRunner"], 0, 1),
+        (["--runner", "DataflowRunner", "--experiments", "no_use_multiple_sdk_containers"], 0, 0),
+        (["--runner", "DataflowRunner"], 3, 3),
+        ([], 0, 0),
+        (
+            ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"],
+            0,
+            max(1, os.cpu_count() // 2),
+        ),
+    ],
+)
+def test_worker_tf_threads(flags, requested, expected):
+    assert worker_tf_threads(PipelineOptions(flags), requested) == expected
+
+
+def test_worker_tf_threads_refuses_negative():
+    with pytest.raises(ExportConfigError, match="--tf_threads"):
+        worker_tf_threads(PipelineOptions([]), -1)
+
+
+def test_worker_finds_its_own_default_bundle():
+    """A worker's package lives elsewhere than the launcher's; the plan's path still finds the bundle."""
+    launcher_path = os.path.join(os.sep, "launcher", "site-packages", "models", "data", "default_bundle")
+    source = load_model_source(launcher_path)
+    assert source.model_sha256 == read_manifest(DEFAULT_BUNDLE)["sha256"][MODEL_FILE]
+
+
+# --- DirectRunner multi_processing -------------------------------------------------------
+
+TINY = dict(
+    vocabulary_size=80, embedding_dim=8, lstm_units=6, content_length=24, title_length=6, num_title_classes=3
+)
+COPIES = 3  # of the 2,048-document sample corpus, with new ids
+MALFORMED_LINE = '{"id": "broken", "content": '
+
+
+def train_tiny_bundle(directory, documents):
+    keras.utils.set_random_seed(0)
+    tokenizer = Tokenizer.fit((d["content"] + " " + d["title"] for d in documents), TINY["vocabulary_size"])
+    model = architectures.compile_model(architectures.build_model("two_inputs_two_outputs", **TINY))
+    features = {
+        "content": tokenizer.encode_batch([d["content"] for d in documents], TINY["content_length"])[0],
+        "title": tokenizer.encode_batch([d["title"] for d in documents], TINY["title_length"])[0],
+    }
+    rng = np.random.default_rng(0)
+    targets = {
+        "out_content": rng.integers(0, 2, (len(documents), 1)).astype("float32"),
+        "out_title": keras.utils.to_categorical(rng.integers(0, 3, len(documents)), 3),
+    }
+    model.fit(features, targets, epochs=1, batch_size=16, verbose=0)
+    fields = {"content": "content", "title": "title"}
+    save_bundle(str(directory), model, tokenizer, fields, extra={"default_layers": ["lstm_content", "emb"]})
+    return str(directory)
+
+
+def read_dataset(output, pattern, order):
+    """All shards matching `pattern` under `output` as one Table sorted by the `order` columns."""
+    tables = [pq.read_table(path) for path in sorted(glob.glob(os.path.join(output, pattern)))]
+    return pa.concat_tables(tables).sort_by([(column, "ascending") for column in order])
+
+
+def test_multi_processing_matches_in_memory(tmp_path, monkeypatch):
+    with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
+        sample = [json.loads(line) for line in handle if line.strip()]
+    documents = [dict(d, id=f"{d['id']}#{copy}") for copy in range(COPIES) for d in sample]
+    assert len(documents) >= 5000
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in documents) + MALFORMED_LINE + "\n")
+    bundle = train_tiny_bundle(tmp_path / "bundle", sample[:256])
+    # The SDK worker processes import this package the way a pip-installed worker would.
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
+    )
+
+    outputs = {}
+    for mode, flags in (
+        ("in_memory", []),
+        ("multi_processing", ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]),
+    ):
+        outputs[mode] = str(tmp_path / mode)
+        summary = run_export(
+            [
+                "--model",
+                bundle,
+                "--input",
+                str(corpus),
+                "--output",
+                outputs[mode],
+                "--batch_size",
+                "64",
+                *flags,
+            ]
+        )
+        assert summary.exit_code == 0, summary.message
+        assert (summary.rows_written, summary.dead_letters) == (len(documents), 1)
+
+    rows = {mode: read_dataset(output, "part-*.parquet", ["id"]) for mode, output in outputs.items()}
+    expected, actual = rows["in_memory"], rows["multi_processing"]
+    assert expected.num_rows == len(documents)
+    assert actual.schema.equals(expected.schema, check_metadata=True)
+    assert actual.column("id").equals(expected.column("id"))
+    # Mean-pooled embedding rows do not depend on which documents share a batch: bit for bit.
+    assert actual.column("emb").equals(expected.column("emb"))
+    # The LSTM's matrix products round differently with another batch composition (also in
+    # one process: batches of 64 and 37 differ by ~2e-8), and RunInference batches differ by mode.
+    np.testing.assert_allclose(
+        np.array(actual.column("lstm_content").to_pylist()),
+        np.array(expected.column("lstm_content").to_pylist()),
+        rtol=0,
+        atol=1e-6,
+    )
+    errors = {
+        mode: read_dataset(output, os.path.join(ERRORS_DIR, "part-*.parquet"), ["source", "position"])
+        for mode, output in outputs.items()
+    }
+    assert errors["multi_processing"].equals(errors["in_memory"])
+    assert errors["in_memory"].column("reason").to_pylist() == ["malformed_json"]

@@ -1,0 +1,181 @@
+"""Object storage: model, corpus and output on a real S3-compatible server, through Beam's FileSystems.
+
+moto's S3 server runs on loopback; the export reads the bundled default model and
+a small JSONL corpus from it and writes rows, dead letters and the manifest back,
+all through Beam's S3 filesystem configured by the `--s3_*` pipeline options.
+"""
+
+import json
+import logging
+import os
+
+import keras
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+boto3 = pytest.importorskip("boto3", reason="needs apache-beam[aws] (pip install -e '.[test]')")
+moto_server = pytest.importorskip("moto.server", reason="needs moto[s3] and flask (pip install -e '.[test]')")
+
+from apache_beam.io.filesystems import FileSystems  # noqa: E402
+
+from models.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
+from models.train import SAMPLE_CORPUS  # noqa: E402
+from pipeline.export import run_export  # noqa: E402
+from pipeline.output import ERRORS_DIR, MANIFEST, read_manifest  # noqa: E402
+
+BUCKET = "embexport-test"
+MODEL = f"s3://{BUCKET}/models/default_bundle"
+CORPUS = f"s3://{BUCKET}/corpus/*.jsonl"
+OUTPUT = f"s3://{BUCKET}/exports/run1"
+GOOD_DOCUMENTS = 24
+MALFORMED_LINE = '{"id": "broken", "content": '
+# The malformed line ends the second corpus file, after its half of the documents.
+MALFORMED_POSITION = GOOD_DOCUMENTS - GOOD_DOCUMENTS // 2 + 1
+ACCESS_KEY = "testing-key"
+SECRET_KEY = "testing-secret"
+REGION = "us-east-1"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """An S3 server on 127.0.0.1 at a free port, with an empty bucket; yields its URL."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    previous_no_proxy = os.environ.get("NO_PROXY")
+    os.environ["NO_PROXY"] = ",".join(filter(None, [previous_no_proxy, "127.0.0.1"]))
+    client(endpoint).create_bucket(Bucket=BUCKET)
+    yield endpoint
+    # Later tests must not inherit this server's filesystem settings.
+    FileSystems.set_options(None)
+    if previous_no_proxy is None:
+        os.environ.pop("NO_PROXY", None)
+    else:
+        os.environ["NO_PROXY"] = previous_no_proxy
+    server.stop()
+
+
+def client(endpoint):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name=REGION,
+    )
+
+
+def s3_flags(endpoint):
+    """How a user points Beam's S3 filesystem at a non-AWS endpoint."""
+    return [
+        f"--s3_endpoint_url={endpoint}",
+        f"--s3_access_key_id={ACCESS_KEY}",
+        f"--s3_secret_access_key={SECRET_KEY}",
+        f"--s3_region_name={REGION}",
+    ]
+
+
+def keys(endpoint, prefix):
+    listing = client(endpoint).list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def read_parquet(endpoint, key):
+    body = client(endpoint).get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return pq.read_table(pa.BufferReader(body))
+
+
+@pytest.fixture(scope="module")
+def export(s3_endpoint):
+    """Uploads the default bundle and a two-file corpus, exports s3:// -> s3://; returns the documents."""
+    s3 = client(s3_endpoint)
+    for name in sorted(os.listdir(DEFAULT_BUNDLE)):
+        s3.upload_file(os.path.join(DEFAULT_BUNDLE, name), BUCKET, f"models/default_bundle/{name}")
+    with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
+        documents = [json.loads(handle.readline()) for _ in range(GOOD_DOCUMENTS)]
+    half = GOOD_DOCUMENTS // 2
+    first = "".join(json.dumps(d) + "\n" for d in documents[:half])
+    second = "".join(json.dumps(d) + "\n" for d in documents[half:]) + MALFORMED_LINE + "\n"
+    s3.put_object(Bucket=BUCKET, Key="corpus/part-0.jsonl", Body=first.encode("utf-8"))
+    s3.put_object(Bucket=BUCKET, Key="corpus/part-1.jsonl", Body=second.encode("utf-8"))
+    flags = ["--model", MODEL, "--input", CORPUS, "--output", OUTPUT, "--layer", "lstm_content"]
+    summary = run_export(flags + s3_flags(s3_endpoint))
+    return summary, documents
+
+
+def test_export_reads_and_writes_s3(s3_endpoint, export):
+    summary, documents = export
+    assert summary.exit_code == 0, summary.message
+    counts = (summary.records_read, summary.rows_written, summary.dead_letters)
+    assert counts == (GOOD_DOCUMENTS + 1, GOOD_DOCUMENTS, 1)
+
+    stored = keys(s3_endpoint, "exports/run1/")
+    row_keys = [k for k in stored if k.startswith("exports/run1/part-")]
+    error_keys = [k for k in stored if k.startswith(f"exports/run1/{ERRORS_DIR}/part-")]
+    # Committed: shards and the manifest only, no staging area or temporary files left.
+    assert sorted(row_keys + error_keys + [f"exports/run1/{MANIFEST}"]) == stored
+    assert row_keys and error_keys
+
+    rows = pa.concat_tables([read_parquet(s3_endpoint, k) for k in row_keys])
+    assert sorted(rows.column("id").to_pylist()) == sorted(d["id"] for d in documents)
+    errors = pa.concat_tables([read_parquet(s3_endpoint, k) for k in error_keys]).to_pylist()
+    assert [(e["source"], e["position"], e["reason"], e["raw"]) for e in errors] == [
+        (f"s3://{BUCKET}/corpus/part-1.jsonl", MALFORMED_POSITION, "malformed_json", MALFORMED_LINE)
+    ]
+
+
+def test_vectors_from_s3_model_match_keras(s3_endpoint, export):
+    """The workers loaded the model from S3: its vectors are the Keras reference's."""
+    _, documents = export
+    row_keys = keys(s3_endpoint, "exports/run1/part-")
+    rows = {r["id"]: r for key in row_keys for r in read_parquet(s3_endpoint, key).to_pylist()}
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    feed = [
+        bundle.tokenizer.encode_batch([d[entry["field"]] for d in documents], entry["length"])[0]
+        for entry in bundle.manifest["inputs"]
+    ]
+    reference = keras.Model(bundle.model.inputs, bundle.model.get_layer("lstm_content").output)
+    expected = np.asarray(reference.predict(feed, verbose=0))
+    actual = np.array([rows[d["id"]]["lstm_content"] for d in documents], dtype=np.float32)
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+
+def test_manifest_is_read_back_from_s3(s3_endpoint, export):
+    summary, _ = export
+    manifest = read_manifest(OUTPUT)
+    assert manifest is not None, f"no {MANIFEST} in {OUTPUT}"
+    assert manifest["status"] == "succeeded"
+    assert manifest["model_uri"] == MODEL
+    assert manifest["counts"]["rows_written"] == GOOD_DOCUMENTS
+    assert manifest["counts"]["dead_letters_by_reason"] == {"malformed_json": 1}
+    assert {shard["file"] for shard in manifest["shards"]["errors"]} == {
+        k[len("exports/run1/") :] for k in keys(s3_endpoint, f"exports/run1/{ERRORS_DIR}/")
+    }
+    # The manifest sits next to the data: it records the endpoint, never the credentials.
+    assert manifest["options"]["s3_endpoint_url"] == s3_endpoint
+    assert manifest["options"]["s3_secret_access_key"] == "<redacted>"
+    with FileSystems.open(f"{OUTPUT}/{MANIFEST}") as handle:
+        text = handle.read().decode("utf-8")
+    assert SECRET_KEY not in text and ACCESS_KEY not in text
+
+
+def test_missing_s3_model_is_a_launch_error(s3_endpoint, export, tmp_path):
+    from pipeline.model_source import ExportConfigError
+
+    with pytest.raises(ExportConfigError, match="does not exist"):
+        run_export(
+            [
+                "--model",
+                f"s3://{BUCKET}/models/absent",
+                "--input",
+                CORPUS,
+                "--output",
+                f"s3://{BUCKET}/exports/run2",
+            ]
+            + s3_flags(s3_endpoint)
+        )
+    assert keys(s3_endpoint, "exports/run2/") == []
