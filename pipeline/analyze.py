@@ -1,0 +1,673 @@
+"""Command line: `python -m pipeline.analyze OUTPUT_DIR COMMAND` queries, plots and scores exported vectors.
+
+Commands:
+  neighbors   the k nearest neighbours (cosine similarity) of one document
+              (--id) of an export, or of one word (--word) of a
+              `python -m pipeline.vocabulary` output
+  plot        a PNG of the 2-D PCA projection of a vector column, coloured by
+              a label field kept with --keep_fields
+  knn-score   the fraction of each document's k nearest neighbours that share
+              its label, averaged, against the chance level
+
+The Parquet files are read with pyarrow.dataset, which reads only the columns
+and row groups a query needs and streams record batches.  `neighbors` keeps a
+running top-k, so it never holds more than one batch of vectors whatever the
+size of the export; `plot` and `knn-score` draw a uniform random sample of at
+most --sample rows and work on that in memory.
+"""
+
+import argparse
+import collections
+import dataclasses
+import logging
+import os
+import posixpath
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from pipeline.output import MANIFEST, SHARD_PREFIX
+from pipeline.schema import ID_COLUMN
+from pipeline.vocabulary import TOKEN_COLUMN, TOKEN_ID_COLUMN, VECTOR_COLUMN, VOCABULARY_FILE
+
+DEFAULT_K = 10
+DEFAULT_SAMPLE = 20_000
+DEFAULT_SEED = 0
+DEFAULT_PLOT = "plot.png"
+# Rows per scanned batch: 16k rows of 300 float32 values are about 20 MB.
+BATCH_ROWS = 16_384
+# Rows of the sample compared with all others at once by knn-score: 1k x 20k floats.
+KNN_CHUNK_ROWS = 1024
+# Beyond this many label values the smallest share one "other" colour.
+MAX_PLOT_CLASSES = 20
+OTHER_LABEL = "(other)"
+MISSING_LABEL = "(missing)"
+EXIT_USAGE_ERROR = 2
+
+
+class AnalysisError(ValueError):
+    """An input directory, column, id or option cannot be analysed; says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorDataset:
+    """The Parquet files of one export, read as one dataset.
+
+    `key_column` names a row ("id" for documents, "token" for a vocabulary);
+    `detail_columns` are shown next to it (kept label fields, token ids).
+    """
+
+    location: str
+    kind: str
+    dataset: ds.Dataset
+    key_column: str
+    detail_columns: tuple
+
+    @property
+    def schema(self):
+        return self.dataset.schema
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbor:
+    """One nearest neighbour: its key, cosine similarity and detail column values."""
+
+    key: str
+    similarity: float
+    details: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class KnnScore:
+    """The result of `score_label_agreement`."""
+
+    agreement: float
+    chance: float
+    rows: int
+    k: int
+    per_class: dict  # label -> (rows, mean agreement)
+
+
+def _filesystem(location):
+    """(pyarrow filesystem, path) for a local path or a URI (gs://, s3://, ...)."""
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise AnalysisError(f"Cannot open {location!r}: {error}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def _list_parquet(location, wanted, how_to_make):
+    """Paths of the Parquet files directly in `location` whose name `wanted` accepts.
+
+    A path to a single .parquet file is accepted as is.
+    """
+    filesystem, path = _filesystem(location)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise AnalysisError(f"{location!r} does not exist; pass the --output directory of {how_to_make}.")
+    if info.type == pafs.FileType.File:
+        return filesystem, [path]
+    # Not recursive: errors/ holds dead letters with another schema, and _staging/ unfinished runs.
+    entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+    files = sorted(
+        e.path for e in entries if e.type == pafs.FileType.File and wanted(posixpath.basename(e.path))
+    )
+    return filesystem, files
+
+
+def _is_file(filesystem, path):
+    return filesystem.get_file_info(path).type == pafs.FileType.File
+
+
+def open_documents(location):
+    """Opens the rows (`part-*.parquet`) of a `python -m pipeline.run` export.
+
+    Raises:
+        AnalysisError: `location` does not exist or holds no row files.
+    """
+    filesystem, files = _list_parquet(
+        location,
+        lambda name: name.startswith(SHARD_PREFIX) and name.endswith(".parquet"),
+        "`python -m pipeline.run`",
+    )
+    directory = _filesystem(location)[1]
+    if not files:
+        hint = ""
+        if _is_file(filesystem, posixpath.join(directory, VOCABULARY_FILE)):
+            hint = " It holds a vocabulary export: query it with `neighbors --word WORD`."
+        raise AnalysisError(
+            f"{location!r} holds no {SHARD_PREFIX}*.parquet files, so it is not the --output of "
+            f"`python -m pipeline.run`.{hint}"
+        )
+    is_directory = filesystem.get_file_info(directory).type == pafs.FileType.Directory
+    if is_directory and not _is_file(filesystem, posixpath.join(directory, MANIFEST)):
+        logging.warning(
+            "%s has no %s: the export did not finish, so results may be partial.", location, MANIFEST
+        )
+    dataset = ds.dataset(files, filesystem=filesystem, format="parquet")
+    if ID_COLUMN not in dataset.schema.names:
+        raise AnalysisError(f"{location!r} has no {ID_COLUMN!r} column, so it is not an export of this tool.")
+    details = tuple(f.name for f in dataset.schema if f.name != ID_COLUMN and pa.types.is_string(f.type))
+    return VectorDataset(location, "documents", dataset, ID_COLUMN, details)
+
+
+def open_vocabulary(location):
+    """Opens `vocabulary.parquet` of a `python -m pipeline.vocabulary` output.
+
+    Raises:
+        AnalysisError: `location` does not exist or holds no vocabulary file.
+    """
+    filesystem, files = _list_parquet(
+        location, lambda name: name == VOCABULARY_FILE, "`python -m pipeline.vocabulary`"
+    )
+    if not files:
+        raise AnalysisError(
+            f"{location!r} holds no {VOCABULARY_FILE}. Write one with `python -m pipeline.vocabulary "
+            f"--layer emb --output {location}`, or query documents of an export with --id."
+        )
+    dataset = ds.dataset(files, filesystem=filesystem, format="parquet")
+    missing = {TOKEN_ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN} - set(dataset.schema.names)
+    if missing:
+        raise AnalysisError(
+            f"{files[0]} lacks the column(s) {sorted(missing)}; rewrite it with "
+            "`python -m pipeline.vocabulary`."
+        )
+    return VectorDataset(location, "vocabulary", dataset, TOKEN_COLUMN, (TOKEN_ID_COLUMN,))
+
+
+def _is_list_type(arrow_type):
+    return (
+        pa.types.is_fixed_size_list(arrow_type)
+        or pa.types.is_list(arrow_type)
+        or pa.types.is_large_list(arrow_type)
+    )
+
+
+def _is_vector_type(arrow_type):
+    return _is_list_type(arrow_type) and pa.types.is_floating(arrow_type.value_type)
+
+
+def vector_columns(schema):
+    """Names of the columns holding one vector (a list of floats) per row."""
+    return [field.name for field in schema if _is_vector_type(field.type)]
+
+
+def check_vector_column(data, column):
+    """Returns `column`, or the first vector column if it is None; raises AnalysisError if unusable."""
+    available = vector_columns(data.schema)
+    listed = ", ".join(available) or "none"
+    if column is None:
+        if not available:
+            raise AnalysisError(f"{data.location!r} has no vector column (a list of floats per row).")
+        return available[0]
+    if column not in data.schema.names:
+        raise AnalysisError(
+            f"{data.location!r} has no column {column!r}. Its vector columns are: {listed}; "
+            "pass one as --column."
+        )
+    arrow_type = data.schema.field(column).type
+    if _is_list_type(arrow_type) and _is_vector_type(arrow_type.value_type):
+        raise AnalysisError(
+            f"Column {column!r} holds one vector per token (exported with --pooling none), not one per "
+            f"row. Pick a pooled column ({listed}) or re-export it with --pooling mean."
+        )
+    if not _is_vector_type(arrow_type):
+        raise AnalysisError(
+            f"Column {column!r} is {arrow_type}, not a vector; its vector columns are: {listed}."
+        )
+    return column
+
+
+def check_label_column(data, label):
+    """Raises AnalysisError unless `label` is a string column of `data`."""
+    if label in data.schema.names and pa.types.is_string(data.schema.field(label).type):
+        return label
+    candidates = ", ".join(data.detail_columns) or "none (export with --keep_fields FIELD,...)"
+    raise AnalysisError(
+        f"{data.location!r} has no label column {label!r}; its label columns are: {candidates}."
+    )
+
+
+def vectors_to_numpy(array):
+    """An Arrow list-of-floats array (no null rows) as an (n, dim) float numpy array."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    rows = len(array)
+    if pa.types.is_fixed_size_list(array.type):
+        dim = array.type.list_size
+    else:
+        lengths = np.unique(pc.list_value_length(array).to_numpy(zero_copy_only=False))
+        if len(lengths) > 1:
+            raise AnalysisError(
+                f"The vectors have different lengths {lengths.tolist()}; cannot compare them."
+            )
+        dim = int(lengths[0]) if rows else 0
+    values = array.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(rows, dim)
+
+
+def _unit_rows(matrix):
+    """Rows scaled to length 1; all-zero rows stay zero (similarity 0 to everything)."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms == 0, 1, norms)
+
+
+def _suggest_keys(data, key):
+    """A sentence naming up to 5 keys that contain `key`, ignoring case."""
+    expression = pc.match_substring(pc.field(data.key_column), key, ignore_case=True)
+    close = data.dataset.head(5, columns=[data.key_column], filter=expression)[data.key_column].to_pylist()
+    noun = "Ids" if data.kind == "documents" else "Words"
+    return f" {noun} containing it: {', '.join(map(repr, close))}." if close else ""
+
+
+def query_vector(data, key, column):
+    """The vector of the row whose key is `key`.
+
+    Raises:
+        AnalysisError: no row has that key, or its vector is missing or all zeros.
+    """
+    found = data.dataset.to_table(columns=[column], filter=pc.field(data.key_column) == key)
+    noun = "document id" if data.kind == "documents" else "word"
+    if found.num_rows == 0:
+        raise AnalysisError(f"No row of {data.location!r} has the {noun} {key!r}.{_suggest_keys(data, key)}")
+    if found.num_rows > 1:
+        logging.warning("%d rows have the %s %r; using the first.", found.num_rows, noun, key)
+    if not found[column][0].is_valid:
+        raise AnalysisError(f"The {noun} {key!r} has no {column!r} vector (it is null).")
+    vector = vectors_to_numpy(found[column].slice(0, 1))[0].astype(np.float64)
+    if not np.any(vector):
+        raise AnalysisError(
+            f"The {noun} {key!r} has an all-zero {column!r} vector, so its cosine similarity is undefined."
+        )
+    return vector
+
+
+def find_neighbors(data, key, column, k=DEFAULT_K, batch_rows=BATCH_ROWS):
+    """The `k` rows most cosine-similar to row `key` in `column`, best first.
+
+    Streams the dataset in batches of at most `batch_rows` rows and keeps a
+    running top-k, so memory does not grow with the dataset.  Rows with the
+    query's own key, a null key or a null vector are skipped; ties are broken by
+    key.
+
+    Returns:
+        `(neighbors, compared)`: a list of `Neighbor`s and how many rows were compared.
+    """
+    if k < 1:
+        raise AnalysisError(f"-k must be at least 1, received {k}.")
+    column = check_vector_column(data, column)
+    query = query_vector(data, key, column)
+    query /= np.linalg.norm(query)
+    scanner = data.dataset.scanner(
+        columns=[data.key_column, column, *data.detail_columns],
+        filter=(pc.field(data.key_column) != key) & pc.field(column).is_valid(),
+        batch_size=batch_rows,
+        batch_readahead=2,
+        fragment_readahead=1,
+    )
+    best_similarities, best_keys, best_details = np.empty(0), [], []
+    compared = 0
+    for batch in scanner.to_batches():
+        if batch.num_rows == 0:
+            continue
+        compared += batch.num_rows
+        vectors = vectors_to_numpy(batch.column(column)).astype(np.float64)
+        similarities = _unit_rows(vectors) @ query
+        # Every row tied with the k-th best goes on, so the key breaks ties, not the scan order.
+        if len(similarities) > k:
+            threshold = np.partition(similarities, len(similarities) - k)[len(similarities) - k]
+            chosen = np.flatnonzero(similarities >= threshold)
+        else:
+            chosen = np.arange(len(similarities))
+        indices = pa.array(chosen)
+        keys = best_keys + batch.column(data.key_column).take(indices).to_pylist()
+        details = best_details + batch.select(list(data.detail_columns)).take(indices).to_pylist()
+        similarities = np.concatenate([best_similarities, similarities[chosen]])
+        order = sorted(range(len(keys)), key=lambda i: (-similarities[i], keys[i]))[:k]
+        best_similarities = similarities[order]
+        best_keys = [keys[i] for i in order]
+        best_details = [details[i] for i in order]
+    ranked = zip(best_keys, best_similarities, best_details, strict=True)
+    return [Neighbor(name, float(similarity), details) for name, similarity, details in ranked], compared
+
+
+def sample_rows(data, columns, sample=DEFAULT_SAMPLE, seed=DEFAULT_SEED, filter=None, batch_rows=BATCH_ROWS):
+    """A uniform random sample of at most `sample` rows, streaming the dataset once.
+
+    Each row gets a random priority and the `sample` rows with the lowest are
+    kept (bottom-k sampling), so memory is bounded by the sample, not the data.
+
+    Returns:
+        `(table, total)`: the sampled rows in scan order, and how many rows matched `filter`.
+    """
+    if sample < 1:
+        raise AnalysisError(f"--sample must be at least 1, received {sample}.")
+    rng = np.random.default_rng(seed)
+    scanner = data.dataset.scanner(
+        columns=list(columns), filter=filter, batch_size=batch_rows, batch_readahead=2, fragment_readahead=1
+    )
+    kept = scanner.projected_schema.empty_table()
+    kept_priorities = np.empty(0)
+    total = 0
+    for batch in scanner.to_batches():
+        priorities = rng.random(batch.num_rows)
+        total += batch.num_rows
+        if len(kept_priorities) >= sample:
+            # Only rows that beat the worst kept one can enter the sample.
+            candidates = np.flatnonzero(priorities < kept_priorities.max())
+            batch, priorities = batch.take(pa.array(candidates)), priorities[candidates]
+        if batch.num_rows == 0:
+            continue
+        kept = pa.concat_tables([kept, pa.Table.from_batches([batch])])
+        kept_priorities = np.concatenate([kept_priorities, priorities])
+        if len(kept_priorities) > sample:
+            chosen = np.sort(np.argpartition(kept_priorities, sample - 1)[:sample])
+            kept, kept_priorities = kept.take(pa.array(chosen)), kept_priorities[chosen]
+    return kept.combine_chunks(), total
+
+
+def project_pca(vectors, components=2):
+    """Projects rows onto their first principal components.
+
+    Returns:
+        `(points, explained)`: an (n, components) array and the fraction of the
+        total variance each component explains.
+    """
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if vectors.shape[0] < 2 or vectors.shape[1] < components:
+        raise AnalysisError(
+            f"PCA to {components} components needs at least 2 rows and {components} dimensions; "
+            f"received {vectors.shape[0]} rows of {vectors.shape[1]} values."
+        )
+    centered = vectors - vectors.mean(axis=0)
+    # The covariance is dim x dim, small next to the rows, so eigh is cheaper than an SVD of the data.
+    eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered)
+    order = np.argsort(eigenvalues)[::-1][:components]
+    basis = eigenvectors[:, order].T
+    # Eigenvectors have no inherent sign; fixing it makes reruns draw the same picture.
+    signs = np.sign(basis[np.arange(components), np.abs(basis).argmax(axis=1)])
+    basis *= signs[:, None]
+    total = np.clip(eigenvalues, 0, None).sum()
+    explained = np.clip(eigenvalues[order], 0, None) / total if total > 0 else np.zeros(components)
+    return centered @ basis.T, explained
+
+
+def score_label_agreement(vectors, labels, k=DEFAULT_K, chunk_rows=KNN_CHUNK_ROWS):
+    """k-nearest-neighbour label agreement of `vectors` (cosine similarity) against chance.
+
+    Agreement is the fraction of each row's `k` nearest other rows that share its
+    label, averaged over rows.  Chance is the sum of the squared class
+    frequencies: the agreement of neighbours drawn at random.
+
+    Returns:
+        A `KnnScore`.
+    """
+    labels = np.asarray(labels, dtype=object)
+    rows = len(labels)
+    if k < 1:
+        raise AnalysisError(f"-k must be at least 1, received {k}.")
+    if rows <= k:
+        raise AnalysisError(f"knn-score needs more than k={k} labelled rows; received {rows}. Lower -k.")
+    unit = _unit_rows(np.asarray(vectors, dtype=np.float32))
+    classes, codes = np.unique(labels.astype(str), return_inverse=True)
+    hits = np.empty(rows)
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        similarities = unit[start:stop] @ unit.T
+        similarities[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        nearest = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
+        hits[start:stop] = (codes[nearest] == codes[start:stop, None]).mean(axis=1)
+    frequencies = np.bincount(codes) / rows
+    per_class = {
+        str(name): (int((codes == index).sum()), float(hits[codes == index].mean()))
+        for index, name in enumerate(classes)
+    }
+    return KnnScore(float(hits.mean()), float((frequencies**2).sum()), rows, k, per_class)
+
+
+def _plot_groups(labels):
+    """Label values to draw, most frequent first; beyond MAX_PLOT_CLASSES the rest become "other"."""
+    counts = collections.Counter(labels)
+    ranked = [name for name, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+    if len(ranked) <= MAX_PLOT_CLASSES:
+        return ranked, list(labels)
+    shown = set(ranked[: MAX_PLOT_CLASSES - 1])
+    return ranked[: MAX_PLOT_CLASSES - 1] + [OTHER_LABEL], [x if x in shown else OTHER_LABEL for x in labels]
+
+
+def plot_projection(points, labels, path, title, axis_labels, legend_title=None):
+    """Draws 2-D `points` coloured by `labels` (or one colour if None) into a PNG at `path`."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise AnalysisError("plot needs matplotlib: pip install 'embexport[analysis]'.") from None
+    figure = Figure(figsize=(10, 7), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    if labels is None:
+        axes.scatter(points[:, 0], points[:, 1], s=8, alpha=0.6, linewidths=0)
+    else:
+        groups, labels = _plot_groups(labels)
+        labels = np.asarray(labels, dtype=object)
+        colours = matplotlib.colormaps["tab10" if len(groups) <= 10 else "tab20"]
+        for index, group in enumerate(groups):
+            mask = labels == group
+            colour = "lightgrey" if group == OTHER_LABEL else colours(index)
+            axes.scatter(
+                points[mask, 0],
+                points[mask, 1],
+                s=8,
+                alpha=0.6,
+                linewidths=0,
+                color=colour,
+                label=f"{group} ({int(mask.sum())})",
+            )
+        axes.legend(
+            title=legend_title,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            markerscale=2.5,
+            fontsize="small",
+            frameon=False,
+        )
+    axes.set_title(title)
+    axes.set_xlabel(axis_labels[0])
+    axes.set_ylabel(axis_labels[1])
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def plot_pca(data, column, label, path, sample=DEFAULT_SAMPLE, seed=DEFAULT_SEED):
+    """Samples rows, projects `column` with PCA and writes a PNG coloured by `label`.
+
+    Returns:
+        `(path, rows plotted, total rows, explained variance fractions)`.
+    """
+    column = check_vector_column(data, column)
+    columns = [column]
+    if label is not None:
+        columns.append(check_label_column(data, label))
+    table, total = sample_rows(data, columns, sample, seed, filter=pc.field(column).is_valid())
+    points, explained = project_pca(vectors_to_numpy(table[column]))
+    labels = None
+    if label is not None:
+        labels = [MISSING_LABEL if value is None else value for value in table[label].to_pylist()]
+    shown = (
+        f"{total} rows" if table.num_rows == total else f"random sample of {table.num_rows} of {total} rows"
+    )
+    title = f"PCA of {column}" + (f" coloured by {label}" if label else "") + f"\n{data.location} ({shown})"
+    axis_labels = [f"PC{i + 1} ({fraction:.1%} of variance)" for i, fraction in enumerate(explained)]
+    plot_projection(points, labels, path, title, axis_labels, legend_title=label)
+    return path, table.num_rows, total, explained
+
+
+def knn_score(data, column, label, k=DEFAULT_K, sample=DEFAULT_SAMPLE, seed=DEFAULT_SEED):
+    """Samples labelled rows and scores `column`'s neighbours on `label`.
+
+    Returns:
+        `(KnnScore, total labelled rows)`.
+    """
+    column = check_vector_column(data, column)
+    label = check_label_column(data, label)
+    table, total = sample_rows(
+        data, [column, label], sample, seed, filter=pc.field(column).is_valid() & pc.field(label).is_valid()
+    )
+    return score_label_agreement(vectors_to_numpy(table[column]), table[label].to_pylist(), k), total
+
+
+def format_neighbors(data, key, column, neighbors, compared):
+    """The neighbours as a text table."""
+    noun = "document" if data.kind == "documents" else "word"
+    headers = ["rank", "similarity", data.key_column, *data.detail_columns]
+    rows = [
+        [str(rank), f"{n.similarity:.4f}", str(n.key), *(str(n.details.get(c)) for c in data.detail_columns)]
+        for rank, n in enumerate(neighbors, 1)
+    ]
+    widths = [max(len(cell) for cell in cells) for cells in zip(headers, *rows, strict=True)]
+    lines = [
+        f"Nearest neighbours of {noun} {key!r} by cosine similarity of {column} ({compared} rows compared)"
+    ]
+    for cells in [headers, *rows]:
+        # Rank and similarity are right-aligned numbers; keys and details left-aligned text.
+        padded = [
+            c.rjust(w) if i < 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        lines.append("  " + "  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def format_knn_score(column, label, score, total):
+    """The kNN score, chance level and per-class agreement as text."""
+    sampled = "" if score.rows == total else f", random sample of {total} labelled rows"
+    lift = score.agreement / score.chance if score.chance else float("nan")
+    lines = [
+        f"kNN label agreement of {column} on {label} (k={score.k}, {score.rows} rows{sampled}, "
+        f"{len(score.per_class)} classes)",
+        f"  agreement  {score.agreement:.4f}  "
+        f"(mean share of the {score.k} nearest neighbours with the same {label})",
+        f"  chance     {score.chance:.4f}  (sum of squared class frequencies)",
+        f"  lift       {lift:.2f}x",
+        "  per class:",
+    ]
+    width = max(len(name) for name in score.per_class)
+    for name, (rows, agreement) in sorted(score.per_class.items(), key=lambda item: -item[1][0]):
+        lines.append(f"    {name.ljust(width)}  {rows:6d} rows  agreement {agreement:.4f}")
+    return "\n".join(lines)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.analyze",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python -m pipeline.analyze OUT neighbors --id json.dumps --column lstm_content -k 10\n"
+        "  python -m pipeline.analyze VOCAB_DIR neighbors --word socket\n"
+        "  python -m pipeline.analyze OUT plot --column lstm_title --label topic --out plot.png\n"
+        "  python -m pipeline.analyze OUT knn-score --column lstm_title --label topic",
+    )
+    parser.add_argument(
+        "directory",
+        metavar="OUTPUT_DIR",
+        help="The --output of `python -m pipeline.run` (of `pipeline.vocabulary` for --word).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sampled = argparse.ArgumentParser(add_help=False)
+    sampled.add_argument(
+        "--sample",
+        type=int,
+        default=DEFAULT_SAMPLE,
+        help="Work on a uniform random sample of at most this many rows, read in one streaming pass, "
+        "so memory stays bounded whatever the export's size (default: %(default)s).",
+    )
+    sampled.add_argument("--seed", type=int, default=DEFAULT_SEED, help="Sample seed (default: %(default)s).")
+    column_help = "Vector column to use (default: the first vector column; 'vector' in a vocabulary)."
+
+    neighbors = commands.add_parser(
+        "neighbors",
+        help="nearest neighbours (cosine) of a document or a word",
+        description="Nearest neighbours by cosine similarity, computed in one streaming pass over the "
+        "dataset with a running top-k (the data is never loaded whole).",
+    )
+    query = neighbors.add_mutually_exclusive_group(required=True)
+    query.add_argument("--id", help="Document id in an export of `python -m pipeline.run`.")
+    query.add_argument("--word", help=f"Token in the {VOCABULARY_FILE} of `python -m pipeline.vocabulary`.")
+    neighbors.add_argument("--column", default=None, help=column_help)
+    neighbors.add_argument(
+        "-k", type=int, default=DEFAULT_K, help="Neighbours to list (default: %(default)s)."
+    )
+
+    plot = commands.add_parser(
+        "plot",
+        parents=[sampled],
+        help="PNG of a 2-D PCA projection coloured by a label",
+        description="2-D PCA projection of a vector column, coloured by a label field, as a PNG. "
+        f"Uses a random sample of at most --sample rows (default {DEFAULT_SAMPLE}).",
+    )
+    plot.add_argument("--column", default=None, help=column_help)
+    plot.add_argument("--label", default=None, help="String field (from --keep_fields) giving the colours.")
+    plot.add_argument("--out", default=DEFAULT_PLOT, help="PNG file to write (default: %(default)s).")
+
+    knn = commands.add_parser(
+        "knn-score",
+        parents=[sampled],
+        help="k-nearest-neighbour label agreement vs chance",
+        description="Fraction of each row's k nearest neighbours (cosine) sharing its label, averaged, "
+        "against chance (the sum of squared class frequencies). Uses a random sample of at most "
+        f"--sample labelled rows (default {DEFAULT_SAMPLE}); neighbours are searched within the sample.",
+    )
+    knn.add_argument("--column", default=None, help=column_help)
+    knn.add_argument("--label", required=True, help="String field (kept with --keep_fields) to score.")
+    knn.add_argument("-k", type=int, default=DEFAULT_K, help="Number of neighbours (default: %(default)s).")
+    return parser
+
+
+def run_command(args):
+    """Runs the parsed command; returns the text to print."""
+    if args.command == "neighbors":
+        if args.word is not None:
+            data, key = open_vocabulary(args.directory), args.word
+            column = args.column or VECTOR_COLUMN
+        else:
+            data, key, column = open_documents(args.directory), args.id, args.column
+        column = check_vector_column(data, column)
+        neighbors, compared = find_neighbors(data, key, column, args.k)
+        return format_neighbors(data, key, column, neighbors, compared)
+    data = open_documents(args.directory)
+    if args.command == "plot":
+        path, rows, total, explained = plot_pca(
+            data, args.column, args.label, args.out, sample=args.sample, seed=args.seed
+        )
+        return (
+            f"Wrote {path}: PCA of {rows} of {total} rows, explaining "
+            f"{explained[0]:.1%} + {explained[1]:.1%} of the variance."
+        )
+    column = check_vector_column(data, args.column)
+    score, total = knn_score(data, column, args.label, args.k, args.sample, args.seed)
+    return format_knn_score(column, args.label, score, total)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        print(run_command(args))
+    except AnalysisError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

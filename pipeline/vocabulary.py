@@ -1,0 +1,247 @@
+"""Command line: `python -m pipeline.vocabulary` writes an Embedding layer's token table as Parquet.
+
+The table is read straight from the layer's weights, so no corpus is needed.
+Row `i` is token id `i`: id 0 is padding ("<pad>"), id 1 out-of-vocabulary
+("<oov>"), id `i >= 2` the tokenizer's vocabulary entry `i - 2`; rows of a
+table larger than the vocabulary get a null token.  The file is
+`OUTPUT/vocabulary.parquet`; `python -m pipeline.analyze OUTPUT neighbors
+--word WORD` queries it.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models import __version__
+from models.tokenizer import OOV_ID, PADDING_ID
+from pipeline.schema import METADATA_KEY
+
+VOCABULARY_FILE = "vocabulary.parquet"
+TOKEN_ID_COLUMN = "token_id"
+TOKEN_COLUMN = "token"
+VECTOR_COLUMN = "vector"
+PADDING_TOKEN = "<pad>"
+OOV_TOKEN = "<oov>"
+EXIT_CONFIG_ERROR = 2
+
+
+def vocabulary_schema(dim, metadata):
+    """The vocabulary file's schema: token id, token, vector, and `metadata` as JSON."""
+    fields = [
+        pa.field(TOKEN_ID_COLUMN, pa.int32(), nullable=False),
+        pa.field(TOKEN_COLUMN, pa.string()),
+        pa.field(VECTOR_COLUMN, pa.list_(pa.float32(), dim), nullable=False),
+    ]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode("utf-8")})
+
+
+def read_vocabulary_metadata(schema):
+    """The metadata dict stored by `vocabulary_schema`, from a Parquet file's schema."""
+    return json.loads(schema.metadata[METADATA_KEY])
+
+
+def iterate_layers(model):
+    """`model`'s layers, descending into nested models, in order."""
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from iterate_layers(layer)
+
+
+def embedding_layer_names(model):
+    """Names of the `keras.layers.Embedding` layers of `model`, nested ones included."""
+    import keras
+
+    return [layer.name for layer in iterate_layers(model) if isinstance(layer, keras.layers.Embedding)]
+
+
+def embedding_table(model, layer_name):
+    """The (table size, dim) float32 weight matrix of the Embedding layer `layer_name`.
+
+    Raises:
+        ValueError: the model has no such layer, or it is not an Embedding.
+    """
+    import keras
+
+    embeddings = embedding_layer_names(model)
+    listed = ", ".join(repr(name) for name in embeddings) or "none"
+    layers = {layer.name: layer for layer in iterate_layers(model)}
+    if layer_name not in layers:
+        raise ValueError(
+            f"The model has no layer named {layer_name!r}. Its Embedding layers are: {listed}; "
+            "pass one of them as --layer."
+        )
+    layer = layers[layer_name]
+    if not isinstance(layer, keras.layers.Embedding):
+        raise ValueError(
+            f"Layer {layer_name!r} is a {type(layer).__name__}, not an Embedding, so it has no "
+            f"token table. The model's Embedding layers are: {listed}; pass one of them as --layer."
+        )
+    weights = layer.get_weights()
+    if not weights or np.ndim(weights[0]) != 2:
+        raise ValueError(
+            f"Embedding layer {layer_name!r} has no (table size, dim) weight matrix (quantized or "
+            "unbuilt layers are not supported); export it from the float model."
+        )
+    return np.asarray(weights[0], dtype=np.float32)
+
+
+def token_strings(vocabulary, table_size):
+    """The token of each id 0 .. table_size - 1: pad, oov, the vocabulary, then None."""
+    tokens = [None] * table_size
+    for token_id, token in ((PADDING_ID, PADDING_TOKEN), (OOV_ID, OOV_TOKEN)):
+        if token_id < table_size:
+            tokens[token_id] = token
+    for index, token in enumerate(vocabulary[: max(table_size - 2, 0)]):
+        tokens[index + 2] = token
+    return tokens
+
+
+def vocabulary_table(table, vocabulary, metadata):
+    """Builds the vocabulary rows as an Arrow table.
+
+    Args:
+        table: (table size, dim) embedding weights; row `i` is token id `i`.
+        vocabulary: the tokenizer's token strings; entry `j` has id `j + 2`.
+        metadata: facts stored as the file's key-value metadata.
+
+    Returns:
+        A `pyarrow.Table` with `vocabulary_schema`, one row per table row.
+    """
+    table = np.ascontiguousarray(table, dtype=np.float32)
+    size, dim = table.shape
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(table.reshape(-1), type=pa.float32()), dim)
+    columns = [
+        pa.array(np.arange(size, dtype=np.int32), type=pa.int32()),
+        pa.array(token_strings(vocabulary, size), type=pa.string()),
+        vectors,
+    ]
+    return pa.Table.from_arrays(columns, schema=vocabulary_schema(dim, metadata))
+
+
+def export_vocabulary(model_uri, tokenizer_uri, layer_name, output, overwrite=False):
+    """Writes `OUTPUT/vocabulary.parquet` for Embedding layer `layer_name` of `model_uri`.
+
+    `layer_name` None picks the model's only Embedding layer.
+
+    Returns:
+        `(path, rows)`: the file written and its number of rows.
+
+    Raises:
+        ExportConfigError: the model, tokenizer, layer or output cannot work.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.model_source import ExportConfigError, load_model_source
+
+    path = FileSystems.join(output, VOCABULARY_FILE)
+    if FileSystems.exists(path) and not overwrite:
+        raise ExportConfigError(
+            f"{path} already exists; pass --overwrite to replace it, or another --output."
+        )
+    source = load_model_source(model_uri, tokenizer_uri)
+    if layer_name is None:
+        names = embedding_layer_names(source.model)
+        if len(names) != 1:
+            raise ExportConfigError(
+                f"The model has {len(names)} Embedding layers ({', '.join(map(repr, names)) or 'none'}); "
+                "pass --layer with the one to export."
+            )
+        layer_name = names[0]
+    try:
+        table = embedding_table(source.model, layer_name)
+    except ValueError as error:
+        raise ExportConfigError(str(error)) from None
+    vocabulary = source.tokenizer.vocabulary
+    if len(vocabulary) + 2 > len(table):
+        logging.warning(
+            "The tokenizer has %d ids but layer %r has only %d rows: ids from %d up cannot be "
+            "embedded and are left out. Check that --tokenizer belongs to this model.",
+            len(vocabulary) + 2,
+            layer_name,
+            len(table),
+            len(table),
+        )
+    metadata = {
+        "kind": "vocabulary",
+        "model_uri": model_uri,
+        "model_sha256": source.model_sha256,
+        "tokenizer_sha256": source.tokenizer_sha256,
+        "layer": layer_name,
+        "table_size": int(table.shape[0]),
+        "dim": int(table.shape[1]),
+        "vocabulary_size": len(vocabulary) + 2,
+        "padding_id": PADDING_ID,
+        "oov_id": OOV_ID,
+        "package_version": __version__,
+    }
+    arrow_table = vocabulary_table(table, vocabulary, metadata)
+    # Written under a temporary name and renamed, so a reader never sees half a file.
+    temporary = path + ".tmp"
+    if FileSystems.exists(temporary):
+        FileSystems.delete([temporary])
+    with FileSystems.create(temporary) as handle:
+        pq.write_table(arrow_table, handle)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temporary], [path])
+    return path, arrow_table.num_rows
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.vocabulary",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Model bundle directory or .keras/.h5 file, local or any Beam filesystem URI. "
+        "Default: the bundled model.",
+    )
+    parser.add_argument("--tokenizer", default=None, help="Tokenizer file for a bare .keras/.h5 model.")
+    parser.add_argument(
+        "--layer",
+        default=None,
+        help="Name of the Embedding layer to export. Default: the model's only Embedding layer.",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help=f"Output directory (local or gs://, s3://); the file is OUTPUT/{VOCABULARY_FILE}.",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", default=False, help=f"Replace an existing {VOCABULARY_FILE}."
+    )
+    return parser
+
+
+def main(argv=None):
+    # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Imported here, not at the top: they load Keras, which `--help` and
+    # `pipeline.analyze` (importing this module's constants) do not need.
+    from models.bundle import DEFAULT_BUNDLE
+    from pipeline.model_source import ExportConfigError
+
+    model = args.model or DEFAULT_BUNDLE
+    try:
+        path, rows = export_vocabulary(model, args.tokenizer, args.layer, args.output, args.overwrite)
+    except ExportConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"Wrote {rows} token vectors to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
