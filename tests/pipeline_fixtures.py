@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import random
 
 import keras
@@ -193,3 +194,18 @@ def pool(values, mask, pooling):
     if pooling == "last":
         return real[-1]
     raise ValueError(pooling)
+
+
+PACKAGE_SOURCES = ("setup.py", "MANIFEST.in", "README.md", "models", "pipeline")
+
+
+def copy_sources(target):
+    """Copies what `setup.py` packages into `target`, so a build leaves the checkout untouched."""
+    os.makedirs(target, exist_ok=True)
+    for name in PACKAGE_SOURCES:
+        source = os.path.join(REPOSITORY, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(target, name), ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    return str(target)

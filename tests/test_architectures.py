@@ -5,19 +5,13 @@ import os
 import keras
 import numpy as np
 import pytest
+from conftest import TINY_SIZES
 
 from models import architectures
 from models.bundle import MODEL_FILE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
 
-SIZES = {
-    "vocabulary_size": 50,
-    "embedding_dim": 8,
-    "lstm_units": 4,
-    "content_length": 12,
-    "title_length": 6,
-    "num_title_classes": 3,
-}
+SIZES = TINY_SIZES
 EXPECTED = {
     "single_input": {
         "layers": ["content", "emb", "lstm_content", "output"],

@@ -9,7 +9,6 @@ import glob
 import json
 import logging
 import os
-import shutil
 import sys
 import tarfile
 
@@ -23,6 +22,7 @@ from apache_beam.internal import pickler
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.dataflow.internal import apiclient
+from pipeline_fixtures import copy_sources
 
 from models import architectures
 from models.bundle import DEFAULT_BUNDLE, MODEL_FILE, read_manifest, save_bundle
@@ -53,19 +53,7 @@ OUR_TRANSFORMS = (
     "WriteDeadLetters",
 )
 RUN_INFERENCE = "EmbedDocuments/RunInference/BeamML_RunInference"
-PACKAGE_SOURCES = ("setup.py", "MANIFEST.in", "README.md", "models", "pipeline")
 
-
-def copy_sources(target):
-    """Copies what `setup.py` packages, so building the sdist leaves the checkout untouched."""
-    os.makedirs(target, exist_ok=True)
-    for name in PACKAGE_SOURCES:
-        source = os.path.join(REPOSITORY, name)
-        if os.path.isdir(source):
-            shutil.copytree(source, os.path.join(target, name), ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, target)
-    return str(target)
 
 
 class _Records(logging.Handler):

@@ -9,7 +9,6 @@ import ast
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,25 +19,14 @@ import apache_beam
 import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+from pipeline_fixtures import copy_sources
 
 from models.bundle import DEFAULT_BUNDLE
 from models.train import SAMPLE_CORPUS
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE_SOURCES = ("setup.py", "MANIFEST.in", "README.md", "models", "pipeline")
 BOOT = "/opt/apache/beam/boot"
 
-
-def copy_sources(target):
-    """Copies what `setup.py` packages into `target`."""
-    os.makedirs(target, exist_ok=True)
-    for name in PACKAGE_SOURCES:
-        source = os.path.join(REPOSITORY, name)
-        if os.path.isdir(source):
-            shutil.copytree(source, os.path.join(target, name), ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, target)
-    return str(target)
 
 
 def expected_files():

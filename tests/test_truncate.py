@@ -3,19 +3,13 @@
 import keras
 import numpy as np
 import pytest
+from conftest import TINY_SIZES
 
 from models import architectures
 from models.bundle import load_bundle
 from models.truncate import LayerSpec, layer_calls, parse_layer_spec, truncate
 
-SIZES = {
-    "vocabulary_size": 50,
-    "embedding_dim": 8,
-    "lstm_units": 4,
-    "content_length": 12,
-    "title_length": 6,
-    "num_title_classes": 3,
-}
+SIZES = TINY_SIZES
 
 
 @pytest.fixture(scope="module", params=["in_memory", "loaded"])
