@@ -176,19 +176,30 @@ class FastPath:
     def __init__(self, sub_model, padding):
         if padding != "pre":
             raise Unsupported(f"padding is {padding!r}; skipping padding exactly needs pre-padding")
+        for tensor in sub_model.inputs:
+            if len(tensor.shape) != 2 or tensor.shape[1] is None or "int" not in str(tensor.dtype):
+                raise Unsupported(f"input {tensor.name!r} is not fixed-length token ids ({tensor.dtype})")
         input_names = {t.name for t in sub_model.inputs}
         lengths = {t.name: int(t.shape[1]) for t in sub_model.inputs}
         outputs = sub_model.output if isinstance(sub_model.output, dict) else {"output": sub_model.output}
         self._plans = {column: _plan_output(tensor, input_names) for column, tensor in outputs.items()}
         self._lstms = {}
         self._tables = {}
+        self._embeddings = []
         for plan in self._plans.values():
             parts = plan[2] if plan[0] == "add" else [plan]
             for part in parts:
+                self._embeddings.append(part[2] if part[0] == "lstm" else part[1])
                 if part[0] == "lstm" and part[1].name not in self._lstms:
                     self._lstms[part[1].name] = _FoldedLstm(part[1], part[2], lengths[part[3]])
                 if part[0] == "embedding":
                     self._tables[part[1].name] = part[1].get_weights()[0]
+
+    @property
+    def vocabulary_size(self):
+        """Rows of the smallest embedding table used: token ids must stay below it."""
+        sizes = [part.input_dim for part in self._embeddings]
+        return min(sizes) if sizes else 2
 
     def _lstm(self, part, features):
         return self._lstms[part[1].name](features[part[3]])

@@ -82,6 +82,10 @@ class Tokenizer:
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         return cls([token for token, _ in ranked[: vocabulary_size - 2]], **kwargs)
 
+    def id_to_token(self):
+        """Id -> token string for every vocabulary id (2..); padding and OOV have no string."""
+        return {index + 2: token for index, token in enumerate(self.vocabulary)}
+
     def token_ids(self, text):
         """All token ids of `text`, unpadded and untruncated."""
         get = self._ids.get

@@ -96,7 +96,8 @@ def resolve_layer(model, spec, calls=None):
         hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
         raise ValueError(
             f"The model has no layer named {spec.layer!r}.{hint} Its layers are: "
-            f"{describe_layers(model)}. Pass --layer with one of these names."
+            f"{describe_layers(model)}. Pass --layer with one of these names "
+            "(`python -m pipeline.inspect MODEL` shows each call's shape and inputs)."
         )
     tensors = calls[spec.layer]
     if not 0 <= spec.call < len(tensors):

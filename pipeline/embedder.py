@@ -3,14 +3,17 @@
 Knows nothing of Beam, so it is tested directly and reused by the benchmark.
 """
 
+import json
 import logging
 import typing
 
 import numpy as np
 
+from models.keras2_tokenizer import UNKNOWN_TOKEN, pad_token_ids
 from models.truncate import truncate
 from pipeline import schema as schema_lib
 from pipeline.model_source import ExportConfigError, load_model_source
+from pipeline.plan import TEXT_INPUT, text_vectorizer
 
 EMPTY_DOCUMENT = "empty_document"
 INFERENCE_FAILED = "inference_failed"
@@ -31,6 +34,35 @@ def verification_batch(plan, vocabulary_size, rows=48, seed=0):
                 ids[row, info.length - count :] = rng.integers(1, max(2, vocabulary_size), count)
         batch[info.name] = ids
     return batch
+
+
+def max_difference(candidate, reference, features):
+    """Largest absolute difference between two forward passes over `features` (NaN counts as a failure)."""
+    expected = reference(features)
+    actual = candidate(features)
+    worst = 0.0
+    for name, value in expected.items():
+        difference = np.abs(np.asarray(value, np.float64) - np.asarray(actual[name], np.float64))
+        worst = max(worst, float(np.nanmax(difference)) if not np.isnan(difference).any() else float("inf"))
+    return worst
+
+
+class TokenIds(str):
+    """A corpus field that already holds token ids: its JSON text, with the ids in `ids`.
+
+    It is a string so that everything that handles document texts (dead-letter
+    rows, byte counts) handles it too; `Embedder.encode` pads it instead of
+    tokenizing it.
+    """
+
+    def __new__(cls, ids):
+        ids = tuple(int(i) for i in ids)
+        token_ids = super().__new__(cls, json.dumps(list(ids)))
+        token_ids.ids = ids
+        return token_ids
+
+    def __reduce__(self):
+        return TokenIds, (self.ids,)
 
 
 class Document(typing.NamedTuple):
@@ -79,7 +111,13 @@ class Embedder:
 
         configure_threads(plan.tf_threads)
         self.plan = plan
-        source = source or load_model_source(plan.model_uri, plan.tokenizer_uri or None)
+        source = source or load_model_source(
+            plan.model_uri,
+            plan.tokenizer_uri or None,
+            allow_unsafe_deserialization=plan.allow_unsafe_deserialization,
+            padding=plan.padding,
+            truncating=plan.truncating,
+        )
         if source.model_sha256 != plan.model_sha256:
             raise ExportConfigError(
                 f"The model at {plan.model_uri} changed after launch (SHA-256 "
@@ -88,7 +126,14 @@ class Embedder:
         self.tokenizer = source.tokenizer
         self.sub_model = truncate(source.model, list(plan.layer_specs))
         self.schema = schema_lib.output_schema(plan)
-        signature = [{i.name: tf.TensorSpec([None, i.length], tf.int32, name=i.name) for i in plan.inputs}]
+        signature = [
+            {
+                i.name: tf.TensorSpec([None] + [1] * (i.rank - 1), tf.string, name=i.name)
+                if i.kind == TEXT_INPUT
+                else tf.TensorSpec([None, i.length], tf.int32, name=i.name)
+                for i in plan.inputs
+            }
+        ]
         model = self.sub_model
 
         # One traced graph for every batch size: no retracing per batch.
@@ -124,10 +169,7 @@ class Embedder:
         if fast is None:
             logging.info("Fast path off (%s); using Keras's forward pass.", reason)
             return None
-        sample = verification_batch(self.plan, self.tokenizer.size)
-        expected = self.keras_predict(sample)
-        actual = fast(sample)
-        worst = max(float(np.abs(expected[name] - actual[name]).max()) for name in expected)
+        worst = max_difference(fast, self.keras_predict, verification_batch(self.plan, fast.vocabulary_size))
         if not worst <= FAST_PATH_TOLERANCE:
             logging.warning(
                 "Fast path off: it differs from Keras by %.3g (> %g) on a sample batch; using "
@@ -140,11 +182,16 @@ class Embedder:
     def encode(self, documents):
         """Turns documents into model features.
 
+        Token-id inputs take text, which the tokenizer encodes, or `TokenIds`,
+        padded and cut with the plan's `padding` and `truncating`.  Text inputs
+        take the strings themselves; their real tokens are where the model's
+        TextVectorization layer emits a non-zero id.
+
         Returns:
-            `(features, masks, nonempty, truncated, oov)`: {input name: int32 ids},
-            {input name: bool real-token mask}, a bool per document saying whether
-            any input has a real token, and the truncated-document and
-            out-of-vocabulary-token counts.
+            `(features, masks, nonempty, truncated, oov)`: {input name: int32 ids
+            or strings}, {input name: bool real-token mask}, a bool per document
+            saying whether any input has a real token, and the truncated-document
+            and out-of-vocabulary-token counts.
         """
         features, masks = {}, {}
         nonempty = np.zeros(len(documents), dtype=bool)
@@ -152,15 +199,73 @@ class Embedder:
         cut_any = np.zeros(len(documents), dtype=bool)
         oov = 0
         for position, info in enumerate(self.plan.inputs):
-            ids, counts, oov_counts, cut = self.tokenizer.encode_batch(
-                [document.texts[position] for document in documents], info.length
-            )
-            features[info.name] = ids
-            masks[info.name] = ids != 0
+            values = [document.texts[position] for document in documents]
+            encode = self._encode_text if info.kind == TEXT_INPUT else self._encode_ids
+            features[info.name], masks[info.name], counts, oov_counts, cut = encode(info, values)
             nonempty |= counts > 0
             cut_any |= cut
             oov += int(oov_counts.sum())
         return features, masks, nonempty, int(cut_any.sum()), oov
+
+    def _encode_ids(self, info, values):
+        """(ids, mask, counts, oov counts, truncated) of one token-id input."""
+        id_rows = [row for row, value in enumerate(values) if isinstance(value, TokenIds)]
+        id_row_set = set(id_rows)
+        if not id_rows:
+            ids, counts, oov_counts, cut = self.tokenizer.encode_batch(values, info.length)
+            return ids, ids != 0, counts, oov_counts, cut
+        ids, counts, cut = pad_token_ids(
+            [values[row].ids for row in id_rows], info.length, self.plan.padding, self.plan.truncating
+        )
+        oov_counts = np.zeros(len(values), dtype=np.int32)
+        if len(id_rows) < len(values):
+            # A corpus may mix text and id lists: tokenize the text rows and interleave.
+            text_rows = [row for row in range(len(values)) if row not in id_row_set]
+            text_ids, text_counts, text_oov, text_cut = self.tokenizer.encode_batch(
+                [values[row] for row in text_rows], info.length
+            )
+            all_ids = np.zeros((len(values), info.length), dtype=np.int32)
+            all_counts = np.zeros(len(values), dtype=np.int32)
+            all_cut = np.zeros(len(values), dtype=bool)
+            all_ids[id_rows], all_counts[id_rows], all_cut[id_rows] = ids, counts, cut
+            all_ids[text_rows], all_counts[text_rows], all_cut[text_rows] = text_ids, text_counts, text_cut
+            oov_counts[text_rows] = text_oov
+            ids, counts, cut = all_ids, all_counts, all_cut
+        return ids, ids != 0, counts, oov_counts, cut
+
+    def _encode_text(self, info, values):
+        """(strings, mask, counts, oov counts, truncated) of one string input.
+
+        TextVectorization cuts long documents silently, so none counts as truncated.
+        """
+        strings = np.array(values, dtype=object)
+        feature = strings.reshape(-1, 1) if info.rank == 2 else strings
+        no_cut = np.zeros(len(values), dtype=bool)
+        vectorizer, unknown_id = self._text_vectorizer(info)
+        if vectorizer is None:
+            counts = np.array([1 if value.strip() else 0 for value in values], dtype=np.int32)
+            return feature, counts[:, None] > 0, counts, np.zeros(len(values), dtype=np.int32), no_cut
+        import tensorflow as tf
+
+        ids = np.asarray(vectorizer(tf.constant(feature, dtype=tf.string)))
+        mask = ids != 0
+        oov_counts = (ids == unknown_id).sum(axis=1) if unknown_id is not None else np.zeros(len(values))
+        return feature, mask, mask.sum(axis=1), oov_counts.astype(np.int32), no_cut
+
+    def _text_vectorizer(self, info):
+        """The TextVectorization layer whose ids mark `info`'s real tokens, and its unknown-word id."""
+        if not hasattr(self, "_vectorizers"):
+            self._vectorizers = {}  # Filled on first use: only string inputs need it.
+        cache = self._vectorizers
+        if info.name not in cache:
+            vectorizer, unknown_id = None, None
+            if info.length:
+                tensor = next(t for t in self.sub_model.inputs if t.name == info.name)
+                vectorizer = text_vectorizer(self.sub_model, tensor)
+                vocabulary = vectorizer.get_vocabulary() if vectorizer is not None else []
+                unknown_id = 1 if len(vocabulary) > 1 and vocabulary[1] == UNKNOWN_TOKEN else None
+            cache[info.name] = (vectorizer, unknown_id)
+        return cache[info.name]
 
     def embed(self, documents):
         """Embeds `documents`; bad ones become dead-letter rows, never exceptions."""

@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import (
 
 from pipeline import output as output_lib
 from pipeline.graph import build_pipeline
-from pipeline.model_source import ExportConfigError, is_default_bundle, is_local
+from pipeline.model_source import ExportConfigError, is_default_bundle, is_local, wants_no_tokenizer
 from pipeline.options import ExportOptions, default_output
 from pipeline.plan import build_plan
 from pipeline.transforms import NAMESPACE
@@ -74,6 +74,40 @@ def local_runner(options):
     return None
 
 
+# Options whose values are credentials (--s3_secret_access_key, --azure_connection_string,
+# ...): the manifest lives next to the data, so it records that they were set, not their value.
+SECRET_OPTION_WORDS = ("secret", "token", "password", "connection_string", "access_key")
+REDACTED = "<redacted>"
+
+
+def _is_secret(name):
+    return any(word in name for word in SECRET_OPTION_WORDS)
+
+
+def recorded_options(options):
+    """The options given on the command line, as the manifest records them (credentials redacted)."""
+    return {
+        name: REDACTED if _is_secret(name) and value else value
+        for name, value in options.get_all_options(drop_default=True).items()
+    }
+
+
+def recorded_command_line(args):
+    """`args` with the values of credential flags (`--name=value` or `--name value`) redacted."""
+    recorded, hide_next = [], False
+    for arg in args:
+        name, equals, _ = arg.partition("=")
+        secret = arg.startswith("--") and _is_secret(name)
+        if hide_next:
+            recorded.append(REDACTED)
+        elif secret and equals:
+            recorded.append(f"{name}={REDACTED}")
+        else:
+            recorded.append(arg)
+        hide_next = secret and not equals and not hide_next
+    return recorded
+
+
 def is_dataflow(options):
     """Whether --runner names Google Cloud Dataflow."""
     return str(options.view_as(StandardOptions).runner or "").lower() in ("dataflowrunner", "dataflow")
@@ -93,21 +127,18 @@ def check_worker_paths(export_options):
     """Refuses local --model, --input and --output paths, which Dataflow workers cannot see.
 
     The bundled default model is the exception: the package installed on the
-    workers carries it.
+    workers carries it; so is `--tokenizer none`, which names no file.
 
     Raises:
         ExportConfigError: naming the local paths.
     """
-    local = [
-        f"--{name} {value!r}"
-        for name, value in (
-            ("model", export_options.model),
-            ("tokenizer", export_options.tokenizer),
-            ("input", export_options.input),
-            ("output", export_options.output),
-        )
-        if value and is_local(value) and not (name == "model" and is_default_bundle(value))
-    ]
+    paths = {
+        "model": None if is_default_bundle(export_options.model) else export_options.model,
+        "tokenizer": None if wants_no_tokenizer(export_options.tokenizer) else export_options.tokenizer,
+        "input": export_options.input,
+        "output": export_options.output,
+    }
+    local = [f"--{name} {value!r}" for name, value in paths.items() if value and is_local(value)]
     if local:
         raise ExportConfigError(
             f"Dataflow workers cannot read files on this machine, but {', '.join(local)} "
@@ -155,7 +186,7 @@ def _dry_run(pipeline, plan, options):
     else:
         skipped.append("running the pipeline")
     skipped.append("waiting for the job, counting rows and writing the manifest")
-    message = "dry run: the job was built, not run; skipped " + "; ".join(skipped) + "."
+    message = "the job was built, not run; skipped " + "; ".join(skipped) + "."
     _LOGGER.warning("--dry_run: %s", message)
     return ExportSummary(
         output=plan.output,
@@ -227,8 +258,10 @@ def run_export(argv=None):
     manifest = {
         "status": "succeeded" if exit_code == 0 else "completed_with_errors",
         "message": message,
-        "command_line": sys.argv if argv is None else ["python", "-m", "pipeline.run", *argv],
-        "options": {k: v for k, v in options.get_all_options(drop_default=True).items()},
+        "command_line": recorded_command_line(
+            sys.argv if argv is None else ["python", "-m", "pipeline.run", *argv]
+        ),
+        "options": recorded_options(options),
         "model_uri": plan.model_uri,
         "model_sha256": plan.model_sha256,
         "tokenizer_sha256": plan.tokenizer_sha256,
@@ -262,7 +295,7 @@ def run_export(argv=None):
 def format_summary(summary):
     """The one-screen summary printed at the end of a run."""
     if summary.dry_run:
-        return f"\nNothing exported: {summary.message}\n  output           {summary.output}"
+        return f"\nNothing exported (--dry_run): {summary.message}\n  output           {summary.output}"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
     pattern = output_lib.join(summary.output, "part-*.parquet")
     lines = [

@@ -8,10 +8,14 @@ import tempfile
 import keras
 from apache_beam.io.filesystems import FileSystems
 
-from models.bundle import BundleError, is_bundle, load_bundle, sha256_file
+from models.bundle import DEFAULT_BUNDLE, BundleError, is_bundle, load_bundle, sha256_file
+from models.keras2_tokenizer import read_tokenizer
+from models.legacy import LegacyModelError, load_model_file
 from models.tokenizer import Tokenizer
 
 MODEL_EXTENSIONS = (".keras", ".h5", ".hdf5")
+# `--tokenizer none`: the corpus fields of token-id inputs already hold lists of ids.
+NO_TOKENIZER = "none"
 
 
 class ExportConfigError(ValueError):
@@ -24,15 +28,46 @@ class ModelSource:
 
     uri: str
     model: keras.Model
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer  # or a models.keras2_tokenizer one; None when no input needs one
     model_sha256: str
     tokenizer_sha256: str
     input_fields: dict  # model input -> corpus field, from the bundle; empty otherwise
     default_layers: list
 
 
-def _is_local(uri):
+def is_local(uri):
+    """Whether `uri` is a path on this machine rather than an object-store URI (gs://, s3://)."""
     return FileSystems.get_scheme(uri) in (None, "file")
+
+
+def is_default_bundle(uri):
+    """Whether `uri` is this installation's copy of the bundled default model."""
+    return is_local(uri) and os.path.realpath(uri) == os.path.realpath(DEFAULT_BUNDLE)
+
+
+def _installed_default_bundle(uri):
+    """This installation's default bundle where `uri` is another installation's path to it.
+
+    The launcher records the absolute path of its copy of the default bundle; a
+    Dataflow worker has the package installed elsewhere (its site-packages), so it
+    finds the same bundle at its own `DEFAULT_BUNDLE`.  The SHA-256 recorded in the
+    plan still checks that both are the same model.
+    """
+    tail = os.sep + os.path.join("models", "data", "default_bundle")
+    if is_local(uri) and not os.path.exists(uri) and os.path.normpath(uri).endswith(tail):
+        return DEFAULT_BUNDLE
+    return uri
+
+
+def _exists(uri):
+    """Whether `uri` is a file or a directory holding files.
+
+    Object stores have no directories: there a bundle "directory" exists when
+    objects are stored under its prefix, which `FileSystems.exists` does not see.
+    """
+    if FileSystems.exists(uri):
+        return True
+    return not is_local(uri) and bool(FileSystems.match([uri + "/*"])[0].metadata_list)
 
 
 def _copy_to(uri, local_path):
@@ -47,7 +82,7 @@ def stage_locally(uri, directory=None):
     Keras loads from local files only; remote files (gs://, s3://, ...) are
     copied into `directory` (a new temporary directory by default).
     """
-    if _is_local(uri):
+    if is_local(uri):
         return uri
     directory = directory or tempfile.mkdtemp(prefix="embexport-model-")
     base = uri.rstrip("/")
@@ -67,21 +102,49 @@ def _file_sha256(path):
     return sha256_file(path) if os.path.isfile(path) else hashlib.sha256(b"").hexdigest()
 
 
-def load_model_source(model_uri, tokenizer_uri=None):
+def wants_no_tokenizer(tokenizer_uri):
+    """Whether `--tokenizer` says the corpus already holds token ids (`--tokenizer none`)."""
+    return (tokenizer_uri or "").strip().lower() == NO_TOKENIZER
+
+
+def _takes_text(model):
+    """Whether every input of `model` is a string (a model with TextVectorization inside)."""
+    return all(str(getattr(t, "dtype", "")) == "string" for t in model.inputs)
+
+
+def load_model_source(
+    model_uri,
+    tokenizer_uri=None,
+    allow_unsafe_deserialization=False,
+    padding=None,
+    truncating=None,
+    require_tokenizer=True,
+):
     """Loads `--model` (bundle or file) and its tokenizer.
+
+    Args:
+        model_uri: bundle directory or .keras/.h5/.hdf5 file, at any Beam URI.
+        tokenizer_uri: tokenizer file (see `models.keras2_tokenizer.read_tokenizer`),
+            `NO_TOKENIZER`, or None for the bundle's own.
+        allow_unsafe_deserialization: load `Lambda` layers (runs code from the file).
+        padding, truncating: "pre"/"post" overrides of the tokenizer's own sides.
+        require_tokenizer: False lets a bare model that takes token ids load
+            without a tokenizer (for inspection).
 
     Raises:
         ExportConfigError: with what is wrong and how to fix it.
     """
-    if not FileSystems.exists(model_uri.rstrip("/")):
+    location = _installed_default_bundle(model_uri.rstrip("/"))
+    try:
+        exists = _exists(location)
+        local = stage_locally(location) if exists else None
+    except Exception as error:  # No credentials, no such bucket, a failed copy, ...
+        raise ExportConfigError(f"Could not read --model {model_uri!r}: {error}") from None
+    if not exists:
         raise ExportConfigError(
             f"--model {model_uri!r} does not exist. Pass a bundle directory written by "
             "`python -m models.train`, or a .keras/.h5 file."
         )
-    try:
-        local = stage_locally(model_uri)
-    except Exception as error:
-        raise ExportConfigError(f"Could not read --model {model_uri!r}: {error}") from None
     if os.path.isdir(local):
         if not is_bundle(local):
             raise ExportConfigError(
@@ -94,8 +157,15 @@ def load_model_source(model_uri, tokenizer_uri=None):
             raise ExportConfigError(f"Invalid model bundle {model_uri!r}: {error}") from None
         tokenizer = bundle.tokenizer
         tokenizer_sha256 = bundle.manifest["sha256"][bundle.manifest["tokenizer_file"]]
-        if tokenizer_uri:
-            tokenizer, tokenizer_sha256 = load_tokenizer(tokenizer_uri)
+        if padding or truncating:
+            tokenizer = Tokenizer(
+                tokenizer.vocabulary,
+                padding=padding or tokenizer.padding,
+                truncating=truncating or tokenizer.truncating,
+            )
+        # With `--tokenizer none` the bundle's tokenizer still says how ids are padded.
+        if tokenizer_uri and not wants_no_tokenizer(tokenizer_uri):
+            tokenizer, tokenizer_sha256 = load_tokenizer(tokenizer_uri, padding, truncating)
         return ModelSource(
             uri=model_uri,
             model=bundle.model,
@@ -111,18 +181,25 @@ def load_model_source(model_uri, tokenizer_uri=None):
             f"a file ending in {', '.join(MODEL_EXTENSIONS)}."
         )
     try:
-        model = keras.saving.load_model(local, compile=False)
+        model = load_model_file(local, allow_unsafe=allow_unsafe_deserialization)
+    except LegacyModelError as error:
+        raise ExportConfigError(f"Could not load --model {model_uri!r}: {error}") from None
     except Exception as error:  # Keras raises many types for a corrupt file.
         raise ExportConfigError(
             f"Could not load --model {model_uri!r} ({type(error).__name__}: {error}). Check "
             "that it is a complete Keras .keras/.h5 file."
         ) from None
-    if not tokenizer_uri:
+    tokenizer, tokenizer_sha256 = None, ""
+    if tokenizer_uri and not wants_no_tokenizer(tokenizer_uri):
+        tokenizer, tokenizer_sha256 = load_tokenizer(tokenizer_uri, padding, truncating)
+    elif not tokenizer_uri and require_tokenizer and not _takes_text(model):
         raise ExportConfigError(
             f"--model {model_uri!r} is a bare model file, which carries no tokenizer: pass "
-            "--tokenizer with the tokenizer it was trained with, or use a bundle directory."
+            "--tokenizer with the tokenizer it was trained with (this package's tokenizer.json, "
+            "a Keras 2 Tokenizer.to_json() file, or a vocabulary file with one token per line), "
+            f"or use a bundle directory. If the corpus already holds lists of token ids, pass "
+            f"--tokenizer {NO_TOKENIZER}."
         )
-    tokenizer, tokenizer_sha256 = load_tokenizer(tokenizer_uri)
     return ModelSource(
         uri=model_uri,
         model=model,
@@ -134,14 +211,18 @@ def load_model_source(model_uri, tokenizer_uri=None):
     )
 
 
-def load_tokenizer(uri):
-    """Reads a tokenizer file from any Beam URI; returns `(tokenizer, sha256)`."""
+def load_tokenizer(uri, padding=None, truncating=None):
+    """Reads a tokenizer file from any Beam URI; returns `(tokenizer, sha256)`.
+
+    The file is this package's tokenizer JSON, a Keras 2 `Tokenizer.to_json()`
+    file or a vocabulary file (`models.keras2_tokenizer.read_tokenizer`).
+    """
     if not FileSystems.exists(uri):
         raise ExportConfigError(f"--tokenizer {uri!r} does not exist.")
     with FileSystems.open(uri) as handle:
         data = handle.read()
     try:
-        tokenizer = Tokenizer.from_json(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
+        tokenizer, _ = read_tokenizer(data, padding, truncating)
+    except ValueError as error:
         raise ExportConfigError(f"--tokenizer {uri!r} is not a tokenizer file: {error}") from None
     return tokenizer, hashlib.sha256(data).hexdigest()

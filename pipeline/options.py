@@ -12,6 +12,7 @@ INPUT_FORMATS = ("auto", "text", "jsonl", "csv", "parquet")
 POOLINGS = ("none", "mean", "max", "last")
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("snappy", "zstd", "gzip", "none")
+SIDES = ("pre", "post")
 
 
 def default_output():
@@ -35,7 +36,32 @@ class ExportOptions(PipelineOptions):
         parser.add_argument(
             "--tokenizer",
             default=None,
-            help="Tokenizer file for a bare .keras/.h5 model (a bundle carries its own).",
+            help="Tokenizer for a bare .keras/.h5 model (a bundle carries its own): this "
+            "package's tokenizer.json, a Keras 2 `Tokenizer.to_json()` file, or a vocabulary "
+            "file with one token per line (id = line number, TextVectorization.get_vocabulary() "
+            "order). 'none': the corpus fields already hold lists of token ids. Not needed for "
+            "models that take raw strings (TextVectorization inside).",
+        )
+        parser.add_argument(
+            "--padding",
+            default=None,
+            choices=SIDES,
+            help="Where padding ids go in a short document: pre (before the tokens, as Keras's "
+            "pad_sequences) or post. Default: the bundle's recorded choice, else pre.",
+        )
+        parser.add_argument(
+            "--truncating",
+            default=None,
+            choices=SIDES,
+            help="Which end of a long document is cut: pre (its start, as Keras's "
+            "pad_sequences) or post. Default: the bundle's recorded choice, else pre.",
+        )
+        parser.add_argument(
+            "--allow_unsafe_deserialization",
+            action="store_true",
+            default=False,
+            help="Load models with Lambda layers. Their Python code is stored in the model file "
+            "and runs while it loads, on the launcher and on every worker: only for files you trust.",
         )
         parser.add_argument(
             "--input",
@@ -137,5 +163,7 @@ class ExportOptions(PipelineOptions):
             "--tf_threads",
             type=int,
             default=0,
-            help="TensorFlow intra-op threads per worker process (0 = TensorFlow's default).",
+            help="TensorFlow intra-op threads per worker process. 0 = cores / worker processes: 1 on "
+            "Dataflow (one SDK process per vCPU), cores // --direct_num_workers with multi_processing, "
+            "TensorFlow's default for a single process.",
         )

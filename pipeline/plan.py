@@ -12,10 +12,14 @@ from apache_beam.io.filesystems import FileSystems
 
 from models import __version__
 from models.truncate import input_dependencies, parse_layer_spec, truncate
-from pipeline.model_source import ExportConfigError, is_local, load_model_source
+from pipeline.model_source import ExportConfigError, is_local, load_model_source, wants_no_tokenizer
 from pipeline.options import INPUT_FORMATS
 
 TEXT_FIELD = "text"
+# Input kinds: token ids the pipeline computes (or reads as id lists), or the raw
+# string for a model that tokenizes itself with a TextVectorization layer.
+IDS_INPUT = "ids"
+TEXT_INPUT = "text"
 EXTENSION_FORMATS = {
     ".txt": "text",
     ".text": "text",
@@ -29,11 +33,19 @@ EXTENSION_FORMATS = {
 
 @dataclasses.dataclass(frozen=True)
 class InputInfo:
-    """A model input the sub-model needs: its name, corpus field and length."""
+    """A model input the sub-model needs: its name, corpus field and length.
+
+    For `kind` TEXT_INPUT (a string input of `rank` 1 or 2), `length` is the
+    output length of the TextVectorization layer it feeds, whose non-zero ids
+    mark the real tokens of per-token outputs; 0 when there is none of fixed
+    length, so only vector outputs can be exported from it.
+    """
 
     name: str
     field: str
     length: int
+    kind: str = IDS_INPUT
+    rank: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +89,47 @@ class ExportPlan:
     padding: str
     fast_path: str = "auto"
     package_version: str = __version__
+    truncating: str = "pre"
+    allow_unsafe_deserialization: bool = False
 
     @property
     def fields(self):
         """Model input name -> corpus field."""
         return {info.name: info.field for info in self.inputs}
+
+    @property
+    def tokenizes(self):
+        """Whether text in the fields of token-id inputs is tokenized (False for `--tokenizer none`)."""
+        return not wants_no_tokenizer(self.tokenizer_uri)
+
+
+def text_vectorizer(model, input_tensor):
+    """The TextVectorization layer that `model` applies directly to `input_tensor`, or None."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.TextVectorization):
+            for node in layer._inbound_nodes:
+                if any(tensor is input_tensor for tensor in node.input_tensors):
+                    return layer
+    return None
+
+
+def text_input_info(tensor, model, field):
+    """InputInfo for a string input; see `InputInfo` for what `length` means here."""
+    shape = tuple(tensor.shape)
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise ExportConfigError(
+            f"Model input {tensor.name!r} takes strings of shape {shape}; text inputs need the "
+            "shape (batch,) or (batch, 1), one document per row."
+        )
+    length = 0
+    vectorizer = text_vectorizer(model, tensor)
+    if vectorizer is not None:
+        config = vectorizer.get_config()
+        if config.get("output_mode") == "int" and config.get("output_sequence_length"):
+            length = int(config["output_sequence_length"])
+    return InputInfo(tensor.name, field, length, TEXT_INPUT, len(shape))
 
 
 def detect_format(pattern, input_format):
@@ -113,13 +161,15 @@ def _parse_input_map(entries):
 def _default_layer_names(model):
     """The layers whose outputs feed the model's output layers (the penultimate vectors)."""
     output_layers = {t._keras_history.operation.name for t in model.outputs}
+    layer_names = {layer.name for layer in model.layers}
     names = []
     for tensor in model.outputs:
         operation = tensor._keras_history.operation
         node = operation._inbound_nodes[tensor._keras_history.node_index]
         for parent in node.input_tensors:
             name = parent._keras_history.operation.name
-            if name not in names and name not in output_layers:
+            # Masks and other plain ops (not_equal, ...) are not layers one can export.
+            if name not in names and name not in output_layers and name in layer_names:
                 names.append(name)
     return names
 
@@ -194,7 +244,13 @@ def build_plan(options, check_remote=True):
     if check_remote or is_local(options.input):
         check_input(options.input)
     explicit_map = _parse_input_map(options.input_map)
-    source = load_model_source(options.model, options.tokenizer)
+    source = load_model_source(
+        options.model,
+        options.tokenizer,
+        allow_unsafe_deserialization=options.allow_unsafe_deserialization,
+        padding=options.padding,
+        truncating=options.truncating,
+    )
     model = source.model
 
     layer_texts = options.layer or source.default_layers or _default_layer_names(model)
@@ -206,14 +262,27 @@ def build_plan(options, check_remote=True):
 
     needed = [t.name for t in sub_model.inputs]
     mapping = resolve_input_map(needed, explicit_map, source.input_fields, input_format)
+    inputs = []
     for tensor in sub_model.inputs:
+        if str(tensor.dtype) == "string":
+            inputs.append(text_input_info(tensor, sub_model, mapping[tensor.name]))
+            continue
         if len(tensor.shape) != 2 or tensor.shape[1] is None:
             raise ExportConfigError(
                 f"Model input {tensor.name!r} has shape {tuple(tensor.shape)}; token-id inputs "
                 "need the shape (batch, length) with a fixed length."
             )
-    lengths = {t.name: t.shape[1] for t in sub_model.inputs}
-    inputs = tuple(InputInfo(name, mapping[name], int(lengths[name])) for name in needed)
+        inputs.append(InputInfo(tensor.name, mapping[tensor.name], int(tensor.shape[1])))
+    inputs = tuple(inputs)
+    lengths = {info.name: info.length for info in inputs}
+    text_inputs = {info.name for info in inputs if info.kind == TEXT_INPUT}
+    if source.tokenizer is None and not wants_no_tokenizer(options.tokenizer):
+        ids_inputs = [info.name for info in inputs if info.kind == IDS_INPUT]
+        if ids_inputs:
+            raise ExportConfigError(
+                f"The exported layers read token-id input(s) {ids_inputs}, but there is no "
+                "tokenizer: pass --tokenizer, or --tokenizer none if the corpus holds lists of token ids."
+            )
 
     columns = []
     outputs = sub_model.output if isinstance(sub_model.output, dict) else {specs[0].column: sub_model.output}
@@ -227,6 +296,14 @@ def build_plan(options, check_remote=True):
             columns.append(
                 ColumnInfo(spec.column, spec.layer, spec.call, "sequence", int(shape[2]), dependencies[0], options.pooling)
             )
+        elif len(shape) == 3 and len(dependencies) == 1 and dependencies[0] in text_inputs:
+            raise ExportConfigError(
+                f"Layer {spec.layer!r} (call {spec.call}) outputs one vector per token of the string "
+                f"input {dependencies[0]!r}, but that input feeds no TextVectorization layer with "
+                "output_mode='int' and a fixed output_sequence_length (of "
+                f"{shape[1]} tokens), so its real tokens cannot be told from padding. Export a "
+                "vector layer (e.g. a pooling or LSTM layer) instead."
+            )
         else:
             raise ExportConfigError(
                 f"Layer {spec.layer!r} (call {spec.call}) outputs shape {tuple(shape)}; only "
@@ -239,6 +316,7 @@ def build_plan(options, check_remote=True):
     if clashes:
         raise ExportConfigError(f"--keep_fields {clashes} clash with output column names; rename the layer columns.")
 
+    tokenizer = source.tokenizer
     output = options.output
     if check_remote or is_local(output):
         check_output(output, options.overwrite)
@@ -260,8 +338,10 @@ def build_plan(options, check_remote=True):
         compression=options.compression,
         max_record_bytes=options.max_record_bytes,
         tf_threads=options.tf_threads,
-        padding=source.tokenizer.padding,
+        padding=tokenizer.padding if tokenizer else options.padding or "pre",
         fast_path=options.fast_path,
+        truncating=tokenizer.truncating if tokenizer else options.truncating or "pre",
+        allow_unsafe_deserialization=options.allow_unsafe_deserialization,
     )
     return plan, source
 

@@ -17,7 +17,8 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import schema as schema_lib
-from pipeline.embedder import Document, Embedder
+from pipeline.embedder import Document, Embedder, TokenIds
+from pipeline.plan import IDS_INPUT
 
 NAMESPACE = "embexport"
 ERRORS = "errors"
@@ -162,8 +163,20 @@ class ReadCorpusFn(beam.DoFn):
             value = record.get(info.field)
             if value is None:
                 return self._error(path, number, document_id, MISSING_FIELD, f"Field {info.field!r} (model input {info.name!r}) is missing or null.", raw)
-            if not isinstance(value, str):
-                return self._error(path, number, document_id, WRONG_TYPE, f"Field {info.field!r} must be a string, found {type(value).__name__}.", raw)
+            problem = None
+            if isinstance(value, list) and info.kind == IDS_INPUT:
+                # A list of token ids skips the tokenizer (a corpus tokenized elsewhere).
+                if all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+                    value = TokenIds(value)
+                else:
+                    problem = f"Field {info.field!r} is a list, but not of non-negative integer token ids."
+            elif not isinstance(value, str):
+                expected = "a string or a list of token ids" if info.kind == IDS_INPUT else "a string"
+                problem = f"Field {info.field!r} must be {expected}, found {type(value).__name__}."
+            elif info.kind == IDS_INPUT and not self._plan.tokenizes:
+                problem = f"Field {info.field!r} holds text, but --tokenizer none expects token id lists."
+            if problem:
+                return self._error(path, number, document_id, WRONG_TYPE, problem, raw)
             texts.append(value)
         kept = tuple(_kept_value(record.get(name)) for name in self._plan.keep_fields)
         return Document(document_id, tuple(texts), kept, path, number)

@@ -92,23 +92,31 @@ def embedding_table(model, layer_name):
     return np.asarray(weights[0], dtype=np.float32)
 
 
-def token_strings(vocabulary, table_size):
-    """The token of each id 0 .. table_size - 1: pad, oov, the vocabulary, then None."""
+def token_strings(id_to_token, table_size):
+    """The token of each id 0 .. table_size - 1.
+
+    Args:
+        id_to_token: the tokenizer's `id_to_token()`; ids it lacks are padding
+            (0, "<pad>"), out-of-vocabulary (1, "<oov>", unless a Keras 2
+            tokenizer without `oov_token` uses id 1 for a word) or beyond the
+            vocabulary (None).
+    """
     tokens = [None] * table_size
     for token_id, token in ((PADDING_ID, PADDING_TOKEN), (OOV_ID, OOV_TOKEN)):
         if token_id < table_size:
             tokens[token_id] = token
-    for index, token in enumerate(vocabulary[: max(table_size - 2, 0)]):
-        tokens[index + 2] = token
+    for token_id, token in id_to_token.items():
+        if 0 <= token_id < table_size:
+            tokens[token_id] = token
     return tokens
 
 
-def vocabulary_table(table, vocabulary, metadata):
+def vocabulary_table(table, id_to_token, metadata):
     """Builds the vocabulary rows as an Arrow table.
 
     Args:
         table: (table size, dim) embedding weights; row `i` is token id `i`.
-        vocabulary: the tokenizer's token strings; entry `j` has id `j + 2`.
+        id_to_token: the tokenizer's id -> token mapping (see `token_strings`).
         metadata: facts stored as the file's key-value metadata.
 
     Returns:
@@ -119,13 +127,15 @@ def vocabulary_table(table, vocabulary, metadata):
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(table.reshape(-1), type=pa.float32()), dim)
     columns = [
         pa.array(np.arange(size, dtype=np.int32), type=pa.int32()),
-        pa.array(token_strings(vocabulary, size), type=pa.string()),
+        pa.array(token_strings(id_to_token, size), type=pa.string()),
         vectors,
     ]
     return pa.Table.from_arrays(columns, schema=vocabulary_schema(dim, metadata))
 
 
-def export_vocabulary(model_uri, tokenizer_uri, layer_name, output, overwrite=False):
+def export_vocabulary(
+    model_uri, tokenizer_uri, layer_name, output, overwrite=False, allow_unsafe_deserialization=False
+):
     """Writes `OUTPUT/vocabulary.parquet` for Embedding layer `layer_name` of `model_uri`.
 
     `layer_name` None picks the model's only Embedding layer.
@@ -145,7 +155,9 @@ def export_vocabulary(model_uri, tokenizer_uri, layer_name, output, overwrite=Fa
         raise ExportConfigError(
             f"{path} already exists; pass --overwrite to replace it, or another --output."
         )
-    source = load_model_source(model_uri, tokenizer_uri)
+    source = load_model_source(
+        model_uri, tokenizer_uri, allow_unsafe_deserialization=allow_unsafe_deserialization
+    )
     if layer_name is None:
         names = embedding_layer_names(source.model)
         if len(names) != 1:
@@ -158,12 +170,18 @@ def export_vocabulary(model_uri, tokenizer_uri, layer_name, output, overwrite=Fa
         table = embedding_table(source.model, layer_name)
     except ValueError as error:
         raise ExportConfigError(str(error)) from None
-    vocabulary = source.tokenizer.vocabulary
-    if len(vocabulary) + 2 > len(table):
+    if source.tokenizer is None:
+        raise ExportConfigError(
+            "The model reads raw strings or --tokenizer none was given, so there is no tokenizer "
+            "to name the table's rows; pass --tokenizer with the model's tokenizer file."
+        )
+    id_to_token = source.tokenizer.id_to_token()
+    vocabulary_size = max([OOV_ID, *id_to_token]) + 1
+    if vocabulary_size > len(table):
         logging.warning(
             "The tokenizer has %d ids but layer %r has only %d rows: ids from %d up cannot be "
             "embedded and are left out. Check that --tokenizer belongs to this model.",
-            len(vocabulary) + 2,
+            vocabulary_size,
             layer_name,
             len(table),
             len(table),
@@ -176,12 +194,12 @@ def export_vocabulary(model_uri, tokenizer_uri, layer_name, output, overwrite=Fa
         "layer": layer_name,
         "table_size": int(table.shape[0]),
         "dim": int(table.shape[1]),
-        "vocabulary_size": len(vocabulary) + 2,
+        "vocabulary_size": vocabulary_size,
         "padding_id": PADDING_ID,
         "oov_id": OOV_ID,
         "package_version": __version__,
     }
-    arrow_table = vocabulary_table(table, vocabulary, metadata)
+    arrow_table = vocabulary_table(table, id_to_token, metadata)
     # Written under a temporary name and renamed, so a reader never sees half a file.
     temporary = path + ".tmp"
     if FileSystems.exists(temporary):
@@ -220,6 +238,12 @@ def build_parser():
     parser.add_argument(
         "--overwrite", action="store_true", default=False, help=f"Replace an existing {VOCABULARY_FILE}."
     )
+    parser.add_argument(
+        "--allow_unsafe_deserialization",
+        action="store_true",
+        default=False,
+        help="Load a model with Lambda layers (runs Python code stored in the file: trusted files only).",
+    )
     return parser
 
 
@@ -235,7 +259,9 @@ def main(argv=None):
 
     model = args.model or DEFAULT_BUNDLE
     try:
-        path, rows = export_vocabulary(model, args.tokenizer, args.layer, args.output, args.overwrite)
+        path, rows = export_vocabulary(
+            model, args.tokenizer, args.layer, args.output, args.overwrite, args.allow_unsafe_deserialization
+        )
     except ExportConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -1,0 +1,166 @@
+"""Command line: `python -m pipeline.inspect MODEL` lists its inputs and layers and the `--layer` of each.
+
+For every call of every layer it prints the output shape, the model inputs the
+call's output is computed from (so which corpus fields an export of it needs),
+whether it can be exported (one vector per document, or one vector per token
+that `--pooling` turns into a row) and the `--layer` value that selects it.
+"""
+
+import argparse
+import os
+import sys
+
+# Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EXIT_CONFIG_ERROR = 2
+MODEL_INPUT = "(model input)"
+HEADER = ("LAYER", "TYPE", "CALL", "OUTPUT SHAPE", "DEPENDS ON INPUTS", "EXPORTS AS", "--layer")
+
+
+def _shape(tensor):
+    if isinstance(tensor, (list, tuple)):
+        return "[" + ", ".join(_shape(t) for t in tensor) + "]"
+    return str(tuple(tensor.shape))
+
+
+def input_lengths(model):
+    """Model input name -> tokens per document (0 where unknown), as the export would feed it."""
+    from pipeline.plan import text_input_info
+
+    lengths = {}
+    for tensor in model.inputs:
+        if str(tensor.dtype) == "string":
+            try:
+                lengths[tensor.name] = text_input_info(tensor, model, tensor.name).length
+            except ValueError:
+                lengths[tensor.name] = 0
+        else:
+            shape = tuple(tensor.shape)
+            lengths[tensor.name] = shape[1] if len(shape) == 2 and shape[1] else 0
+    return lengths
+
+
+def export_kind(tensor, dependencies, lengths):
+    """ "vector", "sequence (INPUT)" or "-" (cannot be exported), as `pipeline.plan` decides."""
+    if isinstance(tensor, (list, tuple)):
+        return "- (several tensors)"
+    shape = tuple(tensor.shape)
+    if len(shape) == 2:
+        return "vector"
+    if len(shape) == 3 and len(dependencies) == 1 and lengths.get(dependencies[0]) == shape[1]:
+        return f"sequence ({dependencies[0]})"
+    return "-"
+
+
+def layer_rows(model):
+    """One tuple per layer call, in the columns of `HEADER`; model inputs first."""
+    from models.truncate import input_dependencies, layer_calls
+
+    lengths = input_lengths(model)
+    rows = [
+        (tensor.name, "InputLayer", "-", _shape(tensor), tensor.name, f"{tensor.dtype} input", MODEL_INPUT)
+        for tensor in model.inputs
+    ]
+    types = {layer.name: type(layer).__name__ for layer in model.layers}
+    for name, tensors in layer_calls(model).items():
+        for call, tensor in enumerate(tensors):
+            first = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+            dependencies = input_dependencies(model, first)
+            spec = name if call == 0 else f"{name}:{call}"
+            kind = export_kind(tensor, dependencies, lengths)
+            rows.append(
+                (name, types[name], str(call), _shape(tensor), ", ".join(dependencies) or "-", kind, spec)
+            )
+    return rows
+
+
+def format_table(rows, header=HEADER):
+    """Left-aligned columns separated by two spaces."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def describe_tokenizer(tokenizer, sha256):
+    if tokenizer is None:
+        return "Tokenizer: none (string inputs are tokenized by the model; token-id inputs need --tokenizer)"
+    return (
+        f"Tokenizer: {type(tokenizer).__name__}, {tokenizer.size} ids, padding {tokenizer.padding}, "
+        f"truncating {tokenizer.truncating}, sha256 {sha256}"
+    )
+
+
+def report(source, layer_specs=()):
+    """The text `python -m pipeline.inspect` prints for a loaded `ModelSource`.
+
+    Args:
+        source: a `pipeline.model_source.ModelSource`.
+        layer_specs: `--layer` values to check and show alone (all layers when empty).
+
+    Raises:
+        ValueError: a spec names no layer or call of the model (with the closest names).
+    """
+    from models.truncate import parse_layer_spec, resolve_layer
+
+    model = source.model
+    rows = layer_rows(model)
+    if layer_specs:
+        wanted = set()
+        for text in layer_specs:
+            spec = parse_layer_spec(text)
+            resolve_layer(model, spec)
+            wanted.add(spec.layer if spec.call == 0 else f"{spec.layer}:{spec.call}")
+        rows = [row for row in rows if row[-1] in wanted]
+    lines = [
+        f"Model: {source.uri} ({model.name}, {len(model.inputs)} input(s), {len(model.layers)} layers)",
+        describe_tokenizer(source.tokenizer, source.tokenizer_sha256),
+    ]
+    if source.input_fields:
+        fields = ", ".join(f"{name} <- {field}" for name, field in source.input_fields.items())
+        lines.append(f"Corpus fields (bundle manifest): {fields}")
+    if source.default_layers:
+        lines.append(f"Default --layer (bundle manifest): {', '.join(source.default_layers)}")
+    lines += ["", format_table(rows)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__)
+    parser.add_argument("model", help="Bundle directory or .keras/.h5 file; local path or Beam URI.")
+    parser.add_argument("--tokenizer", default=None, help="Tokenizer file to describe (as for pipeline.run).")
+    parser.add_argument(
+        "--allow_unsafe_deserialization",
+        action="store_true",
+        help="Load Lambda layers (runs Python code stored in the model file): only for files you trust.",
+    )
+    parser.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="[COLUMN=]LAYER[:CALL]",
+        help="Show only these layers; an unknown name is reported with the closest existing names.",
+    )
+    args = parser.parse_args(argv)
+
+    from pipeline.model_source import ExportConfigError, load_model_source
+
+    try:
+        source = load_model_source(
+            args.model,
+            args.tokenizer,
+            allow_unsafe_deserialization=args.allow_unsafe_deserialization,
+            require_tokenizer=False,
+        )
+        print(report(source, args.layer))
+    except (ExportConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,615 @@
+"""Bring your own model: Keras 2 `.h5` files, Keras 2 Tokenizer files, vocabularies, string-input models.
+
+The Keras 2 side is built with `tf_keras` in a subprocess, exactly as the
+tutorial wrote it (unnamed LSTMs, a shared Embedding, a `Lambda` add, named
+outputs with loss and loss-weight dicts), fitted on real text with Keras 2's
+`Tokenizer`, and saved as `.h5` with the tokenizer's `to_json()`.  The same
+subprocess records the Keras 2 reference: `Model(inputs=model.input,
+outputs=<layer tensor>).predict(pad_sequences(tokenizer.texts_to_sequences(texts),
+maxlen=...))`.  The tests export those files with the pipeline and compare.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from pipeline_fixtures import export_args, read_errors, read_rows, rows_by_id, write_jsonl
+
+from models.keras2_tokenizer import (
+    KIND_KERAS2,
+    KIND_VOCABULARY,
+    Keras2Tokenizer,
+    VocabularyTokenizer,
+    pad_token_ids,
+    read_tokenizer,
+)
+from models.legacy import SUPPORTED_LAYERS, LegacyModelError, load_model_file
+from models.train import SAMPLE_CORPUS
+from models.truncate import layer_calls
+from pipeline.export import run_export
+from pipeline.inspect import main as inspect_main
+from pipeline.model_source import ExportConfigError
+
+TOLERANCE = 1e-5
+CONTENT_LENGTH = 40
+TITLE_LENGTH = 10
+VOCABULARY = 300
+
+# Runs under tf_keras (Keras 2) in its own process, so that no Keras 3 object
+# shares its interpreter.  argv: output directory, sample corpus, content length,
+# title length, vocabulary size.
+KERAS2_SCRIPT = r"""
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np
+import tensorflow as tf
+import tf_keras
+from tf_keras.layers import (Input, Embedding, LSTM, GRU, SimpleRNN, Dense, Lambda, Bidirectional,
+    TimeDistributed, Conv1D, MaxPooling1D, GlobalAveragePooling1D, GlobalMaxPooling1D, BatchNormalization,
+    LayerNormalization, SpatialDropout1D, Dropout, Activation, Concatenate, Add, Average, Multiply, Masking,
+    Flatten, Reshape)
+from tf_keras.models import Model, Sequential
+from tf_keras.preprocessing.text import Tokenizer
+from tf_keras.preprocessing.sequence import pad_sequences
+
+out, corpus_path = sys.argv[1], sys.argv[2]
+CONTENT_LENGTH, TITLE_LENGTH, VOCABULARY = map(int, sys.argv[3:6])
+tf_keras.utils.set_random_seed(0)
+with open(corpus_path, encoding="utf-8") as handle:
+    records = [json.loads(line) for line in handle][:240]
+fit_records, documents = records[:200], records[190:230]
+# Real text with what a tokenizer must get right: case, accents, punctuation, an empty field.
+documents += [
+    {"id": "odd-1", "content": "Ünïcode CAFÉ naïve—dash…ellipsis\tTab\nNewline ΣΑΣ, Return THE value!",
+     "title": "ÉCOLE: the Return value", "kind": "function", "topic": "language"},
+    {"id": "odd-2", "content": "", "title": "Return the value", "kind": "class", "topic": "language"},
+]
+with open(os.path.join(out, "corpus.jsonl"), "w", encoding="utf-8") as handle:
+    for record in documents:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+tokenizer = Tokenizer(num_words=VOCABULARY, oov_token="<OOV>")
+tokenizer.fit_on_texts([r["content"] for r in fit_records] + [r["title"] for r in fit_records])
+with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as handle:
+    handle.write(tokenizer.to_json())
+
+def encode(texts, maxlen, padding="pre", truncating="pre"):
+    sequences = tokenizer.texts_to_sequences(texts)
+    return pad_sequences(sequences, maxlen=maxlen, padding=padding, truncating=truncating)
+
+def features(rows, padding="pre", truncating="pre"):
+    return [encode([r["content"] for r in rows], CONTENT_LENGTH, padding, truncating),
+            encode([r["title"] for r in rows], TITLE_LENGTH, padding, truncating)]
+
+topics = sorted({r["topic"] for r in fit_records})
+labels = {
+    "out_content": np.array([[r["kind"] == "function"] for r in fit_records], dtype="float32"),
+    "out_title": tf_keras.utils.to_categorical([topics.index(r["topic"]) for r in fit_records], len(topics)),
+}
+
+# The tutorial's two-output model: a shared Embedding named 'emb', unnamed LSTMs.
+content = Input(shape=(CONTENT_LENGTH,), name="content")
+title = Input(shape=(TITLE_LENGTH,), name="title")
+emb = Embedding(VOCABULARY, 16, name="emb")
+content_vector = LSTM(8)(emb(content))
+title_vector = LSTM(8)(emb(title))
+out_content = Dense(1, activation="sigmoid", name="out_content")(content_vector)
+out_title = Dense(len(topics), activation="softmax", name="out_title")(title_vector)
+two_outputs = Model(inputs=[content, title], outputs=[out_content, out_title])
+two_outputs.compile(optimizer="adam",
+                    loss={"out_content": "binary_crossentropy", "out_title": "categorical_crossentropy"},
+                    loss_weights={"out_content": 1.0, "out_title": 0.5})
+two_outputs.fit(features(fit_records), labels, epochs=1, batch_size=32, verbose=0)
+two_outputs.save(os.path.join(out, "two_outputs.h5"))
+
+# The tutorial's Lambda variant: unnamed inputs, an unnamed shared Embedding, the two
+# LSTM vectors added by a Lambda.
+content2, title2 = Input(shape=(CONTENT_LENGTH,)), Input(shape=(TITLE_LENGTH,))
+shared = Embedding(VOCABULARY, 16)
+lstm_content, lstm_title = LSTM(8), LSTM(8)
+added = Lambda(lambda x: x[0] + x[1])([lstm_content(shared(content2)), lstm_title(shared(title2))])
+lambda_add = Model(inputs=[content2, title2], outputs=[
+    Dense(1, activation="sigmoid", name="out_content")(added),
+    Dense(len(topics), activation="softmax", name="out_title")(lstm_title.output)])
+lambda_add.compile(optimizer="adam",
+                   loss={"out_content": "binary_crossentropy", "out_title": "categorical_crossentropy"},
+                   loss_weights={"out_content": 0.8, "out_title": 0.3})
+lambda_add.fit(features(fit_records), labels, epochs=1, batch_size=32, verbose=0)
+lambda_add.save(os.path.join(out, "lambda_add.h5"))
+
+def outputs_of(model, targets, inputs):
+    # One forward pass for all targets: Model(inputs=model.input, outputs=[layer tensors]).
+    tensors = [model.get_layer(name).get_output_at(call) for name, call in targets]
+    values = Model(inputs=model.input, outputs=tensors).predict(inputs, verbose=0)
+    return {f"{name}:{call}": value for (name, call), value in zip(targets, values)}
+
+
+references, info = {}, {"documents": [r["id"] for r in documents]}
+for key, model, targets in (
+    ("two_outputs", two_outputs, [("emb", 0), ("emb", 1), (content_vector._keras_history.layer.name, 0),
+                                  (title_vector._keras_history.layer.name, 0)]),
+    ("lambda_add", lambda_add, [(shared.name, 0), (shared.name, 1), (lstm_content.name, 0),
+                                (lstm_title.name, 0), (added._keras_history.layer.name, 0)]),
+):
+    info[key] = {"inputs": [t.name.split(":")[0] for t in model.inputs], "targets": targets}
+    for padding in ("pre", "post"):
+        inputs = features(documents, padding, padding)
+        for target, value in outputs_of(model, targets, inputs).items():
+            references[f"{key}|{padding}|{target}"] = value
+        references[f"{key}|{padding}|ids_content"], references[f"{key}|{padding}|ids_title"] = inputs
+info["sequences"] = {
+    "content": tokenizer.texts_to_sequences([r["content"] for r in documents]),
+    "title": tokenizer.texts_to_sequences([r["title"] for r in documents]),
+}
+
+# Tokenizer settings beyond the tutorial's, against Keras 2's own texts_to_sequences.
+probe = [r["content"] for r in documents] + ["Hello, WORLD!! hello-world\tx  y", "", "ÀÉ àé ß Σ"]
+variants = {
+    "default": Tokenizer(),
+    "num_words": Tokenizer(num_words=40),
+    "num_words_oov": Tokenizer(num_words=40, oov_token="[?]"),
+    "raw": Tokenizer(lower=False, filters="", split=" "),
+    "pipes": Tokenizer(filters=".,", split="e"),
+    "chars": Tokenizer(char_level=True, num_words=25, oov_token="~"),
+}
+info["tokenizer_variants"] = {"probe": probe}
+for name, variant in variants.items():
+    variant.fit_on_texts([r["content"] for r in fit_records[:60]])
+    text = variant.to_json()
+    # json.dump(tokenizer.to_json(), f) writes the JSON text once more as a JSON string.
+    if name == "num_words_oov":
+        text = json.dumps(text)
+    with open(os.path.join(out, f"tokenizer_{name}.json"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    sequences = variant.texts_to_sequences(probe)
+    for padding in ("pre", "post"):
+        for truncating in ("pre", "post"):
+            references[f"tokenizer|{name}|{padding}|{truncating}"] = pad_sequences(
+                sequences, maxlen=12, padding=padding, truncating=truncating)
+
+# Every layer type of models.legacy.SUPPORTED_LAYERS, in a functional model, a
+# Sequential and a model nested in another.
+ids = np.random.default_rng(0).integers(0, 50, (6, 12))
+ids[0, :5] = 0
+inp = Input((12,))
+masked = Embedding(50, 6, mask_zero=True)(inp)
+bidirectional = Bidirectional(LSTM(4, return_sequences=True))(masked)
+gru = GRU(5, return_sequences=True)(bidirectional)
+gru_v1 = GRU(5, reset_after=False)(bidirectional)
+simple = SimpleRNN(3)(gru)
+timed = TimeDistributed(Dense(2))(gru)
+conv = Conv1D(4, 3, padding="same")(SpatialDropout1D(0.1)(Embedding(50, 6)(inp)))
+normed = LayerNormalization()(BatchNormalization()(conv))
+pooled = MaxPooling1D(2)(normed)
+flat = Flatten()(Reshape((4, 6))(pooled))
+merged = Concatenate()(
+    [simple, GlobalAveragePooling1D()(pooled), GlobalMaxPooling1D()(normed), gru_v1, Dense(3)(flat)])
+hidden = Dropout(0.2)(Activation("relu")(Dense(7)(merged)))
+summed = Add()([Dense(4)(hidden), Dense(4)(hidden)])
+averaged = Average()([summed, Multiply()([summed, summed])])
+many = Model(inp, Dense(1, activation="sigmoid")(Concatenate()([averaged, Flatten()(timed)])))
+sequential = Sequential([Embedding(50, 4, input_length=12), Masking(), LSTM(3), Dense(2)])
+sequential.build((None, 12))
+inner = Sequential([Dense(3), Dense(2)], name="inner")
+first, second = Input((12,)), Input((8,))
+nested_embedding = Embedding(50, 4)
+pair = [LSTM(3)(nested_embedding(first)), LSTM(3)(nested_embedding(second))]
+nested = Model([first, second], inner(Concatenate()(pair)))
+tf_op = Model(inp, Embedding(50, 4)(inp) + 1.0)
+rng = np.random.default_rng(1)
+for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op)):
+    # Random weights, all different from their initial values (variances stay positive).
+    model.set_weights([
+        np.abs(value) + 0.5 if "moving_variance" in weight.name else value
+        for weight, value in ((w, rng.normal(0, 0.5, w.shape)) for w in model.weights)
+    ])
+    model.save(os.path.join(out, f"zoo_{name}.h5"))
+    inputs = ids if len(model.inputs) == 1 else [ids, ids[:, :8]]
+    keys, tensors = [], []
+    for layer in model.layers:
+        # Calls numbered as Keras 3 numbers them: only those in this model's graph (a
+        # nested model's own input-to-output node is not a call).
+        nodes = range(len(layer._inbound_nodes))
+        calls = [i for i in nodes if f"{layer.name}_ib-{i}" in model._network_nodes]
+        for call, node in enumerate(calls):
+            tensor = layer.get_output_at(node)
+            if not isinstance(layer, tf_keras.layers.InputLayer) and not isinstance(tensor, list):
+                keys.append(f"zoo|{name}|{layer.name}:{call}")
+                tensors.append(tensor)
+    values = Model(model.inputs, tensors).predict(inputs, verbose=0)
+    references.update(zip(keys, values))
+np.save(os.path.join(out, "zoo_ids.npy"), ids)
+
+np.savez(os.path.join(out, "references.npz"), **references)
+with open(os.path.join(out, "info.json"), "w", encoding="utf-8") as handle:
+    json.dump(info, handle, ensure_ascii=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def keras2(tmp_path_factory):
+    """Directory with the tf_keras-built files, the references and `info`."""
+    directory = tmp_path_factory.mktemp("keras2")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KERAS2_SCRIPT,
+            str(directory),
+            SAMPLE_CORPUS,
+            *map(str, (CONTENT_LENGTH, TITLE_LENGTH, VOCABULARY)),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(directory / "info.json", encoding="utf-8") as handle:
+        info = json.load(handle)
+    return directory, dict(np.load(directory / "references.npz")), info
+
+
+def _export(tmp_path, model, corpus, *flags):
+    output = tmp_path / "out"
+    summary = run_export(export_args(model, corpus, output, *flags))
+    assert summary.exit_code == 0, summary.message
+    return output
+
+
+def _assert_matches(rows, column, reference, ids=None):
+    """Checks each document's exported vector(s) against the Keras 2 reference.
+
+    For per-token columns (`ids` given) the export keeps the real tokens (id != 0)
+    of each document, in order.
+    """
+    for row_index, document in enumerate(rows):
+        expected = reference[row_index]
+        if ids is not None:
+            expected = expected[ids[row_index] != 0]
+        actual = np.asarray(document[column], dtype=np.float32).reshape(expected.shape)
+        np.testing.assert_allclose(
+            actual, expected, atol=TOLERANCE, rtol=0, err_msg=f"{column} of {document['id']}"
+        )
+
+
+def _ordered_rows(output, document_ids):
+    by_id = rows_by_id(read_rows(output))
+    assert sorted(by_id) == sorted(document_ids)
+    return [by_id[document_id] for document_id in document_ids]
+
+
+@pytest.mark.parametrize("padding", ["pre", "post"])
+def test_keras2_two_output_model_matches_tf_keras(keras2, tmp_path, padding):
+    directory, references, info = keras2
+    names = [name for name, _ in info["two_outputs"]["targets"]]
+    lstm_content, lstm_title = names[2], names[3]
+    flags = ["--tokenizer", directory / "tokenizer.json", "--pooling", "none"]
+    flags += [f"--layer={spec}" for spec in ("emb", "emb:1", lstm_content, lstm_title)]
+    if padding == "post":
+        flags += ["--padding", "post", "--truncating", "post"]
+    output = _export(tmp_path, directory / "two_outputs.h5", directory / "corpus.jsonl", *flags)
+
+    rows = _ordered_rows(output, info["documents"])
+    prefix = f"two_outputs|{padding}|"
+    content_ids, title_ids = references[prefix + "ids_content"], references[prefix + "ids_title"]
+    _assert_matches(rows, "emb", references[prefix + "emb:0"], content_ids)
+    _assert_matches(rows, "emb_call1", references[prefix + "emb:1"], title_ids)
+    _assert_matches(rows, lstm_content, references[f"{prefix}{lstm_content}:0"])
+    _assert_matches(rows, lstm_title, references[f"{prefix}{lstm_title}:0"])
+    # The document with an empty content keeps its title tokens only.
+    assert rows[info["documents"].index("odd-2")]["emb_tokens"] == 0
+
+
+def test_keras2_lambda_model_is_refused_without_the_flag(keras2, tmp_path):
+    directory, _, info = keras2
+    inputs = info["lambda_add"]["inputs"]
+    with pytest.raises(ExportConfigError, match="--allow_unsafe_deserialization") as caught:
+        run_export(
+            export_args(
+                directory / "lambda_add.h5",
+                directory / "corpus.jsonl",
+                tmp_path / "out",
+                "--tokenizer",
+                directory / "tokenizer.json",
+                f"--input_map={inputs[0]}=content",
+                f"--input_map={inputs[1]}=title",
+            )
+        )
+    # The message says why Lambda layers are refused, not only how to allow them.
+    assert "Lambda layer(s)" in str(caught.value) and "runs that code" in str(caught.value)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_keras2_lambda_model_matches_tf_keras_with_the_flag(keras2, tmp_path):
+    directory, references, info = keras2
+    embedding, _, lstm_content, lstm_title, added = [name for name, _ in info["lambda_add"]["targets"]]
+    inputs = info["lambda_add"]["inputs"]
+    output = _export(
+        tmp_path,
+        directory / "lambda_add.h5",
+        directory / "corpus.jsonl",
+        "--tokenizer",
+        directory / "tokenizer.json",
+        "--allow_unsafe_deserialization",
+        f"--input_map={inputs[0]}=content",
+        f"--input_map={inputs[1]}=title",
+        "--pooling=none",
+        *[f"--layer={spec}" for spec in (embedding, f"{embedding}:1", lstm_content, lstm_title, added)],
+    )
+    rows = _ordered_rows(output, info["documents"])
+    prefix = "lambda_add|pre|"
+    _assert_matches(rows, embedding, references[f"{prefix}{embedding}:0"], references[prefix + "ids_content"])
+    _assert_matches(
+        rows, f"{embedding}_call1", references[f"{prefix}{embedding}:1"], references[prefix + "ids_title"]
+    )
+    for name in (lstm_content, lstm_title, added):
+        _assert_matches(rows, name, references[f"{prefix}{name}:0"])
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["id_lists", "id_lists_and_text"])
+def test_corpus_of_token_id_lists_skips_the_tokenizer(keras2, tmp_path, mixed):
+    directory, references, info = keras2
+    with open(directory / "corpus.jsonl", encoding="utf-8") as handle:
+        texts = [json.loads(line) for line in handle]
+    documents = [
+        # Mixed: every other document keeps its text for the tokenizer.
+        text if mixed and index % 2 else {"id": document_id, "content": content, "title": title}
+        for index, (text, document_id, content, title) in enumerate(
+            zip(
+                texts,
+                info["documents"],
+                info["sequences"]["content"],
+                info["sequences"]["title"],
+                strict=True,
+            )
+        )
+    ]
+    corpus = write_jsonl(
+        tmp_path / "ids.jsonl", documents, extra_lines=['{"id": "bad", "content": [1, -2], "title": [3]}']
+    )
+    names = [name for name, _ in info["two_outputs"]["targets"]]
+    output = tmp_path / "out"
+    summary = run_export(
+        export_args(
+            directory / "two_outputs.h5",
+            corpus,
+            output,
+            "--tokenizer",
+            directory / "tokenizer.json" if mixed else "none",
+            *[f"--layer={spec}" for spec in ("emb", "emb:1", names[2], names[3])],
+            "--pooling=none",
+        )
+    )
+    assert summary.rows_written == len(documents) and summary.dead_letters == 1
+    assert read_errors(output).to_pylist()[0]["reason"] == "wrong_type"
+    rows = _ordered_rows(output, info["documents"])
+    prefix = "two_outputs|pre|"
+    _assert_matches(rows, "emb", references[prefix + "emb:0"], references[prefix + "ids_content"])
+    _assert_matches(rows, "emb_call1", references[prefix + "emb:1"], references[prefix + "ids_title"])
+    for name in names[2:]:
+        _assert_matches(rows, name, references[f"{prefix}{name}:0"])
+
+
+def test_inspect_lists_the_keras2_layers_and_their_specs(keras2, capsys):
+    directory, _, info = keras2
+    embedding, _, lstm_content, lstm_title, added = [name for name, _ in info["lambda_add"]["targets"]]
+    first, second = info["lambda_add"]["inputs"]
+    assert inspect_main([str(directory / "lambda_add.h5")]) == 2
+    assert "--allow_unsafe_deserialization" in capsys.readouterr().err
+
+    model = str(directory / "lambda_add.h5")
+    assert (
+        inspect_main(
+            [model, "--allow_unsafe_deserialization", "--tokenizer", str(directory / "tokenizer.json")]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "Keras2Tokenizer" in printed
+    lines = {line.split()[-1]: line.split() for line in printed.splitlines() if line.strip()}
+    assert lines[f"{embedding}:1"][:3] == [embedding, "Embedding", "1"]
+    assert f"(None, {TITLE_LENGTH}, 16)" in " ".join(lines[f"{embedding}:1"])
+    assert lines[f"{embedding}:1"][-3:] == ["sequence", f"({second})", f"{embedding}:1"]
+    assert lines[lstm_content][1] == "LSTM" and first in lines[lstm_content]
+    assert lines[added][:2] == [added, "Lambda"] and f"{first}," in lines[added] and second in lines[added]
+
+    assert inspect_main([model, "--allow_unsafe_deserialization", "--layer", "lstm"]) == 2
+    assert "Did you mean" in capsys.readouterr().err
+
+
+def test_keras2_tokenizer_reproduces_texts_to_sequences(keras2):
+    directory, references, info = keras2
+    probe = info["tokenizer_variants"]["probe"]
+    for path in sorted(directory.glob("tokenizer_*.json")):
+        name = path.stem[len("tokenizer_") :]
+        for padding in ("pre", "post"):
+            for truncating in ("pre", "post"):
+                tokenizer, kind = read_tokenizer(path.read_bytes(), padding, truncating)
+                assert kind == KIND_KERAS2 and isinstance(tokenizer, Keras2Tokenizer)
+                ids = tokenizer.encode_batch(probe, 12)[0]
+                np.testing.assert_array_equal(
+                    ids,
+                    references[f"tokenizer|{name}|{padding}|{truncating}"],
+                    err_msg=f"{name} {padding} {truncating}",
+                )
+
+
+def test_keras2_tokenizer_vocabulary_and_ids():
+    tokenizer = Keras2Tokenizer({"<unk>": 1, "the": 2, "value": 3, "rare": 4}, num_words=4, oov_token="<unk>")
+    assert tokenizer.size == 4
+    assert tokenizer.vocabulary == ["the", "value"]  # vocabulary[i] is id i + 2
+    assert tokenizer.id_to_token() == {1: "<unk>", 2: "the", 3: "value"}
+    ids, counts, oov, truncated = tokenizer.encode_batch(["The rare VALUE, unknown.", ""], 3)
+    np.testing.assert_array_equal(ids, [[1, 3, 1], [0, 0, 0]])  # "the" cut: truncating "pre"
+    assert counts.tolist() == [3, 0] and oov.tolist() == [2, 0] and truncated.tolist() == [True, False]
+    # Without an oov_token, unknown words and ids >= num_words are dropped, as in Keras 2.
+    no_oov = Keras2Tokenizer({"the": 1, "value": 2, "rare": 3}, num_words=3)
+    assert no_oov.encode_batch(["the rare value unknown"], 4)[0].tolist() == [[0, 0, 1, 2]]
+    assert no_oov.id_to_token() == {1: "the", 2: "value"}
+
+
+def test_legacy_layers_match_tf_keras(keras2):
+    directory, references, _ = keras2
+    ids = np.load(directory / "zoo_ids.npy")
+    checked_types = set()
+    for name in ("many", "sequential", "nested"):
+        model = load_model_file(str(directory / f"zoo_{name}.h5"))
+        calls = layer_calls(model)
+        inputs = ids if len(model.inputs) == 1 else [ids, ids[:, :8]]
+        keys = [key for key in references if key.startswith(f"zoo|{name}|")]
+        assert keys
+        targets = [key.split("|")[2].split(":") for key in keys]
+        tensors = [calls[layer][int(call)] for layer, call in targets]
+        actual = keras.Model(model.inputs, tensors).predict(inputs, verbose=0)
+        for key, value in zip(keys, actual, strict=True):
+            np.testing.assert_allclose(value, references[key], atol=TOLERANCE, rtol=0, err_msg=key)
+        checked_types.update(type(model.get_layer(layer)).__name__ for layer, _ in targets)
+    # Lambda is checked by the export tests above; models are the containers here.
+    assert set(SUPPORTED_LAYERS) - {"InputLayer", "Lambda", "Functional"} <= checked_types
+    with pytest.raises(LegacyModelError, match="TFOpLambda"):
+        load_model_file(str(directory / "zoo_tf_op.h5"))
+
+
+def test_keras3_h5_file_loads(tmp_path):
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((5,), dtype="int32", name="ids")
+    outputs = keras.layers.LSTM(3, name="lstm")(keras.layers.Embedding(20, 4, name="emb")(inputs))
+    model = keras.Model(inputs, outputs)
+    path = str(tmp_path / "model.h5")
+    model.save(path)
+    ids = np.arange(10).reshape(2, 5)
+    np.testing.assert_allclose(
+        load_model_file(path).predict(ids, verbose=0), model.predict(ids, verbose=0), atol=1e-6
+    )
+
+
+PROBE_TEXTS = [
+    "Return the VALUE of x, or None!",
+    "ÉCOLE école Straße — it's  a\ttest.\nNew line",
+    "",
+    "unknownword the the the the the the the the the the the the the the",
+]
+
+
+def test_vocabulary_file_matches_text_vectorization(tmp_path):
+    vectorizer = keras.layers.TextVectorization(max_tokens=30, output_sequence_length=8)
+    vectorizer.adapt(PROBE_TEXTS[:3] + ["x value return école it's a the"])
+    path = tmp_path / "vocabulary.txt"
+    path.write_text("\n".join(vectorizer.get_vocabulary()) + "\n", encoding="utf-8")
+    # TextVectorization pads and truncates at the end.
+    tokenizer, kind = read_tokenizer(path.read_bytes(), "post", "post")
+    assert kind == KIND_VOCABULARY and isinstance(tokenizer, VocabularyTokenizer)
+    ids, counts, oov, truncated = tokenizer.encode_batch(PROBE_TEXTS, 8)
+    np.testing.assert_array_equal(ids, np.asarray(vectorizer(np.array(PROBE_TEXTS))))
+    assert truncated.tolist() == [False, True, False, True]  # 9 and 15 words
+    assert oov[3] == 1 and counts[2] == 0
+    assert tokenizer.vocabulary == vectorizer.get_vocabulary()[2:]
+    assert tokenizer.id_to_token()[1] == "[UNK]"
+    with pytest.raises(ValueError, match="line 0 must be empty"):
+        read_tokenizer(b"the\nvalue\n")
+
+
+def test_pad_token_ids_is_pad_sequences():
+    sequences = [[1, 2, 3, 4, 5], [6], []]
+    ids, counts, truncated = pad_token_ids(sequences, 3, padding="post", truncating="post")
+    assert ids.tolist() == [[1, 2, 3], [6, 0, 0], [0, 0, 0]]
+    ids, _, _ = pad_token_ids(sequences, 3)
+    assert ids.tolist() == [[3, 4, 5], [0, 0, 6], [0, 0, 0]]
+    assert counts.tolist() == [3, 1, 0] and truncated.tolist() == [True, False, False]
+
+
+@pytest.fixture(scope="module")
+def string_model(tmp_path_factory):
+    """A trained Keras 3 `.keras` model that takes raw strings (TextVectorization inside)."""
+    with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle][300:360]
+    keras.utils.set_random_seed(4)
+    texts = np.array([record["content"] for record in records])
+    vectorizer = keras.layers.TextVectorization(max_tokens=200, output_sequence_length=24, name="vectorize")
+    vectorizer.adapt(texts)
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    embedded = keras.layers.Embedding(200, 8, name="emb")(vectorizer(text))
+    lstm = keras.layers.LSTM(6, name="lstm")(embedded)
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(embedded)
+    output = keras.layers.Dense(1, activation="sigmoid", name="out")(
+        keras.layers.Concatenate()([lstm, pooled])
+    )
+    model = keras.Model(text, output)
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    labels = np.array([[record["kind"] == "function"] for record in records], dtype="float32")
+    model.fit(tf.data.Dataset.from_tensor_slices((texts[:, None], labels)).batch(16), epochs=2, verbose=0)
+    directory = tmp_path_factory.mktemp("string_model")
+    path = directory / "model.keras"
+    model.save(path)
+    documents = [{"id": record["id"], "body": record["content"]} for record in records[:30]]
+    return path, write_jsonl(directory / "corpus.jsonl", documents), model, documents
+
+
+def test_string_input_model_gets_raw_text(string_model, tmp_path):
+    path, corpus, model, documents = string_model
+    output = _export(
+        tmp_path,
+        path,
+        corpus,
+        "--input_map=text=body",
+        "--pooling=none",
+        "--layer=emb",
+        "--layer=lstm",
+        "--layer=pool",
+    )
+    rows = _ordered_rows(output, [d["id"] for d in documents])
+    strings = np.array([d["body"] for d in documents])[:, None]
+    ids = np.asarray(model.get_layer("vectorize")(strings))
+    for name in ("emb", "lstm", "pool"):
+        reference = keras.Model(model.inputs, model.get_layer(name).output).predict(
+            tf.constant(strings), verbose=0
+        )
+        _assert_matches(rows, name, reference, ids if name == "emb" else None)
+
+
+def test_string_input_without_fixed_length_exports_vectors_only(tmp_path):
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, name="vectorize")
+    vectorizer.adapt(PROBE_TEXTS)
+    text = keras.Input(shape=(), dtype="string", name="text")
+    embedded = keras.layers.Embedding(20, 4, mask_zero=True, name="emb")(vectorizer(text))
+    model = keras.Model(text, keras.layers.GlobalAveragePooling1D(name="pool")(embedded))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    corpus = write_jsonl(
+        tmp_path / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(PROBE_TEXTS)]
+    )
+    with pytest.raises(ExportConfigError, match="fixed output_sequence_length"):
+        run_export(export_args(path, corpus, tmp_path / "refused", "--layer=emb"))
+    output = _export(tmp_path, path, corpus, "--layer=pool")
+    rows = rows_by_id(read_rows(output))
+    # The empty document has no text: dead-lettered as empty, like an empty tokenized one.
+    assert sorted(rows) == ["0", "1", "3"]
+    reference = model.predict(tf.constant(PROBE_TEXTS), verbose=0)
+    for key, row in rows.items():
+        np.testing.assert_allclose(row["pool"], reference[int(key)], atol=TOLERANCE, rtol=0)
+
+
+def test_vocabulary_export_of_a_keras2_model_uses_its_tokenizer(keras2, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.model_source import load_model_source
+    from pipeline.vocabulary import export_vocabulary
+
+    directory, _, _ = keras2
+    model_path, tokenizer_path = str(directory / "two_outputs.h5"), str(directory / "tokenizer.json")
+    path, rows = export_vocabulary(model_path, tokenizer_path, "emb", str(tmp_path / "vocabulary"))
+    table = pq.read_table(path)
+    weights = load_model_source(model_path, tokenizer_path).model.get_layer("emb").get_weights()[0]
+    assert rows == table.num_rows == weights.shape[0] == VOCABULARY
+    np.testing.assert_array_equal(np.stack(table["vector"].to_numpy(zero_copy_only=False)), weights)
+    with open(tokenizer_path, encoding="utf-8") as handle:
+        word_index = json.loads(json.load(handle)["config"]["word_index"])
+    index_word = {index: word for word, index in word_index.items()}
+    tokens = table["token"].to_pylist()
+    assert tokens[0] == "<pad>" and tokens[1] == "<OOV>"  # the Keras 2 oov_token, not ours
+    assert tokens[2:] == [index_word[i] for i in range(2, VOCABULARY)]

@@ -1,0 +1,78 @@
+"""`python -m pipeline.inspect`: every layer call with its shape, input dependencies and `--layer` spec."""
+
+import keras
+import pytest
+
+from models.bundle import DEFAULT_BUNDLE
+from models.legacy import load_model_file
+from pipeline.inspect import layer_rows, main
+
+TEXTS = ["Return the value of x.", "Open a file and return a stream.", "the the value"]
+
+
+@pytest.fixture(scope="module")
+def models_directory(tmp_path_factory):
+    """Three small `.keras` files: shared embedding with a Lambda add, and a string-input model."""
+    directory = tmp_path_factory.mktemp("inspect_models")
+    keras.utils.set_random_seed(0)
+    content = keras.Input((7,), dtype="int32", name="content")
+    title = keras.Input((3,), dtype="int32", name="title")
+    embedding = keras.layers.Embedding(30, 4, name="emb")
+    content_vector = keras.layers.LSTM(5, name="lstm_content")(embedding(content))
+    title_vector = keras.layers.LSTM(5, name="lstm_title")(embedding(title))
+    added = keras.layers.Lambda(lambda x: x[0] + x[1], name="added")([content_vector, title_vector])
+    keras.Model([content, title], keras.layers.Dense(1, name="out")(added)).save(directory / "lambda.keras")
+
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, output_sequence_length=6, name="vectorize")
+    vectorizer.adapt(TEXTS)
+    text = keras.Input((1,), dtype="string", name="text")
+    embedded = keras.layers.Embedding(20, 4, name="emb")(vectorizer(text))
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(embedded)
+    keras.Model(text, keras.layers.Dense(2, name="out")(pooled)).save(directory / "strings.keras")
+    return directory
+
+
+def _rows_by_spec(model):
+    return {row[-1]: row for row in layer_rows(model)}
+
+
+def test_rows_name_each_call_its_inputs_and_spec(models_directory):
+    model = load_model_file(str(models_directory / "lambda.keras"), allow_unsafe=True)
+    rows = _rows_by_spec(model)
+    assert rows["emb"][:5] == ("emb", "Embedding", "0", "(None, 7, 4)", "content")
+    assert rows["emb:1"][:5] == ("emb", "Embedding", "1", "(None, 3, 4)", "title")
+    assert rows["emb:1"][5] == "sequence (title)"
+    assert rows["lstm_title"][4:6] == ("title", "vector")
+    assert rows["added"][1] == "Lambda" and rows["added"][4] == "content, title"
+    assert [row[0] for row in layer_rows(model) if row[-1] == "(model input)"] == ["content", "title"]
+
+
+def test_string_input_rows(models_directory, capsys):
+    assert main([str(models_directory / "strings.keras")]) == 0
+    printed = capsys.readouterr().out
+    assert "Tokenizer: none" in printed
+    lines = {line.split()[-1]: line for line in printed.splitlines() if line.strip()}
+    # The embedding's tokens line up with the TextVectorization output: a per-token column.
+    assert "sequence (text)" in lines["emb"] and "(None, 6, 4)" in lines["emb"]
+    assert "TextVectorization" in lines["vectorize"]
+    assert "string input" in printed
+
+
+def test_lambda_model_needs_the_flag(models_directory, capsys):
+    path = str(models_directory / "lambda.keras")
+    assert main([path]) == 2
+    error = capsys.readouterr().err
+    assert "Lambda layer(s) ['added']" in error and "--allow_unsafe_deserialization" in error
+    assert main([path, "--allow_unsafe_deserialization"]) == 0
+    assert "added" in capsys.readouterr().out
+
+
+def test_unknown_layer_suggests_close_names(capsys):
+    assert main([DEFAULT_BUNDLE, "--layer", "lstm_contnet"]) == 2
+    error = capsys.readouterr().err
+    assert "Did you mean 'lstm_content'" in error and "pipeline.inspect" in error
+    assert main([DEFAULT_BUNDLE, "--layer", "emb:1"]) == 0
+    printed = capsys.readouterr().out
+    assert "Default --layer (bundle manifest)" in printed
+    table = [line for line in printed.splitlines() if line.startswith("emb")]
+    assert len(table) == 1 and table[0].split()[-1] == "emb:1"
