@@ -69,7 +69,9 @@ def run_pipeline(corpus, output, extra_flags):
     if status != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{stdout.decode(errors='replace')[-3000:]}")
     size = sum(
-        os.path.getsize(os.path.join(output, name)) for name in os.listdir(output) if name.endswith(".parquet")
+        os.path.getsize(os.path.join(output, name))
+        for name in os.listdir(output)
+        if name.endswith(".parquet")
     )
     return seconds, usage.ru_maxrss / 1024, size
 
@@ -104,7 +106,9 @@ def inference_rates(documents_small, documents_large, batch_size, layers):
         return outputs
 
     def reference(count):
-        return reference_model.predict({k: v[:count] for k, v in features.items()}, batch_size=batch_size, verbose=0)
+        return reference_model.predict(
+            {k: v[:count] for k, v in features.items()}, batch_size=batch_size, verbose=0
+        )
 
     fast = embedder._fast
     rates = {}
@@ -130,16 +134,24 @@ def inference_rates(documents_small, documents_large, batch_size, layers):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--documents", type=int, default=1024, help="N; the large runs use 3N (default %(default)s).")
+    parser.add_argument(
+        "--documents", type=int, default=1024, help="N; the large runs use 3N (default %(default)s)."
+    )
     parser.add_argument("--batch_size", type=int, default=256, help="batch size for every contender.")
     parser.add_argument(
-        "--json", default=os.path.join(ROOT, "benchmarks", "results", "export.json"), help="where to write results."
+        "--json",
+        default=os.path.join(ROOT, "benchmarks", "results", "export.json"),
+        help="where to write results.",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     small, large = args.documents, 3 * args.documents
     results = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "documents": [small, large],
         "batch_size": args.batch_size,
     }
@@ -208,7 +220,8 @@ def parquet_encoder_rate(directory):
 def format_table(results):
     reference = results["inference_docs_per_s"]["reference_predict"]
     lines = [
-        f"documents N={results['documents'][0]} and 3N={results['documents'][1]}, batch {results['batch_size']}, "
+        f"documents N={results['documents'][0]} and 3N={results['documents'][1]}, "
+        f"batch {results['batch_size']}, "
         f"{results['machine']['cpus']} CPUs",
         "",
         f"{'contender':<28}{'marginal docs/s':>16}{'x reference':>13}{'peak RSS MiB (N/3N)':>22}{'MiB/s':>9}",
@@ -225,7 +238,10 @@ def format_table(results):
         )
     for name, row in results["pipeline"].items():
         if "parquet_encoder_mib_per_s" in row:
-            lines.append(f"  {name}: pyarrow alone encodes the same table at {row['parquet_encoder_mib_per_s']:.0f} MiB/s")
+            lines.append(
+                f"  {name}: pyarrow alone encodes the same table at "
+                f"{row['parquet_encoder_mib_per_s']:.0f} MiB/s"
+            )
     lines.append(f"fast path max |diff| vs predict: {results['fast_path_max_abs_diff']}")
     return "\n".join(lines)
 

@@ -42,9 +42,7 @@ def build_model(
         A functional `keras.Model` whose layers are named as in this module.
     """
     if topology not in TOPOLOGIES:
-        raise ValueError(
-            f"Unknown topology {topology!r}; expected one of {', '.join(TOPOLOGIES)}."
-        )
+        raise ValueError(f"Unknown topology {topology!r}; expected one of {', '.join(TOPOLOGIES)}.")
     content = keras.Input(shape=(content_length,), dtype="int32", name=CONTENT)
     embedding = keras.layers.Embedding(vocabulary_size, embedding_dim, name=EMBEDDING)
     content_vector = keras.layers.LSTM(lstm_units, name=LSTM_CONTENT)(embedding(content))
@@ -59,15 +57,9 @@ def build_model(
         output = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT)(added)
         return keras.Model([content, title], output, name=topology)
 
-    out_content = keras.layers.Dense(1, activation="sigmoid", name=OUT_CONTENT)(
-        content_vector
-    )
-    out_title = keras.layers.Dense(num_title_classes, activation="softmax", name=OUT_TITLE)(
-        title_vector
-    )
-    return keras.Model(
-        [content, title], {OUT_CONTENT: out_content, OUT_TITLE: out_title}, name=topology
-    )
+    out_content = keras.layers.Dense(1, activation="sigmoid", name=OUT_CONTENT)(content_vector)
+    out_title = keras.layers.Dense(num_title_classes, activation="softmax", name=OUT_TITLE)(title_vector)
+    return keras.Model([content, title], {OUT_CONTENT: out_content, OUT_TITLE: out_title}, name=topology)
 
 
 def compile_model(model):

@@ -102,7 +102,9 @@ def save_bundle(directory, model, tokenizer, input_fields, labels=None, metrics=
     for tensor in model.inputs:
         if tensor.name not in input_fields:
             raise BundleError(f"input_fields has no corpus field for model input {tensor.name!r}.")
-        inputs.append({"name": tensor.name, "field": input_fields[tensor.name], "length": int(tensor.shape[1])})
+        inputs.append(
+            {"name": tensor.name, "field": input_fields[tensor.name], "length": int(tensor.shape[1])}
+        )
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -133,7 +135,10 @@ def read_manifest(directory):
     """Reads and validates `manifest.json`; returns it as a dict."""
     path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.isdir(directory):
-        raise BundleError(f"Bundle directory {directory!r} does not exist; pass --model with a bundle directory or a .keras/.h5 file.")
+        raise BundleError(
+            f"Bundle directory {directory!r} does not exist; pass --model with a bundle directory "
+            "or a .keras/.h5 file."
+        )
     if not os.path.isfile(path):
         raise BundleError(
             f"{directory!r} has no {MANIFEST_FILE}, so it is not a model bundle. "
@@ -143,7 +148,9 @@ def read_manifest(directory):
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BundleError(f"{path} is not valid JSON ({error}); restore it from the bundle's source.") from None
+        raise BundleError(
+            f"{path} is not valid JSON ({error}); restore it from the bundle's source."
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not an {FORMAT} manifest (its 'format' field must be {FORMAT!r}).")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -218,5 +225,7 @@ def load_bundle(directory, verify_hashes=True):
             )
     missing = sorted(set(model_inputs) - {entry["name"] for entry in manifest["inputs"]})
     if missing:
-        raise BundleError(f"The manifest gives no corpus field for model input(s) {missing}; add them to 'inputs'.")
+        raise BundleError(
+            f"The manifest gives no corpus field for model input(s) {missing}; add them to 'inputs'."
+        )
     return Bundle(path=directory, model=model, tokenizer=tokenizer, manifest=manifest)

@@ -19,11 +19,9 @@ keeps Keras's own forward pass.  The caller also checks the result against
 Keras on a sample batch before trusting it.
 """
 
+import keras
 import numpy as np
 import tensorflow as tf
-
-import keras
-
 
 
 class Unsupported(Exception):
@@ -75,7 +73,12 @@ def _plan_output(tensor, input_names):
     if isinstance(layer, keras.layers.Embedding):
         _check_embedding(layer)
         return ("embedding", layer, _input_name(node.input_tensors[0], input_names))
-    if isinstance(layer, keras.layers.LSTM) or type(layer).__name__ in ("GRU", "Bidirectional", "SimpleRNN", "RNN"):
+    if isinstance(layer, keras.layers.LSTM) or type(layer).__name__ in (
+        "GRU",
+        "Bidirectional",
+        "SimpleRNN",
+        "RNN",
+    ):
         _check_lstm(layer)
         embedding, embedding_node = _producer(node.input_tensors[0])
         _check_embedding(embedding)

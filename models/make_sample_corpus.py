@@ -152,9 +152,7 @@ def iter_source_files(stdlib):
     for dirpath, dirnames, filenames in os.walk(stdlib):
         # Directories that are not identifiers (lib-dynload, config-3.11-...)
         # cannot be imported packages, so they hold no library docstrings.
-        dirnames[:] = [
-            d for d in dirnames if d.isidentifier() and d not in SKIPPED_DIRS
-        ]
+        dirnames[:] = [d for d in dirnames if d.isidentifier() and d not in SKIPPED_DIRS]
         package = Path(dirpath).relative_to(stdlib).parts
         for name in filenames:
             stem, ext = os.path.splitext(name)
@@ -233,10 +231,7 @@ def collect_documents(stdlib):
 def water_level(counts, total):
     """Largest per-group allowances, no group over a common level, that sum to ``total``."""
     level = 0
-    while (
-        level < max(counts.values())
-        and sum(min(c, level + 1) for c in counts.values()) <= total
-    ):
+    while level < max(counts.values()) and sum(min(c, level + 1) for c in counts.values()) <= total:
         level += 1
     allowance = {group: min(c, level) for group, c in counts.items()}
     # Hand the remainder to groups still above the level, in sorted order, so
@@ -277,9 +272,7 @@ def cap_share(docs, field, max_share, spread_by=None):
     for i, doc in enumerate(docs):
         if doc[field] == value:
             groups[doc[spread_by] if spread_by else ""].append(i)
-    allowance = water_level(
-        {group: len(members) for group, members in groups.items()}, keep
-    )
+    allowance = water_level({group: len(members) for group, members in groups.items()}, keep)
     dropped = set()
     for group, members in groups.items():
         dropped.update(set(members) - set(evenly_spaced(members, allowance[group])))
@@ -299,9 +292,7 @@ def balance(docs, max_kind_share, max_topic_share):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--output", type=Path, default=DEFAULT_OUTPUT, help="JSON Lines file to write"
-    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON Lines file to write")
     parser.add_argument(
         "--max-kind-share",
         type=float,

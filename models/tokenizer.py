@@ -30,9 +30,7 @@ SIDES = ("pre", "post")
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
 _PICTOGRAPHS = "\u2300-\u23ff\u2600-\u27bf\u2b00-\u2bff\U0001f000-\U0001faff"
-_TOKEN_PATTERN = re.compile(
-    f"[{_CJK}]|[{_PICTOGRAPHS}]|[^\\W_{_CJK}]+"
-)
+_TOKEN_PATTERN = re.compile(f"[{_CJK}]|[{_PICTOGRAPHS}]|[^\\W_{_CJK}]+")
 
 
 # Zero-width and other invisible format characters are deleted, not treated as

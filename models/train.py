@@ -172,14 +172,22 @@ def train(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--topology", choices=architectures.TOPOLOGIES, default="two_inputs_two_outputs")
-    parser.add_argument("--corpus", default=SAMPLE_CORPUS, help="JSONL corpus (default: the bundled sample corpus).")
-    parser.add_argument("--output", default=DEFAULT_BUNDLE, help="bundle directory to write (default: %(default)s).")
+    parser.add_argument(
+        "--corpus", default=SAMPLE_CORPUS, help="JSONL corpus (default: the bundled sample corpus)."
+    )
+    parser.add_argument(
+        "--output", default=DEFAULT_BUNDLE, help="bundle directory to write (default: %(default)s)."
+    )
     parser.add_argument("--id_field", default="id", help="field used for the train/held-out split.")
     parser.add_argument("--content_field", default="content", help="field read by the `content` input.")
     parser.add_argument("--title_field", default="title", help="field read by the `title` input.")
-    parser.add_argument("--binary_label", default="kind", help="two-valued label field (out_content / output).")
+    parser.add_argument(
+        "--binary_label", default="kind", help="two-valued label field (out_content / output)."
+    )
     parser.add_argument("--class_label", default="topic", help="multi-class label field (out_title).")
-    parser.add_argument("--vocabulary_size", type=int, default=4000, help="embedding rows, ids 0 and 1 included.")
+    parser.add_argument(
+        "--vocabulary_size", type=int, default=4000, help="embedding rows, ids 0 and 1 included."
+    )
     parser.add_argument("--embedding_dim", type=int, default=300)
     parser.add_argument("--lstm_units", type=int, default=128)
     parser.add_argument("--content_length", type=int, default=300, help="token ids per content input.")

@@ -64,8 +64,10 @@ def layer_calls(model):
 
 def describe_layers(model):
     """One line per layer: its name and how many calls it has."""
-    return ", ".join(f"{name} ({len(tensors)} call{'s' * (len(tensors) != 1)})"
-                     for name, tensors in layer_calls(model).items())
+    return ", ".join(
+        f"{name} ({len(tensors)} call{'s' * (len(tensors) != 1)})"
+        for name, tensors in layer_calls(model).items()
+    )
 
 
 def input_dependencies(model, tensor):
@@ -133,8 +135,7 @@ def truncate(model, specs):
     duplicates = sorted({column for column in columns if columns.count(column) > 1})
     if duplicates:
         raise ValueError(
-            f"Two --layer specs write the same column {duplicates}; name them apart "
-            "with COLUMN=LAYER[:CALL]."
+            f"Two --layer specs write the same column {duplicates}; name them apart with COLUMN=LAYER[:CALL]."
         )
     calls = layer_calls(model)
     outputs = {spec.column: resolve_layer(model, spec, calls) for spec in specs}

@@ -173,7 +173,9 @@ class Embedder:
         if not worst <= FAST_PATH_TOLERANCE:
             logging.warning(
                 "Fast path off: it differs from Keras by %.3g (> %g) on a sample batch; using "
-                "Keras's forward pass.", worst, FAST_PATH_TOLERANCE,
+                "Keras's forward pass.",
+                worst,
+                FAST_PATH_TOLERANCE,
             )
             return None
         logging.info("Fast path on: folded LSTM inputs, padding skipped (max |diff| vs Keras %.2g).", worst)
@@ -273,10 +275,15 @@ class Embedder:
         features, masks, nonempty, truncated, oov = self.encode(documents)
         errors = [
             schema_lib.error_row(
-                d.source, d.position, d.id, EMPTY_DOCUMENT,
-                "No tokens in any model input after tokenization.", " | ".join(d.texts),
+                d.source,
+                d.position,
+                d.id,
+                EMPTY_DOCUMENT,
+                "No tokens in any model input after tokenization.",
+                " | ".join(d.texts),
             )
-            for d, keep in zip(documents, nonempty) if not keep
+            for d, keep in zip(documents, nonempty, strict=True)
+            if not keep
         ]
         keep_rows = np.flatnonzero(nonempty)
         if len(keep_rows) < len(documents):
@@ -311,8 +318,12 @@ class Embedder:
             except Exception as error:
                 errors.append(
                     schema_lib.error_row(
-                        document.source, document.position, document.id, INFERENCE_FAILED,
-                        f"{type(error).__name__}: {error}", " | ".join(document.texts),
+                        document.source,
+                        document.position,
+                        document.id,
+                        INFERENCE_FAILED,
+                        f"{type(error).__name__}: {error}",
+                        " | ".join(document.texts),
                     )
                 )
         if not good:

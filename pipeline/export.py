@@ -53,7 +53,9 @@ def _counters(result):
     counters = {}
     for counter in result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))["counters"]:
         name = counter.key.metric.name
-        counters[name] = counters.get(name, 0) + (counter.committed if counter.committed is not None else counter.attempted)
+        counters[name] = counters.get(name, 0) + (
+            counter.committed if counter.committed is not None else counter.attempted
+        )
     return counters
 
 
@@ -243,7 +245,9 @@ def run_export(argv=None):
     counters = _counters(result)
     rows, dead = output_lib.staged_counts(plan.output, run_id)
     read = counters.get("records_read", 0)
-    by_reason = {name[len("failed_"):]: value for name, value in counters.items() if name.startswith("failed_")}
+    by_reason = {
+        name[len("failed_") :]: value for name, value in counters.items() if name.startswith("failed_")
+    }
     exit_code, message = 0, "ok"
     if read != rows + dead:
         exit_code = 3
@@ -308,7 +312,7 @@ def format_summary(summary):
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
         f"  output           {summary.output}",
         "  read it with     "
-        f"python -c \"import duckdb; print(duckdb.sql(\\\"SELECT * FROM '{pattern}' LIMIT 5\\\"))\"",
+        f'python -c "import duckdb; print(duckdb.sql(\\"SELECT * FROM \'{pattern}\' LIMIT 5\\"))"',
         f"               or python -c \"import pandas as pd; print(pd.read_parquet('{summary.output}', "
         f"ignore_prefixes=['_', '.', 'errors']).head())\"",
     ]

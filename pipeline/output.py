@@ -64,7 +64,7 @@ def _ours(relative):
 
 
 def output_state(directory):
-    """"empty", "finished" (manifest present), "unfinished" (only leftovers of ours) or "foreign"."""
+    """ "empty", "finished" (manifest present), "unfinished" (only leftovers of ours) or "foreign"."""
     relatives = [_relative(directory, path) for path in _list(directory)]
     if not relatives:
         # A run killed before writing any file leaves only its staging directory.
@@ -126,7 +126,8 @@ def _row_count(path):
 def _staged_shards(directory, run_id, kind):
     prefix = join(directory, STAGING, run_id, kind) + "/"
     return sorted(
-        p for p in _list(join(directory, STAGING, run_id))
+        p
+        for p in _list(join(directory, STAGING, run_id))
         if p.startswith(prefix) and posixpath.basename(p).startswith(SHARD_PREFIX) and p.endswith(".parquet")
     )
 
@@ -157,7 +158,10 @@ def commit(directory, run_id, manifest):
     _delete(old_manifest)
     _delete([p for p in old if p not in old_manifest])
     sources, targets, shards = [], [], {"rows": [], "errors": []}
-    for kind, paths, target_dir in (("rows", data, directory), ("errors", errors, join(directory, ERRORS_DIR))):
+    for kind, paths, target_dir in (
+        ("rows", data, directory),
+        ("errors", errors, join(directory, ERRORS_DIR)),
+    ):
         for path in paths:
             target = join(target_dir, posixpath.basename(path))
             sources.append(path)

@@ -151,7 +151,9 @@ def _parse_input_map(entries):
     for entry in entries or []:
         name, separator, field = entry.partition("=")
         if not separator or not name.strip() or not field.strip():
-            raise ExportConfigError(f"Invalid --input_map {entry!r}: expected INPUT=FIELD, e.g. content=body.")
+            raise ExportConfigError(
+                f"Invalid --input_map {entry!r}: expected INPUT=FIELD, e.g. content=body."
+            )
         if name.strip() in mapping:
             raise ExportConfigError(f"--input_map names input {name.strip()!r} twice.")
         mapping[name.strip()] = field.strip()
@@ -291,10 +293,20 @@ def build_plan(options, check_remote=True):
         shape = tensor.shape
         dependencies = input_dependencies(sub_model, tensor)
         if len(shape) == 2:
-            columns.append(ColumnInfo(spec.column, spec.layer, spec.call, "vector", int(shape[1]), "", "none"))
+            columns.append(
+                ColumnInfo(spec.column, spec.layer, spec.call, "vector", int(shape[1]), "", "none")
+            )
         elif len(shape) == 3 and len(dependencies) == 1 and shape[1] == lengths[dependencies[0]]:
             columns.append(
-                ColumnInfo(spec.column, spec.layer, spec.call, "sequence", int(shape[2]), dependencies[0], options.pooling)
+                ColumnInfo(
+                    spec.column,
+                    spec.layer,
+                    spec.call,
+                    "sequence",
+                    int(shape[2]),
+                    dependencies[0],
+                    options.pooling,
+                )
             )
         elif len(shape) == 3 and len(dependencies) == 1 and dependencies[0] in text_inputs:
             raise ExportConfigError(
@@ -314,7 +326,9 @@ def build_plan(options, check_remote=True):
     reserved = {"id"} | {c.column for c in columns} | {f"{c.column}_tokens" for c in columns}
     clashes = sorted(reserved & set(keep_fields))
     if clashes:
-        raise ExportConfigError(f"--keep_fields {clashes} clash with output column names; rename the layer columns.")
+        raise ExportConfigError(
+            f"--keep_fields {clashes} clash with output column names; rename the layer columns."
+        )
 
     tokenizer = source.tokenizer
     output = options.output

@@ -129,7 +129,9 @@ def to_record_batch(schema, plan, ids, kept, outputs, masks):
             continue
         mask = masks[column.source_input]
         if column.pooling != "none":
-            arrays.append(_fixed_size(pool_sequence(values, mask, column.pooling).astype(numpy_type), value_type))
+            arrays.append(
+                _fixed_size(pool_sequence(values, mask, column.pooling).astype(numpy_type), value_type)
+            )
             continue
         # Boolean indexing walks rows in order, so each document's real tokens stay
         # contiguous and in document order: the offsets are the running counts.

@@ -79,7 +79,9 @@ class ReadCorpusFn(beam.DoFn):
             self._read.inc()
             yield beam.pvalue.TaggedOutput(
                 ERRORS,
-                schema_lib.error_row(path, None, None, UNREADABLE_FILE, f"{type(error).__name__}: {error}", None),
+                schema_lib.error_row(
+                    path, None, None, UNREADABLE_FILE, f"{type(error).__name__}: {error}", None
+                ),
             )
 
     def _error(self, path, position, document_id, reason, message, raw):
@@ -91,7 +93,14 @@ class ReadCorpusFn(beam.DoFn):
         limit = self._plan.max_record_bytes
         for number, line in enumerate(handle, start=1):
             if len(line) > limit:
-                yield self._error(path, number, None, TOO_LARGE, f"Record of {len(line)} bytes exceeds --max_record_bytes={limit}.", line)
+                yield self._error(
+                    path,
+                    number,
+                    None,
+                    TOO_LARGE,
+                    f"Record of {len(line)} bytes exceeds --max_record_bytes={limit}.",
+                    line,
+                )
                 continue
             try:
                 text = line.decode("utf-8").rstrip("\r\n")
@@ -103,7 +112,9 @@ class ReadCorpusFn(beam.DoFn):
                 yield self._document(path, number, f"{path}:{number}", fields, text)
                 continue
             if not text.strip():
-                yield self._error(path, number, None, EMPTY_RECORD, "Blank line where a JSON object was expected.", text)
+                yield self._error(
+                    path, number, None, EMPTY_RECORD, "Blank line where a JSON object was expected.", text
+                )
                 continue
             try:
                 record = json.loads(text)
@@ -111,7 +122,14 @@ class ReadCorpusFn(beam.DoFn):
                 yield self._error(path, number, None, MALFORMED_JSON, str(error), text)
                 continue
             if not isinstance(record, dict):
-                yield self._error(path, number, None, NOT_AN_OBJECT, f"Expected a JSON object, found {type(record).__name__}.", text)
+                yield self._error(
+                    path,
+                    number,
+                    None,
+                    NOT_AN_OBJECT,
+                    f"Expected a JSON object, found {type(record).__name__}.",
+                    text,
+                )
                 continue
             yield self._record(path, number, record, text)
 
@@ -127,18 +145,36 @@ class ReadCorpusFn(beam.DoFn):
         for number, values in enumerate(reader, start=1):
             raw = ",".join(values)
             if len(raw) > limit:
-                yield self._error(path, number, None, TOO_LARGE, f"Row of {len(raw)} characters exceeds --max_record_bytes={limit}.", raw)
+                yield self._error(
+                    path,
+                    number,
+                    None,
+                    TOO_LARGE,
+                    f"Row of {len(raw)} characters exceeds --max_record_bytes={limit}.",
+                    raw,
+                )
                 continue
             if any("\udc80" <= ch <= "\udcff" for value in values for ch in value):
-                yield self._error(path, number, None, INVALID_UTF8, "Row holds bytes that are not UTF-8.", raw.encode("utf-8", "surrogateescape"))
+                yield self._error(
+                    path,
+                    number,
+                    None,
+                    INVALID_UTF8,
+                    "Row holds bytes that are not UTF-8.",
+                    raw.encode("utf-8", "surrogateescape"),
+                )
                 continue
             if len(values) != len(header):
                 yield self._error(
-                    path, number, None, WRONG_FIELD_COUNT,
-                    f"Row has {len(values)} fields; the header has {len(header)}.", raw,
+                    path,
+                    number,
+                    None,
+                    WRONG_FIELD_COUNT,
+                    f"Row has {len(values)} fields; the header has {len(header)}.",
+                    raw,
                 )
                 continue
-            yield self._record(path, number, dict(zip(header, values)), raw)
+            yield self._record(path, number, dict(zip(header, values, strict=True)), raw)
 
     def _parquet_records(self, path, handle):
         number = 0
@@ -152,9 +188,18 @@ class ReadCorpusFn(beam.DoFn):
         raw = raw if raw is not None else json.dumps(record, ensure_ascii=False, default=str)
         document_id = record.get(plan.id_field)
         if document_id is None or document_id == "":
-            return self._error(path, number, None, MISSING_ID, f"Field {plan.id_field!r} is missing or null.", raw)
+            return self._error(
+                path, number, None, MISSING_ID, f"Field {plan.id_field!r} is missing or null.", raw
+            )
         if isinstance(document_id, (dict, list, bool, float)):
-            return self._error(path, number, None, BAD_ID, f"Field {plan.id_field!r} must be a string or integer, found {type(document_id).__name__}.", raw)
+            return self._error(
+                path,
+                number,
+                None,
+                BAD_ID,
+                f"Field {plan.id_field!r} must be a string or integer, found {type(document_id).__name__}.",
+                raw,
+            )
         return self._document(path, number, str(document_id), record, raw)
 
     def _document(self, path, number, document_id, record, raw):
@@ -162,7 +207,14 @@ class ReadCorpusFn(beam.DoFn):
         for info in self._plan.inputs:
             value = record.get(info.field)
             if value is None:
-                return self._error(path, number, document_id, MISSING_FIELD, f"Field {info.field!r} (model input {info.name!r}) is missing or null.", raw)
+                return self._error(
+                    path,
+                    number,
+                    document_id,
+                    MISSING_FIELD,
+                    f"Field {info.field!r} (model input {info.name!r}) is missing or null.",
+                    raw,
+                )
             problem = None
             if isinstance(value, list) and info.kind == IDS_INPUT:
                 # A list of token ids skips the tokenizer (a corpus tokenized elsewhere).
@@ -226,7 +278,10 @@ class DropDuplicateIdsFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(
                 ERRORS,
                 schema_lib.error_row(
-                    duplicate.source, duplicate.position, duplicate.id, DUPLICATE_ID,
+                    duplicate.source,
+                    duplicate.position,
+                    duplicate.id,
+                    DUPLICATE_ID,
                     f"Id {duplicate.id!r} was already used by {first.source}:{first.position}.",
                     " | ".join(duplicate.texts),
                 ),
@@ -339,7 +394,8 @@ class WriteEmbeddings(beam.PTransform):
         return (
             batches
             | "CoalesceBatches" >> beam.ParDo(CoalesceBatchesFn())
-            | "WriteParquet" >> WriteToParquetBatched(
+            | "WriteParquet"
+            >> WriteToParquetBatched(
                 self._prefix,
                 schema=schema_lib.output_schema(self._plan),
                 codec=self._plan.compression,

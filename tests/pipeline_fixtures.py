@@ -3,8 +3,8 @@
 import glob
 import json
 import os
-import shutil
 import random
+import shutil
 
 import keras
 import numpy as np

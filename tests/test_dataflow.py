@@ -55,7 +55,6 @@ OUR_TRANSFORMS = (
 RUN_INFERENCE = "EmbedDocuments/RunInference/BeamML_RunInference"
 
 
-
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__()

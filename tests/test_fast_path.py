@@ -74,16 +74,27 @@ def _lstm_model(embedding_kwargs=None, recurrent=None, length=10):
         (lambda: _lstm_model({"mask_zero": True}), "pre", "mask_zero"),
         (lambda: _lstm_model(recurrent=keras.layers.GRU(6, name="lstm_content")), "pre", "GRU"),
         (
-            lambda: _lstm_model(recurrent=keras.layers.Bidirectional(keras.layers.LSTM(6), name="lstm_content")),
+            lambda: _lstm_model(
+                recurrent=keras.layers.Bidirectional(keras.layers.LSTM(6), name="lstm_content")
+            ),
             "pre",
             "Bidirectional",
         ),
-        (lambda: _lstm_model(recurrent=keras.layers.LSTM(6, go_backwards=True, name="lstm_content")), "pre",
-         "go_backwards"),
-        (lambda: _lstm_model(recurrent=keras.layers.LSTM(6, activation="relu", name="lstm_content")), "pre",
-         "activation 'relu'"),
-        (lambda: _lstm_model(recurrent=keras.layers.LSTM(6, return_sequences=True, name="lstm_content")), "pre",
-         "return_sequences"),
+        (
+            lambda: _lstm_model(recurrent=keras.layers.LSTM(6, go_backwards=True, name="lstm_content")),
+            "pre",
+            "go_backwards",
+        ),
+        (
+            lambda: _lstm_model(recurrent=keras.layers.LSTM(6, activation="relu", name="lstm_content")),
+            "pre",
+            "activation 'relu'",
+        ),
+        (
+            lambda: _lstm_model(recurrent=keras.layers.LSTM(6, return_sequences=True, name="lstm_content")),
+            "pre",
+            "return_sequences",
+        ),
         (lambda: _lstm_model(), "post", "pre-padding"),
     ],
 )
@@ -131,7 +142,9 @@ def test_pipeline_embedder_falls_back_with_a_log_line(tmp_path, caplog):
     save_bundle(bundle, model, Tokenizer([f"w{i}" for i in range(VOCABULARY - 2)]), {"content": "content"})
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": "a", "content": "w1 w2"}\n')
-    plan, source = build_plan(ExportOptions(["--model", bundle, "--input", str(corpus), "--output", str(tmp_path / "o")]))
+    plan, source = build_plan(
+        ExportOptions(["--model", bundle, "--input", str(corpus), "--output", str(tmp_path / "o")])
+    )
     with caplog.at_level(logging.INFO):
         embedder = Embedder(plan, source)
     assert not embedder.uses_fast_path

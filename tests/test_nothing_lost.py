@@ -60,17 +60,23 @@ HOSTILE_JSONL = [
 ]
 
 HOSTILE_CSV = (
-    'id,title,content\r\n'
-    'c1,"quoted, title","a ""quoted"" word and\nan embedded newline"\r\n'
-    "c2,short,plain csv text\r\n"
-    "c3,too,many,fields\r\n"
-    "c4,too few\r\n"
-).encode("utf-8") + b"c5,bad,caf\xe9 bytes\r\n" + "c6,中文,emoji 🎉 text\r\n".encode("utf-8")
+    (
+        b"id,title,content\r\n"
+        b'c1,"quoted, title","a ""quoted"" word and\nan embedded newline"\r\n'
+        b"c2,short,plain csv text\r\n"
+        b"c3,too,many,fields\r\n"
+        b"c4,too few\r\n"
+    )
+    + b"c5,bad,caf\xe9 bytes\r\n"
+    + "c6,中文,emoji 🎉 text\r\n".encode()
+)
 CSV_EXPECTED = {1: None, 2: None, 3: "wrong_field_count", 4: "wrong_field_count", 5: "invalid_utf8", 6: None}
 
 
 def _read_dir(directory):
-    table = ds.dataset(directory, format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES).to_table()
+    table = ds.dataset(
+        directory, format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES
+    ).to_table()
     return table.to_pylist()
 
 
@@ -123,20 +129,25 @@ def test_hostile_csv_rows_are_read_by_record_not_by_line(tmp_path, tiny_bundle):
     rows = _read_dir(output)
     errors = _read_dir(os.path.join(output, "errors"))
     assert summary.records_read == len(CSV_EXPECTED) == len(rows) + len(errors)
-    assert sorted(r["id"] for r in rows) == sorted(f"c{n}" for n, reason in CSV_EXPECTED.items() if reason is None)
+    assert sorted(r["id"] for r in rows) == sorted(
+        f"c{n}" for n, reason in CSV_EXPECTED.items() if reason is None
+    )
     assert {e["position"]: e["reason"] for e in errors} == {n: r for n, r in CSV_EXPECTED.items() if r}
 
 
 def test_text_lines_get_file_and_line_ids_and_blank_lines_are_dead_letters(tmp_path, tiny_bundle):
     corpus = tmp_path / "lines.txt"
-    corpus.write_bytes("first line\n\n   \nlast line with 🎉\n".encode("utf-8"))
+    corpus.write_bytes("first line\n\n   \nlast line with 🎉\n".encode())
     output, summary = _export(
         tmp_path, tiny_bundle[0], str(corpus), "out", ["--layer", "lstm_content", "--max_error_fraction", "1"]
     )
     rows = _read_dir(output)
     errors = _read_dir(os.path.join(output, "errors"))
     assert sorted(r["id"] for r in rows) == [f"{corpus}:1", f"{corpus}:4"]
-    assert sorted((e["position"], e["reason"]) for e in errors) == [(2, "empty_document"), (3, "empty_document")]
+    assert sorted((e["position"], e["reason"]) for e in errors) == [
+        (2, "empty_document"),
+        (3, "empty_document"),
+    ]
     assert summary.records_read == 4
 
 
@@ -152,8 +163,19 @@ def test_too_many_dead_letters_exit_non_zero_but_keep_the_output(tmp_path, tiny_
     assert output_lib.read_manifest(output)["status"] == "completed_with_errors"
 
     # The same corpus passes when the threshold allows it.
-    code = main(["--model", tiny_bundle[0], "--input", str(corpus), "--output", output,
-                 "--overwrite", "--max_error_fraction", "0.8"])
+    code = main(
+        [
+            "--model",
+            tiny_bundle[0],
+            "--input",
+            str(corpus),
+            "--output",
+            output,
+            "--overwrite",
+            "--max_error_fraction",
+            "0.8",
+        ]
+    )
     assert code == 0
 
 
@@ -164,7 +186,8 @@ def _corrupt_model(tmp_path, bundle):
 
 
 def _truncated_model(tmp_path, bundle):
-    data = open(os.path.join(bundle, "model.keras"), "rb").read()
+    with open(os.path.join(bundle, "model.keras"), "rb") as handle:
+        data = handle.read()
     path = tmp_path / "truncated.keras"
     path.write_bytes(data[: len(data) // 2])
     return ["--model", str(path), "--tokenizer", os.path.join(bundle, "tokenizer.json")], "Could not load"
@@ -244,13 +267,26 @@ def _big_corpus(path, copies):
     with open(path, "w", encoding="utf-8") as handle:
         for copy in range(copies):
             for document in documents:
-                handle.write(json.dumps(dict(document, id=f"{copy}-{document['id']}"), ensure_ascii=False) + "\n")
+                handle.write(
+                    json.dumps(dict(document, id=f"{copy}-{document['id']}"), ensure_ascii=False) + "\n"
+                )
     return len(documents) * copies
 
 
 def _command(bundle, corpus, output):
-    return [sys.executable, "-m", "pipeline.run", "--model", bundle, "--input", corpus, "--output", output,
-            "--batch_size", "32"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        "--model",
+        bundle,
+        "--input",
+        corpus,
+        "--output",
+        output,
+        "--batch_size",
+        "32",
+    ]
 
 
 def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path, tiny_bundle):
@@ -259,8 +295,14 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     output = str(tmp_path / "out")
     environment = dict(os.environ, PYTHONPATH=ROOT)
 
-    process = subprocess.Popen(_command(tiny_bundle[0], corpus, output), cwd=ROOT, env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        _command(tiny_bundle[0], corpus, output),
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     staging = os.path.join(output, output_lib.STAGING)
     deadline = time.time() + 120
     while not os.path.isdir(staging) and process.poll() is None and time.time() < deadline:
@@ -275,12 +317,18 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     assert ds.dataset(output, format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES).files == []
     assert output_lib.output_state(output) == "unfinished"
 
-    rerun = subprocess.run(_command(tiny_bundle[0], corpus, output), cwd=ROOT, env=environment,
-                           capture_output=True, text=True)
+    rerun = subprocess.run(
+        _command(tiny_bundle[0], corpus, output), cwd=ROOT, env=environment, capture_output=True, text=True
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     reference = str(tmp_path / "reference")
-    subprocess.run(_command(tiny_bundle[0], corpus, reference), cwd=ROOT, env=environment, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _command(tiny_bundle[0], corpus, reference),
+        cwd=ROOT,
+        env=environment,
+        check=True,
+        capture_output=True,
+    )
 
     rerun_rows = sorted(_read_dir(output), key=lambda r: r["id"])
     reference_rows = sorted(_read_dir(reference), key=lambda r: r["id"])
@@ -288,4 +336,6 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     assert len({r["id"] for r in rerun_rows}) == total
     assert rerun_rows == reference_rows
     assert not os.path.exists(staging)
-    assert pq.read_metadata(os.path.join(output, output_lib.read_manifest(output)["shards"]["rows"][0]["file"]))
+    assert pq.read_metadata(
+        os.path.join(output, output_lib.read_manifest(output)["shards"]["rows"][0]["file"])
+    )

@@ -28,7 +28,6 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOT = "/opt/apache/beam/boot"
 
 
-
 def expected_files():
     """Paths, relative to the install root, that workers need: every module and the bundled data."""
     names = set()
