@@ -103,7 +103,7 @@ out_title = Dense(len(topics), activation="softmax", name="out_title")(title_vec
 two_outputs = Model(inputs=[content, title], outputs=[out_content, out_title])
 two_outputs.compile(optimizer="adam",
                     loss={"out_content": "binary_crossentropy", "out_title": "categorical_crossentropy"},
-                    loss_weights={"out_content": 1.0, "out_title": 0.5})
+                    loss_weights={"out_content": 0.8, "out_title": 0.3})
 two_outputs.fit(features(fit_records), labels, epochs=1, batch_size=32, verbose=0)
 two_outputs.save(os.path.join(out, "two_outputs.h5"))
 

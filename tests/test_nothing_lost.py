@@ -1,5 +1,6 @@
 """Nothing lost: hostile input ends as rows or reasoned dead letters, and output is atomic."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -119,6 +120,11 @@ def test_hostile_jsonl_runs_to_completion_with_exact_accounting(tmp_path, tiny_b
     assert counts["records_read"] == counts["rows_written"] + counts["dead_letters"]
     assert sum(counts["dead_letters_by_reason"].values()) == len(errors)
     assert counts["dead_letters_by_reason"]["malformed_json"] == 3
+    shards = manifest["shards"]["rows"] + manifest["shards"]["errors"]
+    assert sum(shard["rows"] for shard in shards) == len(rows) + len(errors)
+    for shard in shards:
+        with open(os.path.join(output, shard["file"]), "rb") as handle:
+            assert shard["sha256"] == hashlib.sha256(handle.read()).hexdigest()
 
 
 def test_hostile_csv_rows_are_read_by_record_not_by_line(tmp_path, tiny_bundle):
