@@ -72,6 +72,20 @@ def pad_token_ids(sequences, length, padding="pre", truncating="pre"):
     return ids, counts, truncated
 
 
+def look_up(words, index_of, oov_id, num_words=None):
+    """`(ids, unknown_count)`: unknown words and ids >= `num_words` become `oov_id` (dropped if None)."""
+    ids, unknown = [], 0
+    for word in words:
+        index = index_of.get(word)
+        if index is None or (num_words and index >= num_words):
+            unknown += 1
+            if oov_id is not None:
+                ids.append(oov_id)
+        else:
+            ids.append(index)
+    return ids, unknown
+
+
 class _ListTokenizer:
     """Shared `encode_batch` for tokenizers whose `token_ids(text)` gives `(ids, unknown_count)`."""
 
@@ -165,18 +179,7 @@ class Keras2Tokenizer(_ListTokenizer):
 
     def token_ids(self, text):
         """`(ids, unknown_count)` for one text, unpadded."""
-        get = self.word_index.get
-        num_words, oov_id = self.num_words, self._oov_id
-        ids, unknown = [], 0
-        for word in self.words(text):
-            index = get(word)
-            if index is None or (num_words and index >= num_words):
-                unknown += 1
-                if oov_id is not None:
-                    ids.append(oov_id)
-            else:
-                ids.append(index)
-        return ids, unknown
+        return look_up(self.words(text), self.word_index, self._oov_id, self.num_words)
 
     @classmethod
     def from_json(cls, text, padding="pre", truncating="pre"):
@@ -278,17 +281,7 @@ class VocabularyTokenizer(_ListTokenizer):
         return [word for word in _ASCII_WHITESPACE.split(text) if word]
 
     def token_ids(self, text):
-        get, oov_id = self._ids.get, self._oov_id
-        ids, unknown = [], 0
-        for word in self.words(text):
-            index = get(word)
-            if index is None:
-                unknown += 1
-                if oov_id is not None:
-                    ids.append(oov_id)
-            else:
-                ids.append(index)
-        return ids, unknown
+        return look_up(self.words(text), self._ids, self._oov_id)
 
     @classmethod
     def from_text(cls, text, padding="pre", truncating="pre"):
