@@ -13,6 +13,9 @@ configuration allows them:
 3. Length sorting: documents are sorted longest first and run together; at each
    step only the documents that have started move (a prefix of the batch), so
    the work is the sum of the real lengths, not batch size times input length.
+4. Lanes: a batch is dealt into a few lanes run as independent loops in one
+   traced function, so TensorFlow runs them on several cores at once (each
+   step's matmul is too small to spread over cores by itself).
 
 `build_fast_path` says why when a model does not qualify; the caller then
 keeps Keras's own forward pass.  The caller also checks the result against
@@ -22,6 +25,10 @@ Keras on a sample batch before trusting it.
 import keras
 import numpy as np
 import tensorflow as tf
+
+# Lanes of rows run as independent loops in parallel; fewer, fuller lanes for small batches.
+MAX_LANES = 4
+MIN_LANE_ROWS = 64
 
 
 class Unsupported(Exception):
@@ -123,15 +130,7 @@ class _FoldedLstm:
         self.length = length
         self.projection = tf.constant(table @ kernel + bias, dtype=tf.float32)
         self.recurrent = tf.constant(recurrent, dtype=tf.float32)
-        self._run = tf.function(
-            self._steps,
-            input_signature=[
-                tf.TensorSpec([None, None], tf.int32),
-                tf.TensorSpec([None], tf.int32),
-                tf.TensorSpec([None, self.units], tf.float32),
-                tf.TensorSpec([None, self.units], tf.float32),
-            ],
-        )
+        self._runs = {}
         # State after k padding tokens from the zero state, for k = 0..length: one
         # row of work per step, so plain numpy is quick enough.
         self.pad_h, self.pad_c = _padding_states(table[0] @ kernel + bias, recurrent, length)
@@ -152,24 +151,61 @@ class _FoldedLstm:
             c = tf.concat([c_new, c[k:]], axis=0)
         return h, c
 
-    def __call__(self, ids):
-        """Final hidden state for each row of pre-padded `ids` (n, length)."""
-        n, length = ids.shape
+    def _parallel_run(self, lanes):
+        """One traced function running `lanes` independent loops, which TensorFlow's
+        inter-op threads execute side by side (small matmuls use one core each)."""
+        if lanes not in self._runs:
+            signature = [
+                tf.TensorSpec([None, None], tf.int32),
+                tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None, self.units], tf.float32),
+                tf.TensorSpec([None, self.units], tf.float32),
+            ]
+
+            def run(*arguments):
+                return [self._steps(*arguments[4 * lane : 4 * lane + 4])[0] for lane in range(lanes)]
+
+            self._runs[lanes] = tf.function(run, input_signature=signature * lanes)
+        return self._runs[lanes]
+
+    def _prepare(self, ids):
+        """Sorts rows longest first; returns (order, loop arguments) or (order, None) if all padding."""
+        length = ids.shape[1]
         nonzero = ids != 0
         starts = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), length)
         order = np.argsort(starts, kind="stable")
         starts = starts[order]
-        result = np.empty((n, self.units), dtype=np.float32)
-        first = int(starts[0]) if n else length
+        first = int(starts[0])
         if first == length:
-            result[:] = self.pad_h[length]
-            return result
+            return order, None
         # Each row waits at the state reached after its own padding.
-        h = self.pad_h[starts]
-        c = self.pad_c[starts]
         active = np.searchsorted(starts, np.arange(first, length), side="right").astype(np.int32)
-        h, _ = self._run(ids[order, first:], active, h, c)
-        result[order] = h.numpy()
+        return order, (ids[order, first:], active, self.pad_h[starts], self.pad_c[starts])
+
+    def __call__(self, ids):
+        """Final hidden state for each row of pre-padded `ids` (n, length).
+
+        Rows are dealt round-robin into up to `MAX_LANES` lanes of at least
+        `MIN_LANE_ROWS`, each run by its own loop.  A row's result does not depend
+        on which rows share its lane (checked against Keras at load).
+        """
+        n, length = ids.shape
+        result = np.empty((n, self.units), dtype=np.float32)
+        if n == 0:
+            return result
+        lanes = max(1, min(MAX_LANES, n // MIN_LANE_ROWS))
+        rows = [np.arange(lane, n, lanes) for lane in range(lanes)]
+        prepared = [self._prepare(ids[lane_rows]) for lane_rows in rows]
+        running = []
+        for lane_rows, (order, arguments) in zip(rows, prepared, strict=True):
+            if arguments is None:
+                result[lane_rows] = self.pad_h[length]
+            else:
+                running.append((lane_rows, order, arguments))
+        if running:
+            outputs = self._parallel_run(len(running))(*[x for _, _, arguments in running for x in arguments])
+            for (lane_rows, order, _), output in zip(running, outputs, strict=True):
+                result[lane_rows[order]] = output.numpy()
         return result
 
 
