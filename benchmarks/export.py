@@ -1,6 +1,6 @@
 """Side-by-side benchmark: the export pipeline against plain Keras `predict`, in one run.
 
-    python -m benchmarks.export [--documents 4096] [--batch_size 256] [--json PATH]
+    python -m benchmarks.export [--documents 4096] [--batch_size 512] [--json PATH]
 
 Everything uses the same model (the bundled default: Embedding(4000, 300) shared
 by two LSTM(128)), the same corpus and the same batch size, measured in this one
@@ -145,7 +145,7 @@ def main(argv=None):
     parser.add_argument(
         "--documents", type=int, default=4096, help="N; the large runs use 3N (default %(default)s)."
     )
-    parser.add_argument("--batch_size", type=int, default=256, help="batch size for every contender.")
+    parser.add_argument("--batch_size", type=int, default=512, help="batch size for every contender.")
     parser.add_argument(
         "--json",
         default=os.path.join(ROOT, "benchmarks", "results", "export.json"),

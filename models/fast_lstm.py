@@ -28,7 +28,7 @@ import tensorflow as tf
 
 # Lanes of rows run as independent loops in parallel; fewer, fuller lanes for small batches.
 MAX_LANES = 4
-MIN_LANE_ROWS = 64
+MIN_LANE_ROWS = 128
 
 
 class Unsupported(Exception):

@@ -129,7 +129,7 @@ class ExportOptions(PipelineOptions):
             help="Replace an existing finished output in --output.",
         )
         parser.add_argument(
-            "--batch_size", type=int, default=256, help="Documents per forward pass (default: %(default)s)."
+            "--batch_size", type=int, default=512, help="Documents per forward pass (default: %(default)s)."
         )
         parser.add_argument(
             "--compression",
