@@ -23,6 +23,7 @@ import platform
 import keras
 
 from models import __version__
+from models.paths import DEFAULT_BUNDLE  # noqa: F401  (re-exported)
 from models.tokenizer import Tokenizer
 
 FORMAT = "embexport-bundle"
@@ -30,7 +31,6 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.keras"
 TOKENIZER_FILE = "tokenizer.json"
-DEFAULT_BUNDLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "default_bundle")
 
 
 class BundleError(ValueError):

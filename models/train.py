@@ -17,7 +17,8 @@ import keras
 import numpy as np
 
 from models import architectures
-from models.bundle import DEFAULT_BUNDLE, save_bundle
+from models.bundle import save_bundle
+from models.paths import DEFAULT_BUNDLE, SAMPLE_CORPUS
 from models.tokenizer import Tokenizer
 
 DEFAULT_LAYERS = {
@@ -34,7 +35,6 @@ DEFAULT_LAYERS = {
         architectures.EMBEDDING,
     ],
 }
-SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_corpus.jsonl")
 
 
 def read_jsonl(path):

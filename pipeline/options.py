@@ -5,8 +5,7 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models.bundle import DEFAULT_BUNDLE
-from models.train import SAMPLE_CORPUS
+from models.paths import DEFAULT_BUNDLE, SAMPLE_CORPUS
 
 INPUT_FORMATS = ("auto", "text", "jsonl", "csv", "parquet")
 POOLINGS = ("none", "mean", "max", "last")
