@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras
 import numpy as np
 import pytest
+from pipeline_fixtures import fit_on_random_labels
 
 from models import architectures
 from models.bundle import save_bundle
@@ -49,19 +50,8 @@ def _train_tiny_model(topology, seed=0):
         inputs["title"] = rng.integers(
             0, vocabulary, (TINY_EXAMPLES, TINY_SIZES["title_length"]), dtype=np.int32
         )
-    binary = rng.integers(0, 2, (TINY_EXAMPLES, 1)).astype("float32")
-    if topology == "two_inputs_two_outputs":
-        classes = rng.integers(0, TINY_SIZES["num_title_classes"], TINY_EXAMPLES)
-        targets = {
-            "out_content": binary,
-            "out_title": keras.utils.to_categorical(classes, TINY_SIZES["num_title_classes"]),
-        }
-    else:
-        targets = binary
-    if topology == "single_input":
-        inputs = inputs["content"]
-    model.fit(inputs, targets, epochs=1, batch_size=TINY_BATCH, verbose=0)
-    return model, inputs
+    fit_on_random_labels(model, topology, inputs, rng, TINY_SIZES["num_title_classes"], TINY_BATCH)
+    return model, inputs["content"] if topology == "single_input" else inputs
 
 
 @pytest.fixture(scope="session")

@@ -67,6 +67,23 @@ def input_fields(topology):
     return fields
 
 
+def fit_on_random_labels(model, topology, features, rng, num_title_classes, batch_size):
+    """Fits `model` (of `topology`) for one epoch on `features` (by input name) with random labels."""
+    count = len(features["content"])
+    binary = rng.integers(0, 2, (count, 1)).astype("float32")
+    if topology == "two_inputs_two_outputs":
+        classes = rng.integers(0, num_title_classes, count)
+        targets = {
+            "out_content": binary,
+            "out_title": keras.utils.to_categorical(classes, num_title_classes),
+        }
+    else:
+        targets = binary
+    if topology == "single_input":
+        features = features["content"]
+    model.fit(features, targets, epochs=1, batch_size=batch_size, verbose=0)
+
+
 def train_bundle(directory, topology, documents, seed=0):
     """Fits a tiny `topology` for one epoch on random labels and saves it as a bundle."""
     keras.utils.set_random_seed(seed)
@@ -77,19 +94,9 @@ def train_bundle(directory, topology, documents, seed=0):
         name: tokenizer.encode_batch([d[field] for d in documents], LENGTHS[name])[0]
         for name, field in fields.items()
     }
-    rng = np.random.default_rng(seed)
-    binary = rng.integers(0, 2, (len(documents), 1)).astype("float32")
-    if topology == "two_inputs_two_outputs":
-        classes = rng.integers(0, SIZES["num_title_classes"], len(documents))
-        targets = {
-            "out_content": binary,
-            "out_title": keras.utils.to_categorical(classes, SIZES["num_title_classes"]),
-        }
-    else:
-        targets = binary
-    if topology == "single_input":
-        features = features["content"]
-    model.fit(features, targets, epochs=1, batch_size=8, verbose=0)
+    fit_on_random_labels(
+        model, topology, features, np.random.default_rng(seed), SIZES["num_title_classes"], 8
+    )
     save_bundle(
         str(directory),
         model,
