@@ -18,7 +18,7 @@ import re
 import numpy as np
 
 from models.tokenizer import FORMAT as EMBEXPORT_FORMAT
-from models.tokenizer import SIDES, Tokenizer
+from models.tokenizer import Tokenizer, check_sides, pad_token_ids
 
 KERAS2_DEFAULT_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
 # `TextVectorization(standardize="lower_and_strip_punctuation", split="whitespace")`:
@@ -33,43 +33,6 @@ UNKNOWN_TOKEN = "[UNK]"
 KIND_EMBEXPORT = "embexport"
 KIND_KERAS2 = "keras2_tokenizer"
 KIND_VOCABULARY = "vocabulary_file"
-
-
-def _check_sides(padding, truncating):
-    for name, side in (("padding", padding), ("truncating", truncating)):
-        if side not in SIDES:
-            raise ValueError(f"{name} must be 'pre' or 'post', received {side!r}.")
-
-
-def pad_token_ids(sequences, length, padding="pre", truncating="pre"):
-    """Keras's `pad_sequences` for lists of ids, also reporting counts and cuts.
-
-    Args:
-        sequences: lists of int ids.
-        length: ids per row.
-        padding: "pre" puts the 0s before the ids, "post" after.
-        truncating: "pre" drops the start of a long sequence, "post" its end.
-
-    Returns:
-        `(ids, counts, truncated)`: an int32 `(len(sequences), length)` array, the
-        number of ids kept per row, and whether each row was cut.
-    """
-    _check_sides(padding, truncating)
-    ids = np.zeros((len(sequences), length), dtype=np.int32)
-    counts = np.zeros(len(sequences), dtype=np.int32)
-    truncated = np.zeros(len(sequences), dtype=bool)
-    for row, sequence in enumerate(sequences):
-        if len(sequence) > length:
-            truncated[row] = True
-            sequence = sequence[-length:] if truncating == "pre" else sequence[:length]
-        count = len(sequence)
-        counts[row] = count
-        if count:
-            if padding == "pre":
-                ids[row, length - count :] = sequence
-            else:
-                ids[row, :count] = sequence
-    return ids, counts, truncated
 
 
 def look_up(words, index_of, oov_id, num_words=None):
@@ -140,7 +103,7 @@ class Keras2Tokenizer(_ListTokenizer):
         padding="pre",
         truncating="pre",
     ):
-        _check_sides(padding, truncating)
+        check_sides(padding, truncating)
         if not isinstance(word_index, dict) or not all(
             isinstance(word, str) and isinstance(index, int) and index > 0
             for word, index in word_index.items()
@@ -245,7 +208,7 @@ class VocabularyTokenizer(_ListTokenizer):
     """
 
     def __init__(self, tokens, padding="pre", truncating="pre"):
-        _check_sides(padding, truncating)
+        check_sides(padding, truncating)
         tokens = list(tokens)
         if not tokens or tokens[0] != PADDING_TOKEN:
             raise ValueError(

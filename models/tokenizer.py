@@ -44,6 +44,44 @@ def split_text(text):
     return _TOKEN_PATTERN.findall(text.casefold())
 
 
+def check_sides(padding, truncating):
+    """Raises ValueError unless both sides are "pre" or "post"."""
+    for name, side in (("padding", padding), ("truncating", truncating)):
+        if side not in SIDES:
+            raise ValueError(f"{name} must be 'pre' or 'post', received {side!r}.")
+
+
+def pad_token_ids(sequences, length, padding="pre", truncating="pre"):
+    """Keras's `pad_sequences` for lists of ids, also reporting counts and cuts.
+
+    Args:
+        sequences: lists of int ids.
+        length: ids per row.
+        padding: "pre" puts the 0s before the ids, "post" after.
+        truncating: "pre" drops the start of a long sequence, "post" its end.
+
+    Returns:
+        `(ids, counts, truncated)`: an int32 `(len(sequences), length)` array, the
+        number of ids kept per row, and whether each row was cut.
+    """
+    check_sides(padding, truncating)
+    ids = np.zeros((len(sequences), length), dtype=np.int32)
+    counts = np.zeros(len(sequences), dtype=np.int32)
+    truncated = np.zeros(len(sequences), dtype=bool)
+    for row, sequence in enumerate(sequences):
+        if len(sequence) > length:
+            truncated[row] = True
+            sequence = sequence[-length:] if truncating == "pre" else sequence[:length]
+        count = len(sequence)
+        counts[row] = count
+        if count:
+            if padding == "pre":
+                ids[row, length - count :] = sequence
+            else:
+                ids[row, :count] = sequence
+    return ids, counts, truncated
+
+
 class Tokenizer:
     """Maps text to token ids with a fixed vocabulary.
 
@@ -54,9 +92,7 @@ class Tokenizer:
     """
 
     def __init__(self, vocabulary, padding="pre", truncating="post"):
-        for name, side in (("padding", padding), ("truncating", truncating)):
-            if side not in SIDES:
-                raise ValueError(f"{name} must be 'pre' or 'post', received {side!r}.")
+        check_sides(padding, truncating)
         self.vocabulary = list(vocabulary)
         self.padding = padding
         self.truncating = truncating
@@ -102,21 +138,8 @@ class Tokenizer:
             number of those that are out-of-vocabulary, and whether each row was
             cut.
         """
-        ids = np.zeros((len(texts), length), dtype=np.int32)
-        counts = np.zeros(len(texts), dtype=np.int32)
-        truncated = np.zeros(len(texts), dtype=bool)
-        for row, text in enumerate(texts):
-            sequence = self.token_ids(text)
-            if len(sequence) > length:
-                truncated[row] = True
-                sequence = sequence[:length] if self.truncating == "post" else sequence[-length:]
-            count = len(sequence)
-            counts[row] = count
-            if count:
-                if self.padding == "pre":
-                    ids[row, length - count :] = sequence
-                else:
-                    ids[row, :count] = sequence
+        sequences = [self.token_ids(text) for text in texts]
+        ids, counts, truncated = pad_token_ids(sequences, length, self.padding, self.truncating)
         oov = (ids == OOV_ID).sum(axis=1).astype(np.int32)
         return ids, counts, oov, truncated
 

@@ -9,7 +9,8 @@ import typing
 
 import numpy as np
 
-from models.keras2_tokenizer import UNKNOWN_TOKEN, pad_token_ids
+from models.keras2_tokenizer import UNKNOWN_TOKEN
+from models.tokenizer import pad_token_ids
 from models.truncate import truncate
 from pipeline import schema as schema_lib
 from pipeline.model_source import ExportConfigError, load_model_source
@@ -145,7 +146,8 @@ class Embedder:
             return outputs
 
         self._forward = forward
-        self._fast = self._choose_fast_path() if getattr(plan, "fast_path", "auto") == "auto" else None
+        self._vectorizers = {}  # String input name -> (TextVectorization, unknown id), on first use.
+        self._fast = self._choose_fast_path() if plan.fast_path == "auto" else None
 
     def keras_predict(self, features):
         """The sub-model's own forward pass: {input name: ids} -> {column: numpy array}."""
@@ -256,8 +258,6 @@ class Embedder:
 
     def _text_vectorizer(self, info):
         """The TextVectorization layer whose ids mark `info`'s real tokens, and its unknown-word id."""
-        if not hasattr(self, "_vectorizers"):
-            self._vectorizers = {}  # Filled on first use: only string inputs need it.
         cache = self._vectorizers
         if info.name not in cache:
             vectorizer, unknown_id = None, None

@@ -243,7 +243,9 @@ def run_export(argv=None):
     seconds = time.time() - started
 
     counters = _counters(result)
-    rows, dead = output_lib.staged_counts(plan.output, run_id)
+    staged = output_lib.staged_shards(plan.output, run_id)
+    rows = sum(count for _, count in staged["rows"])
+    dead = sum(count for _, count in staged["errors"])
     read = counters.get("records_read", 0)
     by_reason = {
         name[len("failed_") :]: value for name, value in counters.items() if name.startswith("failed_")
@@ -281,7 +283,7 @@ def run_export(argv=None):
         "seconds": round(seconds, 3),
         "package_version": plan.package_version,
     }
-    output_lib.commit(plan.output, run_id, manifest)
+    output_lib.commit(plan.output, staged, manifest)
     return ExportSummary(
         output=plan.output,
         records_read=read,

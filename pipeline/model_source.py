@@ -98,10 +98,6 @@ def stage_locally(uri, directory=None):
     return local_dir
 
 
-def _file_sha256(path):
-    return sha256_file(path) if os.path.isfile(path) else hashlib.sha256(b"").hexdigest()
-
-
 def wants_no_tokenizer(tokenizer_uri):
     """Whether `--tokenizer` says the corpus already holds token ids (`--tokenizer none`)."""
     return (tokenizer_uri or "").strip().lower() == NO_TOKENIZER
@@ -204,7 +200,7 @@ def load_model_source(
         uri=model_uri,
         model=model,
         tokenizer=tokenizer,
-        model_sha256=_file_sha256(local),
+        model_sha256=sha256_file(local),
         tokenizer_sha256=tokenizer_sha256,
         input_fields={},
         default_layers=[],

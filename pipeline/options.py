@@ -6,12 +6,12 @@ import os
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.paths import DEFAULT_BUNDLE, SAMPLE_CORPUS
+from models.tokenizer import SIDES
 
 INPUT_FORMATS = ("auto", "text", "jsonl", "csv", "parquet")
 POOLINGS = ("none", "mean", "max", "last")
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("snappy", "zstd", "gzip", "none")
-SIDES = ("pre", "post")
 
 
 def default_output():

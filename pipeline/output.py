@@ -18,7 +18,6 @@ directory with our files but no manifest is the leftover of a run that died;
 the next run removes it.
 """
 
-import hashlib
 import json
 import logging
 import posixpath
@@ -26,6 +25,8 @@ import uuid
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
+from models.bundle import sha256_file
 
 MANIFEST = "_MANIFEST.json"
 # pyarrow.dataset (and so pandas) reads directories recursively: these prefixes
@@ -124,20 +125,24 @@ def _row_count(path):
         return pq.ParquetFile(handle).metadata.num_rows
 
 
-def _staged_shards(directory, run_id, kind):
-    prefix = join(directory, STAGING, run_id, kind) + "/"
-    return sorted(
-        p
-        for p in _list(join(directory, STAGING, run_id))
-        if p.startswith(prefix) and posixpath.basename(p).startswith(SHARD_PREFIX) and p.endswith(".parquet")
-    )
+def staged_shards(directory, run_id):
+    """The run's staged shards with their row counts, read once from the Parquet footers.
 
-
-def staged_counts(directory, run_id):
-    """Rows and dead letters written by the run, read from the Parquet footers."""
-    rows = sum(_row_count(p) for p in _staged_shards(directory, run_id, "data"))
-    errors = sum(_row_count(p) for p in _staged_shards(directory, run_id, ERRORS_DIR))
-    return rows, errors
+    Returns:
+        {"rows": [(path, rows), ...], "errors": [(path, rows), ...]}, sorted by path.
+    """
+    paths = sorted(_list(join(directory, STAGING, run_id)))
+    shards = {}
+    for kind, folder in (("rows", "data"), ("errors", ERRORS_DIR)):
+        prefix = join(directory, STAGING, run_id, folder) + "/"
+        shards[kind] = [
+            (path, _row_count(path))
+            for path in paths
+            if path.startswith(prefix)
+            and posixpath.basename(path).startswith(SHARD_PREFIX)
+            and path.endswith(".parquet")
+        ]
+    return shards
 
 
 def file_digest(path):
@@ -147,43 +152,34 @@ def file_digest(path):
     costs nothing to read, while hashing would download every shard.
     """
     if FileSystems.get_scheme(path) in (None, "file"):
-        digest = hashlib.sha256()
-        with FileSystems.open(path) as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return {"sha256": digest.hexdigest()}
+        return {"sha256": sha256_file(path)}
     return {"checksum": FileSystems.checksum(path)}
 
 
-def commit(directory, run_id, manifest):
+def commit(directory, staged, manifest):
     """Moves the run's shards into place and writes the manifest last.
 
     Args:
         directory: the output directory.
-        run_id: from `prepare`.
+        staged: `staged_shards(directory, run_id)`.
         manifest: facts of the run (options, counts, ...); shard lists are added.
 
     Returns:
         The manifest dict as written.
     """
-    data = _staged_shards(directory, run_id, "data")
-    errors = _staged_shards(directory, run_id, ERRORS_DIR)
     old = [p for p in _list(directory) if not _relative(directory, p).startswith(STAGING + "/")]
     old_manifest = [p for p in old if _relative(directory, p) == MANIFEST]
     # The manifest goes first so a reader never sees it over a mix of shards.
     _delete(old_manifest)
     _delete([p for p in old if p not in old_manifest])
     sources, targets, shards = [], [], {"rows": [], "errors": []}
-    for kind, paths, target_dir in (
-        ("rows", data, directory),
-        ("errors", errors, join(directory, ERRORS_DIR)),
-    ):
-        for path in paths:
+    for kind, target_dir in (("rows", directory), ("errors", join(directory, ERRORS_DIR))):
+        for path, rows in staged[kind]:
             target = join(target_dir, posixpath.basename(path))
             sources.append(path)
             targets.append(target)
-            shards[kind].append({"file": _relative(directory, target), "rows": _row_count(path)})
-    if errors and not FileSystems.exists(join(directory, ERRORS_DIR)):
+            shards[kind].append({"file": _relative(directory, target), "rows": rows})
+    if staged["errors"] and not FileSystems.exists(join(directory, ERRORS_DIR)):
         FileSystems.mkdirs(join(directory, ERRORS_DIR))
     FileSystems.rename(sources, targets)
     for entry in shards["rows"] + shards["errors"]:
