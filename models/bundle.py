@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import zipfile
 
 import keras
 
@@ -177,6 +178,24 @@ def read_manifest(directory):
     return manifest
 
 
+def check_keras_archive(path):
+    """Raises BundleError if a .keras file is not a complete zip archive.
+
+    Keras reports a truncated archive as "File not found", which sends users
+    looking for a missing file instead of a damaged one.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        damaged = str(error)
+    if damaged:
+        raise BundleError(
+            f"{path} is damaged or incomplete: it is not a complete .keras (zip) archive "
+            f"({damaged}). Copy or re-export the model again."
+        )
+
+
 def load_bundle(directory, verify_hashes=True):
     """Loads and validates a bundle directory.
 
@@ -201,6 +220,7 @@ def load_bundle(directory, verify_hashes=True):
                     "original file or re-export the bundle."
                 )
         paths[key] = path
+    check_keras_archive(paths["model_file"])
     try:
         model = keras.saving.load_model(paths["model_file"], compile=False)
     except Exception as error:  # Keras raises many types for a corrupt archive.

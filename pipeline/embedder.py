@@ -13,7 +13,8 @@ from models.keras2_tokenizer import UNKNOWN_TOKEN
 from models.tokenizer import pad_token_ids
 from models.truncate import truncate
 from pipeline import schema as schema_lib
-from pipeline.model_source import ExportConfigError, load_model_source
+from pipeline.errors import ExportConfigError
+from pipeline.model_source import load_model_source
 from pipeline.plan import TEXT_INPUT, text_vectorizer
 
 EMPTY_DOCUMENT = "empty_document"

@@ -1,6 +1,7 @@
 """Launches one export: validate, stage, run the pipeline, check the accounting, commit."""
 
 import dataclasses
+import difflib
 import logging
 import os
 import sys
@@ -17,8 +18,9 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipeline import output as output_lib
+from pipeline.errors import EXIT_ACCOUNTING_MISMATCH, EXIT_OK, EXIT_TOO_MANY_ERRORS, ExportConfigError
 from pipeline.graph import build_pipeline
-from pipeline.model_source import ExportConfigError, is_default_bundle, is_local, wants_no_tokenizer
+from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenizer
 from pipeline.options import ExportOptions, default_output
 from pipeline.plan import build_plan
 from pipeline.transforms import NAMESPACE
@@ -206,12 +208,41 @@ def _dry_run(pipeline, plan, options):
     )
 
 
+def check_known_flags(argv):
+    """Refuses arguments that neither our options nor Beam's declare (a typo such as --ouput).
+
+    Beam only warns about them and runs with the defaults, which would export
+    the wrong thing to the wrong place.
+
+    Raises:
+        ExportConfigError: naming each unknown argument and the closest known flag.
+    """
+    parsers = []
+    # Beam builds one parser from every PipelineOptions subclass; borrow it.
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
+    parser = parsers[0]
+    _, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if not unknown:
+        return
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    problems = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1) if name.startswith("-") else []
+        problems.append(f"{arg!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    raise ExportConfigError(
+        f"Unknown argument(s): {', '.join(problems)}. `python -m pipeline.run --help` lists this "
+        "tool's flags; Beam's own (--runner, --project, ...) are also accepted."
+    )
+
+
 def run_export(argv=None):
     """Runs the export described by command-line `argv`; returns an `ExportSummary`.
 
     Raises:
         ExportConfigError: a launch-time validation failed; nothing was written.
     """
+    check_known_flags(argv)
     options = PipelineOptions(argv)
     # The launcher reads --model, --input and --output before any Pipeline exists;
     # object stores (s3:// endpoint and keys, ...) take their settings from these options.
@@ -230,14 +261,24 @@ def run_export(argv=None):
         )
     plan, _ = build_plan(export_options, check_remote=not dry_run)
     plan = dataclasses.replace(plan, tf_threads=worker_tf_threads(options, export_options.tf_threads))
-    run_id = output_lib.new_run_id() if dry_run else output_lib.prepare(plan.output, export_options.overwrite)
-    rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
+    if dry_run:
+        pipeline = beam.Pipeline(runner=local_runner(options), options=options)
+        build_pipeline(pipeline, plan, *output_lib.staging_prefixes(plan.output, output_lib.new_run_id()))
+        return _dry_run(pipeline, plan, options)
+    # The lock is held from before the output is prepared until the manifest is
+    # written, so a second run on this --output is refused instead of mixing files.
+    with output_lib.OutputLock(plan.output):
+        run_id = output_lib.prepare(plan.output, export_options.overwrite)
+        return _run_and_commit(options, plan, run_id, argv)
 
+
+def _run_and_commit(options, plan, run_id, argv):
+    """Runs the pipeline into the run's staging directory, checks the accounting, commits."""
+    export_options = options.view_as(ExportOptions)
+    rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
     started = time.time()
     pipeline = beam.Pipeline(runner=local_runner(options), options=options)
     build_pipeline(pipeline, plan, rows_prefix, errors_prefix)
-    if dry_run:
-        return _dry_run(pipeline, plan, options)
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.time() - started
@@ -250,12 +291,12 @@ def run_export(argv=None):
     by_reason = {
         name[len("failed_") :]: value for name, value in counters.items() if name.startswith("failed_")
     }
-    exit_code, message = 0, "ok"
+    exit_code, message = EXIT_OK, "ok"
     if read != rows + dead:
-        exit_code = 3
+        exit_code = EXIT_ACCOUNTING_MISMATCH
         message = f"Accounting mismatch: {read} records read but {rows} rows + {dead} dead letters written."
     elif read and dead / read > export_options.max_error_fraction:
-        exit_code = 4
+        exit_code = EXIT_TOO_MANY_ERRORS
         message = (
             f"{dead} of {read} records ({dead / read:.0%}) were dead-lettered, more than "
             f"--max_error_fraction={export_options.max_error_fraction}. Check --input_format and "
@@ -283,7 +324,7 @@ def run_export(argv=None):
         "seconds": round(seconds, 3),
         "package_version": plan.package_version,
     }
-    output_lib.commit(plan.output, staged, manifest)
+    output_lib.commit(plan.output, run_id, staged, manifest)
     return ExportSummary(
         output=plan.output,
         records_read=read,

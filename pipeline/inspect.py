@@ -146,7 +146,8 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    from pipeline.model_source import ExportConfigError, load_model_source
+    from pipeline.errors import ExportConfigError
+    from pipeline.model_source import load_model_source
 
     try:
         source = load_model_source(

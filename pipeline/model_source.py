@@ -12,14 +12,11 @@ from models.bundle import DEFAULT_BUNDLE, BundleError, is_bundle, load_bundle, s
 from models.keras2_tokenizer import read_tokenizer
 from models.legacy import LegacyModelError, load_model_file
 from models.tokenizer import Tokenizer
+from pipeline.errors import ExportConfigError
 
 MODEL_EXTENSIONS = (".keras", ".h5", ".hdf5")
 # `--tokenizer none`: the corpus fields of token-id inputs already hold lists of ids.
 NO_TOKENIZER = "none"
-
-
-class ExportConfigError(ValueError):
-    """A flag, the model or the output location cannot work; raised before launch."""
 
 
 @dataclasses.dataclass

@@ -7,12 +7,14 @@ exists.  Workers receive only the plan and load the model themselves.
 
 import dataclasses
 import os
+import re
 
 from apache_beam.io.filesystems import FileSystems
 
 from models import __version__
 from models.truncate import input_dependencies, parse_layer_spec, truncate
-from pipeline.model_source import ExportConfigError, is_local, load_model_source, wants_no_tokenizer
+from pipeline.errors import ExportConfigError
+from pipeline.model_source import is_local, load_model_source, wants_no_tokenizer
 from pipeline.options import INPUT_FORMATS
 
 TEXT_FIELD = "text"
@@ -206,21 +208,202 @@ def resolve_input_map(needed, explicit, bundle_fields, input_format):
     return mapping
 
 
-def check_output(output, overwrite):
-    """Refuses an output location holding a finished dataset or foreign files."""
-    from pipeline.output import output_state
+# Characters Beam's FileSystems.match takes as a glob.
+GLOB_CHARACTERS = "*?["
+# Names an export writes, to test an --input pattern against (see `check_input_output`).
+_EXPORT_FILE_EXAMPLES = (
+    "part-00000-of-00001.parquet",
+    "errors/part-00000-of-00001.parquet",
+    "_staging/0123456789ab/data/part-00000-of-00001.parquet",
+    "_MANIFEST.json",
+)
 
-    state = output_state(output)
-    if state == "finished" and not overwrite:
+
+def check_location(flag, uri):
+    """Refuses a URI whose scheme no installed Beam filesystem serves.
+
+    Raises:
+        ExportConfigError: naming the scheme and the package that serves it.
+    """
+    scheme = FileSystems.get_scheme(uri)
+    try:
+        FileSystems.get_filesystem(uri)
+    except ValueError:
         raise ExportConfigError(
-            f"--output {output!r} already holds a finished export. Pass --overwrite to "
-            "replace it, or choose another --output."
-        )
-    if state == "foreign" and not overwrite:
+            f"--{flag} {uri!r}: no filesystem serves the scheme {scheme + '://'!r}. Use a local "
+            "path, gs://BUCKET/... or s3://BUCKET/... (s3 needs `pip install 'embexport[aws]'`)."
+        ) from None
+    if scheme == "s3":
+        try:
+            import boto3  # noqa: F401  Beam's S3 filesystem needs it only when it first connects.
+        except ImportError:
+            raise ExportConfigError(
+                f"--{flag} {uri!r} is on S3, which needs boto3: install the aws extra "
+                "(`pip install 'embexport[aws]'`, or 'apache-beam[aws]')."
+            ) from None
+
+
+def _absolute(path):
+    return os.path.realpath(path) if is_local(path) else path.rstrip("/")
+
+
+def _absolute_pattern(pattern):
+    """A local pattern with its fixed directory part made absolute (symlinks resolved)."""
+    first_glob = re.search(r"[*?\[]", pattern)
+    if not is_local(pattern) or not first_glob:
+        return _absolute(pattern)
+    cut = pattern.rfind("/", 0, first_glob.start())
+    head, tail = (pattern[:cut] or "/", pattern[cut + 1 :]) if cut >= 0 else (".", pattern)
+    return os.path.join(os.path.realpath(head), tail)
+
+
+def _inside(path, directory):
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def glob_regex(pattern):
+    """A regex with the meaning of a Beam glob: `**` spans directories, `*` and `?` do not."""
+    parts, index = [], 0
+    while index < len(pattern):
+        char = pattern[index]
+        if pattern.startswith("**", index):
+            parts.append(".*")
+            index += 2
+            continue
+        if char == "*":
+            parts.append("[^/]*")
+        elif char == "?":
+            parts.append("[^/]")
+        elif char == "[" and "]" in pattern[index + 1 :]:
+            close = pattern.index("]", index + 1)
+            body = pattern[index + 1 : close]
+            parts.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            index = close + 1
+            continue
+        else:
+            parts.append(re.escape(char))
+        index += 1
+    return re.compile("".join(parts))
+
+
+def check_input_output(input_pattern, matched, output):
+    """Refuses an --output that overlaps the corpus, so no run can read or replace its own input.
+
+    Args:
+        input_pattern: --input as given.
+        matched: the paths --input matches now.
+        output: --output.
+
+    Raises:
+        ExportConfigError: the output holds, is, or would be read as, corpus files.
+    """
+    directory = _absolute(output)
+    inside = [path for path in matched if _inside(_absolute(path), directory)]
+    if inside:
         raise ExportConfigError(
-            f"--output {output!r} is not empty and does not look like an export of this "
-            "tool. Choose an empty or new directory, or pass --overwrite to replace it."
+            f"--output {output!r} holds files that --input {input_pattern!r} reads (e.g. "
+            f"{inside[0]!r}). Write the export to a directory outside the corpus."
         )
+    pattern = _absolute_pattern(input_pattern)
+    regex = glob_regex(pattern)
+    written = [name for name in _EXPORT_FILE_EXAMPLES if regex.fullmatch(directory + "/" + name)]
+    if written:
+        raise ExportConfigError(
+            f"--input {input_pattern!r} would also match the files this export writes into "
+            f"--output {output!r} (such as {written[0]!r}), so a later run would read its own "
+            "output as corpus. Narrow the --input pattern or move --output elsewhere."
+        )
+
+
+def check_output(output, overwrite):
+    """Refuses an output that cannot be written, or that holds files no export wrote.
+
+    Raises:
+        ExportConfigError: saying what is wrong and what to do instead.
+    """
+    from pipeline.output import check_output_state, is_regular_file
+
+    check_location("output", output)
+    if any(ch in output for ch in GLOB_CHARACTERS):
+        raise ExportConfigError(
+            f"--output {output!r} holds one of {GLOB_CHARACTERS!r}, which Beam's file matching "
+            "takes as a pattern; choose a directory name without them."
+        )
+    if is_regular_file(output):
+        raise ExportConfigError(
+            f"--output {output!r} is a file; --output names a directory for the export's files."
+        )
+    check_output_state(output, overwrite)
+
+
+def check_locations(options, check_remote):
+    """Checks --input, --output and how they relate, before the (slow) model load.
+
+    Raises:
+        ExportConfigError: see `check_input`, `check_output` and `check_input_output`.
+    """
+    matched = None
+    if check_remote or is_local(options.input):
+        matched = check_input(options.input)
+    else:
+        check_location("input", options.input)
+    if check_remote or is_local(options.output):
+        check_output(options.output, options.overwrite)
+        if matched is not None:
+            check_input_output(options.input, matched, options.output)
+    else:
+        check_location("output", options.output)
+
+
+def output_column_names(keep_fields, columns):
+    """The output's column names in schema order (see `schema.output_schema`)."""
+    names = ["id", *keep_fields]
+    for column in columns:
+        names.append(column.column)
+        if column.kind == "sequence" and column.pooling == "none":
+            names.append(column.column + "_tokens")
+    return names
+
+
+def check_column_names(keep_fields, columns):
+    """Refuses two output columns of one name, which Parquet readers cannot read back."""
+    names = output_column_names(keep_fields, columns)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ExportConfigError(
+            f"The output would have several columns named {', '.join(map(repr, repeated))} (its "
+            f"columns: {names}); pandas and pyarrow cannot read such a file. Give --layer a "
+            "different COLUMN= name, or list each --keep_fields field once and not as 'id' "
+            "or a layer column."
+        )
+
+
+def check_vocabulary_fits(sub_model, inputs, tokenizer):
+    """Refuses a tokenizer whose ids do not all fit the Embedding layers they feed.
+
+    Keras raises on an id >= `input_dim` at inference, which would fail
+    documents one by one; a tokenizer of `size` ids produces ids up to `size - 1`.
+    """
+    import keras
+
+    from models.truncate import input_dependencies
+
+    if tokenizer is None:
+        return
+    token_inputs = {info.name for info in inputs if info.kind == IDS_INPUT}
+    for layer in sub_model.layers:
+        if not isinstance(layer, keras.layers.Embedding):
+            continue
+        for node in layer._inbound_nodes:
+            fed_by = set(input_dependencies(sub_model, node.output_tensors[0])) & token_inputs
+            if fed_by and tokenizer.size > layer.input_dim:
+                raise ExportConfigError(
+                    f"The tokenizer produces ids up to {tokenizer.size - 1}, but Embedding layer "
+                    f"{layer.name!r} (fed by input {sorted(fed_by)[0]!r}) has input_dim="
+                    f"{layer.input_dim}, so ids >= {layer.input_dim} would fail every document "
+                    "that has one. Pass the --tokenizer the model was trained with (for a Keras 2 "
+                    "Tokenizer, the one fitted with num_words <= input_dim)."
+                )
 
 
 def build_plan(options, check_remote=True):
@@ -242,9 +425,8 @@ def build_plan(options, check_remote=True):
         )
     if options.max_record_bytes < 1:
         raise ExportConfigError(f"--max_record_bytes must be positive, received {options.max_record_bytes}.")
+    check_locations(options, check_remote)
     input_format = detect_format(options.input, options.input_format)
-    if check_remote or is_local(options.input):
-        check_input(options.input)
     explicit_map = _parse_input_map(options.input_map)
     source = load_model_source(
         options.model,
@@ -323,17 +505,11 @@ def build_plan(options, check_remote=True):
                 "one model input can be exported. Pick another --layer."
             )
     keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
-    reserved = {"id"} | {c.column for c in columns} | {f"{c.column}_tokens" for c in columns}
-    clashes = sorted(reserved & set(keep_fields))
-    if clashes:
-        raise ExportConfigError(
-            f"--keep_fields {clashes} clash with output column names; rename the layer columns."
-        )
+    check_column_names(keep_fields, columns)
+    check_vocabulary_fits(sub_model, inputs, source.tokenizer)
 
     tokenizer = source.tokenizer
     output = options.output
-    if check_remote or is_local(output):
-        check_output(output, options.overwrite)
     plan = ExportPlan(
         model_uri=options.model,
         tokenizer_uri=options.tokenizer or "",
@@ -361,10 +537,17 @@ def build_plan(options, check_remote=True):
 
 
 def check_input(pattern):
-    """Refuses an --input pattern that matches no files."""
+    """Refuses an --input pattern that matches no files, or names a directory; returns the matched paths."""
+    check_location("input", pattern)
     try:
-        matched = FileSystems.match([pattern])[0].metadata_list
+        matched = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     except Exception as error:  # Beam raises BeamIOError subclasses per filesystem.
         raise ExportConfigError(f"Cannot list --input {pattern!r}: {error}") from None
+    if is_local(pattern) and os.path.isdir(pattern):
+        raise ExportConfigError(
+            f"--input {pattern!r} is a directory; --input takes a file or a file pattern, "
+            f"e.g. {os.path.join(pattern, '*.jsonl')!r}."
+        )
     if not matched:
         raise ExportConfigError(f"--input {pattern!r} matches no files; check the path or pattern.")
+    return matched

@@ -13,7 +13,8 @@ import sys
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-EXIT_CONFIG_ERROR = 2
+from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ExportConfigError
+
 # RunInference warns once per batch that it cannot read memory use; it changes nothing.
 _NOISE = ("Resource module is not available",)
 
@@ -36,14 +37,21 @@ def main(argv=None):
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_noise)
-    from pipeline.export import format_summary, run_export
-    from pipeline.model_source import ExportConfigError
-
     try:
+        from pipeline.export import format_summary, run_export
+
         summary = run_export(argv)
     except ExportConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:
+        # The staged files stay invisible to readers; the next run removes them.
+        print(
+            "interrupted: nothing was committed; rerun the same command to export again "
+            "(it removes what this run left).",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     print(format_summary(summary))
     if summary.exit_code:
         print(f"error: {summary.message}", file=sys.stderr)

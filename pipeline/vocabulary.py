@@ -148,7 +148,8 @@ def export_vocabulary(
     """
     from apache_beam.io.filesystems import FileSystems
 
-    from pipeline.model_source import ExportConfigError, load_model_source
+    from pipeline.errors import ExportConfigError
+    from pipeline.model_source import load_model_source
 
     path = FileSystems.join(output, VOCABULARY_FILE)
     if FileSystems.exists(path) and not overwrite:
@@ -255,7 +256,7 @@ def main(argv=None):
     # Imported here, not at the top: they load Keras, which `--help` and
     # `pipeline.analyze` (importing this module's constants) do not need.
     from models.bundle import DEFAULT_BUNDLE
-    from pipeline.model_source import ExportConfigError
+    from pipeline.errors import ExportConfigError
 
     model = args.model or DEFAULT_BUNDLE
     try:

@@ -130,7 +130,7 @@ def test_output_with_foreign_files_is_refused(bundle, corpus, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
     (output / "notes.txt").write_text("someone else's file\n")
-    with pytest.raises(ExportConfigError, match="is not empty and does not look like an export of this tool"):
+    with pytest.raises(ExportConfigError, match="holds files that no export wrote"):
         run_export(export_args(bundle, corpus, output))
     assert snapshot(output) == {"notes.txt": b"someone else's file\n"}
 

@@ -1,0 +1,17 @@
+"""The launch-time error type and the exit statuses of the command-line tools."""
+
+# python -m pipeline.run (and the other commands) exit with these.
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 2  # a flag, the model, the input or the output cannot work; nothing written
+EXIT_ACCOUNTING_MISMATCH = 3  # records read != rows + dead letters (a bug: please report it)
+EXIT_TOO_MANY_ERRORS = 4  # more than --max_error_fraction of the records were dead-lettered
+EXIT_RECORDS_LOST = 5  # a file broke part-way: how many records it still held is unknown
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
+
+
+class ExportConfigError(ValueError):
+    """A flag, the model or the output location cannot work; raised before launch."""
+
+
+class OutputBusyError(ExportConfigError):
+    """Another live run holds the output directory."""

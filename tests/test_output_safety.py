@@ -1,0 +1,467 @@
+"""The output directory is safe: overwrite touches only export files, one run per directory, no self-reads.
+
+Also the launch-time refusals of a careless command line: misspelled flags,
+duplicate column names, a tokenizer too large for the model, unusable outputs,
+and Ctrl-C.  Every refusal exits 2 with one `error:` line and writes nothing.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from models.bundle import MANIFEST_FILE, MODEL_FILE, sha256_file
+from pipeline import output as output_lib
+from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ExportConfigError, OutputBusyError
+from pipeline.export import run_export
+from pipeline.run import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write_corpus(path, count, start=0):
+    with open(path, "w", encoding="utf-8") as handle:
+        for index in range(start, start + count):
+            words = " ".join(f"word{(index * 7 + k) % 40}" for k in range(3 + index % 9))
+            handle.write(
+                json.dumps({"id": f"doc{index}", "content": words, "title": f"word{index % 30}"}) + "\n"
+            )
+    return str(path)
+
+
+def _snapshot(directory):
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, directory)] = handle.read()
+    return files
+
+
+def _refused(capsys, argv, pattern):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR, err
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and "Traceback" not in err, err
+    assert pattern in error_lines[0], error_lines[0]
+    return error_lines[0]
+
+
+def _assert_complete_export(output, expected_ids):
+    manifest = output_lib.read_manifest(output)
+    assert manifest is not None and manifest["status"] == "succeeded"
+    ids = []
+    for shard in manifest["shards"]["rows"]:
+        path = os.path.join(output, shard["file"])
+        assert sha256_file(path) == shard["sha256"]
+        ids += pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == sorted(expected_ids)
+    listed = {s["file"] for s in manifest["shards"]["rows"] + manifest["shards"]["errors"]}
+    on_disk = {
+        os.path.relpath(os.path.join(root, name), output)
+        for root, _, names in os.walk(output)
+        for name in names
+        if name != output_lib.MANIFEST
+    }
+    assert on_disk == listed
+
+
+def _read_lock(directory):
+    with open(os.path.join(directory, output_lib.LOCK)) as handle:
+        return json.load(handle)
+
+
+# --- 1. --overwrite removes only what an export wrote ------------------------------------
+
+
+def test_overwrite_refuses_an_output_that_holds_the_corpus(tmp_path, tiny_bundle, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_corpus(data / "a.jsonl", 5)
+    before = _snapshot(data)
+    argv = ["--model", tiny_bundle[0], "--input", str(data / "*.jsonl"), "--output", str(data), "--overwrite"]
+    _refused(capsys, argv, "holds files that no export wrote")
+    assert _snapshot(data) == before
+
+
+def test_overwrite_of_a_working_directory_touches_nothing(tmp_path, tiny_bundle, capsys, monkeypatch):
+    work = tmp_path / "work"
+    (work / ".git").mkdir(parents=True)
+    (work / ".git" / "config").write_text("[core]\n")
+    (work / "notes.txt").write_text("mine")
+    corpus = _write_corpus(tmp_path / "c.jsonl", 5)
+    before = _snapshot(work)
+    monkeypatch.chdir(work)
+    message = _refused(
+        capsys,
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", ".", "--overwrite"],
+        "no export wrote",
+    )
+    assert ".git/config" in message and "notes.txt" in message
+    assert _snapshot(work) == before
+
+
+def test_overwrite_replaces_a_finished_export_and_nothing_else(tmp_path, tiny_bundle):
+    corpus = _write_corpus(tmp_path / "c.jsonl", 6)
+    output = str(tmp_path / "out")
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
+    # A file of the user's beside the export makes the directory foreign: refused, kept.
+    with open(os.path.join(output, "part-1.parquet"), "w") as handle:
+        handle.write("not ours: not Beam's shard naming")
+    with pytest.raises(ExportConfigError, match="no export wrote"):
+        run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, "--overwrite"])
+    assert os.path.exists(os.path.join(output, "part-1.parquet"))
+    os.remove(os.path.join(output, "part-1.parquet"))
+    smaller = _write_corpus(tmp_path / "smaller.jsonl", 3)
+    run_export(["--model", tiny_bundle[0], "--input", smaller, "--output", output, "--overwrite"])
+    _assert_complete_export(output, [f"doc{i}" for i in range(3)])
+
+
+# --- 3. an input pattern that would read the output ----------------------------------------
+
+
+def test_input_pattern_that_matches_the_output_is_refused(tmp_path, tiny_bundle, capsys):
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    table = {"id": ["a", "b"], "content": ["word1 word2", "word3"], "title": ["word4", "word5"]}
+    import pyarrow as pa
+
+    pq.write_table(pa.table(table), directory / "corpus.parquet")
+    argv = [
+        "--model",
+        tiny_bundle[0],
+        "--input",
+        str(directory / "**.parquet"),
+        "--output",
+        str(directory / "out"),
+    ]
+    _refused(capsys, argv, "would also match the files this export writes")
+    assert sorted(os.listdir(directory)) == ["corpus.parquet"]
+    # A pattern that cannot reach into --output is fine.
+    argv[3] = str(directory / "*.parquet")
+    assert main(argv) == 0
+
+
+def test_output_inside_the_matched_input_is_refused(tmp_path, tiny_bundle, capsys):
+    _write_corpus(tmp_path / "c.jsonl", 3)
+    _refused(
+        capsys,
+        ["--model", tiny_bundle[0], "--input", str(tmp_path / "*"), "--output", str(tmp_path)],
+        "holds files that",
+    )
+
+
+# --- 2. two runs, one output ----------------------------------------------------------------
+
+
+def _command(bundle, corpus, output, *flags):
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        "--model",
+        bundle,
+        "--input",
+        corpus,
+        "--output",
+        output,
+        *flags,
+    ]
+
+
+@pytest.mark.parametrize("flags", [(), ("--overwrite",)], ids=["plain", "overwrite"])
+def test_two_runs_at_once_leave_one_complete_export(tmp_path, tiny_bundle, flags):
+    corpus = _write_corpus(tmp_path / "c.jsonl", 1000)
+    output = str(tmp_path / "out")
+    environment = dict(os.environ, PYTHONPATH=ROOT)
+    processes = [
+        subprocess.Popen(
+            _command(tiny_bundle[0], corpus, output, "--batch_size", "64", *flags),
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in processes]
+    for process in processes:
+        process.stdout.close()
+        process.stderr.close()
+    codes = sorted(code for code, _ in results)
+    # Either both ran one after the other (the second replaced the first with
+    # --overwrite), or one was refused at launch: never a mix.
+    assert codes in ([0, 0], [0, EXIT_CONFIG_ERROR]) if flags else codes == [0, EXIT_CONFIG_ERROR], results
+    for code, err in results:
+        assert "Traceback" not in err, err
+        if code == EXIT_CONFIG_ERROR:
+            assert "is in use by run" in err or "already holds a finished export" in err, err
+    _assert_complete_export(output, [f"doc{i}" for i in range(1000)])
+
+
+def test_a_held_output_is_refused_and_released_after(tmp_path, tiny_bundle):
+    corpus = _write_corpus(tmp_path / "c.jsonl", 4)
+    output = str(tmp_path / "out")
+    with output_lib.OutputLock(output):
+        with pytest.raises(OutputBusyError, match="is in use by run"), output_lib.OutputLock(output):
+            pass
+        with pytest.raises(OutputBusyError, match=f"pid {os.getpid()}"):
+            run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
+        assert os.listdir(output) == [output_lib.LOCK]
+    assert not os.path.exists(output)
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
+    _assert_complete_export(output, [f"doc{i}" for i in range(4)])
+
+
+def test_a_killed_holder_does_not_keep_the_lock(tmp_path):
+    output = str(tmp_path / "out")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pipeline.output import OutputLock;"
+            "lock = OutputLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)",
+            output,
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(OutputBusyError):
+        output_lib.OutputLock(output).__enter__()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    holder.stdout.close()
+    with output_lib.OutputLock(output):
+        pass
+
+
+def test_lease_on_object_storage_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, monkeypatch):
+    # The lease protocol runs on Beam's FileSystems API; a local directory stands in for a bucket.
+    output = str(tmp_path / "bucket")
+    os.makedirs(output)
+    monkeypatch.setattr(output_lib, "is_local_path", lambda path: False)
+    monkeypatch.setattr(output_lib, "LEASE_RENEW_SECONDS", 0.2)
+    first = output_lib.OutputLock(output)
+    first._acquire_lease(settle_seconds=0)
+    with pytest.raises(OutputBusyError, match="is in use by run"):
+        output_lib.OutputLock(output)._acquire_lease(settle_seconds=0)
+    renewed = _read_lock(output)["renewed"]
+    time.sleep(0.6)
+    assert _read_lock(output)["renewed"] > renewed
+    first.release()
+    assert not os.path.exists(os.path.join(output, output_lib.LOCK))
+    # A lease nobody renewed for LEASE_SECONDS is a dead run's.
+    with open(os.path.join(output, output_lib.LOCK), "w") as handle:
+        json.dump({"run": "dead", "renewed": time.time() - output_lib.LEASE_SECONDS - 1}, handle)
+    taker = output_lib.OutputLock(output)
+    taker._acquire_lease(settle_seconds=0)
+    assert _read_lock(output)["run"] == taker.holder["run"]
+    taker.release()
+
+
+def test_a_run_removes_only_its_own_staging_directory(tmp_path, tiny_bundle):
+    corpus = _write_corpus(tmp_path / "c.jsonl", 4)
+    output = str(tmp_path / "out")
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
+    staged = output_lib.staged_shards(output, "nothing")
+    assert staged == {"rows": [], "errors": []}
+    other = os.path.join(output, output_lib.STAGING, "otherrun")
+    os.makedirs(other)
+    open(os.path.join(other, "x"), "w").close()
+    manifest = output_lib.read_manifest(output)
+    run_id = "mine00000000"
+    os.makedirs(os.path.join(output, output_lib.STAGING, run_id, "data"))
+    output_lib.commit(output, run_id, {"rows": [], "errors": []}, {"counts": manifest["counts"]})
+    assert os.listdir(os.path.join(output, output_lib.STAGING)) == ["otherrun"]
+
+
+# --- 8. duplicate output column names -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, name",
+    [
+        (["--keep_fields", "kind,kind"], "'kind'"),
+        (["--layer", "id=lstm_content"], "'id'"),
+        (["--layer", "emb", "--layer", "emb_tokens=emb:1", "--pooling", "none"], "'emb_tokens'"),
+    ],
+    ids=["keep_fields_twice", "layer_named_id", "tokens_column_clash"],
+)
+def test_duplicate_output_column_names_are_refused(flags, name, tmp_path, tiny_bundle, capsys):
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    output = tmp_path / "out"
+    message = _refused(
+        capsys,
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", str(output), *flags],
+        "several columns",
+    )
+    assert name in message
+    assert not output.exists()
+
+
+# --- 10. misspelled flags -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("typo, suggestion", [("--ouput", "--output"), ("--layr", "--layer")])
+def test_misspelled_flags_are_errors_with_a_suggestion(typo, suggestion, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = _refused(capsys, [typo, "x"], "Unknown argument")
+    assert f"did you mean {suggestion}" in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_beam_flags_still_pass(tmp_path, tiny_bundle):
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    summary = run_export(
+        [
+            "--model",
+            tiny_bundle[0],
+            "--input",
+            corpus,
+            "--output",
+            str(tmp_path / "o"),
+            "--runner=DirectRunner",
+        ]
+    )
+    assert summary.rows_written == 3
+
+
+# --- 11. a tokenizer larger than the embedding ----------------------------------------------
+
+
+def test_tokenizer_with_ids_beyond_the_embedding_is_refused(tmp_path, tiny_bundle, capsys):
+    from conftest import TINY_SIZES
+
+    vocabulary = tmp_path / "vocabulary.txt"
+    # A vocabulary file: id = line number; one more line than the Embedding's input_dim.
+    vocabulary.write_text(
+        "\n".join(["", "[UNK]"] + [f"word{i}" for i in range(TINY_SIZES["vocabulary_size"] - 1)])
+    )
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    message = _refused(
+        capsys,
+        [
+            "--model",
+            os.path.join(tiny_bundle[0], MODEL_FILE),
+            "--tokenizer",
+            str(vocabulary),
+            "--input",
+            corpus,
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        "The tokenizer produces ids up to",
+    )
+    assert f"input_dim={TINY_SIZES['vocabulary_size']}" in message
+    assert not (tmp_path / "out").exists()
+
+
+# --- 12. outputs that cannot work -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "output, pattern",
+    [
+        ("file", "is a file"),
+        ("out[1]", "which Beam's file matching takes as a pattern"),
+        ("foo://bucket/out", "no filesystem serves the scheme 'foo://'"),
+    ],
+)
+def test_unusable_outputs_are_errors(output, pattern, tmp_path, tiny_bundle, capsys):
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    (tmp_path / "file").write_text("a file of the user's")
+    if "://" not in output:
+        output = str(tmp_path / output)
+    before = sorted(os.listdir(tmp_path))
+    _refused(capsys, ["--model", tiny_bundle[0], "--input", corpus, "--output", output], pattern)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / "file").read_text() == "a file of the user's"
+
+
+def test_s3_without_boto3_says_which_extra_to_install(tmp_path, tiny_bundle, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "boto3", None)  # `import boto3` now raises ImportError
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    _refused(
+        capsys,
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", "s3://bucket/out"],
+        "pip install 'embexport[aws]'",
+    )
+
+
+def test_a_directory_as_input_asks_for_a_pattern(tmp_path, tiny_bundle, capsys):
+    (tmp_path / "data").mkdir()
+    _write_corpus(tmp_path / "data" / "c.jsonl", 3)
+    _refused(
+        capsys,
+        ["--model", tiny_bundle[0], "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out")],
+        f"is a directory; --input takes a file or a file pattern, e.g. '{tmp_path / 'data' / '*.jsonl'}'",
+    )
+
+
+def test_a_truncated_bundle_model_with_a_matching_hash_says_it_is_damaged(tmp_path, tiny_bundle, capsys):
+    bundle = str(tmp_path / "bundle")
+    shutil.copytree(tiny_bundle[0], bundle)
+    model_path = os.path.join(bundle, MODEL_FILE)
+    with open(model_path, "rb") as handle:
+        data = handle.read()
+    with open(model_path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    manifest_path = os.path.join(bundle, MANIFEST_FILE)
+    with open(manifest_path) as handle:
+        manifest = json.load(handle)
+    manifest["sha256"][MODEL_FILE] = sha256_file(model_path)
+    with open(manifest_path, "w") as handle:
+        json.dump(manifest, handle)
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    message = _refused(
+        capsys,
+        ["--model", bundle, "--input", corpus, "--output", str(tmp_path / "out")],
+        "Invalid model bundle",
+    )
+    assert "not found" not in message.lower()
+    assert "damaged or incomplete" in message
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+
+def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_bundle):
+    corpus = _write_corpus(tmp_path / "c.jsonl", 6000)
+    output = str(tmp_path / "out")
+    environment = dict(os.environ, PYTHONPATH=ROOT)
+    process = subprocess.Popen(
+        _command(tiny_bundle[0], corpus, output, "--batch_size", "16"),
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    staging = os.path.join(output, output_lib.STAGING)
+    deadline = time.time() + 120
+    while not os.path.isdir(staging) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_INTERRUPTED, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("interrupted:")] != []
+    assert output_lib.read_manifest(output) is None
+    rerun = subprocess.run(
+        _command(tiny_bundle[0], corpus, output), cwd=ROOT, env=environment, capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    _assert_complete_export(output, [f"doc{i}" for i in range(6000)])
