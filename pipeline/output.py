@@ -67,6 +67,17 @@ def _list(directory):
     return [metadata.path for metadata in result.metadata_list]
 
 
+def _iter_relatives(directory):
+    """Paths under `directory` relative to it; lazily, so a huge foreign directory is not walked whole."""
+    if is_local_path(directory):
+        for root, _, names in os.walk(directory):
+            for name in names:
+                yield os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
+        return
+    for path in _list(directory):
+        yield _relative(directory, path)
+
+
 def _relative(directory, path):
     base = directory.rstrip("/")
     return path[len(base) + 1 :] if path.startswith(base + "/") else posixpath.basename(path)
@@ -98,20 +109,28 @@ def is_local_path(path):
 
 def output_state(directory):
     """ "empty", "finished" (manifest present), "unfinished" (only leftovers of ours) or "foreign"."""
-    # The lock is the live run's (ours, once we hold it), not a leftover.
-    relatives = [r for r in (_relative(directory, path) for path in _list(directory)) if r != LOCK]
+    relatives = []
+    for relative in _iter_relatives(directory):
+        if not _ours(relative):
+            return "foreign"
+        # The lock is the live run's (ours, once we hold it), not a leftover.
+        if relative != LOCK:
+            relatives.append(relative)
     if not relatives:
         # A run killed before writing any file leaves only its staging directory.
         return "unfinished" if FileSystems.exists(join(directory, STAGING)) else "empty"
-    if not all(_ours(r) for r in relatives):
-        return "foreign"
     return "finished" if MANIFEST in relatives else "unfinished"
 
 
 def foreign_files(directory, limit=5):
     """A few of the files in `directory` that no export wrote, for error messages."""
-    relatives = [_relative(directory, path) for path in _list(directory)]
-    return sorted(r for r in relatives if not _ours(r))[:limit]
+    found = []
+    for relative in _iter_relatives(directory):
+        if not _ours(relative):
+            found.append(relative)
+            if len(found) == limit:
+                break
+    return sorted(found)
 
 
 def _delete(paths):
