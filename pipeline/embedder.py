@@ -305,8 +305,9 @@ class Embedder:
             name: [document.kept[index] for document in documents]
             for index, name in enumerate(plan.keep_fields)
         }
+        fingerprints = [schema_lib.input_fingerprint(d.texts, plan.inputs) for d in documents]
         rows = schema_lib.to_record_batch(
-            self.schema, plan, [document.id for document in documents], kept, outputs, masks
+            self.schema, plan, [document.id for document in documents], kept, outputs, masks, fingerprints
         )
         return EmbedResult(rows, errors, truncated, oov)
 

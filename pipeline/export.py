@@ -22,7 +22,7 @@ from pipeline.errors import EXIT_ACCOUNTING_MISMATCH, EXIT_OK, EXIT_TOO_MANY_ERR
 from pipeline.graph import build_pipeline
 from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenizer
 from pipeline.options import ExportOptions, default_output
-from pipeline.plan import build_plan
+from pipeline.plan import build_plan, reuse_signature
 from pipeline.transforms import NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ class ExportSummary:
     seconds: float
     exit_code: int
     message: str
+    # --reuse: rows copied from the earlier export, and its rows whose id is gone.
+    reuse: str = ""
+    rows_reused: int = 0
+    earlier_rows_dropped: int = 0
     # --dry_run: nothing was read or written; `job` is the Dataflow job Beam built, if any.
     dry_run: bool = False
     job: object = dataclasses.field(default=None, repr=False, compare=False)
@@ -291,6 +295,16 @@ def _run_and_commit(options, plan, run_id, argv):
     by_reason = {
         name[len("failed_") :]: value for name, value in counters.items() if name.startswith("failed_")
     }
+    reuse_counts = {}
+    if plan.reuse:
+        reused = counters.get("rows_reused", 0)
+        reuse_counts = {
+            "reused_from": plan.reuse,
+            "rows_reused": reused,
+            "rows_embedded": rows - reused,
+            "earlier_rows_changed": counters.get("earlier_rows_changed", 0),
+            "earlier_rows_dropped": counters.get("earlier_rows_dropped", 0),
+        }
     exit_code, message = EXIT_OK, "ok"
     if read != rows + dead:
         exit_code = EXIT_ACCOUNTING_MISMATCH
@@ -320,7 +334,9 @@ def _run_and_commit(options, plan, run_id, argv):
             "dead_letters_by_reason": by_reason,
             "documents_truncated": counters.get("documents_truncated", 0),
             "oov_tokens": counters.get("oov_tokens", 0),
+            **reuse_counts,
         },
+        "reuse_signature": reuse_signature(plan),
         "seconds": round(seconds, 3),
         "package_version": plan.package_version,
     }
@@ -336,6 +352,9 @@ def _run_and_commit(options, plan, run_id, argv):
         seconds=seconds,
         exit_code=exit_code,
         message=message,
+        reuse=plan.reuse,
+        rows_reused=reuse_counts.get("rows_reused", 0),
+        earlier_rows_dropped=reuse_counts.get("earlier_rows_dropped", 0),
     )
 
 
@@ -352,6 +371,15 @@ def format_summary(summary):
         f"  rows written     {summary.rows_written}",
         f"  dead letters     {summary.dead_letters} ({reasons})",
         f"  truncated        {summary.truncated} documents longer than the model input",
+        *(
+            [
+                f"  reused           {summary.rows_reused} rows unchanged since {summary.reuse}; "
+                f"{summary.rows_written - summary.rows_reused} embedded; "
+                f"{summary.earlier_rows_dropped} earlier rows dropped (id gone)"
+            ]
+            if summary.reuse
+            else []
+        ),
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
         f"  output           {summary.output}",
         "  read it with     "

@@ -2,7 +2,14 @@
 
 import apache_beam as beam
 
-from pipeline.transforms import EmbedDocuments, ReadCorpus, WriteDeadLetters, WriteEmbeddings, count_errors
+from pipeline.transforms import (
+    EmbedDocuments,
+    ReadCorpus,
+    ReuseEarlierRows,
+    WriteDeadLetters,
+    WriteEmbeddings,
+    count_errors,
+)
 
 
 def build_pipeline(pipeline, plan, rows_prefix, errors_prefix):
@@ -15,11 +22,15 @@ def build_pipeline(pipeline, plan, rows_prefix, errors_prefix):
         errors_prefix: file prefix of the dead-letter shards.
 
     Returns:
-        A dict with the PCollections "rows" (Arrow RecordBatches) and "errors"
-        (dead-letter dicts).
+        A dict with the PCollections "rows" (Arrow RecordBatches, embedded and,
+        with `plan.reuse`, reused) and "errors" (dead-letter dicts).
     """
     documents, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(plan)
+    if plan.reuse:
+        documents, reused = documents | "ReuseEarlierRows" >> ReuseEarlierRows(plan)
     rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan)
+    if plan.reuse:
+        rows = (rows, reused) | "CollectRows" >> beam.Flatten()
     rows | "WriteEmbeddings" >> WriteEmbeddings(plan, rows_prefix)
     errors = (read_errors, embed_errors) | "CollectErrors" >> beam.Flatten()
     count_errors(errors) | "WriteDeadLetters" >> WriteDeadLetters(plan, errors_prefix)

@@ -122,6 +122,16 @@ class ExportOptions(PipelineOptions):
             help="Output directory (local or gs://, s3://). Default: output/embeddings-<timestamp>.",
         )
         parser.add_argument(
+            "--reuse",
+            default=None,
+            metavar="EARLIER_OUTPUT",
+            help="A finished earlier export (local, gs://, s3://) made with the same model, tokenizer, "
+            "layers, pooling, dtype, padding and truncation: a document whose id is there and whose "
+            "model inputs are unchanged (same input_sha256) gets its rows copied instead of "
+            "recomputed. Everything else is embedded; ids gone from the corpus are gone from the "
+            "output. --output is still a complete export (it may be the same directory, with --overwrite).",
+        )
+        parser.add_argument(
             "--overwrite",
             action="store_true",
             default=False,

@@ -13,6 +13,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from models import __version__
 from models.truncate import input_dependencies, parse_layer_spec, truncate
+from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
 from pipeline.model_source import is_local, load_model_source, wants_no_tokenizer
 from pipeline.options import INPUT_FORMATS
@@ -93,6 +94,9 @@ class ExportPlan:
     package_version: str = __version__
     truncating: str = "pre"
     allow_unsafe_deserialization: bool = False
+    # --reuse: the earlier export and its row shards (from its manifest).
+    reuse: str = ""
+    reuse_files: tuple = ()
 
     @property
     def fields(self):
@@ -357,12 +361,12 @@ def check_locations(options, check_remote):
 
 def output_column_names(keep_fields, columns):
     """The output's column names in schema order (see `schema.output_schema`)."""
-    names = ["id", *keep_fields]
+    names = [schema_lib.ID_COLUMN, *keep_fields]
     for column in columns:
         names.append(column.column)
         if column.kind == "sequence" and column.pooling == "none":
-            names.append(column.column + "_tokens")
-    return names
+            names.append(column.column + schema_lib.TOKENS_SUFFIX)
+    return [*names, schema_lib.FINGERPRINT_COLUMN]
 
 
 def check_column_names(keep_fields, columns):
@@ -533,7 +537,90 @@ def build_plan(options, check_remote=True):
         truncating=tokenizer.truncating if tokenizer else options.truncating or "pre",
         allow_unsafe_deserialization=options.allow_unsafe_deserialization,
     )
+    if options.reuse:
+        plan = dataclasses.replace(plan, reuse=options.reuse, reuse_files=check_reuse(options.reuse, plan))
     return plan, source
+
+
+def reuse_signature(plan):
+    """What must be equal for an earlier export's rows to be this export's rows.
+
+    With these equal, a row depends only on what the model sees of the
+    document, which `schema.input_fingerprint` covers; the manifest records it.
+    """
+    return {
+        "model_sha256": plan.model_sha256,
+        "tokenizer_sha256": plan.tokenizer_sha256,
+        "columns": [
+            {
+                "column": c.column,
+                "layer": c.layer,
+                "call": c.call,
+                "kind": c.kind,
+                "dim": c.dim,
+                "pooling": c.pooling,
+                "source_input": c.source_input,
+            }
+            for c in plan.columns
+        ],
+        "dtype": plan.dtype,
+        "padding": plan.padding,
+        "truncating": plan.truncating,
+        "inputs": [{"name": i.name, "length": i.length, "kind": i.kind} for i in plan.inputs],
+    }
+
+
+def _describe_setting(key, value):
+    """A short form of a `reuse_signature` value for messages."""
+    if key == "columns" and isinstance(value, list):
+        return ", ".join(
+            f"{c['column']}={c['layer']}:{c['call']} ({c['kind']}, pooling {c['pooling']})" for c in value
+        )
+    if key == "inputs" and isinstance(value, list):
+        return ", ".join(f"{i['name']}[{i['length']}]" for i in value)
+    return repr(value)
+
+
+def check_reuse(uri, plan):
+    """Refuses a --reuse that is not a finished export made with the same model and settings.
+
+    Returns:
+        The earlier export's row shards (URIs), from its manifest.
+
+    Raises:
+        ExportConfigError: naming what differs and how to proceed.
+    """
+    from pipeline.output import join, output_state, read_manifest
+
+    check_location("reuse", uri)
+    try:
+        manifest = read_manifest(uri)
+    except Exception as error:  # Unreadable, not JSON, no credentials, ...
+        raise ExportConfigError(f"Cannot read the manifest of --reuse {uri!r}: {error}") from None
+    if manifest is None:
+        state = "missing" if output_state(uri) == "empty" else "unfinished or not an export"
+        raise ExportConfigError(
+            f"--reuse {uri!r} is {state}: it has no _MANIFEST.json, which a finished export "
+            "writes last. Pass a finished export's directory, or leave --reuse out for a full export."
+        )
+    earlier = manifest.get("reuse_signature")
+    if earlier is None:
+        raise ExportConfigError(
+            f"--reuse {uri!r} was written by a version that did not record input fingerprints, so "
+            "its rows cannot be matched to documents. Run one full export (without --reuse) and "
+            "reuse that one from then on."
+        )
+    current = reuse_signature(plan)
+    differences = [key for key in current if current[key] != earlier.get(key)]
+    if differences:
+        details = "; ".join(
+            f"{key}: earlier {earlier.get(key)!r}, now {current[key]!r}" for key in differences
+        )
+        raise ExportConfigError(
+            f"--reuse {uri!r} cannot be reused: its rows were made with other settings ({details}). "
+            "Its vectors would differ from this export's; leave --reuse out for a full export."
+        )
+    return tuple(join(uri, shard["file"]) for shard in manifest["shards"]["rows"])
 
 
 def check_input(pattern):

@@ -4,12 +4,16 @@ This module is the one place that decides column names, types and Parquet
 metadata; the writer, the tests and the README examples all use it.
 """
 
+import hashlib
 import json
 
 import numpy as np
 import pyarrow as pa
 
 ID_COLUMN = "id"
+# SHA-256 of exactly what the model saw of the document (see `input_fingerprint`):
+# `--reuse` copies a row from an earlier export only when it is unchanged.
+FINGERPRINT_COLUMN = "input_sha256"
 TOKENS_SUFFIX = "_tokens"
 METADATA_KEY = b"embexport"
 
@@ -45,6 +49,7 @@ def output_schema(plan):
         fields.append(pa.field(column.column, column_type(column, plan.dtype)))
         if column.kind == "sequence" and column.pooling == "none":
             fields.append(pa.field(column.column + TOKENS_SUFFIX, pa.int32()))
+    fields.append(pa.field(FINGERPRINT_COLUMN, pa.string()))
     metadata = {
         "model_uri": plan.model_uri,
         "model_sha256": plan.model_sha256,
@@ -104,7 +109,23 @@ def pool_sequence(values, mask, pooling):
     raise ValueError(f"Unknown pooling {pooling!r}; expected mean, max or last.")
 
 
-def to_record_batch(schema, plan, ids, kept, outputs, masks):
+def input_fingerprint(texts, inputs):
+    """Hex SHA-256 of what the model sees of a document: each input's text or token ids.
+
+    Args:
+        texts: the document's values in `inputs` order (strings, or `TokenIds`,
+            which carry `.ids`).
+        inputs: the plan's `InputInfo`s.
+    """
+    parts = [
+        [info.name, "ids", list(text.ids)] if hasattr(text, "ids") else [info.name, "text", text]
+        for info, text in zip(inputs, texts, strict=True)
+    ]
+    # ensure_ascii escapes lone surrogates, which UTF-8 cannot encode.
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=True).encode("ascii")).hexdigest()
+
+
+def to_record_batch(schema, plan, ids, kept, outputs, masks, fingerprints=None):
     """Builds the output rows of one batch as an Arrow RecordBatch.
 
     Args:
@@ -114,6 +135,7 @@ def to_record_batch(schema, plan, ids, kept, outputs, masks):
         kept: field name -> list of values (strings or None) for `plan.keep_fields`.
         outputs: column name -> numpy array from the sub-model, rows aligned with `ids`.
         masks: model input name -> boolean (n, length) array of real-token positions.
+        fingerprints: `input_fingerprint` per row (None: left null).
 
     Returns:
         A `pyarrow.RecordBatch` with `schema`.
@@ -140,6 +162,7 @@ def to_record_batch(schema, plan, ids, kept, outputs, masks):
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         arrays.append(pa.ListArray.from_arrays(pa.array(offsets), _fixed_size(tokens, value_type)))
         arrays.append(pa.array(counts, type=pa.int32()))
+    arrays.append(pa.array(fingerprints or [None] * len(ids), type=pa.string()))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 

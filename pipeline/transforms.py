@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.parquetio import WriteToParquet, WriteToParquetBatched
+from apache_beam.io.parquetio import ReadAllFromParquetBatched, WriteToParquet, WriteToParquetBatched
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.transforms.window import GlobalWindow
@@ -419,6 +419,101 @@ class WriteDeadLetters(beam.PTransform):
             codec=self._plan.compression,
             file_name_suffix=".parquet",
         )
+
+
+REUSED = "reused"
+
+
+def _earlier_rows(table):
+    """(id, row) for each row of an earlier export's row group; `row` lacks the id."""
+    for row in table.to_pylist():
+        yield row.pop(schema_lib.ID_COLUMN), row
+
+
+class ReuseEarlierRowsFn(beam.DoFn):
+    """Joins a document with the earlier export's row of its id: reused row, or document to embed.
+
+    Input: (id, {"documents": [Document], "earlier": [row]}), at most one of
+    each since ids are unique in a finished export and after de-duplication.
+    A row is reused only if its `input_sha256` equals the document's
+    fingerprint; kept fields always come from the new corpus.
+    """
+
+    def __init__(self, plan):
+        self._plan = plan
+        self._reused = Metrics.counter(NAMESPACE, "rows_reused")
+        self._changed = Metrics.counter(NAMESPACE, "earlier_rows_changed")
+        self._dropped = Metrics.counter(NAMESPACE, "earlier_rows_dropped")
+
+    def process(self, element):
+        document_id, groups = element
+        documents, earlier = list(groups["documents"]), list(groups["earlier"])
+        if not documents:
+            self._dropped.inc(len(earlier))
+            return
+        document = documents[0]
+        fingerprint = schema_lib.input_fingerprint(document.texts, self._plan.inputs)
+        if earlier and earlier[0][schema_lib.FINGERPRINT_COLUMN] == fingerprint:
+            row = dict(earlier[0], id=document_id)
+            row.update(zip(self._plan.keep_fields, document.kept, strict=True))
+            self._reused.inc()
+            yield beam.pvalue.TaggedOutput(REUSED, row)
+            return
+        if earlier:
+            self._changed.inc()
+        yield document
+
+
+class RowsToBatchFn(beam.DoFn):
+    """Turns a list of row dicts into one Arrow RecordBatch of the output schema."""
+
+    def __init__(self, plan):
+        self._plan = plan
+
+    def setup(self):
+        self._schema = schema_lib.output_schema(self._plan)
+
+    def process(self, rows):
+        yield pa.RecordBatch.from_pylist(rows, schema=self._schema)
+
+
+class ReuseEarlierRows(beam.PTransform):
+    """Documents -> documents still to embed (main) and reused row batches (`reused`).
+
+    A join by id of the corpus with the earlier export (`plan.reuse_files`),
+    reading only the columns a row needs: a CoGroupByKey, so neither side is
+    held in memory whole, on Dataflow or locally.
+    """
+
+    def __init__(self, plan):
+        super().__init__()
+        self._plan = plan
+
+    def expand(self, documents):
+        plan = self._plan
+        columns = [
+            name
+            for name in schema_lib.output_schema(plan).names
+            if name not in plan.keep_fields  # Kept fields come from the new corpus.
+        ]
+        earlier = (
+            documents.pipeline
+            | "EarlierShards" >> beam.Create(list(plan.reuse_files))
+            | "ReadEarlierShards" >> ReadAllFromParquetBatched(columns=columns)
+            | "KeyEarlierRows" >> beam.FlatMap(_earlier_rows)
+        )
+        keyed = documents | "KeyDocumentsById" >> beam.Map(lambda document: (document.id, document))
+        results = (
+            {"documents": keyed, "earlier": earlier}
+            | "JoinWithEarlier" >> beam.CoGroupByKey()
+            | "ReuseUnchanged" >> beam.ParDo(ReuseEarlierRowsFn(plan)).with_outputs(REUSED, main=DOCUMENTS)
+        )
+        reused = (
+            results[REUSED]
+            | "BatchReusedRows" >> beam.BatchElements(min_batch_size=256, max_batch_size=ROW_GROUP_ROWS)
+            | "ReusedRowsToArrow" >> beam.ParDo(RowsToBatchFn(plan))
+        )
+        return results[DOCUMENTS], reused
 
 
 def shard_prefix(directory):

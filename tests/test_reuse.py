@@ -1,0 +1,320 @@
+"""--reuse: rows of unchanged documents come from an earlier export, bit for bit a full re-export.
+
+The corpus is the bundled sample corpus; the next version changes 1 % of the
+documents, adds 1 % and deletes 1 %.  The reference for every comparison is
+a full export of the new corpus (which the other suites check against Keras).
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from models.paths import SAMPLE_CORPUS
+from pipeline import output as output_lib
+from pipeline.errors import ExportConfigError
+from pipeline.export import run_export
+from pipeline.schema import FINGERPRINT_COLUMN, input_fingerprint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARE = 0.01
+
+
+def _read(directory):
+    table = ds.dataset(str(directory), format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES)
+    return table.to_table().sort_by("id")
+
+
+def next_version(records, seed=0, id_field="id", text_field="content"):
+    """(records, changed ids, new ids, deleted ids): 1 % changed, 1 % added, 1 % deleted."""
+    rng = random.Random(seed)
+    count = max(1, int(len(records) * SHARE))
+    picked = rng.sample(range(len(records)), 2 * count)
+    changed = {records[i][id_field] for i in picked[:count]}
+    deleted = {records[i][id_field] for i in picked[count:]}
+    result = []
+    for index, record in enumerate(records):
+        if record[id_field] in deleted:
+            continue
+        record = dict(record)
+        if record[id_field] in changed:
+            record[text_field] += " and one more sentence about sockets"
+        elif index % 7 == 0 and "kind" in record:
+            record["kind"] = record["kind"].upper()  # kept fields must come from the new corpus
+        result.append(record)
+    new = [f"new-{index}" for index in range(count)]
+    for document_id in new:
+        result.append(
+            {
+                id_field: document_id,
+                "title": "a new title",
+                text_field: f"a brand new document number {document_id}",
+                "kind": "function",
+                "topic": "network",
+            }
+        )
+    return result, changed, set(new), deleted
+
+
+def _write(path, records):
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory):
+    """Both corpus versions, the first export, and a full export of the second."""
+    directory = tmp_path_factory.mktemp("reuse")
+    with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    second, changed, new, deleted = next_version(records)
+    first_path = _write(directory / "v1.jsonl", records)
+    second_path = _write(directory / "v2.jsonl", second)
+    flags = ["--keep_fields", "kind"]
+    v1 = str(directory / "v1")
+    run_export(["--input", first_path, "--output", v1, *flags])
+    full = str(directory / "full")
+    run_export(["--input", second_path, "--output", full, *flags])
+    return {
+        "directory": directory,
+        "records": records,
+        "second": second,
+        "first_path": first_path,
+        "second_path": second_path,
+        "changed": changed,
+        "new": new,
+        "deleted": deleted,
+        "v1": v1,
+        "full": full,
+        "flags": flags,
+    }
+
+
+def test_reuse_equals_a_full_export_bit_for_bit_and_counts_what_it_did(versions, tmp_path):
+    output = str(tmp_path / "v2")
+    summary = run_export(
+        [
+            "--input",
+            versions["second_path"],
+            "--output",
+            output,
+            "--reuse",
+            versions["v1"],
+            *versions["flags"],
+        ]
+    )
+    assert summary.exit_code == 0, summary.message
+    reused = _read(output)
+    full = _read(versions["full"])
+    assert reused.schema == full.schema
+    assert reused.equals(full)  # every column, every bit, every document
+
+    unchanged = len(versions["records"]) - len(versions["changed"]) - len(versions["deleted"])
+    counts = output_lib.read_manifest(output)["counts"]
+    assert counts["rows_reused"] == summary.rows_reused == unchanged
+    assert counts["rows_embedded"] == len(versions["changed"]) + len(versions["new"])
+    assert counts["earlier_rows_changed"] == len(versions["changed"])
+    assert counts["earlier_rows_dropped"] == summary.earlier_rows_dropped == len(versions["deleted"])
+    assert counts["records_read"] == counts["rows_written"] + counts["dead_letters"]
+    ids = set(reused.column("id").to_pylist())
+    assert not ids & versions["deleted"] and versions["new"] <= ids
+    # Kept fields are the new corpus's, not the old rows'.
+    kinds = dict(zip(reused.column("id").to_pylist(), reused.column("kind").to_pylist(), strict=True))
+    assert kinds == {r["id"]: r["kind"] for r in versions["second"]}
+    assert any(kind.isupper() for kind in kinds.values())
+
+
+def test_fingerprint_is_what_the_model_sees(versions):
+    table = _read(versions["v1"])
+    by_id = {r["id"]: r for r in versions["records"]}
+    from pipeline.plan import InputInfo
+
+    inputs = (InputInfo("content", "content", 300), InputInfo("title", "title", 20))
+    for row_id, fingerprint in zip(
+        table.column("id").to_pylist()[:50], table.column(FINGERPRINT_COLUMN).to_pylist()[:50], strict=True
+    ):
+        record = by_id[row_id]
+        assert fingerprint == input_fingerprint((record["content"], record["title"]), inputs)
+    assert input_fingerprint(("a", "b"), inputs) != input_fingerprint(("a ", "b"), inputs)
+    assert input_fingerprint(("\ud800", "b"), inputs)  # lone surrogates hash too
+
+
+def _refused(argv, pattern, output):
+    with pytest.raises(ExportConfigError, match=pattern):
+        run_export(argv)
+    assert not os.path.exists(output)
+
+
+def test_refusals(versions, tmp_path, tiny_bundle):
+    second = versions["second_path"]
+    output = str(tmp_path / "out")
+    base = ["--input", second, "--output", output, *versions["flags"]]
+    _refused([*base, "--reuse", str(tmp_path / "missing")], "is missing: it has no _MANIFEST.json", output)
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(versions["v1"], unfinished)
+    os.remove(unfinished / output_lib.MANIFEST)
+    _refused([*base, "--reuse", str(unfinished)], "is unfinished or not an export", output)
+
+    _refused(
+        [*base, "--reuse", versions["v1"], "--layer", "lstm_content"], r"other settings \(columns", output
+    )
+    _refused([*base, "--reuse", versions["v1"], "--dtype", "float16"], r"other settings \(dtype", output)
+    _refused([*base, "--reuse", versions["v1"], "--padding", "post"], r"other settings \(padding", output)
+    _refused(
+        ["--model", tiny_bundle[0], *base, "--reuse", versions["v1"]],
+        r"other settings \(model_sha256: earlier '[0-9a-f]{64}', now '[0-9a-f]{64}'",
+        output,
+    )
+
+    old_version = tmp_path / "old_version"
+    shutil.copytree(versions["v1"], old_version)
+    with open(old_version / output_lib.MANIFEST, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    del manifest["reuse_signature"]
+    with open(old_version / output_lib.MANIFEST, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle)
+    _refused([*base, "--reuse", str(old_version)], "did not record input fingerprints", output)
+
+
+def test_reuse_in_place_with_overwrite(versions, tmp_path):
+    directory = str(tmp_path / "live")
+    shutil.copytree(versions["v1"], directory)
+    summary = run_export(
+        [
+            "--input",
+            versions["second_path"],
+            "--output",
+            directory,
+            "--reuse",
+            directory,
+            "--overwrite",
+            *versions["flags"],
+        ]
+    )
+    assert summary.exit_code == 0
+    assert _read(directory).equals(_read(versions["full"]))
+
+
+def _command(corpus, output, *flags):
+    return [sys.executable, "-m", "pipeline.run", "--input", corpus, "--output", output, *flags]
+
+
+def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
+    # Five copies of the corpus with new ids: long enough to be killed part-way.
+    records = [dict(r, id=f"{copy}-{r['id']}") for copy in range(5) for r in versions["records"]]
+    second, _, _, _ = next_version(records, seed=1)
+    first_path = _write(tmp_path / "big1.jsonl", records)
+    second_path = _write(tmp_path / "big2.jsonl", second)
+    environment = dict(os.environ, PYTHONPATH=ROOT)
+    v1 = str(tmp_path / "v1")
+    subprocess.run(_command(first_path, v1), cwd=ROOT, env=environment, check=True, capture_output=True)
+
+    output = str(tmp_path / "v2")
+    command = _command(second_path, output, "--reuse", v1, "--batch_size", "64")
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    staging = os.path.join(output, output_lib.STAGING)
+    deadline = time.time() + 120
+    while not os.path.isdir(staging) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert output_lib.read_manifest(output) is None
+
+    rerun = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    full = str(tmp_path / "full")
+    subprocess.run(_command(second_path, full), cwd=ROOT, env=environment, check=True, capture_output=True)
+    assert _read(output).equals(_read(full))
+    assert output_lib.read_manifest(output)["counts"]["rows_reused"] > 0.9 * len(second)
+
+
+# The tutorial's single-input model as its code writes it: tf_keras, Input(shape=(300,))
+# (float32), default layer names, a Keras 2 Tokenizer, pad_sequences, saved as .h5.
+TUTORIAL_SCRIPT = r"""
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np
+import tf_keras
+from tf_keras.layers import Input, Embedding, LSTM, Dense
+from tf_keras.models import Model
+from tf_keras.preprocessing.text import Tokenizer
+from tf_keras.preprocessing.sequence import pad_sequences
+
+out, first, second = sys.argv[1:4]
+tf_keras.utils.set_random_seed(0)
+load = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]
+records = load(first)
+tokenizer = Tokenizer(num_words=4000)
+tokenizer.fit_on_texts([r["content"] for r in records])
+with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as handle:
+    handle.write(tokenizer.to_json())
+x = pad_sequences(tokenizer.texts_to_sequences([r["content"] for r in records]), maxlen=300)
+y = np.array([r["kind"] == "function" for r in records], dtype="float32")
+content = Input(shape=(300,))
+lstm = LSTM(128)(Embedding(4000, 300)(content))
+model = Model(inputs=content, outputs=Dense(1, activation="sigmoid")(lstm))
+model.compile(optimizer="adam", loss="binary_crossentropy")
+model.fit(x, y, epochs=1, batch_size=64, verbose=0)
+model.save(os.path.join(out, "tutorial.h5"))
+new = load(second)
+ids = pad_sequences(tokenizer.texts_to_sequences([r["content"] for r in new]), maxlen=300)
+reference = Model(inputs=model.input, outputs=model.get_layer("lstm").output).predict(ids, verbose=0)
+np.save(os.path.join(out, "reference.npy"), reference)
+json.dump({"input": model.input.name.split(":")[0], "ids": [r["id"] for r in new]},
+          open(os.path.join(out, "info.json"), "w"))
+"""
+
+
+def test_reuse_on_the_tutorial_keras2_model(tmp_path):
+    with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle][:600]
+    second, changed, new, deleted = next_version(records, seed=3)
+    first_path = _write(tmp_path / "v1.jsonl", records)
+    second_path = _write(tmp_path / "v2.jsonl", second)
+    built = subprocess.run(
+        [sys.executable, "-c", TUTORIAL_SCRIPT, str(tmp_path), first_path, second_path],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    with open(tmp_path / "info.json", encoding="utf-8") as handle:
+        info = json.load(handle)
+    model = [
+        "--model",
+        str(tmp_path / "tutorial.h5"),
+        "--tokenizer",
+        str(tmp_path / "tokenizer.json"),
+        "--layer",
+        "lstm",
+        "--input_map",
+        f"{info['input']}=content",
+    ]
+    run_export([*model, "--input", first_path, "--output", str(tmp_path / "v1")])
+    summary = run_export(
+        [*model, "--input", second_path, "--output", str(tmp_path / "v2"), "--reuse", str(tmp_path / "v1")]
+    )
+    assert summary.rows_reused == len(records) - len(changed) - len(deleted)
+    run_export([*model, "--input", second_path, "--output", str(tmp_path / "full")])
+    reused = _read(tmp_path / "v2")
+    assert reused.equals(_read(tmp_path / "full"))
+    # And both are what Keras 2 itself gives for the new corpus.
+    order = {document_id: index for index, document_id in enumerate(info["ids"])}
+    reference = np.load(tmp_path / "reference.npy")
+    vectors = np.array(reused.column("lstm").to_pylist(), dtype=np.float32)
+    expected = reference[[order[i] for i in reused.column("id").to_pylist()]]
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
