@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from pipeline.output import MANIFEST, SHARD_PREFIX
-from pipeline.schema import ID_COLUMN
+from pipeline.schema import FINGERPRINT_COLUMN, ID_COLUMN
 from pipeline.vocabulary import TOKEN_COLUMN, TOKEN_ID_COLUMN, VECTOR_COLUMN, VOCABULARY_FILE
 
 DEFAULT_K = 10
@@ -153,7 +153,12 @@ def open_documents(location):
     dataset = ds.dataset(files, filesystem=filesystem, format="parquet")
     if ID_COLUMN not in dataset.schema.names:
         raise AnalysisError(f"{location!r} has no {ID_COLUMN!r} column, so it is not an export of this tool.")
-    details = tuple(f.name for f in dataset.schema if f.name != ID_COLUMN and pa.types.is_string(f.type))
+    # Kept fields are the details worth showing; the fingerprint is not.
+    details = tuple(
+        f.name
+        for f in dataset.schema
+        if f.name not in (ID_COLUMN, FINGERPRINT_COLUMN) and pa.types.is_string(f.type)
+    )
     return VectorDataset(location, "documents", dataset, ID_COLUMN, details)
 
 

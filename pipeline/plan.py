@@ -567,6 +567,8 @@ def reuse_signature(plan):
         "padding": plan.padding,
         "truncating": plan.truncating,
         "inputs": [{"name": i.name, "length": i.length, "kind": i.kind} for i in plan.inputs],
+        # The fast path equals Keras's forward pass to 1e-5, not bit for bit.
+        "fast_path": plan.fast_path,
     }
 
 

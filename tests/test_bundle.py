@@ -112,7 +112,7 @@ def test_modified_file_fails_the_hash_check(bundle_dir, name):
 def test_model_file_that_is_not_a_model(bundle_dir):
     _replace_file_and_rehash(bundle_dir, MODEL_FILE, b"this is not a zip archive")
     message = _load_error(bundle_dir)
-    assert "Could not load" in message
+    assert "damaged or incomplete" in message
     assert MODEL_FILE in message
 
 

@@ -272,7 +272,7 @@ def test_output_reads_back_with_pyarrow_pandas_and_duckdb(export, corpus):
 
     frame = pd.read_parquet(output, ignore_prefixes=READER_IGNORE_PREFIXES)
     assert len(frame) == len(expected)
-    assert set(frame.columns) == {"id", "kind", "topic", "emb", "emb_call1", "lstm_content", "lstm_title"}
+    assert set(frame.columns) == {"id", "kind", "topic", "emb", "emb_call1", "lstm_content", "lstm_title", "input_sha256"}
     for record in frame.itertuples(index=False):
         assert isinstance(record.lstm_content, np.ndarray) and record.lstm_content.shape == (6,)
         assert record.emb.shape == (8,)
@@ -345,7 +345,7 @@ def test_multi_processing_gives_the_same_rows_as_in_memory(export, monkeypatch):
     multi = read_rows(process_output)
     assert in_memory.schema == multi.schema
     # Default flags: the bundle's default layers, mean pooling.
-    assert in_memory.column_names == ["id", "lstm_content", "lstm_title", "add", "emb"]
+    assert in_memory.column_names == ["id", "lstm_content", "lstm_title", "add", "emb", "input_sha256"]
     in_memory_rows, multi_rows = rows_by_id(in_memory), rows_by_id(multi)
     assert sorted(in_memory_rows) == sorted(multi_rows)
     for document_id, row in in_memory_rows.items():

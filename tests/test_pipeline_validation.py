@@ -121,7 +121,7 @@ def test_finished_export_is_kept_without_overwrite_and_replaced_with_it(bundle, 
 
     second = run_export(export_args(bundle, corpus, output, "--layer=lstm_title", "--overwrite"))
     assert second.exit_code == 0 and second.rows_written == len(documents)
-    assert read_rows(output).column_names == ["id", "lstm_title"]
+    assert read_rows(output).column_names == ["id", "lstm_title", "input_sha256"]
     assert [c["column"] for c in manifest_of(output)["columns"]] == ["lstm_title"]
     assert STAGING not in os.listdir(output)
 

@@ -101,7 +101,7 @@ def test_pool_sequence_rejects_unknown_pooling():
 def test_output_schema_names_and_types_with_metadata():
     plan = make_plan([PER_TOKEN, MEAN_TITLE, VECTOR], keep_fields=("kind",))
     output = schema.output_schema(plan)
-    assert output.names == ["id", "kind", "emb", "emb_tokens", "emb_call1", "lstm"]
+    assert output.names == ["id", "kind", "emb", "emb_tokens", "emb_call1", "lstm", "input_sha256"]
     assert output.field("id").type == pa.string() and not output.field("id").nullable
     assert output.field("emb_tokens").type == pa.int32()
     metadata = schema.read_export_metadata(output)
