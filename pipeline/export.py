@@ -21,7 +21,7 @@ from pipeline.graph import build_pipeline
 from pipeline.model_source import ExportConfigError, is_default_bundle, is_local, wants_no_tokenizer
 from pipeline.options import ExportOptions, default_output
 from pipeline.plan import build_plan
-from pipeline.transforms import NAMESPACE
+from pipeline.transforms import FILES_BROKEN, NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -247,6 +247,7 @@ def run_export(argv=None):
     rows = sum(count for _, count in staged["rows"])
     dead = sum(count for _, count in staged["errors"])
     read = counters.get("records_read", 0)
+    broken = counters.get(FILES_BROKEN, 0)
     by_reason = {
         name[len("failed_") :]: value for name, value in counters.items() if name.startswith("failed_")
     }
@@ -254,6 +255,13 @@ def run_export(argv=None):
     if read != rows + dead:
         exit_code = 3
         message = f"Accounting mismatch: {read} records read but {rows} rows + {dead} dead letters written."
+    elif broken:
+        exit_code = 5
+        message = (
+            f"{broken} input file(s) could not be read to the end (unreadable_file or read_error in "
+            f"{output_lib.join(plan.output, output_lib.ERRORS_DIR)}): records after the break may be "
+            "lost, and how many is unknown."
+        )
     elif read and dead / read > export_options.max_error_fraction:
         exit_code = 4
         message = (
@@ -277,6 +285,7 @@ def run_export(argv=None):
             "rows_written": rows,
             "dead_letters": dead,
             "dead_letters_by_reason": by_reason,
+            "files_broken": broken,
             "documents_truncated": counters.get("documents_truncated", 0),
             "oov_tokens": counters.get("oov_tokens", 0),
         },
