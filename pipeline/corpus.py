@@ -117,13 +117,13 @@ def _too_large(source, number, size, limit, raw):
 
 
 def _skip_line(stream):
-    """Reads to the end of the current line without keeping it; returns the bytes skipped."""
-    skipped = 0
+    """Reads to the end of the current line without keeping it: (bytes skipped, last chunk read)."""
+    skipped, chunk = 0, b""
     while chunk := stream.readline(_SKIP_CHUNK):
         skipped += len(chunk)
         if chunk.endswith(b"\n"):
             break
-    return skipped
+    return skipped, chunk
 
 
 def line_records(plan, source, stream):
@@ -133,16 +133,18 @@ def line_records(plan, source, stream):
     # Room for the record and its "\r\n": a longer read means a longer line.
     while line := stream.readline(limit + 2):
         number += 1
-        size = len(line)
-        if not line.endswith(b"\n") and size == limit + 2:
-            size += _skip_line(stream)
+        cut = len(line) == limit + 2 and not line.endswith(b"\n")
         if number == 1 and line.startswith(BOM):
-            line, size = line[len(BOM) :], size - len(BOM)
-        record = line.rstrip(b"\r\n")
-        if size - (len(line) - len(record)) > limit:
+            line = line[len(BOM) :]
+        size, end = len(line), line
+        if cut:
+            skipped, end = _skip_line(stream)
+            size += skipped
+        size -= len(end) - len(end.rstrip(b"\r\n"))
+        if size > limit:
             yield _too_large(source, number, size, limit, line[: RAW_CHARACTERS * 4])
             continue
-        yield _guarded(parse_line, plan, source, number, record)
+        yield _guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
 
 
 def parse_line(plan, source, number, line):
