@@ -23,7 +23,6 @@ from pipeline.plan import IDS_INPUT
 TOO_LARGE = "too_large"
 INVALID_UTF8 = "invalid_utf8"
 MALFORMED_JSON = "malformed_json"
-MALFORMED_CSV = "malformed_csv"
 NOT_AN_OBJECT = "not_an_object"
 WRONG_FIELD_COUNT = "wrong_field_count"
 AMBIGUOUS_HEADER = "ambiguous_header"
@@ -43,12 +42,14 @@ FILE_REASONS = (UNREADABLE_FILE, READ_ERROR)
 BOM = b"\xef\xbb\xbf"
 # Token ids feed int32 model inputs.
 TOKEN_ID_LIMIT = 2**31
-# How much of a record a dead letter keeps (`schema.error_row` cuts `raw` to this).
-RAW_CHARACTERS = 4096
 # Lone surrogates come from JSON escapes ("\ud800") or from bytes decoded with
 # surrogateescape; Parquet (UTF-8) cannot store them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SKIP_CHUNK = 1 << 20
+
+
+# Compressions the reader does not take: one clear dead letter beats records of garbage.
+OTHER_COMPRESSIONS = (".bz2", ".deflate", ".lzma", ".xz", ".zst", ".zstd", ".zip", ".7z")
 
 
 def is_compressed(path):
@@ -73,6 +74,12 @@ def read_file(plan, path, open_file):
     readers = {"csv": csv_records, "parquet": parquet_records}
     records = readers.get(plan.input_format, line_records)
     read = 0
+    if path.lower().endswith(OTHER_COMPRESSIONS):
+        message = (
+            f"{path} is compressed in a format the reader does not take; gzip it (.gz) or decompress it."
+        )
+        yield schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
+        return
     try:
         with open_file() as stream:
             source = gzip.GzipFile(fileobj=stream, mode="rb") if is_compressed(path) else stream
@@ -142,7 +149,7 @@ def line_records(plan, source, stream):
             size += skipped
         size -= len(end) - len(end.rstrip(b"\r\n"))
         if size > limit:
-            yield _too_large(source, number, size, limit, line[: RAW_CHARACTERS * 4])
+            yield _too_large(source, number, size, limit, line[: schema_lib.RAW_LIMIT * 4])
             continue
         yield _guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
 
@@ -213,8 +220,8 @@ class _CsvLines:
             raise StopIteration
         self._line = line
         self.quotes += line.count('"')
-        if len(self.raw) < RAW_CHARACTERS:
-            self.raw += line[: RAW_CHARACTERS - len(self.raw)]
+        if len(self.raw) < schema_lib.RAW_LIMIT:
+            self.raw += line[: schema_lib.RAW_LIMIT - len(self.raw)]
         size = len(line.encode("utf-8", "surrogateescape"))
         terminator = len(line) - len(line.rstrip("\r\n"))
         self.size += size
@@ -260,10 +267,6 @@ def csv_records(plan, source, stream):
             number += 1
             lines.skip_record()
             yield _too_large(source, number, lines.size, limit, lines.raw)
-            continue
-        except csv.Error as error:
-            number += 1
-            yield schema_lib.error_row(source, number, None, MALFORMED_CSV, str(error), lines.raw)
             continue
         number += 1
         yield _guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)

@@ -12,6 +12,8 @@ import pyarrow as pa
 ID_COLUMN = "id"
 TOKENS_SUFFIX = "_tokens"
 METADATA_KEY = b"embexport"
+# Characters of a bad record that its dead letter keeps in `raw`.
+RAW_LIMIT = 4096
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -156,7 +158,7 @@ def writable_text(text):
     return text
 
 
-def error_row(source, position, document_id, reason, message, raw, raw_limit=4096):
+def error_row(source, position, document_id, reason, message, raw, raw_limit=RAW_LIMIT):
     """One dead-letter row; `raw` is cut to `raw_limit` characters. Every value can be written."""
     if isinstance(raw, bytes):
         raw = raw[: raw_limit * 4].decode("utf-8", errors="backslashreplace")

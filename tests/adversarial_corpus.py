@@ -6,6 +6,7 @@ and how many files are broken (read in part or not at all: exit status 5).
 Cases of one format can share a directory and run as one export.
 """
 
+import bz2
 import dataclasses
 import datetime
 import gzip
@@ -146,8 +147,11 @@ def truncated_jsonl(directory):
 
 
 def not_gzip(directory):
+    """Named .gz but not gzip, or compressed another way: a file nothing can be read from."""
     _write(directory, "fake.jsonl.gz", jsonl_bytes([record("fake-1")]))
-    return Expected(dead={("fake.jsonl.gz", None): "unreadable_file"}, broken=1)
+    _write(directory, "other.jsonl.bz2", bz2.compress(jsonl_bytes([record("bz2-1")])))
+    dead = {("fake.jsonl.gz", None): "unreadable_file", ("other.jsonl.bz2", None): "unreadable_file"}
+    return Expected(dead=dead, broken=2)
 
 
 def bom_jsonl(directory):
