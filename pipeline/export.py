@@ -18,12 +18,18 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipeline import output as output_lib
-from pipeline.errors import EXIT_ACCOUNTING_MISMATCH, EXIT_OK, EXIT_TOO_MANY_ERRORS, ExportConfigError
+from pipeline.errors import (
+    EXIT_ACCOUNTING_MISMATCH,
+    EXIT_OK,
+    EXIT_RECORDS_LOST,
+    EXIT_TOO_MANY_ERRORS,
+    ExportConfigError,
+)
 from pipeline.graph import build_pipeline
 from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenizer
 from pipeline.options import ExportOptions, default_output
 from pipeline.plan import build_plan, reuse_signature
-from pipeline.transforms import NAMESPACE
+from pipeline.transforms import FILES_BROKEN, NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -292,6 +298,7 @@ def _run_and_commit(options, plan, run_id, argv):
     rows = sum(count for _, count in staged["rows"])
     dead = sum(count for _, count in staged["errors"])
     read = counters.get("records_read", 0)
+    broken = counters.get(FILES_BROKEN, 0)
     by_reason = {
         name[len("failed_") :]: value for name, value in counters.items() if name.startswith("failed_")
     }
@@ -309,6 +316,13 @@ def _run_and_commit(options, plan, run_id, argv):
     if read != rows + dead:
         exit_code = EXIT_ACCOUNTING_MISMATCH
         message = f"Accounting mismatch: {read} records read but {rows} rows + {dead} dead letters written."
+    elif broken:
+        exit_code = EXIT_RECORDS_LOST
+        message = (
+            f"{broken} input file(s) could not be read to the end (unreadable_file or read_error in "
+            f"{output_lib.join(plan.output, output_lib.ERRORS_DIR)}): records after the break may be "
+            "lost, and how many is unknown."
+        )
     elif read and dead / read > export_options.max_error_fraction:
         exit_code = EXIT_TOO_MANY_ERRORS
         message = (
@@ -332,6 +346,7 @@ def _run_and_commit(options, plan, run_id, argv):
             "rows_written": rows,
             "dead_letters": dead,
             "dead_letters_by_reason": by_reason,
+            "files_broken": broken,
             "documents_truncated": counters.get("documents_truncated", 0),
             "oov_tokens": counters.get("oov_tokens", 0),
             **reuse_counts,

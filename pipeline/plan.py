@@ -49,6 +49,9 @@ class InputInfo:
     length: int
     kind: str = IDS_INPUT
     rank: int = 2
+    # Token ids must be below this: the smallest input_dim of the Embeddings the
+    # input feeds (0: no Embedding found, any int32 id).
+    id_limit: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,32 +385,41 @@ def check_column_names(keep_fields, columns):
         )
 
 
-def check_vocabulary_fits(sub_model, inputs, tokenizer):
+def embedding_limits(sub_model, inputs):
+    """{token-id input name: (smallest input_dim of the Embeddings it feeds, that layer's name)}."""
+    import keras
+
+    from models.truncate import input_dependencies
+
+    token_inputs = {info.name for info in inputs if info.kind == IDS_INPUT}
+    limits = {}
+    for layer in sub_model.layers:
+        if not isinstance(layer, keras.layers.Embedding):
+            continue
+        for node in layer._inbound_nodes:
+            for name in set(input_dependencies(sub_model, node.output_tensors[0])) & token_inputs:
+                if name not in limits or layer.input_dim < limits[name][0]:
+                    limits[name] = (layer.input_dim, layer.name)
+    return limits
+
+
+def check_vocabulary_fits(limits, tokenizer):
     """Refuses a tokenizer whose ids do not all fit the Embedding layers they feed.
 
     Keras raises on an id >= `input_dim` at inference, which would fail
     documents one by one; a tokenizer of `size` ids produces ids up to `size - 1`.
     """
-    import keras
-
-    from models.truncate import input_dependencies
-
     if tokenizer is None:
         return
-    token_inputs = {info.name for info in inputs if info.kind == IDS_INPUT}
-    for layer in sub_model.layers:
-        if not isinstance(layer, keras.layers.Embedding):
-            continue
-        for node in layer._inbound_nodes:
-            fed_by = set(input_dependencies(sub_model, node.output_tensors[0])) & token_inputs
-            if fed_by and tokenizer.size > layer.input_dim:
-                raise ExportConfigError(
-                    f"The tokenizer produces ids up to {tokenizer.size - 1}, but Embedding layer "
-                    f"{layer.name!r} (fed by input {sorted(fed_by)[0]!r}) has input_dim="
-                    f"{layer.input_dim}, so ids >= {layer.input_dim} would fail every document "
-                    "that has one. Pass the --tokenizer the model was trained with (for a Keras 2 "
-                    "Tokenizer, the one fitted with num_words <= input_dim)."
-                )
+    for name, (input_dim, layer) in sorted(limits.items()):
+        if tokenizer.size > input_dim:
+            raise ExportConfigError(
+                f"The tokenizer produces ids up to {tokenizer.size - 1}, but Embedding layer "
+                f"{layer!r} (fed by input {name!r}) has input_dim={input_dim}, so ids >= "
+                f"{input_dim} would fail every document that has one. Pass the --tokenizer the "
+                "model was trained with (for a Keras 2 Tokenizer, the one fitted with "
+                "num_words <= input_dim)."
+            )
 
 
 def build_plan(options, check_remote=True):
@@ -510,7 +522,12 @@ def build_plan(options, check_remote=True):
             )
     keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
     check_column_names(keep_fields, columns)
-    check_vocabulary_fits(sub_model, inputs, source.tokenizer)
+    limits = embedding_limits(sub_model, inputs)
+    check_vocabulary_fits(limits, source.tokenizer)
+    inputs = tuple(
+        dataclasses.replace(info, id_limit=limits[info.name][0]) if info.name in limits else info
+        for info in inputs
+    )
 
     tokenizer = source.tokenizer
     output = options.output

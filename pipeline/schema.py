@@ -16,6 +16,8 @@ ID_COLUMN = "id"
 FINGERPRINT_COLUMN = "input_sha256"
 TOKENS_SUFFIX = "_tokens"
 METADATA_KEY = b"embexport"
+# Characters of a bad record that its dead letter keeps in `raw`.
+RAW_LIMIT = 4096
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -166,16 +168,29 @@ def to_record_batch(schema, plan, ids, kept, outputs, masks, fingerprints=None):
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def error_row(source, position, document_id, reason, message, raw, raw_limit=4096):
-    """One dead-letter row; `raw` is cut to `raw_limit` characters."""
+def writable_text(text):
+    """`text` as Parquet (UTF-8) can store it: lone surrogates become backslash escapes.
+
+    Lone surrogates come from a JSON escape such as "\\ud800" or from bytes
+    decoded with surrogateescape (a file name that is not UTF-8).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def error_row(source, position, document_id, reason, message, raw, raw_limit=RAW_LIMIT):
+    """One dead-letter row; `raw` is cut to `raw_limit` characters. Every value can be written."""
     if isinstance(raw, bytes):
         raw = raw[: raw_limit * 4].decode("utf-8", errors="backslashreplace")
-    raw = None if raw is None else str(raw)[:raw_limit]
+    raw = None if raw is None else writable_text(str(raw)[:raw_limit])
     return {
-        "source": source,
+        "source": None if source is None else writable_text(str(source)),
         "position": position,
-        "id": None if document_id is None else str(document_id),
+        "id": None if document_id is None else writable_text(str(document_id)),
         "reason": reason,
-        "message": str(message)[:1000],
+        "message": writable_text(str(message)[:1000]),
         "raw": raw,
     }

@@ -1,237 +1,107 @@
 """The pipeline's transforms: read the corpus, embed documents, write rows and dead letters."""
 
-import csv
-import io
-import json
 import os
+import re
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadAllFromParquetBatched, WriteToParquet, WriteToParquetBatched
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from pipeline import corpus
 from pipeline import schema as schema_lib
-from pipeline.embedder import Document, Embedder, TokenIds
-from pipeline.plan import IDS_INPUT
+from pipeline.embedder import Document, Embedder
 
 NAMESPACE = "embexport"
 ERRORS = "errors"
 DOCUMENTS = "documents"
 ROWS = "rows"
-
-# Dead-letter reason codes (the `reason` column of errors/).
-TOO_LARGE = "too_large"
-INVALID_UTF8 = "invalid_utf8"
-MALFORMED_JSON = "malformed_json"
-NOT_AN_OBJECT = "not_an_object"
-WRONG_FIELD_COUNT = "wrong_field_count"
-MISSING_ID = "missing_id"
-BAD_ID = "bad_id"
-MISSING_FIELD = "missing_field"
-WRONG_TYPE = "wrong_type"
-UNREADABLE_FILE = "unreadable_file"
-EMPTY_RECORD = "empty_record"
-DUPLICATE_ID = "duplicate_id"
+# Counter of files that could not be read to the end: an unknown number of records is missing.
+FILES_BROKEN = "files_broken"
 
 # Row groups this large keep Parquet readers fast; one forward pass is smaller.
 ROW_GROUP_ROWS = 8192
 ROW_GROUP_BYTES = 64 << 20
 
 
-def _kept_value(value):
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
 class ReadCorpusFn(beam.DoFn):
     """Turns one corpus file into `Document`s, and bad records into dead letters.
 
     Reading whole files (rather than byte ranges) gives every record its exact
-    line or row number for the dead-letter table.
+    line or row number for the dead-letter table. The parsing is `corpus.read_file`;
+    this counts what it yields, and the files it could not read to the end.
     """
 
     def __init__(self, plan):
         self._plan = plan
         self._read = Metrics.counter(NAMESPACE, "records_read")
+        self._broken = Metrics.counter(NAMESPACE, FILES_BROKEN)
 
     def process(self, readable_file):
         path = readable_file.metadata.path
-        fmt = self._plan.input_format
-        try:
-            handle = readable_file.open(compression_type=CompressionTypes.AUTO)
-            if fmt == "parquet":
-                records = self._parquet_records(path, handle)
-            elif fmt == "csv":
-                records = self._csv_records(path, handle)
-            else:
-                records = self._line_records(path, handle, fmt)
-            for record in records:
-                self._read.inc()
-                yield record
-        except Exception as error:  # A file that cannot be read at all is one dead letter.
+
+        def open_file():
+            # Compressed files are decompressed by `corpus`, with Python's gzip,
+            # which (unlike Beam's reader) raises on a truncated file.
+            return readable_file.open(compression_type=CompressionTypes.UNCOMPRESSED)
+
+        for item in corpus.read_file(self._plan, path, open_file):
             self._read.inc()
-            yield beam.pvalue.TaggedOutput(
-                ERRORS,
-                schema_lib.error_row(
-                    path, None, None, UNREADABLE_FILE, f"{type(error).__name__}: {error}", None
-                ),
-            )
+            if isinstance(item, Document):
+                yield item
+                continue
+            if item["reason"] in corpus.FILE_REASONS:
+                self._broken.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, item)
 
-    def _error(self, path, position, document_id, reason, message, raw):
-        return beam.pvalue.TaggedOutput(
-            ERRORS, schema_lib.error_row(path, position, document_id, reason, message, raw)
-        )
 
-    def _line_records(self, path, handle, fmt):
-        limit = self._plan.max_record_bytes
-        for number, line in enumerate(handle, start=1):
-            if len(line) > limit:
-                yield self._error(
-                    path,
-                    number,
-                    None,
-                    TOO_LARGE,
-                    f"Record of {len(line)} bytes exceeds --max_record_bytes={limit}.",
-                    line,
-                )
-                continue
-            try:
-                text = line.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as error:
-                yield self._error(path, number, None, INVALID_UTF8, str(error), line)
-                continue
-            if fmt == "text":
-                fields = {self._plan.inputs[0].field: text} if self._plan.inputs else {}
-                yield self._document(path, number, f"{path}:{number}", fields, text)
-                continue
-            if not text.strip():
-                yield self._error(
-                    path, number, None, EMPTY_RECORD, "Blank line where a JSON object was expected.", text
-                )
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                yield self._error(path, number, None, MALFORMED_JSON, str(error), text)
-                continue
-            if not isinstance(record, dict):
-                yield self._error(
-                    path,
-                    number,
-                    None,
-                    NOT_AN_OBJECT,
-                    f"Expected a JSON object, found {type(record).__name__}.",
-                    text,
-                )
-                continue
-            yield self._record(path, number, record, text)
+def broken_links(pattern):
+    """Local paths matching `pattern` that are symbolic links to nothing.
 
-    def _csv_records(self, path, handle):
-        # surrogateescape keeps undecodable bytes visible per row instead of
-        # failing the rest of the file.
-        text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
-        reader = csv.reader(text)
-        header = next(reader, None)
-        if header is None:
-            return
-        limit = self._plan.max_record_bytes
-        for number, values in enumerate(reader, start=1):
-            raw = ",".join(values)
-            if len(raw) > limit:
-                yield self._error(
-                    path,
-                    number,
-                    None,
-                    TOO_LARGE,
-                    f"Row of {len(raw)} characters exceeds --max_record_bytes={limit}.",
-                    raw,
-                )
-                continue
-            if any("\udc80" <= ch <= "\udcff" for value in values for ch in value):
-                yield self._error(
-                    path,
-                    number,
-                    None,
-                    INVALID_UTF8,
-                    "Row holds bytes that are not UTF-8.",
-                    raw.encode("utf-8", "surrogateescape"),
-                )
-                continue
-            if len(values) != len(header):
-                yield self._error(
-                    path,
-                    number,
-                    None,
-                    WRONG_FIELD_COUNT,
-                    f"Row has {len(values)} fields; the header has {len(header)}.",
-                    raw,
-                )
-                continue
-            yield self._record(path, number, dict(zip(header, values, strict=True)), raw)
+    Beam's listing skips them silently; each is a file of the corpus that
+    cannot be read, so it must be a dead letter.
+    """
+    if "://" in pattern:  # Object stores have no symbolic links.
+        return []
+    if pattern.endswith(os.sep):
+        pattern += "*"
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if prefix == pattern:
+        return [pattern] if os.path.islink(pattern) and not os.path.exists(pattern) else []
+    links = []
+    for directory, _, names in os.walk(os.path.dirname(prefix) or os.curdir):
+        paths = (os.path.join(directory, name) for name in names)
+        links += [
+            FileMetadata(path, 0) for path in paths if os.path.islink(path) and not os.path.exists(path)
+        ]
+    return [metadata.path for metadata in FileSystems.get_filesystem(pattern).match_files(links, pattern)]
 
-    def _parquet_records(self, path, handle):
-        number = 0
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                number += 1
-                yield self._record(path, number, record, None)
 
-    def _record(self, path, number, record, raw):
-        plan = self._plan
-        raw = raw if raw is not None else json.dumps(record, ensure_ascii=False, default=str)
-        document_id = record.get(plan.id_field)
-        if document_id is None or document_id == "":
-            return self._error(
-                path, number, None, MISSING_ID, f"Field {plan.id_field!r} is missing or null.", raw
-            )
-        if isinstance(document_id, (dict, list, bool, float)):
-            return self._error(
+class BrokenLinksFn(beam.DoFn):
+    """Dead-letters the broken symbolic links that match the input pattern (see `broken_links`)."""
+
+    def __init__(self):
+        self._read = Metrics.counter(NAMESPACE, "records_read")
+        self._broken = Metrics.counter(NAMESPACE, FILES_BROKEN)
+
+    def process(self, pattern):
+        for path in broken_links(pattern):
+            self._read.inc()
+            self._broken.inc()
+            yield schema_lib.error_row(
                 path,
-                number,
                 None,
-                BAD_ID,
-                f"Field {plan.id_field!r} must be a string or integer, found {type(document_id).__name__}.",
-                raw,
+                None,
+                corpus.UNREADABLE_FILE,
+                f"Symbolic link to {os.readlink(path)!r}, which does not exist.",
+                None,
             )
-        return self._document(path, number, str(document_id), record, raw)
-
-    def _document(self, path, number, document_id, record, raw):
-        texts = []
-        for info in self._plan.inputs:
-            value = record.get(info.field)
-            if value is None:
-                return self._error(
-                    path,
-                    number,
-                    document_id,
-                    MISSING_FIELD,
-                    f"Field {info.field!r} (model input {info.name!r}) is missing or null.",
-                    raw,
-                )
-            problem = None
-            if isinstance(value, list) and info.kind == IDS_INPUT:
-                # A list of token ids skips the tokenizer (a corpus tokenized elsewhere).
-                if all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-                    value = TokenIds(value)
-                else:
-                    problem = f"Field {info.field!r} is a list, but not of non-negative integer token ids."
-            elif not isinstance(value, str):
-                expected = "a string or a list of token ids" if info.kind == IDS_INPUT else "a string"
-                problem = f"Field {info.field!r} must be {expected}, found {type(value).__name__}."
-            elif info.kind == IDS_INPUT and not self._plan.tokenizes:
-                problem = f"Field {info.field!r} holds text, but --tokenizer none expects token id lists."
-            if problem:
-                return self._error(path, number, document_id, WRONG_TYPE, problem, raw)
-            texts.append(value)
-        kept = tuple(_kept_value(record.get(name)) for name in self._plan.keep_fields)
-        return Document(document_id, tuple(texts), kept, path, number)
 
 
 class ReadCorpus(beam.PTransform):
@@ -250,6 +120,11 @@ class ReadCorpus(beam.PTransform):
             | "ReshuffleFiles" >> beam.Reshuffle()
             | "ParseRecords" >> beam.ParDo(ReadCorpusFn(self._plan)).with_outputs(ERRORS, main=DOCUMENTS)
         )
+        broken = (
+            pipeline
+            | "InputPattern" >> beam.Create([self._plan.input_pattern])
+            | "FindBrokenLinks" >> beam.ParDo(BrokenLinksFn())
+        )
         # Grouping by id finds duplicates and, like a Reshuffle, spreads the
         # documents of one file over all workers.
         unique = (
@@ -258,7 +133,7 @@ class ReadCorpus(beam.PTransform):
             | "GroupById" >> beam.GroupByKey()
             | "DropDuplicateIds" >> beam.ParDo(DropDuplicateIdsFn()).with_outputs(ERRORS, main=DOCUMENTS)
         )
-        errors = (results[ERRORS], unique[ERRORS]) | "CollectReadErrors" >> beam.Flatten()
+        errors = (results[ERRORS], broken, unique[ERRORS]) | "CollectReadErrors" >> beam.Flatten()
         return unique[DOCUMENTS], errors
 
 
@@ -281,7 +156,7 @@ class DropDuplicateIdsFn(beam.DoFn):
                     duplicate.source,
                     duplicate.position,
                     duplicate.id,
-                    DUPLICATE_ID,
+                    corpus.DUPLICATE_ID,
                     f"Id {duplicate.id!r} was already used by {first.source}:{first.position}.",
                     " | ".join(duplicate.texts),
                 ),

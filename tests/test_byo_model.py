@@ -386,7 +386,7 @@ def test_corpus_of_token_id_lists_skips_the_tokenizer(keras2, tmp_path, mixed):
         )
     )
     assert summary.rows_written == len(documents) and summary.dead_letters == 1
-    assert read_errors(output).to_pylist()[0]["reason"] == "wrong_type"
+    assert read_errors(output).to_pylist()[0]["reason"] == "bad_token_id"
     rows = _ordered_rows(output, info["documents"])
     prefix = "two_outputs|pre|"
     _assert_matches(rows, "emb", references[prefix + "emb:0"], references[prefix + "ids_content"])

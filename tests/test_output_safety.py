@@ -465,3 +465,24 @@ def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_b
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     _assert_complete_export(output, [f"doc{i}" for i in range(6000)])
+
+
+def test_token_ids_beyond_the_embedding_are_dead_letters_not_inference_failures(tmp_path, tiny_bundle):
+    from conftest import TINY_SIZES
+
+    limit = TINY_SIZES["vocabulary_size"]
+    corpus = tmp_path / "ids.jsonl"
+    records = [
+        {"id": "ok", "content": [2, 3, limit - 1], "title": [4]},
+        {"id": "too_big", "content": [2, limit], "title": [4]},
+        {"id": "title_too_big", "content": [2], "title": [limit + 7]},
+    ]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    output = str(tmp_path / "out")
+    summary = run_export(
+        ["--model", tiny_bundle[0], "--tokenizer", "none", "--input", str(corpus), "--output", output]
+    )
+    assert summary.rows_written == 1 and summary.errors_by_reason == {"bad_token_id": 2}
+    errors = pq.read_table(os.path.join(output, "errors")).to_pylist()
+    assert {e["id"] for e in errors} == {"too_big", "title_too_big"}
+    assert all(f"input_dim={limit}" in e["message"] for e in errors)

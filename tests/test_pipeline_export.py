@@ -272,7 +272,16 @@ def test_output_reads_back_with_pyarrow_pandas_and_duckdb(export, corpus):
 
     frame = pd.read_parquet(output, ignore_prefixes=READER_IGNORE_PREFIXES)
     assert len(frame) == len(expected)
-    assert set(frame.columns) == {"id", "kind", "topic", "emb", "emb_call1", "lstm_content", "lstm_title", "input_sha256"}
+    assert set(frame.columns) == {
+        "id",
+        "kind",
+        "topic",
+        "emb",
+        "emb_call1",
+        "lstm_content",
+        "lstm_title",
+        "input_sha256",
+    }
     for record in frame.itertuples(index=False):
         assert isinstance(record.lstm_content, np.ndarray) and record.lstm_content.shape == (6,)
         assert record.emb.shape == (8,)

@@ -212,3 +212,15 @@ def test_error_row_keeps_undecodable_bytes_visible():
     assert row["raw"] == '{"content": "caf\\xe9"}'
     # A long bytes record is cut to the character limit as well.
     assert len(schema.error_row("f", 1, None, "too_large", "m", b"z" * 50, raw_limit=10)["raw"]) == 10
+
+
+def test_error_row_can_always_be_written_to_parquet():
+    """Lone surrogates (a JSON escape, a file name that is not UTF-8) are escaped, not a crash."""
+    row = schema.error_row(
+        "dir/name-\udcff.jsonl", 3, "id-\ud800", "invalid_utf8", "bad \udfff", "raw \ud800"
+    )
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([row], schema=schema.ERROR_SCHEMA), sink)
+    (written,) = pq.read_table(sink).to_pylist()
+    assert written["source"] == "dir/name-\\udcff.jsonl"
+    assert (written["id"], written["message"], written["raw"]) == ("id-\\ud800", "bad \\udfff", "raw \\ud800")

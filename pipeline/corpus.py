@@ -1,0 +1,415 @@
+"""Parses corpus files into `Document`s and dead letters, each record at its exact position.
+
+Knows nothing of Beam: `read_file` takes a function that opens the file as
+binary, so every reader is tested on plain bytes. Positions are line numbers
+for text and JSONL, data-row numbers (header excluded) for CSV and Parquet.
+"""
+
+import csv
+import gzip
+import io
+import json
+import re
+import shutil
+import tempfile
+
+import pyarrow.parquet as pq
+
+from pipeline import schema as schema_lib
+from pipeline.embedder import Document, TokenIds
+from pipeline.plan import IDS_INPUT
+
+# Dead-letter reason codes (the `reason` column of errors/); the README's table explains each.
+TOO_LARGE = "too_large"
+INVALID_UTF8 = "invalid_utf8"
+MALFORMED_JSON = "malformed_json"
+NOT_AN_OBJECT = "not_an_object"
+WRONG_FIELD_COUNT = "wrong_field_count"
+AMBIGUOUS_HEADER = "ambiguous_header"
+MISSING_ID = "missing_id"
+BAD_ID = "bad_id"
+MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+BAD_TOKEN_ID = "bad_token_id"
+EMPTY_RECORD = "empty_record"
+DUPLICATE_ID = "duplicate_id"
+PARSE_FAILED = "parse_failed"
+UNREADABLE_FILE = "unreadable_file"
+READ_ERROR = "read_error"
+# A dead letter with one of these reasons stands for an unknown number of records.
+FILE_REASONS = (UNREADABLE_FILE, READ_ERROR)
+
+BOM = b"\xef\xbb\xbf"
+# Token ids feed int32 model inputs.
+TOKEN_ID_LIMIT = 2**31
+# Lone surrogates come from JSON escapes ("\ud800") or from bytes decoded with
+# surrogateescape; Parquet (UTF-8) cannot store them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SKIP_CHUNK = 1 << 20
+
+
+# Compressions the reader does not take: one clear dead letter beats records of garbage.
+OTHER_COMPRESSIONS = (".bz2", ".deflate", ".lzma", ".xz", ".zst", ".zstd", ".zip", ".7z")
+
+
+def is_compressed(path):
+    """Whether `path` is read through gzip (the only compression the reader takes)."""
+    return path.lower().endswith(".gz")
+
+
+def read_file(plan, path, open_file):
+    """Yields the `Document`s and dead-letter rows of one corpus file, one per record, in order.
+
+    A bad record is a dead letter and reading goes on. A file that cannot be
+    read to its end (truncated .gz, corrupt data, read error) ends with one
+    dead letter: `unreadable_file` when no record was read, else `read_error`
+    at the position of the first record not read. Either way the number of
+    records lost is unknown.
+
+    Args:
+        plan: the `ExportPlan` (format, fields, limits).
+        path: the file's path or URI, for dead letters and text-line ids.
+        open_file: a function returning the file's bytes as a binary stream.
+    """
+    readers = {"csv": csv_records, "parquet": parquet_records}
+    records = readers.get(plan.input_format, line_records)
+    read = 0
+    if path.lower().endswith(OTHER_COMPRESSIONS):
+        message = (
+            f"{path} is compressed in a format the reader does not take; gzip it (.gz) or decompress it."
+        )
+        yield schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
+        return
+    try:
+        with open_file() as stream:
+            source = gzip.GzipFile(fileobj=stream, mode="rb") if is_compressed(path) else stream
+            for item in records(plan, path, source):
+                read += 1
+                yield item
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        if not read:
+            yield schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
+            return
+        yield schema_lib.error_row(
+            path,
+            read + 1,
+            None,
+            READ_ERROR,
+            f"Reading stopped after record {read}: {message}. Records from here on, if any, "
+            "are missing from the output.",
+            None,
+        )
+
+
+def _guarded(parse, plan, source, number, *args):
+    """`parse(plan, source, number, *args)`, with any failure a dead letter of that record only."""
+    try:
+        return parse(plan, source, number, *args)
+    except Exception as error:
+        return schema_lib.error_row(
+            source, number, None, PARSE_FAILED, f"{type(error).__name__}: {error}", None
+        )
+
+
+def _too_large(source, number, size, limit, raw):
+    return schema_lib.error_row(
+        source,
+        number,
+        None,
+        TOO_LARGE,
+        f"Record of {size} bytes exceeds --max_record_bytes={limit}.",
+        raw,
+    )
+
+
+def _skip_line(stream):
+    """Reads to the end of the current line without keeping it: (bytes skipped, last chunk read)."""
+    skipped, chunk = 0, b""
+    while chunk := stream.readline(_SKIP_CHUNK):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return skipped, chunk
+
+
+def line_records(plan, source, stream):
+    """Text or JSONL: one record per line. Lines over --max_record_bytes are skipped, never held."""
+    limit = plan.max_record_bytes
+    number = 0
+    # Room for the record and its "\r\n": a longer read means a longer line.
+    while line := stream.readline(limit + 2):
+        number += 1
+        cut = len(line) == limit + 2 and not line.endswith(b"\n")
+        if number == 1 and line.startswith(BOM):
+            line = line[len(BOM) :]
+        size, end = len(line), line
+        if cut:
+            skipped, end = _skip_line(stream)
+            size += skipped
+        size -= len(end) - len(end.rstrip(b"\r\n"))
+        if size > limit:
+            yield _too_large(source, number, size, limit, line[: schema_lib.RAW_LIMIT * 4])
+            continue
+        yield _guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
+
+
+def parse_line(plan, source, number, line):
+    """One text or JSONL line (bytes, no line terminator) -> `Document` or dead-letter row."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return schema_lib.error_row(source, number, None, INVALID_UTF8, str(error), line)
+    if plan.input_format == "text":
+        fields = {plan.inputs[0].field: text} if plan.inputs else {}
+        return _to_document(plan, source, number, f"{source}:{number}", fields, text)
+    if not text.strip():
+        return schema_lib.error_row(
+            source, number, None, EMPTY_RECORD, "Blank line where a JSON object was expected.", text
+        )
+    try:
+        record = json.loads(text)
+    except RecursionError:
+        return schema_lib.error_row(
+            source, number, None, MALFORMED_JSON, "JSON nested too deeply to parse.", text
+        )
+    except ValueError as error:  # JSONDecodeError, or an integer of too many digits.
+        return schema_lib.error_row(source, number, None, MALFORMED_JSON, str(error), text)
+    if not isinstance(record, dict):
+        return schema_lib.error_row(
+            source,
+            number,
+            None,
+            NOT_AN_OBJECT,
+            f"Expected a JSON object, found {type(record).__name__}.",
+            text,
+        )
+    return to_document(plan, source, number, record, text)
+
+
+class RecordTooLarge(Exception):
+    """Raised into `csv.reader` when the record it is reading passes --max_record_bytes."""
+
+
+class _CsvLines:
+    """Feeds `csv.reader` one physical line at a time, measuring the record being read.
+
+    `csv.reader` keeps a whole record in memory and has its own field limit;
+    reading here lines of at most --max_record_bytes keeps memory bounded and
+    lets an oversized record be skipped, following its quotes, while reading
+    goes on.
+    """
+
+    def __init__(self, text, limit):
+        self._text = text
+        self._limit = limit
+        self.start_record()
+
+    def start_record(self):
+        self.size = 0
+        self.quotes = 0
+        self.raw = ""
+        self._line = ""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = self._text.readline(self._limit + 2)
+        if not line:
+            raise StopIteration
+        self._line = line
+        self.quotes += line.count('"')
+        if len(self.raw) < schema_lib.RAW_LIMIT:
+            self.raw += line[: schema_lib.RAW_LIMIT - len(self.raw)]
+        size = len(line.encode("utf-8", "surrogateescape"))
+        terminator = len(line) - len(line.rstrip("\r\n"))
+        self.size += size
+        # The record's last line ending is not part of it; a line cut by the read limit has none.
+        if self.size - terminator > self._limit:
+            raise RecordTooLarge
+        return line
+
+    def skip_record(self):
+        """Reads past the rest of the current record: its line, and more lines while a quote is open."""
+        line = self._line
+        while not (line.endswith(("\n", "\r")) and self.quotes % 2 == 0):
+            line = self._text.readline(_SKIP_CHUNK)
+            if not line:
+                break
+            self.quotes += line.count('"')
+            self.size += len(line.encode("utf-8", "surrogateescape"))
+
+
+def csv_records(plan, source, stream):
+    """CSV with a header row; a record may span lines inside quotes."""
+    limit = plan.max_record_bytes
+    # Records over `limit` are stopped by _CsvLines first; csv's own limit
+    # (128 KiB by default, process-wide) must not cut records under it.
+    csv.field_size_limit(max(csv.field_size_limit(), limit + 1))
+    # utf-8-sig drops a byte-order mark; surrogateescape keeps undecodable bytes
+    # visible per row instead of failing the rest of the file.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    lines = _CsvLines(text, limit)
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header is None:
+        return
+    ambiguous = _ambiguous_header(plan, header)
+    number = 0
+    while True:
+        lines.start_record()
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except RecordTooLarge:
+            number += 1
+            lines.skip_record()
+            yield _too_large(source, number, lines.size, limit, lines.raw)
+            continue
+        number += 1
+        yield _guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)
+
+
+def _ambiguous_header(plan, header):
+    """A message if the header names a field the export reads more than once, else None."""
+    wanted = {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
+    repeated = sorted({name for name in header if name in wanted and header.count(name) > 1})
+    if not repeated:
+        return None
+    columns = "; ".join(
+        f"{name!r} in columns {', '.join(str(i) for i, h in enumerate(header, start=1) if h == name)}"
+        for name in repeated
+    )
+    return f"The header names {columns}: which one to read is ambiguous. Rename the columns."
+
+
+def parse_csv_row(plan, source, number, header, values, raw, ambiguous=None):
+    """One CSV row (its values and raw text) -> `Document` or dead-letter row."""
+    if ambiguous:
+        return schema_lib.error_row(source, number, None, AMBIGUOUS_HEADER, ambiguous, raw)
+    if any(_SURROGATE.search(value) for value in values):
+        return schema_lib.error_row(
+            source,
+            number,
+            None,
+            INVALID_UTF8,
+            "Row holds bytes that are not UTF-8.",
+            raw.encode("utf-8", "surrogateescape"),
+        )
+    if len(values) != len(header):
+        return schema_lib.error_row(
+            source,
+            number,
+            None,
+            WRONG_FIELD_COUNT,
+            f"Row has {len(values)} fields; the header has {len(header)}.",
+            raw,
+        )
+    return to_document(plan, source, number, dict(zip(header, values, strict=True)), raw)
+
+
+def parquet_records(plan, source, stream):
+    """Parquet rows; a compressed file is first spooled to disk, as Parquet needs to seek."""
+    if isinstance(stream, gzip.GzipFile):
+        with tempfile.TemporaryFile() as spool:
+            shutil.copyfileobj(stream, spool)
+            spool.seek(0)
+            yield from _parquet_rows(plan, source, spool)
+    else:
+        yield from _parquet_rows(plan, source, stream)
+
+
+def _parquet_rows(plan, source, stream):
+    parquet = pq.ParquetFile(stream)
+    wanted = {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
+    # Only the columns the export reads; all of them when none is there, so each row is a missing_id.
+    columns = [name for name in parquet.schema_arrow.names if name in wanted] or None
+    number = 0
+    for batch in parquet.iter_batches(batch_size=1024, columns=columns):
+        for record in batch.to_pylist():
+            number += 1
+            yield _guarded(to_document, plan, source, number, record, None)
+
+
+def _kept_value(value):
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def to_document(plan, source, number, record, raw=None):
+    """A record (field -> value) -> `Document`, or a dead-letter row saying what is wrong with it.
+
+    Args:
+        raw: the record's text for dead letters; None makes it from `record` when needed.
+    """
+    document_id = record.get(plan.id_field)
+    if document_id is None or document_id == "":
+        return _reject(source, number, None, record, raw)(
+            MISSING_ID, f"Field {plan.id_field!r} is missing or null."
+        )
+    if not isinstance(document_id, (str, int)) or isinstance(document_id, bool):
+        return _reject(source, number, None, record, raw)(
+            BAD_ID,
+            f"Field {plan.id_field!r} must be a string or integer, found {type(document_id).__name__}.",
+        )
+    return _to_document(plan, source, number, str(document_id), record, raw)
+
+
+def _reject(source, number, document_id, record, raw):
+    """A function (reason, message) -> dead-letter row of this record."""
+
+    def reject(reason, message):
+        text = raw if raw is not None else json.dumps(record, ensure_ascii=False, default=str)
+        return schema_lib.error_row(source, number, document_id, reason, message, text)
+
+    return reject
+
+
+def _to_document(plan, source, number, document_id, record, raw):
+    reject = _reject(source, number, document_id, record, raw)
+    if _SURROGATE.search(document_id):
+        return reject(INVALID_UTF8, f"The id {document_id!r} holds a lone surrogate, which is not text.")
+    texts = []
+    for info in plan.inputs:
+        value = record.get(info.field)
+        if value is None:
+            return reject(
+                MISSING_FIELD, f"Field {info.field!r} (model input {info.name!r}) is missing or null."
+            )
+        if isinstance(value, list) and info.kind == IDS_INPUT:
+            # A list of token ids skips the tokenizer (a corpus tokenized elsewhere).
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+                return reject(WRONG_TYPE, f"Field {info.field!r} is a list, but not of integer token ids.")
+            limit = info.id_limit or TOKEN_ID_LIMIT
+            bad = next((i for i in value if not 0 <= i < limit), None)
+            if bad is not None:
+                why = (
+                    f"the model's Embedding has input_dim={limit}"
+                    if info.id_limit
+                    else "the model takes int32"
+                )
+                return reject(
+                    BAD_TOKEN_ID,
+                    f"Field {info.field!r} holds token id {bad}; token ids are 0 to {limit - 1} ({why}).",
+                )
+            value = TokenIds(value)
+        elif not isinstance(value, str):
+            expected = "a string or a list of token ids" if info.kind == IDS_INPUT else "a string"
+            return reject(
+                WRONG_TYPE, f"Field {info.field!r} must be {expected}, found {type(value).__name__}."
+            )
+        elif info.kind == IDS_INPUT and not plan.tokenizes:
+            return reject(
+                WRONG_TYPE, f"Field {info.field!r} holds text, but --tokenizer none expects token id lists."
+            )
+        elif _SURROGATE.search(value):
+            return reject(INVALID_UTF8, f"Field {info.field!r} holds a lone surrogate, which is not text.")
+        texts.append(value)
+    kept = tuple(_kept_value(record.get(name)) for name in plan.keep_fields)
+    for name, value in zip(plan.keep_fields, kept, strict=True):
+        if value is not None and _SURROGATE.search(value):
+            return reject(INVALID_UTF8, f"Field {name!r} holds a lone surrogate, which is not text.")
+    return Document(document_id, tuple(texts), kept, source, number)

@@ -1,0 +1,309 @@
+"""A generated adversarial corpus: files that once broke the reader, and what each record must become.
+
+Each case writes its files into a directory and returns an `Expected`: the ids
+that must be rows, the (file name, position) -> reason of every dead letter,
+and how many files are broken (read in part or not at all: exit status 5).
+Cases of one format can share a directory and run as one export.
+"""
+
+import bz2
+import dataclasses
+import datetime
+import gzip
+import io
+import json
+import os
+import zlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BOM = b"\xef\xbb\xbf"
+# Flags of the export of each format's cases (text: the tiny bundle's one-input layer).
+FORMAT_FLAGS = {
+    "jsonl": ["--input_format", "jsonl", "--keep_fields", "kind"],
+    "csv": ["--input_format", "csv"],
+    "text": ["--input_format", "text", "--layer", "lstm_content"],
+    "parquet": ["--input_format", "parquet"],
+}
+
+
+@dataclasses.dataclass
+class Expected:
+    rows: set = dataclasses.field(default_factory=set)
+    dead: dict = dataclasses.field(default_factory=dict)
+    broken: int = 0
+
+    def __or__(self, other):
+        return Expected(self.rows | other.rows, {**self.dead, **other.dead}, self.broken + other.broken)
+
+    @property
+    def records(self):
+        return len(self.rows) + len(self.dead)
+
+    @property
+    def exit_code(self):
+        return 5 if self.broken else 0
+
+
+def escaped(text):
+    """How a dead letter shows text with lone surrogates (a file name that is not UTF-8)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def record(doc_id, content="word1 word2 word3", title="word4", **extra):
+    return {"id": doc_id, "content": content, "title": title, **extra}
+
+
+def jsonl_bytes(lines):
+    """JSONL: dicts are encoded, bytes are written as they are."""
+    encoded = [line if isinstance(line, bytes) else json.dumps(line).encode() for line in lines]
+    return b"".join(line + b"\n" for line in encoded)
+
+
+def csv_bytes(header, rows):
+    return "".join(",".join(row) + "\r\n" for row in [header, *rows]).encode()
+
+
+def truncated_gzip(data):
+    """`data` gzipped and cut in half, and how many whole lines the half holds."""
+    compressed = gzip.compress(data, mtime=0)
+    half = compressed[: len(compressed) // 2]
+    complete = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(half).count(b"\n")
+    return half, complete
+
+
+def _write(directory, name, data):
+    path = os.path.join(os.fsencode(directory), name if isinstance(name, bytes) else name.encode())
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return os.fsdecode(path)
+
+
+# JSONL ------------------------------------------------------------------------------------------
+
+
+def recursion_bomb(directory):
+    """Records that raise in json.loads (not JSONDecodeError) end only themselves."""
+    bomb = b"[" * 100_000 + b"]" * 100_000  # 200 KB, under --max_record_bytes
+    huge_integer_id = b'{"id": ' + b"9" * 5000 + b', "content": "word1", "title": "word2"}'
+    _write(directory, "bomb.jsonl", jsonl_bytes([record("bomb-1"), bomb, record("bomb-2"), huge_integer_id]))
+    return Expected(
+        {"bomb-1", "bomb-2"}, {("bomb.jsonl", 2): "malformed_json", ("bomb.jsonl", 4): "malformed_json"}
+    )
+
+
+def lone_surrogates(directory):
+    """A lone surrogate escape anywhere Parquet would have to store it is a dead letter."""
+    lines = [
+        b'{"id": "sur-\\ud800", "content": "word1", "title": "word2"}',
+        b'{"id": "sur-2", "content": "word1 \\udfff", "title": "word2"}',
+        b'{"id": "sur-3", "content": "word1", "title": "word2", "kind": "\\ud800"}',
+        b'{"id": "sur-4", "content": "word1", "title": "word2", "kind": {"x": ["\\udc80"]}}',
+        json.dumps(record("sur-5", kind="fine")).encode(),
+    ]
+    _write(directory, "surrogates.jsonl", jsonl_bytes(lines))
+    # A file name that is not UTF-8: its dead letters' `source` holds a surrogate too.
+    name = b"name-\xff.jsonl"
+    _write(directory, name, jsonl_bytes([record("sur-6"), b"{broken"]))
+    dead = {("surrogates.jsonl", n): "invalid_utf8" for n in (1, 2, 3, 4)}
+    dead[escaped(os.fsdecode(name)), 2] = "malformed_json"
+    return Expected({"sur-5", "sur-6"}, dead)
+
+
+def token_id_range(directory):
+    """Token ids outside int32 (the model's input) are dead letters, not an OverflowError."""
+    lines = [
+        record("ids-1", [5, 6, 7], [8]),
+        record("ids-2", [1, 2**31], [3]),
+        record("ids-3", [1, 2], [2**40]),
+        record("ids-4", [1, -1], [3]),
+        record("ids-5", [1, 2.5], [3]),
+    ]
+    _write(directory, "ids.jsonl", jsonl_bytes(lines))
+    return Expected(
+        {"ids-1"},
+        {
+            ("ids.jsonl", 2): "bad_token_id",
+            ("ids.jsonl", 3): "bad_token_id",
+            ("ids.jsonl", 4): "bad_token_id",
+            ("ids.jsonl", 5): "wrong_type",
+        },
+    )
+
+
+def gzip_jsonl(directory):
+    _write(directory, "data.jsonl.gz", gzip.compress(jsonl_bytes([record("gz-1"), record("gz-2")])))
+    return Expected({"gz-1", "gz-2"})
+
+
+def truncated_jsonl(directory):
+    """A .gz cut in half: the whole lines before the cut are rows, the cut one dead letter."""
+    data, complete = truncated_gzip(jsonl_bytes([record(f"cut-{n}") for n in range(1, 301)]))
+    _write(directory, "cut.jsonl.gz", data)
+    return Expected(
+        {f"cut-{n}" for n in range(1, complete + 1)}, {("cut.jsonl.gz", complete + 1): "read_error"}, 1
+    )
+
+
+def not_gzip(directory):
+    """Named .gz but not gzip, or compressed another way: a file nothing can be read from."""
+    _write(directory, "fake.jsonl.gz", jsonl_bytes([record("fake-1")]))
+    _write(directory, "other.jsonl.bz2", bz2.compress(jsonl_bytes([record("bz2-1")])))
+    dead = {("fake.jsonl.gz", None): "unreadable_file", ("other.jsonl.bz2", None): "unreadable_file"}
+    return Expected(dead=dead, broken=2)
+
+
+def bom_jsonl(directory):
+    _write(directory, "bom.jsonl", BOM + jsonl_bytes([record("bom-j1"), record("bom-j2")]))
+    return Expected({"bom-j1", "bom-j2"})
+
+
+def broken_symlink(directory):
+    _write(directory, "beside-link.jsonl", jsonl_bytes([record("link-1")]))
+    os.symlink(os.path.join(directory, "nowhere.jsonl"), os.path.join(directory, "link.jsonl"))
+    return Expected({"link-1"}, {("link.jsonl", None): "unreadable_file"}, 1)
+
+
+# CSV --------------------------------------------------------------------------------------------
+
+HEADER = ["id", "title", "content"]
+
+
+def csv_field_sizes(directory):
+    """A field over csv's own limit (128 KiB) is read; one over --max_record_bytes is skipped alone."""
+    over_csv_limit = "word1 " * 40_000  # 240 KB
+    over_record_limit = "word1 " * 200_000  # 1.2 MB
+    # Quoted, over several lines, holding lines that look like rows: all one record.
+    quoted = '"' + ('x,fake-id,"" quoted ""\r\nword2 ' * 60_000) + '"'
+    rows = [
+        ["big-1", "word2", "word3"],
+        ["big-2", "word2", over_csv_limit],
+        ["big-3", "word2", over_record_limit],
+        ["big-4", "word2", quoted],
+        ["big-5", "word2", "word3"],
+        ["big-6", over_record_limit, quoted],
+        ["big-7", "word2", "word3"],
+    ]
+    _write(directory, "sizes.csv", csv_bytes(HEADER, rows))
+    return Expected(
+        {"big-1", "big-2", "big-5", "big-7"},
+        {("sizes.csv", 3): "too_large", ("sizes.csv", 4): "too_large", ("sizes.csv", 6): "too_large"},
+    )
+
+
+def bom_csv(directory):
+    _write(directory, "bom.csv", BOM + csv_bytes(HEADER, [["bom-c1", "word1", "word2"]]))
+    return Expected({"bom-c1"})
+
+
+def duplicate_header(directory):
+    """Two columns named like a field the export reads: every row is a dead letter, none a guess."""
+    _write(
+        directory,
+        "twice.csv",
+        csv_bytes(
+            ["id", "title", "content", "content"], [["dup-1", "a", "b", "c"], ["dup-2", "a", "b", "c"]]
+        ),
+    )
+    # A repeated column the export does not read is harmless.
+    _write(
+        directory,
+        "unused-twice.csv",
+        csv_bytes(["id", "title", "content", "note", "note"], [["dup-3", "word1", "word2", "x", "y"]]),
+    )
+    return Expected({"dup-3"}, {("twice.csv", 1): "ambiguous_header", ("twice.csv", 2): "ambiguous_header"})
+
+
+def gzip_csv(directory):
+    rows = [["gzc-1", "word1", "word2"], ["gzc-2", "word1", "word2"]]
+    _write(directory, "data.csv.gz", gzip.compress(BOM + csv_bytes(HEADER, rows)))
+    return Expected({"gzc-1", "gzc-2"})
+
+
+def truncated_csv(directory):
+    rows = [[f"cutc-{n}", "word1", "word2 word3"] for n in range(1, 301)]
+    data, complete = truncated_gzip(csv_bytes(HEADER, rows))
+    _write(directory, "cut.csv.gz", data)
+    # The header is line 1, so the whole lines hold rows 1 to complete - 1.
+    return Expected({f"cutc-{n}" for n in range(1, complete)}, {("cut.csv.gz", complete): "read_error"}, 1)
+
+
+# Text -------------------------------------------------------------------------------------------
+
+
+def gzip_text(directory):
+    path = _write(directory, "lines.txt.gz", gzip.compress(BOM + b"word1 word2\nword3\n"))
+    return Expected({f"{path}:1", f"{path}:2"})
+
+
+def truncated_text(directory):
+    data, complete = truncated_gzip(b"".join(b"word%d word2\n" % n for n in range(2000)))
+    path = _write(directory, "cut.txt.gz", data)
+    return Expected(
+        {f"{path}:{n}" for n in range(1, complete + 1)}, {("cut.txt.gz", complete + 1): "read_error"}, 1
+    )
+
+
+def text_name_not_utf8(directory):
+    """Text ids are FILE:LINE: with a file name that is not UTF-8, no id can be written."""
+    name = b"lines-\xfe.txt"
+    _write(directory, name, b"word1\n")
+    return Expected(dead={(escaped(os.fsdecode(name)), 1): "invalid_utf8"})
+
+
+# Parquet ----------------------------------------------------------------------------------------
+
+
+def _parquet_bytes(ids, id_type=None):
+    table = pa.table(
+        {
+            "id": pa.array(ids, type=id_type),
+            "content": ["word1 word2"] * len(ids),
+            "title": ["word3"] * len(ids),
+        }
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def parquet_ids(directory):
+    """Ids are strings or integers (the README); bytes and timestamps are bad_id, not "b'...'"."""
+    _write(directory, "strings.parquet", _parquet_bytes(["pq-1", "pq-2"]))
+    _write(directory, "integers.parquet", _parquet_bytes([7, 8]))
+    _write(directory, "binary.parquet", _parquet_bytes([b"pq-3", b"pq-4"], pa.binary()))
+    stamps = [datetime.datetime(2024, 1, 1), datetime.datetime(2024, 1, 2)]
+    _write(directory, "stamps.parquet", _parquet_bytes(stamps, pa.timestamp("us")))
+    dead = {(name, n): "bad_id" for name in ("binary.parquet", "stamps.parquet") for n in (1, 2)}
+    return Expected({"pq-1", "pq-2", "7", "8"}, dead)
+
+
+def gzip_parquet(directory):
+    _write(directory, "data.parquet.gz", gzip.compress(_parquet_bytes(["gzp-1", "gzp-2"])))
+    return Expected({"gzp-1", "gzp-2"})
+
+
+CASES = {
+    "jsonl": [
+        recursion_bomb,
+        lone_surrogates,
+        token_id_range,
+        gzip_jsonl,
+        truncated_jsonl,
+        not_gzip,
+        bom_jsonl,
+        broken_symlink,
+    ],
+    "csv": [csv_field_sizes, bom_csv, duplicate_header, gzip_csv, truncated_csv],
+    "text": [gzip_text, truncated_text, text_name_not_utf8],
+    "parquet": [parquet_ids, gzip_parquet],
+}
+
+
+def write(directory, cases):
+    """Writes `cases` into `directory`; returns their merged `Expected`."""
+    expected = Expected()
+    for case in cases:
+        expected = expected | case(str(directory))
+    return expected

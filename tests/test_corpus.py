@@ -1,0 +1,127 @@
+"""`pipeline.corpus` on plain bytes, without Beam: positions, limits, byte-order marks and broken streams."""
+
+import gzip
+import io
+import types
+
+from pipeline import corpus
+from pipeline.embedder import Document
+from pipeline.plan import InputInfo
+
+
+def _plan(input_format, limit=1000, field="content"):
+    return types.SimpleNamespace(
+        input_format=input_format,
+        max_record_bytes=limit,
+        id_field="id",
+        keep_fields=(),
+        inputs=(InputInfo("content", field, 8),),
+        tokenizes=True,
+    )
+
+
+def _read(plan, data, path="corpus"):
+    return list(corpus.read_file(plan, path, lambda: io.BytesIO(data)))
+
+
+def _summary(items):
+    """(position, reason or the document's texts) per item."""
+    return [
+        (item.position, item.texts) if isinstance(item, Document) else (item["position"], item["reason"])
+        for item in items
+    ]
+
+
+class _ReadsSizes(io.BytesIO):
+    """A stream that remembers the largest single read asked of it."""
+
+    largest = 0
+
+    def readline(self, size=-1):
+        self.largest = max(self.largest, size)
+        return super().readline(size)
+
+
+def test_a_line_over_the_limit_is_skipped_without_being_held():
+    stream = _ReadsSizes(b"x" * 5_000_000 + b"\n" + b'{"id": "a", "content": "word"}\n')
+    items = list(corpus.read_file(_plan("jsonl"), "c.jsonl", lambda: stream))
+    assert _summary(items) == [(1, "too_large"), (2, ("word",))]
+    # The dead letter keeps the start of the record: what was read before it was found too large.
+    assert "5000000 bytes" in items[0]["message"] and items[0]["raw"] == "x" * 1002
+    assert 0 < stream.largest <= 1 << 20
+
+
+def test_a_record_of_exactly_the_limit_is_read():
+    line = b'{"id": "a", "content": "' + b"w" * 70 + b'"}'
+    assert _summary(_read(_plan("jsonl", limit=len(line)), line + b"\r\n")) == [(1, ("w" * 70,))]
+    assert _summary(_read(_plan("jsonl", limit=len(line) - 1), line + b"\r\n")) == [(1, "too_large")]
+
+
+def test_byte_order_mark_is_dropped_from_the_start_of_the_file_only():
+    items = _read(_plan("text", field="text"), corpus.BOM + b"first\n" + corpus.BOM + b"second\n")
+    assert _summary(items) == [(1, ("first",)), (2, ("\ufeffsecond",))]
+    csv_items = _read(_plan("csv"), corpus.BOM + b"id,content\r\na,word\r\n")
+    assert [item.id for item in csv_items] == ["a"]
+
+
+def test_an_oversized_csv_record_is_skipped_by_its_quotes():
+    inside = "".join(f'{n},looks like a row,""q""\r\n' for n in range(20))
+    data = f'id,content\r\nbig,"{inside}"\r\nnext,word\r\n'.encode()
+    assert _summary(_read(_plan("csv", limit=100), data)) == [(1, "too_large"), (2, ("word",))]
+    # Under the limit the same record is one row, its newlines kept.
+    (big, following) = _read(_plan("csv", limit=10_000), data)
+    assert big.texts == (inside.replace('""', '"'),) and following.id == "next"
+
+
+class _BreaksAfter(io.BytesIO):
+    """A stream whose reads fail once `good` bytes were read, as a failing disk or network does."""
+
+    def __init__(self, data, good):
+        super().__init__(data)
+        self._good = good
+
+    def readline(self, size=-1):
+        if self.tell() >= self._good:
+            raise OSError("connection reset")
+        return super().readline(size)
+
+
+def test_a_stream_that_breaks_keeps_the_records_before_and_names_the_break():
+    data = b"".join(b'{"id": "%d", "content": "w"}\n' % n for n in range(1, 5))
+    items = list(corpus.read_file(_plan("jsonl"), "c.jsonl", lambda: _BreaksAfter(data, len(data) // 2)))
+    assert _summary(items) == [(1, ("w",)), (2, ("w",)), (3, "read_error")]
+    assert items[-1]["message"].startswith("Reading stopped after record 2: OSError: connection reset")
+
+
+def test_a_file_that_cannot_be_opened_or_decompressed_is_one_unreadable_file():
+    def refuse():
+        raise PermissionError("denied")
+
+    (item,) = corpus.read_file(_plan("jsonl"), "c.jsonl", refuse)
+    assert (item["position"], item["reason"], item["message"]) == (
+        None,
+        "unreadable_file",
+        "PermissionError: denied",
+    )
+    (item,) = _read(_plan("jsonl"), b'{"id": "a"}\n', path="c.jsonl.gz")
+    assert item["reason"] == "unreadable_file" and "Not a gzipped file" in item["message"]
+
+
+def test_gzip_is_read_by_extension():
+    data = gzip.compress(b'{"id": "a", "content": "word"}\n')
+    assert _summary(_read(_plan("jsonl"), data, path="c.JSONL.GZ")) == [(1, ("word",))]
+
+
+def test_any_failure_while_parsing_a_record_ends_that_record_only(monkeypatch):
+    original = corpus.to_document
+
+    def fails_on_b(plan, source, number, record, raw=None):
+        if record["id"] == "b":
+            raise KeyError("surprise")
+        return original(plan, source, number, record, raw)
+
+    monkeypatch.setattr(corpus, "to_document", fails_on_b)
+    lines = b"".join(b'{"id": "%s", "content": "w"}\n' % name for name in (b"a", b"b", b"c"))
+    items = _read(_plan("jsonl"), lines)
+    assert _summary(items) == [(1, ("w",)), (2, "parse_failed"), (3, ("w",))]
+    assert items[1]["message"] == "KeyError: 'surprise'"
