@@ -21,6 +21,7 @@ from pipeline.graph import build_pipeline
 from pipeline.model_source import ExportConfigError, is_default_bundle, is_local, wants_no_tokenizer
 from pipeline.options import ExportOptions, default_output
 from pipeline.plan import build_plan
+from pipeline.token_tables import write_token_tables
 from pipeline.transforms import NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ def run_export(argv=None):
             f"must be local; received {export_options.model!r}. Leave --model out (the "
             "bundled default) or pass a local copy of the bundle."
         )
-    plan, _ = build_plan(export_options, check_remote=not dry_run)
+    plan, source = build_plan(export_options, check_remote=not dry_run)
     plan = dataclasses.replace(plan, tf_threads=worker_tf_threads(options, export_options.tf_threads))
     run_id = output_lib.new_run_id() if dry_run else output_lib.prepare(plan.output, export_options.overwrite)
     rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
@@ -238,6 +239,7 @@ def run_export(argv=None):
     build_pipeline(pipeline, plan, rows_prefix, errors_prefix)
     if dry_run:
         return _dry_run(pipeline, plan, options)
+    write_token_tables(plan, source, output_lib.staging_tables_dir(plan.output, run_id))
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.time() - started

@@ -4,6 +4,7 @@ Layout of a finished export::
 
     OUTPUT/part-SSSSS-of-NNNNN.parquet          the rows
     OUTPUT/errors/part-SSSSS-of-NNNNN.parquet   the dead letters
+    OUTPUT/_tables/LAYER.parquet                --token_storage ids: each Embedding's table, once
     OUTPUT/_MANIFEST.json                       written last: marks success
 
 Readers of the rows use `OUTPUT/part-*.parquet` (DuckDB, polars, BigQuery) or
@@ -34,6 +35,8 @@ MANIFEST = "_MANIFEST.json"
 READER_IGNORE_PREFIXES = ["_", ".", "errors"]
 STAGING = "_staging"
 ERRORS_DIR = "errors"
+# "_" keeps the tables out of a read of the directory, as for the staging area.
+TABLES_DIR = "_tables"
 SHARD_PREFIX = "part-"
 
 
@@ -62,6 +65,7 @@ def _ours(relative):
         or relative.startswith(STAGING + "/")
         or (relative.startswith(SHARD_PREFIX) and relative.endswith(".parquet"))
         or (relative.startswith(ERRORS_DIR + "/" + SHARD_PREFIX) and relative.endswith(".parquet"))
+        or (relative.startswith(TABLES_DIR + "/") and relative.endswith(".parquet"))
     )
 
 
@@ -120,6 +124,11 @@ def staging_prefixes(directory, run_id):
     return join(staging, "data", "part"), join(staging, ERRORS_DIR, "part")
 
 
+def staging_tables_dir(directory, run_id):
+    """Where a run stages its token tables (`--token_storage ids`) until the commit."""
+    return join(directory, STAGING, run_id, TABLES_DIR)
+
+
 def _row_count(path):
     with FileSystems.open(path) as handle:
         return pq.ParquetFile(handle).metadata.num_rows
@@ -129,7 +138,7 @@ def staged_shards(directory, run_id):
     """The run's staged shards with their row counts, read once from the Parquet footers.
 
     Returns:
-        {"rows": [(path, rows), ...], "errors": [(path, rows), ...]}, sorted by path.
+        {"rows": [(path, rows), ...], "errors": [...], "tables": [...]}, sorted by path.
     """
     paths = sorted(_list(join(directory, STAGING, run_id)))
     shards = {}
@@ -142,6 +151,10 @@ def staged_shards(directory, run_id):
             and posixpath.basename(path).startswith(SHARD_PREFIX)
             and path.endswith(".parquet")
         ]
+    prefix = staging_tables_dir(directory, run_id) + "/"
+    shards["tables"] = [
+        (path, _row_count(path)) for path in paths if path.startswith(prefix) and path.endswith(".parquet")
+    ]
     return shards
 
 
@@ -157,12 +170,12 @@ def file_digest(path):
 
 
 def commit(directory, staged, manifest):
-    """Moves the run's shards into place and writes the manifest last.
+    """Moves the run's shards and tables into place and writes the manifest last.
 
     Args:
         directory: the output directory.
         staged: `staged_shards(directory, run_id)`.
-        manifest: facts of the run (options, counts, ...); shard lists are added.
+        manifest: facts of the run (options, counts, ...); shard and table lists are added.
 
     Returns:
         The manifest dict as written.
@@ -172,20 +185,22 @@ def commit(directory, staged, manifest):
     # The manifest goes first so a reader never sees it over a mix of shards.
     _delete(old_manifest)
     _delete([p for p in old if p not in old_manifest])
-    sources, targets, shards = [], [], {"rows": [], "errors": []}
-    for kind, target_dir in (("rows", directory), ("errors", join(directory, ERRORS_DIR))):
-        for path, rows in staged[kind]:
+    places = {"rows": directory, "errors": join(directory, ERRORS_DIR), "tables": join(directory, TABLES_DIR)}
+    sources, targets, shards = [], [], {kind: [] for kind in places}
+    for kind, target_dir in places.items():
+        for path, rows in staged.get(kind, []):
             target = join(target_dir, posixpath.basename(path))
             sources.append(path)
             targets.append(target)
             shards[kind].append({"file": _relative(directory, target), "rows": rows})
-    if staged["errors"] and not FileSystems.exists(join(directory, ERRORS_DIR)):
-        FileSystems.mkdirs(join(directory, ERRORS_DIR))
+        if kind != "rows" and staged.get(kind) and not FileSystems.exists(target_dir):
+            FileSystems.mkdirs(target_dir)
     FileSystems.rename(sources, targets)
-    for entry in shards["rows"] + shards["errors"]:
+    for entry in shards["rows"] + shards["errors"] + shards["tables"]:
         entry.update(file_digest(join(directory, entry["file"])))
     remove_staging(directory)
-    manifest = dict(manifest, shards=shards)
+    tables = shards.pop("tables")
+    manifest = dict(manifest, shards=shards, tables=tables)
     temporary = join(directory, MANIFEST + ".tmp")
     with FileSystems.create(temporary) as handle:
         handle.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))

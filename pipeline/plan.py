@@ -14,6 +14,7 @@ from models import __version__
 from models.truncate import input_dependencies, parse_layer_spec, truncate
 from pipeline.model_source import ExportConfigError, is_local, load_model_source, wants_no_tokenizer
 from pipeline.options import INPUT_FORMATS
+from pipeline.token_tables import apply_token_storage
 
 TEXT_FIELD = "text"
 # Input kinds: token ids the pipeline computes (or reads as id lists), or the raw
@@ -53,7 +54,9 @@ class ColumnInfo:
     """An exported output column.
 
     `kind` is "vector" (one vector per document) or "sequence" (one vector per
-    token of `source_input`, turned into a row by `pooling`).
+    token of `source_input`, turned into a row by `pooling`).  A sequence column
+    with pooling "none" and `token_storage` "ids" holds the real tokens' ids;
+    `table` is then its layer's table, relative to the output directory.
     """
 
     column: str
@@ -63,6 +66,8 @@ class ColumnInfo:
     dim: int
     source_input: str
     pooling: str
+    token_storage: str = "vectors"
+    table: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +327,7 @@ def build_plan(options, check_remote=True):
                 "vectors (batch, dim) and per-token sequences (batch, tokens, dim) aligned with "
                 "one model input can be exported. Pick another --layer."
             )
+    columns = apply_token_storage(model, specs, columns, options.token_storage, options.pooling)
     keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
     reserved = {"id"} | {c.column for c in columns} | {f"{c.column}_tokens" for c in columns}
     clashes = sorted(reserved & set(keep_fields))
