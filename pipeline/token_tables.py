@@ -74,9 +74,8 @@ def check_ids_column(model, spec):
         parent = looked_up._keras_history.operation
         raise ExportConfigError(
             f"--token_storage ids cannot store {spec.layer!r} (call {spec.call}): it looks up the output "
-            f"of {parent.name!r} (a {type(parent).__name__}), not a token-id input of the model, so the "
-            "ids the pipeline computes are not the ones the table is indexed by. Pass "
-            "--token_storage vectors."
+            f"of layer {parent.name!r} ({type(parent).__name__}), not a token-id input of the model, so "
+            f"the ids the pipeline computes are not the ones the table is indexed by. {fix}"
         )
 
 
