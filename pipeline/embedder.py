@@ -313,7 +313,7 @@ class Embedder:
             if not keep
         ]
         # What the forward pass would fail on for an ids column, and so dead-letter, fails here too.
-        outside = self._ids_outside_tables(features)
+        outside = self._ids_outside_tables(features, len(documents))
         errors += [
             schema_lib.error_row(d.source, d.position, d.id, INFERENCE_FAILED, message, " | ".join(d.texts))
             for d, keep, message in zip(documents, nonempty, outside, strict=True)
@@ -345,9 +345,9 @@ class Embedder:
         )
         return EmbedResult(rows, errors, truncated, oov)
 
-    def _ids_outside_tables(self, features):
+    def _ids_outside_tables(self, features, count):
         """Per document, why an ids column cannot look up its tokens (an id past the table), or ""."""
-        messages = [""] * len(next(iter(features.values()))) if features else []
+        messages = [""] * count
         for column in self.plan.columns:
             if column.column not in self._table_sizes:
                 continue
