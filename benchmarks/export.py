@@ -1,6 +1,6 @@
 """Side-by-side benchmark: the export pipeline against plain Keras `predict`, in one run.
 
-    python -m benchmarks.export [--documents 4096] [--batch_size 512] [--json PATH]
+    python -m benchmarks.export [--documents 4096] [--batch_size 512] [--contenders all] [--json PATH]
 
 Everything uses the same model (the bundled default: Embedding(4000, 300) shared
 by two LSTM(128)), the same corpus and the same batch size, measured in this one
@@ -11,7 +11,10 @@ process tree so that the ratios are fair on a noisy machine:
 - inference alone: our Keras forward pass (a traced `tf.function`) and the exact
   fast path, over the same arrays;
 - the whole pipeline (read -> tokenize -> infer -> write Parquet) on the local
-  DirectRunner engine, generic and fast path, as a subprocess.
+  DirectRunner engine, generic and fast path, as a subprocess;
+- per-token `emb` (`--pooling none`) stored as vectors (float32, float16) and as
+  token ids plus the table (`--token_storage ids`): speed, MiB written and bytes
+  per document.  `--contenders token_storage` runs only these three.
 
 Throughput is *marginal*: the time for 3N documents minus the time for N, so
 start-up (TensorFlow import, model load, tracing) is separated out.  Peak RSS is
@@ -24,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -64,8 +66,9 @@ def run_pipeline(corpus, output, extra_flags):
 
     Returns:
         (seconds, peak RSS MiB, output bytes, pipeline seconds): wall time of the
-        whole command, and the run time the summary reports (from pipeline start
-        to finish, without the imports and launch-time validation).
+        whole command, and the run time the manifest records to the millisecond
+        (from pipeline start to finish, without the imports and launch-time
+        validation).
     """
     command = [sys.executable, "-m", "pipeline.run", "--input", corpus, "--output", output, *extra_flags]
     started = time.perf_counter()
@@ -75,13 +78,16 @@ def run_pipeline(corpus, output, extra_flags):
     seconds = time.perf_counter() - started
     if status != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{stdout.decode(errors='replace')[-3000:]}")
+    # Every Parquet file the export wrote: rows, dead letters and the tables of --token_storage ids.
     size = sum(
-        os.path.getsize(os.path.join(output, name))
-        for name in os.listdir(output)
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(output)
+        for name in names
         if name.endswith(".parquet")
     )
-    match = re.search(rb"seconds\s+([0-9.]+) \(", stdout)
-    return seconds, usage.ru_maxrss / 1024, size, float(match.group(1)) if match else float("nan")
+    with open(os.path.join(output, "_MANIFEST.json"), encoding="utf-8") as handle:
+        run_seconds = json.load(handle)["seconds"]
+    return seconds, usage.ru_maxrss / 1024, size, run_seconds
 
 
 def inference_rates(documents_small, documents_large, batch_size, layers):
@@ -151,6 +157,12 @@ def main(argv=None):
         default=os.path.join(ROOT, "benchmarks", "results", "export.json"),
         help="where to write results.",
     )
+    parser.add_argument(
+        "--contenders",
+        default="all",
+        choices=("all", "token_storage"),
+        help="all, or only the per-token emb storages (vectors float32/float16, ids).",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     small, large = args.documents, 3 * args.documents
@@ -164,7 +176,9 @@ def main(argv=None):
         "batch_size": args.batch_size,
     }
 
-    rates, worst = inference_rates(small, large, args.batch_size, LSTM_LAYERS)
+    rates, worst = {}, None
+    if args.contenders == "all":
+        rates, worst = inference_rates(small, large, args.batch_size, LSTM_LAYERS)
     results["inference_docs_per_s"] = rates
     results["fast_path_max_abs_diff"] = worst
 
@@ -176,7 +190,10 @@ def main(argv=None):
             "pipeline_fast": ["--layer", "lstm_content"],
             "pipeline_emb_tokens_f32": ["--layer", "emb", "--pooling", "none"],
             "pipeline_emb_tokens_f16": ["--layer", "emb", "--pooling", "none", "--dtype", "float16"],
+            "pipeline_emb_tokens_ids": ["--layer", "emb", "--pooling", "none", "--token_storage", "ids"],
         }
+        if args.contenders == "token_storage":
+            variants = {name: flags for name, flags in variants.items() if name.startswith("pipeline_emb")}
         for name, flags in variants.items():
             runs = {}
             for n in (small, large):
@@ -192,21 +209,28 @@ def main(argv=None):
                 "peak_rss_mib": {str(n): round(runs[n][1], 1) for n in runs},
                 "rss_ratio_3x": runs[large][1] / runs[small][1],
                 "output_mib": {str(n): round(runs[n][2] / 2**20, 2) for n in runs},
+                # What one more document adds (a table written once cancels out), and all bytes / documents.
+                "marginal_bytes_per_doc": (runs[large][2] - runs[small][2]) / (large - small),
+                "bytes_per_doc": {str(n): runs[n][2] / n for n in runs},
                 "marginal_mib_per_s": (runs[large][2] - runs[small][2]) / 2**20 / extra_seconds
                 if extra_seconds > 0
                 else float("nan"),
             }
+        # After all runs: a child's peak RSS includes this process's at the time it was started.
+        for name, row in pipeline_rows.items():
             if name.startswith("pipeline_emb"):
-                pipeline_rows[name]["parquet_encoder_mib_per_s"] = parquet_encoder_rate(
+                row["parquet_encoder_mib_per_s"] = parquet_encoder_rate(
                     os.path.join(scratch, f"{name}-{large}")
                 )
     results["pipeline"] = pipeline_rows
-    reference = rates["reference_predict"]
-    results["ratios_to_reference"] = {
-        "inference_generic": rates["inference_generic"] / reference,
-        "inference_fast": rates.get("inference_fast", float("nan")) / reference,
-        **{name: row["marginal_docs_per_s"] / reference for name, row in pipeline_rows.items()},
-    }
+    if rates:
+        reference = rates["reference_predict"]
+        results["ratios_to_reference"] = {
+            "inference_generic": rates["inference_generic"] / reference,
+            "inference_fast": rates.get("inference_fast", float("nan")) / reference,
+            **{name: row["marginal_docs_per_s"] / reference for name, row in pipeline_rows.items()},
+        }
+    results["token_storage"] = token_storage_ratios(pipeline_rows, large)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2)
@@ -228,24 +252,42 @@ def parquet_encoder_rate(directory):
     return size / 2**20 / seconds
 
 
+def token_storage_ratios(pipeline_rows, large):
+    """Per-token emb as ids against float32 vectors, measured in this run: how much smaller and faster."""
+    vectors, ids = pipeline_rows.get("pipeline_emb_tokens_f32"), pipeline_rows.get("pipeline_emb_tokens_ids")
+    if not vectors or not ids:
+        return {}
+    return {
+        "smaller_marginal": vectors["marginal_bytes_per_doc"] / ids["marginal_bytes_per_doc"],
+        "smaller_total_3n": vectors["output_mib"][str(large)] / ids["output_mib"][str(large)],
+        "faster_marginal": ids["marginal_docs_per_s"] / vectors["marginal_docs_per_s"],
+        "faster_end_to_end_3n": vectors["seconds"][str(large)] / ids["seconds"][str(large)],
+    }
+
+
 def format_table(results):
-    reference = results["inference_docs_per_s"]["reference_predict"]
+    reference = results["inference_docs_per_s"].get("reference_predict")
     lines = [
         f"documents N={results['documents'][0]} and 3N={results['documents'][1]}, "
         f"batch {results['batch_size']}, "
         f"{results['machine']['cpus']} CPUs",
         "",
-        f"{'contender':<28}{'marginal docs/s':>16}{'x reference':>13}{'peak RSS MiB (N/3N)':>22}{'MiB/s':>9}",
+        f"{'contender':<28}{'marginal docs/s':>16}{'x reference':>13}{'peak RSS MiB (N/3N)':>22}{'MiB/s':>9}"
+        f"{'B/doc':>9}{'MiB at 3N':>11}{'s at 3N':>9}",
     ]
-    lines.append(f"{'keras predict (reference)':<28}{reference:>16.0f}{1.0:>13.2f}")
+    if reference:
+        lines.append(f"{'keras predict (reference)':<28}{reference:>16.0f}{1.0:>13.2f}")
     for name, value in results["inference_docs_per_s"].items():
         if name != "reference_predict":
             lines.append(f"{name:<28}{value:>16.0f}{value / reference:>13.2f}")
+    large = str(results["documents"][1])
     for name, row in results["pipeline"].items():
         rss = "/".join(f"{v:.0f}" for v in row["peak_rss_mib"].values())
+        ratio = f"{row['marginal_docs_per_s'] / reference:.2f}" if reference else "-"
         lines.append(
-            f"{name:<28}{row['marginal_docs_per_s']:>16.0f}{row['marginal_docs_per_s'] / reference:>13.2f}"
-            f"{rss:>22}{row['marginal_mib_per_s']:>9.1f}"
+            f"{name:<28}{row['marginal_docs_per_s']:>16.0f}{ratio:>13}"
+            f"{rss:>22}{row['marginal_mib_per_s']:>9.1f}{row['marginal_bytes_per_doc']:>9.0f}"
+            f"{row['output_mib'][large]:>11.1f}{row['seconds'][large]:>9.1f}"
         )
     for name, row in results["pipeline"].items():
         if "parquet_encoder_mib_per_s" in row:
@@ -253,7 +295,15 @@ def format_table(results):
                 f"  {name}: pyarrow alone encodes the same table at "
                 f"{row['parquet_encoder_mib_per_s']:.0f} MiB/s"
             )
-    lines.append(f"fast path max |diff| vs predict: {results['fast_path_max_abs_diff']}")
+    ratios = results.get("token_storage")
+    if ratios:
+        lines.append(
+            f"emb per token, ids vs float32 vectors: {ratios['smaller_marginal']:.0f}x smaller per document "
+            f"({ratios['smaller_total_3n']:.0f}x with the table, at 3N), {ratios['faster_marginal']:.1f}x "
+            f"faster marginal, {ratios['faster_end_to_end_3n']:.1f}x faster end to end at 3N"
+        )
+    if results["fast_path_max_abs_diff"] is not None:
+        lines.append(f"fast path max |diff| vs predict: {results['fast_path_max_abs_diff']}")
     return "\n".join(lines)
 
 

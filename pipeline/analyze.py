@@ -3,7 +3,8 @@
 Commands:
   neighbors   the k nearest neighbours (cosine similarity) of one document
               (--id) of an export, or of one word (--word) of a
-              `python -m pipeline.vocabulary` output
+              `python -m pipeline.vocabulary` output or of the table an
+              export with --token_storage ids wrote
   plot        a PNG of the 2-D PCA projection of a vector column, coloured by
               a label field kept with --keep_fields
   knn-score   the fraction of each document's k nearest neighbours that share
@@ -30,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from pipeline.output import MANIFEST, SHARD_PREFIX
+from pipeline.output import MANIFEST, SHARD_PREFIX, TABLES_DIR
 from pipeline.schema import FINGERPRINT_COLUMN, ID_COLUMN
 from pipeline.vocabulary import TOKEN_COLUMN, TOKEN_ID_COLUMN, VECTOR_COLUMN, VOCABULARY_FILE
 
@@ -162,8 +163,22 @@ def open_documents(location):
     return VectorDataset(location, "documents", dataset, ID_COLUMN, details)
 
 
+def _token_tables(location):
+    """(filesystem, paths) of the tables in `location`'s `_tables/` (`--token_storage ids`)."""
+    filesystem, directory = _filesystem(location)
+    tables = posixpath.join(directory, TABLES_DIR)
+    if filesystem.get_file_info(tables).type != pafs.FileType.Directory:
+        return filesystem, []
+    entries = filesystem.get_file_info(pafs.FileSelector(tables, recursive=False))
+    return filesystem, sorted(e.path for e in entries if e.path.endswith(".parquet"))
+
+
 def open_vocabulary(location):
-    """Opens `vocabulary.parquet` of a `python -m pipeline.vocabulary` output.
+    """Opens the word vectors of `location`: a vocabulary output, a table file, or an export's table.
+
+    `location` is the --output of `python -m pipeline.vocabulary`, a
+    vocabulary-format file, or the --output of `python -m pipeline.run
+    --token_storage ids` with one table (with several, pass the table file).
 
     Raises:
         AnalysisError: `location` does not exist or holds no vocabulary file.
@@ -171,6 +186,13 @@ def open_vocabulary(location):
     filesystem, files = _list_parquet(
         location, lambda name: name == VOCABULARY_FILE, "`python -m pipeline.vocabulary`"
     )
+    if not files:
+        filesystem, files = _token_tables(location)
+        if len(files) > 1:
+            choices = ", ".join(posixpath.join(location, TABLES_DIR, posixpath.basename(f)) for f in files)
+            raise AnalysisError(
+                f"{location!r} holds {len(files)} token tables; pass one of them instead: {choices}."
+            )
     if not files:
         raise AnalysisError(
             f"{location!r} holds no {VOCABULARY_FILE}. Write one with `python -m pipeline.vocabulary "
@@ -217,6 +239,13 @@ def check_vector_column(data, column):
             "pass one as --column."
         )
     arrow_type = data.schema.field(column).type
+    if _is_list_type(arrow_type) and pa.types.is_integer(arrow_type.value_type):
+        raise AnalysisError(
+            f"Column {column!r} holds the token ids of each document (exported with --token_storage "
+            f"ids), not one vector per row; the vectors of the tokens are in {TABLES_DIR}/. Query "
+            f"words with `neighbors --word WORD` on this directory, pick a vector column ({listed}), "
+            "or re-export the layer with --pooling mean."
+        )
     if _is_list_type(arrow_type) and _is_vector_type(arrow_type.value_type):
         raise AnalysisError(
             f"Column {column!r} holds one vector per token (exported with --pooling none), not one per "
@@ -607,7 +636,11 @@ def build_parser():
     )
     query = neighbors.add_mutually_exclusive_group(required=True)
     query.add_argument("--id", help="Document id in an export of `python -m pipeline.run`.")
-    query.add_argument("--word", help=f"Token in the {VOCABULARY_FILE} of `python -m pipeline.vocabulary`.")
+    query.add_argument(
+        "--word",
+        help=f"Token in the {VOCABULARY_FILE} of `python -m pipeline.vocabulary`, or in the "
+        f"{TABLES_DIR}/ table of an export made with --token_storage ids.",
+    )
     neighbors.add_argument("--column", default=None, help=column_help)
     neighbors.add_argument(
         "-k", type=int, default=DEFAULT_K, help="Neighbours to list (default: %(default)s)."

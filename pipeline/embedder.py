@@ -126,38 +126,64 @@ class Embedder:
                 f"{source.model_sha256}, launch saw {plan.model_sha256}); rerun the export."
             )
         self.tokenizer = source.tokenizer
-        self.sub_model = truncate(source.model, list(plan.layer_specs))
         self.schema = schema_lib.output_schema(plan)
+        # Columns stored as token ids need no forward pass: the ids are the output.
+        computed = [
+            (spec, column)
+            for spec, column in zip(plan.layer_specs, plan.columns, strict=True)
+            if column.token_storage != schema_lib.TOKEN_IDS
+        ]
+        self._table_sizes = {
+            column.column: source.model.get_layer(column.layer).input_dim
+            for column in plan.columns
+            if column.token_storage == schema_lib.TOKEN_IDS
+        }
+        self._vectorizers = {}  # String input name -> (TextVectorization, unknown id), on first use.
+        self.sub_model, self._forward, self._fast, self._model_inputs = None, None, None, ()
+        if not computed:
+            return
+        self.sub_model = truncate(source.model, [spec for spec, _ in computed])
+        self._model_inputs = tuple(t.name for t in self.sub_model.inputs)
         signature = [
             {
                 i.name: tf.TensorSpec([None] + [1] * (i.rank - 1), tf.string, name=i.name)
                 if i.kind == TEXT_INPUT
                 else tf.TensorSpec([None, i.length], tf.int32, name=i.name)
                 for i in plan.inputs
+                if i.name in self._model_inputs
             }
         ]
         model = self.sub_model
+        first_column = computed[0][1].column
 
         # One traced graph for every batch size: no retracing per batch.
         @tf.function(input_signature=signature, reduce_retracing=True)
         def forward(features):
             outputs = model(features, training=False)
             if not isinstance(outputs, dict):
-                outputs = {plan.columns[0].column: outputs}
+                outputs = {first_column: outputs}
             return outputs
 
         self._forward = forward
-        self._vectorizers = {}  # String input name -> (TextVectorization, unknown id), on first use.
         self._fast = self._choose_fast_path() if plan.fast_path == "auto" else None
+
+    def _model_features(self, features):
+        """`features` restricted to the sub-model's inputs (ids columns may need more inputs)."""
+        return {name: features[name] for name in self._model_inputs}
 
     def keras_predict(self, features):
         """The sub-model's own forward pass: {input name: ids} -> {column: numpy array}."""
-        return {name: value.numpy() for name, value in self._forward(features).items()}
+        if self._forward is None:
+            return {}
+        return {name: value.numpy() for name, value in self._forward(self._model_features(features)).items()}
 
     def predict(self, features):
-        """Runs the sub-model on {input name: int32 ids}; returns {column: numpy array}."""
+        """Runs the sub-model on {input name: int32 ids}; returns {column: numpy array}.
+
+        Columns stored as token ids are not computed, so they are absent.
+        """
         if self._fast is not None:
-            return self._fast(features)
+            return self._fast(self._model_features(features))
         return self.keras_predict(features)
 
     @property
@@ -172,7 +198,8 @@ class Embedder:
         if fast is None:
             logging.info("Fast path off (%s); using Keras's forward pass.", reason)
             return None
-        worst = max_difference(fast, self.keras_predict, verification_batch(self.plan, fast.vocabulary_size))
+        batch = self._model_features(verification_batch(self.plan, fast.vocabulary_size))
+        worst = max_difference(fast, self.keras_predict, batch)
         if not worst <= FAST_PATH_TOLERANCE:
             logging.warning(
                 "Fast path off: it differs from Keras by %.3g (> %g) on a sample batch; using "
@@ -286,6 +313,14 @@ class Embedder:
             for d, keep in zip(documents, nonempty, strict=True)
             if not keep
         ]
+        # What the forward pass would fail on for an ids column, and so dead-letter, fails here too.
+        outside = self._ids_outside_tables(features, len(documents))
+        errors += [
+            schema_lib.error_row(d.source, d.position, d.id, INFERENCE_FAILED, message, " | ".join(d.texts))
+            for d, keep, message in zip(documents, nonempty, outside, strict=True)
+            if keep and message
+        ]
+        nonempty &= np.array([not message for message in outside], dtype=bool)
         keep_rows = np.flatnonzero(nonempty)
         if len(keep_rows) < len(documents):
             features = {name: ids[keep_rows] for name, ids in features.items()}
@@ -300,6 +335,7 @@ class Embedder:
             if not good:
                 return EmbedResult(None, errors, truncated, oov)
             documents = [documents[index] for index in good]
+            features = {name: values[good] for name, values in features.items()}
             masks = {name: mask[good] for name, mask in masks.items()}
         kept = {
             name: [document.kept[index] for document in documents]
@@ -307,9 +343,31 @@ class Embedder:
         }
         fingerprints = [schema_lib.input_fingerprint(d.texts, plan.inputs) for d in documents]
         rows = schema_lib.to_record_batch(
-            self.schema, plan, [document.id for document in documents], kept, outputs, masks, fingerprints
+            self.schema,
+            plan,
+            [document.id for document in documents],
+            kept,
+            outputs,
+            masks,
+            features,
+            fingerprints,
         )
         return EmbedResult(rows, errors, truncated, oov)
+
+    def _ids_outside_tables(self, features, count):
+        """Per document, why an ids column cannot look up its tokens (an id past the table), or ""."""
+        messages = [""] * count
+        for column in self.plan.columns:
+            if column.column not in self._table_sizes:
+                continue
+            size = self._table_sizes[column.column]
+            largest = np.asarray(features[column.source_input]).max(axis=1, initial=0)
+            for row in np.flatnonzero(largest >= size):
+                messages[row] = messages[row] or (
+                    f"Token id {int(largest[row])} of input {column.source_input!r} is outside the "
+                    f"{size}-row table of Embedding layer {column.layer!r}."
+                )
+        return messages
 
     def _predict_one_by_one(self, documents, features, errors):
         results, good = [], []

@@ -29,6 +29,7 @@ from pipeline.graph import build_pipeline
 from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenizer
 from pipeline.options import ExportOptions, default_output
 from pipeline.plan import build_plan, reuse_signature
+from pipeline.token_tables import write_token_tables
 from pipeline.transforms import FILES_BROKEN, NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def run_export(argv=None):
             f"must be local; received {export_options.model!r}. Leave --model out (the "
             "bundled default) or pass a local copy of the bundle."
         )
-    plan, _ = build_plan(export_options, check_remote=not dry_run)
+    plan, source = build_plan(export_options, check_remote=not dry_run)
     plan = dataclasses.replace(plan, tf_threads=worker_tf_threads(options, export_options.tf_threads))
     if dry_run:
         pipeline = beam.Pipeline(runner=local_runner(options), options=options)
@@ -279,16 +280,17 @@ def run_export(argv=None):
     # written, so a second run on this --output is refused instead of mixing files.
     with output_lib.OutputLock(plan.output):
         run_id = output_lib.prepare(plan.output, export_options.overwrite)
-        return _run_and_commit(options, plan, run_id, argv)
+        return _run_and_commit(options, plan, source, run_id, argv)
 
 
-def _run_and_commit(options, plan, run_id, argv):
+def _run_and_commit(options, plan, source, run_id, argv):
     """Runs the pipeline into the run's staging directory, checks the accounting, commits."""
     export_options = options.view_as(ExportOptions)
     rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
     started = time.time()
     pipeline = beam.Pipeline(runner=local_runner(options), options=options)
     build_pipeline(pipeline, plan, rows_prefix, errors_prefix)
+    write_token_tables(plan, source, output_lib.staging_tables_dir(plan.output, run_id))
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.time() - started

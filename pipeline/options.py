@@ -11,6 +11,7 @@ from models.tokenizer import SIDES
 INPUT_FORMATS = ("auto", "text", "jsonl", "csv", "parquet")
 POOLINGS = ("none", "mean", "max", "last")
 DTYPES = ("float32", "float16")
+TOKEN_STORAGES = ("vectors", "ids")
 COMPRESSIONS = ("snappy", "zstd", "gzip", "none")
 
 
@@ -107,6 +108,18 @@ class ExportOptions(PipelineOptions):
             "mean/max over real tokens, last real token, or none = a list with one "
             "vector per real token (padding dropped) plus a COLUMN_tokens count. "
             "Default: %(default)s.",
+        )
+        parser.add_argument(
+            "--token_storage",
+            default="vectors",
+            choices=TOKEN_STORAGES,
+            help="How per-token columns are stored with --pooling none: vectors (one vector per "
+            "real token) or ids (the real tokens' ids, plus the layer's table written once as "
+            "OUTPUT/_tables/LAYER.parquet; table[ids] gives the vectors exactly, about 300x "
+            "smaller). ids applies to every per-token column and needs each one to be the output "
+            "of an Embedding layer applied directly to a token-id input; any other per-token "
+            "layer is refused, and columns of one vector per document are stored as vectors as "
+            "always. Default: %(default)s.",
         )
         parser.add_argument(
             "--dtype", default="float32", choices=DTYPES, help="Vector storage type (default: %(default)s)."

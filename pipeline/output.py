@@ -4,6 +4,7 @@ Layout of a finished export::
 
     OUTPUT/part-SSSSS-of-NNNNN.parquet          the rows
     OUTPUT/errors/part-SSSSS-of-NNNNN.parquet   the dead letters
+    OUTPUT/_tables/LAYER.parquet                --token_storage ids: each Embedding's table, once
     OUTPUT/_MANIFEST.json                       written last: marks success
 
 Readers of the rows use `OUTPUT/part-*.parquet` (DuckDB, polars, BigQuery) or
@@ -44,6 +45,8 @@ LOCK = "_LOCK"
 READER_IGNORE_PREFIXES = ["_", ".", "errors"]
 STAGING = "_staging"
 ERRORS_DIR = "errors"
+# "_" keeps the tables out of a read of the directory, as for the staging area.
+TABLES_DIR = "_tables"
 SHARD_PREFIX = "part-"
 # Beam's default shard names: part-00000-of-00004.parquet.
 _SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
@@ -89,6 +92,7 @@ def _ours(relative):
         relative in (MANIFEST, MANIFEST + ".tmp", LOCK)
         or relative.startswith(STAGING + "/")
         or bool(_SHARD_NAME.fullmatch(relative))
+        or (relative.startswith(TABLES_DIR + "/") and relative.endswith(".parquet"))
         or (
             relative.startswith(ERRORS_DIR + "/")
             and bool(_SHARD_NAME.fullmatch(relative[len(ERRORS_DIR) + 1 :]))
@@ -207,6 +211,11 @@ def staging_prefixes(directory, run_id):
     return join(staging, "data", "part"), join(staging, ERRORS_DIR, "part")
 
 
+def staging_tables_dir(directory, run_id):
+    """Where a run stages its token tables (`--token_storage ids`) until the commit."""
+    return join(directory, STAGING, run_id, TABLES_DIR)
+
+
 def _row_count(path):
     with FileSystems.open(path) as handle:
         return pq.ParquetFile(handle).metadata.num_rows
@@ -216,7 +225,7 @@ def staged_shards(directory, run_id):
     """The run's staged shards with their row counts, read once from the Parquet footers.
 
     Returns:
-        {"rows": [(path, rows), ...], "errors": [(path, rows), ...]}, sorted by path.
+        {"rows": [(path, rows), ...], "errors": [...], "tables": [...]}, sorted by path.
     """
     paths = sorted(_list(join(directory, STAGING, run_id)))
     shards = {}
@@ -229,6 +238,10 @@ def staged_shards(directory, run_id):
             and posixpath.basename(path).startswith(SHARD_PREFIX)
             and path.endswith(".parquet")
         ]
+    prefix = staging_tables_dir(directory, run_id) + "/"
+    shards["tables"] = [
+        (path, _row_count(path)) for path in paths if path.startswith(prefix) and path.endswith(".parquet")
+    ]
     return shards
 
 
@@ -244,13 +257,13 @@ def file_digest(path):
 
 
 def commit(directory, run_id, staged, manifest):
-    """Moves the run's shards into place and writes the manifest last.
+    """Moves the run's shards and tables into place and writes the manifest last.
 
     Args:
         directory: the output directory.
         run_id: this run's id; only its staging directory is removed.
         staged: `staged_shards(directory, run_id)`.
-        manifest: facts of the run (options, counts, ...); shard lists are added.
+        manifest: facts of the run (options, counts, ...); shard and table lists are added.
 
     Returns:
         The manifest dict as written.
@@ -266,20 +279,22 @@ def commit(directory, run_id, staged, manifest):
     # The manifest goes first so a reader never sees it over a mix of shards.
     _delete(old_manifest)
     _delete([p for p in old if p not in old_manifest])
-    sources, targets, shards = [], [], {"rows": [], "errors": []}
-    for kind, target_dir in (("rows", directory), ("errors", join(directory, ERRORS_DIR))):
-        for path, rows in staged[kind]:
+    places = {"rows": directory, "errors": join(directory, ERRORS_DIR), "tables": join(directory, TABLES_DIR)}
+    sources, targets, shards = [], [], {kind: [] for kind in places}
+    for kind, target_dir in places.items():
+        for path, rows in staged.get(kind, []):
             target = join(target_dir, posixpath.basename(path))
             sources.append(path)
             targets.append(target)
             shards[kind].append({"file": _relative(directory, target), "rows": rows})
-    if staged["errors"] and not FileSystems.exists(join(directory, ERRORS_DIR)):
-        FileSystems.mkdirs(join(directory, ERRORS_DIR))
+        if kind != "rows" and staged.get(kind) and not FileSystems.exists(target_dir):
+            FileSystems.mkdirs(target_dir)
     FileSystems.rename(sources, targets)
-    for entry in shards["rows"] + shards["errors"]:
+    for entry in shards["rows"] + shards["errors"] + shards["tables"]:
         entry.update(file_digest(join(directory, entry["file"])))
     remove_staging(directory, run_id)
-    manifest = dict(manifest, shards=shards)
+    tables = shards.pop("tables")
+    manifest = dict(manifest, shards=shards, tables=tables)
     temporary = join(directory, MANIFEST + ".tmp")
     with FileSystems.create(temporary) as handle:
         handle.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8"))

@@ -17,6 +17,7 @@ from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
 from pipeline.model_source import is_local, load_model_source, wants_no_tokenizer
 from pipeline.options import INPUT_FORMATS
+from pipeline.token_tables import apply_token_storage
 
 TEXT_FIELD = "text"
 # Input kinds: token ids the pipeline computes (or reads as id lists), or the raw
@@ -59,7 +60,9 @@ class ColumnInfo:
     """An exported output column.
 
     `kind` is "vector" (one vector per document) or "sequence" (one vector per
-    token of `source_input`, turned into a row by `pooling`).
+    token of `source_input`, turned into a row by `pooling`).  A sequence column
+    with pooling "none" and `token_storage` "ids" holds the real tokens' ids;
+    `table` is then its layer's table, relative to the output directory.
     """
 
     column: str
@@ -69,6 +72,8 @@ class ColumnInfo:
     dim: int
     source_input: str
     pooling: str
+    token_storage: str = "vectors"
+    table: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -520,6 +525,7 @@ def build_plan(options, check_remote=True):
                 "vectors (batch, dim) and per-token sequences (batch, tokens, dim) aligned with "
                 "one model input can be exported. Pick another --layer."
             )
+    columns = apply_token_storage(model, specs, columns, options.token_storage, options.pooling)
     keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
     check_column_names(keep_fields, columns)
     limits = embedding_limits(sub_model, inputs)
@@ -568,18 +574,7 @@ def reuse_signature(plan):
     return {
         "model_sha256": plan.model_sha256,
         "tokenizer_sha256": plan.tokenizer_sha256,
-        "columns": [
-            {
-                "column": c.column,
-                "layer": c.layer,
-                "call": c.call,
-                "kind": c.kind,
-                "dim": c.dim,
-                "pooling": c.pooling,
-                "source_input": c.source_input,
-            }
-            for c in plan.columns
-        ],
+        "columns": [dataclasses.asdict(c) for c in plan.columns],
         "dtype": plan.dtype,
         "padding": plan.padding,
         "truncating": plan.truncating,
@@ -593,7 +588,9 @@ def _describe_setting(key, value):
     """A short form of a `reuse_signature` value for messages."""
     if key == "columns" and isinstance(value, list):
         return ", ".join(
-            f"{c['column']}={c['layer']}:{c['call']} ({c['kind']}, pooling {c['pooling']})" for c in value
+            f"{c.get('column')}={c.get('layer')}:{c.get('call')} ({c.get('kind')}, pooling "
+            f"{c.get('pooling')}, {c.get('token_storage', 'vectors')})"
+            for c in value
         )
     if key == "inputs" and isinstance(value, list):
         return ", ".join(f"{i['name']}[{i['length']}]" for i in value)

@@ -15,6 +15,9 @@ ID_COLUMN = "id"
 # `--reuse` copies a row from an earlier export only when it is unchanged.
 FINGERPRINT_COLUMN = "input_sha256"
 TOKENS_SUFFIX = "_tokens"
+# `--token_storage ids`: a per-token column holds the real tokens' ids, its vectors are in a table.
+TOKEN_IDS = "ids"
+TOKEN_ID_TYPE = pa.int32()
 METADATA_KEY = b"embexport"
 # Characters of a bad record that its dead letter keeps in `raw`.
 RAW_LIMIT = 4096
@@ -35,10 +38,17 @@ def _value_type(dtype):
     return pa.float16() if dtype == "float16" else pa.float32()
 
 
+def is_per_token(column):
+    """Whether `column` (a `plan.ColumnInfo`) holds one value per real token (`--pooling none`)."""
+    return column.kind == "sequence" and column.pooling == "none"
+
+
 def column_type(column, dtype):
     """Arrow type of an exported layer column (see `plan.ColumnInfo`)."""
     vector = pa.list_(_value_type(dtype), column.dim)
-    if column.kind == "sequence" and column.pooling == "none":
+    if is_per_token(column) and column.token_storage == TOKEN_IDS:
+        return pa.list_(TOKEN_ID_TYPE)
+    if is_per_token(column):
         return pa.list_(vector)
     return vector
 
@@ -49,7 +59,7 @@ def output_schema(plan):
     fields += [pa.field(name, pa.string()) for name in plan.keep_fields]
     for column in plan.columns:
         fields.append(pa.field(column.column, column_type(column, plan.dtype)))
-        if column.kind == "sequence" and column.pooling == "none":
+        if is_per_token(column):
             fields.append(pa.field(column.column + TOKENS_SUFFIX, pa.int32()))
     fields.append(pa.field(FINGERPRINT_COLUMN, pa.string()))
     metadata = {
@@ -69,6 +79,9 @@ def output_schema(plan):
                 "dtype": plan.dtype,
                 "pooling": c.pooling if c.kind == "sequence" else None,
                 "source_input": c.source_input or None,
+                "token_storage": c.token_storage if is_per_token(c) else None,
+                # --token_storage ids: the table's path relative to the output directory.
+                "table": c.table or None,
             }
             for c in plan.columns
         ],
@@ -127,7 +140,7 @@ def input_fingerprint(texts, inputs):
     return hashlib.sha256(json.dumps(parts, ensure_ascii=True).encode("ascii")).hexdigest()
 
 
-def to_record_batch(schema, plan, ids, kept, outputs, masks, fingerprints=None):
+def to_record_batch(schema, plan, ids, kept, outputs, masks, token_ids=None, fingerprints=None):
     """Builds the output rows of one batch as an Arrow RecordBatch.
 
     Args:
@@ -135,7 +148,8 @@ def to_record_batch(schema, plan, ids, kept, outputs, masks, fingerprints=None):
         plan: the `ExportPlan`.
         ids: document ids (strings).
         kept: field name -> list of values (strings or None) for `plan.keep_fields`.
-        outputs: column name -> numpy array from the sub-model, rows aligned with `ids`.
+        outputs: column name -> numpy array from the sub-model, rows aligned with `ids`
+            (not needed for columns stored as token ids).
         masks: model input name -> boolean (n, length) array of real-token positions.
         fingerprints: `input_fingerprint` per row (None: left null).
 
@@ -147,6 +161,14 @@ def to_record_batch(schema, plan, ids, kept, outputs, masks, fingerprints=None):
     arrays = [pa.array(ids, type=pa.string())]
     arrays += [pa.array(kept[name], type=pa.string()) for name in plan.keep_fields]
     for column in plan.columns:
+        if is_per_token(column) and column.token_storage == TOKEN_IDS:
+            mask = masks[column.source_input]
+            tokens = np.asarray(token_ids[column.source_input])[mask].astype(np.int32)
+            counts = mask.sum(axis=1).astype(np.int32)
+            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens, type=TOKEN_ID_TYPE)))
+            arrays.append(pa.array(counts, type=pa.int32()))
+            continue
         values = np.asarray(outputs[column.column])
         if column.kind == "vector":
             arrays.append(_fixed_size(values.astype(numpy_type), value_type))

@@ -133,6 +133,31 @@ def vocabulary_table(table, id_to_token, metadata):
     return pa.Table.from_arrays(columns, schema=vocabulary_schema(dim, metadata))
 
 
+def vocabulary_metadata(model_uri, source, layer_name, table):
+    """The facts a vocabulary file stores as key-value metadata.
+
+    Args:
+        model_uri: where the model was loaded from.
+        source: its `ModelSource` (hashes and tokenizer; the tokenizer may be None).
+        layer_name: the Embedding layer.
+        table: its (table size, dim) matrix.
+    """
+    id_to_token = source.tokenizer.id_to_token() if source.tokenizer is not None else {}
+    return {
+        "kind": "vocabulary",
+        "model_uri": model_uri,
+        "model_sha256": source.model_sha256,
+        "tokenizer_sha256": source.tokenizer_sha256,
+        "layer": layer_name,
+        "table_size": int(table.shape[0]),
+        "dim": int(table.shape[1]),
+        "vocabulary_size": max([OOV_ID, *id_to_token]) + 1,
+        "padding_id": PADDING_ID,
+        "oov_id": OOV_ID,
+        "package_version": __version__,
+    }
+
+
 def export_vocabulary(
     model_uri, tokenizer_uri, layer_name, output, overwrite=False, allow_unsafe_deserialization=False
 ):
@@ -187,19 +212,7 @@ def export_vocabulary(
             len(table),
             len(table),
         )
-    metadata = {
-        "kind": "vocabulary",
-        "model_uri": model_uri,
-        "model_sha256": source.model_sha256,
-        "tokenizer_sha256": source.tokenizer_sha256,
-        "layer": layer_name,
-        "table_size": int(table.shape[0]),
-        "dim": int(table.shape[1]),
-        "vocabulary_size": vocabulary_size,
-        "padding_id": PADDING_ID,
-        "oov_id": OOV_ID,
-        "package_version": __version__,
-    }
+    metadata = vocabulary_metadata(model_uri, source, layer_name, table)
     arrow_table = vocabulary_table(table, id_to_token, metadata)
     # Written under a temporary name and renamed, so a reader never sees half a file.
     temporary = path + ".tmp"

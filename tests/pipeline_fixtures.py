@@ -5,6 +5,8 @@ import json
 import os
 import random
 import shutil
+import sys
+import time
 
 import keras
 import numpy as np
@@ -15,7 +17,7 @@ from models import architectures
 from models.bundle import load_bundle, save_bundle
 from models.tokenizer import Tokenizer
 from models.train import SAMPLE_CORPUS
-from pipeline.output import ERRORS_DIR, MANIFEST, read_manifest
+from pipeline.output import ERRORS_DIR, MANIFEST, STAGING, read_manifest
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = dict(
@@ -152,6 +154,31 @@ def manifest_of(output):
     manifest = read_manifest(str(output))
     assert manifest is not None, f"{output} has no {MANIFEST}"
     return manifest
+
+
+def snapshot(directory):
+    """Every file under `directory` (relative path) with its bytes."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, directory)] = handle.read()
+    return files
+
+
+def pipeline_command(corpus, output, *flags):
+    """argv of `python -m pipeline.run` in a child process (run with cwd=REPOSITORY)."""
+    return [sys.executable, "-m", "pipeline.run", "--input", str(corpus), "--output", str(output), *flags]
+
+
+def wait_for_staging(process, output, timeout=120):
+    """Waits until the child run `process` has created its staging directory under `output`."""
+    staging = os.path.join(str(output), STAGING)
+    deadline = time.time() + timeout
+    while not os.path.isdir(staging) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    return staging
 
 
 def is_empty_or_absent(directory):

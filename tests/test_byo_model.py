@@ -305,6 +305,40 @@ def test_keras2_two_output_model_matches_tf_keras(keras2, tmp_path, padding):
     assert rows[info["documents"].index("odd-2")]["emb_tokens"] == 0
 
 
+def test_keras2_model_token_ids_and_table_reproduce_tf_keras(keras2, tmp_path):
+    """--token_storage ids on the tutorial's model: float32 inputs, a shared Embedding, Tokenizer ids."""
+    import pyarrow.parquet as pq
+
+    from pipeline.token_tables import read_table_vectors
+
+    directory, references, info = keras2
+    output = _export(
+        tmp_path,
+        directory / "two_outputs.h5",
+        directory / "corpus.jsonl",
+        "--tokenizer",
+        directory / "tokenizer.json",
+        "--layer=emb",
+        "--layer=emb:1",
+        "--pooling=none",
+        "--token_storage=ids",
+    )
+    table = read_table_vectors(str(output / "_tables" / "emb.parquet"))
+    rows = _ordered_rows(output, info["documents"])
+    prefix = "two_outputs|pre|"
+    for column, source, call in (("emb", "content", 0), ("emb_call1", "title", 1)):
+        padded = references[f"{prefix}ids_{source}"]
+        for row, document in enumerate(rows):
+            real = padded[row] != 0
+            # The ids are pad_sequences(tokenizer.texts_to_sequences(...))'s real tokens, and
+            # the table indexed by them is Keras 2's own predict of the embedding, bit for bit.
+            assert document[column] == padded[row][real].astype(int).tolist(), document["id"]
+            np.testing.assert_array_equal(
+                table[document[column]], references[f"{prefix}emb:{call}"][row][real]
+            )
+    assert pq.read_schema(output / "_tables" / "emb.parquet").field("vector").type.list_size == 16
+
+
 def test_keras2_lambda_model_is_refused_without_the_flag(keras2, tmp_path):
     directory, _, info = keras2
     inputs = info["lambda_add"]["inputs"]

@@ -6,13 +6,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from pipeline_fixtures import pipeline_command, wait_for_staging
 
 from pipeline import output as output_lib
 from pipeline.export import run_export
@@ -280,19 +280,7 @@ def _big_corpus(path, copies):
 
 
 def _command(bundle, corpus, output):
-    return [
-        sys.executable,
-        "-m",
-        "pipeline.run",
-        "--model",
-        bundle,
-        "--input",
-        corpus,
-        "--output",
-        output,
-        "--batch_size",
-        "32",
-    ]
+    return pipeline_command(corpus, output, "--model", bundle, "--batch_size", "32")
 
 
 def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path, tiny_bundle):
@@ -309,10 +297,7 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    staging = os.path.join(output, output_lib.STAGING)
-    deadline = time.time() + 120
-    while not os.path.isdir(staging) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
+    staging = wait_for_staging(process, output)
     time.sleep(1.0)  # into the run: reading, embedding, writing temporary shards
     assert process.poll() is None, "the run finished before it could be killed; use a larger corpus"
     os.killpg(process.pid, signal.SIGKILL)

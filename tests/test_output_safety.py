@@ -15,6 +15,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from pipeline_fixtures import pipeline_command, snapshot, wait_for_staging
 
 from models.bundle import MANIFEST_FILE, MODEL_FILE, sha256_file
 from pipeline import output as output_lib
@@ -33,16 +34,6 @@ def _write_corpus(path, count, start=0):
                 json.dumps({"id": f"doc{index}", "content": words, "title": f"word{index % 30}"}) + "\n"
             )
     return str(path)
-
-
-def _snapshot(directory):
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as handle:
-                files[os.path.relpath(path, directory)] = handle.read()
-    return files
 
 
 def _refused(capsys, argv, pattern):
@@ -86,10 +77,10 @@ def test_overwrite_refuses_an_output_that_holds_the_corpus(tmp_path, tiny_bundle
     data = tmp_path / "data"
     data.mkdir()
     _write_corpus(data / "a.jsonl", 5)
-    before = _snapshot(data)
+    before = snapshot(data)
     argv = ["--model", tiny_bundle[0], "--input", str(data / "*.jsonl"), "--output", str(data), "--overwrite"]
     _refused(capsys, argv, "holds files that no export wrote")
-    assert _snapshot(data) == before
+    assert snapshot(data) == before
 
 
 def test_overwrite_of_a_working_directory_touches_nothing(tmp_path, tiny_bundle, capsys, monkeypatch):
@@ -98,7 +89,7 @@ def test_overwrite_of_a_working_directory_touches_nothing(tmp_path, tiny_bundle,
     (work / ".git" / "config").write_text("[core]\n")
     (work / "notes.txt").write_text("mine")
     corpus = _write_corpus(tmp_path / "c.jsonl", 5)
-    before = _snapshot(work)
+    before = snapshot(work)
     monkeypatch.chdir(work)
     message = _refused(
         capsys,
@@ -106,7 +97,7 @@ def test_overwrite_of_a_working_directory_touches_nothing(tmp_path, tiny_bundle,
         "no export wrote",
     )
     assert ".git/config" in message and "notes.txt" in message
-    assert _snapshot(work) == before
+    assert snapshot(work) == before
 
 
 def test_overwrite_replaces_a_finished_export_and_nothing_else(tmp_path, tiny_bundle):
@@ -163,18 +154,7 @@ def test_output_inside_the_matched_input_is_refused(tmp_path, tiny_bundle, capsy
 
 
 def _command(bundle, corpus, output, *flags):
-    return [
-        sys.executable,
-        "-m",
-        "pipeline.run",
-        "--model",
-        bundle,
-        "--input",
-        corpus,
-        "--output",
-        output,
-        *flags,
-    ]
+    return pipeline_command(corpus, output, "--model", bundle, *flags)
 
 
 @pytest.mark.parametrize("flags", [(), ("--overwrite",)], ids=["plain", "overwrite"])
@@ -449,10 +429,7 @@ def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_b
         stderr=subprocess.PIPE,
         text=True,
     )
-    staging = os.path.join(output, output_lib.STAGING)
-    deadline = time.time() + 120
-    while not os.path.isdir(staging) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_staging(process, output)
     assert process.poll() is None, "the run finished before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)

@@ -18,6 +18,7 @@ from pipeline_fixtures import (
     rows_by_id,
     sample_documents,
     shared_bundle,
+    snapshot,
     write_jsonl,
 )
 
@@ -52,17 +53,6 @@ def assert_refused(argv, output, pattern):
         run_export(argv)
     assert is_empty_or_absent(output), os.listdir(output)
     return str(caught.value)
-
-
-def snapshot(directory):
-    """Every file under `directory` with its bytes."""
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as handle:
-                files[os.path.relpath(path, directory)] = handle.read()
-    return files
 
 
 def test_missing_layer_lists_the_layers_with_call_counts_and_the_close_name(bundle, corpus, tmp_path):

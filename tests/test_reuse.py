@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+from pipeline_fixtures import pipeline_command, wait_for_staging
 
 from models.paths import SAMPLE_CORPUS
 from pipeline import output as output_lib
@@ -206,10 +207,6 @@ def test_reuse_in_place_with_overwrite(versions, tmp_path):
     assert _read(directory).equals(_read(versions["full"]))
 
 
-def _command(corpus, output, *flags):
-    return [sys.executable, "-m", "pipeline.run", "--input", corpus, "--output", output, *flags]
-
-
 def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     # Five copies of the corpus with new ids: long enough to be killed part-way.
     records = [dict(r, id=f"{copy}-{r['id']}") for copy in range(5) for r in versions["records"]]
@@ -218,17 +215,16 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     second_path = _write(tmp_path / "big2.jsonl", second)
     environment = dict(os.environ, PYTHONPATH=ROOT)
     v1 = str(tmp_path / "v1")
-    subprocess.run(_command(first_path, v1), cwd=ROOT, env=environment, check=True, capture_output=True)
+    subprocess.run(
+        pipeline_command(first_path, v1), cwd=ROOT, env=environment, check=True, capture_output=True
+    )
 
     output = str(tmp_path / "v2")
-    command = _command(second_path, output, "--reuse", v1, "--batch_size", "64")
+    command = pipeline_command(second_path, output, "--reuse", v1, "--batch_size", "64")
     process = subprocess.Popen(
         command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    staging = os.path.join(output, output_lib.STAGING)
-    deadline = time.time() + 120
-    while not os.path.isdir(staging) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_staging(process, output)
     time.sleep(0.3)
     assert process.poll() is None, "the run finished before it could be killed"
     process.send_signal(signal.SIGKILL)
@@ -238,7 +234,9 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     rerun = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     full = str(tmp_path / "full")
-    subprocess.run(_command(second_path, full), cwd=ROOT, env=environment, check=True, capture_output=True)
+    subprocess.run(
+        pipeline_command(second_path, full), cwd=ROOT, env=environment, check=True, capture_output=True
+    )
     assert _read(output).equals(_read(full))
     assert output_lib.read_manifest(output)["counts"]["rows_reused"] > 0.9 * len(second)
 

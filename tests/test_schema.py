@@ -1,5 +1,6 @@
 """`pipeline.schema` as pure functions: column types, pooling, rows to Arrow, dead-letter rows."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -119,7 +120,10 @@ def test_output_schema_names_and_types_with_metadata():
         "dtype": "float32",
         "pooling": "mean",
         "source_input": "title",
+        "token_storage": None,
+        "table": None,
     }
+    assert (metadata["columns"][0]["token_storage"], metadata["columns"][0]["table"]) == ("vectors", None)
     assert metadata["columns"][2]["pooling"] is None and metadata["columns"][2]["source_input"] is None
 
 
@@ -159,6 +163,23 @@ def test_to_record_batch_builds_rows_in_document_order():
         )
         np.testing.assert_array_equal(np.float32(row["lstm"]), outputs["lstm"][index])
     assert rows[1]["emb"] == [] and rows[1]["emb_tokens"] == 0
+
+
+def test_to_record_batch_writes_token_ids_of_the_real_tokens():
+    stored = dataclasses.replace(PER_TOKEN, token_storage=schema.TOKEN_IDS, table="_tables/emb.parquet")
+    plan = make_plan([stored, VECTOR])
+    output_schema = schema.output_schema(plan)
+    assert output_schema.field("emb").type == pa.list_(pa.int32())
+    outputs, masks = _batch_inputs()
+    token_ids = {"content": np.array([[0, 7, 3, 9], [0, 0, 0, 0], [4, 4, 1, 2]], dtype=np.int32)}
+    masks["content"] = token_ids["content"] != 0
+    batch = schema.to_record_batch(
+        output_schema, plan, ["a", "b", "c"], {}, {"lstm": outputs["lstm"]}, masks, token_ids
+    )
+    assert batch.column("emb").to_pylist() == [[7, 3, 9], [], [4, 4, 1, 2]]
+    assert batch.column("emb_tokens").to_pylist() == [3, 0, 4]
+    facts = schema.read_export_metadata(output_schema)["columns"][0]
+    assert (facts["token_storage"], facts["table"]) == ("ids", "_tables/emb.parquet")
 
 
 def test_to_record_batch_round_trips_through_parquet():
