@@ -256,14 +256,16 @@ def test_a_run_removes_only_its_own_staging_directory(tmp_path, tiny_bundle):
     output = str(tmp_path / "out")
     run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
     staged = output_lib.staged_shards(output, "nothing")
-    assert staged == {"rows": [], "errors": []}
+    assert staged == {"rows": [], "errors": [], "tables": []}
     other = os.path.join(output, output_lib.STAGING, "otherrun")
     os.makedirs(other)
     open(os.path.join(other, "x"), "w").close()
     manifest = output_lib.read_manifest(output)
     run_id = "mine00000000"
     os.makedirs(os.path.join(output, output_lib.STAGING, run_id, "data"))
-    output_lib.commit(output, run_id, {"rows": [], "errors": []}, {"counts": manifest["counts"]})
+    output_lib.commit(
+        output, run_id, {"rows": [], "errors": [], "tables": []}, {"counts": manifest["counts"]}
+    )
     assert os.listdir(os.path.join(output, output_lib.STAGING)) == ["otherrun"]
 
 

@@ -273,7 +273,7 @@ def test_ids_refused_without_a_per_token_column(tiny_bundle, tiny_corpus, tmp_pa
 
 
 def test_ids_and_vectors_dead_letter_the_same_documents(tiny_bundle, tiny_corpus, tmp_path):
-    """An id past the table fails the forward pass; the ids export fails the same document."""
+    """An id past the table is a bad_token_id dead letter in both storage modes, before any forward pass."""
     runs = {}
     for storage in ("vectors", "ids"):
         out = tmp_path / storage
@@ -284,7 +284,7 @@ def test_ids_and_vectors_dead_letter_the_same_documents(tiny_bundle, tiny_corpus
         assert (summary.rows_written, summary.dead_letters) == (3, 1), summary
         runs[storage] = read_rows(out).sort_by("id"), read_errors(out)
     for _, errors in runs.values():
-        assert errors.select(["id", "reason"]).to_pylist() == [{"id": "c", "reason": "inference_failed"}]
+        assert errors.select(["id", "reason"]).to_pylist() == [{"id": "c", "reason": "bad_token_id"}]
     ids_rows, vector_rows = runs["ids"][0], runs["vectors"][0]
     table = read_table_vectors(str(tmp_path / "ids" / TABLE))
     for column in COLUMNS:
