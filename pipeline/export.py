@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipeline import output as output_lib
+from pipeline.embedder import choose_forward_passes, manifest_columns
 from pipeline.errors import EXIT_ACCOUNTING_MISMATCH, EXIT_OK, EXIT_TOO_MANY_ERRORS, ExportConfigError
 from pipeline.graph import build_pipeline
 from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenizer
@@ -259,7 +260,7 @@ def run_export(argv=None):
             f"must be local; received {export_options.model!r}. Leave --model out (the "
             "bundled default) or pass a local copy of the bundle."
         )
-    plan, _ = build_plan(export_options, check_remote=not dry_run)
+    plan, source = build_plan(export_options, check_remote=not dry_run)
     plan = dataclasses.replace(plan, tf_threads=worker_tf_threads(options, export_options.tf_threads))
     if dry_run:
         pipeline = beam.Pipeline(runner=local_runner(options), options=options)
@@ -267,6 +268,7 @@ def run_export(argv=None):
         return _dry_run(pipeline, plan, options)
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
+    plan = dataclasses.replace(plan, forward_passes=choose_forward_passes(plan, source))
     with output_lib.OutputLock(plan.output):
         run_id = output_lib.prepare(plan.output, export_options.overwrite)
         return _run_and_commit(options, plan, run_id, argv)
@@ -312,7 +314,7 @@ def _run_and_commit(options, plan, run_id, argv):
         "model_uri": plan.model_uri,
         "model_sha256": plan.model_sha256,
         "tokenizer_sha256": plan.tokenizer_sha256,
-        "columns": [dataclasses.asdict(c) for c in plan.columns],
+        "columns": manifest_columns(plan),
         "counts": {
             "records_read": read,
             "rows_written": rows,

@@ -93,6 +93,9 @@ class ExportPlan:
     package_version: str = __version__
     truncating: str = "pre"
     allow_unsafe_deserialization: bool = False
+    # (column, forward pass, reason) as chosen at launch (`pipeline.embedder.forward_pass_records`);
+    # workers refuse to use another, so the manifest's record holds.  Empty: workers choose.
+    forward_passes: tuple = ()
 
     @property
     def fields(self):
