@@ -373,7 +373,7 @@ def _describe_fast(fast):
         return f"embedding {fast.name!r}: table lookup"
     modes = {
         MASKED: "masked steps skipped",
-        PREFIX: "leading padding skipped",
+        PREFIX: "padding it reads first skipped",
         FULL: "every step run (padding read last)",
     }
     directions = "; ".join(
@@ -616,10 +616,14 @@ class FastPath:
                 results[column] = _keras_value(tensor, known)
         return results
 
-    def _traced(self, lanes):
-        if lanes not in self._runs:
-            self._runs[lanes] = tf.function(self._forward, reduce_retracing=True)
-        return self._runs[lanes]
+    def _traced(self, raw, lanes, restore):
+        """The traced function for this many lanes: traced once, for every batch and step count."""
+        if len(lanes) not in self._runs:
+            signature = tf.nest.map_structure(
+                lambda array: tf.TensorSpec([None] * array.ndim, tf.int32), (raw, lanes, restore)
+            )
+            self._runs[len(lanes)] = tf.function(self._forward, input_signature=signature)
+        return self._runs[len(lanes)]
 
     def __call__(self, features):
         """{input name: int ids (n, length)} -> {column: numpy array}, as the sub-model would give.
@@ -639,7 +643,7 @@ class FastPath:
         rows = [np.arange(lane, n, count) for lane in range(count)]
         lanes = [self._plans(features, lane_rows) for lane_rows in rows]
         restore = np.argsort(np.concatenate(rows)).astype(np.int32)
-        outputs = self._traced(count)(features, lanes, restore)
+        outputs = self._traced(features, lanes, restore)(features, lanes, restore)
         return {column: value.numpy() for column, value in outputs.items()}
 
 
