@@ -37,6 +37,73 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "models", "data", "sample_corpus.jsonl")
 LSTM_LAYERS = ("lstm_content",)
+TOKENIZER = os.path.join(ROOT, "models", "data", "default_bundle", "tokenizer.json")
+
+# The tutorial's models exactly as its code writes them, and the common variants, at
+# the tutorial's sizes, saved by Keras 2 (tf_keras) as .h5; run in a child process so
+# no Keras 3 object shares its interpreter.  Weights are random: speed does not
+# depend on them, and every comparison is against `predict` on the same weights.
+# argv: output directory.  Writes NAME.h5 and info.json: {NAME: {"inputs": [...],
+# "layer": the layer to export}}.
+KERAS2_MODELS = r"""
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tf_keras
+from tf_keras.layers import Input, Embedding, LSTM, GRU, Bidirectional, Dense, Lambda
+from tf_keras.models import Model
+
+out = sys.argv[1]
+tf_keras.utils.set_random_seed(0)
+info = {}
+
+def save(name, model, layer_output):
+    model.save(os.path.join(out, name + ".h5"))
+    info[name] = {"inputs": [t.name.split(":")[0] for t in model.inputs],
+                  "layer": layer_output._keras_history.layer.name}
+
+inputs = Input(shape=(300,))
+vector = LSTM(128)(Embedding(4000, 300)(inputs))
+save("tutorial_single_input", Model(inputs, Dense(1, activation="sigmoid")(vector)), vector)
+
+content, title = Input(shape=(300,)), Input(shape=(20,))
+shared = Embedding(4000, 300)
+added = Lambda(lambda x: x[0] + x[1])([LSTM(128)(shared(content)), LSTM(128)(shared(title))])
+save("tutorial_two_inputs_lambda", Model([content, title], Dense(1, activation="sigmoid")(added)), added)
+
+for name, recurrent, mask in (
+    ("masked_lstm", LSTM(128), True),
+    ("gru", GRU(128), False),
+    ("bilstm", Bidirectional(LSTM(128)), False),
+    ("masked_bilstm", Bidirectional(LSTM(128)), True),
+):
+    inputs = Input(shape=(300,))
+    vector = recurrent(Embedding(4000, 300, mask_zero=mask)(inputs))
+    save(name, Model(inputs, Dense(1, activation="sigmoid")(vector)), vector)
+
+with open(os.path.join(out, "info.json"), "w") as handle:
+    json.dump(info, handle)
+"""
+FIELDS = ("content", "title")
+
+
+def build_keras2_models(directory):
+    """Writes the Keras 2 models; returns {name: export flags choosing it and its layer}."""
+    subprocess.run([sys.executable, "-c", KERAS2_MODELS, directory], check=True, cwd=ROOT)
+    with open(os.path.join(directory, "info.json"), encoding="utf-8") as handle:
+        info = json.load(handle)
+    flags = {}
+    for name, entry in info.items():
+        flags[name] = [
+            "--model",
+            os.path.join(directory, f"{name}.h5"),
+            "--tokenizer",
+            TOKENIZER,
+            f"--layer={entry['layer']}",
+            *[f"--input_map={i}={field}" for i, field in zip(entry["inputs"], FIELDS, strict=False)],
+        ]
+        if "lambda" in name:
+            flags[name].append("--allow_unsafe_deserialization")
+    return flags
 
 
 def write_corpus(path, count):
@@ -90,20 +157,23 @@ def run_pipeline(corpus, output, extra_flags):
     return seconds, usage.ru_maxrss / 1024, size, run_seconds
 
 
-def inference_rates(documents_small, documents_large, batch_size, layers):
-    """Marginal docs/s of Keras predict, our traced forward pass and the fast path."""
+def inference_rates(documents_small, documents_large, batch_size, model_flags):
+    """Marginal docs/s of Keras predict, our traced forward pass and the fast path.
+
+    `model_flags` are the export flags choosing the model (--model, --tokenizer,
+    --layer, --input_map, ...).
+    """
     import keras
 
     from pipeline.embedder import Embedder
-    from pipeline.model_source import load_model_source
     from pipeline.options import ExportOptions
     from pipeline.plan import build_plan
 
     with tempfile.TemporaryDirectory() as scratch:
         corpus = write_corpus(os.path.join(scratch, "c.jsonl"), documents_large)
-        flags = ["--input", corpus, "--output", os.path.join(scratch, "o")] + [f"--layer={x}" for x in layers]
+        flags = ["--input", corpus, "--output", os.path.join(scratch, "o"), *model_flags]
         plan, source = build_plan(ExportOptions(flags))
-    embedder = Embedder(plan, load_model_source(plan.model_uri))
+    embedder = Embedder(plan, source)
     with open(SAMPLE, encoding="utf-8") as handle:
         texts = [json.loads(line) for line in handle]
     texts = [texts[i % len(texts)] for i in range(documents_large)]
@@ -111,6 +181,8 @@ def inference_rates(documents_small, documents_large, batch_size, layers):
         info.name: embedder.tokenizer.encode_batch([t[info.field] for t in texts], info.length)[0]
         for info in plan.inputs
     }
+    # What a user feeds `predict`: the model's own input dtype (float32 for Keras 2's Input(shape=(n,))).
+    reference_features = {t.name: features[t.name].astype(str(t.dtype)) for t in embedder.sub_model.inputs}
     reference_model = keras.Model(embedder.sub_model.inputs, embedder.sub_model.outputs)
 
     def batched(function, count):
@@ -121,7 +193,7 @@ def inference_rates(documents_small, documents_large, batch_size, layers):
 
     def reference(count):
         return reference_model.predict(
-            {k: v[:count] for k, v in features.items()}, batch_size=batch_size, verbose=0
+            {k: v[:count] for k, v in reference_features.items()}, batch_size=batch_size, verbose=0
         )
 
     fast = embedder._fast
@@ -143,7 +215,8 @@ def inference_rates(documents_small, documents_large, batch_size, layers):
         expected = expected if isinstance(expected, list) else [expected]
         got = np.concatenate([o[plan.columns[0].column] for o in outputs])
         worst = float(np.abs(got - np.asarray(expected[0])).max())
-    return rates, worst
+    passes = {column: (p.kind, p.reason) for column, p in embedder.forward_passes.items()}
+    return rates, worst, passes
 
 
 def main(argv=None):
@@ -163,6 +236,13 @@ def main(argv=None):
         choices=("all", "token_storage"),
         help="all, or only the per-token emb storages (vectors float32/float16, ids).",
     )
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=None,
+        help="Keras 2 models to measure (default: all): tutorial_single_input, "
+        "tutorial_two_inputs_lambda, masked_lstm, gru, bilstm, masked_bilstm.",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     small, large = args.documents, 3 * args.documents
@@ -178,16 +258,43 @@ def main(argv=None):
 
     rates, worst = {}, None
     if args.contenders == "all":
-        rates, worst = inference_rates(small, large, args.batch_size, LSTM_LAYERS)
+        rates, worst, _ = inference_rates(
+            small, large, args.batch_size, [f"--layer={x}" for x in LSTM_LAYERS]
+        )
     results["inference_docs_per_s"] = rates
     results["fast_path_max_abs_diff"] = worst
+
+    keras2_flags, keras2_rows = {}, {}
+    if args.contenders == "all":
+        keras2_flags = build_keras2_models(tempfile.mkdtemp(prefix="keras2-models-"))
+    for name, flags in keras2_flags.items():
+        if args.models and name not in args.models:
+            continue
+        model_rates, model_worst, passes = inference_rates(small, large, args.batch_size, flags)
+        keras2_rows[name] = {
+            "inference_docs_per_s": model_rates,
+            "fast_over_predict": model_rates.get("inference_fast", float("nan"))
+            / model_rates["reference_predict"],
+            "max_abs_diff": model_worst,
+            "forward_passes": passes,
+        }
+    results["keras2_models"] = keras2_rows
 
     pipeline_rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         corpora = {n: write_corpus(os.path.join(scratch, f"corpus-{n}.jsonl"), n) for n in (small, large)}
+        tutorial = keras2_flags.get("tutorial_single_input")
         variants = {
             "pipeline_generic": ["--layer", "lstm_content", "--fast_path", "off"],
             "pipeline_fast": ["--layer", "lstm_content"],
+            **(
+                {
+                    "pipeline_tutorial_h5_generic": [*tutorial, "--fast_path", "off"],
+                    "pipeline_tutorial_h5_fast": tutorial,
+                }
+                if tutorial
+                else {}
+            ),
             "pipeline_emb_tokens_f32": ["--layer", "emb", "--pooling", "none"],
             "pipeline_emb_tokens_f16": ["--layer", "emb", "--pooling", "none", "--dtype", "float16"],
             "pipeline_emb_tokens_ids": ["--layer", "emb", "--pooling", "none", "--token_storage", "ids"],
@@ -225,10 +332,19 @@ def main(argv=None):
     results["pipeline"] = pipeline_rows
     if rates:
         reference = rates["reference_predict"]
+        tutorial_reference = keras2_rows.get("tutorial_single_input", {}).get("inference_docs_per_s", {})
         results["ratios_to_reference"] = {
             "inference_generic": rates["inference_generic"] / reference,
             "inference_fast": rates.get("inference_fast", float("nan")) / reference,
-            **{name: row["marginal_docs_per_s"] / reference for name, row in pipeline_rows.items()},
+            **{
+                name: row["marginal_docs_per_s"]
+                / (
+                    tutorial_reference.get("reference_predict", float("nan"))
+                    if "tutorial_h5" in name
+                    else reference
+                )
+                for name, row in pipeline_rows.items()
+            },
         }
     results["token_storage"] = token_storage_ratios(pipeline_rows, large)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
@@ -304,6 +420,24 @@ def format_table(results):
         )
     if results["fast_path_max_abs_diff"] is not None:
         lines.append(f"fast path max |diff| vs predict: {results['fast_path_max_abs_diff']}")
+    ratios = results.get("ratios_to_reference", {})
+    for name in ("pipeline_tutorial_h5_generic", "pipeline_tutorial_h5_fast"):
+        if name in ratios:
+            lines.append(f"{name}: {ratios[name]:.2f} x the tutorial model's own predict")
+    if results.get("keras2_models"):
+        lines += [
+            "",
+            "Keras 2 .h5 models (float32 inputs), inference alone, side by side with their own predict:",
+            f"{'model':<28}{'predict docs/s':>16}{'fast docs/s':>13}{'x predict':>11}{'max |diff|':>12}"
+            "  forward pass",
+        ]
+    for name, row in results.get("keras2_models", {}).items():
+        rates = row["inference_docs_per_s"]
+        kinds = ", ".join(sorted({kind for kind, _ in row["forward_passes"].values()}))
+        lines.append(
+            f"{name:<28}{rates['reference_predict']:>16.0f}{rates.get('inference_fast', float('nan')):>13.0f}"
+            f"{row['fast_over_predict']:>11.2f}{row['max_abs_diff'] or float('nan'):>12.2g}  {kinds}"
+        )
     return "\n".join(lines)
 
 

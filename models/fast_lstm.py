@@ -1,26 +1,39 @@
-"""An exact fast forward pass for Embedding -> LSTM sub-models (the tutorial's models).
+"""An exact fast forward pass for the Embedding -> recurrent parts of a Keras text model.
 
-Three exact rewrites of what Keras computes, chosen automatically when the layer
-configuration allows them:
+The parts it runs itself are chains that start at an `Embedding` of a model
+input (int ids, or float ids as Keras 2's `Input(shape=(n,))` gives, below 2^24
+where float32 is exact) and go through `LSTM`, `GRU`, `SimpleRNN` or
+`Bidirectional` layers (stacked through `return_sequences=True`; masked or not).
+Everything downstream of them (`Dense`, `Add`, `Lambda`, ...) is called as the
+model's own Keras layers on their outputs, in the same traced function: the
+hybrid pass.  Each recurrent direction is computed with these exact rewrites:
 
-1. Folding: an LSTM step's input projection `E[id] @ W + b` is a row of the table
-   `E @ W + b`, computed once per model load; each step is then a row lookup
-   plus the recurrent matmul.
-2. Padding skip: with pre-padding and no masking, every document first runs the
-   same padding tokens from the zero state, so the state after k padding steps
-   is the same for every document.  It is computed once per k; each document
-   then starts from that state and only its last steps are run.
-3. Length sorting: documents are sorted longest first and run together; at each
-   step only the documents that have started move (a prefix of the batch), so
-   the work is the sum of the real lengths, not batch size times input length.
+1. Folding: an input projection `E[id] @ W + b` is a row of the table
+   `E @ W + b`, computed once per model load; a step is a row lookup plus the
+   recurrent matmul.
+2. Skipping padding: without a mask, padding that a direction reads *first*
+   (pre-padding read forwards, post-padding read backwards) is the same for
+   every document, so the state after k padding steps is computed once per k
+   and each document starts there.  Padding read *last* depends on the state
+   the document left, so it is run (with folded inputs).  With a mask
+   (`mask_zero=True`) masked steps carry the state, so each document runs only
+   its real tokens, in either direction, wherever the padding is.
+3. Length sorting: documents are sorted by where they start and run together;
+   at each step only the documents that have started move (a prefix of the
+   batch), so the work is the sum of the steps each document needs.
 4. Lanes: a batch is dealt into a few lanes run as independent loops in one
-   traced function, so TensorFlow runs them on several cores at once (each
-   step's matmul is too small to spread over cores by itself).
+   traced function, so TensorFlow runs them on several cores at once.
 
-`build_fast_path` says why when a model does not qualify; the caller then
-keeps Keras's own forward pass.  The caller also checks the result against
-Keras on a sample batch before trusting it.
+Per-token outputs (`return_sequences=True`) are rebuilt at every position as
+Keras gives them: at skipped padding the padding outputs, at masked steps the
+carried output (zeros inside `Bidirectional`, which forces it).
+
+`build_fast_path` says, per output column, which forward pass computes it and
+why the fast one does not where it declines.  The caller checks the result
+against Keras on a sample batch before trusting it.
 """
+
+import dataclasses
 
 import keras
 import numpy as np
@@ -29,241 +42,631 @@ import tensorflow as tf
 # Lanes of rows run as independent loops in parallel; fewer, fuller lanes for small batches.
 MAX_LANES = 4
 MIN_LANE_ROWS = 128
+# float32 represents every integer up to 2^24 exactly, so float token ids below it are exact.
+FLOAT_EXACT_IDS = 2**24
+# A folded table (vocabulary x gates) above this size is not built; inputs are projected per step.
+MAX_FOLDED_BYTES = 512 << 20
+
+FAST = "fast"
+HYBRID = "hybrid"
+KERAS = "keras"
+
+# How a recurrent direction treats the padding it reads (see the module docstring).
+MASKED = "masked"  # only real tokens run, from the zero state
+PREFIX = "prefix"  # leading padding skipped from precomputed states
+FULL = "full"  # every step runs
+
+RECURRENT_TYPES = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
+MERGE_MODES = ("concat", "sum", "ave", "mul")
 
 
 class Unsupported(Exception):
-    """The sub-model has a feature the fast path does not reproduce exactly."""
+    """The layer has a feature the fast path does not reproduce exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardPass:
+    """Which forward pass computes an output column, and why.
+
+    `kind` is FAST (the fast path alone), HYBRID (Keras layers on fast-path
+    outputs) or KERAS (Keras's own forward pass); `reason` says what runs, or
+    why the fast path declined.
+    """
+
+    kind: str
+    reason: str
 
 
 def _producer(tensor):
-    history = tensor._keras_history
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None, None
     operation = history.operation
     return operation, operation._inbound_nodes[history.node_index]
 
 
-def _input_name(tensor, input_names):
-    if tensor.name in input_names and isinstance(_producer(tensor)[0], keras.layers.InputLayer):
-        return tensor.name
-    raise Unsupported("the embedding does not read a model input directly")
+def _is_input(tensor):
+    return isinstance(_producer(tensor)[0], keras.layers.InputLayer)
 
 
-def _check_embedding(layer):
-    if type(layer) is not keras.layers.Embedding:
-        raise Unsupported(f"layer {layer.name!r} is a {type(layer).__name__}, not an Embedding")
-    if layer.mask_zero:
-        raise Unsupported(f"embedding {layer.name!r} uses mask_zero (masking)")
-    if layer.compute_dtype != "float32":
-        raise Unsupported(f"embedding {layer.name!r} computes in {layer.compute_dtype}")
+def _is_numeric_ids(tensor):
+    dtype = str(tensor.dtype)
+    return len(tensor.shape) == 2 and tensor.shape[1] is not None and ("int" in dtype or "float" in dtype)
 
 
-def _check_lstm(layer):
-    if type(layer) is not keras.layers.LSTM:
-        raise Unsupported(f"layer {layer.name!r} is a {type(layer).__name__}, not a plain LSTM")
-    config = layer.get_config()
-    problems = []
-    if config.get("activation") != "tanh":
-        problems.append(f"activation {config.get('activation')!r}")
-    if config.get("recurrent_activation") != "sigmoid":
-        problems.append(f"recurrent_activation {config.get('recurrent_activation')!r}")
-    for flag in ("return_sequences", "return_state", "go_backwards", "stateful"):
-        if config.get(flag):
-            problems.append(flag)
+def _extra_call_arguments(node):
+    """Call arguments beyond the input and the mask Keras passes along with it."""
+    own_mask = getattr(node.input_tensors[0], "_keras_mask", None) if node.input_tensors else None
+    return sorted(
+        key
+        for key, value in node.arguments.kwargs.items()
+        if key != "training" and value is not None and not (key == "mask" and value is own_mask)
+    )
+
+
+class _Embedding:
+    """An Embedding that reads a model input directly."""
+
+    def __init__(self, layer, node):
+        if type(layer) is not keras.layers.Embedding:
+            raise Unsupported(f"layer {layer.name!r} is a {type(layer).__name__}, not an Embedding")
+        if layer.compute_dtype != "float32":
+            raise Unsupported(f"embedding {layer.name!r} computes in {layer.compute_dtype}")
+        if len(layer.weights) != 1:
+            raise Unsupported(f"embedding {layer.name!r} has extra weights (LoRA or quantized)")
+        if _extra_call_arguments(node):
+            raise Unsupported(f"embedding {layer.name!r} is called with {_extra_call_arguments(node)}")
+        tensor = node.input_tensors[0]
+        if not _is_input(tensor):
+            raise Unsupported(f"embedding {layer.name!r} does not read a model input directly")
+        if not _is_numeric_ids(tensor):
+            raise Unsupported(f"input {tensor.name!r} is not fixed-length token ids ({tensor.dtype})")
+        if "float" in str(tensor.dtype) and layer.input_dim > FLOAT_EXACT_IDS:
+            raise Unsupported(
+                f"input {tensor.name!r} is {tensor.dtype} and embedding {layer.name!r} has "
+                f"{layer.input_dim} rows, more than the 2^24 ids float32 holds exactly"
+            )
+        self.layer = layer
+        self.name = layer.name
+        self.input_name = tensor.name
+        self.length = int(tensor.shape[1])
+        self.masked = bool(layer.mask_zero)
+        self.dim = layer.output_dim
+        self.table = layer.get_weights()[0].astype(np.float32)
+        self.table_tensor = tf.constant(self.table)
+
+    def pad_inputs(self, reverse):
+        """Row-independent values at the leading padding positions a direction reads, or None."""
+        return np.broadcast_to(self.table[0], (self.length, self.dim))
+
+
+def _check_rnn(layer, role):
+    if type(layer) not in RECURRENT_TYPES:
+        raise Unsupported(f"{role} {layer.name!r} is a {type(layer).__name__}, not an LSTM, GRU or SimpleRNN")
+    problems = [flag for flag in ("return_state", "stateful") if getattr(layer, flag)]
+    if layer.go_backwards and layer.return_sequences and role == "layer":
+        problems.append("go_backwards with return_sequences")
+    if layer.zero_output_for_mask and not layer.return_sequences:
+        problems.append("zero_output_for_mask")
     if layer.compute_dtype != "float32":
         problems.append(f"dtype {layer.compute_dtype}")
     if problems:
-        raise Unsupported(f"LSTM {layer.name!r} uses {', '.join(problems)}")
+        raise Unsupported(f"{type(layer).__name__} {layer.name!r} uses {', '.join(problems)}")
 
 
-def _plan_output(tensor, input_names):
-    """Describes how to compute one requested output, or raises Unsupported."""
-    layer, node = _producer(tensor)
-    if isinstance(layer, keras.layers.Embedding):
-        _check_embedding(layer)
-        return ("embedding", layer, _input_name(node.input_tensors[0], input_names))
-    if isinstance(layer, keras.layers.LSTM) or type(layer).__name__ in (
-        "GRU",
-        "Bidirectional",
-        "SimpleRNN",
-        "RNN",
-    ):
-        _check_lstm(layer)
-        embedding, embedding_node = _producer(node.input_tensors[0])
-        _check_embedding(embedding)
-        if len(node.input_tensors) != 1:
-            raise Unsupported(f"LSTM {layer.name!r} is called with initial states or a mask")
-        return ("lstm", layer, embedding, _input_name(embedding_node.input_tensors[0], input_names))
-    if type(layer) is keras.layers.Add:
-        parts = [_plan_output(parent, input_names) for parent in node.input_tensors]
-        if any(part[0] != "lstm" for part in parts):
-            raise Unsupported(f"Add layer {layer.name!r} adds something other than LSTM outputs")
-        return ("add", layer, parts)
-    raise Unsupported(f"output layer {layer.name!r} is a {type(layer).__name__}")
+class _Direction:
+    """One recurrent layer read in one direction, with its weights and padding states."""
 
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _padding_states(pad_projection, recurrent, length):
-    units = recurrent.shape[0]
-    h = np.zeros(units, np.float32)
-    c = np.zeros(units, np.float32)
-    states_h, states_c = [h], [c]
-    for _ in range(length):
-        i, f, g, o = np.split(pad_projection + h @ recurrent, 4)
-        c = (_sigmoid(f) * c + _sigmoid(i) * np.tanh(g)).astype(np.float32)
-        h = (_sigmoid(o) * np.tanh(c)).astype(np.float32)
-        states_h.append(h)
-        states_c.append(c)
-    return np.stack(states_h), np.stack(states_c)
-
-
-class _FoldedLstm:
-    """One LSTM reading one embedding, folded and with precomputed padding states."""
-
-    def __init__(self, lstm, embedding, length):
-        weights = lstm.get_weights()
-        kernel, recurrent = weights[0], weights[1]
-        bias = weights[2] if len(weights) > 2 else np.zeros(kernel.shape[1], np.float32)
-        table = embedding.get_weights()[0]
-        self.units = recurrent.shape[0]
-        self.length = length
-        self.projection = tf.constant(table @ kernel + bias, dtype=tf.float32)
-        self.recurrent = tf.constant(recurrent, dtype=tf.float32)
-        self._runs = {}
-        # State after k padding tokens from the zero state, for k = 0..length: one
-        # row of work per step, so plain numpy is quick enough.
-        self.pad_h, self.pad_c = _padding_states(table[0] @ kernel + bias, recurrent, length)
-
-    def _steps(self, ids, active, h, c):
-        """Runs `ids`' columns as steps; at step t only the first `active[t]` rows move.
-
-        Rows are sorted longest first, so the rows that have started form a
-        prefix; the others keep their padding state until their turn.
-        """
-        for step in tf.range(tf.shape(ids)[1]):
-            k = active[step]
-            z = tf.gather(self.projection, ids[:k, step]) + tf.matmul(h[:k], self.recurrent)
-            i, f, g, o = tf.split(z, 4, axis=1)
-            c_new = tf.sigmoid(f) * c[:k] + tf.sigmoid(i) * tf.tanh(g)
-            h_new = tf.sigmoid(o) * tf.tanh(c_new)
-            h = tf.concat([h_new, h[k:]], axis=0)
-            c = tf.concat([c_new, c[k:]], axis=0)
-        return h, c
-
-    def _parallel_run(self, lanes):
-        """One traced function running `lanes` independent loops, which TensorFlow's
-        inter-op threads execute side by side (small matmuls use one core each)."""
-        if lanes not in self._runs:
-            signature = [
-                tf.TensorSpec([None, None], tf.int32),
-                tf.TensorSpec([None], tf.int32),
-                tf.TensorSpec([None, self.units], tf.float32),
-                tf.TensorSpec([None, self.units], tf.float32),
-            ]
-
-            def run(*arguments):
-                return [self._steps(*arguments[4 * lane : 4 * lane + 4])[0] for lane in range(lanes)]
-
-            self._runs[lanes] = tf.function(run, input_signature=signature * lanes)
-        return self._runs[lanes]
-
-    def _prepare(self, ids):
-        """Sorts rows longest first; returns (order, loop arguments) or (order, None) if all padding."""
-        length = ids.shape[1]
-        nonzero = ids != 0
-        starts = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), length)
-        order = np.argsort(starts, kind="stable")
-        starts = starts[order]
-        first = int(starts[0])
-        if first == length:
-            return order, None
-        # Each row waits at the state reached after its own padding.
-        active = np.searchsorted(starts, np.arange(first, length), side="right").astype(np.int32)
-        return order, (ids[order, first:], active, self.pad_h[starts], self.pad_c[starts])
-
-    def __call__(self, ids):
-        """Final hidden state for each row of pre-padded `ids` (n, length).
-
-        Rows are dealt round-robin into up to `MAX_LANES` lanes of at least
-        `MIN_LANE_ROWS`, each run by its own loop.  A row's result does not depend
-        on which rows share its lane (checked against Keras at load).
-        """
-        n, length = ids.shape
-        result = np.empty((n, self.units), dtype=np.float32)
-        if n == 0:
-            return result
-        lanes = max(1, min(MAX_LANES, n // MIN_LANE_ROWS))
-        rows = [np.arange(lane, n, lanes) for lane in range(lanes)]
-        prepared = [self._prepare(ids[lane_rows]) for lane_rows in rows]
-        running = []
-        for lane_rows, (order, arguments) in zip(rows, prepared, strict=True):
-            if arguments is None:
-                result[lane_rows] = self.pad_h[length]
+    def __init__(self, layer, source, reverse):
+        cell = layer.cell
+        self.kind = type(layer).__name__
+        self.name = layer.name
+        self.units = cell.units
+        self.reverse = reverse
+        self.activation = cell.activation
+        self.recurrent_activation = getattr(cell, "recurrent_activation", None)
+        self.reset_after = getattr(cell, "reset_after", True)
+        self.zero_output_for_mask = bool(layer.zero_output_for_mask)
+        kernel = cell.kernel.numpy()
+        recurrent = cell.recurrent_kernel.numpy()
+        gates = kernel.shape[1]
+        input_bias = np.zeros(gates, np.float32)
+        recurrent_bias = np.zeros(gates, np.float32)
+        if cell.use_bias:
+            bias = cell.bias.numpy()
+            if self.kind == "GRU" and self.reset_after:
+                input_bias, recurrent_bias = bias[0], bias[1]
             else:
-                running.append((lane_rows, order, arguments))
-        if running:
-            outputs = self._parallel_run(len(running))(*[x for _, _, arguments in running for x in arguments])
-            for (lane_rows, order, _), output in zip(running, outputs, strict=True):
-                result[lane_rows[order]] = output.numpy()
-        return result
+                input_bias = bias
+        self.kernel = tf.constant(kernel)
+        self.input_bias = tf.constant(input_bias)
+        self.recurrent = tf.constant(recurrent)
+        self.recurrent_bias = tf.constant(recurrent_bias)
+        self.masked = source.masked
+        self.projection = None
+        if isinstance(source, _Embedding) and source.table.shape[0] * gates * 4 <= MAX_FOLDED_BYTES:
+            self.projection = tf.constant(source.table @ kernel + input_bias)
+        pad_inputs = None if self.masked else source.pad_inputs(reverse)
+        self.mode = MASKED if self.masked else (PREFIX if pad_inputs is not None else FULL)
+        self.pad_h = self.pad_c = None
+        if self.mode == PREFIX:
+            self.pad_h, self.pad_c = self._padding_states(pad_inputs)
+
+    def project(self, inputs):
+        return tf.matmul(inputs, self.kernel) + self.input_bias
+
+    def step(self, x, h, c):
+        """One step from projected inputs `x`; `c` is the LSTM carry (an empty tensor otherwise)."""
+        if self.kind == "LSTM":
+            z = x + tf.matmul(h, self.recurrent)
+            i, f, g, o = tf.split(z, 4, axis=1)
+            sigma = self.recurrent_activation
+            c = sigma(f) * c + sigma(i) * self.activation(g)
+            return sigma(o) * self.activation(c), c
+        if self.kind == "GRU":
+            units = self.units
+            x_z, x_r, x_h = tf.split(x, 3, axis=1)
+            sigma = self.recurrent_activation
+            if self.reset_after:
+                inner = tf.matmul(h, self.recurrent) + self.recurrent_bias
+                z = sigma(x_z + inner[:, :units])
+                r = sigma(x_r + inner[:, units : 2 * units])
+                candidate = self.activation(x_h + r * inner[:, 2 * units :])
+            else:
+                inner = tf.matmul(h, self.recurrent[:, : 2 * units])
+                z = sigma(x_z + inner[:, :units])
+                r = sigma(x_r + inner[:, units:])
+                candidate = self.activation(x_h + tf.matmul(r * h, self.recurrent[:, 2 * units :]))
+            return z * h + (1 - z) * candidate, c
+        return self.activation(x + tf.matmul(h, self.recurrent)), c
+
+    def carry_width(self):
+        return self.units if self.kind == "LSTM" else 0
+
+    def _padding_states(self, pad_inputs):
+        """States after k = 0..length padding steps from the zero state."""
+        projected = self.project(tf.constant(np.ascontiguousarray(pad_inputs, np.float32)))
+        h = tf.zeros((1, self.units))
+        c = tf.zeros((1, self.carry_width()))
+        states_h, states_c = [h], [c]
+        for position in range(pad_inputs.shape[0]):
+            h, c = self.step(projected[position : position + 1], h, c)
+            states_h.append(h)
+            states_c.append(c)
+        return tf.concat(states_h, axis=0), tf.concat(states_c, axis=0)
+
+
+class _Recurrent:
+    """A recurrent layer (or Bidirectional) reading a fast sequence: an embedding or a stacked layer."""
+
+    def __init__(self, layer, node, source):
+        if _extra_call_arguments(node) or len(node.arguments.args) != 1:
+            raise Unsupported(
+                f"{type(layer).__name__} {layer.name!r} is called with initial states or a mask"
+            )
+        if type(layer) is keras.layers.Bidirectional:
+            if layer.merge_mode not in MERGE_MODES:
+                raise Unsupported(f"Bidirectional {layer.name!r} has merge_mode {layer.merge_mode!r}")
+            if layer.return_state:
+                raise Unsupported(f"Bidirectional {layer.name!r} uses return_state")
+            _check_rnn(layer.forward_layer, "forward layer")
+            _check_rnn(layer.backward_layer, "backward layer")
+            if layer.forward_layer.go_backwards or not layer.backward_layer.go_backwards:
+                raise Unsupported(f"Bidirectional {layer.name!r} has unusual go_backwards settings")
+            layers = [(layer.forward_layer, False), (layer.backward_layer, True)]
+            self.merge_mode = layer.merge_mode
+        else:
+            _check_rnn(layer, "layer")
+            layers = [(layer, layer.go_backwards)]
+            self.merge_mode = None
+        self.layer = layer
+        self.name = layer.name
+        self.source = source
+        self.input_name = source.input_name
+        self.length = source.length
+        self.masked = source.masked
+        self.return_sequences = bool(layers[0][0].return_sequences)
+        self.directions = [_Direction(inner, source, reverse) for inner, reverse in layers]
+        units = self.directions[0].units
+        self.dim = 2 * units if self.merge_mode == "concat" else units
+
+    def pad_inputs(self, reverse):
+        """What a stacked layer reads at its leading padding: this layer's padding outputs."""
+        if len(self.directions) != 1 or self.directions[0].reverse != reverse:
+            return None
+        direction = self.directions[0]
+        return None if direction.pad_h is None else direction.pad_h[1:].numpy()
+
+    def merge(self, values):
+        if self.merge_mode is None:
+            return values[0]
+        forward, backward = values
+        if self.merge_mode == "concat":
+            return tf.concat([forward, backward], axis=-1)
+        if self.merge_mode == "sum":
+            return forward + backward
+        if self.merge_mode == "ave":
+            return (forward + backward) / 2
+        return forward * backward
+
+
+class _Analysis:
+    """Classifies the tensors of a model: fast (embedding or recurrent), or computed by Keras."""
+
+    def __init__(self):
+        self._fast = {}
+        self.reasons = {}
+
+    def fast(self, tensor):
+        """The `_Embedding`/`_Recurrent` that computes `tensor`, or None (reason in `reasons`)."""
+        key = id(tensor)
+        if key not in self._fast:
+            try:
+                self._fast[key] = self._build(tensor)
+            except Unsupported as reason:
+                self._fast[key] = None
+                self.reasons[key] = str(reason)
+        return self._fast[key]
+
+    def _build(self, tensor):
+        layer, node = _producer(tensor)
+        if layer is None or isinstance(layer, keras.layers.InputLayer):
+            return None
+        if isinstance(layer, keras.layers.Embedding):
+            return _Embedding(layer, node)
+        if isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)):
+            parent = node.input_tensors[0] if node.input_tensors else None
+            source = self.fast(parent) if parent is not None else None
+            if source is None:
+                below = self.reasons.get(id(parent)) if parent is not None else None
+                raise Unsupported(
+                    f"{type(layer).__name__} {layer.name!r} does not read an Embedding of a model input "
+                    "or a fast recurrent sequence" + (f" ({below})" if below else "")
+                )
+            if isinstance(source, _Recurrent) and not source.return_sequences:
+                raise Unsupported(f"{layer.name!r} reads {source.name!r}, which returns no sequence")
+            return _Recurrent(layer, node, source)
+        return None
+
+    def describe(self, tensor):
+        """The `ForwardPass` of one tensor, and the fast recurrent tensors it needs."""
+        fast = self.fast(tensor)
+        if fast is not None:
+            return ForwardPass(FAST, _describe_fast(fast)), [tensor] if isinstance(fast, _Recurrent) else []
+        keras_layers, cuts, reasons, seen = [], [], [], set()
+        stack = [tensor]
+        while stack:
+            current = stack.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            layer, node = _producer(current)
+            if layer is None:
+                continue
+            if isinstance(layer, keras.layers.InputLayer):
+                if not _is_numeric_ids(current):
+                    reasons.append(f"input {current.name!r} is not fixed-length token ids ({current.dtype})")
+                continue
+            if current is not tensor and isinstance(self.fast(current), _Recurrent):
+                cuts.append(current)
+                continue
+            self.fast(current)
+            if id(current) in self.reasons:
+                reasons.append(self.reasons[id(current)])
+            if isinstance(layer, keras.layers.Layer):
+                keras_layers.append(layer.name)
+            stack.extend(node.input_tensors)
+        reasons = list(dict.fromkeys(reasons))
+        if cuts:
+            names = sorted({_producer(t)[0].name for t in cuts})
+            text = f"Keras layers {sorted(set(keras_layers))} on fast-path outputs of {names}"
+            return ForwardPass(HYBRID, text + "".join(f"; {reason}" for reason in reasons)), cuts
+        layer = _producer(tensor)[0]
+        text = "; ".join(reasons) or (
+            f"{type(layer).__name__} {layer.name!r} reads no Embedding -> LSTM/GRU/SimpleRNN chain"
+        )
+        return ForwardPass(KERAS, text), []
+
+
+def _describe_fast(fast):
+    if isinstance(fast, _Embedding):
+        return f"embedding {fast.name!r}: table lookup"
+    modes = {
+        MASKED: "masked steps skipped",
+        PREFIX: "padding it reads first skipped",
+        FULL: "every step run (padding read last)",
+    }
+    directions = "; ".join(
+        f"{'backward' if d.reverse else 'forward'} {d.kind}: {modes[d.mode]}"
+        + (", inputs folded into the embedding table" if d.projection is not None else "")
+        for d in fast.directions
+    )
+    return f"{type(fast.layer).__name__} {fast.name!r}: {directions}"
+
+
+def describe_forward_passes(tensors):
+    """{key: ForwardPass} for output tensors {key: KerasTensor}, from the layers alone (no check)."""
+    analysis = _Analysis()
+    return {key: analysis.describe(tensor)[0] for key, tensor in tensors.items()}
+
+
+def _reading_plan(ids, reverse, mode):
+    """How one lane's rows run one direction: sorted order, active counts, and step inputs.
+
+    Rows are sorted by the step at which they start, so the rows that have started
+    form a prefix; `steps` holds, for each sorted row and step, the original
+    position read (valid where the row is active).
+    """
+    n, length = ids.shape
+    read = ids[:, ::-1] if reverse else ids
+    real = read != 0
+    positions = np.broadcast_to(np.arange(length), (n, length))
+    if mode == MASKED:
+        starts = length - real.sum(axis=1)
+        real_first = np.argsort(~real, axis=1, kind="stable")
+        shift = np.arange(length)[None, :] - starts[:, None]
+        positions = np.take_along_axis(real_first, np.clip(shift, 0, length - 1), axis=1)
+    elif mode == PREFIX:
+        starts = np.where(real.any(axis=1), real.argmax(axis=1), length)
+    else:
+        starts = np.zeros(n, dtype=np.int64)
+    order = np.argsort(starts, kind="stable")
+    starts = starts[order]
+    # At least one step, so that every loop writes an output (of no rows if all are padding).
+    first = min(int(starts[0]), length - 1)
+    active = np.searchsorted(starts, np.arange(first, length), side="right")
+    reading = positions[order, first:]
+    original = length - 1 - reading if reverse else reading
+    rows = order[:, None]
+    return {
+        "order": order,
+        "starts": starts,
+        "active": active,
+        "reading": reading,
+        "ids": ids[rows, original].astype(np.int32),
+        "flat": (rows * length + original).astype(np.int32),
+    }
+
+
+def _index_map(plan, length, reverse, mode, zero_fill):
+    """Where each (row, position) output lives in [outputs written per step; padding outputs; zero].
+
+    Rows and positions are the lane's own (unsorted, original order).
+    """
+    active, reading, order = plan["active"], plan["reading"], plan["order"]
+    n = len(order)
+    offsets = np.concatenate([[0], np.cumsum(active)[:-1]])
+    written = int(active.sum())
+    zero_row = written + length
+    by_reading = np.full((n, length), -1, dtype=np.int64)
+    rows, steps = np.nonzero(np.arange(n)[:, None] < active[None, :])
+    by_reading[rows, reading[rows, steps]] = offsets[steps] + rows
+    missing = by_reading < 0
+    if mode == PREFIX:
+        by_reading = np.where(missing, written + np.arange(length)[None, :], by_reading)
+    elif mode == MASKED and zero_fill:
+        by_reading = np.where(missing, zero_row, by_reading)
+    elif mode == MASKED:
+        # A masked step repeats the last output (zeros before the first real token).
+        last = np.maximum.accumulate(np.where(missing, -1, np.arange(length)[None, :]), axis=1)
+        carried = np.take_along_axis(by_reading, np.maximum(last, 0), axis=1)
+        by_reading = np.where(missing, np.where(last >= 0, carried, zero_row), by_reading)
+    by_position = by_reading[:, ::-1] if reverse else by_reading
+    index = np.empty_like(by_position)
+    index[order] = by_position
+    return index.astype(np.int32)
 
 
 class FastPath:
-    """Computes a sub-model's outputs with folded, padding-skipping LSTMs."""
+    """Computes a sub-model's outputs: fast recurrent chains, then Keras layers on their outputs."""
 
-    def __init__(self, sub_model, padding):
-        if padding != "pre":
-            raise Unsupported(f"padding is {padding!r}; skipping padding exactly needs pre-padding")
+    def __init__(self, sub_model):
         for tensor in sub_model.inputs:
-            if len(tensor.shape) != 2 or tensor.shape[1] is None or "int" not in str(tensor.dtype):
+            if not _is_numeric_ids(tensor):
                 raise Unsupported(f"input {tensor.name!r} is not fixed-length token ids ({tensor.dtype})")
-        input_names = {t.name for t in sub_model.inputs}
-        lengths = {t.name: int(t.shape[1]) for t in sub_model.inputs}
-        outputs = sub_model.output if isinstance(sub_model.output, dict) else {"output": sub_model.output}
-        self._plans = {column: _plan_output(tensor, input_names) for column, tensor in outputs.items()}
-        self._lstms = {}
-        self._tables = {}
-        self._embeddings = []
-        for plan in self._plans.values():
-            parts = plan[2] if plan[0] == "add" else [plan]
-            for part in parts:
-                self._embeddings.append(part[2] if part[0] == "lstm" else part[1])
-                if part[0] == "lstm" and part[1].name not in self._lstms:
-                    self._lstms[part[1].name] = _FoldedLstm(part[1], part[2], lengths[part[3]])
-                if part[0] == "embedding":
-                    self._tables[part[1].name] = part[1].get_weights()[0]
+        if not isinstance(sub_model.output, dict):
+            raise Unsupported("the sub-model's outputs are not a dict of columns (see models.truncate)")
+        outputs = sub_model.output
+        self._outputs = outputs
+        self._inputs = {t.name: t for t in sub_model.inputs}
+        analysis = _Analysis()
+        self.forward_passes, cuts = {}, {}
+        for column, tensor in outputs.items():
+            self.forward_passes[column], needed = analysis.describe(tensor)
+            cuts.update((id(t), t) for t in needed)
+        fast_columns = {c for c, p in self.forward_passes.items() if p.kind != KERAS}
+        if not cuts and fast_columns != set(outputs):
+            raise Unsupported("; ".join(dict.fromkeys(p.reason for p in self.forward_passes.values())))
+        self._cuts = {key: analysis.fast(tensor) for key, tensor in cuts.items()}
+        self._cut_tensors = cuts
+        self._embeddings = {
+            column: analysis.fast(tensor)
+            for column, tensor in outputs.items()
+            if isinstance(analysis.fast(tensor), _Embedding)
+        }
+        # Every fast recurrent layer needed, lower layers before the ones they feed.
+        self._recurrents = []
+        for fast in self._cuts.values():
+            self._add_recurrent(fast)
+        self._sources = [r.source for r in self._recurrents] + list(self._embeddings.values())
+        self._runs = {}
+
+    def _add_recurrent(self, fast):
+        if any(fast is known for known in self._recurrents):
+            return
+        if isinstance(fast.source, _Recurrent):
+            self._add_recurrent(fast.source)
+        self._recurrents.append(fast)
 
     @property
     def vocabulary_size(self):
         """Rows of the smallest embedding table used: token ids must stay below it."""
-        sizes = [part.input_dim for part in self._embeddings]
+        sizes = [source.layer.input_dim for source in self._sources if isinstance(source, _Embedding)]
         return min(sizes) if sizes else 2
 
-    def _lstm(self, part, features):
-        return self._lstms[part[1].name](features[part[3]])
+    def _plans(self, features, rows):
+        """The numpy side of one lane: reading plans and index maps for every direction."""
+        plans, maps = {}, {}
+        for recurrent in self._recurrents:
+            ids = features[recurrent.input_name][rows]
+            for direction in recurrent.directions:
+                key = f"{recurrent.input_name}|{int(direction.reverse)}|{direction.mode}"
+                if key not in plans:
+                    plans[key] = _reading_plan(ids, direction.reverse, direction.mode)
+                if recurrent.return_sequences:
+                    zero_fill = direction.zero_output_for_mask
+                    map_key = f"{key}|{int(zero_fill)}"
+                    if map_key not in maps:
+                        maps[map_key] = _index_map(
+                            plans[key], recurrent.length, direction.reverse, direction.mode, zero_fill
+                        )
+        arrays = {
+            key: {
+                "inverse": np.argsort(plan["order"]).astype(np.int32),
+                **{
+                    name: plan[name].astype(np.int32) for name in ("order", "starts", "active", "ids", "flat")
+                },
+            }
+            for key, plan in plans.items()
+        }
+        return {"plans": arrays, "maps": maps}
 
-    def __call__(self, features):
-        """{input name: int32 ids} -> {column: numpy array}, as the sub-model would give."""
-        results, cache = {}, {}
-        for column, plan in self._plans.items():
-            if plan[0] == "embedding":
-                results[column] = self._tables[plan[1].name][features[plan[2]]]
-                continue
-            parts = plan[2] if plan[0] == "add" else [plan]
-            values = []
-            for part in parts:
-                key = (part[1].name, part[3])
-                if key not in cache:
-                    cache[key] = self._lstm(part, features)
-                values.append(cache[key])
-            results[column] = values[0] if len(values) == 1 else np.sum(values, axis=0, dtype=np.float32)
+    def _run_direction(self, direction, source_value, plan, want_sequence):
+        """Runs one direction over one lane: (final output per sorted row, outputs written per step)."""
+        n = tf.shape(plan["order"])[0]
+        if direction.mode == PREFIX:
+            h = tf.gather(direction.pad_h, plan["starts"])
+            c = tf.gather(direction.pad_c, plan["starts"])
+        else:
+            h = tf.zeros((n, direction.units))
+            c = tf.zeros((n, direction.carry_width()))
+        if direction.projection is not None:
+            table, steps, project = direction.projection, plan["ids"], False
+        elif isinstance(source_value, tuple):
+            table, steps, project = source_value[1], plan["ids"], True
+        else:
+            table, steps, project = source_value, plan["flat"], True
+        active = plan["active"]
+        count = tf.shape(active)[0]
+        written = tf.TensorArray(
+            tf.float32, size=count, infer_shape=False, element_shape=tf.TensorShape([None, direction.units])
+        )
+        for step in tf.range(count):
+            tf.autograph.experimental.set_loop_options(
+                shape_invariants=[
+                    (h, tf.TensorShape([None, direction.units])),
+                    (c, tf.TensorShape([None, direction.carry_width()])),
+                ]
+            )
+            k = active[step]
+            x = tf.gather(table, steps[:k, step])
+            if project:
+                x = direction.project(x)
+            h_new, c_new = direction.step(x, h[:k], c[:k])
+            h = tf.concat([h_new, h[k:]], axis=0)
+            c = tf.concat([c_new, c[k:]], axis=0)
+            if want_sequence:
+                written = written.write(step, h_new)
+        return h, written.concat() if want_sequence else None
+
+    def _lane(self, lane):
+        """Values of every fast recurrent layer for one lane, in the lane's row order."""
+        values = {}
+        for recurrent in self._recurrents:
+            if isinstance(recurrent.source, _Recurrent):
+                lower = values[id(recurrent.source)]
+                source_value = tf.reshape(lower, (-1, recurrent.source.dim))
+            else:
+                source_value = ("table", recurrent.source.table_tensor)
+            results = []
+            for direction in recurrent.directions:
+                key = f"{recurrent.input_name}|{int(direction.reverse)}|{direction.mode}"
+                plan = lane["plans"][key]
+                final, written = self._run_direction(
+                    direction, source_value, plan, recurrent.return_sequences
+                )
+                if recurrent.return_sequences:
+                    pad = (
+                        direction.pad_h[1:]
+                        if direction.mode == PREFIX
+                        else tf.zeros((recurrent.length, direction.units))
+                    )
+                    combined = tf.concat([written, pad, tf.zeros((1, direction.units))], axis=0)
+                    index = lane["maps"][f"{key}|{int(direction.zero_output_for_mask)}"]
+                    results.append(tf.gather(combined, index))
+                else:
+                    results.append(tf.gather(final, plan["inverse"]))
+            values[id(recurrent)] = recurrent.merge(results)
+        return values
+
+    def _forward(self, raw, lanes, restore):
+        """The traced computation: fast lanes, then the model's Keras layers on their outputs."""
+        lane_values = [self._lane(lane) for lane in lanes]
+        known = {}
+        for key, fast in self._cuts.items():
+            known[key] = tf.gather(tf.concat([values[id(fast)] for values in lane_values], axis=0), restore)
+        for name, tensor in self._inputs.items():
+            known[id(tensor)] = tf.cast(raw[name], tensor.dtype)
+        results = {}
+        for column, tensor in self._outputs.items():
+            if column in self._embeddings:
+                embedding = self._embeddings[column]
+                results[column] = tf.gather(embedding.table_tensor, raw[embedding.input_name])
+            else:
+                results[column] = _keras_value(tensor, known)
         return results
 
+    def _traced(self, raw, lanes, restore):
+        """The traced function for this many lanes: traced once, for every batch and step count."""
+        if len(lanes) not in self._runs:
+            signature = tf.nest.map_structure(
+                lambda array: tf.TensorSpec([None] * array.ndim, tf.int32), (raw, lanes, restore)
+            )
+            self._runs[len(lanes)] = tf.function(self._forward, input_signature=signature)
+        return self._runs[len(lanes)]
 
-def build_fast_path(sub_model, padding):
-    """Returns `(FastPath, None)`, or `(None, reason)` when the model does not qualify."""
+    def __call__(self, features):
+        """{input name: int ids (n, length)} -> {column: numpy array}, as the sub-model would give.
+
+        Rows are dealt round-robin into up to `MAX_LANES` lanes of at least
+        `MIN_LANE_ROWS`.  A row's result does not depend on which rows share
+        its lane or batch (checked against Keras at load).
+        """
+        features = {name: np.asarray(features[name], dtype=np.int32) for name in self._inputs}
+        n = len(next(iter(features.values())))
+        if n == 0:
+            return {
+                column: np.zeros((0, *tensor.shape[1:]), np.float32)
+                for column, tensor in self._outputs.items()
+            }
+        count = max(1, min(MAX_LANES, n // MIN_LANE_ROWS)) if self._recurrents else 1
+        rows = [np.arange(lane, n, count) for lane in range(count)]
+        lanes = [self._plans(features, lane_rows) for lane_rows in rows]
+        restore = np.argsort(np.concatenate(rows)).astype(np.int32)
+        outputs = self._traced(features, lanes, restore)(features, lanes, restore)
+        return {column: value.numpy() for column, value in outputs.items()}
+
+
+def _keras_value(tensor, known):
+    """Computes `tensor` by calling the model's own layers on already known values."""
+    if id(tensor) in known:
+        return known[id(tensor)]
+    operation, node = _producer(tensor)
+    for parent in node.input_tensors:
+        _keras_value(parent, known)
+    args, kwargs = node.arguments.fill_in(known)
+    if getattr(operation, "_call_has_training_arg", False):
+        kwargs["training"] = False
+    outputs = operation(*args, **kwargs)
+    for symbolic, value in zip(node.outputs, tf.nest.flatten(outputs), strict=True):
+        known[id(symbolic)] = value
+    return known[id(tensor)]
+
+
+def build_fast_path(sub_model):
+    """Returns `(FastPath, {column: ForwardPass})`, or `(None, reason)` when nothing qualifies."""
     try:
-        return FastPath(sub_model, padding), None
+        fast = FastPath(sub_model)
     except Unsupported as reason:
         return None, str(reason)
+    return fast, fast.forward_passes

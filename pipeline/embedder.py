@@ -3,6 +3,7 @@
 Knows nothing of Beam, so it is tested directly and reused by the benchmark.
 """
 
+import dataclasses
 import json
 import logging
 import typing
@@ -22,18 +23,33 @@ INFERENCE_FAILED = "inference_failed"
 
 
 FAST_PATH_TOLERANCE = 1e-5
+# The forward pass of a column stored as token ids: none, the ids are the output.
+NO_FORWARD_PASS = "none"
 
 
 def verification_batch(plan, vocabulary_size, rows=48, seed=0):
-    """Pre-padded random ids of every length from 0 to the input length, per model input."""
+    """Random ids of every length from 0 to the input length, per model input.
+
+    Rows alternate between the plan's padding side and the other one, and some
+    hold a padding id among their tokens, so that every way the fast path
+    handles padding (skipped, run through, masked) is compared with Keras.
+    """
     rng = np.random.default_rng(seed)
     batch = {}
     for info in plan.inputs:
         ids = np.zeros((rows, info.length), dtype=np.int32)
         counts = np.linspace(0, info.length, rows).astype(int)
         for row, count in enumerate(counts):
-            if count:
-                ids[row, info.length - count :] = rng.integers(1, max(2, vocabulary_size), count)
+            if not count:
+                continue
+            tokens = rng.integers(1, max(2, vocabulary_size), count)
+            if row % 5 == 4 and count > 2:
+                tokens[count // 2] = 0
+            pre = (plan.padding == "pre") == (row % 2 == 0)
+            if pre:
+                ids[row, info.length - count :] = tokens
+            else:
+                ids[row, :count] = tokens
         batch[info.name] = ids
     return batch
 
@@ -47,6 +63,25 @@ def max_difference(candidate, reference, features):
         difference = np.abs(np.asarray(value, np.float64) - np.asarray(actual[name], np.float64))
         worst = max(worst, float(np.nanmax(difference)) if not np.isnan(difference).any() else float("inf"))
     return worst
+
+
+def choose_forward_passes(plan, source):
+    """Chooses each column's forward pass at launch, as the workers will: `plan.forward_passes`.
+
+    Builds the worker's `Embedder` (fast path checked against Keras included) on
+    the launcher's already loaded model.
+    """
+    return Embedder(plan, source).forward_pass_records()
+
+
+def manifest_columns(plan):
+    """The manifest's `columns`: each `ColumnInfo` with the forward pass that computes it and why."""
+    passes = {column: (kind, reason) for column, kind, reason in plan.forward_passes}
+    columns = []
+    for column in plan.columns:
+        kind, reason = passes.get(column.column, ("", ""))
+        columns.append(dict(dataclasses.asdict(column), forward_pass=kind, forward_pass_reason=reason))
+    return columns
 
 
 class TokenIds(str):
@@ -139,6 +174,17 @@ class Embedder:
             if column.token_storage == schema_lib.TOKEN_IDS
         }
         self._vectorizers = {}  # String input name -> (TextVectorization, unknown id), on first use.
+        from models.fast_lstm import ForwardPass
+
+        self._id_passes = {
+            column.column: ForwardPass(
+                NO_FORWARD_PASS, "stored as token ids and a table (--token_storage ids)"
+            )
+            for column in plan.columns
+            if column.token_storage == schema_lib.TOKEN_IDS
+        }
+        self._computed_columns = [column.column for _, column in computed]
+        self.forward_passes = dict(self._id_passes)
         self.sub_model, self._forward, self._fast, self._model_inputs = None, None, None, ()
         if not computed:
             return
@@ -166,6 +212,9 @@ class Embedder:
 
         self._forward = forward
         self._fast = self._choose_fast_path() if plan.fast_path == "auto" else None
+        if plan.fast_path != "auto":
+            self._keras_only(f"--fast_path {plan.fast_path}")
+        self._check_launch_decision()
 
     def _model_features(self, features):
         """`features` restricted to the sub-model's inputs (ids columns may need more inputs)."""
@@ -190,26 +239,55 @@ class Embedder:
     def uses_fast_path(self):
         return self._fast is not None
 
+    def _keras_only(self, reason):
+        from models.fast_lstm import KERAS, ForwardPass
+
+        self.forward_passes = {
+            **self._id_passes,
+            **{column: ForwardPass(KERAS, reason) for column in self._computed_columns},
+        }
+
     def _choose_fast_path(self):
-        """The exact fast path if the model qualifies and matches Keras on a sample batch."""
+        """The exact fast path if the model qualifies and matches Keras on a sample batch.
+
+        Sets `forward_passes`: for each column, which forward pass computes it and why.
+        """
         from models.fast_lstm import build_fast_path
 
-        fast, reason = build_fast_path(self.sub_model, self.plan.padding)
+        fast, passes = build_fast_path(self.sub_model)
         if fast is None:
-            logging.info("Fast path off (%s); using Keras's forward pass.", reason)
+            logging.info("Fast path off (%s); using Keras's forward pass.", passes)
+            self._keras_only(passes)
             return None
         batch = self._model_features(verification_batch(self.plan, fast.vocabulary_size))
         worst = max_difference(fast, self.keras_predict, batch)
         if not worst <= FAST_PATH_TOLERANCE:
-            logging.warning(
-                "Fast path off: it differs from Keras by %.3g (> %g) on a sample batch; using "
-                "Keras's forward pass.",
-                worst,
-                FAST_PATH_TOLERANCE,
+            reason = (
+                f"the fast path differs from Keras by {worst:.3g} (> {FAST_PATH_TOLERANCE:g}) "
+                "on a sample batch"
             )
+            logging.warning("Fast path off: %s; using Keras's forward pass.", reason)
+            self._keras_only(reason)
             return None
-        logging.info("Fast path on: folded LSTM inputs, padding skipped (max |diff| vs Keras %.2g).", worst)
+        self.forward_passes = {**self._id_passes, **passes}
+        for column, forward_pass in passes.items():
+            logging.info("Fast path on for %s: %s: %s.", column, forward_pass.kind, forward_pass.reason)
+        logging.info("Fast path checked against Keras on a sample batch: max |diff| %.2g.", worst)
         return fast
+
+    def _check_launch_decision(self):
+        """Refuses to run columns with another forward pass than the launcher recorded for the manifest."""
+        recorded = {column: kind for column, kind, _ in self.plan.forward_passes}
+        mine = {column: forward_pass.kind for column, forward_pass in self.forward_passes.items()}
+        if recorded and recorded != mine:
+            raise ExportConfigError(
+                f"This worker chose the forward passes {mine}, but the launcher chose {recorded} and "
+                "the manifest records those; rerun with --fast_path off."
+            )
+
+    def forward_pass_records(self):
+        """`(column, kind, reason)` per column, as `ExportPlan.forward_passes` and the manifest hold them."""
+        return tuple((column, p.kind, p.reason) for column, p in self.forward_passes.items())
 
     def encode(self, documents):
         """Turns documents into model features.

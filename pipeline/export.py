@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipeline import output as output_lib
+from pipeline.embedder import choose_forward_passes, manifest_columns
 from pipeline.errors import (
     EXIT_ACCOUNTING_MISMATCH,
     EXIT_OK,
@@ -278,6 +279,7 @@ def run_export(argv=None):
         return _dry_run(pipeline, plan, options)
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
+    plan = dataclasses.replace(plan, forward_passes=choose_forward_passes(plan, source))
     with output_lib.OutputLock(plan.output):
         run_id = output_lib.prepare(plan.output, export_options.overwrite)
         return _run_and_commit(options, plan, source, run_id, argv)
@@ -342,7 +344,7 @@ def _run_and_commit(options, plan, source, run_id, argv):
         "model_uri": plan.model_uri,
         "model_sha256": plan.model_sha256,
         "tokenizer_sha256": plan.tokenizer_sha256,
-        "columns": [dataclasses.asdict(c) for c in plan.columns],
+        "columns": manifest_columns(plan),
         "counts": {
             "records_read": read,
             "rows_written": rows,

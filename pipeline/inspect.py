@@ -3,7 +3,9 @@
 For every call of every layer it prints the output shape, the model inputs the
 call's output is computed from (so which corpus fields an export of it needs),
 whether it can be exported (one vector per document, or one vector per token
-that `--pooling` turns into a row) and the `--layer` value that selects it.
+that `--pooling` turns into a row) and the `--layer` value that selects it; then,
+for each exportable call, the forward pass an export would compute it with
+(the exact fast path, Keras layers on fast outputs, or Keras alone) and why.
 """
 
 import argparse
@@ -124,8 +126,32 @@ def report(source, layer_specs=()):
         lines.append(f"Corpus fields (bundle manifest): {fields}")
     if source.default_layers:
         lines.append(f"Default --layer (bundle manifest): {', '.join(source.default_layers)}")
-    lines += ["", format_table(rows)]
+    lines += ["", format_table(rows), "", *forward_pass_lines(model, rows)]
     return "\n".join(lines)
+
+
+def forward_pass_lines(model, rows):
+    """Which forward pass an export of each exportable layer call would use (`--fast_path auto`).
+
+    From the layers alone; the export also checks the fast path against Keras when
+    it loads the model, and records the pass of each column in its manifest.
+    """
+    from models.fast_lstm import describe_forward_passes
+    from models.truncate import layer_calls
+
+    calls = layer_calls(model)
+    tensors = {}
+    for row in rows:
+        name, call, kind, spec = row[0], row[2], row[5], row[-1]
+        if spec != MODEL_INPUT and not kind.startswith("-"):
+            tensors[spec] = calls[name][int(call)]
+    if not tensors:
+        return []
+    passes = describe_forward_passes(tensors)
+    width = max(len(spec) for spec in passes)
+    lines = ["Forward pass per --layer (fast: exact fast path; hybrid: Keras layers on fast outputs):"]
+    lines += [f"  {spec:<{width}}  {p.kind} ({p.reason})" for spec, p in passes.items()]
+    return lines
 
 
 def main(argv=None):

@@ -177,9 +177,10 @@ class ExportOptions(PipelineOptions):
             "--fast_path",
             default="auto",
             choices=("auto", "off"),
-            help="auto: use the exact fast path for Embedding->LSTM models (folded input "
-            "projection, padding skipped) when the model qualifies and matches Keras on a "
-            "sample batch to 1e-5; off: always Keras's own forward pass. Default: %(default)s.",
+            help="auto: run Embedding->LSTM/GRU/Bidirectional chains on the exact fast path "
+            "(folded input projection, padding skipped) and the layers after them as Keras "
+            "layers, when it matches Keras on a sample batch to 1e-5; off: always Keras's own "
+            "forward pass. Default: %(default)s.",
         )
         parser.add_argument(
             "--tf_threads",

@@ -105,6 +105,9 @@ class ExportPlan:
     # --reuse: the earlier export and its row shards (from its manifest).
     reuse: str = ""
     reuse_files: tuple = ()
+    # (column, forward pass, reason) as chosen at launch (`pipeline.embedder.forward_pass_records`);
+    # workers refuse to use another, so the manifest's record holds.  Empty: workers choose.
+    forward_passes: tuple = ()
 
     @property
     def fields(self):
