@@ -39,6 +39,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from models import keras_graph
+
 # Lanes of rows run as independent loops in parallel; fewer, fuller lanes for small batches.
 MAX_LANES = 4
 MIN_LANE_ROWS = 128
@@ -77,16 +79,8 @@ class ForwardPass:
     reason: str
 
 
-def _producer(tensor):
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
-        return None, None
-    operation = history.operation
-    return operation, operation._inbound_nodes[history.node_index]
-
-
-def _is_input(tensor):
-    return isinstance(_producer(tensor)[0], keras.layers.InputLayer)
+_producer = keras_graph.producer
+_is_input = keras_graph.is_input
 
 
 def _is_numeric_ids(tensor):
@@ -96,10 +90,11 @@ def _is_numeric_ids(tensor):
 
 def _extra_call_arguments(node):
     """Call arguments beyond the input and the mask Keras passes along with it."""
-    own_mask = getattr(node.input_tensors[0], "_keras_mask", None) if node.input_tensors else None
+    inputs = keras_graph.node_inputs(node)
+    own_mask = keras_graph.tensor_mask(inputs[0]) if inputs else None
     return sorted(
         key
-        for key, value in node.arguments.kwargs.items()
+        for key, value in keras_graph.call_kwargs(node).items()
         if key != "training" and value is not None and not (key == "mask" and value is own_mask)
     )
 
@@ -116,7 +111,7 @@ class _Embedding:
             raise Unsupported(f"embedding {layer.name!r} has extra weights (LoRA or quantized)")
         if _extra_call_arguments(node):
             raise Unsupported(f"embedding {layer.name!r} is called with {_extra_call_arguments(node)}")
-        tensor = node.input_tensors[0]
+        tensor = keras_graph.node_inputs(node)[0]
         if not _is_input(tensor):
             raise Unsupported(f"embedding {layer.name!r} does not read a model input directly")
         if not _is_numeric_ids(tensor):
@@ -240,7 +235,7 @@ class _Recurrent:
     """A recurrent layer (or Bidirectional) reading a fast sequence: an embedding or a stacked layer."""
 
     def __init__(self, layer, node, source):
-        if _extra_call_arguments(node) or len(node.arguments.args) != 1:
+        if _extra_call_arguments(node) or len(keras_graph.call_args(node)) != 1:
             raise Unsupported(
                 f"{type(layer).__name__} {layer.name!r} is called with initial states or a mask"
             )
@@ -315,7 +310,7 @@ class _Analysis:
         if isinstance(layer, keras.layers.Embedding):
             return _Embedding(layer, node)
         if isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)):
-            parent = node.input_tensors[0] if node.input_tensors else None
+            parent = (keras_graph.node_inputs(node) or [None])[0]
             source = self.fast(parent) if parent is not None else None
             if source is None:
                 below = self.reasons.get(id(parent)) if parent is not None else None
@@ -355,7 +350,7 @@ class _Analysis:
                 reasons.append(self.reasons[id(current)])
             if isinstance(layer, keras.layers.Layer):
                 keras_layers.append(layer.name)
-            stack.extend(node.input_tensors)
+            stack.extend(keras_graph.node_inputs(node))
         reasons = list(dict.fromkeys(reasons))
         if cuts:
             names = sorted({_producer(t)[0].name for t in cuts})
@@ -652,10 +647,10 @@ def _keras_value(tensor, known):
     if id(tensor) in known:
         return known[id(tensor)]
     operation, node = _producer(tensor)
-    for parent in node.input_tensors:
+    for parent in keras_graph.node_inputs(node):
         _keras_value(parent, known)
-    args, kwargs = node.arguments.fill_in(known)
-    if getattr(operation, "_call_has_training_arg", False):
+    args, kwargs = keras_graph.call_arguments(node, known)
+    if keras_graph.takes_training(operation):
         kwargs["training"] = False
     outputs = operation(*args, **kwargs)
     for symbolic, value in zip(node.outputs, tf.nest.flatten(outputs), strict=True):

@@ -12,6 +12,8 @@ import re
 
 import keras
 
+from models import keras_graph
+
 _SPEC = re.compile(r"^(?:(?P<column>[A-Za-z_][A-Za-z0-9_]*)=)?(?P<layer>[^=:]+?)(?::(?P<call>\d+))?$")
 
 
@@ -47,16 +49,13 @@ def layer_calls(model):
     Only calls that belong to `model`'s own graph count: a layer shared with
     another model built in the same process keeps those other calls to itself.
     """
-    own_nodes = getattr(model, "_nodes", None)
     calls = {}
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
         tensors = []
-        for index, node in enumerate(layer._inbound_nodes):
-            if own_nodes is not None and f"{id(layer)}_ib-{index}" not in own_nodes:
-                continue
-            outputs = node.output_tensors
+        for node in keras_graph.model_nodes(model, layer):
+            outputs = keras_graph.node_outputs(node)
             tensors.append(outputs[0] if len(outputs) == 1 else outputs)
         calls[layer.name] = tensors
     return calls
@@ -68,26 +67,6 @@ def describe_layers(model):
         f"{name} ({len(tensors)} call{'s' * (len(tensors) != 1)})"
         for name, tensors in layer_calls(model).items()
     )
-
-
-def input_dependencies(model, tensor):
-    """Names of `model`'s inputs that `tensor` is computed from, in model order."""
-    input_ids = {id(t): t.name for t in model.inputs}
-    found, seen, stack = set(), set(), [tensor]
-    while stack:
-        current = stack.pop()
-        if id(current) in input_ids:
-            found.add(id(current))
-            continue
-        history = getattr(current, "_keras_history", None)
-        if history is None:
-            continue
-        node = history.operation._inbound_nodes[history.node_index]
-        for parent in node.input_tensors:
-            if id(parent) not in seen:
-                seen.add(id(parent))
-                stack.append(parent)
-    return [t.name for t in model.inputs if id(t) in found]
 
 
 def resolve_layer(model, spec, calls=None):
@@ -141,6 +120,6 @@ def truncate(model, specs):
     outputs = {spec.column: resolve_layer(model, spec, calls) for spec in specs}
     needed = set()
     for tensor in outputs.values():
-        needed.update(input_dependencies(model, tensor))
+        needed.update(keras_graph.input_dependencies(model, tensor))
     inputs = {t.name: t for t in model.inputs if t.name in needed}
     return keras.Model(inputs=inputs, outputs=outputs, name=f"{model.name}_truncated")

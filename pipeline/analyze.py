@@ -31,9 +31,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.output import MANIFEST, SHARD_PREFIX, TABLES_DIR
-from pipeline.schema import FINGERPRINT_COLUMN, ID_COLUMN
-from pipeline.vocabulary import TOKEN_COLUMN, TOKEN_ID_COLUMN, VECTOR_COLUMN, VOCABULARY_FILE
+from pipeline.schema import (
+    FINGERPRINT_COLUMN,
+    ID_COLUMN,
+    TOKEN_COLUMN,
+    TOKEN_ID_COLUMN,
+    VECTOR_COLUMN,
+    VOCABULARY_FILE,
+)
 
 DEFAULT_K = 10
 DEFAULT_SAMPLE = 20_000
@@ -47,7 +54,6 @@ KNN_CHUNK_ROWS = 1024
 MAX_PLOT_CLASSES = 20
 OTHER_LABEL = "(other)"
 MISSING_LABEL = "(missing)"
-EXIT_USAGE_ERROR = 2
 
 
 class AnalysisError(ValueError):
@@ -703,7 +709,7 @@ def main(argv=None):
         print(run_command(args))
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE_ERROR
+        return EXIT_CONFIG_ERROR
     return 0
 
 

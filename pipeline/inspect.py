@@ -15,7 +15,9 @@ import sys
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-EXIT_CONFIG_ERROR = 2
+from pipeline.cli import add_model_flags
+from pipeline.errors import EXIT_CONFIG_ERROR
+
 MODEL_INPUT = "(model input)"
 HEADER = ("LAYER", "TYPE", "CALL", "OUTPUT SHAPE", "DEPENDS ON INPUTS", "EXPORTS AS", "--layer")
 
@@ -57,7 +59,8 @@ def export_kind(tensor, dependencies, lengths):
 
 def layer_rows(model):
     """One tuple per layer call, in the columns of `HEADER`; model inputs first."""
-    from models.truncate import input_dependencies, layer_calls
+    from models.keras_graph import input_dependencies
+    from models.truncate import layer_calls
 
     lengths = input_lengths(model)
     rows = [
@@ -156,13 +159,7 @@ def forward_pass_lines(model, rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__)
-    parser.add_argument("model", help="Bundle directory or .keras/.h5 file; local path or Beam URI.")
-    parser.add_argument("--tokenizer", default=None, help="Tokenizer file to describe (as for pipeline.run).")
-    parser.add_argument(
-        "--allow_unsafe_deserialization",
-        action="store_true",
-        help="Load Lambda layers (runs Python code stored in the model file): only for files you trust.",
-    )
+    add_model_flags(parser, positional_model=True)
     parser.add_argument(
         "--layer",
         action="append",

@@ -5,8 +5,9 @@ import os
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from models.paths import DEFAULT_BUNDLE, SAMPLE_CORPUS
+from models.paths import SAMPLE_CORPUS
 from models.tokenizer import SIDES
+from pipeline.cli import add_model_flags
 
 INPUT_FORMATS = ("auto", "text", "jsonl", "csv", "parquet")
 POOLINGS = ("none", "mean", "max", "last")
@@ -26,22 +27,7 @@ class ExportOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument(
-            "--model",
-            default=DEFAULT_BUNDLE,
-            help="Model bundle directory (from `python -m models.train`) or a .keras/.h5 "
-            "file; local path or any Beam filesystem URI (gs://, s3://). "
-            "Default: the bundled model trained on the sample corpus.",
-        )
-        parser.add_argument(
-            "--tokenizer",
-            default=None,
-            help="Tokenizer for a bare .keras/.h5 model (a bundle carries its own): this "
-            "package's tokenizer.json, a Keras 2 `Tokenizer.to_json()` file, or a vocabulary "
-            "file with one token per line (id = line number, TextVectorization.get_vocabulary() "
-            "order). 'none': the corpus fields already hold lists of token ids. Not needed for "
-            "models that take raw strings (TextVectorization inside).",
-        )
+        add_model_flags(parser)
         parser.add_argument(
             "--padding",
             default=None,
@@ -55,13 +41,6 @@ class ExportOptions(PipelineOptions):
             choices=SIDES,
             help="Which end of a long document is cut: pre (its start, as Keras's "
             "pad_sequences) or post. Default: the bundle's recorded choice, else pre.",
-        )
-        parser.add_argument(
-            "--allow_unsafe_deserialization",
-            action="store_true",
-            default=False,
-            help="Load models with Lambda layers. Their Python code is stored in the model file "
-            "and runs while it loads, on the launcher and on every worker: only for files you trust.",
         )
         parser.add_argument(
             "--input",

@@ -11,8 +11,8 @@ import re
 
 from apache_beam.io.filesystems import FileSystems
 
-from models import __version__
-from models.truncate import input_dependencies, parse_layer_spec, truncate
+from models import __version__, keras_graph
+from models.truncate import parse_layer_spec, truncate
 from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
 from pipeline.model_source import is_local, load_model_source, wants_no_tokenizer
@@ -126,8 +126,8 @@ def text_vectorizer(model, input_tensor):
 
     for layer in model.layers:
         if isinstance(layer, keras.layers.TextVectorization):
-            for node in layer._inbound_nodes:
-                if any(tensor is input_tensor for tensor in node.input_tensors):
+            for node in keras_graph.layer_nodes(layer):
+                if any(tensor is input_tensor for tensor in keras_graph.node_inputs(node)):
                     return layer
     return None
 
@@ -179,14 +179,13 @@ def _parse_input_map(entries):
 
 def _default_layer_names(model):
     """The layers whose outputs feed the model's output layers (the penultimate vectors)."""
-    output_layers = {t._keras_history.operation.name for t in model.outputs}
+    output_layers = {keras_graph.producer(t)[0].name for t in model.outputs}
     layer_names = {layer.name for layer in model.layers}
     names = []
     for tensor in model.outputs:
-        operation = tensor._keras_history.operation
-        node = operation._inbound_nodes[tensor._keras_history.node_index]
-        for parent in node.input_tensors:
-            name = parent._keras_history.operation.name
+        _, node = keras_graph.producer(tensor)
+        for parent in keras_graph.node_inputs(node):
+            name = keras_graph.producer(parent)[0].name
             # Masks and other plain ops (not_equal, ...) are not layers one can export.
             if name not in names and name not in output_layers and name in layer_names:
                 names.append(name)
@@ -397,15 +396,14 @@ def embedding_limits(sub_model, inputs):
     """{token-id input name: (smallest input_dim of the Embeddings it feeds, that layer's name)}."""
     import keras
 
-    from models.truncate import input_dependencies
-
     token_inputs = {info.name for info in inputs if info.kind == IDS_INPUT}
     limits = {}
     for layer in sub_model.layers:
         if not isinstance(layer, keras.layers.Embedding):
             continue
-        for node in layer._inbound_nodes:
-            for name in set(input_dependencies(sub_model, node.output_tensors[0])) & token_inputs:
+        for node in keras_graph.layer_nodes(layer):
+            outputs = keras_graph.node_outputs(node)
+            for name in set(keras_graph.input_dependencies(sub_model, outputs[0])) & token_inputs:
                 if name not in limits or layer.input_dim < limits[name][0]:
                     limits[name] = (layer.input_dim, layer.name)
     return limits
@@ -497,7 +495,7 @@ def build_plan(options, check_remote=True):
     for spec in specs:
         tensor = outputs[spec.column]
         shape = tensor.shape
-        dependencies = input_dependencies(sub_model, tensor)
+        dependencies = keras_graph.input_dependencies(sub_model, tensor)
         if len(shape) == 2:
             columns.append(
                 ColumnInfo(spec.column, spec.layer, spec.call, "vector", int(shape[1]), "", "none")

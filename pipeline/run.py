@@ -5,7 +5,6 @@ sample corpus.  `--help` lists our flags; Beam's own (--runner, --project,
 --region, --temp_location, ...) pass through to the runner.
 """
 
-import argparse
 import logging
 import os
 import sys
@@ -26,11 +25,10 @@ def _drop_noise(record):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
+        from pipeline.cli import options_parser
         from pipeline.options import ExportOptions
 
-        parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__)
-        ExportOptions._add_argparse_args(parser)
-        parser.print_help()
+        options_parser(ExportOptions, prog="python -m pipeline.run", description=__doc__).print_help()
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Beam logs every bundle and worker message at INFO; keep its warnings only.

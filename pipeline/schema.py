@@ -89,8 +89,26 @@ def output_schema(plan):
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode("utf-8")})
 
 
+# The embedding table (`python -m pipeline.vocabulary`, and `_tables/` of a
+# `--token_storage ids` export): one row per token id.
+VOCABULARY_FILE = "vocabulary.parquet"
+TOKEN_ID_COLUMN = "token_id"
+TOKEN_COLUMN = "token"
+VECTOR_COLUMN = "vector"
+
+
+def vocabulary_schema(dim, metadata):
+    """The embedding table's schema: token id, token, vector, and `metadata` as JSON."""
+    fields = [
+        pa.field(TOKEN_ID_COLUMN, pa.int32(), nullable=False),
+        pa.field(TOKEN_COLUMN, pa.string()),
+        pa.field(VECTOR_COLUMN, pa.list_(pa.float32(), dim), nullable=False),
+    ]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode("utf-8")})
+
+
 def read_export_metadata(schema):
-    """The export metadata dict stored by `output_schema`, from a Parquet file's schema."""
+    """The metadata dict stored by `output_schema` or `vocabulary_schema`, from a Parquet file's schema."""
     return json.loads(schema.metadata[METADATA_KEY])
 
 

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from pipeline.model_source import ExportConfigError
 from pipeline.output import TABLES_DIR
-from pipeline.schema import TOKEN_IDS, is_per_token
-from pipeline.vocabulary import VECTOR_COLUMN, vocabulary_metadata, vocabulary_table
+from pipeline.schema import TOKEN_IDS, VECTOR_COLUMN, is_per_token
+from pipeline.vocabulary import vocabulary_metadata, vocabulary_table
 
 VECTORS = "vectors"
 
@@ -46,11 +46,11 @@ def check_ids_column(model, spec):
     """
     import keras
 
+    from models import keras_graph
     from models.truncate import resolve_layer
 
     tensor = resolve_layer(model, spec)
-    history = tensor._keras_history
-    layer = history.operation
+    layer, node = keras_graph.producer(tensor)
     listed = ", ".join(repr(name) for name in _embedding_names(model)) or "none"
     fix = (
         f"Store {spec.layer!r} with --token_storage vectors, or export one of the model's Embedding "
@@ -69,9 +69,9 @@ def check_ids_column(model, spec):
             "of Embedding with its own call(), which may add positions or other inputs, so its output "
             f"need not be a function of the token id alone. {fix}"
         )
-    looked_up = layer._inbound_nodes[history.node_index].input_tensors[0]
+    looked_up = keras_graph.node_inputs(node)[0]
     if not any(looked_up is model_input for model_input in model.inputs):
-        parent = looked_up._keras_history.operation
+        parent = keras_graph.producer(looked_up)[0]
         raise ExportConfigError(
             f"--token_storage ids cannot store {spec.layer!r} (call {spec.call}): it looks up the output "
             f"of layer {parent.name!r} ({type(parent).__name__}), not a token-id input of the model, so "

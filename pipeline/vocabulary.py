@@ -9,7 +9,6 @@ table larger than the vocabulary get a null token.  The file is
 """
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -20,30 +19,15 @@ import pyarrow.parquet as pq
 
 from models import __version__
 from models.tokenizer import OOV_ID, PADDING_ID
-from pipeline.schema import METADATA_KEY
+from pipeline.cli import add_model_flags
+from pipeline.errors import EXIT_CONFIG_ERROR
+from pipeline.schema import (
+    VOCABULARY_FILE,
+    vocabulary_schema,
+)
 
-VOCABULARY_FILE = "vocabulary.parquet"
-TOKEN_ID_COLUMN = "token_id"
-TOKEN_COLUMN = "token"
-VECTOR_COLUMN = "vector"
 PADDING_TOKEN = "<pad>"
 OOV_TOKEN = "<oov>"
-EXIT_CONFIG_ERROR = 2
-
-
-def vocabulary_schema(dim, metadata):
-    """The vocabulary file's schema: token id, token, vector, and `metadata` as JSON."""
-    fields = [
-        pa.field(TOKEN_ID_COLUMN, pa.int32(), nullable=False),
-        pa.field(TOKEN_COLUMN, pa.string()),
-        pa.field(VECTOR_COLUMN, pa.list_(pa.float32(), dim), nullable=False),
-    ]
-    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode("utf-8")})
-
-
-def read_vocabulary_metadata(schema):
-    """The metadata dict stored by `vocabulary_schema`, from a Parquet file's schema."""
-    return json.loads(schema.metadata[METADATA_KEY])
 
 
 def iterate_layers(model):
@@ -232,13 +216,7 @@ def build_parser():
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="Model bundle directory or .keras/.h5 file, local or any Beam filesystem URI. "
-        "Default: the bundled model.",
-    )
-    parser.add_argument("--tokenizer", default=None, help="Tokenizer file for a bare .keras/.h5 model.")
+    add_model_flags(parser)
     parser.add_argument(
         "--layer",
         default=None,
@@ -251,12 +229,6 @@ def build_parser():
     )
     parser.add_argument(
         "--overwrite", action="store_true", default=False, help=f"Replace an existing {VOCABULARY_FILE}."
-    )
-    parser.add_argument(
-        "--allow_unsafe_deserialization",
-        action="store_true",
-        default=False,
-        help="Load a model with Lambda layers (runs Python code stored in the file: trusted files only).",
     )
     return parser
 

@@ -20,7 +20,7 @@ from models.tokenizer import Tokenizer
 from pipeline import analyze, vocabulary
 from pipeline.export import run_export
 from pipeline.model_source import ExportConfigError
-from pipeline.schema import ERROR_SCHEMA
+from pipeline.schema import ERROR_SCHEMA, read_export_metadata
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 README_SECTION = "## Analysing the output"
@@ -101,7 +101,7 @@ def test_vocabulary_export_equals_embedding_weights(vocabulary_dir, bundle):
     # Every token maps back to its row through the tokenizer itself.
     for token_id in (2, 3, 500, weights.shape[0] - 1):
         assert bundle.tokenizer.token_ids(tokens[token_id]) == [token_id]
-    metadata = vocabulary.read_vocabulary_metadata(table.schema)
+    metadata = read_export_metadata(table.schema)
     assert metadata["layer"] == "emb"
     assert metadata["model_uri"] == DEFAULT_BUNDLE
     assert metadata["model_sha256"] == bundle.manifest["sha256"]["model.keras"]
@@ -222,7 +222,7 @@ def test_neighbors_command_prints_a_table(export_dir, documents, capsys):
     ],
 )
 def test_analyze_errors_say_how_to_fix(export_dir, capsys, argv, message):
-    assert analyze.main([export_dir, *argv]) == analyze.EXIT_USAGE_ERROR
+    assert analyze.main([export_dir, *argv]) == analyze.EXIT_CONFIG_ERROR
     assert re.search(message, capsys.readouterr().err, flags=re.IGNORECASE)
 
 

@@ -143,7 +143,7 @@ def test_manifest_and_metadata_link_the_columns_to_the_table(exports, rows, tabl
     # The table has the format of `python -m pipeline.vocabulary`, with its columns named.
     written = pq.read_table(os.path.join(directory, TABLE))
     assert written.schema.remove_metadata().equals(vocabulary.vocabulary_schema(300, {}).remove_metadata())
-    metadata = vocabulary.read_vocabulary_metadata(written.schema)
+    metadata = read_export_metadata(written.schema)
     assert metadata["layer"] == "emb" and metadata["columns"] == ["emb", "emb_call1"]
     assert metadata["model_sha256"] == manifest["model_sha256"]
     bundle = load_bundle(DEFAULT_BUNDLE)

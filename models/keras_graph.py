@@ -1,0 +1,98 @@
+"""The one adapter to Keras 3's private functional-graph API (tensor history, nodes, call arguments).
+
+Keras has no public API for walking a functional model's graph: which layer
+call produced a tensor, which tensors a call read, with which arguments.
+Truncation, the fast path, the plan and the token tables all need it, so they
+use these functions and nothing else; `tests/test_keras_graph.py` pins what
+they rely on and fails loudly when a Keras upgrade changes it.
+"""
+
+import keras
+
+
+def producer(tensor):
+    """`(operation, node)` of the call that produced `tensor`; `(None, None)` for a non-Keras tensor."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None, None
+    operation = history.operation
+    return operation, operation._inbound_nodes[history.node_index]
+
+
+def node_inputs(node):
+    """The tensors a layer call read, in argument order."""
+    return list(node.input_tensors)
+
+
+def node_outputs(node):
+    """The tensors a layer call produced."""
+    return list(node.output_tensors)
+
+
+def call_args(node):
+    """The positional arguments of a layer call."""
+    return list(node.arguments.args)
+
+
+def call_kwargs(node):
+    """The keyword arguments of a layer call (e.g. `mask`, `training`)."""
+    return dict(node.arguments.kwargs)
+
+
+def call_arguments(node, values):
+    """`(args, kwargs)` of a layer call with its input tensors replaced by `values` (id(tensor) -> value)."""
+    return node.arguments.fill_in(values)
+
+
+def takes_training(operation):
+    """Whether the layer's `call` accepts a `training` argument."""
+    return bool(getattr(operation, "_call_has_training_arg", False))
+
+
+def tensor_mask(tensor):
+    """The Keras mask that travels with a symbolic tensor, or None."""
+    return getattr(tensor, "_keras_mask", None)
+
+
+def model_nodes(model, layer):
+    """The calls of `layer` that belong to `model`'s own graph, in call order.
+
+    A layer shared with another model built in the same process keeps the
+    other model's calls in `_inbound_nodes` too; Keras's functional model keys
+    its own nodes as `f"{id(layer)}_ib-{index}"` in `model._nodes`.
+    """
+    own = getattr(model, "_nodes", None)
+    return [
+        node
+        for index, node in enumerate(layer._inbound_nodes)
+        if own is None or f"{id(layer)}_ib-{index}" in own
+    ]
+
+
+def layer_nodes(layer):
+    """Every call of `layer`, whichever model it belongs to."""
+    return list(layer._inbound_nodes)
+
+
+def is_input(tensor):
+    """Whether `tensor` is a model input (produced by an `InputLayer`)."""
+    return isinstance(producer(tensor)[0], keras.layers.InputLayer)
+
+
+def input_dependencies(model, tensor):
+    """Names of `model`'s inputs that `tensor` is computed from, in model order."""
+    input_ids = {id(t): t.name for t in model.inputs}
+    found, seen, stack = set(), set(), [tensor]
+    while stack:
+        current = stack.pop()
+        if id(current) in input_ids:
+            found.add(id(current))
+            continue
+        _, node = producer(current)
+        if node is None:
+            continue
+        for parent in node_inputs(node):
+            if id(parent) not in seen:
+                seen.add(id(parent))
+                stack.append(parent)
+    return [t.name for t in model.inputs if id(t) in found]
