@@ -46,15 +46,15 @@ def input_lengths(model):
 
 
 def export_kind(tensor, dependencies, lengths):
-    """ "vector", "sequence (INPUT)" or "-" (cannot be exported), as `pipeline.plan` decides."""
+    """ "vector", "sequence (INPUT)" or "-" (cannot be exported), by the plan's own rule."""
+    from pipeline.plan import SEQUENCE, column_kind
+
     if isinstance(tensor, (list, tuple)):
         return "- (several tensors)"
-    shape = tuple(tensor.shape)
-    if len(shape) == 2:
-        return "vector"
-    if len(shape) == 3 and len(dependencies) == 1 and lengths.get(dependencies[0]) == shape[1]:
+    kind = column_kind(tuple(tensor.shape), dependencies, lengths)
+    if kind == SEQUENCE:
         return f"sequence ({dependencies[0]})"
-    return "-"
+    return kind or "-"
 
 
 def layer_rows(model):

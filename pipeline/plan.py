@@ -428,17 +428,8 @@ def check_vocabulary_fits(limits, tokenizer):
             )
 
 
-def build_plan(options, check_remote=True):
-    """Validates `options` (an `ExportOptions` view) and returns `(plan, model_source)`.
-
-    Args:
-        options: the `ExportOptions` view of the pipeline options.
-        check_remote: False skips listing --input and --output where they are
-            object-store URIs (gs://, s3://), for a --dry_run without credentials.
-
-    Raises:
-        ExportConfigError: anything that would make the run fail or write nonsense.
-    """
+def check_numeric_flags(options):
+    """Refuses a --batch_size, --max_error_fraction or --max_record_bytes out of range."""
     if options.batch_size < 1:
         raise ExportConfigError(f"--batch_size must be at least 1, received {options.batch_size}.")
     if not 0 <= options.max_error_fraction <= 1:
@@ -447,27 +438,19 @@ def build_plan(options, check_remote=True):
         )
     if options.max_record_bytes < 1:
         raise ExportConfigError(f"--max_record_bytes must be positive, received {options.max_record_bytes}.")
-    check_locations(options, check_remote)
-    input_format = detect_format(options.input, options.input_format)
-    explicit_map = _parse_input_map(options.input_map)
-    source = load_model_source(
-        options.model,
-        options.tokenizer,
-        allow_unsafe_deserialization=options.allow_unsafe_deserialization,
-        padding=options.padding,
-        truncating=options.truncating,
-    )
-    model = source.model
 
-    layer_texts = options.layer or source.default_layers or _default_layer_names(model)
+
+def cut_model(model, layer_texts):
+    """`(specs, sub_model)`: the parsed --layer specs and the model cut down to them."""
     try:
         specs = [parse_layer_spec(text) for text in layer_texts]
-        sub_model = truncate(model, specs)
+        return specs, truncate(model, specs)
     except ValueError as error:
         raise ExportConfigError(str(error)) from None
 
-    needed = [t.name for t in sub_model.inputs]
-    mapping = resolve_input_map(needed, explicit_map, source.input_fields, input_format)
+
+def describe_inputs(sub_model, mapping):
+    """An `InputInfo` per input of the sub-model: token ids of a fixed length, or strings."""
     inputs = []
     for tensor in sub_model.inputs:
         if str(tensor.dtype) == "string":
@@ -479,10 +462,12 @@ def build_plan(options, check_remote=True):
                 "need the shape (batch, length) with a fixed length."
             )
         inputs.append(InputInfo(tensor.name, mapping[tensor.name], int(tensor.shape[1])))
-    inputs = tuple(inputs)
-    lengths = {info.name: info.length for info in inputs}
-    text_inputs = {info.name for info in inputs if info.kind == TEXT_INPUT}
-    if source.tokenizer is None and not wants_no_tokenizer(options.tokenizer):
+    return tuple(inputs)
+
+
+def check_tokenizer_present(inputs, tokenizer, tokenizer_flag):
+    """Refuses token-id inputs without a tokenizer, unless `--tokenizer none` says the corpus holds ids."""
+    if tokenizer is None and not wants_no_tokenizer(tokenizer_flag):
         ids_inputs = [info.name for info in inputs if info.kind == IDS_INPUT]
         if ids_inputs:
             raise ExportConfigError(
@@ -490,26 +475,43 @@ def build_plan(options, check_remote=True):
                 "tokenizer: pass --tokenizer, or --tokenizer none if the corpus holds lists of token ids."
             )
 
-    columns = []
+
+VECTOR = "vector"
+SEQUENCE = "sequence"
+
+
+def column_kind(shape, dependencies, lengths):
+    """VECTOR for (batch, dim); SEQUENCE for (batch, tokens, dim) aligned with its one input; else None.
+
+    Args:
+        shape: the layer output's shape.
+        dependencies: the model inputs it is computed from.
+        lengths: model input name -> its length (tokens).
+    """
+    if len(shape) == 2:
+        return VECTOR
+    if len(shape) == 3 and len(dependencies) == 1 and shape[1] == lengths.get(dependencies[0]):
+        return SEQUENCE
+    return None
+
+
+def describe_columns(sub_model, specs, inputs, pooling):
+    """A `ColumnInfo` per --layer; refuses outputs that are neither vectors nor per-token sequences."""
+    lengths = {info.name: info.length for info in inputs}
+    text_inputs = {info.name for info in inputs if info.kind == TEXT_INPUT}
     outputs = sub_model.output if isinstance(sub_model.output, dict) else {specs[0].column: sub_model.output}
+    columns = []
     for spec in specs:
         tensor = outputs[spec.column]
         shape = tensor.shape
         dependencies = keras_graph.input_dependencies(sub_model, tensor)
-        if len(shape) == 2:
-            columns.append(
-                ColumnInfo(spec.column, spec.layer, spec.call, "vector", int(shape[1]), "", "none")
-            )
-        elif len(shape) == 3 and len(dependencies) == 1 and shape[1] == lengths[dependencies[0]]:
+        kind = column_kind(shape, dependencies, lengths)
+        if kind == VECTOR:
+            columns.append(ColumnInfo(spec.column, spec.layer, spec.call, VECTOR, int(shape[1]), "", "none"))
+        elif kind == SEQUENCE:
             columns.append(
                 ColumnInfo(
-                    spec.column,
-                    spec.layer,
-                    spec.call,
-                    "sequence",
-                    int(shape[2]),
-                    dependencies[0],
-                    options.pooling,
+                    spec.column, spec.layer, spec.call, SEQUENCE, int(shape[2]), dependencies[0], pooling
                 )
             )
         elif len(shape) == 3 and len(dependencies) == 1 and dependencies[0] in text_inputs:
@@ -526,6 +528,39 @@ def build_plan(options, check_remote=True):
                 "vectors (batch, dim) and per-token sequences (batch, tokens, dim) aligned with "
                 "one model input can be exported. Pick another --layer."
             )
+    return columns
+
+
+def build_plan(options, check_remote=True):
+    """Validates `options` (an `ExportOptions` view) and returns `(plan, model_source)`.
+
+    Args:
+        options: the `ExportOptions` view of the pipeline options.
+        check_remote: False skips listing --input and --output where they are
+            object-store URIs (gs://, s3://), for a --dry_run without credentials.
+
+    Raises:
+        ExportConfigError: anything that would make the run fail or write nonsense.
+    """
+    check_numeric_flags(options)
+    check_locations(options, check_remote)
+    input_format = detect_format(options.input, options.input_format)
+    explicit_map = _parse_input_map(options.input_map)
+    source = load_model_source(
+        options.model,
+        options.tokenizer,
+        allow_unsafe_deserialization=options.allow_unsafe_deserialization,
+        padding=options.padding,
+        truncating=options.truncating,
+    )
+    model = source.model
+    specs, sub_model = cut_model(model, options.layer or source.default_layers or _default_layer_names(model))
+    mapping = resolve_input_map(
+        [t.name for t in sub_model.inputs], explicit_map, source.input_fields, input_format
+    )
+    inputs = describe_inputs(sub_model, mapping)
+    check_tokenizer_present(inputs, source.tokenizer, options.tokenizer)
+    columns = describe_columns(sub_model, specs, inputs, options.pooling)
     columns = apply_token_storage(model, specs, columns, options.token_storage, options.pooling)
     keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
     check_column_names(keep_fields, columns)
