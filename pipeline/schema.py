@@ -208,6 +208,65 @@ def to_record_batch(schema, plan, ids, kept, outputs, masks, token_ids=None, fin
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
+def rows_of(table):
+    """An Arrow table's rows as dicts; list columns as numpy arrays (exact, and quick to pickle).
+
+    The inverse of `batch_of_rows`: `--reuse` carries an earlier export's rows
+    through a join this way, so its vectors come back bit for bit.
+    """
+    columns = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        kind = column.type
+        if pa.types.is_fixed_size_list(kind):
+            values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), kind.list_size)
+            columns[name] = list(values)
+        elif pa.types.is_list(kind):
+            offsets = column.offsets.to_numpy()
+            inner = column.flatten()
+            if pa.types.is_fixed_size_list(inner.type):
+                flat = (
+                    inner.flatten().to_numpy(zero_copy_only=False).reshape(len(inner), inner.type.list_size)
+                )
+            else:
+                flat = inner.to_numpy(zero_copy_only=False)
+            start = offsets[0]
+            columns[name] = [
+                flat[a - start : b - start] for a, b in zip(offsets[:-1], offsets[1:], strict=True)
+            ]
+        else:
+            columns[name] = column.to_pylist()
+    names = list(columns)
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+def batch_of_rows(rows, schema):
+    """A RecordBatch of `schema` from row dicts as `rows_of` makes them (numpy list values)."""
+    arrays = []
+    for field in schema:
+        values = [row[field.name] for row in rows]
+        kind = field.type
+        if pa.types.is_fixed_size_list(kind):
+            matrix = np.stack(values) if values else np.zeros((0, kind.list_size))
+            arrays.append(_fixed_size(matrix.astype(kind.value_type.to_pandas_dtype()), kind.value_type))
+        elif pa.types.is_list(kind):
+            counts = np.array([len(value) for value in values], dtype=np.int64)
+            offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+            inner_type = kind.value_type
+            if pa.types.is_fixed_size_list(inner_type):
+                flat = np.concatenate(values) if values else np.zeros((0, inner_type.list_size))
+                inner = _fixed_size(
+                    flat.astype(inner_type.value_type.to_pandas_dtype()), inner_type.value_type
+                )
+            else:
+                flat = np.concatenate(values) if values else np.zeros(0)
+                inner = pa.array(flat, type=inner_type)
+            arrays.append(pa.ListArray.from_arrays(offsets, inner))
+        else:
+            arrays.append(pa.array(values, type=kind))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
 def writable_text(text):
     """`text` as Parquet (UTF-8) can store it: lone surrogates become backslash escapes.
 

@@ -301,7 +301,7 @@ REUSED = "reused"
 
 def _earlier_rows(table):
     """(id, row) for each row of an earlier export's row group; `row` lacks the id."""
-    for row in table.to_pylist():
+    for row in schema_lib.rows_of(table):
         yield row.pop(schema_lib.ID_COLUMN), row
 
 
@@ -349,7 +349,7 @@ class RowsToBatchFn(beam.DoFn):
         self._schema = schema_lib.output_schema(self._plan)
 
     def process(self, rows):
-        yield pa.RecordBatch.from_pylist(rows, schema=self._schema)
+        yield schema_lib.batch_of_rows(rows, self._schema)
 
 
 class ReuseEarlierRows(beam.PTransform):
