@@ -112,6 +112,26 @@ class Document(typing.NamedTuple):
     position: int
 
 
+class EncodedInput(typing.NamedTuple):
+    """One model input of a batch, encoded: what the model takes and what the rows need."""
+
+    feature: object  # (n, length) int32 ids, or (n,) / (n, 1) strings
+    mask: object  # (n, length) bool: real tokens
+    counts: object  # (n,) real tokens per document
+    oov_counts: object  # (n,) out-of-vocabulary tokens per document
+    truncated: object  # (n,) bool: the document was cut to the input's length
+
+
+class Encoded(typing.NamedTuple):
+    """A batch of documents encoded for the model (see `Embedder.encode`)."""
+
+    features: dict  # input name -> int32 ids or strings
+    masks: dict  # input name -> bool real-token mask
+    nonempty: object  # (n,) bool: any input has a real token
+    truncated: int  # documents cut in at least one input
+    oov: int  # out-of-vocabulary tokens
+
+
 class EmbedResult(typing.NamedTuple):
     """What one batch produced: output rows, dead-letter rows and counters."""
 
@@ -298,10 +318,7 @@ class Embedder:
         TextVectorization layer emits a non-zero id.
 
         Returns:
-            `(features, masks, nonempty, truncated, oov)`: {input name: int32 ids
-            or strings}, {input name: bool real-token mask}, a bool per document
-            saying whether any input has a real token, and the truncated-document
-            and out-of-vocabulary-token counts.
+            An `Encoded`.
         """
         features, masks = {}, {}
         nonempty = np.zeros(len(documents), dtype=bool)
@@ -311,19 +328,20 @@ class Embedder:
         for position, info in enumerate(self.plan.inputs):
             values = [document.texts[position] for document in documents]
             encode = self._encode_text if info.kind == TEXT_INPUT else self._encode_ids
-            features[info.name], masks[info.name], counts, oov_counts, cut = encode(info, values)
-            nonempty |= counts > 0
-            cut_any |= cut
-            oov += int(oov_counts.sum())
-        return features, masks, nonempty, int(cut_any.sum()), oov
+            encoded = encode(info, values)
+            features[info.name], masks[info.name] = encoded.feature, encoded.mask
+            nonempty |= encoded.counts > 0
+            cut_any |= encoded.truncated
+            oov += int(encoded.oov_counts.sum())
+        return Encoded(features, masks, nonempty, int(cut_any.sum()), oov)
 
     def _encode_ids(self, info, values):
-        """(ids, mask, counts, oov counts, truncated) of one token-id input."""
+        """The `EncodedInput` of one token-id input."""
         id_rows = [row for row, value in enumerate(values) if isinstance(value, TokenIds)]
         id_row_set = set(id_rows)
         if not id_rows:
             ids, counts, oov_counts, cut = self.tokenizer.encode_batch(values, info.length)
-            return ids, ids != 0, counts, oov_counts, cut
+            return EncodedInput(ids, ids != 0, counts, oov_counts, cut)
         ids, counts, cut = pad_token_ids(
             [values[row].ids for row in id_rows], info.length, self.plan.padding, self.plan.truncating
         )
@@ -341,10 +359,10 @@ class Embedder:
             all_ids[text_rows], all_counts[text_rows], all_cut[text_rows] = text_ids, text_counts, text_cut
             oov_counts[text_rows] = text_oov
             ids, counts, cut = all_ids, all_counts, all_cut
-        return ids, ids != 0, counts, oov_counts, cut
+        return EncodedInput(ids, ids != 0, counts, oov_counts, cut)
 
     def _encode_text(self, info, values):
-        """(strings, mask, counts, oov counts, truncated) of one string input.
+        """The `EncodedInput` of one string input.
 
         TextVectorization cuts long documents silently, so none counts as truncated.
         """
@@ -354,13 +372,15 @@ class Embedder:
         vectorizer, unknown_id = self._text_vectorizer(info)
         if vectorizer is None:
             counts = np.array([1 if value.strip() else 0 for value in values], dtype=np.int32)
-            return feature, counts[:, None] > 0, counts, np.zeros(len(values), dtype=np.int32), no_cut
+            return EncodedInput(
+                feature, counts[:, None] > 0, counts, np.zeros(len(values), dtype=np.int32), no_cut
+            )
         import tensorflow as tf
 
         ids = np.asarray(vectorizer(tf.constant(feature, dtype=tf.string)))
         mask = ids != 0
         oov_counts = (ids == unknown_id).sum(axis=1) if unknown_id is not None else np.zeros(len(values))
-        return feature, mask, mask.sum(axis=1), oov_counts.astype(np.int32), no_cut
+        return EncodedInput(feature, mask, mask.sum(axis=1), oov_counts.astype(np.int32), no_cut)
 
     def _text_vectorizer(self, info):
         """The TextVectorization layer whose ids mark `info`'s real tokens, and its unknown-word id."""
@@ -378,7 +398,7 @@ class Embedder:
     def embed(self, documents):
         """Embeds `documents`; bad ones become dead-letter rows, never exceptions."""
         plan = self.plan
-        features, masks, nonempty, truncated, oov = self.encode(documents)
+        features, masks, nonempty, truncated, oov = self.encode(documents)  # an Encoded
         errors = [
             schema_lib.error_row(
                 d.source,

@@ -2,20 +2,12 @@
 
 import functools
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Lets a plain `pytest` (not only `python -m pytest`) import `models` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import keras
-import numpy as np
 import pytest
-from pipeline_fixtures import fit_on_random_labels
 
-from models import architectures
-from models.bundle import save_bundle
-from models.tokenizer import Tokenizer
+# Keras, Beam and the fixtures that need them are imported by the fixtures that use
+# them, so that tests of pure code (the tokenizer, the corpus parsers) start at once.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 TINY_SIZES = {
     "vocabulary_size": 50,
@@ -39,6 +31,12 @@ def _train_tiny_model(topology, seed=0):
         `(model, inputs)`: the trained model and the input it was trained on (a dict
         keyed by input name, or the `content` array for the one-input topology).
     """
+    import keras
+    import numpy as np
+    from pipeline_fixtures import fit_on_random_labels
+
+    from models import architectures
+
     keras.utils.set_random_seed(seed)
     model = architectures.compile_model(architectures.build_model(topology, **TINY_SIZES))
     rng = np.random.default_rng(seed)
@@ -66,6 +64,9 @@ def tiny_bundle(tmp_path_factory):
 
     Shared by the session: tests that alter the bundle copy the directory first.
     """
+    from models.bundle import save_bundle
+    from models.tokenizer import Tokenizer
+
     model, inputs = _train_tiny_model("two_inputs_two_outputs")
     directory = str(tmp_path_factory.mktemp("tiny_bundle"))
     tokenizer = Tokenizer([f"word{index}" for index in range(TINY_SIZES["vocabulary_size"] - 2)])
