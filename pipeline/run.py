@@ -7,6 +7,7 @@ sample corpus.  `--help` lists our flags; Beam's own (--runner, --project,
 
 import logging
 import os
+import signal
 import sys
 
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
@@ -22,6 +23,16 @@ def _drop_noise(record):
     return not str(record.msg).startswith(_NOISE)
 
 
+def _interrupted():
+    # The staged files stay invisible to readers; the next run removes them.
+    print(
+        "interrupted: nothing was committed; rerun the same command to export again "
+        "(it removes what this run left).",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
@@ -35,6 +46,13 @@ def main(argv=None):
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_noise)
+    interrupted = []
+
+    def on_interrupt(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         from pipeline.export import format_summary, run_export
 
@@ -42,14 +60,15 @@ def main(argv=None):
     except ExportConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except Exception:
+        # Beam re-raises a KeyboardInterrupt from inside a transform as a RuntimeError.
+        if not interrupted:
+            raise
+        return _interrupted()
     except KeyboardInterrupt:
-        # The staged files stay invisible to readers; the next run removes them.
-        print(
-            "interrupted: nothing was committed; rerun the same command to export again "
-            "(it removes what this run left).",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
+        return _interrupted()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     print(format_summary(summary))
     if summary.exit_code:
         print(f"error: {summary.message}", file=sys.stderr)

@@ -179,3 +179,18 @@ def test_missing_s3_model_is_a_launch_error(s3_endpoint, export, tmp_path):
             + s3_flags(s3_endpoint)
         )
     assert keys(s3_endpoint, "exports/run2/") == []
+
+
+def test_reuse_of_an_s3_export(s3_endpoint, export, tmp_path):
+    """--reuse reads an earlier export on S3: every unchanged document's row is copied, bit for bit."""
+    _, documents = export
+    output = str(tmp_path / "run2")
+    flags = ["--model", MODEL, "--input", CORPUS, "--output", output, "--layer", "lstm_content"]
+    summary = run_export([*flags, "--reuse", OUTPUT, *s3_flags(s3_endpoint)])
+    assert summary.exit_code == 0, summary.message
+    assert summary.rows_reused == summary.rows_written == GOOD_DOCUMENTS
+    earlier = pa.concat_tables(
+        [read_parquet(s3_endpoint, k) for k in keys(s3_endpoint, "exports/run1/part-")]
+    )
+    reused = pq.read_table(output, ignore_prefixes=["_", ".", ERRORS_DIR])
+    assert reused.sort_by("id").equals(earlier.sort_by("id"))
