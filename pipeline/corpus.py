@@ -208,7 +208,7 @@ def _skip_line(stream):
 
 def _align(stream, start, lines_before):
     """Moves `stream` to the first line starting at or after `start` > 0: (its offset, lines before it)."""
-    block_start, newlines = lines_before(start) if lines_before else (start - 1, 0)
+    block_start, newlines = lines_before(start - 1) if lines_before else (start - 1, 0)
     stream.seek(block_start)
     remaining = start - 1 - block_start
     while remaining > 0:

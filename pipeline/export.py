@@ -33,7 +33,7 @@ from pipeline.graph import build_pipeline
 from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenizer
 from pipeline.options import ExportOptions, default_output
 from pipeline.plan import build_plan, reuse_signature
-from pipeline.transforms import DEFAULT_SPLIT_BYTES, FILES_BROKEN, NAMESPACE
+from pipeline.transforms import DEFAULT_SPLIT_BYTES, FILES_BROKEN, NAMESPACE, RANGES_READ
 
 # A local run of at least this much input uses one worker process per core (see
 # `use_local_cores`); below it, starting the processes costs more than they save.
@@ -205,18 +205,19 @@ def input_bytes(pattern):
         return 0
 
 
-def use_local_cores(options, total_bytes):
+def use_local_cores(options, total_bytes, argv=None):
     """Makes a local run use every core: one SDK worker process per core, unless told otherwise.
 
-    Only when neither --direct_running_mode nor --direct_num_workers was given,
+    Only when neither --direct_running_mode nor --direct_num_workers is on the
+    command line `argv`,
     and the input is at least LOCAL_PROCESSES_MIN_BYTES (a smaller corpus is
     done before the worker processes would have loaded TensorFlow). The worker
     processes import this package from where the launcher did.
     """
     if local_runner(options) is None:
         return
-    given = options.get_all_options(drop_default=True)
-    if "direct_running_mode" in given or "direct_num_workers" in given:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(arg.startswith(("--direct_running_mode", "--direct_num_workers")) for arg in args):
         if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
             _share_package_path()
         return
@@ -344,7 +345,7 @@ def run_export(argv=None):
         )
     plan, _ = build_plan(export_options, check_remote=not dry_run)
     total_bytes = input_bytes(plan.input_pattern) if is_local(plan.input_pattern) or not dry_run else 0
-    use_local_cores(options, total_bytes)
+    use_local_cores(options, total_bytes, argv)
     plan = dataclasses.replace(plan, tf_threads=worker_tf_threads(options, export_options.tf_threads))
     if dry_run:
         pipeline = beam.Pipeline(runner=local_runner(options), options=options)
@@ -498,6 +499,8 @@ def _run_and_commit(options, plan, run_id, argv, total_bytes):
             "files_broken": broken,
             "documents_truncated": counters.get("documents_truncated", 0),
             "oov_tokens": counters.get("oov_tokens", 0),
+            # How many byte ranges of the input files were read (more than one per big file).
+            "ranges_read": counters.get(RANGES_READ, 0),
             **reuse_counts,
         },
         "limited": export_options.limit is not None,

@@ -132,7 +132,8 @@ class ProgressMonitor:
         self._stop = threading.Event()
         self._thread = None
         self._started = time.monotonic()
-        self._reading_since = None
+        # (time, records, bytes) when reading was first seen: rates are measured from there.
+        self._reading_start = None
         self._bar = None
 
     def __enter__(self):
@@ -183,22 +184,26 @@ class ProgressMonitor:
         if not read and not totals["records"] and not final:
             percent = 100 * min(totals["scanned_bytes"], self._total) / self._total
             return f"progress: checking ids, {percent:.0f}% of {_megabytes(self._total)} scanned"
-        if self._reading_since is None:
-            self._reading_since = now
-        seconds = max(now - self._reading_since, 1e-9)
-        rate = totals["records"] / seconds
+        if self._reading_start is None:
+            self._reading_start = (now, totals["records"], read)
+        since, records_then, read_then = self._reading_start
+        seconds = now - since
         if self._limit:
             fraction = min(1.0, totals["records"] / self._limit)
+            done_then = min(1.0, records_then / self._limit)
         else:
             fraction = min(1.0, read / self._total)
-        eta = (now - self._reading_since) * (1 - fraction) / fraction if fraction > 0 else None
+            done_then = min(1.0, read_then / self._total)
+        rate = (totals["records"] - records_then) / seconds if seconds >= 1 else None
+        progress_rate = (fraction - done_then) / seconds if seconds >= 1 else 0
+        eta = (1 - fraction) / progress_rate if progress_rate > 0 else None
         parts = [
             f"{totals['records']:,} records read ({100 * fraction:.0f}% of "
             + (f"--limit {self._limit:,}" if self._limit else _megabytes(self._total))
             + ")",
             f"{totals['rows']:,} rows written",
             f"{totals['dead_letters']:,} dead letters",
-            f"{rate:,.0f} docs/s",
+            f"{rate:,.0f} docs/s" if rate is not None else "docs/s pending",
         ]
         if final:
             parts.append(f"done in {_duration(now - self._started)}")
