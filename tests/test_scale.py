@@ -343,3 +343,23 @@ def test_progress_eta_is_input_bytes_consumed_against_the_total(tmp_path):
     assert line == (
         "progress: 200 records read (20% of 1 MB), 190 rows written, 5 dead letters, 10 docs/s, ETA 0:01:20"
     )
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_a_live_bar(tmp_path):
+    from pipeline import progress
+
+    recorder = progress.ProgressRecorder(str(tmp_path))
+    recorder.add(scanned_bytes=1000, read_bytes=1000, records=10, rows=9, dead_letters=1)
+    recorder.flush()
+    terminal = _Terminal()
+    with ProgressMonitor(str(tmp_path), total_bytes=1000, stream=terminal):
+        pass
+    shown = terminal.getvalue()
+    assert (
+        "embedding" in shown and "10 records read (100% of 1.0 kB), 9 rows written, 1 dead letters" in shown
+    )
