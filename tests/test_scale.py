@@ -350,9 +350,10 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_a_terminal_gets_a_live_bar(tmp_path):
+def test_a_terminal_gets_a_live_bar(tmp_path, monkeypatch):
     from pipeline import progress
 
+    monkeypatch.setenv("COLUMNS", "250")  # A wide terminal: rich cuts lines to the width.
     recorder = progress.ProgressRecorder(str(tmp_path))
     recorder.add(scanned_bytes=1000, read_bytes=1000, records=10, rows=9, dead_letters=1)
     recorder.flush()
