@@ -127,7 +127,7 @@ class _RangeReader:
         if self._range.splittable:
             start, claim = self._tracker.current_restriction().start, self._claim
         else:
-            if not self._tracker.try_claim(0):
+            if not self._claim(0):
                 return
             start, claim = 0, None
         # Compressed files are decompressed by `corpus`, with Python's gzip,
@@ -158,8 +158,9 @@ class _RangeReader:
     _progress_key = "read_bytes"
 
     def finish(self):
-        """Marks the rest of a splittable range as done (its last record was read, or it was cut short)."""
-        if self._range.splittable and not self._refused:
+        """Marks the rest of the range as done: its last record was read, or it was cut short (--limit)."""
+        if not self._refused:
+            # Claiming the end fails, and so tells the tracker that nothing is left.
             self._tracker.try_claim(self._tracker.current_restriction().stop)
 
 

@@ -270,6 +270,21 @@ def test_limit_reads_the_first_records_by_file_then_position(tmp_path, tiny_bund
     assert output_lib.read_manifest(str(tmp_path / "full"))["limited"] is False
 
 
+def test_limit_with_files_read_whole(tmp_path, tiny_bundle):
+    """CSV and .gz files are one range each: one past the cut-off is skipped, one before it cut short."""
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    for name in ("a.csv", "b.csv"):
+        rows = "".join(f"{name[0]}{n},word1,word2 word{n}\r\n" for n in range(20))
+        (corpus_dir / name).write_text("id,title,content\r\n" + rows)
+    output = str(tmp_path / "out")
+    summary = run_export(
+        ["--model", tiny_bundle[0], "--input", str(corpus_dir / "*.csv"), "--output", output, "--limit", "5"]
+    )
+    assert summary.exit_code == 0, summary.message
+    assert sorted(_rows(output).column("id").to_pylist()) == [f"a{n}" for n in range(5)]
+
+
 def test_limit_must_be_positive(tmp_path, tiny_bundle, capsys):
     from pipeline.run import EXIT_CONFIG_ERROR, main
 
