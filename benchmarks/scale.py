@@ -12,7 +12,8 @@ the default model and layers as a child process, on both corpora:
   reader), extracted with `git archive`: whole files read by one worker, a
   GroupByKey of whole documents for the id de-duplication, the in-memory runner;
 - `new, in memory`: this code with `--direct_running_mode=in_memory`;
-- `new, default`: this code with no runner flags (one worker process per core).
+- `new, default`: this code with no runner flags (one worker process per core);
+- `new, 2 processes, 2 TF threads each`: the default with `--tf_threads=2`.
 
 For each it prints marginal docs/s (4N documents over the difference of the
 pipeline times the summaries report, so start-up is left out), peak RSS of the
@@ -195,6 +196,7 @@ def main(argv=None):
                 "old (whole files, documents shuffled by id)": (extract_baseline(args.baseline, scratch), []),
                 "new, in memory": (ROOT, ["--direct_running_mode=in_memory"]),
                 "new, default (2 processes)": (ROOT, []),
+                "new, 2 processes, 2 TF threads each": (ROOT, ["--tf_threads=2"]),
             }
         results = measure(contenders, (small, large), scratch)
 

@@ -103,8 +103,9 @@ class _RangeReader:
     range claims offset 0 and reads everything.
     """
 
-    def __init__(self, plan, file_range, tracker, progress=None):
+    def __init__(self, plan, file_range, tracker, progress=None, progress_key="read_bytes"):
         self._plan = plan
+        self._progress_key = progress_key
         self._range = file_range
         self._tracker = tracker
         self._refused = False
@@ -155,8 +156,6 @@ class _RangeReader:
             self._progress.add(**{self._progress_key: consumed - self._reported})
             self._reported = consumed
 
-    _progress_key = "read_bytes"
-
     def finish(self):
         """Marks the rest of the range as done: its last record was read, or it was cut short (--limit)."""
         if not self._refused:
@@ -186,8 +185,7 @@ class ScanIdsFn(beam.DoFn):
         self._progress.flush()
 
     def process(self, file_range, tracker=_RANGE_TRACKER):
-        reader = _RangeReader(self._plan, file_range, tracker, self._progress)
-        reader._progress_key = "scanned_bytes"
+        reader = _RangeReader(self._plan, file_range, tracker, self._progress, "scanned_bytes")
         newlines = collections.Counter()
         line_file = file_range.splittable and self._plan.input_format in corpus.LINE_FORMATS
         on_newline = (lambda offset: newlines.update((offset // corpus.INDEX_BLOCK,))) if line_file else None
