@@ -168,6 +168,11 @@ def main(argv=None):
     parser.add_argument("--documents", type=int, default=None, help="N (default 61440; 20480 with --tuning).")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision of the old way.")
     parser.add_argument("--tuning", action="store_true", help="compare local settings instead.")
+    parser.add_argument(
+        "--contenders",
+        default="old,memory,default,threads2",
+        help="which of old, memory, default, threads2 to run (default: all), in that order.",
+    )
     parser.add_argument("--json", default=None, help="where to write results (default benchmarks/results/).")
     args = parser.parse_args(argv)
     name = "scale_tuning" if args.tuning else "scale"
@@ -192,12 +197,17 @@ def main(argv=None):
         else:
             small = args.documents or 61440
             large = 5 * small
-            contenders = {
-                "old (whole files, documents shuffled by id)": (extract_baseline(args.baseline, scratch), []),
-                "new, in memory": (ROOT, ["--direct_running_mode=in_memory"]),
-                "new, default (2 processes)": (ROOT, []),
-                "new, 2 processes, 2 TF threads each": (ROOT, ["--tf_threads=2"]),
+            wanted = args.contenders.split(",")
+            choices = {
+                "old": ("old (whole files, documents shuffled by id)", None, []),
+                "memory": ("new, in memory", ROOT, ["--direct_running_mode=in_memory"]),
+                "default": ("new, default (2 processes)", ROOT, []),
+                "threads2": ("new, 2 processes, 2 TF threads each", ROOT, ["--tf_threads=2"]),
             }
+            contenders = {}
+            for key, (label, code_root, flags) in choices.items():
+                if key in wanted:
+                    contenders[label] = (code_root or extract_baseline(args.baseline, scratch), flags)
         results = measure(contenders, (small, large), scratch)
 
     header = (
