@@ -379,3 +379,42 @@ def test_a_terminal_gets_a_live_bar(tmp_path, monkeypatch):
     assert (
         "embedding" in shown and "10 records read (100% of 1.0 kB), 9 rows written, 1 dead letters" in shown
     )
+
+
+class _FakeDataflowResult:
+    """What `_poll_dataflow` uses of a DataflowPipelineResult: two polls running, then done."""
+
+    def __init__(self):
+        self.states = ["RUNNING", "RUNNING", "DONE"]
+        self.state = "RUNNING"
+
+    def job_id(self):
+        return "2026-11-27_job"
+
+    def wait_until_finish(self, duration=None):
+        self.state = self.states.pop(0)
+
+    def metrics(self):
+        def counter(name, value):
+            metric = types.SimpleNamespace(name=name)
+            return types.SimpleNamespace(key=types.SimpleNamespace(metric=metric), committed=value)
+
+        counters = [counter("records_read", 1200), counter("rows_embedded", 1100), counter("failed_x", 7)]
+        return types.SimpleNamespace(query=lambda _filter: {"counters": counters})
+
+
+def test_dataflow_launcher_prints_the_console_url_and_the_counters(caplog):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.export import _poll_dataflow
+
+    caplog.set_level(logging.INFO, logger="pipeline.export")
+    options = PipelineOptions(["--project", "proj", "--region", "europe-west1"])
+    _poll_dataflow(_FakeDataflowResult(), options, interval=0.01)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == (
+        "Dataflow job 2026-11-27_job: https://console.cloud.google.com/dataflow/jobs/europe-west1/"
+        "2026-11-27_job?project=proj"
+    )
+    running = "Dataflow job 2026-11-27_job: RUNNING, 1,200 records read, 1,100 rows embedded, 7 dead letters"
+    assert lines[1:] == [running, running]
