@@ -21,6 +21,8 @@ setuptools.setup(
         # Arrow writes the Parquet output; Beam 2.77 caps it below 26.
         "pyarrow>=16,<26",
         "numpy>=1.26,<3",
+        # The live progress bar of local runs; Keras 3 already depends on it.
+        "rich>=13",
     ],
     extras_require={
         # `python -m pipeline.analyze plot` draws with matplotlib.

@@ -1,8 +1,17 @@
 """Parses corpus files into `Document`s and dead letters, each record at its exact position.
 
-Knows nothing of Beam: `read_file` takes a function that opens the file as
-binary, so every reader is tested on plain bytes. Positions are line numbers
-for text and JSONL, data-row numbers (header excluded) for CSV and Parquet.
+Knows nothing of Beam: `read_file` and `read_records` take a function that
+opens the file as binary, so every reader is tested on plain bytes. Positions
+are line numbers for text and JSONL, data-row numbers (header excluded) for CSV
+and Parquet.
+
+`read_records` also reads part of a file: the records starting in a byte range
+of an uncompressed text or JSONL file (lines), or the row groups starting in it
+(Parquet). Each record comes with its `order`, which sorts the records of a file
+in file order: the byte offset of a line (in the decompressed bytes for .gz), the
+row number in CSV and Parquet. A range that starts past the beginning of a file
+learns its first line number from `lines_before`, an index of newline counts per
+`INDEX_BLOCK` bytes built while scanning the ids (see `pipeline.transforms`).
 """
 
 import csv
@@ -48,6 +57,16 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _SKIP_CHUNK = 1 << 20
 
 
+# Uncompressed files of these formats are read in byte ranges, by many workers at once.
+# CSV is not: a quoted field may hold newlines, so a reader starting in the middle
+# of a file cannot tell a record's start from a line inside a quoted field.
+SPLIT_FORMATS = ("text", "jsonl", "parquet")
+LINE_FORMATS = ("text", "jsonl")
+# Line numbers of a range come from the newlines counted per block of this many bytes.
+INDEX_BLOCK = 4 << 20
+# The order of a record standing for a whole file (unreadable_file): before its records.
+FILE_ORDER = -1
+
 # Compressions the reader does not take: one clear dead letter beats records of garbage.
 OTHER_COMPRESSIONS = (".bz2", ".deflate", ".lzma", ".xz", ".zst", ".zstd", ".zip", ".7z")
 
@@ -57,48 +76,102 @@ def is_compressed(path):
     return path.lower().endswith(".gz")
 
 
+def is_splittable(plan, path):
+    """Whether `path` can be read in byte ranges (uncompressed text, JSONL or Parquet)."""
+    lower = path.lower()
+    return (
+        plan.input_format in SPLIT_FORMATS
+        and not is_compressed(path)
+        and not lower.endswith(OTHER_COMPRESSIONS)
+    )
+
+
 def read_file(plan, path, open_file):
     """Yields the `Document`s and dead-letter rows of one corpus file, one per record, in order.
 
-    A bad record is a dead letter and reading goes on. A file that cannot be
-    read to its end (truncated .gz, corrupt data, read error) ends with one
-    dead letter: `unreadable_file` when no record was read, else `read_error`
-    at the position of the first record not read. Either way the number of
-    records lost is unknown.
+    See `read_records`, of which this is the whole-file case without the orders.
+    """
+    for _, item in read_records(plan, path, open_file):
+        yield item
+
+
+def read_records(plan, path, open_file, start=0, claim=None, lines_before=None, on_newline=None):
+    """Yields `(order, item)` for each record of a file (or of a byte range of it), in file order.
+
+    `item` is a `Document` or a dead-letter row. A bad record is a dead letter
+    and reading goes on. A file that cannot be read to its end (truncated .gz,
+    corrupt data, read error) ends with one dead letter: `unreadable_file` when
+    no record was read, else `read_error` at the position of the first record
+    not read. Either way the number of records lost is unknown.
 
     Args:
         plan: the `ExportPlan` (format, fields, limits).
         path: the file's path or URI, for dead letters and text-line ids.
-        open_file: a function returning the file's bytes as a binary stream.
+        open_file: a function returning the file's bytes as a binary stream
+            (seekable when `start` is not 0).
+        start: for a file that `is_splittable`, the byte offset where the range
+            starts: the first record read is the first that starts at or after it.
+        claim: for a splittable file, a function `claim(offset)` called with the
+            byte offset of each line or row group before it is read; False stops
+            reading (the record belongs to the next range).
+        lines_before: a function `offset -> (block start, newlines before it)`
+            numbering the lines of a range that starts past 0; without it such
+            a range numbers its first line 1 (enough for the id scan).
+        on_newline: called with the offset of the newline ending each line read
+            (the id scan counts them into the line index).
     """
-    readers = {"csv": csv_records, "parquet": parquet_records}
-    records = readers.get(plan.input_format, line_records)
     read = 0
+    last_position, last_order = 0, FILE_ORDER
     if path.lower().endswith(OTHER_COMPRESSIONS):
         message = (
             f"{path} is compressed in a format the reader does not take; gzip it (.gz) or decompress it."
         )
-        yield schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
+        yield FILE_ORDER, schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
         return
     try:
         with open_file() as stream:
             source = gzip.GzipFile(fileobj=stream, mode="rb") if is_compressed(path) else stream
-            for item in records(plan, path, source):
+            if plan.input_format == "parquet":
+                records = parquet_records(plan, path, source, start, claim)
+            elif plan.input_format == "csv":
+                records = csv_records(plan, path, source)
+            else:
+                records = line_records(plan, path, source, start, claim, lines_before, on_newline)
+            for order, item in records:
                 read += 1
-                yield item
+                last_order = order
+                last_position = item.position if isinstance(item, Document) else item["position"]
+                yield order, item
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
-        if not read:
-            yield schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
+        if not read and not start:
+            yield FILE_ORDER, schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
             return
-        yield schema_lib.error_row(
-            path,
-            read + 1,
-            None,
-            READ_ERROR,
-            f"Reading stopped after record {read}: {message}. Records from here on, if any, "
-            "are missing from the output.",
-            None,
+        if not read:
+            yield (
+                start,
+                schema_lib.error_row(
+                    path,
+                    None,
+                    None,
+                    READ_ERROR,
+                    f"Reading stopped at byte {start}: {message}. Records from there on, if any, "
+                    "are missing from the output.",
+                    None,
+                ),
+            )
+            return
+        yield (
+            last_order + 1,
+            schema_lib.error_row(
+                path,
+                last_position + 1,
+                None,
+                READ_ERROR,
+                f"Reading stopped after record {last_position}: {message}. Records from here on, if any, "
+                "are missing from the output.",
+                None,
+            ),
         )
 
 
@@ -133,25 +206,52 @@ def _skip_line(stream):
     return skipped, chunk
 
 
-def line_records(plan, source, stream):
-    """Text or JSONL: one record per line. Lines over --max_record_bytes are skipped, never held."""
+def _align(stream, start, lines_before):
+    """Moves `stream` to the first line starting at or after `start` > 0: (its offset, lines before it)."""
+    block_start, newlines = lines_before(start - 1) if lines_before else (start - 1, 0)
+    stream.seek(block_start)
+    remaining = start - 1 - block_start
+    while remaining > 0:
+        chunk = stream.read(min(remaining, _SKIP_CHUNK))
+        if not chunk:
+            break
+        newlines += chunk.count(b"\n")
+        remaining -= len(chunk)
+    # The line holding byte start - 1 belongs to the range before (a newline there: to nobody).
+    skipped, end = _skip_line(stream)
+    return start - 1 + skipped, newlines + end.endswith(b"\n")
+
+
+def line_records(plan, source, stream, start=0, claim=None, lines_before=None, on_newline=None):
+    """Text or JSONL: one record per line, ordered by byte offset.
+
+    Lines over --max_record_bytes are skipped, never held.
+    """
     limit = plan.max_record_bytes
-    number = 0
+    offset, number = (0, 0) if not start else _align(stream, start, lines_before)
     # Room for the record and its "\r\n": a longer read means a longer line.
     while line := stream.readline(limit + 2):
+        if claim is not None and not claim(offset):
+            return
         number += 1
         cut = len(line) == limit + 2 and not line.endswith(b"\n")
-        if number == 1 and line.startswith(BOM):
+        consumed = len(line)
+        if offset == 0 and line.startswith(BOM):
             line = line[len(BOM) :]
         size, end = len(line), line
         if cut:
             skipped, end = _skip_line(stream)
             size += skipped
+            consumed += skipped
         size -= len(end) - len(end.rstrip(b"\r\n"))
+        if on_newline is not None and end.endswith(b"\n"):
+            on_newline(offset + consumed - 1)
         if size > limit:
-            yield _too_large(source, number, size, limit, line[: schema_lib.RAW_LIMIT * 4])
-            continue
-        yield _guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
+            item = _too_large(source, number, size, limit, line[: schema_lib.RAW_LIMIT * 4])
+        else:
+            item = _guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
+        yield offset, item
+        offset += consumed
 
 
 def parse_line(plan, source, number, line):
@@ -242,7 +342,7 @@ class _CsvLines:
 
 
 def csv_records(plan, source, stream):
-    """CSV with a header row; a record may span lines inside quotes."""
+    """CSV with a header row; a record may span lines inside quotes. Ordered by row number."""
     limit = plan.max_record_bytes
     # Records over `limit` are stopped by _CsvLines first; csv's own limit
     # (128 KiB by default, process-wide) must not cut records under it.
@@ -266,10 +366,10 @@ def csv_records(plan, source, stream):
         except RecordTooLarge:
             number += 1
             lines.skip_record()
-            yield _too_large(source, number, lines.size, limit, lines.raw)
+            yield number, _too_large(source, number, lines.size, limit, lines.raw)
             continue
         number += 1
-        yield _guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)
+        yield number, _guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)
 
 
 def _ambiguous_header(plan, header):
@@ -310,27 +410,48 @@ def parse_csv_row(plan, source, number, header, values, raw, ambiguous=None):
     return to_document(plan, source, number, dict(zip(header, values, strict=True)), raw)
 
 
-def parquet_records(plan, source, stream):
-    """Parquet rows; a compressed file is first spooled to disk, as Parquet needs to seek."""
+def parquet_records(plan, source, stream, start=0, claim=None):
+    """Parquet rows, ordered by row number.
+
+    A compressed file is first spooled to disk, as Parquet needs to seek.
+    """
     if isinstance(stream, gzip.GzipFile):
         with tempfile.TemporaryFile() as spool:
             shutil.copyfileobj(stream, spool)
             spool.seek(0)
             yield from _parquet_rows(plan, source, spool)
     else:
-        yield from _parquet_rows(plan, source, stream)
+        yield from _parquet_rows(plan, source, stream, start, claim)
 
 
-def _parquet_rows(plan, source, stream):
+def row_group_offset(row_group):
+    """The byte offset where a row group's data starts (its first column chunk)."""
+    chunk = row_group.column(0)
+    offsets = [chunk.data_page_offset]
+    if chunk.has_dictionary_page and chunk.dictionary_page_offset:
+        offsets.append(chunk.dictionary_page_offset)
+    return min(offsets)
+
+
+def _parquet_rows(plan, source, stream, start=0, claim=None):
     parquet = pq.ParquetFile(stream)
     wanted = {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
     # Only the columns the export reads; all of them when none is there, so each row is a missing_id.
     columns = [name for name in parquet.schema_arrow.names if name in wanted] or None
+    metadata = parquet.metadata
     number = 0
-    for batch in parquet.iter_batches(batch_size=1024, columns=columns):
-        for record in batch.to_pylist():
-            number += 1
-            yield _guarded(to_document, plan, source, number, record, None)
+    for group in range(metadata.num_row_groups):
+        if claim is not None and metadata.num_columns:
+            offset = row_group_offset(metadata.row_group(group))
+            if offset < start:  # Read by the range before.
+                number += metadata.row_group(group).num_rows
+                continue
+            if not claim(offset):
+                return
+        for batch in parquet.iter_batches(batch_size=1024, columns=columns, row_groups=[group]):
+            for record in batch.to_pylist():
+                number += 1
+                yield number, _guarded(to_document, plan, source, number, record, None)
 
 
 def _kept_value(value):

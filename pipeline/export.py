@@ -4,7 +4,9 @@ import dataclasses
 import difflib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import apache_beam as beam
@@ -16,8 +18,10 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
     TestOptions,
 )
+from apache_beam.runners.runner import PipelineState
 
 from pipeline import output as output_lib
+from pipeline import progress as progress_lib
 from pipeline.embedder import choose_forward_passes, manifest_columns
 from pipeline.errors import (
     EXIT_ACCOUNTING_MISMATCH,
@@ -31,7 +35,14 @@ from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenize
 from pipeline.options import ExportOptions, default_output
 from pipeline.plan import build_plan, reuse_signature
 from pipeline.token_tables import write_token_tables
-from pipeline.transforms import FILES_BROKEN, NAMESPACE
+from pipeline.transforms import DEFAULT_SPLIT_BYTES, FILES_BROKEN, NAMESPACE, RANGES_READ
+
+# A local run of at least this much input uses one worker process per core (see
+# `use_local_cores`); below it, starting the processes costs more than they save.
+LOCAL_PROCESSES_MIN_BYTES = 8 << 20
+# Local ranges: at least this many per worker process, each between these sizes.
+RANGES_PER_LOCAL_WORKER = 4
+MIN_SPLIT_BYTES = 1 << 20
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -188,6 +199,61 @@ def worker_tf_threads(options, requested):
     return 0
 
 
+def input_bytes(pattern):
+    """Total size of the files `pattern` matches (0 when the listing fails)."""
+    try:
+        return sum(m.size_in_bytes for m in FileSystems.match([pattern])[0].metadata_list)
+    except Exception:  # Validation has already reported a pattern that matches nothing.
+        return 0
+
+
+def use_local_cores(options, total_bytes, argv=None):
+    """Makes a local run use every core: one SDK worker process per core, unless told otherwise.
+
+    Only when neither --direct_running_mode nor --direct_num_workers is on the
+    command line `argv`,
+    and the input is at least LOCAL_PROCESSES_MIN_BYTES (a smaller corpus is
+    done before the worker processes would have loaded TensorFlow). The worker
+    processes import this package from where the launcher did.
+    """
+    if local_runner(options) is None:
+        return
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(arg.startswith(("--direct_running_mode", "--direct_num_workers")) for arg in args):
+        if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+            _share_package_path()
+        return
+    cores = os.cpu_count() or 1
+    if cores < 2 or total_bytes < LOCAL_PROCESSES_MIN_BYTES:
+        return
+    direct = options.view_as(DirectOptions)
+    direct.direct_running_mode = "multi_processing"
+    direct.direct_num_workers = cores
+    _share_package_path()
+    _LOGGER.info("Local run: %d worker processes (one per core).", cores)
+
+
+def _share_package_path():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, *paths]))
+
+
+def split_bytes_for(options, total_bytes):
+    """How big a range of a file one reader reads.
+
+    On Dataflow DEFAULT_SPLIT_BYTES (and the service splits further while it
+    reads); locally, small enough that each worker process gets several ranges.
+    """
+    if local_runner(options) is None:
+        return DEFAULT_SPLIT_BYTES
+    direct = options.view_as(DirectOptions)
+    workers = direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 1
+    wanted = total_bytes // (max(1, workers or os.cpu_count() or 1) * RANGES_PER_LOCAL_WORKER)
+    return int(min(DEFAULT_SPLIT_BYTES, max(MIN_SPLIT_BYTES, wanted)))
+
+
 def _dry_run(pipeline, plan, options):
     """Builds the job (Dataflow) or just the graph (other runners) without running anything."""
     skipped = [f"listing --input {plan.input_pattern!r}"] if not is_local(plan.input_pattern) else []
@@ -271,30 +337,114 @@ def run_export(argv=None):
             f"must be local; received {export_options.model!r}. Leave --model out (the "
             "bundled default) or pass a local copy of the bundle."
         )
+    if export_options.limit is not None and export_options.limit < 1:
+        raise ExportConfigError(
+            f"--limit must be a positive number of records, received {export_options.limit}."
+        )
+    if not export_options.shard_mb > 0:
+        raise ExportConfigError(
+            f"--shard_mb must be a positive size in MB, received {export_options.shard_mb}."
+        )
     plan, source = build_plan(export_options, check_remote=not dry_run)
+    total_bytes = input_bytes(plan.input_pattern) if is_local(plan.input_pattern) or not dry_run else 0
+    use_local_cores(options, total_bytes, argv)
     plan = dataclasses.replace(plan, tf_threads=worker_tf_threads(options, export_options.tf_threads))
     if dry_run:
         pipeline = beam.Pipeline(runner=local_runner(options), options=options)
-        build_pipeline(pipeline, plan, *output_lib.staging_prefixes(plan.output, output_lib.new_run_id()))
+        build_pipeline(
+            pipeline,
+            plan,
+            *output_lib.staging_prefixes(plan.output, output_lib.new_run_id()),
+            **_graph_settings(options, total_bytes),
+        )
         return _dry_run(pipeline, plan, options)
+    plan = dataclasses.replace(plan, forward_passes=choose_forward_passes(plan, source))
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
-    plan = dataclasses.replace(plan, forward_passes=choose_forward_passes(plan, source))
     with output_lib.OutputLock(plan.output):
         run_id = output_lib.prepare(plan.output, export_options.overwrite)
-        return _run_and_commit(options, plan, source, run_id, argv)
+        return _run_and_commit(options, plan, source, run_id, argv, total_bytes)
 
 
-def _run_and_commit(options, plan, source, run_id, argv):
+def _graph_settings(options, total_bytes, progress_dir=None):
+    export_options = options.view_as(ExportOptions)
+    return {
+        "split_bytes": split_bytes_for(options, total_bytes),
+        "shard_bytes": max(1, int(export_options.shard_mb * 1e6)),
+        "limit": export_options.limit,
+        "progress_dir": progress_dir,
+    }
+
+
+def dataflow_console_url(options, job_id):
+    """The Cloud Console page of a Dataflow job."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    cloud = options.view_as(GoogleCloudOptions)
+    return f"https://console.cloud.google.com/dataflow/jobs/{cloud.region}/{job_id}?project={cloud.project}"
+
+
+def _poll_dataflow(result, options, interval):
+    """Prints the job's console URL, then its counters every `interval` seconds until it ends."""
+    job_id = result.job_id() if callable(getattr(result, "job_id", None)) else None
+    if job_id:
+        _LOGGER.info("Dataflow job %s: %s", job_id, dataflow_console_url(options, job_id))
+    while True:
+        result.wait_until_finish(duration=int(max(1, interval) * 1000))
+        if PipelineState.is_terminal(result.state):
+            return
+        try:
+            counters = _counters(result)
+        except Exception as error:  # The service may not have counters yet.
+            _LOGGER.info("Dataflow job %s: %s (counters not available: %s)", job_id, result.state, error)
+            continue
+        _LOGGER.info("Dataflow job %s: %s, %s", job_id, result.state, format_counters(counters))
+
+
+def format_counters(counters):
+    """The progress counters of a run as one line (Dataflow polling)."""
+    dead = sum(value for name, value in counters.items() if name.startswith("failed_"))
+    return (
+        f"{counters.get('records_read', 0):,} records read, {counters.get('rows_embedded', 0):,} rows "
+        f"embedded, {dead:,} dead letters"
+    )
+
+
+def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes):
+    """Builds and runs the pipeline, reporting progress while it works; returns the result."""
+    export_options = options.view_as(ExportOptions)
+    if local_runner(options) is None:
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, plan, rows_prefix, errors_prefix, **_graph_settings(options, total_bytes))
+        result = pipeline.run()
+        if is_dataflow(options):
+            _poll_dataflow(result, options, export_options.progress_seconds)
+        result.wait_until_finish()
+        return result
+    progress_dir = tempfile.mkdtemp(prefix="embexport-progress-")
+    try:
+        pipeline = beam.Pipeline(runner=local_runner(options), options=options)
+        build_pipeline(
+            pipeline, plan, rows_prefix, errors_prefix, **_graph_settings(options, total_bytes, progress_dir)
+        )
+        monitor = progress_lib.ProgressMonitor(
+            progress_dir, total_bytes, export_options.limit, export_options.progress_seconds
+        )
+        with monitor:
+            result = pipeline.run()
+            result.wait_until_finish()
+        return result
+    finally:
+        shutil.rmtree(progress_dir, ignore_errors=True)
+
+
+def _run_and_commit(options, plan, source, run_id, argv, total_bytes):
     """Runs the pipeline into the run's staging directory, checks the accounting, commits."""
     export_options = options.view_as(ExportOptions)
     rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
     started = time.time()
-    pipeline = beam.Pipeline(runner=local_runner(options), options=options)
-    build_pipeline(pipeline, plan, rows_prefix, errors_prefix)
     write_token_tables(plan, source, output_lib.staging_tables_dir(plan.output, run_id))
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes)
     seconds = time.time() - started
 
     counters = _counters(result)
@@ -353,8 +503,12 @@ def _run_and_commit(options, plan, source, run_id, argv):
             "files_broken": broken,
             "documents_truncated": counters.get("documents_truncated", 0),
             "oov_tokens": counters.get("oov_tokens", 0),
+            # How many byte ranges of the input files were read (more than one per big file).
+            "ranges_read": counters.get(RANGES_READ, 0),
             **reuse_counts,
         },
+        "limited": export_options.limit is not None,
+        "limit": export_options.limit,
         "reuse_signature": reuse_signature(plan),
         "seconds": round(seconds, 3),
         "package_version": plan.package_version,

@@ -3,6 +3,8 @@
 import apache_beam as beam
 
 from pipeline.transforms import (
+    DEFAULT_SHARD_BYTES,
+    DEFAULT_SPLIT_BYTES,
     EmbedDocuments,
     ReadCorpus,
     ReuseEarlierRows,
@@ -12,7 +14,17 @@ from pipeline.transforms import (
 )
 
 
-def build_pipeline(pipeline, plan, rows_prefix, errors_prefix):
+def build_pipeline(
+    pipeline,
+    plan,
+    rows_prefix,
+    errors_prefix,
+    *,
+    split_bytes=DEFAULT_SPLIT_BYTES,
+    shard_bytes=DEFAULT_SHARD_BYTES,
+    limit=None,
+    progress_dir=None,
+):
     """Adds read -> embed -> write to `pipeline`.
 
     Args:
@@ -20,18 +32,22 @@ def build_pipeline(pipeline, plan, rows_prefix, errors_prefix):
         plan: the validated `ExportPlan`.
         rows_prefix: file prefix of the row shards (under the staging directory).
         errors_prefix: file prefix of the dead-letter shards.
+        split_bytes: files are read in ranges of about this many bytes.
+        shard_bytes: row shards are closed once they reach this size.
+        limit: read only the first `limit` records (by file, then position).
+        progress_dir: a local directory where workers count their progress (local runs).
 
     Returns:
         A dict with the PCollections "rows" (Arrow RecordBatches, embedded and,
         with `plan.reuse`, reused) and "errors" (dead-letter dicts).
     """
-    documents, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(plan)
+    documents, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(plan, split_bytes, limit, progress_dir)
     if plan.reuse:
         documents, reused = documents | "ReuseEarlierRows" >> ReuseEarlierRows(plan)
     rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan)
     if plan.reuse:
         rows = (rows, reused) | "CollectRows" >> beam.Flatten()
-    rows | "WriteEmbeddings" >> WriteEmbeddings(plan, rows_prefix)
+    rows | "WriteEmbeddings" >> WriteEmbeddings(plan, rows_prefix, shard_bytes, progress_dir)
     errors = (read_errors, embed_errors) | "CollectErrors" >> beam.Flatten()
-    count_errors(errors) | "WriteDeadLetters" >> WriteDeadLetters(plan, errors_prefix)
+    count_errors(errors, progress_dir) | "WriteDeadLetters" >> WriteDeadLetters(plan, errors_prefix)
     return {"rows": rows, "errors": errors}

@@ -169,3 +169,26 @@ class ExportOptions(PipelineOptions):
             "Dataflow (one SDK process per vCPU), cores // --direct_num_workers with multi_processing, "
             "TensorFlow's default for a single process.",
         )
+        parser.add_argument(
+            "--limit",
+            type=int,
+            default=None,
+            metavar="N",
+            help="A quick trial: read only the first N records (by file path, then position in the "
+            "file). The output is a finished export whose manifest says it was limited.",
+        )
+        parser.add_argument(
+            "--shard_mb",
+            type=float,
+            default=256,
+            help="Target size of an output row file in MB: a file is closed once it reaches it, so "
+            "readers that load files in parallel (DuckDB, Spark, BigQuery) get several. "
+            "Default: %(default)s.",
+        )
+        parser.add_argument(
+            "--progress_seconds",
+            type=float,
+            default=10,
+            help="Seconds between progress lines of a local run when stderr is not a terminal (a "
+            "terminal gets a live bar); on Dataflow, between polls of the job. Default: %(default)s.",
+        )

@@ -15,12 +15,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ExportConfigError
 
-# RunInference warns once per batch that it cannot read memory use; it changes nothing.
-_NOISE = ("Resource module is not available",)
+# RunInference warns once per batch that it cannot read memory use, and local worker
+# processes that they have no semi-persistent directory; neither changes anything.
+# Worker processes' warnings arrive wrapped in a "Worker: ..." message, hence `in`.
+_NOISE = ("Resource module is not available", "No semi_persistent_directory found")
 
 
 def _drop_noise(record):
-    return not str(record.msg).startswith(_NOISE)
+    message = record.getMessage()
+    return not any(noise in message for noise in _NOISE)
 
 
 def _interrupted():

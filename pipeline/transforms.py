@@ -1,20 +1,27 @@
 """The pipeline's transforms: read the corpus, embed documents, write rows and dead letters."""
 
+import collections
 import os
 import re
+import typing
+import uuid
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.parquet as pq
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.parquetio import ReadAllFromParquetBatched, WriteToParquet, WriteToParquetBatched
+from apache_beam.io.parquetio import ReadAllFromParquetBatched, WriteToParquet
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
+from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import corpus
+from pipeline import progress as progress_lib
 from pipeline import schema as schema_lib
 from pipeline.embedder import Document, Embedder
 
@@ -22,6 +29,15 @@ NAMESPACE = "embexport"
 ERRORS = "errors"
 DOCUMENTS = "documents"
 ROWS = "rows"
+IDS = "ids"
+NEWLINES = "newlines"
+ORDERS = "orders"
+# Counter of the file ranges read by the second pass (more than one per big file).
+RANGES_READ = "ranges_read"
+# Ranges of a file read by one worker; Dataflow splits them further while they are read.
+DEFAULT_SPLIT_BYTES = 64 << 20
+# Output shards are closed once they reach this size (--shard_mb).
+DEFAULT_SHARD_BYTES = 256 << 20
 # Counter of files that could not be read to the end: an unknown number of records is missing.
 FILES_BROKEN = "files_broken"
 
@@ -30,35 +46,300 @@ ROW_GROUP_ROWS = 8192
 ROW_GROUP_BYTES = 64 << 20
 
 
-class ReadCorpusFn(beam.DoFn):
-    """Turns one corpus file into `Document`s, and bad records into dead letters.
+class FileRange(typing.NamedTuple):
+    """A byte range [start, stop) of one corpus file: what one reader reads."""
 
-    Reading whole files (rather than byte ranges) gives every record its exact
-    line or row number for the dead-letter table. The parsing is `corpus.read_file`;
-    this counts what it yields, and the files it could not read to the end.
+    path: str
+    size: int
+    start: int
+    stop: int
+    # False for files read whole by one reader (CSV, .gz): then the range is [0, 1).
+    splittable: bool
+
+
+class SplitFilesFn(beam.DoFn):
+    """Cuts each matched file into `FileRange`s of about `split_bytes`, so many workers read one file."""
+
+    def __init__(self, plan, split_bytes):
+        self._plan = plan
+        self._split_bytes = split_bytes
+
+    def process(self, metadata):
+        path, size = metadata.path, metadata.size_in_bytes
+        if not corpus.is_splittable(self._plan, path):
+            yield FileRange(path, size, 0, 1, False)
+            return
+        pieces = max(1, -(-size // self._split_bytes))
+        bounds = [size * piece // pieces for piece in range(pieces + 1)]
+        for start, stop in zip(bounds, bounds[1:], strict=False):
+            yield FileRange(path, size, start, stop, True)
+
+
+class FileRangeRestrictions(RestrictionProvider):
+    """Offset restrictions over a `FileRange`: Dataflow may split them further while they are read."""
+
+    def initial_restriction(self, file_range):
+        return OffsetRange(file_range.start, file_range.stop)
+
+    def create_tracker(self, restriction):
+        return OffsetRestrictionTracker(restriction)
+
+    def split(self, file_range, restriction):
+        yield restriction  # SplitFilesFn has split already; a Reshuffle spreads the ranges.
+
+    def restriction_size(self, file_range, restriction):
+        return restriction.size() if file_range.splittable else file_range.size
+
+
+# The SDF restriction parameter both passes declare (Beam reads it from the default).
+_RANGE_TRACKER = beam.DoFn.RestrictionParam(FileRangeRestrictions())
+
+
+class _RangeReader:
+    """Reads the records of one `FileRange` under an SDF restriction tracker.
+
+    A splittable range claims the byte offset of each line (or row group)
+    before reading it, so the tracker knows where to split it; a whole-file
+    range claims offset 0 and reads everything.
     """
 
-    def __init__(self, plan):
+    def __init__(self, plan, file_range, tracker, progress=None, progress_key="read_bytes"):
         self._plan = plan
+        self._progress_key = progress_key
+        self._range = file_range
+        self._tracker = tracker
+        self._refused = False
+        self._progress = progress
+        self._handle = None
+        self._reported = 0
+
+    def _claim(self, offset):
+        if self._tracker.try_claim(offset):
+            return True
+        self._refused = True
+        return False
+
+    def _open(self):
+        self._handle = FileSystems.open(self._range.path, compression_type=CompressionTypes.UNCOMPRESSED)
+        return self._handle
+
+    def records(self, lines_before=None, on_newline=None):
+        """Yields `(order, item)` as `corpus.read_records` does, for this range only."""
+        if self._range.splittable:
+            start, claim = self._tracker.current_restriction().start, self._claim
+        else:
+            if not self._claim(0):
+                return
+            start, claim = 0, None
+        # Compressed files are decompressed by `corpus`, with Python's gzip,
+        # which (unlike Beam's reader) raises on a truncated file.
+        yield from corpus.read_records(
+            self._plan, self._range.path, self._open, start, claim, lines_before, on_newline
+        )
+
+    def report_bytes(self, done=False):
+        """Adds the bytes read since the last report to the progress counts."""
+        if self._progress is None:
+            return
+        restriction = self._tracker.current_restriction()
+        total = restriction.size() if self._range.splittable else self._range.size
+        if done:
+            consumed = total
+        else:
+            try:
+                position = self._handle.tell() if self._handle is not None else 0
+            except Exception:  # A stream without tell(): report at the end only.
+                return
+            start = restriction.start if self._range.splittable else 0
+            consumed = min(total, max(0, position - start))
+        if consumed > self._reported:
+            self._progress.add(**{self._progress_key: consumed - self._reported})
+            self._reported = consumed
+
+    def finish(self):
+        """Marks the rest of the range as done: its last record was read, or it was cut short (--limit)."""
+        if not self._refused:
+            # Claiming the end fails, and so tells the tracker that nothing is left.
+            self._tracker.try_claim(self._tracker.current_restriction().stop)
+
+
+class ScanIdsFn(beam.DoFn):
+    """The first, light pass: each record's id and (file, order), never the document.
+
+    Outputs (id, (source, order)) per document (main; none for text files, whose
+    ids FILE:LINE are unique), ((source, block), newlines) for the line index
+    (`NEWLINES`) and, with a limit, (source, order) of every record (`ORDERS`).
+    With a limit only the first `limit` records of a range are scanned: no
+    record after them can be among the first `limit` of the corpus.
+    """
+
+    def __init__(self, plan, limit=None, progress_dir=None):
+        self._plan = plan
+        self._limit = limit
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._progress = progress_lib.recorder(self._progress_dir)
+
+    def finish_bundle(self):
+        self._progress.flush()
+
+    def process(self, file_range, tracker=_RANGE_TRACKER):
+        reader = _RangeReader(self._plan, file_range, tracker, self._progress, "scanned_bytes")
+        newlines = collections.Counter()
+        line_file = file_range.splittable and self._plan.input_format in corpus.LINE_FORMATS
+        on_newline = (lambda offset: newlines.update((offset // corpus.INDEX_BLOCK,))) if line_file else None
+        keyed = self._plan.input_format != "text"
+        path = path_key(file_range.path)
+        # Line numbers are exact from the start of a file; a later range knows only byte offsets.
+        numbered = not file_range.splittable or not tracker.current_restriction().start
+        for count, (order, item) in enumerate(reader.records(on_newline=on_newline), start=1):
+            if keyed and isinstance(item, Document):
+                yield item.id, (path, order, item.position if numbered else None)
+            if self._limit:
+                yield beam.pvalue.TaggedOutput(ORDERS, (path, order))
+                if count >= self._limit:
+                    break
+            if count % 1024 == 0:
+                reader.report_bytes()
+        reader.finish()
+        reader.report_bytes(done=True)
+        for block, lines in newlines.items():
+            yield beam.pvalue.TaggedOutput(NEWLINES, ((path, block), lines))
+
+
+class LineIndex:
+    """Newlines before each `corpus.INDEX_BLOCK` of one file: `lines_before(offset)` for `corpus`."""
+
+    def __init__(self, counts):
+        blocks = max(counts, default=-1) + 1
+        self._before = [0] * (blocks + 1)
+        for block in range(blocks):
+            self._before[block + 1] = self._before[block] + counts.get(block, 0)
+
+    def lines_before(self, offset):
+        block = min(offset // corpus.INDEX_BLOCK, len(self._before) - 1)
+        return block * corpus.INDEX_BLOCK, self._before[block]
+
+
+def _line_index(element):
+    path, blocks = element
+    return path, LineIndex(dict(blocks))
+
+
+def _duplicates(element):
+    """(loser's (source, order), winner's (source, order, position)) for each later record of an id."""
+    _, places = element
+    places = sorted(places, key=lambda place: (place[0], place[1]))
+    for place in places[1:]:
+        yield (place[0], place[1]), tuple(places[0])
+
+
+def _cutoff(smallest, limit):
+    """The (source, order) of the limit-th record, or None when the corpus has no more records."""
+    return tuple(smallest[-1]) if len(smallest) >= limit else None
+
+
+def path_key(path):
+    """A path as bytes for keys and places: Beam encodes strings as UTF-8, which a file name
+    that is not UTF-8 (held with surrogate escapes) cannot be; bytes sort as the code points do."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+def _within(place, cutoff):
+    return cutoff is None or tuple(place) <= tuple(cutoff)
+
+
+class ReadDocumentsFn(beam.DoFn):
+    """The second pass: each record of a range as a `Document` or a dead letter, with exact line numbers.
+
+    Records after the --limit cut-off are not read; a later record of an id
+    already used (`duplicates`, from the id scan) is a `duplicate_id` dead letter.
+    """
+
+    def __init__(self, plan, progress_dir=None):
+        self._plan = plan
+        self._progress_dir = progress_dir
         self._read = Metrics.counter(NAMESPACE, "records_read")
         self._broken = Metrics.counter(NAMESPACE, FILES_BROKEN)
+        self._ranges = Metrics.counter(NAMESPACE, RANGES_READ)
 
-    def process(self, readable_file):
-        path = readable_file.metadata.path
+    def setup(self):
+        self._progress = progress_lib.recorder(self._progress_dir)
 
-        def open_file():
-            # Compressed files are decompressed by `corpus`, with Python's gzip,
-            # which (unlike Beam's reader) raises on a truncated file.
-            return readable_file.open(compression_type=CompressionTypes.UNCOMPRESSED)
+    def finish_bundle(self):
+        self._progress.flush()
 
-        for item in corpus.read_file(self._plan, path, open_file):
+    def process(
+        self,
+        file_range,
+        line_indexes,
+        duplicates,
+        cutoff,
+        tracker=_RANGE_TRACKER,
+    ):
+        path = path_key(file_range.path)
+        reader = _RangeReader(self._plan, file_range, tracker, self._progress)
+        if cutoff is not None and path > cutoff[0]:
+            reader.finish()
+            reader.report_bytes(done=True)
+            return
+        self._ranges.inc()
+        index = line_indexes.get(path)
+        count = 0
+        for order, item in reader.records(lines_before=index.lines_before if index else None):
+            if not _within((path, order), cutoff):
+                break
+            count += 1
             self._read.inc()
             if isinstance(item, Document):
-                yield item
-                continue
-            if item["reason"] in corpus.FILE_REASONS:
-                self._broken.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, item)
+                first = duplicates.get((path, order))
+                if first is None:
+                    yield item
+                else:
+                    where = self._place(first, line_indexes)
+                    yield beam.pvalue.TaggedOutput(ERRORS, _duplicate_error(item, where))
+            else:
+                if item["reason"] in corpus.FILE_REASONS:
+                    self._broken.inc()
+                yield beam.pvalue.TaggedOutput(ERRORS, item)
+            if count % 256 == 0:
+                self._progress.add(records=256)
+                reader.report_bytes()
+        self._progress.add(records=count % 256)
+        reader.finish()
+        reader.report_bytes(done=True)
+
+    def _place(self, first, line_indexes):
+        """`FILE:POSITION` of the kept record of an id (its line number looked up if the scan had none)."""
+        key, order, position = first
+        source = key.decode("utf-8", "surrogateescape")
+        if position is None:
+            index = line_indexes.get(key)
+            try:
+                position = line_number(source, order, index) if index else None
+            except Exception:  # The file went away: name the byte instead.
+                position = None
+        return f"{source}:{position}" if position is not None else f"byte {order} of {source}"
+
+
+def line_number(path, offset, index):
+    """The line number of the line starting at byte `offset` of an uncompressed file, from its `LineIndex`."""
+    block_start, before = index.lines_before(offset)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        handle.seek(block_start)
+        return before + handle.read(offset - block_start).count(b"\n") + 1
+
+
+def _duplicate_error(document, where):
+    return schema_lib.error_row(
+        document.source,
+        document.position,
+        document.id,
+        corpus.DUPLICATE_ID,
+        f"Id {document.id!r} was already used by {where}.",
+        " | ".join(document.texts),
+    )
 
 
 def broken_links(pattern):
@@ -105,62 +386,79 @@ class BrokenLinksFn(beam.DoFn):
 
 
 class ReadCorpus(beam.PTransform):
-    """Reads `plan.input_pattern` into Documents (main output) and dead letters (`errors`)."""
+    """Reads `plan.input_pattern` into unique Documents (main output) and dead letters (`errors`).
 
-    def __init__(self, plan):
+    Two passes over the corpus, and no document ever goes through a shuffle:
+
+    1. `ScanIds` reads each range and emits only (id, (file, order)) keys, the
+       newline counts of the line index and, with `limit`, every record's place;
+       grouping the keys by id finds the later records of an id (usually none).
+    2. `ReadRecords` reads the ranges again and yields the documents, minus
+       those duplicates (dead letters) and the records after the `limit`-th,
+       straight into inference: read, embed and write are one fused stage.
+
+    The ids' shuffle costs bytes per id (id, file path and offset), not per
+    document. Files are cut into ranges of about `split_bytes` (`SplitFilesFn`),
+    which a Reshuffle of the (small) ranges spreads over the workers.
+    """
+
+    def __init__(self, plan, split_bytes=DEFAULT_SPLIT_BYTES, limit=None, progress_dir=None):
         super().__init__()
         self._plan = plan
+        self._split_bytes = split_bytes
+        self._limit = limit
+        self._progress_dir = progress_dir
 
     def expand(self, pipeline):
-        results = (
+        plan = self._plan
+        ranges = (
             pipeline
-            | "MatchFiles" >> fileio.MatchFiles(self._plan.input_pattern)
-            | "ReadMatches" >> fileio.ReadMatches()
-            # Files are read whole; spread their records over workers before inference.
-            | "ReshuffleFiles" >> beam.Reshuffle()
-            | "ParseRecords" >> beam.ParDo(ReadCorpusFn(self._plan)).with_outputs(ERRORS, main=DOCUMENTS)
+            | "MatchFiles" >> fileio.MatchFiles(plan.input_pattern)
+            | "SplitFiles" >> beam.ParDo(SplitFilesFn(plan, self._split_bytes))
+            | "ReshuffleRanges" >> beam.Reshuffle()
+        )
+        scan = ranges | "ScanIds" >> beam.ParDo(
+            ScanIdsFn(plan, self._limit, self._progress_dir)
+        ).with_outputs(NEWLINES, ORDERS, main=IDS)
+        duplicates = (
+            scan[IDS] | "GroupPlacesById" >> beam.GroupByKey() | "FindDuplicates" >> beam.FlatMap(_duplicates)
+        )
+        line_indexes = (
+            scan[NEWLINES]
+            | "SumNewlines" >> beam.CombinePerKey(sum)
+            | "KeyByFile" >> beam.Map(lambda item: (item[0][0], (item[0][1], item[1])))
+            | "GroupBlocks" >> beam.GroupByKey()
+            | "BuildLineIndex" >> beam.Map(_line_index)
         )
         broken = (
             pipeline
-            | "InputPattern" >> beam.Create([self._plan.input_pattern])
+            | "InputPattern" >> beam.Create([plan.input_pattern])
             | "FindBrokenLinks" >> beam.ParDo(BrokenLinksFn())
         )
-        # Grouping by id finds duplicates and, like a Reshuffle, spreads the
-        # documents of one file over all workers.
-        unique = (
-            results[DOCUMENTS]
-            | "KeyById" >> beam.Map(lambda document: (document.id, document))
-            | "GroupById" >> beam.GroupByKey()
-            | "DropDuplicateIds" >> beam.ParDo(DropDuplicateIdsFn()).with_outputs(ERRORS, main=DOCUMENTS)
-        )
-        errors = (results[ERRORS], broken, unique[ERRORS]) | "CollectReadErrors" >> beam.Flatten()
-        return unique[DOCUMENTS], errors
-
-
-class DropDuplicateIdsFn(beam.DoFn):
-    """Keeps the first record of each id (by file, then position); dead-letters the others.
-
-    "First" is by source path and record number, not by arrival, so reruns keep
-    the same record whatever order the workers read in.
-    """
-
-    def process(self, element):
-        _, documents = element
-        documents = sorted(documents, key=lambda d: (d.source, d.position))
-        yield documents[0]
-        for duplicate in documents[1:]:
-            first = documents[0]
-            yield beam.pvalue.TaggedOutput(
-                ERRORS,
-                schema_lib.error_row(
-                    duplicate.source,
-                    duplicate.position,
-                    duplicate.id,
-                    corpus.DUPLICATE_ID,
-                    f"Id {duplicate.id!r} was already used by {first.source}:{first.position}.",
-                    " | ".join(duplicate.texts),
-                ),
+        if self._limit:
+            link_places = broken | "PlaceBrokenLinks" >> beam.Map(
+                lambda row: (row["source"], corpus.FILE_ORDER)
             )
+            cutoff = (
+                (scan[ORDERS], link_places)
+                | "CollectPlaces" >> beam.Flatten()
+                | "FirstRecords" >> beam.combiners.Top.Smallest(self._limit)
+                | "CutOff" >> beam.Map(_cutoff, self._limit)
+            )
+            cutoff = beam.pvalue.AsSingleton(cutoff)
+            broken = broken | "LimitBrokenLinks" >> beam.Filter(
+                lambda row, cut: _within((path_key(row["source"]), corpus.FILE_ORDER), cut), cutoff
+            )
+        else:
+            cutoff = beam.pvalue.AsSingleton(pipeline | "NoCutOff" >> beam.Create([None]))
+        results = ranges | "ReadRecords" >> beam.ParDo(
+            ReadDocumentsFn(plan, self._progress_dir),
+            beam.pvalue.AsDict(line_indexes),
+            beam.pvalue.AsDict(duplicates),
+            cutoff,
+        ).with_outputs(ERRORS, main=DOCUMENTS)
+        errors = (results[ERRORS], broken) | "CollectReadErrors" >> beam.Flatten()
+        return results[DOCUMENTS], errors
 
 
 class EmbeddingModelHandler(ModelHandler):
@@ -222,60 +520,154 @@ class EmbedDocuments(beam.PTransform):
         return results[ROWS], results[ERRORS]
 
 
-class CoalesceBatchesFn(beam.DoFn):
-    """Merges small RecordBatches into Tables big enough to be good Parquet row groups."""
+class _CountingFile:
+    """A binary file that counts the bytes written through it, so a shard knows its size."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.written = 0
+        self.closed = False
+
+    def write(self, data):
+        self.written += len(data)
+        return self._handle.write(data)
+
+    def tell(self):
+        return self.written
+
+    def flush(self):
+        self._handle.flush()
+
+    def close(self):
+        if not self.closed:
+            self._handle.close()
+            self.closed = True
+
+
+class WriteShardsFn(beam.DoFn):
+    """Writes row batches into Parquet files of about `shard_bytes`, under `temp_dir`.
+
+    Batches are coalesced into row groups of up to ROW_GROUP_ROWS rows or
+    ROW_GROUP_BYTES (less for small shards); a file is closed once it reaches
+    `shard_bytes`, so it exceeds the target by less than one row group. Outputs
+    the paths of the files it closed; only the files of successful bundles
+    reach `NameShardsFn`, so a retried bundle leaves no rows twice.
+    """
+
+    def __init__(self, plan, temp_dir, shard_bytes, progress_dir=None):
+        self._plan = plan
+        self._temp_dir = temp_dir
+        self._shard_bytes = shard_bytes
+        self._group_bytes = min(ROW_GROUP_BYTES, max(1, shard_bytes // 2))
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._schema = schema_lib.output_schema(self._plan)
+        self._progress = progress_lib.recorder(self._progress_dir)
 
     def start_bundle(self):
-        self._buffer = []
-        self._rows = 0
-        self._bytes = 0
+        self._buffer, self._rows, self._bytes = [], 0, 0
+        self._writer = self._file = self._path = None
+        self._closed = []
 
     def process(self, batch):
         self._buffer.append(batch)
         self._rows += batch.num_rows
         self._bytes += batch.nbytes
-        if self._rows >= ROW_GROUP_ROWS or self._bytes >= ROW_GROUP_BYTES:
-            yield self._flush()
+        if self._rows >= ROW_GROUP_ROWS or self._bytes >= self._group_bytes:
+            self._write_group()
+
+    def _write_group(self):
+        table = pa.Table.from_batches(self._buffer, schema=self._schema)
+        self._buffer, self._rows, self._bytes = [], 0, 0
+        if self._writer is None:
+            self._path = FileSystems.join(self._temp_dir, f"{uuid.uuid4().hex}.parquet")
+            self._file = _CountingFile(FileSystems.create(self._path))
+            self._writer = pq.ParquetWriter(
+                self._file,
+                self._schema,
+                compression=self._plan.compression,
+                use_compliant_nested_type=False,
+            )
+        self._writer.write_table(table, row_group_size=table.num_rows)
+        self._progress.add(rows=table.num_rows)
+        if self._file.written >= self._shard_bytes:
+            self._close_file()
+
+    def _close_file(self):
+        self._writer.close()
+        self._file.close()
+        self._closed.append(self._path)
+        self._writer = self._file = self._path = None
 
     def finish_bundle(self):
         if self._buffer:
-            yield WindowedValue(self._flush(), GlobalWindow().max_timestamp(), [GlobalWindow()])
+            self._write_group()
+        if self._writer is not None:
+            self._close_file()
+        self._progress.flush()
+        for path in self._closed:
+            yield WindowedValue(path, GlobalWindow().max_timestamp(), [GlobalWindow()])
 
-    def _flush(self):
-        table = pa.Table.from_batches(self._buffer)
-        self.start_bundle()
-        return table
+
+class NameShardsFn(beam.DoFn):
+    """Renames the written files to `<prefix>-SSSSS-of-NNNNN.parquet`, in one place after all were written."""
+
+    def __init__(self, prefix):
+        self._prefix = prefix
+
+    def process(self, paths):
+        paths = sorted(paths)
+        targets = [f"{self._prefix}-{index:05d}-of-{len(paths):05d}.parquet" for index in range(len(paths))]
+        pending = [
+            (path, target) for path, target in zip(paths, targets, strict=True) if FileSystems.exists(path)
+        ]
+        if pending:
+            FileSystems.rename([path for path, _ in pending], [target for _, target in pending])
+        yield from targets
 
 
-def count_errors(errors):
-    """Counts dead letters by reason as Beam metrics."""
+class CountErrorsFn(beam.DoFn):
+    """Counts dead letters by reason as Beam metrics (and in the run's progress)."""
 
-    def count(row):
+    def __init__(self, progress_dir=None):
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._progress = progress_lib.recorder(self._progress_dir)
+
+    def finish_bundle(self):
+        self._progress.flush()
+
+    def process(self, row):
         Metrics.counter(NAMESPACE, f"failed_{row['reason']}").inc()
-        return row
+        self._progress.add(dead_letters=1)
+        yield row
 
-    return errors | "CountErrors" >> beam.Map(count)
+
+def count_errors(errors, progress_dir=None):
+    """Counts dead letters by reason as Beam metrics."""
+    return errors | "CountErrors" >> beam.ParDo(CountErrorsFn(progress_dir))
 
 
 class WriteEmbeddings(beam.PTransform):
-    """Writes row batches as sharded Parquet files `<prefix>-SSSSS-of-NNNNN.parquet`."""
+    """Writes row batches as Parquet shards of about `shard_bytes`: `<prefix>-SSSSS-of-NNNNN.parquet`."""
 
-    def __init__(self, plan, prefix):
+    def __init__(self, plan, prefix, shard_bytes=DEFAULT_SHARD_BYTES, progress_dir=None):
         super().__init__()
         self._plan = plan
         self._prefix = prefix
+        self._shard_bytes = shard_bytes
+        self._progress_dir = progress_dir
 
     def expand(self, batches):
+        temp_dir = self._prefix + "-writing"
         return (
             batches
-            | "CoalesceBatches" >> beam.ParDo(CoalesceBatchesFn())
-            | "WriteParquet"
-            >> WriteToParquetBatched(
-                self._prefix,
-                schema=schema_lib.output_schema(self._plan),
-                codec=self._plan.compression,
-                file_name_suffix=".parquet",
-            )
+            | "WriteShards"
+            >> beam.ParDo(WriteShardsFn(self._plan, temp_dir, self._shard_bytes, self._progress_dir))
+            | "CollectShards" >> beam.combiners.ToList()
+            | "NameShards" >> beam.ParDo(NameShardsFn(self._prefix))
         )
 
 

@@ -1,0 +1,229 @@
+"""Progress of a local run: workers count into small files, the launcher adds them up and reports.
+
+Local runs may be several processes (`--direct_running_mode=multi_processing`),
+so each worker process writes its running totals to its own JSON file in a
+directory the launcher made; the launcher's `ProgressMonitor` thread sums the
+files and shows a live bar (rich) when stderr is a terminal, or one log line
+about every `interval` seconds otherwise. Counts are approximate while the run
+works (a process writes its file at most once a second) and exact at the end.
+"""
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+
+_LOGGER = logging.getLogger("pipeline.progress")
+# What the workers count.
+KEYS = ("scanned_bytes", "read_bytes", "records", "rows", "dead_letters")
+_WRITE_EVERY_SECONDS = 1.0
+
+
+class _NoProgress:
+    def add(self, **counts):
+        pass
+
+    def flush(self):
+        pass
+
+
+class ProgressRecorder:
+    """This process's running totals, written to `directory/<pid>-<token>.json` at most once a second."""
+
+    def __init__(self, directory):
+        self._path = os.path.join(directory, f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+        self._counts = dict.fromkeys(KEYS, 0)
+        self._lock = threading.Lock()
+        self._written = 0.0
+
+    def add(self, **counts):
+        with self._lock:
+            for key, value in counts.items():
+                self._counts[key] += value
+            if time.monotonic() - self._written >= _WRITE_EVERY_SECONDS:
+                self._write()
+
+    def flush(self):
+        with self._lock:
+            self._write()
+
+    def _write(self):
+        temporary = self._path + ".tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(self._counts, handle)
+            os.replace(temporary, self._path)
+        except OSError:  # The launcher removed the directory: the run is over.
+            pass
+        self._written = time.monotonic()
+
+
+_RECORDERS = {}
+_RECORDERS_LOCK = threading.Lock()
+
+
+def recorder(directory):
+    """The process's recorder for `directory` (shared by all DoFns of the process); a no-op for None."""
+    if not directory:
+        return _NoProgress()
+    with _RECORDERS_LOCK:
+        if directory not in _RECORDERS:
+            _RECORDERS[directory] = ProgressRecorder(directory)
+        return _RECORDERS[directory]
+
+
+def flush_all():
+    """Writes every recorder of this process now (end of a bundle)."""
+    with _RECORDERS_LOCK:
+        recorders = list(_RECORDERS.values())
+    for each in recorders:
+        each.flush()
+
+
+def read_totals(directory):
+    """The sum of every worker's counts in `directory`."""
+    totals = dict.fromkeys(KEYS, 0)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return totals
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8") as handle:
+                counts = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        for key in KEYS:
+            totals[key] += counts.get(key, 0)
+    return totals
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _megabytes(size):
+    return f"{size / 1e6:,.0f} MB" if size >= 1e6 else f"{size / 1e3:,.1f} kB"
+
+
+class ProgressMonitor:
+    """Reports a local run's progress from its workers' files until `stop()`.
+
+    Args:
+        directory: where the workers write (see `recorder`).
+        total_bytes: the input's size: the ETA is input bytes consumed against it.
+        limit: --limit, if given: the ETA is then records read against it.
+        interval: seconds between log lines when stderr is not a terminal.
+        stream: where a live bar goes (default stderr); a bar only if it is a terminal.
+    """
+
+    def __init__(self, directory, total_bytes, limit=None, interval=10.0, stream=None):
+        self._directory = directory
+        self._total = max(1, total_bytes)
+        self._limit = limit
+        self._interval = interval
+        self._stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread = None
+        self._started = time.monotonic()
+        # (time, records, bytes) when reading was first seen: rates are measured from there.
+        self._reading_start = None
+        self._bar = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop(final=exc_info[0] is None)
+        return False
+
+    def start(self):
+        if self._stream.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=Console(file=self._stream),
+                transient=False,
+            )
+            self._task = self._bar.add_task("checking ids", total=self._total, status="")
+            self._bar.start()
+        self._thread = threading.Thread(target=self._run, name="ProgressMonitor", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        tick = 0.5 if self._bar else self._interval
+        while not self._stop.wait(tick):
+            self.report()
+
+    def stop(self, final=True):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if final:
+            self.report(final=True)
+        if self._bar is not None:
+            self._bar.stop()
+
+    def line(self, totals, final=False):
+        """One progress line from summed `totals` (see `read_totals`)."""
+        now = time.monotonic()
+        read = totals["read_bytes"]
+        if not read and not totals["records"] and not final:
+            percent = 100 * min(totals["scanned_bytes"], self._total) / self._total
+            return f"progress: checking ids, {percent:.0f}% of {_megabytes(self._total)} scanned"
+        if self._reading_start is None:
+            self._reading_start = (now, totals["records"], read)
+        since, records_then, read_then = self._reading_start
+        seconds = now - since
+        if self._limit:
+            fraction = min(1.0, totals["records"] / self._limit)
+            done_then = min(1.0, records_then / self._limit)
+        else:
+            fraction = min(1.0, read / self._total)
+            done_then = min(1.0, read_then / self._total)
+        rate = (totals["records"] - records_then) / seconds if seconds >= 1 else None
+        progress_rate = (fraction - done_then) / seconds if seconds >= 1 else 0
+        eta = (1 - fraction) / progress_rate if progress_rate > 0 else None
+        parts = [
+            f"{totals['records']:,} records read ({100 * fraction:.0f}% of "
+            + (f"--limit {self._limit:,}" if self._limit else _megabytes(self._total))
+            + ")",
+            f"{totals['rows']:,} rows written",
+            f"{totals['dead_letters']:,} dead letters",
+            f"{rate:,.0f} docs/s" if rate is not None else "docs/s pending",
+        ]
+        if final:
+            parts.append(f"done in {_duration(now - self._started)}")
+        else:
+            parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA unknown")
+        return "progress: " + ", ".join(parts)
+
+    def report(self, final=False):
+        totals = read_totals(self._directory)
+        text = self.line(totals, final=final)
+        if self._bar is not None:
+            reading = bool(totals["read_bytes"] or totals["records"])
+            completed = totals["read_bytes"] if reading else totals["scanned_bytes"]
+            if self._limit and reading:
+                completed = self._total * min(1.0, totals["records"] / self._limit)
+            self._bar.update(
+                self._task,
+                description="embedding" if reading else "checking ids",
+                completed=self._total if final else completed,
+                status=text.removeprefix("progress: "),
+            )
+        else:
+            _LOGGER.info("%s", text)
