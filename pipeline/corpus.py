@@ -28,25 +28,24 @@ from pipeline import schema as schema_lib
 from pipeline.embedder import Document, TokenIds
 from pipeline.plan import IDS_INPUT
 
-# Dead-letter reason codes (the `reason` column of errors/); the README's table explains each.
-TOO_LARGE = "too_large"
-INVALID_UTF8 = "invalid_utf8"
-MALFORMED_JSON = "malformed_json"
-NOT_AN_OBJECT = "not_an_object"
-WRONG_FIELD_COUNT = "wrong_field_count"
-AMBIGUOUS_HEADER = "ambiguous_header"
-MISSING_ID = "missing_id"
-BAD_ID = "bad_id"
-MISSING_FIELD = "missing_field"
-WRONG_TYPE = "wrong_type"
-BAD_TOKEN_ID = "bad_token_id"
-EMPTY_RECORD = "empty_record"
-DUPLICATE_ID = "duplicate_id"
-PARSE_FAILED = "parse_failed"
-UNREADABLE_FILE = "unreadable_file"
-READ_ERROR = "read_error"
-# A dead letter with one of these reasons stands for an unknown number of records.
-FILE_REASONS = (UNREADABLE_FILE, READ_ERROR)
+# The dead-letter reasons live beside ERROR_SCHEMA; the reader uses these.
+from pipeline.schema import (
+    AMBIGUOUS_HEADER,
+    BAD_ID,
+    BAD_TOKEN_ID,
+    EMPTY_RECORD,
+    INVALID_UTF8,
+    MALFORMED_JSON,
+    MISSING_FIELD,
+    MISSING_ID,
+    NOT_AN_OBJECT,
+    PARSE_FAILED,
+    READ_ERROR,
+    TOO_LARGE,
+    UNREADABLE_FILE,
+    WRONG_FIELD_COUNT,
+    WRONG_TYPE,
+)
 
 BOM = b"\xef\xbb\xbf"
 # Token ids feed int32 model inputs.

@@ -18,10 +18,6 @@ from pipeline.errors import ExportConfigError
 from pipeline.model_source import load_model_source
 from pipeline.plan import TEXT_INPUT, text_vectorizer
 
-EMPTY_DOCUMENT = "empty_document"
-INFERENCE_FAILED = "inference_failed"
-
-
 FAST_PATH_TOLERANCE = 1e-5
 # The forward pass of a column stored as token ids: none, the ids are the output.
 NO_FORWARD_PASS = "none"
@@ -400,13 +396,8 @@ class Embedder:
         plan = self.plan
         features, masks, nonempty, truncated, oov = self.encode(documents)  # an Encoded
         errors = [
-            schema_lib.error_row(
-                d.source,
-                d.position,
-                d.id,
-                EMPTY_DOCUMENT,
-                "No tokens in any model input after tokenization.",
-                " | ".join(d.texts),
+            schema_lib.document_error_row(
+                d, schema_lib.EMPTY_DOCUMENT, "No tokens in any model input after tokenization."
             )
             for d, keep in zip(documents, nonempty, strict=True)
             if not keep
@@ -414,7 +405,7 @@ class Embedder:
         # What the forward pass would fail on for an ids column, and so dead-letter, fails here too.
         outside = self._ids_outside_tables(features, len(documents))
         errors += [
-            schema_lib.error_row(d.source, d.position, d.id, INFERENCE_FAILED, message, " | ".join(d.texts))
+            schema_lib.document_error_row(d, schema_lib.INFERENCE_FAILED, message)
             for d, keep, message in zip(documents, nonempty, outside, strict=True)
             if keep and message
         ]
@@ -475,13 +466,8 @@ class Embedder:
                 good.append(index)
             except Exception as error:
                 errors.append(
-                    schema_lib.error_row(
-                        document.source,
-                        document.position,
-                        document.id,
-                        INFERENCE_FAILED,
-                        f"{type(error).__name__}: {error}",
-                        " | ".join(document.texts),
+                    schema_lib.document_error_row(
+                        document, schema_lib.INFERENCE_FAILED, f"{type(error).__name__}: {error}"
                     )
                 )
         if not good:

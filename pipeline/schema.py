@@ -22,6 +22,29 @@ METADATA_KEY = b"embexport"
 # Characters of a bad record that its dead letter keeps in `raw`.
 RAW_LIMIT = 4096
 
+# Dead-letter reason codes (the `reason` column of ERROR_SCHEMA), all of them; the
+# README's "Nothing lost" table explains each.
+TOO_LARGE = "too_large"
+INVALID_UTF8 = "invalid_utf8"
+MALFORMED_JSON = "malformed_json"
+NOT_AN_OBJECT = "not_an_object"
+WRONG_FIELD_COUNT = "wrong_field_count"
+AMBIGUOUS_HEADER = "ambiguous_header"
+MISSING_ID = "missing_id"
+BAD_ID = "bad_id"
+MISSING_FIELD = "missing_field"
+WRONG_TYPE = "wrong_type"
+BAD_TOKEN_ID = "bad_token_id"
+EMPTY_RECORD = "empty_record"
+DUPLICATE_ID = "duplicate_id"
+PARSE_FAILED = "parse_failed"
+UNREADABLE_FILE = "unreadable_file"
+READ_ERROR = "read_error"
+EMPTY_DOCUMENT = "empty_document"
+INFERENCE_FAILED = "inference_failed"
+# A dead letter with one of these reasons stands for an unknown number of records.
+FILE_REASONS = (UNREADABLE_FILE, READ_ERROR)
+
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string()),
@@ -278,6 +301,13 @@ def writable_text(text):
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def document_error_row(document, reason, message):
+    """The dead-letter row of a parsed `Document`: its file, position and id, its texts as `raw`."""
+    return error_row(
+        document.source, document.position, document.id, reason, message, " | ".join(document.texts)
+    )
 
 
 def error_row(source, position, document_id, reason, message, raw, raw_limit=RAW_LIMIT):

@@ -300,7 +300,7 @@ class ReadDocumentsFn(beam.DoFn):
                     where = self._place(first, line_indexes)
                     yield beam.pvalue.TaggedOutput(ERRORS, _duplicate_error(item, where))
             else:
-                if item["reason"] in corpus.FILE_REASONS:
+                if item["reason"] in schema_lib.FILE_REASONS:
                     self._broken.inc()
                 yield beam.pvalue.TaggedOutput(ERRORS, item)
             if count % 256 == 0:
@@ -332,13 +332,8 @@ def line_number(path, offset, index):
 
 
 def _duplicate_error(document, where):
-    return schema_lib.error_row(
-        document.source,
-        document.position,
-        document.id,
-        corpus.DUPLICATE_ID,
-        f"Id {document.id!r} was already used by {where}.",
-        " | ".join(document.texts),
+    return schema_lib.document_error_row(
+        document, schema_lib.DUPLICATE_ID, f"Id {document.id!r} was already used by {where}."
     )
 
 
@@ -379,7 +374,7 @@ class BrokenLinksFn(beam.DoFn):
                 path,
                 None,
                 None,
-                corpus.UNREADABLE_FILE,
+                schema_lib.UNREADABLE_FILE,
                 f"Symbolic link to {os.readlink(path)!r}, which does not exist.",
                 None,
             )
