@@ -594,6 +594,23 @@ class FastPath:
             values[id(recurrent)] = recurrent.merge(results)
         return values
 
+    def _deal(self, features, count):
+        """Rows of each lane: runs of similar length, each lane about the same number of tokens.
+
+        A lane's loop runs as many steps as its longest row needs, so grouping
+        long rows together saves the steps where a lane would compute a few rows.
+        """
+        n = len(next(iter(features.values())))
+        if count == 1:
+            return [np.arange(n)]
+        names = sorted({recurrent.input_name for recurrent in self._recurrents})
+        tokens = sum(np.count_nonzero(features[name], axis=1) for name in names) + 1
+        order = np.argsort(tokens, kind="stable")
+        total = np.cumsum(tokens[order])
+        cuts = np.searchsorted(total, total[-1] * np.arange(1, count) / count, side="right")
+        cuts = np.unique(np.clip(cuts, 1, n - 1))
+        return [np.sort(lane) for lane in np.split(order, cuts)]
+
     def _forward(self, raw, lanes, restore):
         """The traced computation: fast lanes, then the model's Keras layers on their outputs."""
         lane_values = [self._lane(lane) for lane in lanes]
@@ -635,7 +652,7 @@ class FastPath:
                 for column, tensor in self._outputs.items()
             }
         count = max(1, min(MAX_LANES, n // MIN_LANE_ROWS)) if self._recurrents else 1
-        rows = [np.arange(lane, n, count) for lane in range(count)]
+        rows = self._deal(features, count)
         lanes = [self._plans(features, lane_rows) for lane_rows in rows]
         restore = np.argsort(np.concatenate(rows)).astype(np.int32)
         outputs = self._traced(features, lanes, restore)(features, lanes, restore)
