@@ -260,9 +260,7 @@ class _Bucketed:
                 )
             else:
                 rows = tf.shape(ids)[1]
-                states.append(
-                    (tf.zeros((rows, direction.units)), tf.zeros((rows, direction.carry_width())))
-                )
+                states.append((tf.zeros((rows, direction.units)), tf.zeros((rows, direction.carry_width()))))
         length = tf.shape(ids)[2]
 
         def body(step, states):
