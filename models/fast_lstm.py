@@ -21,8 +21,12 @@ hybrid pass.  Each recurrent direction is computed with these exact rewrites:
 3. Length sorting: documents are sorted by where they start and run together;
    at each step only the documents that have started move (a prefix of the
    batch), so the work is the sum of the steps each document needs.
-4. Lanes: a batch is dealt into a few lanes run as independent loops in one
-   traced function, so TensorFlow runs them on several cores at once.
+4. Lanes: a batch is dealt into a few lanes (runs of similar length, about the
+   same tokens each) run as independent loops in one traced function, so
+   TensorFlow runs them on several cores at once.
+5. Buckets: a layer returning only its final state from folded inputs runs in
+   XLA-compiled loops of fixed shape over buckets of `BUCKET_ROWS` sorted rows
+   (see `_Bucketed`).
 
 Per-token outputs (`return_sequences=True`) are rebuilt at every position as
 Keras gives them: at skipped padding the padding outputs, at masked steps the
