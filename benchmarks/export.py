@@ -1,6 +1,7 @@
 """Side-by-side benchmark: the export pipeline against plain Keras `predict`, in one run.
 
-    python -m benchmarks.export [--documents 4096] [--batch_size 512] [--contenders all] [--json PATH]
+    python -m benchmarks.export [--documents 4096] [--batch_size 512] [--contenders all] [--models ...]
+        [--json PATH]
 
 Everything uses the same model (the bundled default: Embedding(4000, 300) shared
 by two LSTM(128)), the same corpus and the same batch size, measured in this one
@@ -14,7 +15,9 @@ process tree so that the ratios are fair on a noisy machine:
   DirectRunner engine, generic and fast path, as a subprocess;
 - per-token `emb` (`--pooling none`) stored as vectors (float32, float16) and as
   token ids plus the table (`--token_storage ids`): speed, MiB written and bytes
-  per document.  `--contenders token_storage` runs only these three.
+  per document.  `--contenders token_storage` runs only these three;
+- Keras 2 `.h5` models (`--models` picks them), inference alone against their own
+  `predict`.  `--contenders keras2` runs only these.
 
 Throughput is *marginal*: the time for 3N documents minus the time for N, so
 start-up (TensorFlow import, model load, tracing) is separated out.  Peak RSS is
@@ -233,8 +236,9 @@ def main(argv=None):
     parser.add_argument(
         "--contenders",
         default="all",
-        choices=("all", "token_storage"),
-        help="all, or only the per-token emb storages (vectors float32/float16, ids).",
+        choices=("all", "token_storage", "keras2"),
+        help="all; only the per-token emb storages (vectors float32/float16, ids); "
+        "or only the Keras 2 models' inference against their own predict (--models).",
     )
     parser.add_argument(
         "--models",
@@ -265,7 +269,7 @@ def main(argv=None):
     results["fast_path_max_abs_diff"] = worst
 
     keras2_flags, keras2_rows = {}, {}
-    if args.contenders == "all":
+    if args.contenders in ("all", "keras2"):
         keras2_flags = build_keras2_models(tempfile.mkdtemp(prefix="keras2-models-"))
     for name, flags in keras2_flags.items():
         if args.models and name not in args.models:
@@ -301,6 +305,8 @@ def main(argv=None):
         }
         if args.contenders == "token_storage":
             variants = {name: flags for name, flags in variants.items() if name.startswith("pipeline_emb")}
+        if args.contenders == "keras2":
+            variants = {}
         for name, flags in variants.items():
             runs = {}
             for n in (small, large):

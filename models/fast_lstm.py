@@ -21,8 +21,12 @@ hybrid pass.  Each recurrent direction is computed with these exact rewrites:
 3. Length sorting: documents are sorted by where they start and run together;
    at each step only the documents that have started move (a prefix of the
    batch), so the work is the sum of the steps each document needs.
-4. Lanes: a batch is dealt into a few lanes run as independent loops in one
-   traced function, so TensorFlow runs them on several cores at once.
+4. Lanes: a batch is dealt into a few lanes (runs of similar length, about the
+   same tokens each) run as independent loops in one traced function, so
+   TensorFlow runs them on several cores at once.
+5. Buckets: a layer returning only its final state from folded inputs runs in
+   XLA-compiled loops of fixed shape over buckets of `BUCKET_ROWS` sorted rows
+   (see `_Bucketed`).
 
 Per-token outputs (`return_sequences=True`) are rebuilt at every position as
 Keras gives them: at skipped padding the padding outputs, at masked steps the
@@ -46,6 +50,9 @@ MAX_LANES = 4
 MIN_LANE_ROWS = 128
 # float32 represents every integer up to 2^24 exactly, so float token ids below it are exact.
 FLOAT_EXACT_IDS = 2**24
+# Directions returning only their final state run in XLA-compiled loops over buckets of this many
+# rows of similar length (fixed shapes: one compilation per model).
+BUCKET_ROWS = 16
 # A folded table (vocabulary x gates) above this size is not built; inputs are projected per step.
 MAX_FOLDED_BYTES = 512 << 20
 
@@ -231,6 +238,57 @@ class _Direction:
         return tf.concat(states_h, axis=0), tf.concat(states_c, axis=0)
 
 
+class _Bucketed:
+    """Directions returning only their final state, run in XLA-compiled loops over buckets of rows.
+
+    A bucket is `BUCKET_ROWS` rows of similar length (the lane's sorted rows,
+    cut in runs), so each compiled loop has fixed shapes and runs from the
+    bucket's earliest start to the end; a row's state stays as it is until its
+    own start step (`tf.where`), so a row's result does not depend on the other
+    rows of its bucket.  Both directions of a masked Bidirectional have the same
+    sorted rows, so they share one loop.
+    """
+
+    def __init__(self, directions):
+        self.directions = directions
+        self.units = directions[0].units
+        self.run = tf.function(self._run, jit_compile=True)
+
+    def _run(self, ids, starts):
+        """ids (directions, rows, length), starts (directions, rows) -> final h (directions, rows, units)."""
+        states = []
+        for index, direction in enumerate(self.directions):
+            if direction.mode == PREFIX:
+                states.append(
+                    (tf.gather(direction.pad_h, starts[index]), tf.gather(direction.pad_c, starts[index]))
+                )
+            else:
+                rows = tf.shape(ids)[1]
+                states.append((tf.zeros((rows, direction.units)), tf.zeros((rows, direction.carry_width()))))
+        length = tf.shape(ids)[2]
+
+        def body(step, states):
+            moved = []
+            for index, (direction, (h, c)) in enumerate(zip(self.directions, states, strict=True)):
+                h_new, c_new = direction.step(tf.gather(direction.projection, ids[index, :, step]), h, c)
+                running = (starts[index] <= step)[:, None]
+                moved.append((tf.where(running, h_new, h), tf.where(running, c_new, c)))
+            return step + 1, moved
+
+        _, states = tf.while_loop(lambda step, _: step < length, body, (tf.reduce_min(starts), states))
+        return tf.stack([h for h, _ in states])
+
+
+def _bucketed_groups(recurrent):
+    """The `_Bucketed` groups of a layer, or [] if it runs as plain loops."""
+    directions = recurrent.directions
+    if recurrent.return_sequences or any(d.projection is None for d in directions):
+        return []
+    if len(directions) == 2 and directions[0].mode == directions[1].mode and directions[0].mode != PREFIX:
+        return [_Bucketed(directions)]
+    return [_Bucketed([direction]) for direction in directions]
+
+
 class _Recurrent:
     """A recurrent layer (or Bidirectional) reading a fast sequence: an embedding or a stacked layer."""
 
@@ -262,6 +320,7 @@ class _Recurrent:
         self.masked = source.masked
         self.return_sequences = bool(layers[0][0].return_sequences)
         self.directions = [_Direction(inner, source, reverse) for inner, reverse in layers]
+        self.bucketed = _bucketed_groups(self)
         units = self.directions[0].units
         self.dim = 2 * units if self.merge_mode == "concat" else units
 
@@ -385,6 +444,26 @@ def describe_forward_passes(tensors):
     return {key: analysis.describe(tensor)[0] for key, tensor in tensors.items()}
 
 
+def _plan_key(recurrent, direction):
+    return f"{recurrent.input_name}|{int(direction.reverse)}|{direction.mode}"
+
+
+def _buckets(plans, length):
+    """Bucket arrays of a `_Bucketed` group: ids (buckets, directions, rows, length), starts (.., rows).
+
+    Rows are in the plans' (shared) sorted order; the last bucket is filled with
+    rows that never start.
+    """
+    count = len(plans[0]["order"])
+    fill = (-count) % BUCKET_ROWS
+    ids = np.stack([np.pad(plan["every_id"], ((0, fill), (0, 0))) for plan in plans])
+    starts = np.stack([np.pad(plan["starts"], (0, fill), constant_values=length) for plan in plans])
+    width = len(plans)
+    ids = ids.reshape(width, -1, BUCKET_ROWS, length).transpose(1, 0, 2, 3)
+    starts = starts.reshape(width, -1, BUCKET_ROWS).transpose(1, 0, 2)
+    return {"ids": ids.astype(np.int32), "starts": starts.astype(np.int32)}
+
+
 def _reading_plan(ids, reverse, mode):
     """How one lane's rows run one direction: sorted order, active counts, and step inputs.
 
@@ -413,7 +492,9 @@ def _reading_plan(ids, reverse, mode):
     reading = positions[order, first:]
     original = length - 1 - reading if reverse else reading
     rows = order[:, None]
+    every = positions[order]
     return {
+        "every_id": ids[rows, length - 1 - every if reverse else every].astype(np.int32),
         "order": order,
         "starts": starts,
         "active": active,
@@ -505,7 +586,7 @@ class FastPath:
         for recurrent in self._recurrents:
             ids = features[recurrent.input_name][rows]
             for direction in recurrent.directions:
-                key = f"{recurrent.input_name}|{int(direction.reverse)}|{direction.mode}"
+                key = _plan_key(recurrent, direction)
                 if key not in plans:
                     plans[key] = _reading_plan(ids, direction.reverse, direction.mode)
                 if recurrent.return_sequences:
@@ -515,6 +596,11 @@ class FastPath:
                         maps[map_key] = _index_map(
                             plans[key], recurrent.length, direction.reverse, direction.mode, zero_fill
                         )
+        buckets = {}
+        for recurrent in self._recurrents:
+            for group in recurrent.bucketed:
+                keys = [_plan_key(recurrent, direction) for direction in group.directions]
+                buckets["+".join(keys)] = _buckets([plans[key] for key in keys], recurrent.length)
         arrays = {
             key: {
                 "inverse": np.argsort(plan["order"]).astype(np.int32),
@@ -524,7 +610,7 @@ class FastPath:
             }
             for key, plan in plans.items()
         }
-        return {"plans": arrays, "maps": maps}
+        return {"plans": arrays, "maps": maps, "buckets": buckets}
 
     def _run_direction(self, direction, source_value, plan, want_sequence):
         """Runs one direction over one lane: (final output per sorted row, outputs written per step)."""
@@ -564,6 +650,23 @@ class FastPath:
                 written = written.write(step, h_new)
         return h, written.concat() if want_sequence else None
 
+    def _run_bucketed(self, recurrent, lane):
+        """Final outputs of each direction of a bucketed layer over one lane, in the lane's row order."""
+        results = []
+        for group in recurrent.bucketed:
+            keys = [_plan_key(recurrent, direction) for direction in group.directions]
+            buckets = lane["buckets"]["+".join(keys)]
+            width = len(group.directions)
+            finals = tf.map_fn(
+                lambda bucket, group=group: group.run(*bucket),
+                (buckets["ids"], buckets["starts"]),
+                fn_output_signature=tf.TensorSpec([width, None, group.units], tf.float32),
+            )
+            finals = tf.reshape(tf.transpose(finals, [1, 0, 2, 3]), (width, -1, group.units))
+            for index, key in enumerate(keys):
+                results.append(tf.gather(finals[index], lane["plans"][key]["inverse"]))
+        return results
+
     def _lane(self, lane):
         """Values of every fast recurrent layer for one lane, in the lane's row order."""
         values = {}
@@ -573,9 +676,12 @@ class FastPath:
                 source_value = tf.reshape(lower, (-1, recurrent.source.dim))
             else:
                 source_value = ("table", recurrent.source.table_tensor)
+            if recurrent.bucketed:
+                values[id(recurrent)] = recurrent.merge(self._run_bucketed(recurrent, lane))
+                continue
             results = []
             for direction in recurrent.directions:
-                key = f"{recurrent.input_name}|{int(direction.reverse)}|{direction.mode}"
+                key = _plan_key(recurrent, direction)
                 plan = lane["plans"][key]
                 final, written = self._run_direction(
                     direction, source_value, plan, recurrent.return_sequences
@@ -593,6 +699,23 @@ class FastPath:
                     results.append(tf.gather(final, plan["inverse"]))
             values[id(recurrent)] = recurrent.merge(results)
         return values
+
+    def _deal(self, features, count):
+        """Rows of each lane: runs of similar length, each lane about the same number of tokens.
+
+        A lane's loop runs as many steps as its longest row needs, so grouping
+        long rows together saves the steps where a lane would compute a few rows.
+        """
+        n = len(next(iter(features.values())))
+        if count == 1:
+            return [np.arange(n)]
+        names = sorted({recurrent.input_name for recurrent in self._recurrents})
+        tokens = sum(np.count_nonzero(features[name], axis=1) for name in names) + 1
+        order = np.argsort(tokens, kind="stable")
+        total = np.cumsum(tokens[order])
+        cuts = np.searchsorted(total, total[-1] * np.arange(1, count) / count, side="right")
+        cuts = np.unique(np.clip(cuts, 1, n - 1))
+        return [np.sort(lane) for lane in np.split(order, cuts)]
 
     def _forward(self, raw, lanes, restore):
         """The traced computation: fast lanes, then the model's Keras layers on their outputs."""
@@ -635,7 +758,7 @@ class FastPath:
                 for column, tensor in self._outputs.items()
             }
         count = max(1, min(MAX_LANES, n // MIN_LANE_ROWS)) if self._recurrents else 1
-        rows = [np.arange(lane, n, count) for lane in range(count)]
+        rows = self._deal(features, count)
         lanes = [self._plans(features, lane_rows) for lane_rows in rows]
         restore = np.argsort(np.concatenate(rows)).astype(np.int32)
         outputs = self._traced(features, lanes, restore)(features, lanes, restore)

@@ -222,6 +222,31 @@ def test_all_padding_full_and_single_rows(keras2_models):
             _assert_fast_equals_predict(sub_model, {input_name: ids}, fast)
 
 
+@pytest.mark.parametrize(
+    "name", ["tutorial", *[f"bilstm_{mode}{m}" for mode in MERGE_MODES for m in ("", "_masked")]]
+)
+def test_a_final_state_does_not_depend_on_the_rest_of_its_batch(keras2_models, name):
+    """Bit for bit, whatever rows share its batch, lane or bucket (multi-process exports rely on it).
+
+    The layers here return only their final state, read from an Embedding: the
+    bucketed XLA loops.
+    """
+    directory, info = keras2_models
+    model = _load(directory, info, name)
+    target = info[name]["targets"][0]
+    assert not model.get_layer(target).return_sequences
+    sub_model = truncate(model, [parse_layer_spec(target)])
+    fast, _ = build_fast_path(sub_model)
+    input_name = sub_model.inputs[0].name
+    ids = _ids(600, LENGTH, seed=3)
+    whole = fast({input_name: ids})[target]
+    rng = np.random.default_rng(0)
+    for size in (1, 5, 17, 260, 600):
+        rows = rng.permutation(len(ids))[:size]
+        part = fast({input_name: ids[rows]})[target]
+        np.testing.assert_array_equal(part, whole[rows], err_msg=f"batch of {size}")
+
+
 def test_fast_path_equals_keras_predict_on_the_bundled_topologies(train_tiny_model):
     for topology, layers in (
         ("single_input", ["lstm_content", "emb", "output"]),
