@@ -1,5 +1,6 @@
 """Launches one export: validate, stage, run the pipeline, check the accounting, commit."""
 
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -220,8 +221,6 @@ def use_local_cores(options, total_bytes, argv=None):
         return
     args = sys.argv[1:] if argv is None else list(argv)
     if any(arg.startswith(("--direct_running_mode", "--direct_num_workers")) for arg in args):
-        if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
-            _share_package_path()
         return
     cores = os.cpu_count() or 1
     if cores < 2 or total_bytes < LOCAL_PROCESSES_MIN_BYTES:
@@ -229,15 +228,34 @@ def use_local_cores(options, total_bytes, argv=None):
     direct = options.view_as(DirectOptions)
     direct.direct_running_mode = "multi_processing"
     direct.direct_num_workers = cores
-    _share_package_path()
     _LOGGER.info("Local run: %d worker processes (one per core).", cores)
 
 
-def _share_package_path():
+@contextlib.contextmanager
+def worker_package_path(options):
+    """While it is active, local worker processes import this package from where the launcher did.
+
+    They are started with this process's environment; PYTHONPATH is put back
+    afterwards so that an export run in-process leaves its caller's environment alone.
+    """
+    if (
+        local_runner(options) is None
+        or options.view_as(DirectOptions).direct_running_mode != "multi_processing"
+    ):
+        yield
+        return
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    before = os.environ.get("PYTHONPATH")
+    paths = (before or "").split(os.pathsep)
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, *paths]))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 def split_bytes_for(options, total_bytes):
@@ -430,7 +448,7 @@ def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes):
         monitor = progress_lib.ProgressMonitor(
             progress_dir, total_bytes, export_options.limit, export_options.progress_seconds
         )
-        with monitor:
+        with monitor, worker_package_path(options):
             result = pipeline.run()
             result.wait_until_finish()
         return result
