@@ -355,14 +355,6 @@ def run_export(argv=None):
             f"must be local; received {export_options.model!r}. Leave --model out (the "
             "bundled default) or pass a local copy of the bundle."
         )
-    if export_options.limit is not None and export_options.limit < 1:
-        raise ExportConfigError(
-            f"--limit must be a positive number of records, received {export_options.limit}."
-        )
-    if not export_options.shard_mb > 0:
-        raise ExportConfigError(
-            f"--shard_mb must be a positive size in MB, received {export_options.shard_mb}."
-        )
     plan, source = build_plan(export_options, check_remote=not dry_run)
     total_bytes = input_bytes(plan.input_pattern) if is_local(plan.input_pattern) or not dry_run else 0
     use_local_cores(options, total_bytes, argv)

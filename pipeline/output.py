@@ -37,6 +37,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from models.bundle import sha256_file
 from pipeline.errors import ExportConfigError, OutputBusyError
+from pipeline.model_source import is_local
 
 MANIFEST = "_MANIFEST.json"
 LOCK = "_LOCK"
@@ -72,7 +73,7 @@ def _list(directory):
 
 def _iter_relatives(directory):
     """Paths under `directory` relative to it; lazily, so a huge foreign directory is not walked whole."""
-    if is_local_path(directory):
+    if is_local(directory):
         for root, _, names in os.walk(directory):
             for name in names:
                 yield os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
@@ -102,13 +103,9 @@ def _ours(relative):
 
 def is_regular_file(path):
     """Whether `path` names a file (not a directory, nor an object-store prefix)."""
-    if is_local_path(path):
+    if is_local(path):
         return os.path.isfile(path)
     return FileSystems.exists(path)
-
-
-def is_local_path(path):
-    return FileSystems.get_scheme(path) in (None, "file")
 
 
 def output_state(directory):
@@ -340,7 +337,7 @@ class OutputLock:
         self._renewer = None
 
     def __enter__(self):
-        if is_local_path(self.directory):
+        if is_local(self.directory):
             self._acquire_local()
         else:
             self._acquire_lease()

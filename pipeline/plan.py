@@ -429,7 +429,7 @@ def check_vocabulary_fits(limits, tokenizer):
 
 
 def check_numeric_flags(options):
-    """Refuses a --batch_size, --max_error_fraction or --max_record_bytes out of range."""
+    """Refuses numeric flags out of range (--batch_size, --max_error_fraction, --limit, ...)."""
     if options.batch_size < 1:
         raise ExportConfigError(f"--batch_size must be at least 1, received {options.batch_size}.")
     if not 0 <= options.max_error_fraction <= 1:
@@ -438,6 +438,10 @@ def check_numeric_flags(options):
         )
     if options.max_record_bytes < 1:
         raise ExportConfigError(f"--max_record_bytes must be positive, received {options.max_record_bytes}.")
+    if options.limit is not None and options.limit < 1:
+        raise ExportConfigError(f"--limit must be a positive number of records, received {options.limit}.")
+    if not options.shard_mb > 0:
+        raise ExportConfigError(f"--shard_mb must be a positive size in MB, received {options.shard_mb}.")
 
 
 def cut_model(model, layer_texts):

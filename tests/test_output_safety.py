@@ -231,7 +231,7 @@ def test_lease_on_object_storage_refuses_a_live_holder_and_takes_over_a_stale_on
     # The lease protocol runs on Beam's FileSystems API; a local directory stands in for a bucket.
     output = str(tmp_path / "bucket")
     os.makedirs(output)
-    monkeypatch.setattr(output_lib, "is_local_path", lambda path: False)
+    monkeypatch.setattr(output_lib, "is_local", lambda path: False)
     monkeypatch.setattr(output_lib, "LEASE_RENEW_SECONDS", 0.2)
     first = output_lib.OutputLock(output)
     first._acquire_lease(settle_seconds=0)
