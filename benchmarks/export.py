@@ -17,7 +17,11 @@ process tree so that the ratios are fair on a noisy machine:
   token ids plus the table (`--token_storage ids`): speed, MiB written and bytes
   per document.  `--contenders token_storage` runs only these three;
 - Keras 2 `.h5` models (`--models` picks them), inference alone against their own
-  `predict`.  `--contenders keras2` runs only these.
+  `predict`.  `--contenders keras2` runs only these;
+- `--contenders arrow_rows`: why the model handler returns one result per batch.
+  The rows of the same forward-pass outputs are built into Arrow once per batch
+  (what `BuildRows` does) and once per document (what one `PredictionResult` per
+  document would lead to), for a vector column and a per-token column.
 
 Throughput is *marginal*: the time for 3N documents minus the time for N, so
 start-up (TensorFlow import, model load, tracing) is separated out.  Peak RSS is
@@ -175,8 +179,8 @@ def inference_rates(documents_small, documents_large, batch_size, model_flags):
     with tempfile.TemporaryDirectory() as scratch:
         corpus = write_corpus(os.path.join(scratch, "c.jsonl"), documents_large)
         flags = ["--input", corpus, "--output", os.path.join(scratch, "o"), *model_flags]
-        plan, source = build_plan(ExportOptions(flags))
-    embedder = Embedder(plan, source)
+        plan, model_source = build_plan(ExportOptions(flags))
+    embedder = Embedder(plan, model_source)
     with open(SAMPLE, encoding="utf-8") as handle:
         texts = [json.loads(line) for line in handle]
     texts = [texts[i % len(texts)] for i in range(documents_large)]
@@ -218,7 +222,7 @@ def inference_rates(documents_small, documents_large, batch_size, model_flags):
         expected = expected if isinstance(expected, list) else [expected]
         got = np.concatenate([o[plan.columns[0].column] for o in outputs])
         worst = float(np.abs(got - np.asarray(expected[0])).max())
-    passes = {column: (p.kind, p.reason) for column, p in embedder.forward_passes.items()}
+    passes = {column: (p.engine, p.reason) for column, p in embedder.forward_passes.items()}
     return rates, worst, passes
 
 
@@ -236,9 +240,10 @@ def main(argv=None):
     parser.add_argument(
         "--contenders",
         default="all",
-        choices=("all", "token_storage", "keras2"),
+        choices=("all", "token_storage", "keras2", "arrow_rows"),
         help="all; only the per-token emb storages (vectors float32/float16, ids); "
-        "or only the Keras 2 models' inference against their own predict (--models).",
+        "only the Keras 2 models' inference against their own predict (--models); "
+        "or only Arrow rows built per batch against per document.",
     )
     parser.add_argument(
         "--models",
@@ -259,6 +264,21 @@ def main(argv=None):
         "documents": [small, large],
         "batch_size": args.batch_size,
     }
+
+    if args.contenders == "arrow_rows":
+        results["arrow_rows"] = {
+            name: arrow_row_rates(large, args.batch_size, flags)
+            for name, flags in (
+                ("lstm_content", ["--layer", "lstm_content"]),
+                ("emb_per_token", ["--layer", "emb", "--pooling", "none"]),
+            )
+        }
+        for name, row in results["arrow_rows"].items():
+            print(
+                f"{name}: rows built per batch {row['per_batch_docs_per_s']:.0f} docs/s, per document "
+                f"{row['per_document_docs_per_s']:.0f} docs/s: {row['batch_over_document']:.1f}x"
+            )
+        return
 
     rates, worst = {}, None
     if args.contenders == "all":
@@ -360,6 +380,80 @@ def main(argv=None):
     print(f"\nJSON: {args.json}")
 
 
+def arrow_row_rates(count, batch_size, flags):
+    """Docs/s of building the output rows of real forward-pass outputs per batch and per document."""
+    from pipeline import schema as schema_lib
+    from pipeline.corpus import Document
+    from pipeline.embedder import Embedder
+    from pipeline.features import DocumentTokenizer
+    from pipeline.options import ExportOptions
+    from pipeline.plan import build_plan
+
+    with tempfile.TemporaryDirectory() as scratch:
+        corpus = write_corpus(os.path.join(scratch, "c.jsonl"), 1)
+        plan, model_source = build_plan(
+            ExportOptions(["--input", corpus, "--output", os.path.join(scratch, "o"), *flags])
+        )
+    with open(SAMPLE, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    tokenizer = DocumentTokenizer(plan, model_source.tokenizer)
+    tokenized = [
+        tokenizer.tokenize(
+            Document(f"doc-{i}", tuple(records[i % len(records)][f.field] for f in plan.inputs), (), "c", i)
+        )
+        for i in range(count)
+    ]
+    tokenized = [t for t in tokenized if hasattr(t, "features")]
+    embedder = Embedder(plan, model_source)
+    schema = schema_lib.output_schema(plan)
+    batches = [embedder.run(tokenized[i : i + batch_size]) for i in range(0, len(tokenized), batch_size)]
+
+    def build(documents, outputs, masks, features):
+        return schema_lib.to_record_batch(
+            schema,
+            plan.columns,
+            plan.dtype,
+            [d.id for d in documents],
+            {},
+            outputs,
+            masks,
+            features,
+            [schema_lib.input_fingerprint(d.texts, plan.inputs) for d in documents],
+        )
+
+    def one_row(values, row):
+        return {name: value[row : row + 1] for name, value in values.items()}
+
+    def per_batch():
+        return [build(b.documents, b.outputs, b.masks, b.features) for b in batches]
+
+    def per_document():
+        return [
+            build(
+                b.documents[row : row + 1],
+                one_row(b.outputs, row),
+                one_row(b.masks, row),
+                one_row(b.features, row),
+            )
+            for b in batches
+            for row in range(len(b.documents))
+        ]
+
+    documents = sum(len(b.documents) for b in batches)
+    # Alternating, best of three each, so that neither way pays alone for a cold cache.
+    times = {per_batch: [], per_document: []}
+    for _ in range(3):
+        for way in times:
+            times[way].append(_timed(way)[0])
+    per_batch, per_document = min(times[per_batch]), min(times[per_document])
+    return {
+        "documents": documents,
+        "per_batch_docs_per_s": documents / per_batch,
+        "per_document_docs_per_s": documents / per_document,
+        "batch_over_document": per_document / per_batch,
+    }
+
+
 def parquet_encoder_rate(directory):
     """MiB/s at which pyarrow alone re-encodes the dataset the pipeline wrote (same codec)."""
     import pyarrow.parquet as pq
@@ -439,10 +533,10 @@ def format_table(results):
         ]
     for name, row in results.get("keras2_models", {}).items():
         rates = row["inference_docs_per_s"]
-        kinds = ", ".join(sorted({kind for kind, _ in row["forward_passes"].values()}))
+        engines = ", ".join(sorted({engine for engine, _ in row["forward_passes"].values()}))
         lines.append(
             f"{name:<28}{rates['reference_predict']:>16.0f}{rates.get('inference_fast', float('nan')):>13.0f}"
-            f"{row['fast_over_predict']:>11.2f}{row['max_abs_diff'] or float('nan'):>12.2g}  {kinds}"
+            f"{row['fast_over_predict']:>11.2f}{row['max_abs_diff'] or float('nan'):>12.2g}  {engines}"
         )
     return "\n".join(lines)
 

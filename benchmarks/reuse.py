@@ -85,7 +85,7 @@ def main(argv=None):
         second = os.path.join(work, "v2.jsonl")
         results["change"] = next_version(first, second)
         for name, flags in (("keras", ["--fast_path", "off"]), ("fast", [])):
-            v1, full, reused = (os.path.join(work, f"{name}-{kind}") for kind in ("v1", "full", "reuse"))
+            v1, full, reused = (os.path.join(work, f"{name}-{run}") for run in ("v1", "full", "reuse"))
             run(first, v1, flags)
             full_seconds = run(second, full, flags)
             reuse_seconds = run(second, reused, [*flags, "--reuse", v1])

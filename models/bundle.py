@@ -160,9 +160,9 @@ def read_manifest(directory):
             f"reads {FORMAT_VERSION}. Re-export the bundle with this package's `models.train`."
         )
     required = {"model_file": str, "tokenizer_file": str, "inputs": list, "sha256": dict}
-    for key, kind in required.items():
-        if not isinstance(manifest.get(key), kind):
-            raise BundleError(f"{path} lacks {key!r} (expected a {kind.__name__}).")
+    for key, expected_type in required.items():
+        if not isinstance(manifest.get(key), expected_type):
+            raise BundleError(f"{path} lacks {key!r} (expected a {expected_type.__name__}).")
     for entry in manifest["inputs"]:
         if not (
             isinstance(entry, dict)

@@ -77,12 +77,12 @@ class Unsupported(Exception):
 class ForwardPass:
     """Which forward pass computes an output column, and why.
 
-    `kind` is FAST (the fast path alone), HYBRID (Keras layers on fast-path
+    `engine` is FAST (the fast path alone), HYBRID (Keras layers on fast-path
     outputs) or KERAS (Keras's own forward pass); `reason` says what runs, or
     why the fast path declined.
     """
 
-    kind: str
+    engine: str
     reason: str
 
 
@@ -161,7 +161,7 @@ class _Direction:
 
     def __init__(self, layer, source, reverse):
         cell = layer.cell
-        self.kind = type(layer).__name__
+        self.cell = type(layer).__name__
         self.name = layer.name
         self.units = cell.units
         self.reverse = reverse
@@ -176,7 +176,7 @@ class _Direction:
         recurrent_bias = np.zeros(gates, np.float32)
         if cell.use_bias:
             bias = cell.bias.numpy()
-            if self.kind == "GRU" and self.reset_after:
+            if self.cell == "GRU" and self.reset_after:
                 input_bias, recurrent_bias = bias[0], bias[1]
             else:
                 input_bias = bias
@@ -199,13 +199,13 @@ class _Direction:
 
     def step(self, x, h, c):
         """One step from projected inputs `x`; `c` is the LSTM carry (an empty tensor otherwise)."""
-        if self.kind == "LSTM":
+        if self.cell == "LSTM":
             z = x + tf.matmul(h, self.recurrent)
             i, f, g, o = tf.split(z, 4, axis=1)
             sigma = self.recurrent_activation
             c = sigma(f) * c + sigma(i) * self.activation(g)
             return sigma(o) * self.activation(c), c
-        if self.kind == "GRU":
+        if self.cell == "GRU":
             units = self.units
             x_z, x_r, x_h = tf.split(x, 3, axis=1)
             sigma = self.recurrent_activation
@@ -223,7 +223,7 @@ class _Direction:
         return self.activation(x + tf.matmul(h, self.recurrent)), c
 
     def carry_width(self):
-        return self.units if self.kind == "LSTM" else 0
+        return self.units if self.cell == "LSTM" else 0
 
     def _padding_states(self, pad_inputs):
         """States after k = 0..length padding steps from the zero state."""
@@ -431,7 +431,7 @@ def _describe_fast(fast):
         FULL: "every step run (padding read last)",
     }
     directions = "; ".join(
-        f"{'backward' if d.reverse else 'forward'} {d.kind}: {modes[d.mode]}"
+        f"{'backward' if d.reverse else 'forward'} {d.cell}: {modes[d.mode]}"
         + (", inputs folded into the embedding table" if d.projection is not None else "")
         for d in fast.directions
     )
@@ -550,7 +550,7 @@ class FastPath:
         for column, tensor in outputs.items():
             self.forward_passes[column], needed = analysis.describe(tensor)
             cuts.update((id(t), t) for t in needed)
-        fast_columns = {c for c, p in self.forward_passes.items() if p.kind != KERAS}
+        fast_columns = {c for c, p in self.forward_passes.items() if p.engine != KERAS}
         if not cuts and fast_columns != set(outputs):
             raise Unsupported("; ".join(dict.fromkeys(p.reason for p in self.forward_passes.values())))
         self._cuts = {key: analysis.fast(tensor) for key, tensor in cuts.items()}

@@ -30,9 +30,9 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 PADDING_TOKEN = ""
 UNKNOWN_TOKEN = "[UNK]"
 
-KIND_EMBEXPORT = "embexport"
-KIND_KERAS2 = "keras2_tokenizer"
-KIND_VOCABULARY = "vocabulary_file"
+FORMAT_EMBEXPORT = "embexport"
+FORMAT_KERAS2 = "keras2_tokenizer"
+FORMAT_VOCABULARY = "vocabulary_file"
 
 
 def look_up(words, index_of, oov_id, num_words=None):
@@ -263,7 +263,7 @@ def read_tokenizer(data, padding=None, truncating=None):
             (this package's tokenizer records one; the others default to "pre").
 
     Returns:
-        `(tokenizer, kind)` with kind one of KIND_EMBEXPORT, KIND_KERAS2, KIND_VOCABULARY.
+        `(tokenizer, file_format)` with file_format one of FORMAT_EMBEXPORT, FORMAT_KERAS2, FORMAT_VOCABULARY.
 
     Raises:
         ValueError: what the file is and why it cannot be used.
@@ -293,12 +293,12 @@ def read_tokenizer(data, padding=None, truncating=None):
                     padding=padding or tokenizer.padding,
                     truncating=truncating or tokenizer.truncating,
                 )
-            return tokenizer, KIND_EMBEXPORT
+            return tokenizer, FORMAT_EMBEXPORT
         if is_keras2_tokenizer_config(config):
-            return Keras2Tokenizer.from_json(config, padding or "pre", truncating or "pre"), KIND_KERAS2
+            return Keras2Tokenizer.from_json(config, padding or "pre", truncating or "pre"), FORMAT_KERAS2
         raise ValueError(
             'The JSON file is neither this package\'s tokenizer ("format": '
             f'"{EMBEXPORT_FORMAT}") nor a Keras 2 Tokenizer.to_json() file ("class_name": '
             '"Tokenizer").'
         )
-    return VocabularyTokenizer.from_text(text, padding or "pre", truncating or "pre"), KIND_VOCABULARY
+    return VocabularyTokenizer.from_text(text, padding or "pre", truncating or "pre"), FORMAT_VOCABULARY

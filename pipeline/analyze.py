@@ -69,7 +69,7 @@ class VectorDataset:
     """
 
     location: str
-    kind: str
+    holds: str  # "documents" (an export) or "vocabulary"
     dataset: ds.Dataset
     key_column: str
     detail_columns: tuple
@@ -302,7 +302,7 @@ def _suggest_keys(data, key):
     """A sentence naming up to 5 keys that contain `key`, ignoring case."""
     expression = pc.match_substring(pc.field(data.key_column), key, ignore_case=True)
     close = data.dataset.head(5, columns=[data.key_column], filter=expression)[data.key_column].to_pylist()
-    noun = "Ids" if data.kind == "documents" else "Words"
+    noun = "Ids" if data.holds == "documents" else "Words"
     return f" {noun} containing it: {', '.join(map(repr, close))}." if close else ""
 
 
@@ -313,7 +313,7 @@ def query_vector(data, key, column):
         AnalysisError: no row has that key, or its vector is missing or all zeros.
     """
     found = data.dataset.to_table(columns=[column], filter=pc.field(data.key_column) == key)
-    noun = "document id" if data.kind == "documents" else "word"
+    noun = "document id" if data.holds == "documents" else "word"
     if found.num_rows == 0:
         raise AnalysisError(f"No row of {data.location!r} has the {noun} {key!r}.{_suggest_keys(data, key)}")
     if found.num_rows > 1:
@@ -567,7 +567,7 @@ def knn_score(data, column, label, k=DEFAULT_K, sample=DEFAULT_SAMPLE, seed=DEFA
 
 def format_neighbors(data, key, column, neighbors, compared):
     """The neighbours as a text table."""
-    noun = "document" if data.kind == "documents" else "word"
+    noun = "document" if data.holds == "documents" else "word"
     headers = ["rank", "similarity", data.key_column, *data.detail_columns]
     rows = [
         [str(rank), f"{n.similarity:.4f}", str(n.key), *(str(n.details.get(c)) for c in data.detail_columns)]

@@ -21,11 +21,11 @@ import json
 import re
 import shutil
 import tempfile
+import typing
 
 import pyarrow.parquet as pq
 
 from pipeline import schema as schema_lib
-from pipeline.embedder import Document, TokenIds
 from pipeline.plan import IDS_INPUT
 
 # The dead-letter reasons live beside ERROR_SCHEMA; the reader uses these.
@@ -46,6 +46,35 @@ from pipeline.schema import (
     WRONG_FIELD_COUNT,
     WRONG_TYPE,
 )
+
+
+class TokenIds(str):
+    """A corpus field that already holds token ids: its JSON text, with the ids in `ids`.
+
+    It is a string so that everything that handles document texts (dead-letter
+    rows, byte counts) handles it too; `DocumentTokenizer` pads it instead of
+    tokenizing it (see `pipeline.features`).
+    """
+
+    def __new__(cls, ids):
+        ids = tuple(int(i) for i in ids)
+        token_ids = super().__new__(cls, json.dumps(list(ids)))
+        token_ids.ids = ids
+        return token_ids
+
+    def __reduce__(self):
+        return TokenIds, (self.ids,)
+
+
+class Document(typing.NamedTuple):
+    """A parsed record ready to embed: texts per model input, in `plan.inputs` order."""
+
+    id: str
+    texts: tuple
+    kept: tuple
+    source: str
+    position: int
+
 
 BOM = b"\xef\xbb\xbf"
 # Token ids feed int32 model inputs.
@@ -128,14 +157,14 @@ def read_records(plan, path, open_file, start=0, claim=None, lines_before=None, 
         yield FILE_ORDER, schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
         return
     try:
-        with open_file() as stream:
-            source = gzip.GzipFile(fileobj=stream, mode="rb") if is_compressed(path) else stream
+        with open_file() as raw_stream:
+            stream = gzip.GzipFile(fileobj=raw_stream, mode="rb") if is_compressed(path) else raw_stream
             if plan.input_format == "parquet":
-                records = parquet_records(plan, path, source, start, claim)
+                records = parquet_records(plan, path, stream, start, claim)
             elif plan.input_format == "csv":
-                records = csv_records(plan, path, source)
+                records = csv_records(plan, path, stream)
             else:
-                records = line_records(plan, path, source, start, claim, lines_before, on_newline)
+                records = line_records(plan, path, stream, start, claim, lines_before, on_newline)
             for order, item in records:
                 read += 1
                 last_order = order
@@ -499,7 +528,7 @@ def _to_document(plan, source, number, document_id, record, raw):
             return reject(
                 MISSING_FIELD, f"Field {info.field!r} (model input {info.name!r}) is missing or null."
             )
-        if isinstance(value, list) and info.kind == IDS_INPUT:
+        if isinstance(value, list) and info.takes == IDS_INPUT:
             # A list of token ids skips the tokenizer (a corpus tokenized elsewhere).
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
                 return reject(WRONG_TYPE, f"Field {info.field!r} is a list, but not of integer token ids.")
@@ -517,11 +546,11 @@ def _to_document(plan, source, number, document_id, record, raw):
                 )
             value = TokenIds(value)
         elif not isinstance(value, str):
-            expected = "a string or a list of token ids" if info.kind == IDS_INPUT else "a string"
+            expected = "a string or a list of token ids" if info.takes == IDS_INPUT else "a string"
             return reject(
                 WRONG_TYPE, f"Field {info.field!r} must be {expected}, found {type(value).__name__}."
             )
-        elif info.kind == IDS_INPUT and not plan.tokenizes:
+        elif info.takes == IDS_INPUT and not plan.tokenizes:
             return reject(
                 WRONG_TYPE, f"Field {info.field!r} holds text, but --tokenizer none expects token id lists."
             )

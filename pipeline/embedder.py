@@ -1,20 +1,22 @@
-"""Worker-side model: tokenizes a batch of documents, runs one forward pass, builds output rows.
+"""Worker-side model: the truncated sub-model and its forward pass (fast, hybrid or Keras).
 
-Knows nothing of Beam, so it is tested directly and reused by the benchmark.
+`Embedder.run` stacks a batch of tokenized documents and runs one forward pass;
+tokenizing (`pipeline.features`) and building Arrow rows (`pipeline.schema`)
+are steps of their own. Knows nothing of Beam, so it is tested directly and
+reused by the benchmark.
 """
 
 import dataclasses
-import json
 import logging
 import typing
 
 import numpy as np
 
 from models.keras2_tokenizer import UNKNOWN_TOKEN
-from models.tokenizer import pad_token_ids
 from models.truncate import truncate
 from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
+from pipeline.features import stack_features
 from pipeline.model_source import load_model_source
 from pipeline.plan import TEXT_INPUT, text_vectorizer
 
@@ -61,80 +63,34 @@ def max_difference(candidate, reference, features):
     return worst
 
 
-def choose_forward_passes(plan, source):
+def choose_forward_passes(plan, model_source):
     """Chooses each column's forward pass at launch, as the workers will: `plan.forward_passes`.
 
     Builds the worker's `Embedder` (fast path checked against Keras included) on
     the launcher's already loaded model.
     """
-    return Embedder(plan, source).forward_pass_records()
+    return Embedder(plan, model_source).forward_pass_records()
 
 
 def manifest_columns(plan):
     """The manifest's `columns`: each `ColumnInfo` with the forward pass that computes it and why."""
-    passes = {column: (kind, reason) for column, kind, reason in plan.forward_passes}
+    passes = {column: (engine, reason) for column, engine, reason in plan.forward_passes}
     columns = []
     for column in plan.columns:
-        kind, reason = passes.get(column.column, ("", ""))
-        columns.append(dict(dataclasses.asdict(column), forward_pass=kind, forward_pass_reason=reason))
+        engine, reason = passes.get(column.column, ("", ""))
+        columns.append(dict(dataclasses.asdict(column), forward_pass=engine, forward_pass_reason=reason))
     return columns
 
 
-class TokenIds(str):
-    """A corpus field that already holds token ids: its JSON text, with the ids in `ids`.
+class Embedded(typing.NamedTuple):
+    """One RunInference batch after the forward pass (see `Embedder.run`)."""
 
-    It is a string so that everything that handles document texts (dead-letter
-    rows, byte counts) handles it too; `Embedder.encode` pads it instead of
-    tokenizing it.
-    """
-
-    def __new__(cls, ids):
-        ids = tuple(int(i) for i in ids)
-        token_ids = super().__new__(cls, json.dumps(list(ids)))
-        token_ids.ids = ids
-        return token_ids
-
-    def __reduce__(self):
-        return TokenIds, (self.ids,)
-
-
-class Document(typing.NamedTuple):
-    """A parsed record ready to embed: texts per model input, in `plan.inputs` order."""
-
-    id: str
-    texts: tuple
-    kept: tuple
-    source: str
-    position: int
-
-
-class EncodedInput(typing.NamedTuple):
-    """One model input of a batch, encoded: what the model takes and what the rows need."""
-
-    feature: object  # (n, length) int32 ids, or (n,) / (n, 1) strings
-    mask: object  # (n, length) bool: real tokens
-    counts: object  # (n,) real tokens per document
-    oov_counts: object  # (n,) out-of-vocabulary tokens per document
-    truncated: object  # (n,) bool: the document was cut to the input's length
-
-
-class Encoded(typing.NamedTuple):
-    """A batch of documents encoded for the model (see `Embedder.encode`)."""
-
-    features: dict  # input name -> int32 ids or strings
-    masks: dict  # input name -> bool real-token mask
-    nonempty: object  # (n,) bool: any input has a real token
-    truncated: int  # documents cut in at least one input
-    oov: int  # out-of-vocabulary tokens
-
-
-class EmbedResult(typing.NamedTuple):
-    """What one batch produced: output rows, dead-letter rows and counters."""
-
-    rows: object  # pyarrow.RecordBatch, or None when no document survived
-    errors: list
-    truncated: int
-    oov_tokens: int
+    documents: list  # the `corpus.Document`s that have outputs, in row order
+    features: dict  # input name -> the stacked features of those documents
+    masks: dict  # input name -> (n, length) bool: real tokens
+    outputs: dict  # column -> numpy array, rows aligned with `documents`
+    failed: list  # dead-letter rows of the batch's documents that have none
+    oov_tokens: int  # unknown words of text inputs (token-id inputs count theirs when tokenized)
 
 
 def configure_threads(threads):
@@ -155,41 +111,34 @@ class Embedder:
 
     Args:
         plan: the `ExportPlan` built at launch.
-        source: an already loaded `ModelSource` (the launcher's); loaded from
+        model_source: an already loaded `ModelSource` (the launcher's); loaded from
             `plan.model_uri` when None, as on a worker.
     """
 
-    def __init__(self, plan, source=None):
+    def __init__(self, plan, model_source=None):
         import tensorflow as tf
 
         configure_threads(plan.tf_threads)
         self.plan = plan
-        source = source or load_model_source(
+        model_source = model_source or load_model_source(
             plan.model_uri,
             plan.tokenizer_uri or None,
             allow_unsafe_deserialization=plan.allow_unsafe_deserialization,
             padding=plan.padding,
             truncating=plan.truncating,
         )
-        if source.model_sha256 != plan.model_sha256:
+        if model_source.model_sha256 != plan.model_sha256:
             raise ExportConfigError(
                 f"The model at {plan.model_uri} changed after launch (SHA-256 "
-                f"{source.model_sha256}, launch saw {plan.model_sha256}); rerun the export."
+                f"{model_source.model_sha256}, launch saw {plan.model_sha256}); rerun the export."
             )
-        self.tokenizer = source.tokenizer
-        self.schema = schema_lib.output_schema(plan)
         # Columns stored as token ids need no forward pass: the ids are the output.
         computed = [
             (spec, column)
             for spec, column in zip(plan.layer_specs, plan.columns, strict=True)
             if column.token_storage != schema_lib.TOKEN_IDS
         ]
-        self._table_sizes = {
-            column.column: source.model.get_layer(column.layer).input_dim
-            for column in plan.columns
-            if column.token_storage == schema_lib.TOKEN_IDS
-        }
-        self._vectorizers = {}  # String input name -> (TextVectorization, unknown id), on first use.
+        self._vectorizers = {}  # Text input name -> (TextVectorization, unknown id), on first use.
         from models.fast_lstm import ForwardPass
 
         self._id_passes = {
@@ -204,12 +153,12 @@ class Embedder:
         self.sub_model, self._forward, self._fast, self._model_inputs = None, None, None, ()
         if not computed:
             return
-        self.sub_model = truncate(source.model, [spec for spec, _ in computed])
+        self.sub_model = truncate(model_source.model, [spec for spec, _ in computed])
         self._model_inputs = tuple(t.name for t in self.sub_model.inputs)
         signature = [
             {
                 i.name: tf.TensorSpec([None] + [1] * (i.rank - 1), tf.string, name=i.name)
-                if i.kind == TEXT_INPUT
+                if i.takes == TEXT_INPUT
                 else tf.TensorSpec([None, i.length], tf.int32, name=i.name)
                 for i in plan.inputs
                 if i.name in self._model_inputs
@@ -287,14 +236,14 @@ class Embedder:
             return None
         self.forward_passes = {**self._id_passes, **passes}
         for column, forward_pass in passes.items():
-            logging.info("Fast path on for %s: %s: %s.", column, forward_pass.kind, forward_pass.reason)
+            logging.info("Fast path on for %s: %s: %s.", column, forward_pass.engine, forward_pass.reason)
         logging.info("Fast path checked against Keras on a sample batch: max |diff| %.2g.", worst)
         return fast
 
     def _check_launch_decision(self):
         """Refuses to run columns with another forward pass than the launcher recorded for the manifest."""
-        recorded = {column: kind for column, kind, _ in self.plan.forward_passes}
-        mine = {column: forward_pass.kind for column, forward_pass in self.forward_passes.items()}
+        recorded = {column: engine for column, engine, _ in self.plan.forward_passes}
+        mine = {column: forward_pass.engine for column, forward_pass in self.forward_passes.items()}
         if recorded and recorded != mine:
             raise ExportConfigError(
                 f"This worker chose the forward passes {mine}, but the launcher chose {recorded} and "
@@ -302,175 +251,98 @@ class Embedder:
             )
 
     def forward_pass_records(self):
-        """`(column, kind, reason)` per column, as `ExportPlan.forward_passes` and the manifest hold them."""
-        return tuple((column, p.kind, p.reason) for column, p in self.forward_passes.items())
+        """`(column, engine, reason)` per column, as `plan.forward_passes` and the manifest hold them."""
+        return tuple((column, p.engine, p.reason) for column, p in self.forward_passes.items())
 
-    def encode(self, documents):
-        """Turns documents into model features.
+    def run(self, batch):
+        """Stacks a batch of `features.Tokenized` and runs the forward pass: an `Embedded`.
 
-        Token-id inputs take text, which the tokenizer encodes, or `TokenIds`,
-        padded and cut with the plan's `padding` and `truncating`.  Text inputs
-        take the strings themselves; their real tokens are where the model's
-        TextVectorization layer emits a non-zero id.
-
-        Returns:
-            An `Encoded`.
+        Documents whose text inputs hold no token the model's TextVectorization
+        knows are `empty_document`; documents the model fails on are
+        `inference_failed` (the batch is retried one by one to find them).
+        Neither raises.
         """
-        features, masks = {}, {}
-        nonempty = np.zeros(len(documents), dtype=bool)
-        # A document counts once as truncated, however many of its inputs were cut.
-        cut_any = np.zeros(len(documents), dtype=bool)
-        oov = 0
-        for position, info in enumerate(self.plan.inputs):
-            values = [document.texts[position] for document in documents]
-            encode = self._encode_text if info.kind == TEXT_INPUT else self._encode_ids
-            encoded = encode(info, values)
-            features[info.name], masks[info.name] = encoded.feature, encoded.mask
-            nonempty |= encoded.counts > 0
-            cut_any |= encoded.truncated
-            oov += int(encoded.oov_counts.sum())
-        return Encoded(features, masks, nonempty, int(cut_any.sum()), oov)
+        documents = [tokenized.document for tokenized in batch]
+        features = stack_features(self.plan.inputs, batch)
+        masks, oov = {}, 0
+        for info in self.plan.inputs:
+            if info.takes == TEXT_INPUT:
+                masks[info.name], unknown = self._text_tokens(info, features[info.name])
+                oov += unknown
+            else:
+                masks[info.name] = features[info.name] != 0
+        failed = []
+        if any(info.takes == TEXT_INPUT for info in self.plan.inputs):
+            nonempty = np.any([mask.any(axis=1) for mask in masks.values()], axis=0)
+            failed = [
+                schema_lib.document_error_row(
+                    document, schema_lib.EMPTY_DOCUMENT, "No tokens in any model input after tokenization."
+                )
+                for document, keep in zip(documents, nonempty, strict=True)
+                if not keep
+            ]
+            if failed:
+                documents, features, masks = _rows(np.flatnonzero(nonempty), documents, features, masks)
+        if not documents:
+            return Embedded([], {}, {}, {}, failed, oov)
+        try:
+            outputs = self.predict(features)
+        except Exception:  # Retry one by one so only the bad documents are dead-lettered.
+            outputs, good = self._predict_one_by_one(documents, features, failed)
+            documents, features, masks = _rows(good, documents, features, masks)
+        return Embedded(documents, features, masks, outputs, failed, oov)
 
-    def _encode_ids(self, info, values):
-        """The `EncodedInput` of one token-id input."""
-        id_rows = [row for row, value in enumerate(values) if isinstance(value, TokenIds)]
-        id_row_set = set(id_rows)
-        if not id_rows:
-            ids, counts, oov_counts, cut = self.tokenizer.encode_batch(values, info.length)
-            return EncodedInput(ids, ids != 0, counts, oov_counts, cut)
-        ids, counts, cut = pad_token_ids(
-            [values[row].ids for row in id_rows], info.length, self.plan.padding, self.plan.truncating
-        )
-        oov_counts = np.zeros(len(values), dtype=np.int32)
-        if len(id_rows) < len(values):
-            # A corpus may mix text and id lists: tokenize the text rows and interleave.
-            text_rows = [row for row in range(len(values)) if row not in id_row_set]
-            text_ids, text_counts, text_oov, text_cut = self.tokenizer.encode_batch(
-                [values[row] for row in text_rows], info.length
-            )
-            all_ids = np.zeros((len(values), info.length), dtype=np.int32)
-            all_counts = np.zeros(len(values), dtype=np.int32)
-            all_cut = np.zeros(len(values), dtype=bool)
-            all_ids[id_rows], all_counts[id_rows], all_cut[id_rows] = ids, counts, cut
-            all_ids[text_rows], all_counts[text_rows], all_cut[text_rows] = text_ids, text_counts, text_cut
-            oov_counts[text_rows] = text_oov
-            ids, counts, cut = all_ids, all_counts, all_cut
-        return EncodedInput(ids, ids != 0, counts, oov_counts, cut)
+    def _text_tokens(self, info, texts):
+        """The real tokens of a text input and how many are unknown words: `(mask, unknown)`.
 
-    def _encode_text(self, info, values):
-        """The `EncodedInput` of one string input.
-
-        TextVectorization cuts long documents silently, so none counts as truncated.
+        The real tokens are where the model's TextVectorization emits a non-zero
+        id; with none of fixed length (only vector outputs), a text is one token
+        when it is not blank.
         """
-        strings = np.array(values, dtype=object)
-        feature = strings.reshape(-1, 1) if info.rank == 2 else strings
-        no_cut = np.zeros(len(values), dtype=bool)
         vectorizer, unknown_id = self._text_vectorizer(info)
         if vectorizer is None:
-            counts = np.array([1 if value.strip() else 0 for value in values], dtype=np.int32)
-            return EncodedInput(
-                feature, counts[:, None] > 0, counts, np.zeros(len(values), dtype=np.int32), no_cut
-            )
+            return np.array([bool(text.strip()) for text in texts.reshape(-1)]).reshape(-1, 1), 0
         import tensorflow as tf
 
-        ids = np.asarray(vectorizer(tf.constant(feature, dtype=tf.string)))
-        mask = ids != 0
-        oov_counts = (ids == unknown_id).sum(axis=1) if unknown_id is not None else np.zeros(len(values))
-        return EncodedInput(feature, mask, mask.sum(axis=1), oov_counts.astype(np.int32), no_cut)
+        ids = np.asarray(vectorizer(tf.constant(texts, dtype=tf.string)))
+        unknown = int((ids == unknown_id).sum()) if unknown_id is not None else 0
+        return ids != 0, unknown
 
     def _text_vectorizer(self, info):
         """The TextVectorization layer whose ids mark `info`'s real tokens, and its unknown-word id."""
-        cache = self._vectorizers
-        if info.name not in cache:
+        if info.name not in self._vectorizers:
             vectorizer, unknown_id = None, None
             if info.length:
                 tensor = next(t for t in self.sub_model.inputs if t.name == info.name)
                 vectorizer = text_vectorizer(self.sub_model, tensor)
                 vocabulary = vectorizer.get_vocabulary() if vectorizer is not None else []
                 unknown_id = 1 if len(vocabulary) > 1 and vocabulary[1] == UNKNOWN_TOKEN else None
-            cache[info.name] = (vectorizer, unknown_id)
-        return cache[info.name]
+            self._vectorizers[info.name] = (vectorizer, unknown_id)
+        return self._vectorizers[info.name]
 
-    def embed(self, documents):
-        """Embeds `documents`; bad ones become dead-letter rows, never exceptions."""
-        plan = self.plan
-        features, masks, nonempty, truncated, oov = self.encode(documents)  # an Encoded
-        errors = [
-            schema_lib.document_error_row(
-                d, schema_lib.EMPTY_DOCUMENT, "No tokens in any model input after tokenization."
-            )
-            for d, keep in zip(documents, nonempty, strict=True)
-            if not keep
-        ]
-        # What the forward pass would fail on for an ids column, and so dead-letter, fails here too.
-        outside = self._ids_outside_tables(features, len(documents))
-        errors += [
-            schema_lib.document_error_row(d, schema_lib.INFERENCE_FAILED, message)
-            for d, keep, message in zip(documents, nonempty, outside, strict=True)
-            if keep and message
-        ]
-        nonempty &= np.array([not message for message in outside], dtype=bool)
-        keep_rows = np.flatnonzero(nonempty)
-        if len(keep_rows) < len(documents):
-            features = {name: ids[keep_rows] for name, ids in features.items()}
-            masks = {name: mask[keep_rows] for name, mask in masks.items()}
-            documents = [documents[index] for index in keep_rows]
-        if not documents:
-            return EmbedResult(None, errors, truncated, oov)
-        try:
-            outputs = self.predict(features)
-        except Exception:  # Retry one by one so only the bad documents are dead-lettered.
-            outputs, good = self._predict_one_by_one(documents, features, errors)
-            if not good:
-                return EmbedResult(None, errors, truncated, oov)
-            documents = [documents[index] for index in good]
-            features = {name: values[good] for name, values in features.items()}
-            masks = {name: mask[good] for name, mask in masks.items()}
-        kept = {
-            name: [document.kept[index] for document in documents]
-            for index, name in enumerate(plan.keep_fields)
-        }
-        fingerprints = [schema_lib.input_fingerprint(d.texts, plan.inputs) for d in documents]
-        rows = schema_lib.to_record_batch(
-            self.schema,
-            plan,
-            [document.id for document in documents],
-            kept,
-            outputs,
-            masks,
-            features,
-            fingerprints,
-        )
-        return EmbedResult(rows, errors, truncated, oov)
-
-    def _ids_outside_tables(self, features, count):
-        """Per document, why an ids column cannot look up its tokens (an id past the table), or ""."""
-        messages = [""] * count
-        for column in self.plan.columns:
-            if column.column not in self._table_sizes:
-                continue
-            size = self._table_sizes[column.column]
-            largest = np.asarray(features[column.source_input]).max(axis=1, initial=0)
-            for row in np.flatnonzero(largest >= size):
-                messages[row] = messages[row] or (
-                    f"Token id {int(largest[row])} of input {column.source_input!r} is outside the "
-                    f"{size}-row table of Embedding layer {column.layer!r}."
-                )
-        return messages
-
-    def _predict_one_by_one(self, documents, features, errors):
+    def _predict_one_by_one(self, documents, features, failed):
+        """Outputs of the documents the model can embed, and their rows; the others join `failed`."""
         results, good = [], []
-        for index, document in enumerate(documents):
+        for row, document in enumerate(documents):
             try:
-                results.append(self.predict({name: ids[index : index + 1] for name, ids in features.items()}))
-                good.append(index)
+                one = {name: values[row : row + 1] for name, values in features.items()}
+                results.append(self.predict(one))
+                good.append(row)
             except Exception as error:
-                errors.append(
+                failed.append(
                     schema_lib.document_error_row(
                         document, schema_lib.INFERENCE_FAILED, f"{type(error).__name__}: {error}"
                     )
                 )
-        if not good:
+        if not results:
             return {}, good
-        outputs = {name: np.concatenate([r[name] for r in results]) for name in results[0]}
-        return outputs, good
+        return {name: np.concatenate([result[name] for result in results]) for name in results[0]}, good
+
+
+def _rows(rows, documents, features, masks):
+    """The `rows` of a batch: its documents, features and masks."""
+    return (
+        [documents[row] for row in rows],
+        {name: values[rows] for name, values in features.items()},
+        {name: mask[rows] for name, mask in masks.items()},
+    )

@@ -355,7 +355,7 @@ def run_export(argv=None):
             f"must be local; received {export_options.model!r}. Leave --model out (the "
             "bundled default) or pass a local copy of the bundle."
         )
-    plan, source = build_plan(export_options, check_remote=not dry_run)
+    plan, model_source = build_plan(export_options, check_remote=not dry_run)
     total_bytes = input_bytes(plan.input_pattern) if is_local(plan.input_pattern) or not dry_run else 0
     use_local_cores(options, total_bytes, argv)
     plan = dataclasses.replace(plan, tf_threads=worker_tf_threads(options, export_options.tf_threads))
@@ -368,12 +368,12 @@ def run_export(argv=None):
             **_graph_settings(options, total_bytes),
         )
         return _dry_run(pipeline, plan, options)
-    plan = dataclasses.replace(plan, forward_passes=choose_forward_passes(plan, source))
+    plan = dataclasses.replace(plan, forward_passes=choose_forward_passes(plan, model_source))
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
     with output_lib.OutputLock(plan.output):
         run_id = output_lib.prepare(plan.output, export_options.overwrite)
-        return _run_and_commit(options, plan, source, run_id, argv, total_bytes)
+        return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes)
 
 
 def _graph_settings(options, total_bytes, progress_dir=None):
@@ -448,12 +448,12 @@ def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes):
         shutil.rmtree(progress_dir, ignore_errors=True)
 
 
-def _run_and_commit(options, plan, source, run_id, argv, total_bytes):
+def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
     """Runs the pipeline into the run's staging directory, checks the accounting, commits."""
     export_options = options.view_as(ExportOptions)
     rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
     started = time.time()
-    write_token_tables(plan, source, output_lib.staging_tables_dir(plan.output, run_id))
+    write_token_tables(plan, model_source, output_lib.staging_tables_dir(plan.output, run_id))
     result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes)
     seconds = time.time() - started
 

@@ -99,11 +99,11 @@ def describe_tokenizer(tokenizer, sha256):
     )
 
 
-def report(source, layer_specs=()):
+def report(model_source, layer_specs=()):
     """The text `python -m pipeline.inspect` prints for a loaded `ModelSource`.
 
     Args:
-        source: a `pipeline.model_source.ModelSource`.
+        model_source: a `pipeline.model_source.ModelSource`.
         layer_specs: `--layer` values to check and show alone (all layers when empty).
 
     Raises:
@@ -111,7 +111,7 @@ def report(source, layer_specs=()):
     """
     from models.truncate import parse_layer_spec, resolve_layer
 
-    model = source.model
+    model = model_source.model
     rows = layer_rows(model)
     if layer_specs:
         wanted = set()
@@ -121,14 +121,14 @@ def report(source, layer_specs=()):
             wanted.add(spec.layer if spec.call == 0 else f"{spec.layer}:{spec.call}")
         rows = [row for row in rows if row[-1] in wanted]
     lines = [
-        f"Model: {source.uri} ({model.name}, {len(model.inputs)} input(s), {len(model.layers)} layers)",
-        describe_tokenizer(source.tokenizer, source.tokenizer_sha256),
+        f"Model: {model_source.uri} ({model.name}, {len(model.inputs)} input(s), {len(model.layers)} layers)",
+        describe_tokenizer(model_source.tokenizer, model_source.tokenizer_sha256),
     ]
-    if source.input_fields:
-        fields = ", ".join(f"{name} <- {field}" for name, field in source.input_fields.items())
+    if model_source.input_fields:
+        fields = ", ".join(f"{name} <- {field}" for name, field in model_source.input_fields.items())
         lines.append(f"Corpus fields (bundle manifest): {fields}")
-    if source.default_layers:
-        lines.append(f"Default --layer (bundle manifest): {', '.join(source.default_layers)}")
+    if model_source.default_layers:
+        lines.append(f"Default --layer (bundle manifest): {', '.join(model_source.default_layers)}")
     lines += ["", format_table(rows), "", *forward_pass_lines(model, rows)]
     return "\n".join(lines)
 
@@ -153,7 +153,7 @@ def forward_pass_lines(model, rows):
     passes = describe_forward_passes(tensors)
     width = max(len(spec) for spec in passes)
     lines = ["Forward pass per --layer (fast: exact fast path; hybrid: Keras layers on fast outputs):"]
-    lines += [f"  {spec:<{width}}  {p.kind} ({p.reason})" for spec, p in passes.items()]
+    lines += [f"  {spec:<{width}}  {p.engine} ({p.reason})" for spec, p in passes.items()]
     return lines
 
 
@@ -173,13 +173,13 @@ def main(argv=None):
     from pipeline.model_source import load_model_source
 
     try:
-        source = load_model_source(
+        model_source = load_model_source(
             args.model,
             args.tokenizer,
             allow_unsafe_deserialization=args.allow_unsafe_deserialization,
             require_tokenizer=False,
         )
-        print(report(source, args.layer))
+        print(report(model_source, args.layer))
     except (ExportConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

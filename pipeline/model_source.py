@@ -2,13 +2,14 @@
 
 import dataclasses
 import hashlib
+import json
 import os
 import tempfile
 
 import keras
 from apache_beam.io.filesystems import FileSystems
 
-from models.bundle import DEFAULT_BUNDLE, BundleError, is_bundle, load_bundle, sha256_file
+from models.bundle import DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, is_bundle, load_bundle, sha256_file
 from models.keras2_tokenizer import read_tokenizer
 from models.legacy import LegacyModelError, load_model_file
 from models.tokenizer import Tokenizer
@@ -219,3 +220,31 @@ def load_tokenizer(uri, padding=None, truncating=None):
     except ValueError as error:
         raise ExportConfigError(f"--tokenizer {uri!r} is not a tokenizer file: {error}") from None
     return tokenizer, hashlib.sha256(data).hexdigest()
+
+
+def load_plan_tokenizer(plan):
+    """The tokenizer a worker tokenizes with, read without the model; None when no input needs one.
+
+    Reads `plan.tokenizer_uri`, or else the tokenizer file of the `plan.model_uri`
+    bundle, sides set to the plan's `padding` and `truncating`, and checks that it
+    is the file the launcher saw (`plan.tokenizer_sha256`).
+    """
+    if wants_no_tokenizer(plan.tokenizer_uri) or not plan.tokenizer_sha256:
+        return None
+    if plan.tokenizer_uri:
+        tokenizer, sha256 = load_tokenizer(plan.tokenizer_uri, plan.padding, plan.truncating)
+    else:
+        bundle = _installed_default_bundle(plan.model_uri.rstrip("/"))
+        with FileSystems.open(FileSystems.join(bundle, MANIFEST_FILE)) as handle:
+            name = json.load(handle)["tokenizer_file"]
+        with FileSystems.open(FileSystems.join(bundle, name)) as handle:
+            data = handle.read()
+        bundled = Tokenizer.from_json(data.decode("utf-8"))
+        tokenizer = Tokenizer(bundled.vocabulary, padding=plan.padding, truncating=plan.truncating)
+        sha256 = hashlib.sha256(data).hexdigest()
+    if sha256 != plan.tokenizer_sha256:
+        raise ExportConfigError(
+            f"The tokenizer of {plan.tokenizer_uri or plan.model_uri} changed after launch (SHA-256 "
+            f"{sha256}, launch saw {plan.tokenizer_sha256}); rerun the export."
+        )
+    return tokenizer

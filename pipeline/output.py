@@ -226,9 +226,9 @@ def staged_shards(directory, run_id):
     """
     paths = sorted(_list(join(directory, STAGING, run_id)))
     shards = {}
-    for kind, folder in (("rows", "data"), ("errors", ERRORS_DIR)):
+    for role, folder in (("rows", "data"), ("errors", ERRORS_DIR)):
         prefix = join(directory, STAGING, run_id, folder) + "/"
-        shards[kind] = [
+        shards[role] = [
             (path, _row_count(path))
             for path in paths
             if path.startswith(prefix)
@@ -277,14 +277,14 @@ def commit(directory, run_id, staged, manifest):
     _delete(old_manifest)
     _delete([p for p in old if p not in old_manifest])
     places = {"rows": directory, "errors": join(directory, ERRORS_DIR), "tables": join(directory, TABLES_DIR)}
-    sources, targets, shards = [], [], {kind: [] for kind in places}
-    for kind, target_dir in places.items():
-        for path, rows in staged.get(kind, []):
+    sources, targets, shards = [], [], {role: [] for role in places}
+    for role, target_dir in places.items():
+        for path, rows in staged.get(role, []):
             target = join(target_dir, posixpath.basename(path))
             sources.append(path)
             targets.append(target)
-            shards[kind].append({"file": _relative(directory, target), "rows": rows})
-        if kind != "rows" and staged.get(kind) and not FileSystems.exists(target_dir):
+            shards[role].append({"file": _relative(directory, target), "rows": rows})
+        if role != "rows" and staged.get(role) and not FileSystems.exists(target_dir):
             FileSystems.mkdirs(target_dir)
     FileSystems.rename(sources, targets)
     for entry in shards["rows"] + shards["errors"] + shards["tables"]:

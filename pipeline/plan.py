@@ -20,8 +20,8 @@ from pipeline.options import INPUT_FORMATS
 from pipeline.token_tables import apply_token_storage
 
 TEXT_FIELD = "text"
-# Input kinds: token ids the pipeline computes (or reads as id lists), or the raw
-# string for a model that tokenizes itself with a TextVectorization layer.
+# What an input takes (`InputInfo.takes`): token ids the pipeline computes (or reads
+# as id lists), or the raw string for a model that tokenizes itself (TextVectorization).
 IDS_INPUT = "ids"
 TEXT_INPUT = "text"
 EXTENSION_FORMATS = {
@@ -39,7 +39,7 @@ EXTENSION_FORMATS = {
 class InputInfo:
     """A model input the sub-model needs: its name, corpus field and length.
 
-    For `kind` TEXT_INPUT (a string input of `rank` 1 or 2), `length` is the
+    For `takes` TEXT_INPUT (a string input of `rank` 1 or 2), `length` is the
     output length of the TextVectorization layer it feeds, whose non-zero ids
     mark the real tokens of per-token outputs; 0 when there is none of fixed
     length, so only vector outputs can be exported from it.
@@ -48,7 +48,7 @@ class InputInfo:
     name: str
     field: str
     length: int
-    kind: str = IDS_INPUT
+    takes: str = IDS_INPUT  # what the input takes: token ids or text
     rank: int = 2
     # Token ids must be below this: the smallest input_dim of the Embeddings the
     # input feeds (0: no Embedding found, any int32 id).
@@ -396,7 +396,7 @@ def embedding_limits(sub_model, inputs):
     """{token-id input name: (smallest input_dim of the Embeddings it feeds, that layer's name)}."""
     import keras
 
-    token_inputs = {info.name for info in inputs if info.kind == IDS_INPUT}
+    token_inputs = {info.name for info in inputs if info.takes == IDS_INPUT}
     limits = {}
     for layer in sub_model.layers:
         if not isinstance(layer, keras.layers.Embedding):
@@ -472,7 +472,7 @@ def describe_inputs(sub_model, mapping):
 def check_tokenizer_present(inputs, tokenizer, tokenizer_flag):
     """Refuses token-id inputs without a tokenizer, unless `--tokenizer none` says the corpus holds ids."""
     if tokenizer is None and not wants_no_tokenizer(tokenizer_flag):
-        ids_inputs = [info.name for info in inputs if info.kind == IDS_INPUT]
+        ids_inputs = [info.name for info in inputs if info.takes == IDS_INPUT]
         if ids_inputs:
             raise ExportConfigError(
                 f"The exported layers read token-id input(s) {ids_inputs}, but there is no "
@@ -502,7 +502,7 @@ def column_kind(shape, dependencies, lengths):
 def describe_columns(sub_model, specs, inputs, pooling):
     """A `ColumnInfo` per --layer; refuses outputs that are neither vectors nor per-token sequences."""
     lengths = {info.name: info.length for info in inputs}
-    text_inputs = {info.name for info in inputs if info.kind == TEXT_INPUT}
+    text_inputs = {info.name for info in inputs if info.takes == TEXT_INPUT}
     outputs = sub_model.output if isinstance(sub_model.output, dict) else {specs[0].column: sub_model.output}
     columns = []
     for spec in specs:
@@ -550,38 +550,40 @@ def build_plan(options, check_remote=True):
     check_locations(options, check_remote)
     input_format = detect_format(options.input, options.input_format)
     explicit_map = _parse_input_map(options.input_map)
-    source = load_model_source(
+    model_source = load_model_source(
         options.model,
         options.tokenizer,
         allow_unsafe_deserialization=options.allow_unsafe_deserialization,
         padding=options.padding,
         truncating=options.truncating,
     )
-    model = source.model
-    specs, sub_model = cut_model(model, options.layer or source.default_layers or _default_layer_names(model))
+    model = model_source.model
+    specs, sub_model = cut_model(
+        model, options.layer or model_source.default_layers or _default_layer_names(model)
+    )
     mapping = resolve_input_map(
-        [t.name for t in sub_model.inputs], explicit_map, source.input_fields, input_format
+        [t.name for t in sub_model.inputs], explicit_map, model_source.input_fields, input_format
     )
     inputs = describe_inputs(sub_model, mapping)
-    check_tokenizer_present(inputs, source.tokenizer, options.tokenizer)
+    check_tokenizer_present(inputs, model_source.tokenizer, options.tokenizer)
     columns = describe_columns(sub_model, specs, inputs, options.pooling)
     columns = apply_token_storage(model, specs, columns, options.token_storage, options.pooling)
     keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
     check_column_names(keep_fields, columns)
     limits = embedding_limits(sub_model, inputs)
-    check_vocabulary_fits(limits, source.tokenizer)
+    check_vocabulary_fits(limits, model_source.tokenizer)
     inputs = tuple(
         dataclasses.replace(info, id_limit=limits[info.name][0]) if info.name in limits else info
         for info in inputs
     )
 
-    tokenizer = source.tokenizer
+    tokenizer = model_source.tokenizer
     output = options.output
     plan = ExportPlan(
         model_uri=options.model,
         tokenizer_uri=options.tokenizer or "",
-        model_sha256=source.model_sha256,
-        tokenizer_sha256=source.tokenizer_sha256,
+        model_sha256=model_source.model_sha256,
+        tokenizer_sha256=model_source.tokenizer_sha256,
         layer_specs=tuple(specs),
         inputs=inputs,
         columns=tuple(columns),
@@ -602,7 +604,7 @@ def build_plan(options, check_remote=True):
     )
     if options.reuse:
         plan = dataclasses.replace(plan, reuse=options.reuse, reuse_files=check_reuse(options.reuse, plan))
-    return plan, source
+    return plan, model_source
 
 
 def reuse_signature(plan):
@@ -618,7 +620,7 @@ def reuse_signature(plan):
         "dtype": plan.dtype,
         "padding": plan.padding,
         "truncating": plan.truncating,
-        "inputs": [{"name": i.name, "length": i.length, "kind": i.kind} for i in plan.inputs],
+        "inputs": [{"name": i.name, "length": i.length, "kind": i.takes} for i in plan.inputs],
         # The fast path equals Keras's forward pass to 1e-5, not bit for bit.
         "fast_path": plan.fast_path,
     }

@@ -181,27 +181,32 @@ def input_fingerprint(texts, inputs):
     return hashlib.sha256(json.dumps(parts, ensure_ascii=True).encode("ascii")).hexdigest()
 
 
-def to_record_batch(schema, plan, ids, kept, outputs, masks, token_ids=None, fingerprints=None):
+def to_record_batch(
+    schema, columns, dtype, document_ids, kept, outputs, masks, token_ids=None, fingerprints=None
+):
     """Builds the output rows of one batch as an Arrow RecordBatch.
 
     Args:
         schema: `output_schema(plan)`.
-        plan: the `ExportPlan`.
-        ids: document ids (strings).
-        kept: field name -> list of values (strings or None) for `plan.keep_fields`.
-        outputs: column name -> numpy array from the sub-model, rows aligned with `ids`
-            (not needed for columns stored as token ids).
+        columns: the plan's `ColumnInfo`s.
+        dtype: the plan's "float32" or "float16".
+        document_ids: the documents' ids (strings).
+        kept: field name -> list of values (strings or None), in `plan.keep_fields` order.
+        outputs: column name -> numpy array from the sub-model, rows aligned with
+            `document_ids` (not needed for columns stored as token ids).
         masks: model input name -> boolean (n, length) array of real-token positions.
+        token_ids: model input name -> (n, length) int32 token ids (for columns
+            stored as token ids).
         fingerprints: `input_fingerprint` per row (None: left null).
 
     Returns:
         A `pyarrow.RecordBatch` with `schema`.
     """
-    value_type = _value_type(plan.dtype)
-    numpy_type = np.float16 if plan.dtype == "float16" else np.float32
-    arrays = [pa.array(ids, type=pa.string())]
-    arrays += [pa.array(kept[name], type=pa.string()) for name in plan.keep_fields]
-    for column in plan.columns:
+    value_type = _value_type(dtype)
+    numpy_type = np.float16 if dtype == "float16" else np.float32
+    arrays = [pa.array(document_ids, type=pa.string())]
+    arrays += [pa.array(values, type=pa.string()) for values in kept.values()]
+    for column in columns:
         if is_per_token(column) and column.token_storage == TOKEN_IDS:
             mask = masks[column.source_input]
             tokens = np.asarray(token_ids[column.source_input])[mask].astype(np.int32)
@@ -227,7 +232,7 @@ def to_record_batch(schema, plan, ids, kept, outputs, masks, token_ids=None, fin
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         arrays.append(pa.ListArray.from_arrays(pa.array(offsets), _fixed_size(tokens, value_type)))
         arrays.append(pa.array(counts, type=pa.int32()))
-    arrays.append(pa.array(fingerprints or [None] * len(ids), type=pa.string()))
+    arrays.append(pa.array(fingerprints or [None] * len(document_ids), type=pa.string()))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -240,11 +245,13 @@ def rows_of(table):
     columns = {}
     for name, column in zip(table.column_names, table.columns, strict=True):
         column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        kind = column.type
-        if pa.types.is_fixed_size_list(kind):
-            values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), kind.list_size)
+        arrow_type = column.type
+        if pa.types.is_fixed_size_list(arrow_type):
+            values = (
+                column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), arrow_type.list_size)
+            )
             columns[name] = list(values)
-        elif pa.types.is_list(kind):
+        elif pa.types.is_list(arrow_type):
             offsets = column.offsets.to_numpy()
             inner = column.flatten()
             if pa.types.is_fixed_size_list(inner.type):
@@ -268,14 +275,16 @@ def batch_of_rows(rows, schema):
     arrays = []
     for field in schema:
         values = [row[field.name] for row in rows]
-        kind = field.type
-        if pa.types.is_fixed_size_list(kind):
-            matrix = np.stack(values) if values else np.zeros((0, kind.list_size))
-            arrays.append(_fixed_size(matrix.astype(kind.value_type.to_pandas_dtype()), kind.value_type))
-        elif pa.types.is_list(kind):
+        arrow_type = field.type
+        if pa.types.is_fixed_size_list(arrow_type):
+            matrix = np.stack(values) if values else np.zeros((0, arrow_type.list_size))
+            arrays.append(
+                _fixed_size(matrix.astype(arrow_type.value_type.to_pandas_dtype()), arrow_type.value_type)
+            )
+        elif pa.types.is_list(arrow_type):
             counts = np.array([len(value) for value in values], dtype=np.int64)
             offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-            inner_type = kind.value_type
+            inner_type = arrow_type.value_type
             if pa.types.is_fixed_size_list(inner_type):
                 flat = np.concatenate(values) if values else np.zeros((0, inner_type.list_size))
                 inner = _fixed_size(
@@ -286,7 +295,7 @@ def batch_of_rows(rows, schema):
                 inner = pa.array(flat, type=inner_type)
             arrays.append(pa.ListArray.from_arrays(offsets, inner))
         else:
-            arrays.append(pa.array(values, type=kind))
+            arrays.append(pa.array(values, type=arrow_type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 

@@ -143,12 +143,12 @@ def token_tables(plan):
     return tables
 
 
-def write_token_tables(plan, source, directory):
+def write_token_tables(plan, model_source, directory):
     """Writes the table of each Embedding layer stored as ids into `directory`, once per layer.
 
     Args:
         plan: the `ExportPlan`.
-        source: the launcher's `ModelSource` of `plan.model_uri`.
+        model_source: the launcher's `ModelSource` of `plan.model_uri`.
         directory: the run's staging directory for tables (`output.staging_tables_dir`).
 
     Returns:
@@ -158,9 +158,9 @@ def write_token_tables(plan, source, directory):
 
     paths = []
     for relative, (layer_name, columns) in token_tables(plan).items():
-        table = layer_table(source.model, layer_name)
-        metadata = dict(vocabulary_metadata(plan.model_uri, source, layer_name, table), columns=columns)
-        id_to_token = source.tokenizer.id_to_token() if source.tokenizer is not None else {}
+        table = layer_table(model_source.model, layer_name)
+        metadata = dict(vocabulary_metadata(plan.model_uri, model_source, layer_name, table), columns=columns)
+        id_to_token = model_source.tokenizer.id_to_token() if model_source.tokenizer is not None else {}
         arrow_table = vocabulary_table(table, id_to_token, metadata)
         path = FileSystems.join(directory, posixpath.basename(relative))
         with FileSystems.create(path) as handle:

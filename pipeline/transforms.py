@@ -23,13 +23,15 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline import corpus
 from pipeline import progress as progress_lib
 from pipeline import schema as schema_lib
-from pipeline.embedder import Document, Embedder
+from pipeline.embedder import Embedder
+from pipeline.features import DocumentTokenizer, Tokenized
+from pipeline.model_source import load_plan_tokenizer
 
 NAMESPACE = "embexport"
 ERRORS = "errors"
 DOCUMENTS = "documents"
 ROWS = "rows"
-IDS = "ids"
+DOCUMENT_IDS = "document_ids"
 NEWLINES = "newlines"
 ORDERS = "orders"
 # Counter of the file ranges read by the second pass (more than one per big file).
@@ -163,7 +165,7 @@ class _RangeReader:
             self._tracker.try_claim(self._tracker.current_restriction().stop)
 
 
-class ScanIdsFn(beam.DoFn):
+class ScanDocumentIdsFn(beam.DoFn):
     """The first, light pass: each record's id and (file, order), never the document.
 
     Outputs (id, (source, order)) per document (main; none for text files, whose
@@ -194,7 +196,7 @@ class ScanIdsFn(beam.DoFn):
         # Line numbers are exact from the start of a file; a later range knows only byte offsets.
         numbered = not file_range.splittable or not tracker.current_restriction().start
         for count, (order, item) in enumerate(reader.records(on_newline=on_newline), start=1):
-            if keyed and isinstance(item, Document):
+            if keyed and isinstance(item, corpus.Document):
                 yield item.id, (path, order, item.position if numbered else None)
             if self._limit:
                 yield beam.pvalue.TaggedOutput(ORDERS, (path, order))
@@ -292,7 +294,7 @@ class ReadDocumentsFn(beam.DoFn):
                 break
             count += 1
             self._read.inc()
-            if isinstance(item, Document):
+            if isinstance(item, corpus.Document):
                 first = duplicates.get((path, order))
                 if first is None:
                     yield item
@@ -385,7 +387,7 @@ class ReadCorpus(beam.PTransform):
 
     Two passes over the corpus, and no document ever goes through a shuffle:
 
-    1. `ScanIds` reads each range and emits only (id, (file, order)) keys, the
+    1. `ScanDocumentIds` reads each range and emits only (id, (file, order)) keys, the
        newline counts of the line index and, with `limit`, every record's place;
        grouping the keys by id finds the later records of an id (usually none).
     2. `ReadRecords` reads the ranges again and yields the documents, minus
@@ -412,11 +414,13 @@ class ReadCorpus(beam.PTransform):
             | "SplitFiles" >> beam.ParDo(SplitFilesFn(plan, self._split_bytes))
             | "ReshuffleRanges" >> beam.Reshuffle()
         )
-        scan = ranges | "ScanIds" >> beam.ParDo(
-            ScanIdsFn(plan, self._limit, self._progress_dir)
-        ).with_outputs(NEWLINES, ORDERS, main=IDS)
+        scan = ranges | "ScanDocumentIds" >> beam.ParDo(
+            ScanDocumentIdsFn(plan, self._limit, self._progress_dir)
+        ).with_outputs(NEWLINES, ORDERS, main=DOCUMENT_IDS)
         duplicates = (
-            scan[IDS] | "GroupPlacesById" >> beam.GroupByKey() | "FindDuplicates" >> beam.FlatMap(_duplicates)
+            scan[DOCUMENT_IDS]
+            | "GroupPlacesById" >> beam.GroupByKey()
+            | "FindDuplicates" >> beam.FlatMap(_duplicates)
         )
         line_indexes = (
             scan[NEWLINES]
@@ -456,11 +460,36 @@ class ReadCorpus(beam.PTransform):
         return results[DOCUMENTS], errors
 
 
-class EmbeddingModelHandler(ModelHandler):
-    """RunInference handler: `load_model` builds an `Embedder`, `run_inference` embeds a batch.
+class TokenizeDocumentsFn(beam.DoFn):
+    """`Document` -> `features.Tokenized` (main) or a dead letter (`errors`); loads only the tokenizer."""
 
-    The constructor only stores the plan; the model is loaded on the worker,
-    once per process, from `plan.model_uri`.
+    def __init__(self, plan):
+        self._plan = plan
+        self._truncated = Metrics.counter(NAMESPACE, "documents_truncated")
+        self._oov = Metrics.counter(NAMESPACE, "oov_tokens")
+
+    def setup(self):
+        self._tokenizer = DocumentTokenizer(self._plan, load_plan_tokenizer(self._plan))
+
+    def process(self, document):
+        tokenized = self._tokenizer.tokenize(document)
+        if not isinstance(tokenized, Tokenized):
+            yield beam.pvalue.TaggedOutput(ERRORS, tokenized)
+            return
+        self._truncated.inc(int(tokenized.truncated))
+        self._oov.inc(tokenized.oov_tokens)
+        yield tokenized
+
+
+class EmbeddingModelHandler(ModelHandler):
+    """RunInference handler: stacks a batch of `Tokenized` documents and runs the forward pass.
+
+    `load_model` builds an `Embedder` once per worker process, from
+    `plan.model_uri`; `run_inference` returns one `embedder.Embedded` per batch
+    rather than one `PredictionResult` per document, because `BuildRows` then
+    makes one Arrow RecordBatch of the whole batch with numpy slicing. Built per
+    document, the same rows took 4.0x as long for a vector column and 1.7x for a
+    per-token one (`python -m benchmarks.export --contenders arrow_rows --documents 1024`).
     """
 
     def __init__(self, plan):
@@ -471,48 +500,75 @@ class EmbeddingModelHandler(ModelHandler):
         return Embedder(self._plan)
 
     def run_inference(self, batch, model, inference_args=None):
-        return [model.embed(list(batch))]
+        return [model.run(batch)]
 
     def get_num_bytes(self, batch):
         # Beam's default pickles the whole batch just to measure it.
-        return sum(len(text) for document in batch for text in document.texts)
+        return sum(len(text) for tokenized in batch for text in tokenized.document.texts)
 
     def get_metrics_namespace(self):
         return NAMESPACE
 
 
-class SplitResultsFn(beam.DoFn):
-    """Unpacks `EmbedResult`s into row batches and dead letters, counting both."""
+class BuildRowsFn(beam.DoFn):
+    """`Embedded` batches -> one Arrow RecordBatch of output rows each (main), and their dead letters."""
 
-    def __init__(self):
+    def __init__(self, plan):
+        self._plan = plan
         self._written = Metrics.counter(NAMESPACE, "rows_embedded")
-        self._truncated = Metrics.counter(NAMESPACE, "documents_truncated")
         self._oov = Metrics.counter(NAMESPACE, "oov_tokens")
 
-    def process(self, result):
-        self._truncated.inc(result.truncated)
-        self._oov.inc(result.oov_tokens)
-        if result.rows is not None and result.rows.num_rows:
-            self._written.inc(result.rows.num_rows)
-            yield result.rows
-        for error in result.errors:
+    def setup(self):
+        self._schema = schema_lib.output_schema(self._plan)
+
+    def process(self, embedded):
+        self._oov.inc(embedded.oov_tokens)
+        for error in embedded.failed:
             yield beam.pvalue.TaggedOutput(ERRORS, error)
+        if not embedded.documents:
+            return
+        plan = self._plan
+        documents = embedded.documents
+        rows = schema_lib.to_record_batch(
+            self._schema,
+            plan.columns,
+            plan.dtype,
+            document_ids=[document.id for document in documents],
+            kept={
+                name: [document.kept[index] for document in documents]
+                for index, name in enumerate(plan.keep_fields)
+            },
+            outputs=embedded.outputs,
+            masks=embedded.masks,
+            token_ids=embedded.features,
+            fingerprints=[schema_lib.input_fingerprint(d.texts, plan.inputs) for d in documents],
+        )
+        self._written.inc(rows.num_rows)
+        yield rows
 
 
 class EmbedDocuments(beam.PTransform):
-    """Documents -> Arrow RecordBatches of output rows (main) and dead letters (`errors`)."""
+    """Documents -> Arrow RecordBatches of output rows (main) and dead letters (`errors`).
+
+    Three steps: tokenize each document, run the model on batches
+    (RunInference), build each batch's rows.
+    """
 
     def __init__(self, plan):
         super().__init__()
         self._plan = plan
 
     def expand(self, documents):
-        results = (
-            documents
+        tokenized = documents | "TokenizeDocuments" >> beam.ParDo(
+            TokenizeDocumentsFn(self._plan)
+        ).with_outputs(ERRORS, main=DOCUMENTS)
+        rows = (
+            tokenized[DOCUMENTS]
             | "RunInference" >> RunInference(EmbeddingModelHandler(self._plan))
-            | "SplitResults" >> beam.ParDo(SplitResultsFn()).with_outputs(ERRORS, main=ROWS)
+            | "BuildRows" >> beam.ParDo(BuildRowsFn(self._plan)).with_outputs(ERRORS, main=ROWS)
         )
-        return results[ROWS], results[ERRORS]
+        errors = (tokenized[ERRORS], rows[ERRORS]) | "CollectEmbedErrors" >> beam.Flatten()
+        return rows[ROWS], errors
 
 
 class _CountingFile:

@@ -117,21 +117,21 @@ def vocabulary_table(table, id_to_token, metadata):
     return pa.Table.from_arrays(columns, schema=vocabulary_schema(dim, metadata))
 
 
-def vocabulary_metadata(model_uri, source, layer_name, table):
+def vocabulary_metadata(model_uri, model_source, layer_name, table):
     """The facts a vocabulary file stores as key-value metadata.
 
     Args:
         model_uri: where the model was loaded from.
-        source: its `ModelSource` (hashes and tokenizer; the tokenizer may be None).
+        model_source: its `ModelSource` (hashes and tokenizer; the tokenizer may be None).
         layer_name: the Embedding layer.
         table: its (table size, dim) matrix.
     """
-    id_to_token = source.tokenizer.id_to_token() if source.tokenizer is not None else {}
+    id_to_token = model_source.tokenizer.id_to_token() if model_source.tokenizer is not None else {}
     return {
         "kind": "vocabulary",
         "model_uri": model_uri,
-        "model_sha256": source.model_sha256,
-        "tokenizer_sha256": source.tokenizer_sha256,
+        "model_sha256": model_source.model_sha256,
+        "tokenizer_sha256": model_source.tokenizer_sha256,
         "layer": layer_name,
         "table_size": int(table.shape[0]),
         "dim": int(table.shape[1]),
@@ -165,11 +165,11 @@ def export_vocabulary(
         raise ExportConfigError(
             f"{path} already exists; pass --overwrite to replace it, or another --output."
         )
-    source = load_model_source(
+    model_source = load_model_source(
         model_uri, tokenizer_uri, allow_unsafe_deserialization=allow_unsafe_deserialization
     )
     if layer_name is None:
-        names = embedding_layer_names(source.model)
+        names = embedding_layer_names(model_source.model)
         if len(names) != 1:
             raise ExportConfigError(
                 f"The model has {len(names)} Embedding layers ({', '.join(map(repr, names)) or 'none'}); "
@@ -177,15 +177,15 @@ def export_vocabulary(
             )
         layer_name = names[0]
     try:
-        table = embedding_table(source.model, layer_name)
+        table = embedding_table(model_source.model, layer_name)
     except ValueError as error:
         raise ExportConfigError(str(error)) from None
-    if source.tokenizer is None:
+    if model_source.tokenizer is None:
         raise ExportConfigError(
             "The model reads raw strings or --tokenizer none was given, so there is no tokenizer "
             "to name the table's rows; pass --tokenizer with the model's tokenizer file."
         )
-    id_to_token = source.tokenizer.id_to_token()
+    id_to_token = model_source.tokenizer.id_to_token()
     vocabulary_size = max([OOV_ID, *id_to_token]) + 1
     if vocabulary_size > len(table):
         logging.warning(
@@ -196,7 +196,7 @@ def export_vocabulary(
             len(table),
             len(table),
         )
-    metadata = vocabulary_metadata(model_uri, source, layer_name, table)
+    metadata = vocabulary_metadata(model_uri, model_source, layer_name, table)
     arrow_table = vocabulary_table(table, id_to_token, metadata)
     # Written under a temporary name and renamed, so a reader never sees half a file.
     temporary = path + ".tmp"

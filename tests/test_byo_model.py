@@ -21,8 +21,8 @@ import tensorflow as tf
 from pipeline_fixtures import export_args, read_errors, read_rows, rows_by_id, write_jsonl
 
 from models.keras2_tokenizer import (
-    KIND_KERAS2,
-    KIND_VOCABULARY,
+    FORMAT_KERAS2,
+    FORMAT_VOCABULARY,
     Keras2Tokenizer,
     VocabularyTokenizer,
     pad_token_ids,
@@ -326,8 +326,8 @@ def test_keras2_model_token_ids_and_table_reproduce_tf_keras(keras2, tmp_path):
     table = read_table_vectors(str(output / "_tables" / "emb.parquet"))
     rows = _ordered_rows(output, info["documents"])
     prefix = "two_outputs|pre|"
-    for column, source, call in (("emb", "content", 0), ("emb_call1", "title", 1)):
-        padded = references[f"{prefix}ids_{source}"]
+    for column, source_input, call in (("emb", "content", 0), ("emb_call1", "title", 1)):
+        padded = references[f"{prefix}ids_{source_input}"]
         for row, document in enumerate(rows):
             real = padded[row] != 0
             # The ids are pad_sequences(tokenizer.texts_to_sequences(...))'s real tokens, and
@@ -463,8 +463,8 @@ def test_keras2_tokenizer_reproduces_texts_to_sequences(keras2):
         name = path.stem[len("tokenizer_") :]
         for padding in ("pre", "post"):
             for truncating in ("pre", "post"):
-                tokenizer, kind = read_tokenizer(path.read_bytes(), padding, truncating)
-                assert kind == KIND_KERAS2 and isinstance(tokenizer, Keras2Tokenizer)
+                tokenizer, file_format = read_tokenizer(path.read_bytes(), padding, truncating)
+                assert file_format == FORMAT_KERAS2 and isinstance(tokenizer, Keras2Tokenizer)
                 ids = tokenizer.encode_batch(probe, 12)[0]
                 np.testing.assert_array_equal(
                     ids,
@@ -536,8 +536,8 @@ def test_vocabulary_file_matches_text_vectorization(tmp_path):
     path = tmp_path / "vocabulary.txt"
     path.write_text("\n".join(vectorizer.get_vocabulary()) + "\n", encoding="utf-8")
     # TextVectorization pads and truncates at the end.
-    tokenizer, kind = read_tokenizer(path.read_bytes(), "post", "post")
-    assert kind == KIND_VOCABULARY and isinstance(tokenizer, VocabularyTokenizer)
+    tokenizer, file_format = read_tokenizer(path.read_bytes(), "post", "post")
+    assert file_format == FORMAT_VOCABULARY and isinstance(tokenizer, VocabularyTokenizer)
     ids, counts, oov, truncated = tokenizer.encode_batch(PROBE_TEXTS, 8)
     np.testing.assert_array_equal(ids, np.asarray(vectorizer(np.array(PROBE_TEXTS))))
     assert truncated.tolist() == [False, True, False, True]  # 9 and 15 words

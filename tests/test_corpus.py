@@ -5,7 +5,7 @@ import io
 import types
 
 from pipeline import corpus
-from pipeline.embedder import Document
+from pipeline.corpus import Document
 from pipeline.plan import InputInfo
 
 

@@ -191,7 +191,7 @@ def test_keras2_variant_equals_keras_predict(keras2_models, name):
     for target in targets:
         layer = model.get_layer(target)
         expected = FAST if isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)) else HYBRID
-        assert passes[target].kind == expected, passes[target]
+        assert passes[target].engine == expected, passes[target]
 
 
 def test_keras2_two_input_lambda_model_runs_its_lambda_on_fast_outputs(keras2_models):
@@ -201,9 +201,9 @@ def test_keras2_two_input_lambda_model_runs_its_lambda_on_fast_outputs(keras2_mo
     sub_model = truncate(model, [parse_layer_spec(target) for target in targets])
     passes = _assert_fast_equals_predict(sub_model, _features(sub_model))
     lstm_content, lstm_title, added, output = targets
-    assert passes[lstm_content].kind == passes[lstm_title].kind == FAST
-    assert passes[added].kind == HYBRID and "Keras layers" in passes[added].reason
-    assert passes[output].kind == HYBRID
+    assert passes[lstm_content].engine == passes[lstm_title].engine == FAST
+    assert passes[added].engine == HYBRID and "Keras layers" in passes[added].reason
+    assert passes[output].engine == HYBRID
 
 
 def test_all_padding_full_and_single_rows(keras2_models):
@@ -256,7 +256,7 @@ def test_fast_path_equals_keras_predict_on_the_bundled_topologies(train_tiny_mod
         model, _ = train_tiny_model(topology)
         sub_model = truncate(model, [parse_layer_spec(layer) for layer in layers])
         passes = _assert_fast_equals_predict(sub_model, _features(sub_model))
-        assert passes["lstm_content"].kind == FAST
+        assert passes["lstm_content"].engine == FAST
 
 
 def _keras3_model(build, length=10, masked=False):
@@ -285,7 +285,7 @@ def test_fast_path_declines_what_it_cannot_reproduce_with_a_reason(build, reason
     sub_model = truncate(_keras3_model(build), [parse_layer_spec("target")])
     fast, why = build_fast_path(sub_model)
     assert fast is None and reason in why
-    assert describe_forward_passes({"target": sub_model.output["target"]})["target"].kind == KERAS
+    assert describe_forward_passes({"target": sub_model.output["target"]})["target"].engine == KERAS
 
 
 def test_declined_layers_run_as_keras_layers_next_to_fast_ones_with_the_reason():
@@ -300,9 +300,13 @@ def test_declined_layers_run_as_keras_layers_next_to_fast_ones_with_the_reason()
         _keras3_model(build, masked=True), [parse_layer_spec(n) for n in ("target", "backwards", "pooled")]
     )
     passes = _assert_fast_equals_predict(sub_model, _features(sub_model))
-    assert passes["backwards"].kind == FAST  # go_backwards without return_sequences is exact
-    assert passes["target"].kind == HYBRID and "go_backwards with return_sequences" in passes["target"].reason
-    assert passes["pooled"].kind == KERAS and "go_backwards with return_sequences" in passes["pooled"].reason
+    assert passes["backwards"].engine == FAST  # go_backwards without return_sequences is exact
+    assert (
+        passes["target"].engine == HYBRID and "go_backwards with return_sequences" in passes["target"].reason
+    )
+    assert (
+        passes["pooled"].engine == KERAS and "go_backwards with return_sequences" in passes["pooled"].reason
+    )
 
 
 def test_verification_catches_a_fast_path_that_disagrees(train_tiny_model):
@@ -325,7 +329,9 @@ def test_verification_catches_a_fast_path_that_disagrees(train_tiny_model):
 def test_pipeline_embedder_falls_back_with_a_log_line(tmp_path, caplog):
     from models.bundle import save_bundle
     from models.tokenizer import Tokenizer
-    from pipeline.embedder import Document, Embedder
+    from pipeline.corpus import Document
+    from pipeline.embedder import Embedder
+    from pipeline.features import DocumentTokenizer
     from pipeline.options import ExportOptions
     from pipeline.plan import build_plan
 
@@ -334,7 +340,7 @@ def test_pipeline_embedder_falls_back_with_a_log_line(tmp_path, caplog):
     save_bundle(bundle, model, Tokenizer([f"w{i}" for i in range(VOCABULARY - 2)]), {"content": "content"})
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"id": "a", "content": "w1 w2"}\n')
-    plan, source = build_plan(
+    plan, model_source = build_plan(
         ExportOptions(
             [
                 "--model",
@@ -348,12 +354,18 @@ def test_pipeline_embedder_falls_back_with_a_log_line(tmp_path, caplog):
         )
     )
     with caplog.at_level(logging.INFO):
-        embedder = Embedder(plan, source)
+        embedder = Embedder(plan, model_source)
     assert not embedder.uses_fast_path
     assert "Fast path off (LSTM 'lstm_content' uses dtype float16" in caplog.text
-    assert embedder.forward_passes["lstm_content"].kind == KERAS
-    result = embedder.embed([Document("a", ("w1 w2 w3",), (), "c.jsonl", 1)])
-    assert result.rows.num_rows == 1
+    assert embedder.forward_passes["lstm_content"].engine == KERAS
+    tokenized = DocumentTokenizer(plan, model_source.tokenizer).tokenize(
+        Document("a", ("w1 w2 w3",), (), "c.jsonl", 1)
+    )
+    embedded = embedder.run([tokenized])
+    assert [document.id for document in embedded.documents] == ["a"] and not embedded.failed
+    expected = embedder.sub_model.predict({"content": tokenized.features[0][None, :]}, verbose=0)
+    expected = expected["lstm_content"] if isinstance(expected, dict) else expected
+    np.testing.assert_allclose(embedded.outputs["lstm_content"], expected, atol=1e-5)
 
 
 def test_pipeline_embedder_uses_the_fast_path_for_the_default_bundle(tmp_path, caplog):
@@ -361,9 +373,9 @@ def test_pipeline_embedder_uses_the_fast_path_for_the_default_bundle(tmp_path, c
     from pipeline.options import ExportOptions
     from pipeline.plan import build_plan
 
-    plan, source = build_plan(ExportOptions(["--output", str(tmp_path / "o")]))
+    plan, model_source = build_plan(ExportOptions(["--output", str(tmp_path / "o")]))
     with caplog.at_level(logging.INFO):
-        embedder = Embedder(plan, source)
+        embedder = Embedder(plan, model_source)
     assert embedder.uses_fast_path
     assert "Fast path on" in caplog.text
 

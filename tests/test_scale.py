@@ -16,7 +16,7 @@ from pipeline_fixtures import REPOSITORY
 
 from pipeline import corpus
 from pipeline import output as output_lib
-from pipeline.embedder import Document
+from pipeline.corpus import Document
 from pipeline.export import run_export
 from pipeline.plan import InputInfo
 from pipeline.progress import ProgressMonitor

@@ -146,7 +146,9 @@ def test_to_record_batch_builds_rows_in_document_order():
     output_schema = schema.output_schema(plan)
     outputs, masks = _batch_inputs()
     ids = ["a", "b", "c"]
-    batch = schema.to_record_batch(output_schema, plan, ids, {"kind": ["x", None, "z"]}, outputs, masks)
+    batch = schema.to_record_batch(
+        output_schema, plan.columns, plan.dtype, ids, {"kind": ["x", None, "z"]}, outputs, masks
+    )
     assert batch.schema == output_schema
     rows = batch.to_pylist()
     assert [row["id"] for row in rows] == ids
@@ -174,7 +176,14 @@ def test_to_record_batch_writes_token_ids_of_the_real_tokens():
     token_ids = {"content": np.array([[0, 7, 3, 9], [0, 0, 0, 0], [4, 4, 1, 2]], dtype=np.int32)}
     masks["content"] = token_ids["content"] != 0
     batch = schema.to_record_batch(
-        output_schema, plan, ["a", "b", "c"], {}, {"lstm": outputs["lstm"]}, masks, token_ids
+        output_schema,
+        plan.columns,
+        plan.dtype,
+        ["a", "b", "c"],
+        {},
+        {"lstm": outputs["lstm"]},
+        masks,
+        token_ids,
     )
     assert batch.column("emb").to_pylist() == [[7, 3, 9], [], [4, 4, 1, 2]]
     assert batch.column("emb_tokens").to_pylist() == [3, 0, 4]
@@ -186,7 +195,9 @@ def test_to_record_batch_round_trips_through_parquet():
     plan = make_plan([PER_TOKEN, MEAN_TITLE, VECTOR])
     output_schema = schema.output_schema(plan)
     outputs, masks = _batch_inputs()
-    batch = schema.to_record_batch(output_schema, plan, ["a", "b", "c"], {}, outputs, masks)
+    batch = schema.to_record_batch(
+        output_schema, plan.columns, plan.dtype, ["a", "b", "c"], {}, outputs, masks
+    )
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_batches([batch]), buffer)
     buffer.seek(0)
@@ -199,7 +210,9 @@ def test_to_record_batch_float16():
     plan = make_plan([PER_TOKEN, VECTOR], dtype="float16")
     output_schema = schema.output_schema(plan)
     outputs, masks = _batch_inputs()
-    batch = schema.to_record_batch(output_schema, plan, ["a", "b", "c"], {}, outputs, masks)
+    batch = schema.to_record_batch(
+        output_schema, plan.columns, plan.dtype, ["a", "b", "c"], {}, outputs, masks
+    )
     assert batch.schema.field("lstm").type == pa.list_(pa.float16(), 2)
     values = batch.column("lstm").values.to_numpy()
     assert values.dtype == np.float16

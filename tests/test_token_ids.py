@@ -111,14 +111,14 @@ def test_ids_are_the_tokenizer_ids_and_the_vectors_are_keras_predict(rows, table
         for name in inputs
     }
     emb = bundle.model.get_layer("emb")
-    for call, (column, source) in enumerate(COLUMNS.items()):
+    for call, (column, source_input) in enumerate(COLUMNS.items()):
         reference = keras.Model(bundle.model.inputs, emb._inbound_nodes[call].output_tensors[0])
         predicted = reference.predict([features[t.name] for t in bundle.model.inputs], verbose=0)
         for row, token_ids in enumerate(ids[column]):
-            real = features[source][row][features[source][row] != 0]
+            real = features[source_input][row][features[source_input][row] != 0]
             assert token_ids == real.tolist(), ids["id"][row]
             np.testing.assert_allclose(
-                table[token_ids], predicted[row][features[source][row] != 0], atol=1e-5, rtol=0
+                table[token_ids], predicted[row][features[source_input][row] != 0], atol=1e-5, rtol=0
             )
 
 

@@ -1,0 +1,91 @@
+"""Documents -> model features, one document at a time, without the model.
+
+The `TokenizeDocuments` step of the pipeline runs `DocumentTokenizer.tokenize`
+before RunInference, so the model handler only stacks features and runs the
+forward pass. Knows nothing of Beam.
+
+A token-id input gets the tokenizer's ids of its text, or the corpus's own
+`TokenIds`, padded and cut with the plan's `padding` and `truncating`. A text
+input (a model with its own TextVectorization) gets the string itself: only the
+model can tell its real tokens, so the handler decides whether such a document
+is empty.
+"""
+
+import typing
+
+import numpy as np
+
+from models.tokenizer import pad_token_ids
+from pipeline import schema as schema_lib
+from pipeline.corpus import TokenIds
+from pipeline.plan import TEXT_INPUT
+
+
+class Tokenized(typing.NamedTuple):
+    """A `Document` ready for the model."""
+
+    document: object  # the parsed `corpus.Document`
+    features: tuple  # per plan input: (length,) int32 token ids, or the text for a text input
+    truncated: bool  # some input was cut to its length
+    oov_tokens: int  # out-of-vocabulary words over all inputs
+
+
+class DocumentTokenizer:
+    """Turns a `Document` into `Tokenized`, or into a dead-letter row with the reason.
+
+    Args:
+        plan: the `ExportPlan` (its inputs, padding and truncating).
+        tokenizer: the plan's tokenizer; None with `--tokenizer none` or a model
+            that takes text.
+    """
+
+    def __init__(self, plan, tokenizer):
+        self._inputs = plan.inputs
+        self._padding, self._truncating = plan.padding, plan.truncating
+        self._tokenizer = tokenizer
+        # With a text input only the model knows whether a document is empty.
+        self._decides_empty = all(info.takes != TEXT_INPUT for info in plan.inputs)
+
+    def tokenize(self, document):
+        """`Tokenized`, or the dead letter of a document with no token or an id past its Embedding."""
+        features, truncated, oov, real_tokens = [], False, 0, 0
+        for info, value in zip(self._inputs, document.texts, strict=True):
+            if info.takes == TEXT_INPUT:
+                features.append(value)
+                continue
+            if isinstance(value, TokenIds):
+                ids, counts, cut = pad_token_ids([value.ids], info.length, self._padding, self._truncating)
+                unknown = 0
+            else:
+                ids, counts, unknowns, cut = self._tokenizer.encode_batch([value], info.length)
+                unknown = int(unknowns[0])
+            row = ids[0]
+            if info.id_limit and row.size and int(row.max()) >= info.id_limit:
+                return schema_lib.document_error_row(
+                    document,
+                    schema_lib.BAD_TOKEN_ID,
+                    f"Token id {int(row.max())} of input {info.name!r} is outside the model's "
+                    f"Embedding (input_dim={info.id_limit}).",
+                )
+            features.append(row)
+            truncated |= bool(cut[0])
+            oov += unknown
+            real_tokens += int(counts[0])
+        if self._decides_empty and not real_tokens:
+            return schema_lib.document_error_row(
+                document, schema_lib.EMPTY_DOCUMENT, "No tokens in any model input after tokenization."
+            )
+        return Tokenized(document, tuple(features), truncated, oov)
+
+
+def stack_features(inputs, batch):
+    """{input name: the batch's features}: (n, length) int32 ids, or texts shaped as the input takes them."""
+    stacked = {}
+    for position, info in enumerate(inputs):
+        values = [tokenized.features[position] for tokenized in batch]
+        if info.takes == TEXT_INPUT:
+            texts = np.array(values, dtype=object)
+            stacked[info.name] = texts.reshape(-1, 1) if info.rank == 2 else texts
+        else:
+            stacked[info.name] = np.stack(values) if values else np.zeros((0, info.length), np.int32)
+    return stacked
