@@ -104,13 +104,11 @@ def is_compressed(path):
     return path.lower().endswith(".gz")
 
 
-def is_splittable(plan, path):
-    """Whether `path` can be read in byte ranges (uncompressed text, JSONL or Parquet)."""
+def is_splittable(input_format, path):
+    """Whether `path`, of `input_format`, can be read in byte ranges (uncompressed text, JSONL or Parquet)."""
     lower = path.lower()
     return (
-        plan.input_format in SPLIT_FORMATS
-        and not is_compressed(path)
-        and not lower.endswith(OTHER_COMPRESSIONS)
+        input_format in SPLIT_FORMATS and not is_compressed(path) and not lower.endswith(OTHER_COMPRESSIONS)
     )
 
 

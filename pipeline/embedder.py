@@ -25,16 +25,16 @@ FAST_PATH_TOLERANCE = 1e-5
 NO_FORWARD_PASS = "none"
 
 
-def verification_batch(plan, vocabulary_size, rows=48, seed=0):
-    """Random ids of every length from 0 to the input length, per model input.
+def verification_batch(inputs, padding, vocabulary_size, rows=48, seed=0):
+    """Random ids of every length from 0 to the input length, per model input (`InputInfo`s).
 
-    Rows alternate between the plan's padding side and the other one, and some
+    Rows alternate between the `padding` side and the other one, and some
     hold a padding id among their tokens, so that every way the fast path
     handles padding (skipped, run through, masked) is compared with Keras.
     """
     rng = np.random.default_rng(seed)
     batch = {}
-    for info in plan.inputs:
+    for info in inputs:
         ids = np.zeros((rows, info.length), dtype=np.int32)
         counts = np.linspace(0, info.length, rows).astype(int)
         for row, count in enumerate(counts):
@@ -43,7 +43,7 @@ def verification_batch(plan, vocabulary_size, rows=48, seed=0):
             tokens = rng.integers(1, max(2, vocabulary_size), count)
             if row % 5 == 4 and count > 2:
                 tokens[count // 2] = 0
-            pre = (plan.padding == "pre") == (row % 2 == 0)
+            pre = (padding == "pre") == (row % 2 == 0)
             if pre:
                 ids[row, info.length - count :] = tokens
             else:
@@ -72,14 +72,17 @@ def choose_forward_passes(plan, model_source):
     return Embedder(plan, model_source).forward_pass_records()
 
 
-def manifest_columns(plan):
-    """The manifest's `columns`: each `ColumnInfo` with the forward pass that computes it and why."""
-    passes = {column: (engine, reason) for column, engine, reason in plan.forward_passes}
-    columns = []
-    for column in plan.columns:
+def manifest_columns(columns, forward_passes):
+    """The manifest's `columns`: each `ColumnInfo` with the forward pass that computes it and why.
+
+    `forward_passes` holds `(column, engine, reason)`, as `ExportPlan.forward_passes`.
+    """
+    passes = {column: (engine, reason) for column, engine, reason in forward_passes}
+    records = []
+    for column in columns:
         engine, reason = passes.get(column.column, ("", ""))
-        columns.append(dict(dataclasses.asdict(column), forward_pass=engine, forward_pass_reason=reason))
-    return columns
+        records.append(dict(dataclasses.asdict(column), forward_pass=engine, forward_pass_reason=reason))
+    return records
 
 
 class Embedded(typing.NamedTuple):
@@ -224,7 +227,9 @@ class Embedder:
             logging.info("Fast path off (%s); using Keras's forward pass.", passes)
             self._keras_only(passes)
             return None
-        batch = self._model_features(verification_batch(self.plan, fast.vocabulary_size))
+        batch = self._model_features(
+            verification_batch(self.plan.inputs, self.plan.padding, fast.vocabulary_size)
+        )
         worst = max_difference(fast, self.keras_predict, batch)
         if not worst <= FAST_PATH_TOLERANCE:
             reason = (

@@ -504,7 +504,7 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
         "model_uri": plan.model_uri,
         "model_sha256": plan.model_sha256,
         "tokenizer_sha256": plan.tokenizer_sha256,
-        "columns": manifest_columns(plan),
+        "columns": manifest_columns(plan.columns, plan.forward_passes),
         "counts": {
             "records_read": read,
             "rows_written": rows,

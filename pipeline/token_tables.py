@@ -134,10 +134,10 @@ def layer_table(model, layer_name):
     return np.asarray(keras.ops.convert_to_numpy(layer(ids)), dtype=np.float32)
 
 
-def token_tables(plan):
-    """{table file: (layer, [columns])} of the plan's columns stored as ids."""
+def token_tables(columns):
+    """{table file: (layer, [columns])} of the `ColumnInfo`s stored as ids."""
     tables = {}
-    for column in plan.columns:
+    for column in columns:
         if column.table:
             tables.setdefault(column.table, (column.layer, []))[1].append(column.column)
     return tables
@@ -157,7 +157,7 @@ def write_token_tables(plan, model_source, directory):
     from apache_beam.io.filesystems import FileSystems
 
     paths = []
-    for relative, (layer_name, columns) in token_tables(plan).items():
+    for relative, (layer_name, columns) in token_tables(plan.columns).items():
         table = layer_table(model_source.model, layer_name)
         metadata = dict(vocabulary_metadata(plan.model_uri, model_source, layer_name, table), columns=columns)
         id_to_token = model_source.tokenizer.id_to_token() if model_source.tokenizer is not None else {}

@@ -68,7 +68,7 @@ class SplitFilesFn(beam.DoFn):
 
     def process(self, metadata):
         path, size = metadata.path, metadata.size_in_bytes
-        if not corpus.is_splittable(self._plan, path):
+        if not corpus.is_splittable(self._plan.input_format, path):
             yield FileRange(path, size, 0, 1, False)
             return
         pieces = max(1, -(-size // self._split_bytes))
