@@ -63,19 +63,20 @@ out = sys.argv[1]
 tf_keras.utils.set_random_seed(0)
 info = {}
 
-def save(name, model, layer_output):
+def save(name, model, layer):
     model.save(os.path.join(out, name + ".h5"))
-    info[name] = {"inputs": [t.name.split(":")[0] for t in model.inputs],
-                  "layer": layer_output._keras_history.layer.name}
+    info[name] = {"inputs": [t.name.split(":")[0] for t in model.inputs], "layer": layer.name}
 
 inputs = Input(shape=(300,))
-vector = LSTM(128)(Embedding(4000, 300)(inputs))
-save("tutorial_single_input", Model(inputs, Dense(1, activation="sigmoid")(vector)), vector)
+lstm = LSTM(128)
+vector = lstm(Embedding(4000, 300)(inputs))
+save("tutorial_single_input", Model(inputs, Dense(1, activation="sigmoid")(vector)), lstm)
 
 content, title = Input(shape=(300,)), Input(shape=(20,))
 shared = Embedding(4000, 300)
-added = Lambda(lambda x: x[0] + x[1])([LSTM(128)(shared(content)), LSTM(128)(shared(title))])
-save("tutorial_two_inputs_lambda", Model([content, title], Dense(1, activation="sigmoid")(added)), added)
+add = Lambda(lambda x: x[0] + x[1])
+added = add([LSTM(128)(shared(content)), LSTM(128)(shared(title))])
+save("tutorial_two_inputs_lambda", Model([content, title], Dense(1, activation="sigmoid")(added)), add)
 
 for name, recurrent, mask in (
     ("masked_lstm", LSTM(128), True),
@@ -85,7 +86,7 @@ for name, recurrent, mask in (
 ):
     inputs = Input(shape=(300,))
     vector = recurrent(Embedding(4000, 300, mask_zero=mask)(inputs))
-    save(name, Model(inputs, Dense(1, activation="sigmoid")(vector)), vector)
+    save(name, Model(inputs, Dense(1, activation="sigmoid")(vector)), recurrent)
 
 with open(os.path.join(out, "info.json"), "w") as handle:
     json.dump(info, handle)

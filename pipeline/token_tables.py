@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.model_source import ExportConfigError
+from pipeline.errors import ExportConfigError
 from pipeline.output import TABLES_DIR
 from pipeline.schema import TOKEN_IDS, VECTOR_COLUMN, is_per_token
 from pipeline.vocabulary import vocabulary_metadata, vocabulary_table
