@@ -612,8 +612,12 @@ class FastPath:
         }
         return {"plans": arrays, "maps": maps, "buckets": buckets}
 
-    def _run_direction(self, direction, source_value, plan, want_sequence):
-        """Runs one direction over one lane: (final output per sorted row, outputs written per step)."""
+    def _run_direction(self, direction, plan, want_sequence, table=None, lower=None):
+        """Runs one direction over one lane: (final output per sorted row, outputs written per step).
+
+        The direction reads either the rows of its Embedding's `table` (indexed by
+        token id) or `lower`, the stacked outputs of the recurrent layer below it.
+        """
         n = tf.shape(plan["order"])[0]
         if direction.mode == PREFIX:
             h = tf.gather(direction.pad_h, plan["starts"])
@@ -623,10 +627,10 @@ class FastPath:
             c = tf.zeros((n, direction.carry_width()))
         if direction.projection is not None:
             table, steps, project = direction.projection, plan["ids"], False
-        elif isinstance(source_value, tuple):
-            table, steps, project = source_value[1], plan["ids"], True
+        elif table is not None:
+            steps, project = plan["ids"], True
         else:
-            table, steps, project = source_value, plan["flat"], True
+            table, steps, project = lower, plan["flat"], True
         active = plan["active"]
         count = tf.shape(active)[0]
         written = tf.TensorArray(
@@ -672,10 +676,9 @@ class FastPath:
         values = {}
         for recurrent in self._recurrents:
             if isinstance(recurrent.source, _Recurrent):
-                lower = values[id(recurrent.source)]
-                source_value = tf.reshape(lower, (-1, recurrent.source.dim))
+                source = {"lower": tf.reshape(values[id(recurrent.source)], (-1, recurrent.source.dim))}
             else:
-                source_value = ("table", recurrent.source.table_tensor)
+                source = {"table": recurrent.source.table_tensor}
             if recurrent.bucketed:
                 values[id(recurrent)] = recurrent.merge(self._run_bucketed(recurrent, lane))
                 continue
@@ -683,9 +686,7 @@ class FastPath:
             for direction in recurrent.directions:
                 key = _plan_key(recurrent, direction)
                 plan = lane["plans"][key]
-                final, written = self._run_direction(
-                    direction, source_value, plan, recurrent.return_sequences
-                )
+                final, written = self._run_direction(direction, plan, recurrent.return_sequences, **source)
                 if recurrent.return_sequences:
                     pad = (
                         direction.pad_h[1:]
