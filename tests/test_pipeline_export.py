@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import (
     BAD_LINES,
-    REPOSITORY,
+    DEFAULT_LAYERS,
     Reference,
     export_args,
     manifest_of,
@@ -341,31 +341,21 @@ def test_parquet_metadata_records_the_export(export, tmp_path_factory):
     assert manifest["model_sha256"] == sha256(os.path.join(bundle, "model.keras"))
 
 
-def test_multi_processing_gives_the_same_rows_as_in_memory(export, monkeypatch):
-    # The worker processes import `pipeline` from the repository, wherever pytest was started.
-    paths = [REPOSITORY, os.environ.get("PYTHONPATH")]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
+def test_default_flags_export_the_bundles_default_layers_mean_pooled(export, reference):
     topology = "two_inputs_one_output"
-    memory_output, memory = export(topology)
-    process_output, processes = export(
-        topology, "--direct_running_mode=multi_processing", "--direct_num_workers=2"
-    )
-    in_memory = read_rows(memory_output)
-    multi = read_rows(process_output)
-    assert in_memory.schema == multi.schema
-    # Default flags: the bundle's default layers, mean pooling.
-    assert in_memory.column_names == ["id", "lstm_content", "lstm_title", "add", "emb", "input_sha256"]
-    in_memory_rows, multi_rows = rows_by_id(in_memory), rows_by_id(multi)
-    assert sorted(in_memory_rows) == sorted(multi_rows)
-    for document_id, row in in_memory_rows.items():
-        for column in ("lstm_content", "lstm_title", "add", "emb"):
-            np.testing.assert_allclose(
-                np.float32(multi_rows[document_id][column]), np.float32(row[column]), atol=1e-6, rtol=0
-            )
-    assert (processes.records_read, processes.rows_written, processes.dead_letters) == (
-        memory.records_read,
-        memory.rows_written,
-        memory.dead_letters,
-    )
-    memory_errors, process_errors = read_errors(memory_output), read_errors(process_output)
-    assert sorted(map(str, memory_errors.to_pylist())) == sorted(map(str, process_errors.to_pylist()))
+    output, _ = export(topology)
+    ref = reference(topology)
+    table = read_rows(output)
+    assert table.column_names == ["id", *DEFAULT_LAYERS[topology], "input_sha256"]
+    rows = rows_by_id(table)
+    for layer in VECTORS[topology]:
+        actual = np.array([rows[document_id][layer] for document_id in ref.ids], dtype=np.float32)
+        np.testing.assert_allclose(actual, ref.predict(layer), atol=ATOL, rtol=0)
+    # A bare layer name is its first call: the content's embedding, mean-pooled over its real tokens.
+    mask = ref.mask("content")
+    for index, document_id in enumerate(ref.ids):
+        if mask[index].any():
+            want = pool(ref.predict("emb")[index], mask[index], "mean")
+        else:  # EMPTY_CONTENT: nothing to pool.
+            want = np.zeros(ref.predict("emb").shape[-1], np.float32)
+        np.testing.assert_allclose(np.float32(rows[document_id]["emb"]), want, atol=ATOL, rtol=0)
