@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sizes import LENGTHS, SIZES
 
 from models import architectures
 from models.bundle import load_bundle, save_bundle
@@ -20,15 +21,6 @@ from models.train import SAMPLE_CORPUS
 from pipeline.output import ERRORS_DIR, MANIFEST, STAGING, read_manifest
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = dict(
-    vocabulary_size=60,
-    embedding_dim=8,
-    lstm_units=6,
-    content_length=24,
-    title_length=6,
-    num_title_classes=3,
-)
-LENGTHS = {"content": SIZES["content_length"], "title": SIZES["title_length"]}
 CORPUS_DOCUMENTS = 40
 # Records every topology dead-letters: not JSON, no id, content null.
 BAD_LINES = (

@@ -16,6 +16,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import pipeline_command, snapshot, wait_for_staging
+from sizes import SIZES
 
 from models.bundle import MANIFEST_FILE, MODEL_FILE, sha256_file
 from pipeline import output as output_lib
@@ -324,12 +325,10 @@ def test_beam_flags_still_pass(tmp_path, tiny_bundle):
 
 
 def test_tokenizer_with_ids_beyond_the_embedding_is_refused(tmp_path, tiny_bundle, capsys):
-    from conftest import TINY_SIZES
-
     vocabulary = tmp_path / "vocabulary.txt"
     # A vocabulary file: id = line number; one more line than the Embedding's input_dim.
     vocabulary.write_text(
-        "\n".join(["", "[UNK]"] + [f"word{i}" for i in range(TINY_SIZES["vocabulary_size"] - 1)])
+        "\n".join(["", "[UNK]"] + [f"word{i}" for i in range(SIZES["vocabulary_size"] - 1)])
     )
     corpus = _write_corpus(tmp_path / "c.jsonl", 3)
     message = _refused(
@@ -346,7 +345,7 @@ def test_tokenizer_with_ids_beyond_the_embedding_is_refused(tmp_path, tiny_bundl
         ],
         "The tokenizer produces ids up to",
     )
-    assert f"input_dim={TINY_SIZES['vocabulary_size']}" in message
+    assert f"input_dim={SIZES['vocabulary_size']}" in message
     assert not (tmp_path / "out").exists()
 
 
@@ -447,9 +446,7 @@ def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_b
 
 
 def test_token_ids_beyond_the_embedding_are_dead_letters_not_inference_failures(tmp_path, tiny_bundle):
-    from conftest import TINY_SIZES
-
-    limit = TINY_SIZES["vocabulary_size"]
+    limit = SIZES["vocabulary_size"]
     corpus = tmp_path / "ids.jsonl"
     records = [
         {"id": "ok", "content": [2, 3, limit - 1], "title": [4]},

@@ -11,6 +11,7 @@ import types
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sizes import SIZES
 
 from models.bundle import DEFAULT_BUNDLE
 from models.train import SAMPLE_CORPUS
@@ -253,10 +254,14 @@ def _write_lines(path, lines):
         handle.write("".join(line + "\n" for line in lines))
 
 
+# The words of the tiny bundle's tokenizer: word0, word1, ...
+TINY_WORDS = SIZES["vocabulary_size"] - 2
+
+
 def _record(doc_id, number=0):
     # Different texts: different vectors and fingerprints, which Parquet cannot compress away.
-    content = " ".join(f"word{(number * k) % 48}" for k in range(1, 5)) + f" {number}"
-    return json.dumps({"id": doc_id, "title": f"word{number % 48}", "content": content})
+    content = " ".join(f"word{(number * k) % TINY_WORDS}" for k in range(1, 5)) + f" {number}"
+    return json.dumps({"id": doc_id, "title": f"word{number % TINY_WORDS}", "content": content})
 
 
 def test_limit_reads_the_first_records_by_file_then_position(tmp_path, tiny_bundle):
