@@ -173,6 +173,23 @@ def wait_for_staging(process, output, timeout=120):
     return staging
 
 
+def wait_for_staged_shard(process, output, timeout=120):
+    """Waits until the child run `process` has begun writing a row shard in its staging directory.
+
+    Returns:
+        The Parquet files then under the run's staging `data` directory (none if
+        the run ended, or `timeout` seconds passed, first).
+    """
+    pattern = os.path.join(str(output), STAGING, "*", "data", "**", "*.parquet")
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        shards = glob.glob(pattern, recursive=True)
+        if shards:
+            return shards
+        time.sleep(0.02)
+    return []
+
+
 def is_empty_or_absent(directory):
     return not os.path.exists(directory) or os.listdir(directory) == []
 

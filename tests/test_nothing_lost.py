@@ -6,13 +6,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import zipfile
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import pipeline_command, wait_for_staging
+from pipeline_fixtures import pipeline_command, wait_for_staged_shard
 
 from pipeline import output as output_lib
 from pipeline.export import run_export
@@ -279,8 +278,8 @@ def _big_corpus(path, copies):
     return len(documents) * copies
 
 
-def _command(bundle, corpus, output):
-    return pipeline_command(corpus, output, "--model", bundle, "--batch_size", "32")
+def _command(bundle, corpus, output, *flags):
+    return pipeline_command(corpus, output, "--model", bundle, "--batch_size", "32", *flags)
 
 
 def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path, tiny_bundle):
@@ -289,28 +288,30 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     output = str(tmp_path / "out")
     environment = dict(os.environ, PYTHONPATH=ROOT)
 
+    # Small shards: the run is killed once it writes its first, long before its last.
+    command = _command(tiny_bundle[0], corpus, output, "--shard_mb", "0.05")
     process = subprocess.Popen(
-        _command(tiny_bundle[0], corpus, output),
+        command,
         cwd=ROOT,
         env=environment,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    staging = wait_for_staging(process, output)
-    time.sleep(1.0)  # into the run: reading, embedding, writing temporary shards
+    shards = wait_for_staged_shard(process, output)
     assert process.poll() is None, "the run finished before it could be killed; use a larger corpus"
+    assert shards, "the run wrote no shard in its staging directory"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
+    staging = os.path.join(output, output_lib.STAGING)
+    assert all(path.startswith(staging + os.sep) and os.path.exists(path) for path in shards)
     assert output_lib.read_manifest(output) is None
     assert [f for f in os.listdir(output) if f.endswith(".parquet")] == []
     assert ds.dataset(output, format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES).files == []
     assert output_lib.output_state(output) == "unfinished"
 
-    rerun = subprocess.run(
-        _command(tiny_bundle[0], corpus, output), cwd=ROOT, env=environment, capture_output=True, text=True
-    )
+    rerun = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     reference = str(tmp_path / "reference")
     subprocess.run(

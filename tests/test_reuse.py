@@ -12,12 +12,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-from pipeline_fixtures import pipeline_command, wait_for_staging
+from pipeline_fixtures import pipeline_command, wait_for_staged_shard
 
 from models.paths import SAMPLE_CORPUS
 from pipeline import output as output_lib
@@ -220,13 +219,14 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     )
 
     output = str(tmp_path / "v2")
-    command = pipeline_command(second_path, output, "--reuse", v1, "--batch_size", "64")
+    # Small shards: the run is killed once it writes its first, long before its last.
+    command = pipeline_command(second_path, output, "--reuse", v1, "--batch_size", "64", "--shard_mb", "0.05")
     process = subprocess.Popen(
         command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    wait_for_staging(process, output)
-    time.sleep(0.3)
+    shards = wait_for_staged_shard(process, output)
     assert process.poll() is None, "the run finished before it could be killed"
+    assert shards, "the run wrote no shard in its staging directory"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert output_lib.read_manifest(output) is None
