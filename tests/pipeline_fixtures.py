@@ -28,6 +28,7 @@ BAD_LINES = (
     json.dumps({"content": "a record without an id", "title": "no id"}),
     json.dumps({"id": "null-content", "content": None, "title": "content is null"}),
 )
+# What `models.train` records as each topology's default layers (test_train checks it).
 DEFAULT_LAYERS = {
     "single_input": ["lstm_content", "emb"],
     "two_inputs_one_output": ["lstm_content", "lstm_title", "add", "emb"],

@@ -407,7 +407,8 @@ def test_readme_examples_run(export_dir, vocabulary_dir, tmp_path, monkeypatch, 
             raise AssertionError(f"README block in {language!r} is marked runnable but cannot be run")
     out = capsys.readouterr().out
     assert "Nearest neighbours of word 'thread'" in out
-    assert os.path.isfile(tmp_path / "plot.png")
+    # The plot command's picture (its contents are checked by test_plot_writes_a_png_coloured_by_label).
+    assert _png_size(tmp_path / "plot.png") == (1000, 700)
 
 
 def test_readme_neighbour_sql_agrees_with_analyze(export_dir):

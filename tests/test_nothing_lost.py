@@ -8,11 +8,14 @@ import signal
 import subprocess
 import zipfile
 
+import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import pipeline_command, wait_for_staged_shard
+from sizes import LENGTHS
 
+from models.bundle import load_bundle
 from pipeline import output as output_lib
 from pipeline.export import run_export
 from pipeline.run import EXIT_CONFIG_ERROR, main
@@ -102,8 +105,14 @@ def test_hostile_jsonl_runs_to_completion_with_exact_accounting(tmp_path, tiny_b
 
     expected_rows = sorted({json.loads(line)["id"] for line, reason in HOSTILE_JSONL if reason is None})
     assert sorted(row["id"] for row in rows) == expected_rows
-    # The kept duplicate is the first one in the file, not the later one.
-    assert summary.truncated >= 1
+    # A document counts once however many of its inputs were cut; "long" is.
+    tokenizer = load_bundle(tiny_bundle[0]).tokenizer
+    written = [json.loads(line) for line, reason in HOSTILE_JSONL if reason is None]
+    cut = np.zeros(len(written), dtype=bool)
+    for name, length in LENGTHS.items():
+        cut |= tokenizer.encode_batch([document[name] for document in written], length)[3]
+    assert cut[[document["id"] for document in written].index("long")]
+    assert summary.truncated == int(cut.sum())
     reasons = {error["position"]: error["reason"] for error in errors}
     expected = {number: reason for number, (_, reason) in enumerate(HOSTILE_JSONL, start=1) if reason}
     assert reasons == expected
@@ -111,6 +120,7 @@ def test_hostile_jsonl_runs_to_completion_with_exact_accounting(tmp_path, tiny_b
         assert error["source"].endswith("hostile.jsonl")
         assert error["message"]
         assert error["raw"] is None or len(error["raw"]) <= 4096
+    # The kept duplicate is the first one in the file, not the later one.
     duplicate = next(e for e in errors if e["reason"] == "duplicate_id")
     assert duplicate["id"] == "plain" and "hostile.jsonl:1" in duplicate["message"]
 
@@ -328,6 +338,10 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     assert len({r["id"] for r in rerun_rows}) == total
     assert rerun_rows == reference_rows
     assert not os.path.exists(staging)
-    assert pq.read_metadata(
-        os.path.join(output, output_lib.read_manifest(output)["shards"]["rows"][0]["file"])
-    )
+    # The committed shards are whole Parquet files holding the rows the manifest says.
+    shards = output_lib.read_manifest(output)["shards"]["rows"]
+    assert len(shards) > 1
+    assert [pq.read_metadata(os.path.join(output, s["file"])).num_rows for s in shards] == [
+        s["rows"] for s in shards
+    ]
+    assert sum(s["rows"] for s in shards) == total

@@ -122,9 +122,10 @@ def test_overwrite_replaces_a_finished_export_and_nothing_else(tmp_path, tiny_bu
     # A file of the user's beside the export makes the directory foreign: refused, kept.
     with open(os.path.join(output, "part-1.parquet"), "w") as handle:
         handle.write("not ours: not Beam's shard naming")
+    before = snapshot(output)
     with pytest.raises(ExportConfigError, match="no export wrote"):
         run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, "--overwrite"])
-    assert os.path.exists(os.path.join(output, "part-1.parquet"))
+    assert snapshot(output) == before
     os.remove(os.path.join(output, "part-1.parquet"))
     smaller = _write_corpus(tmp_path / "smaller.jsonl", 3)
     run_export(["--model", tiny_bundle[0], "--input", smaller, "--output", output, "--overwrite"])
@@ -449,7 +450,10 @@ def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_b
     _, err = process.communicate(timeout=120)
     assert process.returncode == EXIT_INTERRUPTED, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
-    assert [line for line in err.splitlines() if line.startswith("interrupted:")] != []
+    assert [line for line in err.splitlines() if line.startswith("interrupted:")] == [
+        "interrupted: nothing was committed; rerun the same command to export again "
+        "(it removes what this run left)."
+    ]
     assert output_lib.read_manifest(output) is None
     rerun = subprocess.run(
         _command(tiny_bundle[0], corpus, output), cwd=ROOT, env=environment, capture_output=True, text=True

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from pipeline_fixtures import DEFAULT_LAYERS
 from sizes import LENGTHS, SIZES
 
 from models import architectures
@@ -62,10 +63,10 @@ def test_train_writes_a_loadable_bundle_with_metrics(topology, small_corpus, tmp
     assert bundle.tokenizer.size == SIZES["vocabulary_size"] == bundle.model.get_layer("emb").input_dim
     assert manifest["training"]["documents"] == DOCUMENTS - len(held_out)
     assert manifest["training"]["epochs"] == 1
-    # The layers exported by default exist in the model (get_layer raises otherwise).
-    assert manifest["default_layers"]
+    # The layers exported by default: each topology's LSTMs (and Add), then the embedding.
+    assert manifest["default_layers"] == DEFAULT_LAYERS[topology]
     for name in manifest["default_layers"]:
-        bundle.model.get_layer(name)
+        bundle.model.get_layer(name)  # raises if the model lacks it
 
     assert set(manifest["labels"]) == set(manifest["metrics"]) == set(OUTPUTS[topology])
     for output_name, field in OUTPUTS[topology].items():
