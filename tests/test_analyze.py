@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pipeline_fixtures import REPOSITORY
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
@@ -22,7 +23,7 @@ from pipeline.export import run_export
 from pipeline.model_source import ExportConfigError
 from pipeline.schema import ERROR_SCHEMA, read_export_metadata
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.join(REPOSITORY, "README.md")
 README_SECTION = "## Analysing the output"
 # The paths the README examples use, replaced by the fixtures' directories.
 README_EXPORT = "output/my_export"

@@ -16,7 +16,7 @@ from apache_beam.internal import pickler
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.dataflow.internal import apiclient
-from pipeline_fixtures import copy_sources
+from pipeline_fixtures import REPOSITORY, copy_sources
 
 from models.bundle import DEFAULT_BUNDLE, MODEL_FILE, read_manifest
 from pipeline.export import check_worker_paths, run_export, worker_tf_threads
@@ -24,7 +24,6 @@ from pipeline.model_source import ExportConfigError, load_model_source
 from pipeline.options import ExportOptions
 from pipeline.plan import ExportPlan
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gs://embexport-example"
 # README "Running on Dataflow", with a bucket name Beam accepts and --setup_file added by the fixture.
 DATAFLOW_FLAGS = [

@@ -12,16 +12,14 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import pipeline_command, wait_for_staged_shard
+from pipeline_fixtures import REPOSITORY, pipeline_command, wait_for_staged_shard
 from sizes import LENGTHS
 
 from models.bundle import load_bundle
+from models.paths import SAMPLE_CORPUS
 from pipeline import output as output_lib
 from pipeline.export import run_export
 from pipeline.run import EXIT_CONFIG_ERROR, main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, "models", "data", "sample_corpus.jsonl")
 
 
 def _json(record):
@@ -277,7 +275,7 @@ def test_model_side_faults_are_refused_at_launch_and_write_nothing(tmp_path, tin
 
 
 def _big_corpus(path, copies):
-    with open(SAMPLE, encoding="utf-8") as handle:
+    with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
         documents = [json.loads(line) for line in handle]
     with open(path, "w", encoding="utf-8") as handle:
         for copy in range(copies):
@@ -296,13 +294,13 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     corpus = str(tmp_path / "big.jsonl")
     total = _big_corpus(corpus, 5)
     output = str(tmp_path / "out")
-    environment = dict(os.environ, PYTHONPATH=ROOT)
+    environment = dict(os.environ, PYTHONPATH=REPOSITORY)
 
     # Small shards: the run is killed once it writes its first, long before its last.
     command = _command(tiny_bundle[0], corpus, output, "--shard_mb", "0.05")
     process = subprocess.Popen(
         command,
-        cwd=ROOT,
+        cwd=REPOSITORY,
         env=environment,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -321,12 +319,12 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     assert ds.dataset(output, format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES).files == []
     assert output_lib.output_state(output) == "unfinished"
 
-    rerun = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     reference = str(tmp_path / "reference")
     subprocess.run(
         _command(tiny_bundle[0], corpus, reference),
-        cwd=ROOT,
+        cwd=REPOSITORY,
         env=environment,
         check=True,
         capture_output=True,

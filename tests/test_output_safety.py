@@ -15,7 +15,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import pipeline_command, snapshot, wait_for_staging
+from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot, wait_for_staging
 from sizes import SIZES
 
 from models.bundle import MANIFEST_FILE, MODEL_FILE, sha256_file
@@ -23,8 +23,6 @@ from pipeline import output as output_lib
 from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ExportConfigError, OutputBusyError
 from pipeline.export import run_export
 from pipeline.run import main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_corpus(path, count, start=0):
@@ -177,11 +175,11 @@ def _command(bundle, corpus, output, *flags):
 def test_two_runs_at_once_leave_one_complete_export(tmp_path, tiny_bundle, flags):
     corpus = _write_corpus(tmp_path / "c.jsonl", 1000)
     output = str(tmp_path / "out")
-    environment = dict(os.environ, PYTHONPATH=ROOT)
+    environment = dict(os.environ, PYTHONPATH=REPOSITORY)
     processes = [
         subprocess.Popen(
             _command(tiny_bundle[0], corpus, output, "--batch_size", "64", *flags),
-            cwd=ROOT,
+            cwd=REPOSITORY,
             env=environment,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -228,8 +226,8 @@ def test_a_killed_holder_does_not_keep_the_lock(tmp_path):
             "lock = OutputLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)",
             output,
         ],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -435,10 +433,10 @@ def test_a_truncated_bundle_model_with_a_matching_hash_says_it_is_damaged(tmp_pa
 def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_bundle):
     corpus = _write_corpus(tmp_path / "c.jsonl", 6000)
     output = str(tmp_path / "out")
-    environment = dict(os.environ, PYTHONPATH=ROOT)
+    environment = dict(os.environ, PYTHONPATH=REPOSITORY)
     process = subprocess.Popen(
         _command(tiny_bundle[0], corpus, output, "--batch_size", "16"),
-        cwd=ROOT,
+        cwd=REPOSITORY,
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -456,7 +454,11 @@ def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_b
     ]
     assert output_lib.read_manifest(output) is None
     rerun = subprocess.run(
-        _command(tiny_bundle[0], corpus, output), cwd=ROOT, env=environment, capture_output=True, text=True
+        _command(tiny_bundle[0], corpus, output),
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     _assert_complete_export(output, [f"doc{i}" for i in range(6000)])

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-from pipeline_fixtures import pipeline_command, wait_for_staged_shard
+from pipeline_fixtures import REPOSITORY, pipeline_command, wait_for_staged_shard
 
 from models.paths import SAMPLE_CORPUS
 from pipeline import output as output_lib
@@ -24,7 +24,6 @@ from pipeline.errors import ExportConfigError
 from pipeline.export import run_export
 from pipeline.schema import FINGERPRINT_COLUMN, input_fingerprint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARE = 0.01
 
 
@@ -213,17 +212,17 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     second, changed, new, deleted = next_version(records, seed=1)
     first_path = _write(tmp_path / "big1.jsonl", records)
     second_path = _write(tmp_path / "big2.jsonl", second)
-    environment = dict(os.environ, PYTHONPATH=ROOT)
+    environment = dict(os.environ, PYTHONPATH=REPOSITORY)
     v1 = str(tmp_path / "v1")
     subprocess.run(
-        pipeline_command(first_path, v1), cwd=ROOT, env=environment, check=True, capture_output=True
+        pipeline_command(first_path, v1), cwd=REPOSITORY, env=environment, check=True, capture_output=True
     )
 
     output = str(tmp_path / "v2")
     # Small shards: the run is killed once it writes its first, long before its last.
     command = pipeline_command(second_path, output, "--reuse", v1, "--batch_size", "64", "--shard_mb", "0.05")
     process = subprocess.Popen(
-        command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command, cwd=REPOSITORY, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     shards = wait_for_staged_shard(process, output)
     assert process.poll() is None, "the run finished before it could be killed"
@@ -232,11 +231,11 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     process.wait()
     assert output_lib.read_manifest(output) is None
 
-    rerun = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     full = str(tmp_path / "full")
     subprocess.run(
-        pipeline_command(second_path, full), cwd=ROOT, env=environment, check=True, capture_output=True
+        pipeline_command(second_path, full), cwd=REPOSITORY, env=environment, check=True, capture_output=True
     )
     assert _read(output).equals(_read(full))
     counts = output_lib.read_manifest(output)["counts"]
