@@ -4,26 +4,19 @@ import functools
 import os
 
 import pytest
+from sizes import LENGTHS, SIZES
 
 # Keras, Beam and the fixtures that need them are imported by the fixtures that use
 # them, so that tests of pure code (the tokenizer, the corpus parsers) start at once.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-TINY_SIZES = {
-    "vocabulary_size": 50,
-    "embedding_dim": 8,
-    "lstm_units": 4,
-    "content_length": 12,
-    "title_length": 6,
-    "num_title_classes": 3,
-}
 TINY_EXAMPLES = 32
 TINY_BATCH = 8
 
 
 @functools.cache
 def _train_tiny_model(topology, seed=0):
-    """Builds, compiles and fits `topology` at TINY_SIZES on random ids for 4 steps.
+    """Builds, compiles and fits `topology` at SIZES on random ids for 4 steps.
 
     Cached: tests share each trained model and must not train or alter it further.
 
@@ -38,17 +31,13 @@ def _train_tiny_model(topology, seed=0):
     from models import architectures
 
     keras.utils.set_random_seed(seed)
-    model = architectures.compile_model(architectures.build_model(topology, **TINY_SIZES))
+    model = architectures.compile_model(architectures.build_model(topology, **SIZES))
     rng = np.random.default_rng(seed)
-    vocabulary = TINY_SIZES["vocabulary_size"]
-    inputs = {
-        "content": rng.integers(0, vocabulary, (TINY_EXAMPLES, TINY_SIZES["content_length"]), dtype=np.int32)
-    }
+    vocabulary = SIZES["vocabulary_size"]
+    inputs = {"content": rng.integers(0, vocabulary, (TINY_EXAMPLES, LENGTHS["content"]), dtype=np.int32)}
     if topology != "single_input":
-        inputs["title"] = rng.integers(
-            0, vocabulary, (TINY_EXAMPLES, TINY_SIZES["title_length"]), dtype=np.int32
-        )
-    fit_on_random_labels(model, topology, inputs, rng, TINY_SIZES["num_title_classes"], TINY_BATCH)
+        inputs["title"] = rng.integers(0, vocabulary, (TINY_EXAMPLES, LENGTHS["title"]), dtype=np.int32)
+    fit_on_random_labels(model, topology, inputs, rng, SIZES["num_title_classes"], TINY_BATCH)
     return model, inputs["content"] if topology == "single_input" else inputs
 
 
@@ -69,7 +58,7 @@ def tiny_bundle(tmp_path_factory):
 
     model, inputs = _train_tiny_model("two_inputs_two_outputs")
     directory = str(tmp_path_factory.mktemp("tiny_bundle"))
-    tokenizer = Tokenizer([f"word{index}" for index in range(TINY_SIZES["vocabulary_size"] - 2)])
+    tokenizer = Tokenizer([f"word{index}" for index in range(SIZES["vocabulary_size"] - 2)])
     save_bundle(
         directory,
         model,

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sizes import LENGTHS, SIZES
 
 from models import architectures
 from models.bundle import load_bundle, save_bundle
@@ -20,15 +21,6 @@ from models.train import SAMPLE_CORPUS
 from pipeline.output import ERRORS_DIR, MANIFEST, STAGING, read_manifest
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = dict(
-    vocabulary_size=60,
-    embedding_dim=8,
-    lstm_units=6,
-    content_length=24,
-    title_length=6,
-    num_title_classes=3,
-)
-LENGTHS = {"content": SIZES["content_length"], "title": SIZES["title_length"]}
 CORPUS_DOCUMENTS = 40
 # Records every topology dead-letters: not JSON, no id, content null.
 BAD_LINES = (
@@ -36,6 +28,7 @@ BAD_LINES = (
     json.dumps({"content": "a record without an id", "title": "no id"}),
     json.dumps({"id": "null-content", "content": None, "title": "content is null"}),
 )
+# What `models.train` records as each topology's default layers (test_train checks it).
 DEFAULT_LAYERS = {
     "single_input": ["lstm_content", "emb"],
     "two_inputs_one_output": ["lstm_content", "lstm_title", "add", "emb"],
@@ -179,6 +172,23 @@ def wait_for_staging(process, output, timeout=120):
     while not os.path.isdir(staging) and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     return staging
+
+
+def wait_for_staged_shard(process, output, timeout=120):
+    """Waits until the child run `process` has begun writing a row shard in its staging directory.
+
+    Returns:
+        The Parquet files then under the run's staging `data` directory (none if
+        the run ended, or `timeout` seconds passed, first).
+    """
+    pattern = os.path.join(str(output), STAGING, "*", "data", "**", "*.parquet")
+    deadline = time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        shards = glob.glob(pattern, recursive=True)
+        if shards:
+            return shards
+        time.sleep(0.02)
+    return []
 
 
 def is_empty_or_absent(directory):

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pipeline_fixtures import REPOSITORY
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
@@ -22,7 +23,7 @@ from pipeline.export import run_export
 from pipeline.model_source import ExportConfigError
 from pipeline.schema import ERROR_SCHEMA, read_export_metadata
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.join(REPOSITORY, "README.md")
 README_SECTION = "## Analysing the output"
 # The paths the README examples use, replaced by the fixtures' directories.
 README_EXPORT = "output/my_export"
@@ -407,7 +408,8 @@ def test_readme_examples_run(export_dir, vocabulary_dir, tmp_path, monkeypatch, 
             raise AssertionError(f"README block in {language!r} is marked runnable but cannot be run")
     out = capsys.readouterr().out
     assert "Nearest neighbours of word 'thread'" in out
-    assert os.path.isfile(tmp_path / "plot.png")
+    # The plot command's picture (its contents are checked by test_plot_writes_a_png_coloured_by_label).
+    assert _png_size(tmp_path / "plot.png") == (1000, 700)
 
 
 def test_readme_neighbour_sql_agrees_with_analyze(export_dir):

@@ -5,13 +5,12 @@ import os
 import keras
 import numpy as np
 import pytest
-from conftest import TINY_SIZES
+from sizes import LENGTHS, SIZES
 
 from models import architectures
 from models.bundle import MODEL_FILE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
 
-SIZES = TINY_SIZES
 EXPECTED = {
     "single_input": {
         "layers": ["content", "emb", "lstm_content", "output"],
@@ -72,9 +71,8 @@ def test_build_model_layer_names_and_shapes(topology):
     assert [layer.name for layer in model.layers] == expected["layers"]
     assert [tensor.name for tensor in model.inputs] == expected["inputs"]
     assert model.output_names == expected["outputs"]
-    lengths = {"content": SIZES["content_length"], "title": SIZES["title_length"]}
     for tensor in model.inputs:
-        assert tuple(tensor.shape) == (None, lengths[tensor.name])
+        assert tuple(tensor.shape) == (None, LENGTHS[tensor.name])
         assert tensor.dtype == "int32"
     assert model.get_layer("emb").input_dim == SIZES["vocabulary_size"]
     assert model.get_layer("emb").output_dim == SIZES["embedding_dim"]
@@ -87,8 +85,8 @@ def test_two_input_topologies_share_one_embedding():
     assert model.get_layer("lstm_content").input is embedding.output
     assert len([layer for layer in model.layers if isinstance(layer, keras.layers.Embedding)]) == 1
     # The title branch reads the same table: its LSTM input is the embedding of `title`.
-    title = np.array([[3, 4, 5, 6, 7, 8]], dtype=np.int32)
-    content = np.zeros((1, SIZES["content_length"]), dtype=np.int32)
+    title = np.arange(3, 3 + LENGTHS["title"], dtype=np.int32)[None]
+    content = np.zeros((1, LENGTHS["content"]), dtype=np.int32)
     title_vectors = keras.Model(model.inputs, model.get_layer("lstm_title").input).predict(
         {"content": content, "title": title}, verbose=0
     )

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from sizes import LENGTHS, SIZES
 
 from models.bundle import (
     DEFAULT_BUNDLE,
@@ -60,9 +61,10 @@ def test_load_bundle_round_trip(tiny_bundle):
     bundle = load_bundle(directory)
     assert bundle.path == directory
     assert bundle.input_fields == {"content": "content", "title": "title"}
-    assert bundle.sequence_lengths == {"content": 12, "title": 6}
-    assert bundle.tokenizer.vocabulary == [f"word{index}" for index in range(48)]
-    assert bundle.manifest["vocabulary_size"] == 50
+    assert bundle.sequence_lengths == LENGTHS
+    # The tiny bundle's tokenizer: word0, word1, ... after the padding and [UNK] ids.
+    assert bundle.tokenizer.vocabulary == [f"word{index}" for index in range(SIZES["vocabulary_size"] - 2)]
+    assert bundle.manifest["vocabulary_size"] == SIZES["vocabulary_size"]
     assert bundle.manifest["labels"] == {"out_content": {"field": "kind", "classes": ["a", "b"]}}
     assert bundle.manifest["sha256"][MODEL_FILE] == sha256_file(os.path.join(directory, MODEL_FILE))
     expected = model.predict(inputs, verbose=0)
@@ -202,7 +204,7 @@ def test_manifest_length_disagrees_with_the_model(bundle_dir):
     _edit_manifest(bundle_dir, lambda manifest: manifest["inputs"][1].__setitem__("length", 20))
     message = _load_error(bundle_dir)
     assert "'title' takes 20 token ids" in message
-    assert "(None, 6)" in message
+    assert f"(None, {LENGTHS['title']})" in message
     assert "fix 'length'" in message
 
 

@@ -1,36 +1,29 @@
-"""Scale-out: the Dataflow job built offline (`--dry_run=True`), worker settings, and multi-worker runs.
+"""Scale-out: the Dataflow job built offline (`--dry_run=True`) and worker settings.
 
 The Dataflow job is built by Beam's real DataflowRunner from the documented
 command line; Beam's `--dry_run` test option stops it before anything is staged
 or submitted, and our launcher skips the checks that would need credentials.
 """
 
-import glob
-import json
 import logging
 import os
 import sys
 import tarfile
 
 import apache_beam
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from apache_beam.internal import pickler
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.dataflow.internal import apiclient
-from pipeline_fixtures import copy_sources
+from pipeline_fixtures import REPOSITORY, copy_sources
 
 from models.bundle import DEFAULT_BUNDLE, MODEL_FILE, read_manifest
-from models.train import SAMPLE_CORPUS
 from pipeline.export import check_worker_paths, run_export, worker_tf_threads
 from pipeline.model_source import ExportConfigError, load_model_source
 from pipeline.options import ExportOptions
-from pipeline.output import ERRORS_DIR
 from pipeline.plan import ExportPlan
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gs://embexport-example"
 # README "Running on Dataflow", with a bucket name Beam accepts and --setup_file added by the fixture.
 DATAFLOW_FLAGS = [
@@ -204,67 +197,3 @@ def test_worker_finds_its_own_default_bundle():
     launcher_path = os.path.join(os.sep, "launcher", "site-packages", "models", "data", "default_bundle")
     source = load_model_source(launcher_path)
     assert source.model_sha256 == read_manifest(DEFAULT_BUNDLE)["sha256"][MODEL_FILE]
-
-
-# --- DirectRunner multi_processing -------------------------------------------------------
-
-COPIES = 3  # of the 2,048-document sample corpus, with new ids
-MALFORMED_LINE = '{"id": "broken", "content": '
-
-
-def read_dataset(output, pattern, order):
-    """All shards matching `pattern` under `output` as one Table sorted by the `order` columns."""
-    tables = [pq.read_table(path) for path in sorted(glob.glob(os.path.join(output, pattern)))]
-    return pa.concat_tables(tables).sort_by([(column, "ascending") for column in order])
-
-
-def test_multi_processing_matches_in_memory(tmp_path, monkeypatch):
-    with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
-        sample = [json.loads(line) for line in handle if line.strip()]
-    documents = [dict(d, id=f"{d['id']}#{copy}") for copy in range(COPIES) for d in sample]
-    assert len(documents) >= 5000
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in documents) + MALFORMED_LINE + "\n")
-    # The default bundle, at the tutorial's sizes: its results do not depend on which
-    # documents share a batch or on the thread count, so the modes must agree bit for bit.
-    bundle = DEFAULT_BUNDLE
-    # The SDK worker processes import this package the way a pip-installed worker would.
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
-    )
-
-    outputs = {}
-    for mode, flags in (
-        ("in_memory", []),
-        ("multi_processing", ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]),
-    ):
-        outputs[mode] = str(tmp_path / mode)
-        summary = run_export(
-            [
-                "--model",
-                bundle,
-                "--input",
-                str(corpus),
-                "--output",
-                outputs[mode],
-                "--batch_size",
-                "64",
-                *flags,
-            ]
-        )
-        assert summary.exit_code == 0, summary.message
-        assert (summary.rows_written, summary.dead_letters) == (len(documents), 1)
-
-    rows = {mode: read_dataset(output, "part-*.parquet", ["id"]) for mode, output in outputs.items()}
-    expected, actual = rows["in_memory"], rows["multi_processing"]
-    assert expected.num_rows == len(documents)
-    assert actual.schema.equals(expected.schema, check_metadata=True)
-    assert actual.column("id").equals(expected.column("id"))
-    for column in ("lstm_content", "lstm_title", "emb"):
-        assert actual.column(column).equals(expected.column(column)), column
-    errors = {
-        mode: read_dataset(output, os.path.join(ERRORS_DIR, "part-*.parquet"), ["source", "position"])
-        for mode, output in outputs.items()
-    }
-    assert errors["multi_processing"].equals(errors["in_memory"])
-    assert errors["in_memory"].column("reason").to_pylist() == ["malformed_json"]

@@ -38,7 +38,8 @@ def test_producer_nodes_and_call_arguments():
     # `_keras_mask`: the mask travels with the embedding's symbolic output.
     embedded = keras_graph.node_inputs(gru_node)[0]
     assert keras_graph.producer(embedded)[0] is emb
-    assert keras_graph.tensor_mask(embedded) is not None
+    mask = keras_graph.tensor_mask(embedded)
+    assert tuple(mask.shape) == (None, 3) and mask.dtype == "bool"
     # `arguments.fill_in`: replays a call on known values.
     value = np.ones((1, 3, 4), "float32")
     args, _ = keras_graph.call_arguments(gru_node, {id(embedded): value})

@@ -6,20 +6,20 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import zipfile
 
+import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import pipeline_command, wait_for_staging
+from pipeline_fixtures import REPOSITORY, pipeline_command, wait_for_staged_shard
+from sizes import LENGTHS
 
+from models.bundle import load_bundle
+from models.paths import SAMPLE_CORPUS
 from pipeline import output as output_lib
 from pipeline.export import run_export
 from pipeline.run import EXIT_CONFIG_ERROR, main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, "models", "data", "sample_corpus.jsonl")
 
 
 def _json(record):
@@ -103,8 +103,14 @@ def test_hostile_jsonl_runs_to_completion_with_exact_accounting(tmp_path, tiny_b
 
     expected_rows = sorted({json.loads(line)["id"] for line, reason in HOSTILE_JSONL if reason is None})
     assert sorted(row["id"] for row in rows) == expected_rows
-    # The kept duplicate is the first one in the file, not the later one.
-    assert summary.truncated >= 1
+    # A document counts once however many of its inputs were cut; "long" is.
+    tokenizer = load_bundle(tiny_bundle[0]).tokenizer
+    written = [json.loads(line) for line, reason in HOSTILE_JSONL if reason is None]
+    cut = np.zeros(len(written), dtype=bool)
+    for name, length in LENGTHS.items():
+        cut |= tokenizer.encode_batch([document[name] for document in written], length)[3]
+    assert cut[[document["id"] for document in written].index("long")]
+    assert summary.truncated == int(cut.sum())
     reasons = {error["position"]: error["reason"] for error in errors}
     expected = {number: reason for number, (_, reason) in enumerate(HOSTILE_JSONL, start=1) if reason}
     assert reasons == expected
@@ -112,6 +118,7 @@ def test_hostile_jsonl_runs_to_completion_with_exact_accounting(tmp_path, tiny_b
         assert error["source"].endswith("hostile.jsonl")
         assert error["message"]
         assert error["raw"] is None or len(error["raw"]) <= 4096
+    # The kept duplicate is the first one in the file, not the later one.
     duplicate = next(e for e in errors if e["reason"] == "duplicate_id")
     assert duplicate["id"] == "plain" and "hostile.jsonl:1" in duplicate["message"]
 
@@ -268,7 +275,7 @@ def test_model_side_faults_are_refused_at_launch_and_write_nothing(tmp_path, tin
 
 
 def _big_corpus(path, copies):
-    with open(SAMPLE, encoding="utf-8") as handle:
+    with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
         documents = [json.loads(line) for line in handle]
     with open(path, "w", encoding="utf-8") as handle:
         for copy in range(copies):
@@ -279,43 +286,45 @@ def _big_corpus(path, copies):
     return len(documents) * copies
 
 
-def _command(bundle, corpus, output):
-    return pipeline_command(corpus, output, "--model", bundle, "--batch_size", "32")
+def _command(bundle, corpus, output, *flags):
+    return pipeline_command(corpus, output, "--model", bundle, "--batch_size", "32", *flags)
 
 
 def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path, tiny_bundle):
     corpus = str(tmp_path / "big.jsonl")
     total = _big_corpus(corpus, 5)
     output = str(tmp_path / "out")
-    environment = dict(os.environ, PYTHONPATH=ROOT)
+    environment = dict(os.environ, PYTHONPATH=REPOSITORY)
 
+    # Small shards: the run is killed once it writes its first, long before its last.
+    command = _command(tiny_bundle[0], corpus, output, "--shard_mb", "0.05")
     process = subprocess.Popen(
-        _command(tiny_bundle[0], corpus, output),
-        cwd=ROOT,
+        command,
+        cwd=REPOSITORY,
         env=environment,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    staging = wait_for_staging(process, output)
-    time.sleep(1.0)  # into the run: reading, embedding, writing temporary shards
+    shards = wait_for_staged_shard(process, output)
     assert process.poll() is None, "the run finished before it could be killed; use a larger corpus"
+    assert shards, "the run wrote no shard in its staging directory"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
+    staging = os.path.join(output, output_lib.STAGING)
+    assert all(path.startswith(staging + os.sep) and os.path.exists(path) for path in shards)
     assert output_lib.read_manifest(output) is None
     assert [f for f in os.listdir(output) if f.endswith(".parquet")] == []
     assert ds.dataset(output, format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES).files == []
     assert output_lib.output_state(output) == "unfinished"
 
-    rerun = subprocess.run(
-        _command(tiny_bundle[0], corpus, output), cwd=ROOT, env=environment, capture_output=True, text=True
-    )
+    rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     reference = str(tmp_path / "reference")
     subprocess.run(
         _command(tiny_bundle[0], corpus, reference),
-        cwd=ROOT,
+        cwd=REPOSITORY,
         env=environment,
         check=True,
         capture_output=True,
@@ -327,6 +336,10 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     assert len({r["id"] for r in rerun_rows}) == total
     assert rerun_rows == reference_rows
     assert not os.path.exists(staging)
-    assert pq.read_metadata(
-        os.path.join(output, output_lib.read_manifest(output)["shards"]["rows"][0]["file"])
-    )
+    # The committed shards are whole Parquet files holding the rows the manifest says.
+    shards = output_lib.read_manifest(output)["shards"]["rows"]
+    assert len(shards) > 1
+    assert [pq.read_metadata(os.path.join(output, s["file"])).num_rows for s in shards] == [
+        s["rows"] for s in shards
+    ]
+    assert sum(s["rows"] for s in shards) == total

@@ -15,15 +15,14 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import pipeline_command, snapshot, wait_for_staging
+from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot, wait_for_staging
+from sizes import SIZES
 
 from models.bundle import MANIFEST_FILE, MODEL_FILE, sha256_file
 from pipeline import output as output_lib
 from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ExportConfigError, OutputBusyError
 from pipeline.export import run_export
 from pipeline.run import main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_corpus(path, count, start=0):
@@ -70,6 +69,20 @@ def _read_lock(directory):
         return json.load(handle)
 
 
+def _renewed_after(directory, renewed, timeout=30):
+    """The lock's `renewed` time once it is later than `renewed`, or `renewed` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            current = _read_lock(directory)["renewed"]
+        except ValueError:  # Read between the renewal's truncation of the file and its write.
+            current = renewed
+        if current > renewed:
+            return current
+        time.sleep(0.05)
+    return renewed
+
+
 # --- 1. --overwrite removes only what an export wrote ------------------------------------
 
 
@@ -107,9 +120,10 @@ def test_overwrite_replaces_a_finished_export_and_nothing_else(tmp_path, tiny_bu
     # A file of the user's beside the export makes the directory foreign: refused, kept.
     with open(os.path.join(output, "part-1.parquet"), "w") as handle:
         handle.write("not ours: not Beam's shard naming")
+    before = snapshot(output)
     with pytest.raises(ExportConfigError, match="no export wrote"):
         run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, "--overwrite"])
-    assert os.path.exists(os.path.join(output, "part-1.parquet"))
+    assert snapshot(output) == before
     os.remove(os.path.join(output, "part-1.parquet"))
     smaller = _write_corpus(tmp_path / "smaller.jsonl", 3)
     run_export(["--model", tiny_bundle[0], "--input", smaller, "--output", output, "--overwrite"])
@@ -161,11 +175,11 @@ def _command(bundle, corpus, output, *flags):
 def test_two_runs_at_once_leave_one_complete_export(tmp_path, tiny_bundle, flags):
     corpus = _write_corpus(tmp_path / "c.jsonl", 1000)
     output = str(tmp_path / "out")
-    environment = dict(os.environ, PYTHONPATH=ROOT)
+    environment = dict(os.environ, PYTHONPATH=REPOSITORY)
     processes = [
         subprocess.Popen(
             _command(tiny_bundle[0], corpus, output, "--batch_size", "64", *flags),
-            cwd=ROOT,
+            cwd=REPOSITORY,
             env=environment,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -212,8 +226,8 @@ def test_a_killed_holder_does_not_keep_the_lock(tmp_path):
             "lock = OutputLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)",
             output,
         ],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -238,8 +252,7 @@ def test_lease_on_object_storage_refuses_a_live_holder_and_takes_over_a_stale_on
     with pytest.raises(OutputBusyError, match="is in use by run"):
         output_lib.OutputLock(output)._acquire_lease(settle_seconds=0)
     renewed = _read_lock(output)["renewed"]
-    time.sleep(0.6)
-    assert _read_lock(output)["renewed"] > renewed
+    assert _renewed_after(output, renewed) > renewed
     first.release()
     assert not os.path.exists(os.path.join(output, output_lib.LOCK))
     # A lease nobody renewed for LEASE_SECONDS is a dead run's.
@@ -324,12 +337,10 @@ def test_beam_flags_still_pass(tmp_path, tiny_bundle):
 
 
 def test_tokenizer_with_ids_beyond_the_embedding_is_refused(tmp_path, tiny_bundle, capsys):
-    from conftest import TINY_SIZES
-
     vocabulary = tmp_path / "vocabulary.txt"
     # A vocabulary file: id = line number; one more line than the Embedding's input_dim.
     vocabulary.write_text(
-        "\n".join(["", "[UNK]"] + [f"word{i}" for i in range(TINY_SIZES["vocabulary_size"] - 1)])
+        "\n".join(["", "[UNK]"] + [f"word{i}" for i in range(SIZES["vocabulary_size"] - 1)])
     )
     corpus = _write_corpus(tmp_path / "c.jsonl", 3)
     message = _refused(
@@ -346,7 +357,7 @@ def test_tokenizer_with_ids_beyond_the_embedding_is_refused(tmp_path, tiny_bundl
         ],
         "The tokenizer produces ids up to",
     )
-    assert f"input_dim={TINY_SIZES['vocabulary_size']}" in message
+    assert f"input_dim={SIZES['vocabulary_size']}" in message
     assert not (tmp_path / "out").exists()
 
 
@@ -422,10 +433,10 @@ def test_a_truncated_bundle_model_with_a_matching_hash_says_it_is_damaged(tmp_pa
 def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_bundle):
     corpus = _write_corpus(tmp_path / "c.jsonl", 6000)
     output = str(tmp_path / "out")
-    environment = dict(os.environ, PYTHONPATH=ROOT)
+    environment = dict(os.environ, PYTHONPATH=REPOSITORY)
     process = subprocess.Popen(
         _command(tiny_bundle[0], corpus, output, "--batch_size", "16"),
-        cwd=ROOT,
+        cwd=REPOSITORY,
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -437,19 +448,24 @@ def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_b
     _, err = process.communicate(timeout=120)
     assert process.returncode == EXIT_INTERRUPTED, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
-    assert [line for line in err.splitlines() if line.startswith("interrupted:")] != []
+    assert [line for line in err.splitlines() if line.startswith("interrupted:")] == [
+        "interrupted: nothing was committed; rerun the same command to export again "
+        "(it removes what this run left)."
+    ]
     assert output_lib.read_manifest(output) is None
     rerun = subprocess.run(
-        _command(tiny_bundle[0], corpus, output), cwd=ROOT, env=environment, capture_output=True, text=True
+        _command(tiny_bundle[0], corpus, output),
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     _assert_complete_export(output, [f"doc{i}" for i in range(6000)])
 
 
 def test_token_ids_beyond_the_embedding_are_dead_letters_not_inference_failures(tmp_path, tiny_bundle):
-    from conftest import TINY_SIZES
-
-    limit = TINY_SIZES["vocabulary_size"]
+    limit = SIZES["vocabulary_size"]
     corpus = tmp_path / "ids.jsonl"
     records = [
         {"id": "ok", "content": [2, 3, limit - 1], "title": [4]},

@@ -19,12 +19,11 @@ import apache_beam
 import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from pipeline_fixtures import copy_sources
+from pipeline_fixtures import REPOSITORY, copy_sources
 
 from models.bundle import DEFAULT_BUNDLE
 from models.train import SAMPLE_CORPUS
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOT = "/opt/apache/beam/boot"
 
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import (
     BAD_LINES,
-    REPOSITORY,
+    DEFAULT_LAYERS,
     Reference,
     export_args,
     manifest_of,
@@ -31,6 +31,7 @@ from pipeline_fixtures import (
     shared_bundle,
     write_jsonl,
 )
+from sizes import LENGTHS, SIZES
 
 import models
 from models.architectures import TOPOLOGIES
@@ -60,6 +61,8 @@ VECTORS = {
     "two_inputs_two_outputs": ["lstm_content", "lstm_title"],
 }
 KEEP = "--keep_fields=kind,topic"
+# The widths of the Embedding and LSTM columns.
+EMB_DIM, LSTM_DIM = SIZES["embedding_dim"], SIZES["lstm_units"]
 
 
 def layer_flags(topology):
@@ -199,8 +202,8 @@ def test_float16_output_is_close_to_keras(export, reference):
     output, _ = pooled(topology, export, "mean", "--dtype=float16")
     ref = reference(topology)
     table = read_rows(output)
-    assert table.schema.field("lstm_content").type == pa.list_(pa.float16(), 6)
-    assert table.schema.field("emb_call1").type == pa.list_(pa.float16(), 8)
+    assert table.schema.field("lstm_content").type == pa.list_(pa.float16(), LSTM_DIM)
+    assert table.schema.field("emb_call1").type == pa.list_(pa.float16(), EMB_DIM)
     rows = rows_by_id(table)
     checks = [(layer, ref.predict(layer)) for layer in VECTORS[topology]]
     mask = ref.mask("title")
@@ -248,7 +251,7 @@ def test_counts_add_up_and_bad_records_are_dead_lettered(topology, export, refer
     assert counts["dead_letters_by_reason"] == {reason: 1 for reason in errors.column("reason").to_pylist()}
     # A document counts once however many of its inputs were cut.
     cut = np.zeros(written, dtype=bool)
-    for name, length in (("content", 24), ("title", 6)):
+    for name, length in LENGTHS.items():
         if name in ref.token_ids:
             cut |= ref.tokenizer.encode_batch([d[name] for d in ref.documents], length)[3]
     assert summary.truncated == counts["documents_truncated"] == int(cut.sum())
@@ -260,7 +263,8 @@ def test_output_reads_back_with_pyarrow_pandas_and_duckdb(export, corpus):
     files = row_files(output)
     schema = pq.read_schema(files[0])
     assert schema.field("id").type == pa.string()
-    for column, dim in (("emb", 8), ("emb_call1", 8), ("lstm_content", 6), ("lstm_title", 6)):
+    dims = {"emb": EMB_DIM, "emb_call1": EMB_DIM, "lstm_content": LSTM_DIM, "lstm_title": LSTM_DIM}
+    for column, dim in dims.items():
         assert schema.field(column).type == pa.list_(pa.float32(), dim), column
     assert schema.field("kind").type == pa.string()
     expected = rows_by_id(read_rows(output))
@@ -283,8 +287,8 @@ def test_output_reads_back_with_pyarrow_pandas_and_duckdb(export, corpus):
         "input_sha256",
     }
     for record in frame.itertuples(index=False):
-        assert isinstance(record.lstm_content, np.ndarray) and record.lstm_content.shape == (6,)
-        assert record.emb.shape == (8,)
+        assert isinstance(record.lstm_content, np.ndarray) and record.lstm_content.shape == (LSTM_DIM,)
+        assert record.emb.shape == (EMB_DIM,)
         np.testing.assert_array_equal(record.lstm_content, np.float32(expected[record.id]["lstm_content"]))
 
     pattern = os.path.join(output, "*.parquet")
@@ -293,7 +297,7 @@ def test_output_reads_back_with_pyarrow_pandas_and_duckdb(export, corpus):
     ).fetchall()
     assert len(result) == len(expected)
     for document_id, n, m, vector, topic in result:
-        assert (n, m) == (6, 8)
+        assert (n, m) == (LSTM_DIM, EMB_DIM)
         np.testing.assert_array_equal(np.float32(vector), np.float32(expected[document_id]["lstm_content"]))
         assert topic == expected[document_id]["topic"]
 
@@ -325,7 +329,7 @@ def test_parquet_metadata_records_the_export(export, tmp_path_factory):
         assert {k: columns["emb_call1"][k] for k in ("layer", "call", "dim", "dtype", "pooling")} == {
             "layer": "emb",
             "call": 1,
-            "dim": 8,
+            "dim": EMB_DIM,
             "dtype": "float32",
             "pooling": "mean",
         }
@@ -334,38 +338,28 @@ def test_parquet_metadata_records_the_export(export, tmp_path_factory):
         assert {k: columns["lstm_title"][k] for k in ("layer", "call", "dim", "dtype")} == {
             "layer": "lstm_title",
             "call": 0,
-            "dim": 6,
+            "dim": LSTM_DIM,
             "dtype": "float32",
         }
     manifest = manifest_of(output)
     assert manifest["model_sha256"] == sha256(os.path.join(bundle, "model.keras"))
 
 
-def test_multi_processing_gives_the_same_rows_as_in_memory(export, monkeypatch):
-    # The worker processes import `pipeline` from the repository, wherever pytest was started.
-    paths = [REPOSITORY, os.environ.get("PYTHONPATH")]
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
+def test_default_flags_export_the_bundles_default_layers_mean_pooled(export, reference):
     topology = "two_inputs_one_output"
-    memory_output, memory = export(topology)
-    process_output, processes = export(
-        topology, "--direct_running_mode=multi_processing", "--direct_num_workers=2"
-    )
-    in_memory = read_rows(memory_output)
-    multi = read_rows(process_output)
-    assert in_memory.schema == multi.schema
-    # Default flags: the bundle's default layers, mean pooling.
-    assert in_memory.column_names == ["id", "lstm_content", "lstm_title", "add", "emb", "input_sha256"]
-    in_memory_rows, multi_rows = rows_by_id(in_memory), rows_by_id(multi)
-    assert sorted(in_memory_rows) == sorted(multi_rows)
-    for document_id, row in in_memory_rows.items():
-        for column in ("lstm_content", "lstm_title", "add", "emb"):
-            np.testing.assert_allclose(
-                np.float32(multi_rows[document_id][column]), np.float32(row[column]), atol=1e-6, rtol=0
-            )
-    assert (processes.records_read, processes.rows_written, processes.dead_letters) == (
-        memory.records_read,
-        memory.rows_written,
-        memory.dead_letters,
-    )
-    memory_errors, process_errors = read_errors(memory_output), read_errors(process_output)
-    assert sorted(map(str, memory_errors.to_pylist())) == sorted(map(str, process_errors.to_pylist()))
+    output, _ = export(topology)
+    ref = reference(topology)
+    table = read_rows(output)
+    assert table.column_names == ["id", *DEFAULT_LAYERS[topology], "input_sha256"]
+    rows = rows_by_id(table)
+    for layer in VECTORS[topology]:
+        actual = np.array([rows[document_id][layer] for document_id in ref.ids], dtype=np.float32)
+        np.testing.assert_allclose(actual, ref.predict(layer), atol=ATOL, rtol=0)
+    # A bare layer name is its first call: the content's embedding, mean-pooled over its real tokens.
+    mask = ref.mask("content")
+    for index, document_id in enumerate(ref.ids):
+        if mask[index].any():
+            want = pool(ref.predict("emb")[index], mask[index], "mean")
+        else:  # EMPTY_CONTENT: nothing to pool.
+            want = np.zeros(ref.predict("emb").shape[-1], np.float32)
+        np.testing.assert_allclose(np.float32(rows[document_id]["emb"]), want, atol=ATOL, rtol=0)

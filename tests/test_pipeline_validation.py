@@ -21,6 +21,7 @@ from pipeline_fixtures import (
     snapshot,
     write_jsonl,
 )
+from sizes import LENGTHS, SIZES
 
 from models.bundle import MODEL_FILE, TOKENIZER_FILE
 from models.tokenizer import Tokenizer
@@ -30,6 +31,8 @@ from pipeline.output import MANIFEST, STAGING
 from pipeline.run import EXIT_CONFIG_ERROR
 
 TOPOLOGY = "two_inputs_two_outputs"
+# A Conv1D of kernel 3 without padding shortens the content by two positions.
+CONVOLVED_LENGTH = LENGTHS["content"] - 2
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +193,12 @@ def test_batch_size_must_be_positive(size, bundle, corpus, tmp_path):
 def odd_model(tmp_path_factory, bundle):
     """A bare .keras model with a length-changing Conv1D and a three-output LSTM, and a tokenizer file.
 
-    Neither layer's output can be a row: (batch, 22, 4) is aligned with no input
-    of length 24, and `lstm_state` returns three tensors per call.
+    Neither layer's output can be a row: (batch, CONVOLVED_LENGTH, 4) is aligned with no
+    input, and `lstm_state` returns three tensors per call.
     """
     keras.utils.set_random_seed(3)
-    content = keras.Input(shape=(24,), dtype="int32", name="content")
-    embedded = keras.layers.Embedding(60, 8, name="emb")(content)
+    content = keras.Input(shape=(LENGTHS["content"],), dtype="int32", name="content")
+    embedded = keras.layers.Embedding(SIZES["vocabulary_size"], SIZES["embedding_dim"], name="emb")(content)
     convolved = keras.layers.Conv1D(4, 3, name="conv")(embedded)
     sequence, _, _ = keras.layers.LSTM(5, return_state=True, name="lstm_state")(convolved)
     model = keras.Model(content, keras.layers.Dense(1, name="output")(sequence))
@@ -213,7 +216,7 @@ def test_layer_whose_output_shape_cannot_be_a_row(odd_model, corpus, tmp_path):
     assert_refused(
         export_args(model, corpus, output, "--tokenizer", tokenizer, "--layer=conv"),
         output,
-        r"Layer 'conv' \(call 0\) outputs shape \(None, 22, 4\); only vectors",
+        rf"Layer 'conv' \(call 0\) outputs shape \(None, {CONVOLVED_LENGTH}, 4\); only vectors",
     )
     assert_refused(
         export_args(model, corpus, output, "--tokenizer", tokenizer, "--layer=lstm_state"),
@@ -231,7 +234,7 @@ def test_bare_model_with_tokenizer_exports(odd_model, corpus, documents, tmp_pat
     weights = keras.saving.load_model(model_path, compile=False).get_layer("emb").embeddings.numpy()
     with open(tokenizer_path, encoding="utf-8") as handle:
         tokenizer = Tokenizer.from_json(handle.read())
-    ids = tokenizer.encode_batch([d["content"] for d in documents], 24)[0]
+    ids = tokenizer.encode_batch([d["content"] for d in documents], LENGTHS["content"])[0]
     rows = rows_by_id(read_rows(output))
     for document, row_ids in zip(documents, ids, strict=True):
         expected = weights[row_ids[row_ids != 0]].mean(axis=0)

@@ -12,12 +12,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-from pipeline_fixtures import pipeline_command, wait_for_staging
+from pipeline_fixtures import REPOSITORY, pipeline_command, wait_for_staged_shard
 
 from models.paths import SAMPLE_CORPUS
 from pipeline import output as output_lib
@@ -25,7 +24,6 @@ from pipeline.errors import ExportConfigError
 from pipeline.export import run_export
 from pipeline.schema import FINGERPRINT_COLUMN, input_fingerprint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARE = 0.01
 
 
@@ -147,7 +145,8 @@ def test_fingerprint_is_what_the_model_sees(versions):
         record = by_id[row_id]
         assert fingerprint == input_fingerprint((record["content"], record["title"]), inputs)
     assert input_fingerprint(("a", "b"), inputs) != input_fingerprint(("a ", "b"), inputs)
-    assert input_fingerprint(("\ud800", "b"), inputs)  # lone surrogates hash too
+    # Lone surrogates hash too, each to its own fingerprint.
+    assert input_fingerprint(("\ud800", "b"), inputs) != input_fingerprint(("\udbff", "b"), inputs)
 
 
 def _refused(argv, pattern, output):
@@ -210,35 +209,38 @@ def test_reuse_in_place_with_overwrite(versions, tmp_path):
 def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     # Five copies of the corpus with new ids: long enough to be killed part-way.
     records = [dict(r, id=f"{copy}-{r['id']}") for copy in range(5) for r in versions["records"]]
-    second, _, _, _ = next_version(records, seed=1)
+    second, changed, new, deleted = next_version(records, seed=1)
     first_path = _write(tmp_path / "big1.jsonl", records)
     second_path = _write(tmp_path / "big2.jsonl", second)
-    environment = dict(os.environ, PYTHONPATH=ROOT)
+    environment = dict(os.environ, PYTHONPATH=REPOSITORY)
     v1 = str(tmp_path / "v1")
     subprocess.run(
-        pipeline_command(first_path, v1), cwd=ROOT, env=environment, check=True, capture_output=True
+        pipeline_command(first_path, v1), cwd=REPOSITORY, env=environment, check=True, capture_output=True
     )
 
     output = str(tmp_path / "v2")
-    command = pipeline_command(second_path, output, "--reuse", v1, "--batch_size", "64")
+    # Small shards: the run is killed once it writes its first, long before its last.
+    command = pipeline_command(second_path, output, "--reuse", v1, "--batch_size", "64", "--shard_mb", "0.05")
     process = subprocess.Popen(
-        command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command, cwd=REPOSITORY, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    wait_for_staging(process, output)
-    time.sleep(0.3)
+    shards = wait_for_staged_shard(process, output)
     assert process.poll() is None, "the run finished before it could be killed"
+    assert shards, "the run wrote no shard in its staging directory"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert output_lib.read_manifest(output) is None
 
-    rerun = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     full = str(tmp_path / "full")
     subprocess.run(
-        pipeline_command(second_path, full), cwd=ROOT, env=environment, check=True, capture_output=True
+        pipeline_command(second_path, full), cwd=REPOSITORY, env=environment, check=True, capture_output=True
     )
     assert _read(output).equals(_read(full))
-    assert output_lib.read_manifest(output)["counts"]["rows_reused"] > 0.9 * len(second)
+    counts = output_lib.read_manifest(output)["counts"]
+    assert counts["rows_reused"] == len(records) - len(changed) - len(deleted)
+    assert counts["rows_embedded"] == len(changed) + len(new)
 
 
 # The tutorial's single-input model as its code writes it: tf_keras, Input(shape=(300,))

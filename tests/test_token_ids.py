@@ -30,6 +30,7 @@ from pipeline_fixtures import (
     shared_bundle,
     write_jsonl,
 )
+from sizes import LENGTHS, SIZES
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
@@ -46,6 +47,8 @@ README_OUTPUT = "output/tokens"
 LAYERS = ("--layer=emb:0", "--layer=emb:1", "--pooling=none")
 COLUMNS = {"emb": "content", "emb_call1": "title"}
 TABLE = "_tables/emb.parquet"
+# The Embedding input_dim of the tiny bundles: ids 0 .. VOCABULARY - 1.
+VOCABULARY = SIZES["vocabulary_size"]
 
 
 def _export(directory, *flags):
@@ -249,7 +252,7 @@ def tiny_corpus(tmp_path_factory):
         {"id": "a", "content": "return the value of the thread", "title": "the thread"},
         {"id": "b", "content": [4, 5, 6], "title": "a socket"},
         {"id": "c", "content": [4, 10_000, 6], "title": "past the table"},
-        {"id": "d", "content": "open a socket", "title": [7, 59]},
+        {"id": "d", "content": "open a socket", "title": [7, VOCABULARY - 1]},
     ]
     return write_jsonl(tmp_path_factory.mktemp("tiny") / "corpus.jsonl", documents)
 
@@ -294,14 +297,14 @@ def test_ids_and_vectors_dead_letter_the_same_documents(tiny_bundle, tiny_corpus
 
 def _per_token_model():
     """Token-level layers after an Embedding, an Embedding of another layer's output, a masking one."""
-    content = keras.Input(shape=(12,), dtype="int32", name="content")
-    title = keras.Input(shape=(6,), dtype="int32", name="title")
-    embedded = keras.layers.Embedding(60, 8, name="emb")(content)
+    content = keras.Input(shape=(LENGTHS["content"],), dtype="int32", name="content")
+    title = keras.Input(shape=(LENGTHS["title"],), dtype="int32", name="title")
+    embedded = keras.layers.Embedding(VOCABULARY, 8, name="emb")(content)
     dense = keras.layers.Dense(4, name="token_dense")(embedded)
     masked = keras.layers.Masking(name="masked")(embedded)
     copied = keras.layers.Identity(name="content_copy")(content)
-    copy_embedded = keras.layers.Embedding(60, 4, name="copy_emb")(copied)
-    title_embedded = keras.layers.Embedding(60, 4, mask_zero=True, name="title_emb")(title)
+    copy_embedded = keras.layers.Embedding(VOCABULARY, 4, name="copy_emb")(copied)
+    title_embedded = keras.layers.Embedding(VOCABULARY, 4, mask_zero=True, name="title_emb")(title)
     pooled = [
         keras.layers.GlobalAveragePooling1D()(x) for x in (dense, masked, copy_embedded, title_embedded)
     ]
@@ -313,7 +316,7 @@ def _per_token_model():
 def per_token_bundle(tmp_path_factory):
     keras.utils.set_random_seed(0)
     directory = str(tmp_path_factory.mktemp("per_token_bundle"))
-    tokenizer = Tokenizer([f"word{i}" for i in range(58)])
+    tokenizer = Tokenizer([f"word{i}" for i in range(VOCABULARY - 2)])
     save_bundle(directory, _per_token_model(), tokenizer, {"content": "content", "title": "title"})
     return directory
 

@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+from pipeline_fixtures import DEFAULT_LAYERS
+from sizes import LENGTHS, SIZES
 
 from models import architectures
 from models.bundle import load_bundle
@@ -12,12 +14,10 @@ from models.train import SAMPLE_CORPUS, is_held_out, main, read_jsonl
 
 DOCUMENTS = 120
 HOLDOUT = 0.25
+# The tests' one set of model sizes; the number of title classes comes from the corpus.
+MODEL_SIZES = ("vocabulary_size", "embedding_dim", "lstm_units", "content_length", "title_length")
 TINY_ARGS = [
-    "--vocabulary_size", "50",
-    "--embedding_dim", "8",
-    "--lstm_units", "4",
-    "--content_length", "12",
-    "--title_length", "6",
+    *(f"--{name}={SIZES[name]}" for name in MODEL_SIZES),
     "--epochs", "1",
     "--batch_size", "32",
     "--holdout", str(HOLDOUT),
@@ -56,17 +56,17 @@ def test_train_writes_a_loadable_bundle_with_metrics(topology, small_corpus, tmp
     assert bundle.model.name == topology
     if topology == "single_input":
         assert bundle.input_fields == {"content": "content"}
-        assert bundle.sequence_lengths == {"content": 12}
+        assert bundle.sequence_lengths == {"content": LENGTHS["content"]}
     else:
         assert bundle.input_fields == {"content": "content", "title": "title"}
-        assert bundle.sequence_lengths == {"content": 12, "title": 6}
-    assert bundle.tokenizer.size == 50 == bundle.model.get_layer("emb").input_dim
+        assert bundle.sequence_lengths == LENGTHS
+    assert bundle.tokenizer.size == SIZES["vocabulary_size"] == bundle.model.get_layer("emb").input_dim
     assert manifest["training"]["documents"] == DOCUMENTS - len(held_out)
     assert manifest["training"]["epochs"] == 1
-    # The layers exported by default exist in the model (get_layer raises otherwise).
-    assert manifest["default_layers"]
+    # The layers exported by default: each topology's LSTMs (and Add), then the embedding.
+    assert manifest["default_layers"] == DEFAULT_LAYERS[topology]
     for name in manifest["default_layers"]:
-        bundle.model.get_layer(name)
+        bundle.model.get_layer(name)  # raises if the model lacks it
 
     assert set(manifest["labels"]) == set(manifest["metrics"]) == set(OUTPUTS[topology])
     for output_name, field in OUTPUTS[topology].items():

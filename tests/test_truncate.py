@@ -3,13 +3,11 @@
 import keras
 import numpy as np
 import pytest
-from conftest import TINY_SIZES
+from sizes import SIZES
 
 from models import architectures
 from models.bundle import load_bundle
 from models.truncate import LayerSpec, layer_calls, parse_layer_spec, truncate
-
-SIZES = TINY_SIZES
 
 
 @pytest.fixture(scope="module", params=["in_memory", "loaded"])
