@@ -90,7 +90,9 @@ _SKIP_CHUNK = 1 << 20
 # of a file cannot tell a record's start from a line inside a quoted field.
 SPLIT_FORMATS = ("text", "jsonl", "parquet")
 LINE_FORMATS = ("text", "jsonl")
-# Line numbers of a range come from the newlines counted per block of this many bytes.
+# Line numbers of a range come from the newlines counted per block of this many bytes
+# at most; never more than the split size (`pipeline.transforms.ReadCorpus`), so that a
+# range skips less than one range of bytes to find its first line number.
 INDEX_BLOCK = 4 << 20
 # The order of a record standing for a whole file (unreadable_file): before its records.
 FILE_ORDER = -1

@@ -175,8 +175,9 @@ class ScanDocumentIdsFn(beam.DoFn):
     record after them can be among the first `limit` of the corpus.
     """
 
-    def __init__(self, plan, limit=None, progress_dir=None):
+    def __init__(self, plan, index_block, limit=None, progress_dir=None):
         self._plan = plan
+        self._index_block = index_block
         self._limit = limit
         self._progress_dir = progress_dir
 
@@ -188,9 +189,10 @@ class ScanDocumentIdsFn(beam.DoFn):
 
     def process(self, file_range, tracker=_RANGE_TRACKER):
         reader = _RangeReader(self._plan, file_range, tracker, self._progress, "scanned_bytes")
+        block_size = self._index_block
         newlines = collections.Counter()
         line_file = file_range.splittable and self._plan.input_format in corpus.LINE_FORMATS
-        on_newline = (lambda offset: newlines.update((offset // corpus.INDEX_BLOCK,))) if line_file else None
+        on_newline = (lambda offset: newlines.update((offset // block_size,))) if line_file else None
         keyed = self._plan.input_format != "text"
         path = path_key(file_range.path)
         # Line numbers are exact from the start of a file; a later range knows only byte offsets.
@@ -211,22 +213,23 @@ class ScanDocumentIdsFn(beam.DoFn):
 
 
 class LineIndex:
-    """Newlines before each `corpus.INDEX_BLOCK` of one file: `lines_before(offset)` for `corpus`."""
+    """Newlines before each block of `block_size` bytes of one file: `lines_before(offset)` for `corpus`."""
 
-    def __init__(self, counts):
+    def __init__(self, counts, block_size):
+        self._block_size = block_size
         blocks = max(counts, default=-1) + 1
         self._before = [0] * (blocks + 1)
         for block in range(blocks):
             self._before[block + 1] = self._before[block] + counts.get(block, 0)
 
     def lines_before(self, offset):
-        block = min(offset // corpus.INDEX_BLOCK, len(self._before) - 1)
-        return block * corpus.INDEX_BLOCK, self._before[block]
+        block = min(offset // self._block_size, len(self._before) - 1)
+        return block * self._block_size, self._before[block]
 
 
-def _line_index(element):
+def _line_index(element, block_size):
     path, blocks = element
-    return path, LineIndex(dict(blocks))
+    return path, LineIndex(dict(blocks), block_size)
 
 
 def _duplicates(element):
@@ -403,6 +406,7 @@ class ReadCorpus(beam.PTransform):
         super().__init__()
         self._plan = plan
         self._split_bytes = split_bytes
+        self._index_block = min(corpus.INDEX_BLOCK, split_bytes)
         self._limit = limit
         self._progress_dir = progress_dir
 
@@ -415,7 +419,7 @@ class ReadCorpus(beam.PTransform):
             | "ReshuffleRanges" >> beam.Reshuffle()
         )
         scan = ranges | "ScanDocumentIds" >> beam.ParDo(
-            ScanDocumentIdsFn(plan, self._limit, self._progress_dir)
+            ScanDocumentIdsFn(plan, self._index_block, self._limit, self._progress_dir)
         ).with_outputs(NEWLINES, ORDERS, main=DOCUMENT_IDS)
         duplicates = (
             scan[DOCUMENT_IDS]
@@ -427,7 +431,7 @@ class ReadCorpus(beam.PTransform):
             | "SumNewlines" >> beam.CombinePerKey(sum)
             | "KeyByFile" >> beam.Map(lambda item: (item[0][0], (item[0][1], item[1])))
             | "GroupBlocks" >> beam.GroupByKey()
-            | "BuildLineIndex" >> beam.Map(_line_index)
+            | "BuildLineIndex" >> beam.Map(_line_index, self._index_block)
         )
         broken = (
             pipeline

@@ -43,12 +43,12 @@ def _summary(item):
     return item["position"], item["reason"]
 
 
-def _read_in_ranges(plan, data, bounds, path="c.jsonl"):
+def _read_in_ranges(plan, data, bounds, block_size, path="c.jsonl"):
     """Reads `data` in the ranges [bounds[i], bounds[i+1]) as the pipeline does: index first, then ranges."""
     newlines = {}
 
     def count(offset):
-        block = offset // corpus.INDEX_BLOCK
+        block = offset // block_size
         newlines[block] = newlines.get(block, 0) + 1
 
     def claimer(stop):
@@ -59,7 +59,7 @@ def _read_in_ranges(plan, data, bounds, path="c.jsonl"):
         scanned += list(
             corpus.read_records(plan, path, lambda: io.BytesIO(data), start, claimer(stop), on_newline=count)
         )
-    index = LineIndex(newlines)
+    index = LineIndex(newlines, block_size)
     items = []
     for start, stop in zip(bounds, bounds[1:], strict=False):
         items += [
@@ -71,9 +71,7 @@ def _read_in_ranges(plan, data, bounds, path="c.jsonl"):
     return [order for order, _ in scanned], items
 
 
-def test_any_cut_into_ranges_reads_every_line_once_with_its_line_number(monkeypatch):
-    # Small index blocks, so that ranges start in blocks past the first.
-    monkeypatch.setattr(corpus, "INDEX_BLOCK", 16)
+def test_any_cut_into_ranges_reads_every_line_once_with_its_line_number():
     lines = [
         corpus.BOM + b'{"id": "a", "content": "w"}',
         b"",
@@ -89,7 +87,8 @@ def test_any_cut_into_ranges_reads_every_line_once_with_its_line_number(monkeypa
     for cut in range(1, len(data)):
         for second in (cut + 1, cut + 7, len(data) - 1):
             bounds = sorted({0, cut, min(second, len(data)), len(data)})
-            orders, items = _read_in_ranges(plan, data, bounds)
+            # Small index blocks, so that ranges start in blocks past the first.
+            orders, items = _read_in_ranges(plan, data, bounds, block_size=16)
             assert [_summary(item) for item in items] == whole, bounds
             # The scan orders records by byte offset: the offset of each line.
             assert orders == [sum(len(line) + 1 for line in lines[:n]) for n in range(len(lines))]
@@ -98,7 +97,7 @@ def test_any_cut_into_ranges_reads_every_line_once_with_its_line_number(monkeypa
 def test_text_ids_are_file_and_line_in_any_range():
     data = b"".join(b"line %d\n" % n for n in range(1, 200))
     plan = _plan("text", field="text")
-    _, items = _read_in_ranges(plan, data, [0, 333, 334, 1000, len(data)], path="notes.txt")
+    _, items = _read_in_ranges(plan, data, [0, 333, 334, 1000, len(data)], 256, path="notes.txt")
     assert [item.id for item in items] == [f"notes.txt:{n}" for n in range(1, 200)]
 
 
@@ -126,10 +125,9 @@ SPLIT_RECORDS = 1200
 BAD_EVERY = 97  # a prime: the bad lines fall anywhere in the ranges
 # Lines that repeat the id of an earlier line in another range: {line: line whose id it repeats}.
 REPEATS = {601: 7, 1199: 600}
-# The launcher's smallest range, and the reader's line-index block, made small enough that
-# a half-megabyte file is cut as a real run cuts a file of many megabytes.
+# The launcher's smallest range, made small enough that a half-megabyte file is cut as a
+# real run cuts a file of many megabytes; the line-index blocks follow (never larger).
 SMALL_SPLIT_BYTES = 16 << 10
-SMALL_INDEX_BLOCK = 8 << 10
 
 
 def _split_corpus(path):
@@ -171,10 +169,9 @@ def split_exports(tmp_path_factory):
     dead, ids = _split_corpus(corpus_path)
     outputs = {}
     with pytest.MonkeyPatch.context() as patch:
-        # Read by the launcher, which hands the split size to the workers in the graph.
+        # Read by the launcher, which hands the split size (and so the index block) to the
+        # workers in the graph.
         patch.setattr(export, "MIN_SPLIT_BYTES", SMALL_SPLIT_BYTES)
-        # Read where the ranges are read: this process in memory; worker processes keep their own.
-        patch.setattr(corpus, "INDEX_BLOCK", SMALL_INDEX_BLOCK)
         for mode, flags in (
             ("in_memory", ["--direct_running_mode=in_memory"]),
             ("multi_processing", ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]),
