@@ -438,3 +438,29 @@ def test_dataflow_launcher_prints_the_console_url_and_the_counters(caplog):
     )
     running = "Dataflow job 2026-11-27_job: RUNNING, 1,200 records read, 1,100 rows embedded, 7 dead letters"
     assert lines[1:] == [running, running]
+
+
+@pytest.mark.parametrize(
+    ("argv", "cores", "total_bytes", "expected"),
+    [
+        ([], 2, export.LOCAL_PROCESSES_MIN_BYTES, ("multi_processing", 2)),
+        ([], 8, 10 * export.LOCAL_PROCESSES_MIN_BYTES, ("multi_processing", 8)),
+        ([], 2, export.LOCAL_PROCESSES_MIN_BYTES - 1, None),  # done before workers load TensorFlow
+        ([], 1, 10 * export.LOCAL_PROCESSES_MIN_BYTES, None),  # one core: nothing to gain
+        (["--direct_running_mode=in_memory"], 2, 10 * export.LOCAL_PROCESSES_MIN_BYTES, None),
+        (["--direct_num_workers", "3"], 2, 10 * export.LOCAL_PROCESSES_MIN_BYTES, None),
+        (["--runner=DataflowRunner"], 2, 10 * export.LOCAL_PROCESSES_MIN_BYTES, None),
+    ],
+)
+def test_a_local_run_uses_every_core_only_when_it_pays_and_was_not_told_otherwise(
+    monkeypatch, argv, cores, total_bytes, expected
+):
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    options = PipelineOptions(argv)
+    direct = options.view_as(DirectOptions)
+    before = (direct.direct_running_mode, direct.direct_num_workers)
+    export.use_local_cores(options, total_bytes, argv)
+    after = (direct.direct_running_mode, direct.direct_num_workers)
+    assert after == (expected or before)
