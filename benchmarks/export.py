@@ -20,7 +20,7 @@ process tree so that the ratios are fair on a noisy machine:
   `predict`.  `--contenders keras2` runs only these;
 - `--contenders arrow_rows`: why the model handler returns one result per batch.
   The rows of the same forward-pass outputs are built into Arrow once per batch
-  (what `BuildRows` does) and once per document (what one `PredictionResult` per
+  (what the model handler does) and once per document (what one `PredictionResult` per
   document would lead to), for a vector column and a per-token column.
 
 Throughput is *marginal*: the time for 3N documents minus the time for N, so

@@ -1,9 +1,9 @@
 """Worker-side model: the truncated sub-model and its forward pass (fast, hybrid or Keras).
 
 `Embedder.run` stacks a batch of tokenized documents and runs one forward pass;
-tokenizing (`pipeline.features`) and building Arrow rows (`pipeline.schema`)
-are steps of their own. Knows nothing of Beam, so it is tested directly and
-reused by the benchmark.
+`Embedder.batch_rows` turns its outputs into one Arrow RecordBatch
+(`pipeline.schema`). Tokenizing (`pipeline.features`) is a step of its own.
+Knows nothing of Beam, so it is tested directly and reused by the benchmark.
 """
 
 import dataclasses
@@ -85,6 +85,14 @@ def manifest_columns(columns, forward_passes):
     return records
 
 
+class BatchRows(typing.NamedTuple):
+    """A batch's output rows and dead letters (see `Embedder.batch_rows`)."""
+
+    rows: object  # pyarrow.RecordBatch, or None when no document of the batch has outputs
+    failed: list  # dead-letter rows
+    oov_tokens: int  # unknown words of text inputs
+
+
 class Embedded(typing.NamedTuple):
     """One RunInference batch after the forward pass (see `Embedder.run`)."""
 
@@ -123,6 +131,7 @@ class Embedder:
 
         configure_threads(plan.tf_threads)
         self.plan = plan
+        self.schema = schema_lib.output_schema(plan)
         model_source = model_source or load_model_source(
             plan.model_uri,
             plan.tokenizer_uri or None,
@@ -296,6 +305,27 @@ class Embedder:
             outputs, good = self._predict_one_by_one(documents, features, failed)
             documents, features, masks = _rows(good, documents, features, masks)
         return Embedded(documents, features, masks, outputs, failed, oov)
+
+    def batch_rows(self, embedded):
+        """The output rows of an `Embedded` batch as one Arrow RecordBatch: a `BatchRows`."""
+        if not embedded.documents:
+            return BatchRows(None, embedded.failed, embedded.oov_tokens)
+        plan, documents = self.plan, embedded.documents
+        rows = schema_lib.to_record_batch(
+            self.schema,
+            plan.columns,
+            plan.dtype,
+            document_ids=[document.id for document in documents],
+            kept={
+                name: [document.kept[index] for document in documents]
+                for index, name in enumerate(plan.keep_fields)
+            },
+            outputs=embedded.outputs,
+            masks=embedded.masks,
+            token_ids=embedded.features,
+            fingerprints=[schema_lib.input_fingerprint(d.texts, plan.inputs) for d in documents],
+        )
+        return BatchRows(rows, embedded.failed, embedded.oov_tokens)
 
     def _text_tokens(self, info, texts):
         """The real tokens of a text input and how many are unknown words: `(mask, unknown)`.

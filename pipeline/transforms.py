@@ -486,14 +486,21 @@ class TokenizeDocumentsFn(beam.DoFn):
 
 
 class EmbeddingModelHandler(ModelHandler):
-    """RunInference handler: stacks a batch of `Tokenized` documents and runs the forward pass.
+    """RunInference handler: stacks a batch of `Tokenized` documents, runs the forward pass, makes its rows.
 
     `load_model` builds an `Embedder` once per worker process, from
-    `plan.model_uri`; `run_inference` returns one `embedder.Embedded` per batch
-    rather than one `PredictionResult` per document, because `BuildRows` then
-    makes one Arrow RecordBatch of the whole batch with numpy slicing. Built per
-    document, the same rows took 4.0x as long for a vector column and 1.7x for a
-    per-token one (`python -m benchmarks.export --contenders arrow_rows --documents 1024`).
+    `plan.model_uri`. `run_inference` returns one `embedder.BatchRows` per batch
+    (an Arrow RecordBatch of its rows, and its dead letters) rather than one
+    `PredictionResult` per document, for two measured reasons:
+
+    - RunInference's output crosses a stage boundary, where Beam pickles it. The
+      raw outputs of a per-token layer are large (the default export's mean-pooled
+      `emb`: 512 x 300 x 300 floats a batch, 1.5 GB pickled for 4,096 documents,
+      against 9.5 MB of Arrow rows); returning raw outputs made that export
+      25-35 % slower.
+    - Built per document, the same rows take 4.0x as long for a vector column and
+      1.7x for a per-token one
+      (`python -m benchmarks.export --contenders arrow_rows --documents 1024`).
     """
 
     def __init__(self, plan):
@@ -504,7 +511,7 @@ class EmbeddingModelHandler(ModelHandler):
         return Embedder(self._plan)
 
     def run_inference(self, batch, model, inference_args=None):
-        return [model.run(batch)]
+        return [model.batch_rows(model.run(batch))]
 
     def get_num_bytes(self, batch):
         # Beam's default pickles the whole batch just to measure it.
@@ -514,48 +521,27 @@ class EmbeddingModelHandler(ModelHandler):
         return NAMESPACE
 
 
-class BuildRowsFn(beam.DoFn):
-    """`Embedded` batches -> one Arrow RecordBatch of output rows each (main), and their dead letters."""
+class SplitRowsFn(beam.DoFn):
+    """`BatchRows` -> its RecordBatch (main) and its dead letters (`errors`), counted."""
 
-    def __init__(self, plan):
-        self._plan = plan
+    def __init__(self):
         self._written = Metrics.counter(NAMESPACE, "rows_embedded")
         self._oov = Metrics.counter(NAMESPACE, "oov_tokens")
 
-    def setup(self):
-        self._schema = schema_lib.output_schema(self._plan)
-
-    def process(self, embedded):
-        self._oov.inc(embedded.oov_tokens)
-        for error in embedded.failed:
+    def process(self, batch_rows):
+        self._oov.inc(batch_rows.oov_tokens)
+        for error in batch_rows.failed:
             yield beam.pvalue.TaggedOutput(ERRORS, error)
-        if not embedded.documents:
-            return
-        plan = self._plan
-        documents = embedded.documents
-        rows = schema_lib.to_record_batch(
-            self._schema,
-            plan.columns,
-            plan.dtype,
-            document_ids=[document.id for document in documents],
-            kept={
-                name: [document.kept[index] for document in documents]
-                for index, name in enumerate(plan.keep_fields)
-            },
-            outputs=embedded.outputs,
-            masks=embedded.masks,
-            token_ids=embedded.features,
-            fingerprints=[schema_lib.input_fingerprint(d.texts, plan.inputs) for d in documents],
-        )
-        self._written.inc(rows.num_rows)
-        yield rows
+        if batch_rows.rows is not None:
+            self._written.inc(batch_rows.rows.num_rows)
+            yield batch_rows.rows
 
 
 class EmbedDocuments(beam.PTransform):
     """Documents -> Arrow RecordBatches of output rows (main) and dead letters (`errors`).
 
-    Three steps: tokenize each document, run the model on batches
-    (RunInference), build each batch's rows.
+    Tokenize each document (only the tokenizer loaded), then run the model on
+    batches (RunInference), each batch giving one RecordBatch of rows.
     """
 
     def __init__(self, plan):
@@ -569,7 +555,7 @@ class EmbedDocuments(beam.PTransform):
         rows = (
             tokenized[DOCUMENTS]
             | "RunInference" >> RunInference(EmbeddingModelHandler(self._plan))
-            | "BuildRows" >> beam.ParDo(BuildRowsFn(self._plan)).with_outputs(ERRORS, main=ROWS)
+            | "SplitRows" >> beam.ParDo(SplitRowsFn()).with_outputs(ERRORS, main=ROWS)
         )
         errors = (tokenized[ERRORS], rows[ERRORS]) | "CollectEmbedErrors" >> beam.Flatten()
         return rows[ROWS], errors
