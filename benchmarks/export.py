@@ -383,9 +383,8 @@ def main(argv=None):
 
 def arrow_row_rates(count, batch_size, flags):
     """Docs/s of building the output rows of real forward-pass outputs per batch and per document."""
-    from pipeline import schema as schema_lib
     from pipeline.corpus import Document
-    from pipeline.embedder import Embedder
+    from pipeline.embedder import Embedded, Embedder
     from pipeline.features import DocumentTokenizer
     from pipeline.options import ExportOptions
     from pipeline.plan import build_plan
@@ -406,39 +405,30 @@ def arrow_row_rates(count, batch_size, flags):
     ]
     tokenized = [t for t in tokenized if hasattr(t, "features")]
     embedder = Embedder(plan, model_source)
-    schema = schema_lib.output_schema(plan)
     batches = [embedder.run(tokenized[i : i + batch_size]) for i in range(0, len(tokenized), batch_size)]
-
-    def build(documents, outputs, masks, features):
-        return schema_lib.to_record_batch(
-            schema,
-            plan.columns,
-            plan.dtype,
-            [d.id for d in documents],
-            {},
-            outputs,
-            masks,
-            features,
-            [schema_lib.input_fingerprint(d.texts, plan.inputs) for d in documents],
-        )
 
     def one_row(values, row):
         return {name: value[row : row + 1] for name, value in values.items()}
 
+    # Each document of a batch as an `Embedded` batch of its own.
+    singles = [
+        Embedded(
+            [b.documents[row]],
+            one_row(b.features, row),
+            one_row(b.masks, row),
+            one_row(b.outputs, row),
+            [],
+            0,
+        )
+        for b in batches
+        for row in range(len(b.documents))
+    ]
+
     def per_batch():
-        return [build(b.documents, b.outputs, b.masks, b.features) for b in batches]
+        return [embedder.batch_rows(b) for b in batches]
 
     def per_document():
-        return [
-            build(
-                b.documents[row : row + 1],
-                one_row(b.outputs, row),
-                one_row(b.masks, row),
-                one_row(b.features, row),
-            )
-            for b in batches
-            for row in range(len(b.documents))
-        ]
+        return [embedder.batch_rows(single) for single in singles]
 
     documents = sum(len(b.documents) for b in batches)
     # Alternating, best of three each, so that neither way pays alone for a cold cache.

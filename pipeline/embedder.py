@@ -17,7 +17,7 @@ from models.truncate import truncate
 from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
 from pipeline.features import stack_features
-from pipeline.model_source import load_model_source
+from pipeline.model_source import NO_TOKENIZER, load_model_source
 from pipeline.plan import TEXT_INPUT, text_vectorizer
 
 FAST_PATH_TOLERANCE = 1e-5
@@ -132,12 +132,11 @@ class Embedder:
         configure_threads(plan.tf_threads)
         self.plan = plan
         self.schema = schema_lib.output_schema(plan)
+        # The worker's model only: `TokenizeDocuments` loads the tokenizer.
         model_source = model_source or load_model_source(
             plan.model_uri,
-            plan.tokenizer_uri or None,
+            NO_TOKENIZER,
             allow_unsafe_deserialization=plan.allow_unsafe_deserialization,
-            padding=plan.padding,
-            truncating=plan.truncating,
         )
         if model_source.model_sha256 != plan.model_sha256:
             raise ExportConfigError(

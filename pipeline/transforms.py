@@ -498,8 +498,8 @@ class EmbeddingModelHandler(ModelHandler):
       `emb`: 512 x 300 x 300 floats a batch, 1.5 GB pickled for 4,096 documents,
       against 9.5 MB of Arrow rows); returning raw outputs made that export
       25-35 % slower.
-    - Built per document, the same rows take 4.0x as long for a vector column and
-      1.7x for a per-token one
+    - Built per document, the same rows take 4.2x as long for a vector column and
+      2.3x for a per-token one
       (`python -m benchmarks.export --contenders arrow_rows --documents 1024`).
     """
 
