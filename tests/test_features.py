@@ -65,11 +65,14 @@ def test_a_document_without_tokens_is_an_empty_document_dead_letter_at_its_place
     assert isinstance(DocumentTokenizer(plan, TOKENIZER).tokenize(_document("", "zeta")), Tokenized)
 
 
-def test_an_id_past_the_embedding_is_a_bad_token_id_dead_letter():
-    plan = _plan(InputInfo("content", "content", 4, id_limit=10))
-    tokenizer = DocumentTokenizer(plan, None)
-    assert isinstance(tokenizer.tokenize(_document(TokenIds((9, 3)))), Tokenized)
-    error = tokenizer.tokenize(_document(TokenIds((3, 10))))
+def test_an_id_past_the_embedding_is_a_bad_token_id_dead_letter_before_tokenizing():
+    from pipeline import corpus
+
+    inputs = (InputInfo("content", "content", 4, id_limit=10),)
+    plan = types.SimpleNamespace(**vars(_plan(*inputs)), id_field="id", keep_fields=(), tokenizes=False)
+    document = corpus.to_document(plan, "c.jsonl", 1, {"id": "a", "content": [9, 3]})
+    assert isinstance(DocumentTokenizer(plan, None).tokenize(document), Tokenized)
+    error = corpus.to_document(plan, "c.jsonl", 2, {"id": "b", "content": [3, 10]})
     assert error["reason"] == "bad_token_id" and "input_dim=10" in error["message"]
 
 
