@@ -200,14 +200,6 @@ def worker_tf_threads(options, requested):
     return 0
 
 
-def input_bytes(pattern):
-    """Total size of the files `pattern` matches (0 when the listing fails)."""
-    try:
-        return sum(m.size_in_bytes for m in FileSystems.match([pattern])[0].metadata_list)
-    except Exception:  # Validation has already reported a pattern that matches nothing.
-        return 0
-
-
 def use_local_cores(options, total_bytes, argv=None):
     """Makes a local run use every core: one SDK worker process per core, unless told otherwise.
 
@@ -356,7 +348,7 @@ def run_export(argv=None):
             "bundled default) or pass a local copy of the bundle."
         )
     plan, model_source = build_plan(export_options, check_remote=not dry_run)
-    total_bytes = input_bytes(plan.input_pattern) if is_local(plan.input_pattern) or not dry_run else 0
+    total_bytes = plan.input_bytes
     use_local_cores(options, total_bytes, argv)
     plan = dataclasses.replace(plan, tf_threads=worker_tf_threads(options, export_options.tf_threads))
     if dry_run:

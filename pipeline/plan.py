@@ -105,6 +105,8 @@ class ExportPlan:
     # --reuse: the earlier export and its row shards (from its manifest).
     reuse: str = ""
     reuse_files: tuple = ()
+    # Total size of the input files as listed at launch (0: not listed), for the ETA and split size.
+    input_bytes: int = 0
     # (column, forward pass, reason) as chosen at launch (`pipeline.embedder.forward_pass_records`);
     # workers refuse to use another, so the manifest's record holds.  Empty: workers choose.
     forward_passes: tuple = ()
@@ -353,12 +355,18 @@ def check_output(output, overwrite):
 def check_locations(options, check_remote):
     """Checks --input, --output and how they relate, before the (slow) model load.
 
+    Returns:
+        The total size of the files --input matches; 0 when it was not listed
+        (an object-store pattern without `check_remote`).
+
     Raises:
         ExportConfigError: see `check_input`, `check_output` and `check_input_output`.
     """
-    matched = None
+    matched, total_bytes = None, 0
     if check_remote or is_local(options.input):
-        matched = check_input(options.input)
+        metadata = check_input(options.input)
+        matched = [m.path for m in metadata]
+        total_bytes = sum(m.size_in_bytes for m in metadata)
     else:
         check_location("input", options.input)
     if check_remote or is_local(options.output):
@@ -367,6 +375,7 @@ def check_locations(options, check_remote):
             check_input_output(options.input, matched, options.output)
     else:
         check_location("output", options.output)
+    return total_bytes
 
 
 def output_column_names(keep_fields, columns):
@@ -547,7 +556,7 @@ def build_plan(options, check_remote=True):
         ExportConfigError: anything that would make the run fail or write nonsense.
     """
     check_numeric_flags(options)
-    check_locations(options, check_remote)
+    input_bytes = check_locations(options, check_remote)
     input_format = detect_format(options.input, options.input_format)
     explicit_map = _parse_input_map(options.input_map)
     model_source = load_model_source(
@@ -588,6 +597,7 @@ def build_plan(options, check_remote=True):
         inputs=inputs,
         columns=tuple(columns),
         input_pattern=options.input,
+        input_bytes=input_bytes,
         input_format=input_format,
         id_field=options.id_field,
         keep_fields=keep_fields,
@@ -682,10 +692,14 @@ def check_reuse(uri, plan):
 
 
 def check_input(pattern):
-    """Refuses an --input pattern that matches no files, or names a directory; returns the matched paths."""
+    """Refuses an --input pattern that matches no files, or names a directory.
+
+    Returns:
+        The `FileMetadata` (path, size) of each matched file.
+    """
     check_location("input", pattern)
     try:
-        matched = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+        matched = FileSystems.match([pattern])[0].metadata_list
     except Exception as error:  # Beam raises BeamIOError subclasses per filesystem.
         raise ExportConfigError(f"Cannot list --input {pattern!r}: {error}") from None
     if is_local(pattern) and os.path.isdir(pattern):
