@@ -11,7 +11,8 @@ of an uncompressed text or JSONL file (lines), or the row groups starting in it
 in file order: the byte offset of a line (in the decompressed bytes for .gz), the
 row number in CSV and Parquet. A range that starts past the beginning of a file
 learns its first line number from `lines_before`, an index of newline counts per
-`INDEX_BLOCK` bytes built while scanning the ids (see `pipeline.transforms`).
+block of bytes (at most `INDEX_BLOCK`) built while scanning the ids (see
+`pipeline.transforms.ReadCorpus`).
 """
 
 import csv
