@@ -23,6 +23,7 @@ from apache_beam.runners.runner import PipelineState
 
 from pipeline import output as output_lib
 from pipeline import progress as progress_lib
+from pipeline import resume as resume_lib
 from pipeline.embedder import choose_forward_passes, manifest_columns
 from pipeline.errors import (
     EXIT_ACCOUNTING_MISMATCH,
@@ -36,7 +37,7 @@ from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenize
 from pipeline.options import ExportOptions, default_output
 from pipeline.plan import build_plan, reuse_signature
 from pipeline.token_tables import write_token_tables
-from pipeline.transforms import DEFAULT_SPLIT_BYTES, FILES_BROKEN, NAMESPACE, RANGES_READ
+from pipeline.transforms import DEFAULT_SPLIT_BYTES, FILES_BROKEN, NAMESPACE, RANGES_READ, ROWS_KEPT
 
 # A local run of at least this much input uses one worker process per core (see
 # `use_local_cores`); below it, starting the processes costs more than they save.
@@ -66,6 +67,9 @@ class ExportSummary:
     reuse: str = ""
     rows_reused: int = 0
     earlier_rows_dropped: int = 0
+    # A resumed run: the run it continued ("" for a run from zero) and the rows it kept of it.
+    resumed_run: str = ""
+    rows_kept: int = 0
     # --dry_run: nothing was read or written; `job` is the Dataflow job Beam built, if any.
     dry_run: bool = False
     job: object = dataclasses.field(default=None, repr=False, compare=False)
@@ -361,20 +365,34 @@ def run_export(argv=None):
         )
         return _dry_run(pipeline, plan, options)
     plan = dataclasses.replace(plan, forward_passes=choose_forward_passes(plan, model_source))
+    signature = resume_lib.run_signature(plan, export_options.limit)
+    find_resumable = None
+    if export_options.resume == "auto":
+
+        def find_resumable(directory):
+            return resume_lib.find_resumable(directory, signature)
+
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
     with output_lib.OutputLock(plan.output):
-        run_id = output_lib.prepare(plan.output, export_options.overwrite)
-        return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes)
+        run_id = output_lib.prepare(plan.output, export_options.overwrite, find_resumable)
+        resumed = None
+        if resume_lib.read_run(plan.output, run_id) is not None:
+            resumed = resume_lib.prepare_resume(plan.output, run_id, plan)
+        resume_lib.start_run(plan.output, run_id, signature, resumed)
+        return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed)
 
 
-def _graph_settings(options, total_bytes, progress_dir=None):
+def _graph_settings(options, total_bytes, progress_dir=None, resumed=None):
     export_options = options.view_as(ExportOptions)
     return {
         "split_bytes": split_bytes_for(options, total_bytes),
         "shard_bytes": max(1, int(export_options.shard_mb * 1e6)),
         "limit": export_options.limit,
         "progress_dir": progress_dir,
+        "checkpoint_seconds": export_options.checkpoint_seconds,
+        "kept_ids_path": resumed.kept_ids_path if resumed else None,
+        "kept_files": resumed.kept_files if resumed else (),
     }
 
 
@@ -412,12 +430,14 @@ def format_counters(counters):
     )
 
 
-def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes):
+def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, resumed=None):
     """Builds and runs the pipeline, reporting progress while it works; returns the result."""
     export_options = options.view_as(ExportOptions)
     if local_runner(options) is None:
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, plan, rows_prefix, errors_prefix, **_graph_settings(options, total_bytes))
+        build_pipeline(
+            pipeline, plan, rows_prefix, errors_prefix, **_graph_settings(options, total_bytes, None, resumed)
+        )
         result = pipeline.run()
         if is_dataflow(options):
             _poll_dataflow(result, options, export_options.progress_seconds)
@@ -427,7 +447,11 @@ def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes):
     try:
         pipeline = beam.Pipeline(runner=local_runner(options), options=options)
         build_pipeline(
-            pipeline, plan, rows_prefix, errors_prefix, **_graph_settings(options, total_bytes, progress_dir)
+            pipeline,
+            plan,
+            rows_prefix,
+            errors_prefix,
+            **_graph_settings(options, total_bytes, progress_dir, resumed),
         )
         monitor = progress_lib.ProgressMonitor(
             progress_dir, total_bytes, export_options.limit, export_options.progress_seconds
@@ -440,13 +464,17 @@ def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes):
         shutil.rmtree(progress_dir, ignore_errors=True)
 
 
-def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
-    """Runs the pipeline into the run's staging directory, checks the accounting, commits."""
+def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed=None):
+    """Runs the pipeline into the run's staging directory, checks the accounting, commits.
+
+    `resumed` (a `resume.Resumption`): the run continues an interrupted one, whose
+    complete row files are already staged.
+    """
     export_options = options.view_as(ExportOptions)
     rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
     started = time.time()
     write_token_tables(plan, model_source, output_lib.staging_tables_dir(plan.output, run_id))
-    result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes)
+    result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, resumed)
     seconds = time.time() - started
 
     counters = _counters(result)
@@ -469,7 +497,14 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
             "earlier_rows_dropped": counters.get("earlier_rows_dropped", 0),
         }
     exit_code, message = EXIT_OK, "ok"
-    if read != rows + dead:
+    skipped = counters.get(ROWS_KEPT, 0)
+    if resumed and skipped != resumed.rows_kept:
+        exit_code = EXIT_ACCOUNTING_MISMATCH
+        message = (
+            f"Accounting mismatch: the resumed run kept {resumed.rows_kept} rows but met "
+            f"{skipped} of their documents in the corpus."
+        )
+    elif read != rows + dead:
         exit_code = EXIT_ACCOUNTING_MISMATCH
         message = f"Accounting mismatch: {read} records read but {rows} rows + {dead} dead letters written."
     elif broken:
@@ -511,10 +546,14 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
         },
         "limited": export_options.limit is not None,
         "limit": export_options.limit,
+        # A resumed run: which run it continued and what it kept of it; None for a run from zero.
+        "resumed": resumed.manifest() if resumed else None,
         "reuse_signature": reuse_signature(plan),
         "seconds": round(seconds, 3),
         "package_version": plan.package_version,
     }
+    # From here on the run is never resumed: a kill during the commit is recovered by the commit.
+    resume_lib.mark_committing(plan.output, run_id)
     output_lib.commit(plan.output, run_id, staged, manifest)
     return ExportSummary(
         output=plan.output,
@@ -530,6 +569,8 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
         reuse=plan.reuse,
         rows_reused=reuse_counts.get("rows_reused", 0),
         earlier_rows_dropped=reuse_counts.get("earlier_rows_dropped", 0),
+        resumed_run=resumed.run_id if resumed else "",
+        rows_kept=resumed.rows_kept if resumed else 0,
     )
 
 
@@ -553,6 +594,14 @@ def format_summary(summary):
                 f"{summary.earlier_rows_dropped} earlier rows dropped (id gone)"
             ]
             if summary.reuse
+            else []
+        ),
+        *(
+            [
+                f"  resumed          run {summary.resumed_run}: kept {summary.rows_kept} rows it had "
+                f"finished; embedded the other {summary.rows_written - summary.rows_kept}"
+            ]
+            if summary.resumed_run
             else []
         ),
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",

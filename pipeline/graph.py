@@ -3,6 +3,7 @@
 import apache_beam as beam
 
 from pipeline.transforms import (
+    DEFAULT_CHECKPOINT_SECONDS,
     DEFAULT_SHARD_BYTES,
     DEFAULT_SPLIT_BYTES,
     EmbedDocuments,
@@ -24,6 +25,9 @@ def build_pipeline(
     shard_bytes=DEFAULT_SHARD_BYTES,
     limit=None,
     progress_dir=None,
+    checkpoint_seconds=DEFAULT_CHECKPOINT_SECONDS,
+    kept_ids_path=None,
+    kept_files=(),
 ):
     """Adds read -> embed -> write to `pipeline`.
 
@@ -36,6 +40,10 @@ def build_pipeline(
         shard_bytes: row shards are closed once they reach this size.
         limit: read only the first `limit` records (by file, then position).
         progress_dir: a local directory where workers count their progress (local runs).
+        checkpoint_seconds: a row file is closed once it has held rows this long.
+        kept_ids_path: a resumed run: the Parquet file of the ids whose rows it kept,
+            which are not embedded (or reused) again (`pipeline.resume`).
+        kept_files: a resumed run: the complete row files it kept, named with the new ones.
 
     Returns:
         A dict with the PCollections "rows" (Arrow RecordBatches, embedded and,
@@ -43,11 +51,13 @@ def build_pipeline(
     """
     documents, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(plan, split_bytes, limit, progress_dir)
     if plan.reuse:
-        documents, reused = documents | "ReuseEarlierRows" >> ReuseEarlierRows(plan)
-    rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan)
+        documents, reused = documents | "ReuseEarlierRows" >> ReuseEarlierRows(plan, kept_ids_path)
+    rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan, kept_ids_path)
     if plan.reuse:
         rows = (rows, reused) | "CollectRows" >> beam.Flatten()
-    rows | "WriteEmbeddings" >> WriteEmbeddings(plan, rows_prefix, shard_bytes, progress_dir)
+    rows | "WriteEmbeddings" >> WriteEmbeddings(
+        plan, rows_prefix, shard_bytes, progress_dir, checkpoint_seconds, kept_files
+    )
     errors = (read_errors, embed_errors) | "CollectErrors" >> beam.Flatten()
     count_errors(errors, progress_dir) | "WriteDeadLetters" >> WriteDeadLetters(plan, errors_prefix)
     return {"rows": rows, "errors": errors}

@@ -186,6 +186,23 @@ class ExportOptions(PipelineOptions):
             "Default: %(default)s.",
         )
         parser.add_argument(
+            "--checkpoint_seconds",
+            type=float,
+            default=60,
+            help="Rows become durable at least this often: a worker closes its open row file once "
+            "it has held rows this long, so a killed run loses at most this much work per worker. "
+            "inf: only --shard_mb and the end of a bundle close a file. Default: %(default)s.",
+        )
+        parser.add_argument(
+            "--resume",
+            default="auto",
+            choices=("auto", "off"),
+            help="auto: a run of the same export (same model, flags and input files) that died "
+            "before its commit is continued: the rows of its complete files are kept and only the "
+            "other documents are embedded. off: remove what it left and start from zero. "
+            "Default: %(default)s.",
+        )
+        parser.add_argument(
             "--progress_seconds",
             type=float,
             default=10,

@@ -160,27 +160,50 @@ def check_output_state(directory, overwrite):
     return state
 
 
-def prepare(directory, overwrite):
+def prepare(directory, overwrite, find_resumable=None):
     """Checks the output again under the lock and removes what dead runs left; returns a run id.
 
     Call it while holding `OutputLock(directory)`: then no other live run uses
     the directory, so every staging directory and every unfinished file in it
     belongs to a run that died.  A finished export is kept until `commit`
     replaces it, so a failed `--overwrite` run does not destroy the previous result.
+    `find_resumable(directory)` may name one dead run's staging directory to
+    keep (`pipeline.resume`); its id is then returned instead of a new one.
 
     Raises:
         ExportConfigError: foreign files, or a finished export without `overwrite`
             (another run may have finished there since the launch-time check).
     """
     state = check_output_state(directory, overwrite)
+    resumed = find_resumable(directory) if find_resumable else None
+    kept = join(directory, STAGING, resumed) + "/" if resumed else None
     if state == "unfinished":
-        leftovers = [p for p in _list(directory) if _relative(directory, p) != LOCK]
-        logging.warning(
-            "Removing %d files left in %s by a run that did not finish.", len(leftovers), directory
-        )
+        leftovers = [
+            p
+            for p in _list(directory)
+            if _relative(directory, p) != LOCK and not (kept and p.startswith(kept))
+        ]
+        if leftovers:
+            logging.warning(
+                "Removing %d files left in %s by a run that did not finish.", len(leftovers), directory
+            )
         _delete(leftovers)
+    if resumed:
+        for run_id in staging_runs(directory):
+            if run_id != resumed:
+                remove_staging(directory, run_id)
+        return resumed
     remove_staging(directory)
     return new_run_id()
+
+
+def staging_runs(directory):
+    """The run ids that have a staging directory (locally, an empty one too)."""
+    staging = join(directory, STAGING)
+    if is_local(directory):
+        return sorted(os.listdir(staging)) if os.path.isdir(staging) else []
+    prefix = staging.rstrip("/") + "/"
+    return sorted({p[len(prefix) :].split("/", 1)[0] for p in _list(staging) if p.startswith(prefix)})
 
 
 def new_run_id():

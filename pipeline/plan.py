@@ -6,6 +6,9 @@ exists.  Workers receive only the plan and load the model themselves.
 """
 
 import dataclasses
+import hashlib
+import json
+import math
 import os
 import re
 
@@ -107,6 +110,9 @@ class ExportPlan:
     reuse_files: tuple = ()
     # Total size of the input files as listed at launch (0: not listed), for the ETA and split size.
     input_bytes: int = 0
+    # SHA-256 of the input listing (path, size, modification time of each file; "" if not listed):
+    # a resume continues only a run that read the same files (`pipeline.resume`).
+    input_listing_sha256: str = ""
     # (column, forward pass, reason) as chosen at launch (`pipeline.embedder.forward_pass_records`);
     # workers refuse to use another, so the manifest's record holds.  Empty: workers choose.
     forward_passes: tuple = ()
@@ -352,21 +358,28 @@ def check_output(output, overwrite):
     check_output_state(output, overwrite)
 
 
+def listing_sha256(metadata):
+    """SHA-256 of a file listing: each file's path, size and modification time, in path order."""
+    entries = sorted((m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in metadata)
+    return hashlib.sha256(json.dumps(entries).encode("utf-8")).hexdigest()
+
+
 def check_locations(options, check_remote):
     """Checks --input, --output and how they relate, before the (slow) model load.
 
     Returns:
-        The total size of the files --input matches; 0 when it was not listed
-        (an object-store pattern without `check_remote`).
+        (total size of the files --input matches, `listing_sha256` of them); (0, "")
+        when it was not listed (an object-store pattern without `check_remote`).
 
     Raises:
         ExportConfigError: see `check_input`, `check_output` and `check_input_output`.
     """
-    matched, total_bytes = None, 0
+    matched, total_bytes, listing = None, 0, ""
     if check_remote or is_local(options.input):
         metadata = check_input(options.input)
         matched = [m.path for m in metadata]
         total_bytes = sum(m.size_in_bytes for m in metadata)
+        listing = listing_sha256(metadata)
     else:
         check_location("input", options.input)
     if check_remote or is_local(options.output):
@@ -375,7 +388,7 @@ def check_locations(options, check_remote):
             check_input_output(options.input, matched, options.output)
     else:
         check_location("output", options.output)
-    return total_bytes
+    return total_bytes, listing
 
 
 def output_column_names(keep_fields, columns):
@@ -449,8 +462,13 @@ def check_numeric_flags(options):
         raise ExportConfigError(f"--max_record_bytes must be positive, received {options.max_record_bytes}.")
     if options.limit is not None and options.limit < 1:
         raise ExportConfigError(f"--limit must be a positive number of records, received {options.limit}.")
-    if not options.shard_mb > 0:
+    if not 0 < options.shard_mb < math.inf:
         raise ExportConfigError(f"--shard_mb must be a positive size in MB, received {options.shard_mb}.")
+    if not options.checkpoint_seconds > 0:
+        raise ExportConfigError(
+            "--checkpoint_seconds must be a positive number of seconds (inf: only --shard_mb and the "
+            f"end of a bundle close a file), received {options.checkpoint_seconds}."
+        )
 
 
 def cut_model(model, layer_texts):
@@ -556,7 +574,7 @@ def build_plan(options, check_remote=True):
         ExportConfigError: anything that would make the run fail or write nonsense.
     """
     check_numeric_flags(options)
-    input_bytes = check_locations(options, check_remote)
+    input_bytes, input_listing = check_locations(options, check_remote)
     input_format = detect_format(options.input, options.input_format)
     explicit_map = _parse_input_map(options.input_map)
     model_source = load_model_source(
@@ -598,6 +616,7 @@ def build_plan(options, check_remote=True):
         columns=tuple(columns),
         input_pattern=options.input,
         input_bytes=input_bytes,
+        input_listing_sha256=input_listing,
         input_format=input_format,
         id_field=options.id_field,
         keep_fields=keep_fields,

@@ -1,8 +1,10 @@
 """The pipeline's transforms: read the corpus, embed documents, write rows and dead letters."""
 
 import collections
+import math
 import os
 import re
+import time
 import typing
 import uuid
 
@@ -18,6 +20,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import corpus
@@ -40,6 +43,12 @@ RANGES_READ = "ranges_read"
 DEFAULT_SPLIT_BYTES = 64 << 20
 # Output shards are closed once they reach this size (--shard_mb).
 DEFAULT_SHARD_BYTES = 256 << 20
+# A row file is closed once it has held rows this long (--checkpoint_seconds), so they are durable.
+DEFAULT_CHECKPOINT_SECONDS = 60.0
+# Row files are written under `<rows prefix>WRITING_SUFFIX/` and named at the end of the run.
+WRITING_SUFFIX = "-writing"
+# Counter of the documents (and --reuse rows) skipped because a resumed run kept their rows.
+ROWS_KEPT = "rows_kept"
 # Counter of files that could not be read to the end: an unknown number of records is missing.
 FILES_BROKEN = "files_broken"
 
@@ -537,23 +546,74 @@ class SplitRowsFn(beam.DoFn):
             yield batch_rows.rows
 
 
+class _KeptIds:
+    """The ids whose rows a resumed run kept (a set; a class, since `shared.Shared` holds weak references)."""
+
+    def __init__(self, path):
+        with FileSystems.open(path) as handle:
+            self.ids = frozenset(pq.read_table(handle, columns=[schema_lib.ID_COLUMN]).column(0).to_pylist())
+
+
+# One copy of the kept ids per worker process, however many threads and DoFns use it.
+_KEPT_IDS = shared.Shared()
+
+
+def _tokenized_id(tokenized):
+    return tokenized.document.id
+
+
+def _row_id(row):
+    return row[schema_lib.ID_COLUMN]
+
+
+class SkipKeptFn(beam.DoFn):
+    """Drops the elements whose id a resumed run kept a row of (`pipeline.resume`), counting them.
+
+    The ids are read once per worker process from `kept_ids_path`, the Parquet
+    file of ids the launcher wrote, not sent as a side input.
+    """
+
+    def __init__(self, kept_ids_path, element_id):
+        self._path = kept_ids_path
+        self._element_id = element_id
+        self._kept = Metrics.counter(NAMESPACE, ROWS_KEPT)
+
+    def setup(self):
+        self._ids = _KEPT_IDS.acquire(lambda: _KeptIds(self._path), tag=self._path).ids
+
+    def process(self, element):
+        if self._element_id(element) in self._ids:
+            self._kept.inc()
+            return
+        yield element
+
+
 class EmbedDocuments(beam.PTransform):
     """Documents -> Arrow RecordBatches of output rows (main) and dead letters (`errors`).
 
     Tokenize each document (only the tokenizer loaded), then run the model on
-    batches (RunInference), each batch giving one RecordBatch of rows.
+    batches (RunInference), each batch giving one RecordBatch of rows. With
+    `kept_ids_path` (a resumed run) the documents whose rows were kept are
+    dropped after tokenization, so the tokenizer's counts (truncated documents,
+    unknown words) still cover every document.
     """
 
-    def __init__(self, plan):
+    def __init__(self, plan, kept_ids_path=None):
         super().__init__()
         self._plan = plan
+        self._kept_ids_path = kept_ids_path
 
     def expand(self, documents):
         tokenized = documents | "TokenizeDocuments" >> beam.ParDo(
             TokenizeDocumentsFn(self._plan)
         ).with_outputs(ERRORS, main=DOCUMENTS)
+        to_embed = tokenized[DOCUMENTS]
+        if self._kept_ids_path:
+            to_embed = to_embed | "SkipKeptDocuments" >> beam.ParDo(
+                SkipKeptFn(self._kept_ids_path, _tokenized_id)
+            )
         rows = (
-            tokenized[DOCUMENTS]
+            to_embed
             | "RunInference" >> RunInference(EmbeddingModelHandler(self._plan))
             | "SplitRows" >> beam.ParDo(SplitRowsFn()).with_outputs(ERRORS, main=ROWS)
         )
@@ -581,6 +641,11 @@ class _CountingFile:
 
     def close(self):
         if not self.closed:
+            self._handle.flush()
+            # A closed row file is a checkpoint a resume keeps: on local disk, make it
+            # survive a power cut too (object stores publish an object only once it is whole).
+            if hasattr(self._handle, "fileno"):
+                os.fsync(self._handle.fileno())
             self._handle.close()
             self.closed = True
 
@@ -590,17 +655,20 @@ class WriteShardsFn(beam.DoFn):
 
     Batches are coalesced into row groups of up to ROW_GROUP_ROWS rows or
     ROW_GROUP_BYTES (less for small shards); a file is closed once it reaches
-    `shard_bytes`, so it exceeds the target by less than one row group. Outputs
-    the paths of the files it closed; only the files of successful bundles
-    reach `NameShardsFn`, so a retried bundle leaves no rows twice.
+    `shard_bytes`, so it exceeds the target by less than one row group, or once
+    its oldest row is `checkpoint_seconds` old, so that a killed run loses at
+    most that much of each worker's work (a closed file is what a resume keeps).
+    Outputs the paths of the files it closed; only the files of successful
+    bundles reach `NameShardsFn`, so a retried bundle leaves no rows twice.
     """
 
-    def __init__(self, plan, temp_dir, shard_bytes, progress_dir=None):
+    def __init__(self, plan, temp_dir, shard_bytes, progress_dir=None, checkpoint_seconds=math.inf):
         self._plan = plan
         self._temp_dir = temp_dir
         self._shard_bytes = shard_bytes
         self._group_bytes = min(ROW_GROUP_BYTES, max(1, shard_bytes // 2))
         self._progress_dir = progress_dir
+        self._checkpoint_seconds = checkpoint_seconds
 
     def setup(self):
         self._schema = schema_lib.output_schema(self._plan)
@@ -610,13 +678,23 @@ class WriteShardsFn(beam.DoFn):
         self._buffer, self._rows, self._bytes = [], 0, 0
         self._writer = self._file = self._path = None
         self._closed = []
+        # When the oldest row not yet in a closed file arrived (monotonic clock), or None.
+        self._pending_since = None
 
     def process(self, batch):
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
         self._buffer.append(batch)
         self._rows += batch.num_rows
         self._bytes += batch.nbytes
         if self._rows >= ROW_GROUP_ROWS or self._bytes >= self._group_bytes:
             self._write_group()
+        pending = time.monotonic() - self._pending_since if self._pending_since is not None else 0.0
+        if pending >= self._checkpoint_seconds:
+            if self._buffer:
+                self._write_group()
+            if self._writer is not None:
+                self._close_file()
 
     def _write_group(self):
         table = pa.Table.from_batches(self._buffer, schema=self._schema)
@@ -640,6 +718,7 @@ class WriteShardsFn(beam.DoFn):
         self._file.close()
         self._closed.append(self._path)
         self._writer = self._file = self._path = None
+        self._pending_since = time.monotonic() if self._buffer else None
 
     def finish_bundle(self):
         if self._buffer:
@@ -692,21 +771,41 @@ def count_errors(errors, progress_dir=None):
 
 
 class WriteEmbeddings(beam.PTransform):
-    """Writes row batches as Parquet shards of about `shard_bytes`: `<prefix>-SSSSS-of-NNNNN.parquet`."""
+    """Writes row batches as Parquet shards of about `shard_bytes`: `<prefix>-SSSSS-of-NNNNN.parquet`.
 
-    def __init__(self, plan, prefix, shard_bytes=DEFAULT_SHARD_BYTES, progress_dir=None):
+    `kept_files` (a resumed run) are complete row files of the interrupted run,
+    already in the writing directory: they are named with the new ones.
+    """
+
+    def __init__(
+        self,
+        plan,
+        prefix,
+        shard_bytes=DEFAULT_SHARD_BYTES,
+        progress_dir=None,
+        checkpoint_seconds=DEFAULT_CHECKPOINT_SECONDS,
+        kept_files=(),
+    ):
         super().__init__()
         self._plan = plan
         self._prefix = prefix
         self._shard_bytes = shard_bytes
         self._progress_dir = progress_dir
+        self._checkpoint_seconds = checkpoint_seconds
+        self._kept_files = tuple(kept_files)
 
     def expand(self, batches):
-        temp_dir = self._prefix + "-writing"
+        temp_dir = self._prefix + WRITING_SUFFIX
+        written = batches | "WriteShards" >> beam.ParDo(
+            WriteShardsFn(
+                self._plan, temp_dir, self._shard_bytes, self._progress_dir, self._checkpoint_seconds
+            )
+        )
+        if self._kept_files:
+            kept = batches.pipeline | "KeptShards" >> beam.Create(self._kept_files)
+            written = (written, kept) | "AddKeptShards" >> beam.Flatten()
         return (
-            batches
-            | "WriteShards"
-            >> beam.ParDo(WriteShardsFn(self._plan, temp_dir, self._shard_bytes, self._progress_dir))
+            written
             | "CollectShards" >> beam.combiners.ToList()
             | "NameShards" >> beam.ParDo(NameShardsFn(self._prefix))
         )
@@ -793,9 +892,10 @@ class ReuseEarlierRows(beam.PTransform):
     held in memory whole, on Dataflow or locally.
     """
 
-    def __init__(self, plan):
+    def __init__(self, plan, kept_ids_path=None):
         super().__init__()
         self._plan = plan
+        self._kept_ids_path = kept_ids_path
 
     def expand(self, documents):
         plan = self._plan
@@ -816,8 +916,12 @@ class ReuseEarlierRows(beam.PTransform):
             | "JoinWithEarlier" >> beam.CoGroupByKey()
             | "ReuseUnchanged" >> beam.ParDo(ReuseEarlierRowsFn(plan)).with_outputs(REUSED, main=DOCUMENTS)
         )
+        reused = results[REUSED]
+        if self._kept_ids_path:
+            # Counted as reused above, as in the run that was interrupted; written once, by it.
+            reused = reused | "SkipKeptRows" >> beam.ParDo(SkipKeptFn(self._kept_ids_path, _row_id))
         reused = (
-            results[REUSED]
+            reused
             | "BatchReusedRows" >> beam.BatchElements(min_batch_size=256, max_batch_size=ROW_GROUP_ROWS)
             | "ReusedRowsToArrow" >> beam.ParDo(RowsToBatchFn(plan))
         )

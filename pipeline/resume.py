@@ -1,0 +1,348 @@
+"""Resuming an interrupted export: each run's signature in its staging directory, and what a rerun keeps.
+
+A run writes `OUTPUT/_staging/RUN_ID/_RUN.json` before its pipeline starts:
+the run's signature (everything its rows and dead letters depend on: the
+model's and tokenizer's SHA-256, the columns, every flag that changes a byte,
+and the input files' listing) and its state, "running" until the launcher
+hands the staged files to the commit, then "committing".
+
+A rerun of the same export, holding the output's lock, finds a "running"
+staging directory with an equal signature (`find_resumable`) and keeps it
+(`prepare_resume`): the complete row files (a Parquet footer) stay, partial
+ones and everything else (dead letters, tables) are removed, a document held
+by two complete files (a retried bundle) is kept once after checking that both
+copies are equal, and the kept ids are written to `_KEPT_IDS.parquet`, which
+the workers read to skip those documents (`transforms.SkipKeptFn`).  The
+pipeline still reads every record, so dead letters, duplicates and counts are
+made exactly as in an uninterrupted run; only the embedding of kept documents
+is skipped.  A run that reached its commit is never resumed: the commit is
+finished or undone by `pipeline.output`, never mixed with a second run.
+"""
+
+import dataclasses
+import json
+import logging
+import posixpath
+import re
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import schema as schema_lib
+from pipeline.errors import ExportConfigError
+from pipeline.output import STAGING, join, staging_prefixes, staging_runs
+from pipeline.plan import reuse_signature
+from pipeline.transforms import WRITING_SUFFIX
+
+RUN_FILE = "_RUN.json"
+KEPT_IDS_FILE = "_KEPT_IDS.parquet"
+RUNNING = "running"
+COMMITTING = "committing"
+# Version of the _RUN.json format: a run of another version is never resumed.
+RUN_FORMAT = 1
+_NAMED_SHARD = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resumption:
+    """What a resumed run kept of the run it continues."""
+
+    run_id: str
+    attempt: int
+    started: float
+    kept_files: tuple
+    rows_kept: int
+    kept_ids_path: str
+    partial_files_ignored: int
+    duplicate_rows_dropped: int
+
+    def manifest(self) -> dict:
+        """The manifest's `resumed` entry."""
+        return {
+            "run": self.run_id,
+            "attempt": self.attempt,
+            "first_started": self.started,
+            "rows_kept": self.rows_kept,
+            "files_kept": len(self.kept_files),
+            "partial_files_ignored": self.partial_files_ignored,
+            "duplicate_rows_dropped": self.duplicate_rows_dropped,
+        }
+
+
+def run_signature(plan, limit: int | None) -> dict:
+    """Everything the rows and dead letters of a run depend on, as JSON-ready values.
+
+    Two runs with equal signatures write the same rows for the same records, so
+    one may keep the other's. Settings that only change how rows are split into
+    files (--shard_mb, --checkpoint_seconds) or how fast they come are left out.
+    """
+    return {
+        "format": RUN_FORMAT,
+        **reuse_signature(plan),
+        "inputs_full": [dataclasses.asdict(info) for info in plan.inputs],
+        "input_pattern": plan.input_pattern,
+        "input_listing_sha256": plan.input_listing_sha256,
+        "input_format": plan.input_format,
+        "id_field": plan.id_field,
+        "keep_fields": list(plan.keep_fields),
+        "max_record_bytes": plan.max_record_bytes,
+        "compression": plan.compression,
+        "batch_size": plan.batch_size,
+        "tf_threads": plan.tf_threads,
+        "forward_passes": [list(record) for record in plan.forward_passes],
+        "limit": limit,
+        "reuse": plan.reuse,
+        "reuse_files": list(plan.reuse_files),
+        "package_version": plan.package_version,
+    }
+
+
+def _run_path(directory: str, run_id: str) -> str:
+    return join(directory, STAGING, run_id, RUN_FILE)
+
+
+def _write_json(path: str, value: dict) -> None:
+    # Written aside and renamed, so a kill leaves the old file or the new one, never half of one.
+    temporary = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with FileSystems.create(temporary) as handle:
+        handle.write(json.dumps(value, indent=1).encode("utf-8"))
+    FileSystems.rename([temporary], [path])
+
+
+def read_run(directory: str, run_id: str) -> dict | None:
+    """A staging directory's `_RUN.json`, or None when it is missing or unreadable (truncated)."""
+    path = _run_path(directory, run_id)
+    try:
+        if not FileSystems.exists(path):
+            return None
+        with FileSystems.open(path) as handle:
+            run = json.loads(handle.read().decode("utf-8"))
+    except Exception:  # Truncated, not JSON, not UTF-8: not a run that can be continued.
+        return None
+    return run if isinstance(run, dict) else None
+
+
+def start_run(directory: str, run_id: str, signature: dict, resumed: Resumption | None) -> None:
+    """Records the run's signature and state ("running") in its staging directory."""
+    now = time.time()
+    _write_json(
+        _run_path(directory, run_id),
+        {
+            "run": run_id,
+            "state": RUNNING,
+            "signature": signature,
+            "started": resumed.started if resumed else now,
+            "attempt": resumed.attempt if resumed else 1,
+            "attempt_started": now,
+        },
+    )
+
+
+def mark_committing(directory: str, run_id: str) -> None:
+    """Records that the run handed its staged files to the commit: from now on it is never resumed."""
+    run = read_run(directory, run_id) or {"run": run_id}
+    _write_json(_run_path(directory, run_id), dict(run, state=COMMITTING, committing=time.time()))
+
+
+def _differences(earlier: dict, current: dict) -> list:
+    return sorted(key for key in set(earlier) | set(current) if earlier.get(key) != current.get(key))
+
+
+def find_resumable(directory: str, signature: dict) -> str | None:
+    """The run id of a staging directory this run can continue, or None.
+
+    Only a run that was "running" (never one that reached its commit) and whose
+    signature equals `signature`; of several, the one started last. Call it
+    holding the output's lock: then every staging directory is a dead run's.
+    """
+    # JSON turns tuples into lists: compare what was written with what would be.
+    current = json.loads(json.dumps(signature))
+    candidates = []
+    for run_id in staging_runs(directory):
+        run = read_run(directory, run_id)
+        if run is None:
+            _LOGGER.info("Not resuming run %s: it has no readable %s.", run_id, RUN_FILE)
+        elif run.get("state") != RUNNING:
+            _LOGGER.info("Not resuming run %s: it reached its commit (state %r).", run_id, run.get("state"))
+        elif run.get("signature") != current:
+            changed = _differences(run.get("signature") or {}, current)
+            _LOGGER.info(
+                "Not resuming run %s: it was another export (%s changed).", run_id, ", ".join(changed)
+            )
+        else:
+            candidates.append((run.get("attempt_started", 0), run_id))
+    return max(candidates)[1] if candidates else None
+
+
+def _writing_dir(directory: str, run_id: str) -> str:
+    return staging_prefixes(directory, run_id)[0] + WRITING_SUFFIX
+
+
+def _files_under(path: str) -> list:
+    try:
+        return sorted(m.path for m in FileSystems.match([join(path, "**")])[0].metadata_list)
+    except Exception:  # A missing directory.
+        return []
+
+
+def _delete(paths) -> None:
+    paths = [path for path in paths if FileSystems.exists(path)]
+    if paths:
+        FileSystems.delete(paths)
+
+
+def _complete_rows(path: str, schema: pa.Schema) -> int | None:
+    """The rows of a complete row file of this export, or None for a partial or foreign one."""
+    try:
+        with FileSystems.open(path) as handle:
+            metadata = pq.ParquetFile(handle).metadata
+            written = metadata.schema.to_arrow_schema()
+    except Exception:  # No footer: a file its writer never closed.
+        return None
+    return metadata.num_rows if written.equals(schema, check_metadata=False) else None
+
+
+def _read_table(path: str, columns=None) -> pa.Table:
+    with FileSystems.open(path) as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def _write_table(path: str, table: pa.Table, compression: str) -> None:
+    with FileSystems.create(path) as handle:
+        pq.write_table(table, handle, compression=compression, use_compliant_nested_type=False)
+
+
+def _drop_duplicates(files: list, plan) -> tuple:
+    """Keeps each id of `files` once: (files after, rows dropped, ids kept as an Arrow array).
+
+    A document found in two complete files (a bundle that failed after closing a
+    file and was retried) keeps its first copy by file path; the others are
+    removed from their files, which are rewritten. Both copies must be equal.
+
+    Raises:
+        ExportConfigError: two copies of a row differ.
+    """
+    tables = []
+    for index, path in enumerate(files):
+        ids = _read_table(path, [schema_lib.ID_COLUMN]).column(0)
+        tables.append(
+            pa.table(
+                {
+                    "id": ids,
+                    "file": pa.array([index] * len(ids), pa.int32()),
+                    "row": pa.array(range(len(ids)), pa.int64()),
+                }
+            )
+        )
+    if not tables:
+        return files, 0, pa.array([], pa.string())
+    places = pa.concat_tables(tables)
+    counts = places.group_by("id").aggregate([("id", "count")])
+    repeated = counts.filter(pc.greater(counts["id_count"], 1))["id"]
+    if not len(repeated):
+        return files, 0, places["id"].combine_chunks()
+    repeats = places.filter(pc.is_in(places["id"], repeated))
+    repeats = repeats.sort_by([("id", "ascending"), ("file", "ascending")])
+    loaded = {}
+
+    def row(file_index, row_index):
+        if file_index not in loaded:
+            loaded[file_index] = _read_table(files[file_index])
+        return loaded[file_index].slice(row_index, 1)
+
+    drop = {}
+    first = None
+    columns = (repeats[name].to_pylist() for name in ("id", "file", "row"))
+    for document_id, file_index, row_index in zip(*columns, strict=True):
+        if first is None or first[0] != document_id:
+            first = (document_id, file_index, row_index)
+            continue
+        if not row(file_index, row_index).equals(row(first[1], first[2])):
+            raise ExportConfigError(
+                f"The interrupted run in {posixpath.dirname(files[0])} holds two different rows for id "
+                f"{document_id!r} (in {files[first[1]]} and {files[file_index]}), so it cannot be "
+                "resumed: rows of one export never differ. Rerun with --resume off to start from zero."
+            )
+        drop.setdefault(file_index, []).append(row_index)
+    kept = list(files)
+    for file_index, rows in drop.items():
+        table = loaded[file_index] if file_index in loaded else _read_table(files[file_index])
+        mask = pc.invert(pc.is_in(pa.array(range(table.num_rows), pa.int64()), pa.array(rows, pa.int64())))
+        remaining = table.filter(mask)
+        if remaining.num_rows:
+            # The copy is whole before the original goes: a kill in between leaves
+            # both, which the next resume resolves the same way.
+            target = join(posixpath.dirname(files[file_index]), f"{uuid.uuid4().hex}.parquet")
+            _write_table(target, remaining, plan.compression)
+            kept[file_index] = target
+        else:
+            kept[file_index] = None
+        _delete([files[file_index]])
+    dropped = sum(len(rows) for rows in drop.values())
+    unique = pc.unique(places["id"].combine_chunks())
+    return [path for path in kept if path], dropped, unique
+
+
+def prepare_resume(directory: str, run_id: str, plan) -> Resumption:
+    """Keeps what the dead run `run_id` finished and removes the rest of its staging directory.
+
+    Kept: the complete row files (named shards too, moved back among the files
+    being written, since the new run names them all again). Removed: partial row
+    files, dead letters and tables (the new run makes them again) and any
+    earlier list of kept ids.
+
+    Raises:
+        ExportConfigError: a document has two different rows (see `_drop_duplicates`).
+    """
+    run = read_run(directory, run_id) or {}
+    staging = join(directory, STAGING, run_id)
+    writing = _writing_dir(directory, run_id)
+    rows_dir = posixpath.dirname(staging_prefixes(directory, run_id)[0])
+    schema = schema_lib.output_schema(plan)
+    complete, partial, other = [], [], []
+    for path in _files_under(staging):
+        name = posixpath.basename(path)
+        in_rows = path.startswith(rows_dir + "/") and name.endswith(".parquet")
+        if path == _run_path(directory, run_id):
+            continue
+        if not in_rows:
+            other.append(path)
+        elif _complete_rows(path, schema) is None:
+            partial.append(path)
+        elif _NAMED_SHARD.fullmatch(name) and posixpath.dirname(path) == rows_dir:
+            # A run killed while naming its shards: the new run names every file again.
+            target = join(writing, f"{uuid.uuid4().hex}.parquet")
+            FileSystems.rename([path], [target])
+            complete.append(target)
+        else:
+            complete.append(path)
+    _delete(partial + other)
+    if partial:
+        _LOGGER.info("Resume: ignoring %d partial row file(s) (no Parquet footer).", len(partial))
+    complete, dropped, ids = _drop_duplicates(sorted(complete), plan)
+    kept_ids_path = join(staging, KEPT_IDS_FILE)
+    _write_table(kept_ids_path, pa.table({schema_lib.ID_COLUMN: ids}), "snappy")
+    resumption = Resumption(
+        run_id=run_id,
+        attempt=int(run.get("attempt", 1)) + 1,
+        started=float(run.get("started", time.time())),
+        kept_files=tuple(complete),
+        rows_kept=len(ids),
+        kept_ids_path=kept_ids_path,
+        partial_files_ignored=len(partial),
+        duplicate_rows_dropped=dropped,
+    )
+    _LOGGER.info(
+        "Resuming run %s (attempt %d): keeping %d rows in %d files; embedding the other documents.",
+        run_id,
+        resumption.attempt,
+        resumption.rows_kept,
+        len(complete),
+    )
+    return resumption
