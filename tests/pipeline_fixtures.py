@@ -5,6 +5,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import time
 
@@ -189,6 +191,39 @@ def wait_for_staged_shard(process, output, timeout=120):
             return shards
         time.sleep(0.02)
     return []
+
+
+def kill_group_when(command, ready, timeout=180):
+    """Runs `command` (from the repository, in its own process group) and SIGKILLs the group once `ready()`.
+
+    The group holds the run's local worker processes too, so nothing of the run
+    goes on writing after the kill.
+
+    Returns:
+        True if it was killed; False if it ended (or `timeout` seconds passed) first.
+    """
+    process = subprocess.Popen(
+        command,
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    killed = False
+    try:
+        while process.poll() is None and time.time() < deadline:
+            if ready():
+                os.killpg(process.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.02)
+    finally:
+        if process.poll() is None and not killed:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return killed
 
 
 def is_empty_or_absent(directory):

@@ -1,0 +1,354 @@
+"""Resume: a run killed with SIGKILL is continued by the same command, bit for bit an uninterrupted run.
+
+Each interrupted run is a real `python -m pipeline.run` child, killed (with its
+worker processes) once it has closed a known number of row files; the reference
+is an uninterrupted export with the same flags.  Rows are compared as whole
+Arrow tables sorted by id (every column, every bit), dead letters as tables
+sorted by place, and the manifests' counts whole.
+"""
+
+import glob
+import json
+import os
+import shutil
+import uuid
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from pipeline_fixtures import kill_group_when, pipeline_command
+
+from models.bundle import DEFAULT_BUNDLE
+from pipeline import output as output_lib
+from pipeline import resume as resume_lib
+from pipeline.errors import EXIT_CONFIG_ERROR
+from pipeline.export import run_export
+from pipeline.run import main
+
+DOCUMENTS = 5000
+# Small files, closed often: the run is killed after a few of them, long before its end.
+FLAGS = ("--batch_size", "8", "--checkpoint_seconds", "0.05", "--keep_fields", "kind")
+# A vector column of the tiny bundle's default layers.
+VECTOR_COLUMN = "lstm_content"
+TWO_PROCESSES = ("--direct_running_mode=multi_processing", "--direct_num_workers=2")
+
+
+def write_corpus(path, count=DOCUMENTS, start=0):
+    """A JSONL corpus with a bit of everything that is not a plain row, spread through it.
+
+    Duplicate ids (the first by place is kept), malformed lines, missing content,
+    documents longer than the model input (truncated) and unknown words (oov).
+    """
+    with open(path, "w", encoding="utf-8") as handle:
+        for index in range(start, start + count):
+            words = " ".join(f"word{(index * 7 + k) % 48}" for k in range(3 + index % 17))
+            record = {"id": f"doc{index}", "content": words, "title": f"word{index % 30}", "kind": "k"}
+            if index % 97 == 5:
+                record["id"] = f"doc{index - 5}"  # a later record of an earlier id
+            if index % 89 == 3:
+                record["content"] += " unknownword"
+            if index % 211 == 7:
+                del record["content"]
+            handle.write(json.dumps(record) + "\n")
+            if index % 401 == 11:
+                handle.write('{"id": "broken", "content": \n')
+    return str(path)
+
+
+def durable_files(output):
+    """The complete row files (a Parquet footer) that runs have closed in `output`'s staging area."""
+    pattern = os.path.join(str(output), output_lib.STAGING, "*", "data", "part-writing", "*.parquet")
+    complete = []
+    for path in glob.glob(pattern):
+        try:
+            pq.read_metadata(path)
+        except Exception:  # Being written, or gone.
+            continue
+        complete.append(path)
+    return sorted(complete)
+
+
+def kill_after_files(bundle, corpus, output, count, *flags):
+    """Starts the export in a child process and SIGKILLs it (and its workers) once `count` files are durable.
+
+    `count` 0 kills it as soon as it has recorded its run (before any row file).
+
+    Returns:
+        The durable row files at the kill.
+    """
+    command = pipeline_command(corpus, output, "--model", bundle, *FLAGS, *flags)
+
+    def ready():
+        if count == 0:
+            return bool(glob.glob(os.path.join(str(output), output_lib.STAGING, "*", resume_lib.RUN_FILE)))
+        return len(durable_files(output)) >= count
+
+    assert kill_group_when(command, ready), "the run finished before it could be killed; use a larger corpus"
+    assert output_lib.read_manifest(str(output)) is None
+    return durable_files(output)
+
+
+def rows(output):
+    table = ds.dataset(str(output), format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES)
+    return table.to_table().sort_by("id")
+
+
+def dead_letters(output):
+    files = sorted(glob.glob(os.path.join(str(output), output_lib.ERRORS_DIR, "*.parquet")))
+    table = pa.concat_tables([pq.read_table(path) for path in files])
+    return table.sort_by([("source", "ascending"), ("position", "ascending"), ("id", "ascending")])
+
+
+def assert_same_export(output, reference):
+    """Rows bit for bit, dead letters and counts equal to the uninterrupted `reference`."""
+    resumed, expected = rows(output), rows(reference)
+    assert resumed.schema == expected.schema
+    assert resumed.equals(expected)
+    assert dead_letters(output).equals(dead_letters(reference))
+    counts = output_lib.read_manifest(str(output))["counts"]
+    assert counts == output_lib.read_manifest(str(reference))["counts"]
+    assert counts["records_read"] == counts["rows_written"] + counts["dead_letters"]
+
+
+def rows_in(files):
+    return sum(pq.read_metadata(path).num_rows for path in files)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("resume") / "corpus.jsonl")
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tiny_bundle, tmp_path_factory):
+    """The uninterrupted export of `corpus`."""
+    output = str(tmp_path_factory.mktemp("reference") / "out")
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    assert summary.exit_code == 0 and summary.dead_letters > 0 and summary.truncated > 0
+    counts = output_lib.read_manifest(output)["counts"]
+    assert counts["dead_letters_by_reason"]["duplicate_id"] > 0
+    assert counts["dead_letters_by_reason"]["malformed_json"] > 0
+    return output
+
+
+@pytest.mark.parametrize("kill_after", [0, 3], ids=["before_any_file", "after_the_third_file"])
+def test_a_killed_run_resumes_bit_for_bit(kill_after, corpus, reference, tiny_bundle, tmp_path):
+    output = str(tmp_path / "out")
+    kept = kill_after_files(tiny_bundle[0], corpus, output, kill_after)
+    kept_rows = rows_in(kept)
+    argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS]
+    summary = run_export(argv)
+    assert summary.exit_code == 0, summary.message
+    assert_same_export(output, reference)
+    resumed = output_lib.read_manifest(output)["resumed"]
+    assert resumed["rows_kept"] == summary.rows_kept == kept_rows >= (1 if kill_after else 0)
+    assert resumed["rows_kept"] < summary.rows_written
+    assert resumed["attempt"] == 2 and len(kept) <= resumed["files_kept"]
+    assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+
+
+def test_partial_and_repeated_files_are_ignored_and_counted_once(corpus, reference, tiny_bundle, tmp_path):
+    output = str(tmp_path / "out")
+    kept = kill_after_files(tiny_bundle[0], corpus, output, 2)
+    kept_rows, repeated_rows = rows_in(kept), rows_in(kept[:1])
+    writing = os.path.dirname(kept[0])
+    # A retried bundle's leftover: the same rows in a second complete file.
+    shutil.copy(kept[0], os.path.join(writing, f"{uuid.uuid4().hex}.parquet"))
+    # A file killed while it was written: no footer.
+    with (
+        open(kept[1], "rb") as source,
+        open(os.path.join(writing, f"{uuid.uuid4().hex}.parquet"), "wb") as cut,
+    ):
+        cut.write(source.read()[: os.path.getsize(kept[1]) // 2])
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    assert summary.exit_code == 0, summary.message
+    assert_same_export(output, reference)
+    resumed = output_lib.read_manifest(output)["resumed"]
+    assert resumed["duplicate_rows_dropped"] == repeated_rows
+    assert resumed["partial_files_ignored"] >= 1
+    assert resumed["rows_kept"] >= kept_rows
+
+
+def test_two_different_copies_of_a_row_stop_the_run(corpus, tiny_bundle, tmp_path, capsys):
+    output = str(tmp_path / "out")
+    kept = kill_after_files(tiny_bundle[0], corpus, output, 1)
+    # The same documents as a kept file, one vector changed: two copies of a row that differ.
+    table = pq.read_table(kept[0])
+    index = table.schema.get_field_index(VECTOR_COLUMN)
+    field = table.schema.field(index)
+    vectors = table.column(index).to_pylist()
+    vectors[0] = [value + 1.0 for value in vectors[0]]
+    changed = table.set_column(index, field, pa.array(vectors, field.type))
+    pq.write_table(changed, os.path.join(os.path.dirname(kept[0]), f"{uuid.uuid4().hex}.parquet"))
+    code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "two different rows for id" in errors[0] and "--resume off" in errors[0]
+    assert output_lib.read_manifest(output) is None
+
+
+@pytest.fixture(scope="module")
+def killed(corpus, tiny_bundle, tmp_path_factory):
+    """An output directory holding what a run killed after two row files left."""
+    output = str(tmp_path_factory.mktemp("killed") / "out")
+    assert kill_after_files(tiny_bundle[0], corpus, output, 2)
+    return output
+
+
+def _staged_run(output):
+    (run_id,) = os.listdir(os.path.join(output, output_lib.STAGING))
+    return run_id
+
+
+def _set_state(output, state):
+    path = os.path.join(output, output_lib.STAGING, _staged_run(output), resume_lib.RUN_FILE)
+    with open(path, encoding="utf-8") as handle:
+        run = json.load(handle)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(dict(run, state=state), handle)
+
+
+def _truncate_run_file(output):
+    path = os.path.join(output, output_lib.STAGING, _staged_run(output), resume_lib.RUN_FILE)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["resume_off", "dtype", "model", "truncated_run_file", "reached_commit"],
+)
+def test_another_export_starts_from_zero(change, killed, corpus, reference, tiny_bundle, tmp_path):
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    dead_run = _staged_run(output)
+    input_path, model, flags = corpus, tiny_bundle[0], list(FLAGS)
+    if change == "resume_off":
+        flags += ["--resume", "off"]
+    elif change == "dtype":
+        flags += ["--dtype", "float16"]
+    elif change == "model":
+        model = DEFAULT_BUNDLE
+    elif change == "truncated_run_file":
+        _truncate_run_file(output)
+    elif change == "reached_commit":
+        _set_state(output, resume_lib.COMMITTING)
+    summary = run_export(["--model", model, "--input", input_path, "--output", output, *flags])
+    assert summary.exit_code == 0, summary.message
+    manifest = output_lib.read_manifest(output)
+    assert manifest["resumed"] is None and summary.rows_kept == 0
+    assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+    assert dead_run not in json.dumps(manifest)
+    if change in ("resume_off", "truncated_run_file", "reached_commit"):
+        assert_same_export(output, reference)
+
+
+def test_a_touched_input_file_does_not_resume(killed, corpus, reference, tiny_bundle, tmp_path):
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    stat = os.stat(corpus)
+    try:
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    finally:
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert summary.exit_code == 0 and output_lib.read_manifest(output)["resumed"] is None
+    assert_same_export(output, reference)
+
+
+def test_only_the_matching_run_is_resumed_and_the_other_removed(
+    killed, corpus, reference, tiny_bundle, tmp_path
+):
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    matching = _staged_run(output)
+    other = os.path.join(output, output_lib.STAGING, "otherrun0000")
+    shutil.copytree(os.path.join(output, output_lib.STAGING, matching), other)
+    with open(os.path.join(other, resume_lib.RUN_FILE), encoding="utf-8") as handle:
+        run = json.load(handle)
+    run["signature"]["batch_size"] = 999
+    with open(os.path.join(other, resume_lib.RUN_FILE), "w", encoding="utf-8") as handle:
+        json.dump(run, handle)
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    assert summary.exit_code == 0 and summary.resumed_run == matching
+    assert_same_export(output, reference)
+    assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+
+
+def test_two_worker_processes_with_a_limit(corpus, tiny_bundle, tmp_path):
+    flags = [*TWO_PROCESSES, "--limit", "3000"]
+    reference = str(tmp_path / "reference")
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", reference, *FLAGS, *flags])
+    output = str(tmp_path / "out")
+    kept_rows = rows_in(kill_after_files(tiny_bundle[0], corpus, output, 3, *flags))
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, *flags])
+    assert summary.exit_code == 0, summary.message
+    assert_same_export(output, reference)
+    assert output_lib.read_manifest(output)["limited"] is True
+    assert 0 < kept_rows <= summary.rows_kept < summary.rows_written
+
+
+def test_a_killed_reuse_run_resumes_with_the_same_counts(corpus, tiny_bundle, tmp_path):
+    earlier = str(tmp_path / "v1")
+    first = write_corpus(tmp_path / "v1.jsonl", DOCUMENTS - 500)
+    run_export(["--model", tiny_bundle[0], "--input", first, "--output", earlier, *FLAGS])
+    flags = ["--reuse", earlier]
+    reference = str(tmp_path / "reference")
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", reference, *FLAGS, *flags])
+    output = str(tmp_path / "out")
+    kill_after_files(tiny_bundle[0], corpus, output, 2, *flags)
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, *flags])
+    assert summary.exit_code == 0, summary.message
+    assert summary.rows_kept > 0
+    assert_same_export(output, reference)
+    counts = output_lib.read_manifest(output)["counts"]
+    assert counts["rows_reused"] > 0 and counts["rows_embedded"] >= 500
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0"])
+def test_bad_checkpoint_seconds_are_refused(value, corpus, tiny_bundle, tmp_path, capsys):
+    output = str(tmp_path / "out")
+    code = main(
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", output, f"--checkpoint_seconds={value}"]
+    )
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR and "--checkpoint_seconds must be a positive number" in err, err
+    assert not os.path.exists(output)
+
+
+def test_infinite_shard_size_is_refused(corpus, tiny_bundle, tmp_path, capsys):
+    output = str(tmp_path / "out")
+    code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, "--shard_mb=inf"])
+    assert code == EXIT_CONFIG_ERROR and "--shard_mb must be a positive size" in capsys.readouterr().err
+
+
+def test_checkpoints_close_files_during_one_long_bundle(tiny_bundle, tmp_path):
+    """One bundle (one process, default shard size) still closes a file every --checkpoint_seconds."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 3000)
+    output = str(tmp_path / "out")
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    assert len(output_lib.read_manifest(output)["shards"]["rows"]) > 3
+    single = str(tmp_path / "single")
+    flags = [flag if flag != "0.05" else "inf" for flag in FLAGS]
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", single, *flags])
+    assert len(output_lib.read_manifest(single)["shards"]["rows"]) == 1
+    assert rows(single).equals(rows(output)) and summary.exit_code == 0
+
+
+def test_the_run_file_says_when_the_run_reached_its_commit(tiny_bundle, tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "c.jsonl", 50)
+    output = str(tmp_path / "out")
+    states = []
+    original = output_lib.commit
+
+    def spying_commit(directory, run_id, staged, manifest):
+        states.append(resume_lib.read_run(directory, run_id)["state"])
+        return original(directory, run_id, staged, manifest)
+
+    monkeypatch.setattr(output_lib, "commit", spying_commit)
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    assert states == [resume_lib.COMMITTING]
