@@ -53,11 +53,12 @@ def build_pipeline(
     if plan.reuse:
         documents, reused = documents | "ReuseEarlierRows" >> ReuseEarlierRows(plan, kept_ids_path)
     rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan, kept_ids_path)
-    if plan.reuse:
-        rows = (rows, reused) | "CollectRows" >> beam.Flatten()
-    rows | "WriteEmbeddings" >> WriteEmbeddings(
+    written = (rows, reused) if plan.reuse else rows
+    written | "WriteEmbeddings" >> WriteEmbeddings(
         plan, rows_prefix, shard_bytes, progress_dir, checkpoint_seconds, kept_files
     )
+    if plan.reuse:
+        rows = (rows, reused) | "CollectRows" >> beam.Flatten()
     errors = (read_errors, embed_errors) | "CollectErrors" >> beam.Flatten()
     count_errors(errors, progress_dir) | "WriteDeadLetters" >> WriteDeadLetters(plan, errors_prefix)
     return {"rows": rows, "errors": errors}

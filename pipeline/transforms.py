@@ -773,8 +773,12 @@ def count_errors(errors, progress_dir=None):
 class WriteEmbeddings(beam.PTransform):
     """Writes row batches as Parquet shards of about `shard_bytes`: `<prefix>-SSSSS-of-NNNNN.parquet`.
 
-    `kept_files` (a resumed run) are complete row files of the interrupted run,
-    already in the writing directory: they are named with the new ones.
+    Applied to one PCollection of RecordBatches, or to a tuple of them: each is
+    written by its own writer, so none waits for a Flatten that the local runner
+    would materialize (a `--reuse` run's embedded rows would then only be
+    written, and durable, once all were made). `kept_files` (a resumed run) are
+    complete row files of the interrupted run, already in the writing
+    directory: they are named with the new ones.
     """
 
     def __init__(
@@ -796,14 +800,23 @@ class WriteEmbeddings(beam.PTransform):
 
     def expand(self, batches):
         temp_dir = self._prefix + WRITING_SUFFIX
-        written = batches | "WriteShards" >> beam.ParDo(
-            WriteShardsFn(
-                self._plan, temp_dir, self._shard_bytes, self._progress_dir, self._checkpoint_seconds
+        sources = batches if isinstance(batches, tuple) else (batches,)
+        written = [
+            source
+            | ("WriteShards" if index == 0 else f"WriteShards{index}")
+            >> beam.ParDo(
+                WriteShardsFn(
+                    self._plan, temp_dir, self._shard_bytes, self._progress_dir, self._checkpoint_seconds
+                )
             )
-        )
+            for index, source in enumerate(sources)
+        ]
         if self._kept_files:
-            kept = batches.pipeline | "KeptShards" >> beam.Create(self._kept_files)
-            written = (written, kept) | "AddKeptShards" >> beam.Flatten()
+            written.append(sources[0].pipeline | "KeptShards" >> beam.Create(self._kept_files))
+        if len(written) > 1:
+            written = tuple(written) | "AddShards" >> beam.Flatten()
+        else:
+            written = written[0]
         return (
             written
             | "CollectShards" >> beam.combiners.ToList()

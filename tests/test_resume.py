@@ -294,7 +294,8 @@ def test_two_worker_processes_with_a_limit(corpus, tiny_bundle, tmp_path):
 
 def test_a_killed_reuse_run_resumes_with_the_same_counts(corpus, tiny_bundle, tmp_path):
     earlier = str(tmp_path / "v1")
-    first = write_corpus(tmp_path / "v1.jsonl", DOCUMENTS - 500)
+    # Half the documents are in the earlier export: the other half is embedded.
+    first = write_corpus(tmp_path / "v1.jsonl", DOCUMENTS // 2)
     run_export(["--model", tiny_bundle[0], "--input", first, "--output", earlier, *FLAGS])
     flags = ["--reuse", earlier]
     reference = str(tmp_path / "reference")
@@ -306,7 +307,7 @@ def test_a_killed_reuse_run_resumes_with_the_same_counts(corpus, tiny_bundle, tm
     assert summary.rows_kept > 0
     assert_same_export(output, reference)
     counts = output_lib.read_manifest(output)["counts"]
-    assert counts["rows_reused"] > 0 and counts["rows_embedded"] >= 500
+    assert counts["rows_reused"] > 0 and counts["rows_embedded"] >= DOCUMENTS // 2 - 100
 
 
 @pytest.mark.parametrize("value", ["nan", "-1", "0"])
