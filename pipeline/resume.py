@@ -34,7 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
-from pipeline.output import STAGING, join, staging_prefixes, staging_runs
+from pipeline.output import STAGING, join, read_manifest, staging_prefixes, staging_runs
 from pipeline.plan import reuse_signature
 from pipeline.transforms import WRITING_SUFFIX
 
@@ -99,8 +99,17 @@ def run_signature(plan, limit: int | None) -> dict:
         "limit": limit,
         "reuse": plan.reuse,
         "reuse_files": list(plan.reuse_files),
+        # The earlier export's shards by content: one replaced under the same name is another export.
+        "reuse_digests": _shard_digests(plan.reuse) if plan.reuse else [],
         "package_version": plan.package_version,
     }
+
+
+def _shard_digests(export: str) -> list:
+    manifest = read_manifest(export) or {}
+    return [
+        shard.get("sha256") or shard.get("checksum") for shard in manifest.get("shards", {}).get("rows", [])
+    ]
 
 
 def _run_path(directory: str, run_id: str) -> str:

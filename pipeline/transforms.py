@@ -644,8 +644,12 @@ class _CountingFile:
             self._handle.flush()
             # A closed row file is a checkpoint a resume keeps: on local disk, make it
             # survive a power cut too (object stores publish an object only once it is whole).
-            if hasattr(self._handle, "fileno"):
-                os.fsync(self._handle.fileno())
+            try:
+                descriptor = self._handle.fileno()
+            except (AttributeError, OSError):  # An object-store upload (io.UnsupportedOperation).
+                descriptor = None
+            if descriptor is not None:
+                os.fsync(descriptor)
             self._handle.close()
             self.closed = True
 

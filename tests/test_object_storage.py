@@ -8,6 +8,7 @@ all through Beam's S3 filesystem configured by the `--s3_*` pipeline options.
 import json
 import logging
 import os
+import time
 
 # boto3, moto[s3] and flask come with the test extra (pip install -e '.[test]'); a
 # missing one fails the run instead of skipping these tests.
@@ -19,9 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
+from pipeline_fixtures import kill_group_when, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle
 from models.train import SAMPLE_CORPUS
+from pipeline import output as output_lib
 from pipeline.export import run_export
 from pipeline.output import ERRORS_DIR, MANIFEST, read_manifest
 
@@ -194,3 +197,37 @@ def test_reuse_of_an_s3_export(s3_endpoint, export, tmp_path):
     )
     reused = pq.read_table(output, ignore_prefixes=["_", ".", ERRORS_DIR])
     assert reused.sort_by("id").equals(earlier.sort_by("id"))
+
+
+def test_a_killed_s3_export_resumes_bit_for_bit(s3_endpoint, export, monkeypatch):
+    """A run killed (SIGKILL) after closing two row files on S3 is resumed, equal to an uninterrupted one."""
+    s3 = client(s3_endpoint)
+    s3.upload_file(SAMPLE_CORPUS, BUCKET, "resume-corpus/sample.jsonl")
+    corpus = f"s3://{BUCKET}/resume-corpus/*.jsonl"
+    flags = ["--model", MODEL, "--layer", "lstm_content", "--batch_size", "8", *s3_flags(s3_endpoint)]
+    output, reference = f"s3://{BUCKET}/exports/resumed", f"s3://{BUCKET}/exports/uninterrupted"
+
+    def durable():
+        # An S3 object exists only once its upload is complete: every listed file has its footer.
+        time.sleep(0.1)  # The S3 server shares this process: list it a few times a second.
+        return [key for key in keys(s3_endpoint, "exports/resumed/_staging/") if "/part-writing/" in key]
+
+    # Small files for the killed run only: --checkpoint_seconds is not part of the run's signature.
+    command = pipeline_command(corpus, output, *flags, "--checkpoint_seconds", "0.2")
+    assert kill_group_when(command, lambda: len(durable()) >= 2)
+    kept_rows = sum(read_parquet(s3_endpoint, key).num_rows for key in durable())
+    assert read_manifest(output) is None and kept_rows > 0
+    # The killed run's lease on the output lapses after LEASE_SECONDS; the rerun comes later.
+    monkeypatch.setattr(output_lib, "LEASE_SECONDS", 0)
+    summary = run_export(["--input", corpus, "--output", output, *flags])
+    assert summary.exit_code == 0, summary.message
+    assert summary.rows_kept >= kept_rows and summary.rows_kept < summary.rows_written
+    run_export(["--input", corpus, "--output", reference, *flags])
+
+    def rows(prefix):
+        return pa.concat_tables([read_parquet(s3_endpoint, k) for k in keys(s3_endpoint, f"{prefix}/part-")])
+
+    assert rows("exports/resumed").sort_by("id").equals(rows("exports/uninterrupted").sort_by("id"))
+    assert read_manifest(output)["counts"] == read_manifest(reference)["counts"]
+    assert read_manifest(output)["resumed"]["rows_kept"] == summary.rows_kept
+    assert keys(s3_endpoint, "exports/resumed/_staging/") == []
