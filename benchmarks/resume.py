@@ -152,7 +152,7 @@ def main(argv=None):
             full, resumed = os.path.join(work, f"{name}-full"), os.path.join(work, f"{name}-resumed")
             full_seconds = full_run(corpus, full, flags)
             # A busy machine may make this run faster than the full one: then kill it earlier.
-            for share in (args.kill_at, args.kill_at, args.kill_at - 0.05, args.kill_at - 0.1):
+            for share in (args.kill_at, args.kill_at, args.kill_at - 0.1, args.kill_at - 0.2):
                 shutil.rmtree(resumed, ignore_errors=True)
                 log = os.path.join(work, f"{name}-killed.log")
                 killed_seconds, written_at_kill = killed_run(
