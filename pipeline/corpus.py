@@ -124,7 +124,21 @@ def read_file(plan, path, open_file):
         yield item
 
 
-def read_records(plan, path, open_file, start=0, claim=None, lines_before=None, on_newline=None):
+class InputShorter(Exception):
+    """A file, or range of one, ended before the size the launch listed: it was cut while it was read."""
+
+
+def read_records(
+    plan,
+    path,
+    open_file,
+    start=0,
+    claim=None,
+    lines_before=None,
+    on_newline=None,
+    verify=None,
+    size=None,
+):
     """Yields `(order, item)` for each record of a file (or of a byte range of it), in file order.
 
     `item` is a `Document` or a dead-letter row. A bad record is a dead letter
@@ -148,6 +162,12 @@ def read_records(plan, path, open_file, start=0, claim=None, lines_before=None, 
             a range numbers its first line 1 (enough for the id scan).
         on_newline: called with the offset of the newline ending each line read
             (the id scan counts them into the line index).
+        verify: called before the file is opened and after its last record
+            was read; raises if the file is not as the launch listed it (the
+            dead letter then says so, where reading stopped).
+        size: the file's size as listed at launch: a text or JSONL file or
+            range that reaches the end of the data before it raises
+            `InputShorter` (the file was cut while it was read).
     """
     read = 0
     last_position, last_order = 0, FILE_ORDER
@@ -158,6 +178,8 @@ def read_records(plan, path, open_file, start=0, claim=None, lines_before=None, 
         yield FILE_ORDER, schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
         return
     try:
+        if verify is not None:
+            verify()
         with open_file() as raw_stream:
             stream = gzip.GzipFile(fileobj=raw_stream, mode="rb") if is_compressed(path) else raw_stream
             if plan.input_format == "parquet":
@@ -165,12 +187,15 @@ def read_records(plan, path, open_file, start=0, claim=None, lines_before=None, 
             elif plan.input_format == "csv":
                 records = csv_records(plan, path, stream)
             else:
-                records = line_records(plan, path, stream, start, claim, lines_before, on_newline)
+                end = size if size is not None and not is_compressed(path) else None
+                records = line_records(plan, path, stream, start, claim, lines_before, on_newline, end)
             for order, item in records:
                 read += 1
                 last_order = order
                 last_position = item.position if isinstance(item, Document) else item["position"]
                 yield order, item
+        if verify is not None:
+            verify()
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
         if not read and not start:
@@ -251,10 +276,11 @@ def _align(stream, start, lines_before):
     return start - 1 + skipped, newlines + end.endswith(b"\n")
 
 
-def line_records(plan, source, stream, start=0, claim=None, lines_before=None, on_newline=None):
+def line_records(plan, source, stream, start=0, claim=None, lines_before=None, on_newline=None, size=None):
     """Text or JSONL: one record per line, ordered by byte offset.
 
-    Lines over --max_record_bytes are skipped, never held.
+    Lines over --max_record_bytes are skipped, never held. With `size` (the
+    listed size), data that ends before it raises `InputShorter`.
     """
     limit = plan.max_record_bytes
     offset, number = (0, 0) if not start else _align(stream, start, lines_before)
@@ -281,6 +307,8 @@ def line_records(plan, source, stream, start=0, claim=None, lines_before=None, o
             item = _guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
         yield offset, item
         offset += consumed
+    if size is not None and offset < size:
+        raise InputShorter(f"the data ends at byte {offset}, but the launch listed {size} bytes")
 
 
 def parse_line(plan, source, number, line):

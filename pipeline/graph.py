@@ -1,5 +1,7 @@
 """Builds the export's Beam graph on a given pipeline; does not run it."""
 
+import dataclasses
+
 import apache_beam as beam
 
 from pipeline.transforms import (
@@ -42,6 +44,8 @@ def build_pipeline(
         with `plan.reuse`, reused) and "errors" (dead-letter dicts).
     """
     documents, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(plan, split_bytes, limit, progress_dir)
+    # Only ReadCorpus needs the launch listing; the other DoFns pickle the plan without it.
+    plan = dataclasses.replace(plan, input_files=())
     if plan.reuse:
         documents, reused = documents | "ReuseEarlierRows" >> ReuseEarlierRows(plan)
     rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan)

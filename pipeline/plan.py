@@ -15,6 +15,7 @@ from models import __version__, keras_graph
 from models.truncate import parse_layer_spec, truncate
 from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
+from pipeline.listing import list_input
 from pipeline.model_source import is_local, load_model_source, wants_no_tokenizer
 from pipeline.options import INPUT_FORMATS
 from pipeline.token_tables import apply_token_storage
@@ -107,6 +108,10 @@ class ExportPlan:
     reuse_files: tuple = ()
     # Total size of the input files as listed at launch (0: not listed), for the ETA and split size.
     input_bytes: int = 0
+    # The launch listing (`listing.InputFile`s): the files the run reads, each checked unchanged
+    # before and after it is read. Empty: not listed (a --dry_run of an object-store pattern).
+    # `graph.build_pipeline` hands it to ReadCorpus only, so no DoFn carries it.
+    input_files: tuple = ()
     # (column, forward pass, reason) as chosen at launch (`pipeline.embedder.forward_pass_records`);
     # workers refuse to use another, so the manifest's record holds.  Empty: workers choose.
     forward_passes: tuple = ()
@@ -356,17 +361,16 @@ def check_locations(options, check_remote):
     """Checks --input, --output and how they relate, before the (slow) model load.
 
     Returns:
-        The total size of the files --input matches; 0 when it was not listed
-        (an object-store pattern without `check_remote`).
+        The files --input matches (`listing.InputFile`s); empty when it was not
+        listed (an object-store pattern without `check_remote`).
 
     Raises:
         ExportConfigError: see `check_input`, `check_output` and `check_input_output`.
     """
-    matched, total_bytes = None, 0
+    matched, files = None, ()
     if check_remote or is_local(options.input):
-        metadata = check_input(options.input)
-        matched = [m.path for m in metadata]
-        total_bytes = sum(m.size_in_bytes for m in metadata)
+        files = tuple(check_input(options.input))
+        matched = [f.path for f in files]
     else:
         check_location("input", options.input)
     if check_remote or is_local(options.output):
@@ -375,7 +379,7 @@ def check_locations(options, check_remote):
             check_input_output(options.input, matched, options.output)
     else:
         check_location("output", options.output)
-    return total_bytes
+    return files
 
 
 def output_column_names(keep_fields, columns):
@@ -556,7 +560,7 @@ def build_plan(options, check_remote=True):
         ExportConfigError: anything that would make the run fail or write nonsense.
     """
     check_numeric_flags(options)
-    input_bytes = check_locations(options, check_remote)
+    input_files = check_locations(options, check_remote)
     input_format = detect_format(options.input, options.input_format)
     explicit_map = _parse_input_map(options.input_map)
     model_source = load_model_source(
@@ -597,7 +601,8 @@ def build_plan(options, check_remote=True):
         inputs=inputs,
         columns=tuple(columns),
         input_pattern=options.input,
-        input_bytes=input_bytes,
+        input_bytes=sum(f.size for f in input_files),
+        input_files=input_files,
         input_format=input_format,
         id_field=options.id_field,
         keep_fields=keep_fields,
@@ -692,20 +697,31 @@ def check_reuse(uri, plan):
 
 
 def check_input(pattern):
-    """Refuses an --input pattern that matches no files, or names a directory.
+    """Lists --input once; refuses a pattern that matches no files, a directory, or a non-regular file.
 
     Returns:
-        The `FileMetadata` (path, size) of each matched file.
+        The `listing.InputFile` (path, size, modification time) of each matched
+        file: the run reads these and checks each is unchanged before reading it.
+
+    Raises:
+        ExportConfigError: saying what is wrong with the pattern.
     """
     check_location("input", pattern)
     try:
-        matched = FileSystems.match([pattern])[0].metadata_list
+        matched, non_regular = list_input(pattern)
     except Exception as error:  # Beam raises BeamIOError subclasses per filesystem.
         raise ExportConfigError(f"Cannot list --input {pattern!r}: {error}") from None
     if is_local(pattern) and os.path.isdir(pattern):
         raise ExportConfigError(
             f"--input {pattern!r} is a directory; --input takes a file or a file pattern, "
             f"e.g. {os.path.join(pattern, '*.jsonl')!r}."
+        )
+    if non_regular:
+        names = ", ".join(f"{entry.path!r} ({entry.kind})" for entry in non_regular[:3])
+        raise ExportConfigError(
+            f"--input {pattern!r} matches {len(non_regular)} path(s) that are not regular files: {names}"
+            f"{', ...' if len(non_regular) > 3 else ''}. Reading a named pipe or device can block "
+            "forever; remove them or narrow the --input pattern."
         )
     if not matched:
         raise ExportConfigError(f"--input {pattern!r} matches no files; check the path or pattern.")
