@@ -276,11 +276,13 @@ def _align(stream, start, lines_before):
     return start - 1 + skipped, newlines + end.endswith(b"\n")
 
 
-def line_records(plan, source, stream, start=0, claim=None, lines_before=None, on_newline=None, size=None):
+def line_records(
+    plan, source, stream, start=0, claim=None, lines_before=None, on_newline=None, listed_size=None
+):
     """Text or JSONL: one record per line, ordered by byte offset.
 
-    Lines over --max_record_bytes are skipped, never held. With `size` (the
-    listed size), data that ends before it raises `InputShorter`.
+    Lines over --max_record_bytes are skipped, never held. With `listed_size`
+    (the size the launch listed), data that ends before it raises `InputShorter`.
     """
     limit = plan.max_record_bytes
     offset, number = (0, 0) if not start else _align(stream, start, lines_before)
@@ -307,8 +309,8 @@ def line_records(plan, source, stream, start=0, claim=None, lines_before=None, o
             item = _guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
         yield offset, item
         offset += consumed
-    if size is not None and offset < size:
-        raise InputShorter(f"the data ends at byte {offset}, but the launch listed {size} bytes")
+    if listed_size is not None and offset < listed_size:
+        raise InputShorter(f"the data ends at byte {offset}, but the launch listed {listed_size} bytes")
 
 
 def parse_line(plan, source, number, line):

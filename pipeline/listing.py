@@ -62,9 +62,10 @@ def _kind(mode: int) -> str:
 def _walk(root: str, max_depth: int | None) -> typing.Iterator[str]:
     """Paths of the non-directory entries under `root`, following links to directories.
 
-    A directory whose (device, inode) is already on the path from `root` is a
-    loop (a link to an ancestor): it is skipped with a warning, since its files
-    are listed through the ancestor.
+    Without a depth bound (a `**` pattern), a directory whose (device, inode)
+    is already on the path from `root` is a loop (a link to an ancestor): it is
+    skipped with a warning, since its files are listed through the ancestor. A
+    bounded walk follows it like the shell does, as deep as the pattern goes.
     """
     stack = [(root, 0, frozenset())]
     while stack:
@@ -76,7 +77,7 @@ def _walk(root: str, max_depth: int | None) -> typing.Iterator[str]:
             _LOGGER.warning("Skipping %r while listing --input: %s", directory, error)
             continue
         key = (status.st_dev, status.st_ino)
-        if key in ancestors:
+        if max_depth is None and key in ancestors:
             _LOGGER.warning("Not following %r: it links back to a directory it is in (a loop).", directory)
             continue
         ancestors = ancestors | {key}
