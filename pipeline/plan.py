@@ -6,8 +6,10 @@ exists.  Workers receive only the plan and load the model themselves.
 """
 
 import dataclasses
+import math
 import os
 import re
+import sys
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -441,20 +443,34 @@ def check_vocabulary_fits(limits, tokenizer):
             )
 
 
+# Each numeric flag's valid range, inclusive, and what it counts: a value outside it (inf, nan,
+# negative, or so large that a C call overflows) is refused at launch.
+NUMERIC_FLAGS = (
+    ("batch_size", 1, 100_000, "documents per forward pass"),
+    ("max_error_fraction", 0.0, 1.0, "the share of dead-lettered records that fails a run"),
+    ("max_record_bytes", 1, 1 << 30, "bytes of the largest record read (1 GiB at most)"),
+    ("limit", 1, sys.maxsize, "records to read"),
+    ("shard_mb", 0.001, 1_000_000.0, "MB per output file"),
+    ("progress_seconds", 0.1, 86_400.0, "seconds between progress lines"),
+    ("tf_threads", 0, 1024, "TensorFlow threads per worker process, 0 = automatic"),
+)
+
+
 def check_numeric_flags(options):
-    """Refuses numeric flags out of range (--batch_size, --max_error_fraction, --limit, ...)."""
-    if options.batch_size < 1:
-        raise ExportConfigError(f"--batch_size must be at least 1, received {options.batch_size}.")
-    if not 0 <= options.max_error_fraction <= 1:
-        raise ExportConfigError(
-            f"--max_error_fraction must be between 0 and 1, received {options.max_error_fraction}."
-        )
-    if options.max_record_bytes < 1:
-        raise ExportConfigError(f"--max_record_bytes must be positive, received {options.max_record_bytes}.")
-    if options.limit is not None and options.limit < 1:
-        raise ExportConfigError(f"--limit must be a positive number of records, received {options.limit}.")
-    if not options.shard_mb > 0:
-        raise ExportConfigError(f"--shard_mb must be a positive size in MB, received {options.shard_mb}.")
+    """Refuses a numeric flag outside its range (`NUMERIC_FLAGS`), naming the range.
+
+    Raises:
+        ExportConfigError: e.g. `--shard_mb inf`, `--progress_seconds 0`, `--limit -1`.
+    """
+    for name, low, high, meaning in NUMERIC_FLAGS:
+        value = getattr(options, name)
+        if value is None and name == "limit":  # --limit is optional.
+            continue
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            kind = "an integer" if isinstance(low, int) else "a number"
+            raise ExportConfigError(
+                f"--{name} must be {kind} from {low:,} to {high:,} ({meaning}), received {value!r}."
+            )
 
 
 def cut_model(model, layer_texts):

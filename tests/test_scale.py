@@ -309,7 +309,7 @@ def test_limit_must_be_positive(tmp_path, tiny_bundle, capsys):
     from pipeline.run import EXIT_CONFIG_ERROR, main
 
     code = main(["--model", tiny_bundle[0], "--output", str(tmp_path / "o"), "--limit", "0"])
-    assert code == EXIT_CONFIG_ERROR and "--limit must be a positive" in capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR and "--limit must be an integer from 1 to" in capsys.readouterr().err
 
 
 def test_output_shards_are_cut_at_the_target_size(tmp_path, tiny_bundle):
