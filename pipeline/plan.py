@@ -11,6 +11,7 @@ import os
 import re
 import sys
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from models import __version__, keras_graph
@@ -679,7 +680,7 @@ def check_reuse(uri, plan):
     Raises:
         ExportConfigError: naming what differs and how to proceed.
     """
-    from pipeline.output import join, output_state, read_manifest
+    from pipeline.output import output_state, read_manifest
 
     check_location("reuse", uri)
     try:
@@ -709,7 +710,111 @@ def check_reuse(uri, plan):
             f"--reuse {uri!r} cannot be reused: its rows were made with other settings ({details}). "
             "Its vectors would differ from this export's; leave --reuse out for a full export."
         )
-    return tuple(join(uri, shard["file"]) for shard in manifest["shards"]["rows"])
+    return tuple(check_reuse_shards(uri, manifest, plan))
+
+
+# The only row shard names an export's manifest holds: files directly in the export directory.
+_REUSE_SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
+
+
+def _recorded_digest_matches(path, entry):
+    """None if the shard's bytes match what the manifest records for it, else what differs.
+
+    The manifest records `sha256` (local exports) or the store's `checksum`
+    (object storage, see `output.file_digest`); whichever is there is checked.
+    """
+    import hashlib
+
+    if "sha256" in entry:
+        digest = hashlib.sha256()
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            return f"has SHA-256 {digest.hexdigest()}, but the manifest records {entry['sha256']}"
+        return None
+    if "checksum" in entry:
+        checksum = FileSystems.checksum(path)
+        if checksum != entry["checksum"]:
+            return f"has checksum {checksum}, but the manifest records {entry['checksum']}"
+        return None
+    return "has no SHA-256 or checksum in the manifest to check it against"
+
+
+def _shard_problem(path, entry, plan):
+    """What is wrong with one row shard of a --reuse export, or None: bytes, size, rows, model."""
+    import pyarrow.parquet as pq
+
+    if not FileSystems.exists(path):
+        return "is missing"
+    size = FileSystems.get_filesystem(path).size(path)
+    if "bytes" in entry and entry["bytes"] != size:
+        return f"is {size} bytes, but the manifest records {entry['bytes']}"
+    problem = _recorded_digest_matches(path, entry)
+    if problem:
+        return problem
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            footer = pq.ParquetFile(handle)
+            rows, metadata = footer.metadata.num_rows, schema_lib.read_export_metadata(footer.schema_arrow)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, KeyError (no metadata), ...
+        return f"is not a readable export shard ({type(error).__name__}: {error})"
+    if "rows" in entry and entry["rows"] != rows:
+        return f"holds {rows} rows, but the manifest records {entry['rows']}"
+    for key in ("model_sha256", "tokenizer_sha256", "dtype"):
+        if metadata.get(key) != getattr(plan, key):
+            return (
+                f"was written with {key} {metadata.get(key)!r}, not this export's {getattr(plan, key)!r} "
+                "(its own metadata disagrees with the manifest)"
+            )
+    columns = [
+        (c.get("column"), c.get("layer"), c.get("call"), c.get("dim")) for c in metadata.get("columns", [])
+    ]
+    expected = [(c.column, c.layer, c.call, c.dim) for c in plan.columns]
+    if columns != expected:
+        return f"holds columns {columns}, not this export's {expected}"
+    return None
+
+
+def check_reuse_shards(uri, manifest, plan):
+    """The row shards of a --reuse export, each checked against its manifest before any is read.
+
+    Each shard must be a file directly in `uri` (no path leaving it, no link
+    out of it), of the recorded size and SHA-256 (or object-store checksum)
+    and row count, and its own Parquet metadata must name this export's model,
+    tokenizer, dtype and columns.
+
+    Raises:
+        ExportConfigError: naming the first damaged shard and what is wrong with it.
+    """
+    from pipeline.output import join
+
+    def damaged(name, problem):
+        return ExportConfigError(
+            f"--reuse {uri!r} is damaged: row shard {name!r} {problem}. Its rows cannot be trusted; "
+            "reuse an intact export, or leave --reuse out for a full export."
+        )
+
+    entries = (manifest.get("shards") or {}).get("rows")
+    if not isinstance(entries, list):
+        raise damaged("(none)", "is not listed: the manifest has no list of row shards")
+    paths = []
+    for entry in entries:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _REUSE_SHARD_NAME.fullmatch(name):
+            raise damaged(
+                name,
+                "is not a shard name of the export directory (part-NNNNN-of-NNNNN.parquet, directly "
+                "in it); a manifest naming files elsewhere is not followed",
+            )
+        path = join(uri, name)
+        if is_local(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(uri):
+            raise damaged(name, f"is a link to {os.path.realpath(path)!r}, outside the export directory")
+        problem = _shard_problem(path, entry, plan)
+        if problem:
+            raise damaged(name, problem)
+        paths.append(path)
+    return paths
 
 
 def check_input(pattern):
