@@ -194,3 +194,26 @@ def test_reuse_of_an_s3_export(s3_endpoint, export, tmp_path):
     )
     reused = pq.read_table(output, ignore_prefixes=["_", ".", ERRORS_DIR])
     assert reused.sort_by("id").equals(earlier.sort_by("id"))
+
+
+def test_an_object_changed_or_deleted_after_the_listing_is_found_by_the_readers_check(s3_endpoint):
+    """On S3 the check is the object's size and last-modified time, as Beam's metadata gives them."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.listing import InputChanged, check_unchanged, list_input
+
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    s3 = client(s3_endpoint)
+    for name in ("a", "b"):
+        s3.put_object(Bucket=BUCKET, Key=f"changing/{name}.jsonl", Body=b'{"id": "1", "content": "x"}\n')
+    listed, non_regular = list_input(f"s3://{BUCKET}/changing/*.jsonl")
+    assert non_regular == [] and [f.size for f in listed] == [28, 28]
+    assert all(f.mtime for f in listed)
+    for entry in listed:
+        check_unchanged(entry)  # as listed: no complaint
+    s3.put_object(Bucket=BUCKET, Key="changing/a.jsonl", Body=b'{"id": "1"}\n')  # cut by a rewrite
+    s3.delete_object(Bucket=BUCKET, Key="changing/b.jsonl")
+    with pytest.raises(InputChanged, match="listed 28 bytes.*now 12 bytes"):
+        check_unchanged(listed[0])
+    with pytest.raises(InputChanged, match="not found now"):
+        check_unchanged(listed[1])
