@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from pipeline_fixtures import REPOSITORY, pipeline_command, read_errors, read_rows
 
-from pipeline import export, listing
+from pipeline import export
 from pipeline import transforms as transforms_lib
 from pipeline.errors import EXIT_RECORDS_LOST
 from pipeline.output import read_manifest
@@ -207,6 +207,8 @@ def test_symlinked_directories_are_followed_as_the_shell_does(tmp_path, tiny_bun
 
 
 def test_listing_follows_links_with_beams_pattern_meaning(tmp_path, monkeypatch):
+    from pipeline import listing
+
     monkeypatch.chdir(tmp_path)
     os.makedirs("in/sub")
     os.makedirs("archive")
@@ -246,6 +248,8 @@ def test_a_named_pipe_matched_by_the_pattern_is_refused_at_launch(tmp_path, tiny
 
 
 def test_a_file_that_became_a_named_pipe_after_launch_is_unreadable_not_a_hang(tmp_path):
+    from pipeline import listing
+
     path = tmp_path / "a.jsonl"
     _write(path, ["a-1"])
     (listed,), _ = listing.list_input(str(path))
