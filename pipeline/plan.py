@@ -846,4 +846,9 @@ def check_input(pattern):
         )
     if not matched:
         raise ExportConfigError(f"--input {pattern!r} matches no files; check the path or pattern.")
+    if all(entry.link_target is not None for entry in matched):
+        raise ExportConfigError(
+            f"--input {pattern!r} matches only symbolic links to nothing (e.g. {matched[0].path!r} -> "
+            f"{matched[0].link_target!r}); check the links or the pattern."
+        )
     return matched

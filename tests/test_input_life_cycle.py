@@ -277,3 +277,11 @@ def test_limit_with_a_dangling_symlink_in_the_pattern(tmp_path, tiny_bundle, cap
     assert "which does not exist" in dead["a.jsonl", None]["message"]
     counts = read_manifest(str(tmp_path / "out"))["counts"]
     assert counts["records_read"] == 3 == counts["rows_written"] + counts["dead_letters"]
+
+
+def test_a_pattern_matching_only_dangling_links_is_refused_at_launch(tmp_path, tiny_bundle, capsys):
+    os.symlink(tmp_path / "nowhere.jsonl", tmp_path / "a.jsonl")
+    assert _run(tiny_bundle[0], tmp_path / "a.jsonl", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "error: --input" in err and "symbolic links to nothing" in err and "nowhere.jsonl" in err
+    assert not os.path.exists(tmp_path / "out")
