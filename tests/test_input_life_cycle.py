@@ -83,6 +83,7 @@ def test_files_deleted_truncated_or_rewritten_after_launch_are_dead_letters(
     _write(corpus / "c.jsonl", [f"cut-{i}" for i in range(6)])
     listed_size = os.path.getsize(corpus / "c.jsonl")
     _write(corpus / "d.jsonl", [f"swapped-{i}" for i in range(3)])
+    _write(corpus / "e.jsonl", [f"piped-{i}" for i in range(3)])
 
     def change():
         os.remove(corpus / "b.jsonl")
@@ -91,6 +92,8 @@ def test_files_deleted_truncated_or_rewritten_after_launch_are_dead_letters(
         (corpus / "d.jsonl").write_text((corpus / "d.jsonl").read_text().replace("swapped", "SWAPPED"))
         stat = os.stat(corpus / "d.jsonl")
         os.utime(corpus / "d.jsonl", (stat.st_atime, stat.st_mtime + 10))
+        os.remove(corpus / "e.jsonl")
+        os.mkfifo(corpus / "e.jsonl")  # opening it would block the reader forever
 
     _after_listing(monkeypatch, change)
     code = _run(tiny_bundle[0], corpus / "*.jsonl", tmp_path / "out")
@@ -104,12 +107,14 @@ def test_files_deleted_truncated_or_rewritten_after_launch_are_dead_letters(
         ("b.jsonl", None): "unreadable_file",
         ("c.jsonl", None): "unreadable_file",
         ("d.jsonl", None): "unreadable_file",
+        ("e.jsonl", None): "unreadable_file",
     }
+    assert "named pipe" in dead["e.jsonl", None]["message"]
     assert "no longer exists" in dead["b.jsonl", None]["message"]
     assert f"listed {listed_size} bytes" in dead["c.jsonl", None]["message"]
     assert "now 10 bytes" in dead["c.jsonl", None]["message"]
     assert "changed after the launch listed it" in dead["d.jsonl", None]["message"]
-    _check_counts(tmp_path / "out", broken=3)
+    _check_counts(tmp_path / "out", broken=4)
 
 
 def _cut_while_reading(monkeypatch, path, keep_bytes, on_open):
@@ -168,6 +173,27 @@ def test_a_file_truncated_while_it_is_read_ends_in_a_read_error_where_it_broke(
         manifest = read_manifest(str(tmp_path / "out"))
         assert manifest["counts"]["files_broken"] == 4
         assert manifest["counts"]["records_read"] == 5
+
+
+def test_a_csv_file_truncated_while_it_is_read_ends_in_a_read_error(
+    tmp_path, tiny_bundle, monkeypatch, capsys
+):
+    """CSV is read whole: the check after its last record finds the file shorter than listed."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = ["id,content,title\r\n"] + [f"doc-{i:04d},word1 word2,word3\r\n" for i in range(400)]
+    (corpus / "big.csv").write_text("".join(lines), newline="")
+    cut = sum(len(line) for line in lines[:201])  # the header and 200 rows stay
+    _cut_while_reading(monkeypatch, corpus / "big.csv", cut, on_open=2)
+    code = _run(tiny_bundle[0], corpus / "*.csv", tmp_path / "out")
+    printed = capsys.readouterr()
+
+    assert code == EXIT_RECORDS_LOST, printed.err[-2000:]
+    assert _ids(tmp_path / "out") == [f"doc-{i:04d}" for i in range(200)]
+    dead = _dead(tmp_path / "out")
+    assert list(dead) == [("big.csv", 201)] and dead["big.csv", 201]["reason"] == "read_error"
+    assert "changed after the launch listed it" in dead["big.csv", 201]["message"]
+    _check_counts(tmp_path / "out", broken=1)
 
 
 def test_a_range_that_ends_before_its_listed_end_is_a_read_error():
