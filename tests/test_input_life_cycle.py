@@ -9,6 +9,7 @@ read (after the reader opened it).
 import json
 import os
 import subprocess
+import threading
 
 import pytest
 from pipeline_fixtures import REPOSITORY, pipeline_command, read_errors, read_rows
@@ -72,6 +73,30 @@ def _after_listing(monkeypatch, change):
     monkeypatch.setattr(export, "build_plan", build_then_change)
 
 
+class _Unblocker(threading.Timer):
+    """After `seconds`, opens a named pipe for writing and closes it: a reader blocked on it sees its end."""
+
+    fired = False
+
+    def __init__(self, path, seconds=90):
+        super().__init__(seconds, self._unblock, (path,))
+        self.daemon = True
+
+    def _unblock(self, path):
+        self.fired = True
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # No reader (none blocked), or no pipe any more.
+            pass
+
+
+def _unblock_later(path):
+    """A started `_Unblocker`: a reader that blocks on `path` fails the test instead of hanging it."""
+    unblocker = _Unblocker(path)
+    unblocker.start()
+    return unblocker
+
+
 def test_files_deleted_truncated_or_rewritten_after_launch_are_dead_letters(
     tmp_path, tiny_bundle, monkeypatch, capsys
 ):
@@ -96,9 +121,14 @@ def test_files_deleted_truncated_or_rewritten_after_launch_are_dead_letters(
         os.mkfifo(corpus / "e.jsonl")  # opening it would block the reader forever
 
     _after_listing(monkeypatch, change)
-    code = _run(tiny_bundle[0], corpus / "*.jsonl", tmp_path / "out")
+    watchdog = _unblock_later(corpus / "e.jsonl")
+    try:
+        code = _run(tiny_bundle[0], corpus / "*.jsonl", tmp_path / "out")
+    finally:
+        watchdog.cancel()
     printed = capsys.readouterr()
 
+    assert not watchdog.fired, "a reader blocked on the named pipe"
     assert code == EXIT_RECORDS_LOST, printed.err[-2000:]
     assert "records after the break may be lost" in printed.err
     assert _ids(tmp_path / "out") == kept
