@@ -376,7 +376,12 @@ def check_locations(options, check_remote):
             from pipeline.output import finish_interrupted_commit
 
             check_location("output", options.output)
-            finish_interrupted_commit(options.output)
+            if finish_interrupted_commit(options.output) and not options.overwrite:
+                raise ExportConfigError(
+                    f"--output {options.output!r} held an export whose commit was cut short; it was "
+                    "finished just now, so the output holds that run's complete export. Pass "
+                    "--overwrite to replace it, or choose another --output."
+                )
         check_output(options.output, options.overwrite)
         if matched is not None:
             check_input_output(options.input, matched, options.output)
