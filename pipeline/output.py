@@ -580,7 +580,17 @@ def commit(directory, run_id, staged, manifest):
     with _committing(done_phase="committed"):
         try:
             journal, manifest = _prepare_commit(directory, run_id, staged, manifest)
+            # The commit point: once the journal is in place the new export is the one that survives.
+            _move(directory, posixpath.join(staging, JOURNAL), JOURNAL)
+            _fsync_directory(directory)
+            _replay(directory, journal)
         except OSError as error:
+            if _journal_written(directory):
+                raise OutputWriteError(
+                    f"The commit to --output {directory!r} stopped part-way: {_reason(error)}. Its "
+                    f"journal {JOURNAL} keeps the new export recoverable: once the cause is fixed, the "
+                    "next run on this output (or `python -m pipeline.analyze` of it) finishes the commit."
+                ) from error
             # Nothing of the old export was touched; free what this run staged.
             with contextlib.suppress(Exception):
                 remove_staging(directory, run_id)
@@ -589,15 +599,15 @@ def commit(directory, run_id, staged, manifest):
                 f"the output is untouched; this run's staged files ({staging}/) were removed. Fix the "
                 "cause and rerun."
             ) from error
-        try:
-            _replay(directory, journal)
-        except OSError as error:
-            raise OutputWriteError(
-                f"The commit to --output {directory!r} stopped part-way: {_reason(error)}. Its journal "
-                f"{JOURNAL} keeps the new export recoverable: once the cause is fixed, the next run on "
-                "this output (or `python -m pipeline.analyze` of it) finishes the commit first."
-            ) from error
     return manifest
+
+
+def _journal_written(directory: str) -> bool:
+    """Whether the journal is in place; if that cannot be told, assume so (never delete the staged export)."""
+    try:
+        return has_pending_commit(directory)
+    except Exception:
+        return True
 
 
 def _reason(error: BaseException) -> str:
@@ -607,7 +617,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _prepare_commit(directory, run_id, staged, manifest):
-    """Hashes the staged files, stages the manifest, writes the journal; touches nothing old."""
+    """Hashes the staged files, stages the manifest and the journal; touches nothing outside the staging."""
     staging = posixpath.join(STAGING, run_id)
     renames, shards = [], {role: [] for role in ("rows", "errors", "tables")}
     for role in shards:
@@ -638,11 +648,7 @@ def _prepare_commit(directory, run_id, staged, manifest):
         "directories": sorted({posixpath.dirname(r["to"]) for r in renames} - {""}),
         "renames": renames,
     }
-    temporary = posixpath.join(staging, JOURNAL)
-    _write_json(directory, temporary, journal)
-    # The commit point: from here on the new export is the one that survives.
-    _move(directory, temporary, JOURNAL)
-    _fsync_directory(directory)
+    _write_json(directory, posixpath.join(staging, JOURNAL), journal)
     return journal, manifest
 
 
