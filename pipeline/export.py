@@ -435,12 +435,50 @@ def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes):
         monitor = progress_lib.ProgressMonitor(
             progress_dir, total_bytes, export_options.limit, export_options.progress_seconds
         )
-        with monitor, worker_package_path(options):
+        with _beam_errors_held(), monitor, worker_package_path(options):
             result = pipeline.run()
             result.wait_until_finish()
         return result
     finally:
         shutil.rmtree(progress_dir, ignore_errors=True)
+
+
+class _HeldErrors(logging.Filter):
+    """Holds back Beam's ERROR records (each with a long traceback) while a local pipeline runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.name.startswith("apache_beam"):
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _beam_errors_held():
+    """Lets Beam's error logs of a failed local run through only if the failure is not one we explain.
+
+    A full disk is reported as one `error:` line (see `out_of_space`); Beam would
+    first log the same OSError with its traceback from inside the transform.
+    """
+    held = _HeldErrors()
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(held)
+    try:
+        yield
+    except BaseException as error:
+        if is_disk_full(error) or isinstance(error, KeyboardInterrupt):
+            held.records.clear()
+        raise
+    finally:
+        for handler in handlers:
+            handler.removeFilter(held)
+        for record in held.records:
+            logging.getLogger(record.name).handle(record)
 
 
 def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
@@ -581,12 +619,12 @@ def out_of_space(output: str, run_id: str) -> OutputWriteError:
     staged = output_lib.staged_bytes(output, run_id)
     output_lib.remove_staging(output, run_id)
     free = _free_bytes(output)
-    free_text = f"; {free / 1e6:,.1f} MB are free now" if free is not None else ""
+    needs = f"more than the {free / 1e6:,.1f} MB free there now" if free is not None else "more space"
     return OutputWriteError(
-        f"--output {output!r} ran out of space (no space left on device) after this run had staged "
-        f"{staged / 1e6:,.1f} MB there, so the export needs more than that{free_text}. Its staged "
-        "files were removed and an earlier export there is untouched (it stays until a new one is "
-        "committed, so --overwrite needs room for both). Free space or choose another --output, then rerun."
+        f"--output {output!r} ran out of space (no space left on device): this export needs {needs} "
+        f"(the run had staged {staged / 1e6:,.1f} MB when the disk filled). Its staged files were "
+        "removed and an earlier export there is untouched (it stays until a new one is committed, so "
+        "--overwrite needs room for both). Free space or choose another --output, then rerun."
     )
 
 
