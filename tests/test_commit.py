@@ -249,6 +249,37 @@ def test_commit_killed_or_failed_at_every_step_on_s3(scenarios, name, s3_endpoin
     _check_every_step(make_copy, output_lib.recover_interrupted_commit, run_id, facts, old_ids)
 
 
+def test_a_recovery_killed_at_any_step_is_finished_by_the_next_one(scenarios, tmp_path):
+    template, run_id, facts, _ = scenarios["reuse_in_place"]
+    committed = str(tmp_path / "steps")
+    shutil.copytree(template, committed)
+    steps = _count_steps(lambda: _commit(committed, run_id, facts))
+    journal_step = steps.index(("rename", output_lib.JOURNAL)) + 1
+    crashed = str(tmp_path / "crashed")
+    shutil.copytree(template, crashed)
+    output_lib.step_hook = _fault_at(journal_step + 1, "kill")  # the first step after the commit point
+    try:
+        with pytest.raises(Killed):
+            _commit(crashed, run_id, facts)
+    finally:
+        output_lib.step_hook = None
+    recovery = str(tmp_path / "recovery")
+    shutil.copytree(crashed, recovery)
+    recovery_steps = _count_steps(lambda: output_lib.recover_interrupted_commit(recovery))
+    assert len(recovery_steps) > 3
+    for number in range(1, len(recovery_steps) + 1):
+        directory = str(tmp_path / f"again{number}")
+        shutil.copytree(crashed, directory)
+        output_lib.step_hook = _fault_at(number, "kill")
+        try:
+            with pytest.raises(Killed):
+                output_lib.recover_interrupted_commit(directory)
+        finally:
+            output_lib.step_hook = None
+        output_lib.finish_interrupted_commit(directory)
+        assert _complete_export(directory) == sorted(NEW_IDS), recovery_steps[number - 1]
+
+
 def test_a_damaged_journal_is_refused_and_nothing_is_deleted(scenarios, tmp_path):
     template, run_id, facts, _ = scenarios["overwrite"]
     directory = str(tmp_path / "out")

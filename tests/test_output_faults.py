@@ -8,6 +8,7 @@ outside the export, nor the earlier export, was touched.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,48 @@ def test_a_full_disk_during_the_pipeline_is_one_error_and_keeps_the_old_export(t
     assert f"--output {output!r} ran out of space" in errors[0] and "MB free there now" in errors[0]
     assert snapshot(output) == before
     assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 512 kB tmpfs (needs root and mount rights; skipped elsewhere, where the shim above still runs)."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)])
+    if mounted.returncode != 0:
+        pytest.skip("this machine does not let tests mount a tmpfs")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_tmpfs_during_the_pipeline_is_one_error_and_keeps_the_old_export(
+    small_tmpfs, tmp_path, tiny_bundle
+):
+    output = str(small_tmpfs / "out")
+    run_export(
+        ["--model", tiny_bundle[0], "--input", _corpus(tmp_path / "old.jsonl", IDS), "--output", output]
+    )
+    before = snapshot(output)
+    # One float32 vector per token, 12 tokens a document: about 4 MB, eight times the disk.
+    new = _corpus(tmp_path / "new.jsonl", [f"new{i}" for i in range(10000)])
+    command = pipeline_command(
+        new, output, "--model", tiny_bundle[0], "--overwrite", "--layer", "emb", "--pooling", "none"
+    )
+    result = subprocess.run(
+        command, cwd=REPOSITORY, env=dict(os.environ, PYTHONPATH=REPOSITORY), capture_output=True, text=True
+    )
+    assert result.returncode == EXIT_OUTPUT_FAILED, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ran out of space" in errors[0], result.stderr[-3000:]
+    assert snapshot(output) == before
+    assert _complete_export(output) == sorted(IDS)
+    # The staged files were removed: the disk is usable again.
+    assert shutil.disk_usage(small_tmpfs).free > 400_000
 
 
 # --- point 13: SIGTERM, and Ctrl-C in the forward pass ------------------------------------------
