@@ -31,8 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from pipeline.errors import EXIT_CONFIG_ERROR
-from pipeline.output import MANIFEST, SHARD_PREFIX, TABLES_DIR
+from pipeline.errors import EXIT_CONFIG_ERROR, ExportConfigError
+from pipeline.output import JOURNAL, MANIFEST, SHARD_PREFIX, TABLES_DIR, finish_interrupted_commit
 from pipeline.schema import (
     FINGERPRINT_COLUMN,
     ID_COLUMN,
@@ -109,11 +109,30 @@ def _filesystem(location):
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
+def _finish_commit(location):
+    """Finishes a commit into the export `location` that a crash cut short, so it is read whole.
+
+    Raises:
+        AnalysisError: the commit cannot be finished from here (another run holds
+            the output, it is read-only, or its journal is damaged).
+    """
+    try:
+        if finish_interrupted_commit(location):
+            logging.warning("Finished the interrupted commit of the export in %s first.", location)
+    except (ExportConfigError, OSError) as error:
+        raise AnalysisError(
+            f"{location!r} holds a commit that was not finished ({JOURNAL}), and it cannot be finished "
+            f"from here: {error} Rerun the export (or this command) where the output is writable; "
+            "until then its files are a mix of two exports."
+        ) from None
+
+
 def _list_parquet(location, wanted, how_to_make):
     """Paths of the Parquet files directly in `location` whose name `wanted` accepts.
 
     A path to a single .parquet file is accepted as is.
     """
+    _finish_commit(location)
     filesystem, path = _filesystem(location)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -171,6 +190,7 @@ def open_documents(location):
 
 def _token_tables(location):
     """(filesystem, paths) of the tables in `location`'s `_tables/` (`--token_storage ids`)."""
+    _finish_commit(location)
     filesystem, directory = _filesystem(location)
     tables = posixpath.join(directory, TABLES_DIR)
     if filesystem.get_file_info(tables).type != pafs.FileType.Directory:

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import difflib
+import errno
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ from pipeline.errors import (
     EXIT_RECORDS_LOST,
     EXIT_TOO_MANY_ERRORS,
     ExportConfigError,
+    OutputWriteError,
 )
 from pipeline.graph import build_pipeline
 from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenizer
@@ -331,6 +333,7 @@ def run_export(argv=None):
         ExportConfigError: a launch-time validation failed; nothing was written.
     """
     check_known_flags(argv)
+    output_lib.reset_commit_phase()
     options = PipelineOptions(argv)
     # The launcher reads --model, --input and --output before any Pipeline exists;
     # object stores (s3:// endpoint and keys, ...) take their settings from these options.
@@ -432,7 +435,7 @@ def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes):
         monitor = progress_lib.ProgressMonitor(
             progress_dir, total_bytes, export_options.limit, export_options.progress_seconds
         )
-        with monitor, worker_package_path(options):
+        with _beam_errors_held(), monitor, worker_package_path(options):
             result = pipeline.run()
             result.wait_until_finish()
         return result
@@ -440,17 +443,60 @@ def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes):
         shutil.rmtree(progress_dir, ignore_errors=True)
 
 
+class _HeldErrors(logging.Filter):
+    """Holds back Beam's ERROR records (each with a long traceback) while a local pipeline runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.name.startswith("apache_beam"):
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _beam_errors_held():
+    """Lets Beam's error logs of a failed local run through only if the failure is not one we explain.
+
+    A full disk is reported as one `error:` line (see `out_of_space`); Beam would
+    first log the same OSError with its traceback from inside the transform.
+    """
+    held = _HeldErrors()
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(held)
+    try:
+        yield
+    except BaseException as error:
+        if is_disk_full(error) or isinstance(error, KeyboardInterrupt):
+            held.records.clear()
+        raise
+    finally:
+        for handler in handlers:
+            handler.removeFilter(held)
+        for record in held.records:
+            logging.getLogger(record.name).handle(record)
+
+
 def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
     """Runs the pipeline into the run's staging directory, checks the accounting, commits."""
     export_options = options.view_as(ExportOptions)
     rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
     started = time.time()
-    write_token_tables(plan, model_source, output_lib.staging_tables_dir(plan.output, run_id))
-    result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes)
+    try:
+        write_token_tables(plan, model_source, output_lib.staging_tables_dir(plan.output, run_id))
+        result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes)
+        staged = output_lib.staged_shards(plan.output, run_id)
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise out_of_space(plan.output, run_id) from None
     seconds = time.time() - started
 
     counters = _counters(result)
-    staged = output_lib.staged_shards(plan.output, run_id)
     rows = sum(count for _, count in staged["rows"])
     dead = sum(count for _, count in staged["errors"])
     read = counters.get("records_read", 0)
@@ -468,6 +514,11 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
             "earlier_rows_changed": counters.get("earlier_rows_changed", 0),
             "earlier_rows_dropped": counters.get("earlier_rows_dropped", 0),
         }
+    # A failed run never replaces a succeeded export (its dead letters go to _failed/RUN/).
+    earlier = output_lib.read_manifest(plan.output)
+    earlier_succeeded = bool(earlier) and earlier.get("status") == "succeeded"
+    failed_dir = output_lib.join(plan.output, output_lib.FAILED_DIR, run_id)
+    errors_dir = output_lib.join(failed_dir if earlier_succeeded else plan.output, output_lib.ERRORS_DIR)
     exit_code, message = EXIT_OK, "ok"
     if read != rows + dead:
         exit_code = EXIT_ACCOUNTING_MISMATCH
@@ -476,7 +527,7 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
         exit_code = EXIT_RECORDS_LOST
         message = (
             f"{broken} input file(s) could not be read to the end (unreadable_file or read_error in "
-            f"{output_lib.join(plan.output, output_lib.ERRORS_DIR)}): records after the break may be "
+            f"{errors_dir}): records after the break may be "
             "lost, and how many is unknown."
         )
     elif read and dead / read > export_options.max_error_fraction:
@@ -484,7 +535,7 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
         message = (
             f"{dead} of {read} records ({dead / read:.0%}) were dead-lettered, more than "
             f"--max_error_fraction={export_options.max_error_fraction}. Check --input_format and "
-            f"--input_map; the reasons are in {output_lib.join(plan.output, output_lib.ERRORS_DIR)}."
+            f"--input_map; the reasons are in {errors_dir}."
         )
     manifest = {
         "status": "succeeded" if exit_code == 0 else "completed_with_errors",
@@ -515,7 +566,15 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
         "seconds": round(seconds, 3),
         "package_version": plan.package_version,
     }
-    output_lib.commit(plan.output, run_id, staged, manifest)
+    if exit_code != EXIT_OK and earlier_succeeded:
+        message += (
+            f" The succeeded export already in {plan.output} was kept: a failed run does not replace "
+            f"it. This run's manifest and dead letters are in {failed_dir} (its rows were dropped)."
+        )
+        manifest["message"] = message
+        output_lib.set_aside_failed_run(plan.output, run_id, staged, manifest)
+    else:
+        output_lib.commit(plan.output, run_id, staged, manifest)
     return ExportSummary(
         output=plan.output,
         records_read=read,
@@ -530,6 +589,42 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
         reuse=plan.reuse,
         rows_reused=reuse_counts.get("rows_reused", 0),
         earlier_rows_dropped=reuse_counts.get("earlier_rows_dropped", 0),
+    )
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps: Beam re-raises a worker's error as text) is a full disk."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _free_bytes(path: str) -> int | None:
+    if not is_local(path):
+        return None
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free
+
+
+def out_of_space(output: str, run_id: str) -> OutputWriteError:
+    """Removes what the run staged in `output` and says how much space the export needed."""
+    staged = output_lib.staged_bytes(output, run_id)
+    output_lib.remove_staging(output, run_id)
+    free = _free_bytes(output)
+    needs = f"more than the {free / 1e6:,.1f} MB free there now" if free is not None else "more space"
+    return OutputWriteError(
+        f"--output {output!r} ran out of space (no space left on device): this export needs {needs} "
+        f"(the run had staged {staged / 1e6:,.1f} MB when the disk filled). Its staged files were "
+        "removed and an earlier export there is untouched (it stays until a new one is committed, so "
+        "--overwrite needs room for both). Free space or choose another --output, then rerun."
     )
 
 

@@ -345,7 +345,7 @@ def check_output(output, overwrite):
     Raises:
         ExportConfigError: saying what is wrong and what to do instead.
     """
-    from pipeline.output import check_output_state, is_regular_file
+    from pipeline.output import check_output_state, check_writable, is_regular_file
 
     check_location("output", output)
     if any(ch in output for ch in GLOB_CHARACTERS):
@@ -357,6 +357,7 @@ def check_output(output, overwrite):
         raise ExportConfigError(
             f"--output {output!r} is a file; --output names a directory for the export's files."
         )
+    check_writable(output)
     check_output_state(output, overwrite)
 
 
@@ -377,6 +378,17 @@ def check_locations(options, check_remote):
     else:
         check_location("input", options.input)
     if check_remote or is_local(options.output):
+        if check_remote:
+            # A commit a crash cut short is finished before the output is judged (not by --dry_run).
+            from pipeline.output import finish_interrupted_commit
+
+            check_location("output", options.output)
+            if finish_interrupted_commit(options.output) and not options.overwrite:
+                raise ExportConfigError(
+                    f"--output {options.output!r} held an export whose commit was cut short; it was "
+                    "finished just now, so the output holds that run's complete export. Pass "
+                    "--overwrite to replace it, or choose another --output."
+                )
         check_output(options.output, options.overwrite)
         if matched is not None:
             check_input_output(options.input, matched, options.output)
@@ -680,9 +692,11 @@ def check_reuse(uri, plan):
     Raises:
         ExportConfigError: naming what differs and how to proceed.
     """
-    from pipeline.output import output_state, read_manifest
+    from pipeline.output import finish_interrupted_commit, join, output_state, read_manifest
 
     check_location("reuse", uri)
+    # An export whose commit a crash cut short is finished before it is read.
+    finish_interrupted_commit(uri)
     try:
         manifest = read_manifest(uri)
     except Exception as error:  # Unreadable, not JSON, no credentials, ...
