@@ -6,6 +6,7 @@ EXIT_CONFIG_ERROR = 2  # a flag, the model, the input or the output cannot work;
 EXIT_ACCOUNTING_MISMATCH = 3  # records read != rows + dead letters (a bug: please report it)
 EXIT_TOO_MANY_ERRORS = 4  # more than --max_error_fraction of the records were dead-lettered
 EXIT_RECORDS_LOST = 5  # a file broke part-way: how many records it still held is unknown
+EXIT_ACCOUNTING_UNVERIFIED = 6  # the runner reported no committed counters: records read unknown
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
 
 
