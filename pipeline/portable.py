@@ -97,7 +97,7 @@ def check_job_endpoint(options: PipelineOptions) -> None:
 
 
 class AnnounceWorkerFn(beam.DoFn):
-    """Leaves an empty file named after the worker in `directory`: proof that a worker runs our code.
+    """Leaves a file named after the worker in `directory`: proof that a worker runs our code.
 
     The launcher cannot see the workers of a portable runner; a file next to the
     run's staged shards (which workers must be able to write anyway) is what it
@@ -110,7 +110,8 @@ class AnnounceWorkerFn(beam.DoFn):
     def process(self, element: object):
         name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with FileSystems.create(FileSystems.join(self._directory, name)) as handle:
-            handle.write(b"")
+            # Not empty: Beam's S3 writer cannot create an empty object (a multipart upload of no part).
+            handle.write(name.encode("utf-8"))
         yield from ()
 
 
