@@ -39,7 +39,13 @@ from pipeline_fixtures import (
 from test_object_storage import BUCKET, client, s3_endpoint, s3_flags  # noqa: F401 (s3_endpoint: fixture)
 
 from pipeline import output as output_lib
-from pipeline.errors import EXIT_ACCOUNTING_UNVERIFIED, EXIT_CONFIG_ERROR, EXIT_OK, EXIT_RECORDS_LOST
+from pipeline.errors import (
+    EXIT_ACCOUNTING_UNVERIFIED,
+    EXIT_CONFIG_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RECORDS_LOST,
+)
 from pipeline.export import format_summary, run_export
 from pipeline.run import main
 
@@ -519,6 +525,37 @@ def test_a_pool_whose_python_cannot_run_the_job_is_reported(
     # Nothing committed, and nothing left behind for readers or the next run.
     assert not os.path.exists(output) or os.listdir(output) in ([], [output_lib.LOCK])
     assert all(state in TERMINAL_STATES for state in _wait_for_jobs_to_end(job_endpoint).values())
+
+
+def test_ctrl_c_while_waiting_for_workers_cancels_the_job(request, services, bundle, corpus, tmp_path):
+    """--worker_start_timeout 0 waits forever; Ctrl-C then ends the run and cancels its job."""
+    job_endpoint, *_ = services
+    pool = _worker_pool(request, tmp_path, path_first=_python_without(tmp_path / "bin", beam=False))
+    before = set(_job_states(job_endpoint))
+    log_path = tmp_path / "launcher.log"
+    command = pipeline_command(
+        corpus,
+        tmp_path / "out",
+        "--model",
+        bundle,
+        "--worker_start_timeout=0",
+        "--progress_seconds=1",
+        *_portable_flags(job_endpoint, pool),
+    )
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, cwd=REPOSITORY, env=_environment(), stdout=log, stderr=log, start_new_session=True
+        )
+    request.addfinalizer(lambda: _stop(process))
+    deadline = time.monotonic() + 90
+    while b"waiting for a worker to start" not in log_path.read_bytes():
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == EXIT_INTERRUPTED, log_path.read_text()[-3000:]
+    assert log_path.read_text().strip().splitlines()[-1].startswith("interrupted: nothing was committed")
+    jobs = {job: state for job, state in _job_states(job_endpoint).items() if job not in before}
+    assert list(jobs.values()) == [beam_job_api_pb2.JobState.CANCELLED]
 
 
 def test_no_pool_at_the_environment_config_is_reported(services, bundle, corpus, tmp_path, capsys):
