@@ -10,6 +10,7 @@ only attempted or missing, a kill and rerun, and s3:// input and output.
 """
 
 import contextlib
+import ctypes
 import glob
 import gzip
 import json
@@ -31,6 +32,8 @@ from pipeline_fixtures import (
     REPOSITORY,
     manifest_of,
     pipeline_command,
+    read_errors,
+    read_rows,
     sample_documents,
     shared_bundle,
     wait_for_staged_shard,
@@ -56,6 +59,7 @@ BAD_LINES = (
     json.dumps({"content": "a record without an id", "title": "no id"}),
 )
 PYTHON_BIN = os.path.dirname(sys.executable)
+PR_SET_PDEATHSIG = 1  # prctl(2)
 TERMINAL_STATES = (
     beam_job_api_pb2.JobState.DONE,
     beam_job_api_pb2.JobState.FAILED,
@@ -93,11 +97,23 @@ def _stop(process):
         process.wait()
 
 
+def _die_with_parent():
+    # Should pytest itself be killed (no finalizers then), the services go with it.
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
 def _serve(request, command, port, log_path, environment, cwd):
     """Starts `command` in its own process group, stopped at the end of the test's scope; waits for `port`."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, cwd=cwd, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=cwd,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     request.addfinalizer(lambda: _stop(process))
     deadline = time.monotonic() + 60
@@ -194,14 +210,11 @@ def _run_cli(command, timeout=180):
 
 
 def _rows(output):
-    files = sorted(os.path.join(output, n) for n in os.listdir(output) if n.startswith("part-"))
-    return pa.concat_tables([pq.read_table(path) for path in files]).sort_by("id")
+    return read_rows(output).sort_by("id")
 
 
 def _errors(output):
-    directory = os.path.join(output, output_lib.ERRORS_DIR)
-    tables = [pq.read_table(os.path.join(directory, name)) for name in sorted(os.listdir(directory))]
-    return pa.concat_tables(tables).sort_by([("source", "ascending"), ("position", "ascending")])
+    return read_errors(output).sort_by([("source", "ascending"), ("position", "ascending")])
 
 
 def _assert_same_output(output, reference):
