@@ -190,7 +190,8 @@ class ExportOptions(PipelineOptions):
             type=float,
             default=10,
             help="Seconds between progress lines of a local run when stderr is not a terminal (a "
-            "terminal gets a live bar); on Dataflow, between polls of the job. Default: %(default)s.",
+            "terminal gets a live bar); on Dataflow, between polls of the job; on portable runners "
+            "(Flink, Spark), between lines of the job's state. Default: %(default)s.",
         )
         parser.add_argument(
             "--worker_start_timeout",
