@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     DebugOptions,
     DirectOptions,
+    FlinkRunnerOptions,
     PipelineOptions,
     StandardOptions,
     TestOptions,
@@ -23,10 +24,12 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.runners.runner import PipelineState
 
 from pipeline import output as output_lib
+from pipeline import portable
 from pipeline import progress as progress_lib
 from pipeline.embedder import choose_forward_passes, manifest_columns
 from pipeline.errors import (
     EXIT_ACCOUNTING_MISMATCH,
+    EXIT_ACCOUNTING_UNVERIFIED,
     EXIT_OK,
     EXIT_RECORDS_LOST,
     EXIT_TOO_MANY_ERRORS,
@@ -55,7 +58,7 @@ class ExportSummary:
     """What a finished run did; `exit_code` is what `python -m pipeline.run` returns."""
 
     output: str
-    records_read: int
+    records_read: int | None  # None: the runner reported no committed counters
     rows_written: int
     dead_letters: int
     errors_by_reason: dict
@@ -256,12 +259,18 @@ def split_bytes_for(options, total_bytes):
     """How big a range of a file one reader reads.
 
     On Dataflow DEFAULT_SPLIT_BYTES (and the service splits further while it
-    reads); locally, small enough that each worker process gets several ranges.
+    reads); locally, small enough that each worker process gets several ranges;
+    on a portable runner given Flink's --parallelism, small enough that each
+    slot gets several (Flink does not split a range while it reads it).
     """
-    if local_runner(options) is None:
+    parallelism = options.view_as(FlinkRunnerOptions).parallelism or 0
+    if portable.is_portable(options) and parallelism > 0:
+        workers = parallelism
+    elif local_runner(options) is None:
         return DEFAULT_SPLIT_BYTES
-    direct = options.view_as(DirectOptions)
-    workers = direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 1
+    else:
+        direct = options.view_as(DirectOptions)
+        workers = direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 1
     wanted = total_bytes // (max(1, workers or os.cpu_count() or 1) * RANGES_PER_LOCAL_WORKER)
     return int(min(DEFAULT_SPLIT_BYTES, max(MIN_SPLIT_BYTES, wanted)))
 
@@ -344,6 +353,9 @@ def run_export(argv=None):
     dry_run = is_dry_run(options)
     if is_dataflow(options):
         check_worker_paths(export_options)
+    portable.check_worker_start_timeout(export_options.worker_start_timeout)
+    if portable.is_portable(options) and not dry_run:
+        portable.check_job_endpoint(options)
     if dry_run and not is_local(export_options.model):
         raise ExportConfigError(
             f"--dry_run builds the plan from the model without cloud credentials, so --model "
@@ -371,13 +383,14 @@ def run_export(argv=None):
         return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes)
 
 
-def _graph_settings(options, total_bytes, progress_dir=None):
+def _graph_settings(options, total_bytes, progress_dir=None, workers_dir=None):
     export_options = options.view_as(ExportOptions)
     return {
         "split_bytes": split_bytes_for(options, total_bytes),
         "shard_bytes": max(1, int(export_options.shard_mb * 1e6)),
         "limit": export_options.limit,
         "progress_dir": progress_dir,
+        "workers_dir": workers_dir,
     }
 
 
@@ -415,9 +428,22 @@ def format_counters(counters):
     )
 
 
-def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes):
+def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, workers_dir=None):
     """Builds and runs the pipeline, reporting progress while it works; returns the result."""
     export_options = options.view_as(ExportOptions)
+    if portable.is_portable(options):
+        pipeline = beam.Pipeline(options=options)
+        settings = _graph_settings(options, total_bytes, workers_dir=workers_dir)
+        build_pipeline(pipeline, plan, rows_prefix, errors_prefix, **settings)
+        result = pipeline.run()
+        portable.wait_for_job(
+            result,
+            workers_dir,
+            options,
+            export_options.worker_start_timeout,
+            export_options.progress_seconds,
+        )
+        return result
     if local_runner(options) is None:
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, plan, rows_prefix, errors_prefix, **_graph_settings(options, total_bytes))
@@ -486,17 +512,22 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
     export_options = options.view_as(ExportOptions)
     rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
     started = time.time()
+    workers_dir = output_lib.join(plan.output, output_lib.STAGING, run_id, portable.WORKERS_DIR)
     try:
         write_token_tables(plan, model_source, output_lib.staging_tables_dir(plan.output, run_id))
-        result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes)
+        result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, workers_dir)
         staged = output_lib.staged_shards(plan.output, run_id)
+    except portable.WorkersUnavailableError:
+        output_lib.remove_staging(plan.output, run_id)
+        raise
     except Exception as error:
         if not is_disk_full(error):
             raise
         raise out_of_space(plan.output, run_id) from None
     seconds = time.time() - started
 
-    counters = _counters(result)
+    run_counters = portable.read_counters(result, NAMESPACE)
+    counters = run_counters.values
     rows = sum(count for _, count in staged["rows"])
     dead = sum(count for _, count in staged["errors"])
     read = counters.get("records_read", 0)
@@ -504,6 +535,10 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
     by_reason = {
         name[len("failed_") :]: value for name, value in counters.items() if name.startswith("failed_")
     }
+    if not run_counters.exact:
+        # Attempted values count retried bundles twice: only what the files hold is exact.
+        by_reason = portable.dead_letters_by_reason(staged["errors"])
+        broken = portable.files_broken(by_reason)
     reuse_counts = {}
     if plan.reuse:
         reused = counters.get("rows_reused", 0)
@@ -520,7 +555,9 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
     failed_dir = output_lib.join(plan.output, output_lib.FAILED_DIR, run_id)
     errors_dir = output_lib.join(failed_dir if earlier_succeeded else plan.output, output_lib.ERRORS_DIR)
     exit_code, message = EXIT_OK, "ok"
-    if read != rows + dead:
+    # Without committed counters the records read are unknown; what was written stands in for them.
+    counted = read if run_counters.exact else rows + dead
+    if run_counters.exact and read != rows + dead:
         exit_code = EXIT_ACCOUNTING_MISMATCH
         message = f"Accounting mismatch: {read} records read but {rows} rows + {dead} dead letters written."
     elif broken:
@@ -530,12 +567,21 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
             f"{errors_dir}): records after the break may be "
             "lost, and how many is unknown."
         )
-    elif read and dead / read > export_options.max_error_fraction:
+    elif counted and dead / counted > export_options.max_error_fraction:
         exit_code = EXIT_TOO_MANY_ERRORS
         message = (
-            f"{dead} of {read} records ({dead / read:.0%}) were dead-lettered, more than "
+            f"{dead} of {counted} records ({dead / counted:.0%}) were dead-lettered, more than "
             f"--max_error_fraction={export_options.max_error_fraction}. Check --input_format and "
             f"--input_map; the reasons are in {errors_dir}."
+        )
+    elif not run_counters.exact:
+        exit_code = EXIT_ACCOUNTING_UNVERIFIED
+        message = (
+            "Accounting unverified: the runner reported no committed counters, so the records read "
+            f"are unknown and `records read = rows + dead letters` could not be checked; {rows} rows "
+            f"and {dead} dead letters were written (counted in the files). The output is committed: "
+            "compare with your corpus's record count, or run where counters are committed "
+            "(DirectRunner, Dataflow, Beam's local job service) for the exact check."
         )
     manifest = {
         "status": "succeeded" if exit_code == 0 else "completed_with_errors",
@@ -549,7 +595,8 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
         "tokenizer_sha256": plan.tokenizer_sha256,
         "columns": manifest_columns(plan.columns, plan.forward_passes),
         "counts": {
-            "records_read": read,
+            # None where the runner reported no committed counters: the count is unknown.
+            "records_read": read if run_counters.exact else None,
             "rows_written": rows,
             "dead_letters": dead,
             "dead_letters_by_reason": by_reason,
@@ -559,6 +606,9 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
             # How many byte ranges of the input files were read (more than one per big file).
             "ranges_read": counters.get(RANGES_READ, 0),
             **reuse_counts,
+            # The runner's word for the counters above: "committed", or "attempted" (an upper
+            # bound: a retried bundle counts twice; the dead letters are then counted from their files).
+            "counters": "committed" if run_counters.exact else "attempted",
         },
         "limited": export_options.limit is not None,
         "limit": export_options.limit,
@@ -566,7 +616,8 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
         "seconds": round(seconds, 3),
         "package_version": plan.package_version,
     }
-    if exit_code != EXIT_OK and earlier_succeeded:
+    # Unverified accounting (a portable runner without committed counters) is no failure of the run.
+    if exit_code not in (EXIT_OK, EXIT_ACCOUNTING_UNVERIFIED) and earlier_succeeded:
         message += (
             f" The succeeded export already in {plan.output} was kept: a failed run does not replace "
             f"it. This run's manifest and dead letters are in {failed_dir} (its rows were dropped)."
@@ -577,7 +628,7 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes):
         output_lib.commit(plan.output, run_id, staged, manifest)
     return ExportSummary(
         output=plan.output,
-        records_read=read,
+        records_read=read if run_counters.exact else None,
         rows_written=rows,
         dead_letters=dead,
         errors_by_reason=by_reason,
@@ -633,11 +684,12 @@ def format_summary(summary):
     if summary.dry_run:
         return f"\nNothing exported (--dry_run): {summary.message}\n  output           {summary.output}"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
+    read = summary.records_read if summary.records_read is not None else "unknown (no committed counters)"
     pattern = output_lib.join(summary.output, "part-*.parquet")
     lines = [
         "",
         "Export finished" if summary.exit_code == 0 else f"Export finished with problems: {summary.message}",
-        f"  documents read   {summary.records_read}",
+        f"  documents read   {read}",
         f"  rows written     {summary.rows_written}",
         f"  dead letters     {summary.dead_letters} ({reasons})",
         f"  truncated        {summary.truncated} documents longer than the model input",

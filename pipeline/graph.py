@@ -4,6 +4,7 @@ import dataclasses
 
 import apache_beam as beam
 
+from pipeline.portable import AnnounceWorker
 from pipeline.transforms import (
     DEFAULT_SHARD_BYTES,
     DEFAULT_SPLIT_BYTES,
@@ -26,6 +27,7 @@ def build_pipeline(
     shard_bytes=DEFAULT_SHARD_BYTES,
     limit=None,
     progress_dir=None,
+    workers_dir=None,
 ):
     """Adds read -> embed -> write to `pipeline`.
 
@@ -38,11 +40,16 @@ def build_pipeline(
         shard_bytes: row shards are closed once they reach this size.
         limit: read only the first `limit` records (by file, then position).
         progress_dir: a local directory where workers count their progress (local runs).
+        workers_dir: where a worker leaves a file once it runs the job (portable runners,
+            whose launcher watches for it: see `pipeline.portable.wait_for_job`).
 
     Returns:
         A dict with the PCollections "rows" (Arrow RecordBatches, embedded and,
         with `plan.reuse`, reused) and "errors" (dead-letter dicts).
     """
+    if workers_dir:
+        # Added first, so that runners which order independent roots run it first.
+        pipeline | "AnnounceWorker" >> AnnounceWorker(workers_dir)
     documents, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(plan, split_bytes, limit, progress_dir)
     # Only ReadCorpus needs the launch listing; the other DoFns pickle the plan without it.
     plan = dataclasses.replace(plan, input_files=())
