@@ -692,7 +692,7 @@ def check_reuse(uri, plan):
     Raises:
         ExportConfigError: naming what differs and how to proceed.
     """
-    from pipeline.output import finish_interrupted_commit, join, output_state, read_manifest
+    from pipeline.output import finish_interrupted_commit, output_state, read_manifest
 
     check_location("reuse", uri)
     # An export whose commit a crash cut short is finished before it is read.
