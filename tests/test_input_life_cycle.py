@@ -73,21 +73,28 @@ def _after_listing(monkeypatch, change):
     monkeypatch.setattr(export, "build_plan", build_then_change)
 
 
-class _Unblocker(threading.Timer):
-    """After `seconds`, opens a named pipe for writing and closes it: a reader blocked on it sees its end."""
-
-    fired = False
+class _Unblocker(threading.Thread):
+    """After `seconds`, opens a named pipe for writing and closes it, every second until cancelled,
+    so each reader blocked on it sees its end."""
 
     def __init__(self, path, seconds=90):
-        super().__init__(seconds, self._unblock, (path,))
-        self.daemon = True
+        super().__init__(daemon=True)
+        self._path, self._seconds = path, seconds
+        self._cancelled = threading.Event()
+        self.fired = False
 
-    def _unblock(self, path):
+    def cancel(self):
+        self._cancelled.set()
+
+    def run(self):
+        if self._cancelled.wait(self._seconds):
+            return
         self.fired = True
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:  # No reader (none blocked), or no pipe any more.
-            pass
+        while not self._cancelled.wait(1):
+            try:
+                os.close(os.open(self._path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # No reader blocked right now, or no pipe any more.
+                pass
 
 
 def _unblock_later(path):
