@@ -619,10 +619,12 @@ def out_of_space(output: str, run_id: str) -> OutputWriteError:
     staged = output_lib.staged_bytes(output, run_id)
     output_lib.remove_staging(output, run_id)
     free = _free_bytes(output)
-    needs = f"more than the {free / 1e6:,.1f} MB free there now" if free is not None else "more space"
+    needs = (
+        f"more than the {progress_lib.size_text(free)} free there now" if free is not None else "more space"
+    )
     return OutputWriteError(
         f"--output {output!r} ran out of space (no space left on device): this export needs {needs} "
-        f"(the run had staged {staged / 1e6:,.1f} MB when the disk filled). Its staged files were "
+        f"(the run had staged {progress_lib.size_text(staged)} when the disk filled). Its staged files were "
         "removed and an earlier export there is untouched (it stays until a new one is committed, so "
         "--overwrite needs room for both). Free space or choose another --output, then rerun."
     )
