@@ -668,14 +668,16 @@ def _free_bytes(path: str) -> int | None:
 def out_of_space(output: str, run_id: str) -> OutputWriteError:
     """Removes what the run staged in `output` and says how much space the export needed."""
     staged = output_lib.staged_bytes(output, run_id)
-    output_lib.remove_staging(output, run_id)
+    # Measured before the removal: a failed writer may hold its deleted file open until we exit.
     free = _free_bytes(output)
-    needs = f"more than the {free / 1e6:,.1f} MB free there now" if free is not None else "more space"
+    output_lib.remove_staging(output, run_id)
+    available = f"the {progress_lib.size_text(free + staged)} it had" if free is not None else "what it had"
     return OutputWriteError(
-        f"--output {output!r} ran out of space (no space left on device): this export needs {needs} "
-        f"(the run had staged {staged / 1e6:,.1f} MB when the disk filled). Its staged files were "
-        "removed and an earlier export there is untouched (it stays until a new one is committed, so "
-        "--overwrite needs room for both). Free space or choose another --output, then rerun."
+        f"--output {output!r} ran out of space (no space left on device): this export needs more than "
+        f"{available} (free space plus the {progress_lib.size_text(staged)} it had staged when the disk "
+        "filled). Its staged files were removed and an earlier export there is untouched (it stays until "
+        "a new one is committed, so --overwrite needs room for both). Free space or choose another "
+        "--output, then rerun."
     )
 
 

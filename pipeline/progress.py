@@ -108,7 +108,8 @@ def _duration(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _megabytes(size):
+def size_text(size):
+    """A byte count for people: "12.3 kB", "1,457 MB"."""
     return f"{size / 1e6:,.0f} MB" if size >= 1e6 else f"{size / 1e3:,.1f} kB"
 
 
@@ -183,7 +184,7 @@ class ProgressMonitor:
         read = totals["read_bytes"]
         if not read and not totals["records"] and not final:
             percent = 100 * min(totals["scanned_bytes"], self._total) / self._total
-            return f"progress: checking ids, {percent:.0f}% of {_megabytes(self._total)} scanned"
+            return f"progress: checking ids, {percent:.0f}% of {size_text(self._total)} scanned"
         if self._reading_start is None:
             self._reading_start = (now, totals["records"], read)
         since, records_then, read_then = self._reading_start
@@ -199,7 +200,7 @@ class ProgressMonitor:
         eta = (1 - fraction) / progress_rate if progress_rate > 0 else None
         parts = [
             f"{totals['records']:,} records read ({100 * fraction:.0f}% of "
-            + (f"--limit {self._limit:,}" if self._limit else _megabytes(self._total))
+            + (f"--limit {self._limit:,}" if self._limit else size_text(self._total))
             + ")",
             f"{totals['rows']:,} rows written",
             f"{totals['dead_letters']:,} dead letters",
