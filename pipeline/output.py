@@ -5,6 +5,7 @@ Layout of a finished export::
     OUTPUT/part-SSSSS-of-NNNNN.parquet          the rows
     OUTPUT/errors/part-SSSSS-of-NNNNN.parquet   the dead letters
     OUTPUT/_tables/LAYER.parquet                --token_storage ids: each Embedding's table, once
+    OUTPUT/_index/COLUMN.*                      `pipeline.analyze OUT index`: an ANN index, added later
     OUTPUT/_MANIFEST.json                       written last: marks success
 
 Readers of the rows use `OUTPUT/part-*.parquet` (DuckDB, polars, BigQuery) or
@@ -48,6 +49,8 @@ STAGING = "_staging"
 ERRORS_DIR = "errors"
 # "_" keeps the tables out of a read of the directory, as for the staging area.
 TABLES_DIR = "_tables"
+# `python -m pipeline.analyze OUT index`: tied to the manifest, so replacing the export drops or outdates it.
+INDEX_DIR = "_index"
 SHARD_PREFIX = "part-"
 # Beam's default shard names: part-00000-of-00004.parquet.
 _SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
@@ -94,6 +97,7 @@ def _ours(relative):
         or relative.startswith(STAGING + "/")
         or bool(_SHARD_NAME.fullmatch(relative))
         or (relative.startswith(TABLES_DIR + "/") and relative.endswith(".parquet"))
+        or relative.startswith(INDEX_DIR + "/")
         or (
             relative.startswith(ERRORS_DIR + "/")
             and bool(_SHARD_NAME.fullmatch(relative[len(ERRORS_DIR) + 1 :]))
