@@ -54,6 +54,8 @@ DEFAULT_RECALL_K = 10
 DEFAULT_SEED = 0
 # 16k rows of 300 float32 values are about 20 MB.
 BATCH_ROWS = 16_384
+# Queries scored against a batch at once by the exact scan: 256 x 16k float32 scores are 16 MB.
+EXACT_QUERY_CHUNK = 256
 # Similarities this close to the k-th exact one count as ties (float32 rounding of the distances).
 TIE_TOLERANCE = 1e-5
 _COLUMN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]*")
@@ -243,32 +245,29 @@ def exact_top_k(
     """
     queries = np.asarray(queries, dtype=np.float32)
     count = len(queries)
-    best_positions = np.full((count, 0), -1, dtype=np.int64)
-    best_scores = np.full((count, 0), -np.inf)
+    best_positions = np.full((count, k), -1, dtype=np.int64)
+    best_scores = np.full((count, k), -np.inf)
+    exclude = np.full(count, -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
     for batch in iter_vector_batches(data, column, batch_rows):
         if len(batch.positions) == 0:
             continue
-        batch_scores = scores(metric, queries, batch.vectors).astype(np.float64)
-        if exclude is not None:
-            batch_scores[batch.positions[None, :] == np.asarray(exclude)[:, None]] = -np.inf
-        merged_scores = np.concatenate([best_scores, batch_scores], axis=1)
-        merged_positions = np.concatenate(
-            [best_positions, np.broadcast_to(batch.positions, (count, len(batch.positions)))], axis=1
-        )
-        if merged_scores.shape[1] > k:
-            chosen = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k]
-            merged_scores = np.take_along_axis(merged_scores, chosen, axis=1)
-            merged_positions = np.take_along_axis(merged_positions, chosen, axis=1)
-        best_scores, best_positions = merged_scores, merged_positions
-    # Best first; equal scores by position so the order is reproducible.
-    order = np.lexsort((best_positions, -best_scores), axis=1) if best_scores.size else best_scores
-    if best_scores.size:
-        best_scores = np.take_along_axis(best_scores, order, axis=1)
-        best_positions = np.take_along_axis(best_positions, order, axis=1)
-    if best_scores.shape[1] < k:
-        pad = k - best_scores.shape[1]
-        best_scores = np.pad(best_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        best_positions = np.pad(best_positions, ((0, 0), (0, pad)), constant_values=-1)
+        # Queries in chunks keep the (queries, rows) score matrix small whatever the batch of queries.
+        for start in range(0, count, EXACT_QUERY_CHUNK):
+            stop = min(start + EXACT_QUERY_CHUNK, count)
+            chunk_scores = scores(metric, queries[start:stop], batch.vectors)
+            chunk_scores[batch.positions[None, :] == exclude[start:stop, None]] = -np.inf
+            if chunk_scores.shape[1] > k:
+                chosen = np.argpartition(-chunk_scores, k - 1, axis=1)[:, :k]
+            else:
+                chosen = np.broadcast_to(np.arange(chunk_scores.shape[1]), chunk_scores.shape)
+            merged_scores = np.concatenate(
+                [best_scores[start:stop], np.take_along_axis(chunk_scores, chosen, axis=1)], axis=1
+            )
+            merged_positions = np.concatenate([best_positions[start:stop], batch.positions[chosen]], axis=1)
+            # Best first; equal scores by position, so the answer does not depend on the batches.
+            order = np.lexsort((merged_positions, -merged_scores), axis=1)[:, :k]
+            best_scores[start:stop] = np.take_along_axis(merged_scores, order, axis=1)
+            best_positions[start:stop] = np.take_along_axis(merged_positions, order, axis=1)
     best_positions[~np.isfinite(best_scores)] = -1
     return best_positions, best_scores
 
@@ -360,6 +359,15 @@ def measure_recall(index, data, column: str, settings: IndexSettings, keys: np.n
     }
 
 
+def current_rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where it is not readable)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -397,7 +405,7 @@ def _local_lock(data):
     return OutputLock(directory, run_label="index")
 
 
-def build_index(data, column: str, settings: IndexSettings, log=print) -> dict:
+def build_index(data, column: str, settings: IndexSettings) -> dict:
     """Builds, measures and writes the index of `column`; returns its metadata as written.
 
     Raises:
@@ -423,6 +431,8 @@ def build_index(data, column: str, settings: IndexSettings, log=print) -> dict:
         raise _analysis_error(f"Cannot index it now: {error}") from None
     try:
         identity = source_identity(data)
+        # The process's memory before the build (Python, Arrow, Beam): the build's own share is above it.
+        start_rss = current_rss_bytes()
         started = time.perf_counter()
         index = None
         added = skipped_null = skipped_non_finite = 0
@@ -484,6 +494,7 @@ def build_index(data, column: str, settings: IndexSettings, log=print) -> dict:
                 "recall": recall,
                 "build_seconds": round(build_seconds, 3),
                 "peak_rss_bytes": memory,
+                "start_rss_bytes": start_rss,
                 "parquet_bytes": sum(filesystem.get_file_info(p).size for p in data.dataset.files),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
@@ -671,7 +682,8 @@ def format_build(metadata: dict, location: str) -> str:
             f"  {recall_text}",
             f"  build {metadata['build_seconds']:.1f} s, index {metadata['bytes'] / 2**20:.1f} MiB "
             f"(the Parquet files: {metadata['parquet_bytes'] / 2**20:.1f} MiB), peak RSS "
-            f"{metadata['peak_rss_bytes'] / 2**20:.0f} MiB",
+            f"{metadata['peak_rss_bytes'] / 2**20:.0f} MiB ({metadata['start_rss_bytes'] / 2**20:.0f} MiB "
+            "before the build)",
             f"  HNSW connectivity {metadata['connectivity']}, expansion_add {metadata['expansion_add']}, "
             f"expansion_search {metadata['expansion_search']}; sha256 {metadata['sha256']}",
         ]
