@@ -46,6 +46,8 @@ from pipeline.output import MANIFEST
 COLUMN = "lstm_content"
 SHARD_ROWS = 125_000
 NEIGHBOR_SAMPLE = 2000
+SWEEP = (32, 64, 128, 256)
+SWEEP_QUERIES = 200
 
 
 def export_real(workdir: str, documents: int) -> str:
@@ -196,12 +198,27 @@ def measure_queries(export: str, exact_queries: int, index_queries: int, batch: 
         analyze.indexed_neighbors(data, loaded, key, 10)
         indexed.append(time.perf_counter() - started)
     vectors = loaded.vectors(chosen[:batch])
+    excluded = [{int(p)} for p in chosen[:batch]]
     started = time.perf_counter()
-    index_lib.exact_top_k(data, COLUMN, vectors, 10, "cos", exclude=chosen[:batch])
+    truth, truth_scores = index_lib.exact_top_k(data, COLUMN, vectors, 10, "cos", exclude=chosen[:batch])
     exact_batch = time.perf_counter() - started
     started = time.perf_counter()
-    loaded.search(vectors, 10, exclude=[{int(p)} for p in chosen[:batch]])
+    loaded.search(vectors, 10, exclude=excluded)
     index_batch = time.perf_counter() - started
+    # The search-time trade-off on the same graph: recall@10 and latency per expansion_search.
+    sweep = []
+    built_with = loaded.index.expansion_search
+    for expansion in SWEEP:
+        loaded.index.expansion_search = expansion
+        positions, found = loaded.search(vectors, 10, exclude=excluded)
+        timings = []
+        for row in range(min(SWEEP_QUERIES, batch)):
+            started = time.perf_counter()
+            loaded.index.search(vectors[row : row + 1], 11)
+            timings.append(time.perf_counter() - started)
+        recall = index_lib.recall_at_k(found, truth_scores, positions, truth)
+        sweep.append({"expansion_search": expansion, "recall": recall, **percentiles(timings)})
+    loaded.index.expansion_search = built_with
     single_exact, single_index = percentiles(exact), percentiles(indexed)
     return {
         "open_seconds": open_seconds,
@@ -213,6 +230,7 @@ def measure_queries(export: str, exact_queries: int, index_queries: int, batch: 
         "batch_exact_qps": batch / exact_batch,
         "batch_index_qps": batch / index_batch,
         "batch_speedup": exact_batch / index_batch,
+        "sweep": sweep,
     }
 
 
@@ -242,6 +260,14 @@ def format_report(how: dict, metadata: dict, build_wall: float, queries: dict) -
         f"single-query speed-up (p50): {queries['single_speedup_p50']:.0f}x; batch: "
         f"{queries['batch_speedup']:.0f}x; index load {queries['open_seconds']:.1f} s; the index's top 10 "
         f"shares {queries['single_overlap_with_exact']:.3f} of the exact top 10 on the timed queries",
+        "",
+        f"expansion_search (same graph, the {queries['batch_queries']} batch queries; latency of the "
+        "bare search, one query, one thread of the caller):",
+        *(
+            f"  {row['expansion_search']:4d}: recall@10 {row['recall']:.4f}, p50 {row['p50_ms']:.3f} ms, "
+            f"p99 {row['p99_ms']:.3f} ms"
+            for row in queries["sweep"]
+        ),
     ]
     return "\n".join(lines)
 

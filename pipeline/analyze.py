@@ -327,6 +327,8 @@ def query_vector(data, key, column):
     if not found[column][0].is_valid:
         raise AnalysisError(f"The {noun} {key!r} has no {column!r} vector (it is null).")
     vector = vectors_to_numpy(found[column].slice(0, 1))[0].astype(np.float64)
+    if not np.isfinite(vector).all():
+        raise AnalysisError(f"The {noun} {key!r} has NaN or infinite values in its {column!r} vector.")
     if not np.any(vector):
         raise AnalysisError(
             f"The {noun} {key!r} has an all-zero {column!r} vector, so its cosine similarity is undefined."
@@ -362,15 +364,20 @@ def find_neighbors(data, key, column, k=DEFAULT_K, batch_rows=BATCH_ROWS):
     for batch in scanner.to_batches():
         if batch.num_rows == 0:
             continue
-        compared += batch.num_rows
         vectors = vectors_to_numpy(batch.column(column)).astype(np.float64)
-        similarities = _unit_rows(vectors) @ query
+        # A vector with NaN or infinite values has no similarity; left in, NaN would break the ranking.
+        finite = np.isfinite(vectors).all(axis=1)
+        compared += int(finite.sum())
+        with np.errstate(invalid="ignore"):
+            similarities = np.where(
+                finite, _unit_rows(np.where(finite[:, None], vectors, 0)) @ query, -np.inf
+            )
         # Every row tied with the k-th best goes on, so the key breaks ties, not the scan order.
         if len(similarities) > k:
             threshold = np.partition(similarities, len(similarities) - k)[len(similarities) - k]
-            chosen = np.flatnonzero(similarities >= threshold)
+            chosen = np.flatnonzero((similarities >= threshold) & finite)
         else:
-            chosen = np.arange(len(similarities))
+            chosen = np.flatnonzero(finite)
         indices = pa.array(chosen)
         keys = best_keys + batch.column(data.key_column).take(indices).to_pylist()
         details = best_details + batch.select(list(data.detail_columns)).take(indices).to_pylist()
@@ -1065,21 +1072,19 @@ def run_command(args):
             data, key, column = open_documents(args.directory), args.id, args.column
         column = check_vector_column(data, column)
         loaded = open_index(data, column, args.exact)
-        via = _via(loaded, data, column)
         if args.queries is not None:
             answered, problems = batch_neighbors(data, column, args.queries, args.out, args.k, loaded)
+            how = _via(loaded, data) if loaded is not None else "By an exact scan of every row."
             return (
-                f"{via}\nWrote {args.out}: {answered} queries, {problems} of them unanswered "
-                "(see its problem column)."
+                f"Wrote {args.out}: {answered} queries, {problems} of them unanswered "
+                f"(see its problem column).\n{how}"
             )
-        if loaded is not None:
-            neighbors, compared = indexed_neighbors(data, loaded, key, args.k)
-        else:
+        if loaded is None:
             neighbors, compared = find_neighbors(data, key, column, args.k)
-        metric = loaded.metric if loaded is not None else "cos"
-        return (
-            via + "\n" + format_neighbors(data, key, column, neighbors, compared, metric, loaded is not None)
-        )
+            return format_neighbors(data, key, column, neighbors, compared)
+        neighbors, compared = indexed_neighbors(data, loaded, key, args.k)
+        table = format_neighbors(data, key, column, neighbors, compared, loaded.metric, indexed=True)
+        return table + "\n" + _via(loaded, data)
     data = open_documents(args.directory)
     if args.command == "plot":
         path, rows, total, explained = plot_pca(
@@ -1098,7 +1103,7 @@ def run_command(args):
                 f"{args.directory} index --column {column}`, or leave --all out to score a sample."
             )
         score = knn_score_indexed(data, loaded, args.label, args.k)
-        return _via(loaded, data, column) + "\n" + format_knn_score(column, args.label, score, score.rows)
+        return _via(loaded, data) + "\n" + format_knn_score(column, args.label, score, score.rows)
     score, total = knn_score(data, column, args.label, args.k, args.sample, args.seed)
     return format_knn_score(column, args.label, score, total)
 
@@ -1112,10 +1117,8 @@ def data_is_vocabulary(directory):
     return False
 
 
-def _via(loaded, data, column):
-    """The line saying how neighbours are found: through the index (and how good it is) or by a scan."""
-    if loaded is None:
-        return f"Exact scan of every row of {column} (no index used)."
+def _via(loaded, data):
+    """The line saying that the answer came through the index, and how good the index is."""
     recall = loaded.metadata["recall"]
     measured = (
         f"recall@{recall['k']} {recall['recall']:.4f} measured at build"

@@ -15,8 +15,9 @@ export is replaced, loading it is refused, never silently used.
 The build streams the Parquet files in record batches (`iter_batches`), so its
 memory is the index itself plus one batch.  It is written to a local temporary
 file, then copied to `_index/COLUMN.usearch.tmp` and renamed (on object storage
-uploaded, then moved), and the metadata goes last: a reader sees the old index,
-none, or the new one.
+uploaded: a PUT is atomic), and the metadata goes last: a reader sees the old
+index, none, or the new one, and an index whose file does not match its
+metadata's SHA-256 is refused.
 """
 
 import dataclasses
@@ -381,20 +382,33 @@ def _sha256_local(path: str) -> str:
     return digest.hexdigest()
 
 
+def _is_local(filesystem: pafs.FileSystem) -> bool:
+    return isinstance(filesystem, pafs.LocalFileSystem)
+
+
 def _upload(local_path: str, filesystem: pafs.FileSystem, target: str) -> None:
-    """Copies a local file to `target` under a temporary name, then renames it into place."""
-    temporary = target + ".tmp"
+    """Copies a local file to `target`: locally under a temporary name, then renamed into place.
+
+    An object store's PUT is already atomic (readers see the old object or the
+    new one), and pyarrow's move and delete there leave directory-marker objects
+    (`DIR/`) that the export would take for foreign files, so there it writes
+    the target directly.
+    """
+    temporary = target + ".tmp" if _is_local(filesystem) else target
     with open(local_path, "rb") as source, filesystem.open_output_stream(temporary) as sink:
         for chunk in iter(lambda: source.read(8 << 20), b""):
             sink.write(chunk)
-    filesystem.move(temporary, target)
+    if temporary != target:
+        filesystem.move(temporary, target)
 
 
 def _write_json(filesystem: pafs.FileSystem, target: str, value: dict) -> None:
-    temporary = target + ".tmp"
+    """Writes `value` as JSON to `target`, atomically as `_upload` does."""
+    temporary = target + ".tmp" if _is_local(filesystem) else target
     with filesystem.open_output_stream(temporary) as sink:
         sink.write(json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8"))
-    filesystem.move(temporary, target)
+    if temporary != target:
+        filesystem.move(temporary, target)
 
 
 def _local_lock(data):
@@ -498,10 +512,13 @@ def build_index(data, column: str, settings: IndexSettings) -> dict:
                 "parquet_bytes": sum(filesystem.get_file_info(p).size for p in data.dataset.files),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            filesystem.create_dir(posixpath.join(directory, INDEX_DIR), recursive=True)
-            # Old metadata goes first: a reader then sees no index rather than old metadata over a new file.
-            if filesystem.get_file_info(metadata_path).type == pafs.FileType.File:
-                filesystem.delete_file(metadata_path)
+            if _is_local(filesystem):
+                filesystem.create_dir(posixpath.join(directory, INDEX_DIR), recursive=True)
+                # Old metadata goes first: a reader then sees no index, not old metadata over a new file.
+                if filesystem.get_file_info(metadata_path).type == pafs.FileType.File:
+                    filesystem.delete_file(metadata_path)
+            # On object storage the old metadata stays until the new one replaces it; a reader in
+            # between finds the new file's SHA-256 differs from it, and refuses the index.
             _upload(local, filesystem, index_path)
         _write_json(filesystem, metadata_path, metadata)
         return metadata
@@ -535,22 +552,28 @@ class LoadedIndex:
         queries = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         keys, distances, counts = _raw_search(self.index, queries, k + extra)
-        positions = np.full((len(queries), k), -1, dtype=np.int64)
-        found = np.full((len(queries), k), -np.inf)
+        found = score_from_distance(self.metric, distances)
+        found[np.arange(keys.shape[1])[None, :] >= counts[:, None]] = -np.inf
+        if extra:
+            excluded = np.full((len(queries), extra), -1, dtype=np.int64)
+            for row, positions in enumerate(exclude):
+                excluded[row, : len(positions)] = sorted(positions)
+            found[(keys[:, :, None] == excluded[:, None, :]).any(axis=2)] = -np.inf
+        order = np.lexsort((keys, -found), axis=1)[:, :k]
+        positions = np.take_along_axis(keys, order, axis=1)
+        found = np.take_along_axis(found, order, axis=1)
+        positions[~np.isfinite(found)] = -1
+        # Equal scores go by key, as the exact scan breaks its ties; only rows with a tie pay for it.
         key_names = self.keys.column(0)
-        for row in range(len(queries)):
-            row_keys, row_scores = (
-                keys[row][: counts[row]],
-                score_from_distance(self.metric, distances[row][: counts[row]]),
-            )
-            if exclude:
-                keep = ~np.isin(row_keys, list(exclude[row]))
-                row_keys, row_scores = row_keys[keep], row_scores[keep]
-            # Equal scores by key, as the exact scan breaks its ties.
-            names = key_names.take(pa.array(row_keys)).to_pylist() if len(row_keys) else []
-            order = sorted(range(len(row_keys)), key=lambda i: (-row_scores[i], str(names[i])))[:k]
-            positions[row, : len(order)] = row_keys[order]
-            found[row, : len(order)] = row_scores[order]
+        for row in np.flatnonzero((np.diff(found, axis=1) == 0).any(axis=1)):
+            valid = int((positions[row] >= 0).sum())  # the found rows come first
+            names = key_names.take(pa.array(positions[row, :valid])).to_pylist()
+            ranked = sorted(range(valid), key=lambda i: (-found[row, i], str(names[i])))
+            positions[row, :valid], found[row, :valid] = positions[row, ranked], found[row, ranked]
+        if positions.shape[1] < k:
+            pad = k - positions.shape[1]
+            positions = np.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+            found = np.pad(found, ((0, 0), (0, pad)), constant_values=-np.inf)
         return positions, found
 
     def positions_of(self, key: str) -> np.ndarray:
@@ -631,7 +654,7 @@ def load_index(data, column: str, key_columns: list[str]) -> LoadedIndex | None:
     filesystem, directory = data.filesystem_and_directory()
     index_path, _ = index_paths(directory, column)
     with tempfile.TemporaryDirectory(prefix="embexport-index-") as scratch:
-        if isinstance(filesystem, pafs.LocalFileSystem):
+        if _is_local(filesystem):
             local = index_path
         else:
             # Object storage: download once, then usearch loads it into memory.

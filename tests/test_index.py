@@ -125,7 +125,7 @@ def test_neighbors_command_through_the_index_equals_the_exact_scan(export_copy, 
     assert "(index of 300 rows)" in printed
     assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN, "--exact"]) == 0
     printed = capsys.readouterr().out
-    assert "Exact scan of every row" in printed and "(299 rows compared)" in printed
+    assert "Using the index" not in printed and "(299 rows compared)" in printed
 
 
 def test_knn_score_over_the_whole_export_equals_brute_force(export_copy, rows, capsys):
@@ -204,7 +204,7 @@ def test_overwrite_drops_the_index_and_an_index_kept_over_it_is_refused(export_c
     assert glob.glob(os.path.join(index_dir, "*")) == []
     key = analyze.open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
-    assert "Exact scan" in capsys.readouterr().out
+    assert "rows compared)" in capsys.readouterr().out
     # A commit that left _index/ in place: the index is refused, never used.
     shutil.rmtree(index_dir)
     shutil.copytree(kept, index_dir)
@@ -253,7 +253,7 @@ def test_a_build_that_dies_before_its_metadata_leaves_no_index(export_copy, monk
     key = analyze.open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
     # Neither the old index (its metadata went first) nor the new one without metadata.
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
-    assert "Exact scan" in capsys.readouterr().out
+    assert "rows compared)" in capsys.readouterr().out
     # What it left is ours: the export can still be replaced, and the next build works.
     assert output.output_state(export_copy) == "finished"
     assert build(export_copy)["metric"] == "cos"
@@ -320,6 +320,8 @@ def test_null_and_non_finite_vectors_are_skipped_and_counted(tmp_path):
     vectors = [list(v) for v in rng.normal(size=(40, 4))]
     vectors[3], vectors[7] = None, [np.nan, 0, 0, 1]
     vectors[9] = [np.inf, 0, 0, 1]
+    # Two rows with one vector: tied, they rank by id, as in the exact scan.
+    vectors[25] = vectors[12]
     directory = str(tmp_path / "odd")
     _write_export(directory, vectors, [f"d{i}" for i in range(40)])
     metadata = build(directory, column="v", **EXACT_SETTINGS)
@@ -329,8 +331,15 @@ def test_null_and_non_finite_vectors_are_skipped_and_counted(tmp_path):
     loaded = analyze.open_index(data, "v")
     found, _ = analyze.indexed_neighbors(data, loaded, "d0", k=36)
     assert {n.key for n in found} == {f"d{i}" for i in range(1, 40)} - {"d3", "d7", "d9"}
+    order = [n.key for n in found]
+    assert order.index("d25") == order.index("d12") + 1
+    assert order == [n.key for n in analyze.find_neighbors(data, "d0", "v", k=36)[0]]
     with pytest.raises(analyze.AnalysisError, match="has no usable 'v' vector"):
         analyze.indexed_neighbors(data, loaded, "d3", k=5)
+    with pytest.raises(analyze.AnalysisError, match="has no usable 'v' vector"):
+        analyze.indexed_neighbors(data, loaded, "d7", k=5)
+    with pytest.raises(analyze.AnalysisError, match="NaN or infinite values"):
+        analyze.find_neighbors(data, "d9", "v", k=5)
 
 
 # --- batch mode ---------------------------------------------------------------------------------
