@@ -20,6 +20,7 @@ index, none, or the new one, and an index whose file does not match its
 metadata's SHA-256 is refused.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -436,95 +437,107 @@ def build_index(data, column: str, settings: IndexSettings) -> dict:
         raise _analysis_error(
             f"{data.location!r} is a file; pass the directory it is in, where the index can live."
         )
+    index_paths(directory, column)  # refuses a column name unfit for a file name, before any work
+    with contextlib.ExitStack() as stack:
+        lock = _local_lock(data)
+        if lock is not None:
+            try:
+                stack.enter_context(lock)
+            except ExportConfigError as error:
+                raise _analysis_error(f"Cannot index it now: {error}") from None
+        try:
+            return _build_and_write(data, column, settings, Index, filesystem, directory)
+        except (OSError, RuntimeError) as error:
+            # A full disk, a lost connection, usearch failing to save: nothing half-written is used.
+            raise _analysis_error(f"Could not build or write the index of {column!r}: {error}") from None
+
+
+def _build_and_write(data, column, settings, Index, filesystem, directory) -> dict:
+    """The body of `build_index`, under the export's lock."""
     index_path, metadata_path = index_paths(directory, column)
-    lock = _local_lock(data)
-    try:
-        if lock is not None:
-            lock.__enter__()
-    except ExportConfigError as error:
-        raise _analysis_error(f"Cannot index it now: {error}") from None
-    try:
-        identity = source_identity(data)
-        # The process's memory before the build (Python, Arrow, Beam): the build's own share is above it.
-        start_rss = current_rss_bytes()
-        started = time.perf_counter()
-        index = None
-        added = skipped_null = skipped_non_finite = 0
-        all_keys = []
-        for batch in iter_vector_batches(data, column, settings.batch_rows):
-            skipped_null += batch.skipped_null
-            skipped_non_finite += batch.skipped_non_finite
-            if len(batch.positions) == 0:
-                continue
-            if index is None:
-                index = Index(
-                    ndim=batch.vectors.shape[1],
-                    metric=METRICS[settings.metric],
-                    dtype="f32",
-                    connectivity=settings.connectivity,
-                    expansion_add=settings.expansion_add,
-                    expansion_search=settings.expansion_search,
-                )
-            index.add(batch.positions.astype(np.uint64), batch.vectors, threads=settings.threads)
-            all_keys.append(batch.positions)
-            added += len(batch.positions)
-        rows = row_count(data)
+    identity = source_identity(data)
+    # The process's memory before the build (Python, Arrow, Beam): the build's own share is above it.
+    start_rss = current_rss_bytes()
+    started = time.perf_counter()
+    index = None
+    added = skipped_null = skipped_non_finite = 0
+    all_keys = []
+    for batch in iter_vector_batches(data, column, settings.batch_rows):
+        skipped_null += batch.skipped_null
+        skipped_non_finite += batch.skipped_non_finite
+        if len(batch.positions) == 0:
+            continue
         if index is None:
-            raise _analysis_error(f"{data.location!r} has no row with a usable {column!r} vector to index.")
-        build_seconds = time.perf_counter() - started
-        keys = np.concatenate(all_keys)
-        del all_keys
-        recall = measure_recall(index, data, column, settings, keys)
-        del keys
-        memory = peak_rss_bytes()
-        with tempfile.TemporaryDirectory(prefix="embexport-index-") as scratch:
-            local = os.path.join(scratch, column + INDEX_SUFFIX)
-            index.save(local)
-            size = os.path.getsize(local)
-            digest = _sha256_local(local)
-            if source_identity(data) != identity:
-                raise _analysis_error(
-                    f"{data.location!r} was replaced while its index was built; nothing was written. "
-                    "Build the index again."
-                )
-            metadata = {
-                "format": "usearch",
-                "usearch_version": _usearch_version(),
-                "column": column,
-                "holds": data.holds,
-                "file": posixpath.join(INDEX_DIR, column + INDEX_SUFFIX),
-                "sha256": digest,
-                "bytes": size,
-                "source": identity,
-                "rows": rows,
-                "indexed": added,
-                "skipped_null": skipped_null,
-                "skipped_non_finite": skipped_non_finite,
-                "dim": int(index.ndim),
-                "metric": settings.metric,
-                "connectivity": settings.connectivity,
-                "expansion_add": settings.expansion_add,
-                "expansion_search": settings.expansion_search,
-                "recall": recall,
-                "build_seconds": round(build_seconds, 3),
-                "peak_rss_bytes": memory,
-                "start_rss_bytes": start_rss,
-                "parquet_bytes": sum(filesystem.get_file_info(p).size for p in data.dataset.files),
-                "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            if _is_local(filesystem):
-                filesystem.create_dir(posixpath.join(directory, INDEX_DIR), recursive=True)
-                # Old metadata goes first: a reader then sees no index, not old metadata over a new file.
-                if filesystem.get_file_info(metadata_path).type == pafs.FileType.File:
-                    filesystem.delete_file(metadata_path)
-            # On object storage the old metadata stays until the new one replaces it; a reader in
-            # between finds the new file's SHA-256 differs from it, and refuses the index.
-            _upload(local, filesystem, index_path)
-        _write_json(filesystem, metadata_path, metadata)
-        return metadata
-    finally:
-        if lock is not None:
-            lock.release()
+            index = Index(
+                ndim=batch.vectors.shape[1],
+                metric=METRICS[settings.metric],
+                dtype="f32",
+                connectivity=settings.connectivity,
+                expansion_add=settings.expansion_add,
+                expansion_search=settings.expansion_search,
+            )
+        if batch.vectors.shape[1] != index.ndim:
+            raise _analysis_error(
+                f"The {column!r} vectors have different lengths ({index.ndim} and "
+                f"{batch.vectors.shape[1]}); cannot index them together."
+            )
+        index.add(batch.positions.astype(np.uint64), batch.vectors, threads=settings.threads)
+        all_keys.append(batch.positions)
+        added += len(batch.positions)
+    rows = row_count(data)
+    if index is None:
+        raise _analysis_error(f"{data.location!r} has no row with a usable {column!r} vector to index.")
+    build_seconds = time.perf_counter() - started
+    keys = np.concatenate(all_keys)
+    del all_keys
+    recall = measure_recall(index, data, column, settings, keys)
+    del keys
+    memory = peak_rss_bytes()
+    with tempfile.TemporaryDirectory(prefix="embexport-index-") as scratch:
+        local = os.path.join(scratch, column + INDEX_SUFFIX)
+        index.save(local)
+        size = os.path.getsize(local)
+        digest = _sha256_local(local)
+        if source_identity(data) != identity:
+            raise _analysis_error(
+                f"{data.location!r} was replaced while its index was built; nothing was written. "
+                "Build the index again."
+            )
+        metadata = {
+            "format": "usearch",
+            "usearch_version": _usearch_version(),
+            "column": column,
+            "holds": data.holds,
+            "file": posixpath.join(INDEX_DIR, column + INDEX_SUFFIX),
+            "sha256": digest,
+            "bytes": size,
+            "source": identity,
+            "rows": rows,
+            "indexed": added,
+            "skipped_null": skipped_null,
+            "skipped_non_finite": skipped_non_finite,
+            "dim": int(index.ndim),
+            "metric": settings.metric,
+            "connectivity": settings.connectivity,
+            "expansion_add": settings.expansion_add,
+            "expansion_search": settings.expansion_search,
+            "recall": recall,
+            "build_seconds": round(build_seconds, 3),
+            "peak_rss_bytes": memory,
+            "start_rss_bytes": start_rss,
+            "parquet_bytes": sum(filesystem.get_file_info(p).size for p in data.dataset.files),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if _is_local(filesystem):
+            filesystem.create_dir(posixpath.join(directory, INDEX_DIR), recursive=True)
+            # Old metadata goes first: a reader then sees no index, not old metadata over a new file.
+            if filesystem.get_file_info(metadata_path).type == pafs.FileType.File:
+                filesystem.delete_file(metadata_path)
+        # On object storage the old metadata stays until the new one replaces it; a reader in
+        # between finds the new file's SHA-256 differs from it, and refuses the index.
+        _upload(local, filesystem, index_path)
+    _write_json(filesystem, metadata_path, metadata)
+    return metadata
 
 
 def _usearch_version() -> str:

@@ -383,3 +383,29 @@ def test_batch_neighbors_from_ids_and_vectors_write_parquet(export_copy, rows, t
     argv[3] = str(tmp_path / "bad.npy")
     assert analyze.main([*argv, "--out", out]) == 2
     assert "holds 5-dim vectors; 'lstm_content' has 128" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_writing_is_one_error_line_and_no_index(export_copy, monkeypatch, capsys):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_lib, "_upload", full)
+    assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Could not build or write the index") and "No space left" in err
+    assert analyze.open_index(analyze.open_documents(export_copy), COLUMN) is None
+
+
+def test_an_export_replaced_during_the_build_gets_no_index(export_copy, monkeypatch):
+    measure = index_lib.measure_recall
+
+    def replace_meanwhile(*args, **kwargs):
+        # What another writer (object storage has no lock) does between the stream and the upload.
+        with open(os.path.join(export_copy, output.MANIFEST), "a", encoding="utf-8") as handle:
+            handle.write("\n")
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(index_lib, "measure_recall", replace_meanwhile)
+    with pytest.raises(analyze.AnalysisError, match="was replaced while its index was built"):
+        build(export_copy)
+    assert not glob.glob(os.path.join(export_copy, "_index", "*"))
