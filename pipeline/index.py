@@ -657,11 +657,12 @@ def load_index(data, column: str, key_columns: list[str]) -> LoadedIndex | None:
         "or pass --exact to scan every row."
     )
     current = source_identity(data)
+    what, changed = ("export", MANIFEST) if data.holds == "documents" else ("vocabulary", "file's SHA-256")
     if metadata.get("source") != current:
         raise _analysis_error(
             f"The index {metadata.get('file')} of {data.location!r} was built for another version of "
-            f"this export (its {MANIFEST} has changed since: the export was replaced), so its answers "
-            f"would be wrong. {rebuild}"
+            f"this {what} (its {changed} changed since: it was replaced), so its answers would be "
+            f"wrong. {rebuild}"
         )
     Index = usearch_index_class()
     filesystem, directory = data.filesystem_and_directory()

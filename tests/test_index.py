@@ -409,3 +409,27 @@ def test_an_export_replaced_during_the_build_gets_no_index(export_copy, monkeypa
     with pytest.raises(analyze.AnalysisError, match="was replaced while its index was built"):
         build(export_copy)
     assert not glob.glob(os.path.join(export_copy, "_index", "*"))
+
+
+def test_index_of_a_vocabulary_is_used_for_words_and_tied_to_its_file(tmp_path, capsys):
+    from models.bundle import DEFAULT_BUNDLE
+    from pipeline import vocabulary
+
+    directory = str(tmp_path / "vocabulary")
+    vocabulary.export_vocabulary(DEFAULT_BUNDLE, None, "emb", directory)
+    assert analyze.main([directory, "index", "--expansion_search", "256"]) == 0
+    assert "rows of vector (300 dims, metric cos)" in capsys.readouterr().out
+    data = analyze.open_vocabulary(directory)
+    loaded = analyze.open_index(data, "vector")
+    for word in ("thread", "socket", "the"):
+        indexed, _ = analyze.indexed_neighbors(data, loaded, word, k=10)
+        exact, _ = analyze.find_neighbors(data, word, "vector", k=10)
+        assert len({n.key for n in indexed} & {n.key for n in exact}) >= 9
+        assert all(n.details["token_id"] is not None for n in indexed)
+    assert analyze.main([directory, "neighbors", "--word", "thread"]) == 0
+    assert "Using the index" in capsys.readouterr().out
+    # A vocabulary written again (here: the same rows, another row-group layout) is another file.
+    path = os.path.join(directory, "vocabulary.parquet")
+    pq.write_table(pq.read_table(path), path, row_group_size=1000)
+    assert analyze.main([directory, "neighbors", "--word", "thread"]) == 2
+    assert "was built for another version" in capsys.readouterr().err
