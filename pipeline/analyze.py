@@ -9,12 +9,16 @@ Commands:
               a label field kept with --keep_fields
   knn-score   the fraction of each document's k nearest neighbours that share
               its label, averaged, against the chance level
+  index       an approximate-nearest-neighbour index of a vector column, with
+              its recall@k measured against the exact scan (pipeline/index.py)
 
 The Parquet files are read with pyarrow.dataset, which reads only the columns
 and row groups a query needs and streams record batches.  `neighbors` keeps a
 running top-k, so it never holds more than one batch of vectors whatever the
 size of the export; `plot` and `knn-score` draw a uniform random sample of at
-most --sample rows and work on that in memory.
+most --sample rows and work on that in memory.  Where a column has an index,
+`neighbors` (one query, or a batch from --queries) and `knn-score --all` search
+it instead (`--exact` scans).
 """
 
 import argparse
@@ -892,7 +896,9 @@ def build_parser():
         "  python -m pipeline.analyze OUT neighbors --id json.dumps --column lstm_content -k 10\n"
         "  python -m pipeline.analyze VOCAB_DIR neighbors --word socket\n"
         "  python -m pipeline.analyze OUT plot --column lstm_title --label topic --out plot.png\n"
-        "  python -m pipeline.analyze OUT knn-score --column lstm_title --label topic",
+        "  python -m pipeline.analyze OUT knn-score --column lstm_title --label topic\n"
+        "  python -m pipeline.analyze OUT index --column lstm_content\n"
+        "  python -m pipeline.analyze OUT neighbors --queries ids.txt --column lstm_content --out n.parquet",
     )
     parser.add_argument(
         "directory",
