@@ -97,7 +97,7 @@ def _ours(relative):
         or relative.startswith(STAGING + "/")
         or bool(_SHARD_NAME.fullmatch(relative))
         or (relative.startswith(TABLES_DIR + "/") and relative.endswith(".parquet"))
-        or relative.startswith(INDEX_DIR + "/")
+        or bool(re.fullmatch(INDEX_DIR + r"/([^/]+\.(usearch|json)(\.tmp)?)?", relative))
         or (
             relative.startswith(ERRORS_DIR + "/")
             and bool(_SHARD_NAME.fullmatch(relative[len(ERRORS_DIR) + 1 :]))

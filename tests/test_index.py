@@ -433,3 +433,12 @@ def test_index_of_a_vocabulary_is_used_for_words_and_tied_to_its_file(tmp_path, 
     pq.write_table(pq.read_table(path), path, row_group_size=1000)
     assert analyze.main([directory, "neighbors", "--word", "thread"]) == 2
     assert "was built for another version" in capsys.readouterr().err
+
+
+def test_only_the_index_files_are_ours(export_copy):
+    build(export_copy)
+    assert output.output_state(export_copy) == "finished"
+    with open(os.path.join(export_copy, "_index", "notes.txt"), "w", encoding="utf-8") as handle:
+        handle.write("a user's file: never deleted by an export")
+    assert output.output_state(export_copy) == "foreign"
+    assert output.foreign_files(export_copy) == ["_index/notes.txt"]
