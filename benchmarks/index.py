@@ -46,7 +46,7 @@ from pipeline.output import MANIFEST
 COLUMN = "lstm_content"
 SHARD_ROWS = 125_000
 NEIGHBOR_SAMPLE = 2000
-SWEEP = (32, 64, 128, 256)
+SWEEP = (128, 256, 512, 1024, 2048)
 SWEEP_QUERIES = 200
 
 
