@@ -1,6 +1,7 @@
 """Side-by-side benchmark of the nearest-neighbour index against the exact scan on one export.
 
     python -m benchmarks.index [--documents 20000] [--rows 1000000] [--workdir DIR] [--json PATH]
+                               [--connectivity M] [--expansion_search EF]
 
 How the vectors are made: `benchmarks.corpora` writes `--documents` documents
 of real English text at realistic lengths; `python -m pipeline.run` exports
@@ -142,23 +143,11 @@ def replicate(real: str, target: str, rows: int, seed: int = 0) -> dict:
     return how
 
 
-def build(export: str, threads: int) -> tuple[dict, float]:
+def build(export: str, threads: int, settings: list[str]) -> tuple[dict, float]:
     """Runs the index command as a user does; returns its metadata and wall seconds."""
     started = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.analyze",
-            export,
-            "index",
-            "--column",
-            COLUMN,
-            "--threads",
-            str(threads),
-        ],
-        check=True,
-    )
+    command = [sys.executable, "-m", "pipeline.analyze", export, "index", "--column", COLUMN]
+    subprocess.run([*command, "--threads", str(threads), *settings], check=True)
     wall = time.perf_counter() - started
     data = analyze.open_documents(export)
     return index_lib.read_metadata(data, COLUMN), wall
@@ -293,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--index_queries", type=int, default=1000, help="single queries timed on the index")
     parser.add_argument("--batch", type=int, default=1000, help="queries in the batch (default 1000)")
+    parser.add_argument("--connectivity", default=None, help="the index command's --connectivity")
+    parser.add_argument("--expansion_search", default=None, help="the index command's --expansion_search")
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="embexport-index-bench-")
@@ -300,7 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     real = export_real(workdir, args.documents)
     replicated = os.path.join(workdir, f"export_{args.rows}")
     how = replicate(real, replicated, args.rows)
-    metadata, build_wall = build(replicated, args.threads)
+    settings = []
+    for name in ("connectivity", "expansion_search"):
+        if getattr(args, name) is not None:
+            settings += [f"--{name}", getattr(args, name)]
+    metadata, build_wall = build(replicated, args.threads, settings)
     queries = measure_queries(replicated, args.exact_queries, args.index_queries, args.batch, seed=1)
     print(format_report(how, metadata, build_wall, queries))
     if args.json:
