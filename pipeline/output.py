@@ -5,6 +5,7 @@ Layout of a finished export::
     OUTPUT/part-SSSSS-of-NNNNN.parquet          the rows
     OUTPUT/errors/part-SSSSS-of-NNNNN.parquet   the dead letters
     OUTPUT/_tables/LAYER.parquet                --token_storage ids: each Embedding's table, once
+    OUTPUT/_index/COLUMN.*                      `pipeline.analyze OUT index`: an ANN index, added later
     OUTPUT/_MANIFEST.json                       marks success: counts, shards with sizes and SHA-256
     OUTPUT/_failed/RUN/                         a failed --overwrite run that kept the earlier export:
                                                 its _MANIFEST.json and errors/ (dead letters)
@@ -72,6 +73,8 @@ ERRORS_DIR = "errors"
 TABLES_DIR = "_tables"
 # Failed --overwrite runs that kept a succeeded export: _failed/RUN/{_MANIFEST.json,errors/}.
 FAILED_DIR = "_failed"
+# `python -m pipeline.analyze OUT index`: tied to the manifest, so replacing the export drops or outdates it.
+INDEX_DIR = "_index"
 SHARD_PREFIX = "part-"
 # Beam's default shard names: part-00000-of-00004.parquet.
 _SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
@@ -80,7 +83,7 @@ _FAILED_FILE = re.compile(
     rf"{FAILED_DIR}/{_RUN_ID}/({re.escape(MANIFEST)}|{ERRORS_DIR}/part-\d{{5,}}-of-\d{{5,}}\.parquet)"
 )
 _KNOWN_DIRECTORY = re.compile(
-    rf"({ERRORS_DIR}|{TABLES_DIR}|{STAGING}(/.*)?|{FAILED_DIR}(/{_RUN_ID}(/{ERRORS_DIR})?)?)"
+    rf"({ERRORS_DIR}|{TABLES_DIR}|{INDEX_DIR}|{STAGING}(/.*)?|{FAILED_DIR}(/{_RUN_ID}(/{ERRORS_DIR})?)?)"
 )
 # A lock on object storage is a lease: its holder rewrites it every
 # LEASE_RENEW_SECONDS, and one not rewritten for LEASE_SECONDS belongs to a dead run.
@@ -169,7 +172,14 @@ def _entries(directory: str) -> Iterator[tuple[str, str]]:
     """
     if not is_local(directory):
         for path in _list(directory):
-            yield _relative(directory, path), "file"
+            relative = _relative(directory, path)
+            if path.endswith("/"):
+                # A folder marker (an empty "DIR/" object, as consoles and some tools make): the
+                # output's own is nothing, others are directories, ours only where a run makes one.
+                if relative.rstrip("/"):
+                    yield relative.rstrip("/"), "directory"
+                continue
+            yield relative, "file"
         return
     # The output itself may be a link the user made; nothing below it is followed.
     directory = os.path.realpath(directory)
@@ -212,6 +222,7 @@ def _ours(relative):
         or relative.startswith(STAGING + "/")
         or bool(_SHARD_NAME.fullmatch(relative))
         or (relative.startswith(TABLES_DIR + "/") and relative.endswith(".parquet"))
+        or bool(re.fullmatch(INDEX_DIR + r"/([^/]+\.(usearch|json)(\.tmp)?)?", relative))
         or (
             relative.startswith(ERRORS_DIR + "/")
             and bool(_SHARD_NAME.fullmatch(relative[len(ERRORS_DIR) + 1 :]))
