@@ -38,6 +38,7 @@ against Keras on a sample batch before trusting it.
 """
 
 import dataclasses
+import functools
 
 import keras
 import numpy as np
@@ -718,8 +719,8 @@ class FastPath:
         cuts = np.unique(np.clip(cuts, 1, n - 1))
         return [np.sort(lane) for lane in np.split(order, cuts)]
 
-    def _forward(self, raw, lanes, restore):
-        """The traced computation: fast lanes, then the model's Keras layers on their outputs."""
+    def _forward(self, raw, lanes, restore, columns):
+        """The traced computation of `columns`: fast lanes, then the model's Keras layers on their outputs."""
         lane_values = [self._lane(lane) for lane in lanes]
         known = {}
         for key, fast in self._cuts.items():
@@ -727,7 +728,8 @@ class FastPath:
         for name, tensor in self._inputs.items():
             known[id(tensor)] = tf.cast(raw[name], tensor.dtype)
         results = {}
-        for column, tensor in self._outputs.items():
+        for column in columns:
+            tensor = self._outputs[column]
             if column in self._embeddings:
                 embedding = self._embeddings[column]
                 results[column] = tf.gather(embedding.table_tensor, raw[embedding.input_name])
@@ -735,34 +737,47 @@ class FastPath:
                 results[column] = _keras_value(tensor, known)
         return results
 
-    def _traced(self, raw, lanes, restore):
-        """The traced function for this many lanes: traced once, for every batch and step count."""
-        if len(lanes) not in self._runs:
+    def _traced(self, raw, lanes, restore, columns):
+        """The traced function for this many lanes and these columns: traced once, for every batch."""
+        key = (len(lanes), columns)
+        if key not in self._runs:
             signature = tf.nest.map_structure(
                 lambda array: tf.TensorSpec([None] * array.ndim, tf.int32), (raw, lanes, restore)
             )
-            self._runs[len(lanes)] = tf.function(self._forward, input_signature=signature)
-        return self._runs[len(lanes)]
+            forward = functools.partial(self._forward, columns=columns)
+            self._runs[key] = tf.function(forward, input_signature=signature)
+        return self._runs[key]
 
-    def __call__(self, features):
+    def embedding_tables(self):
+        """{column: (model input name, table)} of the columns that are an Embedding's lookup.
+
+        Such a column's output at a token is its table's row at the token's id, so
+        a caller can take the real tokens' rows itself (`__call__(..., columns)`
+        without it) instead of the padded (n, length, dim) lookup.
+        """
+        return {column: (fast.input_name, fast.table) for column, fast in self._embeddings.items()}
+
+    def __call__(self, features, columns=None):
         """{input name: int ids (n, length)} -> {column: numpy array}, as the sub-model would give.
 
         Rows are dealt round-robin into up to `MAX_LANES` lanes of at least
         `MIN_LANE_ROWS`.  A row's result does not depend on which rows share
         its lane or batch (checked against Keras at load).
+
+        Args:
+            features: the sub-model's inputs.
+            columns: the output columns to compute (default: all).
         """
+        columns = tuple(self._outputs) if columns is None else tuple(columns)
         features = {name: np.asarray(features[name], dtype=np.int32) for name in self._inputs}
         n = len(next(iter(features.values())))
-        if n == 0:
-            return {
-                column: np.zeros((0, *tensor.shape[1:]), np.float32)
-                for column, tensor in self._outputs.items()
-            }
+        if n == 0 or not columns:
+            return {column: np.zeros((0, *self._outputs[column].shape[1:]), np.float32) for column in columns}
         count = max(1, min(MAX_LANES, n // MIN_LANE_ROWS)) if self._recurrents else 1
         rows = self._deal(features, count)
         lanes = [self._plans(features, lane_rows) for lane_rows in rows]
         restore = np.argsort(np.concatenate(rows)).astype(np.int32)
-        outputs = self._traced(features, lanes, restore)(features, lanes, restore)
+        outputs = self._traced(features, lanes, restore, columns)(features, lanes, restore)
         return {column: value.numpy() for column, value in outputs.items()}
 
 

@@ -99,7 +99,7 @@ class Embedded(typing.NamedTuple):
     documents: list  # the `corpus.Document`s that have outputs, in row order
     features: dict  # input name -> the stacked features of those documents
     masks: dict  # input name -> (n, length) bool: real tokens
-    outputs: dict  # column -> numpy array, rows aligned with `documents`
+    outputs: dict  # column -> numpy array or `schema.RealTokens`, rows aligned with `documents`
     failed: list  # dead-letter rows of the batch's documents that have none
     oov_tokens: int  # unknown words of text inputs (token-id inputs count theirs when tokenized)
 
@@ -162,6 +162,8 @@ class Embedder:
         self._computed_columns = [column.column for _, column in computed]
         self.forward_passes = dict(self._id_passes)
         self.sub_model, self._forward, self._fast, self._model_inputs = None, None, None, ()
+        # On the fast path: Embedding columns taken from their tables at the real tokens, the rest.
+        self._tables, self._dense_columns = {}, ()
         if not computed:
             return
         self.sub_model = truncate(model_source.model, [spec for spec, _ in computed])
@@ -203,13 +205,19 @@ class Embedder:
         return {name: value.numpy() for name, value in self._forward(self._model_features(features)).items()}
 
     def predict(self, features):
-        """Runs the sub-model on {input name: int32 ids}; returns {column: numpy array}.
+        """Runs the sub-model on {input name: int32 ids}; returns {column: numpy array or RealTokens}.
 
+        On the fast path an Embedding's column is `schema.RealTokens`: its table
+        and the real tokens' ids, never the padded (n, length, dim) lookup.
         Columns stored as token ids are not computed, so they are absent.
         """
-        if self._fast is not None:
-            return self._fast(self._model_features(features))
-        return self.keras_predict(features)
+        if self._fast is None:
+            return self.keras_predict(features)
+        features = self._model_features(features)
+        outputs = self._fast(features, self._dense_columns) if self._dense_columns else {}
+        for column, (input_name, table) in self._tables.items():
+            outputs[column] = schema_lib.RealTokens.lookup(table, features[input_name])
+        return outputs
 
     @property
     def uses_fast_path(self):
@@ -248,6 +256,8 @@ class Embedder:
             self._keras_only(reason)
             return None
         self.forward_passes = {**self._id_passes, **passes}
+        self._tables = fast.embedding_tables()
+        self._dense_columns = tuple(column for column in self._computed_columns if column not in self._tables)
         for column, forward_pass in passes.items():
             logging.info("Fast path on for %s: %s: %s.", column, forward_pass.engine, forward_pass.reason)
         logging.info("Fast path checked against Keras on a sample batch: max |diff| %.2g.", worst)
@@ -370,7 +380,14 @@ class Embedder:
                 )
         if not results:
             return {}, good
-        return {name: np.concatenate([result[name] for result in results]) for name in results[0]}, good
+        return {name: _concatenate([result[name] for result in results]) for name in results[0]}, good
+
+
+def _concatenate(parts):
+    """One batch's outputs of a column from those of its documents (arrays or `RealTokens`)."""
+    if isinstance(parts[0], schema_lib.RealTokens):
+        return schema_lib.concatenate_real_tokens(parts)
+    return np.concatenate(parts)
 
 
 def _rows(rows, documents, features, masks):
