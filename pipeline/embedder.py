@@ -8,6 +8,8 @@ Knows nothing of Beam, so it is tested directly and reused by the benchmark.
 
 import dataclasses
 import logging
+import platform
+import socket
 import typing
 
 import numpy as np
@@ -63,13 +65,46 @@ def max_difference(candidate, reference, features):
     return worst
 
 
+# The launcher's `Embedder` and its plan, which a worker in the launcher's own process (the
+# in-memory runner) reuses: one model load, fast path and check per process.
+_LAUNCHED = []
+
+
+def fast_path_environment():
+    """This host and the versions that compute a forward pass: where a fast path check holds."""
+    import keras
+    import tensorflow as tf
+
+    return (
+        f"{socket.gethostname()} {platform.machine()} tensorflow {tf.__version__} "
+        f"keras {keras.__version__} numpy {np.__version__}"
+    )
+
+
 def choose_forward_passes(plan, model_source):
-    """Chooses each column's forward pass at launch, as the workers will: `plan.forward_passes`.
+    """The plan with each column's forward pass chosen at launch, as the workers will use it.
 
     Builds the worker's `Embedder` (fast path checked against Keras included) on
-    the launcher's already loaded model.
+    the launcher's already loaded model.  The returned plan carries the choice
+    (`forward_passes`) and where it was checked (`fast_path_checked_on`), so
+    workers in the same environment do not check again; a worker of this very
+    process gets this `Embedder` itself (`worker_embedder`).
     """
-    return Embedder(plan, model_source).forward_pass_records()
+    embedder = Embedder(plan, model_source)
+    chosen = dataclasses.replace(
+        plan, forward_passes=embedder.forward_pass_records(), fast_path_checked_on=fast_path_environment()
+    )
+    embedder.plan = chosen
+    _LAUNCHED[:] = [(chosen, embedder)]
+    return chosen
+
+
+def worker_embedder(plan):
+    """A worker's `Embedder` of `plan`: the launcher's when this process launched it, else loaded."""
+    for launched, embedder in _LAUNCHED:
+        if launched == plan:
+            return embedder
+    return Embedder(plan)
 
 
 def manifest_columns(columns, forward_passes):
@@ -189,9 +224,13 @@ class Embedder:
             return outputs
 
         self._forward = forward
-        self._fast = self._choose_fast_path() if plan.fast_path == "auto" else None
+        self._fast = None
         if plan.fast_path != "auto":
             self._keras_only(f"--fast_path {plan.fast_path}")
+        elif self._launch_checked():
+            self._fast = self._follow_launch()
+        else:
+            self._fast = self._choose_fast_path()
         self._check_launch_decision()
 
     def _model_features(self, features):
@@ -255,13 +294,43 @@ class Embedder:
             logging.warning("Fast path off: %s; using Keras's forward pass.", reason)
             self._keras_only(reason)
             return None
-        self.forward_passes = {**self._id_passes, **passes}
-        self._tables = fast.embedding_tables()
-        self._dense_columns = tuple(column for column in self._computed_columns if column not in self._tables)
+        self._use_fast_path(fast, passes)
         for column, forward_pass in passes.items():
             logging.info("Fast path on for %s: %s: %s.", column, forward_pass.engine, forward_pass.reason)
         logging.info("Fast path checked against Keras on a sample batch: max |diff| %.2g.", worst)
         return fast
+
+    def _launch_checked(self):
+        """Whether the launch checked the fast path in this environment (same host and versions)."""
+        return bool(self.plan.forward_passes) and self.plan.fast_path_checked_on == fast_path_environment()
+
+    def _follow_launch(self):
+        """The fast path as the launch chose it, without checking it against Keras again.
+
+        The launch checked this model (same SHA-256) with the same code and
+        libraries on this host, so the check would give the same answer.
+        """
+        from models.fast_lstm import KERAS, ForwardPass, build_fast_path
+
+        recorded = {
+            column: ForwardPass(engine, reason) for column, engine, reason in self.plan.forward_passes
+        }
+        if all(recorded[column].engine == KERAS for column in self._computed_columns if column in recorded):
+            self.forward_passes = {**self._id_passes, **recorded}
+            return None
+        fast, passes = build_fast_path(self.sub_model)
+        if fast is None:
+            raise ExportConfigError(
+                f"The launch chose the fast path, but this worker cannot build it ({passes}); "
+                "rerun the export."
+            )
+        self._use_fast_path(fast, passes)
+        return fast
+
+    def _use_fast_path(self, fast, passes):
+        self.forward_passes = {**self._id_passes, **passes}
+        self._tables = fast.embedding_tables()
+        self._dense_columns = tuple(column for column in self._computed_columns if column not in self._tables)
 
     def _check_launch_decision(self):
         """Refuses to run columns with another forward pass than the launcher recorded for the manifest."""

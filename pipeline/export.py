@@ -360,7 +360,7 @@ def run_export(argv=None):
             **_graph_settings(options, total_bytes),
         )
         return _dry_run(pipeline, plan, options)
-    plan = dataclasses.replace(plan, forward_passes=choose_forward_passes(plan, model_source))
+    plan = choose_forward_passes(plan, model_source)
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
     with output_lib.OutputLock(plan.output):
