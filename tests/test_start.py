@@ -7,9 +7,12 @@ check.  A worker in the launcher's own process uses the launcher's `Embedder`.
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
-from pipeline_fixtures import write_jsonl
+from pipeline_fixtures import REPOSITORY, write_jsonl
 
 from models.fast_lstm import FAST, KERAS
 from pipeline import embedder as embedder_lib
@@ -93,3 +96,23 @@ def test_a_worker_in_the_launchers_process_uses_the_launchers_embedder(launched)
     # Another plan (here: another batch size) gets its own.
     other = dataclasses.replace(plan, batch_size=plan.batch_size + 1)
     assert embedder_lib.worker_embedder(other) is not embedder_lib.worker_embedder(plan)
+
+
+def test_an_export_does_not_import_matplotlib_but_analyze_still_can(tmp_path):
+    """Keras loads matplotlib.pyplot with itself when it is installed; an export has no use for it."""
+    code = (
+        "import sys\n"
+        "import pipeline.run, pipeline.export, pipeline.transforms, pipeline.embedder, keras\n"
+        "assert not [m for m in sys.modules if m.startswith('matplotlib')], 'matplotlib imported'\n"
+        "import matplotlib.pyplot\n"
+        "from pipeline import analyze\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPOSITORY,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPOSITORY),
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
