@@ -13,7 +13,9 @@ is of two measurements made minutes apart on the same machine:
 - `export`: the default export (`lstm_content`, `lstm_title`, mean-pooled `emb`),
   `python -m pipeline.run` with no runner flags, at N and 5N documents: docs/s
   over the whole command (start-up included) and over the pipeline alone (the
-  summary's seconds), peak RSS of the process tree at N and 5N.
+  summary's seconds), peak RSS of the process tree at N and 5N; and this code
+  with the runner mode forced each way (`new, in memory`, `new, 2 processes`),
+  since the default switches to worker processes from 32 MB of input.
 - `pooling_none`: the same export with `--pooling none` at N documents, and the
   Parquet encoder's own rate on the rows it wrote (read back, written again to
   an in-memory file with the export's compression, in one process).
@@ -183,13 +185,18 @@ def _log(message):
 
 
 def export_part(roots, corpora, scratch, sizes, flags, name):
-    """{contender: {size: run_command(...)}} for one command line at each size."""
+    """{contender: {size: run_command(...)}} for one command line at each size.
+
+    `roots` maps a contender to its code root, or to (code root, extra flags).
+    """
     results = {}
     for contender, root in roots.items():
+        root, extra = root if isinstance(root, tuple) else (root, [])
         results[contender] = {}
         for size in sizes:
-            output = os.path.join(scratch, f"out-{name}-{contender}-{size}")
-            results[contender][size] = run_command(root, corpora[size], output, flags)
+            slug = re.sub(r"\W+", "-", contender)
+            output = os.path.join(scratch, f"out-{name}-{slug}-{size}")
+            results[contender][size] = run_command(root, corpora[size], output, [*flags, *extra])
             shutil.rmtree(output, ignore_errors=True)
             _log(f"  {name}, {contender}, {size:,} documents: {results[contender][size]}")
     return results
@@ -233,7 +240,15 @@ def main(argv=None):
         corpora = {n: write_real_corpus(os.path.join(scratch, f"real-{n}.jsonl"), n) for n in sizes}
 
         if "export" in parts:
-            runs = export_part(roots, corpora, scratch, (small, large), [], "export")
+            contenders = {
+                **roots,
+                "new, in memory": (ROOT, ["--direct_running_mode=in_memory"]),
+                "new, 2 processes": (
+                    ROOT,
+                    ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+                ),
+            }
+            runs = export_part(contenders, corpora, scratch, (small, large), [], "export")
             results["export"] = runs
             lines += [
                 f"Default export (lstm_content, lstm_title, mean-pooled emb), {small:,} and {large:,} docs",
