@@ -57,6 +57,7 @@ PREDICT_DOCUMENTS = 2048
 # documents, JSON list of flag lists.  Prints one JSON line: {label: measurements}.
 COLUMNS_SCRIPT = r"""
 import io, json, sys, time
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pipeline.corpus import Document
 from pipeline.embedder import Embedder
@@ -90,7 +91,7 @@ for label, flags in configurations:
         made = embedder.batch_rows(embedded).rows
         rows += time.perf_counter() - started
         started = time.perf_counter()
-        pq.write_table(pq.pa.Table.from_batches([made]), io.BytesIO(), compression=plan.compression)
+        pq.write_table(pa.Table.from_batches([made]), io.BytesIO(), compression=plan.compression)
         parquet += time.perf_counter() - started
     del embedded, made
     results[label] = {
