@@ -198,7 +198,7 @@ class Embedder:
         self.forward_passes = dict(self._id_passes)
         self.sub_model, self._forward, self._fast, self._model_inputs = None, None, None, ()
         # On the fast path: Embedding columns taken from their tables at the real tokens, the rest.
-        self._tables, self._dense_columns = {}, ()
+        self._tables, self._dense_columns, self._real_token_inputs = {}, (), {}
         if not computed:
             return
         self.sub_model = truncate(model_source.model, [spec for spec, _ in computed])
@@ -252,10 +252,24 @@ class Embedder:
         """
         if self._fast is None:
             return self.keras_predict(features)
-        features = self._model_features(features)
-        outputs = self._fast(features, self._dense_columns) if self._dense_columns else {}
+        return self._fast_outputs(self._fast, self._model_features(features), wrap=True)
+
+    def _fast_outputs(self, fast, features, wrap):
+        """The fast path's columns, each per-token one at the real tokens only.
+
+        Embedding columns come from their tables, per-token recurrent columns
+        from `real_tokens=True`: as `schema.RealTokens` with `wrap`, else as the
+        real tokens' (tokens, dim) values; the others as the sub-model gives them.
+        """
+        outputs = fast(features, self._dense_columns, real_tokens=True) if self._dense_columns else {}
+        for column, input_name in self._real_token_inputs.items():
+            if column in outputs and wrap:
+                real = features[input_name] != 0
+                values = outputs[column]
+                outputs[column] = schema_lib.RealTokens(values, np.arange(len(values)), real.sum(axis=1))
         for column, (input_name, table) in self._tables.items():
-            outputs[column] = schema_lib.RealTokens.lookup(table, features[input_name])
+            ids = features[input_name]
+            outputs[column] = schema_lib.RealTokens.lookup(table, ids) if wrap else table[ids[ids != 0]]
         return outputs
 
     @property
@@ -269,6 +283,7 @@ class Embedder:
             **self._id_passes,
             **{column: ForwardPass(KERAS, reason) for column in self._computed_columns},
         }
+        self._tables, self._dense_columns, self._real_token_inputs = {}, (), {}
 
     def _choose_fast_path(self):
         """The exact fast path if the model qualifies and matches Keras on a sample batch.
@@ -285,16 +300,21 @@ class Embedder:
         batch = self._model_features(
             verification_batch(self.plan.inputs, self.plan.padding, fast.vocabulary_size)
         )
-        tables = fast.embedding_tables()
-        dense = tuple(column for column in self._computed_columns if column not in tables)
+        self._use_fast_path(fast, passes)
+        real_token_inputs = {**self._real_token_inputs, **{c: name for c, (name, _) in self._tables.items()}}
 
-        def candidate(features):
-            # The columns traced as the batches will run them (the in-memory runner reuses this
-            # trace), and each Embedding column as the rows of its table.
-            outputs = fast(features, dense) if dense else {}
-            return {**outputs, **{c: table[features[name]] for c, (name, table) in tables.items()}}
+        def reference(features):
+            # Keras's outputs at the positions the fast path computes: real tokens only for its
+            # real-token columns (the rows of a per-token column are only those).
+            outputs = self.keras_predict(features)
+            for column, name in real_token_inputs.items():
+                outputs[column] = outputs[column][features[name] != 0]
+            return outputs
 
-        worst = max_difference(candidate, self.keras_predict, batch)
+        # Traced as the batches will run it: the in-memory runner reuses this trace.
+        worst = max_difference(
+            lambda features: self._fast_outputs(fast, features, wrap=False), reference, batch
+        )
         if not worst <= FAST_PATH_TOLERANCE:
             reason = (
                 f"the fast path differs from Keras by {worst:.3g} (> {FAST_PATH_TOLERANCE:g}) "
@@ -303,7 +323,6 @@ class Embedder:
             logging.warning("Fast path off: %s; using Keras's forward pass.", reason)
             self._keras_only(reason)
             return None
-        self._use_fast_path(fast, passes)
         for column, forward_pass in passes.items():
             logging.info("Fast path on for %s: %s: %s.", column, forward_pass.engine, forward_pass.reason)
         logging.info("Fast path checked against Keras on a sample batch: max |diff| %.2g.", worst)
@@ -339,6 +358,7 @@ class Embedder:
     def _use_fast_path(self, fast, passes):
         self.forward_passes = {**self._id_passes, **passes}
         self._tables = fast.embedding_tables()
+        self._real_token_inputs = fast.real_token_columns()
         self._dense_columns = tuple(column for column in self._computed_columns if column not in self._tables)
 
     def _check_launch_decision(self):

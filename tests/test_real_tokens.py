@@ -40,7 +40,8 @@ import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np
 import tf_keras
-from tf_keras.layers import Input, Embedding, LSTM, Dense, Add
+from tf_keras.layers import (Input, Embedding, LSTM, GRU, Bidirectional, Dense, Add, Concatenate,
+    GlobalAveragePooling1D)
 from tf_keras.models import Model
 
 out, LENGTH, VOCABULARY = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -58,6 +59,18 @@ for masked in (False, True):
     embedding = Embedding(VOCABULARY, 12, mask_zero=masked)
     save("tutorial_masked" if masked else "tutorial",
          Model(inputs, Dense(1, activation="sigmoid")(LSTM(8)(embedding(inputs)))), embedding)
+
+# Per-token recurrent outputs: two that only the export reads, one that a stacked layer reads.
+for masked in (False, True):
+    inputs = Input(shape=(LENGTH,))
+    embedding = Embedding(VOCABULARY, 12, mask_zero=masked)
+    embedded = embedding(inputs)
+    sequence = LSTM(6, return_sequences=True, name="lstm_seq")(embedded)
+    both = Bidirectional(GRU(4, return_sequences=True), merge_mode="concat", name="bigru_seq")(embedded)
+    lower = LSTM(5, return_sequences=True, name="lower_seq")(embedded)
+    top = LSTM(3, name="top")(lower)
+    merged = Concatenate()([GlobalAveragePooling1D()(sequence), GlobalAveragePooling1D()(both), top])
+    save("sequences_masked" if masked else "sequences", Model(inputs, Dense(1)(merged)), embedding)
 
 content, title = Input(shape=(LENGTH,)), Input(shape=(LENGTH // 3,))
 shared = Embedding(VOCABULARY, 12)
@@ -217,6 +230,55 @@ def test_embedding_columns_from_real_tokens_equal_the_padded_computation(
                 if pooling == "none":
                     counts = batch.column(column.column + schema.TOKENS_SUFFIX).to_pylist()
                     assert counts == list(mask.sum(axis=1))
+
+
+@pytest.mark.parametrize("padding", ["pre", "post"])
+@pytest.mark.parametrize("name", ["sequences", "sequences_masked"])
+def test_per_token_recurrent_columns_at_real_tokens_equal_the_padded_outputs(
+    keras2_models, tmp_path, name, padding
+):
+    directory, _ = keras2_models
+    layers = ["lstm_seq", "bigru_seq", "lower_seq", "top"]
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "x", "input_1": [1]}])
+    plan, model_source = _plan(directory / f"{name}.h5", corpus, tmp_path / "out", padding, layers)
+    embedder = Embedder(plan, model_source)
+    assert embedder.uses_fast_path
+    lengths = {info.name: info.length for info in plan.inputs}
+    embedded = embedder.run([DocumentTokenizer(plan, None).tokenize(d) for d in _documents(lengths)])
+    (input_name,) = lengths
+    features = np.stack([tokenized for tokenized in embedded.features[input_name]])
+    mask = features != 0
+    # The fast path's own padded outputs (what the export pooled before) and Keras's.
+    padded = embedder._fast({input_name: features})
+    expected = keras.Model(
+        model_source.model.inputs, [model_source.model.get_layer(layer).output for layer in layers]
+    ).predict(features.astype(np.float32), verbose=0)
+    for pooling in POOLINGS:
+        columns = tuple(dataclasses.replace(c, pooling=pooling) for c in plan.columns)
+        batch = schema.to_record_batch(
+            schema.output_schema(dataclasses.replace(plan, columns=columns)),
+            columns,
+            "float32",
+            document_ids=[d.id for d in embedded.documents],
+            kept={},
+            outputs=embedded.outputs,
+            masks=embedded.masks,
+        )
+        for column, keras_values in zip(columns, expected, strict=True):
+            actual = batch.column(column.column).to_pylist()
+            if column.kind == "vector":
+                np.testing.assert_array_equal(np.array(actual, np.float32), padded[column.column])
+                continue
+            # `lower_seq` feeds the stacked `top`, so it stays whole; the other two are real tokens only.
+            stays_whole = column.column == "lower_seq"
+            assert isinstance(embedded.outputs[column.column], schema.RealTokens) != stays_whole
+            before = _padded_rows(padded[column.column], mask, pooling)
+            reference = _float64_rows(keras_values, mask, pooling)
+            for row, (got, old, exact) in enumerate(zip(actual, before, reference, strict=True)):
+                got = np.asarray(got, dtype=np.float32).reshape(np.shape(old))
+                message = f"{name} {padding} {column.column} {pooling} row {row}"
+                np.testing.assert_array_equal(got, old, err_msg=message)
+                np.testing.assert_allclose(got, exact, atol=1e-5, rtol=0, err_msg=message)
 
 
 def test_pooled_embedding_of_real_length_documents_never_holds_the_padded_lookup(tmp_path):
