@@ -15,7 +15,7 @@ is of two measurements made minutes apart on the same machine:
   over the whole command (start-up included) and over the pipeline alone (the
   summary's seconds), peak RSS of the process tree at N and 5N; and this code
   with the runner mode forced each way (`new, in memory`, `new, 2 processes`),
-  since the default switches to worker processes from 32 MB of input.
+  since the default switches to worker processes from 64 MB of input.
 - `pooling_none`: the same export with `--pooling none` at N documents, and the
   Parquet encoder's own rate on the rows it wrote (read back, written again to
   an in-memory file with the export's compression, in one process).

@@ -40,10 +40,11 @@ from pipeline.transforms import DEFAULT_SPLIT_BYTES, FILES_BROKEN, NAMESPACE, RA
 
 # A local run of at least this much input uses one worker process per core (see
 # `use_local_cores`); below it, starting the processes costs more than they save: each
-# imports TensorFlow, loads the model and compiles its forward pass (about 10 s on 2
-# cores), which a second core (one process: 2,000-2,800 real-length docs/s, 1-1.3 MB/s)
-# wins back only from about 30 MB (`python -m benchmarks.real_text`).
-LOCAL_PROCESSES_MIN_BYTES = 32 << 20
+# imports TensorFlow, loads the model and compiles its forward pass (10-20 s on 2 cores),
+# and holds its own ~1 GB. `python -m benchmarks.real_text` measured one process faster
+# than two on 100,000 real-length documents (48 MB) in both of its runs, with a third of
+# the memory (a machine shared with other work: on idle cores the break-even is lower).
+LOCAL_PROCESSES_MIN_BYTES = 64 << 20
 # Local ranges: at least this many per worker process, each between these sizes.
 RANGES_PER_LOCAL_WORKER = 4
 MIN_SPLIT_BYTES = 1 << 20
