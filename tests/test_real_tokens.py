@@ -10,16 +10,12 @@ before) for equality, and with `predict` pooled in float64 to 1e-6.
 """
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 import tracemalloc
 
 import keras
 import numpy as np
 import pytest
-from pipeline_fixtures import write_jsonl
+from pipeline_fixtures import build_keras2_models, write_jsonl
 
 from models.tokenizer import pad_token_ids
 from models.truncate import layer_calls
@@ -86,15 +82,7 @@ with open(os.path.join(out, "info.json"), "w") as handle:
 def keras2_models(tmp_path_factory):
     """Directory of tf_keras `.h5` models and {name: {embedding, inputs}}."""
     directory = tmp_path_factory.mktemp("keras2_real_tokens")
-    result = subprocess.run(
-        [sys.executable, "-c", KERAS2_MODELS, str(directory), str(LENGTH), str(VOCABULARY)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    with open(directory / "info.json", encoding="utf-8") as handle:
-        return directory, json.load(handle)
+    return build_keras2_models(directory, KERAS2_MODELS, LENGTH, VOCABULARY)
 
 
 def _documents(inputs, count=37, seed=1):
