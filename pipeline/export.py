@@ -44,8 +44,12 @@ from pipeline.token_tables import write_token_tables
 from pipeline.transforms import DEFAULT_SPLIT_BYTES, FILES_BROKEN, NAMESPACE, RANGES_READ
 
 # A local run of at least this much input uses one worker process per core (see
-# `use_local_cores`); below it, starting the processes costs more than they save.
-LOCAL_PROCESSES_MIN_BYTES = 8 << 20
+# `use_local_cores`); below it, starting the processes costs more than they save: each
+# imports TensorFlow, loads the model and compiles its forward pass (10-20 s on 2 cores),
+# and holds its own ~1 GB. `python -m benchmarks.real_text` measured one process faster
+# than two on 100,000 real-length documents (48 MB) in both of its runs, with a third of
+# the memory (a machine shared with other work: on idle cores the break-even is lower).
+LOCAL_PROCESSES_MIN_BYTES = 64 << 20
 # Local ranges: at least this many per worker process, each between these sizes.
 RANGES_PER_LOCAL_WORKER = 4
 MIN_SPLIT_BYTES = 1 << 20
@@ -375,7 +379,7 @@ def run_export(argv=None):
             **_graph_settings(options, total_bytes),
         )
         return _dry_run(pipeline, plan, options)
-    plan = dataclasses.replace(plan, forward_passes=choose_forward_passes(plan, model_source))
+    plan = choose_forward_passes(plan, model_source)
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
     with output_lib.OutputLock(plan.output):

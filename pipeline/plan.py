@@ -118,6 +118,9 @@ class ExportPlan:
     # (column, forward pass, reason) as chosen at launch (`pipeline.embedder.forward_pass_records`);
     # workers refuse to use another, so the manifest's record holds.  Empty: workers choose.
     forward_passes: tuple = ()
+    # Where the launch checked the fast path against Keras (`embedder.fast_path_environment`):
+    # a worker in the same environment trusts `forward_passes` instead of checking again.
+    fast_path_checked_on: str = ""
 
     @property
     def fields(self):

@@ -23,7 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipeline import corpus, listing
 from pipeline import progress as progress_lib
 from pipeline import schema as schema_lib
-from pipeline.embedder import Embedder
+from pipeline.embedder import worker_embedder
 from pipeline.features import DocumentTokenizer, Tokenized
 from pipeline.model_source import load_plan_tokenizer
 
@@ -469,7 +469,8 @@ class EmbeddingModelHandler(ModelHandler):
     """RunInference handler: stacks a batch of `Tokenized` documents, runs the forward pass, makes its rows.
 
     `load_model` builds an `Embedder` once per worker process, from
-    `plan.model_uri`. `run_inference` returns one `embedder.BatchRows` per batch
+    `plan.model_uri` (in the launcher's own process, the in-memory runner, it is
+    the launcher's: `embedder.worker_embedder`). `run_inference` returns one `embedder.BatchRows` per batch
     (an Arrow RecordBatch of its rows, and its dead letters) rather than one
     `PredictionResult` per document, for two measured reasons:
 
@@ -488,7 +489,7 @@ class EmbeddingModelHandler(ModelHandler):
         self._plan = plan
 
     def load_model(self):
-        return Embedder(self._plan)
+        return worker_embedder(self._plan)
 
     def run_inference(self, batch, model, inference_args=None):
         return [model.batch_rows(model.run(batch))]
