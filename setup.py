@@ -29,6 +29,9 @@ setuptools.setup(
         "analysis": ["matplotlib>=3.8"],
         # s3:// for --model, --input and --output: Beam's S3 filesystem runs on boto3.
         "aws": ["apache-beam[aws]>=2.77,<2.78"],
+        # `python -m pipeline.analyze OUT index`: usearch's HNSW index (manylinux wheels,
+        # numpy its only heavy dependency, save/load of one file, batched adds).
+        "index": ["usearch>=2.16,<3"],
         "test": [
             "pytest>=8",
             "duckdb>=1.1",
@@ -39,6 +42,8 @@ setuptools.setup(
             # The analysis tests draw a plot and run the README's polars example.
             "matplotlib>=3.8",
             "polars>=1.0",
+            # The index tests build and query a real usearch index.
+            "usearch>=2.16,<3",
             # The object-storage test: Beam's S3 filesystem against moto's S3 server on
             # loopback.  moto[s3] plus Flask is that server; moto[server] would pull in
             # every AWS service's dependencies (cfn-lint, docker, ...).

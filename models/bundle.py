@@ -163,6 +163,8 @@ def read_manifest(directory):
     for key, expected_type in required.items():
         if not isinstance(manifest.get(key), expected_type):
             raise BundleError(f"{path} lacks {key!r} (expected a {expected_type.__name__}).")
+    for key in ("model_file", "tokenizer_file"):
+        check_file_name(manifest[key], key, path)
     for entry in manifest["inputs"]:
         if not (
             isinstance(entry, dict)
@@ -176,6 +178,30 @@ def read_manifest(directory):
                 f"positive integer 'length'; received {entry!r}."
             )
     return manifest
+
+
+def check_file_name(name, key, manifest_path="manifest.json"):
+    """Refuses a file name in a manifest that is not a plain name in the bundle directory.
+
+    A bundle's files stay inside the bundle: an absolute path, a `..` or any
+    directory part would make loading open (and hash) a file elsewhere.
+
+    Raises:
+        BundleError: naming the field and the name.
+    """
+    plain = (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and not os.path.isabs(name)
+    )
+    if not plain:
+        raise BundleError(
+            f"{manifest_path}: {key} is {name!r}, but a bundle names its files by their plain name "
+            "in the bundle directory (no directories, no '..', not absolute), so that loading it "
+            f"reads nothing outside it. Put the file in the bundle and set {key} to its name."
+        )
 
 
 def check_keras_archive(path):
@@ -210,6 +236,12 @@ def load_bundle(directory, verify_hashes=True):
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             raise BundleError(f"Bundle {directory!r} is missing {name} (named by {key} in its manifest).")
+        real, inside = os.path.realpath(path), os.path.realpath(directory)
+        if os.path.dirname(real) != inside:
+            raise BundleError(
+                f"{path} is a link to {real}, outside the bundle {directory!r}; a bundle's files "
+                "stay inside it. Copy the file into the bundle in place of the link."
+            )
         if verify_hashes:
             expected = manifest["sha256"].get(name)
             actual = sha256_file(path)

@@ -38,6 +38,7 @@ against Keras on a sample batch before trusting it.
 """
 
 import dataclasses
+import functools
 
 import keras
 import numpy as np
@@ -546,10 +547,12 @@ class FastPath:
         self._outputs = outputs
         self._inputs = {t.name: t for t in sub_model.inputs}
         analysis = _Analysis()
-        self.forward_passes, cuts = {}, {}
+        self.forward_passes, cuts, hybrid_inputs = {}, {}, set()
         for column, tensor in outputs.items():
             self.forward_passes[column], needed = analysis.describe(tensor)
             cuts.update((id(t), t) for t in needed)
+            if self.forward_passes[column].engine == HYBRID:
+                hybrid_inputs.update(id(t) for t in needed)
         fast_columns = {c for c, p in self.forward_passes.items() if p.engine != KERAS}
         if not cuts and fast_columns != set(outputs):
             raise Unsupported("; ".join(dict.fromkeys(p.reason for p in self.forward_passes.values())))
@@ -565,6 +568,17 @@ class FastPath:
         for fast in self._cuts.values():
             self._add_recurrent(fast)
         self._sources = [r.source for r in self._recurrents] + list(self._embeddings.values())
+        # Per-token columns of a recurrent layer that nothing else reads (no layer stacked on
+        # it, no Keras layer of a hybrid column): `__call__(..., real_tokens=True)` computes
+        # them at the real tokens only.
+        self._real_token_columns = {
+            column: analysis.fast(tensor)
+            for column, tensor in outputs.items()
+            if isinstance(analysis.fast(tensor), _Recurrent)
+            and analysis.fast(tensor).return_sequences
+            and id(tensor) not in hybrid_inputs
+            and not any(r.source is analysis.fast(tensor) for r in self._recurrents)
+        }
         self._runs = {}
 
     def _add_recurrent(self, fast):
@@ -580,9 +594,14 @@ class FastPath:
         sizes = [source.layer.input_dim for source in self._sources if isinstance(source, _Embedding)]
         return min(sizes) if sizes else 2
 
-    def _plans(self, features, rows):
-        """The numpy side of one lane: reading plans and index maps for every direction."""
+    def _plans(self, features, rows, real_tokens):
+        """The numpy side of one lane: reading plans and index maps for every direction.
+
+        With `real_tokens`, the index maps of the real-token columns' layers keep
+        only the real (non-zero id) positions, row after row.
+        """
         plans, maps = {}, {}
+        ragged = {id(fast) for fast in self._real_token_columns.values()} if real_tokens else set()
         for recurrent in self._recurrents:
             ids = features[recurrent.input_name][rows]
             for direction in recurrent.directions:
@@ -591,11 +610,12 @@ class FastPath:
                     plans[key] = _reading_plan(ids, direction.reverse, direction.mode)
                 if recurrent.return_sequences:
                     zero_fill = direction.zero_output_for_mask
-                    map_key = f"{key}|{int(zero_fill)}"
+                    map_key = f"{key}|{int(zero_fill)}|{int(id(recurrent) in ragged)}"
                     if map_key not in maps:
-                        maps[map_key] = _index_map(
+                        index = _index_map(
                             plans[key], recurrent.length, direction.reverse, direction.mode, zero_fill
                         )
+                        maps[map_key] = index[ids != 0] if id(recurrent) in ragged else index
         buckets = {}
         for recurrent in self._recurrents:
             for group in recurrent.bucketed:
@@ -671,8 +691,11 @@ class FastPath:
                 results.append(tf.gather(finals[index], lane["plans"][key]["inverse"]))
         return results
 
-    def _lane(self, lane):
-        """Values of every fast recurrent layer for one lane, in the lane's row order."""
+    def _lane(self, lane, ragged):
+        """Values of every fast recurrent layer for one lane, in the lane's row order.
+
+        The layers in `ragged` (ids) give their real tokens' outputs only, (tokens, dim).
+        """
         values = {}
         for recurrent in self._recurrents:
             if isinstance(recurrent.source, _Recurrent):
@@ -694,7 +717,9 @@ class FastPath:
                         else tf.zeros((recurrent.length, direction.units))
                     )
                     combined = tf.concat([written, pad, tf.zeros((1, direction.units))], axis=0)
-                    index = lane["maps"][f"{key}|{int(direction.zero_output_for_mask)}"]
+                    index = lane["maps"][
+                        f"{key}|{int(direction.zero_output_for_mask)}|{int(id(recurrent) in ragged)}"
+                    ]
                     results.append(tf.gather(combined, index))
                 else:
                     results.append(tf.gather(final, plan["inverse"]))
@@ -718,16 +743,19 @@ class FastPath:
         cuts = np.unique(np.clip(cuts, 1, n - 1))
         return [np.sort(lane) for lane in np.split(order, cuts)]
 
-    def _forward(self, raw, lanes, restore):
-        """The traced computation: fast lanes, then the model's Keras layers on their outputs."""
-        lane_values = [self._lane(lane) for lane in lanes]
+    def _forward(self, raw, lanes, restore, columns, real_tokens):
+        """The traced computation of `columns`: fast lanes, then the model's Keras layers on their outputs."""
+        ragged = {id(fast) for fast in self._real_token_columns.values()} if real_tokens else set()
+        lane_values = [self._lane(lane, ragged) for lane in lanes]
         known = {}
         for key, fast in self._cuts.items():
-            known[key] = tf.gather(tf.concat([values[id(fast)] for values in lane_values], axis=0), restore)
+            order = restore["tokens"][fast.input_name] if id(fast) in ragged else restore["rows"]
+            known[key] = tf.gather(tf.concat([values[id(fast)] for values in lane_values], axis=0), order)
         for name, tensor in self._inputs.items():
             known[id(tensor)] = tf.cast(raw[name], tensor.dtype)
         results = {}
-        for column, tensor in self._outputs.items():
+        for column in columns:
+            tensor = self._outputs[column]
             if column in self._embeddings:
                 embedding = self._embeddings[column]
                 results[column] = tf.gather(embedding.table_tensor, raw[embedding.input_name])
@@ -735,34 +763,70 @@ class FastPath:
                 results[column] = _keras_value(tensor, known)
         return results
 
-    def _traced(self, raw, lanes, restore):
-        """The traced function for this many lanes: traced once, for every batch and step count."""
-        if len(lanes) not in self._runs:
+    def _traced(self, raw, lanes, restore, columns, real_tokens):
+        """The traced function for this many lanes and these columns: traced once, for every batch."""
+        key = (len(lanes), columns, real_tokens)
+        if key not in self._runs:
             signature = tf.nest.map_structure(
                 lambda array: tf.TensorSpec([None] * array.ndim, tf.int32), (raw, lanes, restore)
             )
-            self._runs[len(lanes)] = tf.function(self._forward, input_signature=signature)
-        return self._runs[len(lanes)]
+            forward = functools.partial(self._forward, columns=columns, real_tokens=real_tokens)
+            self._runs[key] = tf.function(forward, input_signature=signature)
+        return self._runs[key]
 
-    def __call__(self, features):
+    def embedding_tables(self):
+        """{column: (model input name, table)} of the columns that are an Embedding's lookup.
+
+        Such a column's output at a token is its table's row at the token's id, so
+        a caller can take the real tokens' rows itself (`__call__(..., columns)`
+        without it) instead of the padded (n, length, dim) lookup.
+        """
+        return {column: (fast.input_name, fast.table) for column, fast in self._embeddings.items()}
+
+    def real_token_columns(self):
+        """{column: its model input}: the columns `__call__(..., real_tokens=True)` gives at real tokens.
+
+        Each is a recurrent layer's `return_sequences` output that no other layer
+        reads, whose padding positions would be computed for nothing.
+        """
+        return {column: fast.input_name for column, fast in self._real_token_columns.items()}
+
+    def __call__(self, features, columns=None, real_tokens=False):
         """{input name: int ids (n, length)} -> {column: numpy array}, as the sub-model would give.
 
         Rows are dealt round-robin into up to `MAX_LANES` lanes of at least
         `MIN_LANE_ROWS`.  A row's result does not depend on which rows share
         its lane or batch (checked against Keras at load).
+
+        Args:
+            features: the sub-model's inputs.
+            columns: the output columns to compute (default: all).
+            real_tokens: give each of `real_token_columns` as (real tokens, dim): the
+                outputs at the non-zero ids of its input, row after row, in position
+                order; exactly those rows of the (n, length, dim) output.
         """
+        columns = tuple(self._outputs) if columns is None else tuple(columns)
         features = {name: np.asarray(features[name], dtype=np.int32) for name in self._inputs}
         n = len(next(iter(features.values())))
-        if n == 0:
-            return {
-                column: np.zeros((0, *tensor.shape[1:]), np.float32)
-                for column, tensor in self._outputs.items()
-            }
+        if n == 0 or not columns:
+            shapes = {column: self._outputs[column].shape[1:] for column in columns}
+            if real_tokens:
+                shapes.update({column: shapes[column][-1:] for column in self._real_token_columns})
+            return {column: np.zeros((0, *shapes[column]), np.float32) for column in columns}
         count = max(1, min(MAX_LANES, n // MIN_LANE_ROWS)) if self._recurrents else 1
         rows = self._deal(features, count)
-        lanes = [self._plans(features, lane_rows) for lane_rows in rows]
-        restore = np.argsort(np.concatenate(rows)).astype(np.int32)
-        outputs = self._traced(features, lanes, restore)(features, lanes, restore)
+        lanes = [self._plans(features, lane_rows, real_tokens) for lane_rows in rows]
+        restore = {"rows": np.argsort(np.concatenate(rows)).astype(np.int32), "tokens": {}}
+        if real_tokens:
+            for name in {fast.input_name for fast in self._real_token_columns.values()}:
+                real = features[name] != 0
+                # Each lane's real tokens come row after row; this puts them back in batch order.
+                numbers = np.full(real.shape, -1, dtype=np.int64)
+                numbers[real] = np.arange(int(real.sum()))
+                lane_order = np.concatenate([numbers[lane][real[lane]] for lane in rows])
+                restore["tokens"][name] = np.argsort(lane_order).astype(np.int32)
+        traced = self._traced(features, lanes, restore, columns, real_tokens)
+        outputs = traced(features, lanes, restore)
         return {column: value.numpy() for column, value in outputs.items()}
 
 

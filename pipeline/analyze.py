@@ -9,12 +9,16 @@ Commands:
               a label field kept with --keep_fields
   knn-score   the fraction of each document's k nearest neighbours that share
               its label, averaged, against the chance level
+  index       an approximate-nearest-neighbour index of a vector column, with
+              its recall@k measured against the exact scan (pipeline/index.py)
 
 The Parquet files are read with pyarrow.dataset, which reads only the columns
 and row groups a query needs and streams record batches.  `neighbors` keeps a
 running top-k, so it never holds more than one batch of vectors whatever the
 size of the export; `plot` and `knn-score` draw a uniform random sample of at
-most --sample rows and work on that in memory.
+most --sample rows and work on that in memory.  Where a column has an index,
+`neighbors` (one query, or a batch from --queries) and `knn-score --all` search
+it instead (`--exact` scans).
 """
 
 import argparse
@@ -31,8 +35,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from pipeline.errors import EXIT_CONFIG_ERROR
-from pipeline.output import MANIFEST, SHARD_PREFIX, TABLES_DIR
+from pipeline import index as index_lib
+from pipeline.errors import EXIT_CONFIG_ERROR, ExportConfigError
+from pipeline.output import JOURNAL, MANIFEST, SHARD_PREFIX, TABLES_DIR, finish_interrupted_commit
 from pipeline.schema import (
     FINGERPRINT_COLUMN,
     ID_COLUMN,
@@ -46,6 +51,7 @@ DEFAULT_K = 10
 DEFAULT_SAMPLE = 20_000
 DEFAULT_SEED = 0
 DEFAULT_PLOT = "plot.png"
+DEFAULT_NEIGHBORS_OUT = "neighbors.parquet"
 # Rows per scanned batch: 16k rows of 300 float32 values are about 20 MB.
 BATCH_ROWS = 16_384
 # Rows of the sample compared with all others at once by knn-score: 1k x 20k floats.
@@ -78,6 +84,10 @@ class VectorDataset:
     def schema(self):
         return self.dataset.schema
 
+    def filesystem_and_directory(self):
+        """(pyarrow filesystem, path) of `location`, where `_index/` lives."""
+        return _filesystem(self.location)
+
 
 @dataclasses.dataclass(frozen=True)
 class Neighbor:
@@ -109,11 +119,30 @@ def _filesystem(location):
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
+def _finish_commit(location):
+    """Finishes a commit into the export `location` that a crash cut short, so it is read whole.
+
+    Raises:
+        AnalysisError: the commit cannot be finished from here (another run holds
+            the output, it is read-only, or its journal is damaged).
+    """
+    try:
+        if finish_interrupted_commit(location):
+            logging.warning("Finished the interrupted commit of the export in %s first.", location)
+    except (ExportConfigError, OSError) as error:
+        raise AnalysisError(
+            f"{location!r} holds a commit that was not finished ({JOURNAL}), and it cannot be finished "
+            f"from here: {error} Rerun the export (or this command) where the output is writable; "
+            "until then its files are a mix of two exports."
+        ) from None
+
+
 def _list_parquet(location, wanted, how_to_make):
     """Paths of the Parquet files directly in `location` whose name `wanted` accepts.
 
     A path to a single .parquet file is accepted as is.
     """
+    _finish_commit(location)
     filesystem, path = _filesystem(location)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -171,6 +200,7 @@ def open_documents(location):
 
 def _token_tables(location):
     """(filesystem, paths) of the tables in `location`'s `_tables/` (`--token_storage ids`)."""
+    _finish_commit(location)
     filesystem, directory = _filesystem(location)
     tables = posixpath.join(directory, TABLES_DIR)
     if filesystem.get_file_info(tables).type != pafs.FileType.Directory:
@@ -321,6 +351,8 @@ def query_vector(data, key, column):
     if not found[column][0].is_valid:
         raise AnalysisError(f"The {noun} {key!r} has no {column!r} vector (it is null).")
     vector = vectors_to_numpy(found[column].slice(0, 1))[0].astype(np.float64)
+    if not np.isfinite(vector).all():
+        raise AnalysisError(f"The {noun} {key!r} has NaN or infinite values in its {column!r} vector.")
     if not np.any(vector):
         raise AnalysisError(
             f"The {noun} {key!r} has an all-zero {column!r} vector, so its cosine similarity is undefined."
@@ -356,15 +388,20 @@ def find_neighbors(data, key, column, k=DEFAULT_K, batch_rows=BATCH_ROWS):
     for batch in scanner.to_batches():
         if batch.num_rows == 0:
             continue
-        compared += batch.num_rows
         vectors = vectors_to_numpy(batch.column(column)).astype(np.float64)
-        similarities = _unit_rows(vectors) @ query
+        # A vector with NaN or infinite values has no similarity; left in, NaN would break the ranking.
+        finite = np.isfinite(vectors).all(axis=1)
+        compared += int(finite.sum())
+        with np.errstate(invalid="ignore"):
+            similarities = np.where(
+                finite, _unit_rows(np.where(finite[:, None], vectors, 0)) @ query, -np.inf
+            )
         # Every row tied with the k-th best goes on, so the key breaks ties, not the scan order.
         if len(similarities) > k:
             threshold = np.partition(similarities, len(similarities) - k)[len(similarities) - k]
-            chosen = np.flatnonzero(similarities >= threshold)
+            chosen = np.flatnonzero((similarities >= threshold) & finite)
         else:
-            chosen = np.arange(len(similarities))
+            chosen = np.flatnonzero(finite)
         indices = pa.array(chosen)
         keys = best_keys + batch.column(data.key_column).take(indices).to_pylist()
         details = best_details + batch.select(list(data.detail_columns)).take(indices).to_pylist()
@@ -565,17 +602,282 @@ def knn_score(data, column, label, k=DEFAULT_K, sample=DEFAULT_SAMPLE, seed=DEFA
     return score_label_agreement(vectors_to_numpy(table[column]), table[label].to_pylist(), k), total
 
 
-def format_neighbors(data, key, column, neighbors, compared):
+SCORE_NAMES = {"cos": "cosine similarity", "ip": "dot product", "l2": "L2 distance"}
+
+
+def _display_score(metric: str, score: float) -> float:
+    """An index score as shown: the similarity or dot product, or the (positive) L2 distance."""
+    return float(np.sqrt(max(-score, 0.0))) if metric == "l2" else float(score)
+
+
+def _neighbors_at(data, loaded, positions, found) -> list:
+    """`Neighbor`s of one query from positions and scores of `LoadedIndex.search` or `exact_top_k`."""
+    valid = positions >= 0
+    rows = loaded.take(positions[valid]).to_pylist() if valid.any() else []
+    return [
+        Neighbor(
+            row[data.key_column],
+            _display_score(loaded.metric, score),
+            {c: row[c] for c in data.detail_columns},
+        )
+        for row, score in zip(rows, found[valid], strict=True)
+    ]
+
+
+def open_index(data, column, exact=False):
+    """The checked index of `column`, or None with `exact` or when there is none (see index.load_index)."""
+    if exact:
+        return None
+    return index_lib.load_index(data, column, [data.key_column, *data.detail_columns])
+
+
+def indexed_neighbors(data, loaded, key, k=DEFAULT_K):
+    """The `k` nearest rows to row `key` through the index, best first (its own rows excluded).
+
+    Returns:
+        `(neighbors, indexed rows)`.
+    """
+    if k < 1:
+        raise AnalysisError(f"-k must be at least 1, received {k}.")
+    positions = loaded.positions_of(key)
+    noun = "document id" if data.holds == "documents" else "word"
+    if len(positions) == 0:
+        raise AnalysisError(f"No row of {data.location!r} has the {noun} {key!r}.{_suggest_keys(data, key)}")
+    indexed = [p for p in positions if loaded.contains(p)]
+    if not indexed:
+        raise AnalysisError(
+            f"The {noun} {key!r} has no usable {loaded.metadata['column']!r} vector (it is null)."
+        )
+    query = loaded.vectors(np.asarray(indexed[:1]))
+    if loaded.metric == "cos" and not np.any(query):
+        raise AnalysisError(
+            f"The {noun} {key!r} has an all-zero vector, so its cosine similarity is undefined."
+        )
+    found_positions, found = loaded.search(query, k, exclude=[set(positions.tolist())])
+    return _neighbors_at(data, loaded, found_positions[0], found[0]), loaded.metadata["indexed"]
+
+
+def read_queries(path, data, column):
+    """The queries of a batch file: `(labels, ids or None, vectors or None)`.
+
+    `.txt`: one id (or word) per line.  `.npy`: an (n, dim) array of vectors.
+    `.parquet`: vectors in `column` (or `vector`), labelled by an `id` column
+    when there is one; else ids in the `id` (or `token`) column.
+    """
+    if not os.path.isfile(path):
+        raise AnalysisError(f"--queries {path!r} is not a file.")
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as handle:
+            ids = [line.rstrip("\r\n") for line in handle if line.strip()]
+        return ids, ids, None
+    if path.endswith(".npy"):
+        try:
+            vectors = np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise AnalysisError(f"--queries {path!r} is not a numeric .npy array: {error}") from None
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise AnalysisError(
+                f"--queries {path!r} must hold an (n, dim) array; it has shape {vectors.shape}."
+            )
+        return [str(i) for i in range(len(vectors))], None, vectors
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for name in (column, VECTOR_COLUMN):
+            if name in table.column_names and _is_vector_type(table.schema.field(name).type):
+                if table[name].null_count:
+                    raise AnalysisError(f"--queries {path!r} has null vectors in {name!r}.")
+                labels = (
+                    [str(x) for x in table[ID_COLUMN].to_pylist()]
+                    if ID_COLUMN in table.column_names
+                    else [str(i) for i in range(table.num_rows)]
+                )
+                return labels, None, vectors_to_numpy(table[name]).astype(np.float32)
+        for name in (ID_COLUMN, TOKEN_COLUMN):
+            if name in table.column_names:
+                ids = [str(x) for x in table[name].to_pylist()]
+                return ids, ids, None
+        raise AnalysisError(
+            f"--queries {path!r} has neither a vector column ({column!r} or {VECTOR_COLUMN!r}) nor an "
+            f"{ID_COLUMN!r} column."
+        )
+    raise AnalysisError(f"--queries {path!r}: use a .txt file of ids, a .parquet file or a .npy array.")
+
+
+def batch_neighbors(data, column, queries_path, out_path, k=DEFAULT_K, loaded=None):
+    """Answers every query of `queries_path` and writes them to the Parquet file `out_path`.
+
+    One row per (query, rank); a query whose id is not in the export, or whose
+    vector is unusable, gets one row with null neighbour columns and the
+    `problem`.  Through `loaded` (an index) when given, else by one exact scan
+    for all queries.
+
+    Returns:
+        `(queries answered, queries with a problem)`.
+    """
+    import pyarrow.parquet as pq
+
+    if k < 1:
+        raise AnalysisError(f"-k must be at least 1, received {k}.")
+    labels, ids, vectors = read_queries(queries_path, data, column)
+    metric = loaded.metric if loaded is not None else "cos"
+    lookup = loaded if loaded is not None else _ExactLookup(data, column)
+    problems = [None] * len(labels)
+    exclude = np.full(len(labels), -1, dtype=np.int64)
+    if ids is not None:
+        first = np.asarray(lookup.first_positions(ids), dtype=np.int64)
+        usable = np.flatnonzero(first >= 0)
+        vectors = np.full((len(ids), lookup.dim), np.nan, dtype=np.float32)
+        vectors[usable] = lookup.vectors(first[usable])
+        exclude[usable] = first[usable]
+        for i in np.flatnonzero(first < 0):
+            problems[i] = f"no row has the key {ids[i]!r}"
+    dim = vectors.shape[1]
+    expected = lookup.dim
+    if ids is None and dim != expected:
+        raise AnalysisError(f"--queries {queries_path!r} holds {dim}-dim vectors; {column!r} has {expected}.")
+    for i in range(len(labels)):
+        if problems[i] is None and metric == "cos" and not np.any(vectors[i]):
+            problems[i] = "its vector is all zeros, so its cosine similarity is undefined"
+        if problems[i] is None and not np.isfinite(vectors[i]).all():
+            problems[i] = "its vector is null or has NaN or infinite values"
+    good = np.asarray([i for i, p in enumerate(problems) if p is None], dtype=np.int64)
+    positions = np.full((len(labels), k), -1, dtype=np.int64)
+    found = np.full((len(labels), k), -np.inf)
+    if len(good):
+        if loaded is not None:
+            excluded = [{int(e)} if e >= 0 else set() for e in exclude[good]]
+            positions[good], found[good] = loaded.search(vectors[good], k, exclude=excluded)
+        else:
+            positions[good], found[good] = index_lib.exact_top_k(
+                data, column, vectors[good], k, "cos", exclude=exclude[good]
+            )
+    score_name = {"cos": "similarity", "ip": "dot_product", "l2": "distance"}[metric]
+    out = {"query": [], "rank": [], data.key_column: [], score_name: [], "problem": []}
+    details = {c: [] for c in data.detail_columns}
+    neighbor_rows = lookup.take(positions[positions >= 0]).to_pylist()
+    taken = iter(neighbor_rows)
+    for i, label in enumerate(labels):
+        valid = np.flatnonzero(positions[i] >= 0)
+        if problems[i] is not None or len(valid) == 0:
+            for name, value in (
+                ("query", label),
+                ("rank", None),
+                (data.key_column, None),
+                (score_name, None),
+                ("problem", problems[i] or "no neighbours"),
+            ):
+                out[name].append(value)
+            for c in details:
+                details[c].append(None)
+            continue
+        for rank, j in enumerate(valid, 1):
+            row = next(taken)
+            out["query"].append(label)
+            out["rank"].append(rank)
+            out[data.key_column].append(row[data.key_column])
+            out[score_name].append(_display_score(metric, found[i, j]))
+            out["problem"].append(None)
+            for c in details:
+                details[c].append(row[c])
+    table = pa.table(
+        {
+            "query": pa.array(out["query"], pa.string()),
+            "rank": pa.array(out["rank"], pa.int32()),
+            data.key_column: pa.array(out[data.key_column], pa.string()),
+            score_name: pa.array(out[score_name], pa.float64()),
+            **{c: pa.array(v, pa.string()) for c, v in details.items()},
+            "problem": pa.array(out["problem"], pa.string()),
+        }
+    )
+    temporary = out_path + ".tmp"
+    pq.write_table(table, temporary)
+    os.replace(temporary, out_path)
+    return len(labels), sum(p is not None for p in problems)
+
+
+class _ExactLookup:
+    """What batch mode needs of the export without an index: positions, vectors and rows by position."""
+
+    def __init__(self, data, column):
+        self.data, self.column = data, column
+        self.metric = "cos"
+        self.dim = int(vectors_to_numpy(data.dataset.head(1, columns=[column])[column]).shape[1])
+
+    def first_positions(self, ids):
+        keys = self.data.dataset.to_table(columns=[self.data.key_column]).column(0)
+        found = pc.index_in(pa.array(ids, pa.string()), value_set=keys)
+        return [-1 if p is None else int(p) for p in found.to_pylist()]
+
+    def vectors(self, positions):
+        if len(positions) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        column = self.data.dataset.take(pa.array(positions), columns=[self.column])[self.column]
+        if column.null_count:
+            # Null vectors become NaN rows, reported as a problem of their query.
+            filled = [v if v is not None else [np.nan] * self.dim for v in column.to_pylist()]
+            return np.asarray(filled, dtype=np.float32)
+        return vectors_to_numpy(column).astype(np.float32)
+
+    def take(self, positions):
+        columns = [self.data.key_column, *self.data.detail_columns]
+        return self.data.dataset.take(pa.array(np.asarray(positions, dtype=np.int64)), columns=columns)
+
+
+def knn_score_indexed(data, loaded, label, k=DEFAULT_K, chunk_rows=4096):
+    """kNN label agreement over every indexed row with a label, its neighbours found through the index.
+
+    Neighbours without a label are passed over, as the sampled score leaves
+    unlabelled rows out of its pool.
+    """
+    if k < 1:
+        raise AnalysisError(f"-k must be at least 1, received {k}.")
+    label = check_label_column(data, label)
+    values = data.dataset.to_table(columns=[label])[label]
+    classes, codes = np.unique(
+        np.asarray(values.fill_null("").to_pylist(), dtype=object).astype(str), return_inverse=True
+    )
+    labelled = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    codes = np.where(labelled, codes, -1)
+    keys = np.sort(np.asarray(loaded.index.keys, dtype=np.int64))
+    keys = keys[labelled[keys]]
+    if len(keys) <= k:
+        raise AnalysisError(f"knn-score needs more than k={k} labelled rows; received {len(keys)}. Lower -k.")
+    # Unlabelled rows can crowd out labelled ones; ask for as many more as there are.
+    extra = min(int((~labelled).sum()), k)
+    hits = np.empty(len(keys))
+    for start in range(0, len(keys), chunk_rows):
+        chunk = keys[start : start + chunk_rows]
+        positions, _ = loaded.search(loaded.vectors(chunk), k + extra, exclude=[{int(p)} for p in chunk])
+        neighbour_codes = np.where(positions >= 0, codes[np.maximum(positions, 0)], -1)
+        for row, own in enumerate(codes[chunk]):
+            chosen = neighbour_codes[row][neighbour_codes[row] >= 0][:k]
+            hits[start + row] = (chosen == own).mean() if len(chosen) else 0.0
+    kept_codes = codes[keys]
+    frequencies = np.bincount(kept_codes, minlength=len(classes)) / len(keys)
+    per_class = {
+        str(name): (int((kept_codes == index).sum()), float(hits[kept_codes == index].mean()))
+        for index, name in enumerate(classes)
+        if (kept_codes == index).any()
+    }
+    return KnnScore(float(hits.mean()), float((frequencies**2).sum()), len(keys), k, per_class)
+
+
+def format_neighbors(data, key, column, neighbors, compared, metric="cos", indexed=False):
     """The neighbours as a text table."""
     noun = "document" if data.holds == "documents" else "word"
-    headers = ["rank", "similarity", data.key_column, *data.detail_columns]
+    score_header = {"cos": "similarity", "ip": "dot", "l2": "distance"}[metric]
+    headers = ["rank", score_header, data.key_column, *data.detail_columns]
     rows = [
         [str(rank), f"{n.similarity:.4f}", str(n.key), *(str(n.details.get(c)) for c in data.detail_columns)]
         for rank, n in enumerate(neighbors, 1)
     ]
     widths = [max(len(cell) for cell in cells) for cells in zip(headers, *rows, strict=True)]
     lines = [
-        f"Nearest neighbours of {noun} {key!r} by cosine similarity of {column} ({compared} rows compared)"
+        f"Nearest neighbours of {noun} {key!r} by {SCORE_NAMES[metric]} of {column} "
+        + (f"(index of {compared} rows)" if indexed else f"({compared} rows compared)")
     ]
     for cells in [headers, *rows]:
         # Rank and similarity are right-aligned numbers; keys and details left-aligned text.
@@ -614,7 +916,9 @@ def build_parser():
         "  python -m pipeline.analyze OUT neighbors --id json.dumps --column lstm_content -k 10\n"
         "  python -m pipeline.analyze VOCAB_DIR neighbors --word socket\n"
         "  python -m pipeline.analyze OUT plot --column lstm_title --label topic --out plot.png\n"
-        "  python -m pipeline.analyze OUT knn-score --column lstm_title --label topic",
+        "  python -m pipeline.analyze OUT knn-score --column lstm_title --label topic\n"
+        "  python -m pipeline.analyze OUT index --column lstm_content\n"
+        "  python -m pipeline.analyze OUT neighbors --queries ids.txt --column lstm_content --out n.parquet",
     )
     parser.add_argument(
         "directory",
@@ -647,9 +951,26 @@ def build_parser():
         help=f"Token in the {VOCABULARY_FILE} of `python -m pipeline.vocabulary`, or in the "
         f"{TABLES_DIR}/ table of an export made with --token_storage ids.",
     )
+    query.add_argument(
+        "--queries",
+        metavar="FILE",
+        help="Batch mode: many queries from a file (.txt: one id or word a line; .npy: an (n, dim) "
+        "array of vectors; .parquet: a vector column, or an 'id' column), answered into --out.",
+    )
     neighbors.add_argument("--column", default=None, help=column_help)
     neighbors.add_argument(
         "-k", type=int, default=DEFAULT_K, help="Neighbours to list (default: %(default)s)."
+    )
+    neighbors.add_argument(
+        "--exact",
+        action="store_true",
+        help="Scan every row even when the column has an index (python -m pipeline.analyze OUT index).",
+    )
+    neighbors.add_argument(
+        "--out",
+        default=DEFAULT_NEIGHBORS_OUT,
+        help="Parquet file batch mode (--queries) writes: query, rank, id, score, kept fields, problem "
+        "(default: %(default)s).",
     )
 
     plot = commands.add_parser(
@@ -674,20 +995,122 @@ def build_parser():
     knn.add_argument("--column", default=None, help=column_help)
     knn.add_argument("--label", required=True, help="String field (kept with --keep_fields) to score.")
     knn.add_argument("-k", type=int, default=DEFAULT_K, help="Number of neighbours (default: %(default)s).")
+    knn.add_argument(
+        "--all",
+        action="store_true",
+        help="Score every labelled row of the export, its neighbours found through the column's index "
+        "(build it first with the index command) instead of a sample.",
+    )
+
+    build = commands.add_parser(
+        "index",
+        help="build an approximate-nearest-neighbour index of a vector column, and measure its recall",
+        description="Builds an HNSW index (usearch) of a vector column of a finished export (or of a "
+        "vocabulary), streaming the Parquet files in record batches, into OUTPUT_DIR/_index/COLUMN.usearch "
+        "with COLUMN.json: its SHA-256, the export's manifest SHA-256 it belongs to, and its recall@k "
+        "against the exact scan on a random sample of rows, build time, size and peak memory. "
+        "`neighbors` and `knn-score --all` then use it. Needs " + index_lib.INSTALL_HINT + ".",
+    )
+    build.add_argument("--column", default=None, help=column_help)
+    build.add_argument(
+        "--metric",
+        choices=sorted(index_lib.METRICS),
+        default=index_lib.DEFAULT_METRIC,
+        help="cos: cosine similarity (what `neighbors` ranks by); ip: dot product; l2: Euclidean "
+        "distance (default: %(default)s).",
+    )
+    build.add_argument(
+        "--connectivity",
+        type=int,
+        default=index_lib.DEFAULT_CONNECTIVITY,
+        help="HNSW edges per node (M); more: better recall, bigger index (default: %(default)s).",
+    )
+    build.add_argument(
+        "--expansion_add",
+        type=int,
+        default=index_lib.DEFAULT_EXPANSION_ADD,
+        help="Candidates considered when inserting (efConstruction) (default: %(default)s).",
+    )
+    build.add_argument(
+        "--expansion_search",
+        type=int,
+        default=index_lib.DEFAULT_EXPANSION_SEARCH,
+        help="Candidates considered per query (ef); more: better recall, slower queries "
+        "(default: %(default)s).",
+    )
+    build.add_argument(
+        "--recall_queries",
+        type=int,
+        default=index_lib.DEFAULT_RECALL_QUERIES,
+        help="Random rows used as queries to measure recall@k against the exact scan; 0 skips it "
+        "(default: %(default)s).",
+    )
+    build.add_argument(
+        "--recall_k",
+        type=int,
+        default=index_lib.DEFAULT_RECALL_K,
+        help="k of recall@k (default: %(default)s).",
+    )
+    build.add_argument(
+        "--seed",
+        type=int,
+        default=index_lib.DEFAULT_SEED,
+        help="Seed of the recall sample (default: %(default)s).",
+    )
+    build.add_argument(
+        "--threads", type=int, default=0, help="Threads to build with; 0: all cores (default: %(default)s)."
+    )
     return parser
+
+
+def _open_for_index(directory):
+    """An export's rows, or a vocabulary when the directory holds no row files."""
+    try:
+        return open_documents(directory)
+    except AnalysisError:
+        if _list_parquet(directory, lambda name: name == VOCABULARY_FILE, "")[1]:
+            return open_vocabulary(directory)
+        raise
 
 
 def run_command(args):
     """Runs the parsed command; returns the text to print."""
+    if args.command == "index":
+        data = _open_for_index(args.directory)
+        column = args.column or (VECTOR_COLUMN if data.holds == "vocabulary" else None)
+        settings = index_lib.IndexSettings(
+            metric=args.metric,
+            connectivity=args.connectivity,
+            expansion_add=args.expansion_add,
+            expansion_search=args.expansion_search,
+            recall_queries=args.recall_queries,
+            recall_k=args.recall_k,
+            seed=args.seed,
+            threads=args.threads,
+        )
+        metadata = index_lib.build_index(data, column, settings)
+        return index_lib.format_build(metadata, args.directory)
     if args.command == "neighbors":
-        if args.word is not None:
+        if args.word is not None or (args.queries is not None and data_is_vocabulary(args.directory)):
             data, key = open_vocabulary(args.directory), args.word
             column = args.column or VECTOR_COLUMN
         else:
             data, key, column = open_documents(args.directory), args.id, args.column
         column = check_vector_column(data, column)
-        neighbors, compared = find_neighbors(data, key, column, args.k)
-        return format_neighbors(data, key, column, neighbors, compared)
+        loaded = open_index(data, column, args.exact)
+        if args.queries is not None:
+            answered, problems = batch_neighbors(data, column, args.queries, args.out, args.k, loaded)
+            how = _via(loaded, data) if loaded is not None else "By an exact scan of every row."
+            return (
+                f"Wrote {args.out}: {answered} queries, {problems} of them unanswered "
+                f"(see its problem column).\n{how}"
+            )
+        if loaded is None:
+            neighbors, compared = find_neighbors(data, key, column, args.k)
+            return format_neighbors(data, key, column, neighbors, compared)
+        neighbors, compared = indexed_neighbors(data, loaded, key, args.k)
+        table = format_neighbors(data, key, column, neighbors, compared, loaded.metric, indexed=True)
+        return table + "\n" + _via(loaded, data)
     data = open_documents(args.directory)
     if args.command == "plot":
         path, rows, total, explained = plot_pca(
@@ -698,8 +1121,40 @@ def run_command(args):
             f"{explained[0]:.1%} + {explained[1]:.1%} of the variance."
         )
     column = check_vector_column(data, args.column)
+    if args.all:
+        loaded = open_index(data, column)
+        if loaded is None:
+            raise AnalysisError(
+                f"knn-score --all needs an index of {column!r}: build it with `python -m pipeline.analyze "
+                f"{args.directory} index --column {column}`, or leave --all out to score a sample."
+            )
+        score = knn_score_indexed(data, loaded, args.label, args.k)
+        return _via(loaded, data) + "\n" + format_knn_score(column, args.label, score, score.rows)
     score, total = knn_score(data, column, args.label, args.k, args.sample, args.seed)
     return format_knn_score(column, args.label, score, total)
+
+
+def data_is_vocabulary(directory):
+    """Whether `directory` is a vocabulary output (no row files of an export)."""
+    try:
+        open_documents(directory)
+    except AnalysisError:
+        return True
+    return False
+
+
+def _via(loaded, data):
+    """The line saying that the answer came through the index, and how good the index is."""
+    recall = loaded.metadata["recall"]
+    measured = (
+        f"recall@{recall['k']} {recall['recall']:.4f} measured at build"
+        if recall.get("recall") is not None
+        else "recall not measured"
+    )
+    return (
+        f"Using the index {data.location}/{loaded.metadata['file']} ({loaded.metadata['metric']}, "
+        f"{loaded.metadata['indexed']} rows, {measured}); --exact scans every row instead."
+    )
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ block of bytes (at most `INDEX_BLOCK`) built while scanning the ids (see
 `pipeline.transforms.ReadCorpus`).
 """
 
+import collections
 import csv
 import gzip
 import io
@@ -36,6 +37,7 @@ from pipeline.schema import (
     BAD_TOKEN_ID,
     EMPTY_RECORD,
     INVALID_UTF8,
+    MALFORMED_CSV,
     MALFORMED_JSON,
     MISSING_FIELD,
     MISSING_ID,
@@ -124,7 +126,21 @@ def read_file(plan, path, open_file):
         yield item
 
 
-def read_records(plan, path, open_file, start=0, claim=None, lines_before=None, on_newline=None):
+class InputShorter(Exception):
+    """A file, or range of one, ended before the size the launch listed: it was cut while it was read."""
+
+
+def read_records(
+    plan,
+    path,
+    open_file,
+    start=0,
+    claim=None,
+    lines_before=None,
+    on_newline=None,
+    verify=None,
+    size=None,
+):
     """Yields `(order, item)` for each record of a file (or of a byte range of it), in file order.
 
     `item` is a `Document` or a dead-letter row. A bad record is a dead letter
@@ -148,6 +164,12 @@ def read_records(plan, path, open_file, start=0, claim=None, lines_before=None, 
             a range numbers its first line 1 (enough for the id scan).
         on_newline: called with the offset of the newline ending each line read
             (the id scan counts them into the line index).
+        verify: called before the file is opened and after its last record
+            was read; raises if the file is not as the launch listed it (the
+            dead letter then says so, where reading stopped).
+        size: the file's size as listed at launch: a text or JSONL file or
+            range that reaches the end of the data before it raises
+            `InputShorter` (the file was cut while it was read).
     """
     read = 0
     last_position, last_order = 0, FILE_ORDER
@@ -158,6 +180,8 @@ def read_records(plan, path, open_file, start=0, claim=None, lines_before=None, 
         yield FILE_ORDER, schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
         return
     try:
+        if verify is not None:
+            verify()
         with open_file() as raw_stream:
             stream = gzip.GzipFile(fileobj=raw_stream, mode="rb") if is_compressed(path) else raw_stream
             if plan.input_format == "parquet":
@@ -165,12 +189,15 @@ def read_records(plan, path, open_file, start=0, claim=None, lines_before=None, 
             elif plan.input_format == "csv":
                 records = csv_records(plan, path, stream)
             else:
-                records = line_records(plan, path, stream, start, claim, lines_before, on_newline)
+                end = size if size is not None and not is_compressed(path) else None
+                records = line_records(plan, path, stream, start, claim, lines_before, on_newline, end)
             for order, item in records:
                 read += 1
                 last_order = order
                 last_position = item.position if isinstance(item, Document) else item["position"]
                 yield order, item
+        if verify is not None:
+            verify()
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
         if not read and not start:
@@ -251,10 +278,13 @@ def _align(stream, start, lines_before):
     return start - 1 + skipped, newlines + end.endswith(b"\n")
 
 
-def line_records(plan, source, stream, start=0, claim=None, lines_before=None, on_newline=None):
+def line_records(
+    plan, source, stream, start=0, claim=None, lines_before=None, on_newline=None, listed_size=None
+):
     """Text or JSONL: one record per line, ordered by byte offset.
 
-    Lines over --max_record_bytes are skipped, never held.
+    Lines over --max_record_bytes are skipped, never held. With `listed_size`
+    (the size the launch listed), data that ends before it raises `InputShorter`.
     """
     limit = plan.max_record_bytes
     offset, number = (0, 0) if not start else _align(stream, start, lines_before)
@@ -281,6 +311,8 @@ def line_records(plan, source, stream, start=0, claim=None, lines_before=None, o
             item = _guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
         yield offset, item
         offset += consumed
+    if listed_size is not None and offset < listed_size:
+        raise InputShorter(f"the data ends at byte {offset}, but the launch listed {listed_size} bytes")
 
 
 def parse_line(plan, source, number, line):
@@ -320,18 +352,25 @@ class RecordTooLarge(Exception):
     """Raised into `csv.reader` when the record it is reading passes --max_record_bytes."""
 
 
+class UnclosedQuote(Exception):
+    """A CSV quote that cannot be set aside with its record alone (in the header, or in a skipped record)."""
+
+
 class _CsvLines:
     """Feeds `csv.reader` one physical line at a time, measuring the record being read.
 
     `csv.reader` keeps a whole record in memory and has its own field limit;
     reading here lines of at most --max_record_bytes keeps memory bounded and
     lets an oversized record be skipped, following its quotes, while reading
-    goes on.
+    goes on. The lines of the record being read are kept (at most
+    --max_record_bytes of them), so that a record whose quote never closes can
+    be set aside and its later lines read again as records (`reread_after_first`).
     """
 
     def __init__(self, text, limit):
         self._text = text
         self._limit = limit
+        self._pending = collections.deque()
         self.start_record()
 
     def start_record(self):
@@ -339,15 +378,21 @@ class _CsvLines:
         self.quotes = 0
         self.raw = ""
         self._line = ""
+        self.lines = []
+        # Set when the data ended inside the record: `csv.reader` only asks for
+        # another line mid-record while a quoted field is open.
+        self.ended_inside = False
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        line = self._text.readline(self._limit + 2)
+        line = self._pending.popleft() if self._pending else self._text.readline(self._limit + 2)
         if not line:
+            self.ended_inside = True
             raise StopIteration
         self._line = line
+        self.lines.append(line)
         self.quotes += line.count('"')
         if len(self.raw) < schema_lib.RAW_LIMIT:
             self.raw += line[: schema_lib.RAW_LIMIT - len(self.raw)]
@@ -359,19 +404,58 @@ class _CsvLines:
             raise RecordTooLarge
         return line
 
+    def reread_after_first(self):
+        """Queues the record's lines after its first to be read again, as records of their own."""
+        self._pending.extendleft(reversed(self.lines[1:]))
+
     def skip_record(self):
-        """Reads past the rest of the current record: its line, and more lines while a quote is open."""
+        """Reads past the rest of the current record: its line, and more lines while a quote is open.
+
+        Raises:
+            UnclosedQuote: the data ended with the quote still open; the lines
+                skipped were not kept, so they cannot be read as records again.
+        """
         line = self._line
         while not (line.endswith(("\n", "\r")) and self.quotes % 2 == 0):
-            line = self._text.readline(_SKIP_CHUNK)
+            line = self._pending.popleft() if self._pending else self._text.readline(_SKIP_CHUNK)
             if not line:
+                if self.quotes % 2:
+                    raise UnclosedQuote(
+                        f"a quoted field over --max_record_bytes={self._limit} is never closed; the "
+                        f"{self.size} bytes after it up to the end of the file were not read as records"
+                    )
                 break
             self.quotes += line.count('"')
             self.size += len(line.encode("utf-8", "surrogateescape"))
 
 
+def _malformed(source, number, lines, error):
+    """The dead letter of a record `csv.reader` (strict) refused: a quote never closed, or text after one."""
+    if lines.ended_inside:
+        message = (
+            f"A quoted field of this row is never closed before the end of the file (it would run "
+            f"over {len(lines.lines)} lines)."
+        )
+    else:
+        message = f"The row's quotes are malformed ({error})."
+    if len(lines.lines) > 1:
+        message += (
+            f" The row is set aside and its {len(lines.lines) - 1} later line(s) are read again as rows."
+        )
+    return schema_lib.error_row(
+        source, number, None, MALFORMED_CSV, message, lines.lines[0][: schema_lib.RAW_LIMIT]
+    )
+
+
 def csv_records(plan, source, stream):
-    """CSV with a header row; a record may span lines inside quotes. Ordered by row number."""
+    """CSV with a header row; a record may span lines inside quotes. Ordered by row number.
+
+    Quotes are read strictly: a record whose quoted field is still open at the
+    end of the data, or is followed by text before the next comma, is a
+    `malformed_csv` dead letter, and the lines after its first are read again
+    as records. So no row is made of text past a quote that never closes, and
+    every line is in a row or a dead letter.
+    """
     limit = plan.max_record_bytes
     # Records over `limit` are stopped by _CsvLines first; csv's own limit
     # (128 KiB by default, process-wide) must not cut records under it.
@@ -380,8 +464,13 @@ def csv_records(plan, source, stream):
     # visible per row instead of failing the rest of the file.
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     lines = _CsvLines(text, limit)
-    reader = csv.reader(lines)
-    header = next(reader, None)
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as error:
+        raise UnclosedQuote(
+            f"the header's quotes are malformed ({error}), so no row can be told apart"
+        ) from None
     if header is None:
         return
     ambiguous = _ambiguous_header(plan, header)
@@ -396,6 +485,12 @@ def csv_records(plan, source, stream):
             number += 1
             lines.skip_record()
             yield number, _too_large(source, number, lines.size, limit, lines.raw)
+            continue
+        except csv.Error as error:
+            number += 1
+            yield number, _malformed(source, number, lines, error)
+            lines.reread_after_first()
+            reader = csv.reader(lines, strict=True)  # A fresh parser, at the start of a record.
             continue
         number += 1
         yield number, _guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)

@@ -8,6 +8,8 @@ Knows nothing of Beam, so it is tested directly and reused by the benchmark.
 
 import dataclasses
 import logging
+import platform
+import socket
 import typing
 
 import numpy as np
@@ -63,13 +65,46 @@ def max_difference(candidate, reference, features):
     return worst
 
 
+# The launcher's `Embedder` and its plan, which a worker in the launcher's own process (the
+# in-memory runner) reuses: one model load, fast path and check per process.
+_LAUNCHED = []
+
+
+def fast_path_environment():
+    """This host and the versions that compute a forward pass: where a fast path check holds."""
+    import keras
+    import tensorflow as tf
+
+    return (
+        f"{socket.gethostname()} {platform.machine()} tensorflow {tf.__version__} "
+        f"keras {keras.__version__} numpy {np.__version__}"
+    )
+
+
 def choose_forward_passes(plan, model_source):
-    """Chooses each column's forward pass at launch, as the workers will: `plan.forward_passes`.
+    """The plan with each column's forward pass chosen at launch, as the workers will use it.
 
     Builds the worker's `Embedder` (fast path checked against Keras included) on
-    the launcher's already loaded model.
+    the launcher's already loaded model.  The returned plan carries the choice
+    (`forward_passes`) and where it was checked (`fast_path_checked_on`), so
+    workers in the same environment do not check again; a worker of this very
+    process gets this `Embedder` itself (`worker_embedder`).
     """
-    return Embedder(plan, model_source).forward_pass_records()
+    embedder = Embedder(plan, model_source)
+    chosen = dataclasses.replace(
+        plan, forward_passes=embedder.forward_pass_records(), fast_path_checked_on=fast_path_environment()
+    )
+    embedder.plan = chosen
+    _LAUNCHED[:] = [(chosen, embedder)]
+    return chosen
+
+
+def worker_embedder(plan):
+    """A worker's `Embedder` of `plan`: the launcher's when this process launched it, else loaded."""
+    for launched, embedder in _LAUNCHED:
+        if launched == plan:
+            return embedder
+    return Embedder(plan)
 
 
 def manifest_columns(columns, forward_passes):
@@ -99,7 +134,7 @@ class Embedded(typing.NamedTuple):
     documents: list  # the `corpus.Document`s that have outputs, in row order
     features: dict  # input name -> the stacked features of those documents
     masks: dict  # input name -> (n, length) bool: real tokens
-    outputs: dict  # column -> numpy array, rows aligned with `documents`
+    outputs: dict  # column -> numpy array or `schema.RealTokens`, rows aligned with `documents`
     failed: list  # dead-letter rows of the batch's documents that have none
     oov_tokens: int  # unknown words of text inputs (token-id inputs count theirs when tokenized)
 
@@ -162,6 +197,8 @@ class Embedder:
         self._computed_columns = [column.column for _, column in computed]
         self.forward_passes = dict(self._id_passes)
         self.sub_model, self._forward, self._fast, self._model_inputs = None, None, None, ()
+        # On the fast path: Embedding columns taken from their tables at the real tokens, the rest.
+        self._tables, self._dense_columns, self._real_token_inputs = {}, (), {}
         if not computed:
             return
         self.sub_model = truncate(model_source.model, [spec for spec, _ in computed])
@@ -187,9 +224,13 @@ class Embedder:
             return outputs
 
         self._forward = forward
-        self._fast = self._choose_fast_path() if plan.fast_path == "auto" else None
+        self._fast = None
         if plan.fast_path != "auto":
             self._keras_only(f"--fast_path {plan.fast_path}")
+        elif self._launch_checked():
+            self._fast = self._follow_launch()
+        else:
+            self._fast = self._choose_fast_path()
         self._check_launch_decision()
 
     def _model_features(self, features):
@@ -203,13 +244,33 @@ class Embedder:
         return {name: value.numpy() for name, value in self._forward(self._model_features(features)).items()}
 
     def predict(self, features):
-        """Runs the sub-model on {input name: int32 ids}; returns {column: numpy array}.
+        """Runs the sub-model on {input name: int32 ids}; returns {column: numpy array or RealTokens}.
 
+        On the fast path an Embedding's column is `schema.RealTokens`: its table
+        and the real tokens' ids, never the padded (n, length, dim) lookup.
         Columns stored as token ids are not computed, so they are absent.
         """
-        if self._fast is not None:
-            return self._fast(self._model_features(features))
-        return self.keras_predict(features)
+        if self._fast is None:
+            return self.keras_predict(features)
+        return self._fast_outputs(self._fast, self._model_features(features), wrap=True)
+
+    def _fast_outputs(self, fast, features, wrap):
+        """The fast path's columns, each per-token one at the real tokens only.
+
+        Embedding columns come from their tables, per-token recurrent columns
+        from `real_tokens=True`: as `schema.RealTokens` with `wrap`, else as the
+        real tokens' (tokens, dim) values; the others as the sub-model gives them.
+        """
+        outputs = fast(features, self._dense_columns, real_tokens=True) if self._dense_columns else {}
+        for column, input_name in self._real_token_inputs.items():
+            if column in outputs and wrap:
+                real = features[input_name] != 0
+                values = outputs[column]
+                outputs[column] = schema_lib.RealTokens(values, np.arange(len(values)), real.sum(axis=1))
+        for column, (input_name, table) in self._tables.items():
+            ids = features[input_name]
+            outputs[column] = schema_lib.RealTokens.lookup(table, ids) if wrap else table[ids[ids != 0]]
+        return outputs
 
     @property
     def uses_fast_path(self):
@@ -222,6 +283,7 @@ class Embedder:
             **self._id_passes,
             **{column: ForwardPass(KERAS, reason) for column in self._computed_columns},
         }
+        self._tables, self._dense_columns, self._real_token_inputs = {}, (), {}
 
     def _choose_fast_path(self):
         """The exact fast path if the model qualifies and matches Keras on a sample batch.
@@ -238,7 +300,21 @@ class Embedder:
         batch = self._model_features(
             verification_batch(self.plan.inputs, self.plan.padding, fast.vocabulary_size)
         )
-        worst = max_difference(fast, self.keras_predict, batch)
+        self._use_fast_path(fast, passes)
+        real_token_inputs = {**self._real_token_inputs, **{c: name for c, (name, _) in self._tables.items()}}
+
+        def reference(features):
+            # Keras's outputs at the positions the fast path computes: real tokens only for its
+            # real-token columns (the rows of a per-token column are only those).
+            outputs = self.keras_predict(features)
+            for column, name in real_token_inputs.items():
+                outputs[column] = outputs[column][features[name] != 0]
+            return outputs
+
+        # Traced as the batches will run it: the in-memory runner reuses this trace.
+        worst = max_difference(
+            lambda features: self._fast_outputs(fast, features, wrap=False), reference, batch
+        )
         if not worst <= FAST_PATH_TOLERANCE:
             reason = (
                 f"the fast path differs from Keras by {worst:.3g} (> {FAST_PATH_TOLERANCE:g}) "
@@ -247,11 +323,43 @@ class Embedder:
             logging.warning("Fast path off: %s; using Keras's forward pass.", reason)
             self._keras_only(reason)
             return None
-        self.forward_passes = {**self._id_passes, **passes}
         for column, forward_pass in passes.items():
             logging.info("Fast path on for %s: %s: %s.", column, forward_pass.engine, forward_pass.reason)
         logging.info("Fast path checked against Keras on a sample batch: max |diff| %.2g.", worst)
         return fast
+
+    def _launch_checked(self):
+        """Whether the launch checked the fast path in this environment (same host and versions)."""
+        return bool(self.plan.forward_passes) and self.plan.fast_path_checked_on == fast_path_environment()
+
+    def _follow_launch(self):
+        """The fast path as the launch chose it, without checking it against Keras again.
+
+        The launch checked this model (same SHA-256) with the same code and
+        libraries on this host, so the check would give the same answer.
+        """
+        from models.fast_lstm import KERAS, ForwardPass, build_fast_path
+
+        recorded = {
+            column: ForwardPass(engine, reason) for column, engine, reason in self.plan.forward_passes
+        }
+        if all(recorded[column].engine == KERAS for column in self._computed_columns if column in recorded):
+            self.forward_passes = {**self._id_passes, **recorded}
+            return None
+        fast, passes = build_fast_path(self.sub_model)
+        if fast is None:
+            raise ExportConfigError(
+                f"The launch chose the fast path, but this worker cannot build it ({passes}); "
+                "rerun the export."
+            )
+        self._use_fast_path(fast, passes)
+        return fast
+
+    def _use_fast_path(self, fast, passes):
+        self.forward_passes = {**self._id_passes, **passes}
+        self._tables = fast.embedding_tables()
+        self._real_token_inputs = fast.real_token_columns()
+        self._dense_columns = tuple(column for column in self._computed_columns if column not in self._tables)
 
     def _check_launch_decision(self):
         """Refuses to run columns with another forward pass than the launcher recorded for the manifest."""
@@ -370,7 +478,14 @@ class Embedder:
                 )
         if not results:
             return {}, good
-        return {name: np.concatenate([result[name] for result in results]) for name in results[0]}, good
+        return {name: _concatenate([result[name] for result in results]) for name in results[0]}, good
+
+
+def _concatenate(parts):
+    """One batch's outputs of a column from those of its documents (arrays or `RealTokens`)."""
+    if isinstance(parts[0], schema_lib.RealTokens):
+        return schema_lib.concatenate_real_tokens(parts)
+    return np.concatenate(parts)
 
 
 def _rows(rows, documents, features, masks):

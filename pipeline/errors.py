@@ -6,7 +6,10 @@ EXIT_CONFIG_ERROR = 2  # a flag, the model, the input or the output cannot work;
 EXIT_ACCOUNTING_MISMATCH = 3  # records read != rows + dead letters (a bug: please report it)
 EXIT_TOO_MANY_ERRORS = 4  # more than --max_error_fraction of the records were dead-lettered
 EXIT_RECORDS_LOST = 5  # a file broke part-way: how many records it still held is unknown
+EXIT_OUTPUT_FAILED = 6  # the output could not be written (a full disk, ...); the earlier export is kept
+EXIT_ACCOUNTING_UNVERIFIED = 7  # the runner reported no committed counters: records read unknown
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
+EXIT_TERMINATED = 143  # SIGTERM (Kubernetes, systemd, CI), as shells report it
 
 
 class ExportConfigError(ValueError):
@@ -15,3 +18,7 @@ class ExportConfigError(ValueError):
 
 class OutputBusyError(ExportConfigError):
     """Another live run holds the output directory."""
+
+
+class OutputWriteError(Exception):
+    """The output could not be written while the run worked (a full disk, ...); says what is left."""

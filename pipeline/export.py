@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import difflib
+import errno
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     DebugOptions,
     DirectOptions,
+    FlinkRunnerOptions,
     PipelineOptions,
     StandardOptions,
     TestOptions,
@@ -22,15 +24,18 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.runners.runner import PipelineState
 
 from pipeline import output as output_lib
+from pipeline import portable
 from pipeline import progress as progress_lib
 from pipeline import resume as resume_lib
 from pipeline.embedder import choose_forward_passes, manifest_columns
 from pipeline.errors import (
     EXIT_ACCOUNTING_MISMATCH,
+    EXIT_ACCOUNTING_UNVERIFIED,
     EXIT_OK,
     EXIT_RECORDS_LOST,
     EXIT_TOO_MANY_ERRORS,
     ExportConfigError,
+    OutputWriteError,
 )
 from pipeline.graph import build_pipeline
 from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenizer
@@ -40,8 +45,12 @@ from pipeline.token_tables import write_token_tables
 from pipeline.transforms import DEFAULT_SPLIT_BYTES, FILES_BROKEN, NAMESPACE, RANGES_READ, ROWS_KEPT
 
 # A local run of at least this much input uses one worker process per core (see
-# `use_local_cores`); below it, starting the processes costs more than they save.
-LOCAL_PROCESSES_MIN_BYTES = 8 << 20
+# `use_local_cores`); below it, starting the processes costs more than they save: each
+# imports TensorFlow, loads the model and compiles its forward pass (10-20 s on 2 cores),
+# and holds its own ~1 GB. `python -m benchmarks.real_text` measured one process faster
+# than two on 100,000 real-length documents (48 MB) in both of its runs, with a third of
+# the memory (a machine shared with other work: on idle cores the break-even is lower).
+LOCAL_PROCESSES_MIN_BYTES = 64 << 20
 # Local ranges: at least this many per worker process, each between these sizes.
 RANGES_PER_LOCAL_WORKER = 4
 MIN_SPLIT_BYTES = 1 << 20
@@ -54,7 +63,7 @@ class ExportSummary:
     """What a finished run did; `exit_code` is what `python -m pipeline.run` returns."""
 
     output: str
-    records_read: int
+    records_read: int | None  # None: the runner reported no committed counters
     rows_written: int
     dead_letters: int
     errors_by_reason: dict
@@ -258,12 +267,18 @@ def split_bytes_for(options, total_bytes):
     """How big a range of a file one reader reads.
 
     On Dataflow DEFAULT_SPLIT_BYTES (and the service splits further while it
-    reads); locally, small enough that each worker process gets several ranges.
+    reads); locally, small enough that each worker process gets several ranges;
+    on a portable runner given Flink's --parallelism, small enough that each
+    slot gets several (Flink does not split a range while it reads it).
     """
-    if local_runner(options) is None:
+    parallelism = options.view_as(FlinkRunnerOptions).parallelism or 0
+    if portable.is_portable(options) and parallelism > 0:
+        workers = parallelism
+    elif local_runner(options) is None:
         return DEFAULT_SPLIT_BYTES
-    direct = options.view_as(DirectOptions)
-    workers = direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 1
+    else:
+        direct = options.view_as(DirectOptions)
+        workers = direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 1
     wanted = total_bytes // (max(1, workers or os.cpu_count() or 1) * RANGES_PER_LOCAL_WORKER)
     return int(min(DEFAULT_SPLIT_BYTES, max(MIN_SPLIT_BYTES, wanted)))
 
@@ -335,6 +350,7 @@ def run_export(argv=None):
         ExportConfigError: a launch-time validation failed; nothing was written.
     """
     check_known_flags(argv)
+    output_lib.reset_commit_phase()
     options = PipelineOptions(argv)
     # The launcher reads --model, --input and --output before any Pipeline exists;
     # object stores (s3:// endpoint and keys, ...) take their settings from these options.
@@ -345,6 +361,9 @@ def run_export(argv=None):
     dry_run = is_dry_run(options)
     if is_dataflow(options):
         check_worker_paths(export_options)
+    portable.check_worker_start_timeout(export_options.worker_start_timeout)
+    if portable.is_portable(options) and not dry_run:
+        portable.check_job_endpoint(options)
     if dry_run and not is_local(export_options.model):
         raise ExportConfigError(
             f"--dry_run builds the plan from the model without cloud credentials, so --model "
@@ -364,7 +383,7 @@ def run_export(argv=None):
             **_graph_settings(options, total_bytes),
         )
         return _dry_run(pipeline, plan, options)
-    plan = dataclasses.replace(plan, forward_passes=choose_forward_passes(plan, model_source))
+    plan = choose_forward_passes(plan, model_source)
     signature = resume_lib.run_signature(plan, export_options.limit)
     find_resumable = None
     if export_options.resume == "auto":
@@ -383,7 +402,7 @@ def run_export(argv=None):
         return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed)
 
 
-def _graph_settings(options, total_bytes, progress_dir=None, resumed=None):
+def _graph_settings(options, total_bytes, progress_dir=None, resumed=None, workers_dir=None):
     export_options = options.view_as(ExportOptions)
     return {
         "split_bytes": split_bytes_for(options, total_bytes),
@@ -393,6 +412,7 @@ def _graph_settings(options, total_bytes, progress_dir=None, resumed=None):
         "checkpoint_seconds": export_options.checkpoint_seconds,
         "kept_ids_path": resumed.kept_ids_path if resumed else None,
         "kept_files": resumed.kept_files if resumed else (),
+        "workers_dir": workers_dir,
     }
 
 
@@ -430,9 +450,22 @@ def format_counters(counters):
     )
 
 
-def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, resumed=None):
+def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, resumed=None, workers_dir=None):
     """Builds and runs the pipeline, reporting progress while it works; returns the result."""
     export_options = options.view_as(ExportOptions)
+    if portable.is_portable(options):
+        pipeline = beam.Pipeline(options=options)
+        settings = _graph_settings(options, total_bytes, resumed=resumed, workers_dir=workers_dir)
+        build_pipeline(pipeline, plan, rows_prefix, errors_prefix, **settings)
+        result = pipeline.run()
+        portable.wait_for_job(
+            result,
+            workers_dir,
+            options,
+            export_options.worker_start_timeout,
+            export_options.progress_seconds,
+        )
+        return result
     if local_runner(options) is None:
         pipeline = beam.Pipeline(options=options)
         build_pipeline(
@@ -456,12 +489,50 @@ def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, resume
         monitor = progress_lib.ProgressMonitor(
             progress_dir, total_bytes, export_options.limit, export_options.progress_seconds
         )
-        with monitor, worker_package_path(options):
+        with _beam_errors_held(), monitor, worker_package_path(options):
             result = pipeline.run()
             result.wait_until_finish()
         return result
     finally:
         shutil.rmtree(progress_dir, ignore_errors=True)
+
+
+class _HeldErrors(logging.Filter):
+    """Holds back Beam's ERROR records (each with a long traceback) while a local pipeline runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.name.startswith("apache_beam"):
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _beam_errors_held():
+    """Lets Beam's error logs of a failed local run through only if the failure is not one we explain.
+
+    A full disk is reported as one `error:` line (see `out_of_space`); Beam would
+    first log the same OSError with its traceback from inside the transform.
+    """
+    held = _HeldErrors()
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(held)
+    try:
+        yield
+    except BaseException as error:
+        if is_disk_full(error) or isinstance(error, KeyboardInterrupt):
+            held.records.clear()
+        raise
+    finally:
+        for handler in handlers:
+            handler.removeFilter(held)
+        for record in held.records:
+            logging.getLogger(record.name).handle(record)
 
 
 def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed=None):
@@ -473,12 +544,22 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resu
     export_options = options.view_as(ExportOptions)
     rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
     started = time.time()
-    write_token_tables(plan, model_source, output_lib.staging_tables_dir(plan.output, run_id))
-    result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, resumed)
+    workers_dir = output_lib.join(plan.output, output_lib.STAGING, run_id, portable.WORKERS_DIR)
+    try:
+        write_token_tables(plan, model_source, output_lib.staging_tables_dir(plan.output, run_id))
+        result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, resumed, workers_dir)
+        staged = output_lib.staged_shards(plan.output, run_id)
+    except portable.WorkersUnavailableError:
+        output_lib.remove_staging(plan.output, run_id)
+        raise
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise out_of_space(plan.output, run_id) from None
     seconds = time.time() - started
 
-    counters = _counters(result)
-    staged = output_lib.staged_shards(plan.output, run_id)
+    run_counters = portable.read_counters(result, NAMESPACE)
+    counters = run_counters.values
     rows = sum(count for _, count in staged["rows"])
     dead = sum(count for _, count in staged["errors"])
     read = counters.get("records_read", 0)
@@ -486,6 +567,10 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resu
     by_reason = {
         name[len("failed_") :]: value for name, value in counters.items() if name.startswith("failed_")
     }
+    if not run_counters.exact:
+        # Attempted values count retried bundles twice: only what the files hold is exact.
+        by_reason = portable.dead_letters_by_reason(staged["errors"])
+        broken = portable.files_broken(by_reason)
     reuse_counts = {}
     if plan.reuse:
         reused = counters.get("rows_reused", 0)
@@ -496,7 +581,14 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resu
             "earlier_rows_changed": counters.get("earlier_rows_changed", 0),
             "earlier_rows_dropped": counters.get("earlier_rows_dropped", 0),
         }
+    # A failed run never replaces a succeeded export (its dead letters go to _failed/RUN/).
+    earlier = output_lib.read_manifest(plan.output)
+    earlier_succeeded = bool(earlier) and earlier.get("status") == "succeeded"
+    failed_dir = output_lib.join(plan.output, output_lib.FAILED_DIR, run_id)
+    errors_dir = output_lib.join(failed_dir if earlier_succeeded else plan.output, output_lib.ERRORS_DIR)
     exit_code, message = EXIT_OK, "ok"
+    # Without committed counters the records read are unknown; what was written stands in for them.
+    counted = read if run_counters.exact else rows + dead
     skipped = counters.get(ROWS_KEPT, 0)
     if resumed and skipped != resumed.rows_kept:
         exit_code = EXIT_ACCOUNTING_MISMATCH
@@ -504,22 +596,31 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resu
             f"Accounting mismatch: the resumed run kept {resumed.rows_kept} rows but met "
             f"{skipped} of their documents in the corpus."
         )
-    elif read != rows + dead:
+    elif run_counters.exact and read != rows + dead:
         exit_code = EXIT_ACCOUNTING_MISMATCH
         message = f"Accounting mismatch: {read} records read but {rows} rows + {dead} dead letters written."
     elif broken:
         exit_code = EXIT_RECORDS_LOST
         message = (
             f"{broken} input file(s) could not be read to the end (unreadable_file or read_error in "
-            f"{output_lib.join(plan.output, output_lib.ERRORS_DIR)}): records after the break may be "
+            f"{errors_dir}): records after the break may be "
             "lost, and how many is unknown."
         )
-    elif read and dead / read > export_options.max_error_fraction:
+    elif counted and dead / counted > export_options.max_error_fraction:
         exit_code = EXIT_TOO_MANY_ERRORS
         message = (
-            f"{dead} of {read} records ({dead / read:.0%}) were dead-lettered, more than "
+            f"{dead} of {counted} records ({dead / counted:.0%}) were dead-lettered, more than "
             f"--max_error_fraction={export_options.max_error_fraction}. Check --input_format and "
-            f"--input_map; the reasons are in {output_lib.join(plan.output, output_lib.ERRORS_DIR)}."
+            f"--input_map; the reasons are in {errors_dir}."
+        )
+    elif not run_counters.exact:
+        exit_code = EXIT_ACCOUNTING_UNVERIFIED
+        message = (
+            "Accounting unverified: the runner reported no committed counters, so the records read "
+            f"are unknown and `records read = rows + dead letters` could not be checked; {rows} rows "
+            f"and {dead} dead letters were written (counted in the files). The output is committed: "
+            "compare with your corpus's record count, or run where counters are committed "
+            "(DirectRunner, Dataflow, Beam's local job service) for the exact check."
         )
     manifest = {
         "status": "succeeded" if exit_code == 0 else "completed_with_errors",
@@ -533,7 +634,8 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resu
         "tokenizer_sha256": plan.tokenizer_sha256,
         "columns": manifest_columns(plan.columns, plan.forward_passes),
         "counts": {
-            "records_read": read,
+            # None where the runner reported no committed counters: the count is unknown.
+            "records_read": read if run_counters.exact else None,
             "rows_written": rows,
             "dead_letters": dead,
             "dead_letters_by_reason": by_reason,
@@ -543,6 +645,9 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resu
             # How many byte ranges of the input files were read (more than one per big file).
             "ranges_read": counters.get(RANGES_READ, 0),
             **reuse_counts,
+            # The runner's word for the counters above: "committed", or "attempted" (an upper
+            # bound: a retried bundle counts twice; the dead letters are then counted from their files).
+            "counters": "committed" if run_counters.exact else "attempted",
         },
         "limited": export_options.limit is not None,
         "limit": export_options.limit,
@@ -554,10 +659,19 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resu
     }
     # From here on the run is never resumed: a kill during the commit is recovered by the commit.
     resume_lib.mark_committing(plan.output, run_id)
-    output_lib.commit(plan.output, run_id, staged, manifest)
+    # Unverified accounting (a portable runner without committed counters) is no failure of the run.
+    if exit_code not in (EXIT_OK, EXIT_ACCOUNTING_UNVERIFIED) and earlier_succeeded:
+        message += (
+            f" The succeeded export already in {plan.output} was kept: a failed run does not replace "
+            f"it. This run's manifest and dead letters are in {failed_dir} (its rows were dropped)."
+        )
+        manifest["message"] = message
+        output_lib.set_aside_failed_run(plan.output, run_id, staged, manifest)
+    else:
+        output_lib.commit(plan.output, run_id, staged, manifest)
     return ExportSummary(
         output=plan.output,
-        records_read=read,
+        records_read=read if run_counters.exact else None,
         rows_written=rows,
         dead_letters=dead,
         errors_by_reason=by_reason,
@@ -574,16 +688,55 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resu
     )
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps: Beam re-raises a worker's error as text) is a full disk."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _free_bytes(path: str) -> int | None:
+    if not is_local(path):
+        return None
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free
+
+
+def out_of_space(output: str, run_id: str) -> OutputWriteError:
+    """Removes what the run staged in `output` and says how much space the export needed."""
+    staged = output_lib.staged_bytes(output, run_id)
+    # Measured before the removal: a failed writer may hold its deleted file open until we exit.
+    free = _free_bytes(output)
+    output_lib.remove_staging(output, run_id)
+    available = f"the {progress_lib.size_text(free + staged)} it had" if free is not None else "what it had"
+    return OutputWriteError(
+        f"--output {output!r} ran out of space (no space left on device): this export needs more than "
+        f"{available} (free space plus the {progress_lib.size_text(staged)} it had staged when the disk "
+        "filled). Its staged files were removed and an earlier export there is untouched (it stays until "
+        "a new one is committed, so --overwrite needs room for both). Free space or choose another "
+        "--output, then rerun."
+    )
+
+
 def format_summary(summary):
     """The one-screen summary printed at the end of a run."""
     if summary.dry_run:
         return f"\nNothing exported (--dry_run): {summary.message}\n  output           {summary.output}"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
+    read = summary.records_read if summary.records_read is not None else "unknown (no committed counters)"
     pattern = output_lib.join(summary.output, "part-*.parquet")
     lines = [
         "",
         "Export finished" if summary.exit_code == 0 else f"Export finished with problems: {summary.message}",
-        f"  documents read   {summary.records_read}",
+        f"  documents read   {read}",
         f"  rows written     {summary.rows_written}",
         f"  dead letters     {summary.dead_letters} ({reasons})",
         f"  truncated        {summary.truncated} documents longer than the model input",

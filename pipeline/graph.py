@@ -1,7 +1,10 @@
 """Builds the export's Beam graph on a given pipeline; does not run it."""
 
+import dataclasses
+
 import apache_beam as beam
 
+from pipeline.portable import AnnounceWorker
 from pipeline.transforms import (
     DEFAULT_CHECKPOINT_SECONDS,
     DEFAULT_SHARD_BYTES,
@@ -28,6 +31,7 @@ def build_pipeline(
     checkpoint_seconds=DEFAULT_CHECKPOINT_SECONDS,
     kept_ids_path=None,
     kept_files=(),
+    workers_dir=None,
 ):
     """Adds read -> embed -> write to `pipeline`.
 
@@ -44,12 +48,19 @@ def build_pipeline(
         kept_ids_path: a resumed run: the Parquet file of the ids whose rows it kept,
             which are not embedded (or reused) again (`pipeline.resume`).
         kept_files: a resumed run: the complete row files it kept, named with the new ones.
+        workers_dir: where a worker leaves a file once it runs the job (portable runners,
+            whose launcher watches for it: see `pipeline.portable.wait_for_job`).
 
     Returns:
         A dict with the PCollections "rows" (Arrow RecordBatches, embedded and,
         with `plan.reuse`, reused) and "errors" (dead-letter dicts).
     """
+    if workers_dir:
+        # Added first, so that runners which order independent roots run it first.
+        pipeline | "AnnounceWorker" >> AnnounceWorker(workers_dir)
     documents, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(plan, split_bytes, limit, progress_dir)
+    # Only ReadCorpus needs the launch listing; the other DoFns pickle the plan without it.
+    plan = dataclasses.replace(plan, input_files=())
     if plan.reuse:
         documents, reused = documents | "ReuseEarlierRows" >> ReuseEarlierRows(plan, kept_ids_path)
     rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan, kept_ids_path)

@@ -9,7 +9,15 @@ import tempfile
 import keras
 from apache_beam.io.filesystems import FileSystems
 
-from models.bundle import DEFAULT_BUNDLE, MANIFEST_FILE, BundleError, is_bundle, load_bundle, sha256_file
+from models.bundle import (
+    DEFAULT_BUNDLE,
+    MANIFEST_FILE,
+    BundleError,
+    check_file_name,
+    is_bundle,
+    load_bundle,
+    sha256_file,
+)
 from models.keras2_tokenizer import read_tokenizer
 from models.legacy import LegacyModelError, load_model_file
 from models.tokenizer import Tokenizer
@@ -237,6 +245,7 @@ def load_plan_tokenizer(plan):
         bundle = _installed_default_bundle(plan.model_uri.rstrip("/"))
         with FileSystems.open(FileSystems.join(bundle, MANIFEST_FILE)) as handle:
             name = json.load(handle)["tokenizer_file"]
+        check_file_name(name, "tokenizer_file", FileSystems.join(bundle, MANIFEST_FILE))
         with FileSystems.open(FileSystems.join(bundle, name)) as handle:
             data = handle.read()
         bundled = Tokenizer.from_json(data.decode("utf-8"))

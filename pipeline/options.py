@@ -207,5 +207,16 @@ class ExportOptions(PipelineOptions):
             type=float,
             default=10,
             help="Seconds between progress lines of a local run when stderr is not a terminal (a "
-            "terminal gets a live bar); on Dataflow, between polls of the job. Default: %(default)s.",
+            "terminal gets a live bar); on Dataflow, between polls of the job; on portable runners "
+            "(Flink, Spark), between lines of the job's state. Default: %(default)s.",
+        )
+        parser.add_argument(
+            "--worker_start_timeout",
+            type=float,
+            default=300,
+            metavar="SECONDS",
+            help="Portable runners (PortableRunner, Flink, Spark): cancel the job and exit with an error "
+            "naming what to check when no worker has started running it this many seconds after "
+            "submission (a worker pool whose python lacks Beam or this package, an image that cannot "
+            "be pulled). 0 waits forever. Default: %(default)s.",
         )

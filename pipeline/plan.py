@@ -11,13 +11,16 @@ import json
 import math
 import os
 import re
+import sys
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from models import __version__, keras_graph
 from models.truncate import parse_layer_spec, truncate
 from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
+from pipeline.listing import list_input
 from pipeline.model_source import is_local, load_model_source, wants_no_tokenizer
 from pipeline.options import INPUT_FORMATS
 from pipeline.token_tables import apply_token_storage
@@ -113,9 +116,16 @@ class ExportPlan:
     # SHA-256 of the input listing (path, size, modification time of each file; "" if not listed):
     # a resume continues only a run that read the same files (`pipeline.resume`).
     input_listing_sha256: str = ""
+    # The launch listing (`listing.InputFile`s): the files the run reads, each checked unchanged
+    # before and after it is read. Empty: not listed (a --dry_run of an object-store pattern).
+    # `graph.build_pipeline` hands it to ReadCorpus only, so no DoFn carries it.
+    input_files: tuple = ()
     # (column, forward pass, reason) as chosen at launch (`pipeline.embedder.forward_pass_records`);
     # workers refuse to use another, so the manifest's record holds.  Empty: workers choose.
     forward_passes: tuple = ()
+    # Where the launch checked the fast path against Keras (`embedder.fast_path_environment`):
+    # a worker in the same environment trusts `forward_passes` instead of checking again.
+    fast_path_checked_on: str = ""
 
     @property
     def fields(self):
@@ -343,7 +353,7 @@ def check_output(output, overwrite):
     Raises:
         ExportConfigError: saying what is wrong and what to do instead.
     """
-    from pipeline.output import check_output_state, is_regular_file
+    from pipeline.output import check_output_state, check_writable, is_regular_file
 
     check_location("output", output)
     if any(ch in output for ch in GLOB_CHARACTERS):
@@ -355,12 +365,13 @@ def check_output(output, overwrite):
         raise ExportConfigError(
             f"--output {output!r} is a file; --output names a directory for the export's files."
         )
+    check_writable(output)
     check_output_state(output, overwrite)
 
 
-def listing_sha256(metadata):
-    """SHA-256 of a file listing: each file's path, size and modification time, in path order."""
-    entries = sorted((m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in metadata)
+def listing_sha256(files):
+    """SHA-256 of the launch listing (`listing.InputFile`s): each file's path, size and modification time."""
+    entries = sorted((f.path, f.size, f.mtime) for f in files)
     return hashlib.sha256(json.dumps(entries).encode("utf-8")).hexdigest()
 
 
@@ -368,27 +379,36 @@ def check_locations(options, check_remote):
     """Checks --input, --output and how they relate, before the (slow) model load.
 
     Returns:
-        (total size of the files --input matches, `listing_sha256` of them); (0, "")
-        when it was not listed (an object-store pattern without `check_remote`).
+        The files --input matches (`listing.InputFile`s); empty when it was not
+        listed (an object-store pattern without `check_remote`).
 
     Raises:
         ExportConfigError: see `check_input`, `check_output` and `check_input_output`.
     """
-    matched, total_bytes, listing = None, 0, ""
+    matched, files = None, ()
     if check_remote or is_local(options.input):
-        metadata = check_input(options.input)
-        matched = [m.path for m in metadata]
-        total_bytes = sum(m.size_in_bytes for m in metadata)
-        listing = listing_sha256(metadata)
+        files = tuple(check_input(options.input))
+        matched = [f.path for f in files]
     else:
         check_location("input", options.input)
     if check_remote or is_local(options.output):
+        if check_remote:
+            # A commit a crash cut short is finished before the output is judged (not by --dry_run).
+            from pipeline.output import finish_interrupted_commit
+
+            check_location("output", options.output)
+            if finish_interrupted_commit(options.output) and not options.overwrite:
+                raise ExportConfigError(
+                    f"--output {options.output!r} held an export whose commit was cut short; it was "
+                    "finished just now, so the output holds that run's complete export. Pass "
+                    "--overwrite to replace it, or choose another --output."
+                )
         check_output(options.output, options.overwrite)
         if matched is not None:
             check_input_output(options.input, matched, options.output)
     else:
         check_location("output", options.output)
-    return total_bytes, listing
+    return files
 
 
 def output_column_names(keep_fields, columns):
@@ -450,25 +470,35 @@ def check_vocabulary_fits(limits, tokenizer):
             )
 
 
+# Each numeric flag's valid range, inclusive, and what it counts: a value outside it (inf, nan,
+# negative, or so large that a C call overflows) is refused at launch.
+NUMERIC_FLAGS = (
+    ("batch_size", 1, 100_000, "documents per forward pass"),
+    ("max_error_fraction", 0.0, 1.0, "the share of dead-lettered records that fails a run"),
+    ("max_record_bytes", 1, 1 << 30, "bytes of the largest record read (1 GiB at most)"),
+    ("limit", 1, sys.maxsize, "records to read"),
+    ("shard_mb", 0.001, 1_000_000.0, "MB per output file"),
+    ("progress_seconds", 0.1, 86_400.0, "seconds between progress lines"),
+    ("checkpoint_seconds", 1.0, 604_800.0, "seconds a row file stays open before it is made durable"),
+    ("tf_threads", 0, 1024, "TensorFlow threads per worker process, 0 = automatic"),
+)
+
+
 def check_numeric_flags(options):
-    """Refuses numeric flags out of range (--batch_size, --max_error_fraction, --limit, ...)."""
-    if options.batch_size < 1:
-        raise ExportConfigError(f"--batch_size must be at least 1, received {options.batch_size}.")
-    if not 0 <= options.max_error_fraction <= 1:
-        raise ExportConfigError(
-            f"--max_error_fraction must be between 0 and 1, received {options.max_error_fraction}."
-        )
-    if options.max_record_bytes < 1:
-        raise ExportConfigError(f"--max_record_bytes must be positive, received {options.max_record_bytes}.")
-    if options.limit is not None and options.limit < 1:
-        raise ExportConfigError(f"--limit must be a positive number of records, received {options.limit}.")
-    if not 0 < options.shard_mb < math.inf:
-        raise ExportConfigError(f"--shard_mb must be a positive size in MB, received {options.shard_mb}.")
-    if not options.checkpoint_seconds > 0:
-        raise ExportConfigError(
-            "--checkpoint_seconds must be a positive number of seconds (inf: only --shard_mb and the "
-            f"end of a bundle close a file), received {options.checkpoint_seconds}."
-        )
+    """Refuses a numeric flag outside its range (`NUMERIC_FLAGS`), naming the range.
+
+    Raises:
+        ExportConfigError: e.g. `--shard_mb inf`, `--progress_seconds 0`, `--limit -1`.
+    """
+    for name, low, high, meaning in NUMERIC_FLAGS:
+        value = getattr(options, name)
+        if value is None and name == "limit":  # --limit is optional.
+            continue
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            kind = "an integer" if isinstance(low, int) else "a number"
+            raise ExportConfigError(
+                f"--{name} must be {kind} from {low:,} to {high:,} ({meaning}), received {value!r}."
+            )
 
 
 def cut_model(model, layer_texts):
@@ -574,7 +604,7 @@ def build_plan(options, check_remote=True):
         ExportConfigError: anything that would make the run fail or write nonsense.
     """
     check_numeric_flags(options)
-    input_bytes, input_listing = check_locations(options, check_remote)
+    input_files = check_locations(options, check_remote)
     input_format = detect_format(options.input, options.input_format)
     explicit_map = _parse_input_map(options.input_map)
     model_source = load_model_source(
@@ -615,8 +645,9 @@ def build_plan(options, check_remote=True):
         inputs=inputs,
         columns=tuple(columns),
         input_pattern=options.input,
-        input_bytes=input_bytes,
-        input_listing_sha256=input_listing,
+        input_bytes=sum(f.size for f in input_files),
+        input_files=input_files,
+        input_listing_sha256=listing_sha256(input_files) if input_files else "",
         input_format=input_format,
         id_field=options.id_field,
         keep_fields=keep_fields,
@@ -677,9 +708,11 @@ def check_reuse(uri, plan):
     Raises:
         ExportConfigError: naming what differs and how to proceed.
     """
-    from pipeline.output import join, output_state, read_manifest
+    from pipeline.output import finish_interrupted_commit, output_state, read_manifest
 
     check_location("reuse", uri)
+    # An export whose commit a crash cut short is finished before it is read.
+    finish_interrupted_commit(uri)
     try:
         manifest = read_manifest(uri)
     except Exception as error:  # Unreadable, not JSON, no credentials, ...
@@ -707,18 +740,126 @@ def check_reuse(uri, plan):
             f"--reuse {uri!r} cannot be reused: its rows were made with other settings ({details}). "
             "Its vectors would differ from this export's; leave --reuse out for a full export."
         )
-    return tuple(join(uri, shard["file"]) for shard in manifest["shards"]["rows"])
+    return tuple(check_reuse_shards(uri, manifest, plan))
+
+
+# The only row shard names an export's manifest holds: files directly in the export directory.
+_REUSE_SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
+
+
+def _recorded_digest_matches(path, entry):
+    """None if the shard's bytes match what the manifest records for it, else what differs.
+
+    The manifest records `sha256` (local exports) or the store's `checksum`
+    (object storage, see `output.file_digest`); whichever is there is checked.
+    """
+    import hashlib
+
+    if "sha256" in entry:
+        digest = hashlib.sha256()
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            return f"has SHA-256 {digest.hexdigest()}, but the manifest records {entry['sha256']}"
+        return None
+    if "checksum" in entry:
+        checksum = FileSystems.checksum(path)
+        if checksum != entry["checksum"]:
+            return f"has checksum {checksum}, but the manifest records {entry['checksum']}"
+        return None
+    return "has no SHA-256 or checksum in the manifest to check it against"
+
+
+def _shard_problem(path, entry, plan):
+    """What is wrong with one row shard of a --reuse export, or None: bytes, size, rows, model."""
+    import pyarrow.parquet as pq
+
+    if not FileSystems.exists(path):
+        return "is missing"
+    size = FileSystems.get_filesystem(path).size(path)
+    if "bytes" in entry and entry["bytes"] != size:
+        return f"is {size} bytes, but the manifest records {entry['bytes']}"
+    problem = _recorded_digest_matches(path, entry)
+    if problem:
+        return problem
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            footer = pq.ParquetFile(handle)
+            rows, metadata = footer.metadata.num_rows, schema_lib.read_export_metadata(footer.schema_arrow)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, KeyError (no metadata), ...
+        return f"is not a readable export shard ({type(error).__name__}: {error})"
+    if "rows" in entry and entry["rows"] != rows:
+        return f"holds {rows} rows, but the manifest records {entry['rows']}"
+    for key in ("model_sha256", "tokenizer_sha256", "dtype"):
+        if metadata.get(key) != getattr(plan, key):
+            return (
+                f"was written with {key} {metadata.get(key)!r}, not this export's {getattr(plan, key)!r} "
+                "(its own metadata disagrees with the manifest)"
+            )
+    columns = [
+        (c.get("column"), c.get("layer"), c.get("call"), c.get("dim")) for c in metadata.get("columns", [])
+    ]
+    expected = [(c.column, c.layer, c.call, c.dim) for c in plan.columns]
+    if columns != expected:
+        return f"holds columns {columns}, not this export's {expected}"
+    return None
+
+
+def check_reuse_shards(uri, manifest, plan):
+    """The row shards of a --reuse export, each checked against its manifest before any is read.
+
+    Each shard must be a file directly in `uri` (no path leaving it, no link
+    out of it), of the recorded size and SHA-256 (or object-store checksum)
+    and row count, and its own Parquet metadata must name this export's model,
+    tokenizer, dtype and columns.
+
+    Raises:
+        ExportConfigError: naming the first damaged shard and what is wrong with it.
+    """
+    from pipeline.output import join
+
+    def damaged(name, problem):
+        return ExportConfigError(
+            f"--reuse {uri!r} is damaged: row shard {name!r} {problem}. Its rows cannot be trusted; "
+            "reuse an intact export, or leave --reuse out for a full export."
+        )
+
+    entries = (manifest.get("shards") or {}).get("rows")
+    if not isinstance(entries, list):
+        raise damaged("(none)", "is not listed: the manifest has no list of row shards")
+    paths = []
+    for entry in entries:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _REUSE_SHARD_NAME.fullmatch(name):
+            raise damaged(
+                name,
+                "is not a shard name of the export directory (part-NNNNN-of-NNNNN.parquet, directly "
+                "in it); a manifest naming files elsewhere is not followed",
+            )
+        path = join(uri, name)
+        if is_local(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(uri):
+            raise damaged(name, f"is a link to {os.path.realpath(path)!r}, outside the export directory")
+        problem = _shard_problem(path, entry, plan)
+        if problem:
+            raise damaged(name, problem)
+        paths.append(path)
+    return paths
 
 
 def check_input(pattern):
-    """Refuses an --input pattern that matches no files, or names a directory.
+    """Lists --input once; refuses a pattern that matches no files, a directory, or a non-regular file.
 
     Returns:
-        The `FileMetadata` (path, size) of each matched file.
+        The `listing.InputFile` (path, size, modification time) of each matched
+        file: the run reads these and checks each is unchanged before reading it.
+
+    Raises:
+        ExportConfigError: saying what is wrong with the pattern.
     """
     check_location("input", pattern)
     try:
-        matched = FileSystems.match([pattern])[0].metadata_list
+        matched, non_regular = list_input(pattern)
     except Exception as error:  # Beam raises BeamIOError subclasses per filesystem.
         raise ExportConfigError(f"Cannot list --input {pattern!r}: {error}") from None
     if is_local(pattern) and os.path.isdir(pattern):
@@ -726,6 +867,18 @@ def check_input(pattern):
             f"--input {pattern!r} is a directory; --input takes a file or a file pattern, "
             f"e.g. {os.path.join(pattern, '*.jsonl')!r}."
         )
+    if non_regular:
+        names = ", ".join(f"{entry.path!r} ({entry.kind})" for entry in non_regular[:3])
+        raise ExportConfigError(
+            f"--input {pattern!r} matches {len(non_regular)} path(s) that are not regular files: {names}"
+            f"{', ...' if len(non_regular) > 3 else ''}. Reading a named pipe or device can block "
+            "forever; remove them or narrow the --input pattern."
+        )
     if not matched:
         raise ExportConfigError(f"--input {pattern!r} matches no files; check the path or pattern.")
+    if all(entry.link_target is not None for entry in matched):
+        raise ExportConfigError(
+            f"--input {pattern!r} matches only symbolic links to nothing (e.g. {matched[0].path!r} -> "
+            f"{matched[0].link_target!r}); check the links or the pattern."
+        )
     return matched

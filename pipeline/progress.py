@@ -19,6 +19,8 @@ import uuid
 _LOGGER = logging.getLogger("pipeline.progress")
 # What the workers count.
 KEYS = ("scanned_bytes", "read_bytes", "records", "rows", "dead_letters")
+# When (time.time()) a process counted its first row; the earliest over the processes is the run's.
+FIRST_ROW_AT = "first_row_at"
 _WRITE_EVERY_SECONDS = 1.0
 
 
@@ -43,6 +45,8 @@ class ProgressRecorder:
         with self._lock:
             for key, value in counts.items():
                 self._counts[key] += value
+            if counts.get("rows") and FIRST_ROW_AT not in self._counts:
+                self._counts[FIRST_ROW_AT] = time.time()
             if time.monotonic() - self._written >= _WRITE_EVERY_SECONDS:
                 self._write()
 
@@ -84,7 +88,7 @@ def flush_all():
 
 
 def read_totals(directory):
-    """The sum of every worker's counts in `directory`."""
+    """The sum of every worker's counts in `directory`, and the earliest `FIRST_ROW_AT`."""
     totals = dict.fromkeys(KEYS, 0)
     try:
         names = os.listdir(directory)
@@ -100,7 +104,21 @@ def read_totals(directory):
             continue
         for key in KEYS:
             totals[key] += counts.get(key, 0)
+        if counts.get(FIRST_ROW_AT):
+            totals[FIRST_ROW_AT] = min(counts[FIRST_ROW_AT], totals.get(FIRST_ROW_AT, counts[FIRST_ROW_AT]))
     return totals
+
+
+def process_seconds():
+    """Seconds since this process started (what a user has waited), or 0 where /proc cannot say."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as handle:
+            # Field 22, counted after the command name (which may hold spaces), is the start in clock ticks.
+            started = int(handle.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime", encoding="ascii") as handle:
+            return max(0.0, float(handle.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _duration(seconds):
@@ -108,7 +126,8 @@ def _duration(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _megabytes(size):
+def size_text(size):
+    """A byte count for people: "12.3 kB", "1,457 MB"."""
     return f"{size / 1e6:,.0f} MB" if size >= 1e6 else f"{size / 1e3:,.1f} kB"
 
 
@@ -132,6 +151,9 @@ class ProgressMonitor:
         self._stop = threading.Event()
         self._thread = None
         self._started = time.monotonic()
+        # Time to first row counts from the command's start (wall clock, as the workers record
+        # their first row): imports and model loads included.
+        self._command_started = time.time() - process_seconds()
         # (time, records, bytes) when reading was first seen: rates are measured from there.
         self._reading_start = None
         self._bar = None
@@ -183,7 +205,7 @@ class ProgressMonitor:
         read = totals["read_bytes"]
         if not read and not totals["records"] and not final:
             percent = 100 * min(totals["scanned_bytes"], self._total) / self._total
-            return f"progress: checking ids, {percent:.0f}% of {_megabytes(self._total)} scanned"
+            return f"progress: checking ids, {percent:.0f}% of {size_text(self._total)} scanned"
         if self._reading_start is None:
             self._reading_start = (now, totals["records"], read)
         since, records_then, read_then = self._reading_start
@@ -199,7 +221,7 @@ class ProgressMonitor:
         eta = (1 - fraction) / progress_rate if progress_rate > 0 else None
         parts = [
             f"{totals['records']:,} records read ({100 * fraction:.0f}% of "
-            + (f"--limit {self._limit:,}" if self._limit else _megabytes(self._total))
+            + (f"--limit {self._limit:,}" if self._limit else size_text(self._total))
             + ")",
             f"{totals['rows']:,} rows written",
             f"{totals['dead_letters']:,} dead letters",
@@ -209,6 +231,8 @@ class ProgressMonitor:
             parts.append(f"done in {_duration(now - self._started)}")
         else:
             parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA unknown")
+        if totals.get(FIRST_ROW_AT):
+            parts.append(f"first row after {_duration(totals[FIRST_ROW_AT] - self._command_started)}")
         return "progress: " + ", ".join(parts)
 
     def report(self, final=False):

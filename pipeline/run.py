@@ -13,12 +13,21 @@ import sys
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ExportConfigError
+from pipeline.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OUTPUT_FAILED,
+    EXIT_TERMINATED,
+    ExportConfigError,
+    OutputWriteError,
+)
 
 # RunInference warns once per batch that it cannot read memory use, and local worker
 # processes that they have no semi-persistent directory; neither changes anything.
 # Worker processes' warnings arrive wrapped in a "Worker: ..." message, hence `in`.
 _NOISE = ("Resource module is not available", "No semi_persistent_directory found")
+# The signals that stop a run, and the status each ends it with.
+STOP_SIGNALS = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
 
 
 def _drop_noise(record):
@@ -26,14 +35,63 @@ def _drop_noise(record):
     return not any(noise in message for noise in _NOISE)
 
 
-def _interrupted():
-    # The staged files stay invisible to readers; the next run removes them.
-    print(
-        "interrupted: nothing was committed; rerun the same command to export again "
-        "(it removes what this run left).",
-        file=sys.stderr,
-    )
-    return EXIT_INTERRUPTED
+class _Silencer:
+    """Once a stop signal arrived, sends all further output of this process to /dev/null.
+
+    Beam logs the KeyboardInterrupt it finds in a transform (with an 80-line
+    traceback), the progress bar may still draw, TensorFlow's C++ code may
+    print: the `interrupted:` line is to be the only thing the user sees, so
+    the file descriptors themselves are redirected, not just `sys.stderr`.
+    """
+
+    def __init__(self) -> None:
+        self._saved: tuple[int, int] | None = None
+
+    def silence(self) -> None:
+        if self._saved is not None:
+            return
+        logging.disable(logging.CRITICAL)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        self._saved = (os.dup(1), os.dup(2))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def restore(self) -> None:
+        if self._saved is None:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, saved in zip((1, 2), self._saved, strict=True):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self._saved = None
+        logging.disable(logging.NOTSET)
+
+
+def _interrupted(signum: int, committed_to: str | None = None) -> int:
+    if committed_to:
+        print(
+            f"interrupted: the export was committed to {committed_to} before the run stopped "
+            f"({signal.Signals(signum).name}); it is complete, nothing to rerun.",
+            file=sys.stderr,
+        )
+    else:
+        # The staged files stay invisible to readers; the rerun resumes from them (pipeline.resume).
+        print(
+            "interrupted: nothing was committed; rerun the same command to finish the export "
+            "(it keeps the rows this run made durable).",
+            file=sys.stderr,
+        )
+    return STOP_SIGNALS.get(signum, EXIT_INTERRUPTED)
+
+
+def _commit_phase() -> str:
+    # pipeline.output imports Beam; before it is imported no commit can be in flight.
+    output = sys.modules.get("pipeline.output")
+    return output.commit_phase() if output else "idle"
 
 
 def main(argv=None):
@@ -49,38 +107,55 @@ def main(argv=None):
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_noise)
-    interrupted = []
+    interrupted: list[int] = []
+    silencer = _Silencer()
 
-    def on_interrupt(signum, frame):
+    def on_signal(signum, frame):
         interrupted.append(signum)
+        if _commit_phase() != "idle":
+            # A commit is in flight (or done): it finishes, then the run reports the signal.
+            sys.modules["pipeline.output"].defer_signal(signum)
+            return
+        silencer.silence()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     try:
         from pipeline.export import format_summary, run_export
 
         summary = run_export(argv)
+        if interrupted:
+            return _interrupted(interrupted[0], committed_to=summary.output)
+        print(format_summary(summary))
+        if summary.exit_code:
+            print(f"error: {summary.message}", file=sys.stderr)
+        return summary.exit_code
     except ExportConfigError as error:
+        silencer.restore()
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except OutputWriteError as error:
+        silencer.restore()
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_OUTPUT_FAILED
     except Exception:
         # Beam re-raises a KeyboardInterrupt from inside a transform as a RuntimeError.
         if not interrupted:
             raise
-        return _interrupted()
+        silencer.restore()
+        return _interrupted(interrupted[0])
     except KeyboardInterrupt:
-        return _interrupted()
+        silencer.restore()
+        return _interrupted(interrupted[0] if interrupted else signal.SIGINT)
     finally:
-        signal.signal(signal.SIGINT, previous)
-    print(format_summary(summary))
-    if summary.exit_code:
-        print(f"error: {summary.message}", file=sys.stderr)
-    return summary.exit_code
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-if __name__ == "__main__":
-    status = main()
-    if status == EXIT_INTERRUPTED:
+def run_main(argv=None) -> None:
+    """`main`, then exit the process with its status (what `python -m pipeline.run` does)."""
+    status = main(argv)
+    if status in STOP_SIGNALS.values():
         # Beam's runner threads are not daemons: a normal exit would wait for them to
         # finish the whole pipeline. Nothing needs them (the lock is a file lock the
         # kernel releases, the next run removes the staging area), so leave now.
@@ -88,3 +163,7 @@ if __name__ == "__main__":
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    run_main()

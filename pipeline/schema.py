@@ -6,6 +6,7 @@ metadata; the writer, the tests and the README examples all use it.
 
 import hashlib
 import json
+import typing
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,7 @@ INVALID_UTF8 = "invalid_utf8"
 MALFORMED_JSON = "malformed_json"
 NOT_AN_OBJECT = "not_an_object"
 WRONG_FIELD_COUNT = "wrong_field_count"
+MALFORMED_CSV = "malformed_csv"
 AMBIGUOUS_HEADER = "ambiguous_header"
 MISSING_ID = "missing_id"
 BAD_ID = "bad_id"
@@ -141,28 +143,100 @@ def _fixed_size(matrix, value_type):
     return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
 
 
-def pool_sequence(values, mask, pooling):
-    """Pools (n, tokens, dim) `values` over the real tokens marked in `mask` (n, tokens).
+class RealTokens(typing.NamedTuple):
+    """A per-token column at its documents' real tokens only, without the padding.
+
+    Real token `t` of the batch is `rows[index[t]]`; each document's tokens are
+    consecutive and in document order, `counts[i]` of them for row `i`.  An
+    Embedding column is its table and the real tokens' ids (`lookup`), so
+    neither the padded (documents, positions, dim) tensor nor even the real
+    tokens' vectors need to be built to pool them.
+    """
+
+    rows: np.ndarray  # (any, dim)
+    index: np.ndarray  # (real tokens,) int: row of `rows` of each real token
+    counts: np.ndarray  # (documents,) int: real tokens per document
+
+    @classmethod
+    def lookup(cls, table, ids):
+        """The rows of `table` at the real (non-zero) token ids of `ids` (documents, positions).
+
+        Raises:
+            IndexError: an id outside the table (the forward pass would fail on it too).
+        """
+        ids = np.asarray(ids)
+        mask = ids != 0
+        index = ids[mask].astype(np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(table)):
+            raise IndexError(f"token ids must be in [0, {len(table)}); received {index.min()}..{index.max()}")
+        return cls(table, index, mask.sum(axis=1))
+
+    @classmethod
+    def of_padded(cls, values, mask):
+        """The real tokens marked in `mask` (documents, positions) of padded `values` (.., .., dim)."""
+        values = np.asarray(values)
+        return cls(values.reshape(-1, values.shape[-1]), np.flatnonzero(mask), mask.sum(axis=1))
+
+    def vectors(self):
+        """(real tokens, dim): every real token's vector, documents in row order."""
+        return self.rows[self.index]
+
+
+def concatenate_real_tokens(parts):
+    """One `RealTokens` of several batches' (their documents in order)."""
+    if all(part.rows is parts[0].rows for part in parts):
+        rows, indexes = parts[0].rows, [part.index for part in parts]
+    else:
+        starts = np.cumsum([0] + [len(part.rows) for part in parts[:-1]])
+        rows = np.concatenate([part.rows for part in parts])
+        indexes = [part.index + start for part, start in zip(parts, starts, strict=True)]
+    return RealTokens(rows, np.concatenate(indexes), np.concatenate([part.counts for part in parts]))
+
+
+def pool_real_tokens(tokens, pooling):
+    """Pools each document's real tokens (`RealTokens`) into one (documents, dim) vector.
+
+    The mean adds a document's tokens one after the other in document order,
+    in the rows' dtype, so it is bit for bit the sum over the padded positions
+    with the padding weighted 0 that this module computed before (whose padding
+    only ever added zeros).  Work is proportional to the real tokens.
 
     A row with no real token (an empty title beside a non-empty content) pools to
     a zero vector whatever the pooling, as an empty mean does: not -inf (max) nor
     the padding position's vector (last).  Parquet cannot hold a null
     fixed-size list that pyarrow reads back (apache/arrow#35692), so zeros it is.
     """
-    if pooling == "mean":
-        weights = mask[:, :, None].astype(values.dtype)
-        return (values * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1)
-    empty = ~mask.any(axis=1)[:, None]
-    if pooling == "max":
-        pooled = np.where(mask[:, :, None], values, -np.inf).max(axis=1).astype(values.dtype)
-        return np.where(empty, 0, pooled).astype(values.dtype)
+    if pooling not in ("mean", "max", "last"):
+        raise ValueError(f"Unknown pooling {pooling!r}; expected mean, max or last.")
+    rows, index = tokens.rows, tokens.index
+    counts = np.asarray(tokens.counts, dtype=np.int64)
+    pooled = np.zeros((len(counts), rows.shape[1]), dtype=rows.dtype)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     if pooling == "last":
-        # Index of the last real token per row (rows are padded on either side).
-        positions = np.arange(mask.shape[1])[None, :]
-        last = np.where(mask, positions, -1).max(axis=1)
-        pooled = values[np.arange(values.shape[0]), np.maximum(last, 0)]
-        return np.where(empty, 0, pooled).astype(values.dtype)
-    raise ValueError(f"Unknown pooling {pooling!r}; expected mean, max or last.")
+        real = np.flatnonzero(counts)
+        pooled[real] = rows[index[starts[real] + counts[real] - 1]]
+        return pooled
+    # Documents longest first, so the documents that still have a k-th token are a prefix.
+    order = np.argsort(-counts, kind="stable")
+    counts, starts = counts[order], starts[order]
+    combine = np.add if pooling == "mean" else np.maximum
+    for k in range(int(counts[0]) if len(counts) else 0):
+        active = int(np.searchsorted(-counts, -k, side="left"))
+        token_rows = rows[index[starts[:active] + k]]
+        if k == 0:
+            pooled[:active] = token_rows
+        else:
+            combine(pooled[:active], token_rows, out=pooled[:active])
+    if pooling == "mean":
+        pooled /= np.maximum(counts, 1).astype(rows.dtype)[:, None]
+    restored = np.empty_like(pooled)
+    restored[order] = pooled
+    return restored
+
+
+def pool_sequence(values, mask, pooling):
+    """Pools (n, tokens, dim) `values` over the real tokens marked in `mask` (n, tokens)."""
+    return pool_real_tokens(RealTokens.of_padded(values, mask), pooling)
 
 
 def input_fingerprint(texts, inputs):
@@ -193,7 +267,8 @@ def to_record_batch(
         document_ids: the documents' ids (strings).
         kept: field name -> list of values (strings or None), in `plan.keep_fields` order.
         outputs: column name -> numpy array from the sub-model, rows aligned with
-            `document_ids` (not needed for columns stored as token ids).
+            `document_ids`, or a per-token column's `RealTokens` (not needed for
+            columns stored as token ids).
         masks: model input name -> boolean (n, length) array of real-token positions.
         token_ids: model input name -> (n, length) int32 token ids (for columns
             stored as token ids).
@@ -215,20 +290,19 @@ def to_record_batch(
             arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens, type=TOKEN_ID_TYPE)))
             arrays.append(pa.array(counts, type=pa.int32()))
             continue
-        values = np.asarray(outputs[column.column])
+        values = outputs[column.column]
         if column.kind == "vector":
-            arrays.append(_fixed_size(values.astype(numpy_type), value_type))
+            arrays.append(_fixed_size(np.asarray(values).astype(numpy_type), value_type))
             continue
-        mask = masks[column.source_input]
+        if not isinstance(values, RealTokens):
+            values = RealTokens.of_padded(values, masks[column.source_input])
         if column.pooling != "none":
-            arrays.append(
-                _fixed_size(pool_sequence(values, mask, column.pooling).astype(numpy_type), value_type)
-            )
+            pooled = pool_real_tokens(values, column.pooling).astype(numpy_type, copy=False)
+            arrays.append(_fixed_size(pooled, value_type))
             continue
-        # Boolean indexing walks rows in order, so each document's real tokens stay
-        # contiguous and in document order: the offsets are the running counts.
-        tokens = values[mask].astype(numpy_type)
-        counts = mask.sum(axis=1).astype(np.int32)
+        # Real tokens are consecutive per document and in document order: the offsets are the running counts.
+        tokens = values.vectors().astype(numpy_type, copy=False)
+        counts = np.asarray(values.counts, dtype=np.int32)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         arrays.append(pa.ListArray.from_arrays(pa.array(offsets), _fixed_size(tokens, value_type)))
         arrays.append(pa.array(counts, type=pa.int32()))

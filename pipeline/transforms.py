@@ -1,6 +1,7 @@
 """The pipeline's transforms: read the corpus, embed documents, write rows and dead letters."""
 
 import collections
+import dataclasses
 import math
 import os
 import re
@@ -12,7 +13,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes, FileMetadata
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.parquetio import ReadAllFromParquetBatched, WriteToParquet
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
@@ -23,10 +24,10 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline import corpus
+from pipeline import corpus, listing
 from pipeline import progress as progress_lib
 from pipeline import schema as schema_lib
-from pipeline.embedder import Embedder
+from pipeline.embedder import worker_embedder
 from pipeline.features import DocumentTokenizer, Tokenized
 from pipeline.model_source import load_plan_tokenizer
 
@@ -66,6 +67,14 @@ class FileRange(typing.NamedTuple):
     stop: int
     # False for files read whole by one reader (CSV, .gz): then the range is [0, 1).
     splittable: bool
+    # The launch listing's modification time and, for a link to nothing, its target.
+    mtime: float | None = None
+    link_target: str | None = None
+
+    @property
+    def listed(self) -> listing.InputFile:
+        """The file as the launch listed it, which the reader checks it still is."""
+        return listing.InputFile(self.path, self.size, self.mtime, self.link_target)
 
 
 class SplitFilesFn(beam.DoFn):
@@ -75,15 +84,16 @@ class SplitFilesFn(beam.DoFn):
         self._plan = plan
         self._split_bytes = split_bytes
 
-    def process(self, metadata):
-        path, size = metadata.path, metadata.size_in_bytes
-        if not corpus.is_splittable(self._plan.input_format, path):
-            yield FileRange(path, size, 0, 1, False)
+    def process(self, listed: listing.InputFile):
+        path, size = listed.path, listed.size
+        # A link to nothing is read whole, so that reading it makes its dead letter.
+        if listed.link_target is not None or not corpus.is_splittable(self._plan.input_format, path):
+            yield FileRange(path, size, 0, 1, False, listed.mtime, listed.link_target)
             return
         pieces = max(1, -(-size // self._split_bytes))
         bounds = [size * piece // pieces for piece in range(pieces + 1)]
         for start, stop in zip(bounds, bounds[1:], strict=False):
-            yield FileRange(path, size, start, stop, True)
+            yield FileRange(path, size, start, stop, True, listed.mtime)
 
 
 class FileRangeRestrictions(RestrictionProvider):
@@ -145,8 +155,20 @@ class _RangeReader:
         # Compressed files are decompressed by `corpus`, with Python's gzip,
         # which (unlike Beam's reader) raises on a truncated file.
         yield from corpus.read_records(
-            self._plan, self._range.path, self._open, start, claim, lines_before, on_newline
+            self._plan,
+            self._range.path,
+            self._open,
+            start,
+            claim,
+            lines_before,
+            on_newline,
+            verify=self._verify,
+            size=self._range.size,
         )
+
+    def _verify(self):
+        """Raises `listing.InputChanged` unless the file is still as the launch listed it."""
+        listing.check_unchanged(self._range.listed)
 
     def report_bytes(self, done=False):
         """Adds the bytes read since the last report to the progress counts."""
@@ -351,51 +373,13 @@ def _duplicate_error(document, where):
     )
 
 
-def broken_links(pattern):
-    """Local paths matching `pattern` that are symbolic links to nothing.
-
-    Beam's listing skips them silently; each is a file of the corpus that
-    cannot be read, so it must be a dead letter.
-    """
-    if "://" in pattern:  # Object stores have no symbolic links.
-        return []
-    if pattern.endswith(os.sep):
-        pattern += "*"
-    prefix = re.match(r"^[^[*?]*", pattern).group(0)
-    if prefix == pattern:
-        return [pattern] if os.path.islink(pattern) and not os.path.exists(pattern) else []
-    links = []
-    for directory, _, names in os.walk(os.path.dirname(prefix) or os.curdir):
-        paths = (os.path.join(directory, name) for name in names)
-        links += [
-            FileMetadata(path, 0) for path in paths if os.path.islink(path) and not os.path.exists(path)
-        ]
-    return [metadata.path for metadata in FileSystems.get_filesystem(pattern).match_files(links, pattern)]
-
-
-class BrokenLinksFn(beam.DoFn):
-    """Dead-letters the broken symbolic links that match the input pattern (see `broken_links`)."""
-
-    def __init__(self):
-        self._read = Metrics.counter(NAMESPACE, "records_read")
-        self._broken = Metrics.counter(NAMESPACE, FILES_BROKEN)
-
-    def process(self, pattern):
-        for path in broken_links(pattern):
-            self._read.inc()
-            self._broken.inc()
-            yield schema_lib.error_row(
-                path,
-                None,
-                None,
-                schema_lib.UNREADABLE_FILE,
-                f"Symbolic link to {os.readlink(path)!r}, which does not exist.",
-                None,
-            )
-
-
 class ReadCorpus(beam.PTransform):
-    """Reads `plan.input_pattern` into unique Documents (main output) and dead letters (`errors`).
+    """Reads the files of the launch listing (`plan.input_files`) into unique Documents and dead letters.
+
+    Each file is checked to be as listed (size, modification time) before and
+    after each range of it is read (`listing.check_unchanged`): one that
+    changed, vanished or ends early is an `unreadable_file` or `read_error`
+    dead letter where reading stopped, counted in `files_broken`.
 
     Two passes over the corpus, and no document ever goes through a shuffle:
 
@@ -413,7 +397,9 @@ class ReadCorpus(beam.PTransform):
 
     def __init__(self, plan, split_bytes=DEFAULT_SPLIT_BYTES, limit=None, progress_dir=None):
         super().__init__()
-        self._plan = plan
+        # The listing goes into the graph once, not into every DoFn that holds the plan.
+        self._files = plan.input_files
+        self._plan = dataclasses.replace(plan, input_files=())
         self._split_bytes = split_bytes
         self._index_block = min(corpus.INDEX_BLOCK, split_bytes)
         self._limit = limit
@@ -421,9 +407,17 @@ class ReadCorpus(beam.PTransform):
 
     def expand(self, pipeline):
         plan = self._plan
+        if self._files:
+            listed = pipeline | "ListedFiles" >> beam.Create(self._files)
+        else:  # Not listed at launch (a --dry_run of an object-store pattern): list when run.
+            listed = (
+                pipeline
+                | "MatchFiles" >> fileio.MatchFiles(plan.input_pattern)
+                | "AsInputFiles"
+                >> beam.Map(lambda m: listing.InputFile(m.path, m.size_in_bytes, m.last_updated_in_seconds))
+            )
         ranges = (
-            pipeline
-            | "MatchFiles" >> fileio.MatchFiles(plan.input_pattern)
+            listed
             | "SplitFiles" >> beam.ParDo(SplitFilesFn(plan, self._split_bytes))
             | "ReshuffleRanges" >> beam.Reshuffle()
         )
@@ -442,25 +436,13 @@ class ReadCorpus(beam.PTransform):
             | "GroupBlocks" >> beam.GroupByKey()
             | "BuildLineIndex" >> beam.Map(_line_index, self._index_block)
         )
-        broken = (
-            pipeline
-            | "InputPattern" >> beam.Create([plan.input_pattern])
-            | "FindBrokenLinks" >> beam.ParDo(BrokenLinksFn())
-        )
         if self._limit:
-            link_places = broken | "PlaceBrokenLinks" >> beam.Map(
-                lambda row: (row["source"], corpus.FILE_ORDER)
-            )
             cutoff = (
-                (scan[ORDERS], link_places)
-                | "CollectPlaces" >> beam.Flatten()
+                scan[ORDERS]
                 | "FirstRecords" >> beam.combiners.Top.Smallest(self._limit)
                 | "CutOff" >> beam.Map(_cutoff, self._limit)
             )
             cutoff = beam.pvalue.AsSingleton(cutoff)
-            broken = broken | "LimitBrokenLinks" >> beam.Filter(
-                lambda row, cut: _within((path_key(row["source"]), corpus.FILE_ORDER), cut), cutoff
-            )
         else:
             cutoff = beam.pvalue.AsSingleton(pipeline | "NoCutOff" >> beam.Create([None]))
         results = ranges | "ReadRecords" >> beam.ParDo(
@@ -469,8 +451,7 @@ class ReadCorpus(beam.PTransform):
             beam.pvalue.AsDict(duplicates),
             cutoff,
         ).with_outputs(ERRORS, main=DOCUMENTS)
-        errors = (results[ERRORS], broken) | "CollectReadErrors" >> beam.Flatten()
-        return results[DOCUMENTS], errors
+        return results[DOCUMENTS], results[ERRORS]
 
 
 class TokenizeDocumentsFn(beam.DoFn):
@@ -498,7 +479,8 @@ class EmbeddingModelHandler(ModelHandler):
     """RunInference handler: stacks a batch of `Tokenized` documents, runs the forward pass, makes its rows.
 
     `load_model` builds an `Embedder` once per worker process, from
-    `plan.model_uri`. `run_inference` returns one `embedder.BatchRows` per batch
+    `plan.model_uri` (in the launcher's own process, the in-memory runner, it is
+    the launcher's: `embedder.worker_embedder`). `run_inference` returns one `embedder.BatchRows` per batch
     (an Arrow RecordBatch of its rows, and its dead letters) rather than one
     `PredictionResult` per document, for two measured reasons:
 
@@ -517,7 +499,7 @@ class EmbeddingModelHandler(ModelHandler):
         self._plan = plan
 
     def load_model(self):
-        return Embedder(self._plan)
+        return worker_embedder(self._plan)
 
     def run_inference(self, batch, model, inference_args=None):
         return [model.batch_rows(model.run(batch))]

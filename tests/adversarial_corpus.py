@@ -229,6 +229,20 @@ def truncated_csv(directory):
     return Expected({f"cutc-{n}" for n in range(1, complete)}, {("cut.csv.gz", complete): "read_error"}, 1)
 
 
+def unclosed_quote_csv(directory):
+    """Row 10 opens a quote that never closes: that row alone is set aside, rows 11 to 100 are read."""
+    rows = [[f"ucq-{n}", "word1", "word2"] for n in range(1, 101)]
+    data = csv_bytes(HEADER, rows).replace(b"ucq-10,word1,", b'ucq-10,"word1,')
+    _write(directory, "unclosed.csv", data)
+    return Expected({f"ucq-{n}" for n in range(1, 101) if n != 10}, {("unclosed.csv", 10): "malformed_csv"})
+
+
+def unclosed_quote_header_csv(directory):
+    """A header whose quote never closes: no row can be told apart, so the file is unreadable."""
+    _write(directory, "header.csv", b'id,"title,content\r\nuqh-1,word1,word2\r\n')
+    return Expected(dead={("header.csv", None): "unreadable_file"}, broken=1)
+
+
 # Text -------------------------------------------------------------------------------------------
 
 
@@ -295,7 +309,15 @@ CASES = {
         bom_jsonl,
         broken_symlink,
     ],
-    "csv": [csv_field_sizes, bom_csv, duplicate_header, gzip_csv, truncated_csv],
+    "csv": [
+        csv_field_sizes,
+        bom_csv,
+        duplicate_header,
+        gzip_csv,
+        truncated_csv,
+        unclosed_quote_csv,
+        unclosed_quote_header_csv,
+    ],
     "text": [gzip_text, truncated_text, text_name_not_utf8],
     "parquet": [parquet_ids, gzip_parquet],
 }

@@ -288,3 +288,20 @@ def copy_sources(target):
         else:
             shutil.copy(source, target)
     return str(target)
+
+
+def build_keras2_models(directory, script, *args):
+    """Runs a `tf_keras` model-building `script` in its own process, as a user saves `.h5` models.
+
+    The script gets `directory` and `args` as argv and writes its models and an
+    `info.json` there; returns `(directory, info)`.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(directory), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(os.path.join(directory, "info.json"), encoding="utf-8") as handle:
+        return directory, json.load(handle)

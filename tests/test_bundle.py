@@ -255,3 +255,47 @@ def test_default_bundle_tokenizer_knows_common_corpus_words():
     assert counts[0] == 8
     # The common English words of the docstring corpus are all in the vocabulary.
     assert (ids[0, -8:] > 1).all()
+
+
+def _point_outside(bundle_dir, tmp_path, key, how):
+    """Moves the bundle's file named by `key` out of the bundle and points the manifest at it,
+    its SHA-256 recorded, as a hand-made manifest would: only the containment rule can object."""
+    name = {"model_file": MODEL_FILE, "tokenizer_file": TOKENIZER_FILE}[key]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(os.path.join(bundle_dir, name), outside / name)
+    if how == "link":
+        os.symlink(outside / name, os.path.join(bundle_dir, name))
+        return name
+    reference = str(outside / name) if how == "absolute" else f"../outside/{name}"
+
+    def edit(manifest):
+        manifest[key] = reference
+        manifest["sha256"][reference] = sha256_file(outside / name)
+
+    _edit_manifest(bundle_dir, edit)
+    return reference
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "link"])
+@pytest.mark.parametrize("key", ["tokenizer_file", "model_file"])
+def test_a_bundle_file_outside_the_bundle_is_refused(bundle_dir, tmp_path, key, how):
+    reference = _point_outside(bundle_dir, tmp_path, key, how)
+    message = _load_error(bundle_dir)
+    assert reference in message
+    assert "outside" in message or "plain name" in message
+
+
+def test_the_export_refuses_a_bundle_naming_a_file_outside_it(bundle_dir, tmp_path, capsys):
+    from pipeline.run import main
+
+    _point_outside(bundle_dir, tmp_path, "tokenizer_file", "absolute")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "content": "word1", "title": "word2"}) + "\n")
+    output = tmp_path / "out"
+    code = main(["--model", bundle_dir, "--input", str(corpus), "--output", str(output)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith("error: Invalid model bundle")
+    assert "Traceback" not in err and "plain name" in err
+    assert not output.exists()

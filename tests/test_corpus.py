@@ -73,6 +73,39 @@ def test_an_oversized_csv_record_is_skipped_by_its_quotes():
     assert big.texts == (inside.replace('""', '"'),) and following.id == "next"
 
 
+def test_a_quote_never_closed_sets_aside_its_row_only_and_every_line_is_accounted_for():
+    lines = [f"r{n},word{n}\r\n" for n in range(1, 8)]
+    lines[2] = 'r3,"word3 opens a quote\r\n'
+    items = _read(_plan("csv"), ("id,content\r\n" + "".join(lines)).encode())
+    assert _summary(items) == [
+        (1, ("word1",)),
+        (2, ("word2",)),
+        (3, "malformed_csv"),
+        *[(n, (f"word{n}",)) for n in range(4, 8)],
+    ]
+    assert items[2]["raw"] == lines[2]
+    assert "never closed" in items[2]["message"] and "4 later line(s) are read again" in items[2]["message"]
+    # Two stray quotes: the second would close the first and glue two lines into one row.
+    data = b'id,content\r\na,"x\r\nb,"y\r\nc,z'
+    assert _summary(_read(_plan("csv"), data)) == [(1, "malformed_csv"), (2, "malformed_csv"), (3, ("z",))]
+    # Text after a closing quote, on one line: that row alone.
+    data = b'id,content\r\na,"x"y\r\nb,z\r\n'
+    assert _summary(_read(_plan("csv"), data)) == [(1, "malformed_csv"), (2, ("z",))]
+
+
+def test_a_quote_never_closed_in_a_record_over_the_limit_breaks_the_file():
+    """The skipped bytes were not kept, so they cannot be read again: a read_error, exit 5."""
+    data = ('id,content\r\na,word\r\nb,"' + "word " * 50 + "\r\nc,word\r\n" * 5).encode()
+    items = _read(_plan("csv", limit=100), data)
+    assert _summary(items) == [(1, ("word",)), (2, "read_error")]
+    assert "UnclosedQuote" in items[-1]["message"]
+
+
+def test_a_header_whose_quote_never_closes_is_an_unreadable_file():
+    items = _read(_plan("csv"), b'id,"content\r\na,word\r\n')
+    assert _summary(items) == [(None, "unreadable_file")]
+
+
 class _BreaksAfter(io.BytesIO):
     """A stream whose reads fail once `good` bytes were read, as a failing disk or network does."""
 

@@ -9,16 +9,20 @@ tokens.  The pipeline tests export them end to end, with documents longer than
 the input (truncated) and empty ones (dead-lettered).
 """
 
-import json
 import logging
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
-from pipeline_fixtures import export_args, manifest_of, read_errors, read_rows, rows_by_id, write_jsonl
+from pipeline_fixtures import (
+    build_keras2_models,
+    export_args,
+    manifest_of,
+    read_errors,
+    read_rows,
+    rows_by_id,
+    write_jsonl,
+)
 
 from models.fast_lstm import FAST, HYBRID, KERAS, build_fast_path, describe_forward_passes
 from models.legacy import load_model_file
@@ -113,16 +117,7 @@ with open(os.path.join(out, "info.json"), "w") as handle:
 @pytest.fixture(scope="module")
 def keras2_models(tmp_path_factory):
     """Directory of tf_keras `.h5` models and their info."""
-    directory = tmp_path_factory.mktemp("keras2_fast")
-    result = subprocess.run(
-        [sys.executable, "-c", KERAS2_MODELS, str(directory), str(LENGTH), str(VOCABULARY)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    with open(directory / "info.json", encoding="utf-8") as handle:
-        return directory, json.load(handle)
+    return build_keras2_models(tmp_path_factory.mktemp("keras2_fast"), KERAS2_MODELS, LENGTH, VOCABULARY)
 
 
 def _ids(rows, length, seed=0):

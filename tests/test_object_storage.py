@@ -5,6 +5,7 @@ a small JSONL corpus from it and writes rows, dead letters and the manifest back
 all through Beam's S3 filesystem configured by the `--s3_*` pipeline options.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -231,3 +232,91 @@ def test_a_killed_s3_export_resumes_bit_for_bit(s3_endpoint, export, monkeypatch
     assert read_manifest(output)["counts"] == read_manifest(reference)["counts"]
     assert read_manifest(output)["resumed"]["rows_kept"] == summary.rows_kept
     assert keys(s3_endpoint, "exports/resumed/_staging/") == []
+
+
+def test_an_object_changed_or_deleted_after_the_listing_is_found_by_the_readers_check(s3_endpoint):
+    """On S3 the check is the object's size and last-modified time, as Beam's metadata gives them."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.listing import InputChanged, check_unchanged, list_input
+
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    s3 = client(s3_endpoint)
+    for name in ("a", "b"):
+        s3.put_object(Bucket=BUCKET, Key=f"changing/{name}.jsonl", Body=b'{"id": "1", "content": "x"}\n')
+    listed, non_regular = list_input(f"s3://{BUCKET}/changing/*.jsonl")
+    assert non_regular == [] and [f.size for f in listed] == [28, 28]
+    assert all(f.mtime for f in listed)
+    for entry in listed:
+        check_unchanged(entry)  # as listed: no complaint
+    s3.put_object(Bucket=BUCKET, Key="changing/a.jsonl", Body=b'{"id": "1"}\n')  # cut by a rewrite
+    s3.delete_object(Bucket=BUCKET, Key="changing/b.jsonl")
+    with pytest.raises(InputChanged, match="listed 28 bytes.*now 12 bytes"):
+        check_unchanged(listed[0])
+    with pytest.raises(InputChanged, match="not found now"):
+        check_unchanged(listed[1])
+
+
+def test_index_of_an_s3_export_is_built_locally_uploaded_and_dropped_by_overwrite(
+    s3_endpoint, export, monkeypatch, capsys
+):
+    """The index of an s3:// export: uploaded next to it, used by neighbors, gone after --overwrite."""
+    from pipeline import analyze
+
+    # pyarrow's S3 filesystem (what pipeline.analyze reads with) takes the standard AWS variables.
+    for name, value in (
+        ("AWS_ENDPOINT_URL", s3_endpoint),
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+        ("AWS_DEFAULT_REGION", REGION),
+    ):
+        monkeypatch.setenv(name, value)
+    s3 = client(s3_endpoint)
+    # A copy of the export: replacing it below must not disturb the module's other tests.
+    for key in keys(s3_endpoint, "exports/run1/"):
+        target = key.replace("exports/run1/", "exports/indexed/", 1)
+        s3.copy_object(Bucket=BUCKET, Key=target, CopySource={"Bucket": BUCKET, "Key": key})
+    output = f"s3://{BUCKET}/exports/indexed"
+    # 24 rows: links for every row and a search that keeps them all make the index exact.
+    flags = ["--connectivity", "32", "--expansion_add", "64", "--expansion_search", "64"]
+    assert analyze.main([output, "index", "--column", "lstm_content", *flags]) == 0
+    assert (
+        f"recall@10 1.0000 against the exact scan on {GOOD_DOCUMENTS} random rows" in capsys.readouterr().out
+    )
+    stored = [k for k in keys(s3_endpoint, "exports/indexed/_index/") if not k.endswith("/")]
+    assert stored == [
+        "exports/indexed/_index/lstm_content.json",
+        "exports/indexed/_index/lstm_content.usearch",
+    ]
+    metadata = json.loads(s3.get_object(Bucket=BUCKET, Key=stored[0])["Body"].read())
+    body = s3.get_object(Bucket=BUCKET, Key=stored[1])["Body"].read()
+    assert metadata["sha256"] == hashlib.sha256(body).hexdigest() and metadata["bytes"] == len(body)
+    manifest = s3.get_object(Bucket=BUCKET, Key=f"exports/indexed/{MANIFEST}")["Body"].read()
+    assert metadata["source"]["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+
+    _, documents = export
+    key = documents[0]["id"]
+    data = analyze.open_documents(output)
+    indexed, _ = analyze.indexed_neighbors(data, analyze.open_index(data, "lstm_content"), key, k=5)
+    exact, _ = analyze.find_neighbors(data, key, "lstm_content", k=5)
+    assert [n.key for n in indexed] == [n.key for n in exact]
+    assert analyze.main([output, "neighbors", "--id", key, "--column", "lstm_content"]) == 0
+    assert f"Using the index {output}/_index/lstm_content.usearch" in capsys.readouterr().out
+
+    # The index is ours: --overwrite replaces the export and drops it.
+    flags = [
+        "--model",
+        MODEL,
+        "--input",
+        CORPUS,
+        "--output",
+        output,
+        "--layer",
+        "lstm_content",
+        "--overwrite",
+    ]
+    summary = run_export(flags + s3_flags(s3_endpoint))
+    assert summary.exit_code == 0, summary.message
+    assert [k for k in keys(s3_endpoint, "exports/indexed/_index/") if not k.endswith("/")] == []
+    assert analyze.main([output, "neighbors", "--id", key, "--column", "lstm_content"]) == 0
+    assert "rows compared)" in capsys.readouterr().out

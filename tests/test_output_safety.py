@@ -449,8 +449,8 @@ def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_b
     assert process.returncode == EXIT_INTERRUPTED, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
     assert [line for line in err.splitlines() if line.startswith("interrupted:")] == [
-        "interrupted: nothing was committed; rerun the same command to export again "
-        "(it removes what this run left)."
+        "interrupted: nothing was committed; rerun the same command to finish the export "
+        "(it keeps the rows this run made durable)."
     ]
     assert output_lib.read_manifest(output) is None
     rerun = subprocess.run(

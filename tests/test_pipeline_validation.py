@@ -179,14 +179,57 @@ def test_input_with_unknown_extension_and_auto_format(bundle, corpus, tmp_path):
     )
 
 
-@pytest.mark.parametrize("size", [0, -3])
-def test_batch_size_must_be_positive(size, bundle, corpus, tmp_path):
+@pytest.mark.parametrize(
+    "flag,value,valid_range",
+    [
+        ("batch_size", "0", "from 1 to 100,000"),
+        ("batch_size", "-3", "from 1 to 100,000"),
+        ("batch_size", "10000000000", "from 1 to 100,000"),
+        ("shard_mb", "inf", "from 0.001 to 1,000,000.0"),
+        ("shard_mb", "nan", "from 0.001 to 1,000,000.0"),
+        ("shard_mb", "0", "from 0.001 to 1,000,000.0"),
+        ("shard_mb", "-1", "from 0.001 to 1,000,000.0"),
+        ("max_record_bytes", "99999999999999999999", "from 1 to 1,073,741,824"),
+        ("max_record_bytes", "0", "from 1 to 1,073,741,824"),
+        ("progress_seconds", "0", "from 0.1 to 86,400.0"),
+        ("progress_seconds", "-1", "from 0.1 to 86,400.0"),
+        ("progress_seconds", "nan", "from 0.1 to 86,400.0"),
+        ("progress_seconds", "inf", "from 0.1 to 86,400.0"),
+        ("max_error_fraction", "nan", "from 0.0 to 1.0"),
+        ("max_error_fraction", "-0.1", "from 0.0 to 1.0"),
+        ("max_error_fraction", "1.5", "from 0.0 to 1.0"),
+        ("limit", "0", "from 1 to"),
+        ("limit", "-5", "from 1 to"),
+        ("limit", "99999999999999999999999", "from 1 to"),
+        ("tf_threads", "-1", "from 0 to 1,024"),
+        ("tf_threads", "100000", "from 0 to 1,024"),
+    ],
+)
+def test_every_numeric_flag_out_of_range_is_one_error_line_and_exit_2(
+    flag, value, valid_range, bundle, corpus, tmp_path, capsys
+):
+    from pipeline.run import main
+
     output = tmp_path / "out"
-    assert_refused(
-        export_args(bundle, corpus, output, f"--batch_size={size}"),
-        output,
-        f"--batch_size must be at least 1, received {size}",
-    )
+    code = main(export_args(bundle, corpus, output, f"--{flag}={value}"))
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: --{flag} must be "), err
+    assert valid_range in lines[0] and f"received {value}" in lines[0].replace("'", "")
+    assert is_empty_or_absent(output)
+
+
+def test_every_numeric_flag_of_the_options_has_a_range():
+    from pipeline.options import ExportOptions
+    from pipeline.plan import NUMERIC_FLAGS
+
+    parsers = []
+    ExportOptions([]).get_all_options(current_only=True, add_extra_args_fn=parsers.append)
+    numeric = {
+        action.dest for action in parsers[0]._actions if action.type in (int, float) and action.dest != "help"
+    }
+    assert numeric == {name for name, *_ in NUMERIC_FLAGS}
 
 
 @pytest.fixture(scope="module")

@@ -318,3 +318,95 @@ def test_reuse_on_the_tutorial_keras2_model(tmp_path):
     vectors = np.array(reused.column("lstm").to_pylist(), dtype=np.float32)
     expected = reference[[order[i] for i in reused.column("id").to_pylist()]]
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
+
+
+def _damaged_copy(versions, tmp_path, damage):
+    """A copy of the first export, edited by `damage(directory, manifest, first row shard's entry)`."""
+    directory = tmp_path / "damaged"
+    shutil.copytree(versions["v1"], directory)
+    with open(directory / output_lib.MANIFEST, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    entry = manifest["shards"]["rows"][0]
+    damage(directory, manifest, entry)
+    with open(directory / output_lib.MANIFEST, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle)
+    return str(directory), entry["file"]
+
+
+def _rehash(directory, entry):
+    entry["sha256"] = output_lib.file_digest(str(directory / entry["file"]))["sha256"]
+
+
+def _swap_model(directory, manifest, entry):
+    """Rewrites the shard as an export of another model would be (its metadata names that model)."""
+    import pyarrow.parquet as pq
+
+    path = directory / entry["file"]
+    table = pq.read_table(path)
+    metadata = json.loads(table.schema.metadata[b"embexport"])
+    metadata["model_sha256"] = "0" * 64
+    pq.write_table(table.replace_schema_metadata({b"embexport": json.dumps(metadata).encode()}), path)
+
+
+def _truncate(directory, manifest, entry):
+    path = directory / entry["file"]
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _outside(directory, manifest, entry):
+    other = directory.parent / "OTHER"
+    other.mkdir()
+    shutil.copy(directory / entry["file"], other / entry["file"])
+    entry["file"] = f"../OTHER/{entry['file']}"
+
+
+def _link_out(directory, manifest, entry):
+    other = directory.parent / "elsewhere.parquet"
+    shutil.move(directory / entry["file"], other)
+    os.symlink(other, directory / entry["file"])
+
+
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        pytest.param(_swap_model, "has SHA-256 [0-9a-f]{64}, but the manifest records", id="swapped"),
+        pytest.param(
+            lambda d, m, e: (_swap_model(d, m, e), _rehash(d, e)),
+            "was written with model_sha256 '0{64}'",
+            id="swapped_and_rehashed",
+        ),
+        pytest.param(_truncate, "has SHA-256", id="truncated"),
+        pytest.param(
+            lambda d, m, e: (_truncate(d, m, e), _rehash(d, e)),
+            "is not a readable export shard",
+            id="truncated_and_rehashed",
+        ),
+        pytest.param(lambda d, m, e: e.__setitem__("rows", e["rows"] + 1), "holds \\d+ rows", id="rows"),
+        pytest.param(_outside, "is not a shard name of the export directory", id="dotdot"),
+        pytest.param(
+            lambda d, m, e: e.__setitem__("file", "/etc/passwd"), "is not a shard name", id="absolute"
+        ),
+        pytest.param(_link_out, "is a link to .*outside the export directory", id="link"),
+        pytest.param(lambda d, m, e: e.pop("sha256"), "has no SHA-256 or checksum", id="no_digest"),
+    ],
+)
+def test_reuse_checks_each_shard_against_its_manifest_before_reading_it(versions, tmp_path, damage, expected):
+    damaged, name = _damaged_copy(versions, tmp_path, damage)
+    output = str(tmp_path / "out")
+    argv = ["--input", versions["second_path"], "--output", output, "--reuse", damaged, *versions["flags"]]
+    _refused(argv, f"--reuse .* is damaged: row shard '.*{name}' {expected}", output)
+
+
+def test_a_damaged_reuse_export_is_one_error_line_naming_the_file(versions, tmp_path, capsys):
+    from pipeline.run import main
+
+    damaged, name = _damaged_copy(versions, tmp_path, _swap_model)
+    output = str(tmp_path / "out")
+    code = main(
+        ["--input", versions["second_path"], "--output", output, "--reuse", damaged, *versions["flags"]]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and name in lines[0] and "is damaged" in lines[0]
+    assert not os.path.exists(output)

@@ -309,7 +309,7 @@ def test_limit_must_be_positive(tmp_path, tiny_bundle, capsys):
     from pipeline.run import EXIT_CONFIG_ERROR, main
 
     code = main(["--model", tiny_bundle[0], "--output", str(tmp_path / "o"), "--limit", "0"])
-    assert code == EXIT_CONFIG_ERROR and "--limit must be a positive" in capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR and "--limit must be an integer from 1 to" in capsys.readouterr().err
 
 
 def test_output_shards_are_cut_at_the_target_size(tmp_path, tiny_bundle):
@@ -340,7 +340,7 @@ def test_output_shards_are_cut_at_the_target_size(tmp_path, tiny_bundle):
 
 _PROGRESS = re.compile(
     r"progress: ([\d,]+) records read \((\d+)% of [^)]*\), ([\d,]+) rows written, ([\d,]+) dead letters, "
-    r"(?:[\d,]+ docs/s|docs/s pending), (ETA [\d:]+|ETA unknown|done in [\d:]+)"
+    r"(?:[\d,]+ docs/s|docs/s pending), (ETA [\d:]+|ETA unknown|done in [\d:]+)(, first row after [\d:]+)?"
 )
 
 
@@ -378,6 +378,25 @@ def test_progress_eta_is_input_bytes_consumed_against_the_total(tmp_path):
     assert line == (
         "progress: 200 records read (20% of 1 MB), 190 rows written, 5 dead letters, 10 docs/s, ETA 0:01:20"
     )
+
+
+def test_progress_shows_the_time_to_first_row_from_the_command_start(tmp_path):
+    from pipeline import progress
+
+    assert 0 < progress.process_seconds() < 24 * 3600  # this pytest process started a while ago
+    monitor = ProgressMonitor(str(tmp_path), total_bytes=1_000)
+    first, second = progress.ProgressRecorder(str(tmp_path)), progress.ProgressRecorder(str(tmp_path))
+    first.add(read_bytes=100, records=10)
+    first.flush()
+    assert "first row" not in monitor.line(progress.read_totals(str(tmp_path)))
+    second.add(read_bytes=100, records=10, rows=10)
+    second.flush()
+    first.add(read_bytes=100, records=10, rows=10)
+    first.flush()
+    totals = progress.read_totals(str(tmp_path))
+    assert totals[progress.FIRST_ROW_AT] == second._counts[progress.FIRST_ROW_AT]  # the earliest process
+    monitor._command_started = totals[progress.FIRST_ROW_AT] - 75  # the command started 75 s before
+    assert monitor.line(totals).endswith(", first row after 0:01:15")
 
 
 class _Terminal(io.StringIO):

@@ -132,8 +132,13 @@ def test_manifest_and_metadata_link_the_columns_to_the_table(exports, rows, tabl
         assert (entry["token_storage"], entry["table"]) == ("ids", TABLE)
     (listed,) = manifest["tables"]
     with open(os.path.join(directory, TABLE), "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()
-    assert listed == {"file": TABLE, "rows": 4000, "sha256": digest}
+        data = handle.read()
+    assert listed == {
+        "file": TABLE,
+        "rows": 4000,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     facts = read_export_metadata(pq.read_schema(read_rows_files(directory)[0]))
     assert {c["column"]: (c["token_storage"], c["table"]) for c in facts["columns"]} == {
         "emb": ("ids", TABLE),

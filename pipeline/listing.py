@@ -1,0 +1,165 @@
+"""Lists the corpus files an --input pattern matches, once at launch, and checks a file is still as listed.
+
+The launch listing is the corpus of the run: workers read exactly these files
+(no second listing at run time), and before and after reading a file or range
+of it they check that it still has the listed size and modification time, so a
+file truncated, replaced or deleted after launch becomes a dead letter instead
+of silently missing records.
+
+Local patterns follow symbolic links to directories, as the shell and Python's
+`glob` do, with Beam's pattern meaning (`*` stays in a directory, `**` spans
+directories); a link back to a directory being walked is not followed twice.
+"""
+
+import logging
+import os
+import re
+import stat
+import typing
+
+from apache_beam.io.filesystem import FileSystem
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.model_source import is_local
+
+_LOGGER = logging.getLogger(__name__)
+_GLOB = re.compile(r"[*?\[]")
+
+
+class InputFile(typing.NamedTuple):
+    """One file of the launch listing: what a worker checks the file against before reading it."""
+
+    path: str
+    size: int
+    # Modification time in seconds (local mtime; object stores: the object's last update,
+    # which every new generation (gs://) or PUT (s3://) changes); None where none is given.
+    mtime: float | None
+    # A symbolic link to nothing: where it points (the file is dead-lettered as unreadable).
+    link_target: str | None = None
+
+
+class NonRegularFile(typing.NamedTuple):
+    """A matched path that is not a regular file (named pipe, socket, device): never read."""
+
+    path: str
+    kind: str
+
+
+class InputChanged(Exception):
+    """The file is not what the launch listed: gone, another size or modification time, not a file."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _walk(root: str, max_depth: int | None) -> typing.Iterator[str]:
+    """Paths of the non-directory entries under `root`, following links to directories.
+
+    Without a depth bound (a `**` pattern), a directory whose (device, inode)
+    is already on the path from `root` is a loop (a link to an ancestor): it is
+    skipped with a warning, since its files are listed through the ancestor. A
+    bounded walk follows it like the shell does, as deep as the pattern goes.
+    """
+    stack = [(root, 0, frozenset())]
+    while stack:
+        directory, depth, ancestors = stack.pop()
+        try:
+            status = os.stat(directory or os.curdir)
+            entries = sorted(os.scandir(directory or os.curdir), key=lambda entry: entry.name)
+        except OSError as error:
+            _LOGGER.warning("Skipping %r while listing --input: %s", directory, error)
+            continue
+        key = (status.st_dev, status.st_ino)
+        if max_depth is None and key in ancestors:
+            _LOGGER.warning("Not following %r: it links back to a directory it is in (a loop).", directory)
+            continue
+        ancestors = ancestors | {key}
+        for entry in entries:
+            path = os.path.join(directory, entry.name) if directory else entry.name
+            try:
+                is_directory = entry.is_dir(follow_symlinks=True)
+            except OSError:  # A link loop: not a directory, listed as a link that cannot be read.
+                is_directory = False
+            if not is_directory:
+                yield path
+            elif max_depth is None or depth < max_depth:
+                stack.append((path, depth + 1, ancestors))
+
+
+def _local_entry(path: str) -> InputFile | NonRegularFile:
+    try:
+        status = os.stat(path)
+    except OSError:
+        target = os.readlink(path) if os.path.islink(path) else path
+        return InputFile(path, 0, None, target)
+    if not stat.S_ISREG(status.st_mode):
+        return NonRegularFile(path, _kind(status.st_mode))
+    return InputFile(path, status.st_size, status.st_mtime)
+
+
+def _list_local(pattern: str) -> list[InputFile | NonRegularFile]:
+    """Beam's local matching (the same paths, the same pattern meaning), following directory links."""
+    if pattern.endswith(os.sep):
+        pattern += "*"
+    first_glob = _GLOB.search(pattern)
+    if not first_glob:
+        return [_local_entry(pattern)] if os.path.lexists(pattern) else []
+    root = os.path.dirname(pattern[: first_glob.start()])
+    # Without `**` a match is exactly as deep as the pattern: no need to walk further.
+    depth = None if "**" in pattern else pattern[len(root) :].lstrip("/").count("/")
+    regex = re.compile(FileSystem.translate_pattern(pattern))
+    return [_local_entry(path) for path in _walk(root, depth) if regex.match(path)]
+
+
+def list_input(pattern: str) -> tuple[list[InputFile], list[NonRegularFile]]:
+    """The files `pattern` matches now, and the matched paths that are not regular files.
+
+    Raises:
+        Whatever Beam's filesystem raises when it cannot list (no credentials, ...).
+    """
+    if is_local(pattern):
+        entries = _list_local(pattern)
+        files = [entry for entry in entries if isinstance(entry, InputFile)]
+        return files, [entry for entry in entries if isinstance(entry, NonRegularFile)]
+    matched = FileSystems.match([pattern])[0].metadata_list
+    return [InputFile(m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in matched], []
+
+
+def _describe(size: int, mtime: float | None) -> str:
+    return f"{size} bytes" + (f", modified at {mtime:.6f}" if mtime is not None else "")
+
+
+def check_unchanged(listed: InputFile) -> None:
+    """Raises `InputChanged` unless the file is still a regular file of the listed size and time.
+
+    Local files are checked with one `stat`; object stores with one metadata
+    request (size and last update time, which a new generation changes).
+    """
+    if listed.link_target is not None:
+        raise InputChanged(f"Symbolic link to {listed.link_target!r}, which does not exist.")
+    if is_local(listed.path):
+        try:
+            status = os.stat(listed.path)
+        except FileNotFoundError:
+            raise InputChanged(f"{listed.path} was listed at launch but no longer exists.") from None
+        if not stat.S_ISREG(status.st_mode):
+            raise InputChanged(f"{listed.path} is now {_kind(status.st_mode)}, no longer a regular file.")
+        size, mtime = status.st_size, status.st_mtime
+    else:
+        try:
+            metadata = FileSystems.get_filesystem(listed.path).metadata(listed.path)
+        except Exception as error:  # Beam raises BeamIOError for a missing object.
+            raise InputChanged(f"{listed.path} was listed at launch but is not found now: {error}") from None
+        size, mtime = metadata.size_in_bytes, metadata.last_updated_in_seconds
+    if size != listed.size or (listed.mtime is not None and mtime != listed.mtime):
+        raise InputChanged(
+            f"{listed.path} changed after the launch listed it: listed "
+            f"{_describe(listed.size, listed.mtime)}, now {_describe(size, mtime)}."
+        )

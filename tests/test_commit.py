@@ -1,0 +1,430 @@
+"""The commit is crash-safe: killed or failed at every filesystem step, one complete export survives.
+
+The in-process tests inject the fault through `pipeline.output.step_hook` at
+each step of `commit()` in turn (each hash, write, rename or copy, delete and
+mkdir), on staged outputs that a real pipeline produced once per scenario, for
+a fresh output, an `--overwrite` and a `--reuse OUT --output OUT --overwrite`
+in place, on local disk and on S3 (moto).  After each fault the directory must
+hold the old export untouched (no journal yet) or a journal from which the next
+command finishes the new one, every shard matching its manifest's size and
+SHA-256.  The subprocess tests kill, pause and fail the real command inside its
+commit (tests/hooked_run.py) and send it real signals.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.aws import s3io
+from apache_beam.io.aws.clients.s3 import boto3_client
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot
+from test_object_storage import BUCKET, client, s3_endpoint, s3_flags  # noqa: F401  (fixture)
+
+from pipeline import output as output_lib
+from pipeline.analyze import open_documents
+from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, EXIT_TERMINATED, OutputWriteError
+from pipeline.export import run_export
+
+OLD_IDS = [f"old{i}" for i in range(5)] + [f"doc{i}" for i in range(3)]
+NEW_IDS = [f"doc{i}" for i in range(6)]
+BAD_LINE = '{"id": "broken", "content": '
+HOOKED_RUN = os.path.join(REPOSITORY, "tests", "hooked_run.py")
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in-process: nothing of the commit's own handling runs."""
+
+
+class Captured(BaseException):
+    """Stops a run right where it would commit, leaving its staged files."""
+
+
+def _corpus(path, ids, bad_line=False):
+    with open(path, "w", encoding="utf-8") as handle:
+        for index, name in enumerate(ids):
+            words = " ".join(f"word{(index * 7 + k) % 40}" for k in range(3 + index % 5))
+            handle.write(json.dumps({"id": name, "content": words, "title": f"word{index}"}) + "\n")
+        if bad_line:
+            handle.write(BAD_LINE + "\n")
+    return str(path)
+
+
+def _staged_run(monkeypatch, argv):
+    """Runs the export in `argv` up to its commit; returns (run id, the manifest facts it would commit)."""
+    captured = {}
+
+    def capture(directory, run_id, staged, manifest):
+        captured.update(run_id=run_id, manifest=manifest)
+        raise Captured
+
+    with monkeypatch.context() as patch:
+        patch.setattr(output_lib, "commit", capture)
+        with pytest.raises(Captured):
+            run_export(argv)
+    return captured["run_id"], captured["manifest"]
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory, tiny_bundle):
+    """name -> (template directory, run id, manifest facts, old ids or None); each staged by a real run."""
+    root = tmp_path_factory.mktemp("commit_scenarios")
+    monkeypatch = pytest.MonkeyPatch()
+    old_corpus = _corpus(root / "old.jsonl", OLD_IDS, bad_line=True)
+    new_corpus = _corpus(root / "new.jsonl", NEW_IDS)
+    new_with_error = _corpus(root / "new_bad.jsonl", NEW_IDS, bad_line=True)
+    model = ["--model", tiny_bundle[0]]
+    result = {}
+    for name, corpus, flags in (
+        ("fresh", new_with_error, []),
+        ("overwrite", new_corpus, ["--overwrite"]),
+        ("reuse_in_place", new_with_error, ["--overwrite", "--reuse", "{output}"]),
+    ):
+        output = str(root / name)
+        if name != "fresh":
+            run_export([*model, "--input", old_corpus, "--output", output])
+        flags = [flag.format(output=output) for flag in flags]
+        run_id, manifest = _staged_run(monkeypatch, [*model, "--input", corpus, "--output", output, *flags])
+        result[name] = (output, run_id, manifest, None if name == "fresh" else OLD_IDS)
+    monkeypatch.undo()
+    # Old and new shards share names: the commit must replace them, not lose them.
+    old_names = set(os.listdir(result["overwrite"][0]))
+    staged = os.listdir(
+        os.path.join(result["overwrite"][0], output_lib.STAGING, result["overwrite"][1], "data")
+    )
+    assert old_names & set(staged)
+    return result
+
+
+def _read_ids(path):
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        return pq.read_table(handle, columns=["id"]).column("id").to_pylist()
+
+
+def _export_files(directory):
+    """The files a reader of the export sees: top-level part-*, errors/part-*, _tables/*."""
+    try:
+        paths = [m.path for m in FileSystems.match([output_lib.join(directory, "**")])[0].metadata_list]
+    except Exception:
+        return set()
+    relatives = {output_lib._relative(directory, p) for p in paths}
+    return {
+        r
+        for r in relatives
+        if (r.startswith("part-") and "/" not in r)
+        or r.startswith(output_lib.ERRORS_DIR + "/")
+        or r.startswith(output_lib.TABLES_DIR + "/")
+    }
+
+
+def _complete_export(directory):
+    """The row ids of the one complete export in `directory` (None if it holds none), checked file by file."""
+    manifest = output_lib.read_manifest(directory)
+    if manifest is None:
+        assert not [f for f in _export_files(directory) if f.startswith("part-")], _export_files(directory)
+        return None
+    listed = manifest["shards"]["rows"] + manifest["shards"]["errors"] + manifest["tables"]
+    ids = []
+    for shard in listed:
+        path = output_lib.join(directory, shard["file"])
+        assert output_lib.file_digest(path) == {"bytes": shard["bytes"], "sha256": shard["sha256"]}, shard
+    for shard in manifest["shards"]["rows"]:
+        ids += _read_ids(output_lib.join(directory, shard["file"]))
+    assert _export_files(directory) == {shard["file"] for shard in listed}
+    assert sum(s["rows"] for s in manifest["shards"]["rows"]) == manifest["counts"]["rows_written"]
+    return sorted(ids)
+
+
+def _commit(directory, run_id, facts):
+    return output_lib.commit(directory, run_id, output_lib.staged_shards(directory, run_id), facts)
+
+
+def _digests(directory):
+    return {f: output_lib.file_digest(output_lib.join(directory, f)) for f in _export_files(directory)}
+
+
+def _count_steps(commit):
+    steps = []
+    output_lib.step_hook = lambda action, relative: steps.append((action, relative))
+    try:
+        commit()
+    finally:
+        output_lib.step_hook = None
+    return steps
+
+
+def _fault_at(number, fault):
+    seen = [0]
+
+    def hook(action, relative):
+        seen[0] += 1
+        if seen[0] == number:
+            raise (
+                Killed(f"{action} {relative}") if fault == "kill" else OSError(errno.ENOSPC, "full", relative)
+            )
+
+    return hook
+
+
+def _check_every_step(make_copy, recover, run_id, facts, old_ids):
+    """Kills, then fails, a commit at each step; checks what survives and what the next command makes."""
+    directory = make_copy("count")
+    steps = _count_steps(
+        lambda: output_lib.commit(directory, run_id, output_lib.staged_shards(directory, run_id), facts)
+    )
+    actions = {action for action, _ in steps}
+    assert {
+        "hash",
+        "write",
+        "rename" if FileSystems.get_scheme(directory) is None else "copy",
+        "delete",
+    } <= actions
+    assert _complete_export(directory) == sorted(NEW_IDS)
+    for fault in ("kill", "fail"):
+        for number in range(1, len(steps) + 1):
+            directory = make_copy(f"{fault}{number}")
+            old_files = {
+                f: output_lib.file_digest(output_lib.join(directory, f)) for f in _export_files(directory)
+            }
+            output_lib.step_hook = _fault_at(number, fault)
+            try:
+                with pytest.raises(Killed if fault == "kill" else OutputWriteError):
+                    _commit(directory, run_id, facts)
+            finally:
+                output_lib.step_hook = None
+            where = f"{fault} at step {number} {steps[number - 1]}"
+            pending = output_lib.has_pending_commit(directory)
+            if not pending:
+                # Before the journal: the old export is exactly as it was, readable now.
+                assert _complete_export(directory) == (sorted(old_ids) if old_ids else None), where
+                assert _digests(directory) == old_files, where
+            assert output_lib.commit_phase() != "committing", where
+            recover(directory)
+            assert not output_lib.has_pending_commit(directory), where
+            expected = sorted(NEW_IDS) if pending else (sorted(old_ids) if old_ids else None)
+            assert _complete_export(directory) == expected, where
+            if pending:
+                assert not FileSystems.exists(output_lib.join(directory, output_lib.STAGING, run_id)), where
+
+
+@pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])
+def test_commit_killed_or_failed_at_every_step_on_local_disk(scenarios, name, tmp_path):
+    template, run_id, facts, old_ids = scenarios[name]
+
+    def make_copy(label):
+        directory = str(tmp_path / label)
+        shutil.copytree(template, directory, symlinks=True)
+        return directory
+
+    # The next command that opens the output finishes the commit (it takes the lock for the while).
+    _check_every_step(make_copy, output_lib.finish_interrupted_commit, run_id, facts, old_ids)
+
+
+@pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])
+def test_commit_killed_or_failed_at_every_step_on_s3(scenarios, name, s3_endpoint, monkeypatch):  # noqa: F811
+    template, run_id, facts, old_ids = scenarios[name]
+    options = PipelineOptions(s3_flags(s3_endpoint))
+    FileSystems.set_options(options)
+    # Beam makes a boto3 client for every S3 call (about 0.1 s each); one shared client
+    # keeps the hundreds of commits here fast and changes none of their S3 requests.
+    shared, real = boto3_client.Client(options=options), s3io.S3IO
+    monkeypatch.setattr(s3io, "S3IO", lambda client=None, options=None: real(client=client or shared))
+    s3 = client(s3_endpoint)
+
+    def make_copy(label):
+        prefix = f"commit/{name}/{label}"
+        for relative in snapshot(template):
+            s3.upload_file(os.path.join(template, relative), BUCKET, f"{prefix}/{relative}")
+        return f"s3://{BUCKET}/{prefix}"
+
+    # The S3 lease waits a second to settle; the lock itself is tested in test_output_safety.
+    _check_every_step(make_copy, output_lib.recover_interrupted_commit, run_id, facts, old_ids)
+
+
+def test_a_recovery_killed_at_any_step_is_finished_by_the_next_one(scenarios, tmp_path):
+    template, run_id, facts, _ = scenarios["reuse_in_place"]
+    committed = str(tmp_path / "steps")
+    shutil.copytree(template, committed)
+    steps = _count_steps(lambda: _commit(committed, run_id, facts))
+    journal_step = steps.index(("rename", output_lib.JOURNAL)) + 1
+    crashed = str(tmp_path / "crashed")
+    shutil.copytree(template, crashed)
+    output_lib.step_hook = _fault_at(journal_step + 1, "kill")  # the first step after the commit point
+    try:
+        with pytest.raises(Killed):
+            _commit(crashed, run_id, facts)
+    finally:
+        output_lib.step_hook = None
+    recovery = str(tmp_path / "recovery")
+    shutil.copytree(crashed, recovery)
+    recovery_steps = _count_steps(lambda: output_lib.recover_interrupted_commit(recovery))
+    assert len(recovery_steps) > 3
+    for number in range(1, len(recovery_steps) + 1):
+        directory = str(tmp_path / f"again{number}")
+        shutil.copytree(crashed, directory)
+        output_lib.step_hook = _fault_at(number, "kill")
+        try:
+            with pytest.raises(Killed):
+                output_lib.recover_interrupted_commit(directory)
+        finally:
+            output_lib.step_hook = None
+        output_lib.finish_interrupted_commit(directory)
+        assert _complete_export(directory) == sorted(NEW_IDS), recovery_steps[number - 1]
+
+
+def test_a_damaged_journal_is_refused_and_nothing_is_deleted(scenarios, tmp_path):
+    template, run_id, facts, _ = scenarios["overwrite"]
+    directory = str(tmp_path / "out")
+    shutil.copytree(template, directory)
+    output_lib.step_hook = _fault_at(6, "kill")  # after the journal
+    try:
+        with pytest.raises(Killed):
+            output_lib.commit(directory, run_id, output_lib.staged_shards(directory, run_id), facts)
+    finally:
+        output_lib.step_hook = None
+    journal_path = os.path.join(directory, output_lib.JOURNAL)
+    with open(journal_path) as handle:
+        journal = json.load(handle)
+    outside = tmp_path / "precious.txt"
+    outside.write_text("mine")
+    journal["delete"].append("../precious.txt")
+    with open(journal_path, "w") as handle:
+        json.dump(journal, handle)
+    before = snapshot(directory)
+    with pytest.raises(Exception, match="damaged or names files"):
+        output_lib.finish_interrupted_commit(directory)
+    assert snapshot(directory) == before and outside.read_text() == "mine"
+
+
+# --- real processes, real signals -------------------------------------------------------------
+
+
+def _hooked(hooks, argv, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, HOOKED_RUN, *hooks, "--", *argv],
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def _wait_for(path, process, timeout=180):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_reuse_in_place_killed_inside_the_commit_is_finished_by_the_rerun(tmp_path, tiny_bundle):
+    old = _corpus(tmp_path / "old.jsonl", OLD_IDS, bad_line=True)
+    new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
+    output = str(tmp_path / "out")
+    assert run_export(["--model", tiny_bundle[0], "--input", old, "--output", output]).exit_code == 0
+    argv = pipeline_command(new, output, "--model", tiny_bundle[0], "--reuse", output, "--overwrite")[3:]
+    # SIGKILL after the journal, the old manifest and the first shard rename: the old export is gone.
+    process = _hooked(["kill:rename:2"], argv)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL, err[-3000:]
+    assert output_lib.has_pending_commit(output) and output_lib.read_manifest(output) is None
+    rerun = subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *argv],
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Finishing the commit of run" in rerun.stderr
+    assert _complete_export(output) == sorted(NEW_IDS)
+    assert output_lib.read_manifest(output)["counts"]["rows_reused"] == len(NEW_IDS)
+
+
+def test_analyze_finishes_an_interrupted_commit_before_reading(tmp_path, tiny_bundle):
+    old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
+    new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
+    output = str(tmp_path / "out")
+    run_export(["--model", tiny_bundle[0], "--input", old, "--output", output])
+    argv = pipeline_command(new, output, "--model", tiny_bundle[0], "--overwrite")[3:]
+    process = _hooked(["kill:delete:2"], argv)
+    process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    assert output_lib.has_pending_commit(output)
+    dataset = open_documents(output)
+    assert sorted(dataset.dataset.to_table(columns=["id"]).column("id").to_pylist()) == sorted(NEW_IDS)
+    assert not output_lib.has_pending_commit(output)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_during_the_commit_waits_for_it(tmp_path, tiny_bundle, signum):
+    old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
+    new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
+    output = str(tmp_path / "out")
+    run_export(["--model", tiny_bundle[0], "--input", old, "--output", output])
+    marker = str(tmp_path / "commit")
+    argv = pipeline_command(new, output, "--model", tiny_bundle[0], "--overwrite")[3:]
+    # Paused right after deleting the old manifest: the worst moment to stop.
+    process = _hooked([f"pause:delete:2:{marker}"], argv)
+    _wait_for(marker + ".paused", process)
+    process.send_signal(signum)
+    time.sleep(0.2)  # Let the handler run while the commit is still paused (it must only defer).
+    open(marker + ".go", "w").close()
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == (EXIT_TERMINATED if signum == signal.SIGTERM else 130), err[-3000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert lines == [
+        f"interrupted: the export was committed to {output} before the run stopped "
+        f"({signal.Signals(signum).name}); it is complete, nothing to rerun."
+    ], err[-2000:]
+    assert "Export finished" not in out
+    assert _complete_export(output) == sorted(NEW_IDS)
+    assert not output_lib.has_pending_commit(output)
+
+
+def test_a_full_disk_during_the_commit_keeps_the_old_export(tmp_path, tiny_bundle):
+    old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
+    new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
+    output = str(tmp_path / "out")
+    run_export(["--model", tiny_bundle[0], "--input", old, "--output", output])
+    before = snapshot(output)
+    argv = pipeline_command(new, output, "--model", tiny_bundle[0], "--overwrite")[3:]
+    # The journal write (the second write) hits a full disk.
+    process = _hooked(["fail:write:2"], argv)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == EXIT_OUTPUT_FAILED, err[-3000:]
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "disk is full" in errors[0] and output in errors[0], err[-2000:]
+    assert snapshot(output) == before
+    assert _complete_export(output) == sorted(OLD_IDS)
+
+
+def test_the_rerun_of_a_fresh_export_killed_in_its_commit_says_it_was_finished(tmp_path, tiny_bundle):
+    new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
+    output = str(tmp_path / "out")
+    argv = pipeline_command(new, output, "--model", tiny_bundle[0])[3:]
+    process = _hooked(["kill:rename:2"], argv)
+    process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    rerun = subprocess.run(
+        [sys.executable, "-m", "pipeline.run", *argv],
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == EXIT_CONFIG_ERROR, rerun.stderr[-2000:]
+    assert "was finished just now" in rerun.stderr
+    assert _complete_export(output) == sorted(NEW_IDS)

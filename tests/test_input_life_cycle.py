@@ -1,0 +1,350 @@
+"""The corpus a run reads is the launch listing: files that change, vanish, link or block after it.
+
+Each test runs the real export in this process (Beam's in-memory runner, so a
+test hook reaches the readers) on real files, and changes them at a chosen
+point: after the listing (by wrapping the plan building), or while a file is
+read (after the reader opened it).
+"""
+
+import json
+import os
+import subprocess
+import threading
+
+import pytest
+from pipeline_fixtures import REPOSITORY, pipeline_command, read_errors, read_rows
+
+from pipeline import export
+from pipeline import transforms as transforms_lib
+from pipeline.errors import EXIT_RECORDS_LOST
+from pipeline.output import read_manifest
+from pipeline.run import main
+
+
+def _line(doc_id):
+    return (
+        json.dumps({"id": doc_id, "content": f"word1 word2 word{len(doc_id) % 9}", "title": "word3"}) + "\n"
+    )
+
+
+def _write(path, ids):
+    """Writes one JSONL record per id; returns the byte offset where each line starts."""
+    offsets, offset = [], 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for doc_id in ids:
+            offsets.append(offset)
+            line = _line(doc_id)
+            handle.write(line)
+            offset += len(line.encode())
+    return offsets
+
+
+def _run(bundle, pattern, output, *flags):
+    return main(["--model", bundle, "--input", str(pattern), "--output", str(output), *map(str, flags)])
+
+
+def _dead(output):
+    table = read_errors(output)
+    rows = table.to_pylist() if table is not None else []
+    return {(os.path.basename(row["source"]), row["position"]): row for row in rows}
+
+
+def _ids(output):
+    return sorted(read_rows(output).column("id").to_pylist())
+
+
+def _check_counts(output, broken):
+    manifest = read_manifest(str(output))
+    counts = manifest["counts"]
+    assert counts["records_read"] == counts["rows_written"] + counts["dead_letters"]
+    assert counts["files_broken"] == broken
+    assert manifest["status"] == "completed_with_errors"
+
+
+def _after_listing(monkeypatch, change):
+    """Runs `change()` right after the launch listed --input and built the plan."""
+    build_plan = export.build_plan
+
+    def build_then_change(*args, **kwargs):
+        result = build_plan(*args, **kwargs)
+        change()
+        return result
+
+    monkeypatch.setattr(export, "build_plan", build_then_change)
+
+
+class _Unblocker(threading.Thread):
+    """After `seconds`, opens a named pipe for writing and closes it, every second until cancelled,
+    so each reader blocked on it sees its end."""
+
+    def __init__(self, path, seconds=90):
+        super().__init__(daemon=True)
+        self._path, self._seconds = path, seconds
+        self._cancelled = threading.Event()
+        self.fired = False
+
+    def cancel(self):
+        self._cancelled.set()
+
+    def run(self):
+        if self._cancelled.wait(self._seconds):
+            return
+        self.fired = True
+        while not self._cancelled.wait(1):
+            try:
+                os.close(os.open(self._path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # No reader blocked right now, or no pipe any more.
+                pass
+
+
+def _unblock_later(path):
+    """A started `_Unblocker`: a reader that blocks on `path` fails the test instead of hanging it."""
+    unblocker = _Unblocker(path)
+    unblocker.start()
+    return unblocker
+
+
+def test_files_deleted_truncated_or_rewritten_after_launch_are_dead_letters(
+    tmp_path, tiny_bundle, monkeypatch, capsys
+):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    kept = [f"kept-{i}" for i in range(5)]
+    _write(corpus / "a.jsonl", kept)
+    _write(corpus / "b.jsonl", [f"deleted-{i}" for i in range(6)])
+    _write(corpus / "c.jsonl", [f"cut-{i}" for i in range(6)])
+    listed_size = os.path.getsize(corpus / "c.jsonl")
+    _write(corpus / "d.jsonl", [f"swapped-{i}" for i in range(3)])
+    _write(corpus / "e.jsonl", [f"piped-{i}" for i in range(3)])
+
+    def change():
+        os.remove(corpus / "b.jsonl")
+        os.truncate(corpus / "c.jsonl", 10)  # as `logrotate copytruncate` does
+        # The same size, new bytes and a new modification time: another file now.
+        (corpus / "d.jsonl").write_text((corpus / "d.jsonl").read_text().replace("swapped", "SWAPPED"))
+        stat = os.stat(corpus / "d.jsonl")
+        os.utime(corpus / "d.jsonl", (stat.st_atime, stat.st_mtime + 10))
+        os.remove(corpus / "e.jsonl")
+        os.mkfifo(corpus / "e.jsonl")  # opening it would block the reader forever
+
+    _after_listing(monkeypatch, change)
+    watchdog = _unblock_later(corpus / "e.jsonl")
+    try:
+        code = _run(tiny_bundle[0], corpus / "*.jsonl", tmp_path / "out")
+    finally:
+        watchdog.cancel()
+    printed = capsys.readouterr()
+
+    assert not watchdog.fired, "a reader blocked on the named pipe"
+    assert code == EXIT_RECORDS_LOST, printed.err[-2000:]
+    assert "records after the break may be lost" in printed.err
+    assert _ids(tmp_path / "out") == kept
+    dead = _dead(tmp_path / "out")
+    assert {key: row["reason"] for key, row in dead.items()} == {
+        ("b.jsonl", None): "unreadable_file",
+        ("c.jsonl", None): "unreadable_file",
+        ("d.jsonl", None): "unreadable_file",
+        ("e.jsonl", None): "unreadable_file",
+    }
+    assert "named pipe" in dead["e.jsonl", None]["message"]
+    assert "no longer exists" in dead["b.jsonl", None]["message"]
+    assert f"listed {listed_size} bytes" in dead["c.jsonl", None]["message"]
+    assert "now 10 bytes" in dead["c.jsonl", None]["message"]
+    assert "changed after the launch listed it" in dead["d.jsonl", None]["message"]
+    _check_counts(tmp_path / "out", broken=4)
+
+
+def _cut_while_reading(monkeypatch, path, keep_bytes, on_open):
+    """Truncates `path` to `keep_bytes` just after the reader opens it for the `on_open`-th time."""
+    opened = transforms_lib._RangeReader._open
+    opens = []
+
+    def open_then_cut(reader):
+        handle = opened(reader)
+        if reader._range.path == str(path):
+            opens.append(reader._range.start)
+            if len(opens) == on_open:
+                os.truncate(path, keep_bytes)
+        return handle
+
+    monkeypatch.setattr(transforms_lib._RangeReader, "_open", open_then_cut)
+    return opens
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole_file", "in_ranges"])
+def test_a_file_truncated_while_it_is_read_ends_in_a_read_error_where_it_broke(
+    tmp_path, tiny_bundle, monkeypatch, capsys, split
+):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    ids = [f"doc-{i:04d}" for i in range(400)]
+    offsets = _write(corpus / "big.jsonl", ids)
+    _write(corpus / "other.jsonl", ["other-1"])
+    # The second open is the read pass (the first is the id scan): cut the file at line 201.
+    opens = _cut_while_reading(monkeypatch, corpus / "big.jsonl", offsets[200], on_open=1 if split else 2)
+    if split:
+        # Four ranges of the file; the first range's open (the id scan) cuts it.
+        monkeypatch.setattr(export, "split_bytes_for", lambda options, total: offsets[100] + 1)
+    code = _run(tiny_bundle[0], corpus / "*.jsonl", tmp_path / "out")
+    printed = capsys.readouterr()
+
+    assert code == EXIT_RECORDS_LOST, printed.err[-2000:]
+    dead = _dead(tmp_path / "out")
+    if not split:
+        assert opens == [0, 0]
+        assert _ids(tmp_path / "out") == sorted(ids[:200] + ["other-1"])
+        assert list(dead) == [("big.jsonl", 201)]
+        assert dead["big.jsonl", 201]["reason"] == "read_error"
+        assert "InputShorter" in dead["big.jsonl", 201]["message"]
+        assert f"ends at byte {offsets[200]}" in dead["big.jsonl", 201]["message"]
+        _check_counts(tmp_path / "out", broken=1)
+    else:
+        # Cut during the id scan: each of the 4 ranges of the read pass finds it changed.
+        assert _ids(tmp_path / "out") == ["other-1"]
+        rows = read_errors(tmp_path / "out").to_pylist()
+        assert sorted(row["reason"] for row in rows) == ["read_error"] * 3 + ["unreadable_file"]
+        assert all("changed after the launch listed it" in row["message"] for row in rows)
+        starts = {row["message"].split(":")[0] for row in rows if row["reason"] == "read_error"}
+        assert len(starts) == 3 and all(start.startswith("Reading stopped at byte ") for start in starts)
+        assert opens == [0]  # the other ranges were found changed before they were opened
+        manifest = read_manifest(str(tmp_path / "out"))
+        assert manifest["counts"]["files_broken"] == 4
+        assert manifest["counts"]["records_read"] == 5
+
+
+def test_a_csv_file_truncated_while_it_is_read_ends_in_a_read_error(
+    tmp_path, tiny_bundle, monkeypatch, capsys
+):
+    """CSV is read whole: the check after its last record finds the file shorter than listed."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = ["id,content,title\r\n"] + [f"doc-{i:04d},word1 word2,word3\r\n" for i in range(400)]
+    (corpus / "big.csv").write_text("".join(lines), newline="")
+    cut = sum(len(line) for line in lines[:201])  # the header and 200 rows stay
+    _cut_while_reading(monkeypatch, corpus / "big.csv", cut, on_open=2)
+    code = _run(tiny_bundle[0], corpus / "*.csv", tmp_path / "out")
+    printed = capsys.readouterr()
+
+    assert code == EXIT_RECORDS_LOST, printed.err[-2000:]
+    assert _ids(tmp_path / "out") == [f"doc-{i:04d}" for i in range(200)]
+    dead = _dead(tmp_path / "out")
+    assert list(dead) == [("big.csv", 201)] and dead["big.csv", 201]["reason"] == "read_error"
+    assert "changed after the launch listed it" in dead["big.csv", 201]["message"]
+    _check_counts(tmp_path / "out", broken=1)
+
+
+def test_a_range_that_ends_before_its_listed_end_is_a_read_error():
+    """`corpus.read_records` on plain bytes: a range that meets the end of the data early says so."""
+    import io
+    import types
+
+    from pipeline import corpus
+
+    plan = types.SimpleNamespace(
+        input_format="jsonl", max_record_bytes=1000, id_field="id", keep_fields=(), inputs=(), tokenizes=True
+    )
+    data = b"".join(_line(f"d{i}").encode() for i in range(4))
+    items = [
+        item for _, item in corpus.read_records(plan, "f.jsonl", lambda: io.BytesIO(data), size=len(data) + 7)
+    ]
+    assert [getattr(item, "id", None) for item in items[:4]] == ["d0", "d1", "d2", "d3"]
+    assert items[4]["reason"] == "read_error" and items[4]["position"] == 5
+    # The listed size reached: nothing more.
+    assert len(list(corpus.read_records(plan, "f.jsonl", lambda: io.BytesIO(data), size=len(data)))) == 4
+
+
+def test_symlinked_directories_are_followed_as_the_shell_does(tmp_path, tiny_bundle, capsys):
+    corpus, elsewhere = tmp_path / "in", tmp_path / "archive" / "2024"
+    corpus.mkdir()
+    elsewhere.mkdir(parents=True)
+    _write(corpus / "top.jsonl", ["top-1"])
+    _write(elsewhere / "old.jsonl", ["old-1", "old-2"])
+    os.symlink(elsewhere, corpus / "2024")
+    os.symlink(corpus, corpus / "loop")  # a loop: followed once, never forever
+
+    assert _run(tiny_bundle[0], f"{corpus}/**.jsonl", tmp_path / "recursive") == 0
+    assert _ids(tmp_path / "recursive") == ["old-1", "old-2", "top-1"]
+    assert _run(tiny_bundle[0], f"{corpus}/*/*.jsonl", tmp_path / "one_level") == 0, capsys.readouterr().err
+    assert _ids(tmp_path / "one_level") == ["old-1", "old-2", "top-1"]  # loop/top.jsonl is ../top.jsonl
+    capsys.readouterr()
+
+
+def test_listing_follows_links_with_beams_pattern_meaning(tmp_path, monkeypatch):
+    from pipeline import listing
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("in/sub")
+    os.makedirs("archive")
+    for name in ("in/a.jsonl", "in/sub/b.jsonl", "archive/c.jsonl", "top.jsonl"):
+        open(name, "w").close()
+    os.symlink("../archive", "in/2024")
+    os.symlink("..", "in/sub/up")
+
+    def paths(pattern):
+        files, other = listing.list_input(pattern)
+        assert other == []
+        return sorted(f.path for f in files)
+
+    assert paths("in/*.jsonl") == ["in/a.jsonl"]
+    assert paths("in/**.jsonl") == ["in/2024/c.jsonl", "in/a.jsonl", "in/sub/b.jsonl"]
+    assert paths("in/*/*.jsonl") == ["in/2024/c.jsonl", "in/sub/b.jsonl"]
+    assert paths("in/sub/up/*.jsonl") == ["in/sub/up/a.jsonl"]
+    assert paths("*.jsonl") == ["top.jsonl"]
+    assert paths("in/2024/c.jsonl") == ["in/2024/c.jsonl"]
+
+
+def test_a_named_pipe_matched_by_the_pattern_is_refused_at_launch(tmp_path, tiny_bundle):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write(corpus / "a.jsonl", ["a-1"])
+    os.mkfifo(corpus / "b.jsonl")
+    command = pipeline_command(corpus / "*.jsonl", tmp_path / "out", "--model", tiny_bundle[0])
+    try:
+        result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run blocked on the named pipe")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "b.jsonl" in error_lines[0] and "named pipe" in error_lines[0]
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_file_that_became_a_named_pipe_after_launch_is_unreadable_not_a_hang(tmp_path):
+    from pipeline import listing
+
+    path = tmp_path / "a.jsonl"
+    _write(path, ["a-1"])
+    (listed,), _ = listing.list_input(str(path))
+    os.remove(path)
+    os.mkfifo(path)
+    with pytest.raises(listing.InputChanged, match="named pipe"):
+        listing.check_unchanged(listed)
+
+
+def test_limit_with_a_dangling_symlink_in_the_pattern(tmp_path, tiny_bundle, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write(corpus / "b.jsonl", ["b-1", "b-2", "b-3"])
+    os.symlink(corpus / "nowhere.jsonl", corpus / "a.jsonl")  # sorts first: inside the limit
+    os.symlink(corpus / "nowhere.jsonl", corpus / "z.jsonl")  # after the limit: not read
+
+    code = _run(tiny_bundle[0], corpus / "*.jsonl", tmp_path / "out", "--limit", 3)
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.err
+    assert code == EXIT_RECORDS_LOST, printed.err[-2000:]
+    assert _ids(tmp_path / "out") == ["b-1", "b-2"]
+    dead = _dead(tmp_path / "out")
+    assert list(dead) == [("a.jsonl", None)]
+    assert dead["a.jsonl", None]["reason"] == "unreadable_file"
+    assert "which does not exist" in dead["a.jsonl", None]["message"]
+    counts = read_manifest(str(tmp_path / "out"))["counts"]
+    assert counts["records_read"] == 3 == counts["rows_written"] + counts["dead_letters"]
+
+
+def test_a_pattern_matching_only_dangling_links_is_refused_at_launch(tmp_path, tiny_bundle, capsys):
+    os.symlink(tmp_path / "nowhere.jsonl", tmp_path / "a.jsonl")
+    assert _run(tiny_bundle[0], tmp_path / "a.jsonl", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "error: --input" in err and "symbolic links to nothing" in err and "nowhere.jsonl" in err
+    assert not os.path.exists(tmp_path / "out")

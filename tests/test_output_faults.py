@@ -1,0 +1,332 @@
+"""Faults around the output: symbolic links in it, unusable paths, a full disk, SIGTERM, a failed overwrite.
+
+Each test runs the real command (in-process through `main`, or as a child
+process where the point is a signal or a crash) and checks for one `error:` or
+`interrupted:` line, the right exit status, no traceback, and that no file
+outside the export, nor the earlier export, was touched.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot, wait_for_staged_shard
+from test_commit import HOOKED_RUN, _complete_export, _corpus, _hooked, _wait_for
+
+from pipeline import output as output_lib
+from pipeline.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OUTPUT_FAILED,
+    EXIT_TERMINATED,
+    EXIT_TOO_MANY_ERRORS,
+)
+from pipeline.export import run_export
+from pipeline.run import main
+
+IDS = [f"doc{i}" for i in range(6)]
+
+
+def _refused(capsys, argv, *patterns):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for pattern in patterns:
+        assert pattern in errors[0], errors[0]
+    return errors[0]
+
+
+# --- point 2: nothing is deleted through a symbolic link -------------------------------------
+
+
+def test_a_staging_directory_that_is_a_link_is_refused_and_its_target_kept(tmp_path, tiny_bundle, capsys):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    (thesis / "run1").mkdir()
+    (thesis / "run1" / "notes.txt").write_text("more work")
+    output = tmp_path / "out"
+    output.mkdir()
+    os.symlink(thesis, output / output_lib.STAGING)
+    corpus = _corpus(tmp_path / "c.jsonl", IDS)
+    before = snapshot(thesis)
+    for flags in ([], ["--overwrite"]):
+        _refused(
+            capsys,
+            ["--model", tiny_bundle[0], "--input", corpus, "--output", str(output), *flags],
+            "_staging (a symbolic link)",
+        )
+    assert snapshot(thesis) == before
+    assert os.path.islink(output / output_lib.STAGING)
+
+
+@pytest.mark.parametrize("entry", ["errors", "part-00000-of-00001.parquet", "_LOCK"])
+def test_a_link_inside_a_finished_export_is_refused_by_overwrite(tmp_path, tiny_bundle, capsys, entry):
+    corpus = _corpus(tmp_path / "c.jsonl", IDS, bad_line=True)
+    output = tmp_path / "out"
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", str(output)])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "part-00000-of-00001.parquet").write_text("not the export's")
+    target = elsewhere if entry == "errors" else elsewhere / "part-00000-of-00001.parquet"
+    path = output / entry
+    if path.is_dir():
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
+    elif path.exists():
+        path.unlink()
+    os.symlink(target, path)
+    before = snapshot(elsewhere)
+    _refused(
+        capsys,
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", str(output), "--overwrite"],
+        f"{entry} (a symbolic link)",
+    )
+    assert snapshot(elsewhere) == before
+
+
+def test_an_unknown_empty_directory_makes_the_output_foreign(tmp_path, tiny_bundle, capsys):
+    output = tmp_path / "out"
+    (output / "my_results").mkdir(parents=True)
+    corpus = _corpus(tmp_path / "c.jsonl", IDS)
+    _refused(
+        capsys,
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", str(output)],
+        "my_results/ (an empty directory)",
+    )
+    assert os.listdir(output) == ["my_results"]
+
+
+# --- point 10: an --output that cannot be made ------------------------------------------------
+
+
+def test_an_output_below_a_file_is_refused_at_launch(tmp_path, tiny_bundle, capsys):
+    (tmp_path / "report.txt").write_text("a file")
+    corpus = _corpus(tmp_path / "c.jsonl", IDS)
+    output = str(tmp_path / "report.txt" / "out")
+    _refused(capsys, ["--model", tiny_bundle[0], "--input", corpus, "--output", output], "which is a file")
+    assert (tmp_path / "report.txt").read_text() == "a file"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_on_a_path_that_cannot_be_written_is_refused(tmp_path, tiny_bundle, capsys):
+    corpus = _corpus(tmp_path / "c.jsonl", IDS)
+    # /proc takes no new directories, not even from root.
+    _refused(
+        capsys,
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", "/proc/embexport-out"],
+        "cannot be written",
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_an_output_in_a_read_only_directory_is_refused(tmp_path, tiny_bundle, capsys):
+    corpus = _corpus(tmp_path / "c.jsonl", IDS)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        _refused(
+            capsys,
+            ["--model", tiny_bundle[0], "--input", corpus, "--output", str(locked / "out")],
+            "not writable",
+        )
+    finally:
+        locked.chmod(0o755)
+
+
+# --- point 9: a full disk while the pipeline writes ---------------------------------------------
+
+
+def test_a_full_disk_during_the_pipeline_is_one_error_and_keeps_the_old_export(tmp_path, tiny_bundle):
+    old = _corpus(tmp_path / "old.jsonl", IDS)
+    output = str(tmp_path / "out")
+    run_export(["--model", tiny_bundle[0], "--input", old, "--output", output])
+    before = snapshot(output)
+    new = _corpus(tmp_path / "new.jsonl", [f"new{i}" for i in range(400)])
+    argv = pipeline_command(new, output, "--model", tiny_bundle[0], "--overwrite", "--batch_size", "16")[3:]
+    # The staged files may hold 2 kB in all: the first shard fills the "disk".
+    process = _hooked(["enospc:2000"], argv)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == EXIT_OUTPUT_FAILED, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert (
+        f"--output {output!r} ran out of space" in errors[0]
+        and "this export needs more than the " in errors[0]
+    )
+    assert snapshot(output) == before
+    assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 kB tmpfs (needs root and mount rights; skipped elsewhere, where the shim above still runs)."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)])
+    if mounted.returncode != 0:
+        pytest.skip("this machine does not let tests mount a tmpfs")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_tmpfs_during_the_pipeline_is_one_error_and_keeps_the_old_export(
+    small_tmpfs, tmp_path, tiny_bundle
+):
+    output = str(small_tmpfs / "out")
+    run_export(
+        ["--model", tiny_bundle[0], "--input", _corpus(tmp_path / "old.jsonl", IDS), "--output", output]
+    )
+    before = snapshot(output)
+    # One LSTM state per token: about 175 kB of Parquet, nearly three times the disk.
+    new = _corpus(tmp_path / "new.jsonl", [f"new{i}" for i in range(20000)])
+    command = pipeline_command(
+        new, output, "--model", tiny_bundle[0], "--overwrite", "--layer", "lstm_content", "--pooling", "none"
+    )
+    result = subprocess.run(
+        command, cwd=REPOSITORY, env=dict(os.environ, PYTHONPATH=REPOSITORY), capture_output=True, text=True
+    )
+    assert result.returncode == EXIT_OUTPUT_FAILED, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ran out of space" in errors[0], result.stderr[-3000:]
+    assert snapshot(output) == before
+    assert _complete_export(output) == sorted(IDS)
+    # The staged files were removed: the disk is usable again.
+    assert shutil.disk_usage(small_tmpfs).free > 40_000
+
+
+# --- point 13: SIGTERM, and Ctrl-C in the forward pass ------------------------------------------
+
+
+def _quiet_after(err):
+    """The lines Beam, Keras or Python would print after an interrupt: none may appear."""
+    return [
+        line
+        for line in err.splitlines()
+        if "Traceback" in line or "KeyboardInterrupt" in line or line.startswith(("ERROR", "error:"))
+    ]
+
+
+def test_sigterm_is_one_interrupted_line_exit_143_and_the_rerun_completes(tmp_path, tiny_bundle):
+    corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(3000)])
+    output = str(tmp_path / "out")
+    command = pipeline_command(
+        corpus, output, "--model", tiny_bundle[0], "--batch_size", "16", "--shard_mb", "0.02"
+    )
+    process = subprocess.Popen(
+        command,
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert wait_for_staged_shard(process, output), "the run wrote no shard before it ended"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_TERMINATED, err[-3000:]
+    assert _quiet_after(err) == [], err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("interrupted:")] == [
+        "interrupted: nothing was committed; rerun the same command to finish the export "
+        "(it keeps the rows this run made durable)."
+    ]
+    assert output_lib.read_manifest(output) is None
+    rerun = subprocess.run(
+        command, cwd=REPOSITORY, env=dict(os.environ, PYTHONPATH=REPOSITORY), capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(_complete_export(output)) == 3000
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_in_the_forward_pass_prints_only_the_interrupted_line(tmp_path, tiny_bundle, signum):
+    corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(400)])
+    output = str(tmp_path / "out")
+    marker = str(tmp_path / "inference")
+    argv = pipeline_command(
+        corpus, output, "--model", tiny_bundle[0], "--batch_size", "16", "--fast_path", "off"
+    )
+    # Paused inside the third batch's forward pass (RunInference), where Beam logs what interrupts it.
+    process = _hooked([f"inference_pause:3:{marker}"], argv[3:])
+    _wait_for(marker + ".paused", process)
+    process.send_signal(signum)
+    open(marker + ".go", "w").close()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == (EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED), err[
+        -3000:
+    ]
+    assert _quiet_after(err) == [], err[-3000:]
+    tail = err[err.index(marker) :] if marker in err else err
+    assert [line for line in err.splitlines() if line.startswith("interrupted:")] == [
+        "interrupted: nothing was committed; rerun the same command to finish the export "
+        "(it keeps the rows this run made durable)."
+    ], tail[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith("interrupted:")
+
+
+# --- point 14: a failed --overwrite keeps the succeeded export ---------------------------------
+
+
+def test_a_failed_overwrite_keeps_the_succeeded_export_and_says_where_its_dead_letters_are(
+    tmp_path, tiny_bundle, capsys
+):
+    good = _corpus(tmp_path / "good.jsonl", IDS)
+    output = str(tmp_path / "out")
+    assert main(["--model", tiny_bundle[0], "--input", good, "--output", output]) == 0
+    capsys.readouterr()
+    before = snapshot(output)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "only", "content": "word1", "title": "word2"}) + "\n" + "{broken\n" * 5)
+    code = main(["--model", tiny_bundle[0], "--input", str(bad), "--output", output, "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == EXIT_TOO_MANY_ERRORS, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "was kept" in errors[0], err
+    assert snapshot(output) == {k: v for k, v in snapshot(output).items() if k in before} | {
+        k: v for k, v in snapshot(output).items() if k.startswith(output_lib.FAILED_DIR + "/")
+    }
+    assert {
+        k: v for k, v in snapshot(output).items() if not k.startswith(output_lib.FAILED_DIR + "/")
+    } == before
+    assert _complete_export(output) == sorted(IDS)
+    (failed,) = os.listdir(os.path.join(output, output_lib.FAILED_DIR))
+    failed_dir = os.path.join(output, output_lib.FAILED_DIR, failed)
+    assert os.path.join(failed_dir, "errors") in errors[0]
+    dead = pq.read_table(os.path.join(failed_dir, "errors")).to_pylist()
+    assert sorted(d["reason"] for d in dead) == ["malformed_json"] * 5
+    failed_manifest = output_lib.read_manifest(failed_dir)
+    assert failed_manifest["committed"] is False and failed_manifest["counts"]["dead_letters"] == 5
+    # The failed run's files are the export's own: a later --overwrite replaces them with the rest.
+    assert main(["--model", tiny_bundle[0], "--input", good, "--output", output, "--overwrite"]) == 0
+    assert not os.path.exists(os.path.join(output, output_lib.FAILED_DIR))
+    assert _complete_export(output) == sorted(IDS)
+
+
+def test_hooked_run_is_the_real_command(tmp_path, tiny_bundle):
+    # The hooks of the other tests are the only difference from `python -m pipeline.run`.
+    corpus = _corpus(tmp_path / "c.jsonl", IDS)
+    output = str(tmp_path / "out")
+    result = subprocess.run(
+        [sys.executable, HOOKED_RUN, "--", "--model", tiny_bundle[0], "--input", corpus, "--output", output],
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _complete_export(output) == sorted(IDS)

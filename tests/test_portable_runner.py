@@ -1,0 +1,607 @@
+"""Beam's portable Job API with workers in other processes: the path Flink and Spark clusters take.
+
+The test starts Beam's local job service and an EXTERNAL worker pool as
+subprocesses (the pool with this environment's python first on PATH, since it
+starts each worker as `python -c ...`), runs `python -m pipeline.run --runner
+PortableRunner` against them, and checks the output bit for bit against the
+in-memory run; then what differs on those runners: a pool whose python cannot
+import Beam or this package, endpoints where nothing listens, counters that are
+only attempted or missing, a kill and rerun, and s3:// input and output.
+"""
+
+import contextlib
+import ctypes
+import glob
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import grpc
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+from apache_beam.runners.portability import portable_runner
+from pipeline_fixtures import (
+    REPOSITORY,
+    manifest_of,
+    pipeline_command,
+    read_errors,
+    read_rows,
+    sample_documents,
+    shared_bundle,
+    wait_for_staged_shard,
+    write_jsonl,
+)
+from test_object_storage import BUCKET, client, s3_endpoint, s3_flags  # noqa: F401 (s3_endpoint: fixture)
+
+from pipeline import output as output_lib
+from pipeline.errors import (
+    EXIT_ACCOUNTING_UNVERIFIED,
+    EXIT_CONFIG_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RECORDS_LOST,
+)
+from pipeline.export import format_summary, run_export
+from pipeline.run import main
+
+DOCUMENTS = 600
+# Lines every run dead-letters, at known places of the second file.
+BAD_LINES = (
+    '{"id": "broken", "content": ',
+    json.dumps({"content": "a record without an id", "title": "no id"}),
+)
+PYTHON_BIN = os.path.dirname(sys.executable)
+PR_SET_PDEATHSIG = 1  # prctl(2)
+TERMINAL_STATES = (
+    beam_job_api_pb2.JobState.DONE,
+    beam_job_api_pb2.JobState.FAILED,
+    beam_job_api_pb2.JobState.CANCELLED,
+    beam_job_api_pb2.JobState.UPDATED,
+    beam_job_api_pb2.JobState.DRAINED,
+)
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment(path_first=PYTHON_BIN):
+    """This environment with `path_first` first on PATH: the pool starts workers with that `python`."""
+    environment = dict(os.environ, PYTHONPATH=REPOSITORY)
+    environment["PATH"] = os.pathsep.join([path_first, environment.get("PATH", "")])
+    environment["NO_PROXY"] = ",".join(filter(None, [environment.get("NO_PROXY"), "127.0.0.1", "localhost"]))
+    return environment
+
+
+def _stop(process):
+    """Stops `process` and everything it started (its own process group)."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _die_with_parent():
+    # Should pytest itself be killed (no finalizers then), the services go with it.
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def _serve(request, command, port, log_path, environment, cwd):
+    """Starts `command` in its own process group, stopped at the end of the test's scope; waits for `port`."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    request.addfinalizer(lambda: _stop(process))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            with open(log_path, encoding="utf-8", errors="replace") as log:
+                raise AssertionError(f"{command} exited: {log.read()[-3000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return f"localhost:{port}"
+        time.sleep(0.2)
+    raise AssertionError(f"{command} did not listen on {port}")
+
+
+# What the SDK container's `boot` does for a worker before starting it: fetch the job's
+# pipeline options from the provision service and start sdk_worker_main with them (which
+# hands them to FileSystems: s3:// needs its --s3_* options on the workers).
+BOOT = """\
+import argparse, os, sys
+
+import grpc
+from google.protobuf import json_format, text_format
+
+from apache_beam.portability.api import beam_provision_api_pb2, beam_provision_api_pb2_grpc, endpoints_pb2
+
+parser = argparse.ArgumentParser()
+for name in ("id", "logging_endpoint", "artifact_endpoint", "provision_endpoint", "control_endpoint"):
+    parser.add_argument("--" + name)
+args = parser.parse_args()
+with grpc.insecure_channel(args.provision_endpoint) as channel:
+    info = beam_provision_api_pb2_grpc.ProvisionServiceStub(channel).GetProvisionInfo(
+        beam_provision_api_pb2.GetProvisionInfoRequest(), metadata=[("worker_id", args.id)]
+    ).info
+def descriptor(url):
+    return text_format.MessageToString(endpoints_pb2.ApiServiceDescriptor(url=url))
+os.environ.update(
+    PIPELINE_OPTIONS=json_format.MessageToJson(info.pipeline_options),
+    CONTROL_API_SERVICE_DESCRIPTOR=descriptor(args.control_endpoint),
+    LOGGING_API_SERVICE_DESCRIPTOR=descriptor(args.logging_endpoint),
+    WORKER_ID=args.id,
+)
+os.execv(sys.executable, [sys.executable, "-m", "apache_beam.runners.worker.sdk_worker_main"])
+"""
+
+
+def _worker_pool(request, directory, path_first=PYTHON_BIN, boot=False):
+    """`python -m apache_beam.runners.worker.worker_pool_main`, as the issue's user started it.
+
+    With `boot`, each worker starts as in Beam's SDK container (see BOOT) rather
+    than as the bare `python -c "SdkHarness(...)"` of a plain pool.
+    """
+    port = _free_port()
+    command = [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"]
+    if boot:
+        executable = directory / "boot"
+        executable.write_text(f"#!{sys.executable}\n{BOOT}")
+        executable.chmod(0o755)
+        command.append(f"--container_executable={executable}")
+    # Started outside the checkout: its workers import this package as installed.
+    log = str(directory / f"pool-{port}.log")
+    return _serve(request, command, port, log, _environment(path_first), directory)
+
+
+@pytest.fixture(scope="module")
+def services(request, tmp_path_factory):
+    """Beam's local job service, a plain worker pool and a pool whose workers boot as in the container."""
+    directory = tmp_path_factory.mktemp("services")
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "apache_beam.runners.portability.local_job_service_main",
+        f"--port={port}",
+    ]
+    job_endpoint = _serve(
+        request, command, port, str(directory / "job_service.log"), _environment(), directory
+    )
+    return job_endpoint, _worker_pool(request, directory), _worker_pool(request, directory, boot=True)
+
+
+def _portable_flags(job_endpoint, pool, *flags):
+    return [
+        "--runner=PortableRunner",
+        f"--job_endpoint={job_endpoint}",
+        "--environment_type=EXTERNAL",
+        f"--environment_config={pool}",
+        *flags,
+    ]
+
+
+def _run_cli(command, timeout=180):
+    return subprocess.run(
+        command, cwd=REPOSITORY, env=_environment(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _rows(output):
+    return read_rows(output).sort_by("id")
+
+
+def _errors(output):
+    return read_errors(output).sort_by([("source", "ascending"), ("position", "ascending")])
+
+
+def _assert_same_output(output, reference):
+    rows, expected = _rows(output), _rows(reference)
+    assert rows.num_rows == expected.num_rows > 0
+    assert rows.schema.equals(expected.schema, check_metadata=True)
+    for column in rows.column_names:
+        assert rows.column(column).equals(expected.column(column)), column
+    assert _errors(output).equals(_errors(reference))
+
+
+def _corpus(directory, documents=DOCUMENTS):
+    """Two JSONL files of the sample corpus; the second ends with a duplicate id and BAD_LINES."""
+    sample = sample_documents(documents)
+    half = documents // 2
+    first = write_jsonl(directory / "part-0.jsonl", sample[:half])
+    write_jsonl(
+        directory / "part-1.jsonl", sample[half:], [json.dumps(sample[0], ensure_ascii=False), *BAD_LINES]
+    )
+    return str(directory / "*.jsonl"), first
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return shared_bundle(tmp_path_factory, "two_inputs_two_outputs")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus")
+    pattern, _ = _corpus(directory)
+    return pattern
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, bundle, corpus):
+    """The in-memory (FnApiRunner) export of `corpus`: what every portable run must equal."""
+    output = str(tmp_path_factory.mktemp("reference") / "out")
+    summary = run_export(["--model", bundle, "--input", corpus, "--output", output, "--batch_size", "64"])
+    assert summary.exit_code == EXIT_OK, summary.message
+    return output, summary
+
+
+def _summary_counts(stdout):
+    """{"documents read": "603", ...} from the printed summary."""
+    counts = {}
+    for line in stdout.splitlines():
+        for label in ("documents read", "rows written", "dead letters", "truncated"):
+            if line.strip().startswith(label):
+                counts[label] = line.strip()[len(label) :].split()[0]
+    return counts
+
+
+def _job_states(job_endpoint):
+    with grpc.insecure_channel(job_endpoint) as channel:
+        stub = beam_job_api_pb2_grpc.JobServiceStub(channel)
+        jobs = stub.GetJobs(beam_job_api_pb2.GetJobsRequest()).job_info
+        return {job.job_id: job.state for job in jobs}
+
+
+def _wait_for_jobs_to_end(job_endpoint, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = _job_states(job_endpoint)
+        if all(state in TERMINAL_STATES for state in states.values()):
+            return states
+        time.sleep(0.5)
+    raise AssertionError(f"jobs still running: {_job_states(job_endpoint)}")
+
+
+def test_killed_then_rerun_through_the_job_service_equals_the_in_memory_export(
+    services, bundle, corpus, reference, tmp_path
+):
+    """`python -m pipeline.run --runner PortableRunner ...`: SIGKILLed part-way, then run again.
+
+    The killed launcher's job runs on in the job service (as on a cluster, until
+    cancelled there) but nothing of it becomes visible; the rerun equals the
+    in-memory export bit for bit, with the same summary, exit status and manifest counts.
+    """
+    job_endpoint, pool, _ = services
+    output = str(tmp_path / "out")
+    before = set(_job_states(job_endpoint))
+    command = pipeline_command(
+        corpus,
+        output,
+        "--model",
+        bundle,
+        "--batch_size",
+        "64",
+        "--shard_mb",
+        "0.05",
+        "--progress_seconds",
+        "1",
+        *_portable_flags(job_endpoint, pool),
+    )
+    process = subprocess.Popen(
+        command,
+        cwd=REPOSITORY,
+        env=_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        shards = wait_for_staged_shard(process, output)
+        assert process.poll() is None, "the run finished before it could be killed"
+        assert shards, "the workers wrote no shard in the run's staging directory"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    states = _wait_for_jobs_to_end(job_endpoint)
+    assert set(states) - before, "the killed launcher submitted no job"
+    assert output_lib.read_manifest(output) is None
+    assert not [name for name in os.listdir(output) if name.endswith(".parquet")]
+    assert output_lib.output_state(output) == "unfinished"
+
+    run = _run_cli(command)
+    assert run.returncode == EXIT_OK, run.stderr[-4000:]
+    reference_output, summary = reference
+    _assert_same_output(output, reference_output)
+    assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+    assert _summary_counts(run.stdout) == {
+        "documents read": str(summary.records_read),
+        "rows written": str(summary.rows_written),
+        "dead letters": str(summary.dead_letters),
+        "truncated": str(summary.truncated),
+    }
+    assert summary.records_read == DOCUMENTS + 1 + len(BAD_LINES)
+    manifest, expected = manifest_of(output), manifest_of(reference_output)
+    assert manifest["status"] == "succeeded"
+    # The job service commits counters: the accounting is the exact one, as locally.
+    assert manifest["counts"] == expected["counts"]
+    assert manifest["counts"]["counters"] == "committed"
+    assert [s["rows"] for s in manifest["shards"]["rows"]] == [
+        pq.read_metadata(os.path.join(output, s["file"])).num_rows for s in manifest["shards"]["rows"]
+    ]
+    # Workers elsewhere cannot write the launcher's progress files: no made-up counts or ETA.
+    assert "live counts are not available on this runner" in run.stderr
+    assert "a worker started running the job" in run.stderr
+    assert "ETA" not in run.stderr
+
+
+def test_s3_input_and_output_through_the_job_service(services, bundle, corpus, reference, s3_endpoint):  # noqa: F811
+    """Workers booted as in the SDK container read the model and corpus from S3 and write the output there."""
+    job_endpoint, _, booting_pool = services
+    s3 = client(s3_endpoint)
+    for name in sorted(os.listdir(bundle)):
+        s3.upload_file(os.path.join(bundle, name), BUCKET, f"portable/model/{name}")
+    for path in sorted(glob.glob(corpus)):
+        s3.upload_file(path, BUCKET, f"portable/corpus/{os.path.basename(path)}")
+    argv = [
+        "--model",
+        f"s3://{BUCKET}/portable/model",
+        "--input",
+        f"s3://{BUCKET}/portable/corpus/*.jsonl",
+        "--output",
+        f"s3://{BUCKET}/portable/out",
+        "--batch_size",
+        "64",
+    ]
+    summary = run_export(argv + s3_flags(s3_endpoint) + _portable_flags(job_endpoint, booting_pool))
+    assert summary.exit_code == EXIT_OK, summary.message
+
+    stored = [item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET, Prefix="portable/out/")["Contents"]]
+    assert not [key for key in stored if f"/{output_lib.STAGING}/" in key]
+
+    def table(prefix):
+        keys = sorted(key for key in stored if key.startswith(prefix))
+        bodies = [s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in keys]
+        return pa.concat_tables([pq.read_table(pa.BufferReader(body)) for body in bodies])
+
+    rows, expected = table("portable/out/part-").sort_by("id"), _rows(reference[0])
+    for column in expected.column_names:
+        assert rows.column(column).equals(expected.column(column)), column
+    # The same dead letters, each naming its file by the URI it was read from.
+    errors = table(f"portable/out/{output_lib.ERRORS_DIR}/").to_pylist()
+    local = tuple(sorted(glob.glob(corpus)))
+    expected_errors = _errors(reference[0]).to_pylist()
+    for error in expected_errors:
+        error["source"] = f"s3://{BUCKET}/portable/corpus/" + os.path.basename(error["source"])
+        error["message"] = error["message"].replace(
+            os.path.dirname(local[0]), f"s3://{BUCKET}/portable/corpus"
+        )
+    assert sorted(errors, key=str) == sorted(expected_errors, key=str)
+    body = s3.get_object(Bucket=BUCKET, Key=f"portable/out/{output_lib.MANIFEST}")["Body"].read()
+    assert json.loads(body)["counts"]["records_read"] == reference[1].records_read
+
+
+# --- counters the runner does not commit -----------------------------------------------------------
+
+
+def _reported_as(kind):
+    """A PortableMetrics.__init__ seeing what Spark and Flink job servers send ("attempted"), or nothing."""
+    original = portable_runner.PortableMetrics.__init__
+
+    def init(self, response):
+        committed = list(response.metrics.committed)
+        metrics = beam_job_api_pb2.MetricResults(attempted=committed if kind == "attempted" else [])
+        original(self, beam_job_api_pb2.GetJobMetricsResponse(metrics=metrics))
+
+    return init
+
+
+def test_ranges_and_attempted_only_counters_on_the_job_service(
+    services, bundle, corpus, reference, tmp_path, monkeypatch
+):
+    """Files cut into ranges for Flink's --parallelism; counters as Spark's and Flink's job servers send them.
+
+    Flink does not split a range while reading it, so --parallelism sizes the
+    ranges; the rows must not depend on it. Those job servers report attempted
+    counters only (a retried bundle counts twice): exit 7, records read unknown.
+    """
+    from pipeline import export
+
+    job_endpoint, pool, _ = services
+    monkeypatch.setattr(portable_runner.PortableMetrics, "__init__", _reported_as("attempted"))
+    # Ranges of a few kB, so each of the two files is read in several.
+    monkeypatch.setattr(export, "MIN_SPLIT_BYTES", 16 << 10)
+    output = str(tmp_path / "out")
+    argv = ["--model", bundle, "--input", corpus, "--output", output, "--batch_size", "64"]
+    summary = run_export(argv + _portable_flags(job_endpoint, pool, "--parallelism=4"))
+
+    assert summary.exit_code == EXIT_ACCOUNTING_UNVERIFIED, summary.message
+    assert summary.records_read is None
+    assert summary.message.startswith("Accounting unverified: the runner reported no committed counters")
+    assert "documents read   unknown (no committed counters)" in format_summary(summary)
+    _assert_same_output(output, reference[0])
+    manifest, expected = manifest_of(output), manifest_of(reference[0])
+    assert manifest["status"] == "completed_with_errors"
+    assert manifest["counts"]["records_read"] is None
+    assert manifest["counts"]["counters"] == "attempted"
+    # Rows, dead letters and their reasons are counted in the written files: exact all the same.
+    for name in ("rows_written", "dead_letters", "dead_letters_by_reason", "files_broken"):
+        assert manifest["counts"][name] == expected["counts"][name], name
+    assert summary.errors_by_reason == reference[1].errors_by_reason
+    assert manifest["counts"]["ranges_read"] > 4
+
+
+def test_with_no_counters_at_all_a_broken_file_still_exits_5(services, bundle, tmp_path, monkeypatch):
+    """files_broken then comes from the dead letters' reasons in the files, not from a counter."""
+    job_endpoint, pool, _ = services
+    monkeypatch.setattr(portable_runner.PortableMetrics, "__init__", _reported_as("none"))
+    directory = tmp_path / "corpus"
+    directory.mkdir()
+    write_jsonl(directory / "good.jsonl", sample_documents(20))
+    text = "".join(json.dumps(d) + "\n" for d in sample_documents(20, seed=1)).encode()
+    with open(directory / "cut.jsonl.gz", "wb") as handle:
+        handle.write(gzip.compress(text)[:-40])
+    output = str(tmp_path / "out")
+    argv = ["--model", bundle, "--input", str(directory / "*"), "--output", output, "--input_format", "jsonl"]
+    summary = run_export(argv + _portable_flags(job_endpoint, pool))
+    assert summary.exit_code == EXIT_RECORDS_LOST, summary.message
+    counts = manifest_of(output)["counts"]
+    assert (counts["files_broken"], counts["records_read"], counts["counters"]) == (1, None, "attempted")
+    assert counts["dead_letters_by_reason"]["read_error"] == 1
+
+
+# --- workers that never come ------------------------------------------------------------------------
+
+
+def _python_without(directory, *, beam):
+    """A directory whose `python` cannot import Beam (`beam=False`) or only this package (`beam=True`)."""
+    directory.mkdir()
+    if beam:
+        blocker = directory / "site"
+        blocker.mkdir()
+        # A Beam install without this package: the workers' imports of it fail.
+        (blocker / "sitecustomize.py").write_text(
+            textwrap.dedent(
+                """
+                import sys
+
+                class _Absent:
+                    def find_spec(self, name, path=None, target=None):
+                        if name.split(".")[0] in ("pipeline", "models"):
+                            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+                sys.meta_path.insert(0, _Absent())
+                """
+            )
+        )
+        script = f'#!/bin/sh\nPYTHONPATH={blocker} exec {sys.executable} "$@"\n'
+    else:
+        # -S: no site-packages, so no Beam; the standard library only.
+        script = f'#!/bin/sh\nexec {sys.executable} -S "$@"\n'
+    python = directory / "python"
+    python.write_text(script)
+    python.chmod(0o755)
+    return str(directory)
+
+
+def _last_error(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize(
+    ("beam", "timeout", "expected"),
+    [
+        # No worker ever connects: the watchdog gives up after --worker_start_timeout.
+        (False, 3, "No worker started running the job within 3 s"),
+        # The worker connects, then cannot unpickle our DoFns: the job fails, and says why.
+        (True, 120, "The job's workers cannot import this package"),
+    ],
+    ids=["python_without_beam", "python_without_this_package"],
+)
+def test_a_pool_whose_python_cannot_run_the_job_is_reported(
+    request, services, bundle, corpus, tmp_path, capsys, beam, timeout, expected
+):
+    job_endpoint, *_ = services
+    pool = _worker_pool(request, tmp_path, path_first=_python_without(tmp_path / "bin", beam=beam))
+    output = str(tmp_path / "out")
+    argv = ["--model", bundle, "--input", corpus, "--output", output, f"--worker_start_timeout={timeout}"]
+    started = time.monotonic()
+    assert main(argv + _portable_flags(job_endpoint, pool)) == EXIT_CONFIG_ERROR
+    last = _last_error(capsys)
+    assert last.startswith("error: ") and expected in last, last
+    assert f"--environment_config {pool}" in last and "import apache_beam and this package" in last
+    assert time.monotonic() - started < 60
+    # Nothing committed, and nothing left behind for readers or the next run.
+    assert not os.path.exists(output) or os.listdir(output) in ([], [output_lib.LOCK])
+    assert all(state in TERMINAL_STATES for state in _wait_for_jobs_to_end(job_endpoint).values())
+
+
+def test_ctrl_c_while_waiting_for_workers_cancels_the_job(request, services, bundle, corpus, tmp_path):
+    """--worker_start_timeout 0 waits forever; Ctrl-C then ends the run and cancels its job."""
+    job_endpoint, *_ = services
+    pool = _worker_pool(request, tmp_path, path_first=_python_without(tmp_path / "bin", beam=False))
+    before = set(_job_states(job_endpoint))
+    log_path = tmp_path / "launcher.log"
+    command = pipeline_command(
+        corpus,
+        tmp_path / "out",
+        "--model",
+        bundle,
+        "--worker_start_timeout=0",
+        "--progress_seconds=1",
+        *_portable_flags(job_endpoint, pool),
+    )
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, cwd=REPOSITORY, env=_environment(), stdout=log, stderr=log, start_new_session=True
+        )
+    request.addfinalizer(lambda: _stop(process))
+    deadline = time.monotonic() + 90
+    while b"waiting for a worker to start" not in log_path.read_bytes():
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == EXIT_INTERRUPTED, log_path.read_text()[-3000:]
+    assert log_path.read_text().strip().splitlines()[-1].startswith("interrupted: nothing was committed")
+    jobs = {job: state for job, state in _job_states(job_endpoint).items() if job not in before}
+    assert list(jobs.values()) == [beam_job_api_pb2.JobState.CANCELLED]
+
+
+def test_no_pool_at_the_environment_config_is_reported(services, bundle, corpus, tmp_path, capsys):
+    job_endpoint, *_ = services
+    nowhere = f"localhost:{_free_port()}"
+    argv = ["--model", bundle, "--input", corpus, "--output", str(tmp_path / "out")]
+    assert main(argv + _portable_flags(job_endpoint, nowhere)) == EXIT_CONFIG_ERROR
+    last = _last_error(capsys)
+    assert last.startswith("error: The job service could not start a worker"), last
+    assert "Connection refused" in last and f"--environment_config {nowhere}" in last
+
+
+def test_no_job_service_at_the_job_endpoint_is_a_launch_error(bundle, corpus, tmp_path, capsys):
+    nowhere = f"localhost:{_free_port()}"
+    output = str(tmp_path / "out")
+    argv = ["--model", bundle, "--input", corpus, "--output", output, "--job_server_timeout=2"]
+    started = time.monotonic()
+    assert main(argv + _portable_flags(nowhere, "localhost:1")) == EXIT_CONFIG_ERROR
+    assert _last_error(capsys) == (
+        f"error: No Beam job service answered at --job_endpoint {nowhere} within 2 s (--job_server_timeout). "
+        "Check that HOST:PORT is right and that the job server runs there: the Flink or Spark job server "
+        "(its --job-port), or for a test on this machine `python -m "
+        "apache_beam.runners.portability.local_job_service_main --port PORT`. See docs/portable_runners.md."
+    )
+    assert time.monotonic() - started < 30
+    assert not os.path.exists(output)
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan"])
+def test_worker_start_timeout_must_be_finite_and_not_negative(value, tmp_path, capsys):
+    assert main(["--output", str(tmp_path / "out"), f"--worker_start_timeout={value}"]) == EXIT_CONFIG_ERROR
+    assert capsys.readouterr().err.strip() == (
+        "error: --worker_start_timeout must be 0 (wait forever) or a positive number of seconds, "
+        f"received {float(value)}."
+    )
+    assert not os.path.exists(tmp_path / "out")
