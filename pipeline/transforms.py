@@ -4,7 +4,6 @@ import collections
 import dataclasses
 import math
 import os
-import re
 import time
 import typing
 import uuid
