@@ -191,7 +191,8 @@ class ExportOptions(PipelineOptions):
             default=60,
             help="Rows become durable at least this often: a worker closes its open row file once "
             "it has held rows this long, so a killed run loses at most this much work per worker. "
-            "inf: only --shard_mb and the end of a bundle close a file. Default: %(default)s.",
+            "0.01 to 604800 (a week: then only --shard_mb and the end of a bundle close a file). "
+            "Default: %(default)s.",
         )
         parser.add_argument(
             "--resume",

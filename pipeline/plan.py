@@ -479,8 +479,9 @@ NUMERIC_FLAGS = (
     ("limit", 1, sys.maxsize, "records to read"),
     ("shard_mb", 0.001, 1_000_000.0, "MB per output file"),
     ("progress_seconds", 0.1, 86_400.0, "seconds between progress lines"),
-    ("checkpoint_seconds", 1.0, 604_800.0, "seconds a row file stays open before it is made durable"),
+    ("checkpoint_seconds", 0.01, 604_800.0, "seconds a row file stays open before it is made durable"),
     ("tf_threads", 0, 1024, "TensorFlow threads per worker process, 0 = automatic"),
+    ("worker_start_timeout", 0.0, 86_400.0, "seconds to wait for a first worker, 0 = forever"),
 )
 
 
