@@ -317,14 +317,16 @@ def test_bad_checkpoint_seconds_are_refused(value, corpus, tiny_bundle, tmp_path
         ["--model", tiny_bundle[0], "--input", corpus, "--output", output, f"--checkpoint_seconds={value}"]
     )
     err = capsys.readouterr().err
-    assert code == EXIT_CONFIG_ERROR and "--checkpoint_seconds must be a number from 0.01 to 604,800" in err, err
+    assert code == EXIT_CONFIG_ERROR, err
+    assert "--checkpoint_seconds must be a number from 0.01 to 604,800" in err, err
     assert not os.path.exists(output)
 
 
 def test_infinite_shard_size_is_refused(corpus, tiny_bundle, tmp_path, capsys):
     output = str(tmp_path / "out")
     code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, "--shard_mb=inf"])
-    assert code == EXIT_CONFIG_ERROR and "--shard_mb must be a number from 0.001 to 1,000,000" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR and "--shard_mb must be a number from 0.001 to 1,000,000" in err, err
 
 
 def test_checkpoints_close_files_during_one_long_bundle(tiny_bundle, tmp_path):
