@@ -396,9 +396,15 @@ def run_export(argv=None):
     with output_lib.OutputLock(plan.output):
         run_id = output_lib.prepare(plan.output, export_options.overwrite, find_resumable)
         resumed = None
-        if resume_lib.read_run(plan.output, run_id) is not None:
-            resumed = resume_lib.prepare_resume(plan.output, run_id, plan)
-        resume_lib.start_run(plan.output, run_id, signature, resumed)
+        try:
+            if resume_lib.read_run(plan.output, run_id) is not None:
+                resumed = resume_lib.prepare_resume(plan.output, run_id, plan)
+            resume_lib.start_run(plan.output, run_id, signature, resumed)
+        except Exception as error:
+            # The run's first write (its _RUN.json) may be the one that finds the disk full.
+            if not is_disk_full(error):
+                raise
+            raise out_of_space(plan.output, run_id) from None
         return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed)
 
 
