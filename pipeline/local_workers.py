@@ -16,6 +16,7 @@ group still reaches them.
 """
 
 import contextlib
+import os
 import signal
 import subprocess
 import threading
@@ -34,8 +35,9 @@ class _Subprocess:
         return getattr(subprocess, name)
 
     @staticmethod
-    def Popen(args, *rest, **kwargs) -> subprocess.Popen:  # the name Beam calls
-        if kwargs.get("shell") and isinstance(args, str):
+    def Popen(args: str | list[str], *rest: object, **kwargs: object) -> subprocess.Popen:  # as Beam calls it
+        # Beam's command is one command line (`python -m ...sdk_worker_main`); `trap` is POSIX sh.
+        if kwargs.get("shell") and isinstance(args, str) and os.name == "posix":
             args = _IGNORE_CTRL_C + args
         process = subprocess.Popen(args, *rest, **kwargs)
         with _lock:
@@ -54,6 +56,10 @@ def ignoring_ctrl_c() -> Iterator[None]:
         yield
     finally:
         local_job_service.subprocess = before
+        # Beam waited for the workers of a run that ended normally; an interrupted run's
+        # may still be stopping and stay listed for `kill_workers`.
+        with _lock:
+            _started[:] = [process for process in _started if process.poll() is None]
 
 
 def kill_workers() -> None:
