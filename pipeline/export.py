@@ -23,8 +23,8 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineState
 
+from pipeline import local_workers, portable
 from pipeline import output as output_lib
-from pipeline import portable
 from pipeline import progress as progress_lib
 from pipeline import resume as resume_lib
 from pipeline.embedder import choose_forward_passes, manifest_columns
@@ -242,6 +242,7 @@ def worker_package_path(options):
 
     They are started with this process's environment; PYTHONPATH is put back
     afterwards so that an export run in-process leaves its caller's environment alone.
+    They also ignore a terminal's Ctrl-C, which only the launcher handles (pipeline.local_workers).
     """
     if (
         local_runner(options) is None
@@ -255,7 +256,8 @@ def worker_package_path(options):
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, *paths]))
     try:
-        yield
+        with local_workers.ignoring_ctrl_c():
+            yield
     finally:
         if before is None:
             os.environ.pop("PYTHONPATH", None)

@@ -161,6 +161,12 @@ def run_main(argv=None) -> None:
         # kernel releases, the next run removes the staging area), so leave now.
         sys.stdout.flush()
         sys.stderr.flush()
+        # Local worker processes still alive would print a traceback once the launcher is
+        # gone, and Beam's thread that waits on one a RuntimeError once it is killed: the
+        # `interrupted:` line printed above stays the last thing on the terminal.
+        _Silencer().silence()
+        if "pipeline.local_workers" in sys.modules:
+            sys.modules["pipeline.local_workers"].kill_workers()
         os._exit(status)
     sys.exit(status)
 

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -330,3 +331,91 @@ def test_hooked_run_is_the_real_command(tmp_path, tiny_bundle):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert _complete_export(output) == sorted(IDS)
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below `pid` (read from /proc: a Linux test machine)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.add(child)
+            pending.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("presses", [1, 2], ids=["once", "twice"])
+def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interrupted_line(
+    tmp_path, tiny_bundle, presses
+):
+    corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(3000)])
+    output = str(tmp_path / "out")
+    command = pipeline_command(
+        corpus,
+        output,
+        "--model",
+        tiny_bundle[0],
+        "--batch_size",
+        "16",
+        "--shard_mb",
+        "0.02",
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+    )
+    environment = dict(os.environ, PYTHONPATH=REPOSITORY)
+    process = subprocess.Popen(
+        command,
+        cwd=REPOSITORY,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert wait_for_staged_shard(process, output), "the run wrote no shard before it ended"
+        workers = _descendants(process.pid)
+        assert workers, "the run started no worker process"
+        # A terminal sends Ctrl-C to its whole foreground process group: the workers get it too.
+        os.killpg(process.pid, signal.SIGINT)
+        if presses == 2:
+            # The second press lands while Beam stops its workers, which it then no longer waits for.
+            time.sleep(0.3)
+            os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert "Traceback" not in err and _quiet_after(err) == [], err[-3000:]
+    assert err.rstrip().splitlines()[-1] == (
+        "interrupted: nothing was committed; rerun the same command to finish the export "
+        "(it keeps the rows this run made durable)."
+    ), err[-3000:]
+    deadline = time.time() + 20
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the run"
+    assert output_lib.read_manifest(output) is None
+    if presses == 2:
+        return
+    rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(_complete_export(output)) == 3000
