@@ -226,19 +226,15 @@ def _quiet_after(err):
 def test_sigterm_is_one_interrupted_line_exit_143_and_the_rerun_completes(tmp_path, tiny_bundle):
     corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(3000)])
     output = str(tmp_path / "out")
+    marker = str(tmp_path / "inference")
     command = pipeline_command(
         corpus, output, "--model", tiny_bundle[0], "--batch_size", "16", "--shard_mb", "0.02"
     )
-    process = subprocess.Popen(
-        command,
-        cwd=REPOSITORY,
-        env=dict(os.environ, PYTHONPATH=REPOSITORY),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert wait_for_staged_shard(process, output), "the run wrote no shard before it ended"
+    # Paused in the 40th forward pass, well before the commit (a signal there would wait for it).
+    process = _hooked([f"inference_pause:40:{marker}"], command[3:])
+    _wait_for(marker + ".paused", process)
     process.send_signal(signal.SIGTERM)
+    open(marker + ".go", "w").close()
     _, err = process.communicate(timeout=120)
     assert process.returncode == EXIT_TERMINATED, err[-3000:]
     assert _quiet_after(err) == [], err[-3000:]
