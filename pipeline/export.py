@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -86,16 +87,6 @@ class ExportSummary:
     @property
     def docs_per_second(self):
         return self.rows_written / self.seconds if self.seconds else 0.0
-
-
-def _counters(result):
-    counters = {}
-    for counter in result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))["counters"]:
-        name = counter.key.metric.name
-        counters[name] = counters.get(name, 0) + (
-            counter.committed if counter.committed is not None else counter.attempted
-        )
-    return counters
 
 
 def local_runner(options):
@@ -398,15 +389,11 @@ def run_export(argv=None):
     with output_lib.OutputLock(plan.output):
         run_id = output_lib.prepare(plan.output, export_options.overwrite, find_resumable)
         resumed = None
-        try:
+        # The run's first write (its _RUN.json) may be the one that finds the disk full.
+        with _out_of_space_reported(plan.output, run_id):
             if resume_lib.read_run(plan.output, run_id) is not None:
                 resumed = resume_lib.prepare_resume(plan.output, run_id, plan)
             resume_lib.start_run(plan.output, run_id, signature, resumed)
-        except Exception as error:
-            # The run's first write (its _RUN.json) may be the one that finds the disk full.
-            if not is_disk_full(error):
-                raise
-            raise out_of_space(plan.output, run_id) from None
         return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed)
 
 
@@ -442,7 +429,7 @@ def _poll_dataflow(result, options, interval):
         if PipelineState.is_terminal(result.state):
             return
         try:
-            counters = _counters(result)
+            counters = portable.read_counters(result, NAMESPACE).values
         except Exception as error:  # The service may not have counters yet.
             _LOGGER.info("Dataflow job %s: %s (counters not available: %s)", job_id, result.state, error)
             continue
@@ -554,16 +541,15 @@ def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resu
     started = time.time()
     workers_dir = output_lib.join(plan.output, output_lib.STAGING, run_id, portable.WORKERS_DIR)
     try:
-        write_token_tables(plan, model_source, output_lib.staging_tables_dir(plan.output, run_id))
-        result = _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, resumed, workers_dir)
-        staged = output_lib.staged_shards(plan.output, run_id)
+        with _out_of_space_reported(plan.output, run_id):
+            write_token_tables(plan, model_source, output_lib.staging_tables_dir(plan.output, run_id))
+            result = _run_pipeline(
+                options, plan, rows_prefix, errors_prefix, total_bytes, resumed, workers_dir
+            )
+            staged = output_lib.staged_shards(plan.output, run_id)
     except portable.WorkersUnavailableError:
         output_lib.remove_staging(plan.output, run_id)
         raise
-    except Exception as error:
-        if not is_disk_full(error):
-            raise
-        raise out_of_space(plan.output, run_id) from None
     seconds = time.time() - started
 
     run_counters = portable.read_counters(result, NAMESPACE)
@@ -716,6 +702,17 @@ def _free_bytes(path: str) -> int | None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     return shutil.disk_usage(existing).free
+
+
+@contextlib.contextmanager
+def _out_of_space_reported(output: str, run_id: str) -> Iterator[None]:
+    """Turns a full disk inside the block into `out_of_space`'s one-line error (other errors pass)."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise out_of_space(output, run_id) from None
 
 
 def out_of_space(output: str, run_id: str) -> OutputWriteError:

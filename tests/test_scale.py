@@ -436,7 +436,9 @@ class _FakeDataflowResult:
     def metrics(self):
         def counter(name, value):
             metric = types.SimpleNamespace(name=name)
-            return types.SimpleNamespace(key=types.SimpleNamespace(metric=metric), committed=value)
+            return types.SimpleNamespace(
+                key=types.SimpleNamespace(metric=metric), committed=value, attempted=value
+            )
 
         counters = [counter("records_read", 1200), counter("rows_embedded", 1100), counter("failed_x", 7)]
         return types.SimpleNamespace(query=lambda _filter: {"counters": counters})
