@@ -77,7 +77,7 @@ FAILED_DIR = "_failed"
 INDEX_DIR = "_index"
 SHARD_PREFIX = "part-"
 # Beam's default shard names: part-00000-of-00004.parquet.
-_SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
+SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
 _RUN_ID = r"[0-9A-Za-z_-]+"
 _FAILED_FILE = re.compile(
     rf"{FAILED_DIR}/{_RUN_ID}/({re.escape(MANIFEST)}|{ERRORS_DIR}/part-\d{{5,}}-of-\d{{5,}}\.parquet)"
@@ -153,7 +153,7 @@ def join(base, *parts):
     return FileSystems.join(base, *parts)
 
 
-def _list(directory):
+def list_files(directory):
     """Paths of the files under `directory` (empty if it does not exist); locally never through a link."""
     if is_local(directory):
         return [os.path.join(directory, relative) for relative, kind in _entries(directory) if kind == "file"]
@@ -171,7 +171,7 @@ def _entries(directory: str) -> Iterator[tuple[str, str]]:
     socket, a device) and "directory" (an empty one).  On object storage only files exist.
     """
     if not is_local(directory):
-        for path in _list(directory):
+        for path in list_files(directory):
             relative = _relative(directory, path)
             if path.endswith("/"):
                 # A folder marker (an empty "DIR/" object, as consoles and some tools make): the
@@ -220,12 +220,12 @@ def _ours(relative):
     return (
         relative in (MANIFEST, MANIFEST + ".tmp", LOCK, JOURNAL)
         or relative.startswith(STAGING + "/")
-        or bool(_SHARD_NAME.fullmatch(relative))
+        or bool(SHARD_NAME.fullmatch(relative))
         or (relative.startswith(TABLES_DIR + "/") and relative.endswith(".parquet"))
         or bool(re.fullmatch(INDEX_DIR + r"/([^/]+\.(usearch|json)(\.tmp)?)?", relative))
         or (
             relative.startswith(ERRORS_DIR + "/")
-            and bool(_SHARD_NAME.fullmatch(relative[len(ERRORS_DIR) + 1 :]))
+            and bool(SHARD_NAME.fullmatch(relative[len(ERRORS_DIR) + 1 :]))
         )
         or bool(_FAILED_FILE.fullmatch(relative))
     )
@@ -297,7 +297,7 @@ def _refuse_links(directory: str, relative: str) -> str:
     return path
 
 
-def _delete(paths):
+def delete_files(paths):
     """Deletes files (object storage or local, never through a link); missing ones are skipped."""
     for path in paths:
         if is_local(path):
@@ -387,14 +387,14 @@ def prepare(directory, overwrite, find_resumable=None):
     if state == "unfinished":
         leftovers = [
             p
-            for p in _list(directory)
+            for p in list_files(directory)
             if _relative(directory, p) != LOCK and not _relative(directory, p).startswith(STAGING + "/")
         ]
         if leftovers:
             logging.warning(
                 "Removing %d files left in %s by a run that did not finish.", len(leftovers), directory
             )
-        _delete(leftovers)
+        delete_files(leftovers)
     if resumed:
         for run_id in staging_runs(directory):
             if run_id != resumed:
@@ -410,7 +410,7 @@ def staging_runs(directory):
     if is_local(directory):
         return sorted(os.listdir(staging)) if os.path.isdir(staging) else []
     prefix = staging.rstrip("/") + "/"
-    return sorted({p[len(prefix) :].split("/", 1)[0] for p in _list(staging) if p.startswith(prefix)})
+    return sorted({p[len(prefix) :].split("/", 1)[0] for p in list_files(staging) if p.startswith(prefix)})
 
 
 def new_run_id():
@@ -432,7 +432,7 @@ def _remove_tree(directory):
             )
         shutil.rmtree(directory)
         return
-    _delete(_list(directory))
+    delete_files(list_files(directory))
 
 
 def remove_staging(directory, run_id=None):
@@ -480,7 +480,7 @@ def staged_shards(directory, run_id):
     Returns:
         {"rows": [(path, rows), ...], "errors": [...], "tables": [...]}, sorted by path.
     """
-    paths = sorted(_list(join(directory, STAGING, run_id)))
+    paths = sorted(list_files(join(directory, STAGING, run_id)))
     shards = {}
     for role, folder in (("rows", "data"), ("errors", ERRORS_DIR)):
         prefix = join(directory, STAGING, run_id, folder) + "/"
@@ -991,7 +991,7 @@ class OutputLock:
             self._renewer = None
             holder = self._read_lease()
             if holder and holder.get("run") == self.holder["run"]:
-                _delete([self.path])
+                delete_files([self.path])
 
 
 def _read_json_fd(fd):

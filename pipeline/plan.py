@@ -745,7 +745,6 @@ def check_reuse(uri, plan):
 
 
 # The only row shard names an export's manifest holds: files directly in the export directory.
-_REUSE_SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
 
 
 def _recorded_digest_matches(path, entry):
@@ -818,7 +817,7 @@ def check_reuse_shards(uri, manifest, plan):
     Raises:
         ExportConfigError: naming the first damaged shard and what is wrong with it.
     """
-    from pipeline.output import join
+    from pipeline.output import SHARD_NAME, join
 
     def damaged(name, problem):
         return ExportConfigError(
@@ -832,7 +831,7 @@ def check_reuse_shards(uri, manifest, plan):
     paths = []
     for entry in entries:
         name = entry.get("file") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not _REUSE_SHARD_NAME.fullmatch(name):
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
             raise damaged(
                 name,
                 "is not a shard name of the export directory (part-NNNNN-of-NNNNN.parquet, directly "

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import posixpath
-import re
 import time
 import uuid
 
@@ -34,7 +33,16 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
-from pipeline.output import STAGING, join, read_manifest, staging_prefixes, staging_runs
+from pipeline.output import (
+    SHARD_NAME,
+    STAGING,
+    delete_files,
+    join,
+    list_files,
+    read_manifest,
+    staging_prefixes,
+    staging_runs,
+)
 from pipeline.plan import reuse_signature
 from pipeline.transforms import WRITING_SUFFIX
 
@@ -44,7 +52,6 @@ RUNNING = "running"
 COMMITTING = "committing"
 # Version of the _RUN.json format: a run of another version is never resumed.
 RUN_FORMAT = 1
-_NAMED_SHARD = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -193,19 +200,6 @@ def _writing_dir(directory: str, run_id: str) -> str:
     return staging_prefixes(directory, run_id)[0] + WRITING_SUFFIX
 
 
-def _files_under(path: str) -> list:
-    try:
-        return sorted(m.path for m in FileSystems.match([join(path, "**")])[0].metadata_list)
-    except Exception:  # A missing directory.
-        return []
-
-
-def _delete(paths) -> None:
-    paths = [path for path in paths if FileSystems.exists(path)]
-    if paths:
-        FileSystems.delete(paths)
-
-
 def _complete_rows(path: str, schema: pa.Schema) -> int | None:
     """The rows of a complete row file of this export, or None for a partial or foreign one."""
     try:
@@ -292,7 +286,7 @@ def _drop_duplicates(files: list, plan) -> tuple:
             kept[file_index] = target
         else:
             kept[file_index] = None
-        _delete([files[file_index]])
+        delete_files([files[file_index]])
     dropped = sum(len(rows) for rows in drop.values())
     unique = pc.unique(places["id"].combine_chunks())
     return [path for path in kept if path], dropped, unique
@@ -315,7 +309,7 @@ def prepare_resume(directory: str, run_id: str, plan) -> Resumption:
     rows_dir = posixpath.dirname(staging_prefixes(directory, run_id)[0])
     schema = schema_lib.output_schema(plan)
     complete, partial, other = [], [], []
-    for path in _files_under(staging):
+    for path in sorted(list_files(staging)):
         name = posixpath.basename(path)
         in_rows = path.startswith(rows_dir + "/") and name.endswith(".parquet")
         if path == _run_path(directory, run_id):
@@ -324,14 +318,14 @@ def prepare_resume(directory: str, run_id: str, plan) -> Resumption:
             other.append(path)
         elif _complete_rows(path, schema) is None:
             partial.append(path)
-        elif _NAMED_SHARD.fullmatch(name) and posixpath.dirname(path) == rows_dir:
+        elif SHARD_NAME.fullmatch(name) and posixpath.dirname(path) == rows_dir:
             # A run killed while naming its shards: the new run names every file again.
             target = join(writing, f"{uuid.uuid4().hex}.parquet")
             FileSystems.rename([path], [target])
             complete.append(target)
         else:
             complete.append(path)
-    _delete(partial + other)
+    delete_files(partial + other)
     if partial:
         _LOGGER.info("Resume: ignoring %d partial row file(s) (no Parquet footer).", len(partial))
     complete, dropped, ids = _drop_duplicates(sorted(complete), plan)
