@@ -19,7 +19,7 @@ COPY pipeline /tmp/embexport/pipeline
 # the boot program starts; TensorFlow comes with the package's requirements.
 RUN pip install --no-cache-dir "apache-beam[gcp]==2.77.0" /tmp/embexport \
     && rm -rf /tmp/embexport \
-    && python -c "import tensorflow, models.bundle, pipeline.export"
+    && python -c "import tensorflow, models.bundle, pipeline.running.export"
 
 # Beam's boot program starts the SDK harness; Dataflow runs the image through it.
 ENTRYPOINT ["/opt/apache/beam/boot"]

@@ -41,8 +41,8 @@ import pyarrow.parquet as pq
 
 from benchmarks.corpora import write_real_corpus
 from pipeline import analyze
-from pipeline import index as index_lib
-from pipeline.output import MANIFEST
+from pipeline.analysis import index as index_lib
+from pipeline.writing.output import MANIFEST
 
 COLUMN = "lstm_content"
 SHARD_ROWS = 125_000

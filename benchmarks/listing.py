@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of the launch listing: `pipeline.listing.list_input` against Beam's own match.
+"""Side-by-side benchmark of the launch listing: `reading.listing.list_input` against Beam's own match.
 
     python -m benchmarks.listing [--files 20000] [--repeats 3]
 
@@ -17,7 +17,7 @@ import time
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import listing
+from pipeline.reading import listing
 
 
 def _best(function, repeats: int) -> float:

@@ -59,11 +59,11 @@ COLUMNS_SCRIPT = r"""
 import io, json, sys, time
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pipeline.corpus import Document
-from pipeline.embedder import Embedder
-from pipeline.features import DocumentTokenizer
-from pipeline.options import ExportOptions
-from pipeline.plan import build_plan
+from pipeline.reading.corpus import Document
+from pipeline.inference.embedder import Embedder
+from pipeline.inference.features import DocumentTokenizer
+from pipeline.planning.options import ExportOptions
+from pipeline.planning.plan import build_plan
 
 corpus, scratch, count, configurations = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 with open(corpus, encoding="utf-8") as handle:
@@ -109,10 +109,10 @@ import json, sys, time
 import keras
 import numpy as np
 from models.truncate import truncate
-from pipeline.corpus import Document
-from pipeline.features import DocumentTokenizer, stack_features
-from pipeline.options import ExportOptions
-from pipeline.plan import build_plan
+from pipeline.reading.corpus import Document
+from pipeline.inference.features import DocumentTokenizer, stack_features
+from pipeline.planning.options import ExportOptions
+from pipeline.planning.plan import build_plan
 
 flags, corpus, count = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 plan, source = build_plan(ExportOptions(["--input", corpus, "--output", "/nonexistent/unused", *flags]))

@@ -10,7 +10,7 @@ Commands:
   knn-score   the fraction of each document's k nearest neighbours that share
               its label, averaged, against the chance level
   index       an approximate-nearest-neighbour index of a vector column, with
-              its recall@k measured against the exact scan (pipeline/index.py)
+              its recall@k measured against the exact scan (pipeline/analysis/index.py)
 
 The Parquet files are read with pyarrow.dataset, which reads only the columns
 and row groups a query needs and streams record batches.  `neighbors` keeps a
@@ -35,10 +35,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from pipeline import index as index_lib
+from pipeline.analysis import index as index_lib
 from pipeline.errors import EXIT_CONFIG_ERROR, ExportConfigError
-from pipeline.output import JOURNAL, MANIFEST, SHARD_PREFIX, TABLES_DIR, finish_interrupted_commit
-from pipeline.schema import (
+from pipeline.writing.output import JOURNAL, MANIFEST, SHARD_PREFIX, TABLES_DIR, finish_interrupted_commit
+from pipeline.writing.schema import (
     FINGERPRINT_COLUMN,
     ID_COLUMN,
     TOKEN_COLUMN,

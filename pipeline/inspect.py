@@ -15,8 +15,8 @@ import sys
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline.cli import add_model_flags
 from pipeline.errors import EXIT_CONFIG_ERROR
+from pipeline.planning.cli import add_model_flags
 
 MODEL_INPUT = "(model input)"
 HEADER = ("LAYER", "TYPE", "CALL", "OUTPUT SHAPE", "DEPENDS ON INPUTS", "EXPORTS AS", "--layer")
@@ -30,7 +30,7 @@ def _shape(tensor):
 
 def input_lengths(model):
     """Model input name -> tokens per document (0 where unknown), as the export would feed it."""
-    from pipeline.plan import text_input_info
+    from pipeline.planning.plan import text_input_info
 
     lengths = {}
     for tensor in model.inputs:
@@ -47,7 +47,7 @@ def input_lengths(model):
 
 def export_kind(tensor, dependencies, lengths):
     """ "vector", "sequence (INPUT)" or "-" (cannot be exported), by the plan's own rule."""
-    from pipeline.plan import SEQUENCE, column_kind
+    from pipeline.planning.plan import SEQUENCE, column_kind
 
     if isinstance(tensor, (list, tuple)):
         return "- (several tensors)"
@@ -103,7 +103,7 @@ def report(model_source, layer_specs=()):
     """The text `python -m pipeline.inspect` prints for a loaded `ModelSource`.
 
     Args:
-        model_source: a `pipeline.model_source.ModelSource`.
+        model_source: a `pipeline.planning.model_source.ModelSource`.
         layer_specs: `--layer` values to check and show alone (all layers when empty).
 
     Raises:
@@ -170,7 +170,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from pipeline.errors import ExportConfigError
-    from pipeline.model_source import load_model_source
+    from pipeline.planning.model_source import load_model_source
 
     try:
         model_source = load_model_source(

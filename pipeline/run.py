@@ -79,7 +79,7 @@ def _interrupted(signum: int, committed_to: str | None = None) -> int:
             file=sys.stderr,
         )
     else:
-        # The staged files stay invisible to readers; the rerun resumes from them (pipeline.resume).
+        # The staged files stay invisible to readers; the rerun resumes from them (pipeline.writing.resume).
         print(
             "interrupted: nothing was committed; rerun the same command to finish the export "
             "(it keeps the rows this run made durable).",
@@ -89,16 +89,16 @@ def _interrupted(signum: int, committed_to: str | None = None) -> int:
 
 
 def _commit_phase() -> str:
-    # pipeline.output imports Beam; before it is imported no commit can be in flight.
-    output = sys.modules.get("pipeline.output")
+    # pipeline.writing.output imports Beam; before it is imported no commit can be in flight.
+    output = sys.modules.get("pipeline.writing.output")
     return output.commit_phase() if output else "idle"
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        from pipeline.cli import options_parser
-        from pipeline.options import ExportOptions
+        from pipeline.planning.cli import options_parser
+        from pipeline.planning.options import ExportOptions
 
         options_parser(ExportOptions, prog="python -m pipeline.run", description=__doc__).print_help()
         return 0
@@ -114,14 +114,14 @@ def main(argv=None):
         interrupted.append(signum)
         if _commit_phase() != "idle":
             # A commit is in flight (or done): it finishes, then the run reports the signal.
-            sys.modules["pipeline.output"].defer_signal(signum)
+            sys.modules["pipeline.writing.output"].defer_signal(signum)
             return
         silencer.silence()
         raise KeyboardInterrupt
 
     previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     try:
-        from pipeline.export import format_summary, run_export
+        from pipeline.running.export import format_summary, run_export
 
         summary = run_export(argv)
         if interrupted:
@@ -165,8 +165,8 @@ def run_main(argv=None) -> None:
         # gone, and Beam's thread that waits on one a RuntimeError once it is killed: the
         # `interrupted:` line printed above stays the last thing on the terminal.
         _Silencer().silence()
-        if "pipeline.local_workers" in sys.modules:
-            sys.modules["pipeline.local_workers"].kill_workers()
+        if "pipeline.running.local_workers" in sys.modules:
+            sys.modules["pipeline.running.local_workers"].kill_workers()
         os._exit(status)
     sys.exit(status)
 

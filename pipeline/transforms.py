@@ -23,12 +23,12 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline import corpus, listing
-from pipeline import progress as progress_lib
-from pipeline import schema as schema_lib
-from pipeline.embedder import worker_embedder
-from pipeline.features import DocumentTokenizer, Tokenized
-from pipeline.model_source import load_plan_tokenizer
+from pipeline.inference.embedder import worker_embedder
+from pipeline.inference.features import DocumentTokenizer, Tokenized
+from pipeline.planning.model_source import load_plan_tokenizer
+from pipeline.reading import corpus, listing
+from pipeline.running import progress as progress_lib
+from pipeline.writing import schema as schema_lib
 
 NAMESPACE = "embexport"
 ERRORS = "errors"
@@ -548,7 +548,7 @@ def _row_id(row):
 
 
 class SkipKeptFn(beam.DoFn):
-    """Drops the elements whose id a resumed run kept a row of (`pipeline.resume`), counting them.
+    """Drops the elements whose id a resumed run kept a row of (`pipeline.writing.resume`), counting them.
 
     The ids are read once per worker process from `kept_ids_path`, the Parquet
     file of ids the launcher wrote, not sent as a side input.

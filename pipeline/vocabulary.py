@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 
 from models import __version__
 from models.tokenizer import OOV_ID, PADDING_ID
-from pipeline.cli import add_model_flags
 from pipeline.errors import EXIT_CONFIG_ERROR
-from pipeline.schema import (
+from pipeline.planning.cli import add_model_flags
+from pipeline.writing.schema import (
     VOCABULARY_FILE,
     vocabulary_schema,
 )
@@ -158,7 +158,7 @@ def export_vocabulary(
     from apache_beam.io.filesystems import FileSystems
 
     from pipeline.errors import ExportConfigError
-    from pipeline.model_source import load_model_source
+    from pipeline.planning.model_source import load_model_source
 
     path = FileSystems.join(output, VOCABULARY_FILE)
     if FileSystems.exists(path) and not overwrite:

@@ -11,7 +11,7 @@ Each HOOK is one of:
     enospc:BYTES             files created under the output's _staging/ raise ENOSPC once
                              BYTES were written into them in all
 
-ACTION is a commit step of `pipeline.output` ("hash", "write", "rename", "copy",
+ACTION is a commit step of `pipeline.writing.output` ("hash", "write", "rename", "copy",
 "delete", "mkdir") or "any".
 """
 
@@ -32,7 +32,7 @@ def _wait(marker):
 
 
 def _commit_hook(kind, action, count, marker=None):
-    from pipeline import output
+    from pipeline.writing import output
 
     seen = [0]
 

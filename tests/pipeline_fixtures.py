@@ -20,7 +20,7 @@ from models import architectures
 from models.bundle import load_bundle, save_bundle
 from models.tokenizer import Tokenizer
 from models.train import SAMPLE_CORPUS
-from pipeline.output import ERRORS_DIR, MANIFEST, STAGING, read_manifest
+from pipeline.writing.output import ERRORS_DIR, MANIFEST, STAGING, read_manifest
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS_DOCUMENTS = 40

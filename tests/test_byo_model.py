@@ -31,9 +31,9 @@ from models.keras2_tokenizer import (
 from models.legacy import SUPPORTED_LAYERS, LegacyModelError, load_model_file
 from models.train import SAMPLE_CORPUS
 from models.truncate import layer_calls
-from pipeline.export import run_export
 from pipeline.inspect import main as inspect_main
-from pipeline.model_source import ExportConfigError
+from pipeline.planning.model_source import ExportConfigError
+from pipeline.running.export import run_export
 
 TOLERANCE = 1e-5
 CONTENT_LENGTH = 40
@@ -309,7 +309,7 @@ def test_keras2_model_token_ids_and_table_reproduce_tf_keras(keras2, tmp_path):
     """--token_storage ids on the tutorial's model: float32 inputs, a shared Embedding, Tokenizer ids."""
     import pyarrow.parquet as pq
 
-    from pipeline.token_tables import read_table_vectors
+    from pipeline.writing.token_tables import read_table_vectors
 
     directory, references, info = keras2
     output = _export(
@@ -631,7 +631,7 @@ def test_string_input_without_fixed_length_exports_vectors_only(tmp_path):
 def test_vocabulary_export_of_a_keras2_model_uses_its_tokenizer(keras2, tmp_path):
     import pyarrow.parquet as pq
 
-    from pipeline.model_source import load_model_source
+    from pipeline.planning.model_source import load_model_source
     from pipeline.vocabulary import export_vocabulary
 
     directory, _, _ = keras2

@@ -1,6 +1,6 @@
 """The commit is crash-safe: killed or failed at every filesystem step, one complete export survives.
 
-The in-process tests inject the fault through `pipeline.output.step_hook` at
+The in-process tests inject the fault through `pipeline.writing.output.step_hook` at
 each step of `commit()` in turn (each hash, write, rename or copy, delete and
 mkdir), on staged outputs that a real pipeline produced once per scenario, for
 a fresh output, an `--overwrite` and a `--reuse OUT --output OUT --overwrite`
@@ -29,10 +29,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot
 from test_object_storage import BUCKET, client, s3_endpoint, s3_flags  # noqa: F401  (fixture)
 
-from pipeline import output as output_lib
 from pipeline.analyze import open_documents
 from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, EXIT_TERMINATED, OutputWriteError
-from pipeline.export import run_export
+from pipeline.running.export import run_export
+from pipeline.writing import output as output_lib
 
 OLD_IDS = [f"old{i}" for i in range(5)] + [f"doc{i}" for i in range(3)]
 NEW_IDS = [f"doc{i}" for i in range(6)]

@@ -1,12 +1,12 @@
-"""`pipeline.corpus` on plain bytes, without Beam: positions, limits, byte-order marks and broken streams."""
+"""`reading.corpus` on plain bytes, without Beam: positions, limits, byte-order marks and broken streams."""
 
 import gzip
 import io
 import types
 
-from pipeline import corpus
-from pipeline.corpus import Document
-from pipeline.plan import InputInfo
+from pipeline.planning.plan import InputInfo
+from pipeline.reading import corpus
+from pipeline.reading.corpus import Document
 
 
 def _plan(input_format, limit=1000, field="content"):

@@ -19,10 +19,10 @@ from apache_beam.runners.dataflow.internal import apiclient
 from pipeline_fixtures import REPOSITORY, copy_sources
 
 from models.bundle import DEFAULT_BUNDLE, MODEL_FILE, read_manifest
-from pipeline.export import check_worker_paths, run_export, worker_tf_threads
-from pipeline.model_source import ExportConfigError, load_model_source
-from pipeline.options import ExportOptions
-from pipeline.plan import ExportPlan
+from pipeline.planning.model_source import ExportConfigError, load_model_source
+from pipeline.planning.options import ExportOptions
+from pipeline.planning.plan import ExportPlan
+from pipeline.running.export import check_worker_paths, run_export, worker_tf_threads
 
 BUCKET = "gs://embexport-example"
 # README "Running on Dataflow", with a bucket name Beam accepts and --setup_file added by the fixture.
@@ -58,7 +58,7 @@ def dry_run(tmp_path_factory):
     """(summary, launcher log messages, setup_file) of the documented command with --dry_run=True."""
     setup_file = os.path.join(copy_sources(tmp_path_factory.mktemp("source")), "setup.py")
     records = _Records()
-    logger = logging.getLogger("pipeline.export")
+    logger = logging.getLogger("pipeline.running.export")
     logger.addHandler(records)
     try:
         summary = run_export([*DATAFLOW_FLAGS, "--setup_file", setup_file, "--dry_run=True"])

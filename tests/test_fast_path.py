@@ -28,9 +28,9 @@ from models.fast_lstm import FAST, HYBRID, KERAS, build_fast_path, describe_forw
 from models.legacy import load_model_file
 from models.tokenizer import pad_token_ids
 from models.truncate import layer_calls, parse_layer_spec, truncate
-from pipeline.embedder import FAST_PATH_TOLERANCE, max_difference
-from pipeline.export import run_export
+from pipeline.inference.embedder import FAST_PATH_TOLERANCE, max_difference
 from pipeline.inspect import main as inspect_main
+from pipeline.running.export import run_export
 
 VOCABULARY = 50
 LENGTH = 24
@@ -324,11 +324,11 @@ def test_verification_catches_a_fast_path_that_disagrees(train_tiny_model):
 def test_pipeline_embedder_falls_back_with_a_log_line(tmp_path, caplog):
     from models.bundle import save_bundle
     from models.tokenizer import Tokenizer
-    from pipeline.corpus import Document
-    from pipeline.embedder import Embedder
-    from pipeline.features import DocumentTokenizer
-    from pipeline.options import ExportOptions
-    from pipeline.plan import build_plan
+    from pipeline.inference.embedder import Embedder
+    from pipeline.inference.features import DocumentTokenizer
+    from pipeline.planning.options import ExportOptions
+    from pipeline.planning.plan import build_plan
+    from pipeline.reading.corpus import Document
 
     model = _keras3_model(lambda x: keras.layers.LSTM(6, name="lstm_content", dtype="mixed_float16")(x))
     bundle = str(tmp_path / "bundle")
@@ -364,9 +364,9 @@ def test_pipeline_embedder_falls_back_with_a_log_line(tmp_path, caplog):
 
 
 def test_pipeline_embedder_uses_the_fast_path_for_the_default_bundle(tmp_path, caplog):
-    from pipeline.embedder import Embedder
-    from pipeline.options import ExportOptions
-    from pipeline.plan import build_plan
+    from pipeline.inference.embedder import Embedder
+    from pipeline.planning.options import ExportOptions
+    from pipeline.planning.plan import build_plan
 
     plan, model_source = build_plan(ExportOptions(["--output", str(tmp_path / "o")]))
     with caplog.at_level(logging.INFO):

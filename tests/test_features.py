@@ -1,4 +1,4 @@
-"""`TokenizeDocuments` (`pipeline.features`) on its own, and the embed steps as one Beam transform.
+"""`TokenizeDocuments` (`pipeline.inference.features`) on its own, and the embed steps as one Beam transform.
 
 The pure functions are tested on small inline documents; `EmbedDocuments`
 (tokenize -> RunInference -> rows) runs once in a `TestPipeline` and is checked
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from models.tokenizer import Tokenizer
-from pipeline.corpus import Document, TokenIds
-from pipeline.features import DocumentTokenizer, Tokenized, stack_features
-from pipeline.plan import TEXT_INPUT, InputInfo
+from pipeline.inference.features import DocumentTokenizer, Tokenized, stack_features
+from pipeline.planning.plan import TEXT_INPUT, InputInfo
+from pipeline.reading.corpus import Document, TokenIds
 
 TOKENIZER = Tokenizer(["alpha", "beta", "gamma", "delta"], padding="pre", truncating="post")
 
@@ -66,7 +66,7 @@ def test_a_document_without_tokens_is_an_empty_document_dead_letter_at_its_place
 
 
 def test_an_id_past_the_embedding_is_a_bad_token_id_dead_letter_before_tokenizing():
-    from pipeline import corpus
+    from pipeline.reading import corpus
 
     inputs = (InputInfo("content", "content", 4, id_limit=10),)
     plan = types.SimpleNamespace(**vars(_plan(*inputs)), id_field="id", keep_fields=(), tokenizes=False)
@@ -101,7 +101,7 @@ def test_workers_read_the_bundles_tokenizer_without_the_model_and_check_its_hash
 
     from models.bundle import load_bundle
     from pipeline.errors import ExportConfigError
-    from pipeline.model_source import load_plan_tokenizer
+    from pipeline.planning.model_source import load_plan_tokenizer
 
     directory, _, _ = tiny_bundle
     with open(os.path.join(directory, "tokenizer.json"), "rb") as handle:
@@ -124,8 +124,8 @@ def test_embed_documents_in_a_test_pipeline_gives_keras_vectors_and_dead_letters
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pipeline.options import ExportOptions
-    from pipeline.plan import build_plan
+    from pipeline.planning.options import ExportOptions
+    from pipeline.planning.plan import build_plan
     from pipeline.transforms import EmbedDocuments
 
     directory, model, _ = tiny_bundle

@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import analyze, output
-from pipeline import index as index_lib
-from pipeline.export import run_export
+from pipeline import analyze
+from pipeline.analysis import index as index_lib
+from pipeline.running.export import run_export
+from pipeline.writing import output
 
 COLUMN = "lstm_content"
 ROWS = 300

@@ -14,11 +14,11 @@ import threading
 import pytest
 from pipeline_fixtures import REPOSITORY, pipeline_command, read_errors, read_rows
 
-from pipeline import export
 from pipeline import transforms as transforms_lib
 from pipeline.errors import EXIT_RECORDS_LOST
-from pipeline.output import read_manifest
 from pipeline.run import main
+from pipeline.running import export
+from pipeline.writing.output import read_manifest
 
 
 def _line(doc_id):
@@ -238,7 +238,7 @@ def test_a_range_that_ends_before_its_listed_end_is_a_read_error():
     import io
     import types
 
-    from pipeline import corpus
+    from pipeline.reading import corpus
 
     plan = types.SimpleNamespace(
         input_format="jsonl", max_record_bytes=1000, id_field="id", keep_fields=(), inputs=(), tokenizes=True
@@ -270,7 +270,7 @@ def test_symlinked_directories_are_followed_as_the_shell_does(tmp_path, tiny_bun
 
 
 def test_listing_follows_links_with_beams_pattern_meaning(tmp_path, monkeypatch):
-    from pipeline import listing
+    from pipeline.reading import listing
 
     monkeypatch.chdir(tmp_path)
     os.makedirs("in/sub")
@@ -311,7 +311,7 @@ def test_a_named_pipe_matched_by_the_pattern_is_refused_at_launch(tmp_path, tiny
 
 
 def test_a_file_that_became_a_named_pipe_after_launch_is_unreadable_not_a_hang(tmp_path):
-    from pipeline import listing
+    from pipeline.reading import listing
 
     path = tmp_path / "a.jsonl"
     _write(path, ["a-1"])

@@ -17,9 +17,9 @@ from sizes import LENGTHS
 
 from models.bundle import load_bundle
 from models.paths import SAMPLE_CORPUS
-from pipeline import output as output_lib
-from pipeline.export import run_export
 from pipeline.run import EXIT_CONFIG_ERROR, main
+from pipeline.running.export import run_export
+from pipeline.writing import output as output_lib
 
 
 def _json(record):

@@ -25,9 +25,9 @@ from pipeline_fixtures import kill_group_when, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle
 from models.train import SAMPLE_CORPUS
-from pipeline import output as output_lib
-from pipeline.export import run_export
-from pipeline.output import ERRORS_DIR, MANIFEST, read_manifest
+from pipeline.running.export import run_export
+from pipeline.writing import output as output_lib
+from pipeline.writing.output import ERRORS_DIR, MANIFEST, read_manifest
 
 BUCKET = "embexport-test"
 MODEL = f"s3://{BUCKET}/models/default_bundle"
@@ -168,7 +168,7 @@ def test_manifest_is_read_back_from_s3(s3_endpoint, export):
 
 
 def test_missing_s3_model_is_a_launch_error(s3_endpoint, export, tmp_path):
-    from pipeline.model_source import ExportConfigError
+    from pipeline.planning.model_source import ExportConfigError
 
     with pytest.raises(ExportConfigError, match="does not exist"):
         run_export(
@@ -238,7 +238,7 @@ def test_an_object_changed_or_deleted_after_the_listing_is_found_by_the_readers_
     """On S3 the check is the object's size and last-modified time, as Beam's metadata gives them."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline.listing import InputChanged, check_unchanged, list_input
+    from pipeline.reading.listing import InputChanged, check_unchanged, list_input
 
     FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
     s3 = client(s3_endpoint)

@@ -19,7 +19,6 @@ import pytest
 from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot, wait_for_staged_shard
 from test_commit import HOOKED_RUN, _complete_export, _corpus, _hooked, _wait_for
 
-from pipeline import output as output_lib
 from pipeline.errors import (
     EXIT_CONFIG_ERROR,
     EXIT_INTERRUPTED,
@@ -27,8 +26,9 @@ from pipeline.errors import (
     EXIT_TERMINATED,
     EXIT_TOO_MANY_ERRORS,
 )
-from pipeline.export import run_export
 from pipeline.run import main
+from pipeline.running.export import run_export
+from pipeline.writing import output as output_lib
 
 IDS = [f"doc{i}" for i in range(6)]
 

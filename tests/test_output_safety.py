@@ -19,10 +19,10 @@ from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot, wait_for_s
 from sizes import SIZES
 
 from models.bundle import MANIFEST_FILE, MODEL_FILE, sha256_file
-from pipeline import output as output_lib
 from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ExportConfigError, OutputBusyError
-from pipeline.export import run_export
 from pipeline.run import main
+from pipeline.running.export import run_export
+from pipeline.writing import output as output_lib
 
 
 def _write_corpus(path, count, start=0):
@@ -222,7 +222,7 @@ def test_a_killed_holder_does_not_keep_the_lock(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pipeline.output import OutputLock;"
+            "import sys, time; from pipeline.writing.output import OutputLock;"
             "lock = OutputLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)",
             output,
         ],

@@ -121,11 +121,11 @@ def test_wheel_installs_into_a_fresh_environment(wheel, tmp_path):
     with open(os.path.join(purelib, "zz_test_dependencies.pth"), "w") as handle:
         handle.write(sysconfig.get_paths()["purelib"] + "\n")
     probe = (
-        "import json, os, models.bundle, pipeline.export\n"
+        "import json, os, models.bundle, pipeline.running.export\n"
         "from models.bundle import DEFAULT_BUNDLE, read_manifest, sha256_file\n"
         "from models.train import SAMPLE_CORPUS\n"
         "manifest = read_manifest(DEFAULT_BUNDLE)\n"
-        "print(json.dumps({'models': models.bundle.__file__, 'pipeline': pipeline.export.__file__,\n"
+        "print(json.dumps({'models': models.bundle.__file__, 'pipeline': pipeline.running.export.__file__,\n"
         "    'bundle': DEFAULT_BUNDLE, 'files': sorted(os.listdir(DEFAULT_BUNDLE)),\n"
         "    'hashes': all(sha256_file(os.path.join(DEFAULT_BUNDLE, name)) == digest\n"
         "                  for name, digest in manifest['sha256'].items()),\n"

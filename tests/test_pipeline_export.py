@@ -35,9 +35,9 @@ from sizes import LENGTHS, SIZES
 
 import models
 from models.architectures import TOPOLOGIES
-from pipeline.export import run_export
-from pipeline.output import READER_IGNORE_PREFIXES
-from pipeline.schema import read_export_metadata
+from pipeline.running.export import run_export
+from pipeline.writing.output import READER_IGNORE_PREFIXES
+from pipeline.writing.schema import read_export_metadata
 
 ATOL = 1e-5
 # A document whose content has no token at all (only punctuation) but whose title has:

@@ -25,10 +25,10 @@ from sizes import LENGTHS, SIZES
 
 from models.bundle import MODEL_FILE, TOKENIZER_FILE
 from models.tokenizer import Tokenizer
-from pipeline.export import run_export
-from pipeline.model_source import ExportConfigError
-from pipeline.output import MANIFEST, STAGING
+from pipeline.planning.model_source import ExportConfigError
 from pipeline.run import EXIT_CONFIG_ERROR
+from pipeline.running.export import run_export
+from pipeline.writing.output import MANIFEST, STAGING
 
 TOPOLOGY = "two_inputs_two_outputs"
 # A Conv1D of kernel 3 without padding shortens the content by two positions.
@@ -221,8 +221,8 @@ def test_every_numeric_flag_out_of_range_is_one_error_line_and_exit_2(
 
 
 def test_every_numeric_flag_of_the_options_has_a_range():
-    from pipeline.options import ExportOptions
-    from pipeline.plan import NUMERIC_FLAGS
+    from pipeline.planning.options import ExportOptions
+    from pipeline.planning.plan import NUMERIC_FLAGS
 
     parsers = []
     ExportOptions([]).get_all_options(current_only=True, add_extra_args_fn=parsers.append)

@@ -41,7 +41,6 @@ from pipeline_fixtures import (
 )
 from test_object_storage import BUCKET, client, s3_endpoint, s3_flags  # noqa: F401 (s3_endpoint: fixture)
 
-from pipeline import output as output_lib
 from pipeline.errors import (
     EXIT_ACCOUNTING_UNVERIFIED,
     EXIT_CONFIG_ERROR,
@@ -49,8 +48,9 @@ from pipeline.errors import (
     EXIT_OK,
     EXIT_RECORDS_LOST,
 )
-from pipeline.export import format_summary, run_export
 from pipeline.run import main
+from pipeline.running.export import format_summary, run_export
+from pipeline.writing import output as output_lib
 
 DOCUMENTS = 600
 # Lines every run dead-letters, at known places of the second file.
@@ -428,7 +428,7 @@ def test_ranges_and_attempted_only_counters_on_the_job_service(
     ranges; the rows must not depend on it. Those job servers report attempted
     counters only (a retried bundle counts twice): exit 7, records read unknown.
     """
-    from pipeline import export
+    from pipeline.running import export
 
     job_endpoint, pool, _ = services
     monkeypatch.setattr(portable_runner.PortableMetrics, "__init__", _reported_as("attempted"))

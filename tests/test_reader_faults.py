@@ -11,8 +11,8 @@ import pyarrow.dataset as ds
 import pytest
 from adversarial_corpus import CASES, FORMAT_FLAGS, write
 
-from pipeline import output as output_lib
 from pipeline.run import main
+from pipeline.writing import output as output_lib
 
 
 def _read_dir(directory):

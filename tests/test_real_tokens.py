@@ -19,12 +19,12 @@ from pipeline_fixtures import build_keras2_models, write_jsonl
 
 from models.tokenizer import pad_token_ids
 from models.truncate import layer_calls
-from pipeline import schema
-from pipeline.corpus import Document, TokenIds
-from pipeline.embedder import Embedder
-from pipeline.features import DocumentTokenizer
-from pipeline.options import ExportOptions
-from pipeline.plan import build_plan
+from pipeline.inference.embedder import Embedder
+from pipeline.inference.features import DocumentTokenizer
+from pipeline.planning.options import ExportOptions
+from pipeline.planning.plan import build_plan
+from pipeline.reading.corpus import Document, TokenIds
+from pipeline.writing import schema
 
 VOCABULARY = 60
 LENGTH = 30

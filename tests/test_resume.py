@@ -20,11 +20,11 @@ import pytest
 from pipeline_fixtures import kill_group_when, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE
-from pipeline import output as output_lib
-from pipeline import resume as resume_lib
 from pipeline.errors import EXIT_CONFIG_ERROR
-from pipeline.export import run_export
 from pipeline.run import main
+from pipeline.running.export import run_export
+from pipeline.writing import output as output_lib
+from pipeline.writing import resume as resume_lib
 
 DOCUMENTS = 5000
 # Small files, closed often: the run is killed after a few of them, long before its end.

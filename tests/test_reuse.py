@@ -19,10 +19,10 @@ import pytest
 from pipeline_fixtures import REPOSITORY, pipeline_command, wait_for_staged_shard
 
 from models.paths import SAMPLE_CORPUS
-from pipeline import output as output_lib
 from pipeline.errors import ExportConfigError
-from pipeline.export import run_export
-from pipeline.schema import FINGERPRINT_COLUMN, input_fingerprint
+from pipeline.running.export import run_export
+from pipeline.writing import output as output_lib
+from pipeline.writing.schema import FINGERPRINT_COLUMN, input_fingerprint
 
 SHARE = 0.01
 
@@ -136,7 +136,7 @@ def test_reuse_equals_a_full_export_bit_for_bit_and_counts_what_it_did(versions,
 def test_fingerprint_is_what_the_model_sees(versions):
     table = _read(versions["v1"])
     by_id = {r["id"]: r for r in versions["records"]}
-    from pipeline.plan import InputInfo
+    from pipeline.planning.plan import InputInfo
 
     inputs = (InputInfo("content", "content", 300), InputInfo("title", "title", 20))
     for row_id, fingerprint in zip(

@@ -15,13 +15,14 @@ from sizes import SIZES
 
 from models.bundle import DEFAULT_BUNDLE
 from models.train import SAMPLE_CORPUS
-from pipeline import corpus, export
-from pipeline import output as output_lib
-from pipeline.corpus import Document
-from pipeline.export import RANGES_PER_LOCAL_WORKER, run_export
-from pipeline.plan import InputInfo
-from pipeline.progress import ProgressMonitor
+from pipeline.planning.plan import InputInfo
+from pipeline.reading import corpus
+from pipeline.reading.corpus import Document
+from pipeline.running import export
+from pipeline.running.export import RANGES_PER_LOCAL_WORKER, run_export
+from pipeline.running.progress import ProgressMonitor
 from pipeline.transforms import LineIndex
+from pipeline.writing import output as output_lib
 
 # --- corpus.read_records on plain bytes ----------------------------------------------------------
 
@@ -347,14 +348,14 @@ _PROGRESS = re.compile(
 def test_progress_lines_appear_and_add_up(tmp_path, tiny_bundle, caplog):
     corpus_path = str(tmp_path / "c.jsonl")
     _write_lines(corpus_path, [_record(f"d{n}") for n in range(3000)] + ["not json"] * 3)
-    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.running.progress")
     summary = run_export(
         [
             *("--model", tiny_bundle[0], "--input", corpus_path, "--output", str(tmp_path / "out")),
             *("--progress_seconds", "0.2"),
         ]
     )
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.running.progress"]
     assert len(lines) >= 2, lines
     parsed = [_PROGRESS.fullmatch(line) for line in lines if "checking ids" not in line]
     assert parsed and all(parsed), lines
@@ -381,7 +382,7 @@ def test_progress_eta_is_input_bytes_consumed_against_the_total(tmp_path):
 
 
 def test_progress_shows_the_time_to_first_row_from_the_command_start(tmp_path):
-    from pipeline import progress
+    from pipeline.running import progress
 
     assert 0 < progress.process_seconds() < 24 * 3600  # this pytest process started a while ago
     monitor = ProgressMonitor(str(tmp_path), total_bytes=1_000)
@@ -405,7 +406,7 @@ class _Terminal(io.StringIO):
 
 
 def test_a_terminal_gets_a_live_bar(tmp_path, monkeypatch):
-    from pipeline import progress
+    from pipeline.running import progress
 
     monkeypatch.setenv("COLUMNS", "250")  # A wide terminal: rich cuts lines to the width.
     recorder = progress.ProgressRecorder(str(tmp_path))
@@ -447,9 +448,9 @@ class _FakeDataflowResult:
 def test_dataflow_launcher_prints_the_console_url_and_the_counters(caplog):
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline.export import _poll_dataflow
+    from pipeline.running.export import _poll_dataflow
 
-    caplog.set_level(logging.INFO, logger="pipeline.export")
+    caplog.set_level(logging.INFO, logger="pipeline.running.export")
     options = PipelineOptions(["--project", "proj", "--region", "europe-west1"])
     _poll_dataflow(_FakeDataflowResult(), options, interval=0.01)
     lines = [record.getMessage() for record in caplog.records]

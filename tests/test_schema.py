@@ -1,4 +1,4 @@
-"""`pipeline.schema` as pure functions: column types, pooling, rows to Arrow, dead-letter rows."""
+"""`pipeline.writing.schema` as pure functions: column types, pooling, rows to Arrow, dead-letter rows."""
 
 import dataclasses
 import io
@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema
-from pipeline.plan import ColumnInfo, ExportPlan, InputInfo
+from pipeline.planning.plan import ColumnInfo, ExportPlan, InputInfo
+from pipeline.writing import schema
 
 
 def column(name, layer, call, kind, dim, source_input, pooling):

@@ -15,12 +15,12 @@ import pytest
 from pipeline_fixtures import REPOSITORY, write_jsonl
 
 from models.fast_lstm import FAST, KERAS
-from pipeline import embedder as embedder_lib
-from pipeline.corpus import Document
 from pipeline.errors import ExportConfigError
-from pipeline.features import DocumentTokenizer
-from pipeline.options import ExportOptions
-from pipeline.plan import build_plan
+from pipeline.inference import embedder as embedder_lib
+from pipeline.inference.features import DocumentTokenizer
+from pipeline.planning.options import ExportOptions
+from pipeline.planning.plan import build_plan
+from pipeline.reading.corpus import Document
 
 
 @pytest.fixture
@@ -102,7 +102,8 @@ def test_an_export_does_not_import_matplotlib_but_analyze_still_can(tmp_path):
     """Keras loads matplotlib.pyplot with itself when it is installed; an export has no use for it."""
     code = (
         "import sys\n"
-        "import pipeline.run, pipeline.export, pipeline.transforms, pipeline.embedder, keras\n"
+        "import pipeline.run, pipeline.running.export, pipeline.transforms\n"
+        "import pipeline.inference.embedder, keras\n"
         "assert not [m for m in sys.modules if m.startswith('matplotlib')], 'matplotlib imported'\n"
         "import matplotlib.pyplot\n"
         "from pipeline import analyze\n"

@@ -36,11 +36,12 @@ from models.bundle import DEFAULT_BUNDLE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
 from models.train import SAMPLE_CORPUS
 from models.truncate import parse_layer_spec
-from pipeline import analyze, output, vocabulary
-from pipeline.export import run_export
-from pipeline.model_source import ExportConfigError
-from pipeline.schema import read_export_metadata
-from pipeline.token_tables import check_ids_column, read_table_vectors, vectors_from_ids
+from pipeline import analyze, vocabulary
+from pipeline.planning.model_source import ExportConfigError
+from pipeline.running.export import run_export
+from pipeline.writing import output
+from pipeline.writing.schema import read_export_metadata
+from pipeline.writing.token_tables import check_ids_column, read_table_vectors, vectors_from_ids
 
 README = os.path.join(REPOSITORY, "README.md")
 README_OUTPUT = "output/tokens"

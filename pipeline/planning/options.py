@@ -7,7 +7,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.paths import SAMPLE_CORPUS
 from models.tokenizer import SIDES
-from pipeline.cli import add_model_flags
+from pipeline.planning.cli import add_model_flags
 
 INPUT_FORMATS = ("auto", "text", "jsonl", "csv", "parquet")
 POOLINGS = ("none", "mean", "max", "last")

@@ -24,11 +24,6 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineState
 
-from pipeline import local_workers, portable
-from pipeline import output as output_lib
-from pipeline import progress as progress_lib
-from pipeline import resume as resume_lib
-from pipeline.embedder import choose_forward_passes, manifest_columns
 from pipeline.errors import (
     EXIT_ACCOUNTING_MISMATCH,
     EXIT_ACCOUNTING_UNVERIFIED,
@@ -38,12 +33,17 @@ from pipeline.errors import (
     ExportConfigError,
     OutputWriteError,
 )
-from pipeline.graph import build_pipeline
-from pipeline.model_source import is_default_bundle, is_local, wants_no_tokenizer
-from pipeline.options import ExportOptions, default_output
-from pipeline.plan import build_plan, reuse_signature
-from pipeline.token_tables import write_token_tables
+from pipeline.inference.embedder import choose_forward_passes, manifest_columns
+from pipeline.planning.model_source import is_default_bundle, is_local, wants_no_tokenizer
+from pipeline.planning.options import ExportOptions, default_output
+from pipeline.planning.plan import build_plan, reuse_signature
+from pipeline.running import local_workers, portable
+from pipeline.running import progress as progress_lib
+from pipeline.running.graph import build_pipeline
 from pipeline.transforms import DEFAULT_SPLIT_BYTES, FILES_BROKEN, NAMESPACE, RANGES_READ, ROWS_KEPT
+from pipeline.writing import output as output_lib
+from pipeline.writing import resume as resume_lib
+from pipeline.writing.token_tables import write_token_tables
 
 # A local run of at least this much input uses one worker process per core (see
 # `use_local_cores`); below it, starting the processes costs more than they save: each
@@ -233,7 +233,7 @@ def worker_package_path(options):
 
     They are started with this process's environment; PYTHONPATH is put back
     afterwards so that an export run in-process leaves its caller's environment alone.
-    They also ignore a terminal's Ctrl-C, which only the launcher handles (pipeline.local_workers).
+    They also ignore a terminal's Ctrl-C, which only the launcher handles (pipeline.running.local_workers).
     """
     if (
         local_runner(options) is None
@@ -241,7 +241,7 @@ def worker_package_path(options):
     ):
         yield
         return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     before = os.environ.get("PYTHONPATH")
     paths = (before or "").split(os.pathsep)
     if root not in paths:

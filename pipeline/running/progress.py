@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 
-_LOGGER = logging.getLogger("pipeline.progress")
+_LOGGER = logging.getLogger("pipeline.running.progress")
 # What the workers count.
 KEYS = ("scanned_bytes", "read_bytes", "records", "rows", "dead_letters")
 # When (time.time()) a process counted its first row; the earliest over the processes is the run's.

@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError, OutputBusyError, OutputWriteError
-from pipeline.model_source import is_local
+from pipeline.planning.model_source import is_local
 
 MANIFEST = "_MANIFEST.json"
 LOCK = "_LOCK"
@@ -374,7 +374,7 @@ def prepare(directory, overwrite, find_resumable=None):
     belongs to a run that died.  A finished export is kept until `commit`
     replaces it, so a failed `--overwrite` run does not destroy the previous result.
     `find_resumable(directory)` may name one dead run's staging directory to
-    keep (`pipeline.resume`); its id is then returned instead of a new one.
+    keep (`pipeline.writing.resume`); its id is then returned instead of a new one.
 
     Raises:
         ExportConfigError: foreign files, or a finished export without `overwrite`
@@ -825,7 +825,7 @@ def set_aside_failed_run(directory: str, run_id: str, staged: dict, manifest: di
     """Keeps a failed run's dead letters and manifest in `_failed/RUN/`, drops its rows; returns that folder.
 
     For a run that must not replace the succeeded export already in `directory`
-    (see `pipeline.export`): the export is left as it was.
+    (see `pipeline.running.export`): the export is left as it was.
     """
     failed = posixpath.join(FAILED_DIR, run_id)
     errors = []

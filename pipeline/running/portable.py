@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, PortableOption
 from apache_beam.runners.runner import PipelineState
 
 from pipeline.errors import ExportConfigError
-from pipeline.schema import FILE_REASONS
+from pipeline.writing.schema import FILE_REASONS
 
 _LOGGER = logging.getLogger(__name__)
 

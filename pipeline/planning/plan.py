@@ -18,12 +18,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from models import __version__, keras_graph
 from models.truncate import parse_layer_spec, truncate
-from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
-from pipeline.listing import list_input
-from pipeline.model_source import is_local, load_model_source, wants_no_tokenizer
-from pipeline.options import INPUT_FORMATS
-from pipeline.token_tables import apply_token_storage
+from pipeline.planning.model_source import is_local, load_model_source, wants_no_tokenizer
+from pipeline.planning.options import INPUT_FORMATS
+from pipeline.reading.listing import list_input
+from pipeline.writing import schema as schema_lib
+from pipeline.writing.token_tables import apply_token_storage
 
 TEXT_FIELD = "text"
 # What an input takes (`InputInfo.takes`): token ids the pipeline computes (or reads
@@ -114,13 +114,13 @@ class ExportPlan:
     # Total size of the input files as listed at launch (0: not listed), for the ETA and split size.
     input_bytes: int = 0
     # SHA-256 of the input listing (path, size, modification time of each file; "" if not listed):
-    # a resume continues only a run that read the same files (`pipeline.resume`).
+    # a resume continues only a run that read the same files (`pipeline.writing.resume`).
     input_listing_sha256: str = ""
     # The launch listing (`listing.InputFile`s): the files the run reads, each checked unchanged
     # before and after it is read. Empty: not listed (a --dry_run of an object-store pattern).
     # `graph.build_pipeline` hands it to ReadCorpus only, so no DoFn carries it.
     input_files: tuple = ()
-    # (column, forward pass, reason) as chosen at launch (`pipeline.embedder.forward_pass_records`);
+    # (column, forward pass, reason) as chosen at launch (`pipeline.inference.embedder.forward_pass_records`);
     # workers refuse to use another, so the manifest's record holds.  Empty: workers choose.
     forward_passes: tuple = ()
     # Where the launch checked the fast path against Keras (`embedder.fast_path_environment`):
@@ -353,7 +353,7 @@ def check_output(output, overwrite):
     Raises:
         ExportConfigError: saying what is wrong and what to do instead.
     """
-    from pipeline.output import check_output_state, check_writable, is_regular_file
+    from pipeline.writing.output import check_output_state, check_writable, is_regular_file
 
     check_location("output", output)
     if any(ch in output for ch in GLOB_CHARACTERS):
@@ -394,7 +394,7 @@ def check_locations(options, check_remote):
     if check_remote or is_local(options.output):
         if check_remote:
             # A commit a crash cut short is finished before the output is judged (not by --dry_run).
-            from pipeline.output import finish_interrupted_commit
+            from pipeline.writing.output import finish_interrupted_commit
 
             check_location("output", options.output)
             if finish_interrupted_commit(options.output) and not options.overwrite:
@@ -709,7 +709,7 @@ def check_reuse(uri, plan):
     Raises:
         ExportConfigError: naming what differs and how to proceed.
     """
-    from pipeline.output import finish_interrupted_commit, output_state, read_manifest
+    from pipeline.writing.output import finish_interrupted_commit, output_state, read_manifest
 
     check_location("reuse", uri)
     # An export whose commit a crash cut short is finished before it is read.
@@ -817,7 +817,7 @@ def check_reuse_shards(uri, manifest, plan):
     Raises:
         ExportConfigError: naming the first damaged shard and what is wrong with it.
     """
-    from pipeline.output import SHARD_NAME, join
+    from pipeline.writing.output import SHARD_NAME, join
 
     def damaged(name, problem):
         return ExportConfigError(

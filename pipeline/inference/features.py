@@ -16,9 +16,9 @@ import typing
 import numpy as np
 
 from models.tokenizer import pad_token_ids
-from pipeline import schema as schema_lib
-from pipeline.corpus import TokenIds
-from pipeline.plan import TEXT_INPUT
+from pipeline.planning.plan import TEXT_INPUT
+from pipeline.reading.corpus import TokenIds
+from pipeline.writing import schema as schema_lib
 
 
 class Tokenized(typing.NamedTuple):

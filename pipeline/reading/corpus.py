@@ -27,11 +27,11 @@ import typing
 
 import pyarrow.parquet as pq
 
-from pipeline import schema as schema_lib
-from pipeline.plan import IDS_INPUT
+from pipeline.planning.plan import IDS_INPUT
+from pipeline.writing import schema as schema_lib
 
 # The dead-letter reasons live beside ERROR_SCHEMA; the reader uses these.
-from pipeline.schema import (
+from pipeline.writing.schema import (
     AMBIGUOUS_HEADER,
     BAD_ID,
     BAD_TOKEN_ID,
@@ -56,7 +56,7 @@ class TokenIds(str):
 
     It is a string so that everything that handles document texts (dead-letter
     rows, byte counts) handles it too; `DocumentTokenizer` pads it instead of
-    tokenizing it (see `pipeline.features`).
+    tokenizing it (see `pipeline.inference.features`).
     """
 
     def __new__(cls, ids):

@@ -39,7 +39,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import ExportConfigError
-from pipeline.output import INDEX_DIR, MANIFEST, OutputLock
+from pipeline.writing.output import INDEX_DIR, MANIFEST, OutputLock
 
 INDEX_SUFFIX = ".usearch"
 METADATA_SUFFIX = ".json"

@@ -4,7 +4,7 @@ import dataclasses
 
 import apache_beam as beam
 
-from pipeline.portable import AnnounceWorker
+from pipeline.running.portable import AnnounceWorker
 from pipeline.transforms import (
     DEFAULT_CHECKPOINT_SECONDS,
     DEFAULT_SHARD_BYTES,
@@ -46,10 +46,10 @@ def build_pipeline(
         progress_dir: a local directory where workers count their progress (local runs).
         checkpoint_seconds: a row file is closed once it has held rows this long.
         kept_ids_path: a resumed run: the Parquet file of the ids whose rows it kept,
-            which are not embedded (or reused) again (`pipeline.resume`).
+            which are not embedded (or reused) again (`pipeline.writing.resume`).
         kept_files: a resumed run: the complete row files it kept, named with the new ones.
         workers_dir: where a worker leaves a file once it runs the job (portable runners,
-            whose launcher watches for it: see `pipeline.portable.wait_for_job`).
+            whose launcher watches for it: see `pipeline.running.portable.wait_for_job`).
 
     Returns:
         A dict with the PCollections "rows" (Arrow RecordBatches, embedded and,

@@ -16,7 +16,7 @@ the workers read to skip those documents (`transforms.SkipKeptFn`).  The
 pipeline still reads every record, so dead letters, duplicates and counts are
 made exactly as in an uninterrupted run; only the embedding of kept documents
 is skipped.  A run that reached its commit is never resumed: the commit is
-finished or undone by `pipeline.output`, never mixed with a second run.
+finished or undone by `pipeline.writing.output`, never mixed with a second run.
 """
 
 import dataclasses
@@ -31,9 +31,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
-from pipeline.output import (
+from pipeline.planning.plan import reuse_signature
+from pipeline.transforms import WRITING_SUFFIX
+from pipeline.writing import schema as schema_lib
+from pipeline.writing.output import (
     SHARD_NAME,
     STAGING,
     delete_files,
@@ -43,8 +45,6 @@ from pipeline.output import (
     staging_prefixes,
     staging_runs,
 )
-from pipeline.plan import reuse_signature
-from pipeline.transforms import WRITING_SUFFIX
 
 RUN_FILE = "_RUN.json"
 KEPT_IDS_FILE = "_KEPT_IDS.parquet"

@@ -2,7 +2,7 @@
 
 `Embedder.run` stacks a batch of tokenized documents and runs one forward pass;
 `Embedder.batch_rows` turns its outputs into one Arrow RecordBatch
-(`pipeline.schema`). Tokenizing (`pipeline.features`) is a step of its own.
+(`pipeline.writing.schema`). Tokenizing (`pipeline.inference.features`) is a step of its own.
 Knows nothing of Beam, so it is tested directly and reused by the benchmark.
 """
 
@@ -16,11 +16,11 @@ import numpy as np
 
 from models.keras2_tokenizer import UNKNOWN_TOKEN
 from models.truncate import truncate
-from pipeline import schema as schema_lib
 from pipeline.errors import ExportConfigError
-from pipeline.features import stack_features
-from pipeline.model_source import NO_TOKENIZER, load_model_source
-from pipeline.plan import TEXT_INPUT, text_vectorizer
+from pipeline.inference.features import stack_features
+from pipeline.planning.model_source import NO_TOKENIZER, load_model_source
+from pipeline.planning.plan import TEXT_INPUT, text_vectorizer
+from pipeline.writing import schema as schema_lib
 
 FAST_PATH_TOLERANCE = 1e-5
 # The forward pass of a column stored as token ids: none, the ids are the output.

@@ -1,0 +1,1 @@
+"""Launch-time planning: the pipeline's flags, the model source and the checked, picklable `ExportPlan`."""
