@@ -14,34 +14,37 @@ setuptools.setup(
     python_requires=">=3.10,<3.13",
     install_requires=[
         # Keras 3 on the TensorFlow backend; 2.21 is the version the bundle was trained with.
+        # Keras to the tested minor: models/keras_graph.py adapts to its private graph API.
         "tensorflow>=2.21,<2.22",
-        "keras>=3.10,<4",
+        "keras>=3.15,<3.16",
         # [gcp] brings the GCS filesystem and the Dataflow runner.
         "apache-beam[gcp]>=2.77,<2.78",
-        # Arrow writes the Parquet output; Beam 2.77 caps it below 26.
-        "pyarrow>=16,<26",
+        # Arrow writes the Parquet output; 25 is the major tested (Beam 2.77 caps it below 26).
+        "pyarrow>=25,<26",
         "numpy>=1.26,<3",
         # The live progress bar of local runs; Keras 3 already depends on it.
-        "rich>=13",
+        "rich>=13,<16",
     ],
     extras_require={
         # `python -m pipeline.analyze plot` draws with matplotlib.
-        "analysis": ["matplotlib>=3.8"],
+        "analysis": ["matplotlib>=3.8,<4"],
         # s3:// for --model, --input and --output: Beam's S3 filesystem runs on boto3.
         "aws": ["apache-beam[aws]>=2.77,<2.78"],
         # `python -m pipeline.analyze OUT index`: usearch's HNSW index (manylinux wheels,
         # numpy its only heavy dependency, save/load of one file, batched adds).
         "index": ["usearch>=2.16,<3"],
         "test": [
-            "pytest>=8",
-            "duckdb>=1.1",
-            "pandas>=2.2",
+            "pytest>=8,<10",
+            "duckdb>=1.1,<3",
+            "pandas>=2.2,<4",
             # Builds Keras 2 (.h5) models exactly as the tutorial wrote them.
             "tf_keras>=2.21,<2.22",
-            "ruff",
+            # The lint and type check .ci/run runs before the tests, pinned so they agree everywhere.
+            "ruff==0.17.6",
+            "mypy==2.4.1",
             # The analysis tests draw a plot and run the README's polars example.
-            "matplotlib>=3.8",
-            "polars>=1.0",
+            "matplotlib>=3.8,<4",
+            "polars>=1.0,<3",
             # The index tests build and query a real usearch index.
             "usearch>=2.16,<3",
             # The object-storage test: Beam's S3 filesystem against moto's S3 server on
@@ -49,8 +52,8 @@ setuptools.setup(
             # every AWS service's dependencies (cfn-lint, docker, ...).
             "apache-beam[aws]>=2.77,<2.78",
             "moto[s3]>=5,<6",
-            "flask!=2.2.0,!=2.2.1",
-            "flask-cors",
+            "flask!=2.2.0,!=2.2.1,<4",
+            "flask-cors<7",
         ],
     },
 )

@@ -121,7 +121,8 @@ def main(argv=None):
 
     previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     try:
-        from pipeline.running.export import format_summary, run_export
+        from pipeline.running.export import run_export
+        from pipeline.running.report import format_summary
 
         summary = run_export(argv)
         if interrupted:

@@ -22,7 +22,8 @@ from models.bundle import DEFAULT_BUNDLE, MODEL_FILE, read_manifest
 from pipeline.planning.model_source import ExportConfigError, load_model_source
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.plan import ExportPlan
-from pipeline.running.export import check_worker_paths, run_export, worker_tf_threads
+from pipeline.running.export import run_export
+from pipeline.running.runners import check_worker_paths, worker_tf_threads
 
 BUCKET = "gs://embexport-example"
 # README "Running on Dataflow", with a bucket name Beam accepts and --setup_file added by the fixture.

@@ -49,7 +49,8 @@ from pipeline.errors import (
     EXIT_RECORDS_LOST,
 )
 from pipeline.run import main
-from pipeline.running.export import format_summary, run_export
+from pipeline.running.export import run_export
+from pipeline.running.report import format_summary
 from pipeline.writing import output as output_lib
 
 DOCUMENTS = 600
@@ -428,12 +429,12 @@ def test_ranges_and_attempted_only_counters_on_the_job_service(
     ranges; the rows must not depend on it. Those job servers report attempted
     counters only (a retried bundle counts twice): exit 7, records read unknown.
     """
-    from pipeline.running import export
+    from pipeline.running import runners
 
     job_endpoint, pool, _ = services
     monkeypatch.setattr(portable_runner.PortableMetrics, "__init__", _reported_as("attempted"))
     # Ranges of a few kB, so each of the two files is read in several.
-    monkeypatch.setattr(export, "MIN_SPLIT_BYTES", 16 << 10)
+    monkeypatch.setattr(runners, "MIN_SPLIT_BYTES", 16 << 10)
     output = str(tmp_path / "out")
     argv = ["--model", bundle, "--input", corpus, "--output", output, "--batch_size", "64"]
     summary = run_export(argv + _portable_flags(job_endpoint, pool, "--parallelism=4"))

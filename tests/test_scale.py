@@ -18,9 +18,10 @@ from models.train import SAMPLE_CORPUS
 from pipeline.planning.plan import InputInfo
 from pipeline.reading import corpus
 from pipeline.reading.corpus import Document
-from pipeline.running import export
-from pipeline.running.export import RANGES_PER_LOCAL_WORKER, run_export
+from pipeline.running import runners
+from pipeline.running.export import run_export
 from pipeline.running.progress import ProgressMonitor
+from pipeline.running.runners import RANGES_PER_LOCAL_WORKER
 from pipeline.transforms import LineIndex
 from pipeline.writing import output as output_lib
 
@@ -172,7 +173,7 @@ def split_exports(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         # Read by the launcher, which hands the split size (and so the index block) to the
         # workers in the graph.
-        patch.setattr(export, "MIN_SPLIT_BYTES", SMALL_SPLIT_BYTES)
+        patch.setattr(runners, "MIN_SPLIT_BYTES", SMALL_SPLIT_BYTES)
         for mode, flags in (
             ("in_memory", ["--direct_running_mode=in_memory"]),
             ("multi_processing", ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]),
@@ -422,7 +423,7 @@ def test_a_terminal_gets_a_live_bar(tmp_path, monkeypatch):
 
 
 class _FakeDataflowResult:
-    """What `_poll_dataflow` uses of a DataflowPipelineResult: two polls running, then done."""
+    """What `poll_dataflow` uses of a DataflowPipelineResult: two polls running, then done."""
 
     def __init__(self):
         self.states = ["RUNNING", "RUNNING", "DONE"]
@@ -448,11 +449,11 @@ class _FakeDataflowResult:
 def test_dataflow_launcher_prints_the_console_url_and_the_counters(caplog):
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline.running.export import _poll_dataflow
+    from pipeline.running.dataflow import poll_dataflow
 
-    caplog.set_level(logging.INFO, logger="pipeline.running.export")
+    caplog.set_level(logging.INFO, logger="pipeline.running.dataflow")
     options = PipelineOptions(["--project", "proj", "--region", "europe-west1"])
-    _poll_dataflow(_FakeDataflowResult(), options, interval=0.01)
+    poll_dataflow(_FakeDataflowResult(), options, interval=0.01)
     lines = [record.getMessage() for record in caplog.records]
     assert lines[0] == (
         "Dataflow job 2026-11-27_job: https://console.cloud.google.com/dataflow/jobs/europe-west1/"
@@ -465,13 +466,13 @@ def test_dataflow_launcher_prints_the_console_url_and_the_counters(caplog):
 @pytest.mark.parametrize(
     ("argv", "cores", "total_bytes", "expected"),
     [
-        ([], 2, export.LOCAL_PROCESSES_MIN_BYTES, ("multi_processing", 2)),
-        ([], 8, 10 * export.LOCAL_PROCESSES_MIN_BYTES, ("multi_processing", 8)),
-        ([], 2, export.LOCAL_PROCESSES_MIN_BYTES - 1, None),  # done before workers load TensorFlow
-        ([], 1, 10 * export.LOCAL_PROCESSES_MIN_BYTES, None),  # one core: nothing to gain
-        (["--direct_running_mode=in_memory"], 2, 10 * export.LOCAL_PROCESSES_MIN_BYTES, None),
-        (["--direct_num_workers", "3"], 2, 10 * export.LOCAL_PROCESSES_MIN_BYTES, None),
-        (["--runner=DataflowRunner"], 2, 10 * export.LOCAL_PROCESSES_MIN_BYTES, None),
+        ([], 2, runners.LOCAL_PROCESSES_MIN_BYTES, ("multi_processing", 2)),
+        ([], 8, 10 * runners.LOCAL_PROCESSES_MIN_BYTES, ("multi_processing", 8)),
+        ([], 2, runners.LOCAL_PROCESSES_MIN_BYTES - 1, None),  # done before workers load TensorFlow
+        ([], 1, 10 * runners.LOCAL_PROCESSES_MIN_BYTES, None),  # one core: nothing to gain
+        (["--direct_running_mode=in_memory"], 2, 10 * runners.LOCAL_PROCESSES_MIN_BYTES, None),
+        (["--direct_num_workers", "3"], 2, 10 * runners.LOCAL_PROCESSES_MIN_BYTES, None),
+        (["--runner=DataflowRunner"], 2, 10 * runners.LOCAL_PROCESSES_MIN_BYTES, None),
     ],
 )
 def test_a_local_run_uses_every_core_only_when_it_pays_and_was_not_told_otherwise(
@@ -483,6 +484,6 @@ def test_a_local_run_uses_every_core_only_when_it_pays_and_was_not_told_otherwis
     options = PipelineOptions(argv)
     direct = options.view_as(DirectOptions)
     before = (direct.direct_running_mode, direct.direct_num_workers)
-    export.use_local_cores(options, total_bytes, argv)
+    runners.use_local_cores(options, total_bytes, argv)
     after = (direct.direct_running_mode, direct.direct_num_workers)
     assert after == (expected or before)

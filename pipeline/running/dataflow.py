@@ -1,0 +1,39 @@
+"""Following a Dataflow job from the launcher: its console URL and its counters until it ends."""
+
+import logging
+
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineResult, PipelineState
+
+from pipeline.running import portable
+from pipeline.running.report import format_counters
+from pipeline.transforms import NAMESPACE
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def dataflow_console_url(options: PipelineOptions, job_id: str) -> str:
+    """The Cloud Console page of a Dataflow job."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    cloud = options.view_as(GoogleCloudOptions)
+    return f"https://console.cloud.google.com/dataflow/jobs/{cloud.region}/{job_id}?project={cloud.project}"
+
+
+def poll_dataflow(result: PipelineResult, options: PipelineOptions, interval: float) -> None:
+    """Prints the job's console URL, then its counters every `interval` seconds until it ends."""
+    # DataflowPipelineResult has job_id(); Beam's base PipelineResult does not declare it.
+    job_id_of = getattr(result, "job_id", None)
+    job_id = job_id_of() if callable(job_id_of) else None
+    if job_id:
+        _LOGGER.info("Dataflow job %s: %s", job_id, dataflow_console_url(options, job_id))
+    while True:
+        result.wait_until_finish(duration=int(max(1, interval) * 1000))
+        if PipelineState.is_terminal(result.state):
+            return
+        try:
+            counters = portable.read_counters(result, NAMESPACE).values
+        except Exception as error:  # The service may not have counters yet.
+            _LOGGER.info("Dataflow job %s: %s (counters not available: %s)", job_id, result.state, error)
+            continue
+        _LOGGER.info("Dataflow job %s: %s, %s", job_id, result.state, format_counters(counters))

@@ -1,0 +1,101 @@
+"""Failures of a running export told in one line: a full disk, and Beam's error logs held back meanwhile."""
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+
+from pipeline.errors import OutputWriteError
+from pipeline.planning.model_source import is_local
+from pipeline.running import progress as progress_lib
+from pipeline.writing import output as output_lib
+
+
+class _HeldErrors(logging.Filter):
+    """Holds back Beam's ERROR records (each with a long traceback) while a local pipeline runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.name.startswith("apache_beam"):
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def beam_errors_held() -> Iterator[None]:
+    """Lets Beam's error logs of a failed local run through only if the failure is not one we explain.
+
+    A full disk is reported as one `error:` line (see `out_of_space`); Beam would
+    first log the same OSError with its traceback from inside the transform.
+    """
+    held = _HeldErrors()
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(held)
+    try:
+        yield
+    except BaseException as error:
+        if is_disk_full(error) or isinstance(error, KeyboardInterrupt):
+            held.records.clear()
+        raise
+    finally:
+        for handler in handlers:
+            handler.removeFilter(held)
+        for record in held.records:
+            logging.getLogger(record.name).handle(record)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps: Beam re-raises a worker's error as text) is a full disk."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(cause) or "Disk quota exceeded" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _free_bytes(path: str) -> int | None:
+    if not is_local(path):
+        return None
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free
+
+
+@contextlib.contextmanager
+def out_of_space_reported(output: str, run_id: str) -> Iterator[None]:
+    """Turns a full disk inside the block into `out_of_space`'s one-line error (other errors pass)."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise out_of_space(output, run_id) from None
+
+
+def out_of_space(output: str, run_id: str) -> OutputWriteError:
+    """Removes what the run staged in `output` and says how much space the export needed."""
+    staged = output_lib.staged_bytes(output, run_id)
+    # Measured before the removal: a failed writer may hold its deleted file open until we exit.
+    free = _free_bytes(output)
+    output_lib.remove_staging(output, run_id)
+    available = f"the {progress_lib.size_text(free + staged)} it had" if free is not None else "what it had"
+    return OutputWriteError(
+        f"--output {output!r} ran out of space (no space left on device): this export needs more than "
+        f"{available} (free space plus the {progress_lib.size_text(staged)} it had staged when the disk "
+        "filled). Its staged files were removed and an earlier export there is untouched (it stays until "
+        "a new one is committed, so --overwrite needs room for both). Free space or choose another "
+        "--output, then rerun."
+    )

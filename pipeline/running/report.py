@@ -1,0 +1,129 @@
+"""What a finished run reports: its summary, and the command line and options its manifest records."""
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.writing import output as output_lib
+
+
+@dataclasses.dataclass
+class ExportSummary:
+    """What a finished run did; `exit_code` is what `python -m pipeline.run` returns."""
+
+    output: str
+    records_read: int | None  # None: the runner reported no committed counters
+    rows_written: int
+    dead_letters: int
+    errors_by_reason: dict[str, int]
+    truncated: int
+    oov_tokens: int
+    seconds: float
+    exit_code: int
+    message: str
+    # --reuse: rows copied from the earlier export, and its rows whose id is gone.
+    reuse: str = ""
+    rows_reused: int = 0
+    earlier_rows_dropped: int = 0
+    # A resumed run: the run it continued ("" for a run from zero) and the rows it kept of it.
+    resumed_run: str = ""
+    rows_kept: int = 0
+    # --dry_run: nothing was read or written; `job` is the Dataflow job Beam built, if any.
+    dry_run: bool = False
+    job: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def docs_per_second(self) -> float:
+        return self.rows_written / self.seconds if self.seconds else 0.0
+
+
+# Options whose values are credentials (--s3_secret_access_key, --azure_connection_string,
+# ...): the manifest lives next to the data, so it records that they were set, not their value.
+SECRET_OPTION_WORDS = ("secret", "token", "password", "connection_string", "access_key")
+
+
+REDACTED = "<redacted>"
+
+
+def _is_secret(name: str) -> bool:
+    return any(word in name for word in SECRET_OPTION_WORDS)
+
+
+def recorded_options(options: PipelineOptions) -> dict[str, Any]:
+    """The options given on the command line, as the manifest records them (credentials redacted)."""
+    return {
+        name: REDACTED if _is_secret(name) and value else value
+        for name, value in options.get_all_options(drop_default=True).items()
+    }
+
+
+def recorded_command_line(args: Sequence[str]) -> list[str]:
+    """`args` with the values of credential flags (`--name=value` or `--name value`) redacted."""
+    recorded: list[str] = []
+    hide_next = False
+    for arg in args:
+        name, equals, _ = arg.partition("=")
+        secret = arg.startswith("--") and _is_secret(name)
+        if hide_next:
+            recorded.append(REDACTED)
+        elif secret and equals:
+            recorded.append(f"{name}={REDACTED}")
+        else:
+            recorded.append(arg)
+        hide_next = secret and not equals and not hide_next
+    return recorded
+
+
+def format_counters(counters: Mapping[str, int]) -> str:
+    """The progress counters of a run as one line (Dataflow polling)."""
+    dead = sum(value for name, value in counters.items() if name.startswith("failed_"))
+    return (
+        f"{counters.get('records_read', 0):,} records read, {counters.get('rows_embedded', 0):,} rows "
+        f"embedded, {dead:,} dead letters"
+    )
+
+
+def format_summary(summary: ExportSummary) -> str:
+    """The one-screen summary printed at the end of a run."""
+    if summary.dry_run:
+        return f"\nNothing exported (--dry_run): {summary.message}\n  output           {summary.output}"
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
+    read = summary.records_read if summary.records_read is not None else "unknown (no committed counters)"
+    pattern = output_lib.join(summary.output, "part-*.parquet")
+    lines = [
+        "",
+        "Export finished" if summary.exit_code == 0 else f"Export finished with problems: {summary.message}",
+        f"  documents read   {read}",
+        f"  rows written     {summary.rows_written}",
+        f"  dead letters     {summary.dead_letters} ({reasons})",
+        f"  truncated        {summary.truncated} documents longer than the model input",
+        *(
+            [
+                f"  reused           {summary.rows_reused} rows unchanged since {summary.reuse}; "
+                f"{summary.rows_written - summary.rows_reused} embedded; "
+                f"{summary.earlier_rows_dropped} earlier rows dropped (id gone)"
+            ]
+            if summary.reuse
+            else []
+        ),
+        *(
+            [
+                f"  resumed          run {summary.resumed_run}: kept {summary.rows_kept} rows it had "
+                f"finished; embedded the other {summary.rows_written - summary.rows_kept}"
+            ]
+            if summary.resumed_run
+            else []
+        ),
+        f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
+        f"  output           {summary.output}",
+        "  read it with     "
+        f'python -c "import duckdb; print(duckdb.sql(\\"SELECT * FROM \'{pattern}\' LIMIT 5\\"))"',
+        f"               or python -c \"import pandas as pd; print(pd.read_parquet('{summary.output}', "
+        f"ignore_prefixes=['_', '.', 'errors']).head())\"",
+    ]
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        lines.append(f"  oov tokens       {summary.oov_tokens}")
+    return "\n".join(lines)

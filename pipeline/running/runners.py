@@ -1,0 +1,189 @@
+"""Which runner runs an export, and how a local run uses the machine: processes, threads, ranges."""
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    DirectOptions,
+    FlinkRunnerOptions,
+    PipelineOptions,
+    StandardOptions,
+    TestOptions,
+)
+from apache_beam.runners.runner import PipelineRunner
+
+from pipeline.errors import ExportConfigError
+from pipeline.planning.model_source import is_default_bundle, is_local, wants_no_tokenizer
+from pipeline.planning.options import ExportOptions
+from pipeline.running import local_workers, portable
+from pipeline.transforms import DEFAULT_SPLIT_BYTES
+
+_LOGGER = logging.getLogger(__name__)
+
+# A local run of at least this much input uses one worker process per core (see
+# `use_local_cores`); below it, starting the processes costs more than they save: each
+# imports TensorFlow, loads the model and compiles its forward pass (10-20 s on 2 cores),
+# and holds its own ~1 GB. `python -m benchmarks.real_text` measured one process faster
+# than two on 100,000 real-length documents (48 MB) in both of its runs, with a third of
+# the memory (a machine shared with other work: on idle cores the break-even is lower).
+LOCAL_PROCESSES_MIN_BYTES = 64 << 20
+# Local ranges: at least this many per worker process, each between these sizes.
+RANGES_PER_LOCAL_WORKER = 4
+MIN_SPLIT_BYTES = 1 << 20
+
+
+def local_runner(options: PipelineOptions) -> PipelineRunner | None:
+    """The runner to use: Beam's FnApiRunner when the DirectRunner is meant.
+
+    For a batch pipeline the DirectRunner first tries the Prism runner, which it
+    downloads from GitHub, and then falls back to the FnApiRunner.  Going
+    straight to the FnApiRunner keeps local runs offline and makes
+    `--direct_running_mode` / `--direct_num_workers` always apply.  Any other
+    --runner (DataflowRunner, ...) is used as given.
+    """
+    runner = options.view_as(StandardOptions).runner
+    if runner in (None, "DirectRunner", "direct"):
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return FnApiRunner()
+    return None
+
+
+def is_dataflow(options: PipelineOptions) -> bool:
+    """Whether --runner names Google Cloud Dataflow."""
+    return str(options.view_as(StandardOptions).runner or "").lower() in ("dataflowrunner", "dataflow")
+
+
+def is_dry_run(options: PipelineOptions) -> bool:
+    """Whether Beam's test option `--dry_run` asks to build the job without running it.
+
+    Beam declares the flag without a type and tests it for truth, so any value
+    (even `--dry_run=False`) makes the DataflowRunner stop before submitting;
+    this follows the same rule.
+    """
+    return bool(options.view_as(TestOptions).dry_run)
+
+
+def check_worker_paths(export_options: ExportOptions) -> None:
+    """Refuses local --model, --input and --output paths, which Dataflow workers cannot see.
+
+    The bundled default model is the exception: the package installed on the
+    workers carries it; so is `--tokenizer none`, which names no file.
+
+    Raises:
+        ExportConfigError: naming the local paths.
+    """
+    paths = {
+        "model": None if is_default_bundle(export_options.model) else export_options.model,
+        "tokenizer": None if wants_no_tokenizer(export_options.tokenizer) else export_options.tokenizer,
+        "input": export_options.input,
+        "output": export_options.output,
+    }
+    local = [f"--{name} {value!r}" for name, value in paths.items() if value and is_local(value)]
+    if local:
+        raise ExportConfigError(
+            f"Dataflow workers cannot read files on this machine, but {', '.join(local)} "
+            "is local. Copy it to Cloud Storage (gcloud storage cp -r PATH gs://BUCKET/...) "
+            "and pass the gs:// URI; only the bundled default --model may stay local."
+        )
+
+
+def worker_tf_threads(options: PipelineOptions, requested: int) -> int:
+    """TensorFlow intra-op threads per SDK worker process; `requested` unless it is 0.
+
+    Each SDK worker process loads its own model, and TensorFlow's default is one
+    thread per core in every process, so several processes on one machine would
+    run cores x processes threads.  With 0 the answer is cores / processes:
+    1 on Dataflow, which starts one SDK process per vCPU (TensorFlow's default
+    with --experiments=no_use_multiple_sdk_containers, one process per VM),
+    cores / --direct_num_workers for --direct_running_mode=multi_processing,
+    and TensorFlow's default where one process has the machine to itself.
+    """
+    if requested < 0:
+        raise ExportConfigError(f"--tf_threads must be 0 (automatic) or positive, received {requested}.")
+    if requested:
+        return requested
+    if is_dataflow(options):
+        experiments = options.view_as(DebugOptions).experiments or []
+        return 0 if "no_use_multiple_sdk_containers" in experiments else 1
+    direct = options.view_as(DirectOptions)
+    if local_runner(options) is not None and direct.direct_running_mode == "multi_processing":
+        cores = os.cpu_count() or 1
+        return max(1, cores // (direct.direct_num_workers or cores))
+    return 0
+
+
+def use_local_cores(options: PipelineOptions, total_bytes: int, argv: Sequence[str] | None = None) -> None:
+    """Makes a local run use every core: one SDK worker process per core, unless told otherwise.
+
+    Only when neither --direct_running_mode nor --direct_num_workers is on the
+    command line `argv`,
+    and the input is at least LOCAL_PROCESSES_MIN_BYTES (a smaller corpus is
+    done before the worker processes would have loaded TensorFlow). The worker
+    processes import this package from where the launcher did.
+    """
+    if local_runner(options) is None:
+        return
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(arg.startswith(("--direct_running_mode", "--direct_num_workers")) for arg in args):
+        return
+    cores = os.cpu_count() or 1
+    if cores < 2 or total_bytes < LOCAL_PROCESSES_MIN_BYTES:
+        return
+    direct = options.view_as(DirectOptions)
+    direct.direct_running_mode = "multi_processing"
+    direct.direct_num_workers = cores
+    _LOGGER.info("Local run: %d worker processes (one per core).", cores)
+
+
+@contextlib.contextmanager
+def worker_package_path(options: PipelineOptions) -> Iterator[None]:
+    """While it is active, local worker processes import this package from where the launcher did.
+
+    They are started with this process's environment; PYTHONPATH is put back
+    afterwards so that an export run in-process leaves its caller's environment alone.
+    They also ignore a terminal's Ctrl-C, which only the launcher handles (pipeline.running.local_workers).
+    """
+    if (
+        local_runner(options) is None
+        or options.view_as(DirectOptions).direct_running_mode != "multi_processing"
+    ):
+        yield
+        return
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    before = os.environ.get("PYTHONPATH")
+    paths = (before or "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, *paths]))
+    try:
+        with local_workers.ignoring_ctrl_c():
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+def split_bytes_for(options: PipelineOptions, total_bytes: int) -> int:
+    """How big a range of a file one reader reads.
+
+    On Dataflow DEFAULT_SPLIT_BYTES (and the service splits further while it
+    reads); locally, small enough that each worker process gets several ranges;
+    on a portable runner given Flink's --parallelism, small enough that each
+    slot gets several (Flink does not split a range while it reads it).
+    """
+    parallelism = options.view_as(FlinkRunnerOptions).parallelism or 0
+    if portable.is_portable(options) and parallelism > 0:
+        workers = parallelism
+    elif local_runner(options) is None:
+        return DEFAULT_SPLIT_BYTES
+    else:
+        direct = options.view_as(DirectOptions)
+        workers = direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 1
+    wanted = total_bytes // (max(1, workers or os.cpu_count() or 1) * RANGES_PER_LOCAL_WORKER)
+    return int(min(DEFAULT_SPLIT_BYTES, max(MIN_SPLIT_BYTES, wanted)))
