@@ -25,7 +25,7 @@ from pipeline.planning.plan import ExportPlan
 from pipeline.running.export import check_worker_paths, run_export, worker_tf_threads
 
 BUCKET = "gs://embexport-example"
-# README "Running on Dataflow", with a bucket name Beam accepts and --setup_file added by the fixture.
+# docs/dataflow.md's command, with a bucket name Beam accepts and --setup_file added by the fixture.
 DATAFLOW_FLAGS = [
     "--runner", "DataflowRunner",
     "--project", "my-project",
