@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import REPOSITORY
+from doc_pages import marked_blocks
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
@@ -23,9 +23,7 @@ from pipeline.planning.model_source import ExportConfigError
 from pipeline.running.export import run_export
 from pipeline.writing.schema import ERROR_SCHEMA, read_export_metadata
 
-README = os.path.join(REPOSITORY, "README.md")
-README_SECTION = "## Analysing the output"
-# The paths the README examples use, replaced by the fixtures' directories.
+# The paths the documentation's examples use, replaced by the fixtures' directories.
 README_EXPORT = "output/my_export"
 README_VOCABULARY = "output/vocabulary"
 VECTOR_COLUMNS = ("lstm_content", "lstm_title", "emb")
@@ -374,38 +372,30 @@ def test_knn_score_on_a_sample(export_dir):
     assert score.agreement > score.chance
 
 
-# --- README -----------------------------------------------------------------------------------
-
-
-def runnable_blocks():
-    """(language, code) of each fenced block marked `<!-- runnable -->` in the README's section."""
-    with open(README, encoding="utf-8") as handle:
-        text = handle.read()
-    assert README_SECTION in text, f"README.md has no {README_SECTION!r} section"
-    section = text.split(README_SECTION, 1)[1]
-    section = re.split(r"^## ", section, maxsplit=1, flags=re.MULTILINE)[0]
-    return re.findall(r"<!-- runnable -->\s*\n```(\w+)\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+# --- README and docs/ ---------------------------------------------------------------------------
 
 
 def test_readme_examples_run(export_dir, vocabulary_dir, tmp_path, monkeypatch, capsys):
-    blocks = runnable_blocks()
-    languages = [language for language, _ in blocks]
+    """Every block marked `<!-- runnable -->` in the README and docs/, in page order."""
+    blocks = marked_blocks("runnable")
+    languages = [language for _, language, _ in blocks]
     assert languages.count("sql") >= 2 and languages.count("python") >= 2 and "bash" in languages
+    assert {page for page, _, _ in blocks} >= {"README.md", os.path.join("docs", "analysis.md")}
     monkeypatch.chdir(tmp_path)
-    for language, code in blocks:
+    for page, language, code in blocks:
         code = code.replace(README_EXPORT, export_dir).replace(README_VOCABULARY, vocabulary_dir)
         if language == "sql":
             rows = duckdb.sql(code).fetchall()
             assert rows, code
         elif language == "python":
-            exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+            exec(compile(code, page, "exec"), {"__name__": "readme_example"})
         elif language == "bash":
             for line in code.strip().splitlines():
                 python, flag, module, *argv = shlex.split(line)
                 assert (python, flag, module) == ("python", "-m", "pipeline.analyze"), line
                 assert analyze.main(argv) == 0, line
         else:
-            raise AssertionError(f"README block in {language!r} is marked runnable but cannot be run")
+            raise AssertionError(f"{page}: a block in {language!r} is marked runnable but cannot be run")
     out = capsys.readouterr().out
     assert "Nearest neighbours of word 'thread'" in out
     # The plot command's picture (its contents are checked by test_plot_writes_a_png_coloured_by_label).
@@ -413,8 +403,10 @@ def test_readme_examples_run(export_dir, vocabulary_dir, tmp_path, monkeypatch, 
 
 
 def test_readme_neighbour_sql_agrees_with_analyze(export_dir):
-    """The README's DuckDB cosine query and `analyze neighbors` rank the same documents."""
-    sql = next(code for language, code in runnable_blocks() if language == "sql" and "json.dumps" in code)
+    """The documented DuckDB cosine query and `analyze neighbors` rank the same documents."""
+    sql = next(
+        code for _, language, code in marked_blocks("runnable") if language == "sql" and "json.dumps" in code
+    )
     rows = duckdb.sql(sql.replace(README_EXPORT, export_dir)).fetchall()
     neighbors, _ = analyze.find_neighbors(
         analyze.open_documents(export_dir), "json.dumps", "lstm_title", k=10

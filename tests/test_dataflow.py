@@ -26,7 +26,7 @@ from pipeline.running.export import run_export
 from pipeline.running.runners import check_worker_paths, worker_tf_threads
 
 BUCKET = "gs://embexport-example"
-# README "Running on Dataflow", with a bucket name Beam accepts and --setup_file added by the fixture.
+# docs/dataflow.md's command, with a bucket name Beam accepts and --setup_file added by the fixture.
 DATAFLOW_FLAGS = [
     "--runner", "DataflowRunner",
     "--project", "my-project",

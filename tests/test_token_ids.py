@@ -3,14 +3,13 @@
 The sample corpus is exported twice with the bundled model, once per storage, for
 both calls of the shared `emb` (`emb:0` on the content, `emb:1` on the title); the
 ids joined with the table written inside the export must give the `vectors`
-export bit for bit, in numpy and through the README's DuckDB, pandas and polars
-snippets.  The vectors themselves are checked against Keras's `predict`.
+export bit for bit, in numpy and through the DuckDB, pandas and polars
+snippets of docs/token_storage.md.  The vectors themselves are checked against Keras's `predict`.
 """
 
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from doc_pages import marked_blocks
 from pipeline_fixtures import (
     REPOSITORY,
     export_args,
@@ -43,7 +43,6 @@ from pipeline.writing import output
 from pipeline.writing.schema import read_export_metadata
 from pipeline.writing.token_tables import check_ids_column, read_table_vectors, vectors_from_ids
 
-README = os.path.join(REPOSITORY, "README.md")
 README_OUTPUT = "output/tokens"
 LAYERS = ("--layer=emb:0", "--layer=emb:1", "--pooling=none")
 COLUMNS = {"emb": "content", "emb_call1": "title"}
@@ -183,12 +182,10 @@ def test_the_table_is_ours_and_out_of_a_read_of_the_rows(exports, rows, tmp_path
 
 @pytest.fixture(scope="module")
 def readme_blocks(exports):
-    """(language, code) of the README blocks marked `<!-- token-ids -->`, reading the ids export."""
-    with open(README, encoding="utf-8") as handle:
-        text = handle.read()
-    blocks = re.findall(r"<!-- token-ids -->\s*\n```(\w+)\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
-    assert [language for language, _ in blocks] == ["sql", "python", "python"]
-    return [(language, code.replace(README_OUTPUT, exports["ids"])) for language, code in blocks]
+    """(language, code) of the blocks marked `<!-- token-ids -->` (README, docs/), reading the ids export."""
+    blocks = marked_blocks("token-ids")
+    assert [language for _, language, _ in blocks] == ["sql", "python", "python"]
+    return [(language, code.replace(README_OUTPUT, exports["ids"])) for _, language, code in blocks]
 
 
 def _expected_tokens(vectors, column="emb"):
@@ -215,12 +212,12 @@ def test_readme_pandas_and_polars_snippets_give_the_vectors_export(readme_blocks
     ids, positions, values = _expected_tokens(rows["vectors"])
     pandas_code, polars_code = readme_blocks[1][1], readme_blocks[2][1]
     namespace = {"__name__": "readme_example"}
-    exec(compile(pandas_code, "README.md", "exec"), namespace)
+    exec(compile(pandas_code, "docs/token_storage.md", "exec"), namespace)
     order = np.argsort(np.array(namespace["rows"]["id"].tolist(), dtype=object), kind="stable")
     vectors = np.concatenate([namespace["vectors"][index] for index in order]).reshape(-1, 300)
     np.testing.assert_array_equal(vectors.view(np.uint32), values.view(np.uint32))
     namespace = {"__name__": "readme_example"}
-    exec(compile(polars_code, "README.md", "exec"), namespace)
+    exec(compile(polars_code, "docs/token_storage.md", "exec"), namespace)
     tokens = namespace["tokens"]
     by_document = {}
     for document_id, vector in zip(tokens["id"].to_list(), tokens["vector"].to_numpy(), strict=True):

@@ -1,0 +1,46 @@
+"""The README and docs/: every internal link resolves, and every marked block has a test that runs it."""
+
+import os
+
+import pytest
+from doc_pages import MARKERS, PAGES, README, REPOSITORY, anchors, links, markers
+
+EXTERNAL = ("http://", "https://", "mailto:")
+
+
+def _name(page):
+    return os.path.relpath(page, REPOSITORY)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_name)
+def test_internal_links_resolve(page):
+    broken = []
+    for target in links(page):
+        if target.startswith(EXTERNAL):
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        if not os.path.exists(resolved):
+            broken.append(f"{target}: no file {_name(resolved)}")
+        elif anchor and (not resolved.endswith(".md") or anchor not in anchors(resolved)):
+            broken.append(f"{target}: no heading #{anchor} in {_name(resolved)}")
+    assert not broken, f"{_name(page)} links to what is not there:\n" + "\n".join(broken)
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {
+        os.path.normpath(os.path.join(REPOSITORY, target.partition("#")[0])) for target in links(README)
+    }
+    unlinked = [_name(page) for page in PAGES if page != README and page not in linked]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_name)
+def test_blocks_are_marked_only_for_tests_that_run_them(page):
+    unknown = sorted(set(markers(page)) - set(MARKERS))
+    assert not unknown, f"{_name(page)} marks blocks {unknown}, which no test runs (known: {MARKERS})"
+
+
+def test_anchors_follow_github():
+    page = os.path.join(REPOSITORY, "docs", "token_storage.md")
+    assert "per-token-vectors-as-token-ids---token_storage-ids" in anchors(page)
