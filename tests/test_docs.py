@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from doc_pages import MARKERS, PAGES, README, REPOSITORY, anchors, links, markers
+from doc_pages import MARKERS, PAGES, README, REPOSITORY, anchors, links, markers, read
 
 EXTERNAL = ("http://", "https://", "mailto:")
 
@@ -44,3 +44,19 @@ def test_blocks_are_marked_only_for_tests_that_run_them(page):
 def test_anchors_follow_github():
     page = os.path.join(REPOSITORY, "docs", "token_storage.md")
     assert "per-token-vectors-as-token-ids---token_storage-ids" in anchors(page)
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` and the README's "run the tests" command are one command, so CI checks what users run."""
+    with open(os.path.join(REPOSITORY, ".ci", "run"), encoding="utf-8") as file:
+        ci = [line for line in file.read().splitlines() if line.startswith("python3 -m venv")]
+    readme = read(README).splitlines()
+    command = readme[
+        readme.index(
+            "# run the tests: set-up, lint, type check, then pytest (the same command CI runs, in .ci/run)"
+        )
+        + 1
+    ]
+    assert ci == [command]
+    for step in ("-c constraints.txt", "ruff check .", "ruff format --check .", "mypy", "pytest"):
+        assert step in command
