@@ -42,7 +42,7 @@ setuptools.setup(
             # The lint and type check .ci/run runs before the tests, pinned so they agree everywhere.
             "ruff==0.17.6",
             "mypy==2.4.1",
-            # The analysis tests draw a plot and run the README's polars example.
+            # The analysis tests draw a plot and run docs/analysis.md's polars example.
             "matplotlib>=3.8,<4",
             "polars>=1.0,<3",
             # The index tests build and query a real usearch index.
