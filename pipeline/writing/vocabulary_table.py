@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 PADDING_TOKEN = "<pad>"
 OOV_TOKEN = "<oov>"
+# The facts a table file stores as JSON key-value metadata (token_tables adds its `columns`).
+TableMetadata = Mapping[str, str | int | list[str] | None]
 
 
 def token_strings(id_to_token: Mapping[int, str], table_size: int) -> list[str | None]:
@@ -43,9 +45,7 @@ def token_strings(id_to_token: Mapping[int, str], table_size: int) -> list[str |
     return tokens
 
 
-def vocabulary_table(
-    table: np.ndarray, id_to_token: Mapping[int, str], metadata: Mapping[str, str | int | None]
-) -> pa.Table:
+def vocabulary_table(table: np.ndarray, id_to_token: Mapping[int, str], metadata: TableMetadata) -> pa.Table:
     """Builds the vocabulary rows as an Arrow table.
 
     Args:
