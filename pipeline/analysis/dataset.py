@@ -12,6 +12,7 @@ import logging
 import os
 import posixpath
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -325,6 +326,40 @@ def sample_rows(
             chosen = np.sort(np.argpartition(kept_priorities, sample - 1)[:sample])
             kept, kept_priorities = kept.take(pa.array(chosen)), kept_priorities[chosen]
     return kept.combine_chunks(), total
+
+
+class VectorSample(NamedTuple):
+    """A random sample of a column's vectors, with each row's label if one was asked for."""
+
+    column: str
+    vectors: np.ndarray
+    labels: list[str | None] | None
+    total: int  # rows the sample was drawn from
+
+
+def sample_vectors(
+    data: VectorDataset,
+    column: str | None,
+    label: str | None,
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = DEFAULT_SEED,
+    labelled_only: bool = False,
+) -> VectorSample:
+    """A uniform random sample (`sample_rows`) of the rows with a `column` vector, and their `label`.
+
+    `column` None picks the first vector column; with `labelled_only`, rows
+    without a label are left out of the sample and of its total.
+    """
+    column = check_vector_column(data, column)
+    columns = [column]
+    condition = pc.field(column).is_valid()
+    if label is not None:
+        columns.append(check_label_column(data, label))
+        if labelled_only:
+            condition = condition & pc.field(label).is_valid()
+    table, total = sample_rows(data, columns, sample, seed, filter=condition)
+    labels = table[label].to_pylist() if label is not None else None
+    return VectorSample(column, vectors_to_numpy(table[column]), labels, total)
 
 
 def open_documents_or_vocabulary(directory: str) -> VectorDataset:

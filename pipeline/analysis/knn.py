@@ -10,7 +10,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow.compute as pc
 
 from pipeline.analysis.dataset import (
     DEFAULT_SAMPLE,
@@ -18,10 +17,8 @@ from pipeline.analysis.dataset import (
     AnalysisError,
     VectorDataset,
     check_label_column,
-    check_vector_column,
-    sample_rows,
+    sample_vectors,
     unit_rows,
-    vectors_to_numpy,
 )
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K
@@ -93,12 +90,9 @@ def knn_score(
     Returns:
         `(KnnScore, total labelled rows)`.
     """
-    column = check_vector_column(data, column)
-    label = check_label_column(data, label)
-    table, total = sample_rows(
-        data, [column, label], sample, seed, filter=pc.field(column).is_valid() & pc.field(label).is_valid()
-    )
-    return score_label_agreement(vectors_to_numpy(table[column]), table[label].to_pylist(), k), total
+    drawn = sample_vectors(data, column, label, sample, seed, labelled_only=True)
+    assert drawn.labels is not None  # a label was asked for
+    return score_label_agreement(drawn.vectors, drawn.labels, k), drawn.total
 
 
 def knn_score_indexed(

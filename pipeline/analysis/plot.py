@@ -7,17 +7,13 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow.compute as pc
 
 from pipeline.analysis.dataset import (
     DEFAULT_SAMPLE,
     DEFAULT_SEED,
     AnalysisError,
     VectorDataset,
-    check_label_column,
-    check_vector_column,
-    sample_rows,
-    vectors_to_numpy,
+    sample_vectors,
 )
 
 # Beyond this many label values the smallest share one "other" colour.
@@ -137,19 +133,14 @@ def plot_pca(
     Returns:
         A `Plotted`: the file, rows plotted, total rows and explained variance fractions.
     """
-    column = check_vector_column(data, column)
-    columns = [column]
-    if label is not None:
-        columns.append(check_label_column(data, label))
-    table, total = sample_rows(data, columns, sample, seed, filter=pc.field(column).is_valid())
-    points, explained = project_pca(vectors_to_numpy(table[column]))
+    drawn = sample_vectors(data, column, label, sample, seed)
+    column, total, rows = drawn.column, drawn.total, len(drawn.vectors)
+    points, explained = project_pca(drawn.vectors)
     labels = None
-    if label is not None:
-        labels = [MISSING_LABEL if value is None else value for value in table[label].to_pylist()]
-    shown = (
-        f"{total} rows" if table.num_rows == total else f"random sample of {table.num_rows} of {total} rows"
-    )
+    if drawn.labels is not None:
+        labels = [MISSING_LABEL if value is None else value for value in drawn.labels]
+    shown = f"{total} rows" if rows == total else f"random sample of {rows} of {total} rows"
     title = f"PCA of {column}" + (f" coloured by {label}" if label else "") + f"\n{data.location} ({shown})"
     axis_labels = [f"PC{i + 1} ({fraction:.1%} of variance)" for i, fraction in enumerate(explained)]
     plot_projection(points, labels, path, title, axis_labels, legend_title=label)
-    return Plotted(path, table.num_rows, total, explained)
+    return Plotted(path, rows, total, explained)
