@@ -179,7 +179,7 @@ def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> Load
             or os.path.getsize(local) != metadata.get("bytes")
             or sha256_local(local) != metadata.get("sha256")
         )
-        if damaged:
+        if local is None or damaged:
             raise AnalysisError(
                 f"The index file {index_path} is missing or does not match the SHA-256 in its metadata "
                 f"(damaged or partly written). {rebuild}"
@@ -188,7 +188,9 @@ def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> Load
     if index is None or int(index.ndim) != metadata.get("dim"):
         raise AnalysisError(f"The index file {index_path} cannot be read by usearch. {rebuild}")
     # usearch does not store the search-time expansion; the build chose it for the recall it measured.
-    index.expansion_search = int(metadata["expansion_search"])
+    # usearch defines this property's setter apart from its getter, which mypy reads as read-only;
+    # unused-ignore: where usearch is not installed the checker sees Any here.
+    index.expansion_search = int(metadata["expansion_search"])  # type: ignore[misc, unused-ignore]
     keys = data.dataset.to_table(columns=key_columns)
     if keys.num_rows != metadata.get("rows"):
         raise AnalysisError(
