@@ -40,8 +40,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.corpora import write_real_corpus
-from pipeline import analyze
-from pipeline.analysis import index as index_lib
+from pipeline.analysis.dataset import open_documents, vectors_to_numpy
+from pipeline.analysis.exact import exact_top_k, recall_at_k
+from pipeline.analysis.index_store import read_metadata
+from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 from pipeline.writing.output import MANIFEST
 
 COLUMN = "lstm_content"
@@ -100,7 +102,7 @@ def replicate(real: str, target: str, rows: int, seed: int = 0) -> dict:
     schema = pq.read_schema(
         os.path.join(real, next(n for n in sorted(os.listdir(real)) if n.startswith("part-")))
     )
-    vectors = analyze.vectors_to_numpy(table[COLUMN]).astype(np.float32)
+    vectors = vectors_to_numpy(table[COLUMN]).astype(np.float32)
     rng = np.random.default_rng(seed)
     scale = noise_scale(vectors, rng)
     sigma = scale / np.sqrt(vectors.shape[1])
@@ -149,8 +151,8 @@ def build(export: str, threads: int, settings: list[str]) -> tuple[dict, float]:
     command = [sys.executable, "-m", "pipeline.analyze", export, "index", "--column", COLUMN]
     subprocess.run([*command, "--threads", str(threads), *settings], check=True)
     wall = time.perf_counter() - started
-    data = analyze.open_documents(export)
-    return index_lib.read_metadata(data, COLUMN), wall
+    data = open_documents(export)
+    return read_metadata(data, COLUMN), wall
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -164,9 +166,9 @@ def percentiles(seconds: list[float]) -> dict:
 
 def measure_queries(export: str, exact_queries: int, index_queries: int, batch: int, seed: int) -> dict:
     """Single-query latency and batch throughput: exact scan against the index, same export, same queries."""
-    data = analyze.open_documents(export)
+    data = open_documents(export)
     started = time.perf_counter()
-    loaded = analyze.open_index(data, COLUMN)
+    loaded = open_index(data, COLUMN)
     open_seconds = time.perf_counter() - started
     rng = np.random.default_rng(seed)
     rows = loaded.keys.num_rows
@@ -176,20 +178,20 @@ def measure_queries(export: str, exact_queries: int, index_queries: int, batch: 
     agree = []
     for key in keys[:exact_queries]:
         started = time.perf_counter()
-        reference, _ = analyze.find_neighbors(data, key, COLUMN, 10)
+        reference, _ = find_neighbors(data, key, COLUMN, 10)
         exact.append(time.perf_counter() - started)
         started = time.perf_counter()
-        found, _ = analyze.indexed_neighbors(data, loaded, key, 10)
+        found, _ = indexed_neighbors(data, loaded, key, 10)
         indexed.append(time.perf_counter() - started)
         agree.append(len({n.key for n in found} & {n.key for n in reference}) / 10)
     for key in keys[exact_queries:index_queries]:
         started = time.perf_counter()
-        analyze.indexed_neighbors(data, loaded, key, 10)
+        indexed_neighbors(data, loaded, key, 10)
         indexed.append(time.perf_counter() - started)
     vectors = loaded.vectors(chosen[:batch])
     excluded = [{int(p)} for p in chosen[:batch]]
     started = time.perf_counter()
-    truth, truth_scores = index_lib.exact_top_k(data, COLUMN, vectors, 10, "cos", exclude=chosen[:batch])
+    truth, truth_scores = exact_top_k(data, COLUMN, vectors, 10, "cos", exclude=chosen[:batch])
     exact_batch = time.perf_counter() - started
     started = time.perf_counter()
     loaded.search(vectors, 10, exclude=excluded)
@@ -205,7 +207,7 @@ def measure_queries(export: str, exact_queries: int, index_queries: int, batch: 
             started = time.perf_counter()
             loaded.index.search(vectors[row : row + 1], 11)
             timings.append(time.perf_counter() - started)
-        recall = index_lib.recall_at_k(found, truth_scores, positions, truth)
+        recall = recall_at_k(found, truth_scores, positions, truth)
         sweep.append({"expansion_search": expansion, "recall": recall, **percentiles(timings)})
     loaded.index.expansion_search = built_with
     single_exact, single_index = percentiles(exact), percentiles(indexed)

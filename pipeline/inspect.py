@@ -8,9 +8,13 @@ for each exportable call, the forward pass an export would compute it with
 (the exact fast path, Keras layers on fast outputs, or Keras alone) and why.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -18,21 +22,44 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.planning.cli import add_model_flags
 
+if TYPE_CHECKING:
+    import keras
+
+    from pipeline.planning.model_source import ModelSource
+
 MODEL_INPUT = "(model input)"
 HEADER = ("LAYER", "TYPE", "CALL", "OUTPUT SHAPE", "DEPENDS ON INPUTS", "EXPORTS AS", "--layer")
+# One line of the table, in the columns of HEADER.
+LayerRow = tuple[str, str, str, str, str, str, str]
+# A layer call's output: one tensor, or a list or tuple of them for a layer with several.
+LayerOutput: TypeAlias = "keras.KerasTensor | list[keras.KerasTensor] | tuple[keras.KerasTensor, ...]"
 
 
-def _shape(tensor):
+class _TokenizerFacts(Protocol):
+    """What the report says of a tokenizer (ours, or one read from a Keras 2 file)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def padding(self) -> str: ...
+
+    @property
+    def truncating(self) -> str: ...
+
+
+def _shape(tensor: LayerOutput) -> str:
+    """The static shape of a tensor (of each of several tensors) as text."""
     if isinstance(tensor, (list, tuple)):
         return "[" + ", ".join(_shape(t) for t in tensor) + "]"
     return str(tuple(tensor.shape))
 
 
-def input_lengths(model):
+def input_lengths(model: keras.Model) -> dict[str, int]:
     """Model input name -> tokens per document (0 where unknown), as the export would feed it."""
     from pipeline.planning.plan import text_input_info
 
-    lengths = {}
+    lengths: dict[str, int] = {}
     for tensor in model.inputs:
         if str(tensor.dtype) == "string":
             try:
@@ -45,7 +72,11 @@ def input_lengths(model):
     return lengths
 
 
-def export_kind(tensor, dependencies, lengths):
+def export_kind(
+    tensor: LayerOutput,
+    dependencies: Sequence[str],
+    lengths: Mapping[str, int],
+) -> str:
     """ "vector", "sequence (INPUT)" or "-" (cannot be exported), by the plan's own rule."""
     from pipeline.planning.plan import SEQUENCE, column_kind
 
@@ -57,13 +88,13 @@ def export_kind(tensor, dependencies, lengths):
     return kind or "-"
 
 
-def layer_rows(model):
+def layer_rows(model: keras.Model) -> list[LayerRow]:
     """One tuple per layer call, in the columns of `HEADER`; model inputs first."""
     from models.keras_graph import input_dependencies
     from models.truncate import layer_calls
 
     lengths = input_lengths(model)
-    rows = [
+    rows: list[LayerRow] = [
         (tensor.name, "InputLayer", "-", _shape(tensor), tensor.name, f"{tensor.dtype} input", MODEL_INPUT)
         for tensor in model.inputs
     ]
@@ -80,7 +111,7 @@ def layer_rows(model):
     return rows
 
 
-def format_table(rows, header=HEADER):
+def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] = HEADER) -> str:
     """Left-aligned columns separated by two spaces."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = [
@@ -90,7 +121,8 @@ def format_table(rows, header=HEADER):
     return "\n".join(lines)
 
 
-def describe_tokenizer(tokenizer, sha256):
+def describe_tokenizer(tokenizer: _TokenizerFacts | None, sha256: str) -> str:
+    """The report's tokenizer line: its kind, size, padding and truncation, and SHA-256."""
     if tokenizer is None:
         return "Tokenizer: none (string inputs are tokenized by the model; token-id inputs need --tokenizer)"
     return (
@@ -99,7 +131,7 @@ def describe_tokenizer(tokenizer, sha256):
     )
 
 
-def report(model_source, layer_specs=()):
+def report(model_source: ModelSource, layer_specs: Sequence[str] = ()) -> str:
     """The text `python -m pipeline.inspect` prints for a loaded `ModelSource`.
 
     Args:
@@ -114,7 +146,7 @@ def report(model_source, layer_specs=()):
     model = model_source.model
     rows = layer_rows(model)
     if layer_specs:
-        wanted = set()
+        wanted: set[str] = set()
         for text in layer_specs:
             spec = parse_layer_spec(text)
             resolve_layer(model, spec)
@@ -133,7 +165,7 @@ def report(model_source, layer_specs=()):
     return "\n".join(lines)
 
 
-def forward_pass_lines(model, rows):
+def forward_pass_lines(model: keras.Model, rows: Sequence[LayerRow]) -> list[str]:
     """Which forward pass an export of each exportable layer call would use (`--fast_path auto`).
 
     From the layers alone; the export also checks the fast path against Keras when
@@ -143,7 +175,7 @@ def forward_pass_lines(model, rows):
     from models.truncate import layer_calls
 
     calls = layer_calls(model)
-    tensors = {}
+    tensors: dict[str, LayerOutput] = {}
     for row in rows:
         name, call, kind, spec = row[0], row[2], row[5], row[-1]
         if spec != MODEL_INPUT and not kind.startswith("-"):
@@ -157,7 +189,8 @@ def forward_pass_lines(model, rows):
     return lines
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (EXIT_CONFIG_ERROR for a model that cannot load)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__)
     add_model_flags(parser, positional_model=True)
     parser.add_argument(

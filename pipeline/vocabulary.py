@@ -8,29 +8,29 @@ table larger than the vocabulary get a null token.  The file is
 --word WORD` queries it.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models import __version__
-from models.tokenizer import OOV_ID, PADDING_ID
+from models.tokenizer import OOV_ID
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.planning.cli import add_model_flags
-from pipeline.writing.schema import (
-    VOCABULARY_FILE,
-    vocabulary_schema,
-)
+from pipeline.writing.schema import VOCABULARY_FILE
+from pipeline.writing.vocabulary_table import vocabulary_metadata, vocabulary_table
 
-PADDING_TOKEN = "<pad>"
-OOV_TOKEN = "<oov>"
+if TYPE_CHECKING:
+    import keras
 
 
-def iterate_layers(model):
+def iterate_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
     """`model`'s layers, descending into nested models, in order."""
     for layer in model.layers:
         yield layer
@@ -38,14 +38,14 @@ def iterate_layers(model):
             yield from iterate_layers(layer)
 
 
-def embedding_layer_names(model):
+def embedding_layer_names(model: keras.Model) -> list[str]:
     """Names of the `keras.layers.Embedding` layers of `model`, nested ones included."""
     import keras
 
     return [layer.name for layer in iterate_layers(model) if isinstance(layer, keras.layers.Embedding)]
 
 
-def embedding_table(model, layer_name):
+def embedding_table(model: keras.Model, layer_name: str) -> np.ndarray:
     """The (table size, dim) float32 weight matrix of the Embedding layer `layer_name`.
 
     Raises:
@@ -76,75 +76,14 @@ def embedding_table(model, layer_name):
     return np.asarray(weights[0], dtype=np.float32)
 
 
-def token_strings(id_to_token, table_size):
-    """The token of each id 0 .. table_size - 1.
-
-    Args:
-        id_to_token: the tokenizer's `id_to_token()`; ids it lacks are padding
-            (0, "<pad>"), out-of-vocabulary (1, "<oov>", unless a Keras 2
-            tokenizer without `oov_token` uses id 1 for a word) or beyond the
-            vocabulary (None).
-    """
-    tokens = [None] * table_size
-    for token_id, token in ((PADDING_ID, PADDING_TOKEN), (OOV_ID, OOV_TOKEN)):
-        if token_id < table_size:
-            tokens[token_id] = token
-    for token_id, token in id_to_token.items():
-        if 0 <= token_id < table_size:
-            tokens[token_id] = token
-    return tokens
-
-
-def vocabulary_table(table, id_to_token, metadata):
-    """Builds the vocabulary rows as an Arrow table.
-
-    Args:
-        table: (table size, dim) embedding weights; row `i` is token id `i`.
-        id_to_token: the tokenizer's id -> token mapping (see `token_strings`).
-        metadata: facts stored as the file's key-value metadata.
-
-    Returns:
-        A `pyarrow.Table` with `vocabulary_schema`, one row per table row.
-    """
-    table = np.ascontiguousarray(table, dtype=np.float32)
-    size, dim = table.shape
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(table.reshape(-1), type=pa.float32()), dim)
-    columns = [
-        pa.array(np.arange(size, dtype=np.int32), type=pa.int32()),
-        pa.array(token_strings(id_to_token, size), type=pa.string()),
-        vectors,
-    ]
-    return pa.Table.from_arrays(columns, schema=vocabulary_schema(dim, metadata))
-
-
-def vocabulary_metadata(model_uri, model_source, layer_name, table):
-    """The facts a vocabulary file stores as key-value metadata.
-
-    Args:
-        model_uri: where the model was loaded from.
-        model_source: its `ModelSource` (hashes and tokenizer; the tokenizer may be None).
-        layer_name: the Embedding layer.
-        table: its (table size, dim) matrix.
-    """
-    id_to_token = model_source.tokenizer.id_to_token() if model_source.tokenizer is not None else {}
-    return {
-        "kind": "vocabulary",
-        "model_uri": model_uri,
-        "model_sha256": model_source.model_sha256,
-        "tokenizer_sha256": model_source.tokenizer_sha256,
-        "layer": layer_name,
-        "table_size": int(table.shape[0]),
-        "dim": int(table.shape[1]),
-        "vocabulary_size": max([OOV_ID, *id_to_token]) + 1,
-        "padding_id": PADDING_ID,
-        "oov_id": OOV_ID,
-        "package_version": __version__,
-    }
-
-
 def export_vocabulary(
-    model_uri, tokenizer_uri, layer_name, output, overwrite=False, allow_unsafe_deserialization=False
-):
+    model_uri: str,
+    tokenizer_uri: str | None,
+    layer_name: str | None,
+    output: str,
+    overwrite: bool = False,
+    allow_unsafe_deserialization: bool = False,
+) -> tuple[str, int]:
     """Writes `OUTPUT/vocabulary.parquet` for Embedding layer `layer_name` of `model_uri`.
 
     `layer_name` None picks the model's only Embedding layer.
@@ -210,7 +149,8 @@ def export_vocabulary(
     return path, arrow_table.num_rows
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags: the model flags shared with `pipeline.run`, --layer, --output, --overwrite."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.vocabulary",
         description=__doc__,
@@ -233,13 +173,13 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (EXIT_CONFIG_ERROR for an ExportConfigError)."""
     # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Imported here, not at the top: they load Keras, which `--help` and
-    # `pipeline.analyze` (importing this module's constants) do not need.
+    # Imported here, not at the top: they load Keras, which `--help` does not need.
     from models.bundle import DEFAULT_BUNDLE
     from pipeline.errors import ExportConfigError
 

@@ -19,6 +19,18 @@ from doc_pages import marked_blocks
 from models.bundle import DEFAULT_BUNDLE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
 from pipeline import analyze, vocabulary
+from pipeline.analysis.dataset import (
+    BATCH_ROWS,
+    AnalysisError,
+    check_vector_column,
+    open_documents,
+    open_vocabulary,
+    sample_rows,
+    vectors_to_numpy,
+)
+from pipeline.analysis.knn import knn_score, score_label_agreement
+from pipeline.analysis.neighbors import find_neighbors
+from pipeline.analysis.plot import project_pca
 from pipeline.planning.model_source import ExportConfigError
 from pipeline.running.export import run_export
 from pipeline.writing.schema import ERROR_SCHEMA, read_export_metadata
@@ -93,7 +105,7 @@ def test_vocabulary_export_equals_embedding_weights(vocabulary_dir, bundle):
     assert table.schema.field("token").type == pa.string()
     assert table.schema.field("vector").type == pa.list_(pa.float32(), weights.shape[1])
     np.testing.assert_array_equal(table["token_id"].to_numpy(), np.arange(weights.shape[0]))
-    np.testing.assert_array_equal(analyze.vectors_to_numpy(table["vector"]), weights)
+    np.testing.assert_array_equal(vectors_to_numpy(table["vector"]), weights)
     tokens = table["token"].to_pylist()
     assert tokens[:2] == ["<pad>", "<oov>"]
     assert tokens[2:] == bundle.tokenizer.vocabulary[: weights.shape[0] - 2]
@@ -132,7 +144,7 @@ def test_vocabulary_rows_follow_the_table_size(tmp_path, words):
     table = pq.read_table(path)
     weights = model.get_layer("emb").get_weights()[0]
     assert rows == table.num_rows == weights.shape[0] == 50
-    np.testing.assert_array_equal(analyze.vectors_to_numpy(table["vector"]), weights)
+    np.testing.assert_array_equal(vectors_to_numpy(table["vector"]), weights)
     expected = ["<pad>", "<oov>"] + [f"word{i}" for i in range(min(words, 48))] + [None] * max(48 - words, 0)
     assert table["token"].to_pylist() == expected
 
@@ -161,12 +173,12 @@ def test_vocabulary_command_names_the_embedding_layers(tmp_path):
 
 
 @pytest.mark.parametrize("column", VECTOR_COLUMNS)
-@pytest.mark.parametrize("batch_rows", [analyze.BATCH_ROWS, 97], ids=["one_batch", "many_batches"])
+@pytest.mark.parametrize("batch_rows", [BATCH_ROWS, 97], ids=["one_batch", "many_batches"])
 def test_document_neighbors_equal_brute_force(export_dir, documents, column, batch_rows):
-    data = analyze.open_documents(export_dir)
+    data = open_documents(export_dir)
     vectors = np.stack(documents[column].to_numpy())
     for query_id in QUERY_IDS:
-        neighbors, compared = analyze.find_neighbors(data, query_id, column, k=10, batch_rows=batch_rows)
+        neighbors, compared = find_neighbors(data, query_id, column, k=10, batch_rows=batch_rows)
         expected, true_similarity = brute_force_neighbors(documents["id"].tolist(), vectors, query_id, 10)
         assert compared == len(documents) - 1
         assert_same_neighbors(neighbors, expected, true_similarity)
@@ -175,11 +187,11 @@ def test_document_neighbors_equal_brute_force(export_dir, documents, column, bat
 
 
 def test_word_neighbors_equal_brute_force(vocabulary_dir, bundle):
-    data = analyze.open_vocabulary(vocabulary_dir)
+    data = open_vocabulary(vocabulary_dir)
     weights = bundle.model.get_layer("emb").get_weights()[0]
     tokens = ["<pad>", "<oov>", *bundle.tokenizer.vocabulary]
     for word in QUERY_WORDS:
-        neighbors, _ = analyze.find_neighbors(data, word, "vector", k=15, batch_rows=1000)
+        neighbors, _ = find_neighbors(data, word, "vector", k=15, batch_rows=1000)
         expected, true_similarity = brute_force_neighbors(tokens, weights, word, 15)
         assert_same_neighbors(neighbors, expected, true_similarity)
         assert all(n.details["token_id"] == tokens.index(n.key) for n in neighbors)
@@ -260,8 +272,8 @@ def test_neighbors_read_other_vector_types_and_skip_dead_letters(tmp_path, vecto
     # Dead letters have another schema and must not be read as rows.
     _write_shard(str(tmp_path / "errors"), ERROR_SCHEMA.empty_table())
 
-    data = analyze.open_documents(str(tmp_path))
-    neighbors, compared = analyze.find_neighbors(data, "doc150", "v", k=5, batch_rows=64)
+    data = open_documents(str(tmp_path))
+    neighbors, compared = find_neighbors(data, "doc150", "v", k=5, batch_rows=64)
     assert compared == 300 - 1 - with_null  # all rows but the query and a null vector
     keys, kept = ids[with_null:], vectors[with_null:].astype(np.float64)
     expected, true_similarity = brute_force_neighbors(keys, kept, "doc150", 5)
@@ -272,33 +284,33 @@ def test_neighbors_read_other_vector_types_and_skip_dead_letters(tmp_path, vecto
 def test_neighbors_refuse_a_column_with_one_vector_per_token(tmp_path):
     per_token = pa.array([[[1.0, 0.0], [0.0, 1.0]]], type=pa.list_(pa.list_(pa.float32(), 2)))
     _write_shard(str(tmp_path), pa.table({"id": ["a"], "emb": per_token, "pooled": pa.array([[1.0, 2.0]])}))
-    data = analyze.open_documents(str(tmp_path))
-    with pytest.raises(analyze.AnalysisError, match=r"one vector per token .*--pooling mean"):
-        analyze.check_vector_column(data, "emb")
+    data = open_documents(str(tmp_path))
+    with pytest.raises(AnalysisError, match=r"one vector per token .*--pooling mean"):
+        check_vector_column(data, "emb")
 
 
 # --- sampling, PCA, plot ----------------------------------------------------------------------
 
 
 def test_sample_rows_is_a_bounded_seeded_sample(export_dir, documents):
-    data = analyze.open_documents(export_dir)
-    table, total = analyze.sample_rows(data, ["id", "topic"], sample=100, seed=3, batch_rows=50)
-    again, _ = analyze.sample_rows(data, ["id", "topic"], sample=100, seed=3, batch_rows=50)
-    other, _ = analyze.sample_rows(data, ["id", "topic"], sample=100, seed=4, batch_rows=50)
+    data = open_documents(export_dir)
+    table, total = sample_rows(data, ["id", "topic"], sample=100, seed=3, batch_rows=50)
+    again, _ = sample_rows(data, ["id", "topic"], sample=100, seed=3, batch_rows=50)
+    other, _ = sample_rows(data, ["id", "topic"], sample=100, seed=4, batch_rows=50)
     ids = table["id"].to_pylist()
     assert total == len(documents)
     assert len(ids) == len(set(ids)) == 100
     assert set(ids) <= set(documents["id"])
     assert ids == again["id"].to_pylist()
     assert ids != other["id"].to_pylist()
-    everything, total = analyze.sample_rows(data, ["id"], sample=10**6)
+    everything, total = sample_rows(data, ["id"], sample=10**6)
     assert everything["id"].to_pylist() == documents["id"].tolist() and total == len(documents)
 
 
 def test_pca_matches_an_svd_of_the_centred_data():
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(400, 12)) * np.linspace(5, 0.5, 12)
-    points, explained = analyze.project_pca(vectors)
+    points, explained = project_pca(vectors)
     centred = vectors - vectors.mean(axis=0)
     _, singular, right = np.linalg.svd(centred, full_matrices=False)
     reference = centred @ right[:2].T
@@ -336,7 +348,7 @@ def test_knn_agreement_equals_brute_force():
     labels = rng.choice(["a", "b", "c"], size=300, p=[0.5, 0.3, 0.2])
     centres = dict(zip("abc", rng.normal(size=(3, 8)), strict=True))
     vectors = rng.normal(size=(300, 8)) + np.stack([centres[label] for label in labels])
-    score = analyze.score_label_agreement(vectors, labels, k=7, chunk_rows=64)
+    score = score_label_agreement(vectors, labels, k=7, chunk_rows=64)
 
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     similarities = unit @ unit.T
@@ -353,8 +365,8 @@ def test_knn_agreement_equals_brute_force():
 
 
 def test_knn_score_of_lstm_title_on_topic_beats_chance(export_dir, capsys):
-    data = analyze.open_documents(export_dir)
-    score, total = analyze.knn_score(data, "lstm_title", "topic", k=10)
+    data = open_documents(export_dir)
+    score, total = knn_score(data, "lstm_title", "topic", k=10)
     print(f"lstm_title/topic: agreement {score.agreement:.4f}, chance {score.chance:.4f}")
     assert total == score.rows == 2048
     assert score.chance == pytest.approx(0.1184, abs=1e-4)  # the sample corpus's topic mix
@@ -366,8 +378,8 @@ def test_knn_score_of_lstm_title_on_topic_beats_chance(export_dir, capsys):
 
 
 def test_knn_score_on_a_sample(export_dir):
-    data = analyze.open_documents(export_dir)
-    score, total = analyze.knn_score(data, "lstm_content", "kind", k=5, sample=500, seed=0)
+    data = open_documents(export_dir)
+    score, total = knn_score(data, "lstm_content", "kind", k=5, sample=500, seed=0)
     assert (score.rows, total) == (500, 2048)
     assert score.agreement > score.chance
 
@@ -408,8 +420,6 @@ def test_readme_neighbour_sql_agrees_with_analyze(export_dir):
         code for _, language, code in marked_blocks("runnable") if language == "sql" and "json.dumps" in code
     )
     rows = duckdb.sql(sql.replace(README_EXPORT, export_dir)).fetchall()
-    neighbors, _ = analyze.find_neighbors(
-        analyze.open_documents(export_dir), "json.dumps", "lstm_title", k=10
-    )
+    neighbors, _ = find_neighbors(open_documents(export_dir), "json.dumps", "lstm_title", k=10)
     assert [row[-1] for row in rows] == pytest.approx([n.similarity for n in neighbors], abs=1e-5)
     assert [row[0] for row in rows[:3]] == [n.key for n in neighbors[:3]]

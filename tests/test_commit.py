@@ -29,7 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot
 from test_object_storage import BUCKET, client, s3_endpoint, s3_flags  # noqa: F401  (fixture)
 
-from pipeline.analyze import open_documents
+from pipeline.analysis.dataset import open_documents
 from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, EXIT_TERMINATED, OutputWriteError
 from pipeline.running.export import run_export
 from pipeline.writing import output as output_lib

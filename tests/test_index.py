@@ -1,7 +1,7 @@
 """Tests of `python -m pipeline.analyze OUT index` and the commands that use the index, on real exports.
 
 The reference is numpy brute force over the vectors read back with pandas, and
-the existing exact scan (`analyze.find_neighbors`, `analyze.score_label_agreement`).
+the existing exact scan (`find_neighbors`, `score_label_agreement`).
 """
 
 import glob
@@ -18,7 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import analyze
-from pipeline.analysis import index as index_lib
+from pipeline.analysis import index_build
+from pipeline.analysis.dataset import AnalysisError, open_documents, open_vocabulary
+from pipeline.analysis.knn import knn_score_indexed, score_label_agreement
+from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 from pipeline.running.export import run_export
 from pipeline.writing import output
 
@@ -59,8 +62,8 @@ def rows(export_dir):
 
 
 def build(directory, column=COLUMN, **settings):
-    data = analyze.open_documents(directory)
-    return index_lib.build_index(data, column, index_lib.IndexSettings(**settings))
+    data = open_documents(directory)
+    return index_build.build_index(data, column, index_build.IndexSettings(**settings))
 
 
 def brute_force(vectors, query, metric):
@@ -92,8 +95,8 @@ def assert_same_ranking(found_positions, found_scores, expected_scores, k, self_
 @pytest.mark.parametrize("metric", ["cos", "ip", "l2"])
 def test_index_answers_are_the_exact_neighbours(export_copy, rows, metric):
     build(export_copy, metric=metric, **EXACT_SETTINGS)
-    data = analyze.open_documents(export_copy)
-    loaded = analyze.open_index(data, COLUMN)
+    data = open_documents(export_copy)
+    loaded = open_index(data, COLUMN)
     vectors = np.stack(rows[COLUMN].to_numpy())
     positions, scores = loaded.search(vectors, 10, exclude=[{i} for i in range(len(vectors))])
     for i in range(len(vectors)):
@@ -103,11 +106,11 @@ def test_index_answers_are_the_exact_neighbours(export_copy, rows, metric):
 
 def test_neighbors_command_through_the_index_equals_the_exact_scan(export_copy, rows, capsys):
     build(export_copy, **EXACT_SETTINGS)
-    data = analyze.open_documents(export_copy)
-    loaded = analyze.open_index(data, COLUMN)
+    data = open_documents(export_copy)
+    loaded = open_index(data, COLUMN)
     for key in rows["id"][::15]:
-        indexed, _ = analyze.indexed_neighbors(data, loaded, key, k=10)
-        exact, _ = analyze.find_neighbors(data, key, COLUMN, k=11)
+        indexed, _ = indexed_neighbors(data, loaded, key, k=10)
+        exact, _ = find_neighbors(data, key, COLUMN, k=11)
         # The index computes in float32, the scan in float64: near-equal similarities may swap.
         np.testing.assert_allclose(
             [n.similarity for n in indexed], [n.similarity for n in exact[:10]], rtol=0, atol=TIE
@@ -131,10 +134,10 @@ def test_neighbors_command_through_the_index_equals_the_exact_scan(export_copy, 
 
 def test_knn_score_over_the_whole_export_equals_brute_force(export_copy, rows, capsys):
     build(export_copy, column="lstm_title", **EXACT_SETTINGS)
-    data = analyze.open_documents(export_copy)
-    loaded = analyze.open_index(data, "lstm_title")
-    score = analyze.knn_score_indexed(data, loaded, "topic", k=10)
-    reference = analyze.score_label_agreement(np.stack(rows["lstm_title"].to_numpy()), rows["topic"], k=10)
+    data = open_documents(export_copy)
+    loaded = open_index(data, "lstm_title")
+    score = knn_score_indexed(data, loaded, "topic", k=10)
+    reference = score_label_agreement(np.stack(rows["lstm_title"].to_numpy()), rows["topic"], k=10)
     assert score.rows == reference.rows == ROWS
     assert score.agreement == pytest.approx(reference.agreement, abs=1e-9)
     assert score.chance == pytest.approx(reference.chance)
@@ -166,8 +169,8 @@ def test_recall_is_measured_against_brute_force_and_stored(export_copy, rows, ca
     recall = metadata["recall"]
     # More queries asked than rows: every row is a query.
     assert (recall["queries"], recall["k"]) == (ROWS, 10)
-    data = analyze.open_documents(export_copy)
-    loaded = analyze.open_index(data, COLUMN)
+    data = open_documents(export_copy)
+    loaded = open_index(data, COLUMN)
     vectors = np.stack(rows[COLUMN].to_numpy())
     positions, _ = loaded.search(vectors, 10, exclude=[{i} for i in range(len(vectors))])
     hits = []
@@ -203,7 +206,7 @@ def test_overwrite_drops_the_index_and_an_index_kept_over_it_is_refused(export_c
     summary = run_export(flags)
     assert summary.exit_code == 0, summary.message
     assert glob.glob(os.path.join(index_dir, "*")) == []
-    key = analyze.open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
+    key = open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
     assert "rows compared)" in capsys.readouterr().out
     # A commit that left _index/ in place: the index is refused, never used.
@@ -225,7 +228,7 @@ def test_reuse_keeps_the_earlier_exports_index(export_copy, tmp_path, capsys):
     )
     assert summary.exit_code == 0, summary.message
     assert not os.path.exists(os.path.join(later, "_index"))
-    key = analyze.open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
+    key = open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
     assert "Using the index" in capsys.readouterr().out
 
@@ -236,7 +239,7 @@ def test_a_damaged_index_file_is_refused(export_copy, capsys):
     with open(path, "r+b") as handle:
         handle.seek(os.path.getsize(path) // 2)
         handle.write(b"\x00\x01\x02\x03")
-    key = analyze.open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
+    key = open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 2
     assert "does not match the SHA-256" in capsys.readouterr().err
 
@@ -247,11 +250,11 @@ def test_a_build_that_dies_before_its_metadata_leaves_no_index(export_copy, monk
     def die(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(index_lib, "_write_json", die)
+    monkeypatch.setattr(index_build, "_write_json", die)
     with pytest.raises(KeyboardInterrupt):
         build(export_copy, metric="l2")
     monkeypatch.undo()
-    key = analyze.open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
+    key = open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
     # Neither the old index (its metadata went first) nor the new one without metadata.
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
     assert "rows compared)" in capsys.readouterr().out
@@ -299,7 +302,7 @@ def test_missing_usearch_names_the_extra(export_copy, monkeypatch, capsys):
     assert analyze.main([export_copy, "index", "--column", "lstm_title"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pip install 'embexport[index]'" in err
-    key = analyze.open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
+    key = open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 2
     err = capsys.readouterr().err
     assert "pip install 'embexport[index]'" in err and "--exact" in err
@@ -328,19 +331,19 @@ def test_null_and_non_finite_vectors_are_skipped_and_counted(tmp_path):
     metadata = build(directory, column="v", **EXACT_SETTINGS)
     assert (metadata["rows"], metadata["indexed"]) == (40, 37)
     assert (metadata["skipped_null"], metadata["skipped_non_finite"]) == (1, 2)
-    data = analyze.open_documents(directory)
-    loaded = analyze.open_index(data, "v")
-    found, _ = analyze.indexed_neighbors(data, loaded, "d0", k=36)
+    data = open_documents(directory)
+    loaded = open_index(data, "v")
+    found, _ = indexed_neighbors(data, loaded, "d0", k=36)
     assert {n.key for n in found} == {f"d{i}" for i in range(1, 40)} - {"d3", "d7", "d9"}
     order = [n.key for n in found]
     assert order.index("d25") == order.index("d12") + 1
-    assert order == [n.key for n in analyze.find_neighbors(data, "d0", "v", k=36)[0]]
-    with pytest.raises(analyze.AnalysisError, match="has no usable 'v' vector"):
-        analyze.indexed_neighbors(data, loaded, "d3", k=5)
-    with pytest.raises(analyze.AnalysisError, match="has no usable 'v' vector"):
-        analyze.indexed_neighbors(data, loaded, "d7", k=5)
-    with pytest.raises(analyze.AnalysisError, match="NaN or infinite values"):
-        analyze.find_neighbors(data, "d9", "v", k=5)
+    assert order == [n.key for n in find_neighbors(data, "d0", "v", k=36)[0]]
+    with pytest.raises(AnalysisError, match="has no usable 'v' vector"):
+        indexed_neighbors(data, loaded, "d3", k=5)
+    with pytest.raises(AnalysisError, match="has no usable 'v' vector"):
+        indexed_neighbors(data, loaded, "d7", k=5)
+    with pytest.raises(AnalysisError, match="NaN or infinite values"):
+        find_neighbors(data, "d9", "v", k=5)
 
 
 # --- batch mode ---------------------------------------------------------------------------------
@@ -348,8 +351,8 @@ def test_null_and_non_finite_vectors_are_skipped_and_counted(tmp_path):
 
 def test_batch_neighbors_from_ids_and_vectors_write_parquet(export_copy, rows, tmp_path, capsys):
     build(export_copy, **EXACT_SETTINGS)
-    data = analyze.open_documents(export_copy)
-    loaded = analyze.open_index(data, COLUMN)
+    data = open_documents(export_copy)
+    loaded = open_index(data, COLUMN)
     keys = list(rows["id"][:5])
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("\n".join([*keys, "no-such-id"]) + "\n", encoding="utf-8")
@@ -363,7 +366,7 @@ def test_batch_neighbors_from_ids_and_vectors_write_parquet(export_copy, rows, t
         assert answers[-1]["query"] == "no-such-id" and "no row has the key" in answers[-1]["problem"]
         for key in keys:
             mine = [a for a in answers if a["query"] == key]
-            expected, _ = analyze.find_neighbors(data, key, COLUMN, k=4)
+            expected, _ = find_neighbors(data, key, COLUMN, k=4)
             assert [a["id"] for a in mine] == [n.key for n in expected]
             assert [a["rank"] for a in mine] == [1, 2, 3, 4]
             assert [a["kind"] for a in mine] == [n.details["kind"] for n in expected]
@@ -390,15 +393,15 @@ def test_a_full_disk_while_writing_is_one_error_line_and_no_index(export_copy, m
     def full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(index_lib, "_upload", full)
+    monkeypatch.setattr(index_build, "_upload", full)
     assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Could not build or write the index") and "No space left" in err
-    assert analyze.open_index(analyze.open_documents(export_copy), COLUMN) is None
+    assert open_index(open_documents(export_copy), COLUMN) is None
 
 
 def test_an_export_replaced_during_the_build_gets_no_index(export_copy, monkeypatch):
-    measure = index_lib.measure_recall
+    measure = index_build.measure_recall
 
     def replace_meanwhile(*args, **kwargs):
         # What another writer (object storage has no lock) does between the stream and the upload.
@@ -406,8 +409,8 @@ def test_an_export_replaced_during_the_build_gets_no_index(export_copy, monkeypa
             handle.write("\n")
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(index_lib, "measure_recall", replace_meanwhile)
-    with pytest.raises(analyze.AnalysisError, match="was replaced while its index was built"):
+    monkeypatch.setattr(index_build, "measure_recall", replace_meanwhile)
+    with pytest.raises(AnalysisError, match="was replaced while its index was built"):
         build(export_copy)
     assert not glob.glob(os.path.join(export_copy, "_index", "*"))
 
@@ -420,11 +423,11 @@ def test_index_of_a_vocabulary_is_used_for_words_and_tied_to_its_file(tmp_path, 
     vocabulary.export_vocabulary(DEFAULT_BUNDLE, None, "emb", directory)
     assert analyze.main([directory, "index", "--expansion_search", "256"]) == 0
     assert "rows of vector (300 dims, metric cos)" in capsys.readouterr().out
-    data = analyze.open_vocabulary(directory)
-    loaded = analyze.open_index(data, "vector")
+    data = open_vocabulary(directory)
+    loaded = open_index(data, "vector")
     for word in ("thread", "socket", "the"):
-        indexed, _ = analyze.indexed_neighbors(data, loaded, word, k=10)
-        exact, _ = analyze.find_neighbors(data, word, "vector", k=10)
+        indexed, _ = indexed_neighbors(data, loaded, word, k=10)
+        exact, _ = find_neighbors(data, word, "vector", k=10)
         assert len({n.key for n in indexed} & {n.key for n in exact}) >= 9
         assert all(n.details["token_id"] is not None for n in indexed)
     assert analyze.main([directory, "neighbors", "--word", "thread"]) == 0

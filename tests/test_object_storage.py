@@ -262,6 +262,8 @@ def test_index_of_an_s3_export_is_built_locally_uploaded_and_dropped_by_overwrit
 ):
     """The index of an s3:// export: uploaded next to it, used by neighbors, gone after --overwrite."""
     from pipeline import analyze
+    from pipeline.analysis.dataset import open_documents
+    from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 
     # pyarrow's S3 filesystem (what pipeline.analyze reads with) takes the standard AWS variables.
     for name, value in (
@@ -296,9 +298,9 @@ def test_index_of_an_s3_export_is_built_locally_uploaded_and_dropped_by_overwrit
 
     _, documents = export
     key = documents[0]["id"]
-    data = analyze.open_documents(output)
-    indexed, _ = analyze.indexed_neighbors(data, analyze.open_index(data, "lstm_content"), key, k=5)
-    exact, _ = analyze.find_neighbors(data, key, "lstm_content", k=5)
+    data = open_documents(output)
+    indexed, _ = indexed_neighbors(data, open_index(data, "lstm_content"), key, k=5)
+    exact, _ = find_neighbors(data, key, "lstm_content", k=5)
     assert [n.key for n in indexed] == [n.key for n in exact]
     assert analyze.main([output, "neighbors", "--id", key, "--column", "lstm_content"]) == 0
     assert f"Using the index {output}/_index/lstm_content.usearch" in capsys.readouterr().out

@@ -37,10 +37,12 @@ from models.tokenizer import Tokenizer
 from models.train import SAMPLE_CORPUS
 from models.truncate import parse_layer_spec
 from pipeline import analyze, vocabulary
+from pipeline.analysis.dataset import AnalysisError, check_vector_column, open_documents, open_vocabulary
+from pipeline.analysis.neighbors import find_neighbors
 from pipeline.planning.model_source import ExportConfigError
 from pipeline.running.export import run_export
 from pipeline.writing import output
-from pipeline.writing.schema import read_export_metadata
+from pipeline.writing.schema import read_export_metadata, vocabulary_schema
 from pipeline.writing.token_tables import check_ids_column, read_table_vectors, vectors_from_ids
 
 README_OUTPUT = "output/tokens"
@@ -150,7 +152,7 @@ def test_manifest_and_metadata_link_the_columns_to_the_table(exports, rows, tabl
     assert output.read_manifest(exports["vectors"])["tables"] == []
     # The table has the format of `python -m pipeline.vocabulary`, with its columns named.
     written = pq.read_table(os.path.join(directory, TABLE))
-    assert written.schema.remove_metadata().equals(vocabulary.vocabulary_schema(300, {}).remove_metadata())
+    assert written.schema.remove_metadata().equals(vocabulary_schema(300, {}).remove_metadata())
     metadata = read_export_metadata(written.schema)
     assert metadata["layer"] == "emb" and metadata["columns"] == ["emb", "emb_call1"]
     assert metadata["model_sha256"] == manifest["model_sha256"]
@@ -227,17 +229,17 @@ def test_readme_pandas_and_polars_snippets_give_the_vectors_export(readme_blocks
 
 
 def test_analyze_queries_words_in_the_table_and_explains_the_ids_column(exports, tmp_path):
-    words = analyze.open_vocabulary(exports["ids"])
+    words = open_vocabulary(exports["ids"])
     vocabulary_dir = str(tmp_path / "vocabulary")
     vocabulary.export_vocabulary(DEFAULT_BUNDLE, None, "emb", vocabulary_dir)
-    reference = analyze.open_vocabulary(vocabulary_dir)
-    got, compared = analyze.find_neighbors(words, "thread", "vector", k=10)
-    expected, expected_compared = analyze.find_neighbors(reference, "thread", "vector", k=10)
+    reference = open_vocabulary(vocabulary_dir)
+    got, compared = find_neighbors(words, "thread", "vector", k=10)
+    expected, expected_compared = find_neighbors(reference, "thread", "vector", k=10)
     assert compared == expected_compared == 3999
     assert [(n.key, n.similarity) for n in got] == [(n.key, n.similarity) for n in expected]
-    documents = analyze.open_documents(exports["ids"])
-    with pytest.raises(analyze.AnalysisError, match=r"holds the token ids .*--word WORD"):
-        analyze.check_vector_column(documents, "emb")
+    documents = open_documents(exports["ids"])
+    with pytest.raises(AnalysisError, match=r"holds the token ids .*--word WORD"):
+        check_vector_column(documents, "emb")
     assert analyze.main([exports["ids"], "neighbors", "--word", "socket", "-k", "3"]) == 0
 
 

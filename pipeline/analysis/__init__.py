@@ -1,1 +1,1 @@
-"""Analysing an export: reading it back, nearest neighbours and the approximate-nearest-neighbour index."""
+"""Analysing an export: reading it back, nearest neighbours, label agreement, PCA plots, the vector index."""

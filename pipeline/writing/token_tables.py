@@ -10,34 +10,47 @@ the embedding, a subclass that adds positions, an embedding of something other
 than a token-id input) depends on more than the id and is refused.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import posixpath
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import ExportConfigError
-from pipeline.vocabulary import vocabulary_metadata, vocabulary_table
 from pipeline.writing.output import TABLES_DIR
 from pipeline.writing.schema import TOKEN_IDS, VECTOR_COLUMN, is_per_token
+from pipeline.writing.vocabulary_table import vocabulary_metadata, vocabulary_table
+
+if TYPE_CHECKING:
+    import keras
+
+    from models.truncate import LayerSpec
+    from pipeline.planning.model_source import ModelSource
+    from pipeline.planning.plan import ColumnInfo, ExportPlan
 
 VECTORS = "vectors"
 
 
-def table_file(layer):
+def table_file(layer: str) -> str:
     """The table of Embedding `layer`, relative to the output directory (POSIX separators)."""
     return posixpath.join(TABLES_DIR, f"{layer}.parquet")
 
 
-def _embedding_names(model):
+def _embedding_names(model: keras.Model) -> list[str]:
+    """Names of the model's top-level Embedding layers, for error messages."""
     import keras
 
     return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Embedding)]
 
 
-def check_ids_column(model, spec):
+def check_ids_column(model: keras.Model, spec: LayerSpec) -> None:
     """Raises ExportConfigError unless `spec`'s output is an Embedding lookup of a token-id model input.
 
     Args:
@@ -79,7 +92,13 @@ def check_ids_column(model, spec):
         )
 
 
-def apply_token_storage(model, specs, columns, token_storage, pooling):
+def apply_token_storage(
+    model: keras.Model,
+    specs: Sequence[LayerSpec],
+    columns: list[ColumnInfo],
+    token_storage: str,
+    pooling: str,
+) -> list[ColumnInfo]:
     """The plan's columns with `--token_storage` applied.
 
     With "ids", every per-token column (a sequence with `--pooling none`) must
@@ -112,7 +131,7 @@ def apply_token_storage(model, specs, columns, token_storage, pooling):
             "holds one vector per document. Export an Embedding layer (e.g. --layer emb) or drop "
             "--token_storage."
         )
-    stored = []
+    stored: list[ColumnInfo] = []
     for spec, column in zip(specs, columns, strict=True):
         if is_per_token(column):
             check_ids_column(model, spec)
@@ -121,7 +140,7 @@ def apply_token_storage(model, specs, columns, token_storage, pooling):
     return stored
 
 
-def layer_table(model, layer_name):
+def layer_table(model: keras.Model, layer_name: str) -> np.ndarray:
     """The Embedding's output for every token id, as a (table size, dim) float32 matrix.
 
     The layer itself computes it, so the rows are what the forward pass looks
@@ -134,16 +153,16 @@ def layer_table(model, layer_name):
     return np.asarray(keras.ops.convert_to_numpy(layer(ids)), dtype=np.float32)
 
 
-def token_tables(columns):
+def token_tables(columns: Sequence[ColumnInfo]) -> dict[str, tuple[str, list[str]]]:
     """{table file: (layer, [columns])} of the `ColumnInfo`s stored as ids."""
-    tables = {}
+    tables: dict[str, tuple[str, list[str]]] = {}
     for column in columns:
         if column.table:
             tables.setdefault(column.table, (column.layer, []))[1].append(column.column)
     return tables
 
 
-def write_token_tables(plan, model_source, directory):
+def write_token_tables(plan: ExportPlan, model_source: ModelSource, directory: str) -> list[str]:
     """Writes the table of each Embedding layer stored as ids into `directory`, once per layer.
 
     Args:
@@ -156,7 +175,7 @@ def write_token_tables(plan, model_source, directory):
     """
     from apache_beam.io.filesystems import FileSystems
 
-    paths = []
+    paths: list[str] = []
     for relative, (layer_name, columns) in token_tables(plan.columns).items():
         table = layer_table(model_source.model, layer_name)
         metadata = dict(vocabulary_metadata(plan.model_uri, model_source, layer_name, table), columns=columns)
@@ -169,14 +188,14 @@ def write_token_tables(plan, model_source, directory):
     return paths
 
 
-def read_table_vectors(path, filesystem=None):
+def read_table_vectors(path: str, filesystem: pafs.FileSystem | None = None) -> np.ndarray:
     """The `vector` column of a table file as a (table size, dim) float32 matrix, row i = token id i."""
     vectors = pq.read_table(path, columns=[VECTOR_COLUMN], filesystem=filesystem)[VECTOR_COLUMN]
     vectors = vectors.combine_chunks()
     return vectors.flatten().to_numpy().reshape(len(vectors), vectors.type.list_size)
 
 
-def vectors_from_ids(ids, table):
+def vectors_from_ids(ids: pa.Array | pa.ChunkedArray, table: np.ndarray) -> pa.ListArray:
     """A `list<int32>` array of token ids -> the `list<fixed_size_list<float32>>` array of their vectors.
 
     Args:

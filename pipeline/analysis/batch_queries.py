@@ -1,0 +1,221 @@
+"""Batch mode of `neighbors`: read many queries from a file, answer them all, write one Parquet file."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.analysis.dataset import AnalysisError, VectorDataset, is_vector_type, vectors_to_numpy
+from pipeline.analysis.exact import exact_top_k
+from pipeline.analysis.index_search import LoadedIndex
+from pipeline.analysis.neighbors import DEFAULT_K, display_score
+from pipeline.writing.schema import ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN
+
+
+class Queries(NamedTuple):
+    """The queries of a batch file: a label for each, and either their ids or their vectors."""
+
+    labels: list[str]
+    ids: list[str] | None
+    vectors: np.ndarray | None
+
+
+class _Lookup(Protocol):
+    """What batch mode needs of the rows, from the index (`LoadedIndex`) or from the export itself."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def first_positions(self, keys: list[str]) -> list[int]: ...
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray: ...
+
+    def take(self, positions: np.ndarray) -> pa.Table: ...
+
+
+def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
+    """The queries of a batch file.
+
+    `.txt`: one id (or word) per line.  `.npy`: an (n, dim) array of vectors.
+    `.parquet`: vectors in `column` (or `vector`), labelled by an `id` column
+    when there is one; else ids in the `id` (or `token`) column.
+    """
+    if not os.path.isfile(path):
+        raise AnalysisError(f"--queries {path!r} is not a file.")
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as handle:
+            ids = [line.rstrip("\r\n") for line in handle if line.strip()]
+        return Queries(ids, ids, None)
+    if path.endswith(".npy"):
+        try:
+            vectors = np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise AnalysisError(f"--queries {path!r} is not a numeric .npy array: {error}") from None
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise AnalysisError(
+                f"--queries {path!r} must hold an (n, dim) array; it has shape {vectors.shape}."
+            )
+        return Queries([str(i) for i in range(len(vectors))], None, vectors)
+    if path.endswith(".parquet"):
+        table = pq.read_table(path)
+        for name in (column, VECTOR_COLUMN):
+            if name in table.column_names and is_vector_type(table.schema.field(name).type):
+                if table[name].null_count:
+                    raise AnalysisError(f"--queries {path!r} has null vectors in {name!r}.")
+                labels = (
+                    [str(x) for x in table[ID_COLUMN].to_pylist()]
+                    if ID_COLUMN in table.column_names
+                    else [str(i) for i in range(table.num_rows)]
+                )
+                return Queries(labels, None, vectors_to_numpy(table[name]).astype(np.float32))
+        for name in (ID_COLUMN, TOKEN_COLUMN):
+            if name in table.column_names:
+                ids = [str(x) for x in table[name].to_pylist()]
+                return Queries(ids, ids, None)
+        raise AnalysisError(
+            f"--queries {path!r} has neither a vector column ({column!r} or {VECTOR_COLUMN!r}) nor an "
+            f"{ID_COLUMN!r} column."
+        )
+    raise AnalysisError(f"--queries {path!r}: use a .txt file of ids, a .parquet file or a .npy array.")
+
+
+def batch_neighbors(
+    data: VectorDataset,
+    column: str,
+    queries_path: str,
+    out_path: str,
+    k: int = DEFAULT_K,
+    loaded: LoadedIndex | None = None,
+) -> tuple[int, int]:
+    """Answers every query of `queries_path` and writes them to the Parquet file `out_path`.
+
+    One row per (query, rank); a query whose id is not in the export, or whose
+    vector is unusable, gets one row with null neighbour columns and the
+    `problem`.  Through `loaded` (an index) when given, else by one exact scan
+    for all queries.
+
+    Returns:
+        `(queries answered, queries with a problem)`.
+    """
+    if k < 1:
+        raise AnalysisError(f"-k must be at least 1, received {k}.")
+    labels, ids, vectors = read_queries(queries_path, data, column)
+    metric = loaded.metric if loaded is not None else "cos"
+    lookup: _Lookup = loaded if loaded is not None else _ExactLookup(data, column)
+    problems: list[str | None] = [None] * len(labels)
+    exclude = np.full(len(labels), -1, dtype=np.int64)
+    if ids is not None:
+        first = np.asarray(lookup.first_positions(ids), dtype=np.int64)
+        usable = np.flatnonzero(first >= 0)
+        vectors = np.full((len(ids), lookup.dim), np.nan, dtype=np.float32)
+        vectors[usable] = lookup.vectors(first[usable])
+        exclude[usable] = first[usable]
+        for missing in np.flatnonzero(first < 0):
+            problems[missing] = f"no row has the key {ids[missing]!r}"
+    assert vectors is not None  # a file holds ids or vectors; ids were turned into vectors above
+    dim = vectors.shape[1]
+    expected = lookup.dim
+    if ids is None and dim != expected:
+        raise AnalysisError(f"--queries {queries_path!r} holds {dim}-dim vectors; {column!r} has {expected}.")
+    for i in range(len(labels)):
+        if problems[i] is None and metric == "cos" and not np.any(vectors[i]):
+            problems[i] = "its vector is all zeros, so its cosine similarity is undefined"
+        if problems[i] is None and not np.isfinite(vectors[i]).all():
+            problems[i] = "its vector is null or has NaN or infinite values"
+    good = np.asarray([i for i, p in enumerate(problems) if p is None], dtype=np.int64)
+    positions = np.full((len(labels), k), -1, dtype=np.int64)
+    found = np.full((len(labels), k), -np.inf)
+    if len(good):
+        if loaded is not None:
+            excluded = [{int(e)} if e >= 0 else set() for e in exclude[good]]
+            positions[good], found[good] = loaded.search(vectors[good], k, exclude=excluded)
+        else:
+            positions[good], found[good] = exact_top_k(
+                data, column, vectors[good], k, "cos", exclude=exclude[good]
+            )
+    score_name = {"cos": "similarity", "ip": "dot_product", "l2": "distance"}[metric]
+    out: dict[str, list[str | int | float | None]] = {
+        "query": [],
+        "rank": [],
+        data.key_column: [],
+        score_name: [],
+        "problem": [],
+    }
+    details: dict[str, list[str | int | None]] = {c: [] for c in data.detail_columns}
+    neighbor_rows = lookup.take(positions[positions >= 0]).to_pylist()
+    taken = iter(neighbor_rows)
+    for i, label in enumerate(labels):
+        valid = np.flatnonzero(positions[i] >= 0)
+        if problems[i] is not None or len(valid) == 0:
+            for name, value in (
+                ("query", label),
+                ("rank", None),
+                (data.key_column, None),
+                (score_name, None),
+                ("problem", problems[i] or "no neighbours"),
+            ):
+                out[name].append(value)
+            for c in details:
+                details[c].append(None)
+            continue
+        for rank, j in enumerate(valid, 1):
+            row = next(taken)
+            out["query"].append(label)
+            out["rank"].append(rank)
+            out[data.key_column].append(row[data.key_column])
+            out[score_name].append(display_score(metric, found[i, j]))
+            out["problem"].append(None)
+            for c in details:
+                details[c].append(row[c])
+    table = pa.table(
+        {
+            "query": pa.array(out["query"], pa.string()),
+            "rank": pa.array(out["rank"], pa.int32()),
+            data.key_column: pa.array(out[data.key_column], pa.string()),
+            score_name: pa.array(out[score_name], pa.float64()),
+            **{c: pa.array(v, pa.string()) for c, v in details.items()},
+            "problem": pa.array(out["problem"], pa.string()),
+        }
+    )
+    temporary = out_path + ".tmp"
+    pq.write_table(table, temporary)
+    os.replace(temporary, out_path)
+    return len(labels), sum(p is not None for p in problems)
+
+
+class _ExactLookup:
+    """What batch mode needs of the export without an index: positions, vectors and rows by position."""
+
+    data: VectorDataset
+    column: str
+    dim: int
+
+    def __init__(self, data: VectorDataset, column: str) -> None:
+        self.data, self.column = data, column
+        self.dim = int(vectors_to_numpy(data.dataset.head(1, columns=[column])[column]).shape[1])
+
+    def first_positions(self, keys: list[str]) -> list[int]:
+        table = self.data.dataset.to_table(columns=[self.data.key_column]).column(0)
+        found = pc.index_in(pa.array(keys, pa.string()), value_set=table)
+        return [-1 if p is None else int(p) for p in found.to_pylist()]
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        if len(positions) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        column = self.data.dataset.take(pa.array(positions), columns=[self.column])[self.column]
+        if column.null_count:
+            # Null vectors become NaN rows, reported as a problem of their query.
+            filled = [v if v is not None else [np.nan] * self.dim for v in column.to_pylist()]
+            return np.asarray(filled, dtype=np.float32)
+        return vectors_to_numpy(column).astype(np.float32)
+
+    def take(self, positions: np.ndarray) -> pa.Table:
+
+        columns = [self.data.key_column, *self.data.detail_columns]
+        return self.data.dataset.take(pa.array(np.asarray(positions, dtype=np.int64)), columns=columns)

@@ -1,0 +1,381 @@
+"""Reading an export (or a vocabulary) back: open its Parquet files, check its columns, sample its rows.
+
+The files are read with pyarrow.dataset, which reads only the columns and row
+groups a query needs and streams record batches.  A commit that a crash cut
+short is finished first, so a reader never sees a mix of two exports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import posixpath
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+from pipeline.errors import ExportConfigError
+from pipeline.writing.output import JOURNAL, MANIFEST, SHARD_PREFIX, TABLES_DIR, finish_interrupted_commit
+from pipeline.writing.schema import (
+    FINGERPRINT_COLUMN,
+    ID_COLUMN,
+    TOKEN_COLUMN,
+    TOKEN_ID_COLUMN,
+    VECTOR_COLUMN,
+    VOCABULARY_FILE,
+)
+
+DEFAULT_SAMPLE = 20_000
+DEFAULT_SEED = 0
+# Rows per scanned batch: 16k rows of 300 float32 values are about 20 MB.
+BATCH_ROWS = 16_384
+
+
+class AnalysisError(ValueError):
+    """An input directory, column, id or option cannot be analysed; says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorDataset:
+    """The Parquet files of one export, read as one dataset.
+
+    `key_column` names a row ("id" for documents, "token" for a vocabulary);
+    `detail_columns` are shown next to it (kept label fields, token ids).
+    """
+
+    location: str
+    holds: str  # "documents" (an export) or "vocabulary"
+    dataset: ds.Dataset
+    key_column: str
+    detail_columns: tuple[str, ...]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.dataset.schema
+
+    def filesystem_and_directory(self) -> tuple[pafs.FileSystem, str]:
+        """(pyarrow filesystem, path) of `location`, where `_index/` lives."""
+        return _filesystem(self.location)
+
+
+def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path) for a local path or a URI (gs://, s3://, ...)."""
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise AnalysisError(f"Cannot open {location!r}: {error}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def _finish_commit(location: str) -> None:
+    """Finishes a commit into the export `location` that a crash cut short, so it is read whole.
+
+    Raises:
+        AnalysisError: the commit cannot be finished from here (another run holds
+            the output, it is read-only, or its journal is damaged).
+    """
+    try:
+        if finish_interrupted_commit(location):
+            logging.warning("Finished the interrupted commit of the export in %s first.", location)
+    except (ExportConfigError, OSError) as error:
+        raise AnalysisError(
+            f"{location!r} holds a commit that was not finished ({JOURNAL}), and it cannot be finished "
+            f"from here: {error} Rerun the export (or this command) where the output is writable; "
+            "until then its files are a mix of two exports."
+        ) from None
+
+
+def _list_parquet(
+    location: str, wanted: Callable[[str], bool], how_to_make: str
+) -> tuple[pafs.FileSystem, list[str]]:
+    """Paths of the Parquet files directly in `location` whose name `wanted` accepts.
+
+    A path to a single .parquet file is accepted as is.
+    """
+    _finish_commit(location)
+    filesystem, path = _filesystem(location)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise AnalysisError(f"{location!r} does not exist; pass the --output directory of {how_to_make}.")
+    if info.type == pafs.FileType.File:
+        return filesystem, [path]
+    # Not recursive: errors/ holds dead letters with another schema, and _staging/ unfinished runs.
+    entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+    files = sorted(
+        e.path for e in entries if e.type == pafs.FileType.File and wanted(posixpath.basename(e.path))
+    )
+    return filesystem, files
+
+
+def _is_file(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type == pafs.FileType.File
+
+
+def open_documents(location: str) -> VectorDataset:
+    """Opens the rows (`part-*.parquet`) of a `python -m pipeline.run` export.
+
+    Raises:
+        AnalysisError: `location` does not exist or holds no row files.
+    """
+    filesystem, files = _list_parquet(
+        location,
+        lambda name: name.startswith(SHARD_PREFIX) and name.endswith(".parquet"),
+        "`python -m pipeline.run`",
+    )
+    directory = _filesystem(location)[1]
+    if not files:
+        hint = ""
+        if _is_file(filesystem, posixpath.join(directory, VOCABULARY_FILE)):
+            hint = " It holds a vocabulary export: query it with `neighbors --word WORD`."
+        raise AnalysisError(
+            f"{location!r} holds no {SHARD_PREFIX}*.parquet files, so it is not the --output of "
+            f"`python -m pipeline.run`.{hint}"
+        )
+    is_directory = filesystem.get_file_info(directory).type == pafs.FileType.Directory
+    if is_directory and not _is_file(filesystem, posixpath.join(directory, MANIFEST)):
+        logging.warning(
+            "%s has no %s: the export did not finish, so results may be partial.", location, MANIFEST
+        )
+    dataset = ds.dataset(files, filesystem=filesystem, format="parquet")
+    if ID_COLUMN not in dataset.schema.names:
+        raise AnalysisError(f"{location!r} has no {ID_COLUMN!r} column, so it is not an export of this tool.")
+    # Kept fields are the details worth showing; the fingerprint is not.
+    details = tuple(
+        f.name
+        for f in dataset.schema
+        if f.name not in (ID_COLUMN, FINGERPRINT_COLUMN) and pa.types.is_string(f.type)
+    )
+    return VectorDataset(location, "documents", dataset, ID_COLUMN, details)
+
+
+def _token_tables(location: str) -> tuple[pafs.FileSystem, list[str]]:
+    """(filesystem, paths) of the tables in `location`'s `_tables/` (`--token_storage ids`)."""
+    _finish_commit(location)
+    filesystem, directory = _filesystem(location)
+    tables = posixpath.join(directory, TABLES_DIR)
+    if filesystem.get_file_info(tables).type != pafs.FileType.Directory:
+        return filesystem, []
+    entries = filesystem.get_file_info(pafs.FileSelector(tables, recursive=False))
+    return filesystem, sorted(e.path for e in entries if e.path.endswith(".parquet"))
+
+
+def open_vocabulary(location: str) -> VectorDataset:
+    """Opens the word vectors of `location`: a vocabulary output, a table file, or an export's table.
+
+    `location` is the --output of `python -m pipeline.vocabulary`, a
+    vocabulary-format file, or the --output of `python -m pipeline.run
+    --token_storage ids` with one table (with several, pass the table file).
+
+    Raises:
+        AnalysisError: `location` does not exist or holds no vocabulary file.
+    """
+    filesystem, files = _list_parquet(
+        location, lambda name: name == VOCABULARY_FILE, "`python -m pipeline.vocabulary`"
+    )
+    if not files:
+        filesystem, files = _token_tables(location)
+        if len(files) > 1:
+            choices = ", ".join(posixpath.join(location, TABLES_DIR, posixpath.basename(f)) for f in files)
+            raise AnalysisError(
+                f"{location!r} holds {len(files)} token tables; pass one of them instead: {choices}."
+            )
+    if not files:
+        raise AnalysisError(
+            f"{location!r} holds no {VOCABULARY_FILE}. Write one with `python -m pipeline.vocabulary "
+            f"--layer emb --output {location}`, or query documents of an export with --id."
+        )
+    dataset = ds.dataset(files, filesystem=filesystem, format="parquet")
+    missing = {TOKEN_ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN} - set(dataset.schema.names)
+    if missing:
+        raise AnalysisError(
+            f"{files[0]} lacks the column(s) {sorted(missing)}; rewrite it with "
+            "`python -m pipeline.vocabulary`."
+        )
+    return VectorDataset(location, "vocabulary", dataset, TOKEN_COLUMN, (TOKEN_ID_COLUMN,))
+
+
+def _is_list_type(arrow_type: pa.DataType) -> bool:
+    return (
+        pa.types.is_fixed_size_list(arrow_type)
+        or pa.types.is_list(arrow_type)
+        or pa.types.is_large_list(arrow_type)
+    )
+
+
+def is_vector_type(arrow_type: pa.DataType) -> bool:
+    """Whether `arrow_type` is a list of floats: one vector."""
+    return _is_list_type(arrow_type) and pa.types.is_floating(arrow_type.value_type)
+
+
+def vector_columns(schema: pa.Schema) -> list[str]:
+    """Names of the columns holding one vector (a list of floats) per row."""
+    return [field.name for field in schema if is_vector_type(field.type)]
+
+
+def check_vector_column(data: VectorDataset, column: str | None) -> str:
+    """Returns `column`, or the first vector column if it is None; raises AnalysisError if unusable."""
+    available = vector_columns(data.schema)
+    listed = ", ".join(available) or "none"
+    if column is None:
+        if not available:
+            raise AnalysisError(f"{data.location!r} has no vector column (a list of floats per row).")
+        return available[0]
+    if column not in data.schema.names:
+        raise AnalysisError(
+            f"{data.location!r} has no column {column!r}. Its vector columns are: {listed}; "
+            "pass one as --column."
+        )
+    arrow_type = data.schema.field(column).type
+    if _is_list_type(arrow_type) and pa.types.is_integer(arrow_type.value_type):
+        raise AnalysisError(
+            f"Column {column!r} holds the token ids of each document (exported with --token_storage "
+            f"ids), not one vector per row; the vectors of the tokens are in {TABLES_DIR}/. Query "
+            f"words with `neighbors --word WORD` on this directory, pick a vector column ({listed}), "
+            "or re-export the layer with --pooling mean."
+        )
+    if _is_list_type(arrow_type) and is_vector_type(arrow_type.value_type):
+        raise AnalysisError(
+            f"Column {column!r} holds one vector per token (exported with --pooling none), not one per "
+            f"row. Pick a pooled column ({listed}) or re-export it with --pooling mean."
+        )
+    if not is_vector_type(arrow_type):
+        raise AnalysisError(
+            f"Column {column!r} is {arrow_type}, not a vector; its vector columns are: {listed}."
+        )
+    return column
+
+
+def check_label_column(data: VectorDataset, label: str) -> str:
+    """Returns `label`; raises AnalysisError unless it is a string column of `data`."""
+    if label in data.schema.names and pa.types.is_string(data.schema.field(label).type):
+        return label
+    candidates = ", ".join(data.detail_columns) or "none (export with --keep_fields FIELD,...)"
+    raise AnalysisError(
+        f"{data.location!r} has no label column {label!r}; its label columns are: {candidates}."
+    )
+
+
+def vectors_to_numpy(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An Arrow list-of-floats array (no null rows) as an (n, dim) float numpy array."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    rows = len(array)
+    if pa.types.is_fixed_size_list(array.type):
+        dim = array.type.list_size
+    else:
+        lengths = np.unique(pc.list_value_length(array).to_numpy(zero_copy_only=False))
+        if len(lengths) > 1:
+            raise AnalysisError(
+                f"The vectors have different lengths {lengths.tolist()}; cannot compare them."
+            )
+        dim = int(lengths[0]) if rows else 0
+    values = array.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(rows, dim)
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1; all-zero rows stay zero (similarity 0 to everything)."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms == 0, 1, norms)
+
+
+def sample_rows(
+    data: VectorDataset,
+    columns: Sequence[str],
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = DEFAULT_SEED,
+    filter: pc.Expression | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> tuple[pa.Table, int]:
+    """A uniform random sample of at most `sample` rows, streaming the dataset once.
+
+    Each row gets a random priority and the `sample` rows with the lowest are
+    kept (bottom-k sampling), so memory is bounded by the sample, not the data.
+
+    Returns:
+        `(table, total)`: the sampled rows in scan order, and how many rows matched `filter`.
+    """
+    if sample < 1:
+        raise AnalysisError(f"--sample must be at least 1, received {sample}.")
+    rng = np.random.default_rng(seed)
+    scanner = data.dataset.scanner(
+        columns=list(columns), filter=filter, batch_size=batch_rows, batch_readahead=2, fragment_readahead=1
+    )
+    kept = scanner.projected_schema.empty_table()
+    kept_priorities = np.empty(0)
+    total = 0
+    for batch in scanner.to_batches():
+        priorities = rng.random(batch.num_rows)
+        total += batch.num_rows
+        if len(kept_priorities) >= sample:
+            # Only rows that beat the worst kept one can enter the sample.
+            candidates = np.flatnonzero(priorities < kept_priorities.max())
+            batch, priorities = batch.take(pa.array(candidates)), priorities[candidates]
+        if batch.num_rows == 0:
+            continue
+        kept = pa.concat_tables([kept, pa.Table.from_batches([batch])])
+        kept_priorities = np.concatenate([kept_priorities, priorities])
+        if len(kept_priorities) > sample:
+            chosen = np.sort(np.argpartition(kept_priorities, sample - 1)[:sample])
+            kept, kept_priorities = kept.take(pa.array(chosen)), kept_priorities[chosen]
+    return kept.combine_chunks(), total
+
+
+class VectorSample(NamedTuple):
+    """A random sample of a column's vectors, with each row's label if one was asked for."""
+
+    column: str
+    vectors: np.ndarray
+    labels: list[str | None] | None
+    total: int  # rows the sample was drawn from
+
+
+def sample_vectors(
+    data: VectorDataset,
+    column: str | None,
+    label: str | None,
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = DEFAULT_SEED,
+    labelled_only: bool = False,
+) -> VectorSample:
+    """A uniform random sample (`sample_rows`) of the rows with a `column` vector, and their `label`.
+
+    `column` None picks the first vector column; with `labelled_only`, rows
+    without a label are left out of the sample and of its total.
+    """
+    column = check_vector_column(data, column)
+    columns = [column]
+    condition = pc.field(column).is_valid()
+    if label is not None:
+        columns.append(check_label_column(data, label))
+        if labelled_only:
+            condition = condition & pc.field(label).is_valid()
+    table, total = sample_rows(data, columns, sample, seed, filter=condition)
+    labels = table[label].to_pylist() if label is not None else None
+    return VectorSample(column, vectors_to_numpy(table[column]), labels, total)
+
+
+def open_documents_or_vocabulary(directory: str) -> VectorDataset:
+    """An export's rows, or a vocabulary when the directory holds no row files."""
+    try:
+        return open_documents(directory)
+    except AnalysisError:
+        if _list_parquet(directory, lambda name: name == VOCABULARY_FILE, "")[1]:
+            return open_vocabulary(directory)
+        raise
+
+
+def data_is_vocabulary(directory: str) -> bool:
+    """Whether `directory` is a vocabulary output (no row files of an export)."""
+    try:
+        open_documents(directory)
+    except AnalysisError:
+        return True
+    return False

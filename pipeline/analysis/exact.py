@@ -1,0 +1,165 @@
+"""The exact k nearest rows of many queries in one streaming pass: the reference an index is measured by.
+
+The export's Parquet files are streamed in record batches (`iter_batches`), so
+memory is one batch and the running top k of each query.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.analysis.dataset import BATCH_ROWS, VectorDataset, vectors_to_numpy
+
+# The metric an index is built with unless told otherwise: what `neighbors` ranks by.
+DEFAULT_METRIC = "cos"
+# Queries scored against a batch at once by the exact scan: 256 x 16k float32 scores are 16 MB.
+EXACT_QUERY_CHUNK = 256
+# Similarities this close to the k-th exact one count as ties (float32 rounding of the distances).
+TIE_TOLERANCE = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorBatch:
+    """The valid rows of one record batch: their positions in the export and their vectors."""
+
+    positions: np.ndarray  # int64
+    vectors: np.ndarray  # (rows, dim) float32
+    skipped_null: int
+    skipped_non_finite: int
+
+
+def iter_vector_batches(
+    data: VectorDataset, column: str, batch_rows: int = BATCH_ROWS
+) -> Iterator[VectorBatch]:
+    """The export's rows of `column` in position order, one record batch at a time.
+
+    Null vectors and vectors with NaN or infinite values are skipped (and
+    counted): they have no place in a ranking.
+    """
+    filesystem = data.dataset.filesystem
+    start = 0
+    for path in data.dataset.files:
+        with filesystem.open_input_file(path) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=[column]):
+                array = batch.column(0)
+                valid = np.asarray(array.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+                positions = start + np.flatnonzero(valid)
+                vectors = vectors_to_numpy(array.filter(pa.array(valid))).astype(np.float32, copy=False)
+                finite = np.isfinite(vectors).all(axis=1) if len(vectors) else np.ones(0, dtype=bool)
+                start += batch.num_rows
+                yield VectorBatch(
+                    positions[finite].astype(np.int64),
+                    np.ascontiguousarray(vectors[finite]),
+                    int((~valid).sum()),
+                    int((~finite).sum()),
+                )
+
+
+def row_count(data: VectorDataset) -> int:
+    """Rows of the export, from the Parquet footers."""
+    filesystem = data.dataset.filesystem
+    total = 0
+    for path in data.dataset.files:
+        with filesystem.open_input_file(path) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
+
+
+def scores(metric: str, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """(queries, rows) scores, higher is nearer: cosine similarity, dot product or -squared L2 distance."""
+    queries = np.asarray(queries, dtype=np.float32)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if metric == "cos":
+        # Zero vectors stay zero: similarity 0 to everything, as in the exact scan.
+        q_norms = np.linalg.norm(queries, axis=1, keepdims=True)
+        v_norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return (queries / np.where(q_norms == 0, 1, q_norms)) @ (
+            vectors / np.where(v_norms == 0, 1, v_norms)
+        ).T
+    if metric == "ip":
+        return queries @ vectors.T
+    return -(
+        (queries**2).sum(axis=1)[:, None] - 2 * (queries @ vectors.T) + (vectors**2).sum(axis=1)[None, :]
+    )
+
+
+def exact_top_k(
+    data: VectorDataset,
+    column: str,
+    queries: np.ndarray,
+    k: int,
+    metric: str = DEFAULT_METRIC,
+    exclude: np.ndarray | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact `k` nearest rows of each query, streaming the export once (the index's reference).
+
+    Args:
+        exclude: per query, a position not to return (the query's own row), or -1.
+
+    Returns:
+        `(positions, scores)`, each (queries, k), best first; -1 / -inf where fewer rows exist.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    count = len(queries)
+    best_positions = np.full((count, k), -1, dtype=np.int64)
+    best_scores = np.full((count, k), -np.inf)
+    exclude = np.full(count, -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+    for batch in iter_vector_batches(data, column, batch_rows):
+        if len(batch.positions) == 0:
+            continue
+        # Queries in chunks keep the (queries, rows) score matrix small whatever the batch of queries.
+        for start in range(0, count, EXACT_QUERY_CHUNK):
+            stop = min(start + EXACT_QUERY_CHUNK, count)
+            chunk_scores = scores(metric, queries[start:stop], batch.vectors)
+            chunk_scores[batch.positions[None, :] == exclude[start:stop, None]] = -np.inf
+            if chunk_scores.shape[1] > k:
+                chosen = np.argpartition(-chunk_scores, k - 1, axis=1)[:, :k]
+            else:
+                chosen = np.broadcast_to(np.arange(chunk_scores.shape[1]), chunk_scores.shape)
+            merged_scores = np.concatenate(
+                [best_scores[start:stop], np.take_along_axis(chunk_scores, chosen, axis=1)], axis=1
+            )
+            merged_positions = np.concatenate([best_positions[start:stop], batch.positions[chosen]], axis=1)
+            # Best first; equal scores by position, so the answer does not depend on the batches.
+            order = np.lexsort((merged_positions, -merged_scores), axis=1)[:, :k]
+            best_scores[start:stop] = np.take_along_axis(merged_scores, order, axis=1)
+            best_positions[start:stop] = np.take_along_axis(merged_positions, order, axis=1)
+    best_positions[~np.isfinite(best_scores)] = -1
+    return best_positions, best_scores
+
+
+def recall_at_k(
+    found_scores: np.ndarray,
+    exact_scores: np.ndarray,
+    found_positions: np.ndarray,
+    exact_positions: np.ndarray,
+) -> float:
+    """Mean share of each query's exact top k that the search found; ties with the k-th count as found.
+
+    A found row counts when it is one of the exact top k, or when its score
+    equals (to TIE_TOLERANCE) the k-th exact score: rows tied at the boundary are
+    equally right answers.
+    """
+    hits: list[float] = []
+    for found_p, found_s, exact_p, exact_s in zip(
+        found_positions, found_scores, exact_positions, exact_scores, strict=True
+    ):
+        wanted = exact_p[exact_p >= 0]
+        if len(wanted) == 0:
+            continue
+        boundary = exact_s[len(wanted) - 1]
+        tolerance = TIE_TOLERANCE * max(1.0, abs(boundary))
+        good = set(wanted.tolist())
+        right = sum(
+            1
+            for p, s in zip(found_p, found_s, strict=True)
+            if p >= 0 and (p in good or s >= boundary - tolerance)
+        )
+        hits.append(min(right, len(wanted)) / len(wanted))
+    return float(np.mean(hits)) if hits else 1.0

@@ -1,0 +1,346 @@
+"""Building a column's index: stream the vectors into usearch, measure recall@k, write it next to the export.
+
+The build streams the Parquet files in record batches, so its memory is the
+index itself plus one batch.  It is written to a local temporary file, then
+copied to `_index/COLUMN.usearch.tmp` and renamed (on object storage uploaded:
+a PUT is atomic), and the metadata goes last: a reader sees the old index,
+none, or the new one, and an index whose file does not match its metadata's
+SHA-256 is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import posixpath
+import resource
+import tempfile
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from pipeline.analysis.dataset import (
+    BATCH_ROWS,
+    DEFAULT_SEED,
+    AnalysisError,
+    VectorDataset,
+    check_vector_column,
+)
+from pipeline.analysis.exact import DEFAULT_METRIC, exact_top_k, iter_vector_batches, recall_at_k, row_count
+from pipeline.analysis.index_search import raw_search, score_from_distance
+from pipeline.analysis.index_store import (
+    INDEX_SUFFIX,
+    IndexMetadata,
+    RecallReport,
+    index_paths,
+    is_local,
+    sha256_local,
+    source_identity,
+    usearch_index_class,
+)
+from pipeline.errors import ExportConfigError
+from pipeline.writing.output import INDEX_DIR, OutputLock
+
+if TYPE_CHECKING:
+    from usearch.index import Index
+
+# Our metric names -> usearch's; usearch's "l2sq" is the squared Euclidean distance.
+METRICS = {"cos": "cos", "l2": "l2sq", "ip": "ip"}
+# HNSW parameters, chosen on the 1M-vector benchmark (benchmarks/index.py): recall@10 >= 0.95.
+DEFAULT_CONNECTIVITY = 32
+DEFAULT_EXPANSION_ADD = 128
+DEFAULT_EXPANSION_SEARCH = 512
+DEFAULT_RECALL_QUERIES = 1000
+DEFAULT_RECALL_K = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSettings:
+    """How to build an index (HNSW parameters, recall measurement)."""
+
+    metric: str = DEFAULT_METRIC
+    connectivity: int = DEFAULT_CONNECTIVITY
+    expansion_add: int = DEFAULT_EXPANSION_ADD
+    expansion_search: int = DEFAULT_EXPANSION_SEARCH
+    recall_queries: int = DEFAULT_RECALL_QUERIES
+    recall_k: int = DEFAULT_RECALL_K
+    seed: int = DEFAULT_SEED
+    threads: int = 0  # 0: all cores
+    batch_rows: int = BATCH_ROWS
+
+    def check(self) -> IndexSettings:
+        """Returns self; raises AnalysisError for a value that cannot work."""
+        if self.metric not in METRICS:
+            raise AnalysisError(f"--metric must be one of {', '.join(METRICS)}; received {self.metric!r}.")
+        for name, low in (
+            ("connectivity", 2),
+            ("expansion_add", 1),
+            ("expansion_search", 1),
+            ("recall_queries", 0),
+            ("recall_k", 1),
+            ("threads", 0),
+            ("batch_rows", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise AnalysisError(f"--{name} must be an integer of at least {low}; received {value!r}.")
+        return self
+
+
+def _search_excluding(
+    index: Index, metric: str, queries: np.ndarray, k: int, exclude: np.ndarray, threads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """usearch search for k neighbours of each query other than its `exclude` position."""
+    keys, distances, counts = raw_search(index, queries, k + 1, threads)
+    positions = np.full((len(queries), k), -1, dtype=np.int64)
+    found = np.full((len(queries), k), -np.inf)
+    for row in range(len(queries)):
+        valid = np.arange(keys.shape[1]) < counts[row]
+        keep = valid & (keys[row] != exclude[row])
+        chosen_keys, chosen = keys[row][keep][:k], score_from_distance(metric, distances[row][keep][:k])
+        positions[row, : len(chosen_keys)] = chosen_keys
+        found[row, : len(chosen)] = chosen
+    return positions, found
+
+
+def measure_recall(
+    index: Index, data: VectorDataset, column: str, settings: IndexSettings, keys: np.ndarray
+) -> RecallReport:
+    """recall@k of `index` against `exact_top_k` on a random sample of the indexed rows as queries.
+
+    Each query is an indexed row's vector and its own row is excluded from both
+    answers, so no query finds itself.
+    """
+    count = min(settings.recall_queries, len(keys))
+    if count == 0:
+        return {"queries": 0, "k": settings.recall_k, "recall": None}
+    rng = np.random.default_rng(settings.seed)
+    chosen = np.sort(rng.choice(keys, size=count, replace=False)).astype(np.int64)
+    queries = np.asarray(index.get(chosen.astype(np.uint64)), dtype=np.float32).reshape(count, -1)
+    k = settings.recall_k
+    started = time.perf_counter()
+    exact_positions, exact_scores = exact_top_k(
+        data, column, queries, k, settings.metric, exclude=chosen, batch_rows=settings.batch_rows
+    )
+    exact_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    found_positions, found_scores = _search_excluding(
+        index, settings.metric, queries, k, chosen, settings.threads
+    )
+    search_seconds = time.perf_counter() - started
+    return {
+        "queries": count,
+        "k": k,
+        "recall": recall_at_k(found_scores, exact_scores, found_positions, exact_positions),
+        "seed": settings.seed,
+        "exact_seconds": round(exact_seconds, 3),
+        "index_seconds": round(search_seconds, 3),
+    }
+
+
+def current_rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where it is not readable)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _upload(local_path: str, filesystem: pafs.FileSystem, target: str) -> None:
+    """Copies a local file to `target`: locally under a temporary name, then renamed into place.
+
+    An object store's PUT is already atomic (readers see the old object or the
+    new one), and pyarrow's move and delete there leave directory-marker objects
+    (`DIR/`) that the export would take for foreign files, so there it writes
+    the target directly.
+    """
+    temporary = target + ".tmp" if is_local(filesystem) else target
+    with open(local_path, "rb") as source, filesystem.open_output_stream(temporary) as sink:
+        for chunk in iter(lambda: source.read(8 << 20), b""):
+            sink.write(chunk)
+    if temporary != target:
+        filesystem.move(temporary, target)
+
+
+def _write_json(filesystem: pafs.FileSystem, target: str, value: IndexMetadata) -> None:
+    """Writes `value` as JSON to `target`, atomically as `_upload` does."""
+    temporary = target + ".tmp" if is_local(filesystem) else target
+    with filesystem.open_output_stream(temporary) as sink:
+        sink.write(json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8"))
+    if temporary != target:
+        filesystem.move(temporary, target)
+
+
+def _local_lock(data: VectorDataset) -> OutputLock | None:
+    """The export's OutputLock for a local export (no export runs while we write into it), else None."""
+    filesystem, directory = data.filesystem_and_directory()
+    if data.holds != "documents" or not isinstance(filesystem, pafs.LocalFileSystem):
+        return None
+    return OutputLock(directory, run_label="index")
+
+
+def build_index(data: VectorDataset, column: str | None, settings: IndexSettings) -> IndexMetadata:
+    """Builds, measures and writes the index of `column`; returns its metadata as written.
+
+    Raises:
+        AnalysisError: bad settings, an unfinished export, a run in progress, no usable rows,
+            or the export replaced while the index was built.
+    """
+    settings = settings.check()
+    column = check_vector_column(data, column)
+    index_class = usearch_index_class()
+    filesystem, directory = data.filesystem_and_directory()
+    if filesystem.get_file_info(directory).type != pafs.FileType.Directory:
+        raise AnalysisError(
+            f"{data.location!r} is a file; pass the directory it is in, where the index can live."
+        )
+    index_paths(directory, column)  # refuses a column name unfit for a file name, before any work
+    with contextlib.ExitStack() as stack:
+        lock = _local_lock(data)
+        if lock is not None:
+            try:
+                stack.enter_context(lock)
+            except ExportConfigError as error:
+                raise AnalysisError(f"Cannot index it now: {error}") from None
+        try:
+            return _build_and_write(data, column, settings, index_class, filesystem, directory)
+        except (OSError, RuntimeError) as error:
+            # A full disk, a lost connection, usearch failing to save: nothing half-written is used.
+            raise AnalysisError(f"Could not build or write the index of {column!r}: {error}") from None
+
+
+def _build_and_write(
+    data: VectorDataset,
+    column: str,
+    settings: IndexSettings,
+    index_class: type[Index],
+    filesystem: pafs.FileSystem,
+    directory: str,
+) -> IndexMetadata:
+    """The body of `build_index`, under the export's lock."""
+    index_path, metadata_path = index_paths(directory, column)
+    identity = source_identity(data)
+    # The process's memory before the build (Python, Arrow, Beam): the build's own share is above it.
+    start_rss = current_rss_bytes()
+    started = time.perf_counter()
+    index = None
+    added = skipped_null = skipped_non_finite = 0
+    all_keys: list[np.ndarray] = []
+    for batch in iter_vector_batches(data, column, settings.batch_rows):
+        skipped_null += batch.skipped_null
+        skipped_non_finite += batch.skipped_non_finite
+        if len(batch.positions) == 0:
+            continue
+        if index is None:
+            index = index_class(
+                ndim=batch.vectors.shape[1],
+                metric=METRICS[settings.metric],
+                dtype="f32",
+                connectivity=settings.connectivity,
+                expansion_add=settings.expansion_add,
+                expansion_search=settings.expansion_search,
+            )
+        if batch.vectors.shape[1] != index.ndim:
+            raise AnalysisError(
+                f"The {column!r} vectors have different lengths ({index.ndim} and "
+                f"{batch.vectors.shape[1]}); cannot index them together."
+            )
+        index.add(batch.positions.astype(np.uint64), batch.vectors, threads=settings.threads)
+        all_keys.append(batch.positions)
+        added += len(batch.positions)
+    rows = row_count(data)
+    if index is None:
+        raise AnalysisError(f"{data.location!r} has no row with a usable {column!r} vector to index.")
+    build_seconds = time.perf_counter() - started
+    keys = np.concatenate(all_keys)
+    del all_keys
+    recall = measure_recall(index, data, column, settings, keys)
+    del keys
+    memory = peak_rss_bytes()
+    with tempfile.TemporaryDirectory(prefix="embexport-index-") as scratch:
+        local = os.path.join(scratch, column + INDEX_SUFFIX)
+        index.save(local)
+        size = os.path.getsize(local)
+        digest = sha256_local(local)
+        if source_identity(data) != identity:
+            raise AnalysisError(
+                f"{data.location!r} was replaced while its index was built; nothing was written. "
+                "Build the index again."
+            )
+        metadata: IndexMetadata = {
+            "format": "usearch",
+            "usearch_version": _usearch_version(),
+            "column": column,
+            "holds": data.holds,
+            "file": posixpath.join(INDEX_DIR, column + INDEX_SUFFIX),
+            "sha256": digest,
+            "bytes": size,
+            "source": identity,
+            "rows": rows,
+            "indexed": added,
+            "skipped_null": skipped_null,
+            "skipped_non_finite": skipped_non_finite,
+            "dim": int(index.ndim),
+            "metric": settings.metric,
+            "connectivity": settings.connectivity,
+            "expansion_add": settings.expansion_add,
+            "expansion_search": settings.expansion_search,
+            "recall": recall,
+            "build_seconds": round(build_seconds, 3),
+            "peak_rss_bytes": memory,
+            "start_rss_bytes": start_rss,
+            "parquet_bytes": sum(filesystem.get_file_info(p).size for p in data.dataset.files),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if is_local(filesystem):
+            filesystem.create_dir(posixpath.join(directory, INDEX_DIR), recursive=True)
+            # Old metadata goes first: a reader then sees no index, not old metadata over a new file.
+            if filesystem.get_file_info(metadata_path).type == pafs.FileType.File:
+                filesystem.delete_file(metadata_path)
+        # On object storage the old metadata stays until the new one replaces it; a reader in
+        # between finds the new file's SHA-256 differs from it, and refuses the index.
+        _upload(local, filesystem, index_path)
+    _write_json(filesystem, metadata_path, metadata)
+    return metadata
+
+
+def _usearch_version() -> str:
+    import usearch
+
+    return usearch.__version__
+
+
+def format_build(metadata: IndexMetadata, location: str) -> str:
+    """The build's report: rows, recall, time, size, memory."""
+    recall = metadata["recall"]
+    recall_text = (
+        f"recall@{recall['k']} {recall['recall']:.4f} against the exact scan on {recall['queries']} "
+        f"random rows as queries (seed {recall['seed']})"
+        if recall["recall"] is not None
+        else "recall not measured (--recall_queries 0)"
+    )
+    skipped = metadata["skipped_null"] + metadata["skipped_non_finite"]
+    return "\n".join(
+        [
+            f"Indexed {metadata['indexed']} of {metadata['rows']} rows of {metadata['column']} "
+            f"({metadata['dim']} dims, metric {metadata['metric']}) into {location}/{metadata['file']}"
+            + (f"; {skipped} rows without a finite vector skipped" if skipped else ""),
+            f"  {recall_text}",
+            f"  build {metadata['build_seconds']:.1f} s, index {metadata['bytes'] / 2**20:.1f} MiB "
+            f"(the Parquet files: {metadata['parquet_bytes'] / 2**20:.1f} MiB), peak RSS "
+            f"{metadata['peak_rss_bytes'] / 2**20:.0f} MiB ({metadata['start_rss_bytes'] / 2**20:.0f} MiB "
+            "before the build)",
+            f"  HNSW connectivity {metadata['connectivity']}, expansion_add {metadata['expansion_add']}, "
+            f"expansion_search {metadata['expansion_search']}; sha256 {metadata['sha256']}",
+        ]
+    )

@@ -1,0 +1,199 @@
+"""Loading a column's index checked against its export, and searching it.
+
+The index file must match the SHA-256 its metadata records, and the metadata the
+export as it is now; otherwise loading is refused, never silently used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from pipeline.analysis.dataset import AnalysisError, VectorDataset
+from pipeline.analysis.index_store import (
+    INDEX_SUFFIX,
+    IndexMetadata,
+    index_paths,
+    is_local,
+    read_metadata,
+    sha256_local,
+    source_identity,
+    usearch_index_class,
+)
+from pipeline.writing.output import MANIFEST
+
+if TYPE_CHECKING:
+    from usearch.index import Index
+
+
+class Matches(NamedTuple):
+    """usearch's answer to a batch of queries, always 2-D: keys and distances (queries, found), counts."""
+
+    keys: np.ndarray
+    distances: np.ndarray
+    counts: np.ndarray
+
+
+def score_from_distance(metric: str, distances: np.ndarray) -> np.ndarray:
+    """usearch's distances as `scores`: cos and ip distances are 1 - similarity, l2sq is the squared L2."""
+    distances = np.asarray(distances, dtype=np.float64)
+    return -distances if metric == "l2" else 1.0 - distances
+
+
+def raw_search(index: Index, queries: np.ndarray, count: int, threads: int = 0) -> Matches:
+    """(keys, distances, counts) of usearch's search, always 2-D (it returns 1-D for one query)."""
+    matches = index.search(queries, count, threads=threads)
+    keys = np.asarray(matches.keys, dtype=np.int64).reshape(len(queries), -1)
+    distances = np.asarray(matches.distances, dtype=np.float64).reshape(len(queries), -1)
+    if hasattr(matches, "counts"):
+        counts = np.asarray(matches.counts).reshape(-1)
+    else:
+        counts = np.asarray([len(matches.keys)])
+    return Matches(keys, distances, counts)
+
+
+@dataclasses.dataclass
+class LoadedIndex:
+    """An index checked against its export, with the export's keys and details in position order."""
+
+    index: Index
+    metadata: IndexMetadata
+    keys: pa.Table  # the key column and the detail columns, one row per export row
+
+    @property
+    def metric(self) -> str:
+        return self.metadata["metric"]
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, scores), each (queries, k), best first; `exclude[i]` is a set of positions to skip."""
+        queries = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        keys, distances, counts = raw_search(self.index, queries, k + extra)
+        found = score_from_distance(self.metric, distances)
+        found[np.arange(keys.shape[1])[None, :] >= counts[:, None]] = -np.inf
+        if exclude and extra:
+            excluded = np.full((len(queries), extra), -1, dtype=np.int64)
+            for row, skipped in enumerate(exclude):
+                excluded[row, : len(skipped)] = sorted(skipped)
+            found[(keys[:, :, None] == excluded[:, None, :]).any(axis=2)] = -np.inf
+        order = np.lexsort((keys, -found), axis=1)[:, :k]
+        positions = np.take_along_axis(keys, order, axis=1)
+        found = np.take_along_axis(found, order, axis=1)
+        positions[~np.isfinite(found)] = -1
+        # Equal scores go by key, as the exact scan breaks its ties; only rows with a tie pay for it.
+        key_names = self.keys.column(0)
+        for tied in np.flatnonzero((np.diff(found, axis=1) == 0).any(axis=1)):
+            valid = int((positions[tied] >= 0).sum())  # the found rows come first
+            names = key_names.take(pa.array(positions[tied, :valid])).to_pylist()
+            ranked = sorted(range(valid), key=lambda i: (-found[tied, i], str(names[i])))
+            positions[tied, :valid], found[tied, :valid] = positions[tied, ranked], found[tied, ranked]
+        if positions.shape[1] < k:
+            pad = k - positions.shape[1]
+            positions = np.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+            found = np.pad(found, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return positions, found
+
+    def positions_of(self, key: str) -> np.ndarray:
+        """Positions of the rows whose key is `key`."""
+        return np.flatnonzero(
+            np.asarray(pc.equal(self.keys.column(0), key).to_numpy(zero_copy_only=False), dtype=bool)
+        )
+
+    @property
+    def dim(self) -> int:
+        return int(self.metadata["dim"])
+
+    def contains(self, position: int) -> bool:
+        """Whether the row at `position` is indexed (its vector was neither null nor non-finite)."""
+        return bool(self.index.contains(int(position)))
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        """The indexed vectors at `positions` (float32, as stored); NaN rows for rows not indexed."""
+        positions = np.asarray(positions, dtype=np.int64)
+        result = np.full((len(positions), self.dim), np.nan, dtype=np.float32)
+        present = np.asarray([self.index.contains(int(p)) for p in positions], dtype=bool)
+        if present.any():
+            stored = self.index.get(positions[present].astype(np.uint64))
+            result[present] = np.asarray(stored, dtype=np.float32).reshape(int(present.sum()), -1)
+        return result
+
+    def first_positions(self, keys: list[str]) -> list[int]:
+        """The first position of each key, -1 for a key no row has."""
+        found = pc.index_in(pa.array(keys, pa.string()), value_set=self.keys.column(0))
+        return [-1 if p is None else int(p) for p in found.to_pylist()]
+
+    def take(self, positions: np.ndarray) -> pa.Table:
+        """The key and detail columns of the rows at `positions`."""
+        return self.keys.take(pa.array(np.asarray(positions, dtype=np.int64)))
+
+
+def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> LoadedIndex | None:
+    """`column`'s index of `data` if there is one, checked against the export; None if there is none.
+
+    Raises:
+        AnalysisError: the index belongs to an export that has since been
+            replaced, its file does not match its recorded SHA-256, or usearch
+            is not installed.
+    """
+    metadata = read_metadata(data, column)
+    if metadata is None:
+        return None
+    rebuild = (
+        f"Rebuild it with `python -m pipeline.analyze {data.location} index --column {column}`, "
+        "or pass --exact to scan every row."
+    )
+    current = source_identity(data)
+    what, changed = ("export", MANIFEST) if data.holds == "documents" else ("vocabulary", "file's SHA-256")
+    if metadata.get("source") != current:
+        raise AnalysisError(
+            f"The index {metadata.get('file')} of {data.location!r} was built for another version of "
+            f"this {what} (its {changed} changed since: it was replaced), so its answers would be "
+            f"wrong. {rebuild}"
+        )
+    index_class = usearch_index_class()
+    filesystem, directory = data.filesystem_and_directory()
+    index_path, _ = index_paths(directory, column)
+    with tempfile.TemporaryDirectory(prefix="embexport-index-") as scratch:
+        local: str | None
+        if is_local(filesystem):
+            local = index_path
+        else:
+            # Object storage: download once, then usearch loads it into memory.
+            local = os.path.join(scratch, column + INDEX_SUFFIX)
+            try:
+                pafs.copy_files(index_path, local, source_filesystem=filesystem)
+            except (FileNotFoundError, OSError):
+                local = None
+        damaged = (
+            local is None
+            or not os.path.isfile(local)
+            or os.path.getsize(local) != metadata.get("bytes")
+            or sha256_local(local) != metadata.get("sha256")
+        )
+        if local is None or damaged:
+            raise AnalysisError(
+                f"The index file {index_path} is missing or does not match the SHA-256 in its metadata "
+                f"(damaged or partly written). {rebuild}"
+            )
+        index = index_class.restore(local, view=False)
+    if index is None or int(index.ndim) != metadata.get("dim"):
+        raise AnalysisError(f"The index file {index_path} cannot be read by usearch. {rebuild}")
+    # usearch does not store the search-time expansion; the build chose it for the recall it measured.
+    # usearch defines this property's setter apart from its getter, which mypy reads as read-only;
+    # unused-ignore: where usearch is not installed the checker sees Any here.
+    index.expansion_search = int(metadata["expansion_search"])  # type: ignore[misc, unused-ignore]
+    keys = data.dataset.to_table(columns=key_columns)
+    if keys.num_rows != metadata.get("rows"):
+        raise AnalysisError(
+            f"The index has {metadata.get('rows')} rows, the export {keys.num_rows}. {rebuild}"
+        )
+    return LoadedIndex(index, metadata, keys)

@@ -1,0 +1,155 @@
+"""The k-nearest-neighbour label agreement of a vector column against chance, and its report.
+
+On a sample (every pair compared in memory) or on every labelled row through
+the column's index (`knn-score --all`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipeline.analysis.dataset import (
+    DEFAULT_SAMPLE,
+    DEFAULT_SEED,
+    AnalysisError,
+    VectorDataset,
+    check_label_column,
+    sample_vectors,
+    unit_rows,
+)
+from pipeline.analysis.index_search import LoadedIndex
+from pipeline.analysis.neighbors import DEFAULT_K
+
+# Rows of the sample compared with all others at once by knn-score: 1k x 20k floats.
+KNN_CHUNK_ROWS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class KnnScore:
+    """The result of `score_label_agreement` and `knn_score_indexed`."""
+
+    agreement: float
+    chance: float
+    rows: int
+    k: int
+    # label -> (rows, mean agreement)
+    per_class: dict[str, tuple[int, float]]
+
+
+def score_label_agreement(
+    vectors: np.ndarray,
+    labels: Sequence[str | None] | np.ndarray,
+    k: int = DEFAULT_K,
+    chunk_rows: int = KNN_CHUNK_ROWS,
+) -> KnnScore:
+    """k-nearest-neighbour label agreement of `vectors` (cosine similarity) against chance.
+
+    Agreement is the fraction of each row's `k` nearest other rows that share its
+    label, averaged over rows.  Chance is the sum of the squared class
+    frequencies: the agreement of neighbours drawn at random.
+
+    Returns:
+        A `KnnScore`.
+    """
+    labels = np.asarray(labels, dtype=object)
+    rows = len(labels)
+    if k < 1:
+        raise AnalysisError(f"-k must be at least 1, received {k}.")
+    if rows <= k:
+        raise AnalysisError(f"knn-score needs more than k={k} labelled rows; received {rows}. Lower -k.")
+    unit = unit_rows(np.asarray(vectors, dtype=np.float32))
+    classes, codes = np.unique(labels.astype(str), return_inverse=True)
+    hits = np.empty(rows)
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        similarities = unit[start:stop] @ unit.T
+        similarities[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        nearest = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
+        hits[start:stop] = (codes[nearest] == codes[start:stop, None]).mean(axis=1)
+    frequencies = np.bincount(codes) / rows
+    per_class = {
+        str(name): (int((codes == index).sum()), float(hits[codes == index].mean()))
+        for index, name in enumerate(classes)
+    }
+    return KnnScore(float(hits.mean()), float((frequencies**2).sum()), rows, k, per_class)
+
+
+def knn_score(
+    data: VectorDataset,
+    column: str | None,
+    label: str,
+    k: int = DEFAULT_K,
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = DEFAULT_SEED,
+) -> tuple[KnnScore, int]:
+    """Samples labelled rows and scores `column`'s neighbours on `label`.
+
+    Returns:
+        `(KnnScore, total labelled rows)`.
+    """
+    drawn = sample_vectors(data, column, label, sample, seed, labelled_only=True)
+    assert drawn.labels is not None  # a label was asked for
+    return score_label_agreement(drawn.vectors, drawn.labels, k), drawn.total
+
+
+def knn_score_indexed(
+    data: VectorDataset, loaded: LoadedIndex, label: str, k: int = DEFAULT_K, chunk_rows: int = 4096
+) -> KnnScore:
+    """kNN label agreement over every indexed row with a label, its neighbours found through the index.
+
+    Neighbours without a label are passed over, as the sampled score leaves
+    unlabelled rows out of its pool.
+    """
+    if k < 1:
+        raise AnalysisError(f"-k must be at least 1, received {k}.")
+    label = check_label_column(data, label)
+    values = data.dataset.to_table(columns=[label])[label]
+    classes, codes = np.unique(
+        np.asarray(values.fill_null("").to_pylist(), dtype=object).astype(str), return_inverse=True
+    )
+    labelled = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    codes = np.where(labelled, codes, -1)
+    keys = np.sort(np.asarray(loaded.index.keys, dtype=np.int64))
+    keys = keys[labelled[keys]]
+    if len(keys) <= k:
+        raise AnalysisError(f"knn-score needs more than k={k} labelled rows; received {len(keys)}. Lower -k.")
+    # Unlabelled rows can crowd out labelled ones; ask for as many more as there are.
+    extra = min(int((~labelled).sum()), k)
+    hits = np.empty(len(keys))
+    for start in range(0, len(keys), chunk_rows):
+        chunk = keys[start : start + chunk_rows]
+        positions, _ = loaded.search(loaded.vectors(chunk), k + extra, exclude=[{int(p)} for p in chunk])
+        neighbour_codes = np.where(positions >= 0, codes[np.maximum(positions, 0)], -1)
+        for row, own in enumerate(codes[chunk]):
+            chosen = neighbour_codes[row][neighbour_codes[row] >= 0][:k]
+            hits[start + row] = (chosen == own).mean() if len(chosen) else 0.0
+    kept_codes = codes[keys]
+    frequencies = np.bincount(kept_codes, minlength=len(classes)) / len(keys)
+    per_class = {
+        str(name): (int((kept_codes == index).sum()), float(hits[kept_codes == index].mean()))
+        for index, name in enumerate(classes)
+        if (kept_codes == index).any()
+    }
+    return KnnScore(float(hits.mean()), float((frequencies**2).sum()), len(keys), k, per_class)
+
+
+def format_knn_score(column: str, label: str, score: KnnScore, total: int) -> str:
+    """The kNN score, chance level and per-class agreement as text."""
+    sampled = "" if score.rows == total else f", random sample of {total} labelled rows"
+    lift = score.agreement / score.chance if score.chance else float("nan")
+    lines = [
+        f"kNN label agreement of {column} on {label} (k={score.k}, {score.rows} rows{sampled}, "
+        f"{len(score.per_class)} classes)",
+        f"  agreement  {score.agreement:.4f}  "
+        f"(mean share of the {score.k} nearest neighbours with the same {label})",
+        f"  chance     {score.chance:.4f}  (sum of squared class frequencies)",
+        f"  lift       {lift:.2f}x",
+        "  per class:",
+    ]
+    width = max(len(name) for name in score.per_class)
+    for name, (rows, agreement) in sorted(score.per_class.items(), key=lambda item: -item[1][0]):
+        lines.append(f"    {name.ljust(width)}  {rows:6d} rows  agreement {agreement:.4f}")
+    return "\n".join(lines)
