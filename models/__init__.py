@@ -3,6 +3,7 @@
 import importlib.abc
 import sys
 
+# The one place the version is written (setup.py reads it from here).
 __version__ = "0.1.0"
 
 

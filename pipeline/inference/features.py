@@ -17,7 +17,7 @@ import numpy as np
 
 from models.tokenizer import pad_token_ids
 from pipeline.planning.plan import TEXT_INPUT
-from pipeline.reading.corpus import TokenIds
+from pipeline.reading.documents import TokenIds
 from pipeline.writing import schema as schema_lib
 
 
