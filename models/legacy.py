@@ -13,12 +13,22 @@ model with one is refused unless the caller opts in (`allow_unsafe=True`, the
 `--allow_unsafe_deserialization` flag).
 """
 
+from __future__ import annotations
+
 import copy
 import json
+import typing
 import zipfile
+from collections.abc import Iterator, Sequence
 
 import keras
 import numpy as np
+
+if typing.TYPE_CHECKING:
+    import h5py
+
+# A layer or model config as Keras serialises it to JSON (class_name, config, ...).
+Config = dict[str, typing.Any]
 
 # Keras 2 layer types whose `.h5` configs are translated and whose outputs are
 # checked against tf_keras in tests/test_byo_model.py.  Layers not listed here
@@ -85,7 +95,7 @@ class UnsafeModelError(LegacyModelError):
     """The model holds `Lambda` layers, whose loading runs Python code from the file."""
 
 
-def read_model_config(path):
+def read_model_config(path: str) -> tuple[Config, str]:
     """The model's config dict, read without building the model.
 
     Args:
@@ -116,11 +126,15 @@ def read_model_config(path):
             f"{path} holds no model_config: it was written by `save_weights`, not `model.save`, "
             "so it has weights but no architecture. Save the whole model with model.save(...)."
         )
-    as_text = lambda value: value.decode("utf-8") if isinstance(value, bytes) else str(value)  # noqa: E731
-    return json.loads(as_text(raw)), as_text(version)
+    return json.loads(_as_text(raw)), _as_text(version)
 
 
-def _walk_layers(config):
+def _as_text(value: bytes | str) -> str:
+    """An HDF5 attribute as text (h5py returns bytes or str depending on how it was written)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _walk_layers(config: Config) -> Iterator[Config]:
     """Yields every layer config in `config`, nested models and wrapped layers included."""
     yield config
     inner = config.get("config", {})
@@ -134,7 +148,7 @@ def _walk_layers(config):
             yield from _walk_layers(inner[key])
 
 
-def lambda_layer_names(config):
+def lambda_layer_names(config: Config) -> list[str]:
     """Names of the `Lambda` layers anywhere in a model config."""
     return [
         layer["config"].get("name", "?")
@@ -143,7 +157,7 @@ def lambda_layer_names(config):
     ]
 
 
-def unsafe_error(names):
+def unsafe_error(names: Sequence[str]) -> UnsafeModelError:
     """The error for a model with Lambda layers loaded without the opt-in."""
     return UnsafeModelError(
         f"The model contains Lambda layer(s) {names}. A Lambda layer is stored as Python "
@@ -154,14 +168,14 @@ def unsafe_error(names):
     )
 
 
-def _policy_name(dtype):
+def _policy_name(dtype: str | Config | None) -> str | Config | None:
     # tf_keras >= 2.13 stores {"class_name": "Policy", "config": {"name": "float32"}}.
     if isinstance(dtype, dict) and dtype.get("class_name") in ("Policy", "DTypePolicy"):
         return dtype.get("config", {}).get("name", "float32")
     return dtype
 
 
-def _translate_lambda(config, name):
+def _translate_lambda(config: Config, name: str) -> None:
     for key in _LAMBDA_LEGACY_KEYS:
         config.pop(key, None)
     for key in ("function", "output_shape"):
@@ -182,7 +196,7 @@ def _translate_lambda(config, name):
         config["output_shape"] = [None if d is None else int(d) for d in config["output_shape"]]
 
 
-def _is_node_reference(value):
+def _is_node_reference(value: object) -> typing.TypeGuard[list[typing.Any]]:
     return (
         isinstance(value, list)
         and len(value) in (3, 4)
@@ -192,14 +206,14 @@ def _is_node_reference(value):
     )
 
 
-def _renumber_nested_model_nodes(model_config):
+def _renumber_nested_model_nodes(model_config: Config) -> None:
     """Shifts references to the calls of nested models down by one, in place.
 
     A Keras 2 model built on an Input has a node 0 of its own (its inputs to its
     outputs), so when it is used as a layer its first call is node 1.  Keras 3
     has no such node: the first call is node 0.
     """
-    shifted = set()
+    shifted: set[str] = set()
     for layer in model_config.get("layers", []):
         inner = layer.get("config", {})
         if layer.get("class_name") in ("Model", "Sequential") and (
@@ -210,7 +224,7 @@ def _renumber_nested_model_nodes(model_config):
     if not shifted:
         return
 
-    def renumber(reference):
+    def renumber(reference: list[typing.Any]) -> None:
         if reference[0] in shifted:
             reference[1] -= 1
 
@@ -229,7 +243,7 @@ def _renumber_nested_model_nodes(model_config):
                     renumber(reference)
 
 
-def translate_layer_config(layer_config):
+def translate_layer_config(layer_config: Config) -> Config:
     """Rewrites one Keras 2 layer config (and the layers nested in it) for Keras 3, in place.
 
     Raises:
@@ -277,7 +291,7 @@ def translate_layer_config(layer_config):
         for key in ("layer", "backward_layer"):
             if isinstance(config.get(key), dict):
                 translate_layer_config(config[key])
-    elif class_name.startswith("SpatialDropout"):
+    elif isinstance(class_name, str) and class_name.startswith("SpatialDropout"):
         # Keras 2 recorded a noise_shape it never let callers set; Keras 3's
         # constructor also rejects `trainable` (meaningless for a layer without weights).
         config.pop("noise_shape", None)
@@ -307,14 +321,14 @@ def translate_layer_config(layer_config):
     return layer_config
 
 
-def translate_model_config(model_config):
+def translate_model_config(model_config: Config) -> Config:
     """A Keras 3 version of a Keras 2 model config (the input is not modified)."""
     translated = copy.deepcopy(model_config)
     translate_layer_config(translated)
     return translated
 
 
-def _weight_values(group, layer_name):
+def _weight_values(group: h5py.Group, layer_name: str) -> tuple[list[str], list[np.ndarray]]:
     layer_group = group[layer_name]
     names = [
         n.decode("utf-8") if isinstance(n, bytes) else str(n)
@@ -323,7 +337,7 @@ def _weight_values(group, layer_name):
     return names, [np.asarray(layer_group[name]) for name in names]
 
 
-def load_h5_weights(path, model):
+def load_h5_weights(path: str, model: keras.Model) -> None:
     """Copies the weights of `path`'s `model_weights` group into `model`, layer by layer, by name.
 
     Within a layer, weights go in Keras's legacy order (trainable, then
@@ -365,7 +379,7 @@ def load_h5_weights(path, model):
                 target.assign(value)
 
 
-def load_h5_model(path, allow_unsafe=False):
+def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     """Loads a `.h5`/`.hdf5` model written by Keras 2 (tf_keras) or Keras 3.
 
     Args:
@@ -407,7 +421,7 @@ def load_h5_model(path, allow_unsafe=False):
     return model
 
 
-def load_model_file(path, allow_unsafe=False):
+def load_model_file(path: str, allow_unsafe: bool = False) -> keras.Model:
     """Loads a local `.keras` or `.h5`/`.hdf5` model file, uncompiled.
 
     Raises:
