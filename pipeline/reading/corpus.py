@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pipeline.reading.csv_rows import csv_records
 from pipeline.reading.documents import Document, Record
 from pipeline.reading.parquet_rows import parquet_records
-from pipeline.reading.text_lines import ByteStream, LinesBefore, line_records
+from pipeline.reading.text_lines import ByteStream, Claim, LineRange, LinesBefore, line_records
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import READ_ERROR, UNREADABLE_FILE
 
@@ -79,7 +79,7 @@ def read_records(
     path: str,
     open_file: OpenFile,
     start: int = 0,
-    claim: Callable[[int], bool] | None = None,
+    claim: Claim | None = None,
     lines_before: LinesBefore | None = None,
     on_newline: Callable[[int], None] | None = None,
     verify: Callable[[], None] | None = None,
@@ -137,7 +137,8 @@ def read_records(
                 records = csv_records(plan, path, stream)
             else:
                 end = size if size is not None and not is_compressed(path) else None
-                records = line_records(plan, path, stream, start, claim, lines_before, on_newline, end)
+                lines = LineRange(start, claim, lines_before, on_newline, end)
+                records = line_records(plan, path, stream, lines)
             for order, item in records:
                 read += 1
                 last_order = order

@@ -2,39 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import shutil
 import tempfile
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
 from pipeline.reading.documents import Record, guarded, to_document
-from pipeline.reading.text_lines import ByteStream
+from pipeline.reading.text_lines import ByteStream, Claim
 
 if typing.TYPE_CHECKING:
     from pipeline.planning.plan import ExportPlan
 
 
 def parquet_records(
-    plan: ExportPlan,
-    source: str,
-    stream: ByteStream,
-    start: int = 0,
-    claim: Callable[[int], bool] | None = None,
+    plan: ExportPlan, source: str, stream: ByteStream, start: int = 0, claim: Claim | None = None
 ) -> Iterator[tuple[int, Record]]:
-    """Parquet rows, ordered by row number.
+    """Parquet rows, ordered by row number; with `claim`, those of the row groups starting at `start` on.
 
-    A compressed file is first spooled to disk, as Parquet needs to seek.
+    A compressed file is first spooled to disk, as Parquet needs to seek, and
+    read whole.
     """
-    if isinstance(stream, gzip.GzipFile):
-        with tempfile.TemporaryFile() as spool:
-            shutil.copyfileobj(stream, spool)
-            spool.seek(0)
-            yield from _parquet_rows(plan, source, spool)
-    else:
-        yield from _parquet_rows(plan, source, stream, start, claim)
+    with contextlib.ExitStack() as stack:
+        readable: typing.IO[bytes] | ByteStream = stream
+        if isinstance(stream, gzip.GzipFile):
+            readable = stack.enter_context(tempfile.TemporaryFile())
+            shutil.copyfileobj(stream, readable)
+            readable.seek(0)
+            start, claim = 0, None
+        yield from _rows(plan, source, pq.ParquetFile(readable), start, claim)
 
 
 def row_group_offset(row_group: pq.RowGroupMetaData) -> int:
@@ -46,14 +45,9 @@ def row_group_offset(row_group: pq.RowGroupMetaData) -> int:
     return min(offsets)
 
 
-def _parquet_rows(
-    plan: ExportPlan,
-    source: str,
-    stream: typing.BinaryIO,
-    start: int = 0,
-    claim: Callable[[int], bool] | None = None,
+def _rows(
+    plan: ExportPlan, source: str, parquet: pq.ParquetFile, start: int, claim: Claim | None
 ) -> Iterator[tuple[int, Record]]:
-    parquet = pq.ParquetFile(stream)
     wanted = {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
     # Only the columns the export reads; all of them when none is there, so each row is a missing_id.
     columns = [name for name in parquet.schema_arrow.names if name in wanted] or None

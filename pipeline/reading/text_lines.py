@@ -7,6 +7,7 @@ that line's number, through the line index) with `align`; lines over
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import typing
@@ -25,8 +26,26 @@ SKIP_CHUNK = 1 << 20
 
 # What the record readers read: the file's bytes, or a .gz file's decompressed bytes.
 ByteStream = typing.BinaryIO | gzip.GzipFile
+# `claim(offset)`: whether the record starting at `offset` belongs to the range being read.
+Claim = Callable[[int], bool]
 # `offset -> (block start, newlines before it)`: the line index of a file (see `read_records`).
 LinesBefore = Callable[[int], tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LineRange:
+    """Which lines of a file to read, and what to report of them (see `corpus.read_records`)."""
+
+    # The byte offset where the range starts: its first line is the first starting at or after it.
+    start: int = 0
+    # Called with the offset of each line before it is read; False stops reading.
+    claim: Claim | None = None
+    # Numbers the lines of a range that starts past 0; without it its first line is 1.
+    lines_before: LinesBefore | None = None
+    # Called with the offset of the newline ending each line read.
+    on_newline: Callable[[int], None] | None = None
+    # The size the launch listed: data that ends before it raises `InputShorter`.
+    listed_size: int | None = None
 
 
 class InputShorter(Exception):
@@ -60,22 +79,16 @@ def align(stream: ByteStream, start: int, lines_before: LinesBefore | None) -> t
 
 
 def line_records(
-    plan: ExportPlan,
-    source: str,
-    stream: ByteStream,
-    start: int = 0,
-    claim: Callable[[int], bool] | None = None,
-    lines_before: LinesBefore | None = None,
-    on_newline: Callable[[int], None] | None = None,
-    listed_size: int | None = None,
+    plan: ExportPlan, source: str, stream: ByteStream, lines: LineRange
 ) -> Iterator[tuple[int, Record]]:
-    """Text or JSONL: one record per line, ordered by byte offset.
+    """Text or JSONL: one record per line of `lines`, ordered by byte offset.
 
-    Lines over --max_record_bytes are skipped, never held. With `listed_size`
+    Lines over --max_record_bytes are skipped, never held. With `lines.listed_size`
     (the size the launch listed), data that ends before it raises `InputShorter`.
     """
     limit = plan.max_record_bytes
-    offset, number = (0, 0) if not start else align(stream, start, lines_before)
+    claim, on_newline, listed_size = lines.claim, lines.on_newline, lines.listed_size
+    offset, number = (0, 0) if not lines.start else align(stream, lines.start, lines.lines_before)
     # Room for the record and its "\r\n": a longer read means a longer line.
     while line := stream.readline(limit + 2):
         if claim is not None and not claim(offset):
