@@ -1,7 +1,7 @@
 """Reads text and JSONL corpora: one record per line, each at its line number, ordered by byte offset.
 
 A range that starts past the beginning of a file finds its first line (and
-that line's number, through the line index) with `align`; lines over
+that line's number, through the line index) with `_align`; lines over
 --max_record_bytes are skipped, never held in memory.
 """
 
@@ -52,7 +52,7 @@ class InputShorter(Exception):
     """A file, or range of one, ended before the size the launch listed: it was cut while it was read."""
 
 
-def skip_line(stream: ByteStream) -> tuple[int, bytes]:
+def _skip_line(stream: ByteStream) -> tuple[int, bytes]:
     """Reads to the end of the current line without keeping it: (bytes skipped, last chunk read)."""
     skipped, chunk = 0, b""
     while chunk := stream.readline(SKIP_CHUNK):
@@ -62,7 +62,7 @@ def skip_line(stream: ByteStream) -> tuple[int, bytes]:
     return skipped, chunk
 
 
-def align(stream: ByteStream, start: int, lines_before: LinesBefore | None) -> tuple[int, int]:
+def _align(stream: ByteStream, start: int, lines_before: LinesBefore | None) -> tuple[int, int]:
     """Moves `stream` to the first line starting at or after `start` > 0: (its offset, lines before it)."""
     block_start, newlines = lines_before(start - 1) if lines_before else (start - 1, 0)
     stream.seek(block_start)
@@ -74,7 +74,7 @@ def align(stream: ByteStream, start: int, lines_before: LinesBefore | None) -> t
         newlines += chunk.count(b"\n")
         remaining -= len(chunk)
     # The line holding byte start - 1 belongs to the range before (a newline there: to nobody).
-    skipped, end = skip_line(stream)
+    skipped, end = _skip_line(stream)
     return start - 1 + skipped, newlines + end.endswith(b"\n")
 
 
@@ -88,7 +88,7 @@ def line_records(
     """
     limit = plan.max_record_bytes
     claim, on_newline, listed_size = lines.claim, lines.on_newline, lines.listed_size
-    offset, number = (0, 0) if not lines.start else align(stream, lines.start, lines.lines_before)
+    offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
     # Room for the record and its "\r\n": a longer read means a longer line.
     while line := stream.readline(limit + 2):
         if claim is not None and not claim(offset):
@@ -100,7 +100,7 @@ def line_records(
             line = line[len(BOM) :]
         size, end = len(line), line
         if cut:
-            skipped, end = skip_line(stream)
+            skipped, end = _skip_line(stream)
             size += skipped
             consumed += skipped
         size -= len(end) - len(end.rstrip(b"\r\n"))
