@@ -1,10 +1,18 @@
 """Packaging for the embedding-export pipeline (also what Dataflow workers install via --setup_file)."""
 
+import pathlib
+import re
+
 import setuptools
+
+# The version is written once, in models/__init__.py; read as text, since importing
+# the package here would need its dependencies installed before they are.
+_INIT = (pathlib.Path(__file__).parent / "models" / "__init__.py").read_text(encoding="utf-8")
+VERSION = re.search(r'^__version__ = "([^"]+)"$', _INIT, re.MULTILINE).group(1)
 
 setuptools.setup(
     name="embexport",
-    version="0.1.0",
+    version=VERSION,
     description="Export intermediate-layer vectors of Keras text models to Parquet with Apache Beam.",
     packages=setuptools.find_packages(include=["models", "models.*", "pipeline", "pipeline.*"]),
     # The sample corpus and the trained default bundle travel with the package so

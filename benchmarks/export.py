@@ -387,7 +387,7 @@ def arrow_row_rates(count, batch_size, flags):
     from pipeline.inference.features import DocumentTokenizer
     from pipeline.planning.options import ExportOptions
     from pipeline.planning.plan import build_plan
-    from pipeline.reading.corpus import Document
+    from pipeline.reading.documents import Document
 
     with tempfile.TemporaryDirectory() as scratch:
         corpus = write_corpus(os.path.join(scratch, "c.jsonl"), 1)

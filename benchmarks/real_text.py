@@ -59,7 +59,7 @@ COLUMNS_SCRIPT = r"""
 import io, json, sys, time
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pipeline.reading.corpus import Document
+from pipeline.reading.documents import Document
 from pipeline.inference.embedder import Embedder
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.planning.options import ExportOptions
@@ -109,7 +109,7 @@ import json, sys, time
 import keras
 import numpy as np
 from models.truncate import truncate
-from pipeline.reading.corpus import Document
+from pipeline.reading.documents import Document
 from pipeline.inference.features import DocumentTokenizer, stack_features
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.plan import build_plan

@@ -1,8 +1,12 @@
 """Keras models, tokenizer, bundle format and sub-model truncation (no Beam here)."""
 
 import importlib.abc
+import importlib.machinery
 import sys
+import types
+from collections.abc import Sequence
 
+# The one place the version is written (setup.py reads it from here).
 __version__ = "0.1.0"
 
 
@@ -16,10 +20,15 @@ class _NoMatplotlibForKeras(importlib.abc.MetaPathFinder):
     missing; `pipeline.analyze` imports matplotlib itself, as usual.
     """
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(
+        self,
+        name: str,
+        path: Sequence[str] | None = None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
         if name != "matplotlib" and not name.startswith("matplotlib."):
             return None
-        frame = sys._getframe(1)
+        frame: types.FrameType | None = sys._getframe(1)
         while frame is not None:
             if frame.f_globals.get("__name__", "").startswith("keras.src.visualization"):
                 raise ImportError(

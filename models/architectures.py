@@ -18,14 +18,14 @@ TITLE = "title"
 
 
 def build_model(
-    topology,
-    vocabulary_size=4000,
-    embedding_dim=300,
-    lstm_units=128,
-    content_length=300,
-    title_length=20,
-    num_title_classes=5,
-):
+    topology: str,
+    vocabulary_size: int = 4000,
+    embedding_dim: int = 300,
+    lstm_units: int = 128,
+    content_length: int = 300,
+    title_length: int = 20,
+    num_title_classes: int = 5,
+) -> keras.Model:
     """Builds one of the tutorial's topologies, uncompiled.
 
     Args:
@@ -62,7 +62,7 @@ def build_model(
     return keras.Model([content, title], {OUT_CONTENT: out_content, OUT_TITLE: out_title}, name=topology)
 
 
-def compile_model(model):
+def compile_model(model: keras.Model) -> keras.Model:
     """Compiles `model` as the tutorial does: a loss (dict) keyed by output name."""
     if model.name == "two_inputs_two_outputs":
         model.compile(

@@ -14,12 +14,16 @@ and how to fix it.  Paths here are local: callers that read bundles from object
 storage copy them to a local directory first.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import hashlib
 import json
 import os
 import platform
+import typing
 import zipfile
+from collections.abc import Mapping
 
 import keras
 
@@ -34,6 +38,26 @@ MODEL_FILE = "model.keras"
 TOKENIZER_FILE = "tokenizer.json"
 
 
+# The manifest.json object: the keys `save_bundle` writes, `read_manifest` checks the
+# ones loading needs, and the trainer adds its own (topology, sizes, ...).
+Manifest = dict[str, typing.Any]
+
+
+class InputEntry(typing.TypedDict):
+    """One entry of the manifest's `inputs`: a model input, the corpus field it reads, its token ids."""
+
+    name: str
+    field: str
+    length: int
+
+
+class LabelInfo(typing.TypedDict):
+    """One entry of the manifest's `labels`: the corpus field an output was trained on, its class names."""
+
+    field: str
+    classes: list[str]
+
+
 class BundleError(ValueError):
     """A bundle directory is missing, incomplete, corrupt or inconsistent."""
 
@@ -45,20 +69,20 @@ class Bundle:
     path: str
     model: keras.Model
     tokenizer: Tokenizer
-    manifest: dict
+    manifest: Manifest
 
     @property
-    def input_fields(self):
+    def input_fields(self) -> dict[str, str]:
         """Model input name -> corpus field it reads."""
         return {entry["name"]: entry["field"] for entry in self.manifest["inputs"]}
 
     @property
-    def sequence_lengths(self):
+    def sequence_lengths(self) -> dict[str, int]:
         """Model input name -> number of token ids it takes."""
         return {entry["name"]: entry["length"] for entry in self.manifest["inputs"]}
 
 
-def sha256_file(path):
+def sha256_file(path: str) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -67,7 +91,8 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def library_versions():
+def library_versions() -> dict[str, str]:
+    """The versions of this package, Keras, TensorFlow and Python, as a bundle records them."""
     import tensorflow as tf
 
     return {
@@ -78,7 +103,15 @@ def library_versions():
     }
 
 
-def save_bundle(directory, model, tokenizer, input_fields, labels=None, metrics=None, extra=None):
+def save_bundle(
+    directory: str,
+    model: keras.Model,
+    tokenizer: Tokenizer,
+    input_fields: Mapping[str, str],
+    labels: Mapping[str, LabelInfo] | None = None,
+    metrics: Mapping[str, Mapping[str, float]] | None = None,
+    extra: Mapping[str, typing.Any] | None = None,
+) -> Manifest:
     """Writes a bundle.
 
     Args:
@@ -99,14 +132,14 @@ def save_bundle(directory, model, tokenizer, input_fields, labels=None, metrics=
     model.save(model_path)
     with open(tokenizer_path, "w", encoding="utf-8") as handle:
         handle.write(tokenizer.to_json())
-    inputs = []
+    inputs: list[InputEntry] = []
     for tensor in model.inputs:
         if tensor.name not in input_fields:
             raise BundleError(f"input_fields has no corpus field for model input {tensor.name!r}.")
         inputs.append(
             {"name": tensor.name, "field": input_fields[tensor.name], "length": int(tensor.shape[1])}
         )
-    manifest = {
+    manifest: Manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_file": MODEL_FILE,
@@ -127,12 +160,12 @@ def save_bundle(directory, model, tokenizer, input_fields, labels=None, metrics=
     return manifest
 
 
-def is_bundle(path):
+def is_bundle(path: str) -> bool:
     """Whether `path` is a directory holding a bundle manifest."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST_FILE))
 
 
-def read_manifest(directory):
+def read_manifest(directory: str) -> Manifest:
     """Reads and validates `manifest.json`; returns it as a dict."""
     path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.isdir(directory):
@@ -159,7 +192,7 @@ def read_manifest(directory):
             f"{path} has format_version {manifest.get('format_version')!r}; this version "
             f"reads {FORMAT_VERSION}. Re-export the bundle with this package's `models.train`."
         )
-    required = {"model_file": str, "tokenizer_file": str, "inputs": list, "sha256": dict}
+    required: dict[str, type] = {"model_file": str, "tokenizer_file": str, "inputs": list, "sha256": dict}
     for key, expected_type in required.items():
         if not isinstance(manifest.get(key), expected_type):
             raise BundleError(f"{path} lacks {key!r} (expected a {expected_type.__name__}).")
@@ -180,7 +213,7 @@ def read_manifest(directory):
     return manifest
 
 
-def check_file_name(name, key, manifest_path="manifest.json"):
+def check_file_name(name: object, key: str, manifest_path: str = "manifest.json") -> None:
     """Refuses a file name in a manifest that is not a plain name in the bundle directory.
 
     A bundle's files stay inside the bundle: an absolute path, a `..` or any
@@ -204,12 +237,13 @@ def check_file_name(name, key, manifest_path="manifest.json"):
         )
 
 
-def check_keras_archive(path):
+def check_keras_archive(path: str) -> None:
     """Raises BundleError if a .keras file is not a complete zip archive.
 
     Keras reports a truncated archive as "File not found", which sends users
     looking for a missing file instead of a damaged one.
     """
+    damaged: str | None
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -222,7 +256,7 @@ def check_keras_archive(path):
         )
 
 
-def load_bundle(directory, verify_hashes=True):
+def load_bundle(directory: str, verify_hashes: bool = True) -> Bundle:
     """Loads and validates a bundle directory.
 
     Raises:
@@ -230,7 +264,7 @@ def load_bundle(directory, verify_hashes=True):
             manifest is malformed, or the manifest disagrees with the model.
     """
     manifest = read_manifest(directory)
-    paths = {}
+    paths: dict[str, str] = {}
     for key in ("model_file", "tokenizer_file"):
         name = manifest[key]
         path = os.path.join(directory, name)

@@ -12,13 +12,17 @@ JSON, a Keras 2 `Tokenizer.to_json()` file, and a vocabulary file with one token
 per line.
 """
 
+from __future__ import annotations
+
 import json
 import re
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from models.tokenizer import FORMAT as EMBEXPORT_FORMAT
-from models.tokenizer import Tokenizer, check_sides, pad_token_ids
+from models.tokenizer import EncodedBatch, TextTokenizer, Tokenizer, check_sides, pad_token_ids
 
 KERAS2_DEFAULT_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
 # `TextVectorization(standardize="lower_and_strip_punctuation", split="whitespace")`:
@@ -35,9 +39,12 @@ FORMAT_KERAS2 = "keras2_tokenizer"
 FORMAT_VOCABULARY = "vocabulary_file"
 
 
-def look_up(words, index_of, oov_id, num_words=None):
+def look_up(
+    words: Iterable[str], index_of: Mapping[str, int], oov_id: int | None, num_words: int | None = None
+) -> tuple[list[int], int]:
     """`(ids, unknown_count)`: unknown words and ids >= `num_words` become `oov_id` (dropped if None)."""
-    ids, unknown = [], 0
+    ids: list[int] = []
+    unknown = 0
     for word in words:
         index = index_of.get(word)
         if index is None or (num_words and index >= num_words):
@@ -52,7 +59,23 @@ def look_up(words, index_of, oov_id, num_words=None):
 class _ListTokenizer:
     """Shared `encode_batch` for tokenizers whose `token_ids(text)` gives `(ids, unknown_count)`."""
 
-    def encode_batch(self, texts, length):
+    padding: str
+    truncating: str
+
+    @property
+    def size(self) -> int:
+        """Number of ids, padding included."""
+        raise NotImplementedError
+
+    def id_to_token(self) -> dict[int, str]:
+        """Id -> token for every id the tokenizer can emit."""
+        raise NotImplementedError
+
+    def token_ids(self, text: str) -> tuple[list[int], int]:
+        """`(ids, unknown_count)` for one text, unpadded."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str], length: int) -> EncodedBatch:
         """Encodes texts into a padded id matrix.
 
         Returns:
@@ -61,7 +84,8 @@ class _ListTokenizer:
             not in the vocabulary (mapped to the unknown id or dropped), and
             whether each row was cut.
         """
-        sequences, unknown = [], np.zeros(len(texts), dtype=np.int32)
+        sequences: list[list[int]] = []
+        unknown = np.zeros(len(texts), dtype=np.int32)
         for row, text in enumerate(texts):
             sequence, unknown[row] = self.token_ids(text)
             sequences.append(sequence)
@@ -69,7 +93,7 @@ class _ListTokenizer:
         return ids, counts, unknown, truncated
 
     @property
-    def vocabulary(self):
+    def vocabulary(self) -> list[str]:
         """Tokens of ids 2 .. size - 1 (`vocabulary[i]` is id `i + 2`); see `id_to_token` for 0 and 1."""
         tokens = self.id_to_token()
         return [tokens.get(index, "") for index in range(2, self.size)]
@@ -93,16 +117,16 @@ class Keras2Tokenizer(_ListTokenizer):
 
     def __init__(
         self,
-        word_index,
-        num_words=None,
-        filters=KERAS2_DEFAULT_FILTERS,
-        lower=True,
-        split=" ",
-        char_level=False,
-        oov_token=None,
-        padding="pre",
-        truncating="pre",
-    ):
+        word_index: dict[str, int],
+        num_words: int | None = None,
+        filters: str | None = KERAS2_DEFAULT_FILTERS,
+        lower: bool = True,
+        split: str = " ",
+        char_level: bool = False,
+        oov_token: str | None = None,
+        padding: str = "pre",
+        truncating: str = "pre",
+    ) -> None:
         check_sides(padding, truncating)
         if not isinstance(word_index, dict) or not all(
             isinstance(word, str) and isinstance(index, int) and index > 0
@@ -122,17 +146,17 @@ class Keras2Tokenizer(_ListTokenizer):
         self._translate = str.maketrans({character: split for character in self.filters})
 
     @property
-    def size(self):
+    def size(self) -> int:
         """Number of ids, padding included: every id the tokenizer can emit is below it."""
         top = max(self.word_index.values(), default=0) + 1
         return min(top, self.num_words) if self.num_words else top
 
-    def id_to_token(self):
+    def id_to_token(self) -> dict[int, str]:
         """Id -> word for every id the tokenizer can emit (id 1 is `oov_token` or the top word)."""
         size = self.size
         return {index: word for word, index in self.word_index.items() if index < size}
 
-    def words(self, text):
+    def words(self, text: str) -> list[str]:
         """`text` split into words as Keras 2 splits it."""
         if self.char_level:
             return list(text.lower() if self.lower else text)
@@ -140,12 +164,14 @@ class Keras2Tokenizer(_ListTokenizer):
             text = text.lower()
         return [word for word in text.translate(self._translate).split(self.split) if word]
 
-    def token_ids(self, text):
+    def token_ids(self, text: str) -> tuple[list[int], int]:
         """`(ids, unknown_count)` for one text, unpadded."""
         return look_up(self.words(text), self.word_index, self._oov_id, self.num_words)
 
     @classmethod
-    def from_json(cls, text, padding="pre", truncating="pre"):
+    def from_json(
+        cls, text: str | dict[str, typing.Any], padding: str = "pre", truncating: str = "pre"
+    ) -> Keras2Tokenizer:
         """Loads the output of Keras 2's `Tokenizer.to_json()`.
 
         Also accepts that JSON string saved once more as a JSON string (what
@@ -181,7 +207,7 @@ class Keras2Tokenizer(_ListTokenizer):
         )
 
 
-def is_keras2_tokenizer_config(config):
+def is_keras2_tokenizer_config(config: object) -> typing.TypeGuard[dict[str, typing.Any]]:
     """Whether a decoded JSON value is a Keras 2 `Tokenizer.to_json()` object."""
     return (
         isinstance(config, dict)
@@ -207,7 +233,7 @@ class VocabularyTokenizer(_ListTokenizer):
             `TextVectorization` itself pads and truncates "post").
     """
 
-    def __init__(self, tokens, padding="pre", truncating="pre"):
+    def __init__(self, tokens: Iterable[str], padding: str = "pre", truncating: str = "pre") -> None:
         check_sides(padding, truncating)
         tokens = list(tokens)
         if not tokens or tokens[0] != PADDING_TOKEN:
@@ -216,7 +242,7 @@ class VocabularyTokenizer(_ListTokenizer):
                 "TextVectorization.get_vocabulary() (line 0 '', line 1 '[UNK]'). Received "
                 f"{tokens[0] if tokens else 'an empty file'!r} on line 0."
             )
-        index = {}
+        index: dict[str, int] = {}
         for number, token in enumerate(tokens):
             if number and token in index:
                 raise ValueError(
@@ -231,30 +257,36 @@ class VocabularyTokenizer(_ListTokenizer):
         self._oov_id = index.get(UNKNOWN_TOKEN)
 
     @property
-    def size(self):
+    def size(self) -> int:
+        """Number of ids: the lines of the file, padding included."""
         return len(self.tokens)
 
-    def id_to_token(self):
+    def id_to_token(self) -> dict[int, str]:
+        """Id (line number) -> token, ids 0 and 1 included."""
         return dict(enumerate(self.tokens))
 
     @staticmethod
-    def words(text):
+    def words(text: str) -> list[str]:
         """`text` standardised and split as `TextVectorization`'s defaults do."""
         text = TEXT_VECTORIZATION_STRIP.sub("", text.translate(_ASCII_LOWER))
         return [word for word in _ASCII_WHITESPACE.split(text) if word]
 
-    def token_ids(self, text):
+    def token_ids(self, text: str) -> tuple[list[int], int]:
+        """`(ids, unknown_count)` for one text, unpadded."""
         return look_up(self.words(text), self._ids, self._oov_id)
 
     @classmethod
-    def from_text(cls, text, padding="pre", truncating="pre"):
+    def from_text(cls, text: str, padding: str = "pre", truncating: str = "pre") -> VocabularyTokenizer:
+        """Reads a vocabulary file's text, one token per line."""
         lines = text.split("\n")
         if lines and lines[-1] == "" and len(lines) > 1:
             lines.pop()  # The newline that ends the last line.
         return cls([line.rstrip("\r") for line in lines], padding=padding, truncating=truncating)
 
 
-def read_tokenizer(data, padding=None, truncating=None):
+def read_tokenizer(
+    data: bytes, padding: str | None = None, truncating: str | None = None
+) -> tuple[TextTokenizer, str]:
     """Builds the tokenizer a file holds.
 
     Args:

@@ -7,10 +7,19 @@ use these functions and nothing else; `tests/test_keras_graph.py` pins what
 they rely on and fails loudly when a Keras upgrade changes it.
 """
 
+from __future__ import annotations
+
+import typing
+
 import keras
 
+if typing.TYPE_CHECKING:
+    # Keras's private graph classes: this module is where the rest of the code meets them.
+    from keras.src.ops.node import Node
+    from keras.src.ops.operation import Operation
 
-def producer(tensor):
+
+def producer(tensor: keras.KerasTensor) -> tuple[Operation, Node] | tuple[None, None]:
     """`(operation, node)` of the call that produced `tensor`; `(None, None)` for a non-Keras tensor."""
     history = getattr(tensor, "_keras_history", None)
     if history is None:
@@ -19,42 +28,44 @@ def producer(tensor):
     return operation, operation._inbound_nodes[history.node_index]
 
 
-def node_inputs(node):
+def node_inputs(node: Node) -> list[keras.KerasTensor]:
     """The tensors a layer call read, in argument order."""
     return list(node.input_tensors)
 
 
-def node_outputs(node):
+def node_outputs(node: Node) -> list[keras.KerasTensor]:
     """The tensors a layer call produced."""
     return list(node.output_tensors)
 
 
-def call_args(node):
+def call_args(node: Node) -> list[typing.Any]:
     """The positional arguments of a layer call."""
     return list(node.arguments.args)
 
 
-def call_kwargs(node):
+def call_kwargs(node: Node) -> dict[str, typing.Any]:
     """The keyword arguments of a layer call (e.g. `mask`, `training`)."""
     return dict(node.arguments.kwargs)
 
 
-def call_arguments(node, values):
+def call_arguments(
+    node: Node, values: dict[int, typing.Any]
+) -> tuple[tuple[typing.Any, ...], dict[str, typing.Any]]:
     """`(args, kwargs)` of a layer call with its input tensors replaced by `values` (id(tensor) -> value)."""
     return node.arguments.fill_in(values)
 
 
-def takes_training(operation):
+def takes_training(operation: Operation) -> bool:
     """Whether the layer's `call` accepts a `training` argument."""
     return bool(getattr(operation, "_call_has_training_arg", False))
 
 
-def tensor_mask(tensor):
+def tensor_mask(tensor: keras.KerasTensor) -> keras.KerasTensor | None:
     """The Keras mask that travels with a symbolic tensor, or None."""
     return getattr(tensor, "_keras_mask", None)
 
 
-def model_nodes(model, layer):
+def model_nodes(model: keras.Model, layer: keras.layers.Layer) -> list[Node]:
     """The calls of `layer` that belong to `model`'s own graph, in call order.
 
     A layer shared with another model built in the same process keeps the
@@ -69,20 +80,22 @@ def model_nodes(model, layer):
     ]
 
 
-def layer_nodes(layer):
+def layer_nodes(layer: keras.layers.Layer) -> list[Node]:
     """Every call of `layer`, whichever model it belongs to."""
     return list(layer._inbound_nodes)
 
 
-def is_input(tensor):
+def is_input(tensor: keras.KerasTensor) -> bool:
     """Whether `tensor` is a model input (produced by an `InputLayer`)."""
     return isinstance(producer(tensor)[0], keras.layers.InputLayer)
 
 
-def input_dependencies(model, tensor):
+def input_dependencies(model: keras.Model, tensor: keras.KerasTensor) -> list[str]:
     """Names of `model`'s inputs that `tensor` is computed from, in model order."""
     input_ids = {id(t): t.name for t in model.inputs}
-    found, seen, stack = set(), set(), [tensor]
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = [tensor]
     while stack:
         current = stack.pop()
         if id(current) in input_ids:

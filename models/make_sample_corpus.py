@@ -27,6 +27,8 @@ would be thinned the same way. Thinning keeps every n-th document in sorted id
 order, so it is deterministic. ``--max-kind-share 1`` keeps every document.
 """
 
+from __future__ import annotations
+
 import argparse
 import ast
 import collections
@@ -36,6 +38,8 @@ import os
 import re
 import sys
 import sysconfig
+import typing
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "data" / "sample_corpus.jsonl"
@@ -111,12 +115,27 @@ TOPIC_OF_MODULE = {
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(`\"'*])")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
+# The labels a document carries, which `balance` evens out.
+Label = typing.Literal["kind", "topic"]
+LABELS: tuple[Label, ...] = ("kind", "topic")
 
-def collapse(text):
+
+class CorpusRow(typing.TypedDict):
+    """One line of the sample corpus."""
+
+    id: str
+    title: str
+    content: str
+    kind: str
+    topic: str
+
+
+def collapse(text: str) -> str:
+    """`text` with every run of whitespace one space, none at either end."""
     return " ".join(text.split())
 
 
-def split_docstring(raw):
+def split_docstring(raw: str) -> tuple[str, str] | None:
     """Split a docstring into its summary and the rest.
 
     Args:
@@ -140,15 +159,16 @@ def split_docstring(raw):
     return title[: match.start()], collapse(title[match.end() :] + " " + rest)
 
 
-def truncate_words(text, limit):
+def truncate_words(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, at a space."""
     if len(text) <= limit:
         return text
     return text[:limit].rsplit(" ", 1)[0]
 
 
-def iter_source_files(stdlib):
+def iter_source_files(stdlib: str) -> list[tuple[str, str]]:
     """Yield ``(dotted module name, path)`` for every stdlib source file, sorted by module."""
-    found = []
+    found: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(stdlib):
         # Directories that are not identifiers (lib-dynload, config-3.11-...)
         # cannot be imported packages, so they hold no library docstrings.
@@ -163,7 +183,9 @@ def iter_source_files(stdlib):
     return sorted(found)
 
 
-def iter_definitions(body, prefix):
+def iter_definitions(
+    body: Iterable[ast.AST], prefix: str
+) -> Iterator[tuple[str, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef]]:
     """Yield ``(qualname, node)`` for classes and functions, with ``__qualname__`` spelling."""
     for node in body:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -180,11 +202,11 @@ def iter_definitions(body, prefix):
                 yield from iter_definitions(handler.body, prefix)
 
 
-def collect_documents(stdlib):
+def collect_documents(stdlib: str) -> list[CorpusRow]:
     """Parse every mapped stdlib module under ``stdlib`` into corpus rows, sorted by id."""
-    docs = []
-    seen_ids = set()
-    seen_texts = set()
+    docs: list[CorpusRow] = []
+    seen_ids: set[str] = set()
+    seen_texts: set[tuple[str, str]] = set()
     for module, path in iter_source_files(stdlib):
         topic = TOPIC_OF_MODULE.get(module.split(".")[0])
         if topic is None:
@@ -228,7 +250,7 @@ def collect_documents(stdlib):
     return docs
 
 
-def water_level(counts, total):
+def water_level(counts: Mapping[str, int], total: int) -> dict[str, int]:
     """Largest per-group allowances, no group over a common level, that sum to ``total``."""
     level = 0
     while level < max(counts.values()) and sum(min(c, level + 1) for c in counts.values()) <= total:
@@ -244,12 +266,14 @@ def water_level(counts, total):
     return allowance
 
 
-def evenly_spaced(items, keep):
+def evenly_spaced(items: Sequence[int], keep: int) -> list[int]:
     """Every n-th of ``items`` (n fractional), so ``keep`` of them survive."""
     return [items[j * len(items) // keep] for j in range(keep)]
 
 
-def cap_share(docs, field, max_share, spread_by=None):
+def cap_share(
+    docs: list[CorpusRow], field: Label, max_share: float, spread_by: Label | None = None
+) -> list[CorpusRow]:
     """Thin the most common value of ``field`` down to ``max_share`` of the documents.
 
     Args:
@@ -268,18 +292,19 @@ def cap_share(docs, field, max_share, spread_by=None):
         return docs
     # Solve keep / (keep + others) <= max_share for the largest integer keep.
     keep = int(max_share * (len(docs) - count) / (1 - max_share))
-    groups = collections.defaultdict(list)
+    groups: collections.defaultdict[str, list[int]] = collections.defaultdict(list)
     for i, doc in enumerate(docs):
         if doc[field] == value:
             groups[doc[spread_by] if spread_by else ""].append(i)
     allowance = water_level({group: len(members) for group, members in groups.items()}, keep)
-    dropped = set()
+    dropped: set[int] = set()
     for group, members in groups.items():
         dropped.update(set(members) - set(evenly_spaced(members, allowance[group])))
     return [doc for i, doc in enumerate(docs) if i not in dropped]
 
 
-def balance(docs, max_kind_share, max_topic_share):
+def balance(docs: list[CorpusRow], max_kind_share: float, max_topic_share: float) -> list[CorpusRow]:
+    """`docs` thinned until no kind and no topic is over its largest share."""
     # Thinning one label shifts the other's shares, so repeat until both hold;
     # every pass only removes documents, so this terminates.
     while True:
@@ -290,7 +315,8 @@ def balance(docs, max_kind_share, max_topic_share):
             return docs
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m models.make_sample_corpus`: writes the sample corpus."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON Lines file to write")
     parser.add_argument(
@@ -324,7 +350,7 @@ def main(argv=None):
         out.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
 
     print(f"wrote {len(docs)} documents to {args.output}")
-    for field in ("kind", "topic"):
+    for field in LABELS:
         counts = collections.Counter(doc[field] for doc in docs)
         print(f"{field}: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 

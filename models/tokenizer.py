@@ -16,10 +16,14 @@ bundle: pre-padding (real tokens at the end, as Keras's `pad_sequences`) and
 post-truncation (a long document keeps its beginning).
 """
 
+from __future__ import annotations
+
 import collections
 import json
 import re
+import typing
 import unicodedata
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -37,21 +41,43 @@ _TOKEN_PATTERN = re.compile(f"[{_CJK}]|[{_PICTOGRAPHS}]|[^\\W_{_CJK}]+")
 # separators, so that "wo\u200brd" stays one word.
 _INVISIBLE = re.compile("[\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 
+# `encode_batch`'s result: (ids, token counts, out-of-vocabulary counts, truncated), one row per text.
+EncodedBatch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
-def split_text(text):
+
+class TextTokenizer(typing.Protocol):
+    """What export asks of a tokenizer: this module's `Tokenizer` and those of `models.keras2_tokenizer`."""
+
+    padding: str
+    truncating: str
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def vocabulary(self) -> list[str]: ...
+
+    def id_to_token(self) -> dict[int, str]: ...
+
+    def encode_batch(self, texts: Sequence[str], length: int) -> EncodedBatch: ...
+
+
+def split_text(text: str) -> list[str]:
     """Standardises `text` and splits it into token strings."""
     text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
     return _TOKEN_PATTERN.findall(text.casefold())
 
 
-def check_sides(padding, truncating):
+def check_sides(padding: str, truncating: str) -> None:
     """Raises ValueError unless both sides are "pre" or "post"."""
     for name, side in (("padding", padding), ("truncating", truncating)):
         if side not in SIDES:
             raise ValueError(f"{name} must be 'pre' or 'post', received {side!r}.")
 
 
-def pad_token_ids(sequences, length, padding="pre", truncating="pre"):
+def pad_token_ids(
+    sequences: Sequence[Sequence[int]], length: int, padding: str = "pre", truncating: str = "pre"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keras's `pad_sequences` for lists of ids, also reporting counts and cuts.
 
     Args:
@@ -91,7 +117,7 @@ class Tokenizer:
         truncating: "pre" or "post", which end of an over-long document is cut.
     """
 
-    def __init__(self, vocabulary, padding="pre", truncating="post"):
+    def __init__(self, vocabulary: Iterable[str], padding: str = "pre", truncating: str = "post") -> None:
         check_sides(padding, truncating)
         self.vocabulary = list(vocabulary)
         self.padding = padding
@@ -101,31 +127,31 @@ class Tokenizer:
             raise ValueError("The vocabulary has duplicate tokens.")
 
     @property
-    def size(self):
+    def size(self) -> int:
         """Number of ids, padding and out-of-vocabulary included."""
         return len(self.vocabulary) + 2
 
     @classmethod
-    def fit(cls, texts, vocabulary_size, **kwargs):
+    def fit(cls, texts: Iterable[str], vocabulary_size: int, **kwargs: str) -> Tokenizer:
         """Builds the vocabulary of the `vocabulary_size - 2` most frequent tokens."""
         if vocabulary_size < 3:
             raise ValueError(f"vocabulary_size must be at least 3, received {vocabulary_size}.")
-        counts = collections.Counter()
+        counts: collections.Counter[str] = collections.Counter()
         for text in texts:
             counts.update(split_text(text))
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         return cls([token for token, _ in ranked[: vocabulary_size - 2]], **kwargs)
 
-    def id_to_token(self):
+    def id_to_token(self) -> dict[int, str]:
         """Id -> token string for every vocabulary id (2..); padding and OOV have no string."""
         return {index + 2: token for index, token in enumerate(self.vocabulary)}
 
-    def token_ids(self, text):
+    def token_ids(self, text: str) -> list[int]:
         """All token ids of `text`, unpadded and untruncated."""
         get = self._ids.get
         return [get(token, OOV_ID) for token in split_text(text)]
 
-    def encode_batch(self, texts, length):
+    def encode_batch(self, texts: Sequence[str], length: int) -> EncodedBatch:
         """Encodes texts into a padded id matrix.
 
         Args:
@@ -143,7 +169,8 @@ class Tokenizer:
         oov = (ids == OOV_ID).sum(axis=1).astype(np.int32)
         return ids, counts, oov, truncated
 
-    def to_json(self):
+    def to_json(self) -> str:
+        """The tokenizer as this package's tokenizer JSON (what `from_json` reads)."""
         return json.dumps(
             {
                 "format": FORMAT,
@@ -160,7 +187,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_json(cls, text):
+    def from_json(cls, text: str) -> Tokenizer:
         """Loads a tokenizer written by `to_json`; raises ValueError if it is not one."""
         try:
             config = json.loads(text)

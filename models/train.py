@@ -7,19 +7,26 @@ the split is the same on every run.  At the end it prints held-out accuracy per
 output next to the majority-class baseline.
 """
 
+from __future__ import annotations
+
 import argparse
 import hashlib
 import json
 import os
 import sys
+import typing
+from collections.abc import Sequence
 
 import keras
 import numpy as np
 
 from models import architectures
-from models.bundle import save_bundle
+from models.bundle import LabelInfo, Manifest, save_bundle
 from models.paths import DEFAULT_BUNDLE, SAMPLE_CORPUS
 from models.tokenizer import Tokenizer
+
+# A corpus record as JSON decodes it.
+Record = dict[str, typing.Any]
 
 DEFAULT_LAYERS = {
     "single_input": [architectures.LSTM_CONTENT, architectures.EMBEDDING],
@@ -37,24 +44,24 @@ DEFAULT_LAYERS = {
 }
 
 
-def read_jsonl(path):
+def read_jsonl(path: str) -> list[Record]:
     """Reads a JSONL file into a list of dicts."""
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def is_held_out(document_id, fraction):
+def is_held_out(document_id: object, fraction: float) -> bool:
     """Deterministic split: a document is held out if its id hashes below `fraction`."""
     digest = hashlib.sha256(str(document_id).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def _labels(documents, field):
+def _labels(documents: Sequence[Record], field: str) -> list[str]:
     values = [document[field] for document in documents]
     return sorted({str(value) for value in values})
 
 
-def _targets(documents, field, classes, one_hot):
+def _targets(documents: Sequence[Record], field: str, classes: Sequence[str], one_hot: bool) -> np.ndarray:
     index = {name: position for position, name in enumerate(classes)}
     ids = np.array([index[str(document[field])] for document in documents])
     if one_hot:
@@ -62,7 +69,7 @@ def _targets(documents, field, classes, one_hot):
     return ids.astype("float32").reshape(-1, 1)
 
 
-def train(args):
+def train(args: argparse.Namespace) -> Manifest:
     """Trains per `args` (see `parse_args`) and writes the bundle; returns the manifest."""
     keras.utils.set_random_seed(args.seed)
     documents = read_jsonl(args.corpus)
@@ -93,14 +100,14 @@ def train(args):
     if args.topology != "single_input":
         input_fields[architectures.TITLE] = args.title_field
 
-    def features(docs):
+    def features(docs: Sequence[Record]) -> dict[str, np.ndarray]:
         lengths = {architectures.CONTENT: args.content_length, architectures.TITLE: args.title_length}
         return {
             name: tokenizer.encode_batch([d[field] for d in docs], lengths[name])[0]
             for name, field in input_fields.items()
         }
 
-    def targets(docs):
+    def targets(docs: Sequence[Record]) -> np.ndarray | dict[str, np.ndarray]:
         binary = _targets(docs, args.binary_label, binary_classes, one_hot=False)
         if args.topology != "two_inputs_two_outputs":
             return binary
@@ -120,8 +127,8 @@ def train(args):
     predictions = model.predict(features(test_docs), batch_size=256, verbose=0)
     if not isinstance(predictions, dict):
         predictions = {architectures.OUTPUT: predictions}
-    metrics = {}
-    labels = {}
+    metrics: dict[str, dict[str, float]] = {}
+    labels: dict[str, LabelInfo] = {}
     for output, prediction in predictions.items():
         if output == architectures.OUT_TITLE:
             field, classes = args.class_label, title_classes
@@ -169,7 +176,8 @@ def train(args):
     return manifest
 
 
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The training flags (`--help` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--topology", choices=architectures.TOPOLOGIES, default="two_inputs_two_outputs")
     parser.add_argument(
@@ -199,7 +207,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m models.train`: trains and writes the bundle."""
     train(parse_args(argv))
 
 

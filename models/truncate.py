@@ -6,9 +6,12 @@ call and the caller picks which; and the sub-model takes only the inputs its
 outputs depend on, so exporting `lstm_content` does not need a `title` field.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import difflib
 import re
+from collections.abc import Sequence
 
 import keras
 
@@ -26,7 +29,7 @@ class LayerSpec:
     call: int = 0
 
 
-def parse_layer_spec(text):
+def parse_layer_spec(text: str) -> LayerSpec:
     """Parses `[COLUMN=]LAYER[:CALL]` into a `LayerSpec`.
 
     The column defaults to the layer name, with `_callK` appended for K > 0.
@@ -43,17 +46,17 @@ def parse_layer_spec(text):
     return LayerSpec(column=column, layer=layer, call=call)
 
 
-def layer_calls(model):
+def layer_calls(model: keras.Model) -> dict[str, list[keras.KerasTensor | list[keras.KerasTensor]]]:
     """Maps each layer name to the output tensor of each of its calls in `model`.
 
     Only calls that belong to `model`'s own graph count: a layer shared with
     another model built in the same process keeps those other calls to itself.
     """
-    calls = {}
+    calls: dict[str, list[keras.KerasTensor | list[keras.KerasTensor]]] = {}
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
-        tensors = []
+        tensors: list[keras.KerasTensor | list[keras.KerasTensor]] = []
         for node in keras_graph.model_nodes(model, layer):
             outputs = keras_graph.node_outputs(node)
             tensors.append(outputs[0] if len(outputs) == 1 else outputs)
@@ -61,7 +64,7 @@ def layer_calls(model):
     return calls
 
 
-def describe_layers(model):
+def describe_layers(model: keras.Model) -> str:
     """One line per layer: its name and how many calls it has."""
     return ", ".join(
         f"{name} ({len(tensors)} call{'s' * (len(tensors) != 1)})"
@@ -69,7 +72,11 @@ def describe_layers(model):
     )
 
 
-def resolve_layer(model, spec, calls=None):
+def resolve_layer(
+    model: keras.Model,
+    spec: LayerSpec,
+    calls: dict[str, list[keras.KerasTensor | list[keras.KerasTensor]]] | None = None,
+) -> keras.KerasTensor:
     """Returns the output tensor that `spec` selects; raises ValueError if none."""
     calls = layer_calls(model) if calls is None else calls
     if spec.layer not in calls:
@@ -96,7 +103,7 @@ def resolve_layer(model, spec, calls=None):
     return tensor
 
 
-def truncate(model, specs):
+def truncate(model: keras.Model, specs: Sequence[LayerSpec]) -> keras.Model:
     """Builds one sub-model that computes every requested layer in one forward pass.
 
     Args:
@@ -118,7 +125,7 @@ def truncate(model, specs):
         )
     calls = layer_calls(model)
     outputs = {spec.column: resolve_layer(model, spec, calls) for spec in specs}
-    needed = set()
+    needed: set[str] = set()
     for tensor in outputs.values():
         needed.update(keras_graph.input_dependencies(model, tensor))
     inputs = {t.name: t for t in model.inputs if t.name in needed}

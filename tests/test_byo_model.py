@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 from pipeline_fixtures import export_args, read_errors, read_rows, rows_by_id, write_jsonl
 
+from models.keras2_config import SUPPORTED_LAYERS, LegacyModelError
 from models.keras2_tokenizer import (
     FORMAT_KERAS2,
     FORMAT_VOCABULARY,
@@ -28,7 +29,7 @@ from models.keras2_tokenizer import (
     pad_token_ids,
     read_tokenizer,
 )
-from models.legacy import SUPPORTED_LAYERS, LegacyModelError, load_model_file
+from models.legacy import load_model_file
 from models.train import SAMPLE_CORPUS
 from models.truncate import layer_calls
 from pipeline.inspect import main as inspect_main
@@ -172,7 +173,7 @@ for name, variant in variants.items():
             references[f"tokenizer|{name}|{padding}|{truncating}"] = pad_sequences(
                 sequences, maxlen=12, padding=padding, truncating=truncating)
 
-# Every layer type of models.legacy.SUPPORTED_LAYERS, in a functional model, a
+# Every layer type of models.keras2_config.SUPPORTED_LAYERS, in a functional model, a
 # Sequential and a model nested in another.
 ids = np.random.default_rng(0).integers(0, 50, (6, 12))
 ids[0, :5] = 0

@@ -1,12 +1,12 @@
-"""`reading.corpus` on plain bytes, without Beam: positions, limits, byte-order marks and broken streams."""
+"""`pipeline.reading` on plain bytes, without Beam: positions, limits, byte-order marks and broken streams."""
 
 import gzip
 import io
 import types
 
 from pipeline.planning.plan import InputInfo
-from pipeline.reading import corpus
-from pipeline.reading.corpus import Document
+from pipeline.reading import corpus, text_lines
+from pipeline.reading.documents import Document
 
 
 def _plan(input_format, limit=1000, field="content"):
@@ -58,9 +58,9 @@ def test_a_record_of_exactly_the_limit_is_read():
 
 
 def test_byte_order_mark_is_dropped_from_the_start_of_the_file_only():
-    items = _read(_plan("text", field="text"), corpus.BOM + b"first\n" + corpus.BOM + b"second\n")
+    items = _read(_plan("text", field="text"), text_lines.BOM + b"first\n" + text_lines.BOM + b"second\n")
     assert _summary(items) == [(1, ("first",)), (2, ("\ufeffsecond",))]
-    csv_items = _read(_plan("csv"), corpus.BOM + b"id,content\r\na,word\r\n")
+    csv_items = _read(_plan("csv"), text_lines.BOM + b"id,content\r\na,word\r\n")
     assert [item.id for item in csv_items] == ["a"]
 
 
@@ -146,14 +146,14 @@ def test_gzip_is_read_by_extension():
 
 
 def test_any_failure_while_parsing_a_record_ends_that_record_only(monkeypatch):
-    original = corpus.to_document
+    original = text_lines.to_document
 
     def fails_on_b(plan, source, number, record, raw=None):
         if record["id"] == "b":
             raise KeyError("surprise")
         return original(plan, source, number, record, raw)
 
-    monkeypatch.setattr(corpus, "to_document", fails_on_b)
+    monkeypatch.setattr(text_lines, "to_document", fails_on_b)
     lines = b"".join(b'{"id": "%s", "content": "w"}\n' % name for name in (b"a", b"b", b"c"))
     items = _read(_plan("jsonl"), lines)
     assert _summary(items) == [(1, ("w",)), (2, "parse_failed"), (3, ("w",))]

@@ -328,7 +328,7 @@ def test_pipeline_embedder_falls_back_with_a_log_line(tmp_path, caplog):
     from pipeline.inference.features import DocumentTokenizer
     from pipeline.planning.options import ExportOptions
     from pipeline.planning.plan import build_plan
-    from pipeline.reading.corpus import Document
+    from pipeline.reading.documents import Document
 
     model = _keras3_model(lambda x: keras.layers.LSTM(6, name="lstm_content", dtype="mixed_float16")(x))
     bundle = str(tmp_path / "bundle")

@@ -13,7 +13,7 @@ import pytest
 from models.tokenizer import Tokenizer
 from pipeline.inference.features import DocumentTokenizer, Tokenized, stack_features
 from pipeline.planning.plan import TEXT_INPUT, InputInfo
-from pipeline.reading.corpus import Document, TokenIds
+from pipeline.reading.documents import Document, TokenIds
 
 TOKENIZER = Tokenizer(["alpha", "beta", "gamma", "delta"], padding="pre", truncating="post")
 
@@ -66,13 +66,13 @@ def test_a_document_without_tokens_is_an_empty_document_dead_letter_at_its_place
 
 
 def test_an_id_past_the_embedding_is_a_bad_token_id_dead_letter_before_tokenizing():
-    from pipeline.reading import corpus
+    from pipeline.reading import documents
 
     inputs = (InputInfo("content", "content", 4, id_limit=10),)
     plan = types.SimpleNamespace(**vars(_plan(*inputs)), id_field="id", keep_fields=(), tokenizes=False)
-    document = corpus.to_document(plan, "c.jsonl", 1, {"id": "a", "content": [9, 3]})
+    document = documents.to_document(plan, "c.jsonl", 1, {"id": "a", "content": [9, 3]})
     assert isinstance(DocumentTokenizer(plan, None).tokenize(document), Tokenized)
-    error = corpus.to_document(plan, "c.jsonl", 2, {"id": "b", "content": [3, 10]})
+    error = documents.to_document(plan, "c.jsonl", 2, {"id": "b", "content": [3, 10]})
     assert error["reason"] == "bad_token_id" and "input_dim=10" in error["message"]
 
 

@@ -23,7 +23,7 @@ from pipeline.inference.embedder import Embedder
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.plan import build_plan
-from pipeline.reading.corpus import Document, TokenIds
+from pipeline.reading.documents import Document, TokenIds
 from pipeline.writing import schema
 
 VOCABULARY = 60

@@ -16,8 +16,8 @@ from sizes import SIZES
 from models.bundle import DEFAULT_BUNDLE
 from models.train import SAMPLE_CORPUS
 from pipeline.planning.plan import InputInfo
-from pipeline.reading import corpus
-from pipeline.reading.corpus import Document
+from pipeline.reading import corpus, parquet_rows, text_lines
+from pipeline.reading.documents import Document
 from pipeline.running import runners
 from pipeline.running.export import run_export
 from pipeline.running.progress import ProgressMonitor
@@ -75,7 +75,7 @@ def _read_in_ranges(plan, data, bounds, block_size, path="c.jsonl"):
 
 def test_any_cut_into_ranges_reads_every_line_once_with_its_line_number():
     lines = [
-        corpus.BOM + b'{"id": "a", "content": "w"}',
+        text_lines.BOM + b'{"id": "a", "content": "w"}',
         b"",
         b'{"id": "b", "content": "' + b"x" * 80 + b'"}',  # over the limit: skipped, never held
         b"not json",
@@ -109,7 +109,7 @@ def test_parquet_ranges_split_by_row_group():
     pq.write_table(table, sink, row_group_size=3)
     data = sink.getvalue()
     metadata = pq.ParquetFile(io.BytesIO(data)).metadata
-    starts = [corpus.row_group_offset(metadata.row_group(g)) for g in range(metadata.num_row_groups)]
+    starts = [parquet_rows.row_group_offset(metadata.row_group(g)) for g in range(metadata.num_row_groups)]
     # A cut between the second and third row groups.
     middle = (starts[1] + starts[2]) // 2
     seen = []

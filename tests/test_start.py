@@ -20,7 +20,7 @@ from pipeline.inference import embedder as embedder_lib
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.plan import build_plan
-from pipeline.reading.corpus import Document
+from pipeline.reading.documents import Document
 
 
 @pytest.fixture

@@ -11,23 +11,32 @@ model can tell its real tokens, so the handler decides whether such a document
 is empty.
 """
 
+from __future__ import annotations
+
 import typing
+from collections.abc import Sequence
 
 import numpy as np
 
-from models.tokenizer import pad_token_ids
+from models.tokenizer import TextTokenizer, pad_token_ids
 from pipeline.planning.plan import TEXT_INPUT
-from pipeline.reading.corpus import TokenIds
+from pipeline.reading.documents import DeadLetter, Document, TokenIds
 from pipeline.writing import schema as schema_lib
+
+if typing.TYPE_CHECKING:
+    from pipeline.planning.plan import ExportPlan, InputInfo
 
 
 class Tokenized(typing.NamedTuple):
     """A `Document` ready for the model."""
 
-    document: object  # the parsed `corpus.Document`
-    features: tuple  # per plan input: (length,) int32 token ids, or the text for a text input
-    truncated: bool  # some input was cut to its length
-    oov_tokens: int  # out-of-vocabulary words over all inputs
+    document: Document
+    # Per plan input: (length,) int32 token ids, or the text for a text input.
+    features: tuple[np.ndarray | str, ...]
+    # Some input was cut to its length.
+    truncated: bool
+    # Out-of-vocabulary words over all inputs.
+    oov_tokens: int
 
 
 class DocumentTokenizer:
@@ -39,16 +48,17 @@ class DocumentTokenizer:
             that takes text.
     """
 
-    def __init__(self, plan, tokenizer):
+    def __init__(self, plan: ExportPlan, tokenizer: TextTokenizer | None) -> None:
         self._inputs = plan.inputs
         self._padding, self._truncating = plan.padding, plan.truncating
         self._tokenizer = tokenizer
         # With a text input only the model knows whether a document is empty.
         self._decides_empty = all(info.takes != TEXT_INPUT for info in plan.inputs)
 
-    def tokenize(self, document):
+    def tokenize(self, document: Document) -> Tokenized | DeadLetter:
         """`Tokenized`, or the dead letter of a document with no token in any input."""
-        features, truncated, oov, real_tokens = [], False, 0, 0
+        features: list[np.ndarray | str] = []
+        truncated, oov, real_tokens = False, 0, 0
         for info, value in zip(self._inputs, document.texts, strict=True):
             if info.takes == TEXT_INPUT:
                 features.append(value)
@@ -56,6 +66,9 @@ class DocumentTokenizer:
             if isinstance(value, TokenIds):
                 ids, counts, cut = pad_token_ids([value.ids], info.length, self._padding, self._truncating)
                 unknown = 0
+            elif self._tokenizer is None:
+                # The corpus refuses text for an id input under --tokenizer none.
+                raise ValueError(f"Input {info.name!r} holds text, but the export has no tokenizer.")
             else:
                 ids, counts, unknowns, cut = self._tokenizer.encode_batch([value], info.length)
                 unknown = int(unknowns[0])
@@ -72,7 +85,7 @@ class DocumentTokenizer:
         return Tokenized(document, tuple(features), truncated, oov)
 
 
-def stack_features(inputs, batch):
+def stack_features(inputs: Sequence[InputInfo], batch: Sequence[Tokenized]) -> dict[str, np.ndarray]:
     """{input name: the batch's features}: (n, length) int32 ids, or texts shaped as the input takes them."""
     stacked = {}
     for position, info in enumerate(inputs):

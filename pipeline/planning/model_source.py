@@ -18,8 +18,9 @@ from models.bundle import (
     load_bundle,
     sha256_file,
 )
+from models.keras2_config import LegacyModelError
 from models.keras2_tokenizer import read_tokenizer
-from models.legacy import LegacyModelError, load_model_file
+from models.legacy import load_model_file
 from models.tokenizer import Tokenizer
 from pipeline.errors import ExportConfigError
 

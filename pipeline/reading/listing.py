@@ -67,7 +67,8 @@ def _walk(root: str, max_depth: int | None) -> typing.Iterator[str]:
     skipped with a warning, since its files are listed through the ancestor. A
     bounded walk follows it like the shell does, as deep as the pattern goes.
     """
-    stack = [(root, 0, frozenset())]
+    # (directory, its depth, the (device, inode) of the directories on the path to it)
+    stack: list[tuple[str, int, frozenset[tuple[int, int]]]] = [(root, 0, frozenset())]
     while stack:
         directory, depth, ancestors = stack.pop()
         try:

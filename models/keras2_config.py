@@ -1,0 +1,260 @@
+"""Translates Keras 2 (tf_keras) layer and model configs into their Keras 3 equivalents.
+
+Keras 3 refuses most configs written by Keras 2: they carry arguments it no
+longer accepts (an LSTM's `time_major`, an Embedding's `input_length`, ...).
+Only arguments that do not change the computation are dropped or renamed;
+anything else raises `LegacyModelError` with the reason and the fix.
+`models.legacy` loads files with these translations.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from collections.abc import Iterator
+
+# A layer or model config as Keras serialises it to JSON (class_name, config, ...).
+Config = dict[str, typing.Any]
+
+# Keras 2 layer types whose `.h5` configs are translated and whose outputs are
+# checked against tf_keras in tests/test_byo_model.py.  Layers not listed here
+# still load when their Keras 2 config is also valid in Keras 3 (most built-in
+# layers); those that need translation and are not listed raise LegacyModelError.
+SUPPORTED_LAYERS = (
+    "InputLayer",
+    "Embedding",
+    "LSTM",
+    "GRU",
+    "SimpleRNN",
+    "Bidirectional",
+    "TimeDistributed",
+    "Dense",
+    "Dropout",
+    "SpatialDropout1D",
+    "Activation",
+    "Conv1D",
+    "MaxPooling1D",
+    "GlobalAveragePooling1D",
+    "GlobalMaxPooling1D",
+    "BatchNormalization",
+    "LayerNormalization",
+    "Add",
+    "Concatenate",
+    "Average",
+    "Multiply",
+    "Masking",
+    "Flatten",
+    "Reshape",
+    "Lambda",
+    "Functional",
+    "Sequential",
+)
+
+# Keras 2 layers that record a TensorFlow op by name rather than a layer (what
+# `x + y` or `tf.reduce_mean(x)` on Keras 2 tensors becomes); Keras 3 has no
+# equivalent.
+TF_OP_LAYERS = (
+    "TFOpLambda",
+    "SlicingOpLambda",
+    "TensorFlowOpLayer",
+    "InstanceProperty",
+    "InstanceMethod",
+    "ClassMethod",
+)
+
+RNN_LAYERS = ("LSTM", "GRU", "SimpleRNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
+WRAPPERS = ("Bidirectional", "TimeDistributed")
+MODELS = ("Functional", "Model", "Sequential")
+LAMBDA = "Lambda"
+
+# Keras 2 BatchNormalization arguments that Keras 3 lacks, with the value that
+# makes them a no-op at inference.
+_BATCH_NORM_DEFAULTS = {"fused": None, "virtual_batch_size": None, "adjustment": None}
+_LAMBDA_LEGACY_KEYS = ("module", "function_type", "output_shape_type", "output_shape_module")
+
+
+class LegacyModelError(ValueError):
+    """A model file cannot be loaded into Keras 3, with the reason and the fix."""
+
+
+def _walk_layers(config: Config) -> Iterator[Config]:
+    """Yields every layer config in `config`, nested models and wrapped layers included."""
+    yield config
+    inner = config.get("config", {})
+    if not isinstance(inner, dict):
+        return
+    if config.get("class_name") in MODELS or isinstance(inner.get("layers"), list):
+        for layer in inner.get("layers", []):
+            yield from _walk_layers(layer)
+    for key in ("layer", "backward_layer", "cell"):
+        if isinstance(inner.get(key), dict) and "class_name" in inner[key]:
+            yield from _walk_layers(inner[key])
+
+
+def lambda_layer_names(config: Config) -> list[str]:
+    """Names of the `Lambda` layers anywhere in a model config."""
+    return [
+        layer["config"].get("name", "?")
+        for layer in _walk_layers(config)
+        if layer.get("class_name") == LAMBDA
+    ]
+
+
+def _policy_name(dtype: str | Config | None) -> str | Config | None:
+    # tf_keras >= 2.13 stores {"class_name": "Policy", "config": {"name": "float32"}}.
+    if isinstance(dtype, dict) and dtype.get("class_name") in ("Policy", "DTypePolicy"):
+        return dtype.get("config", {}).get("name", "float32")
+    return dtype
+
+
+def _translate_lambda(config: Config, name: str) -> None:
+    for key in _LAMBDA_LEGACY_KEYS:
+        config.pop(key, None)
+    for key in ("function", "output_shape"):
+        value = config.get(key)
+        if isinstance(value, list) and len(value) == 3 and isinstance(value[0], str):
+            # Keras 2 stores (marshalled code, defaults, closure) as a list.
+            config[key] = {
+                "class_name": "__lambda__",
+                "config": {"code": value[0], "defaults": value[1], "closure": value[2]},
+            }
+        elif key == "function" and isinstance(value, str):
+            raise LegacyModelError(
+                f"Lambda layer {name!r} calls the named Python function {value!r}, which the "
+                "file does not contain. Rebuild the model with that function replaced by a "
+                "lambda or a built-in layer."
+            )
+    if isinstance(config.get("output_shape"), list):
+        config["output_shape"] = [None if d is None else int(d) for d in config["output_shape"]]
+
+
+def _is_node_reference(value: object) -> typing.TypeGuard[list[typing.Any]]:
+    return (
+        isinstance(value, list)
+        and len(value) in (3, 4)
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+        and isinstance(value[2], int)
+    )
+
+
+def _renumber_nested_model_nodes(model_config: Config) -> None:
+    """Shifts references to the calls of nested models down by one, in place.
+
+    A Keras 2 model built on an Input has a node 0 of its own (its inputs to its
+    outputs), so when it is used as a layer its first call is node 1.  Keras 3
+    has no such node: the first call is node 0.
+    """
+    shifted: set[str] = set()
+    for layer in model_config.get("layers", []):
+        inner = layer.get("config", {})
+        if layer.get("class_name") in ("Model", "Sequential") and (
+            layer["class_name"] == "Model"
+            or (inner.get("layers") and inner["layers"][0].get("class_name") == "InputLayer")
+        ):
+            shifted.add(inner.get("name", layer.get("name")))
+    if not shifted:
+        return
+
+    def renumber(reference: list[typing.Any]) -> None:
+        if reference[0] in shifted:
+            reference[1] -= 1
+
+    for layer in model_config.get("layers", []):
+        for node in layer.get("inbound_nodes", []):
+            for reference in node if isinstance(node, list) else []:
+                if _is_node_reference(reference):
+                    renumber(reference)
+    for key in ("input_layers", "output_layers"):
+        references = model_config.get(key)
+        if _is_node_reference(references):
+            renumber(references)
+        elif isinstance(references, list):
+            for reference in references:
+                if _is_node_reference(reference):
+                    renumber(reference)
+
+
+def translate_layer_config(layer_config: Config) -> Config:
+    """Rewrites one Keras 2 layer config (and the layers nested in it) for Keras 3, in place.
+
+    Raises:
+        LegacyModelError: the layer has no Keras 3 equivalent that computes the same numbers.
+    """
+    class_name = layer_config.get("class_name")
+    config = layer_config.get("config")
+    if not isinstance(config, dict):
+        return layer_config
+    name = config.get("name", "?")
+    if class_name in TF_OP_LAYERS:
+        raise LegacyModelError(
+            f"Layer {name!r} is a Keras 2 {class_name}: a TensorFlow operation applied directly "
+            f"to Keras tensors (e.g. `x + y` or `tf.reduce_mean(x)`), recorded as "
+            f"{config.get('function', '?')!r}. Keras 3 cannot rebuild these. Re-save the model "
+            "with the operation as a layer (keras.layers.Add, Lambda, ...)."
+        )
+    if "dtype" in config:
+        config["dtype"] = _policy_name(config["dtype"])
+    if class_name == "InputLayer":
+        if "batch_input_shape" in config:
+            config["batch_shape"] = config.pop("batch_input_shape")
+        return layer_config
+    # Only the first layer of a Keras 2 Sequential records the input shape; the
+    # translated model gets it from its InputLayer or its inputs instead.
+    for key in ("batch_input_shape", "input_shape", "batch_size"):
+        config.pop(key, None)
+    if class_name in MODELS:
+        # Keras 3 finds models by public module; `keras.Model.from_config` builds
+        # functional configs too.
+        layer_config["module"] = "keras"
+        layer_config["class_name"] = "Sequential" if class_name == "Sequential" else "Model"
+        for layer in config.get("layers", []):
+            translate_layer_config(layer)
+        _renumber_nested_model_nodes(config)
+    elif class_name in RNN_LAYERS:
+        if config.pop("time_major", False):
+            raise LegacyModelError(
+                f"Layer {name!r} ({class_name}) was built with time_major=True, which Keras 3 does "
+                "not support. Rebuild it with time_major=False (the default)."
+            )
+        if isinstance(config.get("cell"), dict):
+            translate_layer_config(config["cell"])
+    elif class_name in WRAPPERS:
+        for key in ("layer", "backward_layer"):
+            if isinstance(config.get(key), dict):
+                translate_layer_config(config[key])
+    elif isinstance(class_name, str) and class_name.startswith("SpatialDropout"):
+        # Keras 2 recorded a noise_shape it never let callers set; Keras 3's
+        # constructor also rejects `trainable` (meaningless for a layer without weights).
+        config.pop("noise_shape", None)
+        config.pop("trainable", None)
+    elif class_name == "Embedding":
+        config.pop("input_length", None)
+    elif class_name == "BatchNormalization":
+        axis = config.get("axis")
+        if isinstance(axis, list):
+            if len(axis) != 1:
+                raise LegacyModelError(
+                    f"BatchNormalization {name!r} normalises over several axes {axis}; Keras 3 takes one."
+                )
+            config["axis"] = int(axis[0])
+        if config.get("renorm"):
+            raise LegacyModelError(
+                f"BatchNormalization {name!r} uses renorm=True, which this loader does not translate."
+            )
+        for key, neutral in _BATCH_NORM_DEFAULTS.items():
+            value = config.pop(key, neutral)
+            if key != "fused" and value != neutral:
+                raise LegacyModelError(
+                    f"BatchNormalization {name!r} sets {key}={value!r}, which Keras 3 lacks."
+                )
+    elif class_name == LAMBDA:
+        _translate_lambda(config, name)
+    return layer_config
+
+
+def translate_model_config(model_config: Config) -> Config:
+    """A Keras 3 version of a Keras 2 model config (the input is not modified)."""
+    translated = copy.deepcopy(model_config)
+    translate_layer_config(translated)
+    return translated

@@ -1,0 +1,223 @@
+"""Reads CSV corpora: a header, then one record per row (lines inside quotes included), by row number.
+
+Quotes are read strictly and each record is measured line by line, so an
+oversized record is skipped while reading goes on and a quote that never
+closes costs one dead letter, not the rest of the file.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import typing
+from collections.abc import Iterator, Sequence
+
+from pipeline.reading.documents import SURROGATE, DeadLetter, Record, guarded, to_document, too_large
+from pipeline.reading.text_lines import SKIP_CHUNK, ByteStream
+from pipeline.writing import schema as schema_lib
+from pipeline.writing.schema import AMBIGUOUS_HEADER, INVALID_UTF8, MALFORMED_CSV, WRONG_FIELD_COUNT
+
+if typing.TYPE_CHECKING:
+    from pipeline.planning.plan import ExportPlan
+
+
+class RecordTooLarge(Exception):
+    """Raised into `csv.reader` when the record it is reading passes --max_record_bytes."""
+
+
+class UnclosedQuote(Exception):
+    """A CSV quote that cannot be set aside with its record alone (in the header, or in a skipped record)."""
+
+
+class _CsvLines:
+    """Feeds `csv.reader` one physical line at a time, measuring the record being read.
+
+    `csv.reader` keeps a whole record in memory and has its own field limit;
+    reading here lines of at most --max_record_bytes keeps memory bounded and
+    lets an oversized record be skipped, following its quotes, while reading
+    goes on. The lines of the record being read are kept (at most
+    --max_record_bytes of them), so that a record whose quote never closes can
+    be set aside and its later lines read again as records (`reread_after_first`).
+    """
+
+    size: int
+    quotes: int
+    raw: str
+    lines: list[str]
+    # Set when the data ended inside the record: `csv.reader` only asks for
+    # another line mid-record while a quoted field is open.
+    ended_inside: bool
+
+    def __init__(self, text: typing.TextIO, limit: int) -> None:
+        self._text = text
+        self._limit = limit
+        self._pending: collections.deque[str] = collections.deque()
+        self._line = ""
+        self.start_record()
+
+    def start_record(self) -> None:
+        self.size = 0
+        self.quotes = 0
+        self.raw = ""
+        self._line = ""
+        self.lines = []
+        self.ended_inside = False
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self._pending.popleft() if self._pending else self._text.readline(self._limit + 2)
+        if not line:
+            self.ended_inside = True
+            raise StopIteration
+        self._line = line
+        self.lines.append(line)
+        self.quotes += line.count('"')
+        if len(self.raw) < schema_lib.RAW_LIMIT:
+            self.raw += line[: schema_lib.RAW_LIMIT - len(self.raw)]
+        size = len(line.encode("utf-8", "surrogateescape"))
+        terminator = len(line) - len(line.rstrip("\r\n"))
+        self.size += size
+        # The record's last line ending is not part of it; a line cut by the read limit has none.
+        if self.size - terminator > self._limit:
+            raise RecordTooLarge
+        return line
+
+    def reread_after_first(self) -> None:
+        """Queues the record's lines after its first to be read again, as records of their own."""
+        self._pending.extendleft(reversed(self.lines[1:]))
+
+    def skip_record(self) -> None:
+        """Reads past the rest of the current record: its line, and more lines while a quote is open.
+
+        Raises:
+            UnclosedQuote: the data ended with the quote still open; the lines
+                skipped were not kept, so they cannot be read as records again.
+        """
+        line = self._line
+        while not (line.endswith(("\n", "\r")) and self.quotes % 2 == 0):
+            line = self._pending.popleft() if self._pending else self._text.readline(SKIP_CHUNK)
+            if not line:
+                if self.quotes % 2:
+                    raise UnclosedQuote(
+                        f"a quoted field over --max_record_bytes={self._limit} is never closed; the "
+                        f"{self.size} bytes after it up to the end of the file were not read as records"
+                    )
+                break
+            self.quotes += line.count('"')
+            self.size += len(line.encode("utf-8", "surrogateescape"))
+
+
+def _malformed(source: str, number: int, lines: _CsvLines, error: csv.Error) -> DeadLetter:
+    """The dead letter of a record `csv.reader` (strict) refused: a quote never closed, or text after one."""
+    if lines.ended_inside:
+        message = (
+            f"A quoted field of this row is never closed before the end of the file (it would run "
+            f"over {len(lines.lines)} lines)."
+        )
+    else:
+        message = f"The row's quotes are malformed ({error})."
+    if len(lines.lines) > 1:
+        message += (
+            f" The row is set aside and its {len(lines.lines) - 1} later line(s) are read again as rows."
+        )
+    return schema_lib.error_row(
+        source, number, None, MALFORMED_CSV, message, lines.lines[0][: schema_lib.RAW_LIMIT]
+    )
+
+
+def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[tuple[int, Record]]:
+    """CSV with a header row; a record may span lines inside quotes. Ordered by row number.
+
+    Quotes are read strictly: a record whose quoted field is still open at the
+    end of the data, or is followed by text before the next comma, is a
+    `malformed_csv` dead letter, and the lines after its first are read again
+    as records. So no row is made of text past a quote that never closes, and
+    every line is in a row or a dead letter.
+    """
+    limit = plan.max_record_bytes
+    # Records over `limit` are stopped by _CsvLines first; csv's own limit
+    # (128 KiB by default, process-wide) must not cut records under it.
+    csv.field_size_limit(max(csv.field_size_limit(), limit + 1))
+    # utf-8-sig drops a byte-order mark; surrogateescape keeps undecodable bytes
+    # visible per row instead of failing the rest of the file.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    lines = _CsvLines(text, limit)
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as error:
+        raise UnclosedQuote(
+            f"the header's quotes are malformed ({error}), so no row can be told apart"
+        ) from None
+    if header is None:
+        return
+    ambiguous = _ambiguous_header(plan, header)
+    number = 0
+    while True:
+        lines.start_record()
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except RecordTooLarge:
+            number += 1
+            lines.skip_record()
+            yield number, too_large(source, number, lines.size, limit, lines.raw)
+            continue
+        except csv.Error as error:
+            number += 1
+            yield number, _malformed(source, number, lines, error)
+            lines.reread_after_first()
+            reader = csv.reader(lines, strict=True)  # A fresh parser, at the start of a record.
+            continue
+        number += 1
+        yield number, guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)
+
+
+def _ambiguous_header(plan: ExportPlan, header: Sequence[str]) -> str | None:
+    """A message if the header names a field the export reads more than once, else None."""
+    wanted = {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
+    repeated = sorted({name for name in header if name in wanted and header.count(name) > 1})
+    if not repeated:
+        return None
+    columns = "; ".join(
+        f"{name!r} in columns {', '.join(str(i) for i, h in enumerate(header, start=1) if h == name)}"
+        for name in repeated
+    )
+    return f"The header names {columns}: which one to read is ambiguous. Rename the columns."
+
+
+def parse_csv_row(
+    plan: ExportPlan,
+    source: str,
+    number: int,
+    header: Sequence[str],
+    values: Sequence[str],
+    raw: str,
+    ambiguous: str | None = None,
+) -> Record:
+    """One CSV row (its values and raw text) -> `Document` or dead-letter row."""
+    if ambiguous:
+        return schema_lib.error_row(source, number, None, AMBIGUOUS_HEADER, ambiguous, raw)
+    if any(SURROGATE.search(value) for value in values):
+        return schema_lib.error_row(
+            source,
+            number,
+            None,
+            INVALID_UTF8,
+            "Row holds bytes that are not UTF-8.",
+            raw.encode("utf-8", "surrogateescape"),
+        )
+    if len(values) != len(header):
+        return schema_lib.error_row(
+            source,
+            number,
+            None,
+            WRONG_FIELD_COUNT,
+            f"Row has {len(values)} fields; the header has {len(header)}.",
+            raw,
+        )
+    return to_document(plan, source, number, dict(zip(header, values, strict=True)), raw)

@@ -1,0 +1,150 @@
+"""Reads text and JSONL corpora: one record per line, each at its line number, ordered by byte offset.
+
+A range that starts past the beginning of a file finds its first line (and
+that line's number, through the line index) with `_align`; lines over
+--max_record_bytes are skipped, never held in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import typing
+from collections.abc import Callable, Iterator
+
+from pipeline.reading.documents import Record, fields_to_document, guarded, to_document, too_large
+from pipeline.writing import schema as schema_lib
+from pipeline.writing.schema import EMPTY_RECORD, INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT
+
+if typing.TYPE_CHECKING:
+    from pipeline.planning.plan import ExportPlan
+
+BOM = b"\xef\xbb\xbf"
+# Lines too long to keep are skipped in reads of this many bytes.
+SKIP_CHUNK = 1 << 20
+
+# What the record readers read: the file's bytes, or a .gz file's decompressed bytes.
+ByteStream = typing.BinaryIO | gzip.GzipFile
+# `claim(offset)`: whether the record starting at `offset` belongs to the range being read.
+Claim = Callable[[int], bool]
+# `offset -> (block start, newlines before it)`: the line index of a file (see `read_records`).
+LinesBefore = Callable[[int], tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LineRange:
+    """Which lines of a file to read, and what to report of them (see `corpus.read_records`)."""
+
+    # The byte offset where the range starts: its first line is the first starting at or after it.
+    start: int = 0
+    # Called with the offset of each line before it is read; False stops reading.
+    claim: Claim | None = None
+    # Numbers the lines of a range that starts past 0; without it its first line is 1.
+    lines_before: LinesBefore | None = None
+    # Called with the offset of the newline ending each line read.
+    on_newline: Callable[[int], None] | None = None
+    # The size the launch listed: data that ends before it raises `InputShorter`.
+    listed_size: int | None = None
+
+
+class InputShorter(Exception):
+    """A file, or range of one, ended before the size the launch listed: it was cut while it was read."""
+
+
+def _skip_line(stream: ByteStream) -> tuple[int, bytes]:
+    """Reads to the end of the current line without keeping it: (bytes skipped, last chunk read)."""
+    skipped, chunk = 0, b""
+    while chunk := stream.readline(SKIP_CHUNK):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return skipped, chunk
+
+
+def _align(stream: ByteStream, start: int, lines_before: LinesBefore | None) -> tuple[int, int]:
+    """Moves `stream` to the first line starting at or after `start` > 0: (its offset, lines before it)."""
+    block_start, newlines = lines_before(start - 1) if lines_before else (start - 1, 0)
+    stream.seek(block_start)
+    remaining = start - 1 - block_start
+    while remaining > 0:
+        chunk = stream.read(min(remaining, SKIP_CHUNK))
+        if not chunk:
+            break
+        newlines += chunk.count(b"\n")
+        remaining -= len(chunk)
+    # The line holding byte start - 1 belongs to the range before (a newline there: to nobody).
+    skipped, end = _skip_line(stream)
+    return start - 1 + skipped, newlines + end.endswith(b"\n")
+
+
+def line_records(
+    plan: ExportPlan, source: str, stream: ByteStream, lines: LineRange
+) -> Iterator[tuple[int, Record]]:
+    """Text or JSONL: one record per line of `lines`, ordered by byte offset.
+
+    Lines over --max_record_bytes are skipped, never held. With `lines.listed_size`
+    (the size the launch listed), data that ends before it raises `InputShorter`.
+    """
+    limit = plan.max_record_bytes
+    claim, on_newline, listed_size = lines.claim, lines.on_newline, lines.listed_size
+    offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
+    # Room for the record and its "\r\n": a longer read means a longer line.
+    while line := stream.readline(limit + 2):
+        if claim is not None and not claim(offset):
+            return
+        number += 1
+        cut = len(line) == limit + 2 and not line.endswith(b"\n")
+        consumed = len(line)
+        if offset == 0 and line.startswith(BOM):
+            line = line[len(BOM) :]
+        size, end = len(line), line
+        if cut:
+            skipped, end = _skip_line(stream)
+            size += skipped
+            consumed += skipped
+        size -= len(end) - len(end.rstrip(b"\r\n"))
+        if on_newline is not None and end.endswith(b"\n"):
+            on_newline(offset + consumed - 1)
+        item: Record
+        if size > limit:
+            item = too_large(source, number, size, limit, line[: schema_lib.RAW_LIMIT * 4])
+        else:
+            item = guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
+        yield offset, item
+        offset += consumed
+    if listed_size is not None and offset < listed_size:
+        raise InputShorter(f"the data ends at byte {offset}, but the launch listed {listed_size} bytes")
+
+
+def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Record:
+    """One text or JSONL line (bytes, no line terminator) -> `Document` or dead-letter row."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return schema_lib.error_row(source, number, None, INVALID_UTF8, str(error), line)
+    if plan.input_format == "text":
+        fields = {plan.inputs[0].field: text} if plan.inputs else {}
+        return fields_to_document(plan, source, number, f"{source}:{number}", fields, text)
+    if not text.strip():
+        return schema_lib.error_row(
+            source, number, None, EMPTY_RECORD, "Blank line where a JSON object was expected.", text
+        )
+    try:
+        record = json.loads(text)
+    except RecursionError:
+        return schema_lib.error_row(
+            source, number, None, MALFORMED_JSON, "JSON nested too deeply to parse.", text
+        )
+    except ValueError as error:  # JSONDecodeError, or an integer of too many digits.
+        return schema_lib.error_row(source, number, None, MALFORMED_JSON, str(error), text)
+    if not isinstance(record, dict):
+        return schema_lib.error_row(
+            source,
+            number,
+            None,
+            NOT_AN_OBJECT,
+            f"Expected a JSON object, found {type(record).__name__}.",
+            text,
+        )
+    return to_document(plan, source, number, record, text)
