@@ -19,7 +19,7 @@ from pipeline_fixtures import REPOSITORY
 from models.bundle import DEFAULT_BUNDLE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
 from pipeline import analyze, vocabulary
-from pipeline.planning.model_source import ExportConfigError
+from pipeline.errors import ExportConfigError
 from pipeline.running.export import run_export
 from pipeline.writing.schema import ERROR_SCHEMA, read_export_metadata
 

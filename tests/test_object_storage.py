@@ -168,7 +168,7 @@ def test_manifest_is_read_back_from_s3(s3_endpoint, export):
 
 
 def test_missing_s3_model_is_a_launch_error(s3_endpoint, export, tmp_path):
-    from pipeline.planning.model_source import ExportConfigError
+    from pipeline.errors import ExportConfigError
 
     with pytest.raises(ExportConfigError, match="does not exist"):
         run_export(

@@ -25,7 +25,7 @@ from sizes import LENGTHS, SIZES
 
 from models.bundle import MODEL_FILE, TOKENIZER_FILE
 from models.tokenizer import Tokenizer
-from pipeline.planning.model_source import ExportConfigError
+from pipeline.errors import ExportConfigError
 from pipeline.run import EXIT_CONFIG_ERROR
 from pipeline.running.export import run_export
 from pipeline.writing.output import MANIFEST, STAGING

@@ -37,7 +37,7 @@ from models.tokenizer import Tokenizer
 from models.train import SAMPLE_CORPUS
 from models.truncate import parse_layer_spec
 from pipeline import analyze, vocabulary
-from pipeline.planning.model_source import ExportConfigError
+from pipeline.errors import ExportConfigError
 from pipeline.running.export import run_export
 from pipeline.writing import output
 from pipeline.writing.schema import read_export_metadata
