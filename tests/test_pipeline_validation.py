@@ -8,6 +8,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline_fixtures import (
     REPOSITORY,
     Reference,
@@ -26,6 +27,8 @@ from sizes import LENGTHS, SIZES
 from models.bundle import MODEL_FILE, TOKENIZER_FILE
 from models.tokenizer import Tokenizer
 from pipeline.errors import ExportConfigError
+from pipeline.planning.options import ExportOptions
+from pipeline.planning.plan import build_plan
 from pipeline.run import EXIT_CONFIG_ERROR
 from pipeline.running.export import run_export
 from pipeline.writing.output import MANIFEST, STAGING
@@ -51,9 +54,13 @@ def corpus(tmp_path_factory, documents):
 
 
 def assert_refused(argv, output, pattern):
-    """Runs the export in-process, expects ExportConfigError matching `pattern`, and nothing written."""
+    """Builds the plan of `argv`, expects ExportConfigError matching `pattern`, and nothing written.
+
+    `run_export` builds the plan before it touches the output, so the plan shows
+    each refusal; `test_output_with_foreign_files_is_refused` runs a whole refused export.
+    """
     with pytest.raises(ExportConfigError, match=pattern) as caught:
-        run_export(argv)
+        build_plan(PipelineOptions(argv).view_as(ExportOptions))
     assert is_empty_or_absent(output), os.listdir(output)
     return str(caught.value)
 
