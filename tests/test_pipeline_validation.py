@@ -18,7 +18,6 @@ from pipeline_fixtures import (
     read_rows,
     rows_by_id,
     sample_documents,
-    shared_bundle,
     snapshot,
     write_jsonl,
 )
@@ -39,8 +38,8 @@ CONVOLVED_LENGTH = LENGTHS["content"] - 2
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return shared_bundle(tmp_path_factory, TOPOLOGY)
+def bundle(shared_bundle):
+    return shared_bundle(TOPOLOGY)
 
 
 @pytest.fixture(scope="module")

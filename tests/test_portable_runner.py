@@ -35,7 +35,6 @@ from pipeline_fixtures import (
     read_errors,
     read_rows,
     sample_documents,
-    shared_bundle,
     wait_for_staged_shard,
     write_jsonl,
 )
@@ -238,8 +237,8 @@ def _corpus(directory, documents=DOCUMENTS):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return shared_bundle(tmp_path_factory, "two_inputs_two_outputs")
+def bundle(shared_bundle):
+    return shared_bundle("two_inputs_two_outputs")
 
 
 @pytest.fixture(scope="module")

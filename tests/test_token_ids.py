@@ -27,7 +27,6 @@ from pipeline_fixtures import (
     is_empty_or_absent,
     read_errors,
     read_rows,
-    shared_bundle,
     write_jsonl,
 )
 from sizes import LENGTHS, SIZES
@@ -248,8 +247,8 @@ def test_analyze_queries_words_in_the_table_and_explains_the_ids_column(exports,
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    return shared_bundle(tmp_path_factory, "two_inputs_two_outputs")
+def tiny_bundle(shared_bundle):
+    return shared_bundle("two_inputs_two_outputs")
 
 
 @pytest.fixture(scope="module")
