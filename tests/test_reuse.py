@@ -214,9 +214,7 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     second_path = _write(tmp_path / "big2.jsonl", second)
     environment = dict(os.environ, PYTHONPATH=REPOSITORY)
     v1 = str(tmp_path / "v1")
-    subprocess.run(
-        pipeline_command(first_path, v1), cwd=REPOSITORY, env=environment, check=True, capture_output=True
-    )
+    assert run_export(pipeline_command(first_path, v1)[3:]).exit_code == 0
 
     output = str(tmp_path / "v2")
     # Small shards: the run is killed once it writes its first, long before its last.
@@ -234,9 +232,7 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     full = str(tmp_path / "full")
-    subprocess.run(
-        pipeline_command(second_path, full), cwd=REPOSITORY, env=environment, check=True, capture_output=True
-    )
+    assert run_export(pipeline_command(second_path, full)[3:]).exit_code == 0
     assert _read(output).equals(_read(full))
     counts = output_lib.read_manifest(output)["counts"]
     assert counts["rows_reused"] == len(records) - len(changed) - len(deleted)
