@@ -216,6 +216,7 @@ def _check_every_step(make_copy, recover, run_id, facts, old_ids):
 
 
 @pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])
+@pytest.mark.slow
 def test_commit_killed_or_failed_at_every_step_on_local_disk(scenarios, name, tmp_path):
     template, run_id, facts, old_ids = scenarios[name]
 
@@ -229,6 +230,7 @@ def test_commit_killed_or_failed_at_every_step_on_local_disk(scenarios, name, tm
 
 
 @pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])
+@pytest.mark.slow
 def test_commit_killed_or_failed_at_every_step_on_s3(scenarios, name, s3_endpoint, monkeypatch):  # noqa: F811
     template, run_id, facts, old_ids = scenarios[name]
     options = PipelineOptions(s3_flags(s3_endpoint))
@@ -327,6 +329,7 @@ def _wait_for(path, process, timeout=180):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_reuse_in_place_killed_inside_the_commit_is_finished_by_the_rerun(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS, bad_line=True)
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
@@ -411,6 +414,7 @@ def test_a_full_disk_during_the_commit_keeps_the_old_export(tmp_path, tiny_bundl
     assert _complete_export(output) == sorted(OLD_IDS)
 
 
+@pytest.mark.slow
 def test_the_rerun_of_a_fresh_export_killed_in_its_commit_says_it_was_finished(tmp_path, tiny_bundle):
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
     output = str(tmp_path / "out")

@@ -290,6 +290,7 @@ def _command(bundle, corpus, output, *flags):
     return pipeline_command(corpus, output, "--model", bundle, "--batch_size", "32", *flags)
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path, tiny_bundle):
     corpus = str(tmp_path / "big.jsonl")
     total = _big_corpus(corpus, 5)

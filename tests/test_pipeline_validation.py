@@ -321,6 +321,7 @@ def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.slow
 def test_cli_missing_layer_exits_2_with_an_error_line(bundle, corpus, tmp_path):
     output = tmp_path / "out"
     result = run_cli(*export_args(bundle, corpus, output, "--layer=lstm_contnt"))
@@ -331,6 +332,7 @@ def test_cli_missing_layer_exits_2_with_an_error_line(bundle, corpus, tmp_path):
     assert is_empty_or_absent(output)
 
 
+@pytest.mark.slow
 def test_cli_missing_model_exits_2_with_an_error_line(corpus, tmp_path):
     output = tmp_path / "out"
     missing = tmp_path / "no_such_bundle"

@@ -284,6 +284,7 @@ def _wait_for_jobs_to_end(job_endpoint, timeout=120):
     raise AssertionError(f"jobs still running: {_job_states(job_endpoint)}")
 
 
+@pytest.mark.slow
 def test_killed_then_rerun_through_the_job_service_equals_the_in_memory_export(
     services, bundle, corpus, reference, tmp_path
 ):
@@ -357,6 +358,7 @@ def test_killed_then_rerun_through_the_job_service_equals_the_in_memory_export(
     assert "ETA" not in run.stderr
 
 
+@pytest.mark.slow
 def test_s3_input_and_output_through_the_job_service(services, bundle, corpus, reference, s3_endpoint):  # noqa: F811
     """Workers booted as in the SDK container read the model and corpus from S3 and write the output there."""
     job_endpoint, _, booting_pool = services
@@ -539,6 +541,7 @@ def test_a_pool_whose_python_cannot_run_the_job_is_reported(
     assert all(state in TERMINAL_STATES for state in _wait_for_jobs_to_end(job_endpoint).values())
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_waiting_for_workers_cancels_the_job(request, services, bundle, corpus, tmp_path):
     """--worker_start_timeout 0 waits forever; Ctrl-C then ends the run and cancels its job."""
     job_endpoint, *_ = services

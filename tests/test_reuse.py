@@ -206,6 +206,7 @@ def test_reuse_in_place_with_overwrite(versions, tmp_path):
     assert _read(directory).equals(_read(versions["full"]))
 
 
+@pytest.mark.slow
 def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     # Five copies of the corpus with new ids: long enough to be killed part-way.
     records = [dict(r, id=f"{copy}-{r['id']}") for copy in range(5) for r in versions["records"]]
@@ -276,6 +277,7 @@ json.dump({"input": model.input.name.split(":")[0], "ids": [r["id"] for r in new
 """
 
 
+@pytest.mark.slow
 def test_reuse_on_the_tutorial_keras2_model(tmp_path):
     with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle][:600]
