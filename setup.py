@@ -34,6 +34,8 @@ setuptools.setup(
         "index": ["usearch>=2.16,<3"],
         "test": [
             "pytest>=8",
+            # pytest.ini runs the suite on the machine's cores (at most 4), one test file per worker.
+            "pytest-xdist>=3.6,<4",
             "duckdb>=1.1",
             "pandas>=2.2",
             # Builds Keras 2 (.h5) models exactly as the tutorial wrote them.
