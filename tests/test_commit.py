@@ -354,6 +354,7 @@ def test_reuse_in_place_killed_inside_the_commit_is_finished_by_the_rerun(tmp_pa
     assert output_lib.read_manifest(output)["counts"]["rows_reused"] == len(NEW_IDS)
 
 
+@pytest.mark.slow
 def test_analyze_finishes_an_interrupted_commit_before_reading(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
@@ -370,6 +371,7 @@ def test_analyze_finishes_an_interrupted_commit_before_reading(tmp_path, tiny_bu
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+@pytest.mark.slow
 def test_a_signal_during_the_commit_waits_for_it(tmp_path, tiny_bundle, signum):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
@@ -396,6 +398,7 @@ def test_a_signal_during_the_commit_waits_for_it(tmp_path, tiny_bundle, signum):
     assert not output_lib.has_pending_commit(output)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_the_commit_keeps_the_old_export(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)

@@ -254,6 +254,7 @@ def test_sigterm_is_one_interrupted_line_exit_143_and_the_rerun_completes(tmp_pa
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+@pytest.mark.slow
 def test_a_signal_in_the_forward_pass_prints_only_the_interrupted_line(tmp_path, tiny_bundle, signum):
     corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(400)])
     output = str(tmp_path / "out")
@@ -282,6 +283,7 @@ def test_a_signal_in_the_forward_pass_prints_only_the_interrupted_line(tmp_path,
 # --- point 14: a failed --overwrite keeps the succeeded export ---------------------------------
 
 
+@pytest.mark.slow
 def test_a_failed_overwrite_keeps_the_succeeded_export_and_says_where_its_dead_letters_are(
     tmp_path, tiny_bundle, capsys
 ):

@@ -420,6 +420,7 @@ def _reported_as(kind):
     return init
 
 
+@pytest.mark.slow
 def test_ranges_and_attempted_only_counters_on_the_job_service(
     services, bundle, corpus, reference, tmp_path, monkeypatch
 ):
@@ -455,6 +456,7 @@ def test_ranges_and_attempted_only_counters_on_the_job_service(
     assert manifest["counts"]["ranges_read"] > 4
 
 
+@pytest.mark.slow
 def test_with_no_counters_at_all_a_broken_file_still_exits_5(services, bundle, tmp_path, monkeypatch):
     """files_broken then comes from the dead letters' reasons in the files, not from a counter."""
     job_endpoint, pool, _ = services
