@@ -43,6 +43,8 @@ setuptools.setup(
         "index": ["usearch>=2.16,<3"],
         "test": [
             "pytest>=8,<10",
+            # pytest.ini runs the suite on the machine's cores (at most 4), one test file per worker.
+            "pytest-xdist>=3.6,<4",
             "duckdb>=1.1,<3",
             "pandas>=2.2,<4",
             # Builds Keras 2 (.h5) models exactly as the tutorial wrote them.

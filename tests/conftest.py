@@ -1,4 +1,8 @@
-"""Shared test fixtures: tiny models trained with real Keras, and a tiny bundle."""
+"""Every shared test fixture: tiny models trained with real Keras, and the bundles made from them.
+
+Test files define only the fixtures of their own scenario; helpers that are
+plain functions live in `pipeline_fixtures.py`.
+"""
 
 import functools
 import os
@@ -67,3 +71,22 @@ def tiny_bundle(tmp_path_factory):
         labels={"out_content": {"field": "kind", "classes": ["a", "b"]}},
     )
     return directory, model, inputs
+
+
+@pytest.fixture(scope="session")
+def shared_bundle(tmp_path_factory):
+    """`shared_bundle(topology)`: a bundle of `topology` trained once per session on `sample_documents()`.
+
+    Shared by the session: tests that alter a bundle copy its directory first.
+    """
+    from pipeline_fixtures import sample_documents, train_bundle
+
+    bundles = {}
+
+    def get(topology):
+        if topology not in bundles:
+            directory = tmp_path_factory.mktemp(f"bundle_{topology}")
+            bundles[topology] = train_bundle(directory, topology, sample_documents())
+        return bundles[topology]
+
+    return get

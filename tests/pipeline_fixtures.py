@@ -1,4 +1,7 @@
-"""Helpers for the export tests: tiny trained bundles, small real corpora, and readers of the output."""
+"""Helpers for the export tests: training tiny bundles, small real corpora, and readers of the output.
+
+Plain functions only; the fixtures that share trained models and bundles are in `conftest.py`.
+"""
 
 import glob
 import json
@@ -36,8 +39,6 @@ DEFAULT_LAYERS = {
     "two_inputs_one_output": ["lstm_content", "lstm_title", "add", "emb"],
     "two_inputs_two_outputs": ["lstm_content", "lstm_title", "emb"],
 }
-
-_BUNDLES = {}
 
 
 def sample_documents(count=CORPUS_DOCUMENTS, seed=0):
@@ -102,14 +103,6 @@ def train_bundle(directory, topology, documents, seed=0):
         extra={"topology": topology, "default_layers": DEFAULT_LAYERS[topology]},
     )
     return str(directory)
-
-
-def shared_bundle(tmp_path_factory, topology):
-    """A bundle of `topology` trained once per test session on `sample_documents()`."""
-    if topology not in _BUNDLES:
-        directory = tmp_path_factory.mktemp(f"bundle_{topology}")
-        _BUNDLES[topology] = train_bundle(directory, topology, sample_documents())
-    return _BUNDLES[topology]
 
 
 def export_args(model, corpus, output, *flags):

@@ -31,7 +31,7 @@ from pipeline.analysis.dataset import (
 from pipeline.analysis.knn import knn_score, score_label_agreement
 from pipeline.analysis.neighbors import find_neighbors
 from pipeline.analysis.plot import project_pca
-from pipeline.planning.model_source import ExportConfigError
+from pipeline.errors import ExportConfigError
 from pipeline.running.export import run_export
 from pipeline.writing.schema import ERROR_SCHEMA, read_export_metadata
 

@@ -32,8 +32,8 @@ from models.keras2_tokenizer import (
 from models.legacy import load_model_file
 from models.train import SAMPLE_CORPUS
 from models.truncate import layer_calls
+from pipeline.errors import ExportConfigError
 from pipeline.inspect import main as inspect_main
-from pipeline.planning.model_source import ExportConfigError
 from pipeline.running.export import run_export
 
 TOLERANCE = 1e-5

@@ -216,6 +216,7 @@ def _check_every_step(make_copy, recover, run_id, facts, old_ids):
 
 
 @pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])
+@pytest.mark.slow
 def test_commit_killed_or_failed_at_every_step_on_local_disk(scenarios, name, tmp_path):
     template, run_id, facts, old_ids = scenarios[name]
 
@@ -229,6 +230,7 @@ def test_commit_killed_or_failed_at_every_step_on_local_disk(scenarios, name, tm
 
 
 @pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])
+@pytest.mark.slow
 def test_commit_killed_or_failed_at_every_step_on_s3(scenarios, name, s3_endpoint, monkeypatch):  # noqa: F811
     template, run_id, facts, old_ids = scenarios[name]
     options = PipelineOptions(s3_flags(s3_endpoint))
@@ -327,6 +329,7 @@ def _wait_for(path, process, timeout=180):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_reuse_in_place_killed_inside_the_commit_is_finished_by_the_rerun(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS, bad_line=True)
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
@@ -351,6 +354,7 @@ def test_reuse_in_place_killed_inside_the_commit_is_finished_by_the_rerun(tmp_pa
     assert output_lib.read_manifest(output)["counts"]["rows_reused"] == len(NEW_IDS)
 
 
+@pytest.mark.slow
 def test_analyze_finishes_an_interrupted_commit_before_reading(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
@@ -367,6 +371,7 @@ def test_analyze_finishes_an_interrupted_commit_before_reading(tmp_path, tiny_bu
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+@pytest.mark.slow
 def test_a_signal_during_the_commit_waits_for_it(tmp_path, tiny_bundle, signum):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
@@ -393,6 +398,7 @@ def test_a_signal_during_the_commit_waits_for_it(tmp_path, tiny_bundle, signum):
     assert not output_lib.has_pending_commit(output)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_the_commit_keeps_the_old_export(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
@@ -411,6 +417,7 @@ def test_a_full_disk_during_the_commit_keeps_the_old_export(tmp_path, tiny_bundl
     assert _complete_export(output) == sorted(OLD_IDS)
 
 
+@pytest.mark.slow
 def test_the_rerun_of_a_fresh_export_killed_in_its_commit_says_it_was_finished(tmp_path, tiny_bundle):
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
     output = str(tmp_path / "out")

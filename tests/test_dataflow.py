@@ -19,7 +19,8 @@ from apache_beam.runners.dataflow.internal import apiclient
 from pipeline_fixtures import REPOSITORY, copy_sources
 
 from models.bundle import DEFAULT_BUNDLE, MODEL_FILE, read_manifest
-from pipeline.planning.model_source import ExportConfigError, load_model_source
+from pipeline.errors import ExportConfigError
+from pipeline.planning.model_source import load_model_source
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.plan import ExportPlan
 from pipeline.running.export import run_export

@@ -111,6 +111,7 @@ def export(s3_endpoint):
     return summary, documents
 
 
+@pytest.mark.slow
 def test_export_reads_and_writes_s3(s3_endpoint, export):
     summary, documents = export
     assert summary.exit_code == 0, summary.message
@@ -168,7 +169,7 @@ def test_manifest_is_read_back_from_s3(s3_endpoint, export):
 
 
 def test_missing_s3_model_is_a_launch_error(s3_endpoint, export, tmp_path):
-    from pipeline.planning.model_source import ExportConfigError
+    from pipeline.errors import ExportConfigError
 
     with pytest.raises(ExportConfigError, match="does not exist"):
         run_export(
@@ -185,6 +186,7 @@ def test_missing_s3_model_is_a_launch_error(s3_endpoint, export, tmp_path):
     assert keys(s3_endpoint, "exports/run2/") == []
 
 
+@pytest.mark.slow
 def test_reuse_of_an_s3_export(s3_endpoint, export, tmp_path):
     """--reuse reads an earlier export on S3: every unchanged document's row is copied, bit for bit."""
     _, documents = export
@@ -200,6 +202,7 @@ def test_reuse_of_an_s3_export(s3_endpoint, export, tmp_path):
     assert reused.sort_by("id").equals(earlier.sort_by("id"))
 
 
+@pytest.mark.slow
 def test_a_killed_s3_export_resumes_bit_for_bit(s3_endpoint, export, monkeypatch):
     """A run killed (SIGKILL) after closing two row files on S3 is resumed, equal to an uninterrupted one."""
     s3 = client(s3_endpoint)

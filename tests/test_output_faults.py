@@ -147,6 +147,7 @@ def test_an_output_in_a_read_only_directory_is_refused(tmp_path, tiny_bundle, ca
 # --- point 9: a full disk while the pipeline writes ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_the_pipeline_is_one_error_and_keeps_the_old_export(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", IDS)
     output = str(tmp_path / "out")
@@ -185,6 +186,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", str(mount_point)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_tmpfs_during_the_pipeline_is_one_error_and_keeps_the_old_export(
     small_tmpfs, tmp_path, tiny_bundle
 ):
@@ -223,6 +225,7 @@ def _quiet_after(err):
     ]
 
 
+@pytest.mark.slow
 def test_sigterm_is_one_interrupted_line_exit_143_and_the_rerun_completes(tmp_path, tiny_bundle):
     corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(3000)])
     output = str(tmp_path / "out")
@@ -251,6 +254,7 @@ def test_sigterm_is_one_interrupted_line_exit_143_and_the_rerun_completes(tmp_pa
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+@pytest.mark.slow
 def test_a_signal_in_the_forward_pass_prints_only_the_interrupted_line(tmp_path, tiny_bundle, signum):
     corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(400)])
     output = str(tmp_path / "out")
@@ -279,6 +283,7 @@ def test_a_signal_in_the_forward_pass_prints_only_the_interrupted_line(tmp_path,
 # --- point 14: a failed --overwrite keeps the succeeded export ---------------------------------
 
 
+@pytest.mark.slow
 def test_a_failed_overwrite_keeps_the_succeeded_export_and_says_where_its_dead_letters_are(
     tmp_path, tiny_bundle, capsys
 ):
@@ -314,6 +319,7 @@ def test_a_failed_overwrite_keeps_the_succeeded_export_and_says_where_its_dead_l
     assert _complete_export(output) == sorted(IDS)
 
 
+@pytest.mark.slow
 def test_hooked_run_is_the_real_command(tmp_path, tiny_bundle):
     # The hooks of the other tests are the only difference from `python -m pipeline.run`.
     corpus = _corpus(tmp_path / "c.jsonl", IDS)
@@ -357,6 +363,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("presses", [1, 2], ids=["once", "twice"])
+@pytest.mark.slow
 def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interrupted_line(
     tmp_path, tiny_bundle, presses
 ):

@@ -172,6 +172,7 @@ def _command(bundle, corpus, output, *flags):
 
 
 @pytest.mark.parametrize("flags", [(), ("--overwrite",)], ids=["plain", "overwrite"])
+@pytest.mark.slow
 def test_two_runs_at_once_leave_one_complete_export(tmp_path, tiny_bundle, flags):
     corpus = _write_corpus(tmp_path / "c.jsonl", 1000)
     output = str(tmp_path / "out")
@@ -430,6 +431,7 @@ def test_a_truncated_bundle_model_with_a_matching_hash_says_it_is_damaged(tmp_pa
 # --- Ctrl-C ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_bundle):
     corpus = _write_corpus(tmp_path / "c.jsonl", 6000)
     output = str(tmp_path / "out")

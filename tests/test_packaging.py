@@ -88,6 +88,7 @@ def wheel(sdist, tmp_path_factory):
     return archive
 
 
+@pytest.mark.slow
 def test_sdist_carries_code_and_data(sdist):
     with tarfile.open(sdist) as archive:
         members = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
@@ -96,6 +97,7 @@ def test_sdist_carries_code_and_data(sdist):
     assert "setup.py" in members and not any(m.startswith("tests/") for m in members)
 
 
+@pytest.mark.slow
 def test_wheel_carries_code_and_data(wheel):
     with zipfile.ZipFile(wheel) as archive:
         members = set(archive.namelist())
@@ -109,6 +111,7 @@ def test_wheel_carries_code_and_data(wheel):
     assert any(r.startswith("apache-beam[gcp]") for r in requirements)
 
 
+@pytest.mark.slow
 def test_wheel_installs_into_a_fresh_environment(wheel, tmp_path):
     """Installed elsewhere, the package finds its bundle and corpus in its own site-packages."""
     environment = tmp_path / "venv"

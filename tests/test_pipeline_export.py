@@ -28,7 +28,6 @@ from pipeline_fixtures import (
     row_files,
     rows_by_id,
     sample_documents,
-    shared_bundle,
     write_jsonl,
 )
 from sizes import LENGTHS, SIZES
@@ -86,20 +85,20 @@ def embedded_documents(topology, documents):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus):
+def reference(shared_bundle, corpus):
     cache = {}
 
     def get(topology):
         if topology not in cache:
             documents = embedded_documents(topology, corpus[1])
-            cache[topology] = Reference(shared_bundle(tmp_path_factory, topology), documents)
+            cache[topology] = Reference(shared_bundle(topology), documents)
         return cache[topology]
 
     return get
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory, corpus):
+def export(tmp_path_factory, shared_bundle, corpus):
     """export(topology, *flags) -> (output directory, ExportSummary), run once per flag set."""
     cache = {}
 
@@ -107,7 +106,7 @@ def export(tmp_path_factory, corpus):
         key = (topology, flags)
         if key not in cache:
             output = tmp_path_factory.mktemp("export") / "out"
-            bundle = shared_bundle(tmp_path_factory, topology)
+            bundle = shared_bundle(topology)
             summary = run_export(export_args(bundle, corpus[0], output, *flags))
             assert summary.exit_code == 0, summary.message
             cache[key] = (str(output), summary)
@@ -315,9 +314,9 @@ def sha256(path):
         return hashlib.sha256(handle.read()).hexdigest()
 
 
-def test_parquet_metadata_records_the_export(export, tmp_path_factory):
+def test_parquet_metadata_records_the_export(export, shared_bundle):
     output, _ = pooled("two_inputs_two_outputs", export)
-    bundle = shared_bundle(tmp_path_factory, "two_inputs_two_outputs")
+    bundle = shared_bundle("two_inputs_two_outputs")
     for path in row_files(output):
         metadata = read_export_metadata(pq.read_schema(path))
         assert metadata["model_uri"] == bundle

@@ -8,6 +8,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline_fixtures import (
     REPOSITORY,
     Reference,
@@ -17,7 +18,6 @@ from pipeline_fixtures import (
     read_rows,
     rows_by_id,
     sample_documents,
-    shared_bundle,
     snapshot,
     write_jsonl,
 )
@@ -25,7 +25,9 @@ from sizes import LENGTHS, SIZES
 
 from models.bundle import MODEL_FILE, TOKENIZER_FILE
 from models.tokenizer import Tokenizer
-from pipeline.planning.model_source import ExportConfigError
+from pipeline.errors import ExportConfigError
+from pipeline.planning.options import ExportOptions
+from pipeline.planning.plan import build_plan
 from pipeline.run import EXIT_CONFIG_ERROR
 from pipeline.running.export import run_export
 from pipeline.writing.output import MANIFEST, STAGING
@@ -36,8 +38,8 @@ CONVOLVED_LENGTH = LENGTHS["content"] - 2
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return shared_bundle(tmp_path_factory, TOPOLOGY)
+def bundle(shared_bundle):
+    return shared_bundle(TOPOLOGY)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +53,13 @@ def corpus(tmp_path_factory, documents):
 
 
 def assert_refused(argv, output, pattern):
-    """Runs the export in-process, expects ExportConfigError matching `pattern`, and nothing written."""
+    """Builds the plan of `argv`, expects ExportConfigError matching `pattern`, and nothing written.
+
+    `run_export` builds the plan before it touches the output, so the plan shows
+    each refusal; `test_output_with_foreign_files_is_refused` runs a whole refused export.
+    """
     with pytest.raises(ExportConfigError, match=pattern) as caught:
-        run_export(argv)
+        build_plan(PipelineOptions(argv).view_as(ExportOptions))
     assert is_empty_or_absent(output), os.listdir(output)
     return str(caught.value)
 
@@ -315,6 +321,7 @@ def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.slow
 def test_cli_missing_layer_exits_2_with_an_error_line(bundle, corpus, tmp_path):
     output = tmp_path / "out"
     result = run_cli(*export_args(bundle, corpus, output, "--layer=lstm_contnt"))
@@ -325,6 +332,7 @@ def test_cli_missing_layer_exits_2_with_an_error_line(bundle, corpus, tmp_path):
     assert is_empty_or_absent(output)
 
 
+@pytest.mark.slow
 def test_cli_missing_model_exits_2_with_an_error_line(corpus, tmp_path):
     output = tmp_path / "out"
     missing = tmp_path / "no_such_bundle"

@@ -35,7 +35,6 @@ from pipeline_fixtures import (
     read_errors,
     read_rows,
     sample_documents,
-    shared_bundle,
     wait_for_staged_shard,
     write_jsonl,
 )
@@ -239,8 +238,8 @@ def _corpus(directory, documents=DOCUMENTS):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return shared_bundle(tmp_path_factory, "two_inputs_two_outputs")
+def bundle(shared_bundle):
+    return shared_bundle("two_inputs_two_outputs")
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +285,7 @@ def _wait_for_jobs_to_end(job_endpoint, timeout=120):
     raise AssertionError(f"jobs still running: {_job_states(job_endpoint)}")
 
 
+@pytest.mark.slow
 def test_killed_then_rerun_through_the_job_service_equals_the_in_memory_export(
     services, bundle, corpus, reference, tmp_path
 ):
@@ -359,6 +359,7 @@ def test_killed_then_rerun_through_the_job_service_equals_the_in_memory_export(
     assert "ETA" not in run.stderr
 
 
+@pytest.mark.slow
 def test_s3_input_and_output_through_the_job_service(services, bundle, corpus, reference, s3_endpoint):  # noqa: F811
     """Workers booted as in the SDK container read the model and corpus from S3 and write the output there."""
     job_endpoint, _, booting_pool = services
@@ -420,6 +421,7 @@ def _reported_as(kind):
     return init
 
 
+@pytest.mark.slow
 def test_ranges_and_attempted_only_counters_on_the_job_service(
     services, bundle, corpus, reference, tmp_path, monkeypatch
 ):
@@ -455,6 +457,7 @@ def test_ranges_and_attempted_only_counters_on_the_job_service(
     assert manifest["counts"]["ranges_read"] > 4
 
 
+@pytest.mark.slow
 def test_with_no_counters_at_all_a_broken_file_still_exits_5(services, bundle, tmp_path, monkeypatch):
     """files_broken then comes from the dead letters' reasons in the files, not from a counter."""
     job_endpoint, pool, _ = services
@@ -541,6 +544,7 @@ def test_a_pool_whose_python_cannot_run_the_job_is_reported(
     assert all(state in TERMINAL_STATES for state in _wait_for_jobs_to_end(job_endpoint).values())
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_waiting_for_workers_cancels_the_job(request, services, bundle, corpus, tmp_path):
     """--worker_start_timeout 0 waits forever; Ctrl-C then ends the run and cancels its job."""
     job_endpoint, *_ = services

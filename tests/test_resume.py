@@ -133,6 +133,7 @@ def reference(corpus, tiny_bundle, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kill_after", [0, 3], ids=["before_any_file", "after_the_third_file"])
+@pytest.mark.slow
 def test_a_killed_run_resumes_bit_for_bit(kill_after, corpus, reference, tiny_bundle, tmp_path):
     output = str(tmp_path / "out")
     kept = kill_after_files(tiny_bundle[0], corpus, output, kill_after)
@@ -148,6 +149,7 @@ def test_a_killed_run_resumes_bit_for_bit(kill_after, corpus, reference, tiny_bu
     assert not os.path.exists(os.path.join(output, output_lib.STAGING))
 
 
+@pytest.mark.slow
 def test_partial_and_repeated_files_are_ignored_and_counted_once(corpus, reference, tiny_bundle, tmp_path):
     output = str(tmp_path / "out")
     kept = kill_after_files(tiny_bundle[0], corpus, output, 2)
@@ -279,6 +281,7 @@ def test_only_the_matching_run_is_resumed_and_the_other_removed(
     assert not os.path.exists(os.path.join(output, output_lib.STAGING))
 
 
+@pytest.mark.slow
 def test_two_worker_processes_with_a_limit(corpus, tiny_bundle, tmp_path):
     flags = [*TWO_PROCESSES, "--limit", "3000"]
     reference = str(tmp_path / "reference")
@@ -292,6 +295,7 @@ def test_two_worker_processes_with_a_limit(corpus, tiny_bundle, tmp_path):
     assert 0 < kept_rows <= summary.rows_kept < summary.rows_written
 
 
+@pytest.mark.slow
 def test_a_killed_reuse_run_resumes_with_the_same_counts(corpus, tiny_bundle, tmp_path):
     earlier = str(tmp_path / "v1")
     # Half the documents are in the earlier export: the other half is embedded.

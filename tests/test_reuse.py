@@ -206,6 +206,7 @@ def test_reuse_in_place_with_overwrite(versions, tmp_path):
     assert _read(directory).equals(_read(versions["full"]))
 
 
+@pytest.mark.slow
 def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     # Five copies of the corpus with new ids: long enough to be killed part-way.
     records = [dict(r, id=f"{copy}-{r['id']}") for copy in range(5) for r in versions["records"]]
@@ -214,9 +215,7 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     second_path = _write(tmp_path / "big2.jsonl", second)
     environment = dict(os.environ, PYTHONPATH=REPOSITORY)
     v1 = str(tmp_path / "v1")
-    subprocess.run(
-        pipeline_command(first_path, v1), cwd=REPOSITORY, env=environment, check=True, capture_output=True
-    )
+    assert run_export(pipeline_command(first_path, v1)[3:]).exit_code == 0
 
     output = str(tmp_path / "v2")
     # Small shards: the run is killed once it writes its first, long before its last.
@@ -234,9 +233,7 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     full = str(tmp_path / "full")
-    subprocess.run(
-        pipeline_command(second_path, full), cwd=REPOSITORY, env=environment, check=True, capture_output=True
-    )
+    assert run_export(pipeline_command(second_path, full)[3:]).exit_code == 0
     assert _read(output).equals(_read(full))
     counts = output_lib.read_manifest(output)["counts"]
     assert counts["rows_reused"] == len(records) - len(changed) - len(deleted)
@@ -280,6 +277,7 @@ json.dump({"input": model.input.name.split(":")[0], "ids": [r["id"] for r in new
 """
 
 
+@pytest.mark.slow
 def test_reuse_on_the_tutorial_keras2_model(tmp_path):
     with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle][:600]

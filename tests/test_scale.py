@@ -204,6 +204,7 @@ def _errors(output):
     return pa.concat_tables(tables).sort_by("position")
 
 
+@pytest.mark.slow
 def test_one_file_is_read_in_ranges_by_two_processes_with_the_in_memory_rows(split_exports):
     corpus_path, dead, ids, outputs = split_exports
     size = os.path.getsize(corpus_path)
@@ -227,6 +228,7 @@ def test_one_file_is_read_in_ranges_by_two_processes_with_the_in_memory_rows(spl
     assert errors["multi_processing"].equals(errors["in_memory"])
 
 
+@pytest.mark.slow
 def test_dead_letters_of_a_split_file_name_their_line(split_exports):
     corpus_path, dead, _, outputs = split_exports
     with open(corpus_path, "rb") as handle:

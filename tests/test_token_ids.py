@@ -27,7 +27,6 @@ from pipeline_fixtures import (
     is_empty_or_absent,
     read_errors,
     read_rows,
-    shared_bundle,
     write_jsonl,
 )
 from sizes import LENGTHS, SIZES
@@ -39,7 +38,7 @@ from models.truncate import parse_layer_spec
 from pipeline import analyze, vocabulary
 from pipeline.analysis.dataset import AnalysisError, check_vector_column, open_documents, open_vocabulary
 from pipeline.analysis.neighbors import find_neighbors
-from pipeline.planning.model_source import ExportConfigError
+from pipeline.errors import ExportConfigError
 from pipeline.running.export import run_export
 from pipeline.writing import output
 from pipeline.writing.schema import read_export_metadata, vocabulary_schema
@@ -247,8 +246,9 @@ def test_analyze_queries_words_in_the_table_and_explains_the_ids_column(exports,
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    return shared_bundle(tmp_path_factory, "two_inputs_two_outputs")
+def sample_bundle(shared_bundle):
+    """The two-output bundle fit on sample documents (conftest's `tiny_bundle` is fit on random ids)."""
+    return shared_bundle("two_inputs_two_outputs")
 
 
 @pytest.fixture(scope="module")
@@ -273,20 +273,20 @@ def tiny_corpus(tmp_path_factory):
     ],
     ids=["pooled", "no_per_token_column"],
 )
-def test_ids_refused_without_a_per_token_column(tiny_bundle, tiny_corpus, tmp_path, flags, message):
+def test_ids_refused_without_a_per_token_column(sample_bundle, tiny_corpus, tmp_path, flags, message):
     out = tmp_path / "out"
     with pytest.raises(ExportConfigError, match=message):
-        run_export(export_args(tiny_bundle, tiny_corpus, out, *flags))
+        run_export(export_args(sample_bundle, tiny_corpus, out, *flags))
     assert is_empty_or_absent(out)
 
 
-def test_ids_and_vectors_dead_letter_the_same_documents(tiny_bundle, tiny_corpus, tmp_path):
+def test_ids_and_vectors_dead_letter_the_same_documents(sample_bundle, tiny_corpus, tmp_path):
     """An id past the table is a bad_token_id dead letter in both storage modes, before any forward pass."""
     runs = {}
     for storage in ("vectors", "ids"):
         out = tmp_path / storage
         summary = run_export(
-            export_args(tiny_bundle, tiny_corpus, out, "--layer=emb", "--layer=emb:1", "--pooling=none")
+            export_args(sample_bundle, tiny_corpus, out, "--layer=emb", "--layer=emb:1", "--pooling=none")
             + [f"--token_storage={storage}"]
         )
         assert (summary.rows_written, summary.dead_letters) == (3, 1), summary
@@ -371,12 +371,12 @@ def test_ids_refused_for_an_embedding_subclass_with_its_own_call():
         check_ids_column(model, parse_layer_spec("positional"))
 
 
-def test_cli_refuses_ids_with_pooling_and_exits_2(tiny_bundle, tiny_corpus, tmp_path):
+def test_cli_refuses_ids_with_pooling_and_exits_2(sample_bundle, tiny_corpus, tmp_path):
     out = tmp_path / "out"
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", *export_args(tiny_bundle, tiny_corpus, out, "--layer=emb")]
+        [sys.executable, "-m", "pipeline.run", *export_args(sample_bundle, tiny_corpus, out, "--layer=emb")]
         + ["--token_storage", "ids"],
         cwd=REPOSITORY,
         env=environment,
