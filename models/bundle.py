@@ -17,7 +17,6 @@ storage copy them to a local directory first.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -28,6 +27,7 @@ from collections.abc import Mapping
 import keras
 
 from models import __version__
+from models.digest import sha256_file
 from models.paths import DEFAULT_BUNDLE  # noqa: F401  (re-exported)
 from models.tokenizer import Tokenizer
 
@@ -80,15 +80,6 @@ class Bundle:
     def sequence_lengths(self) -> dict[str, int]:
         """Model input name -> number of token ids it takes."""
         return {entry["name"]: entry["length"] for entry in self.manifest["inputs"]}
-
-
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

@@ -16,8 +16,8 @@ from models.bundle import (
     BundleError,
     is_bundle,
     load_bundle,
-    sha256_file,
 )
+from models.digest import sha256_file
 from models.tokenizer import Tokenizer
 
 

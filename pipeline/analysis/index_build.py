@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.fs as pafs
 
+from models.digest import sha256_file
 from pipeline.analysis.dataset import (
     BATCH_ROWS,
     DEFAULT_SEED,
@@ -38,7 +39,6 @@ from pipeline.analysis.index_store import (
     RecallReport,
     index_paths,
     is_local,
-    sha256_local,
     source_identity,
     usearch_index_class,
 )
@@ -271,7 +271,7 @@ def _build_and_write(
         local = os.path.join(scratch, column + INDEX_SUFFIX)
         index.save(local)
         size = os.path.getsize(local)
-        digest = sha256_local(local)
+        digest = sha256_file(local)
         if source_identity(data) != identity:
             raise AnalysisError(
                 f"{data.location!r} was replaced while its index was built; nothing was written. "

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from models.digest import sha256_file
 from pipeline.analysis.dataset import AnalysisError, VectorDataset
 from pipeline.analysis.index_store import (
     INDEX_SUFFIX,
@@ -23,7 +24,6 @@ from pipeline.analysis.index_store import (
     index_paths,
     is_local,
     read_metadata,
-    sha256_local,
     source_identity,
     usearch_index_class,
 )
@@ -177,7 +177,7 @@ def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> Load
             local is None
             or not os.path.isfile(local)
             or os.path.getsize(local) != metadata.get("bytes")
-            or sha256_local(local) != metadata.get("sha256")
+            or sha256_file(local) != metadata.get("sha256")
         )
         if local is None or damaged:
             raise AnalysisError(

@@ -144,15 +144,6 @@ def source_identity(data: VectorDataset) -> SourceIdentity:
     return {"files": files}
 
 
-def sha256_local(path: str) -> str:
-    """The SHA-256 of a local file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def is_local(filesystem: pafs.FileSystem) -> bool:
     """Whether `filesystem` is the local disk (not object storage)."""
     return isinstance(filesystem, pafs.LocalFileSystem)
