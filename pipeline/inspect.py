@@ -30,7 +30,7 @@ def _shape(tensor):
 
 def input_lengths(model):
     """Model input name -> tokens per document (0 where unknown), as the export would feed it."""
-    from pipeline.planning.plan import text_input_info
+    from pipeline.planning.introspection import text_input_info
 
     lengths = {}
     for tensor in model.inputs:
@@ -47,7 +47,8 @@ def input_lengths(model):
 
 def export_kind(tensor, dependencies, lengths):
     """ "vector", "sequence (INPUT)" or "-" (cannot be exported), by the plan's own rule."""
-    from pipeline.planning.plan import SEQUENCE, column_kind
+    from pipeline.planning.introspection import column_kind
+    from pipeline.planning.plan import SEQUENCE
 
     if isinstance(tensor, (list, tuple)):
         return "- (several tensors)"

@@ -221,8 +221,8 @@ def test_every_numeric_flag_out_of_range_is_one_error_line_and_exit_2(
 
 
 def test_every_numeric_flag_of_the_options_has_a_range():
+    from pipeline.planning.checks import NUMERIC_FLAGS
     from pipeline.planning.options import ExportOptions
-    from pipeline.planning.plan import NUMERIC_FLAGS
 
     parsers = []
     ExportOptions([]).get_all_options(current_only=True, add_extra_args_fn=parsers.append)

@@ -34,9 +34,11 @@ from pipeline.errors import (
     OutputWriteError,
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
-from pipeline.planning.model_source import is_default_bundle, is_local, wants_no_tokenizer
+from pipeline.planning.build import build_plan
+from pipeline.planning.model_source import is_default_bundle, is_local
 from pipeline.planning.options import ExportOptions, default_output
-from pipeline.planning.plan import build_plan, reuse_signature
+from pipeline.planning.plan import wants_no_tokenizer
+from pipeline.planning.reuse import reuse_signature
 from pipeline.running import local_workers, portable
 from pipeline.running import progress as progress_lib
 from pipeline.running.graph import build_pipeline
