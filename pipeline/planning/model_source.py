@@ -137,11 +137,10 @@ def load_model_source(
     """
     location = _installed_default_bundle(model_uri.rstrip("/"))
     try:
-        exists = _exists(location)
-        local = stage_locally(location) if exists else None
+        local = stage_locally(location) if _exists(location) else None
     except Exception as error:  # No credentials, no such bucket, a failed copy, ...
         raise ExportConfigError(f"Could not read --model {model_uri!r}: {error}") from None
-    if not exists:
+    if local is None:
         raise ExportConfigError(
             f"--model {model_uri!r} does not exist. Pass a bundle directory written by "
             "`python -m models.train`, or a .keras/.h5 file."
