@@ -9,15 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError
-from pipeline.planning.model_source import is_local
 from pipeline.planning.options import ExportOptions
 from pipeline.reading.listing import InputFile, list_input
+from pipeline.uris import absolute, absolute_pattern, glob_regex, inside, is_local
 
 # Characters Beam's FileSystems.match takes as a glob.
 GLOB_CHARACTERS = "*?["
@@ -54,50 +53,6 @@ def check_location(flag: str, uri: str) -> None:
             ) from None
 
 
-def _absolute(path: str) -> str:
-    return os.path.realpath(path) if is_local(path) else path.rstrip("/")
-
-
-def _absolute_pattern(pattern: str) -> str:
-    """A local pattern with its fixed directory part made absolute (symlinks resolved)."""
-    first_glob = re.search(r"[*?\[]", pattern)
-    if not is_local(pattern) or not first_glob:
-        return _absolute(pattern)
-    cut = pattern.rfind("/", 0, first_glob.start())
-    head, tail = (pattern[:cut] or "/", pattern[cut + 1 :]) if cut >= 0 else (".", pattern)
-    return os.path.join(os.path.realpath(head), tail)
-
-
-def _inside(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """A regex with the meaning of a Beam glob: `**` spans directories, `*` and `?` do not."""
-    parts: list[str] = []
-    index = 0
-    while index < len(pattern):
-        char = pattern[index]
-        if pattern.startswith("**", index):
-            parts.append(".*")
-            index += 2
-            continue
-        if char == "*":
-            parts.append("[^/]*")
-        elif char == "?":
-            parts.append("[^/]")
-        elif char == "[" and "]" in pattern[index + 1 :]:
-            close = pattern.index("]", index + 1)
-            body = pattern[index + 1 : close]
-            parts.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
-            index = close + 1
-            continue
-        else:
-            parts.append(re.escape(char))
-        index += 1
-    return re.compile("".join(parts))
-
-
 def check_input_output(input_pattern: str, matched: Sequence[str], output: str) -> None:
     """Refuses an --output that overlaps the corpus, so no run can read or replace its own input.
 
@@ -109,14 +64,14 @@ def check_input_output(input_pattern: str, matched: Sequence[str], output: str) 
     Raises:
         ExportConfigError: the output holds, is, or would be read as, corpus files.
     """
-    directory = _absolute(output)
-    inside = [path for path in matched if _inside(_absolute(path), directory)]
+    directory = absolute(output)
+    inside = [path for path in matched if inside(absolute(path), directory)]
     if inside:
         raise ExportConfigError(
             f"--output {output!r} holds files that --input {input_pattern!r} reads (e.g. "
             f"{inside[0]!r}). Write the export to a directory outside the corpus."
         )
-    pattern = _absolute_pattern(input_pattern)
+    pattern = absolute_pattern(input_pattern)
     regex = glob_regex(pattern)
     written = [name for name in _EXPORT_FILE_EXAMPLES if regex.fullmatch(directory + "/" + name)]
     if written:

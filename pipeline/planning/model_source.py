@@ -23,6 +23,7 @@ from models.legacy import LegacyModelError, load_model_file
 from models.tokenizer import Tokenizer
 from pipeline.errors import ExportConfigError
 from pipeline.planning.plan import NO_TOKENIZER, ExportPlan, wants_no_tokenizer
+from pipeline.uris import is_local
 
 MODEL_EXTENSIONS = (".keras", ".h5", ".hdf5")
 # The tokenizers a model can come with: this package's, or one read from a Keras 2
@@ -43,11 +44,6 @@ class ModelSource:
     # Model input -> corpus field, from the bundle; empty otherwise.
     input_fields: dict[str, str]
     default_layers: list[str]
-
-
-def is_local(uri: str) -> bool:
-    """Whether `uri` is a path on this machine rather than an object-store URI (gs://, s3://)."""
-    return FileSystems.get_scheme(uri) in (None, "file")
 
 
 def is_default_bundle(uri: str) -> bool:

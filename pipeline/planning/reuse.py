@@ -17,8 +17,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError
 from pipeline.planning.locations import check_location
-from pipeline.planning.model_source import is_local
 from pipeline.planning.plan import ExportPlan
+from pipeline.uris import is_local
 from pipeline.writing import schema as schema_lib
 
 # A manifest (`_MANIFEST.json`) or one of its entries, as JSON gives it: its values are arbitrary.

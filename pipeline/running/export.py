@@ -35,7 +35,7 @@ from pipeline.errors import (
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
 from pipeline.planning.build import build_plan
-from pipeline.planning.model_source import is_default_bundle, is_local
+from pipeline.planning.model_source import is_default_bundle
 from pipeline.planning.options import ExportOptions, default_output
 from pipeline.planning.plan import wants_no_tokenizer
 from pipeline.planning.reuse import reuse_signature
@@ -43,6 +43,7 @@ from pipeline.running import local_workers, portable
 from pipeline.running import progress as progress_lib
 from pipeline.running.graph import build_pipeline
 from pipeline.transforms import DEFAULT_SPLIT_BYTES, FILES_BROKEN, NAMESPACE, RANGES_READ, ROWS_KEPT
+from pipeline.uris import is_local
 from pipeline.writing import output as output_lib
 from pipeline.writing import resume as resume_lib
 from pipeline.writing.token_tables import write_token_tables
