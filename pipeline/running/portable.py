@@ -20,6 +20,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipeline.errors import ExportConfigError
 from pipeline.running import counters
+from pipeline.running.progress import duration_text
 from pipeline.writing.schema import FILE_REASONS
 
 _LOGGER = logging.getLogger(__name__)
@@ -187,11 +188,6 @@ def explain_failure(error: BaseException, options: PipelineOptions) -> WorkersUn
     return None
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def wait_for_job(
     result: PipelineResult,
     workers_dir: str,
@@ -238,7 +234,7 @@ def wait_for_job(
                 _LOGGER.info(
                     "progress: job %s for %s%s (counts come with the summary).",
                     result.state,
-                    _duration(now - started),
+                    duration_text(now - started),
                     waiting,
                 )
             sleep(POLL_SECONDS)

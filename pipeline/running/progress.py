@@ -124,7 +124,8 @@ def process_seconds() -> float:
         return 0.0
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """Seconds for people: "1:02:03" (hours, minutes, seconds)."""
     whole = int(seconds)
     return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
@@ -243,11 +244,11 @@ class ProgressMonitor:
             f"{rate:,.0f} docs/s" if rate is not None else "docs/s pending",
         ]
         if final:
-            parts.append(f"done in {_duration(now - self._started)}")
+            parts.append(f"done in {duration_text(now - self._started)}")
         else:
-            parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA unknown")
+            parts.append(f"ETA {duration_text(eta)}" if eta is not None else "ETA unknown")
         if totals.get(FIRST_ROW_AT):
-            parts.append(f"first row after {_duration(totals[FIRST_ROW_AT] - self._command_started)}")
+            parts.append(f"first row after {duration_text(totals[FIRST_ROW_AT] - self._command_started)}")
         return "progress: " + ", ".join(parts)
 
     def report(self, final: bool = False) -> None:
