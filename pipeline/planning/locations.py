@@ -65,11 +65,11 @@ def check_input_output(input_pattern: str, matched: Sequence[str], output: str) 
         ExportConfigError: the output holds, is, or would be read as, corpus files.
     """
     directory = absolute(output)
-    inside = [path for path in matched if inside(absolute(path), directory)]
-    if inside:
+    corpus_files = [path for path in matched if inside(absolute(path), directory)]
+    if corpus_files:
         raise ExportConfigError(
             f"--output {output!r} holds files that --input {input_pattern!r} reads (e.g. "
-            f"{inside[0]!r}). Write the export to a directory outside the corpus."
+            f"{corpus_files[0]!r}). Write the export to a directory outside the corpus."
         )
     pattern = absolute_pattern(input_pattern)
     regex = glob_regex(pattern)
