@@ -174,8 +174,8 @@ def inference_rates(documents_small, documents_large, batch_size, model_flags):
     import keras
 
     from pipeline.inference.embedder import Embedder
+    from pipeline.planning.build import build_plan
     from pipeline.planning.options import ExportOptions
-    from pipeline.planning.plan import build_plan
 
     with tempfile.TemporaryDirectory() as scratch:
         corpus = write_corpus(os.path.join(scratch, "c.jsonl"), documents_large)
@@ -385,8 +385,8 @@ def arrow_row_rates(count, batch_size, flags):
     """Docs/s of building the output rows of real forward-pass outputs per batch and per document."""
     from pipeline.inference.embedder import Embedded, Embedder
     from pipeline.inference.features import DocumentTokenizer
+    from pipeline.planning.build import build_plan
     from pipeline.planning.options import ExportOptions
-    from pipeline.planning.plan import build_plan
     from pipeline.reading.documents import Document
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -63,7 +63,7 @@ from pipeline.reading.documents import Document
 from pipeline.inference.embedder import Embedder
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.planning.options import ExportOptions
-from pipeline.planning.plan import build_plan
+from pipeline.planning.build import build_plan
 
 corpus, scratch, count, configurations = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 with open(corpus, encoding="utf-8") as handle:
@@ -112,7 +112,7 @@ from models.truncate import truncate
 from pipeline.reading.documents import Document
 from pipeline.inference.features import DocumentTokenizer, stack_features
 from pipeline.planning.options import ExportOptions
-from pipeline.planning.plan import build_plan
+from pipeline.planning.build import build_plan
 
 flags, corpus, count = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 plan, source = build_plan(ExportOptions(["--input", corpus, "--output", "/nonexistent/unused", *flags]))

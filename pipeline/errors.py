@@ -1,4 +1,4 @@
-"""The launch-time error type and the exit statuses of the command-line tools."""
+"""The export's error types and the exit statuses of the command-line tools."""
 
 # python -m pipeline.run (and the other commands) exit with these.
 EXIT_OK = 0
@@ -13,7 +13,12 @@ EXIT_TERMINATED = 143  # SIGTERM (Kubernetes, systemd, CI), as shells report it
 
 
 class ExportConfigError(ValueError):
-    """A flag, the model or the output location cannot work; raised before launch."""
+    """A flag, the model, the input or the output location cannot work.
+
+    Mostly raised at launch, before anything is written; also by a worker that
+    cannot run what the launch checked (the model or tokenizer file replaced
+    since, a forward pass other than the one the launch chose).
+    """
 
 
 class OutputBusyError(ExportConfigError):

@@ -57,7 +57,7 @@ def _shape(tensor: LayerOutput) -> str:
 
 def input_lengths(model: keras.Model) -> dict[str, int]:
     """Model input name -> tokens per document (0 where unknown), as the export would feed it."""
-    from pipeline.planning.plan import text_input_info
+    from pipeline.planning.introspection import text_input_info
 
     lengths: dict[str, int] = {}
     for tensor in model.inputs:
@@ -78,7 +78,8 @@ def export_kind(
     lengths: Mapping[str, int],
 ) -> str:
     """ "vector", "sequence (INPUT)" or "-" (cannot be exported), by the plan's own rule."""
-    from pipeline.planning.plan import SEQUENCE, column_kind
+    from pipeline.planning.introspection import column_kind
+    from pipeline.planning.plan import SEQUENCE
 
     if isinstance(tensor, (list, tuple)):
         return "- (several tensors)"

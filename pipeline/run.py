@@ -9,6 +9,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
+from types import FrameType
 
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,10 +29,10 @@ from pipeline.errors import (
 # Worker processes' warnings arrive wrapped in a "Worker: ..." message, hence `in`.
 _NOISE = ("Resource module is not available", "No semi_persistent_directory found")
 # The signals that stop a run, and the status each ends it with.
-STOP_SIGNALS = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
+STOP_SIGNALS: dict[int, int] = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
 
 
-def _drop_noise(record):
+def _drop_noise(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return not any(noise in message for noise in _NOISE)
 
@@ -94,7 +96,8 @@ def _commit_phase() -> str:
     return output.commit_phase() if output else "idle"
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the export for `argv` (default: the command line) and returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         from pipeline.planning.cli import options_parser
@@ -110,7 +113,7 @@ def main(argv=None):
     interrupted: list[int] = []
     silencer = _Silencer()
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         interrupted.append(signum)
         if _commit_phase() != "idle":
             # A commit is in flight (or done): it finishes, then the run reports the signal.
@@ -149,11 +152,11 @@ def main(argv=None):
         silencer.restore()
         return _interrupted(interrupted[0] if interrupted else signal.SIGINT)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, previous_handler in previous.items():
+            signal.signal(signum, previous_handler)
 
 
-def run_main(argv=None) -> None:
+def run_main(argv: Sequence[str] | None = None) -> None:
     """`main`, then exit the process with its status (what `python -m pipeline.run` does)."""
     status = main(argv)
     if status in STOP_SIGNALS.values():

@@ -326,8 +326,8 @@ def test_pipeline_embedder_falls_back_with_a_log_line(tmp_path, caplog):
     from models.tokenizer import Tokenizer
     from pipeline.inference.embedder import Embedder
     from pipeline.inference.features import DocumentTokenizer
+    from pipeline.planning.build import build_plan
     from pipeline.planning.options import ExportOptions
-    from pipeline.planning.plan import build_plan
     from pipeline.reading.documents import Document
 
     model = _keras3_model(lambda x: keras.layers.LSTM(6, name="lstm_content", dtype="mixed_float16")(x))
@@ -365,8 +365,8 @@ def test_pipeline_embedder_falls_back_with_a_log_line(tmp_path, caplog):
 
 def test_pipeline_embedder_uses_the_fast_path_for_the_default_bundle(tmp_path, caplog):
     from pipeline.inference.embedder import Embedder
+    from pipeline.planning.build import build_plan
     from pipeline.planning.options import ExportOptions
-    from pipeline.planning.plan import build_plan
 
     plan, model_source = build_plan(ExportOptions(["--output", str(tmp_path / "o")]))
     with caplog.at_level(logging.INFO):

@@ -11,8 +11,8 @@ def test_build_pipeline_on_a_test_pipeline_reads_embeds_and_writes(tmp_path, tin
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
+    from pipeline.planning.build import build_plan
     from pipeline.planning.options import ExportOptions
-    from pipeline.planning.plan import build_plan
     from pipeline.running.graph import build_pipeline
 
     directory, _, _ = tiny_bundle

@@ -26,8 +26,8 @@ from sizes import LENGTHS, SIZES
 from models.bundle import MODEL_FILE, TOKENIZER_FILE
 from models.tokenizer import Tokenizer
 from pipeline.errors import ExportConfigError
+from pipeline.planning.build import build_plan
 from pipeline.planning.options import ExportOptions
-from pipeline.planning.plan import build_plan
 from pipeline.run import EXIT_CONFIG_ERROR
 from pipeline.running.export import run_export
 from pipeline.writing.output import MANIFEST, STAGING
@@ -227,8 +227,8 @@ def test_every_numeric_flag_out_of_range_is_one_error_line_and_exit_2(
 
 
 def test_every_numeric_flag_of_the_options_has_a_range():
+    from pipeline.planning.checks import NUMERIC_FLAGS
     from pipeline.planning.options import ExportOptions
-    from pipeline.planning.plan import NUMERIC_FLAGS
 
     parsers = []
     ExportOptions([]).get_all_options(current_only=True, add_extra_args_fn=parsers.append)

@@ -21,8 +21,8 @@ from models.tokenizer import pad_token_ids
 from models.truncate import layer_calls
 from pipeline.inference.embedder import Embedder
 from pipeline.inference.features import DocumentTokenizer
+from pipeline.planning.build import build_plan
 from pipeline.planning.options import ExportOptions
-from pipeline.planning.plan import build_plan
 from pipeline.reading.documents import Document, TokenIds
 from pipeline.writing import schema
 

@@ -18,8 +18,8 @@ from models.fast_lstm import FAST, KERAS
 from pipeline.errors import ExportConfigError
 from pipeline.inference import embedder as embedder_lib
 from pipeline.inference.features import DocumentTokenizer
+from pipeline.planning.build import build_plan
 from pipeline.planning.options import ExportOptions
-from pipeline.planning.plan import build_plan
 from pipeline.reading.documents import Document
 
 

@@ -18,8 +18,9 @@ from models.keras2_tokenizer import UNKNOWN_TOKEN
 from models.truncate import truncate
 from pipeline.errors import ExportConfigError
 from pipeline.inference.features import stack_features
-from pipeline.planning.model_source import NO_TOKENIZER, load_model_source
-from pipeline.planning.plan import TEXT_INPUT, text_vectorizer
+from pipeline.planning.introspection import text_vectorizer
+from pipeline.planning.model_source import load_model_source
+from pipeline.planning.plan import NO_TOKENIZER, TEXT_INPUT
 from pipeline.writing import schema as schema_lib
 
 FAST_PATH_TOLERANCE = 1e-5

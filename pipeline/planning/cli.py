@@ -1,8 +1,14 @@
 """Flags shared by the command-line tools: the model, its tokenizer, and loading Lambda layers."""
 
+from __future__ import annotations
+
 import argparse
+from typing import TYPE_CHECKING
 
 from models.paths import DEFAULT_BUNDLE
+
+if TYPE_CHECKING:  # Beam is imported only by the command that builds the parser.
+    from apache_beam.options.pipeline_options import PipelineOptions
 
 MODEL_HELP = (
     "Model bundle directory (from `python -m models.train`) or a .keras/.h5 file; local path or "
@@ -21,7 +27,7 @@ UNSAFE_HELP = (
 )
 
 
-def add_model_flags(parser, positional_model=False):
+def add_model_flags(parser: argparse.ArgumentParser, positional_model: bool = False) -> None:
     """Adds the model, --tokenizer and --allow_unsafe_deserialization flags to an argparse parser.
 
     Args:
@@ -43,13 +49,15 @@ def add_model_flags(parser, positional_model=False):
     )
 
 
-def options_parser(options_class, **parser_arguments):
+def options_parser(
+    options_class: type[PipelineOptions], prog: str, description: str | None
+) -> argparse.ArgumentParser:
     """An argparse parser holding only `options_class`'s flags (a `PipelineOptions` subclass), for --help.
 
     Beam builds the parser of a PipelineOptions subclass itself; `get_all_options`
     with `current_only` hands it over without reaching into private methods.
     """
-    captured = []
+    captured: list[argparse.ArgumentParser] = []
     options_class([]).get_all_options(current_only=True, add_extra_args_fn=captured.append)
     # Beam's parser brings -h/--help with it.
-    return argparse.ArgumentParser(parents=[captured[0]], add_help=False, **parser_arguments)
+    return argparse.ArgumentParser(parents=[captured[0]], add_help=False, prog=prog, description=description)

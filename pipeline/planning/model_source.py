@@ -16,17 +16,20 @@ from models.bundle import (
     check_file_name,
     is_bundle,
     load_bundle,
-    sha256_file,
 )
+from models.digest import sha256_file
 from models.keras2_config import LegacyModelError
-from models.keras2_tokenizer import read_tokenizer
+from models.keras2_tokenizer import Keras2Tokenizer, VocabularyTokenizer, read_tokenizer
 from models.legacy import load_model_file
 from models.tokenizer import Tokenizer
 from pipeline.errors import ExportConfigError
+from pipeline.planning.plan import NO_TOKENIZER, ExportPlan, wants_no_tokenizer
+from pipeline.uris import is_local
 
 MODEL_EXTENSIONS = (".keras", ".h5", ".hdf5")
-# `--tokenizer none`: the corpus fields of token-id inputs already hold lists of ids.
-NO_TOKENIZER = "none"
+# The tokenizers a model can come with: this package's, or one read from a Keras 2
+# `Tokenizer.to_json()` file or a vocabulary file (`models.keras2_tokenizer.read_tokenizer`).
+AnyTokenizer = Tokenizer | Keras2Tokenizer | VocabularyTokenizer
 
 
 @dataclasses.dataclass
@@ -35,24 +38,21 @@ class ModelSource:
 
     uri: str
     model: keras.Model
-    tokenizer: Tokenizer  # or a models.keras2_tokenizer one; None when no input needs one
+    # None when no input needs one (a model that takes strings, or `--tokenizer none`).
+    tokenizer: AnyTokenizer | None
     model_sha256: str
     tokenizer_sha256: str
-    input_fields: dict  # model input -> corpus field, from the bundle; empty otherwise
-    default_layers: list
+    # Model input -> corpus field, from the bundle; empty otherwise.
+    input_fields: dict[str, str]
+    default_layers: list[str]
 
 
-def is_local(uri):
-    """Whether `uri` is a path on this machine rather than an object-store URI (gs://, s3://)."""
-    return FileSystems.get_scheme(uri) in (None, "file")
-
-
-def is_default_bundle(uri):
+def is_default_bundle(uri: str) -> bool:
     """Whether `uri` is this installation's copy of the bundled default model."""
     return is_local(uri) and os.path.realpath(uri) == os.path.realpath(DEFAULT_BUNDLE)
 
 
-def _installed_default_bundle(uri):
+def _installed_default_bundle(uri: str) -> str:
     """This installation's default bundle where `uri` is another installation's path to it.
 
     The launcher records the absolute path of its copy of the default bundle; a
@@ -66,7 +66,7 @@ def _installed_default_bundle(uri):
     return uri
 
 
-def _exists(uri):
+def _exists(uri: str) -> bool:
     """Whether `uri` is a file or a directory holding files.
 
     Object stores have no directories: there a bundle "directory" exists when
@@ -77,13 +77,13 @@ def _exists(uri):
     return not is_local(uri) and bool(FileSystems.match([uri + "/*"])[0].metadata_list)
 
 
-def _copy_to(uri, local_path):
+def _copy_to(uri: str, local_path: str) -> None:
     with FileSystems.open(uri) as source, open(local_path, "wb") as target:
         for chunk in iter(lambda: source.read(1 << 20), b""):
             target.write(chunk)
 
 
-def stage_locally(uri, directory=None):
+def stage_locally(uri: str, directory: str | None = None) -> str:
     """Returns a local path holding `uri`'s file or bundle directory.
 
     Keras loads from local files only; remote files (gs://, s3://, ...) are
@@ -105,24 +105,19 @@ def stage_locally(uri, directory=None):
     return local_dir
 
 
-def wants_no_tokenizer(tokenizer_uri):
-    """Whether `--tokenizer` says the corpus already holds token ids (`--tokenizer none`)."""
-    return (tokenizer_uri or "").strip().lower() == NO_TOKENIZER
-
-
-def _takes_text(model):
+def _takes_text(model: keras.Model) -> bool:
     """Whether every input of `model` is a string (a model with TextVectorization inside)."""
     return all(str(getattr(t, "dtype", "")) == "string" for t in model.inputs)
 
 
 def load_model_source(
-    model_uri,
-    tokenizer_uri=None,
-    allow_unsafe_deserialization=False,
-    padding=None,
-    truncating=None,
-    require_tokenizer=True,
-):
+    model_uri: str,
+    tokenizer_uri: str | None = None,
+    allow_unsafe_deserialization: bool = False,
+    padding: str | None = None,
+    truncating: str | None = None,
+    require_tokenizer: bool = True,
+) -> ModelSource:
     """Loads `--model` (bundle or file) and its tokenizer.
 
     Args:
@@ -139,11 +134,10 @@ def load_model_source(
     """
     location = _installed_default_bundle(model_uri.rstrip("/"))
     try:
-        exists = _exists(location)
-        local = stage_locally(location) if exists else None
+        local = stage_locally(location) if _exists(location) else None
     except Exception as error:  # No credentials, no such bucket, a failed copy, ...
         raise ExportConfigError(f"Could not read --model {model_uri!r}: {error}") from None
-    if not exists:
+    if local is None:
         raise ExportConfigError(
             f"--model {model_uri!r} does not exist. Pass a bundle directory written by "
             "`python -m models.train`, or a .keras/.h5 file."
@@ -214,7 +208,9 @@ def load_model_source(
     )
 
 
-def load_tokenizer(uri, padding=None, truncating=None):
+def load_tokenizer(
+    uri: str, padding: str | None = None, truncating: str | None = None
+) -> tuple[AnyTokenizer, str]:
     """Reads a tokenizer file from any Beam URI; returns `(tokenizer, sha256)`.
 
     The file is this package's tokenizer JSON, a Keras 2 `Tokenizer.to_json()`
@@ -231,7 +227,7 @@ def load_tokenizer(uri, padding=None, truncating=None):
     return tokenizer, hashlib.sha256(data).hexdigest()
 
 
-def load_plan_tokenizer(plan):
+def load_plan_tokenizer(plan: ExportPlan) -> AnyTokenizer | None:
     """The tokenizer a worker tokenizes with, read without the model; None when no input needs one.
 
     Reads `plan.tokenizer_uri`, or else the tokenizer file of the `plan.model_uri`

@@ -1,5 +1,6 @@
 """The pipeline's own flags, in one `PipelineOptions` subclass; Beam's flags pass through."""
 
+import argparse
 import datetime
 import os
 
@@ -16,7 +17,7 @@ TOKEN_STORAGES = ("vectors", "ids")
 COMPRESSIONS = ("snappy", "zstd", "gzip", "none")
 
 
-def default_output():
+def default_output() -> str:
     """A fresh directory per run, so the no-argument command can be repeated."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return os.path.join("output", f"embeddings-{stamp}")
@@ -26,7 +27,7 @@ class ExportOptions(PipelineOptions):
     """Flags of `python -m pipeline.run`."""
 
     @classmethod
-    def _add_argparse_args(cls, parser):
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         add_model_flags(parser)
         parser.add_argument(
             "--padding",

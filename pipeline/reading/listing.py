@@ -20,7 +20,7 @@ import typing
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.planning.model_source import is_local
+from pipeline.uris import is_local
 
 _LOGGER = logging.getLogger(__name__)
 _GLOB = re.compile(r"[*?\[]")

@@ -23,9 +23,9 @@ from pipeline.errors import (
     ExportConfigError,
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
-from pipeline.planning.model_source import is_local
+from pipeline.planning.build import build_plan
 from pipeline.planning.options import ExportOptions, default_output
-from pipeline.planning.plan import build_plan, reuse_signature
+from pipeline.planning.reuse import reuse_signature
 from pipeline.running import portable
 from pipeline.running import progress as progress_lib
 from pipeline.running.dataflow import poll_dataflow
@@ -43,6 +43,7 @@ from pipeline.running.runners import (
     worker_tf_threads,
 )
 from pipeline.transforms import FILES_BROKEN, NAMESPACE, RANGES_READ, ROWS_KEPT
+from pipeline.uris import is_local
 from pipeline.writing import output as output_lib
 from pipeline.writing import resume as resume_lib
 from pipeline.writing.token_tables import write_token_tables

@@ -8,8 +8,8 @@ import shutil
 from collections.abc import Iterator
 
 from pipeline.errors import OutputWriteError
-from pipeline.planning.model_source import is_local
 from pipeline.running import progress as progress_lib
+from pipeline.uris import is_local
 from pipeline.writing import output as output_lib
 
 

@@ -1,9 +1,15 @@
 """Builds the export's Beam graph on a given pipeline; does not run it."""
 
+from __future__ import annotations
+
 import dataclasses
+from collections.abc import Sequence
+from typing import Any, TypedDict
 
 import apache_beam as beam
+import pyarrow as pa
 
+from pipeline.planning.plan import ExportPlan
 from pipeline.running.portable import AnnounceWorker
 from pipeline.transforms import (
     DEFAULT_CHECKPOINT_SECONDS,
@@ -18,21 +24,30 @@ from pipeline.transforms import (
 )
 
 
+class ExportCollections(TypedDict):
+    """The PCollections `build_pipeline` returns."""
+
+    # Arrow record batches of output rows: embedded and, with `plan.reuse`, reused.
+    rows: beam.PCollection[pa.RecordBatch]
+    # Dead letters: a dict per record that was not embedded, with the error table's columns.
+    errors: beam.PCollection[dict[str, Any]]
+
+
 def build_pipeline(
-    pipeline,
-    plan,
-    rows_prefix,
-    errors_prefix,
+    pipeline: beam.Pipeline,
+    plan: ExportPlan,
+    rows_prefix: str,
+    errors_prefix: str,
     *,
-    split_bytes=DEFAULT_SPLIT_BYTES,
-    shard_bytes=DEFAULT_SHARD_BYTES,
-    limit=None,
-    progress_dir=None,
-    checkpoint_seconds=DEFAULT_CHECKPOINT_SECONDS,
-    kept_ids_path=None,
-    kept_files=(),
-    workers_dir=None,
-):
+    split_bytes: int = DEFAULT_SPLIT_BYTES,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    limit: int | None = None,
+    progress_dir: str | None = None,
+    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
+    kept_ids_path: str | None = None,
+    kept_files: Sequence[str] = (),
+    workers_dir: str | None = None,
+) -> ExportCollections:
     """Adds read -> embed -> write to `pipeline`.
 
     Args:
@@ -52,8 +67,7 @@ def build_pipeline(
             whose launcher watches for it: see `pipeline.running.portable.wait_for_job`).
 
     Returns:
-        A dict with the PCollections "rows" (Arrow RecordBatches, embedded and,
-        with `plan.reuse`, reused) and "errors" (dead-letter dicts).
+        The rows and the dead letters (see `ExportCollections`).
     """
     if workers_dir:
         # Added first, so that runners which order independent roots run it first.

@@ -21,10 +21,11 @@ import signal
 import subprocess
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 # The shell of `shell=True` sets SIGINT to ignored, then becomes the worker.
 _IGNORE_CTRL_C = "trap '' INT; exec "
-_started: list[subprocess.Popen] = []
+_started: list[subprocess.Popen[bytes]] = []
 _lock = threading.Lock()
 
 
@@ -35,7 +36,9 @@ class _Subprocess:
         return getattr(subprocess, name)
 
     @staticmethod
-    def Popen(args: str | list[str], *rest: object, **kwargs: object) -> subprocess.Popen:  # as Beam calls it
+    def Popen(
+        args: str | list[str], *rest: Any, **kwargs: Any
+    ) -> subprocess.Popen[bytes]:  # as Beam calls it
         # Beam's command is one command line (`python -m ...sdk_worker_main`); `trap` is POSIX sh.
         if kwargs.get("shell") and isinstance(args, str) and os.name == "posix":
             args = _IGNORE_CTRL_C + args
@@ -51,7 +54,8 @@ def ignoring_ctrl_c() -> Iterator[None]:
     from apache_beam.runners.portability import local_job_service
 
     before = local_job_service.subprocess
-    local_job_service.subprocess = _Subprocess()
+    # setattr: the module attribute is replaced by a stand-in on purpose, for the duration only.
+    setattr(local_job_service, "subprocess", _Subprocess())  # noqa: B010
     try:
         yield
     finally:

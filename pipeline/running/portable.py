@@ -9,16 +9,18 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import apache_beam as beam
-import grpc
+import grpc  # type: ignore[import-untyped]  # grpcio ships no types (and mypy.ini does not list it yet)
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
-from apache_beam.runners.runner import PipelineState
+from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipeline.errors import ExportConfigError
+from pipeline.running import counters
+from pipeline.running.progress import duration_text
 from pipeline.writing.schema import FILE_REASONS
 
 _LOGGER = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ class AnnounceWorkerFn(beam.DoFn):
     def __init__(self, directory: str):
         self._directory = directory
 
-    def process(self, element: object):
+    def process(self, element: None) -> Iterator[None]:
         name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with FileSystems.create(FileSystems.join(self._directory, name)) as handle:
             # Not empty: Beam's S3 writer cannot create an empty object (a multipart upload of no part).
@@ -122,7 +124,7 @@ class AnnounceWorker(beam.PTransform):
         super().__init__()
         self._directory = directory
 
-    def expand(self, pipeline):
+    def expand(self, pipeline: beam.Pipeline) -> beam.PCollection[None]:
         return (
             pipeline
             | "OneElement" >> beam.Create([None])
@@ -186,13 +188,8 @@ def explain_failure(error: BaseException, options: PipelineOptions) -> WorkersUn
     return None
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def wait_for_job(
-    result,
+    result: PipelineResult,
     workers_dir: str,
     options: PipelineOptions,
     worker_start_timeout: float,
@@ -237,7 +234,7 @@ def wait_for_job(
                 _LOGGER.info(
                     "progress: job %s for %s%s (counts come with the summary).",
                     result.state,
-                    _duration(now - started),
+                    duration_text(now - started),
                     waiting,
                 )
             sleep(POLL_SECONDS)
@@ -253,7 +250,7 @@ def wait_for_job(
         raise explained from error
 
 
-def _cancel(result) -> None:
+def _cancel(result: PipelineResult) -> None:
     try:
         result.cancel()
     except Exception as error:  # The job may have ended meanwhile; the launcher is leaving anyway.
@@ -274,7 +271,7 @@ class RunCounters:
     exact: bool
 
 
-def read_counters(result, namespace: str) -> RunCounters:
+def read_counters(result: PipelineResult, namespace: str = counters.NAMESPACE) -> RunCounters:
     """The counters of `result` in `namespace`: committed values if the runner has them, else attempted."""
     query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(namespace))["counters"]
     committed: dict[str, int] = {}

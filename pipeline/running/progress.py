@@ -8,6 +8,8 @@ about every `interval` seconds otherwise. Counts are approximate while the run
 works (a process writes its file at most once a second) and exact at the end.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import os
@@ -15,6 +17,11 @@ import sys
 import threading
 import time
 import uuid
+from types import TracebackType
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:  # rich is imported only when a terminal shows the bar.
+    from rich.progress import Progress, TaskID
 
 _LOGGER = logging.getLogger("pipeline.running.progress")
 # What the workers count.
@@ -22,26 +29,30 @@ KEYS = ("scanned_bytes", "read_bytes", "records", "rows", "dead_letters")
 # When (time.time()) a process counted its first row; the earliest over the processes is the run's.
 FIRST_ROW_AT = "first_row_at"
 _WRITE_EVERY_SECONDS = 1.0
+# What a process counted: KEYS -> counts, and FIRST_ROW_AT -> a time.time() where one was counted.
+Totals = dict[str, float]
 
 
 class _NoProgress:
-    def add(self, **counts):
+    """Stands in for a `ProgressRecorder` where no run watches the progress (no directory)."""
+
+    def add(self, **counts: int) -> None:
         pass
 
-    def flush(self):
+    def flush(self) -> None:
         pass
 
 
 class ProgressRecorder:
     """This process's running totals, written to `directory/<pid>-<token>.json` at most once a second."""
 
-    def __init__(self, directory):
+    def __init__(self, directory: str) -> None:
         self._path = os.path.join(directory, f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
-        self._counts = dict.fromkeys(KEYS, 0)
+        self._counts: Totals = dict.fromkeys(KEYS, 0)
         self._lock = threading.Lock()
         self._written = 0.0
 
-    def add(self, **counts):
+    def add(self, **counts: int) -> None:
         with self._lock:
             for key, value in counts.items():
                 self._counts[key] += value
@@ -50,11 +61,11 @@ class ProgressRecorder:
             if time.monotonic() - self._written >= _WRITE_EVERY_SECONDS:
                 self._write()
 
-    def flush(self):
+    def flush(self) -> None:
         with self._lock:
             self._write()
 
-    def _write(self):
+    def _write(self) -> None:
         temporary = self._path + ".tmp"
         try:
             with open(temporary, "w", encoding="utf-8") as handle:
@@ -65,11 +76,11 @@ class ProgressRecorder:
         self._written = time.monotonic()
 
 
-_RECORDERS = {}
+_RECORDERS: dict[str, ProgressRecorder] = {}
 _RECORDERS_LOCK = threading.Lock()
 
 
-def recorder(directory):
+def recorder(directory: str | None) -> ProgressRecorder | _NoProgress:
     """The process's recorder for `directory` (shared by all DoFns of the process); a no-op for None."""
     if not directory:
         return _NoProgress()
@@ -79,17 +90,9 @@ def recorder(directory):
         return _RECORDERS[directory]
 
 
-def flush_all():
-    """Writes every recorder of this process now (end of a bundle)."""
-    with _RECORDERS_LOCK:
-        recorders = list(_RECORDERS.values())
-    for each in recorders:
-        each.flush()
-
-
-def read_totals(directory):
+def read_totals(directory: str) -> Totals:
     """The sum of every worker's counts in `directory`, and the earliest `FIRST_ROW_AT`."""
-    totals = dict.fromkeys(KEYS, 0)
+    totals: Totals = dict.fromkeys(KEYS, 0)
     try:
         names = os.listdir(directory)
     except OSError:
@@ -109,7 +112,7 @@ def read_totals(directory):
     return totals
 
 
-def process_seconds():
+def process_seconds() -> float:
     """Seconds since this process started (what a user has waited), or 0 where /proc cannot say."""
     try:
         with open("/proc/self/stat", encoding="ascii") as handle:
@@ -121,12 +124,13 @@ def process_seconds():
         return 0.0
 
 
-def _duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+def duration_text(seconds: float) -> str:
+    """Seconds for people: "1:02:03" (hours, minutes, seconds)."""
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
-def size_text(size):
+def size_text(size: float) -> str:
     """A byte count for people: "12.3 kB", "1,457 MB"."""
     return f"{size / 1e6:,.0f} MB" if size >= 1e6 else f"{size / 1e3:,.1f} kB"
 
@@ -142,31 +146,43 @@ class ProgressMonitor:
         stream: where a live bar goes (default stderr); a bar only if it is a terminal.
     """
 
-    def __init__(self, directory, total_bytes, limit=None, interval=10.0, stream=None):
+    def __init__(
+        self,
+        directory: str,
+        total_bytes: int,
+        limit: int | None = None,
+        interval: float = 10.0,
+        stream: TextIO | None = None,
+    ) -> None:
         self._directory = directory
         self._total = max(1, total_bytes)
         self._limit = limit
         self._interval = interval
         self._stream = stream or sys.stderr
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         # Time to first row counts from the command's start (wall clock, as the workers record
         # their first row): imports and model loads included.
         self._command_started = time.time() - process_seconds()
         # (time, records, bytes) when reading was first seen: rates are measured from there.
-        self._reading_start = None
-        self._bar = None
+        self._reading_start: tuple[float, float, float] | None = None
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> ProgressMonitor:
         self.start()
         return self
 
-    def __exit__(self, *exc_info):
-        self.stop(final=exc_info[0] is None)
-        return False
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop(final=exc_type is None)
 
-    def start(self):
+    def start(self) -> None:
         if self._stream.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -185,12 +201,12 @@ class ProgressMonitor:
         self._thread = threading.Thread(target=self._run, name="ProgressMonitor", daemon=True)
         self._thread.start()
 
-    def _run(self):
+    def _run(self) -> None:
         tick = 0.5 if self._bar else self._interval
         while not self._stop.wait(tick):
             self.report()
 
-    def stop(self, final=True):
+    def stop(self, final: bool = True) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -199,7 +215,7 @@ class ProgressMonitor:
         if self._bar is not None:
             self._bar.stop()
 
-    def line(self, totals, final=False):
+    def line(self, totals: Totals, final: bool = False) -> str:
         """One progress line from summed `totals` (see `read_totals`)."""
         now = time.monotonic()
         read = totals["read_bytes"]
@@ -228,17 +244,17 @@ class ProgressMonitor:
             f"{rate:,.0f} docs/s" if rate is not None else "docs/s pending",
         ]
         if final:
-            parts.append(f"done in {_duration(now - self._started)}")
+            parts.append(f"done in {duration_text(now - self._started)}")
         else:
-            parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA unknown")
+            parts.append(f"ETA {duration_text(eta)}" if eta is not None else "ETA unknown")
         if totals.get(FIRST_ROW_AT):
-            parts.append(f"first row after {_duration(totals[FIRST_ROW_AT] - self._command_started)}")
+            parts.append(f"first row after {duration_text(totals[FIRST_ROW_AT] - self._command_started)}")
         return "progress: " + ", ".join(parts)
 
-    def report(self, final=False):
+    def report(self, final: bool = False) -> None:
         totals = read_totals(self._directory)
         text = self.line(totals, final=final)
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             reading = bool(totals["read_bytes"] or totals["records"])
             completed = totals["read_bytes"] if reading else totals["scanned_bytes"]
             if self._limit and reading:

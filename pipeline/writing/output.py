@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError, OutputBusyError, OutputWriteError
-from pipeline.planning.model_source import is_local
+from pipeline.uris import is_local
 
 MANIFEST = "_MANIFEST.json"
 LOCK = "_LOCK"

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError
-from pipeline.planning.plan import reuse_signature
+from pipeline.planning.reuse import reuse_signature
 from pipeline.transforms import WRITING_SUFFIX
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.output import (

@@ -1,0 +1,108 @@
+"""Builds the `ExportPlan` from the flags and the loaded model, refusing at launch what cannot work.
+
+Everything that can be wrong with the model, the layers, the input mapping or
+the output location is found here, on the launching machine, before any worker
+exists.  Workers receive only the plan and load the model themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.planning.checks import (
+    check_column_names,
+    check_numeric_flags,
+    check_tokenizer_present,
+    check_vocabulary_fits,
+    detect_format,
+    parse_input_map,
+    resolve_input_map,
+)
+from pipeline.planning.introspection import (
+    cut_model,
+    default_layer_names,
+    describe_columns,
+    describe_inputs,
+    embedding_limits,
+)
+from pipeline.planning.locations import check_locations, listing_sha256
+from pipeline.planning.model_source import ModelSource, load_model_source
+from pipeline.planning.options import ExportOptions
+from pipeline.planning.plan import ExportPlan
+from pipeline.planning.reuse import check_reuse
+from pipeline.writing.token_tables import apply_token_storage
+
+
+def build_plan(options: ExportOptions, check_remote: bool = True) -> tuple[ExportPlan, ModelSource]:
+    """Validates `options` (an `ExportOptions` view) and returns `(plan, model_source)`.
+
+    Args:
+        options: the `ExportOptions` view of the pipeline options.
+        check_remote: False skips listing --input and --output where they are
+            object-store URIs (gs://, s3://), for a --dry_run without credentials.
+
+    Raises:
+        ExportConfigError: anything that would make the run fail or write nonsense.
+    """
+    check_numeric_flags(options)
+    input_files = check_locations(options, check_remote)
+    input_format = detect_format(options.input, options.input_format)
+    explicit_map = parse_input_map(options.input_map)
+    model_source = load_model_source(
+        options.model,
+        options.tokenizer,
+        allow_unsafe_deserialization=options.allow_unsafe_deserialization,
+        padding=options.padding,
+        truncating=options.truncating,
+    )
+    model = model_source.model
+    specs, sub_model = cut_model(
+        model, options.layer or model_source.default_layers or default_layer_names(model)
+    )
+    mapping = resolve_input_map(
+        [t.name for t in sub_model.inputs], explicit_map, model_source.input_fields, input_format
+    )
+    inputs = describe_inputs(sub_model, mapping)
+    check_tokenizer_present(inputs, model_source.tokenizer, options.tokenizer)
+    columns = describe_columns(sub_model, specs, inputs, options.pooling)
+    columns = apply_token_storage(model, specs, columns, options.token_storage, options.pooling)
+    keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
+    check_column_names(keep_fields, columns)
+    limits = embedding_limits(sub_model, inputs)
+    check_vocabulary_fits(limits, model_source.tokenizer)
+    inputs = tuple(
+        dataclasses.replace(info, id_limit=limits[info.name][0]) if info.name in limits else info
+        for info in inputs
+    )
+
+    tokenizer = model_source.tokenizer
+    output = options.output
+    plan = ExportPlan(
+        model_uri=options.model,
+        tokenizer_uri=options.tokenizer or "",
+        model_sha256=model_source.model_sha256,
+        tokenizer_sha256=model_source.tokenizer_sha256,
+        layer_specs=tuple(specs),
+        inputs=inputs,
+        columns=tuple(columns),
+        input_pattern=options.input,
+        input_bytes=sum(f.size for f in input_files),
+        input_files=input_files,
+        input_listing_sha256=listing_sha256(input_files) if input_files else "",
+        input_format=input_format,
+        id_field=options.id_field,
+        keep_fields=keep_fields,
+        output=output,
+        dtype=options.dtype,
+        batch_size=options.batch_size,
+        compression=options.compression,
+        max_record_bytes=options.max_record_bytes,
+        tf_threads=options.tf_threads,
+        padding=tokenizer.padding if tokenizer else options.padding or "pre",
+        fast_path=options.fast_path,
+        truncating=tokenizer.truncating if tokenizer else options.truncating or "pre",
+        allow_unsafe_deserialization=options.allow_unsafe_deserialization,
+    )
+    if options.reuse:
+        plan = dataclasses.replace(plan, reuse=options.reuse, reuse_files=check_reuse(options.reuse, plan))
+    return plan, model_source

@@ -1,0 +1,175 @@
+"""Checks the flags, alone and against the model: numeric ranges, input format and map, tokenizer, columns.
+
+Each check raises `ExportConfigError` saying what was received and how to fix
+it; none reads a file or the network.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from pipeline.errors import ExportConfigError
+from pipeline.planning.introspection import EmbeddingLimits
+from pipeline.planning.model_source import AnyTokenizer
+from pipeline.planning.options import INPUT_FORMATS, ExportOptions
+from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_FIELD, ColumnInfo, InputInfo, wants_no_tokenizer
+from pipeline.writing import schema as schema_lib
+
+EXTENSION_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+# Each numeric flag's valid range, inclusive, and what it counts: a value outside it (inf, nan,
+# negative, or so large that a C call overflows) is refused at launch.
+NUMERIC_FLAGS: tuple[tuple[str, int | float, int | float, str], ...] = (
+    ("batch_size", 1, 100_000, "documents per forward pass"),
+    ("max_error_fraction", 0.0, 1.0, "the share of dead-lettered records that fails a run"),
+    ("max_record_bytes", 1, 1 << 30, "bytes of the largest record read (1 GiB at most)"),
+    ("limit", 1, sys.maxsize, "records to read"),
+    ("shard_mb", 0.001, 1_000_000.0, "MB per output file"),
+    ("progress_seconds", 0.1, 86_400.0, "seconds between progress lines"),
+    ("checkpoint_seconds", 0.01, 604_800.0, "seconds a row file stays open before it is made durable"),
+    ("tf_threads", 0, 1024, "TensorFlow threads per worker process, 0 = automatic"),
+    ("worker_start_timeout", 0.0, 86_400.0, "seconds to wait for a first worker, 0 = forever"),
+)
+
+
+def check_numeric_flags(options: ExportOptions) -> None:
+    """Refuses a numeric flag outside its range (`NUMERIC_FLAGS`), naming the range.
+
+    Raises:
+        ExportConfigError: e.g. `--shard_mb inf`, `--progress_seconds 0`, `--limit -1`.
+    """
+    for name, low, high, meaning in NUMERIC_FLAGS:
+        value = getattr(options, name)
+        if value is None and name == "limit":  # --limit is optional.
+            continue
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            kind = "an integer" if isinstance(low, int) else "a number"
+            raise ExportConfigError(
+                f"--{name} must be {kind} from {low:,} to {high:,} ({meaning}), received {value!r}."
+            )
+
+
+def detect_format(pattern: str, input_format: str) -> str:
+    """Resolves `--input_format auto` from the pattern's extension."""
+    if input_format != "auto":
+        return input_format
+    stem = pattern[:-3] if pattern.endswith(".gz") else pattern
+    extension = os.path.splitext(stem)[1].lower()
+    if extension not in EXTENSION_FORMATS:
+        raise ExportConfigError(
+            f"Cannot tell the format of --input {pattern!r} from its extension; pass "
+            f"--input_format ({', '.join(f for f in INPUT_FORMATS if f != 'auto')})."
+        )
+    return EXTENSION_FORMATS[extension]
+
+
+def parse_input_map(entries: Sequence[str] | None) -> dict[str, str]:
+    """`--input_map INPUT=FIELD` entries as {model input: corpus field}."""
+    mapping: dict[str, str] = {}
+    for entry in entries or []:
+        name, separator, field = entry.partition("=")
+        if not separator or not name.strip() or not field.strip():
+            raise ExportConfigError(
+                f"Invalid --input_map {entry!r}: expected INPUT=FIELD, e.g. content=body."
+            )
+        if name.strip() in mapping:
+            raise ExportConfigError(f"--input_map names input {name.strip()!r} twice.")
+        mapping[name.strip()] = field.strip()
+    return mapping
+
+
+def resolve_input_map(
+    needed: Sequence[str], explicit: Mapping[str, str], bundle_fields: Mapping[str, str], input_format: str
+) -> dict[str, str]:
+    """Maps each needed model input to a corpus field.
+
+    Explicit `--input_map` entries win, then the bundle's manifest, then a field of
+    the input's own name (for text files, the line itself).
+    """
+    unknown = sorted(set(explicit) - set(needed))
+    if unknown:
+        raise ExportConfigError(
+            f"--input_map names {unknown}, which the exported layers do not need; the "
+            f"sub-model's inputs are {list(needed)}. Remove those --input_map entries."
+        )
+    mapping = {}
+    for name in needed:
+        if name in explicit:
+            mapping[name] = explicit[name]
+        elif input_format == "text":
+            mapping[name] = TEXT_FIELD
+        else:
+            mapping[name] = bundle_fields.get(name, name)
+    if input_format == "text":
+        bad = {name: field for name, field in mapping.items() if field != TEXT_FIELD}
+        if bad:
+            raise ExportConfigError(
+                f"Text input has one field per record, '{TEXT_FIELD}', but --input_map asks "
+                f"for {bad}. Use jsonl/csv/parquet input for several fields."
+            )
+    return mapping
+
+
+def check_tokenizer_present(
+    inputs: Sequence[InputInfo], tokenizer: AnyTokenizer | None, tokenizer_flag: str | None
+) -> None:
+    """Refuses token-id inputs without a tokenizer, unless `--tokenizer none` says the corpus holds ids."""
+    if tokenizer is None and not wants_no_tokenizer(tokenizer_flag):
+        ids_inputs = [info.name for info in inputs if info.takes == IDS_INPUT]
+        if ids_inputs:
+            raise ExportConfigError(
+                f"The exported layers read token-id input(s) {ids_inputs}, but there is no "
+                "tokenizer: pass --tokenizer, or --tokenizer none if the corpus holds lists of token ids."
+            )
+
+
+def check_vocabulary_fits(limits: EmbeddingLimits, tokenizer: AnyTokenizer | None) -> None:
+    """Refuses a tokenizer whose ids do not all fit the Embedding layers they feed.
+
+    Keras raises on an id >= `input_dim` at inference, which would fail
+    documents one by one; a tokenizer of `size` ids produces ids up to `size - 1`.
+    """
+    if tokenizer is None:
+        return
+    for name, (input_dim, layer) in sorted(limits.items()):
+        if tokenizer.size > input_dim:
+            raise ExportConfigError(
+                f"The tokenizer produces ids up to {tokenizer.size - 1}, but Embedding layer "
+                f"{layer!r} (fed by input {name!r}) has input_dim={input_dim}, so ids >= "
+                f"{input_dim} would fail every document that has one. Pass the --tokenizer the "
+                "model was trained with (for a Keras 2 Tokenizer, the one fitted with "
+                "num_words <= input_dim)."
+            )
+
+
+def output_column_names(keep_fields: Sequence[str], columns: Sequence[ColumnInfo]) -> list[str]:
+    """The output's column names in schema order (see `schema.output_schema`)."""
+    names = [schema_lib.ID_COLUMN, *keep_fields]
+    for column in columns:
+        names.append(column.column)
+        if column.kind == SEQUENCE and column.pooling == "none":
+            names.append(column.column + schema_lib.TOKENS_SUFFIX)
+    return [*names, schema_lib.FINGERPRINT_COLUMN]
+
+
+def check_column_names(keep_fields: Sequence[str], columns: Sequence[ColumnInfo]) -> None:
+    """Refuses two output columns of one name, which Parquet readers cannot read back."""
+    names = output_column_names(keep_fields, columns)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ExportConfigError(
+            f"The output would have several columns named {', '.join(map(repr, repeated))} (its "
+            f"columns: {names}); pandas and pyarrow cannot read such a file. Give --layer a "
+            "different COLUMN= name, or list each --keep_fields field once and not as 'id' "
+            "or a layer column."
+        )

@@ -1,0 +1,159 @@
+"""Reads the model to export: the sub-model's inputs and the output columns of its layers.
+
+The launch describes each input as an `InputInfo` (token ids of a fixed
+length, or strings) and each `--layer` as a `ColumnInfo` (a vector per
+document, or a vector per token), and refuses what cannot be exported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import keras
+
+from models import keras_graph
+from models.truncate import LayerSpec, parse_layer_spec, truncate
+from pipeline.errors import ExportConfigError
+from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_INPUT, VECTOR, ColumnInfo, InputInfo
+
+# {token-id input name: (smallest input_dim of the Embeddings it feeds, that layer's name)}.
+EmbeddingLimits = dict[str, tuple[int, str]]
+
+
+def text_vectorizer(
+    model: keras.Model, input_tensor: keras.KerasTensor
+) -> keras.layers.TextVectorization | None:
+    """The TextVectorization layer that `model` applies directly to `input_tensor`, or None."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.TextVectorization):
+            for node in keras_graph.layer_nodes(layer):
+                if any(tensor is input_tensor for tensor in keras_graph.node_inputs(node)):
+                    return layer
+    return None
+
+
+def text_input_info(tensor: keras.KerasTensor, model: keras.Model, field: str) -> InputInfo:
+    """InputInfo for a string input; see `InputInfo` for what `length` means here."""
+    shape = tuple(tensor.shape)
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise ExportConfigError(
+            f"Model input {tensor.name!r} takes strings of shape {shape}; text inputs need the "
+            "shape (batch,) or (batch, 1), one document per row."
+        )
+    length = 0
+    vectorizer = text_vectorizer(model, tensor)
+    if vectorizer is not None:
+        config = vectorizer.get_config()
+        if config.get("output_mode") == "int" and config.get("output_sequence_length"):
+            length = int(config["output_sequence_length"])
+    return InputInfo(tensor.name, field, length, TEXT_INPUT, len(shape))
+
+
+def default_layer_names(model: keras.Model) -> list[str]:
+    """The layers whose outputs feed the model's output layers (the penultimate vectors)."""
+    output_layers = {keras_graph.producer(t)[0].name for t in model.outputs}
+    layer_names = {layer.name for layer in model.layers}
+    names: list[str] = []
+    for tensor in model.outputs:
+        _, node = keras_graph.producer(tensor)
+        for parent in keras_graph.node_inputs(node):
+            name = keras_graph.producer(parent)[0].name
+            # Masks and other plain ops (not_equal, ...) are not layers one can export.
+            if name not in names and name not in output_layers and name in layer_names:
+                names.append(name)
+    return names
+
+
+def cut_model(model: keras.Model, layer_texts: Sequence[str]) -> tuple[list[LayerSpec], keras.Model]:
+    """`(specs, sub_model)`: the parsed --layer specs and the model cut down to them."""
+    try:
+        specs = [parse_layer_spec(text) for text in layer_texts]
+        return specs, truncate(model, specs)
+    except ValueError as error:
+        raise ExportConfigError(str(error)) from None
+
+
+def describe_inputs(sub_model: keras.Model, mapping: Mapping[str, str]) -> tuple[InputInfo, ...]:
+    """An `InputInfo` per input of the sub-model: token ids of a fixed length, or strings."""
+    inputs = []
+    for tensor in sub_model.inputs:
+        if str(tensor.dtype) == "string":
+            inputs.append(text_input_info(tensor, sub_model, mapping[tensor.name]))
+            continue
+        if len(tensor.shape) != 2 or tensor.shape[1] is None:
+            raise ExportConfigError(
+                f"Model input {tensor.name!r} has shape {tuple(tensor.shape)}; token-id inputs "
+                "need the shape (batch, length) with a fixed length."
+            )
+        inputs.append(InputInfo(tensor.name, mapping[tensor.name], int(tensor.shape[1])))
+    return tuple(inputs)
+
+
+def column_kind(
+    shape: Sequence[int | None], dependencies: Sequence[str], lengths: Mapping[str, int]
+) -> str | None:
+    """VECTOR for (batch, dim); SEQUENCE for (batch, tokens, dim) aligned with its one input; else None.
+
+    Args:
+        shape: the layer output's shape.
+        dependencies: the model inputs it is computed from.
+        lengths: model input name -> its length (tokens).
+    """
+    if len(shape) == 2:
+        return VECTOR
+    if len(shape) == 3 and len(dependencies) == 1 and shape[1] == lengths.get(dependencies[0]):
+        return SEQUENCE
+    return None
+
+
+def describe_columns(
+    sub_model: keras.Model, specs: Sequence[LayerSpec], inputs: Sequence[InputInfo], pooling: str
+) -> list[ColumnInfo]:
+    """A `ColumnInfo` per --layer; refuses outputs that are neither vectors nor per-token sequences."""
+    lengths = {info.name: info.length for info in inputs}
+    text_inputs = {info.name for info in inputs if info.takes == TEXT_INPUT}
+    outputs = sub_model.output if isinstance(sub_model.output, dict) else {specs[0].column: sub_model.output}
+    columns = []
+    for spec in specs:
+        tensor = outputs[spec.column]
+        shape = tensor.shape
+        dependencies = keras_graph.input_dependencies(sub_model, tensor)
+        kind = column_kind(shape, dependencies, lengths)
+        if kind == VECTOR:
+            columns.append(ColumnInfo(spec.column, spec.layer, spec.call, VECTOR, int(shape[1]), "", "none"))
+        elif kind == SEQUENCE:
+            columns.append(
+                ColumnInfo(
+                    spec.column, spec.layer, spec.call, SEQUENCE, int(shape[2]), dependencies[0], pooling
+                )
+            )
+        elif len(shape) == 3 and len(dependencies) == 1 and dependencies[0] in text_inputs:
+            raise ExportConfigError(
+                f"Layer {spec.layer!r} (call {spec.call}) outputs one vector per token of the string "
+                f"input {dependencies[0]!r}, but that input feeds no TextVectorization layer with "
+                "output_mode='int' and a fixed output_sequence_length (of "
+                f"{shape[1]} tokens), so its real tokens cannot be told from padding. Export a "
+                "vector layer (e.g. a pooling or LSTM layer) instead."
+            )
+        else:
+            raise ExportConfigError(
+                f"Layer {spec.layer!r} (call {spec.call}) outputs shape {tuple(shape)}; only "
+                "vectors (batch, dim) and per-token sequences (batch, tokens, dim) aligned with "
+                "one model input can be exported. Pick another --layer."
+            )
+    return columns
+
+
+def embedding_limits(sub_model: keras.Model, inputs: Sequence[InputInfo]) -> EmbeddingLimits:
+    """{token-id input name: (smallest input_dim of the Embeddings it feeds, that layer's name)}."""
+    token_inputs = {info.name for info in inputs if info.takes == IDS_INPUT}
+    limits: EmbeddingLimits = {}
+    for layer in sub_model.layers:
+        if not isinstance(layer, keras.layers.Embedding):
+            continue
+        for node in keras_graph.layer_nodes(layer):
+            outputs = keras_graph.node_outputs(node)
+            for name in set(keras_graph.input_dependencies(sub_model, outputs[0])) & token_inputs:
+                if name not in limits or layer.input_dim < limits[name][0]:
+                    limits[name] = (layer.input_dim, layer.name)
+    return limits

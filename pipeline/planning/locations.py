@@ -1,0 +1,184 @@
+"""Checks the locations at launch: --input lists regular files, --output is writable and apart from it.
+
+The output is judged before the (slow) model load, so a wrong path fails in a
+second; `check_locations` runs every check and returns the launch listing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.errors import ExportConfigError
+from pipeline.planning.options import ExportOptions
+from pipeline.reading.listing import InputFile, list_input
+from pipeline.uris import absolute, absolute_pattern, glob_regex, inside, is_local
+
+# Characters Beam's FileSystems.match takes as a glob.
+GLOB_CHARACTERS = "*?["
+# Names an export writes, to test an --input pattern against (see `check_input_output`).
+_EXPORT_FILE_EXAMPLES = (
+    "part-00000-of-00001.parquet",
+    "errors/part-00000-of-00001.parquet",
+    "_staging/0123456789ab/data/part-00000-of-00001.parquet",
+    "_MANIFEST.json",
+)
+
+
+def check_location(flag: str, uri: str) -> None:
+    """Refuses a URI whose scheme no installed Beam filesystem serves.
+
+    Raises:
+        ExportConfigError: naming the scheme and the package that serves it.
+    """
+    scheme = FileSystems.get_scheme(uri)
+    try:
+        FileSystems.get_filesystem(uri)
+    except ValueError:
+        raise ExportConfigError(
+            f"--{flag} {uri!r}: no filesystem serves the scheme {scheme + '://'!r}. Use a local "
+            "path, gs://BUCKET/... or s3://BUCKET/... (s3 needs `pip install 'embexport[aws]'`)."
+        ) from None
+    if scheme == "s3":
+        try:
+            import boto3  # noqa: F401  Beam's S3 filesystem needs it only when it first connects.
+        except ImportError:
+            raise ExportConfigError(
+                f"--{flag} {uri!r} is on S3, which needs boto3: install the aws extra "
+                "(`pip install 'embexport[aws]'`, or 'apache-beam[aws]')."
+            ) from None
+
+
+def check_input_output(input_pattern: str, matched: Sequence[str], output: str) -> None:
+    """Refuses an --output that overlaps the corpus, so no run can read or replace its own input.
+
+    Args:
+        input_pattern: --input as given.
+        matched: the paths --input matches now.
+        output: --output.
+
+    Raises:
+        ExportConfigError: the output holds, is, or would be read as, corpus files.
+    """
+    directory = absolute(output)
+    corpus_files = [path for path in matched if inside(absolute(path), directory)]
+    if corpus_files:
+        raise ExportConfigError(
+            f"--output {output!r} holds files that --input {input_pattern!r} reads (e.g. "
+            f"{corpus_files[0]!r}). Write the export to a directory outside the corpus."
+        )
+    pattern = absolute_pattern(input_pattern)
+    regex = glob_regex(pattern)
+    written = [name for name in _EXPORT_FILE_EXAMPLES if regex.fullmatch(directory + "/" + name)]
+    if written:
+        raise ExportConfigError(
+            f"--input {input_pattern!r} would also match the files this export writes into "
+            f"--output {output!r} (such as {written[0]!r}), so a later run would read its own "
+            "output as corpus. Narrow the --input pattern or move --output elsewhere."
+        )
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuses an output that cannot be written, or that holds files no export wrote.
+
+    Raises:
+        ExportConfigError: saying what is wrong and what to do instead.
+    """
+    from pipeline.writing.output import check_output_state, check_writable, is_regular_file
+
+    check_location("output", output)
+    if any(ch in output for ch in GLOB_CHARACTERS):
+        raise ExportConfigError(
+            f"--output {output!r} holds one of {GLOB_CHARACTERS!r}, which Beam's file matching "
+            "takes as a pattern; choose a directory name without them."
+        )
+    if is_regular_file(output):
+        raise ExportConfigError(
+            f"--output {output!r} is a file; --output names a directory for the export's files."
+        )
+    check_writable(output)
+    check_output_state(output, overwrite)
+
+
+def listing_sha256(files: Iterable[InputFile]) -> str:
+    """SHA-256 of the launch listing: each file's path, size and modification time."""
+    entries = sorted((f.path, f.size, f.mtime) for f in files)
+    return hashlib.sha256(json.dumps(entries).encode("utf-8")).hexdigest()
+
+
+def check_input(pattern: str) -> list[InputFile]:
+    """Lists --input once; refuses a pattern that matches no files, a directory, or a non-regular file.
+
+    Returns:
+        The `listing.InputFile` (path, size, modification time) of each matched
+        file: the run reads these and checks each is unchanged before reading it.
+
+    Raises:
+        ExportConfigError: saying what is wrong with the pattern.
+    """
+    check_location("input", pattern)
+    try:
+        matched, non_regular = list_input(pattern)
+    except Exception as error:  # Beam raises BeamIOError subclasses per filesystem.
+        raise ExportConfigError(f"Cannot list --input {pattern!r}: {error}") from None
+    if is_local(pattern) and os.path.isdir(pattern):
+        raise ExportConfigError(
+            f"--input {pattern!r} is a directory; --input takes a file or a file pattern, "
+            f"e.g. {os.path.join(pattern, '*.jsonl')!r}."
+        )
+    if non_regular:
+        names = ", ".join(f"{entry.path!r} ({entry.kind})" for entry in non_regular[:3])
+        raise ExportConfigError(
+            f"--input {pattern!r} matches {len(non_regular)} path(s) that are not regular files: {names}"
+            f"{', ...' if len(non_regular) > 3 else ''}. Reading a named pipe or device can block "
+            "forever; remove them or narrow the --input pattern."
+        )
+    if not matched:
+        raise ExportConfigError(f"--input {pattern!r} matches no files; check the path or pattern.")
+    if all(entry.link_target is not None for entry in matched):
+        raise ExportConfigError(
+            f"--input {pattern!r} matches only symbolic links to nothing (e.g. {matched[0].path!r} -> "
+            f"{matched[0].link_target!r}); check the links or the pattern."
+        )
+    return matched
+
+
+def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFile, ...]:
+    """Checks --input, --output and how they relate, before the (slow) model load.
+
+    Returns:
+        The files --input matches (`listing.InputFile`s); empty when it was not
+        listed (an object-store pattern without `check_remote`).
+
+    Raises:
+        ExportConfigError: see `check_input`, `check_output` and `check_input_output`.
+    """
+    matched: list[str] | None = None
+    files: tuple[InputFile, ...] = ()
+    if check_remote or is_local(options.input):
+        files = tuple(check_input(options.input))
+        matched = [f.path for f in files]
+    else:
+        check_location("input", options.input)
+    if check_remote or is_local(options.output):
+        if check_remote:
+            # A commit a crash cut short is finished before the output is judged (not by --dry_run).
+            from pipeline.writing.output import finish_interrupted_commit
+
+            check_location("output", options.output)
+            if finish_interrupted_commit(options.output) and not options.overwrite:
+                raise ExportConfigError(
+                    f"--output {options.output!r} held an export whose commit was cut short; it was "
+                    "finished just now, so the output holds that run's complete export. Pass "
+                    "--overwrite to replace it, or choose another --output."
+                )
+        check_output(options.output, options.overwrite)
+        if matched is not None:
+            check_input_output(options.input, matched, options.output)
+    else:
+        check_location("output", options.output)
+    return files

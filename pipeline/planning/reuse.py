@@ -1,0 +1,207 @@
+"""Checks a --reuse export at launch: a finished export of the same model and settings, its shards intact.
+
+`reuse_signature` says what must be equal for an earlier export's rows to be
+this export's rows; the manifest of every export records it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any, TypedDict
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.errors import ExportConfigError
+from pipeline.planning.locations import check_location
+from pipeline.planning.plan import ExportPlan
+from pipeline.uris import is_local
+from pipeline.writing import schema as schema_lib
+
+# A manifest (`_MANIFEST.json`) or one of its entries, as JSON gives it: its values are arbitrary.
+Manifest = Mapping[str, Any]
+
+
+class InputSignature(TypedDict):
+    """What `reuse_signature` records of one model input."""
+
+    name: str
+    length: int
+    kind: str
+
+
+class ReuseSignature(TypedDict):
+    """The settings an earlier export's rows were made with (see `reuse_signature`)."""
+
+    model_sha256: str
+    tokenizer_sha256: str
+    columns: list[dict[str, Any]]
+    dtype: str
+    padding: str
+    truncating: str
+    inputs: list[InputSignature]
+    fast_path: str
+
+
+def reuse_signature(plan: ExportPlan) -> ReuseSignature:
+    """What must be equal for an earlier export's rows to be this export's rows.
+
+    With these equal, a row depends only on what the model sees of the
+    document, which `schema.input_fingerprint` covers; the manifest records it.
+    """
+    return {
+        "model_sha256": plan.model_sha256,
+        "tokenizer_sha256": plan.tokenizer_sha256,
+        "columns": [dataclasses.asdict(c) for c in plan.columns],
+        "dtype": plan.dtype,
+        "padding": plan.padding,
+        "truncating": plan.truncating,
+        "inputs": [{"name": i.name, "length": i.length, "kind": i.takes} for i in plan.inputs],
+        # The fast path equals Keras's forward pass to 1e-5, not bit for bit.
+        "fast_path": plan.fast_path,
+    }
+
+
+def check_reuse(uri: str, plan: ExportPlan) -> tuple[str, ...]:
+    """Refuses a --reuse that is not a finished export made with the same model and settings.
+
+    Returns:
+        The earlier export's row shards (URIs), from its manifest.
+
+    Raises:
+        ExportConfigError: naming what differs and how to proceed.
+    """
+    from pipeline.writing.output import finish_interrupted_commit, output_state, read_manifest
+
+    check_location("reuse", uri)
+    # An export whose commit a crash cut short is finished before it is read.
+    finish_interrupted_commit(uri)
+    try:
+        manifest = read_manifest(uri)
+    except Exception as error:  # Unreadable, not JSON, no credentials, ...
+        raise ExportConfigError(f"Cannot read the manifest of --reuse {uri!r}: {error}") from None
+    if manifest is None:
+        state = "missing" if output_state(uri) == "empty" else "unfinished or not an export"
+        raise ExportConfigError(
+            f"--reuse {uri!r} is {state}: it has no _MANIFEST.json, which a finished export "
+            "writes last. Pass a finished export's directory, or leave --reuse out for a full export."
+        )
+    earlier = manifest.get("reuse_signature")
+    if earlier is None:
+        raise ExportConfigError(
+            f"--reuse {uri!r} was written by a version that did not record input fingerprints, so "
+            "its rows cannot be matched to documents. Run one full export (without --reuse) and "
+            "reuse that one from then on."
+        )
+    current: Mapping[str, Any] = reuse_signature(plan)
+    differences = [key for key in current if current[key] != earlier.get(key)]
+    if differences:
+        details = "; ".join(
+            f"{key}: earlier {earlier.get(key)!r}, now {current[key]!r}" for key in differences
+        )
+        raise ExportConfigError(
+            f"--reuse {uri!r} cannot be reused: its rows were made with other settings ({details}). "
+            "Its vectors would differ from this export's; leave --reuse out for a full export."
+        )
+    return tuple(check_reuse_shards(uri, manifest, plan))
+
+
+def _recorded_digest_matches(path: str, entry: Manifest) -> str | None:
+    """None if the shard's bytes match what the manifest records for it, else what differs.
+
+    The manifest records `sha256` (local exports) or the store's `checksum`
+    (object storage, see `output.file_digest`); whichever is there is checked.
+    """
+    if "sha256" in entry:
+        digest = hashlib.sha256()
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            return f"has SHA-256 {digest.hexdigest()}, but the manifest records {entry['sha256']}"
+        return None
+    if "checksum" in entry:
+        checksum = FileSystems.checksum(path)
+        if checksum != entry["checksum"]:
+            return f"has checksum {checksum}, but the manifest records {entry['checksum']}"
+        return None
+    return "has no SHA-256 or checksum in the manifest to check it against"
+
+
+def _shard_problem(path: str, entry: Manifest, plan: ExportPlan) -> str | None:
+    """What is wrong with one row shard of a --reuse export, or None: bytes, size, rows, model."""
+    import pyarrow.parquet as pq
+
+    if not FileSystems.exists(path):
+        return "is missing"
+    size = FileSystems.get_filesystem(path).size(path)
+    if "bytes" in entry and entry["bytes"] != size:
+        return f"is {size} bytes, but the manifest records {entry['bytes']}"
+    problem = _recorded_digest_matches(path, entry)
+    if problem:
+        return problem
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            footer = pq.ParquetFile(handle)
+            rows, metadata = footer.metadata.num_rows, schema_lib.read_export_metadata(footer.schema_arrow)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, KeyError (no metadata), ...
+        return f"is not a readable export shard ({type(error).__name__}: {error})"
+    if "rows" in entry and entry["rows"] != rows:
+        return f"holds {rows} rows, but the manifest records {entry['rows']}"
+    for key in ("model_sha256", "tokenizer_sha256", "dtype"):
+        if metadata.get(key) != getattr(plan, key):
+            return (
+                f"was written with {key} {metadata.get(key)!r}, not this export's {getattr(plan, key)!r} "
+                "(its own metadata disagrees with the manifest)"
+            )
+    columns = [
+        (c.get("column"), c.get("layer"), c.get("call"), c.get("dim")) for c in metadata.get("columns", [])
+    ]
+    expected = [(c.column, c.layer, c.call, c.dim) for c in plan.columns]
+    if columns != expected:
+        return f"holds columns {columns}, not this export's {expected}"
+    return None
+
+
+def check_reuse_shards(uri: str, manifest: Manifest, plan: ExportPlan) -> list[str]:
+    """The row shards of a --reuse export, each checked against its manifest before any is read.
+
+    Each shard must be a file directly in `uri` (no path leaving it, no link
+    out of it), of the recorded size and SHA-256 (or object-store checksum)
+    and row count, and its own Parquet metadata must name this export's model,
+    tokenizer, dtype and columns.
+
+    Raises:
+        ExportConfigError: naming the first damaged shard and what is wrong with it.
+    """
+    from pipeline.writing.output import SHARD_NAME, join
+
+    def damaged(name: object, problem: str) -> ExportConfigError:
+        return ExportConfigError(
+            f"--reuse {uri!r} is damaged: row shard {name!r} {problem}. Its rows cannot be trusted; "
+            "reuse an intact export, or leave --reuse out for a full export."
+        )
+
+    entries = (manifest.get("shards") or {}).get("rows")
+    if not isinstance(entries, list):
+        raise damaged("(none)", "is not listed: the manifest has no list of row shards")
+    paths = []
+    for entry in entries:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            raise damaged(
+                name,
+                "is not a shard name of the export directory (part-NNNNN-of-NNNNN.parquet, directly "
+                "in it); a manifest naming files elsewhere is not followed",
+            )
+        path = join(uri, name)
+        if is_local(path) and os.path.dirname(os.path.realpath(path)) != os.path.realpath(uri):
+            raise damaged(name, f"is a link to {os.path.realpath(path)!r}, outside the export directory")
+        problem = _shard_problem(path, entry, plan)
+        if problem:
+            raise damaged(name, problem)
+        paths.append(path)
+    return paths
