@@ -1,18 +1,23 @@
 """Launches one export: validate, stage, run the pipeline, check the accounting, commit."""
 
+import argparse
 import dataclasses
 import difflib
+import functools
 import logging
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     PipelineOptions,
 )
+from apache_beam.runners.runner import PipelineResult
 
 from pipeline.errors import (
     EXIT_ACCOUNTING_MISMATCH,
@@ -24,7 +29,9 @@ from pipeline.errors import (
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
 from pipeline.planning.build import build_plan
+from pipeline.planning.model_source import ModelSource
 from pipeline.planning.options import ExportOptions, default_output
+from pipeline.planning.plan import ExportPlan
 from pipeline.planning.reuse import reuse_signature
 from pipeline.running import portable
 from pipeline.running import progress as progress_lib
@@ -46,12 +53,13 @@ from pipeline.transforms import FILES_BROKEN, NAMESPACE, RANGES_READ, ROWS_KEPT
 from pipeline.uris import is_local
 from pipeline.writing import output as output_lib
 from pipeline.writing import resume as resume_lib
+from pipeline.writing.resume import Resumption
 from pipeline.writing.token_tables import write_token_tables
 
 _LOGGER = logging.getLogger(__name__)
 
 
-def _dry_run(pipeline, plan, options):
+def _dry_run(pipeline: beam.Pipeline, plan: ExportPlan, options: PipelineOptions) -> ExportSummary:
     """Builds the job (Dataflow) or just the graph (other runners) without running anything."""
     skipped = [f"listing --input {plan.input_pattern!r}"] if not is_local(plan.input_pattern) else []
     if not is_local(plan.output):
@@ -83,7 +91,7 @@ def _dry_run(pipeline, plan, options):
     )
 
 
-def check_known_flags(argv):
+def check_known_flags(argv: Sequence[str] | None) -> None:
     """Refuses arguments that neither our options nor Beam's declare (a typo such as --ouput).
 
     Beam only warns about them and runs with the defaults, which would export
@@ -92,7 +100,7 @@ def check_known_flags(argv):
     Raises:
         ExportConfigError: naming each unknown argument and the closest known flag.
     """
-    parsers = []
+    parsers: list[argparse.ArgumentParser] = []
     # Beam builds one parser from every PipelineOptions subclass; borrow it.
     PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
     parser = parsers[0]
@@ -111,7 +119,7 @@ def check_known_flags(argv):
     )
 
 
-def run_export(argv=None):
+def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     """Runs the export described by command-line `argv`; returns an `ExportSummary`.
 
     Raises:
@@ -153,11 +161,12 @@ def run_export(argv=None):
         return _dry_run(pipeline, plan, options)
     plan = choose_forward_passes(plan, model_source)
     signature = resume_lib.run_signature(plan, export_options.limit)
-    find_resumable = None
-    if export_options.resume == "auto":
-
-        def find_resumable(directory):
-            return resume_lib.find_resumable(directory, signature)
+    # With --resume auto, `prepare` keeps the staging of an interrupted run of this same export.
+    find_resumable = (
+        functools.partial(resume_lib.find_resumable, signature=signature)
+        if export_options.resume == "auto"
+        else None
+    )
 
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
@@ -172,7 +181,13 @@ def run_export(argv=None):
         return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed)
 
 
-def _graph_settings(options, total_bytes, progress_dir=None, resumed=None, workers_dir=None):
+def _graph_settings(
+    options: PipelineOptions,
+    total_bytes: int,
+    progress_dir: str | None = None,
+    resumed: Resumption | None = None,
+    workers_dir: str | None = None,
+) -> dict[str, Any]:
     export_options = options.view_as(ExportOptions)
     return {
         "split_bytes": split_bytes_for(options, total_bytes),
@@ -186,7 +201,15 @@ def _graph_settings(options, total_bytes, progress_dir=None, resumed=None, worke
     }
 
 
-def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, resumed=None, workers_dir=None):
+def _run_pipeline(
+    options: PipelineOptions,
+    plan: ExportPlan,
+    rows_prefix: str,
+    errors_prefix: str,
+    total_bytes: int,
+    resumed: Resumption | None,
+    workers_dir: str,
+) -> PipelineResult:
     """Builds and runs the pipeline, reporting progress while it works; returns the result."""
     export_options = options.view_as(ExportOptions)
     if portable.is_portable(options):
@@ -233,7 +256,15 @@ def _run_pipeline(options, plan, rows_prefix, errors_prefix, total_bytes, resume
         shutil.rmtree(progress_dir, ignore_errors=True)
 
 
-def _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed=None):
+def _run_and_commit(
+    options: PipelineOptions,
+    plan: ExportPlan,
+    model_source: ModelSource,
+    run_id: str,
+    argv: Sequence[str] | None,
+    total_bytes: int,
+    resumed: Resumption | None = None,
+) -> ExportSummary:
     """Runs the pipeline into the run's staging directory, checks the accounting, commits.
 
     `resumed` (a `resume.Resumption`): the run continues an interrupted one, whose
