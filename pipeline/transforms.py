@@ -691,7 +691,7 @@ class WriteShardsFn(beam.DoFn):
                 self._file,
                 self._schema,
                 compression=self._plan.compression,
-                use_compliant_nested_type=False,
+                **schema_lib.parquet_writer_options(self._schema),
             )
         self._writer.write_table(table, row_group_size=table.num_rows)
         self._progress.add(rows=table.num_rows)
