@@ -15,13 +15,15 @@ import tracemalloc
 import keras
 import numpy as np
 import pytest
-from pipeline_fixtures import build_keras2_models, write_jsonl
+import pyarrow.parquet as pq
+from pipeline_fixtures import build_keras2_models, read_rows, row_files, write_jsonl
 
 from models.tokenizer import pad_token_ids
 from models.truncate import layer_calls
 from pipeline import schema
 from pipeline.corpus import Document, TokenIds
 from pipeline.embedder import Embedder
+from pipeline.export import run_export
 from pipeline.features import DocumentTokenizer
 from pipeline.options import ExportOptions
 from pipeline.plan import build_plan
@@ -344,3 +346,45 @@ def test_concatenated_real_tokens_keep_each_documents_tokens():
     joined = schema.concatenate_real_tokens(lookups)
     assert joined.rows is table
     np.testing.assert_array_equal(joined.vectors(), table[[3, 4, 1]])
+
+
+def test_row_files_store_vectors_without_dictionaries_or_statistics(tmp_path):
+    """Float vectors are written plain (a dictionary and min/max of floats only cost time); the rest keep both.
+
+    The rows read back are the ones made in memory, bit for bit.
+    """
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"id": f"d{i}", "content": "alpha beta gamma " * (i + 1), "title": "t", "kind": "k"}
+            for i in range(5)
+        ],
+    )
+    output = tmp_path / "o"
+    run_export(
+        ["--input", str(corpus), "--output", str(output), "--pooling", "none", "--keep_fields", "kind"]
+    )
+    metadata = pq.ParquetFile(row_files(output)[0]).metadata
+    chunks = {
+        chunk.path_in_schema: chunk
+        for chunk in (metadata.row_group(0).column(i) for i in range(metadata.num_columns))
+    }
+    vectors = {"lstm_content.list.item", "lstm_title.list.item", "emb.list.item.list.item"}
+    assert vectors < set(chunks), sorted(chunks)
+    for path, chunk in chunks.items():
+        dictionary = any("DICTIONARY" in encoding for encoding in chunk.encodings)
+        assert dictionary == chunk.is_stats_set == (path not in vectors), (path, chunk.encodings)
+    table = read_rows(output)
+    plan, model_source = build_plan(
+        ExportOptions(["--input", str(corpus), "--output", str(tmp_path / "x"), "--pooling", "none"])
+    )
+    embedder = Embedder(plan, model_source)
+    tokenizer = DocumentTokenizer(plan, model_source.tokenizer)
+    records = [row for row in table.select(["id"]).to_pylist()]
+    documents = [
+        Document(r["id"], ("alpha beta gamma " * (int(r["id"][1:]) + 1), "t"), (), str(corpus), n + 1)
+        for n, r in enumerate(records)
+    ]
+    made = embedder.batch_rows(embedder.run([tokenizer.tokenize(d) for d in documents])).rows
+    for name in ("lstm_content", "lstm_title", "emb", "emb_tokens"):
+        assert table.column(name).combine_chunks().equals(made.column(name)), name
