@@ -14,8 +14,8 @@ import tracemalloc
 
 import keras
 import numpy as np
-import pytest
 import pyarrow.parquet as pq
+import pytest
 from pipeline_fixtures import build_keras2_models, read_rows, row_files, write_jsonl
 
 from models.tokenizer import pad_token_ids
@@ -349,7 +349,7 @@ def test_concatenated_real_tokens_keep_each_documents_tokens():
 
 
 def test_row_files_store_vectors_without_dictionaries_or_statistics(tmp_path):
-    """Float vectors are written plain (a dictionary and min/max of floats only cost time); the rest keep both.
+    """Float vectors are written plain (dictionaries, min/max of floats only cost time); the rest keep both.
 
     The rows read back are the ones made in memory, bit for bit.
     """
