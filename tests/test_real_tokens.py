@@ -9,8 +9,11 @@ own `predict` of the layer, pooled over the real positions as the export did
 before) for equality, and with `predict` pooled in float64 to 1e-6.
 """
 
+import collections
 import dataclasses
+import pickle
 import tracemalloc
+import types
 
 import keras
 import numpy as np
@@ -388,3 +391,31 @@ def test_row_files_store_vectors_without_dictionaries_or_statistics(tmp_path):
     made = embedder.batch_rows(embedder.run([tokenizer.tokenize(d) for d in documents])).rows
     for name in ("lstm_content", "lstm_title", "emb", "emb_tokens"):
         assert table.column(name).combine_chunks().equals(made.column(name)), name
+
+
+def test_an_export_never_pickles_documents_or_rows_to_measure_them(tmp_path, monkeypatch):
+    """Beam samples element sizes inside the fused stage; ours are measured by their arrays, not pickled.
+
+    The rows of 512 real-length documents with a per-token `emb` are about 35 MB:
+    Beam's default coder pickled them (twice per batch) and every tokenized
+    document only to count bytes.
+    """
+    from apache_beam.coders import coders
+
+    pickled = collections.Counter()
+
+    def counting_dumps(value, *args, **kwargs):
+        pickled[type(value).__name__] += 1
+        return pickle.dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(coders, "pickle", types.SimpleNamespace(**{**vars(pickle), "dumps": counting_dumps}))
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"id": f"d{i}", "content": "alpha beta gamma " * (i + 1), "title": "t"} for i in range(40)],
+    )
+    summary = run_export(
+        ["--input", str(corpus), "--output", str(tmp_path / "o"), "--pooling", "none", "--batch_size", "8"]
+    )
+    assert summary.rows_written == 40
+    measured = {name: pickled[name] for name in ("RecordBatch", "BatchRows", "Tokenized")}
+    assert measured == {"RecordBatch": 0, "BatchRows": 0, "Tokenized": 0}, pickled
