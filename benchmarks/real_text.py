@@ -18,10 +18,12 @@ is of two measurements made minutes apart on the same machine:
   since the default switches to worker processes from 64 MB of input.
 - `pooling_none`: the same export with `--pooling none` at N documents, and the
   Parquet encoder's own rate on the rows it wrote (read back, written again to
-  an in-memory file with the export's compression, in one process).
+  an in-memory file with the export's compression, in one process), with the
+  export's writer settings (`schema.parquet_writer_options`) and pyarrow's defaults.
 - `columns`: each column alone in one process with the project's classes
   (`DocumentTokenizer`, `Embedder.run`: the forward pass, "inference alone";
-  `Embedder.batch_rows`: the Arrow rows; a Parquet write), 8,192 documents,
+  `Embedder.batch_rows`: the Arrow rows; a Parquet write with the code's own
+  writer settings), 8,192 documents,
   batch 512, after one warm-up batch.
 - `tutorial`: the tutorial's Keras 2 `.h5` (`Embedding(4000, 300)` -> `LSTM(128)`,
   float32 `Input(shape=(300,))`, see `benchmarks.export.build_keras2_models`),
