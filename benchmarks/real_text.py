@@ -18,10 +18,12 @@ is of two measurements made minutes apart on the same machine:
   since the default switches to worker processes from 64 MB of input.
 - `pooling_none`: the same export with `--pooling none` at N documents, and the
   Parquet encoder's own rate on the rows it wrote (read back, written again to
-  an in-memory file with the export's compression, in one process).
+  an in-memory file with the export's compression, in one process), with the
+  export's writer settings (`schema.parquet_writer_options`) and pyarrow's defaults.
 - `columns`: each column alone in one process with the project's classes
   (`DocumentTokenizer`, `Embedder.run`: the forward pass, "inference alone";
-  `Embedder.batch_rows`: the Arrow rows; a Parquet write), 8,192 documents,
+  `Embedder.batch_rows`: the Arrow rows; a Parquet write with the code's own
+  writer settings), 8,192 documents,
   batch 512, after one warm-up batch.
 - `tutorial`: the tutorial's Keras 2 `.h5` (`Embedding(4000, 300)` -> `LSTM(128)`,
   float32 `Input(shape=(300,))`, see `benchmarks.export.build_keras2_models`),
@@ -59,11 +61,20 @@ COLUMNS_SCRIPT = r"""
 import io, json, sys, time
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pipeline.reading.documents import Document
-from pipeline.inference.embedder import Embedder
-from pipeline.inference.features import DocumentTokenizer
-from pipeline.planning.options import ExportOptions
-from pipeline.planning.build import build_plan
+try:  # this code's layout
+    from pipeline.inference.embedder import Embedder
+    from pipeline.inference.features import DocumentTokenizer
+    from pipeline.planning.build import build_plan
+    from pipeline.planning.options import ExportOptions
+    from pipeline.reading.documents import Document
+    from pipeline.writing.schema import parquet_writer_options
+except ImportError:  # the baseline's flat layout, which wrote pyarrow's defaults
+    from pipeline.corpus import Document
+    from pipeline.embedder import Embedder
+    from pipeline.features import DocumentTokenizer
+    from pipeline.options import ExportOptions
+    from pipeline.plan import build_plan
+    parquet_writer_options = lambda schema: {}
 
 corpus, scratch, count, configurations = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 with open(corpus, encoding="utf-8") as handle:
@@ -91,7 +102,10 @@ for label, flags in configurations:
         made = embedder.batch_rows(embedded).rows
         rows += time.perf_counter() - started
         started = time.perf_counter()
-        pq.write_table(pa.Table.from_batches([made]), io.BytesIO(), compression=plan.compression)
+        pq.write_table(
+            pa.Table.from_batches([made]), io.BytesIO(), compression=plan.compression,
+            **parquet_writer_options(made.schema),
+        )
         parquet += time.perf_counter() - started
     del embedded, made
     results[label] = {
@@ -204,18 +218,31 @@ def export_part(roots, corpora, scratch, sizes, flags, name):
 
 
 def parquet_rate(corpus, flags, scratch, documents):
-    """The Parquet encoder's own docs/s on the rows of one `flags` export (this code's), in this process."""
+    """The Parquet encoder's own docs/s on the rows of one `flags` export (this code's), in this process.
+
+    Returns {"export settings": docs/s, "pyarrow defaults": docs/s}: the rows
+    written again to an in-memory file with the export's writer settings
+    (`schema.parquet_writer_options`) and with pyarrow's defaults, snappy both.
+    """
     import io
 
     import pyarrow.parquet as pq
+
+    from pipeline.writing.schema import parquet_writer_options
 
     output = os.path.join(scratch, "out-parquet-source")
     run_command(ROOT, corpus, output, [*flags, "--direct_running_mode=in_memory"])
     table = pq.read_table(output, ignore_prefixes=["_", ".", "errors"])
     shutil.rmtree(output, ignore_errors=True)
-    started = time.perf_counter()
-    pq.write_table(table, io.BytesIO(), compression="snappy")
-    return documents / (time.perf_counter() - started)
+    rates = {}
+    for label, options in (
+        ("export settings", parquet_writer_options(table.schema)),
+        ("pyarrow defaults", {}),
+    ):
+        started = time.perf_counter()
+        pq.write_table(table, io.BytesIO(), compression="snappy", **options)
+        rates[label] = documents / (time.perf_counter() - started)
+    return rates
 
 
 def _ratio(new, old):
@@ -300,7 +327,8 @@ def main(argv=None):
                 ),
                 f"| new / old | {_ratio(old['wall_seconds'], new['wall_seconds']):.2f}x "
                 f"| {_ratio(old['pipeline_seconds'], new['pipeline_seconds']):.2f}x | |",
-                f"Parquet encoder alone on those rows (snappy, one process): {encoder:,.0f} docs/s",
+                "Parquet encoder alone on those rows (snappy, one process): "
+                + ", ".join(f"{rate:,.0f} docs/s with {label}" for label, rate in encoder.items()),
                 "",
             ]
 

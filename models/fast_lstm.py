@@ -805,6 +805,17 @@ class FastPath:
                 outputs at the non-zero ids of its input, row after row, in position
                 order; exactly those rows of the (n, length, dim) output.
         """
+        return self._call(features, columns, real_tokens, traced_lanes=MAX_LANES)
+
+    def _call(self, features, columns, real_tokens, traced_lanes):
+        """`__call__`, its batch dealt into as many lanes as it fills, then padded to `traced_lanes`.
+
+        The padding lanes each hold a copy of the batch's shortest row, and their
+        outputs are dropped: the dealt lanes compute exactly what they did alone,
+        and every batch (a short last one, the check's, one document retried)
+        runs the one function traced for `traced_lanes` lanes (None: one trace
+        per lane count).
+        """
         columns = tuple(self._outputs) if columns is None else tuple(columns)
         features = {name: np.asarray(features[name], dtype=np.int32) for name in self._inputs}
         n = len(next(iter(features.values())))
@@ -825,6 +836,12 @@ class FastPath:
                 numbers[real] = np.arange(int(real.sum()))
                 lane_order = np.concatenate([numbers[lane][real[lane]] for lane in rows])
                 restore["tokens"][name] = np.argsort(lane_order).astype(np.int32)
+        if self._recurrents and traced_lanes and len(lanes) < traced_lanes:
+            # After the dealt lanes, so `restore` (which reads only those) is unchanged.
+            names = sorted({recurrent.input_name for recurrent in self._recurrents})
+            shortest = np.argmin(sum(np.count_nonzero(features[name], axis=1) for name in names))
+            spare = self._plans(features, np.array([shortest]), real_tokens)
+            lanes += [spare] * (traced_lanes - len(lanes))
         traced = self._traced(features, lanes, restore, columns, real_tokens)
         outputs = traced(features, lanes, restore)
         return {column: value.numpy() for column, value in outputs.items()}

@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import math
 import os
+import pickle
 import time
 import typing
 import uuid
@@ -11,6 +12,7 @@ import uuid
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.coders.coder_impl import CallbackCoderImpl
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -23,7 +25,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.inference.embedder import worker_embedder
+from pipeline.inference.embedder import BatchRows, worker_embedder
 from pipeline.inference.features import DocumentTokenizer, Tokenized
 from pipeline.planning.model_source import load_plan_tokenizer
 from pipeline.reading import corpus, listing
@@ -453,6 +455,73 @@ class ReadCorpus(beam.PTransform):
         return results[DOCUMENTS], results[ERRORS]
 
 
+class _SizedPickleCoder(beam.coders.Coder):
+    """Pickles an element, and estimates its size from its arrays without encoding it.
+
+    Beam estimates the encoded size of elements that pass between the steps of a
+    fused stage (a metric), by encoding samples of them: with its default coder
+    every `Tokenized` document (numpy ids) and each batch's rows (the RecordBatch of
+    a per-token column, about 35 MB per 512 real-length documents, twice: as
+    `BatchRows` and as the rows) were pickled to be measured.  Where an element
+    really crosses a boundary, it is pickled as before.
+    """
+
+    def _create_impl(self):
+        return CallbackCoderImpl(
+            lambda value: pickle.dumps(value, pickle.HIGHEST_PROTOCOL), pickle.loads, self.estimate_size
+        )
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    @staticmethod
+    def estimate_size(value) -> int:
+        raise NotImplementedError
+
+
+class RecordBatchCoder(_SizedPickleCoder):
+    """An Arrow RecordBatch of output rows (`SplitRows`)."""
+
+    @staticmethod
+    def estimate_size(value: pa.RecordBatch) -> int:
+        return value.nbytes
+
+    def to_type_hint(self):
+        return pa.RecordBatch
+
+
+class BatchRowsCoder(_SizedPickleCoder):
+    """A batch's `embedder.BatchRows` (RunInference's output)."""
+
+    @staticmethod
+    def estimate_size(value: BatchRows) -> int:
+        rows = value.rows.nbytes if value.rows is not None else 0
+        return rows + sum(len(str(error)) for error in value.failed)
+
+    def to_type_hint(self):
+        return BatchRows
+
+
+class TokenizedCoder(_SizedPickleCoder):
+    """A `features.Tokenized` document (`TokenizeDocuments`)."""
+
+    @staticmethod
+    def estimate_size(value: Tokenized) -> int:
+        texts = sum(len(text) for text in value.document.texts)
+        return texts + sum(getattr(feature, "nbytes", 0) for feature in value.features)
+
+    def to_type_hint(self):
+        return Tokenized
+
+
+for _type, _coder in (
+    (pa.RecordBatch, RecordBatchCoder),
+    (BatchRows, BatchRowsCoder),
+    (Tokenized, TokenizedCoder),
+):
+    beam.coders.registry.register_coder(_type, _coder)
+
+
 class TokenizeDocumentsFn(beam.DoFn):
     """`Document` -> `features.Tokenized` (main) or a dead letter (`errors`); loads only the tokenizer."""
 
@@ -585,9 +654,10 @@ class EmbedDocuments(beam.PTransform):
         self._kept_ids_path = kept_ids_path
 
     def expand(self, documents):
+        # Typed, so that Beam measures them with the coders above.
         tokenized = documents | "TokenizeDocuments" >> beam.ParDo(
             TokenizeDocumentsFn(self._plan)
-        ).with_outputs(ERRORS, main=DOCUMENTS)
+        ).with_output_types(Tokenized).with_outputs(ERRORS, main=DOCUMENTS)
         to_embed = tokenized[DOCUMENTS]
         if self._kept_ids_path:
             to_embed = to_embed | "SkipKeptDocuments" >> beam.ParDo(
@@ -595,8 +665,9 @@ class EmbedDocuments(beam.PTransform):
             )
         rows = (
             to_embed
-            | "RunInference" >> RunInference(EmbeddingModelHandler(self._plan))
-            | "SplitRows" >> beam.ParDo(SplitRowsFn()).with_outputs(ERRORS, main=ROWS)
+            | "RunInference" >> RunInference(EmbeddingModelHandler(self._plan)).with_output_types(BatchRows)
+            | "SplitRows"
+            >> beam.ParDo(SplitRowsFn()).with_output_types(pa.RecordBatch).with_outputs(ERRORS, main=ROWS)
         )
         errors = (tokenized[ERRORS], rows[ERRORS]) | "CollectEmbedErrors" >> beam.Flatten()
         return rows[ROWS], errors
@@ -691,7 +762,7 @@ class WriteShardsFn(beam.DoFn):
                 self._file,
                 self._schema,
                 compression=self._plan.compression,
-                use_compliant_nested_type=False,
+                **schema_lib.parquet_writer_options(self._schema),
             )
         self._writer.write_table(table, row_group_size=table.num_rows)
         self._progress.add(rows=table.num_rows)

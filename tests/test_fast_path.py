@@ -24,7 +24,7 @@ from pipeline_fixtures import (
     write_jsonl,
 )
 
-from models.fast_lstm import FAST, HYBRID, KERAS, build_fast_path, describe_forward_passes
+from models.fast_lstm import FAST, HYBRID, KERAS, MAX_LANES, build_fast_path, describe_forward_passes
 from models.legacy import load_model_file
 from models.tokenizer import pad_token_ids
 from models.truncate import layer_calls, parse_layer_spec, truncate
@@ -240,6 +240,32 @@ def test_a_final_state_does_not_depend_on_the_rest_of_its_batch(keras2_models, n
         rows = rng.permutation(len(ids))[:size]
         part = fast({input_name: ids[rows]})[target]
         np.testing.assert_array_equal(part, whole[rows], err_msg=f"batch of {size}")
+
+
+@pytest.mark.parametrize("name", ["tutorial", "stacked_lstm_masked"])
+def test_every_batch_size_runs_one_trace_and_the_same_bits_as_its_own_lanes(keras2_models, name):
+    """A batch that fills fewer lanes is padded to `MAX_LANES` with spare lanes, not traced again.
+
+    Its rows are bit for bit what its own lanes give without the padding (one
+    trace per lane count, as before), per-token and final outputs alike.
+    """
+    directory, info = keras2_models
+    model = _load(directory, info, name)
+    sub_model = truncate(model, [parse_layer_spec(t) for t in info[name]["targets"]])
+    fast, _ = build_fast_path(sub_model)
+    input_name = sub_model.inputs[0].name
+    # 1, 1, 2 and 4 dealt lanes (MIN_LANE_ROWS 128), and a batch of padding only.
+    batches = [_ids(size, LENGTH, seed=size) for size in (1, 48, 272, 512)]
+    batches.append(np.zeros((3, LENGTH), np.int32))
+    cases = [(ids, real_tokens) for real_tokens in (False, True) for ids in batches]
+    padded = [fast({input_name: ids}, real_tokens=real_tokens) for ids, real_tokens in cases]
+    # One trace each for real_tokens False and True.
+    assert [key[0] for key in fast._runs] == [MAX_LANES, MAX_LANES], fast._runs.keys()
+    for (ids, real_tokens), outputs in zip(cases, padded, strict=True):
+        alone = fast._call({input_name: ids}, None, real_tokens, traced_lanes=None)
+        assert set(outputs) == set(alone)
+        for column, value in alone.items():
+            np.testing.assert_array_equal(outputs[column], value, err_msg=f"{column}, {len(ids)} rows")
 
 
 def test_fast_path_equals_keras_predict_on_the_bundled_topologies(train_tiny_model):

@@ -9,13 +9,17 @@ own `predict` of the layer, pooled over the real positions as the export did
 before) for equality, and with `predict` pooled in float64 to 1e-6.
 """
 
+import collections
 import dataclasses
+import pickle
 import tracemalloc
+import types
 
 import keras
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import build_keras2_models, write_jsonl
+from pipeline_fixtures import build_keras2_models, read_rows, row_files, write_jsonl
 
 from models.tokenizer import pad_token_ids
 from models.truncate import layer_calls
@@ -24,6 +28,7 @@ from pipeline.inference.features import DocumentTokenizer
 from pipeline.planning.build import build_plan
 from pipeline.planning.options import ExportOptions
 from pipeline.reading.documents import Document, TokenIds
+from pipeline.running.export import run_export
 from pipeline.writing import schema
 
 VOCABULARY = 60
@@ -344,3 +349,73 @@ def test_concatenated_real_tokens_keep_each_documents_tokens():
     joined = schema.concatenate_real_tokens(lookups)
     assert joined.rows is table
     np.testing.assert_array_equal(joined.vectors(), table[[3, 4, 1]])
+
+
+def test_row_files_store_vectors_without_dictionaries_or_statistics(tmp_path):
+    """Float vectors are written plain (dictionaries, min/max of floats only cost time); the rest keep both.
+
+    The rows read back are the ones made in memory, bit for bit.
+    """
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"id": f"d{i}", "content": "alpha beta gamma " * (i + 1), "title": "t", "kind": "k"}
+            for i in range(5)
+        ],
+    )
+    output = tmp_path / "o"
+    run_export(
+        ["--input", str(corpus), "--output", str(output), "--pooling", "none", "--keep_fields", "kind"]
+    )
+    metadata = pq.ParquetFile(row_files(output)[0]).metadata
+    chunks = {
+        chunk.path_in_schema: chunk
+        for chunk in (metadata.row_group(0).column(i) for i in range(metadata.num_columns))
+    }
+    vectors = {"lstm_content.list.item", "lstm_title.list.item", "emb.list.item.list.item"}
+    assert vectors < set(chunks), sorted(chunks)
+    for path, chunk in chunks.items():
+        dictionary = any("DICTIONARY" in encoding for encoding in chunk.encodings)
+        assert dictionary == chunk.is_stats_set == (path not in vectors), (path, chunk.encodings)
+    table = read_rows(output)
+    plan, model_source = build_plan(
+        ExportOptions(["--input", str(corpus), "--output", str(tmp_path / "x"), "--pooling", "none"])
+    )
+    embedder = Embedder(plan, model_source)
+    tokenizer = DocumentTokenizer(plan, model_source.tokenizer)
+    records = [row for row in table.select(["id"]).to_pylist()]
+    documents = [
+        Document(r["id"], ("alpha beta gamma " * (int(r["id"][1:]) + 1), "t"), (), str(corpus), n + 1)
+        for n, r in enumerate(records)
+    ]
+    made = embedder.batch_rows(embedder.run([tokenizer.tokenize(d) for d in documents])).rows
+    for name in ("lstm_content", "lstm_title", "emb", "emb_tokens"):
+        assert table.column(name).combine_chunks().equals(made.column(name)), name
+
+
+def test_an_export_never_pickles_documents_or_rows_to_measure_them(tmp_path, monkeypatch):
+    """Beam samples element sizes inside the fused stage; ours are measured by their arrays, not pickled.
+
+    The rows of 512 real-length documents with a per-token `emb` are about 35 MB:
+    Beam's default coder pickled them (twice per batch) and every tokenized
+    document only to count bytes.
+    """
+    from apache_beam.coders import coders
+
+    pickled = collections.Counter()
+
+    def counting_dumps(value, *args, **kwargs):
+        pickled[type(value).__name__] += 1
+        return pickle.dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(coders, "pickle", types.SimpleNamespace(**{**vars(pickle), "dumps": counting_dumps}))
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"id": f"d{i}", "content": "alpha beta gamma " * (i + 1), "title": "t"} for i in range(40)],
+    )
+    summary = run_export(
+        ["--input", str(corpus), "--output", str(tmp_path / "o"), "--pooling", "none", "--batch_size", "8"]
+    )
+    assert summary.rows_written == 40
+    measured = {name: pickled[name] for name in ("RecordBatch", "BatchRows", "Tokenized")}
+    assert measured == {"RecordBatch": 0, "BatchRows": 0, "Tokenized": 0}, pickled
