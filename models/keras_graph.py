@@ -28,6 +28,18 @@ def producer(tensor: keras.KerasTensor) -> tuple[Operation, Node] | tuple[None, 
     return operation, operation._inbound_nodes[history.node_index]
 
 
+def producing_call(tensor: keras.KerasTensor) -> tuple[Operation, Node]:
+    """`(operation, node)` of the call that produced `tensor`, a tensor of a functional model.
+
+    Raises:
+        ValueError: `tensor` was not produced by a Keras operation (so it belongs to no model graph).
+    """
+    operation, node = producer(tensor)
+    if operation is None or node is None:
+        raise ValueError(f"{tensor!r} was not produced by a Keras layer call.")
+    return operation, node
+
+
 def node_inputs(node: Node) -> list[keras.KerasTensor]:
     """The tensors a layer call read, in argument order."""
     return list(node.input_tensors)

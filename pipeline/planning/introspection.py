@@ -51,13 +51,13 @@ def text_input_info(tensor: keras.KerasTensor, model: keras.Model, field: str) -
 
 def default_layer_names(model: keras.Model) -> list[str]:
     """The layers whose outputs feed the model's output layers (the penultimate vectors)."""
-    output_layers = {keras_graph.producer(t)[0].name for t in model.outputs}
+    output_layers = {keras_graph.producing_call(t)[0].name for t in model.outputs}
     layer_names = {layer.name for layer in model.layers}
     names: list[str] = []
     for tensor in model.outputs:
-        _, node = keras_graph.producer(tensor)
+        _, node = keras_graph.producing_call(tensor)
         for parent in keras_graph.node_inputs(node):
-            name = keras_graph.producer(parent)[0].name
+            name = keras_graph.producing_call(parent)[0].name
             # Masks and other plain ops (not_equal, ...) are not layers one can export.
             if name not in names and name not in output_layers and name in layer_names:
                 names.append(name)

@@ -19,9 +19,9 @@ from models.bundle import (
 )
 from models.digest import sha256_file
 from models.keras2_config import LegacyModelError
-from models.keras2_tokenizer import Keras2Tokenizer, VocabularyTokenizer, read_tokenizer
+from models.keras2_tokenizer import read_tokenizer
 from models.legacy import load_model_file
-from models.tokenizer import Tokenizer
+from models.tokenizer import TextTokenizer, Tokenizer
 from pipeline.errors import ExportConfigError
 from pipeline.planning.plan import NO_TOKENIZER, ExportPlan, wants_no_tokenizer
 from pipeline.uris import is_local
@@ -29,7 +29,8 @@ from pipeline.uris import is_local
 MODEL_EXTENSIONS = (".keras", ".h5", ".hdf5")
 # The tokenizers a model can come with: this package's, or one read from a Keras 2
 # `Tokenizer.to_json()` file or a vocabulary file (`models.keras2_tokenizer.read_tokenizer`).
-AnyTokenizer = Tokenizer | Keras2Tokenizer | VocabularyTokenizer
+# Any tokenizer the export can use: this package's, Keras 2's, or a vocabulary file's.
+AnyTokenizer = TextTokenizer
 
 
 @dataclasses.dataclass
@@ -152,7 +153,7 @@ def load_model_source(
             bundle = load_bundle(local)
         except BundleError as error:
             raise ExportConfigError(f"Invalid model bundle {model_uri!r}: {error}") from None
-        tokenizer = bundle.tokenizer
+        tokenizer: AnyTokenizer = bundle.tokenizer
         tokenizer_sha256 = bundle.manifest["sha256"][bundle.manifest["tokenizer_file"]]
         if padding or truncating:
             tokenizer = Tokenizer(
@@ -186,9 +187,10 @@ def load_model_source(
             f"Could not load --model {model_uri!r} ({type(error).__name__}: {error}). Check "
             "that it is a complete Keras .keras/.h5 file."
         ) from None
-    tokenizer, tokenizer_sha256 = None, ""
+    bare_tokenizer: AnyTokenizer | None = None
+    tokenizer_sha256 = ""
     if tokenizer_uri and not wants_no_tokenizer(tokenizer_uri):
-        tokenizer, tokenizer_sha256 = load_tokenizer(tokenizer_uri, padding, truncating)
+        bare_tokenizer, tokenizer_sha256 = load_tokenizer(tokenizer_uri, padding, truncating)
     elif not tokenizer_uri and require_tokenizer and not _takes_text(model):
         raise ExportConfigError(
             f"--model {model_uri!r} is a bare model file, which carries no tokenizer: pass "
@@ -200,7 +202,7 @@ def load_model_source(
     return ModelSource(
         uri=model_uri,
         model=model,
-        tokenizer=tokenizer,
+        tokenizer=bare_tokenizer,
         model_sha256=sha256_file(local),
         tokenizer_sha256=tokenizer_sha256,
         input_fields={},

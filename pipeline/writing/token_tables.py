@@ -84,7 +84,7 @@ def check_ids_column(model: keras.Model, spec: LayerSpec) -> None:
         )
     looked_up = keras_graph.node_inputs(node)[0]
     if not any(looked_up is model_input for model_input in model.inputs):
-        parent = keras_graph.producer(looked_up)[0]
+        parent = keras_graph.producing_call(looked_up)[0]
         raise ExportConfigError(
             f"--token_storage ids cannot store {spec.layer!r} (call {spec.call}): it looks up the output "
             f"of layer {parent.name!r} ({type(parent).__name__}), not a token-id input of the model, so "
