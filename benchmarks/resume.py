@@ -21,8 +21,10 @@ progress line) but not yet in a closed file, as a share of all rows.
 
 The default size makes the full Keras run a few minutes long, so that start-up
 (imports, two worker processes loading TensorFlow, the id scan) is a small part
-of it, as in the long runs a resume is for; the whole benchmark takes about
-twenty minutes on two cores.
+of it, as in the long runs a resume is for (about 12 minutes for the full Keras
+run on two busy cores). The kill is timed from the full run's wall time, so the
+machine's load must stay steady through the benchmark: a run that ends before it
+is killed is started again and killed earlier (at most three times).
 """
 
 import argparse
