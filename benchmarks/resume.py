@@ -6,7 +6,7 @@ The corpus is real English text at realistic lengths (`benchmarks.corpora`,
 median 46 words). For each forward pass (Keras's own with `--fast_path off`,
 and the default fast path), in this one run, on the bundled default model and
 its default layers, with the default local settings (two worker processes on
-two cores above 8 MB of input):
+two cores from 64 MB of input):
 
 1. a full, uninterrupted export (the reference);
 2. the same command, killed with SIGKILL (the launcher and its worker
