@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import json
 import math
 import os
 import pickle
@@ -53,6 +54,10 @@ WRITING_SUFFIX = "-writing"
 ROWS_KEPT = "rows_kept"
 # Counter of files that could not be read to the end: an unknown number of records is missing.
 FILES_BROKEN = "files_broken"
+# Key of a row file's Parquet footer metadata: JSON of what the tokenizer counted for the file's rows
+# (`TOKENIZER_COUNTS`), so a resumed run adds them back instead of tokenizing those documents again.
+TOKENIZER_COUNTS_KEY = b"embexport.tokenizer_counts"
+TOKENIZER_COUNTS = ("documents_truncated", "oov_tokens")
 
 # Row groups this large keep Parquet readers fast; one forward pass is smaller.
 ROW_GROUP_ROWS = 8192
@@ -543,6 +548,30 @@ class TokenizeDocumentsFn(beam.DoFn):
         yield tokenized
 
 
+def _with_tokenizer_counts(batch_rows, batch: list):
+    """`batch_rows` with the tokenizer's counts of the documents that made rows in its schema metadata.
+
+    `WriteShardsFn` sums them into each row file's footer (`TOKENIZER_COUNTS_KEY`).
+    """
+    if batch_rows.rows is None:
+        return batch_rows
+    made_rows = set(batch_rows.rows.column(schema_lib.ID_COLUMN).to_pylist())
+    truncated = oov = 0
+    for tokenized in batch:
+        if tokenized.document.id in made_rows:
+            truncated += int(tokenized.truncated)
+            oov += tokenized.oov_tokens
+    counts = dict(zip(TOKENIZER_COUNTS, (truncated, oov), strict=True))
+    metadata = {**(batch_rows.rows.schema.metadata or {}), TOKENIZER_COUNTS_KEY: json.dumps(counts)}
+    return batch_rows._replace(rows=batch_rows.rows.replace_schema_metadata(metadata))
+
+
+def _tokenizer_counts(batch: pa.RecordBatch) -> dict | None:
+    """The tokenizer's counts a batch of rows carries (`_with_tokenizer_counts`); None for reused rows."""
+    value = (batch.schema.metadata or {}).get(TOKENIZER_COUNTS_KEY)
+    return json.loads(value) if value is not None else None
+
+
 class EmbeddingModelHandler(ModelHandler):
     """RunInference handler: stacks a batch of `Tokenized` documents, runs the forward pass, makes its rows.
 
@@ -570,7 +599,7 @@ class EmbeddingModelHandler(ModelHandler):
         return worker_embedder(self._plan)
 
     def run_inference(self, batch, model, inference_args=None):
-        return [model.batch_rows(model.run(batch))]
+        return [_with_tokenizer_counts(model.batch_rows(model.run(batch)), batch)]
 
     def get_num_bytes(self, batch):
         # Beam's default pickles the whole batch just to measure it.
@@ -597,15 +626,28 @@ class SplitRowsFn(beam.DoFn):
 
 
 class _KeptIds:
-    """The ids whose rows a resumed run kept (a set; a class, since `shared.Shared` holds weak references)."""
+    """The ids whose rows a resumed run kept, all and those whose tokenizer counts it kept too.
 
-    def __init__(self, path):
+    A class, since `shared.Shared` holds weak references.
+    """
+
+    def __init__(self, path: str):
         with FileSystems.open(path) as handle:
-            self.ids = frozenset(pq.read_table(handle, columns=[schema_lib.ID_COLUMN]).column(0).to_pylist())
+            table = pq.read_table(handle, columns=[schema_lib.ID_COLUMN, KEPT_COUNTED_COLUMN])
+        self.ids = frozenset(table.column(0).to_pylist())
+        self.counted = frozenset(table.filter(table.column(1)).column(0).to_pylist())
 
 
 # One copy of the kept ids per worker process, however many threads and DoFns use it.
 _KEPT_IDS = shared.Shared()
+# Column of the kept ids file (`pipeline.resume`): whether the tokenizer's counts of the id's row were kept.
+KEPT_COUNTED_COLUMN = "counted"
+# Which kept ids a `SkipKeptFn` drops.
+SKIP_ALL, SKIP_COUNTED, SKIP_UNCOUNTED = "all", "counted", "uncounted"
+
+
+def _document_id(document):
+    return document.id
 
 
 def _tokenized_id(tokenized):
@@ -620,16 +662,26 @@ class SkipKeptFn(beam.DoFn):
     """Drops the elements whose id a resumed run kept a row of (`pipeline.writing.resume`), counting them.
 
     The ids are read once per worker process from `kept_ids_path`, the Parquet
-    file of ids the launcher wrote, not sent as a side input.
+    file of ids the launcher wrote, not sent as a side input. `which` says which
+    kept ids this step drops: all, only those whose tokenizer counts were kept
+    (dropped before tokenization), or only the others (dropped after it, so that
+    the tokenizer counts them again).
     """
 
-    def __init__(self, kept_ids_path, element_id):
+    def __init__(self, kept_ids_path: str, element_id, which: str = SKIP_ALL):
         self._path = kept_ids_path
         self._element_id = element_id
+        self._which = which
         self._kept = Metrics.counter(NAMESPACE, ROWS_KEPT)
 
     def setup(self):
-        self._ids = _KEPT_IDS.acquire(lambda: _KeptIds(self._path), tag=self._path).ids
+        kept = _KEPT_IDS.acquire(lambda: _KeptIds(self._path), tag=self._path)
+        if self._which == SKIP_COUNTED:
+            self._ids = kept.counted
+        elif self._which == SKIP_UNCOUNTED:
+            self._ids = kept.ids - kept.counted
+        else:
+            self._ids = kept.ids
 
     def process(self, element):
         if self._element_id(element) in self._ids:
@@ -644,8 +696,10 @@ class EmbedDocuments(beam.PTransform):
     Tokenize each document (only the tokenizer loaded), then run the model on
     batches (RunInference), each batch giving one RecordBatch of rows. With
     `kept_ids_path` (a resumed run) the documents whose rows were kept are
-    dropped after tokenization, so the tokenizer's counts (truncated documents,
-    unknown words) still cover every document.
+    dropped before tokenization: the tokenizer's counts of their rows were kept
+    with them (`TOKENIZER_COUNTS_KEY`) and the launcher adds them. Only the
+    documents of a kept file without those counts (one a resume rewrote) are
+    tokenized again, and dropped after it, so that the counts still cover every document.
     """
 
     def __init__(self, plan, kept_ids_path=None):
@@ -654,14 +708,18 @@ class EmbedDocuments(beam.PTransform):
         self._kept_ids_path = kept_ids_path
 
     def expand(self, documents):
+        if self._kept_ids_path:
+            documents = documents | "SkipKeptDocuments" >> beam.ParDo(
+                SkipKeptFn(self._kept_ids_path, _document_id, SKIP_COUNTED)
+            )
         # Typed, so that Beam measures them with the coders above.
         tokenized = documents | "TokenizeDocuments" >> beam.ParDo(
             TokenizeDocumentsFn(self._plan)
         ).with_output_types(Tokenized).with_outputs(ERRORS, main=DOCUMENTS)
         to_embed = tokenized[DOCUMENTS]
         if self._kept_ids_path:
-            to_embed = to_embed | "SkipKeptDocuments" >> beam.ParDo(
-                SkipKeptFn(self._kept_ids_path, _tokenized_id)
+            to_embed = to_embed | "SkipKeptTokenized" >> beam.ParDo(
+                SkipKeptFn(self._kept_ids_path, _tokenized_id, SKIP_UNCOUNTED)
             )
         rows = (
             to_embed
@@ -736,10 +794,14 @@ class WriteShardsFn(beam.DoFn):
         self._closed = []
         # When the oldest row not yet in a closed file arrived (monotonic clock), or None.
         self._pending_since = None
+        # The tokenizer's counts of the rows buffered, and of those in the open file.
+        self._buffer_counts = collections.Counter()
+        self._file_counts = collections.Counter()
 
     def process(self, batch):
         if self._pending_since is None:
             self._pending_since = time.monotonic()
+        self._buffer_counts.update(_tokenizer_counts(batch) or {})
         self._buffer.append(batch)
         self._rows += batch.num_rows
         self._bytes += batch.nbytes
@@ -755,6 +817,8 @@ class WriteShardsFn(beam.DoFn):
     def _write_group(self):
         table = pa.Table.from_batches(self._buffer, schema=self._schema)
         self._buffer, self._rows, self._bytes = [], 0, 0
+        self._file_counts.update(self._buffer_counts)
+        self._buffer_counts = collections.Counter()
         if self._writer is None:
             self._path = FileSystems.join(self._temp_dir, f"{uuid.uuid4().hex}.parquet")
             self._file = _CountingFile(FileSystems.create(self._path))
@@ -770,6 +834,9 @@ class WriteShardsFn(beam.DoFn):
             self._close_file()
 
     def _close_file(self):
+        counts = {name: self._file_counts[name] for name in TOKENIZER_COUNTS}
+        self._writer.add_key_value_metadata({TOKENIZER_COUNTS_KEY: json.dumps(counts)})
+        self._file_counts = collections.Counter()
         self._writer.close()
         self._file.close()
         self._closed.append(self._path)

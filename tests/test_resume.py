@@ -21,8 +21,10 @@ from pipeline_fixtures import kill_group_when, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE
 from pipeline.errors import EXIT_CONFIG_ERROR
+from pipeline.inference.features import DocumentTokenizer
 from pipeline.run import main
 from pipeline.running.export import run_export
+from pipeline.transforms import TOKENIZER_COUNTS_KEY
 from pipeline.writing import output as output_lib
 from pipeline.writing import resume as resume_lib
 
@@ -189,6 +191,76 @@ def test_two_different_copies_of_a_row_stop_the_run(corpus, tiny_bundle, tmp_pat
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "two different rows for id" in errors[0] and "--resume off" in errors[0]
     assert output_lib.read_manifest(output) is None
+
+
+def spy_on_tokenizer(monkeypatch):
+    """The ids of the documents tokenized in this process from now on (the in-memory runner's)."""
+    tokenized = []
+    original = DocumentTokenizer.tokenize
+
+    def tokenize(self, document):
+        tokenized.append(document.id)
+        return original(self, document)
+
+    monkeypatch.setattr(DocumentTokenizer, "tokenize", tokenize)
+    return tokenized
+
+
+def ids_in(files):
+    return set(
+        pa.concat_tables([pq.read_table(path, columns=["id"]) for path in files]).column(0).to_pylist()
+    )
+
+
+def footer_counts(path):
+    return json.loads(pq.read_metadata(path).metadata[TOKENIZER_COUNTS_KEY])
+
+
+def test_kept_documents_are_neither_tokenized_nor_embedded_again(
+    corpus, reference, tiny_bundle, tmp_path, monkeypatch
+):
+    output = str(tmp_path / "out")
+    kept = kill_after_files(tiny_bundle[0], corpus, output, 3)
+    assert all(set(footer_counts(path)) == {"documents_truncated", "oov_tokens"} for path in kept)
+    kept_ids = ids_in(kept)
+    tokenized = spy_on_tokenizer(monkeypatch)
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    assert summary.exit_code == 0, summary.message
+    # The counts of the documents not tokenized again come from the kept files' footers.
+    assert_same_export(output, reference)
+    assert tokenized and not kept_ids & set(tokenized)
+    counts = output_lib.read_manifest(output)["counts"]
+    # Tokenized: every document the rerun read but did not keep, minus those dead-lettered while read.
+    read_errors = sum(
+        counts["dead_letters_by_reason"].get(reason, 0) for reason in ("duplicate_id", "malformed_json")
+    )
+    assert len(tokenized) <= counts["records_read"] - summary.rows_kept - read_errors
+
+
+def test_a_kept_file_without_tokenizer_counts_is_tokenized_again(
+    corpus, reference, tiny_bundle, tmp_path, monkeypatch
+):
+    """A file a resume rewrote (a retried bundle's copy dropped) has no counts: it is tokenized again."""
+    output = str(tmp_path / "out")
+    kept = kill_after_files(tiny_bundle[0], corpus, output, 3)
+    # A file whose rows the tokenizer counted something for, so that losing its counts shows.
+    counted = next(path for path in kept[1:] if any(footer_counts(path).values()))
+    # One file with the rows of the first kept file and of `counted`, without counts, as a resume
+    # writes it; the first file's rows are then held twice and kept once.
+    merged = pa.concat_tables([pq.read_table(kept[0]), pq.read_table(counted)]).replace_schema_metadata(
+        {b"embexport": pq.read_table(kept[0]).schema.metadata[b"embexport"]}
+    )
+    counted_ids, kept_rows, repeated_rows = ids_in([counted]), rows_in(kept), rows_in(kept[:1])
+    os.remove(counted)
+    pq.write_table(merged, os.path.join(os.path.dirname(kept[0]), f"{uuid.uuid4().hex}.parquet"))
+    tokenized = spy_on_tokenizer(monkeypatch)
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    assert summary.exit_code == 0, summary.message
+    assert_same_export(output, reference)
+    resumed = output_lib.read_manifest(output)["resumed"]
+    assert resumed["duplicate_rows_dropped"] == repeated_rows
+    assert counted_ids <= set(tokenized)
+    assert summary.rows_kept >= kept_rows
 
 
 @pytest.fixture(scope="module")

@@ -287,7 +287,11 @@ def _run_and_commit(
     seconds = time.time() - started
 
     run_counters = portable.read_counters(result, NAMESPACE)
-    counters = run_counters.values
+    counters = dict(run_counters.values)
+    if resumed:
+        # The kept documents were not tokenized again: their counts come from the kept files.
+        for name, value in resumed.tokenizer_counts.items():
+            counters[name] = counters.get(name, 0) + value
     rows = sum(count for _, count in staged["rows"])
     dead = sum(count for _, count in staged["errors"])
     read = counters.get("records_read", 0)

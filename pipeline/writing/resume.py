@@ -14,9 +14,11 @@ by two complete files (a retried bundle) is kept once after checking that both
 copies are equal, and the kept ids are written to `_KEPT_IDS.parquet`, which
 the workers read to skip those documents (`transforms.SkipKeptFn`).  The
 pipeline still reads every record, so dead letters, duplicates and counts are
-made exactly as in an uninterrupted run; only the embedding of kept documents
-is skipped.  A run that reached its commit is never resumed: the commit is
-finished or undone by `pipeline.writing.output`, never mixed with a second run.
+made exactly as in an uninterrupted run; a kept document is dropped as soon as
+it is read, neither tokenized nor embedded again: each row file's footer holds
+what the tokenizer counted for its rows, which the launcher adds back.  A run
+that reached its commit is never resumed: the commit is finished or undone by
+`pipeline.writing.output`, never mixed with a second run.
 """
 
 import dataclasses
@@ -33,7 +35,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError
 from pipeline.planning.reuse import reuse_signature
-from pipeline.transforms import WRITING_SUFFIX
+from pipeline.transforms import (
+    KEPT_COUNTED_COLUMN,
+    TOKENIZER_COUNTS,
+    TOKENIZER_COUNTS_KEY,
+    WRITING_SUFFIX,
+)
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.output import (
     SHARD_NAME,
@@ -68,6 +75,9 @@ class Resumption:
     kept_ids_path: str
     partial_files_ignored: int
     duplicate_rows_dropped: int
+    # What the tokenizer counted for the kept rows (`transforms.TOKENIZER_COUNTS`), which
+    # the rerun does not tokenize again: the launcher adds them to the run's counters.
+    tokenizer_counts: dict = dataclasses.field(default_factory=dict)
 
     def manifest(self) -> dict:
         """The manifest's `resumed` entry."""
@@ -200,15 +210,29 @@ def _writing_dir(directory: str, run_id: str) -> str:
     return staging_prefixes(directory, run_id)[0] + WRITING_SUFFIX
 
 
-def _complete_rows(path: str, schema: pa.Schema) -> int | None:
-    """The rows of a complete row file of this export, or None for a partial or foreign one."""
+def _footer(path: str) -> pq.FileMetaData | None:
     try:
         with FileSystems.open(path) as handle:
-            metadata = pq.ParquetFile(handle).metadata
-            written = metadata.schema.to_arrow_schema()
+            return pq.ParquetFile(handle).metadata
     except Exception:  # No footer: a file its writer never closed.
         return None
-    return metadata.num_rows if written.equals(schema, check_metadata=False) else None
+
+
+def _complete_rows(path: str, schema: pa.Schema) -> int | None:
+    """The rows of a complete row file of this export, or None for a partial or foreign one."""
+    metadata = _footer(path)
+    if metadata is None or not metadata.schema.to_arrow_schema().equals(schema, check_metadata=False):
+        return None
+    return metadata.num_rows
+
+
+def _file_tokenizer_counts(metadata: pq.FileMetaData) -> dict | None:
+    """The tokenizer's counts of a row file's rows (`transforms.TOKENIZER_COUNTS_KEY`), or None."""
+    try:
+        counts = json.loads((metadata.metadata or {})[TOKENIZER_COUNTS_KEY])
+        return {name: int(counts[name]) for name in TOKENIZER_COUNTS}
+    except Exception:  # Absent (a file a resume rewrote) or not ours: its documents are tokenized again.
+        return None
 
 
 def _read_table(path: str, columns=None) -> pa.Table:
@@ -217,6 +241,11 @@ def _read_table(path: str, columns=None) -> pa.Table:
 
 
 def _write_table(path: str, table: pa.Table, compression: str) -> None:
+    # Footer keys read back into the schema (the tokenizer's counts of all the file's rows) would lie.
+    metadata = {
+        key: value for key, value in (table.schema.metadata or {}).items() if key != TOKENIZER_COUNTS_KEY
+    }
+    table = table.replace_schema_metadata(metadata or None)
     with FileSystems.create(path) as handle:
         pq.write_table(table, handle, compression=compression, use_compliant_nested_type=False)
 
@@ -292,6 +321,23 @@ def _drop_duplicates(files: list, plan) -> tuple:
     return [path for path in kept if path], dropped, unique
 
 
+def _counted_ids(files: list) -> tuple:
+    """The ids of `files` whose tokenizer counts are known, and those counts summed.
+
+    A file's counts are in its footer (`transforms.TOKENIZER_COUNTS_KEY`); one
+    without them (rewritten by `_drop_duplicates`) has its documents tokenized again.
+    """
+    ids, totals = [], dict.fromkeys(TOKENIZER_COUNTS, 0)
+    for path in files:
+        counts = _file_tokenizer_counts(_footer(path))
+        if counts is None:
+            continue
+        ids.extend(_read_table(path, [schema_lib.ID_COLUMN]).column(0).to_pylist())
+        for name, value in counts.items():
+            totals[name] += value
+    return ids, totals
+
+
 def prepare_resume(directory: str, run_id: str, plan) -> Resumption:
     """Keeps what the dead run `run_id` finished and removes the rest of its staging directory.
 
@@ -330,7 +376,11 @@ def prepare_resume(directory: str, run_id: str, plan) -> Resumption:
         _LOGGER.info("Resume: ignoring %d partial row file(s) (no Parquet footer).", len(partial))
     complete, dropped, ids = _drop_duplicates(sorted(complete), plan)
     kept_ids_path = join(staging, KEPT_IDS_FILE)
-    _write_table(kept_ids_path, pa.table({schema_lib.ID_COLUMN: ids}), "snappy")
+    counted, tokenizer_counts = _counted_ids(complete)
+    kept_ids = pa.table(
+        {schema_lib.ID_COLUMN: ids, KEPT_COUNTED_COLUMN: pc.is_in(ids, pa.array(counted, pa.string()))}
+    )
+    _write_table(kept_ids_path, kept_ids, "snappy")
     resumption = Resumption(
         run_id=run_id,
         attempt=int(run.get("attempt", 1)) + 1,
@@ -340,6 +390,7 @@ def prepare_resume(directory: str, run_id: str, plan) -> Resumption:
         kept_ids_path=kept_ids_path,
         partial_files_ignored=len(partial),
         duplicate_rows_dropped=dropped,
+        tokenizer_counts=tokenizer_counts,
     )
     _LOGGER.info(
         "Resuming run %s (attempt %d): keeping %d rows in %d files; embedding the other documents.",
