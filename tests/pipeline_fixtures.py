@@ -298,3 +298,42 @@ def build_keras2_models(directory, script, *args):
     assert result.returncode == 0, result.stderr[-4000:]
     with open(os.path.join(directory, "info.json"), encoding="utf-8") as handle:
         return directory, json.load(handle)
+
+
+# The tutorial's single-input model as its code writes it: tf_keras, Input(shape=(300,))
+# (float32), default layer names, a Keras 2 Tokenizer, pad_sequences, saved as .h5.
+# argv: output directory, the JSONL it is trained on, the JSONL whose `lstm` vectors Keras 2
+# itself gives (reference.npy, in the order of info.json's ids).
+TUTORIAL_KERAS2_SCRIPT = r"""
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np
+import tf_keras
+from tf_keras.layers import Input, Embedding, LSTM, Dense
+from tf_keras.models import Model
+from tf_keras.preprocessing.text import Tokenizer
+from tf_keras.preprocessing.sequence import pad_sequences
+
+out, first, second = sys.argv[1:4]
+tf_keras.utils.set_random_seed(0)
+load = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]
+records = load(first)
+tokenizer = Tokenizer(num_words=4000)
+tokenizer.fit_on_texts([r["content"] for r in records])
+with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as handle:
+    handle.write(tokenizer.to_json())
+x = pad_sequences(tokenizer.texts_to_sequences([r["content"] for r in records]), maxlen=300)
+y = np.array([r["kind"] == "function" for r in records], dtype="float32")
+content = Input(shape=(300,))
+lstm = LSTM(128)(Embedding(4000, 300)(content))
+model = Model(inputs=content, outputs=Dense(1, activation="sigmoid")(lstm))
+model.compile(optimizer="adam", loss="binary_crossentropy")
+model.fit(x, y, epochs=1, batch_size=64, verbose=0)
+model.save(os.path.join(out, "tutorial.h5"))
+new = load(second)
+ids = pad_sequences(tokenizer.texts_to_sequences([r["content"] for r in new]), maxlen=300)
+reference = Model(inputs=model.input, outputs=model.get_layer("lstm").output).predict(ids, verbose=0)
+np.save(os.path.join(out, "reference.npy"), reference)
+json.dump({"input": model.input.name.split(":")[0], "ids": [r["id"] for r in new]},
+          open(os.path.join(out, "info.json"), "w"))
+"""

@@ -11,15 +11,19 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import kill_group_when, pipeline_command
+from pipeline_fixtures import TUTORIAL_KERAS2_SCRIPT, kill_group_when, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE
+from models.paths import SAMPLE_CORPUS as DEFAULT_SAMPLE_CORPUS
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.run import main
@@ -431,3 +435,45 @@ def test_the_run_file_says_when_the_run_reached_its_commit(tiny_bundle, tmp_path
     monkeypatch.setattr(output_lib, "commit", spying_commit)
     run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     assert states == [resume_lib.COMMITTING]
+
+
+@pytest.mark.slow
+def test_the_tutorial_keras2_model_resumes_bit_for_bit(tmp_path):
+    """The users' first model (tf_keras `.h5`, float32 `Input(shape=(300,))`, Keras 2 Tokenizer) resumes.
+
+    Killed after two durable files, the rerun equals the uninterrupted export bit for
+    bit, and both equal what Keras 2 itself gives for the same texts.
+    """
+    with open(DEFAULT_SAMPLE_CORPUS, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    # Twice the sample corpus under new ids: long enough to kill after a few files.
+    corpus = tmp_path / "corpus.jsonl"
+    with open(corpus, "w", encoding="utf-8") as handle:
+        for copy in range(2):
+            for record in records:
+                handle.write(json.dumps(dict(record, id=f"{copy}-{record['id']}")) + "\n")
+    built = subprocess.run(
+        [sys.executable, "-c", TUTORIAL_KERAS2_SCRIPT, str(tmp_path), str(corpus), str(corpus)],
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    with open(tmp_path / "info.json", encoding="utf-8") as handle:
+        info = json.load(handle)
+    model = ["--model", str(tmp_path / "tutorial.h5"), "--tokenizer", str(tmp_path / "tokenizer.json")]
+    model += ["--layer", "lstm", "--input_map", f"{info['input']}=content", *FLAGS]
+    reference = str(tmp_path / "reference")
+    assert run_export(["--input", str(corpus), "--output", reference, *model]).exit_code == 0
+
+    output = str(tmp_path / "out")
+    command = pipeline_command(corpus, output, *model)
+    assert kill_group_when(command, lambda: len(durable_files(output)) >= 2), "finished before the kill"
+    kept = rows_in(durable_files(output))
+    assert main(["--input", str(corpus), "--output", output, *model]) == 0
+    assert_same_export(output, reference)
+    assert output_lib.read_manifest(output)["resumed"]["rows_kept"] >= kept > 0
+    exported = rows(output)
+    order = {document_id: index for index, document_id in enumerate(info["ids"])}
+    expected = np.load(tmp_path / "reference.npy")[[order[i] for i in exported.column("id").to_pylist()]]
+    vectors = np.array(exported.column("lstm").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-from pipeline_fixtures import REPOSITORY, pipeline_command, wait_for_staged_shard
+from pipeline_fixtures import REPOSITORY, TUTORIAL_KERAS2_SCRIPT, pipeline_command, wait_for_staged_shard
 
 from models.paths import SAMPLE_CORPUS
 from pipeline.errors import ExportConfigError
@@ -240,43 +240,6 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     assert counts["rows_embedded"] == len(changed) + len(new)
 
 
-# The tutorial's single-input model as its code writes it: tf_keras, Input(shape=(300,))
-# (float32), default layer names, a Keras 2 Tokenizer, pad_sequences, saved as .h5.
-TUTORIAL_SCRIPT = r"""
-import json, os, sys
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-import numpy as np
-import tf_keras
-from tf_keras.layers import Input, Embedding, LSTM, Dense
-from tf_keras.models import Model
-from tf_keras.preprocessing.text import Tokenizer
-from tf_keras.preprocessing.sequence import pad_sequences
-
-out, first, second = sys.argv[1:4]
-tf_keras.utils.set_random_seed(0)
-load = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]
-records = load(first)
-tokenizer = Tokenizer(num_words=4000)
-tokenizer.fit_on_texts([r["content"] for r in records])
-with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as handle:
-    handle.write(tokenizer.to_json())
-x = pad_sequences(tokenizer.texts_to_sequences([r["content"] for r in records]), maxlen=300)
-y = np.array([r["kind"] == "function" for r in records], dtype="float32")
-content = Input(shape=(300,))
-lstm = LSTM(128)(Embedding(4000, 300)(content))
-model = Model(inputs=content, outputs=Dense(1, activation="sigmoid")(lstm))
-model.compile(optimizer="adam", loss="binary_crossentropy")
-model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-model.save(os.path.join(out, "tutorial.h5"))
-new = load(second)
-ids = pad_sequences(tokenizer.texts_to_sequences([r["content"] for r in new]), maxlen=300)
-reference = Model(inputs=model.input, outputs=model.get_layer("lstm").output).predict(ids, verbose=0)
-np.save(os.path.join(out, "reference.npy"), reference)
-json.dump({"input": model.input.name.split(":")[0], "ids": [r["id"] for r in new]},
-          open(os.path.join(out, "info.json"), "w"))
-"""
-
-
 @pytest.mark.slow
 def test_reuse_on_the_tutorial_keras2_model(tmp_path):
     with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
@@ -285,7 +248,7 @@ def test_reuse_on_the_tutorial_keras2_model(tmp_path):
     first_path = _write(tmp_path / "v1.jsonl", records)
     second_path = _write(tmp_path / "v2.jsonl", second)
     built = subprocess.run(
-        [sys.executable, "-c", TUTORIAL_SCRIPT, str(tmp_path), first_path, second_path],
+        [sys.executable, "-c", TUTORIAL_KERAS2_SCRIPT, str(tmp_path), first_path, second_path],
         capture_output=True,
         text=True,
     )
