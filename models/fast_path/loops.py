@@ -43,6 +43,10 @@ class Restore(typing.TypedDict):
     tokens: dict[str, np.ndarray]
 
 
+# What the traced function of a batch takes: its ids by model input, its lanes, and `Restore`.
+TracedArguments = tuple[Mapping[str, np.ndarray], Sequence[Lane], Restore]
+
+
 class FastPath:
     """Computes a sub-model's outputs: fast recurrent chains, then Keras layers on their outputs."""
 
@@ -304,18 +308,16 @@ class FastPath:
         return results
 
     def _traced(
-        self,
-        raw: Mapping[str, np.ndarray],
-        lanes: Sequence[Lane],
-        restore: Restore,
-        columns: tuple[str, ...],
-        real_tokens: bool,
+        self, arguments: TracedArguments, columns: tuple[str, ...], real_tokens: bool
     ) -> Callable[..., dict[str, tf.Tensor]]:
-        """The traced function for this many lanes and these columns: traced once, for every batch."""
-        key = (len(lanes), columns, real_tokens)
+        """The traced function for this many lanes and these columns: traced once, for every batch.
+
+        `arguments` are the ones it will be called with, `(raw, lanes, restore)`.
+        """
+        key = (len(arguments[1]), columns, real_tokens)
         if key not in self._runs:
             signature = tf.nest.map_structure(
-                lambda array: tf.TensorSpec([None] * array.ndim, tf.int32), (raw, lanes, restore)
+                lambda array: tf.TensorSpec([None] * array.ndim, tf.int32), arguments
             )
             forward = functools.partial(self._forward, columns=columns, real_tokens=real_tokens)
             self._runs[key] = tf.function(forward, input_signature=signature)
@@ -400,7 +402,7 @@ class FastPath:
             shortest = np.argmin(sum(np.count_nonzero(features[name], axis=1) for name in names))
             spare = self._plans(features, np.array([shortest]), real_tokens)
             lanes += [spare] * (traced_lanes - len(lanes))
-        traced = self._traced(features, lanes, restore, columns, real_tokens)
+        traced = self._traced((features, lanes, restore), columns, real_tokens)
         outputs = traced(features, lanes, restore)
         return {column: value.numpy() for column, value in outputs.items()}
 
