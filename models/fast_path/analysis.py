@@ -14,7 +14,6 @@ from models.fast_path.cells import (
     Unsupported,
     is_numeric_ids,
     produced_by,
-    producer,
 )
 from models.fast_path.plans import FULL, MASKED, PREFIX
 
@@ -62,7 +61,7 @@ class Analysis:
         return self._fast[key]
 
     def _build(self, tensor: keras.KerasTensor) -> FastLayer | None:
-        layer, node = producer(tensor)
+        layer, node = keras_graph.producer(tensor)
         if layer is None or isinstance(layer, keras.layers.InputLayer):
             return None
         if isinstance(layer, keras.layers.Embedding):
@@ -98,7 +97,7 @@ class Analysis:
             if id(current) in seen:
                 continue
             seen.add(id(current))
-            layer, node = producer(current)
+            layer, node = keras_graph.producer(current)
             if layer is None:
                 continue
             if isinstance(layer, keras.layers.InputLayer):

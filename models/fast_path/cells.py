@@ -34,13 +34,9 @@ class Unsupported(Exception):
     """The layer has a feature the fast path does not reproduce exactly."""
 
 
-producer = keras_graph.producer
-_is_input = keras_graph.is_input
-
-
 def produced_by(tensor: keras.KerasTensor) -> tuple[Operation, Node]:
     """`(operation, node)` of the call that produced `tensor`, a tensor of the model's graph."""
-    operation, node = producer(tensor)
+    operation, node = keras_graph.producer(tensor)
     if operation is None or node is None:
         raise ValueError(f"tensor {tensor.name!r} was not produced by a Keras operation")
     return operation, node
@@ -85,7 +81,7 @@ class FastEmbedding:
         if _extra_call_arguments(node):
             raise Unsupported(f"embedding {layer.name!r} is called with {_extra_call_arguments(node)}")
         tensor = keras_graph.node_inputs(node)[0]
-        if not _is_input(tensor):
+        if not keras_graph.is_input(tensor):
             raise Unsupported(f"embedding {layer.name!r} does not read a model input directly")
         if not is_numeric_ids(tensor):
             raise Unsupported(f"input {tensor.name!r} is not fixed-length token ids ({tensor.dtype})")

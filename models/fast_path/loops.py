@@ -21,30 +21,21 @@ from models.fast_path.cells import (
     is_numeric_ids,
     produced_by,
 )
-from models.fast_path.plans import PREFIX, ReadingPlan, index_map, plan_key, reading_plan
+from models.fast_path.plans import (
+    PREFIX,
+    Lane,
+    ReadingPlan,
+    Restore,
+    TracedArguments,
+    deal_lanes,
+    index_map,
+    plan_key,
+    reading_plan,
+)
 
 # Lanes of rows run as independent loops in parallel; fewer, fuller lanes for small batches.
 MAX_LANES = 4
 MIN_LANE_ROWS = 128
-
-
-class Lane(typing.TypedDict):
-    """The numpy side of one lane (`FastPath._plans`); the same arrays as tensors in the traced function."""
-
-    plans: dict[str, ReadingPlan]  # plan_key -> the plan's arrays (plus "inverse": the sorted order undone)
-    maps: dict[str, np.ndarray]  # per-token outputs: where each (row, position) output lives
-    buckets: dict[str, dict[str, np.ndarray]]  # a Bucketed group's plan keys joined -> `bucket_arrays`
-
-
-class Restore(typing.TypedDict):
-    """Puts lanes' outputs back in batch order: rows, and per model input its real tokens."""
-
-    rows: np.ndarray
-    tokens: dict[str, np.ndarray]
-
-
-# What the traced function of a batch takes: its ids by model input, its lanes, and `Restore`.
-TracedArguments = tuple[Mapping[str, np.ndarray], Sequence[Lane], Restore]
 
 
 class FastPath:
@@ -263,23 +254,6 @@ class FastPath:
             values[id(recurrent)] = recurrent.merge(results)
         return values
 
-    def _deal(self, features: Mapping[str, np.ndarray], count: int) -> list[np.ndarray]:
-        """Rows of each lane: runs of similar length, each lane about the same number of tokens.
-
-        A lane's loop runs as many steps as its longest row needs, so grouping
-        long rows together saves the steps where a lane would compute a few rows.
-        """
-        n = len(next(iter(features.values())))
-        if count == 1:
-            return [np.arange(n)]
-        names = sorted({recurrent.input_name for recurrent in self._recurrents})
-        tokens = sum(np.count_nonzero(features[name], axis=1) for name in names) + 1
-        order = np.argsort(tokens, kind="stable")
-        total = np.cumsum(tokens[order])
-        cuts = np.searchsorted(total, total[-1] * np.arange(1, count) / count, side="right")
-        cuts = np.unique(np.clip(cuts, 1, n - 1))
-        return [np.sort(lane) for lane in np.split(order, cuts)]
-
     def _forward(
         self,
         raw: Mapping[str, np.ndarray],
@@ -348,9 +322,9 @@ class FastPath:
     ) -> dict[str, np.ndarray]:
         """{input name: int ids (n, length)} -> {column: numpy array}, as the sub-model would give.
 
-        Rows are cut, by length, into up to `MAX_LANES` lanes of at least
-        `MIN_LANE_ROWS` (see `_deal`).  A row's result does not depend on which rows share
-        its lane or batch (checked against Keras at load).
+        Rows are sorted by length and cut into runs, up to `MAX_LANES` lanes of at
+        least `MIN_LANE_ROWS` (`plans.deal_lanes`).  A row's result does not depend
+        on which rows share its lane or batch (checked against Keras at load).
 
         Args:
             features: the sub-model's inputs.
@@ -385,7 +359,7 @@ class FastPath:
                 shapes.update({column: shapes[column][-1:] for column in self._real_token_columns})
             return {column: np.zeros((0, *shapes[column]), np.float32) for column in columns}
         count = max(1, min(MAX_LANES, n // MIN_LANE_ROWS)) if self._recurrents else 1
-        rows = self._deal(features, count)
+        rows = deal_lanes(features, self._recurrents, count)
         lanes = [self._plans(features, lane_rows, real_tokens) for lane_rows in rows]
         restore: Restore = {"rows": np.argsort(np.concatenate(rows)).astype(np.int32), "tokens": {}}
         if real_tokens:

@@ -1,8 +1,9 @@
-"""Reading plans: how one lane's rows run one recurrent direction, and where each output lands."""
+"""Reading plans: a batch's rows dealt into lanes, how a lane runs one direction, where each output lands."""
 
 from __future__ import annotations
 
 import typing
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -16,6 +17,25 @@ FULL = "full"  # every step runs
 
 # A reading plan's arrays by name: order, starts, active, reading, ids, flat, every_id.
 ReadingPlan = dict[str, np.ndarray]
+
+
+class Lane(typing.TypedDict):
+    """The numpy side of one lane (`FastPath._plans`); the same arrays as tensors in the traced function."""
+
+    plans: dict[str, ReadingPlan]  # plan_key -> the plan's arrays (plus "inverse": the sorted order undone)
+    maps: dict[str, np.ndarray]  # per-token outputs: where each (row, position) output lives
+    buckets: dict[str, dict[str, np.ndarray]]  # a Bucketed group's plan keys joined -> `bucket_arrays`
+
+
+class Restore(typing.TypedDict):
+    """Puts lanes' outputs back in batch order: rows, and per model input its real tokens."""
+
+    rows: np.ndarray
+    tokens: dict[str, np.ndarray]
+
+
+# What the traced function of a batch takes: its ids by model input, its lanes, and `Restore`.
+TracedArguments = tuple[Mapping[str, np.ndarray], Sequence[Lane], Restore]
 
 
 def plan_key(recurrent: FastRecurrent, direction: Direction) -> str:
@@ -91,3 +111,23 @@ def index_map(plan: ReadingPlan, length: int, reverse: bool, mode: str, zero_fil
     index = np.empty_like(by_position)
     index[order] = by_position
     return index.astype(np.int32)
+
+
+def deal_lanes(
+    features: Mapping[str, np.ndarray], recurrents: Sequence[FastRecurrent], count: int
+) -> list[np.ndarray]:
+    """Rows of each lane: runs of similar length, each lane about the same number of tokens.
+
+    A lane's loop runs as many steps as its longest row needs, so grouping
+    long rows together saves the steps where a lane would compute a few rows.
+    """
+    n = len(next(iter(features.values())))
+    if count == 1:
+        return [np.arange(n)]
+    names = sorted({recurrent.input_name for recurrent in recurrents})
+    tokens = sum(np.count_nonzero(features[name], axis=1) for name in names) + 1
+    order = np.argsort(tokens, kind="stable")
+    total = np.cumsum(tokens[order])
+    cuts = np.searchsorted(total, total[-1] * np.arange(1, count) / count, side="right")
+    cuts = np.unique(np.clip(cuts, 1, n - 1))
+    return [np.sort(lane) for lane in np.split(order, cuts)]
