@@ -204,7 +204,7 @@ def inference_rates(documents_small, documents_large, batch_size, model_flags):
             {k: v[:count] for k, v in reference_features.items()}, batch_size=batch_size, verbose=0
         )
 
-    fast = embedder._fast
+    fast = embedder.predictor.fast_path
     rates = {}
     reference(batch_size)  # warm-up: builds predict's function
     batched(embedder.keras_predict, batch_size)

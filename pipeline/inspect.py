@@ -172,7 +172,7 @@ def forward_pass_lines(model: keras.Model, rows: Sequence[LayerRow]) -> list[str
     From the layers alone; the export also checks the fast path against Keras when
     it loads the model, and records the pass of each column in its manifest.
     """
-    from models.fast_lstm import describe_forward_passes
+    from models.fast_path import describe_forward_passes
     from models.truncate import layer_calls
 
     calls = layer_calls(model)

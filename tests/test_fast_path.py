@@ -24,11 +24,11 @@ from pipeline_fixtures import (
     write_jsonl,
 )
 
-from models.fast_lstm import FAST, HYBRID, KERAS, MAX_LANES, build_fast_path, describe_forward_passes
+from models.fast_path import FAST, HYBRID, KERAS, MAX_LANES, build_fast_path, describe_forward_passes
 from models.legacy import load_model_file
 from models.tokenizer import pad_token_ids
 from models.truncate import layer_calls, parse_layer_spec, truncate
-from pipeline.inference.embedder import FAST_PATH_TOLERANCE, max_difference
+from pipeline.inference.forward_pass import FAST_PATH_TOLERANCE, max_difference
 from pipeline.inspect import main as inspect_main
 from pipeline.running.export import run_export
 
@@ -148,8 +148,9 @@ def _predict(sub_model, features):
 
 def _assert_fast_equals_predict(sub_model, features, fast=None):
     if fast is None:
-        fast, passes = build_fast_path(sub_model)
-        assert fast is not None, passes
+        choice = build_fast_path(sub_model)
+        fast = choice.fast_path
+        assert fast is not None, choice.reason
     actual = fast(features)
     expected = _predict(sub_model, features)
     assert set(actual) == set(expected)
@@ -206,7 +207,7 @@ def test_all_padding_full_and_single_rows(keras2_models):
     for name in ("tutorial", "bilstm_concat", "bilstm_concat_masked", "stacked_lstm_masked"):
         model = _load(directory, info, name)
         sub_model = truncate(model, [parse_layer_spec(t) for t in info[name]["targets"]])
-        fast, _ = build_fast_path(sub_model)
+        fast = build_fast_path(sub_model).fast_path
         input_name = sub_model.inputs[0].name
         for ids in (
             np.zeros((3, LENGTH), np.int32),
@@ -231,7 +232,7 @@ def test_a_final_state_does_not_depend_on_the_rest_of_its_batch(keras2_models, n
     target = info[name]["targets"][0]
     assert not model.get_layer(target).return_sequences
     sub_model = truncate(model, [parse_layer_spec(target)])
-    fast, _ = build_fast_path(sub_model)
+    fast = build_fast_path(sub_model).fast_path
     input_name = sub_model.inputs[0].name
     ids = _ids(600, LENGTH, seed=3)
     whole = fast({input_name: ids})[target]
@@ -252,7 +253,7 @@ def test_every_batch_size_runs_one_trace_and_the_same_bits_as_its_own_lanes(kera
     directory, info = keras2_models
     model = _load(directory, info, name)
     sub_model = truncate(model, [parse_layer_spec(t) for t in info[name]["targets"]])
-    fast, _ = build_fast_path(sub_model)
+    fast = build_fast_path(sub_model).fast_path
     input_name = sub_model.inputs[0].name
     # 1, 1, 2 and 4 dealt lanes (MIN_LANE_ROWS 128), and a batch of padding only.
     batches = [_ids(size, LENGTH, seed=size) for size in (1, 48, 272, 512)]
@@ -304,8 +305,8 @@ def _keras3_model(build, length=10, masked=False):
 )
 def test_fast_path_declines_what_it_cannot_reproduce_with_a_reason(build, reason):
     sub_model = truncate(_keras3_model(build), [parse_layer_spec("target")])
-    fast, why = build_fast_path(sub_model)
-    assert fast is None and reason in why
+    choice = build_fast_path(sub_model)
+    assert choice.fast_path is None and reason in choice.reason
     assert describe_forward_passes({"target": sub_model.output["target"]})["target"].engine == KERAS
 
 
@@ -333,7 +334,7 @@ def test_declined_layers_run_as_keras_layers_next_to_fast_ones_with_the_reason()
 def test_verification_catches_a_fast_path_that_disagrees(train_tiny_model):
     model, _ = train_tiny_model("single_input")
     sub_model = truncate(model, [parse_layer_spec("lstm_content")])
-    fast, _ = build_fast_path(sub_model)
+    fast = build_fast_path(sub_model).fast_path
     features = _features(sub_model)
 
     def keras_forward(batch):

@@ -1,7 +1,7 @@
 """Embedding columns are computed from the table at the real tokens only, and stay exact.
 
 On the fast path an Embedding's column is its table's rows at the real tokens'
-ids (`schema.RealTokens`): pooled (mean, max, last) and per-token (`--pooling
+ids (`RealTokens`): pooled (mean, max, last) and per-token (`--pooling
 none`) rows are compared, for Keras 2 `.h5` models as the tutorial writes them
 (float32 `Input(shape=(n,))`), masked and not, pre- and post-padded, and both
 calls of a shared embedding, with the rows the padded computation gives (Keras's
@@ -29,7 +29,7 @@ from pipeline.planning.build import build_plan
 from pipeline.planning.options import ExportOptions
 from pipeline.reading.documents import Document, TokenIds
 from pipeline.running.export import run_export
-from pipeline.writing import schema
+from pipeline.writing import real_tokens, schema
 
 VOCABULARY = 60
 LENGTH = 30
@@ -182,7 +182,7 @@ def test_embedding_columns_from_real_tokens_equal_the_padded_computation(
     assert not embedded.failed and len(embedded.documents) == 37
     for column in plan.columns:
         # The columns never went through a padded (n, length, dim) lookup.
-        assert isinstance(embedded.outputs[column.column], schema.RealTokens)
+        assert isinstance(embedded.outputs[column.column], real_tokens.RealTokens)
 
     # Keras's own forward pass of each call of the layer, on the same ids as float32 (the model's input).
     features = {
@@ -242,7 +242,7 @@ def test_per_token_recurrent_columns_at_real_tokens_equal_the_padded_outputs(
     features = np.stack([tokenized for tokenized in embedded.features[input_name]])
     mask = features != 0
     # The fast path's own padded outputs (what the export pooled before) and Keras's.
-    padded = embedder._fast({input_name: features})
+    padded = embedder.predictor.fast_path({input_name: features})
     expected = keras.Model(
         model_source.model.inputs, [model_source.model.get_layer(layer).output for layer in layers]
     ).predict(features.astype(np.float32), verbose=0)
@@ -264,7 +264,7 @@ def test_per_token_recurrent_columns_at_real_tokens_equal_the_padded_outputs(
                 continue
             # `lower_seq` feeds the stacked `top`, so it stays whole; the other two are real tokens only.
             stays_whole = column.column == "lower_seq"
-            assert isinstance(embedded.outputs[column.column], schema.RealTokens) != stays_whole
+            assert isinstance(embedded.outputs[column.column], real_tokens.RealTokens) != stays_whole
             before = _padded_rows(padded[column.column], mask, pooling)
             reference = _float64_rows(keras_values, mask, pooling)
             for row, (got, old, exact) in enumerate(zip(actual, before, reference, strict=True)):
@@ -321,32 +321,34 @@ def test_real_tokens_pool_exactly_as_the_padded_sum_on_a_large_table():
             ids[row, :count] = tokens
     mask = ids != 0
     for pooling in ("mean", "max", "last"):
-        pooled = schema.pool_real_tokens(schema.RealTokens.lookup(table, ids), pooling)
+        pooled = real_tokens.pool_real_tokens(real_tokens.RealTokens.lookup(table, ids), pooling)
         np.testing.assert_array_equal(pooled, np.stack(_padded_rows(table[ids], mask, pooling)))
 
 
 def test_real_tokens_refuse_ids_outside_the_table():
     table = np.zeros((5, 2), np.float32)
     with pytest.raises(IndexError, match=r"token ids must be in \[0, 5\); received 1..5"):
-        schema.RealTokens.lookup(table, np.array([[0, 1, 5]]))
+        real_tokens.RealTokens.lookup(table, np.array([[0, 1, 5]]))
     with pytest.raises(IndexError, match=r"received -1..2"):
-        schema.RealTokens.lookup(table, np.array([[-1, 2]]))
+        real_tokens.RealTokens.lookup(table, np.array([[-1, 2]]))
 
 
 def test_concatenated_real_tokens_keep_each_documents_tokens():
-    first = schema.RealTokens.of_padded(
+    first = real_tokens.RealTokens.of_padded(
         np.arange(12.0).reshape(2, 3, 2), np.array([[1, 0, 1], [0, 0, 0]], bool)
     )
-    second = schema.RealTokens.of_padded(np.arange(6.0).reshape(1, 3, 2) + 100, np.array([[0, 1, 1]], bool))
-    joined = schema.concatenate_real_tokens([first, second])
+    second = real_tokens.RealTokens.of_padded(
+        np.arange(6.0).reshape(1, 3, 2) + 100, np.array([[0, 1, 1]], bool)
+    )
+    joined = real_tokens.concatenate_real_tokens([first, second])
     assert list(joined.counts) == [2, 0, 2]
     np.testing.assert_array_equal(joined.vectors(), [[0, 1], [4, 5], [102, 103], [104, 105]])
     table = np.arange(10.0).reshape(5, 2)
     lookups = [
-        schema.RealTokens.lookup(table, np.array([[0, 3]])),
-        schema.RealTokens.lookup(table, np.array([[4, 1]])),
+        real_tokens.RealTokens.lookup(table, np.array([[0, 3]])),
+        real_tokens.RealTokens.lookup(table, np.array([[4, 1]])),
     ]
-    joined = schema.concatenate_real_tokens(lookups)
+    joined = real_tokens.concatenate_real_tokens(lookups)
     assert joined.rows is table
     np.testing.assert_array_equal(joined.vectors(), table[[3, 4, 1]])
 

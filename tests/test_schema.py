@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.planning.plan import ColumnInfo, ExportPlan, InputInfo
-from pipeline.writing import schema
+from pipeline.writing import real_tokens, schema
 
 
 def column(name, layer, call, kind, dim, source_input, pooling):
@@ -88,7 +88,7 @@ MASK = np.array(
     ],
 )
 def test_pool_sequence_uses_real_tokens_only(pooling, expected):
-    pooled = schema.pool_sequence(VALUES, MASK, pooling)
+    pooled = real_tokens.pool_sequence(VALUES, MASK, pooling)
     assert pooled.dtype == np.float32
     np.testing.assert_allclose(pooled, np.array(expected, dtype=np.float32), rtol=1e-6, atol=1e-7)
     assert np.isfinite(pooled).all()
@@ -96,7 +96,7 @@ def test_pool_sequence_uses_real_tokens_only(pooling, expected):
 
 def test_pool_sequence_rejects_unknown_pooling():
     with pytest.raises(ValueError, match="Unknown pooling 'sum'; expected mean, max or last"):
-        schema.pool_sequence(VALUES, MASK, "sum")
+        real_tokens.pool_sequence(VALUES, MASK, "sum")
 
 
 def test_output_schema_names_and_types_with_metadata():
@@ -168,7 +168,9 @@ def test_to_record_batch_builds_rows_in_document_order():
 
 
 def test_to_record_batch_writes_token_ids_of_the_real_tokens():
-    stored = dataclasses.replace(PER_TOKEN, token_storage=schema.TOKEN_IDS, table="_tables/emb.parquet")
+    stored = dataclasses.replace(
+        PER_TOKEN, token_storage=schema.TOKEN_STORAGE_IDS, table="_tables/emb.parquet"
+    )
     plan = make_plan([stored, VECTOR])
     output_schema = schema.output_schema(plan)
     assert output_schema.field("emb").type == pa.list_(pa.int32())

@@ -14,9 +14,10 @@ import sys
 import pytest
 from pipeline_fixtures import REPOSITORY, write_jsonl
 
-from models.fast_lstm import FAST, KERAS
+from models.fast_path import FAST, KERAS, FastPathChoice
 from pipeline.errors import ExportConfigError
 from pipeline.inference import embedder as embedder_lib
+from pipeline.inference import forward_pass as forward_pass_lib
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.planning.build import build_plan
 from pipeline.planning.options import ExportOptions
@@ -47,9 +48,9 @@ def _rows(embedder, model_source):
 
 def test_the_plan_carries_the_launch_check_and_a_worker_here_follows_it(launched, monkeypatch):
     plan, model_source = launched
-    assert plan.fast_path_checked_on == embedder_lib.fast_path_environment()
+    assert plan.fast_path_checked_on == forward_pass_lib.fast_path_environment()
     assert {engine for _, engine, _ in plan.forward_passes} == {FAST}
-    monkeypatch.setattr(embedder_lib, "max_difference", _no_check)
+    monkeypatch.setattr(forward_pass_lib, "max_difference", _no_check)
     worker = embedder_lib.Embedder(plan)  # loads the model as a worker process does
     assert worker.uses_fast_path and worker.forward_pass_records() == plan.forward_passes
     launcher = embedder_lib.worker_embedder(plan)
@@ -64,7 +65,7 @@ def test_a_worker_elsewhere_checks_the_fast_path_again(launched, monkeypatch):
         checks.append(args)
         return 0.0
 
-    monkeypatch.setattr(embedder_lib, "max_difference", counted)
+    monkeypatch.setattr(forward_pass_lib, "max_difference", counted)
     elsewhere = dataclasses.replace(plan, fast_path_checked_on="dataflow-worker-7 x86_64 tensorflow 2.21.0")
     worker = embedder_lib.Embedder(elsewhere)
     assert worker.uses_fast_path and len(checks) == 1
@@ -72,7 +73,7 @@ def test_a_worker_elsewhere_checks_the_fast_path_again(launched, monkeypatch):
 
 def test_a_worker_follows_a_launch_that_chose_keras(launched, monkeypatch):
     plan, _ = launched
-    monkeypatch.setattr(embedder_lib, "max_difference", _no_check)
+    monkeypatch.setattr(forward_pass_lib, "max_difference", _no_check)
     reason = "the fast path differs from Keras by 0.1 (> 1e-05) on a sample batch"
     keras_plan = dataclasses.replace(
         plan, forward_passes=tuple((column, KERAS, reason) for column, _, _ in plan.forward_passes)
@@ -84,7 +85,8 @@ def test_a_worker_follows_a_launch_that_chose_keras(launched, monkeypatch):
 
 def test_a_worker_that_cannot_build_the_launchs_fast_path_refuses(launched, monkeypatch):
     plan, _ = launched
-    monkeypatch.setattr("models.fast_lstm.build_fast_path", lambda sub_model: (None, "no Embedding here"))
+    declined = FastPathChoice(None, "no Embedding here")
+    monkeypatch.setattr("pipeline.inference.forward_pass.build_fast_path", lambda sub_model: declined)
     with pytest.raises(ExportConfigError, match=r"cannot build it \(no Embedding here\); rerun the export"):
         embedder_lib.Embedder(plan)
 

@@ -118,7 +118,7 @@ class ExportPlan:
     # see `pipeline.inference.embedder.choose_forward_passes`); workers refuse to use another, so
     # the manifest's record holds.  Empty: workers choose.
     forward_passes: tuple[tuple[str, str, str], ...] = ()
-    # Where the launch checked the fast path against Keras (`embedder.fast_path_environment`):
+    # Where the launch checked the fast path against Keras (`forward_pass.fast_path_environment`):
     # a worker in the same environment trusts `forward_passes` instead of checking again.
     fast_path_checked_on: str = ""
 

@@ -4,20 +4,30 @@ This module is the one place that decides column names, types and Parquet
 metadata; the writer, the tests and the README examples all use it.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import typing
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.writing.real_tokens import RealTokens, pool_real_tokens
+
+if typing.TYPE_CHECKING:
+    from pipeline.planning.plan import ColumnInfo, ExportPlan, InputInfo
+    from pipeline.reading.documents import Document
 
 ID_COLUMN = "id"
 # SHA-256 of exactly what the model saw of the document (see `input_fingerprint`):
 # `--reuse` copies a row from an earlier export only when it is unchanged.
 FINGERPRINT_COLUMN = "input_sha256"
 TOKENS_SUFFIX = "_tokens"
-# `--token_storage ids`: a per-token column holds the real tokens' ids, its vectors are in a table.
-TOKEN_IDS = "ids"
+# The `--token_storage` (`ColumnInfo.token_storage`) where a per-token column holds the real tokens'
+# ids and its vectors are in a table (not `plan.IDS_INPUT`, a model input that takes ids).
+TOKEN_STORAGE_IDS = "ids"
 TOKEN_ID_TYPE = pa.int32()
 METADATA_KEY = b"embexport"
 # Characters of a bad record that its dead letter keeps in `raw`.
@@ -47,6 +57,9 @@ INFERENCE_FAILED = "inference_failed"
 # A dead letter with one of these reasons stands for an unknown number of records.
 FILE_REASONS = (UNREADABLE_FILE, READ_ERROR)
 
+# A row of ERROR_SCHEMA (`error_row`): column -> value.
+ErrorRow = dict[str, str | int | None]
+
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string()),
@@ -59,26 +72,26 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
-def _value_type(dtype):
+def _value_type(dtype: str) -> pa.DataType:
     return pa.float16() if dtype == "float16" else pa.float32()
 
 
-def is_per_token(column):
+def is_per_token(column: ColumnInfo) -> bool:
     """Whether `column` (a `plan.ColumnInfo`) holds one value per real token (`--pooling none`)."""
     return column.kind == "sequence" and column.pooling == "none"
 
 
-def column_type(column, dtype):
+def column_type(column: ColumnInfo, dtype: str) -> pa.DataType:
     """Arrow type of an exported layer column (see `plan.ColumnInfo`)."""
     vector = pa.list_(_value_type(dtype), column.dim)
-    if is_per_token(column) and column.token_storage == TOKEN_IDS:
+    if is_per_token(column) and column.token_storage == TOKEN_STORAGE_IDS:
         return pa.list_(TOKEN_ID_TYPE)
     if is_per_token(column):
         return pa.list_(vector)
     return vector
 
 
-def output_schema(plan):
+def output_schema(plan: ExportPlan) -> pa.Schema:
     """The output dataset's schema, with the export's facts as Parquet key-value metadata."""
     fields = [pa.field(ID_COLUMN, pa.string(), nullable=False)]
     fields += [pa.field(name, pa.string()) for name in plan.keep_fields]
@@ -114,7 +127,7 @@ def output_schema(plan):
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode("utf-8")})
 
 
-def _leaf_path(field):
+def _leaf_path(field: pa.Field) -> tuple[str, pa.DataType]:
     """The Parquet column path of `field`'s values, as written with `use_compliant_nested_type=False`."""
     path, arrow_type = field.name, field.type
     while pa.types.is_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
@@ -122,7 +135,7 @@ def _leaf_path(field):
     return path, arrow_type
 
 
-def parquet_writer_options(schema):
+def parquet_writer_options(schema: pa.Schema) -> dict[str, typing.Any]:
     """Keyword arguments of `pq.ParquetWriter` for rows of `schema` (the output rows).
 
     Vector values (float leaves) get neither a dictionary nor min/max statistics:
@@ -144,7 +157,7 @@ TOKEN_COLUMN = "token"
 VECTOR_COLUMN = "vector"
 
 
-def vocabulary_schema(dim, metadata):
+def vocabulary_schema(dim: int, metadata: Mapping[str, typing.Any]) -> pa.Schema:
     """The embedding table's schema: token id, token, vector, and `metadata` as JSON."""
     fields = [
         pa.field(TOKEN_ID_COLUMN, pa.int32(), nullable=False),
@@ -154,115 +167,18 @@ def vocabulary_schema(dim, metadata):
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata).encode("utf-8")})
 
 
-def read_export_metadata(schema):
+def read_export_metadata(schema: pa.Schema) -> dict[str, typing.Any]:
     """The metadata dict stored by `output_schema` or `vocabulary_schema`, from a Parquet file's schema."""
     return json.loads(schema.metadata[METADATA_KEY])
 
 
-def _fixed_size(matrix, value_type):
+def _fixed_size(matrix: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
     """(n, dim) array -> FixedSizeListArray without a per-row Python loop."""
     flat = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=value_type)
     return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
 
 
-class RealTokens(typing.NamedTuple):
-    """A per-token column at its documents' real tokens only, without the padding.
-
-    Real token `t` of the batch is `rows[index[t]]`; each document's tokens are
-    consecutive and in document order, `counts[i]` of them for row `i`.  An
-    Embedding column is its table and the real tokens' ids (`lookup`), so
-    neither the padded (documents, positions, dim) tensor nor even the real
-    tokens' vectors need to be built to pool them.
-    """
-
-    rows: np.ndarray  # (any, dim)
-    index: np.ndarray  # (real tokens,) int: row of `rows` of each real token
-    counts: np.ndarray  # (documents,) int: real tokens per document
-
-    @classmethod
-    def lookup(cls, table, ids):
-        """The rows of `table` at the real (non-zero) token ids of `ids` (documents, positions).
-
-        Raises:
-            IndexError: an id outside the table (the forward pass would fail on it too).
-        """
-        ids = np.asarray(ids)
-        mask = ids != 0
-        index = ids[mask].astype(np.int64)
-        if index.size and (index.min() < 0 or index.max() >= len(table)):
-            raise IndexError(f"token ids must be in [0, {len(table)}); received {index.min()}..{index.max()}")
-        return cls(table, index, mask.sum(axis=1))
-
-    @classmethod
-    def of_padded(cls, values, mask):
-        """The real tokens marked in `mask` (documents, positions) of padded `values` (.., .., dim)."""
-        values = np.asarray(values)
-        return cls(values.reshape(-1, values.shape[-1]), np.flatnonzero(mask), mask.sum(axis=1))
-
-    def vectors(self):
-        """(real tokens, dim): every real token's vector, documents in row order."""
-        # np.take copies whole rows; fancy indexing was 4x slower on (4000, 300) float32 tables.
-        return np.take(self.rows, self.index, axis=0)
-
-
-def concatenate_real_tokens(parts):
-    """One `RealTokens` of several batches' (their documents in order)."""
-    if all(part.rows is parts[0].rows for part in parts):
-        rows, indexes = parts[0].rows, [part.index for part in parts]
-    else:
-        starts = np.cumsum([0] + [len(part.rows) for part in parts[:-1]])
-        rows = np.concatenate([part.rows for part in parts])
-        indexes = [part.index + start for part, start in zip(parts, starts, strict=True)]
-    return RealTokens(rows, np.concatenate(indexes), np.concatenate([part.counts for part in parts]))
-
-
-def pool_real_tokens(tokens, pooling):
-    """Pools each document's real tokens (`RealTokens`) into one (documents, dim) vector.
-
-    The mean adds a document's tokens one after the other in document order,
-    in the rows' dtype, so it is bit for bit the sum over the padded positions
-    with the padding weighted 0 that this module computed before (whose padding
-    only ever added zeros).  Work is proportional to the real tokens.
-
-    A row with no real token (an empty title beside a non-empty content) pools to
-    a zero vector whatever the pooling, as an empty mean does: not -inf (max) nor
-    the padding position's vector (last).  Parquet cannot hold a null
-    fixed-size list that pyarrow reads back (apache/arrow#35692), so zeros it is.
-    """
-    if pooling not in ("mean", "max", "last"):
-        raise ValueError(f"Unknown pooling {pooling!r}; expected mean, max or last.")
-    rows, index = tokens.rows, tokens.index
-    counts = np.asarray(tokens.counts, dtype=np.int64)
-    pooled = np.zeros((len(counts), rows.shape[1]), dtype=rows.dtype)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    if pooling == "last":
-        real = np.flatnonzero(counts)
-        pooled[real] = np.take(rows, index[starts[real] + counts[real] - 1], axis=0)
-        return pooled
-    # Documents longest first, so the documents that still have a k-th token are a prefix.
-    order = np.argsort(-counts, kind="stable")
-    counts, starts = counts[order], starts[order]
-    combine = np.add if pooling == "mean" else np.maximum
-    for k in range(int(counts[0]) if len(counts) else 0):
-        active = int(np.searchsorted(-counts, -k, side="left"))
-        token_rows = np.take(rows, index[starts[:active] + k], axis=0)
-        if k == 0:
-            pooled[:active] = token_rows
-        else:
-            combine(pooled[:active], token_rows, out=pooled[:active])
-    if pooling == "mean":
-        pooled /= np.maximum(counts, 1).astype(rows.dtype)[:, None]
-    restored = np.empty_like(pooled)
-    restored[order] = pooled
-    return restored
-
-
-def pool_sequence(values, mask, pooling):
-    """Pools (n, tokens, dim) `values` over the real tokens marked in `mask` (n, tokens)."""
-    return pool_real_tokens(RealTokens.of_padded(values, mask), pooling)
-
-
-def input_fingerprint(texts, inputs):
+def input_fingerprint(texts: Sequence[str], inputs: Sequence[InputInfo]) -> str:
     """Hex SHA-256 of what the model sees of a document: each input's text or token ids.
 
     Args:
@@ -279,8 +195,16 @@ def input_fingerprint(texts, inputs):
 
 
 def to_record_batch(
-    schema, columns, dtype, document_ids, kept, outputs, masks, token_ids=None, fingerprints=None
-):
+    schema: pa.Schema,
+    columns: Sequence[ColumnInfo],
+    dtype: str,
+    document_ids: Sequence[str],
+    kept: Mapping[str, Sequence[str | None]],
+    outputs: Mapping[str, np.ndarray | RealTokens],
+    masks: Mapping[str, np.ndarray],
+    token_ids: Mapping[str, np.ndarray] | None = None,
+    fingerprints: Sequence[str | None] | None = None,
+) -> pa.RecordBatch:
     """Builds the output rows of one batch as an Arrow RecordBatch.
 
     Args:
@@ -305,7 +229,9 @@ def to_record_batch(
     arrays = [pa.array(document_ids, type=pa.string())]
     arrays += [pa.array(values, type=pa.string()) for values in kept.values()]
     for column in columns:
-        if is_per_token(column) and column.token_storage == TOKEN_IDS:
+        if is_per_token(column) and column.token_storage == TOKEN_STORAGE_IDS:
+            if token_ids is None:
+                raise ValueError(f"Column {column.column!r} is stored as token ids; pass `token_ids`.")
             mask = masks[column.source_input]
             tokens = np.asarray(token_ids[column.source_input])[mask].astype(np.int32)
             counts = mask.sum(axis=1).astype(np.int32)
@@ -333,7 +259,7 @@ def to_record_batch(
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def rows_of(table):
+def rows_of(table: pa.Table) -> list[dict[str, typing.Any]]:
     """An Arrow table's rows as dicts; list columns as numpy arrays (exact, and quick to pickle).
 
     The inverse of `batch_of_rows`: `--reuse` carries an earlier export's rows
@@ -367,7 +293,7 @@ def rows_of(table):
     return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
-def batch_of_rows(rows, schema):
+def batch_of_rows(rows: Sequence[Mapping[str, typing.Any]], schema: pa.Schema) -> pa.RecordBatch:
     """A RecordBatch of `schema` from row dicts as `rows_of` makes them (numpy list values)."""
     arrays = []
     for field in schema:
@@ -396,7 +322,7 @@ def batch_of_rows(rows, schema):
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def writable_text(text):
+def writable_text(text: str) -> str:
     """`text` as Parquet (UTF-8) can store it: lone surrogates become backslash escapes.
 
     Lone surrogates come from a JSON escape such as "\\ud800" or from bytes
@@ -409,14 +335,22 @@ def writable_text(text):
     return text
 
 
-def document_error_row(document, reason, message):
+def document_error_row(document: Document, reason: str, message: str) -> ErrorRow:
     """The dead-letter row of a parsed `Document`: its file, position and id, its texts as `raw`."""
     return error_row(
         document.source, document.position, document.id, reason, message, " | ".join(document.texts)
     )
 
 
-def error_row(source, position, document_id, reason, message, raw, raw_limit=RAW_LIMIT):
+def error_row(
+    source: str | None,
+    position: int | None,
+    document_id: str | None,
+    reason: str,
+    message: str,
+    raw: str | bytes | None,
+    raw_limit: int = RAW_LIMIT,
+) -> ErrorRow:
     """One dead-letter row; `raw` is cut to `raw_limit` characters. Every value can be written."""
     if isinstance(raw, bytes):
         raw = raw[: raw_limit * 4].decode("utf-8", errors="backslashreplace")

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ExportConfigError
 from pipeline.writing.output import TABLES_DIR
-from pipeline.writing.schema import TOKEN_IDS, VECTOR_COLUMN, is_per_token
+from pipeline.writing.schema import TOKEN_STORAGE_IDS, VECTOR_COLUMN, is_per_token
 from pipeline.writing.vocabulary_table import vocabulary_metadata, vocabulary_table
 
 if TYPE_CHECKING:
@@ -135,7 +135,9 @@ def apply_token_storage(
     for spec, column in zip(specs, columns, strict=True):
         if is_per_token(column):
             check_ids_column(model, spec)
-            column = dataclasses.replace(column, token_storage=TOKEN_IDS, table=table_file(column.layer))
+            column = dataclasses.replace(
+                column, token_storage=TOKEN_STORAGE_IDS, table=table_file(column.layer)
+            )
         stored.append(column)
     return stored
 

@@ -1,0 +1,273 @@
+"""Each column's forward pass: the fast path where it qualifies and matches Keras, else Keras's own.
+
+The launch chooses and checks once; a worker in the same environment follows
+that choice (`fast_path_environment`), one elsewhere checks again, and either
+refuses to run another forward pass than the one the manifest records.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import typing
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from models.fast_path import KERAS, FastPath, ForwardPass, build_fast_path
+from pipeline.errors import ExportConfigError
+from pipeline.inference.sub_model import Features, SubModel
+from pipeline.writing import schema as schema_lib
+from pipeline.writing.real_tokens import RealTokens
+
+if typing.TYPE_CHECKING:
+    from pipeline.planning.plan import ExportPlan, InputInfo
+
+FAST_PATH_TOLERANCE = 1e-5
+# The forward pass of a column stored as token ids: none, the ids are the output.
+NO_FORWARD_PASS = "none"
+
+# Column -> its values: a numpy array, rows aligned with the batch, or a per-token column's `RealTokens`.
+Outputs = dict[str, np.ndarray | RealTokens]
+# `(column, engine, reason)` per column, as `ExportPlan.forward_passes` and the manifest hold them.
+ForwardPassRecords = tuple[tuple[str, str, str], ...]
+
+
+def verification_batch(
+    inputs: Sequence[InputInfo], padding: str, vocabulary_size: int, rows: int = 48, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random ids of every length from 0 to the input length, per model input (`InputInfo`s).
+
+    Rows alternate between the `padding` side and the other one, and some
+    hold a padding id among their tokens, so that every way the fast path
+    handles padding (skipped, run through, masked) is compared with Keras.
+    """
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for info in inputs:
+        ids = np.zeros((rows, info.length), dtype=np.int32)
+        counts = np.linspace(0, info.length, rows).astype(int)
+        for row, count in enumerate(counts):
+            if not count:
+                continue
+            tokens = rng.integers(1, max(2, vocabulary_size), count)
+            if row % 5 == 4 and count > 2:
+                tokens[count // 2] = 0
+            pre = (padding == "pre") == (row % 2 == 0)
+            if pre:
+                ids[row, info.length - count :] = tokens
+            else:
+                ids[row, :count] = tokens
+        batch[info.name] = ids
+    return batch
+
+
+def max_difference(
+    candidate: Callable[[Features], Mapping[str, np.ndarray]],
+    reference: Callable[[Features], Mapping[str, np.ndarray]],
+    features: Features,
+) -> float:
+    """Largest absolute difference between two forward passes over `features` (NaN counts as a failure)."""
+    expected = reference(features)
+    actual = candidate(features)
+    worst = 0.0
+    for name, value in expected.items():
+        difference = np.abs(np.asarray(value, np.float64) - np.asarray(actual[name], np.float64))
+        worst = max(worst, float(np.nanmax(difference)) if not np.isnan(difference).any() else float("inf"))
+    return worst
+
+
+def fast_path_environment() -> str:
+    """This host and the versions that compute a forward pass: where a fast path check holds."""
+    import keras
+    import tensorflow as tf
+
+    return (
+        f"{socket.gethostname()} {platform.machine()} tensorflow {tf.__version__} "
+        f"keras {keras.__version__} numpy {np.__version__}"
+    )
+
+
+class Predictor:
+    """Computes a sub-model's columns with the forward pass chosen for each.
+
+    The choice is made once, here: Keras's own (`--fast_path off`, or the fast
+    path declined or differs from Keras), the fast path checked against Keras
+    on a sample batch, or, where the launch checked it in this environment, the
+    launch's choice as recorded in the plan.
+
+    Args:
+        plan: the `ExportPlan` built at launch.
+        model: the plan's `SubModel`.
+    """
+
+    plan: ExportPlan
+    model: SubModel
+    # Columns stored as token ids: no forward pass.
+    _id_passes: dict[str, ForwardPass]
+    forward_passes: dict[str, ForwardPass]  # column -> which forward pass computes it, and why
+    fast_path: FastPath | None  # None: Keras's forward pass computes every column
+    # On the fast path: Embedding columns taken from their tables at the real tokens, the rest.
+    _tables: dict[str, tuple[str, np.ndarray]]
+    _dense_columns: tuple[str, ...]
+    _real_token_inputs: dict[str, str]
+
+    def __init__(self, plan: ExportPlan, model: SubModel) -> None:
+        self.plan = plan
+        self.model = model
+        self._id_passes = {
+            column.column: ForwardPass(
+                NO_FORWARD_PASS, "stored as token ids and a table (--token_storage ids)"
+            )
+            for column in plan.columns
+            if column.token_storage == schema_lib.TOKEN_STORAGE_IDS
+        }
+        self.forward_passes = dict(self._id_passes)
+        self.fast_path = None
+        self._tables, self._dense_columns, self._real_token_inputs = {}, (), {}
+        if model.keras_model is None:
+            return
+        if plan.fast_path != "auto":
+            self._keras_only(f"--fast_path {plan.fast_path}")
+        elif self._launch_checked():
+            self.fast_path = self._follow_launch()
+        else:
+            self.fast_path = self._choose_fast_path()
+        self._check_launch_decision()
+
+    def predict(self, features: Features) -> Outputs:
+        """Runs the sub-model on {input name: int32 ids}; returns {column: numpy array or RealTokens}.
+
+        On the fast path an Embedding's column is `RealTokens`: its table
+        and the real tokens' ids, never the padded (n, length, dim) lookup.
+        Columns stored as token ids are not computed, so they are absent.
+        """
+        if self.fast_path is None:
+            return dict(self.model.keras_predict(features))
+        return self._fast_outputs(self.fast_path, self.model.model_features(features), wrap=True)
+
+    def _fast_outputs(self, fast: FastPath, features: Features, wrap: bool) -> Outputs:
+        """The fast path's columns, each per-token one at the real tokens only.
+
+        Embedding columns come from their tables, per-token recurrent columns
+        from `real_tokens=True`: as `RealTokens` with `wrap`, else as the
+        real tokens' (tokens, dim) values; the others as the sub-model gives them.
+        """
+        arrays = fast(features, self._dense_columns, real_tokens=True) if self._dense_columns else {}
+        outputs: Outputs = dict(arrays)
+        for column, input_name in self._real_token_inputs.items():
+            if column in arrays and wrap:
+                real = features[input_name] != 0
+                values = arrays[column]
+                outputs[column] = RealTokens(values, np.arange(len(values)), real.sum(axis=1))
+        for column, (input_name, table) in self._tables.items():
+            ids = features[input_name]
+            outputs[column] = RealTokens.lookup(table, ids) if wrap else table[ids[ids != 0]]
+        return outputs
+
+    @property
+    def uses_fast_path(self) -> bool:
+        """Whether the fast path computes some column."""
+        return self.fast_path is not None
+
+    def _keras_only(self, reason: str) -> None:
+        self.forward_passes = {
+            **self._id_passes,
+            **{column: ForwardPass(KERAS, reason) for column in self.model.computed_columns},
+        }
+        self._tables, self._dense_columns, self._real_token_inputs = {}, (), {}
+
+    def _choose_fast_path(self) -> FastPath | None:
+        """The exact fast path if the model qualifies and matches Keras on a sample batch.
+
+        Sets `forward_passes`: for each column, which forward pass computes it and why.
+        """
+        choice = build_fast_path(self.model.keras_model)
+        fast = choice.fast_path
+        if fast is None:
+            logging.info("Fast path off (%s); using Keras's forward pass.", choice.reason)
+            self._keras_only(choice.reason)
+            return None
+        passes = choice.forward_passes
+        batch = self.model.model_features(
+            verification_batch(self.plan.inputs, self.plan.padding, fast.vocabulary_size)
+        )
+        self._use_fast_path(fast, passes)
+        real_token_inputs = {**self._real_token_inputs, **{c: name for c, (name, _) in self._tables.items()}}
+
+        def reference(features: Features) -> dict[str, np.ndarray]:
+            # Keras's outputs at the positions the fast path computes: real tokens only for its
+            # real-token columns (the rows of a per-token column are only those).
+            outputs = self.model.keras_predict(features)
+            for column, name in real_token_inputs.items():
+                outputs[column] = outputs[column][features[name] != 0]
+            return outputs
+
+        def candidate(features: Features) -> dict[str, np.ndarray]:
+            # Unwrapped (`wrap=False`), every output is an array.
+            return typing.cast(dict[str, np.ndarray], self._fast_outputs(fast, features, wrap=False))
+
+        # Traced as the batches will run it: the in-memory runner reuses this trace.
+        worst = max_difference(candidate, reference, batch)
+        if not worst <= FAST_PATH_TOLERANCE:
+            reason = (
+                f"the fast path differs from Keras by {worst:.3g} (> {FAST_PATH_TOLERANCE:g}) "
+                "on a sample batch"
+            )
+            logging.warning("Fast path off: %s; using Keras's forward pass.", reason)
+            self._keras_only(reason)
+            return None
+        for column, forward_pass in passes.items():
+            logging.info("Fast path on for %s: %s: %s.", column, forward_pass.engine, forward_pass.reason)
+        logging.info("Fast path checked against Keras on a sample batch: max |diff| %.2g.", worst)
+        return fast
+
+    def _launch_checked(self) -> bool:
+        """Whether the launch checked the fast path in this environment (same host and versions)."""
+        return bool(self.plan.forward_passes) and self.plan.fast_path_checked_on == fast_path_environment()
+
+    def _follow_launch(self) -> FastPath | None:
+        """The fast path as the launch chose it, without checking it against Keras again.
+
+        The launch checked this model (same SHA-256) with the same code and
+        libraries on this host, so the check would give the same answer.
+        """
+        recorded = {
+            column: ForwardPass(engine, reason) for column, engine, reason in self.plan.forward_passes
+        }
+        computed = self.model.computed_columns
+        if all(recorded[column].engine == KERAS for column in computed if column in recorded):
+            self.forward_passes = {**self._id_passes, **recorded}
+            return None
+        choice = build_fast_path(self.model.keras_model)
+        fast = choice.fast_path
+        if fast is None:
+            raise ExportConfigError(
+                f"The launch chose the fast path, but this worker cannot build it ({choice.reason}); "
+                "rerun the export."
+            )
+        self._use_fast_path(fast, choice.forward_passes)
+        return fast
+
+    def _use_fast_path(self, fast: FastPath, passes: Mapping[str, ForwardPass]) -> None:
+        self.forward_passes = {**self._id_passes, **passes}
+        self._tables = fast.embedding_tables()
+        self._real_token_inputs = fast.real_token_columns()
+        self._dense_columns = tuple(
+            column for column in self.model.computed_columns if column not in self._tables
+        )
+
+    def _check_launch_decision(self) -> None:
+        """Refuses to run columns with another forward pass than the launcher recorded for the manifest."""
+        recorded = {column: engine for column, engine, _ in self.plan.forward_passes}
+        mine = {column: forward_pass.engine for column, forward_pass in self.forward_passes.items()}
+        if recorded and recorded != mine:
+            raise ExportConfigError(
+                f"This worker chose the forward passes {mine}, but the launcher chose {recorded} and "
+                "the manifest records those; rerun with --fast_path off."
+            )
+
+    def records(self) -> ForwardPassRecords:
+        """`(column, engine, reason)` per column, as `plan.forward_passes` and the manifest hold them."""
+        return tuple((column, p.engine, p.reason) for column, p in self.forward_passes.items())

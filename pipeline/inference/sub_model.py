@@ -1,0 +1,119 @@
+"""The worker's sub-model: the plan's model loaded once and checked, cut to its columns, traced for Keras.
+
+Columns stored as token ids need no model, so the sub-model holds only the
+columns a forward pass computes (`computed_columns`).
+"""
+
+from __future__ import annotations
+
+import logging
+import typing
+from collections.abc import Callable, Mapping
+
+import keras
+import numpy as np
+
+from models.truncate import truncate
+from pipeline.errors import ExportConfigError
+from pipeline.planning.model_source import load_model_source
+from pipeline.planning.plan import NO_TOKENIZER, TEXT_INPUT
+from pipeline.writing import schema as schema_lib
+
+if typing.TYPE_CHECKING:
+    import tensorflow as tf
+
+    from pipeline.planning.model_source import ModelSource
+    from pipeline.planning.plan import ExportPlan
+
+# Model input name -> a batch's values: int32 ids (n, length), or texts for a text input.
+Features = Mapping[str, np.ndarray]
+
+
+def configure_threads(threads: int) -> None:
+    """Sets TensorFlow's thread pools; a no-op once TensorFlow has started."""
+    if not threads:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
+    except RuntimeError:
+        logging.info("TensorFlow already initialised; keeping its thread settings.")
+
+
+class SubModel:
+    """The plan's model, SHA-256 checked, truncated to the columns a forward pass computes, and traced.
+
+    Args:
+        plan: the `ExportPlan` built at launch.
+        model_source: an already loaded `ModelSource` (the launcher's); loaded from
+            `plan.model_uri` when None, as on a worker.
+    """
+
+    # The columns a forward pass computes, in plan order (not those stored as token ids).
+    computed_columns: list[str]
+    # The truncated `keras.Model` with one output per computed column; None when there is none.
+    keras_model: keras.Model | None
+    input_names: tuple[str, ...]  # the keras model's inputs
+    # Keras's own forward pass, traced once: {input name: tensor} -> {column: tensor}.
+    _forward: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]] | None
+
+    def __init__(self, plan: ExportPlan, model_source: ModelSource | None = None) -> None:
+        import tensorflow as tf
+
+        configure_threads(plan.tf_threads)
+        # The worker's model only: `TokenizeDocuments` loads the tokenizer.
+        model_source = model_source or load_model_source(
+            plan.model_uri,
+            NO_TOKENIZER,
+            allow_unsafe_deserialization=plan.allow_unsafe_deserialization,
+        )
+        if model_source.model_sha256 != plan.model_sha256:
+            raise ExportConfigError(
+                f"The model at {plan.model_uri} changed after launch (SHA-256 "
+                f"{model_source.model_sha256}, launch saw {plan.model_sha256}); rerun the export."
+            )
+        # Columns stored as token ids need no forward pass: the ids are the output.
+        computed = [
+            (spec, column)
+            for spec, column in zip(plan.layer_specs, plan.columns, strict=True)
+            if column.token_storage != schema_lib.TOKEN_STORAGE_IDS
+        ]
+        self.computed_columns = [column.column for _, column in computed]
+        self.keras_model, self._forward, self.input_names = None, None, ()
+        if not computed:
+            return
+        self.keras_model = truncate(model_source.model, [spec for spec, _ in computed])
+        self.input_names = tuple(t.name for t in self.keras_model.inputs)
+        signature = [
+            {
+                i.name: tf.TensorSpec([None] + [1] * (i.rank - 1), tf.string, name=i.name)
+                if i.takes == TEXT_INPUT
+                else tf.TensorSpec([None, i.length], tf.int32, name=i.name)
+                for i in plan.inputs
+                if i.name in self.input_names
+            }
+        ]
+        model = self.keras_model
+        first_column = computed[0][1].column
+
+        # One traced graph for every batch size: no retracing per batch.
+        @tf.function(input_signature=signature, reduce_retracing=True)
+        def forward(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            outputs = model(features, training=False)
+            if not isinstance(outputs, dict):
+                outputs = {first_column: outputs}
+            return outputs
+
+        self._forward = forward
+
+    def model_features(self, features: Features) -> dict[str, np.ndarray]:
+        """`features` restricted to the sub-model's inputs (ids columns may need more inputs)."""
+        return {name: features[name] for name in self.input_names}
+
+    def keras_predict(self, features: Features) -> dict[str, np.ndarray]:
+        """The sub-model's own forward pass: {input name: ids} -> {column: numpy array}."""
+        if self._forward is None:
+            return {}
+        return {name: value.numpy() for name, value in self._forward(self.model_features(features)).items()}
