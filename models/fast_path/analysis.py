@@ -13,7 +13,6 @@ from models.fast_path.cells import (
     FastRecurrent,
     Unsupported,
     is_numeric_ids,
-    produced_by,
 )
 from models.fast_path.plans import FULL, MASKED, PREFIX
 
@@ -115,10 +114,10 @@ class Analysis:
             stack.extend(keras_graph.node_inputs(node))
         reasons = list(dict.fromkeys(reasons))
         if cuts:
-            names = sorted({produced_by(t)[0].name for t in cuts})
+            names = sorted({keras_graph.producing_call(t)[0].name for t in cuts})
             text = f"Keras layers {sorted(set(keras_layers))} on fast-path outputs of {names}"
             return ForwardPass(HYBRID, text + "".join(f"; {reason}" for reason in reasons)), cuts
-        layer = produced_by(tensor)[0]
+        layer = keras_graph.producing_call(tensor)[0]
         text = "; ".join(reasons) or (
             f"{type(layer).__name__} {layer.name!r} reads no Embedding -> LSTM/GRU/SimpleRNN chain"
         )

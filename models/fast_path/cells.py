@@ -19,7 +19,6 @@ from models.fast_path.plans import FULL, MASKED, PREFIX
 
 if typing.TYPE_CHECKING:
     from keras.src.ops.node import Node
-    from keras.src.ops.operation import Operation
 
 # float32 represents every integer up to 2^24 exactly, so float token ids below it are exact.
 FLOAT_EXACT_IDS = 2**24
@@ -32,14 +31,6 @@ MERGE_MODES = ("concat", "sum", "ave", "mul")
 
 class Unsupported(Exception):
     """The layer has a feature the fast path does not reproduce exactly."""
-
-
-def produced_by(tensor: keras.KerasTensor) -> tuple[Operation, Node]:
-    """`(operation, node)` of the call that produced `tensor`, a tensor of the model's graph."""
-    operation, node = keras_graph.producer(tensor)
-    if operation is None or node is None:
-        raise ValueError(f"tensor {tensor.name!r} was not produced by a Keras operation")
-    return operation, node
 
 
 def is_numeric_ids(tensor: keras.KerasTensor) -> bool:

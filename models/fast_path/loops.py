@@ -19,7 +19,6 @@ from models.fast_path.cells import (
     FastRecurrent,
     Unsupported,
     is_numeric_ids,
-    produced_by,
 )
 from models.fast_path.plans import (
     PREFIX,
@@ -385,7 +384,7 @@ def _keras_value(tensor: keras.KerasTensor, known: dict[int, tf.Tensor]) -> tf.T
     """Computes `tensor` by calling the model's own layers on already known values."""
     if id(tensor) in known:
         return known[id(tensor)]
-    operation, node = produced_by(tensor)
+    operation, node = keras_graph.producing_call(tensor)
     for parent in keras_graph.node_inputs(node):
         _keras_value(parent, known)
     args, kwargs = keras_graph.call_arguments(node, known)
