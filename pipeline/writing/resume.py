@@ -35,16 +35,10 @@ from pipeline.errors import ExportConfigError
 from pipeline.planning.reuse import reuse_signature
 from pipeline.transforms import WRITING_SUFFIX
 from pipeline.writing import schema as schema_lib
-from pipeline.writing.output import (
-    SHARD_NAME,
-    STAGING,
-    delete_files,
-    join,
-    list_files,
-    read_manifest,
-    staging_prefixes,
-    staging_runs,
-)
+from pipeline.writing.files import delete_files, join, list_files
+from pipeline.writing.layout import SHARD_NAME, STAGING
+from pipeline.writing.staging import staging_prefixes, staging_runs
+from pipeline.writing.state import read_manifest
 
 RUN_FILE = "_RUN.json"
 KEPT_IDS_FILE = "_KEPT_IDS.parquet"
