@@ -56,6 +56,7 @@ from pipeline.writing.layout import (
 from pipeline.writing.lock import OutputLock
 from pipeline.writing.staging import StagedShards, remove_staging
 
+# The roles of a run's staged files, the keys of `StagedShards`.
 Role = Literal["rows", "errors", "tables"]
 ROLES: tuple[Role, ...] = ("rows", "errors", "tables")
 # One staged -> final rename of the journal, with the staged file's digest ("from" is a keyword).
@@ -80,6 +81,7 @@ class ShardEntry(FileDigest):
 
 
 def _safe_relative(relative: object) -> bool:
+    """Whether `relative` is a relative path that stays inside the output (no "..", not absolute)."""
     return (
         isinstance(relative, str)
         and bool(relative)
@@ -90,6 +92,7 @@ def _safe_relative(relative: object) -> bool:
 
 
 def _commit_targets(role: Role, path: str) -> str:
+    """Where a staged file goes: rows at the top, dead letters in errors/, token tables in _tables/."""
     folder = {"rows": "", "errors": ERRORS_DIR, "tables": TABLES_DIR}[role]
     return posixpath.join(folder, posixpath.basename(path)) if folder else posixpath.basename(path)
 
@@ -146,6 +149,7 @@ def _journal_written(directory: str) -> bool:
 
 
 def _reason(error: BaseException) -> str:
+    """What stopped the commit, in words for its error message."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return "the disk is full (no space left on device)"
     return str(error) or type(error).__name__
@@ -192,6 +196,8 @@ def _prepare_commit(
 
 def _check_journal(directory: str, journal: Any) -> Journal:
     """The journal, after checking it only names our files inside the output.
+
+    `journal` is the file's JSON as read, unchecked: any JSON value until this returns.
 
     Raises:
         ExportConfigError: a journal that is damaged or names other files.

@@ -90,8 +90,7 @@ def staged_bytes(directory: str, run_id: str | None = None) -> int:
 
 def _row_count(path: str) -> int:
     with FileSystems.open(path) as handle:
-        rows: int = pq.ParquetFile(handle).metadata.num_rows
-        return rows
+        return pq.ParquetFile(handle).metadata.num_rows
 
 
 def staged_shards(directory: str, run_id: str) -> StagedShards:

@@ -166,5 +166,4 @@ def read_manifest(directory: str) -> JsonObject | None:
     path = join(directory, MANIFEST)
     if not FileSystems.exists(path):
         return None
-    manifest: JsonObject = read_json(path)
-    return manifest
+    return read_json(path)
