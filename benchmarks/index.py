@@ -44,7 +44,7 @@ from pipeline.analysis.dataset import open_documents, vectors_to_numpy
 from pipeline.analysis.exact import exact_top_k, recall_at_k
 from pipeline.analysis.index_store import read_metadata
 from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
-from pipeline.writing.output import MANIFEST
+from pipeline.writing.layout import MANIFEST
 
 COLUMN = "lstm_content"
 SHARD_ROWS = 125_000

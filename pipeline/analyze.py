@@ -53,7 +53,7 @@ from pipeline.analysis.neighbors import (
 )
 from pipeline.analysis.plot import plot_pca
 from pipeline.errors import EXIT_CONFIG_ERROR
-from pipeline.writing.output import TABLES_DIR
+from pipeline.writing.layout import TABLES_DIR
 from pipeline.writing.schema import VECTOR_COLUMN, VOCABULARY_FILE
 
 DEFAULT_PLOT = "plot.png"

@@ -91,9 +91,9 @@ def _interrupted(signum: int, committed_to: str | None = None) -> int:
 
 
 def _commit_phase() -> str:
-    # pipeline.writing.output imports Beam; before it is imported no commit can be in flight.
-    output = sys.modules.get("pipeline.writing.output")
-    return output.commit_phase() if output else "idle"
+    # Not imported yet (the export imports it): no commit can be in flight.
+    phase = sys.modules.get("pipeline.writing.commit_phase")
+    return phase.commit_phase() if phase else "idle"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted.append(signum)
         if _commit_phase() != "idle":
             # A commit is in flight (or done): it finishes, then the run reports the signal.
-            sys.modules["pipeline.writing.output"].defer_signal(signum)
+            sys.modules["pipeline.writing.commit_phase"].defer_signal(signum)
             return
         silencer.silence()
         raise KeyboardInterrupt

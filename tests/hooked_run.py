@@ -11,7 +11,7 @@ Each HOOK is one of:
     enospc:BYTES             files created under the output's _staging/ raise ENOSPC once
                              BYTES were written into them in all
 
-ACTION is a commit step of `pipeline.writing.output` ("hash", "write", "rename", "copy",
+ACTION is a step of the commit (`pipeline.writing.files.step_hook`: "hash", "write", "rename", "copy",
 "delete", "mkdir") or "any".
 """
 
@@ -32,7 +32,7 @@ def _wait(marker):
 
 
 def _commit_hook(kind, action, count, marker=None):
-    from pipeline.writing import output
+    from pipeline.writing import files as files_lib
 
     seen = [0]
 
@@ -49,7 +49,7 @@ def _commit_hook(kind, action, count, marker=None):
         else:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), relative)
 
-    output.step_hook = hook
+    files_lib.step_hook = hook
 
 
 def _inference_hook(count, marker):

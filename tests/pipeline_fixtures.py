@@ -23,7 +23,8 @@ from models import architectures
 from models.bundle import load_bundle, save_bundle
 from models.tokenizer import Tokenizer
 from models.train import SAMPLE_CORPUS
-from pipeline.writing.output import ERRORS_DIR, MANIFEST, STAGING, read_manifest
+from pipeline.writing.layout import ERRORS_DIR, MANIFEST, STAGING
+from pipeline.writing.state import read_manifest
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS_DOCUMENTS = 40

@@ -1,6 +1,6 @@
 """The commit is crash-safe: killed or failed at every filesystem step, one complete export survives.
 
-The in-process tests inject the fault through `pipeline.writing.output.step_hook` at
+The in-process tests inject the fault through `pipeline.writing.files.step_hook` at
 each step of `commit()` in turn (each hash, write, rename or copy, delete and
 mkdir), on staged outputs that a real pipeline produced once per scenario, for
 a fresh output, an `--overwrite` and a `--reuse OUT --output OUT --overwrite`
@@ -32,7 +32,12 @@ from test_object_storage import BUCKET, client, s3_endpoint, s3_flags  # noqa: F
 from pipeline.analysis.dataset import open_documents
 from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, EXIT_TERMINATED, OutputWriteError
 from pipeline.running.export import run_export
-from pipeline.writing import output as output_lib
+from pipeline.writing import commit as commit_lib
+from pipeline.writing import commit_phase as commit_phase_lib
+from pipeline.writing import files as files_lib
+from pipeline.writing import layout as layout_lib
+from pipeline.writing import staging as staging_lib
+from pipeline.writing import state as state_lib
 
 OLD_IDS = [f"old{i}" for i in range(5)] + [f"doc{i}" for i in range(3)]
 NEW_IDS = [f"doc{i}" for i in range(6)]
@@ -67,7 +72,7 @@ def _staged_run(monkeypatch, argv):
         raise Captured
 
     with monkeypatch.context() as patch:
-        patch.setattr(output_lib, "commit", capture)
+        patch.setattr(commit_lib, "commit", capture)
         with pytest.raises(Captured):
             run_export(argv)
     return captured["run_id"], captured["manifest"]
@@ -98,7 +103,7 @@ def scenarios(tmp_path_factory, tiny_bundle):
     # Old and new shards share names: the commit must replace them, not lose them.
     old_names = set(os.listdir(result["overwrite"][0]))
     staged = os.listdir(
-        os.path.join(result["overwrite"][0], output_lib.STAGING, result["overwrite"][1], "data")
+        os.path.join(result["overwrite"][0], layout_lib.STAGING, result["overwrite"][1], "data")
     )
     assert old_names & set(staged)
     return result
@@ -112,52 +117,52 @@ def _read_ids(path):
 def _export_files(directory):
     """The files a reader of the export sees: top-level part-*, errors/part-*, _tables/*."""
     try:
-        paths = [m.path for m in FileSystems.match([output_lib.join(directory, "**")])[0].metadata_list]
+        paths = [m.path for m in FileSystems.match([files_lib.join(directory, "**")])[0].metadata_list]
     except Exception:
         return set()
-    relatives = {output_lib._relative(directory, p) for p in paths}
+    relatives = {files_lib.relative_to(directory, p) for p in paths}
     return {
         r
         for r in relatives
         if (r.startswith("part-") and "/" not in r)
-        or r.startswith(output_lib.ERRORS_DIR + "/")
-        or r.startswith(output_lib.TABLES_DIR + "/")
+        or r.startswith(layout_lib.ERRORS_DIR + "/")
+        or r.startswith(layout_lib.TABLES_DIR + "/")
     }
 
 
 def _complete_export(directory):
     """The row ids of the one complete export in `directory` (None if it holds none), checked file by file."""
-    manifest = output_lib.read_manifest(directory)
+    manifest = state_lib.read_manifest(directory)
     if manifest is None:
         assert not [f for f in _export_files(directory) if f.startswith("part-")], _export_files(directory)
         return None
     listed = manifest["shards"]["rows"] + manifest["shards"]["errors"] + manifest["tables"]
     ids = []
     for shard in listed:
-        path = output_lib.join(directory, shard["file"])
-        assert output_lib.file_digest(path) == {"bytes": shard["bytes"], "sha256": shard["sha256"]}, shard
+        path = files_lib.join(directory, shard["file"])
+        assert files_lib.file_digest(path) == {"bytes": shard["bytes"], "sha256": shard["sha256"]}, shard
     for shard in manifest["shards"]["rows"]:
-        ids += _read_ids(output_lib.join(directory, shard["file"]))
+        ids += _read_ids(files_lib.join(directory, shard["file"]))
     assert _export_files(directory) == {shard["file"] for shard in listed}
     assert sum(s["rows"] for s in manifest["shards"]["rows"]) == manifest["counts"]["rows_written"]
     return sorted(ids)
 
 
 def _commit(directory, run_id, facts):
-    return output_lib.commit(directory, run_id, output_lib.staged_shards(directory, run_id), facts)
+    return commit_lib.commit(directory, run_id, staging_lib.staged_shards(directory, run_id), facts)
 
 
 def _digests(directory):
-    return {f: output_lib.file_digest(output_lib.join(directory, f)) for f in _export_files(directory)}
+    return {f: files_lib.file_digest(files_lib.join(directory, f)) for f in _export_files(directory)}
 
 
 def _count_steps(commit):
     steps = []
-    output_lib.step_hook = lambda action, relative: steps.append((action, relative))
+    files_lib.step_hook = lambda action, relative: steps.append((action, relative))
     try:
         commit()
     finally:
-        output_lib.step_hook = None
+        files_lib.step_hook = None
     return steps
 
 
@@ -178,7 +183,7 @@ def _check_every_step(make_copy, recover, run_id, facts, old_ids):
     """Kills, then fails, a commit at each step; checks what survives and what the next command makes."""
     directory = make_copy("count")
     steps = _count_steps(
-        lambda: output_lib.commit(directory, run_id, output_lib.staged_shards(directory, run_id), facts)
+        lambda: commit_lib.commit(directory, run_id, staging_lib.staged_shards(directory, run_id), facts)
     )
     actions = {action for action, _ in steps}
     assert {
@@ -192,27 +197,27 @@ def _check_every_step(make_copy, recover, run_id, facts, old_ids):
         for number in range(1, len(steps) + 1):
             directory = make_copy(f"{fault}{number}")
             old_files = {
-                f: output_lib.file_digest(output_lib.join(directory, f)) for f in _export_files(directory)
+                f: files_lib.file_digest(files_lib.join(directory, f)) for f in _export_files(directory)
             }
-            output_lib.step_hook = _fault_at(number, fault)
+            files_lib.step_hook = _fault_at(number, fault)
             try:
                 with pytest.raises(Killed if fault == "kill" else OutputWriteError):
                     _commit(directory, run_id, facts)
             finally:
-                output_lib.step_hook = None
+                files_lib.step_hook = None
             where = f"{fault} at step {number} {steps[number - 1]}"
-            pending = output_lib.has_pending_commit(directory)
+            pending = commit_lib.has_pending_commit(directory)
             if not pending:
                 # Before the journal: the old export is exactly as it was, readable now.
                 assert _complete_export(directory) == (sorted(old_ids) if old_ids else None), where
                 assert _digests(directory) == old_files, where
-            assert output_lib.commit_phase() != "committing", where
+            assert commit_phase_lib.commit_phase() != "committing", where
             recover(directory)
-            assert not output_lib.has_pending_commit(directory), where
+            assert not commit_lib.has_pending_commit(directory), where
             expected = sorted(NEW_IDS) if pending else (sorted(old_ids) if old_ids else None)
             assert _complete_export(directory) == expected, where
             if pending:
-                assert not FileSystems.exists(output_lib.join(directory, output_lib.STAGING, run_id)), where
+                assert not FileSystems.exists(files_lib.join(directory, layout_lib.STAGING, run_id)), where
 
 
 @pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])
@@ -226,7 +231,7 @@ def test_commit_killed_or_failed_at_every_step_on_local_disk(scenarios, name, tm
         return directory
 
     # The next command that opens the output finishes the commit (it takes the lock for the while).
-    _check_every_step(make_copy, output_lib.finish_interrupted_commit, run_id, facts, old_ids)
+    _check_every_step(make_copy, commit_lib.finish_interrupted_commit, run_id, facts, old_ids)
 
 
 @pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])
@@ -248,7 +253,7 @@ def test_commit_killed_or_failed_at_every_step_on_s3(scenarios, name, s3_endpoin
         return f"s3://{BUCKET}/{prefix}"
 
     # The S3 lease waits a second to settle; the lock itself is tested in test_output_safety.
-    _check_every_step(make_copy, output_lib.recover_interrupted_commit, run_id, facts, old_ids)
+    _check_every_step(make_copy, commit_lib.recover_interrupted_commit, run_id, facts, old_ids)
 
 
 def test_a_recovery_killed_at_any_step_is_finished_by_the_next_one(scenarios, tmp_path):
@@ -256,29 +261,29 @@ def test_a_recovery_killed_at_any_step_is_finished_by_the_next_one(scenarios, tm
     committed = str(tmp_path / "steps")
     shutil.copytree(template, committed)
     steps = _count_steps(lambda: _commit(committed, run_id, facts))
-    journal_step = steps.index(("rename", output_lib.JOURNAL)) + 1
+    journal_step = steps.index(("rename", layout_lib.JOURNAL)) + 1
     crashed = str(tmp_path / "crashed")
     shutil.copytree(template, crashed)
-    output_lib.step_hook = _fault_at(journal_step + 1, "kill")  # the first step after the commit point
+    files_lib.step_hook = _fault_at(journal_step + 1, "kill")  # the first step after the commit point
     try:
         with pytest.raises(Killed):
             _commit(crashed, run_id, facts)
     finally:
-        output_lib.step_hook = None
+        files_lib.step_hook = None
     recovery = str(tmp_path / "recovery")
     shutil.copytree(crashed, recovery)
-    recovery_steps = _count_steps(lambda: output_lib.recover_interrupted_commit(recovery))
+    recovery_steps = _count_steps(lambda: commit_lib.recover_interrupted_commit(recovery))
     assert len(recovery_steps) > 3
     for number in range(1, len(recovery_steps) + 1):
         directory = str(tmp_path / f"again{number}")
         shutil.copytree(crashed, directory)
-        output_lib.step_hook = _fault_at(number, "kill")
+        files_lib.step_hook = _fault_at(number, "kill")
         try:
             with pytest.raises(Killed):
-                output_lib.recover_interrupted_commit(directory)
+                commit_lib.recover_interrupted_commit(directory)
         finally:
-            output_lib.step_hook = None
-        output_lib.finish_interrupted_commit(directory)
+            files_lib.step_hook = None
+        commit_lib.finish_interrupted_commit(directory)
         assert _complete_export(directory) == sorted(NEW_IDS), recovery_steps[number - 1]
 
 
@@ -286,13 +291,13 @@ def test_a_damaged_journal_is_refused_and_nothing_is_deleted(scenarios, tmp_path
     template, run_id, facts, _ = scenarios["overwrite"]
     directory = str(tmp_path / "out")
     shutil.copytree(template, directory)
-    output_lib.step_hook = _fault_at(6, "kill")  # after the journal
+    files_lib.step_hook = _fault_at(6, "kill")  # after the journal
     try:
         with pytest.raises(Killed):
-            output_lib.commit(directory, run_id, output_lib.staged_shards(directory, run_id), facts)
+            commit_lib.commit(directory, run_id, staging_lib.staged_shards(directory, run_id), facts)
     finally:
-        output_lib.step_hook = None
-    journal_path = os.path.join(directory, output_lib.JOURNAL)
+        files_lib.step_hook = None
+    journal_path = os.path.join(directory, layout_lib.JOURNAL)
     with open(journal_path) as handle:
         journal = json.load(handle)
     outside = tmp_path / "precious.txt"
@@ -302,7 +307,7 @@ def test_a_damaged_journal_is_refused_and_nothing_is_deleted(scenarios, tmp_path
         json.dump(journal, handle)
     before = snapshot(directory)
     with pytest.raises(Exception, match="damaged or names files"):
-        output_lib.finish_interrupted_commit(directory)
+        commit_lib.finish_interrupted_commit(directory)
     assert snapshot(directory) == before and outside.read_text() == "mine"
 
 
@@ -340,7 +345,7 @@ def test_reuse_in_place_killed_inside_the_commit_is_finished_by_the_rerun(tmp_pa
     process = _hooked(["kill:rename:2"], argv)
     _, err = process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL, err[-3000:]
-    assert output_lib.has_pending_commit(output) and output_lib.read_manifest(output) is None
+    assert commit_lib.has_pending_commit(output) and state_lib.read_manifest(output) is None
     rerun = subprocess.run(
         [sys.executable, "-m", "pipeline.run", *argv],
         cwd=REPOSITORY,
@@ -351,7 +356,7 @@ def test_reuse_in_place_killed_inside_the_commit_is_finished_by_the_rerun(tmp_pa
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "Finishing the commit of run" in rerun.stderr
     assert _complete_export(output) == sorted(NEW_IDS)
-    assert output_lib.read_manifest(output)["counts"]["rows_reused"] == len(NEW_IDS)
+    assert state_lib.read_manifest(output)["counts"]["rows_reused"] == len(NEW_IDS)
 
 
 @pytest.mark.slow
@@ -364,10 +369,10 @@ def test_analyze_finishes_an_interrupted_commit_before_reading(tmp_path, tiny_bu
     process = _hooked(["kill:delete:2"], argv)
     process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL
-    assert output_lib.has_pending_commit(output)
+    assert commit_lib.has_pending_commit(output)
     dataset = open_documents(output)
     assert sorted(dataset.dataset.to_table(columns=["id"]).column("id").to_pylist()) == sorted(NEW_IDS)
-    assert not output_lib.has_pending_commit(output)
+    assert not commit_lib.has_pending_commit(output)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
@@ -395,7 +400,7 @@ def test_a_signal_during_the_commit_waits_for_it(tmp_path, tiny_bundle, signum):
     ], err[-2000:]
     assert "Export finished" not in out
     assert _complete_export(output) == sorted(NEW_IDS)
-    assert not output_lib.has_pending_commit(output)
+    assert not commit_lib.has_pending_commit(output)
 
 
 @pytest.mark.slow

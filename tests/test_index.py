@@ -23,7 +23,9 @@ from pipeline.analysis.dataset import AnalysisError, open_documents, open_vocabu
 from pipeline.analysis.knn import knn_score_indexed, score_label_agreement
 from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 from pipeline.running.export import run_export
-from pipeline.writing import output
+from pipeline.writing import layout as layout_lib
+from pipeline.writing import lock as lock_lib
+from pipeline.writing import state as state_lib
 
 COLUMN = "lstm_content"
 ROWS = 300
@@ -188,7 +190,7 @@ def test_recall_is_measured_against_brute_force_and_stored(export_copy, rows, ca
     with open(index_file, "rb") as handle:
         assert metadata["sha256"] == hashlib.sha256(handle.read()).hexdigest()
     assert metadata["bytes"] == os.path.getsize(index_file)
-    with open(os.path.join(export_copy, output.MANIFEST), "rb") as handle:
+    with open(os.path.join(export_copy, layout_lib.MANIFEST), "rb") as handle:
         assert metadata["source"]["manifest_sha256"] == hashlib.sha256(handle.read()).hexdigest()
     assert sorted(os.listdir(os.path.join(export_copy, "_index"))) == [f"{COLUMN}.json", f"{COLUMN}.usearch"]
 
@@ -201,7 +203,7 @@ def test_overwrite_drops_the_index_and_an_index_kept_over_it_is_refused(export_c
     index_dir = os.path.join(export_copy, "_index")
     kept = str(export_copy) + ".kept-index"
     shutil.copytree(index_dir, kept)
-    assert output.output_state(export_copy) == "finished"
+    assert state_lib.output_state(export_copy) == "finished"
     flags = ["--output", export_copy, "--layer", COLUMN, "--limit", "50", "--overwrite"]
     summary = run_export(flags)
     assert summary.exit_code == 0, summary.message
@@ -259,17 +261,17 @@ def test_a_build_that_dies_before_its_metadata_leaves_no_index(export_copy, monk
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
     assert "rows compared)" in capsys.readouterr().out
     # What it left is ours: the export can still be replaced, and the next build works.
-    assert output.output_state(export_copy) == "finished"
+    assert state_lib.output_state(export_copy) == "finished"
     assert build(export_copy)["metric"] == "cos"
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
     assert "Using the index" in capsys.readouterr().out
 
 
 def test_no_index_of_an_export_that_is_running_or_unfinished(export_copy, capsys):
-    with output.OutputLock(export_copy):
+    with lock_lib.OutputLock(export_copy):
         assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
         assert "is in use by" in capsys.readouterr().err
-    os.remove(os.path.join(export_copy, output.MANIFEST))
+    os.remove(os.path.join(export_copy, layout_lib.MANIFEST))
     assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
     assert "did not finish" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(export_copy, "_index"))
@@ -315,7 +317,7 @@ def _write_export(directory, vectors, ids):
     # A list<float> column, as other tools write vectors (the export's own are fixed-size lists).
     column = pa.array(vectors, pa.list_(pa.float32()))
     pq.write_table(pa.table({"id": ids, "v": column}), os.path.join(directory, "part-00000-of-00001.parquet"))
-    with open(os.path.join(directory, output.MANIFEST), "w", encoding="utf-8") as handle:
+    with open(os.path.join(directory, layout_lib.MANIFEST), "w", encoding="utf-8") as handle:
         json.dump({"rows_written": len(ids)}, handle)
 
 
@@ -405,7 +407,7 @@ def test_an_export_replaced_during_the_build_gets_no_index(export_copy, monkeypa
 
     def replace_meanwhile(*args, **kwargs):
         # What another writer (object storage has no lock) does between the stream and the upload.
-        with open(os.path.join(export_copy, output.MANIFEST), "a", encoding="utf-8") as handle:
+        with open(os.path.join(export_copy, layout_lib.MANIFEST), "a", encoding="utf-8") as handle:
             handle.write("\n")
         return measure(*args, **kwargs)
 
@@ -441,8 +443,8 @@ def test_index_of_a_vocabulary_is_used_for_words_and_tied_to_its_file(tmp_path, 
 
 def test_only_the_index_files_are_ours(export_copy):
     build(export_copy)
-    assert output.output_state(export_copy) == "finished"
+    assert state_lib.output_state(export_copy) == "finished"
     with open(os.path.join(export_copy, "_index", "notes.txt"), "w", encoding="utf-8") as handle:
         handle.write("a user's file: never deleted by an export")
-    assert output.output_state(export_copy) == "foreign"
-    assert output.foreign_files(export_copy) == ["_index/notes.txt"]
+    assert state_lib.output_state(export_copy) == "foreign"
+    assert state_lib.foreign_files(export_copy) == ["_index/notes.txt"]

@@ -18,7 +18,7 @@ from pipeline import transforms as transforms_lib
 from pipeline.errors import EXIT_RECORDS_LOST
 from pipeline.run import main
 from pipeline.running import export
-from pipeline.writing.output import read_manifest
+from pipeline.writing.state import read_manifest
 
 
 def _line(doc_id):

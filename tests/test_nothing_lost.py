@@ -19,7 +19,8 @@ from models.bundle import load_bundle
 from models.paths import SAMPLE_CORPUS
 from pipeline.run import EXIT_CONFIG_ERROR, main
 from pipeline.running.export import run_export
-from pipeline.writing import output as output_lib
+from pipeline.writing import layout as layout_lib
+from pipeline.writing import state as state_lib
 
 
 def _json(record):
@@ -76,7 +77,7 @@ CSV_EXPECTED = {1: None, 2: None, 3: "wrong_field_count", 4: "wrong_field_count"
 
 def _read_dir(directory):
     table = ds.dataset(
-        directory, format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES
+        directory, format="parquet", ignore_prefixes=layout_lib.READER_IGNORE_PREFIXES
     ).to_table()
     return table.to_pylist()
 
@@ -122,7 +123,7 @@ def test_hostile_jsonl_runs_to_completion_with_exact_accounting(tmp_path, tiny_b
     duplicate = next(e for e in errors if e["reason"] == "duplicate_id")
     assert duplicate["id"] == "plain" and "hostile.jsonl:1" in duplicate["message"]
 
-    manifest = output_lib.read_manifest(output)
+    manifest = state_lib.read_manifest(output)
     counts = manifest["counts"]
     assert counts["records_read"] == counts["rows_written"] + counts["dead_letters"]
     assert sum(counts["dead_letters_by_reason"].values()) == len(errors)
@@ -173,7 +174,7 @@ def test_too_many_dead_letters_exit_non_zero_but_keep_the_output(tmp_path, tiny_
     assert "--max_error_fraction" in capsys.readouterr().err
     assert [r["id"] for r in _read_dir(output)] == ["good"]
     assert len(_read_dir(os.path.join(output, "errors"))) == 3
-    assert output_lib.read_manifest(output)["status"] == "completed_with_errors"
+    assert state_lib.read_manifest(output)["status"] == "completed_with_errors"
 
     # The same corpus passes when the threshold allows it.
     code = main(
@@ -313,12 +314,12 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
-    staging = os.path.join(output, output_lib.STAGING)
+    staging = os.path.join(output, layout_lib.STAGING)
     assert all(path.startswith(staging + os.sep) and os.path.exists(path) for path in shards)
-    assert output_lib.read_manifest(output) is None
+    assert state_lib.read_manifest(output) is None
     assert [f for f in os.listdir(output) if f.endswith(".parquet")] == []
-    assert ds.dataset(output, format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES).files == []
-    assert output_lib.output_state(output) == "unfinished"
+    assert ds.dataset(output, format="parquet", ignore_prefixes=layout_lib.READER_IGNORE_PREFIXES).files == []
+    assert state_lib.output_state(output) == "unfinished"
 
     rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -332,7 +333,7 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     assert rerun_rows == reference_rows
     assert not os.path.exists(staging)
     # The committed shards are whole Parquet files holding the rows the manifest says.
-    shards = output_lib.read_manifest(output)["shards"]["rows"]
+    shards = state_lib.read_manifest(output)["shards"]["rows"]
     assert len(shards) > 1
     assert [pq.read_metadata(os.path.join(output, s["file"])).num_rows for s in shards] == [
         s["rows"] for s in shards

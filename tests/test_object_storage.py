@@ -26,8 +26,9 @@ from pipeline_fixtures import kill_group_when, pipeline_command
 from models.bundle import DEFAULT_BUNDLE, load_bundle
 from models.train import SAMPLE_CORPUS
 from pipeline.running.export import run_export
-from pipeline.writing import output as output_lib
-from pipeline.writing.output import ERRORS_DIR, MANIFEST, read_manifest
+from pipeline.writing import lock as lock_lib
+from pipeline.writing.layout import ERRORS_DIR, MANIFEST
+from pipeline.writing.state import read_manifest
 
 BUCKET = "embexport-test"
 MODEL = f"s3://{BUCKET}/models/default_bundle"
@@ -222,7 +223,7 @@ def test_a_killed_s3_export_resumes_bit_for_bit(s3_endpoint, export, monkeypatch
     kept_rows = sum(read_parquet(s3_endpoint, key).num_rows for key in durable())
     assert read_manifest(output) is None and kept_rows > 0
     # The killed run's lease on the output lapses after LEASE_SECONDS; the rerun comes later.
-    monkeypatch.setattr(output_lib, "LEASE_SECONDS", 0)
+    monkeypatch.setattr(lock_lib, "LEASE_SECONDS", 0)
     summary = run_export(["--input", corpus, "--output", output, *flags])
     assert summary.exit_code == 0, summary.message
     assert summary.rows_kept >= kept_rows and summary.rows_kept < summary.rows_written

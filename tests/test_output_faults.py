@@ -28,7 +28,8 @@ from pipeline.errors import (
 )
 from pipeline.run import main
 from pipeline.running.export import run_export
-from pipeline.writing import output as output_lib
+from pipeline.writing import layout as layout_lib
+from pipeline.writing import state as state_lib
 
 IDS = [f"doc{i}" for i in range(6)]
 
@@ -55,7 +56,7 @@ def test_a_staging_directory_that_is_a_link_is_refused_and_its_target_kept(tmp_p
     (thesis / "run1" / "notes.txt").write_text("more work")
     output = tmp_path / "out"
     output.mkdir()
-    os.symlink(thesis, output / output_lib.STAGING)
+    os.symlink(thesis, output / layout_lib.STAGING)
     corpus = _corpus(tmp_path / "c.jsonl", IDS)
     before = snapshot(thesis)
     for flags in ([], ["--overwrite"]):
@@ -65,7 +66,7 @@ def test_a_staging_directory_that_is_a_link_is_refused_and_its_target_kept(tmp_p
             "_staging (a symbolic link)",
         )
     assert snapshot(thesis) == before
-    assert os.path.islink(output / output_lib.STAGING)
+    assert os.path.islink(output / layout_lib.STAGING)
 
 
 @pytest.mark.parametrize("entry", ["errors", "part-00000-of-00001.parquet", "_LOCK"])
@@ -167,7 +168,7 @@ def test_a_full_disk_during_the_pipeline_is_one_error_and_keeps_the_old_export(t
         and "this export needs more than the " in errors[0]
     )
     assert snapshot(output) == before
-    assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+    assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
 
 
 @pytest.fixture
@@ -245,7 +246,7 @@ def test_sigterm_is_one_interrupted_line_exit_143_and_the_rerun_completes(tmp_pa
         "interrupted: nothing was committed; rerun the same command to finish the export "
         "(it keeps the rows this run made durable)."
     ]
-    assert output_lib.read_manifest(output) is None
+    assert state_lib.read_manifest(output) is None
     rerun = subprocess.run(
         command, cwd=REPOSITORY, env=dict(os.environ, PYTHONPATH=REPOSITORY), capture_output=True, text=True
     )
@@ -300,22 +301,22 @@ def test_a_failed_overwrite_keeps_the_succeeded_export_and_says_where_its_dead_l
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "was kept" in errors[0], err
     assert snapshot(output) == {k: v for k, v in snapshot(output).items() if k in before} | {
-        k: v for k, v in snapshot(output).items() if k.startswith(output_lib.FAILED_DIR + "/")
+        k: v for k, v in snapshot(output).items() if k.startswith(layout_lib.FAILED_DIR + "/")
     }
     assert {
-        k: v for k, v in snapshot(output).items() if not k.startswith(output_lib.FAILED_DIR + "/")
+        k: v for k, v in snapshot(output).items() if not k.startswith(layout_lib.FAILED_DIR + "/")
     } == before
     assert _complete_export(output) == sorted(IDS)
-    (failed,) = os.listdir(os.path.join(output, output_lib.FAILED_DIR))
-    failed_dir = os.path.join(output, output_lib.FAILED_DIR, failed)
+    (failed,) = os.listdir(os.path.join(output, layout_lib.FAILED_DIR))
+    failed_dir = os.path.join(output, layout_lib.FAILED_DIR, failed)
     assert os.path.join(failed_dir, "errors") in errors[0]
     dead = pq.read_table(os.path.join(failed_dir, "errors")).to_pylist()
     assert sorted(d["reason"] for d in dead) == ["malformed_json"] * 5
-    failed_manifest = output_lib.read_manifest(failed_dir)
+    failed_manifest = state_lib.read_manifest(failed_dir)
     assert failed_manifest["committed"] is False and failed_manifest["counts"]["dead_letters"] == 5
     # The failed run's files are the export's own: a later --overwrite replaces them with the rest.
     assert main(["--model", tiny_bundle[0], "--input", good, "--output", output, "--overwrite"]) == 0
-    assert not os.path.exists(os.path.join(output, output_lib.FAILED_DIR))
+    assert not os.path.exists(os.path.join(output, layout_lib.FAILED_DIR))
     assert _complete_export(output) == sorted(IDS)
 
 
@@ -416,7 +417,7 @@ def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interr
     while any(_alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the run"
-    assert output_lib.read_manifest(output) is None
+    assert state_lib.read_manifest(output) is None
     if presses == 2:
         return
     rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)

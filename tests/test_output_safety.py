@@ -22,7 +22,12 @@ from models.bundle import MANIFEST_FILE, MODEL_FILE, sha256_file
 from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ExportConfigError, OutputBusyError
 from pipeline.run import main
 from pipeline.running.export import run_export
-from pipeline.writing import output as output_lib
+from pipeline.writing import commit as commit_lib
+from pipeline.writing import files as files_lib
+from pipeline.writing import layout as layout_lib
+from pipeline.writing import lock as lock_lib
+from pipeline.writing import staging as staging_lib
+from pipeline.writing import state as state_lib
 
 
 def _write_corpus(path, count, start=0):
@@ -46,7 +51,7 @@ def _refused(capsys, argv, pattern):
 
 
 def _assert_complete_export(output, expected_ids):
-    manifest = output_lib.read_manifest(output)
+    manifest = state_lib.read_manifest(output)
     assert manifest is not None and manifest["status"] == "succeeded"
     ids = []
     for shard in manifest["shards"]["rows"]:
@@ -59,13 +64,13 @@ def _assert_complete_export(output, expected_ids):
         os.path.relpath(os.path.join(root, name), output)
         for root, _, names in os.walk(output)
         for name in names
-        if name != output_lib.MANIFEST
+        if name != layout_lib.MANIFEST
     }
     assert on_disk == listed
 
 
 def _read_lock(directory):
-    with open(os.path.join(directory, output_lib.LOCK)) as handle:
+    with open(os.path.join(directory, layout_lib.LOCK)) as handle:
         return json.load(handle)
 
 
@@ -206,12 +211,12 @@ def test_two_runs_at_once_leave_one_complete_export(tmp_path, tiny_bundle, flags
 def test_a_held_output_is_refused_and_released_after(tmp_path, tiny_bundle):
     corpus = _write_corpus(tmp_path / "c.jsonl", 4)
     output = str(tmp_path / "out")
-    with output_lib.OutputLock(output):
-        with pytest.raises(OutputBusyError, match="is in use by run"), output_lib.OutputLock(output):
+    with lock_lib.OutputLock(output):
+        with pytest.raises(OutputBusyError, match="is in use by run"), lock_lib.OutputLock(output):
             pass
         with pytest.raises(OutputBusyError, match=f"pid {os.getpid()}"):
             run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
-        assert os.listdir(output) == [output_lib.LOCK]
+        assert os.listdir(output) == [layout_lib.LOCK]
     assert not os.path.exists(output)
     run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
     _assert_complete_export(output, [f"doc{i}" for i in range(4)])
@@ -223,7 +228,7 @@ def test_a_killed_holder_does_not_keep_the_lock(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pipeline.writing.output import OutputLock;"
+            "import sys, time; from pipeline.writing.lock import OutputLock;"
             "lock = OutputLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(600)",
             output,
         ],
@@ -234,11 +239,11 @@ def test_a_killed_holder_does_not_keep_the_lock(tmp_path):
     )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(OutputBusyError):
-        output_lib.OutputLock(output).__enter__()
+        lock_lib.OutputLock(output).__enter__()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     holder.stdout.close()
-    with output_lib.OutputLock(output):
+    with lock_lib.OutputLock(output):
         pass
 
 
@@ -246,20 +251,21 @@ def test_lease_on_object_storage_refuses_a_live_holder_and_takes_over_a_stale_on
     # The lease protocol runs on Beam's FileSystems API; a local directory stands in for a bucket.
     output = str(tmp_path / "bucket")
     os.makedirs(output)
-    monkeypatch.setattr(output_lib, "is_local", lambda path: False)
-    monkeypatch.setattr(output_lib, "LEASE_RENEW_SECONDS", 0.2)
-    first = output_lib.OutputLock(output)
+    monkeypatch.setattr(lock_lib, "is_local", lambda path: False)
+    monkeypatch.setattr(files_lib, "is_local", lambda path: False)
+    monkeypatch.setattr(lock_lib, "LEASE_RENEW_SECONDS", 0.2)
+    first = lock_lib.OutputLock(output)
     first._acquire_lease(settle_seconds=0)
     with pytest.raises(OutputBusyError, match="is in use by run"):
-        output_lib.OutputLock(output)._acquire_lease(settle_seconds=0)
+        lock_lib.OutputLock(output)._acquire_lease(settle_seconds=0)
     renewed = _read_lock(output)["renewed"]
     assert _renewed_after(output, renewed) > renewed
     first.release()
-    assert not os.path.exists(os.path.join(output, output_lib.LOCK))
+    assert not os.path.exists(os.path.join(output, layout_lib.LOCK))
     # A lease nobody renewed for LEASE_SECONDS is a dead run's.
-    with open(os.path.join(output, output_lib.LOCK), "w") as handle:
-        json.dump({"run": "dead", "renewed": time.time() - output_lib.LEASE_SECONDS - 1}, handle)
-    taker = output_lib.OutputLock(output)
+    with open(os.path.join(output, layout_lib.LOCK), "w") as handle:
+        json.dump({"run": "dead", "renewed": time.time() - lock_lib.LEASE_SECONDS - 1}, handle)
+    taker = lock_lib.OutputLock(output)
     taker._acquire_lease(settle_seconds=0)
     assert _read_lock(output)["run"] == taker.holder["run"]
     taker.release()
@@ -269,18 +275,18 @@ def test_a_run_removes_only_its_own_staging_directory(tmp_path, tiny_bundle):
     corpus = _write_corpus(tmp_path / "c.jsonl", 4)
     output = str(tmp_path / "out")
     run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
-    staged = output_lib.staged_shards(output, "nothing")
+    staged = staging_lib.staged_shards(output, "nothing")
     assert staged == {"rows": [], "errors": [], "tables": []}
-    other = os.path.join(output, output_lib.STAGING, "otherrun")
+    other = os.path.join(output, layout_lib.STAGING, "otherrun")
     os.makedirs(other)
     open(os.path.join(other, "x"), "w").close()
-    manifest = output_lib.read_manifest(output)
+    manifest = state_lib.read_manifest(output)
     run_id = "mine00000000"
-    os.makedirs(os.path.join(output, output_lib.STAGING, run_id, "data"))
-    output_lib.commit(
+    os.makedirs(os.path.join(output, layout_lib.STAGING, run_id, "data"))
+    commit_lib.commit(
         output, run_id, {"rows": [], "errors": [], "tables": []}, {"counts": manifest["counts"]}
     )
-    assert os.listdir(os.path.join(output, output_lib.STAGING)) == ["otherrun"]
+    assert os.listdir(os.path.join(output, layout_lib.STAGING)) == ["otherrun"]
 
 
 # --- 8. duplicate output column names -------------------------------------------------------
@@ -454,7 +460,7 @@ def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_b
         "interrupted: nothing was committed; rerun the same command to finish the export "
         "(it keeps the rows this run made durable)."
     ]
-    assert output_lib.read_manifest(output) is None
+    assert state_lib.read_manifest(output) is None
     rerun = subprocess.run(
         _command(tiny_bundle[0], corpus, output),
         cwd=REPOSITORY,

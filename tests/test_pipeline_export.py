@@ -35,7 +35,7 @@ from sizes import LENGTHS, SIZES
 import models
 from models.architectures import TOPOLOGIES
 from pipeline.running.export import run_export
-from pipeline.writing.output import READER_IGNORE_PREFIXES
+from pipeline.writing.layout import READER_IGNORE_PREFIXES
 from pipeline.writing.schema import read_export_metadata
 
 ATOL = 1e-5

@@ -30,7 +30,7 @@ from pipeline.planning.build import build_plan
 from pipeline.planning.options import ExportOptions
 from pipeline.run import EXIT_CONFIG_ERROR
 from pipeline.running.export import run_export
-from pipeline.writing.output import MANIFEST, STAGING
+from pipeline.writing.layout import MANIFEST, STAGING
 
 TOPOLOGY = "two_inputs_two_outputs"
 # A Conv1D of kernel 3 without padding shortens the content by two positions.

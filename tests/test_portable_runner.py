@@ -50,7 +50,8 @@ from pipeline.errors import (
 from pipeline.run import main
 from pipeline.running.export import run_export
 from pipeline.running.report import format_summary
-from pipeline.writing import output as output_lib
+from pipeline.writing import layout as layout_lib
+from pipeline.writing import state as state_lib
 
 DOCUMENTS = 600
 # Lines every run dead-letters, at known places of the second file.
@@ -329,15 +330,15 @@ def test_killed_then_rerun_through_the_job_service_equals_the_in_memory_export(
         process.wait()
     states = _wait_for_jobs_to_end(job_endpoint)
     assert set(states) - before, "the killed launcher submitted no job"
-    assert output_lib.read_manifest(output) is None
+    assert state_lib.read_manifest(output) is None
     assert not [name for name in os.listdir(output) if name.endswith(".parquet")]
-    assert output_lib.output_state(output) == "unfinished"
+    assert state_lib.output_state(output) == "unfinished"
 
     run = _run_cli(command)
     assert run.returncode == EXIT_OK, run.stderr[-4000:]
     reference_output, summary = reference
     _assert_same_output(output, reference_output)
-    assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+    assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
     assert _summary_counts(run.stdout) == {
         "documents read": str(summary.records_read),
         "rows written": str(summary.rows_written),
@@ -382,7 +383,7 @@ def test_s3_input_and_output_through_the_job_service(services, bundle, corpus, r
     assert summary.exit_code == EXIT_OK, summary.message
 
     stored = [item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET, Prefix="portable/out/")["Contents"]]
-    assert not [key for key in stored if f"/{output_lib.STAGING}/" in key]
+    assert not [key for key in stored if f"/{layout_lib.STAGING}/" in key]
 
     def table(prefix):
         keys = sorted(key for key in stored if key.startswith(prefix))
@@ -393,7 +394,7 @@ def test_s3_input_and_output_through_the_job_service(services, bundle, corpus, r
     for column in expected.column_names:
         assert rows.column(column).equals(expected.column(column)), column
     # The same dead letters, each naming its file by the URI it was read from.
-    errors = table(f"portable/out/{output_lib.ERRORS_DIR}/").to_pylist()
+    errors = table(f"portable/out/{layout_lib.ERRORS_DIR}/").to_pylist()
     local = tuple(sorted(glob.glob(corpus)))
     expected_errors = _errors(reference[0]).to_pylist()
     for error in expected_errors:
@@ -402,7 +403,7 @@ def test_s3_input_and_output_through_the_job_service(services, bundle, corpus, r
             os.path.dirname(local[0]), f"s3://{BUCKET}/portable/corpus"
         )
     assert sorted(errors, key=str) == sorted(expected_errors, key=str)
-    body = s3.get_object(Bucket=BUCKET, Key=f"portable/out/{output_lib.MANIFEST}")["Body"].read()
+    body = s3.get_object(Bucket=BUCKET, Key=f"portable/out/{layout_lib.MANIFEST}")["Body"].read()
     assert json.loads(body)["counts"]["records_read"] == reference[1].records_read
 
 
@@ -540,7 +541,7 @@ def test_a_pool_whose_python_cannot_run_the_job_is_reported(
     assert f"--environment_config {pool}" in last and "import apache_beam and this package" in last
     assert time.monotonic() - started < 60
     # Nothing committed, and nothing left behind for readers or the next run.
-    assert not os.path.exists(output) or os.listdir(output) in ([], [output_lib.LOCK])
+    assert not os.path.exists(output) or os.listdir(output) in ([], [layout_lib.LOCK])
     assert all(state in TERMINAL_STATES for state in _wait_for_jobs_to_end(job_endpoint).values())
 
 

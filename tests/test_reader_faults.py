@@ -13,13 +13,14 @@ import pytest
 from adversarial_corpus import CASES, FORMAT_FLAGS, write
 
 from pipeline.run import main
-from pipeline.writing import output as output_lib
+from pipeline.writing import layout as layout_lib
+from pipeline.writing import state as state_lib
 
 
 def _read_dir(directory):
     if not os.path.isdir(directory):
         return []
-    dataset = ds.dataset(directory, format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES)
+    dataset = ds.dataset(directory, format="parquet", ignore_prefixes=layout_lib.READER_IGNORE_PREFIXES)
     return dataset.to_table().to_pylist()
 
 
@@ -35,7 +36,7 @@ def _export_and_check(tmp_path, bundle, input_format, cases, capsys):
     assert code == expected.exit_code, printed.err[-3000:]
     assert "Traceback" not in printed.out + printed.err
     rows = _read_dir(output)
-    errors = _read_dir(os.path.join(output, output_lib.ERRORS_DIR))
+    errors = _read_dir(os.path.join(output, layout_lib.ERRORS_DIR))
     assert sorted(row["id"] for row in rows) == sorted(expected.rows)
     found = {(os.path.basename(error["source"]), error["position"]): error["reason"] for error in errors}
     assert found == expected.dead
@@ -44,12 +45,12 @@ def _export_and_check(tmp_path, bundle, input_format, cases, capsys):
         assert error["message"]
         assert error["raw"] is None or len(error["raw"]) <= 4096
 
-    counts = output_lib.read_manifest(output)["counts"]
+    counts = state_lib.read_manifest(output)["counts"]
     assert counts["records_read"] == expected.records == counts["rows_written"] + counts["dead_letters"]
     assert counts["files_broken"] == expected.broken
     if expected.broken:
         assert "records after the break may be lost" in printed.err
-        assert output_lib.read_manifest(output)["status"] == "completed_with_errors"
+        assert state_lib.read_manifest(output)["status"] == "completed_with_errors"
     return errors
 
 

@@ -29,8 +29,10 @@ from pipeline.inference.features import DocumentTokenizer
 from pipeline.run import main
 from pipeline.running.export import run_export
 from pipeline.transforms import TOKENIZER_COUNTS_KEY
-from pipeline.writing import output as output_lib
+from pipeline.writing import commit as commit_lib
+from pipeline.writing import layout as layout_lib
 from pipeline.writing import resume as resume_lib
+from pipeline.writing import state as state_lib
 
 DOCUMENTS = 5000
 # Small files, closed often: the run is killed after a few of them, long before its end.
@@ -64,7 +66,7 @@ def write_corpus(path, count=DOCUMENTS, start=0):
 
 def durable_files(output):
     """The complete row files (a Parquet footer) that runs have closed in `output`'s staging area."""
-    pattern = os.path.join(str(output), output_lib.STAGING, "*", "data", "part-writing", "*.parquet")
+    pattern = os.path.join(str(output), layout_lib.STAGING, "*", "data", "part-writing", "*.parquet")
     complete = []
     for path in glob.glob(pattern):
         try:
@@ -87,21 +89,21 @@ def kill_after_files(bundle, corpus, output, count, *flags):
 
     def ready():
         if count == 0:
-            return bool(glob.glob(os.path.join(str(output), output_lib.STAGING, "*", resume_lib.RUN_FILE)))
+            return bool(glob.glob(os.path.join(str(output), layout_lib.STAGING, "*", resume_lib.RUN_FILE)))
         return len(durable_files(output)) >= count
 
     assert kill_group_when(command, ready), "the run finished before it could be killed; use a larger corpus"
-    assert output_lib.read_manifest(str(output)) is None
+    assert state_lib.read_manifest(str(output)) is None
     return durable_files(output)
 
 
 def rows(output):
-    table = ds.dataset(str(output), format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES)
+    table = ds.dataset(str(output), format="parquet", ignore_prefixes=layout_lib.READER_IGNORE_PREFIXES)
     return table.to_table().sort_by("id")
 
 
 def dead_letters(output):
-    files = sorted(glob.glob(os.path.join(str(output), output_lib.ERRORS_DIR, "*.parquet")))
+    files = sorted(glob.glob(os.path.join(str(output), layout_lib.ERRORS_DIR, "*.parquet")))
     table = pa.concat_tables([pq.read_table(path) for path in files])
     return table.sort_by([("source", "ascending"), ("position", "ascending"), ("id", "ascending")])
 
@@ -112,8 +114,8 @@ def assert_same_export(output, reference):
     assert resumed.schema == expected.schema
     assert resumed.equals(expected)
     assert dead_letters(output).equals(dead_letters(reference))
-    counts = output_lib.read_manifest(str(output))["counts"]
-    assert counts == output_lib.read_manifest(str(reference))["counts"]
+    counts = state_lib.read_manifest(str(output))["counts"]
+    assert counts == state_lib.read_manifest(str(reference))["counts"]
     assert counts["records_read"] == counts["rows_written"] + counts["dead_letters"]
 
 
@@ -132,7 +134,7 @@ def reference(corpus, tiny_bundle, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("reference") / "out")
     summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     assert summary.exit_code == 0 and summary.dead_letters > 0 and summary.truncated > 0
-    counts = output_lib.read_manifest(output)["counts"]
+    counts = state_lib.read_manifest(output)["counts"]
     assert counts["dead_letters_by_reason"]["duplicate_id"] > 0
     assert counts["dead_letters_by_reason"]["malformed_json"] > 0
     return output
@@ -148,11 +150,11 @@ def test_a_killed_run_resumes_bit_for_bit(kill_after, corpus, reference, tiny_bu
     summary = run_export(argv)
     assert summary.exit_code == 0, summary.message
     assert_same_export(output, reference)
-    resumed = output_lib.read_manifest(output)["resumed"]
+    resumed = state_lib.read_manifest(output)["resumed"]
     assert resumed["rows_kept"] == summary.rows_kept == kept_rows >= (1 if kill_after else 0)
     assert resumed["rows_kept"] < summary.rows_written
     assert resumed["attempt"] == 2 and len(kept) <= resumed["files_kept"]
-    assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+    assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
 
 
 @pytest.mark.slow
@@ -172,7 +174,7 @@ def test_partial_and_repeated_files_are_ignored_and_counted_once(corpus, referen
     summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     assert summary.exit_code == 0, summary.message
     assert_same_export(output, reference)
-    resumed = output_lib.read_manifest(output)["resumed"]
+    resumed = state_lib.read_manifest(output)["resumed"]
     assert resumed["duplicate_rows_dropped"] == repeated_rows
     assert resumed["partial_files_ignored"] >= 1
     assert resumed["rows_kept"] >= kept_rows
@@ -194,7 +196,7 @@ def test_two_different_copies_of_a_row_stop_the_run(corpus, tiny_bundle, tmp_pat
     assert code == EXIT_CONFIG_ERROR, err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "two different rows for id" in errors[0] and "--resume off" in errors[0]
-    assert output_lib.read_manifest(output) is None
+    assert state_lib.read_manifest(output) is None
 
 
 def spy_on_tokenizer(monkeypatch):
@@ -233,7 +235,7 @@ def test_kept_documents_are_neither_tokenized_nor_embedded_again(
     # The counts of the documents not tokenized again come from the kept files' footers.
     assert_same_export(output, reference)
     assert tokenized and not kept_ids & set(tokenized)
-    counts = output_lib.read_manifest(output)["counts"]
+    counts = state_lib.read_manifest(output)["counts"]
     # Tokenized: every document the rerun read but did not keep, minus those dead-lettered while read.
     read_errors = sum(
         counts["dead_letters_by_reason"].get(reason, 0) for reason in ("duplicate_id", "malformed_json")
@@ -261,7 +263,7 @@ def test_a_kept_file_without_tokenizer_counts_is_tokenized_again(
     summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     assert summary.exit_code == 0, summary.message
     assert_same_export(output, reference)
-    resumed = output_lib.read_manifest(output)["resumed"]
+    resumed = state_lib.read_manifest(output)["resumed"]
     assert resumed["duplicate_rows_dropped"] == repeated_rows
     assert counted_ids <= set(tokenized)
     assert summary.rows_kept >= kept_rows
@@ -276,12 +278,12 @@ def killed(corpus, tiny_bundle, tmp_path_factory):
 
 
 def _staged_run(output):
-    (run_id,) = os.listdir(os.path.join(output, output_lib.STAGING))
+    (run_id,) = os.listdir(os.path.join(output, layout_lib.STAGING))
     return run_id
 
 
 def _set_state(output, state):
-    path = os.path.join(output, output_lib.STAGING, _staged_run(output), resume_lib.RUN_FILE)
+    path = os.path.join(output, layout_lib.STAGING, _staged_run(output), resume_lib.RUN_FILE)
     with open(path, encoding="utf-8") as handle:
         run = json.load(handle)
     with open(path, "w", encoding="utf-8") as handle:
@@ -289,7 +291,7 @@ def _set_state(output, state):
 
 
 def _truncate_run_file(output):
-    path = os.path.join(output, output_lib.STAGING, _staged_run(output), resume_lib.RUN_FILE)
+    path = os.path.join(output, layout_lib.STAGING, _staged_run(output), resume_lib.RUN_FILE)
     with open(path, "rb") as handle:
         data = handle.read()
     with open(path, "wb") as handle:
@@ -317,9 +319,9 @@ def test_another_export_starts_from_zero(change, killed, corpus, reference, tiny
         _set_state(output, resume_lib.COMMITTING)
     summary = run_export(["--model", model, "--input", input_path, "--output", output, *flags])
     assert summary.exit_code == 0, summary.message
-    manifest = output_lib.read_manifest(output)
+    manifest = state_lib.read_manifest(output)
     assert manifest["resumed"] is None and summary.rows_kept == 0
-    assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+    assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
     assert dead_run not in json.dumps(manifest)
     if change in ("resume_off", "truncated_run_file", "reached_commit"):
         assert_same_export(output, reference)
@@ -334,7 +336,7 @@ def test_a_touched_input_file_does_not_resume(killed, corpus, reference, tiny_bu
         summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     finally:
         os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert summary.exit_code == 0 and output_lib.read_manifest(output)["resumed"] is None
+    assert summary.exit_code == 0 and state_lib.read_manifest(output)["resumed"] is None
     assert_same_export(output, reference)
 
 
@@ -344,8 +346,8 @@ def test_only_the_matching_run_is_resumed_and_the_other_removed(
     output = str(tmp_path / "out")
     shutil.copytree(killed, output)
     matching = _staged_run(output)
-    other = os.path.join(output, output_lib.STAGING, "otherrun0000")
-    shutil.copytree(os.path.join(output, output_lib.STAGING, matching), other)
+    other = os.path.join(output, layout_lib.STAGING, "otherrun0000")
+    shutil.copytree(os.path.join(output, layout_lib.STAGING, matching), other)
     with open(os.path.join(other, resume_lib.RUN_FILE), encoding="utf-8") as handle:
         run = json.load(handle)
     run["signature"]["batch_size"] = 999
@@ -354,7 +356,7 @@ def test_only_the_matching_run_is_resumed_and_the_other_removed(
     summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     assert summary.exit_code == 0 and summary.resumed_run == matching
     assert_same_export(output, reference)
-    assert not os.path.exists(os.path.join(output, output_lib.STAGING))
+    assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
 
 
 @pytest.mark.slow
@@ -367,7 +369,7 @@ def test_two_worker_processes_with_a_limit(corpus, tiny_bundle, tmp_path):
     summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, *flags])
     assert summary.exit_code == 0, summary.message
     assert_same_export(output, reference)
-    assert output_lib.read_manifest(output)["limited"] is True
+    assert state_lib.read_manifest(output)["limited"] is True
     assert 0 < kept_rows <= summary.rows_kept < summary.rows_written
 
 
@@ -386,7 +388,7 @@ def test_a_killed_reuse_run_resumes_with_the_same_counts(corpus, tiny_bundle, tm
     assert summary.exit_code == 0, summary.message
     assert summary.rows_kept > 0
     assert_same_export(output, reference)
-    counts = output_lib.read_manifest(output)["counts"]
+    counts = state_lib.read_manifest(output)["counts"]
     assert counts["rows_reused"] > 0 and counts["rows_embedded"] >= DOCUMENTS // 2 - 100
 
 
@@ -414,11 +416,11 @@ def test_checkpoints_close_files_during_one_long_bundle(tiny_bundle, tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", 3000)
     output = str(tmp_path / "out")
     summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
-    assert len(output_lib.read_manifest(output)["shards"]["rows"]) > 3
+    assert len(state_lib.read_manifest(output)["shards"]["rows"]) > 3
     single = str(tmp_path / "single")
     flags = [flag if flag != "0.05" else "604800" for flag in FLAGS]
     run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", single, *flags])
-    assert len(output_lib.read_manifest(single)["shards"]["rows"]) == 1
+    assert len(state_lib.read_manifest(single)["shards"]["rows"]) == 1
     assert rows(single).equals(rows(output)) and summary.exit_code == 0
 
 
@@ -426,13 +428,13 @@ def test_the_run_file_says_when_the_run_reached_its_commit(tiny_bundle, tmp_path
     corpus = write_corpus(tmp_path / "c.jsonl", 50)
     output = str(tmp_path / "out")
     states = []
-    original = output_lib.commit
+    original = commit_lib.commit
 
     def spying_commit(directory, run_id, staged, manifest):
         states.append(resume_lib.read_run(directory, run_id)["state"])
         return original(directory, run_id, staged, manifest)
 
-    monkeypatch.setattr(output_lib, "commit", spying_commit)
+    monkeypatch.setattr(commit_lib, "commit", spying_commit)
     run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     assert states == [resume_lib.COMMITTING]
 
@@ -471,7 +473,7 @@ def test_the_tutorial_keras2_model_resumes_bit_for_bit(tmp_path):
     kept = rows_in(durable_files(output))
     assert main(["--input", str(corpus), "--output", output, *model]) == 0
     assert_same_export(output, reference)
-    assert output_lib.read_manifest(output)["resumed"]["rows_kept"] >= kept > 0
+    assert state_lib.read_manifest(output)["resumed"]["rows_kept"] >= kept > 0
     exported = rows(output)
     order = {document_id: index for index, document_id in enumerate(info["ids"])}
     expected = np.load(tmp_path / "reference.npy")[[order[i] for i in exported.column("id").to_pylist()]]

@@ -21,14 +21,16 @@ from pipeline_fixtures import REPOSITORY, TUTORIAL_KERAS2_SCRIPT, pipeline_comma
 from models.paths import SAMPLE_CORPUS
 from pipeline.errors import ExportConfigError
 from pipeline.running.export import run_export
-from pipeline.writing import output as output_lib
+from pipeline.writing import files as files_lib
+from pipeline.writing import layout as layout_lib
+from pipeline.writing import state as state_lib
 from pipeline.writing.schema import FINGERPRINT_COLUMN, input_fingerprint
 
 SHARE = 0.01
 
 
 def _read(directory):
-    table = ds.dataset(str(directory), format="parquet", ignore_prefixes=output_lib.READER_IGNORE_PREFIXES)
+    table = ds.dataset(str(directory), format="parquet", ignore_prefixes=layout_lib.READER_IGNORE_PREFIXES)
     return table.to_table().sort_by("id")
 
 
@@ -119,7 +121,7 @@ def test_reuse_equals_a_full_export_bit_for_bit_and_counts_what_it_did(versions,
     assert reused.equals(full)  # every column, every bit, every document
 
     unchanged = len(versions["records"]) - len(versions["changed"]) - len(versions["deleted"])
-    counts = output_lib.read_manifest(output)["counts"]
+    counts = state_lib.read_manifest(output)["counts"]
     assert counts["rows_reused"] == summary.rows_reused == unchanged
     assert counts["rows_embedded"] == len(versions["changed"]) + len(versions["new"])
     assert counts["earlier_rows_changed"] == len(versions["changed"])
@@ -163,7 +165,7 @@ def test_refusals(versions, tmp_path, tiny_bundle):
 
     unfinished = tmp_path / "unfinished"
     shutil.copytree(versions["v1"], unfinished)
-    os.remove(unfinished / output_lib.MANIFEST)
+    os.remove(unfinished / layout_lib.MANIFEST)
     _refused([*base, "--reuse", str(unfinished)], "is unfinished or not an export", output)
 
     _refused(
@@ -179,10 +181,10 @@ def test_refusals(versions, tmp_path, tiny_bundle):
 
     old_version = tmp_path / "old_version"
     shutil.copytree(versions["v1"], old_version)
-    with open(old_version / output_lib.MANIFEST, encoding="utf-8") as handle:
+    with open(old_version / layout_lib.MANIFEST, encoding="utf-8") as handle:
         manifest = json.load(handle)
     del manifest["reuse_signature"]
-    with open(old_version / output_lib.MANIFEST, "w", encoding="utf-8") as handle:
+    with open(old_version / layout_lib.MANIFEST, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle)
     _refused([*base, "--reuse", str(old_version)], "did not record input fingerprints", output)
 
@@ -228,14 +230,14 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     assert shards, "the run wrote no shard in its staging directory"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert output_lib.read_manifest(output) is None
+    assert state_lib.read_manifest(output) is None
 
     rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     full = str(tmp_path / "full")
     assert run_export(pipeline_command(second_path, full)[3:]).exit_code == 0
     assert _read(output).equals(_read(full))
-    counts = output_lib.read_manifest(output)["counts"]
+    counts = state_lib.read_manifest(output)["counts"]
     assert counts["rows_reused"] == len(records) - len(changed) - len(deleted)
     assert counts["rows_embedded"] == len(changed) + len(new)
 
@@ -285,18 +287,18 @@ def _damaged_copy(versions, tmp_path, damage):
     """A copy of the first export, edited by `damage(directory, manifest, first row shard's entry)`."""
     directory = tmp_path / "damaged"
     shutil.copytree(versions["v1"], directory)
-    with open(directory / output_lib.MANIFEST, encoding="utf-8") as handle:
+    with open(directory / layout_lib.MANIFEST, encoding="utf-8") as handle:
         manifest = json.load(handle)
     entry = manifest["shards"]["rows"][0]
     damage(directory, manifest, entry)
-    with open(directory / output_lib.MANIFEST, "w", encoding="utf-8") as handle:
+    with open(directory / layout_lib.MANIFEST, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle)
     return str(directory), entry["file"]
 
 
 def _rehash(directory, entry):
     """Records the damaged shard's own size and SHA-256, as a forger of the manifest would."""
-    entry.update(output_lib.file_digest(str(directory / entry["file"])))
+    entry.update(files_lib.file_digest(str(directory / entry["file"])))
 
 
 def _swap_model(directory, manifest, entry):

@@ -23,7 +23,8 @@ from pipeline.running.export import run_export
 from pipeline.running.progress import ProgressMonitor
 from pipeline.running.runners import RANGES_PER_LOCAL_WORKER
 from pipeline.transforms import LineIndex
-from pipeline.writing import output as output_lib
+from pipeline.writing import layout as layout_lib
+from pipeline.writing import state as state_lib
 
 # --- corpus.read_records on plain bytes ----------------------------------------------------------
 
@@ -199,7 +200,7 @@ def _rows(output):
 
 
 def _errors(output):
-    directory = os.path.join(output, output_lib.ERRORS_DIR)
+    directory = os.path.join(output, layout_lib.ERRORS_DIR)
     tables = [pq.read_table(os.path.join(directory, name)) for name in sorted(os.listdir(directory))]
     return pa.concat_tables(tables).sort_by("position")
 
@@ -212,7 +213,7 @@ def test_one_file_is_read_in_ranges_by_two_processes_with_the_in_memory_rows(spl
     for mode, workers in (("in_memory", 1), ("multi_processing", 2)):
         output, summary = outputs[mode]
         assert summary.exit_code == 0, (mode, summary.message)
-        counts = output_lib.read_manifest(output)["counts"]
+        counts = state_lib.read_manifest(output)["counts"]
         # Each worker process gets several ranges of the one file.
         assert counts["ranges_read"] >= workers * RANGES_PER_LOCAL_WORKER, mode
         assert counts["records_read"] == SPLIT_RECORDS == counts["rows_written"] + counts["dead_letters"]
@@ -282,7 +283,7 @@ def test_limit_reads_the_first_records_by_file_then_position(tmp_path, tiny_bund
         ("a.jsonl", 2),
         ("a.jsonl", 3),
     }
-    manifest = output_lib.read_manifest(output)
+    manifest = state_lib.read_manifest(output)
     assert manifest["status"] == "succeeded" and manifest["limited"] is True and manifest["limit"] == 7
     assert sum(shard["rows"] for shard in manifest["shards"]["rows"]) == 5
 
@@ -291,7 +292,7 @@ def test_limit_reads_the_first_records_by_file_then_position(tmp_path, tiny_bund
     assert everything.records_read == 54
     full = run_export([*flags, "--output", str(tmp_path / "full")])
     assert full.records_read == 54
-    assert output_lib.read_manifest(str(tmp_path / "full"))["limited"] is False
+    assert state_lib.read_manifest(str(tmp_path / "full"))["limited"] is False
 
 
 def test_limit_with_files_read_whole(tmp_path, tiny_bundle):
@@ -332,7 +333,7 @@ def test_output_shards_are_cut_at_the_target_size(tmp_path, tiny_bundle):
     # A shard is closed once it reaches the target: at most one row group (half the target) beyond it.
     assert max(sizes) <= 1.5 * target + 16_384
     assert sorted(sizes)[len(sizes) // 2] >= target
-    manifest = output_lib.read_manifest(output)
+    manifest = state_lib.read_manifest(output)
     assert [shard["file"] for shard in manifest["shards"]["rows"]] == names
     for shard in manifest["shards"]["rows"]:
         path = os.path.join(output, shard["file"])

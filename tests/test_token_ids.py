@@ -40,7 +40,8 @@ from pipeline.analysis.dataset import AnalysisError, check_vector_column, open_d
 from pipeline.analysis.neighbors import find_neighbors
 from pipeline.errors import ExportConfigError
 from pipeline.running.export import run_export
-from pipeline.writing import output
+from pipeline.writing import layout as layout_lib
+from pipeline.writing import state as state_lib
 from pipeline.writing.schema import read_export_metadata, vocabulary_schema
 from pipeline.writing.token_tables import check_ids_column, read_table_vectors, vectors_from_ids
 
@@ -128,7 +129,7 @@ def test_ids_are_the_tokenizer_ids_and_the_vectors_are_keras_predict(rows, table
 
 def test_manifest_and_metadata_link_the_columns_to_the_table(exports, rows, table):
     directory = exports["ids"]
-    manifest = output.read_manifest(directory)
+    manifest = state_lib.read_manifest(directory)
     for entry in manifest["columns"]:
         assert (entry["token_storage"], entry["table"]) == ("ids", TABLE)
     (listed,) = manifest["tables"]
@@ -148,7 +149,7 @@ def test_manifest_and_metadata_link_the_columns_to_the_table(exports, rows, tabl
     # The vectors export records its storage too, and has no table.
     vector_facts = read_export_metadata(pq.read_schema(read_rows_files(exports["vectors"])[0]))
     assert {c["token_storage"] for c in vector_facts["columns"]} == {"vectors"}
-    assert output.read_manifest(exports["vectors"])["tables"] == []
+    assert state_lib.read_manifest(exports["vectors"])["tables"] == []
     # The table has the format of `python -m pipeline.vocabulary`, with its columns named.
     written = pq.read_table(os.path.join(directory, TABLE))
     assert written.schema.remove_metadata().equals(vocabulary_schema(300, {}).remove_metadata())
@@ -166,15 +167,15 @@ def read_rows_files(directory):
 
 def test_the_table_is_ours_and_out_of_a_read_of_the_rows(exports, rows, tmp_path):
     directory = exports["ids"]
-    assert output.output_state(directory) == "finished"
-    frame = pd.read_parquet(directory, ignore_prefixes=output.READER_IGNORE_PREFIXES)
+    assert state_lib.output_state(directory) == "finished"
+    frame = pd.read_parquet(directory, ignore_prefixes=layout_lib.READER_IGNORE_PREFIXES)
     assert len(frame) == rows["ids"].num_rows and "vector" not in frame.columns
     # A run that died after moving its table but before the manifest left only files of ours.
     leftover = tmp_path / "leftover"
-    os.makedirs(leftover / output.TABLES_DIR)
+    os.makedirs(leftover / layout_lib.TABLES_DIR)
     pq.write_table(pq.read_table(os.path.join(directory, TABLE)), leftover / TABLE)
-    assert output.output_state(str(leftover)) == "unfinished"
-    output.prepare(str(leftover), overwrite=False)
+    assert state_lib.output_state(str(leftover)) == "unfinished"
+    state_lib.prepare(str(leftover), overwrite=False)
     assert not os.path.exists(leftover / TABLE)
     # A finished export is replaced only with --overwrite, and then without its old table.
     with pytest.raises(ExportConfigError, match="already holds a finished export"):

@@ -21,7 +21,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from pipeline.errors import ExportConfigError
-from pipeline.writing.output import JOURNAL, MANIFEST, SHARD_PREFIX, TABLES_DIR, finish_interrupted_commit
+from pipeline.writing.commit import finish_interrupted_commit
+from pipeline.writing.layout import JOURNAL, MANIFEST, SHARD_PREFIX, TABLES_DIR
 from pipeline.writing.schema import (
     FINGERPRINT_COLUMN,
     ID_COLUMN,

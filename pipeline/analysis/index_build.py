@@ -43,7 +43,8 @@ from pipeline.analysis.index_store import (
     usearch_index_class,
 )
 from pipeline.errors import ExportConfigError
-from pipeline.writing.output import INDEX_DIR, OutputLock
+from pipeline.writing.layout import INDEX_DIR
+from pipeline.writing.lock import OutputLock
 
 if TYPE_CHECKING:
     from usearch.index import Index

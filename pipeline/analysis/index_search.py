@@ -27,7 +27,7 @@ from pipeline.analysis.index_store import (
     source_identity,
     usearch_index_class,
 )
-from pipeline.writing.output import MANIFEST
+from pipeline.writing.layout import MANIFEST
 
 if TYPE_CHECKING:
     from usearch.index import Index

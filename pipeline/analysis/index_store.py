@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NotRequired, TypedDict
 import pyarrow.fs as pafs
 
 from pipeline.analysis.dataset import AnalysisError, VectorDataset
-from pipeline.writing.output import INDEX_DIR, MANIFEST
+from pipeline.writing.layout import INDEX_DIR, MANIFEST
 
 if TYPE_CHECKING:
     from usearch.index import Index

@@ -88,7 +88,8 @@ def check_output(output: str, overwrite: bool) -> None:
     Raises:
         ExportConfigError: saying what is wrong and what to do instead.
     """
-    from pipeline.writing.output import check_output_state, check_writable, is_regular_file
+    from pipeline.writing.files import is_regular_file
+    from pipeline.writing.state import check_output_state, check_writable
 
     check_location("output", output)
     if any(ch in output for ch in GLOB_CHARACTERS):
@@ -167,7 +168,7 @@ def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFi
     if check_remote or is_local(options.output):
         if check_remote:
             # A commit a crash cut short is finished before the output is judged (not by --dry_run).
-            from pipeline.writing.output import finish_interrupted_commit
+            from pipeline.writing.commit import finish_interrupted_commit
 
             check_location("output", options.output)
             if finish_interrupted_commit(options.output) and not options.overwrite:

@@ -74,7 +74,8 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[str, ...]:
     Raises:
         ExportConfigError: naming what differs and how to proceed.
     """
-    from pipeline.writing.output import finish_interrupted_commit, output_state, read_manifest
+    from pipeline.writing.commit import finish_interrupted_commit
+    from pipeline.writing.state import output_state, read_manifest
 
     check_location("reuse", uri)
     # An export whose commit a crash cut short is finished before it is read.
@@ -177,7 +178,8 @@ def check_reuse_shards(uri: str, manifest: Manifest, plan: ExportPlan) -> list[s
     Raises:
         ExportConfigError: naming the first damaged shard and what is wrong with it.
     """
-    from pipeline.writing.output import SHARD_NAME, join
+    from pipeline.writing.files import join
+    from pipeline.writing.layout import SHARD_NAME
 
     def damaged(name: object, problem: str) -> ExportConfigError:
         return ExportConfigError(

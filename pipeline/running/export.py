@@ -51,9 +51,15 @@ from pipeline.running.runners import (
 )
 from pipeline.transforms import FILES_BROKEN, NAMESPACE, RANGES_READ, ROWS_KEPT
 from pipeline.uris import is_local
-from pipeline.writing import output as output_lib
+from pipeline.writing import commit as commit_lib
 from pipeline.writing import resume as resume_lib
+from pipeline.writing.commit_phase import reset_commit_phase
+from pipeline.writing.files import JsonObject, join
+from pipeline.writing.layout import ERRORS_DIR, FAILED_DIR, STAGING, new_run_id
+from pipeline.writing.lock import OutputLock
 from pipeline.writing.resume import Resumption
+from pipeline.writing.staging import remove_staging, staged_shards, staging_prefixes, staging_tables_dir
+from pipeline.writing.state import prepare, read_manifest
 from pipeline.writing.token_tables import write_token_tables
 
 _LOGGER = logging.getLogger(__name__)
@@ -126,7 +132,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
         ExportConfigError: a launch-time validation failed; nothing was written.
     """
     check_known_flags(argv)
-    output_lib.reset_commit_phase()
+    reset_commit_phase()
     options = PipelineOptions(argv)
     # The launcher reads --model, --input and --output before any Pipeline exists;
     # object stores (s3:// endpoint and keys, ...) take their settings from these options.
@@ -155,7 +161,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
         build_pipeline(
             pipeline,
             plan,
-            *output_lib.staging_prefixes(plan.output, output_lib.new_run_id()),
+            *staging_prefixes(plan.output, new_run_id()),
             **_graph_settings(options, total_bytes),
         )
         return _dry_run(pipeline, plan, options)
@@ -170,8 +176,8 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
 
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
-    with output_lib.OutputLock(plan.output):
-        run_id = output_lib.prepare(plan.output, export_options.overwrite, find_resumable)
+    with OutputLock(plan.output):
+        run_id = prepare(plan.output, export_options.overwrite, find_resumable)
         resumed = None
         # The run's first write (its _RUN.json) may be the one that finds the disk full.
         with out_of_space_reported(plan.output, run_id):
@@ -271,18 +277,18 @@ def _run_and_commit(
     complete row files are already staged.
     """
     export_options = options.view_as(ExportOptions)
-    rows_prefix, errors_prefix = output_lib.staging_prefixes(plan.output, run_id)
+    rows_prefix, errors_prefix = staging_prefixes(plan.output, run_id)
     started = time.time()
-    workers_dir = output_lib.join(plan.output, output_lib.STAGING, run_id, portable.WORKERS_DIR)
+    workers_dir = join(plan.output, STAGING, run_id, portable.WORKERS_DIR)
     try:
         with out_of_space_reported(plan.output, run_id):
-            write_token_tables(plan, model_source, output_lib.staging_tables_dir(plan.output, run_id))
+            write_token_tables(plan, model_source, staging_tables_dir(plan.output, run_id))
             result = _run_pipeline(
                 options, plan, rows_prefix, errors_prefix, total_bytes, resumed, workers_dir
             )
-            staged = output_lib.staged_shards(plan.output, run_id)
+            staged = staged_shards(plan.output, run_id)
     except portable.WorkersUnavailableError:
-        output_lib.remove_staging(plan.output, run_id)
+        remove_staging(plan.output, run_id)
         raise
     seconds = time.time() - started
 
@@ -303,7 +309,7 @@ def _run_and_commit(
         # Attempted values count retried bundles twice: only what the files hold is exact.
         by_reason = portable.dead_letters_by_reason(staged["errors"])
         broken = portable.files_broken(by_reason)
-    reuse_counts = {}
+    reuse_counts: JsonObject = {}
     if plan.reuse:
         reused = counters.get("rows_reused", 0)
         reuse_counts = {
@@ -314,10 +320,10 @@ def _run_and_commit(
             "earlier_rows_dropped": counters.get("earlier_rows_dropped", 0),
         }
     # A failed run never replaces a succeeded export (its dead letters go to _failed/RUN/).
-    earlier = output_lib.read_manifest(plan.output)
-    earlier_succeeded = bool(earlier) and earlier.get("status") == "succeeded"
-    failed_dir = output_lib.join(plan.output, output_lib.FAILED_DIR, run_id)
-    errors_dir = output_lib.join(failed_dir if earlier_succeeded else plan.output, output_lib.ERRORS_DIR)
+    earlier = read_manifest(plan.output)
+    earlier_succeeded = earlier is not None and earlier.get("status") == "succeeded"
+    failed_dir = join(plan.output, FAILED_DIR, run_id)
+    errors_dir = join(failed_dir if earlier_succeeded else plan.output, ERRORS_DIR)
     exit_code, message = EXIT_OK, "ok"
     # Without committed counters the records read are unknown; what was written stands in for them.
     counted = read if run_counters.exact else rows + dead
@@ -398,9 +404,9 @@ def _run_and_commit(
             f"it. This run's manifest and dead letters are in {failed_dir} (its rows were dropped)."
         )
         manifest["message"] = message
-        output_lib.set_aside_failed_run(plan.output, run_id, staged, manifest)
+        commit_lib.set_aside_failed_run(plan.output, run_id, staged, manifest)
     else:
-        output_lib.commit(plan.output, run_id, staged, manifest)
+        commit_lib.commit(plan.output, run_id, staged, manifest)
     return ExportSummary(
         output=plan.output,
         records_read=read if run_counters.exact else None,

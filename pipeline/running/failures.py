@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pipeline.errors import OutputWriteError
 from pipeline.running import progress as progress_lib
 from pipeline.uris import is_local
-from pipeline.writing import output as output_lib
+from pipeline.writing.staging import remove_staging, staged_bytes
 
 
 class _HeldErrors(logging.Filter):
@@ -87,10 +87,10 @@ def out_of_space_reported(output: str, run_id: str) -> Iterator[None]:
 
 def out_of_space(output: str, run_id: str) -> OutputWriteError:
     """Removes what the run staged in `output` and says how much space the export needed."""
-    staged = output_lib.staged_bytes(output, run_id)
+    staged = staged_bytes(output, run_id)
     # Measured before the removal: a failed writer may hold its deleted file open until we exit.
     free = _free_bytes(output)
-    output_lib.remove_staging(output, run_id)
+    remove_staging(output, run_id)
     available = f"the {progress_lib.size_text(free + staged)} it had" if free is not None else "what it had"
     return OutputWriteError(
         f"--output {output!r} ran out of space (no space left on device): this export needs more than "

@@ -7,7 +7,7 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.writing import output as output_lib
+from pipeline.writing.files import join
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ def format_summary(summary: ExportSummary) -> str:
         return f"\nNothing exported (--dry_run): {summary.message}\n  output           {summary.output}"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
     read = summary.records_read if summary.records_read is not None else "unknown (no committed counters)"
-    pattern = output_lib.join(summary.output, "part-*.parquet")
+    pattern = join(summary.output, "part-*.parquet")
     lines = [
         "",
         "Export finished" if summary.exit_code == 0 else f"Export finished with problems: {summary.message}",

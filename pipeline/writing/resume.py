@@ -18,7 +18,7 @@ made exactly as in an uninterrupted run; a kept document is dropped as soon as
 it is read, neither tokenized nor embedded again: each row file's footer holds
 what the tokenizer counted for its rows, which the launcher adds back.  A run
 that reached its commit is never resumed: the commit is finished or undone by
-`pipeline.writing.output`, never mixed with a second run.
+`pipeline.writing.commit`, never mixed with a second run.
 """
 
 import dataclasses
@@ -42,16 +42,10 @@ from pipeline.transforms import (
     WRITING_SUFFIX,
 )
 from pipeline.writing import schema as schema_lib
-from pipeline.writing.output import (
-    SHARD_NAME,
-    STAGING,
-    delete_files,
-    join,
-    list_files,
-    read_manifest,
-    staging_prefixes,
-    staging_runs,
-)
+from pipeline.writing.files import delete_files, join, list_files
+from pipeline.writing.layout import SHARD_NAME, STAGING
+from pipeline.writing.staging import staging_prefixes, staging_runs
+from pipeline.writing.state import read_manifest
 
 RUN_FILE = "_RUN.json"
 KEPT_IDS_FILE = "_KEPT_IDS.parquet"

@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import ExportConfigError
-from pipeline.writing.output import TABLES_DIR
+from pipeline.writing.layout import TABLES_DIR
 from pipeline.writing.schema import TOKEN_STORAGE_IDS, VECTOR_COLUMN, is_per_token
 from pipeline.writing.vocabulary_table import vocabulary_metadata, vocabulary_table
 

@@ -1,0 +1,355 @@
+"""The journaled, crash-safe commit of a run's staged export into the output, and its recovery.
+
+The commit is a journaled roll-forward (`commit`).  First, touching nothing of
+the old export, it does everything that needs space or may fail slowly: it
+hashes every staged file, stages the new manifest and writes the journal
+`OUTPUT/_COMMIT.json` (old files to delete, each staged -> final rename with
+its size and SHA-256).  Once the journal is in place the commit only deletes
+and renames (no space needed), each step idempotent: the old manifest goes
+first, then the old files the new ones do not replace, then each rename, then
+the manifest's, then the staging directory and the journal.  Whatever ends the
+process, the directory holds the old export (no journal yet) or a journal from
+which `recover_interrupted_commit` finishes the new one; every command that
+opens an output does so first.
+
+A failed run that must not replace a succeeded export is not committed:
+`set_aside_failed_run` keeps its dead letters and manifest in `_failed/RUN/`.
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import posixpath
+from typing import Any, Literal, TypedDict
+
+from pipeline.errors import ExportConfigError, OutputWriteError
+from pipeline.uris import is_local
+from pipeline.writing.commit_phase import committing
+from pipeline.writing.files import (
+    FileDigest,
+    JsonObject,
+    delete_relative,
+    exists,
+    file_digest,
+    fsync_directory,
+    iter_relative_files,
+    join,
+    make_directory,
+    move,
+    read_json,
+    relative_to,
+    step,
+    write_json,
+)
+from pipeline.writing.layout import (
+    ERRORS_DIR,
+    FAILED_DIR,
+    JOURNAL,
+    KNOWN_DIRECTORY,
+    LOCK,
+    MANIFEST,
+    STAGING,
+    TABLES_DIR,
+    is_ours,
+)
+from pipeline.writing.lock import OutputLock
+from pipeline.writing.staging import StagedShards, remove_staging
+
+# The roles of a run's staged files, the keys of `StagedShards`.
+Role = Literal["rows", "errors", "tables"]
+ROLES: tuple[Role, ...] = ("rows", "errors", "tables")
+# One staged -> final rename of the journal, with the staged file's digest ("from" is a keyword).
+Rename = TypedDict("Rename", {"from": str, "to": str, "bytes": int, "sha256": str})
+
+
+class Journal(TypedDict):
+    """`_COMMIT.json`: what a commit deletes, makes and renames once it is past its commit point."""
+
+    run: str
+    manifest: str
+    delete: list[str]
+    directories: list[str]
+    renames: list[Rename]
+
+
+class ShardEntry(FileDigest):
+    """A committed file as the manifest lists it: where it is, its rows, its size and SHA-256."""
+
+    file: str
+    rows: int
+
+
+def _safe_relative(relative: object) -> bool:
+    """Whether `relative` is a relative path that stays inside the output (no "..", not absolute)."""
+    return (
+        isinstance(relative, str)
+        and bool(relative)
+        and not relative.startswith("/")
+        and "\\" not in relative
+        and all(part not in ("", ".", "..") for part in relative.split("/"))
+    )
+
+
+def _commit_targets(role: Role, path: str) -> str:
+    """Where a staged file goes: rows at the top, dead letters in errors/, token tables in _tables/."""
+    folder = {"rows": "", "errors": ERRORS_DIR, "tables": TABLES_DIR}[role]
+    return posixpath.join(folder, posixpath.basename(path)) if folder else posixpath.basename(path)
+
+
+def commit(directory: str, run_id: str, staged: StagedShards, manifest: JsonObject) -> JsonObject:
+    """Replaces whatever export `directory` holds by the run's staged one, crash-safely (see the module doc).
+
+    Args:
+        directory: the output directory (hold its `OutputLock`).
+        run_id: this run's id; only its staging directory is removed.
+        staged: `pipeline.writing.staging.staged_shards(directory, run_id)`.
+        manifest: facts of the run (options, counts, ...); shard and table lists are added.
+
+    Returns:
+        The manifest dict as written.
+
+    Raises:
+        OutputWriteError: the commit could not start (the old export is untouched and
+            this run's staging directory removed) or could not finish (the journal stays
+            and the next command on the output finishes it).
+    """
+    staging = posixpath.join(STAGING, run_id)
+    with committing(done_phase="committed"):
+        try:
+            journal, manifest = _prepare_commit(directory, run_id, staged, manifest)
+            # The commit point: once the journal is in place the new export is the one that survives.
+            move(directory, posixpath.join(staging, JOURNAL), JOURNAL)
+            fsync_directory(directory)
+            _replay(directory, journal)
+        except OSError as error:
+            if _journal_written(directory):
+                raise OutputWriteError(
+                    f"The commit to --output {directory!r} stopped part-way: {_reason(error)}. Its "
+                    f"journal {JOURNAL} keeps the new export recoverable: once the cause is fixed, the "
+                    "next run on this output (or `python -m pipeline.analyze` of it) finishes the commit."
+                ) from error
+            # Nothing of the old export was touched; free what this run staged.
+            with contextlib.suppress(Exception):
+                remove_staging(directory, run_id)
+            raise OutputWriteError(
+                f"Could not commit to --output {directory!r}: {_reason(error)}. The earlier content of "
+                f"the output is untouched; this run's staged files ({staging}/) were removed. Fix the "
+                "cause and rerun."
+            ) from error
+    return manifest
+
+
+def _journal_written(directory: str) -> bool:
+    """Whether the journal is in place; if that cannot be told, assume so (never delete the staged export)."""
+    try:
+        return has_pending_commit(directory)
+    except Exception:
+        return True
+
+
+def _reason(error: BaseException) -> str:
+    """What stopped the commit, in words for its error message."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "the disk is full (no space left on device)"
+    return str(error) or type(error).__name__
+
+
+def _prepare_commit(
+    directory: str, run_id: str, staged: StagedShards, manifest: JsonObject
+) -> tuple[Journal, JsonObject]:
+    """Hashes the staged files, stages the manifest and the journal; touches nothing outside the staging."""
+    staging = posixpath.join(STAGING, run_id)
+    renames: list[Rename] = []
+    shards: dict[Role, list[ShardEntry]] = {role: [] for role in ROLES}
+    for role in shards:
+        for path, rows in staged.get(role, []):
+            source = relative_to(directory, path)
+            target = _commit_targets(role, path)
+            step("hash", source)
+            digest = file_digest(path)
+            renames.append({"from": source, "to": target, **digest})
+            shards[role].append({"file": target, "rows": rows, **digest})
+    targets = {rename["to"] for rename in renames}
+    old = sorted(
+        relative
+        for relative in iter_relative_files(directory)
+        if is_ours(relative)
+        and relative not in (LOCK, JOURNAL, MANIFEST)
+        and not relative.startswith(STAGING + "/")
+        and relative not in targets
+    )
+    tables = shards.pop("tables")
+    manifest = dict(manifest, shards=shards, tables=tables)
+    staged_manifest = posixpath.join(staging, MANIFEST)
+    write_json(directory, staged_manifest, manifest)
+    journal: Journal = {
+        "run": run_id,
+        "manifest": staged_manifest,
+        "delete": old,
+        "directories": sorted({posixpath.dirname(r["to"]) for r in renames} - {""}),
+        "renames": renames,
+    }
+    write_json(directory, posixpath.join(staging, JOURNAL), journal)
+    return journal, manifest
+
+
+def _check_journal(directory: str, journal: Any) -> Journal:
+    """The journal, after checking it only names our files inside the output.
+
+    `journal` is the file's JSON as read, unchecked: any JSON value until this returns.
+
+    Raises:
+        ExportConfigError: a journal that is damaged or names other files.
+    """
+    try:
+        run = journal["run"]
+        staging = posixpath.join(STAGING, run) + "/"
+        good = (
+            _safe_relative(run)
+            and "/" not in run
+            and journal["manifest"] == staging + MANIFEST
+            and all(
+                _safe_relative(r)
+                and is_ours(r)
+                and not r.startswith(STAGING + "/")
+                and r not in (LOCK, JOURNAL)
+                for r in journal["delete"]
+            )
+            and all(_safe_relative(d) and KNOWN_DIRECTORY.fullmatch(d) for d in journal["directories"])
+            and all(
+                _safe_relative(r["from"])
+                and r["from"].startswith(staging)
+                and _safe_relative(r["to"])
+                and is_ours(r["to"])
+                and not r["to"].startswith((STAGING + "/", FAILED_DIR + "/"))
+                and r["to"] not in (LOCK, JOURNAL, MANIFEST)
+                and isinstance(r["bytes"], int)
+                and isinstance(r["sha256"], str)
+                for r in journal["renames"]
+            )
+        )
+    except (KeyError, TypeError, AttributeError):
+        good = False
+    if not good:
+        raise ExportConfigError(
+            f"{join(directory, JOURNAL)} is damaged or names files that are not this export's, so the "
+            "interrupted commit it describes cannot be finished safely. Move the output's files away "
+            "by hand (the staged export is under _staging/) and rerun."
+        )
+    return journal
+
+
+def _replay(directory: str, journal: Journal) -> None:
+    """Carries out a commit's journal; every step is idempotent, so a replay after any crash finishes it."""
+    staging = posixpath.join(STAGING, journal["run"])
+    if exists(directory, journal["manifest"]):
+        # Old manifest first: from here a reader sees no manifest over a mix of shards.
+        delete_relative(directory, MANIFEST)
+        for relative in journal["delete"]:
+            delete_relative(directory, relative)
+        for relative in journal["directories"]:
+            make_directory(directory, relative)
+        for rename in journal["renames"]:
+            if exists(directory, rename["from"]):
+                move(directory, rename["from"], rename["to"])
+            else:
+                _check_moved(directory, rename)
+        move(directory, journal["manifest"], MANIFEST)
+        fsync_directory(directory)
+    elif not exists(directory, MANIFEST):
+        raise ExportConfigError(
+            f"The interrupted commit in {directory!r} cannot be finished: neither its staged manifest "
+            f"({journal['manifest']}) nor {MANIFEST} exists. Something other than an export changed the "
+            "output; remove it and export again."
+        )
+    step("delete", staging + "/")
+    remove_staging(directory, journal["run"])
+    _remove_empty_directories(directory)
+    delete_relative(directory, JOURNAL)
+    fsync_directory(directory)
+
+
+def _check_moved(directory: str, rename: Rename) -> None:
+    """Checks that a rename whose source is gone did happen: its target has the journaled size and hash."""
+    target = join(directory, rename["to"])
+    if not exists(directory, rename["to"]) or file_digest(target) != {
+        "bytes": rename["bytes"],
+        "sha256": rename["sha256"],
+    }:
+        raise ExportConfigError(
+            f"The interrupted commit in {directory!r} cannot be finished: {rename['from']} is gone and "
+            f"{rename['to']} is {'not the staged file' if exists(directory, rename['to']) else 'missing'}. "
+            "Something other than an export changed the output; remove it and export again."
+        )
+
+
+def _remove_empty_directories(directory: str) -> None:
+    """Locally, removes the directories (errors/, _tables/, _failed/) that the new export left empty."""
+    if not is_local(directory):
+        return
+    for relative in (ERRORS_DIR, TABLES_DIR, FAILED_DIR):
+        path = os.path.join(directory, relative)
+        if os.path.isdir(path) and not os.path.islink(path):
+            for root, _, _ in sorted(os.walk(path), key=lambda entry: -len(entry[0])):
+                with contextlib.suppress(OSError):  # Not empty: kept.
+                    os.rmdir(root)
+
+
+def has_pending_commit(directory: str) -> bool:
+    """Whether a commit into `directory` was interrupted (or is in flight) and must be finished."""
+    return exists(directory, JOURNAL)
+
+
+def recover_interrupted_commit(directory: str) -> bool:
+    """Finishes a commit that a crash or kill cut short, from its journal; call it holding the lock.
+
+    Returns:
+        Whether there was one.
+
+    Raises:
+        ExportConfigError: a damaged journal, or one whose files were changed by hand.
+    """
+    if not has_pending_commit(directory):
+        return False
+    journal = _check_journal(directory, read_json(join(directory, JOURNAL)))
+    logging.warning(
+        "Finishing the commit of run %s into %s, which was interrupted (journal %s).",
+        journal["run"],
+        directory,
+        JOURNAL,
+    )
+    with committing():
+        _replay(directory, journal)
+    return True
+
+
+def finish_interrupted_commit(directory: str) -> bool:
+    """`recover_interrupted_commit` for a command that does not hold the lock: takes it for the while.
+
+    Raises:
+        OutputBusyError: a live run holds the output (and is committing into it).
+    """
+    if not has_pending_commit(directory):
+        return False
+    with OutputLock(directory):
+        return recover_interrupted_commit(directory)
+
+
+def set_aside_failed_run(directory: str, run_id: str, staged: StagedShards, manifest: JsonObject) -> str:
+    """Keeps a failed run's dead letters and manifest in `_failed/RUN/`, drops its rows; returns that folder.
+
+    For a run that must not replace the succeeded export already in `directory`
+    (see `pipeline.running.export`): the export is left as it was.
+    """
+    failed = posixpath.join(FAILED_DIR, run_id)
+    errors: list[dict[str, str | int]] = []
+    make_directory(directory, posixpath.join(failed, ERRORS_DIR))
+    for path, rows in staged.get("errors", []):
+        target = posixpath.join(failed, ERRORS_DIR, posixpath.basename(path))
+        move(directory, relative_to(directory, path), target)
+        errors.append({"file": target, "rows": rows})
+    manifest = dict(manifest, committed=False, shards={"rows": [], "errors": errors}, tables=[])
+    write_json(directory, posixpath.join(failed, MANIFEST), manifest)
+    remove_staging(directory, run_id)
+    return join(directory, failed)

@@ -1,0 +1,56 @@
+"""Where this process's commit stands, and the stop signals that wait until it is over.
+
+The signal handlers of `pipeline.run` ask `commit_phase()`: while a commit is
+in flight SIGINT and SIGTERM are deferred (`defer_signal`) rather than cutting
+it short.  `pipeline.writing.commit` marks its commits with `committing`.
+"""
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from typing import Literal
+
+# "idle" (nothing of the output touched yet), "committing" (SIGINT and SIGTERM must wait) or "committed".
+Phase = Literal["idle", "committing", "committed"]
+
+_commit_phase: Phase = "idle"
+# Signals that arrived while a commit was in flight, for `committing` to deliver after it.
+_deferred_signals: list[int] = []
+
+
+def commit_phase() -> Phase:
+    """ "idle", "committing" or "committed": whether an interrupt now would cut a commit short."""
+    return _commit_phase
+
+
+def reset_commit_phase() -> None:
+    """Marks the start of a new run in this process (tests run several)."""
+    global _commit_phase
+    _commit_phase = "idle"
+    _deferred_signals.clear()
+
+
+def defer_signal(signum: int) -> None:
+    """Called by a signal handler that found a commit in flight: the signal is delivered after it."""
+    _deferred_signals.append(signum)
+
+
+@contextlib.contextmanager
+def committing(done_phase: Phase | None = None) -> Iterator[None]:
+    """Marks a commit in flight; afterwards the phase is `done_phase` on success, else what it was.
+
+    A signal deferred meanwhile is raised again once the phase is back to
+    "idle" (a recovery before a run: the run itself stops now); after a commit
+    ("committed") the handler that deferred it reports it.
+    """
+    global _commit_phase
+    before = _commit_phase
+    _commit_phase = "committing"
+    try:
+        yield
+    except BaseException:
+        _commit_phase = before
+        raise
+    _commit_phase = done_phase or before
+    if _commit_phase == "idle" and _deferred_signals:
+        signal.raise_signal(_deferred_signals.pop())

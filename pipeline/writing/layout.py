@@ -1,0 +1,75 @@
+"""The names in an output directory and which of its files are ours; imports neither Beam nor TensorFlow.
+
+Layout of a finished export::
+
+    OUTPUT/part-SSSSS-of-NNNNN.parquet          the rows
+    OUTPUT/errors/part-SSSSS-of-NNNNN.parquet   the dead letters
+    OUTPUT/_tables/LAYER.parquet                --token_storage ids: each Embedding's table, once
+    OUTPUT/_index/COLUMN.*                      `pipeline.analyze OUT index`: an ANN index, added later
+    OUTPUT/_MANIFEST.json                       marks success: counts, shards with sizes and SHA-256
+    OUTPUT/_failed/RUN/                         a failed --overwrite run that kept the earlier export:
+                                                its _MANIFEST.json and errors/ (dead letters)
+
+Readers of the rows use `OUTPUT/part-*.parquet` (DuckDB, polars, BigQuery) or
+`pd.read_parquet(OUTPUT, ignore_prefixes=READER_IGNORE_PREFIXES)`, since a
+plain recursive read would also pick up `errors/`.
+
+While a run is in flight it holds `OUTPUT/_LOCK` (`pipeline.writing.lock`) and
+its files live under `OUTPUT/_staging/RUN_ID/` (`pipeline.writing.staging`),
+which readers skip (pyarrow.dataset ignores names starting with "_"; a
+`OUTPUT/*.parquet` glob does not descend into it).  `OUTPUT/_COMMIT.json` is
+the journal of a commit in flight (`pipeline.writing.commit`).
+
+Nothing in this project ever deletes a file that `is_ours` does not accept.
+"""
+
+import re
+import uuid
+
+MANIFEST = "_MANIFEST.json"
+LOCK = "_LOCK"
+# The commit's journal: present only while a commit is between its first and last step.
+JOURNAL = "_COMMIT.json"
+# pyarrow.dataset (and so pandas) reads directories recursively: these prefixes
+# keep the dead letters and the staging area out of a read of the rows.
+READER_IGNORE_PREFIXES = ["_", ".", "errors"]
+STAGING = "_staging"
+ERRORS_DIR = "errors"
+# "_" keeps the tables out of a read of the directory, as for the staging area.
+TABLES_DIR = "_tables"
+# Failed --overwrite runs that kept a succeeded export: _failed/RUN/{_MANIFEST.json,errors/}.
+FAILED_DIR = "_failed"
+# `python -m pipeline.analyze OUT index`: tied to the manifest, so replacing the export drops or outdates it.
+INDEX_DIR = "_index"
+SHARD_PREFIX = "part-"
+# Beam's default shard names: part-00000-of-00004.parquet.
+SHARD_NAME = re.compile(r"part-\d{5,}-of-\d{5,}\.parquet")
+_RUN_ID = r"[0-9A-Za-z_-]+"
+_FAILED_FILE = re.compile(
+    rf"{FAILED_DIR}/{_RUN_ID}/({re.escape(MANIFEST)}|{ERRORS_DIR}/part-\d{{5,}}-of-\d{{5,}}\.parquet)"
+)
+# The directories a run makes, so the only empty ones that are ours.
+KNOWN_DIRECTORY = re.compile(
+    rf"({ERRORS_DIR}|{TABLES_DIR}|{INDEX_DIR}|{STAGING}(/.*)?|{FAILED_DIR}(/{_RUN_ID}(/{ERRORS_DIR})?)?)"
+)
+
+
+def new_run_id() -> str:
+    """A fresh id naming a run's staging directory."""
+    return uuid.uuid4().hex[:12]
+
+
+def is_ours(relative: str) -> bool:
+    """Whether a file's path relative to the output directory is one this project writes."""
+    return (
+        relative in (MANIFEST, MANIFEST + ".tmp", LOCK, JOURNAL)
+        or relative.startswith(STAGING + "/")
+        or bool(SHARD_NAME.fullmatch(relative))
+        or (relative.startswith(TABLES_DIR + "/") and relative.endswith(".parquet"))
+        or bool(re.fullmatch(INDEX_DIR + r"/([^/]+\.(usearch|json)(\.tmp)?)?", relative))
+        or (
+            relative.startswith(ERRORS_DIR + "/")
+            and bool(SHARD_NAME.fullmatch(relative[len(ERRORS_DIR) + 1 :]))
+        )
+        or bool(_FAILED_FILE.fullmatch(relative))
+    )

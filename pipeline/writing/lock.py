@@ -1,0 +1,185 @@
+"""Holds an output directory for one run: a kernel lock locally, a renewed lease on object storage."""
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Literal, Self, TypedDict
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.errors import ExportConfigError, OutputBusyError
+from pipeline.uris import is_local
+from pipeline.writing.files import JsonObject, delete_files, join
+from pipeline.writing.layout import LOCK, new_run_id
+
+# A lock on object storage is a lease: its holder rewrites it every
+# LEASE_RENEW_SECONDS, and one not rewritten for LEASE_SECONDS belongs to a dead run.
+LEASE_SECONDS = 300
+LEASE_RENEW_SECONDS = 60
+
+
+class LockHolder(TypedDict):
+    """Who holds the lock, as `_LOCK` says it (a lease adds when it was last "renewed")."""
+
+    run: str
+    host: str
+    pid: int
+    started: float
+
+
+class OutputLock:
+    """Holds an output directory for one run, so two runs never write into one directory.
+
+    Locally the lock is `fcntl.flock` on `OUTPUT/_LOCK`: the kernel releases it
+    when the holder exits, however it exits (SIGKILL and power loss included),
+    so a killed run never leaves the directory stuck.  Object stores have no
+    locks, so there `_LOCK` is a lease: the holder rewrites it every
+    LEASE_RENEW_SECONDS and a lease not renewed for LEASE_SECONDS is taken over.
+    Two runs starting within the same second on object storage can still both
+    pass; the check after writing narrows that window but cannot close it.
+
+    Use as a context manager; raises `OutputBusyError` when another live run holds it.
+    """
+
+    def __init__(self, directory: str, run_label: str | None = None) -> None:
+        self.directory: str = directory
+        self.path: str = join(directory, LOCK)
+        self.holder: LockHolder = {
+            "run": run_label or new_run_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+        }
+        self._fd: int | None = None
+        self._created_directory: bool = False
+        self._stop: threading.Event = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        if is_local(self.directory):
+            self._acquire_local()
+        else:
+            self._acquire_lease()
+        return self
+
+    def __exit__(self, *exc_info: object) -> Literal[False]:
+        self.release()
+        return False
+
+    def _busy(self, holder: JsonObject | None) -> OutputBusyError:
+        who = (
+            f"run {holder.get('run')} (pid {holder.get('pid')} on {holder.get('host')}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))})"
+            if holder
+            else "another run"
+        )
+        return OutputBusyError(
+            f"--output {self.directory!r} is in use by {who}. Wait for it to finish, or choose "
+            "another --output; two runs must never write one directory."
+        )
+
+    def _acquire_local(self) -> None:
+        try:
+            if not os.path.isdir(self.directory):
+                os.makedirs(self.directory)
+                self._created_directory = True
+            while not self._try_local():
+                pass
+        except OSError as error:
+            # Below a file, on a read-only filesystem, a _LOCK that is a symbolic link, ...
+            raise ExportConfigError(
+                f"--output {self.directory!r} cannot be written: {error.strerror or error} "
+                f"({error.filename or self.path}). Choose a writable --output; an export never "
+                "writes through a symbolic link."
+            ) from None
+
+    def _try_local(self) -> bool:
+        """Takes the flock on `_LOCK`; False when the file was replaced meanwhile (try again)."""
+        import fcntl
+
+        # O_NOFOLLOW: a _LOCK that is a link would have us truncate the file it points to.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_json_fd(fd)
+            os.close(fd)
+            raise self._busy(holder) from None
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            # The holder released and unlinked the file between our open and our
+            # flock: the lock we got is on a dead inode, so start again.
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(self.holder).encode("utf-8"))
+        self._fd = fd
+        return True
+
+    def _write_lease(self) -> None:
+        with FileSystems.create(self.path) as handle:
+            handle.write(json.dumps(dict(self.holder, renewed=time.time())).encode("utf-8"))
+
+    def _read_lease(self) -> JsonObject | None:
+        if not FileSystems.exists(self.path):
+            return None
+        with FileSystems.open(self.path) as handle:
+            try:
+                return json.loads(handle.read().decode("utf-8"))
+            except ValueError:
+                return None
+
+    def _acquire_lease(self, settle_seconds: float = 1.0) -> None:
+        holder = self._read_lease()
+        if holder and time.time() - holder.get("renewed", 0) < LEASE_SECONDS:
+            raise self._busy(holder)
+        self._write_lease()
+        time.sleep(settle_seconds)
+        holder = self._read_lease()
+        if not holder or holder.get("run") != self.holder["run"]:
+            raise self._busy(holder)
+        self._renewer = threading.Thread(target=self._renew, name="OutputLockRenewer", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_SECONDS):
+            try:
+                self._write_lease()
+            except Exception as error:  # A missed renewal is retried; the lease lasts 5 of them.
+                logging.warning("Could not renew the lock %s: %s", self.path, error)
+
+    def release(self) -> None:
+        """Gives the directory up (idempotent); removes the lock file and an empty directory we made."""
+        if self._fd is not None:
+            # Unlink before unlocking: a waiter that opened the old file sees a
+            # different inode after its flock and starts again.
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+            if self._created_directory and os.path.isdir(self.directory) and not os.listdir(self.directory):
+                os.rmdir(self.directory)
+        elif self._renewer is not None:
+            self._stop.set()
+            self._renewer.join()
+            self._renewer = None
+            holder = self._read_lease()
+            if holder and holder.get("run") == self.holder["run"]:
+                delete_files([self.path])
+
+
+def _read_json_fd(fd: int) -> Any:
+    """The JSON value in the open file `fd` (a lock's holder), or None where it is not JSON."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 1 << 16).decode("utf-8"))
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,113 @@
+"""A run's staging directory, `OUTPUT/_staging/RUN_ID/`: where its files go, what it holds, its removal.
+
+A run writes its rows under `data/`, its dead letters under `errors/` and its
+token tables under `_tables/` there; the commit (`pipeline.writing.commit`)
+moves them into the output.  Readers never see the staging area (its name
+starts with "_").
+"""
+
+import os
+import posixpath
+import shutil
+from typing import TypedDict
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.errors import ExportConfigError
+from pipeline.uris import is_local
+from pipeline.writing.files import delete_files, iter_entries, join, list_files
+from pipeline.writing.layout import ERRORS_DIR, SHARD_PREFIX, STAGING, TABLES_DIR
+
+
+class StagedShards(TypedDict):
+    """A run's staged files by role, each as (path, rows), sorted by path."""
+
+    rows: list[tuple[str, int]]
+    errors: list[tuple[str, int]]
+    tables: list[tuple[str, int]]
+
+
+def staging_runs(directory: str) -> list[str]:
+    """The run ids that have a staging directory (locally, an empty one too)."""
+    staging = join(directory, STAGING)
+    if is_local(directory):
+        return sorted(os.listdir(staging)) if os.path.isdir(staging) else []
+    prefix = staging.rstrip("/") + "/"
+    return sorted({p[len(prefix) :].split("/", 1)[0] for p in list_files(staging) if p.startswith(prefix)})
+
+
+def _remove_tree(directory: str) -> None:
+    """Deletes the files under `directory` and, locally, the emptied directories; never through a link."""
+    if is_local(directory):
+        if os.path.islink(directory):
+            raise ExportConfigError(f"{directory!r} is a symbolic link; an export never deletes through one.")
+        if not os.path.isdir(directory):
+            return
+        links = [relative for relative, kind in iter_entries(directory) if kind == "link"]
+        if links:
+            raise ExportConfigError(
+                f"{directory!r} holds a symbolic link ({links[0]!r}); an export never deletes through one."
+            )
+        shutil.rmtree(directory)
+        return
+    delete_files(list_files(directory))
+
+
+def remove_staging(directory: str, run_id: str | None = None) -> None:
+    """Deletes one run's staging directory, or (`run_id` None) the whole staging area."""
+    staging = join(directory, STAGING)
+    _remove_tree(join(staging, run_id) if run_id else staging)
+    if run_id and is_local(staging) and os.path.isdir(staging) and not os.listdir(staging):
+        os.rmdir(staging)
+
+
+def staging_prefixes(directory: str, run_id: str) -> tuple[str, str]:
+    """(rows prefix, dead-letters prefix) for a run's shards."""
+    staging = join(directory, STAGING, run_id)
+    return join(staging, "data", "part"), join(staging, ERRORS_DIR, "part")
+
+
+def staging_tables_dir(directory: str, run_id: str) -> str:
+    """Where a run stages its token tables (`--token_storage ids`) until the commit."""
+    return join(directory, STAGING, run_id, TABLES_DIR)
+
+
+def staged_bytes(directory: str, run_id: str | None = None) -> int:
+    """How many bytes one run's staging directory (or the whole staging area) holds."""
+    root = join(directory, STAGING, run_id) if run_id else join(directory, STAGING)
+    if is_local(root):
+        return sum(
+            os.lstat(os.path.join(root, relative)).st_size
+            for relative, kind in iter_entries(root)
+            if kind == "file"
+        )
+    try:
+        return sum(m.size_in_bytes for m in FileSystems.match([join(root, "**")])[0].metadata_list)
+    except Exception:  # Nothing staged.
+        return 0
+
+
+def _row_count(path: str) -> int:
+    with FileSystems.open(path) as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def staged_shards(directory: str, run_id: str) -> StagedShards:
+    """The run's staged shards with their row counts, read once from the Parquet footers."""
+    paths = sorted(list_files(join(directory, STAGING, run_id)))
+    shards: dict[str, list[tuple[str, int]]] = {}
+    for role, folder in (("rows", "data"), ("errors", ERRORS_DIR)):
+        prefix = join(directory, STAGING, run_id, folder) + "/"
+        shards[role] = [
+            (path, _row_count(path))
+            for path in paths
+            if path.startswith(prefix)
+            and posixpath.basename(path).startswith(SHARD_PREFIX)
+            and path.endswith(".parquet")
+        ]
+    prefix = staging_tables_dir(directory, run_id) + "/"
+    tables = [
+        (path, _row_count(path)) for path in paths if path.startswith(prefix) and path.endswith(".parquet")
+    ]
+    return {"rows": shards["rows"], "errors": shards["errors"], "tables": tables}

@@ -1,0 +1,169 @@
+"""What an output directory holds, the checks that refuse one a run must not write into, and `prepare`.
+
+An output holds nothing, a finished export (a manifest, or a commit to
+finish), the leftovers of runs that died ("unfinished"), or something this
+project did not write ("foreign"): a directory that holds anything else (a
+file, a symbolic link, an unknown empty directory) is refused, `--overwrite`
+or not, since an export never deletes what it did not write.
+"""
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Literal
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.errors import ExportConfigError
+from pipeline.uris import is_local
+from pipeline.writing.commit import recover_interrupted_commit
+from pipeline.writing.files import (
+    EntryKind,
+    JsonObject,
+    delete_files,
+    iter_entries,
+    join,
+    list_files,
+    read_json,
+    relative_to,
+)
+from pipeline.writing.layout import JOURNAL, KNOWN_DIRECTORY, LOCK, MANIFEST, STAGING, is_ours, new_run_id
+from pipeline.writing.staging import remove_staging, staging_runs
+
+OutputState = Literal["empty", "finished", "unfinished", "foreign"]
+
+
+def _entry_is_ours(relative: str, kind: EntryKind) -> bool:
+    if kind == "file":
+        return is_ours(relative)
+    # An empty directory is ours only where a run makes one; no link ever is.
+    return kind == "directory" and bool(KNOWN_DIRECTORY.fullmatch(relative))
+
+
+def _describe(relative: str, kind: EntryKind) -> str:
+    if kind == "link":
+        return f"{relative} (a symbolic link)"
+    if kind == "directory":
+        return f"{relative}/ (an empty directory)"
+    if kind == "other":
+        return f"{relative} (not a regular file)"
+    return relative
+
+
+def output_state(directory: str) -> OutputState:
+    """ "empty", "finished" (a manifest or a commit to finish), "unfinished" (our leftovers) or "foreign"."""
+    relatives: list[str] = []
+    for relative, kind in iter_entries(directory):
+        if not _entry_is_ours(relative, kind):
+            return "foreign"
+        # The lock is the live run's (ours, once we hold it), not a leftover.
+        if relative != LOCK:
+            relatives.append(relative)
+    if not relatives:
+        return "empty"
+    return "finished" if MANIFEST in relatives or JOURNAL in relatives else "unfinished"
+
+
+def foreign_files(directory: str, limit: int = 5) -> list[str]:
+    """A few of the entries in `directory` that no export wrote, for error messages."""
+    found: list[str] = []
+    for relative, kind in iter_entries(directory):
+        if not _entry_is_ours(relative, kind):
+            found.append(_describe(relative, kind))
+            if len(found) == limit:
+                break
+    return sorted(found)
+
+
+def check_output_state(directory: str, overwrite: bool) -> OutputState:
+    """Refuses an output that holds foreign files, or a finished export without `overwrite`.
+
+    Raises:
+        ExportConfigError: saying what is there and what to do.
+    """
+    state = output_state(directory)
+    if state == "foreign":
+        raise ExportConfigError(
+            f"--output {directory!r} holds files that no export wrote (e.g. "
+            f"{', '.join(foreign_files(directory))}). An export only ever replaces its own "
+            "files, so it will not write there, --overwrite or not: choose a new or empty directory."
+        )
+    if state == "finished" and not overwrite:
+        raise ExportConfigError(
+            f"--output {directory!r} already holds a finished export. Pass --overwrite to "
+            "replace it, or choose another --output."
+        )
+    return state
+
+
+def check_writable(directory: str) -> None:
+    """Refuses a local --output that cannot be made: below a file, or on a read-only path.
+
+    Raises:
+        ExportConfigError: naming the file or the read-only directory.
+    """
+    if not is_local(directory):
+        return
+    existing = os.path.abspath(directory)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ExportConfigError(
+            f"--output {directory!r} is below {existing!r}, which is a file, not a directory; "
+            "choose an --output whose parent is a directory."
+        )
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportConfigError(
+            f"--output {directory!r} cannot be written: {existing!r} is "
+            f"{'on a read-only filesystem' if read_only else 'not writable by this user'}. "
+            "Choose a writable --output."
+        )
+
+
+def prepare(
+    directory: str, overwrite: bool, find_resumable: Callable[[str], str | None] | None = None
+) -> str:
+    """Checks the output again under the lock and removes what dead runs left; returns a run id.
+
+    Call it while holding `OutputLock(directory)`: then no other live run uses
+    the directory, so every staging directory and every unfinished file in it
+    belongs to a run that died.  A finished export is kept until `commit`
+    replaces it, so a failed `--overwrite` run does not destroy the previous result.
+    `find_resumable(directory)` may name one dead run's staging directory to
+    keep (`pipeline.writing.resume`); its id is then returned instead of a new one.
+
+    Raises:
+        ExportConfigError: foreign files, or a finished export without `overwrite`
+            (another run may have finished there since the launch-time check).
+    """
+    # An interrupted commit is finished first: its staging directory is the new export.
+    recover_interrupted_commit(directory)
+    state = check_output_state(directory, overwrite)
+    resumed = find_resumable(directory) if find_resumable else None
+    if state == "unfinished":
+        leftovers = [
+            p
+            for p in list_files(directory)
+            if relative_to(directory, p) != LOCK and not relative_to(directory, p).startswith(STAGING + "/")
+        ]
+        if leftovers:
+            logging.warning(
+                "Removing %d files left in %s by a run that did not finish.", len(leftovers), directory
+            )
+        delete_files(leftovers)
+    if resumed:
+        for run_id in staging_runs(directory):
+            if run_id != resumed:
+                remove_staging(directory, run_id)
+        return resumed
+    remove_staging(directory)
+    return new_run_id()
+
+
+def read_manifest(directory: str) -> JsonObject | None:
+    """The manifest of a finished export, or None."""
+    path = join(directory, MANIFEST)
+    if not FileSystems.exists(path):
+        return None
+    return read_json(path)
