@@ -12,7 +12,7 @@ staging directory with an equal signature (`find_resumable`) and keeps it
 ones and everything else (dead letters, tables) are removed, a document held
 by two complete files (a retried bundle) is kept once after checking that both
 copies are equal, and the kept ids are written to `_KEPT_IDS.parquet`, which
-the workers read to skip those documents (`transforms.SkipKeptFn`).  The
+the workers read to skip those documents (`pipeline.inference.skip_kept.SkipKeptFn`).  The
 pipeline still reads every record, so dead letters, duplicates and counts are
 made exactly as in an uninterrupted run; a kept document is dropped as soon as
 it is read, neither tokenized nor embedded again: each row file's footer holds
@@ -34,13 +34,9 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError
+from pipeline.inference.skip_kept import KEPT_COUNTED_COLUMN
 from pipeline.planning.reuse import reuse_signature
-from pipeline.transforms import (
-    KEPT_COUNTED_COLUMN,
-    TOKENIZER_COUNTS,
-    TOKENIZER_COUNTS_KEY,
-    WRITING_SUFFIX,
-)
+from pipeline.running.counters import TOKENIZER_COUNTS
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.output import (
     SHARD_NAME,
@@ -52,6 +48,7 @@ from pipeline.writing.output import (
     staging_prefixes,
     staging_runs,
 )
+from pipeline.writing.shards import TOKENIZER_COUNTS_KEY, WRITING_SUFFIX
 
 RUN_FILE = "_RUN.json"
 KEPT_IDS_FILE = "_KEPT_IDS.parquet"
@@ -75,7 +72,7 @@ class Resumption:
     kept_ids_path: str
     partial_files_ignored: int
     duplicate_rows_dropped: int
-    # What the tokenizer counted for the kept rows (`transforms.TOKENIZER_COUNTS`), which
+    # What the tokenizer counted for the kept rows (`counters.TOKENIZER_COUNTS`), which
     # the rerun does not tokenize again: the launcher adds them to the run's counters.
     tokenizer_counts: dict = dataclasses.field(default_factory=dict)
 
@@ -227,7 +224,7 @@ def _complete_rows(path: str, schema: pa.Schema) -> int | None:
 
 
 def _file_tokenizer_counts(metadata: pq.FileMetaData) -> dict | None:
-    """The tokenizer's counts of a row file's rows (`transforms.TOKENIZER_COUNTS_KEY`), or None."""
+    """The tokenizer's counts of a row file's rows (`shards.TOKENIZER_COUNTS_KEY`), or None."""
     try:
         counts = json.loads((metadata.metadata or {})[TOKENIZER_COUNTS_KEY])
         return {name: int(counts[name]) for name in TOKENIZER_COUNTS}
@@ -324,7 +321,7 @@ def _drop_duplicates(files: list, plan) -> tuple:
 def _counted_ids(files: list) -> tuple:
     """The ids of `files` whose tokenizer counts are known, and those counts summed.
 
-    A file's counts are in its footer (`transforms.TOKENIZER_COUNTS_KEY`); one
+    A file's counts are in its footer (`shards.TOKENIZER_COUNTS_KEY`); one
     without them (rewritten by `_drop_duplicates`) has its documents tokenized again.
     """
     ids, totals = [], dict.fromkeys(TOKENIZER_COUNTS, 0)
