@@ -28,6 +28,9 @@ TOKENIZED = "tokenized"
 ROWS = "rows"
 ERRORS = "errors"
 
+# What `EmbedDocuments` returns: the row batches and the dead letters.
+EmbedOutputs = tuple[beam.PCollection[pa.RecordBatch], beam.PCollection[DeadLetter]]
+
 
 class TokenizeDocumentsFn(beam.DoFn):
     """`Document` -> `features.Tokenized` (main) or a dead letter (`errors`); loads only the tokenizer."""
@@ -145,9 +148,7 @@ class EmbedDocuments(beam.PTransform):
         self._plan = plan
         self._kept_ids_path = kept_ids_path
 
-    def expand(
-        self, documents: beam.PCollection[Document]
-    ) -> tuple[beam.PCollection[pa.RecordBatch], beam.PCollection[DeadLetter]]:
+    def expand(self, documents: beam.PCollection[Document]) -> EmbedOutputs:
         if self._kept_ids_path:
             documents = documents | "SkipKeptDocuments" >> beam.ParDo(
                 SkipKeptFn(self._kept_ids_path, document_id, SKIP_COUNTED)

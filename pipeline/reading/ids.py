@@ -13,8 +13,7 @@ from apache_beam.runners.sdf_utils import RestrictionTrackerView
 
 from pipeline.planning.plan import ExportPlan
 from pipeline.reading import corpus
-from pipeline.reading.ranges import RANGE_TRACKER, FileRange, RangeReader, path_key
-from pipeline.running import progress as progress_lib
+from pipeline.reading.ranges import RANGE_TRACKER, FileRange, RangeReader, RangeReadingFn, path_key
 
 # The outputs of `ScanDocumentIdsFn`: (id, place) per keyed document (main), the
 # newline counts of the line index, and with a limit every record's (source, order).
@@ -28,7 +27,7 @@ Place = tuple[bytes, int]
 FirstPlace = tuple[bytes, int, int | None]
 
 
-class ScanDocumentIdsFn(beam.DoFn):
+class ScanDocumentIdsFn(RangeReadingFn):
     """The first, light pass: each record's id and (file, order), never the document.
 
     Outputs (id, (source, order)) per document (main; none for text files, whose
@@ -41,16 +40,9 @@ class ScanDocumentIdsFn(beam.DoFn):
     def __init__(
         self, plan: ExportPlan, index_block: int, limit: int | None = None, progress_dir: str | None = None
     ):
-        self._plan = plan
+        super().__init__(plan, progress_dir)
         self._index_block = index_block
         self._limit = limit
-        self._progress_dir = progress_dir
-
-    def setup(self) -> None:
-        self._progress = progress_lib.recorder(self._progress_dir)
-
-    def finish_bundle(self) -> None:
-        self._progress.flush()
 
     def process(
         self,

@@ -16,6 +16,7 @@ from pipeline.planning.plan import ExportPlan
 from pipeline.reading import corpus, listing
 from pipeline.reading.documents import Record
 from pipeline.reading.text_lines import LinesBefore
+from pipeline.running import progress as progress_lib
 
 # Ranges of a file read by one worker; Dataflow splits them further while they are read.
 DEFAULT_SPLIT_BYTES = 64 << 20
@@ -175,6 +176,20 @@ class RangeReader:
         if not self._refused:
             # Claiming the end fails, and so tells the tracker that nothing is left.
             self._tracker.try_claim(self._tracker.current_restriction().stop)
+
+
+class RangeReadingFn(beam.DoFn):
+    """A DoFn that reads `FileRange`s of the corpus (both passes): holds the plan, and counts its progress."""
+
+    def __init__(self, plan: ExportPlan, progress_dir: str | None = None):
+        self._plan = plan
+        self._progress_dir = progress_dir
+
+    def setup(self) -> None:
+        self._progress = progress_lib.recorder(self._progress_dir)
+
+    def finish_bundle(self) -> None:
+        self._progress.flush()
 
 
 def path_key(path: str) -> bytes:

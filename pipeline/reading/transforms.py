@@ -33,11 +33,11 @@ from pipeline.reading.ranges import (
     RANGE_TRACKER,
     FileRange,
     RangeReader,
+    RangeReadingFn,
     SplitFilesFn,
     path_key,
 )
 from pipeline.running import counters
-from pipeline.running import progress as progress_lib
 from pipeline.writing import schema as schema_lib
 
 # The outputs of `ReadDocumentsFn` and `ReadCorpus`: documents (main) and dead letters.
@@ -45,7 +45,7 @@ DOCUMENTS = "documents"
 ERRORS = "errors"
 
 
-class ReadDocumentsFn(beam.DoFn):
+class ReadDocumentsFn(RangeReadingFn):
     """The second pass: each record of a range as a `Document` or a dead letter, with exact line numbers.
 
     Records after the --limit cut-off are not read; a later record of an id
@@ -53,17 +53,10 @@ class ReadDocumentsFn(beam.DoFn):
     """
 
     def __init__(self, plan: ExportPlan, progress_dir: str | None = None):
-        self._plan = plan
-        self._progress_dir = progress_dir
+        super().__init__(plan, progress_dir)
         self._read = Metrics.counter(counters.NAMESPACE, counters.RECORDS_READ)
         self._broken = Metrics.counter(counters.NAMESPACE, counters.FILES_BROKEN)
         self._ranges = Metrics.counter(counters.NAMESPACE, counters.RANGES_READ)
-
-    def setup(self) -> None:
-        self._progress = progress_lib.recorder(self._progress_dir)
-
-    def finish_bundle(self) -> None:
-        self._progress.flush()
 
     def process(
         self,
