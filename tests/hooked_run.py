@@ -53,7 +53,7 @@ def _commit_hook(kind, action, count, marker=None):
 
 
 def _inference_hook(count, marker):
-    from pipeline.transforms import EmbeddingModelHandler
+    from pipeline.inference.transforms import EmbeddingModelHandler
 
     run_inference = EmbeddingModelHandler.run_inference
     seen = [0]

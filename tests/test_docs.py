@@ -1,6 +1,7 @@
 """The README and docs/: every internal link resolves, and every marked block has a test that runs it."""
 
 import os
+import re
 
 import pytest
 from doc_pages import MARKERS, PAGES, README, REPOSITORY, anchors, links, markers, read
@@ -60,3 +61,20 @@ def test_ci_runs_the_readme_test_command():
     assert ci == [command]
     for step in ("-c constraints.txt", "ruff check .", "ruff format --check .", "mypy", "pytest"):
         assert step in command
+
+
+def test_the_structure_table_lists_every_module_and_only_modules_that_exist():
+    """README's structure table matches the tree: each module of `pipeline/` and `models/` has a row."""
+    table = read(README).split("## Structure of the project", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| \*{0,2}`([\w/.]+)`", table, flags=re.M))
+    missing_paths = sorted(path for path in listed if not os.path.exists(os.path.join(REPOSITORY, path)))
+    assert not missing_paths, f"the structure table names what does not exist: {missing_paths}"
+    modules = {
+        os.path.relpath(os.path.join(directory, name), REPOSITORY)
+        for package in ("pipeline", "models")
+        for directory, _, names in os.walk(os.path.join(REPOSITORY, package))
+        for name in names
+        if name.endswith(".py") and name != "__init__.py"
+    }
+    unlisted = sorted(modules - listed)
+    assert not unlisted, f"modules without a row in README's structure table: {unlisted}"

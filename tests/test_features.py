@@ -124,9 +124,9 @@ def test_embed_documents_in_a_test_pipeline_gives_keras_vectors_and_dead_letters
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
+    from pipeline.inference.transforms import EmbedDocuments
     from pipeline.planning.build import build_plan
     from pipeline.planning.options import ExportOptions
-    from pipeline.transforms import EmbedDocuments
 
     directory, model, _ = tiny_bundle
     corpus = tmp_path / "c.jsonl"

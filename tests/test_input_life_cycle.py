@@ -14,8 +14,8 @@ import threading
 import pytest
 from pipeline_fixtures import REPOSITORY, pipeline_command, read_errors, read_rows
 
-from pipeline import transforms as transforms_lib
 from pipeline.errors import EXIT_RECORDS_LOST
+from pipeline.reading import ranges as ranges_lib
 from pipeline.run import main
 from pipeline.running import export
 from pipeline.writing.state import read_manifest
@@ -156,7 +156,7 @@ def test_files_deleted_truncated_or_rewritten_after_launch_are_dead_letters(
 
 def _cut_while_reading(monkeypatch, path, keep_bytes, on_open):
     """Truncates `path` to `keep_bytes` just after the reader opens it for the `on_open`-th time."""
-    opened = transforms_lib._RangeReader._open
+    opened = ranges_lib.RangeReader._open
     opens = []
 
     def open_then_cut(reader):
@@ -167,7 +167,7 @@ def _cut_while_reading(monkeypatch, path, keep_bytes, on_open):
                 os.truncate(path, keep_bytes)
         return handle
 
-    monkeypatch.setattr(transforms_lib._RangeReader, "_open", open_then_cut)
+    monkeypatch.setattr(ranges_lib.RangeReader, "_open", open_then_cut)
     return opens
 
 

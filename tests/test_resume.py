@@ -28,11 +28,11 @@ from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.run import main
 from pipeline.running.export import run_export
-from pipeline.transforms import TOKENIZER_COUNTS_KEY
 from pipeline.writing import commit as commit_lib
 from pipeline.writing import layout as layout_lib
 from pipeline.writing import resume as resume_lib
 from pipeline.writing import state as state_lib
+from pipeline.writing.shards import TOKENIZER_COUNTS_KEY
 
 DOCUMENTS = 5000
 # Small files, closed often: the run is killed after a few of them, long before its end.

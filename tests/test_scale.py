@@ -18,11 +18,11 @@ from models.train import SAMPLE_CORPUS
 from pipeline.planning.plan import InputInfo
 from pipeline.reading import corpus, parquet_rows, text_lines
 from pipeline.reading.documents import Document
+from pipeline.reading.ids import LineIndex
 from pipeline.running import runners
 from pipeline.running.export import run_export
 from pipeline.running.progress import ProgressMonitor
 from pipeline.running.runners import RANGES_PER_LOCAL_WORKER
-from pipeline.transforms import LineIndex
 from pipeline.writing import layout as layout_lib
 from pipeline.writing import state as state_lib
 

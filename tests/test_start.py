@@ -104,7 +104,7 @@ def test_an_export_does_not_import_matplotlib_but_analyze_still_can(tmp_path):
     """Keras loads matplotlib.pyplot with itself when it is installed; an export has no use for it."""
     code = (
         "import sys\n"
-        "import pipeline.run, pipeline.running.export, pipeline.transforms\n"
+        "import pipeline.run, pipeline.running.export, pipeline.running.graph\n"
         "import pipeline.inference.embedder, keras\n"
         "assert not [m for m in sys.modules if m.startswith('matplotlib')], 'matplotlib imported'\n"
         "import matplotlib.pyplot\n"

@@ -13,7 +13,7 @@ in file order: the byte offset of a line (in the decompressed bytes for .gz), th
 row number in CSV and Parquet. A range that starts past the beginning of a file
 learns its first line number from `lines_before`, an index of newline counts per
 block of bytes (at most `INDEX_BLOCK`) built while scanning the ids (see
-`pipeline.transforms.ReadCorpus`).
+`pipeline.reading.transforms.ReadCorpus`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ if typing.TYPE_CHECKING:
 SPLIT_FORMATS = ("text", "jsonl", "parquet")
 LINE_FORMATS = ("text", "jsonl")
 # Line numbers of a range come from the newlines counted per block of this many bytes
-# at most; never more than the split size (`pipeline.transforms.ReadCorpus`), so that a
+# at most; never more than the split size (`pipeline.reading.transforms.ReadCorpus`), so that a
 # range skips less than one range of bytes to find its first line number.
 INDEX_BLOCK = 4 << 20
 # The order of a record standing for a whole file (unreadable_file): before its records.

@@ -5,9 +5,8 @@ import logging
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
-from pipeline.running import portable
+from pipeline.running.counters import NAMESPACE, read_counters
 from pipeline.running.report import format_counters
-from pipeline.transforms import NAMESPACE
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def poll_dataflow(result: PipelineResult, options: PipelineOptions, interval: fl
         if PipelineState.is_terminal(result.state):
             return
         try:
-            counters = portable.read_counters(result, NAMESPACE).values
+            counters = read_counters(result, NAMESPACE).values
         except Exception as error:  # The service may not have counters yet.
             _LOGGER.info("Dataflow job %s: %s (counters not available: %s)", job_id, result.state, error)
             continue

@@ -35,6 +35,22 @@ from pipeline.planning.plan import ExportPlan
 from pipeline.planning.reuse import reuse_signature
 from pipeline.running import portable
 from pipeline.running import progress as progress_lib
+from pipeline.running.counters import (
+    DOCUMENTS_TRUNCATED,
+    EARLIER_ROWS_CHANGED,
+    EARLIER_ROWS_DROPPED,
+    FILES_BROKEN,
+    NAMESPACE,
+    OOV_TOKENS,
+    RANGES_READ,
+    RECORDS_READ,
+    ROWS_KEPT,
+    ROWS_REUSED,
+    dead_letters_by_reason,
+    failures_by_reason,
+    files_broken,
+    read_counters,
+)
 from pipeline.running.dataflow import poll_dataflow
 from pipeline.running.failures import beam_errors_held, out_of_space_reported
 from pipeline.running.graph import build_pipeline
@@ -49,7 +65,6 @@ from pipeline.running.runners import (
     worker_package_path,
     worker_tf_threads,
 )
-from pipeline.transforms import FILES_BROKEN, NAMESPACE, RANGES_READ, ROWS_KEPT
 from pipeline.uris import is_local
 from pipeline.writing import commit as commit_lib
 from pipeline.writing import resume as resume_lib
@@ -292,7 +307,7 @@ def _run_and_commit(
         raise
     seconds = time.time() - started
 
-    run_counters = portable.read_counters(result, NAMESPACE)
+    run_counters = read_counters(result, NAMESPACE)
     counters = dict(run_counters.values)
     if resumed:
         # The kept documents were not tokenized again: their counts come from the kept files.
@@ -300,24 +315,22 @@ def _run_and_commit(
             counters[name] = counters.get(name, 0) + value
     rows = sum(count for _, count in staged["rows"])
     dead = sum(count for _, count in staged["errors"])
-    read = counters.get("records_read", 0)
+    read = counters.get(RECORDS_READ, 0)
     broken = counters.get(FILES_BROKEN, 0)
-    by_reason = {
-        name[len("failed_") :]: value for name, value in counters.items() if name.startswith("failed_")
-    }
+    by_reason = failures_by_reason(counters)
     if not run_counters.exact:
         # Attempted values count retried bundles twice: only what the files hold is exact.
-        by_reason = portable.dead_letters_by_reason(staged["errors"])
-        broken = portable.files_broken(by_reason)
+        by_reason = dead_letters_by_reason(staged["errors"])
+        broken = files_broken(by_reason)
     reuse_counts: JsonObject = {}
     if plan.reuse:
-        reused = counters.get("rows_reused", 0)
+        reused = counters.get(ROWS_REUSED, 0)
         reuse_counts = {
             "reused_from": plan.reuse,
             "rows_reused": reused,
             "rows_embedded": rows - reused,
-            "earlier_rows_changed": counters.get("earlier_rows_changed", 0),
-            "earlier_rows_dropped": counters.get("earlier_rows_dropped", 0),
+            "earlier_rows_changed": counters.get(EARLIER_ROWS_CHANGED, 0),
+            "earlier_rows_dropped": counters.get(EARLIER_ROWS_DROPPED, 0),
         }
     # A failed run never replaces a succeeded export (its dead letters go to _failed/RUN/).
     earlier = read_manifest(plan.output)
@@ -378,8 +391,8 @@ def _run_and_commit(
             "dead_letters": dead,
             "dead_letters_by_reason": by_reason,
             "files_broken": broken,
-            "documents_truncated": counters.get("documents_truncated", 0),
-            "oov_tokens": counters.get("oov_tokens", 0),
+            "documents_truncated": counters.get(DOCUMENTS_TRUNCATED, 0),
+            "oov_tokens": counters.get(OOV_TOKENS, 0),
             # How many byte ranges of the input files were read (more than one per big file).
             "ranges_read": counters.get(RANGES_READ, 0),
             **reuse_counts,
@@ -413,8 +426,8 @@ def _run_and_commit(
         rows_written=rows,
         dead_letters=dead,
         errors_by_reason=by_reason,
-        truncated=counters.get("documents_truncated", 0),
-        oov_tokens=counters.get("oov_tokens", 0),
+        truncated=counters.get(DOCUMENTS_TRUNCATED, 0),
+        oov_tokens=counters.get(OOV_TOKENS, 0),
         seconds=seconds,
         exit_code=exit_code,
         message=message,

@@ -9,19 +9,14 @@ from typing import Any, TypedDict
 import apache_beam as beam
 import pyarrow as pa
 
+from pipeline.inference.transforms import EmbedDocuments
 from pipeline.planning.plan import ExportPlan
+from pipeline.reading.ranges import DEFAULT_SPLIT_BYTES
+from pipeline.reading.transforms import ReadCorpus
 from pipeline.running.portable import AnnounceWorker
-from pipeline.transforms import (
-    DEFAULT_CHECKPOINT_SECONDS,
-    DEFAULT_SHARD_BYTES,
-    DEFAULT_SPLIT_BYTES,
-    EmbedDocuments,
-    ReadCorpus,
-    ReuseEarlierRows,
-    WriteDeadLetters,
-    WriteEmbeddings,
-    count_errors,
-)
+from pipeline.writing.dead_letters import WriteDeadLetters, count_errors
+from pipeline.writing.reuse import ReuseEarlierRows
+from pipeline.writing.shards import DEFAULT_CHECKPOINT_SECONDS, DEFAULT_SHARD_BYTES, WriteEmbeddings
 
 
 class ExportCollections(TypedDict):

@@ -1,8 +1,7 @@
-"""Portable runners (PortableRunner, Flink, Spark): endpoint probe, worker watchdog, progress, counters."""
+"""Portable runners (PortableRunner, Flink, Spark): endpoint probe, worker watchdog, progress."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -13,15 +12,12 @@ from collections.abc import Callable, Iterator
 
 import apache_beam as beam
 import grpc  # type: ignore[import-untyped]  # grpcio ships no types (and mypy.ini does not list it yet)
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipeline.errors import ExportConfigError
-from pipeline.running import counters
 from pipeline.running.progress import duration_text
-from pipeline.writing.schema import FILE_REASONS
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -255,51 +251,3 @@ def _cancel(result: PipelineResult) -> None:
         result.cancel()
     except Exception as error:  # The job may have ended meanwhile; the launcher is leaving anyway.
         _LOGGER.warning("Could not cancel the job: %s", error)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunCounters:
-    """The run's Beam counters (namespace `embexport`), and whether they are exact.
-
-    `exact` is False when the runner reported no committed value for any of them
-    (Spark's and Flink's job servers report attempted values only, which count a
-    retried bundle twice; some report none): then `values` holds the attempted
-    ones, which must not be recorded as the run's counts.
-    """
-
-    values: dict[str, int]
-    exact: bool
-
-
-def read_counters(result: PipelineResult, namespace: str = counters.NAMESPACE) -> RunCounters:
-    """The counters of `result` in `namespace`: committed values if the runner has them, else attempted."""
-    query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(namespace))["counters"]
-    committed: dict[str, int] = {}
-    attempted: dict[str, int] = {}
-    for counter in query:
-        name = counter.key.metric.name
-        if counter.committed is not None:
-            committed[name] = committed.get(name, 0) + counter.committed
-        if counter.attempted is not None:
-            attempted[name] = attempted.get(name, 0) + counter.attempted
-    if committed:
-        return RunCounters(committed, True)
-    return RunCounters(attempted, False)
-
-
-def dead_letters_by_reason(error_shards: list[tuple[str, int]]) -> dict[str, int]:
-    """Dead letters per reason, read from the staged dead-letter shards (their `reason` column)."""
-    by_reason: dict[str, int] = {}
-    for path, rows in error_shards:
-        if not rows:
-            continue
-        with FileSystems.open(path) as handle:
-            reasons = pq.read_table(handle, columns=["reason"]).column("reason").to_pylist()
-        for reason in reasons:
-            by_reason[reason] = by_reason.get(reason, 0) + 1
-    return by_reason
-
-
-def files_broken(by_reason: dict[str, int]) -> int:
-    """Files that could not be read to the end, from dead letters per reason."""
-    return sum(by_reason.get(reason, 0) for reason in FILE_REASONS)

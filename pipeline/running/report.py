@@ -7,6 +7,7 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.running.counters import RECORDS_READ, ROWS_EMBEDDED, failures_by_reason
 from pipeline.writing.files import join
 
 
@@ -79,9 +80,9 @@ def recorded_command_line(args: Sequence[str]) -> list[str]:
 
 def format_counters(counters: Mapping[str, int]) -> str:
     """The progress counters of a run as one line (Dataflow polling)."""
-    dead = sum(value for name, value in counters.items() if name.startswith("failed_"))
+    dead = sum(failures_by_reason(counters).values())
     return (
-        f"{counters.get('records_read', 0):,} records read, {counters.get('rows_embedded', 0):,} rows "
+        f"{counters.get(RECORDS_READ, 0):,} records read, {counters.get(ROWS_EMBEDDED, 0):,} rows "
         f"embedded, {dead:,} dead letters"
     )
 

@@ -20,8 +20,8 @@ from pipeline.errors import ExportConfigError
 from pipeline.planning.model_source import is_default_bundle
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.plan import wants_no_tokenizer
+from pipeline.reading.ranges import DEFAULT_SPLIT_BYTES
 from pipeline.running import local_workers, portable
-from pipeline.transforms import DEFAULT_SPLIT_BYTES
 from pipeline.uris import is_local
 
 _LOGGER = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ staging directory with an equal signature (`find_resumable`) and keeps it
 ones and everything else (dead letters, tables) are removed, a document held
 by two complete files (a retried bundle) is kept once after checking that both
 copies are equal, and the kept ids are written to `_KEPT_IDS.parquet`, which
-the workers read to skip those documents (`transforms.SkipKeptFn`).  The
+the workers read to skip those documents (`pipeline.inference.skip_kept.SkipKeptFn`).  The
 pipeline still reads every record, so dead letters, duplicates and counts are
 made exactly as in an uninterrupted run; a kept document is dropped as soon as
 it is read, neither tokenized nor embedded again: each row file's footer holds
@@ -27,6 +27,8 @@ import logging
 import posixpath
 import time
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,16 +36,14 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError
+from pipeline.inference.skip_kept import KEPT_COUNTED_COLUMN
+from pipeline.planning.plan import ExportPlan
 from pipeline.planning.reuse import reuse_signature
-from pipeline.transforms import (
-    KEPT_COUNTED_COLUMN,
-    TOKENIZER_COUNTS,
-    TOKENIZER_COUNTS_KEY,
-    WRITING_SUFFIX,
-)
+from pipeline.running.counters import TOKENIZER_COUNTS
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.files import delete_files, join, list_files
 from pipeline.writing.layout import SHARD_NAME, STAGING
+from pipeline.writing.shards import TOKENIZER_COUNTS_KEY, WRITING_SUFFIX
 from pipeline.writing.staging import staging_prefixes, staging_runs
 from pipeline.writing.state import read_manifest
 
@@ -64,16 +64,16 @@ class Resumption:
     run_id: str
     attempt: int
     started: float
-    kept_files: tuple
+    kept_files: tuple[str, ...]
     rows_kept: int
     kept_ids_path: str
     partial_files_ignored: int
     duplicate_rows_dropped: int
-    # What the tokenizer counted for the kept rows (`transforms.TOKENIZER_COUNTS`), which
+    # What the tokenizer counted for the kept rows (`counters.TOKENIZER_COUNTS`), which
     # the rerun does not tokenize again: the launcher adds them to the run's counters.
-    tokenizer_counts: dict = dataclasses.field(default_factory=dict)
+    tokenizer_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
-    def manifest(self) -> dict:
+    def manifest(self) -> dict[str, Any]:
         """The manifest's `resumed` entry."""
         return {
             "run": self.run_id,
@@ -86,7 +86,7 @@ class Resumption:
         }
 
 
-def run_signature(plan, limit: int | None) -> dict:
+def run_signature(plan: ExportPlan, limit: int | None) -> dict[str, Any]:
     """Everything the rows and dead letters of a run depend on, as JSON-ready values.
 
     Two runs with equal signatures write the same rows for the same records, so
@@ -116,7 +116,7 @@ def run_signature(plan, limit: int | None) -> dict:
     }
 
 
-def _shard_digests(export: str) -> list:
+def _shard_digests(export: str) -> list[str | None]:
     manifest = read_manifest(export) or {}
     return [
         shard.get("sha256") or shard.get("checksum") for shard in manifest.get("shards", {}).get("rows", [])
@@ -127,7 +127,7 @@ def _run_path(directory: str, run_id: str) -> str:
     return join(directory, STAGING, run_id, RUN_FILE)
 
 
-def _write_json(path: str, value: dict) -> None:
+def _write_json(path: str, value: dict[str, Any]) -> None:
     # Written aside and renamed, so a kill leaves the old file or the new one, never half of one.
     temporary = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     with FileSystems.create(temporary) as handle:
@@ -135,7 +135,7 @@ def _write_json(path: str, value: dict) -> None:
     FileSystems.rename([temporary], [path])
 
 
-def read_run(directory: str, run_id: str) -> dict | None:
+def read_run(directory: str, run_id: str) -> dict[str, Any] | None:
     """A staging directory's `_RUN.json`, or None when it is missing or unreadable (truncated)."""
     path = _run_path(directory, run_id)
     try:
@@ -148,7 +148,7 @@ def read_run(directory: str, run_id: str) -> dict | None:
     return run if isinstance(run, dict) else None
 
 
-def start_run(directory: str, run_id: str, signature: dict, resumed: Resumption | None) -> None:
+def start_run(directory: str, run_id: str, signature: dict[str, Any], resumed: Resumption | None) -> None:
     """Records the run's signature and state ("running") in its staging directory."""
     now = time.time()
     _write_json(
@@ -170,11 +170,11 @@ def mark_committing(directory: str, run_id: str) -> None:
     _write_json(_run_path(directory, run_id), dict(run, state=COMMITTING, committing=time.time()))
 
 
-def _differences(earlier: dict, current: dict) -> list:
+def _differences(earlier: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return sorted(key for key in set(earlier) | set(current) if earlier.get(key) != current.get(key))
 
 
-def find_resumable(directory: str, signature: dict) -> str | None:
+def find_resumable(directory: str, signature: dict[str, Any]) -> str | None:
     """The run id of a staging directory this run can continue, or None.
 
     Only a run that was "running" (never one that reached its commit) and whose
@@ -220,8 +220,8 @@ def _complete_rows(path: str, schema: pa.Schema) -> int | None:
     return metadata.num_rows
 
 
-def _file_tokenizer_counts(metadata: pq.FileMetaData) -> dict | None:
-    """The tokenizer's counts of a row file's rows (`transforms.TOKENIZER_COUNTS_KEY`), or None."""
+def _file_tokenizer_counts(metadata: pq.FileMetaData) -> dict[str, int] | None:
+    """The tokenizer's counts of a row file's rows (`shards.TOKENIZER_COUNTS_KEY`), or None."""
     try:
         counts = json.loads((metadata.metadata or {})[TOKENIZER_COUNTS_KEY])
         return {name: int(counts[name]) for name in TOKENIZER_COUNTS}
@@ -229,7 +229,7 @@ def _file_tokenizer_counts(metadata: pq.FileMetaData) -> dict | None:
         return None
 
 
-def _read_table(path: str, columns=None) -> pa.Table:
+def _read_table(path: str, columns: Sequence[str] | None = None) -> pa.Table:
     with FileSystems.open(path) as handle:
         return pq.read_table(handle, columns=columns)
 
@@ -244,7 +244,7 @@ def _write_table(path: str, table: pa.Table, compression: str) -> None:
         pq.write_table(table, handle, compression=compression, use_compliant_nested_type=False)
 
 
-def _drop_duplicates(files: list, plan) -> tuple:
+def _drop_duplicates(files: list[str], plan: ExportPlan) -> tuple[list[str], int, pa.Array]:
     """Keeps each id of `files` once: (files after, rows dropped, ids kept as an Arrow array).
 
     A document found in two complete files (a bundle that failed after closing a
@@ -275,15 +275,15 @@ def _drop_duplicates(files: list, plan) -> tuple:
         return files, 0, places["id"].combine_chunks()
     repeats = places.filter(pc.is_in(places["id"], repeated))
     repeats = repeats.sort_by([("id", "ascending"), ("file", "ascending")])
-    loaded = {}
+    loaded: dict[int, pa.Table] = {}
 
-    def row(file_index, row_index):
+    def row(file_index: int, row_index: int) -> pa.Table:
         if file_index not in loaded:
             loaded[file_index] = _read_table(files[file_index])
         return loaded[file_index].slice(row_index, 1)
 
-    drop = {}
-    first = None
+    drop: dict[int, list[int]] = {}
+    first: tuple[str, int, int] | None = None
     columns = (repeats[name].to_pylist() for name in ("id", "file", "row"))
     for document_id, file_index, row_index in zip(*columns, strict=True):
         if first is None or first[0] != document_id:
@@ -296,7 +296,7 @@ def _drop_duplicates(files: list, plan) -> tuple:
                 "resumed: rows of one export never differ. Rerun with --resume off to start from zero."
             )
         drop.setdefault(file_index, []).append(row_index)
-    kept = list(files)
+    kept: list[str | None] = list(files)
     for file_index, rows in drop.items():
         table = loaded[file_index] if file_index in loaded else _read_table(files[file_index])
         mask = pc.invert(pc.is_in(pa.array(range(table.num_rows), pa.int64()), pa.array(rows, pa.int64())))
@@ -315,13 +315,14 @@ def _drop_duplicates(files: list, plan) -> tuple:
     return [path for path in kept if path], dropped, unique
 
 
-def _counted_ids(files: list) -> tuple:
+def _counted_ids(files: list[str]) -> tuple[list[str], dict[str, int]]:
     """The ids of `files` whose tokenizer counts are known, and those counts summed.
 
-    A file's counts are in its footer (`transforms.TOKENIZER_COUNTS_KEY`); one
+    A file's counts are in its footer (`shards.TOKENIZER_COUNTS_KEY`); one
     without them (rewritten by `_drop_duplicates`) has its documents tokenized again.
     """
-    ids, totals = [], dict.fromkeys(TOKENIZER_COUNTS, 0)
+    ids: list[str] = []
+    totals = dict.fromkeys(TOKENIZER_COUNTS, 0)
     for path in files:
         counts = _file_tokenizer_counts(_footer(path))
         if counts is None:
@@ -332,7 +333,7 @@ def _counted_ids(files: list) -> tuple:
     return ids, totals
 
 
-def prepare_resume(directory: str, run_id: str, plan) -> Resumption:
+def prepare_resume(directory: str, run_id: str, plan: ExportPlan) -> Resumption:
     """Keeps what the dead run `run_id` finished and removes the rest of its staging directory.
 
     Kept: the complete row files (named shards too, moved back among the files

@@ -1,0 +1,126 @@
+"""The --reuse join: a corpus's documents against an earlier export's rows, reusing the unchanged ones."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.parquetio import ReadAllFromParquetBatched
+from apache_beam.metrics import Metrics
+
+from pipeline.inference.skip_kept import SkipKeptFn, row_id
+from pipeline.planning.plan import ExportPlan
+from pipeline.reading.documents import Document
+from pipeline.running import counters
+from pipeline.writing import schema as schema_lib
+from pipeline.writing.shards import ROW_GROUP_ROWS
+
+# The outputs of `ReuseEarlierRowsFn`: documents still to embed (main) and reused rows.
+DOCUMENTS = "documents"
+REUSED = "reused"
+
+# An output row as a dict of its columns (`schema.rows_of`).
+Row = dict[str, Any]
+
+
+def _earlier_rows(table: pa.Table) -> Iterator[tuple[str, Row]]:
+    """(id, row) for each row of an earlier export's row group; `row` lacks the id."""
+    for row in schema_lib.rows_of(table):
+        yield row.pop(schema_lib.ID_COLUMN), row
+
+
+class ReuseEarlierRowsFn(beam.DoFn):
+    """Joins a document with the earlier export's row of its id: reused row, or document to embed.
+
+    Input: (id, {"documents": [Document], "earlier": [row]}), at most one of
+    each since ids are unique in a finished export and after de-duplication.
+    A row is reused only if its `input_sha256` equals the document's
+    fingerprint; kept fields always come from the new corpus.
+    """
+
+    def __init__(self, plan: ExportPlan):
+        self._plan = plan
+        self._reused = Metrics.counter(counters.NAMESPACE, counters.ROWS_REUSED)
+        self._changed = Metrics.counter(counters.NAMESPACE, counters.EARLIER_ROWS_CHANGED)
+        self._dropped = Metrics.counter(counters.NAMESPACE, counters.EARLIER_ROWS_DROPPED)
+
+    def process(
+        self, element: tuple[str, Mapping[str, Iterable[Any]]]
+    ) -> Iterator[Document | beam.pvalue.TaggedOutput]:
+        document_id, groups = element
+        documents, earlier = list(groups["documents"]), list(groups["earlier"])
+        if not documents:
+            self._dropped.inc(len(earlier))
+            return
+        document = documents[0]
+        fingerprint = schema_lib.input_fingerprint(document.texts, self._plan.inputs)
+        if earlier and earlier[0][schema_lib.FINGERPRINT_COLUMN] == fingerprint:
+            row = dict(earlier[0], id=document_id)
+            row.update(zip(self._plan.keep_fields, document.kept, strict=True))
+            self._reused.inc()
+            yield beam.pvalue.TaggedOutput(REUSED, row)
+            return
+        if earlier:
+            self._changed.inc()
+        yield document
+
+
+class RowsToBatchFn(beam.DoFn):
+    """Turns a list of row dicts into one Arrow RecordBatch of the output schema."""
+
+    def __init__(self, plan: ExportPlan):
+        self._plan = plan
+
+    def setup(self) -> None:
+        self._schema = schema_lib.output_schema(self._plan)
+
+    def process(self, rows: Sequence[Row]) -> Iterator[pa.RecordBatch]:
+        yield schema_lib.batch_of_rows(rows, self._schema)
+
+
+class ReuseEarlierRows(beam.PTransform):
+    """Documents -> documents still to embed (main) and reused row batches (`reused`).
+
+    A join by id of the corpus with the earlier export (`plan.reuse_files`),
+    reading only the columns a row needs: a CoGroupByKey, so neither side is
+    held in memory whole, on Dataflow or locally.
+    """
+
+    def __init__(self, plan: ExportPlan, kept_ids_path: str | None = None):
+        super().__init__()
+        self._plan = plan
+        self._kept_ids_path = kept_ids_path
+
+    def expand(
+        self, documents: beam.PCollection[Document]
+    ) -> tuple[beam.PCollection[Document], beam.PCollection[pa.RecordBatch]]:
+        plan = self._plan
+        columns = [
+            name
+            for name in schema_lib.output_schema(plan).names
+            if name not in plan.keep_fields  # Kept fields come from the new corpus.
+        ]
+        earlier = (
+            documents.pipeline
+            | "EarlierShards" >> beam.Create(list(plan.reuse_files))
+            | "ReadEarlierShards" >> ReadAllFromParquetBatched(columns=columns)
+            | "KeyEarlierRows" >> beam.FlatMap(_earlier_rows)
+        )
+        keyed = documents | "KeyDocumentsById" >> beam.Map(lambda document: (document.id, document))
+        results = (
+            {"documents": keyed, "earlier": earlier}
+            | "JoinWithEarlier" >> beam.CoGroupByKey()
+            | "ReuseUnchanged" >> beam.ParDo(ReuseEarlierRowsFn(plan)).with_outputs(REUSED, main=DOCUMENTS)
+        )
+        reused = results[REUSED]
+        if self._kept_ids_path:
+            # Counted as reused above, as in the run that was interrupted; written once, by it.
+            reused = reused | "SkipKeptRows" >> beam.ParDo(SkipKeptFn(self._kept_ids_path, row_id))
+        reused = (
+            reused
+            | "BatchReusedRows" >> beam.BatchElements(min_batch_size=256, max_batch_size=ROW_GROUP_ROWS)
+            | "ReusedRowsToArrow" >> beam.ParDo(RowsToBatchFn(plan))
+        )
+        return results[DOCUMENTS], reused
