@@ -20,11 +20,8 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.runners.runner import PipelineResult
 
 from pipeline.errors import (
-    EXIT_ACCOUNTING_MISMATCH,
     EXIT_ACCOUNTING_UNVERIFIED,
     EXIT_OK,
-    EXIT_RECORDS_LOST,
-    EXIT_TOO_MANY_ERRORS,
     ExportConfigError,
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
@@ -35,20 +32,11 @@ from pipeline.planning.plan import ExportPlan
 from pipeline.planning.reuse import reuse_signature
 from pipeline.running import portable
 from pipeline.running import progress as progress_lib
+from pipeline.running.accounting import account, manifest_counts, verdict
 from pipeline.running.counters import (
     DOCUMENTS_TRUNCATED,
-    EARLIER_ROWS_CHANGED,
-    EARLIER_ROWS_DROPPED,
-    FILES_BROKEN,
     NAMESPACE,
     OOV_TOKENS,
-    RANGES_READ,
-    RECORDS_READ,
-    ROWS_KEPT,
-    ROWS_REUSED,
-    dead_letters_by_reason,
-    failures_by_reason,
-    files_broken,
     read_counters,
 )
 from pipeline.running.dataflow import poll_dataflow
@@ -69,7 +57,7 @@ from pipeline.uris import is_local
 from pipeline.writing import commit as commit_lib
 from pipeline.writing import resume as resume_lib
 from pipeline.writing.commit_phase import reset_commit_phase
-from pipeline.writing.files import JsonObject, join
+from pipeline.writing.files import join
 from pipeline.writing.layout import ERRORS_DIR, FAILED_DIR, STAGING, new_run_id
 from pipeline.writing.lock import OutputLock
 from pipeline.writing.resume import Resumption
@@ -307,72 +295,13 @@ def _run_and_commit(
         raise
     seconds = time.time() - started
 
-    run_counters = read_counters(result, NAMESPACE)
-    counters = dict(run_counters.values)
-    if resumed:
-        # The kept documents were not tokenized again: their counts come from the kept files.
-        for name, value in resumed.tokenizer_counts.items():
-            counters[name] = counters.get(name, 0) + value
-    rows = sum(count for _, count in staged["rows"])
-    dead = sum(count for _, count in staged["errors"])
-    read = counters.get(RECORDS_READ, 0)
-    broken = counters.get(FILES_BROKEN, 0)
-    by_reason = failures_by_reason(counters)
-    if not run_counters.exact:
-        # Attempted values count retried bundles twice: only what the files hold is exact.
-        by_reason = dead_letters_by_reason(staged["errors"])
-        broken = files_broken(by_reason)
-    reuse_counts: JsonObject = {}
-    if plan.reuse:
-        reused = counters.get(ROWS_REUSED, 0)
-        reuse_counts = {
-            "reused_from": plan.reuse,
-            "rows_reused": reused,
-            "rows_embedded": rows - reused,
-            "earlier_rows_changed": counters.get(EARLIER_ROWS_CHANGED, 0),
-            "earlier_rows_dropped": counters.get(EARLIER_ROWS_DROPPED, 0),
-        }
+    accounting = account(read_counters(result, NAMESPACE), staged, plan, resumed)
     # A failed run never replaces a succeeded export (its dead letters go to _failed/RUN/).
     earlier = read_manifest(plan.output)
     earlier_succeeded = earlier is not None and earlier.get("status") == "succeeded"
     failed_dir = join(plan.output, FAILED_DIR, run_id)
     errors_dir = join(failed_dir if earlier_succeeded else plan.output, ERRORS_DIR)
-    exit_code, message = EXIT_OK, "ok"
-    # Without committed counters the records read are unknown; what was written stands in for them.
-    counted = read if run_counters.exact else rows + dead
-    skipped = counters.get(ROWS_KEPT, 0)
-    if resumed and skipped != resumed.rows_kept:
-        exit_code = EXIT_ACCOUNTING_MISMATCH
-        message = (
-            f"Accounting mismatch: the resumed run kept {resumed.rows_kept} rows but met "
-            f"{skipped} of their documents in the corpus."
-        )
-    elif run_counters.exact and read != rows + dead:
-        exit_code = EXIT_ACCOUNTING_MISMATCH
-        message = f"Accounting mismatch: {read} records read but {rows} rows + {dead} dead letters written."
-    elif broken:
-        exit_code = EXIT_RECORDS_LOST
-        message = (
-            f"{broken} input file(s) could not be read to the end (unreadable_file or read_error in "
-            f"{errors_dir}): records after the break may be "
-            "lost, and how many is unknown."
-        )
-    elif counted and dead / counted > export_options.max_error_fraction:
-        exit_code = EXIT_TOO_MANY_ERRORS
-        message = (
-            f"{dead} of {counted} records ({dead / counted:.0%}) were dead-lettered, more than "
-            f"--max_error_fraction={export_options.max_error_fraction}. Check --input_format and "
-            f"--input_map; the reasons are in {errors_dir}."
-        )
-    elif not run_counters.exact:
-        exit_code = EXIT_ACCOUNTING_UNVERIFIED
-        message = (
-            "Accounting unverified: the runner reported no committed counters, so the records read "
-            f"are unknown and `records read = rows + dead letters` could not be checked; {rows} rows "
-            f"and {dead} dead letters were written (counted in the files). The output is committed: "
-            "compare with your corpus's record count, or run where counters are committed "
-            "(DirectRunner, Dataflow, Beam's local job service) for the exact check."
-        )
+    exit_code, message = verdict(accounting, resumed, export_options.max_error_fraction, errors_dir)
     manifest = {
         "status": "succeeded" if exit_code == 0 else "completed_with_errors",
         "message": message,
@@ -384,22 +313,7 @@ def _run_and_commit(
         "model_sha256": plan.model_sha256,
         "tokenizer_sha256": plan.tokenizer_sha256,
         "columns": manifest_columns(plan.columns, plan.forward_passes),
-        "counts": {
-            # None where the runner reported no committed counters: the count is unknown.
-            "records_read": read if run_counters.exact else None,
-            "rows_written": rows,
-            "dead_letters": dead,
-            "dead_letters_by_reason": by_reason,
-            "files_broken": broken,
-            "documents_truncated": counters.get(DOCUMENTS_TRUNCATED, 0),
-            "oov_tokens": counters.get(OOV_TOKENS, 0),
-            # How many byte ranges of the input files were read (more than one per big file).
-            "ranges_read": counters.get(RANGES_READ, 0),
-            **reuse_counts,
-            # The runner's word for the counters above: "committed", or "attempted" (an upper
-            # bound: a retried bundle counts twice; the dead letters are then counted from their files).
-            "counters": "committed" if run_counters.exact else "attempted",
-        },
+        "counts": manifest_counts(accounting),
         "limited": export_options.limit is not None,
         "limit": export_options.limit,
         # A resumed run: which run it continued and what it kept of it; None for a run from zero.
@@ -422,18 +336,18 @@ def _run_and_commit(
         commit_lib.commit(plan.output, run_id, staged, manifest)
     return ExportSummary(
         output=plan.output,
-        records_read=read if run_counters.exact else None,
-        rows_written=rows,
-        dead_letters=dead,
-        errors_by_reason=by_reason,
-        truncated=counters.get(DOCUMENTS_TRUNCATED, 0),
-        oov_tokens=counters.get(OOV_TOKENS, 0),
+        records_read=accounting.read if accounting.exact else None,
+        rows_written=accounting.rows,
+        dead_letters=accounting.dead,
+        errors_by_reason=accounting.by_reason,
+        truncated=accounting.counters.get(DOCUMENTS_TRUNCATED, 0),
+        oov_tokens=accounting.counters.get(OOV_TOKENS, 0),
         seconds=seconds,
         exit_code=exit_code,
         message=message,
         reuse=plan.reuse,
-        rows_reused=reuse_counts.get("rows_reused", 0),
-        earlier_rows_dropped=reuse_counts.get("earlier_rows_dropped", 0),
+        rows_reused=accounting.reuse_counts.get("rows_reused", 0),
+        earlier_rows_dropped=accounting.reuse_counts.get("earlier_rows_dropped", 0),
         resumed_run=resumed.run_id if resumed else "",
         rows_kept=resumed.rows_kept if resumed else 0,
     )

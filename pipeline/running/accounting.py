@@ -1,0 +1,154 @@
+"""A finished run's accounting: its counts from the counters and the staged files, and the verdict on them.
+
+Every record read must end as a row or a dead letter; the verdict says whether
+that held, whether input was lost, and whether too many records failed, as an exit
+status and a message (`pipeline.errors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.errors import (
+    EXIT_ACCOUNTING_MISMATCH,
+    EXIT_ACCOUNTING_UNVERIFIED,
+    EXIT_OK,
+    EXIT_RECORDS_LOST,
+    EXIT_TOO_MANY_ERRORS,
+)
+from pipeline.planning.plan import ExportPlan
+from pipeline.running.counters import (
+    DOCUMENTS_TRUNCATED,
+    EARLIER_ROWS_CHANGED,
+    EARLIER_ROWS_DROPPED,
+    FILES_BROKEN,
+    OOV_TOKENS,
+    RANGES_READ,
+    RECORDS_READ,
+    ROWS_KEPT,
+    ROWS_REUSED,
+    RunCounters,
+    dead_letters_by_reason,
+    failures_by_reason,
+    files_broken,
+)
+from pipeline.writing.files import JsonObject
+from pipeline.writing.resume import Resumption
+from pipeline.writing.staging import StagedShards
+
+
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+    """What a finished run counted: rows and dead letters from its files, the rest from its counters."""
+
+    counters: dict[str, int]
+    # False when the runner reported only attempted counters (a retried bundle counts twice).
+    exact: bool
+    rows: int
+    dead: int
+    read: int
+    broken: int
+    by_reason: dict[str, int]
+    # --reuse: rows copied from the earlier export and what changed there; empty otherwise.
+    reuse_counts: JsonObject
+
+    @property
+    def counted(self) -> int:
+        """The records read; without committed counters, what was written stands in for them."""
+        return self.read if self.exact else self.rows + self.dead
+
+
+def account(
+    run_counters: RunCounters, staged: StagedShards, plan: ExportPlan, resumed: Resumption | None
+) -> Accounting:
+    """The run's counts from the runner's counters and the files it staged."""
+    counters = dict(run_counters.values)
+    if resumed:
+        # The kept documents were not tokenized again: their counts come from the kept files.
+        for name, value in resumed.tokenizer_counts.items():
+            counters[name] = counters.get(name, 0) + value
+    rows = sum(count for _, count in staged["rows"])
+    broken = counters.get(FILES_BROKEN, 0)
+    by_reason = failures_by_reason(counters)
+    if not run_counters.exact:
+        # Attempted values count retried bundles twice: only what the files hold is exact.
+        by_reason = dead_letters_by_reason(staged["errors"])
+        broken = files_broken(by_reason)
+    reuse_counts: JsonObject = {}
+    if plan.reuse:
+        reused = counters.get(ROWS_REUSED, 0)
+        reuse_counts = {
+            "reused_from": plan.reuse,
+            "rows_reused": reused,
+            "rows_embedded": rows - reused,
+            "earlier_rows_changed": counters.get(EARLIER_ROWS_CHANGED, 0),
+            "earlier_rows_dropped": counters.get(EARLIER_ROWS_DROPPED, 0),
+        }
+    return Accounting(
+        counters=counters,
+        exact=run_counters.exact,
+        rows=rows,
+        dead=sum(count for _, count in staged["errors"]),
+        read=counters.get(RECORDS_READ, 0),
+        broken=broken,
+        by_reason=by_reason,
+        reuse_counts=reuse_counts,
+    )
+
+
+def verdict(
+    accounting: Accounting, resumed: Resumption | None, max_error_fraction: float, errors_dir: str
+) -> tuple[int, str]:
+    """`(exit status, message)` of a run with these counts; `errors_dir` is where its dead letters go."""
+    rows, dead, read, counted = accounting.rows, accounting.dead, accounting.read, accounting.counted
+    skipped = accounting.counters.get(ROWS_KEPT, 0)
+    if resumed and skipped != resumed.rows_kept:
+        return EXIT_ACCOUNTING_MISMATCH, (
+            f"Accounting mismatch: the resumed run kept {resumed.rows_kept} rows but met "
+            f"{skipped} of their documents in the corpus."
+        )
+    if accounting.exact and read != rows + dead:
+        return EXIT_ACCOUNTING_MISMATCH, (
+            f"Accounting mismatch: {read} records read but {rows} rows + {dead} dead letters written."
+        )
+    if accounting.broken:
+        return EXIT_RECORDS_LOST, (
+            f"{accounting.broken} input file(s) could not be read to the end (unreadable_file or "
+            f"read_error in {errors_dir}): records after the break may be lost, and how many is unknown."
+        )
+    if counted and dead / counted > max_error_fraction:
+        return EXIT_TOO_MANY_ERRORS, (
+            f"{dead} of {counted} records ({dead / counted:.0%}) were dead-lettered, more than "
+            f"--max_error_fraction={max_error_fraction}. Check --input_format and "
+            f"--input_map; the reasons are in {errors_dir}."
+        )
+    if not accounting.exact:
+        return EXIT_ACCOUNTING_UNVERIFIED, (
+            "Accounting unverified: the runner reported no committed counters, so the records read "
+            f"are unknown and `records read = rows + dead letters` could not be checked; {rows} rows "
+            f"and {dead} dead letters were written (counted in the files). The output is committed: "
+            "compare with your corpus's record count, or run where counters are committed "
+            "(DirectRunner, Dataflow, Beam's local job service) for the exact check."
+        )
+    return EXIT_OK, "ok"
+
+
+def manifest_counts(accounting: Accounting) -> JsonObject:
+    """The manifest's `counts`."""
+    counters = accounting.counters
+    return {
+        # None where the runner reported no committed counters: the count is unknown.
+        "records_read": accounting.read if accounting.exact else None,
+        "rows_written": accounting.rows,
+        "dead_letters": accounting.dead,
+        "dead_letters_by_reason": accounting.by_reason,
+        "files_broken": accounting.broken,
+        "documents_truncated": counters.get(DOCUMENTS_TRUNCATED, 0),
+        "oov_tokens": counters.get(OOV_TOKENS, 0),
+        # How many byte ranges of the input files were read (more than one per big file).
+        "ranges_read": counters.get(RANGES_READ, 0),
+        **accounting.reuse_counts,
+        # The runner's word for the counters above: "committed", or "attempted" (an upper
+        # bound: a retried bundle counts twice; the dead letters are then counted from their files).
+        "counters": "committed" if accounting.exact else "attempted",
+    }

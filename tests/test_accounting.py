@@ -1,0 +1,54 @@
+"""The verdict on a finished run's counts, as pure logic: no pipeline, no model."""
+
+import pytest
+
+from pipeline.errors import (
+    EXIT_ACCOUNTING_MISMATCH,
+    EXIT_ACCOUNTING_UNVERIFIED,
+    EXIT_OK,
+    EXIT_RECORDS_LOST,
+    EXIT_TOO_MANY_ERRORS,
+)
+from pipeline.running.accounting import Accounting, manifest_counts, verdict
+
+
+def accounting(read=10, rows=8, dead=2, broken=0, exact=True, kept=0):
+    return Accounting(
+        counters={"records_read": read, "rows_kept": kept, "oov_tokens": 3},
+        exact=exact,
+        rows=rows,
+        dead=dead,
+        read=read,
+        broken=broken,
+        by_reason={"malformed_json": dead},
+        reuse_counts={},
+    )
+
+
+class _Resumed:
+    rows_kept = 4
+
+
+@pytest.mark.parametrize(
+    ("counts", "resumed", "fraction", "status", "words"),
+    [
+        ({}, None, 0.5, EXIT_OK, "ok"),
+        ({"read": 11}, None, 0.5, EXIT_ACCOUNTING_MISMATCH, "11 records read but 8 rows + 2 dead letters"),
+        ({"kept": 3}, _Resumed(), 0.5, EXIT_ACCOUNTING_MISMATCH, "kept 4 rows but met 3"),
+        ({"broken": 1}, None, 0.5, EXIT_RECORDS_LOST, "1 input file(s) could not be read to the end"),
+        ({}, None, 0.1, EXIT_TOO_MANY_ERRORS, "2 of 10 records (20%)"),
+        # Without committed counters, rows + dead letters stand in for the records read.
+        ({"read": 0, "exact": False}, None, 0.5, EXIT_ACCOUNTING_UNVERIFIED, "8 rows and 2 dead letters"),
+        ({"read": 0, "exact": False}, None, 0.1, EXIT_TOO_MANY_ERRORS, "2 of 10 records"),
+    ],
+)
+def test_the_verdict_on_a_runs_counts(counts, resumed, fraction, status, words):
+    code, message = verdict(accounting(**counts), resumed, fraction, "OUT/errors")
+    assert code == status
+    assert words in message
+
+
+def test_unknown_records_read_are_recorded_as_none():
+    counts = manifest_counts(accounting(read=0, exact=False))
+    assert counts["records_read"] is None and counts["counters"] == "attempted"
+    assert counts["rows_written"] == 8 and counts["dead_letters"] == 2 and counts["oov_tokens"] == 3
