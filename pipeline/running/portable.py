@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import apache_beam as beam
-import grpc  # type: ignore[import-untyped]  # grpcio ships no types (and mypy.ini does not list it yet)
+import grpc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
