@@ -161,6 +161,13 @@ def pipeline_command(corpus, output, *flags):
     return [sys.executable, "-m", "pipeline.run", "--input", str(corpus), "--output", str(output), *flags]
 
 
+def run_command(command):
+    """Runs `command` (e.g. `pipeline_command(...)`) from the repository to its end; the CompletedProcess."""
+    return subprocess.run(
+        command, cwd=REPOSITORY, env=dict(os.environ, PYTHONPATH=REPOSITORY), capture_output=True, text=True
+    )
+
+
 def wait_for_staging(process, output, timeout=120):
     """Waits until the child run `process` has created its staging directory under `output`."""
     staging = os.path.join(str(output), STAGING)

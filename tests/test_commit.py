@@ -26,7 +26,7 @@ from apache_beam.io.aws import s3io
 from apache_beam.io.aws.clients.s3 import boto3_client
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
-from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot
+from pipeline_fixtures import REPOSITORY, pipeline_command, run_command, snapshot
 from test_object_storage import BUCKET, client, s3_endpoint, s3_flags  # noqa: F401  (fixture)
 
 from pipeline.analysis.dataset import open_documents
@@ -346,13 +346,7 @@ def test_reuse_in_place_killed_inside_the_commit_is_finished_by_the_rerun(tmp_pa
     _, err = process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL, err[-3000:]
     assert commit_lib.has_pending_commit(output) and state_lib.read_manifest(output) is None
-    rerun = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", *argv],
-        cwd=REPOSITORY,
-        env=dict(os.environ, PYTHONPATH=REPOSITORY),
-        capture_output=True,
-        text=True,
-    )
+    rerun = run_command([sys.executable, "-m", "pipeline.run", *argv])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "Finishing the commit of run" in rerun.stderr
     assert _complete_export(output) == sorted(NEW_IDS)
@@ -430,13 +424,7 @@ def test_the_rerun_of_a_fresh_export_killed_in_its_commit_says_it_was_finished(t
     process = _hooked(["kill:rename:2"], argv)
     process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL
-    rerun = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", *argv],
-        cwd=REPOSITORY,
-        env=dict(os.environ, PYTHONPATH=REPOSITORY),
-        capture_output=True,
-        text=True,
-    )
+    rerun = run_command([sys.executable, "-m", "pipeline.run", *argv])
     assert rerun.returncode == EXIT_CONFIG_ERROR, rerun.stderr[-2000:]
     assert "was finished just now" in rerun.stderr
     assert _complete_export(output) == sorted(NEW_IDS)

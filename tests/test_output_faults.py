@@ -16,7 +16,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot, wait_for_staged_shard
+from pipeline_fixtures import REPOSITORY, pipeline_command, run_command, snapshot, wait_for_staged_shard
 from test_commit import HOOKED_RUN, _complete_export, _corpus, _hooked, _wait_for
 
 from pipeline.errors import (
@@ -201,9 +201,7 @@ def test_a_full_tmpfs_during_the_pipeline_is_one_error_and_keeps_the_old_export(
     command = pipeline_command(
         new, output, "--model", tiny_bundle[0], "--overwrite", "--layer", "lstm_content", "--pooling", "none"
     )
-    result = subprocess.run(
-        command, cwd=REPOSITORY, env=dict(os.environ, PYTHONPATH=REPOSITORY), capture_output=True, text=True
-    )
+    result = run_command(command)
     assert result.returncode == EXIT_OUTPUT_FAILED, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -247,9 +245,7 @@ def test_sigterm_is_one_interrupted_line_exit_143_and_the_rerun_completes(tmp_pa
         "(it keeps the rows this run made durable)."
     ]
     assert state_lib.read_manifest(output) is None
-    rerun = subprocess.run(
-        command, cwd=REPOSITORY, env=dict(os.environ, PYTHONPATH=REPOSITORY), capture_output=True, text=True
-    )
+    rerun = run_command(command)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert len(_complete_export(output)) == 3000
 
@@ -325,12 +321,8 @@ def test_hooked_run_is_the_real_command(tmp_path, tiny_bundle):
     # The hooks of the other tests are the only difference from `python -m pipeline.run`.
     corpus = _corpus(tmp_path / "c.jsonl", IDS)
     output = str(tmp_path / "out")
-    result = subprocess.run(
-        [sys.executable, HOOKED_RUN, "--", "--model", tiny_bundle[0], "--input", corpus, "--output", output],
-        cwd=REPOSITORY,
-        env=dict(os.environ, PYTHONPATH=REPOSITORY),
-        capture_output=True,
-        text=True,
+    result = run_command(
+        [sys.executable, HOOKED_RUN, "--", "--model", tiny_bundle[0], "--input", corpus, "--output", output]
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert _complete_export(output) == sorted(IDS)
