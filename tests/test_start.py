@@ -100,6 +100,35 @@ def test_a_worker_in_the_launchers_process_uses_the_launchers_embedder(launched)
     assert embedder_lib.worker_embedder(other) is not embedder_lib.worker_embedder(plan)
 
 
+def test_an_in_memory_export_builds_one_embedder_and_checks_the_fast_path_once(
+    tiny_bundle, tmp_path, monkeypatch
+):
+    """The whole export, not only `worker_embedder`: its workers get the plan without the input listing."""
+    from pipeline.running.export import run_export
+
+    built, checks = [], []
+    real_init, real_check = embedder_lib.Embedder.__init__, forward_pass_lib.max_difference
+
+    def counted_init(self, *args, **kwargs):
+        built.append(args)
+        real_init(self, *args, **kwargs)
+
+    def counted_check(*args):
+        checks.append(args)
+        return real_check(*args)
+
+    monkeypatch.setattr(embedder_lib.Embedder, "__init__", counted_init)
+    monkeypatch.setattr(forward_pass_lib, "max_difference", counted_check)
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"id": f"d{i}", "content": f"word{i} word2", "title": "word3"} for i in range(20)],
+    )
+    argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", str(tmp_path / "o")]
+    summary = run_export(argv)
+    assert summary.exit_code == 0 and summary.rows_written == 20
+    assert len(built) == 1 and len(checks) == 1
+
+
 def test_an_export_does_not_import_matplotlib_but_analyze_still_can(tmp_path):
     """Keras loads matplotlib.pyplot with itself when it is installed; an export has no use for it."""
     code = (

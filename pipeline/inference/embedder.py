@@ -58,9 +58,14 @@ def choose_forward_passes(plan: ExportPlan, model_source: ModelSource) -> Export
 
 
 def worker_embedder(plan: ExportPlan) -> Embedder:
-    """A worker's `Embedder` of `plan`: the launcher's when this process launched it, else loaded."""
+    """A worker's `Embedder` of `plan`: the launcher's when this process launched it, else loaded.
+
+    The workers' plan is the launched one without its input listing (only the
+    reading step keeps it: `pipeline.running.graph`), so the listing is left out
+    of the comparison.
+    """
     for launched, embedder in _LAUNCHED:
-        if launched == plan:
+        if dataclasses.replace(launched, input_files=plan.input_files) == plan:
             return embedder
     return Embedder(plan)
 
