@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import forkserver
 import keras
 import numpy as np
 import pyarrow as pa
@@ -163,7 +164,7 @@ def pipeline_command(corpus, output, *flags):
 
 def run_command(command):
     """Runs `command` (e.g. `pipeline_command(...)`) from the repository to its end; the CompletedProcess."""
-    return subprocess.run(
+    return forkserver.run(
         command, cwd=REPOSITORY, env=dict(os.environ, PYTHONPATH=REPOSITORY), capture_output=True, text=True
     )
 
@@ -203,7 +204,7 @@ def kill_group_when(command, ready, timeout=180):
     Returns:
         True if it was killed; False if it ended (or `timeout` seconds passed) first.
     """
-    process = subprocess.Popen(
+    process = forkserver.popen(
         command,
         cwd=REPOSITORY,
         env=dict(os.environ, PYTHONPATH=REPOSITORY),
@@ -297,7 +298,7 @@ def build_keras2_models(directory, script, *args):
     The script gets `directory` and `args` as argv and writes its models and an
     `info.json` there; returns `(directory, info)`.
     """
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-c", script, str(directory), *map(str, args)],
         capture_output=True,
         text=True,

@@ -11,9 +11,9 @@ maxlen=...))`.  The tests export those files with the pipeline and compare.
 
 import json
 import os
-import subprocess
 import sys
 
+import forkserver
 import keras
 import numpy as np
 import pytest
@@ -236,7 +236,7 @@ with open(os.path.join(out, "info.json"), "w", encoding="utf-8") as handle:
 def keras2(tmp_path_factory):
     """Directory with the tf_keras-built files, the references and `info`."""
     directory = tmp_path_factory.mktemp("keras2")
-    result = subprocess.run(
+    result = forkserver.run(
         [
             sys.executable,
             "-c",

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import forkserver
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.aws import s3io
@@ -315,7 +316,7 @@ def test_a_damaged_journal_is_refused_and_nothing_is_deleted(scenarios, tmp_path
 
 
 def _hooked(hooks, argv, **kwargs):
-    return subprocess.Popen(
+    return forkserver.popen(
         [sys.executable, HOOKED_RUN, *hooks, "--", *argv],
         cwd=REPOSITORY,
         env=dict(os.environ, PYTHONPATH=REPOSITORY),

@@ -11,6 +11,7 @@ import os
 import subprocess
 import threading
 
+import forkserver
 import pytest
 from pipeline_fixtures import REPOSITORY, pipeline_command, read_errors, read_rows
 
@@ -300,7 +301,7 @@ def test_a_named_pipe_matched_by_the_pattern_is_refused_at_launch(tmp_path, tiny
     os.mkfifo(corpus / "b.jsonl")
     command = pipeline_command(corpus / "*.jsonl", tmp_path / "out", "--model", tiny_bundle[0])
     try:
-        result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+        result = forkserver.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("the run blocked on the named pipe")
     assert result.returncode == 2, result.stderr[-2000:]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import zipfile
 
+import forkserver
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -300,7 +301,7 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
 
     # Small shards: the run is killed once it writes its first, long before its last.
     command = _command(tiny_bundle[0], corpus, output, "--shard_mb", "0.05")
-    process = subprocess.Popen(
+    process = forkserver.popen(
         command,
         cwd=REPOSITORY,
         env=environment,
@@ -321,7 +322,7 @@ def test_killed_run_leaves_nothing_readable_and_rerun_completes_exactly(tmp_path
     assert ds.dataset(output, format="parquet", ignore_prefixes=layout_lib.READER_IGNORE_PREFIXES).files == []
     assert state_lib.output_state(output) == "unfinished"
 
-    rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
+    rerun = forkserver.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     reference = str(tmp_path / "reference")
     assert run_export(_command(tiny_bundle[0], corpus, reference)[3:]).exit_code == 0

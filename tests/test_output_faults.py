@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import forkserver
 import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import REPOSITORY, pipeline_command, run_command, snapshot, wait_for_staged_shard
@@ -375,7 +376,7 @@ def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interr
         "--direct_num_workers=2",
     )
     environment = dict(os.environ, PYTHONPATH=REPOSITORY)
-    process = subprocess.Popen(
+    process = forkserver.popen(
         command,
         cwd=REPOSITORY,
         env=environment,
@@ -412,6 +413,6 @@ def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interr
     assert state_lib.read_manifest(output) is None
     if presses == 2:
         return
-    rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
+    rerun = forkserver.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert len(_complete_export(output)) == 3000

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import forkserver
 import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot, wait_for_staging
@@ -183,7 +184,7 @@ def test_two_runs_at_once_leave_one_complete_export(tmp_path, tiny_bundle, flags
     output = str(tmp_path / "out")
     environment = dict(os.environ, PYTHONPATH=REPOSITORY)
     processes = [
-        subprocess.Popen(
+        forkserver.popen(
             _command(tiny_bundle[0], corpus, output, "--batch_size", "64", *flags),
             cwd=REPOSITORY,
             env=environment,
@@ -224,7 +225,7 @@ def test_a_held_output_is_refused_and_released_after(tmp_path, tiny_bundle):
 
 def test_a_killed_holder_does_not_keep_the_lock(tmp_path):
     output = str(tmp_path / "out")
-    holder = subprocess.Popen(
+    holder = forkserver.popen(
         [
             sys.executable,
             "-c",
@@ -442,7 +443,7 @@ def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_b
     corpus = _write_corpus(tmp_path / "c.jsonl", 6000)
     output = str(tmp_path / "out")
     environment = dict(os.environ, PYTHONPATH=REPOSITORY)
-    process = subprocess.Popen(
+    process = forkserver.popen(
         _command(tiny_bundle[0], corpus, output, "--batch_size", "16"),
         cwd=REPOSITORY,
         env=environment,
@@ -461,7 +462,7 @@ def test_sigint_exits_130_with_one_line_and_the_rerun_completes(tmp_path, tiny_b
         "(it keeps the rows this run made durable)."
     ]
     assert state_lib.read_manifest(output) is None
-    rerun = subprocess.run(
+    rerun = forkserver.run(
         _command(tiny_bundle[0], corpus, output),
         cwd=REPOSITORY,
         env=environment,

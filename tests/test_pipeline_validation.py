@@ -2,9 +2,9 @@
 
 import os
 import shutil
-import subprocess
 import sys
 
+import forkserver
 import keras
 import numpy as np
 import pytest
@@ -307,7 +307,7 @@ def test_content_layer_exports_from_a_corpus_without_titles(bundle, documents, t
 def run_cli(*argv):
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
-    return subprocess.run(
+    return forkserver.run(
         [sys.executable, "-m", "pipeline.run", *map(str, argv)],
         cwd=REPOSITORY,
         env=environment,

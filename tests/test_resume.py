@@ -11,10 +11,10 @@ import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 import uuid
 
+import forkserver
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -454,7 +454,7 @@ def test_the_tutorial_keras2_model_resumes_bit_for_bit(tmp_path):
         for copy in range(2):
             for record in records:
                 handle.write(json.dumps(dict(record, id=f"{copy}-{record['id']}")) + "\n")
-    built = subprocess.run(
+    built = forkserver.run(
         [sys.executable, "-c", TUTORIAL_KERAS2_SCRIPT, str(tmp_path), str(corpus), str(corpus)],
         capture_output=True,
         text=True,

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 
+import forkserver
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
@@ -222,7 +223,7 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     output = str(tmp_path / "v2")
     # Small shards: the run is killed once it writes its first, long before its last.
     command = pipeline_command(second_path, output, "--reuse", v1, "--batch_size", "64", "--shard_mb", "0.05")
-    process = subprocess.Popen(
+    process = forkserver.popen(
         command, cwd=REPOSITORY, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     shards = wait_for_staged_shard(process, output)
@@ -232,7 +233,7 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     process.wait()
     assert state_lib.read_manifest(output) is None
 
-    rerun = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
+    rerun = forkserver.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     full = str(tmp_path / "full")
     assert run_export(pipeline_command(second_path, full)[3:]).exit_code == 0
@@ -249,7 +250,7 @@ def test_reuse_on_the_tutorial_keras2_model(tmp_path):
     second, changed, new, deleted = next_version(records, seed=3)
     first_path = _write(tmp_path / "v1.jsonl", records)
     second_path = _write(tmp_path / "v2.jsonl", second)
-    built = subprocess.run(
+    built = forkserver.run(
         [sys.executable, "-c", TUTORIAL_KERAS2_SCRIPT, str(tmp_path), first_path, second_path],
         capture_output=True,
         text=True,

@@ -10,10 +10,10 @@ snippets of docs/token_storage.md.  The vectors themselves are checked against K
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import duckdb
+import forkserver
 import keras
 import numpy as np
 import pandas as pd
@@ -376,7 +376,7 @@ def test_cli_refuses_ids_with_pooling_and_exits_2(sample_bundle, tiny_corpus, tm
     out = tmp_path / "out"
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-m", "pipeline.run", *export_args(sample_bundle, tiny_corpus, out, "--layer=emb")]
         + ["--token_storage", "ids"],
         cwd=REPOSITORY,
