@@ -23,12 +23,10 @@ import time
 import forkserver
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.io.aws import s3io
-from apache_beam.io.aws.clients.s3 import boto3_client
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline_fixtures import REPOSITORY, pipeline_command, run_command, snapshot
-from test_object_storage import BUCKET, client, s3_endpoint, s3_flags  # noqa: F401  (fixture)
+from test_object_storage import BUCKET, client, s3_endpoint, s3_flags, share_one_s3_client  # noqa: F401  (fixture)
 
 from pipeline.analysis.dataset import open_documents
 from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, EXIT_TERMINATED, OutputWriteError
@@ -239,12 +237,8 @@ def test_commit_killed_or_failed_at_every_step_on_local_disk(scenarios, name, tm
 @pytest.mark.slow
 def test_commit_killed_or_failed_at_every_step_on_s3(scenarios, name, s3_endpoint, monkeypatch):  # noqa: F811
     template, run_id, facts, old_ids = scenarios[name]
-    options = PipelineOptions(s3_flags(s3_endpoint))
-    FileSystems.set_options(options)
-    # Beam makes a boto3 client for every S3 call (about 0.1 s each); one shared client
-    # keeps the hundreds of commits here fast and changes none of their S3 requests.
-    shared, real = boto3_client.Client(options=options), s3io.S3IO
-    monkeypatch.setattr(s3io, "S3IO", lambda client=None, options=None: real(client=client or shared))
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    share_one_s3_client(monkeypatch, s3_endpoint)
     s3 = client(s3_endpoint)
 
     def make_copy(label):

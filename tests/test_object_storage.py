@@ -20,7 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.io.aws import s3io
+from apache_beam.io.aws.clients.s3 import boto3_client
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline_fixtures import kill_group_when, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle
@@ -84,6 +87,16 @@ def s3_flags(endpoint):
     ]
 
 
+def share_one_s3_client(patch, endpoint):
+    """Makes Beam's S3 calls in this process share one client of `endpoint` (patched by `patch`).
+
+    Beam makes a boto3 client for every S3 call (about 0.1 s each); one shared client
+    keeps the tests that make hundreds of calls fast and changes none of their S3 requests.
+    """
+    shared, real = boto3_client.Client(options=PipelineOptions(s3_flags(endpoint))), s3io.S3IO
+    patch.setattr(s3io, "S3IO", lambda client=None, options=None: real(client=client or shared))
+
+
 def keys(endpoint, prefix):
     listing = client(endpoint).list_objects_v2(Bucket=BUCKET, Prefix=prefix)
     return sorted(item["Key"] for item in listing.get("Contents", []))
@@ -108,7 +121,9 @@ def export(s3_endpoint):
     s3.put_object(Bucket=BUCKET, Key="corpus/part-0.jsonl", Body=first.encode("utf-8"))
     s3.put_object(Bucket=BUCKET, Key="corpus/part-1.jsonl", Body=second.encode("utf-8"))
     flags = ["--model", MODEL, "--input", CORPUS, "--output", OUTPUT, "--layer", "lstm_content"]
-    summary = run_export(flags + s3_flags(s3_endpoint))
+    with pytest.MonkeyPatch.context() as patch:
+        share_one_s3_client(patch, s3_endpoint)
+        summary = run_export(flags + s3_flags(s3_endpoint))
     return summary, documents
 
 
@@ -188,9 +203,10 @@ def test_missing_s3_model_is_a_launch_error(s3_endpoint, export, tmp_path):
 
 
 @pytest.mark.slow
-def test_reuse_of_an_s3_export(s3_endpoint, export, tmp_path):
+def test_reuse_of_an_s3_export(s3_endpoint, export, tmp_path, monkeypatch):
     """--reuse reads an earlier export on S3: every unchanged document's row is copied, bit for bit."""
     _, documents = export
+    share_one_s3_client(monkeypatch, s3_endpoint)
     output = str(tmp_path / "run2")
     flags = ["--model", MODEL, "--input", CORPUS, "--output", output, "--layer", "lstm_content"]
     summary = run_export([*flags, "--reuse", OUTPUT, *s3_flags(s3_endpoint)])
@@ -207,7 +223,9 @@ def test_reuse_of_an_s3_export(s3_endpoint, export, tmp_path):
 def test_a_killed_s3_export_resumes_bit_for_bit(s3_endpoint, export, monkeypatch):
     """A run killed (SIGKILL) after closing two row files on S3 is resumed, equal to an uninterrupted one."""
     s3 = client(s3_endpoint)
-    s3.upload_file(SAMPLE_CORPUS, BUCKET, "resume-corpus/sample.jsonl")
+    with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
+        first_lines = "".join(handle.readlines()[:800])
+    s3.put_object(Bucket=BUCKET, Key="resume-corpus/sample.jsonl", Body=first_lines.encode("utf-8"))
     corpus = f"s3://{BUCKET}/resume-corpus/*.jsonl"
     flags = ["--model", MODEL, "--layer", "lstm_content", "--batch_size", "8", *s3_flags(s3_endpoint)]
     output, reference = f"s3://{BUCKET}/exports/resumed", f"s3://{BUCKET}/exports/uninterrupted"
@@ -224,6 +242,7 @@ def test_a_killed_s3_export_resumes_bit_for_bit(s3_endpoint, export, monkeypatch
     assert read_manifest(output) is None and kept_rows > 0
     # The killed run's lease on the output lapses after LEASE_SECONDS; the rerun comes later.
     monkeypatch.setattr(lock_lib, "LEASE_SECONDS", 0)
+    share_one_s3_client(monkeypatch, s3_endpoint)
     summary = run_export(["--input", corpus, "--output", output, *flags])
     assert summary.exit_code == 0, summary.message
     assert summary.rows_kept >= kept_rows and summary.rows_kept < summary.rows_written
