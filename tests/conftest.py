@@ -14,6 +14,26 @@ from sizes import LENGTHS, SIZES
 # them, so that tests of pure code (the tokenizer, the corpus parsers) start at once.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The test files that take longest, first: pytest-xdist hands whole files to its workers in
+# collection order (`--dist loadfile --no-loadscope-reorder` in pytest.ini), and a long file
+# taken last would end the run on one worker while the others wait.
+LONGEST_FILES_FIRST = (
+    "test_resume.py",
+    "test_portable_runner.py",
+    "test_object_storage.py",
+    "test_fast_path.py",
+    "test_commit.py",
+    "test_output_faults.py",
+    "test_real_tokens.py",
+    "test_reuse.py",
+    "test_scale.py",
+    "test_output_safety.py",
+    "test_byo_model.py",
+    "test_nothing_lost.py",
+    "test_pipeline_export.py",
+    "test_start.py",
+)
+
 TINY_EXAMPLES = 32
 TINY_BATCH = 8
 
@@ -90,3 +110,9 @@ def shared_bundle(tmp_path_factory):
         return bundles[topology]
 
     return get
+
+
+def pytest_collection_modifyitems(items):
+    """Orders the test files longest first (`LONGEST_FILES_FIRST`); the order within a file stays."""
+    rank = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
