@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from pipeline_fixtures import REPOSITORY, write_jsonl
+from pipeline_fixtures import REPOSITORY, export_args, write_jsonl
 
 from models.fast_path import FAST, KERAS, FastPathChoice
 from pipeline.errors import ExportConfigError
@@ -119,3 +119,24 @@ def test_an_export_does_not_import_matplotlib_but_analyze_still_can(tmp_path):
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPOSITORY),
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_an_in_memory_export_builds_one_embedder_and_checks_once(tiny_bundle, tmp_path, monkeypatch):
+    """The worker of the launcher's own process gets the launcher's `Embedder`, although the graph
+    hands the workers the plan without its launch listing: one model load, check and trace."""
+    from pipeline.running.export import run_export
+
+    built = []
+    original = embedder_lib.Embedder.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(args)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(embedder_lib.Embedder, "__init__", counted)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "content": "word1 word2", "title": "word3"}])
+    summary = run_export(
+        export_args(tiny_bundle[0], corpus, tmp_path / "o", "--direct_running_mode=in_memory")
+    )
+    assert summary.exit_code == 0 and summary.rows_written == 1
+    assert len(built) == 1
