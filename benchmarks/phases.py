@@ -1,10 +1,12 @@
 """Where one `python -m pipeline.run` spends its wall time: start-up, launch check, pipeline, commit, exit.
 
-    python -m benchmarks.phases [--documents 20000] [-- FLAGS...]
+    python -m benchmarks.phases [--documents 20000] [--baseline REV] [-- FLAGS...]
 
 Runs the command once in a child process on `benchmarks.corpora`'s real-length
 text (default flags: `--pooling none`), the child wrapping a few of this code's
-functions with timers, and prints each phase's seconds from the child's start:
+functions with timers, and prints each phase's seconds from the child's start
+(with `--baseline`, first the same for that revision, extracted with `git archive`;
+it must have this code's layout, `pipeline.running.export`):
 imports, the plan, the launch's fast path check (Keras's reference, the fast path's
 trace and run), the pipeline (graph and start, first batch, the rest), the Parquet
 writing thread's busy time and the step's waits on it, the commit, and the exit
@@ -20,7 +22,7 @@ import tempfile
 import time
 
 from benchmarks.corpora import write_real_corpus
-from benchmarks.scale import ROOT
+from benchmarks.scale import ROOT, extract_baseline
 
 # Runs in the child: argv are the command's flags. Prints one JSON line of timestamps and sums.
 CHILD = r"""
@@ -67,8 +69,11 @@ phase(export, "build_plan", "plan")
 phase(export, "choose_forward_passes", "launch check")
 phase(export, "_run_pipeline", "pipeline")
 phase(commit, "commit", "commit")
-summed(shards.WriteShardsFn, "_write_table", "writing_thread_busy")
-summed(shards._WriteBehind, "wait", "step_waits_on_writing")
+if hasattr(shards, "_WriteBehind"):  # a baseline writes in the step itself
+    summed(shards.WriteShardsFn, "_write_table", "writing_thread_busy")
+    summed(shards._WriteBehind, "wait", "step_waits_on_writing")
+else:
+    summed(shards.WriteShardsFn, "_write_group", "writing_thread_busy")
 check = forward_pass.max_difference
 def max_difference(candidate, reference, features):
     def timed(function, key):
@@ -96,12 +101,12 @@ run_main(sys.argv[1:])
 """
 
 
-def measure(corpus, output, flags):
-    """{"marks": {phase: seconds from start}, "sums": {...}, "wall": seconds} of one command."""
+def measure(root, corpus, output, flags):
+    """{"marks": {phase: seconds from start}, "sums": {...}, "wall": seconds} of one command of `root`."""
     command = [sys.executable, "-c", CHILD, "--input", corpus, "--output", output, *flags]
-    environment = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    environment = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2")
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=root, env=environment, capture_output=True, text=True)
     wall = time.perf_counter() - started
     lines = [line for line in result.stdout.splitlines() if line.startswith("PHASES ")]
     if result.returncode != 0 or not lines:
@@ -109,8 +114,8 @@ def measure(corpus, output, flags):
     return dict(json.loads(lines[-1][len("PHASES ") :]), wall=wall)
 
 
-def table(measured):
-    """The phases as markdown rows: phase, seconds."""
+def phases(measured):
+    """[(phase, seconds)] of one `measure`."""
     marks, sums = measured["marks"], measured["sums"]
 
     def span(start, end):
@@ -124,24 +129,42 @@ def table(measured):
         ("  of which the fast path's trace and run", sums["fast_path_check_run"]),
         ("pipeline: graph, start, first batch", span("pipeline start", "first batch embedded")),
         ("pipeline: the other batches and the files", span("first batch embedded", "pipeline end")),
-        ("  Parquet writing thread busy", sums["writing_thread_busy"]),
+        ("  writing Parquet (on its own thread, if any)", sums["writing_thread_busy"]),
         ("  step waiting on the writing thread", sums["step_waits_on_writing"]),
         ("commit", span("commit start", "commit end")),
         ("exit (after the last timestamp)", measured["wall"] - measured["end"]),
         ("whole command", measured["wall"]),
     ]
-    return ["| phase | seconds |", "|---|---|", *(f"| {name} | {seconds:.2f} |" for name, seconds in rows)]
+    return rows
+
+
+def table(measured):
+    """Markdown rows: each phase's seconds, one column per contender ({label: `measure`})."""
+    columns = {label: phases(one) for label, one in measured.items()}
+    names = [name for name, _ in next(iter(columns.values()))]
+    lines = ["| phase | " + " | ".join(f"{label}, s" for label in columns) + " |"]
+    lines.append("|---|" + "---|" * len(columns))
+    for index, name in enumerate(names):
+        lines.append(f"| {name} | " + " | ".join(f"{rows[index][1]:.2f}" for rows in columns.values()) + " |")
+    return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--documents", type=int, default=20000, help="documents (default 20,000).")
+    parser.add_argument("--baseline", default=None, help="a git revision to measure first (this layout).")
     parser.add_argument("flags", nargs="*", help="the command's flags after --, default --pooling none.")
     args = parser.parse_args(argv)
     flags = args.flags or ["--pooling", "none"]
     with tempfile.TemporaryDirectory() as scratch:
         corpus = write_real_corpus(os.path.join(scratch, "real.jsonl"), args.documents)
-        measured = measure(corpus, os.path.join(scratch, "out"), flags)
+        roots = {"this code": ROOT}
+        if args.baseline:
+            roots = {args.baseline: extract_baseline(args.baseline, scratch), **roots}
+        measured = {
+            label: measure(root, corpus, os.path.join(scratch, f"out-{index}"), flags)
+            for index, (label, root) in enumerate(roots.items())
+        }
     print(f"python -m pipeline.run {' '.join(flags)}, {args.documents:,} real-length documents")
     print("\n".join(table(measured)))
 
