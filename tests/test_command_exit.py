@@ -1,10 +1,8 @@
 """`python -m pipeline.run` ends when its run is over: exit functions run, the teardown does not."""
 
-import os
-import subprocess
 import sys
 
-from pipeline_fixtures import REPOSITORY, manifest_of, read_rows, write_jsonl
+from pipeline_fixtures import manifest_of, read_rows, run_command, write_jsonl
 
 # Registers an exit function and an object whose finalizer only the interpreter's teardown
 # (freeing the modules' globals) would call, then runs the command as `python -m` does.
@@ -29,24 +27,8 @@ def test_a_finished_run_exits_with_its_status_after_the_exit_functions_without_t
         tmp_path / "c.jsonl", [{"id": f"d{i}", "content": f"word{i}", "title": "word1"} for i in range(5)]
     )
     output = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            "--model",
-            tiny_bundle[0],
-            "--input",
-            str(corpus),
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPOSITORY,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPOSITORY),
-        timeout=300,
-    )
+    flags = ["--model", tiny_bundle[0], "--input", str(corpus), "--output", str(output)]
+    result = run_command([sys.executable, "-c", CHILD, *flags])
     assert result.returncode == 0, result.stderr[-3000:]
     # The summary is flushed whole before the process ends, then the exit functions run.
     assert "Export finished" in result.stdout and "rows written     5" in result.stdout, result.stdout
@@ -57,21 +39,7 @@ def test_a_finished_run_exits_with_its_status_after_the_exit_functions_without_t
 
 
 def test_a_refused_run_still_exits_with_status_2(tiny_bundle, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.run",
-            "--model",
-            tiny_bundle[0],
-            "--input",
-            str(tmp_path / "none.jsonl"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPOSITORY,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPOSITORY),
-        timeout=300,
-    )
+    flags = ["--model", tiny_bundle[0], "--input", str(tmp_path / "none.jsonl")]
+    result = run_command([sys.executable, "-m", "pipeline.run", *flags])
     assert result.returncode == 2, result.stderr[-3000:]
     assert [line for line in result.stderr.splitlines() if line.startswith("error: ")], result.stderr[-3000:]
