@@ -37,7 +37,7 @@ class Bucketed:
     def __init__(self, directions: Sequence[Direction]) -> None:
         self.directions = directions
         self.units = directions[0].units
-        self.run = tf.function(self._run, jit_compile=True)
+        self.run = tf.function(self._run, jit_compile=True, autograph=False)
 
     def _run(self, ids: tf.Tensor, starts: tf.Tensor) -> tf.Tensor:
         """ids (directions, rows, length), starts (directions, rows) -> final h (directions, rows, units)."""

@@ -183,13 +183,10 @@ class FastPath:
         written = tf.TensorArray(
             tf.float32, size=count, infer_shape=False, element_shape=tf.TensorShape([None, direction.units])
         )
-        for step in tf.range(count):
-            tf.autograph.experimental.set_loop_options(
-                shape_invariants=[
-                    (h, tf.TensorShape([None, direction.units])),
-                    (c, tf.TensorShape([None, direction.carry_width()])),
-                ]
-            )
+
+        def body(
+            step: tf.Tensor, h: tf.Tensor, c: tf.Tensor, written: tf.TensorArray
+        ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.TensorArray]:
             k = active[step]
             x = tf.gather(table, steps[:k, step])
             if project:
@@ -199,6 +196,21 @@ class FastPath:
             c = tf.concat([c_new, c[k:]], axis=0)
             if want_sequence:
                 written = written.write(step, h_new)
+            return step + 1, h, c, written
+
+        # An explicit loop: the traced function needs no AutoGraph conversion (`_traced`).
+        _, h, c, written = tf.while_loop(
+            lambda step, *_: step < count,
+            body,
+            (tf.constant(0), h, c, written),
+            shape_invariants=(
+                tf.TensorShape([]),
+                tf.TensorShape([None, direction.units]),
+                tf.TensorShape([None, direction.carry_width()]),
+                tf.TensorShape(None),
+            ),
+            maximum_iterations=count,
+        )
         return h, written.concat() if want_sequence else None
 
     def _run_bucketed(self, recurrent: FastRecurrent, lane: Lane) -> list[tf.Tensor]:
@@ -293,7 +305,9 @@ class FastPath:
                 lambda array: tf.TensorSpec([None] * array.ndim, tf.int32), arguments
             )
             forward = functools.partial(self._forward, columns=columns, real_tokens=real_tokens)
-            self._runs[key] = tf.function(forward, input_signature=signature)
+            # Its loops are explicit `tf.while_loop`s: converting the Python code with AutoGraph
+            # would only cost seconds of every process's start.
+            self._runs[key] = tf.function(forward, input_signature=signature, autograph=False)
         return self._runs[key]
 
     def embedding_tables(self) -> dict[str, tuple[str, np.ndarray]]:

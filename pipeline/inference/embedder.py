@@ -60,14 +60,17 @@ def choose_forward_passes(plan: ExportPlan, model_source: ModelSource) -> Export
 def worker_embedder(plan: ExportPlan) -> Embedder:
     """A worker's `Embedder` of `plan`: the launcher's when this process launched it, else loaded.
 
-    The workers' plan is the launched one without its input listing (only the
-    reading step keeps it: `pipeline.running.graph`), so the listing is left out
-    of the comparison.
+    The graph hands the workers the plan without its launch listing (only the
+    reader needs it), so the plans are compared without it.
     """
     for launched, embedder in _LAUNCHED:
-        if dataclasses.replace(launched, input_files=plan.input_files) == plan:
+        if _without_listing(launched) == _without_listing(plan):
             return embedder
     return Embedder(plan)
+
+
+def _without_listing(plan: ExportPlan) -> ExportPlan:
+    return dataclasses.replace(plan, input_files=()) if plan.input_files else plan
 
 
 def manifest_columns(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import functools
 import json
 import math
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO
 
 import apache_beam as beam
@@ -77,6 +79,45 @@ class _CountingFile:
             self.closed = True
 
 
+class _WriteBehind:
+    """Runs the writes of one `WriteShardsFn`, one at a time, on a thread of its own.
+
+    pyarrow encodes a row group without the GIL, so the forward pass of the next
+    batches goes on meanwhile. At most one write is in flight: `wait` returns its
+    result or raises its exception (a full disk, an I/O error) in the caller's
+    thread, the exception the write raised, as if it had run there.
+    """
+
+    def __init__(self) -> None:
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future[bool] | None = None
+
+    def submit(self, write: Callable[[], bool]) -> None:
+        if self._pending is not None:
+            raise RuntimeError("a write is already in flight; wait for it first")
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="WriteShards")
+        self._pending = self._executor.submit(write)
+
+    def wait(self) -> bool:
+        """The result of the write in flight (False when none), once it is done; raises what it raised."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else False
+
+    def abandon(self) -> None:
+        """Waits for the write of an abandoned bundle; its error was the bundle's, or is moot now."""
+        try:
+            self.wait()
+        except Exception:
+            pass
+
+    def shutdown(self) -> None:
+        self.abandon()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+
 class WriteShardsFn(beam.DoFn):
     """Writes row batches into Parquet files of about `shard_bytes`, under `temp_dir`.
 
@@ -87,6 +128,10 @@ class WriteShardsFn(beam.DoFn):
     most that much of each worker's work (a closed file is what a resume keeps).
     Outputs the paths of the files it closed; only the files of successful
     bundles reach `NameShardsFn`, so a retried bundle leaves no rows twice.
+
+    A row group is encoded and written (and its file closed, if full) on a
+    thread of its own (`_WriteBehind`) while the next one is gathered: the
+    same row groups in the same files, in the same order, as if written here.
     """
 
     def __init__(
@@ -107,41 +152,72 @@ class WriteShardsFn(beam.DoFn):
     def setup(self) -> None:
         self._schema = schema_lib.output_schema(self._plan)
         self._progress = progress_lib.recorder(self._progress_dir)
+        self._behind = _WriteBehind()
 
     def start_bundle(self) -> None:
+        # A failed bundle's write may still be running: it must not touch this bundle's state.
+        self._behind.abandon()
         self._buffer: list[pa.RecordBatch] = []
         self._rows, self._bytes = 0, 0
         self._writer: pq.ParquetWriter | None = None
         self._file: _CountingFile | None = None
         self._path: str | None = None
         self._closed: list[str] = []
-        # When the oldest row not yet in a closed file arrived (monotonic clock), or None.
+        # When the oldest row not yet in a closed file arrived (monotonic clock), or None;
+        # and the oldest row in the buffer, which that becomes once the open file closes.
         self._pending_since: float | None = None
+        self._buffer_since: float | None = None
         # The tokenizer's counts of the rows buffered, and of those in the open file.
         self._buffer_counts: collections.Counter[str] = collections.Counter()
         self._file_counts: collections.Counter[str] = collections.Counter()
 
+    def teardown(self) -> None:
+        if hasattr(self, "_behind"):
+            self._behind.shutdown()
+
     def process(self, batch: pa.RecordBatch) -> None:
+        now = time.monotonic()
         if self._pending_since is None:
-            self._pending_since = time.monotonic()
+            self._pending_since = now
+        if self._buffer_since is None:
+            self._buffer_since = now
         self._buffer_counts.update(_tokenizer_counts(batch) or {})
         self._buffer.append(batch)
         self._rows += batch.num_rows
         self._bytes += batch.nbytes
         if self._rows >= ROW_GROUP_ROWS or self._bytes >= self._group_bytes:
             self._write_group()
-        pending = time.monotonic() - self._pending_since if self._pending_since is not None else 0.0
-        if pending >= self._checkpoint_seconds:
+        if self._checkpoint_due():
+            # The write in flight may have closed its file, making its rows durable already.
+            self._settle()
+        if self._checkpoint_due():
             if self._buffer:
                 self._write_group()
+                self._settle()
             if self._writer is not None:
                 self._close_file()
+            self._pending_since = None
+
+    def _checkpoint_due(self) -> bool:
+        since = self._pending_since
+        return since is not None and time.monotonic() - since >= self._checkpoint_seconds
+
+    def _settle(self) -> None:
+        """Waits for the write in flight; if it closed its file, the buffer holds the oldest pending rows."""
+        if self._behind.wait():
+            self._pending_since = self._buffer_since
 
     def _write_group(self) -> None:
+        # Every file state below is the writing thread's until the write in flight is done.
+        self._settle()
         table = pa.Table.from_batches(self._buffer, schema=self._schema)
-        self._buffer, self._rows, self._bytes = [], 0, 0
+        self._buffer, self._rows, self._bytes, self._buffer_since = [], 0, 0, None
         self._file_counts.update(self._buffer_counts)
         self._buffer_counts = collections.Counter()
+        self._behind.submit(functools.partial(self._write_table, table))
+
+    def _write_table(self, table: pa.Table) -> bool:
+        """Writes one row group, opening a file first if none is open; True if it then closed the file."""
         if self._writer is None:
             self._path = FileSystems.join(self._temp_dir, f"{uuid.uuid4().hex}.parquet")
             self._file = _CountingFile(FileSystems.create(self._path))
@@ -155,6 +231,8 @@ class WriteShardsFn(beam.DoFn):
         self._progress.add(rows=table.num_rows)
         if self._file is not None and self._file.written >= self._shard_bytes:
             self._close_file()
+            return True
+        return False
 
     def _close_file(self) -> None:
         assert self._writer is not None and self._file is not None and self._path is not None
@@ -165,13 +243,14 @@ class WriteShardsFn(beam.DoFn):
         self._file.close()
         self._closed.append(self._path)
         self._writer = self._file = self._path = None
-        self._pending_since = time.monotonic() if self._buffer else None
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
         if self._buffer:
             self._write_group()
+        self._settle()
         if self._writer is not None:
             self._close_file()
+        self._pending_since = None
         self._progress.flush()
         for path in self._closed:
             yield WindowedValue(path, GlobalWindow().max_timestamp(), (GlobalWindow(),))

@@ -1,0 +1,45 @@
+"""`python -m pipeline.run` ends when its run is over: exit functions run, the teardown does not."""
+
+import sys
+
+from pipeline_fixtures import manifest_of, read_rows, run_command, write_jsonl
+
+# Registers an exit function and an object whose finalizer only the interpreter's teardown
+# (freeing the modules' globals) would call, then runs the command as `python -m` does.
+CHILD = """
+import atexit, os, sys
+import pipeline.run
+
+class TornDown:
+    def __del__(self, write=os.write):
+        write(1, b"torn down")
+
+keep = TornDown()
+atexit.register(lambda: print("exit functions ran", flush=True))
+pipeline.run.run_main(sys.argv[1:])
+"""
+
+
+def test_a_finished_run_exits_with_its_status_after_the_exit_functions_without_teardown(
+    tiny_bundle, tmp_path
+):
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl", [{"id": f"d{i}", "content": f"word{i}", "title": "word1"} for i in range(5)]
+    )
+    output = tmp_path / "out"
+    flags = ["--model", tiny_bundle[0], "--input", str(corpus), "--output", str(output)]
+    result = run_command([sys.executable, "-c", CHILD, *flags])
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The summary is flushed whole before the process ends, then the exit functions run.
+    assert "Export finished" in result.stdout and "rows written     5" in result.stdout, result.stdout
+    assert result.stdout.rstrip().endswith("exit functions ran"), result.stdout
+    assert "torn down" not in result.stdout
+    assert manifest_of(output)["status"] == "succeeded"
+    assert sorted(read_rows(output).column("id").to_pylist()) == [f"d{i}" for i in range(5)]
+
+
+def test_a_refused_run_still_exits_with_status_2(tiny_bundle, tmp_path):
+    flags = ["--model", tiny_bundle[0], "--input", str(tmp_path / "none.jsonl")]
+    result = run_command([sys.executable, "-m", "pipeline.run", *flags])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")], result.stderr[-3000:]
