@@ -421,3 +421,17 @@ def test_an_export_never_pickles_documents_or_rows_to_measure_them(tmp_path, mon
     assert summary.rows_written == 40
     measured = {name: pickled[name] for name in ("RecordBatch", "BatchRows", "Tokenized")}
     assert measured == {"RecordBatch": 0, "BatchRows": 0, "Tokenized": 0}, pickled
+
+
+def test_the_element_coders_encode_and_decode_like_any_beam_coder():
+    """`beam.Create(...)` and other direct users call `coder.encode`, not only the runner's impl."""
+    import apache_beam as beam
+    import pyarrow as pa
+
+    from pipeline.inference.coders import RecordBatchCoder
+
+    batch = pa.RecordBatch.from_pydict({"id": ["a", "b"], "v": pa.array([[1.0, 2.0], [3.0, 4.0]])})
+    coder = beam.coders.registry.get_coder(pa.RecordBatch)
+    assert isinstance(coder, RecordBatchCoder)
+    assert coder.decode(coder.encode(batch)).equals(batch)
+    assert coder.estimate_size(batch) == batch.nbytes

@@ -13,7 +13,7 @@ from pipeline.inference.embedder import BatchRows
 from pipeline.inference.features import Tokenized
 
 
-class _SizedPickleCoder(beam.coders.Coder):
+class _SizedPickleCoder(beam.coders.coders.FastCoder):
     """Pickles an element, and estimates its size from its arrays without encoding it.
 
     Beam estimates the encoded size of elements that pass between the steps of a
