@@ -16,6 +16,7 @@ A failed run that must not replace a succeeded export is not committed:
 `set_aside_failed_run` keeps its dead letters and manifest in `_failed/RUN/`.
 """
 
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -61,6 +62,9 @@ Role = Literal["rows", "errors", "tables"]
 ROLES: tuple[Role, ...] = ("rows", "errors", "tables")
 # One staged -> final rename of the journal, with the staged file's digest ("from" is a keyword).
 Rename = TypedDict("Rename", {"from": str, "to": str, "bytes": int, "sha256": str})
+# Staged files hashed at once: reading and hashing one uses about one core (local) or waits on
+# the network (object storage).
+HASH_THREADS = 4
 
 
 class Journal(TypedDict):
@@ -162,12 +166,15 @@ def _prepare_commit(
     staging = posixpath.join(STAGING, run_id)
     renames: list[Rename] = []
     shards: dict[Role, list[ShardEntry]] = {role: [] for role in ROLES}
-    for role in shards:
-        for path, rows in staged.get(role, []):
+    files = [(role, path, rows) for role in shards for path, rows in staged.get(role, [])]
+    # Hashing only reads (and flushes) staged files, so they are hashed a few at a time
+    # (hashlib and the reads release the GIL); each "hash" step still comes in order.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        digests = pool.map(file_digest, [path for _, path, _ in files])
+        for (role, path, rows), digest in zip(files, digests, strict=True):
             source = relative_to(directory, path)
             target = _commit_targets(role, path)
             step("hash", source)
-            digest = file_digest(path)
             renames.append({"from": source, "to": target, **digest})
             shards[role].append({"file": target, "rows": rows, **digest})
     targets = {rename["to"] for rename in renames}
