@@ -119,6 +119,7 @@ def test_an_in_memory_export_builds_one_embedder_and_checks_the_fast_path_once(
 
     monkeypatch.setattr(embedder_lib.Embedder, "__init__", counted_init)
     monkeypatch.setattr(forward_pass_lib, "max_difference", counted_check)
+    monkeypatch.setattr(embedder_lib, "_LAUNCHED", [])  # no earlier launch of this model here
     corpus = write_jsonl(
         tmp_path / "c.jsonl",
         [{"id": f"d{i}", "content": f"word{i} word2", "title": "word3"} for i in range(20)],
@@ -127,6 +128,68 @@ def test_an_in_memory_export_builds_one_embedder_and_checks_the_fast_path_once(
     summary = run_export(argv)
     assert summary.exit_code == 0 and summary.rows_written == 20
     assert len(built) == 1 and len(checks) == 1
+
+
+def _count_checks(monkeypatch):
+    """The fast path's checks against Keras made in this process from now on, none launched before."""
+    monkeypatch.setattr(embedder_lib, "_LAUNCHED", [])
+    checks = []
+    real = forward_pass_lib.max_difference
+
+    def counted(*args):
+        checks.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(forward_pass_lib, "max_difference", counted)
+    return checks
+
+
+def _export(bundle, tmp_path, name, documents):
+    """Exports `documents` (ids) with `bundle` into `tmp_path/name`: its rows by id and its manifest."""
+    from pipeline_fixtures import read_rows
+
+    from pipeline.running.export import run_export
+    from pipeline.writing.state import read_manifest
+
+    words = {"a": "word1 word4 word7", "b": "word2 word9", "c": "word30", "d": "word5 word5 word6"}
+    records = [{"id": d, "content": words[d], "title": "word3"} for d in documents]
+    corpus = write_jsonl(tmp_path / f"{name}.jsonl", records)
+    output = str(tmp_path / name)
+    assert run_export(["--model", bundle, "--input", corpus, "--output", output]).exit_code == 0
+    return {row["id"]: row for row in read_rows(output).to_pylist()}, read_manifest(output)
+
+
+def test_a_second_launch_of_the_same_model_takes_the_first_ones_checked_forward_passes(
+    tiny_bundle, tmp_path, monkeypatch
+):
+    checks = _count_checks(monkeypatch)
+    first, first_manifest = _export(tiny_bundle[0], tmp_path, "first", ["a", "b", "c"])
+    # Another corpus and output, the same model: no second load, trace or check.
+    second, second_manifest = _export(tiny_bundle[0], tmp_path, "second", ["c", "a", "d"])
+    assert len(checks) == 1
+    assert second_manifest["columns"] == first_manifest["columns"]
+    for document in ("a", "c"):
+        assert second[document] == first[document]
+
+
+def test_a_model_file_replaced_at_the_same_path_is_loaded_and_checked_again(
+    tiny_bundle, train_tiny_model, tmp_path, monkeypatch
+):
+    import shutil
+
+    from models.bundle import load_bundle, save_bundle
+
+    bundle = str(tmp_path / "bundle")
+    shutil.copytree(tiny_bundle[0], bundle)
+    checks = _count_checks(monkeypatch)
+    before, _ = _export(bundle, tmp_path, "before", ["a", "b"])
+    # The same path, other weights (another seed): another SHA-256.
+    loaded = load_bundle(bundle)
+    other, _ = train_tiny_model("two_inputs_two_outputs", seed=1)
+    save_bundle(bundle, other, loaded.tokenizer, loaded.input_fields)
+    after, _ = _export(bundle, tmp_path, "after", ["a", "b"])
+    assert len(checks) == 2
+    assert after["a"]["lstm_content"] != before["a"]["lstm_content"]
 
 
 def test_an_export_does_not_import_matplotlib_but_analyze_still_can(tmp_path):

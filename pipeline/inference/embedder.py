@@ -37,6 +37,38 @@ if typing.TYPE_CHECKING:
 # The launcher's `Embedder` and its plan, which a worker in the launcher's own process (the
 # in-memory runner) reuses: one model load, fast path and check per process.
 _LAUNCHED: list[tuple[ExportPlan, Embedder]] = []
+# The plan fields that neither the sub-model nor its forward passes read (`SubModel`,
+# `Predictor`, `TextTokens`): where, what and how the run reads and writes.
+_RUN_FIELDS = (
+    "tokenizer_uri",
+    "tokenizer_sha256",
+    "input_pattern",
+    "input_format",
+    "id_field",
+    "keep_fields",
+    "output",
+    "dtype",
+    "batch_size",
+    "compression",
+    "max_record_bytes",
+    "package_version",
+    "truncating",
+    "reuse",
+    "reuse_files",
+    "input_bytes",
+    "input_listing_sha256",
+    "input_files",
+)
+
+
+def forward_pass_key(plan: ExportPlan) -> ExportPlan:
+    """`plan` without the fields a forward pass does not depend on (`_RUN_FIELDS`, blanked).
+
+    Two launches with the same key (the same model file by its SHA-256, the same
+    columns, inputs and forward pass flags) make the same sub-model and choose the
+    same forward passes.
+    """
+    return dataclasses.replace(plan, **{name: type(getattr(plan, name))() for name in _RUN_FIELDS})
 
 
 def choose_forward_passes(plan: ExportPlan, model_source: ModelSource) -> ExportPlan:
@@ -46,15 +78,25 @@ def choose_forward_passes(plan: ExportPlan, model_source: ModelSource) -> Export
     the launcher's already loaded model.  The returned plan carries the choice
     (`forward_passes`) and where it was checked (`fast_path_checked_on`), so
     workers in the same environment do not check again; a worker of this very
-    process gets this `Embedder` itself (`worker_embedder`).
+    process gets this `Embedder` itself (`worker_embedder`).  A second launch in
+    the same process with the same `forward_pass_key` (another corpus or output,
+    the same model) takes the previous launch's checked forward passes instead of
+    loading, tracing and checking again.
     """
-    embedder = Embedder(plan, model_source)
+    key = forward_pass_key(plan)
+    previous = [embedder for launched, embedder in _LAUNCHED if forward_pass_key(_unchosen(launched)) == key]
+    embedder = Embedder(plan, model_source, same_model=previous[0] if previous else None)
     chosen = dataclasses.replace(
         plan, forward_passes=embedder.forward_pass_records(), fast_path_checked_on=fast_path_environment()
     )
     embedder.plan = chosen
     _LAUNCHED[:] = [(chosen, embedder)]
     return chosen
+
+
+def _unchosen(plan: ExportPlan) -> ExportPlan:
+    """A launched plan as it was before `choose_forward_passes`."""
+    return dataclasses.replace(plan, forward_passes=(), fast_path_checked_on="")
 
 
 def worker_embedder(plan: ExportPlan) -> Embedder:
@@ -114,6 +156,8 @@ class Embedder:
         plan: the `ExportPlan` built at launch.
         model_source: an already loaded `ModelSource` (the launcher's); loaded from
             `plan.model_uri` when None, as on a worker.
+        same_model: an earlier launch's `Embedder` of the same `forward_pass_key`, whose
+            sub-model and checked forward passes this one takes as they are.
     """
 
     plan: ExportPlan
@@ -122,9 +166,15 @@ class Embedder:
     predictor: Predictor  # the forward pass chosen for each column
     text_tokens: TextTokens
 
-    def __init__(self, plan: ExportPlan, model_source: ModelSource | None = None) -> None:
+    def __init__(
+        self, plan: ExportPlan, model_source: ModelSource | None = None, same_model: Embedder | None = None
+    ) -> None:
         self.plan = plan
         self.schema = schema_lib.output_schema(plan)
+        if same_model is not None:  # an `Embedder` of the same `forward_pass_key`: its model and choice
+            self.model, self.predictor = same_model.model, same_model.predictor
+            self.text_tokens = same_model.text_tokens
+            return
         self.model = SubModel(plan, model_source)
         self.predictor = Predictor(plan, self.model)
         self.text_tokens = TextTokens(self.model.keras_model)
