@@ -355,42 +355,28 @@ class ForkedProcess:
         self.wait()
 
 
-def popen(
-    command,
-    cwd=None,
-    env=None,
-    stdin=None,
-    stdout=None,
-    stderr=None,
-    text=False,
-    start_new_session=False,
-    **others,
-):
-    """`subprocess.Popen(command, ...)`, forked from the warm server when `command` runs Python code.
+# The `subprocess.Popen` arguments a forked child takes; with any other, a command starts cold.
+FORKED_OPTIONS = {"cwd", "env", "stdin", "stdout", "stderr", "text", "start_new_session"}
+
+
+def popen(command, **options):
+    """`subprocess.Popen(command, **options)`, forked from the warm server when `command` runs Python code.
 
     `command` is `python -m MODULE ...`, `python -c CODE ...` or `python SCRIPT.py ...`
     with `sys.executable`; anything else, or another Popen argument, starts cold.
     """
     request = _python_argv(command)
-    if request is None or others:
-        return subprocess.Popen(
-            command,
-            cwd=cwd,
-            env=env,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            text=text,
-            start_new_session=start_new_session,
-            **others,
-        )
+    if request is None or set(options) - FORKED_OPTIONS:
+        return subprocess.Popen(command, **options)
+    env = options.get("env")
     request = {
         "argv": request,
-        "cwd": os.path.abspath(cwd or os.getcwd()),
+        "cwd": os.path.abspath(options.get("cwd") or os.getcwd()),
         "env": dict(os.environ if env is None else env),
-        "new_session": start_new_session,
+        "new_session": options.get("start_new_session", False),
     }
-    return ForkedProcess(command, request, stdin, stdout, stderr, text)
+    streams = (options.get(name) for name in ("stdin", "stdout", "stderr"))
+    return ForkedProcess(command, request, *streams, options.get("text", False))
 
 
 def run(command, cwd=None, env=None, capture_output=False, text=False, timeout=None):
