@@ -340,6 +340,9 @@ def test_index_of_an_s3_export_is_built_locally_uploaded_and_dropped_by_overwrit
         "lstm_content",
         "--overwrite",
     ]
+    # The index was read and written through the AWS_* variables above; the export's own S3
+    # calls take the flags, through one client as in this file's other exports.
+    share_one_s3_client(monkeypatch, s3_endpoint)
     summary = run_export(flags + s3_flags(s3_endpoint))
     assert summary.exit_code == 0, summary.message
     assert [k for k in keys(s3_endpoint, "exports/indexed/_index/") if not k.endswith("/")] == []
