@@ -112,11 +112,6 @@ def shared_bundle(tmp_path_factory):
     return get
 
 
-def pytest_xdist_auto_num_workers(config):
-    """`--numprocesses=auto`: one worker more than cores; the kill tests spend part of their time waiting."""
-    return (os.cpu_count() or 1) + 1
-
-
 def pytest_collection_modifyitems(items):
     """Orders the test files longest first (`LONGEST_FILES_FIRST`); the order within a file stays."""
     rank = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
