@@ -106,20 +106,15 @@ def test_an_in_memory_export_builds_one_embedder_and_checks_the_fast_path_once(
     """The whole export, not only `worker_embedder`: its workers get the plan without the input listing."""
     from pipeline.running.export import run_export
 
-    built, checks = [], []
-    real_init, real_check = embedder_lib.Embedder.__init__, forward_pass_lib.max_difference
+    built = []
+    real_init = embedder_lib.Embedder.__init__
 
     def counted_init(self, *args, **kwargs):
         built.append(args)
         real_init(self, *args, **kwargs)
 
-    def counted_check(*args):
-        checks.append(args)
-        return real_check(*args)
-
     monkeypatch.setattr(embedder_lib.Embedder, "__init__", counted_init)
-    monkeypatch.setattr(forward_pass_lib, "max_difference", counted_check)
-    monkeypatch.setattr(embedder_lib, "_LAUNCHED", [])  # no earlier launch of this model here
+    checks = _count_checks(monkeypatch)
     corpus = write_jsonl(
         tmp_path / "c.jsonl",
         [{"id": f"d{i}", "content": f"word{i} word2", "title": "word3"} for i in range(20)],

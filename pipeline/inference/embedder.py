@@ -84,8 +84,8 @@ def choose_forward_passes(plan: ExportPlan, model_source: ModelSource) -> Export
     loading, tracing and checking again.
     """
     key = forward_pass_key(plan)
-    previous = [embedder for launched, embedder in _LAUNCHED if forward_pass_key(_unchosen(launched)) == key]
-    embedder = Embedder(plan, model_source, same_model=previous[0] if previous else None)
+    same_model = next((e for launched, e in _LAUNCHED if forward_pass_key(_unchosen(launched)) == key), None)
+    embedder = Embedder(plan, model_source, same_model=same_model)
     chosen = dataclasses.replace(
         plan, forward_passes=embedder.forward_pass_records(), fast_path_checked_on=fast_path_environment()
     )
@@ -112,7 +112,7 @@ def worker_embedder(plan: ExportPlan) -> Embedder:
 
 
 def _without_listing(plan: ExportPlan) -> ExportPlan:
-    return dataclasses.replace(plan, input_files=()) if plan.input_files else plan
+    return dataclasses.replace(plan, input_files=())
 
 
 def manifest_columns(

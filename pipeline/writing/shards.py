@@ -191,12 +191,16 @@ class WriteShardsFn(beam.DoFn):
             # The write in flight may have closed its file, making its rows durable already.
             self._settle()
         if self._checkpoint_due():
-            if self._buffer:
-                self._write_group()
-                self._settle()
-            if self._writer is not None:
-                self._close_file()
-            self._pending_since = None
+            self._close_all()
+
+    def _close_all(self) -> None:
+        """Writes the buffered rows and closes the open file: every row taken so far becomes durable."""
+        if self._buffer:
+            self._write_group()
+        self._settle()
+        if self._writer is not None:
+            self._close_file()
+        self._pending_since = None
 
     def _checkpoint_due(self) -> bool:
         since = self._pending_since
@@ -245,12 +249,7 @@ class WriteShardsFn(beam.DoFn):
         self._writer = self._file = self._path = None
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
-        if self._buffer:
-            self._write_group()
-        self._settle()
-        if self._writer is not None:
-            self._close_file()
-        self._pending_since = None
+        self._close_all()
         self._progress.flush()
         for path in self._closed:
             yield WindowedValue(path, GlobalWindow().max_timestamp(), (GlobalWindow(),))
