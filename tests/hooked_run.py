@@ -93,6 +93,7 @@ class _FullDisk:
 
 
 def _enospc_hook(limit):
+    import pyarrow as pa
     from apache_beam.io.localfilesystem import LocalFileSystem
 
     create = LocalFileSystem.create
@@ -103,6 +104,15 @@ def _enospc_hook(limit):
         return _FullDisk(handle) if "/_staging/" in path else handle
 
     LocalFileSystem.create = full_create
+    # Row files are written through pyarrow's own files (`pipeline.writing.shards._LocalFile`).
+    native = pa.OSFile
+
+    def full_native(path, mode="r", **kwargs):
+        if "/_staging/" in path and mode == "wb":
+            return pa.PythonFile(_FullDisk(open(path, "wb")), mode="w")
+        return native(path, mode, **kwargs)
+
+    pa.OSFile = full_native
 
 
 def main(argv):

@@ -60,6 +60,15 @@ def _read(paths):
     return pa.concat_tables([pq.read_table(path) for path in paths])
 
 
+def _through_python_files(monkeypatch):
+    """Local row files written through `_CountingFile` (a Python file): a test can hold or fail its writes."""
+
+    def python_file(path):
+        return shards_lib._CountingFile(open(path, "wb"))
+
+    monkeypatch.setattr(shards_lib, "_open_row_file", python_file)
+
+
 def _writer(plan, directory, shard_bytes=1 << 30):
     fn = shards_lib.WriteShardsFn(plan, str(directory), shard_bytes)
     fn.setup()
@@ -81,6 +90,7 @@ def test_a_row_group_is_written_while_the_step_takes_the_next_batches(
         return write(self, data)
 
     monkeypatch.setattr(shards_lib._CountingFile, "write", held)
+    _through_python_files(monkeypatch)
     fn = _writer(plan, tmp_path)
 
     def take(count):
@@ -124,6 +134,37 @@ def test_rows_keep_their_order_and_files_their_row_groups_across_many_files(plan
         assert os.path.getsize(path) >= max(1, whole.nbytes // 6) * 0.5
 
 
+def test_local_row_files_are_native_files_fsynced_when_closed(plan_and_batches, tmp_path, monkeypatch):
+    """The writing thread writes a local file without Python file objects, and each closed file is fsynced."""
+    plan, batches = plan_and_batches
+    synced = []
+    fsync = os.fsync
+
+    def recorded(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return fsync(descriptor)
+
+    monkeypatch.setattr(shards_lib.os, "fsync", recorded)
+    streams = []
+    open_row_file = shards_lib._open_row_file
+
+    def opened(path):
+        row_file = open_row_file(path)
+        streams.append(row_file.stream)
+        return row_file
+
+    monkeypatch.setattr(shards_lib, "_open_row_file", opened)
+    whole = pa.Table.from_batches(batches)
+    fn = _writer(plan, tmp_path, shard_bytes=max(1, whole.nbytes // 3))
+    for batch in batches:
+        fn.process(batch)
+    paths = [value.value for value in fn.finish_bundle()]
+    fn.teardown()
+    assert len(paths) > 1 and all(isinstance(stream, pa.OSFile) for stream in streams)
+    assert sorted(synced) == sorted(os.path.realpath(path) for path in paths)
+    assert _read(paths).equals(pa.Table.from_batches(batches, schema=_read(paths).schema))
+
+
 def test_a_full_disk_in_the_writing_thread_is_raised_by_the_step(plan_and_batches, tmp_path, monkeypatch):
     plan, batches = plan_and_batches
     error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -132,6 +173,7 @@ def test_a_full_disk_in_the_writing_thread_is_raised_by_the_step(plan_and_batche
         raise error
 
     monkeypatch.setattr(shards_lib._CountingFile, "write", full)
+    _through_python_files(monkeypatch)
     fn = _writer(plan, tmp_path)
     with pytest.raises(OSError) as raised:
         for batch in batches:
