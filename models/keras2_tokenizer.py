@@ -22,7 +22,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from models.tokenizer import FORMAT as EMBEXPORT_FORMAT
-from models.tokenizer import EncodedBatch, TextTokenizer, Tokenizer, check_sides, pad_token_ids
+from models.tokenizer import (
+    EncodedBatch,
+    EncodedText,
+    TextTokenizer,
+    Tokenizer,
+    check_sides,
+    pad_one,
+    pad_token_ids,
+)
 
 KERAS2_DEFAULT_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
 # `TextVectorization(standardize="lower_and_strip_punctuation", split="whitespace")`:
@@ -91,6 +99,12 @@ class _ListTokenizer:
             sequences.append(sequence)
         ids, counts, truncated = pad_token_ids(sequences, length, self.padding, self.truncating)
         return ids, counts, unknown, truncated
+
+    def encode_one(self, text: str, length: int) -> EncodedText:
+        """`encode_batch` of one text, as one row: the pipeline tokenizes a document at a time."""
+        sequence, unknown = self.token_ids(text)
+        ids, count, truncated = pad_one(sequence, length, self.padding, self.truncating)
+        return ids, count, unknown, truncated
 
     @property
     def vocabulary(self) -> list[str]:

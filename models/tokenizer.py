@@ -43,6 +43,8 @@ _INVISIBLE = re.compile("[\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2
 
 # `encode_batch`'s result: (ids, token counts, out-of-vocabulary counts, truncated), one row per text.
 EncodedBatch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+# `encode_one`'s result: (ids, token count, out-of-vocabulary count, truncated) of one text.
+EncodedText = tuple[np.ndarray, int, int, bool]
 
 
 class TextTokenizer(typing.Protocol):
@@ -61,6 +63,8 @@ class TextTokenizer(typing.Protocol):
 
     def encode_batch(self, texts: Sequence[str], length: int) -> EncodedBatch: ...
 
+    def encode_one(self, text: str, length: int) -> EncodedText: ...
+
 
 def split_text(text: str) -> list[str]:
     """Standardises `text` and splits it into token strings."""
@@ -73,6 +77,28 @@ def check_sides(padding: str, truncating: str) -> None:
     for name, side in (("padding", padding), ("truncating", truncating)):
         if side not in SIDES:
             raise ValueError(f"{name} must be 'pre' or 'post', received {side!r}.")
+
+
+def pad_one(
+    sequence: Sequence[int], length: int, padding: str = "pre", truncating: str = "pre"
+) -> tuple[np.ndarray, int, bool]:
+    """Keras's `pad_sequences` for one list of ids (sides already checked).
+
+    Returns:
+        `(ids, count, truncated)`: an int32 `(length,)` array, the number of ids
+        kept, and whether the sequence was cut.
+    """
+    truncated = len(sequence) > length
+    if truncated:
+        sequence = sequence[-length:] if truncating == "pre" else sequence[:length]
+    ids = np.zeros(length, dtype=np.int32)
+    count = len(sequence)
+    if count:
+        if padding == "pre":
+            ids[length - count :] = sequence
+        else:
+            ids[:count] = sequence
+    return ids, count, truncated
 
 
 def pad_token_ids(
@@ -95,16 +121,7 @@ def pad_token_ids(
     counts = np.zeros(len(sequences), dtype=np.int32)
     truncated = np.zeros(len(sequences), dtype=bool)
     for row, sequence in enumerate(sequences):
-        if len(sequence) > length:
-            truncated[row] = True
-            sequence = sequence[-length:] if truncating == "pre" else sequence[:length]
-        count = len(sequence)
-        counts[row] = count
-        if count:
-            if padding == "pre":
-                ids[row, length - count :] = sequence
-            else:
-                ids[row, :count] = sequence
+        ids[row], counts[row], truncated[row] = pad_one(sequence, length, padding, truncating)
     return ids, counts, truncated
 
 
@@ -168,6 +185,11 @@ class Tokenizer:
         ids, counts, truncated = pad_token_ids(sequences, length, self.padding, self.truncating)
         oov = (ids == OOV_ID).sum(axis=1).astype(np.int32)
         return ids, counts, oov, truncated
+
+    def encode_one(self, text: str, length: int) -> EncodedText:
+        """`encode_batch` of one text, as one row: the pipeline tokenizes a document at a time."""
+        ids, count, truncated = pad_one(self.token_ids(text), length, self.padding, self.truncating)
+        return ids, count, int(np.count_nonzero(ids == OOV_ID)), truncated
 
     def to_json(self) -> str:
         """The tokenizer as this package's tokenizer JSON (what `from_json` reads)."""

@@ -467,11 +467,11 @@ def test_keras2_tokenizer_reproduces_texts_to_sequences(keras2):
                 tokenizer, file_format = read_tokenizer(path.read_bytes(), padding, truncating)
                 assert file_format == FORMAT_KERAS2 and isinstance(tokenizer, Keras2Tokenizer)
                 ids = tokenizer.encode_batch(probe, 12)[0]
-                np.testing.assert_array_equal(
-                    ids,
-                    references[f"tokenizer|{name}|{padding}|{truncating}"],
-                    err_msg=f"{name} {padding} {truncating}",
-                )
+                reference = references[f"tokenizer|{name}|{padding}|{truncating}"]
+                np.testing.assert_array_equal(ids, reference, err_msg=f"{name} {padding} {truncating}")
+                # What the pipeline runs: one document at a time.
+                one_by_one = np.stack([tokenizer.encode_one(text, 12)[0] for text in probe])
+                np.testing.assert_array_equal(one_by_one, reference, err_msg=f"{name} {padding} {truncating}")
 
 
 def test_keras2_tokenizer_vocabulary_and_ids():
@@ -541,6 +541,9 @@ def test_vocabulary_file_matches_text_vectorization(tmp_path):
     assert file_format == FORMAT_VOCABULARY and isinstance(tokenizer, VocabularyTokenizer)
     ids, counts, oov, truncated = tokenizer.encode_batch(PROBE_TEXTS, 8)
     np.testing.assert_array_equal(ids, np.asarray(vectorizer(np.array(PROBE_TEXTS))))
+    one_by_one = [tokenizer.encode_one(text, 8) for text in PROBE_TEXTS]
+    np.testing.assert_array_equal(np.stack([one[0] for one in one_by_one]), ids)
+    assert [one[1:] for one in one_by_one] == list(zip(counts, oov, truncated, strict=True))
     assert truncated.tolist() == [False, True, False, True]  # 9 and 15 words
     assert oov[3] == 1 and counts[2] == 0
     assert tokenizer.vocabulary == vectorizer.get_vocabulary()[2:]

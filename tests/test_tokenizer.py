@@ -151,6 +151,22 @@ def test_encode_batch_text_without_tokens_is_all_padding(padding, text):
     np.testing.assert_array_equal(truncated, [False, False])
 
 
+@pytest.mark.parametrize("padding", ["pre", "post"])
+@pytest.mark.parametrize("truncating", ["pre", "post"])
+def test_encode_one_is_a_row_of_encode_batch(padding, truncating):
+    """The pipeline tokenizes a document at a time (`encode_one`): the same ids, counts and cuts."""
+    vocabulary = [f"t{index}" for index in range(10)]
+    tokenizer = Tokenizer(vocabulary, padding=padding, truncating=truncating)
+    texts = ["", "?!", "t3", "t1 unknown t2", "t0 t1 t2 t3", "t9 x t8 y t7 z", " ".join(vocabulary) + " q"]
+    ids, counts, oov, truncated = tokenizer.encode_batch(texts, length=4)
+    for row, text in enumerate(texts):
+        one_ids, one_count, one_oov, one_truncated = tokenizer.encode_one(text, length=4)
+        assert one_ids.dtype == np.int32 and one_ids.shape == (4,)
+        np.testing.assert_array_equal(one_ids, ids[row], err_msg=text)
+        assert (one_count, one_oov, one_truncated) == (counts[row], oov[row], truncated[row]), text
+        assert type(one_count) is int and type(one_oov) is int and type(one_truncated) is bool
+
+
 def test_encode_batch_of_no_texts():
     ids, counts, oov, truncated = Tokenizer(["a"]).encode_batch([], length=5)
     assert ids.shape == (0, 5)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.tokenizer import TextTokenizer, pad_token_ids
+from models.tokenizer import TextTokenizer, pad_one
 from pipeline.planning.plan import TEXT_INPUT
 from pipeline.reading.documents import DeadLetter, Document, TokenIds
 from pipeline.writing import schema as schema_lib
@@ -64,20 +64,19 @@ class DocumentTokenizer:
                 features.append(value)
                 continue
             if isinstance(value, TokenIds):
-                ids, counts, cut = pad_token_ids([value.ids], info.length, self._padding, self._truncating)
+                ids, count, cut = pad_one(value.ids, info.length, self._padding, self._truncating)
                 unknown = 0
             elif self._tokenizer is None:
                 # The corpus refuses text for an id input under --tokenizer none.
                 raise ValueError(f"Input {info.name!r} holds text, but the export has no tokenizer.")
             else:
-                ids, counts, unknowns, cut = self._tokenizer.encode_batch([value], info.length)
-                unknown = int(unknowns[0])
+                ids, count, unknown, cut = self._tokenizer.encode_one(value, info.length)
             # Every id fits the Embedding: the corpus refuses id lists past `info.id_limit`
             # when it parses them, the launch a tokenizer whose ids would not fit.
-            features.append(ids[0])
-            truncated |= bool(cut[0])
+            features.append(ids)
+            truncated |= cut
             oov += unknown
-            real_tokens += int(counts[0])
+            real_tokens += count
         if self._decides_empty and not real_tokens:
             return schema_lib.document_error_row(
                 document, schema_lib.EMPTY_DOCUMENT, "No tokens in any model input after tokenization."
