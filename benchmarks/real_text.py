@@ -20,7 +20,8 @@ is of two measurements made minutes apart on the same machine:
   Parquet encoder's own rate on the rows it wrote (read back, written again to
   an in-memory file with the export's compression, in one process), with the
   export's writer settings (`schema.parquet_writer_options`) and pyarrow's defaults.
-- `columns`: each column alone in one process with the project's classes
+- `columns`: each column alone, and the two LSTMs together (what bounds the
+  default export's forward pass), in one process with the project's classes
   (`DocumentTokenizer`, `Embedder.run`: the forward pass, "inference alone";
   `Embedder.batch_rows`: the Arrow rows; a Parquet write with the code's own
   writer settings), 8,192 documents,
@@ -336,6 +337,8 @@ def main(argv=None):
             configurations = [
                 ("lstm_content", ["--layer=lstm_content"]),
                 ("lstm_title", ["--layer=lstm_title"]),
+                # The default export's LSTMs without its emb column: what bounds its forward pass.
+                ("both LSTMs", ["--layer=lstm_content", "--layer=lstm_title"]),
                 ("emb, mean-pooled", ["--layer=emb", "--pooling=mean"]),
                 ("emb, --pooling none", ["--layer=emb", "--pooling=none"]),
                 ("default export (all three)", []),
