@@ -117,15 +117,21 @@ def test_a_row_group_is_written_while_the_step_takes_the_next_batches(
     assert pq.ParquetFile(paths[0]).metadata.num_row_groups == 6
 
 
-def test_rows_keep_their_order_and_files_their_row_groups_across_many_files(plan_and_batches, tmp_path):
-    """Small shards: a file closes after every few row groups, each close on the writing thread."""
-    plan, batches = plan_and_batches
-    whole = pa.Table.from_batches(batches)
-    fn = _writer(plan, tmp_path, shard_bytes=max(1, whole.nbytes // 6))
+def _write_all(plan, batches, directory, shard_bytes):
+    """The paths of the files one bundle of `batches` closed."""
+    fn = _writer(plan, directory, shard_bytes)
     for batch in batches:
         fn.process(batch)
     paths = [value.value for value in fn.finish_bundle()]
     fn.teardown()
+    return paths
+
+
+def test_rows_keep_their_order_and_files_their_row_groups_across_many_files(plan_and_batches, tmp_path):
+    """Small shards: a file closes after every few row groups, each close on the writing thread."""
+    plan, batches = plan_and_batches
+    whole = pa.Table.from_batches(batches)
+    paths = _write_all(plan, batches, tmp_path, shard_bytes=max(1, whole.nbytes // 6))
     assert len(paths) > 3
     assert sorted(paths) == sorted(glob.glob(os.path.join(tmp_path, "*.parquet")))
     table = _read(paths)
@@ -154,12 +160,8 @@ def test_local_row_files_are_native_files_fsynced_when_closed(plan_and_batches, 
         return row_file
 
     monkeypatch.setattr(shards_lib, "_open_row_file", opened)
-    whole = pa.Table.from_batches(batches)
-    fn = _writer(plan, tmp_path, shard_bytes=max(1, whole.nbytes // 3))
-    for batch in batches:
-        fn.process(batch)
-    paths = [value.value for value in fn.finish_bundle()]
-    fn.teardown()
+    third = max(1, pa.Table.from_batches(batches).nbytes // 3)
+    paths = _write_all(plan, batches, tmp_path, shard_bytes=third)
     assert len(paths) > 1 and all(isinstance(stream, pa.OSFile) for stream in streams)
     assert sorted(synced) == sorted(os.path.realpath(path) for path in paths)
     assert _read(paths).equals(pa.Table.from_batches(batches, schema=_read(paths).schema))
