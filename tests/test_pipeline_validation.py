@@ -209,6 +209,14 @@ def test_input_with_unknown_extension_and_auto_format(bundle, corpus, tmp_path):
         ("limit", "99999999999999999999999", "from 1 to"),
         ("tf_threads", "-1", "from 0 to 1,024"),
         ("tf_threads", "100000", "from 0 to 1,024"),
+        # Not numbers of the flag's kind: one line too, not argparse's usage of every Beam flag.
+        ("batch_size", "1e3", "from 1 to 100,000"),
+        ("limit", "inf", "from 1 to"),
+        ("limit", "ten", "from 1 to"),
+        ("shard_mb", "64MB", "from 0.001 to 1,000,000.0"),
+        ("checkpoint_seconds", "", "from 0.01 to 604,800.0"),
+        ("worker_start_timeout", "5m", "from 0.0 to 86,400.0"),
+        ("tf_threads", "all", "from 0 to 1,024"),
     ],
 )
 def test_every_numeric_flag_out_of_range_is_one_error_line_and_exit_2(
@@ -228,13 +236,11 @@ def test_every_numeric_flag_out_of_range_is_one_error_line_and_exit_2(
 
 def test_every_numeric_flag_of_the_options_has_a_range():
     from pipeline.planning.checks import NUMERIC_FLAGS
-    from pipeline.planning.options import ExportOptions
+    from pipeline.planning.options import ExportOptions, integer, number
 
     parsers = []
     ExportOptions([]).get_all_options(current_only=True, add_extra_args_fn=parsers.append)
-    numeric = {
-        action.dest for action in parsers[0]._actions if action.type in (int, float) and action.dest != "help"
-    }
+    numeric = {action.dest for action in parsers[0]._actions if action.type in (int, float, integer, number)}
     assert numeric == {name for name, *_ in NUMERIC_FLAGS}
 
 

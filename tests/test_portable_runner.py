@@ -607,7 +607,7 @@ def test_no_job_service_at_the_job_endpoint_is_a_launch_error(bundle, corpus, tm
 def test_worker_start_timeout_must_be_finite_and_not_negative(value, tmp_path, capsys):
     assert main(["--output", str(tmp_path / "out"), f"--worker_start_timeout={value}"]) == EXIT_CONFIG_ERROR
     assert capsys.readouterr().err.strip() == (
-        "error: --worker_start_timeout must be 0 (wait forever) or a positive number of seconds, "
-        f"received {float(value)}."
+        "error: --worker_start_timeout must be a number from 0.0 to 86,400.0 (seconds to wait for a "
+        f"first worker, 0 = forever), received {float(value)}."
     )
     assert not os.path.exists(tmp_path / "out")

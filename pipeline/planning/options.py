@@ -17,6 +17,26 @@ TOKEN_STORAGES = ("vectors", "ids")
 COMPRESSIONS = ("snappy", "zstd", "gzip", "none")
 
 
+def integer(text: str) -> int | str:
+    """An integer flag's value, or its text when it is not one.
+
+    `checks.check_numeric_flags` then refuses the text in one line that names the
+    range; argparse would print Beam's whole usage (about 150 lines) before it.
+    """
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def number(text: str) -> float | str:
+    """A number flag's value, or its text when it is not one (see `integer`)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def default_output() -> str:
     """A fresh directory per run, so the no-argument command can be repeated."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -131,7 +151,10 @@ class ExportOptions(PipelineOptions):
             help="Replace an existing finished output in --output.",
         )
         parser.add_argument(
-            "--batch_size", type=int, default=512, help="Documents per forward pass (default: %(default)s)."
+            "--batch_size",
+            type=integer,
+            default=512,
+            help="Documents per forward pass (default: %(default)s).",
         )
         parser.add_argument(
             "--compression",
@@ -142,14 +165,14 @@ class ExportOptions(PipelineOptions):
         )
         parser.add_argument(
             "--max_error_fraction",
-            type=float,
+            type=number,
             default=0.5,
             help="Exit non-zero after the run if more than this fraction of records was "
             "dead-lettered (a wrong --input_map or --input_format). Default: %(default)s.",
         )
         parser.add_argument(
             "--max_record_bytes",
-            type=int,
+            type=integer,
             default=1_000_000,
             help="Records larger than this are dead-lettered as too_large (default: %(default)s).",
         )
@@ -164,7 +187,7 @@ class ExportOptions(PipelineOptions):
         )
         parser.add_argument(
             "--tf_threads",
-            type=int,
+            type=integer,
             default=0,
             help="TensorFlow intra-op threads per worker process. 0 = cores / worker processes: 1 on "
             "Dataflow (one SDK process per vCPU), cores // --direct_num_workers with multi_processing, "
@@ -172,7 +195,7 @@ class ExportOptions(PipelineOptions):
         )
         parser.add_argument(
             "--limit",
-            type=int,
+            type=integer,
             default=None,
             metavar="N",
             help="A quick trial: read only the first N records (by file path, then position in the "
@@ -180,7 +203,7 @@ class ExportOptions(PipelineOptions):
         )
         parser.add_argument(
             "--shard_mb",
-            type=float,
+            type=number,
             default=256,
             help="Target size of an output row file in MB: a file is closed once it reaches it, so "
             "readers that load files in parallel (DuckDB, Spark, BigQuery) get several. "
@@ -188,7 +211,7 @@ class ExportOptions(PipelineOptions):
         )
         parser.add_argument(
             "--checkpoint_seconds",
-            type=float,
+            type=number,
             default=60,
             help="Rows become durable at least this often: a worker closes its open row file once "
             "it has held rows this long, so a killed run loses at most this much work per worker. "
@@ -206,7 +229,7 @@ class ExportOptions(PipelineOptions):
         )
         parser.add_argument(
             "--progress_seconds",
-            type=float,
+            type=number,
             default=10,
             help="Seconds between progress lines of a local run when stderr is not a terminal (a "
             "terminal gets a live bar); on Dataflow, between polls of the job; on portable runners "
@@ -214,7 +237,7 @@ class ExportOptions(PipelineOptions):
         )
         parser.add_argument(
             "--worker_start_timeout",
-            type=float,
+            type=number,
             default=300,
             metavar="SECONDS",
             help="Portable runners (PortableRunner, Flink, Spark): cancel the job and exit with an error "

@@ -26,6 +26,7 @@ from pipeline.errors import (
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
 from pipeline.planning.build import build_plan
+from pipeline.planning.checks import check_numeric_flags
 from pipeline.planning.model_source import ModelSource
 from pipeline.planning.options import ExportOptions, default_output
 from pipeline.planning.plan import ExportPlan
@@ -144,9 +145,10 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     if not export_options.output:
         export_options.output = default_output()
     dry_run = is_dry_run(options)
+    # Before anything reads a numeric flag: a value that is not a number is kept as text.
+    check_numeric_flags(export_options)
     if is_dataflow(options):
         check_worker_paths(export_options)
-    portable.check_worker_start_timeout(export_options.worker_start_timeout)
     if portable.is_portable(options) and not dry_run:
         portable.check_job_endpoint(options)
     if dry_run and not is_local(export_options.model):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import time
@@ -48,20 +47,6 @@ def is_portable(options: PipelineOptions) -> bool:
     """
     runner = str(options.view_as(StandardOptions).runner or "").lower()
     return runner not in LOCAL_RUNNERS + DATAFLOW_RUNNERS
-
-
-def check_worker_start_timeout(seconds: float) -> float:
-    """--worker_start_timeout as given, if it is 0 (no limit) or a finite positive number.
-
-    Raises:
-        ExportConfigError: for a negative, infinite or NaN value.
-    """
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ExportConfigError(
-            f"--worker_start_timeout must be 0 (wait forever) or a positive number of seconds, "
-            f"received {seconds}."
-        )
-    return seconds
 
 
 def check_job_endpoint(options: PipelineOptions) -> None:
