@@ -325,6 +325,34 @@ def test_misspelled_flags_are_errors_with_a_suggestion(typo, suggestion, tmp_pat
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--input", "{a}", "--input", "{b}"], "--input"),
+        (["--input", "{a}", "--batch_size", "8", "--batch_size=16"], "--batch_size"),
+        (["--input", "{a}", "--runner", "DirectRunner", "--runner=DataflowRunner"], "--runner"),
+    ],
+    ids=["input", "ours", "beams"],
+)
+def test_a_one_value_flag_given_twice_with_different_values_is_refused(flags, named, tmp_path, capsys):
+    """Beam keeps the last value without a word: a second --input would drop the first corpus."""
+    first, second = _write_corpus(tmp_path / "a.jsonl", 3), _write_corpus(tmp_path / "b.jsonl", 2)
+    output = tmp_path / "out"
+    argv = [flag.format(a=first, b=second) for flag in flags] + ["--output", str(output)]
+    message = _refused(capsys, argv, "given more than once, with different values")
+    assert message.startswith(f"error: {named} given") and not output.exists()
+    assert ("glob pattern" in message) == (named == "--input")
+
+
+def test_a_flag_repeated_with_the_same_value_and_repeatable_flags_pass(tmp_path, tiny_bundle):
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    summary = run_export(
+        ["--model", tiny_bundle[0], "--input", corpus, f"--input={corpus}", "--output", str(tmp_path / "o")]
+        + ["--layer", "lstm_content", "--layer", "lstm_title", "--overwrite", "--overwrite"]
+    )
+    assert summary.exit_code == 0 and summary.rows_written == 3
+
+
 def test_beam_flags_still_pass(tmp_path, tiny_bundle):
     corpus = _write_corpus(tmp_path / "c.jsonl", 3)
     summary = run_export(

@@ -101,32 +101,81 @@ def _dry_run(pipeline: beam.Pipeline, plan: ExportPlan, options: PipelineOptions
     )
 
 
-def check_known_flags(argv: Sequence[str] | None) -> None:
-    """Refuses arguments that neither our options nor Beam's declare (a typo such as --ouput).
+# argparse's actions that keep one value: given twice, the last silently wins.
+_ONE_VALUE_ACTIONS = (
+    argparse._StoreAction,
+    argparse._StoreConstAction,
+    argparse._StoreTrueAction,
+    argparse._StoreFalseAction,
+)
 
-    Beam only warns about them and runs with the defaults, which would export
-    the wrong thing to the wrong place.
+
+class _RecordingNamespace(argparse.Namespace):
+    """A namespace that remembers every value argparse stores in it, per flag."""
+
+    def __init__(self, dests: Sequence[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "stored", {dest: [] for dest in dests})
+        # Present before parsing, so argparse neither stores their defaults nor converts them.
+        for dest in dests:
+            object.__setattr__(self, dest, None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.stored:
+            self.stored[name].append(value)
+        super().__setattr__(name, value)
+
+
+def _repeated_flags(parser: argparse.ArgumentParser, args: Sequence[str]) -> list[str]:
+    """The one-value flags that `args` give more than once with different values, as `--flag`."""
+    actions = {a.dest: a for a in parser._actions if isinstance(a, _ONE_VALUE_ACTIONS) and a.option_strings}
+    namespace = _RecordingNamespace(list(actions))
+    parser.parse_known_args(list(args), namespace=namespace)
+    return [
+        actions[dest].option_strings[0]
+        for dest, values in namespace.stored.items()
+        if len({repr(value) for value in values}) > 1
+    ]
+
+
+def check_known_flags(argv: Sequence[str] | None) -> None:
+    """Refuses arguments that neither our options nor Beam's declare (a typo such as --ouput), and
+    a one-value flag given twice with different values (`--input a.jsonl --input b.jsonl`).
+
+    Beam only warns about unknown arguments and runs with the defaults, and keeps
+    the last of two values without a word: either would export the wrong thing, or
+    to the wrong place.
 
     Raises:
-        ExportConfigError: naming each unknown argument and the closest known flag.
+        ExportConfigError: naming each unknown argument and the closest known flag,
+            or each flag given twice.
     """
     parsers: list[argparse.ArgumentParser] = []
     # Beam builds one parser from every PipelineOptions subclass; borrow it.
     PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
     parser = parsers[0]
-    _, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
-    if not unknown:
-        return
-    known = [flag for action in parser._actions for flag in action.option_strings]
-    problems = []
-    for arg in unknown:
-        name = arg.split("=", 1)[0]
-        close = difflib.get_close_matches(name, known, n=1) if name.startswith("-") else []
-        problems.append(f"{arg!r}" + (f" (did you mean {close[0]}?)" if close else ""))
-    raise ExportConfigError(
-        f"Unknown argument(s): {', '.join(problems)}. `python -m pipeline.run --help` lists this "
-        "tool's flags; Beam's own (--runner, --project, ...) are also accepted."
-    )
+    args = sys.argv[1:] if argv is None else list(argv)
+    _, unknown = parser.parse_known_args(args)
+    if unknown:
+        known = [flag for action in parser._actions for flag in action.option_strings]
+        problems = []
+        for arg in unknown:
+            name = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(name, known, n=1) if name.startswith("-") else []
+            problems.append(f"{arg!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise ExportConfigError(
+            f"Unknown argument(s): {', '.join(problems)}. `python -m pipeline.run --help` lists this "
+            "tool's flags; Beam's own (--runner, --project, ...) are also accepted."
+        )
+    repeated = _repeated_flags(parser, args)
+    if repeated:
+        several_inputs = " (several input files: one glob pattern, --input 'data/*.jsonl')"
+        raise ExportConfigError(
+            f"{', '.join(repeated)} given more than once, with different values: each takes one value, "
+            "and the last would silently win. Pass each once"
+            + (several_inputs if "--input" in repeated else "")
+            + "."
+        )
 
 
 def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
