@@ -234,6 +234,13 @@ def test_every_numeric_flag_out_of_range_is_one_error_line_and_exit_2(
     assert is_empty_or_absent(output)
 
 
+@pytest.mark.parametrize("id_field", ["", "  "])
+def test_an_empty_id_field_is_refused(id_field, bundle, corpus, tmp_path):
+    output = tmp_path / "out"
+    argv = export_args(bundle, corpus, output, f"--id_field={id_field}")
+    assert_refused(argv, output, "--id_field must name")
+
+
 def test_every_numeric_flag_of_the_options_has_a_range():
     from pipeline.planning.checks import NUMERIC_FLAGS
     from pipeline.planning.options import ExportOptions, integer, number

@@ -11,6 +11,7 @@ import dataclasses
 
 from pipeline.planning.checks import (
     check_column_names,
+    check_id_field,
     check_numeric_flags,
     check_tokenizer_present,
     check_vocabulary_fits,
@@ -45,6 +46,7 @@ def build_plan(options: ExportOptions, check_remote: bool = True) -> tuple[Expor
         ExportConfigError: anything that would make the run fail or write nonsense.
     """
     check_numeric_flags(options)
+    check_id_field(options.id_field)
     input_files = check_locations(options, check_remote)
     input_format = detect_format(options.input, options.input_format)
     explicit_map = parse_input_map(options.input_map)

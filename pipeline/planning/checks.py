@@ -59,6 +59,15 @@ def check_numeric_flags(options: ExportOptions) -> None:
             )
 
 
+def check_id_field(id_field: str) -> None:
+    """Refuses an empty `--id_field`: every record would be a dead letter without an id."""
+    if not id_field.strip():
+        raise ExportConfigError(
+            f"--id_field must name the record field that holds each document's id, received {id_field!r}. "
+            "Leave it out for the default, 'id'."
+        )
+
+
 def detect_format(pattern: str, input_format: str) -> str:
     """Resolves `--input_format auto` from the pattern's extension."""
     if input_format != "auto":
