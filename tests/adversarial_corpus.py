@@ -293,6 +293,25 @@ def parquet_ids(directory):
     return Expected({"pq-1", "pq-2", "7", "8"}, dead)
 
 
+def _parquet_of(columns):
+    """Parquet bytes of (name, values) columns, names possibly repeated."""
+    table = pa.Table.from_arrays([pa.array(values) for _, values in columns], names=[n for n, _ in columns])
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def duplicate_columns_parquet(directory):
+    """Two columns named like a field the export reads: every row an ambiguous_header, as in a CSV."""
+    words = ["word1", "word2"]
+    twice = [("id", ["pqd-1", "pqd-2"]), ("title", words), ("content", words), ("content", words)]
+    _write(directory, "twice.parquet", _parquet_of(twice))
+    # A repeated column the export does not read is harmless.
+    unused = [("id", ["pqd-3"]), ("title", ["word1"]), ("content", ["word2"])] + [("note", ["x"])] * 2
+    _write(directory, "unused-twice.parquet", _parquet_of(unused))
+    return Expected({"pqd-3"}, {("twice.parquet", n): "ambiguous_header" for n in (1, 2)})
+
+
 def gzip_parquet(directory):
     _write(directory, "data.parquet.gz", gzip.compress(_parquet_bytes(["gzp-1", "gzp-2"])))
     return Expected({"gzp-1", "gzp-2"})
@@ -319,7 +338,7 @@ CASES = {
         unclosed_quote_header_csv,
     ],
     "text": [gzip_text, truncated_text, text_name_not_utf8],
-    "parquet": [parquet_ids, gzip_parquet],
+    "parquet": [parquet_ids, duplicate_columns_parquet, gzip_parquet],
 }
 
 

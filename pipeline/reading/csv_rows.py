@@ -13,7 +13,15 @@ import io
 import typing
 from collections.abc import Iterator, Sequence
 
-from pipeline.reading.documents import SURROGATE, DeadLetter, Record, guarded, to_document, too_large
+from pipeline.reading.documents import (
+    SURROGATE,
+    DeadLetter,
+    Record,
+    ambiguous_fields,
+    guarded,
+    to_document,
+    too_large,
+)
 from pipeline.reading.text_lines import SKIP_CHUNK, ByteStream
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import AMBIGUOUS_HEADER, INVALID_UTF8, MALFORMED_CSV, WRONG_FIELD_COUNT
@@ -154,7 +162,7 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
         ) from None
     if header is None:
         return
-    ambiguous = _ambiguous_header(plan, header)
+    ambiguous = ambiguous_fields(plan, header, "The header names")
     number = 0
     while True:
         lines.start_record()
@@ -175,19 +183,6 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
             continue
         number += 1
         yield number, guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)
-
-
-def _ambiguous_header(plan: ExportPlan, header: Sequence[str]) -> str | None:
-    """A message if the header names a field the export reads more than once, else None."""
-    wanted = {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
-    repeated = sorted({name for name in header if name in wanted and header.count(name) > 1})
-    if not repeated:
-        return None
-    columns = "; ".join(
-        f"{name!r} in columns {', '.join(str(i) for i, h in enumerate(header, start=1) if h == name)}"
-        for name in repeated
-    )
-    return f"The header names {columns}: which one to read is ambiguous. Rename the columns."
 
 
 def parse_csv_row(

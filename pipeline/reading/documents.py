@@ -88,6 +88,23 @@ def guarded(
         )
 
 
+def ambiguous_fields(plan: ExportPlan, names: Sequence[str], where: str) -> str | None:
+    """A message if `names` (a CSV header, a Parquet file's columns) repeat a field the export reads.
+
+    Every record of such a file is an `ambiguous_header` dead letter: which of the
+    columns to read would be a guess.
+    """
+    wanted = {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
+    repeated = sorted({name for name in names if name in wanted and names.count(name) > 1})
+    if not repeated:
+        return None
+    columns = "; ".join(
+        f"{name!r} in columns {', '.join(str(i) for i, h in enumerate(names, start=1) if h == name)}"
+        for name in repeated
+    )
+    return f"{where} {columns}: which one to read is ambiguous. Rename the columns."
+
+
 def too_large(source: str, number: int, size: int, limit: int, raw: str | bytes) -> DeadLetter:
     """The dead letter of a record of `size` bytes, over --max_record_bytes=`limit`."""
     return schema_lib.error_row(

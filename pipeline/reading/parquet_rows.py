@@ -11,8 +11,10 @@ from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
-from pipeline.reading.documents import Record, guarded, to_document
+from pipeline.reading.documents import Record, ambiguous_fields, guarded, to_document
 from pipeline.reading.text_lines import ByteStream, Claim
+from pipeline.writing import schema as schema_lib
+from pipeline.writing.schema import AMBIGUOUS_HEADER
 
 if typing.TYPE_CHECKING:
     from pipeline.planning.plan import ExportPlan
@@ -49,8 +51,10 @@ def _rows(
     plan: ExportPlan, source: str, parquet: pq.ParquetFile, start: int, claim: Claim | None
 ) -> Iterator[tuple[int, Record]]:
     wanted = {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
+    names = parquet.schema_arrow.names
     # Only the columns the export reads; all of them when none is there, so each row is a missing_id.
-    columns = [name for name in parquet.schema_arrow.names if name in wanted] or None
+    columns = [name for name in names if name in wanted] or None
+    ambiguous = ambiguous_fields(plan, names, "The file's columns name")
     metadata = parquet.metadata
     number = 0
     for group in range(metadata.num_row_groups):
@@ -61,6 +65,11 @@ def _rows(
                 continue
             if not claim(offset):
                 return
+        if ambiguous:
+            for _ in range(metadata.row_group(group).num_rows):
+                number += 1
+                yield number, schema_lib.error_row(source, number, None, AMBIGUOUS_HEADER, ambiguous, None)
+            continue
         for batch in parquet.iter_batches(batch_size=1024, columns=columns, row_groups=[group]):
             for record in batch.to_pylist():
                 number += 1
