@@ -136,6 +136,35 @@ def test_overwrite_replaces_a_finished_export_and_nothing_else(tmp_path, tiny_bu
     _assert_complete_export(output, [f"doc{i}" for i in range(3)])
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"],
+        ["part-00000-of-00001.parquet"],
+        ["errors/part-00000-of-00001.parquet", "_tables/emb.parquet"],
+    ],
+    ids=["beam_job_output", "one_shard", "dead_letters_and_table"],
+)
+def test_export_named_files_without_a_manifest_are_refused_and_kept(names, overwrite, tmp_path, capsys):
+    """Another Beam job's output (its shards are named as ours) is not the leftovers of a dead run."""
+    import pyarrow as pa
+
+    output = tmp_path / "beam_job"
+    for name in names:
+        (output / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"user_id": [1, 2], "score": [0.5, 0.25]}), output / name)
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    before = snapshot(output)
+    message = _refused(capsys, ["--input", corpus, "--output", str(output), *overwrite], "no export wrote")
+    assert names[0] in message and "_MANIFEST.json" in message
+    assert snapshot(output) == before
+    # A dead run's staging area beside them does not make them ours either.
+    (output / "_staging" / "0123456789ab").mkdir(parents=True)
+    _refused(capsys, ["--input", corpus, "--output", str(output), *overwrite], "no export wrote")
+    assert all((output / name).exists() for name in names)
+
+
 # --- 3. an input pattern that would read the output ----------------------------------------
 
 

@@ -170,13 +170,14 @@ def test_the_table_is_ours_and_out_of_a_read_of_the_rows(exports, rows, tmp_path
     assert state_lib.output_state(directory) == "finished"
     frame = pd.read_parquet(directory, ignore_prefixes=layout_lib.READER_IGNORE_PREFIXES)
     assert len(frame) == rows["ids"].num_rows and "vector" not in frame.columns
-    # A run that died after moving its table but before the manifest left only files of ours.
+    # A table without a manifest or a commit journal beside it is no run's leftover: kept, refused.
     leftover = tmp_path / "leftover"
     os.makedirs(leftover / layout_lib.TABLES_DIR)
     pq.write_table(pq.read_table(os.path.join(directory, TABLE)), leftover / TABLE)
-    assert state_lib.output_state(str(leftover)) == "unfinished"
-    state_lib.prepare(str(leftover), overwrite=False)
-    assert not os.path.exists(leftover / TABLE)
+    assert state_lib.output_state(str(leftover)) == "foreign"
+    with pytest.raises(ExportConfigError, match="no export wrote"):
+        state_lib.prepare(str(leftover), overwrite=True)
+    assert os.path.exists(leftover / TABLE)
     # A finished export is replaced only with --overwrite, and then without its old table.
     with pytest.raises(ExportConfigError, match="already holds a finished export"):
         run_export(["--output", directory, *LAYERS, "--token_storage=ids"])

@@ -40,6 +40,29 @@ def _entry_is_ours(relative: str, kind: EntryKind) -> bool:
     return kind == "directory" and bool(KNOWN_DIRECTORY.fullmatch(relative))
 
 
+def _is_leftover(relative: str, kind: EntryKind) -> bool:
+    """Whether a dead run of ours may have left an entry: its staging area, the lock, a manifest in writing.
+
+    The commit keeps its journal from its first step to its last, so an export's
+    files (`part-*.parquet`, `errors/`, `_tables/`, ...) without a manifest or a
+    journal beside them were not left by a run of ours: another job's output
+    (Beam names its shards the same way), or an export whose manifest was removed.
+    """
+    if kind == "file":
+        return relative in (LOCK, MANIFEST + ".tmp") or relative.startswith(STAGING + "/")
+    return kind == "directory" and bool(KNOWN_DIRECTORY.fullmatch(relative))
+
+
+def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[str]]:
+    """(the entries no export of ours explains, the relative paths of the others but the lock)."""
+    entries = list(iter_entries(directory))
+    finished = any(kind == "file" and relative in (MANIFEST, JOURNAL) for relative, kind in entries)
+    explains = _entry_is_ours if finished else _is_leftover
+    foreign = [(relative, kind) for relative, kind in entries if not explains(relative, kind)]
+    ours = [relative for relative, kind in entries if explains(relative, kind) and relative != LOCK]
+    return foreign, ours
+
+
 def _describe(relative: str, kind: EntryKind) -> str:
     if kind == "link":
         return f"{relative} (a symbolic link)"
@@ -52,27 +75,19 @@ def _describe(relative: str, kind: EntryKind) -> str:
 
 def output_state(directory: str) -> OutputState:
     """ "empty", "finished" (a manifest or a commit to finish), "unfinished" (our leftovers) or "foreign"."""
-    relatives: list[str] = []
-    for relative, kind in iter_entries(directory):
-        if not _entry_is_ours(relative, kind):
-            return "foreign"
-        # The lock is the live run's (ours, once we hold it), not a leftover.
-        if relative != LOCK:
-            relatives.append(relative)
-    if not relatives:
+    foreign, ours = _foreign_entries(directory)
+    if foreign:
+        return "foreign"
+    # The lock is the live run's (ours, once we hold it), not a leftover.
+    if not ours:
         return "empty"
-    return "finished" if MANIFEST in relatives or JOURNAL in relatives else "unfinished"
+    return "finished" if MANIFEST in ours or JOURNAL in ours else "unfinished"
 
 
 def foreign_files(directory: str, limit: int = 5) -> list[str]:
     """A few of the entries in `directory` that no export wrote, for error messages."""
-    found: list[str] = []
-    for relative, kind in iter_entries(directory):
-        if not _entry_is_ours(relative, kind):
-            found.append(_describe(relative, kind))
-            if len(found) == limit:
-                break
-    return sorted(found)
+    foreign, _ = _foreign_entries(directory)
+    return sorted(_describe(relative, kind) for relative, kind in foreign[:limit])
 
 
 def check_output_state(directory: str, overwrite: bool) -> OutputState:
@@ -85,8 +100,9 @@ def check_output_state(directory: str, overwrite: bool) -> OutputState:
     if state == "foreign":
         raise ExportConfigError(
             f"--output {directory!r} holds files that no export wrote (e.g. "
-            f"{', '.join(foreign_files(directory))}). An export only ever replaces its own "
-            "files, so it will not write there, --overwrite or not: choose a new or empty directory."
+            f"{', '.join(foreign_files(directory))}; files named like an export's without its "
+            f"{MANIFEST} are not one). An export only ever replaces its own files, so it will not "
+            "write there, --overwrite or not: choose a new or empty directory."
         )
     if state == "finished" and not overwrite:
         raise ExportConfigError(
