@@ -377,3 +377,30 @@ def test_a_damaged_reuse_export_is_one_error_line_naming_the_file(versions, tmp_
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and name in lines[0] and "is damaged" in lines[0]
     assert not os.path.exists(output)
+
+
+def test_a_reuse_export_replaced_after_the_launch_fails_the_run(versions, tmp_path, capsys, monkeypatch):
+    """Its rows are read by shard name after the launch: a replaced export must not join unchecked."""
+    from pipeline.run import main
+    from pipeline.running import export as export_lib
+
+    earlier = tmp_path / "earlier"
+    shutil.copytree(versions["v1"], earlier)
+    build_plan = export_lib.build_plan
+
+    def replaced_after_the_check(*args, **kwargs):
+        planned = build_plan(*args, **kwargs)
+        # An --overwrite of the earlier export lands: other rows under the same shard names.
+        shutil.rmtree(earlier)
+        shutil.copytree(versions["full"], earlier)
+        return planned
+
+    monkeypatch.setattr(export_lib, "build_plan", replaced_after_the_check)
+    output = tmp_path / "out"
+    argv = ["--input", versions["second_path"], "--output", str(output), "--reuse", str(earlier)]
+    code = main([*argv, *versions["flags"]])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1, err[-3000:]
+    assert "changed after launch" in lines[0] and "part-00000-of-00001.parquet" in lines[0]
+    assert state_lib.read_manifest(str(output)) is None

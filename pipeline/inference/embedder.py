@@ -55,6 +55,7 @@ _RUN_FIELDS = (
     "truncating",
     "reuse",
     "reuse_files",
+    "reuse_digests",
     "input_bytes",
     "input_listing_sha256",
     "input_files",

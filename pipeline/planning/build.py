@@ -106,5 +106,11 @@ def build_plan(options: ExportOptions, check_remote: bool = True) -> tuple[Expor
         allow_unsafe_deserialization=options.allow_unsafe_deserialization,
     )
     if options.reuse:
-        plan = dataclasses.replace(plan, reuse=options.reuse, reuse_files=check_reuse(options.reuse, plan))
+        shards = check_reuse(options.reuse, plan)
+        plan = dataclasses.replace(
+            plan,
+            reuse=options.reuse,
+            reuse_files=tuple(path for path, _ in shards),
+            reuse_digests=tuple(digest for _, digest in shards),
+        )
     return plan, model_source

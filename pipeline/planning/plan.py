@@ -102,9 +102,11 @@ class ExportPlan:
     package_version: str = __version__
     truncating: str = "pre"
     allow_unsafe_deserialization: bool = False
-    # --reuse: the earlier export and its row shards (from its manifest).
+    # --reuse: the earlier export, its row shards (from its manifest) and their digests as recorded
+    # there (`planning.reuse.recorded_digest`), which the rows read later must still match.
     reuse: str = ""
     reuse_files: tuple[str, ...] = ()
+    reuse_digests: tuple[str, ...] = ()
     # Total size of the input files as listed at launch (0: not listed), for the ETA and split size.
     input_bytes: int = 0
     # SHA-256 of the input listing (path, size, modification time of each file; "" if not listed):

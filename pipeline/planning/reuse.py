@@ -65,7 +65,7 @@ def reuse_signature(plan: ExportPlan) -> ReuseSignature:
     }
 
 
-def check_reuse(uri: str, plan: ExportPlan) -> tuple[str, ...]:
+def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
     """Refuses a --reuse that is not a finished export made with the same model and settings.
 
     Returns:
@@ -108,6 +108,11 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[str, ...]:
             "Its vectors would differ from this export's; leave --reuse out for a full export."
         )
     return tuple(check_reuse_shards(uri, manifest, plan))
+
+
+def recorded_digest(entry: Manifest) -> str:
+    """A shard's digest as its manifest records it: "sha256:HEX" (local), "checksum:VALUE" (object store)."""
+    return f"sha256:{entry['sha256']}" if "sha256" in entry else f"checksum:{entry['checksum']}"
 
 
 def _recorded_digest_matches(path: str, entry: Manifest) -> str | None:
@@ -167,8 +172,8 @@ def _shard_problem(path: str, entry: Manifest, plan: ExportPlan) -> str | None:
     return None
 
 
-def check_reuse_shards(uri: str, manifest: Manifest, plan: ExportPlan) -> list[str]:
-    """The row shards of a --reuse export, each checked against its manifest before any is read.
+def check_reuse_shards(uri: str, manifest: Manifest, plan: ExportPlan) -> list[tuple[str, str]]:
+    """The row shards of a --reuse export and their digests (`recorded_digest`), each checked first.
 
     Each shard must be a file directly in `uri` (no path leaving it, no link
     out of it), of the recorded size and SHA-256 (or object-store checksum)
@@ -205,5 +210,5 @@ def check_reuse_shards(uri: str, manifest: Manifest, plan: ExportPlan) -> list[s
         problem = _shard_problem(path, entry, plan)
         if problem:
             raise damaged(name, problem)
-        paths.append(path)
+        paths.append((path, recorded_digest(entry)))
     return paths

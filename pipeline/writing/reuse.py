@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.io.parquetio import ReadAllFromParquetBatched
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipeline.errors import ExportConfigError
 from pipeline.inference.skip_kept import SkipKeptFn, row_id
 from pipeline.planning.plan import ExportPlan
 from pipeline.reading.documents import Document
@@ -29,6 +33,41 @@ def _earlier_rows(table: pa.Table) -> Iterator[tuple[str, Row]]:
     """(id, row) for each row of an earlier export's row group; `row` lacks the id."""
     for row in schema_lib.rows_of(table):
         yield row.pop(schema_lib.ID_COLUMN), row
+
+
+class ReadEarlierShardFn(beam.DoFn):
+    """(path, recorded digest) of a --reuse shard -> its row groups (`columns` only), read as checked.
+
+    The launch checked each shard against the earlier export's manifest, but the
+    rows are read later, by name: had that export been replaced since (an
+    `--overwrite` of it, a copy over it), its new shards, of the same names, would
+    join this export under the old signature. So the shard is read whole into
+    memory (a shard is about --shard_mb of the earlier run), its bytes checked
+    against the launch's digest (SHA-256; an object store's checksum is asked
+    again after the read, since it cannot be computed from the bytes), and only
+    those bytes parsed.
+
+    Raises:
+        ExportConfigError: the shard is no longer what the launch checked.
+    """
+
+    def __init__(self, columns: Sequence[str]):
+        self._columns = list(columns)
+
+    def process(self, shard: tuple[str, str]) -> Iterator[pa.Table]:
+        path, digest = shard
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            data = handle.read()
+        kind, _, recorded = digest.partition(":")
+        found = hashlib.sha256(data).hexdigest() if kind == "sha256" else FileSystems.checksum(path)
+        if found != recorded:
+            raise ExportConfigError(
+                f"--reuse shard {path!r} changed after launch (its {kind} is {found}, the launch checked "
+                f"{recorded}): the earlier export was replaced while this run read it. Rerun the export."
+            )
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        for group in range(parquet.metadata.num_row_groups):
+            yield parquet.read_row_group(group, columns=self._columns)
 
 
 class ReuseEarlierRowsFn(beam.DoFn):
@@ -104,8 +143,8 @@ class ReuseEarlierRows(beam.PTransform):
         ]
         earlier = (
             documents.pipeline
-            | "EarlierShards" >> beam.Create(list(plan.reuse_files))
-            | "ReadEarlierShards" >> ReadAllFromParquetBatched(columns=columns)
+            | "EarlierShards" >> beam.Create(list(zip(plan.reuse_files, plan.reuse_digests, strict=True)))
+            | "ReadEarlierShards" >> beam.ParDo(ReadEarlierShardFn(columns))
             | "KeyEarlierRows" >> beam.FlatMap(_earlier_rows)
         )
         keyed = documents | "KeyDocumentsById" >> beam.Map(lambda document: (document.id, document))
