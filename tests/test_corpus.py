@@ -73,6 +73,22 @@ def test_an_oversized_csv_record_is_skipped_by_its_quotes():
     assert big.texts == (inside.replace('""', '"'),) and following.id == "next"
 
 
+def test_a_csv_record_one_past_the_limit_is_one_dead_letter_at_every_line_ending():
+    """The read of limit + 2 characters ends between its "\r" and "\n": the "\n" is no record."""
+    for ending in ("\r\n", "\r", "\n"):
+        big = "1," + "w" * 49  # 51 bytes: one past the limit
+        data = ending.join(["id,content", big, "2,two words", "3,three", ""]).encode()
+        items = _read(_plan("csv", limit=50), data)
+        assert _summary(items) == [(1, "too_large"), (2, ("two words",)), (3, ("three",))], repr(ending)
+        assert items[0]["message"] == "Record of 51 bytes exceeds --max_record_bytes=50.", repr(ending)
+    # Longer records, cut anywhere while they are skipped, and a quoted one over several lines.
+    for length in range(50, 60):
+        for ending in ("\r\n", "\r"):
+            big = '1,"' + "w" * length + ending + "w" * length + '"'
+            data = ending.join(["id,content", big, "2,two words", ""]).encode()
+            assert _summary(_read(_plan("csv", limit=50), data)) == [(1, "too_large"), (2, ("two words",))]
+
+
 def test_a_quote_never_closed_sets_aside_its_row_only_and_every_line_is_accounted_for():
     lines = [f"r{n},word{n}\r\n" for n in range(1, 8)]
     lines[2] = 'r3,"word3 opens a quote\r\n'

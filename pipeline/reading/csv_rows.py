@@ -116,6 +116,23 @@ class _CsvLines:
                 break
             self.quotes += line.count('"')
             self.size += len(line.encode("utf-8", "surrogateescape"))
+        # The record's size is without its line ending.
+        self.size -= len(line) - len(line.rstrip("\r\n"))
+        if line.endswith("\r"):
+            self._take_newline_after_cr()
+
+    def _take_newline_after_cr(self) -> None:
+        """After a line that ends with "\r": reads the "\n" of a "\r\n" that a length-limited read cut.
+
+        Left there, the "\n" would be read as an empty record of its own. Anything
+        else after the "\r" (a file with "\r" line endings) is the next line: it is
+        read whole and queued.
+        """
+        if self._pending:
+            return  # Queued lines are whole lines.
+        after = self._text.read(1)
+        if after and after != "\n":
+            self._pending.append(after + self._text.readline(self._limit + 1))
 
 
 def _malformed(source: str, number: int, lines: _CsvLines, error: csv.Error) -> DeadLetter:
