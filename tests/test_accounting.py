@@ -35,7 +35,7 @@ class _Resumed:
         ({}, None, 0.5, EXIT_OK, "ok"),
         ({"read": 11}, None, 0.5, EXIT_ACCOUNTING_MISMATCH, "11 records read but 8 rows + 2 dead letters"),
         ({"kept": 3}, _Resumed(), 0.5, EXIT_ACCOUNTING_MISMATCH, "kept 4 rows but met 3"),
-        ({"broken": 1}, None, 0.5, EXIT_RECORDS_LOST, "1 input file(s) could not be read to the end"),
+        ({"broken": 1}, None, 0.5, EXIT_RECORDS_LOST, "Reading broke off at 1 place(s) in the input files"),
         ({}, None, 0.1, EXIT_TOO_MANY_ERRORS, "2 of 10 records (20%)"),
         # Without committed counters, rows + dead letters stand in for the records read.
         ({"read": 0, "exact": False}, None, 0.5, EXIT_ACCOUNTING_UNVERIFIED, "8 rows and 2 dead letters"),

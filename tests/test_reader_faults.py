@@ -49,7 +49,7 @@ def _export_and_check(tmp_path, bundle, input_format, cases, capsys):
     assert counts["records_read"] == expected.records == counts["rows_written"] + counts["dead_letters"]
     assert counts["files_broken"] == expected.broken
     if expected.broken:
-        assert "records after the break may be lost" in printed.err
+        assert "records after a break may be lost" in printed.err
         assert state_lib.read_manifest(output)["status"] == "completed_with_errors"
     return errors
 

@@ -113,8 +113,9 @@ def verdict(
         )
     if accounting.broken:
         return EXIT_RECORDS_LOST, (
-            f"{accounting.broken} input file(s) could not be read to the end (unreadable_file or "
-            f"read_error in {errors_dir}): records after the break may be lost, and how many is unknown."
+            f"Reading broke off at {accounting.broken} place(s) in the input files (each an unreadable_file "
+            f"or read_error dead letter in {errors_dir}, naming its file): records after a break may be "
+            "lost, and how many is unknown."
         )
     if counted and dead / counted > max_error_fraction:
         return EXIT_TOO_MANY_ERRORS, (

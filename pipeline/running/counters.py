@@ -22,7 +22,8 @@ NAMESPACE = "embexport"
 # Reading the corpus.
 RECORDS_READ = "records_read"
 RANGES_READ = "ranges_read"
-FILES_BROKEN = "files_broken"  # files that could not be read to the end
+# Places where reading a file broke off: one per range of a file read in several ranges.
+FILES_BROKEN = "files_broken"
 # Tokenizing and embedding.
 DOCUMENTS_TRUNCATED = "documents_truncated"
 OOV_TOKENS = "oov_tokens"
@@ -98,5 +99,5 @@ def dead_letters_by_reason(error_shards: list[tuple[str, int]]) -> dict[str, int
 
 
 def files_broken(by_reason: dict[str, int]) -> int:
-    """Files that could not be read to the end, from dead letters per reason."""
+    """Places where reading a file broke off (`FILES_BROKEN`), from dead letters per reason."""
     return sum(by_reason.get(reason, 0) for reason in FILE_REASONS)
