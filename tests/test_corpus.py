@@ -174,3 +174,10 @@ def test_any_failure_while_parsing_a_record_ends_that_record_only(monkeypatch):
     items = _read(_plan("jsonl"), lines)
     assert _summary(items) == [(1, ("w",)), (2, "parse_failed"), (3, ("w",))]
     assert items[1]["message"] == "KeyError: 'surprise'"
+
+
+def test_a_csv_header_over_the_limit_makes_the_file_unreadable_and_says_so():
+    header = "id,content," + ",".join(f"column{n}" for n in range(20))
+    (item,) = _read(_plan("csv", limit=50), f"{header}\r\na,word\r\n".encode())
+    assert item["reason"] == "unreadable_file"
+    assert "the header is over --max_record_bytes=50 bytes" in item["message"], item["message"]

@@ -349,3 +349,23 @@ def test_a_pattern_matching_only_dangling_links_is_refused_at_launch(tmp_path, t
     err = capsys.readouterr().err
     assert "error: --input" in err and "symbolic links to nothing" in err and "nowhere.jsonl" in err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_parquet_duplicate_names_the_first_row_by_number_across_ranges(tmp_path, tiny_bundle, monkeypatch):
+    """A Parquet record's place is FILE:ROW, also when the first of its id is in another range."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [f"doc-{i:03d}" for i in range(200)]
+    ids[150] = ids[120]  # row 151 repeats the id of row 121
+    table = pa.table(
+        {"id": ids, "content": [f"word{i % 9} word{i % 7}" for i in range(200)], "title": ["word1"] * 200}
+    )
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(table, path, row_group_size=10)
+    monkeypatch.setattr(export, "split_bytes_for", lambda options, total: os.path.getsize(path) // 6)
+    assert _run(tiny_bundle[0], path, tmp_path / "out") == 0
+    dead = _dead(tmp_path / "out")
+    assert list(dead) == [("corpus.parquet", 151)]
+    assert dead["corpus.parquet", 151]["message"] == f"Id 'doc-120' was already used by {path}:121."
+    assert read_manifest(str(tmp_path / "out"))["counts"]["ranges_read"] > 1

@@ -165,6 +165,17 @@ def test_export_named_files_without_a_manifest_are_refused_and_kept(names, overw
     assert all((output / name).exists() for name in names)
 
 
+def test_an_output_that_is_a_dangling_link_or_a_file_is_named_as_such(tmp_path, capsys):
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    message = _refused(capsys, ["--input", corpus, "--output", str(link)], "a symbolic link to")
+    assert "which does not exist" in message and not (tmp_path / "nowhere").exists()
+    _refused(capsys, ["--input", corpus, "--output", corpus], f"--output {corpus!r} is a file")
+    message = _refused(capsys, ["--input", corpus, "--output", f"{corpus}/out"], "a file, not a directory")
+    assert f"is below {corpus!r}, which is a file" in message
+
+
 # --- 3. an input pattern that would read the output ----------------------------------------
 
 

@@ -177,6 +177,11 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
         raise UnclosedQuote(
             f"the header's quotes are malformed ({error}), so no row can be told apart"
         ) from None
+    except RecordTooLarge:
+        raise RecordTooLarge(
+            f"the header is over --max_record_bytes={limit} bytes, so no row can be read by its "
+            "column names; raise --max_record_bytes above the header's size"
+        ) from None
     if header is None:
         return
     ambiguous = ambiguous_fields(plan, header, "The header names")

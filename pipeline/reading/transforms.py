@@ -103,6 +103,8 @@ class ReadDocumentsFn(RangeReadingFn):
         """`FILE:POSITION` of the kept record of an id (its line number looked up if the scan had none)."""
         key, order, position = first
         source = key.decode("utf-8", "surrogateescape")
+        if position is None and self._plan.input_format == "parquet":
+            position = order  # A Parquet record's order is its row number.
         if position is None:
             index = line_indexes.get(key)
             try:

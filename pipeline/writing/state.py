@@ -123,9 +123,16 @@ def check_writable(directory: str) -> None:
     existing = os.path.abspath(directory)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
+    if os.path.islink(existing) and not os.path.exists(existing):
         raise ExportConfigError(
-            f"--output {directory!r} is below {existing!r}, which is a file, not a directory; "
+            f"--output {directory!r} leads through {existing!r}, a symbolic link to "
+            f"{os.readlink(existing)!r}, which does not exist; create that directory or choose "
+            "another --output."
+        )
+    if not os.path.isdir(existing):
+        where = "is" if existing == os.path.abspath(directory) else f"is below {existing!r}, which is"
+        raise ExportConfigError(
+            f"--output {directory!r} {where} a file, not a directory; "
             "choose an --output whose parent is a directory."
         )
     read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
