@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+from apache_beam.io.filesystems import FileSystems
 
 from pipeline.analysis import index_build
 from pipeline.analysis.batch_queries import batch_neighbors
@@ -53,7 +56,8 @@ from pipeline.analysis.neighbors import (
 )
 from pipeline.analysis.plot import plot_pca
 from pipeline.errors import EXIT_CONFIG_ERROR
-from pipeline.writing.layout import TABLES_DIR
+from pipeline.uris import is_local
+from pipeline.writing.layout import MANIFEST, STAGING, TABLES_DIR
 from pipeline.writing.schema import VECTOR_COLUMN, VOCABULARY_FILE
 
 DEFAULT_PLOT = "plot.png"
@@ -124,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=DEFAULT_NEIGHBORS_OUT,
         help="Parquet file batch mode (--queries) writes: query, rank, id, score, kept fields, problem "
-        "(default: %(default)s).",
+        "(default: %(default)s). Never inside an export or vocabulary directory.",
     )
+    neighbors.add_argument("--overwrite", action="store_true", help="Replace an existing --out file.")
 
     plot = commands.add_parser(
         "plot",
@@ -136,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("--column", default=None, help=column_help)
     plot.add_argument("--label", default=None, help="String field (from --keep_fields) giving the colours.")
-    plot.add_argument("--out", default=DEFAULT_PLOT, help="PNG file to write (default: %(default)s).")
+    plot.add_argument(
+        "--out",
+        default=DEFAULT_PLOT,
+        help="PNG file to write (default: %(default)s). Never inside an export or vocabulary directory.",
+    )
+    plot.add_argument("--overwrite", action="store_true", help="Replace an existing --out file.")
 
     knn = commands.add_parser(
         "knn-score",
@@ -217,6 +227,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out_file(path: str, overwrite: bool) -> None:
+    """Refuses an --out that would replace something: a file (without --overwrite), a directory or
+    link, or any path inside an export or vocabulary directory, whose files its commands own.
+
+    Raises:
+        AnalysisError: saying what is there and what to do.
+    """
+    if not is_local(path):
+        if FileSystems.exists(path) and not overwrite:
+            raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
+        return
+    absolute = os.path.abspath(path)
+    parent = os.path.dirname(absolute)
+    while True:
+        for marker in (MANIFEST, STAGING, VOCABULARY_FILE):
+            if os.path.lexists(os.path.join(parent, marker)):
+                raise AnalysisError(
+                    f"--out {path!r} is inside {parent!r}, an export or vocabulary directory (it holds "
+                    f"{marker}), whose files only its own commands write: choose a path outside it."
+                )
+        if os.path.dirname(parent) == parent:
+            break
+        parent = os.path.dirname(parent)
+    if os.path.islink(absolute) or (os.path.lexists(absolute) and not os.path.isfile(absolute)):
+        raise AnalysisError(f"--out {path!r} is a directory or a link, not a file: choose a file path.")
+    if os.path.exists(absolute) and not overwrite:
+        raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
+
+
 def run_command(args: argparse.Namespace) -> str:
     """Runs the parsed command; returns the text to print."""
     if args.command == "index":
@@ -243,6 +282,7 @@ def run_command(args: argparse.Namespace) -> str:
         column = check_vector_column(data, column)
         loaded = open_index(data, column, args.exact)
         if args.queries is not None:
+            check_out_file(args.out, args.overwrite)
             answered, problems = batch_neighbors(data, column, args.queries, args.out, args.k, loaded)
             how = describe_index(loaded, data) if loaded is not None else "By an exact scan of every row."
             return (
@@ -257,6 +297,7 @@ def run_command(args: argparse.Namespace) -> str:
         return table + "\n" + describe_index(loaded, data)
     data = open_documents(args.directory)
     if args.command == "plot":
+        check_out_file(args.out, args.overwrite)
         path, rows, total, explained = plot_pca(
             data, args.column, args.label, args.out, sample=args.sample, seed=args.seed
         )

@@ -98,8 +98,19 @@ def export_vocabulary(
 
     from pipeline.errors import ExportConfigError
     from pipeline.planning.model_source import load_model_source
+    from pipeline.uris import is_local
 
     path = FileSystems.join(output, VOCABULARY_FILE)
+    if is_local(output):
+        if os.path.lexists(output) and not os.path.isdir(output):
+            raise ExportConfigError(f"--output {output} is a file; --output names a directory to write into.")
+        for target in (path, path + ".tmp"):
+            # --overwrite replaces the file this command wrote, never a directory or link of that name.
+            if os.path.islink(target) or (os.path.lexists(target) and not os.path.isfile(target)):
+                raise ExportConfigError(
+                    f"{target} is a directory or a link, not a file this command wrote; move it away "
+                    "or choose another --output."
+                )
     if FileSystems.exists(path) and not overwrite:
         raise ExportConfigError(
             f"{path} already exists; pass --overwrite to replace it, or another --output."

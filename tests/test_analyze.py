@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from doc_pages import marked_blocks
+from pipeline_fixtures import snapshot
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
@@ -154,6 +155,19 @@ def test_vocabulary_refuses_a_layer_that_is_not_an_embedding(bundle):
         vocabulary.embedding_table(bundle.model, "lstm_title")
     with pytest.raises(ValueError, match=r"no layer named 'embedding'.*'emb'"):
         vocabulary.embedding_table(bundle.model, "embedding")
+
+
+def test_vocabulary_overwrite_never_removes_a_directory_or_writes_into_a_file(tmp_path, capsys):
+    precious = tmp_path / "out" / vocabulary.VOCABULARY_FILE / "thesis.txt"
+    precious.parent.mkdir(parents=True)
+    precious.write_text("mine")
+    argv = ["--layer", "emb", "--output", str(tmp_path / "out"), "--overwrite"]
+    assert vocabulary.main(argv) == vocabulary.EXIT_CONFIG_ERROR
+    assert "is a directory or a link" in capsys.readouterr().err and precious.read_text() == "mine"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("{}\n")
+    assert vocabulary.main(["--layer", "emb", "--output", str(corpus)]) == vocabulary.EXIT_CONFIG_ERROR
+    assert "is a file" in capsys.readouterr().err and corpus.read_text() == "{}\n"
 
 
 def test_vocabulary_command_keeps_an_existing_file(vocabulary_dir, capsys):
@@ -323,6 +337,25 @@ def _png_size(path):
         header = handle.read(24)
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
     return struct.unpack(">II", header[16:24])
+
+
+def test_an_out_file_never_replaces_an_export_file_a_directory_or_without_overwrite(
+    export_dir, tmp_path, capsys
+):
+    before = snapshot(export_dir)
+    plot = [export_dir, "plot", "--column", "lstm_title", "--label", "topic"]
+    for inside in ("part-00000-of-00001.parquet", "_MANIFEST.json", "errors/answers.parquet", "new.png"):
+        assert analyze.main([*plot, "--out", os.path.join(export_dir, inside), "--overwrite"]) == 2
+        assert "an export or vocabulary directory" in capsys.readouterr().err
+    assert snapshot(export_dir) == before
+    mine = tmp_path / "precious.png"
+    mine.write_text("mine")
+    assert analyze.main([*plot, "--out", str(mine)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err and mine.read_text() == "mine"
+    assert analyze.main([*plot, "--out", str(tmp_path)]) == 2
+    assert "is a directory or a link" in capsys.readouterr().err
+    assert analyze.main([*plot, "--out", str(mine), "--overwrite"]) == 0
+    assert _png_size(str(mine)) == (1000, 700)
 
 
 def test_plot_writes_a_png_coloured_by_label(export_dir, tmp_path):

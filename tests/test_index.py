@@ -387,7 +387,7 @@ def test_batch_neighbors_from_ids_and_vectors_write_parquet(export_copy, rows, t
     assert [a["id"] for a in answers] == [rows["id"][p] for p in positions.ravel()]
     np.save(tmp_path / "bad.npy", np.zeros((2, 5), np.float32))
     argv[3] = str(tmp_path / "bad.npy")
-    assert analyze.main([*argv, "--out", out]) == 2
+    assert analyze.main([*argv, "--out", out, "--overwrite"]) == 2
     assert "holds 5-dim vectors; 'lstm_content' has 128" in capsys.readouterr().err
 
 
