@@ -256,6 +256,19 @@ def check_out_file(path: str, overwrite: bool) -> None:
         raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
 
 
+def check_plot_format(path: str) -> None:
+    """Refuses a plot --out whose extension matplotlib cannot write, before any row is read."""
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in supported:
+        raise AnalysisError(
+            f"--out {path!r}: matplotlib cannot write {extension or 'a file without extension'!r} images; "
+            f"end it with one of {', '.join('.' + name for name in sorted(supported))} (.png is the default)."
+        )
+
+
 def run_command(args: argparse.Namespace) -> str:
     """Runs the parsed command; returns the text to print."""
     if args.command == "index":
@@ -298,6 +311,7 @@ def run_command(args: argparse.Namespace) -> str:
     data = open_documents(args.directory)
     if args.command == "plot":
         check_out_file(args.out, args.overwrite)
+        check_plot_format(args.out)
         path, rows, total, explained = plot_pca(
             data, args.column, args.label, args.out, sample=args.sample, seed=args.seed
         )

@@ -354,8 +354,27 @@ def test_an_out_file_never_replaces_an_export_file_a_directory_or_without_overwr
     assert "already exists; pass --overwrite" in capsys.readouterr().err and mine.read_text() == "mine"
     assert analyze.main([*plot, "--out", str(tmp_path)]) == 2
     assert "is a directory or a link" in capsys.readouterr().err
+    assert analyze.main([*plot, "--out", str(tmp_path / "plot.usearch")]) == 2
+    assert "matplotlib cannot write 'usearch' images" in capsys.readouterr().err
+    np.save(tmp_path / "words.npy", np.array(["a", "b"]))
+    queries = [export_dir, "neighbors", "--queries", str(tmp_path / "words.npy"), "--column", "lstm_title"]
+    assert analyze.main([*queries, "--out", str(tmp_path / "answers.parquet")]) == 2
+    assert "values, not numbers" in capsys.readouterr().err
     assert analyze.main([*plot, "--out", str(mine), "--overwrite"]) == 0
     assert _png_size(str(mine)) == (1000, 700)
+
+
+def test_a_file_that_is_not_parquet_and_an_export_without_rows_are_one_error_line(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "a", "content": "word", "title": "word"}\n')
+    assert analyze.main([str(corpus), "neighbors", "--id", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not Parquet this tool wrote" in err and "Traceback" not in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert run_export(["--input", str(empty), "--output", str(tmp_path / "out")]).exit_code == 0
+    assert analyze.main([str(tmp_path / "out"), "neighbors", "--id", "a"]) == 2
+    assert "is an export with no rows" in capsys.readouterr().err
 
 
 def test_plot_writes_a_png_coloured_by_label(export_dir, tmp_path):

@@ -56,6 +56,11 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
             vectors = np.load(path, allow_pickle=False)
         except ValueError as error:
             raise AnalysisError(f"--queries {path!r} is not a numeric .npy array: {error}") from None
+        if not (np.issubdtype(vectors.dtype, np.number) or vectors.dtype == np.bool_):
+            raise AnalysisError(
+                f"--queries {path!r} holds {vectors.dtype} values, not numbers: vector queries are an "
+                "(n, dim) array of floats (ids or words go in a .txt file, one a line)."
+            )
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2:
             raise AnalysisError(

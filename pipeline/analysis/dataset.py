@@ -115,6 +115,17 @@ def _list_parquet(
     return filesystem, files
 
 
+def _parquet_dataset(location: str, filesystem: pafs.FileSystem, files: list[str]) -> ds.Dataset:
+    """The dataset of `files`; a file pyarrow cannot read as Parquet is an AnalysisError, not a traceback."""
+    try:
+        return ds.dataset(files, filesystem=filesystem, format="parquet")
+    except (pa.ArrowInvalid, OSError) as error:
+        raise AnalysisError(
+            f"{location!r} is not Parquet this tool wrote ({error}). Pass the --output directory of "
+            "`python -m pipeline.run` or `python -m pipeline.vocabulary`, or one of their Parquet files."
+        ) from None
+
+
 def _is_file(filesystem: pafs.FileSystem, path: str) -> bool:
     return filesystem.get_file_info(path).type == pafs.FileType.File
 
@@ -135,6 +146,11 @@ def open_documents(location: str) -> VectorDataset:
         hint = ""
         if _is_file(filesystem, posixpath.join(directory, VOCABULARY_FILE)):
             hint = " It holds a vocabulary export: query it with `neighbors --word WORD`."
+        if _is_file(filesystem, posixpath.join(directory, MANIFEST)):
+            raise AnalysisError(
+                f"{location!r} is an export with no rows: every record it read is a dead letter in "
+                f"{posixpath.join(location, 'errors')} (or the corpus was empty): nothing to analyze."
+            )
         raise AnalysisError(
             f"{location!r} holds no {SHARD_PREFIX}*.parquet files, so it is not the --output of "
             f"`python -m pipeline.run`.{hint}"
@@ -144,7 +160,7 @@ def open_documents(location: str) -> VectorDataset:
         logging.warning(
             "%s has no %s: the export did not finish, so results may be partial.", location, MANIFEST
         )
-    dataset = ds.dataset(files, filesystem=filesystem, format="parquet")
+    dataset = _parquet_dataset(location, filesystem, files)
     if ID_COLUMN not in dataset.schema.names:
         raise AnalysisError(f"{location!r} has no {ID_COLUMN!r} column, so it is not an export of this tool.")
     # Kept fields are the details worth showing; the fingerprint is not.
@@ -192,7 +208,7 @@ def open_vocabulary(location: str) -> VectorDataset:
             f"{location!r} holds no {VOCABULARY_FILE}. Write one with `python -m pipeline.vocabulary "
             f"--layer emb --output {location}`, or query documents of an export with --id."
         )
-    dataset = ds.dataset(files, filesystem=filesystem, format="parquet")
+    dataset = _parquet_dataset(location, filesystem, files)
     missing = {TOKEN_ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN} - set(dataset.schema.names)
     if missing:
         raise AnalysisError(
