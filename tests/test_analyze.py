@@ -377,6 +377,41 @@ def test_a_file_that_is_not_parquet_and_an_export_without_rows_are_one_error_lin
     assert "is an export with no rows" in capsys.readouterr().err
 
 
+def _edited_copy(export_dir, directory, edit):
+    """A copy of the export's rows whose `lstm_title` vectors (n, dim) and rows `edit` changes."""
+    directory.mkdir()
+    (path,) = glob.glob(os.path.join(export_dir, "part-*.parquet"))
+    table = pq.read_table(path)
+    vectors = np.stack(table["lstm_title"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    vectors, keep = edit(vectors)
+    field = table.schema.field("lstm_title")
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), vectors.shape[1])
+    table = table.set_column(table.schema.get_field_index("lstm_title"), field, column.cast(field.type))
+    pq.write_table(table.filter(pa.array(keep)), directory / os.path.basename(path))
+    return str(directory)
+
+
+def test_rows_with_nan_or_inf_are_left_out_of_a_sample(export_dir, tmp_path, capsys, caplog):
+    def poisoned(vectors):
+        vectors[0], vectors[1, 3] = np.nan, np.inf
+        return vectors, np.ones(len(vectors), bool)
+
+    def without(vectors):
+        return vectors, np.arange(len(vectors)) >= 2
+
+    bad = _edited_copy(export_dir, tmp_path / "bad", poisoned)
+    clean = _edited_copy(export_dir, tmp_path / "clean", without)
+    rows = pq.read_metadata(glob.glob(os.path.join(bad, "part-*.parquet"))[0]).num_rows
+    score, _ = knn_score(open_documents(bad), "lstm_title", "topic", k=5, sample=10_000)
+    expected, _ = knn_score(open_documents(clean), "lstm_title", "topic", k=5, sample=10_000)
+    assert score.agreement == expected.agreement and np.isfinite(score.agreement)
+    assert "2 of the" in caplog.text and "left out" in caplog.text
+    argv = [bad, "plot", "--column", "lstm_title", "--label", "topic", "--out", str(tmp_path / "p.png")]
+    assert analyze.main([*argv, "--sample", "10000"]) == 0
+    out = capsys.readouterr().out
+    assert f"PCA of {rows - 2} of {rows} rows" in out and "0.0% + 0.0%" not in out
+
+
 def test_plot_writes_a_png_coloured_by_label(export_dir, tmp_path):
     path = str(tmp_path / "plot.png")
     argv = [export_dir, "plot", "--column", "lstm_title", "--label", "topic", "--out", path]

@@ -376,7 +376,19 @@ def sample_vectors(
             condition = condition & pc.field(label).is_valid()
     table, total = sample_rows(data, columns, sample, seed, filter=condition)
     labels = table[label].to_pylist() if label is not None else None
-    return VectorSample(column, vectors_to_numpy(table[column]), labels, total)
+    vectors = vectors_to_numpy(table[column])
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        # As `index` and `neighbors` do: a NaN would make every PCA axis and every similarity NaN.
+        logging.warning(
+            "%d of the %d sampled rows of %r have a NaN or infinite value; they are left out.",
+            int((~finite).sum()),
+            len(vectors),
+            column,
+        )
+        vectors = vectors[finite]
+        labels = [value for value, keep in zip(labels, finite, strict=True) if keep] if labels else labels
+    return VectorSample(column, vectors, labels, total)
 
 
 def open_documents_or_vocabulary(directory: str) -> VectorDataset:
