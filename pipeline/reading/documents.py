@@ -88,13 +88,18 @@ def guarded(
         )
 
 
+def read_fields(plan: ExportPlan) -> set[str]:
+    """The record fields the export reads: the id, the kept fields and each model input's field."""
+    return {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
+
+
 def ambiguous_fields(plan: ExportPlan, names: Sequence[str], where: str) -> str | None:
     """A message if `names` (a CSV header, a Parquet file's columns) repeat a field the export reads.
 
     Every record of such a file is an `ambiguous_header` dead letter: which of the
     columns to read would be a guess.
     """
-    wanted = {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
+    wanted = read_fields(plan)
     repeated = sorted({name for name in names if name in wanted and names.count(name) > 1})
     if not repeated:
         return None

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
-from pipeline.reading.documents import Record, ambiguous_fields, guarded, to_document
+from pipeline.reading.documents import Record, ambiguous_fields, guarded, read_fields, to_document
 from pipeline.reading.text_lines import ByteStream, Claim
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import AMBIGUOUS_HEADER
@@ -50,7 +50,7 @@ def row_group_offset(row_group: pq.RowGroupMetaData) -> int:
 def _rows(
     plan: ExportPlan, source: str, parquet: pq.ParquetFile, start: int, claim: Claim | None
 ) -> Iterator[tuple[int, Record]]:
-    wanted = {plan.id_field, *plan.keep_fields, *(info.field for info in plan.inputs)}
+    wanted = read_fields(plan)
     names = parquet.schema_arrow.names
     # Only the columns the export reads; all of them when none is there, so each row is a missing_id.
     columns = [name for name in names if name in wanted] or None

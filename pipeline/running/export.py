@@ -126,16 +126,18 @@ class _RecordingNamespace(argparse.Namespace):
         super().__setattr__(name, value)
 
 
-def _repeated_flags(parser: argparse.ArgumentParser, args: Sequence[str]) -> list[str]:
-    """The one-value flags that `args` give more than once with different values, as `--flag`."""
+def _parse(parser: argparse.ArgumentParser, args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the arguments `parser` does not know, the one-value flags `args` give more than once with
+    different values, as `--flag`)."""
     actions = {a.dest: a for a in parser._actions if isinstance(a, _ONE_VALUE_ACTIONS) and a.option_strings}
     namespace = _RecordingNamespace(list(actions))
-    parser.parse_known_args(list(args), namespace=namespace)
-    return [
+    _, unknown = parser.parse_known_args(list(args), namespace=namespace)
+    repeated = [
         actions[dest].option_strings[0]
         for dest, values in namespace.stored.items()
         if len({repr(value) for value in values}) > 1
     ]
+    return unknown, repeated
 
 
 def check_known_flags(argv: Sequence[str] | None) -> None:
@@ -154,8 +156,7 @@ def check_known_flags(argv: Sequence[str] | None) -> None:
     # Beam builds one parser from every PipelineOptions subclass; borrow it.
     PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
     parser = parsers[0]
-    args = sys.argv[1:] if argv is None else list(argv)
-    _, unknown = parser.parse_known_args(args)
+    unknown, repeated = _parse(parser, sys.argv[1:] if argv is None else list(argv))
     if unknown:
         known = [flag for action in parser._actions for flag in action.option_strings]
         problems = []
@@ -167,7 +168,6 @@ def check_known_flags(argv: Sequence[str] | None) -> None:
             f"Unknown argument(s): {', '.join(problems)}. `python -m pipeline.run --help` lists this "
             "tool's flags; Beam's own (--runner, --project, ...) are also accepted."
         )
-    repeated = _repeated_flags(parser, args)
     if repeated:
         several_inputs = " (several input files: one glob pattern, --input 'data/*.jsonl')"
         raise ExportConfigError(

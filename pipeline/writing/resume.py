@@ -45,7 +45,6 @@ from pipeline.writing.files import delete_files, join, list_files
 from pipeline.writing.layout import SHARD_NAME, STAGING
 from pipeline.writing.shards import TOKENIZER_COUNTS_KEY, WRITING_SUFFIX
 from pipeline.writing.staging import staging_prefixes, staging_runs
-from pipeline.writing.state import read_manifest
 
 RUN_FILE = "_RUN.json"
 KEPT_IDS_FILE = "_KEPT_IDS.parquet"
@@ -111,16 +110,9 @@ def run_signature(plan: ExportPlan, limit: int | None) -> dict[str, Any]:
         "reuse": plan.reuse,
         "reuse_files": list(plan.reuse_files),
         # The earlier export's shards by content: one replaced under the same name is another export.
-        "reuse_digests": _shard_digests(plan.reuse) if plan.reuse else [],
+        "reuse_digests": list(plan.reuse_digests),
         "package_version": plan.package_version,
     }
-
-
-def _shard_digests(export: str) -> list[str | None]:
-    manifest = read_manifest(export) or {}
-    return [
-        shard.get("sha256") or shard.get("checksum") for shard in manifest.get("shards", {}).get("rows", [])
-    ]
 
 
 def _run_path(directory: str, run_id: str) -> str:

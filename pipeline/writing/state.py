@@ -54,7 +54,10 @@ def _is_leftover(relative: str, kind: EntryKind) -> bool:
 
 
 def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[str]]:
-    """(the entries no export of ours explains, the relative paths of the others but the lock)."""
+    """(the entries no export of ours explains, the relative paths of the others but the lock).
+
+    The lock is the live run's (ours, once we hold it), not a leftover.
+    """
     entries = list(iter_entries(directory))
     finished = any(kind == "file" and relative in (MANIFEST, JOURNAL) for relative, kind in entries)
     explains = _entry_is_ours if finished else _is_leftover
@@ -73,21 +76,26 @@ def _describe(relative: str, kind: EntryKind) -> str:
     return relative
 
 
-def output_state(directory: str) -> OutputState:
-    """ "empty", "finished" (a manifest or a commit to finish), "unfinished" (our leftovers) or "foreign"."""
-    foreign, ours = _foreign_entries(directory)
+def _state(foreign: list[tuple[str, EntryKind]], ours: list[str]) -> OutputState:
     if foreign:
         return "foreign"
-    # The lock is the live run's (ours, once we hold it), not a leftover.
     if not ours:
         return "empty"
     return "finished" if MANIFEST in ours or JOURNAL in ours else "unfinished"
 
 
+def output_state(directory: str) -> OutputState:
+    """ "empty", "finished" (a manifest or a commit to finish), "unfinished" (our leftovers) or "foreign"."""
+    return _state(*_foreign_entries(directory))
+
+
+def _examples(foreign: list[tuple[str, EntryKind]], limit: int = 5) -> list[str]:
+    return sorted(_describe(relative, kind) for relative, kind in foreign[:limit])
+
+
 def foreign_files(directory: str, limit: int = 5) -> list[str]:
     """A few of the entries in `directory` that no export wrote, for error messages."""
-    foreign, _ = _foreign_entries(directory)
-    return sorted(_describe(relative, kind) for relative, kind in foreign[:limit])
+    return _examples(_foreign_entries(directory)[0], limit)
 
 
 def check_output_state(directory: str, overwrite: bool) -> OutputState:
@@ -96,11 +104,12 @@ def check_output_state(directory: str, overwrite: bool) -> OutputState:
     Raises:
         ExportConfigError: saying what is there and what to do.
     """
-    state = output_state(directory)
+    foreign, ours = _foreign_entries(directory)
+    state = _state(foreign, ours)
     if state == "foreign":
         raise ExportConfigError(
             f"--output {directory!r} holds files that no export wrote (e.g. "
-            f"{', '.join(foreign_files(directory))}; files named like an export's without its "
+            f"{', '.join(_examples(foreign))}; files named like an export's without its "
             f"{MANIFEST} are not one). An export only ever replaces its own files, so it will not "
             "write there, --overwrite or not: choose a new or empty directory."
         )
