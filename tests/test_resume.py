@@ -7,6 +7,7 @@ Arrow tables sorted by id (every column, every bit), dead letters as tables
 sorted by place, and the manifests' counts whole.
 """
 
+import errno
 import glob
 import json
 import os
@@ -24,7 +25,7 @@ from pipeline_fixtures import TUTORIAL_KERAS2_SCRIPT, kill_group_when, pipeline_
 
 from models.bundle import DEFAULT_BUNDLE
 from models.paths import SAMPLE_CORPUS as DEFAULT_SAMPLE_CORPUS
-from pipeline.errors import EXIT_CONFIG_ERROR
+from pipeline.errors import EXIT_CONFIG_ERROR, OutputWriteError
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.run import main
 from pipeline.running.export import run_export
@@ -300,7 +301,7 @@ def _truncate_run_file(output):
 
 @pytest.mark.parametrize(
     "change",
-    ["resume_off", "dtype", "model", "truncated_run_file", "reached_commit"],
+    ["resume_off", "dtype", "model", "truncated_run_file"],
 )
 def test_another_export_starts_from_zero(change, killed, corpus, reference, tiny_bundle, tmp_path):
     output = str(tmp_path / "out")
@@ -315,16 +316,27 @@ def test_another_export_starts_from_zero(change, killed, corpus, reference, tiny
         model = DEFAULT_BUNDLE
     elif change == "truncated_run_file":
         _truncate_run_file(output)
-    elif change == "reached_commit":
-        _set_state(output, resume_lib.COMMITTING)
     summary = run_export(["--model", model, "--input", input_path, "--output", output, *flags])
     assert summary.exit_code == 0, summary.message
     manifest = state_lib.read_manifest(output)
     assert manifest["resumed"] is None and summary.rows_kept == 0
     assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
     assert dead_run not in json.dumps(manifest)
-    if change in ("resume_off", "truncated_run_file", "reached_commit"):
+    if change in ("resume_off", "truncated_run_file"):
         assert_same_export(output, reference)
+
+
+def test_a_run_killed_before_its_commit_point_is_resumed(killed, corpus, reference, tiny_bundle, tmp_path):
+    """Killed while "committing" but before its journal (hashing its staged files): its rows are kept."""
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    dead_run = _staged_run(output)
+    _set_state(output, resume_lib.COMMITTING)
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    assert summary.exit_code == 0, summary.message
+    manifest = state_lib.read_manifest(output)
+    assert manifest["resumed"]["run"] == dead_run and summary.rows_kept > 0
+    assert_same_export(output, reference)
 
 
 def test_a_touched_input_file_does_not_resume(killed, corpus, reference, tiny_bundle, tmp_path):
@@ -440,6 +452,20 @@ def test_the_run_file_says_when_the_run_reached_its_commit(tiny_bundle, tmp_path
     monkeypatch.setattr(commit_lib, "commit", spying_commit)
     run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     assert states == [resume_lib.COMMITTING]
+
+
+def test_a_full_disk_as_the_run_reaches_its_commit_is_one_error(tiny_bundle, tmp_path, monkeypatch):
+    """The commit's first write (`_RUN.json` saying "committing") finding the disk full: exit 6."""
+    corpus = write_corpus(tmp_path / "c.jsonl", 20)
+    output = str(tmp_path / "out")
+
+    def disk_full(directory, run_id):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
+
+    monkeypatch.setattr(resume_lib, "mark_committing", disk_full)
+    with pytest.raises(OutputWriteError, match="ran out of space"):
+        run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
 
 
 @pytest.mark.slow

@@ -373,8 +373,9 @@ def _run_and_commit(
         "seconds": round(seconds, 3),
         "package_version": plan.package_version,
     }
-    # From here on the run is never resumed: a kill during the commit is recovered by the commit.
-    resume_lib.mark_committing(plan.output, run_id)
+    # A kill from here to the commit point is resumed; one after it is recovered by the commit.
+    with out_of_space_reported(plan.output, run_id):
+        resume_lib.mark_committing(plan.output, run_id)
     # Unverified accounting (a portable runner without committed counters) is no failure of the run.
     if exit_code not in (EXIT_OK, EXIT_ACCOUNTING_UNVERIFIED) and earlier_succeeded:
         message += (

@@ -17,7 +17,7 @@ pipeline still reads every record, so dead letters, duplicates and counts are
 made exactly as in an uninterrupted run; a kept document is dropped as soon as
 it is read, neither tokenized nor embedded again: each row file's footer holds
 what the tokenizer counted for its rows, which the launcher adds back.  A run
-that reached its commit is never resumed: the commit is finished or undone by
+that reached its commit point (the journal) is never resumed: the commit is finished by
 `pipeline.writing.commit`, never mixed with a second run.
 """
 
@@ -42,7 +42,7 @@ from pipeline.planning.reuse import reuse_signature
 from pipeline.running.counters import TOKENIZER_COUNTS
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.files import delete_files, join, list_files
-from pipeline.writing.layout import SHARD_NAME, STAGING
+from pipeline.writing.layout import JOURNAL, SHARD_NAME, STAGING
 from pipeline.writing.shards import TOKENIZER_COUNTS_KEY, WRITING_SUFFIX
 from pipeline.writing.staging import staging_prefixes, staging_runs
 
@@ -157,7 +157,7 @@ def start_run(directory: str, run_id: str, signature: dict[str, Any], resumed: R
 
 
 def mark_committing(directory: str, run_id: str) -> None:
-    """Records that the run handed its staged files to the commit: from now on it is never resumed."""
+    """Records that the run handed its staged files to the commit (resumed if killed before its journal)."""
     run = read_run(directory, run_id) or {"run": run_id}
     _write_json(_run_path(directory, run_id), dict(run, state=COMMITTING, committing=time.time()))
 
@@ -169,18 +169,24 @@ def _differences(earlier: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def find_resumable(directory: str, signature: dict[str, Any]) -> str | None:
     """The run id of a staging directory this run can continue, or None.
 
-    Only a run that was "running" (never one that reached its commit) and whose
-    signature equals `signature`; of several, the one started last. Call it
-    holding the output's lock: then every staging directory is a dead run's.
+    Only a run whose signature equals `signature`; of several, the one started
+    last. A run killed while "committing" before its commit point (hashing its
+    staged files, writing the journal) left its staged files as they were, so it
+    is resumed too; one that reached the commit point is finished by
+    `pipeline.writing.commit.recover_interrupted_commit` before this is asked,
+    and never resumed. Call it holding the output's lock: then every staging
+    directory is a dead run's.
     """
     # JSON turns tuples into lists: compare what was written with what would be.
     current = json.loads(json.dumps(signature))
+    # Recovery runs first; a journal still in place means it could not finish: resume nothing.
+    journal_pending = FileSystems.exists(join(directory, JOURNAL))
     candidates = []
     for run_id in staging_runs(directory):
         run = read_run(directory, run_id)
         if run is None:
             _LOGGER.info("Not resuming run %s: it has no readable %s.", run_id, RUN_FILE)
-        elif run.get("state") != RUNNING:
+        elif run.get("state") not in (RUNNING, COMMITTING) or journal_pending:
             _LOGGER.info("Not resuming run %s: it reached its commit (state %r).", run_id, run.get("state"))
         elif run.get("signature") != current:
             changed = _differences(run.get("signature") or {}, current)
