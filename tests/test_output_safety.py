@@ -165,6 +165,31 @@ def test_export_named_files_without_a_manifest_are_refused_and_kept(names, overw
     assert all((output / name).exists() for name in names)
 
 
+@pytest.mark.parametrize(
+    "inner, pattern",
+    [
+        ("v1/retry", "is inside"),
+        ("v1/a/b", "is inside"),
+        ("exports/_staging/today", "is below"),
+        ("exports/_staging", "is a directory named _staging"),
+    ],
+)
+def test_an_output_inside_an_export_or_a_staging_directory_is_refused(inner, pattern, tmp_path, capsys):
+    """Nested exports: read as the outer one's rows, or removed whole as a dead run's staging."""
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / layout_lib.MANIFEST).write_text("{}")
+    before = snapshot(tmp_path)
+    _refused(capsys, ["--input", corpus, "--output", str(tmp_path / inner)], pattern)
+    assert snapshot(tmp_path) == before and not (tmp_path / inner).exists()
+
+
+def test_a_nested_table_directory_is_not_an_exports_own(tmp_path):
+    """`_tables/` holds the tables themselves, never directories of Parquet files."""
+    assert layout_lib.is_ours("_tables/emb.parquet")
+    assert not layout_lib.is_ours("_tables/mine/part-00000-of-00001.parquet")
+
+
 def test_an_output_that_is_a_dangling_link_or_a_file_is_named_as_such(tmp_path, capsys):
     corpus = _write_corpus(tmp_path / "c.jsonl", 3)
     link = tmp_path / "dangling"

@@ -89,7 +89,7 @@ def check_output(output: str, overwrite: bool) -> None:
         ExportConfigError: saying what is wrong and what to do instead.
     """
     from pipeline.writing.files import is_regular_file
-    from pipeline.writing.state import check_output_state, check_writable
+    from pipeline.writing.state import check_not_inside_an_export, check_output_state, check_writable
 
     check_location("output", output)
     if any(ch in output for ch in GLOB_CHARACTERS):
@@ -102,6 +102,7 @@ def check_output(output: str, overwrite: bool) -> None:
             f"--output {output!r} is a file; --output names a directory for the export's files."
         )
     check_writable(output)
+    check_not_inside_an_export(output)
     check_output_state(output, overwrite)
 
 

@@ -65,7 +65,7 @@ def is_ours(relative: str) -> bool:
         relative in (MANIFEST, MANIFEST + ".tmp", LOCK, JOURNAL)
         or relative.startswith(STAGING + "/")
         or bool(SHARD_NAME.fullmatch(relative))
-        or (relative.startswith(TABLES_DIR + "/") and relative.endswith(".parquet"))
+        or bool(re.fullmatch(TABLES_DIR + r"/[^/]+\.parquet", relative))
         or bool(re.fullmatch(INDEX_DIR + r"/([^/]+\.(usearch|json)(\.tmp)?)?", relative))
         or (
             relative.startswith(ERRORS_DIR + "/")

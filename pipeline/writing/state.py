@@ -9,6 +9,7 @@ or not, since an export never deletes what it did not write.
 
 import logging
 import os
+import posixpath
 from collections.abc import Callable
 from typing import Literal
 
@@ -21,6 +22,7 @@ from pipeline.writing.files import (
     EntryKind,
     JsonObject,
     delete_files,
+    exists,
     iter_entries,
     join,
     list_files,
@@ -119,6 +121,50 @@ def check_output_state(directory: str, overwrite: bool) -> OutputState:
             "replace it, or choose another --output."
         )
     return state
+
+
+def _parents(directory: str) -> list[str]:
+    """The directories above `directory`, nearest first: locally in absolute form, up to a URI's bucket."""
+    if is_local(directory):
+        path = os.path.abspath(directory)
+        parents = []
+        while os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+            parents.append(path)
+        return parents
+    scheme, _, rest = directory.rstrip("/").partition("://")
+    parts = rest.split("/")
+    return [f"{scheme}://{'/'.join(parts[:end])}" for end in range(len(parts) - 1, 0, -1)]
+
+
+def check_not_inside_an_export(directory: str) -> None:
+    """Refuses an output inside another export, or below a `_staging/` directory.
+
+    An export inside another one is read as part of it (a recursive read of
+    the outer one returns both), keeps `--overwrite` of the outer one refused,
+    and one below an output's `_staging/` is what a later run there removes as
+    the leftovers of dead runs.
+
+    Raises:
+        ExportConfigError: naming the enclosing export or staging directory.
+    """
+    parents = _parents(directory)
+    for candidate in [directory.rstrip("/"), *parents]:
+        if posixpath.basename(candidate) == STAGING:
+            where = "is" if candidate == directory.rstrip("/") else f"is below {candidate!r},"
+            raise ExportConfigError(
+                f"--output {directory!r} {where} a directory named {STAGING}: exports stage their "
+                "files there, and the next export in the directory above removes it whole. Choose "
+                "an --output outside it."
+            )
+    for parent in parents:
+        marker = next((name for name in (MANIFEST, JOURNAL, LOCK) if exists(parent, name)), None)
+        if marker:
+            raise ExportConfigError(
+                f"--output {directory!r} is inside {parent!r}, an export's directory (it holds "
+                f"{marker}): a read of that export would take this one's files as its own. Choose an "
+                "--output outside it."
+            )
 
 
 def check_writable(directory: str) -> None:
