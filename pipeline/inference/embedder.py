@@ -247,9 +247,25 @@ class Embedder:
         return Embedded(documents, features, masks, outputs, failed, oov)
 
     def batch_rows(self, embedded: Embedded) -> BatchRows:
-        """The output rows of an `Embedded` batch as one Arrow RecordBatch: a `BatchRows`."""
-        if not embedded.documents:
-            return BatchRows(None, embedded.failed, embedded.oov_tokens)
+        """The output rows of an `Embedded` batch as one Arrow RecordBatch: a `BatchRows`.
+
+        A document holding a value that `--dtype float16` cannot store (beyond
+        ±65,504) is a `float16_overflow` dead letter instead of a row of infinities.
+        """
+        while True:
+            if not embedded.documents:
+                return BatchRows(None, embedded.failed, embedded.oov_tokens)
+            try:
+                return BatchRows(self._record_batch(embedded), embedded.failed, embedded.oov_tokens)
+            except schema_lib.Float16Overflow as overflow:
+                failed = embedded.failed + [
+                    schema_lib.document_error_row(document, schema_lib.FLOAT16_OVERFLOW, str(overflow))
+                    for document, bad in zip(embedded.documents, overflow.rows, strict=True)
+                    if bad
+                ]
+                embedded = _select(embedded, np.flatnonzero(~overflow.rows))._replace(failed=failed)
+
+    def _record_batch(self, embedded: Embedded) -> pa.RecordBatch:
         plan, documents = self.plan, embedded.documents
         rows = schema_lib.to_record_batch(
             self.schema,
@@ -265,7 +281,7 @@ class Embedder:
             token_ids=embedded.features,
             fingerprints=[schema_lib.input_fingerprint(d.texts, plan.inputs) for d in documents],
         )
-        return BatchRows(rows, embedded.failed, embedded.oov_tokens)
+        return rows
 
     def _predict_one_by_one(
         self, documents: Sequence[Document], features: Features, failed: list[ErrorRow]
@@ -294,6 +310,20 @@ def _concatenate(parts: Sequence[np.ndarray | RealTokens]) -> np.ndarray | RealT
     if isinstance(parts[0], RealTokens):
         return concatenate_real_tokens(typing.cast(Sequence[RealTokens], parts))
     return np.concatenate(typing.cast(Sequence[np.ndarray], parts))
+
+
+def _select(embedded: Embedded, rows: np.ndarray) -> Embedded:
+    """The `rows` (ascending) of an `Embedded` batch: documents, features, masks and outputs."""
+    documents, features, masks = _rows(rows, embedded.documents, embedded.features, embedded.masks)
+    outputs: Outputs = {}
+    for name, values in embedded.outputs.items():
+        if isinstance(values, RealTokens):
+            tokens_of = np.repeat(np.arange(len(values.counts)), values.counts)
+            values = RealTokens(values.rows, values.row_index[np.isin(tokens_of, rows)], values.counts[rows])
+        else:
+            values = values[rows]
+        outputs[name] = values
+    return embedded._replace(documents=documents, features=features, masks=masks, outputs=outputs)
 
 
 def _rows(

@@ -54,6 +54,7 @@ UNREADABLE_FILE = "unreadable_file"
 READ_ERROR = "read_error"
 EMPTY_DOCUMENT = "empty_document"
 INFERENCE_FAILED = "inference_failed"
+FLOAT16_OVERFLOW = "float16_overflow"
 # A dead letter with one of these reasons stands for an unknown number of records.
 FILE_REASONS = (UNREADABLE_FILE, READ_ERROR)
 
@@ -194,6 +195,43 @@ def input_fingerprint(texts: Sequence[str], inputs: Sequence[InputInfo]) -> str:
     return hashlib.sha256(json.dumps(parts, ensure_ascii=True).encode("ascii")).hexdigest()
 
 
+class Float16Overflow(ValueError):
+    """Rows holding a finite value float16 cannot hold (beyond ±65,504): stored, it would be infinite."""
+
+    def __init__(self, column: str, rows: np.ndarray, value: float) -> None:
+        super().__init__(
+            f"{column} holds {value:.7g}, beyond float16's range (±65,504): --dtype float16 would store "
+            "it as infinity. Export with --dtype float32."
+        )
+        self.column = column
+        self.rows = rows  # (documents,) bool: the rows holding such a value
+
+
+def _to_float(
+    values: np.ndarray, numpy_type: type[np.floating], column: str, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """`values` in the stored dtype; raises `Float16Overflow` where a finite value would become infinite.
+
+    `counts`: the real tokens per document of per-token `values` (tokens, dim); else one row per document.
+    """
+    with np.errstate(over="ignore"):  # Found below, and said in the dead letter.
+        stored = np.asarray(values).astype(numpy_type, copy=False)
+    if numpy_type is np.float32:
+        return stored
+    overflowed = np.isinf(stored) & np.isfinite(values)
+    if overflowed.any():
+        by_value = overflowed.any(axis=tuple(range(1, overflowed.ndim)))
+        rows = (
+            by_value
+            if counts is None
+            else np.bincount(
+                np.repeat(np.arange(len(counts)), counts)[by_value], minlength=len(counts)
+            ).astype(bool)
+        )
+        raise Float16Overflow(column, rows, float(np.asarray(values)[overflowed].flat[0]))
+    return stored
+
+
 def to_record_batch(
     schema: pa.Schema,
     columns: Sequence[ColumnInfo],
@@ -223,6 +261,10 @@ def to_record_batch(
 
     Returns:
         A `pyarrow.RecordBatch` with `schema`.
+
+    Raises:
+        Float16Overflow: with `dtype` float16, a column's value beyond its range (the
+            caller dead-letters those rows and builds the batch again without them).
     """
     value_type = _value_type(dtype)
     numpy_type = np.float16 if dtype == "float16" else np.float32
@@ -241,17 +283,17 @@ def to_record_batch(
             continue
         values = outputs[column.column]
         if column.kind == "vector":
-            arrays.append(_fixed_size(np.asarray(values).astype(numpy_type), value_type))
+            arrays.append(_fixed_size(_to_float(np.asarray(values), numpy_type, column.column), value_type))
             continue
         if not isinstance(values, RealTokens):
             values = RealTokens.of_padded(values, masks[column.source_input])
         if column.pooling != "none":
-            pooled = pool_real_tokens(values, column.pooling).astype(numpy_type, copy=False)
+            pooled = _to_float(pool_real_tokens(values, column.pooling), numpy_type, column.column)
             arrays.append(_fixed_size(pooled, value_type))
             continue
         # Real tokens are consecutive per document and in document order: the offsets are the running counts.
-        tokens = values.vectors().astype(numpy_type, copy=False)
         counts = np.asarray(values.counts, dtype=np.int32)
+        tokens = _to_float(values.vectors(), numpy_type, column.column, counts)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         arrays.append(pa.ListArray.from_arrays(pa.array(offsets), _fixed_size(tokens, value_type)))
         arrays.append(pa.array(counts, type=pa.int32()))
