@@ -1,4 +1,4 @@
-"""Models whose outputs a plain export would get silently wrong: values float16 cannot hold.
+"""Models whose outputs a plain export would get silently wrong: float16 values, beyond its range or summed.
 
 Each case is a small Keras model saved as a user would, exported through the
 real pipeline and compared with what Keras itself gives.
@@ -54,3 +54,30 @@ def test_values_beyond_float16_are_dead_letters_not_infinities(big_values_model,
         np.testing.assert_allclose(actual, expected.astype(np.float16), rtol=0, atol=0)
     counts = manifest_of(output)["counts"]
     assert counts["records_read"] == counts["rows_written"] + counts["dead_letters"] == 8
+
+
+def test_a_mixed_precision_models_tokens_are_pooled_in_float32(tmp_path):
+    """float16 per-token values (`mixed_float16`) summed in float16 overflow: 150 tokens of 1,000."""
+    inputs = keras.Input(shape=(300,), dtype="int32", name="content")
+    embedded = keras.layers.Embedding(50, 4, name="emb", dtype="mixed_float16")(inputs)
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(embedded)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out", dtype="float32")(pooled))
+    table = np.random.default_rng(0).normal(0, 1, (50, 4)).astype(np.float32)
+    table[7] = 1000.0
+    model.get_layer("emb").set_weights([table])
+    path = tmp_path / "mixed.keras"
+    model.save(path)
+    documents = [{"id": "big", "content": [7] * 150}, {"id": "small", "content": list(range(1, 50))}]
+    corpus = write_jsonl(tmp_path / "ids.jsonl", documents)
+    output = tmp_path / "out"
+    summary = run_export(export_args(path, corpus, output, "--tokenizer", "none", "--layer", "emb"))
+    assert summary.exit_code == 0, summary.message
+    rows = rows_by_id(read_rows(output))
+    sub_model = keras.Model(inputs, model.get_layer("emb").output)
+    for document in documents:
+        ids = np.zeros((1, 300), np.int32)
+        ids[0, 300 - len(document["content"]) :] = document["content"]
+        values = sub_model.predict(ids, verbose=0)[0, 300 - len(document["content"]) :]
+        expected = values.astype(np.float32).mean(axis=0)
+        actual = np.asarray(rows[document["id"]]["emb"], np.float32)
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-5)

@@ -66,7 +66,8 @@ def pool_real_tokens(tokens: RealTokens, pooling: str) -> np.ndarray:
     The mean adds a document's tokens one after the other in document order,
     in the rows' dtype, so it is bit for bit the sum over the padded positions
     with the padding weighted 0 that `schema` computed before (whose padding
-    only ever added zeros).  Work is proportional to the real tokens.
+    only ever added zeros).  Work is proportional to the real tokens.  Values
+    narrower than float32 (a mixed-precision model's) are pooled in float32.
 
     A row with no real token (an empty title beside a non-empty content) pools to
     a zero vector whatever the pooling, as an empty mean does: not -inf (max) nor
@@ -76,6 +77,10 @@ def pool_real_tokens(tokens: RealTokens, pooling: str) -> np.ndarray:
     if pooling not in ("mean", "max", "last"):
         raise ValueError(f"Unknown pooling {pooling!r}; expected mean, max or last.")
     rows, index = tokens.rows, tokens.row_index
+    if rows.dtype.itemsize < 4:
+        # A mixed-precision model's float16 (or bfloat16) values: summed in float16, a mean of
+        # values of 1,000 overflows and ordinary ones lose three digits. Pooled in float32.
+        rows = rows.astype(np.float32)
     counts = np.asarray(tokens.counts, dtype=np.int64)
     pooled = np.zeros((len(counts), rows.shape[1]), dtype=rows.dtype)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
