@@ -121,3 +121,20 @@ def input_dependencies(model: keras.Model, tensor: keras.KerasTensor) -> list[st
                 seen.add(id(parent))
                 stack.append(parent)
     return [t.name for t in model.inputs if id(t) in found]
+
+
+def upstream_operations(tensor: keras.KerasTensor) -> list[Operation]:
+    """The operations (layers) whose calls `tensor` is computed through, itself's first."""
+    operations: dict[int, Operation] = {}
+    seen: set[int] = set()
+    stack = [tensor]
+    while stack:
+        operation, node = producer(stack.pop())
+        if node is None:
+            continue
+        operations.setdefault(id(operation), operation)
+        for parent in node_inputs(node):
+            if id(parent) not in seen:
+                seen.add(id(parent))
+                stack.append(parent)
+    return list(operations.values())

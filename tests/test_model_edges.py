@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pipeline_fixtures import export_args, manifest_of, read_errors, read_rows, rows_by_id, write_jsonl
 
+from pipeline.errors import ExportConfigError
 from pipeline.running.export import run_export
 
 # Token 1's embedding is beyond float16's range (65,504) on its own, and still is averaged over 3 tokens.
@@ -81,3 +82,50 @@ def test_a_mixed_precision_models_tokens_are_pooled_in_float32(tmp_path):
         expected = values.astype(np.float32).mean(axis=0)
         actual = np.asarray(rows[document["id"]]["emb"], np.float32)
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-5)
+
+
+def _recurrent_model(path, **settings):
+    inputs = keras.Input(
+        shape=(10,), batch_size=4 if settings.get("stateful") else None, dtype="int32", name="content"
+    )
+    embedded = keras.layers.Embedding(50, 4, name="emb")(inputs)
+    sequence = keras.layers.LSTM(3, return_sequences=True, name="rnn", **settings)(embedded)
+    last = keras.layers.LSTM(3, name="last")(sequence)
+    keras.Model(inputs, keras.layers.Dense(1, name="out")(last)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "settings, layer, pattern",
+    [
+        ({"stateful": True}, "last", "'rnn' .* is stateful"),
+        ({"stateful": True}, "rnn", "'rnn' .* is stateful"),
+        ({"go_backwards": True}, "rnn", "'rnn' reads its sequence backwards"),
+    ],
+    ids=["stateful_below", "stateful", "go_backwards_per_token"],
+)
+def test_columns_that_depend_on_batching_or_come_last_token_first_are_refused(
+    settings, layer, pattern, tmp_path
+):
+    """A stateful layer's vectors depend on the batch before; a backwards sequence's tokens are reversed."""
+    path = _recurrent_model(tmp_path / "model.keras", **settings)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d0", "content": [5, 6, 7]}])
+    output = tmp_path / "out"
+    flags = ["--tokenizer", "none", "--layer", layer]
+    with pytest.raises(ExportConfigError, match=pattern):
+        run_export(export_args(path, corpus, output, *flags))
+    assert not output.exists()
+
+
+def test_a_backwards_layers_final_vector_is_exported(tmp_path):
+    """go_backwards without a per-token column is fine: its last layer's vector is Keras's."""
+    path = _recurrent_model(tmp_path / "model.keras", go_backwards=True)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d0", "content": [5, 6, 7]}])
+    output = tmp_path / "out"
+    summary = run_export(export_args(path, corpus, output, "--tokenizer", "none", "--layer", "last"))
+    assert summary.exit_code == 0, summary.message
+    model = keras.models.load_model(path)
+    ids = np.array([[0] * 7 + [5, 6, 7]], np.int32)
+    expected = keras.Model(model.inputs, model.get_layer("last").output).predict(ids, verbose=0)[0]
+    actual = np.asarray(read_rows(output).column("last")[0].as_py(), np.float32)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)

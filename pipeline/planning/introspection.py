@@ -106,6 +106,46 @@ def column_kind(
     return None
 
 
+def _is_stateful(layer: object) -> bool:
+    inner = [layer, getattr(layer, "forward_layer", None), getattr(layer, "backward_layer", None)]
+    return any(getattr(candidate, "stateful", False) for candidate in inner)
+
+
+def check_computed_per_document(spec: LayerSpec, tensor: keras.KerasTensor, kind: str | None) -> None:
+    """Refuses a column that does not depend on its document alone, or whose tokens are out of order.
+
+    A stateful recurrent layer carries its state from one batch to the next, so a
+    document's vector would depend on the documents before it. A recurrent layer
+    with `go_backwards=True` (outside a Bidirectional, which turns them back)
+    returns its sequence last step first, so per-token values would be matched
+    to the wrong tokens.
+
+    Raises:
+        ExportConfigError: naming the layer and what to do instead.
+    """
+    layers = keras_graph.upstream_operations(tensor)
+    stateful = [layer.name for layer in layers if _is_stateful(layer)]
+    if stateful:
+        raise ExportConfigError(
+            f"Layer {stateful[0]!r} (under --layer {spec.layer!r}) is stateful (stateful=True): it "
+            "carries its state from one batch to the next, so a document's vector would depend on the "
+            "documents exported before it. Rebuild the model with stateful=False, load its weights "
+            "(model.set_weights(stateful_model.get_weights())) and export that model."
+        )
+    backwards = [
+        layer.name
+        for layer in layers
+        if isinstance(layer, keras.layers.RNN) and layer.go_backwards and layer.return_sequences
+    ]
+    if kind == SEQUENCE and backwards:
+        raise ExportConfigError(
+            f"Layer {backwards[0]!r} reads its sequence backwards (go_backwards=True) and returns its "
+            f"outputs last step first, so the per-token values of --layer {spec.layer!r} cannot be "
+            "matched to the document's tokens (nor pooled over them). Export a vector layer, or a "
+            "Bidirectional layer (which returns its backward outputs in token order)."
+        )
+
+
 def describe_columns(
     sub_model: keras.Model, specs: Sequence[LayerSpec], inputs: Sequence[InputInfo], pooling: str
 ) -> list[ColumnInfo]:
@@ -119,6 +159,7 @@ def describe_columns(
         shape = tensor.shape
         dependencies = keras_graph.input_dependencies(sub_model, tensor)
         kind = column_kind(shape, dependencies, lengths)
+        check_computed_per_document(spec, tensor, kind)
         if kind == VECTOR:
             columns.append(ColumnInfo(spec.column, spec.layer, spec.call, VECTOR, int(shape[1]), "", "none"))
         elif kind == SEQUENCE:
