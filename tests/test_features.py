@@ -65,6 +65,15 @@ def test_a_document_without_tokens_is_an_empty_document_dead_letter_at_its_place
     assert isinstance(DocumentTokenizer(plan, TOKENIZER).tokenize(_document("", "zeta")), Tokenized)
 
 
+@pytest.mark.parametrize("ids", [(), (0,), (0, 0), (0, 0, 0, 0, 0, 0)])
+def test_a_token_id_list_of_padding_only_is_an_empty_document(ids):
+    """[0, 0] holds no token: as [] it is an empty_document, not a row of the padding's vector."""
+    plan = _plan(InputInfo("content", "content", 4))
+    error = DocumentTokenizer(plan, None).tokenize(_document(TokenIds(ids)))
+    assert error["reason"] == "empty_document"
+    assert isinstance(DocumentTokenizer(plan, None).tokenize(_document(TokenIds((0, 7)))), Tokenized)
+
+
 def test_an_id_past_the_embedding_is_a_bad_token_id_dead_letter_before_tokenizing():
     from pipeline.reading import documents
 

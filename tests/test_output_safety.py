@@ -364,8 +364,10 @@ def test_a_run_removes_only_its_own_staging_directory(tmp_path, tiny_bundle):
         (["--keep_fields", "kind,kind"], "'kind'"),
         (["--layer", "id=lstm_content"], "'id'"),
         (["--layer", "emb", "--layer", "emb_tokens=emb:1", "--pooling", "none"], "'emb_tokens'"),
+        (["--keep_fields", "ID"], "'ID'"),
+        (["--layer", "lstm_content", "--layer", "LSTM_Content=lstm_content"], "'LSTM_Content'"),
     ],
-    ids=["keep_fields_twice", "layer_named_id", "tokens_column_clash"],
+    ids=["keep_fields_twice", "layer_named_id", "tokens_column_clash", "id_in_capitals", "other_case"],
 )
 def test_duplicate_output_column_names_are_refused(flags, name, tmp_path, tiny_bundle, capsys):
     corpus = _write_corpus(tmp_path / "c.jsonl", 3)

@@ -357,3 +357,18 @@ def test_cli_missing_model_exits_2_with_an_error_line(corpus, tmp_path):
     ]
     assert result.stdout.strip() == ""
     assert is_empty_or_absent(output)
+
+
+def test_the_manifest_records_the_token_flags_and_redacts_credentials():
+    """--tokenizer and --token_storage are how the export was made; session tokens and keys are secrets."""
+    from pipeline.running.report import REDACTED, recorded_command_line, recorded_options
+
+    argv = ["--tokenizer", "tok.json", "--token_storage=ids", "--s3_session_token", "abc"]
+    argv += ["--s3_secret_access_key=xyz", "--azure_connection_string", "conn"]
+    recorded = recorded_options(PipelineOptions(argv))
+    assert recorded["tokenizer"] == "tok.json" and recorded["token_storage"] == "ids"
+    assert recorded["s3_session_token"] == recorded["s3_secret_access_key"] == REDACTED
+    assert recorded["azure_connection_string"] == REDACTED
+    line = recorded_command_line(argv)
+    assert line[:3] == ["--tokenizer", "tok.json", "--token_storage=ids"]
+    assert "abc" not in line and "xyz" not in " ".join(line) and "conn" not in line

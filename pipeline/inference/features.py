@@ -64,8 +64,9 @@ class DocumentTokenizer:
                 features.append(value)
                 continue
             if isinstance(value, TokenIds):
-                ids, count, cut = pad_one(value.ids, info.length, self._padding, self._truncating)
-                unknown = 0
+                ids, _, cut = pad_one(value.ids, info.length, self._padding, self._truncating)
+                # An id of 0 in the list is padding, not a token (the masks take only non-zero ids).
+                count, unknown = int(np.count_nonzero(ids)), 0
             elif self._tokenizer is None:
                 # The corpus refuses text for an id input under --tokenizer none.
                 raise ValueError(f"Input {info.name!r} holds text, but the export has no tokenizer.")

@@ -172,13 +172,19 @@ def output_column_names(keep_fields: Sequence[str], columns: Sequence[ColumnInfo
 
 
 def check_column_names(keep_fields: Sequence[str], columns: Sequence[ColumnInfo]) -> None:
-    """Refuses two output columns of one name, which Parquet readers cannot read back."""
+    """Refuses two output columns of one name, also in another case, which readers cannot tell apart.
+
+    DuckDB and BigQuery take column names case-insensitively (`ID` beside `id`
+    is read as `ID_1`, or refused); pandas and pyarrow cannot read two of one name.
+    """
     names = output_column_names(keep_fields, columns)
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    folded = [name.casefold() for name in names]
+    repeated = sorted({name for name in names if folded.count(name.casefold()) > 1})
     if repeated:
         raise ExportConfigError(
             f"The output would have several columns named {', '.join(map(repr, repeated))} (its "
-            f"columns: {names}); pandas and pyarrow cannot read such a file. Give --layer a "
+            f"columns: {names}); pandas and pyarrow cannot read such a file, nor DuckDB and "
+            "BigQuery one whose names differ only in case. Give --layer a "
             "different COLUMN= name, or list each --keep_fields field once and not as 'id' "
             "or a layer column."
         )

@@ -1,5 +1,6 @@
 """What a finished run reports: its summary, and the command line and options its manifest records."""
 
+import argparse
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -7,6 +8,7 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.planning.options import ExportOptions
 from pipeline.running.counters import RECORDS_READ, ROWS_EMBEDDED, failures_by_reason
 from pipeline.writing.files import join
 
@@ -43,14 +45,24 @@ class ExportSummary:
 
 # Options whose values are credentials (--s3_secret_access_key, --azure_connection_string,
 # ...): the manifest lives next to the data, so it records that they were set, not their value.
+# Matched as whole words of a flag's name; this tool's own flags (--token_storage) hold none.
 SECRET_OPTION_WORDS = ("secret", "token", "password", "connection_string", "access_key")
 
 
 REDACTED = "<redacted>"
 
 
+def _own_flags() -> set[str]:
+    parser = argparse.ArgumentParser()
+    ExportOptions._add_argparse_args(parser)
+    return {action.dest for action in parser._actions}
+
+
 def _is_secret(name: str) -> bool:
-    return any(word in name for word in SECRET_OPTION_WORDS)
+    """Whether a flag holds a credential: a word of its name is one of `SECRET_OPTION_WORDS`, not ours."""
+    if name in _own_flags():
+        return False
+    return any(f"_{word}_" in f"_{name.lower()}_" for word in SECRET_OPTION_WORDS)
 
 
 def recorded_options(options: PipelineOptions) -> dict[str, Any]:
