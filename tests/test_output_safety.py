@@ -46,7 +46,7 @@ def _refused(capsys, argv, pattern):
     err = capsys.readouterr().err
     assert code == EXIT_CONFIG_ERROR, err
     error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(error_lines) == 1 and "Traceback" not in err, err
+    assert len(error_lines) == 1 and "Traceback" not in err and "usage:" not in err, err
     assert pattern in error_lines[0], error_lines[0]
     return error_lines[0]
 
@@ -389,6 +389,21 @@ def test_misspelled_flags_are_errors_with_a_suggestion(typo, suggestion, tmp_pat
     monkeypatch.chdir(tmp_path)
     message = _refused(capsys, [typo, "x"], "Unknown argument")
     assert f"did you mean {suggestion}" in message
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--pooling", "NONE"], "argument --pooling: invalid choice: 'NONE' (choose from"),
+        (["--dtype=fp16"], "argument --dtype: invalid choice"),
+        (["--overwrite=false"], "argument --overwrite: ignored explicit argument 'false'"),
+        (["--output", "out", "--limit"], "argument --limit: expected one argument"),
+    ],
+)
+def test_a_bad_flag_value_is_one_error_line_not_the_usage(flags, pattern, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, flags, pattern)
     assert os.listdir(tmp_path) == []
 
 

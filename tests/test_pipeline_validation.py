@@ -241,6 +241,18 @@ def test_an_empty_id_field_is_refused(id_field, bundle, corpus, tmp_path):
     assert_refused(argv, output, "--id_field must name")
 
 
+@pytest.mark.parametrize("flag", ["--output", "--reuse"])
+def test_an_empty_output_or_reuse_is_refused(flag, bundle, corpus, tmp_path, monkeypatch):
+    """An unset $OUT is not "no --output": it exported into ./output/ and --reuse "" embedded all."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", str(bundle), "--input", str(corpus), f"{flag}=", "--limit", "3"]
+    if flag == "--reuse":
+        argv += ["--output", str(tmp_path / "out")]
+    with pytest.raises(ExportConfigError, match=f"{flag} is empty"):
+        run_export(argv)
+    assert not (tmp_path / "output").exists() and not (tmp_path / "out").exists()
+
+
 def test_every_numeric_flag_of_the_options_has_a_range():
     from pipeline.planning.checks import NUMERIC_FLAGS
     from pipeline.planning.options import ExportOptions, integer, number

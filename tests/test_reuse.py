@@ -379,8 +379,14 @@ def test_a_damaged_reuse_export_is_one_error_line_naming_the_file(versions, tmp_
     assert not os.path.exists(output)
 
 
-def test_a_reuse_export_replaced_after_the_launch_fails_the_run(versions, tmp_path, capsys, monkeypatch):
-    """Its rows are read by shard name after the launch: a replaced export must not join unchecked."""
+@pytest.mark.parametrize("replacement", ["same_names", "renamed_shards"])
+def test_a_reuse_export_replaced_after_the_launch_fails_the_run(
+    replacement, versions, tmp_path, capsys, monkeypatch
+):
+    """Its rows are read by shard name after the launch: a replaced export must not join unchecked.
+
+    An --overwrite with another shard count renames every shard (`-of-00001` to `-of-00002`).
+    """
     from pipeline.run import main
     from pipeline.running import export as export_lib
 
@@ -393,6 +399,10 @@ def test_a_reuse_export_replaced_after_the_launch_fails_the_run(versions, tmp_pa
         # An --overwrite of the earlier export lands: other rows under the same shard names.
         shutil.rmtree(earlier)
         shutil.copytree(versions["full"], earlier)
+        if replacement == "renamed_shards":
+            for name in os.listdir(earlier):
+                if name.startswith("part-"):
+                    os.rename(earlier / name, earlier / name.replace("-of-00001", "-of-00002"))
         return planned
 
     monkeypatch.setattr(export_lib, "build_plan", replaced_after_the_check)
@@ -402,5 +412,6 @@ def test_a_reuse_export_replaced_after_the_launch_fails_the_run(versions, tmp_pa
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1, err[-3000:]
-    assert "changed after launch" in lines[0] and "part-00000-of-00001.parquet" in lines[0]
+    assert "part-00000-of-00001.parquet" in lines[0]
+    assert ("changed after launch" if replacement == "same_names" else "cannot be read any more") in lines[0]
     assert state_lib.read_manifest(str(output)) is None

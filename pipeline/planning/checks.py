@@ -59,6 +59,20 @@ def check_numeric_flags(options: ExportOptions) -> None:
             )
 
 
+def check_not_empty(options: ExportOptions) -> None:
+    """Refuses an empty --output or --reuse (an unset shell variable), which read as not given.
+
+    Raises:
+        ExportConfigError: naming the flag.
+    """
+    for flag in ("output", "reuse"):
+        value = getattr(options, flag)
+        if value is not None and not value.strip():
+            raise ExportConfigError(
+                f"--{flag} is empty (an unset shell variable?); give it a directory, or leave the flag out."
+            )
+
+
 def check_id_field(id_field: str) -> None:
     """Refuses an empty `--id_field`: every record would be a dead letter without an id."""
     if not id_field.strip():

@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from pipeline.errors import (
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
 from pipeline.planning.build import build_plan
-from pipeline.planning.checks import check_numeric_flags
+from pipeline.planning.checks import check_not_empty, check_numeric_flags
 from pipeline.planning.model_source import ModelSource
 from pipeline.planning.options import ExportOptions, default_output
 from pipeline.planning.plan import ExportPlan
@@ -156,6 +157,12 @@ def check_known_flags(argv: Sequence[str] | None) -> None:
     # Beam builds one parser from every PipelineOptions subclass; borrow it.
     PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
     parser = parsers[0]
+
+    def refuse(message: str) -> typing.NoReturn:
+        # argparse's own error() prints Beam's whole usage (some 140 lines) above its one line.
+        raise ExportConfigError(f"{message}. `python -m pipeline.run --help` explains each flag.")
+
+    parser.error = refuse  # type: ignore[method-assign]  # argparse's documented way to change it is a subclass
     unknown, repeated = _parse(parser, sys.argv[1:] if argv is None else list(argv))
     if unknown:
         known = [flag for action in parser._actions for flag in action.option_strings]
@@ -191,7 +198,8 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     # object stores (s3:// endpoint and keys, ...) take their settings from these options.
     FileSystems.set_options(options)
     export_options = options.view_as(ExportOptions)
-    if not export_options.output:
+    check_not_empty(export_options)
+    if export_options.output is None:
         export_options.output = default_output()
     dry_run = is_dry_run(options)
     # Before anything reads a numeric flag: a value that is not a number is kept as text.

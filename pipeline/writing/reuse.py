@@ -9,7 +9,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -56,8 +56,14 @@ class ReadEarlierShardFn(beam.DoFn):
 
     def process(self, shard: tuple[str, str]) -> Iterator[pa.Table]:
         path, digest = shard
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            data = handle.read()
+        try:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                data = handle.read()
+        except (OSError, BeamIOError) as error:  # Gone: an --overwrite of it renamed or removed its shards.
+            raise ExportConfigError(
+                f"--reuse shard {path!r} cannot be read any more ({type(error).__name__}): the earlier "
+                "export was replaced or removed while this run read it. Rerun the export."
+            ) from None
         kind, _, recorded = digest.partition(":")
         found = hashlib.sha256(data).hexdigest() if kind == "sha256" else FileSystems.checksum(path)
         if found != recorded:
