@@ -136,6 +136,22 @@ def test_overwrite_replaces_a_finished_export_and_nothing_else(tmp_path, tiny_bu
     _assert_complete_export(output, [f"doc{i}" for i in range(3)])
 
 
+@pytest.mark.parametrize("damage", [b'{"status": "succ', b"[]"], ids=["truncated", "not_an_object"])
+def test_overwrite_replaces_an_export_whose_manifest_is_damaged(damage, tmp_path, tiny_bundle, capsys):
+    """It ran the whole pipeline, then died on the manifest, at every rerun; --reuse of it said why."""
+    corpus = _write_corpus(tmp_path / "c.jsonl", 6)
+    output = str(tmp_path / "out")
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
+    with open(os.path.join(output, layout_lib.MANIFEST), "wb") as handle:
+        handle.write(damage)
+    argv = ["--model", tiny_bundle[0], "--input", corpus]
+    message = _refused(capsys, [*argv, "--output", str(tmp_path / "new"), "--reuse", output], "is damaged")
+    assert "_MANIFEST.json" in message
+    smaller = _write_corpus(tmp_path / "smaller.jsonl", 3)
+    run_export(["--model", tiny_bundle[0], "--input", smaller, "--output", output, "--overwrite"])
+    _assert_complete_export(output, [f"doc{i}" for i in range(3)])
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
 @pytest.mark.parametrize(
     "names",

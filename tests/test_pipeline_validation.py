@@ -209,6 +209,8 @@ def test_input_with_unknown_extension_and_auto_format(bundle, corpus, tmp_path):
         ("limit", "99999999999999999999999", "from 1 to"),
         ("tf_threads", "-1", "from 0 to 1,024"),
         ("tf_threads", "100000", "from 0 to 1,024"),
+        ("direct_num_workers", "-1", "from 0 to 1,024"),
+        ("direct_num_workers", "5000", "from 0 to 1,024"),
         # Not numbers of the flag's kind: one line too, not argparse's usage of every Beam flag.
         ("batch_size", "1e3", "from 1 to 100,000"),
         ("limit", "inf", "from 1 to"),

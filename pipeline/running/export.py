@@ -46,6 +46,7 @@ from pipeline.running.failures import beam_errors_held, out_of_space_reported
 from pipeline.running.graph import build_pipeline
 from pipeline.running.report import ExportSummary, recorded_command_line, recorded_options
 from pipeline.running.runners import (
+    check_direct_workers,
     check_worker_paths,
     is_dataflow,
     is_dry_run,
@@ -204,6 +205,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     dry_run = is_dry_run(options)
     # Before anything reads a numeric flag: a value that is not a number is kept as text.
     check_numeric_flags(export_options)
+    check_direct_workers(options)
     if is_dataflow(options):
         check_worker_paths(export_options)
     if portable.is_portable(options) and not dry_run:
@@ -356,7 +358,11 @@ def _run_and_commit(
 
     accounting = account(read_counters(result, NAMESPACE), staged, plan, resumed)
     # A failed run never replaces a succeeded export (its dead letters go to _failed/RUN/).
-    earlier = read_manifest(plan.output)
+    try:
+        earlier = read_manifest(plan.output)
+    except ExportConfigError as error:  # --overwrite of a damaged export: nothing says it succeeded.
+        logging.warning("%s It is replaced as an export that did not succeed.", error)
+        earlier = None
     earlier_succeeded = earlier is not None and earlier.get("status") == "succeeded"
     failed_dir = join(plan.output, FAILED_DIR, run_id)
     errors_dir = join(failed_dir if earlier_succeeded else plan.output, ERRORS_DIR)
@@ -391,7 +397,8 @@ def _run_and_commit(
             f"it. This run's manifest and dead letters are in {failed_dir} (its rows were dropped)."
         )
         manifest["message"] = message
-        commit_lib.set_aside_failed_run(plan.output, run_id, staged, manifest)
+        with out_of_space_reported(plan.output, run_id):
+            commit_lib.set_aside_failed_run(plan.output, run_id, staged, manifest)
     else:
         commit_lib.commit(plan.output, run_id, staged, manifest)
     return ExportSummary(

@@ -119,6 +119,24 @@ def worker_tf_threads(options: PipelineOptions, requested: int) -> int:
     return 0
 
 
+# Beam's --direct_num_workers: more would start as many processes, each loading the model.
+MAX_DIRECT_WORKERS = 1024
+
+
+def check_direct_workers(options: PipelineOptions) -> None:
+    """Refuses a --direct_num_workers the local runner cannot use (negative: an IndexError deep in Beam).
+
+    Raises:
+        ExportConfigError: naming the range.
+    """
+    workers = options.view_as(DirectOptions).direct_num_workers
+    if not isinstance(workers, int) or not 0 <= workers <= MAX_DIRECT_WORKERS:
+        raise ExportConfigError(
+            f"--direct_num_workers must be an integer from 0 to {MAX_DIRECT_WORKERS:,} (local worker "
+            f"processes or threads, 0 = one per core), received {workers!r}."
+        )
+
+
 def use_local_cores(options: PipelineOptions, total_bytes: int, argv: Sequence[str] | None = None) -> None:
     """Makes a local run use every core: one SDK worker process per core, unless told otherwise.
 

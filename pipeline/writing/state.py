@@ -240,8 +240,21 @@ def prepare(
 
 
 def read_manifest(directory: str) -> JsonObject | None:
-    """The manifest of a finished export, or None."""
+    """The manifest of a finished export, or None.
+
+    Raises:
+        ExportConfigError: the manifest is damaged (not a JSON object: truncated, edited).
+    """
     path = join(directory, MANIFEST)
     if not FileSystems.exists(path):
         return None
-    return read_json(path)
+    try:
+        manifest = read_json(path)
+    except ValueError as error:  # Not UTF-8 or not JSON.
+        manifest = error
+    if not isinstance(manifest, dict):
+        raise ExportConfigError(
+            f"{path!r} is damaged: not the JSON object an export writes "
+            f"({type(manifest).__name__}: {str(manifest)[:80]})."
+        )
+    return manifest
