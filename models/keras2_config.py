@@ -73,6 +73,18 @@ _BATCH_NORM_DEFAULTS = {"fused": None, "virtual_batch_size": None, "adjustment":
 _LAMBDA_LEGACY_KEYS = ("module", "function_type", "output_shape_type", "output_shape_module")
 
 
+# Keras 2's hard_sigmoid is clip(0.2 x + 0.5, 0, 1), Keras 3's clip(x / 6 + 0.5, 0, 1): the name
+# alone would load the Keras 3 function. It is the LSTM/GRU recurrent activation of TF 1.x models.
+KERAS2_HARD_SIGMOID = "keras2_hard_sigmoid"
+_KERAS2_HARD_SIGMOID_CONFIG = {
+    "module": "builtins",
+    "class_name": "function",
+    "config": f"embexport>{KERAS2_HARD_SIGMOID}",
+    "registered_name": "function",
+}
+_ACTIVATION_KEYS = ("activation", "recurrent_activation")
+
+
 class LegacyModelError(ValueError):
     """A model file cannot be loaded into Keras 3, with the reason and the fix."""
 
@@ -195,6 +207,10 @@ def translate_layer_config(layer_config: Config) -> Config:
         )
     if "dtype" in config:
         config["dtype"] = _policy_name(config["dtype"])
+    for key in _ACTIVATION_KEYS:
+        value = config.get(key)
+        if value == "hard_sigmoid" or (isinstance(value, dict) and value.get("config") == "hard_sigmoid"):
+            config[key] = copy.deepcopy(_KERAS2_HARD_SIGMOID_CONFIG)
     if class_name == "InputLayer":
         if "batch_input_shape" in config:
             config["batch_shape"] = config.pop("batch_input_shape")

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from models.keras2_config import (
+    KERAS2_HARD_SIGMOID,
     SUPPORTED_LAYERS,
     Config,
     LegacyModelError,
@@ -33,6 +34,12 @@ from models.keras2_config import (
 
 if typing.TYPE_CHECKING:
     import h5py
+
+
+@keras.saving.register_keras_serializable(package="embexport", name=KERAS2_HARD_SIGMOID)
+def keras2_hard_sigmoid(x: typing.Any) -> typing.Any:
+    """Keras 2's hard_sigmoid, `clip(0.2 x + 0.5, 0, 1)`, which translated Keras 2 configs name."""
+    return keras.ops.clip(0.2 * x + 0.5, 0.0, 1.0)
 
 
 class UnsafeModelError(LegacyModelError):

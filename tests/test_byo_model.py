@@ -194,7 +194,9 @@ hidden = Dropout(0.2)(Activation("relu")(Dense(7)(merged)))
 summed = Add()([Dense(4)(hidden), Dense(4)(hidden)])
 averaged = Average()([summed, Multiply()([summed, summed])])
 many = Model(inp, Dense(1, activation="sigmoid")(Concatenate()([averaged, Flatten()(timed)])))
-sequential = Sequential([Embedding(50, 4, input_length=12), Masking(), LSTM(3), Dense(2)])
+# hard_sigmoid: the recurrent activation of TF 1.x LSTMs, and not Keras 3's hard_sigmoid (x / 6 + 0.5).
+sequential = Sequential([Embedding(50, 4, input_length=12), Masking(),
+                         LSTM(3, recurrent_activation="hard_sigmoid"), Dense(2, activation="hard_sigmoid")])
 sequential.build((None, 12))
 inner = Sequential([Dense(3), Dense(2)], name="inner")
 first, second = Input((12,)), Input((8,))
