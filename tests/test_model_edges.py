@@ -7,7 +7,15 @@ real pipeline and compared with what Keras itself gives.
 import keras
 import numpy as np
 import pytest
-from pipeline_fixtures import export_args, manifest_of, read_errors, read_rows, rows_by_id, write_jsonl
+from pipeline_fixtures import (
+    build_keras2_models,
+    export_args,
+    manifest_of,
+    read_errors,
+    read_rows,
+    rows_by_id,
+    write_jsonl,
+)
 
 from pipeline.errors import ExportConfigError
 from pipeline.running.export import run_export
@@ -129,3 +137,59 @@ def test_a_backwards_layers_final_vector_is_exported(tmp_path):
     expected = keras.Model(model.inputs, model.get_layer("last").output).predict(ids, verbose=0)[0]
     actual = np.asarray(read_rows(output).column("last")[0].as_py(), np.float32)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+
+
+# A Keras 2 TimeDistributed over a masked LSTM: Keras 3 rebuilds it with a mask the hybrid pass cannot feed.
+TIME_DISTRIBUTED_KERAS2 = r"""
+import json, os, sys
+import numpy as np
+import tf_keras
+out = sys.argv[1]
+inputs = tf_keras.Input(shape=(12,))
+embedded = tf_keras.layers.Embedding(50, 6, mask_zero=True, name="emb")(inputs)
+sequence = tf_keras.layers.LSTM(5, return_sequences=True, name="lstm")(embedded)
+timed = tf_keras.layers.TimeDistributed(tf_keras.layers.Dense(4), name="td")(sequence)
+model = tf_keras.Model(inputs, tf_keras.layers.GlobalAveragePooling1D()(timed))
+model.save(os.path.join(out, "timed.h5"))
+ids = np.array([[0] * (11 - n) + list(range(1, 2 + n)) for n in range(6)], np.float32)
+values = tf_keras.Model(inputs, timed).predict(ids, verbose=0)
+# Keras 2 masks the padding: the real tokens' mean is the column's value.
+np.save(os.path.join(out, "expected.npy"), np.stack([v[11 - n :].mean(axis=0) for n, v in enumerate(values)]))
+# The usual Keras 2 Lambda: it names the script's global `tf`, which Keras 3 cannot give it.
+import tensorflow as tf
+mean = tf_keras.layers.Lambda(lambda t: tf.reduce_mean(t, axis=1), output_shape=(5,), name="avg")
+averaged = mean(tf_keras.layers.LSTM(5, return_sequences=True)(tf_keras.layers.Embedding(50, 6)(inputs)))
+tf_keras.Model(inputs, tf_keras.layers.Dense(1)(averaged)).save(os.path.join(out, "lambda_tf.h5"))
+json.dump({}, open(os.path.join(out, "info.json"), "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def keras2_failing(tmp_path_factory):
+    return build_keras2_models(tmp_path_factory.mktemp("failing"), TIME_DISTRIBUTED_KERAS2)[0]
+
+
+def test_a_fast_path_that_fails_on_the_sample_batch_is_declined(keras2_failing, tmp_path):
+    """The check's candidate raised (a TensorFlow traceback, exit 1); Keras's own pass exports it."""
+    directory = keras2_failing
+    documents = [{"id": f"d{index}", "content": list(range(1, 2 + index))} for index in range(6)]
+    corpus = write_jsonl(tmp_path / "ids.jsonl", documents)
+    output = tmp_path / "out"
+    flags = ["--tokenizer", "none", "--layer", "td", "--input_map", "input_1=content"]
+    summary = run_export(export_args(directory / "timed.h5", corpus, output, *flags))
+    assert summary.exit_code == 0, summary.message
+    (column,) = manifest_of(output)["columns"]
+    assert column["forward_pass"] == "keras" and "fails on a sample batch" in column["forward_pass_reason"]
+    rows = rows_by_id(read_rows(output))
+    expected = np.load(directory / "expected.npy")
+    for index, document in enumerate(documents):
+        np.testing.assert_allclose(rows[document["id"]]["td"], expected[index], rtol=0, atol=1e-5)
+
+
+def test_a_model_that_fails_on_the_sample_batch_is_one_error_naming_the_cause(keras2_failing, tmp_path):
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d0", "content": [1, 2]}])
+    flags = ["--tokenizer", "none", "--layer", "avg", "--input_map", "input_1=content"]
+    flags.append("--allow_unsafe_deserialization")
+    with pytest.raises(ExportConfigError, match="fails on a sample batch .*name 'tf' is not defined"):
+        run_export(export_args(keras2_failing / "lambda_tf.h5", corpus, tmp_path / "out", *flags))
+    assert not (tmp_path / "out").exists()

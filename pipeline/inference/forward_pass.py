@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import re
 import socket
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -76,6 +77,17 @@ def max_difference(
         difference = np.abs(np.asarray(value, np.float64) - np.asarray(actual[name], np.float64))
         worst = max(worst, float(np.nanmax(difference)) if not np.isnan(difference).any() else float("inf"))
     return worst
+
+
+def _cause_line(error: BaseException) -> str:
+    """What went wrong in one line, without TensorFlow's frames and Keras's call arguments and colours."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    for index, line in enumerate(lines[:-1]):
+        if "Exception encountered when calling" in line:  # Keras: the cause is the next line.
+            return f"{line.split('Exception encountered when calling')[-1].strip()} {lines[index + 1]}"
+    plain = [line for line in lines if not line.startswith(("in user code", "File ", "•"))]
+    return plain[0] if plain else type(error).__name__
 
 
 def fast_path_environment() -> str:
@@ -208,11 +220,25 @@ class Predictor:
             # Unwrapped (`wrap=False`), every output is an array.
             return typing.cast(dict[str, np.ndarray], self._fast_outputs(fast, features, wrap=False))
 
-        # Traced as the batches will run it: the in-memory runner reuses this trace.
-        worst = max_difference(candidate, reference, batch)
+        try:
+            expected = reference(batch)
+        except Exception as error:  # Keras's own forward pass fails: so would every batch.
+            raise ExportConfigError(
+                f"The model fails on a sample batch of token ids: {type(error).__name__}: "
+                f"{_cause_line(error)}"
+            ) from None
+        try:
+            # Traced as the batches will run it: the in-memory runner reuses this trace.
+            worst = max_difference(candidate, lambda _: expected, batch)
+        except Exception as error:  # A Keras layer the hybrid pass cannot feed (a mask it does not fit).
+            worst, failure = float("inf"), f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        else:
+            failure = ""
         if not worst <= FAST_PATH_TOLERANCE:
             reason = (
-                f"the fast path differs from Keras by {worst:.3g} (> {FAST_PATH_TOLERANCE:g}) "
+                f"the fast path fails on a sample batch ({failure})"
+                if failure
+                else f"the fast path differs from Keras by {worst:.3g} (> {FAST_PATH_TOLERANCE:g}) "
                 "on a sample batch"
             )
             logging.warning("Fast path off: %s; using Keras's forward pass.", reason)
