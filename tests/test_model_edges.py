@@ -4,6 +4,8 @@ Each case is a small Keras model saved as a user would, exported through the
 real pipeline and compared with what Keras itself gives.
 """
 
+import shutil
+
 import keras
 import numpy as np
 import pytest
@@ -192,4 +194,36 @@ def test_a_model_that_fails_on_the_sample_batch_is_one_error_naming_the_cause(ke
     flags.append("--allow_unsafe_deserialization")
     with pytest.raises(ExportConfigError, match="fails on a sample batch .*name 'tf' is not defined"):
         run_export(export_args(keras2_failing / "lambda_tf.h5", corpus, tmp_path / "out", *flags))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "bundle"])
+def test_a_model_rewritten_while_it_loads_is_refused(kind, big_values_model, tmp_path, monkeypatch):
+    """A checkpoint callback saving over the file: the manifest named the new file, the rows the old."""
+    from models import bundle as bundle_lib
+    from models.bundle import DEFAULT_BUNDLE
+    from pipeline.planning import model_source
+
+    if kind == "file":
+        model = tmp_path / "model.keras"
+        model.write_bytes(big_values_model[0].read_bytes())
+        loader, module = "load_model_file", model_source
+        flags = ["--tokenizer", "none", "--layer", "emb"]
+    else:
+        model = tmp_path / "bundle"
+        shutil.copytree(DEFAULT_BUNDLE, model)
+        loader, module = "load_model", bundle_lib.keras.saving
+        flags = ["--layer", "lstm_content"]
+    load = getattr(module, loader)
+
+    def load_then_rewrite(path, *args, **kwargs):
+        loaded = load(path, *args, **kwargs)
+        with open(path, "ab") as handle:
+            handle.write(b"\0")
+        return loaded
+
+    monkeypatch.setattr(module, loader, load_then_rewrite)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d0", "content": [2, 3], "title": "x"}])
+    with pytest.raises(ExportConfigError, match="changed while it was loaded"):
+        run_export(export_args(model, corpus, tmp_path / "out", *flags))
     assert not (tmp_path / "out").exists()

@@ -184,6 +184,23 @@ def test_manifest_is_read_back_from_s3(s3_endpoint, export):
     assert SECRET_KEY not in text and ACCESS_KEY not in text
 
 
+def test_an_s3_models_local_copy_is_removed_once_loaded(s3_endpoint, export, monkeypatch):
+    """Each load copied the model into a new /tmp/embexport-model-* that stayed (3 GB on a test machine)."""
+    import tempfile
+
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.planning.model_source import load_model_source
+
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.mkdtemp())
+    share_one_s3_client(monkeypatch, s3_endpoint)
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    source = load_model_source(MODEL)
+    assert source.model.get_layer("lstm_content") is not None
+    assert os.listdir(tempfile.tempdir) == []
+
+
 def test_missing_s3_model_is_a_launch_error(s3_endpoint, export, tmp_path):
     from pipeline.errors import ExportConfigError
 

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 
 import keras
@@ -134,10 +135,57 @@ def load_model_source(
         ExportConfigError: with what is wrong and how to fix it.
     """
     location = _installed_default_bundle(model_uri.rstrip("/"))
+    copy = None if is_local(location) else tempfile.mkdtemp(prefix="embexport-model-")
     try:
-        local = stage_locally(location) if _exists(location) else None
+        local = stage_locally(location, copy) if _exists(location) else None
     except Exception as error:  # No credentials, no such bucket, a failed copy, ...
+        _remove_copy(copy)
         raise ExportConfigError(f"Could not read --model {model_uri!r}: {error}") from None
+    try:
+        source = _load_staged(
+            model_uri,
+            local,
+            tokenizer_uri,
+            allow_unsafe_deserialization,
+            padding,
+            truncating,
+            require_tokenizer,
+        )
+    finally:
+        # A remote model's local copy is needed only while it loads (each worker makes its own).
+        _remove_copy(copy)
+    return source
+
+
+def _remove_copy(copy: str | None) -> None:
+    if copy:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def _check_unchanged(model_uri: str, path: str, sha256: str) -> None:
+    """Refuses a model file rewritten while it loaded (a checkpoint callback saving over it).
+
+    Raises:
+        ExportConfigError: the file's SHA-256 is no longer the one its rows would be recorded with.
+    """
+    if sha256_file(path) != sha256:
+        raise ExportConfigError(
+            f"--model {model_uri!r} changed while it was loaded (its SHA-256 is not the one read "
+            "before), so the vectors and the manifest would name different models. Rerun once "
+            "nothing writes to it."
+        )
+
+
+def _load_staged(
+    model_uri: str,
+    local: str | None,
+    tokenizer_uri: str | None,
+    allow_unsafe_deserialization: bool,
+    padding: str | None,
+    truncating: str | None,
+    require_tokenizer: bool,
+) -> ModelSource:
+    """`load_model_source` once the model is a local file or directory (`local`; None: it does not exist)."""
     if local is None:
         raise ExportConfigError(
             f"--model {model_uri!r} does not exist. Pass a bundle directory written by "
@@ -153,6 +201,8 @@ def load_model_source(
             bundle = load_bundle(local)
         except BundleError as error:
             raise ExportConfigError(f"Invalid model bundle {model_uri!r}: {error}") from None
+        model_file = bundle.manifest["model_file"]
+        _check_unchanged(model_uri, os.path.join(local, model_file), bundle.manifest["sha256"][model_file])
         tokenizer: AnyTokenizer = bundle.tokenizer
         tokenizer_sha256 = bundle.manifest["sha256"][bundle.manifest["tokenizer_file"]]
         if padding or truncating:
@@ -178,6 +228,7 @@ def load_model_source(
             f"--model {model_uri!r} has an unknown format: expected a bundle directory or "
             f"a file ending in {', '.join(MODEL_EXTENSIONS)}."
         )
+    model_sha256 = sha256_file(local)
     try:
         model = load_model_file(local, allow_unsafe=allow_unsafe_deserialization)
     except LegacyModelError as error:
@@ -187,6 +238,7 @@ def load_model_source(
             f"Could not load --model {model_uri!r} ({type(error).__name__}: {error}). Check "
             "that it is a complete Keras .keras/.h5 file."
         ) from None
+    _check_unchanged(model_uri, local, model_sha256)
     bare_tokenizer: AnyTokenizer | None = None
     tokenizer_sha256 = ""
     if tokenizer_uri and not wants_no_tokenizer(tokenizer_uri):
@@ -203,7 +255,7 @@ def load_model_source(
         uri=model_uri,
         model=model,
         tokenizer=bare_tokenizer,
-        model_sha256=sha256_file(local),
+        model_sha256=model_sha256,
         tokenizer_sha256=tokenizer_sha256,
         input_fields={},
         default_layers=[],
