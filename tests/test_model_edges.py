@@ -227,3 +227,23 @@ def test_a_model_rewritten_while_it_loads_is_refused(kind, big_values_model, tmp
     with pytest.raises(ExportConfigError, match="changed while it was loaded"):
         run_export(export_args(model, corpus, tmp_path / "out", *flags))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_float_input_that_feeds_no_embedding_is_refused(tmp_path):
+    """Numeric features: the export fed the text's first token ids into the Dense as if they were them."""
+    text = keras.Input(shape=(8,), name="text")  # Keras 2's float32 Input(shape=(n,)) of token ids
+    features = keras.Input(shape=(3,), name="features")
+    vector = keras.layers.LSTM(4, name="lstm")(keras.layers.Embedding(50, 4, name="emb")(text))
+    dense = keras.layers.Dense(2, name="feat_dense")(features)
+    model = keras.Model([text, features], keras.layers.Concatenate()([vector, dense]))
+    path = tmp_path / "mixed_inputs.keras"
+    model.save(path)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d0", "text": [1, 2, 3], "features": [0.5, 1, 2]}])
+    flags = ["--tokenizer", "none", "--layer", "feat_dense", "--input_map", "features=text"]
+    with pytest.raises(ExportConfigError, match="'features' takes float32 values and feeds no Embedding"):
+        run_export(export_args(path, corpus, tmp_path / "out", *flags))
+    # The float32 token-id input that feeds the Embedding is the tutorial's: exported.
+    summary = run_export(
+        export_args(path, corpus, tmp_path / "lstm", "--tokenizer", "none", "--layer", "lstm")
+    )
+    assert summary.exit_code == 0, summary.message

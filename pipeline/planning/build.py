@@ -20,6 +20,7 @@ from pipeline.planning.checks import (
     resolve_input_map,
 )
 from pipeline.planning.introspection import (
+    check_float_inputs_feed_an_embedding,
     cut_model,
     default_layer_names,
     describe_columns,
@@ -71,6 +72,7 @@ def build_plan(options: ExportOptions, check_remote: bool = True) -> tuple[Expor
     keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
     check_column_names(keep_fields, columns)
     limits = embedding_limits(sub_model, inputs)
+    check_float_inputs_feed_an_embedding(sub_model, inputs, limits)
     check_vocabulary_fits(limits, model_source.tokenizer)
     inputs = tuple(
         dataclasses.replace(info, id_limit=limits[info.name][0]) if info.name in limits else info

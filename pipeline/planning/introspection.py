@@ -198,3 +198,28 @@ def embedding_limits(sub_model: keras.Model, inputs: Sequence[InputInfo]) -> Emb
                 if name not in limits or layer.input_dim < limits[name][0]:
                     limits[name] = (layer.input_dim, layer.name)
     return limits
+
+
+def check_float_inputs_feed_an_embedding(
+    sub_model: keras.Model, inputs: Sequence[InputInfo], limits: EmbeddingLimits
+) -> None:
+    """Refuses a float input that reaches no Embedding: numeric features, not token ids.
+
+    Keras 2's `Input(shape=(n,))` is float32 and feeds an Embedding token ids as
+    floats; a float input that feeds no Embedding (a Dense of numeric features)
+    would be fed the document's token ids as if they were its features.
+
+    Raises:
+        ExportConfigError: naming the input.
+    """
+    nested = [inner for layer in sub_model.layers if isinstance(layer, keras.Model) for inner in layer.layers]
+    if any(isinstance(inner, keras.layers.Embedding) for inner in nested):
+        return  # An Embedding inside a nested model (an encoder called on each input) is not followed here.
+    dtypes = {tensor.name: str(tensor.dtype) for tensor in sub_model.inputs}
+    for info in inputs:
+        if info.takes == IDS_INPUT and "float" in dtypes[info.name] and info.name not in limits:
+            raise ExportConfigError(
+                f"Model input {info.name!r} takes {dtypes[info.name]} values and feeds no Embedding "
+                "layer, so it holds numeric features, not token ids: the export feeds text (or token "
+                "ids) only. Export a layer that does not depend on it."
+            )
