@@ -247,3 +247,16 @@ def test_a_float_input_that_feeds_no_embedding_is_refused(tmp_path):
         export_args(path, corpus, tmp_path / "lstm", "--tokenizer", "none", "--layer", "lstm")
     )
     assert summary.exit_code == 0, summary.message
+
+
+def test_a_bidirectional_layer_of_two_widths_is_refused(tmp_path):
+    """Keras 3 plans it 16 wide; it computes 14: the run died mid-way on a pyarrow type error."""
+    inputs = keras.Input(shape=(10,), dtype="int32", name="content")
+    embedded = keras.layers.Embedding(50, 4, name="emb")(inputs)
+    backward = keras.layers.GRU(6, go_backwards=True)
+    both = keras.layers.Bidirectional(keras.layers.LSTM(8), backward_layer=backward, name="bi")(embedded)
+    path = tmp_path / "uneven.keras"
+    keras.Model(inputs, keras.layers.Dense(1)(both)).save(path)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d0", "content": [5, 6, 7]}])
+    with pytest.raises(ExportConfigError, match="'bi' .* another width"):
+        run_export(export_args(path, corpus, tmp_path / "out", "--tokenizer", "none", "--layer", "bi"))

@@ -132,6 +132,19 @@ def check_computed_per_document(spec: LayerSpec, tensor: keras.KerasTensor, kind
             "documents exported before it. Rebuild the model with stateful=False, load its weights "
             "(model.set_weights(stateful_model.get_weights())) and export that model."
         )
+    uneven = [
+        layer.name
+        for layer in layers
+        if isinstance(layer, keras.layers.Bidirectional)
+        and getattr(layer.forward_layer, "units", None) != getattr(layer.backward_layer, "units", None)
+    ]
+    if uneven:
+        raise ExportConfigError(
+            f"Bidirectional layer {uneven[0]!r} (under --layer {spec.layer!r}) has a backward layer of "
+            "another width than its forward one: Keras 3 computes its output shape as if both were "
+            "the forward one's, so the export would plan columns of the wrong width. Give both "
+            "directions the same units."
+        )
     backwards = [
         layer.name
         for layer in layers
