@@ -4,6 +4,8 @@ import gzip
 import io
 import types
 
+import pytest
+
 from pipeline.planning.plan import InputInfo
 from pipeline.reading import corpus, text_lines
 from pipeline.reading.documents import Document
@@ -47,7 +49,8 @@ def test_a_line_over_the_limit_is_skipped_without_being_held():
     items = list(corpus.read_file(_plan("jsonl"), "c.jsonl", lambda: stream))
     assert _summary(items) == [(1, "too_large"), (2, ("word",))]
     # The dead letter keeps the start of the record: what was read before it was found too large.
-    assert "5000000 bytes" in items[0]["message"] and items[0]["raw"] == "x" * 1002
+    # (The first line's read has room for a byte-order mark too: limit + 2 + 3 bytes.)
+    assert "5000000 bytes" in items[0]["message"] and items[0]["raw"] == "x" * 1005
     assert 0 < stream.largest <= 1 << 20
 
 
@@ -62,6 +65,34 @@ def test_byte_order_mark_is_dropped_from_the_start_of_the_file_only():
     assert _summary(items) == [(1, ("first",)), (2, ("\ufeffsecond",))]
     csv_items = _read(_plan("csv"), text_lines.BOM + b"id,content\r\na,word\r\n")
     assert [item.id for item in csv_items] == ["a"]
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_a_first_line_of_exactly_the_limit_after_a_byte_order_mark_is_read_whole(ending):
+    """The mark's 3 bytes took the read's room: the line lost its last character."""
+    line = b'{"id": "a", "content": "' + b"w" * 70 + b'z"}'
+    items = _read(
+        _plan("jsonl", limit=len(line)), text_lines.BOM + line + ending + b'{"id": "b", "content": "x"}'
+    )
+    assert _summary(items) == [(1, ("w" * 70 + "z",)), (2, ("x",))]
+    items = _read(_plan("jsonl", limit=len(line) - 1), text_lines.BOM + line + ending)
+    assert _summary(items) == [(1, "too_large")]
+    # The file's only line, without a line ending.
+    assert _summary(_read(_plan("jsonl", limit=len(line)), text_lines.BOM + line)) == [(1, ("w" * 70 + "z",))]
+
+
+@pytest.mark.parametrize("mark", [b"\xff\xfe", b"\xfe\xff"])
+def test_a_utf16_text_file_is_one_unreadable_file_not_lines_of_garbage(mark):
+    """Notepad's "Unicode": read as UTF-8, every line but the first was text with NULs between its letters."""
+    codec = "utf-16-le" if mark == b"\xff\xfe" else "utf-16-be"
+    data = mark + "first line\nreturn a string value\nthird\n".encode(codec)
+    (item,) = _read(_plan("text", field="text"), data, path="notes.txt")
+    assert item["reason"] == "unreadable_file" and "UTF-16" in item["message"] and "iconv" in item["message"]
+    # A range of it past its start (a large file is read in ranges) does not see the mark where it starts.
+    ((_, ranged),) = corpus.read_records(
+        _plan("text", field="text"), "notes.txt", lambda: io.BytesIO(data), 9
+    )
+    assert ranged["reason"] == "read_error" and "UTF-16" in ranged["message"]
 
 
 def test_an_oversized_csv_record_is_skipped_by_its_quotes():

@@ -48,6 +48,26 @@ class LineRange:
     listed_size: int | None = None
 
 
+# UTF-16 byte-order marks (little and big endian; UTF-32 LE's starts like UTF-16 LE's): what
+# Windows tools write as "Unicode". Read as UTF-8, every line but the first would be text with NULs.
+WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+class NotUtf8(Exception):
+    """A text or JSONL file in UTF-16 or UTF-32 (its byte-order mark says so): the readers take UTF-8."""
+
+
+def _check_encoding(head: bytes) -> None:
+    """Raises `NotUtf8` for a file whose first bytes `head` are a UTF-16/32 byte-order mark."""
+    head = head[:2]
+    if head in WIDE_BOMS:
+        raise NotUtf8(
+            "the file is UTF-16 or UTF-32 (it starts with the byte-order mark "
+            f"{head.hex(' ').upper()}); the readers take UTF-8: convert it, e.g. "
+            "iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8"
+        )
+
+
 class InputShorter(Exception):
     """A file, or range of one, ended before the size the launch listed: it was cut while it was read."""
 
@@ -88,13 +108,23 @@ def line_records(
     """
     limit = plan.max_record_bytes
     claim, on_newline, listed_size = lines.claim, lines.on_newline, lines.listed_size
+    if lines.start:  # A range past the start: the file's first bytes say its encoding.
+        stream.seek(0)
+        _check_encoding(stream.read(2))
     offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
-    # Room for the record and its "\r\n": a longer read means a longer line.
-    while line := stream.readline(limit + 2):
+    while True:
+        # Room for the record and its "\r\n" (and the first line's byte-order mark): a longer
+        # read means a longer line.
+        want = limit + 2 + (len(BOM) if offset == 0 else 0)
+        line = stream.readline(want)
+        if not line:
+            break
         if claim is not None and not claim(offset):
             return
         number += 1
-        cut = len(line) == limit + 2 and not line.endswith(b"\n")
+        if offset == 0:
+            _check_encoding(line)
+        cut = len(line) == want and not line.endswith(b"\n")
         consumed = len(line)
         if offset == 0 and line.startswith(BOM):
             line = line[len(BOM) :]
