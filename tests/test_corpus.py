@@ -7,7 +7,7 @@ import types
 import pytest
 
 from pipeline.planning.plan import InputInfo
-from pipeline.reading import corpus, text_lines
+from pipeline.reading import corpus, listing, text_lines
 from pipeline.reading.documents import Document
 
 
@@ -93,6 +93,30 @@ def test_a_utf16_text_file_is_one_unreadable_file_not_lines_of_garbage(mark):
         _plan("text", field="text"), "notes.txt", lambda: io.BytesIO(data), 9
     )
     assert ranged["reason"] == "read_error" and "UTF-16" in ranged["message"]
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["csv", "csv_gz"])
+def test_a_file_read_whole_stops_at_its_listed_size(compressed):
+    """Appended to while read: its new records (a duplicate id among them) were exported unlisted."""
+    listed = b"id,content\r\na,one\r\nb,two\r\n"
+    appended = b"a,again\r\nc,three\r\n"
+    if compressed:
+        listed = gzip.compress(listed)
+        appended = gzip.compress(appended)  # a second gzip member, as `gzip >> file` writes
+    path = "c.csv.gz" if compressed else "c.csv"
+    checks = []
+
+    def verify():  # The listing's check: the file's size is no longer the listed one after the read.
+        checks.append(1)
+        if len(checks) == 2:
+            raise listing.InputChanged("size 99, the launch listed 46")
+
+    grown = lambda: io.BytesIO(listed + appended)  # noqa: E731
+    items = [
+        item for _, item in corpus.read_records(_plan("csv"), path, grown, verify=verify, size=len(listed))
+    ]
+    assert _summary(items) == [(1, ("one",)), (2, ("two",)), (3, "read_error")]
+    assert "InputChanged" in items[-1]["message"]
 
 
 def test_an_oversized_csv_record_is_skipped_by_its_quotes():

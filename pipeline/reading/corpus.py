@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import typing
 from collections.abc import Callable, Iterator
 
@@ -74,6 +75,31 @@ def read_file(plan: ExportPlan, path: str, open_file: OpenFile) -> Iterator[Reco
         yield item
 
 
+class _ListedBytes(io.RawIOBase):
+    """The first `size` bytes of a stream: the end of the file as the launch listed it.
+
+    A file read whole (CSV, gzip) appended to while it is read would otherwise yield
+    records the launch never listed, which the id scan never saw (their duplicate ids
+    included). The check after the read (`verify`) then finds the file changed.
+    """
+
+    def __init__(self, stream: typing.BinaryIO, size: int) -> None:
+        super().__init__()
+        self._stream, self._size, self._position = stream, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: typing.Any) -> int:
+        remaining = self._size - self._position
+        if remaining <= 0:
+            return 0
+        data = self._stream.read(min(len(buffer), remaining))
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+
 def read_records(
     plan: ExportPlan,
     path: str,
@@ -113,7 +139,9 @@ def read_records(
             dead letter then says so, where reading stopped).
         size: the file's size as listed at launch: a text or JSONL file or
             range that reaches the end of the data before it raises
-            `text_lines.InputShorter` (the file was cut while it was read).
+            `text_lines.InputShorter` (the file was cut while it was read); a
+            file read whole is read to that size only (appended records were
+            never listed, and `verify` finds the file changed).
     """
     read = 0
     last_position, last_order = 0, FILE_ORDER
@@ -127,6 +155,8 @@ def read_records(
         if verify is not None:
             verify()
         with open_file() as raw_stream:
+            if size is not None and not start and claim is None and plan.input_format != "parquet":
+                raw_stream = io.BufferedReader(_ListedBytes(raw_stream, size))
             stream: ByteStream = (
                 gzip.GzipFile(fileobj=raw_stream, mode="rb") if is_compressed(path) else raw_stream
             )
