@@ -339,6 +339,33 @@ def test_a_run_killed_before_its_commit_point_is_resumed(killed, corpus, referen
     assert_same_export(output, reference)
 
 
+def test_a_corpus_rewritten_with_the_same_size_and_time_is_not_resumed(
+    killed, corpus, tiny_bundle, tmp_path, capsys
+):
+    """tar, cp -p, touch -r: the listing is the same, the texts are not: rows of old text were kept."""
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    rewritten = str(tmp_path / "corpus.jsonl")
+    shutil.copy2(corpus, rewritten)
+    with open(rewritten, encoding="utf-8") as handle:
+        text = handle.read()
+    stat = os.stat(corpus)
+    try:
+        # The same bytes but other words, the same size and modification time, at the same path.
+        with open(corpus, "w", encoding="utf-8") as handle:
+            handle.write(text.replace("word1", "word2"))
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    finally:
+        shutil.copy2(rewritten, corpus)
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_CONFIG_ERROR and len(lines) == 1, err[-3000:]
+    assert "corpus changed since the interrupted run" in lines[0] and "--resume off" in lines[0]
+    assert state_lib.read_manifest(output) is None
+
+
 def test_a_touched_input_file_does_not_resume(killed, corpus, reference, tiny_bundle, tmp_path):
     output = str(tmp_path / "out")
     shutil.copytree(killed, output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -15,7 +16,15 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from pipeline.inference import coders as _coders  # noqa: F401
 from pipeline.inference.embedder import BatchRows, Embedder, worker_embedder
 from pipeline.inference.features import DocumentTokenizer, Tokenized
-from pipeline.inference.skip_kept import SKIP_COUNTED, SKIP_UNCOUNTED, SkipKeptFn, document_id, tokenized_id
+from pipeline.inference.skip_kept import (
+    SKIP_COUNTED,
+    SKIP_UNCOUNTED,
+    SkipKeptFn,
+    document_fingerprint,
+    document_id,
+    tokenized_fingerprint,
+    tokenized_id,
+)
 from pipeline.planning.model_source import load_plan_tokenizer
 from pipeline.planning.plan import ExportPlan
 from pipeline.reading.documents import DeadLetter, Document
@@ -151,7 +160,12 @@ class EmbedDocuments(beam.PTransform):
     def expand(self, documents: beam.PCollection[Document]) -> EmbedOutputs:
         if self._kept_ids_path:
             documents = documents | "SkipKeptDocuments" >> beam.ParDo(
-                SkipKeptFn(self._kept_ids_path, document_id, SKIP_COUNTED)
+                SkipKeptFn(
+                    self._kept_ids_path,
+                    document_id,
+                    functools.partial(document_fingerprint, self._plan.inputs),
+                    SKIP_COUNTED,
+                )
             )
         # Typed, so that Beam measures them with the coders of `pipeline.inference.coders`.
         tokenized = documents | "TokenizeDocuments" >> beam.ParDo(
@@ -160,7 +174,12 @@ class EmbedDocuments(beam.PTransform):
         to_embed = tokenized[TOKENIZED]
         if self._kept_ids_path:
             to_embed = to_embed | "SkipKeptTokenized" >> beam.ParDo(
-                SkipKeptFn(self._kept_ids_path, tokenized_id, SKIP_UNCOUNTED)
+                SkipKeptFn(
+                    self._kept_ids_path,
+                    tokenized_id,
+                    functools.partial(tokenized_fingerprint, self._plan.inputs),
+                    SKIP_UNCOUNTED,
+                )
             )
         rows = (
             to_embed

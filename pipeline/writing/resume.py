@@ -370,8 +370,15 @@ def prepare_resume(directory: str, run_id: str, plan: ExportPlan) -> Resumption:
     complete, dropped, ids = _drop_duplicates(sorted(complete), plan)
     kept_ids_path = join(staging, KEPT_IDS_FILE)
     counted, tokenizer_counts = _counted_ids(complete)
-    kept_ids = pa.table(
-        {schema_lib.ID_COLUMN: ids, KEPT_COUNTED_COLUMN: pc.is_in(ids, pa.array(counted, pa.string()))}
+    # With each kept id, what its row was computed from: a document rewritten since is not skipped.
+    columns = [schema_lib.ID_COLUMN, schema_lib.FINGERPRINT_COLUMN]
+    kept = (
+        pa.concat_tables([_read_table(path, columns) for path in complete])
+        if complete
+        else pa.table({name: pa.array([], pa.string()) for name in columns})
+    )
+    kept_ids = kept.append_column(
+        KEPT_COUNTED_COLUMN, pc.is_in(kept[schema_lib.ID_COLUMN], pa.array(counted, pa.string()))
     )
     _write_table(kept_ids_path, kept_ids, "snappy")
     resumption = Resumption(

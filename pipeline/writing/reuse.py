@@ -14,7 +14,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline.errors import ExportConfigError
-from pipeline.inference.skip_kept import SkipKeptFn, row_id
+from pipeline.inference.skip_kept import SkipKeptFn, row_fingerprint, row_id
 from pipeline.planning.plan import ExportPlan
 from pipeline.reading.documents import Document
 from pipeline.running import counters
@@ -162,7 +162,9 @@ class ReuseEarlierRows(beam.PTransform):
         reused = results[REUSED]
         if self._kept_ids_path:
             # Counted as reused above, as in the run that was interrupted; written once, by it.
-            reused = reused | "SkipKeptRows" >> beam.ParDo(SkipKeptFn(self._kept_ids_path, row_id))
+            reused = reused | "SkipKeptRows" >> beam.ParDo(
+                SkipKeptFn(self._kept_ids_path, row_id, row_fingerprint)
+            )
         reused = (
             reused
             | "BatchReusedRows" >> beam.BatchElements(min_batch_size=256, max_batch_size=ROW_GROUP_ROWS)
