@@ -119,6 +119,24 @@ def test_a_file_read_whole_stops_at_its_listed_size(compressed):
     assert "InputChanged" in items[-1]["message"]
 
 
+def test_a_parquet_row_over_the_limit_is_too_large_as_in_every_format():
+    """--max_record_bytes was ignored for Parquet: a 3 MB row was embedded where JSONL's is a dead letter."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "id": ["a", "big", "c", "d"],
+            "content": pa.array(["word", "w" * 2000, "two words", None]).dictionary_encode(),
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    items = _read(_plan("parquet", limit=1000), buffer.getvalue())
+    assert _summary(items) == [(1, ("word",)), (2, "too_large"), (3, ("two words",)), (4, "missing_field")]
+    assert items[1]["message"] == "Record of 2003 bytes exceeds --max_record_bytes=1000."
+
+
 def test_an_oversized_csv_record_is_skipped_by_its_quotes():
     inside = "".join(f'{n},looks like a row,""q""\r\n' for n in range(20))
     data = f'id,content\r\nbig,"{inside}"\r\nnext,word\r\n'.encode()

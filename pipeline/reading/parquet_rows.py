@@ -9,9 +9,12 @@ import tempfile
 import typing
 from collections.abc import Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.reading.documents import Record, ambiguous_fields, guarded, read_fields, to_document
+from pipeline.reading.documents import Record, ambiguous_fields, guarded, read_fields, to_document, too_large
 from pipeline.reading.text_lines import ByteStream, Claim
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import AMBIGUOUS_HEADER
@@ -47,6 +50,32 @@ def row_group_offset(row_group: pq.RowGroupMetaData) -> int:
     return min(offsets)
 
 
+_BYTES_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+
+
+def record_sizes(batch: pa.RecordBatch) -> np.ndarray:
+    """Each row's size in bytes, as --max_record_bytes counts it: its text's UTF-8 bytes, 4 per token id.
+
+    Strings and binaries count their bytes, lists their values at their width
+    (token ids: 4 or 8), anything else 8 bytes; what a row of the columns read holds.
+    """
+    sizes = np.zeros(batch.num_rows, dtype=np.int64)
+    for column in batch.columns:
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        kind = column.type
+        if any(is_kind(kind) for is_kind in _BYTES_TYPES):
+            lengths = pc.binary_length(column)
+        elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            width = max(1, getattr(kind.value_type, "bit_width", 64) // 8)
+            lengths = pc.multiply(pc.list_value_length(column), width)
+        else:
+            sizes += 8
+            continue
+        sizes += pc.fill_null(lengths, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return sizes
+
+
 def _rows(
     plan: ExportPlan, source: str, parquet: pq.ParquetFile, start: int, claim: Claim | None
 ) -> Iterator[tuple[int, Record]]:
@@ -71,6 +100,13 @@ def _rows(
                 yield number, schema_lib.error_row(source, number, None, AMBIGUOUS_HEADER, ambiguous, None)
             continue
         for batch in parquet.iter_batches(batch_size=1024, columns=columns, row_groups=[group]):
-            for record in batch.to_pylist():
+            sizes = record_sizes(batch)
+            big = sizes > plan.max_record_bytes
+            # Oversized rows are never made Python objects.
+            records = iter((batch.filter(pa.array(~big)) if big.any() else batch).to_pylist())
+            for index in range(batch.num_rows):
                 number += 1
-                yield number, guarded(to_document, plan, source, number, record, None)
+                if big[index]:
+                    yield number, too_large(source, number, int(sizes[index]), plan.max_record_bytes, "")
+                    continue
+                yield number, guarded(to_document, plan, source, number, next(records), None)
