@@ -5,12 +5,15 @@ sample corpus.  `--help` lists our flags; Beam's own (--runner, --project,
 --region, --temp_location, ...) pass through to the runner.
 """
 
+from __future__ import annotations
+
 import atexit
 import logging
 import os
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Sequence
 from types import FrameType
 
@@ -25,6 +28,9 @@ from pipeline.errors import (
     ExportConfigError,
     OutputWriteError,
 )
+
+if typing.TYPE_CHECKING:
+    from pipeline.running.report import ExportSummary
 
 # RunInference warns once per batch that it cannot read memory use, and local worker
 # processes that they have no semi-persistent directory; neither changes anything.
@@ -75,17 +81,32 @@ class _Silencer:
         logging.disable(logging.NOTSET)
 
 
-def _interrupted(signum: int, committed_to: str | None = None) -> int:
-    if committed_to:
+def _interrupted(
+    signum: int, committed: ExportSummary | None = None, defaulted_output: str | None = None
+) -> int:
+    """Says how the run stopped: committed before the signal (and how it ended), or what to rerun."""
+    if committed is not None and not committed.exit_code:
         print(
-            f"interrupted: the export was committed to {committed_to} before the run stopped "
+            f"interrupted: the export was committed to {committed.output} before the run stopped "
             f"({signal.Signals(signum).name}); it is complete, nothing to rerun.",
             file=sys.stderr,
         )
+    elif committed is not None:
+        print(
+            f"interrupted: the export was committed to {committed.output} before the run stopped "
+            f"({signal.Signals(signum).name}), ending with errors (exit status {committed.exit_code}):",
+            file=sys.stderr,
+        )
+        print(f"error: {committed.message}", file=sys.stderr)
     else:
         # The staged files stay invisible to readers; the rerun resumes from them (pipeline.writing.resume).
+        rerun = (
+            f"rerun the same command with --output {defaulted_output}"
+            if defaulted_output
+            else "rerun the same command"
+        )
         print(
-            "interrupted: nothing was committed; rerun the same command to finish the export "
+            f"interrupted: nothing was committed; {rerun} to finish the export "
             "(it keeps the rows this run made durable).",
             file=sys.stderr,
         )
@@ -114,6 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.addFilter(_drop_noise)
     interrupted: list[int] = []
     silencer = _Silencer()
+    defaulted_output = None
+    if not any(arg == "--output" or arg.startswith("--output=") for arg in argv):
+        from pipeline.planning.options import default_output
+
+        # Chosen here, so that an interrupted run can say where its rerun must write to resume it.
+        defaulted_output = default_output()
+        argv = [*argv, "--output", defaulted_output]
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         interrupted.append(signum)
@@ -131,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         summary = run_export(argv)
         if interrupted:
-            return _interrupted(interrupted[0], committed_to=summary.output)
+            return _interrupted(interrupted[0], committed=summary)
         print(format_summary(summary))
         if summary.exit_code:
             print(f"error: {summary.message}", file=sys.stderr)
@@ -149,10 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not interrupted:
             raise
         silencer.restore()
-        return _interrupted(interrupted[0])
+        return _interrupted(interrupted[0], defaulted_output=defaulted_output)
     except KeyboardInterrupt:
         silencer.restore()
-        return _interrupted(interrupted[0] if interrupted else signal.SIGINT)
+        return _interrupted(
+            interrupted[0] if interrupted else signal.SIGINT, defaulted_output=defaulted_output
+        )
     finally:
         for signum, previous_handler in previous.items():
             signal.signal(signum, previous_handler)

@@ -616,3 +616,27 @@ def test_token_ids_beyond_the_embedding_are_dead_letters_not_inference_failures(
     errors = pq.read_table(os.path.join(output, "errors")).to_pylist()
     assert {e["id"] for e in errors} == {"too_big", "title_too_big"}
     assert all(f"input_dim={limit}" in e["message"] for e in errors)
+
+
+def test_an_interrupted_run_names_the_output_to_resume_and_how_a_committed_one_ended(monkeypatch, capsys):
+    """Without --output each command picks a new directory: "rerun the same command" resumed nothing."""
+    from pipeline import run as run_module
+    from pipeline.running import export as export_lib
+    from pipeline.running.report import ExportSummary
+
+    seen = []
+
+    def interrupted_run(argv):
+        seen.append(list(argv))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_lib, "run_export", interrupted_run)
+    assert run_module.main(["--limit", "5"]) == 130
+    output = seen[0][seen[0].index("--output") + 1]
+    assert output.startswith("output/embeddings-")
+    assert f"rerun the same command with --output {output} to finish" in capsys.readouterr().err
+    # A run committed before the signal, but with errors (exit 5): the error line is not lost.
+    failed = ExportSummary("out", 3, 2, 1, {"read_error": 1}, 0, 0, 1.0, 5, "Reading broke off.")
+    assert run_module._interrupted(signal.SIGTERM, committed=failed) == 143
+    lines = capsys.readouterr().err.splitlines()
+    assert "ending with errors (exit status 5)" in lines[0] and lines[1] == "error: Reading broke off."
