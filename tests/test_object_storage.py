@@ -201,6 +201,26 @@ def test_an_s3_models_local_copy_is_removed_once_loaded(s3_endpoint, export, mon
     assert os.listdir(tempfile.tempdir) == []
 
 
+@pytest.mark.parametrize(
+    "output, pattern",
+    [
+        ("s3://no-such-bucket/exports/x", "cannot be written: writing its lock"),
+        (f"s3://{BUCKET}", "names a whole bucket"),
+        (f"s3://{BUCKET}/", "names a whole bucket"),
+    ],
+    ids=["missing_bucket", "bucket", "bucket_slash"],
+)
+def test_an_output_bucket_that_cannot_take_an_export_is_one_error(s3_endpoint, export, output, pattern):
+    """A missing bucket ended in tracebacks and exit 1; a bucket root retried for minutes."""
+    from pipeline.errors import ExportConfigError
+
+    flags = ["--model", MODEL, "--input", CORPUS, "--output", output, "--layer", "lstm_content"]
+    with pytest.MonkeyPatch.context() as patch:
+        share_one_s3_client(patch, s3_endpoint)
+        with pytest.raises(ExportConfigError, match=pattern):
+            run_export(flags + s3_flags(s3_endpoint))
+
+
 def test_missing_s3_model_is_a_launch_error(s3_endpoint, export, tmp_path):
     from pipeline.errors import ExportConfigError
 

@@ -353,6 +353,30 @@ def test_lease_on_object_storage_refuses_a_live_holder_and_takes_over_a_stale_on
     taker.release()
 
 
+def test_a_lease_taken_over_is_not_written_back_and_the_run_does_not_commit(tmp_path, monkeypatch):
+    """After a stall longer than the lease, the renewer wrote ours back over the run that took it over."""
+    output = str(tmp_path / "bucket")
+    os.makedirs(output)
+    monkeypatch.setattr(lock_lib, "is_local", lambda path: False)
+    monkeypatch.setattr(files_lib, "is_local", lambda path: False)
+    monkeypatch.setattr(lock_lib, "LEASE_RENEW_SECONDS", 0.05)
+    first = lock_lib.OutputLock(output)
+    first._acquire_lease(settle_seconds=0)
+    first.check_held()
+    # Another run takes the lease over (ours looked stale to it), as after a sleeping laptop.
+    with open(os.path.join(output, layout_lib.LOCK), "w") as handle:
+        json.dump({"run": "other", "renewed": time.time()}, handle)
+    deadline = time.time() + 10
+    while first.lost is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert _read_lock(output)["run"] == "other"
+    with pytest.raises(OutputBusyError, match="in use by run other"):
+        first.check_held()
+    first.release()
+    assert _read_lock(output)["run"] == "other"  # Its lease is not ours to remove.
+
+
 def test_a_run_removes_only_its_own_staging_directory(tmp_path, tiny_bundle):
     corpus = _write_corpus(tmp_path / "c.jsonl", 4)
     output = str(tmp_path / "out")

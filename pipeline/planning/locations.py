@@ -92,6 +92,11 @@ def check_output(output: str, overwrite: bool) -> None:
     from pipeline.writing.state import check_not_inside_an_export, check_output_state, check_writable
 
     check_location("output", output)
+    if not is_local(output) and "/" not in output.split("://", 1)[-1].strip("/"):
+        raise ExportConfigError(
+            f"--output {output!r} names a whole bucket; an export needs a directory of its own "
+            f"in it, such as {output.rstrip('/')}/exports/run1."
+        )
     if any(ch in output for ch in GLOB_CHARACTERS):
         raise ExportConfigError(
             f"--output {output!r} holds one of {GLOB_CHARACTERS!r}, which Beam's file matching "

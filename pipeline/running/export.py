@@ -240,7 +240,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
 
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
-    with OutputLock(plan.output):
+    with OutputLock(plan.output) as lock:
         run_id = prepare(plan.output, export_options.overwrite, find_resumable)
         resumed = None
         # The run's first write (its _RUN.json) may be the one that finds the disk full.
@@ -248,7 +248,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
             if resume_lib.read_run(plan.output, run_id) is not None:
                 resumed = resume_lib.prepare_resume(plan.output, run_id, plan)
             resume_lib.start_run(plan.output, run_id, signature, resumed)
-        return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed)
+        return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed, lock)
 
 
 def _graph_settings(
@@ -334,11 +334,13 @@ def _run_and_commit(
     argv: Sequence[str] | None,
     total_bytes: int,
     resumed: Resumption | None = None,
+    lock: OutputLock | None = None,
 ) -> ExportSummary:
     """Runs the pipeline into the run's staging directory, checks the accounting, commits.
 
     `resumed` (a `resume.Resumption`): the run continues an interrupted one, whose
-    complete row files are already staged.
+    complete row files are already staged. `lock`: the output's, checked still
+    held (a lease on object storage can be taken over) before anything is committed.
     """
     export_options = options.view_as(ExportOptions)
     rows_prefix, errors_prefix = staging_prefixes(plan.output, run_id)
@@ -387,6 +389,8 @@ def _run_and_commit(
         "seconds": round(seconds, 3),
         "package_version": plan.package_version,
     }
+    if lock is not None:
+        lock.check_held()
     # A kill from here to the commit point is resumed; one after it is recovered by the commit.
     with out_of_space_reported(plan.output, run_id):
         resume_lib.mark_committing(plan.output, run_id)

@@ -57,12 +57,23 @@ class OutputLock:
         self._created_directory: bool = False
         self._stop: threading.Event = threading.Event()
         self._renewer: threading.Thread | None = None
+        # The lease's holder that took it over from this run (object storage), or None.
+        self.lost: JsonObject | None = None
 
     def __enter__(self) -> Self:
         if is_local(self.directory):
             self._acquire_local()
-        else:
+            return self
+        try:
             self._acquire_lease()
+        except OutputBusyError:
+            raise
+        except Exception as error:  # No such bucket, no permission to write, no endpoint, ...
+            raise ExportConfigError(
+                f"--output {self.directory!r} cannot be written: writing its lock {self.path} "
+                f"failed ({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}). "
+                "Check that the bucket exists and that these credentials may write to it."
+            ) from None
         return self
 
     def __exit__(self, *exc_info: object) -> Literal[False]:
@@ -150,9 +161,25 @@ class OutputLock:
     def _renew(self) -> None:
         while not self._stop.wait(LEASE_RENEW_SECONDS):
             try:
+                holder = self._read_lease()
+                if holder and holder.get("run") != self.holder["run"]:
+                    # Not renewed for a whole lease (a sleeping laptop): another run took it over,
+                    # and writing ours back would have both runs hold the output.
+                    self.lost = holder
+                    logging.error("The lock %s was taken over by run %s.", self.path, holder.get("run"))
+                    return
                 self._write_lease()
             except Exception as error:  # A missed renewal is retried; the lease lasts 5 of them.
                 logging.warning("Could not renew the lock %s: %s", self.path, error)
+
+    def check_held(self) -> None:
+        """Raises `OutputBusyError` if another run took the output's lease over from this one.
+
+        Raises:
+            OutputBusyError: naming the run that holds it now.
+        """
+        if self.lost is not None:
+            raise self._busy(self.lost)
 
     def release(self) -> None:
         """Gives the directory up (idempotent); removes the lock file and an empty directory we made."""
