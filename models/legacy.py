@@ -197,7 +197,13 @@ def load_model_file(path: str, allow_unsafe: bool = False) -> keras.Model:
     """
     if not zipfile.is_zipfile(path):
         return load_h5_model(path, allow_unsafe=allow_unsafe)
-    config, _ = read_model_config(path)
+    config, version = read_model_config(path)
+    if version.startswith("2."):
+        raise LegacyModelError(
+            f"{path} is a .keras file written by Keras {version} (tf_keras), whose classes Keras 3 "
+            "cannot rebuild from it. Save the model as .h5 in tf_keras (model.save('model.h5')), "
+            "which this tool translates, and pass that file."
+        )
     lambdas = lambda_layer_names(config)
     if lambdas and not allow_unsafe:
         raise unsafe_error(lambdas)

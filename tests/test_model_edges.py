@@ -260,3 +260,21 @@ def test_a_bidirectional_layer_of_two_widths_is_refused(tmp_path):
     corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d0", "content": [5, 6, 7]}])
     with pytest.raises(ExportConfigError, match="'bi' .* another width"):
         run_export(export_args(path, corpus, tmp_path / "out", "--tokenizer", "none", "--layer", "bi"))
+
+
+def test_a_keras2_dot_keras_file_says_to_save_it_as_h5(tmp_path):
+    """tf_keras writes .keras archives too; Keras 3's message was 3,571 characters about custom classes."""
+    import json
+    import zipfile
+
+    from models.keras2_config import LegacyModelError
+    from models.legacy import load_model_file
+
+    path = tmp_path / "model.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", json.dumps({"class_name": "Functional", "config": {"layers": []}}))
+        archive.writestr("metadata.json", json.dumps({"keras_version": "2.21.0"}))
+    with pytest.raises(
+        LegacyModelError, match=r"written by Keras 2\.21\.0 \(tf_keras\).*model\.save\('model\.h5'\)"
+    ):
+        load_model_file(str(path))
