@@ -292,3 +292,21 @@ def test_rows_round_trip_exactly_through_numpy_rows():
         while pa.types.is_list(expected.type) or pa.types.is_fixed_size_list(expected.type):
             expected, actual = expected.flatten(), actual.flatten()
         assert np.array_equal(expected.to_numpy().view(bits), actual.to_numpy().view(bits)), name
+
+
+def test_the_summarys_duckdb_line_reads_the_ids_under_a_hive_style_path(tmp_path):
+    """Under .../id=v2/ DuckDB took the path's value for every row's id, and added a column."""
+    import re
+
+    import duckdb
+
+    from pipeline.running.report import ExportSummary, format_summary
+
+    output = tmp_path / "model=lstm" / "id=v2"
+    output.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a", "b"], "x": [1, 2]}), output / "part-00000-of-00001.parquet")
+    summary = ExportSummary(str(output), 2, 2, 0, {}, 0, 0, 1.0, 0, "")
+    (line,) = [line for line in format_summary(summary).splitlines() if "import duckdb" in line]
+    query = re.search(r'duckdb\.sql\(\\"(.*)\\"\)', line).group(1)
+    relation = duckdb.sql(query)
+    assert relation.columns == ["id", "x"] and sorted(row[0] for row in relation.fetchall()) == ["a", "b"]

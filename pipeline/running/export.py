@@ -419,6 +419,7 @@ def _run_and_commit(
         reuse=plan.reuse,
         rows_reused=accounting.reuse_counts.get("rows_reused", 0),
         earlier_rows_dropped=accounting.reuse_counts.get("earlier_rows_dropped", 0),
+        limited=export_options.limit is not None,
         resumed_run=resumed.run_id if resumed else "",
         rows_kept=resumed.rows_kept if resumed else 0,
     )

@@ -31,6 +31,8 @@ class ExportSummary:
     reuse: str = ""
     rows_reused: int = 0
     earlier_rows_dropped: int = 0
+    # --limit: the run read only the first records (earlier rows past them count as dropped).
+    limited: bool = False
     # A resumed run: the run it continued ("" for a run from zero) and the rows it kept of it.
     resumed_run: str = ""
     rows_kept: int = 0
@@ -106,6 +108,10 @@ def format_summary(summary: ExportSummary) -> str:
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
     read = summary.records_read if summary.records_read is not None else "unknown (no committed counters)"
     pattern = join(summary.output, "part-*.parquet")
+    # DuckDB reads a NAME=value directory as a hive partition, whose value would replace the column NAME.
+    source = (
+        f"read_parquet('{pattern}', hive_partitioning=false)" if "=" in summary.output else f"'{pattern}'"
+    )
     lines = [
         "",
         "Export finished" if summary.exit_code == 0 else f"Export finished with problems: {summary.message}",
@@ -117,7 +123,8 @@ def format_summary(summary: ExportSummary) -> str:
             [
                 f"  reused           {summary.rows_reused} rows unchanged since {summary.reuse}; "
                 f"{summary.rows_written - summary.rows_reused} embedded; "
-                f"{summary.earlier_rows_dropped} earlier rows dropped (id gone)"
+                f"{summary.earlier_rows_dropped} earlier rows dropped "
+                + ("(id gone, or past --limit)" if summary.limited else "(id gone)")
             ]
             if summary.reuse
             else []
@@ -133,7 +140,7 @@ def format_summary(summary: ExportSummary) -> str:
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
         f"  output           {summary.output}",
         "  read it with     "
-        f'python -c "import duckdb; print(duckdb.sql(\\"SELECT * FROM \'{pattern}\' LIMIT 5\\"))"',
+        f'python -c "import duckdb; print(duckdb.sql(\\"SELECT * FROM {source} LIMIT 5\\"))"',
         f"               or python -c \"import pandas as pd; print(pd.read_parquet('{summary.output}', "
         f"ignore_prefixes=['_', '.', 'errors']).head())\"",
     ]
