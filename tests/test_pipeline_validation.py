@@ -386,3 +386,16 @@ def test_the_manifest_records_the_token_flags_and_redacts_credentials():
     line = recorded_command_line(argv)
     assert line[:3] == ["--tokenizer", "tok.json", "--token_storage=ids"]
     assert "abc" not in line and "xyz" not in " ".join(line) and "conn" not in line
+
+
+def test_a_kept_field_in_no_record_is_said_in_the_summary_and_the_manifest(bundle, corpus, tmp_path, capsys):
+    """A misspelled --keep_fields wrote an all-null column, exit 0, without a word."""
+    from pipeline.run import main
+    from pipeline.writing.state import read_manifest
+
+    output = tmp_path / "out"
+    assert main(export_args(bundle, corpus, output, "--keep_fields", "kind,knd")) == 0
+    out = capsys.readouterr().out
+    assert "--keep_fields 'knd' is in no record (null in all 12 rows): check its name" in out
+    assert "'kind'" not in out
+    assert read_manifest(str(output))["counts"]["kept_fields_null"] == {"kind": 0, "knd": 12}

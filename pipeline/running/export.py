@@ -64,7 +64,13 @@ from pipeline.writing.files import join
 from pipeline.writing.layout import ERRORS_DIR, FAILED_DIR, STAGING, new_run_id
 from pipeline.writing.lock import OutputLock
 from pipeline.writing.resume import Resumption
-from pipeline.writing.staging import remove_staging, staged_shards, staging_prefixes, staging_tables_dir
+from pipeline.writing.staging import (
+    null_counts,
+    remove_staging,
+    staged_shards,
+    staging_prefixes,
+    staging_tables_dir,
+)
 from pipeline.writing.state import prepare, read_manifest
 from pipeline.writing.token_tables import write_token_tables
 
@@ -359,6 +365,13 @@ def _run_and_commit(
     seconds = time.time() - started
 
     accounting = account(read_counters(result, NAMESPACE), staged, plan, resumed)
+    # A kept field null in every row was in no record: a misspelled --keep_fields, said loudly.
+    kept_nulls = null_counts([path for path, _ in staged["rows"]], plan.keep_fields)
+    never_found = [
+        field for field, nulls in kept_nulls.items() if accounting.rows and nulls == accounting.rows
+    ]
+    for field in never_found:
+        logging.warning("--keep_fields %r is in no record: null in all %d rows.", field, accounting.rows)
     # A failed run never replaces a succeeded export (its dead letters go to _failed/RUN/).
     try:
         earlier = read_manifest(plan.output)
@@ -380,7 +393,7 @@ def _run_and_commit(
         "model_sha256": plan.model_sha256,
         "tokenizer_sha256": plan.tokenizer_sha256,
         "columns": manifest_columns(plan.columns, plan.forward_passes),
-        "counts": manifest_counts(accounting),
+        "counts": {**manifest_counts(accounting), "kept_fields_null": kept_nulls},
         "limited": export_options.limit is not None,
         "limit": export_options.limit,
         # A resumed run: which run it continued and what it kept of it; None for a run from zero.
@@ -420,6 +433,7 @@ def _run_and_commit(
         rows_reused=accounting.reuse_counts.get("rows_reused", 0),
         earlier_rows_dropped=accounting.reuse_counts.get("earlier_rows_dropped", 0),
         limited=export_options.limit is not None,
+        kept_fields_never_found=never_found,
         resumed_run=resumed.run_id if resumed else "",
         rows_kept=resumed.rows_kept if resumed else 0,
     )

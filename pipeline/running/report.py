@@ -33,6 +33,8 @@ class ExportSummary:
     earlier_rows_dropped: int = 0
     # --limit: the run read only the first records (earlier rows past them count as dropped).
     limited: bool = False
+    # --keep_fields that no record held (null in every row): most likely misspelled.
+    kept_fields_never_found: list[str] = dataclasses.field(default_factory=list)
     # A resumed run: the run it continued ("" for a run from zero) and the rows it kept of it.
     resumed_run: str = ""
     rows_kept: int = 0
@@ -136,6 +138,11 @@ def format_summary(summary: ExportSummary) -> str:
             ]
             if summary.resumed_run
             else []
+        ),
+        *(
+            f"  warning          --keep_fields {field!r} is in no record (null in all "
+            f"{summary.rows_written} rows): check its name"
+            for field in summary.kept_fields_never_found
         ),
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
         f"  output           {summary.output}",

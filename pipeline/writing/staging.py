@@ -9,6 +9,7 @@ starts with "_").
 import os
 import posixpath
 import shutil
+from collections.abc import Sequence
 from typing import TypedDict
 
 import pyarrow.parquet as pq
@@ -111,3 +112,25 @@ def staged_shards(directory: str, run_id: str) -> StagedShards:
         (path, _row_count(path)) for path in paths if path.startswith(prefix) and path.endswith(".parquet")
     ]
     return {"rows": shards["rows"], "errors": shards["errors"], "tables": tables}
+
+
+def null_counts(paths: Sequence[str], columns: Sequence[str]) -> dict[str, int]:
+    """How many rows of the row files `paths` hold a null in each of `columns`, from their footers.
+
+    A kept field (`--keep_fields`) null in every row was in no record: most likely misspelled.
+    """
+    counts = dict.fromkeys(columns, 0)
+    for path in paths:
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            metadata, names = parquet.metadata, parquet.schema_arrow.names
+            for column in columns:
+                index = names.index(column)
+                for group in range(metadata.num_row_groups):
+                    statistics = metadata.row_group(group).column(index).statistics
+                    if statistics is not None and statistics.has_null_count:
+                        counts[column] += statistics.null_count
+                    else:  # A writer without statistics: count them.
+                        values = parquet.read_row_group(group, columns=[column]).column(0)
+                        counts[column] += values.null_count
+    return counts
