@@ -25,8 +25,10 @@ from pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_OUTPUT_FAILED,
     EXIT_TERMINATED,
+    EXIT_UNEXPECTED,
     ExportConfigError,
     OutputWriteError,
+    WorkerDiedError,
 )
 
 if typing.TYPE_CHECKING:
@@ -172,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         silencer.restore()
         print(f"error: {error}", file=sys.stderr)
         return EXIT_OUTPUT_FAILED
+    except WorkerDiedError as error:
+        silencer.restore()
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_UNEXPECTED
     except Exception:
         # Beam re-raises a KeyboardInterrupt from inside a transform as a RuntimeError.
         if not interrupted:

@@ -5,9 +5,12 @@ import errno
 import logging
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 
-from pipeline.errors import OutputWriteError
+from pipeline.errors import ExportConfigError, OutputWriteError, WorkerDiedError
+from pipeline.running import local_workers
 from pipeline.running import progress as progress_lib
 from pipeline.uris import is_local
 from pipeline.writing.staging import remove_staging, staged_bytes
@@ -38,30 +41,74 @@ def beam_errors_held() -> Iterator[None]:
     handlers = list(logging.getLogger().handlers)
     for handler in handlers:
         handler.addFilter(held)
+    # Beam's threads that talk to a worker process print their tracebacks when it dies.
+    thread_errors: list[threading.ExceptHookArgs] = []
+    print_thread_error = threading.excepthook
+    threading.excepthook = thread_errors.append
     try:
         yield
     except BaseException as error:
         if is_disk_full(error) or isinstance(error, KeyboardInterrupt):
             held.records.clear()
+            thread_errors.clear()
+            raise
+        refusal = worker_refusal(error)
+        if refusal is not None:  # A worker's ExportConfigError: its one line says it all.
+            held.records.clear()
+            thread_errors.clear()
+            raise ExportConfigError(refusal) from None
+        signals = local_workers.killed_by()
+        if signals:
+            held.records.clear()
+            thread_errors.clear()
+            try:
+                name = signal.Signals(signals[0]).name
+            except ValueError:  # Not a signal this platform names.
+                name = f"signal {signals[0]}"
+            why = ", perhaps for want of memory" if name == "SIGKILL" else ""
+            raise WorkerDiedError(
+                f"a worker process was killed ({name}{why}); "
+                "nothing was committed: rerun the same command to finish the export (it keeps the rows "
+                "made durable), with --direct_num_workers 1 if memory is short."
+            ) from None
         raise
     finally:
+        threading.excepthook = print_thread_error
         for handler in handlers:
             handler.removeFilter(held)
         for record in held.records:
             logging.getLogger(record.name).handle(record)
+        for args in thread_errors:
+            print_thread_error(args)
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """Whether `error` (or what it wraps: Beam re-raises a worker's error as text) is a full disk."""
+def _causes(error: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+def worker_refusal(error: BaseException) -> str | None:
+    """The message of an `ExportConfigError` a worker raised (Beam re-raises it, or its text), or None."""
+    for cause in _causes(error):
+        if isinstance(cause, ExportConfigError):
+            return str(cause)
+        text = str(cause)
+        if f"{ExportConfigError.__name__}: " in text:
+            return text.rsplit(f"{ExportConfigError.__name__}: ", 1)[1].splitlines()[0].strip()
+    return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps: Beam re-raises a worker's error as text) is a full disk."""
+    for cause in _causes(error):
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if "No space left on device" in str(cause) or "Disk quota exceeded" in str(cause):
             return True
-        cause = cause.__cause__ or cause.__context__
     return False
 
 

@@ -26,6 +26,8 @@ from typing import Any
 # The shell of `shell=True` sets SIGINT to ignored, then becomes the worker.
 _IGNORE_CTRL_C = "trap '' INT; exec "
 _started: list[subprocess.Popen[bytes]] = []
+# The signals that killed workers of this process's runs (the OOM killer's SIGKILL, ...).
+_killed_by: list[int] = []
 _lock = threading.Lock()
 
 
@@ -63,7 +65,20 @@ def ignoring_ctrl_c() -> Iterator[None]:
         # Beam waited for the workers of a run that ended normally; an interrupted run's
         # may still be stopping and stay listed for `kill_workers`.
         with _lock:
+            _killed_by.extend(
+                -code for process in _started if (code := process.poll()) is not None and code < 0
+            )
             _started[:] = [process for process in _started if process.poll() is None]
+
+
+def killed_by() -> list[int]:
+    """The signals that killed worker processes of the run (a dead worker fails it), and forgets them."""
+    with _lock:
+        signals = _killed_by + [
+            -code for process in _started if (code := process.poll()) is not None and code < 0
+        ]
+        _killed_by.clear()
+    return signals
 
 
 def kill_workers() -> None:
