@@ -664,3 +664,12 @@ def test_an_interrupted_run_names_the_output_to_resume_and_how_a_committed_one_e
     assert run_module._interrupted(signal.SIGTERM, committed=failed) == 143
     lines = capsys.readouterr().err.splitlines()
     assert "ending with errors (exit status 5)" in lines[0] and lines[1] == "error: Reading broke off."
+
+
+def test_an_output_with_a_tilde_the_shell_left_is_refused(tmp_path, capsys, monkeypatch):
+    """`--output=~/x`: bash leaves the ~, and the export went to ./~/x while the summary pointed at $HOME."""
+    monkeypatch.chdir(tmp_path)
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    message = _refused(capsys, ["--input", corpus, "--output=~/embexport-tilde-x"], "starts with '~'")
+    assert "with a space" in message
+    assert os.listdir(tmp_path) == ["c.jsonl"]

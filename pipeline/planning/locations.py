@@ -33,8 +33,15 @@ def check_location(flag: str, uri: str) -> None:
     """Refuses a URI whose scheme no installed Beam filesystem serves.
 
     Raises:
-        ExportConfigError: naming the scheme and the package that serves it.
+        ExportConfigError: naming the scheme and the package that serves it, or a
+            leading '~' the shell left as it is.
     """
+    if uri.startswith("~"):
+        # `--output=~/x` reaches us as it is: the shell expands ~ only at the start of a word.
+        raise ExportConfigError(
+            f"--{flag} {uri!r} starts with '~', which the shell did not expand (it does not after "
+            f"'='): write --{flag} {uri} with a space, or the full path, {os.path.expanduser(uri)!r}."
+        )
     scheme = FileSystems.get_scheme(uri)
     try:
         FileSystems.get_filesystem(uri)
