@@ -369,3 +369,19 @@ def test_a_parquet_duplicate_names_the_first_row_by_number_across_ranges(tmp_pat
     assert list(dead) == [("corpus.parquet", 151)]
     assert dead["corpus.parquet", 151]["message"] == f"Id 'doc-120' was already used by {path}:121."
     assert read_manifest(str(tmp_path / "out"))["counts"]["ranges_read"] > 1
+
+
+def test_a_symbolic_link_loop_is_named_as_a_loop_not_as_missing(tmp_path):
+    """It was "a symbolic link to 'loop.jsonl', which does not exist": the file is there, a loop."""
+    from pipeline.reading import listing
+
+    (tmp_path / "loop.jsonl").symlink_to("loop.jsonl")
+    (entry,), _ = listing.list_input(str(tmp_path / "*.jsonl"))
+    with pytest.raises(
+        listing.InputChanged, match="'loop.jsonl', which fails: Too many levels of symbolic links"
+    ):
+        listing.check_unchanged(entry)
+    (tmp_path / "gone.jsonl").symlink_to("nowhere.jsonl")
+    (entry,), _ = listing.list_input(str(tmp_path / "gone.jsonl"))
+    with pytest.raises(listing.InputChanged, match="'nowhere.jsonl', which does not exist"):
+        listing.check_unchanged(entry)

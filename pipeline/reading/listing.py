@@ -11,6 +11,7 @@ Local patterns follow symbolic links to directories, as the shell and Python's
 directories); a link back to a directory being walked is not followed twice.
 """
 
+import errno
 import logging
 import os
 import re
@@ -34,8 +35,10 @@ class InputFile(typing.NamedTuple):
     # Modification time in seconds (local mtime; object stores: the object's last update,
     # which every new generation (gs://) or PUT (s3://) changes); None where none is given.
     mtime: float | None
-    # A symbolic link to nothing: where it points (the file is dead-lettered as unreadable).
+    # A path that cannot be opened (a symbolic link to nothing, a loop, no permission): where it
+    # points, and why (the file is dead-lettered as unreadable).
     link_target: str | None = None
+    problem: str = "which does not exist"
 
 
 class NonRegularFile(typing.NamedTuple):
@@ -97,9 +100,10 @@ def _walk(root: str, max_depth: int | None) -> typing.Iterator[str]:
 def _local_entry(path: str) -> InputFile | NonRegularFile:
     try:
         status = os.stat(path)
-    except OSError:
+    except OSError as error:
         target = os.readlink(path) if os.path.islink(path) else path
-        return InputFile(path, 0, None, target)
+        problem = "which does not exist" if error.errno == errno.ENOENT else f"which fails: {error.strerror}"
+        return InputFile(path, 0, None, target, problem)
     if not stat.S_ISREG(status.st_mode):
         return NonRegularFile(path, _kind(status.st_mode))
     return InputFile(path, status.st_size, status.st_mtime)
@@ -144,7 +148,7 @@ def check_unchanged(listed: InputFile) -> None:
     request (size and last update time, which a new generation changes).
     """
     if listed.link_target is not None:
-        raise InputChanged(f"Symbolic link to {listed.link_target!r}, which does not exist.")
+        raise InputChanged(f"Symbolic link to {listed.link_target!r}, {listed.problem}.")
     if is_local(listed.path):
         try:
             status = os.stat(listed.path)

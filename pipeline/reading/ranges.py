@@ -40,11 +40,14 @@ class FileRange(typing.NamedTuple):
     # The launch listing's modification time and, for a link to nothing, its target.
     mtime: float | None = None
     link_target: str | None = None
+    problem: str = ""
 
     @property
     def listed(self) -> listing.InputFile:
         """The file as the launch listed it, which the reader checks it still is."""
-        return listing.InputFile(self.path, self.size, self.mtime, self.link_target)
+        if self.link_target is None:
+            return listing.InputFile(self.path, self.size, self.mtime)
+        return listing.InputFile(self.path, self.size, self.mtime, self.link_target, self.problem)
 
 
 class SplitFilesFn(beam.DoFn):
@@ -58,7 +61,7 @@ class SplitFilesFn(beam.DoFn):
         path, size = listed.path, listed.size
         # A link to nothing is read whole, so that reading it makes its dead letter.
         if listed.link_target is not None or not corpus.is_splittable(self._plan.input_format, path):
-            yield FileRange(path, size, 0, 1, False, listed.mtime, listed.link_target)
+            yield FileRange(path, size, 0, 1, False, listed.mtime, listed.link_target, listed.problem)
             return
         pieces = max(1, -(-size // self._split_bytes))
         bounds = [size * piece // pieces for piece in range(pieces + 1)]
