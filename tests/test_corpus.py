@@ -254,3 +254,9 @@ def test_a_csv_header_over_the_limit_makes_the_file_unreadable_and_says_so():
     (item,) = _read(_plan("csv", limit=50), f"{header}\r\na,word\r\n".encode())
     assert item["reason"] == "unreadable_file"
     assert "the header is over --max_record_bytes=50 bytes" in item["message"], item["message"]
+
+
+def test_a_json_array_file_says_it_is_not_json_lines():
+    items = _read(_plan("jsonl"), b'[\n  {"id": "a", "content": "word"},\n  {"id": "b", "content": "x"}\n]\n')
+    assert items[0]["reason"] == "malformed_json" and "jq -c '.[]'" in items[0]["message"]
+    assert "JSON array" not in items[1]["message"]

@@ -167,7 +167,13 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
             source, number, None, MALFORMED_JSON, "JSON nested too deeply to parse.", text
         )
     except ValueError as error:  # JSONDecodeError, or an integer of too many digits.
-        return schema_lib.error_row(source, number, None, MALFORMED_JSON, str(error), text)
+        message = str(error)
+        if number == 1 and text.lstrip().startswith("["):
+            message += (
+                ". The file looks like one JSON array, not JSON Lines (one object per line): convert "
+                "it, e.g. jq -c '.[]' FILE > FILE.jsonl"
+            )
+        return schema_lib.error_row(source, number, None, MALFORMED_JSON, message, text)
     if not isinstance(record, dict):
         return schema_lib.error_row(
             source,
