@@ -399,3 +399,26 @@ def test_a_kept_field_in_no_record_is_said_in_the_summary_and_the_manifest(bundl
     assert "--keep_fields 'knd' is in no record (null in all 12 rows): check its name" in out
     assert "'kind'" not in out
     assert read_manifest(str(output))["counts"]["kept_fields_null"] == {"kind": 0, "knd": 12}
+
+
+def test_the_manifest_and_the_parquet_metadata_describe_the_columns_alike(bundle, corpus, tmp_path):
+    """The manifest said pooling "none" (one vector per token, by the flags table) for an LSTM's vector."""
+    import pyarrow.parquet as pq
+    from pipeline_fixtures import row_files
+
+    from pipeline.writing.schema import read_export_metadata
+    from pipeline.writing.state import read_manifest
+
+    output = tmp_path / "out"
+    summary = run_export(export_args(bundle, corpus, output, "--layer", "lstm_content", "--layer", "emb"))
+    assert summary.exit_code == 0, summary.message
+    manifest = {column["column"]: column for column in read_manifest(str(output))["columns"]}
+    (shard,) = row_files(output)
+    metadata = read_export_metadata(pq.read_schema(shard))
+    metadata = {column["column"]: column for column in metadata["columns"]}
+    for name in ("lstm_content", "emb"):
+        for key in ("pooling", "token_storage", "kind", "dim", "source_input"):
+            assert manifest[name][key] == metadata[name][key] or (
+                key == "source_input" and not manifest[name][key] and metadata[name][key] is None
+            ), (name, key)
+    assert manifest["lstm_content"]["pooling"] is None and manifest["emb"]["pooling"] == "mean"

@@ -23,7 +23,7 @@ from pipeline.inference.features import stack_features
 from pipeline.inference.forward_pass import ForwardPassRecords, Outputs, Predictor, fast_path_environment
 from pipeline.inference.sub_model import Features, SubModel
 from pipeline.inference.text_tokens import TextTokens
-from pipeline.planning.plan import TEXT_INPUT
+from pipeline.planning.plan import SEQUENCE, TEXT_INPUT
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.real_tokens import RealTokens, concatenate_real_tokens
 from pipeline.writing.schema import ErrorRow
@@ -127,7 +127,11 @@ def manifest_columns(
     records = []
     for column in columns:
         engine, reason = passes.get(column.column, ("", ""))
-        records.append(dict(dataclasses.asdict(column), forward_pass=engine, forward_pass_reason=reason))
+        record = dataclasses.asdict(column)
+        # As the Parquet metadata says them: a vector column has no pooling nor token storage.
+        record["pooling"] = column.pooling if column.kind == SEQUENCE else None
+        record["token_storage"] = column.token_storage if schema_lib.is_per_token(column) else None
+        records.append(dict(record, forward_pass=engine, forward_pass_reason=reason))
     return records
 
 
