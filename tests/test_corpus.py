@@ -260,3 +260,12 @@ def test_a_json_array_file_says_it_is_not_json_lines():
     items = _read(_plan("jsonl"), b'[\n  {"id": "a", "content": "word"},\n  {"id": "b", "content": "x"}\n]\n')
     assert items[0]["reason"] == "malformed_json" and "jq -c '.[]'" in items[0]["message"]
     assert "JSON array" not in items[1]["message"]
+
+
+def test_a_text_file_with_carriage_returns_alone_is_not_one_document():
+    """Old Mac line endings: 10 documents were embedded as one, succeeded."""
+    data = "\r".join(f"document number {n}" for n in range(10)).encode() + b"\r"
+    (item,) = _read(_plan("text", field="text"), data)
+    assert item["reason"] == "parse_failed" and "tr '\\r' '\\n'" in item["message"]
+    # CRLF line endings stay what they are.
+    assert _summary(_read(_plan("text", field="text"), b"one\r\ntwo\r\n")) == [(1, ("one",)), (2, ("two",))]

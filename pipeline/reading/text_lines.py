@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from pipeline.reading.documents import Record, fields_to_document, guarded, to_document, too_large
 from pipeline.writing import schema as schema_lib
-from pipeline.writing.schema import EMPTY_RECORD, INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT
+from pipeline.writing.schema import EMPTY_RECORD, INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT, PARSE_FAILED
 
 if typing.TYPE_CHECKING:
     from pipeline.planning.plan import ExportPlan
@@ -154,6 +154,18 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
     except UnicodeDecodeError as error:
         return schema_lib.error_row(source, number, None, INVALID_UTF8, str(error), line)
     if plan.input_format == "text":
+        if "\r" in text:
+            # Old Mac line endings: one "line" would be every document of the file run together.
+            return schema_lib.error_row(
+                source,
+                number,
+                None,
+                PARSE_FAILED,
+                "The line holds a carriage return (\\r) without a newline after it: the file ends its "
+                "lines with \\r alone, so its documents would be read as one. Convert the line "
+                "endings (e.g. tr '\\r' '\\n' < FILE > FILE.txt).",
+                text,
+            )
         fields = {plan.inputs[0].field: text} if plan.inputs else {}
         return fields_to_document(plan, source, number, f"{source}:{number}", fields, text)
     if not text.strip():
