@@ -329,15 +329,21 @@ def test_a_killed_holder_does_not_keep_the_lock(tmp_path):
         pass
 
 
-def test_lease_on_object_storage_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, monkeypatch):
-    # The lease protocol runs on Beam's FileSystems API; a local directory stands in for a bucket.
+def _leased_bucket(tmp_path, monkeypatch, renew_seconds):
+    """(a local directory standing in for a bucket, a lock holding its lease): the lease protocol
+    runs on Beam's FileSystems API."""
     output = str(tmp_path / "bucket")
     os.makedirs(output)
     monkeypatch.setattr(lock_lib, "is_local", lambda path: False)
     monkeypatch.setattr(files_lib, "is_local", lambda path: False)
-    monkeypatch.setattr(lock_lib, "LEASE_RENEW_SECONDS", 0.2)
-    first = lock_lib.OutputLock(output)
-    first._acquire_lease(settle_seconds=0)
+    monkeypatch.setattr(lock_lib, "LEASE_RENEW_SECONDS", renew_seconds)
+    holder = lock_lib.OutputLock(output)
+    holder._acquire_lease(settle_seconds=0)
+    return output, holder
+
+
+def test_lease_on_object_storage_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, monkeypatch):
+    output, first = _leased_bucket(tmp_path, monkeypatch, 0.2)
     with pytest.raises(OutputBusyError, match="is in use by run"):
         lock_lib.OutputLock(output)._acquire_lease(settle_seconds=0)
     renewed = _read_lock(output)["renewed"]
@@ -355,13 +361,7 @@ def test_lease_on_object_storage_refuses_a_live_holder_and_takes_over_a_stale_on
 
 def test_a_lease_taken_over_is_not_written_back_and_the_run_does_not_commit(tmp_path, monkeypatch):
     """After a stall longer than the lease, the renewer wrote ours back over the run that took it over."""
-    output = str(tmp_path / "bucket")
-    os.makedirs(output)
-    monkeypatch.setattr(lock_lib, "is_local", lambda path: False)
-    monkeypatch.setattr(files_lib, "is_local", lambda path: False)
-    monkeypatch.setattr(lock_lib, "LEASE_RENEW_SECONDS", 0.05)
-    first = lock_lib.OutputLock(output)
-    first._acquire_lease(settle_seconds=0)
+    output, first = _leased_bucket(tmp_path, monkeypatch, 0.05)
     first.check_held()
     # Another run takes the lease over (ours looked stale to it), as after a sleeping laptop.
     with open(os.path.join(output, layout_lib.LOCK), "w") as handle:
