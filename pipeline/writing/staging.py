@@ -120,7 +120,7 @@ def null_counts(paths: Sequence[str], columns: Sequence[str]) -> dict[str, int]:
     A kept field (`--keep_fields`) null in every row was in no record: most likely misspelled.
     """
     counts = dict.fromkeys(columns, 0)
-    for path in paths:
+    for path in paths if columns else ():
         with FileSystems.open(path) as handle:
             parquet = pq.ParquetFile(handle)
             metadata, names = parquet.metadata, parquet.schema_arrow.names
