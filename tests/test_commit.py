@@ -423,3 +423,21 @@ def test_the_rerun_of_a_fresh_export_killed_in_its_commit_says_it_was_finished(t
     assert rerun.returncode == EXIT_CONFIG_ERROR, rerun.stderr[-2000:]
     assert "was finished just now" in rerun.stderr
     assert _complete_export(output) == sorted(NEW_IDS)
+
+
+def test_the_renames_into_subdirectories_are_flushed_before_the_manifest(tmp_path, tiny_bundle, monkeypatch):
+    """Power loss: errors/ renames not on disk while the manifest listing them is."""
+    corpus = _corpus(tmp_path / "c.jsonl", NEW_IDS, bad_line=True)
+    output = str(tmp_path / "out")
+    flushed = []
+    fsync = commit_lib.fsync_directory
+
+    def recording_fsync(directory):
+        flushed.append(
+            (os.path.relpath(directory, output), os.path.exists(os.path.join(output, "_MANIFEST.json")))
+        )
+        fsync(directory)
+
+    monkeypatch.setattr(commit_lib, "fsync_directory", recording_fsync)
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
+    assert (layout_lib.ERRORS_DIR, False) in flushed

@@ -262,6 +262,9 @@ def _replay(directory: str, journal: Journal) -> None:
                 move(directory, rename["from"], rename["to"])
             else:
                 _check_moved(directory, rename)
+        # The renames into errors/ and _tables/ are durable before the manifest that lists them.
+        for relative in journal["directories"]:
+            fsync_directory(join(directory, relative))
         move(directory, journal["manifest"], MANIFEST)
         fsync_directory(directory)
     elif not exists(directory, MANIFEST):
