@@ -127,6 +127,20 @@ def test_columns_that_depend_on_batching_or_come_last_token_first_are_refused(
     assert not output.exists()
 
 
+def test_a_stateful_layer_inside_a_nested_encoder_is_refused(tmp_path):
+    inputs = keras.Input(shape=(10,), batch_size=4, dtype="int32", name="content")
+    encoder = keras.Sequential(
+        [keras.layers.Embedding(50, 4), keras.layers.LSTM(3, stateful=True, name="inner_lstm")],
+        name="encoder",
+    )
+    vector = encoder(inputs)
+    path = tmp_path / "nested.keras"
+    keras.Model(inputs, keras.layers.Dense(1, name="out")(vector)).save(path)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d0", "content": [5, 6, 7]}])
+    with pytest.raises(ExportConfigError, match="'inner_lstm' .* is stateful"):
+        run_export(export_args(path, corpus, tmp_path / "out", "--tokenizer", "none", "--layer", "encoder"))
+
+
 def test_a_backwards_layers_final_vector_is_exported(tmp_path):
     """go_backwards without a per-token column is fine: its last layer's vector is Keras's."""
     path = _recurrent_model(tmp_path / "model.keras", go_backwards=True)

@@ -188,13 +188,15 @@ def test_export_named_files_without_a_manifest_are_refused_and_kept(names, overw
         ("v1/a/b", "is inside"),
         ("exports/_staging/today", "is below"),
         ("exports/_staging", "is a directory named _staging"),
+        ("link/new", "is inside"),
     ],
 )
 def test_an_output_inside_an_export_or_a_staging_directory_is_refused(inner, pattern, tmp_path, capsys):
     """Nested exports: read as the outer one's rows, or removed whole as a dead run's staging."""
     corpus = _write_corpus(tmp_path / "c.jsonl", 3)
-    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "sub").mkdir(parents=True)
     (tmp_path / "v1" / layout_lib.MANIFEST).write_text("{}")
+    (tmp_path / "link").symlink_to(tmp_path / "v1" / "sub")  # a link into the export
     before = snapshot(tmp_path)
     _refused(capsys, ["--input", corpus, "--output", str(tmp_path / inner)], pattern)
     assert snapshot(tmp_path) == before and not (tmp_path / inner).exists()

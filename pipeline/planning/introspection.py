@@ -124,6 +124,10 @@ def check_computed_per_document(spec: LayerSpec, tensor: keras.KerasTensor, kind
         ExportConfigError: naming the layer and what to do instead.
     """
     layers = keras_graph.upstream_operations(tensor)
+    # A nested model (an encoder) is one operation of the graph: its own layers count too.
+    layers += [
+        inner for layer in layers if isinstance(layer, keras.Model) for inner in layer._flatten_layers()
+    ]
     stateful = [layer.name for layer in layers if _is_stateful(layer)]
     if stateful:
         raise ExportConfigError(

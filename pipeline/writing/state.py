@@ -126,12 +126,13 @@ def check_output_state(directory: str, overwrite: bool) -> OutputState:
 def _parents(directory: str) -> list[str]:
     """The directories above `directory`, nearest first: locally in absolute form, up to a URI's bucket."""
     if is_local(directory):
-        path = os.path.abspath(directory)
-        parents = []
-        while os.path.dirname(path) != path:
-            path = os.path.dirname(path)
-            parents.append(path)
-        return parents
+        parents: list[str] = []
+        # Through a symbolic link the directory is also below where the link points.
+        for path in dict.fromkeys((os.path.abspath(directory), os.path.realpath(directory))):
+            while os.path.dirname(path) != path:
+                path = os.path.dirname(path)
+                parents.append(path)
+        return list(dict.fromkeys(parents))
     scheme, _, rest = directory.rstrip("/").partition("://")
     parts = rest.split("/")
     return [f"{scheme}://{'/'.join(parts[:end])}" for end in range(len(parts) - 1, 0, -1)]
