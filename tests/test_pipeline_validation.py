@@ -396,7 +396,7 @@ def test_a_kept_field_in_no_record_is_said_in_the_summary_and_the_manifest(bundl
     output = tmp_path / "out"
     assert main(export_args(bundle, corpus, output, "--keep_fields", "kind,knd")) == 0
     out = capsys.readouterr().out
-    assert "--keep_fields 'knd' is in no record (null in all 12 rows): check its name" in out
+    assert "--keep_fields 'knd' is missing or null in all 12 rows: check its name" in out
     assert "'kind'" not in out
     assert read_manifest(str(output))["counts"]["kept_fields_null"] == {"kind": 0, "knd": 12}
 

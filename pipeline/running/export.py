@@ -371,7 +371,7 @@ def _run_and_commit(
         field for field, nulls in kept_nulls.items() if accounting.rows and nulls == accounting.rows
     ]
     for field in never_found:
-        logging.warning("--keep_fields %r is in no record: null in all %d rows.", field, accounting.rows)
+        logging.warning("--keep_fields %r is missing or null in all %d rows.", field, accounting.rows)
     # A failed run never replaces a succeeded export (its dead letters go to _failed/RUN/).
     try:
         earlier = read_manifest(plan.output)

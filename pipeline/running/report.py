@@ -140,8 +140,8 @@ def format_summary(summary: ExportSummary) -> str:
             else []
         ),
         *(
-            f"  warning          --keep_fields {field!r} is in no record (null in all "
-            f"{summary.rows_written} rows): check its name"
+            f"  warning          --keep_fields {field!r} is missing or null in all "
+            f"{summary.rows_written} rows: check its name"
             for field in summary.kept_fields_never_found
         ),
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
