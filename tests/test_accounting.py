@@ -1,5 +1,7 @@
 """The verdict on a finished run's counts, as pure logic: no pipeline, no model."""
 
+import dataclasses
+
 import pytest
 
 from pipeline.errors import (
@@ -46,6 +48,17 @@ def test_the_verdict_on_a_runs_counts(counts, resumed, fraction, status, words):
     code, message = verdict(accounting(**counts), resumed, fraction, "OUT/errors")
     assert code == status
     assert words in message
+
+
+def test_too_many_dead_letters_name_their_reasons_and_what_to_check():
+    """All float16_overflow dead letters said "Check --input_format and --input_map"."""
+    counts = accounting()
+    code, message = verdict(counts, None, 0.1, "OUT/errors")
+    assert code == EXIT_TOO_MANY_ERRORS and "(malformed_json: 2)" in message and "--input_format" in message
+    _, message = verdict(
+        dataclasses.replace(counts, by_reason={"float16_overflow": 2}), None, 0.1, "OUT/errors"
+    )
+    assert "(float16_overflow: 2)" in message and "export with --dtype float32" in message
 
 
 def test_unknown_records_read_are_recorded_as_none():

@@ -96,6 +96,17 @@ def account(
     )
 
 
+# What to check when most records were dead-lettered, by the most frequent reason.
+_HINTS = {
+    "": "Check --input_format and --input_map",
+    "float16_overflow": "The model's values exceed float16's range: export with --dtype float32",
+    "inference_failed": "The model failed on the documents: the dead letters' messages say how",
+    "duplicate_id": "Check --id_field: most ids repeat",
+    "too_large": "Raise --max_record_bytes, or check --input_format",
+    "empty_document": "No text gave a token: check --input_map and the tokenizer",
+}
+
+
 def verdict(
     accounting: Accounting, resumed: Resumption | None, max_error_fraction: float, errors_dir: str
 ) -> tuple[int, str]:
@@ -118,10 +129,12 @@ def verdict(
             "lost, and how many is unknown."
         )
     if counted and dead / counted > max_error_fraction:
+        reasons = sorted(accounting.by_reason.items(), key=lambda item: -item[1])
+        most = ", ".join(f"{reason}: {count}" for reason, count in reasons[:3])
+        hint = _HINTS.get(reasons[0][0], _HINTS[""]) if reasons else _HINTS[""]
         return EXIT_TOO_MANY_ERRORS, (
-            f"{dead} of {counted} records ({dead / counted:.0%}) were dead-lettered, more than "
-            f"--max_error_fraction={max_error_fraction}. Check --input_format and "
-            f"--input_map; the reasons are in {errors_dir}."
+            f"{dead} of {counted} records ({dead / counted:.0%}) were dead-lettered ({most}), more "
+            f"than --max_error_fraction={max_error_fraction}. {hint}; the reasons are in {errors_dir}."
         )
     if not accounting.exact:
         return EXIT_ACCOUNTING_UNVERIFIED, (
