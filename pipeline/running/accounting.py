@@ -100,6 +100,10 @@ def account(
 _HINTS = {
     "": "Check --input_format and --input_map",
     "float16_overflow": "The model's values exceed float16's range: export with --dtype float32",
+    "malformed_json": (
+        "Check --input_format: JSON Lines holds one JSON object per line (a file that is one JSON "
+        "array is not; its first dead letter says how to convert it)"
+    ),
     "inference_failed": "The model failed on the documents: the dead letters' messages say how",
     "duplicate_id": "Check --id_field: most ids repeat",
     "too_large": "Raise --max_record_bytes, or check --input_format",
