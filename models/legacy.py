@@ -177,8 +177,9 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
         hint = ""
         if lambdas:
             hint = (
-                " Lambda layers are stored as bytecode of the Python version that saved them; load "
-                "the file with that Python version."
+                " Lambda layers are stored as Python bytecode: they load only on the Python version "
+                "that saved them, and run only on their arguments (a lambda that names the saving "
+                "script's `tf` or `np` fails here); replace the Lambda by a Keras layer."
             )
         raise LegacyModelError(
             f"Keras 3 could not rebuild the Keras {version or '2'} model in {path}: "
