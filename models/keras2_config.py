@@ -112,6 +112,33 @@ def lambda_layer_names(config: Config) -> list[str]:
     ]
 
 
+def _activation_name(value: object) -> str | None:
+    # A name ("relu"), or a function as Keras 2 serialises one: {"class_name": "function", "config": NAME}.
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, dict)
+        and value.get("class_name") == "function"
+        and isinstance(value.get("config"), str)
+    ):
+        return value["config"]
+    return None
+
+
+def activation_names(config: Config) -> list[tuple[str, str]]:
+    """(layer name, activation name) of every activation a model config names."""
+    found = []
+    for layer in _walk_layers(config):
+        inner = layer.get("config")
+        if not isinstance(inner, dict):
+            continue
+        for key in _ACTIVATION_KEYS:
+            name = _activation_name(inner.get(key))
+            if name is not None:
+                found.append((inner.get("name", "?"), name))
+    return found
+
+
 def _policy_name(dtype: str | Config | None) -> str | Config | None:
     # tf_keras >= 2.13 stores {"class_name": "Policy", "config": {"name": "float32"}}.
     if isinstance(dtype, dict) and dtype.get("class_name") in ("Policy", "DTypePolicy"):

@@ -28,6 +28,7 @@ from models.keras2_config import (
     SUPPORTED_LAYERS,
     Config,
     LegacyModelError,
+    activation_names,
     lambda_layer_names,
     translate_model_config,
 )
@@ -40,6 +41,14 @@ if typing.TYPE_CHECKING:
 def keras2_hard_sigmoid(x: typing.Any) -> typing.Any:
     """Keras 2's hard_sigmoid, `clip(0.2 x + 0.5, 0, 1)`, which translated Keras 2 configs name."""
     return keras.ops.clip(0.2 * x + 0.5, 0.0, 1.0)
+
+
+def _is_keras_activation(name: str) -> bool:
+    try:
+        keras.activations.get(name)
+    except ValueError:  # Not one of Keras's: a function of the script that saved the model.
+        return False
+    return True
 
 
 class UnsafeModelError(LegacyModelError):
@@ -168,6 +177,13 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     if version.startswith("3."):
         # Keras 3 reads its own legacy-format files.
         return keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+    for layer, name in activation_names(config):
+        if not _is_keras_activation(name):
+            raise LegacyModelError(
+                f"Layer {layer!r} uses the activation {name!r}, a function of the script that saved "
+                "the model, which Keras 3 cannot rebuild from the file. Save the model with a Keras "
+                "activation, or an Activation layer computing the same, and export that file."
+            )
     translated = translate_model_config(config)
     try:
         model = keras.saving.deserialize_keras_object(translated, safe_mode=not allow_unsafe)

@@ -176,6 +176,11 @@ import tensorflow as tf
 mean = tf_keras.layers.Lambda(lambda t: tf.reduce_mean(t, axis=1), output_shape=(5,), name="avg")
 averaged = mean(tf_keras.layers.LSTM(5, return_sequences=True)(tf_keras.layers.Embedding(50, 6)(inputs)))
 tf_keras.Model(inputs, tf_keras.layers.Dense(1)(averaged)).save(os.path.join(out, "lambda_tf.h5"))
+# A Dense whose activation is a function of the saving script.
+def doubled(x):
+    return x * 2
+head = tf_keras.layers.Dense(2, activation=doubled, name="head")(tf_keras.layers.LSTM(3)(embedded))
+tf_keras.Model(inputs, head).save(os.path.join(out, "own_activation.h5"))
 json.dump({}, open(os.path.join(out, "info.json"), "w"))
 """
 
@@ -292,3 +297,12 @@ def test_a_keras2_dot_keras_file_says_to_save_it_as_h5(tmp_path):
         LegacyModelError, match=r"written by Keras 2\.21\.0 \(tf_keras\).*model\.save\('model\.h5'\)"
     ):
         load_model_file(str(path))
+
+
+def test_a_keras2_activation_of_the_saving_script_is_named(keras2_failing):
+    """It was Keras 3's "could not be deserialized properly" over 7 lines, the name far down."""
+    from models.keras2_config import LegacyModelError
+    from models.legacy import load_model_file
+
+    with pytest.raises(LegacyModelError, match="Layer 'head' uses the activation 'doubled', a function"):
+        load_model_file(str(keras2_failing / "own_activation.h5"))
