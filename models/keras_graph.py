@@ -84,7 +84,11 @@ def model_nodes(model: keras.Model, layer: keras.layers.Layer) -> list[Node]:
     other model's calls in `_inbound_nodes` too; Keras's functional model keys
     its own nodes as `f"{id(layer)}_ib-{index}"` in `model._nodes`.
     """
+    # A Sequential model keeps its graph in a functional model of its own; its layers also
+    # keep the nodes of the builds before it, which are no calls of the model.
     own = getattr(model, "_nodes", None)
+    if own is None:
+        own = getattr(getattr(model, "_functional", None), "_nodes", None)
     return [
         node
         for index, node in enumerate(layer._inbound_nodes)

@@ -185,6 +185,18 @@ def test_calls_from_another_model_do_not_count():
         truncate(model, [parse_layer_spec("emb:2")])
 
 
+def test_a_loaded_sequential_models_layers_have_one_call_each(tmp_path):
+    """Keras 3 rebuilds a Sequential when it loads: the nodes of those builds were listed as calls."""
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Embedding(10, 3, name="emb"), keras.layers.LSTM(2)]
+    )
+    model.save(tmp_path / "sequential.keras")
+    loaded = keras.saving.load_model(tmp_path / "sequential.keras")
+    assert {name: len(calls) for name, calls in layer_calls(loaded).items()} == {"emb": 1, "lstm": 1}
+    with pytest.raises(ValueError, match="call"):
+        truncate(loaded, [parse_layer_spec("emb:1")])
+
+
 def test_duplicate_column_names_are_an_error(trained):
     model, _ = trained
     with pytest.raises(ValueError, match=r"same column \['emb'\]"):
