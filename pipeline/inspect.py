@@ -185,7 +185,10 @@ def forward_pass_lines(model: keras.Model, rows: Sequence[LayerRow]) -> list[str
         return []
     passes = describe_forward_passes(tensors)
     width = max(len(spec) for spec in passes)
-    lines = ["Forward pass per --layer (fast: exact fast path; hybrid: Keras layers on fast outputs):"]
+    lines = [
+        "Forward pass per --layer (fast: exact fast path; hybrid: Keras layers on fast outputs; "
+        "the run checks either against Keras on a sample batch and records keras if it differs):"
+    ]
     lines += [f"  {spec:<{width}}  {p.engine} ({p.reason})" for spec, p in passes.items()]
     return lines
 
