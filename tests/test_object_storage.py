@@ -210,7 +210,9 @@ def test_an_s3_models_local_copy_is_removed_once_loaded(s3_endpoint, export, mon
     ],
     ids=["missing_bucket", "bucket", "bucket_slash"],
 )
-def test_an_output_bucket_that_cannot_take_an_export_is_one_error(s3_endpoint, export, output, pattern):
+def test_an_output_bucket_that_cannot_take_an_export_is_one_error(
+    s3_endpoint, export, output, pattern, caplog
+):
     """A missing bucket ended in tracebacks and exit 1; a bucket root retried for minutes."""
     from pipeline.errors import ExportConfigError
 
@@ -219,6 +221,8 @@ def test_an_output_bucket_that_cannot_take_an_export_is_one_error(s3_endpoint, e
         share_one_s3_client(patch, s3_endpoint)
         with pytest.raises(ExportConfigError, match=pattern):
             run_export(flags + s3_flags(s3_endpoint))
+    # Beam's client logs the failed upload with its traceback: the error line says it all.
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 def test_missing_s3_model_is_a_launch_error(s3_endpoint, export, tmp_path):

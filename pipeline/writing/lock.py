@@ -30,6 +30,34 @@ class LockHolder(TypedDict):
     started: float
 
 
+class _HeldErrorLogs(logging.Filter):
+    """Holds the ERROR logs (Beam's object-store clients log each failed upload with its traceback)
+    of a block; let through when it succeeds, dropped when its error becomes our one `error:` line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self._handlers: list[logging.Handler] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> None:
+        self._handlers = list(logging.getLogger().handlers)
+        for handler in self._handlers:
+            handler.addFilter(self)
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        for handler in self._handlers:
+            handler.removeFilter(self)
+        if kind is None:
+            for record in self.records:
+                logging.getLogger(record.name).handle(record)
+
+
 class OutputLock:
     """Holds an output directory for one run, so two runs never write into one directory.
 
@@ -64,8 +92,10 @@ class OutputLock:
         if is_local(self.directory):
             self._acquire_local()
             return self
+        held = _HeldErrorLogs()
         try:
-            self._acquire_lease()
+            with held:
+                self._acquire_lease()
         except OutputBusyError:
             raise
         except Exception as error:  # No such bucket, no permission to write, no endpoint, ...
