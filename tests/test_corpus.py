@@ -267,5 +267,7 @@ def test_a_text_file_with_carriage_returns_alone_is_not_one_document():
     data = "\r".join(f"document number {n}" for n in range(10)).encode() + b"\r"
     (item,) = _read(_plan("text", field="text"), data)
     assert item["reason"] == "parse_failed" and "tr '\\r' '\\n'" in item["message"]
-    # CRLF line endings stay what they are.
+    # CRLF line endings stay what they are, and so does a stray \r inside a line (pasted console output).
     assert _summary(_read(_plan("text", field="text"), b"one\r\ntwo\r\n")) == [(1, ("one",)), (2, ("two",))]
+    items = _read(_plan("text", field="text"), b"50%\r100% done\nnext\n")
+    assert _summary(items) == [(1, ("50%\r100% done",)), (2, ("next",))]

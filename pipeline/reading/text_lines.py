@@ -139,12 +139,31 @@ def line_records(
         item: Record
         if size > limit:
             item = too_large(source, number, size, limit, line[: schema_lib.RAW_LIMIT * 4])
+        elif plan.input_format == "text" and not end.endswith(b"\n") and b"\r" in line.rstrip(b"\r\n"):
+            item = _carriage_returns(source, number, line)
         else:
             item = guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
         yield offset, item
         offset += consumed
     if listed_size is not None and offset < listed_size:
         raise InputShorter(f"the data ends at byte {offset}, but the launch listed {listed_size} bytes")
+
+
+def _carriage_returns(source: str, number: int, line: bytes) -> Record:
+    """The dead letter of a last line holding carriage returns: a file of old Mac line endings.
+
+    Such a file has no newline at all, so it reads as one line of every document run
+    together; a stray \r inside a line that ends with a newline is text, and kept.
+    """
+    return schema_lib.error_row(
+        source,
+        number,
+        None,
+        PARSE_FAILED,
+        "The file ends its lines with a carriage return (\\r) alone, so its documents would be "
+        "read as one. Convert the line endings (e.g. tr '\\r' '\\n' < FILE > FILE.txt).",
+        line[: schema_lib.RAW_LIMIT * 4],
+    )
 
 
 def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Record:
@@ -154,18 +173,6 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
     except UnicodeDecodeError as error:
         return schema_lib.error_row(source, number, None, INVALID_UTF8, str(error), line)
     if plan.input_format == "text":
-        if "\r" in text:
-            # Old Mac line endings: one "line" would be every document of the file run together.
-            return schema_lib.error_row(
-                source,
-                number,
-                None,
-                PARSE_FAILED,
-                "The line holds a carriage return (\\r) without a newline after it: the file ends its "
-                "lines with \\r alone, so its documents would be read as one. Convert the line "
-                "endings (e.g. tr '\\r' '\\n' < FILE > FILE.txt).",
-                text,
-            )
         fields = {plan.inputs[0].field: text} if plan.inputs else {}
         return fields_to_document(plan, source, number, f"{source}:{number}", fields, text)
     if not text.strip():
