@@ -271,3 +271,19 @@ def test_a_text_file_with_carriage_returns_alone_is_not_one_document():
     assert _summary(_read(_plan("text", field="text"), b"one\r\ntwo\r\n")) == [(1, ("one",)), (2, ("two",))]
     items = _read(_plan("text", field="text"), b"50%\r100% done\nnext\n")
     assert _summary(items) == [(1, ("50%\r100% done",)), (2, ("next",))]
+
+
+def test_parquet_record_sizes_count_lists_of_strings_and_of_ids():
+    """A list<string> column (kept tags) made every row an unreadable_file: string types have no width."""
+    import pyarrow as pa
+
+    from pipeline.reading.parquet_rows import record_sizes
+
+    batch = pa.record_batch(
+        {
+            "tags": pa.array([["ab", "cde"], [], None, ["x"]]),
+            "ids": pa.array([[1, 2], [3], [], None], pa.list_(pa.int32())),
+            "text": pa.array(["four", None, "", "é"]),
+        }
+    )
+    assert record_sizes(batch).tolist() == [5 + 8 + 4, 0 + 4 + 0, 0 + 0 + 0, 1 + 0 + 2]

@@ -53,6 +53,22 @@ def row_group_offset(row_group: pq.RowGroupMetaData) -> int:
 _BYTES_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
 
 
+def _list_sizes(column: pa.Array) -> pa.Array:
+    """Each list's bytes: its values at their width (4 or 8 per token id), or their own bytes (strings)."""
+    values = column.flatten()
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    if any(is_kind(values.type) for is_kind in _BYTES_TYPES):
+        parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+        weights = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
+        return pa.array(np.bincount(parents, weights=weights, minlength=len(column)).astype(np.int64))
+    try:
+        width = max(1, values.type.bit_width // 8)
+    except ValueError:  # Nested or otherwise without a width: count 8 bytes a value.
+        width = 8
+    return pc.multiply(pc.list_value_length(column), width)
+
+
 def record_sizes(batch: pa.RecordBatch) -> np.ndarray:
     """Each row's size in bytes, as --max_record_bytes counts it: its text's UTF-8 bytes, 4 per token id.
 
@@ -67,8 +83,7 @@ def record_sizes(batch: pa.RecordBatch) -> np.ndarray:
         if any(is_kind(kind) for is_kind in _BYTES_TYPES):
             lengths = pc.binary_length(column)
         elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
-            width = max(1, getattr(kind.value_type, "bit_width", 64) // 8)
-            lengths = pc.multiply(pc.list_value_length(column), width)
+            lengths = _list_sizes(column)
         else:
             sizes += 8
             continue
