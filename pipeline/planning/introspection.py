@@ -106,6 +106,17 @@ def column_kind(
     return None
 
 
+def _nested_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers of `model` and of the models nested in it, at any depth, but not the layers a
+    wrapper holds (a Bidirectional's backward layer reads backwards; the wrapper turns it back)."""
+    layers = []
+    for layer in model.layers:
+        layers.append(layer)
+        if isinstance(layer, keras.Model):
+            layers += _nested_layers(layer)
+    return layers
+
+
 def _is_stateful(layer: object) -> bool:
     inner = [layer, getattr(layer, "forward_layer", None), getattr(layer, "backward_layer", None)]
     return any(getattr(candidate, "stateful", False) for candidate in inner)
@@ -125,9 +136,7 @@ def check_computed_per_document(spec: LayerSpec, tensor: keras.KerasTensor, kind
     """
     layers = keras_graph.upstream_operations(tensor)
     # A nested model (an encoder) is one operation of the graph: its own layers count too.
-    layers += [
-        inner for layer in layers if isinstance(layer, keras.Model) for inner in layer._flatten_layers()
-    ]
+    layers += [inner for layer in layers if isinstance(layer, keras.Model) for inner in _nested_layers(layer)]
     stateful = [layer.name for layer in layers if _is_stateful(layer)]
     if stateful:
         raise ExportConfigError(
@@ -229,7 +238,12 @@ def check_float_inputs_feed_an_embedding(
     Raises:
         ExportConfigError: naming the input.
     """
-    nested = [inner for layer in sub_model.layers if isinstance(layer, keras.Model) for inner in layer.layers]
+    nested = [
+        inner
+        for layer in sub_model.layers
+        if isinstance(layer, keras.Model)
+        for inner in _nested_layers(layer)
+    ]
     if any(isinstance(inner, keras.layers.Embedding) for inner in nested):
         return  # An Embedding inside a nested model (an encoder called on each input) is not followed here.
     dtypes = {tensor.name: str(tensor.dtype) for tensor in sub_model.inputs}
