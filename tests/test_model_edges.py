@@ -306,3 +306,40 @@ def test_a_keras2_activation_of_the_saving_script_is_named(keras2_failing):
 
     with pytest.raises(LegacyModelError, match="Layer 'head' uses the activation 'doubled', a function"):
         load_model_file(str(keras2_failing / "own_activation.h5"))
+
+
+def test_nested_encoders_are_followed_for_the_launch_refusals(tmp_path):
+    """A Bidirectional in a nested encoder is no go_backwards layer; an Embedding two models deep is fed;
+    numeric features beside a nested text encoder are still refused."""
+    text = keras.Input(shape=(10,), name="content")  # float32, as Keras 2's Input(shape=(n,))
+    features = keras.Input(shape=(3,), name="feats")
+    embed_block = keras.Sequential(
+        [keras.Input(shape=(10,)), keras.layers.Embedding(50, 4)], name="embed_block"
+    )
+    inner = keras.Input(shape=(10,))
+    bidirectional = keras.layers.Bidirectional(keras.layers.LSTM(3, return_sequences=True), name="bi")
+    encoder = keras.Model(inner, bidirectional(embed_block(inner)), name="encoder")
+    tokens = encoder(text)
+    merged = keras.layers.Concatenate()(
+        [keras.layers.GlobalAveragePooling1D()(tokens), keras.layers.Dense(2, name="feat_dense")(features)]
+    )
+    path = tmp_path / "nested.keras"
+    keras.Model([text, features], keras.layers.Dense(1, name="out")(merged)).save(path)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d0", "content": [5, 6, 7], "feats": [1, 2, 3]}])
+    summary = run_export(
+        export_args(
+            path,
+            corpus,
+            tmp_path / "tokens",
+            "--tokenizer",
+            "none",
+            "--layer",
+            "encoder",
+            "--pooling",
+            "none",
+        )
+    )
+    assert summary.exit_code == 0, summary.message
+    flags = ["--tokenizer", "none", "--layer", "feat_dense", "--input_map", "feats=content"]
+    with pytest.raises(ExportConfigError, match="'feats' takes float32 values and feeds no Embedding"):
+        run_export(export_args(path, corpus, tmp_path / "features", *flags))

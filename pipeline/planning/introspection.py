@@ -238,17 +238,18 @@ def check_float_inputs_feed_an_embedding(
     Raises:
         ExportConfigError: naming the input.
     """
-    nested = [
-        inner
-        for layer in sub_model.layers
-        if isinstance(layer, keras.Model)
-        for inner in _nested_layers(layer)
-    ]
-    if any(isinstance(inner, keras.layers.Embedding) for inner in nested):
-        return  # An Embedding inside a nested model (an encoder called on each input) is not followed here.
+    # An Embedding inside a nested model (an encoder) is fed by the inputs of that model's calls.
+    fed = set(limits)
+    for layer in sub_model.layers:
+        if isinstance(layer, keras.Model) and any(
+            isinstance(inner, keras.layers.Embedding) for inner in _nested_layers(layer)
+        ):
+            for node in keras_graph.model_nodes(sub_model, layer):
+                for tensor in keras_graph.node_inputs(node):
+                    fed.update(keras_graph.input_dependencies(sub_model, tensor))
     dtypes = {tensor.name: str(tensor.dtype) for tensor in sub_model.inputs}
     for info in inputs:
-        if info.takes == IDS_INPUT and "float" in dtypes[info.name] and info.name not in limits:
+        if info.takes == IDS_INPUT and "float" in dtypes[info.name] and info.name not in fed:
             raise ExportConfigError(
                 f"Model input {info.name!r} takes {dtypes[info.name]} values and feeds no Embedding "
                 "layer, so it holds numeric features, not token ids: the export feeds text (or token "
