@@ -150,9 +150,17 @@ def check_not_inside_an_export(directory: str) -> None:
         ExportConfigError: naming the enclosing export or staging directory.
     """
     parents = _parents(directory)
-    for candidate in [directory.rstrip("/"), *parents]:
+    # Through a symbolic link, the directory it names counts too (a link to X/_staging).
+    itself = [directory.rstrip("/")] + ([os.path.realpath(directory)] if is_local(directory) else [])
+    for candidate in [*itself, *parents]:
         if posixpath.basename(candidate) == STAGING:
-            where = "is" if candidate == directory.rstrip("/") else f"is below {candidate!r},"
+            where = (
+                "is"
+                if candidate == directory.rstrip("/")
+                else f"leads to {candidate!r},"
+                if candidate in itself
+                else f"is below {candidate!r},"
+            )
             raise ExportConfigError(
                 f"--output {directory!r} {where} a directory named {STAGING}: exports stage their "
                 "files there, and the next export in the directory above removes it whole. Choose "
