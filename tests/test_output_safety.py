@@ -382,6 +382,20 @@ def test_a_lease_taken_over_is_not_written_back_and_the_run_does_not_commit(tmp_
     assert _read_lock(output)["run"] == "other"  # Its lease is not ours to remove.
 
 
+def test_a_lease_not_renewed_for_a_whole_lease_is_lost_even_if_its_taker_is_gone(tmp_path, monkeypatch):
+    """The run that took it over finished and removed its lease: the stalled run wrote its own back."""
+    output, first = _leased_bucket(tmp_path, monkeypatch, 0.05)
+    first._renewed -= lock_lib.LEASE_SECONDS + 1  # stalled (a sleeping laptop) past a whole lease
+    os.remove(os.path.join(output, layout_lib.LOCK))  # the taker's run came and went
+    deadline = time.time() + 10
+    while first.lost is None and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(OutputBusyError, match="in use by run unknown"):
+        first.check_held()
+    assert not os.path.exists(os.path.join(output, layout_lib.LOCK))
+    first.release()
+
+
 def test_a_run_removes_only_its_own_staging_directory(tmp_path, tiny_bundle):
     corpus = _write_corpus(tmp_path / "c.jsonl", 4)
     output = str(tmp_path / "out")

@@ -87,6 +87,8 @@ class OutputLock:
         self._renewer: threading.Thread | None = None
         # The lease's holder that took it over from this run (object storage), or None.
         self.lost: JsonObject | None = None
+        # When this run last wrote its lease (object storage).
+        self._renewed: float = 0.0
 
     def __enter__(self) -> Self:
         if is_local(self.directory):
@@ -114,6 +116,8 @@ class OutputLock:
         who = (
             f"run {holder.get('run')} (pid {holder.get('pid')} on {holder.get('host')}, started "
             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))})"
+            if holder and "pid" in holder
+            else f"run {holder.get('run')}"
             if holder
             else "another run"
         )
@@ -164,8 +168,10 @@ class OutputLock:
         return True
 
     def _write_lease(self) -> None:
+        renewed = time.time()
         with FileSystems.create(self.path) as handle:
-            handle.write(json.dumps(dict(self.holder, renewed=time.time())).encode("utf-8"))
+            handle.write(json.dumps(dict(self.holder, renewed=renewed)).encode("utf-8"))
+        self._renewed = renewed
 
     def _read_lease(self) -> JsonObject | None:
         if not FileSystems.exists(self.path):
@@ -192,11 +198,12 @@ class OutputLock:
         while not self._stop.wait(LEASE_RENEW_SECONDS):
             try:
                 holder = self._read_lease()
-                if holder and holder.get("run") != self.holder["run"]:
-                    # Not renewed for a whole lease (a sleeping laptop): another run took it over,
-                    # and writing ours back would have both runs hold the output.
-                    self.lost = holder
-                    logging.error("The lock %s was taken over by run %s.", self.path, holder.get("run"))
+                stale = time.time() - self._renewed >= LEASE_SECONDS
+                if stale or (holder and holder.get("run") != self.holder["run"]):
+                    # Not renewed for a whole lease (a sleeping laptop): another run may have taken
+                    # it over, and finished since; writing ours back would have two runs hold it.
+                    self.lost = holder or {"run": "unknown (this run's lease is gone)"}
+                    logging.error("The lock %s was lost: not renewed for a whole lease.", self.path)
                     return
                 self._write_lease()
             except Exception as error:  # A missed renewal is retried; the lease lasts 5 of them.
@@ -208,6 +215,8 @@ class OutputLock:
         Raises:
             OutputBusyError: naming the run that holds it now.
         """
+        if self.lost is None and self._renewer is not None and time.time() - self._renewed >= LEASE_SECONDS:
+            self.lost = {"run": "unknown (this run did not renew its lease for a whole lease)"}
         if self.lost is not None:
             raise self._busy(self.lost)
 
