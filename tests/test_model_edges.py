@@ -343,3 +343,23 @@ def test_nested_encoders_are_followed_for_the_launch_refusals(tmp_path):
     flags = ["--tokenizer", "none", "--layer", "feat_dense", "--input_map", "feats=content"]
     with pytest.raises(ExportConfigError, match="'feats' takes float32 values and feeds no Embedding"):
         run_export(export_args(path, corpus, tmp_path / "features", *flags))
+
+
+def test_the_launch_check_draws_each_inputs_ids_below_its_own_embedding(tmp_path):
+    """A title Embedding(20) beside a content Embedding(1000): ids up to 999 failed Keras's own pass."""
+    content = keras.Input(shape=(12,), dtype="int32", name="content")
+    title = keras.Input(shape=(6,), dtype="int32", name="title")
+    lstm = keras.layers.LSTM(4, name="lstm")(keras.layers.Embedding(1000, 4, name="emb_c")(content))
+    convolved = keras.layers.Conv1D(3, 2, name="conv")(keras.layers.Embedding(20, 4, name="emb_t")(title))
+    pooled = keras.layers.GlobalMaxPooling1D(name="pool")(convolved)
+    merged = keras.layers.Concatenate()([lstm, pooled])
+    path = tmp_path / "two_tables.keras"
+    keras.Model([content, title], keras.layers.Dense(1, name="out")(merged)).save(path)
+    documents = [
+        {"id": "d0", "content": [500, 6, 7], "title": [3, 4]},
+        {"id": "d1", "content": [9], "title": [19]},
+    ]
+    corpus = write_jsonl(tmp_path / "ids.jsonl", documents)
+    flags = ["--tokenizer", "none", "--layer", "lstm", "--layer", "pool"]
+    summary = run_export(export_args(path, corpus, tmp_path / "out", *flags))
+    assert summary.exit_code == 0 and summary.rows_written == 2, summary.message

@@ -52,7 +52,9 @@ def verification_batch(
         for row, count in enumerate(counts):
             if not count:
                 continue
-            tokens = rng.integers(1, max(2, vocabulary_size), count)
+            # Below this input's own smallest Embedding too (another input's may be smaller).
+            limit = min(vocabulary_size, info.id_limit) if info.id_limit else vocabulary_size
+            tokens = rng.integers(1, max(2, limit), count)
             if row % 5 == 4 and count > 2:
                 tokens[count // 2] = 0
             pre = (padding == "pre") == (row % 2 == 0)
@@ -86,7 +88,13 @@ def _cause_line(error: BaseException) -> str:
     for index, line in enumerate(lines[:-1]):
         if "Exception encountered when calling" in line:  # Keras: the cause is the next line.
             return f"{line.split('Exception encountered when calling')[-1].strip()} {lines[index + 1]}"
-    plain = [line for line in lines if not line.startswith(("in user code", "File ", "•"))]
+    plain = [
+        line
+        for line in lines
+        if not line.startswith(("in user code", "File ", "•", "Detected at node", "[["))
+    ]
+    if len(plain) > 1 and plain[0].endswith(":"):  # TensorFlow's "Graph execution error:" ... the cause last.
+        return f"{plain[0]} {plain[-1]}"[:400]
     return plain[0] if plain else type(error).__name__
 
 
