@@ -55,6 +55,11 @@ def test_values_beyond_float16_are_dead_letters_not_infinities(big_values_model,
     assert sorted(e["id"] for e in errors) == ["big_mean", "big_one"]
     assert {e["reason"] for e in errors} == {"float16_overflow"}
     assert "--dtype float32" in errors[0]["message"]
+    # Each document's own value: the mean of its tokens, or its token's.
+    messages = {e["id"]: e["message"] for e in errors}
+    expected = {"big_mean": "100000.8", "big_one": "150001"} if pooling == "mean" else {"big_mean": "300000"}
+    for document_id, value in expected.items():
+        assert f"emb holds {value}, beyond" in messages[document_id], messages[document_id]
     rows = rows_by_id(read_rows(output))
     assert sorted(rows) == [f"d{index}" for index in range(6)]
     for index in range(6):

@@ -263,9 +263,11 @@ class Embedder:
                 return BatchRows(self._record_batch(embedded), embedded.failed, embedded.oov_tokens)
             except schema_lib.Float16Overflow as overflow:
                 failed = embedded.failed + [
-                    schema_lib.document_error_row(document, schema_lib.FLOAT16_OVERFLOW, str(overflow))
-                    for document, bad in zip(embedded.documents, overflow.rows, strict=True)
-                    if bad
+                    schema_lib.document_error_row(
+                        document, schema_lib.FLOAT16_OVERFLOW, overflow.message(row)
+                    )
+                    for row, document in enumerate(embedded.documents)
+                    if overflow.rows[row]
                 ]
                 embedded = _select(embedded, np.flatnonzero(~overflow.rows))._replace(failed=failed)
 

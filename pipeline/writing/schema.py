@@ -198,13 +198,18 @@ def input_fingerprint(texts: Sequence[str], inputs: Sequence[InputInfo]) -> str:
 class Float16Overflow(ValueError):
     """Rows holding a finite value float16 cannot hold (beyond ±65,504): stored, it would be infinite."""
 
-    def __init__(self, column: str, rows: np.ndarray, value: float) -> None:
-        super().__init__(
-            f"{column} holds {value:.7g}, beyond float16's range (±65,504): --dtype float16 would store "
-            "it as infinity. Export with --dtype float32."
-        )
+    def __init__(self, column: str, values: np.ndarray) -> None:
         self.column = column
-        self.rows = rows  # (documents,) bool: the rows holding such a value
+        self.values = values  # (documents,): each row's first such value, NaN for a row without one
+        self.rows = ~np.isnan(values)  # (documents,) bool: the rows holding such a value
+        super().__init__(self.message(int(np.flatnonzero(self.rows)[0])))
+
+    def message(self, row: int) -> str:
+        """What is wrong with row `row` (one of `rows`), and what to do."""
+        return (
+            f"{self.column} holds {self.values[row]:.7g}, beyond float16's range (±65,504): --dtype "
+            "float16 would store it as infinity. Export with --dtype float32."
+        )
 
 
 def _to_float(
@@ -220,15 +225,17 @@ def _to_float(
         return stored
     overflowed = np.isinf(stored) & np.isfinite(values)
     if overflowed.any():
-        by_value = overflowed.any(axis=tuple(range(1, overflowed.ndim)))
-        rows = (
-            by_value
-            if counts is None
-            else np.bincount(
-                np.repeat(np.arange(len(counts)), counts)[by_value], minlength=len(counts)
-            ).astype(bool)
-        )
-        raise Float16Overflow(column, rows, float(np.asarray(values)[overflowed].flat[0]))
+        flat = overflowed.reshape(len(overflowed), -1)
+        firsts = np.asarray(values, np.float64).reshape(len(flat), -1)[
+            np.arange(len(flat)), flat.argmax(axis=1)
+        ]
+        firsts[~flat.any(axis=1)] = np.nan
+        if counts is not None:  # Tokens to their documents; a document's first token wins.
+            documents = np.full(len(counts), np.nan)
+            tokens = np.flatnonzero(~np.isnan(firsts))[::-1]
+            documents[np.repeat(np.arange(len(counts)), counts)[tokens]] = firsts[tokens]
+            firsts = documents
+        raise Float16Overflow(column, firsts)
     return stored
 
 
