@@ -310,3 +310,22 @@ def test_the_summarys_duckdb_line_reads_the_ids_under_a_hive_style_path(tmp_path
     query = re.search(r'duckdb\.sql\(\\"(.*)\\"\)', line).group(1)
     relation = duckdb.sql(query)
     assert relation.columns == ["id", "x"] and sorted(row[0] for row in relation.fetchall()) == ["a", "b"]
+
+
+def test_the_summarys_read_lines_run_for_a_path_with_a_quote(tmp_path):
+    """`it's/out`: the quote ended the SQL string and the Python one."""
+    import subprocess
+    import sys
+
+    from pipeline.running.report import ExportSummary, format_summary
+
+    output = tmp_path / "it's" / "out"
+    output.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a", "b"]}), output / "part-00000-of-00001.parquet")
+    summary = ExportSummary(str(output), 2, 2, 0, {}, 0, 0, 1.0, 0, "")
+    lines = [line for line in format_summary(summary).splitlines() if "python -c" in line]
+    assert len(lines) == 2
+    for line in lines:
+        command = line[line.index("python -c") :].replace("python", f"'{sys.executable}'", 1)
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+        assert result.returncode == 0 and "a" in result.stdout, result.stderr[-2000:]

@@ -109,7 +109,9 @@ def format_summary(summary: ExportSummary) -> str:
         return f"\nNothing exported (--dry_run): {summary.message}\n  output           {summary.output}"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
     read = summary.records_read if summary.records_read is not None else "unknown (no committed counters)"
-    pattern = join(summary.output, "part-*.parquet")
+    # Quoted for SQL (a ' doubled) and for Python (escaped) inside the shell's "...".
+    pattern = join(summary.output, "part-*.parquet").replace("'", "''")
+    python_output = summary.output.replace("\\", "\\\\").replace("'", "\\'")
     # DuckDB reads a NAME=value directory as a hive partition, whose value would replace the column NAME.
     source = (
         f"read_parquet('{pattern}', hive_partitioning=false)" if "=" in summary.output else f"'{pattern}'"
@@ -148,7 +150,7 @@ def format_summary(summary: ExportSummary) -> str:
         f"  output           {summary.output}",
         "  read it with     "
         f'python -c "import duckdb; print(duckdb.sql(\\"SELECT * FROM {source} LIMIT 5\\"))"',
-        f"               or python -c \"import pandas as pd; print(pd.read_parquet('{summary.output}', "
+        f"               or python -c \"import pandas as pd; print(pd.read_parquet('{python_output}', "
         f"ignore_prefixes=['_', '.', 'errors']).head())\"",
     ]
     if logging.getLogger().isEnabledFor(logging.DEBUG):
