@@ -188,7 +188,7 @@ def test_calls_from_another_model_do_not_count():
 def test_a_loaded_sequential_models_layers_have_one_call_each(tmp_path):
     """Keras 3 rebuilds a Sequential when it loads: the nodes of those builds were listed as calls."""
     model = keras.Sequential(
-        [keras.Input((5,)), keras.layers.Embedding(10, 3, name="emb"), keras.layers.LSTM(2)]
+        [keras.Input((5,)), keras.layers.Embedding(10, 3, name="emb"), keras.layers.LSTM(2, name="lstm")]
     )
     model.save(tmp_path / "sequential.keras")
     loaded = keras.saving.load_model(tmp_path / "sequential.keras")
