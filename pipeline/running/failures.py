@@ -2,7 +2,6 @@
 
 import contextlib
 import errno
-import logging
 import os
 import shutil
 import signal
@@ -10,24 +9,11 @@ import threading
 from collections.abc import Iterator
 
 from pipeline.errors import ExportConfigError, OutputWriteError, WorkerDiedError
+from pipeline.held_logs import HeldErrorLogs
 from pipeline.running import local_workers
 from pipeline.running import progress as progress_lib
 from pipeline.uris import is_local
 from pipeline.writing.staging import remove_staging, staged_bytes
-
-
-class _HeldErrors(logging.Filter):
-    """Holds back Beam's ERROR records (each with a long traceback) while a local pipeline runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and record.name.startswith("apache_beam"):
-            self.records.append(record)
-            return False
-        return True
 
 
 @contextlib.contextmanager
@@ -37,49 +23,47 @@ def beam_errors_held() -> Iterator[None]:
     A full disk is reported as one `error:` line (see `out_of_space`); Beam would
     first log the same OSError with its traceback from inside the transform.
     """
-    held = _HeldErrors()
-    handlers = list(logging.getLogger().handlers)
-    for handler in handlers:
-        handler.addFilter(held)
     # Beam's threads that talk to a worker process print their tracebacks when it dies.
     thread_errors: list[threading.ExceptHookArgs] = []
     print_thread_error = threading.excepthook
     threading.excepthook = thread_errors.append
     try:
-        yield
-    except BaseException as error:
-        if is_disk_full(error) or isinstance(error, KeyboardInterrupt):
-            held.records.clear()
-            thread_errors.clear()
-            raise
-        refusal = worker_refusal(error)
-        if refusal is not None:  # A worker's ExportConfigError: its one line says it all.
-            held.records.clear()
-            thread_errors.clear()
-            raise ExportConfigError(refusal) from None
-        signals = local_workers.killed_by()
-        if signals:
-            held.records.clear()
-            thread_errors.clear()
+        with HeldErrorLogs("apache_beam") as held:
             try:
-                name = signal.Signals(signals[0]).name
-            except ValueError:  # Not a signal this platform names.
-                name = f"signal {signals[0]}"
-            why = ", perhaps for want of memory" if name == "SIGKILL" else ""
-            raise WorkerDiedError(
-                f"a worker process was killed ({name}{why}); "
-                "nothing was committed: rerun the same command to finish the export (it keeps the rows "
-                "made durable), with --direct_num_workers 1 if memory is short."
-            ) from None
-        raise
+                yield
+            except BaseException as error:
+                explained = is_disk_full(error) or isinstance(error, KeyboardInterrupt)
+                told = None if explained else _told_in_one_line(error)
+                if explained or told is not None:
+                    held.drop()
+                    thread_errors.clear()
+                if told is not None:
+                    raise told from None
+                raise
     finally:
         threading.excepthook = print_thread_error
-        for handler in handlers:
-            handler.removeFilter(held)
-        for record in held.records:
-            logging.getLogger(record.name).handle(record)
         for args in thread_errors:
             print_thread_error(args)
+
+
+def _told_in_one_line(error: BaseException) -> Exception | None:
+    """The one-line error a failed local run becomes: a worker's refusal, or a worker killed; else None."""
+    refusal = worker_refusal(error)
+    if refusal is not None:  # A worker's ExportConfigError: its one line says it all.
+        return ExportConfigError(refusal)
+    signals = local_workers.killed_by()
+    if not signals:
+        return None
+    try:
+        name = signal.Signals(signals[0]).name
+    except ValueError:  # Not a signal this platform names.
+        name = f"signal {signals[0]}"
+    why = ", perhaps for want of memory" if name == "SIGKILL" else ""
+    return WorkerDiedError(
+        f"a worker process was killed ({name}{why}); "
+        "nothing was committed: rerun the same command to finish the export (it keeps the rows "
+        "made durable), with --direct_num_workers 1 if memory is short."
+    )
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:

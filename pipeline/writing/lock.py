@@ -11,6 +11,7 @@ from typing import Any, Literal, Self, TypedDict
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError, OutputBusyError
+from pipeline.held_logs import HeldErrorLogs
 from pipeline.uris import is_local
 from pipeline.writing.files import JsonObject, delete_files, join
 from pipeline.writing.layout import LOCK, new_run_id
@@ -28,34 +29,6 @@ class LockHolder(TypedDict):
     host: str
     pid: int
     started: float
-
-
-class _HeldErrorLogs(logging.Filter):
-    """Holds the ERROR logs (Beam's object-store clients log each failed upload with its traceback)
-    of a block; let through when it succeeds, dropped when its error becomes our one `error:` line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-        self._handlers: list[logging.Handler] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR:
-            self.records.append(record)
-            return False
-        return True
-
-    def __enter__(self) -> None:
-        self._handlers = list(logging.getLogger().handlers)
-        for handler in self._handlers:
-            handler.addFilter(self)
-
-    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        for handler in self._handlers:
-            handler.removeFilter(self)
-        if kind is None:
-            for record in self.records:
-                logging.getLogger(record.name).handle(record)
 
 
 class OutputLock:
@@ -94,18 +67,21 @@ class OutputLock:
         if is_local(self.directory):
             self._acquire_local()
             return self
-        held = _HeldErrorLogs()
-        try:
-            with held:
+        # Beam's object-store clients log each failed upload with its traceback.
+        with HeldErrorLogs() as held:
+            try:
                 self._acquire_lease()
-        except OutputBusyError:
-            raise
-        except Exception as error:  # No such bucket, no permission to write, no endpoint, ...
-            raise ExportConfigError(
-                f"--output {self.directory!r} cannot be written: writing its lock {self.path} "
-                f"failed ({type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}). "
-                "Check that the bucket exists and that these credentials may write to it."
-            ) from None
+            except OutputBusyError:
+                held.drop()
+                raise
+            except Exception as error:  # No such bucket, no permission to write, no endpoint, ...
+                held.drop()
+                first_line = str(error).splitlines()[0][:300] if str(error) else ""
+                raise ExportConfigError(
+                    f"--output {self.directory!r} cannot be written: writing its lock {self.path} "
+                    f"failed ({type(error).__name__}: {first_line}). "
+                    "Check that the bucket exists and that these credentials may write to it."
+                ) from None
         return self
 
     def __exit__(self, *exc_info: object) -> Literal[False]:
