@@ -116,11 +116,7 @@ def _activation_name(value: object) -> str | None:
     # A name ("relu"), or a function as Keras 2 serialises one: {"class_name": "function", "config": NAME}.
     if isinstance(value, str):
         return value
-    if (
-        isinstance(value, dict)
-        and value.get("class_name") == "function"
-        and isinstance(value.get("config"), str)
-    ):
+    if isinstance(value, dict) and isinstance(value.get("config"), str):
         return value["config"]
     return None
 
@@ -235,8 +231,7 @@ def translate_layer_config(layer_config: Config) -> Config:
     if "dtype" in config:
         config["dtype"] = _policy_name(config["dtype"])
     for key in _ACTIVATION_KEYS:
-        value = config.get(key)
-        if value == "hard_sigmoid" or (isinstance(value, dict) and value.get("config") == "hard_sigmoid"):
+        if _activation_name(config.get(key)) == "hard_sigmoid":
             config[key] = copy.deepcopy(_KERAS2_HARD_SIGMOID_CONFIG)
     if class_name == "InputLayer":
         if "batch_input_shape" in config:

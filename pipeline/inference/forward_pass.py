@@ -239,7 +239,7 @@ class Predictor:
             # Traced as the batches will run it: the in-memory runner reuses this trace.
             worst = max_difference(candidate, lambda _: expected, batch)
         except Exception as error:  # A Keras layer the hybrid pass cannot feed (a mask it does not fit).
-            worst, failure = float("inf"), f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            worst, failure = float("inf"), f"{type(error).__name__}: {_cause_line(error)}"
         else:
             failure = ""
         if not worst <= FAST_PATH_TOLERANCE:

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,10 +57,11 @@ SECRET_OPTION_WORDS = ("secret", "token", "password", "connection_string", "acce
 REDACTED = "<redacted>"
 
 
-def _own_flags() -> set[str]:
+@functools.cache
+def _own_flags() -> frozenset[str]:
     parser = argparse.ArgumentParser()
     ExportOptions._add_argparse_args(parser)
-    return {action.dest for action in parser._actions}
+    return frozenset(action.dest for action in parser._actions)
 
 
 def _is_secret(name: str) -> bool:

@@ -174,8 +174,7 @@ class OutputLock:
         while not self._stop.wait(LEASE_RENEW_SECONDS):
             try:
                 holder = self._read_lease()
-                stale = time.time() - self._renewed >= LEASE_SECONDS
-                if stale or (holder and holder.get("run") != self.holder["run"]):
+                if self._lapsed() or (holder and holder.get("run") != self.holder["run"]):
                     # Not renewed for a whole lease (a sleeping laptop): another run may have taken
                     # it over, and finished since; writing ours back would have two runs hold it.
                     self.lost = holder or {"run": "unknown (this run's lease is gone)"}
@@ -185,13 +184,17 @@ class OutputLock:
             except Exception as error:  # A missed renewal is retried; the lease lasts 5 of them.
                 logging.warning("Could not renew the lock %s: %s", self.path, error)
 
+    def _lapsed(self) -> bool:
+        """Whether this run's lease went a whole lease without renewal: another run may have taken it."""
+        return time.time() - self._renewed >= LEASE_SECONDS
+
     def check_held(self) -> None:
         """Raises `OutputBusyError` if another run took the output's lease over from this one.
 
         Raises:
             OutputBusyError: naming the run that holds it now.
         """
-        if self.lost is None and self._renewer is not None and time.time() - self._renewed >= LEASE_SECONDS:
+        if self.lost is None and self._renewer is not None and self._lapsed():
             self.lost = {"run": "unknown (this run did not renew its lease for a whole lease)"}
         if self.lost is not None:
             raise self._busy(self.lost)
