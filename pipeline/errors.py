@@ -9,6 +9,7 @@ EXIT_TOO_MANY_ERRORS = 4  # more than --max_error_fraction of the records were d
 EXIT_RECORDS_LOST = 5  # a file broke part-way: how many records it still held is unknown
 EXIT_OUTPUT_FAILED = 6  # the output could not be written (a full disk, ...); the earlier export is kept
 EXIT_ACCOUNTING_UNVERIFIED = 7  # the runner reported no committed counters: records read unknown
+EXIT_HANGUP = 129  # SIGHUP (the terminal closed; not when started under `nohup`), as shells report it
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
 EXIT_TERMINATED = 143  # SIGTERM (Kubernetes, systemd, CI), as shells report it
 

@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pipeline.errors import (
     EXIT_CONFIG_ERROR,
+    EXIT_HANGUP,
     EXIT_INTERRUPTED,
     EXIT_OUTPUT_FAILED,
     EXIT_TERMINATED,
@@ -38,8 +39,13 @@ if typing.TYPE_CHECKING:
 # processes that they have no semi-persistent directory; neither changes anything.
 # Worker processes' warnings arrive wrapped in a "Worker: ..." message, hence `in`.
 _NOISE = ("Resource module is not available", "No semi_persistent_directory found")
-# The signals that stop a run, and the status each ends it with.
-STOP_SIGNALS: dict[int, int] = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
+# The signals that stop a run, and the status each ends it with. A closed terminal's
+# SIGHUP stops a run like SIGTERM, unless it was started ignoring it (`nohup`).
+STOP_SIGNALS: dict[int, int] = {
+    signal.SIGINT: EXIT_INTERRUPTED,
+    signal.SIGTERM: EXIT_TERMINATED,
+    signal.SIGHUP: EXIT_HANGUP,
+}
 
 
 def _drop_noise(record: logging.LogRecord) -> bool:
@@ -83,23 +89,29 @@ class _Silencer:
         logging.disable(logging.NOTSET)
 
 
+def _tell(line: str) -> None:
+    """Prints `line` on stderr, if it still reaches anything: after SIGHUP the terminal may be gone."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # EIO from a closed terminal, EPIPE from a closed pipe.
+        pass
+
+
 def _interrupted(
     signum: int, committed: ExportSummary | None = None, defaulted_output: str | None = None
 ) -> int:
     """Says how the run stopped: committed before the signal (and how it ended), or what to rerun."""
     if committed is not None and not committed.exit_code:
-        print(
+        _tell(
             f"interrupted: the export was committed to {committed.output} before the run stopped "
-            f"({signal.Signals(signum).name}); it is complete, nothing to rerun.",
-            file=sys.stderr,
+            f"({signal.Signals(signum).name}); it is complete, nothing to rerun."
         )
     elif committed is not None:
-        print(
+        _tell(
             f"interrupted: the export was committed to {committed.output} before the run stopped "
-            f"({signal.Signals(signum).name}), ending with errors (exit status {committed.exit_code}):",
-            file=sys.stderr,
+            f"({signal.Signals(signum).name}), ending with errors (exit status {committed.exit_code}):"
         )
-        print(f"error: {committed.message}", file=sys.stderr)
+        _tell(f"error: {committed.message}")
     else:
         # The staged files stay invisible to readers; the rerun resumes from them (pipeline.writing.resume).
         rerun = (
@@ -107,10 +119,9 @@ def _interrupted(
             if defaulted_output
             else "rerun the same command"
         )
-        print(
+        _tell(
             f"interrupted: nothing was committed; {rerun} to finish the export "
-            "(it keeps the rows this run made durable).",
-            file=sys.stderr,
+            "(it keeps the rows this run made durable)."
         )
     return STOP_SIGNALS.get(signum, EXIT_INTERRUPTED)
 
@@ -154,7 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         silencer.silence()
         raise KeyboardInterrupt
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+    previous = {
+        signum: signal.signal(signum, on_signal)
+        for signum in STOP_SIGNALS
+        # Started under `nohup`: the run is meant to outlive its terminal.
+        if not (signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN)
+    }
     try:
         from pipeline.running.export import run_export
         from pipeline.running.report import format_summary

@@ -29,7 +29,8 @@ from pipeline_fixtures import REPOSITORY, pipeline_command, run_command, snapsho
 from test_object_storage import BUCKET, client, s3_endpoint, s3_flags, share_one_s3_client  # noqa: F401  (fixture)
 
 from pipeline.analysis.dataset import open_documents
-from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, EXIT_TERMINATED, OutputWriteError
+from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, OutputWriteError
+from pipeline.run import STOP_SIGNALS
 from pipeline.running.export import run_export
 from pipeline.writing import commit as commit_lib
 from pipeline.writing import commit_phase as commit_phase_lib
@@ -364,7 +365,9 @@ def test_analyze_finishes_an_interrupted_commit_before_reading(tmp_path, tiny_bu
     assert not commit_lib.has_pending_commit(output)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["sigterm", "sigint", "sighup"]
+)
 @pytest.mark.slow
 def test_a_signal_during_the_commit_waits_for_it(tmp_path, tiny_bundle, signum):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
@@ -380,7 +383,7 @@ def test_a_signal_during_the_commit_waits_for_it(tmp_path, tiny_bundle, signum):
     time.sleep(0.2)  # Let the handler run while the commit is still paused (it must only defer).
     open(marker + ".go", "w").close()
     out, err = process.communicate(timeout=120)
-    assert process.returncode == (EXIT_TERMINATED if signum == signal.SIGTERM else 130), err[-3000:]
+    assert process.returncode == STOP_SIGNALS[signum], err[-3000:]
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
     assert lines == [

@@ -27,7 +27,7 @@ from pipeline.errors import (
     EXIT_TERMINATED,
     EXIT_TOO_MANY_ERRORS,
 )
-from pipeline.run import main
+from pipeline.run import STOP_SIGNALS, main
 from pipeline.running.export import run_export
 from pipeline.writing import layout as layout_lib
 from pipeline.writing import state as state_lib
@@ -251,7 +251,9 @@ def test_sigterm_is_one_interrupted_line_exit_143_and_the_rerun_completes(tmp_pa
     assert len(_complete_export(output)) == 3000
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["sigint", "sigterm", "sighup"]
+)
 @pytest.mark.slow
 def test_a_signal_in_the_forward_pass_prints_only_the_interrupted_line(tmp_path, tiny_bundle, signum):
     corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(400)])
@@ -266,9 +268,7 @@ def test_a_signal_in_the_forward_pass_prints_only_the_interrupted_line(tmp_path,
     process.send_signal(signum)
     open(marker + ".go", "w").close()
     _, err = process.communicate(timeout=120)
-    assert process.returncode == (EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED), err[
-        -3000:
-    ]
+    assert process.returncode == STOP_SIGNALS[signum], err[-3000:]
     assert _quiet_after(err) == [], err[-3000:]
     tail = err[err.index(marker) :] if marker in err else err
     assert [line for line in err.splitlines() if line.startswith("interrupted:")] == [
@@ -276,6 +276,27 @@ def test_a_signal_in_the_forward_pass_prints_only_the_interrupted_line(tmp_path,
         "(it keeps the rows this run made durable)."
     ], tail[-3000:]
     assert err.rstrip().splitlines()[-1].startswith("interrupted:")
+
+
+@pytest.mark.slow
+def test_a_run_started_under_nohup_goes_on_after_sighup(tmp_path, tiny_bundle):
+    corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(400)])
+    output = str(tmp_path / "out")
+    marker = str(tmp_path / "inference")
+    argv = pipeline_command(corpus, output, "--model", tiny_bundle[0], "--batch_size", "16")
+    # What `nohup` does: SIGHUP ignored from the start (preexec_fn starts it cold, not forked).
+    process = _hooked(
+        [f"inference_pause:3:{marker}"],
+        argv[3:],
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    _wait_for(marker + ".paused", process)
+    process.send_signal(signal.SIGHUP)
+    open(marker + ".go", "w").close()
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 0, err[-3000:]
+    assert "interrupted:" not in err
+    assert len(_complete_export(output)) == 400
 
 
 # --- point 14: a failed --overwrite keeps the succeeded export ---------------------------------

@@ -7,8 +7,9 @@ and when the launcher leaves, a worker that is still alive prints a gRPC
 traceback as its control stream breaks.  Beam starts each worker with
 `subprocess.Popen(command, shell=True)` in `local_job_service.SubprocessSdkWorker.run`;
 while `ignoring_ctrl_c` is active that call goes through `_Popen`, which starts the
-worker with SIGINT ignored (an ignored signal stays ignored across `exec`, and
-Python then installs no KeyboardInterrupt handler) and remembers it, so that
+worker with SIGINT and SIGHUP (a closed terminal's) ignored (an ignored signal
+stays ignored across `exec`, and Python then installs no KeyboardInterrupt
+handler) and remembers it, so that
 `kill_workers` can stop it with SIGKILL, which prints nothing.  The workers stay in
 the terminal's process group: a background group would be stopped by SIGTTOU when
 it writes to a terminal set to `stty tostop`, and a SIGTERM or SIGKILL sent to the
@@ -23,8 +24,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-# The shell of `shell=True` sets SIGINT to ignored, then becomes the worker.
-_IGNORE_CTRL_C = "trap '' INT; exec "
+# The shell of `shell=True` sets SIGINT and SIGHUP to ignored, then becomes the worker.
+_IGNORE_CTRL_C = "trap '' INT HUP; exec "
 _started: list[subprocess.Popen[bytes]] = []
 # The signals that killed workers of this process's runs (the OOM killer's SIGKILL, ...).
 _killed_by: list[int] = []

@@ -1,7 +1,7 @@
 """Where this process's commit stands, and the stop signals that wait until it is over.
 
 The signal handlers of `pipeline.run` ask `commit_phase()`: while a commit is
-in flight SIGINT and SIGTERM are deferred (`defer_signal`) rather than cutting
+in flight SIGINT, SIGTERM and SIGHUP are deferred (`defer_signal`) rather than cutting
 it short.  `pipeline.writing.commit` marks its commits with `committing`.
 """
 
@@ -10,7 +10,7 @@ import signal
 from collections.abc import Iterator
 from typing import Literal
 
-# "idle" (nothing of the output touched yet), "committing" (SIGINT and SIGTERM must wait) or "committed".
+# "idle" (nothing of the output touched yet), "committing" (stop signals must wait) or "committed".
 Phase = Literal["idle", "committing", "committed"]
 
 _commit_phase: Phase = "idle"
