@@ -181,6 +181,38 @@ def test_partial_and_repeated_files_are_ignored_and_counted_once(corpus, referen
     assert resumed["rows_kept"] >= kept_rows
 
 
+def _damage_a_vector_page(path):
+    """Flips one byte inside the vector column's last data page; the file still reads without checks."""
+    metadata = pq.read_metadata(path)
+    schema = pq.read_schema(path)
+    group = metadata.row_group(0)
+    chunks = [group.column(index) for index in range(group.num_columns)]
+    [chunk] = [chunk for chunk in chunks if chunk.path_in_schema.startswith(VECTOR_COLUMN + ".")]
+    offset = chunk.data_page_offset + chunk.total_compressed_size - 8
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x10]))
+    damaged = pq.read_table(path, schema=schema)  # No checksum check: it reads, wrong.
+    assert damaged.num_rows == metadata.num_rows
+
+
+@pytest.mark.slow
+def test_a_kept_file_damaged_on_disk_is_embedded_again(corpus, reference, tiny_bundle, tmp_path):
+    output = str(tmp_path / "out")
+    kept = kill_after_files(tiny_bundle[0], corpus, output, 2)
+    before, intact_rows = pq.read_table(kept[0]), rows_in(kept[1:])
+    _damage_a_vector_page(kept[0])
+    assert not pq.read_table(kept[0]).equals(before)
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    assert summary.exit_code == 0, summary.message
+    assert_same_export(output, reference)
+    resumed = state_lib.read_manifest(output)["resumed"]
+    assert resumed["damaged_files_ignored"] == 1
+    assert resumed["rows_kept"] >= intact_rows
+
+
 def test_two_different_copies_of_a_row_stop_the_run(corpus, tiny_bundle, tmp_path, capsys):
     output = str(tmp_path / "out")
     kept = kill_after_files(tiny_bundle[0], corpus, output, 1)

@@ -68,6 +68,8 @@ class Resumption:
     kept_ids_path: str
     partial_files_ignored: int
     duplicate_rows_dropped: int
+    # Closed files whose pages no longer match their checksums (`_intact`): embedded again.
+    damaged_files_ignored: int = 0
     # What the tokenizer counted for the kept rows (`counters.TOKENIZER_COUNTS`), which
     # the rerun does not tokenize again: the launcher adds them to the run's counters.
     tokenizer_counts: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -81,6 +83,7 @@ class Resumption:
             "rows_kept": self.rows_kept,
             "files_kept": len(self.kept_files),
             "partial_files_ignored": self.partial_files_ignored,
+            "damaged_files_ignored": self.damaged_files_ignored,
             "duplicate_rows_dropped": self.duplicate_rows_dropped,
         }
 
@@ -218,6 +221,23 @@ def _complete_rows(path: str, schema: pa.Schema) -> int | None:
     return metadata.num_rows
 
 
+def _intact(path: str) -> bool:
+    """Whether every page of a row file decodes and matches its CRC-32 (`schema.parquet_writer_options`).
+
+    A footer proves the writer closed the file, not that its pages are still what
+    it wrote: a disk can damage them between the kill and the rerun.  Read once,
+    a row group at a time.
+    """
+    try:
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle, page_checksum_verification=True)
+            for group in range(parquet.metadata.num_row_groups):
+                parquet.read_row_group(group)
+    except Exception:  # A checksum mismatch, a page that no longer decompresses or decodes.
+        return False
+    return True
+
+
 def _file_tokenizer_counts(metadata: pq.FileMetaData) -> dict[str, int] | None:
     """The tokenizer's counts of a row file's rows (`shards.TOKENIZER_COUNTS_KEY`), or None."""
     try:
@@ -239,7 +259,9 @@ def _write_table(path: str, table: pa.Table, compression: str) -> None:
     }
     table = table.replace_schema_metadata(metadata or None)
     with FileSystems.create(path) as handle:
-        pq.write_table(table, handle, compression=compression, use_compliant_nested_type=False)
+        pq.write_table(
+            table, handle, compression=compression, use_compliant_nested_type=False, write_page_checksum=True
+        )
 
 
 def _drop_duplicates(files: list[str], plan: ExportPlan) -> tuple[list[str], int, pa.Array]:
@@ -347,7 +369,10 @@ def prepare_resume(directory: str, run_id: str, plan: ExportPlan) -> Resumption:
     writing = _writing_dir(directory, run_id)
     rows_dir = posixpath.dirname(staging_prefixes(directory, run_id)[0])
     schema = schema_lib.output_schema(plan)
-    complete, partial, other = [], [], []
+    complete: list[str] = []
+    partial: list[str] = []
+    damaged: list[str] = []
+    other: list[str] = []
     for path in sorted(list_files(staging)):
         name = posixpath.basename(path)
         in_rows = path.startswith(rows_dir + "/") and name.endswith(".parquet")
@@ -357,6 +382,8 @@ def prepare_resume(directory: str, run_id: str, plan: ExportPlan) -> Resumption:
             other.append(path)
         elif _complete_rows(path, schema) is None:
             partial.append(path)
+        elif not _intact(path):
+            damaged.append(path)
         elif SHARD_NAME.fullmatch(name) and posixpath.dirname(path) == rows_dir:
             # A run killed while naming its shards: the new run names every file again.
             target = join(writing, f"{uuid.uuid4().hex}.parquet")
@@ -364,9 +391,16 @@ def prepare_resume(directory: str, run_id: str, plan: ExportPlan) -> Resumption:
             complete.append(target)
         else:
             complete.append(path)
-    delete_files(partial + other)
+    delete_files(partial + damaged + other)
     if partial:
         _LOGGER.info("Resume: ignoring %d partial row file(s) (no Parquet footer).", len(partial))
+    if damaged:
+        _LOGGER.warning(
+            "Resume: ignoring %d row file(s) whose pages were damaged on disk since they were written "
+            "(their documents are embedded again): %s",
+            len(damaged),
+            ", ".join(damaged),
+        )
     complete, dropped, ids = _drop_duplicates(sorted(complete), plan)
     kept_ids_path = join(staging, KEPT_IDS_FILE)
     counted, tokenizer_counts = _counted_ids(complete)
@@ -389,6 +423,7 @@ def prepare_resume(directory: str, run_id: str, plan: ExportPlan) -> Resumption:
         rows_kept=len(ids),
         kept_ids_path=kept_ids_path,
         partial_files_ignored=len(partial),
+        damaged_files_ignored=len(damaged),
         duplicate_rows_dropped=dropped,
         tokenizer_counts=tokenizer_counts,
     )

@@ -144,10 +144,17 @@ def parquet_writer_options(schema: pa.Schema) -> dict[str, typing.Any]:
     dictionary outgrows a page (vectors barely repeat), and a float's min/max
     prunes nothing; together they cost about a third of the time of writing
     per-token rows.  The values written, and so the rows read back, are the same.
-    Ids, kept fields, token counts and token ids keep both.
+    Ids, kept fields, token counts and token ids keep both.  Every page carries
+    its CRC-32, which a resumed run checks before it keeps a staged file (a page
+    damaged on disk between the kill and the rerun is not committed as rows).
     """
     keep = [path for path, leaf in map(_leaf_path, schema) if not pa.types.is_floating(leaf)]
-    return {"use_compliant_nested_type": False, "use_dictionary": keep, "write_statistics": keep}
+    return {
+        "use_compliant_nested_type": False,
+        "use_dictionary": keep,
+        "write_statistics": keep,
+        "write_page_checksum": True,
+    }
 
 
 # The embedding table (`python -m pipeline.vocabulary`, and `_tables/` of a
