@@ -236,6 +236,23 @@ def test_every_numeric_flag_out_of_range_is_one_error_line_and_exit_2(
     assert is_empty_or_absent(output)
 
 
+@pytest.mark.parametrize("runner", ["Foo", "PrismRunner", "BundleBasedDirectRunner", "InteractiveRunner"])
+def test_a_runner_an_export_does_not_run_on_is_refused_before_anything_is_written(
+    runner, bundle, corpus, tmp_path, capsys
+):
+    """An unknown name was Beam's traceback once the model had loaded and `_staging` existed."""
+    from pipeline.run import main
+
+    output = tmp_path / "out"
+    code = main(export_args(bundle, corpus, output, "--runner", runner))
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: --runner '{runner}' is not a runner"), err
+    assert "DataflowRunner" in lines[0] and "FlinkRunner" in lines[0]
+    assert is_empty_or_absent(output)
+
+
 @pytest.mark.parametrize("id_field", ["", "  "])
 def test_an_empty_id_field_is_refused(id_field, bundle, corpus, tmp_path):
     output = tmp_path / "out"

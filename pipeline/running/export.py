@@ -47,6 +47,7 @@ from pipeline.running.graph import build_pipeline
 from pipeline.running.report import ExportSummary, recorded_command_line, recorded_options
 from pipeline.running.runners import (
     check_direct_workers,
+    check_runner,
     check_worker_paths,
     is_dataflow,
     is_dry_run,
@@ -211,6 +212,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     dry_run = is_dry_run(options)
     # Before anything reads a numeric flag: a value that is not a number is kept as text.
     check_numeric_flags(export_options)
+    check_runner(options)
     check_direct_workers(options)
     if is_dataflow(options):
         check_worker_paths(export_options)

@@ -123,6 +123,34 @@ def worker_tf_threads(options: PipelineOptions, requested: int) -> int:
 MAX_DIRECT_WORKERS = 1024
 
 
+# The runners an export is built and tested for, by Beam's lower-case names without "runner".
+SUPPORTED_RUNNERS = ("direct", "dataflow", "portable", "flink", "spark")
+
+
+def check_runner(options: PipelineOptions) -> None:
+    """Refuses a --runner other than those an export supports, before anything is written.
+
+    Beam itself finds an unknown name only when the pipeline is built, after the
+    model loaded and the staging area was made, and with a traceback; Beam's other
+    runners (Prism, which downloads itself; the bundle-based direct runner;
+    the interactive runner) either cannot run offline or cannot run this graph.
+
+    Raises:
+        ExportConfigError: naming the runners to use.
+    """
+    runner = options.view_as(StandardOptions).runner
+    if runner is None:
+        return
+    name = str(runner).lower()
+    name = name[: -len("runner")] if name.endswith("runner") else name
+    if name not in SUPPORTED_RUNNERS:
+        raise ExportConfigError(
+            f"--runner {runner!r} is not a runner this export runs on: pass DirectRunner (the default, "
+            "this machine), DataflowRunner (docs/dataflow.md), or PortableRunner, FlinkRunner or "
+            "SparkRunner (docs/portable_runners.md)."
+        )
+
+
 def check_direct_workers(options: PipelineOptions) -> None:
     """Refuses a --direct_num_workers the local runner cannot use (negative: an IndexError deep in Beam).
 
