@@ -21,6 +21,7 @@ from pipeline_fixtures import REPOSITORY, TUTORIAL_KERAS2_SCRIPT, pipeline_comma
 
 from models.paths import SAMPLE_CORPUS
 from pipeline.errors import ExportConfigError
+from pipeline.planning.reuse import ROWS_VERSION
 from pipeline.running.export import run_export
 from pipeline.writing import files as files_lib
 from pipeline.writing import layout as layout_lib
@@ -188,6 +189,21 @@ def test_refusals(versions, tmp_path, tiny_bundle):
     with open(old_version / layout_lib.MANIFEST, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle)
     _refused([*base, "--reuse", str(old_version)], "did not record input fingerprints", output)
+
+    # Rows computed by code before a fix that changed some rows' values (Keras 2's hard_sigmoid):
+    # the same model and settings, other vectors.
+    for rows_version, which in ((None, "an earlier"), (ROWS_VERSION + 1, "a later")):
+        other_code = tmp_path / f"rows_version_{rows_version}"
+        shutil.copytree(versions["v1"], other_code)
+        with open(other_code / layout_lib.MANIFEST, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        if rows_version is None:
+            del manifest["reuse_signature"]["rows_version"]
+        else:
+            manifest["reuse_signature"]["rows_version"] = rows_version
+        with open(other_code / layout_lib.MANIFEST, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle)
+        _refused([*base, "--reuse", str(other_code)], f"written by {which} version of this tool", output)
 
 
 def test_reuse_in_place_with_overwrite(versions, tmp_path):

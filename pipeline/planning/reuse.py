@@ -24,6 +24,14 @@ from pipeline.writing import schema as schema_lib
 # A manifest (`_MANIFEST.json`) or one of its entries, as JSON gives it: its values are arbitrary.
 Manifest = Mapping[str, Any]
 
+# How this code computes a row from a model, its settings and a document's text. Raise it
+# with every change that alters some row's values (a fix to a forward pass, a Keras 2
+# translation, pooling, float16 storage): --reuse and a resumed run then refuse rows of
+# the code before, as they refuse another model's. Exports made before it was recorded
+# count as 1; 2 is the first recorded (Keras 2's hard_sigmoid, float32 pooling of
+# float16 values, float16 overflow as dead letters).
+ROWS_VERSION = 2
+
 
 class InputSignature(TypedDict):
     """What `reuse_signature` records of one model input."""
@@ -44,6 +52,7 @@ class ReuseSignature(TypedDict):
     truncating: str
     inputs: list[InputSignature]
     fast_path: str
+    rows_version: int
 
 
 def reuse_signature(plan: ExportPlan) -> ReuseSignature:
@@ -62,7 +71,12 @@ def reuse_signature(plan: ExportPlan) -> ReuseSignature:
         "inputs": [{"name": i.name, "length": i.length, "kind": i.takes} for i in plan.inputs],
         # The fast path equals Keras's forward pass to 1e-5, not bit for bit.
         "fast_path": plan.fast_path,
+        "rows_version": ROWS_VERSION,
     }
+
+
+def _newer(rows_version: object) -> bool:
+    return isinstance(rows_version, int) and rows_version > ROWS_VERSION
 
 
 def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
@@ -98,6 +112,14 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
             "reuse that one from then on."
         )
     current: Mapping[str, Any] = reuse_signature(plan)
+    rows_version = earlier.get("rows_version", 1)
+    if rows_version != ROWS_VERSION:
+        raise ExportConfigError(
+            f"--reuse {uri!r} was written by {'a later' if _newer(rows_version) else 'an earlier'} "
+            f"version of this tool, which computes some rows differently (rows version {rows_version}, "
+            f"now {ROWS_VERSION}): its vectors may differ from this export's. Run one full export "
+            "(without --reuse) and reuse that one from then on."
+        )
     differences = [key for key in current if current[key] != earlier.get(key)]
     if differences:
         details = "; ".join(
