@@ -371,8 +371,19 @@ def test_a_run_killed_before_its_commit_point_is_resumed(killed, corpus, referen
     assert_same_export(output, reference)
 
 
+@pytest.mark.parametrize(
+    "old,new,what",
+    [
+        ("word1", "word2", "is not the one whose row it kept"),
+        # A kept field's value only: the rows kept held the old one.
+        ('"kind": "k"', '"kind": "j"', "is not the one whose row it kept"),
+        # Other ids: no kept row's document is met; those rows would be committed beside the new ones.
+        ('"id": "doc', '"id": "dox', "have their document in the corpus now"),
+    ],
+    ids=["text", "kept_field", "ids"],
+)
 def test_a_corpus_rewritten_with_the_same_size_and_time_is_not_resumed(
-    killed, corpus, tiny_bundle, tmp_path, capsys
+    killed, corpus, tiny_bundle, tmp_path, capsys, old, new, what
 ):
     """tar, cp -p, touch -r: the listing is the same, the texts are not: rows of old text were kept."""
     output = str(tmp_path / "out")
@@ -385,7 +396,7 @@ def test_a_corpus_rewritten_with_the_same_size_and_time_is_not_resumed(
     try:
         # The same bytes but other words, the same size and modification time, at the same path.
         with open(corpus, "w", encoding="utf-8") as handle:
-            handle.write(text.replace("word1", "word2"))
+            handle.write(text.replace(old, new))
         os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     finally:
@@ -395,6 +406,7 @@ def test_a_corpus_rewritten_with_the_same_size_and_time_is_not_resumed(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == EXIT_CONFIG_ERROR and len(lines) == 1, err[-3000:]
     assert "corpus changed since the interrupted run" in lines[0] and "--resume off" in lines[0]
+    assert what in lines[0]
     assert state_lib.read_manifest(output) is None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -18,22 +20,36 @@ from pipeline.reading.documents import Document
 from pipeline.running import counters
 from pipeline.writing import schema as schema_lib
 
-# Column of the kept ids file (`pipeline.writing.resume`): whether the tokenizer's counts
-# of the id's row were kept.
+# Columns of the kept ids file (`pipeline.writing.resume`): whether the tokenizer's counts
+# of the id's row were kept, and what the row was made from (`row_key`).
 KEPT_COUNTED_COLUMN = "counted"
+ROW_KEY_COLUMN = "row_key"
 # Which kept ids a `SkipKeptFn` drops.
 SKIP_ALL, SKIP_COUNTED, SKIP_UNCOUNTED = "all", "counted", "uncounted"
 
 
-def _fingerprint_key(fingerprint: str | None) -> int | None:
-    # The first 64 bits of the SHA-256: enough to tell a changed document, in a third of the memory.
-    return int(fingerprint[:16], 16) if fingerprint else None
+def row_key(fingerprint: str | None, kept: Sequence[str | None]) -> str | None:
+    """What a row was made from, in 16 hex digits: its `input_sha256` and its kept fields' values.
+
+    64 bits of SHA-256: enough to tell a changed document, in a third of the
+    memory. None for a row without a fingerprint.
+    """
+    if not fingerprint:
+        return None
+    if kept:
+        # A kept field rewritten with the same file size and time changes the row too.
+        fingerprint = hashlib.sha256(json.dumps([fingerprint, list(kept)]).encode("utf-8")).hexdigest()
+    return fingerprint[:16]
+
+
+def _key(key: str | None) -> int | None:
+    return int(key, 16) if key else None
 
 
 class _KeptIds:
     """The ids whose rows a resumed run kept, all and those whose tokenizer counts it kept too.
 
-    With each id, the `input_sha256` of its kept row (`_fingerprint_key`). A class,
+    With each id, the `row_key` of its kept row (`ROW_KEY_COLUMN`). A class,
     since `shared.Shared` holds weak references.
     """
 
@@ -44,10 +60,8 @@ class _KeptIds:
         self.ids: frozenset[Hashable] = frozenset(ids)
         counted = table.filter(table.column(KEPT_COUNTED_COLUMN)).column(schema_lib.ID_COLUMN)
         self.counted: frozenset[Hashable] = frozenset(counted.to_pylist())
-        self.fingerprints: dict[Hashable, int | None] = {}
-        if schema_lib.FINGERPRINT_COLUMN in table.column_names:
-            fingerprints = table.column(schema_lib.FINGERPRINT_COLUMN).to_pylist()
-            self.fingerprints = dict(zip(ids, map(_fingerprint_key, fingerprints), strict=True))
+        keys = table.column(ROW_KEY_COLUMN).to_pylist()
+        self.keys: dict[Hashable, int | None] = dict(zip(ids, map(_key, keys), strict=True))
 
 
 # One copy of the kept ids per worker process, however many threads and DoFns use it.
@@ -69,19 +83,19 @@ def row_id(row: dict[str, Any]) -> Hashable:
     return row[schema_lib.ID_COLUMN]
 
 
-def document_fingerprint(inputs: Sequence[InputInfo], document: Document) -> str:
-    """The `input_sha256` a `Document`'s row has (`functools.partial` it with the plan's inputs)."""
-    return schema_lib.input_fingerprint(document.texts, inputs)
+def document_key(inputs: Sequence[InputInfo], document: Document) -> str | None:
+    """The `row_key` a `Document`'s row has (`functools.partial` it with the plan's inputs)."""
+    return row_key(schema_lib.input_fingerprint(document.texts, inputs), document.kept)
 
 
-def tokenized_fingerprint(inputs: Sequence[InputInfo], tokenized: Tokenized) -> str:
-    """The `input_sha256` a `Tokenized` document's row has."""
-    return schema_lib.input_fingerprint(tokenized.document.texts, inputs)
+def tokenized_key(inputs: Sequence[InputInfo], tokenized: Tokenized) -> str | None:
+    """The `row_key` a `Tokenized` document's row has."""
+    return document_key(inputs, tokenized.document)
 
 
-def row_fingerprint(row: dict[str, Any]) -> str | None:
-    """The `input_sha256` of an output row."""
-    return row.get(schema_lib.FINGERPRINT_COLUMN)
+def output_row_key(keep_fields: Sequence[str], row: dict[str, Any]) -> str | None:
+    """The `row_key` of an output row (a dict of its columns) of an export keeping `keep_fields`."""
+    return row_key(row.get(schema_lib.FINGERPRINT_COLUMN), [row.get(name) for name in keep_fields])
 
 
 class SkipKeptFn(beam.DoFn):
@@ -95,17 +109,17 @@ class SkipKeptFn(beam.DoFn):
     """
 
     # Elements are documents, tokenized documents or reused rows: `element_id` knows which,
-    # and `element_fingerprint` what the model sees of them (`input_sha256`).
+    # and `element_key` what their row is made from (`row_key`).
     def __init__(
         self,
         kept_ids_path: str,
         element_id: Callable[[Any], Hashable],
-        element_fingerprint: Callable[[Any], str | None],
+        element_key: Callable[[Any], str | None],
         which: str = SKIP_ALL,
     ):
         self._path = kept_ids_path
         self._element_id = element_id
-        self._element_fingerprint = element_fingerprint
+        self._element_key = element_key
         self._which = which
         self._kept = Metrics.counter(counters.NAMESPACE, counters.ROWS_KEPT)
 
@@ -117,17 +131,18 @@ class SkipKeptFn(beam.DoFn):
             self._ids = kept.ids - kept.counted
         else:
             self._ids = kept.ids
-        self._fingerprints = kept.fingerprints
+        self._keys = kept.keys
 
     def process(self, element: Any) -> Iterator[Any]:
         element_id = self._element_id(element)
         if element_id in self._ids:
-            kept = self._fingerprints.get(element_id)
-            if kept is not None and kept != _fingerprint_key(self._element_fingerprint(element)):
+            kept = self._keys.get(element_id)
+            if kept is not None and kept != _key(self._element_key(element)):
                 raise ExportConfigError(
                     f"The corpus changed since the interrupted run this one resumes: the document "
-                    f"with id {element_id!r} is not the one whose row it kept (its file was rewritten "
-                    "with the same size and modification time). Rerun with --resume off."
+                    f"with id {element_id!r} is not the one whose row it kept (its text or a "
+                    "--keep_fields value; its file was rewritten with the same size and modification "
+                    "time). Rerun with --resume off."
                 )
             self._kept.inc()
             return

@@ -20,10 +20,10 @@ from pipeline.inference.skip_kept import (
     SKIP_COUNTED,
     SKIP_UNCOUNTED,
     SkipKeptFn,
-    document_fingerprint,
     document_id,
-    tokenized_fingerprint,
+    document_key,
     tokenized_id,
+    tokenized_key,
 )
 from pipeline.planning.model_source import load_plan_tokenizer
 from pipeline.planning.plan import ExportPlan
@@ -163,7 +163,7 @@ class EmbedDocuments(beam.PTransform):
                 SkipKeptFn(
                     self._kept_ids_path,
                     document_id,
-                    functools.partial(document_fingerprint, self._plan.inputs),
+                    functools.partial(document_key, self._plan.inputs),
                     SKIP_COUNTED,
                 )
             )
@@ -177,7 +177,7 @@ class EmbedDocuments(beam.PTransform):
                 SkipKeptFn(
                     self._kept_ids_path,
                     tokenized_id,
-                    functools.partial(tokenized_fingerprint, self._plan.inputs),
+                    functools.partial(tokenized_key, self._plan.inputs),
                     SKIP_UNCOUNTED,
                 )
             )

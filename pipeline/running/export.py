@@ -39,6 +39,7 @@ from pipeline.running.counters import (
     DOCUMENTS_TRUNCATED,
     NAMESPACE,
     OOV_TOKENS,
+    ROWS_KEPT,
     read_counters,
 )
 from pipeline.running.dataflow import poll_dataflow
@@ -367,6 +368,14 @@ def _run_and_commit(
     seconds = time.time() - started
 
     accounting = account(read_counters(result, NAMESPACE), staged, plan, resumed)
+    if resumed and accounting.exact and accounting.counters.get(ROWS_KEPT, 0) < resumed.rows_kept:
+        # A kept row whose id the corpus no longer has: rewritten with the same size and time.
+        raise ExportConfigError(
+            f"The corpus changed since the interrupted run this one resumes: of the {resumed.rows_kept:,} "
+            f"rows it kept, only {accounting.counters.get(ROWS_KEPT, 0):,} have their document in the "
+            "corpus now (a file was rewritten with the same size and modification time). Nothing was "
+            "committed; rerun with --resume off."
+        )
     # A kept field null in every row was in no record: a misspelled --keep_fields, said loudly.
     kept_nulls = null_counts([path for path, _ in staged["rows"]], plan.keep_fields)
     never_found = [

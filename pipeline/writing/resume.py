@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError
-from pipeline.inference.skip_kept import KEPT_COUNTED_COLUMN
+from pipeline.inference.skip_kept import KEPT_COUNTED_COLUMN, ROW_KEY_COLUMN, row_key
 from pipeline.planning.plan import ExportPlan
 from pipeline.planning.reuse import reuse_signature
 from pipeline.running.counters import TOKENIZER_COUNTS
@@ -404,15 +404,25 @@ def prepare_resume(directory: str, run_id: str, plan: ExportPlan) -> Resumption:
     complete, dropped, ids = _drop_duplicates(sorted(complete), plan)
     kept_ids_path = join(staging, KEPT_IDS_FILE)
     counted, tokenizer_counts = _counted_ids(complete)
-    # With each kept id, what its row was computed from: a document rewritten since is not skipped.
-    columns = [schema_lib.ID_COLUMN, schema_lib.FINGERPRINT_COLUMN]
+    # With each kept id, what its row was made from (its text and kept fields): a document
+    # rewritten since is not skipped.
+    columns = [schema_lib.ID_COLUMN, schema_lib.FINGERPRINT_COLUMN, *plan.keep_fields]
     kept = (
         pa.concat_tables([_read_table(path, columns) for path in complete])
         if complete
         else pa.table({name: pa.array([], pa.string()) for name in columns})
     )
-    kept_ids = kept.append_column(
-        KEPT_COUNTED_COLUMN, pc.is_in(kept[schema_lib.ID_COLUMN], pa.array(counted, pa.string()))
+    fields = [kept[name].to_pylist() for name in plan.keep_fields]
+    keys = [
+        row_key(fingerprint, [values[index] for values in fields])
+        for index, fingerprint in enumerate(kept[schema_lib.FINGERPRINT_COLUMN].to_pylist())
+    ]
+    kept_ids = pa.table(
+        {
+            schema_lib.ID_COLUMN: kept[schema_lib.ID_COLUMN],
+            ROW_KEY_COLUMN: pa.array(keys, pa.string()),
+            KEPT_COUNTED_COLUMN: pc.is_in(kept[schema_lib.ID_COLUMN], pa.array(counted, pa.string())),
+        }
     )
     _write_table(kept_ids_path, kept_ids, "snappy")
     resumption = Resumption(

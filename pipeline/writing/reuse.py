@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline.errors import ExportConfigError
-from pipeline.inference.skip_kept import SkipKeptFn, row_fingerprint, row_id
+from pipeline.inference.skip_kept import SkipKeptFn, output_row_key, row_id
 from pipeline.planning.plan import ExportPlan
 from pipeline.reading.documents import Document
 from pipeline.running import counters
@@ -163,7 +164,7 @@ class ReuseEarlierRows(beam.PTransform):
         if self._kept_ids_path:
             # Counted as reused above, as in the run that was interrupted; written once, by it.
             reused = reused | "SkipKeptRows" >> beam.ParDo(
-                SkipKeptFn(self._kept_ids_path, row_id, row_fingerprint)
+                SkipKeptFn(self._kept_ids_path, row_id, functools.partial(output_row_key, plan.keep_fields))
             )
         reused = (
             reused
