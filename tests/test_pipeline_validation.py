@@ -439,3 +439,36 @@ def test_the_manifest_and_the_parquet_metadata_describe_the_columns_alike(bundle
                 key == "source_input" and not manifest[name][key] and metadata[name][key] is None
             ), (name, key)
     assert manifest["lstm_content"]["pooling"] is None and manifest["emb"]["pooling"] == "mean"
+
+
+@pytest.mark.parametrize("records", ["", "{broken\n" * 3], ids=["empty_corpus", "all_dead_letters"])
+def test_an_export_without_rows_has_one_empty_shard_that_readers_open(bundle, records, tmp_path, capsys):
+    """Without a row file the summary's own DuckDB line failed ("No files found"), polars too,
+    and pandas read no columns."""
+    import re
+    import subprocess
+
+    import duckdb
+    import polars
+
+    from pipeline.run import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(records, encoding="utf-8")
+    output = tmp_path / "out"
+    code = main(export_args(bundle, str(corpus), output, "--max_error_fraction", "1"))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert sorted(name for name in os.listdir(output) if name.startswith("part-")) == [
+        "part-00000-of-00001.parquet"
+    ]
+    manifest = manifest_of(output)
+    assert [shard["rows"] for shard in manifest["shards"]["rows"]] == [0]
+    columns = duckdb.sql(f"SELECT * FROM '{output}/part-*.parquet'").columns
+    assert columns[0] == "id" and "lstm_content" in columns and "input_sha256" in columns
+    assert polars.read_parquet(f"{output}/part-*.parquet").columns == columns
+    for line in [line for line in out.splitlines() if "python -c" in line]:
+        command = line[line.index("python -c") :].replace("python", f"'{sys.executable}'", 1)
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"rows written\s+0", out)

@@ -431,3 +431,28 @@ def test_a_reuse_export_replaced_after_the_launch_fails_the_run(
     assert "part-00000-of-00001.parquet" in lines[0]
     assert ("changed after launch" if replacement == "same_names" else "cannot be read any more") in lines[0]
     assert state_lib.read_manifest(str(output)) is None
+
+
+def test_a_reuse_export_being_committed_by_another_run_names_reuse(versions, tmp_path):
+    """It said "--output '.../A' is in use ... choose another --output": A was the --reuse, not the output."""
+    from pipeline.writing.lock import OutputLock
+
+    earlier = tmp_path / "earlier"
+    shutil.copytree(versions["v1"], earlier)
+    (earlier / layout_lib.JOURNAL).write_text("{}", encoding="utf-8")  # Another run's commit in flight.
+    output = str(tmp_path / "out")
+    with OutputLock(str(earlier)), pytest.raises(ExportConfigError) as caught:
+        run_export(
+            [
+                "--input",
+                versions["second_path"],
+                "--output",
+                output,
+                "--reuse",
+                str(earlier),
+                *versions["flags"],
+            ]
+        )
+    message = str(caught.value)
+    assert message.startswith(f"--reuse {str(earlier)!r} is being committed by another run"), message
+    assert "--output" not in message

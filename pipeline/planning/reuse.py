@@ -15,7 +15,7 @@ from typing import Any, TypedDict
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.errors import ExportConfigError
+from pipeline.errors import ExportConfigError, OutputBusyError
 from pipeline.planning.locations import check_location
 from pipeline.planning.plan import ExportPlan
 from pipeline.uris import is_local
@@ -93,7 +93,17 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
 
     check_location("reuse", uri)
     # An export whose commit a crash cut short is finished before it is read.
-    finish_interrupted_commit(uri)
+    try:
+        finish_interrupted_commit(uri)
+    except OutputBusyError:
+        raise ExportConfigError(
+            f"--reuse {uri!r} is being committed by another run (an --overwrite of it): wait for that "
+            "run to finish, then rerun this one."
+        ) from None
+    except ExportConfigError:
+        raise
+    except Exception as error:  # Unreadable, no credentials, ...
+        raise ExportConfigError(f"Cannot read --reuse {uri!r}: {type(error).__name__}: {error}") from None
     try:
         manifest = read_manifest(uri)
     except Exception as error:  # Unreadable, not JSON, no credentials, ...

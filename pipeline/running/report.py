@@ -138,7 +138,7 @@ def format_summary(summary: ExportSummary) -> str:
         *(
             [
                 f"  resumed          run {summary.resumed_run}: kept {summary.rows_kept} rows it had "
-                f"finished; embedded the other {summary.rows_written - summary.rows_kept}"
+                f"finished; wrote the other {summary.rows_written - summary.rows_kept}"
             ]
             if summary.resumed_run
             else []

@@ -296,13 +296,35 @@ class WriteShardsFn(beam.DoFn):
             yield WindowedValue(path, GlobalWindow().max_timestamp(), (GlobalWindow(),))
 
 
-class NameShardsFn(beam.DoFn):
-    """Renames the written files to `<prefix>-SSSSS-of-NNNNN.parquet`, in one place after all were written."""
+def write_empty_shard(path: str, plan: ExportPlan) -> None:
+    """Writes a row file of no rows with the export's schema (durable as any row file)."""
+    schema = schema_lib.output_schema(plan)
+    handle = _open_row_file(path)
+    with pq.ParquetWriter(
+        handle.stream, schema, compression=plan.compression, **schema_lib.parquet_writer_options(schema)
+    ):
+        pass
+    handle.close()
 
-    def __init__(self, prefix: str):
+
+class NameShardsFn(beam.DoFn):
+    """Renames the written files to `<prefix>-SSSSS-of-NNNNN.parquet`, in one place after all were written.
+
+    An export without rows (every record a dead letter, an empty corpus) gets one
+    shard of no rows: readers of `part-*.parquet` (DuckDB, polars) fail on a
+    pattern that matches nothing, and pandas reads no columns.
+    """
+
+    def __init__(self, prefix: str, plan: ExportPlan):
         self._prefix = prefix
+        self._plan = plan
 
     def process(self, paths: Sequence[str]) -> Iterator[str]:
+        if not paths:
+            empty = f"{self._prefix}-{0:05d}-of-{1:05d}.parquet"
+            write_empty_shard(empty, self._plan)
+            yield empty
+            return
         paths = sorted(paths)
         targets = [f"{self._prefix}-{index:05d}-of-{len(paths):05d}.parquet" for index in range(len(paths))]
         pending = [
@@ -366,5 +388,5 @@ class WriteEmbeddings(beam.PTransform):
         return (
             paths
             | "CollectShards" >> beam.combiners.ToList()
-            | "NameShards" >> beam.ParDo(NameShardsFn(self._prefix))
+            | "NameShards" >> beam.ParDo(NameShardsFn(self._prefix, self._plan))
         )
