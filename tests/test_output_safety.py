@@ -181,6 +181,42 @@ def test_export_named_files_without_a_manifest_are_refused_and_kept(names, overw
     assert all((output / name).exists() for name in names)
 
 
+def test_another_tools_manifest_and_shard_named_files_the_manifest_does_not_list_are_not_ours(
+    tmp_path, tiny_bundle, capsys
+):
+    """--overwrite deleted a Spark job's part files beside its own _MANIFEST.json, and a user's
+    part-00005-of-00009.parquet inside an export whose manifest does not list it."""
+    import pyarrow as pa
+
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    argv = ["--model", tiny_bundle[0], "--input", corpus, "--overwrite"]
+    spark = tmp_path / "spark_job"
+    (spark / "errors").mkdir(parents=True)
+    (spark / layout_lib.MANIFEST).write_text('{"generator": "someone-elses-spark-job", "files": 3}')
+    for name in (
+        "part-00000-of-00002.parquet",
+        "part-00001-of-00002.parquet",
+        "errors/part-00000-of-00001.parquet",
+    ):
+        pq.write_table(pa.table({"user_id": [1, 2]}), spark / name)
+    before = snapshot(spark)
+    message = _refused(capsys, [*argv, "--output", str(spark)], "no export wrote")
+    assert "_MANIFEST.json" in message
+    assert snapshot(spark) == before
+
+    output = tmp_path / "out"
+    run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", str(output)])
+    for name in ("part-00005-of-00009.parquet", "errors/part-00003-of-00004.parquet"):
+        pq.write_table(pa.table({"mine": [1]}), output / name)
+        before = snapshot(output)
+        message = _refused(capsys, [*argv, "--output", str(output)], "no export wrote")
+        assert name in message
+        assert snapshot(output) == before
+        os.remove(output / name)
+    run_export([*argv, "--output", str(output)])
+    _assert_complete_export(str(output), [f"doc{i}" for i in range(3)])
+
+
 @pytest.mark.parametrize(
     "inner, pattern",
     [

@@ -29,7 +29,17 @@ from pipeline.writing.files import (
     read_json,
     relative_to,
 )
-from pipeline.writing.layout import JOURNAL, KNOWN_DIRECTORY, LOCK, MANIFEST, STAGING, is_ours, new_run_id
+from pipeline.writing.layout import (
+    ERRORS_DIR,
+    JOURNAL,
+    KNOWN_DIRECTORY,
+    LOCK,
+    MANIFEST,
+    SHARD_NAME,
+    STAGING,
+    is_ours,
+    new_run_id,
+)
 from pipeline.writing.staging import remove_staging, staging_runs
 
 OutputState = Literal["empty", "finished", "unfinished", "foreign"]
@@ -55,14 +65,55 @@ def _is_leftover(relative: str, kind: EntryKind) -> bool:
     return kind == "directory" and bool(KNOWN_DIRECTORY.fullmatch(relative))
 
 
+def _manifest_shards(directory: str) -> tuple[bool, frozenset[str] | None]:
+    """(whether `directory`'s manifest is one an export wrote, the shards it lists or None).
+
+    Another tool's `_MANIFEST.json` (JSON without an export's `status` and
+    `shards`) does not make the directory an export, nor its files ours.  A
+    manifest that does not parse is a damaged one of ours (an `--overwrite`
+    replaces it), which lists nothing: its files are told by name.
+    """
+    try:
+        manifest = read_json(join(directory, MANIFEST))
+    except Exception:  # Damaged: not JSON, not UTF-8, unreadable.
+        return True, None
+    if not isinstance(manifest, dict):  # Damaged: an export's manifest is an object.
+        return True, None
+    if not {"status", "shards"} <= manifest.keys():
+        return False, None
+    try:
+        shards = manifest["shards"]
+        listed = frozenset(entry["file"] for role in ("rows", "errors") for entry in shards.get(role, []))
+    except Exception:  # Ours, but damaged inside.
+        return True, None
+    return True, listed
+
+
+def _is_shard(relative: str) -> bool:
+    name = relative[len(ERRORS_DIR) + 1 :] if relative.startswith(ERRORS_DIR + "/") else relative
+    return bool(SHARD_NAME.fullmatch(name))
+
+
 def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[str]]:
     """(the entries no export of ours explains, the relative paths of the others but the lock).
 
-    The lock is the live run's (ours, once we hold it), not a leftover.
+    The lock is the live run's (ours, once we hold it), not a leftover.  In a
+    finished export, a file named like a shard that its manifest does not list
+    is not the export's (a user's, or another job's): it is foreign.
     """
     entries = list(iter_entries(directory))
-    finished = any(kind == "file" and relative in (MANIFEST, JOURNAL) for relative, kind in entries)
-    explains = _entry_is_ours if finished else _is_leftover
+    files = {relative for relative, kind in entries if kind == "file"}
+    journal = JOURNAL in files
+    manifest_ours, listed = _manifest_shards(directory) if MANIFEST in files else (False, None)
+    finished = journal or manifest_ours
+
+    def explains(relative: str, kind: EntryKind) -> bool:
+        if not finished:
+            return _is_leftover(relative, kind)
+        if not journal and listed is not None and kind == "file" and _is_shard(relative):
+            return relative in listed
+        return _entry_is_ours(relative, kind)
+
     foreign = [(relative, kind) for relative, kind in entries if not explains(relative, kind)]
     ours = [relative for relative, kind in entries if explains(relative, kind) and relative != LOCK]
     return foreign, ours
