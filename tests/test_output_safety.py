@@ -394,6 +394,8 @@ def test_lease_on_object_storage_refuses_a_live_holder_and_takes_over_a_stale_on
     # A lease nobody renewed for LEASE_SECONDS is a dead run's.
     with open(os.path.join(output, layout_lib.LOCK), "w") as handle:
         json.dump({"run": "dead", "renewed": time.time() - lock_lib.LEASE_SECONDS - 1}, handle)
+    dead = time.time() - lock_lib.LEASE_SECONDS - 1
+    os.utime(os.path.join(output, layout_lib.LOCK), (dead, dead))  # The store's time of the write too.
     taker = lock_lib.OutputLock(output)
     taker._acquire_lease(settle_seconds=0)
     assert _read_lock(output)["run"] == taker.holder["run"]
@@ -430,6 +432,70 @@ def test_a_lease_not_renewed_for_a_whole_lease_is_lost_even_if_its_taker_is_gone
         first.check_held()
     assert not os.path.exists(os.path.join(output, layout_lib.LOCK))
     first.release()
+
+
+def test_a_live_lease_written_by_a_slow_clock_is_not_taken_over(tmp_path, monkeypatch):
+    """A holder 7 minutes slow wrote old times into its live lease: another host took it over."""
+    output, first = _leased_bucket(tmp_path, monkeypatch, 600)
+    with open(os.path.join(output, layout_lib.LOCK), "w") as handle:  # written now, by a slow clock
+        json.dump(dict(first.holder, renewed=time.time() - 420), handle)
+    with pytest.raises(OutputBusyError, match="is in use by run"):
+        lock_lib.OutputLock(output)._acquire_lease(settle_seconds=0)
+    first.release()
+
+
+def test_a_lease_taken_over_is_found_before_the_commit_whatever_the_renewer_saw(tmp_path, monkeypatch):
+    output, first = _leased_bucket(tmp_path, monkeypatch, 600)  # the renewer would look in 10 minutes
+    with open(os.path.join(output, layout_lib.LOCK), "w") as handle:
+        json.dump({"run": "other", "renewed": time.time()}, handle)
+    with pytest.raises(OutputBusyError, match="in use by run other"):
+        first.check_held()
+    first.release()
+
+
+@pytest.mark.parametrize("change", ["lock_deleted", "directory_moved", "link_switched"])
+def test_a_local_lock_that_is_no_longer_this_runs_is_found_before_the_commit(change, tmp_path):
+    """A `_LOCK` cleared by hand let a second run in; a moved output or a switched link had the run
+    commit into a directory it never locked, over a finished export, without --overwrite."""
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "current").symlink_to(tmp_path / "v1")
+    lock = lock_lib.OutputLock(str(tmp_path / "current"))
+    with lock:
+        lock.check_held()
+        if change == "lock_deleted":
+            os.remove(tmp_path / "v1" / layout_lib.LOCK)
+        elif change == "directory_moved":
+            (tmp_path / "current").unlink()
+            os.rename(tmp_path / "v1", tmp_path / "moved")
+            os.makedirs(tmp_path / "v1")
+            (tmp_path / "current").symlink_to(tmp_path / "v1")
+        else:
+            (tmp_path / "current").unlink()
+            (tmp_path / "current").symlink_to(tmp_path / "v2")
+            with lock_lib.OutputLock(str(tmp_path / "v2")):
+                pass
+        with pytest.raises(ExportConfigError, match="changed while this run worked"):
+            lock.check_held()
+
+
+@pytest.mark.slow
+def test_a_run_whose_lock_was_deleted_commits_nothing(tmp_path, tiny_bundle):
+    from test_commit import _hooked, _wait_for
+
+    corpus = _write_corpus(tmp_path / "c.jsonl", 300)
+    output = str(tmp_path / "out")
+    marker = str(tmp_path / "inference")
+    argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output, "--batch_size", "16"]
+    process = _hooked([f"inference_pause:3:{marker}"], argv)
+    _wait_for(marker + ".paused", process)
+    os.remove(os.path.join(output, layout_lib.LOCK))  # "a stale lock", cleared by hand
+    open(marker + ".go", "w").close()
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == EXIT_CONFIG_ERROR, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "changed while this run worked" in errors[0], err[-3000:]
+    assert state_lib.read_manifest(output) is None
 
 
 def test_a_run_removes_only_its_own_staging_directory(tmp_path, tiny_bundle):

@@ -366,6 +366,9 @@ def _run_and_commit(
         remove_staging(plan.output, run_id)
         raise
     seconds = time.time() - started
+    if lock is not None:
+        # The staged files are only this run's if the output is still the directory it locked.
+        lock.check_held()
 
     accounting = account(read_counters(result, NAMESPACE), staged, plan, resumed)
     if resumed and accounting.exact and accounting.counters.get(ROWS_KEPT, 0) < resumed.rows_kept:

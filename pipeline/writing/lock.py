@@ -144,10 +144,23 @@ class OutputLock:
         return True
 
     def _write_lease(self) -> None:
-        renewed = time.time()
         with FileSystems.create(self.path) as handle:
-            handle.write(json.dumps(dict(self.holder, renewed=renewed)).encode("utf-8"))
-        self._renewed = renewed
+            handle.write(json.dumps(dict(self.holder, renewed=time.time())).encode("utf-8"))
+        # The lease's age on this host: a monotonic clock, which a wall-clock step does not move.
+        self._renewed = time.monotonic()
+
+    def _lease_age(self, holder: JsonObject) -> float:
+        """Seconds since the lease was last written: by the holder's clock, or the store's if later.
+
+        A holder whose clock runs slow writes old times into a live lease; the
+        store's own time of the write (the object's modification time) is not its clock.
+        """
+        written = float(holder.get("renewed", 0) or 0)
+        try:
+            written = max(written, FileSystems.match([self.path])[0].metadata_list[0].last_updated_in_seconds)
+        except Exception:  # No modification time from this store: the holder's word only.
+            pass
+        return time.time() - written
 
     def _read_lease(self) -> JsonObject | None:
         if not FileSystems.exists(self.path):
@@ -160,7 +173,7 @@ class OutputLock:
 
     def _acquire_lease(self, settle_seconds: float = 1.0) -> None:
         holder = self._read_lease()
-        if holder and time.time() - holder.get("renewed", 0) < LEASE_SECONDS:
+        if holder and self._lease_age(holder) < LEASE_SECONDS:
             raise self._busy(holder)
         self._write_lease()
         time.sleep(settle_seconds)
@@ -186,16 +199,43 @@ class OutputLock:
 
     def _lapsed(self) -> bool:
         """Whether this run's lease went a whole lease without renewal: another run may have taken it."""
-        return time.time() - self._renewed >= LEASE_SECONDS
+        return time.monotonic() - self._renewed >= LEASE_SECONDS
 
     def check_held(self) -> None:
-        """Raises `OutputBusyError` if another run took the output's lease over from this one.
+        """Raises unless this run still holds the output, as it must before it commits.
+
+        On object storage the lease is read again: another run may have taken it
+        over since the renewer last looked. Locally, `OUTPUT/_LOCK` must still be
+        the file this run locked: a `_LOCK` deleted (a "stale lock" cleared by
+        hand), an output directory moved or replaced, or a link to it switched,
+        would have this run commit where another run may be, or into a directory
+        it never checked.
 
         Raises:
-            OutputBusyError: naming the run that holds it now.
+            OutputBusyError: another run took the lease over (naming it).
+            ExportConfigError: the output's `_LOCK` is no longer the one this run locked.
         """
-        if self.lost is None and self._renewer is not None and self._lapsed():
-            self.lost = {"run": "unknown (this run did not renew its lease for a whole lease)"}
+        if self._fd is not None:
+            held = os.fstat(self._fd)
+            try:
+                current = os.lstat(self.path)
+                same = (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
+            except OSError:  # Gone, or the directory with it.
+                same = False
+            if not same:
+                raise ExportConfigError(
+                    f"--output {self.directory!r} changed while this run worked: its {LOCK} is not the one "
+                    "this run locked (it was deleted, or the directory was moved or replaced, or a link to "
+                    "it now points elsewhere). Nothing was committed; check what is at --output, then rerun."
+                )
+            return
+        if self.lost is None and self._renewer is not None:
+            if self._lapsed():
+                self.lost = {"run": "unknown (this run did not renew its lease for a whole lease)"}
+            else:
+                holder = self._read_lease()
+                if not holder or holder.get("run") != self.holder["run"]:
+                    self.lost = holder or {"run": "unknown (this run's lease is gone)"}
         if self.lost is not None:
             raise self._busy(self.lost)
 
