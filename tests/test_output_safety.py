@@ -20,7 +20,14 @@ from pipeline_fixtures import REPOSITORY, pipeline_command, snapshot, wait_for_s
 from sizes import SIZES
 
 from models.bundle import MANIFEST_FILE, MODEL_FILE, sha256_file
-from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, ExportConfigError, OutputBusyError
+from pipeline.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OUTPUT_FAILED,
+    ExportConfigError,
+    OutputBusyError,
+    OutputWriteError,
+)
 from pipeline.run import main
 from pipeline.running.export import run_export
 from pipeline.writing import commit as commit_lib
@@ -496,6 +503,45 @@ def test_a_run_whose_lock_was_deleted_commits_nothing(tmp_path, tiny_bundle):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "changed while this run worked" in errors[0], err[-3000:]
     assert state_lib.read_manifest(output) is None
+
+
+def test_a_full_disk_as_the_lock_is_written_is_the_out_of_space_error(tmp_path, monkeypatch):
+    """It said "an export never writes through a symbolic link" (exit 2) and left an empty _LOCK."""
+    import errno
+
+    class _FullDisk:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def write(fd, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    output = tmp_path / "out"
+    monkeypatch.setattr(lock_lib, "os", _FullDisk())
+    with pytest.raises(OutputWriteError, match="ran out of space") as caught:
+        lock_lib.OutputLock(str(output)).__enter__()
+    assert "symbolic link" not in str(caught.value)
+    assert not output.exists()
+
+
+def test_a_full_disk_while_finishing_an_interrupted_commit_at_launch_is_one_error(
+    tmp_path, tiny_bundle, monkeypatch, capsys
+):
+    import errno
+
+    from pipeline.writing import commit as commit_lib
+
+    def disk_full(directory):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
+
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    monkeypatch.setattr(commit_lib, "finish_interrupted_commit", disk_full)
+    code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == EXIT_OUTPUT_FAILED and "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "finishing it failed: No space left on device" in errors[0], err[-3000:]
 
 
 def test_a_run_removes_only_its_own_staging_directory(tmp_path, tiny_bundle):

@@ -533,10 +533,15 @@ def test_a_full_disk_as_the_run_reaches_its_commit_is_one_error(tiny_bundle, tmp
     def disk_full(directory, run_id):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
 
-    monkeypatch.setattr(resume_lib, "mark_committing", disk_full)
-    with pytest.raises(OutputWriteError, match="ran out of space"):
-        run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
-    assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
+    argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS]
+    with monkeypatch.context() as patched:
+        patched.setattr(resume_lib, "mark_committing", disk_full)
+        with pytest.raises(OutputWriteError, match="ran out of space"):
+            run_export(argv)
+    # The finished run's rows are kept: once there is room, the rerun commits them without embedding.
+    assert os.listdir(os.path.join(output, layout_lib.STAGING))
+    summary = run_export(argv)
+    assert summary.exit_code == 0 and summary.rows_kept == summary.rows_written > 0
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.errors import ExportConfigError
+from pipeline.errors import ExportConfigError, OutputWriteError
 from pipeline.planning.options import ExportOptions
 from pipeline.reading.listing import InputFile, list_input
 from pipeline.uris import absolute, absolute_pattern, glob_regex, inside, is_local
@@ -182,9 +182,18 @@ def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFi
         if check_remote:
             # A commit a crash cut short is finished before the output is judged (not by --dry_run).
             from pipeline.writing.commit import finish_interrupted_commit
+            from pipeline.writing.layout import JOURNAL
 
             check_location("output", options.output)
-            if finish_interrupted_commit(options.output) and not options.overwrite:
+            try:
+                finished = finish_interrupted_commit(options.output)
+            except OSError as error:  # A full disk, a read-only filesystem, ...
+                raise OutputWriteError(
+                    f"--output {options.output!r} holds an export whose commit was cut short, and finishing "
+                    f"it failed: {error.strerror or error}. Its journal {JOURNAL} keeps it recoverable: fix "
+                    "the cause (free space), then rerun."
+                ) from None
+            if finished and not options.overwrite:
                 raise ExportConfigError(
                     f"--output {options.output!r} held an export whose commit was cut short; it was "
                     "finished just now, so the output holds that run's complete export. Pass "

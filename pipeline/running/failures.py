@@ -13,7 +13,9 @@ from pipeline.held_logs import HeldErrorLogs
 from pipeline.running import local_workers
 from pipeline.running import progress as progress_lib
 from pipeline.uris import is_local
-from pipeline.writing.staging import remove_staging, staged_bytes
+from pipeline.writing.files import join
+from pipeline.writing.layout import STAGING
+from pipeline.writing.staging import staged_bytes
 
 
 @contextlib.contextmanager
@@ -117,16 +119,21 @@ def out_of_space_reported(output: str, run_id: str) -> Iterator[None]:
 
 
 def out_of_space(output: str, run_id: str) -> OutputWriteError:
-    """Removes what the run staged in `output` and says how much space the export needed."""
+    """Says how much space the export needed; what the run staged in `output` is kept for its rerun.
+
+    Removing it would free the disk but throw away every row made durable (hours of
+    a large export, or a finished run that only lacked room for its commit's
+    journal): the rerun resumes from them once there is room.
+    """
     staged = staged_bytes(output, run_id)
-    # Measured before the removal: a failed writer may hold its deleted file open until we exit.
     free = _free_bytes(output)
-    remove_staging(output, run_id)
     available = f"the {progress_lib.size_text(free + staged)} it had" if free is not None else "what it had"
+    staging = join(output, STAGING, run_id)
     return OutputWriteError(
         f"--output {output!r} ran out of space (no space left on device): this export needs more than "
         f"{available} (free space plus the {progress_lib.size_text(staged)} it had staged when the disk "
-        "filled). Its staged files were removed and an earlier export there is untouched (it stays until "
-        "a new one is committed, so --overwrite needs room for both). Free space or choose another "
-        "--output, then rerun."
+        f"filled). Nothing was committed and an earlier export there is untouched (it stays until a new "
+        f"one is committed, so --overwrite needs room for both). The rows made durable are kept in "
+        f"{staging}: free space, then rerun the same command to continue from them (--resume off, or "
+        "deleting that directory, drops them)."
     )

@@ -133,13 +133,12 @@ def commit(directory: str, run_id: str, staged: StagedShards, manifest: JsonObje
                     f"journal {JOURNAL} keeps the new export recoverable: once the cause is fixed, the "
                     "next run on this output (or `python -m pipeline.analyze` of it) finishes the commit."
                 ) from error
-            # Nothing of the old export was touched; free what this run staged.
-            with contextlib.suppress(Exception):
-                remove_staging(directory, run_id)
+            # Nothing of the old export was touched. The staged export is kept: the rerun
+            # resumes it (a run that did not reach its journal is resumed) rather than embed again.
             raise OutputWriteError(
                 f"Could not commit to --output {directory!r}: {_reason(error)}. The earlier content of "
-                f"the output is untouched; this run's staged files ({staging}/) were removed. Fix the "
-                "cause and rerun."
+                f"the output is untouched; this run's staged files are kept in {join(directory, staging)}/: "
+                "fix the cause, then rerun the same command to commit them without embedding again."
             ) from error
     return manifest
 

@@ -1,5 +1,7 @@
 """Holds an output directory for one run: a kernel lock locally, a renewed lease on object storage."""
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -10,7 +12,7 @@ from typing import Any, Literal, Self, TypedDict
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.errors import ExportConfigError, OutputBusyError
+from pipeline.errors import ExportConfigError, OutputBusyError, OutputWriteError
 from pipeline.held_logs import HeldErrorLogs
 from pipeline.uris import is_local
 from pipeline.writing.files import JsonObject, delete_files, join
@@ -110,6 +112,15 @@ class OutputLock:
             while not self._try_local():
                 pass
         except OSError as error:
+            if error.errno == errno.ENOSPC:
+                if self._created_directory:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.directory)
+                raise OutputWriteError(
+                    f"--output {self.directory!r} ran out of space (no space left on device) as this run "
+                    f"wrote its lock {self.path}: nothing was written. Free space or choose another "
+                    "--output, then rerun."
+                ) from None
             # Below a file, on a read-only filesystem, a _LOCK that is a symbolic link, ...
             raise ExportConfigError(
                 f"--output {self.directory!r} cannot be written: {error.strerror or error} "
@@ -138,8 +149,13 @@ class OutputLock:
             # flock: the lock we got is on a dead inode, so start again.
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(self.holder).encode("utf-8"))
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(self.holder).encode("utf-8"))
+        except OSError:  # A full disk: the lock file we made is ours to remove (we hold it).
+            os.unlink(self.path)
+            os.close(fd)
+            raise
         self._fd = fd
         return True
 
