@@ -460,6 +460,19 @@ def test_two_worker_processes_with_a_limit(corpus, tiny_bundle, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_killed_with_two_processes_resumes_with_one(corpus, reference, tiny_bundle, tmp_path):
+    """What the out-of-memory line advises (--direct_num_workers 1) changed --tf_threads, which was in
+    the signature: the rerun dropped every durable row without a word."""
+    output = str(tmp_path / "out")
+    kept_rows = rows_in(kill_after_files(tiny_bundle[0], corpus, output, 3, *TWO_PROCESSES))
+    one = ("--direct_running_mode=multi_processing", "--direct_num_workers=1")
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, *one])
+    assert summary.exit_code == 0, summary.message
+    assert 0 < kept_rows <= summary.rows_kept
+    assert_same_export(output, reference)
+
+
+@pytest.mark.slow
 def test_a_killed_reuse_run_resumes_with_the_same_counts(corpus, tiny_bundle, tmp_path):
     earlier = str(tmp_path / "v1")
     # Half the documents are in the earlier export: the other half is embedded.

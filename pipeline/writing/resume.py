@@ -107,7 +107,6 @@ def run_signature(plan: ExportPlan, limit: int | None) -> dict[str, Any]:
         "max_record_bytes": plan.max_record_bytes,
         "compression": plan.compression,
         "batch_size": plan.batch_size,
-        "tf_threads": plan.tf_threads,
         "forward_passes": [list(record) for record in plan.forward_passes],
         "limit": limit,
         "reuse": plan.reuse,
@@ -193,8 +192,11 @@ def find_resumable(directory: str, signature: dict[str, Any]) -> str | None:
             _LOGGER.info("Not resuming run %s: it reached its commit (state %r).", run_id, run.get("state"))
         elif run.get("signature") != current:
             changed = _differences(run.get("signature") or {}, current)
-            _LOGGER.info(
-                "Not resuming run %s: it was another export (%s changed).", run_id, ", ".join(changed)
+            # Its rows are about to be removed: say so where it is seen.
+            _LOGGER.warning(
+                "Not resuming run %s: it was another export (%s changed); its staged rows are dropped.",
+                run_id,
+                ", ".join(changed),
             )
         else:
             candidates.append((run.get("attempt_started", 0), run_id))
