@@ -119,10 +119,18 @@ def _interrupted(
             if defaulted_output
             else "rerun the same command"
         )
-        _tell(
+        line = (
             f"interrupted: nothing was committed; {rerun} to finish the export "
             "(it keeps the rows this run made durable)."
         )
+        phase = sys.modules.get("pipeline.writing.commit_phase")
+        recovered = phase.recovered() if phase else []
+        if recovered:
+            line = line.replace("nothing was committed", "nothing of this run was committed") + (
+                f" Before it, an earlier run's interrupted commit into {recovered[0]} was finished: it "
+                "holds that run's complete export (replacing it needs --overwrite)."
+            )
+        _tell(line)
     return STOP_SIGNALS.get(signum, EXIT_INTERRUPTED)
 
 

@@ -396,6 +396,30 @@ def test_a_signal_during_the_commit_waits_for_it(tmp_path, tiny_bundle, signum):
 
 
 @pytest.mark.slow
+def test_a_signal_while_finishing_an_earlier_commit_says_that_commit_was_finished(tmp_path, tiny_bundle):
+    """It said "nothing was committed; rerun the same command", and that rerun was then refused."""
+    new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
+    output = str(tmp_path / "out")
+    argv = pipeline_command(new, output, "--model", tiny_bundle[0])[3:]
+    killed = _hooked(["kill:rename:2"], argv)
+    killed.communicate(timeout=300)
+    assert commit_lib.has_pending_commit(output)
+    marker = str(tmp_path / "recovery")
+    # Paused in the recovery's first rename, at launch: the commit of the killed run.
+    process = _hooked([f"pause:rename:1:{marker}"], argv)
+    _wait_for(marker + ".paused", process)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    open(marker + ".go", "w").close()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == STOP_SIGNALS[signal.SIGTERM], err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and "nothing of this run was committed" in lines[0], err[-3000:]
+    assert f"an earlier run's interrupted commit into {output} was finished" in lines[0]
+    assert _complete_export(output) == sorted(NEW_IDS)
+
+
+@pytest.mark.slow
 def test_a_full_disk_during_the_commit_keeps_the_old_export(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)

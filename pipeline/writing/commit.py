@@ -26,7 +26,7 @@ from typing import Any, Literal, TypedDict
 
 from pipeline.errors import ExportConfigError, OutputWriteError
 from pipeline.uris import is_local
-from pipeline.writing.commit_phase import committing
+from pipeline.writing.commit_phase import committing, note_recovered
 from pipeline.writing.files import (
     FileDigest,
     JsonObject,
@@ -330,6 +330,7 @@ def recover_interrupted_commit(directory: str) -> bool:
     )
     with committing():
         _replay(directory, journal)
+        note_recovered(directory)
     return True
 
 

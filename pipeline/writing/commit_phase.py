@@ -16,6 +16,8 @@ Phase = Literal["idle", "committing", "committed"]
 _commit_phase: Phase = "idle"
 # Signals that arrived while a commit was in flight, for `committing` to deliver after it.
 _deferred_signals: list[int] = []
+# The outputs whose interrupted commit (an earlier run's) this process finished.
+_recovered: list[str] = []
 
 
 def commit_phase() -> Phase:
@@ -28,6 +30,17 @@ def reset_commit_phase() -> None:
     global _commit_phase
     _commit_phase = "idle"
     _deferred_signals.clear()
+    _recovered.clear()
+
+
+def note_recovered(directory: str) -> None:
+    """Records that an earlier run's interrupted commit into `directory` was finished here."""
+    _recovered.append(directory)
+
+
+def recovered() -> list[str]:
+    """The outputs whose earlier run's interrupted commit this run finished (a stopped run says so)."""
+    return list(_recovered)
 
 
 def defer_signal(signum: int) -> None:
