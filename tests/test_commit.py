@@ -395,14 +395,21 @@ def test_a_signal_during_the_commit_waits_for_it(tmp_path, tiny_bundle, signum):
     assert not commit_lib.has_pending_commit(output)
 
 
-@pytest.mark.slow
-def test_a_signal_while_finishing_an_earlier_commit_says_that_commit_was_finished(tmp_path, tiny_bundle):
-    """It said "nothing was committed; rerun the same command", and that rerun was then refused."""
+def _fresh_export_killed_in_its_commit(tmp_path, tiny_bundle):
+    """(output, argv) of a first export killed after its commit point, in its second rename."""
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
     output = str(tmp_path / "out")
     argv = pipeline_command(new, output, "--model", tiny_bundle[0])[3:]
-    killed = _hooked(["kill:rename:2"], argv)
-    killed.communicate(timeout=300)
+    process = _hooked(["kill:rename:2"], argv)
+    process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    return output, argv
+
+
+@pytest.mark.slow
+def test_a_signal_while_finishing_an_earlier_commit_says_that_commit_was_finished(tmp_path, tiny_bundle):
+    """It said "nothing was committed; rerun the same command", and that rerun was then refused."""
+    output, argv = _fresh_export_killed_in_its_commit(tmp_path, tiny_bundle)
     assert commit_lib.has_pending_commit(output)
     marker = str(tmp_path / "recovery")
     # Paused in the recovery's first rename, at launch: the commit of the killed run.
@@ -445,12 +452,7 @@ def test_a_full_disk_during_the_commit_keeps_the_old_export(tmp_path, tiny_bundl
 
 @pytest.mark.slow
 def test_the_rerun_of_a_fresh_export_killed_in_its_commit_says_it_was_finished(tmp_path, tiny_bundle):
-    new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
-    output = str(tmp_path / "out")
-    argv = pipeline_command(new, output, "--model", tiny_bundle[0])[3:]
-    process = _hooked(["kill:rename:2"], argv)
-    process.communicate(timeout=300)
-    assert process.returncode == -signal.SIGKILL
+    output, argv = _fresh_export_killed_in_its_commit(tmp_path, tiny_bundle)
     rerun = run_command([sys.executable, "-m", "pipeline.run", *argv])
     assert rerun.returncode == EXIT_CONFIG_ERROR, rerun.stderr[-2000:]
     assert "was finished just now" in rerun.stderr
