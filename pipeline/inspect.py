@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.planning.cli import add_model_flags
 
@@ -205,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Show only these layers; an unknown name is reported with the closest existing names.",
     )
     args = parser.parse_args(argv)
+    object_storage.configure_for([args.model, args.tokenizer])
 
     from pipeline.errors import ExportConfigError
     from pipeline.planning.model_source import load_model_source

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from models.tokenizer import OOV_ID
+from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.planning.cli import add_model_flags
 from pipeline.writing.schema import VOCABULARY_FILE
@@ -195,12 +196,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.errors import ExportConfigError
 
     model = args.model or DEFAULT_BUNDLE
+    object_storage.configure_for([model, args.tokenizer, args.output])
     try:
         path, rows = export_vocabulary(
             model, args.tokenizer, args.layer, args.output, args.overwrite, args.allow_unsafe_deserialization
         )
     except ExportConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except OSError as error:
+        # Beam's BeamIOError (an OSError): object storage unreachable, no credentials, a full disk.
+        print(
+            f"error: could not read or write {args.output}: {error} On object storage, check the "
+            "credentials (for s3://: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION and, "
+            "for another endpoint, AWS_ENDPOINT_URL).",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG_ERROR
     print(f"Wrote {rows} token vectors to {path}")
     return 0
