@@ -67,6 +67,14 @@ DEFAULT_PLOT = "plot.png"
 DEFAULT_NEIGHBORS_OUT = "neighbors.parquet"
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type of --seed: numpy's generators take seeds of 0 and up."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 0, received {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser: OUTPUT_DIR, then one of the commands and its flags."""
     parser = argparse.ArgumentParser(
@@ -96,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Work on a uniform random sample of at most this many rows, read in one streaming pass, "
         "so memory stays bounded whatever the export's size (default: %(default)s).",
     )
-    sampled.add_argument("--seed", type=int, default=DEFAULT_SEED, help="Sample seed (default: %(default)s).")
+    sampled.add_argument(
+        "--seed", type=non_negative_int, default=DEFAULT_SEED, help="Sample seed (default: %(default)s)."
+    )
     column_help = "Vector column to use (default: the first vector column; 'vector' in a vocabulary)."
 
     neighbors = commands.add_parser(
@@ -220,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--seed",
-        type=int,
+        type=non_negative_int,
         default=DEFAULT_SEED,
         help="Seed of the recall sample (default: %(default)s).",
     )

@@ -414,6 +414,8 @@ def sample_rows(
     """
     if sample < 1:
         raise AnalysisError(f"--sample must be at least 1, received {sample}.")
+    if seed < 0:
+        raise AnalysisError(f"--seed must be at least 0, received {seed}.")
     rng = np.random.default_rng(seed)
     scanner = data.dataset.scanner(
         columns=list(columns), filter=filter, batch_size=batch_rows, batch_readahead=2, fragment_readahead=1

@@ -91,19 +91,19 @@ def plot_projection(
         groups, grouped = _plot_groups(labels)
         values = np.asarray(grouped, dtype=object)
         colours = matplotlib.colormaps["tab10" if len(groups) <= 10 else "tab20"]
+        handles, names = [], []
         for index, group in enumerate(groups):
             mask = values == group
             colour = "lightgrey" if group == OTHER_LABEL else colours(index)
-            axes.scatter(
-                points[mask, 0],
-                points[mask, 1],
-                s=8,
-                alpha=0.6,
-                linewidths=0,
-                color=colour,
-                label=f"{group} ({int(mask.sum())})",
+            handles.append(
+                axes.scatter(points[mask, 0], points[mask, 1], s=8, alpha=0.6, linewidths=0, color=colour)
             )
+            names.append(f"{group} ({int(mask.sum())})")
+        # Handles and names given explicitly: matplotlib leaves out of an automatic legend every
+        # label that starts with "_" (fastText's "__label__sports"), which would leave it empty.
         axes.legend(
+            handles,
+            names,
             title=legend_title,
             loc="upper left",
             bbox_to_anchor=(1.01, 1.0),
