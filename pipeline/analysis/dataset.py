@@ -162,6 +162,9 @@ def open_documents(location: str) -> VectorDataset:
         "`python -m pipeline.run`",
     )
     directory = _filesystem(location)[1]
+    is_directory = filesystem.get_file_info(directory).type == pafs.FileType.Directory
+    if is_directory:
+        check_row_files(location, filesystem, directory, files)
     if not files:
         hint = ""
         if _is_file(filesystem, posixpath.join(directory, VOCABULARY_FILE)):
@@ -175,13 +178,10 @@ def open_documents(location: str) -> VectorDataset:
             f"{location!r} holds no {SHARD_PREFIX}*.parquet files, so it is not the --output of "
             f"`python -m pipeline.run`.{hint}"
         )
-    is_directory = filesystem.get_file_info(directory).type == pafs.FileType.Directory
     if is_directory and not _is_file(filesystem, posixpath.join(directory, MANIFEST)):
         logging.warning(
             "%s has no %s: the export did not finish, so results may be partial.", location, MANIFEST
         )
-    if is_directory:
-        check_row_files(location, filesystem, directory, files)
     dataset = _parquet_dataset(location, filesystem, files)
     if ID_COLUMN not in dataset.schema.names:
         raise AnalysisError(f"{location!r} has no {ID_COLUMN!r} column, so it is not an export of this tool.")
