@@ -422,3 +422,34 @@ def test_vocabulary_refuses_an_output_inside_an_export(export_copy, capsys):
         assert vocabulary.main(["--layer", "emb", "--output", output]) == vocabulary.EXIT_CONFIG_ERROR
         assert "inside the export" in error_line(capsys)
     assert not glob.glob(os.path.join(export_copy, "**", vocabulary.VOCABULARY_FILE + "*"), recursive=True)
+
+
+def test_an_export_that_cannot_be_read_is_not_called_a_mix_of_two_exports(export_dir, monkeypatch, capsys):
+    from pipeline.analysis import dataset
+
+    def unreachable(location):
+        raise OSError("exists() operation failed: Must provide one of client or options")
+
+    monkeypatch.setattr(dataset, "has_pending_commit", unreachable)
+    assert analyze.main([export_dir, "knn-score", "--label", "topic"]) == 2
+    err = error_line(capsys)
+    assert "Cannot read" in err and "credentials" in err and "mix of two exports" not in err
+
+
+def test_batch_words_on_an_export_of_token_ids_use_its_token_table(tmp_path, capsys):
+    output = str(tmp_path / "ids")
+    flags = ["--output", output, "--layer", "emb", "--pooling", "none", "--token_storage", "ids"]
+    summary = run_export([*flags, "--limit", "5"])
+    assert summary.exit_code == 0, summary.message
+    words = tmp_path / "words.txt"
+    words.write_text("socket\nthread\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    argv = [output, "neighbors", "--queries", str(words), "-k", "3", "--out", str(out)]
+    assert analyze.main(argv) == 0
+    answers = pq.read_table(out)
+    data = open_vocabulary(output)
+    expected = [n.key for n in find_neighbors(data, "socket", "vector", k=3)[0]]
+    assert answers.column_names[:3] == ["query", "rank", "token"]
+    assert (
+        answers.to_pylist()[0]["token"] == expected[0] and answers["problem"].null_count == answers.num_rows
+    )
