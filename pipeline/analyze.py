@@ -354,6 +354,13 @@ def run_command(args: argparse.Namespace) -> str:
             return format_neighbors(data, key, column, neighbors, compared)
         neighbors, compared = indexed_neighbors(data, loaded, key, args.k)
         table = format_neighbors(data, key, column, neighbors, compared, loaded.metric, indexed=True)
+        wanted = min(args.k, compared - 1)
+        if len(neighbors) < wanted:
+            # An approximate graph can leave rows unreachable; a short list must not pass for the top k.
+            table += (
+                f"\nThe index found {len(neighbors)} of the {wanted} neighbours asked for; --exact finds "
+                "them all (or rebuild it with higher --connectivity / --expansion_search)."
+            )
         return table + "\n" + describe_index(loaded, data)
     data = open_documents(args.directory)
     if args.command == "plot":

@@ -453,3 +453,18 @@ def test_batch_words_on_an_export_of_token_ids_use_its_token_table(tmp_path, cap
     assert (
         answers.to_pylist()[0]["token"] == expected[0] and answers["problem"].null_count == answers.num_rows
     )
+
+
+def test_an_index_that_finds_fewer_rows_than_asked_says_so(export_copy, capsys):
+    key = pq.read_table(os.path.join(export_copy, SHARD))["id"][0].as_py()
+    # A graph this sparse, searched this narrowly, reaches only part of the rows (one thread: the same graph).
+    poor = ["--connectivity", "2", "--expansion_add", "1", "--expansion_search", "1", "--threads", "1"]
+    assert analyze.main([export_copy, "index", "--column", COLUMN, *poor]) == 0
+    capsys.readouterr()
+    assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN, "-k", str(ROWS - 1)]) == 0
+    out = capsys.readouterr().out
+    listed = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert 0 < len(listed) < ROWS - 1
+    assert f"The index found {len(listed)} of the {ROWS - 1} neighbours asked for" in out
+    assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN, "-k", "1"]) == 0
+    assert "neighbours asked for" not in capsys.readouterr().out
