@@ -429,6 +429,14 @@ def test_analysis_tools_in_a_fresh_process_use_s3_through_the_aws_variables(s3_e
     found = tool("pipeline.analyze", export, "neighbors", "--id", "d0", "--column", "v", "-k", "1")
     assert found.returncode == 0, found.stderr
     assert "d1" in found.stdout and "commit" not in found.stderr
+    queries = tmp_path / "ids.txt"
+    queries.write_text("d0\nd2\n", encoding="utf-8")
+    answers = f"s3://{BUCKET}/answers/fresh.parquet"
+    batch = tool(
+        "pipeline.analyze", export, "neighbors", "--queries", str(queries), "-k", "1", "--out", answers
+    )
+    assert batch.returncode == 0, batch.stderr
+    assert read_parquet(s3_endpoint, "answers/fresh.parquet")["id"].to_pylist() == ["d1", "d1"]
     written = tool("pipeline.vocabulary", "--layer", "emb", "--output", f"s3://{BUCKET}/vocabularies/fresh")
     assert written.returncode == 0, written.stderr
     table = read_parquet(s3_endpoint, "vocabularies/fresh/vocabulary.parquet")

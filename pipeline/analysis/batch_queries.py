@@ -16,6 +16,7 @@ from pipeline.analysis.dataset import AnalysisError, VectorDataset, is_vector_ty
 from pipeline.analysis.exact import exact_top_k, row_count
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K, display_score
+from pipeline.uris import is_local
 from pipeline.writing.schema import ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN
 
 
@@ -214,12 +215,16 @@ def detail_column_name(name: str, fixed: set[str]) -> str:
 
 
 def write_parquet_atomically(table: pa.Table, path: str) -> None:
-    """Writes `table` to the local `path` through a new file of its own, renamed into place.
+    """Writes `table` to `path`; a local one through a new file of its own, renamed into place.
 
     The temporary file is created exclusively (never an existing file or a link
     followed), so nothing already beside `path` is overwritten, and a reader sees
     the old file or the whole new one.
     """
+    if not is_local(path):
+        # An object store's PUT is atomic already: readers see the old object or the new one.
+        pq.write_table(table, path)
+        return
     directory, name = os.path.split(path)
     handle, temporary = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
     try:
