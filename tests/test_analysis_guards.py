@@ -468,3 +468,23 @@ def test_an_index_that_finds_fewer_rows_than_asked_says_so(export_copy, capsys):
     assert f"The index found {len(listed)} of the {ROWS - 1} neighbours asked for" in out
     assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN, "-k", "1"]) == 0
     assert "neighbours asked for" not in capsys.readouterr().out
+
+
+def test_a_plot_that_fails_while_drawing_leaves_the_earlier_file_and_nothing_else(tmp_path, monkeypatch):
+    path = tmp_path / "p.png"
+    path.write_bytes(b"the earlier plot")
+    real = matplotlib.figure.Figure.savefig
+
+    def full_disk(figure, sink, *args, **kwargs):
+        real(figure, sink, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    points = np.random.default_rng(0).normal(size=(10, 2))
+    with pytest.raises(OSError, match="No space left"):
+        plot_projection(points, None, str(path), "t", ["a", "b"])
+    assert path.read_bytes() == b"the earlier plot"
+    assert os.listdir(tmp_path) == ["p.png"]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real)
+    plot_projection(points, ["x"] * 10, str(path), "t", ["a", "b"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["p.png"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -116,7 +119,18 @@ def plot_projection(
     axes.set_ylabel(axis_labels[1])
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    # As batch answers are: a new file of its own beside `path`, renamed over it once whole.
+    directory, name = os.path.split(path)
+    extension = os.path.splitext(name)[1].lstrip(".").lower() or "png"
+    handle, temporary = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as sink:
+            figure.savefig(sink, format=extension)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
     return path
 
 
