@@ -20,6 +20,8 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
+import tempfile
 import typing
 import zipfile
 from collections.abc import Mapping
@@ -106,7 +108,8 @@ def save_bundle(
     """Writes a bundle.
 
     Args:
-        directory: target directory (created; existing bundle files are replaced).
+        directory: target directory: created, or an empty directory, or an earlier bundle
+            (holding only a bundle's files), which is replaced as a whole.
         model: a Keras model whose inputs are named.
         tokenizer: the `Tokenizer` that produced its training ids.
         input_fields: model input name -> corpus field it reads.
@@ -116,8 +119,40 @@ def save_bundle(
 
     Returns:
         The manifest dict that was written.
+
+    Raises:
+        BundleError: `directory` is a file or a link, or holds files that are not a bundle's.
     """
-    os.makedirs(directory, exist_ok=True)
+    check_replaceable(directory)
+    absolute = os.path.abspath(directory)
+    parent = os.path.dirname(absolute)
+    os.makedirs(parent, exist_ok=True)
+    # Written whole in a sibling directory (same filesystem, so renames are atomic), then
+    # swapped in: a failure part-way leaves the earlier bundle as it was, still loadable.
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(absolute)}.writing-")
+    try:
+        # mkdtemp makes it private (0700); a bundle directory gets the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        manifest = _write_bundle_files(staging, model, tokenizer, input_fields, labels, metrics, extra)
+        _swap_in(staging, absolute)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_bundle_files(
+    directory: str,
+    model: keras.Model,
+    tokenizer: Tokenizer,
+    input_fields: Mapping[str, str],
+    labels: Mapping[str, LabelInfo] | None,
+    metrics: Mapping[str, Mapping[str, float]] | None,
+    extra: Mapping[str, typing.Any] | None,
+) -> Manifest:
+    """Writes the bundle's three files into the (empty) `directory`; returns the manifest."""
     model_path = os.path.join(directory, MODEL_FILE)
     tokenizer_path = os.path.join(directory, TOKENIZER_FILE)
     model.save(model_path)
@@ -149,6 +184,46 @@ def save_bundle(
         json.dump(manifest, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
     return manifest
+
+
+def check_replaceable(directory: str) -> None:
+    """Refuses a bundle target whose replacement would destroy something that is not a bundle.
+
+    Raises:
+        BundleError: `directory` is a file or a link, or holds files other than a bundle's.
+    """
+    if os.path.islink(directory) or (os.path.lexists(directory) and not os.path.isdir(directory)):
+        raise BundleError(
+            f"{directory!r} is a file or a link, not a bundle directory; choose a new directory to write."
+        )
+    if not os.path.isdir(directory):
+        return
+    foreign = sorted(set(os.listdir(directory)) - {MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE})
+    if foreign or (os.listdir(directory) and not is_bundle(directory)):
+        named = f" (e.g. {foreign[0]})" if foreign else f" (no {MANIFEST_FILE})"
+        raise BundleError(
+            f"{directory!r} holds files that are not a model bundle's{named}, which writing a bundle "
+            "there would destroy; choose a new or empty directory."
+        )
+
+
+def _swap_in(staging: str, directory: str) -> None:
+    """Puts the finished bundle `staging` at `directory`, in place of an empty one or an earlier bundle."""
+    if not os.path.lexists(directory):
+        os.rename(staging, directory)
+        return
+    if not os.listdir(directory):
+        # rename() replaces an empty directory atomically.
+        os.rename(staging, directory)
+        return
+    aside = staging.replace(".writing-", ".replaced-", 1)
+    os.rename(directory, aside)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(aside, directory)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def is_bundle(path: str) -> bool:

@@ -1,6 +1,9 @@
 """Trains one of the tutorial topologies on a JSONL corpus and writes a model bundle.
 
-    python -m models.train --topology two_inputs_two_outputs --output models/data/default_bundle
+    python -m models.train --topology two_inputs_two_outputs --output my_bundle
+
+An existing bundle is replaced only with --overwrite, and then as a whole (the
+shipped one: `--output models/data/default_bundle --overwrite`).
 
 Documents are split into training and held-out sets by a hash of their id, so
 the split is the same on every run.  At the end it prints held-out accuracy per
@@ -21,10 +24,12 @@ import keras
 import numpy as np
 
 from models import architectures
-from models.bundle import LabelInfo, Manifest, save_bundle
-from models.paths import DEFAULT_BUNDLE, SAMPLE_CORPUS
+from models.bundle import BundleError, LabelInfo, Manifest, check_replaceable, save_bundle
+from models.paths import SAMPLE_CORPUS
 from models.tokenizer import Tokenizer
 
+# A flag, the corpus or the output cannot work (as pipeline.errors.EXIT_CONFIG_ERROR; models/ knows no Beam).
+EXIT_CONFIG_ERROR = 2
 # A corpus record as JSON decodes it.
 Record = dict[str, typing.Any]
 
@@ -69,11 +74,36 @@ def _targets(documents: Sequence[Record], field: str, classes: Sequence[str], on
     return ids.astype("float32").reshape(-1, 1)
 
 
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuses an --output that holds anything but an earlier bundle, and that one without --overwrite.
+
+    Raises:
+        BundleError: saying what is there and what to do.
+    """
+    check_replaceable(output)
+    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+        raise BundleError(
+            f"--output {output!r} already holds a bundle; pass --overwrite to replace it (as a whole), "
+            "or choose another --output."
+        )
+
+
 def train(args: argparse.Namespace) -> Manifest:
-    """Trains per `args` (see `parse_args`) and writes the bundle; returns the manifest."""
+    """Trains per `args` (see `parse_args`) and writes the bundle; returns the manifest.
+
+    Raises:
+        ValueError: a flag, the corpus or the output cannot work (BundleError for the output).
+    """
+    if not 0 < args.holdout < 1:
+        raise ValueError(
+            f"--holdout must be a fraction between 0 and 1 (exclusive), received {args.holdout}: "
+            "training needs documents, and the accuracy report held-out ones."
+        )
+    check_output(args.output, args.overwrite)
     keras.utils.set_random_seed(args.seed)
     documents = read_jsonl(args.corpus)
-    for field in (args.content_field, args.title_field, args.binary_label, args.class_label):
+    fields = (args.id_field, args.content_field, args.title_field, args.binary_label, args.class_label)
+    for field in fields:
         missing = sum(1 for document in documents if field not in document)
         if missing:
             raise ValueError(f"{missing} documents of {args.corpus} have no field {field!r}.")
@@ -83,6 +113,12 @@ def train(args: argparse.Namespace) -> Manifest:
     title_classes = _labels(documents, args.class_label)
     train_docs = [d for d in documents if not is_held_out(d[args.id_field], args.holdout)]
     test_docs = [d for d in documents if is_held_out(d[args.id_field], args.holdout)]
+    if not train_docs or not test_docs:
+        raise ValueError(
+            f"--holdout {args.holdout} splits the {len(documents)} documents of {args.corpus} into "
+            f"{len(train_docs)} for training and {len(test_docs)} held out; both need at least one. "
+            "Choose a fraction nearer 0.2, or a larger corpus."
+        )
 
     tokenizer = Tokenizer.fit(
         (d[args.content_field] + " " + d[args.title_field] for d in train_docs), args.vocabulary_size
@@ -148,6 +184,7 @@ def train(args: argparse.Namespace) -> Manifest:
     # the optimizer's state, which would triple the file's size.
     inference_model = architectures.build_model(args.topology, **sizes)
     inference_model.set_weights(model.get_weights())
+    check_output(args.output, args.overwrite)  # again: something may have appeared while it trained
     manifest = save_bundle(
         args.output,
         inference_model,
@@ -176,15 +213,43 @@ def train(args: argparse.Namespace) -> Manifest:
     return manifest
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, received {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, received {value}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The training flags (`--help` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--topology", choices=architectures.TOPOLOGIES, default="two_inputs_two_outputs")
+    parser.add_argument(
+        "--topology",
+        choices=architectures.TOPOLOGIES,
+        default="two_inputs_two_outputs",
+        help="which tutorial model to build (default: %(default)s).",
+    )
     parser.add_argument(
         "--corpus", default=SAMPLE_CORPUS, help="JSONL corpus (default: the bundled sample corpus)."
     )
     parser.add_argument(
-        "--output", default=DEFAULT_BUNDLE, help="bundle directory to write (default: %(default)s)."
+        "--output",
+        required=True,
+        help="bundle directory to write: new or empty, or an earlier bundle with --overwrite.",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the bundle already at --output, as a whole (never a directory of other files).",
     )
     parser.add_argument("--id_field", default="id", help="field used for the train/held-out split.")
     parser.add_argument("--content_field", default="content", help="field read by the `content` input.")
@@ -194,23 +259,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--class_label", default="topic", help="multi-class label field (out_title).")
     parser.add_argument(
-        "--vocabulary_size", type=int, default=4000, help="embedding rows, ids 0 and 1 included."
+        "--vocabulary_size", type=_positive_int, default=4000, help="embedding rows, ids 0 and 1 included."
     )
-    parser.add_argument("--embedding_dim", type=int, default=300)
-    parser.add_argument("--lstm_units", type=int, default=128)
-    parser.add_argument("--content_length", type=int, default=300, help="token ids per content input.")
-    parser.add_argument("--title_length", type=int, default=20, help="token ids per title input.")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--holdout", type=float, default=0.2, help="fraction of documents held out.")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument(
+        "--embedding_dim", type=_positive_int, default=300, help="values per embedding vector."
+    )
+    parser.add_argument("--lstm_units", type=_positive_int, default=128, help="units of each LSTM.")
+    parser.add_argument(
+        "--content_length", type=_positive_int, default=300, help="token ids per content input."
+    )
+    parser.add_argument("--title_length", type=_positive_int, default=20, help="token ids per title input.")
+    parser.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training set.")
+    parser.add_argument("--batch_size", type=_positive_int, default=64, help="documents per training step.")
+    parser.add_argument(
+        "--holdout", type=float, default=0.2, help="fraction of documents held out, between 0 and 1."
+    )
+    parser.add_argument(
+        "--seed", type=_non_negative_int, default=1337, help="seed of the weights and the shuffling."
+    )
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m models.train`: trains and writes the bundle."""
-    train(parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m models.train`: trains and writes the bundle; returns the exit status.
+
+    A flag, corpus or output that cannot work is one `error:` line and status 2.
+    """
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

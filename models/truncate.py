@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import keras
 
 from models import keras_graph
 
+_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SPEC = re.compile(r"^(?:(?P<column>[A-Za-z_][A-Za-z0-9_]*)=)?(?P<layer>[^=:]+?)(?::(?P<call>\d+))?$")
 
 
@@ -29,21 +30,58 @@ class LayerSpec:
     call: int = 0
 
 
-def parse_layer_spec(text: str) -> LayerSpec:
+def parse_layer_spec(text: str, layer_names: Collection[str] = ()) -> LayerSpec:
     """Parses `[COLUMN=]LAYER[:CALL]` into a `LayerSpec`.
 
-    The column defaults to the layer name, with `_callK` appended for K > 0.
+    The column defaults to the layer name (characters other than letters, digits
+    and `_` made `_`), with `_callK` appended for K > 0.  Given the model's
+    `layer_names`, a name that itself holds `:` or `=` (Keras allows both) is
+    read whole: a spec equal to a layer's name selects it, and `:CALL` and
+    `COLUMN=` are split off only where what remains is a layer's name.
     """
-    match = _SPEC.match(text.strip())
+    stripped = text.strip()
+    for column, rest in _column_splits(stripped):
+        if rest in layer_names:
+            return _spec(column, rest, 0)
+        layer, colon, call = rest.rpartition(":")
+        if colon and call.isdigit() and layer in layer_names:
+            return _spec(column, layer, int(call))
+    match = _SPEC.match(stripped)
     if not match:
         raise ValueError(
             f"Invalid layer spec {text!r}: expected [COLUMN=]LAYER[:CALL], e.g. "
             "'emb', 'emb:1' or 'title_tokens=emb:1'."
         )
-    layer = match["layer"]
-    call = int(match["call"] or 0)
-    column = match["column"] or (layer if call == 0 else f"{layer}_call{call}")
+    return _spec(match["column"], match["layer"], int(match["call"] or 0))
+
+
+def _column_splits(text: str) -> list[tuple[str | None, str]]:
+    """`(column, rest)` readings of a spec: no column, then a leading `COLUMN=` if it has one."""
+    readings: list[tuple[str | None, str]] = [(None, text)]
+    column, equals, rest = text.partition("=")
+    if equals and _COLUMN.fullmatch(column):
+        readings.append((column, rest))
+    return readings
+
+
+def _spec(column: str | None, layer: str, call: int) -> LayerSpec:
+    """A `LayerSpec` with the default column name where `column` is None."""
+    if column is None:
+        base = re.sub(r"[^A-Za-z0-9_]", "_", layer)
+        column = base if call == 0 else f"{base}_call{call}"
     return LayerSpec(column=column, layer=layer, call=call)
+
+
+def spec_text(layer: str, call: int, layer_names: Collection[str]) -> str | None:
+    """The `--layer` text that selects call `call` of `layer` (`parse_layer_spec` reads it back), or None.
+
+    None where no text can: call K of a layer "L" when another layer is named "L:K",
+    which the spec "L:K" selects instead.
+    """
+    text = layer if call == 0 else f"{layer}:{call}"
+    if call and text in layer_names:
+        return None
+    return text
 
 
 def layer_calls(model: keras.Model) -> dict[str, list[keras.KerasTensor | list[keras.KerasTensor]]]:

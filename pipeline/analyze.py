@@ -27,10 +27,12 @@ import argparse
 import logging
 import os
 import sys
+import urllib.parse
 from collections.abc import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import object_storage
 from pipeline.analysis import index_build
 from pipeline.analysis.batch_queries import batch_neighbors
 from pipeline.analysis.dataset import (
@@ -42,6 +44,7 @@ from pipeline.analysis.dataset import (
     open_documents,
     open_documents_or_vocabulary,
     open_vocabulary,
+    vector_columns,
 )
 from pipeline.analysis.exact import DEFAULT_METRIC
 from pipeline.analysis.index_store import INSTALL_HINT
@@ -62,6 +65,14 @@ from pipeline.writing.schema import VECTOR_COLUMN, VOCABULARY_FILE
 
 DEFAULT_PLOT = "plot.png"
 DEFAULT_NEIGHBORS_OUT = "neighbors.parquet"
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of --seed: numpy's generators take seeds of 0 and up."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 0, received {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Work on a uniform random sample of at most this many rows, read in one streaming pass, "
         "so memory stays bounded whatever the export's size (default: %(default)s).",
     )
-    sampled.add_argument("--seed", type=int, default=DEFAULT_SEED, help="Sample seed (default: %(default)s).")
+    sampled.add_argument(
+        "--seed", type=non_negative_int, default=DEFAULT_SEED, help="Sample seed (default: %(default)s)."
+    )
     column_help = "Vector column to use (default: the first vector column; 'vector' in a vocabulary)."
 
     neighbors = commands.add_parser(
@@ -217,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--seed",
-        type=int,
+        type=non_negative_int,
         default=DEFAULT_SEED,
         help="Seed of the recall sample (default: %(default)s).",
     )
@@ -227,9 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_out_file(path: str, overwrite: bool) -> None:
-    """Refuses an --out that would replace something: a file (without --overwrite), a directory or
-    link, or any path inside an export or vocabulary directory, whose files its commands own.
+def check_out_file(path: str, overwrite: bool) -> str:
+    """Refuses an --out that would replace something, or that cannot be written; returns the path to write.
+
+    Refused: a file (without --overwrite), a directory or link, a path inside an
+    export or vocabulary directory (whose files its commands own) once links and
+    `file://` are resolved, and a parent directory that is missing or not writable.
+
+    Returns:
+        The path to write: local ones with `file://` stripped and the directory's links resolved,
+        so the file lands where it was checked.
 
     Raises:
         AnalysisError: saying what is there and what to do.
@@ -237,23 +257,37 @@ def check_out_file(path: str, overwrite: bool) -> None:
     if not is_local(path):
         if FileSystems.exists(path) and not overwrite:
             raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
-        return
-    absolute = os.path.abspath(path)
-    parent = os.path.dirname(absolute)
+        return path
+    local = urllib.parse.unquote(urllib.parse.urlsplit(path).path) if path.startswith("file:") else path
+    if not local or local.endswith(os.sep):
+        raise AnalysisError(f"--out {path!r} names a directory, not a file: choose a file path.")
+    requested_parent = os.path.dirname(os.path.abspath(local))
+    if not os.path.isdir(requested_parent):
+        raise AnalysisError(
+            f"--out {path!r}: the directory {requested_parent!r} does not exist; create it first, "
+            "or choose a path in an existing directory."
+        )
+    # Links in the directory part are resolved: a link into an export is inside the export.
+    parent = os.path.realpath(requested_parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AnalysisError(f"--out {path!r}: the directory {parent!r} is not writable; choose another.")
+    resolved = os.path.join(parent, os.path.basename(local))
+    directory = parent
     while True:
         for marker in (MANIFEST, STAGING, VOCABULARY_FILE):
-            if os.path.lexists(os.path.join(parent, marker)):
+            if os.path.lexists(os.path.join(directory, marker)):
                 raise AnalysisError(
-                    f"--out {path!r} is inside {parent!r}, an export or vocabulary directory (it holds "
+                    f"--out {path!r} is inside {directory!r}, an export or vocabulary directory (it holds "
                     f"{marker}), whose files only its own commands write: choose a path outside it."
                 )
-        if os.path.dirname(parent) == parent:
+        if os.path.dirname(directory) == directory:
             break
-        parent = os.path.dirname(parent)
-    if os.path.islink(absolute) or (os.path.lexists(absolute) and not os.path.isfile(absolute)):
+        directory = os.path.dirname(directory)
+    if os.path.islink(resolved) or (os.path.lexists(resolved) and not os.path.isfile(resolved)):
         raise AnalysisError(f"--out {path!r} is a directory or a link, not a file: choose a file path.")
-    if os.path.exists(absolute) and not overwrite:
+    if os.path.exists(resolved) and not overwrite:
         raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
+    return resolved
 
 
 def check_plot_format(path: str) -> None:
@@ -269,8 +303,22 @@ def check_plot_format(path: str) -> None:
         )
 
 
+def queries_are_words(directory: str) -> bool:
+    """Whether batch queries on `directory` look up words: a vocabulary, or an export whose rows hold
+    token ids and no vector (--token_storage ids), whose vectors are its token table, as for --word."""
+    if data_is_vocabulary(directory):
+        return True
+    return not vector_columns(open_documents(directory).schema)
+
+
 def run_command(args: argparse.Namespace) -> str:
     """Runs the parsed command; returns the text to print."""
+    out = ""
+    if args.command == "plot" or (args.command == "neighbors" and args.queries is not None):
+        # Before any row is read: a path that cannot be written fails now, not after the work.
+        out = check_out_file(args.out, args.overwrite)
+        if args.command == "plot":
+            check_plot_format(out)
     if args.command == "index":
         data = open_documents_or_vocabulary(args.directory)
         column = args.column or (VECTOR_COLUMN if data.holds == "vocabulary" else None)
@@ -287,7 +335,7 @@ def run_command(args: argparse.Namespace) -> str:
         metadata = index_build.build_index(data, column, settings)
         return index_build.format_build(metadata, args.directory)
     if args.command == "neighbors":
-        if args.word is not None or (args.queries is not None and data_is_vocabulary(args.directory)):
+        if args.word is not None or (args.queries is not None and queries_are_words(args.directory)):
             data, key = open_vocabulary(args.directory), args.word
             column = args.column or VECTOR_COLUMN
         else:
@@ -295,8 +343,7 @@ def run_command(args: argparse.Namespace) -> str:
         column = check_vector_column(data, column)
         loaded = open_index(data, column, args.exact)
         if args.queries is not None:
-            check_out_file(args.out, args.overwrite)
-            answered, problems = batch_neighbors(data, column, args.queries, args.out, args.k, loaded)
+            answered, problems = batch_neighbors(data, column, args.queries, out, args.k, loaded)
             how = describe_index(loaded, data) if loaded is not None else "By an exact scan of every row."
             return (
                 f"Wrote {args.out}: {answered} queries, {problems} of them unanswered "
@@ -307,13 +354,18 @@ def run_command(args: argparse.Namespace) -> str:
             return format_neighbors(data, key, column, neighbors, compared)
         neighbors, compared = indexed_neighbors(data, loaded, key, args.k)
         table = format_neighbors(data, key, column, neighbors, compared, loaded.metric, indexed=True)
+        wanted = min(args.k, compared - 1)
+        if len(neighbors) < wanted:
+            # An approximate graph can leave rows unreachable; a short list must not pass for the top k.
+            table += (
+                f"\nThe index found {len(neighbors)} of the {wanted} neighbours asked for; --exact finds "
+                "them all (or rebuild it with higher --connectivity / --expansion_search)."
+            )
         return table + "\n" + describe_index(loaded, data)
     data = open_documents(args.directory)
     if args.command == "plot":
-        check_out_file(args.out, args.overwrite)
-        check_plot_format(args.out)
         path, rows, total, explained = plot_pca(
-            data, args.column, args.label, args.out, sample=args.sample, seed=args.seed
+            data, args.column, args.label, out, sample=args.sample, seed=args.seed
         )
         return (
             f"Wrote {path}: PCA of {rows} of {total} rows, explaining "
@@ -336,6 +388,7 @@ def run_command(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (EXIT_CONFIG_ERROR for an AnalysisError)."""
     args = build_parser().parse_args(argv)
+    object_storage.configure_for([args.directory, getattr(args, "out", None), getattr(args, "queries", None)])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         print(run_command(args))

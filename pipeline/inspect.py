@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.planning.cli import add_model_flags
 
@@ -92,7 +93,7 @@ def export_kind(
 def layer_rows(model: keras.Model) -> list[LayerRow]:
     """One tuple per layer call, in the columns of `HEADER`; model inputs first."""
     from models.keras_graph import input_dependencies
-    from models.truncate import layer_calls
+    from models.truncate import layer_calls, spec_text
 
     lengths = input_lengths(model)
     rows: list[LayerRow] = [
@@ -100,11 +101,12 @@ def layer_rows(model: keras.Model) -> list[LayerRow]:
         for tensor in model.inputs
     ]
     types = {layer.name: type(layer).__name__ for layer in model.layers}
-    for name, tensors in layer_calls(model).items():
+    calls = layer_calls(model)
+    for name, tensors in calls.items():
         for call, tensor in enumerate(tensors):
             first = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
             dependencies = input_dependencies(model, first)
-            spec = name if call == 0 else f"{name}:{call}"
+            spec = spec_text(name, call, calls) or f"- (layer {name}:{call} has that name)"
             kind = export_kind(tensor, dependencies, lengths)
             rows.append(
                 (name, types[name], str(call), _shape(tensor), ", ".join(dependencies) or "-", kind, spec)
@@ -142,16 +144,17 @@ def report(model_source: ModelSource, layer_specs: Sequence[str] = ()) -> str:
     Raises:
         ValueError: a spec names no layer or call of the model (with the closest names).
     """
-    from models.truncate import parse_layer_spec, resolve_layer
+    from models.truncate import parse_layer_spec, resolve_layer, spec_text
 
     model = model_source.model
     rows = layer_rows(model)
     if layer_specs:
         wanted: set[str] = set()
+        names = {layer.name for layer in model.layers}
         for text in layer_specs:
-            spec = parse_layer_spec(text)
+            spec = parse_layer_spec(text, names)
             resolve_layer(model, spec)
-            wanted.add(spec.layer if spec.call == 0 else f"{spec.layer}:{spec.call}")
+            wanted.add(spec_text(spec.layer, spec.call, names) or "")
         rows = [row for row in rows if row[-1] in wanted]
     lines = [
         f"Model: {model_source.uri} ({model.name}, {len(model.inputs)} input(s), {len(model.layers)} layers)",
@@ -205,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Show only these layers; an unknown name is reported with the closest existing names.",
     )
     args = parser.parse_args(argv)
+    object_storage.configure_for([args.model, args.tokenizer])
 
     from pipeline.errors import ExportConfigError
     from pipeline.planning.model_source import load_model_source

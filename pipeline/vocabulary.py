@@ -21,8 +21,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from models.tokenizer import OOV_ID
+from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.planning.cli import add_model_flags
+from pipeline.writing.layout import MANIFEST, STAGING
 from pipeline.writing.schema import VOCABULARY_FILE
 from pipeline.writing.vocabulary_table import vocabulary_metadata, vocabulary_table
 
@@ -76,6 +78,20 @@ def embedding_table(model: keras.Model, layer_name: str) -> np.ndarray:
     return np.asarray(weights[0], dtype=np.float32)
 
 
+def _self_and_parents(output: str) -> list[str]:
+    """`output` and, for a local path, every directory above it (links resolved): where an export may be."""
+    from pipeline.uris import is_local
+
+    if not is_local(output):
+        return [output]
+    directory = os.path.realpath(output)
+    found = [directory]
+    while os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+        found.append(directory)
+    return found
+
+
 def export_vocabulary(
     model_uri: str,
     tokenizer_uri: str | None,
@@ -101,6 +117,14 @@ def export_vocabulary(
     from pipeline.uris import is_local
 
     path = FileSystems.join(output, VOCABULARY_FILE)
+    # An export's directory holds only what its runs write; a file more makes --overwrite refuse it.
+    for directory in _self_and_parents(output):
+        for marker in (MANIFEST, STAGING):
+            if FileSystems.exists(FileSystems.join(directory, marker)):
+                raise ExportConfigError(
+                    f"--output {output} is inside the export {directory} (it holds {marker}), whose files "
+                    "only `python -m pipeline.run` writes; choose a directory outside it for the vocabulary."
+                )
     if is_local(output):
         if os.path.lexists(output) and not os.path.isdir(output):
             raise ExportConfigError(f"--output {output} is a file; --output names a directory to write into.")
@@ -195,12 +219,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.errors import ExportConfigError
 
     model = args.model or DEFAULT_BUNDLE
+    object_storage.configure_for([model, args.tokenizer, args.output])
     try:
         path, rows = export_vocabulary(
             model, args.tokenizer, args.layer, args.output, args.overwrite, args.allow_unsafe_deserialization
         )
     except ExportConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except OSError as error:
+        # Beam's BeamIOError (an OSError): object storage unreachable, no credentials, a full disk.
+        print(
+            f"error: could not read or write {args.output}: {error} On object storage, check the "
+            "credentials (for s3://: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION and, "
+            "for another endpoint, AWS_ENDPOINT_URL).",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG_ERROR
     print(f"Wrote {rows} token vectors to {path}")
     return 0

@@ -5,6 +5,7 @@ import pytest
 
 from models.bundle import DEFAULT_BUNDLE
 from models.legacy import load_model_file
+from models.truncate import layer_calls, parse_layer_spec, resolve_layer
 from pipeline.inspect import layer_rows, main
 
 TEXTS = ["Return the value of x.", "Open a file and return a stream.", "the the value"]
@@ -76,3 +77,26 @@ def test_unknown_layer_suggests_close_names(capsys):
     assert "Default --layer (bundle manifest)" in printed
     table = [line for line in printed.splitlines() if line.startswith("emb")]
     assert len(table) == 1 and table[0].split()[-1] == "emb:1"
+
+
+def test_each_printed_spec_selects_its_layer_call_even_with_colons_and_equals_signs(capsys):
+    content = keras.Input((6,), dtype="int32", name="content")
+    embedding = keras.layers.Embedding(30, 4, name="pool")
+    first = keras.layers.GlobalAveragePooling1D(name="pool:1")(embedding(content))
+    # "pool:1" names a layer, so no spec can name the second call of "pool".
+    second = keras.layers.GlobalAveragePooling1D(name="avg")(embedding(content))
+    joined = keras.layers.Concatenate(name="a=b")([first, second])
+    model = keras.Model(content, keras.layers.Dense(1, name="out")(joined))
+    names = {layer.name for layer in model.layers}
+    calls = layer_calls(model)
+    printed = {}
+    for row in layer_rows(model)[1:]:
+        name, call, spec = row[0], int(row[2]), row[-1]
+        printed[(name, call)] = spec
+        if spec.startswith("-"):
+            continue
+        parsed = parse_layer_spec(spec, names)
+        assert (parsed.layer, parsed.call) == (name, call)
+        assert resolve_layer(model, parsed) is calls[name][call]
+    assert printed[("pool:1", 0)] == "pool:1" and printed[("a=b", 0)] == "a=b"
+    assert printed[("pool", 1)].startswith("- ")

@@ -9,6 +9,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 
 # boto3, moto[s3] and flask come with the test extra (pip install -e '.[test]'); a
@@ -391,3 +393,54 @@ def test_index_of_an_s3_export_is_built_locally_uploaded_and_dropped_by_overwrit
     assert [k for k in keys(s3_endpoint, "exports/indexed/_index/") if not k.endswith("/")] == []
     assert analyze.main([output, "neighbors", "--id", key, "--column", "lstm_content"]) == 0
     assert "rows compared)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_analysis_tools_in_a_fresh_process_use_s3_through_the_aws_variables(s3_endpoint, tmp_path):
+    """analyze, vocabulary and inspect as a user runs them: a new process, only the AWS_* variables set.
+
+    In the test process an export has configured Beam's S3 filesystem; a fresh process has not,
+    and must configure it from the same variables pyarrow reads.
+    """
+    s3 = client(s3_endpoint)
+    rows = {"id": ["d0", "d1", "d2"], "v": [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]}
+    local = tmp_path / "part-00000-of-00001.parquet"
+    pq.write_table(pa.table(rows), local)
+    manifest = {"shards": {"rows": [{"file": local.name, "rows": 3, "bytes": local.stat().st_size}]}}
+    s3.upload_file(str(local), BUCKET, f"exports/fresh/{local.name}")
+    s3.put_object(Bucket=BUCKET, Key=f"exports/fresh/{MANIFEST}", Body=json.dumps(manifest).encode())
+    s3.upload_file(os.path.join(DEFAULT_BUNDLE, "model.keras"), BUCKET, "models/fresh/m.keras")
+    environment = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": REGION,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def tool(*argv):
+        return subprocess.run(
+            [sys.executable, "-m", *argv], env=environment, cwd=repository, capture_output=True, text=True
+        )
+
+    export = f"s3://{BUCKET}/exports/fresh"
+    found = tool("pipeline.analyze", export, "neighbors", "--id", "d0", "--column", "v", "-k", "1")
+    assert found.returncode == 0, found.stderr
+    assert "d1" in found.stdout and "commit" not in found.stderr
+    queries = tmp_path / "ids.txt"
+    queries.write_text("d0\nd2\n", encoding="utf-8")
+    answers = f"s3://{BUCKET}/answers/fresh.parquet"
+    batch = tool(
+        "pipeline.analyze", export, "neighbors", "--queries", str(queries), "-k", "1", "--out", answers
+    )
+    assert batch.returncode == 0, batch.stderr
+    assert read_parquet(s3_endpoint, "answers/fresh.parquet")["id"].to_pylist() == ["d1", "d1"]
+    written = tool("pipeline.vocabulary", "--layer", "emb", "--output", f"s3://{BUCKET}/vocabularies/fresh")
+    assert written.returncode == 0, written.stderr
+    table = read_parquet(s3_endpoint, "vocabularies/fresh/vocabulary.parquet")
+    assert table.num_rows == load_bundle(DEFAULT_BUNDLE).model.get_layer("emb").input_dim
+    inspected = tool("pipeline.inspect", f"s3://{BUCKET}/models/fresh/m.keras", "--tokenizer", "none")
+    assert inspected.returncode == 0, inspected.stderr
+    assert "lstm_title" in inspected.stdout

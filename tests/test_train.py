@@ -2,6 +2,7 @@
 
 import collections
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from sizes import LENGTHS, SIZES
 
 from models import architectures
 from models.bundle import load_bundle
-from models.train import SAMPLE_CORPUS, is_held_out, main, read_jsonl
+from models.tokenizer import Tokenizer
+from models.train import EXIT_CONFIG_ERROR, SAMPLE_CORPUS, is_held_out, main, read_jsonl
 
 DOCUMENTS = 120
 HOLDOUT = 0.25
@@ -104,36 +106,94 @@ def test_train_writes_a_loadable_bundle_with_metrics(topology, small_corpus, tmp
         assert accuracy == manifest["metrics"][output_name]["held_out_accuracy"]
 
 
-def test_train_rejects_a_missing_field(small_corpus, tmp_path):
+def test_train_rejects_a_missing_field(small_corpus, tmp_path, capsys):
     corpus, _ = small_corpus
-    with pytest.raises(ValueError, match="have no field 'summary'"):
-        main(
-            [
-                "--corpus",
-                corpus,
-                "--output",
-                str(tmp_path),
-                "--content_field",
-                "summary",
-                *TINY_ARGS,
-            ]
-        )
+    argv = ["--corpus", corpus, "--output", str(tmp_path), "--content_field", "summary", *TINY_ARGS]
+    assert main(argv) == EXIT_CONFIG_ERROR
+    assert "have no field 'summary'" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
 
 
-def test_train_rejects_a_binary_label_without_two_values(small_corpus, tmp_path):
+def test_train_rejects_a_binary_label_without_two_values(small_corpus, tmp_path, capsys):
     corpus, _ = small_corpus
-    with pytest.raises(ValueError, match="--binary_label 'topic' must have 2 values"):
-        main(
-            [
-                "--corpus",
-                corpus,
-                "--output",
-                str(tmp_path),
-                "--binary_label",
-                "topic",
-                *TINY_ARGS,
-            ]
-        )
+    argv = ["--corpus", corpus, "--output", str(tmp_path), "--binary_label", "topic", *TINY_ARGS]
+    assert main(argv) == EXIT_CONFIG_ERROR
+    assert "--binary_label 'topic' must have 2 values" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--holdout", "1"], "--holdout must be a fraction between 0 and 1"),
+        (["--holdout", "0"], "--holdout must be a fraction between 0 and 1"),
+        (["--holdout", "nan"], "--holdout must be a fraction between 0 and 1"),
+        (["--holdout", "0.001"], "both need at least one"),
+        (["--id_field", "nope"], "have no field 'nope'"),
+    ],
+)
+def test_train_refuses_a_split_that_leaves_a_side_empty_and_a_missing_id_field(
+    small_corpus, tmp_path, capsys, flags, message
+):
+    corpus, _ = small_corpus
+    output = tmp_path / "bundle"
+    # The flags after TINY_ARGS win (argparse keeps the last value).
+    assert main(["--corpus", corpus, "--output", str(output), *TINY_ARGS, *flags]) == EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and "Traceback" not in err
+    assert not output.exists()
+
+
+def test_train_needs_an_output_and_never_defaults_to_the_shipped_bundle(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--epochs", "1"])
+    assert exited.value.code == 2
+    assert "--output" in capsys.readouterr().err
+
+
+def test_train_never_replaces_a_users_files(small_corpus, tmp_path, capsys):
+    corpus, _ = small_corpus
+    mine = tmp_path / "my_models"
+    mine.mkdir()
+    (mine / "model.keras").write_text("the user's own model")
+    for overwrite in ([], ["--overwrite"]):
+        argv = ["--corpus", corpus, "--output", str(mine), *TINY_ARGS, *overwrite]
+        assert main(argv) == EXIT_CONFIG_ERROR
+        assert "not a model bundle's" in capsys.readouterr().err
+    assert (mine / "model.keras").read_text() == "the user's own model"
+    assert sorted(os.listdir(tmp_path)) == ["my_models"]
+
+
+def test_a_bundle_is_replaced_only_with_overwrite_and_only_as_a_whole(
+    small_corpus, tmp_path, capsys, monkeypatch
+):
+    corpus, _ = small_corpus
+    output = tmp_path / "bundle"
+    argv = ["--topology", "single_input", "--corpus", corpus, "--output", str(output), *TINY_ARGS]
+    assert main(argv) == 0
+    first = (output / "manifest.json").read_text()
+
+    assert main([*argv, "--seed", "7"]) == EXIT_CONFIG_ERROR
+    assert "already holds a bundle; pass --overwrite" in capsys.readouterr().err
+    assert (output / "manifest.json").read_text() == first
+
+    # A full disk between the bundle's files: the earlier bundle stays whole and loadable.
+    def full_disk(self):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Tokenizer, "to_json", full_disk)
+        assert main([*argv, "--seed", "7", "--overwrite"]) == EXIT_CONFIG_ERROR
+    assert "No space left on device" in capsys.readouterr().err
+    assert (output / "manifest.json").read_text() == first
+    load_bundle(str(output))
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]  # no half-written sibling left behind
+
+    assert main([*argv, "--seed", "7", "--overwrite"]) == 0
+    replaced = load_bundle(str(output))
+    assert replaced.manifest["training"]["seed"] == 7
+    assert sorted(os.listdir(tmp_path)) == ["bundle"]
+    assert sorted(os.listdir(output)) == ["manifest.json", "model.keras", "tokenizer.json"]
+    assert oct(os.stat(output).st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
 
 
 def test_held_out_split_follows_the_fraction_and_nests():

@@ -7,7 +7,7 @@ from sizes import SIZES
 
 from models import architectures
 from models.bundle import load_bundle
-from models.truncate import LayerSpec, layer_calls, parse_layer_spec, truncate
+from models.truncate import LayerSpec, layer_calls, parse_layer_spec, resolve_layer, truncate
 
 
 @pytest.fixture(scope="module", params=["in_memory", "loaded"])
@@ -207,3 +207,33 @@ def test_no_specs_is_an_error(trained):
     model, _ = trained
     with pytest.raises(ValueError, match="at least one --layer"):
         truncate(model, [])
+
+
+def _model_with_colon_and_equals_names():
+    """Layers named "pool:1" and "a=b" (Keras allows both), and "emb" called twice."""
+    content = keras.Input((6,), dtype="int32", name="content")
+    title = keras.Input((3,), dtype="int32", name="title")
+    embedding = keras.layers.Embedding(30, 4, name="emb")
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool:1")(embedding(content))
+    title_pooled = keras.layers.GlobalAveragePooling1D(name="title_pool")(embedding(title))
+    return keras.Model([content, title], [keras.layers.Dense(2, name="a=b")(pooled), title_pooled])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("pool:1", LayerSpec(column="pool_1", layer="pool:1", call=0)),
+        ("pool:1:0", LayerSpec(column="pool_1", layer="pool:1", call=0)),
+        ("a=b", LayerSpec(column="a_b", layer="a=b", call=0)),
+        ("col=a=b", LayerSpec(column="col", layer="a=b", call=0)),
+        ("col=pool:1", LayerSpec(column="col", layer="pool:1", call=0)),
+        ("emb:1", LayerSpec(column="emb_call1", layer="emb", call=1)),
+    ],
+)
+def test_a_layer_named_with_a_colon_or_equals_sign_is_selected_by_its_name(text, expected):
+    model = _model_with_colon_and_equals_names()
+    names = {layer.name for layer in model.layers}
+    spec = parse_layer_spec(text, names)
+    assert spec == expected
+    tensor = layer_calls(model)[spec.layer][spec.call]
+    assert tensor is resolve_layer(model, spec)

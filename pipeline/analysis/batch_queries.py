@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -11,9 +13,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.analysis.dataset import AnalysisError, VectorDataset, is_vector_type, vectors_to_numpy
-from pipeline.analysis.exact import exact_top_k
+from pipeline.analysis.exact import exact_top_k, row_count
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K, display_score
+from pipeline.uris import is_local
 from pipeline.writing.schema import ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN
 
 
@@ -48,13 +51,20 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
     if not os.path.isfile(path):
         raise AnalysisError(f"--queries {path!r} is not a file.")
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as handle:
-            ids = [line.rstrip("\r\n") for line in handle if line.strip()]
+        try:
+            with open(path, encoding="utf-8") as handle:
+                ids = [line.rstrip("\r\n") for line in handle if line.strip()]
+        except UnicodeDecodeError as error:
+            raise AnalysisError(
+                f"--queries {path!r} is not UTF-8 text ({error}); save it as UTF-8, one id or word a line."
+            ) from None
+        except OSError as error:
+            raise AnalysisError(f"--queries {path!r} cannot be read: {error}") from None
         return Queries(ids, ids, None)
     if path.endswith(".npy"):
         try:
             vectors = np.load(path, allow_pickle=False)
-        except ValueError as error:
+        except (ValueError, OSError, EOFError) as error:
             raise AnalysisError(f"--queries {path!r} is not a numeric .npy array: {error}") from None
         if not (np.issubdtype(vectors.dtype, np.number) or vectors.dtype == np.bool_):
             raise AnalysisError(
@@ -68,7 +78,10 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
             )
         return Queries([str(i) for i in range(len(vectors))], None, vectors)
     if path.endswith(".parquet"):
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as error:
+            raise AnalysisError(f"--queries {path!r} is not a readable Parquet file: {error}") from None
         for name in (column, VECTOR_COLUMN):
             if name in table.column_names and is_vector_type(table.schema.field(name).type):
                 if table[name].null_count:
@@ -113,6 +126,8 @@ def batch_neighbors(
     labels, ids, vectors = read_queries(queries_path, data, column)
     metric = loaded.metric if loaded is not None else "cos"
     lookup: _Lookup = loaded if loaded is not None else _ExactLookup(data, column)
+    # No query has more neighbours than there are rows: a huge -k allocates nothing for it.
+    k = max(1, min(k, loaded.metadata["indexed"] if loaded is not None else row_count(data)))
     problems: list[str | None] = [None] * len(labels)
     exclude = np.full(len(labels), -1, dtype=np.int64)
     if ids is not None:
@@ -178,20 +193,48 @@ def batch_neighbors(
             out["problem"].append(None)
             for c in details:
                 details[c].append(row[c])
-    table = pa.table(
-        {
-            "query": pa.array(out["query"], pa.string()),
-            "rank": pa.array(out["rank"], pa.int32()),
-            data.key_column: pa.array(out[data.key_column], pa.string()),
-            score_name: pa.array(out[score_name], pa.float64()),
-            **{c: pa.array(v, pa.string()) for c, v in details.items()},
-            "problem": pa.array(out["problem"], pa.string()),
-        }
-    )
-    temporary = out_path + ".tmp"
-    pq.write_table(table, temporary)
-    os.replace(temporary, out_path)
+    columns = {
+        "query": pa.array(out["query"], pa.string()),
+        "rank": pa.array(out["rank"], pa.int32()),
+        data.key_column: pa.array(out[data.key_column], data.schema.field(data.key_column).type),
+        score_name: pa.array(out[score_name], pa.float64()),
+    }
+    fixed = {*columns, "problem"}
+    for c, values in details.items():
+        # Kept fields keep their own type and never take the place of a fixed column.
+        columns[detail_column_name(c, fixed)] = pa.array(values, data.schema.field(c).type)
+    columns["problem"] = pa.array(out["problem"], pa.string())
+    write_parquet_atomically(pa.table(columns), out_path)
     return len(labels), sum(p is not None for p in problems)
+
+
+def detail_column_name(name: str, fixed: set[str]) -> str:
+    """The answer file's name for the kept field `name`: itself, or `field.NAME` where a fixed
+    column (query, rank, the key, the score, problem) already has that name."""
+    return f"field.{name}" if name in fixed else name
+
+
+def write_parquet_atomically(table: pa.Table, path: str) -> None:
+    """Writes `table` to `path`; a local one through a new file of its own, renamed into place.
+
+    The temporary file is created exclusively (never an existing file or a link
+    followed), so nothing already beside `path` is overwritten, and a reader sees
+    the old file or the whole new one.
+    """
+    if not is_local(path):
+        # An object store's PUT is atomic already: readers see the old object or the new one.
+        pq.write_table(table, path)
+        return
+    directory, name = os.path.split(path)
+    handle, temporary = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as sink:
+            pq.write_table(table, sink)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 class _ExactLookup:
@@ -203,7 +246,13 @@ class _ExactLookup:
 
     def __init__(self, data: VectorDataset, column: str) -> None:
         self.data, self.column = data, column
-        self.dim = int(vectors_to_numpy(data.dataset.head(1, columns=[column])[column]).shape[1])
+        arrow_type = data.schema.field(column).type
+        if pa.types.is_fixed_size_list(arrow_type):
+            self.dim = arrow_type.list_size
+        else:
+            # The first row with a vector: a null first row has no length.
+            first = data.dataset.head(1, columns=[column], filter=pc.field(column).is_valid())[column]
+            self.dim = int(vectors_to_numpy(first).shape[1]) if len(first) else 0
 
     def first_positions(self, keys: list[str]) -> list[int]:
         table = self.data.dataset.to_table(columns=[self.data.key_column]).column(0)

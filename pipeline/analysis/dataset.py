@@ -8,11 +8,12 @@ short is finished first, so a reader never sees a mix of two exports.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import posixpath
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from pipeline.errors import ExportConfigError
-from pipeline.writing.commit import finish_interrupted_commit
+from pipeline.writing.commit import finish_interrupted_commit, has_pending_commit
 from pipeline.writing.layout import JOURNAL, MANIFEST, SHARD_PREFIX, TABLES_DIR
 from pipeline.writing.schema import (
     FINGERPRINT_COLUMN,
@@ -40,6 +41,14 @@ BATCH_ROWS = 16_384
 
 class AnalysisError(ValueError):
     """An input directory, column, id or option cannot be analysed; says how to fix it."""
+
+
+class FileStamp(TypedDict):
+    """One row file as its listing describes it: what an index records to notice a rewrite."""
+
+    file: str
+    bytes: int
+    mtime_ns: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +88,20 @@ def _finish_commit(location: str) -> None:
     """Finishes a commit into the export `location` that a crash cut short, so it is read whole.
 
     Raises:
-        AnalysisError: the commit cannot be finished from here (another run holds
-            the output, it is read-only, or its journal is damaged).
+        AnalysisError: whether a commit is pending cannot be told (object storage
+            unreachable, no credentials), or the commit cannot be finished from here
+            (another run holds the output, it is read-only, or its journal is damaged).
     """
+    try:
+        pending = has_pending_commit(location)
+    except (ExportConfigError, OSError) as error:
+        raise AnalysisError(
+            f"Cannot read {location!r} (looking for an unfinished commit, {JOURNAL}): {error} Check the "
+            "path and, on object storage, the credentials (for s3://: AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION and, for another endpoint, AWS_ENDPOINT_URL)."
+        ) from None
+    if not pending:
+        return
     try:
         if finish_interrupted_commit(location):
             logging.warning("Finished the interrupted commit of the export in %s first.", location)
@@ -142,6 +162,9 @@ def open_documents(location: str) -> VectorDataset:
         "`python -m pipeline.run`",
     )
     directory = _filesystem(location)[1]
+    is_directory = filesystem.get_file_info(directory).type == pafs.FileType.Directory
+    if is_directory:
+        check_row_files(location, filesystem, directory, files)
     if not files:
         hint = ""
         if _is_file(filesystem, posixpath.join(directory, VOCABULARY_FILE)):
@@ -155,7 +178,6 @@ def open_documents(location: str) -> VectorDataset:
             f"{location!r} holds no {SHARD_PREFIX}*.parquet files, so it is not the --output of "
             f"`python -m pipeline.run`.{hint}"
         )
-    is_directory = filesystem.get_file_info(directory).type == pafs.FileType.Directory
     if is_directory and not _is_file(filesystem, posixpath.join(directory, MANIFEST)):
         logging.warning(
             "%s has no %s: the export did not finish, so results may be partial.", location, MANIFEST
@@ -163,6 +185,12 @@ def open_documents(location: str) -> VectorDataset:
     dataset = _parquet_dataset(location, filesystem, files)
     if ID_COLUMN not in dataset.schema.names:
         raise AnalysisError(f"{location!r} has no {ID_COLUMN!r} column, so it is not an export of this tool.")
+    id_type = dataset.schema.field(ID_COLUMN).type
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        raise AnalysisError(
+            f"{location!r} has an {ID_COLUMN!r} column of type {id_type}; exports of this tool write string "
+            f"ids. Rewrite the files with the ids cast to strings (e.g. pyarrow's cast to pa.string())."
+        )
     # Kept fields are the details worth showing; the fingerprint is not.
     details = tuple(
         f.name
@@ -170,6 +198,71 @@ def open_documents(location: str) -> VectorDataset:
         if f.name not in (ID_COLUMN, FINGERPRINT_COLUMN) and pa.types.is_string(f.type)
     )
     return VectorDataset(location, "documents", dataset, ID_COLUMN, details)
+
+
+def manifest_row_files(filesystem: pafs.FileSystem, directory: str) -> dict[str, int] | None:
+    """Row file name -> size in bytes, as the export's `_MANIFEST.json` lists them; None without one."""
+    try:
+        with filesystem.open_input_stream(posixpath.join(directory, MANIFEST)) as handle:
+            manifest = json.loads(handle.read().decode("utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    except OSError as error:
+        raise AnalysisError(f"Cannot read {posixpath.join(directory, MANIFEST)}: {error}") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    rows = shards.get("rows") if isinstance(shards, dict) else None
+    if not isinstance(rows, list):
+        return None
+    return {
+        str(entry["file"]): int(entry["bytes"])
+        for entry in rows
+        if isinstance(entry, dict) and "file" in entry and isinstance(entry.get("bytes"), int)
+    }
+
+
+def row_file_stamps(filesystem: pafs.FileSystem, files: Sequence[str]) -> list[FileStamp]:
+    """Each row file's name, size and modification time: cheap to read, and changed by any rewrite."""
+    stamps: list[FileStamp] = []
+    for info in filesystem.get_file_info(list(files)):
+        name, size = posixpath.basename(info.path), int(info.size or 0)
+        stamps.append({"file": name, "bytes": size, "mtime_ns": info.mtime_ns})
+    return stamps
+
+
+def check_row_files(location: str, filesystem: pafs.FileSystem, directory: str, files: Sequence[str]) -> None:
+    """Refuses row files that are not the ones the export's manifest lists (by name and size).
+
+    A file missing or of another size means rows were lost or replaced since the
+    export finished; answering from them would be answering from another export.
+    A file the manifest does not list is read, with a warning.
+
+    Raises:
+        AnalysisError: naming the first missing or changed file.
+    """
+    expected = manifest_row_files(filesystem, directory)
+    if expected is None:
+        return
+    listed = {stamp["file"]: stamp["bytes"] for stamp in row_file_stamps(filesystem, files)}
+    rerun = "Restore the file, or run the export again (`python -m pipeline.run ... --overwrite`)."
+    for name, size in sorted(expected.items()):
+        if name not in listed:
+            raise AnalysisError(
+                f"{location!r} is missing the row file {name}, which its {MANIFEST} lists: its rows are "
+                f"lost, so any answer would leave them out. {rerun}"
+            )
+        if listed[name] != size:
+            raise AnalysisError(
+                f"{location!r}: the row file {name} has {listed[name]} bytes, but its {MANIFEST} records "
+                f"{size}: it was changed or replaced after the export finished. {rerun}"
+            )
+    extra = sorted(set(listed) - set(expected))
+    if extra:
+        logging.warning(
+            "%s holds row files its %s does not list (%s); they are read as well.",
+            location,
+            MANIFEST,
+            ", ".join(extra),
+        )
 
 
 def _token_tables(location: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -321,6 +414,8 @@ def sample_rows(
     """
     if sample < 1:
         raise AnalysisError(f"--sample must be at least 1, received {sample}.")
+    if seed < 0:
+        raise AnalysisError(f"--seed must be at least 0, received {seed}.")
     rng = np.random.default_rng(seed)
     scanner = data.dataset.scanner(
         columns=list(columns), filter=filter, batch_size=batch_rows, batch_readahead=2, fragment_readahead=1

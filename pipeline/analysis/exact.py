@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.analysis.dataset import BATCH_ROWS, VectorDataset, vectors_to_numpy
@@ -39,15 +40,25 @@ def iter_vector_batches(
     """The export's rows of `column` in position order, one record batch at a time.
 
     Null vectors and vectors with NaN or infinite values are skipped (and
-    counted): they have no place in a ranking.
+    counted): they have no place in a ranking.  So are rows with a null key (a
+    vocabulary's rows past its tokenizer), which the exact scan of `neighbors`
+    never returns either; they count as null.
     """
     filesystem = data.dataset.filesystem
     start = 0
     for path in data.dataset.files:
         with filesystem.open_input_file(path) as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=[column]):
-                array = batch.column(0)
-                valid = np.asarray(array.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+            batches = pq.ParquetFile(handle).iter_batches(
+                batch_size=batch_rows, columns=[column, data.key_column]
+            )
+            for batch in batches:
+                array = batch.column(column)
+                valid = np.asarray(
+                    pc.and_(array.is_valid(), batch.column(data.key_column).is_valid()).to_numpy(
+                        zero_copy_only=False
+                    ),
+                    dtype=bool,
+                )
                 positions = start + np.flatnonzero(valid)
                 vectors = vectors_to_numpy(array.filter(pa.array(valid))).astype(np.float32, copy=False)
                 finite = np.isfinite(vectors).all(axis=1) if len(vectors) else np.ones(0, dtype=bool)
@@ -103,10 +114,13 @@ def exact_top_k(
         exclude: per query, a position not to return (the query's own row), or -1.
 
     Returns:
-        `(positions, scores)`, each (queries, k), best first; -1 / -inf where fewer rows exist.
+        `(positions, scores)`, each (queries, min(k, rows)), best first; -1 / -inf where fewer
+        rows have a vector.
     """
     queries = np.asarray(queries, dtype=np.float32)
     count = len(queries)
+    # More neighbours than rows cannot be found; a huge k must not size the arrays.
+    k = max(1, min(k, row_count(data)))
     best_positions = np.full((count, k), -1, dtype=np.int64)
     best_scores = np.full((count, k), -np.inf)
     exclude = np.full(count, -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)

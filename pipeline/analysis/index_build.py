@@ -57,6 +57,10 @@ DEFAULT_EXPANSION_ADD = 128
 DEFAULT_EXPANSION_SEARCH = 512
 DEFAULT_RECALL_QUERIES = 1000
 DEFAULT_RECALL_K = 10
+# Upper bounds: beyond them usearch allocates per node or per thread until memory runs out.
+MAX_CONNECTIVITY = 1024
+MAX_EXPANSION = 65_536
+MAX_THREADS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +81,21 @@ class IndexSettings:
         """Returns self; raises AnalysisError for a value that cannot work."""
         if self.metric not in METRICS:
             raise AnalysisError(f"--metric must be one of {', '.join(METRICS)}; received {self.metric!r}.")
-        for name, low in (
-            ("connectivity", 2),
-            ("expansion_add", 1),
-            ("expansion_search", 1),
-            ("recall_queries", 0),
-            ("recall_k", 1),
-            ("threads", 0),
-            ("batch_rows", 1),
+        for name, low, high in (
+            ("connectivity", 2, MAX_CONNECTIVITY),
+            ("expansion_add", 1, MAX_EXPANSION),
+            ("expansion_search", 1, MAX_EXPANSION),
+            ("recall_queries", 0, None),
+            ("recall_k", 1, None),
+            ("seed", 0, None),
+            ("threads", 0, MAX_THREADS),
+            ("batch_rows", 1, None),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise AnalysisError(f"--{name} must be an integer of at least {low}; received {value!r}.")
+            if high is not None and value > high:
+                raise AnalysisError(f"--{name} must be at most {high}; received {value}.")
         return self
 
 
@@ -117,12 +124,13 @@ def measure_recall(
     answers, so no query finds itself.
     """
     count = min(settings.recall_queries, len(keys))
+    # A query's own row is excluded, so at most len(keys) - 1 neighbours exist.
+    k = max(1, min(settings.recall_k, len(keys) - 1))
     if count == 0:
-        return {"queries": 0, "k": settings.recall_k, "recall": None}
+        return {"queries": 0, "k": k, "recall": None}
     rng = np.random.default_rng(settings.seed)
     chosen = np.sort(rng.choice(keys, size=count, replace=False)).astype(np.int64)
     queries = np.asarray(index.get(chosen.astype(np.uint64)), dtype=np.float32).reshape(count, -1)
-    k = settings.recall_k
     started = time.perf_counter()
     exact_positions, exact_scores = exact_top_k(
         data, column, queries, k, settings.metric, exclude=chosen, batch_rows=settings.batch_rows
@@ -215,8 +223,11 @@ def build_index(data: VectorDataset, column: str | None, settings: IndexSettings
                 raise AnalysisError(f"Cannot index it now: {error}") from None
         try:
             return _build_and_write(data, column, settings, index_class, filesystem, directory)
-        except (OSError, RuntimeError) as error:
-            # A full disk, a lost connection, usearch failing to save: nothing half-written is used.
+        except AnalysisError:
+            raise
+        except (OSError, RuntimeError, ValueError, MemoryError) as error:
+            # A full disk, a lost connection, usearch failing to save or to allocate ("Out of memory!"
+            # is its ValueError): nothing half-written is used.
             raise AnalysisError(f"Could not build or write the index of {column!r}: {error}") from None
 
 

@@ -74,10 +74,13 @@ class LoadedIndex:
     def search(
         self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(positions, scores), each (queries, k), best first; `exclude[i]` is a set of positions to skip."""
+        """(positions, scores), each (queries, min(k, indexed rows)), best first; `exclude[i]` is a set of
+        positions to skip."""
         queries = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+        # More neighbours than indexed rows cannot be found; a huge k must not size the arrays.
+        k = max(1, min(k, len(self.index)))
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        keys, distances, counts = raw_search(self.index, queries, k + extra)
+        keys, distances, counts = raw_search(self.index, queries, min(k + extra, len(self.index)))
         found = score_from_distance(self.metric, distances)
         found[np.arange(keys.shape[1])[None, :] >= counts[:, None]] = -np.inf
         if exclude and extra:
@@ -152,7 +155,11 @@ def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> Load
         "or pass --exact to scan every row."
     )
     current = source_identity(data)
-    what, changed = ("export", MANIFEST) if data.holds == "documents" else ("vocabulary", "file's SHA-256")
+    what, changed = (
+        ("export", f"{MANIFEST} or one of its row files")
+        if data.holds == "documents"
+        else ("vocabulary", "file's SHA-256")
+    )
     if metadata.get("source") != current:
         raise AnalysisError(
             f"The index {metadata.get('file')} of {data.location!r} was built for another version of "

@@ -9,8 +9,9 @@ Layout, next to the export it indexes::
 
 A key of the index is the row's position in the export: the rows of its
 `part-*` files in name order, each file in row order.  The index is tied to the
-export through the manifest's SHA-256 (a vocabulary's files' SHA-256): once the
-export is replaced, loading it is refused, never silently used.
+export through the manifest's SHA-256 and its row files' names, sizes and
+modification times (a vocabulary's files' SHA-256): once the export is replaced
+or a row file rewritten, loading it is refused, never silently used.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import pyarrow.fs as pafs
 
-from pipeline.analysis.dataset import AnalysisError, VectorDataset
+from pipeline.analysis.dataset import AnalysisError, FileStamp, VectorDataset, row_file_stamps
 from pipeline.writing.layout import INDEX_DIR, MANIFEST
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class SourceIdentity(TypedDict, total=False):
 
     manifest: str
     manifest_sha256: str
+    row_files: list[FileStamp]
     files: list[FileDigest]
 
 
@@ -123,7 +125,8 @@ def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes | None:
 
 
 def source_identity(data: VectorDataset) -> SourceIdentity:
-    """What ties an index to its data: the manifest's SHA-256, or each vocabulary file's SHA-256.
+    """What ties an index to its data: the manifest's SHA-256 and each row file's size and modification
+    time, or each vocabulary file's SHA-256.
 
     Raises:
         AnalysisError: an export directory without `_MANIFEST.json` (unfinished or in flight).
@@ -136,7 +139,12 @@ def source_identity(data: VectorDataset) -> SourceIdentity:
                 f"{data.location!r} has no {MANIFEST}: the export did not finish (or is still running), "
                 "so an index of it could not be tied to it. Index a finished export."
             )
-        return {"manifest": MANIFEST, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+        return {
+            "manifest": MANIFEST,
+            "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+            # A row file rewritten in place leaves the manifest as it was; its size or time changes.
+            "row_files": row_file_stamps(filesystem, data.dataset.files),
+        }
     files: list[FileDigest] = []
     for path in data.dataset.files:
         digest = hashlib.sha256(read_bytes(filesystem, path) or b"").hexdigest()

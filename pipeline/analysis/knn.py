@@ -116,16 +116,11 @@ def knn_score_indexed(
     keys = keys[labelled[keys]]
     if len(keys) <= k:
         raise AnalysisError(f"knn-score needs more than k={k} labelled rows; received {len(keys)}. Lower -k.")
-    # Unlabelled rows can crowd out labelled ones; ask for as many more as there are.
-    extra = min(int((~labelled).sum()), k)
     hits = np.empty(len(keys))
     for start in range(0, len(keys), chunk_rows):
         chunk = keys[start : start + chunk_rows]
-        positions, _ = loaded.search(loaded.vectors(chunk), k + extra, exclude=[{int(p)} for p in chunk])
-        neighbour_codes = np.where(positions >= 0, codes[np.maximum(positions, 0)], -1)
-        for row, own in enumerate(codes[chunk]):
-            chosen = neighbour_codes[row][neighbour_codes[row] >= 0][:k]
-            hits[start + row] = (chosen == own).mean() if len(chosen) else 0.0
+        neighbour_codes = _labelled_neighbour_codes(loaded, chunk, codes, k, int((~labelled).sum()))
+        hits[start : start + len(chunk)] = (neighbour_codes == codes[chunk][:, None]).mean(axis=1)
     kept_codes = codes[keys]
     frequencies = np.bincount(kept_codes, minlength=len(classes)) / len(keys)
     per_class = {
@@ -134,6 +129,35 @@ def knn_score_indexed(
         if (kept_codes == index).any()
     }
     return KnnScore(float(hits.mean()), float((frequencies**2).sum()), len(keys), k, per_class)
+
+
+def _labelled_neighbour_codes(
+    loaded: LoadedIndex, rows: np.ndarray, codes: np.ndarray, k: int, unlabelled: int
+) -> np.ndarray:
+    """The label codes of the `k` nearest labelled rows of each of `rows` (positions), through the index.
+
+    Unlabelled neighbours are passed over; a row that did not get `k` labelled ones
+    is searched again with four times the count, until it has them or every indexed
+    row was asked for, so each row is scored on `k` neighbours as in the sampled score.
+    """
+    result = np.full((len(rows), k), -1, dtype=np.int64)
+    indexed = len(loaded.index)
+    count = min(k + min(unlabelled, k), indexed)
+    pending = np.arange(len(rows))
+    while len(pending):
+        asked = rows[pending]
+        positions, _ = loaded.search(loaded.vectors(asked), count, exclude=[{int(p)} for p in asked])
+        found = np.where(positions >= 0, codes[np.maximum(positions, 0)], -1)
+        short: list[int] = []
+        for at, row in enumerate(pending):
+            chosen = found[at][found[at] >= 0][:k]
+            if len(chosen) < k and count < indexed:
+                short.append(int(row))
+            else:
+                result[row, : len(chosen)] = chosen
+        pending = np.asarray(short, dtype=np.int64)
+        count = min(count * 4, indexed)
+    return result
 
 
 def format_knn_score(column: str, label: str, score: KnnScore, total: int) -> str:

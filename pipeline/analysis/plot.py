@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -91,19 +94,19 @@ def plot_projection(
         groups, grouped = _plot_groups(labels)
         values = np.asarray(grouped, dtype=object)
         colours = matplotlib.colormaps["tab10" if len(groups) <= 10 else "tab20"]
+        handles, names = [], []
         for index, group in enumerate(groups):
             mask = values == group
             colour = "lightgrey" if group == OTHER_LABEL else colours(index)
-            axes.scatter(
-                points[mask, 0],
-                points[mask, 1],
-                s=8,
-                alpha=0.6,
-                linewidths=0,
-                color=colour,
-                label=f"{group} ({int(mask.sum())})",
+            handles.append(
+                axes.scatter(points[mask, 0], points[mask, 1], s=8, alpha=0.6, linewidths=0, color=colour)
             )
+            names.append(f"{group} ({int(mask.sum())})")
+        # Handles and names given explicitly: matplotlib leaves out of an automatic legend every
+        # label that starts with "_" (fastText's "__label__sports"), which would leave it empty.
         axes.legend(
+            handles,
+            names,
             title=legend_title,
             loc="upper left",
             bbox_to_anchor=(1.01, 1.0),
@@ -116,7 +119,18 @@ def plot_projection(
     axes.set_ylabel(axis_labels[1])
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path)
+    # As batch answers are: a new file of its own beside `path`, renamed over it once whole.
+    directory, name = os.path.split(path)
+    extension = os.path.splitext(name)[1].lstrip(".").lower() or "png"
+    handle, temporary = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as sink:
+            figure.savefig(sink, format=extension)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
     return path
 
 

@@ -67,7 +67,9 @@ def default_layer_names(model: keras.Model) -> list[str]:
 def cut_model(model: keras.Model, layer_texts: Sequence[str]) -> tuple[list[LayerSpec], keras.Model]:
     """`(specs, sub_model)`: the parsed --layer specs and the model cut down to them."""
     try:
-        specs = [parse_layer_spec(text) for text in layer_texts]
+        # The model's names first: a layer named "pool:1" or "a=b" is selected by its name.
+        names = {layer.name for layer in model.layers}
+        specs = [parse_layer_spec(text, names) for text in layer_texts]
         return specs, truncate(model, specs)
     except ValueError as error:
         raise ExportConfigError(str(error)) from None

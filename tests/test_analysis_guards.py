@@ -1,0 +1,490 @@
+"""Attacks on `pipeline.analyze` and `pipeline.vocabulary`: what they write and read, and their flags.
+
+Each test drives the command line (`analyze.main`, `vocabulary.main`) on a real
+export of the sample corpus or on Parquet files written here, and checks the
+files on disk afterwards.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+
+import matplotlib.figure
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import analyze, vocabulary
+from pipeline.analysis import index_build
+from pipeline.analysis.dataset import open_documents, open_vocabulary
+from pipeline.analysis.knn import knn_score, knn_score_indexed
+from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
+from pipeline.analysis.plot import plot_projection
+from pipeline.running.export import run_export
+from pipeline.writing.layout import MANIFEST
+
+COLUMN = "lstm_title"
+ROWS = 60
+# Settings under which HNSW finds the exact neighbours of a few hundred rows (see test_index).
+EXACT_SETTINGS = {"connectivity": 400, "expansion_add": 512, "expansion_search": 512}
+SHARD = "part-00000-of-00001.parquet"
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    """A real export of 60 documents: one vector column and the kept fields kind and topic."""
+    directory = str(tmp_path_factory.mktemp("guards") / "export")
+    flags = ["--output", directory, "--layer", COLUMN, "--keep_fields", "kind,topic", "--limit", str(ROWS)]
+    summary = run_export(flags)
+    assert summary.exit_code == 0, summary.message
+    return directory
+
+
+@pytest.fixture()
+def export_copy(export_dir, tmp_path):
+    target = str(tmp_path / "export")
+    shutil.copytree(export_dir, target)
+    return target
+
+
+@pytest.fixture()
+def ids_file(export_dir, tmp_path):
+    """A .txt of three ids of the export and one that is not in it."""
+    ids = pq.read_table(glob.glob(os.path.join(export_dir, "part-*.parquet"))[0])["id"].to_pylist()[:3]
+    path = tmp_path / "ids.txt"
+    path.write_text("\n".join([*ids, "no-such-id"]) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def sha256(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def write_export(directory, columns, manifest=True):
+    """A finished export of one row file; its manifest lists the file with its size, as a run's does."""
+    os.makedirs(directory)
+    path = os.path.join(directory, SHARD)
+    pq.write_table(pa.table(columns), path)
+    if manifest:
+        shards = {"rows": [{"file": SHARD, "rows": len(columns["id"]), "bytes": os.path.getsize(path)}]}
+        with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as handle:
+            json.dump({"rows_written": len(columns["id"]), "shards": shards}, handle)
+    return directory
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+# --- what --out writes ------------------------------------------------------------------------------
+
+
+def test_batch_out_never_clobbers_a_file_beside_it_nor_writes_through_a_link(
+    export_copy, ids_file, tmp_path, capsys
+):
+    precious = tmp_path / "answers.parquet.tmp"
+    precious.write_text("my precious notes")
+    part = os.path.join(export_copy, SHARD)
+    before = sha256(part)
+    os.symlink(part, tmp_path / "out2.parquet.tmp")
+    for out in ("answers.parquet", "out2.parquet"):
+        argv = [
+            export_copy,
+            "neighbors",
+            "--queries",
+            ids_file,
+            "--exact",
+            "-k",
+            "3",
+            "--out",
+            str(tmp_path / out),
+        ]
+        assert analyze.main(argv) == 0
+        assert pq.read_table(tmp_path / out).num_rows == 3 * 3 + 1
+    assert precious.read_text() == "my precious notes"
+    assert sha256(part) == before
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["answers.parquet", "answers.parquet.tmp", "out2.parquet", "out2.parquet.tmp", "export", "ids.txt"]
+    )
+
+
+def test_kept_fields_named_like_answer_columns_are_renamed_not_put_in_their_place(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    rows = 30
+    columns = {
+        "id": [f"d{i}" for i in range(rows)],
+        "v": pa.array(list(rng.normal(size=(rows, 4))), pa.list_(pa.float32(), 4)),
+        "query": [f"search term {i}" for i in range(rows)],
+        "similarity": [f"s{i}" for i in range(rows)],
+        "problem": [f"p{i}" for i in range(rows)],
+        "topic": [f"t{i % 3}" for i in range(rows)],
+    }
+    export = write_export(str(tmp_path / "log"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("d1\nd2\nnope\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "-k", "2", "--out", str(out)]) == 0
+    table = pq.read_table(out)
+    fixed = ["query", "rank", "id", "similarity"]
+    kept = ["field.query", "field.similarity", "field.problem", "topic"]
+    assert table.column_names == [*fixed, *kept, "problem"]
+    assert table.schema.field("similarity").type == pa.float64()
+    answers = table.to_pylist()
+    assert [a["query"] for a in answers] == ["d1", "d1", "d2", "d2", "nope"]
+    for answer in answers[:4]:
+        number = int(answer["id"][1:])
+        assert answer["field.query"] == f"search term {number}"
+        assert answer["field.problem"] == f"p{number}" and answer["problem"] is None
+    assert answers[4]["problem"] == "no row has the key 'nope'"
+
+
+def test_batch_queries_on_a_vocabulary_keep_the_token_id_type(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    tokens = ["<pad>", "<oov>", *[f"w{i}" for i in range(20)]]
+    table = pa.table(
+        {
+            "token_id": pa.array(range(len(tokens)), pa.int32()),
+            "token": tokens,
+            "vector": pa.array(list(rng.normal(size=(len(tokens), 4))), pa.list_(pa.float32(), 4)),
+        }
+    )
+    os.makedirs(tmp_path / "voc")
+    pq.write_table(table, tmp_path / "voc" / vocabulary.VOCABULARY_FILE)
+    words = tmp_path / "words.txt"
+    words.write_text("w3\nw7\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    argv = [str(tmp_path / "voc"), "neighbors", "--queries", str(words), "-k", "2", "--out", str(out)]
+    assert analyze.main(argv) == 0
+    answers = pq.read_table(out)
+    assert answers.schema.field("token_id").type == pa.int32()
+    data = open_vocabulary(str(tmp_path / "voc"))
+    expected = [n.key for n in find_neighbors(data, "w3", "vector", k=2)[0]]
+    assert answers.to_pylist()[0]["token"] == expected[0]
+    assert answers["token_id"].to_pylist()[0] == tokens.index(expected[0])
+
+
+def test_an_out_in_a_missing_directory_fails_before_any_row_is_read(tmp_path, ids_file, capsys):
+    # The export does not even exist: the --out check comes first.
+    missing = str(tmp_path / "no-export")
+    for argv in (
+        [missing, "plot", "--out", str(tmp_path / "nodir" / "p.png")],
+        [missing, "neighbors", "--queries", ids_file, "--out", str(tmp_path / "nodir" / "a.parquet")],
+    ):
+        assert analyze.main(argv) == 2
+        err = error_line(capsys)
+        assert "nodir' does not exist" in err and "--out" in err
+
+
+def test_an_out_through_a_link_or_a_file_url_into_an_export_is_refused(
+    export_copy, ids_file, tmp_path, capsys
+):
+    def listing():
+        return sorted(os.path.relpath(p, export_copy) for p in glob.glob(export_copy + "/**", recursive=True))
+
+    before = listing()
+    shortcut = tmp_path / "shortcut"
+    os.symlink(os.path.join(export_copy, "errors"), shortcut)
+    assert analyze.main([export_copy, "plot", "--out", str(shortcut / "p.png")]) == 2
+    assert "an export or vocabulary directory" in error_line(capsys)
+    url = "file://" + os.path.join(export_copy, SHARD)
+    argv = [export_copy, "neighbors", "--queries", ids_file, "--exact", "--out", url, "--overwrite"]
+    assert analyze.main(argv) == 2
+    assert "an export or vocabulary directory" in error_line(capsys)
+    assert listing() == before
+    # A file:// URL outside any export is written where it points.
+    elsewhere = tmp_path / "answers.parquet"
+    argv = [export_copy, "neighbors", "--queries", ids_file, "--exact", "--out", "file://" + str(elsewhere)]
+    assert analyze.main(argv) == 0
+    assert pq.read_table(elsewhere).num_rows > 0
+
+
+# --- what --queries and the export may hold ---------------------------------------------------------
+
+
+def test_a_queries_file_that_is_not_parquet_or_not_utf8_is_one_error_line(export_dir, tmp_path, capsys):
+    bad_parquet = tmp_path / "q.parquet"
+    bad_parquet.write_text("not parquet")
+    latin1 = tmp_path / "q.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    for path, message in ((bad_parquet, "not a readable Parquet file"), (latin1, "is not UTF-8 text")):
+        argv = [
+            export_dir,
+            "neighbors",
+            "--queries",
+            str(path),
+            "--exact",
+            "--out",
+            str(tmp_path / "a.parquet"),
+        ]
+        assert analyze.main(argv) == 2
+        assert message in error_line(capsys)
+    assert not (tmp_path / "a.parquet").exists()
+
+
+def test_foreign_parquet_with_integer_ids_or_a_null_first_vector(tmp_path, capsys):
+    vectors = [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.5, 0.5]]
+    integer_ids = write_export(str(tmp_path / "ints"), {"id": [5, 6, 7, 8], "v": vectors}, manifest=False)
+    assert analyze.main([integer_ids, "neighbors", "--id", "5", "--exact"]) == 2
+    assert "'id' column of type int64" in error_line(capsys)
+
+    first_null = write_export(
+        str(tmp_path / "null"), {"id": ["a", "b", "c", "d"], "v": [None, *vectors[1:]]}, manifest=False
+    )
+    queries = tmp_path / "q.txt"
+    queries.write_text("b\na\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    argv = [first_null, "neighbors", "--queries", str(queries), "--exact", "-k", "1", "--out", str(out)]
+    assert analyze.main(argv) == 0
+    answers = pq.read_table(out).to_pylist()
+    assert (answers[0]["query"], answers[0]["id"]) == ("b", "d")
+    assert answers[1]["query"] == "a" and "null" in answers[1]["problem"]
+
+
+# --- flags --------------------------------------------------------------------------------------------
+
+
+def _limited(gigabytes):
+    """preexec_fn: caps the child's address space, so an allocation sized by k fails instead of swapping."""
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (gigabytes << 30, gigabytes << 30))
+
+
+def test_a_huge_k_is_capped_at_the_rows_and_huge_hnsw_settings_are_refused(export_copy, ids_file, tmp_path):
+    huge = "1000000000"
+
+    def analyze_run(*argv):
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.analyze", export_copy, *argv],
+            capture_output=True,
+            text=True,
+            preexec_fn=_limited(4),
+            cwd=REPOSITORY,
+            timeout=120,
+        )
+
+    def ranks(stdout):
+        return [line for line in stdout.splitlines() if line.strip()[:1].isdigit()]
+
+    with open(ids_file, encoding="utf-8") as handle:
+        ids = handle.read().split()
+    built = analyze_run("index", "--column", COLUMN, "--recall_k", huge, "--recall_queries", "5")
+    assert built.returncode == 0, built.stderr
+    assert f"recall@{ROWS - 1} " in built.stdout
+    for exact in ([], ["--exact"]):
+        found = analyze_run("neighbors", "--id", ids[0], "--column", COLUMN, "-k", huge, *exact)
+        assert found.returncode == 0, found.stderr
+        assert 0 < len(ranks(found.stdout)) <= ROWS - 1
+        out = str(tmp_path / "a.parquet")
+        batch = analyze_run(
+            "neighbors",
+            "--queries",
+            ids_file,
+            "--column",
+            COLUMN,
+            "-k",
+            huge,
+            "--out",
+            out,
+            "--overwrite",
+            *exact,
+        )
+        assert batch.returncode == 0, batch.stderr
+        answers = pq.read_table(out)
+        assert 3 < answers.num_rows <= 3 * (ROWS - 1) + 1
+    for flag, value in (("--connectivity", huge), ("--threads", "100000"), ("--expansion_add", huge)):
+        refused = analyze_run("index", "--column", COLUMN, flag, value)
+        assert (
+            refused.returncode == 2 and refused.stderr.startswith("error: ") and "at most" in refused.stderr
+        )
+
+
+@pytest.mark.parametrize("command", [["plot"], ["knn-score", "--label", "topic"], ["index"]])
+def test_a_negative_seed_is_refused_before_any_work(export_dir, capsys, command):
+    with pytest.raises(SystemExit) as exited:
+        analyze.main([export_dir, *command, "--seed", "-1"])
+    assert exited.value.code == 2
+    assert "--seed: must be an integer of at least 0" in capsys.readouterr().err
+
+
+# --- the index and the export -----------------------------------------------------------------------
+
+
+def test_knn_score_all_scores_k_labelled_neighbours_as_the_sample_does(tmp_path):
+    rng = np.random.default_rng(11)
+    rows, labelled_every = 400, 4
+    centres = rng.normal(size=(3, 8))
+    classes = rng.integers(0, 3, size=rows)
+    vectors = centres[classes] + rng.normal(scale=1.5, size=(rows, 8))
+    topics = [f"t{c}" if i % labelled_every == 0 else None for i, c in enumerate(classes)]
+    export = write_export(
+        str(tmp_path / "e"),
+        {
+            "id": [f"d{i:03d}" for i in range(rows)],
+            "v": pa.array(list(vectors), pa.list_(pa.float32(), 8)),
+            "topic": topics,
+        },
+    )
+    data = open_documents(export)
+    index_build.build_index(data, "v", index_build.IndexSettings(**EXACT_SETTINGS))
+    everything, total = knn_score(data, "v", "topic", k=10, sample=rows)
+    assert total == everything.rows == rows // labelled_every
+    indexed = knn_score_indexed(data, open_index(data, "v"), "topic", k=10)
+    assert indexed.rows == everything.rows
+    assert indexed.agreement == pytest.approx(everything.agreement, abs=1e-12)
+    assert indexed.per_class.keys() == everything.per_class.keys()
+    for name, (count, agreement) in everything.per_class.items():
+        assert indexed.per_class[name] == (count, pytest.approx(agreement, abs=1e-12))
+
+
+def test_rows_without_a_token_are_neither_indexed_nor_returned(tmp_path):
+    rng = np.random.default_rng(2)
+    size, named = 300, 40
+    tokens = ["<pad>", "<oov>", *[f"w{i}" for i in range(named - 2)]] + [None] * (size - named)
+    table = pa.table(
+        {
+            "token_id": pa.array(range(size), pa.int32()),
+            "token": pa.array(tokens, pa.string()),
+            "vector": pa.array(list(rng.normal(size=(size, 6))), pa.list_(pa.float32(), 6)),
+        }
+    )
+    os.makedirs(tmp_path / "voc")
+    pq.write_table(table, tmp_path / "voc" / vocabulary.VOCABULARY_FILE)
+    data = open_vocabulary(str(tmp_path / "voc"))
+    metadata = index_build.build_index(data, "vector", index_build.IndexSettings(**EXACT_SETTINGS))
+    assert (metadata["indexed"], metadata["skipped_null"]) == (named, size - named)
+    exact, _ = find_neighbors(data, "w5", "vector", k=10)
+    through_index, _ = indexed_neighbors(data, open_index(data, "vector"), "w5", k=10)
+    assert [n.key for n in through_index] == [n.key for n in exact]
+    assert None not in [n.key for n in through_index]
+
+
+def test_row_files_that_differ_from_the_manifest_are_refused_and_untie_the_index(export_copy, capsys):
+    key = pq.read_table(os.path.join(export_copy, SHARD))["id"][0].as_py()
+    assert analyze.main([export_copy, "index", "--column", COLUMN, "--recall_queries", "0"]) == 0
+    capsys.readouterr()
+    part = os.path.join(export_copy, SHARD)
+    # The same bytes written again (same size, manifest untouched): the index is no longer trusted.
+    with open(part, "rb") as handle:
+        content = handle.read()
+    stat = os.stat(part)
+    with open(part, "wb") as handle:
+        handle.write(content)
+    os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN]) == 2
+    assert "built for another version" in error_line(capsys)
+    assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN, "--exact"]) == 0
+    capsys.readouterr()
+    # Another size than the manifest records: rows replaced since the export finished.
+    with open(part, "ab") as handle:
+        handle.write(b"\0")
+    assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN, "--exact"]) == 2
+    assert f"{SHARD} has {len(content) + 1} bytes" in error_line(capsys)
+    os.remove(part)
+    for argv in (["knn-score", "--label", "topic"], ["index", "--column", COLUMN]):
+        assert analyze.main([export_copy, *argv]) == 2
+        assert f"missing the row file {SHARD}" in error_line(capsys)
+
+
+# --- plot and vocabulary ------------------------------------------------------------------------------
+
+
+def test_plot_legend_names_labels_that_start_with_an_underscore(tmp_path, monkeypatch):
+    drawn = []
+    real = matplotlib.figure.Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        drawn.append(figure)
+        return real(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    points = np.random.default_rng(0).normal(size=(30, 2))
+    labels = ["__label__sports"] * 10 + ["__label__news"] * 15 + ["_x"] * 5
+    plot_projection(points, labels, str(tmp_path / "p.png"), "t", ["a", "b"], legend_title="topic")
+    legend = drawn[0].axes[0].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "__label__news (15)",
+        "__label__sports (10)",
+        "_x (5)",
+    ]
+
+
+def test_vocabulary_refuses_an_output_inside_an_export(export_copy, capsys):
+    for output in (export_copy, os.path.join(export_copy, "errors")):
+        assert vocabulary.main(["--layer", "emb", "--output", output]) == vocabulary.EXIT_CONFIG_ERROR
+        assert "inside the export" in error_line(capsys)
+    assert not glob.glob(os.path.join(export_copy, "**", vocabulary.VOCABULARY_FILE + "*"), recursive=True)
+
+
+def test_an_export_that_cannot_be_read_is_not_called_a_mix_of_two_exports(export_dir, monkeypatch, capsys):
+    from pipeline.analysis import dataset
+
+    def unreachable(location):
+        raise OSError("exists() operation failed: Must provide one of client or options")
+
+    monkeypatch.setattr(dataset, "has_pending_commit", unreachable)
+    assert analyze.main([export_dir, "knn-score", "--label", "topic"]) == 2
+    err = error_line(capsys)
+    assert "Cannot read" in err and "credentials" in err and "mix of two exports" not in err
+
+
+def test_batch_words_on_an_export_of_token_ids_use_its_token_table(tmp_path, capsys):
+    output = str(tmp_path / "ids")
+    flags = ["--output", output, "--layer", "emb", "--pooling", "none", "--token_storage", "ids"]
+    summary = run_export([*flags, "--limit", "5"])
+    assert summary.exit_code == 0, summary.message
+    words = tmp_path / "words.txt"
+    words.write_text("socket\nthread\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    argv = [output, "neighbors", "--queries", str(words), "-k", "3", "--out", str(out)]
+    assert analyze.main(argv) == 0
+    answers = pq.read_table(out)
+    data = open_vocabulary(output)
+    expected = [n.key for n in find_neighbors(data, "socket", "vector", k=3)[0]]
+    assert answers.column_names[:3] == ["query", "rank", "token"]
+    assert (
+        answers.to_pylist()[0]["token"] == expected[0] and answers["problem"].null_count == answers.num_rows
+    )
+
+
+def test_an_index_that_finds_fewer_rows_than_asked_says_so(export_copy, capsys):
+    key = pq.read_table(os.path.join(export_copy, SHARD))["id"][0].as_py()
+    # A graph this sparse, searched this narrowly, reaches only part of the rows (one thread: the same graph).
+    poor = ["--connectivity", "2", "--expansion_add", "1", "--expansion_search", "1", "--threads", "1"]
+    assert analyze.main([export_copy, "index", "--column", COLUMN, *poor]) == 0
+    capsys.readouterr()
+    assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN, "-k", str(ROWS - 1)]) == 0
+    out = capsys.readouterr().out
+    listed = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert 0 < len(listed) < ROWS - 1
+    assert f"The index found {len(listed)} of the {ROWS - 1} neighbours asked for" in out
+    assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN, "-k", "1"]) == 0
+    assert "neighbours asked for" not in capsys.readouterr().out
+
+
+def test_a_plot_that_fails_while_drawing_leaves_the_earlier_file_and_nothing_else(tmp_path, monkeypatch):
+    path = tmp_path / "p.png"
+    path.write_bytes(b"the earlier plot")
+    real = matplotlib.figure.Figure.savefig
+
+    def full_disk(figure, sink, *args, **kwargs):
+        real(figure, sink, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    points = np.random.default_rng(0).normal(size=(10, 2))
+    with pytest.raises(OSError, match="No space left"):
+        plot_projection(points, None, str(path), "t", ["a", "b"])
+    assert path.read_bytes() == b"the earlier plot"
+    assert os.listdir(tmp_path) == ["p.png"]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real)
+    plot_projection(points, ["x"] * 10, str(path), "t", ["a", "b"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["p.png"]
