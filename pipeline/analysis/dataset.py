@@ -165,15 +165,16 @@ def open_documents(location: str) -> VectorDataset:
     is_directory = filesystem.get_file_info(directory).type == pafs.FileType.Directory
     if is_directory:
         check_row_files(location, filesystem, directory, files)
+    no_rows = AnalysisError(
+        f"{location!r} is an export with no rows: every record it read is a dead letter in "
+        f"{posixpath.join(location, 'errors')} (or the corpus was empty): nothing to analyze."
+    )
     if not files:
         hint = ""
         if _is_file(filesystem, posixpath.join(directory, VOCABULARY_FILE)):
             hint = " It holds a vocabulary export: query it with `neighbors --word WORD`."
         if _is_file(filesystem, posixpath.join(directory, MANIFEST)):
-            raise AnalysisError(
-                f"{location!r} is an export with no rows: every record it read is a dead letter in "
-                f"{posixpath.join(location, 'errors')} (or the corpus was empty): nothing to analyze."
-            )
+            raise no_rows
         raise AnalysisError(
             f"{location!r} holds no {SHARD_PREFIX}*.parquet files, so it is not the --output of "
             f"`python -m pipeline.run`.{hint}"
@@ -183,6 +184,9 @@ def open_documents(location: str) -> VectorDataset:
             "%s has no %s: the export did not finish, so results may be partial.", location, MANIFEST
         )
     dataset = _parquet_dataset(location, filesystem, files)
+    # An export without rows has one shard of none (its schema, for readers).
+    if dataset.count_rows() == 0 and _is_file(filesystem, posixpath.join(directory, MANIFEST)):
+        raise no_rows
     if ID_COLUMN not in dataset.schema.names:
         raise AnalysisError(f"{location!r} has no {ID_COLUMN!r} column, so it is not an export of this tool.")
     id_type = dataset.schema.field(ID_COLUMN).type
