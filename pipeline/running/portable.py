@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -241,7 +242,8 @@ def explain_failure(error: BaseException, options: PipelineOptions) -> Exception
     text = str(error)
     refusal = worker_refusal(error)
     if refusal is not None:  # A worker refused what it found (a file changed since launch, ...).
-        return ExportConfigError(refusal)
+        # Beam's relayed text ends with the step that raised it, which the message does not need.
+        return ExportConfigError(re.sub(r"\s*\[while running '.*'\]$", "", refusal))
     if any(mark in text for mark in _PACKAGE_MISSING_MARKS):
         return WorkersUnavailableError(
             "The job's workers cannot import this package (ModuleNotFoundError: "
