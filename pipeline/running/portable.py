@@ -305,7 +305,8 @@ class _JobWatch:
         self._silent_since: float | None = None
 
     def _deadline(self) -> float:
-        return min(CALL_SECONDS, self._limit)
+        # Half the limit at most: a silent service is asked at least twice, and said so, before the end.
+        return min(CALL_SECONDS, self._limit / 2)
 
     def state(self) -> str | None:
         """The job's state; None while the job service has been silent for less than --job_server_timeout.
