@@ -23,6 +23,7 @@ from apache_beam.transforms.environments import Environment
 
 from pipeline.errors import ExportConfigError, WorkerDiedError
 from pipeline.held_logs import HeldErrorLogs
+from pipeline.planning.options import ExportOptions
 from pipeline.running.failures import worker_refusal
 from pipeline.running.progress import duration_text
 from pipeline.uris import is_local
@@ -85,8 +86,6 @@ def check_portable_flags(options: PipelineOptions) -> None:
     Raises:
         ExportConfigError: naming the flag and how to fix it.
     """
-    from pipeline.planning.options import ExportOptions
-
     portable = options.view_as(PortableOptions)
     timeout = portable.job_server_timeout
     if not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0:
@@ -304,7 +303,7 @@ class _JobWatch:
         self._limit = float(options.view_as(PortableOptions).job_server_timeout)
         self._silent_since: float | None = None
 
-    def _deadline(self) -> float:
+    def call_deadline(self) -> float:
         # Half the limit at most: a silent service is asked at least twice, and said so, before the end.
         return min(CALL_SECONDS, self._limit / 2)
 
@@ -319,7 +318,7 @@ class _JobWatch:
         request = beam_job_api_pb2.GetJobStateRequest(job_id=self._job_id)
         asked = self._clock()
         try:
-            response = self._stub.GetState(request, timeout=self._deadline())
+            response = self._stub.GetState(request, timeout=self.call_deadline())
         except grpc.RpcError as error:
             code = error.code() if isinstance(error, grpc.Call) else None
             if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
@@ -344,7 +343,7 @@ class _JobWatch:
                 self._result.cancel()
                 return
             self._stub.Cancel(
-                beam_job_api_pb2.CancelJobRequest(job_id=self._job_id), timeout=self._deadline()
+                beam_job_api_pb2.CancelJobRequest(job_id=self._job_id), timeout=self.call_deadline()
             )
         except Exception as error:  # The job may have ended meanwhile; the launcher is leaving anyway.
             _LOGGER.warning("Could not cancel the job: %s", error)
@@ -388,7 +387,7 @@ def run_job(
                 result = pipeline.run()
             except grpc.RpcError as error:
                 raise _job_service_lost(options, "failed to take the job") from error
-            except (RuntimeError, ValueError, OSError, NotImplementedError) as error:
+            except (RuntimeError, ValueError, OSError) as error:  # NotImplementedError is a RuntimeError
                 first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
                 refused = JobNotSubmittedError if fresh else ExportConfigError
                 raise refused(
@@ -474,7 +473,7 @@ def wait_for_job(
         raise
     try:
         # The job has ended: its state stream ends at once, unless the service fell silent just now.
-        result.wait_until_finish(duration=int(max(watch._deadline(), 1) * 1000))
+        result.wait_until_finish(duration=int(max(watch.call_deadline(), 1) * 1000))
     except grpc.RpcError:
         raise _job_service_lost(options, "went away") from None
     except Exception as error:
