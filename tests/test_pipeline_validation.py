@@ -97,6 +97,18 @@ def test_input_map_for_an_input_the_sub_model_does_not_need(bundle, corpus, tmp_
     )
 
 
+def test_input_map_for_an_input_the_model_does_not_have(bundle, corpus, tmp_path):
+    """A name the model lacks (Keras 2 numbers inputs per process: input_1 may be input_3) is told apart."""
+    output = tmp_path / "out"
+    assert_refused(
+        export_args(bundle, corpus, output, "--layer=lstm_content", "--input_map=input_1=body"),
+        output,
+        r"--input_map names \['input_1'\], which the model has no input of; its inputs are "
+        r"\['content', 'title'\], and the exported layers need \['content'\]. Rename those --input_map "
+        r"entries to the model's input names, e.g. content=body ",
+    )
+
+
 @pytest.mark.parametrize("entry", ["content", "=body", "content=", "content:body"])
 def test_input_map_syntax(entry, bundle, corpus, tmp_path):
     output = tmp_path / "out"

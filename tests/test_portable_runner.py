@@ -46,6 +46,8 @@ from pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_RECORDS_LOST,
+    EXIT_TERMINATED,
+    EXIT_UNEXPECTED,
 )
 from pipeline.run import main
 from pipeline.running.export import run_export
@@ -104,8 +106,11 @@ def _die_with_parent():
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
-def _serve(request, command, port, log_path, environment, cwd):
-    """Starts `command` in its own process group, stopped at the end of the test's scope; waits for `port`."""
+def _serve(request, command, port, log_path, environment, cwd, started=None):
+    """Starts `command` in its own process group, stopped at the end of the test's scope; waits for `port`.
+
+    `started`: a list that receives the process (for a test that signals it).
+    """
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command,
@@ -117,6 +122,8 @@ def _serve(request, command, port, log_path, environment, cwd):
             preexec_fn=_die_with_parent,
         )
     request.addfinalizer(lambda: _stop(process))
+    if started is not None:
+        started.append(process)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -159,7 +166,7 @@ os.execv(sys.executable, [sys.executable, "-m", "apache_beam.runners.worker.sdk_
 """
 
 
-def _worker_pool(request, directory, path_first=PYTHON_BIN, boot=False):
+def _worker_pool(request, directory, path_first=PYTHON_BIN, boot=False, started=None):
     """`python -m apache_beam.runners.worker.worker_pool_main`, as the issue's user started it.
 
     With `boot`, each worker starts as in Beam's SDK container (see BOOT) rather
@@ -174,13 +181,11 @@ def _worker_pool(request, directory, path_first=PYTHON_BIN, boot=False):
         command.append(f"--container_executable={executable}")
     # Started outside the checkout: its workers import this package as installed.
     log = str(directory / f"pool-{port}.log")
-    return _serve(request, command, port, log, _environment(path_first), directory)
+    return _serve(request, command, port, log, _environment(path_first), directory, started)
 
 
-@pytest.fixture(scope="module")
-def services(request, tmp_path_factory):
-    """Beam's local job service, a plain worker pool and a pool whose workers boot as in the container."""
-    directory = tmp_path_factory.mktemp("services")
+def _job_service(request, directory, started=None):
+    """Beam's local job service (`local_job_service_main`), as docs/portable_runners.md starts it."""
     port = _free_port()
     command = [
         sys.executable,
@@ -188,9 +193,15 @@ def services(request, tmp_path_factory):
         "apache_beam.runners.portability.local_job_service_main",
         f"--port={port}",
     ]
-    job_endpoint = _serve(
-        request, command, port, str(directory / "job_service.log"), _environment(), directory
-    )
+    log = str(directory / f"job_service-{port}.log")
+    return _serve(request, command, port, log, _environment(), directory, started)
+
+
+@pytest.fixture(scope="module")
+def services(request, tmp_path_factory):
+    """Beam's local job service, a plain worker pool and a pool whose workers boot as in the container."""
+    directory = tmp_path_factory.mktemp("services")
+    job_endpoint = _job_service(request, directory)
     return job_endpoint, _worker_pool(request, directory), _worker_pool(request, directory, boot=True)
 
 
@@ -611,3 +622,251 @@ def test_worker_start_timeout_must_be_finite_and_not_negative(value, tmp_path, c
         f"first worker, 0 = forever), received {float(value)}."
     )
     assert not os.path.exists(tmp_path / "out")
+
+
+# --- what goes wrong once the job runs, each told in one line ----------------------------------------
+
+
+def _launch(request, command, log_path):
+    """Starts `command` (a `pipeline_command`) in its own process group, its output to `log_path`."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, cwd=REPOSITORY, env=_environment(), stdout=log, stderr=log, start_new_session=True
+        )
+    request.addfinalizer(lambda: _stop(process))
+    return process
+
+
+def _wait_for_text(process, log_path, text, timeout=120):
+    deadline = time.monotonic() + timeout
+    while text not in log_path.read_text(errors="replace"):
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def _one_error_line(log_path):
+    """The log's last line, checked to be its only `error:` line, with no traceback above it."""
+    log = log_path.read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+    assert [line for line in log.splitlines() if line.startswith("error:")] == [log.splitlines()[-1]], log[
+        -3000:
+    ]
+    return log.splitlines()[-1]
+
+
+def _nothing_committed(output):
+    assert state_lib.read_manifest(str(output)) is None
+    assert not glob.glob(os.path.join(str(output), "*.parquet"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("event", ["stopped", "stopped_then_sigterm", "killed"])
+def test_a_job_service_lost_while_the_job_runs(request, services, bundle, corpus, tmp_path, event):
+    """A job service that stops answering (SIGSTOP: a hung job server, a partition) or dies mid-job.
+
+    Each of the launcher's calls to it has a deadline: progress lines go on, the
+    run ends with one line after --job_server_timeout, and a SIGTERM meanwhile is
+    acted on at once (Beam's own calls have none: the launcher hung, deaf to signals).
+    """
+    _, pool, _ = services
+    started = []
+    job_endpoint = _job_service(request, tmp_path, started)
+    service = started[0]
+    request.addfinalizer(lambda: service.poll() is None and os.kill(service.pid, signal.SIGCONT))
+    output, log_path = tmp_path / "out", tmp_path / "launcher.log"
+    timeout = 60 if event == "stopped_then_sigterm" else 4
+    command = pipeline_command(
+        corpus,
+        output,
+        "--model",
+        bundle,
+        "--progress_seconds=1",
+        f"--job_server_timeout={timeout}",
+        *_portable_flags(job_endpoint, pool),
+    )
+    process = _launch(request, command, log_path)
+    _wait_for_text(process, log_path, "live counts are not available")
+    service.send_signal(signal.SIGKILL if event == "killed" else signal.SIGSTOP)
+    lost = time.monotonic()
+    if event == "stopped_then_sigterm":
+        _wait_for_text(process, log_path, "progress: the job service has not answered for", timeout=30)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == EXIT_TERMINATED, log_path.read_text()[-3000:]
+        assert log_path.read_text().strip().splitlines()[-1].startswith("interrupted: nothing was committed")
+    else:
+        assert process.wait(timeout=60) == EXIT_UNEXPECTED, log_path.read_text()[-3000:]
+        why = "stopped answering" if event == "stopped" else "went away"
+        assert _one_error_line(log_path) == (
+            f"error: the job service at --job_endpoint {job_endpoint} {why} (for over {timeout} s, "
+            "--job_server_timeout) while the job ran; nothing was committed. The job may still run there "
+            "(cancel it with the cluster's own tools). Check the job server, then rerun the same command "
+            "to finish the export (it keeps the rows made durable)."
+        )
+        assert time.monotonic() - lost < timeout + 20
+    if event != "killed":
+        assert "progress: the job service has not answered for" in log_path.read_text()
+    _nothing_committed(output)
+
+
+@pytest.mark.slow
+def test_a_worker_pool_killed_while_the_job_runs_is_one_error_line(request, services, bundle, tmp_path):
+    """The pool and its SDK workers SIGKILLed (a TaskManager's sidecar OOM-killed): one line, exit 1."""
+    job_endpoint, *_ = services
+    started = []
+    pool = _worker_pool(request, tmp_path, started=started)
+    directory = tmp_path / "corpus"
+    directory.mkdir()
+    # Long enough that the job still runs when its workers are killed.
+    write_jsonl(directory / "big.jsonl", sample_documents(2000))
+    output, log_path = tmp_path / "out", tmp_path / "launcher.log"
+    command = pipeline_command(
+        directory / "big.jsonl",
+        output,
+        "--model",
+        bundle,
+        "--batch_size=16",
+        *_portable_flags(job_endpoint, pool),
+    )
+    process = _launch(request, command, log_path)
+    _wait_for_text(process, log_path, "a worker started running the job")
+    os.killpg(started[0].pid, signal.SIGKILL)
+    assert process.wait(timeout=90) == EXIT_UNEXPECTED, log_path.read_text()[-3000:]
+    last = _one_error_line(log_path)
+    assert last.startswith("error: the job's workers went away while it ran ("), last
+    assert last.endswith("then rerun the same command to finish the export (it keeps the rows made durable).")
+    _nothing_committed(output)
+
+
+@pytest.mark.slow
+def test_a_workers_refusal_is_its_one_line(request, services, bundle, corpus, tmp_path):
+    """The bundle's tokenizer changed after launch: a worker refuses it, and the launcher says just that."""
+    import shutil
+
+    from models.bundle import TOKENIZER_FILE
+
+    job_endpoint, pool, _ = services
+    model = tmp_path / "bundle"
+    shutil.copytree(bundle, model)
+    output, log_path = tmp_path / "out", tmp_path / "launcher.log"
+    command = pipeline_command(corpus, output, "--model", model, *_portable_flags(job_endpoint, pool))
+    process = _launch(request, command, log_path)
+    _wait_for_text(process, log_path, "live counts are not available")
+    with open(model / TOKENIZER_FILE, "a", encoding="utf-8") as handle:
+        handle.write(" ")
+    assert process.wait(timeout=120) == EXIT_CONFIG_ERROR, log_path.read_text()[-3000:]
+    last = _one_error_line(log_path)
+    # The worker's own check of the bundle against its manifest: Beam relays it inside 6 tracebacks.
+    assert last.startswith(f"error: Invalid model bundle '{model}': {model / TOKENIZER_FILE} has SHA-256 "), (
+        last
+    )
+    assert last.endswith("Restore the original file or re-export the bundle."), last
+    _nothing_committed(output)
+
+
+def test_an_environment_the_job_service_cannot_start_is_one_error_line(
+    services, bundle, corpus, tmp_path, capsys
+):
+    """PROCESS workers on Beam's local job service (which cannot start them): a KeyError deep in Beam."""
+    job_endpoint, *_ = services
+    output = tmp_path / "out"
+    argv = ["--model", bundle, "--input", corpus, "--output", str(output), "--limit=5"]
+    flags = ["--runner=PortableRunner", f"--job_endpoint={job_endpoint}", "--environment_type=PROCESS"]
+    config = '--environment_config={"command": "/opt/apache/beam/boot"}'
+    assert main([*argv, *flags, config]) == EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert _last_error_line(err) == (
+        "error: The job service cannot start workers of --environment_type PROCESS (it knows no "
+        "beam:env:process:v1); nothing was committed. Beam's local job service starts EXTERNAL (a worker "
+        "pool), LOOPBACK and DOCKER workers; a Flink or Spark job server also PROCESS. See "
+        "docs/portable_runners.md."
+    )
+    assert not os.path.exists(output) or os.listdir(output) in ([], [layout_lib.LOCK])
+
+
+def _last_error_line(err):
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def test_a_job_server_the_runner_cannot_start_is_one_error_line(bundle, corpus, tmp_path, capsys):
+    """FlinkRunner with no --job_endpoint fetches and starts Beam's job server jar; here it cannot."""
+    output = tmp_path / "out"
+    jar = f"http://127.0.0.1:{_free_port()}/beam-runners-flink-job-server.jar"
+    argv = ["--model", bundle, "--input", corpus, "--output", str(output), "--limit=5"]
+    runner = ["--runner=FlinkRunner", "--flink_master=localhost:8081", f"--flink_job_server_jar={jar}"]
+    assert main([*argv, *runner]) == EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = _last_error_line(err)
+    assert last.startswith(
+        f"error: The FlinkRunner could not submit the job: Unable to fetch remote job server jar at {jar}"
+    )
+    # Nothing of that run is left: no staging for the next run to resume.
+    assert not os.path.exists(output) or os.listdir(output) in ([], [layout_lib.LOCK])
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            ["--environment_type=docker", "--environment_config=localhost:1"],
+            "error: --environment_type docker with --environment_config localhost:1 cannot work: Beam says "
+            "Unknown environment type: docker. The types are DOCKER, EXTERNAL, PROCESS and LOOPBACK",
+        ),
+        (
+            ["--environment_type=EXTERNAL"],
+            "error: --environment_type EXTERNAL with --environment_config (not set) cannot work: Beam says "
+            "Option external_service_address is required for environment type EXTERNAL.",
+        ),
+        (
+            ["--environment_type=LOOPBACK", "--environment_config=localhost:1"],
+            "error: --environment_type LOOPBACK with --environment_config localhost:1 cannot work: Beam says "
+            "Option environment_config is not compatible with environment type LOOPBACK.",
+        ),
+        (["--job_endpoint="], "error: --runner PortableRunner needs --job_endpoint HOST:PORT"),
+        (["--job_server_timeout=0"], "error: --job_server_timeout must be a number of seconds above 0"),
+        (["--job_server_timeout=-5"], "error: --job_server_timeout must be a number of seconds above 0"),
+        (
+            ["--output=out/relative"],
+            "error: --output 'out/relative' is a relative path: the workers of a portable runner resolve it "
+            "in their own working directory, not this one, so they would read or write elsewhere. Pass an "
+            f"absolute path on a filesystem every worker mounts at the same place (here that is "
+            f"'{os.path.join(os.getcwd(), 'out', 'relative')}')",
+        ),
+        (
+            ["--input=models/data/sample_corpus.jsonl"],
+            "error: --input 'models/data/sample_corpus.jsonl' is a relative path",
+        ),
+        (
+            ["--model=models/data/default_bundle"],
+            "error: --model 'models/data/default_bundle' is a relative path",
+        ),
+    ],
+    ids=[
+        "lower_case_type",
+        "external_without_config",
+        "loopback_with_config",
+        "no_job_endpoint",
+        "timeout_zero",
+        "timeout_negative",
+        "relative_output",
+        "relative_input",
+        "relative_model",
+    ],
+)
+def test_portable_flags_that_cannot_work_are_launch_errors(flags, expected, tmp_path, capsys):
+    """Refused before the model loads or anything is written (Beam refused them in `run()`, after staging)."""
+    given = dict(flag.split("=", 1) for flag in flags)
+    defaults = {
+        "--output": str(tmp_path / "out"),
+        "--runner": "PortableRunner",
+        "--job_endpoint": "localhost:1",
+    }
+    argv = [f"{flag}={value}" for flag, value in {**defaults, **given}.items() if value]
+    assert main(argv) == EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(expected) and len(err.splitlines()) == 1, err[-3000:]
+    assert not os.path.exists(tmp_path / "out")
+    assert not os.path.exists("out/relative")

@@ -63,7 +63,11 @@ def build_plan(options: ExportOptions, check_remote: bool = True) -> tuple[Expor
         model, options.layer or model_source.default_layers or default_layer_names(model)
     )
     mapping = resolve_input_map(
-        [t.name for t in sub_model.inputs], explicit_map, model_source.input_fields, input_format
+        [t.name for t in sub_model.inputs],
+        explicit_map,
+        model_source.input_fields,
+        input_format,
+        model_inputs=[t.name for t in model.inputs],
     )
     inputs = describe_inputs(sub_model, mapping)
     check_tokenizer_present(inputs, model_source.tokenizer, options.tokenizer)

@@ -112,13 +112,28 @@ def parse_input_map(entries: Sequence[str] | None) -> dict[str, str]:
 
 
 def resolve_input_map(
-    needed: Sequence[str], explicit: Mapping[str, str], bundle_fields: Mapping[str, str], input_format: str
+    needed: Sequence[str],
+    explicit: Mapping[str, str],
+    bundle_fields: Mapping[str, str],
+    input_format: str,
+    model_inputs: Sequence[str] = (),
 ) -> dict[str, str]:
     """Maps each needed model input to a corpus field.
 
     Explicit `--input_map` entries win, then the bundle's manifest, then a field of
-    the input's own name (for text files, the line itself).
+    the input's own name (for text files, the line itself). `model_inputs`: all the
+    model's inputs, to tell a name the model lacks from one the layers do not need.
     """
+    absent = sorted(set(explicit) - set(model_inputs or needed))
+    if absent:
+        # Keras 2 numbers default input names per process (input_1, input_3, ...): a guess often misses.
+        example = f", e.g. {needed[0]}={explicit[absent[0]]}" if needed else ""
+        raise ExportConfigError(
+            f"--input_map names {absent}, which the model has no input of; its inputs are "
+            f"{list(model_inputs or needed)}, and the exported layers need {list(needed)}. Rename "
+            f"those --input_map entries to the model's input names{example} "
+            "(`python -m pipeline.inspect MODEL` lists them)."
+        )
     unknown = sorted(set(explicit) - set(needed))
     if unknown:
         raise ExportConfigError(

@@ -217,8 +217,10 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     check_direct_workers(options)
     if is_dataflow(options):
         check_worker_paths(export_options)
-    if portable.is_portable(options) and not dry_run:
-        portable.check_job_endpoint(options)
+    if portable.is_portable(options):
+        portable.check_portable_flags(options)
+        if not dry_run:
+            portable.check_job_endpoint(options)
     if dry_run and not is_local(export_options.model):
         raise ExportConfigError(
             f"--dry_run builds the plan from the model without cloud credentials, so --model "
@@ -295,15 +297,14 @@ def _run_pipeline(
         pipeline = beam.Pipeline(options=options)
         settings = _graph_settings(options, total_bytes, resumed=resumed, workers_dir=workers_dir)
         build_pipeline(pipeline, plan, rows_prefix, errors_prefix, **settings)
-        result = pipeline.run()
-        portable.wait_for_job(
-            result,
+        return portable.run_job(
+            pipeline,
             workers_dir,
             options,
             export_options.worker_start_timeout,
             export_options.progress_seconds,
+            fresh=resumed is None,
         )
-        return result
     if local_runner(options) is None:
         pipeline = beam.Pipeline(options=options)
         build_pipeline(
