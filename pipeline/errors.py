@@ -2,7 +2,7 @@
 
 # python -m pipeline.run (and the other commands) exit with these.
 EXIT_OK = 0
-EXIT_UNEXPECTED = 1  # a traceback; or, in one line, a local worker process that was killed
+EXIT_UNEXPECTED = 1  # a traceback; or, in one line, workers that died or a job service that went away
 EXIT_CONFIG_ERROR = 2  # a flag, the model, the input or the output cannot work; nothing written
 EXIT_ACCOUNTING_MISMATCH = 3  # records read != rows + dead letters (a bug: please report it)
 EXIT_TOO_MANY_ERRORS = 4  # more than --max_error_fraction of the records were dead-lettered

@@ -364,7 +364,8 @@ def _run_and_commit(
             )
             staged = staged_shards(plan.output, run_id)
     except portable.WorkersUnavailableError:
-        remove_staging(plan.output, run_id)
+        if resumed is None:  # A resumed run's staging holds the rows it kept: the rerun keeps them.
+            remove_staging(plan.output, run_id)
         raise
     seconds = time.time() - started
     if lock is not None:
