@@ -196,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     except OutputWriteError as error:
         silencer.restore()
+        if interrupted:
+            # The signal waited for the commit, which then failed: both are said.
+            _tell(
+                f"interrupted: {signal.Signals(interrupted[0]).name} arrived during the commit, which "
+                "then failed:"
+            )
         print(f"error: {error}", file=sys.stderr)
         return EXIT_OUTPUT_FAILED
     except WorkerDiedError as error:

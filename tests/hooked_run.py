@@ -35,8 +35,12 @@ def _commit_hook(kind, action, count, marker=None):
     from pipeline.writing import files as files_lib
 
     seen = [0]
+    # Hooks chain: `pause:hash:1:M fail:rename:2` pauses, then fails later in the same commit.
+    previous = files_lib.step_hook
 
     def hook(step, relative):
+        if previous is not None:
+            previous(step, relative)
         if action not in ("any", step):
             return
         seen[0] += 1

@@ -427,6 +427,26 @@ def test_a_signal_while_finishing_an_earlier_commit_says_that_commit_was_finishe
 
 
 @pytest.mark.slow
+def test_a_signal_that_waited_for_a_commit_which_then_failed_is_said_too(tmp_path, tiny_bundle):
+    """The commit's error line was all: the signal was forgotten."""
+    new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
+    output = str(tmp_path / "out")
+    marker = str(tmp_path / "commit")
+    argv = pipeline_command(new, output, "--model", tiny_bundle[0])[3:]
+    # Paused as the commit hashes its files; its second rename, after the commit point, finds the disk full.
+    process = _hooked([f"pause:hash:1:{marker}", "fail:rename:2"], argv)
+    _wait_for(marker + ".paused", process)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    open(marker + ".go", "w").close()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_OUTPUT_FAILED, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith(("interrupted:", "error:"))]
+    assert len(said) == 2 and "SIGTERM arrived during the commit" in said[0], err[-3000:]
+    assert said[1].startswith("error: The commit to --output")
+
+
+@pytest.mark.slow
 def test_a_full_disk_during_the_commit_keeps_the_old_export(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", OLD_IDS)
     new = _corpus(tmp_path / "new.jsonl", NEW_IDS)
