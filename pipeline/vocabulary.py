@@ -11,13 +11,16 @@ table larger than the vocabulary get a null token.  The file is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.tokenizer import OOV_ID
@@ -128,13 +131,12 @@ def export_vocabulary(
     if is_local(output):
         if os.path.lexists(output) and not os.path.isdir(output):
             raise ExportConfigError(f"--output {output} is a file; --output names a directory to write into.")
-        for target in (path, path + ".tmp"):
-            # --overwrite replaces the file this command wrote, never a directory or link of that name.
-            if os.path.islink(target) or (os.path.lexists(target) and not os.path.isfile(target)):
-                raise ExportConfigError(
-                    f"{target} is a directory or a link, not a file this command wrote; move it away "
-                    "or choose another --output."
-                )
+        # --overwrite replaces the file this command wrote, never a directory or link of that name.
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+            raise ExportConfigError(
+                f"{path} is a directory or a link, not a file this command wrote; move it away "
+                "or choose another --output."
+            )
     if FileSystems.exists(path) and not overwrite:
         raise ExportConfigError(
             f"{path} already exists; pass --overwrite to replace it, or another --output."
@@ -172,16 +174,38 @@ def export_vocabulary(
         )
     metadata = vocabulary_metadata(model_uri, model_source, layer_name, table)
     arrow_table = vocabulary_table(table, id_to_token, metadata)
-    # Written under a temporary name and renamed, so a reader never sees half a file.
-    temporary = path + ".tmp"
-    if FileSystems.exists(temporary):
-        FileSystems.delete([temporary])
-    with FileSystems.create(temporary) as handle:
-        pq.write_table(arrow_table, handle)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temporary], [path])
+    _write_whole(arrow_table, path)
     return path, arrow_table.num_rows
+
+
+def _write_whole(table: pa.Table, path: str) -> None:
+    """Writes `table` to `path` so that a reader never sees half a file, and nothing else is touched.
+
+    Locally through a new temporary file beside it (a name no other file has,
+    so no file of the user's is replaced), then renamed over it; on object
+    storage directly, since an object appears only once its upload is whole.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.uris import is_local
+
+    if not is_local(path):
+        with FileSystems.create(path) as handle:
+            pq.write_table(table, handle)
+        return
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".vocabulary-", suffix=".parquet.tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -424,6 +424,24 @@ def test_vocabulary_refuses_an_output_inside_an_export(export_copy, capsys):
     assert not glob.glob(os.path.join(export_copy, "**", vocabulary.VOCABULARY_FILE + "*"), recursive=True)
 
 
+def test_vocabulary_never_replaces_a_file_beside_it_nor_writes_through_a_link(tmp_path, capsys):
+    """It deleted a user's `vocabulary.parquet.tmp`, the name it wrote through."""
+    output = tmp_path / "voc"
+    output.mkdir()
+    precious = output / (vocabulary.VOCABULARY_FILE + ".tmp")
+    precious.write_text("my notes", encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere.parquet"
+    elsewhere.write_text("not a vocabulary", encoding="utf-8")
+    (output / ".vocabulary-link.parquet.tmp").symlink_to(elsewhere)
+    assert vocabulary.main(["--layer", "emb", "--output", str(output)]) == 0
+    assert precious.read_text(encoding="utf-8") == "my notes"
+    assert elsewhere.read_text(encoding="utf-8") == "not a vocabulary"
+    assert pq.read_table(output / vocabulary.VOCABULARY_FILE).num_rows > 0
+    assert sorted(os.listdir(output)) == sorted(
+        [vocabulary.VOCABULARY_FILE, precious.name, ".vocabulary-link.parquet.tmp"]
+    )
+
+
 def test_an_export_that_cannot_be_read_is_not_called_a_mix_of_two_exports(export_dir, monkeypatch, capsys):
     from pipeline.analysis import dataset
 
