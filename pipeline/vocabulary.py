@@ -11,11 +11,9 @@ table larger than the vocabulary get a null token.  The file is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -188,24 +186,14 @@ def _write_whole(table: pa.Table, path: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
     from pipeline.uris import is_local
+    from pipeline.writing.files import write_whole_local
 
     if not is_local(path):
         with FileSystems.create(path) as handle:
             pq.write_table(table, handle)
         return
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".vocabulary-", suffix=".parquet.tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_whole_local(path, lambda handle: pq.write_table(table, handle))
 
 
 def build_parser() -> argparse.ArgumentParser:

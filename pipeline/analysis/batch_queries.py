@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -17,6 +15,7 @@ from pipeline.analysis.exact import exact_top_k, row_count
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K, display_score
 from pipeline.uris import is_local
+from pipeline.writing.files import write_whole_local
 from pipeline.writing.schema import ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN
 
 
@@ -215,26 +214,15 @@ def detail_column_name(name: str, fixed: set[str]) -> str:
 
 
 def write_parquet_atomically(table: pa.Table, path: str) -> None:
-    """Writes `table` to `path`; a local one through a new file of its own, renamed into place.
-
-    The temporary file is created exclusively (never an existing file or a link
-    followed), so nothing already beside `path` is overwritten, and a reader sees
-    the old file or the whole new one.
+    """Writes `table` to `path`; a local one through a new file of its own, renamed into place
+    (`files.write_whole_local`), so nothing already beside `path` is overwritten, and a reader
+    sees the old file or the whole new one.
     """
     if not is_local(path):
         # An object store's PUT is atomic already: readers see the old object or the new one.
         pq.write_table(table, path)
         return
-    directory, name = os.path.split(path)
-    handle, temporary = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as sink:
-            pq.write_table(table, sink)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    write_whole_local(path, lambda sink: pq.write_table(table, sink))
 
 
 class _ExactLookup:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -18,6 +16,7 @@ from pipeline.analysis.dataset import (
     VectorDataset,
     sample_vectors,
 )
+from pipeline.writing.files import write_whole_local
 
 # Beyond this many label values the smallest share one "other" colour.
 MAX_PLOT_CLASSES = 20
@@ -120,17 +119,8 @@ def plot_projection(
     axes.grid(alpha=0.3)
     figure.tight_layout()
     # As batch answers are: a new file of its own beside `path`, renamed over it once whole.
-    directory, name = os.path.split(path)
-    extension = os.path.splitext(name)[1].lstrip(".").lower() or "png"
-    handle, temporary = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as sink:
-            figure.savefig(sink, format=extension)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    extension = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    write_whole_local(path, lambda sink: figure.savefig(sink, format=extension))
     return path
 
 

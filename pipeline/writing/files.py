@@ -11,8 +11,9 @@ import json
 import os
 import posixpath
 import stat
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal, TypedDict
+from typing import Any, BinaryIO, Literal, TypedDict
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -239,3 +240,24 @@ def exists(directory: str, relative: str) -> bool:
     if is_local(directory):
         return os.path.lexists(os.path.join(directory, relative))
     return FileSystems.exists(join(directory, relative))
+
+
+def write_whole_local(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Writes the local file `path` by `write(handle)`: a reader sees the old file or the whole new one.
+
+    Through a new temporary file beside `path`, created exclusively (never a file
+    or link already there, so nothing of the user's is overwritten or written
+    through), flushed to disk, then renamed over `path`; removed if anything fails.
+    """
+    directory, name = os.path.split(path)
+    descriptor, temporary = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
