@@ -119,18 +119,18 @@ def _interrupted(
             if defaulted_output
             else "rerun the same command"
         )
-        line = (
-            f"interrupted: nothing was committed; {rerun} to finish the export "
-            "(it keeps the rows this run made durable)."
+        recovered = _recovered_commits()
+        nothing = "nothing of this run was committed" if recovered else "nothing was committed"
+        earlier = (
+            f" Before it, an earlier run's interrupted commit into {recovered[0]} was finished: it "
+            "holds that run's complete export (replacing it needs --overwrite)."
+            if recovered
+            else ""
         )
-        phase = sys.modules.get("pipeline.writing.commit_phase")
-        recovered = phase.recovered() if phase else []
-        if recovered:
-            line = line.replace("nothing was committed", "nothing of this run was committed") + (
-                f" Before it, an earlier run's interrupted commit into {recovered[0]} was finished: it "
-                "holds that run's complete export (replacing it needs --overwrite)."
-            )
-        _tell(line)
+        _tell(
+            f"interrupted: {nothing}; {rerun} to finish the export "
+            f"(it keeps the rows this run made durable).{earlier}"
+        )
     return STOP_SIGNALS.get(signum, EXIT_INTERRUPTED)
 
 
@@ -138,6 +138,12 @@ def _commit_phase() -> str:
     # Not imported yet (the export imports it): no commit can be in flight.
     phase = sys.modules.get("pipeline.writing.commit_phase")
     return phase.commit_phase() if phase else "idle"
+
+
+def _recovered_commits() -> list[str]:
+    # Not imported yet: no earlier run's commit was finished either.
+    phase = sys.modules.get("pipeline.writing.commit_phase")
+    return phase.recovered() if phase else []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -373,11 +373,12 @@ def _run_and_commit(
         lock.check_held()
 
     accounting = account(read_counters(result, NAMESPACE), staged, plan, resumed)
-    if resumed and accounting.exact and accounting.counters.get(ROWS_KEPT, 0) < resumed.rows_kept:
+    kept_met = accounting.counters.get(ROWS_KEPT, 0)
+    if resumed and accounting.exact and kept_met < resumed.rows_kept:
         # A kept row whose id the corpus no longer has: rewritten with the same size and time.
         raise ExportConfigError(
             f"The corpus changed since the interrupted run this one resumes: of the {resumed.rows_kept:,} "
-            f"rows it kept, only {accounting.counters.get(ROWS_KEPT, 0):,} have their document in the "
+            f"rows it kept, only {kept_met:,} have their document in the "
             "corpus now (a file was rewritten with the same size and modification time). Nothing was "
             "committed; rerun with --resume off."
         )

@@ -59,17 +59,19 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def is_shard(relative: str) -> bool:
+    """Whether a path relative to the output directory is named as a row or dead-letter shard."""
+    name = relative[len(ERRORS_DIR) + 1 :] if relative.startswith(ERRORS_DIR + "/") else relative
+    return bool(SHARD_NAME.fullmatch(name))
+
+
 def is_ours(relative: str) -> bool:
     """Whether a file's path relative to the output directory is one this project writes."""
     return (
         relative in (MANIFEST, MANIFEST + ".tmp", LOCK, JOURNAL)
         or relative.startswith(STAGING + "/")
-        or bool(SHARD_NAME.fullmatch(relative))
+        or is_shard(relative)
         or bool(re.fullmatch(TABLES_DIR + r"/[^/]+\.parquet", relative))
         or bool(re.fullmatch(INDEX_DIR + r"/([^/]+\.(usearch|json)(\.tmp)?)?", relative))
-        or (
-            relative.startswith(ERRORS_DIR + "/")
-            and bool(SHARD_NAME.fullmatch(relative[len(ERRORS_DIR) + 1 :]))
-        )
         or bool(_FAILED_FILE.fullmatch(relative))
     )

@@ -30,14 +30,13 @@ from pipeline.writing.files import (
     relative_to,
 )
 from pipeline.writing.layout import (
-    ERRORS_DIR,
     JOURNAL,
     KNOWN_DIRECTORY,
     LOCK,
     MANIFEST,
-    SHARD_NAME,
     STAGING,
     is_ours,
+    is_shard,
     new_run_id,
 )
 from pipeline.writing.staging import remove_staging, staging_runs
@@ -89,11 +88,6 @@ def _manifest_shards(directory: str) -> tuple[bool, frozenset[str] | None]:
     return True, listed
 
 
-def _is_shard(relative: str) -> bool:
-    name = relative[len(ERRORS_DIR) + 1 :] if relative.startswith(ERRORS_DIR + "/") else relative
-    return bool(SHARD_NAME.fullmatch(name))
-
-
 def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[str]]:
     """(the entries no export of ours explains, the relative paths of the others but the lock).
 
@@ -110,7 +104,7 @@ def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[
     def explains(relative: str, kind: EntryKind) -> bool:
         if not finished:
             return _is_leftover(relative, kind)
-        if not journal and listed is not None and kind == "file" and _is_shard(relative):
+        if not journal and listed is not None and kind == "file" and is_shard(relative):
             return relative in listed
         return _entry_is_ours(relative, kind)
 
