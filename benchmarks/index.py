@@ -44,6 +44,7 @@ from pipeline.analysis.dataset import open_documents, vectors_to_numpy
 from pipeline.analysis.exact import exact_top_k, recall_at_k
 from pipeline.analysis.index_store import read_metadata
 from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
+from pipeline.writing.files import file_digest
 from pipeline.writing.layout import MANIFEST
 
 COLUMN = "lstm_content"
@@ -110,6 +111,7 @@ def replicate(real: str, target: str, rows: int, seed: int = 0) -> dict:
     os.makedirs(target, exist_ok=True)
     shards = -(-rows // SHARD_ROWS)
     written = 0
+    listed: list[dict] = []
     ids = np.asarray(table["id"].to_pylist(), dtype=object)
     for shard in range(shards):
         count = min(SHARD_ROWS, rows - written)
@@ -127,7 +129,10 @@ def replicate(real: str, target: str, rows: int, seed: int = 0) -> dict:
             else:
                 columns[field.name] = table[field.name].take(pa.array(source))
         name = f"part-{shard:05d}-of-{shards:05d}.parquet"
-        pq.write_table(pa.table(columns, schema=schema), os.path.join(target, name), compression="snappy")
+        path = os.path.join(target, name)
+        pq.write_table(pa.table(columns, schema=schema), path, compression="snappy")
+        # Listed as an export lists its shards: analysis checks the row files against them.
+        listed.append({"file": name, "rows": count, **file_digest(path)})
         written += count
     with open(os.path.join(real, MANIFEST), encoding="utf-8") as handle:
         manifest = json.load(handle)
@@ -139,7 +144,7 @@ def replicate(real: str, target: str, rows: int, seed: int = 0) -> dict:
         "noise_sigma_per_dim": float(sigma),
         "seed": seed,
     }
-    manifest.update(rows_written=rows, benchmark_replicated=how, shards={"rows": [], "errors": []})
+    manifest.update(rows_written=rows, benchmark_replicated=how, shards={"rows": listed, "errors": []})
     with open(os.path.join(target, MANIFEST), "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2)
     return how

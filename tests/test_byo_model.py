@@ -35,6 +35,7 @@ from models.truncate import layer_calls
 from pipeline.errors import ExportConfigError
 from pipeline.inspect import main as inspect_main
 from pipeline.running.export import run_export
+from pipeline.writing.vocabulary_table import token_strings
 
 TOLERANCE = 1e-5
 CONTENT_LENGTH = 40
@@ -552,6 +553,9 @@ def test_vocabulary_file_matches_text_vectorization(tmp_path):
     assert tokenizer.id_to_token()[1] == "[UNK]"
     with pytest.raises(ValueError, match="line 0 must be empty"):
         read_tokenizer(b"the\nvalue\n")
+    # The vocabulary's rows: padding named as every tokenizer's is (line 0 is ''), [UNK] kept.
+    tokens = token_strings(tokenizer.id_to_token(), len(vectorizer.get_vocabulary()) + 1)
+    assert tokens == ["<pad>", "[UNK]", *vectorizer.get_vocabulary()[2:], None]
 
 
 def test_pad_token_ids_is_pad_sequences():

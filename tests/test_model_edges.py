@@ -221,6 +221,22 @@ def test_a_model_that_fails_on_the_sample_batch_is_one_error_naming_the_cause(ke
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("fast_path", ["auto", "off"])
+def test_a_layer_name_tensorflow_cannot_run_is_refused_at_launch(fast_path, tmp_path):
+    """Keras allows `:` in a name, TensorFlow's predict refuses it: with the fast path off
+    every record was a dead letter (exit 4, the output made); now one line at launch."""
+    inputs = keras.Input((10,), dtype="int32", name="content")
+    embedded = keras.layers.Embedding(30, 4, name="emb")(inputs)
+    vector = keras.layers.LSTM(3, name="a:b")(embedded)
+    path = tmp_path / "model.keras"
+    keras.Model(inputs, keras.layers.Dense(1)(vector)).save(path)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d0", "content": [1, 2]}])
+    flags = ["--tokenizer", "none", "--layer", "a:b", "--fast_path", fast_path]
+    with pytest.raises(ExportConfigError, match="not a valid scope name.*rename the layer"):
+        run_export(export_args(path, corpus, tmp_path / "out", *flags))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["file", "bundle"])
 def test_a_model_rewritten_while_it_loads_is_refused(kind, big_values_model, tmp_path, monkeypatch):
     """A checkpoint callback saving over the file: the manifest named the new file, the rows the old."""

@@ -824,7 +824,7 @@ def test_an_interrupted_run_names_the_output_to_resume_and_how_a_committed_one_e
     monkeypatch.setattr(export_lib, "run_export", interrupted_run)
     assert run_module.main(["--limit", "5"]) == 130
     output = seen[0][seen[0].index("--output") + 1]
-    assert output.startswith("output/embeddings-")
+    assert output.startswith(os.path.join(os.getcwd(), "output", "embeddings-"))
     assert f"rerun the same command with --output {output} to finish" in capsys.readouterr().err
     # A run committed before the signal, but with errors (exit 5): the error line is not lost.
     failed = ExportSummary("out", 3, 2, 1, {"read_error": 1}, 0, 0, 1.0, 5, "Reading broke off.")

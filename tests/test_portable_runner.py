@@ -552,7 +552,7 @@ def test_a_pool_whose_python_cannot_run_the_job_is_reported(
     assert f"--environment_config {pool}" in last and "import apache_beam and this package" in last
     assert time.monotonic() - started < 60
     # Nothing committed, and nothing left behind for readers or the next run.
-    assert not os.path.exists(output) or os.listdir(output) in ([], [layout_lib.LOCK])
+    assert not os.path.exists(output), os.listdir(output)
     assert all(state in TERMINAL_STATES for state in _wait_for_jobs_to_end(job_endpoint).values())
 
 
@@ -781,7 +781,7 @@ def test_an_environment_the_job_service_cannot_start_is_one_error_line(
         "pool), LOOPBACK and DOCKER workers; a Flink or Spark job server also PROCESS. See "
         "docs/portable_runners.md."
     )
-    assert not os.path.exists(output) or os.listdir(output) in ([], [layout_lib.LOCK])
+    assert not os.path.exists(output), os.listdir(output)
 
 
 def _last_error_line(err):
@@ -804,7 +804,17 @@ def test_a_job_server_the_runner_cannot_start_is_one_error_line(bundle, corpus, 
         f"error: The FlinkRunner could not submit the job: Unable to fetch remote job server jar at {jar}"
     )
     # Nothing of that run is left: no staging for the next run to resume.
-    assert not os.path.exists(output) or os.listdir(output) in ([], [layout_lib.LOCK])
+    assert not os.path.exists(output), os.listdir(output)
+
+
+def test_a_portable_run_without_output_gets_an_absolute_default(tmp_path, monkeypatch, capsys):
+    """The default --output was relative (output/embeddings-...), and refused as such."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--runner=PortableRunner", f"--job_endpoint=localhost:{_free_port()}", "--job_server_timeout=1"]
+    assert main(argv) == EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: No Beam job service answered at --job_endpoint"), err[-3000:]
+    assert not os.path.exists(tmp_path / "output")
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,25 @@ def verification_batch(
     return batch
 
 
+def _on_sample_batch(
+    forward_pass: Callable[[Features], Mapping[str, np.ndarray]], batch: Features
+) -> Mapping[str, np.ndarray]:
+    """`forward_pass(batch)`, or one `ExportConfigError` line saying why Keras cannot run the model."""
+    try:
+        return forward_pass(batch)
+    except Exception as error:  # Keras's own forward pass fails: so would every batch.
+        hint = (
+            " TensorFlow runs a layer only if its name is made of letters, digits and `_.-/>`: "
+            "rename the layer and save the model again (Keras's own predict fails on it too)."
+            if "not a valid scope name" in str(error)
+            else ""
+        )
+        raise ExportConfigError(
+            f"The model fails on a sample batch of token ids: {type(error).__name__}: "
+            f"{_cause_line(error)}{hint}"
+        ) from None
+
+
 def max_difference(
     candidate: Callable[[Features], Mapping[str, np.ndarray]],
     reference: Callable[[Features], Mapping[str, np.ndarray]],
@@ -150,6 +169,7 @@ class Predictor:
             return
         if plan.fast_path != "auto":
             self._keras_only(f"--fast_path {plan.fast_path}")
+            self._check_keras_runs()
         elif self._launch_checked():
             self.fast_path = self._follow_launch()
         else:
@@ -208,6 +228,7 @@ class Predictor:
         if fast is None:
             logging.info("Fast path off (%s); using Keras's forward pass.", choice.reason)
             self._keras_only(choice.reason)
+            self._check_keras_runs()
             return None
         passes = choice.forward_passes
         batch = self.model.model_features(
@@ -228,13 +249,7 @@ class Predictor:
             # Unwrapped (`wrap=False`), every output is an array.
             return typing.cast(dict[str, np.ndarray], self._fast_outputs(fast, features, wrap=False))
 
-        try:
-            expected = reference(batch)
-        except Exception as error:  # Keras's own forward pass fails: so would every batch.
-            raise ExportConfigError(
-                f"The model fails on a sample batch of token ids: {type(error).__name__}: "
-                f"{_cause_line(error)}"
-            ) from None
+        expected = _on_sample_batch(reference, batch)
         try:
             # Traced as the batches will run it: the in-memory runner reuses this trace.
             worst = max_difference(candidate, lambda _: expected, batch)
@@ -256,6 +271,17 @@ class Predictor:
             logging.info("Fast path on for %s: %s: %s.", column, forward_pass.engine, forward_pass.reason)
         logging.info("Fast path checked against Keras on a sample batch: max |diff| %.2g.", worst)
         return fast
+
+    def _check_keras_runs(self) -> None:
+        """At launch, Keras's forward pass on a sample batch: a model that fails there fails every batch.
+
+        Workers (the plan records the launch's forward passes) do not repeat it.
+        """
+        if self.plan.forward_passes:
+            return
+        # Id 1 only: below every input's Embedding size, whatever the model's vocabulary.
+        batch = self.model.model_features(verification_batch(self.plan.inputs, self.plan.padding, 2))
+        _on_sample_batch(self.model.keras_predict, batch)
 
     def _launch_checked(self) -> bool:
         """Whether the launch checked the fast path in this environment (same host and versions)."""

@@ -38,9 +38,13 @@ def number(text: str) -> float | str:
 
 
 def default_output() -> str:
-    """A fresh directory per run, so the no-argument command can be repeated."""
+    """A fresh directory per run under ./output, so the no-argument command can be repeated.
+
+    Absolute: the advice to rerun with it holds from any directory, and a portable
+    runner's workers, which do not share this working directory, write where it says.
+    """
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("output", f"embeddings-{stamp}")
+    return os.path.abspath(os.path.join("output", f"embeddings-{stamp}"))
 
 
 class ExportOptions(PipelineOptions):

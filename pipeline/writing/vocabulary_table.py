@@ -30,17 +30,19 @@ def token_strings(id_to_token: Mapping[int, str], table_size: int) -> list[str |
     """The token of each id 0 .. table_size - 1.
 
     Args:
-        id_to_token: the tokenizer's `id_to_token()`; ids it lacks are padding
-            (0, "<pad>"), out-of-vocabulary (1, "<oov>", unless a Keras 2
-            tokenizer without `oov_token` uses id 1 for a word) or beyond the
-            vocabulary (None).
+        id_to_token: the tokenizer's `id_to_token()`.  Id 0 is always padding
+            ("<pad>", also where a vocabulary file's line 0 is the empty
+            token); id 1 is the tokenizer's own out-of-vocabulary token (a Keras
+            2 `oov_token`, a vocabulary file's "[UNK]", else "<oov>"), or a
+            word where a Keras 2 tokenizer without `oov_token` gives id 1 one;
+            ids beyond the vocabulary are None.
     """
     tokens: list[str | None] = [None] * table_size
-    for token_id, token in ((PADDING_ID, PADDING_TOKEN), (OOV_ID, OOV_TOKEN)):
-        if token_id < table_size:
-            tokens[token_id] = token
     for token_id, token in id_to_token.items():
-        if 0 <= token_id < table_size:
+        if PADDING_ID < token_id < table_size:
+            tokens[token_id] = token
+    for token_id, token in ((PADDING_ID, PADDING_TOKEN), (OOV_ID, OOV_TOKEN)):
+        if token_id < table_size and tokens[token_id] is None:
             tokens[token_id] = token
     return tokens
 
