@@ -382,8 +382,9 @@ def test_a_run_killed_before_its_commit_point_is_resumed(killed, corpus, referen
     ],
     ids=["text", "kept_field", "ids"],
 )
+@pytest.mark.parametrize("processes", [(), TWO_PROCESSES], ids=["in_memory", "two_processes"])
 def test_a_corpus_rewritten_with_the_same_size_and_time_is_not_resumed(
-    killed, corpus, tiny_bundle, tmp_path, capsys, old, new, what
+    killed, corpus, tiny_bundle, tmp_path, capfd, old, new, what, processes
 ):
     """tar, cp -p, touch -r: the listing is the same, the texts are not: rows of old text were kept."""
     output = str(tmp_path / "out")
@@ -398,13 +399,15 @@ def test_a_corpus_rewritten_with_the_same_size_and_time_is_not_resumed(
         with open(corpus, "w", encoding="utf-8") as handle:
             handle.write(text.replace(old, new))
         os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-        code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+        code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, *processes])
     finally:
         shutil.copy2(rewritten, corpus)
         os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    err = capsys.readouterr().err
+    # Worker processes' stderr included: a worker's refusal printed its tracebacks first.
+    err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == EXIT_CONFIG_ERROR and len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
     assert "corpus changed since the interrupted run" in lines[0] and "--resume off" in lines[0]
     assert what in lines[0]
     assert state_lib.read_manifest(output) is None

@@ -29,6 +29,7 @@ def beam_errors_held() -> Iterator[None]:
     thread_errors: list[threading.ExceptHookArgs] = []
     print_thread_error = threading.excepthook
     threading.excepthook = thread_errors.append
+    local_workers.hold_tracebacks()
     try:
         with HeldErrorLogs("apache_beam") as held:
             try:
@@ -39,6 +40,7 @@ def beam_errors_held() -> Iterator[None]:
                 if explained or told is not None:
                     held.drop()
                     thread_errors.clear()
+                    local_workers.drop_held_tracebacks()
                 if told is not None:
                     raise told from None
                 raise
@@ -46,6 +48,7 @@ def beam_errors_held() -> Iterator[None]:
         threading.excepthook = print_thread_error
         for args in thread_errors:
             print_thread_error(args)
+        local_workers.let_held_tracebacks_through()
 
 
 def _told_in_one_line(error: BaseException) -> Exception | None:

@@ -1,4 +1,4 @@
-"""Local worker processes: deaf to a terminal's Ctrl-C, and stopped silently when the launcher stops.
+"""Local worker processes: deaf to a terminal's Ctrl-C, stopped silently, their tracebacks held back.
 
 A Ctrl-C typed in a terminal goes to its whole foreground process group, so
 Beam's SDK worker processes (`--direct_running_mode=multi_processing`) get it
@@ -10,7 +10,12 @@ while `ignoring_ctrl_c` is active that call goes through `_Popen`, which starts 
 worker with SIGINT and SIGHUP (a closed terminal's) ignored (an ignored signal
 stays ignored across `exec`, and Python then installs no KeyboardInterrupt
 handler) and remembers it, so that
-`kill_workers` can stop it with SIGKILL, which prints nothing.  The workers stay in
+`kill_workers` can stop it with SIGKILL, which prints nothing.  Its stderr
+comes through a pipe that `_copy_stderr` copies to ours line by line, holding
+back its Python tracebacks: a worker that raises prints one before the launcher
+hears of it, and when the failure becomes our one `error:` line
+(`pipeline.running.failures`) they are dropped (`drop_held_tracebacks`), else
+let through when the run ends (`let_held_tracebacks_through`).  The workers stay in
 the terminal's process group: a background group would be stopped by SIGTTOU when
 it writes to a terminal set to `stty tostop`, and a SIGTERM or SIGKILL sent to the
 group still reaches them.
@@ -18,11 +23,13 @@ group still reaches them.
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 # The shell of `shell=True` sets SIGINT and SIGHUP to ignored, then becomes the worker.
 _IGNORE_CTRL_C = "trap '' INT HUP; exec "
@@ -30,6 +37,13 @@ _started: list[subprocess.Popen[bytes]] = []
 # The signals that killed workers of this process's runs (the OOM killer's SIGKILL, ...).
 _killed_by: list[int] = []
 _lock = threading.Lock()
+# A worker's stderr: a Python traceback begins here and goes on until a log line.
+_TRACEBACK = b"Traceback (most recent call last):"
+_LOG_LINE = re.compile(rb"^([IWEF]\d{4} |(DEBUG|INFO|WARNING|ERROR|CRITICAL)[ :])")
+# What happens to the workers' tracebacks: held for the run's end, dropped, or let through.
+HOLD, DROP, PASS = "hold", "drop", "pass"
+_tracebacks = PASS
+_held: list[bytes] = []
 
 
 class _Subprocess:
@@ -45,10 +59,68 @@ class _Subprocess:
         # Beam's command is one command line (`python -m ...sdk_worker_main`); `trap` is POSIX sh.
         if kwargs.get("shell") and isinstance(args, str) and os.name == "posix":
             args = _IGNORE_CTRL_C + args
+        copied = kwargs.get("stderr") is None
+        if copied:
+            kwargs["stderr"] = subprocess.PIPE
         process = subprocess.Popen(args, *rest, **kwargs)
         with _lock:
             _started.append(process)
+        if copied and process.stderr is not None:
+            threading.Thread(target=_copy_stderr, args=(process.stderr,), daemon=True).start()
         return process
+
+
+def _copy_stderr(stream: IO[bytes]) -> None:
+    """Copies one worker's stderr to ours until it closes, its tracebacks as `_tracebacks` says."""
+    in_traceback = False
+    for line in iter(stream.readline, b""):
+        if line.startswith(_TRACEBACK):
+            in_traceback = True
+        elif in_traceback and _LOG_LINE.match(line):
+            in_traceback = False
+        with _lock:
+            if in_traceback and _tracebacks != PASS:
+                if _tracebacks == HOLD:
+                    _held.append(line)
+                continue
+        _write_stderr([line])
+    stream.close()
+
+
+def _write_stderr(lines: list[bytes]) -> None:
+    for line in lines:
+        sys.stderr.write(line.decode("utf-8", errors="replace"))
+    sys.stderr.flush()
+
+
+def hold_tracebacks() -> None:
+    """From now on the workers' tracebacks are held until the run's failure is known."""
+    global _tracebacks
+    with _lock:
+        _tracebacks = HOLD
+        _held.clear()
+
+
+def drop_held_tracebacks() -> None:
+    """The run's failure is told in one line: the workers' tracebacks, held and to come, are dropped."""
+    global _tracebacks
+    with _lock:
+        _tracebacks = DROP
+        _held.clear()
+
+
+def let_held_tracebacks_through() -> None:
+    """The run ended: tracebacks still held are printed, and later ones go straight through.
+
+    After `drop_held_tracebacks` they stay dropped: workers still stopping print more.
+    """
+    global _tracebacks
+    with _lock:
+        held = _held[:] if _tracebacks == HOLD else []
+        _held.clear()
+        if _tracebacks == HOLD:
+            _tracebacks = PASS
+    _write_stderr(held)
 
 
 @contextlib.contextmanager
