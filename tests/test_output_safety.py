@@ -197,19 +197,26 @@ def test_another_tools_manifest_and_shard_named_files_the_manifest_does_not_list
 
     corpus = _write_corpus(tmp_path / "c.jsonl", 3)
     argv = ["--model", tiny_bundle[0], "--input", corpus, "--overwrite"]
-    spark = tmp_path / "spark_job"
-    (spark / "errors").mkdir(parents=True)
-    (spark / layout_lib.MANIFEST).write_text('{"generator": "someone-elses-spark-job", "files": 3}')
-    for name in (
-        "part-00000-of-00002.parquet",
-        "part-00001-of-00002.parquet",
-        "errors/part-00000-of-00001.parquet",
+    names = ("part-00000-of-00002.parquet", "part-00001-of-00002.parquet")
+    names += ("errors/part-00000-of-00001.parquet",)
+    # Manifests we would take for a damaged one of ours (it lists nothing): the files' footers are not ours.
+    for index, manifest in enumerate(
+        [
+            '{"generator": "someone-elses-spark-job", "files": 3}',
+            json.dumps([{"file": name} for name in names]),
+            json.dumps({"status": "complete", "shards": list(names)}),
+            "part-00000-of-00002.parquet\npart-00001-of-00002.parquet\n",
+        ]
     ):
-        pq.write_table(pa.table({"user_id": [1, 2]}), spark / name)
-    before = snapshot(spark)
-    message = _refused(capsys, [*argv, "--output", str(spark)], "no export wrote")
-    assert "_MANIFEST.json" in message
-    assert snapshot(spark) == before
+        spark = tmp_path / f"spark_job{index}"
+        (spark / "errors").mkdir(parents=True)
+        (spark / layout_lib.MANIFEST).write_text(manifest)
+        for name in names:
+            pq.write_table(pa.table({"user_id": [1, 2]}), spark / name)
+        before = snapshot(spark)
+        message = _refused(capsys, [*argv, "--output", str(spark)], "no export wrote")
+        assert "part-00000-of-00002.parquet" in message
+        assert snapshot(spark) == before
 
     output = tmp_path / "out"
     run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", str(output)])

@@ -13,6 +13,7 @@ import posixpath
 from collections.abc import Callable
 from typing import Literal
 
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError
@@ -30,6 +31,7 @@ from pipeline.writing.files import (
     relative_to,
 )
 from pipeline.writing.layout import (
+    ERRORS_DIR,
     JOURNAL,
     KNOWN_DIRECTORY,
     LOCK,
@@ -39,6 +41,7 @@ from pipeline.writing.layout import (
     is_shard,
     new_run_id,
 )
+from pipeline.writing.schema import ERROR_SCHEMA, METADATA_KEY
 from pipeline.writing.staging import remove_staging, staging_runs
 
 OutputState = Literal["empty", "finished", "unfinished", "foreign"]
@@ -108,9 +111,31 @@ def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[
             return relative in listed
         return _entry_is_ours(relative, kind)
 
-    foreign = [(relative, kind) for relative, kind in entries if not explains(relative, kind)]
-    ours = [relative for relative, kind in entries if explains(relative, kind) and relative != LOCK]
-    return foreign, ours
+    damaged = manifest_ours and listed is None and not journal
+
+    def explains_damaged(relative: str, kind: EntryKind) -> bool:
+        # A damaged manifest lists nothing: a Parquet file named as ours is ours only if its
+        # footer says so (another tool's part files and manifest look damaged to us).
+        if kind == "file" and relative.endswith(".parquet") and _entry_is_ours(relative, kind):
+            return _footer_is_ours(directory, relative)
+        return explains(relative, kind)
+
+    judge = explains_damaged if damaged else explains
+    verdicts = [(relative, kind, judge(relative, kind)) for relative, kind in entries]
+    foreign = [(relative, kind) for relative, kind, ours in verdicts if not ours]
+    return foreign, [relative for relative, _, ours in verdicts if ours and relative != LOCK]
+
+
+def _footer_is_ours(directory: str, relative: str) -> bool:
+    """Whether a Parquet file's footer is one an export writes: our metadata, or the dead letters' schema."""
+    try:
+        with FileSystems.open(join(directory, relative), compression_type="uncompressed") as handle:
+            schema = pq.read_schema(handle)
+    except Exception:  # Not Parquet, truncated, unreadable: nothing shows it is ours.
+        return False
+    if relative.startswith(ERRORS_DIR + "/"):
+        return schema.remove_metadata().equals(ERROR_SCHEMA)
+    return METADATA_KEY in (schema.metadata or {})
 
 
 def _describe(relative: str, kind: EntryKind) -> str:
