@@ -504,12 +504,18 @@ def test_a_run_whose_lock_was_deleted_commits_nothing(tmp_path, tiny_bundle):
     process = _hooked([f"inference_pause:3:{marker}"], argv)
     _wait_for(marker + ".paused", process)
     os.remove(os.path.join(output, layout_lib.LOCK))  # "a stale lock", cleared by hand
-    open(marker + ".go", "w").close()
-    _, err = process.communicate(timeout=180)
-    assert process.returncode == EXIT_CONFIG_ERROR, err[-3000:]
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "changed while this run worked" in errors[0], err[-3000:]
-    assert state_lib.read_manifest(output) is None
+    # A second run starts meanwhile and locks the output anew.
+    with lock_lib.OutputLock(output) as second:
+        locked = os.stat(os.path.join(output, layout_lib.LOCK)).st_ino
+        open(marker + ".go", "w").close()
+        _, err = process.communicate(timeout=180)
+        assert process.returncode == EXIT_CONFIG_ERROR, err[-3000:]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "changed while this run worked" in errors[0], err[-3000:]
+        assert state_lib.read_manifest(output) is None
+        # The first run's release unlinked the second run's _LOCK by its path.
+        assert os.stat(os.path.join(output, layout_lib.LOCK)).st_ino == locked
+        second.check_held()
 
 
 def test_a_full_disk_as_the_lock_is_written_is_the_out_of_space_error(tmp_path, monkeypatch):

@@ -232,13 +232,7 @@ class OutputLock:
             ExportConfigError: the output's `_LOCK` is no longer the one this run locked.
         """
         if self._fd is not None:
-            held = os.fstat(self._fd)
-            try:
-                current = os.lstat(self.path)
-                same = (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
-            except OSError:  # Gone, or the directory with it.
-                same = False
-            if not same:
+            if not self._holds_path():
                 raise ExportConfigError(
                     f"--output {self.directory!r} changed while this run worked: its {LOCK} is not the one "
                     "this run locked (it was deleted, or the directory was moved or replaced, or a link to "
@@ -255,15 +249,25 @@ class OutputLock:
         if self.lost is not None:
             raise self._busy(self.lost)
 
+    def _holds_path(self) -> bool:
+        """Whether `OUTPUT/_LOCK` is still the file this run locked (local locks)."""
+        assert self._fd is not None
+        held = os.fstat(self._fd)
+        try:
+            current = os.lstat(self.path)
+        except OSError:  # Gone, or the directory with it.
+            return False
+        return (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
+
     def release(self) -> None:
         """Gives the directory up (idempotent); removes the lock file and an empty directory we made."""
         if self._fd is not None:
             # Unlink before unlocking: a waiter that opened the old file sees a
-            # different inode after its flock and starts again.
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            # different inode after its flock and starts again.  Only our own file:
+            # after ours was deleted by hand, `_LOCK` may be another run's.
+            if self._holds_path():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
             if self._created_directory and os.path.isdir(self.directory) and not os.listdir(self.directory):
