@@ -434,10 +434,15 @@ def test_a_lease_taken_over_is_not_written_back_and_the_run_does_not_commit(tmp_
     assert _read_lock(output)["run"] == "other"  # Its lease is not ours to remove.
 
 
-def test_a_lease_not_renewed_for_a_whole_lease_is_lost_even_if_its_taker_is_gone(tmp_path, monkeypatch):
-    """The run that took it over finished and removed its lease: the stalled run wrote its own back."""
+@pytest.mark.parametrize("stalled", [True, False], ids=["stalled", "deleted_by_hand"])
+def test_a_lease_not_renewed_for_a_whole_lease_is_lost_even_if_its_taker_is_gone(
+    stalled, tmp_path, monkeypatch
+):
+    """The run that took it over finished and removed its lease: the stalled run wrote its own back.
+    Not stalled, a lease deleted by hand (a second run came, committed and went) was written back too."""
     output, first = _leased_bucket(tmp_path, monkeypatch, 0.05)
-    first._renewed -= lock_lib.LEASE_SECONDS + 1  # stalled (a sleeping laptop) past a whole lease
+    if stalled:  # a sleeping laptop, past a whole lease
+        first._renewed -= lock_lib.LEASE_SECONDS + 1
     os.remove(os.path.join(output, layout_lib.LOCK))  # the taker's run came and went
     deadline = time.time() + 10
     while first.lost is None and time.time() < deadline:
@@ -445,6 +450,23 @@ def test_a_lease_not_renewed_for_a_whole_lease_is_lost_even_if_its_taker_is_gone
     with pytest.raises(OutputBusyError, match="in use by run unknown"):
         first.check_held()
     assert not os.path.exists(os.path.join(output, layout_lib.LOCK))
+    first.release()
+
+
+def test_a_lease_lapses_on_a_clock_that_goes_on_while_the_machine_sleeps(tmp_path, monkeypatch):
+    """time.monotonic stops in a suspend: a laptop asleep for 10 minutes still held its lease."""
+    import time as time_module
+
+    output, first = _leased_bucket(tmp_path, monkeypatch, 600)
+    assert not first._lapsed()
+    if hasattr(time_module, "CLOCK_BOOTTIME"):
+        awake = time_module.clock_gettime
+
+        def after_a_suspend(clock):
+            return awake(clock) + (lock_lib.LEASE_SECONDS + 1 if clock == time_module.CLOCK_BOOTTIME else 0)
+
+        monkeypatch.setattr(time_module, "clock_gettime", after_a_suspend)
+        assert first._lapsed()
     first.release()
 
 

@@ -162,8 +162,7 @@ class OutputLock:
     def _write_lease(self) -> None:
         with FileSystems.create(self.path) as handle:
             handle.write(json.dumps(dict(self.holder, renewed=time.time())).encode("utf-8"))
-        # The lease's age on this host: a monotonic clock, which a wall-clock step does not move.
-        self._renewed = time.monotonic()
+        self._renewed = _lease_clock()
 
     def _lease_age(self, holder: JsonObject) -> float:
         """Seconds since the lease was last written: by the holder's clock, or the store's if later.
@@ -203,11 +202,12 @@ class OutputLock:
         while not self._stop.wait(LEASE_RENEW_SECONDS):
             try:
                 holder = self._read_lease()
-                if self._lapsed() or (holder and holder.get("run") != self.holder["run"]):
-                    # Not renewed for a whole lease (a sleeping laptop): another run may have taken
-                    # it over, and finished since; writing ours back would have two runs hold it.
+                if self._lapsed() or not holder or holder.get("run") != self.holder["run"]:
+                    # Not renewed for a whole lease (a sleeping laptop), taken over, or gone (deleted
+                    # by hand, or released by a run that took it over and finished): another run may
+                    # hold the output or have committed to it; writing ours back would have two runs hold it.
                     self.lost = holder or {"run": "unknown (this run's lease is gone)"}
-                    logging.error("The lock %s was lost: not renewed for a whole lease.", self.path)
+                    logging.error("The lock %s was lost: not renewed for a whole lease, or taken.", self.path)
                     return
                 self._write_lease()
             except Exception as error:  # A missed renewal is retried; the lease lasts 5 of them.
@@ -215,7 +215,7 @@ class OutputLock:
 
     def _lapsed(self) -> bool:
         """Whether this run's lease went a whole lease without renewal: another run may have taken it."""
-        return time.monotonic() - self._renewed >= LEASE_SECONDS
+        return _lease_clock() - self._renewed >= LEASE_SECONDS
 
     def check_held(self) -> None:
         """Raises unless this run still holds the output, as it must before it commits.
@@ -279,6 +279,13 @@ class OutputLock:
             holder = self._read_lease()
             if holder and holder.get("run") == self.holder["run"]:
                 delete_files([self.path])
+
+
+def _lease_clock() -> float:
+    """Seconds on this host's clock for a lease's age: one a wall-clock step does not move and
+    that goes on while the machine sleeps (Linux's CLOCK_BOOTTIME; `monotonic` stops in a suspend)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 def _read_json_fd(fd: int) -> Any:
