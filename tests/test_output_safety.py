@@ -159,6 +159,28 @@ def test_overwrite_replaces_an_export_whose_manifest_is_damaged(damage, tmp_path
     _assert_complete_export(output, [f"doc{i}" for i in range(3)])
 
 
+def test_a_big_foreign_tree_is_refused_without_walking_it_whole(tmp_path, monkeypatch):
+    """--output "$OUT/" with OUT unset is --output /: it walked the whole filesystem, then failed
+    with a traceback on a file gone since its listing (/proc)."""
+    tree = tmp_path / "usr"
+    for index in range(40):
+        (tree / f"d{index}").mkdir(parents=True)
+        (tree / f"d{index}" / "f").write_text("x")
+    walked = []
+    real_walk = os.walk
+
+    def walk(top, *args, **kwargs):
+        for root, directories, names in real_walk(top, *args, **kwargs):
+            walked.append(root)
+            # A file listed, then gone before its lstat.
+            yield root, directories, [*names, "gone-since-the-listing"]
+
+    monkeypatch.setattr(files_lib.os, "walk", walk)
+    assert state_lib.output_state(str(tree)) == "foreign"
+    assert len(walked) <= state_lib.FOREIGN_EXAMPLES + 1  # of 41 directories
+    assert len(state_lib.foreign_files(str(tree))) == state_lib.FOREIGN_EXAMPLES
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
 @pytest.mark.parametrize(
     "names",
@@ -477,6 +499,19 @@ def test_a_live_lease_written_by_a_slow_clock_is_not_taken_over(tmp_path, monkey
         json.dump(dict(first.holder, renewed=time.time() - 420), handle)
     with pytest.raises(OutputBusyError, match="is in use by run"):
         lock_lib.OutputLock(output)._acquire_lease(settle_seconds=0)
+    first.release()
+
+
+def test_a_host_whose_clock_runs_fast_does_not_take_a_live_lease_over(tmp_path, monkeypatch):
+    """Its clock 7 minutes ahead, it judged a lease written a second ago 7 minutes old."""
+    output, first = _leased_bucket(tmp_path, monkeypatch, 600)
+    fast = time.time() + 420
+    monkeypatch.setattr(lock_lib.time, "time", lambda: fast)
+    with pytest.raises(OutputBusyError, match="is in use by run"):
+        lock_lib.OutputLock(output)._acquire_lease(settle_seconds=0)
+    monkeypatch.undo()
+    assert _read_lock(output)["run"] == first.holder["run"]
+    assert os.listdir(output) == [layout_lib.LOCK]  # the clock probe is gone
     first.release()
 
 

@@ -91,7 +91,10 @@ def iter_entries(directory: str) -> Iterator[tuple[str, EntryKind]]:
                 yield _local_relative(directory, os.path.join(root, name)), "link"
         for name in names:
             path = os.path.join(root, name)
-            mode = os.lstat(path).st_mode
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:  # Gone since the listing (a process's /proc entry, ...).
+                continue
             kind: EntryKind = "link" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "other"
             yield _local_relative(directory, path), kind
         if not directories and not names and root != directory:

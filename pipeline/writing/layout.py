@@ -65,10 +65,20 @@ def is_shard(relative: str) -> bool:
     return bool(SHARD_NAME.fullmatch(name))
 
 
+def lock_clock_probe(run_id: str) -> str:
+    """The empty file a run writes beside a lease to read the store's own clock (see `lock.py`)."""
+    return f"{LOCK}.{run_id}.clock"
+
+
+def is_lock_clock_probe(relative: str) -> bool:
+    return bool(re.fullmatch(rf"{LOCK}\.{_RUN_ID}\.clock", relative))
+
+
 def is_ours(relative: str) -> bool:
     """Whether a file's path relative to the output directory is one this project writes."""
     return (
         relative in (MANIFEST, MANIFEST + ".tmp", LOCK, JOURNAL)
+        or is_lock_clock_probe(relative)
         or relative.startswith(STAGING + "/")
         or is_shard(relative)
         or bool(re.fullmatch(TABLES_DIR + r"/[^/]+\.parquet", relative))

@@ -16,7 +16,7 @@ from pipeline.errors import ExportConfigError, OutputBusyError, OutputWriteError
 from pipeline.held_logs import HeldErrorLogs
 from pipeline.uris import is_local
 from pipeline.writing.files import JsonObject, delete_files, join
-from pipeline.writing.layout import LOCK, new_run_id
+from pipeline.writing.layout import LOCK, lock_clock_probe, new_run_id
 
 # A lock on object storage is a lease: its holder rewrites it every
 # LEASE_RENEW_SECONDS, and one not rewritten for LEASE_SECONDS belongs to a dead run.
@@ -186,9 +186,28 @@ class OutputLock:
             except ValueError:
                 return None
 
+    def _store_age(self) -> float:
+        """Seconds since the lease was written, by the store's own clock (inf where it gives no times).
+
+        This host's clock may run fast, which would make a live lease look old:
+        the store's modification time of a probe it writes now is its "now".
+        """
+        probe = join(self.directory, lock_clock_probe(self.holder["run"]))
+        try:
+            with FileSystems.create(probe) as handle:
+                handle.write(b"")
+            try:
+                now = FileSystems.match([probe])[0].metadata_list[0].last_updated_in_seconds
+                written = FileSystems.match([self.path])[0].metadata_list[0].last_updated_in_seconds
+            finally:
+                delete_files([probe])
+        except Exception:  # No modification times from this store: this host's clock only.
+            return float("inf")
+        return float(now - written)
+
     def _acquire_lease(self, settle_seconds: float = 1.0) -> None:
         holder = self._read_lease()
-        if holder and self._lease_age(holder) < LEASE_SECONDS:
+        if holder and min(self._lease_age(holder), self._store_age()) < LEASE_SECONDS:
             raise self._busy(holder)
         self._write_lease()
         time.sleep(settle_seconds)

@@ -37,6 +37,7 @@ from pipeline.writing.layout import (
     LOCK,
     MANIFEST,
     STAGING,
+    is_lock_clock_probe,
     is_ours,
     is_shard,
     new_run_id,
@@ -45,6 +46,8 @@ from pipeline.writing.schema import ERROR_SCHEMA, METADATA_KEY
 from pipeline.writing.staging import remove_staging, staging_runs
 
 OutputState = Literal["empty", "finished", "unfinished", "foreign"]
+# How many foreign entries an error names; finding that many ends the look.
+FOREIGN_EXAMPLES = 5
 
 
 def _entry_is_ours(relative: str, kind: EntryKind) -> bool:
@@ -63,7 +66,11 @@ def _is_leftover(relative: str, kind: EntryKind) -> bool:
     (Beam names its shards the same way), or an export whose manifest was removed.
     """
     if kind == "file":
-        return relative in (LOCK, MANIFEST + ".tmp") or relative.startswith(STAGING + "/")
+        return (
+            relative in (LOCK, MANIFEST + ".tmp")
+            or is_lock_clock_probe(relative)
+            or relative.startswith(STAGING + "/")
+        )
     return kind == "directory" and bool(KNOWN_DIRECTORY.fullmatch(relative))
 
 
@@ -98,10 +105,8 @@ def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[
     finished export, a file named like a shard that its manifest does not list
     is not the export's (a user's, or another job's): it is foreign.
     """
-    entries = list(iter_entries(directory))
-    files = {relative for relative, kind in entries if kind == "file"}
-    journal = JOURNAL in files
-    manifest_ours, listed = _manifest_shards(directory) if MANIFEST in files else (False, None)
+    journal = _is_file(directory, JOURNAL)
+    manifest_ours, listed = _manifest_shards(directory) if _is_file(directory, MANIFEST) else (False, None)
     finished = journal or manifest_ours
 
     def explains(relative: str, kind: EntryKind) -> bool:
@@ -121,9 +126,24 @@ def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[
         return explains(relative, kind)
 
     judge = explains_damaged if damaged else explains
-    verdicts = [(relative, kind, judge(relative, kind)) for relative, kind in entries]
-    foreign = [(relative, kind) for relative, kind, ours in verdicts if not ours]
-    return foreign, [relative for relative, _, ours in verdicts if ours and relative != LOCK]
+    foreign: list[tuple[str, EntryKind]] = []
+    ours: list[str] = []
+    for relative, kind in iter_entries(directory):
+        if not judge(relative, kind):
+            foreign.append((relative, kind))
+            if len(foreign) == FOREIGN_EXAMPLES:  # Foreign already: a tree like / is not walked whole.
+                break
+        elif relative != LOCK:
+            ours.append(relative)
+    return foreign, ours
+
+
+def _is_file(directory: str, relative: str) -> bool:
+    """Whether `relative` is a regular file under `directory` (locally: not a link)."""
+    if not is_local(directory):
+        return exists(directory, relative)
+    path = os.path.join(directory, relative)
+    return os.path.isfile(path) and not os.path.islink(path)
 
 
 def _footer_is_ours(directory: str, relative: str) -> bool:
@@ -161,11 +181,11 @@ def output_state(directory: str) -> OutputState:
     return _state(*_foreign_entries(directory))
 
 
-def _examples(foreign: list[tuple[str, EntryKind]], limit: int = 5) -> list[str]:
+def _examples(foreign: list[tuple[str, EntryKind]], limit: int = FOREIGN_EXAMPLES) -> list[str]:
     return sorted(_describe(relative, kind) for relative, kind in foreign[:limit])
 
 
-def foreign_files(directory: str, limit: int = 5) -> list[str]:
+def foreign_files(directory: str, limit: int = FOREIGN_EXAMPLES) -> list[str]:
     """A few of the entries in `directory` that no export wrote, for error messages."""
     return _examples(_foreign_entries(directory)[0], limit)
 
