@@ -8,6 +8,7 @@ sample corpus.  `--help` lists our flags; Beam's own (--runner, --project,
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ import threading
 import typing
 from collections.abc import Sequence
 from types import FrameType
+from typing import TextIO
 
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -89,12 +91,21 @@ class _Silencer:
         logging.disable(logging.NOTSET)
 
 
-def _tell(line: str) -> None:
-    """Prints `line` on stderr, if it still reaches anything: after SIGHUP the terminal may be gone."""
+def _tell(line: str, stream: TextIO | None = None) -> None:
+    """Prints `line` on `stream` (stderr), if it still reaches anything.
+
+    A closed terminal (EIO; after SIGHUP, or a run left behind by `&`) or a closed
+    pipe (EPIPE: `| head`) must not turn a committed export into a failure: the
+    stream is then pointed at /dev/null, so that nothing else (the exit's flush) fails on it.
+    """
+    stream = stream or sys.stderr
     try:
-        print(line, file=sys.stderr, flush=True)
+        print(line, file=stream, flush=True)
     except OSError:  # EIO from a closed terminal, EPIPE from a closed pipe.
-        pass
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 def _interrupted(
@@ -192,13 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run_export(argv)
         if interrupted:
             return _interrupted(interrupted[0], committed=summary)
-        print(format_summary(summary))
+        _tell(format_summary(summary), sys.stdout)
         if summary.exit_code:
-            print(f"error: {summary.message}", file=sys.stderr)
+            _tell(f"error: {summary.message}")
         return summary.exit_code
     except ExportConfigError as error:
         silencer.restore()
-        print(f"error: {error}", file=sys.stderr)
+        _tell(f"error: {error}")
         return EXIT_CONFIG_ERROR
     except OutputWriteError as error:
         silencer.restore()
@@ -208,11 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"interrupted: {signal.Signals(interrupted[0]).name} arrived during the commit, which "
                 "then failed:"
             )
-        print(f"error: {error}", file=sys.stderr)
+        _tell(f"error: {error}")
         return EXIT_OUTPUT_FAILED
     except WorkerDiedError as error:
         silencer.restore()
-        print(f"error: {error}", file=sys.stderr)
+        _tell(f"error: {error}")
         return EXIT_UNEXPECTED
     except Exception:
         # Beam re-raises a KeyboardInterrupt from inside a transform as a RuntimeError.
