@@ -113,6 +113,8 @@ def read_parquet(endpoint, key):
 def export(s3_endpoint):
     """Uploads the default bundle and a two-file corpus, exports s3:// -> s3://; returns the documents."""
     s3 = client(s3_endpoint)
+    # A folder marker, as the S3 console's "Create folder" makes: loading the bundle copied it as a file.
+    s3.put_object(Bucket=BUCKET, Key="models/default_bundle/", Body=b"")
     for name in sorted(os.listdir(DEFAULT_BUNDLE)):
         s3.upload_file(os.path.join(DEFAULT_BUNDLE, name), BUCKET, f"models/default_bundle/{name}")
     with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
@@ -264,8 +266,12 @@ def test_reuse_of_an_s3_export(s3_endpoint, export, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_killed_s3_export_resumes_bit_for_bit(s3_endpoint, export, monkeypatch):
-    """A run killed (SIGKILL) after closing two row files on S3 is resumed, equal to an uninterrupted one."""
+    """A run killed (SIGKILL) after closing two row files on S3 is resumed, equal to an uninterrupted one.
+
+    Its output is a console-made folder (an `exports/resumed/` object): the rerun deleted that
+    "leftover", which Beam takes for the whole prefix: the kept rows and the rerun's own lease."""
     s3 = client(s3_endpoint)
+    s3.put_object(Bucket=BUCKET, Key="exports/resumed/", Body=b"")
     with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
         first_lines = "".join(handle.readlines()[:800])
     s3.put_object(Bucket=BUCKET, Key="resume-corpus/sample.jsonl", Body=first_lines.encode("utf-8"))
@@ -295,6 +301,8 @@ def test_a_killed_s3_export_resumes_bit_for_bit(s3_endpoint, export, monkeypatch
             return time.time() + lock_lib.LEASE_SECONDS + 1
 
     monkeypatch.setattr(lock_lib, "time", _Later())
+    # The store's clock too (a probe file's time against the lease's).
+    monkeypatch.setattr(lock_lib.OutputLock, "_store_age", lambda self: lock_lib.LEASE_SECONDS + 1)
     share_one_s3_client(monkeypatch, s3_endpoint)
     summary = run_export(["--input", corpus, "--output", output, *flags])
     assert summary.exit_code == 0, summary.message
@@ -308,6 +316,7 @@ def test_a_killed_s3_export_resumes_bit_for_bit(s3_endpoint, export, monkeypatch
     assert read_manifest(output)["counts"] == read_manifest(reference)["counts"]
     assert read_manifest(output)["resumed"]["rows_kept"] == summary.rows_kept
     assert keys(s3_endpoint, "exports/resumed/_staging/") == []
+    assert "exports/resumed/" in keys(s3_endpoint, "exports/resumed/")
 
 
 def test_an_object_changed_or_deleted_after_the_listing_is_found_by_the_readers_check(s3_endpoint):

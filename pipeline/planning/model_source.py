@@ -76,7 +76,13 @@ def _exists(uri: str) -> bool:
     """
     if FileSystems.exists(uri):
         return True
-    return not is_local(uri) and bool(FileSystems.match([uri + "/*"])[0].metadata_list)
+    return not is_local(uri) and bool(_bundle_objects(uri))
+
+
+def _bundle_objects(uri: str) -> list[str]:
+    """The files of a bundle "directory" on object storage, not its folder marker (a console's `DIR/`)."""
+    matched = FileSystems.match([uri.rstrip("/") + "/*"])[0].metadata_list
+    return [metadata.path for metadata in matched if not metadata.path.endswith("/")]
 
 
 def _copy_to(uri: str, local_path: str) -> None:
@@ -102,8 +108,8 @@ def stage_locally(uri: str, directory: str | None = None) -> str:
         return local
     local_dir = os.path.join(directory, name or "bundle")
     os.makedirs(local_dir, exist_ok=True)
-    for metadata in FileSystems.match([base + "/*"])[0].metadata_list:
-        _copy_to(metadata.path, os.path.join(local_dir, metadata.path.rsplit("/", 1)[-1]))
+    for path in _bundle_objects(base):
+        _copy_to(path, os.path.join(local_dir, path.rsplit("/", 1)[-1]))
     return local_dir
 
 

@@ -51,11 +51,19 @@ def join(base: str, *parts: str) -> str:
 
 
 def list_files(directory: str) -> list[str]:
-    """Paths of the files under `directory` (empty if it does not exist); locally never through a link."""
+    """Paths of the files under `directory` (empty if it does not exist); locally never through a link.
+
+    On object storage a folder marker (an empty `DIR/` object, as consoles make) is not a file.
+    """
     if is_local(directory):
         return [
             os.path.join(directory, relative) for relative, kind in iter_entries(directory) if kind == "file"
         ]
+    return [path for path in _objects(directory) if not path.endswith("/")]
+
+
+def _objects(directory: str) -> list[str]:
+    """Paths of every object under the prefix `directory` on object storage, folder markers included."""
     try:
         result = FileSystems.match([join(directory, "**")])[0]
     except Exception:  # Match on a missing directory raises on some Beam versions.
@@ -70,7 +78,7 @@ def iter_entries(directory: str) -> Iterator[tuple[str, EntryKind]]:
     socket, a device) and "directory" (an empty one).  On object storage only files exist.
     """
     if not is_local(directory):
-        for path in list_files(directory):
+        for path in _objects(directory):
             relative = relative_to(directory, path)
             if path.endswith("/"):
                 # A folder marker (an empty "DIR/" object, as consoles and some tools make): the
@@ -150,8 +158,17 @@ def delete_files(paths: Iterable[str]) -> None:
                 raise ExportConfigError(f"{path!r} is a symbolic link; an export never deletes through one.")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        elif FileSystems.exists(path):
-            FileSystems.delete([path])
+        else:
+            _delete_object(path)
+
+
+def _delete_object(path: str) -> None:
+    """Deletes one object; never a path ending in "/", which Beam's S3 and GCS filesystems
+    take for a whole prefix to delete (a folder marker would take the output with it)."""
+    if path.endswith("/"):
+        raise ExportConfigError(f"Refusing to delete {path!r}: on object storage that is a whole prefix.")
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
 
 
 def delete_relative(directory: str, relative: str) -> None:
@@ -161,9 +178,7 @@ def delete_relative(directory: str, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_refuse_links(directory, relative))
     else:
-        path = join(directory, relative)
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
+        _delete_object(join(directory, relative))
 
 
 def file_digest(path: str) -> FileDigest:

@@ -195,7 +195,7 @@ class OutputLock:
         probe = join(self.directory, lock_clock_probe(self.holder["run"]))
         try:
             with FileSystems.create(probe) as handle:
-                handle.write(b"")
+                handle.write(b"clock")  # Not empty: S3 refuses an upload of no parts.
             try:
                 now = FileSystems.match([probe])[0].metadata_list[0].last_updated_in_seconds
                 written = FileSystems.match([self.path])[0].metadata_list[0].last_updated_in_seconds
