@@ -265,6 +265,19 @@ def test_a_runner_an_export_does_not_run_on_is_refused_before_anything_is_writte
     assert is_empty_or_absent(output)
 
 
+@pytest.mark.parametrize("runner", [None, "DirectRunner", "direct", "directrunner", "Direct", "DIRECTRUNNER"])
+def test_every_spelling_of_the_direct_runner_runs_on_the_local_runner(runner):
+    """`--runner Direct` passed the runner check, then ran on Beam's own DirectRunner (which
+    tries Prism, downloaded from GitHub) without our worker settings."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from pipeline.running.runners import local_runner
+
+    options = PipelineOptions([] if runner is None else ["--runner", runner])
+    assert isinstance(local_runner(options), FnApiRunner)
+
+
 @pytest.mark.parametrize("id_field", ["", "  "])
 def test_an_empty_id_field_is_refused(id_field, bundle, corpus, tmp_path):
     output = tmp_path / "out"

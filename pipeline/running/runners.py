@@ -48,7 +48,7 @@ def local_runner(options: PipelineOptions) -> PipelineRunner | None:
     --runner (DataflowRunner, ...) is used as given.
     """
     runner = options.view_as(StandardOptions).runner
-    if runner in (None, "DirectRunner", "direct"):
+    if str(runner or "").lower() in portable.LOCAL_RUNNERS:  # Spelled as Beam takes it: in any case.
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
         return FnApiRunner()
