@@ -189,6 +189,15 @@ def test_refusals(versions, tmp_path, tiny_bundle):
     with open(old_version / layout_lib.MANIFEST, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle)
     _refused([*base, "--reuse", str(old_version)], "did not record input fingerprints", output)
+    # Another tool's manifest: it was blamed on an old version of this one.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / layout_lib.MANIFEST).write_text('{"generator": "someone-elses-job", "files": 2}')
+    _refused(
+        [*base, "--reuse", str(foreign)],
+        "is not an export: its _MANIFEST.json was written by another tool",
+        output,
+    )
 
     # Rows computed by code before a fix that changed some rows' values (Keras 2's hard_sigmoid):
     # the same model and settings, other vectors.

@@ -114,6 +114,11 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
             f"--reuse {uri!r} is {state}: it has no _MANIFEST.json, which a finished export "
             "writes last. Pass a finished export's directory, or leave --reuse out for a full export."
         )
+    if not {"status", "shards"} <= manifest.keys():  # Another tool's manifest (see writing.state).
+        raise ExportConfigError(
+            f"--reuse {uri!r} is not an export: its _MANIFEST.json was written by another tool. Pass "
+            "a finished export's directory, or leave --reuse out for a full export."
+        )
     earlier = manifest.get("reuse_signature")
     if earlier is None:
         raise ExportConfigError(
