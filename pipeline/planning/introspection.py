@@ -20,16 +20,66 @@ from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_INPUT, VECTOR, Colu
 EmbeddingLimits = dict[str, tuple[int, str]]
 
 
+def reads_directly(layer: keras.layers.Layer, tensor: keras.KerasTensor) -> bool:
+    """Whether some call of `layer` reads `tensor` itself."""
+    nodes = keras_graph.layer_nodes(layer)
+    return any(any(read is tensor for read in keras_graph.node_inputs(node)) for node in nodes)
+
+
+def _pads_to_fixed_length(layer: keras.layers.TextVectorization) -> bool:
+    config = layer.get_config()
+    return config.get("output_mode") == "int" and bool(config.get("output_sequence_length"))
+
+
 def text_vectorizer(
     model: keras.Model, input_tensor: keras.KerasTensor
 ) -> keras.layers.TextVectorization | None:
-    """The TextVectorization layer that `model` applies directly to `input_tensor`, or None."""
+    """The TextVectorization layer of `model` whose ids mark `input_tensor`'s real tokens, or None.
+
+    The first one applied directly to the input that emits ids of a fixed length,
+    else the first one applied to it at all.
+    """
+    readers = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.TextVectorization) and reads_directly(layer, input_tensor)
+    ]
+    fixed = [layer for layer in readers if _pads_to_fixed_length(layer)]
+    return (fixed or readers or [None])[0]
+
+
+def batch_padded_vectorizers(
+    model: keras.Model, input_tensor: keras.KerasTensor
+) -> list[keras.layers.TextVectorization] | None:
+    """The layers reading the string input `input_tensor` that pad each batch to its longest text.
+
+    A TextVectorization with output_mode "int" and no output_sequence_length
+    pads a batch to its longest document, so what follows it (a recurrent layer
+    or a pooling without a mask) sees a padding that depends on the batch. Run
+    a batch in groups of documents of one token count per such layer, and each
+    document is padded as it is alone. None: a layer other than a
+    TextVectorization reads the input, whose padding cannot be known, so each
+    document must run alone.
+    """
+    padded: list[keras.layers.TextVectorization] = []
     for layer in model.layers:
-        if isinstance(layer, keras.layers.TextVectorization):
-            for node in keras_graph.layer_nodes(layer):
-                if any(tensor is input_tensor for tensor in keras_graph.node_inputs(node)):
-                    return layer
-    return None
+        if isinstance(layer, keras.layers.InputLayer) or not reads_directly(layer, input_tensor):
+            continue
+        if not isinstance(layer, keras.layers.TextVectorization):
+            return None
+        config = layer.get_config()
+        if config.get("output_mode") == "int" and not config.get("output_sequence_length"):
+            if config.get("ragged"):
+                continue  # a ragged tensor has no padding
+            padded.append(layer)
+    # A plain op (not a layer) reading the input is no layer of `model.layers`.
+    operations = getattr(model, "operations", model.layers)
+    if any(
+        not isinstance(operation, keras.layers.Layer) and reads_directly(operation, input_tensor)
+        for operation in operations
+    ):
+        return None
+    return padded
 
 
 def text_input_info(tensor: keras.KerasTensor, model: keras.Model, field: str) -> InputInfo:
@@ -42,10 +92,8 @@ def text_input_info(tensor: keras.KerasTensor, model: keras.Model, field: str) -
         )
     length = 0
     vectorizer = text_vectorizer(model, tensor)
-    if vectorizer is not None:
-        config = vectorizer.get_config()
-        if config.get("output_mode") == "int" and config.get("output_sequence_length"):
-            length = int(config["output_sequence_length"])
+    if vectorizer is not None and _pads_to_fixed_length(vectorizer):
+        length = int(vectorizer.get_config()["output_sequence_length"])
     return InputInfo(tensor.name, field, length, TEXT_INPUT, len(shape))
 
 
@@ -174,6 +222,50 @@ def check_computed_per_document(spec: LayerSpec, tensor: keras.KerasTensor, kind
         )
 
 
+def check_one_vectorizer(
+    sub_model: keras.Model, spec: LayerSpec, tensor: keras.KerasTensor, input_name: str
+) -> None:
+    """Refuses a per-token column of a string input whose tokens are not those that mark its real tokens.
+
+    The real tokens of a string input are where `text_vectorizer` emits a
+    non-zero id; a column computed through another TextVectorization of that
+    input (words and characters), or through several, has other tokens.
+
+    Raises:
+        ExportConfigError: naming the vectorizers and what to export instead.
+    """
+    input_tensor = next(t for t in sub_model.inputs if t.name == input_name)
+    marker = text_vectorizer(sub_model, input_tensor)
+    readers = [
+        operation.name
+        for operation in keras_graph.upstream_operations(tensor)
+        if isinstance(operation, keras.layers.TextVectorization) and reads_directly(operation, input_tensor)
+    ]
+    if marker is not None and readers == [marker.name]:
+        return
+    where = (
+        f"Layer {spec.layer!r} (call {spec.call}) outputs one vector per token of the string input "
+        f"{input_name!r}"
+    )
+    if len(readers) > 1:
+        raise ExportConfigError(
+            f"{where} but is computed from {len(readers)} TextVectorization layers of it "
+            f"({', '.join(sorted(readers))}), so its tokens are no one vectorizer's tokens and cannot be "
+            "told from padding. Export a vector layer (e.g. a pooling or LSTM layer) instead."
+        )
+    if not readers or marker is None:
+        raise ExportConfigError(
+            f"{where} but is computed through no TextVectorization layer that reads that input, so its "
+            "real tokens cannot be told from padding. Export a vector layer (e.g. a pooling or LSTM "
+            "layer) instead."
+        )
+    raise ExportConfigError(
+        f"{where} through TextVectorization {readers[0]!r}, but the export marks that input's real tokens "
+        f"with TextVectorization {marker.name!r}, which the other --layer values also read. Export the "
+        f"per-token layers of {readers[0]!r} in a run of their own (e.g. --layer {spec.layer} alone)."
+    )
+
+
 def describe_columns(
     sub_model: keras.Model, specs: Sequence[LayerSpec], inputs: Sequence[InputInfo], pooling: str
 ) -> list[ColumnInfo]:
@@ -188,6 +280,8 @@ def describe_columns(
         dependencies = keras_graph.input_dependencies(sub_model, tensor)
         kind = column_kind(shape, dependencies, lengths)
         check_computed_per_document(spec, tensor, kind)
+        if kind == SEQUENCE and dependencies[0] in text_inputs:
+            check_one_vectorizer(sub_model, spec, tensor, dependencies[0])
         if kind == VECTOR:
             columns.append(ColumnInfo(spec.column, spec.layer, spec.call, VECTOR, int(shape[1]), "", "none"))
         elif kind == SEQUENCE:
