@@ -384,3 +384,61 @@ def test_the_launch_check_draws_each_inputs_ids_below_its_own_embedding(tmp_path
     flags = ["--tokenizer", "none", "--layer", "lstm", "--layer", "pool"]
     summary = run_export(export_args(path, corpus, tmp_path / "out", *flags))
     assert summary.exit_code == 0 and summary.rows_written == 2, summary.message
+
+
+def _vocabulary_file(path, size):
+    """A vocabulary tokenizer file of `size` ids (TextVectorization's layout: padding, [UNK], words)."""
+    path.write_text("\n".join(["", "[UNK]"] + [f"w{i}" for i in range(size - 2)]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_an_embeddings_id_limit_is_checked_inside_nested_models(tmp_path, nested):
+    ids = keras.Input((6,), dtype="int32", name="content")
+    layers = [keras.layers.Embedding(50, 4, name="emb"), keras.layers.LSTM(3, name="lstm")]
+    encoded = keras.Sequential(layers, name="encoder")(ids) if nested else layers[1](layers[0](ids))
+    path = tmp_path / "model.keras"
+    keras.Model(ids, keras.layers.Dense(2, name="out")(encoded)).save(path)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "content": "w1 w70"}])
+    tokenizer = _vocabulary_file(tmp_path / "vocabulary.txt", 100)
+    flags = ("--tokenizer", str(tokenizer), "--layer", "out")
+    with pytest.raises(ExportConfigError, match="ids up to 99, but Embedding layer 'emb'.*input_dim=50"):
+        run_export(export_args(path, corpus, tmp_path / "refused", *flags))
+    # Token ids given as lists: an id beyond the table is the document's own dead letter, named so.
+    lists = write_jsonl(
+        tmp_path / "ids.jsonl", [{"id": "ok", "content": [3, 4]}, {"id": "bad", "content": [60]}]
+    )
+    output = tmp_path / "out"
+    flags = ("--tokenizer", "none", "--layer", "out", "--max_error_fraction", "1")
+    assert run_export(export_args(path, lists, output, *flags)).exit_code == 0
+    assert sorted(rows_by_id(read_rows(output))) == ["ok"]
+    assert [(e["id"], e["reason"]) for e in read_errors(output).to_pylist()] == [("bad", "bad_token_id")]
+
+
+@pytest.mark.parametrize("remap", ["hashing", "lookup"])
+def test_ids_remapped_before_the_embedding_are_not_limited_by_it(tmp_path, remap):
+    keras.utils.set_random_seed(3)
+    ids = keras.Input((5,), dtype="int64", name="content")
+    if remap == "hashing":
+        remapped = keras.layers.Hashing(num_bins=50, name="remap")(ids)
+    else:
+        remapped = keras.layers.IntegerLookup(vocabulary=list(range(1, 40)), name="remap")(ids)
+    embedded = keras.layers.Embedding(50, 4, name="emb")(remapped)
+    model = keras.Model(ids, keras.layers.LSTM(3, name="lstm")(embedded))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    rows = [[0, 0, 3, 77, 99], [1, 2, 3, 4, 5], [0, 0, 0, 0, 98]]
+    documents = [{"id": f"d{i}", "content": row} for i, row in enumerate(rows)]
+    output = tmp_path / "out"
+    flags = ("--tokenizer", "none", "--layer", "lstm", "--padding", "pre")
+    summary = run_export(export_args(path, write_jsonl(tmp_path / "ids.jsonl", documents), output, *flags))
+    assert summary.exit_code == 0, summary.message
+    exported = rows_by_id(read_rows(output))
+    reference = model.predict(np.array(rows, np.int64), verbose=0)
+    for index in range(len(rows)):
+        np.testing.assert_allclose(exported[f"d{index}"]["lstm"], reference[index], atol=1e-5, rtol=0)
+    # A tokenizer of more ids than the Embedding has rows is fine: the layer in between maps them.
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "t", "content": "w1 w70 w97"}])
+    tokenizer = _vocabulary_file(tmp_path / "vocabulary.txt", 100)
+    flags = ("--tokenizer", str(tokenizer), "--layer", "lstm")
+    assert run_export(export_args(path, corpus, tmp_path / "tokenized", *flags)).exit_code == 0

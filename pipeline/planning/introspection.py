@@ -307,18 +307,44 @@ def describe_columns(
     return columns
 
 
+def embedding_reads(model: keras.Model) -> list[tuple[keras.layers.Embedding, keras.KerasTensor]]:
+    """`(Embedding, model input)` for each call of an Embedding that reads an input of `model` as ids.
+
+    The Embedding reads the input directly or through dtype casts only, in
+    `model` or in a model nested in it (at any depth), fed by that nested
+    model's call. An Embedding behind a layer that remaps ids (`Hashing`,
+    `IntegerLookup`) does not read the input's ids, so it does not limit them.
+    """
+    inputs = {id(tensor): tensor for tensor in model.inputs}
+    reads: list[tuple[keras.layers.Embedding, keras.KerasTensor]] = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Embedding):
+            for node in keras_graph.model_nodes(model, layer):
+                source = keras_graph.through_casts(keras_graph.node_inputs(node)[0])
+                if id(source) in inputs:
+                    reads.append((layer, inputs[id(source)]))
+        elif isinstance(layer, keras.Model):
+            inner = embedding_reads(layer)
+            positions = {id(tensor): position for position, tensor in enumerate(layer.inputs)}
+            for node in keras_graph.model_nodes(model, layer):
+                arguments = keras_graph.node_inputs(node)
+                if len(arguments) != len(layer.inputs):
+                    continue  # inputs given in a structure whose order is not the model's
+                for embedding, inner_input in inner:
+                    source = keras_graph.through_casts(arguments[positions[id(inner_input)]])
+                    if id(source) in inputs:
+                        reads.append((embedding, inputs[id(source)]))
+    return reads
+
+
 def embedding_limits(sub_model: keras.Model, inputs: Sequence[InputInfo]) -> EmbeddingLimits:
-    """{token-id input name: (smallest input_dim of the Embeddings it feeds, that layer's name)}."""
+    """{token-id input name: (smallest input_dim of the Embeddings reading its ids, that layer's name)}."""
     token_inputs = {info.name for info in inputs if info.takes == IDS_INPUT}
     limits: EmbeddingLimits = {}
-    for layer in sub_model.layers:
-        if not isinstance(layer, keras.layers.Embedding):
-            continue
-        for node in keras_graph.layer_nodes(layer):
-            outputs = keras_graph.node_outputs(node)
-            for name in set(keras_graph.input_dependencies(sub_model, outputs[0])) & token_inputs:
-                if name not in limits or layer.input_dim < limits[name][0]:
-                    limits[name] = (layer.input_dim, layer.name)
+    for layer, tensor in embedding_reads(sub_model):
+        name = tensor.name
+        if name in token_inputs and (name not in limits or layer.input_dim < limits[name][0]):
+            limits[name] = (layer.input_dim, layer.name)
     return limits
 
 
@@ -334,9 +360,13 @@ def check_float_inputs_feed_an_embedding(
     Raises:
         ExportConfigError: naming the input.
     """
-    # An Embedding inside a nested model (an encoder) is fed by the inputs of that model's calls.
+    # An Embedding behind a layer that remaps ids (Hashing) is fed them too; one inside a nested
+    # model (an encoder) is fed by the inputs of that model's calls.
     fed = set(limits)
     for layer in sub_model.layers:
+        if isinstance(layer, keras.layers.Embedding):
+            for node in keras_graph.model_nodes(sub_model, layer):
+                fed.update(keras_graph.input_dependencies(sub_model, keras_graph.node_outputs(node)[0]))
         if isinstance(layer, keras.Model) and any(
             isinstance(inner, keras.layers.Embedding) for inner in _nested_layers(layer)
         ):
