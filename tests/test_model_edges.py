@@ -442,3 +442,28 @@ def test_ids_remapped_before_the_embedding_are_not_limited_by_it(tmp_path, remap
     tokenizer = _vocabulary_file(tmp_path / "vocabulary.txt", 100)
     flags = ("--tokenizer", str(tokenizer), "--layer", "lstm")
     assert run_export(export_args(path, corpus, tmp_path / "tokenized", *flags)).exit_code == 0
+
+
+def test_default_layers_take_every_call_of_a_shared_layer_feeding_the_outputs(tmp_path):
+    keras.utils.set_random_seed(4)
+    content = keras.Input((8,), dtype="int32", name="content")
+    title = keras.Input((5,), dtype="int32", name="title")
+    embedding = keras.layers.Embedding(40, 6, name="emb")
+    lstm, dense = keras.layers.LSTM(4, name="lstm"), keras.layers.Dense(3, name="dense")
+    towers = [dense(lstm(embedding(content))), dense(lstm(embedding(title)))]
+    model = keras.Model([content, title], keras.layers.Concatenate(name="cat")(towers))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    rows = [([0, 0, 0, 0, 0, 1, 2, 3 + i], [0, 0, 0, 7, 8 + i]) for i in range(4)]
+    documents = [{"id": f"d{i}", "content": c, "title": t} for i, (c, t) in enumerate(rows)]
+    output = tmp_path / "out"
+    summary = run_export(
+        export_args(path, write_jsonl(tmp_path / "ids.jsonl", documents), output, "--tokenizer=none")
+    )
+    assert summary.exit_code == 0, summary.message
+    exported = rows_by_id(read_rows(output))
+    features = [np.array([row[0] for row in rows]), np.array([row[1] for row in rows])]
+    for column, tower in (("dense", towers[0]), ("dense_call1", towers[1])):
+        reference = keras.Model(model.inputs, tower).predict(features, verbose=0)
+        for index in range(len(rows)):
+            np.testing.assert_allclose(exported[f"d{index}"][column], reference[index], atol=1e-5, rtol=0)

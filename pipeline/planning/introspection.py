@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import keras
 
 from models import keras_graph
-from models.truncate import LayerSpec, parse_layer_spec, truncate
+from models.truncate import LayerSpec, parse_layer_spec, spec_text, truncate
 from pipeline.errors import ExportConfigError
 from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_INPUT, VECTOR, ColumnInfo, InputInfo
 
@@ -98,18 +98,26 @@ def text_input_info(tensor: keras.KerasTensor, model: keras.Model, field: str) -
 
 
 def default_layer_names(model: keras.Model) -> list[str]:
-    """The layers whose outputs feed the model's output layers (the penultimate vectors)."""
+    """The `--layer` of each layer call whose output feeds the model's output layers (the penultimate vectors).
+
+    A shared layer feeding them from several calls (a siamese tower) gives one
+    `--layer` per call: `dense` and `dense:1`.
+    """
     output_layers = {keras_graph.producing_call(t)[0].name for t in model.outputs}
     layer_names = {layer.name for layer in model.layers}
-    names: list[str] = []
+    specs: list[str] = []
     for tensor in model.outputs:
         _, node = keras_graph.producing_call(tensor)
         for parent in keras_graph.node_inputs(node):
-            name = keras_graph.producing_call(parent)[0].name
+            layer, parent_node = keras_graph.producing_call(parent)
             # Masks and other plain ops (not_equal, ...) are not layers one can export.
-            if name not in names and name not in output_layers and name in layer_names:
-                names.append(name)
-    return names
+            if layer.name in output_layers or layer.name not in layer_names:
+                continue
+            call = keras_graph.model_nodes(model, layer).index(parent_node)
+            text = spec_text(layer.name, call, layer_names)
+            if text is not None and text not in specs:
+                specs.append(text)
+    return specs
 
 
 def cut_model(model: keras.Model, layer_texts: Sequence[str]) -> tuple[list[LayerSpec], keras.Model]:
