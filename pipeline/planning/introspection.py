@@ -98,7 +98,7 @@ def text_input_info(tensor: keras.KerasTensor, model: keras.Model, field: str) -
 
 
 def default_layer_names(model: keras.Model) -> list[str]:
-    """The `--layer` of each layer call whose output feeds the model's output layers (the penultimate vectors).
+    """The `--layer` of each layer call whose output feeds the output layers (the penultimate vectors).
 
     A shared layer feeding them from several calls (a siamese tower) gives one
     `--layer` per call: `dense` and `dense:1`.
