@@ -131,20 +131,28 @@ def cut_model(model: keras.Model, layer_texts: Sequence[str]) -> tuple[list[Laye
         raise ExportConfigError(str(error)) from None
 
 
+def describe_input(tensor: keras.KerasTensor, model: keras.Model, field: str) -> InputInfo:
+    """The `InputInfo` of one input of `model`, read from corpus field `field`.
+
+    Raises:
+        ExportConfigError: the input is neither token ids of a fixed length nor strings, with the fix.
+    """
+    if str(tensor.dtype) == "string":
+        return text_input_info(tensor, model, field)
+    if len(tensor.shape) != 2 or tensor.shape[1] is None:
+        raise ExportConfigError(
+            f"Model input {tensor.name!r} has shape {tuple(tensor.shape)}; token-id inputs need the "
+            "shape (batch, length) with a fixed length, the length the documents were padded to in "
+            "training. Rebuild the model with Input(shape=(N,)) (or Embedding(..., input_length=N) in "
+            "Keras 2) at that length, copy the weights (new.set_weights(old.get_weights())) and save "
+            "it again."
+        )
+    return InputInfo(tensor.name, field, int(tensor.shape[1]))
+
+
 def describe_inputs(sub_model: keras.Model, mapping: Mapping[str, str]) -> tuple[InputInfo, ...]:
     """An `InputInfo` per input of the sub-model: token ids of a fixed length, or strings."""
-    inputs = []
-    for tensor in sub_model.inputs:
-        if str(tensor.dtype) == "string":
-            inputs.append(text_input_info(tensor, sub_model, mapping[tensor.name]))
-            continue
-        if len(tensor.shape) != 2 or tensor.shape[1] is None:
-            raise ExportConfigError(
-                f"Model input {tensor.name!r} has shape {tuple(tensor.shape)}; token-id inputs "
-                "need the shape (batch, length) with a fixed length."
-            )
-        inputs.append(InputInfo(tensor.name, mapping[tensor.name], int(tensor.shape[1])))
-    return tuple(inputs)
+    return tuple(describe_input(tensor, sub_model, mapping[tensor.name]) for tensor in sub_model.inputs)
 
 
 def column_kind(
