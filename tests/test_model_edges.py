@@ -467,3 +467,45 @@ def test_default_layers_take_every_call_of_a_shared_layer_feeding_the_outputs(tm
         reference = keras.Model(model.inputs, tower).predict(features, verbose=0)
         for index in range(len(rows)):
             np.testing.assert_allclose(exported[f"d{index}"][column], reference[index], atol=1e-5, rtol=0)
+
+
+# Saves, in its own process, a model with a registered custom layer and a subclassed Model, as
+# the code that trained them would; the test's process does not know their classes. argv: directory.
+CUSTOM_CLASSES_SCRIPT = r"""
+import json, sys
+import keras
+
+@keras.saving.register_keras_serializable(package="my")
+class Scale(keras.layers.Layer):
+    def call(self, x):
+        return x * 2.0
+
+class Sub(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.emb = keras.layers.Embedding(40, 5)
+        self.lstm = keras.layers.LSTM(4)
+
+    def call(self, x):
+        return self.lstm(self.emb(x))
+
+ids = keras.Input((8,), dtype="int32", name="content")
+scaled = Scale(name="scale")(keras.layers.Embedding(40, 5, name="emb")(ids))
+keras.Model(ids, keras.layers.LSTM(4, name="lstm")(scaled)).save(sys.argv[1] + "/custom.keras")
+sub = Sub()
+sub(keras.ops.ones((1, 8), "int32"))
+sub.save(sys.argv[1] + "/subclassed.keras")
+json.dump({}, open(sys.argv[1] + "/info.json", "w"))
+"""
+
+
+@pytest.mark.parametrize(("file", "label"), [("custom.keras", "'my>Scale'"), ("subclassed.keras", "'Sub'")])
+def test_a_model_of_custom_classes_is_one_error_saying_to_rebuild_it(tmp_path, file, label):
+    directory, _ = build_keras2_models(tmp_path, CUSTOM_CLASSES_SCRIPT)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2, 3]}])
+    flags = ("--tokenizer", "none", "--layer", "lstm")
+    with pytest.raises(ExportConfigError) as refusal:
+        run_export(export_args(directory / file, corpus, tmp_path / "out", *flags))
+    message = str(refusal.value)
+    assert f"uses the custom class {label}" in message and "built-in Keras layers" in message
+    assert "\n" not in message and "complete" not in message

@@ -234,9 +234,10 @@ def _load_staged(
     except LegacyModelError as error:
         raise ExportConfigError(f"Could not load --model {model_uri!r}: {error}") from None
     except Exception as error:  # Keras raises many types for a corrupt file.
+        # Keras's messages hold config dumps over several lines: the error is one line.
         raise ExportConfigError(
-            f"Could not load --model {model_uri!r} ({type(error).__name__}: {error}). Check "
-            "that it is a complete Keras .keras/.h5 file."
+            f"Could not load --model {model_uri!r} ({type(error).__name__}: {' '.join(str(error).split())}). "
+            "Check that it is a complete Keras .keras/.h5 file."
         ) from None
     _check_unchanged(model_uri, local, model_sha256)
     bare_tokenizer: AnyTokenizer | None = None
