@@ -509,3 +509,26 @@ def test_a_model_of_custom_classes_is_one_error_saying_to_rebuild_it(tmp_path, f
     message = str(refusal.value)
     assert f"uses the custom class {label}" in message and "built-in Keras layers" in message
     assert "\n" not in message and "complete" not in message
+
+
+def test_a_layer_inside_a_nested_model_is_named_with_its_holder(tmp_path):
+    ids = keras.Input((6,), dtype="int32", name="content")
+    inner = [keras.layers.Embedding(20, 4, name="emb"), keras.layers.LSTM(3, name="inner_lstm")]
+    model = keras.Model(ids, keras.layers.Dense(2, name="out")(keras.Sequential(inner, name="encoder")(ids)))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2]}])
+    flags = ("--tokenizer", "none", "--layer", "inner_lstm")
+    with pytest.raises(ExportConfigError, match="inside the nested model 'encoder'.*--layer encoder"):
+        run_export(export_args(path, corpus, tmp_path / "out", *flags))
+
+
+def test_a_tensorflow_saved_model_directory_is_named_so(tmp_path):
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.scale = tf.Variable(2.0)
+    tf.saved_model.save(module, str(tmp_path / "saved"))
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2]}])
+    with pytest.raises(ExportConfigError, match="TensorFlow SavedModel directory.*save it as .h5"):
+        run_export(export_args(tmp_path / "saved", corpus, tmp_path / "out", "--tokenizer", "none"))

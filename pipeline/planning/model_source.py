@@ -192,6 +192,13 @@ def _load_staged(
             "`python -m models.train`, or a .keras/.h5 file."
         )
     if os.path.isdir(local):
+        if not is_bundle(local) and os.path.exists(os.path.join(local, "saved_model.pb")):
+            raise ExportConfigError(
+                f"--model {model_uri!r} is a TensorFlow SavedModel directory (Keras 2's "
+                "model.save('dir')), whose layers Keras 3 cannot load. Load it in tf_keras "
+                "(tf_keras.models.load_model(dir)), save it as .h5 (model.save('model.h5')) and pass "
+                "that file."
+            )
         if not is_bundle(local):
             raise ExportConfigError(
                 f"--model {model_uri!r} is a directory without manifest.json, so it is not a "
