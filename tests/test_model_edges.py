@@ -532,3 +532,27 @@ def test_a_tensorflow_saved_model_directory_is_named_so(tmp_path):
     corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2]}])
     with pytest.raises(ExportConfigError, match="TensorFlow SavedModel directory.*save it as .h5"):
         run_export(export_args(tmp_path / "saved", corpus, tmp_path / "out", "--tokenizer", "none"))
+
+
+def test_an_explicit_mask_whose_mean_over_padding_is_nan_keeps_the_fast_path(tmp_path):
+    # A masked mean over a row of padding only is 0/0: NaN in Keras and in the fast path alike.
+    keras.utils.set_random_seed(1)
+    ids = keras.Input((8,), dtype="int32", name="content")
+    mask = keras.ops.not_equal(ids, 0)
+    sequence = keras.layers.LSTM(4, return_sequences=True, name="lstm")(keras.layers.Embedding(30, 4)(ids))
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(sequence, mask=mask)
+    model = keras.Model(ids, keras.layers.Dense(2, name="out")(pooled))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    rows = [[0] * (7 - i) + list(range(1, 2 + i)) for i in range(6)]
+    documents = [{"id": f"d{i}", "content": row} for i, row in enumerate(rows)]
+    output = tmp_path / "out"
+    corpus = write_jsonl(tmp_path / "ids.jsonl", documents)
+    summary = run_export(export_args(path, corpus, output, "--tokenizer", "none", "--layer", "pool"))
+    assert summary.exit_code == 0, summary.message
+    (column,) = manifest_of(output)["columns"]
+    assert column["forward_pass"] == "hybrid", column["forward_pass_reason"]
+    exported = rows_by_id(read_rows(output))
+    reference = keras.Model(ids, pooled).predict(np.array(rows, np.int32), verbose=0)
+    for index in range(len(rows)):
+        np.testing.assert_allclose(exported[f"d{index}"]["pool"], reference[index], atol=1e-5, rtol=0)
