@@ -616,6 +616,21 @@ def test_string_input_model_gets_raw_text(string_model, tmp_path):
         _assert_matches(rows, name, reference, ids if name == "emb" else None)
 
 
+def test_vocabulary_of_a_string_model_is_named_by_its_own_vectorizer(string_model, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.vocabulary import export_vocabulary
+
+    path, _, model, _ = string_model
+    written, rows = export_vocabulary(str(path), None, "emb", str(tmp_path / "vocabulary"))
+    table = pq.read_table(written)
+    weights = model.get_layer("emb").get_weights()[0]
+    assert rows == table.num_rows == weights.shape[0]
+    np.testing.assert_array_equal(np.stack(table["vector"].to_numpy(zero_copy_only=False)), weights)
+    vocabulary = model.get_layer("vectorize").get_vocabulary()
+    assert table["token"].to_pylist() == ["<pad>", *vocabulary[1:]] + [None] * (rows - len(vocabulary))
+
+
 def test_string_input_without_fixed_length_exports_vectors_only(tmp_path):
     vectorizer = keras.layers.TextVectorization(max_tokens=20, name="vectorize")
     vectorizer.adapt(PROBE_TEXTS)
