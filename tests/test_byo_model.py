@@ -668,9 +668,16 @@ def test_string_input_without_fixed_length_gives_each_document_its_own_vectors(t
     path = tmp_path / "model.keras"
     model.save(path)
     texts = ["alpha beta", " ".join(words * 5), "gamma", "delta alpha", "unknown words here", "beta"]
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    # No token at all (Keras's LSTM fails on it alone): empty, as with a vectorizer of fixed length.
+    no_tokens = {"id": "punctuation", "text": "!!! ???"}
+    documents = [{"id": str(i), "text": t} for i, t in enumerate(texts)] + [no_tokens]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
     output = _export(tmp_path, path, corpus, "--layer=lstm", "--layer=pool", "--batch_size=64")
+    assert [(e["id"], e["reason"]) for e in read_errors(output).to_pylist()] == [
+        ("punctuation", "empty_document")
+    ]
     rows = rows_by_id(read_rows(output))
+    assert sorted(rows) == sorted(str(i) for i in range(len(texts)))
     reference = keras.Model(text, [lstm, pooled])
     for index, one in enumerate(texts):
         alone = reference.predict(tf.constant([[one]]), verbose=0)
