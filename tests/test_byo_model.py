@@ -685,6 +685,28 @@ def test_string_input_without_fixed_length_gives_each_document_its_own_vectors(t
             np.testing.assert_allclose(rows[str(index)][column], expected[0], atol=TOLERANCE, rtol=0)
 
 
+def test_string_input_read_inside_a_nested_model_runs_each_document_alone(tmp_path):
+    # The vectorizer inside an encoder is not seen at the top level: each document runs alone.
+    keras.utils.set_random_seed(6)
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, name="vectorize")
+    vectorizer.adapt(np.array(["alpha beta gamma delta epsilon zeta"]))
+    encoder = keras.Sequential(
+        [keras.Input(shape=(1,), dtype="string"), vectorizer, keras.layers.Embedding(20, 4)], name="encoder"
+    )
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    lstm = keras.layers.LSTM(3, name="lstm")(encoder(text))
+    model = keras.Model(text, keras.layers.Dense(2, name="out")(lstm))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    texts = ["alpha", "beta gamma delta epsilon zeta alpha beta", "gamma delta"]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    rows = rows_by_id(read_rows(_export(tmp_path, path, corpus, "--layer=lstm")))
+    reference = keras.Model(text, lstm)
+    for index, one in enumerate(texts):
+        alone = reference.predict(tf.constant([[one]]), verbose=0)[0]
+        np.testing.assert_allclose(rows[str(index)]["lstm"], alone, atol=TOLERANCE, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def two_vectorizer_model(tmp_path_factory):
     """A string model with a word and a character TextVectorization on one input, each embedded."""
