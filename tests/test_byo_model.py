@@ -742,8 +742,21 @@ def test_per_token_column_of_one_of_two_vectorizers_keeps_its_own_tokens(
     _assert_matches(rows, column, reference, np.asarray(model.get_layer(vectorizer)(strings)))
 
 
-def test_per_token_columns_of_two_vectorizers_in_one_run_are_refused(two_vectorizer_model, tmp_path):
-    path, corpus, _, _ = two_vectorizer_model
+@pytest.mark.parametrize("char_length", [8, 20])
+def test_per_token_columns_of_two_vectorizers_in_one_run_are_refused(tmp_path, char_length):
+    texts = np.array(["the cat sat", "a dog ran far away today", "hi"])
+    words = keras.layers.TextVectorization(max_tokens=30, output_sequence_length=8, name="words")
+    words.adapt(texts)
+    chars = keras.layers.TextVectorization(
+        max_tokens=30, output_sequence_length=char_length, split="character", name="chars"
+    )
+    chars.adapt(texts)
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    by_word = keras.layers.Embedding(30, 4, name="emb_words")(words(text))
+    by_char = keras.layers.Embedding(30, 4, name="emb_chars")(chars(text))
+    path = tmp_path / "model.keras"
+    keras.Model(text, [by_word, by_char]).save(path)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "d", "text": "the cat sat"}])
     flags = ("--layer=emb_words", "--layer=emb_chars", "--pooling=mean")
     with pytest.raises(ExportConfigError, match="in a run of their own"):
         run_export(export_args(path, corpus, tmp_path / "refused", *flags))

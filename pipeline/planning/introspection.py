@@ -307,6 +307,8 @@ def describe_columns(
                 )
             )
         elif len(shape) == 3 and len(dependencies) == 1 and dependencies[0] in text_inputs:
+            # Per-token through another vectorizer (of another length) than the input's marker.
+            check_one_vectorizer(sub_model, spec, tensor, dependencies[0])
             raise ExportConfigError(
                 f"Layer {spec.layer!r} (call {spec.call}) outputs one vector per token of the string "
                 f"input {dependencies[0]!r}, but that input feeds no TextVectorization layer with "
