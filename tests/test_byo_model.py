@@ -685,6 +685,18 @@ def test_string_input_without_fixed_length_gives_each_document_its_own_vectors(t
             np.testing.assert_allclose(rows[str(index)][column], expected[0], atol=TOLERANCE, rtol=0)
 
 
+def test_a_vectorizers_ids_without_a_fixed_length_are_refused_in_one_line(tmp_path):
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, name="vectorize")
+    vectorizer.adapt(np.array(["alpha beta gamma"]))
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(keras.layers.Embedding(20, 4)(vectorizer(text)))
+    path = tmp_path / "model.keras"
+    keras.Model(text, pooled).save(path)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "d", "text": "alpha"}])
+    with pytest.raises(ExportConfigError, match=r"outputs shape \(None, None\): its width depends"):
+        run_export(export_args(path, corpus, tmp_path / "refused", "--layer=vectorize"))
+
+
 def test_string_input_read_inside_a_nested_model_runs_each_document_alone(tmp_path):
     # The vectorizer inside an encoder is not seen at the top level: each document runs alone.
     keras.utils.set_random_seed(6)

@@ -160,13 +160,15 @@ def column_kind(
 ) -> str | None:
     """VECTOR for (batch, dim); SEQUENCE for (batch, tokens, dim) aligned with its one input; else None.
 
+    A dim that is not fixed (None) is neither: its rows would not form one column.
+
     Args:
         shape: the layer output's shape.
         dependencies: the model inputs it is computed from.
         lengths: model input name -> its length (tokens).
     """
     if len(shape) == 2:
-        return VECTOR
+        return VECTOR if shape[1] is not None else None
     if len(shape) == 3 and len(dependencies) == 1 and shape[1] == lengths.get(dependencies[0]):
         return SEQUENCE
     return None
@@ -305,6 +307,12 @@ def describe_columns(
                 ColumnInfo(
                     spec.column, spec.layer, spec.call, SEQUENCE, int(shape[2]), dependencies[0], pooling
                 )
+            )
+        elif len(shape) == 2:
+            raise ExportConfigError(
+                f"Layer {spec.layer!r} (call {spec.call}) outputs shape {tuple(shape)}: its width depends "
+                "on the document (such as the ids of a TextVectorization without a fixed "
+                "output_sequence_length), so its rows cannot form one column. Pick another --layer."
             )
         elif len(shape) == 3 and len(dependencies) == 1 and dependencies[0] in text_inputs:
             # Per-token through another vectorizer (of another length) than the input's marker.
