@@ -30,6 +30,7 @@ import keras
 
 from models import __version__
 from models.digest import sha256_file
+from models.legacy import custom_class_error, read_model_config
 from models.paths import DEFAULT_BUNDLE  # noqa: F401  (re-exported)
 from models.tokenizer import Tokenizer
 
@@ -356,7 +357,9 @@ def load_bundle(directory: str, verify_hashes: bool = True) -> Bundle:
     try:
         model = keras.saving.load_model(paths["model_file"], compile=False)
     except Exception as error:  # Keras raises many types for a corrupt archive.
-        raise BundleError(f"Could not load {paths['model_file']}: {type(error).__name__}: {error}") from None
+        custom = custom_class_error(paths["model_file"], read_model_config(paths["model_file"])[0], error)
+        reason = str(custom) if custom else f"{type(error).__name__}: {' '.join(str(error).split())}"
+        raise BundleError(f"Could not load {paths['model_file']}: {reason}") from None
     with open(paths["tokenizer_file"], encoding="utf-8") as handle:
         try:
             tokenizer = Tokenizer.from_json(handle.read())

@@ -106,6 +106,15 @@ def is_input(tensor: keras.KerasTensor) -> bool:
     return isinstance(producer(tensor)[0], keras.layers.InputLayer)
 
 
+def through_casts(tensor: keras.KerasTensor) -> keras.KerasTensor:
+    """The tensor that `tensor` is a dtype cast of, through any number of `ops.cast`; else `tensor`."""
+    while True:
+        operation, node = producer(tensor)
+        if operation is None or node is None or type(operation).__name__ != "Cast":
+            return tensor
+        tensor = node_inputs(node)[0]
+
+
 def input_dependencies(model: keras.Model, tensor: keras.KerasTensor) -> list[str]:
     """Names of `model`'s inputs that `tensor` is computed from, in model order."""
     input_ids = {id(t): t.name for t in model.inputs}

@@ -16,6 +16,7 @@ model with one is refused unless the caller opts in (`allow_unsafe=True`, the
 from __future__ import annotations
 
 import json
+import re
 import typing
 import zipfile
 from collections.abc import Sequence
@@ -53,6 +54,44 @@ def _is_keras_activation(name: str) -> bool:
 
 class UnsafeModelError(LegacyModelError):
     """The model holds `Lambda` layers, whose loading runs Python code from the file."""
+
+
+class CustomClassError(LegacyModelError):
+    """The model uses a class (a custom layer, a subclassed Model) that Keras cannot import here."""
+
+
+def custom_class_error(path: str, config: Config, error: Exception) -> CustomClassError | None:
+    """The `CustomClassError` for Keras's "Could not locate class" failure to load `path`, else None."""
+    found = re.search(r"Could not locate (?:class|function) '([^']+)'", str(error))
+    if found is None:
+        return None
+    name = found.group(1)
+    registered = [
+        str(item.get("registered_name"))
+        for item in _config_dicts(config)
+        if item.get("class_name") == name and item.get("registered_name")
+    ]
+    label = registered[0] if registered else name
+    return CustomClassError(
+        f"{path} uses the custom class {label!r} (a layer or a subclassed Model defined in the code that "
+        "trained it), which Keras cannot rebuild without that code. Rebuild the model from built-in "
+        "Keras layers as a functional model, copy the weights (new.set_weights(old.get_weights())) "
+        "and save it again."
+    )
+
+
+def _config_dicts(config: typing.Any) -> list[dict[str, typing.Any]]:
+    """Every dict nested in a model config, at any depth."""
+    found: list[dict[str, typing.Any]] = []
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            found.append(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
 
 
 def read_model_config(path: str) -> tuple[Config, str]:
@@ -224,4 +263,10 @@ def load_model_file(path: str, allow_unsafe: bool = False) -> keras.Model:
     lambdas = lambda_layer_names(config)
     if lambdas and not allow_unsafe:
         raise unsafe_error(lambdas)
-    return keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+    except Exception as error:  # Keras wraps a missing class in a TypeError with a config dump.
+        custom = custom_class_error(path, config, error)
+        if custom is None:
+            raise
+        raise custom from None

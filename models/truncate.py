@@ -110,6 +110,20 @@ def describe_layers(model: keras.Model) -> str:
     )
 
 
+def nested_holder(model: keras.Model, name: str) -> str | None:
+    """The name of the top-level layer of `model` that holds a layer `name` in a nested model, or None."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            inner = [candidate.name for candidate in layer.layers]
+            if name in inner or any(
+                nested_holder(candidate, name)
+                for candidate in layer.layers
+                if isinstance(candidate, keras.Model)
+            ):
+                return layer.name
+    return None
+
+
 def resolve_layer(
     model: keras.Model,
     spec: LayerSpec,
@@ -118,6 +132,14 @@ def resolve_layer(
     """Returns the output tensor that `spec` selects; raises ValueError if none."""
     calls = layer_calls(model) if calls is None else calls
     if spec.layer not in calls:
+        holder = nested_holder(model, spec.layer)
+        if holder is not None:
+            raise ValueError(
+                f"Layer {spec.layer!r} is inside the nested model {holder!r}, and only the layers of "
+                f"the model itself can be exported: pass --layer {holder} for the nested model's output, "
+                "or rebuild the model with its layers at the top level (a functional model) and copy "
+                "the weights."
+            )
         close = difflib.get_close_matches(spec.layer, list(calls), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
         raise ValueError(

@@ -56,21 +56,21 @@ def _shape(tensor: LayerOutput) -> str:
     return str(tuple(tensor.shape))
 
 
-def input_lengths(model: keras.Model) -> dict[str, int]:
-    """Model input name -> tokens per document (0 where unknown), as the export would feed it."""
-    from pipeline.planning.introspection import text_input_info
+def input_lengths(model: keras.Model) -> tuple[dict[str, int], dict[str, str]]:
+    """`(lengths, problems)`: input name -> tokens per document as the export would feed it (0 where
+    unknown), and input name -> why the export refuses that input (as `pipeline.run` says it)."""
+    from pipeline.errors import ExportConfigError
+    from pipeline.planning.introspection import describe_input
 
     lengths: dict[str, int] = {}
+    problems: dict[str, str] = {}
     for tensor in model.inputs:
-        if str(tensor.dtype) == "string":
-            try:
-                lengths[tensor.name] = text_input_info(tensor, model, tensor.name).length
-            except ValueError:
-                lengths[tensor.name] = 0
-        else:
-            shape = tuple(tensor.shape)
-            lengths[tensor.name] = shape[1] if len(shape) == 2 and shape[1] else 0
-    return lengths
+        try:
+            lengths[tensor.name] = describe_input(tensor, model, tensor.name).length
+        except ExportConfigError as error:
+            lengths[tensor.name] = 0
+            problems[tensor.name] = str(error)
+    return lengths, problems
 
 
 def export_kind(
@@ -95,7 +95,7 @@ def layer_rows(model: keras.Model) -> list[LayerRow]:
     from models.keras_graph import input_dependencies
     from models.truncate import layer_calls, spec_text
 
-    lengths = input_lengths(model)
+    lengths, problems = input_lengths(model)
     rows: list[LayerRow] = [
         (tensor.name, "InputLayer", "-", _shape(tensor), tensor.name, f"{tensor.dtype} input", MODEL_INPUT)
         for tensor in model.inputs
@@ -107,7 +107,10 @@ def layer_rows(model: keras.Model) -> list[LayerRow]:
             first = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
             dependencies = input_dependencies(model, first)
             spec = spec_text(name, call, calls) or f"- (layer {name}:{call} has that name)"
-            kind = export_kind(tensor, dependencies, lengths)
+            refused = [name for name in dependencies if name in problems]
+            kind = (
+                f"- (input {refused[0]} refused)" if refused else export_kind(tensor, dependencies, lengths)
+            )
             rows.append(
                 (name, types[name], str(call), _shape(tensor), ", ".join(dependencies) or "-", kind, spec)
             )
@@ -165,7 +168,9 @@ def report(model_source: ModelSource, layer_specs: Sequence[str] = ()) -> str:
         lines.append(f"Corpus fields (bundle manifest): {fields}")
     if model_source.default_layers:
         lines.append(f"Default --layer (bundle manifest): {', '.join(model_source.default_layers)}")
-    lines += ["", format_table(rows), "", *forward_pass_lines(model, rows)]
+    lines += ["", format_table(rows), ""]
+    lines += [f"Input {name!r} refused: {problem}" for name, problem in input_lengths(model)[1].items()]
+    lines += forward_pass_lines(model, rows)
     return "\n".join(lines)
 
 

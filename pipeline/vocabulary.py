@@ -11,6 +11,7 @@ table larger than the vocabulary get a null token.  The file is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -32,6 +33,8 @@ from pipeline.writing.vocabulary_table import vocabulary_metadata, vocabulary_ta
 if TYPE_CHECKING:
     import keras
 
+    from models.keras2_tokenizer import VocabularyTokenizer
+
 
 def iterate_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
     """`model`'s layers, descending into nested models, in order."""
@@ -46,6 +49,33 @@ def embedding_layer_names(model: keras.Model) -> list[str]:
     import keras
 
     return [layer.name for layer in iterate_layers(model) if isinstance(layer, keras.layers.Embedding)]
+
+
+def vectorizer_vocabulary(model: keras.Model, layer_name: str) -> VocabularyTokenizer | None:
+    """The vocabulary of the TextVectorization that feeds Embedding `layer_name` its ids, or None.
+
+    Its ids are the Embedding's rows: `get_vocabulary()` names them as a
+    vocabulary file of it would (line 0 padding, line 1 "[UNK]").
+    """
+    import keras
+
+    from models import keras_graph
+    from models.keras2_tokenizer import VocabularyTokenizer
+
+    layer = model.get_layer(layer_name) if layer_name in {item.name for item in model.layers} else None
+    if layer is None:
+        return None
+    for node in keras_graph.model_nodes(model, layer):
+        source, _ = keras_graph.producer(keras_graph.through_casts(keras_graph.node_inputs(node)[0]))
+        if (
+            isinstance(source, keras.layers.TextVectorization)
+            and source.get_config().get("output_mode") == "int"
+        ):
+            try:
+                return VocabularyTokenizer(source.get_vocabulary())
+            except ValueError:  # no padding token first (mask_token=None): ids are not rows named so
+                return None
+    return None
 
 
 def embedding_table(model: keras.Model, layer_name: str) -> np.ndarray:
@@ -154,6 +184,11 @@ def export_vocabulary(
         table = embedding_table(model_source.model, layer_name)
     except ValueError as error:
         raise ExportConfigError(str(error)) from None
+    if model_source.tokenizer is None:
+        # A string model's vocabulary is inside it: the TextVectorization feeding the Embedding.
+        own = vectorizer_vocabulary(model_source.model, layer_name)
+        if own is not None:
+            model_source = dataclasses.replace(model_source, tokenizer=own)
     if model_source.tokenizer is None:
         raise ExportConfigError(
             "The model reads raw strings or --tokenizer none was given, so there is no tokenizer "

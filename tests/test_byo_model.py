@@ -616,6 +616,21 @@ def test_string_input_model_gets_raw_text(string_model, tmp_path):
         _assert_matches(rows, name, reference, ids if name == "emb" else None)
 
 
+def test_vocabulary_of_a_string_model_is_named_by_its_own_vectorizer(string_model, tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.vocabulary import export_vocabulary
+
+    path, _, model, _ = string_model
+    written, rows = export_vocabulary(str(path), None, "emb", str(tmp_path / "vocabulary"))
+    table = pq.read_table(written)
+    weights = model.get_layer("emb").get_weights()[0]
+    assert rows == table.num_rows == weights.shape[0]
+    np.testing.assert_array_equal(np.stack(table["vector"].to_numpy(zero_copy_only=False)), weights)
+    vocabulary = model.get_layer("vectorize").get_vocabulary()
+    assert table["token"].to_pylist() == ["<pad>", *vocabulary[1:]] + [None] * (rows - len(vocabulary))
+
+
 def test_string_input_without_fixed_length_exports_vectors_only(tmp_path):
     vectorizer = keras.layers.TextVectorization(max_tokens=20, name="vectorize")
     vectorizer.adapt(PROBE_TEXTS)
@@ -636,6 +651,127 @@ def test_string_input_without_fixed_length_exports_vectors_only(tmp_path):
     reference = model.predict(tf.constant(PROBE_TEXTS), verbose=0)
     for key, row in rows.items():
         np.testing.assert_allclose(row["pool"], reference[int(key)], atol=TOLERANCE, rtol=0)
+
+
+def test_string_input_without_fixed_length_gives_each_document_its_own_vectors(tmp_path):
+    # No output_sequence_length: the vectorizer pads a batch to its longest text, and an
+    # unmasked LSTM and pooling read that padding, so a batch-mate would change a document's vector.
+    keras.utils.set_random_seed(5)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, name="vectorize")
+    vectorizer.adapt(np.array([" ".join(words)]))
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    embedded = keras.layers.Embedding(20, 4, name="emb")(vectorizer(text))
+    lstm = keras.layers.LSTM(3, name="lstm")(embedded)
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(embedded)
+    model = keras.Model(text, keras.layers.Concatenate(name="cat")([lstm, pooled]))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    texts = ["alpha beta", " ".join(words * 5), "gamma", "delta alpha", "unknown words here", "beta"]
+    # No token at all (Keras's LSTM fails on it alone): empty, as with a vectorizer of fixed length.
+    no_tokens = {"id": "punctuation", "text": "!!! ???"}
+    documents = [{"id": str(i), "text": t} for i, t in enumerate(texts)] + [no_tokens]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
+    output = _export(tmp_path, path, corpus, "--layer=lstm", "--layer=pool", "--batch_size=64")
+    assert [(e["id"], e["reason"]) for e in read_errors(output).to_pylist()] == [
+        ("punctuation", "empty_document")
+    ]
+    rows = rows_by_id(read_rows(output))
+    assert sorted(rows) == sorted(str(i) for i in range(len(texts)))
+    reference = keras.Model(text, [lstm, pooled])
+    for index, one in enumerate(texts):
+        alone = reference.predict(tf.constant([[one]]), verbose=0)
+        for column, expected in zip(("lstm", "pool"), alone, strict=True):
+            np.testing.assert_allclose(rows[str(index)][column], expected[0], atol=TOLERANCE, rtol=0)
+
+
+def test_a_vectorizers_ids_without_a_fixed_length_are_refused_in_one_line(tmp_path):
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, name="vectorize")
+    vectorizer.adapt(np.array(["alpha beta gamma"]))
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(keras.layers.Embedding(20, 4)(vectorizer(text)))
+    path = tmp_path / "model.keras"
+    keras.Model(text, pooled).save(path)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "d", "text": "alpha"}])
+    with pytest.raises(ExportConfigError, match=r"outputs shape \(None, None\): its width depends"):
+        run_export(export_args(path, corpus, tmp_path / "refused", "--layer=vectorize"))
+
+
+def test_string_input_read_inside_a_nested_model_runs_each_document_alone(tmp_path):
+    # The vectorizer inside an encoder is not seen at the top level: each document runs alone.
+    keras.utils.set_random_seed(6)
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, name="vectorize")
+    vectorizer.adapt(np.array(["alpha beta gamma delta epsilon zeta"]))
+    encoder = keras.Sequential(
+        [keras.Input(shape=(1,), dtype="string"), vectorizer, keras.layers.Embedding(20, 4)], name="encoder"
+    )
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    lstm = keras.layers.LSTM(3, name="lstm")(encoder(text))
+    model = keras.Model(text, keras.layers.Dense(2, name="out")(lstm))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    texts = ["alpha", "beta gamma delta epsilon zeta alpha beta", "gamma delta"]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    rows = rows_by_id(read_rows(_export(tmp_path, path, corpus, "--layer=lstm")))
+    reference = keras.Model(text, lstm)
+    for index, one in enumerate(texts):
+        alone = reference.predict(tf.constant([[one]]), verbose=0)[0]
+        np.testing.assert_allclose(rows[str(index)]["lstm"], alone, atol=TOLERANCE, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def two_vectorizer_model(tmp_path_factory):
+    """A string model with a word and a character TextVectorization on one input, each embedded."""
+    keras.utils.set_random_seed(5)
+    texts = np.array(["the cat sat", "a dog ran far away today", "hi"])
+    words = keras.layers.TextVectorization(max_tokens=30, output_sequence_length=8, name="words")
+    words.adapt(texts)
+    chars = keras.layers.TextVectorization(
+        max_tokens=30, output_sequence_length=8, split="character", name="chars"
+    )
+    chars.adapt(texts)
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    by_word = keras.layers.Embedding(30, 4, name="emb_words")(words(text))
+    by_char = keras.layers.Embedding(30, 4, name="emb_chars")(chars(text))
+    pooled = [keras.layers.GlobalAveragePooling1D()(by_word), keras.layers.GlobalAveragePooling1D()(by_char)]
+    model = keras.Model(text, keras.layers.Concatenate(name="cat")(pooled))
+    directory = tmp_path_factory.mktemp("two_vectorizers")
+    model.save(directory / "model.keras")
+    documents = [{"id": f"d{i}", "text": str(t)} for i, t in enumerate(texts)]
+    corpus = write_jsonl(directory / "corpus.jsonl", documents)
+    return directory / "model.keras", corpus, model, texts
+
+
+@pytest.mark.parametrize(("column", "vectorizer"), [("emb_words", "words"), ("emb_chars", "chars")])
+def test_per_token_column_of_one_of_two_vectorizers_keeps_its_own_tokens(
+    two_vectorizer_model, tmp_path, column, vectorizer
+):
+    path, corpus, model, texts = two_vectorizer_model
+    output = _export(tmp_path, path, corpus, f"--layer={column}", "--pooling=none")
+    rows = _ordered_rows(output, [f"d{i}" for i in range(len(texts))])
+    strings = tf.constant(texts[:, None])
+    reference = keras.Model(model.inputs, model.get_layer(column).output).predict(strings, verbose=0)
+    _assert_matches(rows, column, reference, np.asarray(model.get_layer(vectorizer)(strings)))
+
+
+@pytest.mark.parametrize("char_length", [8, 20])
+def test_per_token_columns_of_two_vectorizers_in_one_run_are_refused(tmp_path, char_length):
+    texts = np.array(["the cat sat", "a dog ran far away today", "hi"])
+    words = keras.layers.TextVectorization(max_tokens=30, output_sequence_length=8, name="words")
+    words.adapt(texts)
+    chars = keras.layers.TextVectorization(
+        max_tokens=30, output_sequence_length=char_length, split="character", name="chars"
+    )
+    chars.adapt(texts)
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    by_word = keras.layers.Embedding(30, 4, name="emb_words")(words(text))
+    by_char = keras.layers.Embedding(30, 4, name="emb_chars")(chars(text))
+    path = tmp_path / "model.keras"
+    keras.Model(text, [by_word, by_char]).save(path)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "d", "text": "the cat sat"}])
+    flags = ("--layer=emb_words", "--layer=emb_chars", "--pooling=mean")
+    with pytest.raises(ExportConfigError, match="in a run of their own"):
+        run_export(export_args(path, corpus, tmp_path / "refused", *flags))
 
 
 def test_vocabulary_export_of_a_keras2_model_uses_its_tokenizer(keras2, tmp_path):

@@ -2,11 +2,14 @@
 
 import keras
 import pytest
+from pipeline_fixtures import build_keras2_models, export_args, write_jsonl
 
 from models.bundle import DEFAULT_BUNDLE
 from models.legacy import load_model_file
 from models.truncate import layer_calls, parse_layer_spec, resolve_layer
+from pipeline.errors import ExportConfigError
 from pipeline.inspect import layer_rows, main
+from pipeline.running.export import run_export
 
 TEXTS = ["Return the value of x.", "Open a file and return a stream.", "the the value"]
 
@@ -100,3 +103,36 @@ def test_each_printed_spec_selects_its_layer_call_even_with_colons_and_equals_si
         assert resolve_layer(model, parsed) is calls[name][call]
     assert printed[("pool:1", 0)] == "pool:1" and printed[("a=b", 0)] == "a=b"
     assert printed[("pool", 1)].startswith("- ")
+
+
+# The commonest Keras 2 tutorial shape: Sequential([Embedding, GRU, Dense]) with no input_length,
+# trained with fit on padded ids; its input has shape (None, None). argv: output directory.
+UNSHAPED_KERAS2_SCRIPT = r"""
+import json, sys
+import numpy as np
+import tf_keras as K
+
+rng = np.random.default_rng(0)
+model = K.Sequential([K.layers.Embedding(40, 8), K.layers.GRU(4), K.layers.Dense(1, activation="sigmoid")])
+model.compile("adam", "binary_crossentropy")
+model.fit(rng.integers(0, 40, (16, 10)), rng.integers(0, 2, (16, 1)), epochs=1, verbose=0)
+model.save(sys.argv[1] + "/model.h5")
+json.dump({}, open(sys.argv[1] + "/info.json", "w"))
+"""
+
+
+def test_an_input_without_a_fixed_length_is_refused_alike_by_inspect_and_run(tmp_path, capsys):
+    directory, _ = build_keras2_models(tmp_path, UNSHAPED_KERAS2_SCRIPT)
+    model = str(directory / "model.h5")
+    assert main([model, "--tokenizer", "none"]) == 0
+    printed = capsys.readouterr().out
+    rows = {row[-1]: row for row in layer_rows(load_model_file(model))}
+    assert rows["gru"][5] == rows["dense"][5] == "- (input embedding_input refused)"
+    assert "Forward pass per --layer" not in printed
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "x": [1, 2, 3]}])
+    flags = ("--tokenizer", "none", "--input_map", "embedding_input=x", "--layer", "gru")
+    with pytest.raises(ExportConfigError) as refusal:
+        run_export(export_args(model, corpus, tmp_path / "out", *flags))
+    message = str(refusal.value)
+    assert "\n" not in message and "Input(shape=(N,))" in message and "set_weights" in message
+    assert f"Input 'embedding_input' refused: {message}" in printed

@@ -384,3 +384,175 @@ def test_the_launch_check_draws_each_inputs_ids_below_its_own_embedding(tmp_path
     flags = ["--tokenizer", "none", "--layer", "lstm", "--layer", "pool"]
     summary = run_export(export_args(path, corpus, tmp_path / "out", *flags))
     assert summary.exit_code == 0 and summary.rows_written == 2, summary.message
+
+
+def _vocabulary_file(path, size):
+    """A vocabulary tokenizer file of `size` ids (TextVectorization's layout: padding, [UNK], words)."""
+    path.write_text("\n".join(["", "[UNK]"] + [f"w{i}" for i in range(size - 2)]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_an_embeddings_id_limit_is_checked_inside_nested_models(tmp_path, nested):
+    ids = keras.Input((6,), dtype="int32", name="content")
+    layers = [keras.layers.Embedding(50, 4, name="emb"), keras.layers.LSTM(3, name="lstm")]
+    encoded = keras.Sequential(layers, name="encoder")(ids) if nested else layers[1](layers[0](ids))
+    path = tmp_path / "model.keras"
+    keras.Model(ids, keras.layers.Dense(2, name="out")(encoded)).save(path)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d", "content": "w1 w70"}])
+    tokenizer = _vocabulary_file(tmp_path / "vocabulary.txt", 100)
+    flags = ("--tokenizer", str(tokenizer), "--layer", "out")
+    with pytest.raises(ExportConfigError, match="ids up to 99, but Embedding layer 'emb'.*input_dim=50"):
+        run_export(export_args(path, corpus, tmp_path / "refused", *flags))
+    # Token ids given as lists: an id beyond the table is the document's own dead letter, named so.
+    lists = write_jsonl(
+        tmp_path / "ids.jsonl", [{"id": "ok", "content": [3, 4]}, {"id": "bad", "content": [60]}]
+    )
+    output = tmp_path / "out"
+    flags = ("--tokenizer", "none", "--layer", "out", "--max_error_fraction", "1")
+    assert run_export(export_args(path, lists, output, *flags)).exit_code == 0
+    assert sorted(rows_by_id(read_rows(output))) == ["ok"]
+    assert [(e["id"], e["reason"]) for e in read_errors(output).to_pylist()] == [("bad", "bad_token_id")]
+
+
+@pytest.mark.parametrize("remap", ["hashing", "lookup"])
+def test_ids_remapped_before_the_embedding_are_not_limited_by_it(tmp_path, remap):
+    keras.utils.set_random_seed(3)
+    ids = keras.Input((5,), dtype="int64", name="content")
+    if remap == "hashing":
+        remapped = keras.layers.Hashing(num_bins=50, name="remap")(ids)
+    else:
+        remapped = keras.layers.IntegerLookup(vocabulary=list(range(1, 40)), name="remap")(ids)
+    embedded = keras.layers.Embedding(50, 4, name="emb")(remapped)
+    model = keras.Model(ids, keras.layers.LSTM(3, name="lstm")(embedded))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    rows = [[0, 0, 3, 77, 99], [1, 2, 3, 4, 5], [0, 0, 0, 0, 98]]
+    documents = [{"id": f"d{i}", "content": row} for i, row in enumerate(rows)]
+    output = tmp_path / "out"
+    flags = ("--tokenizer", "none", "--layer", "lstm", "--padding", "pre")
+    summary = run_export(export_args(path, write_jsonl(tmp_path / "ids.jsonl", documents), output, *flags))
+    assert summary.exit_code == 0, summary.message
+    exported = rows_by_id(read_rows(output))
+    reference = model.predict(np.array(rows, np.int64), verbose=0)
+    for index in range(len(rows)):
+        np.testing.assert_allclose(exported[f"d{index}"]["lstm"], reference[index], atol=1e-5, rtol=0)
+    # A tokenizer of more ids than the Embedding has rows is fine: the layer in between maps them.
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "t", "content": "w1 w70 w97"}])
+    tokenizer = _vocabulary_file(tmp_path / "vocabulary.txt", 100)
+    flags = ("--tokenizer", str(tokenizer), "--layer", "lstm")
+    assert run_export(export_args(path, corpus, tmp_path / "tokenized", *flags)).exit_code == 0
+
+
+def test_default_layers_take_every_call_of_a_shared_layer_feeding_the_outputs(tmp_path):
+    keras.utils.set_random_seed(4)
+    content = keras.Input((8,), dtype="int32", name="content")
+    title = keras.Input((5,), dtype="int32", name="title")
+    embedding = keras.layers.Embedding(40, 6, name="emb")
+    lstm, dense = keras.layers.LSTM(4, name="lstm"), keras.layers.Dense(3, name="dense")
+    towers = [dense(lstm(embedding(content))), dense(lstm(embedding(title)))]
+    model = keras.Model([content, title], keras.layers.Concatenate(name="cat")(towers))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    rows = [([0, 0, 0, 0, 0, 1, 2, 3 + i], [0, 0, 0, 7, 8 + i]) for i in range(4)]
+    documents = [{"id": f"d{i}", "content": c, "title": t} for i, (c, t) in enumerate(rows)]
+    output = tmp_path / "out"
+    summary = run_export(
+        export_args(path, write_jsonl(tmp_path / "ids.jsonl", documents), output, "--tokenizer=none")
+    )
+    assert summary.exit_code == 0, summary.message
+    exported = rows_by_id(read_rows(output))
+    features = [np.array([row[0] for row in rows]), np.array([row[1] for row in rows])]
+    for column, tower in (("dense", towers[0]), ("dense_call1", towers[1])):
+        reference = keras.Model(model.inputs, tower).predict(features, verbose=0)
+        for index in range(len(rows)):
+            np.testing.assert_allclose(exported[f"d{index}"][column], reference[index], atol=1e-5, rtol=0)
+
+
+# Saves, in its own process, a model with a registered custom layer and a subclassed Model, as
+# the code that trained them would; the test's process does not know their classes. argv: directory.
+CUSTOM_CLASSES_SCRIPT = r"""
+import json, sys
+import keras
+
+@keras.saving.register_keras_serializable(package="my")
+class Scale(keras.layers.Layer):
+    def call(self, x):
+        return x * 2.0
+
+class Sub(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.emb = keras.layers.Embedding(40, 5)
+        self.lstm = keras.layers.LSTM(4)
+
+    def call(self, x):
+        return self.lstm(self.emb(x))
+
+ids = keras.Input((8,), dtype="int32", name="content")
+scaled = Scale(name="scale")(keras.layers.Embedding(40, 5, name="emb")(ids))
+keras.Model(ids, keras.layers.LSTM(4, name="lstm")(scaled)).save(sys.argv[1] + "/custom.keras")
+sub = Sub()
+sub(keras.ops.ones((1, 8), "int32"))
+sub.save(sys.argv[1] + "/subclassed.keras")
+json.dump({}, open(sys.argv[1] + "/info.json", "w"))
+"""
+
+
+@pytest.mark.parametrize(("file", "label"), [("custom.keras", "'my>Scale'"), ("subclassed.keras", "'Sub'")])
+def test_a_model_of_custom_classes_is_one_error_saying_to_rebuild_it(tmp_path, file, label):
+    directory, _ = build_keras2_models(tmp_path, CUSTOM_CLASSES_SCRIPT)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2, 3]}])
+    flags = ("--tokenizer", "none", "--layer", "lstm")
+    with pytest.raises(ExportConfigError) as refusal:
+        run_export(export_args(directory / file, corpus, tmp_path / "out", *flags))
+    message = str(refusal.value)
+    assert f"uses the custom class {label}" in message and "built-in Keras layers" in message
+    assert "\n" not in message and "complete" not in message
+
+
+def test_a_layer_inside_a_nested_model_is_named_with_its_holder(tmp_path):
+    ids = keras.Input((6,), dtype="int32", name="content")
+    inner = [keras.layers.Embedding(20, 4, name="emb"), keras.layers.LSTM(3, name="inner_lstm")]
+    model = keras.Model(ids, keras.layers.Dense(2, name="out")(keras.Sequential(inner, name="encoder")(ids)))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2]}])
+    flags = ("--tokenizer", "none", "--layer", "inner_lstm")
+    with pytest.raises(ExportConfigError, match="inside the nested model 'encoder'.*--layer encoder"):
+        run_export(export_args(path, corpus, tmp_path / "out", *flags))
+
+
+def test_a_tensorflow_saved_model_directory_is_named_so(tmp_path):
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.scale = tf.Variable(2.0)
+    tf.saved_model.save(module, str(tmp_path / "saved"))
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2]}])
+    with pytest.raises(ExportConfigError, match="TensorFlow SavedModel directory.*save it as .h5"):
+        run_export(export_args(tmp_path / "saved", corpus, tmp_path / "out", "--tokenizer", "none"))
+
+
+def test_an_explicit_mask_whose_mean_over_padding_is_nan_keeps_the_fast_path(tmp_path):
+    # A masked mean over a row of padding only is 0/0: NaN in Keras and in the fast path alike.
+    keras.utils.set_random_seed(1)
+    ids = keras.Input((8,), dtype="int32", name="content")
+    mask = keras.ops.not_equal(ids, 0)
+    sequence = keras.layers.LSTM(4, return_sequences=True, name="lstm")(keras.layers.Embedding(30, 4)(ids))
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(sequence, mask=mask)
+    model = keras.Model(ids, keras.layers.Dense(2, name="out")(pooled))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    rows = [[0] * (7 - i) + list(range(1, 2 + i)) for i in range(6)]
+    documents = [{"id": f"d{i}", "content": row} for i, row in enumerate(rows)]
+    output = tmp_path / "out"
+    corpus = write_jsonl(tmp_path / "ids.jsonl", documents)
+    summary = run_export(export_args(path, corpus, output, "--tokenizer", "none", "--layer", "pool"))
+    assert summary.exit_code == 0, summary.message
+    (column,) = manifest_of(output)["columns"]
+    assert column["forward_pass"] == "hybrid", column["forward_pass_reason"]
+    exported = rows_by_id(read_rows(output))
+    reference = keras.Model(ids, pooled).predict(np.array(rows, np.int32), verbose=0)
+    for index in range(len(rows)):
+        np.testing.assert_allclose(exported[f"d{index}"]["pool"], reference[index], atol=1e-5, rtol=0)

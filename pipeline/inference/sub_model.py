@@ -15,6 +15,7 @@ import numpy as np
 
 from models.truncate import truncate
 from pipeline.errors import ExportConfigError
+from pipeline.planning.introspection import batch_padded_vectorizers
 from pipeline.planning.model_source import load_model_source
 from pipeline.planning.plan import NO_TOKENIZER, TEXT_INPUT
 from pipeline.writing import schema as schema_lib
@@ -58,6 +59,9 @@ class SubModel:
     input_names: tuple[str, ...]  # the keras model's inputs
     # Keras's own forward pass, traced once: {input name: tensor} -> {column: tensor}.
     _forward: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]] | None
+    # Text input -> its TextVectorization layers that pad a batch to its longest text (None: an
+    # unknown layer reads it); a batch runs in groups that pad each document as it is alone.
+    _padded_by_batch: dict[str, list[keras.layers.TextVectorization] | None]
 
     def __init__(self, plan: ExportPlan, model_source: ModelSource | None = None) -> None:
         import tensorflow as tf
@@ -82,6 +86,7 @@ class SubModel:
         ]
         self.computed_columns = [column.column for _, column in computed]
         self.keras_model, self._forward, self.input_names = None, None, ()
+        self._padded_by_batch = {}
         if not computed:
             return
         self.keras_model = truncate(model_source.model, [spec for spec, _ in computed])
@@ -96,6 +101,11 @@ class SubModel:
             }
         ]
         model = self.keras_model
+        for tensor in model.inputs:
+            if str(tensor.dtype) == "string":
+                padded = batch_padded_vectorizers(model, tensor)
+                if padded is None or padded:
+                    self._padded_by_batch[tensor.name] = padded
         first_column = computed[0][1].column
 
         # One traced graph for every batch size: no retracing per batch.
@@ -116,4 +126,43 @@ class SubModel:
         """The sub-model's own forward pass: {input name: ids} -> {column: numpy array}."""
         if self._forward is None:
             return {}
-        return {name: value.numpy() for name, value in self._forward(self.model_features(features)).items()}
+        features = self.model_features(features)
+        groups = self._same_padding_groups(features)
+        if groups is None:
+            return {name: value.numpy() for name, value in self._forward(features).items()}
+        outputs: dict[str, np.ndarray] = {}
+        count = sum(len(rows) for rows in groups)
+        for rows in groups:
+            part = self._forward({name: values[rows] for name, values in features.items()})
+            for name, value in part.items():
+                array = value.numpy()
+                if name not in outputs:
+                    outputs[name] = np.empty((count, *array.shape[1:]), array.dtype)
+                outputs[name][rows] = array
+        return outputs
+
+    def _same_padding_groups(self, features: Features) -> list[np.ndarray] | None:
+        """The batch's rows in groups whose documents each vectorizer pads alike (None: one group).
+
+        Within a group, every batch-padding TextVectorization sees documents of
+        one token count, so each is padded to its own length, as when alone.
+        """
+        if not self._padded_by_batch:
+            return None
+        import tensorflow as tf
+
+        keys: list[np.ndarray] = []
+        for name, vectorizers in self._padded_by_batch.items():
+            texts = np.asarray(features[name])
+            if vectorizers is None:
+                keys.append(np.arange(len(texts)))
+                continue
+            for vectorizer in vectorizers:
+                # Id 0 is only padding: a real token, known or not, has an id of 1 or more.
+                ids = np.asarray(vectorizer(tf.constant(texts, dtype=tf.string)))
+                keys.append((ids != 0).reshape(len(texts), -1).sum(axis=1))
+        _, group_of = np.unique(np.stack(keys, axis=1), axis=0, return_inverse=True)
+        group_of = group_of.reshape(-1)
+        if group_of.max(initial=0) == 0:
+            return None
+        return [np.flatnonzero(group_of == group) for group in range(group_of.max() + 1)]

@@ -33,26 +33,31 @@ class TextTokens:
         """The real tokens of a text input and how many are unknown words: `(mask, unknown)`.
 
         The real tokens are where the model's TextVectorization emits a non-zero
-        id; with none of fixed length (only vector outputs), a text is one token
-        when it is not blank.
+        id. With none of fixed length (only vector outputs), a text is one token
+        when its vectorizer emits some id (when it is not blank, without one
+        that emits ids): a text of no tokens (only punctuation) is empty, as it
+        is for a vectorizer of fixed length.
         """
         vectorizer, unknown_id = self._text_vectorizer(info)
         if vectorizer is None:
             return np.array([bool(text.strip()) for text in texts.reshape(-1)]).reshape(-1, 1), 0
         import tensorflow as tf
 
-        ids = np.asarray(vectorizer(tf.constant(texts, dtype=tf.string)))
+        ids = np.asarray(vectorizer(tf.constant(texts, dtype=tf.string))).reshape(len(texts), -1)
         unknown = int((ids == unknown_id).sum()) if unknown_id is not None else 0
+        if not info.length:
+            return (ids != 0).any(axis=1, keepdims=True), unknown
         return ids != 0, unknown
 
     def _text_vectorizer(self, info: InputInfo) -> tuple[keras.layers.TextVectorization | None, int | None]:
         """The TextVectorization layer whose ids mark `info`'s real tokens, and its unknown-word id."""
         if info.name not in self._vectorizers:
-            vectorizer, unknown_id = None, None
-            if info.length:
-                tensor = next(t for t in self.sub_model.inputs if t.name == info.name)
-                vectorizer = text_vectorizer(self.sub_model, tensor)
-                vocabulary = vectorizer.get_vocabulary() if vectorizer is not None else []
-                unknown_id = 1 if len(vocabulary) > 1 and vocabulary[1] == UNKNOWN_TOKEN else None
+            tensor = next(t for t in self.sub_model.inputs if t.name == info.name)
+            vectorizer = text_vectorizer(self.sub_model, tensor)
+            config = vectorizer.get_config() if vectorizer is not None else {}
+            if config.get("output_mode") != "int" or config.get("ragged"):
+                vectorizer = None  # counts, one-hot or ragged ids: no padded ids to mark tokens with
+            vocabulary = vectorizer.get_vocabulary() if vectorizer is not None else []
+            unknown_id = 1 if len(vocabulary) > 1 and vocabulary[1] == UNKNOWN_TOKEN else None
             self._vectorizers[info.name] = (vectorizer, unknown_id)
         return self._vectorizers[info.name]

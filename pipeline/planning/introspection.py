@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import keras
 
 from models import keras_graph
-from models.truncate import LayerSpec, parse_layer_spec, truncate
+from models.truncate import LayerSpec, parse_layer_spec, spec_text, truncate
 from pipeline.errors import ExportConfigError
 from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_INPUT, VECTOR, ColumnInfo, InputInfo
 
@@ -20,16 +20,66 @@ from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_INPUT, VECTOR, Colu
 EmbeddingLimits = dict[str, tuple[int, str]]
 
 
+def reads_directly(layer: keras.layers.Layer, tensor: keras.KerasTensor) -> bool:
+    """Whether some call of `layer` reads `tensor` itself."""
+    nodes = keras_graph.layer_nodes(layer)
+    return any(any(read is tensor for read in keras_graph.node_inputs(node)) for node in nodes)
+
+
+def _pads_to_fixed_length(layer: keras.layers.TextVectorization) -> bool:
+    config = layer.get_config()
+    return config.get("output_mode") == "int" and bool(config.get("output_sequence_length"))
+
+
 def text_vectorizer(
     model: keras.Model, input_tensor: keras.KerasTensor
 ) -> keras.layers.TextVectorization | None:
-    """The TextVectorization layer that `model` applies directly to `input_tensor`, or None."""
+    """The TextVectorization layer of `model` whose ids mark `input_tensor`'s real tokens, or None.
+
+    The first one applied directly to the input that emits ids of a fixed length,
+    else the first one applied to it at all.
+    """
+    readers = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.TextVectorization) and reads_directly(layer, input_tensor)
+    ]
+    fixed = [layer for layer in readers if _pads_to_fixed_length(layer)]
+    return (fixed or readers or [None])[0]
+
+
+def batch_padded_vectorizers(
+    model: keras.Model, input_tensor: keras.KerasTensor
+) -> list[keras.layers.TextVectorization] | None:
+    """The layers reading the string input `input_tensor` that pad each batch to its longest text.
+
+    A TextVectorization with output_mode "int" and no output_sequence_length
+    pads a batch to its longest document, so what follows it (a recurrent layer
+    or a pooling without a mask) sees a padding that depends on the batch. Run
+    a batch in groups of documents of one token count per such layer, and each
+    document is padded as it is alone. None: a layer other than a
+    TextVectorization reads the input, whose padding cannot be known, so each
+    document must run alone.
+    """
+    padded: list[keras.layers.TextVectorization] = []
     for layer in model.layers:
-        if isinstance(layer, keras.layers.TextVectorization):
-            for node in keras_graph.layer_nodes(layer):
-                if any(tensor is input_tensor for tensor in keras_graph.node_inputs(node)):
-                    return layer
-    return None
+        if isinstance(layer, keras.layers.InputLayer) or not reads_directly(layer, input_tensor):
+            continue
+        if not isinstance(layer, keras.layers.TextVectorization):
+            return None
+        config = layer.get_config()
+        if config.get("output_mode") == "int" and not config.get("output_sequence_length"):
+            if config.get("ragged"):
+                continue  # a ragged tensor has no padding
+            padded.append(layer)
+    # A plain op (not a layer) reading the input is no layer of `model.layers`.
+    operations = getattr(model, "operations", model.layers)
+    if any(
+        not isinstance(operation, keras.layers.Layer) and reads_directly(operation, input_tensor)
+        for operation in operations
+    ):
+        return None
+    return padded
 
 
 def text_input_info(tensor: keras.KerasTensor, model: keras.Model, field: str) -> InputInfo:
@@ -42,26 +92,32 @@ def text_input_info(tensor: keras.KerasTensor, model: keras.Model, field: str) -
         )
     length = 0
     vectorizer = text_vectorizer(model, tensor)
-    if vectorizer is not None:
-        config = vectorizer.get_config()
-        if config.get("output_mode") == "int" and config.get("output_sequence_length"):
-            length = int(config["output_sequence_length"])
+    if vectorizer is not None and _pads_to_fixed_length(vectorizer):
+        length = int(vectorizer.get_config()["output_sequence_length"])
     return InputInfo(tensor.name, field, length, TEXT_INPUT, len(shape))
 
 
 def default_layer_names(model: keras.Model) -> list[str]:
-    """The layers whose outputs feed the model's output layers (the penultimate vectors)."""
+    """The `--layer` of each layer call whose output feeds the output layers (the penultimate vectors).
+
+    A shared layer feeding them from several calls (a siamese tower) gives one
+    `--layer` per call: `dense` and `dense:1`.
+    """
     output_layers = {keras_graph.producing_call(t)[0].name for t in model.outputs}
     layer_names = {layer.name for layer in model.layers}
-    names: list[str] = []
+    specs: list[str] = []
     for tensor in model.outputs:
         _, node = keras_graph.producing_call(tensor)
         for parent in keras_graph.node_inputs(node):
-            name = keras_graph.producing_call(parent)[0].name
+            layer, parent_node = keras_graph.producing_call(parent)
             # Masks and other plain ops (not_equal, ...) are not layers one can export.
-            if name not in names and name not in output_layers and name in layer_names:
-                names.append(name)
-    return names
+            if layer.name in output_layers or layer.name not in layer_names:
+                continue
+            call = keras_graph.model_nodes(model, layer).index(parent_node)
+            text = spec_text(layer.name, call, layer_names)
+            if text is not None and text not in specs:
+                specs.append(text)
+    return specs
 
 
 def cut_model(model: keras.Model, layer_texts: Sequence[str]) -> tuple[list[LayerSpec], keras.Model]:
@@ -75,20 +131,28 @@ def cut_model(model: keras.Model, layer_texts: Sequence[str]) -> tuple[list[Laye
         raise ExportConfigError(str(error)) from None
 
 
+def describe_input(tensor: keras.KerasTensor, model: keras.Model, field: str) -> InputInfo:
+    """The `InputInfo` of one input of `model`, read from corpus field `field`.
+
+    Raises:
+        ExportConfigError: the input is neither token ids of a fixed length nor strings, with the fix.
+    """
+    if str(tensor.dtype) == "string":
+        return text_input_info(tensor, model, field)
+    if len(tensor.shape) != 2 or tensor.shape[1] is None:
+        raise ExportConfigError(
+            f"Model input {tensor.name!r} has shape {tuple(tensor.shape)}; token-id inputs need the "
+            "shape (batch, length) with a fixed length, the length the documents were padded to in "
+            "training. Rebuild the model with Input(shape=(N,)) (or Embedding(..., input_length=N) in "
+            "Keras 2) at that length, copy the weights (new.set_weights(old.get_weights())) and save "
+            "it again."
+        )
+    return InputInfo(tensor.name, field, int(tensor.shape[1]))
+
+
 def describe_inputs(sub_model: keras.Model, mapping: Mapping[str, str]) -> tuple[InputInfo, ...]:
     """An `InputInfo` per input of the sub-model: token ids of a fixed length, or strings."""
-    inputs = []
-    for tensor in sub_model.inputs:
-        if str(tensor.dtype) == "string":
-            inputs.append(text_input_info(tensor, sub_model, mapping[tensor.name]))
-            continue
-        if len(tensor.shape) != 2 or tensor.shape[1] is None:
-            raise ExportConfigError(
-                f"Model input {tensor.name!r} has shape {tuple(tensor.shape)}; token-id inputs "
-                "need the shape (batch, length) with a fixed length."
-            )
-        inputs.append(InputInfo(tensor.name, mapping[tensor.name], int(tensor.shape[1])))
-    return tuple(inputs)
+    return tuple(describe_input(tensor, sub_model, mapping[tensor.name]) for tensor in sub_model.inputs)
 
 
 def column_kind(
@@ -96,13 +160,15 @@ def column_kind(
 ) -> str | None:
     """VECTOR for (batch, dim); SEQUENCE for (batch, tokens, dim) aligned with its one input; else None.
 
+    A dim that is not fixed (None) is neither: its rows would not form one column.
+
     Args:
         shape: the layer output's shape.
         dependencies: the model inputs it is computed from.
         lengths: model input name -> its length (tokens).
     """
     if len(shape) == 2:
-        return VECTOR
+        return VECTOR if shape[1] is not None else None
     if len(shape) == 3 and len(dependencies) == 1 and shape[1] == lengths.get(dependencies[0]):
         return SEQUENCE
     return None
@@ -174,6 +240,50 @@ def check_computed_per_document(spec: LayerSpec, tensor: keras.KerasTensor, kind
         )
 
 
+def check_one_vectorizer(
+    sub_model: keras.Model, spec: LayerSpec, tensor: keras.KerasTensor, input_name: str
+) -> None:
+    """Refuses a per-token column of a string input whose tokens are not those that mark its real tokens.
+
+    The real tokens of a string input are where `text_vectorizer` emits a
+    non-zero id; a column computed through another TextVectorization of that
+    input (words and characters), or through several, has other tokens.
+
+    Raises:
+        ExportConfigError: naming the vectorizers and what to export instead.
+    """
+    input_tensor = next(t for t in sub_model.inputs if t.name == input_name)
+    marker = text_vectorizer(sub_model, input_tensor)
+    readers = [
+        operation.name
+        for operation in keras_graph.upstream_operations(tensor)
+        if isinstance(operation, keras.layers.TextVectorization) and reads_directly(operation, input_tensor)
+    ]
+    if marker is not None and readers == [marker.name]:
+        return
+    where = (
+        f"Layer {spec.layer!r} (call {spec.call}) outputs one vector per token of the string input "
+        f"{input_name!r}"
+    )
+    if len(readers) > 1:
+        raise ExportConfigError(
+            f"{where} but is computed from {len(readers)} TextVectorization layers of it "
+            f"({', '.join(sorted(readers))}), so its tokens are no one vectorizer's tokens and cannot be "
+            "told from padding. Export a vector layer (e.g. a pooling or LSTM layer) instead."
+        )
+    if not readers or marker is None:
+        raise ExportConfigError(
+            f"{where} but is computed through no TextVectorization layer that reads that input, so its "
+            "real tokens cannot be told from padding. Export a vector layer (e.g. a pooling or LSTM "
+            "layer) instead."
+        )
+    raise ExportConfigError(
+        f"{where} through TextVectorization {readers[0]!r}, but the export marks that input's real tokens "
+        f"with TextVectorization {marker.name!r}, which the other --layer values also read. Export the "
+        f"per-token layers of {readers[0]!r} in a run of their own (e.g. --layer {spec.layer} alone)."
+    )
+
+
 def describe_columns(
     sub_model: keras.Model, specs: Sequence[LayerSpec], inputs: Sequence[InputInfo], pooling: str
 ) -> list[ColumnInfo]:
@@ -188,6 +298,8 @@ def describe_columns(
         dependencies = keras_graph.input_dependencies(sub_model, tensor)
         kind = column_kind(shape, dependencies, lengths)
         check_computed_per_document(spec, tensor, kind)
+        if kind == SEQUENCE and dependencies[0] in text_inputs:
+            check_one_vectorizer(sub_model, spec, tensor, dependencies[0])
         if kind == VECTOR:
             columns.append(ColumnInfo(spec.column, spec.layer, spec.call, VECTOR, int(shape[1]), "", "none"))
         elif kind == SEQUENCE:
@@ -196,7 +308,15 @@ def describe_columns(
                     spec.column, spec.layer, spec.call, SEQUENCE, int(shape[2]), dependencies[0], pooling
                 )
             )
+        elif len(shape) == 2:
+            raise ExportConfigError(
+                f"Layer {spec.layer!r} (call {spec.call}) outputs shape {tuple(shape)}: its width depends "
+                "on the document (such as the ids of a TextVectorization without a fixed "
+                "output_sequence_length), so its rows cannot form one column. Pick another --layer."
+            )
         elif len(shape) == 3 and len(dependencies) == 1 and dependencies[0] in text_inputs:
+            # Per-token through another vectorizer (of another length) than the input's marker.
+            check_one_vectorizer(sub_model, spec, tensor, dependencies[0])
             raise ExportConfigError(
                 f"Layer {spec.layer!r} (call {spec.call}) outputs one vector per token of the string "
                 f"input {dependencies[0]!r}, but that input feeds no TextVectorization layer with "
@@ -213,18 +333,44 @@ def describe_columns(
     return columns
 
 
+def embedding_reads(model: keras.Model) -> list[tuple[keras.layers.Embedding, keras.KerasTensor]]:
+    """`(Embedding, model input)` for each call of an Embedding that reads an input of `model` as ids.
+
+    The Embedding reads the input directly or through dtype casts only, in
+    `model` or in a model nested in it (at any depth), fed by that nested
+    model's call. An Embedding behind a layer that remaps ids (`Hashing`,
+    `IntegerLookup`) does not read the input's ids, so it does not limit them.
+    """
+    inputs = {id(tensor): tensor for tensor in model.inputs}
+    reads: list[tuple[keras.layers.Embedding, keras.KerasTensor]] = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Embedding):
+            for node in keras_graph.model_nodes(model, layer):
+                source = keras_graph.through_casts(keras_graph.node_inputs(node)[0])
+                if id(source) in inputs:
+                    reads.append((layer, inputs[id(source)]))
+        elif isinstance(layer, keras.Model):
+            inner = embedding_reads(layer)
+            positions = {id(tensor): position for position, tensor in enumerate(layer.inputs)}
+            for node in keras_graph.model_nodes(model, layer):
+                arguments = keras_graph.node_inputs(node)
+                if len(arguments) != len(layer.inputs):
+                    continue  # inputs given in a structure whose order is not the model's
+                for embedding, inner_input in inner:
+                    source = keras_graph.through_casts(arguments[positions[id(inner_input)]])
+                    if id(source) in inputs:
+                        reads.append((embedding, inputs[id(source)]))
+    return reads
+
+
 def embedding_limits(sub_model: keras.Model, inputs: Sequence[InputInfo]) -> EmbeddingLimits:
-    """{token-id input name: (smallest input_dim of the Embeddings it feeds, that layer's name)}."""
+    """{token-id input name: (smallest input_dim of the Embeddings reading its ids, that layer's name)}."""
     token_inputs = {info.name for info in inputs if info.takes == IDS_INPUT}
     limits: EmbeddingLimits = {}
-    for layer in sub_model.layers:
-        if not isinstance(layer, keras.layers.Embedding):
-            continue
-        for node in keras_graph.layer_nodes(layer):
-            outputs = keras_graph.node_outputs(node)
-            for name in set(keras_graph.input_dependencies(sub_model, outputs[0])) & token_inputs:
-                if name not in limits or layer.input_dim < limits[name][0]:
-                    limits[name] = (layer.input_dim, layer.name)
+    for layer, tensor in embedding_reads(sub_model):
+        name = tensor.name
+        if name in token_inputs and (name not in limits or layer.input_dim < limits[name][0]):
+            limits[name] = (layer.input_dim, layer.name)
     return limits
 
 
@@ -240,9 +386,13 @@ def check_float_inputs_feed_an_embedding(
     Raises:
         ExportConfigError: naming the input.
     """
-    # An Embedding inside a nested model (an encoder) is fed by the inputs of that model's calls.
+    # An Embedding behind a layer that remaps ids (Hashing) is fed them too; one inside a nested
+    # model (an encoder) is fed by the inputs of that model's calls.
     fed = set(limits)
     for layer in sub_model.layers:
+        if isinstance(layer, keras.layers.Embedding):
+            for node in keras_graph.model_nodes(sub_model, layer):
+                fed.update(keras_graph.input_dependencies(sub_model, keras_graph.node_outputs(node)[0]))
         if isinstance(layer, keras.Model) and any(
             isinstance(inner, keras.layers.Embedding) for inner in _nested_layers(layer)
         ):

@@ -198,6 +198,13 @@ def _load_staged(
             "`python -m models.train`, or a .keras/.h5 file."
         )
     if os.path.isdir(local):
+        if not is_bundle(local) and os.path.exists(os.path.join(local, "saved_model.pb")):
+            raise ExportConfigError(
+                f"--model {model_uri!r} is a TensorFlow SavedModel directory (Keras 2's "
+                "model.save('dir')), whose layers Keras 3 cannot load. Load it in tf_keras "
+                "(tf_keras.models.load_model(dir)), save it as .h5 (model.save('model.h5')) and pass "
+                "that file."
+            )
         if not is_bundle(local):
             raise ExportConfigError(
                 f"--model {model_uri!r} is a directory without manifest.json, so it is not a "
@@ -240,9 +247,10 @@ def _load_staged(
     except LegacyModelError as error:
         raise ExportConfigError(f"Could not load --model {model_uri!r}: {error}") from None
     except Exception as error:  # Keras raises many types for a corrupt file.
+        # Keras's messages hold config dumps over several lines: the error is one line.
         raise ExportConfigError(
-            f"Could not load --model {model_uri!r} ({type(error).__name__}: {error}). Check "
-            "that it is a complete Keras .keras/.h5 file."
+            f"Could not load --model {model_uri!r} ({type(error).__name__}: {' '.join(str(error).split())}). "
+            "Check that it is a complete Keras .keras/.h5 file."
         ) from None
     _check_unchanged(model_uri, local, model_sha256)
     bare_tokenizer: AnyTokenizer | None = None
