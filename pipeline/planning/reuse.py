@@ -29,8 +29,10 @@ Manifest = Mapping[str, Any]
 # translation, pooling, float16 storage): --reuse and a resumed run then refuse rows of
 # the code before, as they refuse another model's. Exports made before it was recorded
 # count as 1; 2 is the first recorded (Keras 2's hard_sigmoid, float32 pooling of
-# float16 values, float16 overflow as dead letters).
-ROWS_VERSION = 2
+# float16 values, float16 overflow as dead letters); 3: string models without a fixed
+# output_sequence_length run each document as if alone, ids behind Hashing/IntegerLookup
+# are not limited by the Embedding's input_dim.
+ROWS_VERSION = 3
 
 
 class InputSignature(TypedDict):
