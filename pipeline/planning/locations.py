@@ -202,7 +202,7 @@ def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFi
         for flag, uri in named.items():
             if uri and not is_local(uri):
                 check_location(flag, uri)
-        check_stores_answer(options, [options.input, options.output, *named.values()])
+        check_stores_answer(options, {"input": options.input, "output": options.output, **named})
     if check_remote or is_local(options.input):
         files = tuple(check_input(options.input))
         matched = [f.path for f in files]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, S3Options
 
@@ -69,25 +69,34 @@ def check_gcs_bucket_name(flag: str, uri: str) -> None:
         )
 
 
-def check_stores_answer(options: PipelineOptions, uris: Iterable[str | None]) -> None:
-    """Refuses, in seconds, object-store `uris` whose store cannot be reached or has no credentials.
+def check_stores_answer(options: PipelineOptions, locations: Mapping[str, str | None]) -> None:
+    """Refuses, in seconds, object-store locations whose store cannot be reached or has no credentials.
+
+    Args:
+        options: the run's options (the --s3_* flags, --gcp_oauth_scopes).
+        locations: flag name -> its value; local paths and None are passed over.
 
     One `list_objects_v2` per S3 bucket, through the client settings the --s3_*
     flags give Beam, with no retry; one Google credential lookup for gs://.
 
     Raises:
-        ExportConfigError: saying which store failed and how to fix it.
+        ExportConfigError: saying which flag's store failed and how to fix it.
     """
-    uris = [uri for uri in uris if uri]
-    s3_buckets = dict.fromkeys(bucket_of(uri) for uri in uris if uri.startswith("s3://"))
-    if s3_buckets:
-        _probe_s3(options.view_as(S3Options), list(s3_buckets))
-    gcs = next((uri for uri in uris if uri.startswith("gs://")), None)
+    s3: dict[str, str] = {}
+    gcs: list[str] = []
+    for flag, uri in locations.items():
+        if uri and uri.startswith("s3://"):
+            s3.setdefault(bucket_of(uri), f"--{flag} {uri!r}")
+        elif uri and uri.startswith("gs://"):
+            gcs.append(f"--{flag} {uri!r}")
+    if s3:
+        _probe_s3(options.view_as(S3Options), s3)
     if gcs:
-        _check_google_credentials(options.view_as(GoogleCloudOptions), gcs)
+        _check_google_credentials(options.view_as(GoogleCloudOptions), gcs[0])
 
 
-def _probe_s3(s3: S3Options, buckets: list[str]) -> None:
+def _probe_s3(s3: S3Options, buckets: dict[str, str]) -> None:
+    """`buckets`: bucket -> the first flag naming it, as the error line says it."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import (
@@ -115,18 +124,18 @@ def _probe_s3(s3: S3Options, buckets: list[str]) -> None:
         ),
     )
     endpoint = s3.s3_endpoint_url or "AWS S3"
-    for bucket in buckets:
+    for bucket, named in buckets.items():
         try:
             client.list_objects_v2(Bucket=bucket, MaxKeys=1)
         except (NoCredentialsError, PartialCredentialsError) as error:
             raise ExportConfigError(
-                f"s3://{bucket}: no usable AWS credentials ({error}). Set AWS_ACCESS_KEY_ID and "
+                f"{named}: no usable AWS credentials ({error}). Set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --s3_access_key_id and "
                 "--s3_secret_access_key."
             ) from None
         except (ConnectionError, HTTPClientError) as error:  # Refused, unknown host, TLS; no answer in time.
             raise ExportConfigError(
-                f"s3://{bucket}: cannot reach {endpoint} ({error}). Check --s3_endpoint_url "
+                f"{named}: cannot reach {endpoint} ({error}). Check --s3_endpoint_url "
                 "(or AWS_ENDPOINT_URL) and that the server is up and reachable from this machine."
             ) from None
         except ClientError:
@@ -134,7 +143,7 @@ def _probe_s3(s3: S3Options, buckets: list[str]) -> None:
             pass
 
 
-def _check_google_credentials(cloud: GoogleCloudOptions, uri: str) -> None:
+def _check_google_credentials(cloud: GoogleCloudOptions, named: str) -> None:
     import google.auth
     from google.auth.exceptions import DefaultCredentialsError
 
@@ -143,7 +152,7 @@ def _check_google_credentials(cloud: GoogleCloudOptions, uri: str) -> None:
     except DefaultCredentialsError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportConfigError(
-            f"{uri} is on Cloud Storage, but no Google Cloud credentials were found ({first_line}). "
+            f"{named} is on Cloud Storage, but no Google Cloud credentials were found ({first_line}). "
             "Run `gcloud auth application-default login`, or point GOOGLE_APPLICATION_CREDENTIALS "
             "at a service account key file."
         ) from None

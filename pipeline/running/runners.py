@@ -152,10 +152,10 @@ def check_dataflow_options(options: PipelineOptions) -> None:
     ]
     if on_s3 and not _workers_get_boto3(options):
         raise ExportConfigError(
-            f"{', '.join(on_s3)} is on S3, but Dataflow workers install only this package's "
-            "requirements, which lack boto3 (Beam's S3 filesystem). Pass --requirements_file FILE "
-            "with a line 'apache-beam[aws]==<your Beam version>' (or 'boto3'), or an --sdk_container_image "
-            "built with boto3; or copy the data to Cloud Storage (docs/dataflow.md)."
+            f"{', '.join(on_s3)} {'is' if len(on_s3) == 1 else 'are'} on S3, but Dataflow workers "
+            "install only this package's requirements, which lack boto3 (Beam's S3 filesystem). "
+            "Pass --requirements_file FILE whose lines include boto3 (or apache-beam[aws]), or an "
+            "--sdk_container_image built with boto3; or copy the data to Cloud Storage (docs/dataflow.md)."
         )
 
 
