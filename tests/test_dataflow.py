@@ -20,6 +20,7 @@ from apache_beam.runners.dataflow.internal import apiclient
 from pipeline_fixtures import REPOSITORY, copy_sources, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE, MODEL_FILE, read_manifest
+from models.train import SAMPLE_CORPUS
 from pipeline.errors import ExportConfigError
 from pipeline.planning.model_source import load_model_source
 from pipeline.planning.options import ExportOptions
@@ -288,8 +289,11 @@ def test_invalid_cloud_storage_bucket_names_are_refused(name):
 
 def test_dataflow_refuses_a_local_reuse(tmp_path):
     """Workers read --reuse's shards; a local one passed the launch and failed on the workers."""
+    earlier = tmp_path / "earlier"
+    # A finished export this job could reuse (same model and layers), but on this machine.
+    assert run_export(["--input", SAMPLE_CORPUS, "--output", str(earlier), "--limit", "8"]).exit_code == 0
     with pytest.raises(ExportConfigError, match=r"cannot read files on this machine.*--reuse"):
-        run_export([*DATAFLOW_FLAGS, "--reuse", str(tmp_path), "--dry_run=True"])
+        run_export([*DATAFLOW_FLAGS, "--reuse", str(earlier), "--dry_run=True"])
 
 
 def test_dataflow_refuses_s3_unless_the_workers_get_boto3(tmp_path):

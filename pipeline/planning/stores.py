@@ -1,4 +1,4 @@
-"""Asks each object store a run names, once and without Beam's retries, whether it can answer at all.
+"""Checks object-store locations before Beam touches them: bucket names, then one request per store.
 
 Beam's S3 and GCS filesystems retry a refused connection, missing AWS
 credentials and a failed Google credential lookup with exponential backoff
