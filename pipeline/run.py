@@ -142,7 +142,8 @@ def _interrupted(
             # Stopped while flags, model and locations were being checked: there are no rows to keep.
             _tell(
                 f"interrupted: the run stopped during its launch checks ({signal.Signals(signum).name}), "
-                f"before it wrote anything; {nothing}. Rerun the same command to start the export.{earlier}"
+                f"before this run wrote anything; {nothing}. Rerun the same command to start the export."
+                f"{earlier}"
             )
         else:
             _tell(

@@ -544,6 +544,6 @@ def test_sigterm_during_the_launch_checks_claims_no_kept_rows(s3_endpoint, tmp_p
                 process.wait()
     assert process.returncode == EXIT_TERMINATED, stderr[-3000:]
     (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
-    assert "launch checks" in line and "before it wrote anything" in line, line
+    assert "launch checks" in line and "before this run wrote anything" in line, line
     assert "made durable" not in line and "keeps the rows" not in line
     assert not (tmp_path / "out").exists()
