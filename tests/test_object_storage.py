@@ -547,3 +547,18 @@ def test_sigterm_during_the_launch_checks_claims_no_kept_rows(s3_endpoint, tmp_p
     assert "launch checks" in line and "before this run wrote anything" in line, line
     assert "made durable" not in line and "keeps the rows" not in line
     assert not (tmp_path / "out").exists()
+
+
+def test_an_s3_endpoint_that_never_answers_is_one_error(s3_endpoint, monkeypatch):
+    """A hung server takes the connection and says nothing: one read timeout, no retries."""
+    from pipeline.errors import ExportConfigError
+    from pipeline.planning import stores
+
+    monkeypatch.setattr(stores, "READ_TIMEOUT_SECONDS", 0.5)
+    with socket.socket() as silent:  # The kernel accepts connections for it; nothing ever answers.
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        flags = ["--input", CORPUS, "--output", f"s3://{BUCKET}/exports/hung", "--s3_endpoint_url", endpoint]
+        with pytest.raises(ExportConfigError, match=rf"--input .*: cannot reach {endpoint} \(Read timeout"):
+            run_export(flags + s3_flags(s3_endpoint)[1:])
