@@ -138,10 +138,18 @@ def _interrupted(
             if recovered
             else ""
         )
-        _tell(
-            f"interrupted: {nothing}; {rerun} to finish the export "
-            f"(it keeps the rows this run made durable).{earlier}"
-        )
+        if not _past_launch_checks():
+            # Stopped while flags, model and locations were being checked: there are no rows to keep.
+            _tell(
+                f"interrupted: the run stopped during its launch checks ({signal.Signals(signum).name}), "
+                f"before this run wrote anything; {nothing}. Rerun the same command to start the export."
+                f"{earlier}"
+            )
+        else:
+            _tell(
+                f"interrupted: {nothing}; {rerun} to finish the export "
+                f"(it keeps the rows this run made durable).{earlier}"
+            )
     return STOP_SIGNALS.get(signum, EXIT_INTERRUPTED)
 
 
@@ -149,6 +157,12 @@ def _commit_phase() -> str:
     # Not imported yet (the export imports it): no commit can be in flight.
     phase = sys.modules.get("pipeline.writing.commit_phase")
     return phase.commit_phase() if phase else "idle"
+
+
+def _past_launch_checks() -> bool:
+    # Not imported yet: the run was stopped before it began.
+    export = sys.modules.get("pipeline.running.export")
+    return bool(export and export.past_launch_checks())
 
 
 def _recovered_commits() -> list[str]:

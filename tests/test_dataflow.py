@@ -7,24 +7,27 @@ or submitted, and our launcher skips the checks that would need credentials.
 
 import logging
 import os
+import subprocess
 import sys
 import tarfile
 
 import apache_beam
 import pytest
 from apache_beam.internal import pickler
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.dataflow.internal import apiclient
-from pipeline_fixtures import REPOSITORY, copy_sources
+from pipeline_fixtures import REPOSITORY, copy_sources, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE, MODEL_FILE, read_manifest
+from models.train import SAMPLE_CORPUS
 from pipeline.errors import ExportConfigError
 from pipeline.planning.model_source import load_model_source
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.plan import ExportPlan
+from pipeline.planning.stores import check_gcs_bucket_name
 from pipeline.running.export import run_export
-from pipeline.running.runners import check_worker_paths, worker_tf_threads
+from pipeline.running.runners import check_dataflow_options, check_worker_paths, worker_tf_threads
 
 BUCKET = "gs://embexport-example"
 # docs/dataflow.md's command, with a bucket name Beam accepts and --setup_file added by the fixture.
@@ -200,3 +203,153 @@ def test_worker_finds_its_own_default_bundle():
     launcher_path = os.path.join(os.sep, "launcher", "site-packages", "models", "data", "default_bundle")
     source = load_model_source(launcher_path)
     assert source.model_sha256 == read_manifest(DEFAULT_BUNDLE)["sha256"][MODEL_FILE]
+
+
+def _without(flags, *names):
+    """`flags` with each `--name VALUE` pair of `names` left out."""
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag in names:
+            skip = True
+        else:
+            kept.append(flag)
+    return kept
+
+
+@pytest.fixture
+def no_default_bucket(monkeypatch):
+    """Fails a test at once where Beam would go to the network to create a default staging bucket."""
+
+    def refuse(self):
+        raise AssertionError("Beam tried to create a default bucket over the network")
+
+    monkeypatch.setattr(GoogleCloudOptions, "_create_default_gcs_bucket", refuse)
+
+
+@pytest.mark.parametrize(
+    "dropped, pattern",
+    [("--project", "needs --project"), ("--region", r"needs --region, .*\(e.g. --region us-central1\)")],
+    ids=["project", "region"],
+)
+def test_dataflow_without_project_or_region_is_one_error(dropped, pattern):
+    """Beam raised a bare ValueError ('Pipeline has validations errors') with a traceback, exit 1."""
+    with pytest.raises(ExportConfigError, match=pattern):
+        run_export([*_without(DATAFLOW_FLAGS, dropped), "--dry_run=True"])
+
+
+@pytest.mark.parametrize(
+    "locations, pattern",
+    [
+        ([], r"needs --temp_location gs://BUCKET/tmp"),
+        (["--temp_location", "/tmp/embexport-temp"], r"--temp_location '/tmp/embexport-temp' must be"),
+        (
+            ["--temp_location", "gs://embexport-example"],
+            r"must be a Cloud Storage directory, gs://BUCKET/PATH",
+        ),
+        # docs/dataflow.md's old placeholder: Beam only warned, then tried to create a bucket for minutes.
+        (["--temp_location", "gs://B/tmp"], r"'B' is not a valid Cloud Storage bucket name"),
+        (
+            ["--temp_location", f"{BUCKET}/tmp", "--staging_location", "gs://my_bucket!/staging"],
+            r"--staging_location .* not a valid Cloud Storage bucket name",
+        ),
+    ],
+    ids=["missing", "local", "bucket_only", "invalid_bucket", "invalid_staging"],
+)
+def test_dataflow_needs_a_cloud_storage_temp_location(no_default_bucket, locations, pattern):
+    """Without a valid gs:// temp location even a --dry_run asked Google for credentials for minutes."""
+    flags = [*_without(DATAFLOW_FLAGS, "--temp_location"), *locations, "--dry_run=True"]
+    with pytest.raises(ExportConfigError, match=pattern):
+        run_export(flags)
+
+
+def test_dataflow_takes_the_staging_location_alone(no_default_bucket):
+    """Beam uses a valid --staging_location for temporary files too: nothing to refuse."""
+    flags = _without(DATAFLOW_FLAGS, "--temp_location")
+    check_dataflow_options(PipelineOptions([*flags, "--staging_location", f"{BUCKET}/staging"]))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["my-bucket", "a1_b.c-d", "abc", "x" * 63, ".".join(["y" * 63] * 3), "embexport-example"],
+)
+def test_valid_cloud_storage_bucket_names_pass(name):
+    check_gcs_bucket_name("output", f"gs://{name}/emb")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["B", "ab", "My-Bucket", "-abc", "abc-", "a b", "x" * 64, "a..b", "192.168.5.4", "goog-x", "my-google-b"],
+)
+def test_invalid_cloud_storage_bucket_names_are_refused(name):
+    with pytest.raises(ExportConfigError, match="not a valid Cloud Storage bucket name"):
+        check_gcs_bucket_name("output", f"gs://{name}/emb")
+
+
+def test_dataflow_refuses_a_local_reuse(tmp_path):
+    """Workers read --reuse's shards; a local one passed the launch and failed on the workers."""
+    earlier = tmp_path / "earlier"
+    # A finished export this job could reuse (same model and layers), but on this machine.
+    assert run_export(["--input", SAMPLE_CORPUS, "--output", str(earlier), "--limit", "8"]).exit_code == 0
+    with pytest.raises(ExportConfigError, match=r"cannot read files on this machine.*--reuse"):
+        run_export([*DATAFLOW_FLAGS, "--reuse", str(earlier), "--dry_run=True"])
+
+
+def test_dataflow_refuses_s3_unless_the_workers_get_boto3(tmp_path):
+    """The workers install only install_requires (no boto3): every S3 access failed minutes in."""
+    s3 = ["--input", "s3://embexport-corpus/c/*.jsonl", "--output", "s3://embexport-corpus/emb"]
+    flags = [*_without(DATAFLOW_FLAGS, "--input", "--output"), *s3]
+    with pytest.raises(ExportConfigError, match=r"--input .*--output .* are on S3.*lack boto3"):
+        run_export([*flags, "--dry_run=True"])
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# the workers' extra packages\nrequests\n")
+    with pytest.raises(ExportConfigError, match="lack boto3"):
+        check_dataflow_options(PipelineOptions([*flags, "--requirements_file", str(requirements)]))
+    for line in ("boto3==1.40.0", "apache-beam[aws]==2.77.0", "Apache_Beam[gcp,aws]"):
+        requirements.write_text(f"requests\n{line}  # S3 on the workers\n")
+        check_dataflow_options(PipelineOptions([*flags, "--requirements_file", str(requirements)]))
+    check_dataflow_options(PipelineOptions([*flags, "--sdk_container_image", "r/p/embexport-aws:1"]))
+    with pytest.raises(ExportConfigError, match="--requirements_file .* cannot be read"):
+        check_dataflow_options(PipelineOptions([*flags, "--requirements_file", str(tmp_path / "absent")]))
+
+
+@pytest.mark.parametrize(
+    "output, pattern",
+    [
+        ("gs://embexport-example", "names a whole bucket"),
+        ("gs://embexport-example/a*b", "holds one of"),
+        ("gs://embexport-example/emb/_staging/x", "below a directory named _staging"),
+        ("gs://Embexport/emb", "not a valid Cloud Storage bucket name"),
+    ],
+    ids=["bucket", "glob", "staging", "bucket_name"],
+)
+def test_dry_run_checks_the_output_name(output, pattern):
+    """The real launch refuses these without a request; --dry_run said 'the job was built', exit 0."""
+    flags = [*_without(DATAFLOW_FLAGS, "--output"), "--output", output, "--dry_run=True"]
+    with pytest.raises(ExportConfigError, match=pattern):
+        run_export(flags)
+
+
+def test_cloud_storage_without_credentials_is_one_error_in_seconds(tmp_path):
+    """Beam retried the credential lookup for minutes, a traceback per retry, and never said what to do."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "CLOUDSDK_"))}
+    environment.update(
+        PYTHONPATH=REPOSITORY,
+        GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "absent-key.json"),
+        # No gcloud configuration, and no metadata server to ask.
+        CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+        GCE_METADATA_HOST="127.0.0.1:9",
+        GCE_METADATA_IP="127.0.0.1:9",
+    )
+    command = pipeline_command(f"{BUCKET}/corpus/*.jsonl", tmp_path / "out")
+    # A bounded wait: the bug was minutes of retries, the fix answers before the model is even loaded.
+    result = subprocess.run(
+        command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=90
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no Google Cloud credentials" in errors[0], result.stderr[-2000:]
+    assert "gcloud auth application-default login" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

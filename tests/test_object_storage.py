@@ -9,6 +9,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import time
 # boto3, moto[s3] and flask come with the test extra (pip install -e '.[test]'); a
 # missing one fails the run instead of skipping these tests.
 import boto3
+import forkserver
 import keras
 import moto.server as moto_server
 import numpy as np
@@ -26,10 +29,11 @@ from apache_beam.io.aws import s3io
 from apache_beam.io.aws.clients.s3 import boto3_client
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
-from pipeline_fixtures import kill_group_when, pipeline_command
+from pipeline_fixtures import REPOSITORY, kill_group_when, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle
 from models.train import SAMPLE_CORPUS
+from pipeline.errors import EXIT_TERMINATED
 from pipeline.running.export import run_export
 from pipeline.writing import lock as lock_lib
 from pipeline.writing.layout import ERRORS_DIR, MANIFEST
@@ -461,3 +465,109 @@ def test_analysis_tools_in_a_fresh_process_use_s3_through_the_aws_variables(s3_e
     inspected = tool("pipeline.inspect", f"s3://{BUCKET}/models/fresh/m.keras", "--tokenizer", "none")
     assert inspected.returncode == 0, inspected.stderr
     assert "lstm_title" in inspected.stdout
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment_without_aws(tmp_path, **extra):
+    """This process's environment with no AWS credentials anywhere: variables, files, instance metadata."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    environment.update(
+        PYTHONPATH=REPOSITORY,
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "absent-credentials"),
+        AWS_CONFIG_FILE=str(tmp_path / "absent-config"),
+        AWS_EC2_METADATA_DISABLED="true",
+        **extra,
+    )
+    return environment
+
+
+def _one_error_line(result):
+    assert "Traceback" not in result.stderr and "Retry with exponential backoff" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_an_unreachable_s3_endpoint_is_one_error_in_seconds(s3_endpoint, tmp_path):
+    """A typo in --s3_endpoint_url's port: Beam retried the listing for 467 s, a traceback per retry."""
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    flags = [f"--s3_endpoint_url={endpoint}", *s3_flags(s3_endpoint)[1:]]
+    command = pipeline_command(CORPUS, tmp_path / "out", *flags)
+    # Bounded: the bug was minutes of retries; the probe answers before the model is loaded.
+    result = forkserver.run(
+        command,
+        cwd=REPOSITORY,
+        env=_environment_without_aws(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    error = _one_error_line(result)
+    assert f"--input {CORPUS!r}: cannot reach {endpoint}" in error and "--s3_endpoint_url" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_s3_without_credentials_is_one_error_in_seconds(s3_endpoint, tmp_path):
+    """No AWS_* variables, ~/.aws or instance metadata: 'Unable to locate credentials' was retried."""
+    command = pipeline_command(CORPUS, tmp_path / "out", f"--s3_endpoint_url={s3_endpoint}")
+    result = forkserver.run(
+        command,
+        cwd=REPOSITORY,
+        env=_environment_without_aws(tmp_path, HOME=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    error = _one_error_line(result)
+    assert "no usable AWS credentials" in error and "AWS_ACCESS_KEY_ID" in error
+
+
+def test_sigterm_during_the_launch_checks_claims_no_kept_rows(s3_endpoint, tmp_path):
+    """Stopped while a store was still being asked, the run said 'it keeps the rows this run made durable'."""
+    with socket.socket() as silent:  # Takes the connection and never answers: a hung S3 endpoint.
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        flags = [f"--s3_endpoint_url=http://127.0.0.1:{silent.getsockname()[1]}", *s3_flags(s3_endpoint)[1:]]
+        process = forkserver.popen(
+            pipeline_command(CORPUS, tmp_path / "out", *flags),
+            cwd=REPOSITORY,
+            env=_environment_without_aws(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            connection, _ = silent.accept()  # The run is now waiting on the store, at launch.
+            with connection:
+                process.send_signal(signal.SIGTERM)
+                _, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == EXIT_TERMINATED, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert "launch checks" in line and "before this run wrote anything" in line, line
+    assert "made durable" not in line and "keeps the rows" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_s3_endpoint_that_never_answers_is_one_error(s3_endpoint, monkeypatch):
+    """A hung server takes the connection and says nothing: one read timeout, no retries."""
+    from pipeline.errors import ExportConfigError
+    from pipeline.planning import stores
+
+    monkeypatch.setattr(stores, "READ_TIMEOUT_SECONDS", 0.5)
+    with socket.socket() as silent:  # The kernel accepts connections for it; nothing ever answers.
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        flags = ["--input", CORPUS, "--output", f"s3://{BUCKET}/exports/hung", "--s3_endpoint_url", endpoint]
+        with pytest.raises(ExportConfigError, match=rf"--input .*: cannot reach {endpoint} \(Read timeout"):
+            run_export(flags + s3_flags(s3_endpoint)[1:])

@@ -15,8 +15,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError, OutputWriteError
 from pipeline.planning.options import ExportOptions
+from pipeline.planning.stores import check_gcs_bucket_name, check_stores_answer
 from pipeline.reading.listing import InputFile, list_input
 from pipeline.uris import absolute, absolute_pattern, glob_regex, inside, is_local
+from pipeline.writing.layout import STAGING
 
 # Characters Beam's FileSystems.match takes as a glob.
 GLOB_CHARACTERS = "*?["
@@ -89,15 +91,13 @@ def check_input_output(input_pattern: str, matched: Sequence[str], output: str) 
         )
 
 
-def check_output(output: str, overwrite: bool) -> None:
-    """Refuses an output that cannot be written, or that holds files no export wrote.
+def check_output_name(output: str) -> None:
+    """Refuses an --output by its name alone, with no request to any store (also under --dry_run).
 
     Raises:
-        ExportConfigError: saying what is wrong and what to do instead.
+        ExportConfigError: a scheme no filesystem serves, a whole bucket, a glob
+            character, a `_staging` directory, an invalid Cloud Storage bucket name.
     """
-    from pipeline.writing.files import is_regular_file
-    from pipeline.writing.state import check_not_inside_an_export, check_output_state, check_writable
-
     check_location("output", output)
     if not is_local(output) and "/" not in output.split("://", 1)[-1].strip("/"):
         raise ExportConfigError(
@@ -109,6 +109,27 @@ def check_output(output: str, overwrite: bool) -> None:
             f"--output {output!r} holds one of {GLOB_CHARACTERS!r}, which Beam's file matching "
             "takes as a pattern; choose a directory name without them."
         )
+    if not is_local(output) and STAGING in output.rstrip("/").split("://", 1)[1].split("/"):
+        # `state.check_not_inside_an_export` says the same after listing the store; this needs no request.
+        raise ExportConfigError(
+            f"--output {output!r} is below a directory named {STAGING}: exports stage their files "
+            "there, and the next export in the directory above removes it whole. Choose an --output "
+            "outside it."
+        )
+    if output.startswith("gs://"):
+        check_gcs_bucket_name("output", output)
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuses an output that cannot be written, or that holds files no export wrote.
+
+    Raises:
+        ExportConfigError: saying what is wrong and what to do instead.
+    """
+    from pipeline.writing.files import is_regular_file
+    from pipeline.writing.state import check_not_inside_an_export, check_output_state, check_writable
+
+    check_output_name(output)
     if is_regular_file(output):
         raise ExportConfigError(
             f"--output {output!r} is a file; --output names a directory for the export's files."
@@ -173,18 +194,24 @@ def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFi
     """
     matched: list[str] | None = None
     files: tuple[InputFile, ...] = ()
+    check_location("input", options.input)
+    check_output_name(options.output)
+    if check_remote:
+        # Before Beam's first request, which retries an unreachable store for minutes.
+        named = {"model": options.model, "tokenizer": options.tokenizer, "reuse": options.reuse}
+        for flag, uri in named.items():
+            if uri and not is_local(uri):
+                check_location(flag, uri)
+        check_stores_answer(options, {"input": options.input, "output": options.output, **named})
     if check_remote or is_local(options.input):
         files = tuple(check_input(options.input))
         matched = [f.path for f in files]
-    else:
-        check_location("input", options.input)
     if check_remote or is_local(options.output):
         if check_remote:
             # A commit a crash cut short is finished before the output is judged (not by --dry_run).
             from pipeline.writing.commit import finish_interrupted_commit
             from pipeline.writing.layout import JOURNAL
 
-            check_location("output", options.output)
             try:
                 finished = finish_interrupted_commit(options.output)
             except OSError as error:  # A full disk, a read-only filesystem, ...
@@ -202,6 +229,4 @@ def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFi
         check_output(options.output, options.overwrite)
         if matched is not None:
             check_input_output(options.input, matched, options.output)
-    else:
-        check_location("output", options.output)
     return files

@@ -47,6 +47,7 @@ from pipeline.running.failures import beam_errors_held, out_of_space_reported
 from pipeline.running.graph import build_pipeline
 from pipeline.running.report import ExportSummary, recorded_command_line, recorded_options
 from pipeline.running.runners import (
+    check_dataflow_options,
     check_direct_workers,
     check_runner,
     check_worker_paths,
@@ -77,6 +78,15 @@ from pipeline.writing.state import prepare, read_manifest
 from pipeline.writing.token_tables import write_token_tables
 
 _LOGGER = logging.getLogger(__name__)
+
+# Whether this process's run got past its launch checks and took its output's lock: a run
+# stopped before that wrote nothing, so a rerun has nothing of it to keep (pipeline.run says so).
+_past_launch_checks = False
+
+
+def past_launch_checks() -> bool:
+    """Whether the current run has taken its output's lock, after every launch check passed."""
+    return _past_launch_checks
 
 
 def _dry_run(pipeline: beam.Pipeline, plan: ExportPlan, options: PipelineOptions) -> ExportSummary:
@@ -200,6 +210,8 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     Raises:
         ExportConfigError: a launch-time validation failed; nothing was written.
     """
+    global _past_launch_checks
+    _past_launch_checks = False
     check_known_flags(argv)
     reset_commit_phase()
     options = PipelineOptions(argv)
@@ -217,6 +229,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     check_direct_workers(options)
     if is_dataflow(options):
         check_worker_paths(export_options)
+        check_dataflow_options(options)
     if portable.is_portable(options):
         portable.check_portable_flags(options)
         if not dry_run:
@@ -252,6 +265,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     # The lock is held from before the output is prepared until the manifest is
     # written, so a second run on this --output is refused instead of mixing files.
     with OutputLock(plan.output) as lock:
+        _past_launch_checks = True
         run_id = prepare(plan.output, export_options.overwrite, find_resumable)
         resumed = None
         # The run's first write (its _RUN.json) may be the one that finds the disk full.

@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -10,9 +11,12 @@ from apache_beam.options.pipeline_options import (
     DebugOptions,
     DirectOptions,
     FlinkRunnerOptions,
+    GoogleCloudOptions,
     PipelineOptions,
+    SetupOptions,
     StandardOptions,
     TestOptions,
+    WorkerOptions,
 )
 from apache_beam.runners.runner import PipelineRunner
 
@@ -20,6 +24,7 @@ from pipeline.errors import ExportConfigError
 from pipeline.planning.model_source import is_default_bundle
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.plan import wants_no_tokenizer
+from pipeline.planning.stores import check_gcs_bucket_name
 from pipeline.reading.ranges import DEFAULT_SPLIT_BYTES
 from pipeline.running import local_workers, portable
 from pipeline.uris import is_local
@@ -84,6 +89,8 @@ def check_worker_paths(export_options: ExportOptions) -> None:
         "tokenizer": None if wants_no_tokenizer(export_options.tokenizer) else export_options.tokenizer,
         "input": export_options.input,
         "output": export_options.output,
+        # Read by the workers too: each copies the unchanged rows of the earlier export's shards.
+        "reuse": export_options.reuse,
     }
     local = [f"--{name} {value!r}" for name, value in paths.items() if value and is_local(value)]
     if local:
@@ -92,6 +99,82 @@ def check_worker_paths(export_options: ExportOptions) -> None:
             "is local. Copy it to Cloud Storage (gcloud storage cp -r PATH gs://BUCKET/...) "
             "and pass the gs:// URI; only the bundled default --model may stay local."
         )
+
+
+def check_dataflow_options(options: PipelineOptions) -> None:
+    """Refuses a Dataflow launch that Beam would turn into a traceback, or into minutes of retries.
+
+    Beam raises a bare ValueError for a missing --project or --region; without a
+    valid gs:// --temp_location or --staging_location it tries to create a
+    default bucket over the network first (even under --dry_run); and workers,
+    which install only this package's requirements, have no boto3 for s3://.
+
+    Raises:
+        ExportConfigError: naming the flag and a value to pass.
+    """
+    cloud = options.view_as(GoogleCloudOptions)
+    if not cloud.project:
+        raise ExportConfigError(
+            "--runner DataflowRunner needs --project, the Google Cloud project that runs the job "
+            "(e.g. --project my-project)."
+        )
+    if not cloud.region:
+        raise ExportConfigError(
+            "--runner DataflowRunner needs --region, where the job's workers run (e.g. --region us-central1)."
+        )
+    locations = {"temp_location": cloud.temp_location, "staging_location": cloud.staging_location}
+    if not any(locations.values()):
+        raise ExportConfigError(
+            "--runner DataflowRunner needs --temp_location gs://BUCKET/tmp, a Cloud Storage directory "
+            "for the job's temporary and staged files (without it Beam tries to create a bucket)."
+        )
+    for flag, uri in locations.items():
+        if uri is None:
+            continue
+        if not uri.startswith("gs://") or "/" not in uri[len("gs://") :]:
+            raise ExportConfigError(
+                f"--{flag} {uri!r} must be a Cloud Storage directory, gs://BUCKET/PATH (e.g. "
+                f"gs://my-bucket/{'tmp' if flag == 'temp_location' else 'staging'}): Dataflow keeps "
+                "the job's files there."
+            )
+        check_gcs_bucket_name(flag, uri)
+    export_options = options.view_as(ExportOptions)
+    on_s3 = [
+        f"--{name} {value!r}"
+        for name, value in (
+            ("model", export_options.model),
+            ("tokenizer", export_options.tokenizer),
+            ("input", export_options.input),
+            ("output", export_options.output),
+            ("reuse", export_options.reuse),
+        )
+        if value and value.startswith("s3://")
+    ]
+    if on_s3 and not _workers_get_boto3(options):
+        raise ExportConfigError(
+            f"{', '.join(on_s3)} {'is' if len(on_s3) == 1 else 'are'} on S3, but Dataflow workers "
+            "install only this package's requirements, which lack boto3 (Beam's S3 filesystem). "
+            "Pass --requirements_file FILE whose lines include boto3 (or apache-beam[aws]), or an "
+            "--sdk_container_image built with boto3; or copy the data to Cloud Storage (docs/dataflow.md)."
+        )
+
+
+def _workers_get_boto3(options: PipelineOptions) -> bool:
+    """Whether the job installs boto3 on workers: a requirements file naming it, or the user's own image."""
+    setup = options.view_as(SetupOptions)
+    if options.view_as(WorkerOptions).sdk_container_image:
+        # The user's image: docs/dataflow.md says it must be built with the aws extra.
+        return True
+    if not setup.requirements_file:
+        return False
+    try:
+        with open(setup.requirements_file, encoding="utf-8") as requirements:
+            lines = [line.split("#", 1)[0].strip().lower() for line in requirements]
+    except OSError as error:
+        raise ExportConfigError(
+            f"--requirements_file {setup.requirements_file!r} cannot be read: {error.strerror or error}."
+        ) from None
+    return any(re.match(r"boto3\b|apache[-_]beam\[[^]]*\baws\b", line) for line in lines)
 
 
 def worker_tf_threads(options: PipelineOptions, requested: int) -> int:
