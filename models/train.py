@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from models import architectures
+from models import architectures, swap
 from models.bundle import BundleError, LabelInfo, Manifest, check_replaceable, save_bundle
 from models.paths import SAMPLE_CORPUS
 from models.tokenizer import Tokenizer
@@ -80,6 +80,8 @@ def check_output(output: str, overwrite: bool) -> None:
     Raises:
         BundleError: saying what is there and what to do.
     """
+    for done in swap.repair(output):
+        print(f"note: {done}", file=sys.stderr)
     check_replaceable(output)
     if os.path.isdir(output) and os.listdir(output) and not overwrite:
         raise BundleError(
