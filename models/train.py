@@ -12,6 +12,12 @@ output next to the majority-class baseline.
 
 from __future__ import annotations
 
+from models import stopping
+
+# Before the imports below, which take seconds (Keras): a Ctrl-C during them is one line too.
+if __name__ == "__main__":
+    stopping.stop_at_once("python -m models.train")
+
 import argparse
 import hashlib
 import json
@@ -297,4 +303,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping.run("python -m models.train", main))

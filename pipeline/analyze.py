@@ -23,6 +23,12 @@ it instead (`--exact` scans).
 
 from __future__ import annotations
 
+from models import stopping
+
+# Before the imports below, which take seconds (Beam): a Ctrl-C during them is one line too.
+if __name__ == "__main__":
+    stopping.stop_at_once("python -m pipeline.analyze")
+
 import argparse
 import logging
 import os
@@ -399,4 +405,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping.run("python -m pipeline.analyze", main))

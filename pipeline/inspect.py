@@ -10,6 +10,12 @@ for each exportable call, the forward pass an export would compute it with
 
 from __future__ import annotations
 
+from models import stopping
+
+# Before the imports below (pyarrow's alone can take a second): a Ctrl-C during them is one line too.
+if __name__ == "__main__":
+    stopping.stop_at_once("python -m pipeline.inspect")
+
 import argparse
 import os
 import sys
@@ -228,4 +234,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping.run("python -m pipeline.inspect", main))

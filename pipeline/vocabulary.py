@@ -10,6 +10,12 @@ table larger than the vocabulary get a null token.  The file is
 
 from __future__ import annotations
 
+from models import stopping
+
+# Before the imports below (pyarrow's alone can take a second): a Ctrl-C during them is one line too.
+if __name__ == "__main__":
+    stopping.stop_at_once("python -m pipeline.vocabulary")
+
 import argparse
 import logging
 import os
@@ -21,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from models import stopping
 from models.tokenizer import OOV_ID
 from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
@@ -253,4 +260,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping.run("python -m pipeline.vocabulary", main))
