@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.corpora import write_real_corpus
+from models.paths import unexpanded_home
 from pipeline.analysis.dataset import open_documents, vectors_to_numpy
 from pipeline.analysis.exact import exact_top_k, recall_at_k
 from pipeline.analysis.index_store import read_metadata
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="embexport-index-bench-")
     try:
+        unexpanded = unexpanded_home({"--workdir": args.workdir, "--json": args.json})
+        if unexpanded:
+            raise ValueError(unexpanded)
         claim_workdir(workdir)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models import stopping
+from models.paths import unexpanded_home
 from models.tokenizer import OOV_ID
 from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
@@ -238,6 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.errors import ExportConfigError
 
     model = args.model or DEFAULT_BUNDLE
+    paths = {"--model": args.model, "--tokenizer": args.tokenizer, "--output": args.output}
+    unexpanded = unexpanded_home(paths)
+    if unexpanded:
+        print(f"error: {unexpanded}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     object_storage.configure_for([model, args.tokenizer, args.output])
     try:
         path, rows = export_vocabulary(
