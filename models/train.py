@@ -56,9 +56,34 @@ DEFAULT_LAYERS = {
 
 
 def read_jsonl(path: str) -> list[Record]:
-    """Reads a JSONL file into a list of dicts."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """Reads a JSONL file into a list of dicts.
+
+    Raises:
+        ValueError: a line is not a JSON object, or the file is not UTF-8; naming the file and line.
+    """
+    documents: list[Record] = []
+    # utf-8-sig: a byte-order mark at the start is dropped, as the export's corpus reader drops it.
+    with open(path, encoding="utf-8-sig") as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    document = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"--corpus {path} line {number} is not JSON ({error}): the corpus must be JSONL, "
+                        "one JSON object a line."
+                    ) from None
+                if not isinstance(document, dict):
+                    raise ValueError(
+                        f"--corpus {path} line {number} is JSON but not an object ({line.strip()[:40]}): "
+                        "the corpus must be JSONL, one JSON object a line."
+                    )
+                documents.append(document)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"--corpus {path} is not UTF-8 text ({error}); save it as UTF-8.") from None
+    return documents
 
 
 def is_held_out(document_id: object, fraction: float) -> bool:
