@@ -1,4 +1,4 @@
-"""Where the bundled data lives; importable without loading Keras (for fast `--help`)."""
+"""Where the bundled data lives, and the check of a path the shell left a `~` in; importable without Keras."""
 
 import os
 from collections.abc import Mapping

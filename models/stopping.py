@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 # As shells report a process these signals ended (pipeline.errors.EXIT_INTERRUPTED/TERMINATED).
-STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+STOP_SIGNALS: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _tell(command: str, signum: int) -> int:

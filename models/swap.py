@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Iterator
 
 WRITING = ".writing-"
+MANIFEST_FILE = "manifest.json"  # as models.bundle names it (which imports this module)
 REPLACED = ".replaced-"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -40,8 +41,16 @@ def _siblings(directory: str, marker: str) -> list[str]:
 
 
 def leftovers(directory: str) -> list[str]:
-    """The old bundles a cut-short swap of `directory` left aside (`.B.replaced-*`)."""
-    return [path for path in _siblings(directory, REPLACED) if os.path.isdir(path)]
+    """The old bundles a cut-short swap of `directory` left aside (`.B.replaced-*`).
+
+    Only real directories holding a bundle manifest: a link, a file, or a directory of
+    someone else's that happens to bear the name is never moved or removed.
+    """
+    return [
+        path
+        for path in _siblings(directory, REPLACED)
+        if not os.path.islink(path) and os.path.isfile(os.path.join(path, MANIFEST_FILE))
+    ]
 
 
 @contextlib.contextmanager
@@ -73,6 +82,8 @@ def recover(directory: str) -> list[str]:
     """
     done: list[str] = []
     for staging in _siblings(directory, WRITING):
+        if os.path.islink(staging):
+            continue
         with contextlib.suppress(OSError), held(staging, blocking=False) as free:
             if free:
                 shutil.rmtree(staging, ignore_errors=True)

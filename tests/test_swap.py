@@ -111,3 +111,22 @@ def test_only_a_staging_directory_whose_writer_is_gone_is_removed(tmp_path):
     with swap.held(live):  # another run still writing this one
         swap.repair(target)
     assert sorted(os.listdir(tmp_path)) == [".B.writing-live"]
+
+
+def test_links_and_directories_that_are_not_bundles_are_never_moved_or_removed(tmp_path):
+    target = str(tmp_path / "B")
+    elsewhere = tmp_path / "elsewhere"
+    _bundle_like(str(elsewhere), "someone else's")
+    os.symlink(elsewhere, tmp_path / ".B.replaced-link")
+    os.symlink(elsewhere, tmp_path / ".B.writing-link")
+    os.makedirs(tmp_path / ".B.replaced-notes")
+    (tmp_path / ".B.replaced-notes" / "notes.txt").write_text("mine")
+    assert swap.repair(target) == []
+    assert not os.path.lexists(target)
+    assert _tag(str(elsewhere)) == "someone else's"
+    assert sorted(os.listdir(tmp_path)) == [
+        ".B.replaced-link",
+        ".B.replaced-notes",
+        ".B.writing-link",
+        "elsewhere",
+    ]
