@@ -15,6 +15,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import shutil
 from collections.abc import Iterator
 
@@ -31,13 +32,16 @@ def staging_prefix(directory: str) -> str:
 
 
 def _siblings(directory: str, marker: str) -> list[str]:
+    """`directory`'s siblings named `.NAME{marker}XXXX` (mkdtemp's suffix: no dot, so not those of
+    a bundle whose own name merely starts with NAME.replaced-)."""
     absolute = os.path.abspath(directory)
-    parent, prefix = os.path.dirname(absolute), f".{os.path.basename(absolute)}{marker}"
+    parent = os.path.dirname(absolute)
+    pattern = re.compile(re.escape(f".{os.path.basename(absolute)}{marker}") + r"\w+")
     try:
         names = os.listdir(parent)
     except OSError:
         return []
-    return sorted(os.path.join(parent, name) for name in names if name.startswith(prefix))
+    return sorted(os.path.join(parent, name) for name in names if pattern.fullmatch(name))
 
 
 def leftovers(directory: str) -> list[str]:

@@ -130,3 +130,11 @@ def test_links_and_directories_that_are_not_bundles_are_never_moved_or_removed(t
         ".B.writing-link",
         "elsewhere",
     ]
+
+
+def test_the_staging_of_a_bundle_named_like_a_leftover_is_not_taken_for_one(tmp_path):
+    # Bundle "B.replaced-x" being written: its staging starts with ".B.replaced-" too.
+    other = tmp_path / ".B.replaced-x.writing-abc"
+    _bundle_like(str(other), "other bundle")
+    assert swap.repair(str(tmp_path / "B")) == []
+    assert sorted(os.listdir(tmp_path)) == [".B.replaced-x.writing-abc"]
