@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import platform
-import shlex
 import shutil
 import tempfile
 import typing
@@ -219,14 +218,9 @@ def read_manifest(directory: str) -> Manifest:
     """Reads and validates `manifest.json`; returns it as a dict."""
     path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.isdir(directory):
-        aside = swap.leftovers(directory)
-        if aside and not os.path.lexists(directory):
-            raise BundleError(
-                f"Bundle directory {directory!r} does not exist: a `models.train --overwrite` was stopped "
-                f"while it swapped bundles, and the old one is in {aside[-1]!r}. Put it back with "
-                f"`mv {shlex.quote(aside[-1])} {shlex.quote(directory)}`, or rerun that models.train "
-                "(it puts it back first)."
-            )
+        stopped = swap.stopped_swap_note(directory)
+        if stopped:
+            raise BundleError(f"Bundle directory {directory!r} does not exist: {stopped}")
         raise BundleError(
             f"Bundle directory {directory!r} does not exist; pass --model with a bundle directory "
             "or a .keras/.h5 file."

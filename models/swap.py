@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Iterator
 
@@ -113,6 +114,18 @@ def repair(directory: str) -> list[str]:
         return []
     with held(parent):
         return recover(directory)
+
+
+def stopped_swap_note(directory: str) -> str | None:
+    """What to tell a user whose bundle `directory` is missing because a swap was stopped, else None."""
+    aside = leftovers(directory)
+    if not aside or os.path.lexists(directory):
+        return None
+    return (
+        f"a `models.train --overwrite` was stopped while it swapped bundles, and the old one is in "
+        f"{aside[-1]!r}. Put it back with `mv {shlex.quote(aside[-1])} {shlex.quote(directory)}`, or rerun "
+        "that models.train (it puts it back first)."
+    )
 
 
 def _exchange(first: str, second: str) -> bool:

@@ -11,6 +11,7 @@ import pytest
 from models import swap
 from models.bundle import BundleError, read_manifest
 from models.train import check_output
+from pipeline import inspect
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def test_the_swap_is_one_exchange_with_no_moment_without_the_bundle(tmp_path, mo
     assert os.listdir(tmp_path) == ["B"]
 
 
-def test_a_kill_between_the_two_renames_is_repaired_by_the_next_run(tmp_path):
+def test_a_kill_between_the_two_renames_is_repaired_by_the_next_run(tmp_path, capsys):
     # Where the exchange is not offered, the swap is two renames; the child is killed between them.
     target = str(tmp_path / "B")
     _bundle_like(target, "old")
@@ -77,6 +78,14 @@ def test_a_kill_between_the_two_renames_is_repaired_by_the_next_run(tmp_path):
     message = str(raised.value)
     assert "\n" not in message
     assert f"mv {tmp_path / '.B.replaced-k'} {target}" in message
+
+    # So does the export's (and inspect's) --model.
+    assert inspect.main([target]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        f"error: --model {target!r} does not exist: a `models.train --overwrite` was stopped"
+    )
+    assert f"mv {tmp_path / '.B.replaced-k'} {target}" in line
 
     # The next models.train puts the old bundle back and removes the stale staging directory.
     with pytest.raises(BundleError, match="already holds a bundle; pass --overwrite"):
