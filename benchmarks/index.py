@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.corpora import write_real_corpus
+from models.paths import unexpanded_home
 from pipeline.analysis.dataset import open_documents, vectors_to_numpy
 from pipeline.analysis.exact import exact_top_k, recall_at_k
 from pipeline.analysis.index_store import read_metadata
@@ -52,6 +54,29 @@ SHARD_ROWS = 125_000
 NEIGHBOR_SAMPLE = 2000
 SWEEP = (128, 256, 512, 1024, 2048)
 SWEEP_QUERIES = 200
+# Written into --workdir when the benchmark takes it: a directory holding anything else is the user's.
+WORKDIR_MARKER = ".benchmarks-index-workdir"
+EXIT_CONFIG_ERROR = 2
+
+
+def claim_workdir(workdir: str) -> None:
+    """Takes `workdir` for the benchmark's files: a new or empty directory, or one it took before.
+
+    Raises:
+        ValueError: `workdir` is a file, or holds files this benchmark did not write (it would
+            overwrite a `corpus.jsonl` or an `export_N` of the user's).
+    """
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir!r} is not a directory; choose a new or empty directory.")
+    os.makedirs(workdir, exist_ok=True)
+    names = sorted(os.listdir(workdir))
+    if names and WORKDIR_MARKER not in names:
+        raise ValueError(
+            f"--workdir {workdir!r} holds files that benchmarks.index did not write (e.g. {names[0]!r}), "
+            "which it would overwrite; choose a new or empty directory."
+        )
+    with open(os.path.join(workdir, WORKDIR_MARKER), "a", encoding="utf-8"):
+        pass
 
 
 def export_real(workdir: str, documents: int) -> str:
@@ -108,7 +133,9 @@ def replicate(real: str, target: str, rows: int, seed: int = 0) -> dict:
     scale = noise_scale(vectors, rng)
     sigma = scale / np.sqrt(vectors.shape[1])
     replicas = -(-rows // len(vectors))
-    os.makedirs(target, exist_ok=True)
+    # An earlier run's (the workdir is the benchmark's): its shards must not mix with these.
+    shutil.rmtree(target, ignore_errors=True)
+    os.makedirs(target)
     shards = -(-rows // SHARD_ROWS)
     written = 0
     listed: list[dict] = []
@@ -281,7 +308,10 @@ def main(argv: list[str] | None = None) -> None:
         "--rows", type=int, default=1_000_000, help="rows of the indexed export (default 1,000,000)"
     )
     parser.add_argument(
-        "--workdir", default=None, help="where the corpus and exports go (default: a temp dir)"
+        "--workdir",
+        default=None,
+        help="where the corpus and exports go: a new or empty directory, or one an earlier run of this "
+        "benchmark used (default: a temp dir)",
     )
     parser.add_argument("--threads", type=int, default=0, help="index build threads (default: all cores)")
     parser.add_argument(
@@ -294,7 +324,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="embexport-index-bench-")
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        unexpanded = unexpanded_home({"--workdir": args.workdir, "--json": args.json})
+        if unexpanded:
+            raise ValueError(unexpanded)
+        claim_workdir(workdir)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
     real = export_real(workdir, args.documents)
     replicated = os.path.join(workdir, f"export_{args.rows}")
     how = replicate(real, replicated, args.rows)

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import keras
 
-from models import __version__
+from models import __version__, swap
 from models.digest import sha256_file
 from models.legacy import custom_class_error, read_model_config
 from models.paths import DEFAULT_BUNDLE  # noqa: F401  (re-exported)
@@ -130,14 +130,16 @@ def save_bundle(
     os.makedirs(parent, exist_ok=True)
     # Written whole in a sibling directory (same filesystem, so renames are atomic), then
     # swapped in: a failure part-way leaves the earlier bundle as it was, still loadable.
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(absolute)}.writing-")
+    staging = tempfile.mkdtemp(dir=parent, prefix=swap.staging_prefix(absolute))
     try:
-        # mkdtemp makes it private (0700); a bundle directory gets the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
-        manifest = _write_bundle_files(staging, model, tokenizer, input_fields, labels, metrics, extra)
-        _swap_in(staging, absolute)
+        # Locked while written, so that another run's `swap.recover` sees it is not stale.
+        with swap.held(staging):
+            # mkdtemp makes it private (0700); a bundle directory gets the usual permissions.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)
+            manifest = _write_bundle_files(staging, model, tokenizer, input_fields, labels, metrics, extra)
+            swap.swap_in(staging, absolute)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -208,25 +210,6 @@ def check_replaceable(directory: str) -> None:
         )
 
 
-def _swap_in(staging: str, directory: str) -> None:
-    """Puts the finished bundle `staging` at `directory`, in place of an empty one or an earlier bundle."""
-    if not os.path.lexists(directory):
-        os.rename(staging, directory)
-        return
-    if not os.listdir(directory):
-        # rename() replaces an empty directory atomically.
-        os.rename(staging, directory)
-        return
-    aside = staging.replace(".writing-", ".replaced-", 1)
-    os.rename(directory, aside)
-    try:
-        os.rename(staging, directory)
-    except BaseException:
-        os.rename(aside, directory)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def is_bundle(path: str) -> bool:
     """Whether `path` is a directory holding a bundle manifest."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST_FILE))
@@ -236,6 +219,9 @@ def read_manifest(directory: str) -> Manifest:
     """Reads and validates `manifest.json`; returns it as a dict."""
     path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.isdir(directory):
+        stopped = swap.stopped_swap_note(directory)
+        if stopped:
+            raise BundleError(f"Bundle directory {directory!r} does not exist: {stopped}")
         raise BundleError(
             f"Bundle directory {directory!r} does not exist; pass --model with a bundle directory "
             "or a .keras/.h5 file."

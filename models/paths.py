@@ -1,7 +1,25 @@
-"""Where the bundled data lives; importable without loading Keras (for fast `--help`)."""
+"""Where the bundled data lives, and the check of a path the shell left a `~` in; importable without Keras."""
 
 import os
+from collections.abc import Mapping
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_BUNDLE = os.path.join(DATA_DIR, "default_bundle")
 SAMPLE_CORPUS = os.path.join(DATA_DIR, "sample_corpus.jsonl")
+
+
+def unexpanded_home(paths: Mapping[str, str | None]) -> str | None:
+    """Why the first of `paths` (flag or argument -> path) that starts with '~' cannot be used, else None.
+
+    The shell expands `~` only at the start of a word: after `--output=`, or inside
+    quotes, it reaches a command as it is, which would then make a directory named
+    `~` in the working directory (one `rm -rf ~` away from deleting the home directory).
+    """
+    for name, path in paths.items():
+        if path and path.startswith("~"):
+            how = f"write {name} {path} with a space" if name.startswith("--") else "leave the ~ unquoted"
+            return (
+                f"{name} {path!r} starts with '~', which the shell did not expand (it does not after '=' "
+                f"or inside quotes): {how}, or give the full path, {os.path.expanduser(path)!r}."
+            )
+    return None

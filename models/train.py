@@ -12,6 +12,12 @@ output next to the majority-class baseline.
 
 from __future__ import annotations
 
+from models import stopping
+
+# Before the imports below, which take seconds (Keras): a Ctrl-C during them is one line too.
+if __name__ == "__main__":
+    stopping.stop_at_once("python -m models.train")
+
 import argparse
 import hashlib
 import json
@@ -23,9 +29,9 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from models import architectures
+from models import architectures, swap
 from models.bundle import BundleError, LabelInfo, Manifest, check_replaceable, save_bundle
-from models.paths import SAMPLE_CORPUS
+from models.paths import SAMPLE_CORPUS, unexpanded_home
 from models.tokenizer import Tokenizer
 
 # A flag, the corpus or the output cannot work (as pipeline.errors.EXIT_CONFIG_ERROR; models/ knows no Beam).
@@ -50,9 +56,34 @@ DEFAULT_LAYERS = {
 
 
 def read_jsonl(path: str) -> list[Record]:
-    """Reads a JSONL file into a list of dicts."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """Reads a JSONL file into a list of dicts.
+
+    Raises:
+        ValueError: a line is not a JSON object, or the file is not UTF-8; naming the file and line.
+    """
+    documents: list[Record] = []
+    # utf-8-sig: a byte-order mark at the start is dropped, as the export's corpus reader drops it.
+    with open(path, encoding="utf-8-sig") as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    document = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"--corpus {path} line {number} is not JSON ({error}): the corpus must be JSONL, "
+                        "one JSON object a line."
+                    ) from None
+                if not isinstance(document, dict):
+                    raise ValueError(
+                        f"--corpus {path} line {number} is JSON but not an object ({line.strip()[:40]}): "
+                        "the corpus must be JSONL, one JSON object a line."
+                    )
+                documents.append(document)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"--corpus {path} is not UTF-8 text ({error}); save it as UTF-8.") from None
+    return documents
 
 
 def is_held_out(document_id: object, fraction: float) -> bool:
@@ -80,6 +111,8 @@ def check_output(output: str, overwrite: bool) -> None:
     Raises:
         BundleError: saying what is there and what to do.
     """
+    for done in swap.repair(output):
+        print(f"note: {done}", file=sys.stderr)
     check_replaceable(output)
     if os.path.isdir(output) and os.listdir(output) and not overwrite:
         raise BundleError(
@@ -286,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     A flag, corpus or output that cannot work is one `error:` line and status 2.
     """
     args = parse_args(argv)
+    unexpanded = unexpanded_home({"--corpus": args.corpus, "--output": args.output})
+    if unexpanded:
+        print(f"error: {unexpanded}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
         train(args)
     except (ValueError, OSError) as error:
@@ -295,4 +332,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping.run("python -m models.train", main))

@@ -23,6 +23,12 @@ it instead (`--exact` scans).
 
 from __future__ import annotations
 
+from models import stopping
+
+# Before the imports below, which take seconds (Beam): a Ctrl-C during them is one line too.
+if __name__ == "__main__":
+    stopping.stop_at_once("python -m pipeline.analyze")
+
 import argparse
 import logging
 import os
@@ -32,6 +38,7 @@ from collections.abc import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
+from models.paths import unexpanded_home
 from pipeline import object_storage
 from pipeline.analysis import index_build
 from pipeline.analysis.batch_queries import batch_neighbors
@@ -388,6 +395,11 @@ def run_command(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (EXIT_CONFIG_ERROR for an AnalysisError)."""
     args = build_parser().parse_args(argv)
+    paths = {"OUTPUT_DIR": args.directory, "--out": getattr(args, "out", None)}
+    unexpanded = unexpanded_home({**paths, "--queries": getattr(args, "queries", None)})
+    if unexpanded:
+        print(f"error: {unexpanded}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     object_storage.configure_for([args.directory, getattr(args, "out", None), getattr(args, "queries", None)])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
@@ -399,4 +411,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping.run("python -m pipeline.analyze", main))

@@ -10,6 +10,12 @@ for each exportable call, the forward pass an export would compute it with
 
 from __future__ import annotations
 
+from models import stopping
+
+# Before the imports below (pyarrow's alone can take a second): a Ctrl-C during them is one line too.
+if __name__ == "__main__":
+    stopping.stop_at_once("python -m pipeline.inspect")
+
 import argparse
 import os
 import sys
@@ -19,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from models.paths import unexpanded_home
 from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.planning.cli import add_model_flags
@@ -213,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Show only these layers; an unknown name is reported with the closest existing names.",
     )
     args = parser.parse_args(argv)
+    unexpanded = unexpanded_home({"MODEL": args.model, "--tokenizer": args.tokenizer})
+    if unexpanded:
+        print(f"error: {unexpanded}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     object_storage.configure_for([args.model, args.tokenizer])
 
     from pipeline.errors import ExportConfigError
@@ -233,4 +244,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping.run("python -m pipeline.inspect", main))

@@ -33,6 +33,7 @@ from pipeline.errors import (
     OutputWriteError,
     WorkerDiedError,
 )
+from pipeline.running.advice import rerun_to_finish, resume_in
 
 if typing.TYPE_CHECKING:
     from pipeline.running.report import ExportSummary
@@ -109,7 +110,10 @@ def _tell(line: str, stream: TextIO | None = None) -> None:
 
 
 def _interrupted(
-    signum: int, committed: ExportSummary | None = None, defaulted_output: str | None = None
+    signum: int,
+    committed: ExportSummary | None = None,
+    defaulted_output: str | None = None,
+    resume: str = "auto",
 ) -> int:
     """Says how the run stopped: committed before the signal (and how it ended), or what to rerun."""
     if committed is not None and not committed.exit_code:
@@ -125,11 +129,6 @@ def _interrupted(
         _tell(f"error: {committed.message}")
     else:
         # The staged files stay invisible to readers; the rerun resumes from them (pipeline.writing.resume).
-        rerun = (
-            f"rerun the same command with --output {defaulted_output}"
-            if defaulted_output
-            else "rerun the same command"
-        )
         recovered = _recovered_commits()
         nothing = "nothing of this run was committed" if recovered else "nothing was committed"
         earlier = (
@@ -146,10 +145,8 @@ def _interrupted(
                 f"{earlier}"
             )
         else:
-            _tell(
-                f"interrupted: {nothing}; {rerun} to finish the export "
-                f"(it keeps the rows this run made durable).{earlier}"
-            )
+            rerun = rerun_to_finish(resume, defaulted_output, "the rows this run made durable")
+            _tell(f"interrupted: {nothing}; {rerun}.{earlier}")
     return STOP_SIGNALS.get(signum, EXIT_INTERRUPTED)
 
 
@@ -244,11 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not interrupted:
             raise
         silencer.restore()
-        return _interrupted(interrupted[0], defaulted_output=defaulted_output)
+        return _interrupted(interrupted[0], defaulted_output=defaulted_output, resume=resume_in(argv))
     except KeyboardInterrupt:
         silencer.restore()
         return _interrupted(
-            interrupted[0] if interrupted else signal.SIGINT, defaulted_output=defaulted_output
+            interrupted[0] if interrupted else signal.SIGINT,
+            defaulted_output=defaulted_output,
+            resume=resume_in(argv),
         )
     finally:
         for signum, previous_handler in previous.items():

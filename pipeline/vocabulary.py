@@ -10,6 +10,12 @@ table larger than the vocabulary get a null token.  The file is
 
 from __future__ import annotations
 
+from models import stopping
+
+# Before the imports below (pyarrow's alone can take a second): a Ctrl-C during them is one line too.
+if __name__ == "__main__":
+    stopping.stop_at_once("python -m pipeline.vocabulary")
+
 import argparse
 import dataclasses
 import logging
@@ -22,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from models import stopping
+from models.paths import unexpanded_home
 from models.tokenizer import OOV_ID
 from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
@@ -266,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.errors import ExportConfigError
 
     model = args.model or DEFAULT_BUNDLE
+    paths = {"--model": args.model, "--tokenizer": args.tokenizer, "--output": args.output}
+    unexpanded = unexpanded_home(paths)
+    if unexpanded:
+        print(f"error: {unexpanded}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     object_storage.configure_for([model, args.tokenizer, args.output])
     try:
         path, rows = export_vocabulary(
@@ -288,4 +301,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping.run("python -m pipeline.vocabulary", main))

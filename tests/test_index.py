@@ -351,6 +351,20 @@ def test_null_and_non_finite_vectors_are_skipped_and_counted(tmp_path):
 # --- batch mode ---------------------------------------------------------------------------------
 
 
+def test_batch_ids_saved_as_utf8_with_bom_and_crlf_are_all_answered(export_copy, rows, tmp_path, capsys):
+    """Notepad's "UTF-8 with BOM": the BOM stayed in the first id, which then matched no row."""
+    keys = list(rows["id"][:3])
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(keys).encode("utf-8") + b"\r\n")
+    out = str(tmp_path / "answers.parquet")
+    argv = [export_copy, "neighbors", "--queries", str(ids_file), "--column", COLUMN, "-k", "2"]
+    assert analyze.main([*argv, "--out", out, "--exact"]) == 0
+    assert "3 queries, 0 of them unanswered" in capsys.readouterr().out
+    answers = pq.read_table(out).to_pylist()
+    assert sorted({a["query"] for a in answers}) == sorted(keys)
+    assert all(a["problem"] is None for a in answers)
+
+
 def test_batch_neighbors_from_ids_and_vectors_write_parquet(export_copy, rows, tmp_path, capsys):
     build(export_copy, **EXACT_SETTINGS)
     data = open_documents(export_copy)

@@ -204,3 +204,29 @@ def test_held_out_split_follows_the_fraction_and_nests():
     assert 0.05 < len(small) / len(ids) < 0.15
     assert 0.2 < len(large) / len(ids) < 0.3
     assert not any(is_held_out(document_id, 0.0) for document_id in ids)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"id": "1"}\n\nnot json here\n', "line 3 is not JSON (Expecting value: line 1 column 1 (char 0))"),
+        ("id,content,title\n1,hello,hi\n", "line 1 is not JSON"),
+        ('{"id": "1"}\n[1, 2]\n', "line 2 is JSON but not an object ([1, 2])"),
+        ('{"id": "1"}\n7\n', "line 2 is JSON but not an object (7)"),
+    ],
+    ids=["bad-line", "csv", "array", "number"],
+)
+def test_a_corpus_line_that_is_not_a_json_object_is_named_in_one_line(tmp_path, capsys, content, expected):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(content, encoding="utf-8")
+    assert main(["--corpus", str(corpus), "--output", str(tmp_path / "bundle"), *TINY_ARGS]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: --corpus {corpus} {expected}")
+    assert line.endswith("the corpus must be JSONL, one JSON object a line.")
+    assert sorted(os.listdir(tmp_path)) == ["corpus.jsonl"]
+
+
+def test_a_corpus_saved_with_a_byte_order_mark_is_read(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'\xef\xbb\xbf{"id": "1", "content": "x"}\r\n{"id": "2", "content": "y"}\n')
+    assert read_jsonl(str(corpus)) == [{"id": "1", "content": "x"}, {"id": "2", "content": "y"}]

@@ -51,7 +51,9 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
         raise AnalysisError(f"--queries {path!r} is not a file.")
     if path.endswith(".txt"):
         try:
-            with open(path, encoding="utf-8") as handle:
+            # utf-8-sig: a file saved as "UTF-8 with BOM" (Notepad, Excel) starts with one, which
+            # would stay in the first id (as corpus files drop it).
+            with open(path, encoding="utf-8-sig") as handle:
                 ids = [line.rstrip("\r\n") for line in handle if line.strip()]
         except UnicodeDecodeError as error:
             raise AnalysisError(

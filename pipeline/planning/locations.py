@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
+from models.paths import unexpanded_home
 from pipeline.errors import ExportConfigError, OutputWriteError
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.stores import check_gcs_bucket_name, check_stores_answer
@@ -38,12 +39,9 @@ def check_location(flag: str, uri: str) -> None:
         ExportConfigError: naming the scheme and the package that serves it, or a
             leading '~' the shell left as it is.
     """
-    if uri.startswith("~"):
-        # `--output=~/x` reaches us as it is: the shell expands ~ only at the start of a word.
-        raise ExportConfigError(
-            f"--{flag} {uri!r} starts with '~', which the shell did not expand (it does not after "
-            f"'='): write --{flag} {uri} with a space, or the full path, {os.path.expanduser(uri)!r}."
-        )
+    unexpanded = unexpanded_home({f"--{flag}": uri})
+    if unexpanded:
+        raise ExportConfigError(unexpanded)
     scheme = FileSystems.get_scheme(uri)
     try:
         FileSystems.get_filesystem(uri)

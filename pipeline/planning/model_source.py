@@ -10,6 +10,7 @@ import tempfile
 import keras
 from apache_beam.io.filesystems import FileSystems
 
+from models import swap
 from models.bundle import (
     DEFAULT_BUNDLE,
     MANIFEST_FILE,
@@ -193,6 +194,9 @@ def _load_staged(
 ) -> ModelSource:
     """`load_model_source` once the model is a local file or directory (`local`; None: it does not exist)."""
     if local is None:
+        stopped = swap.stopped_swap_note(model_uri) if is_local(model_uri) else None
+        if stopped:
+            raise ExportConfigError(f"--model {model_uri!r} does not exist: {stopped}")
         raise ExportConfigError(
             f"--model {model_uri!r} does not exist. Pass a bundle directory written by "
             "`python -m models.train`, or a .keras/.h5 file."

@@ -3,6 +3,7 @@
 import argparse
 import datetime
 import os
+import secrets
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -42,9 +43,11 @@ def default_output() -> str:
 
     Absolute: the advice to rerun with it holds from any directory, and a portable
     runner's workers, which do not share this working directory, write where it says.
+    The random suffix keeps runs started in the same second (a script launching one
+    export per --layer) apart, even from other machines writing the same directory.
     """
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.abspath(os.path.join("output", f"embeddings-{stamp}"))
+    return os.path.abspath(os.path.join("output", f"embeddings-{stamp}-{secrets.token_hex(3)}"))
 
 
 class ExportOptions(PipelineOptions):
@@ -136,7 +139,7 @@ class ExportOptions(PipelineOptions):
         parser.add_argument(
             "--output",
             default=None,
-            help="Output directory (local or gs://, s3://). Default: output/embeddings-<timestamp>.",
+            help="Output directory (local or gs://, s3://). Default: output/embeddings-<timestamp>-<random>.",
         )
         parser.add_argument(
             "--reuse",

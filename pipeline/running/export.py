@@ -342,7 +342,7 @@ def _run_pipeline(
         monitor = progress_lib.ProgressMonitor(
             progress_dir, total_bytes, export_options.limit, export_options.progress_seconds
         )
-        with beam_errors_held(), monitor, worker_package_path(options):
+        with beam_errors_held(export_options.resume), monitor, worker_package_path(options):
             result = pipeline.run()
             result.wait_until_finish()
         return result

@@ -12,6 +12,7 @@ from pipeline.errors import ExportConfigError, OutputWriteError, WorkerDiedError
 from pipeline.held_logs import HeldErrorLogs
 from pipeline.running import local_workers
 from pipeline.running import progress as progress_lib
+from pipeline.running.advice import rerun_to_finish
 from pipeline.uris import is_local
 from pipeline.writing.files import join
 from pipeline.writing.layout import STAGING
@@ -19,7 +20,7 @@ from pipeline.writing.staging import staged_bytes
 
 
 @contextlib.contextmanager
-def beam_errors_held() -> Iterator[None]:
+def beam_errors_held(resume: str = "auto") -> Iterator[None]:
     """Lets Beam's error logs of a failed local run through only if the failure is not one we explain.
 
     A full disk is reported as one `error:` line (see `out_of_space`); Beam would
@@ -36,7 +37,7 @@ def beam_errors_held() -> Iterator[None]:
                 yield
             except BaseException as error:
                 explained = is_disk_full(error) or isinstance(error, KeyboardInterrupt)
-                told = None if explained else _told_in_one_line(error)
+                told = None if explained else _told_in_one_line(error, resume)
                 if explained or told is not None:
                     held.drop()
                     thread_errors.clear()
@@ -51,7 +52,7 @@ def beam_errors_held() -> Iterator[None]:
         local_workers.let_held_tracebacks_through()
 
 
-def _told_in_one_line(error: BaseException) -> Exception | None:
+def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception | None:
     """The one-line error a failed local run becomes: a worker's refusal, or a worker killed; else None."""
     refusal = worker_refusal(error)
     if refusal is not None:  # A worker's ExportConfigError: its one line says it all.
@@ -65,9 +66,8 @@ def _told_in_one_line(error: BaseException) -> Exception | None:
         name = f"signal {signals[0]}"
     why = ", perhaps for want of memory" if name == "SIGKILL" else ""
     return WorkerDiedError(
-        f"a worker process was killed ({name}{why}); "
-        "nothing was committed: rerun the same command to finish the export (it keeps the rows "
-        "made durable), with --direct_num_workers 1 if memory is short."
+        f"a worker process was killed ({name}{why}); nothing was committed: "
+        f"{rerun_to_finish(resume)}, with --direct_num_workers 1 if memory is short."
     )
 
 

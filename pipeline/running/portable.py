@@ -24,6 +24,7 @@ from apache_beam.transforms.environments import Environment
 from pipeline.errors import ExportConfigError, WorkerDiedError
 from pipeline.held_logs import HeldErrorLogs
 from pipeline.planning.options import ExportOptions
+from pipeline.running.advice import rerun_to_finish
 from pipeline.running.failures import worker_refusal
 from pipeline.running.progress import duration_text
 from pipeline.uris import is_local
@@ -271,9 +272,13 @@ def explain_failure(error: BaseException, options: PipelineOptions) -> Exception
         return WorkerDiedError(
             f"the job's workers went away while it ran ({gone}: killed, out of memory, or their machine "
             "lost); nothing was committed. Check the worker pool's or the TaskManager's log and memory, "
-            "then rerun the same command to finish the export (it keeps the rows made durable)."
+            f"then {rerun_to_finish(_resume(options))}."
         )
     return None
+
+
+def _resume(options: PipelineOptions) -> str:
+    return str(options.view_as(ExportOptions).resume)
 
 
 def _job_service_lost(options: PipelineOptions, why: str) -> JobServiceLostError:
@@ -281,7 +286,7 @@ def _job_service_lost(options: PipelineOptions, why: str) -> JobServiceLostError
     return JobServiceLostError(
         f"the job service at --job_endpoint {endpoint} {why} while the job ran; nothing was committed. "
         "The job may still run there (cancel it with the cluster's own tools). Check the job server, "
-        "then rerun the same command to finish the export (it keeps the rows made durable)."
+        f"then {rerun_to_finish(_resume(options))}."
     )
 
 

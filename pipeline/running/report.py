@@ -3,7 +3,9 @@
 import argparse
 import dataclasses
 import functools
+import json
 import logging
+import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -105,18 +107,24 @@ def format_counters(counters: Mapping[str, int]) -> str:
     )
 
 
+def _python_string(text: str) -> str:
+    """`text` as a double-quoted Python literal (JSON's escapes are Python's too)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def format_summary(summary: ExportSummary) -> str:
     """The one-screen summary printed at the end of a run."""
     if summary.dry_run:
         return f"\nNothing exported (--dry_run): {summary.message}\n  output           {summary.output}"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
     read = summary.records_read if summary.records_read is not None else "unknown (no committed counters)"
-    # Quoted for SQL (a ' doubled) and for Python (escaped) inside the shell's "...".
-    pattern = join(summary.output, "part-*.parquet").replace("'", "''")
-    python_output = summary.output.replace("\\", "\\\\").replace("'", "\\'")
     # DuckDB reads a NAME=value directory as a hive partition, whose value would replace the column NAME.
-    source = (
-        f"read_parquet('{pattern}', hive_partitioning=false)" if "=" in summary.output else f"'{pattern}'"
+    hive = ", hive_partitioning=False" if "=" in summary.output else ""
+    pattern = _python_string(join(summary.output, "part-*.parquet"))
+    duckdb_code = f"import duckdb; print(duckdb.read_parquet({pattern}{hive}).limit(5))"
+    pandas_code = (
+        f"import pandas as pd; print(pd.read_parquet({_python_string(summary.output)}, "
+        'ignore_prefixes=["_", ".", "errors"]).head())'
     )
     lines = [
         "",
@@ -150,10 +158,9 @@ def format_summary(summary: ExportSummary) -> str:
         ),
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
         f"  output           {summary.output}",
-        "  read it with     "
-        f'python -c "import duckdb; print(duckdb.sql(\\"SELECT * FROM {source} LIMIT 5\\"))"',
-        f"               or python -c \"import pandas as pd; print(pd.read_parquet('{python_output}', "
-        f"ignore_prefixes=['_', '.', 'errors']).head())\"",
+        # Single-quoted for the shell: a $, ` or \\ in the path reaches Python as it is.
+        f"  read it with     python -c {shlex.quote(duckdb_code)}",
+        f"               or python -c {shlex.quote(pandas_code)}",
     ]
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         lines.append(f"  oov tokens       {summary.oov_tokens}")

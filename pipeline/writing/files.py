@@ -260,18 +260,33 @@ def exists(directory: str, relative: str) -> bool:
     return FileSystems.exists(join(directory, relative))
 
 
+def _replaced_mode(path: str) -> int:
+    """The permission bits for a new `path`: those of the regular file there, else 0666 less the umask."""
+    with contextlib.suppress(OSError):
+        there = os.lstat(path)
+        if stat.S_ISREG(there.st_mode):
+            return stat.S_IMODE(there.st_mode)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_whole_local(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Writes the local file `path` by `write(handle)`: a reader sees the old file or the whole new one.
 
     Through a new temporary file beside `path`, created exclusively (never a file
     or link already there, so nothing of the user's is overwritten or written
     through), flushed to disk, then renamed over `path`; removed if anything fails.
+    It gets the mode of the file it replaces, else the one a plain `open` gives (0666
+    less the umask), not mkstemp's private 0600.
     """
     directory, name = os.path.split(path)
+    mode = _replaced_mode(path)
     descriptor, temporary = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
+            os.fchmod(handle.fileno(), mode)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)

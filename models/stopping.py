@@ -1,0 +1,66 @@
+"""A command stopped by Ctrl-C or SIGTERM says so in one `interrupted:` line, exits 130/143, no traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+# As shells report a process these signals ended (pipeline.errors.EXIT_INTERRUPTED/TERMINATED).
+STOP_SIGNALS: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _tell(command: str, signum: int) -> int:
+    """Prints the one line; returns the exit status for `signum`."""
+    try:
+        print(
+            f"interrupted: {command} stopped ({signal.Signals(signum).name}) before it finished; what it "
+            "writes appears whole or not at all, so rerun it to finish.",
+            file=sys.stderr,
+            flush=True,
+        )
+    except (OSError, ValueError):  # a closed terminal or pipe: the status still says it
+        pass
+    return STOP_SIGNALS[signum]
+
+
+def stop_at_once(command: str) -> None:
+    """Until `run` starts: a stop signal prints the line and ends the process at once.
+
+    For the seconds a command spends importing (Keras, Beam) before its `main`:
+    nothing is written yet, and a KeyboardInterrupt there would end in a traceback.
+    """
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        os._exit(_tell(command, signum))
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+def run(command: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """`main(argv)`, with a stop signal unwinding it (its `finally`s remove what it half wrote).
+
+    Returns:
+        `main`'s status, or 130 (SIGINT) / 143 (SIGTERM) after the `interrupted:` line.
+    """
+    stopped: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        status = main(argv)
+    except KeyboardInterrupt:
+        # Stopping already: a second Ctrl-C (a terminal sends one to the whole group) must not
+        # break into the exit with a traceback.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        return _tell(command, stopped[0] if stopped else signal.SIGINT)
+    for signum, handler_before in previous.items():
+        signal.signal(signum, handler_before)
+    return status
