@@ -312,21 +312,6 @@ def test_the_summarys_duckdb_line_reads_the_ids_under_a_hive_style_path(tmp_path
     assert re.findall(r"\w+", header) == ["id", "x"] and "id=v2" not in result.stdout
 
 
-def test_the_summarys_read_lines_run_for_a_path_with_a_quote(tmp_path):
-    """`it's/out`: the quote ended the SQL string and the Python one."""
-    from pipeline.running.report import ExportSummary, format_summary
-
-    output = tmp_path / "it's" / "out"
-    output.mkdir(parents=True)
-    pq.write_table(pa.table({"id": ["a", "b"]}), output / "part-00000-of-00001.parquet")
-    summary = ExportSummary(str(output), 2, 2, 0, {}, 0, 0, 1.0, 0, "")
-    lines = [line for line in format_summary(summary).splitlines() if "python -c" in line]
-    assert len(lines) == 2
-    for line in lines:
-        result = _run_read_line(line)
-        assert result.returncode == 0 and "a" in result.stdout, result.stderr[-2000:]
-
-
 def _run_read_line(line, cwd=None):
     """Runs a summary's `python -c ...` read line as bash runs it, pasted (in `cwd`); the CompletedProcess."""
     import shlex
@@ -338,9 +323,10 @@ def _run_read_line(line, cwd=None):
 
 
 # (Not a backslash: DuckDB's glob finds no file under a directory whose name holds one.)
-@pytest.mark.parametrize("name", ["v$1", "a`id`b", 'say "hi"', "wow!", "x$(touch pwned)"])
+@pytest.mark.parametrize("name", ["it's", "v$1", "a`id`b", 'say "hi"', "wow!", "x$(touch pwned)"])
 def test_the_summarys_read_lines_run_for_a_path_with_shell_specials(tmp_path, name):
-    """`v$1/out` in "...": bash expanded $1 to nothing, and both lines looked for /tmp/.../v/out."""
+    """`it's/out`: the quote ended the SQL string and the Python one. `v$1/out` in "...": bash
+    expanded $1 to nothing, and both lines looked for /tmp/.../v/out."""
     from pipeline.running.report import ExportSummary, format_summary
 
     output = tmp_path / name / "out"
