@@ -2,6 +2,7 @@
 
 import sys
 
+import pytest
 from pipeline_fixtures import manifest_of, read_rows, run_command, write_jsonl
 
 # Registers an exit function and an object whose finalizer only the interpreter's teardown
@@ -45,20 +46,26 @@ def test_a_refused_run_still_exits_with_status_2(tiny_bundle, tmp_path):
     assert [line for line in result.stderr.splitlines() if line.startswith("error: ")], result.stderr[-3000:]
 
 
-def test_a_committed_run_whose_stdout_is_gone_exits_0(tiny_bundle, tmp_path):
+@pytest.mark.parametrize(
+    ("fd", "flags"),
+    [(1, []), (2, ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])],
+    ids=["stdout", "stderr_with_worker_processes"],
+)
+def test_a_committed_run_whose_stdout_is_gone_exits_0(fd, flags, tiny_bundle, tmp_path):
     """`pipeline.run ... | head -1`, or a terminal closed under a run left behind with `&`: the
-    summary's print failed (BrokenPipeError, EIO) after the commit, so the export "failed" (exit 1)."""
+    summary's print failed (BrokenPipeError, EIO) after the commit, so the export "failed" (exit 1).
+    With worker processes, the thread copying their stderr to a closed one died and the run lost."""
     corpus = write_jsonl(
         tmp_path / "c.jsonl", [{"id": f"d{i}", "content": f"word{i}", "title": "word1"} for i in range(5)]
     )
     output = tmp_path / "out"
     # The child's stdout is a pipe whose reader is gone before the summary is printed.
-    child = "import os, sys, pipeline.run; r, w = os.pipe(); os.close(r); os.dup2(w, 1); " + (
+    child = f"import os, sys, pipeline.run; r, w = os.pipe(); os.close(r); os.dup2(w, {fd}); " + (
         "pipeline.run.run_main(sys.argv[1:])"
     )
-    flags = ["--model", tiny_bundle[0], "--input", str(corpus), "--output", str(output)]
+    flags = ["--model", tiny_bundle[0], "--input", str(corpus), "--output", str(output), *flags]
     # Unbuffered, as a terminal's line buffering writes the summary at once.
     result = run_command([sys.executable, "-u", "-c", child, *flags])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert manifest_of(output)["status"] == "succeeded"

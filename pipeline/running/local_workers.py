@@ -88,9 +88,12 @@ def _copy_stderr(stream: IO[bytes]) -> None:
 
 
 def _write_stderr(lines: list[bytes]) -> None:
-    for line in lines:
-        sys.stderr.write(line.decode("utf-8", errors="replace"))
-    sys.stderr.flush()
+    try:
+        for line in lines:
+            sys.stderr.write(line.decode("utf-8", errors="replace"))
+        sys.stderr.flush()
+    except (OSError, ValueError):  # Our stderr is gone (a closed terminal or pipe): the lines are dropped.
+        pass
 
 
 def hold_tracebacks() -> None:
