@@ -36,6 +36,7 @@ from pipeline.writing import layout as layout_lib
 from pipeline.writing import lock as lock_lib
 from pipeline.writing import staging as staging_lib
 from pipeline.writing import state as state_lib
+from pipeline.writing.schema import ERROR_SCHEMA
 
 
 def _write_corpus(path, count, start=0):
@@ -149,6 +150,10 @@ def test_overwrite_replaces_an_export_whose_manifest_is_damaged(damage, tmp_path
     corpus = _write_corpus(tmp_path / "c.jsonl", 6)
     output = str(tmp_path / "out")
     run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
+    # The dead letters of a failed --overwrite that kept this export: ours too, by their footer.
+    failed = os.path.join(output, layout_lib.FAILED_DIR, "0123456789ab", layout_lib.ERRORS_DIR)
+    os.makedirs(failed)
+    pq.write_table(ERROR_SCHEMA.empty_table(), os.path.join(failed, "part-00000-of-00001.parquet"))
     with open(os.path.join(output, layout_lib.MANIFEST), "wb") as handle:
         handle.write(damage)
     argv = ["--model", tiny_bundle[0], "--input", corpus]

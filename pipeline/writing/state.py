@@ -153,7 +153,7 @@ def _footer_is_ours(directory: str, relative: str) -> bool:
             schema = pq.read_schema(handle)
     except Exception:  # Not Parquet, truncated, unreadable: nothing shows it is ours.
         return False
-    if relative.startswith(ERRORS_DIR + "/"):
+    if ERRORS_DIR in relative.split("/")[:-1]:  # errors/ or a failed run's _failed/RUN/errors/
         return schema.remove_metadata().equals(ERROR_SCHEMA)
     return METADATA_KEY in (schema.metadata or {})
 
