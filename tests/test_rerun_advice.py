@@ -9,7 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline_fixtures import pipeline_command, run_command
 from test_commit import _complete_export, _corpus, _hooked, _wait_for
 
-from pipeline.running.advice import resume_in
+from pipeline.running.advice import rerun_to_finish, resume_in
 from pipeline.running.portable import explain_failure
 
 OFF_ADVICE = (
@@ -75,3 +75,14 @@ def test_a_killed_local_worker_advises_by_the_runs_resume(resume, monkeypatch):
     told = str(failures._told_in_one_line(RuntimeError("worker gone"), resume))
     kept = OFF_ADVICE.replace("rows this run", "rows") if resume == "off" else "rerun the same command"
     assert kept in told
+
+
+@pytest.mark.parametrize("resume", ["auto", "off"])
+def test_the_advised_output_is_quoted_for_the_shell(resume, tmp_path):
+    """A default output under "my exports/" was named bare: the pasted rerun split it in two."""
+    import shlex
+
+    output = str(tmp_path / "my exports" / "output" / "embeddings-1")
+    advice = rerun_to_finish(resume, output)
+    words = shlex.split(advice[advice.index("--output") :])
+    assert words[:2] == ["--output", output], advice

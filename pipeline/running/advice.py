@@ -1,6 +1,7 @@
 """The rerun advice of a run that stopped before its commit, which depends on its --resume."""
 
 import argparse
+import shlex
 from collections.abc import Sequence
 
 
@@ -23,7 +24,8 @@ def rerun_to_finish(resume: str, output: str | None = None, rows: str = "the row
         output: the --output the rerun must name (the run chose it itself), else None.
         rows: what the rerun keeps, as the message names it.
     """
-    with_output = f" with --output {output}" if output else ""
+    # Quoted for the shell: the advice is pasted (a default output under "my exports/").
+    with_output = f" with --output {shlex.quote(output)}" if output else ""
     if resume == "off":
         return (
             f"rerun it{with_output} without --resume off (or with --resume auto) to finish the export "
