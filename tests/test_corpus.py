@@ -309,3 +309,20 @@ def test_parquet_record_sizes_count_view_fixed_size_and_struct_columns():
     assert record_sizes(batch).tolist() == [4 + 2 + 8 + 3 + 3, 0 + 0 + 8 + 0 + 0, 2 + 0 + 0 + 0 + 0]
     # A slice counts its own rows only.
     assert record_sizes(batch.slice(1)).tolist() == [8, 2]
+
+
+def test_text_holding_ustar_where_a_tar_header_would_is_read_as_text():
+    """Only a tar header's magic with its NULs marks an archive, not "mustard" at byte 257."""
+    line = b"x" * 256 + b"mustard and more\n"
+    assert _summary(_read(_plan("text", limit=10_000, field="text"), line)) == [(1, (line[:-1].decode(),))]
+
+
+def test_jsonl_with_carriage_returns_alone_is_one_broken_file_also_over_the_limit():
+    """It was one malformed_json (or too_large) standing for all its records, and exit 0."""
+    records = [b'{"id": "%d", "content": "word"}' % n for n in range(50)]
+    data = b"\r".join(records) + b"\r"
+    for limit in (10_000, 100):  # the whole file over --max_record_bytes: still the line endings' fault
+        (item,) = _read(_plan("jsonl", limit=limit), data)
+        assert item["reason"] == "unreadable_file" and "carriage return" in item["message"]
+    # A \r inside a JSONL line that ends with a newline is whitespace in JSON, and read.
+    assert _summary(_read(_plan("jsonl"), b'{"id": "a",\r"content": "w"}\n')) == [(1, ("w",))]

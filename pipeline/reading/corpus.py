@@ -58,8 +58,9 @@ FILE_ORDER = -1
 OTHER_COMPRESSIONS = (".bz2", ".deflate", ".lzma", ".xz", ".zst", ".zstd", ".zip", ".7z")
 # Tar archives: their member headers would be read as text (.tar.gz is gzip, so read without this).
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".taz", ".tbz", ".tbz2", ".txz", ".tzst")
-# A tar member header's magic ("ustar", POSIX and GNU) at this offset of the (decompressed) data.
-TAR_MAGIC, TAR_MAGIC_AT = b"ustar", 257
+# A tar member header's magic and version (POSIX, GNU) at this offset of the (decompressed) data:
+# with their NULs, unlike text that happens to hold "ustar" there ("mustard").
+TAR_MAGICS, TAR_MAGIC_AT = (b"ustar\x0000", b"ustar  \x00"), 257
 
 # Opens a corpus file as binary (seekable where a range starts past 0).
 OpenFile = Callable[[], contextlib.AbstractContextManager[typing.BinaryIO]]
@@ -133,14 +134,14 @@ def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
             gzip.GzipFile(fileobj=raw_stream, mode="rb") if is_compressed(path) else raw_stream
         )
         head = b""
-        while len(head) < TAR_MAGIC_AT + len(TAR_MAGIC) and (chunk := stream.read(512 - len(head))):
+        while len(head) < 512 and (chunk := stream.read(512 - len(head))):
             head += chunk
     except (EOFError, OSError, zlib.error):
         return
     finally:
         raw_stream.seek(position)
     check_encoding(head)
-    if head[TAR_MAGIC_AT : TAR_MAGIC_AT + len(TAR_MAGIC)] == TAR_MAGIC:
+    if head[TAR_MAGIC_AT : TAR_MAGIC_AT + 8] in TAR_MAGICS:
         raise TarArchive("the file is a tar archive; extract it (tar -xf FILE) and read its files.")
 
 

@@ -152,8 +152,12 @@ def _list_local(pattern: str) -> list[InputFile | NonRegularFile]:
     # Without `**` a match is exactly as deep as the pattern: no need to walk further.
     depth = None if "**" in pattern else pattern[len(root) :].lstrip("/").count("/")
     # Every variant's fixed prefix starts with `root`'s: one walk serves them all.
-    regexes = [re.compile(FileSystem.translate_pattern(each)) for each in _zero_directory_variants(pattern)]
-    matched = [_local_entry(path) for path in _walk(root, depth) if any(r.match(path) for r in regexes)]
+    variants = _zero_directory_variants(pattern)
+    # One regex for all variants (Beam's each start with the global flags "(?ms)": kept once).
+    flags = "(?ms)"
+    translated = [FileSystem.translate_pattern(each).removeprefix(flags) for each in variants]
+    regex = re.compile(flags + "|".join(f"(?:{each})" for each in translated))
+    matched = [_local_entry(path) for path in _walk(root, depth) if regex.match(path)]
     if not matched and os.path.lexists(pattern):
         # `[` starts a glob class, but a user naming an existing `data[1].jsonl` means that file.
         return [_local_entry(pattern)]
