@@ -414,19 +414,27 @@ def test_an_unreadable_subdirectory_refuses_the_launch_naming_it(tmp_path, tiny_
     import shutil
 
     corpus = tmp_path / "in"
-    (corpus / "locked").mkdir(parents=True)
+    for directory in ("locked", "also"):
+        (corpus / directory).mkdir(parents=True)
     _write(corpus / "a.jsonl", ["a-1"])
     _write(corpus / "locked" / "b.jsonl", ["b-1"])
+    _write(corpus / "also" / "c.jsonl", ["c-1"])
     os.chmod(corpus / "locked", 0)
     command = pipeline_command(f"{corpus}/**.jsonl", tmp_path / "out", "--model", tiny_bundle[0])
+    # A directory the pattern's files cannot be in (a mount's lost+found) is no reason to refuse.
+    listing_code = f"from pipeline.reading import listing; print(listing.list_input({f'{corpus}/a*/*'!r}))"
+    beside = [command[0], "-c", listing_code]
+    prefix = []
     if os.geteuid() == 0:  # root reads any directory: run as an ordinary user would, without that power
         if not shutil.which("setpriv"):
             pytest.skip("needs setpriv to drop root's DAC capabilities")
-        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
     try:
-        result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(prefix + command, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+        listed = subprocess.run(prefix + beside, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
     finally:
         os.chmod(corpus / "locked", 0o700)
+    assert listed.returncode == 0 and "c.jsonl" in listed.stdout, listed.stderr[-2000:]
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

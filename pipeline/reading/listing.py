@@ -73,11 +73,25 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _walk(root: str, max_depth: int | None) -> typing.Iterator[str]:
+def _could_hold_matches(directory: str, pattern: str) -> bool:
+    """Whether files matching `pattern` could lie under `directory` (a directory the walk reached).
+
+    A directory beside the pattern's path (`in/b` for `in/a*/*.jsonl`, a mount's
+    `lost+found`) holds none of its files, so not reading it loses nothing.
+    """
+    depth = len(directory.split("/"))
+    leading = pattern.split("/")[:depth]
+    if any("**" in part for part in leading):
+        return True
+    return bool(re.match(FileSystem.translate_pattern("/".join(leading)), directory))
+
+
+def _walk(root: str, max_depth: int | None, pattern: str) -> typing.Iterator[str]:
     """Paths of the non-directory entries under `root`, following links to directories.
 
     Raises `UnreadableDirectory`, after the walk, naming the directories that
-    could not be listed (no permission, I/O error); a missing `root` is no match.
+    could not be listed (no permission, I/O error) and could hold files that
+    `pattern` matches; a missing `root` is no match.
 
     Without a depth bound (a `**` pattern), a directory whose (device, inode)
     is already on the path from `root` is a loop (a link to an ancestor): it is
@@ -94,7 +108,7 @@ def _walk(root: str, max_depth: int | None) -> typing.Iterator[str]:
             entries = sorted(os.scandir(directory or os.curdir), key=lambda entry: entry.name)
         except OSError as error:
             # A directory gone since its parent was listed holds no files; any other failure hides files.
-            if error.errno not in (errno.ENOENT, errno.ENOTDIR):
+            if error.errno not in (errno.ENOENT, errno.ENOTDIR) and _could_hold_matches(directory, pattern):
                 unreadable.append(f"{directory or os.curdir!r} ({error.strerror})")
             continue
         key = (status.st_dev, status.st_ino)
@@ -157,7 +171,7 @@ def _list_local(pattern: str) -> list[InputFile | NonRegularFile]:
     flags = "(?ms)"
     translated = [FileSystem.translate_pattern(each).removeprefix(flags) for each in variants]
     regex = re.compile(flags + "|".join(f"(?:{each})" for each in translated))
-    matched = [_local_entry(path) for path in _walk(root, depth) if regex.match(path)]
+    matched = [_local_entry(path) for path in _walk(root, depth, pattern) if regex.match(path)]
     if not matched and os.path.lexists(pattern):
         # `[` starts a glob class, but a user naming an existing `data[1].jsonl` means that file.
         return [_local_entry(pattern)]
