@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import os
+import tarfile
 import zlib
 
 import pyarrow as pa
@@ -165,6 +166,54 @@ def broken_symlink(directory):
     return Expected({"link-1"}, {("link.jsonl", None): "unreadable_file"}, 1)
 
 
+def blank_first_of_an_id(directory):
+    """A blank record cannot hold its id: the next record of the id is its row (it had none)."""
+    lines = [record("blank-1", content="  ", title=""), record("blank-1"), record("blank-1", content="word5")]
+    _write(directory, "blank-first.jsonl", jsonl_bytes(lines))
+    dead = {("blank-first.jsonl", 1): "empty_document", ("blank-first.jsonl", 3): "duplicate_id"}
+    return Expected({"blank-1"}, dead)
+
+
+def _tar_of(data, compression=""):
+    sink = io.BytesIO()
+    with tarfile.open(fileobj=sink, mode=f"w:{compression}") as archive:
+        for name in ("a.jsonl", "b.jsonl"):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    return sink.getvalue()
+
+
+def tar_archives(directory):
+    """A tar archive, by its name or its first header, is one unreadable_file, not records of its headers."""
+    data = jsonl_bytes([record("tar-1"), record("tar-2")])
+    names = {
+        "notes.tar.gz": _tar_of(data, "gz"),
+        "notes.tgz": _tar_of(data, "gz"),
+        "notes.tar": _tar_of(data),
+        "hidden.jsonl.gz": _tar_of(data, "gz"),
+        "hidden.jsonl": _tar_of(data),
+    }
+    for name, archive in names.items():
+        _write(directory, name, archive)
+    return Expected(dead={(name, None): "unreadable_file" for name in names}, broken=len(names))
+
+
+def carriage_return_jsonl(directory):
+    """Records split by \r alone read as one line: how many the file holds is unknown, so it is broken."""
+    lines = [json.dumps(record(f"cr-{n}")).encode() for n in range(5)]
+    _write(directory, "mac.jsonl", b"\r".join(lines) + b"\r")
+    return Expected(dead={("mac.jsonl", None): "unreadable_file"}, broken=1)
+
+
+def pretty_printed_jsonl(directory):
+    """`jq .` output: every line a malformed_json; the first says how to convert the file."""
+    text = "".join(json.dumps(record(f"pretty-{n}"), indent=2) + "\n" for n in range(2))
+    _write(directory, "pretty.jsonl", text.encode())
+    lines = text.count("\n")
+    return Expected(dead={("pretty.jsonl", n): "malformed_json" for n in range(1, lines + 1)})
+
+
 # CSV --------------------------------------------------------------------------------------------
 
 HEADER = ["id", "title", "content"]
@@ -243,6 +292,12 @@ def unclosed_quote_header_csv(directory):
     return Expected(dead={("header.csv", None): "unreadable_file"}, broken=1)
 
 
+def utf16_csv(directory):
+    """Excel's "Unicode" CSV is UTF-16: one unreadable_file saying so, not rows of NULs."""
+    _write(directory, "wide.csv", "id,title,content\r\nw-1,word1,word2\r\n".encode("utf-16"))
+    return Expected(dead={("wide.csv", None): "unreadable_file"}, broken=1)
+
+
 # Text -------------------------------------------------------------------------------------------
 
 
@@ -260,10 +315,10 @@ def truncated_text(directory):
 
 
 def text_name_not_utf8(directory):
-    """Text ids are FILE:LINE: with a file name that is not UTF-8, no id can be written."""
+    """Text ids are FILE:LINE: a file name that is not UTF-8 is written with backslash escapes."""
     name = b"lines-\xfe.txt"
-    _write(directory, name, b"word1\n")
-    return Expected(dead={(escaped(os.fsdecode(name)), 1): "invalid_utf8"})
+    path = _write(directory, name, b"word1\nword2\n")
+    return Expected({f"{escaped(path)}:1", f"{escaped(path)}:2"})
 
 
 # Parquet ----------------------------------------------------------------------------------------
@@ -312,6 +367,30 @@ def duplicate_columns_parquet(directory):
     return Expected({"pqd-3"}, {("twice.parquet", n): "ambiguous_header" for n in (1, 2)})
 
 
+def empty_row_group_parquet(directory):
+    """A writer given an empty batch writes an empty row group (offsets 0): the groups after it are read."""
+    schema = pa.schema([("id", pa.string()), ("content", pa.string()), ("title", pa.string())])
+    with pq.ParquetWriter(os.path.join(directory, "gaps.parquet"), schema) as writer:
+        for ids in (["gap-1", "gap-2"], [], ["gap-3", "gap-4", "gap-5"]):
+            columns = {"id": ids, "content": ["word1"] * len(ids), "title": ["w"] * len(ids)}
+            writer.write_table(pa.table(columns, schema=schema))
+    return Expected({f"gap-{n}" for n in range(1, 6)})
+
+
+def view_types_parquet(directory):
+    """string_view columns count their bytes against --max_record_bytes, as string columns do."""
+    big = "word1 " * 200_000  # 1.2 MB: over the default 1 MiB
+    table = pa.table(
+        {
+            "id": pa.array(["view-1", "view-2"], pa.string_view()),
+            "content": pa.array([big, "word2"], pa.string_view()),
+            "title": pa.array(["word3", "word4"], pa.string_view()),
+        }
+    )
+    pq.write_table(table, os.path.join(directory, "views.parquet"))
+    return Expected({"view-2"}, {("views.parquet", 1): "too_large"})
+
+
 def gzip_parquet(directory):
     _write(directory, "data.parquet.gz", gzip.compress(_parquet_bytes(["gzp-1", "gzp-2"])))
     return Expected({"gzp-1", "gzp-2"})
@@ -327,6 +406,10 @@ CASES = {
         not_gzip,
         bom_jsonl,
         broken_symlink,
+        blank_first_of_an_id,
+        tar_archives,
+        carriage_return_jsonl,
+        pretty_printed_jsonl,
     ],
     "csv": [
         csv_field_sizes,
@@ -336,9 +419,16 @@ CASES = {
         truncated_csv,
         unclosed_quote_csv,
         unclosed_quote_header_csv,
+        utf16_csv,
     ],
     "text": [gzip_text, truncated_text, text_name_not_utf8],
-    "parquet": [parquet_ids, duplicate_columns_parquet, gzip_parquet],
+    "parquet": [
+        parquet_ids,
+        duplicate_columns_parquet,
+        gzip_parquet,
+        empty_row_group_parquet,
+        view_types_parquet,
+    ],
 }
 
 

@@ -266,7 +266,9 @@ def test_a_text_file_with_carriage_returns_alone_is_not_one_document():
     """Old Mac line endings: 10 documents were embedded as one, succeeded."""
     data = "\r".join(f"document number {n}" for n in range(10)).encode() + b"\r"
     (item,) = _read(_plan("text", field="text"), data)
-    assert item["reason"] == "parse_failed" and "tr '\\r' '\\n'" in item["message"]
+    # How many documents the file holds is unknown: it is broken as a whole (exit 5).
+    assert item["reason"] == "unreadable_file" and "tr '\\r' '\\n'" in item["message"]
+    assert item["position"] is None
     # CRLF line endings stay what they are, and so does a stray \r inside a line (pasted console output).
     assert _summary(_read(_plan("text", field="text"), b"one\r\ntwo\r\n")) == [(1, ("one",)), (2, ("two",))]
     items = _read(_plan("text", field="text"), b"50%\r100% done\nnext\n")
@@ -287,3 +289,40 @@ def test_parquet_record_sizes_count_lists_of_strings_and_of_ids():
         }
     )
     assert record_sizes(batch).tolist() == [5 + 8 + 4, 0 + 4 + 0, 0 + 0 + 0, 1 + 0 + 2]
+
+
+def test_parquet_record_sizes_count_view_fixed_size_and_struct_columns():
+    """A string_view column counted 8 bytes a row: a 20 kB record passed --max_record_bytes 1000."""
+    import pyarrow as pa
+
+    from pipeline.reading.parquet_rows import record_sizes
+
+    batch = pa.record_batch(
+        {
+            "text": pa.array(["four", None, "é"], pa.string_view()),
+            "blob": pa.array([b"ab", b"", None], pa.binary_view()),
+            "ids": pa.array([[1, 2], [3, 4], None], pa.list_(pa.int32(), 2)),
+            "views": pa.array([["abc"], [], None], pa.list_view(pa.string())),
+            "meta": pa.array([{"note": "xyz"}, {"note": None}, None], pa.struct([("note", pa.string())])),
+        }
+    )
+    assert record_sizes(batch).tolist() == [4 + 2 + 8 + 3 + 3, 0 + 0 + 8 + 0 + 0, 2 + 0 + 0 + 0 + 0]
+    # A slice counts its own rows only.
+    assert record_sizes(batch.slice(1)).tolist() == [8, 2]
+
+
+def test_text_holding_ustar_where_a_tar_header_would_is_read_as_text():
+    """Only a tar header's magic with its NULs marks an archive, not "mustard" at byte 257."""
+    line = b"x" * 256 + b"mustard and more\n"
+    assert _summary(_read(_plan("text", limit=10_000, field="text"), line)) == [(1, (line[:-1].decode(),))]
+
+
+def test_jsonl_with_carriage_returns_alone_is_one_broken_file_also_over_the_limit():
+    """It was one malformed_json (or too_large) standing for all its records, and exit 0."""
+    records = [b'{"id": "%d", "content": "word"}' % n for n in range(50)]
+    data = b"\r".join(records) + b"\r"
+    for limit in (10_000, 100):  # the whole file over --max_record_bytes: still the line endings' fault
+        (item,) = _read(_plan("jsonl", limit=limit), data)
+        assert item["reason"] == "unreadable_file" and "carriage return" in item["message"]
+    # A \r inside a JSONL line that ends with a newline is whitespace in JSON, and read.
+    assert _summary(_read(_plan("jsonl"), b'{"id": "a",\r"content": "w"}\n')) == [(1, ("w",))]

@@ -385,3 +385,71 @@ def test_a_symbolic_link_loop_is_named_as_a_loop_not_as_missing(tmp_path):
     (entry,), _ = listing.list_input(str(tmp_path / "gone.jsonl"))
     with pytest.raises(listing.InputChanged, match="'nowhere.jsonl', which does not exist"):
         listing.check_unchanged(entry)
+
+
+def test_a_globstar_slash_also_matches_the_files_directly_in_the_directory(tmp_path, tiny_bundle, capsys):
+    """`DIR/**/*.jsonl` is "every .jsonl under DIR" in the shell, Python and Spark; Beam's: a subdirectory."""
+    corpus = tmp_path / "in"
+    (corpus / "sub" / "deeper").mkdir(parents=True)
+    _write(corpus / "top.jsonl", ["top-1", "top-2"])
+    _write(corpus / "sub" / "low.jsonl", ["low-1"])
+    _write(corpus / "sub" / "deeper" / "lowest.jsonl", ["lowest-1"])
+    assert _run(tiny_bundle[0], f"{corpus}/**/*.jsonl", tmp_path / "out") == 0, capsys.readouterr().err
+    assert _ids(tmp_path / "out") == ["low-1", "lowest-1", "top-1", "top-2"]
+    counts = read_manifest(str(tmp_path / "out"))["counts"]
+    assert counts["records_read"] == 4 == counts["rows_written"]
+
+    from pipeline.reading import listing
+
+    def paths(pattern):
+        return sorted(os.path.relpath(f.path, corpus) for f in listing.list_input(pattern)[0])
+
+    # Each `**/` may match no directory; no file is listed twice.
+    assert paths(f"{corpus}/**/sub/**/*.jsonl") == ["sub/deeper/lowest.jsonl", "sub/low.jsonl"]
+    assert paths(f"{corpus}/**/top.jsonl") == ["top.jsonl"]
+
+
+def test_an_unreadable_subdirectory_refuses_the_launch_naming_it(tmp_path, tiny_bundle):
+    """It was skipped with a log warning: its records were in no count, and the run exited 0."""
+    import shutil
+
+    corpus = tmp_path / "in"
+    for directory in ("locked", "also"):
+        (corpus / directory).mkdir(parents=True)
+    _write(corpus / "a.jsonl", ["a-1"])
+    _write(corpus / "locked" / "b.jsonl", ["b-1"])
+    _write(corpus / "also" / "c.jsonl", ["c-1"])
+    os.chmod(corpus / "locked", 0)
+    command = pipeline_command(f"{corpus}/**.jsonl", tmp_path / "out", "--model", tiny_bundle[0])
+    # A directory the pattern's files cannot be in (a mount's lost+found) is no reason to refuse.
+    listing_code = f"from pipeline.reading import listing; print(listing.list_input({f'{corpus}/a*/*'!r}))"
+    beside = [command[0], "-c", listing_code]
+    prefix = []
+    if os.geteuid() == 0:  # root reads any directory: run as an ordinary user would, without that power
+        if not shutil.which("setpriv"):
+            pytest.skip("needs setpriv to drop root's DAC capabilities")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    try:
+        result = subprocess.run(prefix + command, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+        listed = subprocess.run(prefix + beside, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+    finally:
+        os.chmod(corpus / "locked", 0o700)
+    assert listed.returncode == 0 and "c.jsonl" in listed.stdout, listed.stderr[-2000:]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    assert "locked" in error_lines[0] and "Permission denied" in error_lines[0]
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_existing_file_whose_name_holds_brackets_is_read(tmp_path, tiny_bundle, capsys):
+    """`[1]` is a glob class that does not match the name "[1]"; the shell then takes the file, so do we."""
+    _write(tmp_path / "data[1].jsonl", ["a-1", "a-2"])
+    assert _run(tiny_bundle[0], tmp_path / "data[1].jsonl", tmp_path / "out") == 0, capsys.readouterr().err
+    assert _ids(tmp_path / "out") == ["a-1", "a-2"]
+    _write(tmp_path / "data1.jsonl", ["other"])
+    from pipeline.reading import listing
+
+    listed = [f.path for f in listing.list_input(str(tmp_path / "data[1].jsonl"))[0]]
+    assert listed == [str(tmp_path / "data1.jsonl")]  # a pattern that matches keeps Beam's meaning

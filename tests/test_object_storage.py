@@ -571,3 +571,22 @@ def test_an_s3_endpoint_that_never_answers_is_one_error(s3_endpoint, monkeypatch
         flags = ["--input", CORPUS, "--output", f"s3://{BUCKET}/exports/hung", "--s3_endpoint_url", endpoint]
         with pytest.raises(ExportConfigError, match=rf"--input .*: cannot reach {endpoint} \(Read timeout"):
             run_export(flags + s3_flags(s3_endpoint)[1:])
+
+
+def test_the_input_listing_drops_folder_markers_and_globstar_matches_the_top_level(s3_endpoint):
+    """A console "Create folder" marker (key ending in "/") is no corpus file; `**/` may match no folder."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.reading.listing import list_input
+
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    s3 = client(s3_endpoint)
+    for key in ("marked/", "marked/sub/"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"")
+    for key in ("marked/a.jsonl", "marked/sub/b.jsonl"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b'{"id": "1", "content": "x"}\n')
+    prefix = f"s3://{BUCKET}/marked/"
+    listed, _ = list_input(prefix + "*")
+    assert [f.path for f in listed] == [prefix + "a.jsonl"]
+    listed, _ = list_input(prefix + "**/*.jsonl")
+    assert [f.path for f in listed] == [prefix + "a.jsonl", prefix + "sub/b.jsonl"]

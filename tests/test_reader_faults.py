@@ -60,3 +60,43 @@ def test_adversarial_corpus_in_one_export(tmp_path, tiny_bundle, capsys, input_f
     for error in errors:
         if error["reason"] == "read_error":
             assert error["message"].startswith(f"Reading stopped after record {error['position'] - 1}: ")
+    hints = {
+        ("pretty.jsonl", 1): "jq -c . FILE > FILE.jsonl",
+        ("mac.jsonl", None): "carriage return (\\r) alone",
+        ("notes.tgz", None): "tar archive",
+        ("hidden.jsonl.gz", None): "tar archive",
+        ("wide.csv", None): "UTF-16",
+    }
+    for error in errors:
+        hint = hints.get((os.path.basename(error["source"]), error["position"]))
+        assert hint is None or hint in error["message"], error
+
+
+def test_binary_kept_fields_are_text_not_python_reprs(tmp_path, tiny_bundle, capsys):
+    """`b"plain"` was kept as "b'plain'": a join key stored as bytes no longer matched."""
+    import base64
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "id": ["k-1", "k-2"],
+            "content": ["word1", "word2"],
+            "title": ["word3", "word4"],
+            "key": pa.array([b"plain", b"\x00\xab"], pa.binary()),
+            "tags": pa.array([[b"caf\xc3\xa9"], [b"\xff"]], pa.list_(pa.binary())),
+        }
+    )
+    corpus = tmp_path / "keys.parquet"
+    pq.write_table(table, corpus)
+    output = tmp_path / "out"
+    flags = ["--input_format", "parquet", "--keep_fields", "key,tags"]
+    assert main(["--model", tiny_bundle[0], "--input", str(corpus), "--output", str(output), *flags]) == 0
+    capsys.readouterr()
+    kept = {row["id"]: (row["key"], row["tags"]) for row in _read_dir(output)}
+    key_2, tag_2 = (base64.b64encode(data).decode() for data in (b"\x00\xab", b"\xff"))
+    assert kept == {
+        "k-1": ("plain", '["café"]'),
+        "k-2": (key_2, f'["{tag_2}"]'),
+    }

@@ -22,12 +22,20 @@ import contextlib
 import gzip
 import io
 import typing
+import zlib
 from collections.abc import Callable, Iterator
 
 from pipeline.reading.csv_rows import csv_records
 from pipeline.reading.documents import Document, Record
 from pipeline.reading.parquet_rows import parquet_records
-from pipeline.reading.text_lines import ByteStream, Claim, LineRange, LinesBefore, line_records
+from pipeline.reading.text_lines import (
+    ByteStream,
+    Claim,
+    LineRange,
+    LinesBefore,
+    check_encoding,
+    line_records,
+)
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import READ_ERROR, UNREADABLE_FILE
 
@@ -48,6 +56,11 @@ FILE_ORDER = -1
 
 # Compressions the reader does not take: one clear dead letter beats records of garbage.
 OTHER_COMPRESSIONS = (".bz2", ".deflate", ".lzma", ".xz", ".zst", ".zstd", ".zip", ".7z")
+# Tar archives: their member headers would be read as text (.tar.gz is gzip, so read without this).
+TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".taz", ".tbz", ".tbz2", ".txz", ".tzst")
+# A tar member header's magic and version (POSIX, GNU) at this offset of the (decompressed) data:
+# with their NULs, unlike text that happens to hold "ustar" there ("mustard").
+TAR_MAGICS, TAR_MAGIC_AT = (b"ustar\x0000", b"ustar  \x00"), 257
 
 # Opens a corpus file as binary (seekable where a range starts past 0).
 OpenFile = Callable[[], contextlib.AbstractContextManager[typing.BinaryIO]]
@@ -62,7 +75,9 @@ def is_splittable(input_format: str, path: str) -> bool:
     """Whether `path`, of `input_format`, can be read in byte ranges (uncompressed text, JSONL or Parquet)."""
     lower = path.lower()
     return (
-        input_format in SPLIT_FORMATS and not is_compressed(path) and not lower.endswith(OTHER_COMPRESSIONS)
+        input_format in SPLIT_FORMATS
+        and not is_compressed(path)
+        and not lower.endswith(OTHER_COMPRESSIONS + TAR_SUFFIXES)
     )
 
 
@@ -98,6 +113,36 @@ class _ListedBytes(io.RawIOBase):
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)
+
+
+class TarArchive(Exception):
+    """A tar archive (by its name or its first header): its member headers are not records."""
+
+
+def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
+    """Raises for data no record reader takes, by its first bytes: UTF-16/32, a tar archive.
+
+    Reads them from the file's own handle, then seeks it back: a stream that
+    cannot seek is left to the readers (which still find a UTF-16 text or JSONL
+    file by its first line). Data that does not decompress is the readers' to report.
+    """
+    if not raw_stream.seekable():
+        return
+    position = raw_stream.tell()
+    try:
+        stream: ByteStream = (
+            gzip.GzipFile(fileobj=raw_stream, mode="rb") if is_compressed(path) else raw_stream
+        )
+        head = b""
+        while len(head) < 512 and (chunk := stream.read(512 - len(head))):
+            head += chunk
+    except (EOFError, OSError, zlib.error):
+        return
+    finally:
+        raw_stream.seek(position)
+    check_encoding(head)
+    if head[TAR_MAGIC_AT : TAR_MAGIC_AT + 8] in TAR_MAGICS:
+        raise TarArchive("the file is a tar archive; extract it (tar -xf FILE) and read its files.")
 
 
 def read_records(
@@ -151,10 +196,16 @@ def read_records(
         )
         yield FILE_ORDER, schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
         return
+    if path.lower().endswith(TAR_SUFFIXES):
+        message = f"{path} is a tar archive; extract it (tar -xf FILE) and read its files."
+        yield FILE_ORDER, schema_lib.error_row(path, None, None, UNREADABLE_FILE, message, None)
+        return
     try:
         if verify is not None:
             verify()
         with open_file() as raw_stream:
+            if not start and plan.input_format != "parquet":
+                _check_head(path, raw_stream)
             if size is not None and not start and claim is None and plan.input_format != "parquet":
                 raw_stream = io.BufferedReader(_ListedBytes(raw_stream, size))
             stream: ByteStream = (

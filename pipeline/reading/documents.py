@@ -7,6 +7,7 @@ token ids that fit the model) are written once.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import typing
@@ -76,6 +77,17 @@ class Document(typing.NamedTuple):
 Record = Document | DeadLetter
 
 
+def is_blank(document: Document) -> bool:
+    """Whether no input of `document` holds anything: sure to be an `empty_document` under any tokenizer.
+
+    The id scan does not count such a record as its id's first, so a later record of
+    the id is kept (and the blank one is the `empty_document` dead letter).
+    """
+    return all(
+        not any(text.ids) if isinstance(text, TokenIds) else not text.strip() for text in document.texts
+    )
+
+
 def guarded(
     parse: Callable[..., Record], plan: ExportPlan, source: str, number: int, *args: typing.Any
 ) -> Record:
@@ -122,10 +134,24 @@ def too_large(source: str, number: int, size: int, limit: int, raw: str | bytes)
     )
 
 
+def _bytes_as_text(value: bytes) -> str:
+    """Bytes of a kept field as text: UTF-8 when they are, else standard base64 (no repr `b'...'`)."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return base64.b64encode(value).decode("ascii")
+
+
+def _json_default(value: object) -> str:
+    return _bytes_as_text(value) if isinstance(value, bytes) else str(value)
+
+
 def _kept_value(value: object) -> str | None:
     if value is None or isinstance(value, str):
         return value
-    return json.dumps(value, ensure_ascii=False, default=str)
+    if isinstance(value, bytes):
+        return _bytes_as_text(value)
+    return json.dumps(value, ensure_ascii=False, default=_json_default)
 
 
 def to_document(

@@ -13,6 +13,7 @@ from apache_beam.runners.sdf_utils import RestrictionTrackerView
 
 from pipeline.planning.plan import ExportPlan
 from pipeline.reading import corpus
+from pipeline.reading.documents import is_blank
 from pipeline.reading.ranges import RANGE_TRACKER, FileRange, RangeReader, RangeReadingFn, path_key
 
 # The outputs of `ScanDocumentIdsFn`: (id, place) per keyed document (main), the
@@ -31,7 +32,8 @@ class ScanDocumentIdsFn(RangeReadingFn):
     """The first, light pass: each record's id and (file, order), never the document.
 
     Outputs (id, (source, order)) per document (main; none for text files, whose
-    ids FILE:LINE are unique), ((source, block), newlines) for the line index
+    ids FILE:LINE are unique, nor for a blank document, which cannot be a row),
+    ((source, block), newlines) for the line index
     (`NEWLINES`) and, with a limit, (source, order) of every record (`ORDERS`).
     With a limit only the first `limit` records of a range are scanned: no
     record after them can be among the first `limit` of the corpus.
@@ -55,12 +57,15 @@ class ScanDocumentIdsFn(RangeReadingFn):
         newlines: collections.Counter[int] = collections.Counter()
         line_file = file_range.splittable and self._plan.input_format in corpus.LINE_FORMATS
         on_newline = (lambda offset: newlines.update((offset // block_size,))) if line_file else None
+        # Text ids FILE:LINE are unique, unless a file name that is not UTF-8, written with
+        # backslash escapes, meets a name spelling those escapes.
         keyed = self._plan.input_format != "text"
         path = path_key(file_range.path)
         # Line numbers are exact from the start of a file; a later range knows only byte offsets.
         numbered = not file_range.splittable or not tracker.current_restriction().start
         for count, (order, item) in enumerate(reader.records(on_newline=on_newline), start=1):
-            if keyed and isinstance(item, corpus.Document):
+            # A blank record fails as empty_document after tokenization: it must not hold its id.
+            if isinstance(item, corpus.Document) and (keyed or "\\" in item.id) and not is_blank(item):
                 yield item.id, (path, order, item.position if numbered else None)
             if self._limit:
                 yield beam.pvalue.TaggedOutput(ORDERS, (path, order))

@@ -9,9 +9,16 @@ of silently missing records.
 Local patterns follow symbolic links to directories, as the shell and Python's
 `glob` do, with Beam's pattern meaning (`*` stays in a directory, `**` spans
 directories); a link back to a directory being walked is not followed twice.
+A `**/` also matches no directory at all, as in the shell, Python and Spark, so
+`DIR/**/*.jsonl` lists the files directly in DIR too. A directory under the
+pattern that cannot be read refuses the listing (its records would be missing
+without a trace). A pattern that matches nothing but names an existing file
+(`data[1].jsonl`) is that file. Object-store folder markers (keys ending in
+`/`) are not files.
 """
 
 import errno
+import itertools
 import logging
 import os
 import re
@@ -41,6 +48,10 @@ class InputFile(typing.NamedTuple):
     problem: str = "which does not exist"
 
 
+class UnreadableDirectory(OSError):
+    """Directories under an --input pattern that cannot be listed: their files would go missing unseen."""
+
+
 class NonRegularFile(typing.NamedTuple):
     """A matched path that is not a regular file (named pipe, socket, device): never read."""
 
@@ -62,8 +73,25 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _walk(root: str, max_depth: int | None) -> typing.Iterator[str]:
+def _could_hold_matches(directory: str, pattern: str) -> bool:
+    """Whether files matching `pattern` could lie under `directory` (a directory the walk reached).
+
+    A directory beside the pattern's path (`in/b` for `in/a*/*.jsonl`, a mount's
+    `lost+found`) holds none of its files, so not reading it loses nothing.
+    """
+    depth = len(directory.split("/"))
+    leading = pattern.split("/")[:depth]
+    if any("**" in part for part in leading):
+        return True
+    return bool(re.match(FileSystem.translate_pattern("/".join(leading)), directory))
+
+
+def _walk(root: str, max_depth: int | None, pattern: str) -> typing.Iterator[str]:
     """Paths of the non-directory entries under `root`, following links to directories.
+
+    Raises `UnreadableDirectory`, after the walk, naming the directories that
+    could not be listed (no permission, I/O error) and could hold files that
+    `pattern` matches; a missing `root` is no match.
 
     Without a depth bound (a `**` pattern), a directory whose (device, inode)
     is already on the path from `root` is a loop (a link to an ancestor): it is
@@ -72,13 +100,16 @@ def _walk(root: str, max_depth: int | None) -> typing.Iterator[str]:
     """
     # (directory, its depth, the (device, inode) of the directories on the path to it)
     stack: list[tuple[str, int, frozenset[tuple[int, int]]]] = [(root, 0, frozenset())]
+    unreadable: list[str] = []
     while stack:
         directory, depth, ancestors = stack.pop()
         try:
             status = os.stat(directory or os.curdir)
             entries = sorted(os.scandir(directory or os.curdir), key=lambda entry: entry.name)
         except OSError as error:
-            _LOGGER.warning("Skipping %r while listing --input: %s", directory, error)
+            # A directory gone since its parent was listed holds no files; any other failure hides files.
+            if error.errno not in (errno.ENOENT, errno.ENOTDIR) and _could_hold_matches(directory, pattern):
+                unreadable.append(f"{directory or os.curdir!r} ({error.strerror})")
             continue
         key = (status.st_dev, status.st_ino)
         if max_depth is None and key in ancestors:
@@ -95,6 +126,12 @@ def _walk(root: str, max_depth: int | None) -> typing.Iterator[str]:
                 yield path
             elif max_depth is None or depth < max_depth:
                 stack.append((path, depth + 1, ancestors))
+    if unreadable:
+        raise UnreadableDirectory(
+            f"{len(unreadable)} directory(ies) under the pattern cannot be read, so their files cannot be "
+            f"listed: {', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}; give the run "
+            "read access to them or narrow the pattern."
+        )
 
 
 def _local_entry(path: str) -> InputFile | NonRegularFile:
@@ -109,6 +146,15 @@ def _local_entry(path: str) -> InputFile | NonRegularFile:
     return InputFile(path, status.st_size, status.st_mtime)
 
 
+def _zero_directory_variants(pattern: str) -> list[str]:
+    """`pattern` with each `**/` kept or dropped: Beam's `**/` needs a directory or more, the shell's none."""
+    parts = pattern.split("**/")
+    variants = []
+    for kept in itertools.product(("**/", ""), repeat=len(parts) - 1):
+        variants.append(parts[0] + "".join(glue + part for glue, part in zip(kept, parts[1:], strict=True)))
+    return variants
+
+
 def _list_local(pattern: str) -> list[InputFile | NonRegularFile]:
     """Beam's local matching (the same paths, the same pattern meaning), following directory links."""
     if pattern.endswith(os.sep):
@@ -119,8 +165,17 @@ def _list_local(pattern: str) -> list[InputFile | NonRegularFile]:
     root = os.path.dirname(pattern[: first_glob.start()])
     # Without `**` a match is exactly as deep as the pattern: no need to walk further.
     depth = None if "**" in pattern else pattern[len(root) :].lstrip("/").count("/")
-    regex = re.compile(FileSystem.translate_pattern(pattern))
-    return [_local_entry(path) for path in _walk(root, depth) if regex.match(path)]
+    # Every variant's fixed prefix starts with `root`'s: one walk serves them all.
+    variants = _zero_directory_variants(pattern)
+    # One regex for all variants (Beam's each start with the global flags "(?ms)": kept once).
+    flags = "(?ms)"
+    translated = [FileSystem.translate_pattern(each).removeprefix(flags) for each in variants]
+    regex = re.compile(flags + "|".join(f"(?:{each})" for each in translated))
+    matched = [_local_entry(path) for path in _walk(root, depth, pattern) if regex.match(path)]
+    if not matched and os.path.lexists(pattern):
+        # `[` starts a glob class, but a user naming an existing `data[1].jsonl` means that file.
+        return [_local_entry(pattern)]
+    return matched
 
 
 def list_input(pattern: str) -> tuple[list[InputFile], list[NonRegularFile]]:
@@ -133,8 +188,17 @@ def list_input(pattern: str) -> tuple[list[InputFile], list[NonRegularFile]]:
         entries = _list_local(pattern)
         files = [entry for entry in entries if isinstance(entry, InputFile)]
         return files, [entry for entry in entries if isinstance(entry, NonRegularFile)]
-    matched = FileSystems.match([pattern])[0].metadata_list
-    return [InputFile(m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in matched], []
+    variants = _zero_directory_variants(pattern)
+    by_path = {
+        metadata.path: metadata
+        for result in FileSystems.match(variants)
+        for metadata in result.metadata_list
+        # A key ending in "/" is a folder marker (the S3 console's "Create folder"), not a file.
+        if not metadata.path.endswith("/")
+    }
+    return [
+        InputFile(m.path, m.size_in_bytes, m.last_updated_in_seconds) for _, m in sorted(by_path.items())
+    ], []
 
 
 def _describe(size: int, mtime: float | None) -> str:

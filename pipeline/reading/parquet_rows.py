@@ -42,53 +42,99 @@ def parquet_records(
 
 
 def row_group_offset(row_group: pq.RowGroupMetaData) -> int:
-    """The byte offset where a row group's data starts (its first column chunk)."""
+    """The byte offset where a row group's data starts (its first column chunk).
+
+    An offset of 0 is no place for data (the file starts with its magic); some
+    writers leave it so: the other page's offset, else the chunk's file offset, stands in.
+    """
     chunk = row_group.column(0)
     offsets = [chunk.data_page_offset]
-    if chunk.has_dictionary_page and chunk.dictionary_page_offset:
+    if chunk.has_dictionary_page:
         offsets.append(chunk.dictionary_page_offset)
-    return min(offsets)
+    return min((offset for offset in offsets if offset), default=chunk.file_offset)
 
 
 _BYTES_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+# View types (pyarrow >= 16 writes them back as they were): measured as their plain equivalents.
+_PLAIN_OF_VIEW = ((pa.types.is_string_view, pa.large_string()), (pa.types.is_binary_view, pa.large_binary()))
+_LIST_TYPES = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+_LIST_VIEW_TYPES = (pa.types.is_list_view, pa.types.is_large_list_view)
 
 
-def _list_sizes(column: pa.Array) -> pa.Array:
-    """Each list's bytes: its values at their width (4 or 8 per token id), or their own bytes (strings)."""
-    values = column.flatten()
-    if pa.types.is_dictionary(values.type):
-        values = values.dictionary_decode()
-    if any(is_kind(values.type) for is_kind in _BYTES_TYPES):
-        parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
-        weights = pc.fill_null(pc.binary_length(values), 0).to_numpy(zero_copy_only=False)
-        return pa.array(np.bincount(parents, weights=weights, minlength=len(column)).astype(np.int64))
-    try:
-        width = max(1, values.type.bit_width // 8)
-    except ValueError:  # Nested or otherwise without a width: count 8 bytes a value.
-        width = 8
-    return pc.multiply(pc.list_value_length(column), width)
+def _list_bounds(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Each list's first and past-the-last index into `column.values` (a null list: empty)."""
+    kind = column.type
+    if pa.types.is_fixed_size_list(kind):
+        starts = (np.arange(len(column)) + column.offset) * kind.list_size
+        ends = starts + kind.list_size
+    elif any(is_kind(kind) for is_kind in _LIST_VIEW_TYPES):
+        starts = column.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+        ends = starts + column.sizes.to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        offsets = column.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+        starts, ends = offsets[:-1], offsets[1:]
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return np.where(valid, starts, 0), np.where(valid, ends, 0)
+
+
+def _sizes(column: pa.Array, in_list: bool = False) -> np.ndarray:
+    """Each value's bytes: text and binary their own, a list or struct the sum of its values'.
+
+    A number counts 8 bytes at the top of a row and its width inside a list
+    (token ids: 4 or 8); anything else 8.
+    """
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    for is_view, plain in _PLAIN_OF_VIEW:
+        if is_view(column.type):
+            column = column.cast(plain)
+    kind = column.type
+    if any(is_kind(kind) for is_kind in _BYTES_TYPES):
+        return pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if any(is_kind(kind) for is_kind in _LIST_TYPES + _LIST_VIEW_TYPES):
+        values = column.values
+        starts, ends = _list_bounds(column)
+        value_sizes = _sizes(values, in_list=True)
+        totals = np.concatenate(([0], np.cumsum(value_sizes)))
+        return totals[ends] - totals[starts]
+    if pa.types.is_struct(kind):
+        sizes = np.zeros(len(column), dtype=np.int64)
+        for index in range(kind.num_fields):
+            sizes += _sizes(column.field(index), in_list)
+        return sizes
+    width = 8
+    if in_list:
+        try:
+            width = max(1, kind.bit_width // 8)
+        except ValueError:  # Without a width (null, ...): 8 bytes a value.
+            pass
+    return np.full(len(column), width, dtype=np.int64)
 
 
 def record_sizes(batch: pa.RecordBatch) -> np.ndarray:
     """Each row's size in bytes, as --max_record_bytes counts it: its text's UTF-8 bytes, 4 per token id.
 
-    Strings and binaries count their bytes, lists their values at their width
-    (token ids: 4 or 8), anything else 8 bytes; what a row of the columns read holds.
+    Strings and binaries (view types included) count their bytes, lists and
+    structs their values' (token ids at their width: 4 or 8), anything else 8
+    bytes; what a row of the columns read holds.
     """
     sizes = np.zeros(batch.num_rows, dtype=np.int64)
     for column in batch.columns:
-        if pa.types.is_dictionary(column.type):
-            column = column.dictionary_decode()
-        kind = column.type
-        if any(is_kind(kind) for is_kind in _BYTES_TYPES):
-            lengths = pc.binary_length(column)
-        elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
-            lengths = _list_sizes(column)
-        else:
-            sizes += 8
-            continue
-        sizes += pc.fill_null(lengths, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        sizes += _sizes(column)
     return sizes
+
+
+def _small_rows(batch: pa.RecordBatch, big: np.ndarray) -> Iterator[dict[str, typing.Any]]:
+    """The rows of `batch` not `big`, as dicts: oversized rows are never made Python objects.
+
+    Slices, not `filter`: Arrow has no take kernel for view types (string_view).
+    """
+    small = np.flatnonzero(~big)
+    # Runs of consecutive small rows: where the next index is not one more.
+    breaks = np.flatnonzero(np.diff(small) != 1) + 1
+    for run in np.split(small, breaks):
+        if len(run):
+            yield from batch.slice(int(run[0]), len(run)).to_pylist()
 
 
 def _rows(
@@ -102,6 +148,9 @@ def _rows(
     metadata = parquet.metadata
     number = 0
     for group in range(metadata.num_row_groups):
+        if not metadata.row_group(group).num_rows:
+            # An empty row group (a writer given an empty batch) has no data to claim; its offsets are 0.
+            continue
         if claim is not None and metadata.num_columns:
             offset = row_group_offset(metadata.row_group(group))
             if offset < start:  # Read by the range before.
@@ -117,8 +166,7 @@ def _rows(
         for batch in parquet.iter_batches(batch_size=1024, columns=columns, row_groups=[group]):
             sizes = record_sizes(batch)
             big = sizes > plan.max_record_bytes
-            # Oversized rows are never made Python objects.
-            records = iter((batch.filter(pa.array(~big)) if big.any() else batch).to_pylist())
+            records = _small_rows(batch, big)
             for index in range(batch.num_rows):
                 number += 1
                 if big[index]:

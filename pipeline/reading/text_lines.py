@@ -10,12 +10,20 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
 import typing
 from collections.abc import Callable, Iterator
 
 from pipeline.reading.documents import Record, fields_to_document, guarded, to_document, too_large
 from pipeline.writing import schema as schema_lib
-from pipeline.writing.schema import EMPTY_RECORD, INVALID_UTF8, MALFORMED_JSON, NOT_AN_OBJECT, PARSE_FAILED
+from pipeline.writing.schema import (
+    EMPTY_RECORD,
+    INVALID_UTF8,
+    MALFORMED_JSON,
+    NOT_AN_OBJECT,
+    READ_ERROR,
+    UNREADABLE_FILE,
+)
 
 if typing.TYPE_CHECKING:
     from pipeline.planning.plan import ExportPlan
@@ -57,7 +65,7 @@ class NotUtf8(Exception):
     """A text or JSONL file in UTF-16 or UTF-32 (its byte-order mark says so): the readers take UTF-8."""
 
 
-def _check_encoding(head: bytes) -> None:
+def check_encoding(head: bytes) -> None:
     """Raises `NotUtf8` for a file whose first bytes `head` are a UTF-16/32 byte-order mark."""
     head = head[:2]
     if head in WIDE_BOMS:
@@ -110,7 +118,7 @@ def line_records(
     claim, on_newline, listed_size = lines.claim, lines.on_newline, lines.listed_size
     if lines.start:  # A range past the start: the file's first bytes say its encoding.
         stream.seek(0)
-        _check_encoding(stream.read(2))
+        check_encoding(stream.read(2))
     offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
     while True:
         # Room for the record and its "\r\n" (and the first line's byte-order mark): a longer
@@ -123,7 +131,7 @@ def line_records(
             return
         number += 1
         if offset == 0:
-            _check_encoding(line)
+            check_encoding(line)
         cut = len(line) == want and not line.endswith(b"\n")
         consumed = len(line)
         if offset == 0 and line.startswith(BOM):
@@ -137,10 +145,10 @@ def line_records(
         if on_newline is not None and end.endswith(b"\n"):
             on_newline(offset + consumed - 1)
         item: Record
-        if size > limit:
-            item = too_large(source, number, size, limit, line[: schema_lib.RAW_LIMIT * 4])
-        elif plan.input_format == "text" and not end.endswith(b"\n") and b"\r" in line.rstrip(b"\r\n"):
+        if not end.endswith(b"\n") and _ends_lines_with_carriage_returns(plan, line):
             item = _carriage_returns(source, number, line)
+        elif size > limit:
+            item = too_large(source, number, size, limit, line[: schema_lib.RAW_LIMIT * 4])
         else:
             item = guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
         yield offset, item
@@ -149,18 +157,32 @@ def line_records(
         raise InputShorter(f"the data ends at byte {offset}, but the launch listed {listed_size} bytes")
 
 
+# In JSONL, a carriage return before the next object's brace: records split by \r alone.
+_JSONL_CARRIAGE_RETURN = re.compile(rb"\r[ \t]*[{\[]")
+
+
+def _ends_lines_with_carriage_returns(plan: ExportPlan, line: bytes) -> bool:
+    """Whether a file's last line (`line`, maybe its first part only) holds lines ended by \r alone."""
+    body = line.rstrip(b"\r\n")
+    if plan.input_format == "text":
+        return b"\r" in body
+    return bool(_JSONL_CARRIAGE_RETURN.search(body))
+
+
 def _carriage_returns(source: str, number: int, line: bytes) -> Record:
     """The dead letter of a last line holding carriage returns: a file of old Mac line endings.
 
-    Such a file has no newline at all, so it reads as one line of every document run
-    together; a stray \r inside a line that ends with a newline is text, and kept.
+    Such a file has no newline at all, so it reads as one line of every record run
+    together: how many records it holds is unknown, so it breaks the file (an
+    `unreadable_file` when it is the first line, else a `read_error` there). A stray
+    \r inside a line that ends with a newline is text, and kept.
     """
     return schema_lib.error_row(
         source,
-        number,
+        None if number == 1 else number,
         None,
-        PARSE_FAILED,
-        "The file ends its lines with a carriage return (\\r) alone, so its documents would be "
+        UNREADABLE_FILE if number == 1 else READ_ERROR,
+        "The file ends its lines with a carriage return (\\r) alone, so its records would be "
         "read as one. Convert the line endings (e.g. tr '\\r' '\\n' < FILE > FILE.txt).",
         line[: schema_lib.RAW_LIMIT * 4],
     )
@@ -174,7 +196,9 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
         return schema_lib.error_row(source, number, None, INVALID_UTF8, str(error), line)
     if plan.input_format == "text":
         fields = {plan.inputs[0].field: text} if plan.inputs else {}
-        return fields_to_document(plan, source, number, f"{source}:{number}", fields, text)
+        # A file name that is not UTF-8 (surrogate-escaped) is written as backslash escapes.
+        document_id = f"{schema_lib.writable_text(source)}:{number}"
+        return fields_to_document(plan, source, number, document_id, fields, text)
     if not text.strip():
         return schema_lib.error_row(
             source, number, None, EMPTY_RECORD, "Blank line where a JSON object was expected.", text
@@ -191,6 +215,11 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
             message += (
                 ". The file looks like one JSON array, not JSON Lines (one object per line): convert "
                 "it, e.g. jq -c '.[]' FILE > FILE.jsonl"
+            )
+        elif number == 1 and text.rstrip().endswith("{"):
+            message += (
+                ". The file looks like pretty-printed JSON (an object over many lines), not JSON Lines "
+                "(one object per line): convert it, e.g. jq -c . FILE > FILE.jsonl"
             )
         return schema_lib.error_row(source, number, None, MALFORMED_JSON, message, text)
     if not isinstance(record, dict):

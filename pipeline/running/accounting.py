@@ -102,7 +102,7 @@ _HINTS = {
     "float16_overflow": "The model's values exceed float16's range: export with --dtype float32",
     "malformed_json": (
         "Check --input_format: JSON Lines holds one JSON object per line (a file that is one JSON "
-        "array is not; its first dead letter says how to convert it)"
+        "array, or pretty-printed JSON, is not; the first dead letter of such a file says how to convert it)"
     ),
     "inference_failed": "The model failed on the documents: the dead letters' messages say how",
     "duplicate_id": "Check --id_field: most ids repeat",
