@@ -31,7 +31,8 @@ Manifest = Mapping[str, Any]
 # count as 1; 2 is the first recorded (Keras 2's hard_sigmoid, float32 pooling of
 # float16 values, float16 overflow as dead letters); 3: string models without a fixed
 # output_sequence_length run each document as if alone, ids behind Hashing/IntegerLookup
-# are not limited by the Embedding's input_dim.
+# are not limited by the Embedding's input_dim, Parquet binary kept fields are text (or
+# base64), not Python reprs.
 ROWS_VERSION = 3
 
 
