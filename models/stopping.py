@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
 import sys
@@ -55,6 +57,13 @@ def run(command: str, main: Callable[[Sequence[str] | None], int], argv: Sequenc
     previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         status = main(argv)
+    except OSError as error:
+        if error.errno not in (errno.EPIPE, errno.EIO):
+            raise
+        # Its reader is gone (`| head -1`, a closed terminal): what is left to print has no one to
+        # read it, and a shell's `| head` does not make the command fail. Its files are written whole.
+        _silence_stdout()
+        return 0
     except KeyboardInterrupt:
         # Stopping already: a second Ctrl-C (a terminal sends one to the whole group) must not
         # break into the exit with a traceback.
@@ -64,3 +73,11 @@ def run(command: str, main: Callable[[Sequence[str] | None], int], argv: Sequenc
     for signum, handler_before in previous.items():
         signal.signal(signum, handler_before)
     return status
+
+
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so that the exit's flush does not fail on the closed one."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

@@ -66,3 +66,20 @@ def test_a_stop_signal_is_one_interrupted_line_and_its_status(tmp_path, module, 
     ]
     assert process.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
     assert sorted(os.listdir(tmp_path)) == ["blocked"]
+
+
+def test_a_tool_whose_stdout_reader_is_gone_ends_quietly(tmp_path):
+    """`python -m pipeline.inspect BUNDLE | head -1`: a BrokenPipeError traceback and exit 1."""
+    child = textwrap.dedent("""
+        import os, runpy, sys
+        read, write = os.pipe()
+        os.close(read)
+        os.dup2(write, 1)
+        sys.argv = ["pipeline.inspect", "models/data/default_bundle"]
+        runpy.run_module("pipeline.inspect", run_name="__main__", alter_sys=True)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-u", "-c", child], cwd=REPOSITORY, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
