@@ -310,6 +310,14 @@ def test_dataflow_refuses_s3_unless_the_workers_get_boto3(tmp_path):
         requirements.write_text(f"requests\n{line}  # S3 on the workers\n")
         check_dataflow_options(PipelineOptions([*flags, "--requirements_file", str(requirements)]))
     check_dataflow_options(PipelineOptions([*flags, "--sdk_container_image", "r/p/embexport-aws:1"]))
+    # pip's own includes, relative to the file (a loop is read once): boto3 came in through one.
+    (tmp_path / "aws").mkdir()
+    (tmp_path / "aws" / "extra.txt").write_text("-r ../requirements.txt\nboto3\n")
+    requirements.write_text("requests\n--requirement=aws/extra.txt\n")
+    check_dataflow_options(PipelineOptions([*flags, "--requirements_file", str(requirements)]))
+    (tmp_path / "aws" / "extra.txt").write_text("-r ../requirements.txt\n")
+    with pytest.raises(ExportConfigError, match="lack boto3"):
+        check_dataflow_options(PipelineOptions([*flags, "--requirements_file", str(requirements)]))
     with pytest.raises(ExportConfigError, match="--requirements_file .* cannot be read"):
         check_dataflow_options(PipelineOptions([*flags, "--requirements_file", str(tmp_path / "absent")]))
 

@@ -167,14 +167,32 @@ def _workers_get_boto3(options: PipelineOptions) -> bool:
         return True
     if not setup.requirements_file:
         return False
+    return any(
+        re.match(r"boto3\b|apache[-_]beam\[[^]]*\baws\b", line)
+        for line in _requirement_lines(setup.requirements_file, setup.requirements_file)
+    )
+
+
+def _requirement_lines(path: str, flag: str, seen: frozenset[str] = frozenset()) -> list[str]:
+    """The requirement lines of a pip requirements file, those of the files it includes
+    (`-r FILE`, `--requirement FILE`, relative to it) included, lower case, without comments."""
     try:
-        with open(setup.requirements_file, encoding="utf-8") as requirements:
+        with open(path, encoding="utf-8") as requirements:
             lines = [line.split("#", 1)[0].strip().lower() for line in requirements]
     except OSError as error:
         raise ExportConfigError(
-            f"--requirements_file {setup.requirements_file!r} cannot be read: {error.strerror or error}."
+            f"--requirements_file {flag!r} cannot be read: {path}: {error.strerror or error}."
         ) from None
-    return any(re.match(r"boto3\b|apache[-_]beam\[[^]]*\baws\b", line) for line in lines)
+    found: list[str] = []
+    for line in lines:
+        included = re.fullmatch(r"(?:-r|--requirement)(?:\s+|=)(\S+)", line)
+        if included is None:
+            found.append(line)
+            continue
+        nested = os.path.join(os.path.dirname(path), included[1])
+        if os.path.realpath(nested) not in seen:  # An include loop is read once.
+            found += _requirement_lines(nested, flag, seen | {os.path.realpath(path)})
+    return found
 
 
 def worker_tf_threads(options: PipelineOptions, requested: int) -> int:
