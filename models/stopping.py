@@ -28,6 +28,25 @@ def _tell(command: str, signum: int) -> int:
     return STOP_SIGNALS[signum]
 
 
+def open_standard_streams() -> None:
+    """Puts /dev/null on a standard stream the process was started without (`2>&-`, `>&-`).
+
+    Python then has `sys.stderr` None, which every write to it breaks on; and the
+    first file the process opens (an export's lock, a row file) would take the free
+    descriptor, so that what TensorFlow or Beam writes to stderr would land in it.
+    """
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: `fd` or one below
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+
+
 def stop_at_once(command: str) -> None:
     """Until `run` starts: a stop signal prints the line and ends the process at once.
 
@@ -48,6 +67,7 @@ def run(command: str, main: Callable[[Sequence[str] | None], int], argv: Sequenc
     Returns:
         `main`'s status, or 130 (SIGINT) / 143 (SIGTERM) after the `interrupted:` line.
     """
+    open_standard_streams()
     stopped: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:

@@ -170,6 +170,9 @@ def _recovered_commits() -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the export for `argv` (default: the command line) and returns the exit status."""
+    from models.stopping import open_standard_streams
+
+    open_standard_streams()
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         from pipeline.planning.cli import options_parser

@@ -69,3 +69,31 @@ def test_a_committed_run_whose_stdout_is_gone_exits_0(fd, flags, tiny_bundle, tm
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert manifest_of(output)["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("fd", [1, 2], ids=["stdout", "stderr"])
+def test_a_run_started_without_stdout_or_stderr_commits_and_exits_0(fd, tiny_bundle, tmp_path):
+    """`2>&-` (a supervisor, a cron wrapper): Python's sys.stderr is None, and the run did all its work,
+    then failed before its commit (exit 1); `>&-` committed but exited 1 with a traceback."""
+    import os
+    import subprocess
+
+    from pipeline_fixtures import REPOSITORY, pipeline_command
+
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl", [{"id": f"d{i}", "content": f"word{i}", "title": "word1"} for i in range(5)]
+    )
+    output = tmp_path / "out"
+    command = pipeline_command(corpus, output, "--model", tiny_bundle[0])
+    result = subprocess.run(
+        command,
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
+        preexec_fn=lambda: os.close(fd),
+        stdout=subprocess.DEVNULL if fd == 2 else None,
+        timeout=600,
+    )
+    assert result.returncode == 0
+    assert manifest_of(output)["status"] == "succeeded"
+    # Nothing TensorFlow or Beam wrote to the closed descriptor landed in a file of the export.
+    assert sorted(read_rows(output).column("id").to_pylist()) == [f"d{i}" for i in range(5)]
