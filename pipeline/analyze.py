@@ -46,8 +46,10 @@ from pipeline.analysis.dataset import (
     DEFAULT_SAMPLE,
     DEFAULT_SEED,
     AnalysisError,
+    check_read_unchanged,
     check_vector_column,
     data_is_vocabulary,
+    forget_opened,
     open_documents,
     open_documents_or_vocabulary,
     open_vocabulary,
@@ -402,8 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     object_storage.configure_for([args.directory, getattr(args, "out", None), getattr(args, "queries", None)])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    forget_opened()
     try:
-        print(run_command(args))
+        answer = run_command(args)
+        check_read_unchanged()
+        print(answer)
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

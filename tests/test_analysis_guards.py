@@ -173,6 +173,29 @@ def test_batch_queries_on_a_vocabulary_keep_the_token_id_type(tmp_path, capsys):
     assert answers["token_id"].to_pylist()[0] == tokens.index(expected[0])
 
 
+def test_an_answer_read_while_an_overwrite_committed_over_the_export_is_refused(
+    export_copy, monkeypatch, capsys
+):
+    """A run's --overwrite renamed its row files over those being scanned: the answer mixed two
+    exports' rows, exit 0."""
+    key = pq.read_table(glob.glob(os.path.join(export_copy, "part-*.parquet"))[0])["id"][0].as_py()
+    answer = analyze.run_command
+
+    def committed_over_meanwhile(args):
+        text = answer(args)
+        # As a commit does: a new file of the same name renamed over one that was read.
+        shard = sorted(glob.glob(os.path.join(export_copy, "part-*.parquet")))[0]
+        shutil.copy(shard, shard + ".new")
+        os.replace(shard + ".new", shard)
+        return text
+
+    monkeypatch.setattr(analyze, "run_command", committed_over_meanwhile)
+    assert analyze.main([export_copy, "neighbors", "--id", key, "--exact"]) == 2
+    assert "changed while it was read" in error_line(capsys)
+    monkeypatch.undo()
+    assert analyze.main([export_copy, "neighbors", "--id", key, "--exact"]) == 0
+
+
 def test_an_out_in_a_missing_directory_fails_before_any_row_is_read(tmp_path, ids_file, capsys):
     # The export does not even exist: the --out check comes first.
     missing = str(tmp_path / "no-export")

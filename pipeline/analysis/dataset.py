@@ -201,7 +201,7 @@ def open_documents(location: str) -> VectorDataset:
         for f in dataset.schema
         if f.name not in (ID_COLUMN, FINGERPRINT_COLUMN) and pa.types.is_string(f.type)
     )
-    return VectorDataset(location, "documents", dataset, ID_COLUMN, details)
+    return _opened(VectorDataset(location, "documents", dataset, ID_COLUMN, details))
 
 
 def manifest_row_files(filesystem: pafs.FileSystem, directory: str) -> dict[str, int] | None:
@@ -312,7 +312,45 @@ def open_vocabulary(location: str) -> VectorDataset:
             f"{files[0]} lacks the column(s) {sorted(missing)}; rewrite it with "
             "`python -m pipeline.vocabulary`."
         )
-    return VectorDataset(location, "vocabulary", dataset, TOKEN_COLUMN, (TOKEN_ID_COLUMN,))
+    return _opened(VectorDataset(location, "vocabulary", dataset, TOKEN_COLUMN, (TOKEN_ID_COLUMN,)))
+
+
+# The datasets this process opened, with their files' stamps then (see `check_read_unchanged`).
+_OPENED: list[tuple[VectorDataset, list[FileStamp]]] = []
+
+
+def _stamps(data: VectorDataset) -> list[FileStamp]:
+    """Stamps of the dataset's row files and of its manifest (an --overwrite's commit changes both)."""
+    filesystem, directory = data.filesystem_and_directory()
+    return row_file_stamps(filesystem, [*data.dataset.files, posixpath.join(directory, MANIFEST)])
+
+
+def _opened(data: VectorDataset) -> VectorDataset:
+    _OPENED.append((data, _stamps(data)))
+    return data
+
+
+def forget_opened() -> None:
+    """Starts a command afresh: only what it opens is checked by `check_read_unchanged`."""
+    _OPENED.clear()
+
+
+def check_read_unchanged() -> None:
+    """Refuses answers read from files that changed while they were read.
+
+    A run that commits an `--overwrite` over the export meanwhile renames its own
+    files over the ones being read: an answer would then mix two exports' rows.
+
+    Raises:
+        AnalysisError: naming the export to read again.
+    """
+    opened, _OPENED[:] = list(_OPENED), []
+    for data, stamps in opened:
+        if _stamps(data) != stamps:
+            raise AnalysisError(
+                f"{data.location!r} changed while it was read (a run committed over it, or its files were "
+                "rewritten): the answer would mix two exports' rows, so none is given. Run the command again."
+            )
 
 
 def _is_list_type(arrow_type: pa.DataType) -> bool:
