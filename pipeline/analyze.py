@@ -352,7 +352,9 @@ def run_command(args: argparse.Namespace) -> str:
         column = check_vector_column(data, column)
         loaded = open_index(data, column, args.exact)
         if args.queries is not None:
-            answered, problems = batch_neighbors(data, column, args.queries, out, args.k, loaded)
+            answered, problems = batch_neighbors(
+                data, column, args.queries, out, args.k, loaded, overwrite=args.overwrite
+            )
             how = describe_index(loaded, data) if loaded is not None else "By an exact scan of every row."
             return (
                 f"Wrote {args.out}: {answered} queries, {problems} of them unanswered "
@@ -374,7 +376,7 @@ def run_command(args: argparse.Namespace) -> str:
     data = open_documents(args.directory)
     if args.command == "plot":
         path, rows, total, explained = plot_pca(
-            data, args.column, args.label, out, sample=args.sample, seed=args.seed
+            data, args.column, args.label, out, sample=args.sample, seed=args.seed, overwrite=args.overwrite
         )
         return (
             f"Wrote {path}: PCA of {rows} of {total} rows, explaining "
@@ -411,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(answer)
     except AnalysisError as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except FileExistsError as error:  # --out appeared while the command ran (write_whole_local)
+        print(f"error: --out {error.filename!r}: {error.strerror}.", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     return 0
 

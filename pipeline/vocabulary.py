@@ -34,7 +34,7 @@ from models.tokenizer import OOV_ID
 from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.planning.cli import add_model_flags
-from pipeline.writing.layout import MANIFEST, STAGING
+from pipeline.writing.layout import LOCK, MANIFEST, STAGING
 from pipeline.writing.schema import VOCABULARY_FILE
 from pipeline.writing.vocabulary_table import vocabulary_metadata, vocabulary_table
 
@@ -156,14 +156,7 @@ def export_vocabulary(
     from pipeline.uris import is_local
 
     path = FileSystems.join(output, VOCABULARY_FILE)
-    # An export's directory holds only what its runs write; a file more makes --overwrite refuse it.
-    for directory in _self_and_parents(output):
-        for marker in (MANIFEST, STAGING):
-            if FileSystems.exists(FileSystems.join(directory, marker)):
-                raise ExportConfigError(
-                    f"--output {output} is inside the export {directory} (it holds {marker}), whose files "
-                    "only `python -m pipeline.run` writes; choose a directory outside it for the vocabulary."
-                )
+    _check_not_in_an_export(output)
     if is_local(output):
         if os.path.lexists(output) and not os.path.isdir(output):
             raise ExportConfigError(f"--output {output} is a file; --output names a directory to write into.")
@@ -215,11 +208,29 @@ def export_vocabulary(
         )
     metadata = vocabulary_metadata(model_uri, model_source, layer_name, table)
     arrow_table = vocabulary_table(table, id_to_token, metadata)
-    _write_whole(arrow_table, path)
+    # Again: an export may have started in --output while the model loaded.
+    _check_not_in_an_export(output)
+    _write_whole(arrow_table, path, overwrite)
     return path, arrow_table.num_rows
 
 
-def _write_whole(table: pa.Table, path: str) -> None:
+def _check_not_in_an_export(output: str) -> None:
+    """Refuses an --output in an export's directory: it holds only what its runs write, and a
+    file more makes its next --overwrite refuse it."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.errors import ExportConfigError
+
+    for directory in _self_and_parents(output):
+        for marker in (MANIFEST, STAGING, LOCK):
+            if FileSystems.exists(FileSystems.join(directory, marker)):
+                raise ExportConfigError(
+                    f"--output {output} is inside the export {directory} (it holds {marker}), whose files "
+                    "only `python -m pipeline.run` writes; choose a directory outside it for the vocabulary."
+                )
+
+
+def _write_whole(table: pa.Table, path: str, overwrite: bool) -> None:
     """Writes `table` to `path` so that a reader never sees half a file, and nothing else is touched.
 
     Locally through a new temporary file beside it (a name no other file has,
@@ -236,7 +247,7 @@ def _write_whole(table: pa.Table, path: str) -> None:
             pq.write_table(table, handle)
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_whole_local(path, lambda handle: pq.write_table(table, handle))
+    write_whole_local(path, lambda handle: pq.write_table(table, handle), replace=overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:

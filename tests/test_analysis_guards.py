@@ -465,6 +465,52 @@ def test_vocabulary_never_replaces_a_file_beside_it_nor_writes_through_a_link(tm
     )
 
 
+@pytest.mark.parametrize("meanwhile", ["same_command", "an_export"])
+def test_vocabulary_never_replaces_what_appeared_at_its_output_while_it_ran(
+    meanwhile, tmp_path, monkeypatch, capsys
+):
+    """Two `vocabulary --output X` at once: the second replaced the first's file (checked before the
+    model load only); an export started in X meanwhile got a vocabulary file among its own."""
+    from pipeline.planning import model_source
+
+    output = tmp_path / "voc"
+    load = model_source.load_model_source
+
+    def meanwhile_loading(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        output.mkdir(exist_ok=True)
+        if meanwhile == "same_command":
+            (output / vocabulary.VOCABULARY_FILE).write_text("the other command's", encoding="utf-8")
+        else:
+            (output / "_LOCK").write_text("{}", encoding="utf-8")
+        return loaded
+
+    monkeypatch.setattr(model_source, "load_model_source", meanwhile_loading)
+    assert vocabulary.main(["--layer", "emb", "--output", str(output)]) == 2
+    err = error_line(capsys)
+    assert ("--overwrite" in err) if meanwhile == "same_command" else ("inside the export" in err), err
+    if meanwhile == "same_command":
+        assert (output / vocabulary.VOCABULARY_FILE).read_text(encoding="utf-8") == "the other command's"
+    assert [name for name in os.listdir(output) if name.endswith(".tmp")] == []
+
+
+def test_an_out_that_appeared_while_analyze_ran_is_not_replaced(export_copy, tmp_path, monkeypatch, capsys):
+    """Two `plot --out P` at once: --out was checked before the rows were read, then renamed over."""
+    out = tmp_path / "p.png"
+    check = analyze.check_out_file
+
+    def another_wrote_it_meanwhile(path, overwrite):
+        checked = check(path, overwrite)
+        out.write_bytes(b"the other plot")
+        return checked
+
+    monkeypatch.setattr(analyze, "check_out_file", another_wrote_it_meanwhile)
+    assert analyze.main([export_copy, "plot", "--out", str(out)]) == 2
+    assert "it was not replaced" in error_line(capsys)
+    assert out.read_bytes() == b"the other plot"
+    assert sorted(os.listdir(tmp_path)) == ["export", "p.png"]
+
+
 def test_an_export_that_cannot_be_read_is_not_called_a_mix_of_two_exports(export_dir, monkeypatch, capsys):
     from pipeline.analysis import dataset
 

@@ -111,6 +111,7 @@ def batch_neighbors(
     out_path: str,
     k: int = DEFAULT_K,
     loaded: LoadedIndex | None = None,
+    overwrite: bool = True,
 ) -> tuple[int, int]:
     """Answers every query of `queries_path` and writes them to the Parquet file `out_path`.
 
@@ -205,7 +206,7 @@ def batch_neighbors(
         # Kept fields keep their own type and never take the place of a fixed column.
         columns[detail_column_name(c, fixed)] = pa.array(values, data.schema.field(c).type)
     columns["problem"] = pa.array(out["problem"], pa.string())
-    write_parquet_atomically(pa.table(columns), out_path)
+    write_parquet_atomically(pa.table(columns), out_path, overwrite)
     return len(labels), sum(p is not None for p in problems)
 
 
@@ -215,7 +216,7 @@ def detail_column_name(name: str, fixed: set[str]) -> str:
     return f"field.{name}" if name in fixed else name
 
 
-def write_parquet_atomically(table: pa.Table, path: str) -> None:
+def write_parquet_atomically(table: pa.Table, path: str, overwrite: bool = True) -> None:
     """Writes `table` to `path`; a local one through a new file of its own, renamed into place
     (`files.write_whole_local`), so nothing already beside `path` is overwritten, and a reader
     sees the old file or the whole new one.
@@ -224,7 +225,7 @@ def write_parquet_atomically(table: pa.Table, path: str) -> None:
         # An object store's PUT is atomic already: readers see the old object or the new one.
         pq.write_table(table, path)
         return
-    write_whole_local(path, lambda sink: pq.write_table(table, sink))
+    write_whole_local(path, lambda sink: pq.write_table(table, sink), replace=overwrite)
 
 
 class _ExactLookup:

@@ -76,6 +76,7 @@ def plot_projection(
     title: str,
     axis_labels: Sequence[str],
     legend_title: str | None = None,
+    overwrite: bool = True,
 ) -> str:
     """Draws 2-D `points` coloured by `labels` (or one colour if None) into a PNG at `path`."""
     try:
@@ -120,7 +121,7 @@ def plot_projection(
     figure.tight_layout()
     # As batch answers are: a new file of its own beside `path`, renamed over it once whole.
     extension = os.path.splitext(path)[1].lstrip(".").lower() or "png"
-    write_whole_local(path, lambda sink: figure.savefig(sink, format=extension))
+    write_whole_local(path, lambda sink: figure.savefig(sink, format=extension), replace=overwrite)
     return path
 
 
@@ -131,6 +132,7 @@ def plot_pca(
     path: str,
     sample: int = DEFAULT_SAMPLE,
     seed: int = DEFAULT_SEED,
+    overwrite: bool = True,
 ) -> Plotted:
     """Samples rows, projects `column` with PCA and writes a PNG coloured by `label`.
 
@@ -146,5 +148,5 @@ def plot_pca(
     shown = f"{total} rows" if rows == total else f"random sample of {rows} of {total} rows"
     title = f"PCA of {column}" + (f" coloured by {label}" if label else "") + f"\n{data.location} ({shown})"
     axis_labels = [f"PC{i + 1} ({fraction:.1%} of variance)" for i, fraction in enumerate(explained)]
-    plot_projection(points, labels, path, title, axis_labels, legend_title=label)
+    plot_projection(points, labels, path, title, axis_labels, legend_title=label, overwrite=overwrite)
     return Plotted(path, rows, total, explained)

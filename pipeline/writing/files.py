@@ -6,6 +6,7 @@ that step (`step_hook`).
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -271,14 +272,16 @@ def _replaced_mode(path: str) -> int:
     return 0o666 & ~umask
 
 
-def write_whole_local(path: str, write: Callable[[BinaryIO], None]) -> None:
+def write_whole_local(path: str, write: Callable[[BinaryIO], None], replace: bool = True) -> None:
     """Writes the local file `path` by `write(handle)`: a reader sees the old file or the whole new one.
 
     Through a new temporary file beside `path`, created exclusively (never a file
     or link already there, so nothing of the user's is overwritten or written
     through), flushed to disk, then renamed over `path`; removed if anything fails.
     It gets the mode of the file it replaces, else the one a plain `open` gives (0666
-    less the umask), not mkstemp's private 0600.
+    less the umask), not mkstemp's private 0600.  Without `replace` (no --overwrite),
+    a file that appeared at `path` meanwhile (the same command run twice at once) is
+    not replaced: the new file is linked in only where none is (FileExistsError).
     """
     directory, name = os.path.split(path)
     mode = _replaced_mode(path)
@@ -289,7 +292,19 @@ def write_whole_local(path: str, write: Callable[[BinaryIO], None]) -> None:
             os.fchmod(handle.fileno(), mode)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise FileExistsError(
+                    errno.EEXIST,
+                    "it appeared while this command ran (another one wrote it); it was not replaced: "
+                    "pass --overwrite to replace it",
+                    path,
+                ) from None
+            os.unlink(temporary)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
