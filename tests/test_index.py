@@ -275,6 +275,13 @@ def test_no_index_of_an_export_that_is_running_or_unfinished(export_copy, capsys
     assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
     assert "did not finish" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(export_copy, "_index"))
+    # Killed before any row file was committed: its staging only. It was called "not the --output".
+    for name in os.listdir(export_copy):
+        if name.startswith("part-"):
+            os.remove(os.path.join(export_copy, name))
+    os.makedirs(os.path.join(export_copy, layout_lib.STAGING, "0123456789ab"))
+    assert analyze.main([export_copy, "neighbors", "--id", "x"]) == 2
+    assert "has not finished" in capsys.readouterr().err
 
 
 # --- flags, the extra, odd vectors --------------------------------------------------------------
@@ -437,6 +444,11 @@ def test_index_of_a_vocabulary_is_used_for_words_and_tied_to_its_file(tmp_path, 
 
     directory = str(tmp_path / "vocabulary")
     vocabulary.export_vocabulary(DEFAULT_BUNDLE, None, "emb", directory)
+    # Two builds at once: the second is refused, as on an export (both said "Indexed", one was lost).
+    with lock_lib.OutputLock(directory, run_label="index"):
+        assert analyze.main([directory, "index"]) == 2
+        assert "is in use by" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(directory, layout_lib.LOCK))
     assert analyze.main([directory, "index", "--expansion_search", "256"]) == 0
     assert "rows of vector (300 dims, metric cos)" in capsys.readouterr().out
     data = open_vocabulary(directory)

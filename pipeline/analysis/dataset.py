@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 
 from pipeline.errors import ExportConfigError
 from pipeline.writing.commit import finish_interrupted_commit, has_pending_commit
-from pipeline.writing.layout import JOURNAL, MANIFEST, SHARD_PREFIX, TABLES_DIR
+from pipeline.writing.layout import JOURNAL, MANIFEST, SHARD_PREFIX, STAGING, TABLES_DIR
 from pipeline.writing.schema import (
     FINGERPRINT_COLUMN,
     ID_COLUMN,
@@ -175,6 +175,12 @@ def open_documents(location: str) -> VectorDataset:
             hint = " It holds a vocabulary export: query it with `neighbors --word WORD`."
         if _is_file(filesystem, posixpath.join(directory, MANIFEST)):
             raise no_rows
+        if filesystem.get_file_info(posixpath.join(directory, STAGING)).type != pafs.FileType.NotFound:
+            raise AnalysisError(
+                f"{location!r} is the --output of a `python -m pipeline.run` that has not finished (it "
+                "was stopped or killed, or is still running): rerun the same command to finish it (it "
+                "resumes from the rows made durable), then analyze it."
+            )
         raise AnalysisError(
             f"{location!r} holds no {SHARD_PREFIX}*.parquet files, so it is not the --output of "
             f"`python -m pipeline.run`.{hint}"

@@ -191,9 +191,10 @@ def _write_json(filesystem: pafs.FileSystem, target: str, value: IndexMetadata) 
 
 
 def _local_lock(data: VectorDataset) -> OutputLock | None:
-    """The export's OutputLock for a local export (no export runs while we write into it), else None."""
+    """The directory's OutputLock where it is local (no export, nor another index build, runs while
+    we write into it; a vocabulary's directory too), else None."""
     filesystem, directory = data.filesystem_and_directory()
-    if data.holds != "documents" or not isinstance(filesystem, pafs.LocalFileSystem):
+    if not isinstance(filesystem, pafs.LocalFileSystem):
         return None
     return OutputLock(directory, run_label="index")
 
