@@ -894,6 +894,8 @@ def test_an_interrupted_run_names_the_output_to_resume_and_how_a_committed_one_e
 
     def interrupted_run(argv):
         seen.append(list(argv))
+        # Stopped after the launch checks, with rows to keep (not left over from an earlier test's run).
+        monkeypatch.setattr(export_lib, "_past_launch_checks", True)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_lib, "run_export", interrupted_run)
