@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from types import FrameType
 
@@ -82,7 +83,7 @@ def run(command: str, main: Callable[[Sequence[str] | None], int], argv: Sequenc
             raise
         # Its reader is gone (`| head -1`, a closed terminal): what is left to print has no one to
         # read it, and a shell's `| head` does not make the command fail. Its files are written whole.
-        _silence_stdout()
+        silence(sys.stdout)
         return 0
     except KeyboardInterrupt:
         # Stopping already: a second Ctrl-C (a terminal sends one to the whole group) must not
@@ -95,9 +96,9 @@ def run(command: str, main: Callable[[Sequence[str] | None], int], argv: Sequenc
     return status
 
 
-def _silence_stdout() -> None:
-    """Points stdout at /dev/null, so that the exit's flush does not fail on the closed one."""
+def silence(stream: typing.TextIO) -> None:
+    """Points `stream`'s descriptor at /dev/null, so that the exit's flush does not fail on a closed one."""
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())
         os.close(devnull)

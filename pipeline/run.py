@@ -8,7 +8,6 @@ sample corpus.  `--help` lists our flags; Beam's own (--runner, --project,
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import signal
@@ -99,14 +98,13 @@ def _tell(line: str, stream: TextIO | None = None) -> None:
     pipe (EPIPE: `| head`) must not turn a committed export into a failure: the
     stream is then pointed at /dev/null, so that nothing else (the exit's flush) fails on it.
     """
+    from models.stopping import silence
+
     stream = stream or sys.stderr
     try:
         print(line, file=stream, flush=True)
     except OSError:  # EIO from a closed terminal, EPIPE from a closed pipe.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, stream.fileno())
-            os.close(devnull)
+        silence(stream)
 
 
 def _interrupted(

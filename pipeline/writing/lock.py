@@ -172,7 +172,7 @@ class OutputLock:
         """
         written = float(holder.get("renewed", 0) or 0)
         try:
-            written = max(written, FileSystems.match([self.path])[0].metadata_list[0].last_updated_in_seconds)
+            written = max(written, _modified(self.path))
         except Exception:  # No modification time from this store: the holder's word only.
             pass
         return time.time() - written
@@ -197,8 +197,7 @@ class OutputLock:
             with FileSystems.create(probe) as handle:
                 handle.write(b"clock")  # Not empty: S3 refuses an upload of no parts.
             try:
-                now = FileSystems.match([probe])[0].metadata_list[0].last_updated_in_seconds
-                written = FileSystems.match([self.path])[0].metadata_list[0].last_updated_in_seconds
+                now, written = _modified(probe), _modified(self.path)
             finally:
                 delete_files([probe])
         except Exception:  # No modification times from this store: this host's clock only.
@@ -298,6 +297,11 @@ class OutputLock:
             holder = self._read_lease()
             if holder and holder.get("run") == self.holder["run"]:
                 delete_files([self.path])
+
+
+def _modified(path: str) -> float:
+    """The store's own time of the last write of `path` (raises where it gives none)."""
+    return float(FileSystems.match([path])[0].metadata_list[0].last_updated_in_seconds)
 
 
 def _lease_clock() -> float:
