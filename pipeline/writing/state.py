@@ -80,7 +80,7 @@ def _manifest_shards(directory: str) -> tuple[bool, frozenset[str] | None]:
     Another tool's `_MANIFEST.json` (JSON without an export's `status` and
     `shards`) does not make the directory an export, nor its files ours.  A
     manifest that does not parse is a damaged one of ours (an `--overwrite`
-    replaces it), which lists nothing: its files are told by name.
+    replaces it), which lists nothing: its Parquet files are told by their footers.
     """
     try:
         manifest = read_json(join(directory, MANIFEST))
@@ -109,27 +109,23 @@ def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[
     manifest_ours, listed = _manifest_shards(directory) if _is_file(directory, MANIFEST) else (False, None)
     finished = journal or manifest_ours
 
+    damaged = manifest_ours and listed is None and not journal
+
     def explains(relative: str, kind: EntryKind) -> bool:
         if not finished:
             return _is_leftover(relative, kind)
         if not journal and listed is not None and kind == "file" and is_shard(relative):
             return relative in listed
+        if damaged and kind == "file" and relative.endswith(".parquet") and _entry_is_ours(relative, kind):
+            # A damaged manifest lists nothing: a Parquet file named as ours is ours only if its
+            # footer says so (another tool's part files and manifest look damaged to us).
+            return _footer_is_ours(directory, relative)
         return _entry_is_ours(relative, kind)
 
-    damaged = manifest_ours and listed is None and not journal
-
-    def explains_damaged(relative: str, kind: EntryKind) -> bool:
-        # A damaged manifest lists nothing: a Parquet file named as ours is ours only if its
-        # footer says so (another tool's part files and manifest look damaged to us).
-        if kind == "file" and relative.endswith(".parquet") and _entry_is_ours(relative, kind):
-            return _footer_is_ours(directory, relative)
-        return explains(relative, kind)
-
-    judge = explains_damaged if damaged else explains
     foreign: list[tuple[str, EntryKind]] = []
     ours: list[str] = []
     for relative, kind in iter_entries(directory):
-        if not judge(relative, kind):
+        if not explains(relative, kind):
             foreign.append((relative, kind))
             if len(foreign) == FOREIGN_EXAMPLES:  # Foreign already: a tree like / is not walked whole.
                 break
