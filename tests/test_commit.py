@@ -29,7 +29,7 @@ from pipeline_fixtures import REPOSITORY, pipeline_command, run_command, snapsho
 from test_object_storage import BUCKET, client, s3_endpoint, s3_flags, share_one_s3_client  # noqa: F401  (fixture)
 
 from pipeline.analysis.dataset import open_documents
-from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, OutputWriteError
+from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, OutputBusyError, OutputWriteError
 from pipeline.run import STOP_SIGNALS
 from pipeline.running.export import run_export
 from pipeline.writing import commit as commit_lib
@@ -67,7 +67,7 @@ def _staged_run(monkeypatch, argv):
     """Runs the export in `argv` up to its commit; returns (run id, the manifest facts it would commit)."""
     captured = {}
 
-    def capture(directory, run_id, staged, manifest):
+    def capture(directory, run_id, staged, manifest, held=None):
         captured.update(run_id=run_id, manifest=manifest)
         raise Captured
 
@@ -218,6 +218,37 @@ def _check_every_step(make_copy, recover, run_id, facts, old_ids):
             assert _complete_export(directory) == expected, where
             if pending:
                 assert not FileSystems.exists(files_lib.join(directory, layout_lib.STAGING, run_id)), where
+
+
+@pytest.mark.parametrize("lost_after", ["hash", "journal"])
+def test_a_run_that_lost_the_output_during_its_commit_changes_nothing_more(scenarios, tmp_path, lost_after):
+    """A run stopped in its commit longer than its lease (object storage) was taken over; continued, it
+    went on: wrote its journal and deleted the manifest of the export the other run had committed."""
+    template, run_id, facts, old_ids = scenarios["overwrite"]
+    directory = str(tmp_path / "out")
+    shutil.copytree(template, directory, symlinks=True)
+    old_files = _digests(directory)
+    lost = []
+
+    def held():
+        if lost:
+            raise OutputBusyError("--output is in use by run other")
+
+    def hook(action, relative):
+        if action == "hash" if lost_after == "hash" else relative == layout_lib.JOURNAL:
+            lost.append(relative)
+
+    files_lib.step_hook = hook
+    try:
+        with pytest.raises(OutputBusyError, match="in use by run other"):
+            commit_lib.commit(directory, run_id, staging_lib.staged_shards(directory, run_id), facts, held)
+    finally:
+        files_lib.step_hook = None
+    assert lost
+    # Nothing of the export in place was touched: its manifest and every file are as they were.
+    assert _complete_export(directory) == sorted(old_ids)
+    assert _digests(directory) == old_files
+    assert commit_lib.has_pending_commit(directory) == (lost_after == "journal")
 
 
 @pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])

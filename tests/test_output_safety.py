@@ -443,6 +443,28 @@ def test_lease_on_object_storage_refuses_a_live_holder_and_takes_over_a_stale_on
     taker.release()
 
 
+def test_a_signal_while_the_lease_is_taken_takes_it_back(tmp_path, monkeypatch):
+    """Ctrl-C in the second after the lease was written left it: the rerun the interrupted line
+    advises was refused as busy for five minutes."""
+    output = str(tmp_path / "bucket")
+    os.makedirs(output)
+    monkeypatch.setattr(lock_lib, "is_local", lambda path: False)
+    monkeypatch.setattr(files_lib, "is_local", lambda path: False)
+
+    def interrupted(seconds):
+        assert os.path.exists(os.path.join(output, layout_lib.LOCK))  # written, not yet read back
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lock_lib.time, "sleep", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            lock_lib.OutputLock(output).__enter__()
+    assert os.listdir(output) == []
+    with lock_lib.OutputLock(output):  # the rerun takes it at once
+        assert _read_lock(output)["run"]
+    assert os.listdir(output) == []
+
+
 def test_a_lease_taken_over_is_not_written_back_and_the_run_does_not_commit(tmp_path, monkeypatch):
     """After a stall longer than the lease, the renewer wrote ours back over the run that took it over."""
     output, first = _leased_bucket(tmp_path, monkeypatch, 0.05)

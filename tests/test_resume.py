@@ -532,9 +532,9 @@ def test_the_run_file_says_when_the_run_reached_its_commit(tiny_bundle, tmp_path
     states = []
     original = commit_lib.commit
 
-    def spying_commit(directory, run_id, staged, manifest):
+    def spying_commit(directory, run_id, staged, manifest, held):
         states.append(resume_lib.read_run(directory, run_id)["state"])
-        return original(directory, run_id, staged, manifest)
+        return original(directory, run_id, staged, manifest, held)
 
     monkeypatch.setattr(commit_lib, "commit", spying_commit)
     run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])

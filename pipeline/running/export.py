@@ -448,7 +448,8 @@ def _run_and_commit(
         with out_of_space_reported(plan.output, run_id):
             commit_lib.set_aside_failed_run(plan.output, run_id, staged, manifest)
     else:
-        commit_lib.commit(plan.output, run_id, staged, manifest)
+        held = lock.check_held if lock is not None else commit_lib.unguarded
+        commit_lib.commit(plan.output, run_id, staged, manifest, held)
     return ExportSummary(
         output=plan.output,
         records_read=accounting.read if accounting.exact else None,

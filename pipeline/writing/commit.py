@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import posixpath
+from collections.abc import Callable
 from typing import Any, Literal, TypedDict
 
 from pipeline.errors import ExportConfigError, OutputWriteError
@@ -65,6 +66,14 @@ Rename = TypedDict("Rename", {"from": str, "to": str, "bytes": int, "sha256": st
 # Staged files hashed at once: reading and hashing one uses about one core (local) or waits on
 # the network (object storage).
 HASH_THREADS = 4
+# Raises unless this run still holds the output (`OutputLock.check_held`). The commit calls it
+# before its commit point and before each step that changes the output: a run stopped longer
+# than its lease (object storage) must change nothing of what the run that took it over made.
+Guard = Callable[[], None]
+
+
+def unguarded() -> None:
+    """The guard of a replay whose caller checked the lock itself (it holds it from the start)."""
 
 
 class Journal(TypedDict):
@@ -101,7 +110,13 @@ def _commit_targets(role: Role, path: str) -> str:
     return posixpath.join(folder, posixpath.basename(path)) if folder else posixpath.basename(path)
 
 
-def commit(directory: str, run_id: str, staged: StagedShards, manifest: JsonObject) -> JsonObject:
+def commit(
+    directory: str,
+    run_id: str,
+    staged: StagedShards,
+    manifest: JsonObject,
+    held: Guard = unguarded,
+) -> JsonObject:
     """Replaces whatever export `directory` holds by the run's staged one, crash-safely (see the module doc).
 
     Args:
@@ -109,6 +124,8 @@ def commit(directory: str, run_id: str, staged: StagedShards, manifest: JsonObje
         run_id: this run's id; only its staging directory is removed.
         staged: `pipeline.writing.staging.staged_shards(directory, run_id)`.
         manifest: facts of the run (options, counts, ...); shard and table lists are added.
+        held: raises unless this run still holds the output's lock (`OutputLock.check_held`);
+            called before the commit point and before each change to the output.
 
     Returns:
         The manifest dict as written.
@@ -117,15 +134,18 @@ def commit(directory: str, run_id: str, staged: StagedShards, manifest: JsonObje
         OutputWriteError: the commit could not start (the old export is untouched and
             this run's staging directory removed) or could not finish (the journal stays
             and the next command on the output finishes it).
+        OutputBusyError: `held` found the lock lost; this run changes nothing more.
     """
     staging = posixpath.join(STAGING, run_id)
     with committing(done_phase="committed"):
         try:
             journal, manifest = _prepare_commit(directory, run_id, staged, manifest)
+            # Hashing a large export takes minutes: the lease is read again right before the point.
+            held()
             # The commit point: once the journal is in place the new export is the one that survives.
             move(directory, posixpath.join(staging, JOURNAL), JOURNAL)
             fsync_directory(directory)
-            _replay(directory, journal)
+            _replay(directory, journal, held)
         except OSError as error:
             if _journal_written(directory):
                 raise OutputWriteError(
@@ -246,17 +266,25 @@ def _check_journal(directory: str, journal: Any) -> Journal:
     return journal
 
 
-def _replay(directory: str, journal: Journal) -> None:
-    """Carries out a commit's journal; every step is idempotent, so a replay after any crash finishes it."""
+def _replay(directory: str, journal: Journal, held: Guard = unguarded) -> None:
+    """Carries out a commit's journal; every step is idempotent, so a replay after any crash finishes it.
+
+    `held` is called before each step that changes the output: a run that lost the
+    output's lease while stopped in its replay leaves the rest to the run that took
+    it over (which finishes the journal, or has already replaced it by its own export).
+    """
     staging = posixpath.join(STAGING, journal["run"])
     if exists(directory, journal["manifest"]):
         # Old manifest first: from here a reader sees no manifest over a mix of shards.
+        held()
         delete_relative(directory, MANIFEST)
         for relative in journal["delete"]:
+            held()
             delete_relative(directory, relative)
         for relative in journal["directories"]:
             make_directory(directory, relative)
         for rename in journal["renames"]:
+            held()
             if exists(directory, rename["from"]):
                 move(directory, rename["from"], rename["to"])
             else:
@@ -264,6 +292,7 @@ def _replay(directory: str, journal: Journal) -> None:
         # The renames into errors/ and _tables/ are durable before the manifest that lists them.
         for relative in journal["directories"]:
             fsync_directory(join(directory, relative))
+        held()
         move(directory, journal["manifest"], MANIFEST)
         fsync_directory(directory)
     elif not exists(directory, MANIFEST):
@@ -273,8 +302,10 @@ def _replay(directory: str, journal: Journal) -> None:
             "output; remove it and export again."
         )
     step("delete", staging + "/")
+    held()
     remove_staging(directory, journal["run"])
     _remove_empty_directories(directory)
+    held()
     delete_relative(directory, JOURNAL)
     fsync_directory(directory)
 

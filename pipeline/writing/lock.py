@@ -209,10 +209,19 @@ class OutputLock:
         if holder and min(self._lease_age(holder), self._store_age()) < LEASE_SECONDS:
             raise self._busy(holder)
         self._write_lease()
-        time.sleep(settle_seconds)
-        holder = self._read_lease()
-        if not holder or holder.get("run") != self.holder["run"]:
-            raise self._busy(holder)
+        try:
+            time.sleep(settle_seconds)
+            holder = self._read_lease()
+            if not holder or holder.get("run") != self.holder["run"]:
+                raise self._busy(holder)
+        except BaseException:
+            # A signal (Ctrl-C, SIGTERM) or a failed read while taking the lease: the context
+            # manager's exit never runs, so the lease written is taken back here, if still ours.
+            with contextlib.suppress(Exception):
+                holder = self._read_lease()
+                if holder and holder.get("run") == self.holder["run"]:
+                    delete_files([self.path])
+            raise
         self._renewer = threading.Thread(target=self._renew, name="OutputLockRenewer", daemon=True)
         self._renewer.start()
 
