@@ -196,6 +196,39 @@ def test_an_answer_read_while_an_overwrite_committed_over_the_export_is_refused(
     assert analyze.main([export_copy, "neighbors", "--id", key, "--exact"]) == 0
 
 
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "new_file"])
+@pytest.mark.parametrize("command", ["neighbors", "plot"])
+def test_an_answer_refused_as_read_while_the_export_changed_leaves_out_as_it_was(
+    export_copy, ids_file, tmp_path, monkeypatch, capsys, command, overwrite
+):
+    """The read was checked only after --out was written: a refused answer still replaced the user's file."""
+    out = tmp_path / ("answer.parquet" if command == "neighbors" else "plot.png")
+    if overwrite:
+        out.write_bytes(b"the user's earlier answer")
+    manifest = os.path.join(export_copy, MANIFEST)
+    writers = {"neighbors": (pq, "write_table"), "plot": (matplotlib.figure.Figure, "savefig")}
+    owner, name = writers[command]
+    real = getattr(owner, name)
+
+    def another_run_commits_meanwhile(*args, **kwargs):
+        real(*args, **kwargs)
+        # As an --overwrite's commit does: a new manifest renamed over the one read.
+        shutil.copy(manifest, manifest + ".new")
+        os.utime(manifest + ".new", ns=(1, 1))
+        os.replace(manifest + ".new", manifest)
+
+    monkeypatch.setattr(owner, name, another_run_commits_meanwhile)
+    flags = ["--queries", ids_file, "--exact"] if command == "neighbors" else []
+    argv = [export_copy, command, *flags, "--out", str(out)] + (["--overwrite"] if overwrite else [])
+    assert analyze.main(argv) == 2
+    assert "changed while it was read" in error_line(capsys)
+    if overwrite:
+        assert out.read_bytes() == b"the user's earlier answer"
+    else:
+        assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["export", "ids.txt"] + ([out.name] if overwrite else []))
+
+
 def test_an_out_in_a_missing_directory_fails_before_any_row_is_read(tmp_path, ids_file, capsys):
     # The export does not even exist: the --out check comes first.
     missing = str(tmp_path / "no-export")

@@ -10,12 +10,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.analysis.answer_file import write_answer
 from pipeline.analysis.dataset import AnalysisError, VectorDataset, is_vector_type, vectors_to_numpy
 from pipeline.analysis.exact import exact_top_k, row_count
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K, display_score
-from pipeline.uris import is_local
-from pipeline.writing.files import write_whole_local
 from pipeline.writing.schema import ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN
 
 
@@ -217,15 +216,9 @@ def detail_column_name(name: str, fixed: set[str]) -> str:
 
 
 def write_parquet_atomically(table: pa.Table, path: str, overwrite: bool = True) -> None:
-    """Writes `table` to `path`; a local one through a new file of its own, renamed into place
-    (`files.write_whole_local`), so nothing already beside `path` is overwritten, and a reader
-    sees the old file or the whole new one.
-    """
-    if not is_local(path):
-        # An object store's PUT is atomic already: readers see the old object or the new one.
-        pq.write_table(table, path)
-        return
-    write_whole_local(path, lambda sink: pq.write_table(table, sink), replace=overwrite)
+    """Writes `table` to `path` as `answer_file.write_answer` does: whole or not at all, and only
+    once the rows it was read from are checked unchanged."""
+    write_answer(path, lambda sink: pq.write_table(table, sink), overwrite)
 
 
 class _ExactLookup:
