@@ -23,6 +23,7 @@ import pytest
 from pipeline import analyze, vocabulary
 from pipeline.analysis import index_build
 from pipeline.analysis.dataset import open_documents, open_vocabulary
+from pipeline.analysis.exact import exact_top_k
 from pipeline.analysis.knn import knn_score, knn_score_indexed
 from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 from pipeline.analysis.plot import plot_projection
@@ -608,3 +609,51 @@ def test_a_plot_that_fails_while_drawing_leaves_the_earlier_file_and_nothing_els
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real)
     plot_projection(points, ["x"] * 10, str(path), "t", ["a", "b"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["p.png"]
+
+
+@pytest.mark.parametrize("metric", ["cos", "l2"])
+def test_tied_rows_are_ranked_by_id_in_every_mode(tmp_path, capsys, metric):
+    """Three modes gave three top-k lists when rows tied: ties went by position in the batch scan,
+    and the index cut at k by position before it sorted by id."""
+    rng = np.random.default_rng(11)
+    same = rng.normal(size=4)
+    tied = [f"t{n:02d}" for n in rng.permutation(40)]  # ids in no order, spread over every batch
+    others = [f"o{n}" for n in range(20)]
+    ids = ["q", *tied, *others]
+    vectors = [same] * (1 + len(tied)) + list(rng.normal(size=(len(others), 4)) * 3)
+    order = rng.permutation(len(ids))
+    columns = {
+        "id": [ids[i] for i in order],
+        "v": pa.array([list(vectors[i]) for i in order], pa.list_(pa.float32(), 4)),
+    }
+    export = write_export(str(tmp_path / "ties"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("q\n", encoding="utf-8")
+    data = open_documents(export)
+    for k in (1, 2, 5, 39):
+        expected = sorted(tied)[:k]
+        if metric == "cos":
+            assert [n.key for n in find_neighbors(data, "q", "v", k, batch_rows=7)[0]] == expected
+        query = np.asarray([same], dtype=np.float32)
+        positions, _ = exact_top_k(data, "v", query, k, metric, batch_rows=7)
+        assert [columns["id"][p] for p in positions[0]] == sorted(["q", *tied])[:k]
+        out = tmp_path / f"exact{k}.parquet"
+        argv = [export, "neighbors", "--queries", str(queries), "--exact", "-k", str(k), "--out", str(out)]
+        if metric == "cos":
+            assert analyze.main(argv) == 0
+            assert pq.read_table(out)["id"].to_pylist() == expected
+    index_build.build_index(data, "v", index_build.IndexSettings(metric=metric, **EXACT_SETTINGS))
+    capsys.readouterr()
+    for k in (1, 2, 5, 39):
+        expected = sorted(tied)[:k]
+        out = tmp_path / f"index{k}.parquet"
+        assert (
+            analyze.main([export, "neighbors", "--queries", str(queries), "-k", str(k), "--out", str(out)])
+            == 0
+        )
+        assert pq.read_table(out)["id"].to_pylist() == expected
+        assert analyze.main([export, "neighbors", "--id", "q", "-k", str(k)]) == 0
+        listed = [
+            line.split()[2] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()
+        ]
+        assert listed == expected
