@@ -24,7 +24,7 @@ from pipeline import analyze, vocabulary
 from pipeline.analysis import index_build
 from pipeline.analysis.dataset import open_documents, open_vocabulary
 from pipeline.analysis.exact import exact_top_k
-from pipeline.analysis.knn import knn_score, knn_score_indexed
+from pipeline.analysis.knn import knn_score, knn_score_indexed, score_label_agreement
 from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 from pipeline.analysis.plot import plot_projection
 from pipeline.running.export import run_export
@@ -657,3 +657,49 @@ def test_tied_rows_are_ranked_by_id_in_every_mode(tmp_path, capsys, metric):
             line.split()[2] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()
         ]
         assert listed == expected
+
+
+def test_vectors_whose_squared_norm_overflows_float32_get_their_true_similarities(tmp_path, capsys):
+    """Finite float32 values of 3e19: the batch scan and knn-score took the norms in float32, so the
+    row scored 0 against every other (1.0 by the single-query scan and the index)."""
+    columns = {
+        "id": ["r_a", "r_big", "r_b", "r_b2", "r_neg"],
+        "v": pa.array(
+            [[1, 0, 0, 0], [3e19, 3e19, 0, 0], [1, 1, 0, 0], [2, 2, 0, 0], [-1, 0, 0, 0]],
+            pa.list_(pa.float32(), 4),
+        ),
+    }
+    export = write_export(str(tmp_path / "big"), columns)
+    data = open_documents(export)
+    queries = tmp_path / "q.txt"
+    queries.write_text("r_b\nr_big\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    assert (
+        analyze.main(
+            [export, "neighbors", "--queries", str(queries), "--exact", "-k", "4", "--out", str(out)]
+        )
+        == 0
+    )
+    answers = pq.read_table(out).to_pylist()
+    for query in ("r_b", "r_big"):
+        single = find_neighbors(data, query, "v", 4)[0]
+        batch = [a for a in answers if a["query"] == query]
+        assert [a["id"] for a in batch] == [n.key for n in single]
+        assert [a["similarity"] for a in batch] == pytest.approx([n.similarity for n in single], abs=1e-6)
+    assert [a["similarity"] for a in answers[:2]] == pytest.approx([1.0, 1.0])
+    # A query vector of 1e30 (float32, finite): the rows in its direction, not the first rows by position.
+    vector_queries = tmp_path / "q.npy"
+    np.save(vector_queries, np.asarray([[1e30, 1e30, 0, 0]], dtype=np.float32))
+    out = tmp_path / "b.parquet"
+    assert (
+        analyze.main([export, "neighbors", "--queries", str(vector_queries), "-k", "3", "--out", str(out)])
+        == 0
+    )
+    answer = pq.read_table(out)
+    assert sorted(answer["id"].to_pylist()) == ["r_b", "r_b2", "r_big"]
+    assert answer["similarity"].to_pylist() == pytest.approx([1.0, 1.0, 1.0])
+    # knn-score: the big row's nearest is the row in its direction; the b rows come first, so an
+    # all-zero row would take them.
+    vectors = np.asarray([[1, -0.5, 1, 0], [1, -0.5, 1.1, 0], [3e19, 3e19, 0, 0], [1, 1, 0, 0]], np.float32)
+    score = score_label_agreement(vectors, ["b", "b", "a", "a"], k=1)
+    assert score.agreement == 1.0

@@ -439,9 +439,16 @@ def vectors_to_numpy(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1; all-zero rows stay zero (similarity 0 to everything)."""
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return matrix / np.where(norms == 0, 1, norms)
+    """Rows scaled to length 1, in `matrix`'s float type; all-zero rows stay zero (similarity 0 to everything).
+
+    The norms are taken in float64: a finite float32 row's squared norm overflows
+    float32 from values of about 2e19, which would scale it to all zeros.
+    """
+    wide = np.asarray(matrix, dtype=np.float64)
+    norms = np.linalg.norm(wide, axis=1, keepdims=True)
+    return (wide / np.where(norms == 0, 1, norms)).astype(
+        np.result_type(matrix.dtype, np.float32), copy=False
+    )
 
 
 def sample_rows(
