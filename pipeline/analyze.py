@@ -352,12 +352,18 @@ def run_command(args: argparse.Namespace) -> str:
         column = check_vector_column(data, column)
         loaded = open_index(data, column, args.exact)
         if args.queries is not None:
-            answered, problems = batch_neighbors(
+            answer = batch_neighbors(
                 data, column, args.queries, out, args.k, loaded, overwrite=args.overwrite
             )
             how = describe_index(loaded, data) if loaded is not None else "By an exact scan of every row."
+            short = (
+                f", {answer.short} answered with fewer neighbours than asked (the index could not reach "
+                "them; --exact finds them all)"
+                if answer.short
+                else ""
+            )
             return (
-                f"Wrote {args.out}: {answered} queries, {problems} of them unanswered "
+                f"Wrote {args.out}: {answer.queries} queries, {answer.unanswered} of them unanswered{short} "
                 f"(see its problem column).\n{how}"
             )
         if loaded is None:

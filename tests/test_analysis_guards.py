@@ -703,3 +703,91 @@ def test_vectors_whose_squared_norm_overflows_float32_get_their_true_similaritie
     vectors = np.asarray([[1, -0.5, 1, 0], [1, -0.5, 1.1, 0], [3e19, 3e19, 0, 0], [1, 1, 0, 0]], np.float32)
     score = score_label_agreement(vectors, ["b", "b", "a", "a"], k=1)
     assert score.agreement == 1.0
+
+
+def test_kept_fields_named_field_dot_an_answer_column_keep_both_columns(tmp_path, capsys):
+    """Kept `query` and `field.query`: the renamed `query` took `field.query`'s name, and one was lost."""
+    rows = 12
+    rng = np.random.default_rng(4)
+    columns = {
+        "id": [f"d{i}" for i in range(rows)],
+        "v": pa.array(list(rng.normal(size=(rows, 4))), pa.list_(pa.float32(), 4)),
+        "query": [f"search {i}" for i in range(rows)],
+        "field.query": [f"kept {i}" for i in range(rows)],
+        "field.field.query": [f"more {i}" for i in range(rows)],
+    }
+    export = write_export(str(tmp_path / "log"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("d1\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "-k", "3", "--out", str(out)]) == 0
+    table = pq.read_table(out)
+    assert table.column_names == [
+        "query",
+        "rank",
+        "id",
+        "similarity",
+        "field.field.field.query",
+        "field.query",
+        "field.field.query",
+        "problem",
+    ]
+    for answer in table.to_pylist():
+        number = int(answer["id"][1:])
+        assert answer["query"] == "d1"
+        assert answer["field.field.field.query"] == f"search {number}"
+        assert answer["field.query"] == f"kept {number}" and answer["field.field.query"] == f"more {number}"
+
+
+def test_batch_answers_through_an_index_that_cannot_reach_every_row_say_so(tmp_path, capsys):
+    """Single mode said "The index found 11 of the 50"; batch mode wrote short lists silently, and counted
+    a query with no neighbour as answered."""
+    rng = np.random.default_rng(0)
+    rows = 400
+    vectors = rng.normal(size=(rows, 8)) * np.exp(rng.normal(scale=3, size=(rows, 1)))
+    columns = {
+        "id": [f"d{i:04d}" for i in range(rows)],
+        "v": pa.array(list(vectors), pa.list_(pa.float32(), 8)),
+    }
+    export = write_export(str(tmp_path / "norms"), columns)
+    poor = ["--metric", "ip", "--connectivity", "2", "--expansion_add", "1", "--expansion_search", "1"]
+    assert analyze.main([export, "index", *poor, "--threads", "1", "--recall_queries", "0"]) == 0
+    queries = tmp_path / "q.txt"
+    queries.write_text("".join(f"d{i:04d}\n" for i in range(0, rows, 10)), encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    capsys.readouterr()
+    k = 50
+    assert (
+        analyze.main([export, "neighbors", "--queries", str(queries), "-k", str(k), "--out", str(out)]) == 0
+    )
+    summary = capsys.readouterr().out
+    answers = pq.read_table(out).to_pandas()
+    found = answers.groupby("query")["rank"].count()
+    short = found[found < k]
+    assert len(short) > 0  # the graph leaves rows out: what this test is about
+    assert f"{len(found)} queries, 0 of them unanswered, {len(short)} answered with fewer" in summary
+    for query, count in short.items():
+        problems = answers[answers["query"] == query]["problem"]
+        assert (
+            problems == f"the index found {count} of the {k} neighbours asked for; --exact finds them all "
+            "(or rebuild it with higher --connectivity / --expansion_search)"
+        ).all()
+    assert answers[answers["query"].isin(found[found == k].index)]["problem"].isna().all()
+    # The same query alone says the same.
+    first_short = short.index[0]
+    assert analyze.main([export, "neighbors", "--id", first_short, "-k", str(k)]) == 0
+    assert f"The index found {short.iloc[0]} of the {k} neighbours asked for" in capsys.readouterr().out
+
+
+def test_a_query_with_no_neighbour_is_counted_unanswered(tmp_path, capsys):
+    columns = {
+        "id": ["only", "null", "nan"],
+        "v": pa.array([[1.0, 2.0], None, [float("nan"), 1.0]], pa.list_(pa.float32())),
+    }
+    export = write_export(str(tmp_path / "one"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("only\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "--out", str(out)]) == 0
+    assert "1 queries, 1 of them unanswered" in capsys.readouterr().out
+    assert pq.read_table(out)["problem"].to_pylist() == ["no neighbours"]

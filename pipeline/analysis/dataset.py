@@ -439,7 +439,7 @@ def vectors_to_numpy(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1, in `matrix`'s float type; all-zero rows stay zero (similarity 0 to everything).
+    """Rows scaled to length 1, in `matrix`'s float type; all-zero rows stay zero (similarity 0 to all).
 
     The norms are taken in float64: a finite float32 row's squared norm overflows
     float32 from values of about 2e19, which would scale it to all zeros.
