@@ -429,7 +429,8 @@ def run_command(args: argparse.Namespace) -> str:
                 f"{args.directory} index --column {column}`, or leave --all out to score a sample."
             )
         score = knn_score_indexed(data, loaded, args.label, args.k)
-        return describe_index(loaded, data) + "\n" + format_knn_score(column, args.label, score, score.rows)
+        how = describe_index(loaded, data, instead="leave --all out to score a sample instead")
+        return how + "\n" + format_knn_score(column, args.label, score, score.rows)
     score, total = knn_score(data, column, args.label, args.k, args.sample, args.seed)
     return format_knn_score(column, args.label, score, total)
 

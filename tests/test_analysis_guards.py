@@ -791,3 +791,64 @@ def test_a_query_with_no_neighbour_is_counted_unanswered(tmp_path, capsys):
     assert analyze.main([export, "neighbors", "--queries", str(queries), "--out", str(out)]) == 0
     assert "1 queries, 1 of them unanswered" in capsys.readouterr().out
     assert pq.read_table(out)["problem"].to_pylist() == ["no neighbours"]
+
+
+@pytest.mark.parametrize(
+    "metadata, problem",
+    [
+        ([], "it holds a JSON list, not an object"),
+        ("an index", "it holds a JSON str, not an object"),
+        ({"format": "usearch"}, "it lacks bytes, column, dim"),
+        ("metric", "its metric 'euclid' is not one of cos, ip, l2"),
+        ("recall", "its recall have the wrong type"),
+    ],
+)
+def test_index_metadata_that_is_json_but_not_metadata_is_one_error_line(
+    export_copy, capsys, metadata, problem
+):
+    """`[]` as _index/COLUMN.json ended neighbors and knn-score --all with an AttributeError traceback."""
+    assert analyze.main([export_copy, "index", "--column", COLUMN, "--recall_queries", "0"]) == 0
+    path = os.path.join(export_copy, "_index", f"{COLUMN}.json")
+    if metadata in ("metric", "recall"):
+        with open(path, encoding="utf-8") as handle:
+            real = json.load(handle)
+        metadata = dict(real, metric="euclid") if metadata == "metric" else dict(real, recall=[0.9])
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(metadata, handle)
+    key = pq.read_table(os.path.join(export_copy, SHARD))["id"][0].as_py()
+    capsys.readouterr()
+    for argv in (["neighbors", "--id", key], ["knn-score", "--label", "topic", "--all", "-k", "2"]):
+        assert analyze.main([export_copy, *argv]) == 2
+        err = error_line(capsys)
+        assert f"is not an index's metadata ({problem}" in err, err
+        assert f"index --column {COLUMN}" in err and "--exact" in err and err.count("\n") == 1
+
+
+def test_batch_queries_on_a_damaged_or_unfinished_export_say_what_is_wrong(
+    export_copy, ids_file, tmp_path, capsys
+):
+    """--queries said the export "holds no vocabulary.parquet" where --id says its row file is lost."""
+    out = str(tmp_path / "a.parquet")
+    os.remove(os.path.join(export_copy, SHARD))
+    for argv in (["--id", "x"], ["--queries", ids_file, "--out", out]):
+        assert analyze.main([export_copy, "neighbors", *argv]) == 2
+        err = error_line(capsys)
+        assert SHARD in err and "vocabulary" not in err, err
+    os.remove(os.path.join(export_copy, MANIFEST))
+    os.makedirs(os.path.join(export_copy, "_staging", "0123456789ab"))
+    assert analyze.main([export_copy, "neighbors", "--queries", ids_file, "--out", out]) == 2
+    err = error_line(capsys)
+    assert "rerun the same command to finish it" in err and "vocabulary" not in err, err
+    assert not os.path.exists(out)
+
+
+def test_knn_score_all_advises_a_flag_it_has(export_copy, capsys):
+    """knn-score --all advised "--exact scans every row instead"; knn-score has no --exact."""
+    assert analyze.main([export_copy, "index", "--column", COLUMN, "--recall_queries", "0"]) == 0
+    capsys.readouterr()
+    assert analyze.main([export_copy, "knn-score", "--label", "topic", "--all", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "leave --all out to score a sample instead" in out and "--exact" not in out
+    key = pq.read_table(os.path.join(export_copy, SHARD))["id"][0].as_py()
+    assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
+    assert "--exact scans every row instead" in capsys.readouterr().out

@@ -503,7 +503,8 @@ def test_a_users_file_in_the_index_directory_is_never_deleted_by_overwrite(expor
     assert state_lib.foreign_files(export_copy) == [f"_index/{name}"]
     with pytest.raises(ExportConfigError, match="holds files that no export wrote"):
         run_export(["--output", export_copy, "--layer", COLUMN, "--limit", "20", "--overwrite"])
-    assert open(path, encoding="utf-8").read() == content
+    with open(path, encoding="utf-8") as handle:
+        assert handle.read() == content
     # The export's own index files are still told apart: once the user's file is gone, it is replaced.
     os.remove(path)
     summary = run_export(["--output", export_copy, "--layer", COLUMN, "--limit", "20", "--overwrite"])
