@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from usearch.index import Index
 
 
+# How far a search widens to find every row tied with the k-th (see `LoadedIndex.search`).
+TIE_SEARCH_ROWS = 4096
+
+
 class Matches(NamedTuple):
     """usearch's answer to a batch of queries, always 2-D: keys and distances (queries, found), counts."""
 
@@ -80,7 +84,7 @@ class LoadedIndex:
         Equal scores go by key, as the exact scans break their ties: of the rows
         tied with the k-th, those with the smallest keys make the cut, so a query
         whose k-th row ties past the rows found is searched again, wider, until
-        the tie ends (only queries with a tie pay for it).
+        the tie ends or TIE_SEARCH_ROWS rows are found (only queries with a tie pay for it).
         """
         queries = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
         total = len(self.index)
@@ -101,12 +105,14 @@ class LoadedIndex:
             row_keys, row_found, row_count = keys[row], found[row], count
             kth = best[row, -1]
             # The tie may go on past the rows found: search wider until it ends (or every row is in).
+            # Thousands of identical vectors (duplicate documents) would make every one of their
+            # queries a search of them all: past TIE_SEARCH_ROWS the rows found break the tie by key.
             while (
-                row_count < total
+                row_count < min(total, max(TIE_SEARCH_ROWS, count))
                 and returned[row] == row_count
                 and row_found[np.isfinite(row_found)].min() >= kth
             ):
-                row_count = min(2 * row_count, total)
+                row_count = min(2 * row_count, total, max(TIE_SEARCH_ROWS, count))
                 wider = self._found(queries[row : row + 1], row_count, exclude[row : row + 1])
                 row_keys, row_found, returned[row] = wider[0][0], wider[1][0], wider[2][0]
             valid = np.flatnonzero(np.isfinite(row_found))
