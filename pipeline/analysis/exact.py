@@ -148,14 +148,27 @@ def exact_top_k(
             )
             merged_positions = np.concatenate([best_positions[start:stop], batch.positions[chosen]], axis=1)
             merged_keys = np.concatenate([best_keys[start:stop], batch.keys[chosen]], axis=1)
-            # Best first; equal scores by key (as `neighbors --id` and the index break ties), so the
-            # answer depends neither on the batches nor on where a row is.
-            order = np.lexsort((merged_keys, -merged_scores), axis=1)[:, :k]
+            order = _best_first(merged_scores, merged_positions, merged_keys, k)
             best_scores[start:stop] = np.take_along_axis(merged_scores, order, axis=1)
             best_positions[start:stop] = np.take_along_axis(merged_positions, order, axis=1)
             best_keys[start:stop] = np.take_along_axis(merged_keys, order, axis=1)
     best_positions[~np.isfinite(best_scores)] = -1
     return best_positions, best_scores
+
+
+def _best_first(scores: np.ndarray, positions: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the columns of its k best scores, best first; equal scores by key (as `neighbors --id`
+    and the index break ties), so the answer depends neither on the batches nor on where a row is.
+
+    Sorted by position first (numbers sort fast); only a row with a tie among its
+    first k + 1 is sorted again by key.
+    """
+    order = np.lexsort((positions, -scores), axis=1)
+    window = np.take_along_axis(scores, order[:, : k + 1], axis=1)
+    tied = ((window[:, 1:] == window[:, :-1]) & np.isfinite(window[:, 1:])).any(axis=1)
+    for row in np.flatnonzero(tied):
+        order[row] = np.lexsort((keys[row], -scores[row]))
+    return order[:, :k]
 
 
 def _chosen(chunk_scores: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:

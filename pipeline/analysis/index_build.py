@@ -34,7 +34,7 @@ from pipeline.analysis.dataset import (
     check_vector_column,
 )
 from pipeline.analysis.exact import DEFAULT_METRIC, exact_top_k, iter_vector_batches, recall_at_k, row_count
-from pipeline.analysis.index_search import raw_search, score_from_distance
+from pipeline.analysis.index_search import search_index
 from pipeline.analysis.index_store import (
     INDEX_SUFFIX,
     IndexMetadata,
@@ -104,17 +104,9 @@ class IndexSettings:
 def _search_excluding(
     index: Index, metric: str, queries: np.ndarray, k: int, exclude: np.ndarray, threads: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """usearch search for k neighbours of each query other than its `exclude` position."""
-    keys, distances, counts = raw_search(index, queries, k + 1, threads)
-    positions = np.full((len(queries), k), -1, dtype=np.int64)
-    found = np.full((len(queries), k), -np.inf)
-    for row in range(len(queries)):
-        valid = np.arange(keys.shape[1]) < counts[row]
-        keep = valid & (keys[row] != exclude[row])
-        chosen_keys, chosen = keys[row][keep][:k], score_from_distance(metric, distances[row][keep][:k])
-        positions[row, : len(chosen_keys)] = chosen_keys
-        found[row, : len(chosen)] = chosen
-    return positions, found
+    """The index's k neighbours of each query other than its `exclude` position, searched as
+    `neighbors` searches (`search_index`), so the recall measured is that of its answers."""
+    return search_index(index, metric, queries, k, [{int(e)} for e in exclude], threads=threads)
 
 
 def measure_recall(
