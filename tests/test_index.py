@@ -510,3 +510,30 @@ def test_a_users_file_in_the_index_directory_is_never_deleted_by_overwrite(expor
     summary = run_export(["--output", export_copy, "--layer", COLUMN, "--limit", "20", "--overwrite"])
     assert summary.exit_code == 0, summary.message
     assert os.listdir(os.path.join(export_copy, "_index")) == []
+
+
+@pytest.mark.parametrize(
+    "step, when",
+    # After _upload, only the rename of the metadata into place is left.
+    [("_write_bytes", "after"), ("_upload", "before"), ("_upload", "after")],
+)
+def test_what_a_build_killed_at_any_step_leaves_is_the_exports_own(export_copy, monkeypatch, step, when):
+    """Only files named by index metadata of ours are ours under _index/: a build killed between its
+    writes must leave none that --overwrite would refuse as a user's."""
+    build(export_copy)
+    real = getattr(index_build, step)
+
+    def killed(*args):
+        if when == "after":
+            real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_build, step, killed)
+    with pytest.raises(KeyboardInterrupt):
+        build(export_copy, metric="l2")
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(export_copy, "_index", f"{COLUMN}.json.tmp"))
+    assert state_lib.foreign_files(export_copy) == []
+    assert state_lib.check_output_state(export_copy, overwrite=True) == "finished"
+    assert build(export_copy)["metric"] == "cos"
+    assert sorted(os.listdir(os.path.join(export_copy, "_index"))) == [f"{COLUMN}.json", f"{COLUMN}.usearch"]
