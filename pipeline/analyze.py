@@ -255,6 +255,8 @@ def check_out_file(path: str, overwrite: bool) -> str:
     Refused: a file (without --overwrite), a directory or link, a path inside an
     export or vocabulary directory (whose files its commands own) once links and
     `file://` are resolved, and a parent directory that is missing or not writable.
+    On object storage: an existing object (without --overwrite) and a path below
+    a prefix that holds an export's or vocabulary's marker.
 
     Returns:
         The path to write: local ones with `file://` stripped and the directory's links resolved,
@@ -264,6 +266,15 @@ def check_out_file(path: str, overwrite: bool) -> str:
         AnalysisError: saying what is there and what to do.
     """
     if not is_local(path):
+        if path.endswith("/"):
+            raise AnalysisError(f"--out {path!r} names a directory, not a file: choose a file path.")
+        for prefix in _remote_parents(path):
+            marker = _export_marker(prefix)
+            if marker:
+                raise AnalysisError(
+                    f"--out {path!r} is inside {prefix!r}, an export or vocabulary directory (it holds "
+                    f"{marker}), whose files only its own commands write: choose a path outside it."
+                )
         if FileSystems.exists(path) and not overwrite:
             raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
         return path
@@ -297,6 +308,27 @@ def check_out_file(path: str, overwrite: bool) -> str:
     if os.path.exists(resolved) and not overwrite:
         raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
     return resolved
+
+
+def _remote_parents(path: str) -> list[str]:
+    """The prefixes above an object-store path, nearest first, down to its bucket: `s3://b/x/y/f` gives
+    `s3://b/x/y`, `s3://b/x`, `s3://b`."""
+    scheme, _, rest = path.partition("://")
+    parts = rest.split("/")
+    return [f"{scheme}://{'/'.join(parts[:end])}" for end in range(len(parts) - 1, 0, -1)]
+
+
+def _export_marker(prefix: str) -> str | None:
+    """What makes the object-store prefix an export or vocabulary directory (as locally: a manifest, a
+    staging area, a vocabulary file), or None."""
+    for marker in (MANIFEST, VOCABULARY_FILE):
+        if FileSystems.exists(FileSystems.join(prefix, marker)):
+            return marker
+    try:
+        staged = FileSystems.match([FileSystems.join(prefix, STAGING, "**")], limits=[1])[0].metadata_list
+    except Exception:  # No object matches: Beam's S3 match raises on some versions.
+        staged = []
+    return f"{STAGING}/" if staged else None
 
 
 def check_plot_format(path: str) -> None:
@@ -352,12 +384,18 @@ def run_command(args: argparse.Namespace) -> str:
         column = check_vector_column(data, column)
         loaded = open_index(data, column, args.exact)
         if args.queries is not None:
-            answered, problems = batch_neighbors(
+            answer = batch_neighbors(
                 data, column, args.queries, out, args.k, loaded, overwrite=args.overwrite
             )
             how = describe_index(loaded, data) if loaded is not None else "By an exact scan of every row."
+            short = (
+                f", {answer.short} answered with fewer neighbours than asked (the index could not reach "
+                "them; --exact finds them all)"
+                if answer.short
+                else ""
+            )
             return (
-                f"Wrote {args.out}: {answered} queries, {problems} of them unanswered "
+                f"Wrote {args.out}: {answer.queries} queries, {answer.unanswered} of them unanswered{short} "
                 f"(see its problem column).\n{how}"
             )
         if loaded is None:
@@ -391,7 +429,8 @@ def run_command(args: argparse.Namespace) -> str:
                 f"{args.directory} index --column {column}`, or leave --all out to score a sample."
             )
         score = knn_score_indexed(data, loaded, args.label, args.k)
-        return describe_index(loaded, data) + "\n" + format_knn_score(column, args.label, score, score.rows)
+        how = describe_index(loaded, data, instead="leave --all out to score a sample instead")
+        return how + "\n" + format_knn_score(column, args.label, score, score.rows)
     score, total = knn_score(data, column, args.label, args.k, args.sample, args.seed)
     return format_knn_score(column, args.label, score, total)
 

@@ -23,7 +23,8 @@ import pytest
 from pipeline import analyze, vocabulary
 from pipeline.analysis import index_build
 from pipeline.analysis.dataset import open_documents, open_vocabulary
-from pipeline.analysis.knn import knn_score, knn_score_indexed
+from pipeline.analysis.exact import exact_top_k
+from pipeline.analysis.knn import knn_score, knn_score_indexed, score_label_agreement
 from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 from pipeline.analysis.plot import plot_projection
 from pipeline.running.export import run_export
@@ -194,6 +195,39 @@ def test_an_answer_read_while_an_overwrite_committed_over_the_export_is_refused(
     assert "changed while it was read" in error_line(capsys)
     monkeypatch.undo()
     assert analyze.main([export_copy, "neighbors", "--id", key, "--exact"]) == 0
+
+
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "new_file"])
+@pytest.mark.parametrize("command", ["neighbors", "plot"])
+def test_an_answer_refused_as_read_while_the_export_changed_leaves_out_as_it_was(
+    export_copy, ids_file, tmp_path, monkeypatch, capsys, command, overwrite
+):
+    """The read was checked only after --out was written: a refused answer still replaced the user's file."""
+    out = tmp_path / ("answer.parquet" if command == "neighbors" else "plot.png")
+    if overwrite:
+        out.write_bytes(b"the user's earlier answer")
+    manifest = os.path.join(export_copy, MANIFEST)
+    writers = {"neighbors": (pq, "write_table"), "plot": (matplotlib.figure.Figure, "savefig")}
+    owner, name = writers[command]
+    real = getattr(owner, name)
+
+    def another_run_commits_meanwhile(*args, **kwargs):
+        real(*args, **kwargs)
+        # As an --overwrite's commit does: a new manifest renamed over the one read.
+        shutil.copy(manifest, manifest + ".new")
+        os.utime(manifest + ".new", ns=(1, 1))
+        os.replace(manifest + ".new", manifest)
+
+    monkeypatch.setattr(owner, name, another_run_commits_meanwhile)
+    flags = ["--queries", ids_file, "--exact"] if command == "neighbors" else []
+    argv = [export_copy, command, *flags, "--out", str(out)] + (["--overwrite"] if overwrite else [])
+    assert analyze.main(argv) == 2
+    assert "changed while it was read" in error_line(capsys)
+    if overwrite:
+        assert out.read_bytes() == b"the user's earlier answer"
+    else:
+        assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["export", "ids.txt"] + ([out.name] if overwrite else []))
 
 
 def test_an_out_in_a_missing_directory_fails_before_any_row_is_read(tmp_path, ids_file, capsys):
@@ -575,3 +609,246 @@ def test_a_plot_that_fails_while_drawing_leaves_the_earlier_file_and_nothing_els
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real)
     plot_projection(points, ["x"] * 10, str(path), "t", ["a", "b"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["p.png"]
+
+
+@pytest.mark.parametrize("metric", ["cos", "l2"])
+def test_tied_rows_are_ranked_by_id_in_every_mode(tmp_path, capsys, metric):
+    """Three modes gave three top-k lists when rows tied: ties went by position in the batch scan,
+    and the index cut at k by position before it sorted by id."""
+    rng = np.random.default_rng(11)
+    same = rng.normal(size=4)
+    tied = [f"t{n:02d}" for n in rng.permutation(40)]  # ids in no order, spread over every batch
+    others = [f"o{n}" for n in range(20)]
+    ids = ["q", *tied, *others]
+    vectors = [same] * (1 + len(tied)) + list(rng.normal(size=(len(others), 4)) * 3)
+    order = rng.permutation(len(ids))
+    columns = {
+        "id": [ids[i] for i in order],
+        "v": pa.array([list(vectors[i]) for i in order], pa.list_(pa.float32(), 4)),
+    }
+    export = write_export(str(tmp_path / "ties"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("q\n", encoding="utf-8")
+    data = open_documents(export)
+    for k in (1, 2, 5, 39):
+        expected = sorted(tied)[:k]
+        if metric == "cos":
+            assert [n.key for n in find_neighbors(data, "q", "v", k, batch_rows=7)[0]] == expected
+        query = np.asarray([same], dtype=np.float32)
+        positions, _ = exact_top_k(data, "v", query, k, metric, batch_rows=7)
+        assert [columns["id"][p] for p in positions[0]] == sorted(["q", *tied])[:k]
+        out = tmp_path / f"exact{k}.parquet"
+        argv = [export, "neighbors", "--queries", str(queries), "--exact", "-k", str(k), "--out", str(out)]
+        if metric == "cos":
+            assert analyze.main(argv) == 0
+            assert pq.read_table(out)["id"].to_pylist() == expected
+    index_build.build_index(data, "v", index_build.IndexSettings(metric=metric, **EXACT_SETTINGS))
+    capsys.readouterr()
+    for k in (1, 2, 5, 39):
+        expected = sorted(tied)[:k]
+        out = tmp_path / f"index{k}.parquet"
+        assert (
+            analyze.main([export, "neighbors", "--queries", str(queries), "-k", str(k), "--out", str(out)])
+            == 0
+        )
+        assert pq.read_table(out)["id"].to_pylist() == expected
+        assert analyze.main([export, "neighbors", "--id", "q", "-k", str(k)]) == 0
+        listed = [
+            line.split()[2] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()
+        ]
+        assert listed == expected
+
+
+def test_vectors_whose_squared_norm_overflows_float32_get_their_true_similarities(tmp_path, capsys):
+    """Finite float32 values of 3e19: the batch scan and knn-score took the norms in float32, so the
+    row scored 0 against every other (1.0 by the single-query scan and the index)."""
+    columns = {
+        "id": ["r_a", "r_big", "r_b", "r_b2", "r_neg"],
+        "v": pa.array(
+            [[1, 0, 0, 0], [3e19, 3e19, 0, 0], [1, 1, 0, 0], [2, 2, 0, 0], [-1, 0, 0, 0]],
+            pa.list_(pa.float32(), 4),
+        ),
+    }
+    export = write_export(str(tmp_path / "big"), columns)
+    data = open_documents(export)
+    queries = tmp_path / "q.txt"
+    queries.write_text("r_b\nr_big\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    assert (
+        analyze.main(
+            [export, "neighbors", "--queries", str(queries), "--exact", "-k", "4", "--out", str(out)]
+        )
+        == 0
+    )
+    answers = pq.read_table(out).to_pylist()
+    for query in ("r_b", "r_big"):
+        single = find_neighbors(data, query, "v", 4)[0]
+        batch = [a for a in answers if a["query"] == query]
+        assert [a["id"] for a in batch] == [n.key for n in single]
+        assert [a["similarity"] for a in batch] == pytest.approx([n.similarity for n in single], abs=1e-6)
+    assert [a["similarity"] for a in answers[:2]] == pytest.approx([1.0, 1.0])
+    # A query vector of 1e30 (float32, finite): the rows in its direction, not the first rows by position.
+    vector_queries = tmp_path / "q.npy"
+    np.save(vector_queries, np.asarray([[1e30, 1e30, 0, 0]], dtype=np.float32))
+    out = tmp_path / "b.parquet"
+    assert (
+        analyze.main([export, "neighbors", "--queries", str(vector_queries), "-k", "3", "--out", str(out)])
+        == 0
+    )
+    answer = pq.read_table(out)
+    assert sorted(answer["id"].to_pylist()) == ["r_b", "r_b2", "r_big"]
+    assert answer["similarity"].to_pylist() == pytest.approx([1.0, 1.0, 1.0])
+    # knn-score: the big row's nearest is the row in its direction; the b rows come first, so an
+    # all-zero row would take them.
+    vectors = np.asarray([[1, -0.5, 1, 0], [1, -0.5, 1.1, 0], [3e19, 3e19, 0, 0], [1, 1, 0, 0]], np.float32)
+    score = score_label_agreement(vectors, ["b", "b", "a", "a"], k=1)
+    assert score.agreement == 1.0
+
+
+def test_kept_fields_named_field_dot_an_answer_column_keep_both_columns(tmp_path, capsys):
+    """Kept `query` and `field.query`: the renamed `query` took `field.query`'s name, and one was lost."""
+    rows = 12
+    rng = np.random.default_rng(4)
+    columns = {
+        "id": [f"d{i}" for i in range(rows)],
+        "v": pa.array(list(rng.normal(size=(rows, 4))), pa.list_(pa.float32(), 4)),
+        "query": [f"search {i}" for i in range(rows)],
+        "field.query": [f"kept {i}" for i in range(rows)],
+        "field.field.query": [f"more {i}" for i in range(rows)],
+    }
+    export = write_export(str(tmp_path / "log"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("d1\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "-k", "3", "--out", str(out)]) == 0
+    table = pq.read_table(out)
+    assert table.column_names == [
+        "query",
+        "rank",
+        "id",
+        "similarity",
+        "field.field.field.query",
+        "field.query",
+        "field.field.query",
+        "problem",
+    ]
+    for answer in table.to_pylist():
+        number = int(answer["id"][1:])
+        assert answer["query"] == "d1"
+        assert answer["field.field.field.query"] == f"search {number}"
+        assert answer["field.query"] == f"kept {number}" and answer["field.field.query"] == f"more {number}"
+
+
+def test_batch_answers_through_an_index_that_cannot_reach_every_row_say_so(tmp_path, capsys):
+    """Single mode said "The index found 11 of the 50"; batch mode wrote short lists silently, and counted
+    a query with no neighbour as answered."""
+    rng = np.random.default_rng(0)
+    rows = 400
+    vectors = rng.normal(size=(rows, 8)) * np.exp(rng.normal(scale=3, size=(rows, 1)))
+    columns = {
+        "id": [f"d{i:04d}" for i in range(rows)],
+        "v": pa.array(list(vectors), pa.list_(pa.float32(), 8)),
+    }
+    export = write_export(str(tmp_path / "norms"), columns)
+    poor = ["--metric", "ip", "--connectivity", "2", "--expansion_add", "1", "--expansion_search", "1"]
+    assert analyze.main([export, "index", *poor, "--threads", "1", "--recall_queries", "0"]) == 0
+    queries = tmp_path / "q.txt"
+    queries.write_text("".join(f"d{i:04d}\n" for i in range(0, rows, 10)), encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    capsys.readouterr()
+    k = 50
+    assert (
+        analyze.main([export, "neighbors", "--queries", str(queries), "-k", str(k), "--out", str(out)]) == 0
+    )
+    summary = capsys.readouterr().out
+    answers = pq.read_table(out).to_pandas()
+    found = answers.groupby("query")["rank"].count()
+    short = found[found < k]
+    assert len(short) > 0  # the graph leaves rows out: what this test is about
+    assert f"{len(found)} queries, 0 of them unanswered, {len(short)} answered with fewer" in summary
+    for query, count in short.items():
+        problems = answers[answers["query"] == query]["problem"]
+        assert (
+            problems == f"the index found {count} of the {k} neighbours asked for; --exact finds them all "
+            "(or rebuild it with higher --connectivity / --expansion_search)"
+        ).all()
+    assert answers[answers["query"].isin(found[found == k].index)]["problem"].isna().all()
+    # The same query alone says the same.
+    first_short = short.index[0]
+    assert analyze.main([export, "neighbors", "--id", first_short, "-k", str(k)]) == 0
+    assert f"The index found {short.iloc[0]} of the {k} neighbours asked for" in capsys.readouterr().out
+
+
+def test_a_query_with_no_neighbour_is_counted_unanswered(tmp_path, capsys):
+    columns = {
+        "id": ["only", "null", "nan"],
+        "v": pa.array([[1.0, 2.0], None, [float("nan"), 1.0]], pa.list_(pa.float32())),
+    }
+    export = write_export(str(tmp_path / "one"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("only\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "--out", str(out)]) == 0
+    assert "1 queries, 1 of them unanswered" in capsys.readouterr().out
+    assert pq.read_table(out)["problem"].to_pylist() == ["no neighbours"]
+
+
+@pytest.mark.parametrize(
+    "metadata, problem",
+    [
+        ([], "it holds a JSON list, not an object"),
+        ("an index", "it holds a JSON str, not an object"),
+        ({"format": "usearch"}, "it lacks bytes, column, dim"),
+        ("metric", "its metric 'euclid' is not one of cos, ip, l2"),
+        ("recall", "its recall have the wrong type"),
+    ],
+)
+def test_index_metadata_that_is_json_but_not_metadata_is_one_error_line(
+    export_copy, capsys, metadata, problem
+):
+    """`[]` as _index/COLUMN.json ended neighbors and knn-score --all with an AttributeError traceback."""
+    assert analyze.main([export_copy, "index", "--column", COLUMN, "--recall_queries", "0"]) == 0
+    path = os.path.join(export_copy, "_index", f"{COLUMN}.json")
+    if metadata in ("metric", "recall"):
+        with open(path, encoding="utf-8") as handle:
+            real = json.load(handle)
+        metadata = dict(real, metric="euclid") if metadata == "metric" else dict(real, recall=[0.9])
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(metadata, handle)
+    key = pq.read_table(os.path.join(export_copy, SHARD))["id"][0].as_py()
+    capsys.readouterr()
+    for argv in (["neighbors", "--id", key], ["knn-score", "--label", "topic", "--all", "-k", "2"]):
+        assert analyze.main([export_copy, *argv]) == 2
+        err = error_line(capsys)
+        assert f"is not an index's metadata ({problem}" in err, err
+        assert f"index --column {COLUMN}" in err and "--exact" in err and err.count("\n") == 1
+
+
+def test_batch_queries_on_a_damaged_or_unfinished_export_say_what_is_wrong(
+    export_copy, ids_file, tmp_path, capsys
+):
+    """--queries said the export "holds no vocabulary.parquet" where --id says its row file is lost."""
+    out = str(tmp_path / "a.parquet")
+    os.remove(os.path.join(export_copy, SHARD))
+    for argv in (["--id", "x"], ["--queries", ids_file, "--out", out]):
+        assert analyze.main([export_copy, "neighbors", *argv]) == 2
+        err = error_line(capsys)
+        assert SHARD in err and "vocabulary" not in err, err
+    os.remove(os.path.join(export_copy, MANIFEST))
+    os.makedirs(os.path.join(export_copy, "_staging", "0123456789ab"))
+    assert analyze.main([export_copy, "neighbors", "--queries", ids_file, "--out", out]) == 2
+    err = error_line(capsys)
+    assert "rerun the same command to finish it" in err and "vocabulary" not in err, err
+    assert not os.path.exists(out)
+
+
+def test_knn_score_all_advises_a_flag_it_has(export_copy, capsys):
+    """knn-score --all advised "--exact scans every row instead"; knn-score has no --exact."""
+    assert analyze.main([export_copy, "index", "--column", COLUMN, "--recall_queries", "0"]) == 0
+    capsys.readouterr()
+    assert analyze.main([export_copy, "knn-score", "--label", "topic", "--all", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "leave --all out to score a sample instead" in out and "--exact" not in out
+    key = pq.read_table(os.path.join(export_copy, SHARD))["id"][0].as_py()
+    assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
+    assert "--exact scans every row instead" in capsys.readouterr().out

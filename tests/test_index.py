@@ -22,6 +22,7 @@ from pipeline.analysis import index_build
 from pipeline.analysis.dataset import AnalysisError, open_documents, open_vocabulary
 from pipeline.analysis.knn import knn_score_indexed, score_label_agreement
 from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
+from pipeline.errors import ExportConfigError
 from pipeline.running.export import run_export
 from pipeline.writing import layout as layout_lib
 from pipeline.writing import lock as lock_lib
@@ -248,15 +249,21 @@ def test_a_damaged_index_file_is_refused(export_copy, capsys):
 
 def test_a_build_that_dies_before_its_metadata_leaves_no_index(export_copy, monkeypatch, capsys):
     build(export_copy)
+    upload = index_build._upload
 
     def die(*args):
+        upload(*args)  # the new index file is in place, its metadata still COLUMN.json.tmp
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(index_build, "_write_json", die)
+    monkeypatch.setattr(index_build, "_upload", die)
     with pytest.raises(KeyboardInterrupt):
         build(export_copy, metric="l2")
     monkeypatch.undo()
     key = open_documents(export_copy).dataset.head(1, columns=["id"])["id"][0].as_py()
+    assert sorted(os.listdir(os.path.join(export_copy, "_index"))) == [
+        f"{COLUMN}.json.tmp",
+        f"{COLUMN}.usearch",
+    ]
     # Neither the old index (its metadata went first) nor the new one without metadata.
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
     assert "rows compared)" in capsys.readouterr().out
@@ -474,3 +481,59 @@ def test_only_the_index_files_are_ours(export_copy):
         handle.write("a user's file: never deleted by an export")
     assert state_lib.output_state(export_copy) == "foreign"
     assert state_lib.foreign_files(export_copy) == ["_index/notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("settings.json", '{"note": "a user\'s settings"}'),
+        ("my_hnsw_m64.usearch", "a usearch index built by hand"),
+        ("mine.usearch.tmp", "a user's file"),
+        # Named as an index's metadata, but not ours: another format, or naming another file.
+        ("other.json", '{"format": "faiss", "source": {}, "file": "_index/other.usearch"}'),
+        ("third.json", '{"format": "usearch", "source": {}, "file": "_index/lstm_content.usearch"}'),
+        ("list.json", "[]"),
+    ],
+)
+def test_a_users_file_in_the_index_directory_is_never_deleted_by_overwrite(export_copy, name, content):
+    build(export_copy)
+    path = os.path.join(export_copy, "_index", name)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(content)
+    assert state_lib.foreign_files(export_copy) == [f"_index/{name}"]
+    with pytest.raises(ExportConfigError, match="holds files that no export wrote"):
+        run_export(["--output", export_copy, "--layer", COLUMN, "--limit", "20", "--overwrite"])
+    with open(path, encoding="utf-8") as handle:
+        assert handle.read() == content
+    # The export's own index files are still told apart: once the user's file is gone, it is replaced.
+    os.remove(path)
+    summary = run_export(["--output", export_copy, "--layer", COLUMN, "--limit", "20", "--overwrite"])
+    assert summary.exit_code == 0, summary.message
+    assert os.listdir(os.path.join(export_copy, "_index")) == []
+
+
+@pytest.mark.parametrize(
+    "step, when",
+    # After _upload, only the rename of the metadata into place is left.
+    [("_write_bytes", "after"), ("_upload", "before"), ("_upload", "after")],
+)
+def test_what_a_build_killed_at_any_step_leaves_is_the_exports_own(export_copy, monkeypatch, step, when):
+    """Only files named by index metadata of ours are ours under _index/: a build killed between its
+    writes must leave none that --overwrite would refuse as a user's."""
+    build(export_copy)
+    real = getattr(index_build, step)
+
+    def killed(*args):
+        if when == "after":
+            real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(index_build, step, killed)
+    with pytest.raises(KeyboardInterrupt):
+        build(export_copy, metric="l2")
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(export_copy, "_index", f"{COLUMN}.json.tmp"))
+    assert state_lib.foreign_files(export_copy) == []
+    assert state_lib.check_output_state(export_copy, overwrite=True) == "finished"
+    assert build(export_copy)["metric"] == "cos"
+    assert sorted(os.listdir(os.path.join(export_copy, "_index"))) == [f"{COLUMN}.json", f"{COLUMN}.usearch"]

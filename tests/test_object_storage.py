@@ -590,3 +590,53 @@ def test_the_input_listing_drops_folder_markers_and_globstar_matches_the_top_lev
     assert [f.path for f in listed] == [prefix + "a.jsonl"]
     listed, _ = list_input(prefix + "**/*.jsonl")
     assert [f.path for f in listed] == [prefix + "a.jsonl", prefix + "sub/b.jsonl"]
+
+
+def test_analyze_out_on_s3_is_never_inside_an_export_and_a_plot_is_uploaded(
+    s3_endpoint, tmp_path, monkeypatch, capsys
+):
+    """An s3:// --out skipped the "never inside an export" check (an answer landed in the export's
+    prefix, even named part-99999-of-99999.parquet), and plot wrote to a local path named 's3:/...'."""
+    from pipeline import analyze
+
+    for name, value in (
+        ("AWS_ENDPOINT_URL", s3_endpoint),
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+        ("AWS_DEFAULT_REGION", REGION),
+    ):
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)  # where a local 's3:' directory would have appeared
+    s3 = client(s3_endpoint)
+    rows = {"id": ["d0", "d1", "d2"], "v": [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], "topic": ["a", "a", "b"]}
+    local = tmp_path / "part-00000-of-00001.parquet"
+    pq.write_table(pa.table(rows), local)
+    manifest = {"shards": {"rows": [{"file": local.name, "rows": 3, "bytes": local.stat().st_size}]}}
+    s3.upload_file(str(local), BUCKET, f"outs/exp/{local.name}")
+    s3.put_object(Bucket=BUCKET, Key=f"outs/exp/{MANIFEST}", Body=json.dumps(manifest).encode())
+    s3.put_object(Bucket=BUCKET, Key="outs/vocab/vocabulary.parquet", Body=b"a vocabulary")
+    s3.put_object(Bucket=BUCKET, Key="outs/running/_staging/0123456789ab/run.json", Body=b"{}")
+    export = f"s3://{BUCKET}/outs/exp"
+    before = keys(s3_endpoint, "outs/")
+    queries = tmp_path / "ids.txt"
+    queries.write_text("d0\n", encoding="utf-8")
+    for out, marker in (
+        (f"{export}/answers.parquet", MANIFEST),
+        (f"{export}/part-99999-of-99999.parquet", MANIFEST),
+        (f"{export}/sub/dir/answers.parquet", MANIFEST),
+        (f"s3://{BUCKET}/outs/vocab/answers.parquet", "vocabulary.parquet"),
+        (f"s3://{BUCKET}/outs/running/answers.parquet", "_staging/"),
+    ):
+        for command in (["neighbors", "--queries", str(queries)], ["plot"]):
+            out_file = out if command[0] == "neighbors" else out.replace(".parquet", ".png")
+            assert analyze.main([export, *command, "--out", out_file]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and "Traceback" not in err, err
+            assert f"holds {marker})" in err and "choose a path outside it" in err, err
+    assert keys(s3_endpoint, "outs/") == before
+    assert analyze.main([export, "plot", "--label", "topic", "--out", f"s3://{BUCKET}/plots/p.png"]) == 0
+    body = s3.get_object(Bucket=BUCKET, Key="plots/p.png")["Body"].read()
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == sorted([local.name, "ids.txt"])
+    assert analyze.main([export, "plot", "--out", f"s3://{BUCKET}/plots/p.png"]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err

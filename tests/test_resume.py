@@ -25,6 +25,8 @@ from pipeline_fixtures import TUTORIAL_KERAS2_SCRIPT, kill_group_when, pipeline_
 
 from models.bundle import DEFAULT_BUNDLE
 from models.paths import SAMPLE_CORPUS as DEFAULT_SAMPLE_CORPUS
+from pipeline.analysis.dataset import open_documents
+from pipeline.analysis.index_build import IndexSettings, build_index
 from pipeline.errors import EXIT_CONFIG_ERROR, OutputWriteError
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.run import main
@@ -599,3 +601,24 @@ def test_the_tutorial_keras2_model_resumes_bit_for_bit(tmp_path):
     expected = np.load(tmp_path / "reference.npy")[[order[i] for i in exported.column("id").to_pylist()]]
     vectors = np.array(exported.column("lstm").to_pylist(), dtype=np.float32)
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
+
+
+def test_an_overwrite_killed_over_an_indexed_export_resumes_and_drops_the_index(
+    corpus, reference, tiny_bundle, tmp_path
+):
+    """The index files are the old export's own (told by their metadata): a resumed --overwrite drops them."""
+    output = str(tmp_path / "out")
+    shutil.copytree(reference, output)
+    data = open_documents(output)
+    build_index(data, VECTOR_COLUMN, IndexSettings(recall_queries=0, connectivity=8, expansion_add=16))
+    index_dir = os.path.join(output, layout_lib.INDEX_DIR)
+    assert sorted(os.listdir(index_dir)) == [f"{VECTOR_COLUMN}.json", f"{VECTOR_COLUMN}.usearch"]
+    command = pipeline_command(corpus, output, "--model", tiny_bundle[0], *FLAGS, "--overwrite")
+    assert kill_group_when(command, lambda: len(durable_files(output)) >= 2)
+    summary = run_export(
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, "--overwrite"]
+    )
+    assert summary.exit_code == 0, summary.message
+    assert state_lib.read_manifest(output)["resumed"] and summary.rows_kept > 0
+    assert_same_export(output, reference)
+    assert os.listdir(index_dir) == []

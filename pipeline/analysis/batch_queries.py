@@ -10,12 +10,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.analysis.answer_file import write_answer
 from pipeline.analysis.dataset import AnalysisError, VectorDataset, is_vector_type, vectors_to_numpy
 from pipeline.analysis.exact import exact_top_k, row_count
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K, display_score
-from pipeline.uris import is_local
-from pipeline.writing.files import write_whole_local
 from pipeline.writing.schema import ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN
 
 
@@ -25,6 +24,15 @@ class Queries(NamedTuple):
     labels: list[str]
     ids: list[str] | None
     vectors: np.ndarray | None
+
+
+class BatchAnswer(NamedTuple):
+    """What a batch wrote: its queries, those with no neighbour (a `problem` row), and those answered
+    with fewer neighbours than asked (an index that could not reach them; their rows say so too)."""
+
+    queries: int
+    unanswered: int
+    short: int
 
 
 class _Lookup(Protocol):
@@ -112,16 +120,15 @@ def batch_neighbors(
     k: int = DEFAULT_K,
     loaded: LoadedIndex | None = None,
     overwrite: bool = True,
-) -> tuple[int, int]:
+) -> BatchAnswer:
     """Answers every query of `queries_path` and writes them to the Parquet file `out_path`.
 
     One row per (query, rank); a query whose id is not in the export, or whose
-    vector is unusable, gets one row with null neighbour columns and the
-    `problem`.  Through `loaded` (an index) when given, else by one exact scan
-    for all queries.
-
-    Returns:
-        `(queries answered, queries with a problem)`.
+    vector is unusable, or that has no neighbour, gets one row with null
+    neighbour columns and the `problem`.  Through `loaded` (an index) when
+    given, else by one exact scan for all queries; a query the index answers
+    with fewer neighbours than asked (and than it holds) has the shortfall as
+    the `problem` of each of its rows, as single mode says it.
     """
     if k < 1:
         raise AnalysisError(f"-k must be at least 1, received {k}.")
@@ -172,9 +179,11 @@ def batch_neighbors(
     details: dict[str, list[str | int | None]] = {c: [] for c in data.detail_columns}
     neighbor_rows = lookup.take(positions[positions >= 0]).to_pylist()
     taken = iter(neighbor_rows)
+    unanswered = short = 0
     for i, label in enumerate(labels):
         valid = np.flatnonzero(positions[i] >= 0)
         if problems[i] is not None or len(valid) == 0:
+            unanswered += 1
             for name, value in (
                 ("query", label),
                 ("rank", None),
@@ -186,13 +195,15 @@ def batch_neighbors(
             for c in details:
                 details[c].append(None)
             continue
+        shortfall = _shortfall(loaded, k, len(valid), int(exclude[i]))
+        short += shortfall is not None
         for rank, j in enumerate(valid, 1):
             row = next(taken)
             out["query"].append(label)
             out["rank"].append(rank)
             out[data.key_column].append(row[data.key_column])
             out[score_name].append(display_score(metric, found[i, j]))
-            out["problem"].append(None)
+            out["problem"].append(shortfall)
             for c in details:
                 details[c].append(row[c])
     columns = {
@@ -201,31 +212,55 @@ def batch_neighbors(
         data.key_column: pa.array(out[data.key_column], data.schema.field(data.key_column).type),
         score_name: pa.array(out[score_name], pa.float64()),
     }
-    fixed = {*columns, "problem"}
+    names = detail_column_names(list(details), {*columns, "problem"})
     for c, values in details.items():
         # Kept fields keep their own type and never take the place of a fixed column.
-        columns[detail_column_name(c, fixed)] = pa.array(values, data.schema.field(c).type)
+        columns[names[c]] = pa.array(values, data.schema.field(c).type)
     columns["problem"] = pa.array(out["problem"], pa.string())
     write_parquet_atomically(pa.table(columns), out_path, overwrite)
-    return len(labels), sum(p is not None for p in problems)
+    return BatchAnswer(len(labels), unanswered, short)
 
 
-def detail_column_name(name: str, fixed: set[str]) -> str:
-    """The answer file's name for the kept field `name`: itself, or `field.NAME` where a fixed
-    column (query, rank, the key, the score, problem) already has that name."""
-    return f"field.{name}" if name in fixed else name
+def _shortfall(loaded: LoadedIndex | None, k: int, found: int, own: int) -> str | None:
+    """The `problem` of a query the index answered with fewer than the k neighbours it holds, else None.
+
+    An approximate graph can leave rows unreachable; a short list must not pass
+    for the top k.  The exact scan finds every row with a vector, so it is never short.
+    """
+    if loaded is None:
+        return None
+    available = int(loaded.metadata["indexed"]) - (1 if own >= 0 and loaded.contains(own) else 0)
+    wanted = min(k, available)
+    if found >= wanted:
+        return None
+    return (
+        f"the index found {found} of the {wanted} neighbours asked for; --exact finds them all "
+        "(or rebuild it with higher --connectivity / --expansion_search)"
+    )
+
+
+def detail_column_names(names: list[str], fixed: set[str]) -> dict[str, str]:
+    """The answer file's name for each kept field: itself, or where a fixed column (query, rank, the
+    key, the score, problem) has that name, `field.NAME` (with as many `field.` as it takes to name
+    no other column: a kept field may be called `field.query` itself)."""
+    taken = fixed | {name for name in names if name not in fixed}
+    renamed: dict[str, str] = {}
+    for name in names:
+        if name not in fixed:
+            renamed[name] = name
+            continue
+        new = f"field.{name}"
+        while new in taken:
+            new = f"field.{new}"
+        taken.add(new)
+        renamed[name] = new
+    return renamed
 
 
 def write_parquet_atomically(table: pa.Table, path: str, overwrite: bool = True) -> None:
-    """Writes `table` to `path`; a local one through a new file of its own, renamed into place
-    (`files.write_whole_local`), so nothing already beside `path` is overwritten, and a reader
-    sees the old file or the whole new one.
-    """
-    if not is_local(path):
-        # An object store's PUT is atomic already: readers see the old object or the new one.
-        pq.write_table(table, path)
-        return
-    write_whole_local(path, lambda sink: pq.write_table(table, sink), replace=overwrite)
+    """Writes `table` to `path` as `answer_file.write_answer` does: whole or not at all, and only
+    once the rows it was read from are checked unchanged."""
+    write_answer(path, lambda sink: pq.write_table(table, sink), overwrite)
 
 
 class _ExactLookup:

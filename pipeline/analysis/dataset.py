@@ -439,9 +439,16 @@ def vectors_to_numpy(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1; all-zero rows stay zero (similarity 0 to everything)."""
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return matrix / np.where(norms == 0, 1, norms)
+    """Rows scaled to length 1, in `matrix`'s float type; all-zero rows stay zero (similarity 0 to all).
+
+    The norms are taken in float64: a finite float32 row's squared norm overflows
+    float32 from values of about 2e19, which would scale it to all zeros.
+    """
+    wide = np.asarray(matrix, dtype=np.float64)
+    norms = np.linalg.norm(wide, axis=1, keepdims=True)
+    return (wide / np.where(norms == 0, 1, norms)).astype(
+        np.result_type(matrix.dtype, np.float32), copy=False
+    )
 
 
 def sample_rows(
@@ -544,10 +551,27 @@ def open_documents_or_vocabulary(directory: str) -> VectorDataset:
         raise
 
 
-def data_is_vocabulary(directory: str) -> bool:
-    """Whether `directory` is a vocabulary output (no row files of an export)."""
-    try:
-        open_documents(directory)
-    except AnalysisError:
+def data_is_vocabulary(location: str) -> bool:
+    """Whether `location` holds a vocabulary rather than an export's rows, told by the files in it.
+
+    A directory with `vocabulary.parquet` is a vocabulary; one with an export's
+    files (a manifest, a commit journal, a staging area, row files) is an export,
+    even a damaged or unfinished one, so that `open_documents` says what is wrong
+    with it rather than that it holds no vocabulary.  A single file is a
+    vocabulary unless it opens as an export's rows.
+    """
+    filesystem, path = _filesystem(location)
+    if filesystem.get_file_info(path).type != pafs.FileType.Directory:
+        try:
+            open_documents(location)
+        except AnalysisError:
+            return True
+        return False
+    if _is_file(filesystem, posixpath.join(path, VOCABULARY_FILE)):
         return True
-    return False
+    entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = {posixpath.basename(entry.path) for entry in entries}
+    export_files = bool(names & {MANIFEST, JOURNAL, STAGING}) or any(
+        name.startswith(SHARD_PREFIX) and name.endswith(".parquet") for name in names
+    )
+    return not export_files

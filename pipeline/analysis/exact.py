@@ -32,6 +32,7 @@ class VectorBatch:
     vectors: np.ndarray  # (rows, dim) float32
     skipped_null: int
     skipped_non_finite: int
+    keys: np.ndarray  # (rows,) object: each row's key, which breaks ties between equal scores
 
 
 def iter_vector_batches(
@@ -60,14 +61,17 @@ def iter_vector_batches(
                     dtype=bool,
                 )
                 positions = start + np.flatnonzero(valid)
-                vectors = vectors_to_numpy(array.filter(pa.array(valid))).astype(np.float32, copy=False)
+                mask = pa.array(valid)
+                vectors = vectors_to_numpy(array.filter(mask)).astype(np.float32, copy=False)
                 finite = np.isfinite(vectors).all(axis=1) if len(vectors) else np.ones(0, dtype=bool)
+                keys = batch.column(data.key_column).filter(mask).to_numpy(zero_copy_only=False)
                 start += batch.num_rows
                 yield VectorBatch(
                     positions[finite].astype(np.int64),
                     np.ascontiguousarray(vectors[finite]),
                     int((~valid).sum()),
                     int((~finite).sum()),
+                    np.asarray(keys, dtype=object)[finite],
                 )
 
 
@@ -82,9 +86,14 @@ def row_count(data: VectorDataset) -> int:
 
 
 def scores(metric: str, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """(queries, rows) scores, higher is nearer: cosine similarity, dot product or -squared L2 distance."""
-    queries = np.asarray(queries, dtype=np.float32)
-    vectors = np.asarray(vectors, dtype=np.float32)
+    """(queries, rows) scores, higher is nearer: cosine similarity, dot product or -squared L2 distance.
+
+    In float64, as the single-query scan: a finite float32 vector's squared norm
+    (or dot product) overflows float32 from values of about 2e19, which would
+    turn its similarities to 0.
+    """
+    queries = np.asarray(queries, dtype=np.float64)
+    vectors = np.asarray(vectors, dtype=np.float64)
     if metric == "cos":
         # Zero vectors stay zero: similarity 0 to everything, as in the exact scan.
         q_norms = np.linalg.norm(queries, axis=1, keepdims=True)
@@ -123,6 +132,7 @@ def exact_top_k(
     k = max(1, min(k, row_count(data)))
     best_positions = np.full((count, k), -1, dtype=np.int64)
     best_scores = np.full((count, k), -np.inf)
+    best_keys = np.full((count, k), "", dtype=object)
     exclude = np.full(count, -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
     for batch in iter_vector_batches(data, column, batch_rows):
         if len(batch.positions) == 0:
@@ -132,20 +142,51 @@ def exact_top_k(
             stop = min(start + EXACT_QUERY_CHUNK, count)
             chunk_scores = scores(metric, queries[start:stop], batch.vectors)
             chunk_scores[batch.positions[None, :] == exclude[start:stop, None]] = -np.inf
-            if chunk_scores.shape[1] > k:
-                chosen = np.argpartition(-chunk_scores, k - 1, axis=1)[:, :k]
-            else:
-                chosen = np.broadcast_to(np.arange(chunk_scores.shape[1]), chunk_scores.shape)
+            chosen = _chosen(chunk_scores, batch.keys, k)
             merged_scores = np.concatenate(
                 [best_scores[start:stop], np.take_along_axis(chunk_scores, chosen, axis=1)], axis=1
             )
             merged_positions = np.concatenate([best_positions[start:stop], batch.positions[chosen]], axis=1)
-            # Best first; equal scores by position, so the answer does not depend on the batches.
-            order = np.lexsort((merged_positions, -merged_scores), axis=1)[:, :k]
+            merged_keys = np.concatenate([best_keys[start:stop], batch.keys[chosen]], axis=1)
+            order = _best_first(merged_scores, merged_positions, merged_keys, k)
             best_scores[start:stop] = np.take_along_axis(merged_scores, order, axis=1)
             best_positions[start:stop] = np.take_along_axis(merged_positions, order, axis=1)
+            best_keys[start:stop] = np.take_along_axis(merged_keys, order, axis=1)
     best_positions[~np.isfinite(best_scores)] = -1
     return best_positions, best_scores
+
+
+def _best_first(scores: np.ndarray, positions: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the columns of its k best scores, best first; equal scores by key (as `neighbors --id`
+    and the index break ties), so the answer depends neither on the batches nor on where a row is.
+
+    Sorted by position first (numbers sort fast); only a row with a tie among its
+    first k + 1 is sorted again by key.
+    """
+    order = np.lexsort((positions, -scores), axis=1)
+    window = np.take_along_axis(scores, order[:, : k + 1], axis=1)
+    tied = ((window[:, 1:] == window[:, :-1]) & np.isfinite(window[:, 1:])).any(axis=1)
+    for row in np.flatnonzero(tied):
+        order[row] = np.lexsort((keys[row], -scores[row]))
+    return order[:, :k]
+
+
+def _chosen(chunk_scores: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Per query, the columns of `chunk_scores` of its k best rows; of rows tied with the k-th best,
+    those with the smallest keys, so ties are broken by key and not by the rows' order."""
+    columns = chunk_scores.shape[1]
+    if columns <= k:
+        return np.broadcast_to(np.arange(columns), chunk_scores.shape)
+    chosen = np.argpartition(-chunk_scores, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(chunk_scores, chosen, axis=1).min(axis=1)
+    # Only a query with more rows at or above its k-th score than k pays for the sort by key.
+    for row in np.flatnonzero((chunk_scores >= kth[:, None]).sum(axis=1) > k):
+        if not np.isfinite(kth[row]):
+            continue
+        candidates = np.flatnonzero(chunk_scores[row] >= kth[row])
+        order = np.lexsort((keys[candidates], -chunk_scores[row, candidates]))[:k]
+        chosen[row] = candidates[order]
+    return chosen
 
 
 def recall_at_k(

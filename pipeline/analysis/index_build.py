@@ -3,7 +3,9 @@
 The build streams the Parquet files in record batches, so its memory is the
 index itself plus one batch.  It is written to a local temporary file, then
 copied to `_index/COLUMN.usearch.tmp` and renamed (on object storage uploaded:
-a PUT is atomic), and the metadata goes last: a reader sees the old index,
+a PUT is atomic).  Locally its metadata is written first as `COLUMN.json.tmp`
+and renamed into place last, so whatever the build leaves is named by metadata
+of ours; on object storage it is uploaded last.  A reader sees the old index,
 none, or the new one, and an index whose file does not match its metadata's
 SHA-256 is refused.
 """
@@ -32,7 +34,7 @@ from pipeline.analysis.dataset import (
     check_vector_column,
 )
 from pipeline.analysis.exact import DEFAULT_METRIC, exact_top_k, iter_vector_batches, recall_at_k, row_count
-from pipeline.analysis.index_search import raw_search, score_from_distance
+from pipeline.analysis.index_search import search_index
 from pipeline.analysis.index_store import (
     INDEX_SUFFIX,
     IndexMetadata,
@@ -102,17 +104,9 @@ class IndexSettings:
 def _search_excluding(
     index: Index, metric: str, queries: np.ndarray, k: int, exclude: np.ndarray, threads: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """usearch search for k neighbours of each query other than its `exclude` position."""
-    keys, distances, counts = raw_search(index, queries, k + 1, threads)
-    positions = np.full((len(queries), k), -1, dtype=np.int64)
-    found = np.full((len(queries), k), -np.inf)
-    for row in range(len(queries)):
-        valid = np.arange(keys.shape[1]) < counts[row]
-        keep = valid & (keys[row] != exclude[row])
-        chosen_keys, chosen = keys[row][keep][:k], score_from_distance(metric, distances[row][keep][:k])
-        positions[row, : len(chosen_keys)] = chosen_keys
-        found[row, : len(chosen)] = chosen
-    return positions, found
+    """The index's k neighbours of each query other than its `exclude` position, searched as
+    `neighbors` searches (`search_index`), so the recall measured is that of its answers."""
+    return search_index(index, metric, queries, k, [{int(e)} for e in exclude], threads=threads)
 
 
 def measure_recall(
@@ -181,13 +175,14 @@ def _upload(local_path: str, filesystem: pafs.FileSystem, target: str) -> None:
         filesystem.move(temporary, target)
 
 
-def _write_json(filesystem: pafs.FileSystem, target: str, value: IndexMetadata) -> None:
-    """Writes `value` as JSON to `target`, atomically as `_upload` does."""
-    temporary = target + ".tmp" if is_local(filesystem) else target
-    with filesystem.open_output_stream(temporary) as sink:
-        sink.write(json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8"))
-    if temporary != target:
-        filesystem.move(temporary, target)
+def _metadata_bytes(value: IndexMetadata) -> bytes:
+    return json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8")
+
+
+def _write_bytes(filesystem: pafs.FileSystem, target: str, data: bytes) -> None:
+    """Writes `data` to `target` as it is (locally not atomic: callers write a .tmp name and move it)."""
+    with filesystem.open_output_stream(target) as sink:
+        sink.write(data)
 
 
 def _local_lock(data: VectorDataset) -> OutputLock | None:
@@ -315,15 +310,23 @@ def _build_and_write(
             "parquet_bytes": sum(filesystem.get_file_info(p).size for p in data.dataset.files),
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        if is_local(filesystem):
-            filesystem.create_dir(posixpath.join(directory, INDEX_DIR), recursive=True)
-            # Old metadata goes first: a reader then sees no index, not old metadata over a new file.
-            if filesystem.get_file_info(metadata_path).type == pafs.FileType.File:
-                filesystem.delete_file(metadata_path)
-        # On object storage the old metadata stays until the new one replaces it; a reader in
-        # between finds the new file's SHA-256 differs from it, and refuses the index.
+        if not is_local(filesystem):
+            # On object storage the old metadata stays until the new one replaces it; a reader in
+            # between finds the new file's SHA-256 differs from it, and refuses the index.
+            _upload(local, filesystem, index_path)
+            _write_bytes(filesystem, metadata_path, _metadata_bytes(metadata))  # a PUT is atomic
+            return metadata
+        filesystem.create_dir(posixpath.join(directory, INDEX_DIR), recursive=True)
+        # The new metadata is written first, as COLUMN.json.tmp: wherever the build dies from here,
+        # the files it leaves are named by metadata of ours, and an export's --overwrite may
+        # replace them (only files that metadata names are ours under _index/; layout.index_files).
+        staged_metadata = metadata_path + ".tmp"
+        _write_bytes(filesystem, staged_metadata, _metadata_bytes(metadata))
+        # Old metadata goes next: a reader then sees no index, not old metadata over a new file.
+        if filesystem.get_file_info(metadata_path).type == pafs.FileType.File:
+            filesystem.delete_file(metadata_path)
         _upload(local, filesystem, index_path)
-    _write_json(filesystem, metadata_path, metadata)
+    filesystem.move(staged_metadata, metadata_path)
     return metadata
 
 

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from usearch.index import Index
 
 
+# How far a search widens to find every row tied with the k-th (see `LoadedIndex.search`).
+TIE_SEARCH_ROWS = 4096
+
+
 class Matches(NamedTuple):
     """usearch's answer to a batch of queries, always 2-D: keys and distances (queries, found), counts."""
 
@@ -75,35 +79,8 @@ class LoadedIndex:
         self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(positions, scores), each (queries, min(k, indexed rows)), best first; `exclude[i]` is a set of
-        positions to skip."""
-        queries = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
-        # More neighbours than indexed rows cannot be found; a huge k must not size the arrays.
-        k = max(1, min(k, len(self.index)))
-        extra = max((len(e) for e in exclude), default=0) if exclude else 0
-        keys, distances, counts = raw_search(self.index, queries, min(k + extra, len(self.index)))
-        found = score_from_distance(self.metric, distances)
-        found[np.arange(keys.shape[1])[None, :] >= counts[:, None]] = -np.inf
-        if exclude and extra:
-            excluded = np.full((len(queries), extra), -1, dtype=np.int64)
-            for row, skipped in enumerate(exclude):
-                excluded[row, : len(skipped)] = sorted(skipped)
-            found[(keys[:, :, None] == excluded[:, None, :]).any(axis=2)] = -np.inf
-        order = np.lexsort((keys, -found), axis=1)[:, :k]
-        positions = np.take_along_axis(keys, order, axis=1)
-        found = np.take_along_axis(found, order, axis=1)
-        positions[~np.isfinite(found)] = -1
-        # Equal scores go by key, as the exact scan breaks its ties; only rows with a tie pay for it.
-        key_names = self.keys.column(0)
-        for tied in np.flatnonzero((np.diff(found, axis=1) == 0).any(axis=1)):
-            valid = int((positions[tied] >= 0).sum())  # the found rows come first
-            names = key_names.take(pa.array(positions[tied, :valid])).to_pylist()
-            ranked = sorted(range(valid), key=lambda i: (-found[tied, i], str(names[i])))
-            positions[tied, :valid], found[tied, :valid] = positions[tied, ranked], found[tied, ranked]
-        if positions.shape[1] < k:
-            pad = k - positions.shape[1]
-            positions = np.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
-            found = np.pad(found, ((0, 0), (0, pad)), constant_values=-np.inf)
-        return positions, found
+        positions to skip.  Equal scores go by key (`search_index`)."""
+        return search_index(self.index, self.metric, queries, k, exclude, self.keys.column(0))
 
     def positions_of(self, key: str) -> np.ndarray:
         """Positions of the rows whose key is `key`."""
@@ -137,6 +114,86 @@ class LoadedIndex:
     def take(self, positions: np.ndarray) -> pa.Table:
         """The key and detail columns of the rows at `positions`."""
         return self.keys.take(pa.array(np.asarray(positions, dtype=np.int64)))
+
+
+def search_index(
+    index: Index,
+    metric: str,
+    queries: np.ndarray,
+    k: int,
+    exclude: list[set[int]] | None = None,
+    key_names: pa.ChunkedArray | None = None,
+    threads: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, scores) of `index`'s k nearest rows to each query, each (queries, min(k, indexed rows)),
+    best first; `exclude[i]` is a set of positions to skip.
+
+    Equal scores go by key (`key_names`, one per position; by position without
+    them), as the exact scans break their ties: of the rows tied with the k-th,
+    those with the smallest keys make the cut, so a query whose k-th row ties past
+    the rows found is searched again, wider, until the tie ends or TIE_SEARCH_ROWS
+    rows are found (only queries with a tie pay for it).  The build measures its
+    recall through this same function, so the recall is that of these answers.
+    """
+    queries = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+    total = len(index)
+    # More neighbours than indexed rows cannot be found; a huge k must not size the arrays.
+    k = max(1, min(k, total))
+    exclude = exclude or [set() for _ in range(len(queries))]
+    extra = max((len(e) for e in exclude), default=0)
+    # k, the rows a query excludes, and one more, where a row tied with the k-th beyond the cut shows.
+    count = min(k + extra + 1, total)
+    widest = min(total, max(TIE_SEARCH_ROWS, count))
+    keys, found, returned = _found(index, metric, queries, count, exclude, threads)
+    order = np.lexsort((keys, -found), axis=1)
+    keys, found = np.take_along_axis(keys, order, axis=1), np.take_along_axis(found, order, axis=1)
+    positions, best = keys[:, :k].copy(), found[:, :k].copy()
+    window = found[:, : k + 1]
+    tied = ((window[:, 1:] == window[:, :-1]) & np.isfinite(window[:, 1:])).any(axis=1)
+    for row in np.flatnonzero(tied):
+        row_keys, row_found, row_count = keys[row], found[row], count
+        kth = best[row, -1]
+        # The tie may go on past the rows found: search wider until it ends (or every row is in).
+        # Thousands of identical vectors (duplicate documents) would make every one of their
+        # queries a search of them all: past TIE_SEARCH_ROWS the rows found break the tie by key.
+        while (
+            row_count < widest
+            and returned[row] == row_count
+            and row_found[np.isfinite(row_found)].min() >= kth
+        ):
+            row_count = min(2 * row_count, widest)
+            wider = _found(index, metric, queries[row : row + 1], row_count, exclude[row : row + 1], threads)
+            row_keys, row_found, returned[row] = wider[0][0], wider[1][0], wider[2][0]
+        valid = np.flatnonzero(np.isfinite(row_found))
+        names = (
+            key_names.take(pa.array(row_keys[valid])).to_pylist()
+            if key_names is not None
+            else row_keys[valid]
+        )
+        ranked = sorted(range(len(valid)), key=lambda i: (-row_found[valid[i]], str(names[i])))[:k]
+        positions[row], best[row] = -1, -np.inf
+        positions[row, : len(ranked)] = row_keys[valid[ranked]]
+        best[row, : len(ranked)] = row_found[valid[ranked]]
+    positions[~np.isfinite(best)] = -1
+    if positions.shape[1] < k:
+        pad = k - positions.shape[1]
+        positions = np.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+        best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return positions, best
+
+
+def _found(
+    index: Index, metric: str, queries: np.ndarray, count: int, exclude: list[set[int]], threads: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, scores, how many usearch returned) of a search for `count` rows; -inf for the rows in
+    `exclude` and the slots past what it returned."""
+    keys, distances, counts = raw_search(index, queries, count, threads)
+    found = score_from_distance(metric, distances)
+    found[np.arange(keys.shape[1])[None, :] >= counts[:, None]] = -np.inf
+    for row, skipped in enumerate(exclude):
+        if skipped:
+            found[row, np.isin(keys[row], list(skipped))] = -np.inf
+    return keys, found, np.asarray(counts, dtype=np.int64).copy()
 
 
 def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> LoadedIndex | None:

@@ -91,6 +91,43 @@ class IndexMetadata(TypedDict):
     built: str
 
 
+# What loading and using an index reads of its metadata, and the type each must have.
+REQUIRED_METADATA: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "column": str,
+    "file": str,
+    "sha256": str,
+    "bytes": int,
+    "source": dict,
+    "rows": int,
+    "indexed": int,
+    "dim": int,
+    "metric": str,
+    "expansion_search": int,
+    "recall": dict,
+}
+METRIC_NAMES = ("cos", "ip", "l2")
+
+
+def _metadata_problem(metadata: object) -> str | None:
+    """What makes a JSON value not an index's metadata (a list, a key missing or of another type), or None."""
+    if not isinstance(metadata, dict):
+        return f"it holds a JSON {type(metadata).__name__}, not an object"
+    missing = sorted(REQUIRED_METADATA.keys() - metadata.keys())
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    wrong = sorted(
+        key
+        for key, kind in REQUIRED_METADATA.items()
+        if not isinstance(metadata[key], kind) or (kind is int and isinstance(metadata[key], bool))
+    )
+    if wrong:
+        return f"its {', '.join(wrong)} have the wrong type"
+    if metadata["metric"] not in METRIC_NAMES:
+        return f"its metric {metadata['metric']!r} is not one of {', '.join(METRIC_NAMES)}"
+    return None
+
+
 def usearch_index_class() -> type[Index]:
     """usearch's `Index` class; raises AnalysisError naming the extra when usearch is not installed."""
     try:
@@ -166,11 +203,17 @@ def read_metadata(data: VectorDataset, column: str) -> IndexMetadata | None:
     raw = read_bytes(filesystem, metadata_path)
     if raw is None:
         return None
+    rebuild = (
+        f"rebuild the index with `python -m pipeline.analyze {data.location} index --column {column}`, "
+        "or pass --exact."
+    )
     try:
-        metadata: IndexMetadata = json.loads(raw.decode("utf-8"))
+        metadata = json.loads(raw.decode("utf-8"))
     except ValueError:
-        raise AnalysisError(
-            f"{metadata_path} is not valid JSON; rebuild the index with `python -m pipeline.analyze "
-            f"{data.location} index --column {column}`, or pass --exact."
-        ) from None
-    return metadata
+        raise AnalysisError(f"{metadata_path} is not valid JSON; {rebuild}") from None
+    # Valid JSON is not yet an index's metadata: `[]`, or an object without the keys loading reads.
+    problem = _metadata_problem(metadata)
+    if problem:
+        raise AnalysisError(f"{metadata_path} is not an index's metadata ({problem}); {rebuild}")
+    checked: IndexMetadata = metadata
+    return checked

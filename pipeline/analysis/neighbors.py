@@ -212,8 +212,11 @@ def format_neighbors(
     return "\n".join(lines)
 
 
-def describe_index(loaded: LoadedIndex, data: VectorDataset) -> str:
-    """The line saying that the answer came through the index, and how good the index is."""
+def describe_index(
+    loaded: LoadedIndex, data: VectorDataset, instead: str = "--exact scans every row instead"
+) -> str:
+    """The line saying that the answer came through the index, how good the index is, and `instead`:
+    how to do without it (`knn-score` has no --exact)."""
     recall = loaded.metadata["recall"]
     measured = (
         f"recall@{recall['k']} {recall['recall']:.4f} measured at build"
@@ -222,5 +225,5 @@ def describe_index(loaded: LoadedIndex, data: VectorDataset) -> str:
     )
     return (
         f"Using the index {data.location}/{loaded.metadata['file']} ({loaded.metadata['metric']}, "
-        f"{loaded.metadata['indexed']} rows, {measured}); --exact scans every row instead."
+        f"{loaded.metadata['indexed']} rows, {measured}); {instead}."
     )

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.analysis.answer_file import write_answer
 from pipeline.analysis.dataset import (
     DEFAULT_SAMPLE,
     DEFAULT_SEED,
@@ -16,7 +17,6 @@ from pipeline.analysis.dataset import (
     VectorDataset,
     sample_vectors,
 )
-from pipeline.writing.files import write_whole_local
 
 # Beyond this many label values the smallest share one "other" colour.
 MAX_PLOT_CLASSES = 20
@@ -119,9 +119,9 @@ def plot_projection(
     axes.set_ylabel(axis_labels[1])
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    # As batch answers are: a new file of its own beside `path`, renamed over it once whole.
+    # As batch answers are: whole or not at all, locally or on object storage.
     extension = os.path.splitext(path)[1].lstrip(".").lower() or "png"
-    write_whole_local(path, lambda sink: figure.savefig(sink, format=extension), replace=overwrite)
+    write_answer(path, lambda sink: figure.savefig(sink, format=extension), overwrite)
     return path
 
 

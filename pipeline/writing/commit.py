@@ -37,6 +37,7 @@ from pipeline.writing.files import (
     fsync_directory,
     iter_relative_files,
     join,
+    list_files,
     make_directory,
     move,
     read_json,
@@ -47,12 +48,16 @@ from pipeline.writing.files import (
 from pipeline.writing.layout import (
     ERRORS_DIR,
     FAILED_DIR,
+    INDEX_DIR,
+    INDEX_FILE,
     JOURNAL,
     KNOWN_DIRECTORY,
     LOCK,
     MANIFEST,
     STAGING,
     TABLES_DIR,
+    index_files,
+    is_index_metadata_name,
     is_ours,
 )
 from pipeline.writing.lock import OutputLock
@@ -178,6 +183,31 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+# An index's metadata is a few KiB (a vocabulary's lists a digest per file): a larger file is not one.
+MAX_INDEX_METADATA_BYTES = 16 << 20
+
+
+def owned_index_files(directory: str) -> frozenset[str]:
+    """The files under `directory`'s `_index/` that an index build of ours wrote, told by their metadata's
+    content (`layout.index_files`), relative to `directory`; a linked `_index` holds none."""
+    index_directory = join(directory, INDEX_DIR)
+    if is_local(directory) and os.path.islink(index_directory):
+        return frozenset()
+    owned: set[str] = set()
+    for path in list_files(index_directory):
+        relative = relative_to(directory, path)
+        if not is_index_metadata_name(relative):
+            continue
+        try:
+            if is_local(path) and os.path.getsize(path) > MAX_INDEX_METADATA_BYTES:
+                continue
+            metadata = read_json(path)
+        except Exception:  # Not JSON, not UTF-8, unreadable: nothing shows it is ours.
+            continue
+        owned |= index_files(relative, metadata)
+    return frozenset(owned)
+
+
 def _prepare_commit(
     directory: str, run_id: str, staged: StagedShards, manifest: JsonObject
 ) -> tuple[Journal, JsonObject]:
@@ -197,10 +227,11 @@ def _prepare_commit(
             renames.append({"from": source, "to": target, **digest})
             shards[role].append({"file": target, "rows": rows, **digest})
     targets = {rename["to"] for rename in renames}
+    owned_index = owned_index_files(directory)
     old = sorted(
         relative
         for relative in iter_relative_files(directory)
-        if is_ours(relative)
+        if is_ours(relative, owned_index)
         and relative not in (LOCK, JOURNAL, MANIFEST)
         and not relative.startswith(STAGING + "/")
         and relative not in targets
@@ -237,7 +268,9 @@ def _check_journal(directory: str, journal: Any) -> Journal:
             and journal["manifest"] == staging + MANIFEST
             and all(
                 _safe_relative(r)
-                and is_ours(r)
+                # An index file was judged ours by its metadata when the journal was written; a
+                # replay may find that metadata already deleted.
+                and (is_ours(r) or bool(INDEX_FILE.fullmatch(r)))
                 and not r.startswith(STAGING + "/")
                 and r not in (LOCK, JOURNAL)
                 for r in journal["delete"]

@@ -25,6 +25,7 @@ Nothing in this project ever deletes a file that `is_ours` does not accept.
 
 import re
 import uuid
+from collections.abc import Collection
 
 MANIFEST = "_MANIFEST.json"
 LOCK = "_LOCK"
@@ -48,6 +49,11 @@ _RUN_ID = r"[0-9A-Za-z_-]+"
 _FAILED_FILE = re.compile(
     rf"{FAILED_DIR}/{_RUN_ID}/({re.escape(MANIFEST)}|{ERRORS_DIR}/part-\d{{5,}}-of-\d{{5,}}\.parquet)"
 )
+# The names an index build writes under _index/: COLUMN.json and COLUMN.usearch, each first as NAME.tmp.
+# A name alone makes nothing ours (a user's settings.json or hand-built index looks the same):
+# `index_files` judges a metadata file by its content.
+INDEX_FILE = re.compile(rf"{INDEX_DIR}/[^/]+\.(usearch|json)(\.tmp)?")
+_INDEX_METADATA = re.compile(rf"({INDEX_DIR}/[^/]+)\.json(\.tmp)?")
 # The directories a run makes, so the only empty ones that are ours.
 KNOWN_DIRECTORY = re.compile(
     rf"({ERRORS_DIR}|{TABLES_DIR}|{INDEX_DIR}|{STAGING}(/.*)?|{FAILED_DIR}(/{_RUN_ID}(/{ERRORS_DIR})?)?)"
@@ -74,14 +80,41 @@ def is_lock_clock_probe(relative: str) -> bool:
     return bool(re.fullmatch(rf"{LOCK}\.{_RUN_ID}\.clock", relative))
 
 
-def is_ours(relative: str) -> bool:
-    """Whether a file's path relative to the output directory is one this project writes."""
+def is_index_metadata_name(relative: str) -> bool:
+    """Whether a path relative to the output is named as an index's metadata (`_index/COLUMN.json`)."""
+    return bool(_INDEX_METADATA.fullmatch(relative))
+
+
+def index_files(relative: str, metadata: object) -> frozenset[str]:
+    """The files under `_index/` that the metadata file `relative` (its JSON value `metadata`) makes ours.
+
+    Only the metadata an index build writes counts (`"format": "usearch"`, a
+    `source` and the `file` an index of that column is saved as): then it, the
+    index file it names and their `.tmp` names are ours.  Anything else names nothing.
+    """
+    match = _INDEX_METADATA.fullmatch(relative)
+    if match is None or not isinstance(metadata, dict):
+        return frozenset()
+    base = match.group(1)
+    named = metadata.get("file")
+    ours = metadata.get("format") == "usearch" and isinstance(metadata.get("source"), dict)
+    if not ours or named != base + ".usearch":
+        return frozenset()
+    return frozenset({base + ".json", base + ".json.tmp", named, named + ".tmp"})
+
+
+def is_ours(relative: str, owned_index_files: Collection[str] = frozenset()) -> bool:
+    """Whether a file's path relative to the output directory is one this project writes.
+
+    Under `_index/` only the files in `owned_index_files` are (`index_files` of
+    each metadata file there, which reads their content).
+    """
     return (
         relative in (MANIFEST, MANIFEST + ".tmp", LOCK, JOURNAL)
         or is_lock_clock_probe(relative)
         or relative.startswith(STAGING + "/")
         or is_shard(relative)
         or bool(re.fullmatch(TABLES_DIR + r"/[^/]+\.parquet", relative))
-        or bool(re.fullmatch(INDEX_DIR + r"/([^/]+\.(usearch|json)(\.tmp)?)?", relative))
+        or relative in owned_index_files
         or bool(_FAILED_FILE.fullmatch(relative))
     )

@@ -18,7 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.errors import ExportConfigError
 from pipeline.uris import is_local
-from pipeline.writing.commit import recover_interrupted_commit
+from pipeline.writing.commit import owned_index_files, recover_interrupted_commit
 from pipeline.writing.files import (
     EntryKind,
     JsonObject,
@@ -32,6 +32,7 @@ from pipeline.writing.files import (
 )
 from pipeline.writing.layout import (
     ERRORS_DIR,
+    INDEX_FILE,
     JOURNAL,
     KNOWN_DIRECTORY,
     LOCK,
@@ -50,9 +51,9 @@ OutputState = Literal["empty", "finished", "unfinished", "foreign"]
 FOREIGN_EXAMPLES = 5
 
 
-def _entry_is_ours(relative: str, kind: EntryKind) -> bool:
+def _entry_is_ours(relative: str, kind: EntryKind, owned_index: frozenset[str] = frozenset()) -> bool:
     if kind == "file":
-        return is_ours(relative)
+        return is_ours(relative, owned_index)
     # An empty directory is ours only where a run makes one; no link ever is.
     return kind == "directory" and bool(KNOWN_DIRECTORY.fullmatch(relative))
 
@@ -110,6 +111,7 @@ def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[
     finished = journal or manifest_ours
 
     damaged = manifest_ours and listed is None and not journal
+    owned_index = owned_index_files(directory) | (_journal_index_files(directory) if journal else frozenset())
 
     def explains(relative: str, kind: EntryKind) -> bool:
         if not finished:
@@ -120,7 +122,7 @@ def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[
             # A damaged manifest lists nothing: a Parquet file named as ours is ours only if its
             # footer says so (another tool's part files and manifest look damaged to us).
             return _footer_is_ours(directory, relative)
-        return _entry_is_ours(relative, kind)
+        return _entry_is_ours(relative, kind, owned_index)
 
     foreign: list[tuple[str, EntryKind]] = []
     ours: list[str] = []
@@ -132,6 +134,16 @@ def _foreign_entries(directory: str) -> tuple[list[tuple[str, EntryKind]], list[
         elif relative != LOCK:
             ours.append(relative)
     return foreign, ours
+
+
+def _journal_index_files(directory: str) -> frozenset[str]:
+    """The index files an interrupted commit's journal deletes: judged ours when it was written, their
+    metadata may be gone already."""
+    try:
+        delete = read_json(join(directory, JOURNAL))["delete"]
+        return frozenset(r for r in delete if isinstance(r, str) and INDEX_FILE.fullmatch(r))
+    except Exception:  # A damaged journal explains nothing; recovering the commit refuses it.
+        return frozenset()
 
 
 def _is_file(directory: str, relative: str) -> bool:
