@@ -10,6 +10,7 @@ resumed; the two models are the users' first one (a tf_keras `.h5` with
 
 import json
 import sys
+import types
 
 import forkserver
 import keras
@@ -28,7 +29,11 @@ from pipeline_fixtures import (
 )
 from test_resume import dead_letters, durable_files, rows
 
+from pipeline.planning.plan import InputInfo
+from pipeline.reading.documents import Document
 from pipeline.running.export import run_export
+from pipeline.writing import schema as schema_lib
+from pipeline.writing.reuse import ERRORS, REUSED, ReuseEarlierRowsFn
 
 TOLERANCE = 1e-5
 # Small files, closed often: a run of the large corpus is killed after a few of them.
@@ -159,6 +164,12 @@ def char_split(small_corpus, tmp_path_factory):
     )
 
 
+@pytest.fixture
+def bundled(tiny_bundle):
+    """The bundled model and tokenizer (blank texts give no token): (flags, column, no reference)."""
+    return [tiny_bundle[0], "--layer", "lstm_content"], "lstm_content", None
+
+
 def _export(model, corpus, output, *flags):
     path, *model_flags = model
     return run_export(export_args(path, corpus, output, *model_flags, *flags))
@@ -176,7 +187,7 @@ def _assert_one_row_per_id(output, records, column, reference):
     exported = rows_by_id(read_rows(output))  # asserts the ids are unique
     assert sorted(exported) == sorted(kept)
     assert _dead_letters(output) == blank
-    for document_id, line in kept.items():
+    for document_id, line in kept.items() if reference is not None else ():
         np.testing.assert_allclose(
             np.asarray(exported[document_id][column], dtype=np.float32),
             reference[line],
@@ -189,9 +200,13 @@ def _assert_one_row_per_id(output, records, column, reference):
     assert counts["dead_letters_by_reason"] == {"empty_document": len(blank)}
 
 
-@pytest.mark.parametrize("model_name", ["keras2_oov", "char_split"])
+@pytest.mark.parametrize("model_name", ["keras2_oov", "char_split", "bundled"])
 def test_blank_records_never_make_a_second_row_plain_or_reused(model_name, small_corpus, request, tmp_path):
-    """An NBSP/space record made a second row for its id (exit 0); --reuse of it then lost a record."""
+    """An NBSP/space record made a second row for its id (exit 0); --reuse of it then lost a record.
+
+    With the bundled tokenizer too: the blank record and the real one of an id both
+    reached the --reuse join, which kept one of them and dropped the other (exit 3).
+    """
     corpus, records = small_corpus
     model, column, reference = request.getfixturevalue(model_name)
     full = tmp_path / "full"
@@ -209,7 +224,7 @@ def test_blank_records_never_make_a_second_row_plain_or_reused(model_name, small
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name", ["keras2_oov", "char_split"])
+@pytest.mark.parametrize("model_name", ["keras2_oov", "char_split", "bundled"])
 def test_a_killed_run_with_blank_records_resumes_as_an_uninterrupted_one(model_name, request, tmp_path):
     """A kill after x's row was kept: the rerun met x's blank record and refused ("the corpus changed")."""
     model, _, _ = request.getfixturevalue(model_name)
@@ -237,3 +252,19 @@ def test_a_killed_run_with_blank_records_resumes_as_an_uninterrupted_one(model_n
     assert counts == manifest_of(reference)["counts"]
     assert counts["records_read"] == len(records) == counts["rows_written"] + counts["dead_letters"]
     assert len(set(rows(output).column("id").to_pylist())) == counts["rows_written"]
+
+
+def test_the_reuse_join_dead_letters_every_other_document_of_an_id():
+    """The join kept `documents[0]` of an id and dropped the others silently (no row, no dead letter)."""
+    plan = types.SimpleNamespace(inputs=(InputInfo("content", "content", 8),), keep_fields=())
+    later = Document("x", ("word2",), (), "b.jsonl", 1)
+    first = Document("x", ("word1",), (), "a.jsonl", 7)
+    earlier = {"input_sha256": schema_lib.input_fingerprint(first.texts, plan.inputs), "lstm": [0.5]}
+    for documents in ([later, first], [first, later]):  # whatever order the shuffle gives
+        out = list(ReuseEarlierRowsFn(plan).process(("x", {"documents": documents, "earlier": [earlier]})))
+        tagged = {item.tag: item.value for item in out}
+        assert set(tagged) == {REUSED, ERRORS} and len(out) == 2
+        assert tagged[REUSED] == dict(earlier, id="x")
+        dead = tagged[ERRORS]
+        assert (dead["source"], dead["position"], dead["reason"]) == ("b.jsonl", 1, "duplicate_id")
+        assert dead["message"] == "Id 'x' was already used by a.jsonl:7."
