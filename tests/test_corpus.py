@@ -302,7 +302,10 @@ def test_a_stray_carriage_return_is_text_on_every_line_the_last_included(final):
     # In JSONL a \r between tokens is whitespace, on every line.
     data = b'{"id": "a",\r"content": "w"}\n{"id": "b",\r"content": "v"}' + final
     assert _summary(_read(_plan("jsonl"), data)) == [(1, ("w",)), (2, ("v",))]
-    # ... and so is a \r before a nested object in a line that parses (it is no record boundary).
+    # A raw \r inside a JSON string is that line's malformed_json, not records split by \r.
+    data = b'{"id": "a", "content": "x\r[y"}\n{"id": "b", "content": "v"}' + final
+    assert _summary(_read(_plan("jsonl"), data)) == [(1, "malformed_json"), (2, ("v",))]
+    # ... and a \r before a nested object in a line that parses is whitespace (no record boundary).
     data = b'{"id": "a", "content": "w", "meta":\r{"k": 1}}' + final
     assert _summary(_read(_plan("jsonl"), data)) == [(1, ("w",))]
 

@@ -203,13 +203,21 @@ def _holds_carriage_return_lines(plan: ExportPlan, line: bytes, cut: bool, only_
 
 
 def _split_jsonl_records(plan: ExportPlan, item: Record, line: bytes) -> bool:
-    """Whether a JSONL line that is not JSON is records split by \r alone (a \r before a brace)."""
-    return (
-        plan.input_format != "text"
-        and not isinstance(item, Document)
-        and item["reason"] == MALFORMED_JSON
-        and bool(_JSONL_CARRIAGE_RETURN.search(line.rstrip(b"\r\n")))
-    )
+    """Whether a JSONL line that is not JSON is records split by \r alone.
+
+    So it is when its text up to the first \r is JSON and a \r comes before a brace:
+    a raw \r inside a string (malformed JSON too) stays that line's `malformed_json`.
+    """
+    if plan.input_format == "text" or isinstance(item, Document) or item["reason"] != MALFORMED_JSON:
+        return False
+    body = line.rstrip(b"\r\n")
+    if not _JSONL_CARRIAGE_RETURN.search(body):
+        return False
+    try:
+        json.loads(body.split(b"\r", 1)[0])
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _carriage_returns(source: str, number: int, line: bytes) -> Record:
