@@ -286,6 +286,10 @@ def test_carriage_return_line_ends_are_refused_with_or_without_a_final_newline(f
     records = [b'{"id": "%d", "content": "word"}' % n for n in range(6)]
     (item,) = _read(_plan("jsonl"), b"\r".join(records) + final)
     assert (item["position"], item["reason"]) == (None, "unreadable_file")
+    # Records holding \r as JSON whitespace, split by \r too.
+    spaced = [b'{"id": "%d",\r"content": "word"}' % n for n in range(3)]
+    (item,) = _read(_plan("jsonl"), b"\r".join(spaced) + final)
+    assert (item["position"], item["reason"]) == (None, "unreadable_file")
     # Amid lines ended by newlines, such a line is a read_error there, and reading goes on.
     data = b"one\ntwo\rthree\rfour\nfive" + final
     assert _summary(_read(text, data)) == [(1, ("one",)), (2, "read_error"), (3, ("five",))]

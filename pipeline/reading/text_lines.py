@@ -170,6 +170,10 @@ def line_records(
 
 # In JSONL, a carriage return before the next object's brace: records split by \r alone.
 _JSONL_CARRIAGE_RETURN = re.compile(rb"\r[ \t]*[{\[]")
+# The same after a record parsed from a line's start (`_split_jsonl_records`).
+_NEXT_JSONL_RECORD = re.compile(r"[ \t]*\r[ \t\r]*[{\[]")
+_JSON_WHITESPACE = " \t\r\n"
+_DECODER = json.JSONDecoder()
 
 
 def _at_end(stream: ByteStream) -> bool:
@@ -205,19 +209,18 @@ def _holds_carriage_return_lines(plan: ExportPlan, line: bytes, cut: bool, only_
 def _split_jsonl_records(plan: ExportPlan, item: Record, line: bytes) -> bool:
     """Whether a JSONL line that is not JSON is records split by \r alone.
 
-    So it is when its text up to the first \r is JSON and a \r comes before a brace:
-    a raw \r inside a string (malformed JSON too) stays that line's `malformed_json`.
+    So it is when it starts with a JSON value followed by a \r and a brace: a raw
+    \r inside a string (malformed JSON too) stays that line's `malformed_json`.
     """
     if plan.input_format == "text" or isinstance(item, Document) or item["reason"] != MALFORMED_JSON:
         return False
-    body = line.rstrip(b"\r\n")
-    if not _JSONL_CARRIAGE_RETURN.search(body):
-        return False
     try:
-        json.loads(body.split(b"\r", 1)[0])
+        text = line.rstrip(b"\r\n").decode("utf-8")
+        start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+        _, end = _DECODER.raw_decode(text, start)
     except (ValueError, RecursionError):
         return False
-    return True
+    return bool(_NEXT_JSONL_RECORD.match(text, end))
 
 
 def _carriage_returns(source: str, number: int, line: bytes) -> Record:
