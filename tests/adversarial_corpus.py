@@ -206,6 +206,35 @@ def carriage_return_jsonl(directory):
     return Expected(dead={("mac.jsonl", None): "unreadable_file"}, broken=1)
 
 
+def carriage_return_jsonl_with_newlines(directory):
+    """The same with one final newline (6 records were one malformed_json, exit 0), and amid newline lines."""
+    lines = [json.dumps(record(f"crn-{n}")).encode() for n in range(8)]
+    _write(directory, "mac-final.jsonl", b"\r".join(lines[:5]) + b"\n")
+    # Lines 1 and 3 end with newlines; line 2 is three records split by \r.
+    _write(directory, "mac-mid.jsonl", lines[5] + b"\n" + b"\r".join(lines[:3]) + b"\n" + lines[6] + b"\n")
+    dead = {("mac-final.jsonl", None): "unreadable_file", ("mac-mid.jsonl", 2): "read_error"}
+    return Expected({"crn-5", "crn-6"}, dead, broken=2)
+
+
+def carriage_return_text(directory):
+    """Text lines ended by \r alone, with a final newline: 3 documents were 1 row, exit 0.
+
+    A single stray \r in a line of a file of many lines is text, the last line (no
+    newline after it) included: it was a read_error there.
+    """
+    _write(directory, "mac-final.txt", b"first document\rsecond document\rthird document\n")
+    _write(directory, "mac-two.txt", b"first document\rsecond document\n")
+    stray = _write(directory, "stray.txt", b"first\nsecond with a stray \r in it\nlast with a stray \r in it")
+    mixed = _write(directory, "mixed.txt", b"word1\nword2\rword3\rword4\nword5\n")
+    rows = {f"{stray}:1", f"{stray}:2", f"{stray}:3", f"{mixed}:1", f"{mixed}:3"}
+    dead = {
+        ("mac-final.txt", None): "unreadable_file",
+        ("mac-two.txt", None): "unreadable_file",
+        ("mixed.txt", 2): "read_error",
+    }
+    return Expected(rows, dead, broken=3)
+
+
 def pretty_printed_jsonl(directory):
     """`jq .` output: every line a malformed_json; the first says how to convert the file."""
     text = "".join(json.dumps(record(f"pretty-{n}"), indent=2) + "\n" for n in range(2))
@@ -409,6 +438,7 @@ CASES = {
         blank_first_of_an_id,
         tar_archives,
         carriage_return_jsonl,
+        carriage_return_jsonl_with_newlines,
         pretty_printed_jsonl,
     ],
     "csv": [
@@ -421,7 +451,7 @@ CASES = {
         unclosed_quote_header_csv,
         utf16_csv,
     ],
-    "text": [gzip_text, truncated_text, text_name_not_utf8],
+    "text": [gzip_text, truncated_text, text_name_not_utf8, carriage_return_text],
     "parquet": [
         parquet_ids,
         duplicate_columns_parquet,

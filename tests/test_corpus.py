@@ -275,6 +275,56 @@ def test_a_text_file_with_carriage_returns_alone_is_not_one_document():
     assert _summary(items) == [(1, ("50%\r100% done",)), (2, ("next",))]
 
 
+@pytest.mark.parametrize("final", [b"", b"\n", b"\r\n"], ids=["no_newline", "newline", "crlf"])
+def test_carriage_return_line_ends_are_refused_with_or_without_a_final_newline(final):
+    """With one final newline, 3 documents ended by \r alone were read as 1 (and 6 JSONL records as 1)."""
+    text = _plan("text", field="text")
+    for lines in (["first", "second", "third"], ["first", "second"]):
+        (item,) = _read(text, "\r".join(lines).encode() + final)
+        assert (item["position"], item["reason"]) == (None, "unreadable_file"), lines
+        assert "carriage return (\\r) alone" in item["message"]
+    records = [b'{"id": "%d", "content": "word"}' % n for n in range(6)]
+    (item,) = _read(_plan("jsonl"), b"\r".join(records) + final)
+    assert (item["position"], item["reason"]) == (None, "unreadable_file")
+    # Records holding \r as JSON whitespace, split by \r too.
+    spaced = [b'{"id": "%d",\r"content": "word"}' % n for n in range(3)]
+    (item,) = _read(_plan("jsonl"), b"\r".join(spaced) + final)
+    assert (item["position"], item["reason"]) == (None, "unreadable_file")
+    # Amid lines ended by newlines, such a line is a read_error there, and reading goes on.
+    data = b"one\ntwo\rthree\rfour\nfive" + final
+    assert _summary(_read(text, data)) == [(1, ("one",)), (2, "read_error"), (3, ("five",))]
+    data = records[0] + b"\n" + b"\r".join(records[1:4]) + b"\n" + records[4] + final
+    assert _summary(_read(_plan("jsonl"), data)) == [(1, ("word",)), (2, "read_error"), (3, ("word",))]
+
+
+@pytest.mark.parametrize("final", [b"", b"\n"], ids=["no_newline", "newline"])
+def test_a_stray_carriage_return_is_text_on_every_line_the_last_included(final):
+    """A stray \r in the last line, without a newline after it, was a read_error ("reading broke off")."""
+    data = b"first\r line\nsecond\nlast\r line" + final
+    expected = [(1, ("first\r line",)), (2, ("second",)), (3, ("last\r line",))]
+    assert _summary(_read(_plan("text", field="text"), data)) == expected
+    # In JSONL a \r between tokens is whitespace, on every line.
+    data = b'{"id": "a",\r"content": "w"}\n{"id": "b",\r"content": "v"}' + final
+    assert _summary(_read(_plan("jsonl"), data)) == [(1, ("w",)), (2, ("v",))]
+    # A raw \r inside a JSON string is that line's malformed_json, not records split by \r.
+    data = b'{"id": "a", "content": "x\r[y"}\n{"id": "b", "content": "v"}' + final
+    assert _summary(_read(_plan("jsonl"), data)) == [(1, "malformed_json"), (2, ("v",))]
+    # ... and a \r before a nested object in a line that parses is whitespace (no record boundary).
+    data = b'{"id": "a", "content": "w", "meta":\r{"k": 1}}' + final
+    assert _summary(_read(_plan("jsonl"), data)) == [(1, ("w",))]
+
+
+def test_the_only_line_of_a_gzip_file_is_judged_as_the_plain_files():
+    """Whether a first line is the file's only one is asked of the (gzip) stream without losing a byte."""
+    text = _plan("text", field="text")
+    (item,) = _read(text, gzip.compress(b"first\rsecond\n"), path="c.txt.gz")
+    assert item["reason"] == "unreadable_file"
+    assert _summary(_read(text, gzip.compress(b"a\rb\nnext\n"), path="c.txt.gz")) == [
+        (1, ("a\rb",)),
+        (2, ("next",)),
+    ]
+
+
 def test_parquet_record_sizes_count_lists_of_strings_and_of_ids():
     """A list<string> column (kept tags) made every row an unreadable_file: string types have no width."""
     import pyarrow as pa

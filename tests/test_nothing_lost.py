@@ -166,6 +166,21 @@ def test_text_lines_get_file_and_line_ids_and_blank_lines_are_dead_letters(tmp_p
     assert summary.records_read == 4
 
 
+@pytest.mark.parametrize(("value", "reason"), [(None, "missing_id"), (1.5, "bad_id")])
+def test_a_corpus_without_usable_ids_is_told_to_check_id_field(value, reason, tmp_path, tiny_bundle, capsys):
+    """A corpus without ids (the tutorial's) was told "Check --input_format and --input_map"."""
+    corpus = tmp_path / "no_ids.jsonl"
+    records = [{"title": "network io", "content": f"socket server {n}"} for n in range(5)]
+    if value is not None:
+        records = [dict(record, id=value) for record in records]
+    corpus.write_text("".join(json.dumps(record) + "\n" for record in records))
+    output = str(tmp_path / "out")
+    assert main(["--model", tiny_bundle[0], "--input", str(corpus), "--output", output]) == 4
+    error = capsys.readouterr().err
+    assert f"({reason}: 5)" in error and "Check --id_field" in error, error[-2000:]
+    assert "--input_format" not in error
+
+
 def test_too_many_dead_letters_exit_non_zero_but_keep_the_output(tmp_path, tiny_bundle, capsys):
     corpus = tmp_path / "mostly_bad.jsonl"
     corpus.write_bytes(b"\n".join([_doc("good"), b"{broken", b"{broken", b"{broken"]) + b"\n")

@@ -325,6 +325,16 @@ def _set_state(output, state):
         json.dump(dict(run, state=state), handle)
 
 
+def _set_run_format(output, run_format):
+    """Makes the staged run one of another `_RUN.json` format (an earlier version of this code)."""
+    path = os.path.join(output, layout_lib.STAGING, _staged_run(output), resume_lib.RUN_FILE)
+    with open(path, encoding="utf-8") as handle:
+        run = json.load(handle)
+    run["signature"]["format"] = run_format
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(run, handle)
+
+
 def _truncate_run_file(output):
     path = os.path.join(output, layout_lib.STAGING, _staged_run(output), resume_lib.RUN_FILE)
     with open(path, "rb") as handle:
@@ -335,7 +345,7 @@ def _truncate_run_file(output):
 
 @pytest.mark.parametrize(
     "change",
-    ["resume_off", "dtype", "model", "truncated_run_file"],
+    ["resume_off", "dtype", "model", "truncated_run_file", "earlier_run_format"],
 )
 def test_another_export_starts_from_zero(change, killed, corpus, reference, tiny_bundle, tmp_path):
     output = str(tmp_path / "out")
@@ -350,13 +360,15 @@ def test_another_export_starts_from_zero(change, killed, corpus, reference, tiny
         model = DEFAULT_BUNDLE
     elif change == "truncated_run_file":
         _truncate_run_file(output)
+    elif change == "earlier_run_format":  # e.g. one that kept rows of blank records
+        _set_run_format(output, resume_lib.RUN_FORMAT - 1)
     summary = run_export(["--model", model, "--input", input_path, "--output", output, *flags])
     assert summary.exit_code == 0, summary.message
     manifest = state_lib.read_manifest(output)
     assert manifest["resumed"] is None and summary.rows_kept == 0
     assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
     assert dead_run not in json.dumps(manifest)
-    if change in ("resume_off", "truncated_run_file"):
+    if change in ("resume_off", "truncated_run_file", "earlier_run_format"):
         assert_same_export(output, reference)
 
 

@@ -20,6 +20,8 @@ from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import (
     BAD_ID,
     BAD_TOKEN_ID,
+    DUPLICATE_ID,
+    EMPTY_DOCUMENT,
     INVALID_UTF8,
     MISSING_FIELD,
     MISSING_ID,
@@ -78,13 +80,34 @@ Record = Document | DeadLetter
 
 
 def is_blank(document: Document) -> bool:
-    """Whether no input of `document` holds anything: sure to be an `empty_document` under any tokenizer.
+    """Whether no input of `document` holds anything: every text empty or whitespace (`str.strip`), every
+    token-id list empty or all 0.
 
-    The id scan does not count such a record as its id's first, so a later record of
-    the id is kept (and the blank one is the `empty_document` dead letter).
+    Such a record is an `empty_document` dead letter, decided by the read (`blank_error`)
+    whatever the tokenizer would make of its whitespace (a Keras 2 `oov_token`, a
+    character-level tokenizer or a string model splitting characters give it tokens):
+    then the id scan, a resumed run's skip, the --reuse join and inference all see the
+    same records, and a blank record never holds its id.
     """
     return all(
         not any(text.ids) if isinstance(text, TokenIds) else not text.strip() for text in document.texts
+    )
+
+
+def blank_error(document: Document) -> DeadLetter:
+    """The `empty_document` dead letter of a blank record (`is_blank`)."""
+    return schema_lib.document_error_row(
+        document,
+        EMPTY_DOCUMENT,
+        "Every model input is empty or whitespace (or token ids that are all 0): a blank record is "
+        "never embedded, whatever the tokenizer.",
+    )
+
+
+def duplicate_id_error(document: Document, where: str) -> DeadLetter:
+    """The `duplicate_id` dead letter of a later record of an id, whose kept record is at `where`."""
+    return schema_lib.document_error_row(
+        document, DUPLICATE_ID, f"Id {document.id!r} was already used by {where}."
     )
 
 

@@ -64,7 +64,7 @@ class ScanDocumentIdsFn(RangeReadingFn):
         # Line numbers are exact from the start of a file; a later range knows only byte offsets.
         numbered = not file_range.splittable or not tracker.current_restriction().start
         for count, (order, item) in enumerate(reader.records(on_newline=on_newline), start=1):
-            # A blank record fails as empty_document after tokenization: it must not hold its id.
+            # The read makes a blank record an empty_document dead letter: it must not hold its id.
             if isinstance(item, corpus.Document) and (keyed or "\\" in item.id) and not is_blank(item):
                 yield item.id, (path, order, item.position if numbered else None)
             if self._limit:

@@ -14,7 +14,14 @@ import re
 import typing
 from collections.abc import Callable, Iterator
 
-from pipeline.reading.documents import Record, fields_to_document, guarded, to_document, too_large
+from pipeline.reading.documents import (
+    Document,
+    Record,
+    fields_to_document,
+    guarded,
+    to_document,
+    too_large,
+)
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import (
     EMPTY_RECORD,
@@ -145,12 +152,16 @@ def line_records(
         if on_newline is not None and end.endswith(b"\n"):
             on_newline(offset + consumed - 1)
         item: Record
-        if not end.endswith(b"\n") and _ends_lines_with_carriage_returns(plan, line):
+        # The only line of a file starts it, and nothing follows it.
+        only_line = offset == 0 and (not end.endswith(b"\n") or _at_end(stream))
+        if _holds_carriage_return_lines(plan, line, cut, only_line):
             item = _carriage_returns(source, number, line)
         elif size > limit:
             item = too_large(source, number, size, limit, line[: schema_lib.RAW_LIMIT * 4])
         else:
             item = guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
+            if _split_jsonl_records(plan, item, line):
+                item = _carriage_returns(source, number, line)
         yield offset, item
         offset += consumed
     if listed_size is not None and offset < listed_size:
@@ -159,23 +170,65 @@ def line_records(
 
 # In JSONL, a carriage return before the next object's brace: records split by \r alone.
 _JSONL_CARRIAGE_RETURN = re.compile(rb"\r[ \t]*[{\[]")
+# The same after a record parsed from a line's start (`_split_jsonl_records`).
+_NEXT_JSONL_RECORD = re.compile(r"[ \t]*\r[ \t\r]*[{\[]")
+_JSON_WHITESPACE = " \t\r\n"
+_DECODER = json.JSONDecoder()
 
 
-def _ends_lines_with_carriage_returns(plan: ExportPlan, line: bytes) -> bool:
-    """Whether a file's last line (`line`, maybe its first part only) holds lines ended by \r alone."""
+def _at_end(stream: ByteStream) -> bool:
+    """Whether no byte follows what was read of `stream`, which stays where it was."""
+    peek = getattr(stream, "peek", None)
+    if peek is not None:
+        return not peek(1)
+    if not stream.seekable():
+        return False  # Cannot tell: the \r is taken for text, as in any line but a file's only one.
+    position = stream.tell()
+    following = stream.read(1)
+    stream.seek(position)
+    return not following
+
+
+def _holds_carriage_return_lines(plan: ExportPlan, line: bytes, cut: bool, only_line: bool) -> bool:
+    """Whether a line (`line`; its first part if `cut`) holds lines ended by \r alone (old Mac line ends).
+
+    Decided on the line's own bytes (and, for a file's first line, whether it is its
+    only one), so each range of a split file decides its lines as a whole read would,
+    with or without a newline after them. A text line holding two or more \r (line
+    ends aside) is such lines; so is one holding one \r when it is the file's only
+    line (a file of two \r-ended records looks so). Any other \r is text. A JSONL
+    line is decided once parsed (`_split_jsonl_records`), unless it is too long to.
+    """
     body = line.rstrip(b"\r\n")
-    if plan.input_format == "text":
-        return b"\r" in body
-    return bool(_JSONL_CARRIAGE_RETURN.search(body))
+    if plan.input_format != "text":
+        return cut and bool(_JSONL_CARRIAGE_RETURN.search(body))
+    returns = body.count(b"\r")
+    return returns >= 2 or (returns == 1 and only_line)
+
+
+def _split_jsonl_records(plan: ExportPlan, item: Record, line: bytes) -> bool:
+    """Whether a JSONL line that is not JSON is records split by \r alone.
+
+    So it is when it starts with a JSON value followed by a \r and a brace: a raw
+    \r inside a string (malformed JSON too) stays that line's `malformed_json`.
+    """
+    if plan.input_format == "text" or isinstance(item, Document) or item["reason"] != MALFORMED_JSON:
+        return False
+    try:
+        text = line.rstrip(b"\r\n").decode("utf-8")
+        start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+        _, end = _DECODER.raw_decode(text, start)
+    except (ValueError, RecursionError):
+        return False
+    return bool(_NEXT_JSONL_RECORD.match(text, end))
 
 
 def _carriage_returns(source: str, number: int, line: bytes) -> Record:
-    """The dead letter of a last line holding carriage returns: a file of old Mac line endings.
+    """The dead letter of a line holding lines ended by \r alone: a file of old Mac line endings.
 
-    Such a file has no newline at all, so it reads as one line of every record run
-    together: how many records it holds is unknown, so it breaks the file (an
-    `unreadable_file` when it is the first line, else a `read_error` there). A stray
-    \r inside a line that ends with a newline is text, and kept.
+    Such lines read as one line of every record run together, with or without a
+    newline after them: how many records it holds is unknown, so it breaks the file
+    (an `unreadable_file` when it is the first line, else a `read_error` there).
     """
     return schema_lib.error_row(
         source,

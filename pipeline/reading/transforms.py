@@ -13,7 +13,7 @@ from apache_beam.runners.sdf_utils import RestrictionTrackerView
 
 from pipeline.planning.plan import ExportPlan
 from pipeline.reading import corpus, listing
-from pipeline.reading.documents import DeadLetter, Document
+from pipeline.reading.documents import DeadLetter, Document, blank_error, duplicate_id_error, is_blank
 from pipeline.reading.ids import (
     DOCUMENT_IDS,
     NEWLINES,
@@ -48,8 +48,9 @@ ERRORS = "errors"
 class ReadDocumentsFn(RangeReadingFn):
     """The second pass: each record of a range as a `Document` or a dead letter, with exact line numbers.
 
-    Records after the --limit cut-off are not read; a later record of an id
-    already used (`duplicates`, from the id scan) is a `duplicate_id` dead letter.
+    Records after the --limit cut-off are not read; a blank record (`is_blank`) is an
+    `empty_document` dead letter; a later record of an id already used (`duplicates`,
+    from the id scan) is a `duplicate_id` dead letter.
     """
 
     def __init__(self, plan: ExportPlan, progress_dir: str | None = None):
@@ -82,12 +83,14 @@ class ReadDocumentsFn(RangeReadingFn):
             count += 1
             self._read.inc()
             if isinstance(item, corpus.Document):
-                first = duplicates.get((path, order))
-                if first is None:
+                if is_blank(item):
+                    # Never a Document: no later step may meet two records of one id (see is_blank).
+                    yield beam.pvalue.TaggedOutput(ERRORS, blank_error(item))
+                elif (first := duplicates.get((path, order))) is None:
                     yield item
                 else:
                     where = self._place(first, line_indexes)
-                    yield beam.pvalue.TaggedOutput(ERRORS, _duplicate_error(item, where))
+                    yield beam.pvalue.TaggedOutput(ERRORS, duplicate_id_error(item, where))
             else:
                 if item["reason"] in schema_lib.FILE_REASONS:
                     self._broken.inc()
@@ -112,12 +115,6 @@ class ReadDocumentsFn(RangeReadingFn):
             except Exception:  # The file went away: name the byte instead.
                 position = None
         return f"{source}:{position}" if position is not None else f"byte {order} of {source}"
-
-
-def _duplicate_error(document: Document, where: str) -> DeadLetter:
-    return schema_lib.document_error_row(
-        document, schema_lib.DUPLICATE_ID, f"Id {document.id!r} was already used by {where}."
-    )
 
 
 class ReadCorpus(beam.PTransform):

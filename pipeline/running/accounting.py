@@ -106,6 +106,11 @@ _HINTS = {
     ),
     "inference_failed": "The model failed on the documents: the dead letters' messages say how",
     "duplicate_id": "Check --id_field: most ids repeat",
+    "missing_id": (
+        "Check --id_field: most records have no such field, or a null or empty one "
+        "(name the field that holds each record's id)"
+    ),
+    "bad_id": "Check --id_field: most records' values of it are not strings or integers, as ids must be",
     "too_large": "Raise --max_record_bytes, or check --input_format",
     "empty_document": "No text gave a token: check --input_map and the tokenizer",
 }

@@ -71,7 +71,9 @@ def build_pipeline(
     # Only ReadCorpus needs the launch listing; the other DoFns pickle the plan without it.
     plan = dataclasses.replace(plan, input_files=())
     if plan.reuse:
-        documents, reused = documents | "ReuseEarlierRows" >> ReuseEarlierRows(plan, kept_ids_path)
+        documents, reused, reuse_errors = documents | "ReuseEarlierRows" >> ReuseEarlierRows(
+            plan, kept_ids_path
+        )
     rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan, kept_ids_path)
     written = (rows, reused) if plan.reuse else rows
     written | "WriteEmbeddings" >> WriteEmbeddings(
@@ -79,6 +81,7 @@ def build_pipeline(
     )
     if plan.reuse:
         rows = (rows, reused) | "CollectRows" >> beam.Flatten()
-    errors = (read_errors, embed_errors) | "CollectErrors" >> beam.Flatten()
+    all_errors = (read_errors, embed_errors, reuse_errors) if plan.reuse else (read_errors, embed_errors)
+    errors = all_errors | "CollectErrors" >> beam.Flatten()
     count_errors(errors, progress_dir) | "WriteDeadLetters" >> WriteDeadLetters(plan, errors_prefix)
     return {"rows": rows, "errors": errors}

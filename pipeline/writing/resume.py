@@ -50,8 +50,10 @@ RUN_FILE = "_RUN.json"
 KEPT_IDS_FILE = "_KEPT_IDS.parquet"
 RUNNING = "running"
 COMMITTING = "committing"
-# Version of the _RUN.json format: a run of another version is never resumed.
-RUN_FORMAT = 1
+# Version of the _RUN.json format: a run of another version is never resumed. Raise it when
+# which records become rows changes (rows' values: `ROWS_VERSION`). 2: a blank record is an
+# empty_document dead letter whatever the tokenizer; a run of 1 may have kept rows of them.
+RUN_FORMAT = 2
 
 _LOGGER = logging.getLogger(__name__)
 

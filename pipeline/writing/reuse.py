@@ -17,14 +17,16 @@ from apache_beam.metrics import Metrics
 from pipeline.errors import ExportConfigError
 from pipeline.inference.skip_kept import SkipKeptFn, output_row_key, row_id
 from pipeline.planning.plan import ExportPlan
-from pipeline.reading.documents import Document
+from pipeline.reading.documents import DeadLetter, Document, duplicate_id_error
+from pipeline.reading.ranges import path_key
 from pipeline.running import counters
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.shards import ROW_GROUP_ROWS
 
-# The outputs of `ReuseEarlierRowsFn`: documents still to embed (main) and reused rows.
+# The outputs of `ReuseEarlierRowsFn`: documents still to embed (main), reused rows and dead letters.
 DOCUMENTS = "documents"
 REUSED = "reused"
+ERRORS = "errors"
 
 # An output row as a dict of its columns (`schema.rows_of`).
 Row = dict[str, Any]
@@ -83,7 +85,9 @@ class ReuseEarlierRowsFn(beam.DoFn):
     Input: (id, {"documents": [Document], "earlier": [row]}), at most one of
     each since ids are unique in a finished export and after de-duplication.
     A row is reused only if its `input_sha256` equals the document's
-    fingerprint; kept fields always come from the new corpus.
+    fingerprint; kept fields always come from the new corpus. Should the read
+    ever pass on two documents of an id, the first by (file, position) is joined
+    and each other one is a `duplicate_id` dead letter (`ERRORS`): none is dropped.
     """
 
     def __init__(self, plan: ExportPlan):
@@ -100,7 +104,12 @@ class ReuseEarlierRowsFn(beam.DoFn):
         if not documents:
             self._dropped.inc(len(earlier))
             return
-        document = documents[0]
+        # The group's order is the shuffle's: the read's rule (first by file, then position) picks.
+        document, *later = sorted(documents, key=lambda d: (path_key(d.source), d.position))
+        for other in later:
+            yield beam.pvalue.TaggedOutput(
+                ERRORS, duplicate_id_error(other, f"{document.source}:{document.position}")
+            )
         fingerprint = schema_lib.input_fingerprint(document.texts, self._plan.inputs)
         if earlier and earlier[0][schema_lib.FINGERPRINT_COLUMN] == fingerprint:
             row = dict(earlier[0], id=document_id)
@@ -127,7 +136,7 @@ class RowsToBatchFn(beam.DoFn):
 
 
 class ReuseEarlierRows(beam.PTransform):
-    """Documents -> documents still to embed (main) and reused row batches (`reused`).
+    """Documents -> documents still to embed, reused row batches and dead letters (see `ReuseEarlierRowsFn`).
 
     A join by id of the corpus with the earlier export (`plan.reuse_files`),
     reading only the columns a row needs: a CoGroupByKey, so neither side is
@@ -141,7 +150,7 @@ class ReuseEarlierRows(beam.PTransform):
 
     def expand(
         self, documents: beam.PCollection[Document]
-    ) -> tuple[beam.PCollection[Document], beam.PCollection[pa.RecordBatch]]:
+    ) -> tuple[beam.PCollection[Document], beam.PCollection[pa.RecordBatch], beam.PCollection[DeadLetter]]:
         plan = self._plan
         columns = [
             name
@@ -158,7 +167,8 @@ class ReuseEarlierRows(beam.PTransform):
         results = (
             {"documents": keyed, "earlier": earlier}
             | "JoinWithEarlier" >> beam.CoGroupByKey()
-            | "ReuseUnchanged" >> beam.ParDo(ReuseEarlierRowsFn(plan)).with_outputs(REUSED, main=DOCUMENTS)
+            | "ReuseUnchanged"
+            >> beam.ParDo(ReuseEarlierRowsFn(plan)).with_outputs(REUSED, ERRORS, main=DOCUMENTS)
         )
         reused = results[REUSED]
         if self._kept_ids_path:
@@ -171,4 +181,4 @@ class ReuseEarlierRows(beam.PTransform):
             | "BatchReusedRows" >> beam.BatchElements(min_batch_size=256, max_batch_size=ROW_GROUP_ROWS)
             | "ReusedRowsToArrow" >> beam.ParDo(RowsToBatchFn(plan))
         )
-        return results[DOCUMENTS], reused
+        return results[DOCUMENTS], reused, results[ERRORS]
