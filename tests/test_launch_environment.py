@@ -1,0 +1,66 @@
+"""The environment a run meets: non-UTF-8 names, the Keras backend, shadowing packages, start-up lines."""
+
+import os
+
+import pytest
+from pipeline_fixtures import is_empty_or_absent, write_jsonl
+
+from models.paths import DEFAULT_BUNDLE
+from pipeline.run import EXIT_CONFIG_ERROR, main
+from pipeline.writing.layout import STAGING
+
+# A Latin-1 "é": a valid Linux file name byte that is not UTF-8, as the OS hands it to Python.
+LATIN1 = os.fsdecode(b"caf\xe9")
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--input", "--model", "--output", "--output relative, in such a folder"])
+def test_a_name_that_is_not_utf8_is_refused_at_launch_in_one_line(flag, tmp_path, monkeypatch, capsys):
+    """It ran the whole pipeline and then crashed at the commit (UnicodeEncodeError), or, for
+    --output, while Beam built its graph, leaving `_staging` behind; a rerun crashed the same way."""
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "a", "content": "hello world", "title": "t"}])
+    model, output = DEFAULT_BUNDLE, str(tmp_path / "out")
+    if flag == "--input":
+        corpus = tmp_path / f"{LATIN1}.jsonl"
+        os.rename(tmp_path / "corpus.jsonl", corpus)
+        named = str(corpus)
+    elif flag == "--model":
+        model = named = str(tmp_path / f"{LATIN1}_bundle")
+        os.symlink(DEFAULT_BUNDLE, model)
+    elif flag == "--output":
+        output = named = str(tmp_path / f"{LATIN1}_out")
+    else:
+        folder = tmp_path / LATIN1
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        output, named = "out", str(folder / "out")
+    code = main(["--model", model, "--input", str(corpus), "--output", output, "--layer", "lstm_content"])
+    assert code == EXIT_CONFIG_ERROR
+    shown = named.replace(LATIN1, "caf\\xe9")
+    assert _one_error_line(capsys) == (
+        f"error: {flag.split()[0]} '{shown}' is not UTF-8 text (a file or folder name in another encoding, "
+        "such as Latin-1), which the manifest and Parquet metadata cannot record; rename it to UTF-8 "
+        "(e.g. `convmv -f latin1 -t utf-8 --notest NAME`)"
+        + (
+            ", or match the file with a glob pattern such as 'DIR/*.jsonl' (the names of the files a "
+            "pattern lists are recorded escaped)."
+            if flag == "--input"
+            else "."
+        )
+    )
+    target = os.path.join(os.getcwd(), output)
+    assert is_empty_or_absent(target) and not os.path.exists(os.path.join(target, STAGING))
+
+
+def test_a_flag_value_that_is_not_utf8_is_refused_in_the_equals_form(tmp_path, capsys):
+    code = main(
+        ["--input", str(tmp_path / "c.jsonl"), f"--keep_fields={LATIN1}", "--output", str(tmp_path / "o")]
+    )
+    assert code == EXIT_CONFIG_ERROR
+    assert _one_error_line(capsys).startswith("error: --keep_fields 'caf\\xe9' is not UTF-8 text")
+    assert not (tmp_path / "o").exists()
