@@ -1,9 +1,12 @@
 """The environment a run meets: non-UTF-8 names, the Keras backend, shadowing packages, start-up lines."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
-from pipeline_fixtures import is_empty_or_absent, write_jsonl
+from pipeline_fixtures import REPOSITORY, is_empty_or_absent, write_jsonl
 
 from models.paths import DEFAULT_BUNDLE
 from pipeline.run import EXIT_CONFIG_ERROR, main
@@ -64,3 +67,51 @@ def test_a_flag_value_that_is_not_utf8_is_refused_in_the_equals_form(tmp_path, c
     assert code == EXIT_CONFIG_ERROR
     assert _one_error_line(capsys).startswith("error: --keep_fields 'caf\\xe9' is not UTF-8 text")
     assert not (tmp_path / "o").exists()
+
+
+def _fresh(args: list[str], cwd: str, **environment: str) -> subprocess.CompletedProcess:
+    """`python ARGS` in a new interpreter (not the test's, which has Keras and TensorFlow loaded)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME", "PYTHONPATH")}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**env, **environment},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("where", ["KERAS_BACKEND", "keras.json"])
+def test_another_keras_backend_is_ignored_in_one_line_and_the_model_runs_on_tensorflow(where, tmp_path):
+    """KERAS_BACKEND=jax (or keras.json's "backend") was a traceback: jax is not installed."""
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "jax"}))
+    environment = {"KERAS_BACKEND": "jax"} if where == "KERAS_BACKEND" else {"KERAS_HOME": str(tmp_path)}
+    script = (
+        "import sys; import pipeline.inspect; import keras; print(keras.backend.backend()); "
+        "sys.exit(pipeline.inspect.main([sys.argv[1]]))"
+    )
+    done = _fresh(["-c", script, DEFAULT_BUNDLE], str(tmp_path), **environment)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "tensorflow"
+    assert "lstm_content" in done.stdout
+    source = "KERAS_BACKEND" if where == "KERAS_BACKEND" else str(tmp_path / "keras.json")
+    ignored = f"Keras backend 'jax' (from {source}) is ignored: this tool runs Keras on TensorFlow."
+    assert done.stderr.splitlines().count(ignored) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["pipeline.run", "pipeline.inspect", "pipeline.vocabulary"])
+def test_a_models_package_in_the_working_directory_is_named_in_one_line(command, tmp_path):
+    """A project's own `models/` (first on the path with `python -m`) was an ImportError traceback."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text('"""my own Keras models"""\n')
+    done = _fresh(["-m", command, "--help"], str(tmp_path))
+    ours = os.path.join(REPOSITORY, "models")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: Python imports the package 'models' from {tmp_path / 'models'}, not embexport's "
+        f"({ours}): the current directory (first on Python's path with `python -m`) or "
+        "PYTHONPATH holds another 'models' package. Run the command from another directory, or "
+        "rename that package (or take its folder off PYTHONPATH)."
+    ]
