@@ -1,5 +1,6 @@
 """The environment a run meets: non-UTF-8 names, the Keras backend, shadowing packages, start-up lines."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -115,3 +116,31 @@ def test_a_models_package_in_the_working_directory_is_named_in_one_line(command,
         "PYTHONPATH holds another 'models' package. Run the command from another directory, or "
         "rename that package (or take its folder off PYTHONPATH)."
     ]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--runtime_type_check"],
+            "error: --runtime_type_check fails on Beam's own Parquet writer (its declared output type is "
+            "wrong: apache/beam pull request 38155); pass --performance_runtime_type_check instead, "
+            "which checks the types between steps.",
+        ),
+        (
+            ["--pickle_library", "dill"],
+            "error: --pickle_library dill needs the dill package, which is not installed; leave the "
+            "flag out (Beam's default, cloudpickle) or install apache-beam[dill].",
+        ),
+    ],
+)
+def test_beam_flags_that_would_fail_the_started_run_are_refused_at_launch(flags, message, tmp_path, capsys):
+    """Both passed the flag check, loaded the model, made `_staging`, then died in tracebacks."""
+    if "dill" in flags and importlib.util.find_spec("dill") is not None:
+        pytest.skip("dill is installed here: --pickle_library dill is then Beam's to run")
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "content": "hello world", "title": "t"}])
+    output = tmp_path / "out"
+    code = main(["--input", str(corpus), "--output", str(output), "--limit", "1", *flags])
+    assert code == EXIT_CONFIG_ERROR
+    assert _one_error_line(capsys) == message
+    assert not output.exists()

@@ -6,11 +6,14 @@ it; none reads a file or the network.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
 import typing
 from collections.abc import Mapping, Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, TypeOptions
 
 from pipeline.errors import ExportConfigError
 from pipeline.planning.introspection import EmbeddingLimits
@@ -128,6 +131,28 @@ def _refuse_name(flag: str, value: str) -> typing.NoReturn:
         "such as Latin-1), which the manifest and Parquet metadata cannot record; rename it to UTF-8 "
         f"(e.g. `convmv -f latin1 -t utf-8 --notest NAME`){glob}."
     )
+
+
+def check_beam_flags(options: PipelineOptions) -> None:
+    """Refuses Beam flags that pass Beam's parser but would fail the run once it started.
+
+    Raises:
+        ExportConfigError: `--runtime_type_check`, which Beam's own file writer fails
+            (its WriteImpl declares `str` and emits TimestampedValue: apache/beam PR
+            #38155); `--pickle_library dill` without dill installed.
+    """
+    if options.view_as(TypeOptions).runtime_type_check:
+        raise ExportConfigError(
+            "--runtime_type_check fails on Beam's own Parquet writer (its declared output type is "
+            "wrong: apache/beam pull request 38155); pass --performance_runtime_type_check instead, "
+            "which checks the types between steps."
+        )
+    library = options.view_as(SetupOptions).pickle_library
+    if library in ("dill", "dill_unsafe") and importlib.util.find_spec("dill") is None:
+        raise ExportConfigError(
+            f"--pickle_library {library} needs the dill package, which is not installed; leave the "
+            "flag out (Beam's default, cloudpickle) or install apache-beam[dill]."
+        )
 
 
 def check_id_field(id_field: str) -> None:

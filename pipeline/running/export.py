@@ -28,7 +28,12 @@ from pipeline.errors import (
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
 from pipeline.planning.build import build_plan
-from pipeline.planning.checks import check_not_empty, check_numeric_flags, check_text_arguments
+from pipeline.planning.checks import (
+    check_beam_flags,
+    check_not_empty,
+    check_numeric_flags,
+    check_text_arguments,
+)
 from pipeline.planning.model_source import ModelSource
 from pipeline.planning.options import ExportOptions, default_output
 from pipeline.planning.plan import ExportPlan
@@ -237,6 +242,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     # Before anything reads a numeric flag: a value that is not a number is kept as text.
     check_numeric_flags(export_options)
     check_runner(options)
+    check_beam_flags(options)
     check_direct_workers(options)
     if is_dataflow(options):
         check_worker_paths(export_options)
