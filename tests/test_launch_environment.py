@@ -144,3 +144,12 @@ def test_beam_flags_that_would_fail_the_started_run_are_refused_at_launch(flags,
     assert code == EXIT_CONFIG_ERROR
     assert _one_error_line(capsys) == message
     assert not output.exists()
+
+
+def test_vocabulary_refuses_an_output_that_is_not_utf8(tmp_path, capsys):
+    from pipeline import vocabulary
+
+    output = tmp_path / LATIN1
+    assert vocabulary.main(["--output", str(output)]) == EXIT_CONFIG_ERROR
+    assert _one_error_line(capsys).startswith(f"error: --output '{tmp_path}/caf\\xe9' is not UTF-8 text")
+    assert not output.exists()

@@ -70,11 +70,16 @@ def check_not_empty(options: ExportOptions) -> None:
         ExportConfigError: naming the flag.
     """
     for flag in ("output", "reuse"):
-        value = getattr(options, flag)
-        if value is not None and not value.strip():
-            raise ExportConfigError(
-                f"--{flag} is empty (an unset shell variable?); give it a directory, or leave the flag out."
-            )
+        check_flag_not_empty(f"--{flag}", getattr(options, flag))
+
+
+def check_flag_not_empty(flag: str, value: str | None, optional: bool = True) -> None:
+    """Refuses a directory flag given as empty or blank (an unset shell variable); None is not given."""
+    if value is not None and not value.strip():
+        leave_out = ", or leave the flag out" if optional else ""
+        raise ExportConfigError(
+            f"{flag} is empty (an unset shell variable?); give it a directory{leave_out}."
+        )
 
 
 def escaped(text: str) -> str:
