@@ -17,6 +17,9 @@ from models import stopping
 # Before the imports below, which take seconds (Keras): a Ctrl-C during them is one line too.
 if __name__ == "__main__":
     stopping.stop_at_once("python -m models.train")
+    from models.start_lines import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
 
 import argparse
 import hashlib

@@ -282,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    from models.start_lines import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Imported here, not at the top: they load Keras, which `--help` does not need.
     from models.bundle import DEFAULT_BUNDLE

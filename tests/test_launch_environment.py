@@ -3,8 +3,11 @@
 import importlib.util
 import json
 import os
+import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from pipeline_fixtures import REPOSITORY, is_empty_or_absent, write_jsonl
@@ -152,4 +155,73 @@ def test_vocabulary_refuses_an_output_that_is_not_utf8(tmp_path, capsys):
     output = tmp_path / LATIN1
     assert vocabulary.main(["--output", str(output)]) == EXIT_CONFIG_ERROR
     assert _one_error_line(capsys).startswith(f"error: --output '{tmp_path}/caf\\xe9' is not UTF-8 text")
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("level", [None, "3"])
+def test_a_refusal_in_a_fresh_interpreter_prints_only_its_error_line(level, tmp_path):
+    """TensorFlow's start-up INFO lines (absl's banner, oneDNN, CUDA probing: six on a CPU-only
+    machine) came before the one `error:` line, whatever TF_CPP_MIN_LOG_LEVEL said."""
+    environment = dict(os.environ)
+    environment.pop("TF_CPP_MIN_LOG_LEVEL", None)  # conftest sets it for the test process
+    if level:
+        environment["TF_CPP_MIN_LOG_LEVEL"] = level
+    command = [sys.executable, "-m", "pipeline.run", "--batch_size", "inf"]
+    done = subprocess.run(
+        command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == EXIT_CONFIG_ERROR
+    assert done.stderr.splitlines() == [
+        "error: --batch_size must be an integer from 1 to 100,000 (documents per forward pass), "
+        "received 'inf'."
+    ]
+
+
+def test_what_is_not_a_start_up_line_is_passed_on_even_when_the_import_aborts(tmp_path):
+    """The lines are dropped by a forked reader of a pipe: a fatal message just before an abort
+    (TensorFlow's on a CPU without AVX) still reaches stderr, as do warnings."""
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    chatter = (
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+        "I0000 00:00:1796626617.134192    3369 port.cc:153] oneDNN custom operations are on.\n"
+        "I0000 00:00:1796626617.143575    3369 cudart_stub.cc:31] Could not find cuda drivers\n"
+    )
+    real = (
+        "W0000 00:00:1796626617.2    3369 cpu_feature_guard.cc:1] a real warning\n"
+        "The TensorFlow library was compiled to use AVX instructions, but these aren't available.\n"
+    )
+    (fake / "__init__.py").write_text(
+        f"import os, sys\nos.write(2, {(chatter + real).encode()!r})\n"
+        "print('a Python warning', file=sys.stderr, flush=True)\nos.abort()\n"
+    )
+    script = "from models.start_lines import import_tensorflow_quietly; import_tensorflow_quietly()"
+    done = _fresh(["-c", script], str(tmp_path), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPOSITORY}")
+    assert done.returncode == -signal.SIGABRT
+    assert done.stderr == real + "a Python warning\n"
+
+
+def test_a_ctrl_c_while_tensorflow_loads_is_one_interrupted_line(tmp_path):
+    """TensorFlow now loads first, with stderr piped through a forwarder: a Ctrl-C meanwhile
+    is still the one `interrupted:` line, and the forwarder ends with the command."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME", "PYTHONPATH")}
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline.run", "--limit", "3", "--output", str(output)]
+    process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stderr=subprocess.PIPE, text=True)
+    children = pathlib.Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 120
+    # The forwarder is this command's one child while TensorFlow loads.
+    while not children.read_text().split():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.01)
+    forwarder = int(children.read_text().split()[0])
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130
+    assert stderr.splitlines() == [
+        "interrupted: the run stopped during its launch checks (SIGINT), before this run wrote anything; "
+        "nothing was committed. Rerun the same command to start the export."
+    ]
+    stat = pathlib.Path(f"/proc/{forwarder}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z"  # gone, or a zombie of the exited command
     assert not output.exists()
