@@ -41,6 +41,11 @@ def import_tensorflow_quietly() -> None:
 
         return
     read_end, write_end = os.pipe()
+    pipe = os.fstat(write_end)
+    # A stop signal is handled (pipeline.run's handler redirects fd 2) only once fd 2 is wholly
+    # the pipe or wholly stderr again, never in between.
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     forwarder = os.fork()
     if forwarder == 0:
         _forward(read_end, write_end, saved)
@@ -48,22 +53,32 @@ def import_tensorflow_quietly() -> None:
     os.dup2(write_end, 2)
     os.close(write_end)
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         import tensorflow  # noqa: F401
     except BaseException:
         # Stopped (Ctrl-C) or failed: what follows is the command's to say at once; the
         # forwarder passes on what came before and ends with the pipe.
-        _restore(saved, forwarder, 0.0)
+        _restore(saved, pipe, forwarder, 0.0, stops)
         raise
-    _restore(saved, forwarder, DRAIN_SECONDS)
+    _restore(saved, pipe, forwarder, DRAIN_SECONDS, stops)
 
 
-def _restore(saved: int, forwarder: int, drain_seconds: float) -> None:
+def _restore(
+    saved: int, pipe: os.stat_result, forwarder: int, drain_seconds: float, stops: set[signal.Signals]
+) -> None:
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-    os.dup2(saved, 2)  # Closes this process's end of the pipe: the forwarder reads to its end.
-    os.close(saved)
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        now = os.fstat(2)
+        # A stop signal's handler may have pointed fd 2 elsewhere (/dev/null) meanwhile: its choice stands.
+        if (now.st_dev, now.st_ino) == (pipe.st_dev, pipe.st_ino):
+            os.dup2(saved, 2)  # Closes this process's end of the pipe: the forwarder reads to its end.
+        os.close(saved)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     _reap(forwarder, drain_seconds)
 
 
@@ -74,6 +89,7 @@ def _forward(read_end: int, write_end: int, target: int) -> None:
         # ends when the pipe does, after passing on what the command wrote before it stopped.
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
         os.close(write_end)
         pending = b""
         while chunk := os.read(read_end, 1 << 16):
