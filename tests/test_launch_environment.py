@@ -222,6 +222,10 @@ def test_a_ctrl_c_while_tensorflow_loads_is_one_interrupted_line(tmp_path):
         "interrupted: the run stopped during its launch checks (SIGINT), before this run wrote anything; "
         "nothing was committed. Rerun the same command to start the export."
     ]
+    # It closed stderr (communicate saw its end) as it exited: gone, or a zombie, within moments.
     stat = pathlib.Path(f"/proc/{forwarder}/stat")
-    assert not stat.exists() or stat.read_text().split()[2] == "Z"  # gone, or a zombie of the exited command
+    deadline = time.monotonic() + 30
+    while stat.exists() and stat.read_text().split()[2] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not stat.exists() or stat.read_text().split()[2] == "Z"
     assert not output.exists()
