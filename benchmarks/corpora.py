@@ -1,6 +1,6 @@
 """Benchmark corpora of real English text at realistic lengths (not the short sample corpus repeated).
 
-    python -m benchmarks.corpora OUT.jsonl --documents 61089 [--seed 0]
+    python -m benchmarks.corpora OUT.jsonl --documents 61089 [--seed 0] [--overwrite]
 
 The sample corpus is short (median about 30 tokens of content), so costs that
 scale with length or padding hide in it. Real descriptions and articles are
@@ -22,13 +22,18 @@ The output is deterministic for a given `--seed` and Python version.
 
 import argparse
 import ast
+import errno
 import json
 import math
 import os
 import random
 import re
+import sys
 import sysconfig
 from collections.abc import Iterator
+from typing import BinaryIO
+
+from pipeline.writing.files import write_whole_local
 
 MEDIAN_WORDS = 46
 SIGMA = 0.6
@@ -105,23 +110,55 @@ def documents(count: int, seed: int = 0) -> Iterator[dict[str, str]]:
         }
 
 
-def write_real_corpus(path: str, count: int, seed: int = 0) -> str:
-    """Writes `count` real-length documents as JSONL to `path`; returns `path`."""
-    with open(path, "w", encoding="utf-8") as handle:
+def write_real_corpus(path: str, count: int, seed: int = 0, overwrite: bool = False) -> str:
+    """Writes `count` real-length documents as JSONL to `path`; returns `path`.
+
+    The file is written whole beside `path` and then renamed into place, so a kill
+    leaves the old file or the new one, and a link at `path` is replaced, never
+    written through.  Without `overwrite`, a file or link already at `path` (the
+    user's own corpus, perhaps) is refused with FileExistsError.
+    """
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(errno.EEXIST, "it already exists; pass --overwrite to replace it", path)
+
+    def write(handle: BinaryIO) -> None:
         for document in documents(count, seed):
-            handle.write(json.dumps(document, ensure_ascii=False) + "\n")
+            handle.write((json.dumps(document, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    write_whole_local(path, write, replace=overwrite)
     return path
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1: a corpus needs at least one document")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.corpora", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("output", help="the JSONL file to write")
-    parser.add_argument("--documents", type=int, default=61089, help="how many documents (default 61,089)")
+    parser.add_argument("output", help="the JSONL file to write (never replaced without --overwrite)")
+    parser.add_argument(
+        "--documents",
+        type=_at_least_one,
+        default=61089,
+        help="how many documents, at least 1 (default 61,089)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a file or link already at OUTPUT")
     args = parser.parse_args(argv)
-    write_real_corpus(args.output, args.documents, args.seed)
+    try:
+        write_real_corpus(args.output, args.documents, args.seed, overwrite=args.overwrite)
+    except OSError as error:
+        # One line, as every other tool refuses its output: what is wrong with which path.
+        print(f"error: {args.output}: {error.strerror or error}", file=sys.stderr)
+        sys.exit(2)
     lengths = sorted(len(d["content"].split()) for d in documents(min(args.documents, 20000), args.seed))
     print(
         f"wrote {args.documents:,} documents to {args.output}: content words median "

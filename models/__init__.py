@@ -2,12 +2,53 @@
 
 import importlib.abc
 import importlib.machinery
+import json
+import logging
+import os
 import sys
 import types
 from collections.abc import Sequence
 
 # The one place the version is written (setup.py reads it from here).
 __version__ = "0.1.0"
+
+# The backend everything here computes with: the fast path, the tokenizer's tensors and
+# the Keras oracle it is checked against are TensorFlow code.
+BACKEND = "tensorflow"
+
+
+def _chosen_backend() -> tuple[str, str] | None:
+    """The backend the user chose (environment, else keras.json) and where, when it is not ours."""
+    chosen = os.environ.get("KERAS_BACKEND")
+    if chosen:
+        return (chosen, "KERAS_BACKEND") if chosen != BACKEND else None
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    path = os.path.join(home, "keras.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            configured = json.load(handle).get("backend")
+    except (OSError, ValueError, AttributeError):  # Keras itself ignores an unreadable keras.json.
+        return None
+    return (str(configured), path) if configured and configured != BACKEND else None
+
+
+def pin_backend() -> None:
+    """Makes Keras use TensorFlow in this process and the ones it starts, whatever the user chose.
+
+    Keras reads `KERAS_BACKEND` (which overrides keras.json) when it is first
+    imported; another backend would fail to import (jax not installed) or load
+    the model under a backend the fast path does not compute with.  A choice of
+    another one is said once, as a warning, since it changes what the user asked for.
+    """
+    chosen = _chosen_backend()
+    os.environ["KERAS_BACKEND"] = BACKEND
+    if chosen and "keras" not in sys.modules:
+        logging.getLogger(__name__).warning(
+            "Keras backend %r (from %s) is ignored: this tool runs Keras on TensorFlow.", *chosen
+        )
+
+
+pin_backend()
 
 
 class _NoMatplotlibForKeras(importlib.abc.MetaPathFinder):

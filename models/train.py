@@ -17,6 +17,9 @@ from models import stopping
 # Before the imports below, which take seconds (Keras): a Ctrl-C during them is one line too.
 if __name__ == "__main__":
     stopping.stop_at_once("python -m models.train")
+    from models.start_lines import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
 
 import argparse
 import hashlib
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from models import architectures, swap
 from models.bundle import BundleError, LabelInfo, Manifest, check_replaceable, save_bundle
@@ -246,20 +250,38 @@ def train(args: argparse.Namespace) -> Manifest:
     return manifest
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, received {value}")
-    return value
+# Each integer flag's valid range, inclusive: beyond it a value overflows a C long (a traceback)
+# or asks for more memory than any machine has. The model's sizes stay within what fits;
+# the ones that fit alone but not together are caught when the model is built (`main`).
+INTEGER_FLAGS: dict[str, tuple[int, int]] = {
+    "vocabulary_size": (1, 1_000_000),
+    "embedding_dim": (1, 100_000),
+    "lstm_units": (1, 100_000),
+    "content_length": (1, 100_000),
+    "title_length": (1, 100_000),
+    "epochs": (1, 100_000),
+    "batch_size": (1, 100_000),
+    # numpy's seed, which Keras sets too, is a 32-bit unsigned integer.
+    "seed": (0, 2**32 - 1),
+}
 
 
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer of at least 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, received {value}")
-    return value
+def _integer_in(flag: str) -> typing.Callable[[str], int]:
+    """argparse type: an integer in `INTEGER_FLAGS[flag]`'s range."""
+    low, high = INTEGER_FLAGS[flag]
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, received {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {low:,} to {high:,}, received {value:,}"
+            )
+        return value
+
+    return parse
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -292,23 +314,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--class_label", default="topic", help="multi-class label field (out_title).")
     parser.add_argument(
-        "--vocabulary_size", type=_positive_int, default=4000, help="embedding rows, ids 0 and 1 included."
+        "--vocabulary_size",
+        type=_integer_in("vocabulary_size"),
+        default=4000,
+        help="embedding rows, ids 0 and 1 included.",
     )
     parser.add_argument(
-        "--embedding_dim", type=_positive_int, default=300, help="values per embedding vector."
+        "--embedding_dim", type=_integer_in("embedding_dim"), default=300, help="values per embedding vector."
     )
-    parser.add_argument("--lstm_units", type=_positive_int, default=128, help="units of each LSTM.")
     parser.add_argument(
-        "--content_length", type=_positive_int, default=300, help="token ids per content input."
+        "--lstm_units", type=_integer_in("lstm_units"), default=128, help="units of each LSTM."
     )
-    parser.add_argument("--title_length", type=_positive_int, default=20, help="token ids per title input.")
-    parser.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training set.")
-    parser.add_argument("--batch_size", type=_positive_int, default=64, help="documents per training step.")
+    parser.add_argument(
+        "--content_length",
+        type=_integer_in("content_length"),
+        default=300,
+        help="token ids per content input.",
+    )
+    parser.add_argument(
+        "--title_length", type=_integer_in("title_length"), default=20, help="token ids per title input."
+    )
+    parser.add_argument(
+        "--epochs", type=_integer_in("epochs"), default=10, help="passes over the training set."
+    )
+    parser.add_argument(
+        "--batch_size", type=_integer_in("batch_size"), default=64, help="documents per training step."
+    )
     parser.add_argument(
         "--holdout", type=float, default=0.2, help="fraction of documents held out, between 0 and 1."
     )
     parser.add_argument(
-        "--seed", type=_non_negative_int, default=1337, help="seed of the weights and the shuffling."
+        "--seed", type=_integer_in("seed"), default=1337, help="seed of the weights and the shuffling."
     )
     return parser.parse_args(argv)
 
@@ -327,6 +363,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(args)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except (tf.errors.ResourceExhaustedError, MemoryError):
+        # Sizes within their ranges alone can still multiply past this machine's memory.
+        print(
+            f"error: the model does not fit in memory (--vocabulary_size {args.vocabulary_size:,} x "
+            f"--embedding_dim {args.embedding_dim:,}, --lstm_units {args.lstm_units:,}, --batch_size "
+            f"{args.batch_size:,}, --content_length {args.content_length:,}); lower them.",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG_ERROR
     return 0
 

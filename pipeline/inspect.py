@@ -220,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Show only these layers; an unknown name is reported with the closest existing names.",
     )
     args = parser.parse_args(argv)
+    from models.start_lines import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     unexpanded = unexpanded_home({"MODEL": args.model, "--tokenizer": args.tokenizer})
     if unexpanded:
         print(f"error: {unexpanded}", file=sys.stderr)

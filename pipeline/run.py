@@ -209,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN)
     }
     try:
+        from models.start_lines import import_tensorflow_quietly
+
+        # Before the export's imports load it: its start-up INFO lines are not to come before
+        # a refusal's one `error:` line. After the handlers: a Ctrl-C meanwhile is one line too.
+        import_tensorflow_quietly()
         from pipeline.running.export import run_export
         from pipeline.running.report import format_summary
 

@@ -152,14 +152,17 @@ def export_vocabulary(
     from apache_beam.io.filesystems import FileSystems
 
     from pipeline.errors import ExportConfigError
+    from pipeline.planning.checks import check_flag_not_empty
     from pipeline.planning.model_source import load_model_source
     from pipeline.uris import is_local
+    from pipeline.writing.state import check_writable
 
+    check_flag_not_empty("--output", output, optional=False)
     path = FileSystems.join(output, VOCABULARY_FILE)
     _check_not_in_an_export(output)
     if is_local(output):
-        if os.path.lexists(output) and not os.path.isdir(output):
-            raise ExportConfigError(f"--output {output} is a file; --output names a directory to write into.")
+        # As pipeline.run judges its --output: a link to a missing directory is named as one.
+        check_writable(output)
         # --overwrite replaces the file this command wrote, never a directory or link of that name.
         if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
             raise ExportConfigError(
@@ -279,11 +282,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    from models.start_lines import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Imported here, not at the top: they load Keras, which `--help` does not need.
     from models.bundle import DEFAULT_BUNDLE
     from pipeline.errors import ExportConfigError
+    from pipeline.planning.checks import check_text_arguments
 
+    try:
+        check_text_arguments(sys.argv[1:] if argv is None else argv)
+    except ExportConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     model = args.model or DEFAULT_BUNDLE
     paths = {"--model": args.model, "--tokenizer": args.tokenizer, "--output": args.output}
     unexpanded = unexpanded_home(paths)

@@ -481,6 +481,25 @@ def test_vocabulary_refuses_an_output_inside_an_export(export_copy, capsys):
     assert not glob.glob(os.path.join(export_copy, "**", vocabulary.VOCABULARY_FILE + "*"), recursive=True)
 
 
+@pytest.mark.parametrize("output", ["", " ", "dangling"])
+def test_vocabulary_refuses_an_empty_output_and_names_a_dangling_link(output, tmp_path, monkeypatch, capsys):
+    """An unset $OUT wrote vocabulary.parquet into the working directory, " " made a directory
+    named " ", and a link to a missing directory was called a file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing" / "dir")
+    assert vocabulary.main(["--layer", "emb", "--output", output]) == vocabulary.EXIT_CONFIG_ERROR
+    if output.strip():
+        assert error_line(capsys).strip() == (
+            f"error: --output 'dangling' leads through '{tmp_path / 'dangling'}', a symbolic link to "
+            f"'{tmp_path / 'missing' / 'dir'}', which does not exist; create that directory or choose "
+            "another --output."
+        )
+    else:
+        empty = "error: --output is empty (an unset shell variable?); give it a directory."
+        assert error_line(capsys).strip() == empty
+    assert os.listdir(tmp_path) == ["dangling"]
+
+
 def test_vocabulary_never_replaces_a_file_beside_it_nor_writes_through_a_link(tmp_path, capsys):
     """It deleted a user's `vocabulary.parquet.tmp`, the name it wrote through."""
     output = tmp_path / "voc"

@@ -323,6 +323,42 @@ def test_dataflow_refuses_s3_unless_the_workers_get_boto3(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("files", "gives_boto3"),
+    [
+        # An include's path keeps its case (it was lower-cased: "cannot be read: .../reqs/aws.txt").
+        ({"req.txt": "-r Reqs/AWS.txt\n", "Reqs/AWS.txt": "boto3==1.35.0\n"}, True),
+        # pip's short option with its value attached.
+        ({"req.txt": "-raws.txt\n", "aws.txt": "boto3==1.35.0\n"}, True),
+        ({"req.txt": "--requirement = Aws.txt  # the S3 extras\n", "Aws.txt": "BOTO3\n"}, True),
+        # boto3 as a whole requirement name: with extras, a marker, a URL, a continued line.
+        ({"req.txt": "boto3[crt]>=1.35\n"}, True),
+        ({"req.txt": 'boto3; python_version >= "3.9"\n'}, True),
+        ({"req.txt": "boto3 @ https://example.com/boto3-1.35.0-py3-none-any.whl\n"}, True),
+        ({"req.txt": "requests \\\n  --hash=sha256:00\nboto3\\\n==1.35.0\n"}, True),
+        # Type stubs, look-alike names, a comment, and a constraint file (it pins, installs nothing).
+        ({"req.txt": "boto3-stubs\n"}, False),
+        ({"req.txt": "boto3_type_annotations\nboto3.x\n"}, False),
+        ({"req.txt": "# boto3\nrequests  # boto3 later\n"}, False),
+        ({"req.txt": "-c pins.txt\n", "pins.txt": "boto3==1.35.0\n"}, False),
+        ({"req.txt": "--constraint=pins.txt\n-cpins.txt\n", "pins.txt": "boto3==1.35.0\n"}, False),
+    ],
+)
+def test_the_boto3_check_reads_requirements_files_as_pip_does(files, gives_boto3, tmp_path):
+    """A valid include (`-r Reqs/AWS.txt`, `-raws.txt`) was refused, and `boto3-stubs` alone accepted."""
+    s3 = ["--input", "s3://embexport-corpus/c/*.jsonl", "--output", "s3://embexport-corpus/emb"]
+    flags = [*_without(DATAFLOW_FLAGS, "--input", "--output"), *s3]
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    options = PipelineOptions([*flags, "--requirements_file", str(tmp_path / "req.txt")])
+    if gives_boto3:
+        check_dataflow_options(options)
+    else:
+        with pytest.raises(ExportConfigError, match="lack boto3"):
+            check_dataflow_options(options)
+
+
+@pytest.mark.parametrize(
     "output, pattern",
     [
         ("gs://embexport-example", "names a whole bucket"),

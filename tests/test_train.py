@@ -150,6 +150,45 @@ def test_train_needs_an_output_and_never_defaults_to_the_shipped_bundle(capsys):
     assert "--output" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--batch_size", "99999999999999999999", " from 1 to 100,000, received 99,999,999,999,999,999,999"),
+        ("--embedding_dim", "1099511627776", " from 1 to 100,000, received 1,099,511,627,776"),
+        ("--lstm_units", "100001", " from 1 to 100,000, received 100,001"),
+        ("--content_length", str(2**63), " from 1 to 100,000, received 9,223,372,036,854,775,808"),
+        ("--title_length", "0", " from 1 to 100,000, received 0"),
+        ("--vocabulary_size", "1000001", " from 1 to 1,000,000, received 1,000,001"),
+        ("--epochs", "-1", " from 1 to 100,000, received -1"),
+        ("--seed", str(2**32), " from 0 to 4,294,967,295, received 4,294,967,296"),
+        ("--batch_size", "inf", ", received 'inf'"),
+    ],
+)
+def test_an_integer_flag_out_of_its_range_is_one_error_line(flag, value, message, tmp_path, capsys):
+    """Too large a value was an OverflowError or ResourceExhaustedError traceback once training began."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--output", str(tmp_path / "bundle"), *TINY_ARGS, f"{flag}={value}"])
+    assert exited.value.code == EXIT_CONFIG_ERROR
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(f"error: argument {flag}: must be an integer{message}"), last
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_sizes_within_their_ranges_that_do_not_fit_in_memory_together_are_one_error_line(
+    small_corpus, tmp_path, capsys
+):
+    """A 1,000,000 x 100,000 embedding (400 GB), refused by TensorFlow's allocator: one line, no traceback."""
+    corpus, _ = small_corpus
+    output = tmp_path / "bundle"
+    sizes = ["--vocabulary_size=1000000", "--embedding_dim=100000"]
+    assert main(["--corpus", corpus, "--output", str(output), *TINY_ARGS, *sizes]) == EXIT_CONFIG_ERROR
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert line.startswith(
+        "error: the model does not fit in memory (--vocabulary_size 1,000,000 x --embedding_dim 100,000"
+    )
+    assert not output.exists()
+
+
 def test_train_never_replaces_a_users_files(small_corpus, tmp_path, capsys):
     corpus, _ = small_corpus
     mine = tmp_path / "my_models"

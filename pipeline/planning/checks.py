@@ -6,10 +6,14 @@ it; none reads a file or the network.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
+import typing
 from collections.abc import Mapping, Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, TypeOptions
 
 from pipeline.errors import ExportConfigError
 from pipeline.planning.introspection import EmbeddingLimits
@@ -66,11 +70,94 @@ def check_not_empty(options: ExportOptions) -> None:
         ExportConfigError: naming the flag.
     """
     for flag in ("output", "reuse"):
-        value = getattr(options, flag)
-        if value is not None and not value.strip():
-            raise ExportConfigError(
-                f"--{flag} is empty (an unset shell variable?); give it a directory, or leave the flag out."
-            )
+        check_flag_not_empty(f"--{flag}", getattr(options, flag))
+
+
+def check_flag_not_empty(flag: str, value: str | None, optional: bool = True) -> None:
+    """Refuses a directory flag given as empty or blank (an unset shell variable); None is not given."""
+    if value is not None and not value.strip():
+        leave_out = ", or leave the flag out" if optional else ""
+        raise ExportConfigError(
+            f"{flag} is empty (an unset shell variable?); give it a directory{leave_out}."
+        )
+
+
+def escaped(text: str) -> str:
+    """`text` with the bytes of a name that is not UTF-8 (held as surrogate escapes) shown as `\\xNN`."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text_arguments(argv: Sequence[str], paths: Mapping[str, str] = {}) -> None:
+    """Refuses a flag value that is not UTF-8 text: a file or folder name in another encoding.
+
+    The OS hands Python such a name (Latin-1 `caf\\xe9.jsonl`, say) as a string
+    with surrogate escapes, which the manifest, the Parquet metadata and Beam's
+    graph (all UTF-8) cannot hold: the run would fail after its work, at its commit.
+    Files that a glob pattern lists are different: their names are recorded escaped
+    (`pipeline.reading`).  `paths`: flag -> the absolute local path a relative value
+    (or the default --output) stands for, whose folders the command line does not show.
+
+    Raises:
+        ExportConfigError: naming the flag, its value escaped, and how to fix it.
+    """
+    arguments = list(argv)
+    for index, argument in enumerate(arguments):
+        if _is_text(argument):
+            continue
+        if argument.startswith("--") and "=" in argument:
+            flag, _, value = argument.partition("=")
+        elif index and arguments[index - 1].startswith("-"):
+            flag, value = arguments[index - 1], argument
+        else:
+            flag, value = "an argument", argument
+        _refuse_name(flag, value)
+    for flag, path in paths.items():
+        if not _is_text(path):
+            _refuse_name(flag, path)
+
+
+def _refuse_name(flag: str, value: str) -> typing.NoReturn:
+    glob = (
+        ", or match the file with a glob pattern such as 'DIR/*.jsonl' (the names of the files a "
+        "pattern lists are recorded escaped)"
+        if flag == "--input"
+        else ""
+    )
+    raise ExportConfigError(
+        f"{flag} '{escaped(value)}' is not UTF-8 text (a file or folder name in another encoding, "
+        "such as Latin-1), which the manifest and Parquet metadata cannot record; rename it to UTF-8 "
+        f"(e.g. `convmv -f latin1 -t utf-8 --notest NAME`){glob}."
+    )
+
+
+def check_beam_flags(options: PipelineOptions) -> None:
+    """Refuses Beam flags that pass Beam's parser but would fail the run once it started.
+
+    Raises:
+        ExportConfigError: `--runtime_type_check`, which Beam's own file writer fails
+            (its WriteImpl declares `str` and emits TimestampedValue: apache/beam PR
+            #38155); `--pickle_library dill` without dill installed.
+    """
+    if options.view_as(TypeOptions).runtime_type_check:
+        raise ExportConfigError(
+            "--runtime_type_check fails on Beam's own Parquet writer (its declared output type is "
+            "wrong: apache/beam pull request 38155); pass --performance_runtime_type_check instead, "
+            "which checks the types between steps."
+        )
+    library = options.view_as(SetupOptions).pickle_library
+    if library in ("dill", "dill_unsafe") and importlib.util.find_spec("dill") is None:
+        raise ExportConfigError(
+            f"--pickle_library {library} needs the dill package, which is not installed; leave the "
+            "flag out (Beam's default, cloudpickle) or install apache-beam[dill]."
+        )
 
 
 def check_id_field(id_field: str) -> None:

@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import functools
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -27,7 +28,12 @@ from pipeline.errors import (
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
 from pipeline.planning.build import build_plan
-from pipeline.planning.checks import check_not_empty, check_numeric_flags
+from pipeline.planning.checks import (
+    check_beam_flags,
+    check_not_empty,
+    check_numeric_flags,
+    check_text_arguments,
+)
 from pipeline.planning.model_source import ModelSource
 from pipeline.planning.options import ExportOptions, default_output
 from pipeline.planning.plan import ExportPlan
@@ -212,6 +218,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     """
     global _past_launch_checks
     _past_launch_checks = False
+    check_text_arguments(sys.argv[1:] if argv is None else argv)
     check_known_flags(argv)
     reset_commit_phase()
     options = PipelineOptions(argv)
@@ -222,10 +229,20 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     check_not_empty(export_options)
     if export_options.output is None:
         export_options.output = default_output()
+    # A relative path in a folder whose name is not UTF-8 is recorded absolute.
+    check_text_arguments(
+        [],
+        {
+            f"--{flag}": os.path.abspath(value)
+            for flag in ("output", "model", "reuse")
+            if (value := getattr(export_options, flag)) and is_local(value)
+        },
+    )
     dry_run = is_dry_run(options)
     # Before anything reads a numeric flag: a value that is not a number is kept as text.
     check_numeric_flags(export_options)
     check_runner(options)
+    check_beam_flags(options)
     check_direct_workers(options)
     if is_dataflow(options):
         check_worker_paths(export_options)

@@ -168,28 +168,42 @@ def _workers_get_boto3(options: PipelineOptions) -> bool:
     if not setup.requirements_file:
         return False
     return any(
-        re.match(r"boto3\b|apache[-_]beam\[[^]]*\baws\b", line)
+        _GIVES_BOTO3.match(line.lower())
         for line in _requirement_lines(setup.requirements_file, setup.requirements_file)
     )
 
 
+# A requirement that installs boto3: the name boto3 as a whole (not boto3-stubs), or Beam with its
+# aws extra; then the end, a space, a version specifier, extras, a marker or a direct URL.
+_GIVES_BOTO3 = re.compile(r"(?:boto3|apache[-_.]+beam\s*\[[^]]*\baws\b[^]]*\])(?=$|[\s<>=!~;\[@(])")
+# pip's options that name another file: -r/--requirement installs its lines, -c/--constraint only pins.
+_FILE_OPTION = re.compile(r"(-r|--requirement|-c|--constraint)(?:\s*=\s*|\s+|(?<=^-[rc]))(\S.*)")
+# pip's comments: a '#' at the start of a line or after whitespace (a URL's '#egg=' is not one).
+_COMMENT = re.compile(r"(?:^|\s)#.*")
+
+
 def _requirement_lines(path: str, flag: str, seen: frozenset[str] = frozenset()) -> list[str]:
-    """The requirement lines of a pip requirements file, those of the files it includes
-    (`-r FILE`, `--requirement FILE`, relative to it) included, lower case, without comments."""
+    """The requirement lines of a pip requirements file, without comments, with those of the
+    files it includes (`-r FILE`, `-rFILE`, `--requirement[=]FILE`, relative to it); constraint
+    files (`-c`) install nothing and are not read. Lines keep their case (paths do)."""
     try:
         with open(path, encoding="utf-8") as requirements:
-            lines = [line.split("#", 1)[0].strip().lower() for line in requirements]
+            # pip joins a line ending in a backslash with the next one.
+            text = re.sub(r"\\\r?\n", "", requirements.read())
     except OSError as error:
         raise ExportConfigError(
             f"--requirements_file {flag!r} cannot be read: {path}: {error.strerror or error}."
         ) from None
     found: list[str] = []
-    for line in lines:
-        included = re.fullmatch(r"(?:-r|--requirement)(?:\s+|=)(\S+)", line)
-        if included is None:
+    for raw in text.splitlines():
+        line = _COMMENT.sub("", raw).strip()
+        option = _FILE_OPTION.fullmatch(line)
+        if option is None:
             found.append(line)
             continue
-        nested = os.path.join(os.path.dirname(path), included[1])
+        if option[1] in ("-c", "--constraint"):
+            continue
+        nested = os.path.join(os.path.dirname(path), option[2].strip())
         if os.path.realpath(nested) not in seen:  # An include loop is read once.
             found += _requirement_lines(nested, flag, seen | {os.path.realpath(path)})
     return found

@@ -1,0 +1,238 @@
+"""The environment a run meets: non-UTF-8 names, the Keras backend, shadowing packages, start-up lines."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from pipeline_fixtures import REPOSITORY, is_empty_or_absent, write_jsonl
+
+from models.paths import DEFAULT_BUNDLE
+from pipeline.run import EXIT_CONFIG_ERROR, main
+from pipeline.writing.layout import STAGING
+
+# A Latin-1 "é": a valid Linux file name byte that is not UTF-8, as the OS hands it to Python.
+LATIN1 = os.fsdecode(b"caf\xe9")
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--input", "--model", "--output", "--output relative, in such a folder"])
+def test_a_name_that_is_not_utf8_is_refused_at_launch_in_one_line(flag, tmp_path, monkeypatch, capsys):
+    """It ran the whole pipeline and then crashed at the commit (UnicodeEncodeError), or, for
+    --output, while Beam built its graph, leaving `_staging` behind; a rerun crashed the same way."""
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "a", "content": "hello world", "title": "t"}])
+    model, output = DEFAULT_BUNDLE, str(tmp_path / "out")
+    if flag == "--input":
+        corpus = tmp_path / f"{LATIN1}.jsonl"
+        os.rename(tmp_path / "corpus.jsonl", corpus)
+        named = str(corpus)
+    elif flag == "--model":
+        model = named = str(tmp_path / f"{LATIN1}_bundle")
+        os.symlink(DEFAULT_BUNDLE, model)
+    elif flag == "--output":
+        output = named = str(tmp_path / f"{LATIN1}_out")
+    else:
+        folder = tmp_path / LATIN1
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        output, named = "out", str(folder / "out")
+    code = main(["--model", model, "--input", str(corpus), "--output", output, "--layer", "lstm_content"])
+    assert code == EXIT_CONFIG_ERROR
+    shown = named.replace(LATIN1, "caf\\xe9")
+    assert _one_error_line(capsys) == (
+        f"error: {flag.split()[0]} '{shown}' is not UTF-8 text (a file or folder name in another encoding, "
+        "such as Latin-1), which the manifest and Parquet metadata cannot record; rename it to UTF-8 "
+        "(e.g. `convmv -f latin1 -t utf-8 --notest NAME`)"
+        + (
+            ", or match the file with a glob pattern such as 'DIR/*.jsonl' (the names of the files a "
+            "pattern lists are recorded escaped)."
+            if flag == "--input"
+            else "."
+        )
+    )
+    target = os.path.join(os.getcwd(), output)
+    assert is_empty_or_absent(target) and not os.path.exists(os.path.join(target, STAGING))
+
+
+def test_a_flag_value_that_is_not_utf8_is_refused_in_the_equals_form(tmp_path, capsys):
+    code = main(
+        ["--input", str(tmp_path / "c.jsonl"), f"--keep_fields={LATIN1}", "--output", str(tmp_path / "o")]
+    )
+    assert code == EXIT_CONFIG_ERROR
+    assert _one_error_line(capsys).startswith("error: --keep_fields 'caf\\xe9' is not UTF-8 text")
+    assert not (tmp_path / "o").exists()
+
+
+def _fresh(args: list[str], cwd: str, **environment: str) -> subprocess.CompletedProcess:
+    """`python ARGS` in a new interpreter (not the test's, which has Keras and TensorFlow loaded)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME", "PYTHONPATH")}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**env, **environment},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("where", ["KERAS_BACKEND", "keras.json"])
+def test_another_keras_backend_is_ignored_in_one_line_and_the_model_runs_on_tensorflow(where, tmp_path):
+    """KERAS_BACKEND=jax (or keras.json's "backend") was a traceback: jax is not installed."""
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "jax"}))
+    environment = {"KERAS_BACKEND": "jax"} if where == "KERAS_BACKEND" else {"KERAS_HOME": str(tmp_path)}
+    script = (
+        "import sys; import pipeline.inspect; import keras; print(keras.backend.backend()); "
+        "sys.exit(pipeline.inspect.main([sys.argv[1]]))"
+    )
+    done = _fresh(["-c", script, DEFAULT_BUNDLE], str(tmp_path), **environment)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "tensorflow"
+    assert "lstm_content" in done.stdout
+    source = "KERAS_BACKEND" if where == "KERAS_BACKEND" else str(tmp_path / "keras.json")
+    ignored = f"Keras backend 'jax' (from {source}) is ignored: this tool runs Keras on TensorFlow."
+    assert done.stderr.splitlines().count(ignored) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["pipeline.run", "pipeline.inspect", "pipeline.vocabulary"])
+def test_a_models_package_in_the_working_directory_is_named_in_one_line(command, tmp_path):
+    """A project's own `models/` (first on the path with `python -m`) was an ImportError traceback."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text('"""my own Keras models"""\n')
+    done = _fresh(["-m", command, "--help"], str(tmp_path))
+    ours = os.path.join(REPOSITORY, "models")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: Python imports the package 'models' from {tmp_path / 'models'}, not embexport's "
+        f"({ours}): the current directory (first on Python's path with `python -m`) or "
+        "PYTHONPATH holds another 'models' package. Run the command from another directory, or "
+        "rename that package (or take its folder off PYTHONPATH)."
+    ]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--runtime_type_check"],
+            "error: --runtime_type_check fails on Beam's own Parquet writer (its declared output type is "
+            "wrong: apache/beam pull request 38155); pass --performance_runtime_type_check instead, "
+            "which checks the types between steps.",
+        ),
+        (
+            ["--pickle_library", "dill"],
+            "error: --pickle_library dill needs the dill package, which is not installed; leave the "
+            "flag out (Beam's default, cloudpickle) or install apache-beam[dill].",
+        ),
+    ],
+)
+def test_beam_flags_that_would_fail_the_started_run_are_refused_at_launch(flags, message, tmp_path, capsys):
+    """Both passed the flag check, loaded the model, made `_staging`, then died in tracebacks."""
+    if "dill" in flags and importlib.util.find_spec("dill") is not None:
+        pytest.skip("dill is installed here: --pickle_library dill is then Beam's to run")
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "content": "hello world", "title": "t"}])
+    output = tmp_path / "out"
+    code = main(["--input", str(corpus), "--output", str(output), "--limit", "1", *flags])
+    assert code == EXIT_CONFIG_ERROR
+    assert _one_error_line(capsys) == message
+    assert not output.exists()
+
+
+def test_vocabulary_refuses_an_output_that_is_not_utf8(tmp_path, capsys):
+    from pipeline import vocabulary
+
+    output = tmp_path / LATIN1
+    assert vocabulary.main(["--output", str(output)]) == EXIT_CONFIG_ERROR
+    assert _one_error_line(capsys).startswith(f"error: --output '{tmp_path}/caf\\xe9' is not UTF-8 text")
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("level", [None, "3"])
+def test_a_refusal_in_a_fresh_interpreter_prints_only_its_error_line(level, tmp_path):
+    """TensorFlow's start-up INFO lines (absl's banner, oneDNN, CUDA probing: six on a CPU-only
+    machine) came before the one `error:` line, whatever TF_CPP_MIN_LOG_LEVEL said."""
+    environment = dict(os.environ)
+    environment.pop("TF_CPP_MIN_LOG_LEVEL", None)  # conftest sets it for the test process
+    if level:
+        environment["TF_CPP_MIN_LOG_LEVEL"] = level
+    command = [sys.executable, "-m", "pipeline.run", "--batch_size", "inf"]
+    done = subprocess.run(
+        command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == EXIT_CONFIG_ERROR
+    assert done.stderr.splitlines() == [
+        "error: --batch_size must be an integer from 1 to 100,000 (documents per forward pass), "
+        "received 'inf'."
+    ]
+
+
+def test_what_is_not_a_start_up_line_is_passed_on_even_when_the_import_aborts(tmp_path):
+    """The lines are dropped by a forked reader of a pipe: a fatal message just before an abort
+    (TensorFlow's on a CPU without AVX) still reaches stderr, as do warnings."""
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    chatter = (
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+        "I0000 00:00:1796626617.134192    3369 port.cc:153] oneDNN custom operations are on.\n"
+        "I0000 00:00:1796626617.143575    3369 cudart_stub.cc:31] Could not find cuda drivers\n"
+    )
+    real = (
+        "W0000 00:00:1796626617.2    3369 cpu_feature_guard.cc:1] a real warning\n"
+        "The TensorFlow library was compiled to use AVX instructions, but these aren't available.\n"
+    )
+    (fake / "__init__.py").write_text(
+        f"import os, sys\nos.write(2, {(chatter + real).encode()!r})\n"
+        "print('a Python warning', file=sys.stderr, flush=True)\nos.abort()\n"
+    )
+    script = "from models.start_lines import import_tensorflow_quietly; import_tensorflow_quietly()"
+    done = _fresh(["-c", script], str(tmp_path), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPOSITORY}")
+    assert done.returncode == -signal.SIGABRT
+    assert done.stderr == real + "a Python warning\n"
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter (R, S, Z, ...), or None once it is gone."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def test_a_ctrl_c_while_tensorflow_loads_is_one_interrupted_line(tmp_path):
+    """TensorFlow now loads first, with stderr piped through a forwarder: a Ctrl-C meanwhile
+    is still the one `interrupted:` line, and the forwarder ends with the command."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME", "PYTHONPATH")}
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline.run", "--limit", "3", "--output", str(output)]
+    process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stderr=subprocess.PIPE, text=True)
+    children = pathlib.Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    deadline = time.monotonic() + 120
+    # The forwarder is this command's one child while TensorFlow loads.
+    while not children.read_text().split():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.01)
+    forwarder = int(children.read_text().split()[0])
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130
+    assert stderr.splitlines() == [
+        "interrupted: the run stopped during its launch checks (SIGINT), before this run wrote anything; "
+        "nothing was committed. Rerun the same command to start the export."
+    ]
+    # It closed stderr (communicate saw its end) as it exited: gone, or a zombie, within moments.
+    deadline = time.monotonic() + 30
+    while _state(forwarder) not in (None, "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(forwarder) in (None, "Z")
+    assert not output.exists()
