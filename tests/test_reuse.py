@@ -389,6 +389,37 @@ def test_reuse_checks_each_shard_against_its_manifest_before_reading_it(versions
     _refused(argv, f"--reuse .* is damaged: row shard '.*{name}' {expected}", output)
 
 
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        pytest.param(
+            lambda m: m.__setitem__("shards", [e["file"] for e in m["shards"]["rows"]]),
+            "the manifest has no list of row shards",
+            id="shards_a_list",
+        ),
+        pytest.param(
+            lambda m: m.__setitem__("reuse_signature", "see docs"),
+            "the reuse_signature of its _MANIFEST.json is not a JSON object",
+            id="signature_a_string",
+        ),
+    ],
+)
+def test_a_manifest_of_another_shape_is_refused_as_damaged(versions, tmp_path, edit, expected):
+    """Hand-edited, or another tool's with status and shards keys: an AttributeError traceback."""
+    damaged, _ = _damaged_copy(versions, tmp_path, lambda directory, manifest, entry: edit(manifest))
+    output = str(tmp_path / "out")
+    argv = ["--input", versions["second_path"], "--output", output, "--reuse", damaged, *versions["flags"]]
+    _refused(argv, f"--reuse .* is damaged: .*{expected}", output)
+
+
+def test_a_reuse_that_names_a_file_says_to_pass_its_directory(versions, tmp_path):
+    """`--reuse OUT/_MANIFEST.json` was said to be "missing"."""
+    output = str(tmp_path / "out")
+    manifest = os.path.join(versions["v1"], layout_lib.MANIFEST)
+    argv = ["--input", versions["second_path"], "--output", output, "--reuse", manifest, *versions["flags"]]
+    _refused(argv, f"is a file; --reuse takes a finished export's directory .*{versions['v1']}", output)
+
+
 def test_a_damaged_reuse_export_is_one_error_line_naming_the_file(versions, tmp_path, capsys):
     from pipeline.run import main
 

@@ -112,6 +112,11 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
     except Exception as error:  # Unreadable, not JSON, no credentials, ...
         raise ExportConfigError(f"Cannot read the manifest of --reuse {uri!r}: {error}") from None
     if manifest is None:
+        if is_local(uri) and os.path.isfile(uri):
+            raise ExportConfigError(
+                f"--reuse {uri!r} is a file; --reuse takes a finished export's directory (the one "
+                f"holding _MANIFEST.json and the part-* shards), e.g. {os.path.dirname(uri) or '.'!r}."
+            )
         state = "missing" if output_state(uri) == "empty" else "unfinished or not an export"
         raise ExportConfigError(
             f"--reuse {uri!r} is {state}: it has no _MANIFEST.json, which a finished export "
@@ -123,6 +128,11 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
             "a finished export's directory, or leave --reuse out for a full export."
         )
     earlier = manifest.get("reuse_signature")
+    if earlier is not None and not isinstance(earlier, dict):
+        raise ExportConfigError(
+            f"--reuse {uri!r} is damaged: the reuse_signature of its _MANIFEST.json is not a JSON "
+            "object. Reuse an intact export, or leave --reuse out for a full export."
+        )
     if earlier is None:
         raise ExportConfigError(
             f"--reuse {uri!r} was written by a version that did not record input fingerprints, so "
@@ -232,7 +242,8 @@ def check_reuse_shards(uri: str, manifest: Manifest, plan: ExportPlan) -> list[t
             "reuse an intact export, or leave --reuse out for a full export."
         )
 
-    entries = (manifest.get("shards") or {}).get("rows")
+    shards = manifest.get("shards")
+    entries = shards.get("rows") if isinstance(shards, dict) else None
     if not isinstance(entries, list):
         raise damaged("(none)", "is not listed: the manifest has no list of row shards")
     paths = []
