@@ -477,7 +477,7 @@ def test_a_lease_taken_over_is_not_written_back_and_the_run_does_not_commit(tmp_
         time.sleep(0.05)
     time.sleep(0.2)
     assert _read_lock(output)["run"] == "other"
-    with pytest.raises(OutputBusyError, match="in use by run other"):
+    with pytest.raises(OutputBusyError, match="lost its lock .*: run other took it over"):
         first.check_held()
     first.release()
     assert _read_lock(output)["run"] == "other"  # Its lease is not ours to remove.
@@ -496,7 +496,7 @@ def test_a_lease_not_renewed_for_a_whole_lease_is_lost_even_if_its_taker_is_gone
     deadline = time.time() + 10
     while first.lost is None and time.time() < deadline:
         time.sleep(0.05)
-    with pytest.raises(OutputBusyError, match="in use by run unknown"):
+    with pytest.raises(OutputBusyError, match="lost its lock .*: its lease is gone"):
         first.check_held()
     assert not os.path.exists(os.path.join(output, layout_lib.LOCK))
     first.release()
@@ -546,7 +546,7 @@ def test_a_lease_taken_over_is_found_before_the_commit_whatever_the_renewer_saw(
     output, first = _leased_bucket(tmp_path, monkeypatch, 600)  # the renewer would look in 10 minutes
     with open(os.path.join(output, layout_lib.LOCK), "w") as handle:
         json.dump({"run": "other", "renewed": time.time()}, handle)
-    with pytest.raises(OutputBusyError, match="in use by run other"):
+    with pytest.raises(OutputBusyError, match="lost its lock .*: run other took it over"):
         first.check_held()
     first.release()
 

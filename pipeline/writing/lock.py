@@ -22,6 +22,9 @@ from pipeline.writing.layout import LOCK, lock_clock_probe, new_run_id
 # LEASE_RENEW_SECONDS, and one not rewritten for LEASE_SECONDS belongs to a dead run.
 LEASE_SECONDS = 300
 LEASE_RENEW_SECONDS = 60
+# What `OutputLock.lost` names when no other run's lease says who took the output over.
+_GONE = "unknown (this run's lease is gone)"
+_LAPSED = "unknown (this run did not renew its lease for a whole lease)"
 
 
 class LockHolder(TypedDict):
@@ -90,18 +93,37 @@ class OutputLock:
         self.release()
         return False
 
+    @staticmethod
+    def _who(holder: JsonObject | None) -> str:
+        """The run a lock names, in words: its id, pid, host and start where it says them."""
+        if holder and "pid" in holder:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+            where = f"pid {holder.get('pid')} on {holder.get('host')}, started {started}"
+            return f"run {holder.get('run')} ({where})"
+        return f"run {holder.get('run')}" if holder else "another run"
+
     def _busy(self, holder: JsonObject | None) -> OutputBusyError:
-        who = (
-            f"run {holder.get('run')} (pid {holder.get('pid')} on {holder.get('host')}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))})"
-            if holder and "pid" in holder
-            else f"run {holder.get('run')}"
-            if holder
-            else "another run"
-        )
         return OutputBusyError(
-            f"--output {self.directory!r} is in use by {who}. Wait for it to finish, or choose "
+            f"--output {self.directory!r} is in use by {self._who(holder)}. Wait for it to finish, or choose "
             "another --output; two runs must never write one directory."
+        )
+
+    def _lost_error(self, lost: JsonObject) -> OutputBusyError:
+        """The output is no longer this run's (object storage): how it lost its lease, and what to do."""
+        run = str(lost.get("run"))
+        if run == _GONE:
+            how = "its lease is gone (deleted by hand, or released by a run that took it over and finished)"
+        elif run == _LAPSED:
+            how = (
+                f"its lease went {LEASE_SECONDS // 60} minutes without renewal (the process was stopped "
+                "or the machine asleep), so another run may have taken the output over"
+            )
+        else:
+            how = f"{self._who(lost)} took it over, after this run's lease went unrenewed"
+        return OutputBusyError(
+            f"This run lost its lock on --output {self.directory!r}: {how}. It commits nothing more. "
+            "Check what the output holds (its _MANIFEST.json), then rerun the same command if it "
+            "should hold this run's export."
         )
 
     def _acquire_local(self) -> None:
@@ -233,7 +255,7 @@ class OutputLock:
                     # Not renewed for a whole lease (a sleeping laptop), taken over, or gone (deleted
                     # by hand, or released by a run that took it over and finished): another run may
                     # hold the output or have committed to it; writing ours back would have two runs hold it.
-                    self.lost = holder or {"run": "unknown (this run's lease is gone)"}
+                    self.lost = holder or {"run": _GONE}
                     logging.error("The lock %s was lost: not renewed for a whole lease, or taken.", self.path)
                     return
                 self._write_lease()
@@ -268,13 +290,13 @@ class OutputLock:
             return
         if self.lost is None and self._renewer is not None:
             if self._lapsed():
-                self.lost = {"run": "unknown (this run did not renew its lease for a whole lease)"}
+                self.lost = {"run": _LAPSED}
             else:
                 holder = self._read_lease()
                 if not holder or holder.get("run") != self.holder["run"]:
-                    self.lost = holder or {"run": "unknown (this run's lease is gone)"}
+                    self.lost = holder or {"run": _GONE}
         if self.lost is not None:
-            raise self._busy(self.lost)
+            raise self._lost_error(self.lost)
 
     def _holds_path(self) -> bool:
         """Whether `OUTPUT/_LOCK` is still the file this run locked (local locks)."""
