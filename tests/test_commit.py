@@ -220,8 +220,8 @@ def _check_every_step(make_copy, recover, run_id, facts, old_ids):
                 assert not FileSystems.exists(files_lib.join(directory, layout_lib.STAGING, run_id)), where
 
 
-@pytest.mark.parametrize("lost_after", ["hash", "journal"])
-def test_a_run_that_lost_the_output_during_its_commit_changes_nothing_more(scenarios, tmp_path, lost_after):
+@pytest.mark.parametrize("lost_at", ["hash", "replay"])
+def test_a_run_that_lost_the_output_during_its_commit_changes_nothing_more(scenarios, tmp_path, lost_at):
     """A run stopped in its commit longer than its lease (object storage) was taken over; continued, it
     went on: wrote its journal and deleted the manifest of the export the other run had committed."""
     template, run_id, facts, old_ids = scenarios["overwrite"]
@@ -234,8 +234,8 @@ def test_a_run_that_lost_the_output_during_its_commit_changes_nothing_more(scena
         if lost:
             raise OutputBusyError("--output is in use by run other")
 
-    def hook(action, relative):
-        if action == "hash" if lost_after == "hash" else relative == layout_lib.JOURNAL:
+    def hook(action, relative):  # the run stopped here for longer than its lease
+        if action == "hash" if lost_at == "hash" else (action, relative) == ("delete", layout_lib.MANIFEST):
             lost.append(relative)
 
     files_lib.step_hook = hook
@@ -248,7 +248,7 @@ def test_a_run_that_lost_the_output_during_its_commit_changes_nothing_more(scena
     # Nothing of the export in place was touched: its manifest and every file are as they were.
     assert _complete_export(directory) == sorted(old_ids)
     assert _digests(directory) == old_files
-    assert commit_lib.has_pending_commit(directory) == (lost_after == "journal")
+    assert commit_lib.has_pending_commit(directory) == (lost_at == "replay")
 
 
 @pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])

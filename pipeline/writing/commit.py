@@ -35,6 +35,7 @@ from pipeline.writing.files import (
     exists,
     file_digest,
     fsync_directory,
+    guarded_steps,
     iter_relative_files,
     join,
     list_files,
@@ -145,12 +146,13 @@ def commit(
     with committing(done_phase="committed"):
         try:
             journal, manifest = _prepare_commit(directory, run_id, staged, manifest)
-            # Hashing a large export takes minutes: the lease is read again right before the point.
-            held()
-            # The commit point: once the journal is in place the new export is the one that survives.
-            move(directory, posixpath.join(staging, JOURNAL), JOURNAL)
-            fsync_directory(directory)
-            _replay(directory, journal, held)
+            # Hashing a large export takes minutes: from the commit point on, each step first
+            # reads the lease again.
+            with guarded_steps(held):
+                # The commit point: once the journal is in place the new export is the one that survives.
+                move(directory, posixpath.join(staging, JOURNAL), JOURNAL)
+                fsync_directory(directory)
+                _replay(directory, journal)
         except OSError as error:
             if _journal_written(directory):
                 raise OutputWriteError(
@@ -299,25 +301,23 @@ def _check_journal(directory: str, journal: Any) -> Journal:
     return journal
 
 
-def _replay(directory: str, journal: Journal, held: Guard = unguarded) -> None:
+def _replay(directory: str, journal: Journal) -> None:
     """Carries out a commit's journal; every step is idempotent, so a replay after any crash finishes it.
 
-    `held` is called before each step that changes the output: a run that lost the
-    output's lease while stopped in its replay leaves the rest to the run that took
-    it over (which finishes the journal, or has already replaced it by its own export).
+    In `commit`, each step first checks that the run still holds the output
+    (`files.guarded_steps`): a run that lost its lease while stopped in its replay
+    leaves the rest to the run that took it over (which finishes the journal, or
+    has already replaced it by its own export).
     """
     staging = posixpath.join(STAGING, journal["run"])
     if exists(directory, journal["manifest"]):
         # Old manifest first: from here a reader sees no manifest over a mix of shards.
-        held()
         delete_relative(directory, MANIFEST)
         for relative in journal["delete"]:
-            held()
             delete_relative(directory, relative)
         for relative in journal["directories"]:
             make_directory(directory, relative)
         for rename in journal["renames"]:
-            held()
             if exists(directory, rename["from"]):
                 move(directory, rename["from"], rename["to"])
             else:
@@ -325,7 +325,6 @@ def _replay(directory: str, journal: Journal, held: Guard = unguarded) -> None:
         # The renames into errors/ and _tables/ are durable before the manifest that lists them.
         for relative in journal["directories"]:
             fsync_directory(join(directory, relative))
-        held()
         move(directory, journal["manifest"], MANIFEST)
         fsync_directory(directory)
     elif not exists(directory, MANIFEST):
@@ -335,10 +334,8 @@ def _replay(directory: str, journal: Journal, held: Guard = unguarded) -> None:
             "output; remove it and export again."
         )
     step("delete", staging + "/")
-    held()
     remove_staging(directory, journal["run"])
     _remove_empty_directories(directory)
-    held()
     delete_relative(directory, JOURNAL)
     fsync_directory(directory)
 

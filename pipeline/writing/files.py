@@ -31,6 +31,9 @@ EntryKind = Literal["file", "link", "other", "directory"]
 # each filesystem step ("hash", "write", "rename", "copy", "delete", "mkdir"), to
 # kill or fail it at exactly that step.
 step_hook: Callable[[str, str], None] | None = None
+# Set by the commit (`guarded_steps`) to what raises once the run no longer holds the output
+# (`OutputLock.check_held`): called at each step right before its change to the output.
+step_guard: Callable[[], None] | None = None
 
 
 class FileDigest(TypedDict):
@@ -41,9 +44,22 @@ class FileDigest(TypedDict):
 
 
 def step(action: str, relative: str) -> None:
-    """Calls the test hook, if one is set, before a commit step on `relative`."""
+    """Before a commit step on `relative`: the test hook, then the guard, each if one is set."""
     if step_hook is not None:
         step_hook(action, relative)
+    if step_guard is not None:
+        step_guard()
+
+
+@contextlib.contextmanager
+def guarded_steps(guard: Callable[[], None]) -> Iterator[None]:
+    """Has every commit step check `guard` first, as near its change as can be, while in the block."""
+    global step_guard
+    step_guard = guard
+    try:
+        yield
+    finally:
+        step_guard = None
 
 
 def join(base: str, *parts: str) -> str:
