@@ -83,6 +83,18 @@ def client(endpoint):
     )
 
 
+def set_aws_environment(monkeypatch, endpoint):
+    """The standard AWS variables for the moto server: pyarrow's S3 filesystem (what
+    pipeline.analyze reads with) takes them, not Beam's --s3_* flags."""
+    for name, value in (
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+        ("AWS_DEFAULT_REGION", REGION),
+    ):
+        monkeypatch.setenv(name, value)
+
+
 def s3_flags(endpoint):
     """How a user points Beam's S3 filesystem at a non-AWS endpoint."""
     return [
@@ -354,14 +366,7 @@ def test_index_of_an_s3_export_is_built_locally_uploaded_and_dropped_by_overwrit
     from pipeline.analysis.dataset import open_documents
     from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 
-    # pyarrow's S3 filesystem (what pipeline.analyze reads with) takes the standard AWS variables.
-    for name, value in (
-        ("AWS_ENDPOINT_URL", s3_endpoint),
-        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
-        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
-        ("AWS_DEFAULT_REGION", REGION),
-    ):
-        monkeypatch.setenv(name, value)
+    set_aws_environment(monkeypatch, s3_endpoint)
     s3 = client(s3_endpoint)
     # A copy of the export: replacing it below must not disturb the module's other tests.
     for key in keys(s3_endpoint, "exports/run1/"):
@@ -599,13 +604,7 @@ def test_analyze_out_on_s3_is_never_inside_an_export_and_a_plot_is_uploaded(
     prefix, even named part-99999-of-99999.parquet), and plot wrote to a local path named 's3:/...'."""
     from pipeline import analyze
 
-    for name, value in (
-        ("AWS_ENDPOINT_URL", s3_endpoint),
-        ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
-        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
-        ("AWS_DEFAULT_REGION", REGION),
-    ):
-        monkeypatch.setenv(name, value)
+    set_aws_environment(monkeypatch, s3_endpoint)
     monkeypatch.chdir(tmp_path)  # where a local 's3:' directory would have appeared
     s3 = client(s3_endpoint)
     rows = {"id": ["d0", "d1", "d2"], "v": [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]], "topic": ["a", "a", "b"]}
