@@ -471,16 +471,17 @@ def _wait_for(path, process, timeout=120):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("orphan", ["writes_a_file", "renames_kept_files"])
+@pytest.mark.parametrize("orphan", ["names_a_shard", "renames_kept_files"])
 def test_an_orphaned_job_writing_into_the_interrupted_run_is_never_committed(
     orphan, killed, corpus, reference, tiny_bundle, tmp_path
 ):
     """A portable or Dataflow job outlives its SIGKILLed launcher and goes on writing into its staging.
 
-    `writes_a_file`: once the rerun's pipeline runs, the "orphan" closes one more row
-    file in its own staging (a copy of a kept one: committed, its rows would be there
-    twice).  `renames_kept_files`: as the rerun begins to take the kept files over, it
-    also renames them to shard names, as its `NameShardsFn` does at its end.
+    `names_a_shard`: once the rerun's pipeline runs, the "orphan" closes one more row
+    file in its own staging and names it as a shard, as its `NameShardsFn` does at its
+    end (a copy of a kept file: committed, its rows would be there twice).
+    `renames_kept_files`: as the rerun begins to take the kept files over, the orphan
+    closes that file and renames the kept files to shard names.
     """
     output = str(tmp_path / "out")
     shutil.copytree(killed, output)
@@ -490,14 +491,18 @@ def test_an_orphaned_job_writing_into_the_interrupted_run_is_never_committed(
     closed_by_the_orphan = shutil.copy(kept[0], tmp_path / "closed_by_the_orphan.parquet")
     marker = str(tmp_path / "orphan")
     argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS]
-    if orphan == "writes_a_file":
+    if orphan == "names_a_shard":
         process = _hooked([f"inference_pause:1:{marker}"], argv)
     else:  # Paused before its first move: every kept file is listed and checked complete.
         process = _hooked([f"pause:rename:1:{marker}"], argv)
     _wait_for(marker + ".paused", process)
     os.makedirs(writing, exist_ok=True)
-    shutil.copy(closed_by_the_orphan, os.path.join(writing, f"{uuid.uuid4().hex}.parquet"))
-    if orphan == "renames_kept_files":
+    if orphan == "names_a_shard":
+        shutil.copy(
+            closed_by_the_orphan, os.path.join(os.path.dirname(writing), "part-99999-of-99999.parquet")
+        )
+    else:
+        shutil.copy(closed_by_the_orphan, os.path.join(writing, f"{uuid.uuid4().hex}.parquet"))
         for index, path in enumerate(kept):
             shard = f"part-{index:05d}-of-{len(kept):05d}.parquet"
             os.rename(path, os.path.join(os.path.dirname(writing), shard))
