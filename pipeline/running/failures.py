@@ -53,11 +53,18 @@ def beam_errors_held(resume: str = "auto") -> Iterator[None]:
 
 
 def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception | None:
-    """The one-line error a failed local run becomes: a worker's refusal, or a worker killed; else None."""
+    """The one-line error a failed local run becomes (a worker's refusal, out of memory, killed), or None."""
     refusal = worker_refusal(error)
     if refusal is not None:  # A worker's ExportConfigError: its one line says it all.
         return ExportConfigError(refusal)
     signals = local_workers.killed_by()
+    short = out_of_memory(error)
+    if short is not None:
+        return WorkerDiedError(
+            f"a worker process ran out of memory ({short}); nothing was committed: "
+            f"{rerun_to_finish(resume)}, with --direct_num_workers 1 (or a smaller --batch_size) if memory "
+            "is short."
+        )
     if not signals:
         return None
     try:
@@ -69,6 +76,33 @@ def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception |
         f"a worker process was killed ({name}{why}); nothing was committed: "
         f"{rerun_to_finish(resume)}, with --direct_num_workers 1 if memory is short."
     )
+
+
+# How running out of memory reads in a worker's error, Beam's relayed text of it included: Python's
+# MemoryError, TensorFlow's ResourceExhaustedError (OOM when allocating a tensor), C++'s bad_alloc,
+# and the loader's or a system call's ENOMEM (an address-space limit: ulimit -v, prlimit --as).
+_OUT_OF_MEMORY_TYPES = ("MemoryError", "ResourceExhaustedError")
+_OUT_OF_MEMORY_MARKS = (
+    "MemoryError",
+    "ResourceExhaustedError",
+    "std::bad_alloc",
+    "Cannot allocate memory",
+    "failed to map segment from shared object",
+    "OOM when allocating",
+)
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """What says that `error` (or a worker's error it wraps) is running out of memory, or None."""
+    for cause in _causes(error):
+        names = {kind.__name__ for kind in type(cause).__mro__}
+        found = next((name for name in _OUT_OF_MEMORY_TYPES if name in names), None)
+        if found is None and isinstance(cause, OSError) and cause.errno == errno.ENOMEM:
+            found = "Cannot allocate memory"
+        found = found or next((mark for mark in _OUT_OF_MEMORY_MARKS if mark in str(cause)), None)
+        if found is not None:
+            return found
+    return None
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:
