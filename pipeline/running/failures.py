@@ -80,7 +80,8 @@ def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception |
 
 # How running out of memory reads in a worker's error, Beam's relayed text of it included: Python's
 # MemoryError, TensorFlow's ResourceExhaustedError (OOM when allocating a tensor), C++'s bad_alloc,
-# and the loader's or a system call's ENOMEM (an address-space limit: ulimit -v, prlimit --as).
+# the loader's or a system call's ENOMEM, and a thread whose stack cannot be mapped (an
+# address-space limit: ulimit -v, prlimit --as, a batch scheduler's).
 _OUT_OF_MEMORY_TYPES = ("MemoryError", "ResourceExhaustedError")
 _OUT_OF_MEMORY_MARKS = (
     "MemoryError",
@@ -89,6 +90,7 @@ _OUT_OF_MEMORY_MARKS = (
     "Cannot allocate memory",
     "failed to map segment from shared object",
     "OOM when allocating",
+    "can't start new thread",
 )
 
 
