@@ -508,6 +508,7 @@ def _finish(process, timeout):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc and prlimit")
+@pytest.mark.slow
 def test_a_worker_out_of_memory_is_one_error_line(tmp_path, tiny_bundle):
     """A worker under an address-space limit (ulimit -v, a batch scheduler's) that it reaches.
 
@@ -537,6 +538,7 @@ def test_a_worker_out_of_memory_is_one_error_line(tmp_path, tiny_bundle):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
 def test_a_stopped_worker_does_not_keep_the_first_signal_from_ending_the_run(tmp_path, tiny_bundle, signum):
     """A worker SIGSTOPped (as a deadlocked one, or one on a hung mount) never answers Beam's unwinding."""
     process, output, workers = _start_with_two_workers(tmp_path, tiny_bundle)

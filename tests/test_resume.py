@@ -471,6 +471,7 @@ def _wait_for(path, process, timeout=120):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("orphan", ["names_a_shard", "renames_kept_files"])
 def test_an_orphaned_job_writing_into_the_interrupted_run_is_never_committed(
     orphan, killed, corpus, reference, tiny_bundle, tmp_path
@@ -528,6 +529,7 @@ def test_an_orphaned_job_writing_into_the_interrupted_run_is_never_committed(
     assert not os.path.exists(staging) or os.listdir(staging) == [old_run]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moves", [1, 2])
 def test_a_rerun_killed_while_taking_the_kept_files_over_loses_and_repeats_nothing(
     moves, killed, corpus, reference, tiny_bundle, tmp_path
