@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Beam's unwinding waits for each local worker to answer: a stopped or deadlocked one
             # never does. SIGKILL them now (their closed row files are durable, a partial one is
             # ignored by the rerun), from a thread: the handler may have interrupted their lock's holder.
-            threading.Thread(target=workers.kill_workers, name="kill-workers", daemon=True).start()
+            threading.Thread(target=workers.stop_workers, name="stop-workers", daemon=True).start()
         raise KeyboardInterrupt
 
     previous = {
