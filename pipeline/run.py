@@ -200,6 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.modules["pipeline.writing.commit_phase"].defer_signal(signum)
             return
         silencer.silence()
+        workers = sys.modules.get("pipeline.running.local_workers")
+        if workers is not None:
+            # Beam's unwinding waits for each local worker to answer: a stopped or deadlocked one
+            # never does. SIGKILL them now (their closed row files are durable, a partial one is
+            # ignored by the rerun), from a thread: the handler may have interrupted their lock's holder.
+            threading.Thread(target=workers.stop_workers, name="stop-workers", daemon=True).start()
         raise KeyboardInterrupt
 
     previous = {

@@ -6,6 +6,7 @@ process where the point is a signal or a crash) and checks for one `error:` or
 outside the export, nor the earlier export, was touched.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from pipeline.errors import (
     EXIT_OUTPUT_FAILED,
     EXIT_TERMINATED,
     EXIT_TOO_MANY_ERRORS,
+    EXIT_UNEXPECTED,
 )
 from pipeline.run import STOP_SIGNALS, main
 from pipeline.running.export import run_export
@@ -423,9 +425,11 @@ def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interr
         # A terminal sends Ctrl-C to its whole foreground process group: the workers get it too.
         os.killpg(process.pid, signal.SIGINT)
         if presses == 2:
-            # The second press lands while Beam stops its workers, which it then no longer waits for.
+            # The second press lands while Beam stops its workers, which it then no longer waits for;
+            # the first SIGKILLs them at once, so the run may be gone already.
             time.sleep(0.3)
-            os.killpg(process.pid, signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGINT)
         _, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
@@ -447,3 +451,116 @@ def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interr
     rerun = forkserver.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert len(_complete_export(output)) == 3000
+
+
+def _start_with_two_workers(tmp_path, tiny_bundle, documents=20000):
+    """A run with two local worker processes, started in its own session; (process, output, workers).
+
+    Returned once the run has begun writing a row file: both workers are at work.
+    """
+    corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(documents)])
+    output = str(tmp_path / "out")
+    command = pipeline_command(
+        corpus,
+        output,
+        "--model",
+        tiny_bundle[0],
+        "--batch_size",
+        "16",
+        "--shard_mb",
+        "0.02",
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+    )
+    process = forkserver.popen(
+        command,
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    if not wait_for_staged_shard(process, output):
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the run wrote no shard before it ended: {process.communicate()[1][-3000:]}")
+    # The workers are the launcher's descendants that run Beam's SDK worker.
+    workers = [pid for pid in _descendants(process.pid) if b"sdk_worker_main" in _command_line(pid)]
+    assert len(workers) == 2, workers
+    return process, output, workers
+
+
+def _command_line(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def _finish(process, timeout):
+    """The run's (exit status, stderr), or a failure if it has not ended within `timeout` seconds."""
+    try:
+        _, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, err = process.communicate()
+        pytest.fail(f"the run had not ended {timeout} s later: {err[-3000:]}")
+    return process.returncode, err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc and prlimit")
+@pytest.mark.slow
+def test_a_worker_out_of_memory_is_one_error_line(tmp_path, tiny_bundle):
+    """A worker under an address-space limit (ulimit -v, a batch scheduler's) that it reaches.
+
+    It fails with a MemoryError, TensorFlow's ResourceExhaustedError or a library it
+    can no longer map: Beam relays that as hundreds of lines of tracebacks.
+    """
+    import resource
+
+    process, output, workers = _start_with_two_workers(tmp_path, tiny_bundle)
+    try:
+        for pid in workers:
+            with open(f"/proc/{pid}/statm") as handle:
+                mapped = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            # A little above what it holds now: its next large allocation fails.
+            resource.prlimit(pid, resource.RLIMIT_AS, (mapped + (8 << 20), resource.RLIM_INFINITY))
+        code, err = _finish(process, 120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_UNEXPECTED and len(lines) == 1, err[-3000:]
+    assert "a worker process ran out of memory" in lines[0], lines[0]
+    assert "--direct_num_workers 1" in lines[0] and "rerun the same command" in lines[0]
+    assert "Traceback" not in err, err[-3000:]
+    assert state_lib.read_manifest(output) is None
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
+def test_a_stopped_worker_does_not_keep_the_first_signal_from_ending_the_run(tmp_path, tiny_bundle, signum):
+    """A worker SIGSTOPped (as a deadlocked one, or one on a hung mount) never answers Beam's unwinding."""
+    process, output, workers = _start_with_two_workers(tmp_path, tiny_bundle)
+    try:
+        os.kill(workers[0], signal.SIGSTOP)
+        time.sleep(1)  # Beam now waits for the stopped worker.
+        process.send_signal(signum)
+        code, err = _finish(process, 20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert code == STOP_SIGNALS[signum], err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith("interrupted: nothing was committed;"), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the run"
+    assert state_lib.read_manifest(output) is None

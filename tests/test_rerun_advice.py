@@ -67,6 +67,24 @@ def test_a_portable_job_whose_workers_went_away_advises_by_its_resume(resume):
         assert told.endswith("rerun the same command to finish the export (it keeps the rows made durable).")
 
 
+@pytest.mark.parametrize(
+    "relayed",
+    [
+        "MemoryError",
+        "tensorflow.python.framework.errors_impl.ResourceExhaustedError: OOM when allocating tensor",
+        "ImportError: libfoo.so: failed to map segment from shared object",
+        "terminate called after throwing an instance of 'std::bad_alloc'",
+    ],
+)
+def test_a_portable_job_whose_worker_ran_out_of_memory_is_told_so(relayed):
+    options = PipelineOptions(["--runner", "PortableRunner"])
+    error = RuntimeError(
+        f"Pipeline failed in state FAILED: Traceback (most recent call last):\n  ...\n{relayed}"
+    )
+    told = str(explain_failure(error, options))
+    assert told.startswith("the job's workers ran out of memory (") and "rerun the same command" in told
+
+
 @pytest.mark.parametrize("resume", ["auto", "off"])
 def test_a_killed_local_worker_advises_by_the_runs_resume(resume, monkeypatch):
     from pipeline.running import failures, local_workers

@@ -12,7 +12,10 @@ import glob
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import uuid
 
 import forkserver
@@ -457,6 +460,132 @@ def test_only_the_matching_run_is_resumed_and_the_other_removed(
     assert summary.exit_code == 0 and summary.resumed_run == matching
     assert_same_export(output, reference)
     assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
+
+
+HOOKED_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooked_run.py")
+
+
+def _hooked(hooks, argv):
+    """`python -m pipeline.run ARGV` in a child process with `tests/hooked_run.py` HOOKS installed."""
+    return forkserver.popen(
+        [sys.executable, HOOKED_RUN, *hooks, "--", *argv],
+        cwd=os.path.dirname(os.path.dirname(HOOKED_RUN)),
+        env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(HOOKED_RUN))),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(path, process, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("orphan", ["names_a_shard", "renames_kept_files"])
+def test_an_orphaned_job_writing_into_the_interrupted_run_is_never_committed(
+    orphan, killed, corpus, reference, tiny_bundle, tmp_path
+):
+    """A portable or Dataflow job outlives its SIGKILLed launcher and goes on writing into its staging.
+
+    `names_a_shard`: once the rerun's pipeline runs, the "orphan" closes one more row
+    file in its own staging and names it as a shard, as its `NameShardsFn` does at its
+    end (a copy of a kept file: committed, its rows would be there twice).
+    `renames_kept_files`: as the rerun begins to take the kept files over, the orphan
+    closes that file and renames the kept files to shard names.
+    """
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    old_run = _staged_run(output)
+    kept = durable_files(output)
+    writing = os.path.dirname(kept[0])
+    closed_by_the_orphan = shutil.copy(kept[0], tmp_path / "closed_by_the_orphan.parquet")
+    marker = str(tmp_path / "orphan")
+    argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS]
+    if orphan == "names_a_shard":
+        process = _hooked([f"inference_pause:1:{marker}"], argv)
+    else:  # Paused before its first move: every kept file is listed and checked complete.
+        process = _hooked([f"pause:rename:1:{marker}"], argv)
+    _wait_for(marker + ".paused", process)
+    os.makedirs(writing, exist_ok=True)
+    if orphan == "names_a_shard":
+        shutil.copy(
+            closed_by_the_orphan, os.path.join(os.path.dirname(writing), "part-99999-of-99999.parquet")
+        )
+    else:
+        shutil.copy(closed_by_the_orphan, os.path.join(writing, f"{uuid.uuid4().hex}.parquet"))
+        for index, path in enumerate(kept):
+            shard = f"part-{index:05d}-of-{len(kept):05d}.parquet"
+            os.rename(path, os.path.join(os.path.dirname(writing), shard))
+    open(marker + ".go", "w").close()
+    _, err = process.communicate(timeout=180)
+    if orphan == "renames_kept_files":
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert process.returncode == EXIT_CONFIG_ERROR and len(lines) == 1, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert f"interrupted run {old_run}" in lines[0] and "is still running" in lines[0]
+        assert "Cancel that job" in lines[0]
+        assert state_lib.read_manifest(output) is None
+        # The job was cancelled: the next rerun continues from what the old run's staging holds.
+        summary = run_export(argv)
+        assert summary.exit_code == 0, summary.message
+    else:
+        assert process.returncode == 0, err[-3000:]
+    assert_same_export(output, reference)
+    resumed = state_lib.read_manifest(output)["resumed"]
+    assert resumed["attempt"] >= 2 and resumed["rows_kept"] > 0
+    # What the orphan wrote after the old staging was removed is a dead run's leftovers, nothing more.
+    staging = os.path.join(output, layout_lib.STAGING)
+    assert not os.path.exists(staging) or os.listdir(staging) == [old_run]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moves", [1, 2])
+def test_a_rerun_killed_while_taking_the_kept_files_over_loses_and_repeats_nothing(
+    moves, killed, corpus, reference, tiny_bundle, tmp_path
+):
+    """SIGKILLed before its first or second move: the files moved are embedded again, the rest kept."""
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    not_moved = rows_in(durable_files(output)[moves - 1 :])
+    argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS]
+    process = _hooked([f"kill:rename:{moves}"], argv)
+    process.communicate(timeout=180)
+    assert process.returncode == -signal.SIGKILL
+    summary = run_export(argv)
+    assert summary.exit_code == 0, summary.message
+    assert_same_export(output, reference)
+    assert summary.rows_kept == not_moved
+
+
+def test_a_rerun_killed_after_it_recorded_itself_continues_from_it(
+    killed, corpus, reference, tiny_bundle, tmp_path, monkeypatch
+):
+    """Killed between its own `_RUN.json` and removing the old run's staging: the later attempt is resumed."""
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    kept_rows = rows_in(durable_files(output))
+    argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS]
+
+    def killed_here(directory, old_run_id, attempts=3):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume_lib, "remove_old_run", killed_here)
+        with pytest.raises(KeyboardInterrupt):
+            run_export(argv)
+    runs = os.listdir(os.path.join(output, layout_lib.STAGING))
+    assert len(runs) == 2
+    (second,) = [run for run in runs if resume_lib.read_run(output, run)["attempt"] == 2]
+    summary = run_export(argv)
+    assert summary.exit_code == 0, summary.message
+    assert summary.resumed_run == second and summary.rows_kept == kept_rows
+    assert_same_export(output, reference)
+    assert state_lib.read_manifest(output)["resumed"]["attempt"] == 3
 
 
 @pytest.mark.slow

@@ -283,13 +283,16 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     # written, so a second run on this --output is refused instead of mixing files.
     with OutputLock(plan.output) as lock:
         _past_launch_checks = True
-        run_id = prepare(plan.output, export_options.overwrite, find_resumable)
+        run_id, resumable = prepare(plan.output, export_options.overwrite, find_resumable)
         resumed = None
         # The run's first write (its _RUN.json) may be the one that finds the disk full.
         with out_of_space_reported(plan.output, run_id):
-            if resume_lib.read_run(plan.output, run_id) is not None:
-                resumed = resume_lib.prepare_resume(plan.output, run_id, plan)
+            if resumable is not None:
+                # Under its own run id: the interrupted run's job may still write under the old one.
+                resumed = resume_lib.prepare_resume(plan.output, resumable, run_id, plan)
             resume_lib.start_run(plan.output, run_id, signature, resumed)
+        if resumed is not None:
+            resume_lib.remove_old_run(plan.output, resumed.run_id)
         return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed, lock)
 
 

@@ -7,6 +7,8 @@ import shutil
 import signal
 import threading
 from collections.abc import Iterator
+from types import FrameType
+from typing import Any
 
 from pipeline.errors import ExportConfigError, OutputWriteError, WorkerDiedError
 from pipeline.held_logs import HeldErrorLogs
@@ -31,11 +33,14 @@ def beam_errors_held(resume: str = "auto") -> Iterator[None]:
     print_thread_error = threading.excepthook
     threading.excepthook = thread_errors.append
     local_workers.hold_tracebacks()
+    waiting = [True]
+    previous = _wake_on_worker_failure(waiting)
     try:
         with HeldErrorLogs("apache_beam") as held:
             try:
                 yield
             except BaseException as error:
+                waiting[0] = False
                 explained = is_disk_full(error) or isinstance(error, KeyboardInterrupt)
                 told = None if explained else _told_in_one_line(error, resume)
                 if explained or told is not None:
@@ -46,18 +51,68 @@ def beam_errors_held(resume: str = "auto") -> Iterator[None]:
                     raise told from None
                 raise
     finally:
+        waiting[0] = False
+        local_workers.on_failure = None
+        if previous is not None:
+            signal.signal(WAKE_SIGNAL, previous)
         threading.excepthook = print_thread_error
         for args in thread_errors:
             print_thread_error(args)
         local_workers.let_held_tracebacks_through()
 
 
+# Sent to the launcher's main thread when a worker failed (`local_workers.on_failure`).
+WAKE_SIGNAL = signal.SIGUSR1
+
+
+def _wake_on_worker_failure(waiting: list[bool]) -> Any:
+    """Makes a worker's failure end the main thread's wait in Beam; returns the signal's previous handler.
+
+    Beam's wait for a bundle does not always end when the worker running it dies (it
+    hung forever for a worker out of memory).  `local_workers` then stops the other
+    workers and calls `on_failure`, which signals the main thread: its handler raises
+    `local_workers.WorkerFailedError` there, told in one line like any failed run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    main = threading.main_thread().ident
+
+    def raise_failure(signum: int, frame: FrameType | None) -> None:
+        if waiting[0]:  # Not once the run's own error is being told.
+            waiting[0] = False
+            raise local_workers.WorkerFailedError("a worker process failed")
+
+    previous = signal.signal(WAKE_SIGNAL, raise_failure)
+    local_workers.on_failure = lambda: signal.pthread_kill(main, WAKE_SIGNAL) if main else None
+    return previous
+
+
 def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception | None:
-    """The one-line error a failed local run becomes: a worker's refusal, or a worker killed; else None."""
+    """The one-line error a failed local run becomes (a worker's refusal, out of memory, killed), or None."""
     refusal = worker_refusal(error)
     if refusal is not None:  # A worker's ExportConfigError: its one line says it all.
         return ExportConfigError(refusal)
     signals = local_workers.killed_by()
+    failed = local_workers.failed_workers()
+    if failed and failed[0][0] < 0:  # The first to die: the others may have been stopped for it.
+        signals = [-failed[0][0], *signals]
+    # A worker that died before Beam heard of its error said it only on its stderr.
+    last_words = b"".join(failed[0][1]).decode("utf-8", errors="replace") if failed else ""
+    short = out_of_memory(error) or _out_of_memory_in(last_words)
+    if short is not None:
+        return WorkerDiedError(
+            f"a worker process ran out of memory ({short}); nothing was committed: "
+            f"{rerun_to_finish(resume)}, with --direct_num_workers 1 (or a smaller --batch_size) if memory "
+            "is short."
+        )
+    if not signals and failed and isinstance(error, local_workers.WorkerFailedError):
+        code, last = failed[0]
+        said = [line for line in last_words.splitlines() if line.strip()]
+        return WorkerDiedError(
+            f"a worker process exited with status {code}"
+            + (f" ({said[-1].strip()[:200]})" if said else "")
+            + f"; nothing was committed: {rerun_to_finish(resume)}."
+        )
     if not signals:
         return None
     try:
@@ -69,6 +124,39 @@ def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception |
         f"a worker process was killed ({name}{why}); nothing was committed: "
         f"{rerun_to_finish(resume)}, with --direct_num_workers 1 if memory is short."
     )
+
+
+# How running out of memory reads in a worker's error, Beam's relayed text of it included: Python's
+# MemoryError, TensorFlow's ResourceExhaustedError (OOM when allocating a tensor), C++'s bad_alloc,
+# the loader's or a system call's ENOMEM, and a thread whose stack cannot be mapped (an
+# address-space limit: ulimit -v, prlimit --as, a batch scheduler's).
+_OUT_OF_MEMORY_TYPES = ("MemoryError", "ResourceExhaustedError")
+_OUT_OF_MEMORY_MARKS = (
+    "MemoryError",
+    "ResourceExhaustedError",
+    "std::bad_alloc",
+    "Cannot allocate memory",
+    "failed to map segment from shared object",
+    "OOM when allocating",
+    "can't start new thread",
+)
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """What says that `error` (or a worker's error it wraps) is running out of memory, or None."""
+    for cause in _causes(error):
+        names = {kind.__name__ for kind in type(cause).__mro__}
+        found = next((name for name in _OUT_OF_MEMORY_TYPES if name in names), None)
+        if found is None and isinstance(cause, OSError) and cause.errno == errno.ENOMEM:
+            found = "Cannot allocate memory"
+        found = found or _out_of_memory_in(str(cause))
+        if found is not None:
+            return found
+    return None
+
+
+def _out_of_memory_in(text: str) -> str | None:
+    return next((mark for mark in _OUT_OF_MEMORY_MARKS if mark in text), None)
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:

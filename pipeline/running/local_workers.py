@@ -21,6 +21,7 @@ it writes to a terminal set to `stty tostop`, and a SIGTERM or SIGKILL sent to t
 group still reaches them.
 """
 
+import collections
 import contextlib
 import os
 import re
@@ -28,7 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 # The shell of `shell=True` sets SIGINT and SIGHUP to ignored, then becomes the worker.
@@ -44,6 +45,20 @@ _LOG_LINE = re.compile(rb"^([IWEF]\d{4} |(DEBUG|INFO|WARNING|ERROR|CRITICAL)[ :]
 HOLD, DROP, PASS = "hold", "drop", "pass"
 _tracebacks = PASS
 _held: list[bytes] = []
+# Workers that ended with an error (return code, last stderr lines), in the order they ended.
+_failed: list[tuple[int, list[bytes]]] = []
+# How many of a worker's last stderr lines are kept to tell why it ended.
+_LAST_LINES = 40
+# Called (from another thread) once a failed worker's others are stopped: wakes the launcher's wait.
+on_failure: Callable[[], None] | None = None
+
+
+# Whether a stop signal is ending the run (`stop_workers`).
+_stopping = [False]
+
+
+class WorkerFailedError(Exception):
+    """Raised in the launcher's main thread when a worker failed and Beam went on waiting for it."""
 
 
 class _Subprocess:
@@ -66,14 +81,19 @@ class _Subprocess:
         with _lock:
             _started.append(process)
         if copied and process.stderr is not None:
-            threading.Thread(target=_copy_stderr, args=(process.stderr,), daemon=True).start()
+            threading.Thread(target=_copy_stderr, args=(process.stderr, process), daemon=True).start()
         return process
 
 
-def _copy_stderr(stream: IO[bytes]) -> None:
-    """Copies one worker's stderr to ours until it closes, its tracebacks as `_tracebacks` says."""
+def _copy_stderr(stream: IO[bytes], process: subprocess.Popen[bytes] | None = None) -> None:
+    """Copies one worker's stderr to ours until it closes, its tracebacks as `_tracebacks` says.
+
+    Then, if the worker failed while a run holds tracebacks, stops the others (`_worker_failed`).
+    """
     in_traceback = False
+    last: collections.deque[bytes] = collections.deque(maxlen=_LAST_LINES)
     for line in iter(stream.readline, b""):
+        last.append(line)
         if line.startswith(_TRACEBACK):
             in_traceback = True
         elif in_traceback and _LOG_LINE.match(line):
@@ -85,6 +105,36 @@ def _copy_stderr(stream: IO[bytes]) -> None:
                 continue
         _write_stderr([line])
     stream.close()
+    if process is not None:
+        _worker_failed(process.wait(), list(last))
+
+
+def _worker_failed(code: int, last: list[bytes]) -> None:
+    """Records a worker that ended with an error and, during a run, SIGKILLs the others.
+
+    Beam notices a dead worker in some states only: one that dies otherwise (out of
+    memory as it starts a thread or maps a library) leaves the launcher waiting
+    forever for the bundle it held, and the other workers for their next one.  With
+    every worker gone, Beam's wait fails, and the run ends with the first one's story
+    (`failed_workers`).
+    """
+    if code == 0:
+        return
+    with _lock:
+        _failed.append((code, last))
+        # Stopped by a signal (`stop_workers`): the run says it was interrupted, no more.
+        running = _tracebacks == HOLD and not _stopping[0]
+        wake = on_failure
+    if running:
+        kill_workers()
+        if wake is not None:
+            wake()
+
+
+def failed_workers() -> list[tuple[int, list[bytes]]]:
+    """The workers of the run that ended with an error, first first: (return code, its last stderr lines)."""
+    with _lock:
+        return list(_failed)
 
 
 def _write_stderr(lines: list[bytes]) -> None:
@@ -102,6 +152,8 @@ def hold_tracebacks() -> None:
     with _lock:
         _tracebacks = HOLD
         _held.clear()
+        _failed.clear()
+        _stopping[0] = False
 
 
 def drop_held_tracebacks() -> None:
@@ -168,3 +220,10 @@ def kill_workers() -> None:
     for process in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)
+
+
+def stop_workers() -> None:
+    """A stop signal ends the run: SIGKILLs the workers, whose deaths then are no failure to tell."""
+    with _lock:
+        _stopping[0] = True
+    kill_workers()

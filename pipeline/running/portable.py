@@ -25,7 +25,7 @@ from pipeline.errors import ExportConfigError, WorkerDiedError
 from pipeline.held_logs import HeldErrorLogs
 from pipeline.planning.options import ExportOptions
 from pipeline.running.advice import rerun_to_finish
-from pipeline.running.failures import worker_refusal
+from pipeline.running.failures import out_of_memory, worker_refusal
 from pipeline.running.progress import duration_text
 from pipeline.uris import is_local
 
@@ -266,6 +266,13 @@ def explain_failure(error: BaseException, options: PipelineOptions) -> Exception
         return WorkersUnavailableError(
             f"The job service could not start a worker ({detail}); nothing was committed. "
             f"Check {what_to_check(options)}. See {DOCS}."
+        )
+    short = out_of_memory(error)
+    if short is not None:  # A pool's SDK worker under a memory or address-space limit.
+        return WorkerDiedError(
+            f"the job's workers ran out of memory ({short}); nothing was committed. Give the worker "
+            "pool or the TaskManager more memory, or run fewer workers per machine or a smaller "
+            f"--batch_size, then {rerun_to_finish(_resume(options))}."
         )
     gone = next((mark for mark in _WORKER_GONE_MARKS if mark in text), None)
     if gone is not None:

@@ -7,12 +7,15 @@ and the input files' listing) and its state, "running" until the launcher
 hands the staged files to the commit, then "committing".
 
 A rerun of the same export, holding the output's lock, finds a "running"
-staging directory with an equal signature (`find_resumable`) and keeps it
-(`prepare_resume`): the complete row files (a Parquet footer) stay, partial
-ones and everything else (dead letters, tables) are removed, a document held
-by two complete files (a retried bundle) is kept once after checking that both
+staging directory with an equal signature (`find_resumable`) and continues it
+under a new run id (`prepare_resume`): the complete row files (a Parquet footer)
+are moved into the new run's staging directory, the old one is removed with
+everything else in it (partial files, dead letters, tables), a document held by
+two complete files (a retried bundle) is kept once after checking that both
 copies are equal, and the kept ids are written to `_KEPT_IDS.parquet`, which
-the workers read to skip those documents (`pipeline.inference.skip_kept.SkipKeptFn`).  The
+the workers read to skip those documents (`pipeline.inference.skip_kept.SkipKeptFn`).
+The old run's job may outlive its killed launcher (portable runners, Dataflow):
+under its own run id, what it still writes is never mixed with the new run's.  The
 pipeline still reads every record, so dead letters, duplicates and counts are
 made exactly as in an uninterrupted run; a kept document is dropped as soon as
 it is read, neither tokenized nor embedded again: each row file's footer holds
@@ -41,10 +44,10 @@ from pipeline.planning.plan import ExportPlan
 from pipeline.planning.reuse import reuse_signature
 from pipeline.running.counters import TOKENIZER_COUNTS
 from pipeline.writing import schema as schema_lib
-from pipeline.writing.files import delete_files, join, list_files
+from pipeline.writing.files import delete_files, join, list_files, make_directory, move, relative_to
 from pipeline.writing.layout import JOURNAL, SHARD_NAME, STAGING
 from pipeline.writing.shards import TOKENIZER_COUNTS_KEY, WRITING_SUFFIX
-from pipeline.writing.staging import staging_prefixes, staging_runs
+from pipeline.writing.staging import remove_staging, staging_prefixes, staging_runs
 
 RUN_FILE = "_RUN.json"
 KEPT_IDS_FILE = "_KEPT_IDS.parquet"
@@ -156,6 +159,8 @@ def start_run(directory: str, run_id: str, signature: dict[str, Any], resumed: R
             "started": resumed.started if resumed else now,
             "attempt": resumed.attempt if resumed else 1,
             "attempt_started": now,
+            # The run this one continues (`prepare_resume` took over its complete row files).
+            "continues": resumed.run_id if resumed else None,
         },
     )
 
@@ -201,8 +206,9 @@ def find_resumable(directory: str, signature: dict[str, Any]) -> str | None:
                 ", ".join(changed),
             )
         else:
-            candidates.append((run.get("attempt_started", 0), run_id))
-    return max(candidates)[1] if candidates else None
+            # A rerun killed just after taking over a run's files leaves both: the later attempt holds them.
+            candidates.append((int(run.get("attempt", 1)), float(run.get("attempt_started", 0)), run_id))
+    return max(candidates)[2] if candidates else None
 
 
 def _writing_dir(directory: str, run_id: str) -> str:
@@ -357,47 +363,109 @@ def _counted_ids(files: list[str]) -> tuple[list[str], dict[str, int]]:
     return ids, totals
 
 
-def prepare_resume(directory: str, run_id: str, plan: ExportPlan) -> Resumption:
-    """Keeps what the dead run `run_id` finished and removes the rest of its staging directory.
+class InterruptedJobStillRunningError(ExportConfigError):
+    """A kept row file of the interrupted run vanished or changed while the rerun took it over."""
 
-    Kept: the complete row files (named shards too, moved back among the files
-    being written, since the new run names them all again). Removed: partial row
-    files, dead letters and tables (the new run makes them again) and any
-    earlier list of kept ids.
+
+def _row_file_candidates(directory: str, run_id: str) -> list[str]:
+    """The Parquet files under a run's `data/`: being written (`part-writing/`) or named shards."""
+    rows_dir = posixpath.dirname(staging_prefixes(directory, run_id)[0])
+    return sorted(
+        path
+        for path in list_files(rows_dir)
+        if path.endswith(".parquet")
+        and (
+            posixpath.dirname(path) == _writing_dir(directory, run_id)
+            or (posixpath.dirname(path) == rows_dir and SHARD_NAME.fullmatch(posixpath.basename(path)))
+        )
+    )
+
+
+def _still_running(old_run_id: str, path: str, what: str) -> InterruptedJobStillRunningError:
+    return InterruptedJobStillRunningError(
+        f"The interrupted run {old_run_id} that this one continues is still running: its row file "
+        f"{path} {what} while this run took it over, so its job (a portable runner's or Dataflow's, "
+        "which outlives a killed launcher) still writes into the output's staging directory. Nothing was "
+        "committed. Cancel that job (on its runner: the Flink or Spark UI, `gcloud dataflow jobs cancel`), "
+        "then rerun the same command."
+    )
+
+
+def _take_over(directory: str, old_run_id: str, run_id: str, files: list[str]) -> list[str]:
+    """Moves the interrupted run's complete row `files` into this run's writing directory; their new paths.
+
+    Each file's size and row count are read before the move and checked after it:
+    the interrupted run's job, if it still runs, renames its own files (naming its
+    shards) and would take a file away from under the rerun.
 
     Raises:
+        InterruptedJobStillRunningError: a file vanished or changed meanwhile.
+    """
+    writing = _writing_dir(directory, run_id)
+    make_directory(directory, relative_to(directory, writing))
+    moved = []
+    for path in files:
+        before = _size_and_rows(path)
+        if before is None:
+            raise _still_running(old_run_id, path, "vanished")
+        name = posixpath.basename(path)
+        # A named shard gets a writing file's name again: the new run names every file.
+        target = join(writing, name if not SHARD_NAME.fullmatch(name) else f"{uuid.uuid4().hex}.parquet")
+        try:
+            move(directory, relative_to(directory, path), relative_to(directory, target))
+        except Exception:
+            if FileSystems.exists(path):  # Not taken away: another failure (permissions, a full disk).
+                raise
+            raise _still_running(old_run_id, path, "vanished") from None
+        if _size_and_rows(target) != before:
+            raise _still_running(old_run_id, path, "changed")
+        moved.append(target)
+    return moved
+
+
+def _size_and_rows(path: str) -> tuple[int, int] | None:
+    """A complete row file's size and row count, or None when it is gone."""
+    try:
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    except Exception:  # Not there (any more).
+        return None
+    metadata = _footer(path)
+    return (size, metadata.num_rows) if metadata is not None else None
+
+
+def prepare_resume(directory: str, old_run_id: str, run_id: str, plan: ExportPlan) -> Resumption:
+    """Takes over what the dead run `old_run_id` finished into the new run `run_id`'s staging directory.
+
+    The complete row files (a Parquet footer) of the old run, named shards too, are
+    moved (renamed; on object storage copied, then deleted) into the new run's
+    writing directory, the first thing of the new run written; partial files and
+    everything else (dead letters, tables, files that appear after the listing) stay
+    behind and go with the old run's staging directory, which the caller removes once
+    the new run's `_RUN.json` is written (`start_run`).  Until then the new run's
+    directory has no `_RUN.json`: a kill meanwhile leaves it to be removed by the next
+    rerun, which resumes the old run with the files still there (those moved are
+    embedded again: never lost, never twice).  The old run's job may outlive its
+    launcher (a portable runner's or Dataflow's): what it writes into its own staging
+    directory afterwards is never read by this run.
+
+    Raises:
+        InterruptedJobStillRunningError: a kept file vanished or changed during the move.
         ExportConfigError: a document has two different rows (see `_drop_duplicates`).
     """
-    run = read_run(directory, run_id) or {}
-    staging = join(directory, STAGING, run_id)
-    writing = _writing_dir(directory, run_id)
-    rows_dir = posixpath.dirname(staging_prefixes(directory, run_id)[0])
+    run = read_run(directory, old_run_id) or {}
     schema = schema_lib.output_schema(plan)
     complete: list[str] = []
-    partial: list[str] = []
-    damaged: list[str] = []
-    other: list[str] = []
-    for path in sorted(list_files(staging)):
-        name = posixpath.basename(path)
-        in_rows = path.startswith(rows_dir + "/") and name.endswith(".parquet")
-        if path == _run_path(directory, run_id):
-            continue
-        if not in_rows:
-            other.append(path)
-        elif _complete_rows(path, schema) is None:
-            partial.append(path)
-        elif not _intact(path):
-            damaged.append(path)
-        elif SHARD_NAME.fullmatch(name) and posixpath.dirname(path) == rows_dir:
-            # A run killed while naming its shards: the new run names every file again.
-            target = join(writing, f"{uuid.uuid4().hex}.parquet")
-            FileSystems.rename([path], [target])
-            complete.append(target)
+    partial = 0
+    for path in _row_file_candidates(directory, old_run_id):
+        if _complete_rows(path, schema) is None:  # Being written by a live job, or cut by the kill.
+            partial += 1
         else:
             complete.append(path)
-    delete_files(partial + damaged + other)
+    moved = _take_over(directory, old_run_id, run_id, complete)
+    damaged = [path for path in moved if not _intact(path)]
+    delete_files(damaged)
     if partial:
-        _LOGGER.info("Resume: ignoring %d partial row file(s) (no Parquet footer).", len(partial))
+        _LOGGER.info("Resume: ignoring %d partial row file(s) (no Parquet footer).", partial)
     if damaged:
         _LOGGER.warning(
             "Resume: ignoring %d row file(s) whose pages were damaged on disk since they were written "
@@ -405,8 +473,8 @@ def prepare_resume(directory: str, run_id: str, plan: ExportPlan) -> Resumption:
             len(damaged),
             ", ".join(damaged),
         )
-    complete, dropped, ids = _drop_duplicates(sorted(complete), plan)
-    kept_ids_path = join(staging, KEPT_IDS_FILE)
+    complete, dropped, ids = _drop_duplicates(sorted(set(moved) - set(damaged)), plan)
+    kept_ids_path = join(directory, STAGING, run_id, KEPT_IDS_FILE)
     counted, tokenizer_counts = _counted_ids(complete)
     # With each kept id, what its row was made from (its text and kept fields): a document
     # rewritten since is not skipped.
@@ -430,22 +498,46 @@ def prepare_resume(directory: str, run_id: str, plan: ExportPlan) -> Resumption:
     )
     _write_table(kept_ids_path, kept_ids, "snappy")
     resumption = Resumption(
-        run_id=run_id,
+        run_id=old_run_id,
         attempt=int(run.get("attempt", 1)) + 1,
         started=float(run.get("started", time.time())),
         kept_files=tuple(complete),
         rows_kept=len(ids),
         kept_ids_path=kept_ids_path,
-        partial_files_ignored=len(partial),
+        partial_files_ignored=partial,
         damaged_files_ignored=len(damaged),
         duplicate_rows_dropped=dropped,
         tokenizer_counts=tokenizer_counts,
     )
     _LOGGER.info(
-        "Resuming run %s (attempt %d): keeping %d rows in %d files; embedding the other documents.",
+        "Continuing interrupted run %s as run %s (attempt %d): keeping %d rows in %d files; "
+        "embedding the other documents.",
+        old_run_id,
         run_id,
         resumption.attempt,
         resumption.rows_kept,
         len(complete),
     )
     return resumption
+
+
+def remove_old_run(directory: str, old_run_id: str, attempts: int = 3) -> None:
+    """Removes the staging directory of the run a resumed run continues (once its own `_RUN.json` is written).
+
+    The old run's job may still write there (a portable runner's or Dataflow's job
+    outlives its killed launcher): a removal that meets files appearing or going is
+    tried again, then left to a later run, which removes it as a dead run's leftovers.
+    """
+    for attempt in range(attempts):
+        try:
+            remove_staging(directory, old_run_id)
+            return
+        except OSError as error:  # A file written or renamed meanwhile (not empty, no such file).
+            if attempt == attempts - 1:
+                _LOGGER.warning(
+                    "Could not remove %s, the staging directory of the interrupted run %s (%s): its job "
+                    "may still be running; a later run removes it.",
+                    join(directory, STAGING, old_run_id),
+                    old_run_id,
+                    error,
+                )

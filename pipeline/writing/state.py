@@ -308,15 +308,19 @@ def check_writable(directory: str) -> None:
 
 def prepare(
     directory: str, overwrite: bool, find_resumable: Callable[[str], str | None] | None = None
-) -> str:
-    """Checks the output again under the lock and removes what dead runs left; returns a run id.
+) -> tuple[str, str | None]:
+    """Checks the output again under the lock and removes what dead runs left.
 
-    Call it while holding `OutputLock(directory)`: then no other live run uses
+    Call it while holding `OutputLock(directory)`: then no other live launcher uses
     the directory, so every staging directory and every unfinished file in it
-    belongs to a run that died.  A finished export is kept until `commit`
-    replaces it, so a failed `--overwrite` run does not destroy the previous result.
-    `find_resumable(directory)` may name one dead run's staging directory to
-    keep (`pipeline.writing.resume`); its id is then returned instead of a new one.
+    belongs to a run whose launcher died (its job may live on: a portable runner's,
+    Dataflow's).  A finished export is kept until `commit` replaces it, so a failed
+    `--overwrite` run does not destroy the previous result.
+    `find_resumable(directory)` may name one dead run's staging directory to keep
+    (`pipeline.writing.resume`); the new run continues it under its own run id.
+
+    Returns:
+        (the new run's id, the id of the dead run it continues or None).
 
     Raises:
         ExportConfigError: foreign files, or a finished export without `overwrite`
@@ -341,9 +345,9 @@ def prepare(
         for run_id in staging_runs(directory):
             if run_id != resumed:
                 remove_staging(directory, run_id)
-        return resumed
-    remove_staging(directory)
-    return new_run_id()
+    else:
+        remove_staging(directory)
+    return new_run_id(), resumed
 
 
 def read_manifest(directory: str) -> JsonObject | None:
