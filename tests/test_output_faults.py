@@ -539,6 +539,37 @@ def test_a_worker_out_of_memory_is_one_error_line(tmp_path, tiny_bundle):
     assert state_lib.read_manifest(output) is None
 
 
+_DIE_AT_SHUTDOWN = """
+import atexit, os
+if os.environ.get("CONTROL_API_SERVICE_DESCRIPTOR"):  # Beam's SDK worker processes only
+    atexit.register(lambda: os.kill(os.getpid(), 6))
+"""
+
+
+@pytest.mark.slow
+def test_workers_that_die_at_their_shutdown_after_their_work_do_not_fail_the_run(tmp_path, tiny_bundle):
+    """A teardown abort in each worker (as TensorFlow's or gRPC's can be): the launcher was killed by
+    its own wake signal (exit 138, no line, once mid-commit) or failed a run whose rows were all written."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_DIE_AT_SHUTDOWN, encoding="utf-8")
+    corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(2000)])
+    output = str(tmp_path / "out")
+    command = pipeline_command(
+        corpus,
+        output,
+        "--model",
+        tiny_bundle[0],
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=3",
+    )
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), REPOSITORY]))
+    result = subprocess.run(
+        command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert state_lib.read_manifest(output)["counts"]["rows_written"] == 2000
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.slow
 def test_a_stopped_worker_does_not_keep_the_first_signal_from_ending_the_run(tmp_path, tiny_bundle, signum):

@@ -30,7 +30,7 @@ from models.bundle import DEFAULT_BUNDLE
 from models.paths import SAMPLE_CORPUS as DEFAULT_SAMPLE_CORPUS
 from pipeline.analysis.dataset import open_documents
 from pipeline.analysis.index_build import IndexSettings, build_index
-from pipeline.errors import EXIT_CONFIG_ERROR, OutputWriteError
+from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, OutputWriteError
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.run import main
 from pipeline.running.export import run_export
@@ -483,6 +483,28 @@ def _wait_for(path, process, timeout=120):
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.time() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_the_hand_over_gives_the_kept_files_back(
+    killed, corpus, reference, tiny_bundle, tmp_path
+):
+    """The rerun had moved the kept files into its own staging when its first write found the disk
+    full: its line said they were kept there, and the next rerun removed that directory with them."""
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    old_run = _staged_run(output)
+    kept_rows = rows_in(durable_files(output))
+    argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS]
+    process = _hooked(["enospc:0"], argv)
+    _, err = process.communicate(timeout=180)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert process.returncode == EXIT_OUTPUT_FAILED and len(lines) == 1, err[-3000:]
+    assert os.path.join(output, layout_lib.STAGING, old_run) in lines[0], lines[0]
+    summary = run_export(argv)  # space freed
+    assert summary.exit_code == 0 and summary.resumed_run == old_run, summary.message
+    assert summary.rows_kept == kept_rows
+    assert_same_export(output, reference)
 
 
 @pytest.mark.slow

@@ -285,12 +285,18 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
         _past_launch_checks = True
         run_id, resumable = prepare(plan.output, export_options.overwrite, find_resumable)
         resumed = None
-        # The run's first write (its _RUN.json) may be the one that finds the disk full.
-        with out_of_space_reported(plan.output, run_id):
-            if resumable is not None:
-                # Under its own run id: the interrupted run's job may still write under the old one.
-                resumed = resume_lib.prepare_resume(plan.output, resumable, run_id, plan)
-            resume_lib.start_run(plan.output, run_id, signature, resumed)
+        # The run's first write (its _RUN.json) may be the one that finds the disk full. A failed
+        # hand-over gives the interrupted run its files back: the line names where they are.
+        with out_of_space_reported(plan.output, resumable or run_id):
+            try:
+                if resumable is not None:
+                    # Under its own run id: the interrupted run's job may still write under the old one.
+                    resumed = resume_lib.prepare_resume(plan.output, resumable, run_id, plan)
+                resume_lib.start_run(plan.output, run_id, signature, resumed)
+            except BaseException:
+                if resumable is not None:
+                    resume_lib.hand_back(plan.output, resumable, run_id)
+                raise
         if resumed is not None:
             resume_lib.remove_old_run(plan.output, resumed.run_id)
         return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed, lock)

@@ -52,7 +52,8 @@ def beam_errors_held(resume: str = "auto") -> Iterator[None]:
                 raise
     finally:
         waiting[0] = False
-        local_workers.on_failure = None
+        # No wake from here on (a late one would meet the restored handler: SIG_DFL ends the process).
+        local_workers.wake_on_failure(None)
         if previous is not None:
             signal.signal(WAKE_SIGNAL, previous)
         threading.excepthook = print_thread_error
@@ -83,7 +84,7 @@ def _wake_on_worker_failure(waiting: list[bool]) -> Any:
             raise local_workers.WorkerFailedError("a worker process failed")
 
     previous = signal.signal(WAKE_SIGNAL, raise_failure)
-    local_workers.on_failure = lambda: signal.pthread_kill(main, WAKE_SIGNAL) if main else None
+    local_workers.wake_on_failure(lambda: signal.pthread_kill(main, WAKE_SIGNAL) if main else None)
     return previous
 
 

@@ -49,8 +49,12 @@ _held: list[bytes] = []
 _failed: list[tuple[int, list[bytes]]] = []
 # How many of a worker's last stderr lines are kept to tell why it ended.
 _LAST_LINES = 40
-# Called (from another thread) once a failed worker's others are stopped: wakes the launcher's wait.
+# Called (from another thread, under `_lock`) once a failed worker's others are stopped: wakes the
+# launcher's wait; set while a run waits for its pipeline (`wake_on_failure`).
 on_failure: Callable[[], None] | None = None
+# How long Beam may take to notice a failed worker itself (it does at once in most states, and a
+# worker that fails at its shutdown is told by the run's end) before the run is ended for it.
+FAILURE_GRACE_SECONDS = 15.0
 
 
 # Whether a stop signal is ending the run (`stop_workers`).
@@ -110,25 +114,44 @@ def _copy_stderr(stream: IO[bytes], process: subprocess.Popen[bytes] | None = No
 
 
 def _worker_failed(code: int, last: list[bytes]) -> None:
-    """Records a worker that ended with an error and, during a run, SIGKILLs the others.
+    """Records a worker that ended with an error; during a run, ends Beam's wait if Beam does not.
 
     Beam notices a dead worker in some states only: one that dies otherwise (out of
     memory as it starts a thread or maps a library) leaves the launcher waiting
-    forever for the bundle it held, and the other workers for their next one.  With
-    every worker gone, Beam's wait fails, and the run ends with the first one's story
-    (`failed_workers`).
+    forever for the bundle it held, and the other workers for their next one.  So if
+    the run is still waiting FAILURE_GRACE_SECONDS later, the others are SIGKILLed and
+    the launcher woken (`on_failure`); the run ends with the first one's story
+    (`failed_workers`).  A worker that dies at its own shutdown, its work done, is no
+    failure: the run has stopped waiting by then.
     """
     if code == 0:
         return
     with _lock:
         _failed.append((code, last))
         # Stopped by a signal (`stop_workers`): the run says it was interrupted, no more.
-        running = _tracebacks == HOLD and not _stopping[0]
-        wake = on_failure
+        running = _tracebacks == HOLD and not _stopping[0] and on_failure is not None
     if running:
-        kill_workers()
-        if wake is not None:
-            wake()
+        timer = threading.Timer(FAILURE_GRACE_SECONDS, _end_the_wait)
+        timer.daemon = True  # A run that ended meanwhile does not wait for it.
+        timer.start()
+
+
+def _end_the_wait() -> None:
+    """A worker failed and Beam is still waiting: stops the other workers, then wakes the launcher."""
+    with _lock:
+        if on_failure is None or _stopping[0]:
+            return
+    kill_workers()
+    with _lock:  # `wake_on_failure(None)` takes the lock: no wake once the run stopped waiting.
+        if on_failure is not None and not _stopping[0]:
+            on_failure()
+
+
+def wake_on_failure(wake: Callable[[], None] | None) -> None:
+    """Sets what ends the launcher's wait for a failed worker; None once the run no longer waits."""
+    global on_failure
+    with _lock:
+        on_failure = wake
 
 
 def failed_workers() -> list[tuple[int, list[bytes]]]:

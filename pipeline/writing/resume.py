@@ -423,6 +423,33 @@ def _take_over(directory: str, old_run_id: str, run_id: str, files: list[str]) -
     return moved
 
 
+def hand_back(directory: str, old_run_id: str, run_id: str) -> None:
+    """Moves the row files taken over from `old_run_id` back into its staging directory, best effort.
+
+    For a hand-over that failed (a full disk as the new run wrote its first file, two
+    different rows for a document): the old run keeps its `_RUN.json` until the new
+    one's is written, so the next rerun resumes it with every file, where the new run's
+    directory, without a `_RUN.json`, would be removed with the files it took.
+    """
+    writing = _writing_dir(directory, run_id)
+    back = _writing_dir(directory, old_run_id)
+    try:
+        paths = [path for path in list_files(writing) if path.endswith(".parquet")]
+        if paths:
+            make_directory(directory, relative_to(directory, back))
+    except Exception:  # Nothing taken over, or the old run's directory is gone: nothing to give back.
+        return
+    for path in paths:
+        try:
+            move(
+                directory,
+                relative_to(directory, path),
+                relative_to(directory, join(back, posixpath.basename(path))),
+            )
+        except Exception as error:  # This one stays in the new run's directory: embedded again.
+            _LOGGER.warning("Could not give %s back to run %s: %s", path, old_run_id, error)
+
+
 def _size_and_rows(path: str) -> tuple[int, int] | None:
     """A complete row file's size and row count, or None when it is gone."""
     try:
