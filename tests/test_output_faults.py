@@ -570,6 +570,38 @@ def test_workers_that_die_at_their_shutdown_after_their_work_do_not_fail_the_run
     assert state_lib.read_manifest(output)["counts"]["rows_written"] == 2000
 
 
+@pytest.mark.slow
+def test_a_sigusr1_from_elsewhere_does_not_end_a_run_with_workers(tmp_path, tiny_bundle):
+    """The launcher's wake signal for a failed worker: one from a host process (gunicorn, uwsgi use it)
+    failed the run in a traceback, or hung it."""
+    process, output, _ = _start_with_two_workers(tmp_path, tiny_bundle, documents=3000)
+    try:
+        process.send_signal(signal.SIGUSR1)
+        code, err = _finish(process, 300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert code == 0, err[-3000:]
+    assert state_lib.read_manifest(output)["counts"]["rows_written"] == 3000
+
+
+def test_a_failed_workers_line_quotes_its_own_words_not_tensorflows_log(monkeypatch):
+    """It quoted "Could not find cuda drivers on your machine" as the reason a worker exited."""
+    from pipeline.running import failures as failures_lib
+    from pipeline.running import local_workers
+
+    last = [
+        b"ValueError: the worker's own reason\n",
+        b"I0000 00:00:1796628440.026061   16469 cudart_stub.cc:31] Could not find cuda drivers on "
+        b"your machine, GPU will not be used.\n",
+    ]
+    monkeypatch.setattr(local_workers, "_failed", [(1, last)])
+    monkeypatch.setattr(local_workers, "killed_by", lambda: [])
+    told = failures_lib._told_in_one_line(local_workers.WorkerFailedError("a worker process failed"))
+    assert "exited with status 1 (ValueError: the worker's own reason)" in str(told), told
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.slow
 def test_a_stopped_worker_does_not_keep_the_first_signal_from_ending_the_run(tmp_path, tiny_bundle, signum):

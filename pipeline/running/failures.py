@@ -79,7 +79,9 @@ def _wake_on_worker_failure(waiting: list[bool]) -> Any:
     main = threading.main_thread().ident
 
     def raise_failure(signum: int, frame: FrameType | None) -> None:
-        if waiting[0]:  # Not once the run's own error is being told.
+        # Not once the run's own error is being told, nor for a SIGUSR1 from elsewhere (a host
+        # process's): only a worker's failure ends the wait.
+        if waiting[0] and local_workers.failed_workers():
             waiting[0] = False
             raise local_workers.WorkerFailedError("a worker process failed")
 
@@ -108,7 +110,12 @@ def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception |
         )
     if not signals and failed and isinstance(error, local_workers.WorkerFailedError):
         code, last = failed[0]
-        said = [line for line in last_words.splitlines() if line.strip()]
+        # Its own words, not TensorFlow's or absl's log lines (start-up notices about GPUs).
+        said = [
+            line
+            for line in last_words.splitlines()
+            if line.strip() and not local_workers.is_log_line(line.encode("utf-8"))
+        ]
         return WorkerDiedError(
             f"a worker process exited with status {code}"
             + (f" ({said[-1].strip()[:200]})" if said else "")

@@ -154,6 +154,11 @@ def wake_on_failure(wake: Callable[[], None] | None) -> None:
         on_failure = wake
 
 
+def is_log_line(line: bytes) -> bool:
+    """Whether a worker's stderr line is a log record (TensorFlow's, absl's, Python logging's)."""
+    return bool(_LOG_LINE.match(line)) or line.startswith(b"WARNING: All log messages before absl")
+
+
 def failed_workers() -> list[tuple[int, list[bytes]]]:
     """The workers of the run that ended with an error, first first: (return code, its last stderr lines)."""
     with _lock:
