@@ -13,9 +13,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 import uuid
 
 import forkserver
@@ -25,6 +23,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import TUTORIAL_KERAS2_SCRIPT, kill_group_when, pipeline_command
+from test_commit import _hooked, _wait_for
 
 from models.bundle import DEFAULT_BUNDLE
 from models.paths import SAMPLE_CORPUS as DEFAULT_SAMPLE_CORPUS
@@ -460,29 +459,6 @@ def test_only_the_matching_run_is_resumed_and_the_other_removed(
     assert summary.exit_code == 0 and summary.resumed_run == matching
     assert_same_export(output, reference)
     assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
-
-
-HOOKED_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooked_run.py")
-
-
-def _hooked(hooks, argv):
-    """`python -m pipeline.run ARGV` in a child process with `tests/hooked_run.py` HOOKS installed."""
-    return forkserver.popen(
-        [sys.executable, HOOKED_RUN, *hooks, "--", *argv],
-        cwd=os.path.dirname(os.path.dirname(HOOKED_RUN)),
-        env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(HOOKED_RUN))),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait_for(path, process, timeout=120):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
 
 
 @pytest.mark.slow
