@@ -389,12 +389,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("presses", [1, 2], ids=["once", "twice"])
-@pytest.mark.slow
-def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interrupted_line(
-    tmp_path, tiny_bundle, presses
-):
-    corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(3000)])
+def _two_worker_command(tmp_path, tiny_bundle, documents):
+    """(command, output) of a run with two local worker processes, small batches and row files."""
+    corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(documents)])
     output = str(tmp_path / "out")
     command = pipeline_command(
         corpus,
@@ -408,6 +405,15 @@ def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interr
         "--direct_running_mode=multi_processing",
         "--direct_num_workers=2",
     )
+    return command, output
+
+
+@pytest.mark.parametrize("presses", [1, 2], ids=["once", "twice"])
+@pytest.mark.slow
+def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interrupted_line(
+    tmp_path, tiny_bundle, presses
+):
+    command, output = _two_worker_command(tmp_path, tiny_bundle, 3000)
     environment = dict(os.environ, PYTHONPATH=REPOSITORY)
     process = forkserver.popen(
         command,
@@ -458,20 +464,7 @@ def _start_with_two_workers(tmp_path, tiny_bundle, documents=20000):
 
     Returned once the run has begun writing a row file: both workers are at work.
     """
-    corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(documents)])
-    output = str(tmp_path / "out")
-    command = pipeline_command(
-        corpus,
-        output,
-        "--model",
-        tiny_bundle[0],
-        "--batch_size",
-        "16",
-        "--shard_mb",
-        "0.02",
-        "--direct_running_mode=multi_processing",
-        "--direct_num_workers=2",
-    )
+    command, output = _two_worker_command(tmp_path, tiny_bundle, documents)
     process = forkserver.popen(
         command,
         cwd=REPOSITORY,
