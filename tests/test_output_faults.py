@@ -579,6 +579,36 @@ def test_a_sigusr1_from_elsewhere_does_not_end_a_run_with_workers(tmp_path, tiny
     assert state_lib.read_manifest(output)["counts"]["rows_written"] == 3000
 
 
+_WAKE_WHILE_HOLDING_THE_LOCK = """
+import signal, threading
+from pipeline.errors import WorkerDiedError
+from pipeline.running import failures, local_workers
+try:
+    with failures.beam_errors_held():
+        local_workers._failed.append((1, [b"boom\\n"]))
+        with local_workers._lock:  # The main thread holds the lock as the wake signal lands.
+            signal.pthread_kill(threading.main_thread().ident, failures.WAKE_SIGNAL)
+            for _ in range(1000):
+                pass
+except WorkerDiedError as told:  # The wake, told in one line.
+    print(told)
+"""
+
+
+def test_the_wake_signal_landing_while_the_main_thread_holds_the_workers_lock_does_not_deadlock():
+    """The wake handler runs in the main thread; it took `local_workers`' lock, which the main thread
+    may hold itself (recording a started worker, the run's end) as the signal lands: a hang forever."""
+    result = subprocess.run(
+        [sys.executable, "-c", _WAKE_WHILE_HOLDING_THE_LOCK],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("a worker process exited with status 1 (boom)"), result.stdout
+
+
 def test_a_failed_workers_line_quotes_its_own_words_not_tensorflows_log(monkeypatch):
     """It quoted "Could not find cuda drivers on your machine" as the reason a worker exited."""
     from pipeline.running import failures as failures_lib

@@ -80,8 +80,9 @@ def _wake_on_worker_failure(waiting: list[bool]) -> Any:
 
     def raise_failure(signum: int, frame: FrameType | None) -> None:
         # Not once the run's own error is being told, nor for a SIGUSR1 from elsewhere (a host
-        # process's): only a worker's failure ends the wait.
-        if waiting[0] and local_workers.failed_workers():
+        # process's): only a worker's failure ends the wait.  Lock-free: the handler runs in the
+        # main thread, which may hold `local_workers`' lock as the signal lands.
+        if waiting[0] and local_workers.any_failed():
             waiting[0] = False
             raise local_workers.WorkerFailedError("a worker process failed")
 

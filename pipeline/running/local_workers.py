@@ -159,6 +159,11 @@ def is_log_line(line: bytes) -> bool:
     return bool(_LOG_LINE.match(line)) or line.startswith(b"WARNING: All log messages before absl")
 
 
+def any_failed() -> bool:
+    """Whether a worker of the run ended with an error; takes no lock, so a signal handler may ask."""
+    return bool(_failed)  # One read of a list: atomic under the GIL.
+
+
 def failed_workers() -> list[tuple[int, list[bytes]]]:
     """The workers of the run that ended with an error, first first: (return code, its last stderr lines)."""
     with _lock:
