@@ -137,6 +137,30 @@ def test_a_parquet_row_over_the_limit_is_too_large_as_in_every_format():
     assert items[1]["message"] == "Record of 2003 bytes exceeds --max_record_bytes=1000."
 
 
+def test_a_parquet_value_python_cannot_read_fails_its_row_only():
+    """One non-UTF-8 string (a writer that did not check) or out-of-range date lost the whole file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"good one", b"bad \xff text", b"also good", b"last"], pa.binary())
+    table = pa.table(
+        {
+            "id": ["a", "b", "c", "d"],
+            # A UTF8 column holding a Latin-1 byte, as pyarrow never writes but other writers do.
+            "content": pa.Array.from_buffers(pa.string(), len(raw), raw.buffers()),
+            "published": pa.array([0, 0, 0, 2**62], pa.date64()),
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    plan = _plan("parquet")
+    plan.keep_fields = ("published",)
+    items = _read(plan, buffer.getvalue())
+    expected = [(1, ("good one",)), (2, "invalid_utf8"), (3, ("also good",)), (4, "parse_failed")]
+    assert _summary(items) == expected
+    assert "'content'" in items[1]["message"] and "'published'" in items[3]["message"]
+
+
 def test_an_oversized_csv_record_is_skipped_by_its_quotes():
     inside = "".join(f'{n},looks like a row,""q""\r\n' for n in range(20))
     data = f'id,content\r\nbig,"{inside}"\r\nnext,word\r\n'.encode()

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from pipeline.reading.documents import Record, ambiguous_fields, guarded, read_fields, to_document, too_large
 from pipeline.reading.text_lines import ByteStream, Claim
 from pipeline.writing import schema as schema_lib
-from pipeline.writing.schema import AMBIGUOUS_HEADER
+from pipeline.writing.schema import AMBIGUOUS_HEADER, INVALID_UTF8, PARSE_FAILED
 
 if typing.TYPE_CHECKING:
     from pipeline.planning.plan import ExportPlan
@@ -124,17 +124,66 @@ def record_sizes(batch: pa.RecordBatch) -> np.ndarray:
     return sizes
 
 
-def _small_rows(batch: pa.RecordBatch, big: np.ndarray) -> Iterator[dict[str, typing.Any]]:
+class UnconvertibleRow(typing.NamedTuple):
+    """A row Python cannot hold: a string column's bytes that are not UTF-8, a date out of range."""
+
+    column: str
+    error: Exception
+
+
+def _row_or_failure(row: pa.RecordBatch) -> dict[str, typing.Any] | UnconvertibleRow:
+    """One row (a batch of one) as a dict, or the first of its columns that cannot be converted."""
+    try:
+        return row.to_pylist()[0]
+    except Exception:
+        for name, column in zip(row.schema.names, row.columns, strict=True):
+            try:
+                column.to_pylist()
+            except Exception as error:
+                return UnconvertibleRow(name, error)
+        raise
+
+
+def _small_rows(batch: pa.RecordBatch, big: np.ndarray) -> Iterator[dict[str, typing.Any] | UnconvertibleRow]:
     """The rows of `batch` not `big`, as dicts: oversized rows are never made Python objects.
 
-    Slices, not `filter`: Arrow has no take kernel for view types (string_view).
+    Slices, not `filter`: Arrow has no take kernel for view types (string_view). A run
+    of rows that fails to convert as a whole (one value that is not UTF-8, written by a
+    writer that did not check) is converted row by row, so only its bad rows fail.
     """
     small = np.flatnonzero(~big)
     # Runs of consecutive small rows: where the next index is not one more.
     breaks = np.flatnonzero(np.diff(small) != 1) + 1
     for run in np.split(small, breaks):
-        if len(run):
-            yield from batch.slice(int(run[0]), len(run)).to_pylist()
+        if not len(run):
+            continue
+        rows = batch.slice(int(run[0]), len(run))
+        try:
+            yield from rows.to_pylist()
+        except Exception:
+            yield from (_row_or_failure(rows.slice(index, 1)) for index in range(len(run)))
+
+
+def _unconvertible(source: str, number: int, failure: UnconvertibleRow) -> Record:
+    """The dead letter of a row with a value Python cannot hold (see `UnconvertibleRow`)."""
+    if isinstance(failure.error, UnicodeDecodeError):
+        return schema_lib.error_row(
+            source,
+            number,
+            None,
+            INVALID_UTF8,
+            f"Column {failure.column!r} holds bytes that are not UTF-8 ({failure.error}).",
+            None,
+        )
+    return schema_lib.error_row(
+        source,
+        number,
+        None,
+        PARSE_FAILED,
+        f"Column {failure.column!r} holds a value Python cannot read: {type(failure.error).__name__}: "
+        f"{failure.error}.",
+        None,
+    )
 
 
 def _rows(
@@ -172,4 +221,8 @@ def _rows(
                 if big[index]:
                     yield number, too_large(source, number, int(sizes[index]), plan.max_record_bytes, "")
                     continue
-                yield number, guarded(to_document, plan, source, number, next(records), None)
+                row = next(records)
+                if isinstance(row, UnconvertibleRow):
+                    yield number, _unconvertible(source, number, row)
+                    continue
+                yield number, guarded(to_document, plan, source, number, row, None)
