@@ -161,6 +161,20 @@ def test_a_parquet_value_python_cannot_read_fails_its_row_only():
     assert "'content'" in items[1]["message"] and "'published'" in items[3]["message"]
 
 
+def test_a_json_object_naming_a_read_field_twice_is_a_dead_letter_not_its_last_value():
+    """`{"id": "a", ..., "id": "b"}` was silently the row "b": json.loads keeps the last of a name."""
+    data = (
+        b'{"id": "a", "content": "first", "id": "b"}\n'
+        b'{"id": "c", "content": "x", "content": "y"}\n'
+        # The same name in a nested object, or an unread field repeated, is no ambiguity.
+        b'{"id": "d", "content": "say \\"id\\"", "meta": {"id": 1}, "other": 1, "other": 2}\n'
+    )
+    items = _read(_plan("jsonl"), data)
+    assert _summary(items) == [(1, "malformed_json"), (2, "malformed_json"), (3, ('say "id"',))]
+    assert "names 'id' more than once" in items[0]["message"]
+    assert "names 'content' more than once" in items[1]["message"]
+
+
 def test_an_oversized_csv_record_is_skipped_by_its_quotes():
     inside = "".join(f'{n},looks like a row,""q""\r\n' for n in range(20))
     data = f'id,content\r\nbig,"{inside}"\r\nnext,word\r\n'.encode()

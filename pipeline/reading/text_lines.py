@@ -19,6 +19,7 @@ from pipeline.reading.documents import (
     Record,
     fields_to_document,
     guarded,
+    read_fields,
     to_document,
     too_large,
 )
@@ -284,4 +285,39 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
             f"Expected a JSON object, found {type(record).__name__}.",
             text,
         )
+    repeated = _repeated_fields(plan, text)
+    if repeated:
+        names = ", ".join(repr(name) for name in repeated)
+        return schema_lib.error_row(
+            source,
+            number,
+            None,
+            MALFORMED_JSON,
+            f"The object names {names} more than once: which value to read is ambiguous (JSON parsers "
+            "keep the last, others the first). Remove the repeated field.",
+            text,
+        )
     return to_document(plan, source, number, record, text)
+
+
+def _repeated_fields(plan: ExportPlan, text: str) -> list[str]:
+    """The fields the export reads (`read_fields`) that the JSON object `text` names more than once.
+
+    `json.loads` keeps a repeated name's last value without a word, as the id or the
+    text of a row that a CSV header or Parquet columns would make `ambiguous_header`.
+    The object is parsed again, keeping its names, only when one of those names
+    occurs more than once in the line's text (a nested object of the same key, say).
+    """
+    wanted = read_fields(plan)
+    spellings = {name: {json.dumps(name), json.dumps(name, ensure_ascii=False)} for name in wanted}
+    if all(sum(text.count(spelling) for spelling in spelled) < 2 for spelled in spellings.values()):
+        return []
+    objects: list[list[tuple[str, typing.Any]]] = []
+
+    def keep_names(pairs: list[tuple[str, typing.Any]]) -> dict[str, typing.Any]:
+        objects.append(pairs)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=keep_names)
+    names = [name for name, _ in objects[-1]]  # The outermost object is made last.
+    return sorted({name for name in names if name in wanted and names.count(name) > 1})
