@@ -81,18 +81,22 @@ def test_a_first_line_of_exactly_the_limit_after_a_byte_order_mark_is_read_whole
     assert _summary(_read(_plan("jsonl", limit=len(line)), text_lines.BOM + line)) == [(1, ("w" * 70 + "z",))]
 
 
-@pytest.mark.parametrize("mark", [b"\xff\xfe", b"\xfe\xff"])
-def test_a_utf16_text_file_is_one_unreadable_file_not_lines_of_garbage(mark):
-    """Notepad's "Unicode": read as UTF-8, every line but the first was text with NULs between its letters."""
-    codec = "utf-16-le" if mark == b"\xff\xfe" else "utf-16-be"
-    data = mark + "first line\nreturn a string value\nthird\n".encode(codec)
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_a_utf16_or_utf32_text_file_is_one_unreadable_file_not_lines_of_garbage(codec):
+    """Notepad's "Unicode": read as UTF-8, every line but the first was text with NULs between its letters.
+
+    UTF-32 big endian (00 00 FE FF) was not told at all, and UTF-32 little endian was told to
+    convert with `iconv -f UTF-16`, which makes the same garbage.
+    """
+    data = "\ufefffirst line\nreturn a string value\nthird\n".encode(codec)
     (item,) = _read(_plan("text", field="text"), data, path="notes.txt")
-    assert item["reason"] == "unreadable_file" and "UTF-16" in item["message"] and "iconv" in item["message"]
+    name = codec.upper().replace("-LE", "LE").replace("-BE", "BE")  # iconv's name: UTF-32BE
+    assert item["reason"] == "unreadable_file" and f"iconv -f {name} -t UTF-8" in item["message"]
     # A range of it past its start (a large file is read in ranges) does not see the mark where it starts.
     ((_, ranged),) = corpus.read_records(
         _plan("text", field="text"), "notes.txt", lambda: io.BytesIO(data), 9
     )
-    assert ranged["reason"] == "read_error" and "UTF-16" in ranged["message"]
+    assert ranged["reason"] == "read_error" and f"iconv -f {name}" in ranged["message"]
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["csv", "csv_gz"])

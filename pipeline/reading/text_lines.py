@@ -64,9 +64,17 @@ class LineRange:
     listed_size: int | None = None
 
 
-# UTF-16 byte-order marks (little and big endian; UTF-32 LE's starts like UTF-16 LE's): what
-# Windows tools write as "Unicode". Read as UTF-8, every line but the first would be text with NULs.
-WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# UTF-32 and UTF-16 byte-order marks, longest first (UTF-32 LE's starts like UTF-16 LE's), and
+# each one's iconv name: what Windows tools write as "Unicode". Read as UTF-8, every line but the
+# first would be text with NULs between the letters.
+WIDE_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32LE"),
+    (b"\x00\x00\xfe\xff", "UTF-32BE"),
+    (b"\xff\xfe", "UTF-16LE"),
+    (b"\xfe\xff", "UTF-16BE"),
+)
+# The bytes a file's start must be read for to tell its encoding by its byte-order mark.
+WIDE_BOM_BYTES = 4
 
 
 class NotUtf8(Exception):
@@ -75,13 +83,12 @@ class NotUtf8(Exception):
 
 def check_encoding(head: bytes) -> None:
     """Raises `NotUtf8` for a file whose first bytes `head` are a UTF-16/32 byte-order mark."""
-    head = head[:2]
-    if head in WIDE_BOMS:
-        raise NotUtf8(
-            "the file is UTF-16 or UTF-32 (it starts with the byte-order mark "
-            f"{head.hex(' ').upper()}); the readers take UTF-8: convert it, e.g. "
-            "iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8"
-        )
+    for mark, encoding in WIDE_BOMS:
+        if head.startswith(mark):
+            raise NotUtf8(
+                f"the file is {encoding[:6]} (it starts with the byte-order mark {mark.hex(' ').upper()}); "
+                f"the readers take UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 FILE > FILE.utf8"
+            )
 
 
 class InputShorter(Exception):
@@ -126,7 +133,7 @@ def line_records(
     claim, on_newline, listed_size = lines.claim, lines.on_newline, lines.listed_size
     if lines.start:  # A range past the start: the file's first bytes say its encoding.
         stream.seek(0)
-        check_encoding(stream.read(2))
+        check_encoding(stream.read(WIDE_BOM_BYTES))
     offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
     while True:
         # Room for the record and its "\r\n" (and the first line's byte-order mark): a longer
