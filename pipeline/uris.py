@@ -47,7 +47,8 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
             parts.append("[^/]")
         elif char == "[" and "]" in pattern[index + 1 :]:
             close = pattern.index("]", index + 1)
-            body = pattern[index + 1 : close]
+            # A "[" inside a class is itself ("[[]" is a literal "["), never a nested set.
+            body = pattern[index + 1 : close].replace("\\", "\\\\").replace("[", "\\[")
             parts.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
             index = close + 1
             continue

@@ -8,6 +8,7 @@ read (after the reader opened it).
 
 import json
 import os
+import re
 import subprocess
 import threading
 
@@ -451,5 +452,28 @@ def test_an_existing_file_whose_name_holds_brackets_is_read(tmp_path, tiny_bundl
     _write(tmp_path / "data1.jsonl", ["other"])
     from pipeline.reading import listing
 
-    listed = [f.path for f in listing.list_input(str(tmp_path / "data[1].jsonl"))[0]]
-    assert listed == [str(tmp_path / "data1.jsonl")]  # a pattern that matches keeps Beam's meaning
+    # The class now matches data1.jsonl: that was read instead of the file named, without a word.
+    with pytest.raises(listing.AmbiguousPattern, match=re.escape("write each '[' as '[[]'")):
+        listing.list_input(str(tmp_path / "data[1].jsonl"))
+    listed = [f.path for f in listing.list_input(str(tmp_path / "data[[]1].jsonl"))[0]]
+    assert listed == [str(tmp_path / "data[1].jsonl")]
+    from pipeline.errors import ExportConfigError
+    from pipeline.planning.locations import check_input
+
+    # A folder named with "[" matches nothing as a pattern: the refusal says how to write it.
+    (tmp_path / "in[a]").mkdir()
+    _write(tmp_path / "in[a]" / "b.jsonl", ["b-1"])
+    with pytest.raises(ExportConfigError, match=re.escape("in[[]a]/*.jsonl")):
+        check_input(f"{tmp_path}/in[a]/*.jsonl")
+    assert [f.path for f in listing.list_input(f"{tmp_path}/in[[]a]/*.jsonl")[0]] == [
+        f"{tmp_path}/in[a]/b.jsonl"
+    ]
+
+
+def test_a_doubled_slash_in_a_pattern_is_one_slash(tmp_path):
+    """`--input "$DIR/*.jsonl"` with DIR ending in "/" matched no files, where the shell lists them."""
+    from pipeline.reading import listing
+
+    _write(tmp_path / "a.jsonl", ["a-1"])
+    for pattern in (f"{tmp_path}//*.jsonl", f"{tmp_path}//a.jsonl", f"{tmp_path}//**//*.jsonl"):
+        assert [f.path for f in listing.list_input(pattern)[0]] == [f"{tmp_path}/a.jsonl"], pattern

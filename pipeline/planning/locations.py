@@ -17,7 +17,7 @@ from models.paths import unexpanded_home
 from pipeline.errors import ExportConfigError, OutputWriteError
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.stores import check_gcs_bucket_name, check_stores_answer
-from pipeline.reading.listing import InputFile, list_input
+from pipeline.reading.listing import AmbiguousPattern, InputFile, list_input
 from pipeline.uris import absolute, absolute_pattern, glob_regex, inside, is_local
 from pipeline.writing.layout import STAGING
 
@@ -156,6 +156,8 @@ def check_input(pattern: str) -> list[InputFile]:
     check_location("input", pattern)
     try:
         matched, non_regular = list_input(pattern)
+    except AmbiguousPattern as error:
+        raise ExportConfigError(str(error)) from None
     except Exception as error:  # Beam raises BeamIOError subclasses per filesystem.
         raise ExportConfigError(f"Cannot list --input {pattern!r}: {error}") from None
     if is_local(pattern) and os.path.isdir(pattern):
@@ -171,7 +173,14 @@ def check_input(pattern: str) -> list[InputFile]:
             "forever; remove them or narrow the --input pattern."
         )
     if not matched:
-        raise ExportConfigError(f"--input {pattern!r} matches no files; check the path or pattern.")
+        # A folder named with "[" (`in[a]/*.jsonl`) needs it written "[[]": Beam's globs quote nothing else.
+        bracket = (
+            f" A '[' starts a class of characters: if a name holds '[', write it as '[[]' "
+            f"({pattern.replace('[', '[[]')!r})."
+            if "[" in pattern
+            else ""
+        )
+        raise ExportConfigError(f"--input {pattern!r} matches no files; check the path or pattern.{bracket}")
     if all(entry.link_target is not None for entry in matched):
         raise ExportConfigError(
             f"--input {pattern!r} matches only symbolic links to nothing (e.g. {matched[0].path!r} -> "

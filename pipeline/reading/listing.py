@@ -24,6 +24,7 @@ import os
 import re
 import stat
 import typing
+import warnings
 
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
@@ -32,6 +33,8 @@ from pipeline.uris import is_local
 
 _LOGGER = logging.getLogger(__name__)
 _GLOB = re.compile(r"[*?\[]")
+# Runs of slashes: one slash in a local path ("$DIR/*.jsonl" with DIR ending in "/").
+_SLASHES = re.compile(r"/{2,}")
 
 
 class InputFile(typing.NamedTuple):
@@ -57,6 +60,19 @@ class NonRegularFile(typing.NamedTuple):
 
     path: str
     kind: str
+
+
+class AmbiguousPattern(ValueError):
+    """A local pattern naming an existing file whose "[...]", read as a class, matches other files instead."""
+
+    def __init__(self, pattern: str, matched: typing.Sequence[str]):
+        escaped = pattern.replace("[", "[[]")
+        super().__init__(
+            f"--input {pattern!r} names an existing file, but as a pattern ('[...]' matches one of the "
+            f"characters inside) it matches {len(matched)} other file(s), such as {matched[0]!r}: which is "
+            f"meant is ambiguous. For that file alone write each '[' as '[[]' ({escaped!r}); for the "
+            "pattern's files, rename that file."
+        )
 
 
 class InputChanged(Exception):
@@ -170,10 +186,16 @@ def _list_local(pattern: str) -> list[InputFile | NonRegularFile]:
     # One regex for all variants (Beam's each start with the global flags "(?ms)": kept once).
     flags = "(?ms)"
     translated = [FileSystem.translate_pattern(each).removeprefix(flags) for each in variants]
-    regex = re.compile(flags + "|".join(f"(?:{each})" for each in translated))
+    with warnings.catch_warnings():
+        # "[[]", the way to write a literal "[", is a class holding "[": no nested set, as re warns.
+        warnings.simplefilter("ignore", FutureWarning)
+        regex = re.compile(flags + "|".join(f"(?:{each})" for each in translated))
     matched = [_local_entry(path) for path in _walk(root, depth, pattern) if regex.match(path)]
-    if not matched and os.path.lexists(pattern):
-        # `[` starts a glob class, but a user naming an existing `data[1].jsonl` means that file.
+    if os.path.lexists(pattern) and all(entry.path != pattern for entry in matched):
+        # `[` starts a glob class, but a user naming an existing `data[1].jsonl` means that file;
+        # if the class matches other files (`data1.jsonl`), reading either would be a guess.
+        if matched:
+            raise AmbiguousPattern(pattern, [entry.path for entry in matched])
         return [_local_entry(pattern)]
     return matched
 
@@ -182,10 +204,11 @@ def list_input(pattern: str) -> tuple[list[InputFile], list[NonRegularFile]]:
     """The files `pattern` matches now, and the matched paths that are not regular files.
 
     Raises:
+        AmbiguousPattern: a local pattern names an existing file but matches others.
         Whatever Beam's filesystem raises when it cannot list (no credentials, ...).
     """
     if is_local(pattern):
-        entries = _list_local(pattern)
+        entries = _list_local(_SLASHES.sub("/", pattern))
         files = [entry for entry in entries if isinstance(entry, InputFile)]
         return files, [entry for entry in entries if isinstance(entry, NonRegularFile)]
     variants = _zero_directory_variants(pattern)
