@@ -271,6 +271,16 @@ def test_a_file_that_cannot_be_opened_or_decompressed_is_one_unreadable_file():
     assert item["reason"] == "unreadable_file" and "Not a gzipped file" in item["message"]
 
 
+@pytest.mark.parametrize("input_format", ["jsonl", "csv", "text"])
+def test_an_empty_gz_file_is_unreadable_not_an_empty_corpus(input_format):
+    """A 0-byte .gz (a writer killed before its first flush) read as no records: no word of a lost file."""
+    (item,) = _read(_plan(input_format), b"", path=f"part-0.{input_format}.gz")
+    assert item["reason"] == "unreadable_file" and "empty, which is no gzip data" in item["message"]
+    # An empty file compressed is gzip data of no records; an empty plain file holds none either.
+    assert _read(_plan(input_format), gzip.compress(b""), path=f"part-0.{input_format}.gz") == []
+    assert _read(_plan(input_format), b"", path=f"part-0.{input_format}") == []
+
+
 def test_gzip_is_read_by_extension():
     data = gzip.compress(b'{"id": "a", "content": "word"}\n')
     assert _summary(_read(_plan("jsonl"), data, path="c.JSONL.GZ")) == [(1, ("word",))]

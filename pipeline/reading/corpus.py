@@ -119,8 +119,12 @@ class TarArchive(Exception):
     """A tar archive (by its name or its first header): its member headers are not records."""
 
 
+class EmptyGzip(Exception):
+    """A `.gz` file of 0 bytes: no gzip data (what a writer killed before its first flush leaves)."""
+
+
 def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
-    """Raises for data no record reader takes, by its first bytes: UTF-16/32, a tar archive.
+    """Raises for data no record reader takes, by its first bytes: UTF-16/32, a tar archive, an empty `.gz`.
 
     Reads them from the file's own handle, then seeks it back: a stream that
     cannot seek is left to the readers (which still find a UTF-16 text or JSONL
@@ -129,6 +133,13 @@ def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
     if not raw_stream.seekable():
         return
     position = raw_stream.tell()
+    if is_compressed(path) and not raw_stream.read(1):
+        # Python's gzip reads no bytes as no data; gzip itself says "unexpected end of file".
+        raise EmptyGzip(
+            "the file is empty, which is no gzip data (not even an empty file's): it was cut before its "
+            "first byte was written; write it again, or remove it if it holds nothing."
+        )
+    raw_stream.seek(position)
     try:
         stream: ByteStream = (
             gzip.GzipFile(fileobj=raw_stream, mode="rb") if is_compressed(path) else raw_stream
