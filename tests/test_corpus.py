@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import json
 import types
 
 import pytest
@@ -312,6 +313,20 @@ def test_a_json_array_file_says_it_is_not_json_lines():
     items = _read(_plan("jsonl"), b'[\n  {"id": "a", "content": "word"},\n  {"id": "b", "content": "x"}\n]\n')
     assert items[0]["reason"] == "malformed_json" and "jq -c '.[]'" in items[0]["message"]
     assert "JSON array" not in items[1]["message"]
+
+
+def test_a_json_array_on_one_line_says_it_is_not_json_lines_whatever_its_size():
+    """json.dump(list, file) writes one line: "found list" with no hint, or over the bound "too_large"
+    (whose advice, raise --max_record_bytes, then only gave "found list")."""
+    line = json.dumps([{"id": f"a{n}", "content": "word " * 5} for n in range(3)]).encode()
+    for limit, reason in ((1000, "not_an_object"), (len(line) - 1, "too_large")):
+        (item,) = _read(_plan("jsonl", limit=limit), text_lines.BOM + line)
+        assert item["reason"] == reason and "jq -c '.[]' FILE > FILE.jsonl" in item["message"]
+    # A later line that is a list is no sign of an array file; neither is a text file's long line.
+    items = _read(_plan("jsonl"), b'{"id": "a", "content": "w"}\n' + line + b"\n")
+    assert items[1]["reason"] == "not_an_object" and "jq" not in items[1]["message"]
+    (item,) = _read(_plan("text", limit=10, field="text"), line)
+    assert item["reason"] == "too_large" and "jq" not in item["message"]
 
 
 def test_a_text_file_with_carriage_returns_alone_is_not_one_document():

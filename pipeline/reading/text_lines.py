@@ -166,6 +166,9 @@ def line_records(
             item = _carriage_returns(source, number, line)
         elif size > limit:
             item = too_large(source, number, size, limit, line[: schema_lib.RAW_LIMIT * 4])
+            if number == 1 and plan.input_format != "text" and line.lstrip(BOM + b" \t\r\n").startswith(b"["):
+                # A JSON array on one line, larger than any record: raising the bound would not help.
+                item["message"] += " " + JSON_ARRAY_HINT
         else:
             item = guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
             if _split_jsonl_records(plan, item, line):
@@ -176,6 +179,11 @@ def line_records(
         raise InputShorter(f"the data ends at byte {offset}, but the launch listed {listed_size} bytes")
 
 
+# What a JSONL file's first line that is, or starts, a JSON array says about converting the file.
+JSON_ARRAY_HINT = (
+    "The file looks like one JSON array, not JSON Lines (one object per line): convert it, e.g. "
+    "jq -c '.[]' FILE > FILE.jsonl"
+)
 # In JSONL, a carriage return before the next object's brace: records split by \r alone.
 _JSONL_CARRIAGE_RETURN = re.compile(rb"\r[ \t]*[{\[]")
 # The same after a record parsed from a line's start (`_split_jsonl_records`).
@@ -273,10 +281,7 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
     except ValueError as error:  # JSONDecodeError, or an integer of too many digits.
         message = str(error)
         if number == 1 and text.lstrip().startswith("["):
-            message += (
-                ". The file looks like one JSON array, not JSON Lines (one object per line): convert "
-                "it, e.g. jq -c '.[]' FILE > FILE.jsonl"
-            )
+            message += ". " + JSON_ARRAY_HINT
         elif number == 1 and text.rstrip().endswith("{"):
             message += (
                 ". The file looks like pretty-printed JSON (an object over many lines), not JSON Lines "
@@ -284,14 +289,10 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
             )
         return schema_lib.error_row(source, number, None, MALFORMED_JSON, message, text)
     if not isinstance(record, dict):
-        return schema_lib.error_row(
-            source,
-            number,
-            None,
-            NOT_AN_OBJECT,
-            f"Expected a JSON object, found {type(record).__name__}.",
-            text,
-        )
+        message = f"Expected a JSON object, found {type(record).__name__}."
+        if number == 1 and isinstance(record, list):  # json.dump(list, file): an array on one line.
+            message += " " + JSON_ARRAY_HINT
+        return schema_lib.error_row(source, number, None, NOT_AN_OBJECT, message, text)
     repeated = _repeated_fields(plan, text)
     if repeated:
         names = ", ".join(repr(name) for name in repeated)
