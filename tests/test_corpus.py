@@ -180,6 +180,22 @@ def test_a_json_object_naming_a_read_field_twice_is_a_dead_letter_not_its_last_v
     assert "names 'content' more than once" in items[1]["message"]
 
 
+def test_blank_csv_lines_are_empty_records_and_none_is_taken_for_the_header():
+    """A blank line was "wrong_field_count: Row has 0 fields"; one before the header made the header
+    empty, so every row of the file was a dead letter ("the header has 0")."""
+    data = b"\r\n\r\nid,content\r\na,hello\r\n\r\n  \r\nb,world\r\n,\r\n\r\n"
+    items = _read(_plan("csv"), data)
+    assert _summary(items) == [
+        (1, ("hello",)),
+        (2, "empty_record"),
+        (3, "empty_record"),
+        (4, ("world",)),
+        (5, "missing_id"),  # Two empty fields: a row, not a blank line.
+        (6, "empty_record"),
+    ]
+    assert items[1]["message"] == "Blank line where a CSV row was expected."
+
+
 def test_an_oversized_csv_record_is_skipped_by_its_quotes():
     inside = "".join(f'{n},looks like a row,""q""\r\n' for n in range(20))
     data = f'id,content\r\nbig,"{inside}"\r\nnext,word\r\n'.encode()

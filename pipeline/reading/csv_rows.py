@@ -24,7 +24,13 @@ from pipeline.reading.documents import (
 )
 from pipeline.reading.text_lines import SKIP_CHUNK, ByteStream
 from pipeline.writing import schema as schema_lib
-from pipeline.writing.schema import AMBIGUOUS_HEADER, INVALID_UTF8, MALFORMED_CSV, WRONG_FIELD_COUNT
+from pipeline.writing.schema import (
+    AMBIGUOUS_HEADER,
+    EMPTY_RECORD,
+    INVALID_UTF8,
+    MALFORMED_CSV,
+    WRONG_FIELD_COUNT,
+)
 
 if typing.TYPE_CHECKING:
     from pipeline.planning.plan import ExportPlan
@@ -173,6 +179,9 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
     reader = csv.reader(lines, strict=True)
     try:
         header = next(reader, None)
+        while header == []:  # Blank lines before the header, which pandas and R skip too.
+            lines.start_record()
+            header = next(reader, None)
     except csv.Error as error:
         raise UnclosedQuote(
             f"the header's quotes are malformed ({error}), so no row can be told apart"
@@ -204,6 +213,11 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
             reader = csv.reader(lines, strict=True)  # A fresh parser, at the start of a record.
             continue
         number += 1
+        if len(values) <= 1 and not "".join(values).strip():
+            # A blank line, often a file's last: what JSONL calls it, not a row of 0 fields.
+            message = "Blank line where a CSV row was expected."
+            yield number, schema_lib.error_row(source, number, None, EMPTY_RECORD, message, lines.raw)
+            continue
         yield number, guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)
 
 
