@@ -196,6 +196,18 @@ def test_blank_csv_lines_are_empty_records_and_none_is_taken_for_the_header():
     assert items[1]["message"] == "Blank line where a CSV row was expected."
 
 
+@pytest.mark.parametrize("separator", [";", "\t", "|"])
+def test_a_csv_file_separated_otherwise_says_so_in_each_dead_letter(separator):
+    """Excel's ";" (or a TSV) made every row "Field 'id' is missing or null": the header starts with it."""
+    data = f"id{separator}content\na{separator}hello\n".encode()
+    (item,) = _read(_plan("csv"), data)
+    assert item["reason"] == "missing_id" and "the reader takes comma-separated values" in item["message"]
+    assert "csvformat" in item["message"]
+    # A one-column header that splits into no field the export reads is just a missing id.
+    (item,) = _read(_plan("csv"), b"name;title\na;hello\n")
+    assert item["message"] == "Field 'id' is missing or null."
+
+
 def test_an_oversized_csv_record_is_skipped_by_its_quotes():
     inside = "".join(f'{n},looks like a row,""q""\r\n' for n in range(20))
     data = f'id,content\r\nbig,"{inside}"\r\nnext,word\r\n'.encode()

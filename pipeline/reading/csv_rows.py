@@ -19,6 +19,7 @@ from pipeline.reading.documents import (
     Record,
     ambiguous_fields,
     guarded,
+    read_fields,
     to_document,
     too_large,
 )
@@ -29,6 +30,7 @@ from pipeline.writing.schema import (
     EMPTY_RECORD,
     INVALID_UTF8,
     MALFORMED_CSV,
+    MISSING_ID,
     WRONG_FIELD_COUNT,
 )
 
@@ -194,6 +196,7 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
     if header is None:
         return
     ambiguous = ambiguous_fields(plan, header, "The header names")
+    separated = _other_separator(plan, header)
     number = 0
     while True:
         lines.start_record()
@@ -218,7 +221,35 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
             message = "Blank line where a CSV row was expected."
             yield number, schema_lib.error_row(source, number, None, EMPTY_RECORD, message, lines.raw)
             continue
+        if separated:
+            yield number, schema_lib.error_row(source, number, None, MISSING_ID, separated, lines.raw)
+            continue
         yield number, guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)
+
+
+# Separators of files that are CSV but for the comma (Excel's ";" in many locales, TSV), and how
+# csvkit's csvformat rewrites each with commas.
+OTHER_SEPARATORS = (("\t", "tab", "-t"), (";", "';'", "-d ';'"), ("|", "'|'", "-d '|'"))
+
+
+def _other_separator(plan: ExportPlan, header: Sequence[str]) -> str | None:
+    """The message of every row of a file whose header is one column that another separator would split
+    into the fields the export reads (`id;content`), else None.
+
+    Read with commas, each of its rows was a `missing_id` saying only that the id is
+    missing, though the header plainly starts with it; the rows stay `missing_id`, saying why.
+    """
+    if len(header) != 1:
+        return None
+    wanted = read_fields(plan)
+    for separator, name, option in OTHER_SEPARATORS:
+        if separator in header[0] and wanted & {field.strip() for field in header[0].split(separator)}:
+            return (
+                f"Field {plan.id_field!r} is missing: the header is one column, {header[0][:200]!r}, "
+                f"separated by {name}; the reader takes comma-separated values. Convert the file, e.g. "
+                f"csvformat {option} FILE > FILE.csv (csvkit)."
+            )
+    return None
 
 
 def parse_csv_row(

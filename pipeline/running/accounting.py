@@ -108,7 +108,7 @@ _HINTS = {
     "duplicate_id": "Check --id_field: most ids repeat",
     "missing_id": (
         "Check --id_field: most records have no such field, or a null or empty one "
-        "(name the field that holds each record's id)"
+        "(name the field that holds each record's id; a CSV file must be comma-separated)"
     ),
     "bad_id": "Check --id_field: most records' values of it are not strings or integers, as ids must be",
     "too_large": "Raise --max_record_bytes, or check --input_format",
