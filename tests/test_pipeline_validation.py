@@ -197,6 +197,15 @@ def test_input_with_unknown_extension_and_auto_format(bundle, corpus, tmp_path):
     )
 
 
+def test_the_format_is_told_from_an_extension_in_any_case():
+    """`*.jsonl.GZ` was refused ("Cannot tell the format"), though `*.JSONL` was taken and .GZ read."""
+    from pipeline.planning.checks import detect_format
+
+    assert detect_format("data/*.JSONL", "auto") == "jsonl"
+    assert detect_format("data/*.jsonl.GZ", "auto") == "jsonl"
+    assert detect_format("data/*.CSV.Gz", "auto") == "csv"
+
+
 @pytest.mark.parametrize(
     "flag,value,valid_range",
     [

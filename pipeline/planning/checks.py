@@ -173,7 +173,7 @@ def detect_format(pattern: str, input_format: str) -> str:
     """Resolves `--input_format auto` from the pattern's extension."""
     if input_format != "auto":
         return input_format
-    stem = pattern[:-3] if pattern.endswith(".gz") else pattern
+    stem = pattern[:-3] if pattern.lower().endswith(".gz") else pattern  # The reader takes .GZ too.
     extension = os.path.splitext(stem)[1].lower()
     if extension not in EXTENSION_FORMATS:
         raise ExportConfigError(
