@@ -8,6 +8,7 @@ that line's number, through the line index) with `_align`; lines over
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import json
 import re
@@ -308,6 +309,12 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
     return to_document(plan, source, number, record, text)
 
 
+@functools.lru_cache(maxsize=16)
+def _spellings(fields: frozenset[str]) -> tuple[tuple[str, ...], ...]:
+    """Each name as a JSON string, escaped (`json.dumps` default) and not: made once per run, not per line."""
+    return tuple(tuple({json.dumps(name), json.dumps(name, ensure_ascii=False)}) for name in fields)
+
+
 def _repeated_fields(plan: ExportPlan, text: str) -> list[str]:
     """The fields the export reads (`read_fields`) that the JSON object `text` names more than once.
 
@@ -317,8 +324,7 @@ def _repeated_fields(plan: ExportPlan, text: str) -> list[str]:
     occurs more than once in the line's text (a nested object of the same key, say).
     """
     wanted = read_fields(plan)
-    spellings = {name: {json.dumps(name), json.dumps(name, ensure_ascii=False)} for name in wanted}
-    if all(sum(text.count(spelling) for spelling in spelled) < 2 for spelled in spellings.values()):
+    if all(sum(map(text.count, spelled)) < 2 for spelled in _spellings(frozenset(wanted))):
         return []
     objects: list[list[tuple[str, typing.Any]]] = []
 
