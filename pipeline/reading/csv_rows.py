@@ -239,9 +239,9 @@ def _other_separator(plan: ExportPlan, header: Sequence[str]) -> str | None:
     Read with commas, each of its rows was a `missing_id` saying only that the id is
     missing, though the header plainly starts with it; the rows stay `missing_id`, saying why.
     """
-    if len(header) != 1:
-        return None
     wanted = read_fields(plan)
+    if len(header) != 1 or header[0] in wanted:
+        return None
     for separator, name, option in OTHER_SEPARATORS:
         if separator in header[0] and wanted & {field.strip() for field in header[0].split(separator)}:
             return (
