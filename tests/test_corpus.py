@@ -310,6 +310,24 @@ def test_an_empty_gz_file_is_unreadable_not_an_empty_corpus(input_format):
     assert _read(_plan(input_format), b"", path=f"part-0.{input_format}") == []
 
 
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "lzma"])
+@pytest.mark.parametrize("input_format", ["jsonl", "text", "csv"])
+def test_compressed_data_in_a_file_not_named_so_is_unreadable_not_lines_of_garbage(compression, input_format):
+    """A gzip file saved as .jsonl (a download kept its Content-Encoding) was read as text: a few
+    invalid_utf8 dead letters for hundreds of records, garbage documents from bz2, and often exit 0."""
+    import importlib
+
+    lines = [b"id,content"] if input_format == "csv" else []
+    lines += [b'{"id": "r%d", "content": "alpha beta gamma %d"}' % (n, n) for n in range(300)]
+    data = importlib.import_module(compression).compress(b"\n".join(lines) + b"\n")
+    (item,) = _read(_plan(input_format), data, path=f"c.{input_format}")
+    name = {"gzip": "gzip", "bz2": "bzip2", "lzma": "xz"}[compression]
+    assert item["reason"] == "unreadable_file" and f"the file is {name} data" in item["message"]
+    if input_format != "csv":  # A range of a split file past its start tells it by the file's first bytes.
+        ((_, ranged),) = corpus.read_records(_plan(input_format), "c", lambda: io.BytesIO(data), 100)
+        assert ranged["reason"] == "read_error" and f"the file is {name} data" in ranged["message"]
+
+
 def test_gzip_is_read_by_extension():
     data = gzip.compress(b'{"id": "a", "content": "word"}\n')
     assert _summary(_read(_plan("jsonl"), data, path="c.JSONL.GZ")) == [(1, ("word",))]

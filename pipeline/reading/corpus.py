@@ -34,6 +34,7 @@ from pipeline.reading.text_lines import (
     LineRange,
     LinesBefore,
     check_encoding,
+    check_start,
     line_records,
 )
 from pipeline.writing import schema as schema_lib
@@ -124,7 +125,8 @@ class EmptyGzip(Exception):
 
 
 def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
-    """Raises for data no record reader takes, by its first bytes: UTF-16/32, a tar archive, an empty `.gz`.
+    """Raises for data no record reader takes, by its first bytes: UTF-16/32, a tar archive, an empty `.gz`,
+    compressed data in a file not named `.gz`.
 
     Reads them from the file's own handle, then seeks it back: a stream that
     cannot seek is left to the readers (which still find a UTF-16 text or JSONL
@@ -151,7 +153,10 @@ def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
         return
     finally:
         raw_stream.seek(position)
-    check_encoding(head)
+    if is_compressed(path):
+        check_encoding(head)
+    else:  # Data named as uncompressed must not be compressed.
+        check_start(head)
     if head[TAR_MAGIC_AT : TAR_MAGIC_AT + 8] in TAR_MAGICS:
         raise TarArchive("the file is a tar archive; extract it (tar -xf FILE) and read its files.")
 

@@ -74,8 +74,6 @@ WIDE_BOMS = (
     (b"\xff\xfe", "UTF-16LE"),
     (b"\xfe\xff", "UTF-16BE"),
 )
-# The bytes a file's start must be read for to tell its encoding by its byte-order mark.
-WIDE_BOM_BYTES = 4
 
 
 class NotUtf8(Exception):
@@ -90,6 +88,43 @@ def check_encoding(head: bytes) -> None:
                 f"the file is {encoding[:6]} (it starts with the byte-order mark {mark.hex(' ').upper()}); "
                 f"the readers take UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 FILE > FILE.utf8"
             )
+
+
+# Compressed data by its first bytes (the formats' magic numbers), none of which UTF-8 text can start
+# with: a file of them whose name does not say so would be read as lines of garbage.
+COMPRESSED_MAGICS = (
+    (re.compile(rb"\x1f\x8b"), "gzip"),
+    (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2"),
+    (re.compile(rb"\xfd7zXZ\x00"), "xz"),
+    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
+    (re.compile(rb"\x04\x22\x4d\x18"), "lz4"),
+    (re.compile(rb"PK\x03\x04"), "zip"),
+    (re.compile(rb"7z\xbc\xaf\x27\x1c"), "7z"),
+)
+# The bytes a file's start must be read for to tell it by its byte-order mark or magic number.
+HEAD_BYTES = 16
+
+
+class CompressedData(Exception):
+    """A file named as uncompressed whose data is compressed (by its magic number): not lines of text."""
+
+
+def check_start(head: bytes) -> None:
+    """Raises for an uncompressed file's first bytes `head` that no line reader takes.
+
+    Raises:
+        NotUtf8: a UTF-16/32 byte-order mark.
+        CompressedData: a compressed format's magic number (gzip data named .jsonl, say).
+    """
+    check_encoding(head)
+    for magic, name in COMPRESSED_MAGICS:
+        if magic.match(head):
+            fix = (
+                "rename it to end in .gz, which is read through gzip"
+                if name == "gzip"
+                else "decompress it (or gzip it: .gz is read through gzip)"
+            )
+            raise CompressedData(f"the file is {name} data, though its name does not say so: {fix}.")
 
 
 class InputShorter(Exception):
@@ -132,9 +167,9 @@ def line_records(
     """
     limit = plan.max_record_bytes
     claim, on_newline, listed_size = lines.claim, lines.on_newline, lines.listed_size
-    if lines.start:  # A range past the start: the file's first bytes say its encoding.
+    if lines.start:  # A range past the start: the file's first bytes say its encoding, or compression.
         stream.seek(0)
-        check_encoding(stream.read(WIDE_BOM_BYTES))
+        check_start(stream.read(HEAD_BYTES))
     offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
     while True:
         # Room for the record and its "\r\n" (and the first line's byte-order mark): a longer
