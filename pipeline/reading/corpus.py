@@ -35,6 +35,7 @@ from pipeline.reading.text_lines import (
     LinesBefore,
     check_encoding,
     check_start,
+    file_tail,
     line_records,
 )
 from pipeline.writing import schema as schema_lib
@@ -155,8 +156,8 @@ def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
         raw_stream.seek(position)
     if is_compressed(path):
         check_encoding(head)
-    else:  # Data named as uncompressed must not be compressed.
-        check_start(head)
+    else:  # Data named as uncompressed must not be compressed (nor be Parquet).
+        check_start(head, file_tail(raw_stream))
     if head[TAR_MAGIC_AT : TAR_MAGIC_AT + 8] in TAR_MAGICS:
         raise TarArchive("the file is a tar archive; extract it (tar -xf FILE) and read its files.")
 

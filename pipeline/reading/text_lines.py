@@ -109,22 +109,42 @@ class CompressedData(Exception):
     """A file named as uncompressed whose data is compressed (by its magic number): not lines of text."""
 
 
-def check_start(head: bytes) -> None:
-    """Raises for an uncompressed file's first bytes `head` that no line reader takes.
+# What a Parquet file starts and ends with.
+PARQUET_MAGIC = b"PAR1"
+
+
+def file_tail(stream: ByteStream) -> bytes:
+    """The last bytes of a seekable `stream` (as many as `PARQUET_MAGIC`), which is left where it was."""
+    position = stream.tell()
+    try:
+        size = stream.seek(0, 2)
+        stream.seek(max(0, size - len(PARQUET_MAGIC)))
+        return stream.read(len(PARQUET_MAGIC))
+    finally:
+        stream.seek(position)
+
+
+def check_start(head: bytes, tail: bytes = b"") -> None:
+    """Raises for an uncompressed file's first bytes `head` (and last, `tail`) that no line reader takes.
 
     Raises:
         NotUtf8: a UTF-16/32 byte-order mark.
-        CompressedData: a compressed format's magic number (gzip data named .jsonl, say).
+        CompressedData: a compressed format's magic number (gzip data named .jsonl, say),
+            or a Parquet file's (starting and ending with PAR1) read as text, JSONL or CSV.
     """
     check_encoding(head)
     for magic, name in COMPRESSED_MAGICS:
         if magic.match(head):
-            fix = (
-                "rename it to end in .gz, which is read through gzip"
-                if name == "gzip"
-                else "decompress it (or gzip it: .gz is read through gzip)"
-            )
+            fix = {
+                "gzip": "rename it to end in .gz, which is read through gzip",
+                "zip": "decompress it (an Excel .xlsx workbook is zip data: save it as CSV)",
+            }.get(name, "decompress it (or gzip it: .gz is read through gzip)")
             raise CompressedData(f"the file is {name} data, though its name does not say so: {fix}.")
+    if head.startswith(PARQUET_MAGIC) and tail == PARQUET_MAGIC:
+        raise CompressedData(
+            "the file is Parquet (it starts and ends with PAR1), not lines of text: read it with "
+            "--input_format parquet, or name it .parquet."
+        )
 
 
 class InputShorter(Exception):
@@ -169,7 +189,7 @@ def line_records(
     claim, on_newline, listed_size = lines.claim, lines.on_newline, lines.listed_size
     if lines.start:  # A range past the start: the file's first bytes say its encoding, or compression.
         stream.seek(0)
-        check_start(stream.read(HEAD_BYTES))
+        check_start(stream.read(HEAD_BYTES), file_tail(stream))
     offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
     while True:
         # Room for the record and its "\r\n" (and the first line's byte-order mark): a longer
