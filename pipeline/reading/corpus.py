@@ -29,6 +29,7 @@ from pipeline.reading.csv_rows import csv_records
 from pipeline.reading.documents import Document, Record
 from pipeline.reading.parquet_rows import parquet_records
 from pipeline.reading.text_lines import (
+    PARQUET_MAGIC,
     ByteStream,
     Claim,
     LineRange,
@@ -157,7 +158,7 @@ def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
     if is_compressed(path):
         check_encoding(head)
     else:  # Data named as uncompressed must not be compressed (nor be Parquet).
-        check_start(head, file_tail(raw_stream))
+        check_start(head, file_tail(raw_stream) if head.startswith(PARQUET_MAGIC) else b"")
     if head[TAR_MAGIC_AT : TAR_MAGIC_AT + 8] in TAR_MAGICS:
         raise TarArchive("the file is a tar archive; extract it (tar -xf FILE) and read its files.")
 

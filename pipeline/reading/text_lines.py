@@ -189,7 +189,8 @@ def line_records(
     claim, on_newline, listed_size = lines.claim, lines.on_newline, lines.listed_size
     if lines.start:  # A range past the start: the file's first bytes say its encoding, or compression.
         stream.seek(0)
-        check_start(stream.read(HEAD_BYTES), file_tail(stream))
+        head = stream.read(HEAD_BYTES)
+        check_start(head, file_tail(stream) if head.startswith(PARQUET_MAGIC) else b"")
     offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
     while True:
         # Room for the record and its "\r\n" (and the first line's byte-order mark): a longer
