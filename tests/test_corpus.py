@@ -142,7 +142,8 @@ def test_a_parquet_row_over_the_limit_is_too_large_as_in_every_format():
     assert items[1]["message"] == "Record of 2003 bytes exceeds --max_record_bytes=1000."
 
 
-def test_a_parquet_value_python_cannot_read_fails_its_row_only():
+@pytest.mark.parametrize("dictionary", [False, True], ids=["plain", "dictionary"])
+def test_a_parquet_value_python_cannot_read_fails_its_row_only(dictionary):
     """One non-UTF-8 string (a writer that did not check) or out-of-range date lost the whole file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -157,7 +158,8 @@ def test_a_parquet_value_python_cannot_read_fails_its_row_only():
         }
     )
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    # Without pyarrow's own schema in the file, as Spark and parquet-mr write it (dictionary pages: default).
+    pq.write_table(table, buffer, use_dictionary=dictionary, store_schema=False)
     plan = _plan("parquet")
     plan.keep_fields = ("published",)
     items = _read(plan, buffer.getvalue())
