@@ -185,7 +185,7 @@ def test_a_json_object_naming_a_read_field_twice_is_a_dead_letter_not_its_last_v
 def test_blank_csv_lines_are_empty_records_and_none_is_taken_for_the_header():
     """A blank line was "wrong_field_count: Row has 0 fields"; one before the header made the header
     empty, so every row of the file was a dead letter ("the header has 0")."""
-    data = b"\r\n\r\nid,content\r\na,hello\r\n\r\n  \r\nb,world\r\n,\r\n\r\n"
+    data = b"\r\n \r\nid,content\r\na,hello\r\n\r\n  \r\nb,world\r\n,\r\n\r\n"
     items = _read(_plan("csv"), data)
     assert _summary(items) == [
         (1, ("hello",)),

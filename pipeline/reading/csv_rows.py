@@ -143,6 +143,11 @@ class _CsvLines:
             self._pending.append(after + self._text.readline(self._limit + 1))
 
 
+def _blank(values: Sequence[str]) -> bool:
+    """Whether a CSV line read as `values` is blank: no field, or one of nothing but whitespace."""
+    return len(values) <= 1 and not "".join(values).strip()
+
+
 def _malformed(source: str, number: int, lines: _CsvLines, error: csv.Error) -> DeadLetter:
     """The dead letter of a record `csv.reader` (strict) refused: a quote never closed, or text after one."""
     if lines.ended_inside:
@@ -181,7 +186,7 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
     reader = csv.reader(lines, strict=True)
     try:
         header = next(reader, None)
-        while header == []:  # Blank lines before the header, which pandas and R skip too.
+        while header is not None and _blank(header):  # Blank lines before it: pandas and R skip them too.
             lines.start_record()
             header = next(reader, None)
     except csv.Error as error:
@@ -216,8 +221,7 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
             reader = csv.reader(lines, strict=True)  # A fresh parser, at the start of a record.
             continue
         number += 1
-        if len(values) <= 1 and not "".join(values).strip():
-            # A blank line, often a file's last: what JSONL calls it, not a row of 0 fields.
+        if _blank(values):  # Often a file's last line: what JSONL calls it, not a row of 0 fields.
             message = "Blank line where a CSV row was expected."
             yield number, schema_lib.error_row(source, number, None, EMPTY_RECORD, message, lines.raw)
             continue
