@@ -325,6 +325,8 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
         # A file name that is not UTF-8 (surrogate-escaped) is written as backslash escapes.
         document_id = f"{schema_lib.writable_text(source)}:{number}"
         return fields_to_document(plan, source, number, document_id, fields, text)
+    # A byte-order mark mid-file is a joined file's (`cat a.jsonl b.jsonl`): no JSON starts with one.
+    text = text.removeprefix("\ufeff")
     if not text.strip():
         return schema_lib.error_row(
             source, number, None, EMPTY_RECORD, "Blank line where a JSON object was expected.", text
