@@ -217,6 +217,25 @@ def test_a_csv_file_separated_otherwise_says_so_in_each_dead_letter(separator):
     assert item["message"] == "Field 'id' is missing or null."
 
 
+def test_a_missing_field_names_the_column_that_differs_only_in_case_or_spaces():
+    """`id, content` (a space after the comma) or `ID,Content` made every row "Field ... is missing or null",
+    with the column plainly in the header."""
+    (item,) = _read(_plan("csv"), b"id, content\na, hello\n")
+    assert item["reason"] == "missing_field"
+    assert "'content' is no column, but ' content' is: rename the column" in item["message"]
+    (item,) = _read(_plan("csv"), b"ID,content\na,hello\n")
+    assert item["reason"] == "missing_id" and "'id' is no column, but 'ID' is" in item["message"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"Id": ["a"], "content": ["x"]}), buffer)
+    (item,) = _read(_plan("parquet"), buffer.getvalue())
+    assert item["reason"] == "missing_id" and "'id' is no column, but 'Id' is" in item["message"]
+    (item,) = _read(_plan("csv"), b"name,content\na,hello\n")  # Plainly missing: nothing to add.
+    assert item["message"] == "Field 'id' is missing or null."
+
+
 def test_an_oversized_csv_record_is_skipped_by_its_quotes():
     inside = "".join(f'{n},looks like a row,""q""\r\n' for n in range(20))
     data = f'id,content\r\nbig,"{inside}"\r\nnext,word\r\n'.encode()

@@ -19,9 +19,11 @@ from pipeline.reading.documents import (
     Record,
     ambiguous_fields,
     guarded,
+    near_misses,
     read_fields,
     to_document,
     too_large,
+    with_note,
 )
 from pipeline.reading.text_lines import SKIP_CHUNK, ByteStream
 from pipeline.writing import schema as schema_lib
@@ -202,6 +204,7 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
         return
     ambiguous = ambiguous_fields(plan, header, "The header names")
     separated = _other_separator(plan, header)
+    note = near_misses(plan, header)
     number = 0
     while True:
         lines.start_record()
@@ -228,7 +231,8 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
         if separated:
             yield number, schema_lib.error_row(source, number, None, MISSING_ID, separated, lines.raw)
             continue
-        yield number, guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)
+        record = guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)
+        yield number, with_note(record, note)
 
 
 # Separators of files that are CSV but for the comma (Excel's ";" in many locales, TSV), and how

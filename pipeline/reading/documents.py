@@ -145,6 +145,32 @@ def ambiguous_fields(plan: ExportPlan, names: Sequence[str], where: str) -> str 
     return f"{where} {columns}: which one to read is ambiguous. Rename the columns."
 
 
+def near_misses(plan: ExportPlan, names: Sequence[str]) -> str:
+    """What to add to a missing field's dead letter when a column of `names` (a CSV header, a Parquet
+    file's columns) is that field but for case or surrounding spaces (`ID`, ` content` after "id, ").
+
+    Empty when none is: the field is plainly missing.
+    """
+    notes = []
+    for field in sorted(read_fields(plan) - set(names)):
+        close = [name for name in names if name.strip().casefold() == field.strip().casefold()]
+        if close:
+            notes.append(f"{field!r} is no column, but {close[0]!r} is")
+    if not notes:
+        return ""
+    return (
+        f" {'; '.join(notes)}: rename the column, or name it as it is spelt (--id_field, --input_map, "
+        "--keep_fields)."
+    )
+
+
+def with_note(record: Record, note: str) -> Record:
+    """`record` with `note` (`near_misses`) added to its message if it is a missing id or field."""
+    if note and not isinstance(record, Document) and record["reason"] in (MISSING_ID, MISSING_FIELD):
+        record["message"] = schema_lib.writable_text(record["message"] + note)[:1000]
+    return record
+
+
 def too_large(source: str, number: int, size: int, limit: int, raw: str | bytes) -> DeadLetter:
     """The dead letter of a record of `size` bytes, over --max_record_bytes=`limit`."""
     return schema_lib.error_row(

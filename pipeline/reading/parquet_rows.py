@@ -14,7 +14,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.reading.documents import Record, ambiguous_fields, guarded, read_fields, to_document, too_large
+from pipeline.reading.documents import (
+    Record,
+    ambiguous_fields,
+    guarded,
+    near_misses,
+    read_fields,
+    to_document,
+    too_large,
+    with_note,
+)
 from pipeline.reading.text_lines import ByteStream, Claim
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import AMBIGUOUS_HEADER, INVALID_UTF8, PARSE_FAILED
@@ -194,6 +203,7 @@ def _rows(
     # Only the columns the export reads; all of them when none is there, so each row is a missing_id.
     columns = [name for name in names if name in wanted] or None
     ambiguous = ambiguous_fields(plan, names, "The file's columns name")
+    note = near_misses(plan, names)
     metadata = parquet.metadata
     number = 0
     for group in range(metadata.num_row_groups):
@@ -225,4 +235,4 @@ def _rows(
                 if isinstance(row, UnconvertibleRow):
                     yield number, _unconvertible(source, number, row)
                     continue
-                yield number, guarded(to_document, plan, source, number, row, None)
+                yield number, with_note(guarded(to_document, plan, source, number, row, None), note)
