@@ -1078,3 +1078,30 @@ def test_large_string_labels_and_kept_fields_are_labels(tmp_path, capsys):
     assert "kNN label agreement of v on lab" in capsys.readouterr().out
     assert analyze.main([export, "neighbors", "--id", "d001", "-k", "1"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split() == ["rank", "similarity", "id", "lab"]
+
+
+def test_a_null_query_id_is_a_problem_and_complex_query_vectors_are_refused(tmp_path, capsys):
+    """A null id of a .parquet queries file became the id 'None' (a document of that id answered it);
+    complex vectors lost their imaginary parts with a numpy warning."""
+    columns = random_columns(4)
+    columns["id"] = ["None", "d1", "d2", "d3"]
+    export = write_export(str(tmp_path / "e"), columns)
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": pa.array([None, "d1"], pa.string())}), queries)
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "-k", "1", "--out", str(out)]) == 0
+    null, answered = pq.read_table(out).to_pylist()
+    assert null == {
+        "query": None,
+        "rank": None,
+        "id": None,
+        "similarity": None,
+        "lab": None,
+        "problem": "its id is null",
+    }
+    assert answered["query"] == "d1" and answered["problem"] is None
+    complex_queries = tmp_path / "c.npy"
+    np.save(complex_queries, np.asarray([[1 + 5j, 0, 0, 0]], np.complex64))
+    argv = [export, "neighbors", "--queries", str(complex_queries), "--out", str(tmp_path / "b.parquet")]
+    assert analyze.main(argv) == 2
+    assert "holds complex64 values" in error_line(capsys)

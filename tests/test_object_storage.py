@@ -674,3 +674,27 @@ def test_an_s3_out_that_is_a_bucket_a_directory_or_in_no_bucket_is_refused_befor
         assert err.startswith("error: ") and problem in err and err.count("\n") == 1, err
         assert time.monotonic() - started < 20
     assert not scanned and keys(s3_endpoint, "") == before
+
+
+def test_a_queries_file_on_s3_is_read_from_s3(s3_endpoint, tmp_path, monkeypatch, capsys):
+    """--queries s3://... was "not a file": read_queries looked for it on the local disk."""
+    from pipeline import analyze
+
+    set_aws_environment(monkeypatch, s3_endpoint)
+    s3 = client(s3_endpoint)
+    local = tmp_path / "part-00000-of-00001.parquet"
+    pq.write_table(pa.table({"id": ["d0", "d1", "d2"], "v": [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]}), local)
+    manifest = {"shards": {"rows": [{"file": local.name, "rows": 3, "bytes": local.stat().st_size}]}}
+    s3.upload_file(str(local), BUCKET, f"queried/exp/{local.name}")
+    s3.put_object(Bucket=BUCKET, Key=f"queried/exp/{MANIFEST}", Body=json.dumps(manifest).encode())
+    s3.put_object(Bucket=BUCKET, Key="queried/ids.txt", Body=b"d0\nd2\n")
+    out = tmp_path / "a.parquet"
+    export = f"s3://{BUCKET}/queried/exp"
+    argv = [export, "neighbors", "--queries", f"s3://{BUCKET}/queried/ids.txt", "-k", "1", "--out", str(out)]
+    assert analyze.main(argv) == 0, capsys.readouterr().err
+    assert pq.read_table(out).select(["query", "id"]).to_pylist() == [
+        {"query": "d0", "id": "d1"},
+        {"query": "d2", "id": "d1"},
+    ]
+    assert analyze.main([*argv[:3], f"s3://{BUCKET}/queried/none.txt", *argv[4:], "--overwrite"]) == 2
+    assert "is not a file" in capsys.readouterr().err
