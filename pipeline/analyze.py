@@ -36,6 +36,8 @@ import sys
 import urllib.parse
 from collections.abc import Sequence
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 from apache_beam.io.filesystems import FileSystems
 
 from models.paths import unexpanded_home
@@ -46,10 +48,12 @@ from pipeline.analysis.dataset import (
     DEFAULT_SAMPLE,
     DEFAULT_SEED,
     AnalysisError,
+    VectorDataset,
     check_read_unchanged,
     check_vector_column,
     data_is_vocabulary,
     forget_opened,
+    has_token_tables,
     open_documents,
     open_documents_or_vocabulary,
     open_vocabulary,
@@ -192,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "index",
         help="build an approximate-nearest-neighbour index of a vector column, and measure its recall",
         description="Builds an HNSW index (usearch) of a vector column of a finished export (or of a "
-        "vocabulary), streaming the Parquet files in record batches, into OUTPUT_DIR/_index/COLUMN.usearch "
+        "vocabulary, or of the token table of an export of token ids: --column vector), streaming the "
+        "Parquet files in record batches, into OUTPUT_DIR/_index/COLUMN.usearch "
         "with COLUMN.json: its SHA-256, the export's manifest SHA-256 it belongs to, and its recall@k "
         "against the exact scan on a random sample of rows, build time, size and peak memory. "
         "`neighbors` and `knn-score --all` then use it. Needs " + INSTALL_HINT + ".",
@@ -268,6 +273,7 @@ def check_out_file(path: str, overwrite: bool) -> str:
     if not is_local(path):
         if path.endswith("/"):
             raise AnalysisError(f"--out {path!r} names a directory, not a file: choose a file path.")
+        bucket = _check_remote_out_path(path)
         for prefix in _remote_parents(path):
             marker = _export_marker(prefix)
             if marker:
@@ -275,8 +281,7 @@ def check_out_file(path: str, overwrite: bool) -> str:
                     f"--out {path!r} is inside {prefix!r}, an export or vocabulary directory (it holds "
                     f"{marker}), whose files only its own commands write: choose a path outside it."
                 )
-        if FileSystems.exists(path) and not overwrite:
-            raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
+        _check_remote_out_target(path, bucket, overwrite)
         return path
     local = urllib.parse.unquote(urllib.parse.urlsplit(path).path) if path.startswith("file:") else path
     if not local or local.endswith(os.sep):
@@ -308,6 +313,40 @@ def check_out_file(path: str, overwrite: bool) -> str:
     if os.path.exists(resolved) and not overwrite:
         raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
     return resolved
+
+
+def _check_remote_out_path(path: str) -> str:
+    """Refuses an object-store --out that names a bucket or has an empty part (`s3://b//f`); returns
+    its bucket.  Beam's S3 client retries a bucket's root for minutes; pyarrow cannot upload either."""
+    _, _, rest = path.partition("://")
+    bucket, _, key = rest.partition("/")
+    if not key:
+        raise AnalysisError(f"--out {path!r} names a bucket, not a file: choose a file path in it.")
+    if "" in key.split("/"):
+        raise AnalysisError(f"--out {path!r} has an empty part between two '/': remove the extra '/'.")
+    return bucket
+
+
+def _check_remote_out_target(path: str, bucket: str, overwrite: bool) -> None:
+    """Refuses an object-store --out in a bucket that does not exist, one that is a directory (objects
+    under PATH/), and without --overwrite an existing object: before any row is read, as pyarrow (which
+    uploads the answer) sees the store."""
+    try:
+        filesystem, where = pafs.FileSystem.from_uri(path)
+        found = filesystem.get_file_info([bucket, where])
+    except (pa.ArrowException, OSError) as error:
+        raise AnalysisError(f"--out {path!r} cannot be checked: {error}") from None
+    if found[0].type == pafs.FileType.NotFound:
+        raise AnalysisError(
+            f"--out {path!r}: the bucket {bucket!r} does not exist (or these credentials cannot see it); "
+            "create it first, or choose a path in an existing bucket."
+        )
+    if found[1].type == pafs.FileType.Directory:
+        raise AnalysisError(
+            f"--out {path!r} is a directory (it holds objects), not a file: choose a file path."
+        )
+    if found[1].type == pafs.FileType.File and not overwrite:
+        raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
 
 
 def _remote_parents(path: str) -> list[str]:
@@ -344,12 +383,25 @@ def check_plot_format(path: str) -> None:
         )
 
 
-def queries_are_words(directory: str) -> bool:
-    """Whether batch queries on `directory` look up words: a vocabulary, or an export whose rows hold
-    token ids and no vector (--token_storage ids), whose vectors are its token table, as for --word."""
+def queries_are_words(directory: str, column: str | None) -> bool:
+    """Whether batch queries on `directory` look up words: a vocabulary, or an export whose token table
+    is meant (`means_token_table`), as for --word."""
     if data_is_vocabulary(directory):
         return True
-    return not vector_columns(open_documents(directory).schema)
+    return means_token_table(open_documents(directory), column)
+
+
+def means_token_table(data: VectorDataset, column: str | None) -> bool:
+    """Whether a command on the export `data` means its token table (`--token_storage ids`): its rows
+    have no vector column (the table holds the only vectors), or --column names the table's `vector`
+    column, which its rows do not have (an export of token ids and of a pooled layer)."""
+    if data.holds != "documents":
+        return False
+    if column is None:
+        wanted = not vector_columns(data.schema)
+    else:
+        wanted = column == VECTOR_COLUMN and column not in data.schema.names
+    return wanted and has_token_tables(data.location)
 
 
 def run_command(args: argparse.Namespace) -> str:
@@ -362,6 +414,9 @@ def run_command(args: argparse.Namespace) -> str:
             check_plot_format(out)
     if args.command == "index":
         data = open_documents_or_vocabulary(args.directory)
+        if means_token_table(data, args.column):
+            # An export of token ids: its table is what `neighbors --word` searches.
+            data = open_vocabulary(args.directory)
         column = args.column or (VECTOR_COLUMN if data.holds == "vocabulary" else None)
         settings = index_build.IndexSettings(
             metric=args.metric,
@@ -376,7 +431,9 @@ def run_command(args: argparse.Namespace) -> str:
         metadata = index_build.build_index(data, column, settings)
         return index_build.format_build(metadata, args.directory)
     if args.command == "neighbors":
-        if args.word is not None or (args.queries is not None and queries_are_words(args.directory)):
+        if args.word is not None or (
+            args.queries is not None and queries_are_words(args.directory, args.column)
+        ):
             data, key = open_vocabulary(args.directory), args.word
             column = args.column or VECTOR_COLUMN
         else:
@@ -430,9 +487,30 @@ def run_command(args: argparse.Namespace) -> str:
             )
         score = knn_score_indexed(data, loaded, args.label, args.k)
         how = describe_index(loaded, data, instead="leave --all out to score a sample instead")
-        return how + "\n" + format_knn_score(column, args.label, score, score.rows)
+        return how + "\n" + format_knn_score(column, args.label, score, score.rows, loaded.metric)
     score, total = knn_score(data, column, args.label, args.k, args.sample, args.seed)
     return format_knn_score(column, args.label, score, total)
+
+
+def read_failure(args: argparse.Namespace, error: OSError | pa.ArrowException) -> AnalysisError:
+    """The one-line error for a file that failed while the command read (or wrote) it.
+
+    A run that commits an --overwrite over the export deletes the row files the
+    new export does not replace; a read that reaches one then fails: that is the
+    export changing while it was read (`check_read_unchanged` says so).  Anything
+    else (a disk or network error) is named as it is.
+    """
+    check_read_unchanged()
+    out = getattr(args, "out", None)
+    written = (
+        f" or writing --out {out!r}"
+        if out and (args.command == "plot" or getattr(args, "queries", None))
+        else ""
+    )
+    return AnalysisError(
+        f"Reading {args.directory!r}{written} failed: {error} Check that it is readable (on object "
+        "storage, the connection and credentials) and run the command again."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -447,7 +525,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     forget_opened()
     try:
-        answer = run_command(args)
+        try:
+            answer = run_command(args)
+        except FileExistsError:
+            raise
+        except (OSError, pa.ArrowException) as error:
+            raise read_failure(args, error) from None
         check_read_unchanged()
         print(answer)
     except AnalysisError as error:

@@ -871,3 +871,237 @@ def test_knn_score_all_advises_a_flag_it_has(export_copy, capsys):
     key = pq.read_table(os.path.join(export_copy, SHARD))["id"][0].as_py()
     assert analyze.main([export_copy, "neighbors", "--id", key]) == 0
     assert "--exact scans every row instead" in capsys.readouterr().out
+
+
+# --- round 34: reads racing a commit, ties in knn-score, token tables, messages ----------------------
+
+
+def write_shards(directory, columns, shards):
+    """A finished export of `shards` row files; its manifest lists each with its size, as a run's does."""
+    os.makedirs(directory)
+    table = pa.table(columns)
+    bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
+    listed = []
+    for number in range(shards):
+        name = f"part-{number:05d}-of-{shards:05d}.parquet"
+        pq.write_table(
+            table.slice(bounds[number], bounds[number + 1] - bounds[number]), f"{directory}/{name}"
+        )
+        listed.append({"file": name, "bytes": os.path.getsize(f"{directory}/{name}")})
+    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as handle:
+        json.dump({"rows_written": table.num_rows, "shards": {"rows": listed}}, handle)
+    return directory
+
+
+def random_columns(rows, seed=0, dim=4):
+    rng = np.random.default_rng(seed)
+    return {
+        "id": [f"d{i:03d}" for i in range(rows)],
+        "v": pa.array(list(rng.normal(size=(rows, dim))), pa.list_(pa.float32(), dim)),
+        "lab": (["a", "b", "c"] * rows)[:rows],
+    }
+
+
+@pytest.mark.parametrize(
+    "argv", [["neighbors", "--id", "d001", "-k", "3"], ["knn-score", "--label", "lab", "-k", "2"]]
+)
+def test_a_row_file_a_commit_deletes_while_it_is_read_is_one_error_line(tmp_path, monkeypatch, capsys, argv):
+    """An --overwrite committing a new export of fewer shards deletes the old second shard: the scan
+    reaching it ended in a FileNotFoundError traceback."""
+    export = write_shards(str(tmp_path / "e"), random_columns(40), shards=2)
+    real = analyze.check_vector_column
+
+    def committed_meanwhile(data, column):
+        os.remove(os.path.join(export, MANIFEST))
+        os.remove(os.path.join(export, "part-00001-of-00002.parquet"))
+        return real(data, column)
+
+    monkeypatch.setattr(analyze, "check_vector_column", committed_meanwhile)
+    assert analyze.main([export, *argv]) == 2
+    err = error_line(capsys)
+    assert "changed while it was read" in err and err.count("\n") == 1, err
+
+
+def test_a_commit_that_begins_while_the_files_are_listed_is_not_read_half_done(tmp_path, monkeypatch, capsys):
+    """The pending-commit look came before the listing: a run's commit point right after it left the
+    listing half old, half new export, read with a "did not finish" warning and exit 0."""
+    from pipeline.analysis import dataset
+    from pipeline.writing.lock import OutputLock
+
+    export = write_shards(str(tmp_path / "e"), random_columns(40, seed=0), shards=2)
+    new = write_shards(str(tmp_path / "new"), random_columns(40, seed=1), shards=2)
+    real = dataset._finish_commit
+    looked = []
+
+    def commit_point_just_after(location):
+        real(location)
+        if not looked:
+            looked.append(location)
+            # The live run's commit: its journal (the commit point), the old manifest gone, a shard renamed.
+            journal = {"run": "0123456789ab", "manifest": "_staging/0123456789ab/_MANIFEST.json"}
+            with open(os.path.join(export, "_COMMIT.json"), "w", encoding="utf-8") as handle:
+                json.dump({**journal, "delete": [], "directories": [], "renames": []}, handle)
+            os.remove(os.path.join(export, MANIFEST))
+            shutil.copy(os.path.join(new, "part-00000-of-00002.parquet"), export)
+
+    monkeypatch.setattr(dataset, "_finish_commit", commit_point_just_after)
+    with OutputLock(export):  # the committing run holds its output
+        assert analyze.main([export, "neighbors", "--id", "d001", "-k", "3"]) == 2
+    err = error_line(capsys)
+    assert "holds a commit that was not finished" in err and "is in use by run" in err, err
+
+
+def test_knn_score_breaks_ties_by_id_in_the_sample_as_through_the_index(tmp_path, capsys):
+    """Duplicate documents (equal vectors, other labels): the sampled score took the tied neighbours in
+    argpartition's order, --all by id, and the two printed different agreements."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(6, 4))
+    rows = 36
+    ids = [f"d{(i * 7) % rows:02d}" for i in range(rows)]
+    labels = ["ab"[(i // 6) % 2] if i % 3 else "c" for i in range(rows)]
+    vectors = np.asarray([base[i % 6] for i in range(rows)], np.float32)
+    columns = {"id": ids, "v": pa.array(list(vectors), pa.list_(pa.float32(), 4)), "lab": labels}
+    export = write_export(str(tmp_path / "dups"), columns)
+    # The oracle: each row's 3 nearest others by cosine, equal similarities by id.
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    hits = []
+    for i in range(rows):
+        others = sorted((j for j in range(rows) if j != i), key=lambda j: (-similarity[i, j], ids[j]))[:3]
+        hits.append(np.mean([labels[j] == labels[i] for j in others]))
+    expected = f"agreement  {np.mean(hits):.4f}"
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "3"]) == 0
+    assert expected in capsys.readouterr().out
+    assert analyze.main([export, "index", "--threads", "1", *_exact_flags()]) == 0
+    capsys.readouterr()
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "3", "--all"]) == 0
+    assert expected in capsys.readouterr().out
+
+
+def _exact_flags():
+    return [f"--{name}={value}" for name, value in EXACT_SETTINGS.items()]
+
+
+def _ids_export(directory, pooled):
+    """An export of token ids (--token_storage ids) and its table; with `pooled`, a vector column too."""
+    rng = np.random.default_rng(0)
+    columns = {
+        "id": [f"d{i}" for i in range(6)],
+        "emb": pa.array([[2, 3], [4], [5, 6, 7], [2], [3], [4, 5]], pa.list_(pa.int32())),
+    }
+    if pooled:
+        columns["lstm_content"] = pa.array(list(rng.normal(size=(6, 4))), pa.list_(pa.float32(), 4))
+    write_export(directory, columns)
+    os.makedirs(os.path.join(directory, "_tables"))
+    words = ["<pad>", "<oov>", "thread", "queue", "socket", "file", "path", "lock", "pipe", "fork"]
+    table = {
+        "token_id": pa.array(range(len(words)), pa.int32()),
+        "token": words,
+        "vector": pa.array(list(rng.normal(size=(len(words), 3))), pa.list_(pa.float32(), 3)),
+    }
+    pq.write_table(pa.table(table), os.path.join(directory, "_tables", "emb.parquet"))
+    return directory
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["ids_only", "with_pooled_column"])
+def test_the_token_table_of_an_export_of_ids_is_indexed_and_batch_queried_by_word(tmp_path, capsys, pooled):
+    """The table could not be indexed ("is a file; pass the directory it is in", then "holds no part-*
+    files"), and with a pooled column beside the ids, batch queries took every word for a document id."""
+    export = _ids_export(str(tmp_path / "ids"), pooled)
+    table_flag = ["--column", "vector"] if pooled else []
+    assert analyze.main([export, "index", *table_flag, "--recall_queries", "0"]) == 0
+    assert "rows of vector" in capsys.readouterr().out
+    expected = [n.key for n in find_neighbors(open_vocabulary(export), "thread", "vector", 3)[0]]
+    assert analyze.main([export, "neighbors", "--word", "thread", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Using the index" in out and [line.split()[2] for line in out.splitlines()[2:5]] == expected
+    words = tmp_path / "words.txt"
+    words.write_text("thread\n", encoding="utf-8")
+    answers = str(tmp_path / "a.parquet")
+    argv = [export, "neighbors", "--queries", str(words), *table_flag, "-k", "3", "--out", answers]
+    assert analyze.main(argv) == 0
+    assert pq.read_table(answers)["token"].to_pylist() == expected
+    # The table file itself names where its index lives: the export's directory.
+    assert analyze.main([os.path.join(export, "_tables", "emb.parquet"), "index"]) == 2
+    assert error_line(capsys).rstrip().endswith(f"where the index can live: {export}")
+
+
+def test_without_a_column_an_export_of_per_token_vectors_or_ids_says_what_it_holds(tmp_path, capsys):
+    """Without --column the only words were "has no vector column (a list of floats per row)"."""
+    per_token = write_export(
+        str(tmp_path / "tokens"),
+        {
+            "id": ["a", "b"],
+            "emb": pa.array([[[1, 2, 3], [4, 5, 6]], [[1, 0, 0]]], pa.list_(pa.list_(pa.float32()))),
+        },
+    )
+    for argv in (["neighbors", "--id", "a"], ["knn-score", "--label", "x"], ["index"]):
+        assert analyze.main([per_token, *argv]) == 2
+        err = error_line(capsys)
+        assert (
+            "'emb' holds one vector per token (exported with --pooling none)" in err
+            and "--pooling mean" in err
+        )
+    ids = _ids_export(str(tmp_path / "ids"), pooled=False)
+    assert analyze.main([ids, "neighbors", "--id", "d1"]) == 2
+    err = error_line(capsys)
+    assert "token ids (exported with --token_storage ids)" in err and "neighbors --word WORD" in err
+
+
+def test_knn_score_all_names_the_metric_of_an_index_that_is_not_cosine(tmp_path, capsys):
+    export = write_export(str(tmp_path / "e"), random_columns(30))
+    assert analyze.main([export, "index", "--metric", "l2", "--recall_queries", "0"]) == 0
+    capsys.readouterr()
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "2", "--all"]) == 0
+    assert "3 classes, neighbours by the index's L2 distance)" in capsys.readouterr().out
+
+
+def test_an_index_of_one_row_claims_no_recall(tmp_path, capsys):
+    """One usable row: no query had a neighbour, yet "recall@1 1.0000" was reported and stored."""
+    columns = {"id": ["only", "null"], "v": pa.array([[1.0, 2.0], None], pa.list_(pa.float32()))}
+    export = write_export(str(tmp_path / "one"), columns)
+    assert analyze.main([export, "index"]) == 0
+    assert "recall not measured (one row: no neighbours to find)" in capsys.readouterr().out
+    with open(os.path.join(export, "_index", "v.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["recall"]["recall"] is None
+
+
+def test_large_string_labels_and_kept_fields_are_labels(tmp_path, capsys):
+    """pandas' and polars' Arrow strings are large_string: "has no label column 'lab'"."""
+    columns = random_columns(20)
+    columns = {
+        name: pa.array(values, pa.large_string()) if name != "v" else values
+        for name, values in columns.items()
+    }
+    export = write_export(str(tmp_path / "large"), columns)
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "2"]) == 0
+    assert "kNN label agreement of v on lab" in capsys.readouterr().out
+    assert analyze.main([export, "neighbors", "--id", "d001", "-k", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["rank", "similarity", "id", "lab"]
+
+
+def test_a_null_query_id_is_a_problem_and_complex_query_vectors_are_refused(tmp_path, capsys):
+    """A null id of a .parquet queries file became the id 'None' (a document of that id answered it);
+    complex vectors lost their imaginary parts with a numpy warning."""
+    columns = random_columns(4)
+    columns["id"] = ["None", "d1", "d2", "d3"]
+    export = write_export(str(tmp_path / "e"), columns)
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": pa.array([None, "d1"], pa.string())}), queries)
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "-k", "1", "--out", str(out)]) == 0
+    null, answered = pq.read_table(out).to_pylist()
+    assert null == {
+        "query": None,
+        "rank": None,
+        "id": None,
+        "similarity": None,
+        "lab": None,
+        "problem": "its id is null",
+    }
+    assert answered["query"] == "d1" and answered["problem"] is None
+    complex_queries = tmp_path / "c.npy"
+    np.save(complex_queries, np.asarray([[1 + 5j, 0, 0, 0]], np.complex64))
+    argv = [export, "neighbors", "--queries", str(complex_queries), "--out", str(tmp_path / "b.parquet")]
+    assert analyze.main(argv) == 2
+    assert "holds complex64 values" in error_line(capsys)

@@ -405,11 +405,28 @@ def test_rows_with_nan_or_inf_are_left_out_of_a_sample(export_dir, tmp_path, cap
     score, _ = knn_score(open_documents(bad), "lstm_title", "topic", k=5, sample=10_000)
     expected, _ = knn_score(open_documents(clean), "lstm_title", "topic", k=5, sample=10_000)
     assert score.agreement == expected.agreement and np.isfinite(score.agreement)
-    assert "2 of the" in caplog.text and "left out" in caplog.text
+    assert "2 rows of 'lstm_title' have a NaN or infinite value; they are left out" in caplog.text
     argv = [bad, "plot", "--column", "lstm_title", "--label", "topic", "--out", str(tmp_path / "p.png")]
     assert analyze.main([*argv, "--sample", "10000"]) == 0
     out = capsys.readouterr().out
-    assert f"PCA of {rows - 2} of {rows} rows" in out and "0.0% + 0.0%" not in out
+    assert f"PCA of {rows - 2} of {rows - 2} rows" in out and "0.0% + 0.0%" not in out
+
+
+def test_a_sample_is_drawn_from_the_rows_with_finite_vectors(tmp_path, capsys):
+    """The sample was drawn first and its NaN rows dropped after: with half the rows unusable,
+    --sample 100 drew "PCA of 54 of 400 rows" though 200 usable rows were there."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(400, 4)).astype(np.float32)
+    vectors[::2, 0] = np.nan
+    directory = tmp_path / "half"
+    directory.mkdir()
+    columns = {
+        "id": [f"d{i:03d}" for i in range(400)],
+        "v": pa.array(list(vectors), pa.list_(pa.float32(), 4)),
+    }
+    _write_shard(directory, pa.table(columns))
+    assert analyze.main([str(directory), "plot", "--sample", "100", "--out", str(tmp_path / "p.png")]) == 0
+    assert "PCA of 100 of 200 rows" in capsys.readouterr().out
 
 
 def test_plot_writes_a_png_coloured_by_label(export_dir, tmp_path):

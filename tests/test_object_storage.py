@@ -639,3 +639,62 @@ def test_analyze_out_on_s3_is_never_inside_an_export_and_a_plot_is_uploaded(
     assert sorted(os.listdir(tmp_path)) == sorted([local.name, "ids.txt"])
     assert analyze.main([export, "plot", "--out", f"s3://{BUCKET}/plots/p.png"]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_an_s3_out_that_is_a_bucket_a_directory_or_in_no_bucket_is_refused_before_the_scan(
+    s3_endpoint, tmp_path, monkeypatch, capsys
+):
+    """--out s3://BUCKET hung for minutes (Beam's S3 client retried the bucket's root); a missing bucket
+    or an empty path part ended in a traceback after the scan; a directory got an object beside it."""
+    from pipeline import analyze
+
+    set_aws_environment(monkeypatch, s3_endpoint)
+    s3 = client(s3_endpoint)
+    local = tmp_path / "part-00000-of-00001.parquet"
+    pq.write_table(pa.table({"id": ["d0", "d1"], "v": [[1.0, 0.0], [0.9, 0.1]]}), local)
+    manifest = {"shards": {"rows": [{"file": local.name, "rows": 2, "bytes": local.stat().st_size}]}}
+    s3.upload_file(str(local), BUCKET, f"refused/exp/{local.name}")
+    s3.put_object(Bucket=BUCKET, Key=f"refused/exp/{MANIFEST}", Body=json.dumps(manifest).encode())
+    s3.put_object(Bucket=BUCKET, Key="refused/answers/earlier.parquet", Body=b"an earlier answer")
+    queries = tmp_path / "ids.txt"
+    queries.write_text("d0\n", encoding="utf-8")
+    scanned = []
+    monkeypatch.setattr(analyze, "batch_neighbors", lambda *args, **kwargs: scanned.append(args))
+    before = keys(s3_endpoint, "")
+    for out, problem in (
+        (f"s3://{BUCKET}", "names a bucket, not a file"),
+        (f"s3://{BUCKET}//a.parquet", "has an empty part between two '/'"),
+        ("s3://no-such-bucket-here/a.parquet", "the bucket 'no-such-bucket-here' does not exist"),
+        (f"s3://{BUCKET}/refused/answers", "is a directory (it holds objects)"),
+    ):
+        started = time.monotonic()
+        argv = [f"s3://{BUCKET}/refused/exp", "neighbors", "--queries", str(queries), "--out", out]
+        assert analyze.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and problem in err and err.count("\n") == 1, err
+        assert time.monotonic() - started < 20
+    assert not scanned and keys(s3_endpoint, "") == before
+
+
+def test_a_queries_file_on_s3_is_read_from_s3(s3_endpoint, tmp_path, monkeypatch, capsys):
+    """--queries s3://... was "not a file": read_queries looked for it on the local disk."""
+    from pipeline import analyze
+
+    set_aws_environment(monkeypatch, s3_endpoint)
+    s3 = client(s3_endpoint)
+    local = tmp_path / "part-00000-of-00001.parquet"
+    pq.write_table(pa.table({"id": ["d0", "d1", "d2"], "v": [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]}), local)
+    manifest = {"shards": {"rows": [{"file": local.name, "rows": 3, "bytes": local.stat().st_size}]}}
+    s3.upload_file(str(local), BUCKET, f"queried/exp/{local.name}")
+    s3.put_object(Bucket=BUCKET, Key=f"queried/exp/{MANIFEST}", Body=json.dumps(manifest).encode())
+    s3.put_object(Bucket=BUCKET, Key="queried/ids.txt", Body=b"d0\nd2\n")
+    out = tmp_path / "a.parquet"
+    export = f"s3://{BUCKET}/queried/exp"
+    argv = [export, "neighbors", "--queries", f"s3://{BUCKET}/queried/ids.txt", "-k", "1", "--out", str(out)]
+    assert analyze.main(argv) == 0, capsys.readouterr().err
+    assert pq.read_table(out).select(["query", "id"]).to_pylist() == [
+        {"query": "d0", "id": "d1"},
+        {"query": "d2", "id": "d1"},
+    ]
+    assert analyze.main([*argv[:3], f"s3://{BUCKET}/queried/none.txt", *argv[4:], "--overwrite"]) == 2
+    assert "is not a file" in capsys.readouterr().err

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.analysis.answer_file import write_answer
@@ -15,14 +18,15 @@ from pipeline.analysis.dataset import AnalysisError, VectorDataset, is_vector_ty
 from pipeline.analysis.exact import exact_top_k, row_count
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K, display_score
+from pipeline.uris import is_local
 from pipeline.writing.schema import ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN
 
 
 class Queries(NamedTuple):
     """The queries of a batch file: a label for each, and either their ids or their vectors."""
 
-    labels: list[str]
-    ids: list[str] | None
+    labels: Sequence[str | None]
+    ids: Sequence[str | None] | None  # a null id (of a .parquet file) has no row
     vectors: np.ndarray | None
 
 
@@ -41,7 +45,7 @@ class _Lookup(Protocol):
     @property
     def dim(self) -> int: ...
 
-    def first_positions(self, keys: list[str]) -> list[int]: ...
+    def first_positions(self, keys: Sequence[str | None]) -> list[int]: ...
 
     def vectors(self, positions: np.ndarray) -> np.ndarray: ...
 
@@ -55,13 +59,16 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
     `.parquet`: vectors in `column` (or `vector`), labelled by an `id` column
     when there is one; else ids in the `id` (or `token`) column.
     """
-    if not os.path.isfile(path):
-        raise AnalysisError(f"--queries {path!r} is not a file.")
+    source = _query_source(path)
     if path.endswith(".txt"):
         try:
             # utf-8-sig: a file saved as "UTF-8 with BOM" (Notepad, Excel) starts with one, which
             # would stay in the first id (as corpus files drop it).
-            with open(path, encoding="utf-8-sig") as handle:
+            with (
+                open(source, encoding="utf-8-sig")
+                if isinstance(source, str)
+                else io.TextIOWrapper(source, encoding="utf-8-sig")
+            ) as handle:
                 ids = [line.rstrip("\r\n") for line in handle if line.strip()]
         except UnicodeDecodeError as error:
             raise AnalysisError(
@@ -72,10 +79,12 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
         return Queries(ids, ids, None)
     if path.endswith(".npy"):
         try:
-            vectors = np.load(path, allow_pickle=False)
+            vectors = np.load(source, allow_pickle=False)
         except (ValueError, OSError, EOFError) as error:
             raise AnalysisError(f"--queries {path!r} is not a numeric .npy array: {error}") from None
-        if not (np.issubdtype(vectors.dtype, np.number) or vectors.dtype == np.bool_):
+        if np.iscomplexobj(vectors) or not (
+            np.issubdtype(vectors.dtype, np.number) or vectors.dtype == np.bool_
+        ):
             raise AnalysisError(
                 f"--queries {path!r} holds {vectors.dtype} values, not numbers: vector queries are an "
                 "(n, dim) array of floats (ids or words go in a .txt file, one a line)."
@@ -88,7 +97,7 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
         return Queries([str(i) for i in range(len(vectors))], None, vectors)
     if path.endswith(".parquet"):
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(source)
         except (pa.ArrowException, OSError) as error:
             raise AnalysisError(f"--queries {path!r} is not a readable Parquet file: {error}") from None
         for name in (column, VECTOR_COLUMN):
@@ -96,20 +105,46 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
                 if table[name].null_count:
                     raise AnalysisError(f"--queries {path!r} has null vectors in {name!r}.")
                 labels = (
-                    [str(x) for x in table[ID_COLUMN].to_pylist()]
+                    _texts(table[ID_COLUMN].to_pylist())
                     if ID_COLUMN in table.column_names
                     else [str(i) for i in range(table.num_rows)]
                 )
                 return Queries(labels, None, vectors_to_numpy(table[name]).astype(np.float32))
         for name in (ID_COLUMN, TOKEN_COLUMN):
             if name in table.column_names:
-                ids = [str(x) for x in table[name].to_pylist()]
-                return Queries(ids, ids, None)
+                keys = _texts(table[name].to_pylist())
+                return Queries(keys, keys, None)
         raise AnalysisError(
             f"--queries {path!r} has neither a vector column ({column!r} or {VECTOR_COLUMN!r}) nor an "
             f"{ID_COLUMN!r} column."
         )
     raise AnalysisError(f"--queries {path!r}: use a .txt file of ids, a .parquet file or a .npy array.")
+
+
+def _texts(values: list[object]) -> list[str | None]:
+    """Ids of a .parquet queries file as text; a null stays null (`str` would make it the id 'None')."""
+    return [None if value is None else str(value) for value in values]
+
+
+def _query_source(path: str) -> str | io.BytesIO:
+    """The queries file to read: a local path, or the bytes of an object on gs:// or s3:// (read whole,
+    through the same filesystems as the export).
+
+    Raises:
+        AnalysisError: there is no such file.
+    """
+    if is_local(path):
+        if not os.path.isfile(path):
+            raise AnalysisError(f"--queries {path!r} is not a file.")
+        return path
+    try:
+        filesystem, where = pafs.FileSystem.from_uri(path)
+        if filesystem.get_file_info(where).type != pafs.FileType.File:
+            raise AnalysisError(f"--queries {path!r} is not a file.")
+        with filesystem.open_input_stream(where) as handle:
+            return io.BytesIO(handle.read())
+    except (pa.ArrowException, OSError) as error:
+        raise AnalysisError(f"--queries {path!r} cannot be read: {error}") from None
 
 
 def batch_neighbors(
@@ -146,7 +181,8 @@ def batch_neighbors(
         vectors[usable] = lookup.vectors(first[usable])
         exclude[usable] = first[usable]
         for missing in np.flatnonzero(first < 0):
-            problems[missing] = f"no row has the key {ids[missing]!r}"
+            key = ids[int(missing)]
+            problems[missing] = "its id is null" if key is None else f"no row has the key {key!r}"
     assert vectors is not None  # a file holds ids or vectors; ids were turned into vectors above
     dim = vectors.shape[1]
     expected = lookup.dim
@@ -280,7 +316,7 @@ class _ExactLookup:
             first = data.dataset.head(1, columns=[column], filter=pc.field(column).is_valid())[column]
             self.dim = int(vectors_to_numpy(first).shape[1]) if len(first) else 0
 
-    def first_positions(self, keys: list[str]) -> list[int]:
+    def first_positions(self, keys: Sequence[str | None]) -> list[int]:
         table = self.data.dataset.to_table(columns=[self.data.key_column]).column(0)
         found = pc.index_in(pa.array(keys, pa.string()), value_set=table)
         return [-1 if p is None else int(p) for p in found.to_pylist()]

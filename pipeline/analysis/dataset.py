@@ -113,26 +113,72 @@ def _finish_commit(location: str) -> None:
         ) from None
 
 
-def _list_parquet(
-    location: str, wanted: Callable[[str], bool], how_to_make: str
-) -> tuple[pafs.FileSystem, list[str]]:
-    """Paths of the Parquet files directly in `location` whose name `wanted` accepts.
+class Listing(NamedTuple):
+    """The Parquet files of a location as listed, and the stamps of those files and of its manifest then."""
+
+    filesystem: pafs.FileSystem
+    files: list[str]
+    stamps: list[FileStamp]
+
+
+# How often a listing is taken again because a commit began while it was taken (see `_listed`).
+LISTING_ATTEMPTS = 3
+
+
+def _listed(location: str, list_files: Callable[[], tuple[pafs.FileSystem, list[str]]]) -> Listing:
+    """`list_files()` of `location` with a finished commit, and the stamps of what it listed, taken then.
+
+    A commit that reaches its commit point (the journal) after `_finish_commit`
+    looked for one, and before the listing, can be half done when the files are
+    listed: part of each export, and no manifest to check them against.  So the
+    journal is looked for again once they are listed; if there is one, the commit
+    is finished (or refused) and the files listed again.  The stamps are those of
+    the listing's moment, so whatever the commit changes after it is caught by
+    `check_read_unchanged`.
+    """
+    for _ in range(LISTING_ATTEMPTS):
+        _finish_commit(location)
+        filesystem, files = list_files()
+        directory = _filesystem(location)[1]
+        stamps = row_file_stamps(filesystem, [*files, posixpath.join(directory, MANIFEST)])
+        if not _commit_pending(location):
+            return Listing(filesystem, files, stamps)
+    raise AnalysisError(
+        f"{location!r} is being replaced by one commit after another (a run's --overwrite): run the "
+        "command again once it is done."
+    )
+
+
+def _commit_pending(location: str) -> bool:
+    """Whether a commit into `location` is pending, as `_finish_commit` tells it (its errors included)."""
+    try:
+        return has_pending_commit(location)
+    except (ExportConfigError, OSError) as error:
+        raise AnalysisError(
+            f"Cannot read {location!r} (looking for an unfinished commit, {JOURNAL}): {error}"
+        ) from None
+
+
+def _list_parquet(location: str, wanted: Callable[[str], bool], how_to_make: str) -> Listing:
+    """The Parquet files directly in `location` whose name `wanted` accepts, listed as `_listed` lists.
 
     A path to a single .parquet file is accepted as is.
     """
-    _finish_commit(location)
-    filesystem, path = _filesystem(location)
-    info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise AnalysisError(f"{location!r} does not exist; pass the --output directory of {how_to_make}.")
-    if info.type == pafs.FileType.File:
-        return filesystem, [path]
-    # Not recursive: errors/ holds dead letters with another schema, and _staging/ unfinished runs.
-    entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
-    files = sorted(
-        e.path for e in entries if e.type == pafs.FileType.File and wanted(posixpath.basename(e.path))
-    )
-    return filesystem, files
+
+    def list_files() -> tuple[pafs.FileSystem, list[str]]:
+        filesystem, path = _filesystem(location)
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise AnalysisError(f"{location!r} does not exist; pass the --output directory of {how_to_make}.")
+        if info.type == pafs.FileType.File:
+            return filesystem, [path]
+        # Not recursive: errors/ holds dead letters with another schema, and _staging/ unfinished runs.
+        entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+        return filesystem, sorted(
+            e.path for e in entries if e.type == pafs.FileType.File and wanted(posixpath.basename(e.path))
+        )
+
+    return _listed(location, list_files)
 
 
 def _parquet_dataset(location: str, filesystem: pafs.FileSystem, files: list[str]) -> ds.Dataset:
@@ -156,11 +202,12 @@ def open_documents(location: str) -> VectorDataset:
     Raises:
         AnalysisError: `location` does not exist or holds no row files.
     """
-    filesystem, files = _list_parquet(
+    listing = _list_parquet(
         location,
         lambda name: name.startswith(SHARD_PREFIX) and name.endswith(".parquet"),
         "`python -m pipeline.run`",
     )
+    filesystem, files = listing.filesystem, listing.files
     directory = _filesystem(location)[1]
     is_directory = filesystem.get_file_info(directory).type == pafs.FileType.Directory
     if is_directory:
@@ -196,7 +243,7 @@ def open_documents(location: str) -> VectorDataset:
     if ID_COLUMN not in dataset.schema.names:
         raise AnalysisError(f"{location!r} has no {ID_COLUMN!r} column, so it is not an export of this tool.")
     id_type = dataset.schema.field(ID_COLUMN).type
-    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+    if not is_text_type(id_type):
         raise AnalysisError(
             f"{location!r} has an {ID_COLUMN!r} column of type {id_type}; exports of this tool write string "
             f"ids. Rewrite the files with the ids cast to strings (e.g. pyarrow's cast to pa.string())."
@@ -205,9 +252,9 @@ def open_documents(location: str) -> VectorDataset:
     details = tuple(
         f.name
         for f in dataset.schema
-        if f.name not in (ID_COLUMN, FINGERPRINT_COLUMN) and pa.types.is_string(f.type)
+        if f.name not in (ID_COLUMN, FINGERPRINT_COLUMN) and is_text_type(f.type)
     )
-    return _opened(VectorDataset(location, "documents", dataset, ID_COLUMN, details))
+    return _opened(VectorDataset(location, "documents", dataset, ID_COLUMN, details), listing.stamps)
 
 
 def manifest_row_files(filesystem: pafs.FileSystem, directory: str) -> dict[str, int] | None:
@@ -275,15 +322,18 @@ def check_row_files(location: str, filesystem: pafs.FileSystem, directory: str, 
         )
 
 
-def _token_tables(location: str) -> tuple[pafs.FileSystem, list[str]]:
-    """(filesystem, paths) of the tables in `location`'s `_tables/` (`--token_storage ids`)."""
-    _finish_commit(location)
-    filesystem, directory = _filesystem(location)
-    tables = posixpath.join(directory, TABLES_DIR)
-    if filesystem.get_file_info(tables).type != pafs.FileType.Directory:
-        return filesystem, []
-    entries = filesystem.get_file_info(pafs.FileSelector(tables, recursive=False))
-    return filesystem, sorted(e.path for e in entries if e.path.endswith(".parquet"))
+def _token_tables(location: str) -> Listing:
+    """The tables in `location`'s `_tables/` (`--token_storage ids`), listed as `_listed` lists."""
+
+    def list_files() -> tuple[pafs.FileSystem, list[str]]:
+        filesystem, directory = _filesystem(location)
+        tables = posixpath.join(directory, TABLES_DIR)
+        if filesystem.get_file_info(tables).type != pafs.FileType.Directory:
+            return filesystem, []
+        entries = filesystem.get_file_info(pafs.FileSelector(tables, recursive=False))
+        return filesystem, sorted(e.path for e in entries if e.path.endswith(".parquet"))
+
+    return _listed(location, list_files)
 
 
 def open_vocabulary(location: str) -> VectorDataset:
@@ -296,16 +346,16 @@ def open_vocabulary(location: str) -> VectorDataset:
     Raises:
         AnalysisError: `location` does not exist or holds no vocabulary file.
     """
-    filesystem, files = _list_parquet(
-        location, lambda name: name == VOCABULARY_FILE, "`python -m pipeline.vocabulary`"
-    )
-    if not files:
-        filesystem, files = _token_tables(location)
+    listing = _list_parquet(location, lambda name: name == VOCABULARY_FILE, "`python -m pipeline.vocabulary`")
+    if not listing.files:
+        listing = _token_tables(location)
+        files = listing.files
         if len(files) > 1:
             choices = ", ".join(posixpath.join(location, TABLES_DIR, posixpath.basename(f)) for f in files)
             raise AnalysisError(
                 f"{location!r} holds {len(files)} token tables; pass one of them instead: {choices}."
             )
+    filesystem, files = listing.filesystem, listing.files
     if not files:
         raise AnalysisError(
             f"{location!r} holds no {VOCABULARY_FILE}. Write one with `python -m pipeline.vocabulary "
@@ -318,7 +368,9 @@ def open_vocabulary(location: str) -> VectorDataset:
             f"{files[0]} lacks the column(s) {sorted(missing)}; rewrite it with "
             "`python -m pipeline.vocabulary`."
         )
-    return _opened(VectorDataset(location, "vocabulary", dataset, TOKEN_COLUMN, (TOKEN_ID_COLUMN,)))
+    return _opened(
+        VectorDataset(location, "vocabulary", dataset, TOKEN_COLUMN, (TOKEN_ID_COLUMN,)), listing.stamps
+    )
 
 
 # The datasets this process opened, with their files' stamps then (see `check_read_unchanged`).
@@ -331,8 +383,9 @@ def _stamps(data: VectorDataset) -> list[FileStamp]:
     return row_file_stamps(filesystem, [*data.dataset.files, posixpath.join(directory, MANIFEST)])
 
 
-def _opened(data: VectorDataset) -> VectorDataset:
-    _OPENED.append((data, _stamps(data)))
+def _opened(data: VectorDataset, listed: list[FileStamp]) -> VectorDataset:
+    """`data`, remembered with the stamps its files had when they were listed (`check_read_unchanged`)."""
+    _OPENED.append((data, listed))
     return data
 
 
@@ -359,6 +412,11 @@ def check_read_unchanged() -> None:
             )
 
 
+def is_text_type(arrow_type: pa.DataType) -> bool:
+    """Whether `arrow_type` holds strings: `string`, or `large_string` (pandas' and polars' Arrow strings)."""
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
 def _is_list_type(arrow_type: pa.DataType) -> bool:
     return (
         pa.types.is_fixed_size_list(arrow_type)
@@ -383,7 +441,7 @@ def check_vector_column(data: VectorDataset, column: str | None) -> str:
     listed = ", ".join(available) or "none"
     if column is None:
         if not available:
-            raise AnalysisError(f"{data.location!r} has no vector column (a list of floats per row).")
+            raise AnalysisError(_no_vector_column(data))
         return available[0]
     if column not in data.schema.names:
         raise AnalysisError(
@@ -410,9 +468,36 @@ def check_vector_column(data: VectorDataset, column: str | None) -> str:
     return column
 
 
+def _no_vector_column(data: VectorDataset) -> str:
+    """Why `data` has no vector column to default to, and what to do: its columns may hold one vector per
+    token (--pooling none) or token ids (--token_storage ids), which --column would explain too."""
+    per_token = [f.name for f in data.schema if _is_list_type(f.type) and is_vector_type(f.type.value_type)]
+    token_ids = [
+        f.name for f in data.schema if _is_list_type(f.type) and pa.types.is_integer(f.type.value_type)
+    ]
+    problem = f"{data.location!r} has no vector column (a list of floats per row)"
+    if per_token:
+        return (
+            f"{problem}: {', '.join(map(repr, per_token))} {_hold(per_token)} one vector per token "
+            "(exported with --pooling none), not one per row. Re-export the layer with --pooling mean "
+            "(or max, last)."
+        )
+    if token_ids:
+        return (
+            f"{problem}: {', '.join(map(repr, token_ids))} {_hold(token_ids)} each document's token ids "
+            f"(exported with --token_storage ids), whose vectors are in {TABLES_DIR}/. Query words with "
+            "`neighbors --word WORD` on this directory, or re-export the layer with --pooling mean."
+        )
+    return problem + "."
+
+
+def _hold(names: list[str]) -> str:
+    return "holds" if len(names) == 1 else "hold"
+
+
 def check_label_column(data: VectorDataset, label: str) -> str:
     """Returns `label`; raises AnalysisError unless it is a string column of `data`."""
-    if label in data.schema.names and pa.types.is_string(data.schema.field(label).type):
+    if label in data.schema.names and is_text_type(data.schema.field(label).type):
         return label
     candidates = ", ".join(data.detail_columns) or "none (export with --keep_fields FIELD,...)"
     raise AnalysisError(
@@ -458,14 +543,17 @@ def sample_rows(
     seed: int = DEFAULT_SEED,
     filter: pc.Expression | None = None,
     batch_rows: int = BATCH_ROWS,
+    usable: Callable[[pa.RecordBatch], np.ndarray] | None = None,
 ) -> tuple[pa.Table, int]:
     """A uniform random sample of at most `sample` rows, streaming the dataset once.
 
     Each row gets a random priority and the `sample` rows with the lowest are
     kept (bottom-k sampling), so memory is bounded by the sample, not the data.
+    `usable(batch)`, a boolean mask, drops rows that no expression can tell
+    (vectors with NaN values) before they are drawn, so the sample is of the usable rows.
 
     Returns:
-        `(table, total)`: the sampled rows in scan order, and how many rows matched `filter`.
+        `(table, total)`: the sampled rows in scan order, and how many usable rows matched `filter`.
     """
     if sample < 1:
         raise AnalysisError(f"--sample must be at least 1, received {sample}.")
@@ -479,6 +567,10 @@ def sample_rows(
     kept_priorities = np.empty(0)
     total = 0
     for batch in scanner.to_batches():
+        if usable is not None and batch.num_rows:
+            mask = usable(batch)
+            if not mask.all():
+                batch = batch.filter(pa.array(mask))
         priorities = rng.random(batch.num_rows)
         total += batch.num_rows
         if len(kept_priorities) >= sample:
@@ -496,12 +588,13 @@ def sample_rows(
 
 
 class VectorSample(NamedTuple):
-    """A random sample of a column's vectors, with each row's label if one was asked for."""
+    """A random sample of a column's vectors, with each row's key and its label if one was asked for."""
 
     column: str
     vectors: np.ndarray
     labels: list[str | None] | None
-    total: int  # rows the sample was drawn from
+    total: int  # usable rows the sample was drawn from
+    keys: list[str]  # each row's key, which breaks ties between equal similarities
 
 
 def sample_vectors(
@@ -512,33 +605,38 @@ def sample_vectors(
     seed: int = DEFAULT_SEED,
     labelled_only: bool = False,
 ) -> VectorSample:
-    """A uniform random sample (`sample_rows`) of the rows with a `column` vector, and their `label`.
+    """A uniform random sample (`sample_rows`) of the rows with a finite `column` vector, and their `label`.
 
     `column` None picks the first vector column; with `labelled_only`, rows
-    without a label are left out of the sample and of its total.
+    without a label are left out of the sample and of its total.  Rows whose
+    vector has a NaN or infinite value are left out before the sample is drawn
+    (as `index` and `neighbors` skip them: a NaN would make every PCA axis and
+    every similarity NaN), so the sample holds `sample` usable rows where there are as many.
     """
     column = check_vector_column(data, column)
-    columns = [column]
+    columns = [column, data.key_column]
     condition = pc.field(column).is_valid()
     if label is not None:
         columns.append(check_label_column(data, label))
         if labelled_only:
             condition = condition & pc.field(label).is_valid()
-    table, total = sample_rows(data, columns, sample, seed, filter=condition)
-    labels = table[label].to_pylist() if label is not None else None
-    vectors = vectors_to_numpy(table[column])
-    finite = np.isfinite(vectors).all(axis=1)
-    if not finite.all():
-        # As `index` and `neighbors` do: a NaN would make every PCA axis and every similarity NaN.
+    non_finite = [0]
+
+    def finite(batch: pa.RecordBatch) -> np.ndarray:
+        good = np.isfinite(vectors_to_numpy(batch.column(column))).all(axis=1)
+        non_finite[0] += int((~good).sum())
+        return np.asarray(good, dtype=bool)
+
+    table, total = sample_rows(
+        data, list(dict.fromkeys(columns)), sample, seed, filter=condition, usable=finite
+    )
+    if non_finite[0]:
         logging.warning(
-            "%d of the %d sampled rows of %r have a NaN or infinite value; they are left out.",
-            int((~finite).sum()),
-            len(vectors),
-            column,
+            "%d rows of %r have a NaN or infinite value; they are left out.", non_finite[0], column
         )
-        vectors = vectors[finite]
-        labels = [value for value, keep in zip(labels, finite, strict=True) if keep] if labels else labels
-    return VectorSample(column, vectors, labels, total)
+    labels = table[label].to_pylist() if label is not None else None
+    keys = [str(key) for key in table[data.key_column].to_pylist()]
+    return VectorSample(column, vectors_to_numpy(table[column]), labels, total, keys)
 
 
 def open_documents_or_vocabulary(directory: str) -> VectorDataset:
@@ -546,9 +644,14 @@ def open_documents_or_vocabulary(directory: str) -> VectorDataset:
     try:
         return open_documents(directory)
     except AnalysisError:
-        if _list_parquet(directory, lambda name: name == VOCABULARY_FILE, "")[1]:
+        if _list_parquet(directory, lambda name: name == VOCABULARY_FILE, "").files:
             return open_vocabulary(directory)
         raise
+
+
+def has_token_tables(location: str) -> bool:
+    """Whether the export `location` holds token tables (`_tables/`, written with --token_storage ids)."""
+    return bool(_token_tables(location).files)
 
 
 def data_is_vocabulary(location: str) -> bool:

@@ -45,7 +45,7 @@ from pipeline.analysis.index_store import (
     usearch_index_class,
 )
 from pipeline.errors import ExportConfigError
-from pipeline.writing.layout import INDEX_DIR
+from pipeline.writing.layout import INDEX_DIR, TABLES_DIR
 from pipeline.writing.lock import OutputLock
 
 if TYPE_CHECKING:
@@ -122,6 +122,9 @@ def measure_recall(
     k = max(1, min(settings.recall_k, len(keys) - 1))
     if count == 0:
         return {"queries": 0, "k": k, "recall": None}
+    if len(keys) < 2:
+        # One row: no query has a neighbour to find, so nothing can be measured (not a recall of 1).
+        return {"queries": 0, "k": k, "recall": None, "unmeasured": "one row: no neighbours to find"}
     rng = np.random.default_rng(settings.seed)
     chosen = np.sort(rng.choice(keys, size=count, replace=False)).astype(np.int64)
     queries = np.asarray(index.get(chosen.astype(np.uint64)), dtype=np.float32).reshape(count, -1)
@@ -206,8 +209,12 @@ def build_index(data: VectorDataset, column: str | None, settings: IndexSettings
     index_class = usearch_index_class()
     filesystem, directory = data.filesystem_and_directory()
     if filesystem.get_file_info(directory).type != pafs.FileType.Directory:
+        parent = posixpath.dirname(data.location.rstrip("/")) or "."
+        if posixpath.basename(parent) == TABLES_DIR:
+            # A token table: its index lives with the export, where `neighbors --word` looks for it.
+            parent = posixpath.dirname(parent) or "."
         raise AnalysisError(
-            f"{data.location!r} is a file; pass the directory it is in, where the index can live."
+            f"{data.location!r} is a file; pass the directory it is in, where the index can live: {parent}"
         )
     index_paths(directory, column)  # refuses a column name unfit for a file name, before any work
     with contextlib.ExitStack() as stack:
@@ -343,7 +350,7 @@ def format_build(metadata: IndexMetadata, location: str) -> str:
         f"recall@{recall['k']} {recall['recall']:.4f} against the exact scan on {recall['queries']} "
         f"random rows as queries (seed {recall['seed']})"
         if recall["recall"] is not None
-        else "recall not measured (--recall_queries 0)"
+        else f"recall not measured ({recall.get('unmeasured', '--recall_queries 0')})"
     )
     skipped = metadata["skipped_null"] + metadata["skipped_non_finite"]
     return "\n".join(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -106,7 +107,7 @@ class LoadedIndex:
             result[present] = np.asarray(stored, dtype=np.float32).reshape(int(present.sum()), -1)
         return result
 
-    def first_positions(self, keys: list[str]) -> list[int]:
+    def first_positions(self, keys: Sequence[str | None]) -> list[int]:
         """The first position of each key, -1 for a key no row has."""
         found = pc.index_in(pa.array(keys, pa.string()), value_set=self.keys.column(0))
         return [-1 if p is None else int(p) for p in found.to_pylist()]

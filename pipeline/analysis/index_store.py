@@ -61,6 +61,7 @@ class RecallReport(TypedDict):
     seed: NotRequired[int]
     exact_seconds: NotRequired[float]
     index_seconds: NotRequired[float]
+    unmeasured: NotRequired[str]  # why recall is None other than --recall_queries 0
 
 
 class IndexMetadata(TypedDict):

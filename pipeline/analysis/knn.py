@@ -21,7 +21,7 @@ from pipeline.analysis.dataset import (
     unit_rows,
 )
 from pipeline.analysis.index_search import LoadedIndex
-from pipeline.analysis.neighbors import DEFAULT_K
+from pipeline.analysis.neighbors import DEFAULT_K, SCORE_NAMES
 
 # Rows of the sample compared with all others at once by knn-score: 1k x 20k floats.
 KNN_CHUNK_ROWS = 1024
@@ -44,12 +44,15 @@ def score_label_agreement(
     labels: Sequence[str | None] | np.ndarray,
     k: int = DEFAULT_K,
     chunk_rows: int = KNN_CHUNK_ROWS,
+    keys: Sequence[str] | None = None,
 ) -> KnnScore:
     """k-nearest-neighbour label agreement of `vectors` (cosine similarity) against chance.
 
     Agreement is the fraction of each row's `k` nearest other rows that share its
     label, averaged over rows.  Chance is the sum of the squared class
-    frequencies: the agreement of neighbours drawn at random.
+    frequencies: the agreement of neighbours drawn at random.  Of the rows tied
+    with a row's k-th nearest, those with the smallest `keys` count (by position
+    without keys), as `neighbors` and the index (`knn-score --all`) break ties.
 
     Returns:
         A `KnnScore`.
@@ -62,12 +65,18 @@ def score_label_agreement(
         raise AnalysisError(f"knn-score needs more than k={k} labelled rows; received {rows}. Lower -k.")
     unit = unit_rows(np.asarray(vectors, dtype=np.float32))
     classes, codes = np.unique(labels.astype(str), return_inverse=True)
+    # Each row's place in key order (by position without keys): what breaks ties between equal similarities.
+    ranks = (
+        np.unique(np.asarray(keys, dtype=str), return_inverse=True)[1].reshape(-1)
+        if keys is not None
+        else np.arange(rows)
+    )
     hits = np.empty(rows)
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
         similarities = unit[start:stop] @ unit.T
         similarities[np.arange(stop - start), np.arange(start, stop)] = -np.inf
-        nearest = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
+        nearest = _nearest(similarities, k, ranks)
         hits[start:stop] = (codes[nearest] == codes[start:stop, None]).mean(axis=1)
     frequencies = np.bincount(codes) / rows
     per_class = {
@@ -75,6 +84,35 @@ def score_label_agreement(
         for index, name in enumerate(classes)
     }
     return KnnScore(float(hits.mean()), float((frequencies**2).sum()), rows, k, per_class)
+
+
+def _nearest(similarities: np.ndarray, k: int, ranks: np.ndarray, block: int = 256) -> np.ndarray:
+    """Per row of `similarities`, the columns of its k most similar, in no order; of the columns tied with
+    the k-th, those first in key order (`ranks`: each column's place in it).  Duplicate documents (equal
+    vectors, other labels) must not count by whichever order argpartition leaves them in.
+
+    Vectorised, as every row may tie (a model that maps many documents to one vector): the columns
+    above the k-th are among argpartition's k, and the tied ones with the smallest ranks fill the rest.
+    """
+    nearest = np.argpartition(-similarities, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(similarities, nearest, axis=1).min(axis=1)
+    tied = np.flatnonzero((similarities >= kth[:, None]).sum(axis=1) > k)
+    for start in range(0, len(tied), block):
+        rows = tied[start : start + block]
+        boundary = kth[rows][:, None]
+        chosen = nearest[rows]
+        above = np.take_along_axis(similarities[rows], chosen, axis=1) > boundary
+        # Tied columns by rank; the others last.
+        tie_ranks = np.where(similarities[rows] == boundary, ranks[None, :], len(ranks))
+        ties = np.argpartition(tie_ranks, k - 1, axis=1)[:, :k]
+        ties = np.take_along_axis(
+            ties, np.argsort(np.take_along_axis(tie_ranks, ties, axis=1), axis=1), axis=1
+        )
+        # The columns above first, then the tied ones in rank order: the first k of those.
+        columns = np.concatenate([chosen, ties], axis=1)
+        order = np.concatenate([np.where(above, -1, k), np.broadcast_to(np.arange(k), ties.shape)], axis=1)
+        nearest[rows] = np.take_along_axis(columns, np.argsort(order, axis=1, kind="stable")[:, :k], axis=1)
+    return nearest
 
 
 def knn_score(
@@ -92,7 +130,7 @@ def knn_score(
     """
     drawn = sample_vectors(data, column, label, sample, seed, labelled_only=True)
     assert drawn.labels is not None  # a label was asked for
-    return score_label_agreement(drawn.vectors, drawn.labels, k), drawn.total
+    return score_label_agreement(drawn.vectors, drawn.labels, k, keys=drawn.keys), drawn.total
 
 
 def knn_score_indexed(
@@ -160,13 +198,15 @@ def _labelled_neighbour_codes(
     return result
 
 
-def format_knn_score(column: str, label: str, score: KnnScore, total: int) -> str:
-    """The kNN score, chance level and per-class agreement as text."""
+def format_knn_score(column: str, label: str, score: KnnScore, total: int, metric: str = "cos") -> str:
+    """The kNN score, chance level and per-class agreement as text; `metric` is what the neighbours were
+    found by (an index's, with --all), named unless it is cosine similarity, which the sampled score uses."""
     sampled = "" if score.rows == total else f", random sample of {total} labelled rows"
     lift = score.agreement / score.chance if score.chance else float("nan")
+    by = "" if metric == "cos" else f", neighbours by the index's {SCORE_NAMES[metric]}"
     lines = [
         f"kNN label agreement of {column} on {label} (k={score.k}, {score.rows} rows{sampled}, "
-        f"{len(score.per_class)} classes)",
+        f"{len(score.per_class)} classes{by})",
         f"  agreement  {score.agreement:.4f}  "
         f"(mean share of the {score.k} nearest neighbours with the same {label})",
         f"  chance     {score.chance:.4f}  (sum of squared class frequencies)",
