@@ -291,6 +291,41 @@ def translate_layer_config(layer_config: Config) -> Config:
     return layer_config
 
 
+def _replace_strings(value: typing.Any, renames: dict[str, str]) -> typing.Any:
+    """`value` (a JSON-like config) with every string that is a key of `renames` replaced."""
+    if isinstance(value, str):
+        return renames.get(value, value)
+    if isinstance(value, list):
+        return [_replace_strings(item, renames) for item in value]
+    if isinstance(value, dict):
+        return {key: _replace_strings(item, renames) for key, item in value.items()}
+    return value
+
+
+def rename_slashed_layers(model_config: Config) -> tuple[Config, dict[str, str]]:
+    """`(config, {new name: Keras 2 name})`: layers whose names hold a `/` renamed with `_` for it.
+
+    Keras 2 accepts `Embedding(..., name="encoder/emb")` (TensorFlow scope names
+    allow `/`); Keras 3 refuses `/` in a layer name. The name is replaced wherever
+    the config uses it (the layer, the calls that read it, the model's inputs and
+    outputs), by the name with `_` for each `/`, made unique with trailing `_`s.
+    """
+    names = {
+        layer["config"]["name"]
+        for layer in _walk_layers(model_config)
+        if isinstance(layer.get("config"), dict) and isinstance(layer["config"].get("name"), str)
+    }
+    renames: dict[str, str] = {}
+    for name in sorted(name for name in names if "/" in name):
+        new = name.replace("/", "_")
+        while new in names or new in renames.values():
+            new += "_"
+        renames[name] = new
+    if not renames:
+        return model_config, {}
+    return _replace_strings(model_config, renames), {new: old for old, new in renames.items()}
+
+
 def translate_model_config(model_config: Config) -> Config:
     """A Keras 3 version of a Keras 2 model config (the input is not modified)."""
     translated = copy.deepcopy(model_config)
