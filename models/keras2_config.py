@@ -210,6 +210,27 @@ def _renumber_nested_model_nodes(model_config: Config) -> None:
                     renumber(reference)
 
 
+def _spell_out_backward_layer(class_name: str, config: Config) -> None:
+    """Gives a Keras 2 Bidirectional of a `go_backwards=True` layer its backward layer, in place.
+
+    Keras 2 makes the backward copy read the other way than the layer it wraps,
+    so a wrapped layer with `go_backwards=True` gets a copy reading forwards;
+    Keras 3 always makes it read backwards, and then refuses two layers reading
+    the same way. Spelling the copy out keeps Keras 2's directions.
+    """
+    layer = config.get("layer")
+    if class_name != "Bidirectional" or config.get("backward_layer") or not isinstance(layer, dict):
+        return
+    inner = layer.get("config")
+    if not isinstance(inner, dict) or not inner.get("go_backwards"):
+        return
+    backward = copy.deepcopy(layer)
+    backward["config"]["go_backwards"] = False
+    name = str(inner.get("name", ""))
+    backward["config"]["name"] = "backward_" + name.removeprefix("forward_")
+    config["backward_layer"] = backward
+
+
 def translate_layer_config(layer_config: Config) -> Config:
     """Rewrites one Keras 2 layer config (and the layers nested in it) for Keras 3, in place.
 
@@ -258,6 +279,7 @@ def translate_layer_config(layer_config: Config) -> Config:
         if isinstance(config.get("cell"), dict):
             translate_layer_config(config["cell"])
     elif class_name in WRAPPERS:
+        _spell_out_backward_layer(class_name, config)
         for key in ("layer", "backward_layer"):
             if isinstance(config.get(key), dict):
                 translate_layer_config(config[key])

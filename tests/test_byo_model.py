@@ -214,8 +214,13 @@ encoder = Model(enc_input, encoded, name="enc/model")
 slashed = Model(inp, Dense(2, name="out/dense")(Concatenate(name="cat/all")(
     [encoder(inp), Bidirectional(GRU(2), name="enc/bi")(Embedding(50, 3, name="enc_emb")(inp))])))
 rng = np.random.default_rng(1)
+# A Bidirectional of a go_backwards=True layer: Keras 2's backward copy then reads forwards.
+reading_back = Embedding(50, 4)(inp)
+backwards = Model(inp, [Bidirectional(GRU(3, go_backwards=True), name="bi_vector")(reading_back),
+                        Bidirectional(LSTM(2, go_backwards=True, return_sequences=True), name="bi_sequence")(
+                            reading_back)])
 for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op),
-                    ("slashed", slashed)):
+                    ("slashed", slashed), ("backwards", backwards)):
     # Random weights, all different from their initial values (variances stay positive).
     model.set_weights([
         np.abs(value) + 0.5 if "moving_variance" in weight.name else value
@@ -539,6 +544,21 @@ def test_keras2_layer_names_with_a_slash_load_with_an_underscore(keras2, caplog)
     actual = keras.Model(model.inputs, tensors).predict(np.load(directory / "zoo_ids.npy"), verbose=0)
     for key, value in zip(keys, actual, strict=True):
         np.testing.assert_allclose(value, references[key], atol=TOLERANCE, rtol=0, err_msg=key)
+
+
+def test_keras2_bidirectional_of_a_backwards_layer_keeps_its_directions(keras2):
+    # Keras 3 made both copies read backwards, and refused the model ("Forward layer and backward
+    # layer should have different `go_backwards` value").
+    directory, references, _ = keras2
+    model = load_model_file(str(directory / "zoo_backwards.h5"))
+    names = ("bi_vector", "bi_sequence")
+    assert [model.get_layer(name).backward_layer.go_backwards for name in names] == [False, False]
+    actual = keras.Model(model.inputs, [model.get_layer(name).output for name in names]).predict(
+        np.load(directory / "zoo_ids.npy"), verbose=0
+    )
+    for name, value in zip(names, actual, strict=True):
+        expected = references[f"zoo|backwards|{name}:0"]
+        np.testing.assert_allclose(value, expected, atol=TOLERANCE, rtol=0, err_msg=name)
 
 
 def test_a_layer_config_keras3_refuses_is_one_line_naming_its_class(keras2, tmp_path):
