@@ -210,6 +210,27 @@ def _renumber_nested_model_nodes(model_config: Config) -> None:
                     renumber(reference)
 
 
+def _spell_out_backward_layer(class_name: str, config: Config) -> None:
+    """Gives a Keras 2 Bidirectional of a `go_backwards=True` layer its backward layer, in place.
+
+    Keras 2 makes the backward copy read the other way than the layer it wraps,
+    so a wrapped layer with `go_backwards=True` gets a copy reading forwards;
+    Keras 3 always makes it read backwards, and then refuses two layers reading
+    the same way. Spelling the copy out keeps Keras 2's directions.
+    """
+    layer = config.get("layer")
+    if class_name != "Bidirectional" or config.get("backward_layer") or not isinstance(layer, dict):
+        return
+    inner = layer.get("config")
+    if not isinstance(inner, dict) or not inner.get("go_backwards"):
+        return
+    backward = copy.deepcopy(layer)
+    backward["config"]["go_backwards"] = False
+    name = str(inner.get("name", ""))
+    backward["config"]["name"] = "backward_" + name.removeprefix("forward_")
+    config["backward_layer"] = backward
+
+
 def translate_layer_config(layer_config: Config) -> Config:
     """Rewrites one Keras 2 layer config (and the layers nested in it) for Keras 3, in place.
 
@@ -258,6 +279,7 @@ def translate_layer_config(layer_config: Config) -> Config:
         if isinstance(config.get("cell"), dict):
             translate_layer_config(config["cell"])
     elif class_name in WRAPPERS:
+        _spell_out_backward_layer(class_name, config)
         for key in ("layer", "backward_layer"):
             if isinstance(config.get(key), dict):
                 translate_layer_config(config[key])
@@ -289,6 +311,41 @@ def translate_layer_config(layer_config: Config) -> Config:
     elif class_name == LAMBDA:
         _translate_lambda(config, name)
     return layer_config
+
+
+def _replace_strings(value: typing.Any, renames: dict[str, str]) -> typing.Any:
+    """`value` (a JSON-like config) with every string that is a key of `renames` replaced."""
+    if isinstance(value, str):
+        return renames.get(value, value)
+    if isinstance(value, list):
+        return [_replace_strings(item, renames) for item in value]
+    if isinstance(value, dict):
+        return {key: _replace_strings(item, renames) for key, item in value.items()}
+    return value
+
+
+def rename_slashed_layers(model_config: Config) -> tuple[Config, dict[str, str]]:
+    """`(config, {new name: Keras 2 name})`: layers whose names hold a `/` renamed with `_` for it.
+
+    Keras 2 accepts `Embedding(..., name="encoder/emb")` (TensorFlow scope names
+    allow `/`); Keras 3 refuses `/` in a layer name. The name is replaced wherever
+    the config uses it (the layer, the calls that read it, the model's inputs and
+    outputs), by the name with `_` for each `/`, made unique with trailing `_`s.
+    """
+    names = {
+        layer["config"]["name"]
+        for layer in _walk_layers(model_config)
+        if isinstance(layer.get("config"), dict) and isinstance(layer["config"].get("name"), str)
+    }
+    renames: dict[str, str] = {}
+    for name in sorted(name for name in names if "/" in name):
+        new = name.replace("/", "_")
+        while new in names or new in renames.values():
+            new += "_"
+        renames[name] = new
+    if not renames:
+        return model_config, {}
+    return _replace_strings(model_config, renames), {new: old for old, new in renames.items()}
 
 
 def translate_model_config(model_config: Config) -> Config:

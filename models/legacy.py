@@ -16,10 +16,11 @@ model with one is refused unless the caller opts in (`allow_unsafe=True`, the
 from __future__ import annotations
 
 import json
+import logging
 import re
 import typing
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
 import numpy as np
@@ -31,6 +32,7 @@ from models.keras2_config import (
     LegacyModelError,
     activation_names,
     lambda_layer_names,
+    rename_slashed_layers,
     translate_model_config,
 )
 
@@ -153,11 +155,12 @@ def _weight_values(group: h5py.Group, layer_name: str) -> tuple[list[str], list[
     return names, [np.asarray(layer_group[name]) for name in names]
 
 
-def load_h5_weights(path: str, model: keras.Model) -> None:
+def load_h5_weights(path: str, model: keras.Model, saved_names: Mapping[str, str] | None = None) -> None:
     """Copies the weights of `path`'s `model_weights` group into `model`, layer by layer, by name.
 
     Within a layer, weights go in Keras's legacy order (trainable, then
-    non-trainable), which is the order Keras 2 wrote them in.
+    non-trainable), which is the order Keras 2 wrote them in. `saved_names`
+    maps a layer renamed on loading to its name in the file.
 
     Raises:
         LegacyModelError: a layer with weights is missing from the file, or a
@@ -174,12 +177,13 @@ def load_h5_weights(path: str, model: keras.Model) -> None:
             targets = list(layer.trainable_weights) + list(layer.non_trainable_weights)
             if not targets:
                 continue
-            if layer.name not in saved:
+            saved_name = (saved_names or {}).get(layer.name, layer.name)
+            if saved_name not in saved:
                 raise LegacyModelError(
-                    f"{path} has no weights for layer {layer.name!r}; the file's weight groups are "
+                    f"{path} has no weights for layer {saved_name!r}; the file's weight groups are "
                     f"{sorted(saved)}. The file is incomplete or was not written by model.save()."
                 )
-            names, values = _weight_values(group, layer.name)
+            names, values = _weight_values(group, saved_name)
             if len(values) != len(targets):
                 raise LegacyModelError(
                     f"Layer {layer.name!r} ({type(layer).__name__}) has {len(targets)} weights in "
@@ -193,6 +197,21 @@ def load_h5_weights(path: str, model: keras.Model) -> None:
                         f"but the rebuilt layer expects {tuple(target.shape)}."
                     )
                 target.assign(value)
+
+
+def _deserialization_cause(error: Exception) -> str:
+    """Why Keras could not build a config, in one line, without the config dumps.
+
+    Keras nests its reasons ("... config={...}. Exception encountered: Error when
+    deserializing class 'Dense' using config={...}. Exception encountered: ..."),
+    one per level of the model; the innermost one is the cause.
+    """
+    text = str(error)
+    parts = [" ".join(part.split()).rstrip(".") for part in text.split("Exception encountered:")]
+    classes = re.findall(r"Error when deserializing class '([^']+)'", text)
+    if len(parts) > 1 and classes:
+        return f"building a {classes[-1]}: {parts[-1]}"
+    return f"{type(error).__name__}: {parts[-1]}"
 
 
 def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
@@ -223,7 +242,14 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
                 "the model, which Keras 3 cannot rebuild from the file. Save the model with a Keras "
                 "activation, or an Activation layer computing the same, and export that file."
             )
-    translated = translate_model_config(config)
+    translated, saved_names = rename_slashed_layers(translate_model_config(config))
+    for name, saved_name in saved_names.items():
+        logging.warning(
+            "Layer %r of %s is called %r here (and in --layer): Keras 3 does not allow '/' in layer names.",
+            saved_name,
+            path,
+            name,
+        )
     try:
         model = keras.saving.deserialize_keras_object(translated, safe_mode=not allow_unsafe)
     except LegacyModelError:
@@ -238,10 +264,10 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
             )
         raise LegacyModelError(
             f"Keras 3 could not rebuild the Keras {version or '2'} model in {path}: "
-            f"{type(error).__name__}: {error}.{hint} Translated layer types: "
+            f"{_deserialization_cause(error)}.{hint} Translated layer types: "
             f"{', '.join(SUPPORTED_LAYERS)}."
         ) from None
-    load_h5_weights(path, model)
+    load_h5_weights(path, model, saved_names)
     return model
 
 

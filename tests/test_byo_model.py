@@ -10,6 +10,7 @@ maxlen=...))`.  The tests export those files with the pipeline and compare.
 """
 
 import json
+import logging
 import os
 import sys
 
@@ -205,8 +206,21 @@ nested_embedding = Embedding(50, 4)
 pair = [LSTM(3)(nested_embedding(first)), LSTM(3)(nested_embedding(second))]
 nested = Model([first, second], inner(Concatenate()(pair)))
 tf_op = Model(inp, Embedding(50, 4)(inp) + 1.0)
+# Layer names with '/' (Keras 2 allows them, Keras 3 does not), in a nested model and a Bidirectional
+# too, beside a layer already named as the first '/' one becomes.
+enc_input = Input((12,))
+encoded = LSTM(3, name="enc/lstm")(Embedding(50, 4, name="enc/emb")(enc_input))
+encoder = Model(enc_input, encoded, name="enc/model")
+slashed = Model(inp, Dense(2, name="out/dense")(Concatenate(name="cat/all")(
+    [encoder(inp), Bidirectional(GRU(2), name="enc/bi")(Embedding(50, 3, name="enc_emb")(inp))])))
 rng = np.random.default_rng(1)
-for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op)):
+# A Bidirectional of a go_backwards=True layer: Keras 2's backward copy then reads forwards.
+reading_back = Embedding(50, 4)(inp)
+backwards = Model(inp, [Bidirectional(GRU(3, go_backwards=True), name="bi_vector")(reading_back),
+                        Bidirectional(LSTM(2, go_backwards=True, return_sequences=True), name="bi_sequence")(
+                            reading_back)])
+for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op),
+                    ("slashed", slashed), ("backwards", backwards)):
     # Random weights, all different from their initial values (variances stay positive).
     model.set_weights([
         np.abs(value) + 0.5 if "moving_variance" in weight.name else value
@@ -511,6 +525,59 @@ def test_legacy_layers_match_tf_keras(keras2):
     assert set(SUPPORTED_LAYERS) - {"InputLayer", "Lambda", "Functional"} <= checked_types
     with pytest.raises(LegacyModelError, match="TFOpLambda"):
         load_model_file(str(directory / "zoo_tf_op.h5"))
+
+
+def test_keras2_layer_names_with_a_slash_load_with_an_underscore(keras2, caplog):
+    # Keras 3 refused the whole model with its config dump: "cannot contain character `/`".
+    directory, references, _ = keras2
+    with caplog.at_level(logging.WARNING):
+        model = load_model_file(str(directory / "zoo_slashed.h5"))
+    renamed = {"enc/model": "enc_model", "enc/bi": "enc_bi", "cat/all": "cat_all", "out/dense": "out_dense"}
+    renamed["enc_emb"] = "enc_emb"
+    assert "Layer 'enc/bi' of" in caplog.text and "is called 'enc_bi' here" in caplog.text
+    assert {layer.name for layer in model.get_layer("enc_model").layers} >= {"enc_emb_", "enc_lstm"}
+    calls = layer_calls(model)
+    keys = [key for key in references if key.startswith("zoo|slashed|")]
+    targets = [key.split("|")[2].rsplit(":", 1) for key in keys]
+    assert {layer for layer, _ in targets} == set(renamed)
+    tensors = [calls[renamed[layer]][int(call)] for layer, call in targets]
+    actual = keras.Model(model.inputs, tensors).predict(np.load(directory / "zoo_ids.npy"), verbose=0)
+    for key, value in zip(keys, actual, strict=True):
+        np.testing.assert_allclose(value, references[key], atol=TOLERANCE, rtol=0, err_msg=key)
+
+
+def test_keras2_bidirectional_of_a_backwards_layer_keeps_its_directions(keras2):
+    # Keras 3 made both copies read backwards, and refused the model ("Forward layer and backward
+    # layer should have different `go_backwards` value").
+    directory, references, _ = keras2
+    model = load_model_file(str(directory / "zoo_backwards.h5"))
+    names = ("bi_vector", "bi_sequence")
+    assert [model.get_layer(name).backward_layer.go_backwards for name in names] == [False, False]
+    actual = keras.Model(model.inputs, [model.get_layer(name).output for name in names]).predict(
+        np.load(directory / "zoo_ids.npy"), verbose=0
+    )
+    for name, value in zip(names, actual, strict=True):
+        expected = references[f"zoo|backwards|{name}:0"]
+        np.testing.assert_allclose(value, expected, atol=TOLERANCE, rtol=0, err_msg=name)
+
+
+def test_a_layer_config_keras3_refuses_is_one_line_naming_its_class(keras2, tmp_path):
+    # The message held Keras's config dump of every level of the model, over several lines.
+    import h5py
+
+    directory, _, _ = keras2
+    path = tmp_path / "extra_argument.h5"
+    path.write_bytes((directory / "zoo_many.h5").read_bytes())
+    with h5py.File(path, "r+") as handle:
+        config = json.loads(handle.attrs["model_config"])
+        dense = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Dense")
+        dense["config"]["unknown_argument"] = 1
+        handle.attrs["model_config"] = json.dumps(config)
+    with pytest.raises(LegacyModelError) as raised:
+        load_model_file(str(path))
+    message = str(raised.value)
+    assert "\n" not in message and "config=" not in message
+    assert "building a Dense: Unrecognized keyword arguments passed to Dense: {'unknown_argument'" in message
 
 
 def test_keras3_h5_file_loads(tmp_path):

@@ -28,8 +28,9 @@ from models.fast_path import FAST, HYBRID, KERAS, MAX_LANES, build_fast_path, de
 from models.legacy import load_model_file
 from models.tokenizer import pad_token_ids
 from models.truncate import layer_calls, parse_layer_spec, truncate
-from pipeline.inference.forward_pass import FAST_PATH_TOLERANCE, max_difference
+from pipeline.inference.forward_pass import FAST_PATH_TOLERANCE, max_difference, verification_batch
 from pipeline.inspect import main as inspect_main
+from pipeline.planning.plan import InputInfo
 from pipeline.running.export import run_export
 
 VOCABULARY = 50
@@ -329,6 +330,35 @@ def test_declined_layers_run_as_keras_layers_next_to_fast_ones_with_the_reason()
     assert (
         passes["pooled"].engine == KERAS and "go_backwards with return_sequences" in passes["pooled"].reason
     )
+
+
+def test_keras_layers_on_fast_sequences_get_their_static_length():
+    # TimeDistributed reads the time axis from the static shape: given none, Keras 3 loops over
+    # the batch size instead (a wrong shape, or a crash on every batch not of the input length);
+    # LSTM(unroll=True) cannot be built without it.
+    def build(embedded):
+        sequence = keras.layers.LSTM(4, return_sequences=True, name="sequence")(embedded)
+        timed = keras.layers.TimeDistributed(keras.layers.Dense(3), name="timed")(sequence)
+        pooled = keras.layers.GlobalAveragePooling1D(name="pooled")(timed)
+        unrolled = keras.layers.LSTM(2, unroll=True, name="unrolled")(sequence)
+        return keras.layers.Concatenate(name="target")([pooled, unrolled])
+
+    sub_model = truncate(
+        _keras3_model(build, masked=True), [parse_layer_spec(n) for n in ("timed", "pooled", "target")]
+    )
+    for rows in (7, 60):
+        passes = _assert_fast_equals_predict(sub_model, _features(sub_model, rows=rows))
+    assert {column: p.engine for column, p in passes.items()} == dict.fromkeys(passes, HYBRID)
+
+
+def test_the_launch_checks_batch_never_has_as_many_rows_as_an_input_has_tokens():
+    # A model of 48 tokens checked on 48 rows passed with a layer that took the batch axis for
+    # the time axis (TimeDistributed, before the fix above), then failed every other batch.
+    inputs = (InputInfo("content", "content", 48), InputInfo("title", "title", 49))
+    batch = verification_batch(inputs, "pre", VOCABULARY)
+    rows = len(batch["content"])
+    assert rows not in (48, 49)
+    assert batch["content"].shape == (rows, 48) and batch["title"].shape == (rows, 49)
 
 
 def test_verification_catches_a_fast_path_that_disagrees(train_tiny_model):

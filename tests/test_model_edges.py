@@ -19,7 +19,9 @@ from pipeline_fixtures import (
     write_jsonl,
 )
 
+from models.fast_path import FastPath
 from pipeline.errors import ExportConfigError
+from pipeline.inference import embedder
 from pipeline.running.export import run_export
 
 # Token 1's embedding is beyond float16's range (65,504) on its own, and still is averaged over 3 tokens.
@@ -195,21 +197,40 @@ def keras2_failing(tmp_path_factory):
     return build_keras2_models(tmp_path_factory.mktemp("failing"), TIME_DISTRIBUTED_KERAS2)[0]
 
 
-def test_a_fast_path_that_fails_on_the_sample_batch_is_declined(keras2_failing, tmp_path):
-    """The check's candidate raised (a TensorFlow traceback, exit 1); Keras's own pass exports it."""
-    directory = keras2_failing
+def _export_timed(directory, tmp_path):
+    """Exports `td` of the TimeDistributed model; returns its manifest column after checking the rows."""
     documents = [{"id": f"d{index}", "content": list(range(1, 2 + index))} for index in range(6)]
     corpus = write_jsonl(tmp_path / "ids.jsonl", documents)
     output = tmp_path / "out"
     flags = ["--tokenizer", "none", "--layer", "td", "--input_map", "input_1=content"]
     summary = run_export(export_args(directory / "timed.h5", corpus, output, *flags))
     assert summary.exit_code == 0, summary.message
-    (column,) = manifest_of(output)["columns"]
-    assert column["forward_pass"] == "keras" and "fails on a sample batch" in column["forward_pass_reason"]
     rows = rows_by_id(read_rows(output))
     expected = np.load(directory / "expected.npy")
     for index, document in enumerate(documents):
         np.testing.assert_allclose(rows[document["id"]]["td"], expected[index], rtol=0, atol=1e-5)
+    (column,) = manifest_of(output)["columns"]
+    return column
+
+
+def test_a_fast_path_that_fails_on_the_sample_batch_is_declined(keras2_failing, tmp_path, monkeypatch):
+    """The check's candidate raised (a TensorFlow traceback, exit 1); Keras's own pass exports it."""
+
+    def failing(*args, **kwargs):
+        raise ValueError("a layer the hybrid pass cannot feed")
+
+    monkeypatch.setattr(FastPath, "_call", failing)
+    # This process keeps the launch's choice for later launches of the same plan: not this one's.
+    monkeypatch.setattr(embedder, "_LAUNCHED", [])
+    column = _export_timed(keras2_failing, tmp_path)
+    assert column["forward_pass"] == "keras"
+    assert "fails on a sample batch (ValueError: a layer the hybrid pass" in column["forward_pass_reason"]
+
+
+def test_a_time_distributed_layer_after_a_fast_lstm_runs_on_the_hybrid_pass(keras2_failing, tmp_path):
+    """It got no static time length there and looped over the batch: the check failed (keras)."""
+    column = _export_timed(keras2_failing, tmp_path)
+    assert column["forward_pass"] == "hybrid", column["forward_pass_reason"]
 
 
 def test_a_model_that_fails_on_the_sample_batch_is_one_error_naming_the_cause(keras2_failing, tmp_path):

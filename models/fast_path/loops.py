@@ -279,9 +279,10 @@ class FastPath:
         known: dict[int, tf.Tensor] = {}
         for key, fast in self._cuts.items():
             order = restore["tokens"][fast.input_name] if id(fast) in ragged else restore["rows"]
-            known[key] = tf.gather(tf.concat([values[id(fast)] for values in lane_values], axis=0), order)
+            value = tf.gather(tf.concat([values[id(fast)] for values in lane_values], axis=0), order)
+            known[key] = value if id(fast) in ragged else _with_static_shape(value, self._cut_tensors[key])
         for name, tensor in self._inputs.items():
-            known[id(tensor)] = tf.cast(raw[name], tensor.dtype)
+            known[id(tensor)] = _with_static_shape(tf.cast(raw[name], tensor.dtype), tensor)
         results = {}
         for column in columns:
             tensor = self._outputs[column]
@@ -392,6 +393,17 @@ class FastPath:
         traced = self._traced((features, lanes, restore), columns, real_tokens)
         outputs = traced(features, lanes, restore)
         return {column: value.numpy() for column, value in outputs.items()}
+
+
+def _with_static_shape(value: tf.Tensor, tensor: keras.KerasTensor) -> tf.Tensor:
+    """`value` with the static shape of the symbolic `tensor` it stands for (all but the batch axis).
+
+    The lanes' loops and the traced inputs leave the time axis unknown, and some
+    Keras layers read it from the static shape: `TimeDistributed` would loop over
+    the batch size instead (wrong shapes, or a crash on every batch whose size is
+    not the input length), `LSTM(unroll=True)` could not be built.
+    """
+    return tf.ensure_shape(value, [None, *tensor.shape[1:]])
 
 
 def _keras_value(tensor: keras.KerasTensor, known: dict[int, tf.Tensor]) -> tf.Tensor:

@@ -45,7 +45,11 @@ def verification_batch(
     hold a padding id among their tokens, so that every way the fast path
     handles padding (skipped, run through, masked) is compared with Keras.
     A text input gets texts of one word and more, in the shape the model takes.
+    The batch never has as many rows as an input has tokens, so that a layer that
+    mistakes one axis for the other fails the check instead of passing it by chance.
     """
+    while any(info.length == rows for info in inputs):
+        rows += 1
     rng = np.random.default_rng(seed)
     batch = {}
     for info in inputs:
