@@ -225,6 +225,38 @@ def test_a_full_tmpfs_during_the_pipeline_is_one_error_and_keeps_the_old_export(
     assert resume_lib.read_run(output, os.listdir(staging)[0]) is not None
 
 
+@pytest.mark.slow
+def test_a_file_past_the_file_size_limit_is_one_error_and_a_rerun_with_smaller_shards_continues(
+    tmp_path, tiny_bundle
+):
+    """`ulimit -f` (or FAT32's 4 GiB under a large --shard_mb): a row file's write fails with EFBIG,
+    which ended the run in Beam's traceback, exit 1."""
+    output = str(tmp_path / "out")
+    run_export(
+        ["--model", tiny_bundle[0], "--input", _corpus(tmp_path / "old.jsonl", IDS), "--output", output]
+    )
+    before = snapshot(output)
+    new_ids = [f"new{i}" for i in range(400)]
+    new = _corpus(tmp_path / "new.jsonl", new_ids)
+    argv = pipeline_command(new, output, "--model", tiny_bundle[0], "--overwrite", "--batch_size", "16")[3:]
+    # About 60 kB of rows in one file (a checkpoint closes it only after 60 s): past a 20 kB limit.
+    process = _hooked(["fsize:20000"], argv)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == EXIT_OUTPUT_FAILED, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "File too large" in errors[0] and "--shard_mb" in errors[0], errors[0]
+    staging = os.path.join(output, layout_lib.STAGING)
+    assert staging in errors[0]
+    assert {k: v for k, v in snapshot(output).items() if not k.startswith(layout_lib.STAGING)} == before
+    # Files of 10 kB fit under the limit; --shard_mb is no part of the run's signature.
+    process = _hooked(["fsize:20000"], [*argv, "--shard_mb", "0.01"])
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert _complete_export(output) == sorted(new_ids)
+
+
 # --- point 13: SIGTERM, and Ctrl-C in the forward pass ------------------------------------------
 
 
