@@ -383,6 +383,51 @@ def test_a_failed_overwrite_keeps_the_succeeded_export_and_says_where_its_dead_l
 
 
 @pytest.mark.slow
+def test_a_failed_overwrite_stopped_as_it_sets_its_dead_letters_aside_leaves_one_record_of_each_run(
+    tmp_path, tiny_bundle
+):
+    """A SIGTERM there did not wait for it (`_failed/RUN/` was left with dead letters and no manifest),
+    and the rerun after a SIGKILL there kept such a folder forever beside its own."""
+    good = _corpus(tmp_path / "good.jsonl", IDS)
+    output = str(tmp_path / "out")
+    assert main(["--model", tiny_bundle[0], "--input", good, "--output", output]) == 0
+    before = snapshot(output)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "only", "content": "word1", "title": "word2"}) + "\n" + "{broken\n" * 5)
+    argv = pipeline_command(bad, output, "--model", tiny_bundle[0], "--overwrite")[3:]
+    failed_root = os.path.join(output, layout_lib.FAILED_DIR)
+    marker = str(tmp_path / "aside")
+    # Paused before the failed run's manifest is written, its dead letters moved into _failed/RUN/.
+    process = _hooked([f"pause:write:1:{marker}"], argv)
+    _wait_for(marker + ".paused", process)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # The handler runs while the set-aside is paused: it must only defer.
+    open(marker + ".go", "w").close()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_TERMINATED, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith(("interrupted:", "error:"))]
+    assert len(lines) == 2, err[-3000:]
+    assert lines[0].startswith(f"interrupted: the run had finished in {output} "), lines
+    assert "was kept" in lines[1], lines
+    (first,) = os.listdir(failed_root)
+    assert state_lib.read_manifest(os.path.join(failed_root, first)) is not None
+    assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
+    # SIGKILLed at the same place, then rerun: the folder no manifest explains goes.
+    process = _hooked(["kill:write:1"], argv)
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    assert len(os.listdir(failed_root)) == 2
+    rerun = run_command(pipeline_command(bad, output, "--model", tiny_bundle[0], "--overwrite"))
+    assert rerun.returncode == EXIT_TOO_MANY_ERRORS, rerun.stderr[-3000:]
+    runs = sorted(os.listdir(failed_root))
+    assert len(runs) == 2 and first in runs, runs
+    for run in runs:
+        assert state_lib.read_manifest(os.path.join(failed_root, run))["counts"]["dead_letters"] == 5
+    kept = {k: v for k, v in snapshot(output).items() if not k.startswith(layout_lib.FAILED_DIR + "/")}
+    assert kept == before
+
+
+@pytest.mark.slow
 def test_hooked_run_is_the_real_command(tmp_path, tiny_bundle):
     # The hooks of the other tests are the only difference from `python -m pipeline.run`.
     corpus = _corpus(tmp_path / "c.jsonl", IDS)

@@ -432,12 +432,15 @@ def set_aside_failed_run(directory: str, run_id: str, staged: StagedShards, mani
     """
     failed = posixpath.join(FAILED_DIR, run_id)
     errors: list[dict[str, str | int]] = []
-    make_directory(directory, posixpath.join(failed, ERRORS_DIR))
-    for path, rows in staged.get("errors", []):
-        target = posixpath.join(failed, ERRORS_DIR, posixpath.basename(path))
-        move(directory, relative_to(directory, path), target)
-        errors.append({"file": target, "rows": rows})
-    manifest = dict(manifest, committed=False, shards={"rows": [], "errors": errors}, tables=[])
-    write_json(directory, posixpath.join(failed, MANIFEST), manifest)
-    remove_staging(directory, run_id)
+    # It changes the output as a commit does: a stop signal waits for it (a SIGKILL part-way leaves
+    # `_failed/RUN/` without its manifest, which the rerun removes: `state.prepare`).
+    with committing(done_phase="committed"):
+        make_directory(directory, posixpath.join(failed, ERRORS_DIR))
+        for path, rows in staged.get("errors", []):
+            target = posixpath.join(failed, ERRORS_DIR, posixpath.basename(path))
+            move(directory, relative_to(directory, path), target)
+            errors.append({"file": target, "rows": rows})
+        manifest = dict(manifest, committed=False, shards={"rows": [], "errors": errors}, tables=[])
+        write_json(directory, posixpath.join(failed, MANIFEST), manifest)
+        remove_staging(directory, run_id)
     return join(directory, failed)
