@@ -27,6 +27,16 @@ class OutputBusyError(ExportConfigError):
     """Another live run holds the output directory."""
 
 
+class LockLostError(OutputBusyError):
+    """This run no longer holds its output (`OutputLock.check_held`): a lease taken over or gone, or
+    locally a `_LOCK` that is not the file it locked.  `reason` says how, without what to do: a
+    commit stopped past its commit point says something else to do than a run that committed nothing."""
+
+    def __init__(self, reason: str, advice: str) -> None:
+        super().__init__(f"{reason} {advice}")
+        self.reason = reason
+
+
 class OutputWriteError(Exception):
     """The output could not be written while the run worked (a full disk, ...); says what is left."""
 

@@ -120,8 +120,10 @@ def _interrupted(
             f"({signal.Signals(signum).name}); it is complete, nothing to rerun."
         )
     elif committed is not None:
+        # A failed run set aside beside a succeeded export committed nothing: its line says where it is.
+        done = "the export was committed to" if committed.committed else "the run had finished in"
         _tell(
-            f"interrupted: the export was committed to {committed.output} before the run stopped "
+            f"interrupted: {done} {committed.output} before the run stopped "
             f"({signal.Signals(signum).name}), ending with errors (exit status {committed.exit_code}):"
         )
         _tell(f"error: {committed.message}")

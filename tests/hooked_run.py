@@ -10,6 +10,8 @@ Each HOOK is one of:
     inference_pause:N:MARKER in the N-th forward pass, create MARKER.paused and wait for MARKER.go
     enospc:BYTES             files created under the output's _staging/ raise ENOSPC once
                              BYTES were written into them in all
+    fsize:BYTES              the process's file-size limit (`ulimit -f`): a write past BYTES fails
+                             with EFBIG, as the kernel does it
 
 ACTION is a step of the commit (`pipeline.writing.files.step_hook`: "hash", "write", "rename", "copy",
 "delete", "mkdir") or "any".
@@ -119,6 +121,15 @@ def _enospc_hook(limit):
     pa.OSFile = full_native
 
 
+def _fsize_hook(limit):
+    import resource
+
+    # Python ignores SIGXFSZ at start-up, so a write past the limit fails with EFBIG; a child
+    # forked by the tests' fork server starts with the default action (ending the process).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
 def main(argv):
     split = argv.index("--")
     for hook in argv[:split]:
@@ -131,6 +142,8 @@ def main(argv):
             _inference_hook(int(values[0]), ":".join(values[1:]))
         elif kind == "enospc":
             _enospc_hook(int(values[0]))
+        elif kind == "fsize":
+            _fsize_hook(int(values[0]))
         else:
             raise SystemExit(f"unknown hook {hook!r}")
     from pipeline import run

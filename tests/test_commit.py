@@ -29,7 +29,13 @@ from pipeline_fixtures import REPOSITORY, pipeline_command, run_command, snapsho
 from test_object_storage import BUCKET, client, s3_endpoint, s3_flags, share_one_s3_client  # noqa: F401  (fixture)
 
 from pipeline.analysis.dataset import open_documents
-from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, OutputBusyError, OutputWriteError
+from pipeline.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_OUTPUT_FAILED,
+    LockLostError,
+    OutputBusyError,
+    OutputWriteError,
+)
 from pipeline.run import STOP_SIGNALS
 from pipeline.running.export import run_export
 from pipeline.writing import commit as commit_lib
@@ -38,6 +44,7 @@ from pipeline.writing import files as files_lib
 from pipeline.writing import layout as layout_lib
 from pipeline.writing import staging as staging_lib
 from pipeline.writing import state as state_lib
+from pipeline.writing.lock import OutputLock
 
 OLD_IDS = [f"old{i}" for i in range(5)] + [f"doc{i}" for i in range(3)]
 NEW_IDS = [f"doc{i}" for i in range(6)]
@@ -249,6 +256,37 @@ def test_a_run_that_lost_the_output_during_its_commit_changes_nothing_more(scena
     assert _complete_export(directory) == sorted(old_ids)
     assert _digests(directory) == old_files
     assert commit_lib.has_pending_commit(directory) == (lost_at == "replay")
+
+
+def test_a_local_lock_lost_past_the_commit_point_says_where_the_journal_is(scenarios, tmp_path):
+    """Its line said "Nothing was committed" while the output held a journal and half the new export."""
+    template, run_id, facts, old_ids = scenarios["overwrite"]
+    directory = str(tmp_path / "out")
+    shutil.copytree(template, directory, symlinks=True)
+    renames = []
+
+    def hook(action, relative):  # a "stale lock" cleared by hand as the third file is renamed in
+        if action == "rename":
+            renames.append(relative)
+            if len(renames) == 3:
+                os.unlink(os.path.join(directory, layout_lib.LOCK))
+
+    with OutputLock(directory) as lock:
+        files_lib.step_hook = hook
+        try:
+            with pytest.raises(LockLostError) as raised:
+                commit_lib.commit(
+                    directory, run_id, staging_lib.staged_shards(directory, run_id), facts, lock.check_held
+                )
+        finally:
+            files_lib.step_hook = None
+    message = str(raised.value)
+    assert renames[0] == layout_lib.JOURNAL and commit_lib.has_pending_commit(directory)
+    assert "Nothing was committed" not in message, message
+    assert f"{directory!r} holds the commit's journal {layout_lib.JOURNAL}" in message, message
+    # As it says: the next command on the directory finishes the commit.
+    assert commit_lib.finish_interrupted_commit(directory)
+    assert _complete_export(directory) == sorted(NEW_IDS)
 
 
 @pytest.mark.parametrize("name", ["fresh", "overwrite", "reuse_in_place"])

@@ -225,6 +225,38 @@ def test_a_full_tmpfs_during_the_pipeline_is_one_error_and_keeps_the_old_export(
     assert resume_lib.read_run(output, os.listdir(staging)[0]) is not None
 
 
+@pytest.mark.slow
+def test_a_file_past_the_file_size_limit_is_one_error_and_a_rerun_with_smaller_shards_continues(
+    tmp_path, tiny_bundle
+):
+    """`ulimit -f` (or FAT32's 4 GiB under a large --shard_mb): a row file's write fails with EFBIG,
+    which ended the run in Beam's traceback, exit 1."""
+    output = str(tmp_path / "out")
+    run_export(
+        ["--model", tiny_bundle[0], "--input", _corpus(tmp_path / "old.jsonl", IDS), "--output", output]
+    )
+    before = snapshot(output)
+    new_ids = [f"new{i}" for i in range(400)]
+    new = _corpus(tmp_path / "new.jsonl", new_ids)
+    argv = pipeline_command(new, output, "--model", tiny_bundle[0], "--overwrite", "--batch_size", "16")[3:]
+    # About 60 kB of rows in one file (a checkpoint closes it only after 60 s): past a 20 kB limit.
+    process = _hooked(["fsize:20000"], argv)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == EXIT_OUTPUT_FAILED, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "File too large" in errors[0] and "--shard_mb" in errors[0], errors[0]
+    staging = os.path.join(output, layout_lib.STAGING)
+    assert staging in errors[0]
+    assert {k: v for k, v in snapshot(output).items() if not k.startswith(layout_lib.STAGING)} == before
+    # Files of 10 kB fit under the limit; --shard_mb is no part of the run's signature.
+    process = _hooked(["fsize:20000"], [*argv, "--shard_mb", "0.01"])
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert _complete_export(output) == sorted(new_ids)
+
+
 # --- point 13: SIGTERM, and Ctrl-C in the forward pass ------------------------------------------
 
 
@@ -348,6 +380,51 @@ def test_a_failed_overwrite_keeps_the_succeeded_export_and_says_where_its_dead_l
     assert main(["--model", tiny_bundle[0], "--input", good, "--output", output, "--overwrite"]) == 0
     assert not os.path.exists(os.path.join(output, layout_lib.FAILED_DIR))
     assert _complete_export(output) == sorted(IDS)
+
+
+@pytest.mark.slow
+def test_a_failed_overwrite_stopped_as_it_sets_its_dead_letters_aside_leaves_one_record_of_each_run(
+    tmp_path, tiny_bundle
+):
+    """A SIGTERM there did not wait for it (`_failed/RUN/` was left with dead letters and no manifest),
+    and the rerun after a SIGKILL there kept such a folder forever beside its own."""
+    good = _corpus(tmp_path / "good.jsonl", IDS)
+    output = str(tmp_path / "out")
+    assert main(["--model", tiny_bundle[0], "--input", good, "--output", output]) == 0
+    before = snapshot(output)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "only", "content": "word1", "title": "word2"}) + "\n" + "{broken\n" * 5)
+    argv = pipeline_command(bad, output, "--model", tiny_bundle[0], "--overwrite")[3:]
+    failed_root = os.path.join(output, layout_lib.FAILED_DIR)
+    marker = str(tmp_path / "aside")
+    # Paused before the failed run's manifest is written, its dead letters moved into _failed/RUN/.
+    process = _hooked([f"pause:write:1:{marker}"], argv)
+    _wait_for(marker + ".paused", process)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # The handler runs while the set-aside is paused: it must only defer.
+    open(marker + ".go", "w").close()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_TERMINATED, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith(("interrupted:", "error:"))]
+    assert len(lines) == 2, err[-3000:]
+    assert lines[0].startswith(f"interrupted: the run had finished in {output} "), lines
+    assert "was kept" in lines[1], lines
+    (first,) = os.listdir(failed_root)
+    assert state_lib.read_manifest(os.path.join(failed_root, first)) is not None
+    assert not os.path.exists(os.path.join(output, layout_lib.STAGING))
+    # SIGKILLed at the same place, then rerun: the folder no manifest explains goes.
+    process = _hooked(["kill:write:1"], argv)
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    assert len(os.listdir(failed_root)) == 2
+    rerun = run_command(pipeline_command(bad, output, "--model", tiny_bundle[0], "--overwrite"))
+    assert rerun.returncode == EXIT_TOO_MANY_ERRORS, rerun.stderr[-3000:]
+    runs = sorted(os.listdir(failed_root))
+    assert len(runs) == 2 and first in runs, runs
+    for run in runs:
+        assert state_lib.read_manifest(os.path.join(failed_root, run))["counts"]["dead_letters"] == 5
+    kept = {k: v for k, v in snapshot(output).items() if not k.startswith(layout_lib.FAILED_DIR + "/")}
+    assert kept == before
 
 
 @pytest.mark.slow

@@ -465,7 +465,8 @@ def _run_and_commit(
     with out_of_space_reported(plan.output, run_id):
         resume_lib.mark_committing(plan.output, run_id)
     # Unverified accounting (a portable runner without committed counters) is no failure of the run.
-    if exit_code not in (EXIT_OK, EXIT_ACCOUNTING_UNVERIFIED) and earlier_succeeded:
+    set_aside = exit_code not in (EXIT_OK, EXIT_ACCOUNTING_UNVERIFIED) and earlier_succeeded
+    if set_aside:
         message += (
             f" The succeeded export already in {plan.output} was kept: a failed run does not replace "
             f"it. This run's manifest and dead letters are in {failed_dir} (its rows were dropped)."
@@ -494,4 +495,5 @@ def _run_and_commit(
         kept_fields_never_found=never_found,
         resumed_run=resumed.run_id if resumed else "",
         rows_kept=resumed.rows_kept if resumed else 0,
+        committed=not set_aside,
     )

@@ -41,7 +41,9 @@ def beam_errors_held(resume: str = "auto") -> Iterator[None]:
                 yield
             except BaseException as error:
                 waiting[0] = False
-                explained = is_disk_full(error) or isinstance(error, KeyboardInterrupt)
+                explained = (
+                    is_disk_full(error) or is_file_too_large(error) or isinstance(error, KeyboardInterrupt)
+                )
                 told = None if explained else _told_in_one_line(error, resume)
                 if explained or told is not None:
                     held.drop()
@@ -198,6 +200,17 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
+def is_file_too_large(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps, Beam's text of a worker's error too) is a file past the largest
+    size allowed: EFBIG, from the process's file-size limit (`ulimit -f`) or the filesystem's own."""
+    for cause in _causes(error):
+        if isinstance(cause, OSError) and cause.errno == errno.EFBIG:
+            return True
+        if os.strerror(errno.EFBIG) in str(cause):
+            return True
+    return False
+
+
 def _free_bytes(path: str) -> int | None:
     if not is_local(path):
         return None
@@ -209,13 +222,16 @@ def _free_bytes(path: str) -> int | None:
 
 @contextlib.contextmanager
 def out_of_space_reported(output: str, run_id: str) -> Iterator[None]:
-    """Turns a full disk inside the block into `out_of_space`'s one-line error (other errors pass)."""
+    """Turns a full disk inside the block into `out_of_space`'s one-line error, and a file past the
+    file-size limit into `file_too_large`'s (other errors pass)."""
     try:
         yield
     except Exception as error:
-        if not is_disk_full(error):
-            raise
-        raise out_of_space(output, run_id) from None
+        if is_disk_full(error):
+            raise out_of_space(output, run_id) from None
+        if is_file_too_large(error):
+            raise file_too_large(output, run_id) from None
+        raise
 
 
 def out_of_space(output: str, run_id: str) -> OutputWriteError:
@@ -236,4 +252,23 @@ def out_of_space(output: str, run_id: str) -> OutputWriteError:
         f"one is committed, so --overwrite needs room for both). The rows made durable are kept in "
         f"{staging}: free space, then rerun the same command to continue from them (--resume off, or "
         "deleting that directory, drops them)."
+    )
+
+
+def file_too_large(output: str, run_id: str) -> OutputWriteError:
+    """Says that a file the run wrote in `output` reached the largest size allowed; its staged rows are kept.
+
+    Like a full disk, this is no fault of the export: a row file grows to about
+    --shard_mb, which the file-size limit (`ulimit -f`, a batch scheduler's) or the
+    filesystem (FAT32 holds files under 4 GiB) may not allow.  --shard_mb is not part
+    of a run's signature, so the rerun with a smaller one continues from the staged rows.
+    """
+    staging = join(output, STAGING, run_id)
+    return OutputWriteError(
+        f"--output {output!r}: a file this run wrote there grew past the largest size allowed "
+        f"({os.strerror(errno.EFBIG)}: the process's file-size limit, `ulimit -f`, or the filesystem's own, "
+        "such as FAT32's 4 GiB). Nothing was committed and an earlier export there is untouched. Lower "
+        "--shard_mb below that size (row files are closed at about --shard_mb) or raise the limit, then "
+        f"rerun: it continues from the rows made durable in {staging} (--resume off, or deleting that "
+        "directory, drops them)."
     )

@@ -41,6 +41,8 @@ class ExportSummary:
     # A resumed run: the run it continued ("" for a run from zero) and the rows it kept of it.
     resumed_run: str = ""
     rows_kept: int = 0
+    # False for a failed run set aside in `_failed/RUN/`: the succeeded export in the output was kept.
+    committed: bool = True
     # --dry_run: nothing was read or written; `job` is the Dataflow job Beam built, if any.
     dry_run: bool = False
     job: Any = dataclasses.field(default=None, repr=False, compare=False)

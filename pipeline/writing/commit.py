@@ -25,7 +25,7 @@ import posixpath
 from collections.abc import Callable
 from typing import Any, Literal, TypedDict
 
-from pipeline.errors import ExportConfigError, OutputWriteError
+from pipeline.errors import ExportConfigError, LockLostError, OutputWriteError
 from pipeline.uris import is_local
 from pipeline.writing.commit_phase import committing, note_recovered
 from pipeline.writing.files import (
@@ -140,9 +140,14 @@ def commit(
         OutputWriteError: the commit could not start (the old export is untouched and
             this run's staging directory removed) or could not finish (the journal stays
             and the next command on the output finishes it).
-        OutputBusyError: `held` found the lock lost; this run changes nothing more.
+        LockLostError: `held` found the lock lost; this run changes nothing more (past the commit
+            point, the message names the directory that holds the journal).
     """
     staging = posixpath.join(STAGING, run_id)
+    # Where the journal goes, named for a run that loses the output part-way (locally through a
+    # link that may be switched meanwhile: the directory it points to now).
+    locked = os.path.realpath(directory) if is_local(directory) else directory
+    past_commit_point = False
     with committing(done_phase="committed"):
         try:
             journal, manifest = _prepare_commit(directory, run_id, staged, manifest)
@@ -151,8 +156,20 @@ def commit(
             with guarded_steps(held):
                 # The commit point: once the journal is in place the new export is the one that survives.
                 move(directory, posixpath.join(staging, JOURNAL), JOURNAL)
+                past_commit_point = True
                 fsync_directory(directory)
                 _replay(directory, journal)
+        except LockLostError as error:
+            if not past_commit_point:
+                raise
+            # Not "nothing was committed": the journal is in place and some files may be renamed in.
+            raise LockLostError(
+                error.reason,
+                f"It stopped its commit part-way, past its commit point, and changes nothing more: "
+                f"{locked!r} holds the commit's journal {JOURNAL} and part of the new export (and no "
+                f"{MANIFEST}); the next run on that directory (or `python -m pipeline.analyze` of it) "
+                "finishes the commit. Check what it holds then.",
+            ) from None
         except OSError as error:
             if _journal_written(directory):
                 raise OutputWriteError(
@@ -415,12 +432,15 @@ def set_aside_failed_run(directory: str, run_id: str, staged: StagedShards, mani
     """
     failed = posixpath.join(FAILED_DIR, run_id)
     errors: list[dict[str, str | int]] = []
-    make_directory(directory, posixpath.join(failed, ERRORS_DIR))
-    for path, rows in staged.get("errors", []):
-        target = posixpath.join(failed, ERRORS_DIR, posixpath.basename(path))
-        move(directory, relative_to(directory, path), target)
-        errors.append({"file": target, "rows": rows})
-    manifest = dict(manifest, committed=False, shards={"rows": [], "errors": errors}, tables=[])
-    write_json(directory, posixpath.join(failed, MANIFEST), manifest)
-    remove_staging(directory, run_id)
+    # It changes the output as a commit does: a stop signal waits for it (a SIGKILL part-way leaves
+    # `_failed/RUN/` without its manifest, which the rerun removes: `state.prepare`).
+    with committing(done_phase="committed"):
+        make_directory(directory, posixpath.join(failed, ERRORS_DIR))
+        for path, rows in staged.get("errors", []):
+            target = posixpath.join(failed, ERRORS_DIR, posixpath.basename(path))
+            move(directory, relative_to(directory, path), target)
+            errors.append({"file": target, "rows": rows})
+        manifest = dict(manifest, committed=False, shards={"rows": [], "errors": errors}, tables=[])
+        write_json(directory, posixpath.join(failed, MANIFEST), manifest)
+        remove_staging(directory, run_id)
     return join(directory, failed)

@@ -12,7 +12,7 @@ from typing import Any, Literal, Self, TypedDict
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.errors import ExportConfigError, OutputBusyError, OutputWriteError
+from pipeline.errors import ExportConfigError, LockLostError, OutputBusyError, OutputWriteError
 from pipeline.held_logs import HeldErrorLogs
 from pipeline.uris import is_local
 from pipeline.writing.files import JsonObject, delete_files, join
@@ -108,7 +108,7 @@ class OutputLock:
             "another --output; two runs must never write one directory."
         )
 
-    def _lost_error(self, lost: JsonObject) -> OutputBusyError:
+    def _lost_error(self, lost: JsonObject) -> LockLostError:
         """The output is no longer this run's (object storage): how it lost its lease, and what to do."""
         run = str(lost.get("run"))
         if run == _GONE:
@@ -120,10 +120,10 @@ class OutputLock:
             )
         else:
             how = f"{self._who(lost)} took it over, after this run's lease went unrenewed"
-        return OutputBusyError(
-            f"This run lost its lock on --output {self.directory!r}: {how}. It commits nothing more. "
-            "Check what the output holds (its _MANIFEST.json), then rerun the same command if it "
-            "should hold this run's export."
+        return LockLostError(
+            f"This run lost its lock on --output {self.directory!r}: {how}.",
+            "It commits nothing more. Check what the output holds (its _MANIFEST.json), then rerun the "
+            "same command if it should hold this run's export.",
         )
 
     def _acquire_local(self) -> None:
@@ -277,15 +277,16 @@ class OutputLock:
         it never checked.
 
         Raises:
-            OutputBusyError: another run took the lease over (naming it).
-            ExportConfigError: the output's `_LOCK` is no longer the one this run locked.
+            LockLostError: another run took the lease over (naming it), or the output's `_LOCK`
+                is no longer the one this run locked.
         """
         if self._fd is not None:
             if not self._holds_path():
-                raise ExportConfigError(
+                raise LockLostError(
                     f"--output {self.directory!r} changed while this run worked: its {LOCK} is not the one "
                     "this run locked (it was deleted, or the directory was moved or replaced, or a link to "
-                    "it now points elsewhere). Nothing was committed; check what is at --output, then rerun."
+                    "it now points elsewhere).",
+                    "Nothing was committed; check what is at --output, then rerun.",
                 )
             return
         if self.lost is None and self._renewer is not None:

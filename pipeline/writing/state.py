@@ -7,6 +7,7 @@ file, a symbolic link, an unknown empty directory) is refused, `--overwrite`
 or not, since an export never deletes what it did not write.
 """
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -32,6 +33,7 @@ from pipeline.writing.files import (
 )
 from pipeline.writing.layout import (
     ERRORS_DIR,
+    FAILED_DIR,
     INDEX_FILE,
     JOURNAL,
     KNOWN_DIRECTORY,
@@ -347,7 +349,33 @@ def prepare(
                 remove_staging(directory, run_id)
     else:
         remove_staging(directory)
+    if state == "finished":  # Only a succeeded export has failed runs set aside beside it.
+        _remove_unfinished_set_asides(directory)
     return new_run_id(), resumed
+
+
+def _remove_unfinished_set_asides(directory: str) -> None:
+    """Removes each `_failed/RUN/` without its `_MANIFEST.json`: a failed run's set-aside cut short.
+
+    `commit.set_aside_failed_run` writes the manifest after moving the dead letters
+    there; killed in between, the folder's dead letters belong to no record of a run
+    (the rerun makes them again, in a `_failed/` folder of its own, or commits them).
+    """
+    by_run: dict[str, list[str]] = {}
+    for path in list_files(join(directory, FAILED_DIR)):
+        parts = relative_to(directory, path).split("/")
+        if len(parts) > 2:
+            by_run.setdefault(parts[1], []).append(path)
+    for run_id, paths in by_run.items():
+        folder = join(directory, FAILED_DIR, run_id)
+        if join(folder, MANIFEST) in paths:
+            continue
+        logging.warning("Removing %s: the dead letters of a failed run killed as it set them aside.", folder)
+        delete_files(paths)
+        if is_local(directory):
+            for empty in (join(folder, ERRORS_DIR), folder):
+                with contextlib.suppress(OSError):  # Not empty: kept.
+                    os.rmdir(empty)
 
 
 def read_manifest(directory: str) -> JsonObject | None:
