@@ -421,6 +421,36 @@ def test_index_of_an_s3_export_is_built_locally_uploaded_and_dropped_by_overwrit
     assert "rows compared)" in capsys.readouterr().out
 
 
+def test_analysis_reads_an_s3_export_at_its_key_as_typed(s3_endpoint, export, monkeypatch, capsys):
+    """An --output with "%20", a space or a non-ASCII letter is the key Beam wrote: pyarrow's URI
+    parser read `p%20q` as the directory `p q` (another export answered) and refused `é b`."""
+    from pipeline import analyze
+    from pipeline.analysis.dataset import open_documents
+
+    set_aws_environment(monkeypatch, s3_endpoint)
+    s3 = client(s3_endpoint)
+    stored = keys(s3_endpoint, "exports/run1/")
+    for directory in ("exports/p%20q", "exports/é b+c"):
+        for key in stored:
+            target = key.replace("exports/run1", directory, 1)
+            s3.copy_object(Bucket=BUCKET, Key=target, CopySource={"Bucket": BUCKET, "Key": key})
+    # A decoy at the decoded name, with fewer rows: the answer must not come from it.
+    decoy = pa.table({"id": ["decoy"], "lstm_content": pa.array([[0.5] * 128], pa.list_(pa.float32(), 128))})
+    sink = pa.BufferOutputStream()
+    pq.write_table(decoy, sink)
+    s3.put_object(
+        Bucket=BUCKET, Key="exports/p q/part-00000-of-00001.parquet", Body=sink.getvalue().to_pybytes()
+    )
+    for directory in ("exports/p%20q", "exports/é b+c"):
+        assert open_documents(f"s3://{BUCKET}/{directory}").dataset.count_rows() == GOOD_DOCUMENTS
+    _, documents = export
+    assert analyze.main([f"s3://{BUCKET}/exports/p%20q", "neighbors", "--id", documents[0]["id"]]) == 0
+    assert "decoy" not in capsys.readouterr().out
+    # pyarrow cannot address a key with an empty part: one line, not its traceback.
+    assert analyze.main([f"s3://{BUCKET}/exports//run1", "neighbors", "--id", documents[0]["id"]]) == 2
+    assert 'has an empty part ("//")' in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_analysis_tools_in_a_fresh_process_use_s3_through_the_aws_variables(s3_endpoint, tmp_path):
     """analyze, vocabulary and inspect as a user runs them: a new process, only the AWS_* variables set.
