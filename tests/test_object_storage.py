@@ -33,7 +33,7 @@ from pipeline_fixtures import REPOSITORY, kill_group_when, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle
 from models.train import SAMPLE_CORPUS
-from pipeline.errors import EXIT_TERMINATED
+from pipeline.errors import EXIT_TERMINATED, ExportConfigError
 from pipeline.running.export import run_export
 from pipeline.writing import lock as lock_lib
 from pipeline.writing.layout import ERRORS_DIR, MANIFEST
@@ -545,6 +545,23 @@ def test_an_unreachable_s3_endpoint_is_one_error_in_seconds(s3_endpoint, tmp_pat
     error = _one_error_line(result)
     assert f"--input {CORPUS!r}: cannot reach {endpoint}" in error and "--s3_endpoint_url" in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "uri", "hint"),
+    [
+        ("input", "s3://localhost:9000/b/corpus/*.jsonl", "goes in --s3_endpoint_url"),
+        ("output", "s3://my bucket/emb", "Write it as s3://BUCKET/KEY"),
+        ("model", "s3:///models/default_bundle", "Write it as s3://BUCKET/KEY"),
+    ],
+)
+def test_an_s3_bucket_name_boto3_refuses_is_one_error(flag, uri, hint, tmp_path):
+    """MinIO's host:port written into the path, a space, no bucket: botocore's ParamValidationError
+    ended the launch in a traceback (exit 1), from the store probe."""
+    flags = {"input": CORPUS, "output": f"s3://{BUCKET}/exports/named", "model": MODEL, flag: uri}
+    argv = [f"--{name}={value}" for name, value in flags.items()]
+    with pytest.raises(ExportConfigError, match=rf"--{flag} .*is not an S3 bucket name.*{hint}"):
+        run_export([*argv, "--s3_endpoint_url=http://127.0.0.1:9", "--s3_access_key_id=k"])
 
 
 def test_s3_without_credentials_is_one_error_in_seconds(s3_endpoint, tmp_path):

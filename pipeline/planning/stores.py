@@ -32,6 +32,35 @@ def bucket_of(uri: str) -> str:
     return uri.split("://", 1)[1].split("/", 1)[0]
 
 
+# botocore's own check of a bucket name (its handlers.VALID_BUCKET, legacy names included): any other
+# name is refused by the client before a request, as a ParamValidationError.
+_S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+
+
+def check_s3_bucket_name(flag: str, uri: str) -> None:
+    """Refuses an s3:// URI whose bucket name boto3 refuses before any request.
+
+    `s3://minio:9000/bucket/...` (an endpoint written into the path), a space or an
+    empty name (`s3:///x`) otherwise end the launch in botocore's traceback.
+
+    Raises:
+        ExportConfigError: naming the bucket, and where an endpoint goes.
+    """
+    bucket = bucket_of(uri)
+    if _S3_BUCKET.fullmatch(bucket):
+        return
+    hint = (
+        " An endpoint (host:port) goes in --s3_endpoint_url (or AWS_ENDPOINT_URL), not in the path: "
+        "s3://BUCKET/KEY."
+        if ":" in bucket
+        else " Write it as s3://BUCKET/KEY."
+    )
+    raise ExportConfigError(
+        f"--{flag} {uri!r}: {bucket!r} is not an S3 bucket name (letters, digits, '.', '-' and '_', "
+        f"1 to 255 of them).{hint}"
+    )
+
+
 def check_gcs_bucket_name(flag: str, uri: str) -> None:
     """Refuses a gs:// URI whose bucket name Cloud Storage would never accept.
 
