@@ -564,6 +564,32 @@ def test_an_s3_bucket_name_boto3_refuses_is_one_error(flag, uri, hint, tmp_path)
         run_export([*argv, "--s3_endpoint_url=http://127.0.0.1:9", "--s3_access_key_id=k"])
 
 
+def test_the_tools_refuse_an_unreachable_s3_endpoint_in_seconds(s3_endpoint, monkeypatch, capsys):
+    """analyze, vocabulary and inspect sat silent for minutes (Beam's S3 retries) when AWS_ENDPOINT_URL
+    did not answer, and vocabulary six minutes for a bucket name boto3 refuses."""
+    from pipeline import analyze, inspect, vocabulary
+
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    set_aws_environment(monkeypatch, endpoint)
+    try:
+        started = time.monotonic()
+        assert analyze.main([f"s3://{BUCKET}/exports/run1", "neighbors", "--id", "x"]) == 2
+        assert (
+            f"error: OUTPUT_DIR 's3://{BUCKET}/exports/run1': cannot reach {endpoint}"
+            in capsys.readouterr().err
+        )
+        assert vocabulary.main(["--output", f"s3://{BUCKET}/vocabularies/x"]) == 2
+        assert f"error: --output 's3://{BUCKET}/vocabularies/x': cannot reach" in capsys.readouterr().err
+        assert inspect.main([MODEL]) == 2
+        assert f"error: MODEL {MODEL!r}: cannot reach" in capsys.readouterr().err
+        assert vocabulary.main(["--output", "s3://localhost:9000/x"]) == 2
+        assert "goes in --s3_endpoint_url" in capsys.readouterr().err
+        assert time.monotonic() - started < 30
+    finally:
+        # Later tests read the module's server through Beam's options.
+        FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+
+
 def test_s3_without_credentials_is_one_error_in_seconds(s3_endpoint, tmp_path):
     """No AWS_* variables, ~/.aws or instance metadata: 'Unable to locate credentials' was retried."""
     command = pipeline_command(CORPUS, tmp_path / "out", f"--s3_endpoint_url={s3_endpoint}")

@@ -58,7 +58,7 @@ def check_location(flag: str, uri: str) -> None:
                 f"--{flag} {uri!r} is on S3, which needs boto3: install the aws extra "
                 "(`pip install 'embexport[aws]'`, or 'apache-beam[aws]')."
             ) from None
-        check_s3_bucket_name(flag, uri)
+        check_s3_bucket_name(f"--{flag}", uri)
 
 
 def check_input_output(input_pattern: str, matched: Sequence[str], output: str) -> None:

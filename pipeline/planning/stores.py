@@ -37,11 +37,15 @@ def bucket_of(uri: str) -> str:
 _S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 
 
-def check_s3_bucket_name(flag: str, uri: str) -> None:
+def check_s3_bucket_name(named: str, uri: str) -> None:
     """Refuses an s3:// URI whose bucket name boto3 refuses before any request.
 
     `s3://minio:9000/bucket/...` (an endpoint written into the path), a space or an
     empty name (`s3:///x`) otherwise end the launch in botocore's traceback.
+
+    Args:
+        named: the flag (or argument) as the error names it: "--input", "OUTPUT_DIR".
+        uri: its value.
 
     Raises:
         ExportConfigError: naming the bucket, and where an endpoint goes.
@@ -56,7 +60,7 @@ def check_s3_bucket_name(flag: str, uri: str) -> None:
         else " Write it as s3://BUCKET/KEY."
     )
     raise ExportConfigError(
-        f"--{flag} {uri!r}: {bucket!r} is not an S3 bucket name (letters, digits, '.', '-' and '_', "
+        f"{named} {uri!r}: {bucket!r} is not an S3 bucket name (letters, digits, '.', '-' and '_', "
         f"1 to 255 of them).{hint}"
     )
 
@@ -122,6 +126,25 @@ def check_stores_answer(options: PipelineOptions, locations: Mapping[str, str | 
         _probe_s3(options.view_as(S3Options), s3)
     if gcs:
         _check_google_credentials(options.view_as(GoogleCloudOptions), gcs[0])
+
+
+def check_s3_locations(options: PipelineOptions, locations: Mapping[str, str]) -> None:
+    """`check_stores_answer` for the tools that run no pipeline (analyze, vocabulary, inspect).
+
+    Args:
+        options: the --s3_* settings (`pipeline.object_storage` makes them from the AWS_* variables).
+        locations: each s3:// argument as the error names it ("OUTPUT_DIR", "--out") -> its value.
+
+    Raises:
+        ExportConfigError: a bucket name boto3 refuses, or a store that cannot be reached or has no
+            credentials: one line in seconds, where Beam's S3 filesystem retries for minutes.
+    """
+    buckets: dict[str, str] = {}
+    for named, uri in locations.items():
+        check_s3_bucket_name(named, uri)
+        buckets.setdefault(bucket_of(uri), f"{named} {uri!r}")
+    if buckets:
+        _probe_s3(options.view_as(S3Options), buckets)
 
 
 def _probe_s3(s3: S3Options, buckets: dict[str, str]) -> None:
