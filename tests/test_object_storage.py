@@ -590,6 +590,22 @@ def test_the_tools_refuse_an_unreachable_s3_endpoint_in_seconds(s3_endpoint, mon
         FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
 
 
+def test_an_s3_output_with_a_slash_after_its_folder_marker_is_a_directory(s3_endpoint, monkeypatch):
+    """The console's "Create folder" makes `exports/marked/`; --output s3://B/exports/marked/ (the URI
+    as the console copies it) was refused: "is a file; --output names a directory"."""
+    from pipeline.planning.locations import check_output
+
+    share_one_s3_client(monkeypatch, s3_endpoint)
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    client(s3_endpoint).put_object(Bucket=BUCKET, Key="exports/marked/", Body=b"")
+    check_output(f"s3://{BUCKET}/exports/marked/", overwrite=False)
+    check_output(f"s3://{BUCKET}/exports/marked", overwrite=False)
+    # A real object of that name (no slash) is still a file.
+    client(s3_endpoint).put_object(Bucket=BUCKET, Key="exports/a-file", Body=b"x")
+    with pytest.raises(ExportConfigError, match="is a file"):
+        check_output(f"s3://{BUCKET}/exports/a-file", overwrite=False)
+
+
 def test_s3_without_credentials_is_one_error_in_seconds(s3_endpoint, tmp_path):
     """No AWS_* variables, ~/.aws or instance metadata: 'Unable to locate credentials' was retried."""
     command = pipeline_command(CORPUS, tmp_path / "out", f"--s3_endpoint_url={s3_endpoint}")
