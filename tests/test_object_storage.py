@@ -224,7 +224,7 @@ def test_an_s3_models_local_copy_is_removed_once_loaded(s3_endpoint, export, mon
 @pytest.mark.parametrize(
     "output, pattern",
     [
-        ("s3://no-such-bucket/exports/x", "cannot be written: writing its lock"),
+        ("s3://no-such-bucket/exports/x", "the bucket 'no-such-bucket' does not exist at http"),
         (f"s3://{BUCKET}", "names a whole bucket"),
         (f"s3://{BUCKET}/", "names a whole bucket"),
     ],

@@ -4,8 +4,9 @@ Beam's S3 and GCS filesystems retry a refused connection, missing AWS
 credentials and a failed Google credential lookup with exponential backoff
 (S3: about 8 minutes, with a traceback per retry) before the launch checks see
 the error. One plain request here, with short timeouts, turns each of those
-into one line within seconds. Answers that are about the bucket itself (it is
-missing, access is denied) are left to the launch checks that say more.
+into one line within seconds, and so is a bucket that does not exist. Access
+denied is left to the launch checks that say more (a key may read objects
+without listing them).
 """
 
 from __future__ import annotations
@@ -190,9 +191,14 @@ def _probe_s3(s3: S3Options, buckets: dict[str, str]) -> None:
                 f"{named}: cannot reach {endpoint} ({error}). Check --s3_endpoint_url "
                 "(or AWS_ENDPOINT_URL) and that the server is up and reachable from this machine."
             ) from None
-        except ClientError:
-            # The store answered (no such bucket, access denied): the launch checks say what it means.
-            pass
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                # Else an --input "matches no files", and an --output fails only once the model is loaded.
+                raise ExportConfigError(
+                    f"{named}: the bucket {bucket!r} does not exist at {endpoint}. Check the bucket name "
+                    "(and --s3_endpoint_url, or AWS_ENDPOINT_URL), or create the bucket."
+                ) from None
+            # Access denied (a key may read objects without listing them): the launch checks say more.
 
 
 def _check_google_credentials(cloud: GoogleCloudOptions, named: str) -> None:
