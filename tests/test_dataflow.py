@@ -432,3 +432,25 @@ def test_a_stopped_launcher_cancels_its_dataflow_job(caplog):
     with pytest.raises(KeyboardInterrupt):
         poll_dataflow(failing, PipelineOptions(DATAFLOW_FLAGS), 1)
     assert "gcloud dataflow jobs cancel 2026-12-07_01_02_03-123 --region us-central1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "pattern"),
+    [
+        ("--setup_file", "./setup.py", r"--setup_file './setup.py' does not exist .*This project's is"),
+        ("--setup_file", REPOSITORY, r"--setup_file .* is a directory"),
+        (
+            "--setup_file",
+            os.path.join(REPOSITORY, "README.md"),
+            r"must be a file named setup.py or pyproject",
+        ),
+        ("--requirements_file", "requirements.txt", r"--requirements_file 'requirements.txt' does not exist"),
+    ],
+    ids=["missing", "directory", "name", "requirements"],
+)
+def test_a_staged_file_beam_cannot_stage_is_one_error(flag, value, pattern, tmp_path, monkeypatch):
+    """The documented `--setup_file ./setup.py` run from another directory ended in Beam's stager's
+    RuntimeError traceback (exit 1), after the model load, under --dry_run too."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ExportConfigError, match=pattern):
+        run_export([*DATAFLOW_FLAGS, flag, value, "--dry_run=True"])
