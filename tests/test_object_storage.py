@@ -686,6 +686,19 @@ def test_the_input_listing_drops_folder_markers_and_globstar_matches_the_top_lev
     assert [f.path for f in listed] == [prefix + "a.jsonl", prefix + "sub/b.jsonl"]
 
 
+def test_an_input_naming_an_object_with_brackets_is_that_object(s3_endpoint):
+    """`data[1].jsonl` is a glob class to Beam; locally a pattern matching nothing that names an
+    existing file is that file, on S3 it 'matches no files'."""
+    from pipeline.reading.listing import list_input
+
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    client(s3_endpoint).put_object(Bucket=BUCKET, Key="literal/data[1].jsonl", Body=b'{"id": "1"}\n')
+    named = f"s3://{BUCKET}/literal/data[1].jsonl"
+    listed, _ = list_input(named)
+    assert [(f.path, f.size) for f in listed] == [(named, 12)]
+    assert list_input(f"s3://{BUCKET}/literal/data[2].jsonl") == ([], [])
+
+
 def test_analyze_out_on_s3_is_never_inside_an_export_and_a_plot_is_uploaded(
     s3_endpoint, tmp_path, monkeypatch, capsys
 ):

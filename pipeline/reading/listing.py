@@ -196,6 +196,14 @@ def list_input(pattern: str) -> tuple[list[InputFile], list[NonRegularFile]]:
         # A key ending in "/" is a folder marker (the S3 console's "Create folder"), not a file.
         if not metadata.path.endswith("/")
     }
+    if not by_path and _GLOB.search(pattern) and not pattern.endswith("/"):
+        # As locally: a user naming an existing `data[1].jsonl` object means that object.
+        try:
+            literal = FileSystems.get_filesystem(pattern).metadata(pattern)
+        except Exception:  # No such object: the pattern matches nothing.
+            literal = None
+        if literal is not None:
+            by_path[literal.path] = literal
     return [
         InputFile(m.path, m.size_in_bytes, m.last_updated_in_seconds) for _, m in sorted(by_path.items())
     ], []
