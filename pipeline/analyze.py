@@ -71,7 +71,7 @@ from pipeline.analysis.neighbors import (
     open_index,
 )
 from pipeline.analysis.plot import plot_pca
-from pipeline.errors import EXIT_CONFIG_ERROR
+from pipeline.errors import EXIT_CONFIG_ERROR, ExportConfigError
 from pipeline.uris import is_local
 from pipeline.writing.layout import MANIFEST, STAGING, TABLES_DIR
 from pipeline.writing.schema import VECTOR_COLUMN, VOCABULARY_FILE
@@ -521,7 +521,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unexpanded:
         print(f"error: {unexpanded}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    object_storage.configure_for([args.directory, getattr(args, "out", None), getattr(args, "queries", None)])
+    try:
+        object_storage.configure_for({**paths, "--queries": getattr(args, "queries", None)})
+    except ExportConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     forget_opened()
     try:

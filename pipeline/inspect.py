@@ -227,12 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unexpanded:
         print(f"error: {unexpanded}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    object_storage.configure_for([args.model, args.tokenizer])
-
     from pipeline.errors import ExportConfigError
     from pipeline.planning.model_source import load_model_source
 
     try:
+        object_storage.configure_for({"MODEL": args.model, "--tokenizer": args.tokenizer})
         model_source = load_model_source(
             args.model,
             args.tokenizer,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 # AWS's own variable -> the Beam flag `python -m pipeline.run` takes for it (S3Options).
 AWS_VARIABLES = {
@@ -32,16 +32,29 @@ def s3_flags_from_environment(environment: dict[str, str] | None = None) -> list
     return [f"{flag}={value}" for flag, value in flags.items()]
 
 
-def configure_for(locations: Iterable[str | None]) -> None:
-    """Sets Beam's FileSystems options from the AWS_* variables when one of `locations` is on s3://.
+def configure_for(locations: Mapping[str, str | None]) -> None:
+    """Sets Beam's FileSystems options from the AWS_* variables when one of `locations` is on s3://,
+    and asks each of their stores once.
 
     `python -m pipeline.run` gets these options from its `--s3_*` flags; the
     analysis tools run no pipeline, and without options Beam's S3 filesystem
     cannot make a client at all ("Must provide one of client or options").
+
+    Args:
+        locations: each path argument as an error names it ("OUTPUT_DIR", "--out") -> its value.
+
+    Raises:
+        ExportConfigError: a bucket name boto3 refuses, or an endpoint that does not answer or no
+            credentials: one line within seconds, rather than Beam's minutes of silent retries.
     """
-    if not any(location and location.startswith("s3://") for location in locations):
+    on_s3 = {named: uri for named, uri in locations.items() if uri and uri.startswith("s3://")}
+    if not on_s3:
         return
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    FileSystems.set_options(PipelineOptions(s3_flags_from_environment()))
+    from pipeline.planning.stores import check_s3_locations
+
+    options = PipelineOptions(s3_flags_from_environment())
+    FileSystems.set_options(options)
+    check_s3_locations(options, on_s3)

@@ -302,8 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unexpanded:
         print(f"error: {unexpanded}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    object_storage.configure_for([model, args.tokenizer, args.output])
     try:
+        object_storage.configure_for(
+            {"--model": model, "--tokenizer": args.tokenizer, "--output": args.output}
+        )
         path, rows = export_vocabulary(
             model, args.tokenizer, args.layer, args.output, args.overwrite, args.allow_unsafe_deserialization
         )

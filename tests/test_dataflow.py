@@ -17,6 +17,7 @@ from apache_beam.internal import pickler
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.dataflow.internal import apiclient
+from apache_beam.runners.runner import PipelineState
 from pipeline_fixtures import REPOSITORY, copy_sources, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE, MODEL_FILE, read_manifest
@@ -26,6 +27,7 @@ from pipeline.planning.model_source import load_model_source
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.plan import ExportPlan
 from pipeline.planning.stores import check_gcs_bucket_name
+from pipeline.running.dataflow import poll_dataflow
 from pipeline.running.export import run_export
 from pipeline.running.runners import check_dataflow_options, check_worker_paths, worker_tf_threads
 
@@ -397,3 +399,58 @@ def test_cloud_storage_without_credentials_is_one_error_in_seconds(tmp_path):
     assert "gcloud auth application-default login" in errors[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+class _StoppedJob:
+    """A stand-in for Beam's DataflowPipelineResult whose wait is cut by a stop signal."""
+
+    def __init__(self, cancel_error: Exception | None = None) -> None:
+        self.state = PipelineState.RUNNING
+        self.cancelled = False
+        self.cancel_error = cancel_error
+
+    def job_id(self) -> str:
+        return "2026-12-07_01_02_03-123"
+
+    def wait_until_finish(self, duration=None):
+        raise KeyboardInterrupt  # what models.stopping makes of SIGINT, SIGTERM and SIGHUP
+
+    def cancel(self):
+        if self.cancel_error:
+            raise self.cancel_error
+        self.cancelled = True
+
+
+def test_a_stopped_launcher_cancels_its_dataflow_job(caplog):
+    """Ctrl-C left the job running unannounced (billing, writing into the staging the advised rerun
+    takes over); a portable runner's job was cancelled."""
+    job = _StoppedJob()
+    with pytest.raises(KeyboardInterrupt):
+        poll_dataflow(job, PipelineOptions(DATAFLOW_FLAGS), 1)
+    assert job.cancelled
+    failing = _StoppedJob(cancel_error=OSError("no network"))
+    with pytest.raises(KeyboardInterrupt):
+        poll_dataflow(failing, PipelineOptions(DATAFLOW_FLAGS), 1)
+    assert "gcloud dataflow jobs cancel 2026-12-07_01_02_03-123 --region us-central1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "pattern"),
+    [
+        ("--setup_file", "./setup.py", r"--setup_file './setup.py' does not exist .*This project's is"),
+        ("--setup_file", REPOSITORY, r"--setup_file .* is a directory"),
+        (
+            "--setup_file",
+            os.path.join(REPOSITORY, "README.md"),
+            r"must be a file named setup.py or pyproject",
+        ),
+        ("--requirements_file", "requirements.txt", r"--requirements_file 'requirements.txt' does not exist"),
+    ],
+    ids=["missing", "directory", "name", "requirements"],
+)
+def test_a_staged_file_beam_cannot_stage_is_one_error(flag, value, pattern, tmp_path, monkeypatch):
+    """The documented `--setup_file ./setup.py` run from another directory ended in Beam's stager's
+    RuntimeError traceback (exit 1), after the model load, under --dry_run too."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ExportConfigError, match=pattern):
+        run_export([*DATAFLOW_FLAGS, flag, value, "--dry_run=True"])

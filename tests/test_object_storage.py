@@ -33,7 +33,7 @@ from pipeline_fixtures import REPOSITORY, kill_group_when, pipeline_command
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle
 from models.train import SAMPLE_CORPUS
-from pipeline.errors import EXIT_TERMINATED
+from pipeline.errors import EXIT_TERMINATED, ExportConfigError
 from pipeline.running.export import run_export
 from pipeline.writing import lock as lock_lib
 from pipeline.writing.layout import ERRORS_DIR, MANIFEST
@@ -224,7 +224,7 @@ def test_an_s3_models_local_copy_is_removed_once_loaded(s3_endpoint, export, mon
 @pytest.mark.parametrize(
     "output, pattern",
     [
-        ("s3://no-such-bucket/exports/x", "cannot be written: writing its lock"),
+        ("s3://no-such-bucket/exports/x", "the bucket 'no-such-bucket' does not exist at http"),
         (f"s3://{BUCKET}", "names a whole bucket"),
         (f"s3://{BUCKET}/", "names a whole bucket"),
     ],
@@ -421,6 +421,36 @@ def test_index_of_an_s3_export_is_built_locally_uploaded_and_dropped_by_overwrit
     assert "rows compared)" in capsys.readouterr().out
 
 
+def test_analysis_reads_an_s3_export_at_its_key_as_typed(s3_endpoint, export, monkeypatch, capsys):
+    """An --output with "%20", a space or a non-ASCII letter is the key Beam wrote: pyarrow's URI
+    parser read `p%20q` as the directory `p q` (another export answered) and refused `é b`."""
+    from pipeline import analyze
+    from pipeline.analysis.dataset import open_documents
+
+    set_aws_environment(monkeypatch, s3_endpoint)
+    s3 = client(s3_endpoint)
+    stored = keys(s3_endpoint, "exports/run1/")
+    for directory in ("exports/p%20q", "exports/é b+c"):
+        for key in stored:
+            target = key.replace("exports/run1", directory, 1)
+            s3.copy_object(Bucket=BUCKET, Key=target, CopySource={"Bucket": BUCKET, "Key": key})
+    # A decoy at the decoded name, with fewer rows: the answer must not come from it.
+    decoy = pa.table({"id": ["decoy"], "lstm_content": pa.array([[0.5] * 128], pa.list_(pa.float32(), 128))})
+    sink = pa.BufferOutputStream()
+    pq.write_table(decoy, sink)
+    s3.put_object(
+        Bucket=BUCKET, Key="exports/p q/part-00000-of-00001.parquet", Body=sink.getvalue().to_pybytes()
+    )
+    for directory in ("exports/p%20q", "exports/é b+c"):
+        assert open_documents(f"s3://{BUCKET}/{directory}").dataset.count_rows() == GOOD_DOCUMENTS
+    _, documents = export
+    assert analyze.main([f"s3://{BUCKET}/exports/p%20q", "neighbors", "--id", documents[0]["id"]]) == 0
+    assert "decoy" not in capsys.readouterr().out
+    # pyarrow cannot address a key with an empty part: one line, not its traceback.
+    assert analyze.main([f"s3://{BUCKET}/exports//run1", "neighbors", "--id", documents[0]["id"]]) == 2
+    assert 'has an empty part ("//")' in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_analysis_tools_in_a_fresh_process_use_s3_through_the_aws_variables(s3_endpoint, tmp_path):
     """analyze, vocabulary and inspect as a user runs them: a new process, only the AWS_* variables set.
@@ -517,6 +547,65 @@ def test_an_unreachable_s3_endpoint_is_one_error_in_seconds(s3_endpoint, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("flag", "uri", "hint"),
+    [
+        ("input", "s3://localhost:9000/b/corpus/*.jsonl", "goes in --s3_endpoint_url"),
+        ("output", "s3://my bucket/emb", "Write it as s3://BUCKET/KEY"),
+        ("model", "s3:///models/default_bundle", "Write it as s3://BUCKET/KEY"),
+    ],
+)
+def test_an_s3_bucket_name_boto3_refuses_is_one_error(flag, uri, hint, tmp_path):
+    """MinIO's host:port written into the path, a space, no bucket: botocore's ParamValidationError
+    ended the launch in a traceback (exit 1), from the store probe."""
+    flags = {"input": CORPUS, "output": f"s3://{BUCKET}/exports/named", "model": MODEL, flag: uri}
+    argv = [f"--{name}={value}" for name, value in flags.items()]
+    with pytest.raises(ExportConfigError, match=rf"--{flag} .*is not an S3 bucket name.*{hint}"):
+        run_export([*argv, "--s3_endpoint_url=http://127.0.0.1:9", "--s3_access_key_id=k"])
+
+
+def test_the_tools_refuse_an_unreachable_s3_endpoint_in_seconds(s3_endpoint, monkeypatch, capsys):
+    """analyze, vocabulary and inspect sat silent for minutes (Beam's S3 retries) when AWS_ENDPOINT_URL
+    did not answer, and vocabulary six minutes for a bucket name boto3 refuses."""
+    from pipeline import analyze, inspect, vocabulary
+
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    set_aws_environment(monkeypatch, endpoint)
+    try:
+        started = time.monotonic()
+        assert analyze.main([f"s3://{BUCKET}/exports/run1", "neighbors", "--id", "x"]) == 2
+        assert (
+            f"error: OUTPUT_DIR 's3://{BUCKET}/exports/run1': cannot reach {endpoint}"
+            in capsys.readouterr().err
+        )
+        assert vocabulary.main(["--output", f"s3://{BUCKET}/vocabularies/x"]) == 2
+        assert f"error: --output 's3://{BUCKET}/vocabularies/x': cannot reach" in capsys.readouterr().err
+        assert inspect.main([MODEL]) == 2
+        assert f"error: MODEL {MODEL!r}: cannot reach" in capsys.readouterr().err
+        assert vocabulary.main(["--output", "s3://localhost:9000/x"]) == 2
+        assert "goes in --s3_endpoint_url" in capsys.readouterr().err
+        assert time.monotonic() - started < 30
+    finally:
+        # Later tests read the module's server through Beam's options.
+        FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+
+
+def test_an_s3_output_with_a_slash_after_its_folder_marker_is_a_directory(s3_endpoint, monkeypatch):
+    """The console's "Create folder" makes `exports/marked/`; --output s3://B/exports/marked/ (the URI
+    as the console copies it) was refused: "is a file; --output names a directory"."""
+    from pipeline.planning.locations import check_output
+
+    share_one_s3_client(monkeypatch, s3_endpoint)
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    client(s3_endpoint).put_object(Bucket=BUCKET, Key="exports/marked/", Body=b"")
+    check_output(f"s3://{BUCKET}/exports/marked/", overwrite=False)
+    check_output(f"s3://{BUCKET}/exports/marked", overwrite=False)
+    # A real object of that name (no slash) is still a file.
+    client(s3_endpoint).put_object(Bucket=BUCKET, Key="exports/a-file", Body=b"x")
+    with pytest.raises(ExportConfigError, match="is a file"):
+        check_output(f"s3://{BUCKET}/exports/a-file", overwrite=False)
+
+
 def test_s3_without_credentials_is_one_error_in_seconds(s3_endpoint, tmp_path):
     """No AWS_* variables, ~/.aws or instance metadata: 'Unable to locate credentials' was retried."""
     command = pipeline_command(CORPUS, tmp_path / "out", f"--s3_endpoint_url={s3_endpoint}")
@@ -595,6 +684,23 @@ def test_the_input_listing_drops_folder_markers_and_globstar_matches_the_top_lev
     assert [f.path for f in listed] == [prefix + "a.jsonl"]
     listed, _ = list_input(prefix + "**/*.jsonl")
     assert [f.path for f in listed] == [prefix + "a.jsonl", prefix + "sub/b.jsonl"]
+
+
+def test_an_input_naming_an_object_with_brackets_is_that_object(s3_endpoint):
+    """`data[1].jsonl` is a glob class to Beam; locally a pattern matching nothing that names an
+    existing file is that file, on S3 it 'matches no files'."""
+    from pipeline.reading.listing import AmbiguousPattern, list_input
+
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    client(s3_endpoint).put_object(Bucket=BUCKET, Key="literal/data[1].jsonl", Body=b'{"id": "1"}\n')
+    named = f"s3://{BUCKET}/literal/data[1].jsonl"
+    listed, _ = list_input(named)
+    assert [(f.path, f.size) for f in listed] == [(named, 12)]
+    assert list_input(f"s3://{BUCKET}/literal/data[2].jsonl") == ([], [])
+    # Named, and as a pattern matching another object: which is meant is a guess, as locally.
+    client(s3_endpoint).put_object(Bucket=BUCKET, Key="literal/data1.jsonl", Body=b'{"id": "2"}\n')
+    with pytest.raises(AmbiguousPattern, match=r"\[\[\]1\]"):
+        list_input(named)
 
 
 def test_analyze_out_on_s3_is_never_inside_an_export_and_a_plot_is_uploaded(

@@ -6,9 +6,7 @@ import io
 from collections.abc import Callable
 from typing import BinaryIO
 
-import pyarrow.fs as pafs
-
-from pipeline.analysis.dataset import check_read_unchanged
+from pipeline.analysis.dataset import check_read_unchanged, uri_filesystem
 from pipeline.uris import is_local
 from pipeline.writing.files import write_whole_local
 
@@ -31,7 +29,7 @@ def write_answer(path: str, write: Callable[[BinaryIO], None], overwrite: bool =
         buffer = io.BytesIO()
         write(buffer)
         check_read_unchanged()
-        filesystem, where = pafs.FileSystem.from_uri(path)
+        filesystem, where = uri_filesystem(path)
         with filesystem.open_output_stream(where) as sink:
             sink.write(buffer.getvalue())
         return

@@ -71,17 +71,41 @@ class VectorDataset:
 
     def filesystem_and_directory(self) -> tuple[pafs.FileSystem, str]:
         """(pyarrow filesystem, path) of `location`, where `_index/` lives."""
-        return _filesystem(self.location)
+        return uri_filesystem(self.location)
 
 
-def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path) for a local path or a URI (gs://, s3://, ...)."""
-    if "://" in location:
-        try:
+# Object stores whose keys are taken as typed: pyarrow's URI parser would decode "%20" in them.
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+def uri_filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path) for a local path or a URI (gs://, s3://, ...).
+
+    An object store's key is kept exactly as typed, as Beam (and so `pipeline.run`)
+    writes it: `FileSystem.from_uri` would percent-decode it (`s3://b/x%20y` read as
+    the key `x y`, another directory) and refuses a space or a non-ASCII letter.
+
+    Raises:
+        AnalysisError: a URI no pyarrow filesystem serves, or a key pyarrow cannot address.
+    """
+    if "://" not in location:
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    scheme, _, rest = location.partition("://")
+    try:
+        if scheme.lower() not in _BUCKET_SCHEMES:
             return pafs.FileSystem.from_uri(location)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-            raise AnalysisError(f"Cannot open {location!r}: {error}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(location)
+        bucket, _, key = rest.partition("/")
+        # The bucket alone goes through the parser (it picks the filesystem and its options).
+        filesystem, root = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        raise AnalysisError(f"Cannot open {location!r}: {error}") from None
+    key = key.rstrip("/")
+    if "//" in key or key.startswith("/"):
+        raise AnalysisError(
+            f'Cannot open {location!r}: its path has an empty part ("//"), which pyarrow\'s '
+            f"{scheme}:// filesystem cannot read. Copy the export to a path without one."
+        )
+    return filesystem, posixpath.join(root, key) if key else root
 
 
 def _finish_commit(location: str) -> None:
@@ -139,7 +163,7 @@ def _listed(location: str, list_files: Callable[[], tuple[pafs.FileSystem, list[
     for _ in range(LISTING_ATTEMPTS):
         _finish_commit(location)
         filesystem, files = list_files()
-        directory = _filesystem(location)[1]
+        directory = uri_filesystem(location)[1]
         stamps = row_file_stamps(filesystem, [*files, posixpath.join(directory, MANIFEST)])
         if not _commit_pending(location):
             return Listing(filesystem, files, stamps)
@@ -166,7 +190,7 @@ def _list_parquet(location: str, wanted: Callable[[str], bool], how_to_make: str
     """
 
     def list_files() -> tuple[pafs.FileSystem, list[str]]:
-        filesystem, path = _filesystem(location)
+        filesystem, path = uri_filesystem(location)
         info = filesystem.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise AnalysisError(f"{location!r} does not exist; pass the --output directory of {how_to_make}.")
@@ -208,7 +232,7 @@ def open_documents(location: str) -> VectorDataset:
         "`python -m pipeline.run`",
     )
     filesystem, files = listing.filesystem, listing.files
-    directory = _filesystem(location)[1]
+    directory = uri_filesystem(location)[1]
     is_directory = filesystem.get_file_info(directory).type == pafs.FileType.Directory
     if is_directory:
         check_row_files(location, filesystem, directory, files)
@@ -326,7 +350,7 @@ def _token_tables(location: str) -> Listing:
     """The tables in `location`'s `_tables/` (`--token_storage ids`), listed as `_listed` lists."""
 
     def list_files() -> tuple[pafs.FileSystem, list[str]]:
-        filesystem, directory = _filesystem(location)
+        filesystem, directory = uri_filesystem(location)
         tables = posixpath.join(directory, TABLES_DIR)
         if filesystem.get_file_info(tables).type != pafs.FileType.Directory:
             return filesystem, []
@@ -663,7 +687,7 @@ def data_is_vocabulary(location: str) -> bool:
     with it rather than that it holds no vocabulary.  A single file is a
     vocabulary unless it opens as an export's rows.
     """
-    filesystem, path = _filesystem(location)
+    filesystem, path = uri_filesystem(location)
     if filesystem.get_file_info(path).type != pafs.FileType.Directory:
         try:
             open_documents(location)

@@ -16,7 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from models.paths import unexpanded_home
 from pipeline.errors import ExportConfigError, OutputWriteError
 from pipeline.planning.options import ExportOptions
-from pipeline.planning.stores import check_gcs_bucket_name, check_stores_answer
+from pipeline.planning.stores import check_gcs_bucket_name, check_s3_bucket_name, check_stores_answer
 from pipeline.reading.listing import AmbiguousPattern, InputFile, list_input
 from pipeline.uris import absolute, absolute_pattern, glob_regex, inside, is_local
 from pipeline.writing.layout import STAGING
@@ -33,11 +33,11 @@ _EXPORT_FILE_EXAMPLES = (
 
 
 def check_location(flag: str, uri: str) -> None:
-    """Refuses a URI whose scheme no installed Beam filesystem serves.
+    """Refuses a URI whose scheme no installed Beam filesystem serves, or an S3 bucket boto3 refuses.
 
     Raises:
-        ExportConfigError: naming the scheme and the package that serves it, or a
-            leading '~' the shell left as it is.
+        ExportConfigError: naming the scheme and the package that serves it, a
+            leading '~' the shell left as it is, or the bucket name.
     """
     unexpanded = unexpanded_home({f"--{flag}": uri})
     if unexpanded:
@@ -58,6 +58,7 @@ def check_location(flag: str, uri: str) -> None:
                 f"--{flag} {uri!r} is on S3, which needs boto3: install the aws extra "
                 "(`pip install 'embexport[aws]'`, or 'apache-beam[aws]')."
             ) from None
+        check_s3_bucket_name(f"--{flag}", uri)
 
 
 def check_input_output(input_pattern: str, matched: Sequence[str], output: str) -> None:

@@ -4,8 +4,9 @@ Beam's S3 and GCS filesystems retry a refused connection, missing AWS
 credentials and a failed Google credential lookup with exponential backoff
 (S3: about 8 minutes, with a traceback per retry) before the launch checks see
 the error. One plain request here, with short timeouts, turns each of those
-into one line within seconds. Answers that are about the bucket itself (it is
-missing, access is denied) are left to the launch checks that say more.
+into one line within seconds, and so is a bucket that does not exist. Access
+denied is left to the launch checks that say more (a key may read objects
+without listing them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,39 @@ _GCS_NAMING = "https://cloud.google.com/storage/docs/buckets#naming"
 def bucket_of(uri: str) -> str:
     """The bucket of an object-store URI (`gs://b/x` -> `b`)."""
     return uri.split("://", 1)[1].split("/", 1)[0]
+
+
+# botocore's own check of a bucket name (its handlers.VALID_BUCKET, legacy names included): any other
+# name is refused by the client before a request, as a ParamValidationError.
+_S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+
+
+def check_s3_bucket_name(named: str, uri: str) -> None:
+    """Refuses an s3:// URI whose bucket name boto3 refuses before any request.
+
+    `s3://minio:9000/bucket/...` (an endpoint written into the path), a space or an
+    empty name (`s3:///x`) otherwise end the launch in botocore's traceback.
+
+    Args:
+        named: the flag (or argument) as the error names it: "--input", "OUTPUT_DIR".
+        uri: its value.
+
+    Raises:
+        ExportConfigError: naming the bucket, and where an endpoint goes.
+    """
+    bucket = bucket_of(uri)
+    if _S3_BUCKET.fullmatch(bucket):
+        return
+    hint = (
+        " An endpoint (host:port) goes in --s3_endpoint_url (or AWS_ENDPOINT_URL), not in the path: "
+        "s3://BUCKET/KEY."
+        if ":" in bucket
+        else " Write it as s3://BUCKET/KEY."
+    )
+    raise ExportConfigError(
+        f"{named} {uri!r}: {bucket!r} is not an S3 bucket name (letters, digits, '.', '-' and '_', "
+        f"1 to 255 of them).{hint}"
+    )
 
 
 def check_gcs_bucket_name(flag: str, uri: str) -> None:
@@ -95,6 +129,25 @@ def check_stores_answer(options: PipelineOptions, locations: Mapping[str, str | 
         _check_google_credentials(options.view_as(GoogleCloudOptions), gcs[0])
 
 
+def check_s3_locations(options: PipelineOptions, locations: Mapping[str, str]) -> None:
+    """`check_stores_answer` for the tools that run no pipeline (analyze, vocabulary, inspect).
+
+    Args:
+        options: the --s3_* settings (`pipeline.object_storage` makes them from the AWS_* variables).
+        locations: each s3:// argument as the error names it ("OUTPUT_DIR", "--out") -> its value.
+
+    Raises:
+        ExportConfigError: a bucket name boto3 refuses, or a store that cannot be reached or has no
+            credentials: one line in seconds, where Beam's S3 filesystem retries for minutes.
+    """
+    buckets: dict[str, str] = {}
+    for named, uri in locations.items():
+        check_s3_bucket_name(named, uri)
+        buckets.setdefault(bucket_of(uri), f"{named} {uri!r}")
+    if buckets:
+        _probe_s3(options.view_as(S3Options), buckets)
+
+
 def _probe_s3(s3: S3Options, buckets: dict[str, str]) -> None:
     """`buckets`: bucket -> the first flag naming it, as the error line says it."""
     import boto3
@@ -138,9 +191,14 @@ def _probe_s3(s3: S3Options, buckets: dict[str, str]) -> None:
                 f"{named}: cannot reach {endpoint} ({error}). Check --s3_endpoint_url "
                 "(or AWS_ENDPOINT_URL) and that the server is up and reachable from this machine."
             ) from None
-        except ClientError:
-            # The store answered (no such bucket, access denied): the launch checks say what it means.
-            pass
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                # Else an --input "matches no files", and an --output fails only once the model is loaded.
+                raise ExportConfigError(
+                    f"{named}: the bucket {bucket!r} does not exist at {endpoint}. Check the bucket name "
+                    "(and --s3_endpoint_url, or AWS_ENDPOINT_URL), or create the bucket."
+                ) from None
+            # Access denied (a key may read objects without listing them): the launch checks say more.
 
 
 def _check_google_credentials(cloud: GoogleCloudOptions, named: str) -> None:

@@ -63,7 +63,7 @@ class NonRegularFile(typing.NamedTuple):
 
 
 class AmbiguousPattern(ValueError):
-    """A local pattern naming an existing file whose "[...]", read as a class, matches other files instead."""
+    """A pattern naming an existing file whose "[...]", read as a class, matches other files instead."""
 
     def __init__(self, pattern: str, matched: typing.Sequence[str]):
         escaped = pattern.replace("[", "[[]")
@@ -204,7 +204,7 @@ def list_input(pattern: str) -> tuple[list[InputFile], list[NonRegularFile]]:
     """The files `pattern` matches now, and the matched paths that are not regular files.
 
     Raises:
-        AmbiguousPattern: a local pattern names an existing file but matches others.
+        AmbiguousPattern: a pattern names an existing file (or object) but matches others.
         Whatever Beam's filesystem raises when it cannot list (no credentials, ...).
     """
     if is_local(pattern):
@@ -219,6 +219,17 @@ def list_input(pattern: str) -> tuple[list[InputFile], list[NonRegularFile]]:
         # A key ending in "/" is a folder marker (the S3 console's "Create folder"), not a file.
         if not metadata.path.endswith("/")
     }
+    if _GLOB.search(pattern) and not pattern.endswith("/") and pattern not in by_path:
+        # As locally: a user naming an existing `data[1].jsonl` object means that object; if the
+        # pattern also matches other objects (`data1.jsonl`), reading either would be a guess.
+        try:
+            literal = FileSystems.get_filesystem(pattern).metadata(pattern)
+        except Exception:  # No such object: the pattern is a pattern.
+            literal = None
+        if literal is not None:
+            if by_path:
+                raise AmbiguousPattern(pattern, sorted(by_path))
+            by_path[literal.path] = literal
     return [
         InputFile(m.path, m.size_in_bytes, m.last_updated_in_seconds) for _, m in sorted(by_path.items())
     ], []

@@ -20,19 +20,46 @@ def dataflow_console_url(options: PipelineOptions, job_id: str) -> str:
 
 
 def poll_dataflow(result: PipelineResult, options: PipelineOptions, interval: float) -> None:
-    """Prints the job's console URL, then its counters every `interval` seconds until it ends."""
+    """Prints the job's console URL, then its counters every `interval` seconds until it ends.
+
+    Raises:
+        KeyboardInterrupt: a stop signal (Ctrl-C, SIGTERM, SIGHUP), after cancelling the job: left
+            running it would bill its workers and write into the staging the rerun takes over.
+    """
     # DataflowPipelineResult has job_id(); Beam's base PipelineResult does not declare it.
     job_id_of = getattr(result, "job_id", None)
     job_id = job_id_of() if callable(job_id_of) else None
     if job_id:
         _LOGGER.info("Dataflow job %s: %s", job_id, dataflow_console_url(options, job_id))
-    while True:
-        result.wait_until_finish(duration=int(max(1, interval) * 1000))
-        if PipelineState.is_terminal(result.state):
-            return
-        try:
-            counters = read_counters(result, NAMESPACE).values
-        except Exception as error:  # The service may not have counters yet.
-            _LOGGER.info("Dataflow job %s: %s (counters not available: %s)", job_id, result.state, error)
-            continue
-        _LOGGER.info("Dataflow job %s: %s, %s", job_id, result.state, format_counters(counters))
+    try:
+        while True:
+            result.wait_until_finish(duration=int(max(1, interval) * 1000))
+            if PipelineState.is_terminal(result.state):
+                return
+            try:
+                counters = read_counters(result, NAMESPACE).values
+            except Exception as error:  # The service may not have counters yet.
+                _LOGGER.info("Dataflow job %s: %s (counters not available: %s)", job_id, result.state, error)
+                continue
+            _LOGGER.info("Dataflow job %s: %s, %s", job_id, result.state, format_counters(counters))
+    except KeyboardInterrupt:
+        _cancel(result, options, job_id)
+        raise
+
+
+def _cancel(result: PipelineResult, options: PipelineOptions, job_id: str | None) -> None:
+    """Cancels the job, best effort; where that fails, says it may run on and how to cancel it."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    try:
+        result.cancel()
+    except Exception as error:  # No network, no permission: the user cancels it.
+        region = options.view_as(GoogleCloudOptions).region
+        _LOGGER.warning(
+            "Could not cancel the Dataflow job %s (%s): it may still run. Cancel it with "
+            "`gcloud dataflow jobs cancel %s --region %s` before rerunning.",
+            job_id,
+            error,
+            job_id,
+            region,
+        )

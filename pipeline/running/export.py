@@ -56,6 +56,7 @@ from pipeline.running.runners import (
     check_dataflow_options,
     check_direct_workers,
     check_runner,
+    check_staged_files,
     check_worker_paths,
     is_dataflow,
     is_dry_run,
@@ -247,8 +248,10 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     if is_dataflow(options):
         check_worker_paths(export_options)
         check_dataflow_options(options)
+        check_staged_files(options)
     if portable.is_portable(options):
         portable.check_portable_flags(options)
+        check_staged_files(options)
         if not dry_run:
             portable.check_job_endpoint(options)
     if dry_run and not is_local(export_options.model):

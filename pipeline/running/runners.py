@@ -159,6 +159,40 @@ def check_dataflow_options(options: PipelineOptions) -> None:
         )
 
 
+# A clone's root, whose setup.py is the one to stage (an installed package has none).
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The files Beam's stager accepts as --setup_file (it builds the package with them).
+_SETUP_FILE_NAMES = ("setup.py", "pyproject.toml")
+
+
+def check_staged_files(options: PipelineOptions) -> None:
+    """Refuses a --setup_file or --requirements_file that Beam's stager would refuse in a traceback.
+
+    The files are staged for the workers when the job is submitted (Dataflow, a
+    portable runner), after the model has loaded: a relative `./setup.py` from
+    another directory ended the launch in a RuntimeError traceback, `--dry_run` included.
+
+    Raises:
+        ExportConfigError: naming the flag, the path it resolves to, and this project's setup.py.
+    """
+    setup = options.view_as(SetupOptions)
+    ours = os.path.join(_REPOSITORY, "setup.py")
+    hint = f" This project's is {ours!r}." if os.path.isfile(ours) else ""
+    for flag, path in (("setup_file", setup.setup_file), ("requirements_file", setup.requirements_file)):
+        if path is None or os.path.isfile(path):
+            continue
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ExportConfigError(
+            f"--{flag} {path!r} {what} (relative paths start from the current directory, "
+            f"{os.getcwd()!r}); pass the path of the file.{hint if flag == 'setup_file' else ''}"
+        )
+    if setup.setup_file is not None and os.path.basename(setup.setup_file) not in _SETUP_FILE_NAMES:
+        raise ExportConfigError(
+            f"--setup_file {setup.setup_file!r} must be a file named setup.py or pyproject.toml, "
+            f"which Beam builds the workers' package with.{hint}"
+        )
+
+
 def _workers_get_boto3(options: PipelineOptions) -> bool:
     """Whether the job installs boto3 on workers: a requirements file naming it, or the user's own image."""
     setup = options.view_as(SetupOptions)

@@ -144,10 +144,14 @@ def relative_to(directory: str, path: str) -> str:
 
 
 def is_regular_file(path: str) -> bool:
-    """Whether `path` names a file (not a directory, nor an object-store prefix)."""
+    """Whether `path` names a file (not a directory, nor an object-store prefix).
+
+    On object storage `DIR/` names a folder marker (an empty object that consoles
+    make for "Create folder"), which is a directory, not a file.
+    """
     if is_local(path):
         return os.path.isfile(path)
-    return FileSystems.exists(path)
+    return not path.endswith("/") and FileSystems.exists(path)
 
 
 def _refuse_links(directory: str, relative: str) -> str:
