@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from models import architectures, swap
 from models.bundle import BundleError, LabelInfo, Manifest, check_replaceable, save_bundle
+from models.command_line import CommandParser
 from models.paths import SAMPLE_CORPUS, unexpanded_home
 from models.tokenizer import Tokenizer
 
@@ -286,7 +287,7 @@ def _integer_in(flag: str) -> typing.Callable[[str], int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The training flags (`--help` lists them)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m models.train", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--topology",
         choices=architectures.TOPOLOGIES,

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
+from models.command_line import CommandParser
 from models.paths import unexpanded_home
 from pipeline import object_storage
 from pipeline.analysis import index_build
@@ -86,7 +87,7 @@ def non_negative_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser: OUTPUT_DIR, then one of the commands and its flags."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipeline.analyze",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sampled = argparse.ArgumentParser(add_help=False)
+    sampled = CommandParser(add_help=False)
     sampled.add_argument(
         "--sample",
         type=int,
