@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from apache_beam.io.filesystems import FileSystems
 
 from models.command_line import CommandParser
-from models.paths import unexpanded_home
+from models.paths import removed_working_directory, unexpanded_home
 from pipeline import object_storage
 from pipeline.analysis import index_build
 from pipeline.analysis.batch_queries import batch_neighbors
@@ -440,9 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (EXIT_CONFIG_ERROR for an AnalysisError)."""
     args = build_parser().parse_args(argv)
     paths = {"OUTPUT_DIR": args.directory, "--out": getattr(args, "out", None)}
-    unexpanded = unexpanded_home({**paths, "--queries": getattr(args, "queries", None)})
-    if unexpanded:
-        print(f"error: {unexpanded}", file=sys.stderr)
+    paths["--queries"] = getattr(args, "queries", None)
+    refused = removed_working_directory() or unexpanded_home(paths)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     object_storage.configure_for([args.directory, getattr(args, "out", None), getattr(args, "queries", None)])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from models.command_line import CommandParser
-from models.paths import unexpanded_home
+from models.paths import removed_working_directory, unexpanded_home
 from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.planning.cli import add_model_flags
@@ -223,9 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.start_lines import import_tensorflow_quietly
 
     import_tensorflow_quietly()
-    unexpanded = unexpanded_home({"MODEL": args.model, "--tokenizer": args.tokenizer})
-    if unexpanded:
-        print(f"error: {unexpanded}", file=sys.stderr)
+    refused = removed_working_directory() or unexpanded_home(
+        {"MODEL": args.model, "--tokenizer": args.tokenizer}
+    )
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     object_storage.configure_for([args.model, args.tokenizer])
 

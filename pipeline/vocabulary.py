@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from models import stopping
 from models.command_line import CommandParser
-from models.paths import unexpanded_home
+from models.paths import removed_working_directory, unexpanded_home
 from models.tokenizer import OOV_ID
 from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
@@ -306,9 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     model = args.model or DEFAULT_BUNDLE
     paths = {"--model": args.model, "--tokenizer": args.tokenizer, "--output": args.output}
-    unexpanded = unexpanded_home(paths)
-    if unexpanded:
-        print(f"error: {unexpanded}", file=sys.stderr)
+    refused = removed_working_directory() or unexpanded_home(paths)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     object_storage.configure_for([model, args.tokenizer, args.output])
     try:

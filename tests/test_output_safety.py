@@ -731,6 +731,21 @@ def test_a_one_value_flag_given_twice_with_different_values_is_refused(flags, na
 
 
 @pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--limit", "2", "--"], "error: '--' ends the flags, and this command takes no other arguments. "),
+        (["--", "--output", "out"], "arguments: what follows it (--output out) would not be read. Put every"),
+    ],
+)
+def test_a_double_dash_is_named_alone(flags, message, tmp_path, capsys, monkeypatch):
+    """A wrapper's trailing `--` was refused as "'--', '--output' (did you mean --output?),
+    '/.../output/embeddings-...'": an --output the user never typed, appended after the `--`."""
+    monkeypatch.chdir(tmp_path)
+    assert "did you mean" not in _refused(capsys, flags, message)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
     "command, flags, message",
     [
         ("pipeline.vocabulary", ["--output", "{a}", "--output", "{b}"], "--output given more than once"),

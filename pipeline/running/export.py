@@ -54,9 +54,11 @@ from pipeline.running.failures import beam_errors_held, out_of_space_reported
 from pipeline.running.graph import build_pipeline
 from pipeline.running.report import ExportSummary, recorded_command_line, recorded_options
 from pipeline.running.runners import (
+    check_beam_validation,
     check_dataflow_options,
     check_direct_workers,
     check_runner,
+    check_staged_files,
     check_worker_paths,
     is_dataflow,
     is_dry_run,
@@ -151,6 +153,13 @@ def check_known_flags(argv: Sequence[str] | None) -> None:
 
     parser.error = refuse  # type: ignore[method-assign]  # argparse's documented way to change it is a subclass
     _, unknown, repeated = parse_recording_repeats(parser, sys.argv[1:] if argv is None else list(argv))
+    if "--" in unknown:
+        after = unknown[unknown.index("--") + 1 :]
+        raise ExportConfigError(
+            "'--' ends the flags, and this command takes no other arguments"
+            + (f": what follows it ({' '.join(after)}) would not be read" if after else "")
+            + ". Put every flag before it, or leave the '--' out."
+        )
     if unknown:
         known = [flag for action in parser._actions for flag in action.option_strings]
         problems = []
@@ -208,8 +217,11 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
         check_dataflow_options(options)
     if portable.is_portable(options):
         portable.check_portable_flags(options)
-        if not dry_run:
-            portable.check_job_endpoint(options)
+    if is_dataflow(options) or portable.is_portable(options):
+        check_staged_files(options)
+    check_beam_validation(options)
+    if portable.is_portable(options) and not dry_run:
+        portable.check_job_endpoint(options)
     if dry_run and not is_local(export_options.model):
         raise ExportConfigError(
             f"--dry_run builds the plan from the model without cloud credentials, so --model "
