@@ -1,4 +1,4 @@
-"""Where the bundled data lives, and the check of a path the shell left a `~` in; importable without Keras."""
+"""Where the bundled data lives, and the checks of a `~` the shell left and a removed working directory."""
 
 import os
 from collections.abc import Mapping
@@ -22,4 +22,22 @@ def unexpanded_home(paths: Mapping[str, str | None]) -> str | None:
                 f"{name} {path!r} starts with '~', which the shell did not expand (it does not after '=' "
                 f"or inside quotes): {how}, or give the full path, {os.path.expanduser(path)!r}."
             )
+    return None
+
+
+def removed_working_directory() -> str | None:
+    """Why a command cannot run from a working directory removed after the shell entered it, else None.
+
+    Every relative path (the default --output, a relative --input, --model or
+    --output) is resolved against it, and `os.getcwd()` then raises: a traceback,
+    or a misleading message, at the first one.
+    """
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        where = os.environ.get("PWD")
+        return (
+            f"the working directory{f' {where!r}' if where else ''} no longer exists (it was removed or "
+            "renamed after the shell entered it); cd to an existing directory and run the command again."
+        )
     return None

@@ -35,7 +35,8 @@ import tensorflow as tf
 
 from models import architectures, swap
 from models.bundle import BundleError, LabelInfo, Manifest, check_replaceable, save_bundle
-from models.paths import SAMPLE_CORPUS, unexpanded_home
+from models.command_line import CommandParser
+from models.paths import SAMPLE_CORPUS, removed_working_directory, unexpanded_home
 from models.tokenizer import Tokenizer
 
 # A flag, the corpus or the output cannot work (as pipeline.errors.EXIT_CONFIG_ERROR; models/ knows no Beam).
@@ -286,7 +287,7 @@ def _integer_in(flag: str) -> typing.Callable[[str], int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The training flags (`--help` lists them)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m models.train", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--topology",
         choices=architectures.TOPOLOGIES,
@@ -355,9 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     A flag, corpus or output that cannot work is one `error:` line and status 2.
     """
     args = parse_args(argv)
-    unexpanded = unexpanded_home({"--corpus": args.corpus, "--output": args.output})
-    if unexpanded:
-        print(f"error: {unexpanded}", file=sys.stderr)
+    refused = removed_working_directory() or unexpanded_home(
+        {"--corpus": args.corpus, "--output": args.output}
+    )
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
         train(args)

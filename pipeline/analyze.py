@@ -40,7 +40,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from apache_beam.io.filesystems import FileSystems
 
-from models.paths import unexpanded_home
+from models.command_line import CommandParser
+from models.paths import removed_working_directory, unexpanded_home
 from pipeline import object_storage
 from pipeline.analysis import index_build
 from pipeline.analysis.batch_queries import batch_neighbors
@@ -90,7 +91,7 @@ def non_negative_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser: OUTPUT_DIR, then one of the commands and its flags."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipeline.analyze",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sampled = argparse.ArgumentParser(add_help=False)
+    sampled = CommandParser(add_help=False)
     sampled.add_argument(
         "--sample",
         type=int,
@@ -517,9 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (EXIT_CONFIG_ERROR for an AnalysisError)."""
     args = build_parser().parse_args(argv)
     paths = {"OUTPUT_DIR": args.directory, "--out": getattr(args, "out", None)}
-    unexpanded = unexpanded_home({**paths, "--queries": getattr(args, "queries", None)})
-    if unexpanded:
-        print(f"error: {unexpanded}", file=sys.stderr)
+    paths["--queries"] = getattr(args, "queries", None)
+    refused = removed_working_directory() or unexpanded_home(paths)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
         object_storage.configure_for({**paths, "--queries": getattr(args, "queries", None)})

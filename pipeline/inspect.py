@@ -16,7 +16,6 @@ from models import stopping
 if __name__ == "__main__":
     stopping.stop_at_once("python -m pipeline.inspect")
 
-import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,8 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from models.paths import unexpanded_home
+from models.command_line import CommandParser
+from models.paths import removed_working_directory, unexpanded_home
 from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
 from pipeline.planning.cli import add_model_flags
@@ -210,7 +210,7 @@ def forward_pass_lines(model: keras.Model, rows: Sequence[LayerRow]) -> list[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status (EXIT_CONFIG_ERROR for a model that cannot load)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__)
+    parser = CommandParser(prog="python -m pipeline.inspect", description=__doc__)
     add_model_flags(parser, positional_model=True)
     parser.add_argument(
         "--layer",
@@ -223,14 +223,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.start_lines import import_tensorflow_quietly
 
     import_tensorflow_quietly()
-    unexpanded = unexpanded_home({"MODEL": args.model, "--tokenizer": args.tokenizer})
-    if unexpanded:
-        print(f"error: {unexpanded}", file=sys.stderr)
+    refused = removed_working_directory() or unexpanded_home(
+        {"MODEL": args.model, "--tokenizer": args.tokenizer}
+    )
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     from pipeline.errors import ExportConfigError
+    from pipeline.planning.checks import TOKENIZER_VALUE, check_flag_not_empty
     from pipeline.planning.model_source import load_model_source
 
     try:
+        # An unset shell variable (`--tokenizer "$TOKENIZER"`) would silently mean the bundle's own.
+        check_flag_not_empty("--tokenizer", args.tokenizer, what=TOKENIZER_VALUE)
         object_storage.configure_for({"MODEL": args.model, "--tokenizer": args.tokenizer})
         model_source = load_model_source(
             args.model,

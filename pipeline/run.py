@@ -174,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     open_standard_streams()
     argv = sys.argv[1:] if argv is None else argv
+    from models.paths import removed_working_directory
+
+    removed = removed_working_directory()
+    if removed:
+        _tell(f"error: {removed}")
+        return EXIT_CONFIG_ERROR
     if "-h" in argv or "--help" in argv:
         from pipeline.planning.cli import options_parser
         from pipeline.planning.options import ExportOptions
@@ -193,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # Chosen here, so that an interrupted run can say where its rerun must write to resume it.
         defaulted_output = default_output()
-        argv = [*argv, "--output", defaulted_output]
+        # Before a `--`: argparse takes whatever follows it for positional arguments.
+        end = list(argv).index("--") if "--" in argv else len(argv)
+        argv = [*argv[:end], "--output", defaulted_output, *argv[end:]]
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         interrupted.append(signum)

@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models import stopping
-from models.paths import unexpanded_home
+from models.command_line import CommandParser
+from models.paths import removed_working_directory, unexpanded_home
 from models.tokenizer import OOV_ID
 from pipeline import object_storage
 from pipeline.errors import EXIT_CONFIG_ERROR
@@ -255,7 +256,7 @@ def _write_whole(table: pa.Table, path: str, overwrite: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags: the model flags shared with `pipeline.run`, --layer, --output, --overwrite."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pipeline.vocabulary",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -289,18 +290,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported here, not at the top: they load Keras, which `--help` does not need.
     from models.bundle import DEFAULT_BUNDLE
     from pipeline.errors import ExportConfigError
-    from pipeline.planning.checks import check_text_arguments
+    from pipeline.planning.checks import TOKENIZER_VALUE, check_flag_not_empty, check_text_arguments
 
     try:
         check_text_arguments(sys.argv[1:] if argv is None else argv)
     except ExportConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    try:
+        # An unset shell variable (`--model "$MODEL"`) would silently mean the bundled model.
+        check_flag_not_empty("--model", args.model, what="a model bundle or file")
+        check_flag_not_empty("--tokenizer", args.tokenizer, what=TOKENIZER_VALUE)
+    except ExportConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     model = args.model or DEFAULT_BUNDLE
     paths = {"--model": args.model, "--tokenizer": args.tokenizer, "--output": args.output}
-    unexpanded = unexpanded_home(paths)
-    if unexpanded:
-        print(f"error: {unexpanded}", file=sys.stderr)
+    refused = removed_working_directory() or unexpanded_home(paths)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:
         object_storage.configure_for(

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from models.paths import DEFAULT_BUNDLE
 from pipeline import analyze, vocabulary
 from pipeline.analysis import index_build
 from pipeline.analysis.dataset import open_documents, open_vocabulary
@@ -498,6 +499,28 @@ def test_vocabulary_refuses_an_empty_output_and_names_a_dangling_link(output, tm
         empty = "error: --output is empty (an unset shell variable?); give it a directory."
         assert error_line(capsys).strip() == empty
     assert os.listdir(tmp_path) == ["dangling"]
+
+
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("vocabulary", ["--model", " "]),
+        ("vocabulary", ["--tokenizer="]),
+        ("inspect", [str(DEFAULT_BUNDLE), "--tokenizer", ""]),
+    ],
+)
+def test_an_empty_model_or_tokenizer_is_refused(command, flags, tmp_path, capsys):
+    """`--model "$MODEL"` with $MODEL unset wrote the bundled model's table, and an empty
+    --tokenizer meant the bundle's own, both without a word."""
+    from pipeline import inspect
+
+    main = {"vocabulary": vocabulary.main, "inspect": inspect.main}[command]
+    output = tmp_path / "voc"
+    argv = [*flags, "--output", str(output)] if command == "vocabulary" else flags
+    assert main(argv) == vocabulary.EXIT_CONFIG_ERROR
+    flag = "--model" if "--model" in flags else "--tokenizer"
+    assert error_line(capsys).strip().startswith(f"error: {flag} is empty (an unset shell variable?)")
+    assert not output.exists()
 
 
 def test_vocabulary_never_replaces_a_file_beside_it_nor_writes_through_a_link(tmp_path, capsys):

@@ -242,6 +242,35 @@ def test_dataflow_without_project_or_region_is_one_error(dropped, pattern):
 
 
 @pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--project", "12345"], r"^Beam refuses the pipeline options: Invalid Project ID \(12345\)"),
+        (["--project", "My-Project"], r"Invalid Project ID \(My-Project\)"),
+        (["--job_name", "My_Job"], r"Invalid job_name \(My_Job\).* Correct or leave out the flags named\.$"),
+        (["--num_workers", "0"], r"Invalid value \(0\) for option: num_workers"),
+        (
+            ["--extra_package", "dist/missing.tar.gz"],
+            r"^--extra_package 'dist/missing.tar.gz' does not exist \(relative",
+        ),
+    ],
+    ids=[
+        "project_number",
+        "project_case",
+        "job_name",
+        "num_workers",
+        "extra",
+    ],
+)
+def test_dataflow_options_beam_would_refuse_later_are_one_error(flags, pattern, tmp_path, monkeypatch):
+    """Each was Beam's traceback, exit 1: its option validator's ValueError when the job was built,
+    or its stager's RuntimeError (the docs' `--setup_file ./setup.py` run from another directory)."""
+    monkeypatch.chdir(tmp_path)
+    given = [flag.format(readme=os.path.join(REPOSITORY, "README.md")) for flag in flags]
+    with pytest.raises(ExportConfigError, match=pattern):
+        run_export([*_without(DATAFLOW_FLAGS, flags[0]), *given, "--dry_run=True"])
+
+
+@pytest.mark.parametrize(
     "locations, pattern",
     [
         ([], r"needs --temp_location gs://BUCKET/tmp"),

@@ -121,6 +121,18 @@ def test_a_models_package_in_the_working_directory_is_named_in_one_line(command,
     ]
 
 
+@pytest.mark.parametrize("command", ["pipeline.run", "pipeline.inspect", "pipeline.vocabulary"])
+def test_a_folder_of_model_files_named_models_is_no_package_in_the_way(command, tmp_path):
+    """A project's `models/` folder holding model files (no __init__.py) was refused as another
+    'models' package: Python's path finder returns such a folder as a namespace package before an
+    editable install's finder is asked, so every command failed to start from that directory."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "encoder.keras").write_bytes(b"")
+    done = _fresh(["-m", command, "--help"], str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m ")
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -129,6 +141,16 @@ def test_a_models_package_in_the_working_directory_is_named_in_one_line(command,
             "error: --runtime_type_check fails on Beam's own Parquet writer (its declared output type is "
             "wrong: apache/beam pull request 38155); pass --performance_runtime_type_check instead, "
             "which checks the types between steps.",
+        ),
+        (
+            ["--type_check_additional", "bogus"],
+            "error: Beam refuses the pipeline options: Unrecognized --type_check_additional feature: "
+            "bogus. Correct or leave out the flags named.",
+        ),
+        (
+            ["--resource_hints", "min_ram=lots"],
+            "error: Beam refuses the pipeline options: --resource_hints: Resource hint min_ram has "
+            "invalid value lots. Correct or leave out the flags named.",
         ),
         (
             ["--pickle_library", "dill"],
@@ -236,3 +258,33 @@ def test_a_ctrl_c_while_tensorflow_loads_is_one_interrupted_line(tmp_path):
         time.sleep(0.05)
     assert _state(forwarder) in (None, "Z")
     assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "command, argv",
+    [
+        ("pipeline.run", ["--limit", "2"]),
+        ("pipeline.run", ["--limit", "2", "--output", "relative"]),
+        ("pipeline.inspect", ["model_dir"]),
+        ("pipeline.vocabulary", ["--output", "relative"]),
+        ("pipeline.analyze", ["relative", "plot"]),
+        ("models.train", ["--output", "relative"]),
+    ],
+)
+def test_a_removed_working_directory_is_one_error_line(command, argv, tmp_path, monkeypatch, capsys):
+    """Another terminal's `rm -rf` of the directory a command runs in: pipeline.run (the quickstart's
+    default --output, or a relative one) and inspect ended in a FileNotFoundError traceback, and
+    vocabulary blamed object-storage credentials."""
+    import importlib
+
+    removed = tmp_path / "removed"
+    removed.mkdir()
+    monkeypatch.chdir(removed)
+    monkeypatch.setenv("PWD", str(removed))
+    removed.rmdir()
+    assert importlib.import_module(command).main(argv) == EXIT_CONFIG_ERROR
+    assert _one_error_line(capsys) == (
+        f"error: the working directory '{removed}' no longer exists (it was removed or renamed after the "
+        "shell entered it); cd to an existing directory and run the command again."
+    )
+    assert os.listdir(tmp_path) == []

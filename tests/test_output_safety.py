@@ -730,6 +730,52 @@ def test_a_one_value_flag_given_twice_with_different_values_is_refused(flags, na
     assert ("glob pattern" in message) == (named == "--input")
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--limit", "2", "--"], "error: '--' ends the flags, and this command takes no other arguments. "),
+        (["--", "--output", "out"], "arguments: what follows it (--output out) would not be read. Put every"),
+    ],
+)
+def test_a_double_dash_is_named_alone(flags, message, tmp_path, capsys, monkeypatch):
+    """A wrapper's trailing `--` was refused as "'--', '--output' (did you mean --output?),
+    '/.../output/embeddings-...'": an --output the user never typed, appended after the `--`."""
+    monkeypatch.chdir(tmp_path)
+    assert "did you mean" not in _refused(capsys, flags, message)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "command, flags, message",
+    [
+        ("pipeline.vocabulary", ["--output", "{a}", "--output", "{b}"], "--output given more than once"),
+        ("pipeline.vocabulary", ["--out", "{a}"], "required: --output"),
+        ("pipeline.vocabulary", ["--output", "{a}", "--over"], "unrecognized arguments: --over"),
+        ("pipeline.inspect", ["{a}", "--tok", "none"], "unrecognized arguments: --tok"),
+        ("pipeline.analyze", ["{a}", "neighbors", "--id", "x", "--id", "y"], "--id given more than once"),
+        (
+            "pipeline.analyze",
+            ["{a}", "neighbors", "--id", "x", "--col", "c"],
+            "unrecognized arguments: --col",
+        ),
+        ("models.train", ["--output", "{a}", "--output", "{b}"], "--output given more than once"),
+        ("models.train", ["--output", "{a}", "--over"], "unrecognized arguments: --over"),
+    ],
+)
+def test_the_other_commands_refuse_abbreviated_and_repeated_flags(command, flags, message, tmp_path, capsys):
+    """As pipeline.run does: `vocabulary --output A --output B` wrote B, and `--out A --over`
+    replaced A/vocabulary.parquet (argparse took the abbreviations and kept the last value)."""
+    import importlib
+
+    main = importlib.import_module(command).main
+    argv = [flag.format(a=tmp_path / "a", b=tmp_path / "b") for flag in flags]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_flag_repeated_with_the_same_value_and_repeatable_flags_pass(tmp_path, tiny_bundle):
     corpus = _write_corpus(tmp_path / "c.jsonl", 3)
     summary = run_export(

@@ -294,9 +294,10 @@ def test_an_empty_id_field_is_refused(id_field, bundle, corpus, tmp_path):
     assert_refused(argv, output, "--id_field must name")
 
 
-@pytest.mark.parametrize("flag", ["--output", "--reuse"])
+@pytest.mark.parametrize("flag", ["--output", "--reuse", "--tokenizer"])
 def test_an_empty_output_or_reuse_is_refused(flag, bundle, corpus, tmp_path, monkeypatch):
-    """An unset $OUT is not "no --output": it exported into ./output/ and --reuse "" embedded all."""
+    """An unset $OUT is not "no --output": it exported into ./output/, --reuse "" embedded all,
+    and --tokenizer "" used the bundle's own tokenizer without a word."""
     monkeypatch.chdir(tmp_path)
     argv = ["--model", str(bundle), "--input", str(corpus), f"{flag}=", "--limit", "3"]
     if flag == "--reuse":

@@ -24,6 +24,22 @@ TINY_ARGS = [
     "--batch_size", "32",
     "--holdout", str(HOLDOUT),
 ]  # fmt: skip
+
+
+def _tiny_args_but(flags):
+    """TINY_ARGS less the flags that `flags` give: a flag given twice is refused (models/command_line.py)."""
+    given = {flag.split("=")[0] for flag in flags if flag.startswith("--")}
+    kept, skip = [], False
+    for arg in TINY_ARGS:
+        if skip:
+            skip = False
+        elif arg.split("=")[0] in given:
+            skip = "=" not in arg  # `--flag value`: its value goes too
+        else:
+            kept.append(arg)
+    return [*kept, *flags]
+
+
 OUTPUTS = {
     "single_input": {"output": "kind"},
     "two_inputs_one_output": {"output": "kind"},
@@ -136,8 +152,7 @@ def test_train_refuses_a_split_that_leaves_a_side_empty_and_a_missing_id_field(
 ):
     corpus, _ = small_corpus
     output = tmp_path / "bundle"
-    # The flags after TINY_ARGS win (argparse keeps the last value).
-    assert main(["--corpus", corpus, "--output", str(output), *TINY_ARGS, *flags]) == EXIT_CONFIG_ERROR
+    assert main(["--corpus", corpus, "--output", str(output), *_tiny_args_but(flags)]) == EXIT_CONFIG_ERROR
     err = capsys.readouterr().err
     assert message in err and err.startswith("error: ") and "Traceback" not in err
     assert not output.exists()
@@ -167,7 +182,7 @@ def test_train_needs_an_output_and_never_defaults_to_the_shipped_bundle(capsys):
 def test_an_integer_flag_out_of_its_range_is_one_error_line(flag, value, message, tmp_path, capsys):
     """Too large a value was an OverflowError or ResourceExhaustedError traceback once training began."""
     with pytest.raises(SystemExit) as exited:
-        main(["--output", str(tmp_path / "bundle"), *TINY_ARGS, f"{flag}={value}"])
+        main(["--output", str(tmp_path / "bundle"), *_tiny_args_but([f"{flag}={value}"])])
     assert exited.value.code == EXIT_CONFIG_ERROR
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.endswith(f"error: argument {flag}: must be an integer{message}"), last
@@ -181,7 +196,7 @@ def test_sizes_within_their_ranges_that_do_not_fit_in_memory_together_are_one_er
     corpus, _ = small_corpus
     output = tmp_path / "bundle"
     sizes = ["--vocabulary_size=1000000", "--embedding_dim=100000"]
-    assert main(["--corpus", corpus, "--output", str(output), *TINY_ARGS, *sizes]) == EXIT_CONFIG_ERROR
+    assert main(["--corpus", corpus, "--output", str(output), *_tiny_args_but(sizes)]) == EXIT_CONFIG_ERROR
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert line.startswith(
         "error: the model does not fit in memory (--vocabulary_size 1,000,000 x --embedding_dim 100,000"

@@ -64,22 +64,31 @@ def check_numeric_flags(options: ExportOptions) -> None:
 
 
 def check_not_empty(options: ExportOptions) -> None:
-    """Refuses an empty --output or --reuse (an unset shell variable), which read as not given.
+    """Refuses an empty --output, --reuse or --tokenizer (an unset shell variable), which read as not given.
 
     Raises:
         ExportConfigError: naming the flag.
     """
     for flag in ("output", "reuse"):
         check_flag_not_empty(f"--{flag}", getattr(options, flag))
+    check_flag_not_empty("--tokenizer", options.tokenizer, what=TOKENIZER_VALUE)
 
 
-def check_flag_not_empty(flag: str, value: str | None, optional: bool = True) -> None:
-    """Refuses a directory flag given as empty or blank (an unset shell variable); None is not given."""
+# What an empty --tokenizer is to be given instead.
+TOKENIZER_VALUE = "a tokenizer file (or 'none' for a corpus of token ids)"
+
+
+def check_flag_not_empty(
+    flag: str, value: str | None, optional: bool = True, what: str = "a directory"
+) -> None:
+    """Refuses a path flag given as empty or blank (an unset shell variable); None is not given.
+
+    Taken as not given, it would silently mean the default: the bundled model, the bundle's own
+    tokenizer, a fresh output directory.
+    """
     if value is not None and not value.strip():
         leave_out = ", or leave the flag out" if optional else ""
-        raise ExportConfigError(
-            f"{flag} is empty (an unset shell variable?); give it a directory{leave_out}."
-        )
+        raise ExportConfigError(f"{flag} is empty (an unset shell variable?); give it {what}{leave_out}.")
 
 
 def escaped(text: str) -> str:

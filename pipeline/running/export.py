@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult
 
+from models.command_line import parse_recording_repeats, repeated_message
 from pipeline.errors import (
     EXIT_ACCOUNTING_UNVERIFIED,
     EXIT_OK,
@@ -53,6 +54,7 @@ from pipeline.running.failures import beam_errors_held, out_of_space_reported
 from pipeline.running.graph import build_pipeline
 from pipeline.running.report import ExportSummary, recorded_command_line, recorded_options
 from pipeline.running.runners import (
+    check_beam_validation,
     check_dataflow_options,
     check_direct_workers,
     check_runner,
@@ -128,45 +130,6 @@ def _dry_run(pipeline: beam.Pipeline, plan: ExportPlan, options: PipelineOptions
     )
 
 
-# argparse's actions that keep one value: given twice, the last silently wins.
-_ONE_VALUE_ACTIONS = (
-    argparse._StoreAction,
-    argparse._StoreConstAction,
-    argparse._StoreTrueAction,
-    argparse._StoreFalseAction,
-)
-
-
-class _RecordingNamespace(argparse.Namespace):
-    """A namespace that remembers every value argparse stores in it, per flag."""
-
-    def __init__(self, dests: Sequence[str]) -> None:
-        super().__init__()
-        object.__setattr__(self, "stored", {dest: [] for dest in dests})
-        # Present before parsing, so argparse neither stores their defaults nor converts them.
-        for dest in dests:
-            object.__setattr__(self, dest, None)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in self.stored:
-            self.stored[name].append(value)
-        super().__setattr__(name, value)
-
-
-def _parse(parser: argparse.ArgumentParser, args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(the arguments `parser` does not know, the one-value flags `args` give more than once with
-    different values, as `--flag`)."""
-    actions = {a.dest: a for a in parser._actions if isinstance(a, _ONE_VALUE_ACTIONS) and a.option_strings}
-    namespace = _RecordingNamespace(list(actions))
-    _, unknown = parser.parse_known_args(list(args), namespace=namespace)
-    repeated = [
-        actions[dest].option_strings[0]
-        for dest, values in namespace.stored.items()
-        if len({repr(value) for value in values}) > 1
-    ]
-    return unknown, repeated
-
-
 def check_known_flags(argv: Sequence[str] | None) -> None:
     """Refuses arguments that neither our options nor Beam's declare (a typo such as --ouput), and
     a one-value flag given twice with different values (`--input a.jsonl --input b.jsonl`).
@@ -189,7 +152,14 @@ def check_known_flags(argv: Sequence[str] | None) -> None:
         raise ExportConfigError(f"{message}. `python -m pipeline.run --help` explains each flag.")
 
     parser.error = refuse  # type: ignore[method-assign]  # argparse's documented way to change it is a subclass
-    unknown, repeated = _parse(parser, sys.argv[1:] if argv is None else list(argv))
+    _, unknown, repeated = parse_recording_repeats(parser, sys.argv[1:] if argv is None else list(argv))
+    if "--" in unknown:
+        after = unknown[unknown.index("--") + 1 :]
+        raise ExportConfigError(
+            "'--' ends the flags, and this command takes no other arguments"
+            + (f": what follows it ({' '.join(after)}) would not be read" if after else "")
+            + ". Put every flag before it, or leave the '--' out."
+        )
     if unknown:
         known = [flag for action in parser._actions for flag in action.option_strings]
         problems = []
@@ -204,10 +174,7 @@ def check_known_flags(argv: Sequence[str] | None) -> None:
     if repeated:
         several_inputs = " (several input files: one glob pattern, --input 'data/*.jsonl')"
         raise ExportConfigError(
-            f"{', '.join(repeated)} given more than once, with different values: each takes one value, "
-            "and the last would silently win. Pass each once"
-            + (several_inputs if "--input" in repeated else "")
-            + "."
+            repeated_message(repeated) + (several_inputs if "--input" in repeated else "") + "."
         )
 
 
@@ -248,12 +215,13 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     if is_dataflow(options):
         check_worker_paths(export_options)
         check_dataflow_options(options)
-        check_staged_files(options)
     if portable.is_portable(options):
         portable.check_portable_flags(options)
+    if is_dataflow(options) or portable.is_portable(options):
         check_staged_files(options)
-        if not dry_run:
-            portable.check_job_endpoint(options)
+    check_beam_validation(options)
+    if portable.is_portable(options) and not dry_run:
+        portable.check_job_endpoint(options)
     if dry_run and not is_local(export_options.model):
         raise ExportConfigError(
             f"--dry_run builds the plan from the model without cloud credentials, so --model "

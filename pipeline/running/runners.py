@@ -1,6 +1,7 @@
 """Which runner runs an export, and how a local run uses the machine: processes, threads, ranges."""
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -166,7 +167,8 @@ _SETUP_FILE_NAMES = ("setup.py", "pyproject.toml")
 
 
 def check_staged_files(options: PipelineOptions) -> None:
-    """Refuses a --setup_file or --requirements_file that Beam's stager would refuse in a traceback.
+    """Refuses a --setup_file, --requirements_file or local --extra_package that Beam's stager would refuse
+    in a traceback.
 
     The files are staged for the workers when the job is submitted (Dataflow, a
     portable runner), after the model has loaded: a relative `./setup.py` from
@@ -178,7 +180,10 @@ def check_staged_files(options: PipelineOptions) -> None:
     setup = options.view_as(SetupOptions)
     ours = os.path.join(_REPOSITORY, "setup.py")
     hint = f" This project's is {ours!r}." if os.path.isfile(ours) else ""
-    for flag, path in (("setup_file", setup.setup_file), ("requirements_file", setup.requirements_file)):
+    named = [("setup_file", setup.setup_file), ("requirements_file", setup.requirements_file)]
+    # An extra package may also be a gs:// (or other remote) path, which Beam downloads.
+    named += [("extra_package", path) for path in setup.extra_packages or [] if is_local(path)]
+    for flag, path in named:
         if path is None or os.path.isfile(path):
             continue
         what = "is a directory" if os.path.isdir(path) else "does not exist"
@@ -384,3 +389,37 @@ def split_bytes_for(options: PipelineOptions, total_bytes: int) -> int:
         workers = direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 1
     wanted = total_bytes // (max(1, workers or os.cpu_count() or 1) * RANGES_PER_LOCAL_WORKER)
     return int(min(DEFAULT_SPLIT_BYTES, max(MIN_SPLIT_BYTES, wanted)))
+
+
+def check_beam_validation(options: PipelineOptions) -> None:
+    """Refuses the options Beam's own checks refuse when the pipeline is built, before anything loads.
+
+    `beam.Pipeline(...)` runs Beam's `PipelineOptionsValidator` (an invalid --project
+    or --job_name on Dataflow, an unknown --type_check_additional feature, two
+    exclusive flags) and parses --resource_hints, raising a ValueError: a traceback
+    after the model load, with the output's staging directory made.
+
+    Raises:
+        ExportConfigError: Beam's own words, on one line.
+    """
+    from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+    from apache_beam.runners.runner import create_runner
+    from apache_beam.transforms.resources import resource_hints_from_options
+
+    runner = local_runner(options) or create_runner(str(options.view_as(StandardOptions).runner))
+    # On a copy, as Beam's Pipeline does: the validator fills in defaults as it goes.
+    checked = copy.deepcopy(options)
+    errors = PipelineOptionsValidator(checked, runner).validate()
+    try:
+        resource_hints_from_options(checked)
+    except ValueError as error:
+        errors.append(f"--resource_hints: {error}")
+    if errors:
+        said = " ".join(_sentence(" ".join(str(error).split())) for error in errors)
+        raise ExportConfigError(
+            f"Beam refuses the pipeline options: {said} Correct or leave out the flags named."
+        )
+
+
+def _sentence(text: str) -> str:
+    return text if text.endswith((".", "?", "!")) else text + "."

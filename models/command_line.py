@@ -1,0 +1,86 @@
+"""The commands' flag parsing: whole flag names only, and a one-value flag given once.
+
+argparse by default takes an abbreviation (`--out` for `--output`, `--over` for
+`--overwrite`) and keeps the last of two values of a flag without a word; either
+writes, or replaces, where the user did not say. Imports neither Keras nor Beam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+# argparse's actions that keep one value: given twice, the last silently wins.
+ONE_VALUE_ACTIONS = (
+    argparse._StoreAction,
+    argparse._StoreConstAction,
+    argparse._StoreTrueAction,
+    argparse._StoreFalseAction,
+)
+
+
+class _RecordingNamespace(argparse.Namespace):
+    """A namespace that remembers every value argparse stores in it, per flag."""
+
+    def __init__(self, dests: Sequence[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "stored", {dest: [] for dest in dests})
+        # Present before parsing, so argparse neither stores their defaults nor converts them.
+        for dest in dests:
+            object.__setattr__(self, dest, None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.stored:
+            self.stored[name].append(value)
+        super().__setattr__(name, value)
+
+
+def parse_recording_repeats(
+    parser: argparse.ArgumentParser, args: Sequence[str]
+) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """Parses `args` with `parser` into a namespace without defaults, for checking only.
+
+    Returns:
+        (that namespace, the arguments `parser` does not know, the one-value flags
+        `args` give more than once with different values, as `--flag`).
+    """
+    actions = {a.dest: a for a in parser._actions if isinstance(a, ONE_VALUE_ACTIONS) and a.option_strings}
+    namespace = _RecordingNamespace(list(actions))
+    _, unknown = parser.parse_known_args(list(args), namespace=namespace)
+    repeated = [
+        actions[dest].option_strings[0]
+        for dest, values in namespace.stored.items()
+        if len({repr(value) for value in values}) > 1
+    ]
+    return namespace, unknown, repeated
+
+
+def repeated_message(repeated: Sequence[str]) -> str:
+    """The refusal of one-value flags given more than once with different values."""
+    return (
+        f"{', '.join(repeated)} given more than once, with different values: each takes one value, "
+        "and the last would silently win. Pass each once"
+    )
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` that takes no abbreviated flags and no repeated one-value flag.
+
+    Its subcommands' parsers (`add_subparsers`) are of this class too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]  # typeshed's overloads; the behaviour is argparse's
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        args = list(sys.argv[1:] if args is None else args)
+        if not isinstance(namespace, _RecordingNamespace):  # Not the checking pass itself.
+            _, _, repeated = parse_recording_repeats(self, args)
+            if repeated:
+                self.error(repeated_message(repeated) + ".")
+        return super().parse_known_args(args, namespace)
