@@ -454,3 +454,22 @@ def test_a_staged_file_beam_cannot_stage_is_one_error(flag, value, pattern, tmp_
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ExportConfigError, match=pattern):
         run_export([*DATAFLOW_FLAGS, flag, value, "--dry_run=True"])
+
+
+def test_a_bare_setup_file_name_is_staged_from_its_directory(tmp_path, monkeypatch):
+    """`--setup_file setup.py` passed the launch check, then Beam's stager changed into
+    os.path.dirname('setup.py') == '': a FileNotFoundError traceback as the job was submitted."""
+    from apache_beam.options.pipeline_options import SetupOptions
+    from apache_beam.runners.portability.stager import Stager
+
+    from pipeline.running.runners import check_staged_files
+
+    monkeypatch.chdir(REPOSITORY)
+    options = PipelineOptions([*DATAFLOW_FLAGS, "--setup_file", "setup.py"])
+    check_staged_files(options)
+    setup_file = options.view_as(SetupOptions).setup_file
+    assert setup_file == os.path.join(REPOSITORY, "setup.py")
+    # The stager's own build step, with a build command that makes nothing: it gets past its chdir.
+    with pytest.raises(RuntimeError, match=r"\*\.tar\.gz not found"):
+        Stager._build_setup_package(setup_file, str(tmp_path), ["true"])
+    assert os.getcwd() == REPOSITORY
