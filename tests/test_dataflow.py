@@ -7,9 +7,11 @@ or submitted, and our launcher skips the checks that would need credentials.
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import apache_beam
 import pytest
@@ -432,6 +434,69 @@ def test_a_stopped_launcher_cancels_its_dataflow_job(caplog):
     with pytest.raises(KeyboardInterrupt):
         poll_dataflow(failing, PipelineOptions(DATAFLOW_FLAGS), 1)
     assert "gcloud dataflow jobs cancel 2026-12-07_01_02_03-123 --region us-central1" in caplog.text
+
+
+class _UnansweredCancel(_StoppedJob):
+    """A job whose cancel hangs, as Beam's does retrying a service that does not answer, until a second
+    stop signal (`second`) or for good."""
+
+    def __init__(self, second: bool) -> None:
+        super().__init__()
+        self.second = second
+
+    def wait_until_finish(self, duration=None):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the launcher's own handler takes it
+        time.sleep(5)  # not reached: the handler raises
+
+    def cancel(self):
+        if self.second:
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+
+
+@pytest.mark.parametrize("how", ["fails", "second_signal", "no_answer"])
+def test_a_job_the_stopped_launcher_could_not_cancel_is_said_with_the_interrupted_line(
+    how, monkeypatch, capfd, tmp_path
+):
+    """The cancel's warning was logged after the stop signal had silenced the launcher's output, so the
+    user read only 'rerun the same command' (which collides with the job still running); a cancel that got
+    no answer kept the launcher silent for minutes, and a second Ctrl-C then left no word of the job."""
+    from pipeline import run
+    from pipeline.running import dataflow, export
+
+    job = {
+        "fails": _StoppedJob(cancel_error=OSError("no network")),
+        "second_signal": _UnansweredCancel(second=True),
+        "no_answer": _UnansweredCancel(second=False),
+    }[how]
+    if how == "fails":
+        job.wait_until_finish = lambda duration=None: os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(dataflow, "CANCEL_TIMEOUT_SECONDS", 1.0)
+
+    def follow(job):  # what run_export does once the job is submitted
+        dataflow.forget_left_running()
+        poll_dataflow(job, PipelineOptions(DATAFLOW_FLAGS), 1)
+
+    monkeypatch.setattr(export, "run_export", lambda argv: follow(job))
+    started = time.monotonic()
+    assert run.main(["--output", str(tmp_path / "out")]) == 130
+    assert time.monotonic() - started < 10
+    lines = capfd.readouterr().err.splitlines()
+    interrupted = next(i for i, line in enumerate(lines) if line.startswith("interrupted: "))
+    warning = lines[interrupted + 1]
+    assert warning.startswith("warning: the Dataflow job 2026-12-07_01_02_03-123 may still be running ("), (
+        lines
+    )
+    assert (
+        "`gcloud dataflow jobs cancel 2026-12-07_01_02_03-123 --region us-central1` before rerunning"
+        in warning
+    )
+    # A job that was cancelled is not said to run on.
+    monkeypatch.setattr(export, "run_export", lambda argv: follow(cancelled))
+    cancelled = _StoppedJob()
+    cancelled.wait_until_finish = lambda duration=None: os.kill(os.getpid(), signal.SIGINT)
+    assert run.main(["--output", str(tmp_path / "out")]) == 130
+    assert cancelled.cancelled and "may still be running" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize(

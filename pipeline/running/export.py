@@ -48,7 +48,7 @@ from pipeline.running.counters import (
     ROWS_KEPT,
     read_counters,
 )
-from pipeline.running.dataflow import poll_dataflow
+from pipeline.running.dataflow import forget_left_running, poll_dataflow
 from pipeline.running.failures import beam_errors_held, out_of_space_reported
 from pipeline.running.graph import build_pipeline
 from pipeline.running.report import ExportSummary, recorded_command_line, recorded_options
@@ -222,6 +222,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     check_text_arguments(sys.argv[1:] if argv is None else argv)
     check_known_flags(argv)
     reset_commit_phase()
+    forget_left_running()
     options = PipelineOptions(argv)
     # The launcher reads --model, --input and --output before any Pipeline exists;
     # object stores (s3:// endpoint and keys, ...) take their settings from these options.
