@@ -166,9 +166,9 @@ def _past_launch_checks() -> bool:
 
 
 def _jobs_left_running() -> list[str]:
-    # Not imported yet: no Dataflow job was followed.
-    dataflow = sys.modules.get("pipeline.running.dataflow")
-    return dataflow.left_running() if dataflow else []
+    # Not imported yet: no job was followed.
+    left = sys.modules.get("pipeline.running.left_running")
+    return left.notes() if left else []
 
 
 def _recovered_commits() -> list[str]:

@@ -462,7 +462,7 @@ def test_a_job_the_stopped_launcher_could_not_cancel_is_said_with_the_interrupte
     user read only 'rerun the same command' (which collides with the job still running); a cancel that got
     no answer kept the launcher silent for minutes, and a second Ctrl-C then left no word of the job."""
     from pipeline import run
-    from pipeline.running import dataflow, export
+    from pipeline.running import dataflow, export, left_running
 
     job = {
         "fails": _StoppedJob(cancel_error=OSError("no network")),
@@ -474,7 +474,7 @@ def test_a_job_the_stopped_launcher_could_not_cancel_is_said_with_the_interrupte
     monkeypatch.setattr(dataflow, "CANCEL_TIMEOUT_SECONDS", 1.0)
 
     def follow(job):  # what run_export does once the job is submitted
-        dataflow.forget_left_running()
+        left_running.forget()
         poll_dataflow(job, PipelineOptions(DATAFLOW_FLAGS), 1)
 
     monkeypatch.setattr(export, "run_export", lambda argv: follow(job))

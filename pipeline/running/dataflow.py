@@ -6,6 +6,7 @@ import threading
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
+from pipeline.running import left_running
 from pipeline.running.counters import NAMESPACE, read_counters
 from pipeline.running.report import format_counters
 
@@ -13,19 +14,6 @@ _LOGGER = logging.getLogger(__name__)
 
 # How long a stopped launcher waits for the job's cancel: Beam's own call retries for minutes.
 CANCEL_TIMEOUT_SECONDS = 30.0
-# Jobs a stopped launcher could not cancel, each with why (`left_running`).
-_LEFT_RUNNING: list[str] = []
-
-
-def forget_left_running() -> None:
-    """Starts a run with no job left running (a process may launch several: tests, notebooks)."""
-    _LEFT_RUNNING.clear()
-
-
-def left_running() -> list[str]:
-    """What to say of the Dataflow jobs this process was stopped from but could not cancel: the stop
-    signal has silenced its logs by then, so `pipeline.run` says it with the `interrupted:` line."""
-    return list(_LEFT_RUNNING)
 
 
 def dataflow_console_url(options: PipelineOptions, job_id: str) -> str:
@@ -87,17 +75,18 @@ def _cancel(result: PipelineResult, options: PipelineOptions, job_id: str | None
 
     # Noted before the wait, so that a second stop signal anywhere in it (a KeyboardInterrupt) leaves it
     # said; taken back once the cancel is confirmed.
-    _LEFT_RUNNING.append(note("a second stop signal ended the wait for its cancel"))
+    place = left_running.note(note("a second stop signal ended the wait for its cancel"))
     # In a thread: Beam retries a cancel that gets no answer for minutes, and a second Ctrl-C must end
     # the wait, not Beam's call.
     canceller = threading.Thread(target=cancel, name="cancel-dataflow-job", daemon=True)
     canceller.start()
     canceller.join(CANCEL_TIMEOUT_SECONDS)
     if failed:
-        _LEFT_RUNNING[-1] = note(f"its cancel failed: {failed[0]}")
+        why = f"its cancel failed: {failed[0]}"
     elif canceller.is_alive():
-        _LEFT_RUNNING[-1] = note(f"its cancel got no answer in {CANCEL_TIMEOUT_SECONDS:g} s")
+        why = f"its cancel got no answer in {CANCEL_TIMEOUT_SECONDS:g} s"
     else:
-        _LEFT_RUNNING.pop()
+        left_running.replace(place, None)
         return
-    _LOGGER.warning("%s", _LEFT_RUNNING[-1])
+    left_running.replace(place, note(why))
+    _LOGGER.warning("%s", note(why))
