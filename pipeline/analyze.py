@@ -58,6 +58,7 @@ from pipeline.analysis.dataset import (
     open_documents,
     open_documents_or_vocabulary,
     open_vocabulary,
+    uri_filesystem,
     vector_columns,
 )
 from pipeline.analysis.exact import DEFAULT_METRIC
@@ -331,9 +332,10 @@ def _check_remote_out_path(path: str) -> str:
 def _check_remote_out_target(path: str, bucket: str, overwrite: bool) -> None:
     """Refuses an object-store --out in a bucket that does not exist, one that is a directory (objects
     under PATH/), and without --overwrite an existing object: before any row is read, as pyarrow (which
-    uploads the answer) sees the store."""
+    uploads the answer) sees the store, at the key as typed: `write_answer` uploads there (pyarrow's URI
+    parser would check `a%20b.csv` as another key, `a b.csv`, and refuse a space)."""
     try:
-        filesystem, where = pafs.FileSystem.from_uri(path)
+        filesystem, where = uri_filesystem(path)
         found = filesystem.get_file_info([bucket, where])
     except (pa.ArrowException, OSError) as error:
         raise AnalysisError(f"--out {path!r} cannot be checked: {error}") from None

@@ -147,6 +147,9 @@ def _interrupted(
         else:
             rerun = rerun_to_finish(resume, defaulted_output, "the rows this run made durable")
             _tell(f"interrupted: {nothing}; {rerun}.{earlier}")
+    for job in _jobs_left_running():
+        # Logged as the cancel failed, after the signal had silenced the logs: said here.
+        _tell(f"warning: {job}")
     return STOP_SIGNALS.get(signum, EXIT_INTERRUPTED)
 
 
@@ -160,6 +163,12 @@ def _past_launch_checks() -> bool:
     # Not imported yet: the run was stopped before it began.
     export = sys.modules.get("pipeline.running.export")
     return bool(export and export.past_launch_checks())
+
+
+def _jobs_left_running() -> list[str]:
+    # Not imported yet: no job was followed.
+    left = sys.modules.get("pipeline.running.left_running")
+    return left.notes() if left else []
 
 
 def _recovered_commits() -> list[str]:

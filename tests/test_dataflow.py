@@ -7,9 +7,11 @@ or submitted, and our launcher skips the checks that would need credentials.
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import apache_beam
 import pytest
@@ -463,6 +465,69 @@ def test_a_stopped_launcher_cancels_its_dataflow_job(caplog):
     assert "gcloud dataflow jobs cancel 2026-12-07_01_02_03-123 --region us-central1" in caplog.text
 
 
+class _UnansweredCancel(_StoppedJob):
+    """A job whose cancel hangs, as Beam's does retrying a service that does not answer, until a second
+    stop signal (`second`) or for good."""
+
+    def __init__(self, second: bool) -> None:
+        super().__init__()
+        self.second = second
+
+    def wait_until_finish(self, duration=None):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the launcher's own handler takes it
+        time.sleep(5)  # not reached: the handler raises
+
+    def cancel(self):
+        if self.second:
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+
+
+@pytest.mark.parametrize("how", ["fails", "second_signal", "no_answer"])
+def test_a_job_the_stopped_launcher_could_not_cancel_is_said_with_the_interrupted_line(
+    how, monkeypatch, capfd, tmp_path
+):
+    """The cancel's warning was logged after the stop signal had silenced the launcher's output, so the
+    user read only 'rerun the same command' (which collides with the job still running); a cancel that got
+    no answer kept the launcher silent for minutes, and a second Ctrl-C then left no word of the job."""
+    from pipeline import run
+    from pipeline.running import dataflow, export, left_running
+
+    job = {
+        "fails": _StoppedJob(cancel_error=OSError("no network")),
+        "second_signal": _UnansweredCancel(second=True),
+        "no_answer": _UnansweredCancel(second=False),
+    }[how]
+    if how == "fails":
+        job.wait_until_finish = lambda duration=None: os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(dataflow, "CANCEL_TIMEOUT_SECONDS", 1.0)
+
+    def follow(job):  # what run_export does once the job is submitted
+        left_running.forget()
+        poll_dataflow(job, PipelineOptions(DATAFLOW_FLAGS), 1)
+
+    monkeypatch.setattr(export, "run_export", lambda argv: follow(job))
+    started = time.monotonic()
+    assert run.main(["--output", str(tmp_path / "out")]) == 130
+    assert time.monotonic() - started < 10
+    lines = capfd.readouterr().err.splitlines()
+    interrupted = next(i for i, line in enumerate(lines) if line.startswith("interrupted: "))
+    warning = lines[interrupted + 1]
+    assert warning.startswith("warning: the Dataflow job 2026-12-07_01_02_03-123 may still be running ("), (
+        lines
+    )
+    assert (
+        "`gcloud dataflow jobs cancel 2026-12-07_01_02_03-123 --region us-central1` before rerunning"
+        in warning
+    )
+    # A job that was cancelled is not said to run on.
+    monkeypatch.setattr(export, "run_export", lambda argv: follow(cancelled))
+    cancelled = _StoppedJob()
+    cancelled.wait_until_finish = lambda duration=None: os.kill(os.getpid(), signal.SIGINT)
+    assert run.main(["--output", str(tmp_path / "out")]) == 130
+    assert cancelled.cancelled and "may still be running" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "pattern"),
     [
@@ -483,3 +548,22 @@ def test_a_staged_file_beam_cannot_stage_is_one_error(flag, value, pattern, tmp_
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ExportConfigError, match=pattern):
         run_export([*DATAFLOW_FLAGS, flag, value, "--dry_run=True"])
+
+
+def test_a_bare_setup_file_name_is_staged_from_its_directory(tmp_path, monkeypatch):
+    """`--setup_file setup.py` passed the launch check, then Beam's stager changed into
+    os.path.dirname('setup.py') == '': a FileNotFoundError traceback as the job was submitted."""
+    from apache_beam.options.pipeline_options import SetupOptions
+    from apache_beam.runners.portability.stager import Stager
+
+    from pipeline.running.runners import check_staged_files
+
+    monkeypatch.chdir(REPOSITORY)
+    options = PipelineOptions([*DATAFLOW_FLAGS, "--setup_file", "setup.py"])
+    check_staged_files(options)
+    setup_file = options.view_as(SetupOptions).setup_file
+    assert setup_file == os.path.join(REPOSITORY, "setup.py")
+    # The stager's own build step, with a build command that makes nothing: it gets past its chdir.
+    with pytest.raises(RuntimeError, match=r"\*\.tar\.gz not found"):
+        Stager._build_setup_package(setup_file, str(tmp_path), ["true"])
+    assert os.getcwd() == REPOSITORY

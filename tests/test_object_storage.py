@@ -804,3 +804,40 @@ def test_a_queries_file_on_s3_is_read_from_s3(s3_endpoint, tmp_path, monkeypatch
     ]
     assert analyze.main([*argv[:3], f"s3://{BUCKET}/queried/none.txt", *argv[4:], "--overwrite"]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_an_s3_out_or_queries_key_with_a_percent_sign_or_a_space_is_the_key_as_typed(
+    s3_endpoint, tmp_path, monkeypatch, capsys
+):
+    """The --out check and the --queries reader decoded the key (pyarrow's URI parser) while the answer was
+    uploaded at the key as typed: an existing `a%20b.parquet` was replaced without --overwrite (the check
+    looked at `a b.parquet`), and a key with a space was refused as 'Cannot parse URI'."""
+    from pipeline import analyze
+
+    set_aws_environment(monkeypatch, s3_endpoint)
+    s3 = client(s3_endpoint)
+    local = tmp_path / "part-00000-of-00001.parquet"
+    pq.write_table(pa.table({"id": ["d0", "d1", "d2"], "v": [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]}), local)
+    manifest = {"shards": {"rows": [{"file": local.name, "rows": 3, "bytes": local.stat().st_size}]}}
+    s3.upload_file(str(local), BUCKET, f"typed/exp/{local.name}")
+    s3.put_object(Bucket=BUCKET, Key=f"typed/exp/{MANIFEST}", Body=json.dumps(manifest).encode())
+    s3.put_object(Bucket=BUCKET, Key="typed/answers/a%20b.parquet", Body=b"the user's earlier answer")
+    for key in ("typed/q%2Bs/ids.txt", "typed/my q/ids.txt"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"d0\n")
+    export = f"s3://{BUCKET}/typed/exp"
+    queries = tmp_path / "ids.txt"
+    queries.write_text("d0\n", encoding="utf-8")
+    argv = [export, "neighbors", "--queries", str(queries), "-k", "1", "--out"]
+    assert analyze.main([*argv, f"s3://{BUCKET}/typed/answers/a%20b.parquet"]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert s3.get_object(Bucket=BUCKET, Key="typed/answers/a%20b.parquet")["Body"].read() == (
+        b"the user's earlier answer"
+    )
+    spaced = f"s3://{BUCKET}/typed/answers/my answers.parquet"
+    assert analyze.main([*argv, spaced]) == 0, capsys.readouterr().err
+    assert "typed/answers/my answers.parquet" in keys(s3_endpoint, "typed/answers/")
+    for key in ("typed/q%2Bs/ids.txt", "typed/my q/ids.txt"):
+        out = tmp_path / "a.parquet"
+        argv = [export, "neighbors", "--queries", f"s3://{BUCKET}/{key}", "-k", "1", "--out", str(out)]
+        assert analyze.main([*argv, "--overwrite"]) == 0, capsys.readouterr().err
+        assert pq.read_table(out).select(["query", "id"]).to_pylist() == [{"query": "d0", "id": "d1"}]

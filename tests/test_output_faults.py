@@ -727,3 +727,22 @@ def test_a_stopped_worker_does_not_keep_the_first_signal_from_ending_the_run(tmp
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the run"
     assert state_lib.read_manifest(output) is None
+
+
+def test_a_set_aside_whose_manifest_the_full_disk_left_empty_is_removed_by_the_next_run(tmp_path):
+    """A disk that filled as a failed --overwrite run wrote `_failed/RUN/_MANIFEST.json` left it empty (open
+    made it, the write failed): every later run kept that folder, its dead letters of no record, forever."""
+    from pipeline.writing.lock import OutputLock
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / layout_lib.MANIFEST).write_text(json.dumps({"status": "succeeded", "shards": {}}))
+    kept, cut = (output / layout_lib.FAILED_DIR / run for run in ("0123456789ab", "ba9876543210"))
+    for folder, manifest in ((kept, json.dumps({"committed": False})), (cut, "")):
+        (folder / layout_lib.ERRORS_DIR).mkdir(parents=True)
+        (folder / layout_lib.ERRORS_DIR / "part-00000-of-00001.parquet").write_bytes(b"PAR1 dead letters")
+        (folder / layout_lib.MANIFEST).write_text(manifest)
+    with OutputLock(str(output)):
+        state_lib.prepare(str(output), overwrite=True)
+    assert sorted(os.listdir(output / layout_lib.FAILED_DIR)) == [kept.name]
+    assert sorted(os.listdir(kept)) == [layout_lib.MANIFEST, layout_lib.ERRORS_DIR]

@@ -880,3 +880,33 @@ def test_portable_flags_that_cannot_work_are_launch_errors(flags, expected, tmp_
     assert err.startswith(expected) and len(err.splitlines()) == 1, err[-3000:]
     assert not os.path.exists(tmp_path / "out")
     assert not os.path.exists("out/relative")
+
+
+def test_a_portable_job_whose_cancel_fails_is_noted_for_the_interrupted_line():
+    """The 'Could not cancel the job' warning of a stopped launcher was logged after the stop signal had
+    silenced its output: the user read only 'rerun the same command' with the job still running."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.running import left_running
+    from pipeline.running.portable import _JobWatch
+
+    class Result:
+        _job_id = "job-7"
+
+        def __init__(self, error):
+            self.error = error
+
+        def cancel(self):
+            if self.error:
+                raise self.error
+
+    options = PipelineOptions(["--runner=PortableRunner", "--job_endpoint=localhost:8099"])
+    left_running.forget()
+    _JobWatch(Result(None), options, time.monotonic).cancel()
+    assert left_running.notes() == []
+    _JobWatch(Result(ConnectionError("refused")), options, time.monotonic).cancel()
+    assert left_running.notes() == [
+        "the job job-7 may still be running at localhost:8099 (its cancel failed: refused); cancel it with "
+        "the cluster's own tools before rerunning."
+    ]
+    left_running.forget()

@@ -14,7 +14,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.analysis.answer_file import write_answer
-from pipeline.analysis.dataset import AnalysisError, VectorDataset, is_vector_type, vectors_to_numpy
+from pipeline.analysis.dataset import (
+    AnalysisError,
+    VectorDataset,
+    is_vector_type,
+    uri_filesystem,
+    vectors_to_numpy,
+)
 from pipeline.analysis.exact import exact_top_k, row_count
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K, display_score
@@ -138,7 +144,8 @@ def _query_source(path: str) -> str | io.BytesIO:
             raise AnalysisError(f"--queries {path!r} is not a file.")
         return path
     try:
-        filesystem, where = pafs.FileSystem.from_uri(path)
+        # The key as typed, as the export is read (pyarrow's URI parser decodes %XX, refuses a space).
+        filesystem, where = uri_filesystem(path)
         if filesystem.get_file_info(where).type != pafs.FileType.File:
             raise AnalysisError(f"--queries {path!r} is not a file.")
         with filesystem.open_input_stream(where) as handle:

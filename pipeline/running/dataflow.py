@@ -1,14 +1,19 @@
 """Following a Dataflow job from the launcher: its console URL and its counters until it ends."""
 
 import logging
+import threading
 
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
+from pipeline.running import left_running
 from pipeline.running.counters import NAMESPACE, read_counters
 from pipeline.running.report import format_counters
 
 _LOGGER = logging.getLogger(__name__)
+
+# How long a stopped launcher waits for the job's cancel: Beam's own call retries for minutes.
+CANCEL_TIMEOUT_SECONDS = 30.0
 
 
 def dataflow_console_url(options: PipelineOptions, job_id: str) -> str:
@@ -48,18 +53,40 @@ def poll_dataflow(result: PipelineResult, options: PipelineOptions, interval: fl
 
 
 def _cancel(result: PipelineResult, options: PipelineOptions, job_id: str | None) -> None:
-    """Cancels the job, best effort; where that fails, says it may run on and how to cancel it."""
+    """Cancels the job, best effort, waiting for it at most CANCEL_TIMEOUT_SECONDS; where that fails, or a
+    second stop signal ends the wait, notes (`left_running`) that it may run on and how to cancel it."""
     from apache_beam.options.pipeline_options import GoogleCloudOptions
 
-    try:
-        result.cancel()
-    except Exception as error:  # No network, no permission: the user cancels it.
-        region = options.view_as(GoogleCloudOptions).region
-        _LOGGER.warning(
-            "Could not cancel the Dataflow job %s (%s): it may still run. Cancel it with "
-            "`gcloud dataflow jobs cancel %s --region %s` before rerunning.",
-            job_id,
-            error,
-            job_id,
-            region,
+    failed: list[BaseException] = []
+
+    def cancel() -> None:
+        try:
+            result.cancel()
+        except Exception as error:  # No network, no permission: the user cancels it.
+            failed.append(error)
+
+    region = options.view_as(GoogleCloudOptions).region
+
+    def note(why: str) -> str:
+        return (
+            f"the Dataflow job {job_id} may still be running ({why}); cancel it with "
+            f"`gcloud dataflow jobs cancel {job_id} --region {region}` before rerunning."
         )
+
+    # Noted before the wait, so that a second stop signal anywhere in it (a KeyboardInterrupt) leaves it
+    # said; taken back once the cancel is confirmed.
+    place = left_running.note(note("a second stop signal ended the wait for its cancel"))
+    # In a thread: Beam retries a cancel that gets no answer for minutes, and a second Ctrl-C must end
+    # the wait, not Beam's call.
+    canceller = threading.Thread(target=cancel, name="cancel-dataflow-job", daemon=True)
+    canceller.start()
+    canceller.join(CANCEL_TIMEOUT_SECONDS)
+    if failed:
+        why = f"its cancel failed: {failed[0]}"
+    elif canceller.is_alive():
+        why = f"its cancel got no answer in {CANCEL_TIMEOUT_SECONDS:g} s"
+    else:
+        left_running.replace(place, None)
+        return
+    left_running.replace(place, note(why))
+    _LOGGER.warning("%s", note(why))

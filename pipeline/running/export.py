@@ -39,7 +39,7 @@ from pipeline.planning.model_source import ModelSource
 from pipeline.planning.options import ExportOptions, default_output
 from pipeline.planning.plan import ExportPlan
 from pipeline.planning.reuse import reuse_signature
-from pipeline.running import portable
+from pipeline.running import left_running, portable
 from pipeline.running import progress as progress_lib
 from pipeline.running.accounting import account, manifest_counts, verdict
 from pipeline.running.counters import (
@@ -189,6 +189,7 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     check_text_arguments(sys.argv[1:] if argv is None else argv)
     check_known_flags(argv)
     reset_commit_phase()
+    left_running.forget()
     options = PipelineOptions(argv)
     # The launcher reads --model, --input and --output before any Pipeline exists;
     # object stores (s3:// endpoint and keys, ...) take their settings from these options.

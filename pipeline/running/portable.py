@@ -24,6 +24,7 @@ from apache_beam.transforms.environments import Environment
 from pipeline.errors import ExportConfigError, WorkerDiedError
 from pipeline.held_logs import HeldErrorLogs
 from pipeline.planning.options import ExportOptions
+from pipeline.running import left_running
 from pipeline.running.advice import rerun_to_finish
 from pipeline.running.failures import out_of_memory, worker_refusal
 from pipeline.running.progress import duration_text
@@ -349,16 +350,30 @@ class _JobWatch:
         return 0.0 if self._silent_since is None else self._clock() - self._silent_since
 
     def cancel(self) -> None:
-        """Asks the job service to cancel the job, waiting for its answer no longer than one call."""
+        """Asks the job service to cancel the job, waiting for its answer no longer than one call; where
+        that fails, notes (`left_running`) that the job may run on."""
+        endpoint = self._options.view_as(PortableOptions).job_endpoint or "the runner's job service"
+
+        def note(why: str) -> str:
+            return (
+                f"the job {self._job_id} may still be running at {endpoint} ({why}); cancel it with the "
+                "cluster's own tools before rerunning."
+            )
+
+        # Noted before the call: a second stop signal during it leaves it said.
+        place = left_running.note(note("a second stop signal ended the wait for its cancel"))
         try:
             if self._stub is None:
                 self._result.cancel()
-                return
-            self._stub.Cancel(
-                beam_job_api_pb2.CancelJobRequest(job_id=self._job_id), timeout=self.call_deadline()
-            )
+            else:
+                self._stub.Cancel(
+                    beam_job_api_pb2.CancelJobRequest(job_id=self._job_id), timeout=self.call_deadline()
+                )
         except Exception as error:  # The job may have ended meanwhile; the launcher is leaving anyway.
+            left_running.replace(place, note(f"its cancel failed: {error}"))
             _LOGGER.warning("Could not cancel the job: %s", error)
+            return
+        left_running.replace(place, None)
 
     def fetch_metrics(self) -> None:
         """Reads the ended job's counters within one call, for `result.metrics()` to return."""

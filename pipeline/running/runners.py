@@ -174,6 +174,8 @@ def check_staged_files(options: PipelineOptions) -> None:
     portable runner), after the model has loaded: a relative `./setup.py` from
     another directory ended the launch in a RuntimeError traceback, `--dry_run` included.
 
+    A valid --setup_file is made absolute in `options`.
+
     Raises:
         ExportConfigError: naming the flag, the path it resolves to, and this project's setup.py.
     """
@@ -196,6 +198,10 @@ def check_staged_files(options: PipelineOptions) -> None:
             f"--setup_file {setup.setup_file!r} must be a file named setup.py or pyproject.toml, "
             f"which Beam builds the workers' package with.{hint}"
         )
+    if setup.setup_file is not None:
+        # Beam's stager changes into the file's directory to build the package: for a bare
+        # `setup.py` that is os.chdir(""), a FileNotFoundError traceback at submission.
+        setup.setup_file = os.path.abspath(setup.setup_file)
 
 
 def _workers_get_boto3(options: PipelineOptions) -> bool:

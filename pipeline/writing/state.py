@@ -355,11 +355,13 @@ def prepare(
 
 
 def _remove_unfinished_set_asides(directory: str) -> None:
-    """Removes each `_failed/RUN/` without its `_MANIFEST.json`: a failed run's set-aside cut short.
+    """Removes each `_failed/RUN/` without a whole `_MANIFEST.json`: a failed run's set-aside cut short.
 
     `commit.set_aside_failed_run` writes the manifest after moving the dead letters
     there; killed in between, the folder's dead letters belong to no record of a run
     (the rerun makes them again, in a `_failed/` folder of its own, or commits them).
+    A disk that fills as the manifest is written (or a SIGKILL during the write)
+    leaves one empty or cut short: no record either.
     """
     by_run: dict[str, list[str]] = {}
     for path in list_files(join(directory, FAILED_DIR)):
@@ -368,14 +370,26 @@ def _remove_unfinished_set_asides(directory: str) -> None:
             by_run.setdefault(parts[1], []).append(path)
     for run_id, paths in by_run.items():
         folder = join(directory, FAILED_DIR, run_id)
-        if join(folder, MANIFEST) in paths:
+        if join(folder, MANIFEST) in paths and _is_whole_manifest(join(folder, MANIFEST)):
             continue
-        logging.warning("Removing %s: the dead letters of a failed run killed as it set them aside.", folder)
+        logging.warning(
+            "Removing %s: the dead letters of a failed run cut short (killed, out of space) as it set "
+            "them aside.",
+            folder,
+        )
         delete_files(paths)
         if is_local(directory):
             for empty in (join(folder, ERRORS_DIR), folder):
                 with contextlib.suppress(OSError):  # Not empty: kept.
                     os.rmdir(empty)
+
+
+def _is_whole_manifest(path: str) -> bool:
+    """Whether the manifest at `path` is the JSON object a run wrote, not one cut short."""
+    try:
+        return isinstance(read_json(path), dict)
+    except ValueError:  # Empty, truncated, not UTF-8.
+        return False
 
 
 def read_manifest(directory: str) -> JsonObject | None:
