@@ -189,7 +189,6 @@ def test_a_json_object_naming_a_read_field_twice_is_a_dead_letter_not_its_last_v
     assert "names 'content' more than once" in items[1]["message"]
 
 
-
 def test_a_read_field_repeated_in_another_spelling_is_a_dead_letter_too():
     """`"\\u0069d"` is `"id"` to every JSON parser: the check searched the line for two spellings
     of each name, so an escaped repeat was silently read with its last value."""
@@ -202,6 +201,7 @@ def test_a_read_field_repeated_in_another_spelling_is_a_dead_letter_too():
     items = _read(_plan("jsonl"), data)
     assert _summary(items) == [(1, "malformed_json"), (2, "malformed_json"), (3, ('café <"id": 1>',))]
     assert "names 'id' more than once" in items[1]["message"]
+
 
 def test_blank_csv_lines_are_empty_records_and_none_is_taken_for_the_header():
     """A blank line was "wrong_field_count: Row has 0 fields"; one before the header made the header
