@@ -107,6 +107,15 @@ def test_a_utf16_or_utf32_text_file_is_one_unreadable_file_not_lines_of_garbage(
     assert ranged["reason"] == "read_error" and f"iconv -f {name}" in ranged["message"]
 
 
+def test_utf16_whose_first_character_is_nul_is_not_told_utf32():
+    """FF FE, then U+0000 as 00 00, starts as UTF-32LE's mark does: it was told to convert with
+    `iconv -f UTF-32LE`, which makes garbage of UTF-16."""
+    data = "\ufeff\x00first line\nsecond\n".encode("utf-16-le")
+    for path in ("notes.txt", "notes.jsonl"):
+        (item,) = _read(_plan("text" if path.endswith("txt") else "jsonl", field="text"), data, path=path)
+        assert "iconv -f UTF-16LE -t UTF-8" in item["message"]
+
+
 @pytest.mark.parametrize("compressed", [False, True], ids=["csv", "csv_gz"])
 def test_a_file_read_whole_stops_at_its_listed_size(compressed):
     """Appended to while read: its new records (a duplicate id among them) were exported unlisted."""

@@ -80,10 +80,17 @@ class NotUtf8(Exception):
     """A text or JSONL file in UTF-16 or UTF-32 (its byte-order mark says so): the readers take UTF-8."""
 
 
+def _goes_on_as_utf32le(head: bytes) -> bool:
+    """Whether `head`, starting FF FE 00 00, goes on as UTF-32LE: its next 4 bytes a code point (at most
+    U+10FFFF), not UTF-16LE after a first character U+0000 (FF FE, then 00 00), as `68 00 65 00` is."""
+    unit = head[4:8]
+    return len(unit) < 4 or (unit[3] == 0 and unit[2] <= 0x10)
+
+
 def check_encoding(head: bytes) -> None:
     """Raises `NotUtf8` for a file whose first bytes `head` are a UTF-16/32 byte-order mark."""
     for mark, encoding in WIDE_BOMS:
-        if head.startswith(mark):
+        if head.startswith(mark) and (encoding != "UTF-32LE" or _goes_on_as_utf32le(head)):
             raise NotUtf8(
                 f"the file is {encoding[:6]} (it starts with the byte-order mark {mark.hex(' ').upper()}); "
                 f"the readers take UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 FILE > FILE.utf8"
