@@ -204,11 +204,17 @@ def test_a_read_field_repeated_in_another_spelling_is_a_dead_letter_too():
     data = (
         b'{"id": "a", "content": "first", "\\u0069d": "b"}\n'
         b'{"\\u0069\\u0064": "c", "id": "d", "content": "x"}\n'
+        b'{"id": "f", "content": "x", "meta": {"source": "web"}, "\\u0069d": "g"}\n'
         # An escaped name that is no repeat, and escapes in values, are no ambiguity.
         b'{"\\u0069d": "e", "content": "caf\\u00e9 \\u003c\\"id\\": 1\\u003e"}\n'
     )
     items = _read(_plan("jsonl"), data)
-    assert _summary(items) == [(1, "malformed_json"), (2, "malformed_json"), (3, ('café <"id": 1>',))]
+    assert _summary(items) == [
+        (1, "malformed_json"),
+        (2, "malformed_json"),
+        (3, "malformed_json"),
+        (4, ('café <"id": 1>',)),
+    ]
     assert "names 'id' more than once" in items[1]["message"]
 
 

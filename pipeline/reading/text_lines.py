@@ -199,6 +199,7 @@ def line_records(
         head = stream.read(HEAD_BYTES)
         check_start(head, file_tail(stream) if head.startswith(PARQUET_MAGIC) else b"")
     offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
+    spellings = field_spellings(plan)  # Once per range, not per line.
     while True:
         # Room for the record and its "\r\n" (and the first line's byte-order mark): a longer
         # read means a longer line.
@@ -234,7 +235,7 @@ def line_records(
                 # A JSON array on one line, larger than any record: raising the bound would not help.
                 item["message"] += " " + JSON_ARRAY_HINT
         else:
-            item = guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
+            item = guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"), spellings)
             if _split_jsonl_records(plan, item, line):
                 item = _carriage_returns(source, number, line)
         yield offset, item
@@ -321,8 +322,13 @@ def _carriage_returns(source: str, number: int, line: bytes) -> Record:
     )
 
 
-def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Record:
-    """One text or JSONL line (bytes, no line terminator) -> `Document` or dead-letter row."""
+def parse_line(
+    plan: ExportPlan, source: str, number: int, line: bytes, spellings: Spellings | None = None
+) -> Record:
+    """One text or JSONL line (bytes, no line terminator) -> `Document` or dead-letter row.
+
+    `spellings` are `field_spellings(plan)`, made once by a caller parsing many lines.
+    """
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -339,7 +345,9 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
             source, number, None, EMPTY_RECORD, "Blank line where a JSON object was expected.", text
         )
     try:
-        record = _DECODER.decode(text)
+        # One object (no nested one): parsed noting the names it repeats, which costs next to nothing.
+        flat = text.count("{") == 1
+        record = _NAMES_DECODER.decode(text) if flat else json.loads(text)
     except RecursionError:
         return schema_lib.error_row(
             source, number, None, MALFORMED_JSON, "JSON nested too deeply to parse.", text
@@ -359,7 +367,10 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
         if number == 1 and isinstance(record, list):  # json.dump(list, file): an array on one line.
             message += " " + JSON_ARRAY_HINT
         return schema_lib.error_row(source, number, None, NOT_AN_OBJECT, message, text)
-    repeated = _repeated_fields(plan)
+    if flat:
+        repeated = _noted_repeats(plan)
+    else:
+        repeated = _repeated_fields(plan, text, field_spellings(plan) if spellings is None else spellings)
     if repeated:
         names = ", ".join(repr(name) for name in repeated)
         return schema_lib.error_row(
@@ -374,7 +385,11 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
     return to_document(plan, source, number, record, text)
 
 
-# The names repeated by the JSON object `_DECODER` made last, per thread (Beam runs bundles in threads).
+# Each read field's spellings as a JSON string: `json.dumps`'s escaped one and the plain one.
+Spellings = tuple[tuple[str, ...], ...]
+# A \u escape inside a JSON string that a colon follows: a key spelt with escapes ("\u0069d" for "id").
+_ESCAPED_KEY = re.compile(r'\\u[0-9a-fA-F]{4}(?:[^"\\]|\\.)*"\s*:')
+# The names the object `_NAMES_DECODER` made last repeats, per thread (Beam runs bundles in threads).
 _LAST_OBJECT = threading.local()
 
 
@@ -388,19 +403,36 @@ def _object(pairs: list[tuple[str, typing.Any]]) -> dict[str, typing.Any]:
     return record
 
 
-# `json.loads`, but noting repeated names: it keeps a repeated name's last value without a word.
-_DECODER = json.JSONDecoder(object_pairs_hook=_object)
+# `json.loads`, noting repeated names: as fast for one object, a third slower with many nested ones.
+_NAMES_DECODER = json.JSONDecoder(object_pairs_hook=_object)
 
 
-def _repeated_fields(plan: ExportPlan) -> list[str]:
-    """The fields the export reads (`read_fields`) that the object `_DECODER` made last names twice or more.
+def field_spellings(plan: ExportPlan) -> Spellings:
+    """Each field the export reads (`read_fields`) as JSON strings: escaped (`json.dumps` default) and not."""
+    return tuple(
+        tuple({json.dumps(name), json.dumps(name, ensure_ascii=False)}) for name in sorted(read_fields(plan))
+    )
 
-    Read with the last value, such a field would be the id or the text of a row that a
-    CSV header or Parquet columns naming it twice make `ambiguous_header`. The names
-    are compared as parsed, whatever escapes spell them (`"\\u0069d"` is `"id"`); finding
-    them costs a parse next to nothing, where searching each line's text for each
-    field's spellings cost a quarter of the read.
+
+def _repeated_fields(plan: ExportPlan, text: str, spellings: Spellings) -> list[str]:
+    """The fields the export reads (`read_fields`) that the JSON object `text` names more than once.
+
+    `json.loads` keeps a repeated name's last value without a word, as the id or the
+    text of a row that a CSV header or Parquet columns would make `ambiguous_header`.
+    The object is parsed again, noting its names as parsed (whatever escapes spell
+    them), only when one of those names occurs more than once in the line's text (a
+    nested object of the same key, say) or a key is spelt with a \\u escape.
     """
+    if all(sum(map(text.count, spelled)) < 2 for spelled in spellings) and (
+        "\\u" not in text or not _ESCAPED_KEY.search(text)
+    ):
+        return []
+    _NAMES_DECODER.decode(text)
+    return _noted_repeats(plan)
+
+
+def _noted_repeats(plan: ExportPlan) -> list[str]:
+    """The fields the export reads that the object `_NAMES_DECODER` parsed last names more than once."""
     names = _LAST_OBJECT.names
     if names is None:
         return []
