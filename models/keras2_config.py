@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import typing
+import weakref
 from collections.abc import Iterator
 
 # A layer or model config as Keras serialises it to JSON (class_name, config, ...).
@@ -346,6 +347,21 @@ def rename_slashed_layers(model_config: Config) -> tuple[Config, dict[str, str]]
     if not renames:
         return model_config, {}
     return _replace_strings(model_config, renames), {new: old for old, new in renames.items()}
+
+
+# Each model built from a config `rename_slashed_layers` renamed: {name in the file: name in the model}.
+_RENAMED: weakref.WeakKeyDictionary[typing.Any, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def note_renamed_layers(model: typing.Any, renames: dict[str, str]) -> None:
+    """Remembers, for as long as `model` lives, the layers it was built with under other names."""
+    if renames:
+        _RENAMED[model] = dict(renames)
+
+
+def renamed_layers(model: typing.Any) -> dict[str, str]:
+    """`{name in the file: name in the model}` of `model`'s renamed layers (`note_renamed_layers`)."""
+    return _RENAMED.get(model, {})
 
 
 def translate_model_config(model_config: Config) -> Config:

@@ -32,6 +32,7 @@ from models.keras2_config import (
     LegacyModelError,
     activation_names,
     lambda_layer_names,
+    note_renamed_layers,
     rename_slashed_layers,
     translate_model_config,
 )
@@ -268,6 +269,7 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
             f"{', '.join(SUPPORTED_LAYERS)}."
         ) from None
     load_h5_weights(path, model, saved_names)
+    note_renamed_layers(model, {saved_name: name for name, saved_name in saved_names.items()})
     return model
 
 

@@ -16,6 +16,7 @@ from collections.abc import Collection, Sequence
 import keras
 
 from models import keras_graph
+from models.keras2_config import renamed_layers
 
 _COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SPEC = re.compile(r"^(?:(?P<column>[A-Za-z_][A-Za-z0-9_]*)=)?(?P<layer>[^=:]+?)(?::(?P<call>\d+))?$")
@@ -139,6 +140,13 @@ def resolve_layer(
                 f"the model itself can be exported: pass --layer {holder} for the nested model's output, "
                 "or rebuild the model with its layers at the top level (a functional model) and copy "
                 "the weights."
+            )
+        renamed = renamed_layers(model).get(spec.layer)
+        if renamed is not None:  # The close matches would offer another layer (`a_b` beside `a/b`).
+            call = f":{spec.call}" if spec.call else ""
+            raise ValueError(
+                f"Layer {spec.layer!r} of the model file is called {renamed!r} here, as Keras 3 does not "
+                f"allow '/' in layer names: pass --layer {renamed}{call}."
             )
         close = difflib.get_close_matches(spec.layer, list(calls), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""

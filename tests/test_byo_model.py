@@ -32,7 +32,7 @@ from models.keras2_tokenizer import (
 )
 from models.legacy import load_model_file
 from models.train import SAMPLE_CORPUS
-from models.truncate import layer_calls
+from models.truncate import LayerSpec, layer_calls, resolve_layer
 from pipeline.errors import ExportConfigError
 from pipeline.inspect import main as inspect_main
 from pipeline.running.export import run_export
@@ -544,6 +544,20 @@ def test_keras2_layer_names_with_a_slash_load_with_an_underscore(keras2, caplog)
     actual = keras.Model(model.inputs, tensors).predict(np.load(directory / "zoo_ids.npy"), verbose=0)
     for key, value in zip(keys, actual, strict=True):
         np.testing.assert_allclose(value, references[key], atol=TOLERANCE, rtol=0, err_msg=key)
+
+
+def test_a_layer_asked_for_by_its_slashed_name_is_told_its_name_here(keras2):
+    # --layer enc/emb said "Did you mean 'enc_emb'?": another layer, the one whose name made this
+    # one 'enc_emb_'; following the hint exported the wrong layer.
+    directory, _, _ = keras2
+    model = load_model_file(str(directory / "zoo_slashed.h5"))
+    with pytest.raises(ValueError) as refused:
+        resolve_layer(model, LayerSpec("enc_emb", "enc/emb"))
+    message = str(refused.value)
+    assert "'enc/emb' of the model file is called 'enc_emb_' here" in message
+    assert "Did you mean" not in message
+    with pytest.raises(ValueError, match=r"pass --layer out_dense:1\.$"):
+        resolve_layer(model, LayerSpec("out", "out/dense", 1))
 
 
 def test_keras2_bidirectional_of_a_backwards_layer_keeps_its_directions(keras2):

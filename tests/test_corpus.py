@@ -107,6 +107,15 @@ def test_a_utf16_or_utf32_text_file_is_one_unreadable_file_not_lines_of_garbage(
     assert ranged["reason"] == "read_error" and f"iconv -f {name}" in ranged["message"]
 
 
+def test_utf16_whose_first_character_is_nul_is_not_told_utf32():
+    """FF FE, then U+0000 as 00 00, starts as UTF-32LE's mark does: it was told to convert with
+    `iconv -f UTF-32LE`, which makes garbage of UTF-16."""
+    data = "\ufeff\x00first line\nsecond\n".encode("utf-16-le")
+    for path in ("notes.txt", "notes.jsonl"):
+        (item,) = _read(_plan("text" if path.endswith("txt") else "jsonl", field="text"), data, path=path)
+        assert "iconv -f UTF-16LE -t UTF-8" in item["message"]
+
+
 @pytest.mark.parametrize("compressed", [False, True], ids=["csv", "csv_gz"])
 def test_a_file_read_whole_stops_at_its_listed_size(compressed):
     """Appended to while read: its new records (a duplicate id among them) were exported unlisted."""
@@ -187,6 +196,26 @@ def test_a_json_object_naming_a_read_field_twice_is_a_dead_letter_not_its_last_v
     assert _summary(items) == [(1, "malformed_json"), (2, "malformed_json"), (3, ('say "id"',))]
     assert "names 'id' more than once" in items[0]["message"]
     assert "names 'content' more than once" in items[1]["message"]
+
+
+def test_a_read_field_repeated_in_another_spelling_is_a_dead_letter_too():
+    """`"\\u0069d"` is `"id"` to every JSON parser: the check searched the line for two spellings
+    of each name, so an escaped repeat was silently read with its last value."""
+    data = (
+        b'{"id": "a", "content": "first", "\\u0069d": "b"}\n'
+        b'{"\\u0069\\u0064": "c", "id": "d", "content": "x"}\n'
+        b'{"id": "f", "content": "x", "meta": {"source": "web"}, "\\u0069d": "g"}\n'
+        # An escaped name that is no repeat, and escapes in values, are no ambiguity.
+        b'{"\\u0069d": "e", "content": "caf\\u00e9 \\u003c\\"id\\": 1\\u003e"}\n'
+    )
+    items = _read(_plan("jsonl"), data)
+    assert _summary(items) == [
+        (1, "malformed_json"),
+        (2, "malformed_json"),
+        (3, "malformed_json"),
+        (4, ('café <"id": 1>',)),
+    ]
+    assert "names 'id' more than once" in items[1]["message"]
 
 
 def test_blank_csv_lines_are_empty_records_and_none_is_taken_for_the_header():

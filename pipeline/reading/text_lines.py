@@ -8,10 +8,10 @@ that line's number, through the line index) with `_align`; lines over
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import json
 import re
+import threading
 import typing
 from collections.abc import Callable, Iterator
 
@@ -80,10 +80,17 @@ class NotUtf8(Exception):
     """A text or JSONL file in UTF-16 or UTF-32 (its byte-order mark says so): the readers take UTF-8."""
 
 
+def _goes_on_as_utf32le(head: bytes) -> bool:
+    """Whether `head`, starting FF FE 00 00, goes on as UTF-32LE: its next 4 bytes a code point (at most
+    U+10FFFF), not UTF-16LE after a first character U+0000 (FF FE, then 00 00), as `68 00 65 00` is."""
+    unit = head[4:8]
+    return len(unit) < 4 or (unit[3] == 0 and unit[2] <= 0x10)
+
+
 def check_encoding(head: bytes) -> None:
     """Raises `NotUtf8` for a file whose first bytes `head` are a UTF-16/32 byte-order mark."""
     for mark, encoding in WIDE_BOMS:
-        if head.startswith(mark):
+        if head.startswith(mark) and (encoding != "UTF-32LE" or _goes_on_as_utf32le(head)):
             raise NotUtf8(
                 f"the file is {encoding[:6]} (it starts with the byte-order mark {mark.hex(' ').upper()}); "
                 f"the readers take UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 FILE > FILE.utf8"
@@ -192,6 +199,7 @@ def line_records(
         head = stream.read(HEAD_BYTES)
         check_start(head, file_tail(stream) if head.startswith(PARQUET_MAGIC) else b"")
     offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
+    spellings = field_spellings(plan)  # Once per range, not per line.
     while True:
         # Room for the record and its "\r\n" (and the first line's byte-order mark): a longer
         # read means a longer line.
@@ -227,7 +235,7 @@ def line_records(
                 # A JSON array on one line, larger than any record: raising the bound would not help.
                 item["message"] += " " + JSON_ARRAY_HINT
         else:
-            item = guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"))
+            item = guarded(parse_line, plan, source, number, line.rstrip(b"\r\n"), spellings)
             if _split_jsonl_records(plan, item, line):
                 item = _carriage_returns(source, number, line)
         yield offset, item
@@ -314,8 +322,13 @@ def _carriage_returns(source: str, number: int, line: bytes) -> Record:
     )
 
 
-def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Record:
-    """One text or JSONL line (bytes, no line terminator) -> `Document` or dead-letter row."""
+def parse_line(
+    plan: ExportPlan, source: str, number: int, line: bytes, spellings: Spellings | None = None
+) -> Record:
+    """One text or JSONL line (bytes, no line terminator) -> `Document` or dead-letter row.
+
+    `spellings` are `field_spellings(plan)`, made once by a caller parsing many lines.
+    """
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -332,7 +345,9 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
             source, number, None, EMPTY_RECORD, "Blank line where a JSON object was expected.", text
         )
     try:
-        record = json.loads(text)
+        # One object (no nested one): parsed noting the names it repeats, which costs next to nothing.
+        flat = text.count("{") == 1
+        record = _NAMES_DECODER.decode(text) if flat else json.loads(text)
     except RecursionError:
         return schema_lib.error_row(
             source, number, None, MALFORMED_JSON, "JSON nested too deeply to parse.", text
@@ -352,7 +367,10 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
         if number == 1 and isinstance(record, list):  # json.dump(list, file): an array on one line.
             message += " " + JSON_ARRAY_HINT
         return schema_lib.error_row(source, number, None, NOT_AN_OBJECT, message, text)
-    repeated = _repeated_fields(plan, text)
+    if flat:
+        repeated = _noted_repeats(plan)
+    else:
+        repeated = _repeated_fields(plan, text, field_spellings(plan) if spellings is None else spellings)
     if repeated:
         names = ", ".join(repr(name) for name in repeated)
         return schema_lib.error_row(
@@ -367,29 +385,56 @@ def parse_line(plan: ExportPlan, source: str, number: int, line: bytes) -> Recor
     return to_document(plan, source, number, record, text)
 
 
-@functools.lru_cache(maxsize=16)
-def _spellings(fields: frozenset[str]) -> tuple[tuple[str, ...], ...]:
-    """Each name as a JSON string, escaped (`json.dumps` default) and not: made once per run, not per line."""
-    return tuple(tuple({json.dumps(name), json.dumps(name, ensure_ascii=False)}) for name in fields)
+# Each read field's spellings as a JSON string: `json.dumps`'s escaped one and the plain one.
+Spellings = tuple[tuple[str, ...], ...]
+# A \u escape inside a JSON string that a colon follows: a key spelt with escapes ("\u0069d" for "id").
+_ESCAPED_KEY = re.compile(r'\\u[0-9a-fA-F]{4}(?:[^"\\]|\\.)*"\s*:')
+# The names the object `_NAMES_DECODER` made last repeats, per thread (Beam runs bundles in threads).
+_LAST_OBJECT = threading.local()
 
 
-def _repeated_fields(plan: ExportPlan, text: str) -> list[str]:
+def _object(pairs: list[tuple[str, typing.Any]]) -> dict[str, typing.Any]:
+    """A JSON object's dict; notes in `_LAST_OBJECT` the names it repeats (None when it repeats none).
+
+    The outermost object is made last, so after a parse the note is that object's.
+    """
+    record = dict(pairs)
+    _LAST_OBJECT.names = [name for name, _ in pairs] if len(record) != len(pairs) else None
+    return record
+
+
+# `json.loads`, noting repeated names: as fast for one object, a third slower with many nested ones.
+_NAMES_DECODER = json.JSONDecoder(object_pairs_hook=_object)
+
+
+def field_spellings(plan: ExportPlan) -> Spellings:
+    """Each field the export reads (`read_fields`) as JSON strings: escaped (`json.dumps` default) and not."""
+    return tuple(
+        tuple({json.dumps(name), json.dumps(name, ensure_ascii=False)}) for name in sorted(read_fields(plan))
+    )
+
+
+def _repeated_fields(plan: ExportPlan, text: str, spellings: Spellings) -> list[str]:
     """The fields the export reads (`read_fields`) that the JSON object `text` names more than once.
 
     `json.loads` keeps a repeated name's last value without a word, as the id or the
     text of a row that a CSV header or Parquet columns would make `ambiguous_header`.
-    The object is parsed again, keeping its names, only when one of those names
-    occurs more than once in the line's text (a nested object of the same key, say).
+    The object is parsed again, noting its names as parsed (whatever escapes spell
+    them), only when one of those names occurs more than once in the line's text (a
+    nested object of the same key, say) or a key is spelt with a \\u escape.
     """
-    wanted = read_fields(plan)
-    if all(sum(map(text.count, spelled)) < 2 for spelled in _spellings(frozenset(wanted))):
+    if all(sum(map(text.count, spelled)) < 2 for spelled in spellings) and (
+        "\\u" not in text or not _ESCAPED_KEY.search(text)
+    ):
         return []
-    objects: list[list[tuple[str, typing.Any]]] = []
+    _NAMES_DECODER.decode(text)
+    return _noted_repeats(plan)
 
-    def keep_names(pairs: list[tuple[str, typing.Any]]) -> dict[str, typing.Any]:
-        objects.append(pairs)
-        return dict(pairs)
 
-    json.loads(text, object_pairs_hook=keep_names)
-    names = [name for name, _ in objects[-1]]  # The outermost object is made last.
+def _noted_repeats(plan: ExportPlan) -> list[str]:
+    """The fields the export reads that the object `_NAMES_DECODER` parsed last names more than once."""
+    names = _LAST_OBJECT.names
+    if names is None:
+        return []
+    wanted = read_fields(plan)
     return sorted({name for name in names if name in wanted and names.count(name) > 1})
