@@ -692,7 +692,11 @@ def test_a_job_service_lost_while_the_job_runs(request, services, bundle, corpus
         _wait_for_text(process, log_path, "progress: the job service has not answered for", timeout=30)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == EXIT_TERMINATED, log_path.read_text()[-3000:]
-        assert log_path.read_text().strip().splitlines()[-1].startswith("interrupted: nothing was committed")
+        *_, interrupted, left = log_path.read_text().strip().splitlines()
+        assert interrupted.startswith("interrupted: nothing was committed"), log_path.read_text()[-3000:]
+        # The stopped service could not cancel the job: said after, in one line.
+        assert left.startswith("warning: the job ") and "its cancel failed" in left, left
+        assert left.endswith("cancel it with the cluster's own tools before rerunning."), left
     else:
         assert process.wait(timeout=60) == EXIT_UNEXPECTED, log_path.read_text()[-3000:]
         why = "stopped answering" if event == "stopped" else "went away"

@@ -15,7 +15,7 @@ def forget() -> None:
 
 def note(line: str) -> int:
     """Notes that a job may still run (`line` says which, why and how to cancel it); returns its place."""
-    _NOTES.append(line)
+    _NOTES.append(_one_line(line))
     return len(_NOTES) - 1
 
 
@@ -24,9 +24,14 @@ def replace(place: int, line: str | None) -> None:
     if line is None:
         del _NOTES[place]
     else:
-        _NOTES[place] = line
+        _NOTES[place] = _one_line(line)
 
 
 def notes() -> list[str]:
     """What to say of each job this process was stopped from but could not cancel."""
     return list(_NOTES)
+
+
+def _one_line(line: str) -> str:
+    # A gRPC error's text spans lines; the note is one `warning:` line.
+    return " ".join(line.split())
