@@ -782,17 +782,22 @@ def test_an_s3_out_that_is_a_bucket_a_directory_or_in_no_bucket_is_refused_befor
     assert not scanned and keys(s3_endpoint, "") == before
 
 
+def _upload_three_row_export(s3, tmp_path, prefix):
+    """A finished export of three 2-d rows (d0, d1, d2) at `prefix` in BUCKET."""
+    local = tmp_path / "part-00000-of-00001.parquet"
+    pq.write_table(pa.table({"id": ["d0", "d1", "d2"], "v": [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]}), local)
+    manifest = {"shards": {"rows": [{"file": local.name, "rows": 3, "bytes": local.stat().st_size}]}}
+    s3.upload_file(str(local), BUCKET, f"{prefix}/{local.name}")
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{MANIFEST}", Body=json.dumps(manifest).encode())
+
+
 def test_a_queries_file_on_s3_is_read_from_s3(s3_endpoint, tmp_path, monkeypatch, capsys):
     """--queries s3://... was "not a file": read_queries looked for it on the local disk."""
     from pipeline import analyze
 
     set_aws_environment(monkeypatch, s3_endpoint)
     s3 = client(s3_endpoint)
-    local = tmp_path / "part-00000-of-00001.parquet"
-    pq.write_table(pa.table({"id": ["d0", "d1", "d2"], "v": [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]}), local)
-    manifest = {"shards": {"rows": [{"file": local.name, "rows": 3, "bytes": local.stat().st_size}]}}
-    s3.upload_file(str(local), BUCKET, f"queried/exp/{local.name}")
-    s3.put_object(Bucket=BUCKET, Key=f"queried/exp/{MANIFEST}", Body=json.dumps(manifest).encode())
+    _upload_three_row_export(s3, tmp_path, "queried/exp")
     s3.put_object(Bucket=BUCKET, Key="queried/ids.txt", Body=b"d0\nd2\n")
     out = tmp_path / "a.parquet"
     export = f"s3://{BUCKET}/queried/exp"
@@ -816,11 +821,7 @@ def test_an_s3_out_or_queries_key_with_a_percent_sign_or_a_space_is_the_key_as_t
 
     set_aws_environment(monkeypatch, s3_endpoint)
     s3 = client(s3_endpoint)
-    local = tmp_path / "part-00000-of-00001.parquet"
-    pq.write_table(pa.table({"id": ["d0", "d1", "d2"], "v": [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]}), local)
-    manifest = {"shards": {"rows": [{"file": local.name, "rows": 3, "bytes": local.stat().st_size}]}}
-    s3.upload_file(str(local), BUCKET, f"typed/exp/{local.name}")
-    s3.put_object(Bucket=BUCKET, Key=f"typed/exp/{MANIFEST}", Body=json.dumps(manifest).encode())
+    _upload_three_row_export(s3, tmp_path, "typed/exp")
     s3.put_object(Bucket=BUCKET, Key="typed/answers/a%20b.parquet", Body=b"the user's earlier answer")
     for key in ("typed/q%2Bs/ids.txt", "typed/my q/ids.txt"):
         s3.put_object(Bucket=BUCKET, Key=key, Body=b"d0\n")
