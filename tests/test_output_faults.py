@@ -152,6 +152,16 @@ def test_an_output_in_a_read_only_directory_is_refused(tmp_path, tiny_bundle, ca
 # --- point 9: a full disk while the pipeline writes ---------------------------------------------
 
 
+def _output_failed_in_one_line(process: subprocess.Popen) -> str:
+    """The one `error:` line of a hooked run that must fail writing its output (exit 6, no traceback)."""
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == EXIT_OUTPUT_FAILED, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    return errors[0]
+
+
 @pytest.mark.slow
 def test_a_full_disk_during_the_pipeline_is_one_error_and_keeps_the_old_export(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", IDS)
@@ -161,20 +171,12 @@ def test_a_full_disk_during_the_pipeline_is_one_error_and_keeps_the_old_export(t
     new = _corpus(tmp_path / "new.jsonl", [f"new{i}" for i in range(400)])
     argv = pipeline_command(new, output, "--model", tiny_bundle[0], "--overwrite", "--batch_size", "16")[3:]
     # The staged files may hold 2 kB in all: the first shard fills the "disk".
-    process = _hooked(["enospc:2000"], argv)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == EXIT_OUTPUT_FAILED, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err[-3000:]
-    assert (
-        f"--output {output!r} ran out of space" in errors[0]
-        and "this export needs more than the " in errors[0]
-    )
+    error = _output_failed_in_one_line(_hooked(["enospc:2000"], argv))
+    assert f"--output {output!r} ran out of space" in error and "this export needs more than the " in error
     # The earlier export is untouched; the rows made durable are kept, and the rerun (once there
     # is room) continues from them.
     assert {k: v for k, v in snapshot(output).items() if not k.startswith(layout_lib.STAGING)} == before
-    assert os.path.join(output, layout_lib.STAGING) in errors[0]
+    assert os.path.join(output, layout_lib.STAGING) in error
     rerun = run_command(
         pipeline_command(new, output, "--model", tiny_bundle[0], "--overwrite", "--batch_size", "16")
     )
@@ -240,15 +242,10 @@ def test_a_file_past_the_file_size_limit_is_one_error_and_a_rerun_with_smaller_s
     new = _corpus(tmp_path / "new.jsonl", new_ids)
     argv = pipeline_command(new, output, "--model", tiny_bundle[0], "--overwrite", "--batch_size", "16")[3:]
     # About 60 kB of rows in one file (a checkpoint closes it only after 60 s): past a 20 kB limit.
-    process = _hooked(["fsize:20000"], argv)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == EXIT_OUTPUT_FAILED, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, err[-3000:]
-    assert "File too large" in errors[0] and "--shard_mb" in errors[0], errors[0]
+    error = _output_failed_in_one_line(_hooked(["fsize:20000"], argv))
+    assert "File too large" in error and "--shard_mb" in error, error
     staging = os.path.join(output, layout_lib.STAGING)
-    assert staging in errors[0]
+    assert staging in error
     assert {k: v for k, v in snapshot(output).items() if not k.startswith(layout_lib.STAGING)} == before
     # Files of 10 kB fit under the limit; --shard_mb is no part of the run's signature.
     process = _hooked(["fsize:20000"], [*argv, "--shard_mb", "0.01"])
