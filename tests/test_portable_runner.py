@@ -914,3 +914,21 @@ def test_a_portable_job_whose_cancel_fails_is_noted_for_the_interrupted_line():
         "the cluster's own tools before rerunning."
     ]
     left_running.forget()
+
+
+def test_a_note_taken_back_leaves_the_later_notes_in_place():
+    """Notes were a list: taking the first back shifted the second, whose `replace` then raised
+    IndexError (a traceback as the launcher stopped) or rewrote another job's note."""
+    from pipeline.running import left_running
+
+    left_running.forget()
+    first = left_running.note("job A may still run")
+    second = left_running.note("job B may still run")
+    third = left_running.note("job C may still run")
+    left_running.replace(first, None)
+    left_running.replace(third, "job C: its cancel failed")
+    left_running.replace(second, None)
+    assert left_running.notes() == ["job C: its cancel failed"]
+    left_running.forget()
+    left_running.replace(third, "job C after a new run began")
+    assert left_running.notes() == []

@@ -5,7 +5,12 @@ warning logged as a cancel fails is never seen; the launcher notes the job here
 and `pipeline.run` prints each note once its output is back.
 """
 
-_NOTES: list[str] = []
+import itertools
+
+# Keyed by a number never reused: taking one note back leaves every other note's key as it was
+# (a list index would shift, and a later `replace` would say another job's note otherwise).
+_NOTES: dict[int, str] = {}
+_KEYS = itertools.count()
 
 
 def forget() -> None:
@@ -14,22 +19,26 @@ def forget() -> None:
 
 
 def note(line: str) -> int:
-    """Notes that a job may still run (`line` says which, why and how to cancel it); returns its place."""
-    _NOTES.append(_one_line(line))
-    return len(_NOTES) - 1
+    """Notes that a job may still run (`line` says which, why and how to cancel it); returns its key."""
+    key = next(_KEYS)
+    _NOTES[key] = _one_line(line)
+    return key
 
 
-def replace(place: int, line: str | None) -> None:
-    """Says the note at `place` otherwise, or (None) takes it back: the job was cancelled."""
+def replace(key: int, line: str | None) -> None:
+    """Says the note of `key` otherwise, or (None) takes it back: the job was cancelled.
+
+    A note already taken back, or forgotten by a later run, stays gone.
+    """
     if line is None:
-        del _NOTES[place]
-    else:
-        _NOTES[place] = _one_line(line)
+        _NOTES.pop(key, None)
+    elif key in _NOTES:
+        _NOTES[key] = _one_line(line)
 
 
 def notes() -> list[str]:
-    """What to say of each job this process was stopped from but could not cancel."""
-    return list(_NOTES)
+    """What to say of each job this process was stopped from but could not cancel, in the order noted."""
+    return list(_NOTES.values())
 
 
 def _one_line(line: str) -> str:
