@@ -324,6 +324,35 @@ def test_input_pattern_that_matches_the_output_is_refused(tmp_path, tiny_bundle,
     assert main(argv) == 0
 
 
+@pytest.mark.parametrize(
+    "inner",
+    [
+        "_failed/0123456789ab/errors/part-00000-of-00001.parquet",
+        "_tables/emb.parquet",
+        "_staging/0123456789ab/_KEPT_IDS.parquet",
+        "_index/emb.json",
+    ],
+)
+def test_input_pattern_reaching_into_an_exports_own_files_is_refused(tmp_path, tiny_bundle, capsys, inner):
+    """`exports/*/_failed/*/errors/*` (an earlier export's set-aside dead letters, its tables, its staging,
+    its index) with --output exports/new was run: a later run would read the new export's own files."""
+    import pyarrow as pa
+
+    found = tmp_path / "exports" / "old" / inner
+    found.parent.mkdir(parents=True)
+    table = {"id": ["a"], "content": ["word1 word2"], "title": ["word4"]}
+    if inner.endswith(".json"):
+        found.write_text('{"id": "a", "content": "word1 word2", "title": "word4"}\n')
+    else:
+        pq.write_table(pa.table(table), found)
+    pattern = str(tmp_path / "exports" / "*" / inner.replace("0123456789ab", "*").replace("emb", "*"))
+    argv = ["--model", tiny_bundle[0], "--input", pattern, "--output", str(tmp_path / "exports" / "new")]
+    if inner.endswith(".json"):
+        argv += ["--input_format", "jsonl"]
+    _refused(capsys, argv, "would also match the files this export writes")
+    assert sorted(os.listdir(tmp_path / "exports")) == ["old"]
+
+
 def test_output_inside_the_matched_input_is_refused(tmp_path, tiny_bundle, capsys):
     _write_corpus(tmp_path / "c.jsonl", 3)
     _refused(

@@ -24,11 +24,28 @@ from pipeline.writing.layout import STAGING
 # Characters Beam's FileSystems.match takes as a glob.
 GLOB_CHARACTERS = "*?["
 # Names an export writes, to test an --input pattern against (see `check_input_output`).
+# One name of each kind of file an export (or `pipeline.analyze` in it) writes in its output: an --input
+# pattern matching any of them would read the export's own files as corpus on a later run.
 _EXPORT_FILE_EXAMPLES = (
     "part-00000-of-00001.parquet",
     "errors/part-00000-of-00001.parquet",
-    "_staging/0123456789ab/data/part-00000-of-00001.parquet",
     "_MANIFEST.json",
+    "_MANIFEST.json.tmp",
+    "_COMMIT.json",
+    "_LOCK",
+    "_LOCK.0123456789ab.clock",
+    "_tables/emb.parquet",
+    "_failed/0123456789ab/_MANIFEST.json",
+    "_failed/0123456789ab/errors/part-00000-of-00001.parquet",
+    "_staging/0123456789ab/_RUN.json",
+    "_staging/0123456789ab/_KEPT_IDS.parquet",
+    "_staging/0123456789ab/_MANIFEST.json",
+    "_staging/0123456789ab/data/part-00000-of-00001.parquet",
+    "_staging/0123456789ab/data/part-writing/0123456789abcdef0123456789abcdef.parquet",
+    "_staging/0123456789ab/errors/part-00000-of-00001.parquet",
+    "_staging/0123456789ab/_tables/emb.parquet",
+    "_index/emb.json",
+    "_index/emb.usearch",
 )
 
 
