@@ -162,6 +162,14 @@ def _output_failed_in_one_line(process: subprocess.Popen) -> str:
     return errors[0]
 
 
+def _has_footer(path: str) -> bool:
+    try:
+        pq.ParquetFile(path)
+    except Exception:  # Cut before its footer.
+        return False
+    return True
+
+
 @pytest.mark.slow
 def test_a_full_disk_during_the_pipeline_is_one_error_and_keeps_the_old_export(tmp_path, tiny_bundle):
     old = _corpus(tmp_path / "old.jsonl", IDS)
@@ -173,15 +181,55 @@ def test_a_full_disk_during_the_pipeline_is_one_error_and_keeps_the_old_export(t
     # The staged files may hold 2 kB in all: the first shard fills the "disk".
     error = _output_failed_in_one_line(_hooked(["enospc:2000"], argv))
     assert f"--output {output!r} ran out of space" in error and "this export needs more than the " in error
-    # The earlier export is untouched; the rows made durable are kept, and the rerun (once there
-    # is room) continues from them.
+    # The earlier export is untouched; the rows made durable are kept (the line names them only if a
+    # row file was closed), and the rerun (once there is room) continues from them.
     assert {k: v for k, v in snapshot(output).items() if not k.startswith(layout_lib.STAGING)} == before
-    assert os.path.join(output, layout_lib.STAGING) in error
+    staged = [
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(os.path.join(output, layout_lib.STAGING))
+        for name in names
+        if name.endswith(".parquet") and f"{os.sep}data" in folder
+    ]
+    closed = [path for path in staged if _has_footer(path)]
+    if closed:
+        assert os.path.join(output, layout_lib.STAGING) in error, error
+    else:
+        assert "No row had been made durable yet" in error and layout_lib.STAGING not in error, error
     rerun = run_command(
         pipeline_command(new, output, "--model", tiny_bundle[0], "--overwrite", "--batch_size", "16")
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _complete_export(output) == sorted(f"new{i}" for i in range(400))
+
+
+def test_a_full_disk_before_any_row_was_durable_promises_no_kept_rows(tmp_path):
+    """A disk full as the run wrote its lock or _RUN.json said "The rows made durable are kept in
+    OUT/_staging/RUN: ... rerun ... to continue from them", naming a directory of no rows (0 kB)."""
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from pipeline.running.failures import file_too_large, out_of_space
+    from pipeline.writing.staging import staging_prefixes
+
+    output, run_id = str(tmp_path / "out"), "0123456789ab"
+    for error in (out_of_space(output, run_id), file_too_large(output, run_id)):
+        assert "made durable yet" in str(error) and layout_lib.STAGING not in str(error), error
+    # A row file cut by the full disk (no footer) is no durable row either.
+    rows_prefix = staging_prefixes(output, run_id)[0]
+    os.makedirs(os.path.dirname(rows_prefix))
+    table = pa.table({"id": ["a"]})
+    pq.write_table(table, rows_prefix + "-00000-of-00001.parquet")
+    whole = Path(rows_prefix + "-00000-of-00001.parquet").read_bytes()
+    with open(rows_prefix + "-writing.parquet", "wb") as cut:
+        cut.write(whole[: len(whole) // 2])
+    os.remove(rows_prefix + "-00000-of-00001.parquet")
+    assert "made durable yet" in str(out_of_space(output, run_id))
+    # A closed row file is kept for the rerun, and the line says where.
+    pq.write_table(table, rows_prefix + "-00000-of-00001.parquet")
+    for error in (out_of_space(output, run_id), file_too_large(output, run_id)):
+        assert os.path.join(output, layout_lib.STAGING, run_id) in str(error), error
+        assert "made durable yet" not in str(error) and "--resume off" in str(error), error
 
 
 @pytest.fixture
@@ -244,8 +292,8 @@ def test_a_file_past_the_file_size_limit_is_one_error_and_a_rerun_with_smaller_s
     # About 60 kB of rows in one file (a checkpoint closes it only after 60 s): past a 20 kB limit.
     error = _output_failed_in_one_line(_hooked(["fsize:20000"], argv))
     assert "File too large" in error and "--shard_mb" in error, error
-    staging = os.path.join(output, layout_lib.STAGING)
-    assert staging in error
+    # The one row file never closed: nothing durable to continue from, and the line says so.
+    assert "no row had been made durable yet" in error and layout_lib.STAGING not in error, error
     assert {k: v for k, v in snapshot(output).items() if not k.startswith(layout_lib.STAGING)} == before
     # Files of 10 kB fit under the limit; --shard_mb is no part of the run's signature.
     process = _hooked(["fsize:20000"], [*argv, "--shard_mb", "0.01"])

@@ -18,7 +18,7 @@ from pipeline.running.advice import rerun_to_finish
 from pipeline.uris import is_local
 from pipeline.writing.files import join
 from pipeline.writing.layout import STAGING
-from pipeline.writing.staging import staged_bytes
+from pipeline.writing.staging import holds_durable_rows, staged_bytes
 
 
 @contextlib.contextmanager
@@ -244,14 +244,22 @@ def out_of_space(output: str, run_id: str) -> OutputWriteError:
     staged = staged_bytes(output, run_id)
     free = _free_bytes(output)
     available = f"the {progress_lib.size_text(free + staged)} it had" if free is not None else "what it had"
-    staging = join(output, STAGING, run_id)
     return OutputWriteError(
         f"--output {output!r} ran out of space (no space left on device): this export needs more than "
         f"{available} (free space plus the {progress_lib.size_text(staged)} it had staged when the disk "
         f"filled). Nothing was committed and an earlier export there is untouched (it stays until a new "
-        f"one is committed, so --overwrite needs room for both). The rows made durable are kept in "
-        f"{staging}: free space, then rerun the same command to continue from them (--resume off, or "
-        "deleting that directory, drops them)."
+        f"one is committed, so --overwrite needs room for both). {_what_is_kept(output, run_id)}"
+    )
+
+
+def _what_is_kept(output: str, run_id: str) -> str:
+    """What a rerun continues from, told only where the run made a row durable (else there is none)."""
+    staging = join(output, STAGING, run_id)
+    if not holds_durable_rows(output, run_id):
+        return "No row had been made durable yet: free space, then rerun the same command."
+    return (
+        f"The rows made durable are kept in {staging}: free space, then rerun the same command to continue "
+        "from them (--resume off, or deleting that directory, drops them)."
     )
 
 
@@ -264,11 +272,16 @@ def file_too_large(output: str, run_id: str) -> OutputWriteError:
     of a run's signature, so the rerun with a smaller one continues from the staged rows.
     """
     staging = join(output, STAGING, run_id)
+    kept = (
+        f"rerun: it continues from the rows made durable in {staging} (--resume off, or deleting that "
+        "directory, drops them)."
+        if holds_durable_rows(output, run_id)
+        else "rerun the same command (no row had been made durable yet)."
+    )
     return OutputWriteError(
         f"--output {output!r}: a file this run wrote there grew past the largest size allowed "
         f"({os.strerror(errno.EFBIG)}: the process's file-size limit, `ulimit -f`, or the filesystem's own, "
         "such as FAT32's 4 GiB). Nothing was committed and an earlier export there is untouched. Lower "
         "--shard_mb below that size (row files are closed at about --shard_mb) or raise the limit, then "
-        f"rerun: it continues from the rows made durable in {staging} (--resume off, or deleting that "
-        "directory, drops them)."
+        + kept
     )

@@ -89,6 +89,28 @@ def staged_bytes(directory: str, run_id: str | None = None) -> int:
         return 0
 
 
+def holds_durable_rows(directory: str, run_id: str) -> bool:
+    """Whether the run's staging directory holds a complete row file (its Parquet footer written).
+
+    What a rerun would continue from: a file cut by a full disk or a kill has no
+    footer, and dead letters and the run's own records are never kept.
+    """
+    try:
+        paths = list_files(posixpath.dirname(staging_prefixes(directory, run_id)[0]))
+    except Exception:  # Nothing staged, or the store cannot be listed: nothing to promise.
+        return False
+    for path in paths:
+        if not path.endswith(".parquet"):
+            continue
+        try:
+            with FileSystems.open(path) as handle:
+                pq.ParquetFile(handle)
+        except Exception:  # No footer: a file its writer never closed.
+            continue
+        return True
+    return False
+
+
 def _row_count(path: str) -> int:
     with FileSystems.open(path) as handle:
         return pq.ParquetFile(handle).metadata.num_rows
