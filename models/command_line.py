@@ -37,6 +37,43 @@ class _RecordingNamespace(argparse.Namespace):
         super().__setattr__(name, value)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def join_negative_numbers(parser: argparse.ArgumentParser, args: Sequence[str]) -> list[str]:
+    """`args` with each `--flag -VALUE` of a one-value flag, VALUE a number, written `--flag=-VALUE`.
+
+    argparse takes only `-1` and `-0.5` for a number: `--shard_mb -inf` or `-1e3` got its own
+    "expected one argument", not the flag's check saying which values it takes.
+    """
+    takes_one = {
+        flag
+        for action in parser._actions
+        if isinstance(action, (argparse._StoreAction, argparse._AppendAction)) and action.nargs is None
+        for flag in action.option_strings
+    }
+    joined: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":  # What follows is no flag of ours.
+            joined.extend(args[index:])
+            break
+        value = args[index + 1] if index + 1 < len(args) else ""
+        if arg in takes_one and value.startswith("-") and _is_number(value):
+            joined.append(f"{arg}={value}")
+            index += 2
+            continue
+        joined.append(arg)
+        index += 1
+    return joined
+
+
 def parse_recording_repeats(
     parser: argparse.ArgumentParser, args: Sequence[str]
 ) -> tuple[argparse.Namespace, list[str], list[str]]:
@@ -78,7 +115,7 @@ class CommandParser(argparse.ArgumentParser):
     def parse_known_args(  # type: ignore[override]  # typeshed's overloads; the behaviour is argparse's
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        args = list(sys.argv[1:] if args is None else args)
+        args = join_negative_numbers(self, sys.argv[1:] if args is None else args)
         if not isinstance(namespace, _RecordingNamespace):  # Not the checking pass itself.
             _, _, repeated = parse_recording_repeats(self, args)
             if repeated:

@@ -257,6 +257,45 @@ def test_every_numeric_flag_out_of_range_is_one_error_line_and_exit_2(
     assert is_empty_or_absent(output)
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "valid_range", "received"),
+    [
+        ("shard_mb", "-inf", "from 0.001 to 1,000,000.0", "-inf"),
+        ("shard_mb", "-1e3", "from 0.001 to 1,000,000.0", "-1000.0"),
+        ("max_error_fraction", "-nan", "from 0.0 to 1.0", "nan"),
+        ("limit", "-1e3", "from 1 to", "-1e3"),
+    ],
+)
+def test_a_negative_number_as_the_next_argument_reaches_the_flags_own_check(
+    flag, value, valid_range, received, bundle, corpus, tmp_path, capsys
+):
+    """`--shard_mb -inf` (not `=-inf`) got argparse's "argument --shard_mb: expected one argument":
+    argparse takes only `-1` and `-0.5` after a flag as a number."""
+    from pipeline.run import main
+
+    output = tmp_path / "out"
+    code = main(export_args(bundle, corpus, output, f"--{flag}", value))
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: --{flag} must be "), err
+    assert valid_range in lines[0] and f"received {received}" in lines[0].replace("'", "")
+    assert is_empty_or_absent(output)
+
+
+def test_a_negative_number_after_a_flag_of_the_other_commands_is_its_value():
+    from models.command_line import CommandParser, join_negative_numbers
+
+    parser = CommandParser()
+    parser.add_argument("--k", type=float)
+    parser.add_argument("--verbose", action="store_true")
+    assert parser.parse_args(["--k", "-inf"]).k == float("-inf")
+    assert parser.parse_args(["--k", "-1e3"]).k == -1000.0
+    # Only a number is joined, only to a flag that takes one value, and nothing after "--".
+    args = ["--verbose", "-1", "--k", "-x", "--", "--k", "-2e1"]
+    assert join_negative_numbers(parser, args) == args
+
+
 @pytest.mark.parametrize("runner", ["Foo", "PrismRunner", "BundleBasedDirectRunner", "InteractiveRunner"])
 def test_a_runner_an_export_does_not_run_on_is_refused_before_anything_is_written(
     runner, bundle, corpus, tmp_path, capsys

@@ -21,7 +21,7 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult
 
-from models.command_line import parse_recording_repeats, repeated_message
+from models.command_line import join_negative_numbers, parse_recording_repeats, repeated_message
 from pipeline.errors import (
     EXIT_ACCOUNTING_UNVERIFIED,
     EXIT_OK,
@@ -130,6 +130,13 @@ def _dry_run(pipeline: beam.Pipeline, plan: ExportPlan, options: PipelineOptions
     )
 
 
+def beam_parser() -> argparse.ArgumentParser:
+    """The parser Beam builds from every PipelineOptions subclass, ours included."""
+    parsers: list[argparse.ArgumentParser] = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
+    return parsers[0]
+
+
 def check_known_flags(argv: Sequence[str] | None) -> None:
     """Refuses arguments that neither our options nor Beam's declare (a typo such as --ouput), and
     a one-value flag given twice with different values (`--input a.jsonl --input b.jsonl`).
@@ -142,10 +149,7 @@ def check_known_flags(argv: Sequence[str] | None) -> None:
         ExportConfigError: naming each unknown argument and the closest known flag,
             or each flag given twice.
     """
-    parsers: list[argparse.ArgumentParser] = []
-    # Beam builds one parser from every PipelineOptions subclass; borrow it.
-    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
-    parser = parsers[0]
+    parser = beam_parser()
 
     def refuse(message: str) -> typing.NoReturn:
         # argparse's own error() prints Beam's whole usage (some 140 lines) above its one line.
@@ -187,6 +191,8 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     global _past_launch_checks
     _past_launch_checks = False
     check_text_arguments(sys.argv[1:] if argv is None else argv)
+    # `--shard_mb -inf` reaches the flag's own range check, as `--shard_mb=-inf` does.
+    argv = join_negative_numbers(beam_parser(), sys.argv[1:] if argv is None else argv)
     check_known_flags(argv)
     reset_commit_phase()
     left_running.forget()
