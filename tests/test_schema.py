@@ -312,6 +312,26 @@ def test_the_summarys_duckdb_line_reads_the_ids_under_a_hive_style_path(tmp_path
     assert re.findall(r"\w+", header) == ["id", "x"] and "id=v2" not in result.stdout
 
 
+def test_the_summarys_lines_name_a_relative_output_absolutely(tmp_path, monkeypatch):
+    """`--output out` printed `output out` and read lines of "out/part-*.parquet": pasted into a shell
+    or notebook in another directory they found no file."""
+    from pipeline.running.report import ExportSummary, format_summary
+
+    (tmp_path / "run" / "out").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    pq.write_table(
+        pa.table({"id": ["row-a", "row-b"]}), tmp_path / "run" / "out" / "part-00000-of-00001.parquet"
+    )
+    monkeypatch.chdir(tmp_path / "run")
+    text = format_summary(ExportSummary("out", 2, 2, 0, {}, 0, 0, 1.0, 0, ""))
+    assert f"  output           {tmp_path / 'run' / 'out'}" in text.splitlines()
+    lines = [line for line in text.splitlines() if "python -c" in line]
+    assert len(lines) == 2
+    for line in lines:
+        result = _run_read_line(line, cwd=tmp_path / "elsewhere")
+        assert result.returncode == 0 and "row-b" in result.stdout, result.stderr[-2000:]
+
+
 def _run_read_line(line, cwd=None):
     """Runs a summary's `python -c ...` read line as bash runs it, pasted (in `cwd`); the CompletedProcess."""
     import shlex

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.planning.options import ExportOptions
 from pipeline.running.counters import RECORDS_READ, ROWS_EMBEDDED, failures_by_reason
+from pipeline.uris import is_local
 from pipeline.writing.files import join
 
 
@@ -116,16 +118,18 @@ def _python_string(text: str) -> str:
 
 def format_summary(summary: ExportSummary) -> str:
     """The one-screen summary printed at the end of a run."""
+    # Absolute: the read lines and the output's path are pasted into other shells, notebooks, directories.
+    output = os.path.abspath(summary.output) if is_local(summary.output) else summary.output
     if summary.dry_run:
-        return f"\nNothing exported (--dry_run): {summary.message}\n  output           {summary.output}"
+        return f"\nNothing exported (--dry_run): {summary.message}\n  output           {output}"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
     read = summary.records_read if summary.records_read is not None else "unknown (no committed counters)"
     # DuckDB reads a NAME=value directory as a hive partition, whose value would replace the column NAME.
-    hive = ", hive_partitioning=False" if "=" in summary.output else ""
-    pattern = _python_string(join(summary.output, "part-*.parquet"))
+    hive = ", hive_partitioning=False" if "=" in output else ""
+    pattern = _python_string(join(output, "part-*.parquet"))
     duckdb_code = f"import duckdb; print(duckdb.read_parquet({pattern}{hive}).limit(5))"
     pandas_code = (
-        f"import pandas as pd; print(pd.read_parquet({_python_string(summary.output)}, "
+        f"import pandas as pd; print(pd.read_parquet({_python_string(output)}, "
         'ignore_prefixes=["_", ".", "errors"]).head())'
     )
     lines = [
@@ -159,7 +163,7 @@ def format_summary(summary: ExportSummary) -> str:
             for field in summary.kept_fields_never_found
         ),
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
-        f"  output           {summary.output}",
+        f"  output           {output}",
         # Single-quoted for the shell: a $, ` or \\ in the path reaches Python as it is.
         f"  read it with     python -c {shlex.quote(duckdb_code)}",
         f"               or python -c {shlex.quote(pandas_code)}",
