@@ -170,9 +170,17 @@ def test_refusals(versions, tmp_path, tiny_bundle):
     os.remove(unfinished / layout_lib.MANIFEST)
     _refused([*base, "--reuse", str(unfinished)], "is unfinished or not an export", output)
 
-    _refused(
-        [*base, "--reuse", versions["v1"], "--layer", "lstm_content"], r"other settings \(columns", output
-    )
+    # Other columns: named, not their recorded dicts (a line of 900 characters), with the way on.
+    with pytest.raises(ExportConfigError) as refusal:
+        run_export([*base, "--reuse", versions["v1"], "--layer", "lstm_content"])
+    message = str(refusal.value)
+    assert "holds the columns lstm_content, lstm_title" in message and "asks for lstm_content." in message
+    assert "rerun without --layer (its columns are the bundle's default layers)" in message, message
+    assert "{" not in message and len(message) < 600, message
+    with pytest.raises(ExportConfigError) as refusal:
+        run_export([*base, "--reuse", versions["v1"], "--layer", "lstm_content", "--layer", "out_title"])
+    assert "Leave --reuse out for a full export of these columns" in str(refusal.value)
+    assert not os.path.exists(output)
     _refused([*base, "--reuse", versions["v1"], "--dtype", "float16"], r"other settings \(dtype", output)
     _refused([*base, "--reuse", versions["v1"], "--padding", "post"], r"other settings \(padding", output)
     _refused(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shlex
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
@@ -149,15 +150,77 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
             "(without --reuse) and reuse that one from then on."
         )
     differences = [key for key in current if current[key] != earlier.get(key)]
+    if differences == ["columns"] or sorted(differences) == ["columns", "inputs"]:
+        # The inputs follow from the columns: say what differs, and the way on.
+        raise ExportConfigError(
+            _other_columns_message(uri, manifest, earlier.get("columns"), current["columns"])
+        )
     if differences:
         details = "; ".join(
-            f"{key}: earlier {earlier.get(key)!r}, now {current[key]!r}" for key in differences
+            f"{key}: earlier {_setting_text(key, earlier.get(key))}, now {_setting_text(key, current[key])}"
+            for key in differences
         )
         raise ExportConfigError(
             f"--reuse {uri!r} cannot be reused: its rows were made with other settings ({details}). "
             "Its vectors would differ from this export's; leave --reuse out for a full export."
         )
     return tuple(check_reuse_shards(uri, manifest, plan))
+
+
+def _column_text(column: object) -> str:
+    """One column of a reuse signature as `COLUMN=LAYER:CALL` and what sets its rows apart."""
+    if not isinstance(column, Mapping):
+        return repr(column)
+    spec = f"{column.get('layer')}" + (f":{column.get('call')}" if column.get("call") else "")
+    text = spec if column.get("column") == spec else f"{column.get('column')}={spec}"
+    details = [
+        *([f"pooling {column.get('pooling')}"] if column.get("pooling") not in (None, "none") else []),
+        *([f"token_storage {column.get('token_storage')}"] if column.get("token_storage") == "ids" else []),
+    ]
+    return text + (f" ({', '.join(details)})" if details else "")
+
+
+def _setting_text(key: str, value: object) -> str:
+    # The columns by name: their recorded dicts (nine fields each) made a line of hundreds of characters.
+    return _columns_text(value) if key == "columns" else repr(value)
+
+
+def _columns_text(columns: object) -> str:
+    if not isinstance(columns, list):
+        return repr(columns)
+    return ", ".join(_column_text(column) for column in columns) or "none"
+
+
+def _other_columns_message(uri: str, manifest: Manifest, earlier: object, current: list[Any]) -> str:
+    """The refusal of an earlier export whose settings are this one's but for the columns.
+
+    A subset is not reused either: each of its rows was computed together with the other
+    columns (one forward pass, one fast-path check for all), so it is not known to equal,
+    bit for bit, a row computed for the subset alone.
+    """
+    earlier_texts = [_column_text(c) for c in earlier] if isinstance(earlier, list) else []
+    subset = bool(earlier_texts) and {_column_text(c) for c in current} <= set(earlier_texts)
+    options = manifest.get("options")
+    options = options if isinstance(options, Mapping) else {}
+    layers = options.get("layer")
+    others = "".join(f" --{name} {options[name]}" for name in ("pooling", "token_storage") if name in options)
+    if isinstance(layers, list) and layers:
+        how = "with " + " ".join(f"--layer {shlex.quote(str(layer))}" for layer in layers) + others
+    else:
+        how = "without --layer (its columns are the bundle's default layers)" + (
+            f" and with{others}" if others else ""
+        )
+    way_on = (
+        f"To reuse it, rerun {how}, as it was made, and read only the columns you need; or leave "
+        "--reuse out for a full export of these."
+        if subset
+        else "Leave --reuse out for a full export of these columns (and --reuse that export from then on)."
+    )
+    return (
+        f"--reuse {uri!r} holds the columns {_columns_text(earlier)}; this export asks for "
+        f"{_columns_text(current)}. Rows are reused only into an export of the same columns (a row is "
+        f"computed for all of its columns together). {way_on}"
+    )
 
 
 def recorded_digest(entry: Manifest) -> str:
