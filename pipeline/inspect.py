@@ -177,8 +177,49 @@ def report(model_source: ModelSource, layer_specs: Sequence[str] = ()) -> str:
         lines.append(f"Default --layer (bundle manifest): {', '.join(model_source.default_layers)}")
     lines += ["", format_table(rows), ""]
     lines += [f"Input {name!r} refused: {problem}" for name, problem in input_lengths(model)[1].items()]
+    lines += sample_batch_lines(model, rows)
     lines += forward_pass_lines(model, rows)
     return "\n".join(lines)
+
+
+def sample_batch_lines(model: keras.Model, rows: Sequence[LayerRow]) -> list[str]:
+    """A line per exportable layer call that Keras's forward pass fails on a sample batch of token ids.
+
+    `pipeline.run` runs the same check at launch and refuses such a layer there; without it
+    here, a model that fails on every real batch looked exportable. One pass for all the
+    calls, as an export of them all runs; only where it fails, one per call, to name each.
+    """
+    import tensorflow as tf
+
+    from models.truncate import parse_layer_spec, truncate
+    from pipeline.errors import ExportConfigError
+    from pipeline.inference.forward_pass import on_sample_batch, verification_batch
+    from pipeline.planning.introspection import describe_input
+
+    specs = [row[-1] for row in rows if row[-1] != MODEL_INPUT and not row[5].startswith("-")]
+    problems = input_lengths(model)[1]
+    inputs = {t.name: describe_input(t, model, t.name) for t in model.inputs if t.name not in problems}
+    names = {layer.name for layer in model.layers}
+
+    def failure(texts: Sequence[str]) -> str | None:
+        sub_model = truncate(model, [parse_layer_spec(text, names) for text in texts])
+        if any(tensor.name not in inputs for tensor in sub_model.inputs):
+            return None  # An input the export refuses, said above.
+        # Id 1 only: below every input's Embedding size, as the launch's own check.
+        batch = verification_batch([inputs[t.name] for t in sub_model.inputs], "post", 2)
+        forward = tf.function(lambda features: sub_model(features, training=False))
+        try:
+            on_sample_batch(forward, batch)
+        except ExportConfigError as error:
+            return str(error)
+        return None
+
+    together = failure(specs) if specs else None
+    if together is None:
+        return []
+    failed = {spec: failure([spec]) for spec in specs} if len(specs) > 1 else {specs[0]: together}
+    lines = [f"--layer {spec} refused: {problem}" for spec, problem in failed.items() if problem]
+    return lines or [f"--layer {', '.join(specs)} refused together: {together}"]
 
 
 def forward_pass_lines(model: keras.Model, rows: Sequence[LayerRow]) -> list[str]:

@@ -136,3 +136,20 @@ def test_an_input_without_a_fixed_length_is_refused_alike_by_inspect_and_run(tmp
     message = str(refusal.value)
     assert "\n" not in message and "Input(shape=(N,))" in message and "set_weights" in message
     assert f"Input 'embedding_input' refused: {message}" in printed
+
+
+def test_a_layer_keras_cannot_run_on_a_sample_batch_is_said_refused(tmp_path, capsys):
+    """`pipeline.run` refuses such a layer at launch (its sample batch fails in Keras), but inspect
+    listed it as exportable, without a word: the layer name `a:b` that TensorFlow cannot run."""
+    inputs = keras.Input((10,), dtype="int32", name="content")
+    embedded = keras.layers.Embedding(30, 4, name="emb")(inputs)
+    vector = keras.layers.LSTM(3, name="a:b")(embedded)
+    keras.Model(inputs, keras.layers.Dense(1, name="dense")(vector)).save(tmp_path / "model.keras")
+    assert main([str(tmp_path / "model.keras"), "--tokenizer", "none"]) == 0
+    printed = capsys.readouterr().out
+    refused = [line for line in printed.splitlines() if " refused: " in line]
+    assert [line.split(" refused: ")[0] for line in refused] == ["--layer a:b", "--layer dense"], printed
+    assert all("not a valid scope name" in line and "rename the layer" in line for line in refused)
+    # The layer alone is checked alone: the embedding before it runs.
+    assert main([str(tmp_path / "model.keras"), "--tokenizer", "none", "--layer", "emb"]) == 0
+    assert " refused: " not in capsys.readouterr().out

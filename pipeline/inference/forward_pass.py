@@ -76,7 +76,7 @@ def verification_batch(
     return batch
 
 
-def _on_sample_batch(
+def on_sample_batch(
     forward_pass: Callable[[Features], Mapping[str, np.ndarray]], batch: Features
 ) -> Mapping[str, np.ndarray]:
     """`forward_pass(batch)`, or one `ExportConfigError` line saying why Keras cannot run the model."""
@@ -268,7 +268,7 @@ class Predictor:
             # Unwrapped (`wrap=False`), every output is an array.
             return typing.cast(dict[str, np.ndarray], self._fast_outputs(fast, features, wrap=False))
 
-        expected = _on_sample_batch(reference, batch)
+        expected = on_sample_batch(reference, batch)
         try:
             # Traced as the batches will run it: the in-memory runner reuses this trace.
             worst = max_difference(candidate, lambda _: expected, batch)
@@ -300,7 +300,7 @@ class Predictor:
             return
         # Id 1 only: below every input's Embedding size, whatever the model's vocabulary.
         batch = self.model.model_features(verification_batch(self.plan.inputs, self.plan.padding, 2))
-        _on_sample_batch(self.model.keras_predict, batch)
+        on_sample_batch(self.model.keras_predict, batch)
 
     def _launch_checked(self) -> bool:
         """Whether the launch checked the fast path in this environment (same host and versions)."""
