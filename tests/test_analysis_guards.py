@@ -1300,3 +1300,24 @@ def test_vectors_of_other_lengths_in_another_row_file_are_one_error_line(tmp_pat
     ):
         assert analyze.main([export, *argv]) == 2
         assert "vectors have different lengths" in error_line(capsys)
+
+
+def test_an_export_with_two_token_tables_says_why_neither_can_be_indexed(tmp_path, capsys):
+    """`index` on the export said "pass one of them instead", and on the table file "pass the
+    directory it is in": a circle, as a table's index is the export's one _index/vector.*."""
+    rng = np.random.default_rng(0)
+    ids = pa.array([[2, 3]] * 10, pa.list_(pa.int32()))
+    export = write_export(str(tmp_path / "e"), {"id": [f"d{i}" for i in range(10)], "a": ids, "b": ids})
+    os.makedirs(os.path.join(export, "_tables"))
+    for name in ("a_emb", "b_emb"):
+        table = {
+            "token_id": pa.array(range(10), pa.int32()),
+            "token": [f"w{i}" for i in range(10)],
+            "vector": pa.array(list(rng.normal(size=(10, 3))), pa.list_(pa.float32(), 3)),
+        }
+        pq.write_table(pa.table(table), os.path.join(export, "_tables", f"{name}.parquet"))
+    for location in (export, os.path.join(export, "_tables", "a_emb.parquet")):
+        assert analyze.main([location, "index"]) == 2
+        assert "holds 2 token tables (_tables/), and a table's index is the export's" in error_line(capsys)
+    assert not os.path.exists(os.path.join(export, "_index"))
+    assert analyze.main([os.path.join(export, "_tables", "a_emb.parquet"), "neighbors", "--word", "w1"]) == 0

@@ -687,6 +687,11 @@ def has_token_tables(location: str) -> bool:
     return bool(_token_tables(location).files)
 
 
+def token_table_count(location: str) -> int:
+    """How many token tables the export `location` holds (`_tables/*.parquet`)."""
+    return len(_token_tables(location).files)
+
+
 def data_is_vocabulary(location: str) -> bool:
     """Whether `location` holds a vocabulary rather than an export's rows, told by the files in it.
 

@@ -32,6 +32,7 @@ from pipeline.analysis.dataset import (
     AnalysisError,
     VectorDataset,
     check_vector_column,
+    token_table_count,
 )
 from pipeline.analysis.exact import DEFAULT_METRIC, exact_top_k, iter_vector_batches, recall_at_k, row_count
 from pipeline.analysis.index_search import search_index
@@ -232,6 +233,23 @@ def check_replaceable(filesystem: pafs.FileSystem, directory: str, column: str) 
                 )
 
 
+def check_one_token_table(location: str) -> None:
+    """Refuses to index the token tables of an export that holds several: a table's index is the
+    export's `_index/vector.*`, one name for one table (`neighbors --word` looks there).
+
+    Raises:
+        AnalysisError: saying so, and that `neighbors --word` on a table file scans it.
+    """
+    tables = token_table_count(location)
+    if tables > 1:
+        raise AnalysisError(
+            f"{location!r} holds {tables} token tables ({TABLES_DIR}/), and a table's index is the "
+            f"export's {INDEX_DIR}/vector.*, which has room for one: none of them can be indexed. "
+            f"`neighbors --word WORD` on a table file ({location}/{TABLES_DIR}/LAYER.parquet) scans "
+            "it without an index."
+        )
+
+
 def _local_lock(data: VectorDataset) -> OutputLock | None:
     """The directory's OutputLock where it is local (no export, nor another index build, runs while
     we write into it; a vocabulary's directory too), else None."""
@@ -257,6 +275,7 @@ def build_index(data: VectorDataset, column: str | None, settings: IndexSettings
         if posixpath.basename(parent) == TABLES_DIR:
             # A token table: its index lives with the export, where `neighbors --word` looks for it.
             parent = posixpath.dirname(parent) or "."
+            check_one_token_table(parent)
         raise AnalysisError(
             f"{data.location!r} is a file; pass the directory it is in, where the index can live: {parent}"
         )
