@@ -1321,3 +1321,16 @@ def test_an_export_with_two_token_tables_says_why_neither_can_be_indexed(tmp_pat
         assert "holds 2 token tables (_tables/), and a table's index is the export's" in error_line(capsys)
     assert not os.path.exists(os.path.join(export, "_index"))
     assert analyze.main([os.path.join(export, "_tables", "a_emb.parquet"), "neighbors", "--word", "w1"]) == 0
+
+
+def test_an_index_of_row_files_whose_times_alone_changed_says_so(tmp_path, capsys):
+    """A copy that does not keep the files' times (`cp -r`) was refused as "built for another version
+    of this export ... it was replaced": the user looked for a run that never happened."""
+    export = write_export(str(tmp_path / "e"), random_columns(20))
+    assert analyze.main([export, "index", "--recall_queries", "0"]) == 0
+    stat = os.stat(os.path.join(export, SHARD))
+    os.utime(os.path.join(export, SHARD), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert analyze.main([export, "neighbors", "--id", "d001"]) == 2
+    message = error_line(capsys)
+    assert "was built when its row files had other modification times" in message
+    assert "it was replaced" not in message

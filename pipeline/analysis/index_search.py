@@ -10,7 +10,7 @@ import dataclasses
 import os
 import posixpath
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -24,6 +24,7 @@ from pipeline.analysis.index_store import (
     INDEX_SUFFIX,
     METADATA_SUFFIX,
     IndexMetadata,
+    SourceIdentity,
     index_paths,
     is_local,
     read_metadata,
@@ -231,6 +232,23 @@ def _found(
     return keys, found, np.asarray(counts, dtype=np.int64).copy()
 
 
+def _only_times_differ(recorded: object, current: SourceIdentity) -> bool:
+    """Whether an export's identity at build and now differ only in the row files' modification times."""
+    if not isinstance(recorded, dict) or "row_files" not in current:
+        return False
+
+    def untimed(identity: Mapping[str, object]) -> object:
+        files = identity.get("row_files")
+        names = (
+            [(f.get("file"), f.get("bytes")) for f in files if isinstance(f, dict)]
+            if isinstance(files, list)
+            else files
+        )
+        return identity.get("manifest_sha256"), names
+
+    return untimed(recorded) == untimed(current)
+
+
 def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> LoadedIndex | None:
     """`column`'s index of `data` if there is one, checked against the export; None if there is none.
 
@@ -267,6 +285,15 @@ def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> Load
         else ("vocabulary", "file's SHA-256")
     )
     if metadata.get("source") != current:
+        if _only_times_differ(metadata.get("source"), current):
+            # Same manifest, row files of the same names and sizes: copied without their times, or
+            # touched. A rewrite of the same size looks the same, so the index is not trusted.
+            raise AnalysisError(
+                f"The index {metadata.get('file')} of {data.location!r} was built when its row files "
+                "had other modification times (its manifest, their names and sizes are unchanged: copied "
+                "without keeping the times, e.g. `cp -r` instead of `cp -a`, or touched), and a row file "
+                f"rewritten in place looks the same, so it is not used. {rebuild}"
+            )
         raise AnalysisError(
             f"The index {metadata.get('file')} of {data.location!r} was built for another version of "
             f"this {what} (its {changed} changed since: it was replaced), so its answers would be "
