@@ -419,6 +419,7 @@ def run_command(args: argparse.Namespace) -> str:
         data = open_documents_or_vocabulary(args.directory)
         if means_token_table(data, args.column):
             # An export of token ids: its table is what `neighbors --word` searches.
+            index_build.check_one_token_table(args.directory)
             data = open_vocabulary(args.directory)
         column = args.column or (VECTOR_COLUMN if data.holds == "vocabulary" else None)
         settings = index_build.IndexSettings(

@@ -438,7 +438,7 @@ def test_row_files_that_differ_from_the_manifest_are_refused_and_untie_the_index
         handle.write(content)
     os.utime(part, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN]) == 2
-    assert "built for another version" in error_line(capsys)
+    assert "a row file rewritten in place looks the same, so it is not used" in error_line(capsys)
     assert analyze.main([export_copy, "neighbors", "--id", key, "--column", COLUMN, "--exact"]) == 0
     capsys.readouterr()
     # Another size than the manifest records: rows replaced since the export finished.
@@ -1128,3 +1128,209 @@ def test_a_null_query_id_is_a_problem_and_complex_query_vectors_are_refused(tmp_
     argv = [export, "neighbors", "--queries", str(complex_queries), "--out", str(tmp_path / "b.parquet")]
     assert analyze.main(argv) == 2
     assert "holds complex64 values" in error_line(capsys)
+
+
+# --- r35: the index's files, zero vectors, query files ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["v.usearch", "v.json", "v.json.tmp"])
+def test_an_index_build_never_replaces_a_file_of_the_users_under_index(tmp_path, capsys, name):
+    """The build deleted _index/v.json and renamed its file over _index/v.usearch, whatever they were:
+    a user's own index (which the docs call foreign, never deleted) was lost without a word."""
+    export = write_export(str(tmp_path / "e"), random_columns(20))
+    os.makedirs(os.path.join(export, "_index"))
+    mine = os.path.join(export, "_index", name)
+    with open(mine, "w", encoding="utf-8") as handle:
+        handle.write('{"my": "own index notes"}')
+    assert analyze.main([export, "index", "--column", "v", "--recall_queries", "0"]) == 2
+    assert f"{mine} is not an index this command built" in error_line(capsys)
+    with open(mine, encoding="utf-8") as handle:
+        assert handle.read() == '{"my": "own index notes"}'
+    assert sorted(os.listdir(os.path.join(export, "_index"))) == [name]
+    # Once it is moved away the index is built, and built again over its own files.
+    os.remove(mine)
+    for _ in range(2):
+        assert analyze.main([export, "index", "--column", "v", "--recall_queries", "0"]) == 0
+    assert sorted(os.listdir(os.path.join(export, "_index"))) == ["v.json", "v.usearch"]
+
+
+@pytest.mark.parametrize("mode", ["exact", "index"])
+def test_a_null_query_word_is_not_a_vocabulary_row_without_a_token(tmp_path, capsys, mode):
+    """pyarrow's index_in matches null to null: a null word of a .parquet queries file was answered as
+    the vocabulary's first row past its tokenizer (null token), or, through the index, said to have
+    a null vector."""
+    rng = np.random.default_rng(0)
+    tokens = ["<pad>", "<oov>", "w2", "w3", "w4", "w5", None, None]
+    table = pa.table(
+        {
+            "token_id": pa.array(range(len(tokens)), pa.int32()),
+            "token": pa.array(tokens, pa.string()),
+            "vector": pa.array(list(rng.normal(size=(len(tokens), 4))), pa.list_(pa.float32(), 4)),
+        }
+    )
+    os.makedirs(tmp_path / "voc")
+    pq.write_table(table, tmp_path / "voc" / vocabulary.VOCABULARY_FILE)
+    if mode == "index":
+        assert analyze.main([str(tmp_path / "voc"), "index", "--recall_queries", "0"]) == 0
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"token": pa.array(["w2", None], pa.string())}), queries)
+    out = tmp_path / "a.parquet"
+    argv = [str(tmp_path / "voc"), "neighbors", "--queries", str(queries), "-k", "2", "--out", str(out)]
+    assert analyze.main(argv) == 0
+    rows = pq.read_table(out).to_pylist()
+    assert [row["query"] for row in rows] == ["w2", "w2", None]
+    assert rows[-1]["problem"] == "its id is null" and rows[-1]["token"] is None
+
+
+def test_knn_score_all_gives_zero_vectors_similarity_zero_as_the_sample_does(tmp_path):
+    """usearch's cosine distance of two zero vectors is 0: through the index a zero row's nearest were
+    the other zero rows, where the sample (and the exact scan) rank every row at 0, ties by id."""
+    rng = np.random.default_rng(3)
+    rows = 60
+    vectors = rng.normal(size=(rows, 3)).astype(np.float32)
+    vectors[20:26] = 0
+    ids = [f"d{(i * 7) % rows:02d}" for i in range(rows)]
+    labels = [["a", "b", "c"][i % 3] for i in range(rows)]
+    columns = {"id": ids, "v": pa.array(list(vectors), pa.list_(pa.float32(), 3)), "lab": labels}
+    data = open_documents(write_export(str(tmp_path / "e"), columns))
+    index_build.build_index(data, "v", index_build.IndexSettings(**EXACT_SETTINGS))
+    loaded = open_index(data, "v")
+    # The brute force: every zero row's neighbours are the first other rows by id.
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1), 1e-30)[:, None]
+    for k in (1, 3):
+        hits = []
+        for i in range(rows):
+            others = sorted((j for j in range(rows) if j != i), key=lambda j: (-(unit[i] @ unit[j]), ids[j]))
+            hits.append(np.mean([labels[j] == labels[i] for j in others[:k]]))
+        sampled, _ = knn_score(data, "v", "lab", k=k, sample=rows)
+        indexed = knn_score_indexed(data, loaded, "lab", k=k)
+        assert sampled.agreement == pytest.approx(np.mean(hits), abs=1e-12)
+        assert indexed.agreement == pytest.approx(np.mean(hits), abs=1e-12)
+    positions, scores = loaded.search(np.zeros((1, 3), np.float32), 3, exclude=[{ids.index("d00")}])
+    assert [ids[p] for p in positions[0]] == ["d01", "d02", "d03"] and scores[0].tolist() == [0.0] * 3
+
+
+def test_an_npz_archive_as_queries_is_one_error_line(tmp_path, capsys):
+    """np.load reads an .npz archive whatever its name: asking it for .dtype was a traceback."""
+    export = write_export(str(tmp_path / "e"), random_columns(10))
+    np.savez(tmp_path / "q.npz", vectors=np.ones((2, 4)))
+    os.replace(tmp_path / "q.npz", tmp_path / "q.npy")
+    argv = [export, "neighbors", "--queries", str(tmp_path / "q.npy"), "--out", str(tmp_path / "a.parquet")]
+    assert analyze.main(argv) == 2
+    assert "is an .npz archive of arrays, not one array" in error_line(capsys)
+
+
+def test_knn_score_says_when_the_sample_is_what_is_short(tmp_path, capsys):
+    """--sample 5 with k 10 said "received 5. Lower -k." of an export of 30 labelled rows."""
+    export = write_export(str(tmp_path / "e"), random_columns(30))
+    assert analyze.main([export, "knn-score", "--label", "lab", "--sample", "5"]) == 2
+    assert "the sample holds 5 of the 30 labelled rows. Raise --sample above 10" in error_line(capsys)
+
+
+def test_a_column_no_index_file_can_be_named_after_is_scanned(tmp_path, capsys):
+    """neighbors looked for the column's index first and refused the name: "Cannot name an index file
+    after the column 'título'", though no index exists or is needed."""
+    columns = random_columns(10)
+    columns["título"] = columns.pop("v")
+    export = write_export(str(tmp_path / "e"), columns)
+    assert analyze.main([export, "neighbors", "--id", "d001", "-k", "2"]) == 0
+    assert "(9 rows compared)" in capsys.readouterr().out
+    assert analyze.main([export, "index"]) == 2
+    assert "Rename the column to index it" in error_line(capsys)
+
+
+def test_index_files_copied_to_another_columns_name_are_refused(tmp_path, capsys):
+    """_index/w.* copied from _index/v.* matched their SHA-256 and the export, and answered for w
+    with v's neighbours."""
+    columns = random_columns(20)
+    columns["w"] = random_columns(20, seed=1)["v"]
+    export = write_export(str(tmp_path / "e"), columns)
+    assert analyze.main([export, "index", "--column", "v", "--recall_queries", "0"]) == 0
+    for suffix in (".usearch", ".json"):
+        shutil.copy(
+            os.path.join(export, "_index", "v" + suffix), os.path.join(export, "_index", "w" + suffix)
+        )
+    capsys.readouterr()
+    assert analyze.main([export, "neighbors", "--id", "d001", "--column", "w"]) == 2
+    assert "is that of 'v' (_index/v.usearch), not of 'w'" in error_line(capsys)
+
+
+def test_an_index_of_the_rows_column_named_vector_is_not_the_token_tables(tmp_path, capsys):
+    """An export of token ids with a pooled column named `vector`: once that column was indexed,
+    --word loaded its index for the table and said the vocabulary had been replaced."""
+    rng = np.random.default_rng(0)
+    columns = random_columns(20)
+    columns["vector"] = columns.pop("v")
+    columns["emb"] = pa.array([[2, 3]] * 20, pa.list_(pa.int32()))
+    export = write_export(str(tmp_path / "e"), columns)
+    os.makedirs(os.path.join(export, "_tables"))
+    table = {
+        "token_id": pa.array(range(10), pa.int32()),
+        "token": [f"w{i}" for i in range(10)],
+        "vector": pa.array(list(rng.normal(size=(10, 3))), pa.list_(pa.float32(), 3)),
+    }
+    pq.write_table(pa.table(table), os.path.join(export, "_tables", "emb.parquet"))
+    assert analyze.main([export, "neighbors", "--word", "w1", "-k", "3"]) == 0
+    scanned = capsys.readouterr().out
+    assert analyze.main([export, "index", "--column", "vector", "--recall_queries", "0"]) == 0
+    capsys.readouterr()
+    assert analyze.main([export, "neighbors", "--word", "w1", "-k", "3"]) == 0
+    assert capsys.readouterr().out == scanned
+
+
+def test_vectors_of_other_lengths_in_another_row_file_are_one_error_line(tmp_path, capsys):
+    """list<float> vectors of 3 values in one file and 4 in another reached numpy's matmul: traceback."""
+    columns = random_columns(20)
+    columns["v"] = columns["v"].cast(pa.list_(pa.float32()))  # as pandas writes them: no fixed size
+    export = write_shards(str(tmp_path / "e"), columns, shards=2)
+    second = os.path.join(export, "part-00001-of-00002.parquet")
+    rows = pq.read_table(second)
+    longer = pa.array([[*v, 1.0] for v in rows["v"].to_pylist()], pa.list_(pa.float32()))
+    pq.write_table(rows.set_column(rows.schema.get_field_index("v"), "v", longer), second)
+    manifest_path = os.path.join(export, MANIFEST)
+    with open(manifest_path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    manifest["shards"]["rows"][1]["bytes"] = os.path.getsize(second)
+    with open(manifest_path, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle)
+    (tmp_path / "q.txt").write_text("d001\n", encoding="utf-8")
+    for argv in (
+        ["neighbors", "--id", "d001"],
+        ["neighbors", "--queries", str(tmp_path / "q.txt"), "--out", str(tmp_path / "a.parquet")],
+    ):
+        assert analyze.main([export, *argv]) == 2
+        assert "vectors have different lengths" in error_line(capsys)
+
+
+def test_an_export_with_two_token_tables_says_why_neither_can_be_indexed(tmp_path, capsys):
+    """`index` on the export said "pass one of them instead", and on the table file "pass the
+    directory it is in": a circle, as a table's index is the export's one _index/vector.*."""
+    rng = np.random.default_rng(0)
+    ids = pa.array([[2, 3]] * 10, pa.list_(pa.int32()))
+    export = write_export(str(tmp_path / "e"), {"id": [f"d{i}" for i in range(10)], "a": ids, "b": ids})
+    os.makedirs(os.path.join(export, "_tables"))
+    for name in ("a_emb", "b_emb"):
+        table = {
+            "token_id": pa.array(range(10), pa.int32()),
+            "token": [f"w{i}" for i in range(10)],
+            "vector": pa.array(list(rng.normal(size=(10, 3))), pa.list_(pa.float32(), 3)),
+        }
+        pq.write_table(pa.table(table), os.path.join(export, "_tables", f"{name}.parquet"))
+    for location in (export, os.path.join(export, "_tables", "a_emb.parquet")):
+        assert analyze.main([location, "index"]) == 2
+        assert "holds 2 token tables (_tables/), and a table's index is the export's" in error_line(capsys)
+    assert not os.path.exists(os.path.join(export, "_index"))
+    assert analyze.main([os.path.join(export, "_tables", "a_emb.parquet"), "neighbors", "--word", "w1"]) == 0
+
+
+def test_an_index_of_row_files_whose_times_alone_changed_says_so(tmp_path, capsys):
+    """A copy that does not keep the files' times (`cp -r`) was refused as "built for another version
+    of this export ... it was replaced": the user looked for a run that never happened."""
+    export = write_export(str(tmp_path / "e"), random_columns(20))
+    assert analyze.main([export, "index", "--recall_queries", "0"]) == 0
+    stat = os.stat(os.path.join(export, SHARD))
+    os.utime(os.path.join(export, SHARD), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert analyze.main([export, "neighbors", "--id", "d001"]) == 2
+    message = error_line(capsys)
+    assert "was built when its row files had other modification times" in message
+    assert "it was replaced" not in message

@@ -527,3 +527,30 @@ def test_readme_neighbour_sql_agrees_with_analyze(export_dir):
     neighbors, _ = find_neighbors(open_documents(export_dir), "json.dumps", "lstm_title", k=10)
     assert [row[-1] for row in rows] == pytest.approx([n.similarity for n in neighbors], abs=1e-5)
     assert [row[0] for row in rows[:3]] == [n.key for n in neighbors[:3]]
+
+
+def test_readme_neighbour_sql_leaves_out_rows_without_a_similarity(tmp_path, monkeypatch):
+    """An all-zero or NaN vector's list_cosine_similarity is NaN, which DuckDB sorts above every
+    number: the documented query listed such rows first, as the nearest."""
+    sql = next(
+        code for _, language, code in marked_blocks("runnable") if language == "sql" and "json.dumps" in code
+    )
+    rng = np.random.default_rng(0)
+    titles = rng.normal(size=(40, 4)).astype(np.float32)
+    titles[5], titles[6] = 0, np.nan
+    ids = ["json.dumps", *[f"d{i:02d}" for i in range(1, 40)]]
+    export = tmp_path / README_EXPORT
+    export.mkdir(parents=True)
+    columns = {
+        "id": ids,
+        "topic": ["t"] * 40,
+        "lstm_title": pa.array(list(titles), pa.list_(pa.float32(), 4)),
+    }
+    pq.write_table(pa.table(columns), export / "part-00000-of-00001.parquet")
+    monkeypatch.chdir(tmp_path)
+    rows = duckdb.sql(sql).fetchall()
+    with np.errstate(invalid="ignore"):
+        unit = titles.astype(np.float64) / np.linalg.norm(titles.astype(np.float64), axis=1, keepdims=True)
+        similarities = unit[1:] @ unit[0]
+    expected = [ids[1 + i] for i in np.argsort(-np.nan_to_num(similarities, nan=-2))[:10]]
+    assert [row[0] for row in rows] == expected

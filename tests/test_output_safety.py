@@ -880,6 +880,22 @@ def test_unusable_outputs_are_errors(output, pattern, tmp_path, tiny_bundle, cap
     assert (tmp_path / "file").read_text() == "a file of the user's"
 
 
+def test_a_relative_output_in_a_working_directory_with_a_glob_character_is_refused(
+    tmp_path, tiny_bundle, capsys, monkeypatch
+):
+    """From /data/run[1], --output out passed the check (the flag holds no '['), and Beam's matching
+    of the absolute path failed the run at its end with a traceback."""
+    corpus = _write_corpus(tmp_path / "c.jsonl", 3)
+    (tmp_path / "run[1]").mkdir()
+    monkeypatch.chdir(tmp_path / "run[1]")
+    _refused(
+        capsys,
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", "out"],
+        "the working directory holds one of '*?[', which Beam's file matching takes as a pattern",
+    )
+    assert os.listdir(tmp_path / "run[1]") == []
+
+
 def test_s3_without_boto3_says_which_extra_to_install(tmp_path, tiny_bundle, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "boto3", None)  # `import boto3` now raises ImportError
     corpus = _write_corpus(tmp_path / "c.jsonl", 3)

@@ -88,6 +88,13 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
             vectors = np.load(source, allow_pickle=False)
         except (ValueError, OSError, EOFError) as error:
             raise AnalysisError(f"--queries {path!r} is not a numeric .npy array: {error}") from None
+        if not isinstance(vectors, np.ndarray):
+            # np.load reads an .npz archive (np.savez) whatever the file is called: several arrays.
+            vectors.close()
+            raise AnalysisError(
+                f"--queries {path!r} is an .npz archive of arrays, not one array: save the (n, dim) "
+                "array of query vectors alone with np.save."
+            )
         if np.iscomplexobj(vectors) or not (
             np.issubdtype(vectors.dtype, np.number) or vectors.dtype == np.bool_
         ):
@@ -325,7 +332,8 @@ class _ExactLookup:
 
     def first_positions(self, keys: Sequence[str | None]) -> list[int]:
         table = self.data.dataset.to_table(columns=[self.data.key_column]).column(0)
-        found = pc.index_in(pa.array(keys, pa.string()), value_set=table)
+        # skip_nulls: a null key (of a .parquet file) is no row's, not a vocabulary's null-token row.
+        found = pc.index_in(pa.array(keys, pa.string()), value_set=table, skip_nulls=True)
         return [-1 if p is None else int(p) for p in found.to_pylist()]
 
     def vectors(self, positions: np.ndarray) -> np.ndarray:

@@ -547,6 +547,15 @@ def vectors_to_numpy(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return values.reshape(rows, dim)
 
 
+def different_lengths(column: str, expected: int, found: int) -> AnalysisError:
+    """The error for `column` vectors of another length than the query's (list<float> columns of files
+    written apart, e.g. two exports' files in one directory)."""
+    return AnalysisError(
+        f"The {column!r} vectors have different lengths ({expected} and {found}); cannot compare them. "
+        "Analyze the files of one length (one export) at a time."
+    )
+
+
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1, in `matrix`'s float type; all-zero rows stay zero (similarity 0 to all).
 
@@ -676,6 +685,11 @@ def open_documents_or_vocabulary(directory: str) -> VectorDataset:
 def has_token_tables(location: str) -> bool:
     """Whether the export `location` holds token tables (`_tables/`, written with --token_storage ids)."""
     return bool(_token_tables(location).files)
+
+
+def token_table_count(location: str) -> int:
+    """How many token tables the export `location` holds (`_tables/*.parquet`)."""
+    return len(_token_tables(location).files)
 
 
 def data_is_vocabulary(location: str) -> bool:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.analysis.dataset import BATCH_ROWS, VectorDataset, vectors_to_numpy
+from pipeline.analysis.dataset import BATCH_ROWS, VectorDataset, different_lengths, vectors_to_numpy
 
 # The metric an index is built with unless told otherwise: what `neighbors` ranks by.
 DEFAULT_METRIC = "cos"
@@ -137,6 +137,8 @@ def exact_top_k(
     for batch in iter_vector_batches(data, column, batch_rows):
         if len(batch.positions) == 0:
             continue
+        if batch.vectors.shape[1] != queries.shape[1]:
+            raise different_lengths(column, queries.shape[1], batch.vectors.shape[1])
         # Queries in chunks keep the (queries, rows) score matrix small whatever the batch of queries.
         for start in range(0, count, EXACT_QUERY_CHUNK):
             stop = min(start + EXACT_QUERY_CHUNK, count)

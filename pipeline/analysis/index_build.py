@@ -32,6 +32,7 @@ from pipeline.analysis.dataset import (
     AnalysisError,
     VectorDataset,
     check_vector_column,
+    token_table_count,
 )
 from pipeline.analysis.exact import DEFAULT_METRIC, exact_top_k, iter_vector_batches, recall_at_k, row_count
 from pipeline.analysis.index_search import search_index
@@ -41,11 +42,12 @@ from pipeline.analysis.index_store import (
     RecallReport,
     index_paths,
     is_local,
+    read_bytes,
     source_identity,
     usearch_index_class,
 )
 from pipeline.errors import ExportConfigError
-from pipeline.writing.layout import INDEX_DIR, TABLES_DIR
+from pipeline.writing.layout import INDEX_DIR, TABLES_DIR, index_files
 from pipeline.writing.lock import OutputLock
 
 if TYPE_CHECKING:
@@ -188,6 +190,66 @@ def _write_bytes(filesystem: pafs.FileSystem, target: str, data: bytes) -> None:
         sink.write(data)
 
 
+# An index's metadata is a few KiB (a vocabulary's lists a digest per file): a larger file is not one.
+MAX_METADATA_BYTES = 16 << 20
+
+
+def check_replaceable(filesystem: pafs.FileSystem, directory: str, column: str) -> None:
+    """Refuses a build that would replace a file under `_index/` that no index build of ours wrote.
+
+    The build writes `COLUMN.json`, `COLUMN.usearch` and their `.tmp` names; each one
+    there must be named by metadata of ours (`layout.index_files` of `COLUMN.json` or
+    `COLUMN.json.tmp`, judged by content, as an `--overwrite` judges them): a user's own
+    index or notes under those names are theirs, never deleted or replaced.
+
+    Raises:
+        AnalysisError: naming the file, before anything is written.
+    """
+    index_path, metadata_path = index_paths(directory, column)
+    relative = {
+        path: posixpath.join(INDEX_DIR, posixpath.basename(path)) for path in (index_path, metadata_path)
+    }
+    owned: set[str] = set()
+    for path in (metadata_path, metadata_path + ".tmp"):
+        info = filesystem.get_file_info(path)
+        if info.type != pafs.FileType.File or (info.size or 0) > MAX_METADATA_BYTES:
+            continue
+        try:
+            metadata = json.loads((read_bytes(filesystem, path) or b"").decode("utf-8"))
+        except ValueError:  # Not JSON or not UTF-8: nothing shows it is ours.
+            continue
+        suffix = ".tmp" if path.endswith(".tmp") else ""
+        owned |= index_files(relative[metadata_path] + suffix, metadata)
+    for path in (metadata_path, index_path):
+        for name in (path, path + ".tmp"):
+            if filesystem.get_file_info(name).type == pafs.FileType.NotFound:
+                continue
+            mine = relative[path] + name[len(path) :]
+            if mine not in owned:
+                raise AnalysisError(
+                    f"{name} is not an index this command built (no index metadata of ours names it), so "
+                    f"building the index of {column!r} would replace it: move it out of {INDEX_DIR}/ "
+                    "(or rename it), then build again. Nothing was written."
+                )
+
+
+def check_one_token_table(location: str) -> None:
+    """Refuses to index the token tables of an export that holds several: a table's index is the
+    export's `_index/vector.*`, one name for one table (`neighbors --word` looks there).
+
+    Raises:
+        AnalysisError: saying so, and that `neighbors --word` on a table file scans it.
+    """
+    tables = token_table_count(location)
+    if tables > 1:
+        raise AnalysisError(
+            f"{location!r} holds {tables} token tables ({TABLES_DIR}/), and a table's index is the "
+            f"export's {INDEX_DIR}/vector.*, which has room for one: none of them can be indexed. "
+            f"`neighbors --word WORD` on a table file ({location}/{TABLES_DIR}/LAYER.parquet) scans "
+            "it without an index."
+        )
+
+
 def _local_lock(data: VectorDataset) -> OutputLock | None:
     """The directory's OutputLock where it is local (no export, nor another index build, runs while
     we write into it; a vocabulary's directory too), else None."""
@@ -213,6 +275,7 @@ def build_index(data: VectorDataset, column: str | None, settings: IndexSettings
         if posixpath.basename(parent) == TABLES_DIR:
             # A token table: its index lives with the export, where `neighbors --word` looks for it.
             parent = posixpath.dirname(parent) or "."
+            check_one_token_table(parent)
         raise AnalysisError(
             f"{data.location!r} is a file; pass the directory it is in, where the index can live: {parent}"
         )
@@ -244,6 +307,8 @@ def _build_and_write(
 ) -> IndexMetadata:
     """The body of `build_index`, under the export's lock."""
     index_path, metadata_path = index_paths(directory, column)
+    # Before any work: what the build would replace must be ours (checked again before writing).
+    check_replaceable(filesystem, directory, column)
     identity = source_identity(data)
     # The process's memory before the build (Python, Arrow, Beam): the build's own share is above it.
     start_rss = current_rss_bytes()
@@ -292,6 +357,8 @@ def _build_and_write(
                 f"{data.location!r} was replaced while its index was built; nothing was written. "
                 "Build the index again."
             )
+        # Object storage has no lock: a file put there while the index was built is refused too.
+        check_replaceable(filesystem, directory, column)
         metadata: IndexMetadata = {
             "format": "usearch",
             "usearch_version": _usearch_version(),

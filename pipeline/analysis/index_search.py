@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -21,14 +22,16 @@ from models.digest import sha256_file
 from pipeline.analysis.dataset import AnalysisError, VectorDataset
 from pipeline.analysis.index_store import (
     INDEX_SUFFIX,
+    METADATA_SUFFIX,
     IndexMetadata,
+    SourceIdentity,
     index_paths,
     is_local,
     read_metadata,
     source_identity,
     usearch_index_class,
 )
-from pipeline.writing.layout import MANIFEST
+from pipeline.writing.layout import INDEX_DIR, MANIFEST
 
 if TYPE_CHECKING:
     from usearch.index import Index
@@ -108,8 +111,9 @@ class LoadedIndex:
         return result
 
     def first_positions(self, keys: Sequence[str | None]) -> list[int]:
-        """The first position of each key, -1 for a key no row has."""
-        found = pc.index_in(pa.array(keys, pa.string()), value_set=self.keys.column(0))
+        """The first position of each key, -1 for a key no row has (and for a null key: `skip_nulls`, or
+        a null would be found at a vocabulary's first row past its tokenizer, whose token is null)."""
+        found = pc.index_in(pa.array(keys, pa.string()), value_set=self.keys.column(0), skip_nulls=True)
         return [-1 if p is None else int(p) for p in found.to_pylist()]
 
     def take(self, positions: np.ndarray) -> pa.Table:
@@ -180,7 +184,38 @@ def search_index(
         pad = k - positions.shape[1]
         positions = np.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
         best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
+    zero = np.flatnonzero(~queries.any(axis=1)) if metric == "cos" else np.empty(0, dtype=np.int64)
+    if len(zero):
+        _rank_zero_queries(index, zero, k, exclude, key_names, positions, best)
     return positions, best
+
+
+def _rank_zero_queries(
+    index: Index,
+    zero: np.ndarray,
+    k: int,
+    exclude: list[set[int]],
+    key_names: pa.ChunkedArray | None,
+    positions: np.ndarray,
+    best: np.ndarray,
+) -> None:
+    """Answers the all-zero queries (`zero`, rows of `positions` and `best`, filled in place) as the
+    exact scan does: an all-zero vector's cosine similarity is 0 to every row, so its k nearest are the
+    first rows in key order.  usearch's cosine distance of two zero vectors is 0 (similarity 1), which
+    would rank the other zero rows first."""
+    indexed = np.asarray(index.keys, dtype=np.int64)
+    if key_names is not None:
+        # Arrow sorts strings by their UTF-8 bytes: code point order, as Python's `sorted` does.
+        names = key_names.take(pa.array(indexed))
+        indexed = indexed[np.asarray(pc.sort_indices(names).to_numpy(zero_copy_only=False), dtype=np.int64)]
+    else:
+        indexed = np.sort(indexed)
+    for row in zero:
+        skipped = exclude[row]
+        chosen = [p for p in indexed[: k + len(skipped)].tolist() if p not in skipped][:k]
+        positions[row], best[row] = -1, -np.inf
+        positions[row, : len(chosen)] = chosen
+        best[row, : len(chosen)] = 0.0
 
 
 def _found(
@@ -197,6 +232,23 @@ def _found(
     return keys, found, np.asarray(counts, dtype=np.int64).copy()
 
 
+def _only_times_differ(recorded: object, current: SourceIdentity) -> bool:
+    """Whether an export's identity at build and now differ only in the row files' modification times."""
+    if not isinstance(recorded, dict) or "row_files" not in current:
+        return False
+
+    def untimed(identity: Mapping[str, object]) -> object:
+        files = identity.get("row_files")
+        names = (
+            [(f.get("file"), f.get("bytes")) for f in files if isinstance(f, dict)]
+            if isinstance(files, list)
+            else files
+        )
+        return identity.get("manifest_sha256"), names
+
+    return untimed(recorded) == untimed(current)
+
+
 def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> LoadedIndex | None:
     """`column`'s index of `data` if there is one, checked against the export; None if there is none.
 
@@ -208,10 +260,24 @@ def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> Load
     metadata = read_metadata(data, column)
     if metadata is None:
         return None
+    if metadata.get("holds", data.holds) != data.holds:
+        # The index of the other data at this name: an export of token ids whose rows have a column
+        # named `vector`, beside its token table's `vector`. It is not this data's index.
+        return None
     rebuild = (
         f"Rebuild it with `python -m pipeline.analyze {data.location} index --column {column}`, "
         "or pass --exact to scan every row."
     )
+    if metadata["column"] != column or metadata["file"] != posixpath.join(INDEX_DIR, column + INDEX_SUFFIX):
+        # Index files copied or renamed: their SHA-256 still matches, but they index another column.
+        named = posixpath.join(INDEX_DIR, column)
+        raise AnalysisError(
+            f"The index metadata {named}{METADATA_SUFFIX} of {data.location!r} is that of "
+            f"{metadata['column']!r} ({metadata['file']}), not of {column!r} (index files copied or "
+            f"renamed), so its answers would be another column's. Delete {named}{METADATA_SUFFIX} and "
+            f"{named}{INDEX_SUFFIX}, then build the index with `python -m pipeline.analyze "
+            f"{data.location} index --column {column}`, or pass --exact to scan every row."
+        )
     current = source_identity(data)
     what, changed = (
         ("export", f"{MANIFEST} or one of its row files")
@@ -219,6 +285,15 @@ def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> Load
         else ("vocabulary", "file's SHA-256")
     )
     if metadata.get("source") != current:
+        if _only_times_differ(metadata.get("source"), current):
+            # Same manifest, row files of the same names and sizes: copied without their times, or
+            # touched. A rewrite of the same size looks the same, so the index is not trusted.
+            raise AnalysisError(
+                f"The index {metadata.get('file')} of {data.location!r} was built when its row files "
+                "had other modification times (its manifest, their names and sizes are unchanged: copied "
+                "without keeping the times, e.g. `cp -r` instead of `cp -a`, or touched), and a row file "
+                f"rewritten in place looks the same, so it is not used. {rebuild}"
+            )
         raise AnalysisError(
             f"The index {metadata.get('file')} of {data.location!r} was built for another version of "
             f"this {what} (its {changed} changed since: it was replaced), so its answers would be "

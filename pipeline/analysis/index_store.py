@@ -141,10 +141,20 @@ def usearch_index_class() -> type[Index]:
     return Index
 
 
+def can_be_indexed(column: str) -> bool:
+    """Whether an index file can be named after `column` (so whether it can have an index)."""
+    return bool(_COLUMN_NAME.fullmatch(column))
+
+
 def index_paths(directory: str, column: str) -> tuple[str, str]:
     """(index file, metadata file) of `column`'s index in `directory` (a filesystem path)."""
-    if not _COLUMN_NAME.fullmatch(column):
-        raise AnalysisError(f"Cannot name an index file after the column {column!r}.")
+    if not can_be_indexed(column):
+        raise AnalysisError(
+            f"Cannot name an index file after the column {column!r}: index files are named after their "
+            "column, which must be ASCII letters, digits, '_', '.', '=' and '-' (not starting with '.', "
+            "'=' or '-'). Rename the column to index it; `neighbors`, `knn-score` and `plot` read it as "
+            "it is, without an index."
+        )
     base = posixpath.join(directory, INDEX_DIR, column)
     return base + INDEX_SUFFIX, base + METADATA_SUFFIX
 
@@ -198,7 +208,8 @@ def is_local(filesystem: pafs.FileSystem) -> bool:
 def read_metadata(data: VectorDataset, column: str) -> IndexMetadata | None:
     """The metadata of `column`'s index, or None when there is none."""
     filesystem, directory = data.filesystem_and_directory()
-    if filesystem.get_file_info(directory).type != pafs.FileType.Directory:
+    if not can_be_indexed(column) or filesystem.get_file_info(directory).type != pafs.FileType.Directory:
+        # A column no index file can be named after has none (`index` refuses to build one).
         return None
     _, metadata_path = index_paths(directory, column)
     raw = read_bytes(filesystem, metadata_path)

@@ -130,6 +130,13 @@ def knn_score(
     """
     drawn = sample_vectors(data, column, label, sample, seed, labelled_only=True)
     assert drawn.labels is not None  # a label was asked for
+    drawn_rows = len(drawn.labels)
+    if k >= 1 and drawn_rows <= k < drawn.total:
+        # The sample is what is short, not the export: say so, or "lower -k" is the only advice.
+        raise AnalysisError(
+            f"knn-score needs more than k={k} labelled rows; the sample holds {drawn_rows} of the "
+            f"{drawn.total} labelled rows. Raise --sample above {k} (or lower -k)."
+        )
     return score_label_agreement(drawn.vectors, drawn.labels, k, keys=drawn.keys), drawn.total
 
 

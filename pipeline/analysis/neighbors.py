@@ -18,6 +18,7 @@ from pipeline.analysis.dataset import (
     AnalysisError,
     VectorDataset,
     check_vector_column,
+    different_lengths,
     unit_rows,
     vectors_to_numpy,
 )
@@ -102,6 +103,8 @@ def find_neighbors(
         if batch.num_rows == 0:
             continue
         vectors = vectors_to_numpy(batch.column(column)).astype(np.float64)
+        if vectors.shape[1] != len(query):
+            raise different_lengths(column, len(query), vectors.shape[1])
         # A vector with NaN or infinite values has no similarity; left in, NaN would break the ranking.
         finite = np.asarray(np.isfinite(vectors).all(axis=1))
         compared += int(finite.sum())

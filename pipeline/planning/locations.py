@@ -125,6 +125,15 @@ def check_output_name(output: str) -> None:
             f"--output {output!r} holds one of {GLOB_CHARACTERS!r}, which Beam's file matching "
             "takes as a pattern; choose a directory name without them."
         )
+    # A relative --output is written at its absolute path, which Beam matches too: a working
+    # directory such as /data/run[1] failed the run at its very end (a Beam traceback).
+    full = os.path.abspath(output) if FileSystems.get_scheme(output) is None else output
+    if any(ch in full for ch in GLOB_CHARACTERS):
+        raise ExportConfigError(
+            f"--output {output!r} is {full!r}: the working directory holds one of {GLOB_CHARACTERS!r}, "
+            "which Beam's file matching takes as a pattern; give an --output whose full path has none "
+            "of them, or run from another directory."
+        )
     if not is_local(output) and STAGING in output.rstrip("/").split("://", 1)[1].split("/"):
         # `state.check_not_inside_an_export` says the same after listing the store; this needs no request.
         raise ExportConfigError(
