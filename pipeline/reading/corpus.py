@@ -34,7 +34,6 @@ from pipeline.reading.text_lines import (
     Claim,
     LineRange,
     LinesBefore,
-    check_encoding,
     check_start,
     file_tail,
     line_records,
@@ -58,7 +57,10 @@ INDEX_BLOCK = 4 << 20
 FILE_ORDER = -1
 
 # Compressions the reader does not take: one clear dead letter beats records of garbage.
-OTHER_COMPRESSIONS = (".bz2", ".deflate", ".lzma", ".xz", ".zst", ".zstd", ".zip", ".7z")
+OTHER_COMPRESSIONS = (
+    *(".bz2", ".deflate", ".lzma", ".xz", ".zst", ".zstd", ".zip", ".7z"),
+    *(".lz4", ".lz", ".z", ".br"),  # lz4, lzip, Unix compress (.Z), brotli
+)
 # Tar archives: their member headers would be read as text (.tar.gz is gzip, so read without this).
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".taz", ".tbz", ".tbz2", ".txz", ".tzst")
 # A tar member header's magic and version (POSIX, GNU) at this offset of the (decompressed) data:
@@ -155,8 +157,8 @@ def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
         return
     finally:
         raw_stream.seek(position)
-    if is_compressed(path):
-        check_encoding(head)
+    if is_compressed(path):  # Data compressed again inside the gzip is no text either.
+        check_start(head, gunzipped=True)
     else:  # Data named as uncompressed must not be compressed (nor be Parquet).
         check_start(head, file_tail(raw_stream) if head.startswith(PARQUET_MAGIC) else b"")
     if head[TAR_MAGIC_AT : TAR_MAGIC_AT + 8] in TAR_MAGICS:
