@@ -288,6 +288,11 @@ def test_a_byte_order_mark_starting_a_later_csv_record_is_dropped():
     of b1 matched as its duplicate."""
     data = text_lines.BOM + b"id,content\r\na1,one\r\n" + text_lines.BOM + b'b1,two\r\n\xef\xbb\xbf"b2",x\r\n'
     assert [item.id for item in _read(_plan("csv"), data)] == ["a1", "b1", "b2"]
+    # Nor does it take room of --max_record_bytes: a record of exactly the limit after it is read whole.
+    row = b"b1," + b"x" * 40
+    for ending in (b"\r\n", b"\n"):
+        data = b"id,content" + ending + text_lines.BOM + row + ending + b"c,y" + ending
+        assert _summary(_read(_plan("csv", limit=len(row)), data)) == [(1, ("x" * 40,)), (2, ("y",))]
 
 
 @pytest.mark.parametrize("separator", [";", "\t", "|"])

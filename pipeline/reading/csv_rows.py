@@ -87,7 +87,8 @@ class _CsvLines:
         return self
 
     def __next__(self) -> str:
-        line = self._pending.popleft() if self._pending else self._text.readline(self._limit + 2)
+        queued = bool(self._pending)
+        line = self._pending.popleft() if queued else self._text.readline(self._limit + 2)
         if not line:
             self.ended_inside = True
             raise StopIteration
@@ -95,6 +96,8 @@ class _CsvLines:
             # A byte-order mark starting a record is a joined file's (`cat a.csv b.csv`), no part of it:
             # left there it would start the id ("\ufeffb1"), which then no other record of b1 matches.
             line = line[1:]
+            if not queued and not line.endswith("\n"):  # The mark took a character of the read's room.
+                line += self._text.readline(1)
         self._line = line
         self.lines.append(line)
         self.quotes += line.count('"')
