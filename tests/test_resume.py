@@ -397,6 +397,14 @@ def test_a_run_killed_before_its_commit_point_is_resumed(
     assert f" {summary.rows_written:,} rows written, {summary.dead_letters:,} dead letters" in last
 
 
+def test_a_resumed_runs_summary_rate_counts_only_the_rows_it_wrote():
+    """A rerun that kept 1,940 rows and embedded 60 in 10 s said "(200 docs/s)": 33 times its rate."""
+    from pipeline.running.report import ExportSummary, format_summary
+
+    summary = ExportSummary("out", 2000, 2000, 0, {}, 0, 0, 10.0, 0, "ok", resumed_run="r1", rows_kept=1940)
+    assert "  seconds          10.0 (6 docs/s)" in format_summary(summary).splitlines()
+
+
 @pytest.mark.parametrize(
     "old,new,what",
     [
