@@ -642,6 +642,27 @@ def test_parquet_record_sizes_count_view_fixed_size_and_struct_columns():
     assert record_sizes(batch.slice(1)).tolist() == [8, 2]
 
 
+@pytest.mark.parametrize("input_format", ["jsonl", "text"])
+def test_every_range_of_a_tar_archive_not_named_so_is_refused(input_format):
+    """A large tar of JSONL named .jsonl is read in ranges: the first was an unreadable_file, the later
+    ones read its member's lines as records, so half the archive was exported as rows."""
+    import tarfile
+
+    lines = b"".join(b'{"id": "r%d", "content": "alpha beta"}\n' % n for n in range(2000))
+    member = tarfile.TarInfo("part.jsonl")
+    member.size = len(lines)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.addfile(member, io.BytesIO(lines))
+    data = buffer.getvalue()
+    (item,) = _read(_plan(input_format), data, path="c.jsonl")
+    assert item["reason"] == "unreadable_file" and "tar archive" in item["message"]
+    ((_, ranged),) = corpus.read_records(
+        _plan(input_format), "c.jsonl", lambda: io.BytesIO(data), len(data) // 2
+    )
+    assert ranged["reason"] == "read_error" and "tar archive" in ranged["message"]
+
+
 def test_text_holding_ustar_where_a_tar_header_would_is_read_as_text():
     """Only a tar header's magic with its NULs marks an archive, not "mustard" at byte 257."""
     line = b"x" * 256 + b"mustard and more\n"

@@ -63,9 +63,6 @@ OTHER_COMPRESSIONS = (
 )
 # Tar archives: their member headers would be read as text (.tar.gz is gzip, so read without this).
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".taz", ".tbz", ".tbz2", ".txz", ".tzst")
-# A tar member header's magic and version (POSIX, GNU) at this offset of the (decompressed) data:
-# with their NULs, unlike text that happens to hold "ustar" there ("mustard").
-TAR_MAGICS, TAR_MAGIC_AT = (b"ustar\x0000", b"ustar  \x00"), 257
 
 # Opens a corpus file as binary (seekable where a range starts past 0).
 OpenFile = Callable[[], contextlib.AbstractContextManager[typing.BinaryIO]]
@@ -120,10 +117,6 @@ class _ListedBytes(io.RawIOBase):
         return len(data)
 
 
-class TarArchive(Exception):
-    """A tar archive (by its name or its first header): its member headers are not records."""
-
-
 class EmptyGzip(Exception):
     """A `.gz` file of 0 bytes: no gzip data (what a writer killed before its first flush leaves)."""
 
@@ -159,10 +152,8 @@ def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
         raw_stream.seek(position)
     if is_compressed(path):  # Data compressed again inside the gzip is no text either.
         check_start(head, gunzipped=True)
-    else:  # Data named as uncompressed must not be compressed (nor be Parquet).
+    else:  # Data named as uncompressed must not be compressed (nor be Parquet, nor a tar archive).
         check_start(head, file_tail(raw_stream) if head.startswith(PARQUET_MAGIC) else b"")
-    if head[TAR_MAGIC_AT : TAR_MAGIC_AT + 8] in TAR_MAGICS:
-        raise TarArchive("the file is a tar archive; extract it (tar -xf FILE) and read its files.")
 
 
 def read_records(

@@ -145,12 +145,20 @@ COMPRESSED_MAGICS = (
 # Parquet data by its start alone: the magic, then the thrift header of the first page. Inside a .gz only,
 # whose end cannot be read without decompressing it all (a plain file is told by both ends).
 PARQUET_START = re.compile(rb"PAR1\x15")
-# The bytes a file's start must be read for to tell it by its byte-order mark or magic number.
-HEAD_BYTES = 16
+# A tar member header's magic and version (POSIX, GNU) at this offset of the (decompressed) data:
+# with their NULs, unlike text that happens to hold "ustar" there ("mustard").
+TAR_MAGICS, TAR_MAGIC_AT = (b"ustar\x0000", b"ustar  \x00"), 257
+# The bytes a file's start must be read for to tell it by its byte-order mark, magic number or tar header
+# (a range past the start reads them too, so that every range of a file tells it alike).
+HEAD_BYTES = 512
 
 
 class CompressedData(Exception):
     """A file named as uncompressed whose data is compressed (by its magic number): not lines of text."""
+
+
+class TarArchive(Exception):
+    """A tar archive (by its name or its first header): its member headers are not records."""
 
 
 # What a Parquet file starts and ends with.
@@ -175,6 +183,7 @@ def check_start(head: bytes, tail: bytes = b"", gunzipped: bool = False) -> None
 
     Raises:
         NotUtf8: UTF-16/32 (`check_encoding`).
+        TarArchive: a tar member header at the start of the data.
         CompressedData: a compressed format's magic number (gzip data named .jsonl, say; inside a .gz:
             data compressed twice, as a .gz download that kept its Content-Encoding is), or a Parquet
             file's (starting and ending with PAR1; inside a .gz, by its start) read as text, JSONL or CSV.
@@ -199,6 +208,8 @@ def check_start(head: bytes, tail: bytes = b"", gunzipped: bool = False) -> None
             "the file's data, once gunzipped, is Parquet, not lines of text: read it with --input_format "
             "parquet, or name it .parquet.gz."
         )
+    if head[TAR_MAGIC_AT : TAR_MAGIC_AT + 8] in TAR_MAGICS:
+        raise TarArchive("the file is a tar archive; extract it (tar -xf FILE) and read its files.")
     if head.startswith(PARQUET_MAGIC) and tail == PARQUET_MAGIC:
         raise CompressedData(
             "the file is Parquet (it starts and ends with PAR1), not lines of text: read it with "
