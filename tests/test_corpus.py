@@ -197,6 +197,30 @@ def test_a_parquet_row_over_the_limit_is_too_large_as_in_every_format():
     assert items[1]["message"] == "Record of 2003 bytes exceeds --max_record_bytes=1000."
 
 
+def test_a_parquet_id_column_of_decimals_of_scale_0_holds_integers():
+    """Snowflake writes NUMBER(38,0) as decimal(38,0): every row was bad_id ("found Decimal"), exit 4.
+    Its ids are integers, and meet the same id written as an int or a string as its duplicate."""
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [decimal.Decimal(7), decimal.Decimal(12345678901234567890123456789), decimal.Decimal("-0")]
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": pa.array(ids, pa.decimal128(38, 0)), "content": ["a", "b", "c"]}), buffer)
+    assert [item.id for item in _read(_plan("parquet"), buffer.getvalue())] == [
+        "7",
+        "12345678901234567890123456789",
+        "0",
+    ]
+    # A decimal with a scale holds fractions, as a float does: no id.
+    buffer = io.BytesIO()
+    pq.write_table(
+        pa.table({"id": pa.array([decimal.Decimal("7.00")], pa.decimal128(10, 2)), "content": ["a"]}), buffer
+    )
+    assert _summary(_read(_plan("parquet"), buffer.getvalue())) == [(1, "bad_id")]
+
+
 @pytest.mark.parametrize("dictionary", [False, True], ids=["plain", "dictionary"])
 def test_a_parquet_value_python_cannot_read_fails_its_row_only(dictionary):
     """One non-UTF-8 string (a writer that did not check) or out-of-range date lost the whole file."""
