@@ -59,7 +59,7 @@ FILE_ORDER = -1
 # Compressions the reader does not take: one clear dead letter beats records of garbage.
 OTHER_COMPRESSIONS = (
     *(".bz2", ".deflate", ".lzma", ".xz", ".zst", ".zstd", ".zip", ".7z"),
-    *(".lz4", ".lz", ".z", ".br"),  # lz4, lzip, Unix compress (.Z), brotli
+    *(".lz4", ".lz", ".z"),  # lz4, lzip, Unix compress (.Z)
 )
 # Tar archives: their member headers would be read as text (.tar.gz is gzip, so read without this).
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".taz", ".tbz", ".tbz2", ".txz", ".tzst")
