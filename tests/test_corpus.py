@@ -76,6 +76,16 @@ def test_a_byte_order_mark_starting_a_later_jsonl_line_is_dropped():
 
 
 @pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_a_later_jsonl_line_of_exactly_the_limit_after_a_byte_order_mark_is_read(ending):
+    """The mark of a joined file's first line counted against --max_record_bytes: too_large, though the
+    record (line 1 of its own file, and read so there) was exactly the limit."""
+    line = b'{"id": "b", "content": "' + b"w" * 70 + b'"}'
+    data = text_lines.BOM + b'{"id": "a", "content": "x"}' + ending + text_lines.BOM + line + ending
+    assert _summary(_read(_plan("jsonl", limit=len(line)), data)) == [(1, ("x",)), (2, ("w" * 70,))]
+    assert _summary(_read(_plan("jsonl", limit=len(line) - 1), data)) == [(1, ("x",)), (2, "too_large")]
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
 def test_a_first_line_of_exactly_the_limit_after_a_byte_order_mark_is_read_whole(ending):
     """The mark's 3 bytes took the read's room: the line lost its last character."""
     line = b'{"id": "a", "content": "' + b"w" * 70 + b'z"}'
@@ -105,6 +115,35 @@ def test_a_utf16_or_utf32_text_file_is_one_unreadable_file_not_lines_of_garbage(
         _plan("text", field="text"), "notes.txt", lambda: io.BytesIO(data), 9
     )
     assert ranged["reason"] == "read_error" and f"iconv -f {name}" in ranged["message"]
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
+def test_utf16_or_utf32_without_a_byte_order_mark_is_one_unreadable_file(codec, input_format):
+    """`iconv -t UTF-16LE` and Python's utf-16-le write no mark: a text corpus became rows of letters
+    between NULs (single letters are words of the bundled vocabulary), JSONL and CSV dead letters
+    that did not say why."""
+    text = {
+        "text": "first line\nreturn a string value\n",
+        "jsonl": '{"id": "a", "content": "one"}\n{"id": "b", "content": "two"}\n',
+        "csv": "id,content\r\na,one\r\n",
+    }[input_format]
+    data = text.encode(codec)
+    (item,) = _read(_plan(input_format, field="text"), data, path=f"c.{input_format}")
+    name = codec.upper().replace("-LE", "LE").replace("-BE", "BE")
+    assert item["reason"] == "unreadable_file" and f"iconv -f {name} -t UTF-8" in item["message"]
+    (item,) = _read(_plan(input_format, field="text"), gzip.compress(data), path=f"c.{input_format}.gz")
+    assert item["reason"] == "unreadable_file" and f"iconv -f {name} -t UTF-8" in item["message"]
+    if input_format != "csv":  # A range past the start tells it by the file's first bytes, as a whole read.
+        ((_, ranged),) = corpus.read_records(_plan(input_format), "c", lambda: io.BytesIO(data), 9)
+        assert ranged["reason"] == "read_error" and f"iconv -f {name}" in ranged["message"]
+
+
+def test_text_with_a_nul_or_starting_short_is_not_taken_for_utf16():
+    """Only a NUL in every character of the start tells UTF-16/32; UTF-8 text never has one so."""
+    for data in (b"a\nb\n", b"ab\x00cdefgh\n", "caf\u00e9 \u00e0 la carte\n".encode()):
+        items = _read(_plan("text", field="text"), data)
+        assert all(isinstance(item, Document) for item in items) and len(items) == data.count(b"\n")
 
 
 def test_utf16_whose_first_character_is_nul_is_not_told_utf32():
@@ -156,6 +195,30 @@ def test_a_parquet_row_over_the_limit_is_too_large_as_in_every_format():
     items = _read(_plan("parquet", limit=1000), buffer.getvalue())
     assert _summary(items) == [(1, ("word",)), (2, "too_large"), (3, ("two words",)), (4, "missing_field")]
     assert items[1]["message"] == "Record of 2003 bytes exceeds --max_record_bytes=1000."
+
+
+def test_a_parquet_id_column_of_decimals_of_scale_0_holds_integers():
+    """Snowflake writes NUMBER(38,0) as decimal(38,0): every row was bad_id ("found Decimal"), exit 4.
+    Its ids are integers, and meet the same id written as an int or a string as its duplicate."""
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [decimal.Decimal(7), decimal.Decimal(12345678901234567890123456789), decimal.Decimal("-0")]
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": pa.array(ids, pa.decimal128(38, 0)), "content": ["a", "b", "c"]}), buffer)
+    assert [item.id for item in _read(_plan("parquet"), buffer.getvalue())] == [
+        "7",
+        "12345678901234567890123456789",
+        "0",
+    ]
+    # A decimal with a scale holds fractions, as a float does: no id.
+    buffer = io.BytesIO()
+    pq.write_table(
+        pa.table({"id": pa.array([decimal.Decimal("7.00")], pa.decimal128(10, 2)), "content": ["a"]}), buffer
+    )
+    assert _summary(_read(_plan("parquet"), buffer.getvalue())) == [(1, "bad_id")]
 
 
 @pytest.mark.parametrize("dictionary", [False, True], ids=["plain", "dictionary"])
@@ -232,6 +295,28 @@ def test_blank_csv_lines_are_empty_records_and_none_is_taken_for_the_header():
         (6, "empty_record"),
     ]
     assert items[1]["message"] == "Blank line where a CSV row was expected."
+
+
+def test_a_csv_header_repeated_by_joined_files_is_a_dead_letter_not_a_row():
+    """`cat a.csv b.csv`: b's header was a row, id "id" and text "content", a document no file holds."""
+    data = b"id,content\r\na,one\r\n" + text_lines.BOM + b"id,content\r\nb,two\r\ncontent,id\r\n"
+    items = _read(_plan("csv"), data)
+    assert _summary(items) == [(1, ("one",)), (2, "repeated_header"), (3, ("two",)), (4, "repeated_header")]
+    assert "cat a.csv b.csv" in items[1]["message"]
+    # A row that holds a column's name as a value, but not the header again, is a row.
+    assert _summary(_read(_plan("csv"), b"id,content\r\nid,one\r\n")) == [(1, ("one",))]
+
+
+def test_a_byte_order_mark_starting_a_later_csv_record_is_dropped():
+    """Joined files saved with a mark: the next file's first id was "\\ufeffb1", which no later record
+    of b1 matched as its duplicate."""
+    data = text_lines.BOM + b"id,content\r\na1,one\r\n" + text_lines.BOM + b'b1,two\r\n\xef\xbb\xbf"b2",x\r\n'
+    assert [item.id for item in _read(_plan("csv"), data)] == ["a1", "b1", "b2"]
+    # Nor does it take room of --max_record_bytes: a record of exactly the limit after it is read whole.
+    row = b"b1," + b"x" * 40
+    for ending in (b"\r\n", b"\n"):
+        data = b"id,content" + ending + text_lines.BOM + row + ending + b"c,y" + ending
+        assert _summary(_read(_plan("csv", limit=len(row)), data)) == [(1, ("x" * 40,)), (2, ("y",))]
 
 
 @pytest.mark.parametrize("separator", [";", "\t", "|"])
@@ -383,6 +468,37 @@ def test_compressed_data_in_a_file_not_named_so_is_unreadable_not_lines_of_garba
     if input_format != "csv":  # A range of a split file past its start tells it by the file's first bytes.
         ((_, ranged),) = corpus.read_records(_plan(input_format), "c", lambda: io.BytesIO(data), 100)
         assert ranged["reason"] == "read_error" and f"the file is {name} data" in ranged["message"]
+
+
+@pytest.mark.parametrize("inner", ["gzip", "bz2", "lzma", "parquet"])
+@pytest.mark.parametrize("input_format", ["jsonl", "text", "csv"])
+def test_data_compressed_again_inside_a_gz_is_unreadable_not_lines_of_garbage(inner, input_format):
+    """A .gz download that kept its Content-Encoding is gzip twice: read as lines of the inner gzip data,
+    hundreds of invalid_utf8 dead letters and, from text, rows of garbage; bzip2 or Parquet alike."""
+    import importlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = [b"id,content"] if input_format == "csv" else []
+    lines += [b'{"id": "r%d", "content": "alpha beta gamma %d"}' % (n, n) for n in range(300)]
+    if inner == "parquet":
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"id": [f"r{n}" for n in range(300)], "content": ["alpha"] * 300}), buffer)
+        data = buffer.getvalue()
+    else:
+        data = importlib.import_module(inner).compress(b"\n".join(lines) + b"\n")
+    (item,) = _read(_plan(input_format), gzip.compress(data), path=f"c.{input_format}.gz")
+    assert item["reason"] == "unreadable_file" and "once gunzipped, is" in item["message"]
+
+
+@pytest.mark.parametrize("magic", [b"\x1f\x9d\x90", b"LZIP\x01"], ids=["compress", "lzip"])
+def test_unix_compress_and_lzip_data_not_named_so_are_unreadable(magic):
+    """Told by neither name nor magic: a .Z file renamed .txt was lines of garbage."""
+    (item,) = _read(_plan("text", field="text"), magic + b"\x00\x01garbage\nmore\n", path="c.txt")
+    assert item["reason"] == "unreadable_file" and "data, though its name does not say so" in item["message"]
+    (item,) = _read(_plan("text", field="text"), b"plain text\n", path="c.txt.Z")
+    assert item["reason"] == "unreadable_file" and "compressed in a format" in item["message"]
 
 
 @pytest.mark.parametrize("input_format", ["jsonl", "text", "csv"])
@@ -548,6 +664,27 @@ def test_parquet_record_sizes_count_view_fixed_size_and_struct_columns():
     assert record_sizes(batch).tolist() == [4 + 2 + 8 + 3 + 3, 0 + 0 + 8 + 0 + 0, 2 + 0 + 0 + 0 + 0]
     # A slice counts its own rows only.
     assert record_sizes(batch.slice(1)).tolist() == [8, 2]
+
+
+@pytest.mark.parametrize("input_format", ["jsonl", "text"])
+def test_every_range_of_a_tar_archive_not_named_so_is_refused(input_format):
+    """A large tar of JSONL named .jsonl is read in ranges: the first was an unreadable_file, the later
+    ones read its member's lines as records, so half the archive was exported as rows."""
+    import tarfile
+
+    lines = b"".join(b'{"id": "r%d", "content": "alpha beta"}\n' % n for n in range(2000))
+    member = tarfile.TarInfo("part.jsonl")
+    member.size = len(lines)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.addfile(member, io.BytesIO(lines))
+    data = buffer.getvalue()
+    (item,) = _read(_plan(input_format), data, path="c.jsonl")
+    assert item["reason"] == "unreadable_file" and "tar archive" in item["message"]
+    ((_, ranged),) = corpus.read_records(
+        _plan(input_format), "c.jsonl", lambda: io.BytesIO(data), len(data) // 2
+    )
+    assert ranged["reason"] == "read_error" and "tar archive" in ranged["message"]
 
 
 def test_text_holding_ustar_where_a_tar_header_would_is_read_as_text():

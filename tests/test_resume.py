@@ -10,6 +10,7 @@ sorted by place, and the manifests' counts whole.
 import errno
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -374,17 +375,34 @@ def test_another_export_starts_from_zero(change, killed, corpus, reference, tiny
         assert_same_export(output, reference)
 
 
-def test_a_run_killed_before_its_commit_point_is_resumed(killed, corpus, reference, tiny_bundle, tmp_path):
-    """Killed while "committing" but before its journal (hashing its staged files): its rows are kept."""
+def test_a_run_killed_before_its_commit_point_is_resumed(
+    killed, corpus, reference, tiny_bundle, tmp_path, caplog
+):
+    """Killed while "committing" but before its journal (hashing its staged files): its rows are kept.
+
+    Its last progress line counts the kept rows as written: it said "2,000 records read, 1,100 rows
+    written, 60 dead letters", the kept rows missing, though the summary said 1,940 rows.
+    """
     output = str(tmp_path / "out")
     shutil.copytree(killed, output)
     dead_run = _staged_run(output)
     _set_state(output, resume_lib.COMMITTING)
+    caplog.set_level(logging.INFO, logger="pipeline.running.progress")
     summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     assert summary.exit_code == 0, summary.message
     manifest = state_lib.read_manifest(output)
     assert manifest["resumed"]["run"] == dead_run and summary.rows_kept > 0
     assert_same_export(output, reference)
+    (last,) = [record.getMessage() for record in caplog.records if "done in" in record.getMessage()]
+    assert f" {summary.rows_written:,} rows written, {summary.dead_letters:,} dead letters" in last
+
+
+def test_a_resumed_runs_summary_rate_counts_only_the_rows_it_wrote():
+    """A rerun that kept 1,940 rows and embedded 60 in 10 s said "(200 docs/s)": 33 times its rate."""
+    from pipeline.running.report import ExportSummary, format_summary
+
+    summary = ExportSummary("out", 2000, 2000, 0, {}, 0, 0, 10.0, 0, "ok", resumed_run="r1", rows_kept=1940)
+    assert "  seconds          10.0 (6 docs/s)" in format_summary(summary).splitlines()
 
 
 @pytest.mark.parametrize(

@@ -385,6 +385,16 @@ def test_progress_eta_is_input_bytes_consumed_against_the_total(tmp_path):
     )
 
 
+def test_the_last_progress_line_of_a_limit_past_the_input_says_the_whole_input_was_read(tmp_path):
+    """It said "18 records read (2% of --limit 1,000) ... done": a run that read it all, told as cut short."""
+    monitor = ProgressMonitor(str(tmp_path), total_bytes=1_000, limit=1_000)
+    totals = dict.fromkeys(("scanned_bytes", "read_bytes", "records", "rows", "dead_letters"), 0)
+    line = monitor.line(dict(totals, read_bytes=1_000, records=18, rows=7, dead_letters=11), final=True)
+    assert line.startswith("progress: 18 records read (the whole input, under --limit 1,000), 7 rows written")
+    line = monitor.line(dict(totals, read_bytes=500, records=1_000, rows=1_000), final=True)
+    assert line.startswith("progress: 1,000 records read (100% of --limit 1,000)")
+
+
 def test_progress_shows_the_time_to_first_row_from_the_command_start(tmp_path):
     from pipeline.running import progress
 

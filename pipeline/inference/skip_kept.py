@@ -18,6 +18,7 @@ from pipeline.inference.features import Tokenized
 from pipeline.planning.plan import InputInfo
 from pipeline.reading.documents import Document
 from pipeline.running import counters
+from pipeline.running import progress as progress_lib
 from pipeline.writing import schema as schema_lib
 
 # Columns of the kept ids file (`pipeline.writing.resume`): whether the tokenizer's counts
@@ -116,8 +117,10 @@ class SkipKeptFn(beam.DoFn):
         element_id: Callable[[Any], Hashable],
         element_key: Callable[[Any], str | None],
         which: str = SKIP_ALL,
+        progress_dir: str | None = None,
     ):
         self._path = kept_ids_path
+        self._progress_dir = progress_dir
         self._element_id = element_id
         self._element_key = element_key
         self._which = which
@@ -132,6 +135,11 @@ class SkipKeptFn(beam.DoFn):
         else:
             self._ids = kept.ids
         self._keys = kept.keys
+        # A local run's progress counts the kept rows as written, so that its counts add up.
+        self._progress = progress_lib.recorder(self._progress_dir)
+
+    def finish_bundle(self) -> None:
+        self._progress.flush()
 
     def process(self, element: Any) -> Iterator[Any]:
         element_id = self._element_id(element)
@@ -145,5 +153,6 @@ class SkipKeptFn(beam.DoFn):
                     "time). Rerun with --resume off."
                 )
             self._kept.inc()
+            self._progress.add(rows_kept=1)
             return
         yield element

@@ -152,10 +152,11 @@ class EmbedDocuments(beam.PTransform):
     tokenized again, and dropped after it, so that the counts still cover every document.
     """
 
-    def __init__(self, plan: ExportPlan, kept_ids_path: str | None = None):
+    def __init__(self, plan: ExportPlan, kept_ids_path: str | None = None, progress_dir: str | None = None):
         super().__init__()
         self._plan = plan
         self._kept_ids_path = kept_ids_path
+        self._progress_dir = progress_dir
 
     def expand(self, documents: beam.PCollection[Document]) -> EmbedOutputs:
         if self._kept_ids_path:
@@ -165,6 +166,7 @@ class EmbedDocuments(beam.PTransform):
                     document_id,
                     functools.partial(document_key, self._plan.inputs),
                     SKIP_COUNTED,
+                    self._progress_dir,
                 )
             )
         # Typed, so that Beam measures them with the coders of `pipeline.inference.coders`.
@@ -179,6 +181,7 @@ class EmbedDocuments(beam.PTransform):
                     tokenized_id,
                     functools.partial(tokenized_key, self._plan.inputs),
                     SKIP_UNCOUNTED,
+                    self._progress_dir,
                 )
             )
         rows = (

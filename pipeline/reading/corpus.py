@@ -34,7 +34,6 @@ from pipeline.reading.text_lines import (
     Claim,
     LineRange,
     LinesBefore,
-    check_encoding,
     check_start,
     file_tail,
     line_records,
@@ -58,12 +57,12 @@ INDEX_BLOCK = 4 << 20
 FILE_ORDER = -1
 
 # Compressions the reader does not take: one clear dead letter beats records of garbage.
-OTHER_COMPRESSIONS = (".bz2", ".deflate", ".lzma", ".xz", ".zst", ".zstd", ".zip", ".7z")
+OTHER_COMPRESSIONS = (
+    *(".bz2", ".deflate", ".lzma", ".xz", ".zst", ".zstd", ".zip", ".7z"),
+    *(".lz4", ".lz", ".z"),  # lz4, lzip, Unix compress (.Z)
+)
 # Tar archives: their member headers would be read as text (.tar.gz is gzip, so read without this).
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".taz", ".tbz", ".tbz2", ".txz", ".tzst")
-# A tar member header's magic and version (POSIX, GNU) at this offset of the (decompressed) data:
-# with their NULs, unlike text that happens to hold "ustar" there ("mustard").
-TAR_MAGICS, TAR_MAGIC_AT = (b"ustar\x0000", b"ustar  \x00"), 257
 
 # Opens a corpus file as binary (seekable where a range starts past 0).
 OpenFile = Callable[[], contextlib.AbstractContextManager[typing.BinaryIO]]
@@ -118,10 +117,6 @@ class _ListedBytes(io.RawIOBase):
         return len(data)
 
 
-class TarArchive(Exception):
-    """A tar archive (by its name or its first header): its member headers are not records."""
-
-
 class EmptyGzip(Exception):
     """A `.gz` file of 0 bytes: no gzip data (what a writer killed before its first flush leaves)."""
 
@@ -155,12 +150,10 @@ def _check_head(path: str, raw_stream: typing.BinaryIO) -> None:
         return
     finally:
         raw_stream.seek(position)
-    if is_compressed(path):
-        check_encoding(head)
-    else:  # Data named as uncompressed must not be compressed (nor be Parquet).
+    if is_compressed(path):  # Data compressed again inside the gzip is no text either.
+        check_start(head, gunzipped=True)
+    else:  # Data named as uncompressed must not be compressed (nor be Parquet, nor a tar archive).
         check_start(head, file_tail(raw_stream) if head.startswith(PARQUET_MAGIC) else b"")
-    if head[TAR_MAGIC_AT : TAR_MAGIC_AT + 8] in TAR_MAGICS:
-        raise TarArchive("the file is a tar archive; extract it (tar -xf FILE) and read its files.")
 
 
 def read_records(

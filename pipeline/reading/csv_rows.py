@@ -33,6 +33,7 @@ from pipeline.writing.schema import (
     INVALID_UTF8,
     MALFORMED_CSV,
     MISSING_ID,
+    REPEATED_HEADER,
     WRONG_FIELD_COUNT,
 )
 
@@ -86,10 +87,17 @@ class _CsvLines:
         return self
 
     def __next__(self) -> str:
-        line = self._pending.popleft() if self._pending else self._text.readline(self._limit + 2)
+        queued = bool(self._pending)
+        line = self._pending.popleft() if queued else self._text.readline(self._limit + 2)
         if not line:
             self.ended_inside = True
             raise StopIteration
+        if not self.lines and line.startswith("\ufeff"):
+            # A byte-order mark starting a record is a joined file's (`cat a.csv b.csv`), no part of it:
+            # left there it would start the id ("\ufeffb1"), which then no other record of b1 matches.
+            line = line[1:]
+            if not queued and not line.endswith("\n"):  # The mark took a character of the read's room.
+                line += self._text.readline(1)
         self._line = line
         self.lines.append(line)
         self.quotes += line.count('"')
@@ -228,11 +236,27 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
             message = "Blank line where a CSV row was expected."
             yield number, schema_lib.error_row(source, number, None, EMPTY_RECORD, message, lines.raw)
             continue
+        if _repeats_header(header, values):
+            message = (
+                "The row repeats the header: files joined with their headers (cat a.csv b.csv)? It is "
+                "no record; join them without the later headers (e.g. csvstack, or tail -n +2)."
+            )
+            yield number, schema_lib.error_row(source, number, None, REPEATED_HEADER, message, lines.raw)
+            continue
         if separated:
             yield number, schema_lib.error_row(source, number, None, MISSING_ID, separated, lines.raw)
             continue
         record = guarded(parse_csv_row, plan, source, number, header, values, lines.raw, ambiguous)
         yield number, with_note(record, note)
+
+
+def _repeats_header(header: Sequence[str], values: Sequence[str]) -> bool:
+    """Whether a row is the header again (in any order): a joined file's next header.
+
+    Read as a record, it was a row whose id is the id column's name and whose text is the
+    text column's: a document no file holds.
+    """
+    return len(values) == len(header) and sorted(values) == sorted(header)
 
 
 # Separators of files that are CSV but for the comma (Excel's ";" in many locales, TSV), and how

@@ -8,6 +8,7 @@ token ids that fit the model) are written once.
 from __future__ import annotations
 
 import base64
+import decimal
 import json
 import re
 import typing
@@ -220,6 +221,13 @@ def to_document(
         return _reject(source, number, None, record, raw)(
             MISSING_ID, f"Field {plan.id_field!r} is missing or null."
         )
+    if (
+        isinstance(document_id, decimal.Decimal)
+        and document_id.is_finite()
+        and not document_id.as_tuple().exponent
+    ):
+        # A Parquet decimal of scale 0 is an integer column: Snowflake's NUMBER(38,0), a uint64 cast by Spark.
+        document_id = int(document_id)
     if not isinstance(document_id, (str, int)) or isinstance(document_id, bool):
         return _reject(source, number, None, record, raw)(
             BAD_ID,

@@ -87,14 +87,46 @@ def _goes_on_as_utf32le(head: bytes) -> bool:
     return len(unit) < 4 or (unit[3] == 0 and unit[2] <= 0x10)
 
 
+# Where UTF-32 and UTF-16 put the NUL bytes of characters up to U+00FF (ASCII, Latin-1): of each 4 bytes,
+# which are NUL (1) and which are not (0). UTF-8 text holds no NUL byte.
+WIDE_NUL_PATTERNS = (
+    ((0, 1, 1, 1), "UTF-32LE"),
+    ((1, 1, 1, 0), "UTF-32BE"),
+    ((0, 1, 0, 1), "UTF-16LE"),
+    ((1, 0, 1, 0), "UTF-16BE"),
+)
+# How many first bytes a file without a byte-order mark is told UTF-16/32 by: 8 UTF-16 characters.
+WIDE_WINDOW = 16
+
+
+def _wide_without_mark(head: bytes) -> str | None:
+    """The UTF-16/32 encoding whose NULs `head` shows in every character of its first `WIDE_WINDOW` bytes
+    (at least 4), else None: such a file has no byte-order mark (iconv -t UTF-16LE, Python's utf-16-le)."""
+    window = head[: min(WIDE_WINDOW, len(head) // 4 * 4)]
+    if not window:
+        return None
+    nuls = tuple(int(byte == 0) for byte in window)
+    for pattern, encoding in WIDE_NUL_PATTERNS:
+        if nuls == pattern * (len(window) // 4):
+            return encoding
+    return None
+
+
 def check_encoding(head: bytes) -> None:
-    """Raises `NotUtf8` for a file whose first bytes `head` are a UTF-16/32 byte-order mark."""
+    """Raises `NotUtf8` for a file whose first bytes `head` are a UTF-16/32 byte-order mark, or UTF-16/32
+    text without one (the NULs of its first characters say so)."""
     for mark, encoding in WIDE_BOMS:
         if head.startswith(mark) and (encoding != "UTF-32LE" or _goes_on_as_utf32le(head)):
             raise NotUtf8(
                 f"the file is {encoding[:6]} (it starts with the byte-order mark {mark.hex(' ').upper()}); "
                 f"the readers take UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 FILE > FILE.utf8"
             )
+    unmarked = _wide_without_mark(head)
+    if unmarked is not None:
+        raise NotUtf8(
+            f"the file is {unmarked} without a byte-order mark (a NUL byte in every character of its start); "
+            f"the readers take UTF-8: convert it, e.g. iconv -f {unmarked} -t UTF-8 FILE > FILE.utf8"
+        )
 
 
 # Compressed data by its first bytes (the formats' magic numbers), none of which UTF-8 text can start
@@ -107,13 +139,26 @@ COMPRESSED_MAGICS = (
     (re.compile(rb"\x04\x22\x4d\x18"), "lz4"),
     (re.compile(rb"PK\x03\x04"), "zip"),
     (re.compile(rb"7z\xbc\xaf\x27\x1c"), "7z"),
+    (re.compile(rb"\x1f\x9d"), "compress (.Z)"),
+    (re.compile(rb"LZIP[\x00\x01]"), "lzip"),
 )
-# The bytes a file's start must be read for to tell it by its byte-order mark or magic number.
-HEAD_BYTES = 16
+# Parquet data by its start alone: the magic, then the thrift header of the first page. Inside a .gz only,
+# whose end cannot be read without decompressing it all (a plain file is told by both ends).
+PARQUET_START = re.compile(rb"PAR1\x15")
+# A tar member header's magic and version (POSIX, GNU) at this offset of the (decompressed) data:
+# with their NULs, unlike text that happens to hold "ustar" there ("mustard").
+TAR_MAGICS, TAR_MAGIC_AT = (b"ustar\x0000", b"ustar  \x00"), 257
+# The bytes a file's start must be read for to tell it by its byte-order mark, magic number or tar header
+# (a range past the start reads them too, so that every range of a file tells it alike).
+HEAD_BYTES = 512
 
 
 class CompressedData(Exception):
     """A file named as uncompressed whose data is compressed (by its magic number): not lines of text."""
+
+
+class TarArchive(Exception):
+    """A tar archive (by its name or its first header): its member headers are not records."""
 
 
 # What a Parquet file starts and ends with.
@@ -131,22 +176,40 @@ def file_tail(stream: ByteStream) -> bytes:
         stream.seek(position)
 
 
-def check_start(head: bytes, tail: bytes = b"") -> None:
-    """Raises for an uncompressed file's first bytes `head` (and last, `tail`) that no line reader takes.
+def check_start(head: bytes, tail: bytes = b"", gunzipped: bool = False) -> None:
+    """Raises for a file's first bytes `head` (and last, `tail`) that no line reader takes.
+
+    `head` is the file's own data, or with `gunzipped` a .gz file's decompressed data.
 
     Raises:
-        NotUtf8: a UTF-16/32 byte-order mark.
-        CompressedData: a compressed format's magic number (gzip data named .jsonl, say),
-            or a Parquet file's (starting and ending with PAR1) read as text, JSONL or CSV.
+        NotUtf8: UTF-16/32 (`check_encoding`).
+        TarArchive: a tar member header at the start of the data.
+        CompressedData: a compressed format's magic number (gzip data named .jsonl, say; inside a .gz:
+            data compressed twice, as a .gz download that kept its Content-Encoding is), or a Parquet
+            file's (starting and ending with PAR1; inside a .gz, by its start) read as text, JSONL or CSV.
     """
     check_encoding(head)
     for magic, name in COMPRESSED_MAGICS:
-        if magic.match(head):
-            fix = {
-                "gzip": "rename it to end in .gz, which is read through gzip",
-                "zip": "decompress it (an Excel .xlsx workbook is zip data: save it as CSV)",
-            }.get(name, "decompress it (or gzip it: .gz is read through gzip)")
-            raise CompressedData(f"the file is {name} data, though its name does not say so: {fix}.")
+        if not magic.match(head):
+            continue
+        if gunzipped:
+            raise CompressedData(
+                f"the file's data, once gunzipped, is {name} data again: it was compressed twice (a .gz "
+                "download that kept its Content-Encoding: gzip, say); decompress it fully, e.g. "
+                "gunzip -c FILE | gunzip > FILE.txt for gzip twice, and gzip the result if you like."
+            )
+        fix = {
+            "gzip": "rename it to end in .gz, which is read through gzip",
+            "zip": "decompress it (an Excel .xlsx workbook is zip data: save it as CSV)",
+        }.get(name, "decompress it (or gzip it: .gz is read through gzip)")
+        raise CompressedData(f"the file is {name} data, though its name does not say so: {fix}.")
+    if gunzipped and PARQUET_START.match(head):
+        raise CompressedData(
+            "the file's data, once gunzipped, is Parquet, not lines of text: read it with --input_format "
+            "parquet, or name it .parquet.gz."
+        )
+    if head[TAR_MAGIC_AT : TAR_MAGIC_AT + 8] in TAR_MAGICS:
+        raise TarArchive("the file is a tar archive; extract it (tar -xf FILE) and read its files.")
     if head.startswith(PARQUET_MAGIC) and tail == PARQUET_MAGIC:
         raise CompressedData(
             "the file is Parquet (it starts and ends with PAR1), not lines of text: read it with "
@@ -200,10 +263,13 @@ def line_records(
         check_start(head, file_tail(stream) if head.startswith(PARQUET_MAGIC) else b"")
     offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
     spellings = field_spellings(plan)  # Once per range, not per line.
+    # A byte-order mark is dropped from the first line, and in JSONL from any (files joined with `cat`):
+    # it is no part of the record, so it takes no room of --max_record_bytes.
+    marked_lines = plan.input_format == "jsonl"
     while True:
-        # Room for the record and its "\r\n" (and the first line's byte-order mark): a longer
-        # read means a longer line.
-        want = limit + 2 + (len(BOM) if offset == 0 else 0)
+        marked = offset == 0 or marked_lines
+        # Room for the record and its "\r\n" (and a byte-order mark): a longer read means a longer line.
+        want = limit + 2 + (len(BOM) if marked else 0)
         line = stream.readline(want)
         if not line:
             break
@@ -214,7 +280,7 @@ def line_records(
             check_encoding(line)
         cut = len(line) == want and not line.endswith(b"\n")
         consumed = len(line)
-        if offset == 0 and line.startswith(BOM):
+        if marked and line.startswith(BOM):
             line = line[len(BOM) :]
         size, end = len(line), line
         if cut:

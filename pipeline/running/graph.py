@@ -72,9 +72,9 @@ def build_pipeline(
     plan = dataclasses.replace(plan, input_files=())
     if plan.reuse:
         documents, reused, reuse_errors = documents | "ReuseEarlierRows" >> ReuseEarlierRows(
-            plan, kept_ids_path
+            plan, kept_ids_path, progress_dir
         )
-    rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan, kept_ids_path)
+    rows, embed_errors = documents | "EmbedDocuments" >> EmbedDocuments(plan, kept_ids_path, progress_dir)
     written = (rows, reused) if plan.reuse else rows
     written | "WriteEmbeddings" >> WriteEmbeddings(
         plan, rows_prefix, shard_bytes, progress_dir, checkpoint_seconds, kept_files

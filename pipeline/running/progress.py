@@ -25,7 +25,9 @@ if TYPE_CHECKING:  # rich is imported only when a terminal shows the bar.
 
 _LOGGER = logging.getLogger("pipeline.running.progress")
 # What the workers count.
-KEYS = ("scanned_bytes", "read_bytes", "records", "rows", "dead_letters")
+# "rows_kept": the rows a resumed run kept of the run it continues, counted as their documents are met
+# (written rows too, though written by that run: without them the counts would not add up).
+KEYS = ("scanned_bytes", "read_bytes", "records", "rows", "rows_kept", "dead_letters")
 # When (time.time()) a process counted its first row; the earliest over the processes is the run's.
 FIRST_ROW_AT = "first_row_at"
 _WRITE_EVERY_SECONDS = 1.0
@@ -235,11 +237,16 @@ class ProgressMonitor:
         rate = (totals["records"] - records_then) / seconds if seconds >= 1 else None
         progress_rate = (fraction - done_then) / seconds if seconds >= 1 else 0
         eta = (1 - fraction) / progress_rate if progress_rate > 0 else None
+        if final and self._limit and totals["records"] < self._limit:
+            # The input ran out first: "2% of --limit 1,000" at the end read as a run cut short.
+            scope = f"the whole input, under --limit {self._limit:,}"
+        else:
+            scope = f"{100 * fraction:.0f}% of " + (
+                f"--limit {self._limit:,}" if self._limit else size_text(self._total)
+            )
         parts = [
-            f"{totals['records']:,} records read ({100 * fraction:.0f}% of "
-            + (f"--limit {self._limit:,}" if self._limit else size_text(self._total))
-            + ")",
-            f"{totals['rows']:,} rows written",
+            f"{totals['records']:,} records read ({scope})",
+            f"{totals['rows'] + totals.get('rows_kept', 0):,} rows written",
             f"{totals['dead_letters']:,} dead letters",
             f"{rate:,.0f} docs/s" if rate is not None else "docs/s pending",
         ]

@@ -51,7 +51,8 @@ class ExportSummary:
 
     @property
     def docs_per_second(self) -> float:
-        return self.rows_written / self.seconds if self.seconds else 0.0
+        """Rows this run wrote per second (a resumed run's kept rows were written by the run it continued)."""
+        return (self.rows_written - self.rows_kept) / self.seconds if self.seconds else 0.0
 
 
 # Options whose values are credentials (--s3_secret_access_key, --azure_connection_string,

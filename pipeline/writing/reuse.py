@@ -143,10 +143,11 @@ class ReuseEarlierRows(beam.PTransform):
     held in memory whole, on Dataflow or locally.
     """
 
-    def __init__(self, plan: ExportPlan, kept_ids_path: str | None = None):
+    def __init__(self, plan: ExportPlan, kept_ids_path: str | None = None, progress_dir: str | None = None):
         super().__init__()
         self._plan = plan
         self._kept_ids_path = kept_ids_path
+        self._progress_dir = progress_dir
 
     def expand(
         self, documents: beam.PCollection[Document]
@@ -174,7 +175,12 @@ class ReuseEarlierRows(beam.PTransform):
         if self._kept_ids_path:
             # Counted as reused above, as in the run that was interrupted; written once, by it.
             reused = reused | "SkipKeptRows" >> beam.ParDo(
-                SkipKeptFn(self._kept_ids_path, row_id, functools.partial(output_row_key, plan.keep_fields))
+                SkipKeptFn(
+                    self._kept_ids_path,
+                    row_id,
+                    functools.partial(output_row_key, plan.keep_fields),
+                    progress_dir=self._progress_dir,
+                )
             )
         reused = (
             reused
