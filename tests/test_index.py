@@ -515,7 +515,7 @@ def test_a_users_file_in_the_index_directory_is_never_deleted_by_overwrite(expor
 @pytest.mark.parametrize(
     "step, when",
     # After _upload, only the rename of the metadata into place is left.
-    [("_write_bytes", "after"), ("_upload", "before"), ("_upload", "after")],
+    [("_write_new_file", "after"), ("_upload", "before"), ("_upload", "after")],
 )
 def test_what_a_build_killed_at_any_step_leaves_is_the_exports_own(export_copy, monkeypatch, step, when):
     """Only files named by index metadata of ours are ours under _index/: a build killed between its
@@ -537,3 +537,50 @@ def test_what_a_build_killed_at_any_step_leaves_is_the_exports_own(export_copy, 
     assert state_lib.check_output_state(export_copy, overwrite=True) == "finished"
     assert build(export_copy)["metric"] == "cos"
     assert sorted(os.listdir(os.path.join(export_copy, "_index"))) == [f"{COLUMN}.json", f"{COLUMN}.usearch"]
+
+
+@pytest.mark.parametrize(
+    "link", ["_index", "_index/lstm_content.json.tmp", "_index/lstm_content.usearch.tmp"]
+)
+def test_a_build_never_writes_or_deletes_through_a_link(export_copy, tmp_path, link, capsys):
+    """A link inside the export (a linked `_index`, or an index file of the column that is a link)
+    would have the build delete and write the user's files where it points, outside the export."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    precious = {f"{COLUMN}.json": '{"a user\'s": "file"}', "notes.txt": "my notes"}
+    for name, content in precious.items():
+        (outside / name).write_text(content, encoding="utf-8")
+    path = os.path.join(export_copy, link)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.symlink(str(outside) if link == "_index" else str(outside / "notes.txt"), path)
+    assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is a symbolic link") and err.count("\n") == 1, err
+    assert {p.name: p.read_text(encoding="utf-8") for p in outside.iterdir()} == precious
+
+
+def test_a_first_build_on_a_full_disk_leaves_the_export_replaceable(export_copy, monkeypatch, capsys):
+    """The disk fills as the first build writes its metadata: what that leaves (nothing named by
+    metadata of ours) must not make --overwrite refuse the export as holding a user's file."""
+    write = index_build._write_bytes
+
+    def full(filesystem, target, data):
+        write(filesystem, target, data[: len(data) // 2])  # what got onto the disk: half of it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_build, "_write_bytes", full)
+    assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert os.listdir(os.path.join(export_copy, "_index")) == []
+    assert state_lib.check_output_state(export_copy, overwrite=True) == "finished"
+
+
+def test_a_full_disk_as_the_build_takes_the_lock_is_one_error_line(export_copy, monkeypatch, capsys):
+    def full(self):
+        raise OSError(28, "No space left on device", self.path)
+
+    monkeypatch.setattr(lock_lib.OutputLock, "_try_local", full)
+    assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot index") and "disk is full" in err and err.count("\n") == 1, err
+    assert not os.path.exists(os.path.join(export_copy, "_index"))
