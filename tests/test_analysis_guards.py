@@ -29,6 +29,7 @@ from pipeline.analysis.knn import knn_score, knn_score_indexed, score_label_agre
 from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 from pipeline.analysis.plot import plot_projection
 from pipeline.running.export import run_export
+from pipeline.writing import lock as lock_lib
 from pipeline.writing.layout import MANIFEST
 
 COLUMN = "lstm_title"
@@ -558,11 +559,17 @@ def test_vocabulary_never_replaces_what_appeared_at_its_output_while_it_ran(
         if meanwhile == "same_command":
             (output / vocabulary.VOCABULARY_FILE).write_text("the other command's", encoding="utf-8")
         else:
-            (output / "_LOCK").write_text("{}", encoding="utf-8")
+            # A live export holds its lock (one left by a killed run or index build does not count).
+            started.append(lock_lib.OutputLock(str(output)).__enter__())
         return loaded
 
+    started: list = []
     monkeypatch.setattr(model_source, "load_model_source", meanwhile_loading)
-    assert vocabulary.main(["--layer", "emb", "--output", str(output)]) == 2
+    try:
+        assert vocabulary.main(["--layer", "emb", "--output", str(output)]) == 2
+    finally:
+        for lock in started:
+            lock.release()
     err = error_line(capsys)
     assert ("--overwrite" in err) if meanwhile == "same_command" else ("inside the export" in err), err
     if meanwhile == "same_command":

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from models.bundle import DEFAULT_BUNDLE as DEFAULT_BUNDLE_PATH
 from pipeline import analyze
 from pipeline.analysis import index_build
 from pipeline.analysis.dataset import AnalysisError, open_documents, open_vocabulary
@@ -28,6 +29,8 @@ from pipeline.writing import layout as layout_lib
 from pipeline.writing import lock as lock_lib
 from pipeline.writing import state as state_lib
 
+# The repository root: a child process run there imports this checkout's packages.
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMN = "lstm_content"
 ROWS = 300
 # Similarities closer than this count as ties (float32 in the index, float64 in the scan).
@@ -584,3 +587,29 @@ def test_a_full_disk_as_the_build_takes_the_lock_is_one_error_line(export_copy, 
     err = capsys.readouterr().err
     assert err.startswith("error: Cannot index") and "disk is full" in err and err.count("\n") == 1, err
     assert not os.path.exists(os.path.join(export_copy, "_index"))
+
+
+def test_a_vocabulary_whose_index_build_was_killed_can_be_written_again(tmp_path, capsys):
+    """A build of a vocabulary's index locks its directory; killed, it leaves `_LOCK` (no one holds
+    it). That made `pipeline.vocabulary --overwrite` call the directory an export, for good."""
+    import subprocess
+
+    from pipeline import vocabulary
+
+    directory = str(tmp_path / "vocabulary")
+    vocabulary.export_vocabulary(DEFAULT_BUNDLE_PATH, None, "emb", directory)
+    killed_while_locked = (
+        "import os, signal, sys\n"
+        "from pipeline.writing.lock import OutputLock\n"
+        "OutputLock(sys.argv[1], run_label='index').__enter__()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", killed_while_locked, directory], cwd=REPOSITORY)
+    assert child.returncode == -9 and os.path.exists(os.path.join(directory, layout_lib.LOCK))
+    argv = ["--layer", "emb", "--output", directory, "--overwrite"]
+    # Held, it is still refused: a live run or build is using the directory.
+    with lock_lib.OutputLock(directory, run_label="index"):
+        assert vocabulary.main(argv) == vocabulary.EXIT_CONFIG_ERROR
+        assert "(it holds _LOCK)" in capsys.readouterr().err
+    os.close(os.open(os.path.join(directory, layout_lib.LOCK), os.O_CREAT | os.O_WRONLY))  # as it was
+    assert vocabulary.main(argv) == 0, capsys.readouterr().err
