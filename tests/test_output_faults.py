@@ -746,3 +746,23 @@ def test_a_set_aside_whose_manifest_the_full_disk_left_empty_is_removed_by_the_n
         state_lib.prepare(str(output), overwrite=True)
     assert sorted(os.listdir(output / layout_lib.FAILED_DIR)) == [kept.name]
     assert sorted(os.listdir(kept)) == [layout_lib.MANIFEST, layout_lib.ERRORS_DIR]
+
+
+def test_a_set_aside_killed_before_its_first_dead_letter_moved_is_removed_by_the_next_run(tmp_path):
+    """SIGKILLed just after it made `_failed/RUN/errors/` (`pytest -k set_aside` of hooked_run's
+    `kill:any:2` on a failed --overwrite), the set-aside left an empty folder that no later run removed:
+    `_failed/` listed a run with no manifest and no dead letters, beside the rerun's own, for good."""
+    from pipeline.writing.lock import OutputLock
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / layout_lib.MANIFEST).write_text(json.dumps({"status": "succeeded", "shards": {}}))
+    kept = output / layout_lib.FAILED_DIR / "0123456789ab"
+    (kept / layout_lib.ERRORS_DIR).mkdir(parents=True)
+    (kept / layout_lib.ERRORS_DIR / "part-00000-of-00001.parquet").write_bytes(b"PAR1 dead letters")
+    (kept / layout_lib.MANIFEST).write_text(json.dumps({"committed": False}))
+    (output / layout_lib.FAILED_DIR / "ba9876543210" / layout_lib.ERRORS_DIR).mkdir(parents=True)
+    (output / layout_lib.FAILED_DIR / "cd0123456789").mkdir()
+    with OutputLock(str(output)):
+        state_lib.prepare(str(output), overwrite=True)
+    assert sorted(os.listdir(output / layout_lib.FAILED_DIR)) == [kept.name]
