@@ -254,6 +254,19 @@ def test_a_file_past_the_file_size_limit_is_one_error_and_a_rerun_with_smaller_s
     assert _complete_export(output) == sorted(new_ids)
 
 
+@pytest.mark.slow
+def test_a_token_table_past_the_file_size_limit_does_not_say_to_lower_shard_mb(tmp_path):
+    """--token_storage ids writes each Embedding's table whole, one file whatever --shard_mb: past the
+    file-size limit, the line told to lower --shard_mb, and every rerun that did failed the same way."""
+    output = str(tmp_path / "out")
+    flags = ["--layer", "emb:0", "--pooling", "none", "--token_storage", "ids", "--limit", "20"]
+    argv = [*pipeline_command(_corpus(tmp_path / "c.jsonl", IDS), output)[3:], *flags]
+    # The bundled model's table is some megabytes; the run's own bookkeeping is far below 1 MB.
+    error = _output_failed_in_one_line(_hooked(["fsize:1000000"], argv))
+    assert "the token table" in error and "--token_storage vectors" in error, error
+    assert "Lower --shard_mb" not in error, error
+
+
 # --- point 13: SIGTERM, and Ctrl-C in the forward pass ------------------------------------------
 
 
