@@ -594,6 +594,29 @@ def test_an_out_that_appeared_while_analyze_ran_is_not_replaced(export_copy, tmp
     assert sorted(os.listdir(tmp_path)) == ["export", "p.png"]
 
 
+def test_a_full_disk_under_out_is_said_as_such_not_as_a_read_failure(
+    export_copy, tmp_path, monkeypatch, capsys
+):
+    """The line said "Reading OUT or writing --out F failed: No space left on device. Check that it is
+    readable (on object storage, the connection and credentials)": the advice of a read failure."""
+    import errno
+
+    from pipeline.analysis import answer_file
+
+    def full(path, write, replace=True):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(answer_file, "write_whole_local", full)
+    out = tmp_path / "p.png"
+    assert analyze.main([export_copy, "plot", "--out", str(out)]) == 2
+    err = error_line(capsys)
+    assert (
+        err.startswith(f"error: Writing --out {str(out)!r} failed: its disk is full")
+        and "readable" not in err
+    )
+    assert not out.exists()
+
+
 def test_an_export_that_cannot_be_read_is_not_called_a_mix_of_two_exports(export_dir, monkeypatch, capsys):
     from pipeline.analysis import dataset
 
