@@ -379,7 +379,8 @@ def _build_and_write(
             _write_bytes(filesystem, staged_metadata, _metadata_bytes(metadata))
             _upload(local, filesystem, index_path)
             _write_bytes(filesystem, metadata_path, _metadata_bytes(metadata))
-            filesystem.delete_file(staged_metadata)
+            with contextlib.suppress(OSError):  # The index is in place; a .tmp left is named by itself.
+                filesystem.delete_file(staged_metadata)
             return metadata
         filesystem.create_dir(posixpath.join(directory, INDEX_DIR), recursive=True)
         _write_new_file(filesystem, staged_metadata, _metadata_bytes(metadata))
