@@ -613,3 +613,23 @@ def test_a_vocabulary_whose_index_build_was_killed_can_be_written_again(tmp_path
         assert "(it holds _LOCK)" in capsys.readouterr().err
     os.close(os.open(os.path.join(directory, layout_lib.LOCK), os.O_CREAT | os.O_WRONLY))  # as it was
     assert vocabulary.main(argv) == 0, capsys.readouterr().err
+
+
+def test_the_index_and_its_metadata_are_on_disk_before_they_are_named(export_copy, monkeypatch):
+    """Nothing of the build was flushed: after a power loss `_index/COLUMN.json` could be empty, a file no
+    metadata of ours names, and --overwrite would refuse the export for it."""
+    flushed = []
+    fsync = os.fsync
+
+    def recorded(descriptor):
+        flushed.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    build(export_copy)
+    index = os.path.realpath(os.path.join(export_copy, "_index"))
+    names = [os.path.relpath(path, index) for path in flushed if path.startswith(index)]
+    assert [name.rsplit(".", 1)[0] for name in names if name.startswith(f"{COLUMN}.json.tmp.")] == [
+        f"{COLUMN}.json.tmp"
+    ]
+    assert f"{COLUMN}.usearch.tmp" in names and "." in names, names

@@ -47,6 +47,7 @@ from pipeline.analysis.index_store import (
     usearch_index_class,
 )
 from pipeline.errors import ExportConfigError, OutputWriteError
+from pipeline.writing.files import fsync_directory
 from pipeline.writing.layout import INDEX_DIR, TABLES_DIR
 from pipeline.writing.lock import OutputLock
 
@@ -184,7 +185,19 @@ def _upload(local_path: str, filesystem: pafs.FileSystem, target: str) -> None:
                 filesystem.delete_file(temporary)
         raise
     if temporary != target:
+        _flush_to_disk(temporary)
         filesystem.move(temporary, target)
+
+
+def _flush_to_disk(path: str) -> None:
+    """Flushes the local file `path` to disk before it is renamed into place: after a power loss the
+    name must not lead to an empty file (an empty `COLUMN.json` names nothing, so the export would
+    look foreign to `--overwrite`), as the export's own commit flushes its files."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _metadata_bytes(value: IndexMetadata) -> bytes:
@@ -209,6 +222,7 @@ def _write_new_file(filesystem: pafs.FileSystem, target: str, data: bytes) -> No
         with contextlib.suppress(OSError):
             filesystem.delete_file(aside)
         raise
+    _flush_to_disk(aside)
     filesystem.move(aside, target)
 
 
@@ -389,6 +403,7 @@ def _build_and_write(
             filesystem.delete_file(metadata_path)
         _upload(local, filesystem, index_path)
     filesystem.move(staged_metadata, metadata_path)
+    fsync_directory(posixpath.join(directory, INDEX_DIR))  # The renames, before the command says done.
     return metadata
 
 
