@@ -30,6 +30,7 @@ if __name__ == "__main__":
     stopping.stop_at_once("python -m pipeline.analyze")
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -506,11 +507,17 @@ def read_failure(args: argparse.Namespace, error: OSError | pa.ArrowException) -
     """
     check_read_unchanged()
     out = getattr(args, "out", None)
-    written = (
-        f" or writing --out {out!r}"
-        if out and (args.command == "plot" or getattr(args, "queries", None))
-        else ""
-    )
+    writes_out = bool(out and (args.command == "plot" or getattr(args, "queries", None)))
+    written = f" or writing --out {out!r}" if writes_out else ""
+    if writes_out and (
+        (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "No space left on device" in str(error)
+    ):
+        # Reading never fills a disk: the answer being written out did.
+        return AnalysisError(
+            f"Writing --out {out!r} failed: its disk is full ({error}); nothing was written there. Free "
+            "space, or choose an --out on another disk, and run the command again."
+        )
     return AnalysisError(
         f"Reading {args.directory!r}{written} failed: {error} Check that it is readable (on object "
         "storage, the connection and credentials) and run the command again."

@@ -224,10 +224,15 @@ def _check_not_in_an_export(output: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
     from pipeline.errors import ExportConfigError
+    from pipeline.uris import is_local
+    from pipeline.writing.lock import is_stale_local_lock
 
     for directory in _self_and_parents(output):
         for marker in (MANIFEST, STAGING, LOCK):
-            if FileSystems.exists(FileSystems.join(directory, marker)):
+            # A _LOCK alone that nothing holds was left by a killed `pipeline.analyze VOCABULARY index`
+            # (it locks the vocabulary's directory too), not by an export.
+            stale = marker == LOCK and is_local(directory) and is_stale_local_lock(directory)
+            if FileSystems.exists(FileSystems.join(directory, marker)) and not stale:
                 raise ExportConfigError(
                     f"--output {output} is inside the export {directory} (it holds {marker}), whose files "
                     "only `python -m pipeline.run` writes; choose a directory outside it for the vocabulary."

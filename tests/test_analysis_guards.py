@@ -29,6 +29,7 @@ from pipeline.analysis.knn import knn_score, knn_score_indexed, score_label_agre
 from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 from pipeline.analysis.plot import plot_projection
 from pipeline.running.export import run_export
+from pipeline.writing import lock as lock_lib
 from pipeline.writing.layout import MANIFEST
 
 COLUMN = "lstm_title"
@@ -558,11 +559,17 @@ def test_vocabulary_never_replaces_what_appeared_at_its_output_while_it_ran(
         if meanwhile == "same_command":
             (output / vocabulary.VOCABULARY_FILE).write_text("the other command's", encoding="utf-8")
         else:
-            (output / "_LOCK").write_text("{}", encoding="utf-8")
+            # A live export holds its lock (one left by a killed run or index build does not count).
+            started.append(lock_lib.OutputLock(str(output)).__enter__())
         return loaded
 
+    started: list = []
     monkeypatch.setattr(model_source, "load_model_source", meanwhile_loading)
-    assert vocabulary.main(["--layer", "emb", "--output", str(output)]) == 2
+    try:
+        assert vocabulary.main(["--layer", "emb", "--output", str(output)]) == 2
+    finally:
+        for lock in started:
+            lock.release()
     err = error_line(capsys)
     assert ("--overwrite" in err) if meanwhile == "same_command" else ("inside the export" in err), err
     if meanwhile == "same_command":
@@ -585,6 +592,29 @@ def test_an_out_that_appeared_while_analyze_ran_is_not_replaced(export_copy, tmp
     assert "it was not replaced" in error_line(capsys)
     assert out.read_bytes() == b"the other plot"
     assert sorted(os.listdir(tmp_path)) == ["export", "p.png"]
+
+
+def test_a_full_disk_under_out_is_said_as_such_not_as_a_read_failure(
+    export_copy, tmp_path, monkeypatch, capsys
+):
+    """The line said "Reading OUT or writing --out F failed: No space left on device. Check that it is
+    readable (on object storage, the connection and credentials)": the advice of a read failure."""
+    import errno
+
+    from pipeline.analysis import answer_file
+
+    def full(path, write, replace=True):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(answer_file, "write_whole_local", full)
+    out = tmp_path / "p.png"
+    assert analyze.main([export_copy, "plot", "--out", str(out)]) == 2
+    err = error_line(capsys)
+    assert (
+        err.startswith(f"error: Writing --out {str(out)!r} failed: its disk is full")
+        and "readable" not in err
+    )
+    assert not out.exists()
 
 
 def test_an_export_that_cannot_be_read_is_not_called_a_mix_of_two_exports(export_dir, monkeypatch, capsys):

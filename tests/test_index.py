@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from models.bundle import DEFAULT_BUNDLE as DEFAULT_BUNDLE_PATH
 from pipeline import analyze
 from pipeline.analysis import index_build
 from pipeline.analysis.dataset import AnalysisError, open_documents, open_vocabulary
@@ -28,6 +29,8 @@ from pipeline.writing import layout as layout_lib
 from pipeline.writing import lock as lock_lib
 from pipeline.writing import state as state_lib
 
+# The repository root: a child process run there imports this checkout's packages.
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMN = "lstm_content"
 ROWS = 300
 # Similarities closer than this count as ties (float32 in the index, float64 in the scan).
@@ -515,7 +518,7 @@ def test_a_users_file_in_the_index_directory_is_never_deleted_by_overwrite(expor
 @pytest.mark.parametrize(
     "step, when",
     # After _upload, only the rename of the metadata into place is left.
-    [("_write_bytes", "after"), ("_upload", "before"), ("_upload", "after")],
+    [("_write_new_file", "after"), ("_upload", "before"), ("_upload", "after")],
 )
 def test_what_a_build_killed_at_any_step_leaves_is_the_exports_own(export_copy, monkeypatch, step, when):
     """Only files named by index metadata of ours are ours under _index/: a build killed between its
@@ -537,3 +540,96 @@ def test_what_a_build_killed_at_any_step_leaves_is_the_exports_own(export_copy, 
     assert state_lib.check_output_state(export_copy, overwrite=True) == "finished"
     assert build(export_copy)["metric"] == "cos"
     assert sorted(os.listdir(os.path.join(export_copy, "_index"))) == [f"{COLUMN}.json", f"{COLUMN}.usearch"]
+
+
+@pytest.mark.parametrize(
+    "link", ["_index", "_index/lstm_content.json.tmp", "_index/lstm_content.usearch.tmp"]
+)
+def test_a_build_never_writes_or_deletes_through_a_link(export_copy, tmp_path, link, capsys):
+    """A link inside the export (a linked `_index`, or an index file of the column that is a link)
+    would have the build delete and write the user's files where it points, outside the export."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    precious = {f"{COLUMN}.json": '{"a user\'s": "file"}', "notes.txt": "my notes"}
+    for name, content in precious.items():
+        (outside / name).write_text(content, encoding="utf-8")
+    path = os.path.join(export_copy, link)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.symlink(str(outside) if link == "_index" else str(outside / "notes.txt"), path)
+    assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is a symbolic link") and err.count("\n") == 1, err
+    assert {p.name: p.read_text(encoding="utf-8") for p in outside.iterdir()} == precious
+
+
+def test_a_first_build_on_a_full_disk_leaves_the_export_replaceable(export_copy, monkeypatch, capsys):
+    """The disk fills as the first build writes its metadata: what that leaves (nothing named by
+    metadata of ours) must not make --overwrite refuse the export as holding a user's file."""
+    write = index_build._write_bytes
+
+    def full(filesystem, target, data):
+        write(filesystem, target, data[: len(data) // 2])  # what got onto the disk: half of it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_build, "_write_bytes", full)
+    assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert os.listdir(os.path.join(export_copy, "_index")) == []
+    assert state_lib.check_output_state(export_copy, overwrite=True) == "finished"
+
+
+def test_a_full_disk_as_the_build_takes_the_lock_is_one_error_line(export_copy, monkeypatch, capsys):
+    def full(self):
+        raise OSError(28, "No space left on device", self.path)
+
+    monkeypatch.setattr(lock_lib.OutputLock, "_try_local", full)
+    assert analyze.main([export_copy, "index", "--column", COLUMN]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Cannot index") and "disk is full" in err and err.count("\n") == 1, err
+    assert not os.path.exists(os.path.join(export_copy, "_index"))
+
+
+def test_a_vocabulary_whose_index_build_was_killed_can_be_written_again(tmp_path, capsys):
+    """A build of a vocabulary's index locks its directory; killed, it leaves `_LOCK` (no one holds
+    it). That made `pipeline.vocabulary --overwrite` call the directory an export, for good."""
+    import subprocess
+
+    from pipeline import vocabulary
+
+    directory = str(tmp_path / "vocabulary")
+    vocabulary.export_vocabulary(DEFAULT_BUNDLE_PATH, None, "emb", directory)
+    killed_while_locked = (
+        "import os, signal, sys\n"
+        "from pipeline.writing.lock import OutputLock\n"
+        "OutputLock(sys.argv[1], run_label='index').__enter__()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", killed_while_locked, directory], cwd=REPOSITORY)
+    assert child.returncode == -9 and os.path.exists(os.path.join(directory, layout_lib.LOCK))
+    argv = ["--layer", "emb", "--output", directory, "--overwrite"]
+    # Held, it is still refused: a live run or build is using the directory.
+    with lock_lib.OutputLock(directory, run_label="index"):
+        assert vocabulary.main(argv) == vocabulary.EXIT_CONFIG_ERROR
+        assert "(it holds _LOCK)" in capsys.readouterr().err
+    os.close(os.open(os.path.join(directory, layout_lib.LOCK), os.O_CREAT | os.O_WRONLY))  # as it was
+    assert vocabulary.main(argv) == 0, capsys.readouterr().err
+
+
+def test_the_index_and_its_metadata_are_on_disk_before_they_are_named(export_copy, monkeypatch):
+    """Nothing of the build was flushed: after a power loss `_index/COLUMN.json` could be empty, a file no
+    metadata of ours names, and --overwrite would refuse the export for it."""
+    flushed = []
+    fsync = os.fsync
+
+    def recorded(descriptor):
+        flushed.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    build(export_copy)
+    index = os.path.realpath(os.path.join(export_copy, "_index"))
+    names = [os.path.relpath(path, index) for path in flushed if path.startswith(index)]
+    assert [name.rsplit(".", 1)[0] for name in names if name.startswith(f"{COLUMN}.json.tmp.")] == [
+        f"{COLUMN}.json.tmp"
+    ]
+    assert f"{COLUMN}.usearch.tmp" in names and "." in names, names

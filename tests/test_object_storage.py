@@ -421,6 +421,45 @@ def test_index_of_an_s3_export_is_built_locally_uploaded_and_dropped_by_overwrit
     assert "rows compared)" in capsys.readouterr().out
 
 
+def test_a_first_s3_index_build_killed_before_its_metadata_leaves_the_export_replaceable(
+    s3_endpoint, export, monkeypatch
+):
+    """Killed between the upload of the index file and that of its metadata, the first build of an
+    s3:// export must leave nothing that no metadata of ours names: --overwrite would refuse the
+    export for it, as a user's file."""
+    from pipeline.analysis import index_build
+    from pipeline.analysis.dataset import open_documents
+    from pipeline.writing.state import check_output_state
+
+    set_aws_environment(monkeypatch, s3_endpoint)
+    s3 = client(s3_endpoint)
+    for key in keys(s3_endpoint, "exports/run1/"):
+        target = key.replace("exports/run1/", "exports/index_killed/", 1)
+        s3.copy_object(Bucket=BUCKET, Key=target, CopySource={"Bucket": BUCKET, "Key": key})
+    output = f"s3://{BUCKET}/exports/index_killed"
+    write = index_build._write_bytes
+
+    def killed_before_the_metadata(filesystem, target, data):
+        if target.endswith(".json"):
+            raise KeyboardInterrupt
+        write(filesystem, target, data)
+
+    monkeypatch.setattr(index_build, "_write_bytes", killed_before_the_metadata)
+    settings = index_build.IndexSettings(recall_queries=5)
+    with pytest.raises(KeyboardInterrupt):
+        index_build.build_index(open_documents(output), "lstm_content", settings)
+    monkeypatch.undo()
+    set_aws_environment(monkeypatch, s3_endpoint)
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    assert check_output_state(output, overwrite=True) == "finished"
+    # The next build finishes it, leaving the index and its metadata only.
+    index_build.build_index(open_documents(output), "lstm_content", settings)
+    assert [k for k in keys(s3_endpoint, "exports/index_killed/_index/") if not k.endswith("/")] == [
+        "exports/index_killed/_index/lstm_content.json",
+        "exports/index_killed/_index/lstm_content.usearch",
+    ]
+
+
 def test_analysis_reads_an_s3_export_at_its_key_as_typed(s3_endpoint, export, monkeypatch, capsys):
     """An --output with "%20", a space or a non-ASCII letter is the key Beam wrote: pyarrow's URI
     parser read `p%20q` as the directory `p q` (another export answered) and refused `é b`."""

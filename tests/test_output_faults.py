@@ -302,6 +302,19 @@ def test_a_file_past_the_file_size_limit_is_one_error_and_a_rerun_with_smaller_s
     assert _complete_export(output) == sorted(new_ids)
 
 
+@pytest.mark.slow
+def test_a_token_table_past_the_file_size_limit_does_not_say_to_lower_shard_mb(tmp_path):
+    """--token_storage ids writes each Embedding's table whole, one file whatever --shard_mb: past the
+    file-size limit, the line told to lower --shard_mb, and every rerun that did failed the same way."""
+    output = str(tmp_path / "out")
+    flags = ["--layer", "emb:0", "--pooling", "none", "--token_storage", "ids", "--limit", "20"]
+    argv = [*pipeline_command(_corpus(tmp_path / "c.jsonl", IDS), output)[3:], *flags]
+    # The bundled model's table is some megabytes; the run's own bookkeeping is far below 1 MB.
+    error = _output_failed_in_one_line(_hooked(["fsize:1000000"], argv))
+    assert "the token table" in error and "--token_storage vectors" in error, error
+    assert "Lower --shard_mb" not in error, error
+
+
 # --- point 13: SIGTERM, and Ctrl-C in the forward pass ------------------------------------------
 
 
@@ -794,3 +807,23 @@ def test_a_set_aside_whose_manifest_the_full_disk_left_empty_is_removed_by_the_n
         state_lib.prepare(str(output), overwrite=True)
     assert sorted(os.listdir(output / layout_lib.FAILED_DIR)) == [kept.name]
     assert sorted(os.listdir(kept)) == [layout_lib.MANIFEST, layout_lib.ERRORS_DIR]
+
+
+def test_a_set_aside_killed_before_its_first_dead_letter_moved_is_removed_by_the_next_run(tmp_path):
+    """SIGKILLed just after it made `_failed/RUN/errors/` (`pytest -k set_aside` of hooked_run's
+    `kill:any:2` on a failed --overwrite), the set-aside left an empty folder that no later run removed:
+    `_failed/` listed a run with no manifest and no dead letters, beside the rerun's own, for good."""
+    from pipeline.writing.lock import OutputLock
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / layout_lib.MANIFEST).write_text(json.dumps({"status": "succeeded", "shards": {}}))
+    kept = output / layout_lib.FAILED_DIR / "0123456789ab"
+    (kept / layout_lib.ERRORS_DIR).mkdir(parents=True)
+    (kept / layout_lib.ERRORS_DIR / "part-00000-of-00001.parquet").write_bytes(b"PAR1 dead letters")
+    (kept / layout_lib.MANIFEST).write_text(json.dumps({"committed": False}))
+    (output / layout_lib.FAILED_DIR / "ba9876543210" / layout_lib.ERRORS_DIR).mkdir(parents=True)
+    (output / layout_lib.FAILED_DIR / "cd0123456789").mkdir()
+    with OutputLock(str(output)):
+        state_lib.prepare(str(output), overwrite=True)
+    assert sorted(os.listdir(output / layout_lib.FAILED_DIR)) == [kept.name]

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from pipeline.errors import ExportConfigError
+from pipeline.errors import ExportConfigError, OutputWriteError
 from pipeline.writing.commit import finish_interrupted_commit, has_pending_commit
 from pipeline.writing.layout import JOURNAL, MANIFEST, SHARD_PREFIX, STAGING, TABLES_DIR
 from pipeline.writing.schema import (
@@ -129,7 +129,8 @@ def _finish_commit(location: str) -> None:
     try:
         if finish_interrupted_commit(location):
             logging.warning("Finished the interrupted commit of the export in %s first.", location)
-    except (ExportConfigError, OSError) as error:
+    # OutputWriteError: the lock it takes for the while found the disk full.
+    except (ExportConfigError, OSError, OutputWriteError) as error:
         raise AnalysisError(
             f"{location!r} holds a commit that was not finished ({JOURNAL}), and it cannot be finished "
             f"from here: {error} Rerun the export (or this command) where the output is writable; "

@@ -3,9 +3,10 @@
 The build streams the Parquet files in record batches, so its memory is the
 index itself plus one batch.  It is written to a local temporary file, then
 copied to `_index/COLUMN.usearch.tmp` and renamed (on object storage uploaded:
-a PUT is atomic).  Locally its metadata is written first as `COLUMN.json.tmp`
-and renamed into place last, so whatever the build leaves is named by metadata
-of ours; on object storage it is uploaded last.  A reader sees the old index,
+a PUT is atomic).  Its metadata is written first as `COLUMN.json.tmp` and
+last as `COLUMN.json` (locally renamed into place; on object storage uploaded,
+then the `.tmp` deleted), so whatever the build leaves, killed or out of space,
+is named by metadata of ours; nothing is written through a symbolic link.  A reader sees the old index,
 none, or the new one, and an index whose file does not match its metadata's
 SHA-256 is refused.
 """
@@ -20,6 +21,7 @@ import posixpath
 import resource
 import tempfile
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,7 +48,8 @@ from pipeline.analysis.index_store import (
     source_identity,
     usearch_index_class,
 )
-from pipeline.errors import ExportConfigError
+from pipeline.errors import ExportConfigError, OutputWriteError
+from pipeline.writing.files import fsync_directory
 from pipeline.writing.layout import INDEX_DIR, TABLES_DIR, index_files
 from pipeline.writing.lock import OutputLock
 
@@ -173,11 +176,30 @@ def _upload(local_path: str, filesystem: pafs.FileSystem, target: str) -> None:
     the target directly.
     """
     temporary = target + ".tmp" if is_local(filesystem) else target
-    with open(local_path, "rb") as source, filesystem.open_output_stream(temporary) as sink:
-        for chunk in iter(lambda: source.read(8 << 20), b""):
-            sink.write(chunk)
+    try:
+        with open(local_path, "rb") as source, filesystem.open_output_stream(temporary) as sink:
+            for chunk in iter(lambda: source.read(8 << 20), b""):
+                sink.write(chunk)
+    except BaseException:
+        if temporary != target:
+            # A copy cut short (a full disk) is of no use, and may be gigabytes of the disk it filled.
+            with contextlib.suppress(OSError):
+                filesystem.delete_file(temporary)
+        raise
     if temporary != target:
+        _flush_to_disk(temporary)
         filesystem.move(temporary, target)
+
+
+def _flush_to_disk(path: str) -> None:
+    """Flushes the local file `path` to disk before it is renamed into place: after a power loss the
+    name must not lead to an empty file (an empty `COLUMN.json` names nothing, so the export would
+    look foreign to `--overwrite`), as the export's own commit flushes its files."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _metadata_bytes(value: IndexMetadata) -> bytes:
@@ -250,6 +272,44 @@ def check_one_token_table(location: str) -> None:
         )
 
 
+def _write_new_file(filesystem: pafs.FileSystem, target: str, data: bytes) -> None:
+    """Writes `data` to the local `target` whole or not at all: aside under a name of its own, then
+    renamed over it. A write cut short (a full disk) leaves `target` as it was (an earlier build's
+    metadata naming the files it left), never an empty or half file that names nothing: a file under
+    `_index/` that no metadata of ours names is a user's, for which `--overwrite` refuses the export."""
+    aside = f"{target}.{uuid.uuid4().hex[:8]}"
+    try:
+        _write_bytes(filesystem, aside, data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            filesystem.delete_file(aside)
+        raise
+    _flush_to_disk(aside)
+    filesystem.move(aside, target)
+
+
+def _refuse_links(directory: str, column: str) -> None:
+    """Refuses a local `_index` or index file of `column` that is a symbolic link: the build would write
+    or delete where it points, outside the export (an export never writes through a link either).
+
+    Raises:
+        AnalysisError: naming the link.
+    """
+    index_path, metadata_path = index_paths(directory, column)
+    for path in (
+        posixpath.join(directory, INDEX_DIR),
+        index_path,
+        index_path + ".tmp",
+        metadata_path,
+        metadata_path + ".tmp",
+    ):
+        if os.path.islink(path):
+            raise AnalysisError(
+                f"{path} is a symbolic link (to {os.readlink(path)!r}); an index build never writes or "
+                "deletes through one. Remove the link, then build the index again."
+            )
+
+
 def _local_lock(data: VectorDataset) -> OutputLock | None:
     """The directory's OutputLock where it is local (no export, nor another index build, runs while
     we write into it; a vocabulary's directory too), else None."""
@@ -287,6 +347,12 @@ def build_index(data: VectorDataset, column: str | None, settings: IndexSettings
                 stack.enter_context(lock)
             except ExportConfigError as error:
                 raise AnalysisError(f"Cannot index it now: {error}") from None
+            except OutputWriteError:  # The lock's own few bytes found the disk full.
+                raise AnalysisError(
+                    f"Cannot index {data.location!r}: its disk is full (no space left to write its lock "
+                    f"{lock.path}); nothing was written. Free space there, then build the index again."
+                ) from None
+            _refuse_links(directory, column)
         try:
             return _build_and_write(data, column, settings, index_class, filesystem, directory)
         except AnalysisError:
@@ -384,23 +450,27 @@ def _build_and_write(
             "parquet_bytes": sum(filesystem.get_file_info(p).size for p in data.dataset.files),
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        if not is_local(filesystem):
-            # On object storage the old metadata stays until the new one replaces it; a reader in
-            # between finds the new file's SHA-256 differs from it, and refuses the index.
-            _upload(local, filesystem, index_path)
-            _write_bytes(filesystem, metadata_path, _metadata_bytes(metadata))  # a PUT is atomic
-            return metadata
-        filesystem.create_dir(posixpath.join(directory, INDEX_DIR), recursive=True)
         # The new metadata is written first, as COLUMN.json.tmp: wherever the build dies from here,
         # the files it leaves are named by metadata of ours, and an export's --overwrite may
         # replace them (only files that metadata names are ours under _index/; layout.index_files).
         staged_metadata = metadata_path + ".tmp"
-        _write_bytes(filesystem, staged_metadata, _metadata_bytes(metadata))
+        if not is_local(filesystem):
+            # A PUT is atomic. The old metadata stays until the new one replaces it; a reader in
+            # between finds the new file's SHA-256 differs from it, and refuses the index.
+            _write_bytes(filesystem, staged_metadata, _metadata_bytes(metadata))
+            _upload(local, filesystem, index_path)
+            _write_bytes(filesystem, metadata_path, _metadata_bytes(metadata))
+            with contextlib.suppress(OSError):  # The index is in place; a .tmp left is named by itself.
+                filesystem.delete_file(staged_metadata)
+            return metadata
+        filesystem.create_dir(posixpath.join(directory, INDEX_DIR), recursive=True)
+        _write_new_file(filesystem, staged_metadata, _metadata_bytes(metadata))
         # Old metadata goes next: a reader then sees no index, not old metadata over a new file.
         if filesystem.get_file_info(metadata_path).type == pafs.FileType.File:
             filesystem.delete_file(metadata_path)
         _upload(local, filesystem, index_path)
     filesystem.move(staged_metadata, metadata_path)
+    fsync_directory(posixpath.join(directory, INDEX_DIR))  # The renames, before the command says done.
     return metadata
 
 

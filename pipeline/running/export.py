@@ -26,6 +26,7 @@ from pipeline.errors import (
     EXIT_ACCOUNTING_UNVERIFIED,
     EXIT_OK,
     ExportConfigError,
+    OutputWriteError,
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
 from pipeline.planning.build import build_plan
@@ -50,7 +51,12 @@ from pipeline.running.counters import (
     read_counters,
 )
 from pipeline.running.dataflow import poll_dataflow
-from pipeline.running.failures import beam_errors_held, out_of_space_reported
+from pipeline.running.failures import (
+    beam_errors_held,
+    is_file_too_large,
+    out_of_space_reported,
+    token_table_too_large,
+)
 from pipeline.running.graph import build_pipeline
 from pipeline.running.report import ExportSummary, recorded_command_line, recorded_options
 from pipeline.running.runners import (
@@ -375,8 +381,14 @@ def _run_and_commit(
     started = time.time()
     workers_dir = join(plan.output, STAGING, run_id, portable.WORKERS_DIR)
     try:
+        try:
+            with out_of_space_reported(plan.output, run_id):
+                write_token_tables(plan, model_source, staging_tables_dir(plan.output, run_id))
+        except OutputWriteError as error:
+            if is_file_too_large(error):  # One whole file: a smaller --shard_mb would not help.
+                raise token_table_too_large(plan.output) from None
+            raise
         with out_of_space_reported(plan.output, run_id):
-            write_token_tables(plan, model_source, staging_tables_dir(plan.output, run_id))
             result = _run_pipeline(
                 options, plan, rows_prefix, errors_prefix, total_bytes, resumed, workers_dir
             )

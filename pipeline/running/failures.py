@@ -17,7 +17,7 @@ from pipeline.running import progress as progress_lib
 from pipeline.running.advice import rerun_to_finish
 from pipeline.uris import is_local
 from pipeline.writing.files import join
-from pipeline.writing.layout import STAGING
+from pipeline.writing.layout import STAGING, TABLES_DIR
 from pipeline.writing.staging import holds_durable_rows, staged_bytes
 
 
@@ -260,6 +260,23 @@ def _what_is_kept(output: str, run_id: str) -> str:
     return (
         f"The rows made durable are kept in {staging}: free space, then rerun the same command to continue "
         "from them (--resume off, or deleting that directory, drops them)."
+    )
+
+
+def token_table_too_large(output: str) -> OutputWriteError:
+    """Says that a `--token_storage ids` token table reached the largest file size allowed.
+
+    The table is one file per Embedding layer, written whole before the pipeline
+    starts, whatever --shard_mb: `file_too_large`'s advice to lower --shard_mb
+    would fail the same way on every rerun.
+    """
+    return OutputWriteError(
+        f"--output {output!r}: the token table this run wrote there (--token_storage ids: each Embedding "
+        f"layer's table in {TABLES_DIR}/, one whole file whatever --shard_mb) grew past the largest size "
+        f"allowed ({os.strerror(errno.EFBIG)}: the process's file-size limit, `ulimit -f`, or the "
+        "filesystem's own, such as FAT32's 4 GiB). Nothing was committed and an earlier export there is "
+        "untouched. Raise the limit, choose an --output on a filesystem that takes larger files, or pass "
+        "--token_storage vectors; a smaller --shard_mb does not help."
     )
 
 

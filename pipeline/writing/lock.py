@@ -331,6 +331,25 @@ class OutputLock:
                 delete_files([self.path])
 
 
+def is_stale_local_lock(directory: str) -> bool:
+    """Whether `directory` (local) holds a `_LOCK` that no process holds: left by a run or an index
+    build that was killed (the kernel released its flock). A link, or one that cannot be opened, is
+    not one (it stays a reason to refuse)."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(directory, LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # Held: a live run or index build.
+        return False
+    finally:
+        os.close(fd)  # Closing releases our own probe.
+    return True
+
+
 def _modified(path: str) -> float:
     """The store's own time of the last write of `path` (raises where it gives none)."""
     return float(FileSystems.match([path])[0].metadata_list[0].last_updated_in_seconds)

@@ -368,6 +368,13 @@ def _remove_unfinished_set_asides(directory: str) -> None:
         parts = relative_to(directory, path).split("/")
         if len(parts) > 2:
             by_run.setdefault(parts[1], []).append(path)
+    failed_root = os.path.join(directory, FAILED_DIR)
+    if is_local(directory) and os.path.isdir(failed_root) and not os.path.islink(failed_root):
+        # Killed right after making `_failed/RUN/errors/`, it left folders and no file (object
+        # stores have no folders).
+        for run_id in os.listdir(failed_root):
+            if os.path.isdir(os.path.join(failed_root, run_id)):
+                by_run.setdefault(run_id, [])
     for run_id, paths in by_run.items():
         folder = join(directory, FAILED_DIR, run_id)
         if join(folder, MANIFEST) in paths and _is_whole_manifest(join(folder, MANIFEST)):
