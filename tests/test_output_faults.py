@@ -703,6 +703,26 @@ def test_a_failed_workers_line_quotes_its_own_words_not_tensorflows_log(monkeypa
     assert "exited with status 1 (ValueError: the worker's own reason)" in str(told), told
 
 
+def test_a_stall_is_told_in_one_line_naming_the_stopped_worker_not_the_kills_it_caused(monkeypatch):
+    """The workers SIGKILLed for a stall are no story of their own ("killed (SIGKILL, perhaps for want of
+    memory)" would send the user after memory)."""
+    from pipeline.running import failures as failures_lib
+    from pipeline.running import local_workers
+
+    stall = local_workers.Stall(
+        1805.0, 1800.0, ("worker process 42 is stopped (SIGSTOP, SIGTSTP or a debugger)",)
+    )
+    monkeypatch.setattr(local_workers, "_stall", [stall])
+    monkeypatch.setattr(local_workers, "_failed", [(-9, [b"\n"])])
+    told = failures_lib._told_in_one_line(local_workers.WorkerFailedError("a worker process failed"))
+    assert str(told) == (
+        "the run made no progress for 0:30:05 (--stall_timeout 1800 s): worker process 42 is stopped "
+        "(SIGSTOP, SIGTSTP or a debugger). Its worker processes were killed and nothing was committed: free "
+        "what held them, then rerun the same command to finish the export (it keeps the rows made durable); "
+        "raise --stall_timeout (0 waits forever) if the run may rightly stand still that long."
+    )
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.slow
 def test_a_stopped_worker_does_not_keep_the_first_signal_from_ending_the_run(tmp_path, tiny_bundle, signum):
@@ -750,7 +770,7 @@ def test_a_stopped_worker_ends_the_run_after_stall_timeout_and_the_rerun_finishe
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == EXIT_UNEXPECTED and len(lines) == 1, err[-3000:]
     assert lines[0].startswith("error: the run made no progress for 0:00:"), lines[0]
-    assert f"(--stall_timeout 20 s) (worker process {workers[0]} stopped (SIGSTOP" in lines[0], lines[0]
+    assert f"(--stall_timeout 20 s): worker process {workers[0]} is stopped (SIGSTOP" in lines[0], lines[0]
     assert "rerun the same command to finish the export" in lines[0], lines[0]
     assert "Traceback" not in err, err[-3000:]
     deadline = time.time() + 10

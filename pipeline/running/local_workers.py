@@ -64,9 +64,9 @@ _stopping = [False]
 _stall: list["Stall"] = []
 # What a worker's state letter in /proc/PID/stat says of one that makes no progress.
 _STATES = {
-    "T": "stopped (SIGSTOP, SIGTSTP or a debugger)",
-    "t": "stopped by a debugger",
-    "D": "waiting in the kernel (disk I/O, a hung network mount)",
+    "T": "is stopped (SIGSTOP, SIGTSTP or a debugger)",
+    "t": "is stopped by a debugger",
+    "D": "is waiting in the kernel (disk I/O, a hung network mount)",
 }
 
 
