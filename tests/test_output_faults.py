@@ -524,7 +524,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _two_worker_command(tmp_path, tiny_bundle, documents):
+def _two_worker_command(tmp_path, tiny_bundle, documents, *flags):
     """(command, output) of a run with two local worker processes, small batches and row files."""
     corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(documents)])
     output = str(tmp_path / "out")
@@ -539,6 +539,7 @@ def _two_worker_command(tmp_path, tiny_bundle, documents):
         "0.02",
         "--direct_running_mode=multi_processing",
         "--direct_num_workers=2",
+        *flags,
     )
     return command, output
 
@@ -594,12 +595,12 @@ def test_a_terminal_ctrl_c_on_a_run_with_worker_processes_prints_only_the_interr
     assert len(_complete_export(output)) == 3000
 
 
-def _start_with_two_workers(tmp_path, tiny_bundle, documents=20000):
+def _start_with_two_workers(tmp_path, tiny_bundle, documents=20000, *flags):
     """A run with two local worker processes, started in its own session; (process, output, workers).
 
     Returned once the run has begun writing a row file: both workers are at work.
     """
-    command, output = _two_worker_command(tmp_path, tiny_bundle, documents)
+    command, output = _two_worker_command(tmp_path, tiny_bundle, documents, *flags)
     process = forkserver.popen(
         command,
         cwd=REPOSITORY,
@@ -763,6 +764,26 @@ def test_a_failed_workers_line_quotes_its_own_words_not_tensorflows_log(monkeypa
     assert "exited with status 1 (ValueError: the worker's own reason)" in str(told), told
 
 
+def test_a_stall_is_told_in_one_line_naming_the_stopped_worker_not_the_kills_it_caused(monkeypatch):
+    """The workers SIGKILLed for a stall are no story of their own ("killed (SIGKILL, perhaps for want of
+    memory)" would send the user after memory)."""
+    from pipeline.running import failures as failures_lib
+    from pipeline.running import local_workers
+
+    stall = local_workers.Stall(
+        1805.0, 1800.0, ("worker process 42 is stopped (SIGSTOP, SIGTSTP or a debugger)",)
+    )
+    monkeypatch.setattr(local_workers, "_stall", [stall])
+    monkeypatch.setattr(local_workers, "_failed", [(-9, [b"\n"])])
+    told = failures_lib._told_in_one_line(local_workers.WorkerFailedError("a worker process failed"))
+    assert str(told) == (
+        "the run made no progress for 0:30:05 (--stall_timeout 1800 s): worker process 42 is stopped "
+        "(SIGSTOP, SIGTSTP or a debugger). Its worker processes were killed and nothing was committed: free "
+        "what held them, then rerun the same command to finish the export (it keeps the rows made durable); "
+        "raise --stall_timeout (0 waits forever) if the run may rightly stand still that long."
+    )
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.slow
 def test_a_stopped_worker_does_not_keep_the_first_signal_from_ending_the_run(tmp_path, tiny_bundle, signum):
@@ -788,6 +809,105 @@ def test_a_stopped_worker_does_not_keep_the_first_signal_from_ending_the_run(tmp
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the run"
     assert state_lib.read_manifest(output) is None
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_ends_the_run_after_stall_timeout_and_the_rerun_finishes(tmp_path, tiny_bundle):
+    """A worker that makes no progress (stopped, deadlocked, on a hung mount) hung the run forever: the
+    progress line repeated the same counts, and only a signal ended it."""
+    # Above the workers' model load (no count moves meanwhile), here and under load in CI.
+    flags = ("--stall_timeout=20", "--progress_seconds=1")
+    process, output, workers = _start_with_two_workers(tmp_path, tiny_bundle, 3000, *flags)
+    try:
+        os.kill(workers[0], signal.SIGSTOP)
+        code, err = _finish(process, 90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_UNEXPECTED and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: the run made no progress for 0:00:"), lines[0]
+    assert f"(--stall_timeout 20 s): worker process {workers[0]} is stopped (SIGSTOP" in lines[0], lines[0]
+    assert "rerun the same command to finish the export" in lines[0], lines[0]
+    assert "Traceback" not in err, err[-3000:]
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the run"
+    assert state_lib.read_manifest(output) is None
+    # The same command without the stall flags (which the rerun need not match); the corpus as it was.
+    command = pipeline_command(
+        tmp_path / "c.jsonl",
+        output,
+        "--model",
+        tiny_bundle[0],
+        "--batch_size",
+        "16",
+        "--shard_mb",
+        "0.02",
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+    )
+    rerun = run_command(command)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _complete_export(output) == sorted(f"doc{i}" for i in range(3000))
+    assert state_lib.read_manifest(output)["resumed"] is not None
+
+
+def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_stopped(tmp_path):
+    """The watchdog's clock: no count moved for --stall_timeout seconds is a stall, said once; a look far
+    later than due (the launcher itself stopped, Ctrl-Z) restarts it, since the run stood still with it."""
+    from pipeline.running import progress as progress_lib
+
+    calls = []
+    monitor = progress_lib.ProgressMonitor(
+        str(tmp_path), 1000, interval=0.05, stall_seconds=0.5, on_stall=lambda *args: calls.append(args)
+    )
+    totals = progress_lib.read_totals(str(tmp_path))
+    monitor._watch_for_stall(totals, look=0.05)
+    time.sleep(0.6)
+    monitor._watch_for_stall(totals, look=0.05)  # Nothing counted yet: workers starting, no stall.
+    assert calls == []
+    time.sleep(0.3)
+    monitor._watch_for_stall({**totals, "records": 5}, look=0.05)  # A count moved: the clock restarts.
+    time.sleep(0.3)
+    monitor._watch_for_stall({**totals, "records": 5}, look=0.05)
+    assert calls == []
+    time.sleep(0.3)
+    monitor._watch_for_stall({**totals, "records": 5}, look=1.0)  # 0.3 s late for a 1 s look: in time.
+    assert len(calls) == 1 and calls[0][0] > 0.5 and calls[0][1] == 0.5, calls
+    monitor._watch_for_stall({**totals, "records": 5}, look=0.05)
+    assert len(calls) == 1  # Once.
+    cpu = {1: 0.0}
+    busy = progress_lib.ProgressMonitor(
+        str(tmp_path),
+        1000,
+        stall_seconds=0.5,
+        on_stall=lambda *args: calls.append(args),
+        cpu_seconds=lambda: dict(cpu),
+    )
+    for _ in range(8):  # No count moves, but a process computes (a long batch): no stall.
+        busy._watch_for_stall({**totals, "records": 5}, look=0.05)
+        time.sleep(0.1)
+        cpu[1] += 0.05
+    assert len(calls) == 1
+    for _ in range(8):  # It idles, polling at 5 % of a core: a stall.
+        busy._watch_for_stall({**totals, "records": 5}, look=0.05)
+        time.sleep(0.1)
+        cpu[1] += 0.005
+    assert len(calls) == 2
+    stopped = progress_lib.ProgressMonitor(
+        str(tmp_path), 1000, stall_seconds=0.5, on_stall=lambda *args: calls.append(args)
+    )
+    stopped._watch_for_stall({**totals, "records": 5}, look=0.05)
+    stopped._looked_at -= 60  # The launcher was stopped for a minute between two looks.
+    stopped._moved_at -= 60
+    stopped._watch_for_stall({**totals, "records": 5}, look=0.05)
+    assert len(calls) == 2
 
 
 def test_a_set_aside_whose_manifest_the_full_disk_left_empty_is_removed_by_the_next_run(tmp_path):

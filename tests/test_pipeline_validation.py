@@ -239,6 +239,7 @@ def test_the_format_is_told_from_an_extension_in_any_case():
         ("shard_mb", "64MB", "from 0.001 to 1,000,000.0"),
         ("checkpoint_seconds", "", "from 0.01 to 604,800.0"),
         ("worker_start_timeout", "5m", "from 0.0 to 86,400.0"),
+        ("stall_timeout", "-1", "from 0.0 to 604,800.0"),
         ("tf_threads", "all", "from 0 to 1,024"),
     ],
 )

@@ -614,6 +614,50 @@ def test_no_job_service_at_the_job_endpoint_is_a_launch_error(bundle, corpus, tm
     assert not os.path.exists(output)
 
 
+def test_a_job_endpoint_that_is_no_job_service_is_a_launch_error(services, bundle, corpus, tmp_path, capsys):
+    """The worker pool's port given as --job_endpoint (the two ports swapped): it speaks gRPC, so the
+    probe passed; Beam then failed once the model was loaded, "the job may still run there", exit 1."""
+    _, pool, _ = services
+    output = str(tmp_path / "out")
+    argv = ["--model", bundle, "--input", corpus, "--output", output, "--job_server_timeout=10"]
+    assert main(argv + _portable_flags(pool, "localhost:1")) == EXIT_CONFIG_ERROR
+    last = _last_error(capsys)
+    assert last.startswith(f"error: --job_endpoint {pool} answers gRPC but is no Beam job service"), last
+    assert "local_job_service_main --port PORT" in last, last
+    assert not os.path.exists(output)
+
+
+@pytest.mark.slow
+def test_a_job_service_that_stops_answering_as_the_job_is_submitted_is_one_line(
+    request, bundle, corpus, tmp_path, capsys, monkeypatch
+):
+    """A job server that hangs after the launch probe, as the job is submitted: Beam's own connect timed
+    out in a grpc.FutureTimeoutError traceback, and the run's staging was left in --output."""
+    from pipeline.running import portable
+
+    started = []
+    job_endpoint = _job_service(request, tmp_path, started)
+    service = started[0]
+    request.addfinalizer(lambda: service.poll() is None and os.kill(service.pid, signal.SIGCONT))
+    probe = portable.check_job_endpoint
+
+    def probe_then_stop(options):
+        probe(options)
+        service.send_signal(signal.SIGSTOP)
+
+    monkeypatch.setattr(portable, "check_job_endpoint", probe_then_stop)
+    output = tmp_path / "out"
+    argv = ["--model", bundle, "--input", corpus, "--output", str(output), "--job_server_timeout=3"]
+    assert main(argv + _portable_flags(job_endpoint, "localhost:1")) == EXIT_CONFIG_ERROR
+    assert _last_error(capsys) == (
+        f"error: the job service at --job_endpoint {job_endpoint} stopped answering as the job was "
+        "submitted (no answer within 3 s, --job_server_timeout); no job was started and nothing was "
+        "committed. Check the job server, then rerun the same command. See docs/portable_runners.md."
+    )
+    _nothing_committed(output)
+    assert not os.path.exists(output / layout_lib.STAGING) or not os.listdir(output / layout_lib.STAGING)
+
+
 @pytest.mark.parametrize("value", ["-1", "inf", "nan"])
 def test_worker_start_timeout_must_be_finite_and_not_negative(value, tmp_path, capsys):
     assert main(["--output", str(tmp_path / "out"), f"--worker_start_timeout={value}"]) == EXIT_CONFIG_ERROR
@@ -710,6 +754,34 @@ def test_a_job_service_lost_while_the_job_runs(request, services, bundle, corpus
     if event != "killed":
         assert "progress: the job service has not answered for" in log_path.read_text()
     _nothing_committed(output)
+
+
+@pytest.mark.slow
+def test_a_job_running_longer_than_job_server_timeout_is_committed(
+    services, bundle, corpus, reference, tmp_path
+):
+    """Beam opens the job's state and message streams with a deadline of --job_server_timeout: a job
+    running longer (300 s by default: any real one) failed at its end, "the job service went away",
+    nothing committed, though the job had succeeded and its service answered all along."""
+    job_endpoint, pool, _ = services
+    output = str(tmp_path / "out")
+    timeout = 4
+    command = pipeline_command(
+        corpus,
+        output,
+        "--model",
+        bundle,
+        "--batch_size",
+        "64",
+        f"--job_server_timeout={timeout}",
+        *_portable_flags(job_endpoint, pool),
+    )
+    result = _run_cli(command)
+    assert result.returncode == EXIT_OK, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    # Worker start-up alone (a new process importing TensorFlow) takes longer than the limit.
+    assert manifest_of(output)["seconds"] > timeout, "the job ended before the streams' old deadline"
+    _assert_same_output(output, reference[0])
 
 
 @pytest.mark.slow

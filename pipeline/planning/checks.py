@@ -43,6 +43,7 @@ NUMERIC_FLAGS: tuple[tuple[str, int | float, int | float, str], ...] = (
     ("checkpoint_seconds", 0.01, 604_800.0, "seconds a row file stays open before it is made durable"),
     ("tf_threads", 0, 1024, "TensorFlow threads per worker process, 0 = automatic"),
     ("worker_start_timeout", 0.0, 86_400.0, "seconds to wait for a first worker, 0 = forever"),
+    ("stall_timeout", 0.0, 604_800.0, "seconds without progress that end a run, 0 = never"),
 )
 
 

@@ -243,6 +243,18 @@ class ExportOptions(PipelineOptions):
             "(Flink, Spark), between lines of the job's state. Default: %(default)s.",
         )
         parser.add_argument(
+            "--stall_timeout",
+            type=number,
+            default=1800,
+            metavar="SECONDS",
+            help="Local runs with worker processes (--direct_running_mode multi_processing, the "
+            "default from 64 MB of input): end the run with an error when it has made no progress "
+            "(no id scanned, record read or row written, and no process of it computing) for this "
+            "many seconds since it began to, as when a worker is stopped, deadlocked or waits on a "
+            "hung mount; its rows are kept and the rerun continues from them. 0 waits forever. "
+            "Default: %(default)s.",
+        )
+        parser.add_argument(
             "--worker_start_timeout",
             type=number,
             default=300,

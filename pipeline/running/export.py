@@ -17,6 +17,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
+    DirectOptions,
     PipelineOptions,
 )
 from apache_beam.runners.runner import PipelineResult
@@ -40,7 +41,7 @@ from pipeline.planning.model_source import ModelSource
 from pipeline.planning.options import ExportOptions, default_output
 from pipeline.planning.plan import ExportPlan
 from pipeline.planning.reuse import reuse_signature
-from pipeline.running import left_running, portable
+from pipeline.running import left_running, local_workers, portable
 from pipeline.running import progress as progress_lib
 from pipeline.running.accounting import account, manifest_counts, verdict
 from pipeline.running.counters import (
@@ -349,8 +350,16 @@ def _run_pipeline(
             errors_prefix,
             **_graph_settings(options, total_bytes, progress_dir, resumed),
         )
+        # Only worker processes can be stopped and their run ended for it (`local_workers.stalled`).
+        processes = options.view_as(DirectOptions).direct_running_mode == "multi_processing"
         monitor = progress_lib.ProgressMonitor(
-            progress_dir, total_bytes, export_options.limit, export_options.progress_seconds
+            progress_dir,
+            total_bytes,
+            export_options.limit,
+            export_options.progress_seconds,
+            stall_seconds=export_options.stall_timeout if processes else 0.0,
+            on_stall=local_workers.stalled,
+            cpu_seconds=local_workers.cpu_seconds,
         )
         with beam_errors_held(export_options.resume), monitor, worker_package_path(options):
             result = pipeline.run()

@@ -98,6 +98,16 @@ def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception |
     refusal = worker_refusal(error)
     if refusal is not None:  # A worker's ExportConfigError: its one line says it all.
         return ExportConfigError(refusal)
+    stall = local_workers.stall()
+    if stall is not None:  # Its workers were killed for it: their deaths are no story of their own.
+        local_workers.killed_by()
+        blocked = f": {'; '.join(stall.workers)}" if stall.workers else ""
+        return WorkerDiedError(
+            f"the run made no progress for {progress_lib.duration_text(stall.seconds)} (--stall_timeout "
+            f"{stall.limit:g} s){blocked}. Its worker processes were killed and nothing was committed: "
+            f"free what held them, then {rerun_to_finish(resume)}; raise --stall_timeout (0 waits "
+            "forever) if the run may rightly stand still that long."
+        )
     signals = local_workers.killed_by()
     failed = local_workers.failed_workers()
     if failed and failed[0][0] < 0:  # The first to die: the others may have been stopped for it.

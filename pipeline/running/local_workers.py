@@ -23,6 +23,7 @@ group still reaches them.
 
 import collections
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -59,10 +60,28 @@ FAILURE_GRACE_SECONDS = 15.0
 
 # Whether a stop signal is ending the run (`stop_workers`).
 _stopping = [False]
+# The run's stall, once `stalled` ended it: what `stall` returns.
+_stall: list["Stall"] = []
+# What a worker's state letter in /proc/PID/stat says of one that makes no progress.
+_STATES = {
+    "T": "is stopped (SIGSTOP, SIGTSTP or a debugger)",
+    "t": "is stopped by a debugger",
+    "D": "is waiting in the kernel (disk I/O, a hung network mount)",
+}
 
 
 class WorkerFailedError(Exception):
     """Raised in the launcher's main thread when a worker failed and Beam went on waiting for it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stall:
+    """A run that made no progress for `seconds` (over the `limit`, --stall_timeout), ended for it."""
+
+    seconds: float
+    limit: float
+    # Each worker process that was stopped or blocked in the kernel then: "worker process PID STATE".
+    workers: tuple[str, ...]
 
 
 class _Subprocess:
@@ -160,8 +179,67 @@ def is_log_line(line: bytes) -> bool:
 
 
 def any_failed() -> bool:
-    """Whether a worker of the run ended with an error; takes no lock, so a signal handler may ask."""
-    return bool(_failed)  # One read of a list: atomic under the GIL.
+    """Whether a worker of the run ended with an error, or the run stalled; takes no lock, so a signal
+    handler may ask."""
+    return bool(_failed) or bool(_stall)  # One read of a list each: atomic under the GIL.
+
+
+def stalled(seconds: float, limit: float) -> None:
+    """The run made no progress for `seconds`, over --stall_timeout `limit` (`progress.ProgressMonitor`).
+
+    A worker that is stopped, deadlocked or blocked on a hung mount never answers, and Beam
+    waits for it forever. So, during a run with worker processes, the workers are
+    SIGKILLed (their closed row files are durable, the rerun continues from them) and the
+    launcher's wait is ended as for a failed worker; the run ends with the stall's story (`stall`).
+    """
+    with _lock:
+        running = [process for process in _started if process.poll() is None]
+        if on_failure is None or _stopping[0] or _tracebacks != HOLD or not running or _stall:
+            return
+        # Before they are killed: a stopped or blocked worker is what stalled the run.
+        states = ((process.pid, _state(process.pid)) for process in running)
+        _stall.append(
+            Stall(
+                seconds,
+                limit,
+                tuple(f"worker process {pid} {_STATES[s]}" for pid, s in states if s in _STATES),
+            )
+        )
+    kill_workers()
+    with _lock:  # `wake_on_failure(None)` takes the lock: no wake once the run stopped waiting.
+        if on_failure is not None and not _stopping[0]:
+            on_failure()
+
+
+def cpu_seconds() -> dict[int, float]:
+    """The CPU time (user and system) of this process and of each worker process still running."""
+    with _lock:
+        pids = [process.pid for process in _started if process.poll() is None]
+    seconds = {}
+    for pid in [os.getpid(), *pids]:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):  # Gone, or no /proc: only the counts tell.
+            continue
+    return seconds
+
+
+def stall() -> Stall | None:
+    """The run's stall that ended it (`stalled`), or None."""
+    with _lock:
+        return _stall[0] if _stall else None
+
+
+def _state(pid: int) -> str:
+    """The process's state letter (R, S, D, T, ...), or "" where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            # After the command name, which may hold spaces and parentheses.
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def failed_workers() -> list[tuple[int, list[bytes]]]:
@@ -186,6 +264,7 @@ def hold_tracebacks() -> None:
         _tracebacks = HOLD
         _held.clear()
         _failed.clear()
+        _stall.clear()
         _stopping[0] = False
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -10,13 +11,14 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import apache_beam as beam
 import grpc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
-from apache_beam.portability.api import beam_job_api_pb2
+from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
 from apache_beam.runners.portability import portable_runner
 from apache_beam.runners.runner import PipelineResult, PipelineState, create_runner
 from apache_beam.transforms.environments import Environment
@@ -149,15 +151,34 @@ def check_job_endpoint(options: PipelineOptions) -> None:
         return
     timeout = portable.job_server_timeout
     channel = grpc.insecure_channel(endpoint)
+    start_one = (
+        "the Flink or Spark job server (its --job-port), or for a test on this machine "
+        "`python -m apache_beam.runners.portability.local_job_service_main --port PORT`"
+    )
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
+        # The call Beam makes first: any gRPC server (a worker pool's port) is ready, only a job
+        # service knows it. Beam would fail once the model is loaded and the run's staging made.
+        beam_job_api_pb2_grpc.JobServiceStub(channel).DescribePipelineOptions(
+            beam_job_api_pb2.DescribePipelineOptionsRequest(), timeout=timeout
+        )
     except grpc.FutureTimeoutError:
         raise ExportConfigError(
             f"No Beam job service answered at --job_endpoint {endpoint} within {timeout} s "
-            "(--job_server_timeout). Check that HOST:PORT is right and that the job server runs "
-            "there: the Flink or Spark job server (its --job-port), or for a test on this machine "
-            "`python -m apache_beam.runners.portability.local_job_service_main --port PORT`. "
-            f"See {DOCS}."
+            f"(--job_server_timeout). Check that HOST:PORT is right and that the job server runs "
+            f"there: {start_one}. See {DOCS}."
+        ) from None
+    except grpc.RpcError as error:
+        code = error.code() if isinstance(error, grpc.Call) else None
+        if code != grpc.StatusCode.UNIMPLEMENTED:
+            raise ExportConfigError(
+                f"The Beam job service at --job_endpoint {endpoint} did not answer its first call "
+                f"({code}); nothing was written. Check the job server there ({start_one}). See {DOCS}."
+            ) from None
+        raise ExportConfigError(
+            f"--job_endpoint {endpoint} answers gRPC but is no Beam job service (it does not know the "
+            "Job API; a worker pool's --service_port, or another service?). Pass the job server's "
+            f"port: {start_one}. See {DOCS}."
         ) from None
     finally:
         channel.close()
@@ -298,6 +319,15 @@ def _job_service_lost(options: PipelineOptions, why: str) -> JobServiceLostError
     )
 
 
+def _not_submitted(options: PipelineOptions, why: str) -> str:
+    portable = options.view_as(PortableOptions)
+    return (
+        f"the job service at --job_endpoint {portable.job_endpoint or '(started by the runner)'} {why} "
+        f"(no answer within {portable.job_server_timeout:g} s, --job_server_timeout); no job was "
+        f"started and nothing was committed. Check the job server, then rerun the same command. See {DOCS}."
+    )
+
+
 class _JobWatch:
     """Asks the job service about one job, each call bounded, so a silent service cannot hang us.
 
@@ -388,6 +418,50 @@ class _JobWatch:
         self._result._metrics = portable_runner.PortableMetrics(response)  # type: ignore[attr-defined]
 
 
+class _StreamsWithoutDeadline:
+    """The job service's stub, but the job's state and message streams are opened without a deadline.
+
+    Beam opens both with timeout=--job_server_timeout, counted from submission: any
+    job running longer (300 s by default) had them end with DEADLINE_EXCEEDED, and its
+    end read from them failed a succeeded job as a job service gone. The launcher's own
+    calls (`_JobWatch`) keep their deadlines, so a silent service is still noticed.
+    """
+
+    def __init__(self, stub: Any):
+        self._stub = stub
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stub, name)
+
+    def GetStateStream(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        return self._stub.GetStateStream(request, **kwargs)
+
+    def GetMessageStream(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        return self._stub.GetMessageStream(request, **kwargs)
+
+
+@contextlib.contextmanager
+def _job_streams_without_deadline() -> Iterator[None]:
+    """While active, Beam's portable runners open a job's streams through `_StreamsWithoutDeadline`."""
+    handle_class = portable_runner.JobServiceHandle
+    submit_run = handle_class.run
+
+    def run(handle: Any, preparation_id: str) -> Any:
+        stub = handle.job_service
+        handle.job_service = _StreamsWithoutDeadline(stub)
+        try:
+            return submit_run(handle, preparation_id)
+        finally:
+            handle.job_service = stub  # The result asks the job service through the plain stub.
+
+    # setattr: Beam's method is replaced for the duration of the submission only.
+    setattr(handle_class, "run", run)  # noqa: B010
+    try:
+        yield
+    finally:
+        handle_class.run = submit_run  # type: ignore[method-assign]
+
+
 def run_job(
     pipeline: beam.Pipeline,
     workers_dir: str,
@@ -411,9 +485,20 @@ def run_job(
     with HeldErrorLogs("") as held:
         try:
             try:
-                result = pipeline.run()
+                with _job_streams_without_deadline():
+                    result = pipeline.run()
             except grpc.RpcError as error:
-                raise _job_service_lost(options, "failed to take the job") from error
+                code = error.code() if isinstance(error, grpc.Call) else None
+                # Beam's Run call has no deadline: a call that timed out came before it, and no job runs.
+                if code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise _job_service_lost(options, "failed to take the job") from error
+                raise (JobNotSubmittedError if fresh else ExportConfigError)(
+                    _not_submitted(options, "stopped answering as the job was submitted")
+                ) from None
+            except grpc.FutureTimeoutError:  # Beam's own connect, once the launch check had passed.
+                raise (JobNotSubmittedError if fresh else ExportConfigError)(
+                    _not_submitted(options, "stopped answering as the job was submitted")
+                ) from None
             except (RuntimeError, ValueError, OSError) as error:  # NotImplementedError is a RuntimeError
                 first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
                 refused = JobNotSubmittedError if fresh else ExportConfigError

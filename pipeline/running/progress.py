@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
@@ -31,6 +32,10 @@ KEYS = ("scanned_bytes", "read_bytes", "records", "rows", "rows_kept", "dead_let
 # When (time.time()) a process counted its first row; the earliest over the processes is the run's.
 FIRST_ROW_AT = "first_row_at"
 _WRITE_EVERY_SECONDS = 1.0
+# Seconds between the monitor's looks for a stall (--stall_timeout), at most.
+STALL_LOOK_SECONDS = 5.0
+# The share of a core a process of the run uses while at work: it is making progress.
+BUSY_SHARE = 0.25
 # What a process counted: KEYS -> counts, and FIRST_ROW_AT -> a time.time() where one was counted.
 Totals = dict[str, float]
 
@@ -146,6 +151,10 @@ class ProgressMonitor:
         limit: --limit, if given: the ETA is then records read against it.
         interval: seconds between log lines when stderr is not a terminal.
         stream: where a live bar goes (default stderr); a bar only if it is a terminal.
+        stall_seconds: after this many seconds in which no count moved and no process of the
+            run was busy, `on_stall(seconds, stall_seconds)` is called, once (0: never).
+        on_stall: what ends a stalled run (`local_workers.stalled`).
+        cpu_seconds: the CPU time of each process of the run so far (`local_workers.cpu_seconds`).
     """
 
     def __init__(
@@ -155,6 +164,9 @@ class ProgressMonitor:
         limit: int | None = None,
         interval: float = 10.0,
         stream: TextIO | None = None,
+        stall_seconds: float = 0.0,
+        on_stall: Callable[[float, float], None] | None = None,
+        cpu_seconds: Callable[[], dict[int, float]] | None = None,
     ) -> None:
         self._directory = directory
         self._total = max(1, total_bytes)
@@ -164,6 +176,13 @@ class ProgressMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
+        self._stall_seconds = stall_seconds
+        self._on_stall = on_stall
+        # The counts last seen, when they last moved, and when they were last looked at.
+        self._counts: tuple[float, ...] = ()
+        self._moved_at = self._looked_at = self._started
+        self._cpu_seconds = cpu_seconds
+        self._cpu: dict[int, float] = {}
         # Time to first row counts from the command's start (wall clock, as the workers record
         # their first row): imports and model loads included.
         self._command_started = time.time() - process_seconds()
@@ -205,8 +224,39 @@ class ProgressMonitor:
 
     def _run(self) -> None:
         tick = 0.5 if self._bar else self._interval
-        while not self._stop.wait(tick):
-            self.report()
+        # A stall is looked for more often than a line is logged: it ends the run in time.
+        look = min(tick, STALL_LOOK_SECONDS) if self._stall_seconds else tick
+        logged = time.monotonic()
+        while not self._stop.wait(look):
+            totals = read_totals(self._directory)
+            self._watch_for_stall(totals, look)
+            if time.monotonic() - logged >= tick - 0.01:
+                logged = time.monotonic()
+                self.report(totals=totals)
+
+    def _watch_for_stall(self, totals: Totals, look: float) -> None:
+        """Calls `on_stall` once no count has moved for `stall_seconds`."""
+        if not self._stall_seconds or self._on_stall is None:
+            return
+        now = time.monotonic()
+        counts = tuple(totals[key] for key in KEYS)
+        # Counted from the first count: the workers' start-up (TensorFlow, the model) counts nothing.
+        # A look far later than due: this process was stopped (Ctrl-Z, a suspended machine) and the
+        # run with it; the time it stood still is no stall of the workers.
+        # A process that computes (a long batch, a model loading, counts it cannot write to a full
+        # disk) is at work; an idle one polls at a few percent of a core, a stopped one not at all.
+        cpu = self._cpu_seconds() if self._cpu_seconds else {}
+        busy = any(
+            seconds - self._cpu.get(pid, seconds) >= BUSY_SHARE * (now - self._looked_at)
+            for pid, seconds in cpu.items()
+        )
+        self._cpu = cpu
+        if busy or counts != self._counts or not any(counts) or now - self._looked_at > 2 * look + 5:
+            self._counts, self._moved_at = counts, now
+        self._looked_at = now
+        if now - self._moved_at > self._stall_seconds:
+            on_stall, self._on_stall = self._on_stall, None
+            on_stall(now - self._moved_at, self._stall_seconds)
 
     def stop(self, final: bool = True) -> None:
         self._stop.set()
@@ -258,8 +308,8 @@ class ProgressMonitor:
             parts.append(f"first row after {duration_text(totals[FIRST_ROW_AT] - self._command_started)}")
         return "progress: " + ", ".join(parts)
 
-    def report(self, final: bool = False) -> None:
-        totals = read_totals(self._directory)
+    def report(self, final: bool = False, totals: Totals | None = None) -> None:
+        totals = read_totals(self._directory) if totals is None else totals
         text = self.line(totals, final=final)
         if self._bar is not None and self._task is not None:
             reading = bool(totals["read_bytes"] or totals["records"])
