@@ -766,6 +766,27 @@ def test_string_input_without_fixed_length_gives_each_document_its_own_vectors(t
             np.testing.assert_allclose(rows[str(index)][column], expected[0], atol=TOLERANCE, rtol=0)
 
 
+def test_a_ragged_vectorizers_document_of_no_tokens_is_empty_not_a_row_of_nans(tmp_path):
+    # A ragged vectorizer marks real tokens as a padded one does: a text of punctuation only has
+    # none, and Keras's mean over no tokens is NaN.
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, ragged=True, name="vectorize")
+    vectorizer.adapt(np.array(PROBE_TEXTS))
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(keras.layers.Embedding(20, 4)(vectorizer(text)))
+    model = keras.Model(text, pooled)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    texts = ["Return the VALUE", "unknownword the", "!!! ???"]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    output = _export(tmp_path, path, corpus, "--layer=pool")
+    assert [(e["id"], e["reason"]) for e in read_errors(output).to_pylist()] == [("2", "empty_document")]
+    rows = rows_by_id(read_rows(output))
+    assert sorted(rows) == ["0", "1"]
+    reference = model.predict(tf.constant([[t] for t in texts[:2]]), verbose=0)
+    for index, expected in enumerate(reference):
+        np.testing.assert_allclose(rows[str(index)]["pool"], expected, atol=TOLERANCE, rtol=0)
+
+
 def test_a_vectorizers_ids_without_a_fixed_length_are_refused_in_one_line(tmp_path):
     vectorizer = keras.layers.TextVectorization(max_tokens=20, name="vectorize")
     vectorizer.adapt(np.array(["alpha beta gamma"]))
