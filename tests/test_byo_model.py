@@ -607,6 +607,30 @@ def test_keras3_h5_file_loads(tmp_path):
     )
 
 
+def test_an_h5_file_that_lost_its_vectorizers_vocabulary_is_refused_in_one_line(tmp_path):
+    # Keras 3 writes .h5 without the vocabulary adapt() learnt, and without a word; loaded, the
+    # layer fails on every text ("Table not initialized").
+    texts = ["alpha beta gamma", "beta gamma delta"]
+    adapted = keras.layers.TextVectorization(max_tokens=10, output_sequence_length=4, name="vectorize")
+    adapted.adapt(np.array(texts))
+    listed = keras.layers.TextVectorization(
+        output_sequence_length=4, vocabulary=["alpha", "beta"], name="listed"
+    )
+    for vectorizer, name in ((adapted, "adapted"), (listed, "listed")):
+        text = keras.Input(shape=(1,), dtype="string", name="text")
+        pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(10, 2)(vectorizer(text)))
+        keras.Model(text, pooled).save(tmp_path / f"{name}.h5")
+    # A vocabulary given as a list is in the layer's config, which .h5 keeps.
+    assert load_model_file(str(tmp_path / "listed.h5")).get_layer("listed").vocabulary_size() == 4
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "d", "text": "alpha"}])
+    with pytest.raises(ExportConfigError) as refused:
+        run_export(export_args(tmp_path / "adapted.h5", corpus, tmp_path / "out", "--layer=vectorize"))
+    message = str(refused.value)
+    assert "TextVectorization layer 'vectorize' without its vocabulary" in message
+    assert "model.save('model.keras')" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
 PROBE_TEXTS = [
     "Return the VALUE of x, or None!",
     "ÉCOLE école Straße — it's  a\ttest.\nNew line",
