@@ -65,10 +65,12 @@ class CustomClassError(LegacyModelError):
 
 def custom_class_error(path: str, config: Config, error: Exception) -> CustomClassError | None:
     """The `CustomClassError` for Keras's "Could not locate class" failure to load `path`, else None."""
-    found = re.search(r"Could not locate (?:class|function) '([^']+)'", str(error))
+    found = re.search(r"Could not locate (class|function) '([^']+)'", str(error))
     if found is None:
         return None
-    name = found.group(1)
+    kind, name = found.groups()
+    if kind == "function":
+        return _custom_function_error(path, config, name)
     registered = [
         str(item.get("registered_name"))
         for item in _config_dicts(config)
@@ -80,6 +82,42 @@ def custom_class_error(path: str, config: Config, error: Exception) -> CustomCla
         "trained it), which Keras cannot rebuild without that code. Rebuild the model from built-in "
         "Keras layers as a functional model, copy the weights (new.set_weights(old.get_weights())) "
         "and save it again."
+    )
+
+
+def _custom_function_error(path: str, config: Config, name: str) -> CustomClassError:
+    """The error for a registered function (`name`) of the training code that a layer's argument names.
+
+    The Keras text-classification tutorial's `TextVectorization(standardize=custom_standardization)`
+    is the common case: the vectorizer's vocabulary is no weight, so `set_weights` would not carry it.
+    """
+    uses = [
+        (str(item.get("class_name")), str(item["config"].get("name")), argument)
+        for item in _config_dicts(config)
+        if isinstance(item.get("config"), dict)
+        for argument, value in item["config"].items()
+        if isinstance(value, dict) and value.get("class_name") == "function" and value.get("config") == name
+    ]
+    where = f" as the {uses[0][2]} of the {uses[0][0]} layer {uses[0][1]!r}" if uses else ""
+    cannot = (
+        f"{path} uses the custom function {name.rpartition('>')[2]!r} (registered as {name!r}){where}, "
+        "which Keras cannot rebuild without the code that defined it."
+    )
+    if uses and uses[0][0] == "TextVectorization" and uses[0][2] in ("standardize", "split"):
+        # Its vocabulary is no weight: the copy gets it as a list, the other layers their weights.
+        copy = (
+            "Save a copy of the model whose TextVectorization has standardize=None and the same "
+            "vocabulary (vocabulary=old_layer.get_vocabulary()), the other layers' weights copied, and "
+            "apply your function to the corpus texts before the export."
+            if uses[0][2] == "standardize"
+            else "Save a copy of the model whose TextVectorization has a built-in split ('whitespace' or "
+            "'character') that gives the same tokens and the same vocabulary "
+            "(vocabulary=old_layer.get_vocabulary()), the other layers' weights copied."
+        )
+        return CustomClassError(f"{cannot} {copy}")
+    return CustomClassError(
+        f"{cannot} Rebuild that layer with a built-in Keras function (or a layer computing the same), "
+        "copy the weights (new.set_weights(old.get_weights())) and save the model again."
     )
 
 
