@@ -594,12 +594,25 @@ def test_a_layer_inside_a_nested_model_is_named_with_its_holder(tmp_path):
 def test_a_tensorflow_saved_model_directory_is_named_so(tmp_path):
     import tensorflow as tf
 
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2]}])
     module = tf.Module()
     module.scale = tf.Variable(2.0)
     tf.saved_model.save(module, str(tmp_path / "saved"))
-    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2]}])
-    with pytest.raises(ExportConfigError, match="TensorFlow SavedModel directory.*save it as .h5"):
+    # tf_keras's model.save("dir") writes its layers to keras_metadata.pb beside the graph (saving a
+    # real one takes tf_keras ~10 s); only that file tells the directory apart.
+    (tmp_path / "saved" / "keras_metadata.pb").write_bytes(b"")
+    with pytest.raises(ExportConfigError, match="SavedModel directory .Keras 2.*save it as .h5"):
         run_export(export_args(tmp_path / "saved", corpus, tmp_path / "out", "--tokenizer", "none"))
+    # Keras 3's model.export() writes functions for serving, which tf_keras cannot turn into a model.
+    ids = keras.Input((4,), dtype="int32", name="content")
+    keras.Model(ids, keras.layers.LSTM(2)(keras.layers.Embedding(10, 3)(ids))).export(
+        str(tmp_path / "served")
+    )
+    with pytest.raises(ExportConfigError) as refusal:
+        run_export(export_args(tmp_path / "served", corpus, tmp_path / "out", "--tokenizer", "none"))
+    message = str(refusal.value)
+    assert "SavedModel for serving" in message and "model.save('model.keras')" in message
+    assert "tf_keras.models.load_model" not in message
 
 
 def test_an_explicit_mask_whose_mean_over_padding_is_nan_keeps_the_fast_path(tmp_path):
