@@ -35,6 +35,8 @@ from models.train import SAMPLE_CORPUS
 from models.truncate import LayerSpec, layer_calls, resolve_layer
 from pipeline.errors import ExportConfigError
 from pipeline.inspect import main as inspect_main
+from pipeline.planning.build import build_plan
+from pipeline.planning.options import ExportOptions
 from pipeline.running.export import run_export
 from pipeline.writing.vocabulary_table import token_strings
 
@@ -719,6 +721,31 @@ def test_string_input_model_gets_raw_text(string_model, tmp_path):
             tf.constant(strings), verbose=0
         )
         _assert_matches(rows, name, reference, ids if name == "emb" else None)
+
+
+def test_a_tokenizer_and_sides_a_string_model_does_not_use_are_said_so_and_not_compared(
+    string_model, tmp_path, caplog
+):
+    # They changed no byte, yet were recorded: --reuse without them was refused, saying that
+    # the earlier vectors "would differ".
+    path, corpus, _, _ = string_model
+    vocabulary = tmp_path / "vocabulary.txt"
+    vocabulary.write_text("\n[UNK]\nthe\n", encoding="utf-8")
+    flags = ("--layer=pool", "--input_map=text=body", "--batch_size=64")
+    first = tmp_path / "first"
+    with caplog.at_level(logging.WARNING):
+        summary = run_export(
+            export_args(path, corpus, first, *flags, "--tokenizer", vocabulary, "--padding", "post")
+        )
+    assert summary.exit_code == 0, summary.message
+    assert "--tokenizer and --padding not used" in caplog.text
+    with open(first / "_MANIFEST.json", encoding="utf-8") as handle:
+        assert json.load(handle)["tokenizer_sha256"] == ""
+    # The launch's check of --reuse (which refused it) passes: the plan names the earlier rows.
+    plan, _ = build_plan(
+        ExportOptions(export_args(path, corpus, tmp_path / "second", *flags, "--reuse", first))
+    )
+    assert plan.reuse == str(first) and len(plan.reuse_files) == 1
 
 
 def test_vocabulary_of_a_string_model_is_named_by_its_own_vectorizer(string_model, tmp_path):
