@@ -507,6 +507,15 @@ def test_keras2_tokenizer_vocabulary_and_ids():
     assert no_oov.id_to_token() == {1: "the", 2: "value"}
 
 
+def test_a_keras2_word_index_saved_alone_is_refused_saying_to_save_the_whole_tokenizer():
+    # json.dump(tokenizer.word_index, f) is a common way to keep a tokenizer; it lacks the settings
+    # that say how a text becomes ids, so it is refused, saying what to save instead.
+    with pytest.raises(ValueError, match=r"word_index alone .*num_words.*tokenizer\.to_json\(\)"):
+        read_tokenizer(json.dumps({"<OOV>": 1, "the": 2, "école": 3}).encode())
+    with pytest.raises(ValueError, match="neither this package's tokenizer"):
+        read_tokenizer(json.dumps({"the": "1"}).encode())
+
+
 def test_legacy_layers_match_tf_keras(keras2):
     directory, references, _ = keras2
     ids = np.load(directory / "zoo_ids.npy")
