@@ -34,9 +34,10 @@ class TextTokens:
 
         The real tokens are where the model's TextVectorization emits a non-zero
         id. With none of fixed length (only vector outputs), a text is one token
-        when its vectorizer emits some id, ragged or padded (when it is not blank, without one
-        that emits ids): a text of no tokens (only punctuation) is empty, as it
-        is for a vectorizer of fixed length.
+        when its vectorizer emits some id, ragged or padded, or a count or one-hot
+        vector that is not all 0 (when it is not blank, without a vectorizer): a
+        text of no tokens (only punctuation) is empty, as it is for a vectorizer of
+        fixed length.
         """
         vectorizer, unknown_id = self._text_vectorizer(info)
         if vectorizer is None:
@@ -58,9 +59,10 @@ class TextTokens:
             tensor = next(t for t in self.sub_model.inputs if t.name == info.name)
             vectorizer = text_vectorizer(self.sub_model, tensor)
             config = vectorizer.get_config() if vectorizer is not None else {}
-            if config.get("output_mode") != "int":
-                vectorizer = None  # counts or one-hot: no ids to mark tokens with
-            vocabulary = vectorizer.get_vocabulary() if vectorizer is not None else []
+            # Counts or one-hot vectors (multi_hot, tf_idf) mark no positions, but are all 0 for a
+            # text of no tokens; their vocabulary starts with "[UNK]", not with a padding "".
+            counts = config.get("output_mode") != "int"
+            vocabulary = vectorizer.get_vocabulary() if vectorizer is not None and not counts else []
             unknown_id = 1 if len(vocabulary) > 1 and vocabulary[1] == UNKNOWN_TOKEN else None
             self._vectorizers[info.name] = (vectorizer, unknown_id)
         return self._vectorizers[info.name]
