@@ -231,6 +231,15 @@ def is_keras2_tokenizer_config(config: object) -> typing.TypeGuard[dict[str, typ
     )
 
 
+def _is_word_index(config: object) -> bool:
+    """Whether a decoded JSON value is a non-empty {word: positive integer id} object."""
+    return (
+        isinstance(config, dict)
+        and bool(config)
+        and all(type(index) is int and index > 0 for index in config.values())
+    )
+
+
 class VocabularyTokenizer(_ListTokenizer):
     """A vocabulary file, one token per line, id = line number.
 
@@ -342,6 +351,13 @@ def read_tokenizer(
             return tokenizer, FORMAT_EMBEXPORT
         if is_keras2_tokenizer_config(config):
             return Keras2Tokenizer.from_json(config, padding or "pre", truncating or "pre"), FORMAT_KERAS2
+        if _is_word_index(config):
+            raise ValueError(
+                "The JSON file maps words to ids: a Keras 2 Tokenizer's word_index alone (json.dump("
+                "tokenizer.word_index, f)), without the filters, lower, split, num_words and oov_token "
+                "that say which words a text holds and which ids are kept. Save the whole tokenizer, "
+                "open(path, 'w').write(tokenizer.to_json()), and pass that file."
+            )
         raise ValueError(
             'The JSON file is neither this package\'s tokenizer ("format": '
             f'"{EMBEXPORT_FORMAT}") nor a Keras 2 Tokenizer.to_json() file ("class_name": '

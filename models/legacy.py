@@ -65,10 +65,12 @@ class CustomClassError(LegacyModelError):
 
 def custom_class_error(path: str, config: Config, error: Exception) -> CustomClassError | None:
     """The `CustomClassError` for Keras's "Could not locate class" failure to load `path`, else None."""
-    found = re.search(r"Could not locate (?:class|function) '([^']+)'", str(error))
+    found = re.search(r"Could not locate (class|function) '([^']+)'", str(error))
     if found is None:
         return None
-    name = found.group(1)
+    kind, name = found.groups()
+    if kind == "function":
+        return _custom_function_error(path, config, name)
     registered = [
         str(item.get("registered_name"))
         for item in _config_dicts(config)
@@ -80,6 +82,42 @@ def custom_class_error(path: str, config: Config, error: Exception) -> CustomCla
         "trained it), which Keras cannot rebuild without that code. Rebuild the model from built-in "
         "Keras layers as a functional model, copy the weights (new.set_weights(old.get_weights())) "
         "and save it again."
+    )
+
+
+def _custom_function_error(path: str, config: Config, name: str) -> CustomClassError:
+    """The error for a registered function (`name`) of the training code that a layer's argument names.
+
+    The Keras text-classification tutorial's `TextVectorization(standardize=custom_standardization)`
+    is the common case: the vectorizer's vocabulary is no weight, so `set_weights` would not carry it.
+    """
+    uses = [
+        (str(item.get("class_name")), str(item["config"].get("name")), argument)
+        for item in _config_dicts(config)
+        if isinstance(item.get("config"), dict)
+        for argument, value in item["config"].items()
+        if isinstance(value, dict) and value.get("class_name") == "function" and value.get("config") == name
+    ]
+    where = f" as the {uses[0][2]} of the {uses[0][0]} layer {uses[0][1]!r}" if uses else ""
+    cannot = (
+        f"{path} uses the custom function {name.rpartition('>')[2]!r} (registered as {name!r}){where}, "
+        "which Keras cannot rebuild without the code that defined it."
+    )
+    if uses and uses[0][0] == "TextVectorization" and uses[0][2] in ("standardize", "split"):
+        # Its vocabulary is no weight: the copy gets it as a list, the other layers their weights.
+        copy = (
+            "Save a copy of the model whose TextVectorization has standardize=None and the same "
+            "vocabulary (vocabulary=old_layer.get_vocabulary()), the other layers' weights copied, and "
+            "apply your function to the corpus texts before the export."
+            if uses[0][2] == "standardize"
+            else "Save a copy of the model whose TextVectorization has a built-in split ('whitespace' or "
+            "'character') that gives the same tokens and the same vocabulary "
+            "(vocabulary=old_layer.get_vocabulary()), the other layers' weights copied."
+        )
+        return CustomClassError(f"{cannot} {copy}")
+    return CustomClassError(
+        f"{cannot} Rebuild that layer with a built-in Keras function (or a layer computing the same), "
+        "copy the weights (new.set_weights(old.get_weights())) and save the model again."
     )
 
 
@@ -235,7 +273,11 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
         raise unsafe_error(lambdas)
     if version.startswith("3."):
         # Keras 3 reads its own legacy-format files.
-        return keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+        model = keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+        check_vocabularies(
+            path, model, "Save the model as .keras (model.save('model.keras')) and pass that file."
+        )
+        return model
     for layer, name in activation_names(config):
         if not _is_keras_activation(name):
             raise LegacyModelError(
@@ -269,8 +311,61 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
             f"{', '.join(SUPPORTED_LAYERS)}."
         ) from None
     load_h5_weights(path, model, saved_names)
+    check_vocabularies(
+        path,
+        model,
+        "tf_keras writes a vocabulary to .h5 only where the layer was given it as a list: build the model "
+        "with the layer made as TextVectorization(..., vocabulary=old_layer.get_vocabulary()), copy the "
+        "weights, save it as .h5 and pass that file.",
+    )
     note_renamed_layers(model, {saved_name: name for name, saved_name in saved_names.items()})
     return model
+
+
+def _lookup_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The TextVectorization, StringLookup and IntegerLookup layers of `model` and of its nested models."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found += _lookup_layers(layer)
+        elif isinstance(
+            layer, (keras.layers.TextVectorization, keras.layers.StringLookup, keras.layers.IntegerLookup)
+        ):
+            found.append(layer)
+    return found
+
+
+def _has_no_vocabulary(layer: keras.layers.Layer) -> bool:
+    """Whether a lookup layer knows no token but its padding and out-of-vocabulary ones."""
+    if isinstance(layer, keras.layers.TextVectorization):
+        return set(layer.get_vocabulary()) <= {"", "[UNK]"}
+    return layer.vocabulary_size() <= layer.num_oov_indices + (layer.mask_token is not None)
+
+
+def check_vocabularies(path: str, model: keras.Model, advice: str) -> None:
+    """Refuses an `.h5` model whose lookup layers came back without their vocabulary.
+
+    An `.h5` file holds a TextVectorization's (or StringLookup's) vocabulary only
+    where it was given as a list in the layer's arguments: one learnt by `adapt()`
+    lives in a lookup table, which Keras 3 writes to `.keras` files only (its
+    `.h5` save drops it without a word; `tf_keras`'s raises, leaving the file
+    without it). Such a layer fails on every text ("Table not initialized").
+
+    Args:
+        path: the model file, for the message.
+        model: the model loaded from it.
+        advice: how to save a file that keeps the vocabulary (it depends on the saving Keras).
+
+    Raises:
+        LegacyModelError: naming the layer and how to save the model so that it keeps it.
+    """
+    empty = [layer for layer in _lookup_layers(model) if _has_no_vocabulary(layer)]
+    if empty:
+        raise LegacyModelError(
+            f"{path} holds the {type(empty[0]).__name__} layer {empty[0].name!r} without its vocabulary: "
+            "an .h5 file does not keep a vocabulary learnt by adapt(), so the layer fails on every text. "
+            f"{advice}"
+        )
 
 
 def load_model_file(path: str, allow_unsafe: bool = False) -> keras.Model:

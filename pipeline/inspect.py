@@ -18,7 +18,7 @@ if __name__ == "__main__":
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 # Quiet TensorFlow's C++ start-up chatter unless the user asked for it.
@@ -84,6 +84,7 @@ def export_kind(
     tensor: LayerOutput,
     dependencies: Sequence[str],
     lengths: Mapping[str, int],
+    text_inputs: Collection[str] = (),
 ) -> str:
     """ "vector", "sequence (INPUT)" or "-" (cannot be exported), by the plan's own rule."""
     from pipeline.planning.introspection import column_kind
@@ -91,7 +92,7 @@ def export_kind(
 
     if isinstance(tensor, (list, tuple)):
         return "- (several tensors)"
-    kind = column_kind(tuple(tensor.shape), dependencies, lengths)
+    kind = column_kind(tuple(tensor.shape), dependencies, lengths, text_inputs)
     if kind == SEQUENCE:
         return f"sequence ({dependencies[0]})"
     return kind or "-"
@@ -108,6 +109,7 @@ def layer_rows(model: keras.Model) -> list[LayerRow]:
         for tensor in model.inputs
     ]
     types = {layer.name: type(layer).__name__ for layer in model.layers}
+    text_inputs = {tensor.name for tensor in model.inputs if str(tensor.dtype) == "string"}
     calls = layer_calls(model)
     for name, tensors in calls.items():
         for call, tensor in enumerate(tensors):
@@ -116,7 +118,9 @@ def layer_rows(model: keras.Model) -> list[LayerRow]:
             spec = spec_text(name, call, calls) or f"- (layer {name}:{call} has that name)"
             refused = [name for name in dependencies if name in problems]
             kind = (
-                f"- (input {refused[0]} refused)" if refused else export_kind(tensor, dependencies, lengths)
+                f"- (input {refused[0]} refused)"
+                if refused
+                else export_kind(tensor, dependencies, lengths, text_inputs)
             )
             rows.append(
                 (name, types[name], str(call), _shape(tensor), ", ".join(dependencies) or "-", kind, spec)

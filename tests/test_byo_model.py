@@ -35,6 +35,8 @@ from models.train import SAMPLE_CORPUS
 from models.truncate import LayerSpec, layer_calls, resolve_layer
 from pipeline.errors import ExportConfigError
 from pipeline.inspect import main as inspect_main
+from pipeline.planning.build import build_plan
+from pipeline.planning.options import ExportOptions
 from pipeline.running.export import run_export
 from pipeline.writing.vocabulary_table import token_strings
 
@@ -505,6 +507,15 @@ def test_keras2_tokenizer_vocabulary_and_ids():
     assert no_oov.id_to_token() == {1: "the", 2: "value"}
 
 
+def test_a_keras2_word_index_saved_alone_is_refused_saying_to_save_the_whole_tokenizer():
+    # json.dump(tokenizer.word_index, f) is a common way to keep a tokenizer; it lacks the settings
+    # that say how a text becomes ids, so it is refused, saying what to save instead.
+    with pytest.raises(ValueError, match=r"word_index alone .*num_words.*tokenizer\.to_json\(\)"):
+        read_tokenizer(json.dumps({"<OOV>": 1, "the": 2, "école": 3}).encode())
+    with pytest.raises(ValueError, match="neither this package's tokenizer"):
+        read_tokenizer(json.dumps({"the": "1"}).encode())
+
+
 def test_legacy_layers_match_tf_keras(keras2):
     directory, references, _ = keras2
     ids = np.load(directory / "zoo_ids.npy")
@@ -607,6 +618,30 @@ def test_keras3_h5_file_loads(tmp_path):
     )
 
 
+def test_an_h5_file_that_lost_its_vectorizers_vocabulary_is_refused_in_one_line(tmp_path):
+    # Keras 3 writes .h5 without the vocabulary adapt() learnt, and without a word; loaded, the
+    # layer fails on every text ("Table not initialized").
+    texts = ["alpha beta gamma", "beta gamma delta"]
+    adapted = keras.layers.TextVectorization(max_tokens=10, output_sequence_length=4, name="vectorize")
+    adapted.adapt(np.array(texts))
+    listed = keras.layers.TextVectorization(
+        output_sequence_length=4, vocabulary=["alpha", "beta"], name="listed"
+    )
+    for vectorizer, name in ((adapted, "adapted"), (listed, "listed")):
+        text = keras.Input(shape=(1,), dtype="string", name="text")
+        pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(10, 2)(vectorizer(text)))
+        keras.Model(text, pooled).save(tmp_path / f"{name}.h5")
+    # A vocabulary given as a list is in the layer's config, which .h5 keeps.
+    assert load_model_file(str(tmp_path / "listed.h5")).get_layer("listed").vocabulary_size() == 4
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "d", "text": "alpha"}])
+    with pytest.raises(ExportConfigError) as refused:
+        run_export(export_args(tmp_path / "adapted.h5", corpus, tmp_path / "out", "--layer=vectorize"))
+    message = str(refused.value)
+    assert "TextVectorization layer 'vectorize' without its vocabulary" in message
+    assert "model.save('model.keras')" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
 PROBE_TEXTS = [
     "Return the VALUE of x, or None!",
     "ÉCOLE école Straße — it's  a\ttest.\nNew line",
@@ -697,6 +732,31 @@ def test_string_input_model_gets_raw_text(string_model, tmp_path):
         _assert_matches(rows, name, reference, ids if name == "emb" else None)
 
 
+def test_a_tokenizer_and_sides_a_string_model_does_not_use_are_said_so_and_not_compared(
+    string_model, tmp_path, caplog
+):
+    # They changed no byte, yet were recorded: --reuse without them was refused, saying that
+    # the earlier vectors "would differ".
+    path, corpus, _, _ = string_model
+    vocabulary = tmp_path / "vocabulary.txt"
+    vocabulary.write_text("\n[UNK]\nthe\n", encoding="utf-8")
+    flags = ("--layer=pool", "--input_map=text=body", "--batch_size=64")
+    first = tmp_path / "first"
+    with caplog.at_level(logging.WARNING):
+        summary = run_export(
+            export_args(path, corpus, first, *flags, "--tokenizer", vocabulary, "--padding", "post")
+        )
+    assert summary.exit_code == 0, summary.message
+    assert "--tokenizer and --padding not used" in caplog.text
+    with open(first / "_MANIFEST.json", encoding="utf-8") as handle:
+        assert json.load(handle)["tokenizer_sha256"] == ""
+    # The launch's check of --reuse (which refused it) passes: the plan names the earlier rows.
+    plan, _ = build_plan(
+        ExportOptions(export_args(path, corpus, tmp_path / "second", *flags, "--reuse", first))
+    )
+    assert plan.reuse == str(first) and len(plan.reuse_files) == 1
+
+
 def test_vocabulary_of_a_string_model_is_named_by_its_own_vectorizer(string_model, tmp_path):
     import pyarrow.parquet as pq
 
@@ -764,6 +824,51 @@ def test_string_input_without_fixed_length_gives_each_document_its_own_vectors(t
         alone = reference.predict(tf.constant([[one]]), verbose=0)
         for column, expected in zip(("lstm", "pool"), alone, strict=True):
             np.testing.assert_allclose(rows[str(index)][column], expected[0], atol=TOLERANCE, rtol=0)
+
+
+def test_a_ragged_vectorizers_document_of_no_tokens_is_empty_not_a_row_of_nans(tmp_path):
+    # A ragged vectorizer marks real tokens as a padded one does: a text of punctuation only has
+    # none, and Keras's mean over no tokens is NaN.
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, ragged=True, name="vectorize")
+    vectorizer.adapt(np.array(PROBE_TEXTS))
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(keras.layers.Embedding(20, 4)(vectorizer(text)))
+    model = keras.Model(text, pooled)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    texts = ["Return the VALUE", "unknownword the", "!!! ???"]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    output = _export(tmp_path, path, corpus, "--layer=pool")
+    assert [(e["id"], e["reason"]) for e in read_errors(output).to_pylist()] == [("2", "empty_document")]
+    rows = rows_by_id(read_rows(output))
+    assert sorted(rows) == ["0", "1"]
+    reference = model.predict(tf.constant([[t] for t in texts[:2]]), verbose=0)
+    for index, expected in enumerate(reference):
+        np.testing.assert_allclose(rows[str(index)]["pool"], expected, atol=TOLERANCE, rtol=0)
+
+
+def test_a_multi_hot_vectorizers_model_exports_one_vector_per_document(tmp_path):
+    # Keras's own example of n-grams as multi-hot vectors: Keras plans (None, 1, dim) for every
+    # layer after the vectorizer of a (None, 1) input, though it computes (None, dim). Those were
+    # refused as per-token, and a text of no tokens (all 0) was a row of the bias.
+    vectorizer = keras.layers.TextVectorization(max_tokens=20, output_mode="multi_hot", ngrams=2, name="vec")
+    vectorizer.adapt(np.array(PROBE_TEXTS))
+    text = keras.Input(shape=(1,), dtype="string", name="text")
+    hidden = keras.layers.Dense(3, activation="relu", name="hidden")(vectorizer(text))
+    model = keras.Model(text, keras.layers.Dense(1, name="out")(hidden))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    texts = ["Return the VALUE", "unknownword the the", "!!! ???"]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    output = _export(tmp_path, path, corpus, "--layer=vec", "--layer=hidden", "--layer=out")
+    assert [(e["id"], e["reason"]) for e in read_errors(output).to_pylist()] == [("2", "empty_document")]
+    rows = rows_by_id(read_rows(output))
+    assert sorted(rows) == ["0", "1"]
+    strings = tf.constant([[t] for t in texts[:2]])
+    for name in ("vec", "hidden", "out"):
+        reference = keras.Model(text, model.get_layer(name).output).predict(strings, verbose=0)
+        for index, expected in enumerate(reference):
+            np.testing.assert_allclose(rows[str(index)][name], expected, atol=TOLERANCE, rtol=0)
 
 
 def test_a_vectorizers_ids_without_a_fixed_length_are_refused_in_one_line(tmp_path):

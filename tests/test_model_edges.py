@@ -516,6 +516,25 @@ keras.Model(ids, keras.layers.LSTM(4, name="lstm")(scaled)).save(sys.argv[1] + "
 sub = Sub()
 sub(keras.ops.ones((1, 8), "int32"))
 sub.save(sys.argv[1] + "/subclassed.keras")
+
+# The Keras text-classification tutorial's vectorizer, and a function as a Dense layer's activation.
+@keras.saving.register_keras_serializable()
+def custom_standardization(text):
+    return keras.ops.convert_to_tensor(text)
+
+@keras.saving.register_keras_serializable(package="my")
+def doubled(x):
+    return x * 2.0
+
+vectorizer = keras.layers.TextVectorization(
+    output_sequence_length=4, standardize=custom_standardization, vocabulary=["a", "b"], name="vec"
+)
+text = keras.Input((1,), dtype="string", name="text")
+pooled = keras.layers.GlobalAveragePooling1D(name="pool")(keras.layers.Embedding(4, 3)(vectorizer(text)))
+keras.Model(text, pooled).save(sys.argv[1] + "/standardize.keras")
+numbers = keras.Input((8,), name="numbers")
+dense = keras.layers.Dense(2, activation=doubled, name="lstm")
+keras.Model(numbers, dense(numbers)).save(sys.argv[1] + "/activation.keras")
 json.dump({}, open(sys.argv[1] + "/info.json", "w"))
 """
 
@@ -530,6 +549,34 @@ def test_a_model_of_custom_classes_is_one_error_saying_to_rebuild_it(tmp_path, f
     message = str(refusal.value)
     assert f"uses the custom class {label}" in message and "built-in Keras layers" in message
     assert "\n" not in message and "complete" not in message
+
+
+@pytest.mark.parametrize(
+    ("file", "names", "advice"),
+    [
+        (
+            "standardize.keras",
+            "'custom_standardization' (registered as 'Custom>custom_standardization') as the standardize "
+            "of the TextVectorization layer 'vec'",
+            "vocabulary=old_layer.get_vocabulary()",
+        ),
+        (
+            "activation.keras",
+            "'doubled' (registered as 'my>doubled') as the activation of the Dense layer 'lstm'",
+            "built-in",
+        ),
+    ],
+)
+def test_a_model_naming_a_function_of_its_training_code_is_one_error_saying_which_and_where(
+    tmp_path, file, names, advice
+):
+    directory, _ = build_keras2_models(tmp_path, CUSTOM_CLASSES_SCRIPT)
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2, 3], "text": "a b"}])
+    with pytest.raises(ExportConfigError) as refusal:
+        run_export(export_args(directory / file, corpus, tmp_path / "out", "--tokenizer", "none"))
+    message = str(refusal.value)
+    assert f"uses the custom function {names}" in message and advice in message
+    assert "custom class" not in message and "\n" not in message
 
 
 def test_a_layer_inside_a_nested_model_is_named_with_its_holder(tmp_path):
@@ -547,12 +594,25 @@ def test_a_layer_inside_a_nested_model_is_named_with_its_holder(tmp_path):
 def test_a_tensorflow_saved_model_directory_is_named_so(tmp_path):
     import tensorflow as tf
 
+    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2]}])
     module = tf.Module()
     module.scale = tf.Variable(2.0)
     tf.saved_model.save(module, str(tmp_path / "saved"))
-    corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2]}])
-    with pytest.raises(ExportConfigError, match="TensorFlow SavedModel directory.*save it as .h5"):
+    # tf_keras's model.save("dir") writes its layers to keras_metadata.pb beside the graph (saving a
+    # real one takes tf_keras ~10 s); only that file tells the directory apart.
+    (tmp_path / "saved" / "keras_metadata.pb").write_bytes(b"")
+    with pytest.raises(ExportConfigError, match="SavedModel directory .Keras 2.*save it as .h5"):
         run_export(export_args(tmp_path / "saved", corpus, tmp_path / "out", "--tokenizer", "none"))
+    # Keras 3's model.export() writes functions for serving, which tf_keras cannot turn into a model.
+    ids = keras.Input((4,), dtype="int32", name="content")
+    keras.Model(ids, keras.layers.LSTM(2)(keras.layers.Embedding(10, 3)(ids))).export(
+        str(tmp_path / "served")
+    )
+    with pytest.raises(ExportConfigError) as refusal:
+        run_export(export_args(tmp_path / "served", corpus, tmp_path / "out", "--tokenizer", "none"))
+    message = str(refusal.value)
+    assert "SavedModel for serving" in message and "model.save('model.keras')" in message
+    assert "tf_keras.models.load_model" not in message
 
 
 def test_an_explicit_mask_whose_mean_over_padding_is_nan_keeps_the_fast_path(tmp_path):

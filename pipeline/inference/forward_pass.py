@@ -89,8 +89,10 @@ def on_sample_batch(
             if "not a valid scope name" in str(error)
             else ""
         )
+        takes_text = any(np.asarray(values).dtype == object for values in batch.values())
         raise ExportConfigError(
-            f"The model fails on a sample batch of token ids: {type(error).__name__}: "
+            f"The model fails on a sample batch of {'texts' if takes_text else 'token ids'}: "
+            f"{type(error).__name__}: "
             f"{_cause_line(error)}{hint}"
         ) from None
 

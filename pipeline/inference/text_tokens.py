@@ -34,16 +34,20 @@ class TextTokens:
 
         The real tokens are where the model's TextVectorization emits a non-zero
         id. With none of fixed length (only vector outputs), a text is one token
-        when its vectorizer emits some id (when it is not blank, without one
-        that emits ids): a text of no tokens (only punctuation) is empty, as it
-        is for a vectorizer of fixed length.
+        when its vectorizer emits some id, ragged or padded, or a count or one-hot
+        vector that is not all 0 (when it is not blank, without a vectorizer): a
+        text of no tokens (only punctuation) is empty, as it is for a vectorizer of
+        fixed length.
         """
         vectorizer, unknown_id = self._text_vectorizer(info)
         if vectorizer is None:
             return np.array([bool(text.strip()) for text in texts.reshape(-1)]).reshape(-1, 1), 0
         import tensorflow as tf
 
-        ids = np.asarray(vectorizer(tf.constant(texts, dtype=tf.string))).reshape(len(texts), -1)
+        ids = vectorizer(tf.constant(texts, dtype=tf.string))
+        if isinstance(ids, tf.RaggedTensor):  # a ragged vectorizer's rows, padded with 0 to the longest
+            ids = ids.to_tensor()
+        ids = np.asarray(ids).reshape(len(texts), -1)
         unknown = int((ids == unknown_id).sum()) if unknown_id is not None else 0
         if not info.length:
             return (ids != 0).any(axis=1, keepdims=True), unknown
@@ -55,9 +59,10 @@ class TextTokens:
             tensor = next(t for t in self.sub_model.inputs if t.name == info.name)
             vectorizer = text_vectorizer(self.sub_model, tensor)
             config = vectorizer.get_config() if vectorizer is not None else {}
-            if config.get("output_mode") != "int" or config.get("ragged"):
-                vectorizer = None  # counts, one-hot or ragged ids: no padded ids to mark tokens with
-            vocabulary = vectorizer.get_vocabulary() if vectorizer is not None else []
+            # Counts or one-hot vectors (multi_hot, tf_idf) mark no positions, but are all 0 for a
+            # text of no tokens; their vocabulary starts with "[UNK]", not with a padding "".
+            counts = config.get("output_mode") != "int"
+            vocabulary = vectorizer.get_vocabulary() if vectorizer is not None and not counts else []
             unknown_id = 1 if len(vocabulary) > 1 and vocabulary[1] == UNKNOWN_TOKEN else None
             self._vectorizers[info.name] = (vectorizer, unknown_id)
         return self._vectorizers[info.name]

@@ -8,6 +8,7 @@ exists.  Workers receive only the plan and load the model themselves.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from pipeline.planning.checks import (
     check_column_names,
@@ -30,7 +31,7 @@ from pipeline.planning.introspection import (
 from pipeline.planning.locations import check_locations, listing_sha256
 from pipeline.planning.model_source import ModelSource, load_model_source
 from pipeline.planning.options import ExportOptions
-from pipeline.planning.plan import ExportPlan
+from pipeline.planning.plan import IDS_INPUT, ExportPlan, wants_no_tokenizer
 from pipeline.planning.reuse import check_reuse
 from pipeline.writing.token_tables import apply_token_storage
 
@@ -111,6 +112,8 @@ def build_plan(options: ExportOptions, check_remote: bool = True) -> tuple[Expor
         truncating=tokenizer.truncating if tokenizer else options.truncating or "pre",
         allow_unsafe_deserialization=options.allow_unsafe_deserialization,
     )
+    if not any(info.takes == IDS_INPUT for info in inputs):
+        plan = _without_tokenizer(plan, options)
     if options.reuse:
         shards = check_reuse(options.reuse, plan)
         plan = dataclasses.replace(
@@ -120,3 +123,29 @@ def build_plan(options: ExportOptions, check_remote: bool = True) -> tuple[Expor
             reuse_digests=tuple(digest for _, digest in shards),
         )
     return plan, model_source
+
+
+def _without_tokenizer(plan: ExportPlan, options: ExportOptions) -> ExportPlan:
+    """`plan` of layers that read text only: no tokenizer, and the default sides, whatever the flags.
+
+    The model's own layers tokenize, pad and cut every input these layers read, so
+    a --tokenizer, --padding or --truncating changes no byte: they are no part of
+    the plan, nor of what --reuse and a resumed run compare. Given, they are said
+    to be unused.
+    """
+    unused = [
+        flag
+        for flag, value in (
+            ("--tokenizer", None if wants_no_tokenizer(options.tokenizer) else options.tokenizer),
+            ("--padding", options.padding),
+            ("--truncating", options.truncating),
+        )
+        if value
+    ]
+    if unused:
+        logging.warning(
+            "%s not used: every input the exported layers read takes text, which the model's own "
+            "layers tokenize, pad and cut.",
+            " and ".join(unused),
+        )
+    return dataclasses.replace(plan, tokenizer_uri="", tokenizer_sha256="", padding="pre", truncating="pre")

@@ -7,7 +7,7 @@ document, or a vector per token), and refuses what cannot be exported.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import keras
 
@@ -156,21 +156,33 @@ def describe_inputs(sub_model: keras.Model, mapping: Mapping[str, str]) -> tuple
 
 
 def column_kind(
-    shape: Sequence[int | None], dependencies: Sequence[str], lengths: Mapping[str, int]
+    shape: Sequence[int | None],
+    dependencies: Sequence[str],
+    lengths: Mapping[str, int],
+    text_inputs: Collection[str] = (),
 ) -> str | None:
     """VECTOR for (batch, dim); SEQUENCE for (batch, tokens, dim) aligned with its one input; else None.
 
     A dim that is not fixed (None) is neither: its rows would not form one column.
+    (batch, 1, dim) computed from string inputs that no vectorizer pads to a length is
+    one vector per document too: Keras gives a TextVectorization of counts or
+    one-hot vectors (multi_hot, tf_idf) on a (batch, 1) input that shape, though it
+    computes (batch, dim), and a StringLookup then Embedding of a (batch, 1) input
+    looks up one token per document.
 
     Args:
         shape: the layer output's shape.
         dependencies: the model inputs it is computed from.
-        lengths: model input name -> its length (tokens).
+        lengths: model input name -> its length (tokens; 0 for a string input without one).
+        text_inputs: the names of the model's string inputs.
     """
     if len(shape) == 2:
         return VECTOR if shape[1] is not None else None
     if len(shape) == 3 and len(dependencies) == 1 and shape[1] == lengths.get(dependencies[0]):
         return SEQUENCE
+    one_per_document = all(name in text_inputs and not lengths.get(name) for name in dependencies)
+    if len(shape) == 3 and shape[1] == 1 and shape[2] is not None and dependencies and one_per_document:
+        return VECTOR
     return None
 
 
@@ -296,12 +308,12 @@ def describe_columns(
         tensor = outputs[spec.column]
         shape = tensor.shape
         dependencies = keras_graph.input_dependencies(sub_model, tensor)
-        kind = column_kind(shape, dependencies, lengths)
+        kind = column_kind(shape, dependencies, lengths, text_inputs)
         check_computed_per_document(spec, tensor, kind)
         if kind == SEQUENCE and dependencies[0] in text_inputs:
             check_one_vectorizer(sub_model, spec, tensor, dependencies[0])
         if kind == VECTOR:
-            columns.append(ColumnInfo(spec.column, spec.layer, spec.call, VECTOR, int(shape[1]), "", "none"))
+            columns.append(ColumnInfo(spec.column, spec.layer, spec.call, VECTOR, int(shape[-1]), "", "none"))
         elif kind == SEQUENCE:
             columns.append(
                 ColumnInfo(

@@ -202,7 +202,17 @@ def _load_staged(
             "`python -m models.train`, or a .keras/.h5 file."
         )
     if os.path.isdir(local):
-        if not is_bundle(local) and os.path.exists(os.path.join(local, "saved_model.pb")):
+        saved_model = not is_bundle(local) and os.path.exists(os.path.join(local, "saved_model.pb"))
+        # Keras 2 writes its layers beside the graph; Keras 3's model.export() and tf.saved_model.save
+        # write traced functions only, which tf_keras loads as an object without layers or save().
+        if saved_model and not os.path.exists(os.path.join(local, "keras_metadata.pb")):
+            raise ExportConfigError(
+                f"--model {model_uri!r} is a TensorFlow SavedModel for serving (Keras 3's model.export() "
+                "or tf.saved_model.save), which holds traced functions but no Keras layers to cut. Save "
+                "the model itself where it was built, with model.save('model.keras') (Keras 3) or "
+                "model.save('model.h5') (Keras 2), and pass that file."
+            )
+        if saved_model:
             raise ExportConfigError(
                 f"--model {model_uri!r} is a TensorFlow SavedModel directory (Keras 2's "
                 "model.save('dir')), whose layers Keras 3 cannot load. Load it in tf_keras "

@@ -298,7 +298,9 @@ def to_record_batch(
             continue
         values = outputs[column.column]
         if column.kind == "vector":
-            arrays.append(_fixed_size(_to_float(np.asarray(values), numpy_type, column.column), value_type))
+            # A (batch, 1, dim) output of one vector per document (`column_kind`) is a row's vector too.
+            matrix = np.asarray(values).reshape(len(document_ids), -1)
+            arrays.append(_fixed_size(_to_float(matrix, numpy_type, column.column), value_type))
             continue
         if not isinstance(values, RealTokens):
             values = RealTokens.of_padded(values, masks[column.source_input])
