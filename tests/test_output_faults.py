@@ -528,7 +528,12 @@ def _two_worker_command(tmp_path, tiny_bundle, documents, *flags):
     """(command, output) of a run with two local worker processes, small batches and row files."""
     corpus = _corpus(tmp_path / "c.jsonl", [f"doc{i}" for i in range(documents)])
     output = str(tmp_path / "out")
-    command = pipeline_command(
+    return _two_worker_flags(corpus, output, tiny_bundle, *flags), output
+
+
+def _two_worker_flags(corpus, output, tiny_bundle, *flags):
+    """The command of `_two_worker_command` over an existing corpus file (a rerun over it as it was)."""
+    return pipeline_command(
         corpus,
         output,
         "--model",
@@ -541,7 +546,6 @@ def _two_worker_command(tmp_path, tiny_bundle, documents, *flags):
         "--direct_num_workers=2",
         *flags,
     )
-    return command, output
 
 
 @pytest.mark.parametrize("presses", [1, 2], ids=["once", "twice"])
@@ -840,19 +844,7 @@ def test_a_stopped_worker_ends_the_run_after_stall_timeout_and_the_rerun_finishe
     assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the run"
     assert state_lib.read_manifest(output) is None
     # The same command without the stall flags (which the rerun need not match); the corpus as it was.
-    command = pipeline_command(
-        tmp_path / "c.jsonl",
-        output,
-        "--model",
-        tiny_bundle[0],
-        "--batch_size",
-        "16",
-        "--shard_mb",
-        "0.02",
-        "--direct_running_mode=multi_processing",
-        "--direct_num_workers=2",
-    )
-    rerun = run_command(command)
+    rerun = run_command(_two_worker_flags(tmp_path / "c.jsonl", output, tiny_bundle))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _complete_export(output) == sorted(f"doc{i}" for i in range(3000))
     assert state_lib.read_manifest(output)["resumed"] is not None
