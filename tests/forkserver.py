@@ -245,6 +245,7 @@ def _python_argv(command):
     """`command` as the server's request (`["-m", module, *args]` or `[script, *args]`), or None."""
     if not ENABLED or len(command) < 2 or command[0] != sys.executable:
         return None
+    command = [os.fspath(part) for part in command]  # paths as `subprocess.Popen` takes them
     if command[1] in ("-m", "-c") and len(command) >= 3:
         return list(command[1:])
     if command[1].endswith(".py") and not command[1].startswith("-"):
