@@ -65,18 +65,29 @@ def _exit_code(error):
     return 1
 
 
-def _fresh_stdio():
-    """Text streams over fds 0-2 as a starting interpreter makes them (stderr line-buffered)."""
+def _fresh_stdio(unbuffered=False):
+    """Text streams over fds 0-2 as a starting interpreter makes them (stderr line-buffered).
+
+    `unbuffered`: as `python -u` makes them: stdout and stderr write through to their fds.
+    """
     encoding = "utf-8"
     stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding=encoding)
     stdout = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding=encoding, line_buffering=os.isatty(1)
+        io.FileIO(1, "w", closefd=False)
+        if unbuffered
+        else io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+        encoding=encoding,
+        line_buffering=os.isatty(1) and not unbuffered,
+        write_through=unbuffered,
     )
     stderr = io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+        io.FileIO(2, "w", closefd=False)
+        if unbuffered
+        else io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
         encoding=encoding,
         errors="backslashreplace",
-        line_buffering=True,
+        line_buffering=not unbuffered,
+        write_through=unbuffered,
     )
     sys.stdin = sys.__stdin__ = stdin
     sys.stdout = sys.__stdout__ = stdout
@@ -99,7 +110,9 @@ def _run_child(request, fds, others):
         for source, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
             os.dup2(source, target)
             os.close(source)
-        _fresh_stdio()
+        argv = request["argv"]
+        unbuffered = argv[0] == "-u"
+        _fresh_stdio(unbuffered)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
@@ -108,7 +121,7 @@ def _run_child(request, fds, others):
         numpy.random.seed()  # a cold interpreter seeds its global generator from the OS
         import runpy
 
-        kind, target, *arguments = request["argv"]
+        kind, target, *arguments = argv[1:] if unbuffered else argv
         if kind == "-m":
             sys.argv = [target, *arguments]
             sys.path[0] = request["cwd"]
@@ -245,6 +258,10 @@ def _python_argv(command):
     """`command` as the server's request (`["-m", module, *args]` or `[script, *args]`), or None."""
     if not ENABLED or len(command) < 2 or command[0] != sys.executable:
         return None
+    command = [os.fspath(part) for part in command]  # paths as `subprocess.Popen` takes them
+    if command[1] == "-u":  # `python -u`: unbuffered stdout and stderr (`_fresh_stdio`)
+        rest = _python_argv([command[0], *command[2:]])
+        return rest and ["-u", *rest]
     if command[1] in ("-m", "-c") and len(command) >= 3:
         return list(command[1:])
     if command[1].endswith(".py") and not command[1].startswith("-"):
@@ -363,7 +380,8 @@ def popen(command, **options):
     """`subprocess.Popen(command, **options)`, forked from the warm server when `command` runs Python code.
 
     `command` is `python -m MODULE ...`, `python -c CODE ...` or `python SCRIPT.py ...`
-    with `sys.executable`; anything else, or another Popen argument, starts cold.
+    with `sys.executable`, each also after `-u`; anything else, or another Popen argument,
+    starts cold.
     """
     request = _python_argv(command)
     if request is None or set(options) - FORKED_OPTIONS:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import forkserver
 import pytest
 
 from benchmarks import corpora
@@ -13,7 +14,7 @@ MINE = '{"id": "mine-1", "content": "my precious corpus"}\n'
 
 
 def _corpora(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return forkserver.run(
         [sys.executable, "-m", "benchmarks.corpora", *args],
         cwd=REPOSITORY,
         capture_output=True,

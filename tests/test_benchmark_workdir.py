@@ -1,9 +1,9 @@
 """Tests for benchmarks.index's --workdir: it never writes over files it did not make."""
 
 import os
-import subprocess
 import sys
 
+import forkserver
 import pytest
 
 from benchmarks.index import WORKDIR_MARKER, claim_workdir
@@ -15,7 +15,7 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_a_workdir_holding_a_users_corpus_is_refused_before_anything_is_written(tmp_path):
     mine = tmp_path / "corpus.jsonl"
     mine.write_text('{"id": "mine-1", "content": "MY CORPUS"}\n')
-    done = subprocess.run(
+    done = forkserver.run(
         # Sizes that finish in seconds where the workdir were (wrongly) taken.
         [sys.executable, "-m", "benchmarks.index", "--workdir", str(tmp_path), *TINY],
         cwd=REPOSITORY,

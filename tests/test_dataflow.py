@@ -8,12 +8,12 @@ or submitted, and our launcher skips the checks that would need credentials.
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tarfile
 import time
 
 import apache_beam
+import forkserver
 import pytest
 from apache_beam.internal import pickler
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
@@ -421,7 +421,7 @@ def test_cloud_storage_without_credentials_is_one_error_in_seconds(tmp_path):
     )
     command = pipeline_command(f"{BUCKET}/corpus/*.jsonl", tmp_path / "out")
     # A bounded wait: the bug was minutes of retries, the fix answers before the model is even loaded.
-    result = subprocess.run(
+    result = forkserver.run(
         command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=90
     )
     assert result.returncode == 2, result.stderr[-2000:]

@@ -539,9 +539,17 @@ json.dump({}, open(sys.argv[1] + "/info.json", "w"))
 """
 
 
+@pytest.fixture(scope="module")
+def custom_class_models(tmp_path_factory):
+    """The two models of CUSTOM_CLASSES_SCRIPT, saved once by its own process (the tests only read them)."""
+    return build_keras2_models(tmp_path_factory.mktemp("custom_classes"), CUSTOM_CLASSES_SCRIPT)[0]
+
+
 @pytest.mark.parametrize(("file", "label"), [("custom.keras", "'my>Scale'"), ("subclassed.keras", "'Sub'")])
-def test_a_model_of_custom_classes_is_one_error_saying_to_rebuild_it(tmp_path, file, label):
-    directory, _ = build_keras2_models(tmp_path, CUSTOM_CLASSES_SCRIPT)
+def test_a_model_of_custom_classes_is_one_error_saying_to_rebuild_it(
+    custom_class_models, tmp_path, file, label
+):
+    directory = custom_class_models
     corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2, 3]}])
     flags = ("--tokenizer", "none", "--layer", "lstm")
     with pytest.raises(ExportConfigError) as refusal:

@@ -699,7 +699,7 @@ def test_workers_that_die_at_their_shutdown_after_their_work_do_not_fail_the_run
         "--direct_num_workers=3",
     )
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), REPOSITORY]))
-    result = subprocess.run(
+    result = forkserver.run(
         command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -741,7 +741,7 @@ except WorkerDiedError as told:  # The wake, told in one line.
 def test_the_wake_signal_landing_while_the_main_thread_holds_the_workers_lock_does_not_deadlock():
     """The wake handler runs in the main thread; it took `local_workers`' lock, which the main thread
     may hold itself (recording a started worker, the run's end) as the signal lands: a hang forever."""
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-c", _WAKE_WHILE_HOLDING_THE_LOCK],
         cwd=REPOSITORY,
         capture_output=True,

@@ -22,6 +22,7 @@ import sys
 import textwrap
 import time
 
+import forkserver
 import grpc
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -216,7 +217,7 @@ def _portable_flags(job_endpoint, pool, *flags):
 
 
 def _run_cli(command, timeout=180):
-    return subprocess.run(
+    return forkserver.run(
         command, cwd=REPOSITORY, env=_environment(), capture_output=True, text=True, timeout=timeout
     )
 
@@ -323,7 +324,7 @@ def test_killed_then_rerun_through_the_job_service_equals_the_in_memory_export(
         "1",
         *_portable_flags(job_endpoint, pool),
     )
-    process = subprocess.Popen(
+    process = forkserver.popen(
         command,
         cwd=REPOSITORY,
         env=_environment(),
@@ -573,7 +574,7 @@ def test_ctrl_c_while_waiting_for_workers_cancels_the_job(request, services, bun
         *_portable_flags(job_endpoint, pool),
     )
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
+        process = forkserver.popen(
             command, cwd=REPOSITORY, env=_environment(), stdout=log, stderr=log, start_new_session=True
         )
     request.addfinalizer(lambda: _stop(process))
@@ -674,7 +675,7 @@ def test_worker_start_timeout_must_be_finite_and_not_negative(value, tmp_path, c
 def _launch(request, command, log_path):
     """Starts `command` (a `pipeline_command`) in its own process group, its output to `log_path`."""
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
+        process = forkserver.popen(
             command, cwd=REPOSITORY, env=_environment(), stdout=log, stderr=log, start_new_session=True
         )
     request.addfinalizer(lambda: _stop(process))

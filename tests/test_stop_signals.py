@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 
+import forkserver
 import pytest
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,7 @@ def test_a_tool_whose_stdout_reader_is_gone_ends_quietly(tmp_path):
         sys.argv = ["pipeline.inspect", "models/data/default_bundle"]
         runpy.run_module("pipeline.inspect", run_name="__main__", alter_sys=True)
     """)
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-u", "-c", child], cwd=REPOSITORY, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
