@@ -257,10 +257,21 @@ def test_a_full_tmpfs_during_the_pipeline_is_one_error_and_keeps_the_old_export(
         ["--model", tiny_bundle[0], "--input", _corpus(tmp_path / "old.jsonl", IDS), "--output", output]
     )
     before = snapshot(output)
-    # One LSTM state per token: about 175 kB of Parquet, nearly three times the disk.
+    # One LSTM state per token: about 175 kB of Parquet, nearly three times the disk. Row files of
+    # about 10 kB: some are closed (durable) before the disk fills, whatever the machine's speed.
     new = _corpus(tmp_path / "new.jsonl", [f"new{i}" for i in range(20000)])
     command = pipeline_command(
-        new, output, "--model", tiny_bundle[0], "--overwrite", "--layer", "lstm_content", "--pooling", "none"
+        new,
+        output,
+        "--model",
+        tiny_bundle[0],
+        "--overwrite",
+        "--layer",
+        "lstm_content",
+        "--pooling",
+        "none",
+        "--shard_mb",
+        "0.01",
     )
     result = run_command(command)
     assert result.returncode == EXIT_OUTPUT_FAILED, result.stderr[-3000:]
