@@ -804,11 +804,26 @@ def test_a_stall_is_told_in_one_line_naming_the_stopped_worker_not_the_kills_it_
 def test_a_stopped_worker_does_not_keep_the_first_signal_from_ending_the_run(tmp_path, tiny_bundle, signum):
     """A worker SIGSTOPped (as a deadlocked one, or one on a hung mount) never answers Beam's unwinding."""
     process, output, workers = _start_with_two_workers(tmp_path, tiny_bundle)
-    try:
-        os.kill(workers[0], signal.SIGSTOP)
+
+    def stop_the_run() -> None:
         time.sleep(1)  # Beam now waits for the stopped worker.
         process.send_signal(signum)
-        code, err = _finish(process, 20)
+
+    code, err = _with_a_stopped_worker(process, workers, 20, stop_the_run)
+    assert code == STOP_SIGNALS[signum], err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith("interrupted: nothing was committed;"), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    _assert_workers_gone(workers)
+    assert state_lib.read_manifest(output) is None
+
+
+def _with_a_stopped_worker(process, workers, timeout, then=lambda: None):
+    """(exit status, stderr) of the run `process` with its first worker SIGSTOPped, then `then()`; every
+    process it leaves is killed or continued afterwards, whatever the test finds."""
+    try:
+        os.kill(workers[0], signal.SIGSTOP)
+        then()
+        return _finish(process, timeout)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -816,14 +831,14 @@ def test_a_stopped_worker_does_not_keep_the_first_signal_from_ending_the_run(tmp
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-    assert code == STOP_SIGNALS[signum], err[-3000:]
-    assert err.rstrip().splitlines()[-1].startswith("interrupted: nothing was committed;"), err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
+
+
+def _assert_workers_gone(workers):
+    """Within 10 s of the launcher's end, no worker process of the run is left."""
     deadline = time.time() + 10
     while any(_alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the run"
-    assert state_lib.read_manifest(output) is None
 
 
 @pytest.mark.slow
@@ -833,26 +848,14 @@ def test_a_stopped_worker_ends_the_run_after_stall_timeout_and_the_rerun_finishe
     # Above the workers' model load (no count moves meanwhile), here and under load in CI.
     flags = ("--stall_timeout=20", "--progress_seconds=1")
     process, output, workers = _start_with_two_workers(tmp_path, tiny_bundle, 3000, *flags)
-    try:
-        os.kill(workers[0], signal.SIGSTOP)
-        code, err = _finish(process, 90)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+    code, err = _with_a_stopped_worker(process, workers, 90)
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == EXIT_UNEXPECTED and len(lines) == 1, err[-3000:]
     assert lines[0].startswith("error: the run made no progress for 0:00:"), lines[0]
     assert f"(--stall_timeout 20 s): worker process {workers[0]} is stopped (SIGSTOP" in lines[0], lines[0]
     assert "rerun the same command to finish the export" in lines[0], lines[0]
     assert "Traceback" not in err, err[-3000:]
-    deadline = time.time() + 10
-    while any(_alive(pid) for pid in workers) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the run"
+    _assert_workers_gone(workers)
     assert state_lib.read_manifest(output) is None
     # The same command without the stall flags (which the rerun need not match); the corpus as it was.
     rerun = run_command(_two_worker_flags(tmp_path / "c.jsonl", output, tiny_bundle))
