@@ -217,11 +217,10 @@ def cpu_seconds() -> dict[int, float]:
         pids = [process.pid for process in _started if process.poll() is None]
     seconds = {}
     for pid in [os.getpid(), *pids]:
+        fields = _stat_fields(pid)
         try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
             seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):  # Gone, or no /proc: only the counts tell.
+        except (IndexError, ValueError):  # Gone, or no /proc: only the counts tell.
             continue
     return seconds
 
@@ -234,12 +233,19 @@ def stall() -> Stall | None:
 
 def _state(pid: int) -> str:
     """The process's state letter (R, S, D, T, ...), or "" where /proc cannot say."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else ""
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (the state letter first), or [] where the
+    process is gone or there is no /proc."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
             # After the command name, which may hold spaces and parentheses.
-            return handle.read().rsplit(")", 1)[1].split()[0]
+            return handle.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return []
 
 
 def failed_workers() -> list[tuple[int, list[bytes]]]:
