@@ -146,6 +146,67 @@ def test_text_with_a_nul_or_starting_short_is_not_taken_for_utf16():
         assert all(isinstance(item, Document) for item in items) and len(items) == data.count(b"\n")
 
 
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize(
+    "start",
+    [
+        "\u201cquoted\u201d words",
+        "\u2022 item",
+        "\u2014 a dash",
+        "\u4e2d\u6587 text",
+        "Привет, мир",
+        "مرحبا بالعالم",
+    ],
+)
+def test_utf16_without_a_mark_whose_first_character_is_beyond_latin1_is_one_unreadable_file(codec, start):
+    """A curly quote, a bullet, a dash or CJK first has no NUL byte: the file was read as UTF-8,
+    a row of letters between NULs per line (and a row of the last newline's NUL), exit 0. Cyrillic and
+    Arabic have none at all (0x04, 0x06 instead): every line was a row of garbage."""
+    data = f"{start}\nsecond line of text\n".encode(codec)
+    (item,) = _read(_plan("text", field="text"), data, path="notes.txt")
+    name = codec.upper().replace("-LE", "LE").replace("-BE", "BE")
+    assert item["reason"] == "unreadable_file" and f"iconv -f {name} -t UTF-8" in item["message"]
+
+
+@pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
+def test_utf16_lines_after_utf8_ones_are_dead_letters_not_rows(input_format):
+    """Windows PowerShell's >> appends UTF-16LE to a UTF-8 file: past its UTF-8 start, every line was a
+    row of letters between NULs (a CSV id 'b\\x00'), or in JSONL a malformed_json that said nothing why."""
+    first, appended = {
+        "text": ("first line\n", "appended line\r\nanother one\r\n"),
+        "jsonl": ('{"id": "a", "content": "x"}\n', '{"id": "b", "content": "y"}\r\n'),
+        "csv": ("id,content\na,first\n", "b,second\r\nc,third\r\n"),
+    }[input_format]
+    for mark, text in ((b"", appended), (b"\xff\xfe", appended), (b"", appended.replace("line", "строка"))):
+        items = _read(_plan(input_format), first.encode() + mark + text.encode("utf-16-le"))
+        rows, letters = (
+            [item for item in items if isinstance(item, Document)],
+            [item for item in items if not isinstance(item, Document)],
+        )
+        assert [row.position for row in rows] == [1] and "\x00" not in "".join(rows[0].texts)
+        assert letters and all(
+            letter["reason"] == "invalid_utf8" and "UTF-16" in letter["message"] for letter in letters
+        )
+    # A short UTF-8 first line: the file is not told UTF-16 by the bytes after it.
+    items = _read(_plan(input_format), first[:2].encode() + b"\n" + appended.encode("utf-16-le"))
+    assert not any(not isinstance(item, Document) and item["reason"] == "unreadable_file" for item in items)
+
+
+def test_compressed_data_whose_bytes_look_like_utf16_is_told_by_its_magic_number():
+    """Binary data holds NULs: a zip of a UTF-16 file must be told zip data, not UTF-16 to convert."""
+    (item,) = _read(_plan("jsonl"), b"PK\x03\x04" + "stored member".encode("utf-16-le"), path="c.jsonl")
+    assert item["reason"] == "unreadable_file" and "zip data" in item["message"]
+
+
+def test_utf8_text_with_nuls_here_and_there_is_read():
+    """A stray NUL, or control bytes at no steady place, is no UTF-16: the file's lines are rows as before,
+    single letters between tabs, a terminal's colours, a page break and man's bold (overstruck) included."""
+    data = b"ab\x00cdefgh ijk\n" + b"one\x00 two three\x00 four five six\x00\nplain\n"
+    data += b"a\tb\tc\td\te\n\x1b[31mred\x1b[0m words\n\x0c\nN\bNA\bAM\bME\bE\n"
+    items = _read(_plan("text", field="text"), data)
+    assert [item.position for item in items if isinstance(item, Document)] == [1, 2, 3, 4, 5, 6, 7]
+
+
 def test_utf16_whose_first_character_is_nul_is_not_told_utf32():
     """FF FE, then U+0000 as 00 00, starts as UTF-32LE's mark does: it was told to convert with
     `iconv -f UTF-32LE`, which makes garbage of UTF-16."""

@@ -25,7 +25,7 @@ from pipeline.reading.documents import (
     too_large,
     with_note,
 )
-from pipeline.reading.text_lines import SKIP_CHUNK, ByteStream
+from pipeline.reading.text_lines import SKIP_CHUNK, ByteStream, control_bytes, wide_line, wide_line_message
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import (
     AMBIGUOUS_HEADER,
@@ -62,6 +62,8 @@ class _CsvLines:
 
     size: int
     quotes: int
+    # The record's control bytes (`text_lines.wide_line`).
+    controls: int
     raw: str
     lines: list[str]
     # Set when the data ended inside the record: `csv.reader` only asks for
@@ -78,6 +80,7 @@ class _CsvLines:
     def start_record(self) -> None:
         self.size = 0
         self.quotes = 0
+        self.controls = 0
         self.raw = ""
         self._line = ""
         self.lines = []
@@ -103,7 +106,9 @@ class _CsvLines:
         self.quotes += line.count('"')
         if len(self.raw) < schema_lib.RAW_LIMIT:
             self.raw += line[: schema_lib.RAW_LIMIT - len(self.raw)]
-        size = len(line.encode("utf-8", "surrogateescape"))
+        encoded = line.encode("utf-8", "surrogateescape")
+        size = len(encoded)
+        self.controls += control_bytes(encoded)
         terminator = len(line) - len(line.rstrip("\r\n"))
         self.size += size
         # The record's last line ending is not part of it; a line cut by the read limit has none.
@@ -232,6 +237,10 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
             reader = csv.reader(lines, strict=True)  # A fresh parser, at the start of a record.
             continue
         number += 1
+        if wide_line(lines.controls, lines.size):  # UTF-16 past a UTF-8 start: ids and text of garbage.
+            message = wide_line_message(lines.controls, lines.size)
+            yield number, schema_lib.error_row(source, number, None, INVALID_UTF8, message, lines.raw)
+            continue
         if _blank(values):  # Often a file's last line: what JSONL calls it, not a row of 0 fields.
             message = "Blank line where a CSV row was expected."
             yield number, schema_lib.error_row(source, number, None, EMPTY_RECORD, message, lines.raw)

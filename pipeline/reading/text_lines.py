@@ -87,44 +87,94 @@ def _goes_on_as_utf32le(head: bytes) -> bool:
     return len(unit) < 4 or (unit[3] == 0 and unit[2] <= 0x10)
 
 
-# Where UTF-32 and UTF-16 put the NUL bytes of characters up to U+00FF (ASCII, Latin-1): of each 4 bytes,
-# which are NUL (1) and which are not (0). UTF-8 text holds no NUL byte.
-WIDE_NUL_PATTERNS = (
-    ((0, 1, 1, 1), "UTF-32LE"),
-    ((1, 1, 1, 0), "UTF-32BE"),
-    ((0, 1, 0, 1), "UTF-16LE"),
-    ((1, 0, 1, 0), "UTF-16BE"),
-)
-# How many first bytes a file without a byte-order mark is told UTF-16/32 by: 8 UTF-16 characters.
-WIDE_WINDOW = 16
+# C0 control bytes but the whitespace ones (tab, newline, vertical tab, form feed, carriage return). UTF-8
+# text holds none but by accident, where UTF-16 has one in most characters of many scripts: NUL in ASCII and
+# Latin-1 ones, 0x04 in Cyrillic, 0x05 in Hebrew, 0x06 in Arabic.
+CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0E, 0x20)])
 
 
-def _wide_without_mark(head: bytes) -> str | None:
-    """The UTF-16/32 encoding whose NULs `head` shows in every character of its first `WIDE_WINDOW` bytes
-    (at least 4), else None: such a file has no byte-order mark (iconv -t UTF-16LE, Python's utf-16-le)."""
-    window = head[: min(WIDE_WINDOW, len(head) // 4 * 4)]
-    if not window:
+def control_bytes(data: bytes) -> int:
+    """How many `CONTROL_BYTES` `data` holds."""
+    return len(data) - len(data.translate(None, CONTROL_BYTES))
+
+
+def wide_encoding(data: bytes) -> str | None:
+    """The UTF-16/32 encoding (iconv's name) the control bytes of `data` (at least 4 bytes) show, else None.
+
+    UTF-8 text holds no control byte but tab, newline and the like, where UTF-16 puts one in each
+    character of ASCII, Latin-1 (NUL), Cyrillic (0x04), Hebrew, Arabic..., and UTF-32 two or three NULs
+    in each. So at least half the characters with their control byte on one side and few on the other
+    is UTF-16, whatever the other characters are (a curly quote, a bullet or CJK first): a UTF-8 text
+    with a stray NUL, or control bytes at random places, is none.
+    """
+    if len(data) < 4:
         return None
-    nuls = tuple(int(byte == 0) for byte in window)
-    for pattern, encoding in WIDE_NUL_PATTERNS:
-        if nuls == pattern * (len(window) // 4):
-            return encoding
+    whole = data[: len(data) // 4 * 4]
+    units = len(whole) // 4
+    zero = [whole[place::4].count(0) for place in range(4)]
+    if zero[3] == units and zero[2] * 4 >= units * 3 and zero[0] < units:
+        return "UTF-32LE"  # Each code point's top byte is 0, the next one too but beyond U+FFFF.
+    if zero[0] == units and zero[1] * 4 >= units * 3 and zero[3] < units:
+        return "UTF-32BE"
+    pairs = len(data) // 2
+    even, odd = control_bytes(data[: pairs * 2 : 2]), control_bytes(data[1 : pairs * 2 : 2])
+    if odd * 2 >= pairs and even * 4 <= odd:
+        return "UTF-16LE"
+    if even * 2 >= pairs and odd * 4 <= even:
+        return "UTF-16BE"
     return None
+
+
+def _first_line(head: bytes) -> bytes:
+    """A file's first line in `head` (its first bytes), with the newline and the byte after it.
+
+    UTF-16LE's newline is 0A 00: the 00 follows the 0A. Only the first line tells the file's
+    encoding: a UTF-8 file may go on as UTF-16 (`wide_line`), even after a short first line.
+    """
+    newline = head.find(b"\n")
+    return head if newline < 0 else head[: newline + 2]
+
+
+# A line this share of whose bytes are control bytes is no UTF-8 text (`wide_line`).
+WIDE_LINE_CONTROLS = 0.4
+
+
+def wide_line(controls: int, size: int) -> bool:
+    """Whether a line (or CSV record) of `size` bytes, `controls` of them `CONTROL_BYTES`, is UTF-16/32
+    text or zeros, not UTF-8 text: 40% or more of it control bytes (UTF-16 of ASCII or Cyrillic has half;
+    a text of letters overstruck by backspaces, as `man` prints bold to a terminal, a third).
+
+    A UTF-8 file that goes on as UTF-16 (Windows PowerShell's `>>` appends UTF-16LE to any file;
+    `cat a.txt b_utf16.txt`) has lines of letters between control bytes past its first; a disk's zeros
+    where data was never written are NULs. UTF-8 text holds none but by accident.
+    """
+    return controls > 0 and controls >= size * WIDE_LINE_CONTROLS
+
+
+def wide_line_message(controls: int, size: int) -> str:
+    """The dead-letter message of a `wide_line`."""
+    return (
+        f"{controls} of the record's {size} bytes are control bytes (NUL and the like): it is UTF-16 or "
+        "UTF-32 text (a control byte between the letters: Windows PowerShell's >> appends UTF-16LE to a "
+        "file), or zeros where data was never written, not UTF-8. Convert that part of the file to UTF-8 "
+        "(e.g. iconv -f UTF-16LE -t UTF-8), or remove the zeros."
+    )
 
 
 def check_encoding(head: bytes) -> None:
     """Raises `NotUtf8` for a file whose first bytes `head` are a UTF-16/32 byte-order mark, or UTF-16/32
-    text without one (the NULs of its first characters say so)."""
+    text without one (the control bytes of its first line say so: `wide_encoding`)."""
     for mark, encoding in WIDE_BOMS:
         if head.startswith(mark) and (encoding != "UTF-32LE" or _goes_on_as_utf32le(head)):
             raise NotUtf8(
                 f"the file is {encoding[:6]} (it starts with the byte-order mark {mark.hex(' ').upper()}); "
                 f"the readers take UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 FILE > FILE.utf8"
             )
-    unmarked = _wide_without_mark(head)
+    unmarked = wide_encoding(_first_line(head[:HEAD_BYTES]))
     if unmarked is not None:
         raise NotUtf8(
-            f"the file is {unmarked} without a byte-order mark (a NUL byte in every character of its start); "
+            f"the file is {unmarked} without a byte-order mark (control bytes such as NUL between the "
+            "letters of its first line); "
             f"the readers take UTF-8: convert it, e.g. iconv -f {unmarked} -t UTF-8 FILE > FILE.utf8"
         )
 
@@ -188,7 +238,6 @@ def check_start(head: bytes, tail: bytes = b"", gunzipped: bool = False) -> None
             data compressed twice, as a .gz download that kept its Content-Encoding is), or a Parquet
             file's (starting and ending with PAR1; inside a .gz, by its start) read as text, JSONL or CSV.
     """
-    check_encoding(head)
     for magic, name in COMPRESSED_MAGICS:
         if not magic.match(head):
             continue
@@ -215,6 +264,8 @@ def check_start(head: bytes, tail: bytes = b"", gunzipped: bool = False) -> None
             "the file is Parquet (it starts and ends with PAR1), not lines of text: read it with "
             "--input_format parquet, or name it .parquet."
         )
+    # Last: binary data has NUL bytes too, which must not read as UTF-16 before its magic number is told.
+    check_encoding(head)
 
 
 class InputShorter(Exception):
@@ -395,6 +446,10 @@ def parse_line(
 
     `spellings` are `field_spellings(plan)`, made once by a caller parsing many lines.
     """
+    controls = control_bytes(line)
+    if wide_line(controls, len(line)):  # UTF-16 past a UTF-8 start: control bytes between letters.
+        message = wide_line_message(controls, len(line))
+        return schema_lib.error_row(source, number, None, INVALID_UTF8, message, line)
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
