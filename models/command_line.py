@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 # argparse's actions that keep one value: given twice, the last silently wins.
@@ -45,12 +45,28 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def join_negative_numbers(parser: argparse.ArgumentParser, args: Sequence[str]) -> list[str]:
-    """`args` with each `--flag -VALUE` of a one-value flag, VALUE a number, written `--flag=-VALUE`.
+def _is_value(text: str, flags: Collection[str]) -> bool:
+    """Whether `text`, starting with "-", after a one-value flag is its value, not a flag.
 
-    argparse takes only `-1` and `-0.5` for a number: `--shard_mb -inf` or `-1e3` got its own
-    "expected one argument", not the flag's check saying which values it takes.
+    A number is (`-inf`, `-1e3`), and so is text that names no flag of the command (a file
+    `-draft.txt`, a token `-lrb-`, an id `-a7`). Text that does is a flag: `-k`, `-k5`,
+    `--output`, and `-overwrite` for `--overwrite` (the value was forgotten).
     """
+    if _is_number(text):
+        return True
+    name = text.split("=", 1)[0]
+    return not text.startswith("--") and name[:2] not in flags and "-" + name not in flags
+
+
+def join_negative_numbers(parser: argparse.ArgumentParser, args: Sequence[str]) -> list[str]:
+    """`args` with each `--flag -VALUE` of a one-value flag, VALUE no flag (`_is_value`), written
+    `--flag=-VALUE`.
+
+    argparse takes only `-1` and `-0.5` after a flag as its value: `--shard_mb -inf`, `-1e3`,
+    or `--input -draft.txt`, got its "expected one argument", though one was given, not the
+    flag's check saying which values it takes.
+    """
+    flags = {flag for action in parser._actions for flag in action.option_strings}
     takes_one = {
         flag
         for action in parser._actions
@@ -65,7 +81,7 @@ def join_negative_numbers(parser: argparse.ArgumentParser, args: Sequence[str]) 
             joined.extend(args[index:])
             break
         value = args[index + 1] if index + 1 < len(args) else ""
-        if arg in takes_one and value.startswith("-") and _is_number(value):
+        if arg in takes_one and value.startswith("-") and value != "-" and _is_value(value, flags):
             joined.append(f"{arg}={value}")
             index += 2
             continue

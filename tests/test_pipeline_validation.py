@@ -292,9 +292,25 @@ def test_a_negative_number_after_a_flag_of_the_other_commands_is_its_value():
     parser.add_argument("--verbose", action="store_true")
     assert parser.parse_args(["--k", "-inf"]).k == float("-inf")
     assert parser.parse_args(["--k", "-1e3"]).k == -1000.0
-    # Only a number is joined, only to a flag that takes one value, and nothing after "--".
-    args = ["--verbose", "-1", "--k", "-x", "--", "--k", "-2e1"]
+    # Only to a flag that takes one value, never a flag (a forgotten value: "-verbose" for
+    # "--verbose"), and nothing after "--".
+    args = ["--verbose", "-1", "--k", "-verbose", "--", "--k", "-2e1"]
     assert join_negative_numbers(parser, args) == args
+
+
+def test_a_value_starting_with_a_dash_that_names_no_flag_is_the_flags_value():
+    """A file -draft.jsonl, a token -lrb- (Penn Treebank's "("), an id -a7: argparse took each for a flag and
+    said "argument --input: expected one argument", though one was given."""
+    from models.command_line import join_negative_numbers
+    from pipeline.analyze import build_parser
+    from pipeline.running.export import beam_parser, check_known_flags
+
+    assert build_parser().parse_args(["OUT", "neighbors", "--word", "-lrb-"]).word == "-lrb-"
+    assert build_parser().parse_args(["OUT", "neighbors", "--id", "-a7"]).id == "-a7"
+    args = join_negative_numbers(beam_parser(), ["--input", "-draft.jsonl", "--output", "-o"])
+    check_known_flags(args)
+    options = PipelineOptions(args).view_as(ExportOptions)
+    assert (options.input, options.output) == ("-draft.jsonl", "-o")
 
 
 @pytest.mark.parametrize("runner", ["Foo", "PrismRunner", "BundleBasedDirectRunner", "InteractiveRunner"])
