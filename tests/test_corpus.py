@@ -258,7 +258,7 @@ def test_a_parquet_row_over_the_limit_is_too_large_as_in_every_format():
     assert items[1]["message"] == "Record of 2003 bytes exceeds --max_record_bytes=1000."
 
 
-def test_a_parquet_id_column_of_decimals_of_scale_0_holds_integers():
+def test_a_parquet_id_column_of_integral_decimals_holds_integers():
     """Snowflake writes NUMBER(38,0) as decimal(38,0): every row was bad_id ("found Decimal"), exit 4.
     Its ids are integers, and meet the same id written as an int or a string as its duplicate."""
     import decimal
@@ -274,12 +274,16 @@ def test_a_parquet_id_column_of_decimals_of_scale_0_holds_integers():
         "12345678901234567890123456789",
         "0",
     ]
-    # A decimal with a scale holds fractions, as a float does: no id.
+    # BigQuery writes NUMERIC as decimal(38,9): its integral values are the integers (every record was
+    # bad_id, exit 4, "Check --id_field"); a fraction is no id, as a float is not.
     buffer = io.BytesIO()
+    values = [decimal.Decimal("7.000000000"), decimal.Decimal("-12"), decimal.Decimal("7.5")]
     pq.write_table(
-        pa.table({"id": pa.array([decimal.Decimal("7.00")], pa.decimal128(10, 2)), "content": ["a"]}), buffer
+        pa.table({"id": pa.array(values, pa.decimal128(38, 9)), "content": ["a", "b", "c"]}), buffer
     )
-    assert _summary(_read(_plan("parquet"), buffer.getvalue())) == [(1, "bad_id")]
+    items = _read(_plan("parquet"), buffer.getvalue())
+    assert [item.id for item in items[:2]] == ["7", "-12"]
+    assert items[2]["reason"] == "bad_id" and "the decimal 7.500000000 (a fraction)" in items[2]["message"]
 
 
 @pytest.mark.parametrize("dictionary", [False, True], ids=["plain", "dictionary"])

@@ -221,12 +221,15 @@ def to_document(
         return _reject(source, number, None, record, raw)(
             MISSING_ID, f"Field {plan.id_field!r} is missing or null."
         )
-    if (
-        isinstance(document_id, decimal.Decimal)
-        and document_id.is_finite()
-        and not document_id.as_tuple().exponent
-    ):
-        # A Parquet decimal of scale 0 is an integer column: Snowflake's NUMBER(38,0), a uint64 cast by Spark.
+    if isinstance(document_id, decimal.Decimal) and document_id.is_finite():
+        # A Parquet decimal is exact: an integral one is an integer id, whatever the column's scale
+        # (Snowflake's NUMBER(38,0), BigQuery's NUMERIC as decimal(38,9): "7.000000000" is 7).
+        if document_id != document_id.to_integral_value():
+            return _reject(source, number, None, record, raw)(
+                BAD_ID,
+                f"Field {plan.id_field!r} must be a string or integer, found the decimal {document_id} "
+                "(a fraction).",
+            )
         document_id = int(document_id)
     if not isinstance(document_id, (str, int)) or isinstance(document_id, bool):
         return _reject(source, number, None, record, raw)(
