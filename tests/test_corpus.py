@@ -61,9 +61,16 @@ def test_a_record_of_exactly_the_limit_is_read():
     assert _summary(_read(_plan("jsonl", limit=len(line) - 1), line + b"\r\n")) == [(1, "too_large")]
 
 
-def test_byte_order_mark_is_dropped_from_the_start_of_the_file_only():
+def test_a_byte_order_mark_starting_any_text_line_is_dropped():
+    """`cat a.txt b.txt` of files Notepad saved with a mark: the next file's first line started with U+FEFF,
+    a first word no TextVectorization or Keras 2 tokenizer knows, where JSONL and CSV drop the mark."""
     items = _read(_plan("text", field="text"), text_lines.BOM + b"first\n" + text_lines.BOM + b"second\n")
-    assert _summary(items) == [(1, ("first",)), (2, ("\ufeffsecond",))]
+    assert _summary(items) == [(1, ("first",)), (2, ("second",))]
+    line = b"w" * 20  # Of exactly the limit after its mark, as in JSONL.
+    assert _summary(_read(_plan("text", limit=20), b"a\n" + text_lines.BOM + line + b"\n")) == [
+        (1, ("a",)),
+        (2, ("w" * 20,)),
+    ]
     csv_items = _read(_plan("csv"), text_lines.BOM + b"id,content\r\na,word\r\n")
     assert [item.id for item in csv_items] == ["a"]
 

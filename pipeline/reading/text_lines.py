@@ -314,13 +314,11 @@ def line_records(
         check_start(head, file_tail(stream) if head.startswith(PARQUET_MAGIC) else b"")
     offset, number = (0, 0) if not lines.start else _align(stream, lines.start, lines.lines_before)
     spellings = field_spellings(plan)  # Once per range, not per line.
-    # A byte-order mark is dropped from the first line, and in JSONL from any (files joined with `cat`):
-    # it is no part of the record, so it takes no room of --max_record_bytes.
-    marked_lines = plan.input_format == "jsonl"
     while True:
-        marked = offset == 0 or marked_lines
         # Room for the record and its "\r\n" (and a byte-order mark): a longer read means a longer line.
-        want = limit + 2 + (len(BOM) if marked else 0)
+        # A mark starting any line is dropped (files joined with `cat`): it is no part of the record, so
+        # it takes no room of --max_record_bytes, nor starts the text (a first word no vocabulary knows).
+        want = limit + 2 + len(BOM)
         line = stream.readline(want)
         if not line:
             break
@@ -331,7 +329,7 @@ def line_records(
             check_encoding(line)
         cut = len(line) == want and not line.endswith(b"\n")
         consumed = len(line)
-        if marked and line.startswith(BOM):
+        if line.startswith(BOM):
             line = line[len(BOM) :]
         size, end = len(line), line
         if cut:
