@@ -850,22 +850,33 @@ def test_a_ragged_vectorizers_document_of_no_tokens_is_empty_not_a_row_of_nans(t
 def test_a_multi_hot_vectorizers_model_exports_one_vector_per_document(tmp_path):
     # Keras's own example of n-grams as multi-hot vectors: Keras plans (None, 1, dim) for every
     # layer after the vectorizer of a (None, 1) input, though it computes (None, dim). Those were
-    # refused as per-token, and a text of no tokens (all 0) was a row of the bias.
+    # refused as per-token, and a text of no tokens (all 0) was a row of the bias. In a wide and deep
+    # model, whose input also feeds a padding vectorizer, they were still refused with a layer of the
+    # deep side ("outputs one vector per token ... through 'vec'"), and inspect listed them as "-".
+    from pipeline.inspect import layer_rows
+
     vectorizer = keras.layers.TextVectorization(max_tokens=20, output_mode="multi_hot", ngrams=2, name="vec")
     vectorizer.adapt(np.array(PROBE_TEXTS))
+    padded = keras.layers.TextVectorization(max_tokens=20, output_sequence_length=6, name="padded")
+    padded.adapt(np.array(PROBE_TEXTS))
     text = keras.Input(shape=(1,), dtype="string", name="text")
     hidden = keras.layers.Dense(3, activation="relu", name="hidden")(vectorizer(text))
-    model = keras.Model(text, keras.layers.Dense(1, name="out")(hidden))
+    embedded = keras.layers.Embedding(20, 4, mask_zero=True, name="emb")(padded(text))
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(embedded)
+    model = keras.Model(text, [keras.layers.Dense(1, name="out")(hidden), pooled])
+    kinds = {row[0]: row[5] for row in layer_rows(model)}
+    assert (kinds["vec"], kinds["hidden"], kinds["out"], kinds["pool"]) == ("vector",) * 4
     path = tmp_path / "model.keras"
     model.save(path)
     texts = ["Return the VALUE", "unknownword the the", "!!! ???"]
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
-    output = _export(tmp_path, path, corpus, "--layer=vec", "--layer=hidden", "--layer=out")
+    layers = ("vec", "hidden", "out", "pool")
+    output = _export(tmp_path, path, corpus, *(f"--layer={name}" for name in layers))
     assert [(e["id"], e["reason"]) for e in read_errors(output).to_pylist()] == [("2", "empty_document")]
     rows = rows_by_id(read_rows(output))
     assert sorted(rows) == ["0", "1"]
     strings = tf.constant([[t] for t in texts[:2]])
-    for name in ("vec", "hidden", "out"):
+    for name in layers:
         reference = keras.Model(text, model.get_layer(name).output).predict(strings, verbose=0)
         for index, expected in enumerate(reference):
             np.testing.assert_allclose(rows[str(index)][name], expected, atol=TOLERANCE, rtol=0)

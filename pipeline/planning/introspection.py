@@ -164,11 +164,12 @@ def column_kind(
     """VECTOR for (batch, dim); SEQUENCE for (batch, tokens, dim) aligned with its one input; else None.
 
     A dim that is not fixed (None) is neither: its rows would not form one column.
-    (batch, 1, dim) computed from string inputs that no vectorizer pads to a length is
-    one vector per document too: Keras gives a TextVectorization of counts or
-    one-hot vectors (multi_hot, tf_idf) on a (batch, 1) input that shape, though it
-    computes (batch, dim), and a StringLookup then Embedding of a (batch, 1) input
-    looks up one token per document.
+    (batch, 1, dim) computed from string inputs is one vector per document too, unless
+    a vectorizer pads the input to 1 token: Keras gives a TextVectorization of counts
+    or one-hot vectors (multi_hot, tf_idf) on a (batch, 1) input that shape, though it
+    computes (batch, dim), also where another vectorizer of the input pads it to a
+    length (a wide and deep model), and a StringLookup then Embedding of a (batch, 1)
+    input looks up one token per document.
 
     Args:
         shape: the layer output's shape.
@@ -180,7 +181,7 @@ def column_kind(
         return VECTOR if shape[1] is not None else None
     if len(shape) == 3 and len(dependencies) == 1 and shape[1] == lengths.get(dependencies[0]):
         return SEQUENCE
-    one_per_document = all(name in text_inputs and not lengths.get(name) for name in dependencies)
+    one_per_document = all(name in text_inputs for name in dependencies)
     if len(shape) == 3 and shape[1] == 1 and shape[2] is not None and dependencies and one_per_document:
         return VECTOR
     return None
