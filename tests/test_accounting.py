@@ -59,6 +59,14 @@ def test_too_many_dead_letters_name_their_reasons_and_what_to_check():
         dataclasses.replace(counts, by_reason={"float16_overflow": 2}), None, 0.1, "OUT/errors"
     )
     assert "(float16_overflow: 2)" in message and "export with --dtype float32" in message
+    # A Latin-1 corpus was told to "Check --input_format and --input_map", which are right.
+    _, message = verdict(dataclasses.replace(counts, by_reason={"invalid_utf8": 2}), None, 0.1, "OUT/errors")
+    assert "not UTF-8 text" in message and "iconv -f WINDOWS-1252 -t UTF-8" in message
+    assert "--input_format" not in message
+    _, message = verdict(
+        dataclasses.replace(counts, by_reason={"repeated_header": 2}), None, 0.1, "OUT/errors"
+    )
+    assert "repeat the CSV header" in message and "tail -n +2" in message
 
 
 def test_unknown_records_read_are_recorded_as_none():

@@ -113,6 +113,14 @@ _HINTS = {
     "bad_id": "Check --id_field: most records' values of it are not strings or integers, as ids must be",
     "too_large": "Raise --max_record_bytes, or check --input_format",
     "empty_document": "No text gave a token: check --input_map and the tokenizer",
+    "invalid_utf8": (
+        "Most records are not UTF-8 text: convert the files to UTF-8 (one from Windows or Excel is often "
+        "Windows-1252: iconv -f WINDOWS-1252 -t UTF-8 FILE > FILE.utf8; UTF-16: iconv -f UTF-16LE)"
+    ),
+    "repeated_header": (
+        "Most rows repeat the CSV header (files joined with their headers): join them without the later "
+        "headers (e.g. csvstack, or tail -n +2)"
+    ),
 }
 
 
