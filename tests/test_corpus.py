@@ -379,6 +379,18 @@ def test_a_csv_header_repeated_by_joined_files_is_a_dead_letter_not_a_row():
     assert _summary(_read(_plan("csv"), b"id,content\r\nid,one\r\n")) == [(1, ("one",))]
 
 
+def test_the_rows_after_a_header_repeated_in_another_order_are_read_by_it():
+    """`cat a.csv b.csv` of the same columns in another order: b's rows were read by a's header, each id
+    taken from the text column and each text from the id column, exit 0."""
+    data = b"id,content,title\r\na,one,t\r\n" + b"content,title,id\r\ntwo,u,b\r\n"
+    items = _read(_plan("csv"), data)
+    assert [(item.id, item.texts) for item in items if isinstance(item, Document)] == [
+        ("a", ("one",)),
+        ("b", ("two",)),
+    ]
+    assert items[1]["reason"] == "repeated_header" and "read by its order" in items[1]["message"]
+
+
 def test_a_byte_order_mark_starting_a_later_csv_record_is_dropped():
     """Joined files saved with a mark: the next file's first id was "\\ufeffb1", which no later record
     of b1 matched as its duplicate."""

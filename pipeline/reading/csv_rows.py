@@ -250,6 +250,15 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
                 "The row repeats the header: files joined with their headers (cat a.csv b.csv)? It is "
                 "no record; join them without the later headers (e.g. csvstack, or tail -n +2)."
             )
+            if list(values) != list(header):
+                # A joined file of the same columns in another order: its rows follow its own header,
+                # else each id and text would be read from another column.
+                header = values
+                message = (
+                    "The row repeats the header in another order: files joined with their headers (cat a.csv "
+                    "b.csv)? It is no record, and the rows after it are read by its order; join the files "
+                    "with a tool that matches columns by name (e.g. csvstack)."
+                )
             yield number, schema_lib.error_row(source, number, None, REPEATED_HEADER, message, lines.raw)
             continue
         if separated:
