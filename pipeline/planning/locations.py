@@ -176,9 +176,20 @@ def listing_sha256(files: Iterable[InputFile], input_format: str) -> str:
     directory, naming other files, does not. A text file's ids hold its path as
     listed (`FILE:LINE`), so for text the listed path counts too.
     """
+    directories: dict[str, str] = {}
+
+    def real(path: str) -> str:
+        # One realpath per directory (a million files share a few): a file that is no link is its name there.
+        if os.path.islink(path):
+            return os.path.realpath(path)
+        directory, name = os.path.split(path)
+        if directory not in directories:
+            directories[directory] = os.path.realpath(directory)
+        return os.path.join(directories[directory], name)
+
     entries = [
         [
-            os.path.realpath(f.path) if is_local(f.path) else f.path,
+            real(f.path) if is_local(f.path) else f.path,
             f.size,
             f.mtime,
             *([f.path] if input_format == "text" else []),
