@@ -7,6 +7,7 @@ Arrow tables sorted by id (every column, every bit), dead letters as tables
 sorted by place, and the manifests' counts whole.
 """
 
+import dataclasses
 import errno
 import glob
 import json
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import TUTORIAL_KERAS2_SCRIPT, kill_group_when, pipeline_command
 from test_commit import _hooked, _wait_for
+from test_schema import VECTOR, make_plan
 
 from models.bundle import DEFAULT_BUNDLE
 from models.paths import SAMPLE_CORPUS as DEFAULT_SAMPLE_CORPUS
@@ -512,6 +514,27 @@ def test_the_listing_digest_names_the_files_not_how_input_spells_them(tmp_path, 
     assert digest("data/*.jsonl") != digest(f"{data}/*.jsonl")
     assert digest(f"{data}/a.txt", "text") != digest(f"{tmp_path}/link/a.txt", "text")
     assert digest(f"{data}/a.txt", "text") == digest(f"{data}/a.txt", "text")
+
+
+def test_the_run_signature_holds_what_input_and_reuse_name_not_how_they_are_spelt():
+    """A killed `--reuse /data/v1` run rerun with `--reuse v1/` started over (reuse, reuse_files changed)."""
+    plan = dataclasses.replace(
+        make_plan([VECTOR]),
+        reuse="/data/v1",
+        reuse_files=("/data/v1/part-00000-of-00001.parquet",),
+        reuse_digests=("sha256:" + "c" * 64,),
+    )
+    spelt = dataclasses.replace(
+        plan, input_pattern="./corpus.jsonl", reuse="v1/", reuse_files=("v1/part-00000-of-00001.parquet",)
+    )
+    replaced = dataclasses.replace(plan, reuse_digests=("sha256:" + "d" * 64,))
+    without = dataclasses.replace(plan, reuse="", reuse_files=(), reuse_digests=())
+    signature = resume_lib.run_signature(plan, None)
+    assert resume_lib.run_signature(spelt, None) == signature
+    assert signature not in (
+        resume_lib.run_signature(replaced, None),
+        resume_lib.run_signature(without, None),
+    )
 
 
 @pytest.mark.slow
