@@ -7,6 +7,7 @@ Arrow tables sorted by id (every column, every bit), dead letters as tables
 sorted by place, and the manifests' counts whole.
 """
 
+import dataclasses
 import errno
 import glob
 import json
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_fixtures import TUTORIAL_KERAS2_SCRIPT, kill_group_when, pipeline_command
 from test_commit import _hooked, _wait_for
+from test_schema import VECTOR, make_plan
 
 from models.bundle import DEFAULT_BUNDLE
 from models.paths import SAMPLE_CORPUS as DEFAULT_SAMPLE_CORPUS
@@ -32,6 +34,8 @@ from pipeline.analysis.dataset import open_documents
 from pipeline.analysis.index_build import IndexSettings, build_index
 from pipeline.errors import EXIT_CONFIG_ERROR, EXIT_OUTPUT_FAILED, OutputWriteError
 from pipeline.inference.features import DocumentTokenizer
+from pipeline.planning import locations as locations_lib
+from pipeline.reading.listing import list_input
 from pipeline.run import main
 from pipeline.running.export import run_export
 from pipeline.writing import commit as commit_lib
@@ -481,6 +485,87 @@ def test_a_touched_input_file_does_not_resume(killed, corpus, reference, tiny_bu
         os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert summary.exit_code == 0 and state_lib.read_manifest(output)["resumed"] is None
     assert_same_export(output, reference)
+
+
+def test_the_listing_digest_names_the_files_not_how_input_spells_them(tmp_path, monkeypatch):
+    """A resume compares this digest: a run killed with `/abs/a.jsonl`, rerun with `./a.jsonl`, started over.
+
+    The same files however spelt (relative, absolute, `./`, doubled slashes, through a linked
+    directory, a glob listing them) are one input; files elsewhere with the same names, sizes
+    and times are another, and so is a text file spelt otherwise, whose ids hold its path.
+    """
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.jsonl", "b.jsonl", "a.txt"):
+        (data / name).write_text('{"id": "1", "content": "word1"}\n', encoding="utf-8")
+    (tmp_path / "link").symlink_to(data)
+    elsewhere = tmp_path / "elsewhere" / "data"
+    shutil.copytree(data, elsewhere)  # copy2: the same names, sizes and modification times
+    monkeypatch.chdir(tmp_path)
+
+    def digest(pattern, input_format="jsonl"):
+        return locations_lib.listing_sha256(list_input(pattern)[0], input_format)
+
+    spellings = [f"{data}/*.jsonl", "data/*.jsonl", "./data/*.jsonl", "data//*.jsonl", "link/[ab].jsonl"]
+    assert len({digest(pattern) for pattern in spellings}) == 1
+    assert digest("data/a.jsonl") == digest("./data/a*.jsonl") == digest("link/a.jsonl")
+    assert digest("elsewhere/data/*.jsonl") != digest("data/*.jsonl")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # `data/*.jsonl` from another working directory
+    assert digest("data/*.jsonl") != digest(f"{data}/*.jsonl")
+    assert digest(f"{data}/a.txt", "text") != digest(f"{tmp_path}/link/a.txt", "text")
+    assert digest(f"{data}/a.txt", "text") == digest(f"{data}/a.txt", "text")
+
+
+def test_the_run_signature_holds_what_input_and_reuse_name_not_how_they_are_spelt():
+    """A killed `--reuse /data/v1` run rerun with `--reuse v1/` started over (reuse, reuse_files changed)."""
+    plan = dataclasses.replace(
+        make_plan([VECTOR]),
+        reuse="/data/v1",
+        reuse_files=("/data/v1/part-00000-of-00001.parquet",),
+        reuse_digests=("sha256:" + "c" * 64,),
+    )
+    spelt = dataclasses.replace(
+        plan, input_pattern="./corpus.jsonl", reuse="v1/", reuse_files=("v1/part-00000-of-00001.parquet",)
+    )
+    replaced = dataclasses.replace(plan, reuse_digests=("sha256:" + "d" * 64,))
+    without = dataclasses.replace(plan, reuse="", reuse_files=(), reuse_digests=())
+    signature = resume_lib.run_signature(plan, None)
+    assert resume_lib.run_signature(spelt, None) == signature
+    assert signature not in (
+        resume_lib.run_signature(replaced, None),
+        resume_lib.run_signature(without, None),
+    )
+
+
+@pytest.mark.slow
+def test_the_same_corpus_and_model_spelt_otherwise_resume(
+    killed, corpus, reference, tiny_bundle, tmp_path, monkeypatch
+):
+    """Rerun from the corpus's directory with relative paths, a run killed with absolute ones.
+
+    It started from zero ("input_pattern changed"). And with --model spelt otherwise (the same
+    bundle), the kept row files still named the killed run's --model in their metadata.
+    """
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    dead_run = _staged_run(output)
+    monkeypatch.chdir(os.path.dirname(corpus))
+    spelt = os.path.join(".", os.path.basename(corpus))
+    model = os.path.relpath(tiny_bundle[0])
+    summary = run_export(["--model", model, "--input", spelt, "--output", output, *FLAGS])
+    assert summary.exit_code == 0, summary.message
+    assert state_lib.read_manifest(output)["resumed"]["run"] == dead_run and summary.rows_kept > 0
+    assert rows(output).equals(rows(reference))
+    assert state_lib.read_manifest(output)["counts"] == state_lib.read_manifest(reference)["counts"]
+    # The dead letters are the rerun's own: they name the file as this command spells it.
+    assert set(dead_letters(output)["source"].to_pylist()) == {spelt}
+    same = ["position", "id", "reason", "raw"]
+    assert dead_letters(output).select(same).equals(dead_letters(reference).select(same))
+    models = {
+        json.loads(pq.read_schema(path).metadata[b"embexport"])["model_uri"]
+        for path in glob.glob(os.path.join(output, "part-*.parquet"))
+    }
+    assert models == {model}
 
 
 def test_only_the_matching_run_is_resumed_and_the_other_removed(

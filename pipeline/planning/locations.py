@@ -18,6 +18,7 @@ from pipeline.errors import ExportConfigError, OutputWriteError
 from pipeline.planning.options import ExportOptions
 from pipeline.planning.stores import check_gcs_bucket_name, check_s3_bucket_name, check_stores_answer
 from pipeline.reading.listing import AmbiguousPattern, InputFile, list_input
+from pipeline.reading.ranges import path_key
 from pipeline.uris import absolute, absolute_pattern, glob_regex, inside, is_local
 from pipeline.writing.layout import STAGING
 
@@ -164,9 +165,37 @@ def check_output(output: str, overwrite: bool) -> None:
     check_output_state(output, overwrite)
 
 
-def listing_sha256(files: Iterable[InputFile]) -> str:
-    """SHA-256 of the launch listing: each file's path, size and modification time."""
-    entries = sorted((f.path, f.size, f.mtime) for f in files)
+def listing_sha256(files: Iterable[InputFile], input_format: str) -> str:
+    """SHA-256 of the launch listing as the rows depend on it, however --input spells the files.
+
+    The files in the order the read ranks them (by path: which of two records of an
+    id wins, where `--limit` cuts), each by what it is, its size and modification
+    time: a local file by its real path, so `./a.jsonl`, `a.jsonl`, `/abs/a.jsonl`,
+    a symbolic link to its directory or a glob listing the same files give the same
+    digest (a resumed run continues), while a relative path from another working
+    directory, naming other files, does not. A text file's ids hold its path as
+    listed (`FILE:LINE`), so for text the listed path counts too.
+    """
+    directories: dict[str, str] = {}
+
+    def real(path: str) -> str:
+        # One realpath per directory (a million files share a few): a file that is no link is its name there.
+        if os.path.islink(path):
+            return os.path.realpath(path)
+        directory, name = os.path.split(path)
+        if directory not in directories:
+            directories[directory] = os.path.realpath(directory)
+        return os.path.join(directories[directory], name)
+
+    entries = [
+        [
+            real(f.path) if is_local(f.path) else f.path,
+            f.size,
+            f.mtime,
+            *([f.path] if input_format == "text" else []),
+        ]
+        for f in sorted(files, key=lambda f: path_key(f.path))
+    ]
     return hashlib.sha256(json.dumps(entries).encode("utf-8")).hexdigest()
 
 

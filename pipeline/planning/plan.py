@@ -109,8 +109,9 @@ class ExportPlan:
     reuse_digests: tuple[str, ...] = ()
     # Total size of the input files as listed at launch (0: not listed), for the ETA and split size.
     input_bytes: int = 0
-    # SHA-256 of the input listing (path, size, modification time of each file; "" if not listed):
-    # a resume continues only a run that read the same files (`pipeline.writing.resume`).
+    # SHA-256 of the input listing (each file's real path, size and modification time, in the read's
+    # order; "" if not listed): a resume continues only a run that read the same files, however
+    # --input spelled them (`pipeline.planning.locations.listing_sha256`, `pipeline.writing.resume`).
     input_listing_sha256: str = ""
     # The launch listing: the files the run reads, each checked unchanged before and after it
     # is read. Empty: not listed (a --dry_run of an object-store pattern).

@@ -98,13 +98,14 @@ def run_signature(plan: ExportPlan, limit: int | None) -> dict[str, Any]:
 
     Two runs with equal signatures write the same rows for the same records, so
     one may keep the other's. Settings that only change how rows are split into
-    files (--shard_mb, --checkpoint_seconds) or how fast they come are left out.
+    files (--shard_mb, --checkpoint_seconds) or how fast they come are left out,
+    and so is how --input and --reuse spell the files they name.
     """
     return {
         "format": RUN_FORMAT,
         **reuse_signature(plan),
         "inputs_full": [dataclasses.asdict(info) for info in plan.inputs],
-        "input_pattern": plan.input_pattern,
+        # The files read, not --input's spelling: `./a.jsonl` after `/abs/a.jsonl` continues the run.
         "input_listing_sha256": plan.input_listing_sha256,
         "input_format": plan.input_format,
         "id_field": plan.id_field,
@@ -114,9 +115,11 @@ def run_signature(plan: ExportPlan, limit: int | None) -> dict[str, Any]:
         "batch_size": plan.batch_size,
         "forward_passes": [list(record) for record in plan.forward_passes],
         "limit": limit,
-        "reuse": plan.reuse,
-        "reuse_files": list(plan.reuse_files),
-        # The earlier export's shards by content: one replaced under the same name is another export.
+        # The earlier export by its shards' names and contents, not by how --reuse spells its
+        # directory: one replaced under the same name is another export, one reached by another
+        # path (relative, a link, moved) the same.
+        "reuse": bool(plan.reuse),
+        "reuse_files": [posixpath.basename(path) for path in plan.reuse_files],
         "reuse_digests": list(plan.reuse_digests),
         "package_version": plan.package_version,
     }
@@ -262,10 +265,16 @@ def _read_table(path: str, columns: Sequence[str] | None = None) -> pa.Table:
         return pq.read_table(handle, columns=columns)
 
 
-def _write_table(path: str, table: pa.Table, compression: str) -> None:
-    # Footer keys read back into the schema (the tokenizer's counts of all the file's rows) would lie.
+def _write_table(path: str, table: pa.Table, compression: str, same_rows: bool = False) -> None:
+    """Writes `table` as a Parquet file; `same_rows`: the rows its footer's tokenizer counts are of.
+
+    Otherwise the footer's counts (read back into the schema) are dropped: of rows no longer
+    all there, they would lie.
+    """
     metadata = {
-        key: value for key, value in (table.schema.metadata or {}).items() if key != TOKENIZER_COUNTS_KEY
+        key: value
+        for key, value in (table.schema.metadata or {}).items()
+        if same_rows or key != TOKENIZER_COUNTS_KEY
     }
     table = table.replace_schema_metadata(metadata or None)
     with FileSystems.create(path) as handle:
@@ -343,6 +352,38 @@ def _drop_duplicates(files: list[str], plan: ExportPlan) -> tuple[list[str], int
     dropped = sum(len(rows) for rows in drop.values())
     unique = pc.unique(places["id"].combine_chunks())
     return [path for path in kept if path], dropped, unique
+
+
+def _with_this_runs_metadata(files: list[str], plan: ExportPlan) -> list[str]:
+    """`files`, each whose footer states other export facts than this run's rewritten with this run's.
+
+    An equal signature leaves one of them free: `--model` as spelt (the same model by
+    another path: relative, through a link, moved), which every row file's metadata
+    names. Kept as they were, one export's files would name two models. The rows and
+    their tokenizer counts stay; the copy is whole before the original goes, so a kill
+    in between leaves two equal copies, which the next resume keeps once.
+    """
+    expected = schema_lib.output_schema(plan).metadata[schema_lib.METADATA_KEY]
+    result = []
+    for path in files:
+        footer = _footer(path)
+        if footer is not None and (footer.metadata or {}).get(schema_lib.METADATA_KEY) == expected:
+            result.append(path)
+            continue
+        table = _read_table(path)
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), schema_lib.METADATA_KEY: expected}
+        )
+        target = join(posixpath.dirname(path), f"{uuid.uuid4().hex}.parquet")
+        _write_table(target, table, plan.compression, same_rows=True)
+        delete_files([path])
+        result.append(target)
+    rewritten = len(set(result) - set(files))
+    if rewritten:
+        _LOGGER.info(
+            "Resume: rewrote %d kept row file(s) to name this run's --model %s.", rewritten, plan.model_uri
+        )
+    return result
 
 
 def _counted_ids(files: list[str]) -> tuple[list[str], dict[str, int]]:
@@ -501,6 +542,7 @@ def prepare_resume(directory: str, old_run_id: str, run_id: str, plan: ExportPla
             ", ".join(damaged),
         )
     complete, dropped, ids = _drop_duplicates(sorted(set(moved) - set(damaged)), plan)
+    complete = _with_this_runs_metadata(complete, plan)
     kept_ids_path = join(directory, STAGING, run_id, KEPT_IDS_FILE)
     counted, tokenizer_counts = _counted_ids(complete)
     # With each kept id, what its row was made from (its text and kept fields): a document
