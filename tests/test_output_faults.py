@@ -974,9 +974,8 @@ def test_a_stall_names_the_worker_whose_bundle_thread_is_stopped(monkeypatch):
     try:
         if not _seize(tid):
             pytest.skip("ptrace(2) is not allowed here")
-        for _ in range(100):  # The stop takes effect at once, or nearly.
-            if local_workers._state(worker.pid) == "t":
-                break
+        deadline = time.monotonic() + 10  # The stop takes effect once the thread is next scheduled.
+        while local_workers._state(worker.pid) != "t" and time.monotonic() < deadline:
             time.sleep(0.01)
         assert local_workers._stat_fields(worker.pid)[0] == "S"  # The main thread, waiting.
         monkeypatch.setattr(local_workers, "_started", [worker])
