@@ -25,6 +25,7 @@ from pipeline.analysis.knn import knn_score_indexed, score_label_agreement
 from pipeline.analysis.neighbors import find_neighbors, indexed_neighbors, open_index
 from pipeline.errors import ExportConfigError
 from pipeline.running.export import run_export
+from pipeline.writing import commit as commit_lib
 from pipeline.writing import layout as layout_lib
 from pipeline.writing import lock as lock_lib
 from pipeline.writing import state as state_lib
@@ -633,3 +634,31 @@ def test_the_index_and_its_metadata_are_on_disk_before_they_are_named(export_cop
         f"{COLUMN}.json.tmp"
     ]
     assert f"{COLUMN}.usearch.tmp" in names and "." in names, names
+
+
+def test_a_stop_signal_as_the_metadata_is_flushed_leaves_nothing_foreign(export_copy, monkeypatch):
+    """A Ctrl-C or SIGTERM (a KeyboardInterrupt) while the new metadata's aside was flushed to disk left
+    `_index/COLUMN.json.tmp.XXXXXXXX`, named by nothing: --overwrite refused the export as a user's. An
+    aside a SIGKILL leaves there, holding our metadata, is ours too."""
+    flush = index_build._flush_to_disk
+
+    def stopped(path):
+        if ".json.tmp." in path:
+            raise KeyboardInterrupt
+        flush(path)
+
+    monkeypatch.setattr(index_build, "_flush_to_disk", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        build(export_copy)
+    monkeypatch.undo()
+    assert os.listdir(os.path.join(export_copy, "_index")) == []
+    build(export_copy)
+    # Killed (SIGKILL) between writing the aside and renaming it: the aside holds our metadata.
+    index = os.path.join(export_copy, "_index")
+    shutil.copy(os.path.join(index, f"{COLUMN}.json"), os.path.join(index, f"{COLUMN}.json.tmp.0123abcd"))
+    assert state_lib.foreign_files(export_copy) == []
+    assert state_lib.check_output_state(export_copy, overwrite=True) == "finished"
+    # The commit of an --overwrite deletes it with the rest, and a replayed journal may name it.
+    aside = f"_index/{COLUMN}.json.tmp.0123abcd"
+    assert layout_lib.is_ours(aside, commit_lib.owned_index_files(export_copy))
+    assert layout_lib.INDEX_FILE.fullmatch(aside)

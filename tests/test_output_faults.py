@@ -916,6 +916,94 @@ def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_sto
     assert len(calls) == 2
 
 
+def _spinners(count, cpu):
+    """`count` processes spinning on the one core `cpu`: each runs 1/count of the time and waits the rest."""
+    code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    return [subprocess.Popen([sys.executable, "-S", "-c", code]) for _ in range(count)]
+
+
+def test_a_worker_computing_on_a_small_share_of_a_core_is_at_work_and_a_stopped_one_is_not(monkeypatch):
+    """The watchdog took a worker for idle unless it used a quarter of a core: one computing a long batch
+    (no count moves) under a CPU limit (a container's quota), or among more processes than cores, was
+    killed as stalled, and so was every rerun, at the same batch. Its wait for a CPU counts now."""
+    from pipeline.running import local_workers, progress
+
+    cpu = min(os.sched_getaffinity(0))
+    spinning = _spinners(8, cpu)
+    stopped = subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"])
+    try:
+        stopped.send_signal(signal.SIGSTOP)
+        monkeypatch.setattr(local_workers, "_started", [*spinning, stopped])
+        time.sleep(0.3)  # Their start-up, which ran on any core.
+        before, started = local_workers.cpu_seconds(), time.monotonic()
+        time.sleep(1.0)
+        after, window = local_workers.cpu_seconds(), time.monotonic() - started
+    finally:
+        for process in [*spinning, stopped]:
+            process.kill()
+            process.wait()
+    shares = [(after[p.pid] - before[p.pid]) / window for p in spinning]
+    assert min(shares) >= progress.BUSY_SHARE, shares
+    assert after[stopped.pid] - before[stopped.pid] < 0.05 * window
+
+
+def _seize(tid):
+    """Holds the thread `tid` alone in a tracing stop (`t`), as a debugger does; False where ptrace(2)
+    is not allowed here."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ptrace_seize, ptrace_interrupt = 0x4206, 0x4207
+    if libc.ptrace(ptrace_seize, tid, None, None) != 0:
+        return False
+    return libc.ptrace(ptrace_interrupt, tid, None, None) == 0
+
+
+def test_a_stall_names_the_worker_whose_bundle_thread_is_stopped(monkeypatch):
+    """Beam runs a worker's bundles on threads of its pool while its main thread waits (S): the state of
+    the main thread alone never showed a worker whose bundle thread was blocked on a hung mount (D) or
+    held by a debugger, and the stall line named no worker."""
+    from pipeline.running import local_workers
+
+    code = (
+        "import threading, time\nthread = threading.Thread(target=time.sleep, args=(60,))\n"
+        "thread.start()\nprint(thread.native_id, flush=True)\nthread.join()"
+    )
+    worker = subprocess.Popen([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE, text=True)
+    tid = int(worker.stdout.readline())
+    try:
+        if not _seize(tid):
+            pytest.skip("ptrace(2) is not allowed here")
+        deadline = time.monotonic() + 10  # The stop takes effect once the thread is next scheduled.
+        while local_workers._state(worker.pid) != "t" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert local_workers._stat_fields(worker.pid)[0] == "S"  # The main thread, waiting.
+        monkeypatch.setattr(local_workers, "_started", [worker])
+        monkeypatch.setattr(local_workers, "_stall", [])
+        monkeypatch.setattr(local_workers, "_tracebacks", local_workers.HOLD)
+        monkeypatch.setattr(local_workers, "_stopping", [False])
+        woken = []
+        monkeypatch.setattr(local_workers, "on_failure", lambda: woken.append(True))
+        # Killed as the watchdog kills; its traced thread is then this process's to reap (ptrace).
+        monkeypatch.setattr(local_workers, "kill_workers", lambda: _kill_traced(worker, tid))
+        local_workers.stalled(1805.0, 1800.0)
+        stall = local_workers.stall()
+        assert stall is not None and woken == [True]
+        assert stall.workers == (f"worker process {worker.pid} is stopped by a debugger",)
+    finally:
+        _kill_traced(worker, tid)
+
+
+def _kill_traced(process, tid):
+    """SIGKILLs `process`, whose thread `tid` this process traces, and reaps them both."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(tid, 0x40000000)  # __WALL: a traced thread is reaped by its tracer first.
+    process.wait()
+
+
 def test_a_set_aside_whose_manifest_the_full_disk_left_empty_is_removed_by_the_next_run(tmp_path):
     """A disk that filled as a failed --overwrite run wrote `_failed/RUN/_MANIFEST.json` left it empty (open
     made it, the write failed): every later run kept that folder, its dead letters of no record, forever."""

@@ -50,7 +50,7 @@ from pipeline.analysis.index_store import (
 )
 from pipeline.errors import ExportConfigError, OutputWriteError
 from pipeline.writing.files import fsync_directory
-from pipeline.writing.layout import INDEX_DIR, TABLES_DIR, index_files
+from pipeline.writing.layout import ASIDE_HEX_DIGITS, INDEX_DIR, TABLES_DIR, index_files
 from pipeline.writing.lock import OutputLock
 
 if TYPE_CHECKING:
@@ -277,15 +277,16 @@ def _write_new_file(filesystem: pafs.FileSystem, target: str, data: bytes) -> No
     renamed over it. A write cut short (a full disk) leaves `target` as it was (an earlier build's
     metadata naming the files it left), never an empty or half file that names nothing: a file under
     `_index/` that no metadata of ours names is a user's, for which `--overwrite` refuses the export."""
-    aside = f"{target}.{uuid.uuid4().hex[:8]}"
+    aside = f"{target}.{uuid.uuid4().hex[:ASIDE_HEX_DIGITS]}"
     try:
         _write_bytes(filesystem, aside, data)
+        # A stop signal (Ctrl-C, SIGTERM) while the disk takes it in leaves nothing either.
+        _flush_to_disk(aside)
+        filesystem.move(aside, target)
     except BaseException:
         with contextlib.suppress(OSError):
             filesystem.delete_file(aside)
         raise
-    _flush_to_disk(aside)
-    filesystem.move(aside, target)
 
 
 def _refuse_links(directory: str, column: str) -> None:

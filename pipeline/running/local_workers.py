@@ -212,17 +212,51 @@ def stalled(seconds: float, limit: float) -> None:
 
 
 def cpu_seconds() -> dict[int, float]:
-    """The CPU time (user and system) of this process and of each worker process still running."""
+    """The seconds this process and each worker process still running have run on a CPU or waited,
+    ready to run, for one (`_wanted_seconds`)."""
     with _lock:
         pids = [process.pid for process in _started if process.poll() is None]
     seconds = {}
     for pid in [os.getpid(), *pids]:
-        fields = _stat_fields(pid)
-        try:
-            seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (IndexError, ValueError):  # Gone, or no /proc: only the counts tell.
-            continue
+        wanted = _wanted_seconds(pid)
+        if wanted is not None:  # None: gone, or no /proc: only the counts tell.
+            seconds[pid] = wanted
     return seconds
+
+
+def _wanted_seconds(pid: int) -> float | None:
+    """The seconds the process's threads have run on a CPU or waited, ready to run, for one; None where
+    the process is gone or /proc cannot say.
+
+    The wait counts: a worker that computes under a CPU limit (a container's quota) or on a machine
+    busy with other work gets less than a quarter of a core, yet it is at work, while a stopped,
+    blocked or deadlocked one neither runs nor waits. Each thread's /proc/PID/task/TID/schedstat
+    holds both (nanoseconds on a CPU, then on a run queue, throttled time included); where the kernel
+    keeps none, the process's CPU time in /proc/PID/stat alone.
+    """
+    total, found = 0, False
+    for task in _tasks(pid):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as handle:
+                ran, waited = handle.read().split()[:2]
+            total, found = total + int(ran) + int(waited), True
+        except (OSError, ValueError):  # A thread that ended meanwhile.
+            continue
+    if found:
+        return total / 1e9
+    fields = _stat_fields(pid)
+    try:
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
+        return None
+
+
+def _tasks(pid: int) -> list[str]:
+    """The thread ids of the process (as /proc names them), or [] where it is gone or there is no /proc."""
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
 
 
 def stall() -> Stall | None:
@@ -232,16 +266,27 @@ def stall() -> Stall | None:
 
 
 def _state(pid: int) -> str:
-    """The process's state letter (R, S, D, T, ...), or "" where /proc cannot say."""
+    """The state letter that tells why the process makes no progress: T, t or D (`_STATES`, in that
+    order) where any of its threads is so, else its main thread's letter (R, S, ...), or "" where /proc
+    cannot say.
+
+    Beam's SDK worker runs each bundle on a thread of its pool while its main thread waits on the
+    control stream (S): a bundle's thread blocked on a hung mount (D) is not the main thread.
+    """
+    letters = {fields[0] for task in _tasks(pid) if (fields := _stat_fields(pid, task))}
+    stalled = [letter for letter in _STATES if letter in letters]
+    if stalled:
+        return stalled[0]
     fields = _stat_fields(pid)
     return fields[0] if fields else ""
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (the state letter first), or [] where the
-    process is gone or there is no /proc."""
+def _stat_fields(pid: int, task: str | None = None) -> list[str]:
+    """The fields of /proc/PID/stat (or of its thread's, /proc/PID/task/TASK/stat) after the command
+    name, the state letter first, or [] where the process is gone or there is no /proc."""
+    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+        with open(path, encoding="ascii", errors="replace") as handle:
             # After the command name, which may hold spaces and parentheses.
             return handle.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):

@@ -34,7 +34,8 @@ FIRST_ROW_AT = "first_row_at"
 _WRITE_EVERY_SECONDS = 1.0
 # Seconds between the monitor's looks for a stall (--stall_timeout), at most.
 STALL_LOOK_SECONDS = 5.0
-# The share of a core a process of the run uses while at work: it is making progress.
+# The share of the time a process of the run runs or waits, ready, for a CPU while at work: it is
+# making progress (an idle one polls at a few percent; a stopped or blocked one neither runs nor waits).
 BUSY_SHARE = 0.25
 # What a process counted: KEYS -> counts, and FIRST_ROW_AT -> a time.time() where one was counted.
 Totals = dict[str, float]
@@ -154,7 +155,8 @@ class ProgressMonitor:
         stall_seconds: after this many seconds in which no count moved and no process of the
             run was busy, `on_stall(seconds, stall_seconds)` is called, once (0: never).
         on_stall: what ends a stalled run (`local_workers.stalled`).
-        cpu_seconds: the CPU time of each process of the run so far (`local_workers.cpu_seconds`).
+        cpu_seconds: the seconds each process of the run has run on a CPU or waited, ready, for one
+            so far (`local_workers.cpu_seconds`).
     """
 
     def __init__(
@@ -244,7 +246,8 @@ class ProgressMonitor:
         # A look far later than due: this process was stopped (Ctrl-Z, a suspended machine) and the
         # run with it; the time it stood still is no stall of the workers.
         # A process that computes (a long batch, a model loading, counts it cannot write to a full
-        # disk) is at work; an idle one polls at a few percent of a core, a stopped one not at all.
+        # disk) is at work, also where a CPU limit or other work leaves it less than a quarter of a
+        # core (its wait for one counts); an idle one polls at a few percent, a stopped one not at all.
         cpu = self._cpu_seconds() if self._cpu_seconds else {}
         busy = any(
             seconds - self._cpu.get(pid, seconds) >= BUSY_SHARE * (now - self._looked_at)

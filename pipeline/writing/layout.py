@@ -52,8 +52,12 @@ _FAILED_FILE = re.compile(
 # The names an index build writes under _index/: COLUMN.json and COLUMN.usearch, each first as NAME.tmp.
 # A name alone makes nothing ours (a user's settings.json or hand-built index looks the same):
 # `index_files` judges a metadata file by its content.
-INDEX_FILE = re.compile(rf"{INDEX_DIR}/[^/]+\.(usearch|json)(\.tmp)?")
-_INDEX_METADATA = re.compile(rf"({INDEX_DIR}/[^/]+)\.json(\.tmp)?")
+# A build writes its metadata aside first, as COLUMN.json.tmp.XXXXXXXX (hex digits), then renames it;
+# a SIGKILL between leaves that name, ours where its content is our metadata.
+ASIDE_HEX_DIGITS = 8
+_ASIDE = rf"\.json\.tmp\.[0-9a-f]{{{ASIDE_HEX_DIGITS}}}"
+INDEX_FILE = re.compile(rf"{INDEX_DIR}/[^/]+(\.(usearch|json)(\.tmp)?|{_ASIDE})")
+_INDEX_METADATA = re.compile(rf"({INDEX_DIR}/[^/]+)(\.json(\.tmp)?|{_ASIDE})")
 # The directories a run makes, so the only empty ones that are ours.
 KNOWN_DIRECTORY = re.compile(
     rf"({ERRORS_DIR}|{TABLES_DIR}|{INDEX_DIR}|{STAGING}(/.*)?|{FAILED_DIR}(/{_RUN_ID}(/{ERRORS_DIR})?)?)"
@@ -90,7 +94,8 @@ def index_files(relative: str, metadata: object) -> frozenset[str]:
 
     Only the metadata an index build writes counts (`"format": "usearch"`, a
     `source` and the `file` an index of that column is saved as): then it, the
-    index file it names and their `.tmp` names are ours.  Anything else names nothing.
+    index file it names and their `.tmp` names are ours, and so is an aside of the
+    metadata holding it (`COLUMN.json.tmp.XXXXXXXX`).  Anything else names nothing.
     """
     match = _INDEX_METADATA.fullmatch(relative)
     if match is None or not isinstance(metadata, dict):
@@ -100,7 +105,8 @@ def index_files(relative: str, metadata: object) -> frozenset[str]:
     ours = metadata.get("format") == "usearch" and isinstance(metadata.get("source"), dict)
     if not ours or named != base + ".usearch":
         return frozenset()
-    return frozenset({base + ".json", base + ".json.tmp", named, named + ".tmp"})
+    # An aside (`ASIDE_HEX_DIGITS`) names itself too: a build killed before renaming it left it.
+    return frozenset({base + ".json", base + ".json.tmp", relative, named, named + ".tmp"})
 
 
 def is_ours(relative: str, owned_index_files: Collection[str] = frozenset()) -> bool:
