@@ -242,17 +242,23 @@ def check_replaceable(filesystem: pafs.FileSystem, directory: str, column: str) 
             continue
         suffix = ".tmp" if path.endswith(".tmp") else ""
         owned |= index_files(relative[metadata_path] + suffix, metadata)
-    for path in (metadata_path, index_path):
-        for name in (path, path + ".tmp"):
-            if filesystem.get_file_info(name).type == pafs.FileType.NotFound:
-                continue
-            mine = relative[path] + name[len(path) :]
-            if mine not in owned:
-                raise AnalysisError(
-                    f"{name} is not an index this command built (no index metadata of ours names it), so "
-                    f"building the index of {column!r} would replace it: move it out of {INDEX_DIR}/ "
-                    "(or rename it), then build again. Nothing was written."
-                )
+    for path, name in _written_paths(directory, column):
+        if filesystem.get_file_info(name).type == pafs.FileType.NotFound:
+            continue
+        mine = relative[path] + name[len(path) :]
+        if mine not in owned:
+            raise AnalysisError(
+                f"{name} is not an index this command built (no index metadata of ours names it), so "
+                f"building the index of {column!r} would replace it: move it out of {INDEX_DIR}/ "
+                "(or rename it), then build again. Nothing was written."
+            )
+
+
+def _written_paths(directory: str, column: str) -> list[tuple[str, str]]:
+    """The files an index build of `column` writes or replaces, each as (its final path, the path):
+    the metadata and the index, and the `.tmp` name of each."""
+    index_path, metadata_path = index_paths(directory, column)
+    return [(path, name) for path in (metadata_path, index_path) for name in (path, path + ".tmp")]
 
 
 def check_one_token_table(location: str) -> None:
@@ -296,14 +302,8 @@ def _refuse_links(directory: str, column: str) -> None:
     Raises:
         AnalysisError: naming the link.
     """
-    index_path, metadata_path = index_paths(directory, column)
-    for path in (
-        posixpath.join(directory, INDEX_DIR),
-        index_path,
-        index_path + ".tmp",
-        metadata_path,
-        metadata_path + ".tmp",
-    ):
+    written = [name for _, name in _written_paths(directory, column)]
+    for path in [posixpath.join(directory, INDEX_DIR), *written]:
         if os.path.islink(path):
             raise AnalysisError(
                 f"{path} is a symbolic link (to {os.readlink(path)!r}); an index build never writes or "
