@@ -751,10 +751,10 @@ def test_the_tutorial_keras2_model_resumes_bit_for_bit(tmp_path):
     """
     with open(DEFAULT_SAMPLE_CORPUS, encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle]
-    # 1,000 of the sample corpus's documents: long enough to kill after a few files.
+    # 500 of the sample corpus's documents: long enough to kill after a few files.
     corpus = tmp_path / "corpus.jsonl"
     with open(corpus, "w", encoding="utf-8") as handle:
-        for record in records[:1000]:
+        for record in records[:500]:
             handle.write(json.dumps(record) + "\n")
     built = forkserver.run(
         [sys.executable, "-c", TUTORIAL_KERAS2_SCRIPT, str(tmp_path), str(corpus), str(corpus)],
