@@ -105,6 +105,8 @@ def _run_child(request, fds, others):
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in request["ignored_signals"]:  # as inherited ignored across exec (`nohup`)
+            signal.signal(signum, signal.SIG_IGN)
         if request["new_session"]:
             os.setsid()
         for source, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
@@ -376,15 +378,19 @@ class ForkedProcess:
 FORKED_OPTIONS = {"cwd", "env", "stdin", "stdout", "stderr", "text", "start_new_session"}
 
 
-def popen(command, **options):
+def popen(command, ignored_signals=(), **options):
     """`subprocess.Popen(command, **options)`, forked from the warm server when `command` runs Python code.
 
     `command` is `python -m MODULE ...`, `python -c CODE ...` or `python SCRIPT.py ...`
     with `sys.executable`, each also after `-u`; anything else, or another Popen argument,
-    starts cold.
+    starts cold. `ignored_signals`: signals the child starts with ignored, as `nohup`
+    starts a command with SIGHUP ignored (cold: set in `preexec_fn`, before the exec).
     """
     request = _python_argv(command)
     if request is None or set(options) - FORKED_OPTIONS:
+        if ignored_signals:
+            assert "preexec_fn" not in options, "ignored_signals sets the preexec_fn itself"
+            options["preexec_fn"] = lambda: [signal.signal(s, signal.SIG_IGN) for s in ignored_signals]
         return subprocess.Popen(command, **options)
     env = options.get("env")
     request = {
@@ -392,6 +398,7 @@ def popen(command, **options):
         "cwd": os.path.abspath(options.get("cwd") or os.getcwd()),
         "env": dict(os.environ if env is None else env),
         "new_session": options.get("start_new_session", False),
+        "ignored_signals": [int(signum) for signum in ignored_signals],
     }
     streams = (options.get(name) for name in ("stdin", "stdout", "stderr"))
     return ForkedProcess(command, request, *streams, options.get("text", False))

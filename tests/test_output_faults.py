@@ -397,12 +397,8 @@ def test_a_run_started_under_nohup_goes_on_after_sighup(tmp_path, tiny_bundle):
     output = str(tmp_path / "out")
     marker = str(tmp_path / "inference")
     argv = pipeline_command(corpus, output, "--model", tiny_bundle[0], "--batch_size", "16")
-    # What `nohup` does: SIGHUP ignored from the start (preexec_fn starts it cold, not forked).
-    process = _hooked(
-        [f"inference_pause:3:{marker}"],
-        argv[3:],
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
-    )
+    # What `nohup` does: SIGHUP ignored from the start.
+    process = _hooked([f"inference_pause:3:{marker}"], argv[3:], ignored_signals=[signal.SIGHUP])
     _wait_for(marker + ".paused", process)
     process.send_signal(signal.SIGHUP)
     open(marker + ".go", "w").close()

@@ -44,7 +44,7 @@ from pipeline.writing import resume as resume_lib
 from pipeline.writing import state as state_lib
 from pipeline.writing.shards import TOKENIZER_COUNTS_KEY
 
-DOCUMENTS = 2000
+DOCUMENTS = 1000
 # Small files, closed often: the run is killed after a few of them, long before its end.
 FLAGS = ("--batch_size", "8", "--checkpoint_seconds", "0.05", "--keep_fields", "kind")
 # A vector column of the tiny bundle's default layers.
@@ -714,11 +714,11 @@ def test_a_rerun_killed_after_it_recorded_itself_continues_from_it(
 
 @pytest.mark.slow
 def test_two_worker_processes_with_a_limit(corpus, tiny_bundle, tmp_path):
-    flags = [*TWO_PROCESSES, "--limit", "1500"]
+    flags = [*TWO_PROCESSES, "--limit", "750"]
     # The reference is the in-memory export of the same limit: both runner modes give the same export.
     reference = str(tmp_path / "reference")
     run_export(
-        ["--model", tiny_bundle[0], "--input", corpus, "--output", reference, *FLAGS, "--limit", "1500"]
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", reference, *FLAGS, "--limit", "750"]
     )
     output = str(tmp_path / "out")
     kept_rows = rows_in(kill_after_files(tiny_bundle[0], corpus, output, 3, *flags))
@@ -836,10 +836,10 @@ def test_the_tutorial_keras2_model_resumes_bit_for_bit(tmp_path):
     """
     with open(DEFAULT_SAMPLE_CORPUS, encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle]
-    # 1,000 of the sample corpus's documents: long enough to kill after a few files.
+    # 500 of the sample corpus's documents: long enough to kill after a few files.
     corpus = tmp_path / "corpus.jsonl"
     with open(corpus, "w", encoding="utf-8") as handle:
-        for record in records[:1000]:
+        for record in records[:500]:
             handle.write(json.dumps(record) + "\n")
     built = forkserver.run(
         [sys.executable, "-c", TUTORIAL_KERAS2_SCRIPT, str(tmp_path), str(corpus), str(corpus)],

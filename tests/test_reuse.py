@@ -279,7 +279,7 @@ def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
 @pytest.mark.slow
 def test_reuse_on_the_tutorial_keras2_model(tmp_path):
     with open(SAMPLE_CORPUS, encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle][:600]
+        records = [json.loads(line) for line in handle][:300]
     second, changed, new, deleted = next_version(records, seed=3)
     first_path = _write(tmp_path / "v1.jsonl", records)
     second_path = _write(tmp_path / "v2.jsonl", second)
