@@ -9,7 +9,8 @@ starts with "_").
 import os
 import posixpath
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import TypedDict
 
 import pyarrow.parquet as pq
@@ -19,6 +20,9 @@ from pipeline.errors import ExportConfigError
 from pipeline.uris import is_local
 from pipeline.writing.files import delete_files, iter_entries, join, list_files
 from pipeline.writing.layout import ERRORS_DIR, SHARD_PREFIX, STAGING, TABLES_DIR
+
+# What `sys.exc_info()` returns, as `shutil.rmtree` hands it to its error handler.
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
 
 
 class StagedShards(TypedDict):
@@ -50,9 +54,17 @@ def _remove_tree(directory: str) -> None:
             raise ExportConfigError(
                 f"{directory!r} holds a symbolic link ({links[0]!r}); an export never deletes through one."
             )
-        shutil.rmtree(directory)
+        shutil.rmtree(directory, onerror=_raise_naming_the_path)
         return
     delete_files(list_files(directory))
+
+
+def _raise_naming_the_path(function: Callable[..., object], path: str, exc_info: ExcInfo) -> None:
+    """`shutil.rmtree`'s error handler: its OSError names the entry alone (`_RUN.json`), this the path."""
+    error = exc_info[1]
+    if isinstance(error, OSError) and error.errno is not None:
+        raise OSError(error.errno, error.strerror, path) from error
+    raise error
 
 
 def remove_staging(directory: str, run_id: str | None = None) -> None:
