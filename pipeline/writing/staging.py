@@ -9,6 +9,7 @@ starts with "_").
 import os
 import posixpath
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TypedDict
@@ -54,14 +55,23 @@ def _remove_tree(directory: str) -> None:
             raise ExportConfigError(
                 f"{directory!r} holds a symbolic link ({links[0]!r}); an export never deletes through one."
             )
-        shutil.rmtree(directory, onerror=_raise_naming_the_path)
+        # Python 3.12 renamed the error handler (`onerror` is deprecated there).
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(directory, onexc=_raise_naming_the_path)
+        else:
+            shutil.rmtree(directory, onerror=_raise_naming_the_path)
         return
     delete_files(list_files(directory))
 
 
-def _raise_naming_the_path(function: Callable[..., object], path: str, exc_info: ExcInfo) -> None:
-    """`shutil.rmtree`'s error handler: its OSError names the entry alone (`_RUN.json`), this the path."""
-    error = exc_info[1]
+def _raise_naming_the_path(
+    function: Callable[..., object], path: str, failure: BaseException | ExcInfo
+) -> None:
+    """`shutil.rmtree`'s error handler: its OSError names the entry alone (`_RUN.json`), this the path.
+
+    `failure` is the exception (`onexc`, Python 3.12) or `sys.exc_info()` (`onerror`).
+    """
+    error = failure[1] if isinstance(failure, tuple) else failure
     if isinstance(error, OSError) and error.errno is not None:
         raise OSError(error.errno, error.strerror, path) from error
     raise error
