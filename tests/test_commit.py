@@ -32,6 +32,7 @@ from pipeline.analysis.dataset import open_documents
 from pipeline.errors import (
     EXIT_CONFIG_ERROR,
     EXIT_OUTPUT_FAILED,
+    ExportConfigError,
     LockLostError,
     OutputBusyError,
     OutputWriteError,
@@ -546,6 +547,33 @@ def test_the_rerun_of_a_fresh_export_killed_in_its_commit_says_it_was_finished(t
     assert rerun.returncode == EXIT_CONFIG_ERROR, rerun.stderr[-2000:]
     assert "was finished just now" in rerun.stderr
     assert _complete_export(output) == sorted(NEW_IDS)
+
+
+def test_the_rerun_of_a_failed_export_killed_in_its_commit_says_it_failed(tmp_path, tiny_bundle):
+    """It said "the output holds that run's complete export" of a run whose records were mostly dead
+    letters (exit 4, which the killed run never got to say): a failed export presented as done."""
+    corpus = _corpus(tmp_path / "mostly_broken.jsonl", NEW_IDS[:2])
+    with open(corpus, "a", encoding="utf-8") as handle:
+        handle.write(f"{BAD_LINE}\n" * 4)
+    output = str(tmp_path / "out")
+    argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output]
+
+    def killed_past_the_commit_point(action, relative):
+        if action == "delete":  # The first step after the journal is in place.
+            raise Killed(relative)
+
+    files_lib.step_hook = killed_past_the_commit_point
+    try:
+        with pytest.raises(Killed):
+            run_export(argv)
+    finally:
+        files_lib.step_hook = None
+    with pytest.raises(ExportConfigError) as refused:
+        run_export(argv)
+    manifest = state_lib.read_manifest(output)
+    assert manifest["status"] == "completed_with_errors"
+    assert "completed with errors: " + manifest["message"] in str(refused.value)
+    assert "complete export" not in str(refused.value)
 
 
 def test_the_renames_into_subdirectories_are_flushed_before_the_manifest(tmp_path, tiny_bundle, monkeypatch):

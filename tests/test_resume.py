@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from pipeline_fixtures import TUTORIAL_KERAS2_SCRIPT, kill_group_when, pipeline_command
+from pipeline_fixtures import TUTORIAL_KERAS2_SCRIPT, kill_group_when, pipeline_command, snapshot
 from test_commit import _hooked, _wait_for
 from test_schema import VECTOR, make_plan
 
@@ -39,6 +39,7 @@ from pipeline.reading.listing import list_input
 from pipeline.run import main
 from pipeline.running.export import run_export
 from pipeline.writing import commit as commit_lib
+from pipeline.writing import files as files_lib
 from pipeline.writing import layout as layout_lib
 from pipeline.writing import resume as resume_lib
 from pipeline.writing import state as state_lib
@@ -607,6 +608,47 @@ def test_a_full_disk_during_the_hand_over_gives_the_kept_files_back(
     assert summary.exit_code == 0 and summary.resumed_run == old_run, summary.message
     assert summary.rows_kept == kept_rows
     assert_same_export(output, reference)
+
+
+@pytest.mark.parametrize("where", ["hand_over", "removal"])
+def test_a_staging_this_user_may_not_change_is_one_error_line(
+    where, killed, corpus, tiny_bundle, tmp_path, monkeypatch
+):
+    """A killed run's staging the rerun may not change (left by a run started with sudo, or immutable)
+    stopped the same command (moving the kept rows over) and `--resume off` (removing them) with a
+    PermissionError traceback, exit 1."""
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    dead_run = os.path.join(output, layout_lib.STAGING, _staged_run(output))
+    before = snapshot(dead_run)
+    flags = list(FLAGS)
+    if where == "hand_over":
+
+        def refused(action, relative):
+            if action == "rename":
+                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), os.path.join(output, relative))
+
+        monkeypatch.setattr(files_lib, "step_hook", refused)
+    else:
+        flags += ["--resume", "off"]
+        unlink = os.unlink
+
+        def refused(path, *args, **kwargs):
+            if os.path.basename(path) == resume_lib.RUN_FILE:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            return unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(OutputWriteError) as refusal:
+        run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *flags])
+    monkeypatch.undo()
+    message = str(refusal.value)
+    assert "\n" not in message and "could not be prepared" in message, message
+    assert state_lib.read_manifest(output) is None
+    if where == "hand_over":  # Its rows are given back: the rerun continues from all of them.
+        assert snapshot(dead_run) == before
+    else:  # shutil.rmtree's error named the file alone (_RUN.json): the line names it by its path.
+        assert os.path.join(dead_run, resume_lib.RUN_FILE) in message
 
 
 @pytest.mark.slow

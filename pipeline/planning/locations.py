@@ -245,6 +245,27 @@ def check_input(pattern: str) -> list[InputFile]:
     return matched
 
 
+def _finished_commit_message(output: str) -> str:
+    """What a run says of the earlier export whose interrupted commit it just finished (without --overwrite).
+
+    That run may have failed (too many dead letters, a file that broke): its export is
+    committed all the same, `completed_with_errors`, and the killed run never said why.
+    """
+    from pipeline.writing.state import read_manifest
+
+    manifest = read_manifest(output) or {}
+    said = f"--output {output!r} held an export whose commit was cut short; it was finished just now, so "
+    if manifest.get("status") == "succeeded":
+        return said + (
+            "the output holds that run's complete export. Pass --overwrite to replace it, or choose "
+            "another --output."
+        )
+    return said + (
+        f"the output holds that run's export, which completed with errors: {manifest.get('message')} Fix "
+        "that, then pass --overwrite to replace it, or choose another --output."
+    )
+
+
 def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFile, ...]:
     """Checks --input, --output and how they relate, before the (slow) model load.
 
@@ -284,11 +305,7 @@ def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFi
                     "the cause (free space), then rerun."
                 ) from None
             if finished and not options.overwrite:
-                raise ExportConfigError(
-                    f"--output {options.output!r} held an export whose commit was cut short; it was "
-                    "finished just now, so the output holds that run's complete export. Pass "
-                    "--overwrite to replace it, or choose another --output."
-                )
+                raise ExportConfigError(_finished_commit_message(options.output))
         check_output(options.output, options.overwrite)
         if matched is not None:
             check_input_output(options.input, matched, options.output)

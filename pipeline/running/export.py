@@ -57,6 +57,7 @@ from pipeline.running.failures import (
     is_file_too_large,
     out_of_space_reported,
     token_table_too_large,
+    unchangeable_output_reported,
 )
 from pipeline.running.graph import build_pipeline
 from pipeline.running.report import ExportSummary, recorded_command_line, recorded_options
@@ -268,20 +269,23 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     # written, so a second run on this --output is refused instead of mixing files.
     with OutputLock(plan.output) as lock:
         _past_launch_checks = True
-        run_id, resumable = prepare(plan.output, export_options.overwrite, find_resumable)
-        resumed = None
-        # The run's first write (its _RUN.json) may be the one that finds the disk full. A failed
-        # hand-over gives the interrupted run its files back: the line names where they are.
-        with out_of_space_reported(plan.output, resumable or run_id):
-            try:
-                if resumable is not None:
-                    # Under its own run id: the interrupted run's job may still write under the old one.
-                    resumed = resume_lib.prepare_resume(plan.output, resumable, run_id, plan)
-                resume_lib.start_run(plan.output, run_id, signature, resumed)
-            except BaseException:
-                if resumable is not None:
-                    resume_lib.hand_back(plan.output, resumable, run_id)
-                raise
+        # Removing dead runs' leftovers and taking over an interrupted run's rows move and delete
+        # files another user's run (sudo) may have left: one line, not a traceback.
+        with unchangeable_output_reported(plan.output):
+            run_id, resumable = prepare(plan.output, export_options.overwrite, find_resumable)
+            resumed = None
+            # The run's first write (its _RUN.json) may be the one that finds the disk full. A failed
+            # hand-over gives the interrupted run its files back: the line names where they are.
+            with out_of_space_reported(plan.output, resumable or run_id):
+                try:
+                    if resumable is not None:
+                        # Under its own run id: the interrupted run's job may still write under the old one.
+                        resumed = resume_lib.prepare_resume(plan.output, resumable, run_id, plan)
+                    resume_lib.start_run(plan.output, run_id, signature, resumed)
+                except BaseException:
+                    if resumable is not None:
+                        resume_lib.hand_back(plan.output, resumable, run_id)
+                    raise
         if resumed is not None:
             resume_lib.remove_old_run(plan.output, resumed.run_id)
         return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed, lock)

@@ -244,6 +244,36 @@ def out_of_space_reported(output: str, run_id: str) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def unchangeable_output_reported(output: str) -> Iterator[None]:
+    """Turns an OSError of the run's preparation of `output` into one `error:` line (exit 6).
+
+    Before its pipeline, a run removes what dead runs left there and moves an
+    interrupted run's rows into its own staging directory. Files it may not change
+    (left by a run started as another user, with sudo say, or made immutable) stopped
+    it with a traceback. Nothing of an export is changed by then, and a failed hand-over
+    gives the interrupted run its rows back: the rerun continues it once the cause is fixed.
+    """
+    try:
+        yield
+    except OSError as error:
+        if is_disk_full(error) or is_file_too_large(error):
+            raise
+        where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name)
+        advice = {
+            errno.EACCES: "give this user the output's files (a run started as another user, with sudo "
+            "say, leaves files this one can neither move nor delete)",
+            errno.EPERM: "give this user the output's files (a run started as another user, with sudo "
+            "say, leaves files this one can neither move nor delete; `lsattr` shows an immutable one)",
+            errno.EROFS: "remount its filesystem read-write",
+        }.get(error.errno or 0, "fix the cause")
+        raise OutputWriteError(
+            f"--output {output!r} could not be prepared: {error.strerror or error}"
+            f"{f' ({where})' if where else ''}. Nothing was committed and an earlier export there is "
+            f"untouched: {advice}, then rerun the same command."
+        ) from None
+
+
 def out_of_space(output: str, run_id: str) -> OutputWriteError:
     """Says how much space the export needed; what the run staged in `output` is kept for its rerun.
 

@@ -9,7 +9,9 @@ starts with "_").
 import os
 import posixpath
 import shutil
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import TypedDict
 
 import pyarrow.parquet as pq
@@ -19,6 +21,9 @@ from pipeline.errors import ExportConfigError
 from pipeline.uris import is_local
 from pipeline.writing.files import delete_files, iter_entries, join, list_files
 from pipeline.writing.layout import ERRORS_DIR, SHARD_PREFIX, STAGING, TABLES_DIR
+
+# What `sys.exc_info()` returns, as `shutil.rmtree` hands it to its error handler.
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
 
 
 class StagedShards(TypedDict):
@@ -50,9 +55,26 @@ def _remove_tree(directory: str) -> None:
             raise ExportConfigError(
                 f"{directory!r} holds a symbolic link ({links[0]!r}); an export never deletes through one."
             )
-        shutil.rmtree(directory)
+        # Python 3.12 renamed the error handler (`onerror` is deprecated there).
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(directory, onexc=_raise_naming_the_path)
+        else:
+            shutil.rmtree(directory, onerror=_raise_naming_the_path)
         return
     delete_files(list_files(directory))
+
+
+def _raise_naming_the_path(
+    function: Callable[..., object], path: str, failure: BaseException | ExcInfo
+) -> None:
+    """`shutil.rmtree`'s error handler: its OSError names the entry alone (`_RUN.json`), this the path.
+
+    `failure` is the exception (`onexc`, Python 3.12) or `sys.exc_info()` (`onerror`).
+    """
+    error = failure[1] if isinstance(failure, tuple) else failure
+    if isinstance(error, OSError) and error.errno is not None:
+        raise OSError(error.errno, error.strerror, path) from error
+    raise error
 
 
 def remove_staging(directory: str, run_id: str | None = None) -> None:
