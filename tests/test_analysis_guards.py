@@ -731,6 +731,63 @@ def test_tied_rows_are_ranked_by_id_in_every_mode(tmp_path, capsys, metric):
         assert listed == expected
 
 
+def test_rows_pointing_the_same_way_tie_and_are_ranked_by_id_in_every_mode(tmp_path, capsys):
+    """[c, c, 0, 0] for any c points exactly where the query [1, 1, 0, 0] does, but the float64 scans
+    ranked such rows by the rounding of their arithmetic (1.0 against 0.9999999999999998), usearch by
+    its float32 rounding, knn-score by float32 matrix products: four orders, none by id."""
+    rng = np.random.default_rng(5)
+    scales = [0.3, 3.0, 7.1, 1e-3, 3e38, 1e-30, 123.456, 0.77, 2.9, 5.1, 1e5, 0.013]
+    same = [f"s{n:02d}" for n in rng.permutation(len(scales))]  # [c, c, 0, 0]: similarity 1
+    half = [f"h{n:02d}" for n in rng.permutation(len(scales))]  # [c, 0, 0, 0]: similarity 1/sqrt(2)
+    others = [f"o{n:02d}" for n in range(30)]
+    vectors = [[1, 1, 0, 0], *([c, c, 0, 0] for c in scales), *([c, 0, 0, 0] for c in scales)]
+    vectors += [[0, 0, *point] for point in rng.normal(size=(len(others), 2))]
+    ids = ["q", *same, *half, *others]
+    order = rng.permutation(len(ids))
+    labels = ["ab"[i % 2] for i in range(len(ids))]
+    columns = {
+        "id": [ids[i] for i in order],
+        "v": pa.array([vectors[i] for i in order], pa.list_(pa.float32(), 4)),
+        "lab": [labels[i] for i in order],
+    }
+    export = write_export(str(tmp_path / "directions"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("q\n", encoding="utf-8")
+    expected = sorted(same) + sorted(half)
+    k = len(expected)
+
+    def listed(argv):
+        assert analyze.main([export, "neighbors", "--id", "q", "-k", str(k), *argv]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return [line.split()[2] for line in lines if line.strip()[:1].isdigit()]
+
+    def batch(name, argv):
+        out = tmp_path / name
+        assert (
+            analyze.main(
+                [export, "neighbors", "--queries", str(queries), "-k", str(k), "--out", str(out), *argv]
+            )
+            == 0
+        )
+        capsys.readouterr()
+        return pq.read_table(out).to_pylist()
+
+    assert listed(["--exact"]) == expected
+    answers = batch("exact.parquet", ["--exact"])
+    assert [a["id"] for a in answers] == expected
+    # Equal is shown equal: the file holds one similarity for all rows of a direction.
+    assert {a["similarity"] for a in answers[: len(same)]} == {1.0}
+    assert len({a["similarity"] for a in answers[len(same) :]}) == 1
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "5"]) == 0
+    sampled = capsys.readouterr().out.splitlines()[1]
+    assert analyze.main([export, "index", "--threads", "1", *_exact_flags()]) == 0
+    capsys.readouterr()
+    assert listed([]) == expected
+    assert [a["id"] for a in batch("index.parquet", [])] == expected
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "5", "--all"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == sampled
+
+
 def test_vectors_whose_squared_norm_overflows_float32_get_their_true_similarities(tmp_path, capsys):
     """Finite float32 values of 3e19: the batch scan and knn-score took the norms in float32, so the
     row scored 0 against every other (1.0 by the single-query scan and the index)."""

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 
 from models.digest import sha256_file
 from pipeline.analysis.dataset import AnalysisError, VectorDataset
+from pipeline.analysis.exact import pair_scores
 from pipeline.analysis.index_store import (
     INDEX_SUFFIX,
     METADATA_SUFFIX,
@@ -39,32 +40,30 @@ if TYPE_CHECKING:
 
 # How far a search widens to find every row tied with the k-th (see `LoadedIndex.search`).
 TIE_SEARCH_ROWS = 4096
+# How far (relative) usearch's float32 distances can be from the exact scores: rows this close to the
+# k-th may come back in any order, so a search is widened past them (see `search_index`).
+SEARCH_ROUNDING = 1e-5
 
 
 class Matches(NamedTuple):
-    """usearch's answer to a batch of queries, always 2-D: keys and distances (queries, found), counts."""
+    """usearch's answer to a batch of queries, always 2-D: the keys (queries, found) and how many each got.
+
+    Its distances are not read: the rows found are scored again as the exact scan scores them (`_found`).
+    """
 
     keys: np.ndarray
-    distances: np.ndarray
     counts: np.ndarray
 
 
-def score_from_distance(metric: str, distances: np.ndarray) -> np.ndarray:
-    """usearch's distances as `scores`: cos and ip distances are 1 - similarity, l2sq is the squared L2."""
-    distances = np.asarray(distances, dtype=np.float64)
-    return -distances if metric == "l2" else 1.0 - distances
-
-
 def raw_search(index: Index, queries: np.ndarray, count: int, threads: int = 0) -> Matches:
-    """(keys, distances, counts) of usearch's search, always 2-D (it returns 1-D for one query)."""
+    """(keys, counts) of usearch's search, always 2-D (it returns 1-D for one query)."""
     matches = index.search(queries, count, threads=threads)
     keys = np.asarray(matches.keys, dtype=np.int64).reshape(len(queries), -1)
-    distances = np.asarray(matches.distances, dtype=np.float64).reshape(len(queries), -1)
     if hasattr(matches, "counts"):
         counts = np.asarray(matches.counts).reshape(-1)
     else:
         counts = np.asarray([len(matches.keys)])
-    return Matches(keys, distances, counts)
+    return Matches(keys, counts)
 
 
 @dataclasses.dataclass
@@ -155,7 +154,14 @@ def search_index(
     positions, best = keys[:, :k].copy(), found[:, :k].copy()
     window = found[:, : k + 1]
     tied = ((window[:, 1:] == window[:, :-1]) & np.isfinite(window[:, 1:])).any(axis=1)
-    for row in np.flatnonzero(tied):
+    # usearch returns rows whose float32 distances differ by its rounding alone in any order: a row
+    # that the exact scores tie with the k-th can come back past the rows found while rows scored a
+    # little lower came back. So a search whose last row scores that close to the k-th goes on too.
+    kth_scores = best[:, -1]
+    slack = SEARCH_ROUNDING * np.maximum(1.0, np.abs(np.where(np.isfinite(kth_scores), kth_scores, 0.0)))
+    lowest = np.where(np.isfinite(found), found, np.inf).min(axis=1)
+    near = np.isfinite(kth_scores) & (returned == count) & (lowest >= kth_scores - slack)
+    for row in np.flatnonzero(tied | near):
         row_keys, row_found, row_count = keys[row], found[row], count
         kth = best[row, -1]
         # The tie may go on past the rows found: search wider until it ends (or every row is in).
@@ -164,7 +170,7 @@ def search_index(
         while (
             row_count < widest
             and returned[row] == row_count
-            and row_found[np.isfinite(row_found)].min() >= kth
+            and row_found[np.isfinite(row_found)].min() >= kth - slack[row]
         ):
             row_count = min(2 * row_count, widest)
             wider = _found(index, metric, queries[row : row + 1], row_count, exclude[row : row + 1], threads)
@@ -223,9 +229,15 @@ def _found(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keys, scores, how many usearch returned) of a search for `count` rows; -inf for the rows in
     `exclude` and the slots past what it returned."""
-    keys, distances, counts = raw_search(index, queries, count, threads)
-    found = score_from_distance(metric, distances)
-    found[np.arange(keys.shape[1])[None, :] >= counts[:, None]] = -np.inf
+    keys, counts = raw_search(index, queries, count, threads)
+    returned = np.arange(keys.shape[1])[None, :] < counts[:, None]
+    found = np.full(keys.shape, -np.inf)
+    if returned.any():
+        # usearch's float32 distances rank rows that tie (vectors pointing the same way) by its rounding:
+        # the rows found are scored again as the exact scan scores them, so equal is equal in every mode.
+        rows, slots = np.nonzero(returned)
+        stored = np.asarray(index.get(keys[rows, slots].astype(np.uint64)), dtype=np.float32)
+        found[rows, slots] = pair_scores(metric, queries[rows], stored.reshape(len(rows), -1))
     for row, skipped in enumerate(exclude):
         if skipped:
             found[row, np.isin(keys[row], list(skipped))] = -np.inf

@@ -20,11 +20,12 @@ from pipeline.analysis.dataset import (
     sample_vectors,
     unit_rows,
 )
+from pipeline.analysis.exact import rounded_scores
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K, SCORE_NAMES
 
-# Rows of the sample compared with all others at once by knn-score: 1k x 20k floats.
-KNN_CHUNK_ROWS = 1024
+# Rows of the sample compared with all others at once by knn-score: 512 x 20k float64 scores, 80 MB.
+KNN_CHUNK_ROWS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,8 @@ def score_label_agreement(
         raise AnalysisError(f"-k must be at least 1, received {k}.")
     if rows <= k:
         raise AnalysisError(f"knn-score needs more than k={k} labelled rows; received {rows}. Lower -k.")
-    unit = unit_rows(np.asarray(vectors, dtype=np.float32))
+    # float64, rounded (`rounded_scores`), as `neighbors` and the index score: equal up to rounding is a tie.
+    unit = unit_rows(np.asarray(vectors, dtype=np.float64))
     classes, codes = np.unique(labels.astype(str), return_inverse=True)
     # Each row's place in key order (by position without keys): what breaks ties between equal similarities.
     ranks = (
@@ -74,7 +76,7 @@ def score_label_agreement(
     hits = np.empty(rows)
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
-        similarities = unit[start:stop] @ unit.T
+        similarities = rounded_scores(unit[start:stop] @ unit.T)
         similarities[np.arange(stop - start), np.arange(start, stop)] = -np.inf
         nearest = _nearest(similarities, k, ranks)
         hits[start:stop] = (codes[nearest] == codes[start:stop, None]).mean(axis=1)

@@ -19,9 +19,9 @@ from pipeline.analysis.dataset import (
     VectorDataset,
     check_vector_column,
     different_lengths,
-    unit_rows,
     vectors_to_numpy,
 )
+from pipeline.analysis.exact import scores
 from pipeline.analysis.index_search import LoadedIndex, load_index
 
 DEFAULT_K = 10
@@ -87,7 +87,6 @@ def find_neighbors(
         raise AnalysisError(f"-k must be at least 1, received {k}.")
     column = check_vector_column(data, column)
     query = query_vector(data, key, column)
-    query /= np.linalg.norm(query)
     scanner = data.dataset.scanner(
         columns=[data.key_column, column, *data.detail_columns],
         filter=(pc.field(data.key_column) != key) & pc.field(column).is_valid(),
@@ -108,8 +107,10 @@ def find_neighbors(
         # A vector with NaN or infinite values has no similarity; left in, NaN would break the ranking.
         finite = np.asarray(np.isfinite(vectors).all(axis=1))
         compared += int(finite.sum())
-        with np.errstate(invalid="ignore"):
-            similarities = np.where(finite, unit_rows(np.where(finite[:, None], vectors, 0)) @ query, -np.inf)
+        # Rounded as every mode ranks them (`rounded_scores`): equal up to rounding is a tie, broken by key.
+        similarities = np.where(
+            finite, scores("cos", query[None, :], np.where(finite[:, None], vectors, 0))[0], -np.inf
+        )
         # Every row tied with the k-th best goes on, so the key breaks ties, not the scan order.
         if len(similarities) > k:
             threshold = np.partition(similarities, len(similarities) - k)[len(similarities) - k]
