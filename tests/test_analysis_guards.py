@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import matplotlib.cbook
 import matplotlib.figure
 import numpy as np
 import pyarrow as pa
@@ -474,6 +475,33 @@ def test_plot_legend_names_labels_that_start_with_an_underscore(tmp_path, monkey
         "__label__sports (10)",
         "_x (5)",
     ]
+
+
+def test_plot_draws_labels_and_paths_with_dollar_signs_as_written(tmp_path, monkeypatch, capsys):
+    """matplotlib reads text between two `$` as a formula: a label "$5 to $10" lost its `$` signs, and
+    one that is no formula ("$\\frac{x$") was a ValueError traceback from savefig."""
+    drawn = []
+    real = matplotlib.figure.Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        drawn.append(figure)
+        return real(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    labels = ["$5 to $10", "$\\frac{x$", "x"] * 4
+    vectors = np.random.default_rng(0).normal(size=(12, 3))
+    columns = {
+        "id": [f"d{i:02d}" for i in range(12)],
+        "v$a$": pa.array(list(vectors), pa.list_(pa.float32(), 3)),
+    }
+    export = write_export(str(tmp_path / "in $HOME$"), {**columns, "$lab$": labels})
+    out = tmp_path / "p.png"
+    assert analyze.main([export, "plot", "--label", "$lab$", "--out", str(out)]) == 0, capsys.readouterr().err
+    axes = drawn[0].axes[0]
+    texts = [axes.get_title(), axes.get_legend().get_title().get_text()]
+    texts += [text.get_text() for text in axes.get_legend().get_texts()]
+    assert not [text for text in texts if matplotlib.cbook.is_math_text(text)], texts
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_vocabulary_refuses_an_output_inside_an_export(export_copy, capsys):
