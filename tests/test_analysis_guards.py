@@ -13,6 +13,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import warnings
 
 import matplotlib.cbook
 import matplotlib.figure
@@ -1333,6 +1334,77 @@ def test_an_npz_archive_as_queries_is_one_error_line(tmp_path, capsys):
     argv = [export, "neighbors", "--queries", str(tmp_path / "q.npy"), "--out", str(tmp_path / "a.parquet")]
     assert analyze.main(argv) == 2
     assert "is an .npz archive of arrays, not one array" in error_line(capsys)
+
+
+def test_queries_files_as_other_tools_write_them_are_answered(tmp_path, capsys):
+    """A BINARY id column (Hive, Impala, older Spark) made every id "b'd001'", which no row has; a
+    pandas frame of integer lists (list<int64>) was "neither a vector column nor an id column"; and
+    IDS.TXT was told to be "a .txt file of ids"."""
+    export = write_export(str(tmp_path / "e"), random_columns(10))
+    pq.write_table(pa.table({"id": pa.array([b"d001", b"d002"], pa.binary())}), tmp_path / "ids.parquet")
+    pq.write_table(
+        pa.table({"v": pa.array([[1, 0, 0, 0], [0, 2, 0, 0]], pa.list_(pa.int64()))}), tmp_path / "v.parquet"
+    )
+    (tmp_path / "IDS.TXT").write_text("d001\nd002\n", encoding="utf-8")
+    expected = {}
+    for name in ("ids.parquet", "v.parquet", "IDS.TXT"):
+        out = tmp_path / f"{name}.answer.parquet"
+        argv = [export, "neighbors", "--queries", str(tmp_path / name), "-k", "2", "--out", str(out)]
+        assert analyze.main(argv) == 0, capsys.readouterr().err
+        answers = pq.read_table(out).to_pylist()
+        assert not [a for a in answers if a["problem"]], answers
+        expected[name] = [(a["query"], a["id"]) for a in answers]
+    data = open_documents(export)
+    assert expected["ids.parquet"] == expected["IDS.TXT"]
+    assert [q for q, _ in expected["ids.parquet"]] == ["d001", "d001", "d002", "d002"]
+    assert [key for _, key in expected["ids.parquet"][:2]] == [
+        n.key for n in find_neighbors(data, "d001", "v", 2)[0]
+    ]
+    pq.write_table(pa.table({"id": pa.array([b"\xff\xfe"], pa.binary())}), tmp_path / "bad.parquet")
+    argv = [
+        export,
+        "neighbors",
+        "--queries",
+        str(tmp_path / "bad.parquet"),
+        "--out",
+        str(tmp_path / "b.parquet"),
+    ]
+    assert analyze.main(argv) == 2
+    assert "holds bytes that are not UTF-8 text" in error_line(capsys)
+
+
+def test_query_vectors_of_other_lengths_or_beyond_float32_are_said_so(tmp_path, capsys):
+    """Vectors of several lengths in a queries file were "The vectors have different lengths", as if the
+    export's were; a float64 query of 1e300 printed numpy's overflow warning and was said to hold NaN or
+    infinite values."""
+    export = write_export(str(tmp_path / "e"), random_columns(10))
+    pq.write_table(pa.table({"v": pa.array([[1.0] * 4, [1.0] * 3])}), tmp_path / "ragged.parquet")
+    argv = [
+        export,
+        "neighbors",
+        "--queries",
+        str(tmp_path / "ragged.parquet"),
+        "--out",
+        str(tmp_path / "a.parquet"),
+    ]
+    assert analyze.main(argv) == 2
+    assert "ragged.parquet': its 'v' vectors have different lengths [3, 4]" in error_line(capsys)
+    np.save(tmp_path / "big.npy", np.asarray([[1e300, 1, 0, 0], [1, 1, 0, 0]]))
+    argv = [
+        export,
+        "neighbors",
+        "--queries",
+        str(tmp_path / "big.npy"),
+        "-k",
+        "1",
+        "--out",
+        str(tmp_path / "b.parquet"),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warning is an exception here
+        assert analyze.main(argv) == 0
+    problems = pq.read_table(tmp_path / "b.parquet")["problem"].to_pylist()
+    assert "beyond float32's range" in problems[0] and problems[1] is None, problems
 
 
 def test_knn_score_says_when_the_sample_is_what_is_short(tmp_path, capsys):
