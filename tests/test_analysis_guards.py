@@ -1414,6 +1414,38 @@ def test_knn_score_says_when_the_sample_is_what_is_short(tmp_path, capsys):
     assert "the sample holds 5 of the 30 labelled rows. Raise --sample above 10" in error_line(capsys)
 
 
+def test_knn_score_says_what_its_rows_are_and_what_too_few_needs(tmp_path, capsys):
+    """-k 1 with one labelled row said "Lower -k." (it cannot go lower); "20 rows, random sample of 80
+    labelled rows" read as a sample of 80; a label holding a newline split the per-class table."""
+    columns = random_columns(80)
+    columns["lab"] = (["a\nb", "c"] * 40)[:80]
+    export = write_export(str(tmp_path / "e"), columns)
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "3", "--sample", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "(k=3, a random sample of 20 of the 80 labelled rows, 2 classes)" in out, out
+    assert "    a\\nb  " in out and len(out.strip().splitlines()) == 7, out
+    columns["one"] = ["x"] + [None] * 79
+    columns["three"] = ["x", "y", "x"] + [None] * 77
+    export = write_export(str(tmp_path / "f"), columns)
+    assert analyze.main([export, "knn-score", "--label", "one", "-k", "1"]) == 2
+    err = error_line(capsys)
+    assert "needs at least 2 labelled rows" in err and "Lower -k" not in err, err
+    assert analyze.main([export, "knn-score", "--label", "three", "-k", "5"]) == 2
+    assert "received 3. Lower -k to at most 2." in error_line(capsys)
+
+
+def test_neighbors_table_keeps_one_line_per_row_whatever_the_fields_hold(tmp_path, capsys):
+    """A kept title holding a newline or a tab was printed raw: the row broke in two, its columns shifted."""
+    columns = random_columns(3)
+    columns["title"] = ["t", "two\nlines", "tab\there"]
+    columns["id"] = ["d000", "d\n001", "d002"]
+    export = write_export(str(tmp_path / "e"), columns)
+    assert analyze.main([export, "neighbors", "--id", "d000"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and "\t" not in "".join(lines), lines
+    assert any("d\\n001" in line and "two\\nlines" in line for line in lines), lines
+
+
 def test_a_column_no_index_file_can_be_named_after_is_scanned(tmp_path, capsys):
     """neighbors looked for the column's index first and refused the name: "Cannot name an index file
     after the column 'título'", though no index exists or is needed."""

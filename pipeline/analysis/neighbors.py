@@ -185,6 +185,14 @@ def indexed_neighbors(
     return _neighbors_at(data, loaded, found_positions[0], found[0]), loaded.metadata["indexed"]
 
 
+def printable(text: str) -> str:
+    """`text` for one cell of a text table: a newline, a tab or another character that is not printed
+    as itself (a kept title holding "\\n") shown escaped, so each row stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def format_neighbors(
     data: VectorDataset,
     key: str,
@@ -199,7 +207,12 @@ def format_neighbors(
     score_header = {"cos": "similarity", "ip": "dot", "l2": "distance"}[metric]
     headers = ["rank", score_header, data.key_column, *data.detail_columns]
     rows = [
-        [str(rank), f"{n.similarity:.4f}", str(n.key), *(str(n.details.get(c)) for c in data.detail_columns)]
+        [
+            str(rank),
+            f"{n.similarity:.4f}",
+            printable(str(n.key)),
+            *(printable(str(n.details.get(c))) for c in data.detail_columns),
+        ]
         for rank, n in enumerate(neighbors, 1)
     ]
     widths = [max(len(cell) for cell in cells) for cells in zip(headers, *rows, strict=True)]
