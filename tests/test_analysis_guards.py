@@ -1446,6 +1446,15 @@ def test_neighbors_table_keeps_one_line_per_row_whatever_the_fields_hold(tmp_pat
     assert any("d\\n001" in line and "two\\nlines" in line for line in lines), lines
 
 
+def test_plot_says_when_the_sample_is_what_is_short(tmp_path, capsys):
+    """--sample 1 of 10 rows said "PCA ... needs at least 2 rows; received 1 rows", as if the export
+    had one."""
+    export = write_export(str(tmp_path / "e"), random_columns(10))
+    assert analyze.main([export, "plot", "--sample", "1", "--out", str(tmp_path / "p.png")]) == 2
+    assert "the sample holds 1 of the 10 usable rows of 'v'. Raise --sample to 2" in error_line(capsys)
+    assert not os.path.exists(tmp_path / "p.png")
+
+
 def test_a_column_no_index_file_can_be_named_after_is_scanned(tmp_path, capsys):
     """neighbors looked for the column's index first and refused the name: "Cannot name an index file
     after the column 'título'", though no index exists or is needed."""

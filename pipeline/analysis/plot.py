@@ -147,6 +147,12 @@ def plot_pca(
     """
     drawn = sample_vectors(data, column, label, sample, seed)
     column, total, rows = drawn.column, drawn.total, len(drawn.vectors)
+    if rows < 2 <= total:
+        # The sample is what is short, not the export: say so, or "received 1 rows" reads as the export's.
+        raise AnalysisError(
+            f"plot needs at least 2 rows; the sample holds {rows} of the {total} usable rows of {column!r}. "
+            "Raise --sample to 2 or more."
+        )
     points, explained = project_pca(drawn.vectors)
     labels = None
     if drawn.labels is not None:
