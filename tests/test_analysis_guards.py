@@ -407,6 +407,7 @@ def test_knn_score_all_scores_k_labelled_neighbours_as_the_sample_does(tmp_path)
 
 
 def test_rows_without_a_token_are_neither_indexed_nor_returned(tmp_path):
+    """A vocabulary's rows past its tokenizer: not indexed, never an answer, and said to have no token."""
     rng = np.random.default_rng(2)
     size, named = 300, 40
     tokens = ["<pad>", "<oov>", *[f"w{i}" for i in range(named - 2)]] + [None] * (size - named)
@@ -422,6 +423,10 @@ def test_rows_without_a_token_are_neither_indexed_nor_returned(tmp_path):
     data = open_vocabulary(str(tmp_path / "voc"))
     metadata = index_build.build_index(data, "vector", index_build.IndexSettings(**EXACT_SETTINGS))
     assert (metadata["indexed"], metadata["skipped_null"]) == (named, size - named)
+    # Their vectors are finite: the report said "260 rows without a finite vector skipped".
+    report = index_build.format_build(metadata, str(tmp_path / "voc"))
+    assert f"skipped: {size - named} rows without a token (past the tokenizer's vocabulary)" in report
+    assert "finite" not in report
     exact, _ = find_neighbors(data, "w5", "vector", k=10)
     through_index, _ = indexed_neighbors(data, open_index(data, "vector"), "w5", k=10)
     assert [n.key for n in through_index] == [n.key for n in exact]

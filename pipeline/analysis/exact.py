@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.analysis.dataset import (
@@ -36,9 +35,10 @@ class VectorBatch:
 
     positions: np.ndarray  # int64
     vectors: np.ndarray  # (rows, dim) float32
-    skipped_null: int
+    skipped_null: int  # null vectors, and rows with a null key (`skipped_no_key` of them)
     skipped_non_finite: int
     keys: np.ndarray  # (rows,) object: each row's key, which breaks ties between equal scores
+    skipped_no_key: int = 0  # rows with a vector but a null key: a vocabulary's rows past its tokenizer
 
 
 def iter_vector_batches(
@@ -60,12 +60,11 @@ def iter_vector_batches(
             )
             for batch in batches:
                 array = batch.column(column)
-                valid = np.asarray(
-                    pc.and_(array.is_valid(), batch.column(data.key_column).is_valid()).to_numpy(
-                        zero_copy_only=False
-                    ),
-                    dtype=bool,
+                has_vector = np.asarray(array.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+                has_key = np.asarray(
+                    batch.column(data.key_column).is_valid().to_numpy(zero_copy_only=False), dtype=bool
                 )
+                valid = has_vector & has_key
                 positions = start + np.flatnonzero(valid)
                 mask = pa.array(valid)
                 vectors = vectors_to_numpy(array.filter(mask)).astype(np.float32, copy=False)
@@ -78,6 +77,7 @@ def iter_vector_batches(
                     int((~valid).sum()),
                     int((~finite).sum()),
                     np.asarray(keys, dtype=object)[finite],
+                    int((has_vector & ~has_key).sum()),
                 )
 
 
