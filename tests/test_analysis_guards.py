@@ -1434,7 +1434,7 @@ def test_knn_score_says_what_its_rows_are_and_what_too_few_needs(tmp_path, capsy
     export = write_export(str(tmp_path / "f"), columns)
     assert analyze.main([export, "knn-score", "--label", "one", "-k", "1"]) == 2
     err = error_line(capsys)
-    assert "needs at least 2 labelled rows" in err and "Lower -k" not in err, err
+    assert "needs at least 2 labelled rows with a finite vector" in err and "Lower -k" not in err, err
     assert analyze.main([export, "knn-score", "--label", "three", "-k", "5"]) == 2
     assert "received 3. Lower -k to at most 2." in error_line(capsys)
 

@@ -96,8 +96,9 @@ def too_few_labelled(k: int, rows: int) -> AnalysisError:
             f"knn-score needs more than k={k} labelled rows; received {rows}. Lower -k to at most {rows - 1}."
         )
     return AnalysisError(
-        f"knn-score needs at least 2 labelled rows (each is scored on its nearest others); received {rows}. "
-        "Export more documents with the label field (--keep_fields), or score another --label."
+        f"knn-score needs at least 2 labelled rows with a finite vector (each is scored on its nearest "
+        f"others); received {rows}. Export more documents with the label field (--keep_fields), or score "
+        "another --label."
     )
 
 

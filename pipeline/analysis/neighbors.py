@@ -173,9 +173,11 @@ def indexed_neighbors(
         raise AnalysisError(f"No row of {data.location!r} has the {noun} {key!r}.{suggest_keys(data, key)}")
     indexed = [p for p in positions if loaded.contains(p)]
     if not indexed:
-        raise AnalysisError(
-            f"The {noun} {key!r} has no usable {loaded.metadata['column']!r} vector (it is null)."
-        )
+        # Not indexed: its vector is null or not finite; the row says which (as the exact scan does).
+        column = loaded.metadata["column"]
+        stored = data.dataset.take(pa.array(positions[:1]), columns=[column])[column][0]
+        why = "it is null" if not stored.is_valid else "it has NaN or infinite values"
+        raise AnalysisError(f"The {noun} {key!r} has no usable {column!r} vector ({why}).")
     query = loaded.vectors(np.asarray(indexed[:1]))
     if loaded.metric == "cos" and not np.any(query):
         raise AnalysisError(
