@@ -822,6 +822,32 @@ def test_rows_pointing_the_same_way_tie_and_are_ranked_by_id_in_every_mode(tmp_p
     assert capsys.readouterr().out.splitlines()[2] == sampled
 
 
+def test_hundreds_of_duplicate_rows_are_ranked_by_id_through_the_index(tmp_path, capsys):
+    """500 documents with one vector: HNSW's search reached about 300 of them and returned rows of lower
+    similarity in place of the rest, so the tie looked over and the index listed other duplicates than
+    the first by id (the exact scan's)."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(1000, 8)).astype(np.float32)
+    vectors[:500] = vectors[0]
+    ids = [f"d{i:04d}" for i in rng.permutation(1000)]
+    export = write_export(
+        str(tmp_path / "dups"), {"id": ids, "v": pa.array(list(vectors), pa.list_(pa.float32(), 8))}
+    )
+    queries = tmp_path / "q.txt"
+    queries.write_text("\n".join(ids[:3]) + "\n", encoding="utf-8")
+    expected = {query: sorted(set(ids[:500]) - {query})[:5] for query in ids[:3]}
+    assert analyze.main([export, "index", "--threads", "1", "--recall_queries", "0"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "-k", "5", "--out", str(out)]) == 0
+    capsys.readouterr()
+    answers = pq.read_table(out).to_pylist()
+    assert {query: [a["id"] for a in answers if a["query"] == query] for query in ids[:3]} == expected
+    assert analyze.main([export, "neighbors", "--id", ids[0], "-k", "5"]) == 0
+    listed = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert listed == expected[ids[0]]
+
+
 def test_vectors_whose_squared_norm_overflows_float32_get_their_true_similarities(tmp_path, capsys):
     """Finite float32 values of 3e19: the batch scan and knn-score took the norms in float32, so the
     row scored 0 against every other (1.0 by the single-query scan and the index)."""
