@@ -13,7 +13,9 @@ import resource
 import shutil
 import subprocess
 import sys
+import warnings
 
+import matplotlib.cbook
 import matplotlib.figure
 import numpy as np
 import pyarrow as pa
@@ -405,6 +407,7 @@ def test_knn_score_all_scores_k_labelled_neighbours_as_the_sample_does(tmp_path)
 
 
 def test_rows_without_a_token_are_neither_indexed_nor_returned(tmp_path):
+    """A vocabulary's rows past its tokenizer: not indexed, never an answer, and said to have no token."""
     rng = np.random.default_rng(2)
     size, named = 300, 40
     tokens = ["<pad>", "<oov>", *[f"w{i}" for i in range(named - 2)]] + [None] * (size - named)
@@ -420,6 +423,10 @@ def test_rows_without_a_token_are_neither_indexed_nor_returned(tmp_path):
     data = open_vocabulary(str(tmp_path / "voc"))
     metadata = index_build.build_index(data, "vector", index_build.IndexSettings(**EXACT_SETTINGS))
     assert (metadata["indexed"], metadata["skipped_null"]) == (named, size - named)
+    # Their vectors are finite: the report said "260 rows without a finite vector skipped".
+    report = index_build.format_build(metadata, str(tmp_path / "voc"))
+    assert f"skipped: {size - named} rows without a token (past the tokenizer's vocabulary)" in report
+    assert "finite" not in report
     exact, _ = find_neighbors(data, "w5", "vector", k=10)
     through_index, _ = indexed_neighbors(data, open_index(data, "vector"), "w5", k=10)
     assert [n.key for n in through_index] == [n.key for n in exact]
@@ -474,6 +481,33 @@ def test_plot_legend_names_labels_that_start_with_an_underscore(tmp_path, monkey
         "__label__sports (10)",
         "_x (5)",
     ]
+
+
+def test_plot_draws_labels_and_paths_with_dollar_signs_as_written(tmp_path, monkeypatch, capsys):
+    """matplotlib reads text between two `$` as a formula: a label "$5 to $10" lost its `$` signs, and
+    one that is no formula ("$\\frac{x$") was a ValueError traceback from savefig."""
+    drawn = []
+    real = matplotlib.figure.Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        drawn.append(figure)
+        return real(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    labels = ["$5 to $10", "$\\frac{x$", "x"] * 4
+    vectors = np.random.default_rng(0).normal(size=(12, 3))
+    columns = {
+        "id": [f"d{i:02d}" for i in range(12)],
+        "v$a$": pa.array(list(vectors), pa.list_(pa.float32(), 3)),
+    }
+    export = write_export(str(tmp_path / "in $HOME$"), {**columns, "$lab$": labels})
+    out = tmp_path / "p.png"
+    assert analyze.main([export, "plot", "--label", "$lab$", "--out", str(out)]) == 0, capsys.readouterr().err
+    axes = drawn[0].axes[0]
+    texts = [axes.get_title(), axes.get_legend().get_title().get_text()]
+    texts += [text.get_text() for text in axes.get_legend().get_texts()]
+    assert not [text for text in texts if matplotlib.cbook.is_math_text(text)], texts
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_vocabulary_refuses_an_output_inside_an_export(export_copy, capsys):
@@ -729,6 +763,89 @@ def test_tied_rows_are_ranked_by_id_in_every_mode(tmp_path, capsys, metric):
             line.split()[2] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()
         ]
         assert listed == expected
+
+
+def test_rows_pointing_the_same_way_tie_and_are_ranked_by_id_in_every_mode(tmp_path, capsys):
+    """[c, c, 0, 0] for any c points exactly where the query [1, 1, 0, 0] does, but the float64 scans
+    ranked such rows by the rounding of their arithmetic (1.0 against 0.9999999999999998), usearch by
+    its float32 rounding, knn-score by float32 matrix products: four orders, none by id."""
+    rng = np.random.default_rng(5)
+    scales = [0.3, 3.0, 7.1, 1e-3, 3e38, 1e-30, 123.456, 0.77, 2.9, 5.1, 1e5, 0.013]
+    same = [f"s{n:02d}" for n in rng.permutation(len(scales))]  # [c, c, 0, 0]: similarity 1
+    half = [f"h{n:02d}" for n in rng.permutation(len(scales))]  # [c, 0, 0, 0]: similarity 1/sqrt(2)
+    others = [f"o{n:02d}" for n in range(30)]
+    vectors = [[1, 1, 0, 0], *([c, c, 0, 0] for c in scales), *([c, 0, 0, 0] for c in scales)]
+    vectors += [[0, 0, *point] for point in rng.normal(size=(len(others), 2))]
+    ids = ["q", *same, *half, *others]
+    order = rng.permutation(len(ids))
+    labels = ["ab"[i % 2] for i in range(len(ids))]
+    columns = {
+        "id": [ids[i] for i in order],
+        "v": pa.array([vectors[i] for i in order], pa.list_(pa.float32(), 4)),
+        "lab": [labels[i] for i in order],
+    }
+    export = write_export(str(tmp_path / "directions"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("q\n", encoding="utf-8")
+    expected = sorted(same) + sorted(half)
+    k = len(expected)
+
+    def listed(argv):
+        assert analyze.main([export, "neighbors", "--id", "q", "-k", str(k), *argv]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return [line.split()[2] for line in lines if line.strip()[:1].isdigit()]
+
+    def batch(name, argv):
+        out = tmp_path / name
+        assert (
+            analyze.main(
+                [export, "neighbors", "--queries", str(queries), "-k", str(k), "--out", str(out), *argv]
+            )
+            == 0
+        )
+        capsys.readouterr()
+        return pq.read_table(out).to_pylist()
+
+    assert listed(["--exact"]) == expected
+    answers = batch("exact.parquet", ["--exact"])
+    assert [a["id"] for a in answers] == expected
+    # Equal is shown equal: the file holds one similarity for all rows of a direction.
+    assert {a["similarity"] for a in answers[: len(same)]} == {1.0}
+    assert len({a["similarity"] for a in answers[len(same) :]}) == 1
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "5"]) == 0
+    sampled = capsys.readouterr().out.splitlines()[1]
+    assert analyze.main([export, "index", "--threads", "1", *_exact_flags()]) == 0
+    capsys.readouterr()
+    assert listed([]) == expected
+    assert [a["id"] for a in batch("index.parquet", [])] == expected
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "5", "--all"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == sampled
+
+
+def test_hundreds_of_duplicate_rows_are_ranked_by_id_through_the_index(tmp_path, capsys):
+    """500 documents with one vector: HNSW's search reached about 300 of them and returned rows of lower
+    similarity in place of the rest, so the tie looked over and the index listed other duplicates than
+    the first by id (the exact scan's)."""
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(1000, 8)).astype(np.float32)
+    vectors[:500] = vectors[0]
+    ids = [f"d{i:04d}" for i in rng.permutation(1000)]
+    export = write_export(
+        str(tmp_path / "dups"), {"id": ids, "v": pa.array(list(vectors), pa.list_(pa.float32(), 8))}
+    )
+    queries = tmp_path / "q.txt"
+    queries.write_text("\n".join(ids[:3]) + "\n", encoding="utf-8")
+    expected = {query: sorted(set(ids[:500]) - {query})[:5] for query in ids[:3]}
+    assert analyze.main([export, "index", "--threads", "1", "--recall_queries", "0"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "-k", "5", "--out", str(out)]) == 0
+    capsys.readouterr()
+    answers = pq.read_table(out).to_pylist()
+    assert {query: [a["id"] for a in answers if a["query"] == query] for query in ids[:3]} == expected
+    assert analyze.main([export, "neighbors", "--id", ids[0], "-k", "5"]) == 0
+    listed = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert listed == expected[ids[0]]
 
 
 def test_vectors_whose_squared_norm_overflows_float32_get_their_true_similarities(tmp_path, capsys):
@@ -1250,11 +1367,123 @@ def test_an_npz_archive_as_queries_is_one_error_line(tmp_path, capsys):
     assert "is an .npz archive of arrays, not one array" in error_line(capsys)
 
 
+def test_queries_files_as_other_tools_write_them_are_answered(tmp_path, capsys):
+    """A BINARY id column (Hive, Impala, older Spark) made every id "b'd001'", which no row has; a
+    pandas frame of integer lists (list<int64>) was "neither a vector column nor an id column"; and
+    IDS.TXT was told to be "a .txt file of ids"."""
+    export = write_export(str(tmp_path / "e"), random_columns(10))
+    pq.write_table(pa.table({"id": pa.array([b"d001", b"d002"], pa.binary())}), tmp_path / "ids.parquet")
+    pq.write_table(
+        pa.table({"v": pa.array([[1, 0, 0, 0], [0, 2, 0, 0]], pa.list_(pa.int64()))}), tmp_path / "v.parquet"
+    )
+    (tmp_path / "IDS.TXT").write_text("d001\nd002\n", encoding="utf-8")
+    expected = {}
+    for name in ("ids.parquet", "v.parquet", "IDS.TXT"):
+        out = tmp_path / f"{name}.answer.parquet"
+        argv = [export, "neighbors", "--queries", str(tmp_path / name), "-k", "2", "--out", str(out)]
+        assert analyze.main(argv) == 0, capsys.readouterr().err
+        answers = pq.read_table(out).to_pylist()
+        assert not [a for a in answers if a["problem"]], answers
+        expected[name] = [(a["query"], a["id"]) for a in answers]
+    data = open_documents(export)
+    assert expected["ids.parquet"] == expected["IDS.TXT"]
+    assert [q for q, _ in expected["ids.parquet"]] == ["d001", "d001", "d002", "d002"]
+    assert [key for _, key in expected["ids.parquet"][:2]] == [
+        n.key for n in find_neighbors(data, "d001", "v", 2)[0]
+    ]
+    pq.write_table(pa.table({"id": pa.array([b"\xff\xfe"], pa.binary())}), tmp_path / "bad.parquet")
+    argv = [
+        export,
+        "neighbors",
+        "--queries",
+        str(tmp_path / "bad.parquet"),
+        "--out",
+        str(tmp_path / "b.parquet"),
+    ]
+    assert analyze.main(argv) == 2
+    assert "holds bytes that are not UTF-8 text" in error_line(capsys)
+
+
+def test_query_vectors_of_other_lengths_or_beyond_float32_are_said_so(tmp_path, capsys):
+    """Vectors of several lengths in a queries file were "The vectors have different lengths", as if the
+    export's were; a float64 query of 1e300 printed numpy's overflow warning and was said to hold NaN or
+    infinite values."""
+    export = write_export(str(tmp_path / "e"), random_columns(10))
+    pq.write_table(pa.table({"v": pa.array([[1.0] * 4, [1.0] * 3])}), tmp_path / "ragged.parquet")
+    argv = [
+        export,
+        "neighbors",
+        "--queries",
+        str(tmp_path / "ragged.parquet"),
+        "--out",
+        str(tmp_path / "a.parquet"),
+    ]
+    assert analyze.main(argv) == 2
+    assert "ragged.parquet': its 'v' vectors have different lengths [3, 4]" in error_line(capsys)
+    np.save(tmp_path / "big.npy", np.asarray([[1e300, 1, 0, 0], [1, 1, 0, 0]]))
+    argv = [
+        export,
+        "neighbors",
+        "--queries",
+        str(tmp_path / "big.npy"),
+        "-k",
+        "1",
+        "--out",
+        str(tmp_path / "b.parquet"),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warning is an exception here
+        assert analyze.main(argv) == 0
+    problems = pq.read_table(tmp_path / "b.parquet")["problem"].to_pylist()
+    assert "beyond float32's range" in problems[0] and problems[1] is None, problems
+
+
 def test_knn_score_says_when_the_sample_is_what_is_short(tmp_path, capsys):
     """--sample 5 with k 10 said "received 5. Lower -k." of an export of 30 labelled rows."""
     export = write_export(str(tmp_path / "e"), random_columns(30))
     assert analyze.main([export, "knn-score", "--label", "lab", "--sample", "5"]) == 2
     assert "the sample holds 5 of the 30 labelled rows. Raise --sample above 10" in error_line(capsys)
+
+
+def test_knn_score_says_what_its_rows_are_and_what_too_few_needs(tmp_path, capsys):
+    """-k 1 with one labelled row said "Lower -k." (it cannot go lower); "20 rows, random sample of 80
+    labelled rows" read as a sample of 80; a label holding a newline split the per-class table."""
+    columns = random_columns(80)
+    columns["lab"] = (["a\nb", "c"] * 40)[:80]
+    export = write_export(str(tmp_path / "e"), columns)
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "3", "--sample", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "(k=3, a random sample of 20 of the 80 labelled rows, 2 classes)" in out, out
+    assert "    a\\nb  " in out and len(out.strip().splitlines()) == 7, out
+    columns["one"] = ["x"] + [None] * 79
+    columns["three"] = ["x", "y", "x"] + [None] * 77
+    export = write_export(str(tmp_path / "f"), columns)
+    assert analyze.main([export, "knn-score", "--label", "one", "-k", "1"]) == 2
+    err = error_line(capsys)
+    assert "needs at least 2 labelled rows with a finite vector" in err and "Lower -k" not in err, err
+    assert analyze.main([export, "knn-score", "--label", "three", "-k", "5"]) == 2
+    assert "received 3. Lower -k to at most 2." in error_line(capsys)
+
+
+def test_neighbors_table_keeps_one_line_per_row_whatever_the_fields_hold(tmp_path, capsys):
+    """A kept title holding a newline or a tab was printed raw: the row broke in two, its columns shifted."""
+    columns = random_columns(3)
+    columns["title"] = ["t", "two\nlines", "tab\there"]
+    columns["id"] = ["d000", "d\n001", "d002"]
+    export = write_export(str(tmp_path / "e"), columns)
+    assert analyze.main([export, "neighbors", "--id", "d000"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and "\t" not in "".join(lines), lines
+    assert any("d\\n001" in line and "two\\nlines" in line for line in lines), lines
+
+
+def test_plot_says_when_the_sample_is_what_is_short(tmp_path, capsys):
+    """--sample 1 of 10 rows said "PCA ... needs at least 2 rows; received 1 rows", as if the export
+    had one."""
+    export = write_export(str(tmp_path / "e"), random_columns(10))
+    assert analyze.main([export, "plot", "--sample", "1", "--out", str(tmp_path / "p.png")]) == 2
+    assert "the sample holds 1 of the 10 usable rows of 'v'. Raise --sample to 2" in error_line(capsys)
+    assert not os.path.exists(tmp_path / "p.png")
 
 
 def test_a_column_no_index_file_can_be_named_after_is_scanned(tmp_path, capsys):

@@ -358,9 +358,10 @@ def test_null_and_non_finite_vectors_are_skipped_and_counted(tmp_path):
     order = [n.key for n in found]
     assert order.index("d25") == order.index("d12") + 1
     assert order == [n.key for n in find_neighbors(data, "d0", "v", k=36)[0]]
-    with pytest.raises(AnalysisError, match="has no usable 'v' vector"):
+    with pytest.raises(AnalysisError, match=r"has no usable 'v' vector \(it is null\)"):
         indexed_neighbors(data, loaded, "d3", k=5)
-    with pytest.raises(AnalysisError, match="has no usable 'v' vector"):
+    # Not "it is null", as it said of a NaN vector.
+    with pytest.raises(AnalysisError, match=r"has no usable 'v' vector \(it has NaN or infinite values\)"):
         indexed_neighbors(data, loaded, "d7", k=5)
     with pytest.raises(AnalysisError, match="NaN or infinite values"):
         find_neighbors(data, "d9", "v", k=5)

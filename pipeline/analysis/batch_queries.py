@@ -27,6 +27,9 @@ from pipeline.analysis.neighbors import DEFAULT_K, display_score
 from pipeline.uris import is_local
 from pipeline.writing.schema import ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN
 
+# The largest finite float32: a query value beyond it cannot be compared with the vectors.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class Queries(NamedTuple):
     """The queries of a batch file: a label for each, and either their ids or their vectors."""
@@ -66,7 +69,9 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
     when there is one; else ids in the `id` (or `token`) column.
     """
     source = _query_source(path)
-    if path.endswith(".txt"):
+    # As --input_format auto reads extensions: IDS.TXT (a Windows tool's name) is a .txt file.
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".txt":
         try:
             # utf-8-sig: a file saved as "UTF-8 with BOM" (Notepad, Excel) starts with one, which
             # would stay in the first id (as corpus files drop it).
@@ -83,7 +88,7 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
         except OSError as error:
             raise AnalysisError(f"--queries {path!r} cannot be read: {error}") from None
         return Queries(ids, ids, None)
-    if path.endswith(".npy"):
+    if extension == ".npy":
         try:
             vectors = np.load(source, allow_pickle=False)
         except (ValueError, OSError, EOFError) as error:
@@ -102,41 +107,91 @@ def read_queries(path: str, data: VectorDataset, column: str) -> Queries:
                 f"--queries {path!r} holds {vectors.dtype} values, not numbers: vector queries are an "
                 "(n, dim) array of floats (ids or words go in a .txt file, one a line)."
             )
-        vectors = np.asarray(vectors, dtype=np.float32)
+        # float64: a finite value beyond float32's range is a query's problem, not an overflow warning.
+        vectors = np.asarray(vectors, dtype=np.float64)
         if vectors.ndim != 2:
             raise AnalysisError(
                 f"--queries {path!r} must hold an (n, dim) array; it has shape {vectors.shape}."
             )
         return Queries([str(i) for i in range(len(vectors))], None, vectors)
-    if path.endswith(".parquet"):
+    if extension == ".parquet":
         try:
             table = pq.read_table(source)
         except (pa.ArrowException, OSError) as error:
             raise AnalysisError(f"--queries {path!r} is not a readable Parquet file: {error}") from None
         for name in (column, VECTOR_COLUMN):
-            if name in table.column_names and is_vector_type(table.schema.field(name).type):
+            # Integers are vectors too (a pandas frame of [1, 0] lists is written as list<int64>).
+            if name in table.column_names and _is_number_list(table.schema.field(name).type):
                 if table[name].null_count:
                     raise AnalysisError(f"--queries {path!r} has null vectors in {name!r}.")
                 labels = (
-                    _texts(table[ID_COLUMN].to_pylist())
+                    _texts(path, ID_COLUMN, table[ID_COLUMN])
                     if ID_COLUMN in table.column_names
                     else [str(i) for i in range(table.num_rows)]
                 )
-                return Queries(labels, None, vectors_to_numpy(table[name]).astype(np.float32))
+                return Queries(labels, None, _query_vectors(path, name, table[name]))
         for name in (ID_COLUMN, TOKEN_COLUMN):
             if name in table.column_names:
-                keys = _texts(table[name].to_pylist())
+                keys = _texts(path, name, table[name])
                 return Queries(keys, keys, None)
+        found = [
+            f"{name!r} is {table.schema.field(name).type}"
+            for name in dict.fromkeys((column, VECTOR_COLUMN))
+            if name in table.column_names
+        ]
         raise AnalysisError(
-            f"--queries {path!r} has neither a vector column ({column!r} or {VECTOR_COLUMN!r}) nor an "
-            f"{ID_COLUMN!r} column."
+            f"--queries {path!r} has neither a vector column ({column!r} or {VECTOR_COLUMN!r}: a list of "
+            f"numbers per row) nor an {ID_COLUMN!r} column"
+            + (f" ({'; '.join(found)}, not a list of numbers)." if found else ".")
         )
     raise AnalysisError(f"--queries {path!r}: use a .txt file of ids, a .parquet file or a .npy array.")
 
 
-def _texts(values: list[object]) -> list[str | None]:
-    """Ids of a .parquet queries file as text; a null stays null (`str` would make it the id 'None')."""
-    return [None if value is None else str(value) for value in values]
+def _is_number_list(arrow_type: pa.DataType) -> bool:
+    """Whether `arrow_type` is a list of floats or integers: one query vector per row."""
+    return is_vector_type(arrow_type) or (
+        (
+            pa.types.is_list(arrow_type)
+            or pa.types.is_large_list(arrow_type)
+            or pa.types.is_fixed_size_list(arrow_type)
+        )
+        and pa.types.is_integer(arrow_type.value_type)
+    )
+
+
+def _query_vectors(path: str, name: str, array: pa.ChunkedArray) -> np.ndarray:
+    """The (n, dim) float64 vectors of a .parquet queries file's column `name`, of one length."""
+    try:
+        return vectors_to_numpy(array).astype(np.float64)
+    except AnalysisError:
+        lengths = sorted(set(pc.list_value_length(array).to_pylist()))
+        raise AnalysisError(
+            f"--queries {path!r}: its {name!r} vectors have different lengths {lengths}; give every query "
+            "as many values as the column searched has."
+        ) from None
+
+
+def _texts(path: str, name: str, array: pa.ChunkedArray) -> list[str | None]:
+    """Ids of a .parquet queries file as text; a null stays null (`str` would make it the id 'None').
+
+    Bytes (a BINARY column: Hive, Impala and older Spark write strings so) are UTF-8 text, as
+    `pipeline.run` reads such ids; `str` would make them "b'...'", which no row has.
+
+    Raises:
+        AnalysisError: bytes that are not UTF-8.
+    """
+    texts: list[str | None] = []
+    for value in array.to_pylist():
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise AnalysisError(
+                    f"--queries {path!r}: its {name!r} column holds bytes that are not UTF-8 text "
+                    f"({value[:20]!r}); write the ids as UTF-8 strings."
+                ) from None
+        texts.append(None if value is None else str(value))
+    return texts
 
 
 def _query_source(path: str) -> str | io.BytesIO:
@@ -207,6 +262,14 @@ def batch_neighbors(
             problems[i] = "its vector is all zeros, so its cosine similarity is undefined"
         if problems[i] is None and not np.isfinite(vectors[i]).all():
             problems[i] = "its vector is null or has NaN or infinite values"
+        if problems[i] is None and np.abs(vectors[i]).max(initial=0) > FLOAT32_MAX:
+            problems[i] = (
+                "its vector has values beyond float32's range (3.4e38), the type of the vectors searched: "
+                "scale it down" + (" (its cosine similarities do not change)" if metric == "cos" else "")
+            )
+    with np.errstate(over="ignore"):
+        # Those beyond float32 are problems above; they are searched for by none.
+        vectors = vectors.astype(np.float32)
     good = np.asarray([i for i, p in enumerate(problems) if p is None], dtype=np.int64)
     positions = np.full((len(labels), k), -1, dtype=np.int64)
     found = np.full((len(labels), k), -np.inf)

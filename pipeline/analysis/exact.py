@@ -11,10 +11,15 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.analysis.dataset import BATCH_ROWS, VectorDataset, different_lengths, vectors_to_numpy
+from pipeline.analysis.dataset import (
+    BATCH_ROWS,
+    VectorDataset,
+    different_lengths,
+    unit_rows,
+    vectors_to_numpy,
+)
 
 # The metric an index is built with unless told otherwise: what `neighbors` ranks by.
 DEFAULT_METRIC = "cos"
@@ -30,9 +35,10 @@ class VectorBatch:
 
     positions: np.ndarray  # int64
     vectors: np.ndarray  # (rows, dim) float32
-    skipped_null: int
+    skipped_null: int  # null vectors, and rows with a null key (`skipped_no_key` of them)
     skipped_non_finite: int
     keys: np.ndarray  # (rows,) object: each row's key, which breaks ties between equal scores
+    skipped_no_key: int = 0  # rows with a vector but a null key: a vocabulary's rows past its tokenizer
 
 
 def iter_vector_batches(
@@ -54,12 +60,11 @@ def iter_vector_batches(
             )
             for batch in batches:
                 array = batch.column(column)
-                valid = np.asarray(
-                    pc.and_(array.is_valid(), batch.column(data.key_column).is_valid()).to_numpy(
-                        zero_copy_only=False
-                    ),
-                    dtype=bool,
+                has_vector = np.asarray(array.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+                has_key = np.asarray(
+                    batch.column(data.key_column).is_valid().to_numpy(zero_copy_only=False), dtype=bool
                 )
+                valid = has_vector & has_key
                 positions = start + np.flatnonzero(valid)
                 mask = pa.array(valid)
                 vectors = vectors_to_numpy(array.filter(mask)).astype(np.float32, copy=False)
@@ -72,6 +77,7 @@ def iter_vector_batches(
                     int((~valid).sum()),
                     int((~finite).sum()),
                     np.asarray(keys, dtype=object)[finite],
+                    int((has_vector & ~has_key).sum()),
                 )
 
 
@@ -96,16 +102,43 @@ def scores(metric: str, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float64)
     if metric == "cos":
         # Zero vectors stay zero: similarity 0 to everything, as in the exact scan.
-        q_norms = np.linalg.norm(queries, axis=1, keepdims=True)
-        v_norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return (queries / np.where(q_norms == 0, 1, q_norms)) @ (
-            vectors / np.where(v_norms == 0, 1, v_norms)
-        ).T
+        return rounded_scores(unit_rows(queries) @ unit_rows(vectors).T)
     if metric == "ip":
-        return queries @ vectors.T
-    return -(
-        (queries**2).sum(axis=1)[:, None] - 2 * (queries @ vectors.T) + (vectors**2).sum(axis=1)[None, :]
+        return rounded_scores(queries @ vectors.T)
+    return rounded_scores(
+        -((queries**2).sum(axis=1)[:, None] - 2 * (queries @ vectors.T) + (vectors**2).sum(axis=1)[None, :])
     )
+
+
+def pair_scores(metric: str, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """`scores` of each query with the vector in the same row only: (rows,), for the rows an index found."""
+    queries = np.asarray(queries, dtype=np.float64)
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if metric == "cos":
+        return rounded_scores(np.einsum("ij,ij->i", unit_rows(queries), unit_rows(vectors)))
+    if metric == "ip":
+        return rounded_scores(np.einsum("ij,ij->i", queries, vectors))
+    return rounded_scores(-((queries - vectors) ** 2).sum(axis=1))
+
+
+def rounded_scores(values: np.ndarray) -> np.ndarray:
+    """Scores rounded to float32's precision (24 significant bits; float64's range kept), as they are ranked.
+
+    The vectors are float32: scores that differ below that precision differ by
+    the rounding of the arithmetic alone (vectors pointing the same way, [1, 1]
+    and [3e38, 3e38], get cosines 1 and 0.9999999999999998, which the order of a
+    sum or float32 arithmetic in the index would flip).  Rounded, they are equal,
+    and ties are broken by key in every mode, as the docs promise.
+    """
+    rounded = np.array(values, dtype=np.float64)
+    finite = np.isfinite(rounded)
+    # On the bits (frexp and ldexp take 20 times as long): float64 has 52 bits after the point,
+    # float32 23, so half of the 29 dropped bits is added and the 29 are cleared, a carry going into
+    # the exponent as rounding up does. Infinities and NaN are left as they are.
+    bits = rounded.view(np.uint64)
+    np.add(bits, np.uint64(1 << 28), out=bits, where=finite)
+    np.bitwise_and(bits, np.uint64(~((1 << 29) - 1) & (2**64 - 1)), out=bits, where=finite)
+    return rounded
 
 
 def exact_top_k(

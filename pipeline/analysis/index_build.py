@@ -381,11 +381,12 @@ def _build_and_write(
     start_rss = current_rss_bytes()
     started = time.perf_counter()
     index = None
-    added = skipped_null = skipped_non_finite = 0
+    added = skipped_null = skipped_non_finite = skipped_no_key = 0
     all_keys: list[np.ndarray] = []
     for batch in iter_vector_batches(data, column, settings.batch_rows):
         skipped_null += batch.skipped_null
         skipped_non_finite += batch.skipped_non_finite
+        skipped_no_key += batch.skipped_no_key
         if len(batch.positions) == 0:
             continue
         if index is None:
@@ -439,6 +440,7 @@ def _build_and_write(
             "indexed": added,
             "skipped_null": skipped_null,
             "skipped_non_finite": skipped_non_finite,
+            "skipped_no_key": skipped_no_key,
             "dim": int(index.ndim),
             "metric": settings.metric,
             "connectivity": settings.connectivity,
@@ -490,12 +492,20 @@ def format_build(metadata: IndexMetadata, location: str) -> str:
         if recall["recall"] is not None
         else f"recall not measured ({recall.get('unmeasured', '--recall_queries 0')})"
     )
-    skipped = metadata["skipped_null"] + metadata["skipped_non_finite"]
+    # A vocabulary's rows past its tokenizer have a finite vector but no token: said apart.
+    no_key = metadata.get("skipped_no_key", 0)
+    without_vector = metadata["skipped_null"] - no_key + metadata["skipped_non_finite"]
+    skipped = "; ".join(
+        [
+            *([f"{no_key} rows without a token (past the tokenizer's vocabulary)"] if no_key else []),
+            *([f"{without_vector} rows without a finite vector"] if without_vector else []),
+        ]
+    )
     return "\n".join(
         [
             f"Indexed {metadata['indexed']} of {metadata['rows']} rows of {metadata['column']} "
             f"({metadata['dim']} dims, metric {metadata['metric']}) into {location}/{metadata['file']}"
-            + (f"; {skipped} rows without a finite vector skipped" if skipped else ""),
+            + (f"; skipped: {skipped}" if skipped else ""),
             f"  {recall_text}",
             f"  build {metadata['build_seconds']:.1f} s, index {metadata['bytes'] / 2**20:.1f} MiB "
             f"(the Parquet files: {metadata['parquet_bytes'] / 2**20:.1f} MiB), peak RSS "

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 
 from models.digest import sha256_file
 from pipeline.analysis.dataset import AnalysisError, VectorDataset
+from pipeline.analysis.exact import pair_scores
 from pipeline.analysis.index_store import (
     INDEX_SUFFIX,
     METADATA_SUFFIX,
@@ -39,32 +40,33 @@ if TYPE_CHECKING:
 
 # How far a search widens to find every row tied with the k-th (see `LoadedIndex.search`).
 TIE_SEARCH_ROWS = 4096
+# How far (relative) usearch's float32 distances can be from the exact scores: rows this close to the
+# k-th may come back in any order, so a search is widened past them (see `search_index`).
+SEARCH_ROUNDING = 1e-5
 
 
 class Matches(NamedTuple):
-    """usearch's answer to a batch of queries, always 2-D: keys and distances (queries, found), counts."""
+    """usearch's answer to a batch of queries, always 2-D: the keys (queries, found) and how many each got.
+
+    Its distances are not read: the rows found are scored again as the exact scan scores them (`_found`).
+    """
 
     keys: np.ndarray
-    distances: np.ndarray
     counts: np.ndarray
 
 
-def score_from_distance(metric: str, distances: np.ndarray) -> np.ndarray:
-    """usearch's distances as `scores`: cos and ip distances are 1 - similarity, l2sq is the squared L2."""
-    distances = np.asarray(distances, dtype=np.float64)
-    return -distances if metric == "l2" else 1.0 - distances
-
-
-def raw_search(index: Index, queries: np.ndarray, count: int, threads: int = 0) -> Matches:
-    """(keys, distances, counts) of usearch's search, always 2-D (it returns 1-D for one query)."""
-    matches = index.search(queries, count, threads=threads)
+def raw_search(
+    index: Index, queries: np.ndarray, count: int, threads: int = 0, exhaustive: bool = False
+) -> Matches:
+    """(keys, counts) of usearch's search (with `exhaustive`, of every row rather than along the
+    graph), always 2-D (it returns 1-D for one query)."""
+    matches = index.search(queries, count, threads=threads, exact=exhaustive)
     keys = np.asarray(matches.keys, dtype=np.int64).reshape(len(queries), -1)
-    distances = np.asarray(matches.distances, dtype=np.float64).reshape(len(queries), -1)
     if hasattr(matches, "counts"):
         counts = np.asarray(matches.counts).reshape(-1)
     else:
         counts = np.asarray([len(matches.keys)])
-    return Matches(keys, distances, counts)
+    return Matches(keys, counts)
 
 
 @dataclasses.dataclass
@@ -155,19 +157,44 @@ def search_index(
     positions, best = keys[:, :k].copy(), found[:, :k].copy()
     window = found[:, : k + 1]
     tied = ((window[:, 1:] == window[:, :-1]) & np.isfinite(window[:, 1:])).any(axis=1)
-    for row in np.flatnonzero(tied):
+    # usearch returns rows whose float32 distances differ by its rounding alone in any order: a row
+    # that the exact scores tie with the k-th can come back past the rows found while rows scored a
+    # little lower came back. So a search whose last row scores that close to the k-th goes on too.
+    kth_scores = best[:, -1]
+    slack = SEARCH_ROUNDING * np.maximum(1.0, np.abs(np.where(np.isfinite(kth_scores), kth_scores, 0.0)))
+    lowest = np.where(np.isfinite(found), found, np.inf).min(axis=1)
+    near = np.isfinite(kth_scores) & (returned == count) & (lowest >= kth_scores - slack)
+    # An all-zero query's answer is set apart below (`_rank_zero_queries`): its ties need no search.
+    zero_queries = ~queries.any(axis=1) if metric == "cos" else np.zeros(len(queries), dtype=bool)
+    for row in np.flatnonzero((tied | near) & ~zero_queries):
         row_keys, row_found, row_count = keys[row], found[row], count
         kth = best[row, -1]
         # The tie may go on past the rows found: search wider until it ends (or every row is in).
         # Thousands of identical vectors (duplicate documents) would make every one of their
         # queries a search of them all: past TIE_SEARCH_ROWS the rows found break the tie by key.
+        tie_past_the_end = False
         while (
             row_count < widest
             and returned[row] == row_count
-            and row_found[np.isfinite(row_found)].min() >= kth
+            and row_found[np.isfinite(row_found)].min() >= kth - slack[row]
         ):
+            tie_past_the_end |= bool(row_found[np.isfinite(row_found)].min() == kth)
             row_count = min(2 * row_count, widest)
             wider = _found(index, metric, queries[row : row + 1], row_count, exclude[row : row + 1], threads)
+            row_keys, row_found, returned[row] = wider[0][0], wider[1][0], wider[2][0]
+        if tie_past_the_end or returned[row] < min(row_count, total):
+            # Hundreds of rows of one score (duplicate documents) are where HNSW fails: its search
+            # reaches a few hundred of them and returns rows of lower scores in place of the rest (or
+            # fewer rows than asked), as if the tie had ended. usearch's exhaustive search finds them.
+            wider = _found(
+                index,
+                metric,
+                queries[row : row + 1],
+                widest,
+                exclude[row : row + 1],
+                threads,
+                exhaustive=True,
+            )
             row_keys, row_found, returned[row] = wider[0][0], wider[1][0], wider[2][0]
         valid = np.flatnonzero(np.isfinite(row_found))
         names = (
@@ -184,7 +211,7 @@ def search_index(
         pad = k - positions.shape[1]
         positions = np.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
         best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
-    zero = np.flatnonzero(~queries.any(axis=1)) if metric == "cos" else np.empty(0, dtype=np.int64)
+    zero = np.flatnonzero(zero_queries)
     if len(zero):
         _rank_zero_queries(index, zero, k, exclude, key_names, positions, best)
     return positions, best
@@ -219,13 +246,25 @@ def _rank_zero_queries(
 
 
 def _found(
-    index: Index, metric: str, queries: np.ndarray, count: int, exclude: list[set[int]], threads: int
+    index: Index,
+    metric: str,
+    queries: np.ndarray,
+    count: int,
+    exclude: list[set[int]],
+    threads: int,
+    exhaustive: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keys, scores, how many usearch returned) of a search for `count` rows; -inf for the rows in
     `exclude` and the slots past what it returned."""
-    keys, distances, counts = raw_search(index, queries, count, threads)
-    found = score_from_distance(metric, distances)
-    found[np.arange(keys.shape[1])[None, :] >= counts[:, None]] = -np.inf
+    keys, counts = raw_search(index, queries, count, threads, exhaustive)
+    returned = np.arange(keys.shape[1])[None, :] < counts[:, None]
+    found = np.full(keys.shape, -np.inf)
+    if returned.any():
+        # usearch's float32 distances rank rows that tie (vectors pointing the same way) by its rounding:
+        # the rows found are scored again as the exact scan scores them, so equal is equal in every mode.
+        rows, slots = np.nonzero(returned)
+        stored = np.asarray(index.get(keys[rows, slots].astype(np.uint64)), dtype=np.float32)
+        found[rows, slots] = pair_scores(metric, queries[rows], stored.reshape(len(rows), -1))
     for row, skipped in enumerate(exclude):
         if skipped:
             found[row, np.isin(keys[row], list(skipped))] = -np.inf

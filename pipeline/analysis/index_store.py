@@ -77,8 +77,9 @@ class IndexMetadata(TypedDict):
     source: SourceIdentity
     rows: int
     indexed: int
-    skipped_null: int
+    skipped_null: int  # null vectors and null keys (`skipped_no_key` of them)
     skipped_non_finite: int
+    skipped_no_key: NotRequired[int]
     dim: int
     metric: str
     connectivity: int

@@ -20,11 +20,12 @@ from pipeline.analysis.dataset import (
     sample_vectors,
     unit_rows,
 )
+from pipeline.analysis.exact import rounded_scores
 from pipeline.analysis.index_search import LoadedIndex
-from pipeline.analysis.neighbors import DEFAULT_K, SCORE_NAMES
+from pipeline.analysis.neighbors import DEFAULT_K, SCORE_NAMES, printable
 
-# Rows of the sample compared with all others at once by knn-score: 1k x 20k floats.
-KNN_CHUNK_ROWS = 1024
+# Rows of the sample compared with all others at once by knn-score: 512 x 20k float64 scores, 80 MB.
+KNN_CHUNK_ROWS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +63,9 @@ def score_label_agreement(
     if k < 1:
         raise AnalysisError(f"-k must be at least 1, received {k}.")
     if rows <= k:
-        raise AnalysisError(f"knn-score needs more than k={k} labelled rows; received {rows}. Lower -k.")
-    unit = unit_rows(np.asarray(vectors, dtype=np.float32))
+        raise too_few_labelled(k, rows)
+    # float64, rounded (`rounded_scores`), as `neighbors` and the index score: equal up to rounding is a tie.
+    unit = unit_rows(np.asarray(vectors, dtype=np.float64))
     classes, codes = np.unique(labels.astype(str), return_inverse=True)
     # Each row's place in key order (by position without keys): what breaks ties between equal similarities.
     ranks = (
@@ -74,7 +76,7 @@ def score_label_agreement(
     hits = np.empty(rows)
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
-        similarities = unit[start:stop] @ unit.T
+        similarities = rounded_scores(unit[start:stop] @ unit.T)
         similarities[np.arange(stop - start), np.arange(start, stop)] = -np.inf
         nearest = _nearest(similarities, k, ranks)
         hits[start:stop] = (codes[nearest] == codes[start:stop, None]).mean(axis=1)
@@ -84,6 +86,20 @@ def score_label_agreement(
         for index, name in enumerate(classes)
     }
     return KnnScore(float(hits.mean()), float((frequencies**2).sum()), rows, k, per_class)
+
+
+def too_few_labelled(k: int, rows: int) -> AnalysisError:
+    """The error for `rows` labelled rows, too few to score on `k` neighbours each: lower -k where it can
+    go lower; with fewer than 2 rows no -k helps (-k 1 is the least), the rows need labels."""
+    if rows >= 2:
+        return AnalysisError(
+            f"knn-score needs more than k={k} labelled rows; received {rows}. Lower -k to at most {rows - 1}."
+        )
+    return AnalysisError(
+        f"knn-score needs at least 2 labelled rows with a finite vector (each is scored on its nearest "
+        f"others); received {rows}. Export more documents with the label field (--keep_fields), or score "
+        "another --label."
+    )
 
 
 def _nearest(similarities: np.ndarray, k: int, ranks: np.ndarray, block: int = 256) -> np.ndarray:
@@ -160,7 +176,7 @@ def knn_score_indexed(
     keys = np.sort(np.asarray(loaded.index.keys, dtype=np.int64))
     keys = keys[labelled[keys]]
     if len(keys) <= k:
-        raise AnalysisError(f"knn-score needs more than k={k} labelled rows; received {len(keys)}. Lower -k.")
+        raise too_few_labelled(k, len(keys))
     hits = np.empty(len(keys))
     for start in range(0, len(keys), chunk_rows):
         chunk = keys[start : start + chunk_rows]
@@ -208,11 +224,15 @@ def _labelled_neighbour_codes(
 def format_knn_score(column: str, label: str, score: KnnScore, total: int, metric: str = "cos") -> str:
     """The kNN score, chance level and per-class agreement as text; `metric` is what the neighbours were
     found by (an index's, with --all), named unless it is cosine similarity, which the sampled score uses."""
-    sampled = "" if score.rows == total else f", random sample of {total} labelled rows"
+    scored = (
+        f"{score.rows} rows"
+        if score.rows == total
+        else f"a random sample of {score.rows} of the {total} labelled rows"
+    )
     lift = score.agreement / score.chance if score.chance else float("nan")
     by = "" if metric == "cos" else f", neighbours by the index's {SCORE_NAMES[metric]}"
     lines = [
-        f"kNN label agreement of {column} on {label} (k={score.k}, {score.rows} rows{sampled}, "
+        f"kNN label agreement of {column} on {label} (k={score.k}, {scored}, "
         f"{len(score.per_class)} classes{by})",
         f"  agreement  {score.agreement:.4f}  "
         f"(mean share of the {score.k} nearest neighbours with the same {label})",
@@ -220,7 +240,9 @@ def format_knn_score(column: str, label: str, score: KnnScore, total: int, metri
         f"  lift       {lift:.2f}x",
         "  per class:",
     ]
-    width = max(len(name) for name in score.per_class)
+    # A label holding a newline or a tab would break the table's lines.
+    shown = {name: printable(name) for name in score.per_class}
+    width = max(len(text) for text in shown.values())
     for name, (rows, agreement) in sorted(score.per_class.items(), key=lambda item: -item[1][0]):
-        lines.append(f"    {name.ljust(width)}  {rows:6d} rows  agreement {agreement:.4f}")
+        lines.append(f"    {shown[name].ljust(width)}  {rows:6d} rows  agreement {agreement:.4f}")
     return "\n".join(lines)

@@ -19,9 +19,9 @@ from pipeline.analysis.dataset import (
     VectorDataset,
     check_vector_column,
     different_lengths,
-    unit_rows,
     vectors_to_numpy,
 )
+from pipeline.analysis.exact import scores
 from pipeline.analysis.index_search import LoadedIndex, load_index
 
 DEFAULT_K = 10
@@ -87,7 +87,6 @@ def find_neighbors(
         raise AnalysisError(f"-k must be at least 1, received {k}.")
     column = check_vector_column(data, column)
     query = query_vector(data, key, column)
-    query /= np.linalg.norm(query)
     scanner = data.dataset.scanner(
         columns=[data.key_column, column, *data.detail_columns],
         filter=(pc.field(data.key_column) != key) & pc.field(column).is_valid(),
@@ -108,8 +107,10 @@ def find_neighbors(
         # A vector with NaN or infinite values has no similarity; left in, NaN would break the ranking.
         finite = np.asarray(np.isfinite(vectors).all(axis=1))
         compared += int(finite.sum())
-        with np.errstate(invalid="ignore"):
-            similarities = np.where(finite, unit_rows(np.where(finite[:, None], vectors, 0)) @ query, -np.inf)
+        # Rounded as every mode ranks them (`rounded_scores`): equal up to rounding is a tie, broken by key.
+        similarities = np.where(
+            finite, scores("cos", query[None, :], np.where(finite[:, None], vectors, 0))[0], -np.inf
+        )
         # Every row tied with the k-th best goes on, so the key breaks ties, not the scan order.
         if len(similarities) > k:
             threshold = np.partition(similarities, len(similarities) - k)[len(similarities) - k]
@@ -172,9 +173,11 @@ def indexed_neighbors(
         raise AnalysisError(f"No row of {data.location!r} has the {noun} {key!r}.{suggest_keys(data, key)}")
     indexed = [p for p in positions if loaded.contains(p)]
     if not indexed:
-        raise AnalysisError(
-            f"The {noun} {key!r} has no usable {loaded.metadata['column']!r} vector (it is null)."
-        )
+        # Not indexed: its vector is null or not finite; the row says which (as the exact scan does).
+        column = loaded.metadata["column"]
+        stored = data.dataset.take(pa.array(positions[:1]), columns=[column])[column][0]
+        why = "it is null" if not stored.is_valid else "it has NaN or infinite values"
+        raise AnalysisError(f"The {noun} {key!r} has no usable {column!r} vector ({why}).")
     query = loaded.vectors(np.asarray(indexed[:1]))
     if loaded.metric == "cos" and not np.any(query):
         raise AnalysisError(
@@ -182,6 +185,14 @@ def indexed_neighbors(
         )
     found_positions, found = loaded.search(query, k, exclude=[set(positions.tolist())])
     return _neighbors_at(data, loaded, found_positions[0], found[0]), loaded.metadata["indexed"]
+
+
+def printable(text: str) -> str:
+    """`text` for one cell of a text table: a newline, a tab or another character that is not printed
+    as itself (a kept title holding "\\n") shown escaped, so each row stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def format_neighbors(
@@ -198,7 +209,12 @@ def format_neighbors(
     score_header = {"cos": "similarity", "ip": "dot", "l2": "distance"}[metric]
     headers = ["rank", score_header, data.key_column, *data.detail_columns]
     rows = [
-        [str(rank), f"{n.similarity:.4f}", str(n.key), *(str(n.details.get(c)) for c in data.detail_columns)]
+        [
+            str(rank),
+            f"{n.similarity:.4f}",
+            printable(str(n.key)),
+            *(printable(str(n.details.get(c))) for c in data.detail_columns),
+        ]
         for rank, n in enumerate(neighbors, 1)
     ]
     widths = [max(len(cell) for cell in cells) for cells in zip(headers, *rows, strict=True)]

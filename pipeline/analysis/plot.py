@@ -69,6 +69,12 @@ def _plot_groups(labels: Sequence[str]) -> tuple[list[str], list[str]]:
     return ranked[: MAX_PLOT_CLASSES - 1] + [OTHER_LABEL], [x if x in shown else OTHER_LABEL for x in labels]
 
 
+def literal(text: str) -> str:
+    """`text` as matplotlib draws it literally: a label value (or a path) holding two `$` is mathtext to
+    it, drawn as a formula without the `$` ("$5 to $10"), or a ValueError when it does not parse."""
+    return text.replace("$", r"\$")
+
+
 def plot_projection(
     points: np.ndarray,
     labels: Sequence[str] | None,
@@ -101,22 +107,22 @@ def plot_projection(
             handles.append(
                 axes.scatter(points[mask, 0], points[mask, 1], s=8, alpha=0.6, linewidths=0, color=colour)
             )
-            names.append(f"{group} ({int(mask.sum())})")
+            names.append(literal(f"{group} ({int(mask.sum())})"))
         # Handles and names given explicitly: matplotlib leaves out of an automatic legend every
         # label that starts with "_" (fastText's "__label__sports"), which would leave it empty.
         axes.legend(
             handles,
             names,
-            title=legend_title,
+            title=None if legend_title is None else literal(legend_title),
             loc="upper left",
             bbox_to_anchor=(1.01, 1.0),
             markerscale=2.5,
             fontsize="small",
             frameon=False,
         )
-    axes.set_title(title)
-    axes.set_xlabel(axis_labels[0])
-    axes.set_ylabel(axis_labels[1])
+    axes.set_title(literal(title))
+    axes.set_xlabel(literal(axis_labels[0]))
+    axes.set_ylabel(literal(axis_labels[1]))
     axes.grid(alpha=0.3)
     figure.tight_layout()
     # As batch answers are: whole or not at all, locally or on object storage.
@@ -141,6 +147,12 @@ def plot_pca(
     """
     drawn = sample_vectors(data, column, label, sample, seed)
     column, total, rows = drawn.column, drawn.total, len(drawn.vectors)
+    if rows < 2 <= total:
+        # The sample is what is short, not the export: say so, or "received 1 rows" reads as the export's.
+        raise AnalysisError(
+            f"plot needs at least 2 rows; the sample holds {rows} of the {total} usable rows of {column!r}. "
+            "Raise --sample to 2 or more."
+        )
     points, explained = project_pca(drawn.vectors)
     labels = None
     if drawn.labels is not None:
