@@ -300,6 +300,18 @@ def load_tokenizer(
     """
     if not FileSystems.exists(uri):
         raise ExportConfigError(f"--tokenizer {uri!r} does not exist.")
+    if is_local(uri) and os.path.isdir(uri):
+        raise ExportConfigError(
+            f"--tokenizer {uri!r} is a directory; pass the tokenizer file in it, such as "
+            f"{os.path.join(uri, 'tokenizer.json')!r} (a bundle given as --model carries its own)."
+        )
+    if is_local(uri) and not os.path.isfile(uri):
+        # A named pipe blocks the launch until something writes to it; a shell's `<(cat FILE)` is
+        # read once here, and the workers, which read the file again, would find it drained.
+        raise ExportConfigError(
+            f"--tokenizer {uri!r} is not a regular file (a named pipe, a device, or a shell's "
+            "<(...)), which cannot be read again by each worker; pass the tokenizer file itself."
+        )
     with FileSystems.open(uri) as handle:
         data = handle.read()
     try:
