@@ -13,7 +13,7 @@ import sys
 import typing
 from collections.abc import Mapping, Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, TypeOptions
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, TestOptions, TypeOptions
 
 from pipeline.errors import ExportConfigError
 from pipeline.planning.introspection import EmbeddingLimits
@@ -148,19 +148,31 @@ def _refuse_name(flag: str, value: str) -> typing.NoReturn:
     )
 
 
+# Values of a flag that read as "no", which Beam's untyped --dry_run takes as true.
+FALSE_WORDS = ("false", "f", "no", "n", "off", "0")
+
+
 def check_beam_flags(options: PipelineOptions) -> None:
     """Refuses Beam flags that pass Beam's parser but would fail the run once it started.
 
     Raises:
         ExportConfigError: `--runtime_type_check`, which Beam's own file writer fails
             (its WriteImpl declares `str` and emits TimestampedValue: apache/beam PR
-            #38155); `--pickle_library dill` without dill installed.
+            #38155); `--pickle_library dill` without dill installed; `--dry_run=False`,
+            which Beam takes as a dry run.
     """
     if options.view_as(TypeOptions).runtime_type_check:
         raise ExportConfigError(
             "--runtime_type_check fails on Beam's own Parquet writer (its declared output type is "
             "wrong: apache/beam pull request 38155); pass --performance_runtime_type_check instead, "
             "which checks the types between steps."
+        )
+    dry_run = options.view_as(TestOptions).dry_run
+    if isinstance(dry_run, str) and dry_run.strip().lower() in FALSE_WORDS:
+        # Beam declares --dry_run without a type and tests it for truth: any word makes a dry run.
+        raise ExportConfigError(
+            f"--dry_run={dry_run} would still make a dry run (Beam takes any value of --dry_run as "
+            "true): nothing would be exported. Leave --dry_run out for a real run, or pass --dry_run=True."
         )
     library = options.view_as(SetupOptions).pickle_library
     if library in ("dill", "dill_unsafe") and importlib.util.find_spec("dill") is None:
