@@ -240,6 +240,8 @@ def test_the_format_is_told_from_an_extension_in_any_case():
         ("checkpoint_seconds", "", "from 0.01 to 604,800.0"),
         ("worker_start_timeout", "5m", "from 0.0 to 86,400.0"),
         ("stall_timeout", "-1", "from 0.0 to 604,800.0"),
+        # Accepted, it ended a healthy run as stalled, "no progress for 0:00:00".
+        ("stall_timeout", "0.5", "0 (never) or at least 10 seconds"),
         ("tf_threads", "all", "from 0 to 1,024"),
     ],
 )

@@ -20,6 +20,7 @@ from pipeline.planning.introspection import EmbeddingLimits
 from pipeline.planning.model_source import AnyTokenizer
 from pipeline.planning.options import INPUT_FORMATS, ExportOptions
 from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_FIELD, ColumnInfo, InputInfo, wants_no_tokenizer
+from pipeline.running.progress import STALL_LOOK_SECONDS
 from pipeline.writing import schema as schema_lib
 
 EXTENSION_FORMATS = {
@@ -47,11 +48,18 @@ NUMERIC_FLAGS: tuple[tuple[str, int | float, int | float, str], ...] = (
 )
 
 
+# The shortest --stall_timeout other than 0 (never): the watchdog looks every STALL_LOOK_SECONDS at
+# most and workers write their counts once a second, so a shorter one ended healthy runs as stalled
+# ("no progress for 0:00:00") in the seconds a run rightly stands still between its phases.
+MIN_STALL_SECONDS = 2 * STALL_LOOK_SECONDS
+
+
 def check_numeric_flags(options: ExportOptions) -> None:
     """Refuses a numeric flag outside its range (`NUMERIC_FLAGS`), naming the range.
 
     Raises:
-        ExportConfigError: e.g. `--shard_mb inf`, `--progress_seconds 0`, `--limit -1`.
+        ExportConfigError: e.g. `--shard_mb inf`, `--progress_seconds 0`, `--limit -1`,
+            `--stall_timeout 0.5`.
     """
     for name, low, high, meaning in NUMERIC_FLAGS:
         value = getattr(options, name)
@@ -62,6 +70,12 @@ def check_numeric_flags(options: ExportOptions) -> None:
             raise ExportConfigError(
                 f"--{name} must be {kind} from {low:,} to {high:,} ({meaning}), received {value!r}."
             )
+    if 0 < options.stall_timeout < MIN_STALL_SECONDS:
+        raise ExportConfigError(
+            f"--stall_timeout must be 0 (never) or at least {MIN_STALL_SECONDS:g} seconds, received "
+            f"{options.stall_timeout!r}: a shorter one would end healthy runs, which stand still for "
+            "seconds between their phases."
+        )
 
 
 def check_not_empty(options: ExportOptions) -> None:
