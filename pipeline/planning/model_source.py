@@ -267,6 +267,8 @@ def _load_staged(
             "Check that it is a complete Keras .keras/.h5 file."
         ) from None
     _check_unchanged(model_uri, local, model_sha256)
+    if require_tokenizer:
+        _check_reads_text(model_uri, model)
     bare_tokenizer: AnyTokenizer | None = None
     tokenizer_sha256 = ""
     if tokenizer_uri and not wants_no_tokenizer(tokenizer_uri):
@@ -288,6 +290,24 @@ def _load_staged(
         input_fields={},
         default_layers=[],
     )
+
+
+def _check_reads_text(model_uri: str, model: keras.Model) -> None:
+    """Refuses a model none of whose inputs an export can feed: it takes no text (images, numeric features).
+
+    Otherwise the first refusal asked for a --tokenizer, and with one came a second, about an input.
+    """
+    from pipeline.planning.introspection import embedding_fed_inputs, input_refusals
+
+    # A text model whose inputs are refused (token ids of no fixed length) is told how to fix them.
+    text = any(str(tensor.dtype) == "string" for tensor in model.inputs) or embedding_fed_inputs(model)
+    if not text and len(input_refusals(model)) == len(model.inputs):
+        inputs = ", ".join(f"{t.name!r} {t.dtype} {tuple(t.shape)}" for t in model.inputs)
+        raise ExportConfigError(
+            f"--model {model_uri!r} reads no text: its input(s) {inputs} are neither strings nor token "
+            "ids of a fixed length (an int input of shape (batch, length), or a float one that feeds an "
+            "Embedding), so no layer of it can be fed a document. This tool exports text models' layers."
+        )
 
 
 def load_tokenizer(
