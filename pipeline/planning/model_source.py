@@ -26,7 +26,7 @@ from models.legacy import load_model_file
 from models.tokenizer import TextTokenizer, Tokenizer
 from pipeline.errors import ExportConfigError
 from pipeline.planning.plan import NO_TOKENIZER, ExportPlan, wants_no_tokenizer
-from pipeline.uris import is_local
+from pipeline.uris import file_uri_problem, is_local
 
 MODEL_EXTENSIONS = (".keras", ".h5", ".hdf5")
 # The tokenizers a model can come with: this package's, or one read from a Keras 2
@@ -141,6 +141,9 @@ def load_model_source(
     Raises:
         ExportConfigError: with what is wrong and how to fix it.
     """
+    problem = file_uri_problem("--model", model_uri)
+    if problem:
+        raise ExportConfigError(problem)
     location = _installed_default_bundle(model_uri.rstrip("/"))
     copy = None if is_local(location) else tempfile.mkdtemp(prefix="embexport-model-")
     try:
@@ -318,6 +321,9 @@ def load_tokenizer(
     The file is this package's tokenizer JSON, a Keras 2 `Tokenizer.to_json()`
     file or a vocabulary file (`models.keras2_tokenizer.read_tokenizer`).
     """
+    problem = file_uri_problem("--tokenizer", uri)
+    if problem:
+        raise ExportConfigError(problem)
     if not FileSystems.exists(uri):
         raise ExportConfigError(f"--tokenizer {uri!r} does not exist.")
     if is_local(uri) and os.path.isdir(uri):
