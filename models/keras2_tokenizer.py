@@ -323,6 +323,26 @@ def read_tokenizer(
     Raises:
         ValueError: what the file is and why it cannot be used.
     """
+    tokenizer, file_format = _read_tokenizer(data, padding, truncating)
+    if not _words(tokenizer):
+        # Every text would become padding or unknown ids: a run would embed nothing, and a
+        # vocabulary table would name no row, yet both would finish as if all were well.
+        raise ValueError(
+            "It holds no words (an empty file, or a vocabulary of only the padding and unknown "
+            "lines), so every text would be empty or unknown. Pass the tokenizer the model was "
+            "trained with."
+        )
+    return tokenizer, file_format
+
+
+def _words(tokenizer: TextTokenizer) -> list[str]:
+    """The tokens a tokenizer maps text to, other than padding and its unknown-word token."""
+    unknown = {PADDING_TOKEN, UNKNOWN_TOKEN, getattr(tokenizer, "oov_token", None)}
+    return [token for token in tokenizer.id_to_token().values() if token not in unknown]
+
+
+def _read_tokenizer(data: bytes, padding: str | None, truncating: str | None) -> tuple[TextTokenizer, str]:
+    """`read_tokenizer` before its check that the tokenizer knows a word."""
     if data[:1] == b"\x80":
         raise ValueError(
             "This is a pickle (e.g. a pickled Keras Tokenizer). Unpickling runs arbitrary code, "

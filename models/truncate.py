@@ -19,7 +19,8 @@ from models import keras_graph
 from models.keras2_config import renamed_layers
 
 _COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SPEC = re.compile(r"^(?:(?P<column>[A-Za-z_][A-Za-z0-9_]*)=)?(?P<layer>[^=:]+?)(?::(?P<call>\d+))?$")
+# CALL is ASCII digits: `\d` and str.isdigit() also take other scripts' digits (١, ², ...).
+_SPEC = re.compile(r"^(?:(?P<column>[A-Za-z_][A-Za-z0-9_]*)=)?(?P<layer>[^=:]+?)(?::(?P<call>[0-9]+))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ def parse_layer_spec(text: str, layer_names: Collection[str] = ()) -> LayerSpec:
         if rest in layer_names:
             return _spec(column, rest, 0)
         layer, colon, call = rest.rpartition(":")
-        if colon and call.isdigit() and layer in layer_names:
+        if colon and call.isascii() and call.isdigit() and layer in layer_names:
             return _spec(column, layer, int(call))
     match = _SPEC.match(stripped)
     if not match:

@@ -66,17 +66,14 @@ def _shape(tensor: LayerOutput) -> str:
 def input_lengths(model: keras.Model) -> tuple[dict[str, int], dict[str, str]]:
     """`(lengths, problems)`: input name -> tokens per document as the export would feed it (0 where
     unknown), and input name -> why the export refuses that input (as `pipeline.run` says it)."""
-    from pipeline.errors import ExportConfigError
-    from pipeline.planning.introspection import describe_input
+    from pipeline.planning.introspection import describe_input, input_refusals
 
-    lengths: dict[str, int] = {}
-    problems: dict[str, str] = {}
-    for tensor in model.inputs:
-        try:
-            lengths[tensor.name] = describe_input(tensor, model, tensor.name).length
-        except ExportConfigError as error:
-            lengths[tensor.name] = 0
-            problems[tensor.name] = str(error)
+    # A float input that feeds no Embedding too: inspect listed its layers as exportable, which run refused.
+    problems = input_refusals(model)
+    lengths = {
+        tensor.name: 0 if tensor.name in problems else describe_input(tensor, model, tensor.name).length
+        for tensor in model.inputs
+    }
     return lengths, problems
 
 

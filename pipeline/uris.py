@@ -11,6 +11,22 @@ def is_local(uri: str) -> bool:
     return FileSystems.get_scheme(uri) in (None, "file")
 
 
+def file_uri_problem(flag: str, uri: str | None) -> str | None:
+    """Why `uri`, a `file://` URI, cannot be given as `flag`, else None.
+
+    `is_local` takes it for a path, but no Beam filesystem serves the scheme: the first
+    request for it failed in a ValueError (a traceback for --tokenizer) that blamed a
+    missing `apache-beam[gcp]`.
+    """
+    if not uri or FileSystems.get_scheme(uri) != "file":
+        return None
+    path = uri[len("file://") :]
+    return (
+        f"{flag} {uri!r} is a file:// URI, which Beam's filesystems do not read; give the local path "
+        f"itself, {path!r}."
+    )
+
+
 def absolute(path: str) -> str:
     """A local path made absolute (symlinks resolved), or a URI without its trailing slash."""
     return os.path.realpath(path) if is_local(path) else path.rstrip("/")

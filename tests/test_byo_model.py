@@ -990,3 +990,40 @@ def test_vocabulary_export_of_a_keras2_model_uses_its_tokenizer(keras2, tmp_path
     tokens = table["token"].to_pylist()
     assert tokens[0] == "<pad>" and tokens[1] == "<OOV>"  # the Keras 2 oov_token, not ours
     assert tokens[2:] == [index_word[i] for i in range(2, VOCABULARY)]
+
+
+@pytest.mark.parametrize("kind", ["directory", "empty file", "padding and [UNK] only", "shell <(...) pipe"])
+def test_a_tokenizer_that_is_no_file_or_holds_no_words_is_refused_in_one_line(
+    kind, tiny_bundle, tmp_path, capsys
+):
+    """A directory ended run and inspect in an IsADirectoryError traceback (vocabulary blamed object-storage
+    credentials); `<(cat FILE)` passed the launch, then failed the run's workers ("changed after launch",
+    and so did every rerun); an empty file was a vocabulary of no words: vocabulary wrote a table of
+    null tokens (exit 0), and a run dead-lettered every record after all its work."""
+    from pipeline import vocabulary
+
+    directory, _, _ = tiny_bundle
+    tokenizer = tmp_path / "tokenizer"
+    if kind == "directory":
+        tokenizer.mkdir()
+        expected = "is a directory; pass the tokenizer file in it"
+    elif kind == "shell <(...) pipe":
+        read_end, write_end = os.pipe()
+        os.write(write_end, b"\n[UNK]\nword\n")  # a valid vocabulary, which the pipe gives only once
+        os.close(write_end)
+        tokenizer = f"/dev/fd/{read_end}"
+        expected = "is not a regular file (a named pipe, a device, or a shell's <(...))"
+    else:
+        tokenizer.write_bytes(b"" if kind == "empty file" else b"\n[UNK]\n")
+        expected = "is not a tokenizer file: It holds no words"
+    output = tmp_path / "vocabulary"
+    flags = ["--model", os.path.join(directory, "model.keras"), "--tokenizer", str(tokenizer)]
+    try:
+        code = vocabulary.main([*flags, "--output", str(output)])
+    finally:
+        if kind == "shell <(...) pipe":
+            os.close(read_end)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --tokenizer "), err
+    assert expected in err[0], err
+    assert not output.exists()

@@ -157,6 +157,12 @@ def test_a_folder_of_model_files_named_models_is_no_package_in_the_way(command, 
             "error: --pickle_library dill needs the dill package, which is not installed; leave the "
             "flag out (Beam's default, cloudpickle) or install apache-beam[dill].",
         ),
+        (
+            # Beam takes any value of its untyped --dry_run as true: a dry run, exit 0, nothing exported.
+            ["--dry_run=False"],
+            "error: --dry_run=False would still make a dry run (Beam takes any value of --dry_run as "
+            "true): nothing would be exported. Leave --dry_run out for a real run, or pass --dry_run=True.",
+        ),
     ],
 )
 def test_beam_flags_that_would_fail_the_started_run_are_refused_at_launch(flags, message, tmp_path, capsys):

@@ -350,6 +350,28 @@ def test_a_keras2_activation_of_the_saving_script_is_named(keras2_failing):
         load_model_file(str(keras2_failing / "own_activation.h5"))
 
 
+@pytest.mark.parametrize("shape", [(6,), (8, 8, 3)], ids=["numeric features", "image"])
+def test_a_model_that_reads_no_text_is_refused_as_such_and_inspect_marks_its_layers(shape, tmp_path, capsys):
+    """Without --tokenizer it was refused for the missing tokenizer, a dead end: with one came a second
+    refusal; inspect listed the numeric model's layers as exportable ("vector"), which run refused."""
+    from pipeline.inspect import main as inspect_main
+
+    features = keras.Input(shape=shape, name="features")
+    hidden = keras.layers.Dense(4, name="hidden")(keras.layers.Flatten()(features))
+    path = tmp_path / "no_text.keras"
+    keras.Model(features, keras.layers.Dense(2, name="out")(hidden)).save(path)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d0", "features": "a b"}])
+    for flags in ([], ["--tokenizer", "none"]):
+        with pytest.raises(
+            ExportConfigError, match=f"reads no text: its input.s. 'features' float32 .None, {shape[0]}"
+        ):
+            run_export(export_args(path, corpus, tmp_path / "out", *flags))
+    assert not (tmp_path / "out").exists()
+    assert inspect_main([str(path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "- (input features refused)" in rows["hidden"], rows
+
+
 def test_nested_encoders_are_followed_for_the_launch_refusals(tmp_path):
     """A Bidirectional in a nested encoder is no go_backwards layer; an Embedding two models deep is fed;
     numeric features beside a nested text encoder are still refused."""

@@ -240,6 +240,8 @@ def test_the_format_is_told_from_an_extension_in_any_case():
         ("checkpoint_seconds", "", "from 0.01 to 604,800.0"),
         ("worker_start_timeout", "5m", "from 0.0 to 86,400.0"),
         ("stall_timeout", "-1", "from 0.0 to 604,800.0"),
+        # Accepted, it ended a healthy run as stalled, "no progress for 0:00:00".
+        ("stall_timeout", "0.5", "0 (never) or at least 10 seconds"),
         ("tf_threads", "all", "from 0 to 1,024"),
     ],
 )
@@ -281,6 +283,34 @@ def test_a_negative_number_as_the_next_argument_reaches_the_flags_own_check(
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: --{flag} must be "), err
     assert valid_range in lines[0] and f"received {received}" in lines[0].replace("'", "")
+    assert is_empty_or_absent(output)
+
+
+@pytest.mark.parametrize("flag", ["tokenizer", "model", "input", "reuse"])
+def test_a_file_uri_is_refused_in_one_line_naming_the_local_path(flag, bundle, corpus, tmp_path, capsys):
+    """`--tokenizer file:///PATH` ended in a ValueError traceback after the model load; `--model file://`
+    was refused saying to `pip install apache-beam[gcp]` (the bundled model's path was taken)."""
+    from pipeline.run import main
+
+    paths = {
+        "tokenizer": os.path.join(bundle, TOKENIZER_FILE),
+        "model": os.path.join(bundle, MODEL_FILE),
+        "input": str(corpus),
+        "reuse": str(tmp_path / "earlier"),
+    }
+    flags = ["--tokenizer", paths["tokenizer"]] if flag == "model" else []
+    output = tmp_path / "out"
+    args = [*export_args(bundle, corpus, output, *flags), f"--{flag}", "file://" + paths[flag]]
+    if flag in ("model", "input"):  # given once: the file:// one replaces export_args's
+        position = args.index(f"--{flag}")
+        del args[position : position + 2]
+    code = main(args)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == EXIT_CONFIG_ERROR
+    assert lines == [
+        f"error: --{flag} 'file://{paths[flag]}' is a file:// URI, which Beam's filesystems do not "
+        f"read; give the local path itself, '{paths[flag]}'."
+    ]
     assert is_empty_or_absent(output)
 
 

@@ -59,6 +59,14 @@ def test_parse_layer_spec_rejects_invalid_specs(text):
         parse_layer_spec(text)
 
 
+@pytest.mark.parametrize("text", ["emb:²", "emb:١", "x=emb:١"])
+def test_a_call_in_other_digits_than_ascii_is_an_invalid_spec(text):
+    """`emb:²` ended in Python's "invalid literal for int() with base 10: '²'"; `emb:١` (Arabic-Indic
+    one) was silently call 1, in a column named emb_call1."""
+    with pytest.raises(ValueError, match=r"Invalid layer spec .* expected \[COLUMN=\]LAYER\[:CALL\]"):
+        parse_layer_spec(text, ["emb"])
+
+
 def test_layer_calls_counts_the_shared_embedding_twice(trained):
     model, _ = trained
     counts = {name: len(tensors) for name, tensors in layer_calls(model).items()}

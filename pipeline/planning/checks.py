@@ -13,13 +13,14 @@ import sys
 import typing
 from collections.abc import Mapping, Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, TypeOptions
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, TestOptions, TypeOptions
 
 from pipeline.errors import ExportConfigError
 from pipeline.planning.introspection import EmbeddingLimits
 from pipeline.planning.model_source import AnyTokenizer
 from pipeline.planning.options import INPUT_FORMATS, ExportOptions
 from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_FIELD, ColumnInfo, InputInfo, wants_no_tokenizer
+from pipeline.running.progress import STALL_LOOK_SECONDS
 from pipeline.writing import schema as schema_lib
 
 EXTENSION_FORMATS = {
@@ -47,11 +48,18 @@ NUMERIC_FLAGS: tuple[tuple[str, int | float, int | float, str], ...] = (
 )
 
 
+# The shortest --stall_timeout other than 0 (never): the watchdog looks every STALL_LOOK_SECONDS at
+# most and workers write their counts once a second, so a shorter one ended healthy runs as stalled
+# ("no progress for 0:00:00") in the seconds a run rightly stands still between its phases.
+MIN_STALL_SECONDS = 2 * STALL_LOOK_SECONDS
+
+
 def check_numeric_flags(options: ExportOptions) -> None:
     """Refuses a numeric flag outside its range (`NUMERIC_FLAGS`), naming the range.
 
     Raises:
-        ExportConfigError: e.g. `--shard_mb inf`, `--progress_seconds 0`, `--limit -1`.
+        ExportConfigError: e.g. `--shard_mb inf`, `--progress_seconds 0`, `--limit -1`,
+            `--stall_timeout 0.5`.
     """
     for name, low, high, meaning in NUMERIC_FLAGS:
         value = getattr(options, name)
@@ -62,6 +70,12 @@ def check_numeric_flags(options: ExportOptions) -> None:
             raise ExportConfigError(
                 f"--{name} must be {kind} from {low:,} to {high:,} ({meaning}), received {value!r}."
             )
+    if 0 < options.stall_timeout < MIN_STALL_SECONDS:
+        raise ExportConfigError(
+            f"--stall_timeout must be 0 (never) or at least {MIN_STALL_SECONDS:g} seconds, received "
+            f"{options.stall_timeout!r}: a shorter one would end healthy runs, which stand still for "
+            "seconds between their phases."
+        )
 
 
 def check_not_empty(options: ExportOptions) -> None:
@@ -148,19 +162,31 @@ def _refuse_name(flag: str, value: str) -> typing.NoReturn:
     )
 
 
+# Values of a flag that read as "no", which Beam's untyped --dry_run takes as true.
+FALSE_WORDS = ("false", "f", "no", "n", "off", "0")
+
+
 def check_beam_flags(options: PipelineOptions) -> None:
     """Refuses Beam flags that pass Beam's parser but would fail the run once it started.
 
     Raises:
         ExportConfigError: `--runtime_type_check`, which Beam's own file writer fails
             (its WriteImpl declares `str` and emits TimestampedValue: apache/beam PR
-            #38155); `--pickle_library dill` without dill installed.
+            #38155); `--pickle_library dill` without dill installed; `--dry_run=False`,
+            which Beam takes as a dry run.
     """
     if options.view_as(TypeOptions).runtime_type_check:
         raise ExportConfigError(
             "--runtime_type_check fails on Beam's own Parquet writer (its declared output type is "
             "wrong: apache/beam pull request 38155); pass --performance_runtime_type_check instead, "
             "which checks the types between steps."
+        )
+    dry_run = options.view_as(TestOptions).dry_run
+    if isinstance(dry_run, str) and dry_run.strip().lower() in FALSE_WORDS:
+        # Beam declares --dry_run without a type and tests it for truth: any word makes a dry run.
+        raise ExportConfigError(
+            f"--dry_run={dry_run} would still make a dry run (Beam takes any value of --dry_run as "
+            "true): nothing would be exported. Leave --dry_run out for a real run, or pass --dry_run=True."
         )
     library = options.view_as(SetupOptions).pickle_library
     if library in ("dill", "dill_unsafe") and importlib.util.find_spec("dill") is None:

@@ -387,6 +387,24 @@ def embedding_limits(sub_model: keras.Model, inputs: Sequence[InputInfo]) -> Emb
     return limits
 
 
+def embedding_fed_inputs(model: keras.Model) -> set[str]:
+    """The names of the inputs of `model` that an Embedding's ids are computed from."""
+    # An Embedding behind a layer that remaps ids (Hashing) is fed them too; one inside a nested
+    # model (an encoder) is fed by the inputs of that model's calls.
+    fed: set[str] = set()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Embedding):
+            for node in keras_graph.model_nodes(model, layer):
+                fed.update(keras_graph.input_dependencies(model, keras_graph.node_outputs(node)[0]))
+        if isinstance(layer, keras.Model) and any(
+            isinstance(inner, keras.layers.Embedding) for inner in _nested_layers(layer)
+        ):
+            for node in keras_graph.model_nodes(model, layer):
+                for tensor in keras_graph.node_inputs(node):
+                    fed.update(keras_graph.input_dependencies(model, tensor))
+    return fed
+
+
 def check_float_inputs_feed_an_embedding(
     sub_model: keras.Model, inputs: Sequence[InputInfo], limits: EmbeddingLimits
 ) -> None:
@@ -399,19 +417,7 @@ def check_float_inputs_feed_an_embedding(
     Raises:
         ExportConfigError: naming the input.
     """
-    # An Embedding behind a layer that remaps ids (Hashing) is fed them too; one inside a nested
-    # model (an encoder) is fed by the inputs of that model's calls.
-    fed = set(limits)
-    for layer in sub_model.layers:
-        if isinstance(layer, keras.layers.Embedding):
-            for node in keras_graph.model_nodes(sub_model, layer):
-                fed.update(keras_graph.input_dependencies(sub_model, keras_graph.node_outputs(node)[0]))
-        if isinstance(layer, keras.Model) and any(
-            isinstance(inner, keras.layers.Embedding) for inner in _nested_layers(layer)
-        ):
-            for node in keras_graph.model_nodes(sub_model, layer):
-                for tensor in keras_graph.node_inputs(node):
-                    fed.update(keras_graph.input_dependencies(sub_model, tensor))
+    fed = set(limits) | embedding_fed_inputs(sub_model)
     dtypes = {tensor.name: str(tensor.dtype) for tensor in sub_model.inputs}
     for info in inputs:
         if info.takes == IDS_INPUT and "float" in dtypes[info.name] and info.name not in fed:
@@ -420,3 +426,19 @@ def check_float_inputs_feed_an_embedding(
                 "layer, so it holds numeric features, not token ids: the export feeds text (or token "
                 "ids) only. Export a layer that does not depend on it."
             )
+
+
+def input_refusals(model: keras.Model) -> dict[str, str]:
+    """{model input name: why an export refuses to feed it}, by the checks a run makes of a sub-model.
+
+    An input that is neither strings nor token ids of a fixed length (an image), or a float input
+    that feeds no Embedding (numeric features), is refused; an export may still read the others.
+    """
+    refusals: dict[str, str] = {}
+    for tensor in model.inputs:
+        try:
+            info = describe_input(tensor, model, tensor.name)
+            check_float_inputs_feed_an_embedding(model, [info], embedding_limits(model, [info]))
+        except ExportConfigError as error:
+            refusals[tensor.name] = str(error)
+    return refusals

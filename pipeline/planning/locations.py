@@ -19,7 +19,7 @@ from pipeline.planning.options import ExportOptions
 from pipeline.planning.stores import check_gcs_bucket_name, check_s3_bucket_name, check_stores_answer
 from pipeline.reading.listing import AmbiguousPattern, InputFile, list_input
 from pipeline.reading.ranges import path_key
-from pipeline.uris import absolute, absolute_pattern, glob_regex, inside, is_local
+from pipeline.uris import absolute, absolute_pattern, file_uri_problem, glob_regex, inside, is_local
 from pipeline.writing.layout import STAGING
 
 # Characters Beam's FileSystems.match takes as a glob.
@@ -57,7 +57,7 @@ def check_location(flag: str, uri: str) -> None:
         ExportConfigError: naming the scheme and the package that serves it, a
             leading '~' the shell left as it is, or the bucket name.
     """
-    unexpanded = unexpanded_home({f"--{flag}": uri})
+    unexpanded = unexpanded_home({f"--{flag}": uri}) or file_uri_problem(f"--{flag}", uri)
     if unexpanded:
         raise ExportConfigError(unexpanded)
     scheme = FileSystems.get_scheme(uri)
@@ -284,7 +284,7 @@ def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFi
         # Before Beam's first request, which retries an unreachable store for minutes.
         named = {"model": options.model, "tokenizer": options.tokenizer, "reuse": options.reuse}
         for flag, uri in named.items():
-            if uri and not is_local(uri):
+            if uri and (not is_local(uri) or file_uri_problem(flag, uri)):
                 check_location(flag, uri)
         check_stores_answer(options, {"input": options.input, "output": options.output, **named})
     if check_remote or is_local(options.input):

@@ -26,7 +26,7 @@ from models.legacy import load_model_file
 from models.tokenizer import TextTokenizer, Tokenizer
 from pipeline.errors import ExportConfigError
 from pipeline.planning.plan import NO_TOKENIZER, ExportPlan, wants_no_tokenizer
-from pipeline.uris import is_local
+from pipeline.uris import file_uri_problem, is_local
 
 MODEL_EXTENSIONS = (".keras", ".h5", ".hdf5")
 # The tokenizers a model can come with: this package's, or one read from a Keras 2
@@ -141,6 +141,9 @@ def load_model_source(
     Raises:
         ExportConfigError: with what is wrong and how to fix it.
     """
+    problem = file_uri_problem("--model", model_uri)
+    if problem:
+        raise ExportConfigError(problem)
     location = _installed_default_bundle(model_uri.rstrip("/"))
     copy = None if is_local(location) else tempfile.mkdtemp(prefix="embexport-model-")
     try:
@@ -267,6 +270,8 @@ def _load_staged(
             "Check that it is a complete Keras .keras/.h5 file."
         ) from None
     _check_unchanged(model_uri, local, model_sha256)
+    if require_tokenizer:
+        _check_reads_text(model_uri, model)
     bare_tokenizer: AnyTokenizer | None = None
     tokenizer_sha256 = ""
     if tokenizer_uri and not wants_no_tokenizer(tokenizer_uri):
@@ -290,6 +295,24 @@ def _load_staged(
     )
 
 
+def _check_reads_text(model_uri: str, model: keras.Model) -> None:
+    """Refuses a model none of whose inputs an export can feed: it takes no text (images, numeric features).
+
+    Otherwise the first refusal asked for a --tokenizer, and with one came a second, about an input.
+    """
+    from pipeline.planning.introspection import embedding_fed_inputs, input_refusals
+
+    # A text model whose inputs are refused (token ids of no fixed length) is told how to fix them.
+    text = any(str(tensor.dtype) == "string" for tensor in model.inputs) or embedding_fed_inputs(model)
+    if not text and len(input_refusals(model)) == len(model.inputs):
+        inputs = ", ".join(f"{t.name!r} {t.dtype} {tuple(t.shape)}" for t in model.inputs)
+        raise ExportConfigError(
+            f"--model {model_uri!r} reads no text: its input(s) {inputs} are neither strings nor token "
+            "ids of a fixed length (an int input of shape (batch, length), or a float one that feeds an "
+            "Embedding), so no layer of it can be fed a document. This tool exports text models' layers."
+        )
+
+
 def load_tokenizer(
     uri: str, padding: str | None = None, truncating: str | None = None
 ) -> tuple[AnyTokenizer, str]:
@@ -298,8 +321,23 @@ def load_tokenizer(
     The file is this package's tokenizer JSON, a Keras 2 `Tokenizer.to_json()`
     file or a vocabulary file (`models.keras2_tokenizer.read_tokenizer`).
     """
+    problem = file_uri_problem("--tokenizer", uri)
+    if problem:
+        raise ExportConfigError(problem)
     if not FileSystems.exists(uri):
         raise ExportConfigError(f"--tokenizer {uri!r} does not exist.")
+    if is_local(uri) and os.path.isdir(uri):
+        raise ExportConfigError(
+            f"--tokenizer {uri!r} is a directory; pass the tokenizer file in it, such as "
+            f"{os.path.join(uri, 'tokenizer.json')!r} (a bundle given as --model carries its own)."
+        )
+    if is_local(uri) and not os.path.isfile(uri):
+        # A named pipe blocks the launch until something writes to it; a shell's `<(cat FILE)` is
+        # read once here, and the workers, which read the file again, would find it drained.
+        raise ExportConfigError(
+            f"--tokenizer {uri!r} is not a regular file (a named pipe, a device, or a shell's "
+            "<(...)), which cannot be read again by each worker; pass the tokenizer file itself."
+        )
     with FileSystems.open(uri) as handle:
         data = handle.read()
     try:
