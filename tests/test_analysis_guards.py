@@ -463,15 +463,21 @@ def test_row_files_that_differ_from_the_manifest_are_refused_and_untie_the_index
 # --- plot and vocabulary ------------------------------------------------------------------------------
 
 
-def test_plot_legend_names_labels_that_start_with_an_underscore(tmp_path, monkeypatch):
-    drawn = []
+@pytest.fixture()
+def drawn(monkeypatch) -> list[matplotlib.figure.Figure]:
+    """The figures the test's plots save, in order (each is still saved as usual)."""
+    figures: list[matplotlib.figure.Figure] = []
     real = matplotlib.figure.Figure.savefig
 
     def keep(figure, *args, **kwargs):
-        drawn.append(figure)
+        figures.append(figure)
         return real(figure, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    return figures
+
+
+def test_plot_legend_names_labels_that_start_with_an_underscore(tmp_path, drawn):
     points = np.random.default_rng(0).normal(size=(30, 2))
     labels = ["__label__sports"] * 10 + ["__label__news"] * 15 + ["_x"] * 5
     plot_projection(points, labels, str(tmp_path / "p.png"), "t", ["a", "b"], legend_title="topic")
@@ -483,17 +489,9 @@ def test_plot_legend_names_labels_that_start_with_an_underscore(tmp_path, monkey
     ]
 
 
-def test_plot_draws_labels_and_paths_with_dollar_signs_as_written(tmp_path, monkeypatch, capsys):
+def test_plot_draws_labels_and_paths_with_dollar_signs_as_written(tmp_path, drawn, capsys):
     """matplotlib reads text between two `$` as a formula: a label "$5 to $10" lost its `$` signs, and
     one that is no formula ("$\\frac{x$") was a ValueError traceback from savefig."""
-    drawn = []
-    real = matplotlib.figure.Figure.savefig
-
-    def keep(figure, *args, **kwargs):
-        drawn.append(figure)
-        return real(figure, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
     labels = ["$5 to $10", "$\\frac{x$", "x"] * 4
     vectors = np.random.default_rng(0).normal(size=(12, 3))
     columns = {
