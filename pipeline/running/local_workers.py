@@ -362,6 +362,41 @@ def ignoring_ctrl_c() -> Iterator[None]:
             _started[:] = [process for process in _started if process.poll() is None]
 
 
+@contextlib.contextmanager
+def late_workers_stopped() -> Iterator[None]:
+    """While active, a worker that connects after the launcher closed its control connection is stopped.
+
+    Beam's `ControlConnection.close` tells a worker there is no more work only once the
+    worker has connected; the launcher then waits for the worker process to end.  A run
+    that fails before a worker connected (the other one failed the first stage, which
+    holds its one element, while this one still started on a busy machine) left the late
+    worker waiting for work and the launcher waiting for it, forever, idle: nothing was
+    counted yet, so no stall for --stall_timeout to see either.  So the
+    "no more work" marker is queued for a connection not yet started too: the late
+    worker runs what was queued for it, reads the marker, and ends.
+    """
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    connection = worker_handlers.ControlConnection
+    servicer = worker_handlers.BeamFnControlServicer
+    close = connection.close
+
+    def close_even_unstarted(self: Any) -> None:
+        # Under the lock `set_input` takes: a worker connecting meanwhile gets one marker or two
+        # (the second unread), never none.
+        with connection._lock:
+            if self._state == servicer.UNSTARTED_STATE:
+                self._push_queue.put(servicer._DONE_MARKER)
+        close(self)
+
+    # setattr: Beam's method is replaced on purpose, for the duration only.
+    setattr(connection, "close", close_even_unstarted)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(connection, "close", close)  # noqa: B010
+
+
 def killed_by() -> list[int]:
     """The signals that killed worker processes of the run (a dead worker fails it), and forgets them."""
     with _lock:
