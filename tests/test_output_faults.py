@@ -788,6 +788,28 @@ def test_a_worker_that_connects_after_its_connection_was_closed_is_told_there_is
     assert worker_handlers.ControlConnection.close.__name__ == "close"  # Beam's own, put back.
 
 
+def test_a_worker_that_failed_as_its_run_ended_does_not_stop_the_next_runs_workers(monkeypatch):
+    """A worker of one in-process run exited with an error at its shutdown; 15 s later its timer
+    SIGKILLed the next run's workers: that run failed "a worker process was killed (SIGKILL)"."""
+    from pipeline.running import local_workers
+
+    monkeypatch.setattr(local_workers, "FAILURE_GRACE_SECONDS", 0.2)
+    killed, woken = [], []
+    monkeypatch.setattr(local_workers, "kill_workers", lambda: killed.append(True))
+    local_workers.hold_tracebacks()
+    local_workers.wake_on_failure(lambda: woken.append("first"))
+    local_workers._worker_failed(1, [b"at its shutdown\n"])
+    local_workers.let_held_tracebacks_through()  # The first run ends, the next begins.
+    local_workers.hold_tracebacks()
+    local_workers.wake_on_failure(lambda: woken.append("next"))
+    try:
+        time.sleep(1)
+    finally:
+        local_workers.wake_on_failure(None)
+        local_workers.let_held_tracebacks_through()
+    assert not killed and not woken
+
+
 def test_a_failed_workers_line_quotes_its_own_words_not_tensorflows_log(monkeypatch):
     """It quoted "Could not find cuda drivers on your machine" as the reason a worker exited."""
     from pipeline.running import failures as failures_lib

@@ -58,6 +58,9 @@ on_failure: Callable[[], None] | None = None
 FAILURE_GRACE_SECONDS = 15.0
 
 
+# Which run holds the tracebacks (`hold_tracebacks` counts them): a failed worker's timer
+# ends only its own run's wait.
+_run = [0]
 # Whether a stop signal is ending the run (`stop_workers`).
 _stopping = [False]
 # The run's stall, once `stalled` ended it: what `stall` returns.
@@ -150,15 +153,19 @@ def _worker_failed(code: int, last: list[bytes]) -> None:
         # Stopped by a signal (`stop_workers`): the run says it was interrupted, no more.
         running = _tracebacks == HOLD and not _stopping[0] and on_failure is not None
     if running:
-        timer = threading.Timer(FAILURE_GRACE_SECONDS, _end_the_wait)
+        timer = threading.Timer(FAILURE_GRACE_SECONDS, _end_the_wait, args=(_run[0],))
         timer.daemon = True  # A run that ended meanwhile does not wait for it.
         timer.start()
 
 
-def _end_the_wait() -> None:
-    """A worker failed and Beam is still waiting: stops the other workers, then wakes the launcher."""
+def _end_the_wait(run: int) -> None:
+    """A worker failed and Beam is still waiting: stops the other workers, then wakes the launcher.
+
+    Not once another run (in the same process: a second `run_export`) holds the tracebacks: a worker
+    that failed at its shutdown as its run ended must not kill the next run's workers 15 s later.
+    """
     with _lock:
-        if on_failure is None or _stopping[0]:
+        if on_failure is None or _stopping[0] or run != _run[0]:
             return
     kill_workers()
     with _lock:  # `wake_on_failure(None)` takes the lock: no wake once the run stopped waiting.
@@ -313,6 +320,7 @@ def hold_tracebacks() -> None:
     global _tracebacks
     with _lock:
         _tracebacks = HOLD
+        _run[0] += 1
         _held.clear()
         _failed.clear()
         _stall.clear()
