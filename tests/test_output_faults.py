@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import forkserver
@@ -757,6 +758,56 @@ def test_the_wake_signal_landing_while_the_main_thread_holds_the_workers_lock_do
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("a worker process exited with status 1 (boom)"), result.stdout
+
+
+def test_a_worker_that_connects_after_its_connection_was_closed_is_told_there_is_no_more_work():
+    """A run that failed before a worker had connected (the other failed its first stage while this one
+    still started) closed that worker's control connection unstarted: Beam told the worker nothing,
+    it waited for work and the launcher for its end, forever, idle (no count moved: no stall either)."""
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    from pipeline.running import local_workers
+
+    class Worker:  # What Beam's gRPC server hands `Control`: who connects.
+        def invocation_metadata(self):
+            return [("worker_id", "late")]
+
+    servicer = worker_handlers.BeamFnControlServicer(worker_manager=None)
+    connection = servicer.get_conn_by_worker_id("late")
+    with local_workers.late_workers_stopped():
+        connection.close()  # The launcher's `close_all`, before the worker connected.
+    ended = threading.Event()
+
+    def connect():
+        for _ in servicer.Control(iter(()), Worker()):
+            pass
+        ended.set()
+
+    threading.Thread(target=connect, daemon=True).start()
+    assert ended.wait(10), "the late worker's control stream never ended: the run would hang"
+    assert worker_handlers.ControlConnection.close.__name__ == "close"  # Beam's own, put back.
+
+
+def test_a_worker_that_failed_as_its_run_ended_does_not_stop_the_next_runs_workers(monkeypatch):
+    """A worker of one in-process run exited with an error at its shutdown; 15 s later its timer
+    SIGKILLed the next run's workers: that run failed "a worker process was killed (SIGKILL)"."""
+    from pipeline.running import local_workers
+
+    monkeypatch.setattr(local_workers, "FAILURE_GRACE_SECONDS", 0.2)
+    killed, woken = [], []
+    monkeypatch.setattr(local_workers, "kill_workers", lambda: killed.append(True))
+    local_workers.hold_tracebacks()
+    local_workers.wake_on_failure(lambda: woken.append("first"))
+    local_workers._worker_failed(1, [b"at its shutdown\n"])
+    local_workers.let_held_tracebacks_through()  # The first run ends, the next begins.
+    local_workers.hold_tracebacks()
+    local_workers.wake_on_failure(lambda: woken.append("next"))
+    try:
+        time.sleep(1)
+    finally:
+        local_workers.wake_on_failure(None)
+        local_workers.let_held_tracebacks_through()
+    assert not killed and not woken
 
 
 def test_a_failed_workers_line_quotes_its_own_words_not_tensorflows_log(monkeypatch):

@@ -58,6 +58,9 @@ on_failure: Callable[[], None] | None = None
 FAILURE_GRACE_SECONDS = 15.0
 
 
+# Which run holds the tracebacks (`hold_tracebacks` counts them): a failed worker's timer
+# ends only its own run's wait.
+_run = [0]
 # Whether a stop signal is ending the run (`stop_workers`).
 _stopping = [False]
 # The run's stall, once `stalled` ended it: what `stall` returns.
@@ -150,15 +153,19 @@ def _worker_failed(code: int, last: list[bytes]) -> None:
         # Stopped by a signal (`stop_workers`): the run says it was interrupted, no more.
         running = _tracebacks == HOLD and not _stopping[0] and on_failure is not None
     if running:
-        timer = threading.Timer(FAILURE_GRACE_SECONDS, _end_the_wait)
+        timer = threading.Timer(FAILURE_GRACE_SECONDS, _end_the_wait, args=(_run[0],))
         timer.daemon = True  # A run that ended meanwhile does not wait for it.
         timer.start()
 
 
-def _end_the_wait() -> None:
-    """A worker failed and Beam is still waiting: stops the other workers, then wakes the launcher."""
+def _end_the_wait(run: int) -> None:
+    """A worker failed and Beam is still waiting: stops the other workers, then wakes the launcher.
+
+    Not once another run (in the same process: a second `run_export`) holds the tracebacks: a worker
+    that failed at its shutdown as its run ended must not kill the next run's workers 15 s later.
+    """
     with _lock:
-        if on_failure is None or _stopping[0]:
+        if on_failure is None or _stopping[0] or run != _run[0]:
             return
     kill_workers()
     with _lock:  # `wake_on_failure(None)` takes the lock: no wake once the run stopped waiting.
@@ -313,6 +320,7 @@ def hold_tracebacks() -> None:
     global _tracebacks
     with _lock:
         _tracebacks = HOLD
+        _run[0] += 1
         _held.clear()
         _failed.clear()
         _stall.clear()
@@ -360,6 +368,41 @@ def ignoring_ctrl_c() -> Iterator[None]:
                 -code for process in _started if (code := process.poll()) is not None and code < 0
             )
             _started[:] = [process for process in _started if process.poll() is None]
+
+
+@contextlib.contextmanager
+def late_workers_stopped() -> Iterator[None]:
+    """While active, a worker that connects after the launcher closed its control connection is stopped.
+
+    Beam's `ControlConnection.close` tells a worker there is no more work only once the
+    worker has connected; the launcher then waits for the worker process to end.  A run
+    that fails before a worker connected (the other one failed the first stage, which
+    holds its one element, while this one still started on a busy machine) left the late
+    worker waiting for work and the launcher waiting for it, forever, idle: nothing was
+    counted yet, so no stall for --stall_timeout to see either.  So the
+    "no more work" marker is queued for a connection not yet started too: the late
+    worker runs what was queued for it, reads the marker, and ends.
+    """
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    connection = worker_handlers.ControlConnection
+    servicer = worker_handlers.BeamFnControlServicer
+    close = connection.close
+
+    def close_even_unstarted(self: Any) -> None:
+        # Under the lock `set_input` takes: a worker connecting meanwhile gets one marker or two
+        # (the second unread), never none.
+        with connection._lock:
+            if self._state == servicer.UNSTARTED_STATE:
+                self._push_queue.put(servicer._DONE_MARKER)
+        close(self)
+
+    # setattr: Beam's method is replaced on purpose, for the duration only.
+    setattr(connection, "close", close_even_unstarted)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(connection, "close", close)  # noqa: B010
 
 
 def killed_by() -> list[int]:

@@ -368,7 +368,7 @@ def worker_package_path(options: PipelineOptions) -> Iterator[None]:
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, *paths]))
     try:
-        with local_workers.ignoring_ctrl_c():
+        with local_workers.ignoring_ctrl_c(), local_workers.late_workers_stopped():
             yield
     finally:
         if before is None:
