@@ -25,7 +25,7 @@ from pipeline.reading.documents import (
     too_large,
     with_note,
 )
-from pipeline.reading.text_lines import SKIP_CHUNK, ByteStream, control_bytes, wide_line, wide_line_message
+from pipeline.reading.text_lines import SKIP_CHUNK, ByteStream, control_bytes, wide_line_row
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import (
     AMBIGUOUS_HEADER,
@@ -62,7 +62,7 @@ class _CsvLines:
 
     size: int
     quotes: int
-    # The record's control bytes (`text_lines.wide_line`).
+    # The record's control bytes (`text_lines.wide_line_row`).
     controls: int
     raw: str
     lines: list[str]
@@ -237,9 +237,9 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
             reader = csv.reader(lines, strict=True)  # A fresh parser, at the start of a record.
             continue
         number += 1
-        if wide_line(lines.controls, lines.size):  # UTF-16 past a UTF-8 start: ids and text of garbage.
-            message = wide_line_message(lines.controls, lines.size)
-            yield number, schema_lib.error_row(source, number, None, INVALID_UTF8, message, lines.raw)
+        wide = wide_line_row(source, number, lines.controls, lines.size, lines.raw)
+        if wide is not None:  # UTF-16 past a UTF-8 start: ids and text of garbage.
+            yield number, wide
             continue
         if _blank(values):  # Often a file's last line: what JSONL calls it, not a row of 0 fields.
             message = "Blank line where a CSV row was expected."

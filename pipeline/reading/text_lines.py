@@ -129,36 +129,38 @@ def _first_line(head: bytes) -> bytes:
     """A file's first line in `head` (its first bytes), with the newline and the byte after it.
 
     UTF-16LE's newline is 0A 00: the 00 follows the 0A. Only the first line tells the file's
-    encoding: a UTF-8 file may go on as UTF-16 (`wide_line`), even after a short first line.
+    encoding: a UTF-8 file may go on as UTF-16 (`wide_line_row`), even after a short first line.
     """
     newline = head.find(b"\n")
     return head if newline < 0 else head[: newline + 2]
 
 
-# A line this share of whose bytes are control bytes is no UTF-8 text (`wide_line`).
+# A line this share of whose bytes are control bytes is no UTF-8 text (`wide_line_row`).
 WIDE_LINE_CONTROLS = 0.4
 
 
-def wide_line(controls: int, size: int) -> bool:
-    """Whether a line (or CSV record) of `size` bytes, `controls` of them `CONTROL_BYTES`, is UTF-16/32
-    text or zeros, not UTF-8 text: 40% or more of it control bytes (UTF-16 of ASCII or Cyrillic has half;
-    a text of letters overstruck by backspaces, as `man` prints bold to a terminal, a third).
+def wide_line_row(
+    source: str, number: int, controls: int, size: int, raw: str | bytes
+) -> schema_lib.ErrorRow | None:
+    """The `invalid_utf8` dead letter of a line (or CSV record) of `size` bytes, `controls` of them
+    `CONTROL_BYTES`, that is UTF-16/32 text or zeros, not UTF-8 text; None for any other line.
 
-    A UTF-8 file that goes on as UTF-16 (Windows PowerShell's `>>` appends UTF-16LE to any file;
-    `cat a.txt b_utf16.txt`) has lines of letters between control bytes past its first; a disk's zeros
-    where data was never written are NULs. UTF-8 text holds none but by accident.
+    Such a line has 40% or more control bytes (UTF-16 of ASCII or Cyrillic has half;
+    a text of letters overstruck by backspaces, as `man` prints bold to a terminal, a
+    third). A UTF-8 file that goes on as UTF-16 (Windows PowerShell's `>>` appends
+    UTF-16LE to any file; `cat a.txt b_utf16.txt`) has lines of letters between control
+    bytes past its first; a disk's zeros where data was never written are NULs. UTF-8
+    text holds none but by accident.
     """
-    return controls > 0 and controls >= size * WIDE_LINE_CONTROLS
-
-
-def wide_line_message(controls: int, size: int) -> str:
-    """The dead-letter message of a `wide_line`."""
-    return (
+    if not controls or controls < size * WIDE_LINE_CONTROLS:
+        return None
+    message = (
         f"{controls} of the record's {size} bytes are control bytes (NUL and the like): it is UTF-16 or "
         "UTF-32 text (a control byte between the letters: Windows PowerShell's >> appends UTF-16LE to a "
         "file), or zeros where data was never written, not UTF-8. Convert that part of the file to UTF-8 "
         "(e.g. iconv -f UTF-16LE -t UTF-8), or remove the zeros."
     )
+    return schema_lib.error_row(source, number, None, INVALID_UTF8, message, raw)
 
 
 def check_encoding(head: bytes) -> None:
@@ -444,10 +446,9 @@ def parse_line(
 
     `spellings` are `field_spellings(plan)`, made once by a caller parsing many lines.
     """
-    controls = control_bytes(line)
-    if wide_line(controls, len(line)):  # UTF-16 past a UTF-8 start: control bytes between letters.
-        message = wide_line_message(controls, len(line))
-        return schema_lib.error_row(source, number, None, INVALID_UTF8, message, line)
+    wide = wide_line_row(source, number, control_bytes(line), len(line), line)
+    if wide is not None:  # UTF-16 past a UTF-8 start: control bytes between letters.
+        return wide
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
