@@ -9,7 +9,6 @@ import glob
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -315,8 +314,10 @@ def test_foreign_parquet_with_integer_ids_or_a_null_first_vector(tmp_path, capsy
 
 
 def _limited(gigabytes):
-    """preexec_fn: caps the child's address space, so an allocation sized by k fails instead of swapping."""
-    return lambda: resource.setrlimit(resource.RLIMIT_AS, (gigabytes << 30, gigabytes << 30))
+    """A command prefix capping the child's address space, so an allocation sized by k fails instead of
+    swapping. prlimit, not a preexec_fn: that runs Python in a fork of this process, whose gRPC threads
+    (an earlier test's pipeline) can abort the child before its exec."""
+    return ["prlimit", f"--as={gigabytes << 30}"]
 
 
 def test_a_huge_k_is_capped_at_the_rows_and_huge_hnsw_settings_are_refused(export_copy, ids_file, tmp_path):
@@ -324,10 +325,9 @@ def test_a_huge_k_is_capped_at_the_rows_and_huge_hnsw_settings_are_refused(expor
 
     def analyze_run(*argv):
         return subprocess.run(
-            [sys.executable, "-m", "pipeline.analyze", export_copy, *argv],
+            [*_limited(4), sys.executable, "-m", "pipeline.analyze", export_copy, *argv],
             capture_output=True,
             text=True,
-            preexec_fn=_limited(4),
             cwd=REPOSITORY,
             timeout=120,
         )
