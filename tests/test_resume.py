@@ -538,6 +538,24 @@ def test_the_run_signature_holds_what_input_and_reuse_name_not_how_they_are_spel
     )
 
 
+def test_the_run_signature_holds_each_columns_forward_pass_not_why_keras_was_chosen():
+    """A run whose fast-path check failed recorded "differs from Keras by 2.31e-05": a rerun launched
+    elsewhere measures 2.29e-05 and started from zero, though Keras computes every row of both."""
+    plan = make_plan([VECTOR])
+    column = plan.columns[0].column
+
+    def signature(engine, reason):
+        return resume_lib.run_signature(
+            dataclasses.replace(plan, forward_passes=((column, engine, reason),)), None
+        )
+
+    measured = "the fast path differs from Keras by {} (> 1e-05) on a sample batch"
+    assert signature("keras", measured.format("2.31e-05")) == signature("keras", measured.format("2.29e-05"))
+    assert signature("keras", "--fast_path off") != signature("fast", "embedding 'emb': table lookup")
+    # What the fast path runs is what its rows are made by.
+    assert signature("fast", "LSTM 'l': padding skipped") != signature("fast", "LSTM 'l': padding run")
+
+
 @pytest.mark.slow
 def test_the_same_corpus_and_model_spelt_otherwise_resume(
     killed, corpus, reference, tiny_bundle, tmp_path, monkeypatch

@@ -121,6 +121,17 @@ def max_difference(
     return worst
 
 
+def forward_pass_identity(engine: str, reason: str) -> list[str]:
+    """What a column's rows depend on of its forward pass: the engine, and what the fast path runs.
+
+    Keras's own forward pass computes the same rows whatever made the launch choose it,
+    and that reason can hold the difference the fast path showed on the launching
+    machine, which another launcher measures otherwise: a resumed run and `--reuse`
+    compare this, not the reason.
+    """
+    return [engine] if engine == KERAS else [engine, reason]
+
+
 def _cause_line(error: BaseException) -> str:
     """What went wrong in one line, without TensorFlow's frames and Keras's call arguments and colours."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]

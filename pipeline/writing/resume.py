@@ -101,6 +101,9 @@ def run_signature(plan: ExportPlan, limit: int | None) -> dict[str, Any]:
     files (--shard_mb, --checkpoint_seconds) or how fast they come are left out,
     and so is how --input and --reuse spell the files they name.
     """
+    # Here, not at the top: it imports TensorFlow, which the launch has loaded by now.
+    from pipeline.inference.forward_pass import forward_pass_identity
+
     return {
         "format": RUN_FORMAT,
         **reuse_signature(plan),
@@ -113,7 +116,10 @@ def run_signature(plan: ExportPlan, limit: int | None) -> dict[str, Any]:
         "max_record_bytes": plan.max_record_bytes,
         "compression": plan.compression,
         "batch_size": plan.batch_size,
-        "forward_passes": [list(record) for record in plan.forward_passes],
+        # Which forward pass computes each column, not why Keras's was chosen (a measured difference).
+        "forward_passes": [
+            [column, *forward_pass_identity(engine, reason)] for column, engine, reason in plan.forward_passes
+        ],
         "limit": limit,
         # The earlier export by its shards' names and contents, not by how --reuse spells its
         # directory: one replaced under the same name is another export, one reached by another
