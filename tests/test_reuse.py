@@ -21,6 +21,8 @@ from pipeline_fixtures import REPOSITORY, TUTORIAL_KERAS2_SCRIPT, pipeline_comma
 
 from models.paths import SAMPLE_CORPUS
 from pipeline.errors import ExportConfigError
+from pipeline.inference import embedder as embedder_lib
+from pipeline.inference import forward_pass as forward_pass_lib
 from pipeline.planning.reuse import ROWS_VERSION
 from pipeline.running.export import run_export
 from pipeline.writing import files as files_lib
@@ -240,6 +242,35 @@ def test_reuse_in_place_with_overwrite(versions, tmp_path):
     )
     assert summary.exit_code == 0
     assert _read(directory).equals(_read(versions["full"]))
+
+
+@pytest.mark.parametrize("fast_path", ["auto", "off"], ids=["check_fails_here", "off"])
+def test_rows_of_another_forward_pass_than_this_launchs_are_not_reused(
+    versions, tmp_path, monkeypatch, fast_path
+):
+    """The earlier export's rows are the fast path's; this launch computes with Keras's forward pass.
+
+    Under the same `--fast_path auto`, a machine whose fast-path check fails (here: a tolerance of 0)
+    computes with Keras: the flags were equal, so the run reused the fast path's rows beside its
+    Keras rows in one column (not bit for bit a full export; its manifest said Keras for all).
+    """
+    # A launcher process of its own: no forward passes chosen by an earlier launch in this one.
+    monkeypatch.setattr(embedder_lib, "_LAUNCHED", [])
+    if fast_path == "auto":
+        monkeypatch.setattr(forward_pass_lib, "FAST_PATH_TOLERANCE", 0.0)
+    output = str(tmp_path / "v2")
+    argv = ["--input", versions["second_path"], "--output", output, "--reuse", versions["v1"]]
+    with pytest.raises(ExportConfigError) as refusal:
+        run_export([*argv, *versions["flags"], "--fast_path", fast_path])
+    message = str(refusal.value)
+    assert "its column lstm_content was computed by the fast path, this run computes it by Keras's" in message
+    assert "not bit for bit" in message and "\n" not in message
+    if fast_path == "off":
+        assert "Rerun without --fast_path off" in message
+    else:
+        assert "(this launch: the fast path differs from Keras by" in message
+        assert "Leave --reuse out for a full export" in message
+    assert not os.path.exists(output)
 
 
 @pytest.mark.slow

@@ -149,7 +149,14 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
             f"now {ROWS_VERSION}): its vectors may differ from this export's. Run one full export "
             "(without --reuse) and reuse that one from then on."
         )
-    differences = [key for key in current if current[key] != earlier.get(key)]
+    # Where the earlier export recorded each column's forward pass, those are compared once this
+    # launch has chosen its own (`check_reuse_forward_passes`), not the --fast_path flags.
+    passes_recorded = earlier_forward_passes(manifest) is not None
+    differences = [
+        key
+        for key in current
+        if current[key] != earlier.get(key) and not (key == "fast_path" and passes_recorded)
+    ]
     if differences == ["columns"] or sorted(differences) == ["columns", "inputs"]:
         # The inputs follow from the columns: say what differs, and the way on.
         raise ExportConfigError(
@@ -165,6 +172,92 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
             "Its vectors would differ from this export's; leave --reuse out for a full export."
         )
     return tuple(check_reuse_shards(uri, manifest, plan))
+
+
+def earlier_forward_passes(manifest: Manifest) -> dict[str, list[str]] | None:
+    """Each column's forward pass as an export's manifest records it (`forward_pass_identity`).
+
+    None for an export made before each column's forward pass was recorded, or whose
+    record is damaged: its `--fast_path` flag is compared instead.
+    """
+    # Here, not at the top: it imports TensorFlow, which the launch has loaded by now.
+    from pipeline.inference.forward_pass import forward_pass_identity
+
+    columns = manifest.get("columns")
+    if not isinstance(columns, list) or not columns:
+        return None
+    passes = {}
+    for column in columns:
+        engine = column.get("forward_pass") if isinstance(column, Mapping) else None
+        if not isinstance(engine, str) or not engine:
+            return None
+        passes[str(column.get("column"))] = forward_pass_identity(
+            engine, str(column.get("forward_pass_reason"))
+        )
+    return passes
+
+
+def _forward_pass_text(identity: list[str] | None, other: list[str] | None) -> str:
+    """A column's forward pass in words; what the fast path runs only where `other` differs in that alone."""
+    from models.fast_path import KERAS
+    from pipeline.inference.forward_pass import NO_FORWARD_PASS
+
+    if not identity:
+        return "an unrecorded forward pass"
+    engine = identity[0]
+    if engine == KERAS:
+        return "Keras's own forward pass"
+    if engine == NO_FORWARD_PASS:
+        return "no forward pass (stored as token ids)"
+    text = "the fast path" if engine == "fast" else f"the fast path ({engine})"
+    same_engine = other is not None and other[0] == engine
+    return f"{text}: {identity[1]}" if same_engine and len(identity) > 1 else text
+
+
+def check_reuse_forward_passes(plan: ExportPlan) -> None:
+    """Refuses a --reuse export some column of which another forward pass computed than this launch chose.
+
+    The fast path equals Keras's forward pass to 1e-5, not bit for bit, so rows of the
+    two never share a column. Which one computes a column depends on the --fast_path
+    flag and on the launch's check of the fast path against Keras on a sample batch,
+    which another machine (other CPU instructions, TensorFlow build) can decide
+    otherwise under the same flag. Call it once `plan.forward_passes` are chosen.
+
+    Raises:
+        ExportConfigError: naming the column, both forward passes and the way on.
+    """
+    from models.fast_path import KERAS
+    from pipeline.inference.forward_pass import forward_pass_identity
+    from pipeline.writing.state import read_manifest
+
+    if not plan.reuse:
+        return
+    try:
+        manifest = read_manifest(plan.reuse)
+    except Exception as error:  # Replaced or removed since `check_reuse` read it.
+        raise ExportConfigError(f"Cannot read the manifest of --reuse {plan.reuse!r}: {error}") from None
+    earlier = earlier_forward_passes(manifest or {})
+    if earlier is None:  # Compared by the --fast_path flag in `check_reuse`.
+        return
+    for column, engine, reason in plan.forward_passes:
+        now = forward_pass_identity(engine, reason)
+        if earlier.get(column) == now:
+            continue
+        full = "leave --reuse out for a full export"
+        if earlier.get(column, [""])[0] == KERAS:
+            way_on = f"Rerun with --fast_path off, as its rows were computed, or {full}."
+        elif plan.fast_path == "off":
+            way_on = f"Rerun without --fast_path off, as its rows were computed, or {full}."
+        else:
+            way_on = f"{full.capitalize()} (or run where the earlier export was made)."
+        why = f" (this launch: {reason})" if engine == KERAS and reason else ""
+        raise ExportConfigError(
+            f"--reuse {plan.reuse!r} cannot be reused: its column {column} was computed by "
+            f"{_forward_pass_text(earlier.get(column), now)}, this run computes it by "
+            f"{_forward_pass_text(now, earlier.get(column))}{why}. "
+            "The two agree to 1e-5, not bit for bit, so its vectors would differ from this export's. "
+            f"{way_on}"
+        )
 
 
 def _column_text(column: object) -> str:

@@ -40,7 +40,7 @@ from pipeline.planning.checks import (
 from pipeline.planning.model_source import ModelSource
 from pipeline.planning.options import ExportOptions, default_output
 from pipeline.planning.plan import ExportPlan
-from pipeline.planning.reuse import reuse_signature
+from pipeline.planning.reuse import check_reuse_forward_passes, reuse_signature
 from pipeline.running import left_running, local_workers, portable
 from pipeline.running import progress as progress_lib
 from pipeline.running.accounting import account, manifest_counts, verdict
@@ -257,6 +257,8 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
         )
         return _dry_run(pipeline, plan, options)
     plan = choose_forward_passes(plan, model_source)
+    # Rows of the fast path and of Keras's forward pass never share a column, whatever the flags say.
+    check_reuse_forward_passes(plan)
     signature = resume_lib.run_signature(plan, export_options.limit)
     # With --resume auto, `prepare` keeps the staging of an interrupted run of this same export.
     find_resumable = (
