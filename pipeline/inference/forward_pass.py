@@ -126,8 +126,8 @@ def forward_pass_identity(engine: str, reason: str) -> list[str]:
 
     Keras's own forward pass computes the same rows whatever made the launch choose it,
     and that reason can hold the difference the fast path showed on the launching
-    machine, which another launcher measures otherwise: a resumed run and `--reuse`
-    compare this, not the reason.
+    machine, which another launcher measures otherwise: a resumed run compares this,
+    not the reason (`--reuse` compares the engines alone).
     """
     return [engine] if engine == KERAS else [engine, reason]
 

@@ -174,15 +174,14 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
     return tuple(check_reuse_shards(uri, manifest, plan))
 
 
-def earlier_forward_passes(manifest: Manifest) -> dict[str, list[str]] | None:
-    """Each column's forward pass as an export's manifest records it (`forward_pass_identity`).
+def earlier_forward_passes(manifest: Manifest) -> dict[str, str] | None:
+    """Each column's forward pass (its engine) as an export's manifest records it.
 
     None for an export made before each column's forward pass was recorded, or whose
-    record is damaged: its `--fast_path` flag is compared instead.
+    record is damaged: its `--fast_path` flag is compared instead. The engine alone:
+    what the fast path runs for a model follows from the model, its settings and the
+    code (`rows_version`), and its wording may change.
     """
-    # Here, not at the top: it imports TensorFlow, which the launch has loaded by now.
-    from pipeline.inference.forward_pass import forward_pass_identity
-
     columns = manifest.get("columns")
     if not isinstance(columns, list) or not columns:
         return None
@@ -191,27 +190,21 @@ def earlier_forward_passes(manifest: Manifest) -> dict[str, list[str]] | None:
         engine = column.get("forward_pass") if isinstance(column, Mapping) else None
         if not isinstance(engine, str) or not engine:
             return None
-        passes[str(column.get("column"))] = forward_pass_identity(
-            engine, str(column.get("forward_pass_reason"))
-        )
+        passes[str(column.get("column"))] = engine
     return passes
 
 
-def _forward_pass_text(identity: list[str] | None, other: list[str] | None) -> str:
-    """A column's forward pass in words; what the fast path runs only where `other` differs in that alone."""
-    from models.fast_path import KERAS
+def _forward_pass_text(engine: str | None) -> str:
+    from models.fast_path import FAST, KERAS
     from pipeline.inference.forward_pass import NO_FORWARD_PASS
 
-    if not identity:
-        return "an unrecorded forward pass"
-    engine = identity[0]
     if engine == KERAS:
         return "Keras's own forward pass"
     if engine == NO_FORWARD_PASS:
         return "no forward pass (stored as token ids)"
-    text = "the fast path" if engine == "fast" else f"the fast path ({engine})"
-    same_engine = other is not None and other[0] == engine
-    return f"{text}: {identity[1]}" if same_engine and len(identity) > 1 else text
+    if engine == FAST:
+        return "the fast path"
+    return f"the fast path ({engine})" if engine else "an unrecorded forward pass"
 
 
 def check_reuse_forward_passes(plan: ExportPlan) -> None:
@@ -227,7 +220,6 @@ def check_reuse_forward_passes(plan: ExportPlan) -> None:
         ExportConfigError: naming the column, both forward passes and the way on.
     """
     from models.fast_path import KERAS
-    from pipeline.inference.forward_pass import forward_pass_identity
     from pipeline.writing.state import read_manifest
 
     if not plan.reuse:
@@ -240,11 +232,10 @@ def check_reuse_forward_passes(plan: ExportPlan) -> None:
     if earlier is None:  # Compared by the --fast_path flag in `check_reuse`.
         return
     for column, engine, reason in plan.forward_passes:
-        now = forward_pass_identity(engine, reason)
-        if earlier.get(column) == now:
+        if earlier.get(column) == engine:
             continue
         full = "leave --reuse out for a full export"
-        if earlier.get(column, [""])[0] == KERAS:
+        if earlier.get(column) == KERAS:
             way_on = f"Rerun with --fast_path off, as its rows were computed, or {full}."
         elif plan.fast_path == "off":
             way_on = f"Rerun without --fast_path off, as its rows were computed, or {full}."
@@ -253,10 +244,9 @@ def check_reuse_forward_passes(plan: ExportPlan) -> None:
         why = f" (this launch: {reason})" if engine == KERAS and reason else ""
         raise ExportConfigError(
             f"--reuse {plan.reuse!r} cannot be reused: its column {column} was computed by "
-            f"{_forward_pass_text(earlier.get(column), now)}, this run computes it by "
-            f"{_forward_pass_text(now, earlier.get(column))}{why}. "
-            "The two agree to 1e-5, not bit for bit, so its vectors would differ from this export's. "
-            f"{way_on}"
+            f"{_forward_pass_text(earlier.get(column))}, this run computes it by "
+            f"{_forward_pass_text(engine)}{why}. The two agree to 1e-5, not bit for bit, so its "
+            f"vectors would differ from this export's. {way_on}"
         )
 
 
