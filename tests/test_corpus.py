@@ -175,6 +175,57 @@ def test_utf16_without_a_mark_whose_first_character_is_beyond_latin1_is_one_unre
     assert item["reason"] == "unreadable_file" and f"iconv -f {name} -t UTF-8" in item["message"]
 
 
+# Lines of scripts whose UTF-16 holds no control byte but whitespace ones: Devanagari's high byte is 0x09
+# (tab), Telugu's 0x0C (form feed), Malayalam's 0x0D (return), Gujarati's and Gurmukhi's 0x0A (newline);
+# CJK's and Hangul's none.
+SCRIPTS = {
+    "hindi": "नमस्ते दुनिया\nयह दूसरी पंक्ति है\n",
+    "telugu": "తెలుగు భాష\nరెండవ పంక్తి\n",
+    "malayalam": "മലയാളം ഭാഷ\nരണ്ടാം വരി\n",
+    "gujarati": "ગુજરાતી ભાષા\nબીજી લીટી\n",
+    "gurmukhi": "ਸਤ ਸ੍ਰੀ ਅਕਾਲ\nਦੂਜੀ ਲਾਈਨ\n",
+    "korean": "안녕하세요 세계\n두 번째 줄\n",
+    "chinese": "字字字字字字\n北京是中国的首都。\n",
+    "japanese": "日本語のテキストです。\n東京都は日本の首都です。\n",
+}
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_utf16_without_a_mark_in_any_script_is_one_unreadable_file(script, codec):
+    """Hindi, Telugu, Gurmukhi or Chinese UTF-16 without a mark was read as UTF-8: rows of garbage
+    ('(\t.\t8' per Hindi line, '\x00W[W[' for 字字, a row per Gurmukhi letter), exit 0. The same text in
+    UTF-8 stays rows."""
+    text = SCRIPTS[script]
+    (item,) = _read(_plan("text", field="text"), text.encode(codec), path="notes.txt")
+    name = codec.upper().replace("-LE", "LE").replace("-BE", "BE")
+    assert item["reason"] == "unreadable_file" and f"iconv -f {name} -t UTF-8" in item["message"]
+    # A range past the start (a large file, two workers) tells it by the file's first bytes too.
+    ((_, ranged),) = corpus.read_records(_plan("text"), "c", lambda: io.BytesIO(text.encode(codec)), 9)
+    assert ranged["reason"] == "read_error" and f"iconv -f {name}" in ranged["message"]
+    items = _read(_plan("text", field="text"), (text * 3).encode())
+    assert [item.texts for item in items] == [(line,) for line in (text * 3).splitlines()]
+
+
+@pytest.mark.parametrize("input_format", ["text", "csv"])
+@pytest.mark.parametrize("ending", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_utf16_lines_of_any_script_after_utf8_ones_are_dead_letters(input_format, ending):
+    """PowerShell's >> of Hindi or Chinese lines: each was a row of garbage ('\x00/\t9\t', a CSV id 'b\x00'),
+    exit 0, for want of control bytes other than tabs between the letters; a stray NUL in UTF-8 stays text."""
+    first = "id,content\na,first line\n" if input_format == "csv" else "first line\n"
+    for text in ("यह दूसरी पंक्ति है\nतीसरी पंक्ति\n", "北京是中国的首都 2024\n字字字字字字\n"):
+        lines = text.splitlines()
+        lines = lines if input_format == "text" else [f"b{i},{line}" for i, line in enumerate(lines)]
+        appended = "".join(line + ending for line in lines).encode("utf-16-le")
+        items = _read(_plan(input_format), first.encode() + appended)
+        assert isinstance(items[0], Document) and items[0].texts == ("first line",)
+        assert all(
+            item["reason"] == "invalid_utf8" and "UTF-16LE" in item["message"] for item in items[1:]
+        ), _summary(items)
+    items = _read(_plan(input_format), first.encode() + b"c,a stray\x00 NUL\n")
+    assert all(isinstance(item, Document) for item in items)
+
+
 @pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
 def test_utf16_lines_after_utf8_ones_are_dead_letters_not_rows(input_format):
     """Windows PowerShell's >> appends UTF-16LE to a UTF-8 file: past its UTF-8 start, every line was a

@@ -237,7 +237,9 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
             reader = csv.reader(lines, strict=True)  # A fresh parser, at the start of a record.
             continue
         number += 1
-        wide = wide_line_row(source, number, lines.controls, lines.size, lines.raw)
+        # The record's bytes, for a UTF-16 test that only a record holding a control byte needs.
+        data = "".join(lines.lines).encode("utf-8", "surrogateescape") if lines.controls else b""
+        wide = wide_line_row(source, number, lines.controls, lines.size, lines.raw, data.rstrip(b"\r\n"))
         if wide is not None:  # UTF-16 past a UTF-8 start: ids and text of garbage.
             yield number, wide
             continue
