@@ -442,6 +442,21 @@ def test_the_rows_after_a_header_repeated_in_another_order_are_read_by_it():
     assert items[1]["reason"] == "repeated_header" and "read by its order" in items[1]["message"]
 
 
+@pytest.mark.parametrize(
+    "second",
+    ["ID,Content\r\nb,two\r\n", "id, content\r\nb,two\r\n", "title,content,id\r\nt,two,b\r\n"],
+    ids=["case", "spaces", "other_columns"],
+)
+def test_the_header_of_a_joined_file_spelt_otherwise_or_with_other_columns_is_no_row(second):
+    """`cat a.csv b.csv` where b's header is 'ID,Content' or 'id, content': it was exported as a row of id
+    'ID', a document no file holds; with a column more, b's header and every row of b were
+    wrong_field_count. Its rows are now read by it; a record whose id is the id column's name stays one."""
+    items = _read(_plan("csv"), ("id,content\r\na,one\r\n" + second).encode())
+    assert _summary(items) == [(1, ("one",)), (2, "repeated_header"), (3, ("two",))]
+    assert items[2].id == "b" and "cat a.csv b.csv" in items[1]["message"]
+    assert _summary(_read(_plan("csv"), b"id,content\r\nID,one\r\n")) == [(1, ("one",))]
+
+
 def test_a_byte_order_mark_starting_a_later_csv_record_is_dropped():
     """Joined files saved with a mark: the next file's first id was "\\ufeffb1", which no later record
     of b1 matched as its duplicate."""
