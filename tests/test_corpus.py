@@ -344,6 +344,18 @@ def test_a_parquet_id_column_of_integral_decimals_holds_integers():
     assert items[2]["reason"] == "bad_id" and "the decimal 7.500000000 (a fraction)" in items[2]["message"]
 
 
+def test_a_float_id_says_how_pandas_made_it_and_how_to_write_integers():
+    """pandas stores integer ids holding a null as float64: every record was bad_id 'found float.', and
+    the run's exit 4 said to check --id_field, which was right."""
+    import pandas as pd
+
+    buffer = io.BytesIO()
+    pd.DataFrame({"id": [1, 2, None], "content": ["a", "b", "c"]}).to_parquet(buffer)
+    items = _read(_plan("parquet"), buffer.getvalue())
+    assert [item["reason"] for item in items] == ["bad_id", "bad_id", "missing_id"]
+    assert "found the float 1.0" in items[0]["message"] and "astype('Int64')" in items[0]["message"]
+
+
 @pytest.mark.parametrize("dictionary", [False, True], ids=["plain", "dictionary"])
 def test_a_parquet_value_python_cannot_read_fails_its_row_only(dictionary):
     """One non-UTF-8 string (a writer that did not check) or out-of-range date lost the whole file."""
