@@ -224,6 +224,8 @@ def test_utf16_lines_of_any_script_after_utf8_ones_are_dead_letters(input_format
         ), _summary(items)
     items = _read(_plan(input_format), first.encode() + b"c,a stray\x00 NUL\n")
     assert all(isinstance(item, Document) for item in items)
+    # Nor is a UTF-8 file whose first line a NUL follows (a C string's end) taken for UTF-16.
+    assert isinstance(_read(_plan("text"), b"abcd\n\x00")[0], Document)
 
 
 @pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])

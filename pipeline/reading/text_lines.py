@@ -158,6 +158,15 @@ def _even_find(data: bytes, unit: bytes) -> int:
     return place
 
 
+def _clean_utf8(data: bytes) -> bool:
+    """Whether `data` is UTF-8 text without a control byte (but whitespace ones)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return not control_bytes(data)
+
+
 def unmarked_utf16(head: bytes) -> str | None:
     """The UTF-16 encoding (iconv's name) of a file whose first bytes `head` are UTF-16 without a byte-order
     mark in any script, else None.
@@ -174,13 +183,10 @@ def unmarked_utf16(head: bytes) -> str | None:
         place = _even_find(head, newline)
         if place < 0:
             continue
-        utf8_start = head[:first]
-        if first != place + newline.index(b"\n") and len(utf8_start) >= 2 and not control_bytes(utf8_start):
-            try:
-                utf8_start.decode("utf-8")
-                continue
-            except UnicodeDecodeError:
-                pass
+        if first != place + newline.index(b"\n") and len(head[:first]) >= 2 and _clean_utf8(head[:first]):
+            continue
+        if len(head) == place + 2 and _clean_utf8(head[:place]):
+            continue  # A UTF-8 line, then a NUL (a C string's end): nothing more says UTF-16.
         body = head[: len(head) // 2 * 2]
         if len(body) >= 2 and 0xD8 <= body[-1 if codec == "utf-16-le" else -2] <= 0xDB:
             body = body[:-2]  # A character the end of `head` cut: a high surrogate without its low one.
