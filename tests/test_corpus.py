@@ -207,6 +207,15 @@ def test_utf16_without_a_mark_in_any_script_is_one_unreadable_file(script, codec
     assert [item.texts for item in items] == [(line,) for line in (text * 3).splitlines()]
 
 
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_mark_whose_first_line_is_longer_than_its_start_is_one_unreadable_file(codec):
+    """A document per line of Hindi: no newline in the 512 bytes the file is told by, so its lines were
+    rows of garbage (big endian) or dead letters of Python's codec message; its spaces' NULs tell it."""
+    line = " ".join(["नमस्ते दुनिया यह दूसरी पंक्ति है"] * 12)
+    (item,) = _read(_plan("text", field="text"), f"{line}\n{line}\n".encode(codec), path="notes.txt")
+    assert item["reason"] == "unreadable_file" and "iconv -f UTF-16" in item["message"]
+
+
 @pytest.mark.parametrize("input_format", ["text", "csv"])
 @pytest.mark.parametrize("ending", ["\n", "\r\n"], ids=["lf", "crlf"])
 def test_utf16_lines_of_any_script_after_utf8_ones_are_dead_letters(input_format, ending):

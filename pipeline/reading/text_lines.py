@@ -158,6 +158,22 @@ def _even_find(data: bytes, unit: bytes) -> int:
     return place
 
 
+def _whole_units(data: bytes, codec: str) -> bytes:
+    """`data` (of even length) without a last high surrogate, whose low one the end of the read cut."""
+    if len(data) >= 2 and 0xD8 <= data[-1 if codec == "utf-16-le" else -2] <= 0xDB:
+        return data[:-2]
+    return data
+
+
+def _wide_units(data: bytes, codec: str) -> bool:
+    """Whether the high bytes of `data` read as `codec` are C0 control bytes (whitespace ones included) in a
+    quarter of its code units or more, a NUL among them: ASCII, spaces and digits between CJK, or
+    Devanagari's 0x09. A stray NUL in UTF-8 text is one high byte of many."""
+    high = data[1::2] if codec == "utf-16-le" else data[0::2]
+    controls = len(high) - len(high.translate(None, C0_BYTES))
+    return b"\x00" in high and controls * 4 >= len(high)
+
+
 def _clean_utf8(data: bytes) -> bool:
     """Whether `data` is UTF-8 text without a control byte (but whitespace ones)."""
     try:
@@ -187,11 +203,16 @@ def unmarked_utf16(head: bytes) -> str | None:
             continue
         if len(head) == place + 2 and _clean_utf8(head[:place]):
             continue  # A UTF-8 line, then a NUL (a C string's end): nothing more says UTF-16.
-        body = head[: len(head) // 2 * 2]
-        if len(body) >= 2 and 0xD8 <= body[-1 if codec == "utf-16-le" else -2] <= 0xDB:
-            body = body[:-2]  # A character the end of `head` cut: a high surrogate without its low one.
-        if utf16_text(body, codec):
+        if utf16_text(_whole_units(head[: len(head) // 2 * 2], codec), codec):
             return name
+    if b"\n\x00" not in head and b"\x00\n" not in head:
+        # A first line longer than `head` (a document per line): its high bytes tell it, NULs (spaces) among
+        # the Indic scripts' whitespace ones (`_wide_units`). Of CJK alone nothing does: Latin-1 text reads
+        # as CJK too.
+        body = head[: len(head) // 2 * 2]
+        for name, _, codec in UTF16_NEWLINES:
+            if _wide_units(body, codec) and utf16_text(_whole_units(body, codec), codec):
+                return name
     return None
 
 
@@ -212,9 +233,8 @@ def utf16_line(line: bytes) -> bool:
             return False
         body = line[1:]
     else:
-        body, high = line, line[1::2]
-        controls = len(high) - len(high.translate(None, C0_BYTES))
-        if not line.endswith(b"\r\x00") and (b"\x00" not in high or controls * 4 < len(high)):
+        body = line
+        if not line.endswith(b"\r\x00") and not _wide_units(line, "utf-16-le"):
             return False
     return utf16_text(body, "utf-16-le")
 
