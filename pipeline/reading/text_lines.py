@@ -195,17 +195,18 @@ def unmarked_utf16(head: bytes) -> str | None:
     appended lines are `wide_line_row`'s), as PowerShell's >> makes one.
     """
     first = head.find(b"\n")
+    utf8_start = first >= 2 and _clean_utf8(head[:first])
     for name, newline, codec in UTF16_NEWLINES:
         place = _even_find(head, newline)
         if place < 0:
             continue
-        if first != place + newline.index(b"\n") and len(head[:first]) >= 2 and _clean_utf8(head[:first]):
+        if utf8_start and first != place + newline.index(b"\n"):
             continue
         if len(head) == place + 2 and _clean_utf8(head[:place]):
             continue  # A UTF-8 line, then a NUL (a C string's end): nothing more says UTF-16.
         if utf16_text(_whole_units(head[: len(head) // 2 * 2], codec), codec):
             return name
-    if b"\n\x00" not in head and b"\x00\n" not in head:
+    if b"\n\x00" not in head and b"\x00\n" not in head and not utf8_start:
         # A first line longer than `head` (a document per line): its high bytes tell it, NULs (spaces) among
         # the Indic scripts' whitespace ones (`_wide_units`). Of CJK alone nothing does: Latin-1 text reads
         # as CJK too.
