@@ -214,6 +214,9 @@ def test_utf16_without_a_mark_whose_first_line_is_longer_than_its_start_is_one_u
     line = " ".join(["नमस्ते दुनिया यह दूसरी पंक्ति है"] * 12)
     (item,) = _read(_plan("text", field="text"), f"{line}\n{line}\n".encode(codec), path="notes.txt")
     assert item["reason"] == "unreadable_file" and "iconv -f UTF-16" in item["message"]
+    # After a UTF-8 first line, they are lines appended to a UTF-8 file: that line stays a row.
+    items = _read(_plan("text", field="text"), b"ab\n" + f"{line}\r\n{line}\r\n".encode("utf-16-le"))
+    assert items[0].texts == ("ab",) and all(item["reason"] == "invalid_utf8" for item in items[1:3])
 
 
 @pytest.mark.parametrize("input_format", ["text", "csv"])
