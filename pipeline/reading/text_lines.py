@@ -229,6 +229,8 @@ def utf16_line(line: bytes) -> bool:
     """
     if b"\x00" not in line:
         return False
+    if len(line) % 2 != (line[0] == 0):
+        line += b"\r"  # Taking off the \n took the 0x0D before it: a last character's high byte.
     if len(line) % 2:
         if line[0]:
             return False
@@ -522,7 +524,8 @@ def _holds_carriage_return_lines(plan: ExportPlan, line: bytes, cut: bool, only_
     Decided on the line's own bytes (and, for a file's first line, whether it is its
     only one), so each range of a split file decides its lines as a whole read would,
     with or without a newline after them. A text line holding two or more \r (line
-    ends aside) is such lines; so is one holding one \r when it is the file's only
+    ends aside) is such lines, unless it is UTF-16LE text (`utf16_line`: 0x0D is the high
+    byte of Malayalam and Sinhala); so is one holding one \r when it is the file's only
     line (a file of two \r-ended records looks so). Any other \r is text. A JSONL
     line is decided once parsed (`_split_jsonl_records`), unless it is too long to.
     """
@@ -530,6 +533,8 @@ def _holds_carriage_return_lines(plan: ExportPlan, line: bytes, cut: bool, only_
     if plan.input_format != "text":
         return cut and bool(_JSONL_CARRIAGE_RETURN.search(body))
     returns = body.count(b"\r")
+    if returns >= 2 and not cut and utf16_line(body):
+        return False  # UTF-16LE text appended (`wide_line_row`): 0x0D is Malayalam's and Sinhala's high byte.
     return returns >= 2 or (returns == 1 and only_line)
 
 
