@@ -302,12 +302,12 @@ def check_encoding(head: bytes) -> None:
                 f"the readers take UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 FILE > FILE.utf8"
             )
     unmarked = wide_encoding(_first_line(head[:HEAD_BYTES]))
-    why = "control bytes such as NUL between the letters"
+    why = "control bytes such as NUL between the letters of its first line"
     if unmarked is None:
-        unmarked, why = unmarked_utf16(head[:HEAD_BYTES]), "its newline and its letters are UTF-16's"
+        unmarked, why = unmarked_utf16(head[:HEAD_BYTES]), "its first bytes read as UTF-16 text, not UTF-8"
     if unmarked is not None:
         raise NotUtf8(
-            f"the file is {unmarked} without a byte-order mark ({why} of its first line); "
+            f"the file is {unmarked} without a byte-order mark ({why}); "
             f"the readers take UTF-8: convert it, e.g. iconv -f {unmarked} -t UTF-8 FILE > FILE.utf8"
         )
 
