@@ -278,7 +278,7 @@ def _joined_header(
     column count, every row of that file a `wrong_field_count`). The rows after it are read by its names,
     each spelt as the header in force spells it, so that each field comes from its own column.
     """
-    if list(values) == list(header):
+    if len(values) == len(header) and values == header:  # Both lists, as `csv.reader` makes them.
         return list(header), (
             f"The row repeats the header: {_JOINED}; join them without the later headers (e.g. csvstack, or "
             "tail -n +2)."
@@ -305,8 +305,12 @@ def _spelt_as(plan: ExportPlan, header: Sequence[str], values: Sequence[str]) ->
     """A row's values as the names of a header spelt otherwise or with other columns (see `_joined_header`),
     each spelt as `header` spells it; None when they are no header's."""
     id_key = plan.id_field.strip().casefold()
-    if not any(len(value) < len(id_key) + 8 and value.strip().casefold() == id_key for value in values):
-        return None  # No value is the id field's name (the one test most records need).
+    longest = len(id_key) + 8  # The id field's name with a few spaces about it, at most.
+    for value in values:  # The one test most records need: no value is the id field's name.
+        if len(value) < longest and value.strip().casefold() == id_key:
+            break
+    else:
+        return None
     spelling = {name.strip().casefold(): name for name in reversed(header)}
     spelt = [spelling.get(value.strip().casefold(), value) for value in values]
     if (
