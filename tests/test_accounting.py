@@ -67,6 +67,9 @@ def test_too_many_dead_letters_name_their_reasons_and_what_to_check():
         dataclasses.replace(counts, by_reason={"repeated_header": 2}), None, 0.1, "OUT/errors"
     )
     assert "repeat the CSV header" in message and "tail -n +2" in message
+    # Float ids (pandas' integers holding a null) were told to check --id_field alone, which was right.
+    _, message = verdict(dataclasses.replace(counts, by_reason={"bad_id": 2}), None, 0.1, "OUT/errors")
+    assert "Check --id_field" in message and "float64" in message and "Int64" in message
 
 
 def test_unknown_records_read_are_recorded_as_none():

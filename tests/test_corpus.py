@@ -175,6 +175,74 @@ def test_utf16_without_a_mark_whose_first_character_is_beyond_latin1_is_one_unre
     assert item["reason"] == "unreadable_file" and f"iconv -f {name} -t UTF-8" in item["message"]
 
 
+# Lines of scripts whose UTF-16 holds no control byte but whitespace ones: Devanagari's high byte is 0x09
+# (tab), Telugu's 0x0C (form feed), Malayalam's 0x0D (return), Gujarati's and Gurmukhi's 0x0A (newline);
+# CJK's and Hangul's none.
+SCRIPTS = {
+    "hindi": "नमस्ते दुनिया\nयह दूसरी पंक्ति है\n",
+    "telugu": "తెలుగు భాష\nరెండవ పంక్తి\n",
+    "malayalam": "മലയാളം ഭാഷ\nരണ്ടാം വരി\n",
+    "gujarati": "ગુજરાતી ભાષા\nબીજી લીટી\n",
+    "gurmukhi": "ਸਤ ਸ੍ਰੀ ਅਕਾਲ\nਦੂਜੀ ਲਾਈਨ\n",
+    "korean": "안녕하세요 세계\n두 번째 줄\n",
+    "chinese": "字字字字字字\n北京是中国的首都。\n",
+    "japanese": "日本語のテキストです。\n東京都は日本の首都です。\n",
+}
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_utf16_without_a_mark_in_any_script_is_one_unreadable_file(script, codec):
+    """Hindi, Telugu, Gurmukhi or Chinese UTF-16 without a mark was read as UTF-8: rows of garbage
+    ('(\t.\t8' per Hindi line, '\x00W[W[' for 字字, a row per Gurmukhi letter), exit 0. The same text in
+    UTF-8 stays rows."""
+    text = SCRIPTS[script]
+    (item,) = _read(_plan("text", field="text"), text.encode(codec), path="notes.txt")
+    name = codec.upper().replace("-LE", "LE").replace("-BE", "BE")
+    assert item["reason"] == "unreadable_file" and f"iconv -f {name} -t UTF-8" in item["message"]
+    # A range past the start (a large file, two workers) tells it by the file's first bytes too.
+    ((_, ranged),) = corpus.read_records(_plan("text"), "c", lambda: io.BytesIO(text.encode(codec)), 9)
+    assert ranged["reason"] == "read_error" and f"iconv -f {name}" in ranged["message"]
+    items = _read(_plan("text", field="text"), (text * 3).encode())
+    assert [item.texts for item in items] == [(line,) for line in (text * 3).splitlines()]
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_mark_whose_first_line_is_longer_than_its_start_is_one_unreadable_file(codec):
+    """A document per line of Hindi: no newline in the 512 bytes the file is told by, so its lines were
+    rows of garbage (big endian) or dead letters of Python's codec message; its spaces' NULs tell it."""
+    line = " ".join(["नमस्ते दुनिया यह दूसरी पंक्ति है"] * 12)
+    (item,) = _read(_plan("text", field="text"), f"{line}\n{line}\n".encode(codec), path="notes.txt")
+    assert item["reason"] == "unreadable_file" and "iconv -f UTF-16" in item["message"]
+    # After a UTF-8 first line, they are lines appended to a UTF-8 file: that line stays a row.
+    items = _read(_plan("text", field="text"), b"ab\n" + f"{line}\r\n{line}\r\n".encode("utf-16-le"))
+    assert items[0].texts == ("ab",) and all(item["reason"] == "invalid_utf8" for item in items[1:3])
+
+
+@pytest.mark.parametrize("input_format", ["text", "csv"])
+@pytest.mark.parametrize("ending", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_utf16_lines_of_any_script_after_utf8_ones_are_dead_letters(input_format, ending):
+    """PowerShell's >> of Hindi or Chinese lines: each was a row of garbage ('\x00/\t9\t', a CSV id 'b\x00'),
+    exit 0, for want of control bytes other than tabs between the letters; a stray NUL in UTF-8 stays text."""
+    first = "id,content\na,first line\n" if input_format == "csv" else "first line\n"
+    texts = ["यह दूसरी पंक्ति है\nतीसरी पंक्ति\n", "北京是中国的首都 2024\n字字字字字字\n"]
+    if input_format == "text":  # Malayalam's high byte is 0x0D: lines of many \r, read_error 'old Mac'.
+        texts.append("മലയാളം ഭാഷ ഇത്\nരണ്ടാം വരി ആണ്\n")
+    for text in texts:
+        lines = text.splitlines()
+        lines = lines if input_format == "text" else [f"b{i},{line}" for i, line in enumerate(lines)]
+        appended = "".join(line + ending for line in lines).encode("utf-16-le")
+        items = _read(_plan(input_format), first.encode() + appended)
+        assert isinstance(items[0], Document) and items[0].texts == ("first line",)
+        assert all(
+            item["reason"] == "invalid_utf8" and "UTF-16LE" in item["message"] for item in items[1:]
+        ), _summary(items)
+    items = _read(_plan(input_format), first.encode() + b"c,a stray\x00 NUL\n")
+    assert all(isinstance(item, Document) for item in items)
+    # Nor is a UTF-8 file whose first line a NUL follows (a C string's end) taken for UTF-16.
+    assert isinstance(_read(_plan("text"), b"abcd\n\x00")[0], Document)
+
+
 @pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
 def test_utf16_lines_after_utf8_ones_are_dead_letters_not_rows(input_format):
     """Windows PowerShell's >> appends UTF-16LE to a UTF-8 file: past its UTF-8 start, every line was a
@@ -293,6 +361,18 @@ def test_a_parquet_id_column_of_integral_decimals_holds_integers():
     assert items[2]["reason"] == "bad_id" and "the decimal 7.500000000 (a fraction)" in items[2]["message"]
 
 
+def test_a_float_id_says_how_pandas_made_it_and_how_to_write_integers():
+    """pandas stores integer ids holding a null as float64: every record was bad_id 'found float.', and
+    the run's exit 4 said to check --id_field, which was right."""
+    import pandas as pd
+
+    buffer = io.BytesIO()
+    pd.DataFrame({"id": [1, 2, None], "content": ["a", "b", "c"]}).to_parquet(buffer)
+    items = _read(_plan("parquet"), buffer.getvalue())
+    assert [item["reason"] for item in items] == ["bad_id", "bad_id", "missing_id"]
+    assert "found the float 1.0" in items[0]["message"] and "astype('Int64')" in items[0]["message"]
+
+
 @pytest.mark.parametrize("dictionary", [False, True], ids=["plain", "dictionary"])
 def test_a_parquet_value_python_cannot_read_fails_its_row_only(dictionary):
     """One non-UTF-8 string (a writer that did not check) or out-of-range date lost the whole file."""
@@ -389,6 +469,21 @@ def test_the_rows_after_a_header_repeated_in_another_order_are_read_by_it():
         ("b", ("two",)),
     ]
     assert items[1]["reason"] == "repeated_header" and "read by its order" in items[1]["message"]
+
+
+@pytest.mark.parametrize(
+    "second",
+    ["ID,Content\r\nb,two\r\n", "id, content\r\nb,two\r\n", "title,content,id\r\nt,two,b\r\n"],
+    ids=["case", "spaces", "other_columns"],
+)
+def test_the_header_of_a_joined_file_spelt_otherwise_or_with_other_columns_is_no_row(second):
+    """`cat a.csv b.csv` where b's header is 'ID,Content' or 'id, content': it was exported as a row of id
+    'ID', a document no file holds; with a column more, b's header and every row of b were
+    wrong_field_count. Its rows are now read by it; a record whose id is the id column's name stays one."""
+    items = _read(_plan("csv"), ("id,content\r\na,one\r\n" + second).encode())
+    assert _summary(items) == [(1, ("one",)), (2, "repeated_header"), (3, ("two",))]
+    assert items[2].id == "b" and "cat a.csv b.csv" in items[1]["message"]
+    assert _summary(_read(_plan("csv"), b"id,content\r\nID,one\r\n")) == [(1, ("one",))]
 
 
 def test_a_byte_order_mark_starting_a_later_csv_record_is_dropped():

@@ -237,7 +237,9 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
             reader = csv.reader(lines, strict=True)  # A fresh parser, at the start of a record.
             continue
         number += 1
-        wide = wide_line_row(source, number, lines.controls, lines.size, lines.raw)
+        # The record's bytes, for a UTF-16 test that only a record holding a control byte needs.
+        data = "".join(lines.lines).encode("utf-8", "surrogateescape") if lines.controls else b""
+        wide = wide_line_row(source, number, lines.controls, lines.size, lines.raw, data.rstrip(b"\r\n"))
         if wide is not None:  # UTF-16 past a UTF-8 start: ids and text of garbage.
             yield number, wide
             continue
@@ -245,20 +247,13 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
             message = "Blank line where a CSV row was expected."
             yield number, schema_lib.error_row(source, number, None, EMPTY_RECORD, message, lines.raw)
             continue
-        if _repeats_header(header, values):
-            message = (
-                "The row repeats the header: files joined with their headers (cat a.csv b.csv)? It is "
-                "no record; join them without the later headers (e.g. csvstack, or tail -n +2)."
-            )
-            if list(values) != list(header):
-                # A joined file of the same columns in another order: its rows follow its own header,
-                # else each id and text would be read from another column.
-                header = values
-                message = (
-                    "The row repeats the header in another order: files joined with their headers (cat a.csv "
-                    "b.csv)? It is no record, and the rows after it are read by its order; join the files "
-                    "with a tool that matches columns by name (e.g. csvstack)."
-                )
+        joined = _joined_header(plan, header, values)
+        if joined is not None:
+            # A joined file's header: its rows follow it, each field read from its own column.
+            header, message = joined
+            ambiguous = ambiguous_fields(plan, header, "The header names")
+            separated = _other_separator(plan, header)
+            note = near_misses(plan, header)
             yield number, schema_lib.error_row(source, number, None, REPEATED_HEADER, message, lines.raw)
             continue
         if separated:
@@ -268,13 +263,63 @@ def csv_records(plan: ExportPlan, source: str, stream: ByteStream) -> Iterator[t
         yield number, with_note(record, note)
 
 
-def _repeats_header(header: Sequence[str], values: Sequence[str]) -> bool:
-    """Whether a row is the header again (in any order): a joined file's next header.
+_JOINED = "files joined with their headers (cat a.csv b.csv)? It is no record"
 
-    Read as a record, it was a row whose id is the id column's name and whose text is the
-    text column's: a document no file holds.
+
+def _joined_header(
+    plan: ExportPlan, header: Sequence[str], values: Sequence[str]
+) -> tuple[list[str], str] | None:
+    """The header a row is, and its dead letter's message, when it is the header of a file joined after the
+    first (`cat a.csv b.csv`); None for a record.
+
+    Such a row is the header again in any order, or spelt otherwise (case, spaces: "ID, Content") or with
+    other columns, naming the fields of the id and of a model input: a record holds those names as its
+    values by no chance. Read as a record, it was a row whose id is the id column's name (or, with another
+    column count, every row of that file a `wrong_field_count`). The rows after it are read by its names,
+    each spelt as the header in force spells it, so that each field comes from its own column.
     """
-    return len(values) == len(header) and sorted(values) == sorted(header)
+    if len(values) == len(header) and values == header:  # Both lists, as `csv.reader` makes them.
+        return list(header), (
+            f"The row repeats the header: {_JOINED}; join them without the later headers (e.g. csvstack, or "
+            "tail -n +2)."
+        )
+    if len(values) == len(header) and sorted(values) == sorted(header):
+        spelt: list[str] | None = list(values)  # The header again in another order.
+    else:
+        spelt = _spelt_as(plan, header, values)
+    if spelt is None:
+        return None
+    if spelt == list(header):
+        how = "spelt otherwise"
+    elif sorted(spelt) == sorted(header):
+        how = "in another order"
+    else:
+        how = f"with other columns ({len(values)}; the header before it has {len(header)})"
+    return spelt, (
+        f"The row repeats the header {how}: {_JOINED}, and the rows after it are read by its order; join the "
+        "files with a tool that matches columns by name (e.g. csvstack)."
+    )
+
+
+def _spelt_as(plan: ExportPlan, header: Sequence[str], values: Sequence[str]) -> list[str] | None:
+    """A row's values as the names of a header spelt otherwise or with other columns (see `_joined_header`),
+    each spelt as `header` spells it; None when they are no header's."""
+    id_key = plan.id_field.strip().casefold()
+    longest = len(id_key) + 8  # The id field's name with a few spaces about it, at most.
+    for value in values:  # The one test most records need: no value is the id field's name.
+        if len(value) < longest and value.strip().casefold() == id_key:
+            break
+    else:
+        return None
+    spelling = {name.strip().casefold(): name for name in reversed(header)}
+    spelt = [spelling.get(value.strip().casefold(), value) for value in values]
+    if (
+        len(set(spelt)) != len(spelt)
+        or plan.id_field not in spelt
+        or not any(info.field in spelt for info in plan.inputs)
+    ):
+        return None
+    return spelt
 
 
 # Separators of files that are CSV but for the comma (Excel's ";" in many locales, TSV), and how

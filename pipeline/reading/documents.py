@@ -37,6 +37,11 @@ if typing.TYPE_CHECKING:
 # A row of `schema.ERROR_SCHEMA` as `schema.error_row` builds it (column -> value).
 DeadLetter = dict[str, typing.Any]
 
+# How to fix float ids: pandas stores an integer column holding a null (NaN) as float64, and so writes it.
+FLOAT_ID_FIX = (
+    "write the ids as integers or strings (pandas turns an integer column holding a null into float64: "
+    "df[{0!r}] = df[{0!r}].astype('Int64') before to_parquet or to_json)."
+)
 # Token ids feed int32 model inputs.
 TOKEN_ID_LIMIT = 2**31
 # Lone surrogates come from JSON escapes ("\ud800") or from bytes decoded with
@@ -231,6 +236,13 @@ def to_document(
                 "(a fraction).",
             )
         document_id = int(document_id)
+    if isinstance(document_id, float):
+        # A float id is inexact past 2**53, so never an id; most are integers that pandas made floats.
+        return _reject(source, number, None, record, raw)(
+            BAD_ID,
+            f"Field {plan.id_field!r} must be a string or integer, found the float {document_id!r}: "
+            + FLOAT_ID_FIX.format(plan.id_field),
+        )
     if not isinstance(document_id, (str, int)) or isinstance(document_id, bool):
         return _reject(source, number, None, record, raw)(
             BAD_ID,

@@ -13,6 +13,7 @@ import json
 import re
 import threading
 import typing
+import unicodedata
 from collections.abc import Callable, Iterator
 
 from pipeline.reading.documents import (
@@ -125,6 +126,122 @@ def wide_encoding(data: bytes) -> str | None:
     return None
 
 
+# Every C0 control byte, whitespace ones included: UTF-16's high byte in Devanagari and Bengali is 0x09 (tab),
+# in Gurmukhi and Gujarati 0x0A, Oriya and Tamil 0x0B, Telugu and Kannada 0x0C, Malayalam and Sinhala 0x0D.
+C0_BYTES = bytes(range(0x20))
+# A character no text holds: NUL, and the C0 controls but tab, newline, vertical tab, form feed and return.
+_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1f]")
+# Each UTF-16 encoding: iconv's name, its newline (a code unit: at an even offset) and Python's codec.
+UTF16_NEWLINES = (("UTF-16LE", b"\n\x00", "utf-16-le"), ("UTF-16BE", b"\x00\n", "utf-16-be"))
+
+
+def utf16_text(data: bytes, codec: str) -> bool:
+    """Whether `data` decodes as `codec` (utf-16-le or -be) to text: some characters, every one assigned
+    (by Python's Unicode database), none NUL or a control but whitespace, no surrogate left alone.
+
+    UTF-8 text of two or more characters seldom does: with no NUL in it, each 2 bytes of ASCII or a
+    multi-byte character make a code unit, and across a line some pair lands on an unassigned code point,
+    a lone surrogate or a control; none where an odd NUL sits (`unmarked_utf16` and `utf16_line` ask more).
+    """
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError:
+        return False
+    return bool(text) and not _NOT_TEXT.search(text) and all(unicodedata.category(c) != "Cn" for c in text)
+
+
+def _even_find(data: bytes, unit: bytes) -> int:
+    """The first even offset of `data` where `unit` (a UTF-16 code unit) is, else -1."""
+    place = data.find(unit)
+    while place >= 0 and place % 2:
+        place = data.find(unit, place + 1)
+    return place
+
+
+def _whole_units(data: bytes, codec: str) -> bytes:
+    """`data` (of even length) without a last high surrogate, whose low one the end of the read cut."""
+    if len(data) >= 2 and 0xD8 <= data[-1 if codec == "utf-16-le" else -2] <= 0xDB:
+        return data[:-2]
+    return data
+
+
+def _wide_units(data: bytes, codec: str) -> bool:
+    """Whether the high bytes of `data` read as `codec` are C0 control bytes (whitespace ones included) in a
+    quarter of its code units or more, a NUL among them: ASCII, spaces and digits between CJK, or
+    Devanagari's 0x09. A stray NUL in UTF-8 text is one high byte of many."""
+    high = data[1::2] if codec == "utf-16-le" else data[0::2]
+    controls = len(high) - len(high.translate(None, C0_BYTES))
+    return b"\x00" in high and controls * 4 >= len(high)
+
+
+def _clean_utf8(data: bytes) -> bool:
+    """Whether `data` is UTF-8 text without a control byte (but whitespace ones)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return not control_bytes(data)
+
+
+def unmarked_utf16(head: bytes) -> str | None:
+    """The UTF-16 encoding (iconv's name) of a file whose first bytes `head` are UTF-16 without a byte-order
+    mark in any script, else None.
+
+    `wide_encoding` tells one by control bytes between the letters, which CJK, Hangul and the Indic
+    scripts lack (or have whitespace ones: Devanagari's high byte is a tab); so such a file is told by
+    its newline, the code unit 0A 00 (00 0A) at an even offset, which UTF-8 text does not hold, and all of
+    `head` decoding to text (`utf16_text`; zeros where data was never written do not). A UTF-8 first
+    line (two bytes or more, then a newline of its own) is a UTF-8 file that may go on as UTF-16 (the
+    appended lines are `wide_line_row`'s), as PowerShell's >> makes one.
+    """
+    first = head.find(b"\n")
+    utf8_start = first >= 2 and _clean_utf8(head[:first])
+    for name, newline, codec in UTF16_NEWLINES:
+        place = _even_find(head, newline)
+        if place < 0:
+            continue
+        if utf8_start and first != place + newline.index(b"\n"):
+            continue
+        if len(head) == place + 2 and _clean_utf8(head[:place]):
+            continue  # A UTF-8 line, then a NUL (a C string's end): nothing more says UTF-16.
+        if utf16_text(_whole_units(head[: len(head) // 2 * 2], codec), codec):
+            return name
+    if b"\n\x00" not in head and b"\x00\n" not in head and not utf8_start:
+        # A first line longer than `head` (a document per line): its high bytes tell it, NULs (spaces) among
+        # the Indic scripts' whitespace ones (`_wide_units`). Of CJK alone nothing does: Latin-1 text reads
+        # as CJK too.
+        body = head[: len(head) // 2 * 2]
+        for name, _, codec in UTF16_NEWLINES:
+            if _wide_units(body, codec) and utf16_text(_whole_units(body, codec), codec):
+                return name
+    return None
+
+
+def utf16_line(line: bytes) -> bool:
+    """Whether a line (without its \\n) of a UTF-8 file is UTF-16LE text appended to it, in any script.
+
+    Such a line starts with the NUL ending the previous line's newline (0A 00), the first one of all
+    (right after the last UTF-8 line) has a NUL or other C0 control byte as the high byte of a quarter
+    of its code units or more, a NUL among them (ASCII, spaces and digits between CJK; Devanagari's tab),
+    or ends with the CR unit 0D 00 (a Windows line end); and it decodes to text (`utf16_text`). UTF-8
+    text does neither: a stray NUL in it is read as text. A first line of CJK alone, ended by 0A 00,
+    holds no NUL: it is read as UTF-8 (mostly invalid_utf8).
+    """
+    if b"\x00" not in line:
+        return False
+    if len(line) % 2 != (line[0] == 0):
+        line += b"\r"  # Taking off the \n took the 0x0D before it: a last character's high byte.
+    if len(line) % 2:
+        if line[0]:
+            return False
+        body = line[1:]
+    else:
+        body = line
+        if not line.endswith(b"\r\x00") and not _wide_units(line, "utf-16-le"):
+            return False
+    return utf16_text(body, "utf-16-le")
+
+
 def _first_line(head: bytes) -> bytes:
     """A file's first line in `head` (its first bytes), with the newline and the byte after it.
 
@@ -140,32 +257,44 @@ WIDE_LINE_CONTROLS = 0.4
 
 
 def wide_line_row(
-    source: str, number: int, controls: int, size: int, raw: str | bytes
+    source: str, number: int, controls: int, size: int, raw: str | bytes, line: bytes
 ) -> schema_lib.ErrorRow | None:
     """The `invalid_utf8` dead letter of a line (or CSV record) of `size` bytes, `controls` of them
     `CONTROL_BYTES`, that is UTF-16/32 text or zeros, not UTF-8 text; None for any other line.
 
     Such a line has 40% or more control bytes (UTF-16 of ASCII or Cyrillic has half;
     a text of letters overstruck by backspaces, as `man` prints bold to a terminal, a
-    third). A UTF-8 file that goes on as UTF-16 (Windows PowerShell's `>>` appends
-    UTF-16LE to any file; `cat a.txt b_utf16.txt`) has lines of letters between control
-    bytes past its first; a disk's zeros where data was never written are NULs. UTF-8
+    third), or is UTF-16LE text whose characters hold none (CJK, Hangul) or whitespace
+    ones (the Indic scripts): `utf16_line`, asked of a line with a control byte only (its
+    bytes `line`, without the line end). A UTF-8 file that goes on as UTF-16 (Windows
+    PowerShell's `>>` appends UTF-16LE to any file; `cat a.txt b_utf16.txt`) has such
+    lines past its first; a disk's zeros where data was never written are NULs. UTF-8
     text holds none but by accident.
     """
-    if not controls or controls < size * WIDE_LINE_CONTROLS:
+    if not controls:
         return None
-    message = (
-        f"{controls} of the record's {size} bytes are control bytes (NUL and the like): it is UTF-16 or "
-        "UTF-32 text (a control byte between the letters: Windows PowerShell's >> appends UTF-16LE to a "
-        "file), or zeros where data was never written, not UTF-8. Convert that part of the file to UTF-8 "
-        "(e.g. iconv -f UTF-16LE -t UTF-8), or remove the zeros."
-    )
+    if controls >= size * WIDE_LINE_CONTROLS:
+        message = (
+            f"{controls} of the record's {size} bytes are control bytes (NUL and the like): it is UTF-16 or "
+            "UTF-32 text (a control byte between the letters: Windows PowerShell's >> appends UTF-16LE to a "
+            "file), or zeros where data was never written, not UTF-8. Convert that part of the file to UTF-8 "
+            "(e.g. iconv -f UTF-16LE -t UTF-8), or remove the zeros."
+        )
+    elif utf16_line(line):
+        message = (
+            "The record is UTF-16LE text (its bytes read so, a NUL among them: Windows PowerShell's >> "
+            "appends UTF-16LE to a file), not UTF-8. Convert that part of the file to UTF-8 (e.g. iconv -f "
+            "UTF-16LE -t UTF-8)."
+        )
+    else:
+        return None
     return schema_lib.error_row(source, number, None, INVALID_UTF8, message, raw)
 
 
 def check_encoding(head: bytes) -> None:
     """Raises `NotUtf8` for a file whose first bytes `head` are a UTF-16/32 byte-order mark, or UTF-16/32
-    text without one (the control bytes of its first line say so: `wide_encoding`)."""
+    text without one (the control bytes of its first line say so: `wide_encoding`; else its newline and
+    characters: `unmarked_utf16`)."""
     for mark, encoding in WIDE_BOMS:
         if head.startswith(mark) and (encoding != "UTF-32LE" or _goes_on_as_utf32le(head)):
             raise NotUtf8(
@@ -173,10 +302,12 @@ def check_encoding(head: bytes) -> None:
                 f"the readers take UTF-8: convert it, e.g. iconv -f {encoding} -t UTF-8 FILE > FILE.utf8"
             )
     unmarked = wide_encoding(_first_line(head[:HEAD_BYTES]))
+    why = "control bytes such as NUL between the letters of its first line"
+    if unmarked is None:
+        unmarked, why = unmarked_utf16(head[:HEAD_BYTES]), "its first bytes read as UTF-16 text, not UTF-8"
     if unmarked is not None:
         raise NotUtf8(
-            f"the file is {unmarked} without a byte-order mark (control bytes such as NUL between the "
-            "letters of its first line); "
+            f"the file is {unmarked} without a byte-order mark ({why}); "
             f"the readers take UTF-8: convert it, e.g. iconv -f {unmarked} -t UTF-8 FILE > FILE.utf8"
         )
 
@@ -393,7 +524,8 @@ def _holds_carriage_return_lines(plan: ExportPlan, line: bytes, cut: bool, only_
     Decided on the line's own bytes (and, for a file's first line, whether it is its
     only one), so each range of a split file decides its lines as a whole read would,
     with or without a newline after them. A text line holding two or more \r (line
-    ends aside) is such lines; so is one holding one \r when it is the file's only
+    ends aside) is such lines, unless it is UTF-16LE text (`utf16_line`: 0x0D is the high
+    byte of Malayalam and Sinhala); so is one holding one \r when it is the file's only
     line (a file of two \r-ended records looks so). Any other \r is text. A JSONL
     line is decided once parsed (`_split_jsonl_records`), unless it is too long to.
     """
@@ -401,6 +533,8 @@ def _holds_carriage_return_lines(plan: ExportPlan, line: bytes, cut: bool, only_
     if plan.input_format != "text":
         return cut and bool(_JSONL_CARRIAGE_RETURN.search(body))
     returns = body.count(b"\r")
+    if returns >= 2 and not cut and utf16_line(body):
+        return False  # UTF-16LE text appended (`wide_line_row`): 0x0D is Malayalam's and Sinhala's high byte.
     return returns >= 2 or (returns == 1 and only_line)
 
 
@@ -446,7 +580,7 @@ def parse_line(
 
     `spellings` are `field_spellings(plan)`, made once by a caller parsing many lines.
     """
-    wide = wide_line_row(source, number, control_bytes(line), len(line), line)
+    wide = wide_line_row(source, number, control_bytes(line), len(line), line, line)
     if wide is not None:  # UTF-16 past a UTF-8 start: control bytes between letters.
         return wide
     try:

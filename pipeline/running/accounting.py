@@ -110,7 +110,10 @@ _HINTS = {
         "Check --id_field: most records have no such field, or a null or empty one "
         "(name the field that holds each record's id; a CSV file must be comma-separated)"
     ),
-    "bad_id": "Check --id_field: most records' values of it are not strings or integers, as ids must be",
+    "bad_id": (
+        "Check --id_field: most records' values of it are not strings or integers, as ids must be (floats: "
+        "pandas turns an integer column holding a null into float64; write it as Int64 or strings)"
+    ),
     "too_large": "Raise --max_record_bytes, or check --input_format",
     "empty_document": "No text gave a token: check --input_map and the tokenizer",
     "invalid_utf8": (
