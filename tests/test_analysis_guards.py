@@ -1234,6 +1234,33 @@ def test_an_index_of_one_row_claims_no_recall(tmp_path, capsys):
         assert json.load(handle)["recall"]["recall"] is None
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_the_recall_of_an_l2_or_ip_index_does_not_depend_on_the_vectors_scale(tmp_path, metric):
+    """A found row counted as right within an absolute 1e-5 of the k-th exact score: with vectors of 1e-4
+    every score is below that, so a graph that finds 6 % of the neighbours measured recall 0.95; and
+    duplicates of 1e5 measured a perfect index below 1 (the exact L2's rounding, 1e-14 |q|^2, beat 1e-5)."""
+    base = np.random.default_rng(0).normal(size=(1000, 16))
+    poor = index_build.IndexSettings(
+        metric=metric, connectivity=2, expansion_add=1, expansion_search=1, recall_queries=100, threads=1
+    )
+    recalls = []
+    for scale in (1.0, 1e-4):
+        vectors = pa.array(list(base * scale), pa.list_(pa.float32(), 16))
+        export = write_export(
+            str(tmp_path / f"x{scale}"), {"id": [f"d{i}" for i in range(1000)], "v": vectors}
+        )
+        recalls.append(index_build.build_index(open_documents(export), "v", poor)["recall"]["recall"])
+    assert recalls[0] < 0.5 and recalls[1] == pytest.approx(recalls[0], abs=0.02)
+    duplicates = np.repeat(np.random.default_rng(1).normal(size=(50, 16)) * 1e5, 12, axis=0)
+    columns = {
+        "id": [f"d{i:04d}" for i in range(600)],
+        "v": pa.array(list(duplicates), pa.list_(pa.float32(), 16)),
+    }
+    export = write_export(str(tmp_path / "duplicates"), columns)
+    settings = index_build.IndexSettings(metric=metric, recall_queries=200, threads=1)
+    assert index_build.build_index(open_documents(export), "v", settings)["recall"]["recall"] == 1.0
+
+
 def test_large_string_labels_and_kept_fields_are_labels(tmp_path, capsys):
     """pandas' and polars' Arrow strings are large_string: "has no label column 'lab'"."""
     columns = random_columns(20)
@@ -1246,6 +1273,33 @@ def test_large_string_labels_and_kept_fields_are_labels(tmp_path, capsys):
     assert "kNN label agreement of v on lab" in capsys.readouterr().out
     assert analyze.main([export, "neighbors", "--id", "d001", "-k", "1"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split() == ["rank", "similarity", "id", "lab"]
+
+
+def test_dictionary_encoded_labels_and_kept_fields_are_labels(tmp_path, capsys):
+    """A pandas `category` column written to Parquet is dictionary-encoded strings: plot and knn-score
+    said "has no label column 'lab' ... export with --keep_fields", and neighbors did not show it."""
+    plain, categorical = random_columns(30), random_columns(30)
+    categorical["lab"] = pa.array(categorical["lab"]).dictionary_encode()
+    queries = tmp_path / "q.txt"
+    queries.write_text("d001\nd002\n", encoding="utf-8")
+    answers = []
+    for name, columns in (("plain", plain), ("categorical", categorical)):
+        export = write_shards(str(tmp_path / name), columns, 2)
+        out = tmp_path / f"{name}.parquet"
+        for argv in (
+            ["knn-score", "--label", "lab", "-k", "2"],
+            ["plot", "--label", "lab", "--out", str(tmp_path / f"{name}.png")],
+            ["neighbors", "--id", "d001", "-k", "3"],
+            ["index", "--threads", "1", "--recall_queries", "0"],
+            ["knn-score", "--label", "lab", "-k", "2", "--all"],
+            ["neighbors", "--queries", str(queries), "-k", "2", "--out", str(out)],
+        ):
+            assert analyze.main([export, *argv]) == 0, capsys.readouterr().err
+        printed = capsys.readouterr().out.replace(export, "EXPORT").splitlines()
+        # The build's lines name the index's SHA-256 and sizes, which the encoding changes.
+        kept = [line for line in printed if "sha256" not in line and "MiB" not in line]
+        answers.append((kept, pq.read_table(out).to_pylist()))
+    assert answers[1] == answers[0]
 
 
 def test_a_null_query_id_is_a_problem_and_complex_query_vectors_are_refused(tmp_path, capsys):

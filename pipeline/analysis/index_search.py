@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from models.digest import sha256_file
 from pipeline.analysis.dataset import AnalysisError, VectorDataset
-from pipeline.analysis.exact import pair_scores
+from pipeline.analysis.exact import pair_scores, score_scales
 from pipeline.analysis.index_store import (
     INDEX_SUFFIX,
     METADATA_SUFFIX,
@@ -161,7 +161,11 @@ def search_index(
     # that the exact scores tie with the k-th can come back past the rows found while rows scored a
     # little lower came back. So a search whose last row scores that close to the k-th goes on too.
     kth_scores = best[:, -1]
-    slack = SEARCH_ROUNDING * np.maximum(1.0, np.abs(np.where(np.isfinite(kth_scores), kth_scores, 0.0)))
+    # Relative to the scores' scale (1 for cosines, |q|^2 for dot products and L2): an absolute slack
+    # took every row of small vectors for a near tie, and searched each query wide, then exhaustively.
+    slack = SEARCH_ROUNDING * np.maximum(
+        score_scales(metric, queries), np.abs(np.where(np.isfinite(kth_scores), kth_scores, 0.0))
+    )
     lowest = np.where(np.isfinite(found), found, np.inf).min(axis=1)
     near = np.isfinite(kth_scores) & (returned == count) & (lowest >= kth_scores - slack)
     # An all-zero query's answer is set apart below (`_rank_zero_queries`): its ties need no search.
