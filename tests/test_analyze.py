@@ -353,7 +353,12 @@ def test_an_out_file_never_replaces_an_export_file_a_directory_or_without_overwr
     assert analyze.main([*plot, "--out", str(mine)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err and mine.read_text() == "mine"
     assert analyze.main([*plot, "--out", str(tmp_path)]) == 2
-    assert "is a directory or a link" in capsys.readouterr().err
+    assert "is a directory, not a regular file" in capsys.readouterr().err
+    # Said as what they are: /dev/null was "a directory or a link", an empty path "names a directory".
+    assert analyze.main([*plot, "--out", os.devnull]) == 2
+    assert "'/dev/null' is a device, not a regular file" in capsys.readouterr().err
+    assert analyze.main([*plot, "--out", ""]) == 2
+    assert "--out '' is an empty path" in capsys.readouterr().err
     assert analyze.main([*plot, "--out", str(tmp_path / "plot.usearch")]) == 2
     assert "matplotlib cannot write 'usearch' images" in capsys.readouterr().err
     np.save(tmp_path / "words.npy", np.array(["a", "b"]))
