@@ -23,7 +23,7 @@ import pytest
 
 from models.paths import DEFAULT_BUNDLE
 from pipeline import analyze, vocabulary
-from pipeline.analysis import index_build
+from pipeline.analysis import index_build, index_search
 from pipeline.analysis.dataset import open_documents, open_vocabulary
 from pipeline.analysis.exact import exact_top_k
 from pipeline.analysis.knn import knn_score, knn_score_indexed, score_label_agreement
@@ -844,6 +844,39 @@ def test_hundreds_of_duplicate_rows_are_ranked_by_id_through_the_index(tmp_path,
     assert analyze.main([export, "neighbors", "--id", ids[0], "-k", "5"]) == 0
     listed = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
     assert listed == expected[ids[0]]
+
+
+def test_a_tie_longer_than_the_widest_search_is_ranked_by_id_through_the_index(tmp_path, monkeypatch, capsys):
+    """More duplicates than TIE_SEARCH_ROWS (4,096): the index listed the first of them in its own order,
+    at similarity 1 like the rest, where --exact lists the first by id. A small cap stands for it here."""
+    monkeypatch.setattr(index_search, "TIE_SEARCH_ROWS", 64)
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(400, 8)).astype(np.float32)
+    vectors[:300] = vectors[0]
+    ids = [f"d{i:04d}" for i in rng.permutation(400)]
+    labels = ["ab"[i % 2] for i in range(400)]
+    columns = {"id": ids, "v": pa.array(list(vectors), pa.list_(pa.float32(), 8)), "lab": labels}
+    export = write_export(str(tmp_path / "dups"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("\n".join(ids[:3]) + "\n", encoding="utf-8")
+
+    def answers(*flags):
+        out = tmp_path / "a.parquet"
+        argv = [export, "neighbors", "--queries", str(queries), "-k", "40", "--out", str(out), "--overwrite"]
+        assert analyze.main([*argv, *flags]) == 0
+        capsys.readouterr()
+        return pq.read_table(out).select(["query", "id", "similarity"]).to_pylist()
+
+    exact = answers("--exact")
+    assert [a["id"] for a in exact[:40]] == sorted(set(ids[:300]) - {ids[0]})[:40]
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "40"]) == 0
+    sampled = capsys.readouterr().out.splitlines()[1]
+    # A complete graph: the 100 rows apart from the duplicates are all reached, as the sample finds them.
+    assert analyze.main([export, "index", "--threads", "1", "--recall_queries", "0", *_exact_flags()]) == 0
+    capsys.readouterr()
+    assert answers() == exact
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "40", "--all"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == sampled
 
 
 def test_vectors_whose_squared_norm_overflows_float32_get_their_true_similarities(tmp_path, capsys):
