@@ -1,6 +1,7 @@
 """Tests of `pipeline.vocabulary` and `pipeline.analyze` on a real export of the sample corpus."""
 
 import glob
+import json
 import os
 import re
 import shlex
@@ -148,6 +149,23 @@ def test_vocabulary_rows_follow_the_table_size(tmp_path, words):
     np.testing.assert_array_equal(vectors_to_numpy(table["vector"]), weights)
     expected = ["<pad>", "<oov>"] + [f"word{i}" for i in range(min(words, 48))] + [None] * max(48 - words, 0)
     assert table["token"].to_pylist() == expected
+
+
+@pytest.mark.parametrize("oov_token", [None, "<OOV>"], ids=["unknown_words_dropped", "oov_token"])
+def test_vocabulary_metadata_names_an_oov_id_only_where_the_tokenizer_has_one(tmp_path, oov_token):
+    """A Keras 2 Tokenizer without oov_token (the tutorial's) drops unknown words and gives id 1 to its
+    most frequent word, yet the metadata said "oov_id": 1, the id a reader leaves out as unknown."""
+    model_path = str(tmp_path / "model.keras")
+    build_two_table_model().save(model_path)
+    words = [*([oov_token] if oov_token else []), "the", "is", "to"]
+    word_index = {word: index for index, word in enumerate(words, 1)}
+    config = {"word_index": json.dumps(word_index), "num_words": None, "oov_token": oov_token}
+    tokenizer_path = tmp_path / "tokenizer.json"
+    tokenizer_path.write_text(json.dumps({"class_name": "Tokenizer", "config": config}), encoding="utf-8")
+    path, _ = vocabulary.export_vocabulary(model_path, str(tokenizer_path), "emb", str(tmp_path / "out"))
+    table = pq.read_table(path)
+    assert table["token"].to_pylist()[:3] == ["<pad>", oov_token or "the", "is" if not oov_token else "the"]
+    assert read_export_metadata(table.schema)["oov_id"] == (1 if oov_token else None)
 
 
 def test_vocabulary_refuses_a_layer_that_is_not_an_embedding(bundle):
