@@ -168,11 +168,11 @@ def search_index(
     # that the exact scores tie with the k-th can come back past the rows found while rows scored a
     # little lower came back. So a search whose last row scores that close to the k-th goes on too.
     kth_scores = best[:, -1]
-    # Relative to the scores' scale (1 for cosines, |q|^2 for dot products and L2): an absolute slack
-    # took every row of small vectors for a near tie, and searched each query wide, then exhaustively.
-    slack = SEARCH_ROUNDING * np.maximum(
-        score_scales(metric, queries), np.abs(np.where(np.isfinite(kth_scores), kth_scores, 0.0))
-    )
+    # Relative to what usearch's rounding is relative to: 1 for cosines, |q|^2 for dot products, the
+    # squared L2 distance itself (a difference of float32 values close together is exact). An absolute
+    # slack took every row of small vectors for a near tie, and searched each query wide, then exhaustively.
+    scales = score_scales(metric, queries) if metric != "l2" else np.zeros(len(queries))
+    slack = SEARCH_ROUNDING * np.maximum(scales, np.abs(np.where(np.isfinite(kth_scores), kth_scores, 0.0)))
     lowest = np.where(np.isfinite(found), found, np.inf).min(axis=1)
     near = np.isfinite(kth_scores) & (returned == count) & (lowest >= kth_scores - slack)
     # An all-zero query's answer is set apart below (`_rank_zero_queries`): its ties need no search.
