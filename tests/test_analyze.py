@@ -21,6 +21,7 @@ from pipeline_fixtures import snapshot
 from models.bundle import DEFAULT_BUNDLE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
 from pipeline import analyze, vocabulary
+from pipeline.analysis import knn as knn_module
 from pipeline.analysis.dataset import (
     BATCH_ROWS,
     AnalysisError,
@@ -489,6 +490,32 @@ def test_knn_agreement_equals_brute_force():
         int((labels == "a").sum()),
         pytest.approx(agreement[labels == "a"].mean()),
     )
+
+
+def test_knn_agreement_scores_in_float64_only_the_pairs_float32_cannot_order(monkeypatch):
+    """Every pair was scored in float64 and rounded: three times a float32 product, a third more time for
+    the default 20,000-row sample. float32 now picks the candidates, and the neighbours are the same."""
+    rng = np.random.default_rng(4)
+    vectors = rng.normal(size=(600, 16))
+    vectors[:40] = vectors[0]  # duplicates: a tie float32 cannot break, scored whole
+    vectors[40] = 0  # a zero vector: similarity 0 to all, scored whole
+    labels = rng.choice(["a", "b"], size=600)
+    keys = [f"k{i:03d}" for i in rng.permutation(600)]
+    scored = []
+    original = knn_module.rounded_scores
+    monkeypatch.setattr(
+        knn_module, "rounded_scores", lambda values: scored.append(values.size) or original(values)
+    )
+    score = score_label_agreement(vectors, labels, k=5, chunk_rows=128, keys=keys)
+    assert sum(scored) < 600 * 600 / 4
+
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-300)
+    similarities = original(unit @ unit.T)
+    np.fill_diagonal(similarities, -np.inf)
+    nearest = [sorted(range(600), key=lambda j: (-similarities[i, j], keys[j]))[:5] for i in range(600)]
+    agreement = (labels[np.asarray(nearest)] == labels[:, None]).mean(axis=1)
+    assert score.agreement == pytest.approx(agreement.mean(), abs=1e-12)
+    assert score.per_class["a"][1] == pytest.approx(agreement[labels == "a"].mean(), abs=1e-12)
 
 
 def test_knn_score_of_lstm_title_on_topic_beats_chance(export_dir, capsys):

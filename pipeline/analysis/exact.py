@@ -134,10 +134,13 @@ def rounded_scores(values: np.ndarray) -> np.ndarray:
     finite = np.isfinite(rounded)
     # On the bits (frexp and ldexp take 20 times as long): float64 has 52 bits after the point,
     # float32 23, so half of the 29 dropped bits is added and the 29 are cleared, a carry going into
-    # the exponent as rounding up does. Infinities and NaN are left as they are.
+    # the exponent as rounding up does. In place and on every value (a masked `where=` is slower, and
+    # knn-score rounds a score per pair); infinities and NaN are put back after.
     bits = rounded.view(np.uint64)
-    np.add(bits, np.uint64(1 << 28), out=bits, where=finite)
-    np.bitwise_and(bits, np.uint64(~((1 << 29) - 1) & (2**64 - 1)), out=bits, where=finite)
+    bits += np.uint64(1 << 28)
+    bits &= np.uint64(~((1 << 29) - 1) & (2**64 - 1))
+    if not finite.all():
+        np.copyto(rounded, values, where=~finite, casting="unsafe")
     return rounded
 
 
