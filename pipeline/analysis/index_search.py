@@ -235,8 +235,9 @@ def search_index(
     return positions, best
 
 
-# Indexed vectors scored at once when a tie runs past TIE_SEARCH_ROWS: 16k x 1024 float64 is 128 MB.
-TIE_SCAN_ROWS = 16_384
+# Indexed vectors scored at once when a tie runs past TIE_SEARCH_ROWS: 4k x 1024 float64 is 32 MB, and
+# scoring holds a few such arrays (the query broadcast to float64, the unit rows of both).
+TIE_SCAN_ROWS = 4096
 
 
 def _rows_at_least(
