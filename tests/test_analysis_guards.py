@@ -1562,6 +1562,23 @@ def test_neighbors_table_keeps_one_line_per_row_whatever_the_fields_hold(tmp_pat
     assert any("d\\n001" in line and "two\\nlines" in line for line in lines), lines
 
 
+def test_neighbors_table_says_when_no_other_row_has_a_vector_and_shows_huge_scores_short(tmp_path, capsys):
+    """One usable row printed a lone table header, as if the answer were cut short; a dot product of
+    vectors of 3e38 was printed as a 40-digit number."""
+    vectors = pa.array([[1.0, 2.0], [np.nan, 1.0]], pa.list_(pa.float32(), 2))
+    lone = write_export(str(tmp_path / "lone"), {"id": ["a", "b"], "v": vectors})
+    assert analyze.main([lone, "neighbors", "--id", "a"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "  No other document has a usable v vector (null, NaN or infinite ones are left out)."
+    )
+    vectors = pa.array([[3e38, 3e38], [1.0, 1.0]], pa.list_(pa.float32(), 2))
+    huge = write_export(str(tmp_path / "huge"), {"id": ["a", "b"], "v": vectors})
+    assert analyze.main([huge, "index", "--metric", "ip", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert analyze.main([huge, "neighbors", "--id", "a"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split() == ["1", "6.0000e+38", "b"]
+
+
 def test_plot_says_when_the_sample_is_what_is_short(tmp_path, capsys):
     """--sample 1 of 10 rows said "PCA ... needs at least 2 rows; received 1 rows", as if the export
     had one."""
