@@ -69,11 +69,18 @@ class _ListTokenizer:
 
     padding: str
     truncating: str
+    _oov_id: int | None
 
     @property
     def size(self) -> int:
         """Number of ids, padding included."""
         raise NotImplementedError
+
+    @property
+    def oov_id(self) -> int | None:
+        """The id an unknown word gets; None where unknown words are dropped (a Keras 2 Tokenizer
+        without `oov_token`, a vocabulary file without "[UNK]"), whose id 1 is a word."""
+        return self._oov_id
 
     def id_to_token(self) -> dict[int, str]:
         """Id -> token for every id the tokenizer can emit."""

@@ -33,6 +33,7 @@ import argparse
 import errno
 import logging
 import os
+import stat
 import sys
 import urllib.parse
 from collections.abc import Sequence
@@ -287,7 +288,9 @@ def check_out_file(path: str, overwrite: bool) -> str:
         _check_remote_out_target(path, bucket, overwrite)
         return path
     local = urllib.parse.unquote(urllib.parse.urlsplit(path).path) if path.startswith("file:") else path
-    if not local or local.endswith(os.sep):
+    if not local:
+        raise AnalysisError(f"--out {path!r} is an empty path: give the path of a file to write.")
+    if local.endswith(os.sep):
         raise AnalysisError(f"--out {path!r} names a directory, not a file: choose a file path.")
     requested_parent = os.path.dirname(os.path.abspath(local))
     if not os.path.isdir(requested_parent):
@@ -312,10 +315,27 @@ def check_out_file(path: str, overwrite: bool) -> str:
             break
         directory = os.path.dirname(directory)
     if os.path.islink(resolved) or (os.path.lexists(resolved) and not os.path.isfile(resolved)):
-        raise AnalysisError(f"--out {path!r} is a directory or a link, not a file: choose a file path.")
+        raise AnalysisError(
+            f"--out {path!r} is {_what_is_there(resolved)}, not a regular file: choose a file path."
+        )
     if os.path.exists(resolved) and not overwrite:
         raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
     return resolved
+
+
+def _what_is_there(path: str) -> str:
+    """What the existing `path` that is not a regular file is, for a message: a link, a directory, a
+    device (`/dev/null`), a FIFO or a socket."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    return "a socket" if stat.S_ISSOCK(mode) else "something other than a file"
 
 
 def _check_remote_out_path(path: str) -> str:

@@ -23,7 +23,7 @@ import pytest
 
 from models.paths import DEFAULT_BUNDLE
 from pipeline import analyze, vocabulary
-from pipeline.analysis import index_build
+from pipeline.analysis import index_build, index_search
 from pipeline.analysis.dataset import open_documents, open_vocabulary
 from pipeline.analysis.exact import exact_top_k
 from pipeline.analysis.knn import knn_score, knn_score_indexed, score_label_agreement
@@ -846,6 +846,39 @@ def test_hundreds_of_duplicate_rows_are_ranked_by_id_through_the_index(tmp_path,
     assert listed == expected[ids[0]]
 
 
+def test_a_tie_longer_than_the_widest_search_is_ranked_by_id_through_the_index(tmp_path, monkeypatch, capsys):
+    """More duplicates than TIE_SEARCH_ROWS (4,096): the index listed the first of them in its own order,
+    at similarity 1 like the rest, where --exact lists the first by id. A small cap stands for it here."""
+    monkeypatch.setattr(index_search, "TIE_SEARCH_ROWS", 64)
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(400, 8)).astype(np.float32)
+    vectors[:300] = vectors[0]
+    ids = [f"d{i:04d}" for i in rng.permutation(400)]
+    labels = ["ab"[i % 2] for i in range(400)]
+    columns = {"id": ids, "v": pa.array(list(vectors), pa.list_(pa.float32(), 8)), "lab": labels}
+    export = write_export(str(tmp_path / "dups"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("\n".join(ids[:3]) + "\n", encoding="utf-8")
+
+    def answers(*flags):
+        out = tmp_path / "a.parquet"
+        argv = [export, "neighbors", "--queries", str(queries), "-k", "40", "--out", str(out), "--overwrite"]
+        assert analyze.main([*argv, *flags]) == 0
+        capsys.readouterr()
+        return pq.read_table(out).select(["query", "id", "similarity"]).to_pylist()
+
+    exact = answers("--exact")
+    assert [a["id"] for a in exact[:40]] == sorted(set(ids[:300]) - {ids[0]})[:40]
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "40"]) == 0
+    sampled = capsys.readouterr().out.splitlines()[1]
+    # A complete graph: the 100 rows apart from the duplicates are all reached, as the sample finds them.
+    assert analyze.main([export, "index", "--threads", "1", "--recall_queries", "0", *_exact_flags()]) == 0
+    capsys.readouterr()
+    assert answers() == exact
+    assert analyze.main([export, "knn-score", "--label", "lab", "-k", "40", "--all"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == sampled
+
+
 def test_vectors_whose_squared_norm_overflows_float32_get_their_true_similarities(tmp_path, capsys):
     """Finite float32 values of 3e19: the batch scan and knn-score took the norms in float32, so the
     row scored 0 against every other (1.0 by the single-query scan and the index)."""
@@ -1234,6 +1267,33 @@ def test_an_index_of_one_row_claims_no_recall(tmp_path, capsys):
         assert json.load(handle)["recall"]["recall"] is None
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_the_recall_of_an_l2_or_ip_index_does_not_depend_on_the_vectors_scale(tmp_path, metric):
+    """A found row counted as right within an absolute 1e-5 of the k-th exact score: with vectors of 1e-4
+    every score is below that, so a graph that finds 6 % of the neighbours measured recall 0.95; and
+    duplicates of 1e5 measured a perfect index below 1 (the exact L2's rounding, 1e-14 |q|^2, beat 1e-5)."""
+    base = np.random.default_rng(0).normal(size=(1000, 16))
+    poor = index_build.IndexSettings(
+        metric=metric, connectivity=2, expansion_add=1, expansion_search=1, recall_queries=100, threads=1
+    )
+    recalls = []
+    for scale in (1.0, 1e-4):
+        vectors = pa.array(list(base * scale), pa.list_(pa.float32(), 16))
+        export = write_export(
+            str(tmp_path / f"x{scale}"), {"id": [f"d{i}" for i in range(1000)], "v": vectors}
+        )
+        recalls.append(index_build.build_index(open_documents(export), "v", poor)["recall"]["recall"])
+    assert recalls[0] < 0.5 and recalls[1] == pytest.approx(recalls[0], abs=0.02)
+    duplicates = np.repeat(np.random.default_rng(1).normal(size=(50, 16)) * 1e5, 12, axis=0)
+    columns = {
+        "id": [f"d{i:04d}" for i in range(600)],
+        "v": pa.array(list(duplicates), pa.list_(pa.float32(), 16)),
+    }
+    export = write_export(str(tmp_path / "duplicates"), columns)
+    settings = index_build.IndexSettings(metric=metric, recall_queries=200, threads=1)
+    assert index_build.build_index(open_documents(export), "v", settings)["recall"]["recall"] == 1.0
+
+
 def test_large_string_labels_and_kept_fields_are_labels(tmp_path, capsys):
     """pandas' and polars' Arrow strings are large_string: "has no label column 'lab'"."""
     columns = random_columns(20)
@@ -1246,6 +1306,33 @@ def test_large_string_labels_and_kept_fields_are_labels(tmp_path, capsys):
     assert "kNN label agreement of v on lab" in capsys.readouterr().out
     assert analyze.main([export, "neighbors", "--id", "d001", "-k", "1"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split() == ["rank", "similarity", "id", "lab"]
+
+
+def test_dictionary_encoded_labels_and_kept_fields_are_labels(tmp_path, capsys):
+    """A pandas `category` column written to Parquet is dictionary-encoded strings: plot and knn-score
+    said "has no label column 'lab' ... export with --keep_fields", and neighbors did not show it."""
+    plain, categorical = random_columns(30), random_columns(30)
+    categorical["lab"] = pa.array(categorical["lab"]).dictionary_encode()
+    queries = tmp_path / "q.txt"
+    queries.write_text("d001\nd002\n", encoding="utf-8")
+    answers = []
+    for name, columns in (("plain", plain), ("categorical", categorical)):
+        export = write_shards(str(tmp_path / name), columns, 2)
+        out = tmp_path / f"{name}.parquet"
+        for argv in (
+            ["knn-score", "--label", "lab", "-k", "2"],
+            ["plot", "--label", "lab", "--out", str(tmp_path / f"{name}.png")],
+            ["neighbors", "--id", "d001", "-k", "3"],
+            ["index", "--threads", "1", "--recall_queries", "0"],
+            ["knn-score", "--label", "lab", "-k", "2", "--all"],
+            ["neighbors", "--queries", str(queries), "-k", "2", "--out", str(out)],
+        ):
+            assert analyze.main([export, *argv]) == 0, capsys.readouterr().err
+        printed = capsys.readouterr().out.replace(export, "EXPORT").splitlines()
+        # The build's lines name the index's SHA-256 and sizes, which the encoding changes.
+        kept = [line for line in printed if "sha256" not in line and "MiB" not in line]
+        answers.append((kept, pq.read_table(out).to_pylist()))
+    assert answers[1] == answers[0]
 
 
 def test_a_null_query_id_is_a_problem_and_complex_query_vectors_are_refused(tmp_path, capsys):
@@ -1473,6 +1560,23 @@ def test_neighbors_table_keeps_one_line_per_row_whatever_the_fields_hold(tmp_pat
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and "\t" not in "".join(lines), lines
     assert any("d\\n001" in line and "two\\nlines" in line for line in lines), lines
+
+
+def test_neighbors_table_says_when_no_other_row_has_a_vector_and_shows_huge_scores_short(tmp_path, capsys):
+    """One usable row printed a lone table header, as if the answer were cut short; a dot product of
+    vectors of 3e38 was printed as a 40-digit number."""
+    vectors = pa.array([[1.0, 2.0], [np.nan, 1.0]], pa.list_(pa.float32(), 2))
+    lone = write_export(str(tmp_path / "lone"), {"id": ["a", "b"], "v": vectors})
+    assert analyze.main([lone, "neighbors", "--id", "a"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "  No other document has a usable v vector (null, NaN or infinite ones are left out)."
+    )
+    vectors = pa.array([[3e38, 3e38], [1.0, 1.0]], pa.list_(pa.float32(), 2))
+    huge = write_export(str(tmp_path / "huge"), {"id": ["a", "b"], "v": vectors})
+    assert analyze.main([huge, "index", "--metric", "ip", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert analyze.main([huge, "neighbors", "--id", "a"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split() == ["1", "6.0000e+38", "b"]
 
 
 def test_plot_says_when_the_sample_is_what_is_short(tmp_path, capsys):

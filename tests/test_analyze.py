@@ -1,6 +1,7 @@
 """Tests of `pipeline.vocabulary` and `pipeline.analyze` on a real export of the sample corpus."""
 
 import glob
+import json
 import os
 import re
 import shlex
@@ -14,12 +15,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from doc_pages import marked_blocks
+from doc_pages import REPOSITORY, marked_blocks, read
 from pipeline_fixtures import snapshot
 
 from models.bundle import DEFAULT_BUNDLE, load_bundle, save_bundle
 from models.tokenizer import Tokenizer
 from pipeline import analyze, vocabulary
+from pipeline.analysis import knn as knn_module
 from pipeline.analysis.dataset import (
     BATCH_ROWS,
     AnalysisError,
@@ -148,6 +150,23 @@ def test_vocabulary_rows_follow_the_table_size(tmp_path, words):
     np.testing.assert_array_equal(vectors_to_numpy(table["vector"]), weights)
     expected = ["<pad>", "<oov>"] + [f"word{i}" for i in range(min(words, 48))] + [None] * max(48 - words, 0)
     assert table["token"].to_pylist() == expected
+
+
+@pytest.mark.parametrize("oov_token", [None, "<OOV>"], ids=["unknown_words_dropped", "oov_token"])
+def test_vocabulary_metadata_names_an_oov_id_only_where_the_tokenizer_has_one(tmp_path, oov_token):
+    """A Keras 2 Tokenizer without oov_token (the tutorial's) drops unknown words and gives id 1 to its
+    most frequent word, yet the metadata said "oov_id": 1, the id a reader leaves out as unknown."""
+    model_path = str(tmp_path / "model.keras")
+    build_two_table_model().save(model_path)
+    words = [*([oov_token] if oov_token else []), "the", "is", "to"]
+    word_index = {word: index for index, word in enumerate(words, 1)}
+    config = {"word_index": json.dumps(word_index), "num_words": None, "oov_token": oov_token}
+    tokenizer_path = tmp_path / "tokenizer.json"
+    tokenizer_path.write_text(json.dumps({"class_name": "Tokenizer", "config": config}), encoding="utf-8")
+    path, _ = vocabulary.export_vocabulary(model_path, str(tokenizer_path), "emb", str(tmp_path / "out"))
+    table = pq.read_table(path)
+    assert table["token"].to_pylist()[:3] == ["<pad>", oov_token or "the", "is" if not oov_token else "the"]
+    assert read_export_metadata(table.schema)["oov_id"] == (1 if oov_token else None)
 
 
 def test_vocabulary_refuses_a_layer_that_is_not_an_embedding(bundle):
@@ -353,7 +372,12 @@ def test_an_out_file_never_replaces_an_export_file_a_directory_or_without_overwr
     assert analyze.main([*plot, "--out", str(mine)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err and mine.read_text() == "mine"
     assert analyze.main([*plot, "--out", str(tmp_path)]) == 2
-    assert "is a directory or a link" in capsys.readouterr().err
+    assert "is a directory, not a regular file" in capsys.readouterr().err
+    # Said as what they are: /dev/null was "a directory or a link", an empty path "names a directory".
+    assert analyze.main([*plot, "--out", os.devnull]) == 2
+    assert "'/dev/null' is a device, not a regular file" in capsys.readouterr().err
+    assert analyze.main([*plot, "--out", ""]) == 2
+    assert "--out '' is an empty path" in capsys.readouterr().err
     assert analyze.main([*plot, "--out", str(tmp_path / "plot.usearch")]) == 2
     assert "matplotlib cannot write 'usearch' images" in capsys.readouterr().err
     np.save(tmp_path / "words.npy", np.array(["a", "b"]))
@@ -468,6 +492,32 @@ def test_knn_agreement_equals_brute_force():
     )
 
 
+def test_knn_agreement_scores_in_float64_only_the_pairs_float32_cannot_order(monkeypatch):
+    """Every pair was scored in float64 and rounded: three times a float32 product, a third more time for
+    the default 20,000-row sample. float32 now picks the candidates, and the neighbours are the same."""
+    rng = np.random.default_rng(4)
+    vectors = rng.normal(size=(600, 16))
+    vectors[:40] = vectors[0]  # duplicates: a tie float32 cannot break, scored whole
+    vectors[40] = 0  # a zero vector: similarity 0 to all, scored whole
+    labels = rng.choice(["a", "b"], size=600)
+    keys = [f"k{i:03d}" for i in rng.permutation(600)]
+    scored = []
+    original = knn_module.rounded_scores
+    monkeypatch.setattr(
+        knn_module, "rounded_scores", lambda values: scored.append(values.size) or original(values)
+    )
+    score = score_label_agreement(vectors, labels, k=5, chunk_rows=128, keys=keys)
+    assert sum(scored) < 600 * 600 / 4
+
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-300)
+    similarities = original(unit @ unit.T)
+    np.fill_diagonal(similarities, -np.inf)
+    nearest = [sorted(range(600), key=lambda j: (-similarities[i, j], keys[j]))[:5] for i in range(600)]
+    agreement = (labels[np.asarray(nearest)] == labels[:, None]).mean(axis=1)
+    assert score.agreement == pytest.approx(agreement.mean(), abs=1e-12)
+    assert score.per_class["a"][1] == pytest.approx(agreement[labels == "a"].mean(), abs=1e-12)
+
+
 def test_knn_score_of_lstm_title_on_topic_beats_chance(export_dir, capsys):
     data = open_documents(export_dir)
     score, total = knn_score(data, "lstm_title", "topic", k=10)
@@ -516,6 +566,23 @@ def test_readme_examples_run(export_dir, vocabulary_dir, tmp_path, monkeypatch, 
     assert "Nearest neighbours of word 'thread'" in out
     # The plot command's picture (its contents are checked by test_plot_writes_a_png_coloured_by_label).
     assert _png_size(tmp_path / "plot.png") == (1000, 700)
+
+
+def test_the_documented_bigquery_schema_lists_every_column_of_the_export(export_dir):
+    """The BigQuery table of docs/analysis.md left out input_sha256, which every export has: a table
+    made by hand from it (bq mk --schema) refuses the load."""
+    page = read(os.path.join(REPOSITORY, "docs", "analysis.md"))
+    table = page[page.index("The resulting table schema") : page.index("BigQuery has no arrays")]
+    documented = dict(re.findall(r"^\| `(\w+)` \| [^|]+ \| (\w+) \|$", table, flags=re.MULTILINE))
+    schema = pq.read_schema(sorted(glob.glob(os.path.join(export_dir, "part-*.parquet")))[0])
+    # A vector is REPEATED whatever its nullability; the other columns are REQUIRED when not nullable.
+    expected = {
+        field.name: "REPEATED"
+        if pa.types.is_fixed_size_list(field.type)
+        else ("NULLABLE" if field.nullable else "REQUIRED")
+        for field in schema
+    }
+    assert documented == expected
 
 
 def test_readme_neighbour_sql_agrees_with_analyze(export_dir):

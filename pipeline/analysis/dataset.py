@@ -277,7 +277,7 @@ def open_documents(location: str) -> VectorDataset:
     details = tuple(
         f.name
         for f in dataset.schema
-        if f.name not in (ID_COLUMN, FINGERPRINT_COLUMN) and is_text_type(f.type)
+        if f.name not in (ID_COLUMN, FINGERPRINT_COLUMN) and is_label_type(f.type)
     )
     return _opened(VectorDataset(location, "documents", dataset, ID_COLUMN, details), listing.stamps)
 
@@ -442,6 +442,14 @@ def is_text_type(arrow_type: pa.DataType) -> bool:
     return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
 
 
+def is_label_type(arrow_type: pa.DataType) -> bool:
+    """Whether `arrow_type` holds labels: strings, or dictionary-encoded strings (a pandas `category`
+    column written to Parquet), which read back as the same strings."""
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    return is_text_type(arrow_type)
+
+
 def _is_list_type(arrow_type: pa.DataType) -> bool:
     return (
         pa.types.is_fixed_size_list(arrow_type)
@@ -522,7 +530,7 @@ def _hold(names: list[str]) -> str:
 
 def check_label_column(data: VectorDataset, label: str) -> str:
     """Returns `label`; raises AnalysisError unless it is a string column of `data`."""
-    if label in data.schema.names and is_text_type(data.schema.field(label).type):
+    if label in data.schema.names and is_label_type(data.schema.field(label).type):
         return label
     candidates = ", ".join(data.detail_columns) or "none (export with --keep_fields FIELD,...)"
     raise AnalysisError(

@@ -25,7 +25,7 @@ from pipeline.analysis.dataset import (
 DEFAULT_METRIC = "cos"
 # Queries scored against a batch at once by the exact scan: 256 x 16k float32 scores are 16 MB.
 EXACT_QUERY_CHUNK = 256
-# Similarities this close to the k-th exact one count as ties (float32 rounding of the distances).
+# Scores this close to the k-th exact one count as ties, relative to the scores' scale (`score_scales`).
 TIE_TOLERANCE = 1e-5
 
 
@@ -134,10 +134,13 @@ def rounded_scores(values: np.ndarray) -> np.ndarray:
     finite = np.isfinite(rounded)
     # On the bits (frexp and ldexp take 20 times as long): float64 has 52 bits after the point,
     # float32 23, so half of the 29 dropped bits is added and the 29 are cleared, a carry going into
-    # the exponent as rounding up does. Infinities and NaN are left as they are.
+    # the exponent as rounding up does. In place and on every value (a masked `where=` is slower, and
+    # knn-score rounds a score per pair); infinities and NaN are put back after.
     bits = rounded.view(np.uint64)
-    np.add(bits, np.uint64(1 << 28), out=bits, where=finite)
-    np.bitwise_and(bits, np.uint64(~((1 << 29) - 1) & (2**64 - 1)), out=bits, where=finite)
+    bits += np.uint64(1 << 28)
+    bits &= np.uint64(~((1 << 29) - 1) & (2**64 - 1))
+    if not finite.all():
+        np.copyto(rounded, values, where=~finite, casting="unsafe")
     return rounded
 
 
@@ -224,27 +227,41 @@ def _chosen(chunk_scores: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
     return chosen
 
 
+def score_scales(metric: str, queries: np.ndarray) -> np.ndarray:
+    """Per query, the scale of its scores, which a tie tolerance is relative to: 1 for cosine similarity;
+    the query's squared norm for the dot product and the squared L2 distance, whose scores scale with the
+    vectors' (an absolute tolerance would take every row of vectors of 1e-4 for a tie, and be below the
+    rounding of the expanded L2 distance, about 1e-14 |q|^2, for vectors of 1e5)."""
+    if metric == "cos":
+        return np.ones(len(queries))
+    return (np.asarray(queries, dtype=np.float64) ** 2).sum(axis=1)
+
+
 def recall_at_k(
     found_scores: np.ndarray,
     exact_scores: np.ndarray,
     found_positions: np.ndarray,
     exact_positions: np.ndarray,
+    scales: np.ndarray | None = None,
 ) -> float:
     """Mean share of each query's exact top k that the search found; ties with the k-th count as found.
 
     A found row counts when it is one of the exact top k, or when its score
-    equals (to TIE_TOLERANCE) the k-th exact score: rows tied at the boundary are
-    equally right answers.
+    equals (to TIE_TOLERANCE of the query's `scales`, `score_scales`; 1 without
+    them, cosine similarity's) the k-th exact score: rows tied at the boundary
+    are equally right answers.
     """
     hits: list[float] = []
-    for found_p, found_s, exact_p, exact_s in zip(
-        found_positions, found_scores, exact_positions, exact_scores, strict=True
+    if scales is None:
+        scales = np.ones(len(exact_scores))
+    for found_p, found_s, exact_p, exact_s, scale in zip(
+        found_positions, found_scores, exact_positions, exact_scores, scales, strict=True
     ):
         wanted = exact_p[exact_p >= 0]
         if len(wanted) == 0:
             continue
         boundary = exact_s[len(wanted) - 1]
-        tolerance = TIE_TOLERANCE * max(1.0, abs(boundary))
+        tolerance = TIE_TOLERANCE * max(float(scale), abs(boundary))
         good = set(wanted.tolist())
         right = sum(
             1

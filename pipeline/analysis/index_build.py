@@ -36,7 +36,14 @@ from pipeline.analysis.dataset import (
     check_vector_column,
     token_table_count,
 )
-from pipeline.analysis.exact import DEFAULT_METRIC, exact_top_k, iter_vector_batches, recall_at_k, row_count
+from pipeline.analysis.exact import (
+    DEFAULT_METRIC,
+    exact_top_k,
+    iter_vector_batches,
+    recall_at_k,
+    row_count,
+    score_scales,
+)
 from pipeline.analysis.index_search import search_index
 from pipeline.analysis.index_store import (
     INDEX_SUFFIX,
@@ -146,7 +153,13 @@ def measure_recall(
     return {
         "queries": count,
         "k": k,
-        "recall": recall_at_k(found_scores, exact_scores, found_positions, exact_positions),
+        "recall": recall_at_k(
+            found_scores,
+            exact_scores,
+            found_positions,
+            exact_positions,
+            score_scales(settings.metric, queries),
+        ),
         "seed": settings.seed,
         "exact_seconds": round(exact_seconds, 3),
         "index_seconds": round(search_seconds, 3),

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from models.digest import sha256_file
 from pipeline.analysis.dataset import AnalysisError, VectorDataset
-from pipeline.analysis.exact import pair_scores
+from pipeline.analysis.exact import pair_scores, score_scales
 from pipeline.analysis.index_store import (
     INDEX_SUFFIX,
     METADATA_SUFFIX,
@@ -76,6 +76,8 @@ class LoadedIndex:
     index: Index
     metadata: IndexMetadata
     keys: pa.Table  # the key column and the detail columns, one row per export row
+    # The rows of each tie too long for a search, by query vector (`search_index`'s tie_cache).
+    tie_rows: dict[bytes, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     @property
     def metric(self) -> str:
@@ -86,7 +88,9 @@ class LoadedIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(positions, scores), each (queries, min(k, indexed rows)), best first; `exclude[i]` is a set of
         positions to skip.  Equal scores go by key (`search_index`)."""
-        return search_index(self.index, self.metric, queries, k, exclude, self.keys.column(0))
+        return search_index(
+            self.index, self.metric, queries, k, exclude, self.keys.column(0), tie_cache=self.tie_rows
+        )
 
     def positions_of(self, key: str) -> np.ndarray:
         """Positions of the rows whose key is `key`."""
@@ -131,6 +135,7 @@ def search_index(
     exclude: list[set[int]] | None = None,
     key_names: pa.ChunkedArray | None = None,
     threads: int = 0,
+    tie_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(positions, scores) of `index`'s k nearest rows to each query, each (queries, min(k, indexed rows)),
     best first; `exclude[i]` is a set of positions to skip.
@@ -139,7 +144,9 @@ def search_index(
     them), as the exact scans break their ties: of the rows tied with the k-th,
     those with the smallest keys make the cut, so a query whose k-th row ties past
     the rows found is searched again, wider, until the tie ends or TIE_SEARCH_ROWS
-    rows are found (only queries with a tie pay for it).  The build measures its
+    rows are found (only queries with a tie pay for it); a tie still running there
+    has every indexed row scored (`_rows_at_least`; `tie_cache` keeps that for
+    the other queries of the same vector, the duplicates' own).  The build measures its
     recall through this same function, so the recall is that of these answers.
     """
     queries = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
@@ -161,7 +168,11 @@ def search_index(
     # that the exact scores tie with the k-th can come back past the rows found while rows scored a
     # little lower came back. So a search whose last row scores that close to the k-th goes on too.
     kth_scores = best[:, -1]
-    slack = SEARCH_ROUNDING * np.maximum(1.0, np.abs(np.where(np.isfinite(kth_scores), kth_scores, 0.0)))
+    # Relative to what usearch's rounding is relative to: 1 for cosines, |q|^2 for dot products, the
+    # squared L2 distance itself (a difference of float32 values close together is exact). An absolute
+    # slack took every row of small vectors for a near tie, and searched each query wide, then exhaustively.
+    scales = score_scales(metric, queries) if metric != "l2" else np.zeros(len(queries))
+    slack = SEARCH_ROUNDING * np.maximum(scales, np.abs(np.where(np.isfinite(kth_scores), kth_scores, 0.0)))
     lowest = np.where(np.isfinite(found), found, np.inf).min(axis=1)
     near = np.isfinite(kth_scores) & (returned == count) & (lowest >= kth_scores - slack)
     # An all-zero query's answer is set apart below (`_rank_zero_queries`): its ties need no search.
@@ -171,7 +182,7 @@ def search_index(
         kth = best[row, -1]
         # The tie may go on past the rows found: search wider until it ends (or every row is in).
         # Thousands of identical vectors (duplicate documents) would make every one of their
-        # queries a search of them all: past TIE_SEARCH_ROWS the rows found break the tie by key.
+        # queries a search of them all: past TIE_SEARCH_ROWS the rows are scored once (`_rows_at_least`).
         tie_past_the_end = False
         while (
             row_count < widest
@@ -196,6 +207,13 @@ def search_index(
                 exhaustive=True,
             )
             row_keys, row_found, returned[row] = wider[0][0], wider[1][0], wider[2][0]
+            last = row_found[np.isfinite(row_found)]
+            if returned[row] == widest < total and len(last) and last.min() >= kth - slack[row]:
+                # Still tied at the end of TIE_SEARCH_ROWS rows (thousands of duplicates): which of the
+                # tied rows usearch returned is its own order, not the keys'. Every row is scored.
+                row_keys, row_found = _rows_at_least(
+                    index, metric, queries[row], kth - slack[row], exclude[row], tie_cache
+                )
         valid = np.flatnonzero(np.isfinite(row_found))
         names = (
             key_names.take(pa.array(row_keys[valid])).to_pylist()
@@ -215,6 +233,44 @@ def search_index(
     if len(zero):
         _rank_zero_queries(index, zero, k, exclude, key_names, positions, best)
     return positions, best
+
+
+# Indexed vectors scored at once when a tie runs past TIE_SEARCH_ROWS: 4k x 1024 float64 is 32 MB, and
+# scoring holds a few such arrays (the query broadcast to float64, the unit rows of both).
+TIE_SCAN_ROWS = 4096
+
+
+def _rows_at_least(
+    index: Index,
+    metric: str,
+    query: np.ndarray,
+    floor: float,
+    exclude: set[int],
+    cache: dict[bytes, tuple[np.ndarray, np.ndarray]] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, scores) of every indexed row scoring at least `floor` against `query` (scored as `_found`
+    scores), -inf for those in `exclude`: the whole of a tie too long for any search.  `cache`, by query
+    vector and floor, spares the other tied rows' queries (of the same vector) the scan."""
+    name = np.asarray(query, dtype=np.float32).tobytes() + np.float64(floor).tobytes()
+    if cache is None or name not in cache:
+        every = np.asarray(index.keys, dtype=np.int64)
+        kept_keys, kept_scores = [], []
+        for start in range(0, len(every), TIE_SCAN_ROWS):
+            chunk = every[start : start + TIE_SCAN_ROWS]
+            stored = np.asarray(index.get(chunk.astype(np.uint64)), dtype=np.float32).reshape(len(chunk), -1)
+            scored = pair_scores(metric, np.broadcast_to(query, stored.shape), stored)
+            at_least = scored >= floor
+            kept_keys.append(chunk[at_least])
+            kept_scores.append(scored[at_least])
+        found = (np.concatenate(kept_keys), np.concatenate(kept_scores))
+        if cache is not None:
+            cache[name] = found
+    else:
+        found = cache[name]
+    keys, scores = found[0], found[1].copy()
+    if exclude:
+        scores[np.isin(keys, list(exclude))] = -np.inf
+    return keys, scores
 
 
 def _rank_zero_queries(

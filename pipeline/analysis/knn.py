@@ -24,8 +24,10 @@ from pipeline.analysis.exact import rounded_scores
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K, SCORE_NAMES, printable
 
-# Rows of the sample compared with all others at once by knn-score: 512 x 20k float64 scores, 80 MB.
+# Rows of the sample compared with all others at once by knn-score: 512 x 20k float32 scores, 40 MB.
 KNN_CHUNK_ROWS = 512
+# Candidates beyond the k nearest that float32 picks for float64 to rank (`_nearest_rows`).
+KNN_WINDOW = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,7 @@ def score_label_agreement(
         raise too_few_labelled(k, rows)
     # float64, rounded (`rounded_scores`), as `neighbors` and the index score: equal up to rounding is a tie.
     unit = unit_rows(np.asarray(vectors, dtype=np.float64))
+    single = unit.astype(np.float32)
     classes, codes = np.unique(labels.astype(str), return_inverse=True)
     # Each row's place in key order (by position without keys): what breaks ties between equal similarities.
     ranks = (
@@ -76,9 +79,7 @@ def score_label_agreement(
     hits = np.empty(rows)
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
-        similarities = rounded_scores(unit[start:stop] @ unit.T)
-        similarities[np.arange(stop - start), np.arange(start, stop)] = -np.inf
-        nearest = _nearest(similarities, k, ranks)
+        nearest = _nearest_rows(unit, single, np.arange(start, stop), k, ranks)
         hits[start:stop] = (codes[nearest] == codes[start:stop, None]).mean(axis=1)
     frequencies = np.bincount(codes) / rows
     per_class = {
@@ -102,9 +103,54 @@ def too_few_labelled(k: int, rows: int) -> AnalysisError:
     )
 
 
+def _nearest_rows(
+    unit: np.ndarray, single: np.ndarray, rows: np.ndarray, k: int, ranks: np.ndarray
+) -> np.ndarray:
+    """The columns of the k nearest other rows of each of `rows` (`unit` vectors, float64, and `single`,
+    the same in float32): `_nearest` of
+    their rounded float64 similarities to every row, computed only where float32 cannot tell.
+
+    A float64 product of every pair costs three times a float32 one and its rounding as much again:
+    float32 picks each row's k + KNN_WINDOW best candidates, and where the worst of them is below the
+    k-th by more than float32's error (`_float32_margin`), no row outside can reach the k-th place, so
+    the candidates alone are scored in float64; the other rows (a tie, a zero vector) are scored whole.
+    """
+    total = len(unit)
+    nearest = np.empty((len(rows), k), dtype=np.int64)
+    safe = np.zeros(len(rows), dtype=bool)
+    window = k + KNN_WINDOW
+    if window < total:
+        approx = single[rows] @ single.T
+        approx[np.arange(len(rows)), rows] = -np.inf
+        candidates = np.argpartition(-approx, window - 1, axis=1)[:, :window]
+        candidate_approx = np.take_along_axis(approx, candidates, axis=1)
+        kth = -np.partition(-candidate_approx, k - 1, axis=1)[:, k - 1]
+        safe = candidate_approx.min(axis=1) < kth - _float32_margin(unit.shape[1])
+    if safe.any():
+        picked = candidates[safe]
+        exact = rounded_scores(np.einsum("rwd,rd->rw", unit[picked], unit[rows[safe]]))
+        exact[picked == rows[safe, None]] = -np.inf
+        chosen = _nearest(exact, k, ranks[picked])
+        nearest[safe] = np.take_along_axis(picked, chosen, axis=1)
+    whole = np.flatnonzero(~safe)
+    if len(whole):
+        similarities = rounded_scores(unit[rows[whole]] @ unit.T)
+        similarities[np.arange(len(whole)), rows[whole]] = -np.inf
+        nearest[whole] = _nearest(similarities, k, ranks)
+    return nearest
+
+
+def _float32_margin(dim: int) -> float:
+    """How far apart two float32 similarities of unit vectors must be for their float64 ones, rounded
+    (`rounded_scores`), to keep their order: twice the error of a float32 dot product of `dim` terms and
+    of the vectors' own rounding to float32 (each (dim + 2) 2^-24 of |a||b| = 1), and a rounding step."""
+    return (2 * dim + 8) * 2.0**-24
+
+
 def _nearest(similarities: np.ndarray, k: int, ranks: np.ndarray, block: int = 256) -> np.ndarray:
     """Per row of `similarities`, the columns of its k most similar, in no order; of the columns tied with
-    the k-th, those first in key order (`ranks`: each column's place in it).  Duplicate documents (equal
+    the k-th, those first in key order (`ranks`: each column's place in it; 2-D, one row of places per
+    row of `similarities`, where each row has columns of its own).  Duplicate documents (equal
     vectors, other labels) must not count by whichever order argpartition leaves them in.
 
     Vectorised, as every row may tie (a model that maps many documents to one vector): the columns
@@ -119,7 +165,8 @@ def _nearest(similarities: np.ndarray, k: int, ranks: np.ndarray, block: int = 2
         chosen = nearest[rows]
         above = np.take_along_axis(similarities[rows], chosen, axis=1) > boundary
         # Tied columns by rank; the others last.
-        tie_ranks = np.where(similarities[rows] == boundary, ranks[None, :], len(ranks))
+        row_ranks = ranks[rows] if ranks.ndim == 2 else ranks[None, :]
+        tie_ranks = np.where(similarities[rows] == boundary, row_ranks, int(ranks.max()) + 1)
         ties = np.argpartition(tie_ranks, k - 1, axis=1)[:, :k]
         ties = np.take_along_axis(
             ties, np.argsort(np.take_along_axis(tie_ranks, ties, axis=1), axis=1), axis=1

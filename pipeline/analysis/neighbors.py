@@ -195,6 +195,12 @@ def printable(text: str) -> str:
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
+def shown_score(score: float) -> str:
+    """A score for the table: 4 decimals, or 4 significant digits in exponent form from 1e6 on (an L2
+    distance or a dot product of vectors of 1e19 would be a 40-digit number)."""
+    return f"{score:.4f}" if abs(score) < 1e6 else f"{score:.4e}"
+
+
 def format_neighbors(
     data: VectorDataset,
     key: str,
@@ -211,7 +217,7 @@ def format_neighbors(
     rows = [
         [
             str(rank),
-            f"{n.similarity:.4f}",
+            shown_score(n.similarity),
             printable(str(n.key)),
             *(printable(str(n.details.get(c))) for c in data.detail_columns),
         ]
@@ -222,6 +228,12 @@ def format_neighbors(
         f"Nearest neighbours of {noun} {key!r} by {SCORE_NAMES[metric]} of {column} "
         + (f"(index of {compared} rows)" if indexed else f"({compared} rows compared)")
     ]
+    if not rows and (not indexed or compared <= 1):
+        # A lone header would read as an answer cut short (an index that reached none says so itself).
+        lines.append(
+            f"  No other {noun} has a usable {column} vector (null, NaN or infinite ones are left out)."
+        )
+        return "\n".join(lines)
     for cells in [headers, *rows]:
         # Rank and similarity are right-aligned numbers; keys and details left-aligned text.
         padded = [

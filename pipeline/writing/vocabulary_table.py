@@ -91,6 +91,7 @@ def vocabulary_metadata(
         "dim": int(table.shape[1]),
         "vocabulary_size": max([OOV_ID, *id_to_token]) + 1,
         "padding_id": PADDING_ID,
-        "oov_id": OOV_ID,
+        # None where the tokenizer drops unknown words: its id 1 is a word (`_ListTokenizer.oov_id`).
+        "oov_id": getattr(model_source.tokenizer, "oov_id", OOV_ID),
         "package_version": __version__,
     }
