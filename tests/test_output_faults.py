@@ -935,23 +935,25 @@ def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_sto
     assert len(calls) == 1 and calls[0][0] > 0.5 and calls[0][1] == 0.5, calls
     monitor._watch_for_stall({**totals, "records": 5}, look=0.05)
     assert len(calls) == 1  # Once.
-    cpu = {1: 0.0}
+    cpu = [0.0, 0.0, 0]  # A thread's seconds on a CPU, seconds waiting for one, time slices.
     busy = progress_lib.ProgressMonitor(
         str(tmp_path),
         1000,
         stall_seconds=0.5,
         on_stall=lambda *args: calls.append(args),
-        cpu_seconds=lambda: dict(cpu),
+        scheduler_times=lambda: {(1, "1"): (cpu[0], cpu[1], cpu[2])},
     )
     for _ in range(8):  # No count moves, but a process computes (a long batch): no stall.
         busy._watch_for_stall({**totals, "records": 5}, look=0.05)
         time.sleep(0.1)
-        cpu[1] += 0.05
+        cpu[0] += 0.05
+        cpu[2] += 10
     assert len(calls) == 1
     for _ in range(8):  # It idles, polling at 5 % of a core: a stall.
         busy._watch_for_stall({**totals, "records": 5}, look=0.05)
         time.sleep(0.1)
-        cpu[1] += 0.005
+        cpu[0] += 0.005
+        cpu[2] += 10
     assert len(calls) == 2
     stopped = progress_lib.ProgressMonitor(
         str(tmp_path), 1000, stall_seconds=0.5, on_stall=lambda *args: calls.append(args)
@@ -969,29 +971,54 @@ def _spinners(count, cpu):
     return [subprocess.Popen([sys.executable, "-S", "-c", code]) for _ in range(count)]
 
 
-def test_a_worker_computing_on_a_small_share_of_a_core_is_at_work_and_a_stopped_one_is_not(monkeypatch):
+def _poller(cpu):
+    """A process on the one core `cpu` whose 8 threads wake every 5 ms to find nothing to do, as an idle
+    worker's and the launcher's gRPC and Beam threads do; returned once its threads run."""
+    code = (
+        f"import os, threading, time\nos.sched_setaffinity(0, {{{cpu}}})\n"
+        "def poll():\n    while True: time.sleep(0.005)\n"
+        "for _ in range(7): threading.Thread(target=poll, daemon=True).start()\npoll()"
+    )
+    process = subprocess.Popen([sys.executable, "-S", "-c", code])
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{process.pid}/task")) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return process
+
+
+def test_a_worker_computing_on_a_small_share_of_a_core_is_at_work_and_a_stopped_or_idle_one_is_not(
+    monkeypatch,
+):
     """The watchdog took a worker for idle unless it used a quarter of a core: one computing a long batch
     (no count moves) under a CPU limit (a container's quota), or among more processes than cores, was
-    killed as stalled, and so was every rerun, at the same batch. Its wait for a CPU counts now."""
+    killed as stalled, and so was every rerun, at the same batch. Its wait for a CPU counts now; an idle
+    process's does not: each wake of its pollers waited milliseconds for the busy core, so the idle
+    launcher and worker looked busy and a run with a stopped worker never stalled on a busy machine."""
     from pipeline.running import local_workers, progress
 
     cpu = min(os.sched_getaffinity(0))
+    polling = _poller(cpu)
     spinning = _spinners(8, cpu)
     stopped = subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"])
     try:
         stopped.send_signal(signal.SIGSTOP)
-        monkeypatch.setattr(local_workers, "_started", [*spinning, stopped])
+        monkeypatch.setattr(local_workers, "_started", [*spinning, stopped, polling])
         time.sleep(0.3)  # Their start-up, which ran on any core.
-        before, started = local_workers.cpu_seconds(), time.monotonic()
+        before, started = local_workers.scheduler_times(), time.monotonic()
         time.sleep(1.0)
-        after, window = local_workers.cpu_seconds(), time.monotonic() - started
+        after, window = local_workers.scheduler_times(), time.monotonic() - started
     finally:
-        for process in [*spinning, stopped]:
+        for process in [*spinning, stopped, polling]:
             process.kill()
             process.wait()
-    shares = [(after[p.pid] - before[p.pid]) / window for p in spinning]
+    work = progress.work_seconds(before, after)
+    shares = [work[p.pid] / window for p in spinning]
     assert min(shares) >= progress.BUSY_SHARE, shares
-    assert after[stopped.pid] - before[stopped.pid] < 0.05 * window
+    assert work.get(stopped.pid, 0.0) < 0.05 * window
+    polled = [key for key in after if key[0] == polling.pid and key in before]
+    waited = sum(after[key][1] - before[key][1] for key in polled)
+    assert waited >= progress.BUSY_SHARE * window, waited  # Its wakes did wait for the busy core...
+    assert work[polling.pid] < progress.BUSY_SHARE * window, work[polling.pid]  # ... and it is idle.
 
 
 def _seize(tid):
