@@ -922,9 +922,6 @@ def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_sto
     )
     totals = progress_lib.read_totals(str(tmp_path))
     monitor._watch_for_stall(totals, look=0.05)
-    time.sleep(0.6)
-    monitor._watch_for_stall(totals, look=0.05)  # Nothing counted yet: workers starting, no stall.
-    assert calls == []
     time.sleep(0.3)
     monitor._watch_for_stall({**totals, "records": 5}, look=0.05)  # A count moved: the clock restarts.
     time.sleep(0.3)
@@ -963,6 +960,36 @@ def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_sto
     stopped._moved_at -= 60
     stopped._watch_for_stall({**totals, "records": 5}, look=0.05)
     assert len(calls) == 2
+
+
+def test_a_run_that_stands_still_before_its_first_count_stalls_but_its_start_up_does_not(tmp_path):
+    """The stall clock restarted at every look until something was counted: a worker stopped, deadlocked
+    or on a hung mount as it started hung the run forever ("checking ids, 0% scanned" repeated). Its
+    start-up counts nothing but computes (TensorFlow's import, the model's load), which is no stall."""
+    from pipeline.running import progress as progress_lib
+
+    calls = []
+    thread = [0.0, 0.0, 0]  # Seconds on a CPU, seconds waiting for one, time slices.
+    monitor = progress_lib.ProgressMonitor(
+        str(tmp_path),
+        1000,
+        stall_seconds=0.5,
+        on_stall=lambda *args: calls.append(args),
+        scheduler_times=lambda: {(1, "1"): (thread[0], thread[1], thread[2])},
+    )
+    nothing = progress_lib.read_totals(str(tmp_path))
+    assert not any(nothing.values())
+    for _ in range(8):  # Starting: importing, loading the model, on a tenth of a core.
+        monitor._watch_for_stall(nothing, look=0.05)
+        time.sleep(0.1)
+        thread[0] += 0.01
+        thread[1] += 0.09
+        thread[2] += 10
+    assert calls == []
+    for _ in range(8):  # Stopped as it started: it neither runs nor waits.
+        monitor._watch_for_stall(nothing, look=0.05)
+        time.sleep(0.1)
+    assert len(calls) == 1 and calls[0][1] == 0.5, calls
 
 
 def _spinners(count, cpu):

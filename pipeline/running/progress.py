@@ -273,7 +273,9 @@ class ProgressMonitor:
             return
         now = time.monotonic()
         counts = tuple(totals[key] for key in KEYS)
-        # Counted from the first count: the workers' start-up (TensorFlow, the model) counts nothing.
+        # Timed from the monitor's start: a worker stopped, deadlocked or on a hung mount as it starts
+        # (before anything is counted) hung the run forever. Its start-up (TensorFlow's import, the
+        # model's load) counts nothing, but computes: no stall.
         # A look far later than due: this process was stopped (Ctrl-Z, a suspended machine) and the
         # run with it; the time it stood still is no stall of the workers.
         # A process that computes (a long batch, a model loading, counts it cannot write to a full
@@ -285,7 +287,7 @@ class ProgressMonitor:
             for seconds in work_seconds(self._times, times).values()
         )
         self._times = times
-        if busy or counts != self._counts or not any(counts) or now - self._looked_at > 2 * look + 5:
+        if busy or counts != self._counts or now - self._looked_at > 2 * look + 5:
             self._counts, self._moved_at = counts, now
         self._looked_at = now
         if now - self._moved_at > self._stall_seconds:
