@@ -810,6 +810,29 @@ def test_a_worker_that_failed_as_its_run_ended_does_not_stop_the_next_runs_worke
     assert not killed and not woken
 
 
+def test_the_workers_an_interrupted_run_killed_are_no_story_of_the_next_runs_failure(monkeypatch):
+    """In one process (a notebook, a service), the workers a stop signal SIGKILLed stayed remembered: the
+    next run's own failure was told as "a worker process was killed (SIGKILL, perhaps for want of memory)"."""
+    from pipeline.running import failures as failures_lib
+    from pipeline.running import local_workers
+
+    monkeypatch.setattr(local_workers, "_started", [])
+    monkeypatch.setattr(local_workers, "_killed_by", [])
+    local_workers.hold_tracebacks()
+    with local_workers.ignoring_ctrl_c():  # The first run: a stop signal ends it.
+        worker = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+        local_workers._started.append(worker)
+        local_workers.stop_workers()
+    local_workers.let_held_tracebacks_through()
+    local_workers.hold_tracebacks()  # The next run, which fails on an error of its own.
+    try:
+        told = failures_lib._told_in_one_line(RuntimeError("a worker's ValueError"))
+    finally:
+        local_workers.let_held_tracebacks_through()
+    assert told is None, told  # Its own error, as in a fresh process.
+    assert worker.returncode == -signal.SIGKILL
+
+
 def test_a_failed_workers_line_quotes_its_own_words_not_tensorflows_log(monkeypatch):
     """It quoted "Could not find cuda drivers on your machine" as the reason a worker exited."""
     from pipeline.running import failures as failures_lib

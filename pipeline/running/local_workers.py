@@ -323,6 +323,11 @@ def hold_tracebacks() -> None:
         _failed.clear()
         _stall.clear()
         _stopping[0] = False
+        # An earlier run's workers (one in the same process that a stop signal ended, its workers
+        # SIGKILLed): their deaths are no story of this run's, which told a failure of its own as
+        # "a worker process was killed (SIGKILL, perhaps for want of memory)".
+        _killed_by.clear()
+        _started[:] = [process for process in _started if process.poll() is None]
 
 
 def drop_held_tracebacks() -> None:
