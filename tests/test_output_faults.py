@@ -810,6 +810,29 @@ def test_a_worker_that_failed_as_its_run_ended_does_not_stop_the_next_runs_worke
     assert not killed and not woken
 
 
+def test_the_workers_an_interrupted_run_killed_are_no_story_of_the_next_runs_failure(monkeypatch):
+    """In one process (a notebook, a service), the workers a stop signal SIGKILLed stayed remembered: the
+    next run's own failure was told as "a worker process was killed (SIGKILL, perhaps for want of memory)"."""
+    from pipeline.running import failures as failures_lib
+    from pipeline.running import local_workers
+
+    monkeypatch.setattr(local_workers, "_started", [])
+    monkeypatch.setattr(local_workers, "_killed_by", [])
+    local_workers.hold_tracebacks()
+    with local_workers.ignoring_ctrl_c():  # The first run: a stop signal ends it.
+        worker = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+        local_workers._started.append(worker)
+        local_workers.stop_workers()
+    local_workers.let_held_tracebacks_through()
+    local_workers.hold_tracebacks()  # The next run, which fails on an error of its own.
+    try:
+        told = failures_lib._told_in_one_line(RuntimeError("a worker's ValueError"))
+    finally:
+        local_workers.let_held_tracebacks_through()
+    assert told is None, told  # Its own error, as in a fresh process.
+    assert worker.returncode == -signal.SIGKILL
+
+
 def test_a_failed_workers_line_quotes_its_own_words_not_tensorflows_log(monkeypatch):
     """It quoted "Could not find cuda drivers on your machine" as the reason a worker exited."""
     from pipeline.running import failures as failures_lib
@@ -922,9 +945,6 @@ def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_sto
     )
     totals = progress_lib.read_totals(str(tmp_path))
     monitor._watch_for_stall(totals, look=0.05)
-    time.sleep(0.6)
-    monitor._watch_for_stall(totals, look=0.05)  # Nothing counted yet: workers starting, no stall.
-    assert calls == []
     time.sleep(0.3)
     monitor._watch_for_stall({**totals, "records": 5}, look=0.05)  # A count moved: the clock restarts.
     time.sleep(0.3)
@@ -935,23 +955,25 @@ def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_sto
     assert len(calls) == 1 and calls[0][0] > 0.5 and calls[0][1] == 0.5, calls
     monitor._watch_for_stall({**totals, "records": 5}, look=0.05)
     assert len(calls) == 1  # Once.
-    cpu = {1: 0.0}
+    cpu = [0.0, 0.0, 0]  # A thread's seconds on a CPU, seconds waiting for one, time slices.
     busy = progress_lib.ProgressMonitor(
         str(tmp_path),
         1000,
         stall_seconds=0.5,
         on_stall=lambda *args: calls.append(args),
-        cpu_seconds=lambda: dict(cpu),
+        scheduler_times=lambda: {(1, "1"): (cpu[0], cpu[1], cpu[2])},
     )
     for _ in range(8):  # No count moves, but a process computes (a long batch): no stall.
         busy._watch_for_stall({**totals, "records": 5}, look=0.05)
         time.sleep(0.1)
-        cpu[1] += 0.05
+        cpu[0] += 0.05
+        cpu[2] += 10
     assert len(calls) == 1
     for _ in range(8):  # It idles, polling at 5 % of a core: a stall.
         busy._watch_for_stall({**totals, "records": 5}, look=0.05)
         time.sleep(0.1)
-        cpu[1] += 0.005
+        cpu[0] += 0.005
+        cpu[2] += 10
     assert len(calls) == 2
     stopped = progress_lib.ProgressMonitor(
         str(tmp_path), 1000, stall_seconds=0.5, on_stall=lambda *args: calls.append(args)
@@ -963,35 +985,90 @@ def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_sto
     assert len(calls) == 2
 
 
+def test_a_run_that_stands_still_before_its_first_count_stalls_but_its_start_up_does_not(tmp_path):
+    """The stall clock restarted at every look until something was counted: a worker stopped, deadlocked
+    or on a hung mount as it started hung the run forever ("checking ids, 0% scanned" repeated). Its
+    start-up counts nothing but computes (TensorFlow's import, the model's load), which is no stall."""
+    from pipeline.running import progress as progress_lib
+
+    calls = []
+    thread = [0.0, 0.0, 0]  # Seconds on a CPU, seconds waiting for one, time slices.
+    monitor = progress_lib.ProgressMonitor(
+        str(tmp_path),
+        1000,
+        stall_seconds=0.5,
+        on_stall=lambda *args: calls.append(args),
+        scheduler_times=lambda: {(1, "1"): (thread[0], thread[1], thread[2])},
+    )
+    nothing = progress_lib.read_totals(str(tmp_path))
+    assert not any(nothing.values())
+    for _ in range(8):  # Starting: importing, loading the model, on a tenth of a core.
+        monitor._watch_for_stall(nothing, look=0.05)
+        time.sleep(0.1)
+        thread[0] += 0.01
+        thread[1] += 0.09
+        thread[2] += 10
+    assert calls == []
+    for _ in range(8):  # Stopped as it started: it neither runs nor waits.
+        monitor._watch_for_stall(nothing, look=0.05)
+        time.sleep(0.1)
+    assert len(calls) == 1 and calls[0][1] == 0.5, calls
+
+
 def _spinners(count, cpu):
     """`count` processes spinning on the one core `cpu`: each runs 1/count of the time and waits the rest."""
     code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
     return [subprocess.Popen([sys.executable, "-S", "-c", code]) for _ in range(count)]
 
 
-def test_a_worker_computing_on_a_small_share_of_a_core_is_at_work_and_a_stopped_one_is_not(monkeypatch):
+def _poller(cpu):
+    """A process on the one core `cpu` whose 8 threads wake every 5 ms to find nothing to do, as an idle
+    worker's and the launcher's gRPC and Beam threads do; returned once its threads run."""
+    code = (
+        f"import os, threading, time\nos.sched_setaffinity(0, {{{cpu}}})\n"
+        "def poll():\n    while True: time.sleep(0.005)\n"
+        "for _ in range(7): threading.Thread(target=poll, daemon=True).start()\npoll()"
+    )
+    process = subprocess.Popen([sys.executable, "-S", "-c", code])
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{process.pid}/task")) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return process
+
+
+def test_a_worker_computing_on_a_small_share_of_a_core_is_at_work_and_a_stopped_or_idle_one_is_not(
+    monkeypatch,
+):
     """The watchdog took a worker for idle unless it used a quarter of a core: one computing a long batch
     (no count moves) under a CPU limit (a container's quota), or among more processes than cores, was
-    killed as stalled, and so was every rerun, at the same batch. Its wait for a CPU counts now."""
+    killed as stalled, and so was every rerun, at the same batch. Its wait for a CPU counts now; an idle
+    process's does not: each wake of its pollers waited milliseconds for the busy core, so the idle
+    launcher and worker looked busy and a run with a stopped worker never stalled on a busy machine."""
     from pipeline.running import local_workers, progress
 
     cpu = min(os.sched_getaffinity(0))
+    polling = _poller(cpu)
     spinning = _spinners(8, cpu)
     stopped = subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"])
     try:
         stopped.send_signal(signal.SIGSTOP)
-        monkeypatch.setattr(local_workers, "_started", [*spinning, stopped])
+        monkeypatch.setattr(local_workers, "_started", [*spinning, stopped, polling])
         time.sleep(0.3)  # Their start-up, which ran on any core.
-        before, started = local_workers.cpu_seconds(), time.monotonic()
+        before, started = local_workers.scheduler_times(), time.monotonic()
         time.sleep(1.0)
-        after, window = local_workers.cpu_seconds(), time.monotonic() - started
+        after, window = local_workers.scheduler_times(), time.monotonic() - started
     finally:
-        for process in [*spinning, stopped]:
+        for process in [*spinning, stopped, polling]:
             process.kill()
             process.wait()
-    shares = [(after[p.pid] - before[p.pid]) / window for p in spinning]
+    work = progress.work_seconds(before, after)
+    shares = [work[p.pid] / window for p in spinning]
     assert min(shares) >= progress.BUSY_SHARE, shares
-    assert after[stopped.pid] - before[stopped.pid] < 0.05 * window
+    assert work.get(stopped.pid, 0.0) < 0.05 * window
+    polled = [key for key in after if key[0] == polling.pid and key in before]
+    waited = sum(after[key][1] - before[key][1] for key in polled)
+    assert waited >= progress.BUSY_SHARE * window, waited  # Its wakes did wait for the busy core...
+    assert work[polling.pid] < progress.BUSY_SHARE * window, work[polling.pid]  # ... and it is idle.
 
 
 def _seize(tid):

@@ -250,8 +250,8 @@ class ExportOptions(PipelineOptions):
             help="Local runs with worker processes (--direct_running_mode multi_processing, the "
             "default from 64 MB of input): end the run with an error when it has made no progress "
             "(no id scanned, record read or row written, and no process of it computing) for this "
-            "many seconds since it began to, as when a worker is stopped, deadlocked or waits on a "
-            "hung mount; its rows are kept and the rerun continues from them. 0 waits forever; "
+            "many seconds (its workers' start-up included), as when a worker is stopped, deadlocked or "
+            "waits on a hung mount; its rows are kept and the rerun continues from them. 0 waits forever; "
             "otherwise at least 10. "
             "Default: %(default)s.",
         )

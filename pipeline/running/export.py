@@ -365,7 +365,7 @@ def _run_pipeline(
             export_options.progress_seconds,
             stall_seconds=export_options.stall_timeout if processes else 0.0,
             on_stall=local_workers.stalled,
-            cpu_seconds=local_workers.cpu_seconds,
+            scheduler_times=local_workers.scheduler_times,
         )
         with beam_errors_held(export_options.resume), monitor, worker_package_path(options):
             result = pipeline.run()

@@ -218,44 +218,42 @@ def stalled(seconds: float, limit: float) -> None:
             on_failure()
 
 
-def cpu_seconds() -> dict[int, float]:
-    """The seconds this process and each worker process still running have run on a CPU or waited,
-    ready to run, for one (`_wanted_seconds`)."""
+def scheduler_times() -> dict[tuple[int, str], tuple[float, float, int]]:
+    """What the scheduler says of each thread of this process and of each worker process still running:
+    {(pid, thread id): (seconds on a CPU, seconds waiting, ready, for one, time slices run)}
+    (`_thread_times`; `progress.work_seconds` tells computing from polling with them)."""
     with _lock:
         pids = [process.pid for process in _started if process.poll() is None]
-    seconds = {}
+    times = {}
     for pid in [os.getpid(), *pids]:
-        wanted = _wanted_seconds(pid)
-        if wanted is not None:  # None: gone, or no /proc: only the counts tell.
-            seconds[pid] = wanted
-    return seconds
+        # Nothing for a process gone, or without /proc: only the counts tell.
+        times.update(_thread_times(pid))
+    return times
 
 
-def _wanted_seconds(pid: int) -> float | None:
-    """The seconds the process's threads have run on a CPU or waited, ready to run, for one; None where
-    the process is gone or /proc cannot say.
+def _thread_times(pid: int) -> dict[tuple[int, str], tuple[float, float, int]]:
+    """{(pid, thread id): (seconds on a CPU, seconds ready on a run queue, time slices)} for each thread of
+    the process; where the kernel keeps no schedstat, {(pid, ""): (its CPU seconds, 0, 0)}; {} where the
+    process is gone or /proc cannot say.
 
-    The wait counts: a worker that computes under a CPU limit (a container's quota) or on a machine
-    busy with other work gets less than a quarter of a core, yet it is at work, while a stopped,
-    blocked or deadlocked one neither runs nor waits. Each thread's /proc/PID/task/TID/schedstat
-    holds both (nanoseconds on a CPU, then on a run queue, throttled time included); where the kernel
-    keeps none, the process's CPU time in /proc/PID/stat alone.
+    /proc/PID/task/TID/schedstat holds the nanoseconds a thread ran, the nanoseconds it waited on a run
+    queue (throttled time included), and how many times it was given a CPU.
     """
-    total, found = 0, False
+    times = {}
     for task in _tasks(pid):
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as handle:
-                ran, waited = handle.read().split()[:2]
-            total, found = total + int(ran) + int(waited), True
+                ran, waited, slices = handle.read().split()[:3]
+            times[(pid, task)] = (int(ran) / 1e9, int(waited) / 1e9, int(slices))
         except (OSError, ValueError):  # A thread that ended meanwhile.
             continue
-    if found:
-        return total / 1e9
+    if times:
+        return times
     fields = _stat_fields(pid)
     try:
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return {(pid, ""): ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 0.0, 0)}
     except (IndexError, ValueError):
-        return None
+        return {}
 
 
 def _tasks(pid: int) -> list[str]:
@@ -325,6 +323,11 @@ def hold_tracebacks() -> None:
         _failed.clear()
         _stall.clear()
         _stopping[0] = False
+        # An earlier run's workers (one in the same process that a stop signal ended, its workers
+        # SIGKILLed): their deaths are no story of this run's, which told a failure of its own as
+        # "a worker process was killed (SIGKILL, perhaps for want of memory)".
+        _killed_by.clear()
+        _started[:] = [process for process in _started if process.poll() is None]
 
 
 def drop_held_tracebacks() -> None:

@@ -34,9 +34,18 @@ FIRST_ROW_AT = "first_row_at"
 _WRITE_EVERY_SECONDS = 1.0
 # Seconds between the monitor's looks for a stall (--stall_timeout), at most.
 STALL_LOOK_SECONDS = 5.0
-# The share of the time a process of the run runs or waits, ready, for a CPU while at work: it is
-# making progress (an idle one polls at a few percent; a stopped or blocked one neither runs nor waits).
+# The share of the time a process of the run runs, or waits, ready, for a CPU to compute on, while at
+# work: it is making progress (an idle one polls at a few percent; a stopped or blocked one neither runs
+# nor waits).
 BUSY_SHARE = 0.25
+# A thread's wait for a CPU is work only where it computes once it has one: on average at least this
+# many seconds each time it is given a CPU. A computing thread runs until the scheduler takes the CPU
+# back (0.5 to 4 ms measured, under a container's CPU quota too); a poller that wakes to find nothing
+# runs some 10 to 100 us, yet on a busy machine each of its wakes waits milliseconds for a CPU.
+COMPUTING_SLICE_SECONDS = 250e-6
+# What the scheduler says of a thread (`local_workers.scheduler_times`): seconds on a CPU, seconds
+# waiting, ready, for one, and how many times it was given one.
+ThreadTimes = tuple[float, float, int]
 # What a process counted: KEYS -> counts, and FIRST_ROW_AT -> a time.time() where one was counted.
 Totals = dict[str, float]
 
@@ -120,6 +129,28 @@ def read_totals(directory: str) -> Totals:
     return totals
 
 
+def work_seconds(
+    before: dict[tuple[int, str], ThreadTimes], after: dict[tuple[int, str], ThreadTimes]
+) -> dict[int, float]:
+    """{pid: the seconds its threads worked from `before` to `after`}: their time on a CPU, and the time
+    they waited for one where they compute once they have it (`COMPUTING_SLICE_SECONDS`).
+
+    An idle thread's wait is no work: on a busy machine (or in a container whose CPU quota other work
+    uses up) each of a poller's hundreds of wakes a second waits milliseconds for a CPU, which made an
+    idle process look busy and a stopped worker's run never stall. A thread new since `before` is
+    counted from the next look.
+    """
+    work: dict[int, float] = {}
+    for (pid, task), (ran, waited, slices) in after.items():
+        if (pid, task) not in before:
+            continue
+        ran_before, waited_before, slices_before = before[(pid, task)]
+        ran, waited, slices = ran - ran_before, waited - waited_before, slices - slices_before
+        computing = slices > 0 and ran / slices >= COMPUTING_SLICE_SECONDS
+        work[pid] = work.get(pid, 0.0) + max(0.0, ran) + (max(0.0, waited) if computing else 0.0)
+    return work
+
+
 def process_seconds() -> float:
     """Seconds since this process started (what a user has waited), or 0 where /proc cannot say."""
     try:
@@ -155,8 +186,8 @@ class ProgressMonitor:
         stall_seconds: after this many seconds in which no count moved and no process of the
             run was busy, `on_stall(seconds, stall_seconds)` is called, once (0: never).
         on_stall: what ends a stalled run (`local_workers.stalled`).
-        cpu_seconds: the seconds each process of the run has run on a CPU or waited, ready, for one
-            so far (`local_workers.cpu_seconds`).
+        scheduler_times: what the scheduler says of each thread of the run's processes so far
+            (`local_workers.scheduler_times`; `work_seconds` tells which were at work).
     """
 
     def __init__(
@@ -168,7 +199,7 @@ class ProgressMonitor:
         stream: TextIO | None = None,
         stall_seconds: float = 0.0,
         on_stall: Callable[[float, float], None] | None = None,
-        cpu_seconds: Callable[[], dict[int, float]] | None = None,
+        scheduler_times: Callable[[], dict[tuple[int, str], ThreadTimes]] | None = None,
     ) -> None:
         self._directory = directory
         self._total = max(1, total_bytes)
@@ -183,8 +214,8 @@ class ProgressMonitor:
         # The counts last seen, when they last moved, and when they were last looked at.
         self._counts: tuple[float, ...] = ()
         self._moved_at = self._looked_at = self._started
-        self._cpu_seconds = cpu_seconds
-        self._cpu: dict[int, float] = {}
+        self._scheduler_times = scheduler_times
+        self._times: dict[tuple[int, str], ThreadTimes] = {}
         # Time to first row counts from the command's start (wall clock, as the workers record
         # their first row): imports and model loads included.
         self._command_started = time.time() - process_seconds()
@@ -242,19 +273,21 @@ class ProgressMonitor:
             return
         now = time.monotonic()
         counts = tuple(totals[key] for key in KEYS)
-        # Counted from the first count: the workers' start-up (TensorFlow, the model) counts nothing.
+        # Timed from the monitor's start: a worker stopped, deadlocked or on a hung mount as it starts
+        # (before anything is counted) hung the run forever. Its start-up (TensorFlow's import, the
+        # model's load) counts nothing, but computes: no stall.
         # A look far later than due: this process was stopped (Ctrl-Z, a suspended machine) and the
         # run with it; the time it stood still is no stall of the workers.
         # A process that computes (a long batch, a model loading, counts it cannot write to a full
         # disk) is at work, also where a CPU limit or other work leaves it less than a quarter of a
         # core (its wait for one counts); an idle one polls at a few percent, a stopped one not at all.
-        cpu = self._cpu_seconds() if self._cpu_seconds else {}
+        times = self._scheduler_times() if self._scheduler_times else {}
         busy = any(
-            seconds - self._cpu.get(pid, seconds) >= BUSY_SHARE * (now - self._looked_at)
-            for pid, seconds in cpu.items()
+            seconds >= BUSY_SHARE * (now - self._looked_at)
+            for seconds in work_seconds(self._times, times).values()
         )
-        self._cpu = cpu
-        if busy or counts != self._counts or not any(counts) or now - self._looked_at > 2 * look + 5:
+        self._times = times
+        if busy or counts != self._counts or now - self._looked_at > 2 * look + 5:
             self._counts, self._moved_at = counts, now
         self._looked_at = now
         if now - self._moved_at > self._stall_seconds:
