@@ -384,13 +384,15 @@ def popen(command, ignored_signals=(), **options):
     `command` is `python -m MODULE ...`, `python -c CODE ...` or `python SCRIPT.py ...`
     with `sys.executable`, each also after `-u`; anything else, or another Popen argument,
     starts cold. `ignored_signals`: signals the child starts with ignored, as `nohup`
-    starts a command with SIGHUP ignored (cold: set in `preexec_fn`, before the exec).
+    starts a command with SIGHUP ignored (cold: by a shell that ignores them and execs the command;
+    not a `preexec_fn`, which would run Python in a fork of the test process, whose gRPC threads
+    left by an earlier test's pipeline can abort the child before its exec).
     """
     request = _python_argv(command)
     if request is None or set(options) - FORKED_OPTIONS:
         if ignored_signals:
-            assert "preexec_fn" not in options, "ignored_signals sets the preexec_fn itself"
-            options["preexec_fn"] = lambda: [signal.signal(s, signal.SIG_IGN) for s in ignored_signals]
+            names = " ".join(signal.Signals(signum).name.removeprefix("SIG") for signum in ignored_signals)
+            command = ["sh", "-c", f'trap "" {names}; exec "$@"', "sh", *command]
         return subprocess.Popen(command, **options)
     env = options.get("env")
     request = {

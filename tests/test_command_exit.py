@@ -85,11 +85,12 @@ def test_a_run_started_without_stdout_or_stderr_commits_and_exits_0(fd, tiny_bun
     )
     output = tmp_path / "out"
     command = pipeline_command(corpus, output, "--model", tiny_bundle[0])
+    # The shell closes the descriptor and execs the command: no preexec_fn, which would run Python in
+    # a fork of this process, whose gRPC threads (an earlier test's pipeline) can abort it before its exec.
     result = subprocess.run(
-        command,
+        ["sh", "-c", f'exec "$@" {fd}>&-', "sh", *command],
         cwd=REPOSITORY,
         env=dict(os.environ, PYTHONPATH=REPOSITORY),
-        preexec_fn=lambda: os.close(fd),
         stdout=subprocess.DEVNULL if fd == 2 else None,
         timeout=600,
     )

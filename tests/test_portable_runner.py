@@ -10,7 +10,6 @@ only attempted or missing, a kill and rerun, and s3:// input and output.
 """
 
 import contextlib
-import ctypes
 import glob
 import gzip
 import json
@@ -63,7 +62,6 @@ BAD_LINES = (
     json.dumps({"content": "a record without an id", "title": "no id"}),
 )
 PYTHON_BIN = os.path.dirname(sys.executable)
-PR_SET_PDEATHSIG = 1  # prctl(2)
 TERMINAL_STATES = (
     beam_job_api_pb2.JobState.DONE,
     beam_job_api_pb2.JobState.FAILED,
@@ -101,10 +99,10 @@ def _stop(process):
         process.wait()
 
 
-def _die_with_parent():
-    # Should pytest itself be killed (no finalizers then), the services go with it.
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+# A command prefix: should pytest itself be killed (no finalizers then), the services go with it
+# (prctl's parent death signal). setpriv, not a preexec_fn: that runs Python in a fork of this
+# process, whose gRPC threads (an earlier test's pipeline) can abort the child before its exec.
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM"] if sys.platform.startswith("linux") else []
 
 
 def _serve(request, command, port, log_path, environment, cwd, started=None):
@@ -114,13 +112,12 @@ def _serve(request, command, port, log_path, environment, cwd, started=None):
     """
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command,
+            [*DIE_WITH_PARENT, *command],
             cwd=cwd,
             env=environment,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
     request.addfinalizer(lambda: _stop(process))
     if started is not None:

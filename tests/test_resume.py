@@ -160,9 +160,13 @@ def reference(corpus, tiny_bundle, tmp_path_factory):
 
 @pytest.mark.parametrize("kill_after", [0, 3], ids=["before_any_file", "after_the_third_file"])
 @pytest.mark.slow
-def test_a_killed_run_resumes_bit_for_bit(kill_after, corpus, reference, tiny_bundle, tmp_path):
+def test_a_killed_run_resumes_bit_for_bit(kill_after, corpus, reference, tiny_bundle, tmp_path, request):
     output = str(tmp_path / "out")
-    kept = kill_after_files(tiny_bundle[0], corpus, output, kill_after)
+    if kill_after == 3:  # The module's run killed after three files, the same command: a copy of it.
+        shutil.copytree(request.getfixturevalue("killed_after_three"), output)
+        kept = durable_files(output)
+    else:
+        kept = kill_after_files(tiny_bundle[0], corpus, output, kill_after)
     kept_rows = rows_in(kept)
     argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS]
     summary = run_export(argv)
@@ -822,34 +826,62 @@ def test_a_rerun_killed_after_it_recorded_itself_continues_from_it(
     assert state_lib.read_manifest(output)["resumed"]["attempt"] == 3
 
 
+LIMIT = ("--limit", "750")
+
+
+@pytest.fixture(scope="module")
+def limited_reference(corpus, tiny_bundle, tmp_path_factory):
+    """The in-memory export of `corpus` under --limit 750."""
+    output = str(tmp_path_factory.mktemp("limited_reference") / "out")
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, *LIMIT])
+    assert summary.exit_code == 0, summary.message
+    return output
+
+
+@pytest.fixture(scope="module")
+def killed_with_two_processes(corpus, tiny_bundle, tmp_path_factory):
+    """(output, rows durable at the kill) of a two-process run under --limit 750 killed after three row
+    files (two cold SDK workers: the tests resuming it copy the output)."""
+    output = str(tmp_path_factory.mktemp("killed_with_two_processes") / "out")
+    kept = kill_after_files(tiny_bundle[0], corpus, output, 3, *TWO_PROCESSES, *LIMIT)
+    return output, rows_in(kept)
+
+
 @pytest.mark.slow
-def test_two_worker_processes_with_a_limit(corpus, tiny_bundle, tmp_path):
-    flags = [*TWO_PROCESSES, "--limit", "750"]
+def test_two_worker_processes_with_a_limit(
+    killed_with_two_processes, limited_reference, corpus, tiny_bundle, tmp_path
+):
+    flags = [*TWO_PROCESSES, *LIMIT]
     # The reference is the in-memory export of the same limit: both runner modes give the same export.
-    reference = str(tmp_path / "reference")
-    run_export(
-        ["--model", tiny_bundle[0], "--input", corpus, "--output", reference, *FLAGS, "--limit", "750"]
-    )
     output = str(tmp_path / "out")
-    kept_rows = rows_in(kill_after_files(tiny_bundle[0], corpus, output, 3, *flags))
+    shutil.copytree(killed_with_two_processes[0], output)
+    kept_rows = killed_with_two_processes[1]
     summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, *flags])
     assert summary.exit_code == 0, summary.message
-    assert_same_export(output, reference)
+    assert_same_export(output, limited_reference)
     assert state_lib.read_manifest(output)["limited"] is True
     assert 0 < kept_rows <= summary.rows_kept < summary.rows_written
 
 
 @pytest.mark.slow
-def test_a_run_killed_with_two_processes_resumes_with_one(corpus, reference, tiny_bundle, tmp_path):
+def test_a_run_killed_with_two_processes_resumes_with_one(
+    killed_with_two_processes, limited_reference, corpus, tiny_bundle, tmp_path
+):
     """What the out-of-memory line advises (--direct_num_workers 1) changed --tf_threads, which was in
-    the signature: the rerun dropped every durable row without a word."""
+    the signature: the rerun dropped every durable row without a word.
+
+    The killed run is the limit test's (--limit 750, the same in both runs), copied: one two-process
+    run killed for both tests."""
     output = str(tmp_path / "out")
-    kept_rows = rows_in(kill_after_files(tiny_bundle[0], corpus, output, 3, *TWO_PROCESSES))
+    shutil.copytree(killed_with_two_processes[0], output)
+    kept_rows = killed_with_two_processes[1]
     one = ("--direct_running_mode=multi_processing", "--direct_num_workers=1")
-    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, *one])
+    summary = run_export(
+        ["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, *one, *LIMIT]
+    )
     assert summary.exit_code == 0, summary.message
     assert 0 < kept_rows <= summary.rows_kept
-    assert_same_export(output, reference)
+    assert_same_export(output, limited_reference)
 
 
 @pytest.mark.slow

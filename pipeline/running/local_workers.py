@@ -7,7 +7,8 @@ and when the launcher leaves, a worker that is still alive prints a gRPC
 traceback as its control stream breaks.  Beam starts each worker with
 `subprocess.Popen(command, shell=True)` in `local_job_service.SubprocessSdkWorker.run`;
 while `ignoring_ctrl_c` is active that call goes through `_Popen`, which starts the
-worker with SIGINT and SIGHUP (a closed terminal's) ignored (an ignored signal
+worker (as `pipeline.running.sdk_worker_main`: Beam's, ending without the interpreter's
+teardown) with SIGINT and SIGHUP (a closed terminal's) ignored (an ignored signal
 stays ignored across `exec`, and Python then installs no KeyboardInterrupt
 handler) and remembers it, so that
 `kill_workers` can stop it with SIGKILL, which prints nothing.  Its stderr
@@ -35,6 +36,10 @@ from typing import IO, Any
 
 # The shell of `shell=True` sets SIGINT and SIGHUP to ignored, then becomes the worker.
 _IGNORE_CTRL_C = "trap '' INT HUP; exec "
+# Beam's worker module in its command, and the one run in its place: the same worker, ended
+# without the interpreter's teardown (see `pipeline.running.sdk_worker_main`).
+_BEAM_WORKER = " -m apache_beam.runners.worker.sdk_worker_main"
+_WORKER = " -m pipeline.running.sdk_worker_main"
 _started: list[subprocess.Popen[bytes]] = []
 # The signals that killed workers of this process's runs (the OOM killer's SIGKILL, ...).
 _killed_by: list[int] = []
@@ -99,7 +104,9 @@ class _Subprocess:
     ) -> subprocess.Popen[bytes]:  # as Beam calls it
         # Beam's command is one command line (`python -m ...sdk_worker_main`); `trap` is POSIX sh.
         if kwargs.get("shell") and isinstance(args, str) and os.name == "posix":
-            args = _IGNORE_CTRL_C + args
+            args = _IGNORE_CTRL_C + (
+                args[: -len(_BEAM_WORKER)] + _WORKER if args.endswith(_BEAM_WORKER) else args
+            )
         copied = kwargs.get("stderr") is None
         if copied:
             kwargs["stderr"] = subprocess.PIPE
