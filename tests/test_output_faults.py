@@ -1022,16 +1022,18 @@ def _spinners(count, cpu):
 
 
 def _poller(cpu):
-    """A process on the one core `cpu` whose 8 threads wake every 5 ms to find nothing to do, as an idle
-    worker's and the launcher's gRPC and Beam threads do; returned once its threads run."""
+    """A process on the one core `cpu` whose 16 threads wake every 2 ms to find nothing to do, as an idle
+    worker's and the launcher's gRPC and Beam threads do; returned once its threads run. (With 8 threads
+    at 5 ms their wakes waited 0.18 to 0.3 s a second for the busy core on a quiet machine: too near the
+    quarter a second the test needs to see; 16 at 2 ms wait about half a second.)"""
     code = (
         f"import os, threading, time\nos.sched_setaffinity(0, {{{cpu}}})\n"
-        "def poll():\n    while True: time.sleep(0.005)\n"
-        "for _ in range(7): threading.Thread(target=poll, daemon=True).start()\npoll()"
+        "def poll():\n    while True: time.sleep(0.002)\n"
+        "for _ in range(15): threading.Thread(target=poll, daemon=True).start()\npoll()"
     )
     process = subprocess.Popen([sys.executable, "-S", "-c", code])
     deadline = time.monotonic() + 10
-    while len(os.listdir(f"/proc/{process.pid}/task")) < 8 and time.monotonic() < deadline:
+    while len(os.listdir(f"/proc/{process.pid}/task")) < 16 and time.monotonic() < deadline:
         time.sleep(0.01)
     return process
 
