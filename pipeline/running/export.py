@@ -6,9 +6,7 @@ import difflib
 import functools
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import typing
 from collections.abc import Sequence
@@ -76,6 +74,7 @@ from pipeline.running.runners import (
     worker_package_path,
     worker_tf_threads,
 )
+from pipeline.scratch import held_scratch_directory
 from pipeline.uris import is_local
 from pipeline.writing import commit as commit_lib
 from pipeline.writing import resume as resume_lib
@@ -344,8 +343,8 @@ def _run_pipeline(
             poll_dataflow(result, options, export_options.progress_seconds)
         result.wait_until_finish()
         return result
-    progress_dir = tempfile.mkdtemp(prefix="embexport-progress-")
-    try:
+    # Held while the run lives; the next run removes it if a SIGKILL left it behind.
+    with held_scratch_directory("embexport-progress-") as progress_dir:
         pipeline = beam.Pipeline(runner=local_runner(options), options=options)
         build_pipeline(
             pipeline,
@@ -369,8 +368,6 @@ def _run_pipeline(
             result = pipeline.run()
             result.wait_until_finish()
         return result
-    finally:
-        shutil.rmtree(progress_dir, ignore_errors=True)
 
 
 def _run_and_commit(
