@@ -576,6 +576,47 @@ def test_the_rerun_of_a_failed_export_killed_in_its_commit_says_it_failed(tmp_pa
     assert "complete export" not in str(refused.value)
 
 
+def test_a_file_where_an_interrupted_commit_makes_a_folder_is_named_not_blamed_on_free_space(
+    scenarios, tmp_path, tiny_bundle, capsys
+):
+    """A file `errors` where the killed commit makes its `errors/` folder: the rerun said "finishing it
+    failed: File exists ... fix the cause (free space)", naming neither the file nor the cause."""
+    from pipeline.run import main
+
+    template, run_id, facts, _ = scenarios["fresh"]
+    output = tmp_path / "out"
+    shutil.copytree(template, output)
+
+    def killed_before_its_first_folder(action, relative):
+        if action == "mkdir":
+            raise Killed(relative)
+
+    files_lib.step_hook = killed_before_its_first_folder
+    try:
+        with pytest.raises(Killed):
+            _commit(str(output), run_id, facts)
+    finally:
+        files_lib.step_hook = None
+    (output / layout_lib.ERRORS_DIR).write_text("a file of the user's")
+    argv = [
+        "--model",
+        tiny_bundle[0],
+        "--input",
+        _corpus(tmp_path / "c.jsonl", NEW_IDS),
+        "--output",
+        str(output),
+    ]
+    assert main(argv) == EXIT_OUTPUT_FAILED
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "free space" not in errors[0], errors
+    assert f"{output / layout_lib.ERRORS_DIR} is not a folder" in errors[0], errors
+    assert "Move it out of the output, then rerun" in errors[0], errors
+    (output / layout_lib.ERRORS_DIR).unlink()
+    assert main(argv) == EXIT_CONFIG_ERROR
+    assert "was finished just now" in capsys.readouterr().err
+    assert _complete_export(str(output)) == sorted(NEW_IDS)
+
+
 def test_the_renames_into_subdirectories_are_flushed_before_the_manifest(tmp_path, tiny_bundle, monkeypatch):
     """Power loss: errors/ renames not on disk while the manifest listing them is."""
     corpus = _corpus(tmp_path / "c.jsonl", NEW_IDS, bad_line=True)

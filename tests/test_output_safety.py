@@ -725,7 +725,7 @@ def test_a_full_disk_while_finishing_an_interrupted_commit_at_launch_is_one_erro
     err = capsys.readouterr().err
     assert code == EXIT_OUTPUT_FAILED and "Traceback" not in err, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "finishing it failed: No space left on device" in errors[0], err[-3000:]
+    assert len(errors) == 1 and "finishing it failed: the disk is full" in errors[0], err[-3000:]
 
 
 def test_a_run_removes_only_its_own_staging_directory(tmp_path, tiny_bundle):

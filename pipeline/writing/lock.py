@@ -12,7 +12,13 @@ from typing import Any, Literal, Self, TypedDict
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.errors import ExportConfigError, LockLostError, OutputBusyError, OutputWriteError
+from pipeline.errors import (
+    ExportConfigError,
+    LockLostError,
+    LockUnavailableError,
+    OutputBusyError,
+    OutputWriteError,
+)
 from pipeline.held_logs import HeldErrorLogs
 from pipeline.uris import is_local
 from pipeline.writing.files import JsonObject, delete_files, join
@@ -103,9 +109,11 @@ class OutputLock:
         return f"run {holder.get('run')}" if holder else "another run"
 
     def _busy(self, holder: JsonObject | None) -> OutputBusyError:
+        who = self._who(holder)
         return OutputBusyError(
-            f"--output {self.directory!r} is in use by {self._who(holder)}. Wait for it to finish, or choose "
-            "another --output; two runs must never write one directory."
+            f"--output {self.directory!r} is in use by {who}. Wait for it to finish, or choose "
+            "another --output; two runs must never write one directory.",
+            who,
         )
 
     def _lost_error(self, lost: JsonObject) -> LockLostError:
@@ -149,16 +157,21 @@ class OutputLock:
                 ) from None
             if isinstance(error, PermissionError) and os.path.lexists(self.path):
                 # A dead run's _LOCK this user may neither open nor replace (a sudo run's, in root's folder).
-                raise ExportConfigError(
-                    f"--output {self.directory!r} holds {self.path}, a lock file that this user may not open "
-                    "or replace (left by a run of another user, such as one started with sudo). If no run "
-                    "uses the output, remove that file as its owner, then rerun."
+                reason = (
+                    f"it holds {self.path}, a lock file that this user may not open or replace (left by a "
+                    "run of another user, such as one started with sudo)"
+                )
+                raise LockUnavailableError(
+                    f"--output {self.directory!r} cannot be used: {reason}. If no run uses the output, "
+                    "remove that file as its owner, then rerun.",
+                    reason,
                 ) from None
             # Below a file, on a read-only filesystem, a _LOCK that is a symbolic link, ...
-            raise ExportConfigError(
-                f"--output {self.directory!r} cannot be written: {error.strerror or error} "
-                f"({error.filename or self.path}). Choose a writable --output; an export never "
-                "writes through a symbolic link."
+            reason = f"{error.strerror or error} ({error.filename or self.path})"
+            raise LockUnavailableError(
+                f"--output {self.directory!r} cannot be written: {reason}. Choose a writable --output; an "
+                "export never writes through a symbolic link.",
+                reason,
             ) from None
 
     def _make_directory(self) -> None:
