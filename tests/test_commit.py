@@ -617,6 +617,44 @@ def test_a_file_where_an_interrupted_commit_makes_a_folder_is_named_not_blamed_o
     assert _complete_export(str(output)) == sorted(NEW_IDS)
 
 
+def test_an_overwrite_rerun_of_a_run_killed_past_its_commit_point_does_not_embed_again(
+    scenarios, tmp_path, tiny_bundle, monkeypatch
+):
+    """The same command (a scheduler's retry, with --overwrite) finished the commit at launch, then
+    embedded the whole corpus again, to replace the export by the same rows."""
+    from pipeline.running import export as export_lib
+
+    template, run_id, facts, _ = scenarios["overwrite"]
+    output = str(tmp_path / "out")
+    shutil.copytree(template, output)
+
+    def killed_past_the_commit_point(action, relative):
+        if action == "delete":  # The first step after the journal is in place.
+            raise Killed(relative)
+
+    files_lib.step_hook = killed_past_the_commit_point
+    try:
+        with pytest.raises(Killed):
+            _commit(output, run_id, facts)
+    finally:
+        files_lib.step_hook = None
+    with open(os.path.join(output, layout_lib.JOURNAL), encoding="utf-8") as handle:
+        staged_manifest = os.path.join(output, json.load(handle)["manifest"])
+    with open(staged_manifest, "rb") as handle:
+        committed = handle.read()
+
+    def embeds(*args, **kwargs):
+        raise AssertionError("the corpus was embedded again")
+
+    monkeypatch.setattr(export_lib, "_run_pipeline", embeds)
+    corpus = os.path.join(os.path.dirname(template), "new.jsonl")
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, "--overwrite"])
+    assert summary.exit_code == 0 and summary.rows_written == len(NEW_IDS), summary
+    with open(os.path.join(output, layout_lib.MANIFEST), "rb") as handle:
+        assert handle.read() == committed
+    assert _complete_export(output) == sorted(NEW_IDS)
+
+
 def test_the_renames_into_subdirectories_are_flushed_before_the_manifest(tmp_path, tiny_bundle, monkeypatch):
     """Power loss: errors/ renames not on disk while the manifest listing them is."""
     corpus = _corpus(tmp_path / "c.jsonl", NEW_IDS, bad_line=True)

@@ -422,10 +422,26 @@ def recover_interrupted_commit(directory: str) -> bool:
         directory,
         JOURNAL,
     )
+    # What the run was (its staging goes with the replay): a rerun of that same export need not embed again.
+    signature = _run_signature(directory, journal["run"])
     with committing():
         _replay(directory, journal)
-        note_recovered(directory)
+        manifest = None
+        with contextlib.suppress(Exception):  # Unreadable: the rerun does its work again.
+            manifest = read_json(join(directory, MANIFEST))
+        note_recovered(directory, signature, manifest)
     return True
+
+
+def _run_signature(directory: str, run_id: str) -> object:
+    """The signature in a run's `_RUN.json` (`pipeline.writing.resume`), or None where it cannot be read."""
+    from pipeline.writing.resume import RUN_FILE
+
+    try:
+        run = read_json(join(directory, STAGING, run_id, RUN_FILE))
+        return run.get("signature") if isinstance(run, dict) else None
+    except Exception:  # Missing, truncated: unknown.
+        return None
 
 
 def finish_interrupted_commit(directory: str) -> bool:
