@@ -197,7 +197,8 @@ class OutputLock:
                 raise
             # A dead run's _LOCK left read-only (copied from a read-only place) or another user's (a sudo
             # run's): replaced where no process holds it, as the run's own would have been removed.
-            self._replace_unwritable_lock()
+            with contextlib.suppress(FileNotFoundError):  # Released by its holder meanwhile: try again.
+                self._replace_unwritable_lock()
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
