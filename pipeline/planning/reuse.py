@@ -116,7 +116,7 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
     except OSError as error:  # A full disk, a read-only filesystem as the commit is finished.
         raise ExportConfigError(
             f"--reuse {uri!r} holds an export whose commit was cut short ({JOURNAL}), and finishing it "
-            f"failed: {finish_failure(error)}, then rerun."
+            f"failed: {finish_failure(error, 'it')}, then rerun."
         ) from None
     except Exception as error:  # Unreadable, no credentials, ...
         raise ExportConfigError(f"Cannot read --reuse {uri!r}: {type(error).__name__}: {error}") from None

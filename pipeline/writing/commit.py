@@ -202,19 +202,19 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def finish_failure(error: OSError) -> str:
+def finish_failure(error: OSError, directory: str = "the output") -> str:
     """Why finishing an interrupted commit failed and what to do first, for a message's
-    "finishing it failed: ..., then rerun"."""
+    "finishing it failed: ..., then rerun"; `directory`: how the message names the export's."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return "the disk is full (no space left on device). Its journal keeps it recoverable: free space"
     if error.errno in (errno.EEXIST, errno.ENOTDIR) and error.filename:
         return (
             f"{error.filename} is not a folder, where the commit puts its files in one (something other "
-            "than an export put it there). Move it out of the output"
+            f"than an export put it there). Move it out of {directory}"
         )
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         where = f" ({error.filename})" if error.filename else ""
-        return f"{error.strerror}{where}. Make the output writable by this user"
+        return f"{error.strerror}{where}. Make {directory} writable by this user"
     return f"{error.strerror or error}. Its journal keeps it recoverable: fix the cause"
 
 
