@@ -24,7 +24,20 @@ class ExportConfigError(ValueError):
 
 
 class OutputBusyError(ExportConfigError):
-    """Another live run holds the output directory."""
+    """Another live run holds the output directory; `holder` names it in words ("run R (pid P on H, ...)")."""
+
+    def __init__(self, message: str, holder: str = "another run") -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class LockUnavailableError(ExportConfigError):
+    """The output's lock cannot be written (a read-only filesystem, no permission, ...); `reason` says
+    why, without what to do, for a command whose directory is not its --output (--reuse, analyze)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class LockLostError(OutputBusyError):

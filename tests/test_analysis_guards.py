@@ -1149,7 +1149,9 @@ def test_a_commit_that_begins_while_the_files_are_listed_is_not_read_half_done(t
     with OutputLock(export):  # the committing run holds its output
         assert analyze.main([export, "neighbors", "--id", "d001", "-k", "3"]) == 2
     err = error_line(capsys)
-    assert "holds a commit that was not finished" in err and "is in use by run" in err, err
+    # A live run commits now: nothing to rerun elsewhere, nor an --output to choose (analyze has none).
+    assert "is being committed by run" in err and "wait for that run to finish" in err, err
+    assert "--output" not in err and "writable" not in err, err
 
 
 def test_knn_score_breaks_ties_by_id_in_the_sample_as_through_the_index(tmp_path, capsys):

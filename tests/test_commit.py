@@ -576,6 +576,85 @@ def test_the_rerun_of_a_failed_export_killed_in_its_commit_says_it_failed(tmp_pa
     assert "complete export" not in str(refused.value)
 
 
+def test_a_file_where_an_interrupted_commit_makes_a_folder_is_named_not_blamed_on_free_space(
+    scenarios, tmp_path, tiny_bundle, capsys
+):
+    """A file `errors` where the killed commit makes its `errors/` folder: the rerun said "finishing it
+    failed: File exists ... fix the cause (free space)", naming neither the file nor the cause."""
+    from pipeline.run import main
+
+    template, run_id, facts, _ = scenarios["fresh"]
+    output = tmp_path / "out"
+    shutil.copytree(template, output)
+
+    def killed_before_its_first_folder(action, relative):
+        if action == "mkdir":
+            raise Killed(relative)
+
+    files_lib.step_hook = killed_before_its_first_folder
+    try:
+        with pytest.raises(Killed):
+            _commit(str(output), run_id, facts)
+    finally:
+        files_lib.step_hook = None
+    (output / layout_lib.ERRORS_DIR).write_text("a file of the user's")
+    argv = [
+        "--model",
+        tiny_bundle[0],
+        "--input",
+        _corpus(tmp_path / "c.jsonl", NEW_IDS),
+        "--output",
+        str(output),
+    ]
+    assert main(argv) == EXIT_OUTPUT_FAILED
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "free space" not in errors[0], errors
+    assert f"{output / layout_lib.ERRORS_DIR} is not a folder" in errors[0], errors
+    assert "Move it out of the output, then rerun" in errors[0], errors
+    (output / layout_lib.ERRORS_DIR).unlink()
+    assert main(argv) == EXIT_CONFIG_ERROR
+    assert "was finished just now" in capsys.readouterr().err
+    assert _complete_export(str(output)) == sorted(NEW_IDS)
+
+
+def test_an_overwrite_rerun_of_a_run_killed_past_its_commit_point_does_not_embed_again(
+    scenarios, tmp_path, tiny_bundle, monkeypatch
+):
+    """The same command (a scheduler's retry, with --overwrite) finished the commit at launch, then
+    embedded the whole corpus again, to replace the export by the same rows."""
+    from pipeline.running import export as export_lib
+
+    template, run_id, facts, _ = scenarios["overwrite"]
+    output = str(tmp_path / "out")
+    shutil.copytree(template, output)
+
+    def killed_past_the_commit_point(action, relative):
+        if action == "delete":  # The first step after the journal is in place.
+            raise Killed(relative)
+
+    files_lib.step_hook = killed_past_the_commit_point
+    try:
+        with pytest.raises(Killed):
+            _commit(output, run_id, facts)
+    finally:
+        files_lib.step_hook = None
+    with open(os.path.join(output, layout_lib.JOURNAL), encoding="utf-8") as handle:
+        staged_manifest = os.path.join(output, json.load(handle)["manifest"])
+    with open(staged_manifest, "rb") as handle:
+        committed = handle.read()
+
+    def embeds(*args, **kwargs):
+        raise AssertionError("the corpus was embedded again")
+
+    monkeypatch.setattr(export_lib, "_run_pipeline", embeds)
+    corpus = os.path.join(os.path.dirname(template), "new.jsonl")
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, "--overwrite"])
+    assert summary.exit_code == 0 and summary.rows_written == len(NEW_IDS), summary
+    with open(os.path.join(output, layout_lib.MANIFEST), "rb") as handle:
+        assert handle.read() == committed
+    assert _complete_export(output) == sorted(NEW_IDS)
+
+
 def test_the_renames_into_subdirectories_are_flushed_before_the_manifest(tmp_path, tiny_bundle, monkeypatch):
     """Power loss: errors/ renames not on disk while the manifest listing them is."""
     corpus = _corpus(tmp_path / "c.jsonl", NEW_IDS, bad_line=True)

@@ -13,6 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import textwrap
 import threading
 import time
 
@@ -32,6 +34,7 @@ from pipeline.errors import (
 )
 from pipeline.run import STOP_SIGNALS, main
 from pipeline.running.export import run_export
+from pipeline.scratch import held_scratch_directory
 from pipeline.writing import layout as layout_lib
 from pipeline.writing import resume as resume_lib
 from pipeline.writing import state as state_lib
@@ -1167,3 +1170,71 @@ def test_a_set_aside_killed_before_its_first_dead_letter_moved_is_removed_by_the
     with OutputLock(str(output)):
         state_lib.prepare(str(output), overwrite=True)
     assert sorted(os.listdir(output / layout_lib.FAILED_DIR)) == [kept.name]
+
+
+# --- nothing outside the output is left: the temporary folders of killed runs --------------------
+
+
+@contextlib.contextmanager
+def _scratch_folders(tmp_path, monkeypatch):
+    """$TMPDIR holding a killed command's folder, a live one's, one of a version that held none and a
+    link; yields (the killed one, the live one, the temporary directory)."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    hold = textwrap.dedent(
+        """
+        import time
+        from pipeline.scratch import held_scratch_directory
+        with held_scratch_directory("embexport-progress-") as directory:
+            print(directory, flush=True)
+            time.sleep(120)
+        """
+    )
+    environment = dict(os.environ, TMPDIR=str(temporary), PYTHONPATH=REPOSITORY)
+    children = [
+        subprocess.Popen([sys.executable, "-c", hold], env=environment, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        killed, live = (child.stdout.readline().strip() for child in children)
+        children[0].kill()
+        children[0].wait()
+        older = temporary / "embexport-progress-older"
+        older.mkdir()
+        (older / "1-2.json").write_text("{}")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / ".held").write_text("a user's file")
+        os.symlink(elsewhere, temporary / "embexport-progress-link")
+        yield killed, live, temporary
+        assert not os.path.exists(killed)
+        # (TensorFlow leaves files of its own there.)
+        assert sorted(name for name in os.listdir(temporary) if name.startswith("embexport-")) == sorted(
+            ["embexport-progress-link", "embexport-progress-older", os.path.basename(live)]
+        )
+        assert os.path.isfile(os.path.join(live, ".held")) and (elsewhere / ".held").is_file()
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+def test_a_new_temporary_folder_removes_those_of_killed_commands_never_a_live_ones(tmp_path, monkeypatch):
+    """Each SIGKILLed run left its `embexport-progress-*` folder in $TMPDIR for good (thousands of killed
+    jobs fill /tmp): the next one made removes them, and leaves alone a live command's folder, one of
+    a version that held none, and a link (never followed)."""
+    with _scratch_folders(tmp_path, monkeypatch):
+        with held_scratch_directory("embexport-index-") as scratch:
+            assert os.path.isfile(os.path.join(scratch, ".held"))
+        assert not os.path.exists(scratch)
+
+
+@pytest.mark.slow
+def test_the_next_run_removes_the_temporary_folder_a_killed_run_left(
+    tmp_path, tiny_bundle, monkeypatch, capsys
+):
+    with _scratch_folders(tmp_path, monkeypatch):
+        corpus = _corpus(tmp_path / "c.jsonl", IDS)
+        assert main(["--model", tiny_bundle[0], "--input", corpus, "--output", str(tmp_path / "out")]) == 0
+        capsys.readouterr()

@@ -440,6 +440,64 @@ def test_a_killed_holder_does_not_keep_the_lock(tmp_path):
         pass
 
 
+def test_a_run_started_at_once_that_makes_the_new_output_first_is_no_unwritable_output(tmp_path, monkeypatch):
+    """Two runs into one new --output: the other makes the directory between this run's look and its
+    own `makedirs`, which then finds it there (refused as "cannot be written: File exists")."""
+    output = str(tmp_path / "new" / "out")
+    makedirs = os.makedirs
+
+    def made_first_by_the_other_run(path, *args, **kwargs):
+        makedirs(path)
+        makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", made_first_by_the_other_run)
+    with lock_lib.OutputLock(output):
+        assert os.listdir(output) == [layout_lib.LOCK]
+    assert os.path.isdir(output)  # the other run's directory: not this run's to remove
+
+
+def _lock_as_a_user(*outputs):
+    """Takes each of `outputs`' locks in turn, in one child process, as an ordinary user would (root
+    without its power to write any file); returns what it said of each: "held" or the error."""
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("needs setpriv to drop root's DAC capabilities")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    code = (
+        "import sys\nfrom pipeline.writing.lock import OutputLock\nfor output in sys.argv[1:]:\n"
+        "    try:\n        with OutputLock(output):\n            print('held')\n"
+        "    except Exception as error:\n        print(type(error).__name__, error)\n"
+    )
+    result = subprocess.run(
+        [*prefix, sys.executable, "-c", code, *outputs],
+        cwd=REPOSITORY,
+        env=dict(os.environ, PYTHONPATH=REPOSITORY),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.splitlines()
+
+
+def test_a_dead_runs_read_only_lock_file_is_replaced_and_a_live_ones_is_busy(tmp_path):
+    """A stale `_LOCK` left read-only (copied from a read-only place; or a sudo run's) refused the
+    output as "cannot be written ... Choose a writable --output", though no run held it."""
+    outputs = [tmp_path / name for name in ("stale", "live", "unreadable")]
+    for output, mode in zip(outputs, (0o444, 0o444, 0o000), strict=True):
+        output.mkdir()
+        (output / layout_lib.LOCK).write_text("{}")
+        os.chmod(output / layout_lib.LOCK, mode)
+    with lock_lib.OutputLock(str(outputs[1])):  # a live run's, read-only: busy, never replaced
+        os.chmod(outputs[1] / layout_lib.LOCK, 0o444)
+        stale, live, unreadable = _lock_as_a_user(*map(str, outputs))
+    assert stale == "held"
+    assert live.startswith("OutputBusyError") and f"pid {os.getpid()}" in live, live
+    # One this user may not even open: it says which file to remove, not to choose another --output.
+    assert "may not open or replace" in unreadable and "remove that file" in unreadable, unreadable
+
+
 def _leased_bucket(tmp_path, monkeypatch, renew_seconds):
     """(a local directory standing in for a bucket, a lock holding its lease): the lease protocol
     runs on Beam's FileSystems API."""
@@ -667,7 +725,7 @@ def test_a_full_disk_while_finishing_an_interrupted_commit_at_launch_is_one_erro
     err = capsys.readouterr().err
     assert code == EXIT_OUTPUT_FAILED and "Traceback" not in err, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "finishing it failed: No space left on device" in errors[0], err[-3000:]
+    assert len(errors) == 1 and "finishing it failed: the disk is full" in errors[0], err[-3000:]
 
 
 def test_a_run_removes_only_its_own_staging_directory(tmp_path, tiny_bundle):

@@ -512,6 +512,21 @@ def test_a_reuse_export_replaced_after_the_launch_fails_the_run(
     assert state_lib.read_manifest(str(output)) is None
 
 
+def test_a_reuse_export_whose_interrupted_commit_cannot_be_finished_names_reuse(versions, tmp_path):
+    """Its lock cannot be written (a read-only mount; here a folder where `_LOCK` goes): it said
+    "--output '.../earlier' cannot be written ... Choose a writable --output", of the --reuse."""
+    earlier = tmp_path / "earlier"
+    shutil.copytree(versions["v1"], earlier)
+    (earlier / layout_lib.JOURNAL).write_text("{}", encoding="utf-8")  # A commit a crash cut short.
+    (earlier / layout_lib.LOCK).mkdir()
+    argv = ["--input", versions["second_path"], "--output", str(tmp_path / "out"), "--reuse", str(earlier)]
+    with pytest.raises(ExportConfigError) as caught:
+        run_export([*argv, *versions["flags"]])
+    message = str(caught.value)
+    assert message.startswith(f"--reuse {str(earlier)!r} holds an export whose commit was cut short"), message
+    assert "Make it writable" in message and "--output" not in message, message
+
+
 def test_a_reuse_export_being_committed_by_another_run_names_reuse(versions, tmp_path):
     """It said "--output '.../A' is in use ... choose another --output": A was the --reuse, not the output."""
     from pipeline.writing.lock import OutputLock

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from pipeline.errors import ExportConfigError, OutputWriteError
+from pipeline.errors import ExportConfigError, LockUnavailableError, OutputBusyError, OutputWriteError
 from pipeline.writing.commit import finish_interrupted_commit, has_pending_commit
 from pipeline.writing.layout import JOURNAL, MANIFEST, SHARD_PREFIX, STAGING, TABLES_DIR
 from pipeline.writing.schema import (
@@ -129,6 +129,17 @@ def _finish_commit(location: str) -> None:
     try:
         if finish_interrupted_commit(location):
             logging.warning("Finished the interrupted commit of the export in %s first.", location)
+    except OutputBusyError as error:  # Not unfinished: a live run is committing into it now.
+        raise AnalysisError(
+            f"{location!r} is being committed by {error.holder} now (its journal {JOURNAL} is in "
+            "place): wait for that run to finish, then rerun this command."
+        ) from None
+    except LockUnavailableError as error:
+        raise AnalysisError(
+            f"{location!r} holds a commit that was not finished ({JOURNAL}), and it cannot be finished from "
+            f"here: its lock cannot be written ({error.reason}). Rerun this command (or the export) where "
+            "the directory is writable; until then its files are a mix of two exports."
+        ) from None
     # OutputWriteError: the lock it takes for the while found the disk full.
     except (ExportConfigError, OSError, OutputWriteError) as error:
         raise AnalysisError(

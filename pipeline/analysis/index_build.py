@@ -19,7 +19,6 @@ import json
 import os
 import posixpath
 import resource
-import tempfile
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -56,6 +55,7 @@ from pipeline.analysis.index_store import (
     usearch_index_class,
 )
 from pipeline.errors import ExportConfigError, OutputWriteError
+from pipeline.scratch import held_scratch_directory
 from pipeline.writing.files import fsync_directory
 from pipeline.writing.layout import ASIDE_HEX_DIGITS, INDEX_DIR, TABLES_DIR, index_files
 from pipeline.writing.lock import OutputLock
@@ -428,7 +428,7 @@ def _build_and_write(
     recall = measure_recall(index, data, column, settings, keys)
     del keys
     memory = peak_rss_bytes()
-    with tempfile.TemporaryDirectory(prefix="embexport-index-") as scratch:
+    with held_scratch_directory("embexport-index-") as scratch:
         local = os.path.join(scratch, column + INDEX_SUFFIX)
         index.save(local)
         size = os.path.getsize(local)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -32,6 +31,7 @@ from pipeline.analysis.index_store import (
     source_identity,
     usearch_index_class,
 )
+from pipeline.scratch import held_scratch_directory
 from pipeline.writing.layout import INDEX_DIR, MANIFEST
 
 if TYPE_CHECKING:
@@ -397,7 +397,7 @@ def load_index(data: VectorDataset, column: str, key_columns: list[str]) -> Load
     index_class = usearch_index_class()
     filesystem, directory = data.filesystem_and_directory()
     index_path, _ = index_paths(directory, column)
-    with tempfile.TemporaryDirectory(prefix="embexport-index-") as scratch:
+    with held_scratch_directory("embexport-index-") as scratch:
         local: str | None
         if is_local(filesystem):
             local = index_path

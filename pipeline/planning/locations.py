@@ -293,16 +293,15 @@ def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFi
     if check_remote or is_local(options.output):
         if check_remote:
             # A commit a crash cut short is finished before the output is judged (not by --dry_run).
-            from pipeline.writing.commit import finish_interrupted_commit
+            from pipeline.writing.commit import finish_failure, finish_interrupted_commit
             from pipeline.writing.layout import JOURNAL
 
             try:
                 finished = finish_interrupted_commit(options.output)
-            except OSError as error:  # A full disk, a read-only filesystem, ...
+            except OSError as error:  # A full disk, a read-only filesystem, a file where a folder goes, ...
                 raise OutputWriteError(
-                    f"--output {options.output!r} holds an export whose commit was cut short, and finishing "
-                    f"it failed: {error.strerror or error}. Its journal {JOURNAL} keeps it recoverable: fix "
-                    "the cause (free space), then rerun."
+                    f"--output {options.output!r} holds an export whose commit was cut short ({JOURNAL}), "
+                    f"and finishing it failed: {finish_failure(error)}, then rerun."
                 ) from None
             if finished and not options.overwrite:
                 raise ExportConfigError(_finished_commit_message(options.output))

@@ -16,11 +16,12 @@ from typing import Any, TypedDict
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.errors import ExportConfigError, OutputBusyError
+from pipeline.errors import ExportConfigError, LockUnavailableError, OutputBusyError
 from pipeline.planning.locations import check_location
 from pipeline.planning.plan import ExportPlan
 from pipeline.uris import is_local
 from pipeline.writing import schema as schema_lib
+from pipeline.writing.layout import JOURNAL
 
 # A manifest (`_MANIFEST.json`) or one of its entries, as JSON gives it: its values are arbitrary.
 Manifest = Mapping[str, Any]
@@ -92,7 +93,7 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
     Raises:
         ExportConfigError: naming what differs and how to proceed.
     """
-    from pipeline.writing.commit import finish_interrupted_commit
+    from pipeline.writing.commit import finish_failure, finish_interrupted_commit
     from pipeline.writing.state import output_state, read_manifest
 
     check_location("reuse", uri)
@@ -104,8 +105,19 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
             f"--reuse {uri!r} is being committed by another run (an --overwrite of it): wait for that "
             "run to finish, then rerun this one."
         ) from None
+    except LockUnavailableError as error:  # Its own --output's message would name the wrong flag.
+        raise ExportConfigError(
+            f"--reuse {uri!r} holds an export whose commit was cut short ({JOURNAL}), which must be finished "
+            f"before it is read, and finishing it writes there: its lock cannot be written ({error.reason}). "
+            "Make it writable (or copy it to a writable place and pass that as --reuse), then rerun."
+        ) from None
     except ExportConfigError:
         raise
+    except OSError as error:  # A full disk, a read-only filesystem as the commit is finished.
+        raise ExportConfigError(
+            f"--reuse {uri!r} holds an export whose commit was cut short ({JOURNAL}), and finishing it "
+            f"failed: {finish_failure(error, 'it')}, then rerun."
+        ) from None
     except Exception as error:  # Unreadable, no credentials, ...
         raise ExportConfigError(f"Cannot read --reuse {uri!r}: {type(error).__name__}: {error}") from None
     try:

@@ -4,11 +4,10 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import typing
 from collections.abc import Sequence
@@ -76,10 +75,12 @@ from pipeline.running.runners import (
     worker_package_path,
     worker_tf_threads,
 )
+from pipeline.scratch import held_scratch_directory
 from pipeline.uris import is_local
 from pipeline.writing import commit as commit_lib
 from pipeline.writing import resume as resume_lib
-from pipeline.writing.commit_phase import reset_commit_phase
+from pipeline.writing.commit import has_pending_commit
+from pipeline.writing.commit_phase import recovered_run, reset_commit_phase
 from pipeline.writing.files import join
 from pipeline.writing.layout import ERRORS_DIR, FAILED_DIR, STAGING, new_run_id
 from pipeline.writing.lock import OutputLock
@@ -260,6 +261,10 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     # Rows of the fast path and of Keras's forward pass never share a column, whatever the flags say.
     check_reuse_forward_passes(plan)
     signature = resume_lib.run_signature(plan, export_options.limit)
+    if export_options.overwrite and export_options.resume == "auto":
+        done = _recovered_export(export_options.output, plan, signature)
+        if done is not None:
+            return done
     # With --resume auto, `prepare` keeps the staging of an interrupted run of this same export.
     find_resumable = (
         functools.partial(resume_lib.find_resumable, signature=signature)
@@ -291,6 +296,49 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
         if resumed is not None:
             resume_lib.remove_old_run(plan.output, resumed.run_id)
         return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed, lock)
+
+
+def _recovered_export(output: str, plan: ExportPlan, signature: dict[str, Any]) -> ExportSummary | None:
+    """The summary of the export this command makes, where the launch just finished its commit: that of a
+    run killed past its commit point with this run's signature, which succeeded; else None.
+
+    A rerun that is to replace it (`--overwrite`) would embed the whole corpus again into the same rows,
+    as a resumed run does not (with `--resume off` it does, as asked).
+    """
+    recovered = recovered_run(output)
+    if recovered is None or recovered[0] != json.loads(json.dumps(signature)):
+        return None
+    _, manifest = recovered
+    with OutputLock(plan.output):  # Still that export: no other run replaced it since.
+        if has_pending_commit(plan.output) or read_manifest(plan.output) != manifest:
+            return None
+    if not isinstance(manifest, dict) or manifest.get("status") != "succeeded":
+        return None  # A failed export is made again: what failed may be fixed (a file given back).
+    counts = manifest.get("counts") or {}
+    resumed = manifest.get("resumed") or {}
+    _LOGGER.warning(
+        "%s now holds the export of this same command (model, flags and input files): its interrupted "
+        "run's commit was finished just now, so nothing is embedded again (--resume off would).",
+        output,
+    )
+    return ExportSummary(
+        output=plan.output,
+        records_read=counts.get("records_read"),
+        rows_written=counts.get("rows_written", 0),
+        dead_letters=counts.get("dead_letters", 0),
+        errors_by_reason=counts.get("dead_letters_by_reason", {}),
+        truncated=counts.get("documents_truncated", 0),
+        oov_tokens=counts.get("oov_tokens", 0),
+        seconds=float(manifest.get("seconds", 0.0)),
+        exit_code=EXIT_OK,
+        message=manifest.get("message", ""),
+        reuse=plan.reuse,
+        rows_reused=counts.get("rows_reused", 0),
+        earlier_rows_dropped=counts.get("earlier_rows_dropped", 0),
+        limited=bool(manifest.get("limited")),
+        resumed_run=resumed.get("run", ""),
+        rows_kept=resumed.get("rows_kept", 0),
+    )
 
 
 def _graph_settings(
@@ -346,8 +394,8 @@ def _run_pipeline(
             poll_dataflow(result, options, export_options.progress_seconds)
         result.wait_until_finish()
         return result
-    progress_dir = tempfile.mkdtemp(prefix="embexport-progress-")
-    try:
+    # Held while the run lives; the next run removes it if a SIGKILL left it behind.
+    with held_scratch_directory("embexport-progress-") as progress_dir:
         pipeline = beam.Pipeline(runner=local_runner(options), options=options)
         build_pipeline(
             pipeline,
@@ -371,8 +419,6 @@ def _run_pipeline(
             result = pipeline.run()
             result.wait_until_finish()
         return result
-    finally:
-        shutil.rmtree(progress_dir, ignore_errors=True)
 
 
 def _run_and_commit(

@@ -202,6 +202,22 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def finish_failure(error: OSError, directory: str = "the output") -> str:
+    """Why finishing an interrupted commit failed and what to do first, for a message's
+    "finishing it failed: ..., then rerun"; `directory`: how the message names the export's."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full (no space left on device). Its journal keeps it recoverable: free space"
+    if error.errno in (errno.EEXIST, errno.ENOTDIR) and error.filename:
+        return (
+            f"{error.filename} is not a folder, where the commit puts its files in one (something other "
+            f"than an export put it there). Move it out of {directory}"
+        )
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}. Make {directory} writable by this user"
+    return f"{error.strerror or error}. Its journal keeps it recoverable: fix the cause"
+
+
 # An index's metadata is a few KiB (a vocabulary's lists a digest per file): a larger file is not one.
 MAX_INDEX_METADATA_BYTES = 16 << 20
 
@@ -406,10 +422,26 @@ def recover_interrupted_commit(directory: str) -> bool:
         directory,
         JOURNAL,
     )
+    # What the run was (its staging goes with the replay): a rerun of that same export need not embed again.
+    signature = _run_signature(directory, journal["run"])
     with committing():
         _replay(directory, journal)
-        note_recovered(directory)
+        manifest = None
+        with contextlib.suppress(Exception):  # Unreadable: the rerun does its work again.
+            manifest = read_json(join(directory, MANIFEST))
+        note_recovered(directory, signature, manifest)
     return True
+
+
+def _run_signature(directory: str, run_id: str) -> object:
+    """The signature in a run's `_RUN.json` (`pipeline.writing.resume`), or None where it cannot be read."""
+    from pipeline.writing.resume import RUN_FILE
+
+    try:
+        run = read_json(join(directory, STAGING, run_id, RUN_FILE))
+        return run.get("signature") if isinstance(run, dict) else None
+    except Exception:  # Missing, truncated: unknown.
+        return None
 
 
 def finish_interrupted_commit(directory: str) -> bool:

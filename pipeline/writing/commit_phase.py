@@ -18,6 +18,8 @@ _commit_phase: Phase = "idle"
 _deferred_signals: list[int] = []
 # The outputs whose interrupted commit (an earlier run's) this process finished.
 _recovered: list[str] = []
+# Of each: (the signature in that run's `_RUN.json`, the manifest the commit put in place), where read.
+_recovered_runs: dict[str, tuple[object, object]] = {}
 
 
 def commit_phase() -> Phase:
@@ -31,11 +33,21 @@ def reset_commit_phase() -> None:
     _commit_phase = "idle"
     _deferred_signals.clear()
     _recovered.clear()
+    _recovered_runs.clear()
 
 
-def note_recovered(directory: str) -> None:
-    """Records that an earlier run's interrupted commit into `directory` was finished here."""
+def note_recovered(directory: str, signature: object = None, manifest: object = None) -> None:
+    """Records that an earlier run's interrupted commit into `directory` was finished here, with that
+    run's signature (`pipeline.writing.resume.run_signature`) and the manifest committed, if known."""
     _recovered.append(directory)
+    if signature is not None and manifest is not None:
+        _recovered_runs[directory] = (signature, manifest)
+
+
+def recovered_run(directory: str) -> tuple[object, object] | None:
+    """(signature, manifest) of the earlier run whose interrupted commit into `directory` this process
+    finished, or None (none finished, or its signature unknown)."""
+    return _recovered_runs.get(directory)
 
 
 def recovered() -> list[str]:

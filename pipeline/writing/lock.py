@@ -12,7 +12,13 @@ from typing import Any, Literal, Self, TypedDict
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.errors import ExportConfigError, LockLostError, OutputBusyError, OutputWriteError
+from pipeline.errors import (
+    ExportConfigError,
+    LockLostError,
+    LockUnavailableError,
+    OutputBusyError,
+    OutputWriteError,
+)
 from pipeline.held_logs import HeldErrorLogs
 from pipeline.uris import is_local
 from pipeline.writing.files import JsonObject, delete_files, join
@@ -103,9 +109,11 @@ class OutputLock:
         return f"run {holder.get('run')}" if holder else "another run"
 
     def _busy(self, holder: JsonObject | None) -> OutputBusyError:
+        who = self._who(holder)
         return OutputBusyError(
-            f"--output {self.directory!r} is in use by {self._who(holder)}. Wait for it to finish, or choose "
-            "another --output; two runs must never write one directory."
+            f"--output {self.directory!r} is in use by {who}. Wait for it to finish, or choose "
+            "another --output; two runs must never write one directory.",
+            who,
         )
 
     def _lost_error(self, lost: JsonObject) -> LockLostError:
@@ -128,11 +136,15 @@ class OutputLock:
 
     def _acquire_local(self) -> None:
         try:
-            if not os.path.isdir(self.directory):
-                os.makedirs(self.directory)
-                self._created_directory = True
-            while not self._try_local():
-                pass
+            while True:
+                self._make_directory()
+                try:
+                    if self._try_local():
+                        break
+                except FileNotFoundError:
+                    if os.path.isdir(self.directory):
+                        raise
+                    # A run started at once made the directory, failed and removed it again, empty.
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 if self._created_directory:
@@ -143,19 +155,51 @@ class OutputLock:
                     f"wrote its lock {self.path}: nothing was written. Free space or choose another "
                     "--output, then rerun."
                 ) from None
+            if isinstance(error, PermissionError) and os.path.lexists(self.path):
+                # A dead run's _LOCK this user may neither open nor replace (a sudo run's, in root's folder).
+                reason = (
+                    f"it holds {self.path}, a lock file that this user may not open or replace (left by a "
+                    "run of another user, such as one started with sudo)"
+                )
+                raise LockUnavailableError(
+                    f"--output {self.directory!r} cannot be used: {reason}. If no run uses the output, "
+                    "remove that file as its owner, then rerun.",
+                    reason,
+                ) from None
             # Below a file, on a read-only filesystem, a _LOCK that is a symbolic link, ...
-            raise ExportConfigError(
-                f"--output {self.directory!r} cannot be written: {error.strerror or error} "
-                f"({error.filename or self.path}). Choose a writable --output; an export never "
-                "writes through a symbolic link."
+            reason = f"{error.strerror or error} ({error.filename or self.path})"
+            raise LockUnavailableError(
+                f"--output {self.directory!r} cannot be written: {reason}. Choose a writable --output; an "
+                "export never writes through a symbolic link.",
+                reason,
             ) from None
+
+    def _make_directory(self) -> None:
+        """Makes the output directory if it does not exist (a run started at once may make it first)."""
+        if os.path.isdir(self.directory):
+            return
+        try:
+            os.makedirs(self.directory)
+            self._created_directory = True
+        except FileExistsError:
+            if not os.path.isdir(self.directory):  # A file: no directory to lock.
+                raise
 
     def _try_local(self) -> bool:
         """Takes the flock on `_LOCK`; False when the file was replaced meanwhile (try again)."""
         import fcntl
 
-        # O_NOFOLLOW: a _LOCK that is a link would have us truncate the file it points to.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            # O_NOFOLLOW: a _LOCK that is a link would have us truncate the file it points to.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except PermissionError:
+            if not os.path.lexists(self.path):  # The directory itself is not writable.
+                raise
+            # A dead run's _LOCK left read-only (copied from a read-only place) or another user's (a sudo
+            # run's): replaced where no process holds it, as the run's own would have been removed.
+            with contextlib.suppress(FileNotFoundError):  # Released by its holder meanwhile: try again.
+                self._replace_unwritable_lock()
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -180,6 +224,28 @@ class OutputLock:
             raise
         self._fd = fd
         return True
+
+    def _replace_unwritable_lock(self) -> None:
+        """Removes a `_LOCK` this user may not write but no process holds (a dead run's).
+
+        Raises:
+            OutputBusyError: a live run holds it.
+            PermissionError: it cannot be opened to be checked, or removed.
+        """
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._busy(_read_json_fd(fd)) from None
+            # Removed while locked: a run that opened it meanwhile finds another file there once it has
+            # the flock (`_try_local`), and starts again.
+            if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(self.path)
+        finally:
+            os.close(fd)
 
     def _write_lease(self) -> None:
         with FileSystems.create(self.path) as handle:
