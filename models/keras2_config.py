@@ -398,6 +398,10 @@ def translate_layer_config(layer_config: Config) -> Config:
             )
     elif class_name == LAMBDA:
         _translate_lambda(config, name)
+    if isinstance(config.get("axis"), list) and len(config["axis"]) > 1 and class_name not in MODELS:
+        # Keras 3's legacy loader keeps an axis only when it is one number: LayerNormalization(axis=[1, 2])
+        # fell back to axis=-1, silently where the layer has no weights (UnitNormalization, Softmax).
+        layer_config["module"] = "keras.layers"
     return layer_config
 
 

@@ -57,7 +57,7 @@ import tf_keras
 from tf_keras.layers import (Input, Embedding, LSTM, GRU, SimpleRNN, Dense, Lambda, Bidirectional,
     TimeDistributed, Conv1D, MaxPooling1D, GlobalAveragePooling1D, GlobalMaxPooling1D, BatchNormalization,
     LayerNormalization, SpatialDropout1D, Dropout, Activation, Concatenate, Add, Average, Multiply, Masking,
-    Flatten, Reshape, Attention, AdditiveAttention, MultiHeadAttention)
+    Flatten, Reshape, Attention, AdditiveAttention, MultiHeadAttention, Softmax, UnitNormalization)
 from tf_keras.models import Model, Sequential
 from tf_keras.preprocessing.text import Tokenizer
 from tf_keras.preprocessing.sequence import pad_sequences
@@ -222,6 +222,9 @@ attention = Model([first, second], Concatenate()([
     LSTM(3)(Embedding(50, 6)(second), initial_state=[state_h, state_c])]))
 # A decoder on a masked sequence: Keras 3 drops the mask of a layer given initial_state.
 started_masked = Model([first, second], LSTM(3)(attended(second), initial_state=[state_h, state_c]))
+# Layers over several axes: Keras 3's legacy loader kept an axis of one number only (axis=-1 instead).
+normed = LayerNormalization(axis=[1, 2], center=False, scale=False)(Embedding(50, 4)(inp))
+axes = Model(inp, Flatten()(Softmax(axis=[1, 2])(UnitNormalization(axis=[1, 2])(normed))))
 # Layer names with '/' (Keras 2 allows them, Keras 3 does not), in a nested model and a Bidirectional
 # too, beside a layer already named as the first '/' one becomes.
 enc_input = Input((12,))
@@ -236,7 +239,7 @@ backwards = Model(inp, [Bidirectional(GRU(3, go_backwards=True), name="bi_vector
                         Bidirectional(LSTM(2, go_backwards=True, return_sequences=True), name="bi_sequence")(
                             reading_back)])
 for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op),
-                    ("attention", attention), ("started_masked", started_masked),
+                    ("attention", attention), ("started_masked", started_masked), ("axes", axes),
                     ("slashed", slashed), ("backwards", backwards)):
     # Random weights, all different from their initial values (variances stay positive).
     model.set_weights([
@@ -535,7 +538,7 @@ def test_legacy_layers_match_tf_keras(keras2):
     directory, references, _ = keras2
     ids = np.load(directory / "zoo_ids.npy")
     checked_types = set()
-    for name in ("many", "sequential", "nested", "attention"):
+    for name in ("many", "sequential", "nested", "attention", "axes"):
         model = load_model_file(str(directory / f"zoo_{name}.h5"))
         calls = layer_calls(model)
         inputs = ids if len(model.inputs) == 1 else [ids, ids[:, :8]]
