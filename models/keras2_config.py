@@ -39,6 +39,9 @@ SUPPORTED_LAYERS = (
     "GlobalMaxPooling1D",
     "BatchNormalization",
     "LayerNormalization",
+    "Attention",
+    "AdditiveAttention",
+    "MultiHeadAttention",
     "Add",
     "Concatenate",
     "Average",
@@ -71,6 +74,9 @@ LAMBDA = "Lambda"
 # Keras 2 BatchNormalization arguments that Keras 3 lacks, with the value that
 # makes them a no-op at inference.
 _BATCH_NORM_DEFAULTS = {"fused": None, "virtual_batch_size": None, "adjustment": None}
+# What Keras 2's MultiHeadAttention recorded of the shapes it was built with; Keras 3 builds it
+# from its call instead.
+_ATTENTION_BUILD_SHAPES = ("query_shape", "key_shape", "value_shape")
 _LAMBDA_LEGACY_KEYS = ("module", "function_type", "output_shape_type", "output_shape_module")
 
 
@@ -201,6 +207,9 @@ def _renumber_nested_model_nodes(model_config: Config) -> None:
             for reference in node if isinstance(node, list) else []:
                 if _is_node_reference(reference):
                     renumber(reference)
+                    if len(reference) == 4:
+                        for inner in _node_references(reference[3]):
+                            renumber(inner)
     for key in ("input_layers", "output_layers"):
         references = model_config.get(key)
         if _is_node_reference(references):
@@ -209,6 +218,65 @@ def _renumber_nested_model_nodes(model_config: Config) -> None:
             for reference in references:
                 if _is_node_reference(reference):
                     renumber(reference)
+
+
+def _node_references(value: object) -> list[list[typing.Any]]:
+    """The `[layer, node, tensor]` references in a Keras 2 call's keyword arguments, at any depth."""
+    if _is_node_reference(value) and len(value) == 3:
+        return [value]
+    if isinstance(value, list):
+        return [reference for item in value for reference in _node_references(item)]
+    if isinstance(value, dict):
+        return [reference for item in value.values() for reference in _node_references(item)]
+    return []
+
+
+def _revived(value: typing.Any, layer_names: set[str]) -> typing.Any:
+    """A Keras 2 call argument with each reference to a layer's output as Keras 3 writes a tensor."""
+    if _is_node_reference(value) and len(value) == 3 and value[0] in layer_names:
+        # Keras 3 swaps this placeholder for the output of that call (its shape is not read).
+        return {
+            "class_name": "__keras_tensor__",
+            "config": {"shape": [], "dtype": "float32", "keras_history": list(value)},
+        }
+    if isinstance(value, list):
+        return [_revived(item, layer_names) for item in value]
+    if isinstance(value, dict):
+        return {key: _revived(item, layer_names) for key, item in value.items()}
+    return value
+
+
+def _revive_call_tensors(model_config: Config) -> None:
+    """Rewrites, in place, the Keras 2 calls that pass layer outputs other than as the inputs.
+
+    Keras 2 writes a call as `[[layer, node, tensor, kwargs], ...]`, a tensor in
+    `kwargs` as another `[layer, node, tensor]`; Keras 3 reads that format but
+    passes `kwargs` on as they are, so `MultiHeadAttention()(query, value=value)`
+    got a list for its value. And Keras 2 lists a recurrent layer's
+    `initial_state` among its inputs (an encoder's states starting a decoder),
+    which Keras 3 took as more inputs than the layer has. Such calls are written in
+    Keras 3's own format instead.
+    """
+    names = {
+        layer["config"]["name"]
+        for layer in model_config.get("layers", [])
+        if isinstance(layer.get("config"), dict) and isinstance(layer["config"].get("name"), str)
+    }
+    for layer in model_config.get("layers", []):
+        nodes = layer.get("inbound_nodes", [])
+        recurrent = layer.get("class_name") in (*RNN_LAYERS, "Bidirectional")
+        for index, node in enumerate(nodes):
+            if not isinstance(node, list) or not node or not all(_is_node_reference(r) for r in node):
+                continue
+            kwargs = node[0][3] if len(node[0]) == 4 else {}
+            with_states = recurrent and len(node) > 1
+            if not with_states and not any(reference[0] in names for reference in _node_references(kwargs)):
+                continue
+            inputs = [_revived(list(reference[:3]), names) for reference in node]
+            kwargs = _revived(kwargs, names)
+            if with_states:
+                inputs, kwargs = inputs[:1], {**kwargs, "initial_state": inputs[1:]}
+            nodes[index] = {"args": [inputs[0] if len(inputs) == 1 else inputs], "kwargs": kwargs}
 
 
 def _spell_out_backward_layer(class_name: str, config: Config) -> None:
@@ -271,6 +339,7 @@ def translate_layer_config(layer_config: Config) -> Config:
         for layer in config.get("layers", []):
             translate_layer_config(layer)
         _renumber_nested_model_nodes(config)
+        _revive_call_tensors(config)
     elif class_name in RNN_LAYERS:
         if config.pop("time_major", False):
             raise LegacyModelError(
@@ -309,8 +378,30 @@ def translate_layer_config(layer_config: Config) -> Config:
                 raise LegacyModelError(
                     f"BatchNormalization {name!r} sets {key}={value!r}, which Keras 3 lacks."
                 )
+    elif class_name in ("Attention", "AdditiveAttention"):
+        # Keras 3 reads a config without "module" with its legacy loader, which turns any string
+        # naming a function of keras.layers into that function: Attention's default
+        # score_mode="dot" became keras.layers.dot, and Keras 3 then refused it.
+        layer_config["module"] = "keras.layers"
+        if config.pop("causal", False):
+            raise LegacyModelError(
+                f"{class_name} {name!r} was built with causal=True, which Keras 3 takes as a call "
+                "argument (use_causal_mask=True), not a layer setting. Rebuild the model with "
+                "use_causal_mask=True in the layer's call and copy the weights."
+            )
+    elif class_name == "MultiHeadAttention":
+        for key in _ATTENTION_BUILD_SHAPES:
+            config.pop(key, None)
+        if config.pop("softmax_robust_masking", False):
+            raise LegacyModelError(
+                f"MultiHeadAttention {name!r} uses softmax_robust_masking=True, which Keras 3 lacks."
+            )
     elif class_name == LAMBDA:
         _translate_lambda(config, name)
+    if isinstance(config.get("axis"), list) and len(config["axis"]) > 1 and class_name not in MODELS:
+        # Keras 3's legacy loader keeps an axis only when it is one number: LayerNormalization(axis=[1, 2])
+        # fell back to axis=-1, silently where the layer has no weights (UnitNormalization, Softmax).
+        layer_config["module"] = "keras.layers"
     return layer_config
 
 

@@ -77,6 +77,62 @@ def tensor_mask(tensor: keras.KerasTensor) -> keras.KerasTensor | None:
     return getattr(tensor, "_keras_mask", None)
 
 
+def same_computation(first: typing.Any, second: typing.Any) -> bool:
+    """Whether two symbolic tensors are one, or one stateless operation's output on the same arguments.
+
+    A model loaded from a `.keras` file passes each layer the mask Keras computed when
+    the model was built (`not_equal(ids, 0)`) as an operation of the saved graph, a
+    tensor other than the mask that travels with the layer's input, which the
+    Embedding computed by the same operation from the same ids.
+    """
+    if first is second:
+        return True
+    if not isinstance(first, keras.KerasTensor) or not isinstance(second, keras.KerasTensor):
+        return False
+    (operation, node), (other, other_node) = producer(first), producer(second)
+    if operation is None or other is None or node is None or other_node is None:
+        return False
+    # A layer may hold weights or state; only plain operations (not_equal, cast) are compared.
+    if isinstance(operation, keras.layers.Layer) or type(operation) is not type(other):
+        return False
+    if _output_index(node, first) != _output_index(other_node, second):
+        return False
+    args, other_args = call_args(node), call_args(other_node)
+    kwargs, other_kwargs = call_kwargs(node), call_kwargs(other_node)
+    return (
+        len(args) == len(other_args)
+        and kwargs.keys() == other_kwargs.keys()
+        and all(_same_argument(a, b) for a, b in zip(args, other_args, strict=True))
+        and all(_same_argument(kwargs[key], other_kwargs[key]) for key in kwargs)
+        and _operation_config(operation) == _operation_config(other)
+    )
+
+
+def _output_index(node: Node, tensor: keras.KerasTensor) -> int:
+    # By identity: `==` on symbolic tensors builds an operation instead of comparing them.
+    return next(index for index, output in enumerate(node_outputs(node)) if output is tensor)
+
+
+def _same_argument(first: typing.Any, second: typing.Any) -> bool:
+    """Whether two call arguments are the same: the same tensor, or equal plain values."""
+    if isinstance(first, keras.KerasTensor) or isinstance(second, keras.KerasTensor):
+        return first is second
+    try:
+        return type(first) is type(second) and bool(first == second)
+    except (TypeError, ValueError):  # an array of several values: no single truth value
+        return False
+
+
+def _operation_config(operation: Operation) -> typing.Any:
+    """An operation's config without its name, or None where it has none to give."""
+    try:
+        config = dict(operation.get_config())
+    except NotImplementedError:
+        return None
+    config.pop("name", None)  # `not_equal_1` beside `not_equal` computes the same
+    return config
+
+
 def model_nodes(model: keras.Model, layer: keras.layers.Layer) -> list[Node]:
     """The calls of `layer` that belong to `model`'s own graph, in call order.
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import numpy as np
 
+from models import keras_graph
 from models.keras2_config import (
     KERAS2_HARD_SIGMOID,
     SUPPORTED_LAYERS,
@@ -310,6 +311,7 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
             f"{_deserialization_cause(error)}.{hint} Translated layer types: "
             f"{', '.join(SUPPORTED_LAYERS)}."
         ) from None
+    _check_started_recurrent_layers_keep_masks(path, model)
     load_h5_weights(path, model, saved_names)
     check_vocabularies(
         path,
@@ -320,6 +322,39 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     )
     note_renamed_layers(model, {saved_name: name for name, saved_name in saved_names.items()})
     return model
+
+
+def _check_started_recurrent_layers_keep_masks(path: str, model: keras.Model) -> None:
+    """Refuses a recurrent layer given `initial_state` on a masked sequence, whose mask Keras 3 drops.
+
+    Keras 2 skips the masked steps (`mask_zero=True`, `Masking`) of a layer started
+    from another's states (a decoder); Keras 3 passes a layer its input's mask only
+    when that input is its one tensor argument, so the rebuilt layer would read the
+    padding and give other vectors.
+
+    Raises:
+        LegacyModelError: naming the layer and how to keep its mask.
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            _check_started_recurrent_layers_keep_masks(path, layer)
+        if not isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)):
+            continue
+        for node in keras_graph.layer_nodes(layer):
+            kwargs, args = keras_graph.call_kwargs(node), keras_graph.call_args(node)
+            if (
+                kwargs.get("initial_state") is not None
+                and kwargs.get("mask") is None
+                and args
+                and keras_graph.tensor_mask(args[0]) is not None
+            ):
+                raise LegacyModelError(
+                    f"{type(layer).__name__} layer {layer.name!r} of {path} starts from initial_state and "
+                    "reads a masked sequence (mask_zero=True or Masking): Keras 2 skips its masked steps, "
+                    "but Keras 3 drops the mask of a layer given initial_state, so its vectors would "
+                    "differ. Rebuild the model in Keras 3 with the mask passed to that call "
+                    "(layer(x, initial_state=..., mask=...)), copy the weights and save it as .keras."
+                )
 
 
 def _lookup_layers(model: keras.Model) -> list[keras.layers.Layer]:

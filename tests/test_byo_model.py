@@ -57,7 +57,7 @@ import tf_keras
 from tf_keras.layers import (Input, Embedding, LSTM, GRU, SimpleRNN, Dense, Lambda, Bidirectional,
     TimeDistributed, Conv1D, MaxPooling1D, GlobalAveragePooling1D, GlobalMaxPooling1D, BatchNormalization,
     LayerNormalization, SpatialDropout1D, Dropout, Activation, Concatenate, Add, Average, Multiply, Masking,
-    Flatten, Reshape)
+    Flatten, Reshape, Attention, AdditiveAttention, MultiHeadAttention, Softmax, UnitNormalization)
 from tf_keras.models import Model, Sequential
 from tf_keras.preprocessing.text import Tokenizer
 from tf_keras.preprocessing.sequence import pad_sequences
@@ -208,6 +208,23 @@ nested_embedding = Embedding(50, 4)
 pair = [LSTM(3)(nested_embedding(first)), LSTM(3)(nested_embedding(second))]
 nested = Model([first, second], inner(Concatenate()(pair)))
 tf_op = Model(inp, Embedding(50, 4)(inp) + 1.0)
+# The attention layers over a masked Embedding (MultiHeadAttention's value given by keyword), and a
+# decoder LSTM started from an encoder's states: Keras 3 refused the first ("score_mode=<function
+# dot>"), the second (Keras 2's recorded build shapes, then the value passed on as a list) and the
+# third (Keras 2 lists initial_state among the layer's inputs).
+attended = Embedding(50, 6, mask_zero=True)
+query = attended(first)
+_, state_h, state_c = LSTM(3, return_state=True)(query)
+attentions = [Attention(use_scale=True)([query, query]), AdditiveAttention()([query, query]),
+              MultiHeadAttention(num_heads=2, key_dim=3)(query, value=query)]
+attention = Model([first, second], Concatenate()([
+    GlobalAveragePooling1D()(Add()(attentions)),
+    LSTM(3)(Embedding(50, 6)(second), initial_state=[state_h, state_c])]))
+# A decoder on a masked sequence: Keras 3 drops the mask of a layer given initial_state.
+started_masked = Model([first, second], LSTM(3)(attended(second), initial_state=[state_h, state_c]))
+# Layers over several axes: Keras 3's legacy loader kept an axis of one number only (axis=-1 instead).
+normed = LayerNormalization(axis=[1, 2], center=False, scale=False)(Embedding(50, 4)(inp))
+axes = Model(inp, Flatten()(Softmax(axis=[1, 2])(UnitNormalization(axis=[1, 2])(normed))))
 # Layer names with '/' (Keras 2 allows them, Keras 3 does not), in a nested model and a Bidirectional
 # too, beside a layer already named as the first '/' one becomes.
 enc_input = Input((12,))
@@ -222,6 +239,7 @@ backwards = Model(inp, [Bidirectional(GRU(3, go_backwards=True), name="bi_vector
                         Bidirectional(LSTM(2, go_backwards=True, return_sequences=True), name="bi_sequence")(
                             reading_back)])
 for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op),
+                    ("attention", attention), ("started_masked", started_masked), ("axes", axes),
                     ("slashed", slashed), ("backwards", backwards)):
     # Random weights, all different from their initial values (variances stay positive).
     model.set_weights([
@@ -520,7 +538,7 @@ def test_legacy_layers_match_tf_keras(keras2):
     directory, references, _ = keras2
     ids = np.load(directory / "zoo_ids.npy")
     checked_types = set()
-    for name in ("many", "sequential", "nested"):
+    for name in ("many", "sequential", "nested", "attention", "axes"):
         model = load_model_file(str(directory / f"zoo_{name}.h5"))
         calls = layer_calls(model)
         inputs = ids if len(model.inputs) == 1 else [ids, ids[:, :8]]
@@ -536,6 +554,9 @@ def test_legacy_layers_match_tf_keras(keras2):
     assert set(SUPPORTED_LAYERS) - {"InputLayer", "Lambda", "Functional"} <= checked_types
     with pytest.raises(LegacyModelError, match="TFOpLambda"):
         load_model_file(str(directory / "zoo_tf_op.h5"))
+    # Rebuilt, it would read the padding Keras 2 skips.
+    with pytest.raises(LegacyModelError, match="starts from initial_state and reads a masked sequence"):
+        load_model_file(str(directory / "zoo_started_masked.h5"))
 
 
 def test_keras2_layer_names_with_a_slash_load_with_an_underscore(keras2, caplog):

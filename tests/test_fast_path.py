@@ -351,6 +351,29 @@ def test_keras_layers_on_fast_sequences_get_their_static_length():
     assert {column: p.engine for column, p in passes.items()} == dict.fromkeys(passes, HYBRID)
 
 
+def test_a_masked_keras3_model_loaded_from_its_file_keeps_the_fast_path(tmp_path):
+    # Keras 3 saves the mask it passed each layer as a not_equal(ids, 0) of its own, so a loaded
+    # model's LSTM got another mask tensor than its input's: every masked chain was declined as
+    # "called with initial states or a mask", and the whole run took Keras's pass.
+    def build(embedded):
+        sequence = keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True), name="sequence")(
+            embedded
+        )
+        return keras.layers.GlobalAveragePooling1D(name="target")(sequence)
+
+    _keras3_model(build, masked=True).save(tmp_path / "masked.keras")
+    loaded = keras.saving.load_model(tmp_path / "masked.keras")
+    sub_model = truncate(loaded, [parse_layer_spec(n) for n in ("sequence", "target")])
+    passes = _assert_fast_equals_predict(sub_model, _features(sub_model, rows=20))
+    assert {column: p.engine for column, p in passes.items()} == {"sequence": FAST, "target": HYBRID}
+    # A mask of another computation than the Embedding's (id 1 as padding) is still declined.
+    content = keras.Input((10,), dtype="int32", name="content")
+    embedded = keras.layers.Embedding(VOCABULARY, 8, mask_zero=True)(content)
+    other = keras.layers.LSTM(3, name="target")(embedded, mask=keras.ops.not_equal(content, 1))
+    choice = build_fast_path(truncate(keras.Model(content, other), [parse_layer_spec("target")]))
+    assert choice.fast_path is None and "initial states or a mask" in choice.reason
+
+
 def test_the_launch_checks_batch_never_has_as_many_rows_as_an_input_has_tokens():
     # A model of 48 tokens checked on 48 rows passed with a layer that took the batch axis for
     # the time axis (TimeDistributed, before the fix above), then failed every other batch.

@@ -46,7 +46,9 @@ def _extra_call_arguments(node: Node) -> list[str]:
     return sorted(
         key
         for key, value in keras_graph.call_kwargs(node).items()
-        if key != "training" and value is not None and not (key == "mask" and value is own_mask)
+        if key != "training"
+        and value is not None
+        and not (key == "mask" and keras_graph.same_computation(value, own_mask))
     )
 
 
