@@ -380,6 +380,22 @@ def test_an_empty_id_field_is_refused(id_field, bundle, corpus, tmp_path):
     assert_refused(argv, output, "--id_field must name")
 
 
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--id_field", "doc"], r"--id_field 'doc' has no field to read in text input.*FILE:LINE"),
+        (["--keep_fields", "text,topic"], r"--keep_fields 'topic' is no field of text input"),
+    ],
+)
+def test_a_field_flag_a_text_corpus_cannot_honour_is_refused(flags, pattern, bundle, tmp_path):
+    """A text corpus (one document per line, ids FILE:LINE): `--id_field doc` was silently ignored
+    (exit 0), and `--keep_fields topic` a null column said only in a warning after the whole run."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("open the socket\nread the file\n")
+    output = tmp_path / "out"
+    assert_refused(export_args(bundle, notes, output, "--layer", "lstm_content", *flags), output, pattern)
+
+
 @pytest.mark.parametrize("flag", ["--output", "--reuse", "--tokenizer"])
 def test_an_empty_output_or_reuse_is_refused(flag, bundle, corpus, tmp_path, monkeypatch):
     """An unset $OUT is not "no --output": it exported into ./output/, --reuse "" embedded all,

@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from pipeline.errors import ExportConfigError
 from pipeline.planning.introspection import EmbeddingLimits
 from pipeline.planning.model_source import AnyTokenizer
-from pipeline.planning.options import INPUT_FORMATS, ExportOptions
+from pipeline.planning.options import DEFAULT_ID_FIELD, INPUT_FORMATS, ExportOptions
 from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_FIELD, ColumnInfo, InputInfo, wants_no_tokenizer
 from pipeline.running.progress import STALL_LOOK_SECONDS
 from pipeline.writing import schema as schema_lib
@@ -202,6 +202,32 @@ def check_id_field(id_field: str) -> None:
         raise ExportConfigError(
             f"--id_field must name the record field that holds each document's id, received {id_field!r}. "
             "Leave it out for the default, 'id'."
+        )
+
+
+def check_text_fields(input_format: str, id_field: str, keep_fields: Sequence[str]) -> None:
+    """Refuses an --id_field or --keep_fields field that a text corpus (one document per line) cannot have.
+
+    Its records have one field, 'text', and ids FILE:LINE: `--id_field doc` was silently
+    ignored, and `--keep_fields topic` a null column said only after the whole run.
+
+    Raises:
+        ExportConfigError: naming the flag and what text input gives instead.
+    """
+    if input_format != "text":
+        return
+    if id_field != DEFAULT_ID_FIELD:
+        raise ExportConfigError(
+            f"--id_field {id_field!r} has no field to read in text input, whose ids are FILE:LINE (one "
+            "document per line); leave --id_field out, or give a JSONL, CSV or Parquet corpus with an "
+            "id field."
+        )
+    others = [field for field in keep_fields if field != TEXT_FIELD]
+    if others:
+        raise ExportConfigError(
+            f"--keep_fields {','.join(others)!r} is no field of text input, whose records have one "
+            f"field, '{TEXT_FIELD}' (one document per line); keep '{TEXT_FIELD}' or nothing, or give a "
+            "JSONL, CSV or Parquet corpus with those fields."
         )
 
 
