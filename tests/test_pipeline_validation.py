@@ -197,6 +197,30 @@ def test_input_with_unknown_extension_and_auto_format(bundle, corpus, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "name, flags, pattern",
+    [
+        (
+            "corpus.jsonl.bz2",
+            [],
+            r"\.bz2-compressed, which the reader does not take.*recompress them with gzip",
+        ),
+        ("corpus.jsonl.bz2", ["--input_format", "jsonl"], r"\.bz2-compressed"),
+        ("corpus.CSV.ZST", ["--input_format", "csv"], r"\.zst-compressed"),
+        ("notes.tar", ["--input_format", "text"], r"a tar archive.*tar -xf"),
+    ],
+)
+def test_input_the_reader_cannot_decompress_is_refused_whatever_the_format(
+    name, flags, pattern, bundle, corpus, tmp_path
+):
+    """`--input c.jsonl.bz2` said "Cannot tell the format ...; pass --input_format", and with it the run
+    read nothing of the file and failed after its work (exit 5, unreadable_file)."""
+    compressed = tmp_path / name
+    compressed.write_bytes(b"BZh91AY&SY")
+    output = tmp_path / "out"
+    assert_refused(export_args(bundle, compressed, output, *flags), output, pattern)
+
+
 def test_the_format_is_told_from_an_extension_in_any_case():
     """`*.jsonl.GZ` was refused ("Cannot tell the format"), though `*.JSONL` was taken and .GZ read."""
     from pipeline.planning.checks import detect_format
