@@ -789,11 +789,15 @@ def test_a_double_dash_is_named_alone(flags, message, tmp_path, capsys, monkeypa
         ),
         ("models.train", ["--output", "{a}", "--output", "{b}"], "--output given more than once"),
         ("models.train", ["--output", "{a}", "--over"], "unrecognized arguments: --over"),
+        ("pipeline.inspect", ["{a}", "--layers", "emb"], "--layers (did you mean --layer?)"),
+        ("pipeline.analyze", ["{a}", "neighbors", "--id", "x", "-k", "inf"], "argument -k: invalid int"),
     ],
 )
 def test_the_other_commands_refuse_abbreviated_and_repeated_flags(command, flags, message, tmp_path, capsys):
     """As pipeline.run does: `vocabulary --output A --output B` wrote B, and `--out A --over`
-    replaced A/vocabulary.parquet (argparse took the abbreviations and kept the last value)."""
+    replaced A/vocabulary.parquet (argparse took the abbreviations and kept the last value).
+    And in one `error:` line, as pipeline.run refuses: argparse printed its usage block (up to 16
+    lines) above `PROG: error: ...`."""
     import importlib
 
     main = importlib.import_module(command).main
@@ -801,7 +805,10 @@ def test_the_other_commands_refuse_abbreviated_and_repeated_flags(command, flags
     with pytest.raises(SystemExit) as stopped:
         main(argv)
     assert stopped.value.code == 2
-    assert message in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and message in line and line.endswith(" --help` explains each flag."), (
+        line
+    )
     assert os.listdir(tmp_path) == []
 
 
