@@ -741,6 +741,42 @@ def test_a_bad_flag_value_is_one_error_line_not_the_usage(flags, pattern, tmp_pa
 
 
 @pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--input", "c/a.jsonl", "c/b.jsonl", "c/c.jsonl"], "quote it, --input 'data/*.jsonl'"),
+        (["--layer", "lstm_content", "lstm_title"], "give it before each (--layer lstm_content --layer"),
+        (["--keep_fields", "kind", "topic"], "one comma-separated list"),
+    ],
+)
+def test_values_after_a_one_value_flags_value_are_told_how_to_pass(
+    flags, pattern, tmp_path, capsys, monkeypatch
+):
+    """An unquoted `--input c/*.jsonl`, expanded by the shell, was "Unknown argument(s): 'c/b.jsonl',
+    'c/c.jsonl'", without a word of the quotes; `--layer a b` "Unknown argument(s): 'b'"."""
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, flags, pattern)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (
+            ["--direct_num_workers", "1e309"],
+            "--direct_num_workers is one of Beam's own flags, explained in Beam's",
+        ),
+        (["--direct_running_mode", "foo"], "pipeline_options.html), not in `python -m pipeline.run --help`."),
+        (["--pooling", "NONE"], "'last'). `python -m pipeline.run --help` explains each flag."),
+    ],
+)
+def test_a_bad_value_of_a_beam_flag_points_at_beams_reference(flags, pattern, tmp_path, capsys, monkeypatch):
+    """It pointed at `python -m pipeline.run --help`, which lists only this tool's flags."""
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, flags, pattern)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
     "flags, named",
     [
         (["--input", "{a}", "--input", "{b}"], "--input"),
