@@ -1,4 +1,4 @@
-"""The commands' flag parsing: whole flag names only, and a one-value flag given once.
+"""The commands' flag parsing: whole flag names only, a one-value flag given once, one error line.
 
 argparse by default takes an abbreviation (`--out` for `--output`, `--over` for
 `--overwrite`) and keeps the last of two values of a flag without a word; either
@@ -8,7 +8,9 @@ writes, or replaces, where the user did not say. Imports neither Keras nor Beam.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+import typing
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -119,7 +121,8 @@ def repeated_message(repeated: Sequence[str]) -> str:
 
 
 class CommandParser(argparse.ArgumentParser):
-    """An `argparse.ArgumentParser` that takes no abbreviated flags and no repeated one-value flag.
+    """An `argparse.ArgumentParser` that takes no abbreviated flags and no repeated one-value flag,
+    and refuses in one `error:` line.
 
     Its subcommands' parsers (`add_subparsers`) are of this class too.
     """
@@ -127,6 +130,21 @@ class CommandParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["allow_abbrev"] = False
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Exits with one `error:` line saying where the help is, as `pipeline.run`'s refusals do.
+
+        argparse printed its usage block (up to 16 lines) above `PROG: error: MESSAGE`.
+        """
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        flags = [flag for action in self._actions for flag in action.option_strings]
+        close = [
+            f"{arg} (did you mean {match[0]}?)"
+            for arg in unknown
+            if arg.startswith("-") and (match := difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1))
+        ]
+        hint = f"; {', '.join(close)}" if close else ""
+        self.exit(2, f"error: {message.rstrip('.')}{hint}. `{self.prog} --help` explains each flag.\n")
 
     def parse_known_args(  # type: ignore[override]  # typeshed's overloads; the behaviour is argparse's
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None

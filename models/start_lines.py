@@ -10,6 +10,11 @@ written to stderr meanwhile (warnings, a Python traceback, TensorFlow's own
 errors) is passed on as it comes, by a forked process that reads the pipe,
 which also outlives an abort of this one, so a fatal message is never lost.
 Setting `TF_ENABLE_ONEDNN_OPTS=0` would silence one of them, but changes the numbers.
+TensorFlow's "failed call to cuInit" ERROR line, printed as it first lists its
+devices on a machine with its CUDA libraries and no GPU, is dropped too where no
+GPU device file exists: the import lists the devices while the filter is on.
+Local worker processes' stderr goes through `is_start_line` as well
+(`pipeline.running.local_workers`).
 """
 
 import os
@@ -24,9 +29,25 @@ START_LINE = re.compile(
     rb"|I\d{4} [\d:.]+ +\d+ (?:port|cudart_stub|cpu_feature_guard)\.cc:\d+\] [^\n]*"
     rb"|To enable the following instructions: [^\n]*rebuild TensorFlow with the appropriate compiler flags\."
 )
+# TensorFlow's ERROR line when no CUDA device answers, printed as it first lists its devices.
+NO_CUDA_LINE = re.compile(rb"E\d{4} [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit: [^\n]*")
+# The device files of an NVIDIA GPU (and WSL2's of any GPU): without them there is none to use.
+GPU_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")
 # How long the import waits for the forwarder to pass on its last lines, so that they come
 # before what the command prints next; a process started meanwhile that holds stderr delays it.
 DRAIN_SECONDS = 2.0
+
+
+def has_gpu_device() -> bool:
+    """Whether this machine has a GPU device file, where TensorFlow's failing cuInit is news."""
+    return any(os.path.exists(device) for device in GPU_DEVICES)
+
+
+def is_start_line(line: bytes, gpu_device: bool) -> bool:
+    """Whether `line` (without its newline) is TensorFlow start-up noise: its INFO lines, and its
+    "failed call to cuInit" ERROR where there is no GPU to use (`gpu_device` False), which it prints on
+    every machine with TensorFlow's CUDA libraries and no GPU, and which reads as a failure."""
+    return bool(START_LINE.fullmatch(line)) or (not gpu_device and bool(NO_CUDA_LINE.fullmatch(line)))
 
 
 def import_tensorflow_quietly() -> None:
@@ -46,15 +67,20 @@ def import_tensorflow_quietly() -> None:
     # the pipe or wholly stderr again, never in between.
     stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    gpu_device = has_gpu_device()
     forwarder = os.fork()
     if forwarder == 0:
-        _forward(read_end, write_end, saved)
+        _forward(read_end, write_end, saved, gpu_device)
     os.close(read_end)
     os.dup2(write_end, 2)
     os.close(write_end)
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        import tensorflow  # noqa: F401
+        import tensorflow
+
+        # TensorFlow probes CUDA (and prints its cuInit line) as it first lists its devices: here,
+        # inside the filter. Listing them does not start the runtime, so thread settings still apply.
+        tensorflow.config.list_physical_devices("GPU")
     except BaseException:
         # Stopped (Ctrl-C) or failed: what follows is the command's to say at once; the
         # forwarder passes on what came before and ends with the pipe.
@@ -82,7 +108,7 @@ def _restore(
     _reap(forwarder, drain_seconds)
 
 
-def _forward(read_end: int, write_end: int, target: int) -> None:
+def _forward(read_end: int, write_end: int, target: int, gpu_device: bool) -> None:
     """The forked forwarder: copies lines from the pipe to the real stderr, less the start-up lines."""
     try:
         # A Ctrl-C or SIGTERM to the process group is the command's to report; this one
@@ -95,9 +121,9 @@ def _forward(read_end: int, write_end: int, target: int) -> None:
         while chunk := os.read(read_end, 1 << 16):
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                if not START_LINE.fullmatch(line):
+                if not is_start_line(line, gpu_device):
                     _write_all(target, line + b"\n")
-        if pending and not START_LINE.fullmatch(pending):
+        if pending and not is_start_line(pending, gpu_device):
             _write_all(target, pending)
     except BaseException:
         pass  # Nothing of the parent's may run in this copy of it (its finally blocks, its atexit).

@@ -262,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Show only these layers; an unknown name is reported with the closest existing names.",
     )
     args = parser.parse_args(argv)
+    if args.model is not None and args.model_option is not None and args.model != args.model_option:
+        parser.error(f"MODEL {args.model!r} and --model {args.model_option!r} differ: give the model once")
+    args.model = args.model if args.model is not None else args.model_option
+    if args.model is None:
+        parser.error("the following arguments are required: MODEL (a bundle directory or .keras/.h5 file)")
     from models.start_lines import import_tensorflow_quietly
 
     import_tensorflow_quietly()

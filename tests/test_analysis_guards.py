@@ -515,6 +515,23 @@ def test_vocabulary_refuses_an_output_inside_an_export(export_copy, capsys):
     assert not glob.glob(os.path.join(export_copy, "**", vocabulary.VOCABULARY_FILE + "*"), recursive=True)
 
 
+def test_word_neighbours_of_an_export_suggest_commands_that_run(export_copy, capsys):
+    """`neighbors --word` on an export said "Write one with `python -m pipeline.vocabulary --layer emb
+    --output EXPORT`": pasted, vocabulary refused it (inside the export), and it named neither the
+    export's model nor a place the vocabulary may go."""
+    import shlex
+
+    assert analyze.main([export_copy, "neighbors", "--word", "socket"]) == analyze.EXIT_CONFIG_ERROR
+    line = error_line(capsys)
+    write, query = [command for command in line.split("`")[1::2]]
+    assert shlex.split(write)[:3] == ["python", "-m", "pipeline.vocabulary"]
+    assert shlex.split(write)[3:5] == ["--model", DEFAULT_BUNDLE]
+    assert vocabulary.main(shlex.split(write)[3:]) == 0, capsys.readouterr().err
+    argv = [arg.replace("WORD", "socket") for arg in shlex.split(query)[3:]]
+    assert analyze.main(argv) == 0, capsys.readouterr().err
+    assert "socket" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("output", ["", " ", "dangling"])
 def test_vocabulary_refuses_an_empty_output_and_names_a_dangling_link(output, tmp_path, monkeypatch, capsys):
     """An unset $OUT wrote vocabulary.parquet into the working directory, " " made a directory

@@ -82,6 +82,22 @@ def test_unknown_layer_suggests_close_names(capsys):
     assert len(table) == 1 and table[0].split()[-1] == "emb:1"
 
 
+def test_the_model_is_taken_as_the_other_commands_flag_too(capsys):
+    """`inspect --model X`, as run and vocabulary take it (and as inspect's own errors name it), printed
+    argparse's usage and "unrecognized arguments: --model"."""
+    assert main(["--model", DEFAULT_BUNDLE, "--layer", "emb:1"]) == 0
+    assert capsys.readouterr().out.startswith(f"Model: {DEFAULT_BUNDLE} ")
+    for argv, message in [
+        (["--model", DEFAULT_BUNDLE, "other.keras"], "MODEL 'other.keras' and --model"),
+        ([], "required: MODEL"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("error: ") and message in line, line
+
+
 def test_each_printed_spec_selects_its_layer_call_even_with_colons_and_equals_signs(capsys):
     content = keras.Input((6,), dtype="int32", name="content")
     embedding = keras.layers.Embedding(30, 4, name="pool")

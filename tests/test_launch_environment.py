@@ -229,6 +229,59 @@ def test_what_is_not_a_start_up_line_is_passed_on_even_when_the_import_aborts(tm
     assert done.stderr == real + "a Python warning\n"
 
 
+CUINIT_LINE = (
+    "E0000 00:00:1796669569.844668   23600 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA "
+    "error: Failed call to cuInit: UNKNOWN ERROR (303)\n"
+)
+
+
+@pytest.mark.skipif(
+    any(os.path.exists(device) for device in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")),
+    reason="a machine with a GPU device keeps TensorFlow's cuInit line: it is news there",
+)
+def test_the_cuinit_line_of_a_machine_without_a_gpu_is_dropped_and_the_rest_passed_on(tmp_path):
+    """TensorFlow prints "failed call to cuInit" as it first lists its devices, on every machine with its
+    CUDA libraries and no GPU: it came before every refusal made after the model load, and in every
+    run's log. The import now lists the devices while the filter is on."""
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "class config:\n"
+        "    @staticmethod\n"
+        "    def list_physical_devices(kind):\n"
+        f"        os.write(2, {(CUINIT_LINE + 'W0000 a real warning').encode()!r} + b'\\n')\n"
+        "        return []\n"
+    )
+    script = "from models.start_lines import import_tensorflow_quietly; import_tensorflow_quietly()"
+    done = _fresh(["-c", script], str(tmp_path), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPOSITORY}")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "W0000 a real warning\n"
+
+
+def test_worker_processes_tensorflow_start_up_lines_are_dropped(monkeypatch, capsys):
+    """Local worker processes (--direct_running_mode multi_processing) passed on TensorFlow's absl banner,
+    oneDNN and CUDA-probing lines, twice each, and their cuInit line, in every such run's output."""
+    import io
+
+    from pipeline.running import local_workers
+
+    monkeypatch.setattr(local_workers, "has_gpu_device", lambda: False)
+    lines = (
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+        "I0000 00:00:1796670525.766817   12621 port.cc:153] oneDNN custom operations are on.\n"
+        "I0000 00:00:1796670525.776752   12621 cudart_stub.cc:31] Could not find cuda drivers.\n"
+        + CUINIT_LINE
+        + "WARNING root: a worker's own warning\n"
+    )
+    local_workers._copy_stderr(io.BytesIO(lines.encode()))
+    assert capsys.readouterr().err == "WARNING root: a worker's own warning\n"
+    # Where a GPU is, its failing cuInit is news: kept.
+    monkeypatch.setattr(local_workers, "has_gpu_device", lambda: True)
+    local_workers._copy_stderr(io.BytesIO(CUINIT_LINE.encode()))
+    assert capsys.readouterr().err == CUINIT_LINE
+
+
 def _state(pid: int) -> str | None:
     """The process's state letter (R, S, Z, ...), or None once it is gone."""
     try:

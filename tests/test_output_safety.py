@@ -799,6 +799,42 @@ def test_a_bad_flag_value_is_one_error_line_not_the_usage(flags, pattern, tmp_pa
 
 
 @pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--input", "c/a.jsonl", "c/b.jsonl", "c/c.jsonl"], "quote it, --input 'data/*.jsonl'"),
+        (["--layer", "lstm_content", "lstm_title"], "give it before each (--layer lstm_content --layer"),
+        (["--keep_fields", "kind", "topic"], "one comma-separated list"),
+    ],
+)
+def test_values_after_a_one_value_flags_value_are_told_how_to_pass(
+    flags, pattern, tmp_path, capsys, monkeypatch
+):
+    """An unquoted `--input c/*.jsonl`, expanded by the shell, was "Unknown argument(s): 'c/b.jsonl',
+    'c/c.jsonl'", without a word of the quotes; `--layer a b` "Unknown argument(s): 'b'"."""
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, flags, pattern)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (
+            ["--direct_num_workers", "1e309"],
+            "--direct_num_workers is one of Beam's own flags, explained in Beam's",
+        ),
+        (["--direct_running_mode", "foo"], "pipeline_options.html), not in `python -m pipeline.run --help`."),
+        (["--pooling", "NONE"], "'last'). `python -m pipeline.run --help` explains each flag."),
+    ],
+)
+def test_a_bad_value_of_a_beam_flag_points_at_beams_reference(flags, pattern, tmp_path, capsys, monkeypatch):
+    """It pointed at `python -m pipeline.run --help`, which lists only this tool's flags."""
+    monkeypatch.chdir(tmp_path)
+    _refused(capsys, flags, pattern)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
     "flags, named",
     [
         (["--input", "{a}", "--input", "{b}"], "--input"),
@@ -847,11 +883,15 @@ def test_a_double_dash_is_named_alone(flags, message, tmp_path, capsys, monkeypa
         ),
         ("models.train", ["--output", "{a}", "--output", "{b}"], "--output given more than once"),
         ("models.train", ["--output", "{a}", "--over"], "unrecognized arguments: --over"),
+        ("pipeline.inspect", ["{a}", "--layers", "emb"], "--layers (did you mean --layer?)"),
+        ("pipeline.analyze", ["{a}", "neighbors", "--id", "x", "-k", "inf"], "argument -k: invalid int"),
     ],
 )
 def test_the_other_commands_refuse_abbreviated_and_repeated_flags(command, flags, message, tmp_path, capsys):
     """As pipeline.run does: `vocabulary --output A --output B` wrote B, and `--out A --over`
-    replaced A/vocabulary.parquet (argparse took the abbreviations and kept the last value)."""
+    replaced A/vocabulary.parquet (argparse took the abbreviations and kept the last value).
+    And in one `error:` line, as pipeline.run refuses: argparse printed its usage block (up to 16
+    lines) above `PROG: error: ...`."""
     import importlib
 
     main = importlib.import_module(command).main
@@ -859,7 +899,10 @@ def test_the_other_commands_refuse_abbreviated_and_repeated_flags(command, flags
     with pytest.raises(SystemExit) as stopped:
         main(argv)
     assert stopped.value.code == 2
-    assert message in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and message in line and line.endswith(" --help` explains each flag."), (
+        line
+    )
     assert os.listdir(tmp_path) == []
 
 

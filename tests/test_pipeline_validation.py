@@ -197,6 +197,30 @@ def test_input_with_unknown_extension_and_auto_format(bundle, corpus, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "name, flags, pattern",
+    [
+        (
+            "corpus.jsonl.bz2",
+            [],
+            r"\.bz2-compressed, which the reader does not take.*recompress them with gzip",
+        ),
+        ("corpus.jsonl.bz2", ["--input_format", "jsonl"], r"\.bz2-compressed"),
+        ("corpus.CSV.ZST", ["--input_format", "csv"], r"\.zst-compressed"),
+        ("notes.tar", ["--input_format", "text"], r"a tar archive.*tar -xf"),
+    ],
+)
+def test_input_the_reader_cannot_decompress_is_refused_whatever_the_format(
+    name, flags, pattern, bundle, corpus, tmp_path
+):
+    """`--input c.jsonl.bz2` said "Cannot tell the format ...; pass --input_format", and with it the run
+    read nothing of the file and failed after its work (exit 5, unreadable_file)."""
+    compressed = tmp_path / name
+    compressed.write_bytes(b"BZh91AY&SY")
+    output = tmp_path / "out"
+    assert_refused(export_args(bundle, compressed, output, *flags), output, pattern)
+
+
 def test_the_format_is_told_from_an_extension_in_any_case():
     """`*.jsonl.GZ` was refused ("Cannot tell the format"), though `*.JSONL` was taken and .GZ read."""
     from pipeline.planning.checks import detect_format
@@ -378,6 +402,22 @@ def test_an_empty_id_field_is_refused(id_field, bundle, corpus, tmp_path):
     output = tmp_path / "out"
     argv = export_args(bundle, corpus, output, f"--id_field={id_field}")
     assert_refused(argv, output, "--id_field must name")
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--id_field", "doc"], r"--id_field 'doc' has no field to read in text input.*FILE:LINE"),
+        (["--keep_fields", "text,topic"], r"--keep_fields 'topic' is no field of text input"),
+    ],
+)
+def test_a_field_flag_a_text_corpus_cannot_honour_is_refused(flags, pattern, bundle, tmp_path):
+    """A text corpus (one document per line, ids FILE:LINE): `--id_field doc` was silently ignored
+    (exit 0), and `--keep_fields topic` a null column said only in a warning after the whole run."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("open the socket\nread the file\n")
+    output = tmp_path / "out"
+    assert_refused(export_args(bundle, notes, output, "--layer", "lstm_content", *flags), output, pattern)
 
 
 @pytest.mark.parametrize("flag", ["--output", "--reuse", "--tokenizer"])

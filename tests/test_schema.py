@@ -332,6 +332,31 @@ def test_the_summarys_lines_name_a_relative_output_absolutely(tmp_path, monkeypa
         assert result.returncode == 0 and "row-b" in result.stdout, result.stderr[-2000:]
 
 
+def test_the_summarys_read_lines_call_the_runs_own_python_when_path_has_another(tmp_path, monkeypatch):
+    """After the README's `.venv/bin/python -m pipeline.run` (no activated environment), the lines said
+    `python -c ...`: pasted, the `python` on PATH, another interpreter without duckdb and pandas, ran
+    them and failed with ModuleNotFoundError."""
+    import subprocess
+
+    from pipeline.running.report import ExportSummary, format_summary
+
+    output = tmp_path / "out"
+    output.mkdir()
+    pq.write_table(pa.table({"id": ["row-a", "row-b"]}), output / "part-00000-of-00001.parquet")
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "python").write_text("#!/bin/sh\necho 'ModuleNotFoundError: not the run s python' >&2; exit 1\n")
+    (other / "python").chmod(0o755)
+    path = f"{other}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    monkeypatch.setenv("PATH", path)
+    lines = format_summary(ExportSummary(str(output), 2, 2, 0, {}, 0, 0, 1.0, 0, "")).splitlines()
+    read_lines = [line.split(" with ", 1)[-1].strip().removeprefix("or ") for line in lines if " -c " in line]
+    assert len(read_lines) == 2
+    for line in read_lines:
+        result = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env={"PATH": path})
+        assert result.returncode == 0 and "row-b" in result.stdout, (line, result.stderr[-2000:])
+
+
 def _run_read_line(line, cwd=None):
     """Runs a summary's `python -c ...` read line as bash runs it, pasted (in `cwd`); the CompletedProcess."""
     import shlex

@@ -184,8 +184,8 @@ def test_an_integer_flag_out_of_its_range_is_one_error_line(flag, value, message
     with pytest.raises(SystemExit) as exited:
         main(["--output", str(tmp_path / "bundle"), *_tiny_args_but([f"{flag}={value}"])])
     assert exited.value.code == EXIT_CONFIG_ERROR
-    last = capsys.readouterr().err.splitlines()[-1]
-    assert last.endswith(f"error: argument {flag}: must be an integer{message}"), last
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: argument {flag}: must be an integer{message}. "), line
     assert not (tmp_path / "bundle").exists()
 
 

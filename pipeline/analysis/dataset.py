@@ -393,10 +393,7 @@ def open_vocabulary(location: str) -> VectorDataset:
             )
     filesystem, files = listing.filesystem, listing.files
     if not files:
-        raise AnalysisError(
-            f"{location!r} holds no {VOCABULARY_FILE}. Write one with `python -m pipeline.vocabulary "
-            f"--layer emb --output {location}`, or query documents of an export with --id."
-        )
+        raise AnalysisError(_no_vocabulary(location, filesystem))
     dataset = _parquet_dataset(location, filesystem, files)
     missing = {TOKEN_ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN} - set(dataset.schema.names)
     if missing:
@@ -406,6 +403,35 @@ def open_vocabulary(location: str) -> VectorDataset:
         )
     return _opened(
         VectorDataset(location, "vocabulary", dataset, TOKEN_COLUMN, (TOKEN_ID_COLUMN,)), listing.stamps
+    )
+
+
+def _no_vocabulary(location: str, filesystem: pafs.FileSystem) -> str:
+    """Why `location` has no word vectors, and the commands that make and query them.
+
+    An export's own directory is refused by `pipeline.vocabulary` (only `pipeline.run` writes
+    there), and its model may be any: the vocabulary goes beside it, of the model it records.
+    """
+    import shlex
+
+    directory = uri_filesystem(location)[1]
+    try:
+        with filesystem.open_input_stream(posixpath.join(directory, MANIFEST)) as handle:
+            manifest = json.loads(handle.read().decode("utf-8"))
+    except (OSError, ValueError):  # No export (or an unreadable one): nothing to name.
+        manifest = None
+    model = manifest.get("model_uri") if isinstance(manifest, dict) else None
+    if not isinstance(model, str) or not model:
+        return (
+            f"{location!r} holds no {VOCABULARY_FILE}: pass the --output of `python -m pipeline.vocabulary`, "
+            "or query documents of an export with --id."
+        )
+    vocabulary = location.rstrip("/") + "_vocabulary"
+    return (
+        f"{location!r} is an export, which holds no word vectors (only --token_storage ids writes its "
+        "table). Write its model's vocabulary beside it, `python -m pipeline.vocabulary --model "
+        f"{shlex.quote(model)} --output {shlex.quote(vocabulary)}`, and query that: `python -m "
+        f"pipeline.analyze {shlex.quote(vocabulary)} neighbors --word WORD`; or query documents with --id."
     )
 
 

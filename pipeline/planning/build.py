@@ -14,6 +14,7 @@ from pipeline.planning.checks import (
     check_column_names,
     check_id_field,
     check_numeric_flags,
+    check_text_fields,
     check_tokenizer_present,
     check_vocabulary_fits,
     detect_format,
@@ -51,6 +52,8 @@ def build_plan(options: ExportOptions, check_remote: bool = True) -> tuple[Expor
     check_id_field(options.id_field)
     input_files = check_locations(options, check_remote)
     input_format = detect_format(options.input, options.input_format)
+    keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
+    check_text_fields(input_format, options.id_field, keep_fields)
     explicit_map = parse_input_map(options.input_map)
     model_source = load_model_source(
         options.model,
@@ -74,7 +77,6 @@ def build_plan(options: ExportOptions, check_remote: bool = True) -> tuple[Expor
     check_tokenizer_present(inputs, model_source.tokenizer, options.tokenizer)
     columns = describe_columns(sub_model, specs, inputs, options.pooling)
     columns = apply_token_storage(model, specs, columns, options.token_storage, options.pooling)
-    keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
     check_column_names(keep_fields, columns)
     limits = embedding_limits(sub_model, inputs)
     check_float_inputs_feed_an_embedding(sub_model, inputs, limits)

@@ -18,8 +18,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from pipeline.errors import ExportConfigError
 from pipeline.planning.introspection import EmbeddingLimits
 from pipeline.planning.model_source import AnyTokenizer
-from pipeline.planning.options import INPUT_FORMATS, ExportOptions
+from pipeline.planning.options import DEFAULT_ID_FIELD, INPUT_FORMATS, ExportOptions
 from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_FIELD, ColumnInfo, InputInfo, wants_no_tokenizer
+from pipeline.reading.corpus import OTHER_COMPRESSIONS, TAR_SUFFIXES
 from pipeline.running.progress import STALL_LOOK_SECONDS
 from pipeline.writing import schema as schema_lib
 
@@ -205,8 +206,52 @@ def check_id_field(id_field: str) -> None:
         )
 
 
+def check_text_fields(input_format: str, id_field: str, keep_fields: Sequence[str]) -> None:
+    """Refuses an --id_field or --keep_fields field that a text corpus (one document per line) cannot have.
+
+    Its records have one field, 'text', and ids FILE:LINE: `--id_field doc` was silently
+    ignored, and `--keep_fields topic` a null column said only after the whole run.
+
+    Raises:
+        ExportConfigError: naming the flag and what text input gives instead.
+    """
+    if input_format != "text":
+        return
+    if id_field != DEFAULT_ID_FIELD:
+        raise ExportConfigError(
+            f"--id_field {id_field!r} has no field to read in text input, whose ids are FILE:LINE (one "
+            "document per line); leave --id_field out, or give a JSONL, CSV or Parquet corpus with an "
+            "id field."
+        )
+    others = [field for field in keep_fields if field != TEXT_FIELD]
+    if others:
+        raise ExportConfigError(
+            f"--keep_fields {','.join(others)!r} is no field of text input, whose records have one "
+            f"field, '{TEXT_FIELD}' (one document per line); keep '{TEXT_FIELD}' or nothing, or give a "
+            "JSONL, CSV or Parquet corpus with those fields."
+        )
+
+
 def detect_format(pattern: str, input_format: str) -> str:
-    """Resolves `--input_format auto` from the pattern's extension."""
+    """Resolves `--input_format auto` from the pattern's extension.
+
+    Raises:
+        ExportConfigError: an extension that tells no format, or a compression or archive the
+            reader does not take (each file would be an unreadable_file dead letter, whatever
+            --input_format says, and the run fail after its work).
+    """
+    name = pattern.lower()
+    if name.endswith(OTHER_COMPRESSIONS) or name.endswith(TAR_SUFFIXES):
+        kind = "a tar archive" if name.endswith(TAR_SUFFIXES) else f"{os.path.splitext(name)[1]}-compressed"
+        raise ExportConfigError(
+            f"--input {pattern!r} names files that are {kind}, which the reader does not take (it reads "
+            "plain and gzip files); "
+            + (
+                "extract them (tar -xf FILE) and pass a pattern of their files."
+                if name.endswith(TAR_SUFFIXES)
+                else "recompress them with gzip (.gz) or decompress them, and pass that pattern."
+            )
+        )
     if input_format != "auto":
         return input_format
     stem = pattern[:-3] if pattern.lower().endswith(".gz") else pattern  # The reader takes .GZ too.

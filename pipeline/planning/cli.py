@@ -32,11 +32,15 @@ def add_model_flags(parser: argparse.ArgumentParser, positional_model: bool = Fa
 
     Args:
         parser: an `argparse.ArgumentParser` (or Beam's, in `ExportOptions`).
-        positional_model: the model is a required positional argument (inspect)
-            instead of `--model` defaulting to the bundled model.
+        positional_model: the model is a positional argument (inspect), or `--model` as the
+            other commands take it (`model_option`), instead of `--model` defaulting to the bundled model.
     """
     if positional_model:
-        parser.add_argument("model", help=MODEL_HELP)
+        parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
+        # The other commands' spelling: `inspect --model X` said only "unrecognized arguments: --model".
+        parser.add_argument(
+            "--model", dest="model_option", default=None, metavar="MODEL", help="The same as MODEL."
+        )
     else:
         parser.add_argument(
             "--model",

@@ -16,6 +16,8 @@ POOLINGS = ("none", "mean", "max", "last")
 DTYPES = ("float32", "float16")
 TOKEN_STORAGES = ("vectors", "ids")
 COMPRESSIONS = ("snappy", "zstd", "gzip", "none")
+# A text corpus takes only this one: its ids are FILE:LINE (`checks.check_text_fields`).
+DEFAULT_ID_FIELD = "id"
 
 
 def integer(text: str) -> int | str:
@@ -85,9 +87,9 @@ class ExportOptions(PipelineOptions):
         )
         parser.add_argument(
             "--id_field",
-            default="id",
+            default=DEFAULT_ID_FIELD,
             help="Record field holding the document id (default: %(default)s). For "
-            "text files the id is FILE:LINE.",
+            "text files the id is FILE:LINE, and no other --id_field is taken.",
         )
         parser.add_argument(
             "--input_map",
@@ -134,7 +136,8 @@ class ExportOptions(PipelineOptions):
         parser.add_argument(
             "--keep_fields",
             default="",
-            help="Comma-separated record fields copied to the output as strings (for joins).",
+            help="Comma-separated record fields copied to the output as strings (for joins). Text "
+            "files have one field, 'text'.",
         )
         parser.add_argument(
             "--output",

@@ -146,6 +146,56 @@ def beam_parser() -> argparse.ArgumentParser:
     return parsers[0]
 
 
+# Where Beam's own flags are explained: `python -m pipeline.run --help` lists only ours.
+BEAM_OPTIONS_REFERENCE = (
+    "https://beam.apache.org/releases/pydoc/current/apache_beam.options.pipeline_options.html"
+)
+# Flags whose one value is often followed by more: a shell-expanded pattern, or several layers.
+_ONE_VALUE_HINTS = {
+    "--input": "the shell expanded an unquoted pattern into file names; quote it, --input 'data/*.jsonl', "
+    "so that the command matches it",
+    "--layer": "--layer takes one layer: give it before each (--layer lstm_content --layer lstm_title)",
+    "--input_map": "--input_map takes one INPUT=FIELD: give it before each",
+    "--keep_fields": "--keep_fields takes one comma-separated list (--keep_fields kind,topic)",
+}
+
+
+def _our_flags() -> set[str]:
+    """The flags `python -m pipeline.run --help` lists (ours), as against Beam's."""
+    parsers: list[argparse.ArgumentParser] = []
+    ExportOptions([]).get_all_options(current_only=True, add_extra_args_fn=parsers.append)
+    return {flag for action in parsers[0]._actions for flag in action.option_strings}
+
+
+def _help_for(message: str) -> str:
+    """Where the flag an argparse `message` is about ("argument --flag: ...") is explained."""
+    flag = message.removeprefix("argument ").split(":", 1)[0].split("/", 1)[0]
+    if message.startswith("argument --") and flag not in _our_flags():
+        return (
+            f"{flag} is one of Beam's own flags, explained in Beam's pipeline options reference "
+            f"({BEAM_OPTIONS_REFERENCE}), not in `python -m pipeline.run --help`"
+        )
+    return "`python -m pipeline.run --help` explains each flag"
+
+
+def _stray_values(argv: Sequence[str], unknown: Sequence[str]) -> list[str]:
+    """Hints for the unknown arguments that follow a one-value flag's value (`_ONE_VALUE_HINTS`)."""
+    hints = []
+    args = list(argv)
+    for index, arg in enumerate(args[:-2]):
+        hint = _ONE_VALUE_HINTS.get(arg)
+        if hint is None or args[index + 1].startswith("-"):
+            continue
+        extra = []
+        for value in args[index + 2 :]:
+            if value.startswith("-"):
+                break
+            extra.append(value)
+        if extra and all(value in unknown for value in extra):
+            hints.append(f"{arg} {args[index + 1]!r} is followed by {', '.join(map(repr, extra))}: {hint}")
+    return hints
+
+
 def check_known_flags(argv: Sequence[str] | None) -> None:
     """Refuses arguments that neither our options nor Beam's declare (a typo such as --ouput), and
     a one-value flag given twice with different values (`--input a.jsonl --input b.jsonl`).
@@ -162,10 +212,11 @@ def check_known_flags(argv: Sequence[str] | None) -> None:
 
     def refuse(message: str) -> typing.NoReturn:
         # argparse's own error() prints Beam's whole usage (some 140 lines) above its one line.
-        raise ExportConfigError(f"{message}. `python -m pipeline.run --help` explains each flag.")
+        raise ExportConfigError(f"{message}. {_help_for(message)}.")
 
     parser.error = refuse  # type: ignore[method-assign]  # argparse's documented way to change it is a subclass
-    _, unknown, repeated = parse_recording_repeats(parser, sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _, unknown, repeated = parse_recording_repeats(parser, argv)
     if "--" in unknown:
         after = unknown[unknown.index("--") + 1 :]
         raise ExportConfigError(
@@ -173,6 +224,9 @@ def check_known_flags(argv: Sequence[str] | None) -> None:
             + (f": what follows it ({' '.join(after)}) would not be read" if after else "")
             + ". Put every flag before it, or leave the '--' out."
         )
+    stray = _stray_values(argv, unknown)
+    if stray:
+        raise ExportConfigError("; ".join(stray) + ".")
     if unknown:
         known = [flag for action in parser._actions for flag in action.option_strings]
         problems = []

@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+from models.start_lines import has_gpu_device, is_start_line
+
 # The shell of `shell=True` sets SIGINT and SIGHUP to ignored, then becomes the worker.
 _IGNORE_CTRL_C = "trap '' INT HUP; exec "
 # Beam's worker module in its command, and the one run in its place: the same worker, ended
@@ -125,7 +127,12 @@ def _copy_stderr(stream: IO[bytes], process: subprocess.Popen[bytes] | None = No
     """
     in_traceback = False
     last: collections.deque[bytes] = collections.deque(maxlen=_LAST_LINES)
+    gpu_device = has_gpu_device()
     for line in iter(stream.readline, b""):
+        if is_start_line(line.rstrip(b"\n"), gpu_device):
+            # Each worker's TensorFlow start-up lines (and cuInit's on a machine without a GPU), as
+            # the launcher's own are dropped (`models.start_lines`): noise that reads like a failure.
+            continue
         last.append(line)
         if line.startswith(_TRACEBACK):
             in_traceback = True

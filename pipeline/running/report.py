@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import shlex
+import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -117,6 +119,19 @@ def _python_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _python_command() -> str:
+    """How the read lines call Python: `python` where that is this run's interpreter, else its path.
+
+    After the README's `.venv/bin/python -m pipeline.run`, without an activated environment, the
+    `python` on PATH is another interpreter (or none), without duckdb and pandas: the read lines,
+    pasted, ended in ModuleNotFoundError.
+    """
+    on_path = shutil.which("python")
+    if on_path and os.path.abspath(on_path) == os.path.abspath(sys.executable):
+        return "python"
+    return shlex.quote(sys.executable) if sys.executable else "python"
+
+
 def format_summary(summary: ExportSummary) -> str:
     """The one-screen summary printed at the end of a run."""
     # Absolute: the read lines and the output's path are pasted into other shells, notebooks, directories.
@@ -133,6 +148,7 @@ def format_summary(summary: ExportSummary) -> str:
         f"import pandas as pd; print(pd.read_parquet({_python_string(output)}, "
         'ignore_prefixes=["_", ".", "errors"]).head())'
     )
+    python = _python_command()
     lines = [
         "",
         "Export finished" if summary.exit_code == 0 else f"Export finished with problems: {summary.message}",
@@ -166,8 +182,8 @@ def format_summary(summary: ExportSummary) -> str:
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
         f"  output           {output}",
         # Single-quoted for the shell: a $, ` or \\ in the path reaches Python as it is.
-        f"  read it with     python -c {shlex.quote(duckdb_code)}",
-        f"               or python -c {shlex.quote(pandas_code)}",
+        f"  read it with     {python} -c {shlex.quote(duckdb_code)}",
+        f"               or {python} -c {shlex.quote(pandas_code)}",
     ]
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         lines.append(f"  oov tokens       {summary.oov_tokens}")
