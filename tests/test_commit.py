@@ -11,6 +11,7 @@ SHA-256.  The subprocess tests kill, pause and fail the real command inside its
 commit (tests/hooked_run.py) and send it real signals.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -172,6 +173,22 @@ def _count_steps(commit):
     finally:
         files_lib.step_hook = None
     return steps
+
+
+@contextlib.contextmanager
+def _killed_at_the_first(step):
+    """The block is killed (in-process) at the commit's first `step` ("delete", "mkdir", ...)."""
+
+    def hook(action, relative):
+        if action == step:
+            raise Killed(relative)
+
+    files_lib.step_hook = hook
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        files_lib.step_hook = None
 
 
 def _fault_at(number, fault):
@@ -558,16 +575,8 @@ def test_the_rerun_of_a_failed_export_killed_in_its_commit_says_it_failed(tmp_pa
     output = str(tmp_path / "out")
     argv = ["--model", tiny_bundle[0], "--input", corpus, "--output", output]
 
-    def killed_past_the_commit_point(action, relative):
-        if action == "delete":  # The first step after the journal is in place.
-            raise Killed(relative)
-
-    files_lib.step_hook = killed_past_the_commit_point
-    try:
-        with pytest.raises(Killed):
-            run_export(argv)
-    finally:
-        files_lib.step_hook = None
+    with _killed_at_the_first("delete"):  # The first step after the journal is in place.
+        run_export(argv)
     with pytest.raises(ExportConfigError) as refused:
         run_export(argv)
     manifest = state_lib.read_manifest(output)
@@ -587,16 +596,8 @@ def test_a_file_where_an_interrupted_commit_makes_a_folder_is_named_not_blamed_o
     output = tmp_path / "out"
     shutil.copytree(template, output)
 
-    def killed_before_its_first_folder(action, relative):
-        if action == "mkdir":
-            raise Killed(relative)
-
-    files_lib.step_hook = killed_before_its_first_folder
-    try:
-        with pytest.raises(Killed):
-            _commit(str(output), run_id, facts)
-    finally:
-        files_lib.step_hook = None
+    with _killed_at_the_first("mkdir"):  # Before its first folder.
+        _commit(str(output), run_id, facts)
     (output / layout_lib.ERRORS_DIR).write_text("a file of the user's")
     argv = [
         "--model",
@@ -628,16 +629,8 @@ def test_an_overwrite_rerun_of_a_run_killed_past_its_commit_point_does_not_embed
     output = str(tmp_path / "out")
     shutil.copytree(template, output)
 
-    def killed_past_the_commit_point(action, relative):
-        if action == "delete":  # The first step after the journal is in place.
-            raise Killed(relative)
-
-    files_lib.step_hook = killed_past_the_commit_point
-    try:
-        with pytest.raises(Killed):
-            _commit(output, run_id, facts)
-    finally:
-        files_lib.step_hook = None
+    with _killed_at_the_first("delete"):  # The first step after the journal is in place.
+        _commit(output, run_id, facts)
     with open(os.path.join(output, layout_lib.JOURNAL), encoding="utf-8") as handle:
         staged_manifest = os.path.join(output, json.load(handle)["manifest"])
     with open(staged_manifest, "rb") as handle:
