@@ -256,7 +256,7 @@ def test_neighbors_command_prints_a_table(export_dir, documents, capsys):
         ),
         (["neighbors", "--id", "json.dumps", "--column", "topic"], r"'topic' is string, not a vector"),
         (["neighbors", "--id", "json.dumps", "-k", "0"], r"-k must be at least 1"),
-        (["neighbors", "--word", "thread"], r"no vocabulary.parquet.*python -m pipeline.vocabulary"),
+        (["neighbors", "--word", "thread"], r"holds no word vectors.*python -m pipeline.vocabulary --model"),
         (
             ["knn-score", "--column", "lstm_title", "--label", "colour"],
             r"no label column 'colour'.*kind, topic",
