@@ -243,6 +243,26 @@ def test_utf16_lines_of_any_script_after_utf8_ones_are_dead_letters(input_format
     assert isinstance(_read(_plan("text"), b"abcd\n\x00")[0], Document)
 
 
+@pytest.mark.parametrize("input_format", ["text", "csv"])
+@pytest.mark.parametrize("ending", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_utf16be_lines_after_utf8_ones_are_dead_letters_not_rows_of_garbage(input_format, ending):
+    """UTF-16BE appended to a UTF-8 file (`cat a.txt b_utf16be.txt`): each Hindi line was a row
+    '\t/\t9\x00 \t&...', Chinese with spaces or digits a row of letters between NULs, exit 0. A stray NUL
+    ending a UTF-8 line stays text."""
+    first = "id,content\na,first line\n" if input_format == "csv" else "first line\n"
+    for text in ("यह दूसरी पंक्ति है\nतीसरी पंक्ति\n", "北京是中国的首都 2024\n东京 12 字字\n"):
+        lines = text.splitlines()
+        lines = lines if input_format == "text" else [f"b{i},{line}" for i, line in enumerate(lines)]
+        appended = "".join(line + ending for line in lines).encode("utf-16-be")
+        items = _read(_plan(input_format), first.encode() + appended)
+        # (A CSV reader ends a record at the \r of the CR unit 00 0D too: its 00 0A is a record of its own.)
+        assert items[0].texts == ("first line",)
+        assert all(item["reason"] == "invalid_utf8" and "UTF-16" in item["message"] for item in items[1:])
+        assert sum("UTF-16BE text" in item["message"] for item in items[1:]) == 2
+    items = _read(_plan(input_format), first.encode() + b"c,a C string's end\x00\nc2,and its NUL \x00\n")
+    assert all(isinstance(item, Document) for item in items) and len(items) == 3
+
+
 @pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
 def test_utf16_lines_after_utf8_ones_are_dead_letters_not_rows(input_format):
     """Windows PowerShell's >> appends UTF-16LE to a UTF-8 file: past its UTF-8 start, every line was a
@@ -265,6 +285,42 @@ def test_utf16_lines_after_utf8_ones_are_dead_letters_not_rows(input_format):
     # A short UTF-8 first line: the file is not told UTF-16 by the bytes after it.
     items = _read(_plan(input_format), first[:2].encode() + b"\n" + appended.encode("utf-16-le"))
     assert not any(not isinstance(item, Document) and item["reason"] == "unreadable_file" for item in items)
+
+
+@pytest.mark.parametrize(
+    "first", [b"\x1b[0m", b"ok\x1b", b"1\x01a\x01x"], ids=["colour_reset", "escape", "ctrl_a_fields"]
+)
+def test_a_short_first_line_with_a_control_byte_is_text_not_utf16(first):
+    """A log starting with a terminal's colour reset, or a Hive export's Ctrl-A between one-letter fields:
+    half the first line's bytes are control bytes on one side, so the whole file was one unreadable_file
+    'UTF-16BE without a byte-order mark' (its first range only, when split). UTF-16's newline has its NUL."""
+    data = first + b"\nThe build started at noon\n" + b"".join(b"line %d of the log\n" % i for i in range(40))
+    items = _read(_plan("text", field="text"), data, path="build.log.txt")
+    assert [item.texts for item in items][:2] == [(first.decode(),), ("The build started at noon",)]
+    assert all(isinstance(item, Document) for item in items) and len(items) == 42
+    ranged = corpus.read_records(_plan("text"), "c", lambda: io.BytesIO(data), 0, claim=lambda at: at < 60)
+    assert all(isinstance(item, Document) for _, item in ranged)
+    # A short first line in UTF-16 is still told so, by its newline's NUL.
+    for codec in ("utf-16-le", "utf-16-be"):
+        (item,) = _read(_plan("text", field="text"), "ok\nsecond\n".encode(codec))
+        assert item["reason"] == "unreadable_file" and "UTF-16" in item["message"]
+
+
+@pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
+def test_a_dos_end_of_file_mark_is_said_to_be_one_not_utf16(input_format):
+    """DOS tools end a file with Ctrl-Z (and `copy /b a+b` leaves one between the files): its line was an
+    invalid_utf8 dead letter calling it UTF-16 to convert with iconv, which would make garbage of the file."""
+    first = {
+        "text": "a doc\r\n",
+        "jsonl": '{"id": "a", "content": "a doc"}\r\n',
+        "csv": "id,content\r\na,a doc\r\n",
+    }[input_format]
+    field = "text" if input_format == "text" else "content"
+    items = _read(_plan(input_format, field=field), f"{first}\x1a".encode())
+    assert items[0].texts == ("a doc",)
+    ((_, reason),) = _summary(items[1:])
+    assert reason == "empty_record" and "DOS end-of-file mark (Ctrl-Z" in items[1]["message"]
+    assert "UTF-16" not in items[1]["message"]
 
 
 def test_compressed_data_whose_bytes_look_like_utf16_is_told_by_its_magic_number():

@@ -117,6 +117,10 @@ def wide_encoding(data: bytes) -> str | None:
         return "UTF-32LE"  # Each code point's top byte is 0, the next one too but beyond U+FFFF.
     if zero[0] == units and zero[1] * 4 >= units * 3 and zero[3] < units:
         return "UTF-32BE"
+    if b"\n" in data and b"\x00" not in data:
+        # UTF-16's newline is 0A 00 (00 0A): a line ended by a newline without that NUL is none, however
+        # short (a colour reset ESC [ 0 m, Hive's Ctrl-A between one-letter fields: half control bytes).
+        return None
     pairs = len(data) // 2
     even, odd = control_bytes(data[: pairs * 2 : 2]), control_bytes(data[1 : pairs * 2 : 2])
     if odd * 2 >= pairs and even * 4 <= odd:
@@ -242,6 +246,23 @@ def utf16_line(line: bytes) -> bool:
     return utf16_text(body, "utf-16-le")
 
 
+def utf16be_line(line: bytes) -> bool:
+    """Whether a line (without its \\n) of a UTF-8 file is UTF-16BE text appended to it (`utf16_line`'s twin).
+
+    Such a line ends with the NUL starting its newline (00 0A), so its length is odd; its high bytes are
+    C0 control bytes in a quarter of its code units or more, a NUL among them (ASCII, spaces and digits
+    between CJK; Devanagari's 0x09), or it ends with the CR unit 00 0D; and it decodes to text. A UTF-8
+    line ended by a stray NUL (a C string's end) has no NUL among its high bytes. A line of CJK alone
+    has none either: it is read as UTF-8 (mostly invalid_utf8).
+    """
+    if len(line) % 2 == 0 or not line.endswith(b"\x00"):
+        return False
+    body = line[:-1]
+    if not body.endswith(b"\x00\r") and not _wide_units(body, "utf-16-be"):
+        return False
+    return utf16_text(body, "utf-16-be")
+
+
 def _first_line(head: bytes) -> bytes:
     """A file's first line in `head` (its first bytes), with the newline and the byte after it.
 
@@ -254,6 +275,12 @@ def _first_line(head: bytes) -> bytes:
 
 # A line this share of whose bytes are control bytes is no UTF-8 text (`wide_line_row`).
 WIDE_LINE_CONTROLS = 0.4
+# What DOS tools end a text file with (Ctrl-Z), and `copy /b a.txt+b.txt` leaves between the files joined.
+DOS_END_OF_FILE = b"\x1a"
+DOS_END_OF_FILE_MESSAGE = (
+    "The line is a DOS end-of-file mark (Ctrl-Z, 0x1A), no record: nothing of the file is lost. To be rid of "
+    "this dead letter, remove it (e.g. tr -d '\\032' < FILE > FILE.txt)."
+)
 
 
 def wide_line_row(
@@ -273,18 +300,24 @@ def wide_line_row(
     """
     if not controls:
         return None
-    if controls >= size * WIDE_LINE_CONTROLS:
+    if not line.strip(DOS_END_OF_FILE):
+        return schema_lib.error_row(source, number, None, EMPTY_RECORD, DOS_END_OF_FILE_MESSAGE, raw)
+    # Without a NUL, a line of odd length is no UTF-16LE (its units are whole, its newline's NUL starts the
+    # next line): 'id^Aa^Ax', a Hive export's Ctrl-A between one-letter fields, is text.
+    big_endian = utf16be_line(line)
+    encoding = "UTF-16BE" if big_endian else "UTF-16LE"
+    if controls >= size * WIDE_LINE_CONTROLS and (b"\x00" in line or len(line) % 2 == 0):
         message = (
             f"{controls} of the record's {size} bytes are control bytes (NUL and the like): it is UTF-16 or "
             "UTF-32 text (a control byte between the letters: Windows PowerShell's >> appends UTF-16LE to a "
             "file), or zeros where data was never written, not UTF-8. Convert that part of the file to UTF-8 "
-            "(e.g. iconv -f UTF-16LE -t UTF-8), or remove the zeros."
+            f"(e.g. iconv -f {encoding} -t UTF-8), or remove the zeros."
         )
-    elif utf16_line(line):
+    elif big_endian or utf16_line(line):
         message = (
-            "The record is UTF-16LE text (its bytes read so, a NUL among them: Windows PowerShell's >> "
-            "appends UTF-16LE to a file), not UTF-8. Convert that part of the file to UTF-8 (e.g. iconv -f "
-            "UTF-16LE -t UTF-8)."
+            f"The record is {encoding} text (its bytes read so, a NUL among them: Windows PowerShell's >> "
+            f"appends UTF-16LE to a file), not UTF-8. Convert that part of the file to UTF-8 (e.g. iconv -f "
+            f"{encoding} -t UTF-8)."
         )
     else:
         return None
@@ -458,8 +491,8 @@ def line_records(
         if claim is not None and not claim(offset):
             return
         number += 1
-        if offset == 0:
-            check_encoding(line)
+        if offset == 0:  # With the byte after its newline, as `_first_line` takes it: UTF-16LE's NUL.
+            check_encoding(line + _next_byte(stream))
         cut = len(line) == want and not line.endswith(b"\n")
         consumed = len(line)
         if line.startswith(BOM):
@@ -503,6 +536,20 @@ _JSONL_CARRIAGE_RETURN = re.compile(rb"\r[ \t]*[{\[]")
 _NEXT_JSONL_RECORD = re.compile(r"[ \t]*\r[ \t\r]*[{\[]")
 _JSON_WHITESPACE = " \t\r\n"
 _DECODER = json.JSONDecoder()
+
+
+def _next_byte(stream: ByteStream) -> bytes:
+    """The byte that follows what was read of `stream` (b"" at its end, or where it cannot be told); the
+    stream stays where it was."""
+    peek = getattr(stream, "peek", None)
+    if peek is not None:
+        return bytes(peek(1)[:1])
+    if not stream.seekable():
+        return b""
+    position = stream.tell()
+    following = stream.read(1)
+    stream.seek(position)
+    return following
 
 
 def _at_end(stream: ByteStream) -> bool:
