@@ -243,6 +243,53 @@ def test_utf16_lines_of_any_script_after_utf8_ones_are_dead_letters(input_format
     assert isinstance(_read(_plan("text"), b"abcd\n\x00")[0], Document)
 
 
+# CJK prose without spaces, with a U+XX0D character (不): a 0x0D byte, what old Mac files end lines with.
+CJK_PROSE = {
+    "chinese": "北京是中华人民共和国的首都，不是全国的政治中心、文化中心，不是世界著名古都和现代化国际城市。",
+    "japanese": "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。不思議。",
+}
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("script", CJK_PROSE)
+def test_utf16_cjk_prose_of_long_lines_is_told_utf16_not_old_mac_line_ends(script, codec):
+    """An article per line of Chinese in UTF-16 without a mark: no newline in the 512 bytes the file is
+    told by, and no NUL, so it was an unreadable_file 'ends its lines with a carriage return alone' (tr,
+    which garbles it more); appended to a UTF-8 file, read_error dead letters: exit 5, 'records may be
+    lost'."""
+    text, name = CJK_PROSE[script], codec.upper().replace("-LE", "LE").replace("-BE", "BE")
+    (item,) = _read(_plan("text", field="text"), (text * 6 + "\n" + text * 5 + "\n").encode(codec))
+    assert item["reason"] == "unreadable_file" and f"iconv -f {name} -t UTF-8" in item["message"]
+    items = _read(
+        _plan("text", field="text"), b"first line\n" + (text * 4 + "\n" + text * 3 + "\n").encode(codec)
+    )
+    assert items[0].texts == ("first line",)
+    assert all(item["reason"] == "invalid_utf8" and "UTF-16" in item["message"] for item in items[1:])
+
+
+@pytest.mark.parametrize("encoding", ["shift_jis", "euc-jp", "gbk", "big5", "euc-kr", "cp1252", "mac-roman"])
+def test_text_in_a_legacy_encoding_is_not_taken_for_utf16(encoding):
+    """Shift-JIS, GBK or Big5 prose reads as CJK ideographs in UTF-16 too, Latin-1 as CJK and U+20xx: their
+    lines stay invalid_utf8 dead letters of their own (the run's hint names the conversion), not UTF-16."""
+    text = {"shift_jis": "japanese", "euc-jp": "japanese", "gbk": "chinese", "big5": "chinese"}.get(encoding)
+    if text is not None:
+        line = CJK_PROSE[text].replace("不", "").encode(encoding, "replace") * 8
+    elif encoding == "euc-kr":
+        line = (
+            "대한민국은동아시아의한반도남부에위치한민주공화국이다.서쪽으로는서해,남쪽으로는남해.".encode(
+                encoding
+            )
+            * 8
+        )
+    else:
+        line = (
+            "Le cœur a ses raisons que la raison ne connaît point. Où est la bibliothèque? ".encode(encoding)
+            * 8
+        )
+    items = _read(_plan("text", field="text"), line + b"\n" + line + b"\n")
+    assert [(item["reason"], "UTF-16" in item["message"]) for item in items] == [("invalid_utf8", False)] * 2
+
+
 @pytest.mark.parametrize("input_format", ["text", "csv"])
 @pytest.mark.parametrize("ending", ["\n", "\r\n"], ids=["lf", "crlf"])
 def test_utf16be_lines_after_utf8_ones_are_dead_letters_not_rows_of_garbage(input_format, ending):

@@ -187,6 +187,72 @@ def _clean_utf8(data: bytes) -> bool:
     return not control_bytes(data)
 
 
+# CJK text's code points: Hangul Jamo, CJK radicals, CJK symbols and punctuation, kana, Bopomofo, Hangul
+# compatibility Jamo, CJK Extension A and unified ideographs, Hangul syllables, compatibility ideographs,
+# fullwidth forms.
+CJK_RANGES = (
+    (0x1100, 0x11FF),
+    (0x2E80, 0x2FDF),
+    (0x3000, 0x31FF),
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xAC00, 0xD7A3),
+    (0xF900, 0xFAFF),
+    (0xFF00, 0xFFEF),
+)
+# CJK prose's punctuation (、。「」，), kana and fullwidth forms: a few in every line of it.
+_CJK_MARKS = re.compile("[\u3000-\u30ff\uff00-\uffef]")
+# What else CJK prose in UTF-16 holds: ASCII and Latin-1 (digits, Latin words), and the general punctuation
+# CJK uses (— ‘’ “” … ‰ ※), not U+2028 on (what a Latin-1 space before a letter or a comma reads as).
+_BESIDE_CJK = re.compile("[\x00-\xff\u2010-\u2027\u2030-\u203f]")
+
+
+def _is_cjk(character: str) -> bool:
+    code = ord(character)
+    return any(low <= code <= high for low, high in CJK_RANGES)
+
+
+def cjk_utf16(data: bytes, codec: str) -> bool:
+    """Whether `data` (whole code units), not UTF-8, reads as `codec` (utf-16-le or -be) to CJK prose: half
+    its characters or more CJK (`CJK_RANGES`), all but 2% of the others ASCII, Latin-1 or the general
+    punctuation CJK uses, and 2% or more CJK punctuation, kana or fullwidth forms (，。、).
+
+    CJK in UTF-16 holds no control byte nor, without spaces, NUL (`_wide_units`). Latin-1 text reads as
+    CJK too, but each space after a letter reads as a U+2041..U+20FF character; a Shift-JIS, GBK or EUC-KR
+    file reads as ideographs too, but never as punctuation or kana.
+    """
+    try:
+        data.decode("utf-8")
+        return False
+    except UnicodeDecodeError as error:
+        if error.reason == "unexpected end of data":
+            return False  # UTF-8 text that the end of `data` cut in a character.
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError:
+        return False
+    cjk = sum(map(_is_cjk, text))
+    others = len(text) - cjk - len(_BESIDE_CJK.findall(text))
+    marks = len(_CJK_MARKS.findall(text))
+    return bool(text) and cjk * 2 >= len(text) and others * 50 <= len(text) and marks * 50 >= len(text)
+
+
+def cjk_utf16_line(line: bytes) -> str | None:
+    """The UTF-16 encoding (iconv's name) of a line (without its \\n) of CJK prose (`cjk_utf16`) cut out
+    of UTF-16 text at its 0A bytes, whichever byte it starts with (after UTF-16LE's newline: 00); else None.
+
+    A line of CJK appended to a UTF-8 file holds no control byte (`wide_line_row`), nor, ended by \\n, a NUL.
+    """
+    for start in (0, 1):
+        body = line[start:]
+        body = body[: len(body) // 2 * 2]
+        for name, _, codec in UTF16_NEWLINES:
+            units = _whole_units(body, codec)
+            if cjk_utf16(units, codec) and utf16_text(units, codec):
+                return name
+    return None
+
+
 def unmarked_utf16(head: bytes) -> str | None:
     """The UTF-16 encoding (iconv's name) of a file whose first bytes `head` are UTF-16 without a byte-order
     mark in any script, else None.
@@ -212,11 +278,11 @@ def unmarked_utf16(head: bytes) -> str | None:
             return name
     if b"\n\x00" not in head and b"\x00\n" not in head and not utf8_start:
         # A first line longer than `head` (a document per line): its high bytes tell it, NULs (spaces) among
-        # the Indic scripts' whitespace ones (`_wide_units`). Of CJK alone nothing does: Latin-1 text reads
-        # as CJK too.
+        # the Indic scripts' whitespace ones (`_wide_units`); CJK alone, its characters (`cjk_utf16`).
         body = head[: len(head) // 2 * 2]
         for name, _, codec in UTF16_NEWLINES:
-            if _wide_units(body, codec) and utf16_text(_whole_units(body, codec), codec):
+            units = _whole_units(body, codec)
+            if (_wide_units(body, codec) or cjk_utf16(units, codec)) and utf16_text(units, codec):
                 return name
     return None
 
@@ -314,14 +380,18 @@ def wide_line_row(
             f"(e.g. iconv -f {encoding} -t UTF-8), or remove the zeros."
         )
     elif big_endian or utf16_line(line):
-        message = (
-            f"The record is {encoding} text (its bytes read so, a NUL among them: Windows PowerShell's >> "
-            f"appends UTF-16LE to a file), not UTF-8. Convert that part of the file to UTF-8 (e.g. iconv -f "
-            f"{encoding} -t UTF-8)."
-        )
+        message = _utf16_record(encoding)
     else:
         return None
     return schema_lib.error_row(source, number, None, INVALID_UTF8, message, raw)
+
+
+def _utf16_record(encoding: str) -> str:
+    """The message of a line or record that is UTF-16 text (`encoding`, iconv's name) past a UTF-8 start."""
+    return (
+        f"The record is {encoding} text (its bytes read so: Windows PowerShell's >> appends UTF-16LE to a "
+        f"file), not UTF-8. Convert that part of the file to UTF-8 (e.g. iconv -f {encoding} -t UTF-8)."
+    )
 
 
 def check_encoding(head: bytes) -> None:
@@ -580,8 +650,10 @@ def _holds_carriage_return_lines(plan: ExportPlan, line: bytes, cut: bool, only_
     if plan.input_format != "text":
         return cut and bool(_JSONL_CARRIAGE_RETURN.search(body))
     returns = body.count(b"\r")
-    if returns >= 2 and not cut and utf16_line(body):
-        return False  # UTF-16LE text appended (`wide_line_row`): 0x0D is Malayalam's and Sinhala's high byte.
+    if returns >= 2 and not cut and (utf16_line(body) or utf16be_line(body) or cjk_utf16_line(body)):
+        # UTF-16 text appended (`wide_line_row`): 0x0D is Malayalam's and Sinhala's high byte, and a byte of
+        # CJK characters (不 is 0D 4E).
+        return False
     return returns >= 2 or (returns == 1 and only_line)
 
 
@@ -633,6 +705,9 @@ def parse_line(
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
+        cjk = cjk_utf16_line(line)
+        if cjk is not None:  # UTF-16 CJK appended: a line of it holds no control byte (`wide_line_row`).
+            return schema_lib.error_row(source, number, None, INVALID_UTF8, _utf16_record(cjk), line)
         return schema_lib.error_row(source, number, None, INVALID_UTF8, str(error), line)
     if plan.input_format == "text":
         fields = {plan.inputs[0].field: text} if plan.inputs else {}
