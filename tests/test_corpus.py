@@ -351,6 +351,9 @@ def test_a_short_first_line_with_a_control_byte_is_text_not_utf16(first):
     for codec in ("utf-16-le", "utf-16-be"):
         (item,) = _read(_plan("text", field="text"), "ok\nsecond\n".encode(codec))
         assert item["reason"] == "unreadable_file" and "UTF-16" in item["message"]
+    # A line of odd length without a NUL is UTF-16LE when cut after a character's 0A byte (Њ is 0A 04).
+    items = _read(_plan("text", field="text"), b"first\n" + "a Његош\nЊегош\n".encode("utf-16-le"))
+    assert [item.texts for item in items if isinstance(item, Document) and any(item.texts)] == [("first",)]
 
 
 @pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])

@@ -368,11 +368,12 @@ def wide_line_row(
         return None
     if not line.strip(DOS_END_OF_FILE):
         return schema_lib.error_row(source, number, None, EMPTY_RECORD, DOS_END_OF_FILE_MESSAGE, raw)
-    # Without a NUL, a line of odd length is no UTF-16LE (its units are whole, its newline's NUL starts the
-    # next line): 'id^Aa^Ax', a Hive export's Ctrl-A between one-letter fields, is text.
     big_endian = utf16be_line(line)
     encoding = "UTF-16BE" if big_endian else "UTF-16LE"
-    if controls >= size * WIDE_LINE_CONTROLS and (b"\x00" in line or len(line) % 2 == 0):
+    # Without a NUL, a line of odd length is UTF-16LE only as cut after a character's 0A low byte (Њ is
+    # 0A 04), so starting with its control high byte: '1^Aa^Ax', one-letter fields between Ctrl-A, is text.
+    halves = b"\x00" in line or len(line) % 2 == 0 or line[:1] in CONTROL_BYTES
+    if controls >= size * WIDE_LINE_CONTROLS and halves:
         message = (
             f"{controls} of the record's {size} bytes are control bytes (NUL and the like): it is UTF-16 or "
             "UTF-32 text (a control byte between the letters: Windows PowerShell's >> appends UTF-16LE to a "
