@@ -208,6 +208,7 @@ _BESIDE_CJK = re.compile("[\x00-\xff\u2010-\u2027\u2030-\u203f]")
 
 
 def _is_cjk(character: str) -> bool:
+    """Whether `character` is in `CJK_RANGES`."""
     code = ord(character)
     return any(low <= code <= high for low, high in CJK_RANGES)
 
@@ -319,7 +320,7 @@ def utf16be_line(line: bytes) -> bool:
     C0 control bytes in a quarter of its code units or more, a NUL among them (ASCII, spaces and digits
     between CJK; Devanagari's 0x09), or it ends with the CR unit 00 0D; and it decodes to text. A UTF-8
     line ended by a stray NUL (a C string's end) has no NUL among its high bytes. A line of CJK alone
-    has none either: it is read as UTF-8 (mostly invalid_utf8).
+    has none either: it is CJK prose (`cjk_utf16_line`), or read as UTF-8.
     """
     if len(line) % 2 == 0 or not line.endswith(b"\x00"):
         return False
@@ -357,12 +358,13 @@ def wide_line_row(
 
     Such a line has 40% or more control bytes (UTF-16 of ASCII or Cyrillic has half;
     a text of letters overstruck by backspaces, as `man` prints bold to a terminal, a
-    third), or is UTF-16LE text whose characters hold none (CJK, Hangul) or whitespace
-    ones (the Indic scripts): `utf16_line`, asked of a line with a control byte only (its
-    bytes `line`, without the line end). A UTF-8 file that goes on as UTF-16 (Windows
-    PowerShell's `>>` appends UTF-16LE to any file; `cat a.txt b_utf16.txt`) has such
-    lines past its first; a disk's zeros where data was never written are NULs. UTF-8
-    text holds none but by accident.
+    third), or is UTF-16LE or UTF-16BE text whose characters hold none (CJK, Hangul) or
+    whitespace ones (the Indic scripts): `utf16_line`, `utf16be_line`, asked of a line with
+    a control byte only (its bytes `line`, without the line end). A UTF-8 file that goes on
+    as UTF-16 (Windows PowerShell's `>>` appends UTF-16LE to any file; `cat a.txt
+    b_utf16.txt`) has such lines past its first; a disk's zeros where data was never
+    written are NULs. UTF-8 text holds none but by accident. A line of nothing but DOS's
+    end-of-file mark (Ctrl-Z) is its own `empty_record` dead letter.
     """
     if not controls:
         return None
