@@ -373,6 +373,20 @@ def test_a_dos_end_of_file_mark_is_said_to_be_one_not_utf16(input_format):
     assert "UTF-16" not in items[1]["message"]
 
 
+@pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
+def test_a_dos_end_of_file_mark_right_after_the_last_record_is_no_part_of_it(input_format):
+    """`copy /a` ends a file with Ctrl-Z, right after a last record without its newline: that record was a
+    malformed_json 'Extra data', a malformed_csv (after a quoted field) or, in text, an invalid_utf8 'UTF-16'
+    dead letter."""
+    data = {
+        "text": b"x\r\ny\x1a",
+        "jsonl": b'{"id": "a", "content": "x"}\r\n{"id": "b", "content": "y"}\x1a',
+        "csv": b'id,content\r\na,x\r\nb,"y"\x1a',
+    }[input_format]
+    items = _read(_plan(input_format, field="text" if input_format == "text" else "content"), data)
+    assert [item.texts for item in items] == [("x",), ("y",)]
+
+
 def test_compressed_data_whose_bytes_look_like_utf16_is_told_by_its_magic_number():
     """Binary data holds NULs: a zip of a UTF-16 file must be told zip data, not UTF-16 to convert."""
     (item,) = _read(_plan("jsonl"), b"PK\x03\x04" + "stored member".encode("utf-16-le"), path="c.jsonl")

@@ -570,6 +570,10 @@ def line_records(
         consumed = len(line)
         if line.startswith(BOM):
             line = line[len(BOM) :]
+        if not cut and line.endswith(DOS_END_OF_FILE) and line.strip(DOS_END_OF_FILE):
+            # DOS's end-of-file mark right after the last record (`copy /a`): no part of it (a JSON object
+            # would not parse); a line of nothing but the mark is its own dead letter (`wide_line_row`).
+            line = line.rstrip(DOS_END_OF_FILE)
         size, end = len(line), line
         if cut:
             skipped, end = _skip_line(stream)
