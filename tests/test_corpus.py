@@ -243,6 +243,73 @@ def test_utf16_lines_of_any_script_after_utf8_ones_are_dead_letters(input_format
     assert isinstance(_read(_plan("text"), b"abcd\n\x00")[0], Document)
 
 
+# CJK prose without spaces, with a U+XX0D character (不): a 0x0D byte, what old Mac files end lines with.
+CJK_PROSE = {
+    "chinese": "北京是中华人民共和国的首都，不是全国的政治中心、文化中心，不是世界著名古都和现代化国际城市。",
+    "japanese": "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。不思議。",
+}
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("script", CJK_PROSE)
+def test_utf16_cjk_prose_of_long_lines_is_told_utf16_not_old_mac_line_ends(script, codec):
+    """An article per line of Chinese in UTF-16 without a mark: no newline in the 512 bytes the file is
+    told by, and no NUL, so it was an unreadable_file 'ends its lines with a carriage return alone' (tr,
+    which garbles it more); appended to a UTF-8 file, read_error dead letters: exit 5, 'records may be
+    lost'."""
+    text, name = CJK_PROSE[script], codec.upper().replace("-LE", "LE").replace("-BE", "BE")
+    (item,) = _read(_plan("text", field="text"), (text * 6 + "\n" + text * 5 + "\n").encode(codec))
+    assert item["reason"] == "unreadable_file" and f"iconv -f {name} -t UTF-8" in item["message"]
+    items = _read(
+        _plan("text", field="text"), b"first line\n" + (text * 4 + "\n" + text * 3 + "\n").encode(codec)
+    )
+    assert items[0].texts == ("first line",)
+    assert all(item["reason"] == "invalid_utf8" and "UTF-16" in item["message"] for item in items[1:])
+
+
+@pytest.mark.parametrize("encoding", ["shift_jis", "euc-jp", "gbk", "big5", "euc-kr", "cp1252", "mac-roman"])
+def test_text_in_a_legacy_encoding_is_not_taken_for_utf16(encoding):
+    """Shift-JIS, GBK or Big5 prose reads as CJK ideographs in UTF-16 too, Latin-1 as CJK and U+20xx: their
+    lines stay invalid_utf8 dead letters of their own (the run's hint names the conversion), not UTF-16."""
+    text = {"shift_jis": "japanese", "euc-jp": "japanese", "gbk": "chinese", "big5": "chinese"}.get(encoding)
+    if text is not None:
+        line = CJK_PROSE[text].replace("不", "").encode(encoding, "replace") * 8
+    elif encoding == "euc-kr":
+        line = (
+            "대한민국은동아시아의한반도남부에위치한민주공화국이다.서쪽으로는서해,남쪽으로는남해.".encode(
+                encoding
+            )
+            * 8
+        )
+    else:
+        line = (
+            "Le cœur a ses raisons que la raison ne connaît point. Où est la bibliothèque? ".encode(encoding)
+            * 8
+        )
+    items = _read(_plan("text", field="text"), line + b"\n" + line + b"\n")
+    assert [(item["reason"], "UTF-16" in item["message"]) for item in items] == [("invalid_utf8", False)] * 2
+
+
+@pytest.mark.parametrize("input_format", ["text", "csv"])
+@pytest.mark.parametrize("ending", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_utf16be_lines_after_utf8_ones_are_dead_letters_not_rows_of_garbage(input_format, ending):
+    """UTF-16BE appended to a UTF-8 file (`cat a.txt b_utf16be.txt`): each Hindi line was a row
+    '\t/\t9\x00 \t&...', Chinese with spaces or digits a row of letters between NULs, exit 0. A stray NUL
+    ending a UTF-8 line stays text."""
+    first = "id,content\na,first line\n" if input_format == "csv" else "first line\n"
+    for text in ("यह दूसरी पंक्ति है\nतीसरी पंक्ति\n", "北京是中国的首都 2024\n东京 12 字字\n"):
+        lines = text.splitlines()
+        lines = lines if input_format == "text" else [f"b{i},{line}" for i, line in enumerate(lines)]
+        appended = "".join(line + ending for line in lines).encode("utf-16-be")
+        items = _read(_plan(input_format), first.encode() + appended)
+        # (A CSV reader ends a record at the \r of the CR unit 00 0D too: its 00 0A is a record of its own.)
+        assert items[0].texts == ("first line",)
+        assert all(item["reason"] == "invalid_utf8" and "UTF-16" in item["message"] for item in items[1:])
+        assert sum("UTF-16BE text" in item["message"] for item in items[1:]) == 2
+    items = _read(_plan(input_format), first.encode() + b"c,a C string's end\x00\nc2,and its NUL \x00\n")
+    assert all(isinstance(item, Document) for item in items) and len(items) == 3
+
+
 @pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
 def test_utf16_lines_after_utf8_ones_are_dead_letters_not_rows(input_format):
     """Windows PowerShell's >> appends UTF-16LE to a UTF-8 file: past its UTF-8 start, every line was a
@@ -265,6 +332,59 @@ def test_utf16_lines_after_utf8_ones_are_dead_letters_not_rows(input_format):
     # A short UTF-8 first line: the file is not told UTF-16 by the bytes after it.
     items = _read(_plan(input_format), first[:2].encode() + b"\n" + appended.encode("utf-16-le"))
     assert not any(not isinstance(item, Document) and item["reason"] == "unreadable_file" for item in items)
+
+
+@pytest.mark.parametrize(
+    "first", [b"\x1b[0m", b"ok\x1b", b"1\x01a\x01x"], ids=["colour_reset", "escape", "ctrl_a_fields"]
+)
+def test_a_short_first_line_with_a_control_byte_is_text_not_utf16(first):
+    """A log starting with a terminal's colour reset, or a Hive export's Ctrl-A between one-letter fields:
+    half the first line's bytes are control bytes on one side, so the whole file was one unreadable_file
+    'UTF-16BE without a byte-order mark' (its first range only, when split). UTF-16's newline has its NUL."""
+    data = first + b"\nThe build started at noon\n" + b"".join(b"line %d of the log\n" % i for i in range(40))
+    items = _read(_plan("text", field="text"), data, path="build.log.txt")
+    assert [item.texts for item in items][:2] == [(first.decode(),), ("The build started at noon",)]
+    assert all(isinstance(item, Document) for item in items) and len(items) == 42
+    ranged = corpus.read_records(_plan("text"), "c", lambda: io.BytesIO(data), 0, claim=lambda at: at < 60)
+    assert all(isinstance(item, Document) for _, item in ranged)
+    # A short first line in UTF-16 is still told so, by its newline's NUL.
+    for codec in ("utf-16-le", "utf-16-be"):
+        (item,) = _read(_plan("text", field="text"), "ok\nsecond\n".encode(codec))
+        assert item["reason"] == "unreadable_file" and "UTF-16" in item["message"]
+    # A line of odd length without a NUL is UTF-16LE when cut after a character's 0A byte (Њ is 0A 04).
+    items = _read(_plan("text", field="text"), b"first\n" + "a Његош\nЊегош\n".encode("utf-16-le"))
+    assert [item.texts for item in items if isinstance(item, Document) and any(item.texts)] == [("first",)]
+
+
+@pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
+def test_a_dos_end_of_file_mark_is_said_to_be_one_not_utf16(input_format):
+    """DOS tools end a file with Ctrl-Z (and `copy /b a+b` leaves one between the files): its line was an
+    invalid_utf8 dead letter calling it UTF-16 to convert with iconv, which would make garbage of the file."""
+    first = {
+        "text": "a doc\r\n",
+        "jsonl": '{"id": "a", "content": "a doc"}\r\n',
+        "csv": "id,content\r\na,a doc\r\n",
+    }[input_format]
+    field = "text" if input_format == "text" else "content"
+    items = _read(_plan(input_format, field=field), f"{first}\x1a".encode())
+    assert items[0].texts == ("a doc",)
+    ((_, reason),) = _summary(items[1:])
+    assert reason == "empty_record" and "DOS end-of-file mark (Ctrl-Z" in items[1]["message"]
+    assert "UTF-16" not in items[1]["message"]
+
+
+@pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
+def test_a_dos_end_of_file_mark_right_after_the_last_record_is_no_part_of_it(input_format):
+    """`copy /a` ends a file with Ctrl-Z, right after a last record without its newline: that record was a
+    malformed_json 'Extra data', a malformed_csv (after a quoted field) or, in text, an invalid_utf8 'UTF-16'
+    dead letter."""
+    data = {
+        "text": b"x\r\ny\x1a",
+        "jsonl": b'{"id": "a", "content": "x"}\r\n{"id": "b", "content": "y"}\x1a',
+        "csv": b'id,content\r\na,x\r\nb,"y"\x1a',
+    }[input_format]
+    items = _read(_plan(input_format, field="text" if input_format == "text" else "content"), data)
+    assert [item.texts for item in items] == [("x",), ("y",)]
 
 
 def test_compressed_data_whose_bytes_look_like_utf16_is_told_by_its_magic_number():

@@ -101,6 +101,10 @@ class _CsvLines:
             line = line[1:]
             if not queued and not line.endswith("\n"):  # The mark took a character of the read's room.
                 line += self._text.readline(1)
+        if line.endswith("\x1a") and len(line) < self._limit + 2 and line.strip("\x1a"):
+            # DOS's end-of-file mark right after the last record, which no line end follows (a line the read
+            # limit cut would be longer): no part of it (`text_lines.DOS_END_OF_FILE`).
+            line = line.rstrip("\x1a")
         self._line = line
         self.lines.append(line)
         self.quotes += line.count('"')

@@ -117,6 +117,10 @@ def wide_encoding(data: bytes) -> str | None:
         return "UTF-32LE"  # Each code point's top byte is 0, the next one too but beyond U+FFFF.
     if zero[0] == units and zero[1] * 4 >= units * 3 and zero[3] < units:
         return "UTF-32BE"
+    if b"\n" in data and b"\x00" not in data:
+        # UTF-16's newline is 0A 00 (00 0A): a line ended by a newline without that NUL is none, however
+        # short (a colour reset ESC [ 0 m, Hive's Ctrl-A between one-letter fields: half control bytes).
+        return None
     pairs = len(data) // 2
     even, odd = control_bytes(data[: pairs * 2 : 2]), control_bytes(data[1 : pairs * 2 : 2])
     if odd * 2 >= pairs and even * 4 <= odd:
@@ -183,6 +187,73 @@ def _clean_utf8(data: bytes) -> bool:
     return not control_bytes(data)
 
 
+# CJK text's code points: Hangul Jamo, CJK radicals, CJK symbols and punctuation, kana, Bopomofo, Hangul
+# compatibility Jamo, CJK Extension A and unified ideographs, Hangul syllables, compatibility ideographs,
+# fullwidth forms.
+CJK_RANGES = (
+    (0x1100, 0x11FF),
+    (0x2E80, 0x2FDF),
+    (0x3000, 0x31FF),
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xAC00, 0xD7A3),
+    (0xF900, 0xFAFF),
+    (0xFF00, 0xFFEF),
+)
+# CJK prose's punctuation (、。「」，), kana and fullwidth forms: a few in every line of it.
+_CJK_MARKS = re.compile("[\u3000-\u30ff\uff00-\uffef]")
+# What else CJK prose in UTF-16 holds: ASCII and Latin-1 (digits, Latin words), and the general punctuation
+# CJK uses (— ‘’ “” … ‰ ※), not U+2028 on (what a Latin-1 space before a letter or a comma reads as).
+_BESIDE_CJK = re.compile("[\x00-\xff\u2010-\u2027\u2030-\u203f]")
+
+
+def _is_cjk(character: str) -> bool:
+    """Whether `character` is in `CJK_RANGES`."""
+    code = ord(character)
+    return any(low <= code <= high for low, high in CJK_RANGES)
+
+
+def cjk_utf16(data: bytes, codec: str) -> bool:
+    """Whether `data` (whole code units), not UTF-8, reads as `codec` (utf-16-le or -be) to CJK prose: half
+    its characters or more CJK (`CJK_RANGES`), all but 2% of the others ASCII, Latin-1 or the general
+    punctuation CJK uses, and 2% or more CJK punctuation, kana or fullwidth forms (，。、).
+
+    CJK in UTF-16 holds no control byte nor, without spaces, NUL (`_wide_units`). Latin-1 text reads as
+    CJK too, but each space after a letter reads as a U+2041..U+20FF character; a Shift-JIS, GBK or EUC-KR
+    file reads as ideographs too, but never as punctuation or kana.
+    """
+    try:
+        data.decode("utf-8")
+        return False
+    except UnicodeDecodeError as error:
+        if error.reason == "unexpected end of data":
+            return False  # UTF-8 text that the end of `data` cut in a character.
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError:
+        return False
+    cjk = sum(map(_is_cjk, text))
+    others = len(text) - cjk - len(_BESIDE_CJK.findall(text))
+    marks = len(_CJK_MARKS.findall(text))
+    return bool(text) and cjk * 2 >= len(text) and others * 50 <= len(text) and marks * 50 >= len(text)
+
+
+def cjk_utf16_line(line: bytes) -> str | None:
+    """The UTF-16 encoding (iconv's name) of a line (without its \\n) of CJK prose (`cjk_utf16`) cut out
+    of UTF-16 text at its 0A bytes, whichever byte it starts with (after UTF-16LE's newline: 00); else None.
+
+    A line of CJK appended to a UTF-8 file holds no control byte (`wide_line_row`), nor, ended by \\n, a NUL.
+    """
+    for start in (0, 1):
+        body = line[start:]
+        body = body[: len(body) // 2 * 2]
+        for name, _, codec in UTF16_NEWLINES:
+            units = _whole_units(body, codec)
+            if cjk_utf16(units, codec) and utf16_text(units, codec):
+                return name
+    return None
+
+
 def unmarked_utf16(head: bytes) -> str | None:
     """The UTF-16 encoding (iconv's name) of a file whose first bytes `head` are UTF-16 without a byte-order
     mark in any script, else None.
@@ -208,11 +279,11 @@ def unmarked_utf16(head: bytes) -> str | None:
             return name
     if b"\n\x00" not in head and b"\x00\n" not in head and not utf8_start:
         # A first line longer than `head` (a document per line): its high bytes tell it, NULs (spaces) among
-        # the Indic scripts' whitespace ones (`_wide_units`). Of CJK alone nothing does: Latin-1 text reads
-        # as CJK too.
+        # the Indic scripts' whitespace ones (`_wide_units`); CJK alone, its characters (`cjk_utf16`).
         body = head[: len(head) // 2 * 2]
         for name, _, codec in UTF16_NEWLINES:
-            if _wide_units(body, codec) and utf16_text(_whole_units(body, codec), codec):
+            units = _whole_units(body, codec)
+            if (_wide_units(body, codec) or cjk_utf16(units, codec)) and utf16_text(units, codec):
                 return name
     return None
 
@@ -242,6 +313,23 @@ def utf16_line(line: bytes) -> bool:
     return utf16_text(body, "utf-16-le")
 
 
+def utf16be_line(line: bytes) -> bool:
+    """Whether a line (without its \\n) of a UTF-8 file is UTF-16BE text appended to it (`utf16_line`'s twin).
+
+    Such a line ends with the NUL starting its newline (00 0A), so its length is odd; its high bytes are
+    C0 control bytes in a quarter of its code units or more, a NUL among them (ASCII, spaces and digits
+    between CJK; Devanagari's 0x09), or it ends with the CR unit 00 0D; and it decodes to text. A UTF-8
+    line ended by a stray NUL (a C string's end) has no NUL among its high bytes. A line of CJK alone
+    has none either: it is CJK prose (`cjk_utf16_line`), or read as UTF-8.
+    """
+    if len(line) % 2 == 0 or not line.endswith(b"\x00"):
+        return False
+    body = line[:-1]
+    if not body.endswith(b"\x00\r") and not _wide_units(body, "utf-16-be"):
+        return False
+    return utf16_text(body, "utf-16-be")
+
+
 def _first_line(head: bytes) -> bytes:
     """A file's first line in `head` (its first bytes), with the newline and the byte after it.
 
@@ -254,6 +342,12 @@ def _first_line(head: bytes) -> bytes:
 
 # A line this share of whose bytes are control bytes is no UTF-8 text (`wide_line_row`).
 WIDE_LINE_CONTROLS = 0.4
+# What DOS tools end a text file with (Ctrl-Z), and `copy /b a.txt+b.txt` leaves between the files joined.
+DOS_END_OF_FILE = b"\x1a"
+DOS_END_OF_FILE_MESSAGE = (
+    "The line is a DOS end-of-file mark (Ctrl-Z, 0x1A), no record: nothing of the file is lost. To be rid of "
+    "this dead letter, remove it (e.g. tr -d '\\032' < FILE > FILE.txt)."
+)
 
 
 def wide_line_row(
@@ -264,31 +358,43 @@ def wide_line_row(
 
     Such a line has 40% or more control bytes (UTF-16 of ASCII or Cyrillic has half;
     a text of letters overstruck by backspaces, as `man` prints bold to a terminal, a
-    third), or is UTF-16LE text whose characters hold none (CJK, Hangul) or whitespace
-    ones (the Indic scripts): `utf16_line`, asked of a line with a control byte only (its
-    bytes `line`, without the line end). A UTF-8 file that goes on as UTF-16 (Windows
-    PowerShell's `>>` appends UTF-16LE to any file; `cat a.txt b_utf16.txt`) has such
-    lines past its first; a disk's zeros where data was never written are NULs. UTF-8
-    text holds none but by accident.
+    third), or is UTF-16LE or UTF-16BE text whose characters hold none (CJK, Hangul) or
+    whitespace ones (the Indic scripts): `utf16_line`, `utf16be_line`, asked of a line with
+    a control byte only (its bytes `line`, without the line end). A UTF-8 file that goes on
+    as UTF-16 (Windows PowerShell's `>>` appends UTF-16LE to any file; `cat a.txt
+    b_utf16.txt`) has such lines past its first; a disk's zeros where data was never
+    written are NULs. UTF-8 text holds none but by accident. A line of nothing but DOS's
+    end-of-file mark (Ctrl-Z) is its own `empty_record` dead letter.
     """
     if not controls:
         return None
-    if controls >= size * WIDE_LINE_CONTROLS:
+    if not line.strip(DOS_END_OF_FILE):
+        return schema_lib.error_row(source, number, None, EMPTY_RECORD, DOS_END_OF_FILE_MESSAGE, raw)
+    big_endian = utf16be_line(line)
+    encoding = "UTF-16BE" if big_endian else "UTF-16LE"
+    # Without a NUL, a line of odd length is UTF-16LE only as cut after a character's 0A low byte (Њ is
+    # 0A 04), so starting with its control high byte: '1^Aa^Ax', one-letter fields between Ctrl-A, is text.
+    halves = b"\x00" in line or len(line) % 2 == 0 or line[:1] in CONTROL_BYTES
+    if controls >= size * WIDE_LINE_CONTROLS and halves:
         message = (
             f"{controls} of the record's {size} bytes are control bytes (NUL and the like): it is UTF-16 or "
             "UTF-32 text (a control byte between the letters: Windows PowerShell's >> appends UTF-16LE to a "
             "file), or zeros where data was never written, not UTF-8. Convert that part of the file to UTF-8 "
-            "(e.g. iconv -f UTF-16LE -t UTF-8), or remove the zeros."
+            f"(e.g. iconv -f {encoding} -t UTF-8), or remove the zeros."
         )
-    elif utf16_line(line):
-        message = (
-            "The record is UTF-16LE text (its bytes read so, a NUL among them: Windows PowerShell's >> "
-            "appends UTF-16LE to a file), not UTF-8. Convert that part of the file to UTF-8 (e.g. iconv -f "
-            "UTF-16LE -t UTF-8)."
-        )
+    elif big_endian or utf16_line(line):
+        message = _utf16_record(encoding)
     else:
         return None
     return schema_lib.error_row(source, number, None, INVALID_UTF8, message, raw)
+
+
+def _utf16_record(encoding: str) -> str:
+    """The message of a line or record that is UTF-16 text (`encoding`, iconv's name) past a UTF-8 start."""
+    return (
+        f"The record is {encoding} text (its bytes read so: Windows PowerShell's >> appends UTF-16LE to a "
+        f"file), not UTF-8. Convert that part of the file to UTF-8 (e.g. iconv -f {encoding} -t UTF-8)."
+    )
 
 
 def check_encoding(head: bytes) -> None:
@@ -458,12 +564,16 @@ def line_records(
         if claim is not None and not claim(offset):
             return
         number += 1
-        if offset == 0:
-            check_encoding(line)
+        if offset == 0:  # With the byte after its newline, as `_first_line` takes it: UTF-16LE's NUL.
+            check_encoding(line + _next_byte(stream))
         cut = len(line) == want and not line.endswith(b"\n")
         consumed = len(line)
         if line.startswith(BOM):
             line = line[len(BOM) :]
+        if not cut and line.endswith(DOS_END_OF_FILE) and line.strip(DOS_END_OF_FILE):
+            # DOS's end-of-file mark right after the last record (`copy /a`): no part of it (a JSON object
+            # would not parse); a line of nothing but the mark is its own dead letter (`wide_line_row`).
+            line = line.rstrip(DOS_END_OF_FILE)
         size, end = len(line), line
         if cut:
             skipped, end = _skip_line(stream)
@@ -505,6 +615,20 @@ _JSON_WHITESPACE = " \t\r\n"
 _DECODER = json.JSONDecoder()
 
 
+def _next_byte(stream: ByteStream) -> bytes:
+    """The byte that follows what was read of `stream` (b"" at its end, or where it cannot be told); the
+    stream stays where it was."""
+    peek = getattr(stream, "peek", None)
+    if peek is not None:
+        return bytes(peek(1)[:1])
+    if not stream.seekable():
+        return b""
+    position = stream.tell()
+    following = stream.read(1)
+    stream.seek(position)
+    return following
+
+
 def _at_end(stream: ByteStream) -> bool:
     """Whether no byte follows what was read of `stream`, which stays where it was."""
     peek = getattr(stream, "peek", None)
@@ -533,8 +657,10 @@ def _holds_carriage_return_lines(plan: ExportPlan, line: bytes, cut: bool, only_
     if plan.input_format != "text":
         return cut and bool(_JSONL_CARRIAGE_RETURN.search(body))
     returns = body.count(b"\r")
-    if returns >= 2 and not cut and utf16_line(body):
-        return False  # UTF-16LE text appended (`wide_line_row`): 0x0D is Malayalam's and Sinhala's high byte.
+    if returns >= 2 and not cut and (utf16_line(body) or utf16be_line(body) or cjk_utf16_line(body)):
+        # UTF-16 text appended (`wide_line_row`): 0x0D is Malayalam's and Sinhala's high byte, and a byte of
+        # CJK characters (不 is 0D 4E).
+        return False
     return returns >= 2 or (returns == 1 and only_line)
 
 
@@ -586,6 +712,9 @@ def parse_line(
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
+        cjk = cjk_utf16_line(line)
+        if cjk is not None:  # UTF-16 CJK appended: a line of it holds no control byte (`wide_line_row`).
+            return schema_lib.error_row(source, number, None, INVALID_UTF8, _utf16_record(cjk), line)
         return schema_lib.error_row(source, number, None, INVALID_UTF8, str(error), line)
     if plan.input_format == "text":
         fields = {plan.inputs[0].field: text} if plan.inputs else {}
