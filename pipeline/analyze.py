@@ -1,7 +1,7 @@
 """Command line: `python -m pipeline.analyze OUTPUT_DIR COMMAND` queries, plots and scores exported vectors.
 
 Commands:
-  neighbors   the k nearest neighbours (cosine similarity) of one document
+  neighbors   the k nearest neighbours (cosine similarity, or --metric) of one document
               (--id) of an export, or of one word (--word) of a
               `python -m pipeline.vocabulary` output or of the table an
               export with --token_storage ids wrote
@@ -68,9 +68,11 @@ from pipeline.analysis.index_store import INSTALL_HINT
 from pipeline.analysis.knn import format_knn_score, knn_score, knn_score_indexed
 from pipeline.analysis.neighbors import (
     DEFAULT_K,
+    SCORE_NAMES,
     describe_index,
     find_neighbors,
     format_neighbors,
+    index_metric,
     indexed_neighbors,
     open_index,
 )
@@ -129,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     neighbors = commands.add_parser(
         "neighbors",
         help="nearest neighbours (cosine) of a document or a word",
-        description="Nearest neighbours by cosine similarity, computed in one streaming pass over the "
-        "dataset with a running top-k (the data is never loaded whole).",
+        description="Nearest neighbours by cosine similarity (or --metric), through the column's index "
+        "where it has one, else in one streaming pass over the dataset with a running top-k (the data is "
+        "never loaded whole).",
     )
     query = neighbors.add_mutually_exclusive_group(required=True)
     query.add_argument("--id", help="Document id in an export of `python -m pipeline.run`.")
@@ -152,7 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     neighbors.add_argument(
         "--exact",
         action="store_true",
-        help="Scan every row even when the column has an index (python -m pipeline.analyze OUT index).",
+        help="Scan every row even when the column has an index (python -m pipeline.analyze OUT index); "
+        "the ranking is the index's own metric, so --exact answers the same question exactly.",
+    )
+    neighbors.add_argument(
+        "--metric",
+        choices=sorted(index_build.METRICS),
+        default=None,
+        help="cos: cosine similarity; ip: dot product; l2: Euclidean distance (default: the metric of "
+        f"the column's index, {DEFAULT_METRIC} where it has none). Another than the index's scans every row.",
     )
     neighbors.add_argument(
         "--out",
@@ -464,12 +475,21 @@ def run_command(args: argparse.Namespace) -> str:
         else:
             data, key, column = open_documents(args.directory), args.id, args.column
         column = check_vector_column(data, column)
-        loaded = open_index(data, column, args.exact)
+        # --exact answers the index's question exactly: by its metric, not cosine whatever it is.
+        recorded = index_metric(data, column)
+        metric = args.metric or recorded or DEFAULT_METRIC
+        loaded = open_index(data, column, args.exact or metric != (recorded or metric))
+        scanned = f"By an exact scan of every row ({SCORE_NAMES[metric]})."
+        if loaded is None and recorded is not None and recorded != metric:
+            scanned += (
+                f" The index of {column} ranks by {SCORE_NAMES[recorded]}: build one with --metric {metric} "
+                "to search by this metric."
+            )
         if args.queries is not None:
             answer = batch_neighbors(
-                data, column, args.queries, out, args.k, loaded, overwrite=args.overwrite
+                data, column, args.queries, out, args.k, loaded, overwrite=args.overwrite, metric=metric
             )
-            how = describe_index(loaded, data) if loaded is not None else "By an exact scan of every row."
+            how = describe_index(loaded, data) if loaded is not None else scanned
             short = (
                 f", {answer.short} answered with fewer neighbours than asked (the index could not reach "
                 "them; --exact finds them all)"
@@ -481,8 +501,9 @@ def run_command(args: argparse.Namespace) -> str:
                 f"(see its problem column).\n{how}"
             )
         if loaded is None:
-            neighbors, compared = find_neighbors(data, key, column, args.k)
-            return format_neighbors(data, key, column, neighbors, compared)
+            neighbors, compared = find_neighbors(data, key, column, args.k, metric=metric)
+            table = format_neighbors(data, key, column, neighbors, compared, metric)
+            return table if recorded in (None, metric) else table + "\n" + scanned
         neighbors, compared = indexed_neighbors(data, loaded, key, args.k)
         table = format_neighbors(data, key, column, neighbors, compared, loaded.metric, indexed=True)
         wanted = min(args.k, compared - 1)
