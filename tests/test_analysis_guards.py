@@ -1541,6 +1541,19 @@ def test_an_npz_archive_as_queries_is_one_error_line(tmp_path, capsys):
     assert "is an .npz archive of arrays, not one array" in error_line(capsys)
 
 
+def test_an_empty_queries_file_of_vectors_is_an_empty_answer(tmp_path, capsys):
+    """A .parquet of query vectors with no row (a filter that matched nothing) was refused as holding
+    "0-dim vectors; 'v' has 4", where an empty .npy or .txt is an answer of 0 queries."""
+    columns = {"id": ["a", "b"], "v": pa.array([[1, 0, 0, 0], [0, 1, 0, 0]], pa.list_(pa.float32(), 4))}
+    export = write_export(str(tmp_path / "export"), columns)
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"v": pa.array([], pa.list_(pa.float32()))}), queries)
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "--out", str(out)]) == 0
+    assert "0 queries" in capsys.readouterr().out
+    assert pq.read_table(out).num_rows == 0
+
+
 def test_queries_files_as_other_tools_write_them_are_answered(tmp_path, capsys):
     """A BINARY id column (Hive, Impala, older Spark) made every id "b'd001'", which no row has; a
     pandas frame of integer lists (list<int64>) was "neither a vector column nor an id column"; and

@@ -256,7 +256,9 @@ def batch_neighbors(
     assert vectors is not None  # a file holds ids or vectors; ids were turned into vectors above
     dim = vectors.shape[1]
     expected = lookup.dim
-    if ids is None and dim != expected:
+    # No query has no length to compare (an empty .parquet list column reads as 0 values a row): the
+    # answer is empty, as for an empty .npy or .txt file.
+    if ids is None and dim != expected and len(vectors):
         raise AnalysisError(f"--queries {queries_path!r} holds {dim}-dim vectors; {column!r} has {expected}.")
     for i in range(len(labels)):
         if problems[i] is None and metric == "cos" and not np.any(vectors[i]):
