@@ -33,7 +33,6 @@ import argparse
 import errno
 import logging
 import os
-import stat
 import sys
 import urllib.parse
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ import pyarrow.fs as pafs
 from apache_beam.io.filesystems import FileSystems
 
 from models.command_line import CommandParser
-from models.paths import removed_working_directory, unexpanded_home
+from models.paths import file_kind, removed_working_directory, unexpanded_home
 from pipeline import object_storage
 from pipeline.analysis import index_build
 from pipeline.analysis.batch_queries import batch_neighbors
@@ -326,27 +325,11 @@ def check_out_file(path: str, overwrite: bool) -> str:
             break
         directory = os.path.dirname(directory)
     if os.path.islink(resolved) or (os.path.lexists(resolved) and not os.path.isfile(resolved)):
-        raise AnalysisError(
-            f"--out {path!r} is {_what_is_there(resolved)}, not a regular file: choose a file path."
-        )
+        what = file_kind(os.lstat(resolved).st_mode)
+        raise AnalysisError(f"--out {path!r} is {what}, not a regular file: choose a file path.")
     if os.path.exists(resolved) and not overwrite:
         raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
     return resolved
-
-
-def _what_is_there(path: str) -> str:
-    """What the existing `path` that is not a regular file is, for a message: a link, a directory, a
-    device (`/dev/null`), a FIFO or a socket."""
-    mode = os.lstat(path).st_mode
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    return "a socket" if stat.S_ISSOCK(mode) else "something other than a file"
 
 
 def _check_remote_out_path(path: str) -> str:
