@@ -941,12 +941,16 @@ def test_a_tie_at_the_kth_place_of_a_search_as_wide_as_the_cap_is_ranked_by_id(t
     assert pq.read_table(out)["id"].to_pylist() == sorted(ids[:20])[:10]
 
 
-def test_the_queries_of_one_duplicated_vector_scan_its_long_tie_once(tmp_path, monkeypatch, capsys):
-    """Each query of a vector with a tie past TIE_SEARCH_ROWS ran usearch's exhaustive search over every
-    row before the tie cache was looked at: 100 duplicates' queries, 100 exhaustive searches."""
-    monkeypatch.setattr(index_search, "TIE_SEARCH_ROWS", 64)
+@pytest.mark.parametrize("cap, duplicates", [(64, 300), (index_search.TIE_SEARCH_ROWS, 100)])
+def test_the_queries_of_one_duplicated_vector_scan_its_long_tie_once(
+    tmp_path, monkeypatch, capsys, cap, duplicates
+):
+    """Each query of a duplicated vector ran usearch's exhaustive search over every row: past
+    TIE_SEARCH_ROWS before the tie cache was looked at, below it with no cache at all (100 duplicates'
+    queries, 100 exhaustive searches; knn-score --all queries every one of them)."""
+    monkeypatch.setattr(index_search, "TIE_SEARCH_ROWS", cap)
     export = str(tmp_path / "dups")
-    _, ids = _duplicates_export(export, 400, 300)
+    _, ids = _duplicates_export(export, 400, duplicates)
     assert analyze.main([export, "index", "--threads", "1", "--recall_queries", "0"]) == 0
     queries = tmp_path / "q.txt"
     queries.write_text("\n".join(ids[:20]) + "\n", encoding="utf-8")
@@ -963,7 +967,9 @@ def test_the_queries_of_one_duplicated_vector_scan_its_long_tie_once(tmp_path, m
     assert sum(exhaustive) == 1
     answers = pq.read_table(out).to_pylist()
     for query in ids[:20]:
-        assert [a["id"] for a in answers if a["query"] == query] == sorted(set(ids[:300]) - {query})[:5]
+        assert [a["id"] for a in answers if a["query"] == query] == sorted(set(ids[:duplicates]) - {query})[
+            :5
+        ]
 
 
 def test_vectors_whose_squared_norm_overflows_float32_get_their_true_similarities(tmp_path, capsys):

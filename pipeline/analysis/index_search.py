@@ -259,11 +259,15 @@ def _search_tie(
     """
     total = len(index)
     row_keys, row_found, row_count = first
+    searched = _searched_whole(tie_cache, queries[row], widest)
     tie_past_the_end = False
     # Checked at the widest search too: a first search already TIE_SEARCH_ROWS wide (-k of 4,095 or
     # more) has a tie past its end that no wider search follows, and the exhaustive search must.
     while (
-        row_count < total and returned[row] == row_count and row_found[np.isfinite(row_found)].min() >= floor
+        searched is None
+        and row_count < total
+        and returned[row] == row_count
+        and row_found[np.isfinite(row_found)].min() >= floor
     ):
         tie_past_the_end |= bool(row_found[np.isfinite(row_found)].min() == kth)
         if row_count >= widest:
@@ -271,14 +275,19 @@ def _search_tie(
         row_count = min(2 * row_count, widest)
         wider = _found(index, metric, queries[row : row + 1], row_count, exclude[row : row + 1], threads)
         row_keys, row_found, returned[row] = wider[0][0], wider[1][0], wider[2][0]
-    if tie_past_the_end or long_tie or returned[row] < min(row_count, total):
+    if searched is not None or tie_past_the_end or long_tie or returned[row] < min(row_count, total):
         # Hundreds of rows of one score (duplicate documents) are where HNSW fails: its search
         # reaches a few hundred of them and returns rows of lower scores in place of the rest (or
         # fewer rows than asked), as if the tie had ended. usearch's exhaustive search finds them.
-        wider = _found(
-            index, metric, queries[row : row + 1], widest, exclude[row : row + 1], threads, exhaustive=True
-        )
-        row_keys, row_found, returned[row] = wider[0][0], wider[1][0], wider[2][0]
+        if searched is None:
+            # Searched without the exclusions: the duplicates' own queries, each excluding its own row,
+            # share one exhaustive search (`tie_cache`), as they share one scan past TIE_SEARCH_ROWS.
+            wider = _found(index, metric, queries[row : row + 1], widest, [set()], threads, exhaustive=True)
+            searched = (wider[0][0], wider[1][0], int(wider[2][0]))
+            _remember(tie_cache, _whole_name(queries[row], widest), searched[0], searched[1])
+        row_keys, row_found, returned[row] = searched[0], searched[1].copy(), searched[2]
+        if exclude[row]:
+            row_found[np.isin(row_keys, list(exclude[row]))] = -np.inf
         last = row_found[np.isfinite(row_found)]
         if returned[row] == widest < total and len(last) and last.min() >= floor:
             # Still tied at the end of TIE_SEARCH_ROWS rows (thousands of duplicates): which of the
@@ -294,6 +303,41 @@ def _longest_tie(scores: np.ndarray) -> int:
         return 0
     starts = np.flatnonzero(np.concatenate([[True], finite[1:] != finite[:-1], [True]]))
     return int(np.diff(starts).max())
+
+
+# Answers kept in a `tie_cache` at most: an exhaustive search's is TIE_SEARCH_ROWS keys and scores (64 KiB),
+# and knn-score --all asks for every row's; the oldest go first.
+TIE_CACHE_ENTRIES = 1024
+
+
+def _whole_name(query: np.ndarray, rows: int) -> bytes:
+    """The `tie_cache` key of the exhaustive search of `rows` rows for `query`."""
+    return b"whole" + np.asarray(query, dtype=np.float32).tobytes() + np.int64(rows).tobytes()
+
+
+def _searched_whole(
+    cache: dict[bytes, tuple[np.ndarray, np.ndarray]] | None, query: np.ndarray, rows: int
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """The exhaustive search of `rows` rows for `query` that `cache` holds (keys, scores, rows returned)."""
+    if cache is None:
+        return None
+    found = cache.get(_whole_name(query, rows))
+    # The slots past what usearch returned score -inf (`_found`); no exclusion was applied to it.
+    return None if found is None else (found[0], found[1], int(np.isfinite(found[1]).sum()))
+
+
+def _remember(
+    cache: dict[bytes, tuple[np.ndarray, np.ndarray]] | None,
+    name: bytes,
+    keys: np.ndarray,
+    scores: np.ndarray,
+) -> None:
+    """Keeps `keys` and `scores` in `cache` under `name`, dropping the oldest past TIE_CACHE_ENTRIES."""
+    if cache is None:
+        return
+    while len(cache) >= TIE_CACHE_ENTRIES:
+        del cache[next(iter(cache))]
+    cache[name] = (keys, scores)
 
 
 def _tie_name(query: np.ndarray, floor: float) -> bytes:
@@ -329,8 +373,7 @@ def _rows_at_least(
             kept_keys.append(chunk[at_least])
             kept_scores.append(scored[at_least])
         found = (np.concatenate(kept_keys), np.concatenate(kept_scores))
-        if cache is not None:
-            cache[name] = found
+        _remember(cache, name, *found)
     else:
         found = cache[name]
     keys, scores = found[0], found[1].copy()
