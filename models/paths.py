@@ -55,5 +55,5 @@ def file_kind(mode: int) -> str:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
     if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
+        return "a named pipe"
     return "a socket" if stat.S_ISSOCK(mode) else "something other than a regular file"
