@@ -1,6 +1,8 @@
-"""Where the bundled data lives, and the checks of a `~` the shell left and a removed working directory."""
+"""Where the bundled data lives, the checks of a `~` the shell left and a removed working directory, and
+what a path that is not a regular file is."""
 
 import os
+import stat
 from collections.abc import Mapping
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -41,3 +43,17 @@ def removed_working_directory() -> str | None:
             "renamed after the shell entered it); cd to an existing directory and run the command again."
         )
     return None
+
+
+def file_kind(mode: int) -> str:
+    """What a file of `mode` (the `st_mode` of `os.stat` or `os.lstat`) that is not a regular file is, for a
+    message: a symbolic link, a directory, a device (`/dev/null`), a named pipe (FIFO) or a socket."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    return "a socket" if stat.S_ISSOCK(mode) else "something other than a regular file"

@@ -1,7 +1,7 @@
 """Command line: `python -m pipeline.analyze OUTPUT_DIR COMMAND` queries, plots and scores exported vectors.
 
 Commands:
-  neighbors   the k nearest neighbours (cosine similarity) of one document
+  neighbors   the k nearest neighbours (cosine similarity, or --metric) of one document
               (--id) of an export, or of one word (--word) of a
               `python -m pipeline.vocabulary` output or of the table an
               export with --token_storage ids wrote
@@ -33,7 +33,6 @@ import argparse
 import errno
 import logging
 import os
-import stat
 import sys
 import urllib.parse
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ import pyarrow.fs as pafs
 from apache_beam.io.filesystems import FileSystems
 
 from models.command_line import CommandParser
-from models.paths import removed_working_directory, unexpanded_home
+from models.paths import file_kind, removed_working_directory, unexpanded_home
 from pipeline import object_storage
 from pipeline.analysis import index_build
 from pipeline.analysis.batch_queries import batch_neighbors
@@ -68,9 +67,11 @@ from pipeline.analysis.index_store import INSTALL_HINT
 from pipeline.analysis.knn import format_knn_score, knn_score, knn_score_indexed
 from pipeline.analysis.neighbors import (
     DEFAULT_K,
+    SCORE_NAMES,
     describe_index,
     find_neighbors,
     format_neighbors,
+    index_metric,
     indexed_neighbors,
     open_index,
 )
@@ -129,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     neighbors = commands.add_parser(
         "neighbors",
         help="nearest neighbours (cosine) of a document or a word",
-        description="Nearest neighbours by cosine similarity, computed in one streaming pass over the "
-        "dataset with a running top-k (the data is never loaded whole).",
+        description="Nearest neighbours by cosine similarity (or --metric), through the column's index "
+        "where it has one, else in one streaming pass over the dataset with a running top-k (the data is "
+        "never loaded whole).",
     )
     query = neighbors.add_mutually_exclusive_group(required=True)
     query.add_argument("--id", help="Document id in an export of `python -m pipeline.run`.")
@@ -152,7 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     neighbors.add_argument(
         "--exact",
         action="store_true",
-        help="Scan every row even when the column has an index (python -m pipeline.analyze OUT index).",
+        help="Scan every row even when the column has an index (python -m pipeline.analyze OUT index); "
+        "the ranking is the index's own metric, so --exact answers the same question exactly.",
+    )
+    neighbors.add_argument(
+        "--metric",
+        choices=sorted(index_build.METRICS),
+        default=None,
+        help="cos: cosine similarity; ip: dot product; l2: Euclidean distance (default: the metric of "
+        f"the column's index, {DEFAULT_METRIC} where it has none). Another than the index's scans every row.",
     )
     neighbors.add_argument(
         "--out",
@@ -315,27 +325,11 @@ def check_out_file(path: str, overwrite: bool) -> str:
             break
         directory = os.path.dirname(directory)
     if os.path.islink(resolved) or (os.path.lexists(resolved) and not os.path.isfile(resolved)):
-        raise AnalysisError(
-            f"--out {path!r} is {_what_is_there(resolved)}, not a regular file: choose a file path."
-        )
+        what = file_kind(os.lstat(resolved).st_mode)
+        raise AnalysisError(f"--out {path!r} is {what}, not a regular file: choose a file path.")
     if os.path.exists(resolved) and not overwrite:
         raise AnalysisError(f"--out {path!r} already exists; pass --overwrite to replace it.")
     return resolved
-
-
-def _what_is_there(path: str) -> str:
-    """What the existing `path` that is not a regular file is, for a message: a link, a directory, a
-    device (`/dev/null`), a FIFO or a socket."""
-    mode = os.lstat(path).st_mode
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    return "a socket" if stat.S_ISSOCK(mode) else "something other than a file"
 
 
 def _check_remote_out_path(path: str) -> str:
@@ -464,12 +458,21 @@ def run_command(args: argparse.Namespace) -> str:
         else:
             data, key, column = open_documents(args.directory), args.id, args.column
         column = check_vector_column(data, column)
-        loaded = open_index(data, column, args.exact)
+        # --exact answers the index's question exactly: by its metric, not cosine whatever it is.
+        recorded = index_metric(data, column)
+        metric = args.metric or recorded or DEFAULT_METRIC
+        loaded = open_index(data, column, args.exact or metric != (recorded or metric))
+        scanned = f"By an exact scan of every row ({SCORE_NAMES[metric]})."
+        if loaded is None and recorded is not None and recorded != metric:
+            scanned += (
+                f" The index of {column} ranks by {SCORE_NAMES[recorded]}: build one with --metric {metric} "
+                "to search by this metric."
+            )
         if args.queries is not None:
             answer = batch_neighbors(
-                data, column, args.queries, out, args.k, loaded, overwrite=args.overwrite
+                data, column, args.queries, out, args.k, loaded, overwrite=args.overwrite, metric=metric
             )
-            how = describe_index(loaded, data) if loaded is not None else "By an exact scan of every row."
+            how = describe_index(loaded, data) if loaded is not None else scanned
             short = (
                 f", {answer.short} answered with fewer neighbours than asked (the index could not reach "
                 "them; --exact finds them all)"
@@ -481,8 +484,9 @@ def run_command(args: argparse.Namespace) -> str:
                 f"(see its problem column).\n{how}"
             )
         if loaded is None:
-            neighbors, compared = find_neighbors(data, key, column, args.k)
-            return format_neighbors(data, key, column, neighbors, compared)
+            neighbors, compared = find_neighbors(data, key, column, args.k, metric=metric)
+            table = format_neighbors(data, key, column, neighbors, compared, metric)
+            return table if recorded in (None, metric) else table + "\n" + scanned
         neighbors, compared = indexed_neighbors(data, loaded, key, args.k)
         table = format_neighbors(data, key, column, neighbors, compared, loaded.metric, indexed=True)
         wanted = min(args.k, compared - 1)

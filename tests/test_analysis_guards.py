@@ -896,6 +896,82 @@ def test_a_tie_longer_than_the_widest_search_is_ranked_by_id_through_the_index(t
     assert capsys.readouterr().out.splitlines()[2] == sampled
 
 
+def _duplicates_export(directory, rows, duplicates, seed=0):
+    """An export of `rows` random 8-dim vectors whose first `duplicates` are one vector, ids in no order."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(rows, 8)).astype(np.float32)
+    vectors[:duplicates] = vectors[0]
+    ids = [f"d{i:04d}" for i in rng.permutation(rows)]
+    write_export(directory, {"id": ids, "v": pa.array(list(vectors), pa.list_(pa.float32(), 8))})
+    return vectors, ids
+
+
+def test_a_long_tie_above_the_kth_place_is_searched_whole_and_one_query_fits(tmp_path, capsys):
+    """600 duplicates of 1,000 rows, -k 500: HNSW reached about 250 of them and went on with rows of
+    similarity -0.5, the tie above the k-th looking whole; -k 998: the one query's search returned 534
+    rows and the tie's wider answer did not fit in it (a ValueError traceback)."""
+    export = str(tmp_path / "dups")
+    _, ids = _duplicates_export(export, 1000, 600)
+    assert analyze.main([export, "index", "--threads", "1", "--recall_queries", "0"]) == 0
+    capsys.readouterr()
+
+    def listed(*flags):
+        assert analyze.main([export, "neighbors", "--id", ids[0], *flags]) == 0
+        return [
+            line.split()[2] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()
+        ]
+
+    for k in ("998", "500"):
+        assert listed("-k", k) == listed("-k", k, "--exact")
+    assert listed("-k", "500") == sorted(set(ids[:600]) - {ids[0]})[:500]
+
+
+def test_a_tie_at_the_kth_place_of_a_search_as_wide_as_the_cap_is_ranked_by_id(tmp_path, monkeypatch, capsys):
+    """-k of 4,095 or more: the first search is already TIE_SEARCH_ROWS wide, so no wider one followed a
+    tie running past its end, and the rows listed were usearch's choice of the tie. A cap of 8 stands for
+    it here, with a tie of 20 rows (shorter than LONG_TIE_ROWS)."""
+    monkeypatch.setattr(index_search, "TIE_SEARCH_ROWS", 8)
+    export = str(tmp_path / "dups")
+    vectors, ids = _duplicates_export(export, 200, 20, seed=4)
+    assert analyze.main([export, "index", "--threads", "1", "--recall_queries", "0", *_exact_flags()]) == 0
+    queries = tmp_path / "q.npy"
+    np.save(queries, vectors[:1])
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "-k", "10", "--out", str(out)]) == 0
+    assert pq.read_table(out)["id"].to_pylist() == sorted(ids[:20])[:10]
+
+
+@pytest.mark.parametrize("cap, duplicates", [(64, 300), (index_search.TIE_SEARCH_ROWS, 100)])
+def test_the_queries_of_one_duplicated_vector_scan_its_long_tie_once(
+    tmp_path, monkeypatch, capsys, cap, duplicates
+):
+    """Each query of a duplicated vector ran usearch's exhaustive search over every row: past
+    TIE_SEARCH_ROWS before the tie cache was looked at, below it with no cache at all (100 duplicates'
+    queries, 100 exhaustive searches; knn-score --all queries every one of them)."""
+    monkeypatch.setattr(index_search, "TIE_SEARCH_ROWS", cap)
+    export = str(tmp_path / "dups")
+    _, ids = _duplicates_export(export, 400, duplicates)
+    assert analyze.main([export, "index", "--threads", "1", "--recall_queries", "0"]) == 0
+    queries = tmp_path / "q.txt"
+    queries.write_text("\n".join(ids[:20]) + "\n", encoding="utf-8")
+    exhaustive = []
+    search = index_search.raw_search
+
+    def counted(index, vectors, count, threads=0, exhaustive_search=False):
+        exhaustive.append(exhaustive_search)
+        return search(index, vectors, count, threads, exhaustive_search)
+
+    monkeypatch.setattr(index_search, "raw_search", counted)
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "-k", "5", "--out", str(out)]) == 0
+    assert sum(exhaustive) == 1
+    answers = pq.read_table(out).to_pylist()
+    for query in ids[:20]:
+        assert [a["id"] for a in answers if a["query"] == query] == sorted(set(ids[:duplicates]) - {query})[
+            :5
+        ]
+
+
 def test_vectors_whose_squared_norm_overflows_float32_get_their_true_similarities(tmp_path, capsys):
     """Finite float32 values of 3e19: the batch scan and knn-score took the norms in float32, so the
     row scored 0 against every other (1.0 by the single-query scan and the index)."""
@@ -1469,6 +1545,19 @@ def test_an_npz_archive_as_queries_is_one_error_line(tmp_path, capsys):
     argv = [export, "neighbors", "--queries", str(tmp_path / "q.npy"), "--out", str(tmp_path / "a.parquet")]
     assert analyze.main(argv) == 2
     assert "is an .npz archive of arrays, not one array" in error_line(capsys)
+
+
+def test_an_empty_queries_file_of_vectors_is_an_empty_answer(tmp_path, capsys):
+    """A .parquet of query vectors with no row (a filter that matched nothing) was refused as holding
+    "0-dim vectors; 'v' has 4", where an empty .npy or .txt is an answer of 0 queries."""
+    columns = {"id": ["a", "b"], "v": pa.array([[1, 0, 0, 0], [0, 1, 0, 0]], pa.list_(pa.float32(), 4))}
+    export = write_export(str(tmp_path / "export"), columns)
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"v": pa.array([], pa.list_(pa.float32()))}), queries)
+    out = tmp_path / "a.parquet"
+    assert analyze.main([export, "neighbors", "--queries", str(queries), "--out", str(out)]) == 0
+    assert "0 queries" in capsys.readouterr().out
+    assert pq.read_table(out).num_rows == 0
 
 
 def test_queries_files_as_other_tools_write_them_are_answered(tmp_path, capsys):

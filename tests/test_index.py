@@ -139,6 +139,48 @@ def test_neighbors_command_through_the_index_equals_the_exact_scan(export_copy, 
     assert "Using the index" not in printed and "(299 rows compared)" in printed
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_exact_ranks_by_the_metric_of_the_columns_index(export_copy, rows, metric, tmp_path, capsys):
+    """With an ip or l2 index, --exact ranked by cosine similarity: another answer than the index's to the
+    same question, so the index could not be checked against it, and "--exact finds them all" was false."""
+    build(export_copy, metric=metric, **EXACT_SETTINGS)
+    vectors = np.stack(rows[COLUMN].to_numpy())
+    key = rows["id"][0]
+
+    def listed(*flags):
+        argv = [export_copy, "neighbors", "--id", key, "--column", COLUMN, "-k", "5", *flags]
+        assert analyze.main(argv) == 0
+        return [
+            line.split()[2] for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()
+        ]
+
+    def nearest(by):
+        scores = brute_force(vectors, vectors[0], by)
+        scores[0] = -np.inf
+        return [rows["id"][i] for i in np.argsort(-scores, kind="stable")[:5]]
+
+    assert listed() == listed("--exact") == nearest(metric)
+    # The other metrics stay at hand, by a scan.
+    assert listed("--metric", "cos") == nearest("cos")
+    queries = tmp_path / "q.txt"
+    queries.write_text(key + "\n", encoding="utf-8")
+    out = tmp_path / "a.parquet"
+    argv = [
+        export_copy,
+        "neighbors",
+        "--queries",
+        str(queries),
+        "--column",
+        COLUMN,
+        "-k",
+        "5",
+        "--out",
+        str(out),
+    ]
+    assert analyze.main([*argv, "--exact"]) == 0
+    assert pq.read_table(out)["id"].to_pylist() == nearest(metric)
+
+
 def test_knn_score_over_the_whole_export_equals_brute_force(export_copy, rows, capsys):
     build(export_copy, column="lstm_title", **EXACT_SETTINGS)
     data = open_documents(export_copy)

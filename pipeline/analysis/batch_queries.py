@@ -21,7 +21,7 @@ from pipeline.analysis.dataset import (
     uri_filesystem,
     vectors_to_numpy,
 )
-from pipeline.analysis.exact import exact_top_k, row_count
+from pipeline.analysis.exact import DEFAULT_METRIC, exact_top_k, row_count
 from pipeline.analysis.index_search import LoadedIndex
 from pipeline.analysis.neighbors import DEFAULT_K, display_score
 from pipeline.uris import is_local
@@ -224,20 +224,21 @@ def batch_neighbors(
     k: int = DEFAULT_K,
     loaded: LoadedIndex | None = None,
     overwrite: bool = True,
+    metric: str = DEFAULT_METRIC,
 ) -> BatchAnswer:
     """Answers every query of `queries_path` and writes them to the Parquet file `out_path`.
 
     One row per (query, rank); a query whose id is not in the export, or whose
     vector is unusable, or that has no neighbour, gets one row with null
-    neighbour columns and the `problem`.  Through `loaded` (an index) when
-    given, else by one exact scan for all queries; a query the index answers
+    neighbour columns and the `problem`.  Through `loaded` (an index, by its
+    metric) when given, else by one exact scan by `metric` for all queries; a query the index answers
     with fewer neighbours than asked (and than it holds) has the shortfall as
     the `problem` of each of its rows, as single mode says it.
     """
     if k < 1:
         raise AnalysisError(f"-k must be at least 1, received {k}.")
     labels, ids, vectors = read_queries(queries_path, data, column)
-    metric = loaded.metric if loaded is not None else "cos"
+    metric = loaded.metric if loaded is not None else metric
     lookup: _Lookup = loaded if loaded is not None else _ExactLookup(data, column)
     # No query has more neighbours than there are rows: a huge -k allocates nothing for it.
     k = max(1, min(k, loaded.metadata["indexed"] if loaded is not None else row_count(data)))
@@ -255,7 +256,9 @@ def batch_neighbors(
     assert vectors is not None  # a file holds ids or vectors; ids were turned into vectors above
     dim = vectors.shape[1]
     expected = lookup.dim
-    if ids is None and dim != expected:
+    # No query has no length to compare (an empty .parquet list column reads as 0 values a row): the
+    # answer is empty, as for an empty .npy or .txt file.
+    if ids is None and dim != expected and len(vectors):
         raise AnalysisError(f"--queries {queries_path!r} holds {dim}-dim vectors; {column!r} has {expected}.")
     for i in range(len(labels)):
         if problems[i] is None and metric == "cos" and not np.any(vectors[i]):
@@ -279,7 +282,7 @@ def batch_neighbors(
             positions[good], found[good] = loaded.search(vectors[good], k, exclude=excluded)
         else:
             positions[good], found[good] = exact_top_k(
-                data, column, vectors[good], k, "cos", exclude=exclude[good]
+                data, column, vectors[good], k, metric, exclude=exclude[good]
             )
     score_name = {"cos": "similarity", "ip": "dot_product", "l2": "distance"}[metric]
     out: dict[str, list[str | int | float | None]] = {

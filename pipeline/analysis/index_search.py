@@ -43,6 +43,11 @@ TIE_SEARCH_ROWS = 4096
 # How far (relative) usearch's float32 distances can be from the exact scores: rows this close to the
 # k-th may come back in any order, so a search is widened past them (see `search_index`).
 SEARCH_ROUNDING = 1e-5
+# Rows of one score in an answer from which HNSW may have missed more of them: its search reaches a few
+# hundred duplicates and returns lower rows in place of the rest, so a tie above the k-th place can look
+# whole and is not. From this many on (half of a node's links at the default connectivity), the answer is
+# checked by usearch's exhaustive search; below, an answer of -k 10 never pays for it.
+LONG_TIE_ROWS = 32
 
 
 class Matches(NamedTuple):
@@ -66,6 +71,11 @@ def raw_search(
         counts = np.asarray(matches.counts).reshape(-1)
     else:
         counts = np.asarray([len(matches.keys)])
+    if keys.shape[1] < count:
+        # One query's answer holds only the rows its graph search reached (a batch's is `count` wide):
+        # padded, so that an answer is `count` wide whatever the number of queries (a tie's wider search
+        # then fits in it).
+        keys = np.pad(keys, ((0, 0), (0, count - keys.shape[1])), constant_values=-1)
     return Matches(keys, counts)
 
 
@@ -180,40 +190,28 @@ def search_index(
     for row in np.flatnonzero((tied | near) & ~zero_queries):
         row_keys, row_found, row_count = keys[row], found[row], count
         kth = best[row, -1]
-        # The tie may go on past the rows found: search wider until it ends (or every row is in).
-        # Thousands of identical vectors (duplicate documents) would make every one of their
-        # queries a search of them all: past TIE_SEARCH_ROWS the rows are scored once (`_rows_at_least`).
-        tie_past_the_end = False
-        while (
-            row_count < widest
-            and returned[row] == row_count
-            and row_found[np.isfinite(row_found)].min() >= kth - slack[row]
-        ):
-            tie_past_the_end |= bool(row_found[np.isfinite(row_found)].min() == kth)
-            row_count = min(2 * row_count, widest)
-            wider = _found(index, metric, queries[row : row + 1], row_count, exclude[row : row + 1], threads)
-            row_keys, row_found, returned[row] = wider[0][0], wider[1][0], wider[2][0]
-        if tie_past_the_end or returned[row] < min(row_count, total):
-            # Hundreds of rows of one score (duplicate documents) are where HNSW fails: its search
-            # reaches a few hundred of them and returns rows of lower scores in place of the rest (or
-            # fewer rows than asked), as if the tie had ended. usearch's exhaustive search finds them.
-            wider = _found(
+        floor = kth - slack[row]
+        if tie_cache is not None and _tie_name(queries[row], floor) in tie_cache:
+            # Another query of this vector (a duplicate's) found the tie too long for any search: its
+            # scan holds every row this one can rank, so neither the wider searches nor usearch's
+            # exhaustive one (each over every row) is made again.
+            row_keys, row_found = _rows_at_least(index, metric, queries[row], floor, exclude[row], tie_cache)
+        else:
+            row_keys, row_found = _search_tie(
                 index,
                 metric,
-                queries[row : row + 1],
+                queries,
+                int(row),
+                (row_keys, row_found, row_count),
+                kth,
+                floor,
                 widest,
-                exclude[row : row + 1],
+                returned,
+                exclude,
                 threads,
-                exhaustive=True,
+                tie_cache,
+                _longest_tie(window[row]) >= LONG_TIE_ROWS,
             )
-            row_keys, row_found, returned[row] = wider[0][0], wider[1][0], wider[2][0]
-            last = row_found[np.isfinite(row_found)]
-            if returned[row] == widest < total and len(last) and last.min() >= kth - slack[row]:
-                # Still tied at the end of TIE_SEARCH_ROWS rows (thousands of duplicates): which of the
-                # tied rows usearch returned is its own order, not the keys'. Every row is scored.
-                row_keys, row_found = _rows_at_least(
-                    index, metric, queries[row], kth - slack[row], exclude[row], tie_cache
-                )
         valid = np.flatnonzero(np.isfinite(row_found))
         names = (
             key_names.take(pa.array(row_keys[valid])).to_pylist()
@@ -235,6 +233,118 @@ def search_index(
     return positions, best
 
 
+def _search_tie(
+    index: Index,
+    metric: str,
+    queries: np.ndarray,
+    row: int,
+    first: tuple[np.ndarray, np.ndarray, int],
+    kth: float,
+    floor: float,
+    widest: int,
+    returned: np.ndarray,
+    exclude: list[set[int]],
+    threads: int,
+    tie_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] | None,
+    long_tie: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, scores) holding every row of query `row` tied with (or, by usearch's rounding, near) its k-th
+    score `kth`: `first`, its first search's (keys, scores, rows asked for), searched wider while its last
+    row is at or above `floor`, up to `widest` rows; then exhaustively, and past `widest` every row scored.
+
+    Thousands of identical vectors (duplicate documents) would make every one of their queries a search of
+    them all: past TIE_SEARCH_ROWS the rows are scored once (`_rows_at_least`, kept in `tie_cache`).
+    `long_tie`: the first answer holds LONG_TIE_ROWS rows of one score above the k-th, which HNSW may have
+    cut short; the exhaustive search finds the rest.
+    """
+    total = len(index)
+    row_keys, row_found, row_count = first
+    searched = _searched_whole(tie_cache, queries[row], widest)
+    tie_past_the_end = False
+    # Checked at the widest search too: a first search already TIE_SEARCH_ROWS wide (-k of 4,095 or
+    # more) has a tie past its end that no wider search follows, and the exhaustive search must.
+    while (
+        searched is None
+        and row_count < total
+        and returned[row] == row_count
+        and row_found[np.isfinite(row_found)].min() >= floor
+    ):
+        tie_past_the_end |= bool(row_found[np.isfinite(row_found)].min() == kth)
+        if row_count >= widest:
+            break
+        row_count = min(2 * row_count, widest)
+        wider = _found(index, metric, queries[row : row + 1], row_count, exclude[row : row + 1], threads)
+        row_keys, row_found, returned[row] = wider[0][0], wider[1][0], wider[2][0]
+    if searched is not None or tie_past_the_end or long_tie or returned[row] < min(row_count, total):
+        # Hundreds of rows of one score (duplicate documents) are where HNSW fails: its search
+        # reaches a few hundred of them and returns rows of lower scores in place of the rest (or
+        # fewer rows than asked), as if the tie had ended. usearch's exhaustive search finds them.
+        if searched is None:
+            # Searched without the exclusions: the duplicates' own queries, each excluding its own row,
+            # share one exhaustive search (`tie_cache`), as they share one scan past TIE_SEARCH_ROWS.
+            wider = _found(index, metric, queries[row : row + 1], widest, [set()], threads, exhaustive=True)
+            searched = (wider[0][0], wider[1][0], int(wider[2][0]))
+            _remember(tie_cache, _whole_name(queries[row], widest), searched[0], searched[1])
+        row_keys, row_found, returned[row] = searched[0], searched[1].copy(), searched[2]
+        if exclude[row]:
+            row_found[np.isin(row_keys, list(exclude[row]))] = -np.inf
+        last = row_found[np.isfinite(row_found)]
+        if returned[row] == widest < total and len(last) and last.min() >= floor:
+            # Still tied at the end of TIE_SEARCH_ROWS rows (thousands of duplicates): which of the
+            # tied rows usearch returned is its own order, not the keys'. Every row is scored.
+            row_keys, row_found = _rows_at_least(index, metric, queries[row], floor, exclude[row], tie_cache)
+    return row_keys, row_found
+
+
+def _longest_tie(scores: np.ndarray) -> int:
+    """The most rows of one finite score in `scores` (sorted, best first)."""
+    finite = scores[np.isfinite(scores)]
+    if len(finite) == 0:
+        return 0
+    starts = np.flatnonzero(np.concatenate([[True], finite[1:] != finite[:-1], [True]]))
+    return int(np.diff(starts).max())
+
+
+# Answers kept in a `tie_cache` at most: an exhaustive search's is TIE_SEARCH_ROWS keys and scores (64 KiB),
+# and knn-score --all asks for every row's; the oldest go first.
+TIE_CACHE_ENTRIES = 1024
+
+
+def _whole_name(query: np.ndarray, rows: int) -> bytes:
+    """The `tie_cache` key of the exhaustive search of `rows` rows for `query`."""
+    return b"whole" + np.asarray(query, dtype=np.float32).tobytes() + np.int64(rows).tobytes()
+
+
+def _searched_whole(
+    cache: dict[bytes, tuple[np.ndarray, np.ndarray]] | None, query: np.ndarray, rows: int
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """The exhaustive search of `rows` rows for `query` that `cache` holds (keys, scores, rows returned)."""
+    if cache is None:
+        return None
+    found = cache.get(_whole_name(query, rows))
+    # The slots past what usearch returned score -inf (`_found`); no exclusion was applied to it.
+    return None if found is None else (found[0], found[1], int(np.isfinite(found[1]).sum()))
+
+
+def _remember(
+    cache: dict[bytes, tuple[np.ndarray, np.ndarray]] | None,
+    name: bytes,
+    keys: np.ndarray,
+    scores: np.ndarray,
+) -> None:
+    """Keeps `keys` and `scores` in `cache` under `name`, dropping the oldest past TIE_CACHE_ENTRIES."""
+    if cache is None:
+        return
+    while len(cache) >= TIE_CACHE_ENTRIES:
+        del cache[next(iter(cache))]
+    cache[name] = (keys, scores)
+
+
+def _tie_name(query: np.ndarray, floor: float) -> bytes:
+    """The `tie_cache` key of the rows scoring at least `floor` against `query`."""
+    return np.asarray(query, dtype=np.float32).tobytes() + np.float64(floor).tobytes()
+
+
 # Indexed vectors scored at once when a tie runs past TIE_SEARCH_ROWS: 4k x 1024 float64 is 32 MB, and
 # scoring holds a few such arrays (the query broadcast to float64, the unit rows of both).
 TIE_SCAN_ROWS = 4096
@@ -251,7 +361,7 @@ def _rows_at_least(
     """(keys, scores) of every indexed row scoring at least `floor` against `query` (scored as `_found`
     scores), -inf for those in `exclude`: the whole of a tie too long for any search.  `cache`, by query
     vector and floor, spares the other tied rows' queries (of the same vector) the scan."""
-    name = np.asarray(query, dtype=np.float32).tobytes() + np.float64(floor).tobytes()
+    name = _tie_name(query, floor)
     if cache is None or name not in cache:
         every = np.asarray(index.keys, dtype=np.int64)
         kept_keys, kept_scores = [], []
@@ -263,8 +373,7 @@ def _rows_at_least(
             kept_keys.append(chunk[at_least])
             kept_scores.append(scored[at_least])
         found = (np.concatenate(kept_keys), np.concatenate(kept_scores))
-        if cache is not None:
-            cache[name] = found
+        _remember(cache, name, *found)
     else:
         found = cache[name]
     keys, scores = found[0], found[1].copy()

@@ -21,8 +21,9 @@ from pipeline.analysis.dataset import (
     different_lengths,
     vectors_to_numpy,
 )
-from pipeline.analysis.exact import scores
+from pipeline.analysis.exact import DEFAULT_METRIC, scores
 from pipeline.analysis.index_search import LoadedIndex, load_index
+from pipeline.analysis.index_store import read_metadata
 
 DEFAULT_K = 10
 # How each metric's score is named in a sentence.
@@ -46,11 +47,12 @@ def suggest_keys(data: VectorDataset, key: str) -> str:
     return f" {noun} containing it: {', '.join(map(repr, close))}." if close else ""
 
 
-def query_vector(data: VectorDataset, key: str, column: str) -> np.ndarray:
+def query_vector(data: VectorDataset, key: str, column: str, metric: str = DEFAULT_METRIC) -> np.ndarray:
     """The vector of the row whose key is `key`.
 
     Raises:
-        AnalysisError: no row has that key, or its vector is missing or all zeros.
+        AnalysisError: no row has that key, or its vector is missing, not finite, or (for cosine
+            similarity, which it leaves undefined) all zeros.
     """
     found = data.dataset.to_table(columns=[column], filter=pc.field(data.key_column) == key)
     noun = "document id" if data.holds == "documents" else "word"
@@ -63,7 +65,7 @@ def query_vector(data: VectorDataset, key: str, column: str) -> np.ndarray:
     vector = vectors_to_numpy(found[column].slice(0, 1))[0].astype(np.float64)
     if not np.isfinite(vector).all():
         raise AnalysisError(f"The {noun} {key!r} has NaN or infinite values in its {column!r} vector.")
-    if not np.any(vector):
+    if metric == "cos" and not np.any(vector):
         raise AnalysisError(
             f"The {noun} {key!r} has an all-zero {column!r} vector, so its cosine similarity is undefined."
         )
@@ -71,9 +73,15 @@ def query_vector(data: VectorDataset, key: str, column: str) -> np.ndarray:
 
 
 def find_neighbors(
-    data: VectorDataset, key: str, column: str | None, k: int = DEFAULT_K, batch_rows: int = BATCH_ROWS
+    data: VectorDataset,
+    key: str,
+    column: str | None,
+    k: int = DEFAULT_K,
+    batch_rows: int = BATCH_ROWS,
+    metric: str = DEFAULT_METRIC,
 ) -> tuple[list[Neighbor], int]:
-    """The `k` rows most cosine-similar to row `key` in `column`, best first.
+    """The `k` rows nearest to row `key` in `column` by `metric` (cosine similarity, dot product or L2
+    distance, as an index of that metric ranks them), best first.
 
     Streams the dataset in batches of at most `batch_rows` rows and keeps a
     running top-k, so memory does not grow with the dataset.  Rows with the
@@ -86,7 +94,7 @@ def find_neighbors(
     if k < 1:
         raise AnalysisError(f"-k must be at least 1, received {k}.")
     column = check_vector_column(data, column)
-    query = query_vector(data, key, column)
+    query = query_vector(data, key, column, metric)
     scanner = data.dataset.scanner(
         columns=[data.key_column, column, *data.detail_columns],
         filter=(pc.field(data.key_column) != key) & pc.field(column).is_valid(),
@@ -109,7 +117,7 @@ def find_neighbors(
         compared += int(finite.sum())
         # Rounded as every mode ranks them (`rounded_scores`): equal up to rounding is a tie, broken by key.
         similarities = np.where(
-            finite, scores("cos", query[None, :], np.where(finite[:, None], vectors, 0))[0], -np.inf
+            finite, scores(metric, query[None, :], np.where(finite[:, None], vectors, 0))[0], -np.inf
         )
         # Every row tied with the k-th best goes on, so the key breaks ties, not the scan order.
         if len(similarities) > k:
@@ -126,7 +134,9 @@ def find_neighbors(
         best_keys = [keys[i] for i in order]
         best_details = [details[i] for i in order]
     ranked = zip(best_keys, best_similarities, best_details, strict=True)
-    return [Neighbor(name, float(similarity), details) for name, similarity, details in ranked], compared
+    # Ranked by score (higher is nearer); an L2 score is shown as the distance.
+    neighbors = [Neighbor(name, display_score(metric, s), details) for name, s, details in ranked]
+    return neighbors, compared
 
 
 def display_score(metric: str, score: float) -> float:
@@ -148,6 +158,18 @@ def _neighbors_at(
         )
         for row, score in zip(rows, found[valid], strict=True)
     ]
+
+
+def index_metric(data: VectorDataset, column: str) -> str | None:
+    """The metric of `column`'s index of `data` as its metadata records it (not checked against the
+    export: --exact asks the same question without it), or None where there is no readable one."""
+    try:
+        metadata = read_metadata(data, column)
+    except AnalysisError:
+        return None
+    if metadata is None or metadata.get("holds", data.holds) != data.holds:
+        return None
+    return metadata["metric"]
 
 
 def open_index(data: VectorDataset, column: str, exact: bool = False) -> LoadedIndex | None:

@@ -29,6 +29,7 @@ import warnings
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
+from models.paths import file_kind
 from pipeline.uris import is_local
 
 _LOGGER = logging.getLogger(__name__)
@@ -77,16 +78,6 @@ class AmbiguousPattern(ValueError):
 
 class InputChanged(Exception):
     """The file is not what the launch listed: gone, another size or modification time, not a file."""
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a named pipe"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
 
 
 def _could_hold_matches(directory: str, pattern: str) -> bool:
@@ -158,7 +149,7 @@ def _local_entry(path: str) -> InputFile | NonRegularFile:
         problem = "which does not exist" if error.errno == errno.ENOENT else f"which fails: {error.strerror}"
         return InputFile(path, 0, None, target, problem)
     if not stat.S_ISREG(status.st_mode):
-        return NonRegularFile(path, _kind(status.st_mode))
+        return NonRegularFile(path, file_kind(status.st_mode))
     return InputFile(path, status.st_size, status.st_mtime)
 
 
@@ -253,7 +244,7 @@ def check_unchanged(listed: InputFile) -> None:
         except FileNotFoundError:
             raise InputChanged(f"{listed.path} was listed at launch but no longer exists.") from None
         if not stat.S_ISREG(status.st_mode):
-            raise InputChanged(f"{listed.path} is now {_kind(status.st_mode)}, no longer a regular file.")
+            raise InputChanged(f"{listed.path} is now {file_kind(status.st_mode)}, no longer a regular file.")
         size, mtime = status.st_size, status.st_mtime
     else:
         try:
