@@ -107,6 +107,11 @@ def _run_child(request, fds, others):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for signum in request["ignored_signals"]:  # as inherited ignored across exec (`nohup`)
             signal.signal(signum, signal.SIG_IGN)
+        if request["address_space"] is not None:  # as `prlimit --as=N` starts a command
+            import resource
+
+            limit = request["address_space"]
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         if request["new_session"]:
             os.setsid()
         for source, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
@@ -378,7 +383,7 @@ class ForkedProcess:
 FORKED_OPTIONS = {"cwd", "env", "stdin", "stdout", "stderr", "text", "start_new_session"}
 
 
-def popen(command, ignored_signals=(), **options):
+def popen(command, ignored_signals=(), address_space=None, **options):
     """`subprocess.Popen(command, **options)`, forked from the warm server when `command` runs Python code.
 
     `command` is `python -m MODULE ...`, `python -c CODE ...` or `python SCRIPT.py ...`
@@ -386,10 +391,14 @@ def popen(command, ignored_signals=(), **options):
     starts cold. `ignored_signals`: signals the child starts with ignored, as `nohup`
     starts a command with SIGHUP ignored (cold: by a shell that ignores them and execs the command;
     not a `preexec_fn`, which would run Python in a fork of the test process, whose gRPC threads
-    left by an earlier test's pipeline can abort the child before its exec).
+    left by an earlier test's pipeline can abort the child before its exec). `address_space`: the bytes
+    the child may map (RLIMIT_AS, soft and hard), as `prlimit --as=N` starts a command (cold: by
+    prlimit itself); a forked child starts with the server's imports mapped, under the same limit.
     """
     request = _python_argv(command)
     if request is None or set(options) - FORKED_OPTIONS:
+        if address_space is not None:
+            command = ["prlimit", f"--as={address_space}", *command]
         if ignored_signals:
             names = " ".join(signal.Signals(signum).name.removeprefix("SIG") for signum in ignored_signals)
             command = ["sh", "-c", f'trap "" {names}; exec "$@"', "sh", *command]
@@ -401,15 +410,18 @@ def popen(command, ignored_signals=(), **options):
         "env": dict(os.environ if env is None else env),
         "new_session": options.get("start_new_session", False),
         "ignored_signals": [int(signum) for signum in ignored_signals],
+        "address_space": address_space,
     }
     streams = (options.get(name) for name in ("stdin", "stdout", "stderr"))
     return ForkedProcess(command, request, *streams, options.get("text", False))
 
 
-def run(command, cwd=None, env=None, capture_output=False, text=False, timeout=None):
-    """`subprocess.run(command, ...)` through `popen`: a CompletedProcess."""
+def run(command, cwd=None, env=None, capture_output=False, text=False, timeout=None, address_space=None):
+    """`subprocess.run(command, ...)` through `popen`: a CompletedProcess (`address_space`: as `popen`'s)."""
     pipe = subprocess.PIPE if capture_output else None
-    process = popen(command, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=text)
+    process = popen(
+        command, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=text, address_space=address_space
+    )
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -10,10 +10,10 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import warnings
 
+import forkserver
 import matplotlib.cbook
 import matplotlib.figure
 import numpy as np
@@ -313,23 +313,24 @@ def test_foreign_parquet_with_integer_ids_or_a_null_first_vector(tmp_path, capsy
 # --- flags --------------------------------------------------------------------------------------------
 
 
-def _limited(gigabytes):
-    """A command prefix capping the child's address space, so an allocation sized by k fails instead of
-    swapping. prlimit, not a preexec_fn: that runs Python in a fork of this process, whose gRPC threads
-    (an earlier test's pipeline) can abort the child before its exec."""
-    return ["prlimit", f"--as={gigabytes << 30}"]
+# The child's address space is capped (as `prlimit --as`), so an allocation sized by k fails instead of
+# swapping. Forked from the warm server (tests/forkserver.py), which sets the limit in the child, not by
+# a preexec_fn: that runs Python in a fork of this process, whose gRPC threads (an earlier test's
+# pipeline) can abort the child before its exec. A cold start imported Beam for each of the 8 runs.
+ADDRESS_SPACE = 4 << 30
 
 
 def test_a_huge_k_is_capped_at_the_rows_and_huge_hnsw_settings_are_refused(export_copy, ids_file, tmp_path):
     huge = "1000000000"
 
     def analyze_run(*argv):
-        return subprocess.run(
-            [*_limited(4), sys.executable, "-m", "pipeline.analyze", export_copy, *argv],
+        return forkserver.run(
+            [sys.executable, "-m", "pipeline.analyze", export_copy, *argv],
             capture_output=True,
             text=True,
             cwd=REPOSITORY,
             timeout=120,
+            address_space=ADDRESS_SPACE,
         )
 
     def ranks(stdout):

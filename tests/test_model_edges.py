@@ -563,7 +563,7 @@ json.dump({}, open(sys.argv[1] + "/info.json", "w"))
 
 @pytest.fixture(scope="module")
 def custom_class_models(tmp_path_factory):
-    """The two models of CUSTOM_CLASSES_SCRIPT, saved once by its own process (the tests only read them)."""
+    """The models of CUSTOM_CLASSES_SCRIPT, saved once by its own process (the tests only read them)."""
     return build_keras2_models(tmp_path_factory.mktemp("custom_classes"), CUSTOM_CLASSES_SCRIPT)[0]
 
 
@@ -598,9 +598,9 @@ def test_a_model_of_custom_classes_is_one_error_saying_to_rebuild_it(
     ],
 )
 def test_a_model_naming_a_function_of_its_training_code_is_one_error_saying_which_and_where(
-    tmp_path, file, names, advice
+    custom_class_models, tmp_path, file, names, advice
 ):
-    directory, _ = build_keras2_models(tmp_path, CUSTOM_CLASSES_SCRIPT)
+    directory = custom_class_models
     corpus = write_jsonl(tmp_path / "ids.jsonl", [{"id": "d", "content": [1, 2, 3], "text": "a b"}])
     with pytest.raises(ExportConfigError) as refusal:
         run_export(export_args(directory / file, corpus, tmp_path / "out", "--tokenizer", "none"))
