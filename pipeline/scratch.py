@@ -5,6 +5,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ from collections.abc import Iterator
 PREFIX = "embexport-"
 # The file in a folder whose flock the process using the folder holds: the kernel releases it however
 # the process ends, so a folder whose flock can be taken is a dead process's. It is given this name
-# only once locked, so a folder being made is never taken for a dead one.
+# only once locked, so a folder being made is never taken for a dead one. It holds the name of the
+# machine that made it: a flock over NFS may hold on that machine alone.
 HOLD_FILE = ".held"
 
 
@@ -32,6 +34,7 @@ def held_scratch_directory(prefix: str) -> Iterator[str]:
         taking = os.path.join(directory, HOLD_FILE + ".taking")
         descriptor = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
+            os.write(descriptor, _host())
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX)
             except OSError:
@@ -52,7 +55,8 @@ def remove_dead_scratch_directories(parent: str | None = None) -> list[str]:
     process died; returns them.
 
     A folder is removed only if it holds `HOLD_FILE` and no process holds its flock: a live command's
-    folder, one being made, one of a version that held none, a link, another user's are all left alone.
+    folder, one being made, one of a version that held none, a link, another user's are all left alone,
+    and so is one another machine made (a `parent` shared over NFS, whose locks may not reach this one).
     """
     parent = parent or tempfile.gettempdir()
     try:
@@ -70,6 +74,9 @@ def remove_dead_scratch_directories(parent: str | None = None) -> list[str]:
         except OSError:  # Gone meanwhile, no hold file, a link: not one to remove.
             continue
         try:
+            host = os.read(descriptor, 1024)
+            if host and host != _host():  # Another machine's: only it can tell whether it is dead.
+                continue
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # Held: a live command's.
             continue
@@ -80,3 +87,8 @@ def remove_dead_scratch_directories(parent: str | None = None) -> list[str]:
         finally:
             os.close(descriptor)
     return removed
+
+
+def _host() -> bytes:
+    """This machine's name, as a hold file records it (empty in those of the version before it)."""
+    return socket.gethostname().encode("utf-8", "replace") or b"?"

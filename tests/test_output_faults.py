@@ -1256,6 +1256,32 @@ def test_a_temporary_directory_without_locks_is_used_unheld_not_a_traceback(tmp_
     assert not os.path.exists(scratch)
 
 
+def test_a_temporary_folder_another_machine_made_is_left_to_it(tmp_path, monkeypatch):
+    """A $TMPDIR two machines share over NFS, whose flocks may hold on the taker's machine alone (`nolock`
+    or `local_lock` mounts): a live command's folder on one looked dead from the other, which removed it
+    (a run's progress counts, an index being built, a model as it loads)."""
+    import pathlib
+    import socket
+
+    from pipeline.scratch import HOLD_FILE, remove_dead_scratch_directories
+
+    temporary = tmp_path / "shared"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    # What a live command on the other machine looks like from here: its flock does not reach this one.
+    elsewhere = temporary / "embexport-index-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / HOLD_FILE).write_text("another-" + socket.gethostname())
+    dead = temporary / "embexport-index-dead"  # A dead one of this machine's, as the version before made it.
+    dead.mkdir()
+    (dead / HOLD_FILE).write_text("")
+    assert remove_dead_scratch_directories() == [str(dead)]
+    assert (elsewhere / HOLD_FILE).is_file()
+    with held_scratch_directory("embexport-progress-") as scratch:
+        assert pathlib.Path(scratch, HOLD_FILE).read_text(encoding="utf-8") == socket.gethostname()
+    assert sorted(os.listdir(temporary)) == [elsewhere.name]
+
+
 def test_keras_forward_pass_writes_nothing_to_the_temporary_directory(tmp_path, monkeypatch):
     """TensorFlow's autograph wrote the forward function's converted source to $TMPDIR, removed by an exit
     function: each worker a stop signal SIGKILLs (a Ctrl-C) left its `__autograph_generated_file*.py`."""
