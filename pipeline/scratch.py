@@ -14,8 +14,8 @@ from collections.abc import Iterator
 PREFIX = "embexport-"
 # The file in a folder whose flock the process using the folder holds: the kernel releases it however
 # the process ends, so a folder whose flock can be taken is a dead process's. It is given this name
-# only once locked, so a folder being made is never taken for a dead one. It holds the name of the
-# machine that made it: a flock over NFS may hold on that machine alone.
+# only once locked, so a folder being made is never taken for a dead one. It names the machine that made
+# it (`_host`): a flock over NFS may hold on that machine alone.
 HOLD_FILE = ".held"
 
 
@@ -90,5 +90,12 @@ def remove_dead_scratch_directories(parent: str | None = None) -> list[str]:
 
 
 def _host() -> bytes:
-    """This machine's name, as a hold file records it (empty in those of the version before it)."""
-    return socket.gethostname().encode("utf-8", "replace") or b"?"
+    """This machine, as a hold file records it (empty in those of the version before it): the running
+    kernel's boot id where Linux gives one, since a flock holds for every process of one kernel (the
+    containers of one machine included) and no further; else the machine's name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as handle:
+            boot = handle.read().strip()
+    except OSError:
+        boot = b""
+    return boot or socket.gethostname().encode("utf-8", "replace") or b"?"
