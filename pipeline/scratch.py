@@ -34,12 +34,13 @@ def held_scratch_directory(prefix: str) -> Iterator[str]:
         taking = os.path.join(directory, HOLD_FILE + ".taking")
         descriptor = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(descriptor, _host())
+            with contextlib.suppress(OSError):  # A full disk: unnamed, as the version before wrote it.
+                os.write(descriptor, _host())
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX)
             except OSError:
                 # No locks there (NFS whose lock daemon does not answer: ENOLCK): used unheld, so no
-                # command takes it for a dead one's; a SIGKILL leaves it behind, as before holds.
+                # command takes it for a dead one's; a SIGKILL leaves it behind, as before there were holds.
                 os.unlink(taking)
             else:
                 os.rename(taking, os.path.join(directory, HOLD_FILE))

@@ -1256,6 +1256,19 @@ def test_a_temporary_directory_without_locks_is_used_unheld_not_a_traceback(tmp_
     assert not os.path.exists(scratch)
 
 
+def test_a_full_temporary_directory_still_gives_a_held_folder(small_tmpfs, monkeypatch):
+    """The hold file names its machine: on a full $TMPDIR that write must not end the command (its
+    folder holds only the progress counts, which a full disk merely leaves unwritten)."""
+    from pipeline.scratch import HOLD_FILE
+
+    monkeypatch.setattr(tempfile, "tempdir", str(small_tmpfs))
+    with open(small_tmpfs / "filler", "wb") as filler, contextlib.suppress(OSError):
+        filler.write(b"\0" * (1 << 20))
+    with held_scratch_directory("embexport-progress-") as scratch:
+        assert os.path.isfile(os.path.join(scratch, HOLD_FILE))
+    assert not os.path.exists(scratch)
+
+
 def test_a_temporary_folder_another_machine_made_is_left_to_it(tmp_path, monkeypatch):
     """A $TMPDIR two machines share over NFS, whose flocks may hold on the taker's machine alone (`nolock`
     or `local_lock` mounts): a live command's folder on one looked dead from the other, which removed it
