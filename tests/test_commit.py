@@ -561,8 +561,9 @@ def test_a_full_disk_during_the_commit_keeps_the_old_export(tmp_path, tiny_bundl
 def test_the_rerun_of_a_fresh_export_killed_in_its_commit_says_it_was_finished(tmp_path, tiny_bundle):
     output, argv = _fresh_export_killed_in_its_commit(tmp_path, tiny_bundle)
     rerun = run_command([sys.executable, "-m", "pipeline.run", *argv])
-    assert rerun.returncode == EXIT_CONFIG_ERROR, rerun.stderr[-2000:]
-    assert "was finished just now" in rerun.stderr
+    # The same command: its export is there (another command is refused: the test above).
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "commit was finished just now, so nothing is embedded again" in rerun.stderr
     assert _complete_export(output) == sorted(NEW_IDS)
 
 
@@ -645,6 +646,78 @@ def test_an_overwrite_rerun_of_a_run_killed_past_its_commit_point_does_not_embed
     assert summary.exit_code == 0 and summary.rows_written == len(NEW_IDS), summary
     with open(os.path.join(output, layout_lib.MANIFEST), "rb") as handle:
         assert handle.read() == committed
+    assert _complete_export(output) == sorted(NEW_IDS)
+
+
+def _fresh_scenario_killed_past_its_commit_point(scenarios, tmp_path):
+    """(output, the command's argv, the manifest its commit puts in place) of the "fresh" scenario's run,
+    killed at its commit's first step after the journal is in place."""
+    template, run_id, facts, _ = scenarios["fresh"]
+    output = str(tmp_path / "out")
+    shutil.copytree(template, output)
+    with _killed_at_the_first("delete"):
+        _commit(output, run_id, facts)
+    with open(os.path.join(output, layout_lib.JOURNAL), encoding="utf-8") as handle:
+        staged_manifest = os.path.join(output, json.load(handle)["manifest"])
+    with open(staged_manifest, "rb") as handle:
+        committed = handle.read()
+    corpus = os.path.join(os.path.dirname(template), "new_bad.jsonl")
+    return output, ["--input", corpus, "--output", output], committed
+
+
+class Embedded(Exception):
+    """The run went on to embed the corpus (`_run_pipeline`), past the finished commit."""
+
+
+def test_a_schedulers_retry_without_overwrite_of_a_run_killed_past_its_commit_point_exits_0(
+    scenarios, tmp_path, tiny_bundle, monkeypatch
+):
+    """The very same command (a scheduler's retry: Airflow, cron) finished the commit at launch, then
+    refused with exit 2, "Pass --overwrite", and so did every retry after it: the job failed for good
+    though the export it asked for was complete."""
+    from pipeline.running import export as export_lib
+
+    output, argv, committed = _fresh_scenario_killed_past_its_commit_point(scenarios, tmp_path)
+
+    def embeds(*args, **kwargs):
+        raise Embedded
+
+    monkeypatch.setattr(export_lib, "_run_pipeline", embeds)
+    summary = run_export(["--model", tiny_bundle[0], *argv])
+    assert summary.exit_code == 0 and summary.rows_written == len(NEW_IDS) and summary.dead_letters == 1
+    with open(os.path.join(output, layout_lib.MANIFEST), "rb") as handle:
+        assert handle.read() == committed
+    assert _complete_export(output) == sorted(NEW_IDS)
+
+
+@pytest.mark.parametrize("change", ["stricter_max_error_fraction", "model_moved"])
+def test_an_overwrite_rerun_unlike_the_killed_run_past_its_commit_point_is_run_not_recovered(
+    scenarios, tmp_path, tiny_bundle, monkeypatch, change
+):
+    """The --overwrite rerun stopped with exit 0 after finishing the killed run's commit whenever the
+    signatures matched: with a --max_error_fraction under the export's share of dead letters (1 in 7;
+    the same command without the kill exits 4), and with the model moved (same bytes, so the same
+    signature), leaving every row file naming the model's old path. The command without --overwrite
+    is refused, as a rerun of another command."""
+    from pipeline.running import export as export_lib
+
+    output, argv, _ = _fresh_scenario_killed_past_its_commit_point(scenarios, tmp_path)
+    model = tiny_bundle[0]
+    if change == "model_moved":  # The same files at another path.
+        model = str(tmp_path / "moved")
+        os.symlink(tiny_bundle[0], model)
+    flags = ["--max_error_fraction", "0.1"] if change == "stricter_max_error_fraction" else []
+
+    def embeds(*args, **kwargs):
+        raise Embedded
+
+    monkeypatch.setattr(export_lib, "_run_pipeline", embeds)
+    with pytest.raises(Embedded):
+        run_export(["--model", model, *argv, *flags, "--overwrite"])
+    shutil.rmtree(output)
+    output, argv, _ = _fresh_scenario_killed_past_its_commit_point(scenarios, tmp_path)
+    with pytest.raises(ExportConfigError, match="was finished just now"):
+        run_export(["--model", model, *argv, *flags])
     assert _complete_export(output) == sorted(NEW_IDS)
 
 

@@ -221,6 +221,40 @@ def test_an_s3_models_local_copy_is_removed_once_loaded(s3_endpoint, export, mon
     assert os.listdir(tempfile.tempdir) == []
 
 
+def test_an_s3_models_local_copy_is_held_while_it_loads(s3_endpoint, export, monkeypatch):
+    """A run killed while it loaded an s3:// model (a Ctrl-C SIGKILLs workers as they start, each loading
+    its own copy) left the copy, the model's whole size, in $TMPDIR/embexport-model-* for good: no later
+    command removed it. Held like the progress folder, the next command removes it once its process is
+    gone (test_output_faults.py::test_a_new_temporary_folder_removes_those_of_killed_commands...)."""
+    import fcntl
+    import tempfile
+
+    from pipeline.planning import model_source
+    from pipeline.scratch import HOLD_FILE, remove_dead_scratch_directories
+
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.mkdtemp())
+    share_one_s3_client(monkeypatch, s3_endpoint)
+    FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+    load = model_source._load_staged
+    held = []
+
+    def loading(model_uri, local, *args):
+        copy = os.path.dirname(local)
+        descriptor = os.open(os.path.join(copy, HOLD_FILE), os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # Held by this process while it loads.
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(descriptor)
+        held.append(remove_dead_scratch_directories() == [] and os.path.isdir(local))
+        return load(model_uri, local, *args)
+
+    monkeypatch.setattr(model_source, "_load_staged", loading)
+    model_source.load_model_source(MODEL)
+    assert held == [True]
+    assert os.listdir(tempfile.tempdir) == []
+
+
 @pytest.mark.parametrize(
     "output, pattern",
     [

@@ -1238,6 +1238,100 @@ def test_a_new_temporary_folder_removes_those_of_killed_commands_never_a_live_on
         assert not os.path.exists(scratch)
 
 
+def test_a_temporary_directory_without_locks_is_used_unheld_not_a_traceback(tmp_path, monkeypatch):
+    """A $TMPDIR whose filesystem refuses locks (NFS whose lock daemon does not answer) crashed every
+    local export, index build and search with `OSError: [Errno 37] No locks available`, a traceback."""
+    import errno
+    import fcntl
+
+    from pipeline.scratch import remove_dead_scratch_directories
+
+    temporary = tmp_path / "nfs"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    real_flock = fcntl.flock
+
+    def flock(descriptor, operation):  # As NFS without its lock daemon: only files there refuse.
+        if os.readlink(f"/proc/self/fd/{descriptor}").startswith(str(temporary)):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return real_flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with held_scratch_directory("embexport-progress-") as scratch:
+        assert os.listdir(scratch) == []  # No hold file: no command ever takes it for a dead one's.
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert remove_dead_scratch_directories() == [] and os.path.isdir(scratch)
+    assert not os.path.exists(scratch)
+
+
+def test_a_full_temporary_directory_still_gives_a_held_folder(small_tmpfs, monkeypatch):
+    """The hold file names its machine: on a full $TMPDIR that write must not end the command (its
+    folder holds only the progress counts, which a full disk merely leaves unwritten)."""
+    from pipeline.scratch import HOLD_FILE
+
+    monkeypatch.setattr(tempfile, "tempdir", str(small_tmpfs))
+    with open(small_tmpfs / "filler", "wb") as filler, contextlib.suppress(OSError):
+        filler.write(b"\0" * (1 << 20))
+    with held_scratch_directory("embexport-progress-") as scratch:
+        assert os.path.isfile(os.path.join(scratch, HOLD_FILE))
+    assert not os.path.exists(scratch)
+
+
+def test_a_temporary_folder_another_machine_made_is_left_to_it(tmp_path, monkeypatch):
+    """A $TMPDIR two machines share over NFS, whose flocks may hold on the taker's machine alone (`nolock`
+    or `local_lock` mounts): a live command's folder on one looked dead from the other, which removed it
+    (a run's progress counts, an index being built, a model as it loads)."""
+    import pathlib
+
+    from pipeline.scratch import HOLD_FILE, remove_dead_scratch_directories
+
+    temporary = tmp_path / "shared"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    # What a live command on the other machine looks like from here: its flock does not reach this one.
+    elsewhere = temporary / "embexport-index-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / HOLD_FILE).write_text("another machine's")
+    dead = temporary / "embexport-index-dead"  # A dead one of this machine's, as the version before made it.
+    dead.mkdir()
+    (dead / HOLD_FILE).write_text("")
+    assert remove_dead_scratch_directories() == [str(dead)]
+    assert (elsewhere / HOLD_FILE).is_file()
+    with held_scratch_directory("embexport-progress-") as scratch:
+        this_machine = pathlib.Path(scratch, HOLD_FILE).read_text(encoding="utf-8")
+        assert this_machine and this_machine != (elsewhere / HOLD_FILE).read_text()
+    assert sorted(os.listdir(temporary)) == [elsewhere.name]
+
+
+def test_keras_forward_pass_writes_nothing_to_the_temporary_directory(tmp_path, monkeypatch):
+    """TensorFlow's autograph wrote the forward function's converted source to $TMPDIR, removed by an exit
+    function: each worker a stop signal SIGKILLs (a Ctrl-C) left its `__autograph_generated_file*.py`."""
+    from tensorflow.python.autograph.impl import api as autograph_api
+    from tensorflow.python.autograph.pyct import cache as autograph_cache
+
+    from pipeline.inference.embedder import Embedder
+    from pipeline.inference.features import DocumentTokenizer
+    from pipeline.planning.build import build_plan
+    from pipeline.planning.options import ExportOptions
+    from pipeline.reading.documents import Document
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    # Conversions are cached per function for the process: an earlier test's would write nothing here.
+    monkeypatch.setattr(autograph_api._TRANSPILER, "_cache", autograph_cache.CodeObjectCache())
+    options = ExportOptions(
+        ["--output", str(tmp_path / "o"), "--layer", "lstm_content", "--fast_path", "off"]
+    )
+    plan, model_source = build_plan(options)
+    embedder = Embedder(plan, model_source)
+    tokenized = DocumentTokenizer(plan, model_source.tokenizer).tokenize(
+        Document("a", ("words of a document",), (), "c.jsonl", 1)
+    )
+    assert not embedder.run([tokenized]).failed
+    assert os.listdir(temporary) == []
+
+
 @pytest.mark.slow
 def test_the_next_run_removes_the_temporary_folder_a_killed_run_left(
     tmp_path, tiny_bundle, monkeypatch, capsys

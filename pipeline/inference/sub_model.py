@@ -108,8 +108,10 @@ class SubModel:
                     self._padded_by_batch[tensor.name] = padded
         first_column = computed[0][1].column
 
-        # One traced graph for every batch size: no retracing per batch.
-        @tf.function(input_signature=signature, reduce_retracing=True)
+        # One traced graph for every batch size: no retracing per batch. Without autograph, which has no
+        # tensor-dependent Python here to convert (Keras's own code it never converts) but writes its
+        # converted source to $TMPDIR, left there by every worker a stop signal SIGKILLs.
+        @tf.function(input_signature=signature, reduce_retracing=True, autograph=False)
         def forward(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             outputs = model(features, training=False)
             if not isinstance(outputs, dict):

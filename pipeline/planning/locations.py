@@ -20,6 +20,7 @@ from pipeline.planning.stores import check_gcs_bucket_name, check_s3_bucket_name
 from pipeline.reading.listing import AmbiguousPattern, InputFile, list_input
 from pipeline.reading.ranges import path_key
 from pipeline.uris import absolute, absolute_pattern, file_uri_problem, glob_regex, inside, is_local
+from pipeline.writing.commit_phase import recovered_run
 from pipeline.writing.layout import STAGING
 
 # Characters Beam's FileSystems.match takes as a glob.
@@ -245,7 +246,7 @@ def check_input(pattern: str) -> list[InputFile]:
     return matched
 
 
-def _finished_commit_message(output: str) -> str:
+def finished_commit_message(output: str) -> str:
     """What a run says of the earlier export whose interrupted commit it just finished (without --overwrite).
 
     That run may have failed (too many dead letters, a file that broke): its export is
@@ -278,6 +279,7 @@ def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFi
     """
     matched: list[str] | None = None
     files: tuple[InputFile, ...] = ()
+    retry = False
     check_location("input", options.input)
     check_output_name(options.output)
     if check_remote:
@@ -303,9 +305,12 @@ def check_locations(options: ExportOptions, check_remote: bool) -> tuple[InputFi
                     f"--output {options.output!r} holds an export whose commit was cut short ({JOURNAL}), "
                     f"and finishing it failed: {finish_failure(error)}, then rerun."
                 ) from None
-            if finished and not options.overwrite:
-                raise ExportConfigError(_finished_commit_message(options.output))
-        check_output(options.output, options.overwrite)
+            # The killed run may have been this same command (a scheduler's retry): once the run's
+            # signature is known, `pipeline.running.export` stops there, or refuses as here.
+            retry = finished and options.resume == "auto" and recovered_run(options.output) is not None
+            if finished and not options.overwrite and not retry:
+                raise ExportConfigError(finished_commit_message(options.output))
+        check_output(options.output, options.overwrite or retry)
         if matched is not None:
             check_input_output(options.input, matched, options.output)
     return files

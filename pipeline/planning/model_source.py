@@ -1,10 +1,10 @@
 """Loads the model to export, and its tokenizer, from a bundle or a model file at any Beam URI."""
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 
 import keras
@@ -26,6 +26,7 @@ from models.legacy import load_model_file
 from models.tokenizer import TextTokenizer, Tokenizer
 from pipeline.errors import ExportConfigError
 from pipeline.planning.plan import NO_TOKENIZER, ExportPlan, wants_no_tokenizer
+from pipeline.scratch import held_scratch_directory
 from pipeline.uris import file_uri_problem, is_local
 
 MODEL_EXTENSIONS = (".keras", ".h5", ".hdf5")
@@ -145,14 +146,15 @@ def load_model_source(
     if problem:
         raise ExportConfigError(problem)
     location = _installed_default_bundle(model_uri.rstrip("/"))
-    copy = None if is_local(location) else tempfile.mkdtemp(prefix="embexport-model-")
-    try:
-        local = stage_locally(location, copy) if _exists(location) else None
-    except Exception as error:  # No credentials, no such bucket, a failed copy, ...
-        _remove_copy(copy)
-        raise ExportConfigError(f"Could not read --model {model_uri!r}: {error}") from None
-    try:
-        source = _load_staged(
+    with contextlib.ExitStack() as stack:
+        # A remote model's local copy is needed only while it loads (each worker makes its own): in a
+        # held folder, which the next command removes if this process is killed meanwhile.
+        copy = None if is_local(location) else stack.enter_context(held_scratch_directory("embexport-model-"))
+        try:
+            local = stage_locally(location, copy) if _exists(location) else None
+        except Exception as error:  # No credentials, no such bucket, a failed copy, ...
+            raise ExportConfigError(f"Could not read --model {model_uri!r}: {error}") from None
+        return _load_staged(
             model_uri,
             local,
             tokenizer_uri,
@@ -161,15 +163,6 @@ def load_model_source(
             truncating,
             require_tokenizer,
         )
-    finally:
-        # A remote model's local copy is needed only while it loads (each worker makes its own).
-        _remove_copy(copy)
-    return source
-
-
-def _remove_copy(copy: str | None) -> None:
-    if copy:
-        shutil.rmtree(copy, ignore_errors=True)
 
 
 def _check_unchanged(model_uri: str, path: str, sha256: str) -> None:

@@ -36,6 +36,7 @@ from pipeline.planning.checks import (
     check_numeric_flags,
     check_text_arguments,
 )
+from pipeline.planning.locations import finished_commit_message
 from pipeline.planning.model_source import ModelSource
 from pipeline.planning.options import ExportOptions, default_output
 from pipeline.planning.plan import ExportPlan
@@ -80,7 +81,7 @@ from pipeline.uris import is_local
 from pipeline.writing import commit as commit_lib
 from pipeline.writing import resume as resume_lib
 from pipeline.writing.commit import has_pending_commit
-from pipeline.writing.commit_phase import recovered_run, reset_commit_phase
+from pipeline.writing.commit_phase import recovered, recovered_run, reset_commit_phase
 from pipeline.writing.files import join
 from pipeline.writing.layout import ERRORS_DIR, FAILED_DIR, STAGING, new_run_id
 from pipeline.writing.lock import OutputLock
@@ -315,10 +316,15 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     # Rows of the fast path and of Keras's forward pass never share a column, whatever the flags say.
     check_reuse_forward_passes(plan)
     signature = resume_lib.run_signature(plan, export_options.limit)
-    if export_options.overwrite and export_options.resume == "auto":
-        done = _recovered_export(export_options.output, plan, signature)
+    # The launch finished a killed run's commit: a scheduler's retry of that same command (with
+    # --overwrite or not) finds the export it asked for there.
+    finished_here = export_options.output in recovered()
+    if export_options.resume == "auto" and (export_options.overwrite or finished_here):
+        done = _recovered_export(export_options.output, plan, signature, export_options.max_error_fraction)
         if done is not None:
             return done
+    if finished_here and not export_options.overwrite:
+        raise ExportConfigError(finished_commit_message(export_options.output))
     # With --resume auto, `prepare` keeps the staging of an interrupted run of this same export.
     find_resumable = (
         functools.partial(resume_lib.find_resumable, signature=signature)
@@ -352,12 +358,15 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
         return _run_and_commit(options, plan, model_source, run_id, argv, total_bytes, resumed, lock)
 
 
-def _recovered_export(output: str, plan: ExportPlan, signature: dict[str, Any]) -> ExportSummary | None:
+def _recovered_export(
+    output: str, plan: ExportPlan, signature: dict[str, Any], max_error_fraction: float
+) -> ExportSummary | None:
     """The summary of the export this command makes, where the launch just finished its commit: that of a
     run killed past its commit point with this run's signature, which succeeded; else None.
 
     A rerun that is to replace it (`--overwrite`) would embed the whole corpus again into the same rows,
-    as a resumed run does not (with `--resume off` it does, as asked).
+    as a resumed run does not (with `--resume off` it does, as asked); one without `--overwrite` would be
+    refused, though the export it asks for is there.
     """
     recovered = recovered_run(output)
     if recovered is None or recovered[0] != json.loads(json.dumps(signature)):
@@ -368,7 +377,15 @@ def _recovered_export(output: str, plan: ExportPlan, signature: dict[str, Any]) 
             return None
     if not isinstance(manifest, dict) or manifest.get("status") != "succeeded":
         return None  # A failed export is made again: what failed may be fixed (a file given back).
+    # The signature holds what the rows depend on, not the model's path (every row file names it, as
+    # this command would) nor the share of dead letters this command calls a failure.
+    if manifest.get("model_uri") != plan.model_uri:
+        return None
     counts = manifest.get("counts") or {}
+    dead = counts.get("dead_letters", 0)
+    counted = counts.get("records_read") or counts.get("rows_written", 0) + dead
+    if counted and dead / counted > max_error_fraction:
+        return None
     resumed = manifest.get("resumed") or {}
     _LOGGER.warning(
         "%s now holds the export of this same command (model, flags and input files): its interrupted "
