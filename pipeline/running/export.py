@@ -43,7 +43,7 @@ from pipeline.planning.plan import ExportPlan
 from pipeline.planning.reuse import check_reuse_forward_passes, reuse_signature
 from pipeline.running import left_running, local_workers, portable
 from pipeline.running import progress as progress_lib
-from pipeline.running.accounting import account, manifest_counts, verdict
+from pipeline.running.accounting import account, counted, manifest_counts, verdict
 from pipeline.running.counters import (
     DOCUMENTS_TRUNCATED,
     NAMESPACE,
@@ -596,8 +596,8 @@ def _run_and_commit(
         rows_written=accounting.rows,
         dead_letters=accounting.dead,
         errors_by_reason=accounting.by_reason,
-        truncated=accounting.counters.get(DOCUMENTS_TRUNCATED, 0),
-        oov_tokens=accounting.counters.get(OOV_TOKENS, 0),
+        truncated=counted(accounting, DOCUMENTS_TRUNCATED),
+        oov_tokens=counted(accounting, OOV_TOKENS),
         seconds=seconds,
         exit_code=exit_code,
         message=message,
