@@ -532,7 +532,7 @@ def test_a_resume_on_a_job_server_without_committed_counters(
 def test_a_kept_row_whose_id_is_gone_is_refused_though_a_retried_bundle_doubles_the_attempted_counters(
     killed, corpus, tiny_bundle, tmp_path, monkeypatch, capfd
 ):
-    """Spark's and Flink's attempted counters count a retried bundle twice: its kept documents covered a gone id.
+    """Spark's and Flink's attempted counters count a retried bundle twice: it covered a gone kept id.
 
     The kept rows were told from the `rows_kept` counter alone (met < kept): one kept id renamed in
     place (the same size and time) and one bundle of kept documents run twice made met >= kept, and
@@ -628,6 +628,14 @@ def test_the_run_signature_holds_what_input_and_reuse_name_not_how_they_are_spel
         resume_lib.run_signature(replaced, None),
         resume_lib.run_signature(without, None),
     )
+
+
+def test_the_run_signature_holds_the_onednn_setting():
+    """A run killed with oneDNN on, rerun with TF_ENABLE_ONEDNN_OPTS=0, kept the rows of one setting beside
+    rows of the other (they differ in the last bits): the export equalled neither uninterrupted run."""
+    plan = make_plan([VECTOR])
+    on, off = (resume_lib.run_signature(dataclasses.replace(plan, onednn=on), None) for on in (True, False))
+    assert on != off
 
 
 def test_the_run_signature_holds_each_columns_forward_pass_not_why_keras_was_chosen():
