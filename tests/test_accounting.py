@@ -11,7 +11,9 @@ from pipeline.errors import (
     EXIT_RECORDS_LOST,
     EXIT_TOO_MANY_ERRORS,
 )
-from pipeline.running.accounting import Accounting, manifest_counts, verdict
+from pipeline.running.accounting import Accounting, account, manifest_counts, verdict
+from pipeline.running.counters import RunCounters
+from pipeline.running.report import ExportSummary, format_summary
 
 
 def accounting(read=10, rows=8, dead=2, broken=0, exact=True, kept=0):
@@ -70,6 +72,31 @@ def test_too_many_dead_letters_name_their_reasons_and_what_to_check():
     # Float ids (pandas' integers holding a null) were told to check --id_field alone, which was right.
     _, message = verdict(dataclasses.replace(counts, by_reason={"bad_id": 2}), None, 0.1, "OUT/errors")
     assert "Check --id_field" in message and "float64" in message and "Int64" in message
+
+
+def test_a_runner_without_counters_states_no_count_that_comes_from_counters():
+    """Such a job server's run recorded 0 truncated, 0 reused and every row embedded as facts.
+
+    A --reuse of 60 documents, 50 of them unchanged: `rows_reused: 0, rows_embedded: 60`, the summary
+    "truncated 0 documents" and "reused 0 rows", under "counters": "attempted" (an upper bound).
+    """
+    from test_schema import VECTOR, make_plan
+
+    plan = dataclasses.replace(make_plan([VECTOR]), reuse="out/v1")
+    staged = {"rows": [("out/part", 60)], "errors": [], "tables": []}
+    counts = account(RunCounters({}, False), staged, plan, None)
+    recorded = manifest_counts(counts)
+    assert recorded["counters"] == "none" and recorded["rows_written"] == 60
+    for name in ("records_read", "documents_truncated", "oov_tokens", "ranges_read", "rows_reused"):
+        assert recorded[name] is None, name
+    assert recorded["rows_embedded"] is None and recorded["earlier_rows_dropped"] is None
+    summary = ExportSummary("out", None, 60, 0, {}, None, None, 1.0, 7, "m", reuse="out/v1", rows_reused=None)
+    text = format_summary(summary)
+    assert "  truncated        unknown (no counters)" in text
+    assert "  reused           rows unchanged since out/v1: unknown (no counters)" in text
+    # Attempted counters are still stated, as attempted.
+    attempted = manifest_counts(account(RunCounters({"rows_reused": 50}, False), staged, plan, None))
+    assert (attempted["counters"], attempted["rows_reused"], attempted["oov_tokens"]) == ("attempted", 50, 0)
 
 
 def test_unknown_records_read_are_recorded_as_none():

@@ -525,7 +525,45 @@ def test_a_resume_on_a_job_server_without_committed_counters(
         os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == EXIT_CONFIG_ERROR and len(lines) == 1, lines
-    assert "corpus changed since the interrupted run" in lines[0] and ", at most 0 have" in lines[0]
+    assert "corpus changed since the interrupted run" in lines[0] and ", only 0 have" in lines[0]
+    assert state_lib.read_manifest(output) is None
+
+
+def test_a_kept_row_whose_id_is_gone_is_refused_though_a_retried_bundle_doubles_the_attempted_counters(
+    killed, corpus, tiny_bundle, tmp_path, monkeypatch, capfd
+):
+    """Spark's and Flink's attempted counters count a retried bundle twice: it covered a gone kept id.
+
+    The kept rows were told from the `rows_kept` counter alone (met < kept): one kept id renamed in
+    place (the same size and time) and one bundle of kept documents run twice made met >= kept, and
+    the run committed the stale row of the gone id beside its new one (exit 7, as every run there).
+    The documents with a kept row are now counted as the pipeline's data, exact on every runner.
+    """
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    gone = sorted(ids_in(durable_files(output)))[0]
+    real = export_lib.read_counters
+
+    def retried(result, namespace=counters_lib.NAMESPACE):
+        values = dict(real(result, namespace).values)
+        values[counters_lib.ROWS_KEPT] *= 2
+        return counters_lib.RunCounters(values, False)
+
+    monkeypatch.setattr(export_lib, "read_counters", retried)
+    rewritten = str(tmp_path / "corpus.jsonl")
+    shutil.copy2(corpus, rewritten)
+    stat = os.stat(corpus)
+    try:
+        with open(rewritten, encoding="utf-8") as handle, open(corpus, "w", encoding="utf-8") as out:
+            out.write(handle.read().replace(f'"id": "{gone}"', f'"id": "{gone.replace("doc", "dox")}"'))
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    finally:
+        shutil.copy2(rewritten, corpus)
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_CONFIG_ERROR and len(lines) == 1, lines
+    assert "corpus changed since the interrupted run" in lines[0] and ", only " in lines[0]
     assert state_lib.read_manifest(output) is None
 
 
@@ -590,6 +628,14 @@ def test_the_run_signature_holds_what_input_and_reuse_name_not_how_they_are_spel
         resume_lib.run_signature(replaced, None),
         resume_lib.run_signature(without, None),
     )
+
+
+def test_the_run_signature_holds_the_onednn_setting():
+    """A run killed with oneDNN on, rerun with TF_ENABLE_ONEDNN_OPTS=0, kept the rows of one setting beside
+    rows of the other (they differ in the last bits): the export equalled neither uninterrupted run."""
+    plan = make_plan([VECTOR])
+    on, off = (resume_lib.run_signature(dataclasses.replace(plan, onednn=on), None) for on in (True, False))
+    assert on != off
 
 
 def test_the_run_signature_holds_each_columns_forward_pass_not_why_keras_was_chosen():

@@ -273,6 +273,23 @@ def test_rows_of_another_forward_pass_than_this_launchs_are_not_reused(
     assert not os.path.exists(output)
 
 
+def test_rows_of_the_other_onednn_setting_are_not_reused(versions, tmp_path, monkeypatch):
+    """TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's start notice suggests it) changes the fast path's last bits.
+
+    A run with it off reused the rows of an export made with it on beside rows computed without,
+    in one column: not the full export bit for bit. Simulated: this launch's TensorFlow says off.
+    """
+    monkeypatch.setattr(embedder_lib, "onednn_enabled", lambda: False)
+    output = str(tmp_path / "v2")
+    argv = ["--input", versions["second_path"], "--output", output, "--reuse", versions["v1"]]
+    with pytest.raises(ExportConfigError) as refusal:
+        run_export([*argv, *versions["flags"]])
+    message = str(refusal.value)
+    assert "oneDNN kernels on (TF_ENABLE_ONEDNN_OPTS unset or 1), this run computes with them off" in message
+    assert "Rerun with TF_ENABLE_ONEDNN_OPTS=1" in message and "\n" not in message
+    assert not os.path.exists(output)
+
+
 @pytest.mark.slow
 def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     # Five copies of the corpus with new ids: long enough to be killed part-way.

@@ -20,7 +20,13 @@ import pyarrow as pa
 
 from models.fast_path import ForwardPass
 from pipeline.inference.features import stack_features
-from pipeline.inference.forward_pass import ForwardPassRecords, Outputs, Predictor, fast_path_environment
+from pipeline.inference.forward_pass import (
+    ForwardPassRecords,
+    Outputs,
+    Predictor,
+    fast_path_environment,
+    onednn_enabled,
+)
 from pipeline.inference.sub_model import Features, SubModel
 from pipeline.inference.text_tokens import TextTokens
 from pipeline.planning.plan import SEQUENCE, TEXT_INPUT
@@ -88,7 +94,10 @@ def choose_forward_passes(plan: ExportPlan, model_source: ModelSource) -> Export
     same_model = next((e for launched, e in _LAUNCHED if forward_pass_key(_unchosen(launched)) == key), None)
     embedder = Embedder(plan, model_source, same_model=same_model)
     chosen = dataclasses.replace(
-        plan, forward_passes=embedder.forward_pass_records(), fast_path_checked_on=fast_path_environment()
+        plan,
+        forward_passes=embedder.forward_pass_records(),
+        fast_path_checked_on=fast_path_environment(),
+        onednn=onednn_enabled(),
     )
     embedder.plan = chosen
     _LAUNCHED[:] = [(chosen, embedder)]
@@ -97,7 +106,7 @@ def choose_forward_passes(plan: ExportPlan, model_source: ModelSource) -> Export
 
 def _unchosen(plan: ExportPlan) -> ExportPlan:
     """A launched plan as it was before `choose_forward_passes`."""
-    return dataclasses.replace(plan, forward_passes=(), fast_path_checked_on="")
+    return dataclasses.replace(plan, forward_passes=(), fast_path_checked_on="", onednn=None)
 
 
 def worker_embedder(plan: ExportPlan) -> Embedder:

@@ -8,6 +8,7 @@ refuses to run another forward pass than the one the manifest records.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import socket
@@ -149,14 +150,37 @@ def _cause_line(error: BaseException) -> str:
     return plain[0] if plain else type(error).__name__
 
 
+def onednn_enabled() -> bool:
+    """Whether this process's TensorFlow runs its oneDNN kernels: `TF_ENABLE_ONEDNN_OPTS`, read at its import.
+
+    They order some sums otherwise than TensorFlow's own kernels: with `TF_ENABLE_ONEDNN_OPTS=0`
+    (which TensorFlow's start notice suggests) the fast path's rows differ in their last bits
+    (2e-7 for the bundled model), so the rows of the two settings never share an export.
+    """
+    import tensorflow as tf  # noqa: F401  (imported first: it reads the variable)
+
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # Another TensorFlow build: the variable as TensorFlow reads it.
+        value = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
+        return value not in ("0", "false") and platform.machine() in ("x86_64", "AMD64")
+
+
+def onednn_text(enabled: bool) -> str:
+    """A oneDNN setting as the environment variable that makes it."""
+    return "on (TF_ENABLE_ONEDNN_OPTS unset or 1)" if enabled else "off (TF_ENABLE_ONEDNN_OPTS=0)"
+
+
 def fast_path_environment() -> str:
-    """This host and the versions that compute a forward pass: where a fast path check holds."""
+    """Host, versions and oneDNN setting that compute a forward pass: where a fast path check holds."""
     import keras
     import tensorflow as tf
 
     return (
         f"{socket.gethostname()} {platform.machine()} tensorflow {tf.__version__} "
-        f"keras {keras.__version__} numpy {np.__version__}"
+        f"keras {keras.__version__} numpy {np.__version__} onednn {onednn_enabled()}"
     )
 
 
@@ -351,7 +375,17 @@ class Predictor:
         )
 
     def _check_launch_decision(self) -> None:
-        """Refuses to run columns with another forward pass than the launcher recorded for the manifest."""
+        """Refuses to run columns with another forward pass than the launcher recorded for the manifest.
+
+        Or with the other oneDNN setting (a Dataflow worker's environment is its image's, not the
+        launcher's): its rows would differ in their last bits from what the manifest says.
+        """
+        if self.plan.onednn is not None and self.plan.onednn != onednn_enabled():
+            raise ExportConfigError(
+                f"This worker's TensorFlow runs with oneDNN {onednn_text(onednn_enabled())}, the launcher's "
+                f"with oneDNN {onednn_text(self.plan.onednn)}, and the setting changes the last bits of some "
+                "rows: set TF_ENABLE_ONEDNN_OPTS alike for the launcher and the workers, then rerun."
+            )
         recorded = {column: engine for column, engine, _ in self.plan.forward_passes}
         mine = {column: forward_pass.engine for column, forward_pass in self.forward_passes.items()}
         if recorded and recorded != mine:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ KEPT_COUNTED_COLUMN = "counted"
 ROW_KEY_COLUMN = "row_key"
 # Which kept ids a `SkipKeptFn` drops.
 SKIP_ALL, SKIP_COUNTED, SKIP_UNCOUNTED = "all", "counted", "uncounted"
+# Beside the kept ids file: how many of the corpus's documents have a kept row (`CountKeptDocuments`).
+KEPT_MET_FILE = "_KEPT_MET.json"
 
 
 def row_key(fingerprint: str | None, kept: Sequence[str | None]) -> str | None:
@@ -67,6 +70,21 @@ class _KeptIds:
 
 # One copy of the kept ids per worker process, however many threads and DoFns use it.
 _KEPT_IDS = shared.Shared()
+
+
+def kept_met_path(kept_ids_path: str) -> str:
+    """Where `CountKeptDocuments` records its count: beside the kept ids file, in the staging directory."""
+    return posixpath.join(posixpath.dirname(kept_ids_path), KEPT_MET_FILE)
+
+
+def read_kept_met(kept_ids_path: str) -> int | None:
+    """The count `CountKeptDocuments` recorded, or None where the run left none (unreadable, absent)."""
+    try:
+        with FileSystems.open(kept_met_path(kept_ids_path)) as handle:
+            count = json.loads(handle.read().decode("utf-8"))["documents"]
+    except Exception:  # Not written: the pipeline failed before, or a runner that dropped the step.
+        return None
+    return count if isinstance(count, int) else None
 
 
 def document_id(document: Document) -> str:
@@ -156,3 +174,46 @@ class SkipKeptFn(beam.DoFn):
             self._progress.add(rows_kept=1)
             return
         yield element
+
+
+class _HasKeptRowFn(beam.DoFn):
+    """Passes on a 1 for each document whose id a resumed run kept a row of."""
+
+    def __init__(self, kept_ids_path: str):
+        self._path = kept_ids_path
+
+    def setup(self) -> None:
+        self._ids = _KEPT_IDS.acquire(lambda: _KeptIds(self._path), tag=self._path).ids
+
+    def process(self, document: Document) -> Iterator[int]:
+        if document.id in self._ids:
+            yield 1
+
+
+def _record_kept_met(count: int, kept_ids_path: str) -> None:
+    with FileSystems.create(kept_met_path(kept_ids_path)) as handle:
+        handle.write(json.dumps({"documents": count}).encode("utf-8"))
+
+
+class CountKeptDocuments(beam.PTransform):
+    """The corpus's documents (unique ids) -> `KEPT_MET_FILE`: how many have a row the resumed run kept.
+
+    Fewer than the rows kept means kept rows of ids the corpus no longer has (a file
+    rewritten with the same size and time). The `rows_kept` counter says so only where
+    the runner commits its counters: Spark's and Flink's job servers report attempted
+    values, which count a retried bundle twice (covering a gone id), some runners none.
+    Elements, unlike metrics, are each processed once whatever the retries, so this
+    count is exact on every runner.
+    """
+
+    def __init__(self, kept_ids_path: str):
+        super().__init__()
+        self._path = kept_ids_path
+
+    def expand(self, documents: beam.PCollection[Document]) -> beam.PCollection[None]:
+        return (
+            documents
+            | "FindKeptDocuments" >> beam.ParDo(_HasKeptRowFn(self._path))
+            | "CountThem" >> beam.combiners.Count.Globally()
+            | "RecordCount" >> beam.Map(_record_kept_met, self._path)
+        )

@@ -124,6 +124,10 @@ class ExportPlan:
     # Where the launch checked the fast path against Keras (`forward_pass.fast_path_environment`):
     # a worker in the same environment trusts `forward_passes` instead of checking again.
     fast_path_checked_on: str = ""
+    # Whether the launch's TensorFlow runs its oneDNN kernels (`TF_ENABLE_ONEDNN_OPTS`), which change
+    # the last bits of some rows (`forward_pass.onednn_enabled`); None until chosen. Workers refuse
+    # the other setting; a resumed run and --reuse compare it.
+    onednn: bool | None = None
 
     @property
     def fields(self) -> dict[str, str]:

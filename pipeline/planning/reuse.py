@@ -34,7 +34,8 @@ Manifest = Mapping[str, Any]
 # float16 values, float16 overflow as dead letters); 3: string models without a fixed
 # output_sequence_length run each document as if alone, ids behind Hashing/IntegerLookup
 # are not limited by the Embedding's input_dim, Parquet binary kept fields are text (or
-# base64), not Python reprs.
+# base64), not Python reprs. Raise it too when setup.py moves TensorFlow or Keras to another minor
+# version, unless the rows stay equal bit for bit: their versions are not compared (docs/reuse.md).
 ROWS_VERSION = 3
 
 
@@ -58,6 +59,7 @@ class ReuseSignature(TypedDict):
     inputs: list[InputSignature]
     fast_path: str
     rows_version: int
+    onednn: bool | None
 
 
 def reuse_signature(plan: ExportPlan) -> ReuseSignature:
@@ -77,6 +79,9 @@ def reuse_signature(plan: ExportPlan) -> ReuseSignature:
         # The fast path equals Keras's forward pass to 1e-5, not bit for bit.
         "fast_path": plan.fast_path,
         "rows_version": ROWS_VERSION,
+        # TensorFlow's oneDNN kernels (TF_ENABLE_ONEDNN_OPTS) change the last bits of some rows;
+        # chosen with the forward passes, compared by `check_reuse_forward_passes`.
+        "onednn": plan.onednn,
     }
 
 
@@ -167,7 +172,9 @@ def check_reuse(uri: str, plan: ExportPlan) -> tuple[tuple[str, str], ...]:
     differences = [
         key
         for key in current
-        if current[key] != earlier.get(key) and not (key == "fast_path" and passes_recorded)
+        if current[key] != earlier.get(key)
+        and not (key == "fast_path" and passes_recorded)
+        and key != "onednn"  # Not chosen yet: compared by `check_reuse_forward_passes`.
     ]
     if differences == ["columns"] or sorted(differences) == ["columns", "inputs"]:
         # The inputs follow from the columns: say what differs, and the way on.
@@ -240,6 +247,7 @@ def check_reuse_forward_passes(plan: ExportPlan) -> None:
         manifest = read_manifest(plan.reuse)
     except Exception as error:  # Replaced or removed since `check_reuse` read it.
         raise ExportConfigError(f"Cannot read the manifest of --reuse {plan.reuse!r}: {error}") from None
+    _check_reuse_onednn(plan, manifest or {})
     earlier = earlier_forward_passes(manifest or {})
     if earlier is None:  # Compared by the --fast_path flag in `check_reuse`.
         return
@@ -260,6 +268,27 @@ def check_reuse_forward_passes(plan: ExportPlan) -> None:
             f"{_forward_pass_text(engine)}{why}. The two agree to 1e-5, not bit for bit, so its "
             f"vectors would differ from this export's. {way_on}"
         )
+
+
+def _check_reuse_onednn(plan: ExportPlan, manifest: Manifest) -> None:
+    """Refuses a --reuse export whose rows were computed with the other oneDNN setting than this launch's.
+
+    An export from before the setting was recorded is not refused: TensorFlow's default (on) is
+    the likely one, and its rows were reused before.
+    """
+    from pipeline.inference.forward_pass import onednn_text
+
+    signature = manifest.get("reuse_signature")
+    earlier = signature.get("onednn") if isinstance(signature, Mapping) else None
+    if not isinstance(earlier, bool) or plan.onednn is None or earlier == plan.onednn:
+        return
+    raise ExportConfigError(
+        f"--reuse {plan.reuse!r} cannot be reused: its rows were computed with TensorFlow's oneDNN kernels "
+        f"{onednn_text(earlier)}, this run computes with them {onednn_text(plan.onednn)}, which changes the "
+        f"last bits of some rows, so its vectors would differ from this export's. Rerun with "
+        f"TF_ENABLE_ONEDNN_OPTS={1 if earlier else 0}, as its rows were computed, or leave --reuse out for a "
+        "full export."
+    )
 
 
 def _column_text(column: object) -> str:

@@ -51,6 +51,8 @@ class Accounting:
     by_reason: dict[str, int]
     # --reuse: rows copied from the earlier export and what changed there; empty otherwise.
     reuse_counts: JsonObject
+    # False when the runner reported no counters at all: the counts that come from counters are unknown.
+    reported: bool = True
 
     @property
     def counted(self) -> int:
@@ -74,19 +76,22 @@ def account(
         # Attempted values count retried bundles twice: only what the files hold is exact.
         by_reason = dead_letters_by_reason(staged["errors"])
         broken = files_broken(by_reason)
+    reported = run_counters.exact or bool(run_counters.values)
     reuse_counts: JsonObject = {}
     if plan.reuse:
         reused = counters.get(ROWS_REUSED, 0)
         reuse_counts = {
             "reused_from": plan.reuse,
-            "rows_reused": reused,
-            "rows_embedded": rows - reused,
-            "earlier_rows_changed": counters.get(EARLIER_ROWS_CHANGED, 0),
-            "earlier_rows_dropped": counters.get(EARLIER_ROWS_DROPPED, 0),
+            # Unknown without counters: 0 reused and every row embedded would be stated as facts.
+            "rows_reused": reused if reported else None,
+            "rows_embedded": rows - reused if reported else None,
+            "earlier_rows_changed": counters.get(EARLIER_ROWS_CHANGED, 0) if reported else None,
+            "earlier_rows_dropped": counters.get(EARLIER_ROWS_DROPPED, 0) if reported else None,
         }
     return Accounting(
         counters=counters,
         exact=run_counters.exact,
+        reported=reported,
         rows=rows,
         dead=sum(count for _, count in staged["errors"]),
         read=counters.get(RECORDS_READ, 0),
@@ -169,9 +174,13 @@ def verdict(
     return EXIT_OK, "ok"
 
 
+def counted(accounting: Accounting, name: str) -> int | None:
+    """A count that comes from the counters (`oov_tokens`, ...): None where the runner reported none."""
+    return accounting.counters.get(name, 0) if accounting.reported else None
+
+
 def manifest_counts(accounting: Accounting) -> JsonObject:
     """The manifest's `counts`."""
-    counters = accounting.counters
     return {
         # None where the runner reported no committed counters: the count is unknown.
         "records_read": accounting.read if accounting.exact else None,
@@ -179,12 +188,13 @@ def manifest_counts(accounting: Accounting) -> JsonObject:
         "dead_letters": accounting.dead,
         "dead_letters_by_reason": accounting.by_reason,
         "files_broken": accounting.broken,
-        "documents_truncated": counters.get(DOCUMENTS_TRUNCATED, 0),
-        "oov_tokens": counters.get(OOV_TOKENS, 0),
+        "documents_truncated": counted(accounting, DOCUMENTS_TRUNCATED),
+        "oov_tokens": counted(accounting, OOV_TOKENS),
         # How many byte ranges of the input files were read (more than one per big file).
-        "ranges_read": counters.get(RANGES_READ, 0),
+        "ranges_read": counted(accounting, RANGES_READ),
         **accounting.reuse_counts,
-        # The runner's word for the counters above: "committed", or "attempted" (an upper
-        # bound: a retried bundle counts twice; the dead letters are then counted from their files).
-        "counters": "committed" if accounting.exact else "attempted",
+        # The runner's word for the counters above: "committed", "attempted" (an upper bound: a
+        # retried bundle counts twice; the dead letters are then counted from their files), or
+        # "none" (those counts are null).
+        "counters": "committed" if accounting.exact else "attempted" if accounting.reported else "none",
     }

@@ -29,6 +29,7 @@ from pipeline.errors import (
     OutputWriteError,
 )
 from pipeline.inference.embedder import choose_forward_passes, manifest_columns
+from pipeline.inference.skip_kept import read_kept_met
 from pipeline.planning.build import build_plan
 from pipeline.planning.checks import (
     check_beam_flags,
@@ -43,7 +44,7 @@ from pipeline.planning.plan import ExportPlan
 from pipeline.planning.reuse import check_reuse_forward_passes, reuse_signature
 from pipeline.running import left_running, local_workers, portable
 from pipeline.running import progress as progress_lib
-from pipeline.running.accounting import account, manifest_counts, verdict
+from pipeline.running.accounting import account, counted, manifest_counts, verdict
 from pipeline.running.counters import (
     DOCUMENTS_TRUNCATED,
     NAMESPACE,
@@ -536,12 +537,15 @@ def _run_and_commit(
 
     run_counters = read_counters(result, NAMESPACE)
     accounting = account(run_counters, staged, plan, resumed)
-    kept_met = run_counters.values.get(ROWS_KEPT, 0)
-    # Attempted counters (Spark's and Flink's job servers) count a retried bundle twice, never less:
-    # fewer kept documents met than rows kept proves it there too. No counter at all tells nothing.
-    if resumed and (run_counters.exact or run_counters.values) and kept_met < resumed.rows_kept:
+    # The documents with a kept row, counted as the pipeline's data (`CountKeptDocuments`): exact on every
+    # runner, where attempted counters (Spark's and Flink's job servers) count a retried bundle twice,
+    # which would cover a kept row whose id is gone. The counter is the fallback of a run that left none.
+    kept_found = read_kept_met(resumed.kept_ids_path) if resumed else None
+    exact = kept_found is not None or run_counters.exact
+    kept_met = kept_found if kept_found is not None else run_counters.values.get(ROWS_KEPT, 0)
+    if resumed and (exact or run_counters.values) and kept_met < resumed.rows_kept:
         # A kept row whose id the corpus no longer has: rewritten with the same size and time.
-        met = f"{'only' if run_counters.exact else 'at most'} {kept_met:,}"
+        met = f"{'only' if exact else 'at most'} {kept_met:,}"
         raise ExportConfigError(
             f"The corpus changed since the interrupted run this one resumes: of the {resumed.rows_kept:,} "
             f"rows it kept, {met} have their document in the "
@@ -609,8 +613,8 @@ def _run_and_commit(
         rows_written=accounting.rows,
         dead_letters=accounting.dead,
         errors_by_reason=accounting.by_reason,
-        truncated=accounting.counters.get(DOCUMENTS_TRUNCATED, 0),
-        oov_tokens=accounting.counters.get(OOV_TOKENS, 0),
+        truncated=counted(accounting, DOCUMENTS_TRUNCATED),
+        oov_tokens=counted(accounting, OOV_TOKENS),
         seconds=seconds,
         exit_code=exit_code,
         message=message,

@@ -9,6 +9,7 @@ from typing import Any, TypedDict
 import apache_beam as beam
 import pyarrow as pa
 
+from pipeline.inference.skip_kept import CountKeptDocuments
 from pipeline.inference.transforms import EmbedDocuments
 from pipeline.planning.plan import ExportPlan
 from pipeline.reading.ranges import DEFAULT_SPLIT_BYTES
@@ -70,6 +71,8 @@ def build_pipeline(
     documents, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(plan, split_bytes, limit, progress_dir)
     # Only ReadCorpus needs the launch listing; the other DoFns pickle the plan without it.
     plan = dataclasses.replace(plan, input_files=())
+    if kept_ids_path:
+        documents | "CountKeptDocuments" >> CountKeptDocuments(kept_ids_path)
     if plan.reuse:
         documents, reused, reuse_errors = documents | "ReuseEarlierRows" >> ReuseEarlierRows(
             plan, kept_ids_path, progress_dir

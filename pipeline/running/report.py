@@ -29,15 +29,16 @@ class ExportSummary:
     rows_written: int
     dead_letters: int
     errors_by_reason: dict[str, int]
-    truncated: int
-    oov_tokens: int
+    # None: unknown, the runner reported no counters.
+    truncated: int | None
+    oov_tokens: int | None
     seconds: float
     exit_code: int
     message: str
     # --reuse: rows copied from the earlier export, and its rows whose id is gone.
     reuse: str = ""
-    rows_reused: int = 0
-    earlier_rows_dropped: int = 0
+    rows_reused: int | None = 0
+    earlier_rows_dropped: int | None = 0
     # --limit: the run read only the first records (earlier rows past them count as dropped).
     limited: bool = False
     # --keep_fields that no record held (null in every row): most likely misspelled.
@@ -132,6 +133,10 @@ def _python_command() -> str:
     return shlex.quote(sys.executable) if sys.executable else "python"
 
 
+def _count(value: int | None) -> str:
+    return str(value) if value is not None else "unknown (no counters)"
+
+
 def format_summary(summary: ExportSummary) -> str:
     """The one-screen summary printed at the end of a run."""
     # Absolute: the read lines and the output's path are pasted into other shells, notebooks, directories.
@@ -155,7 +160,9 @@ def format_summary(summary: ExportSummary) -> str:
         f"  documents read   {read}",
         f"  rows written     {summary.rows_written}",
         f"  dead letters     {summary.dead_letters} ({reasons})",
-        f"  truncated        {summary.truncated} documents longer than the model input",
+        f"  truncated        {summary.truncated} documents longer than the model input"
+        if summary.truncated is not None
+        else f"  truncated        {_count(None)}",
         *(
             [
                 f"  reused           {summary.rows_reused} rows unchanged since {summary.reuse}; "
@@ -163,6 +170,8 @@ def format_summary(summary: ExportSummary) -> str:
                 f"{summary.earlier_rows_dropped} earlier rows dropped "
                 + ("(id gone, or past --limit)" if summary.limited else "(id gone)")
             ]
+            if summary.reuse and summary.rows_reused is not None
+            else [f"  reused           rows unchanged since {summary.reuse}: {_count(None)}"]
             if summary.reuse
             else []
         ),
@@ -186,5 +195,5 @@ def format_summary(summary: ExportSummary) -> str:
         f"               or {python} -c {shlex.quote(pandas_code)}",
     ]
     if logging.getLogger().isEnabledFor(logging.DEBUG):
-        lines.append(f"  oov tokens       {summary.oov_tokens}")
+        lines.append(f"  oov tokens       {_count(summary.oov_tokens)}")
     return "\n".join(lines)
