@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import numpy as np
 
+import models.keras2_layers  # noqa: F401  (registers the layers that translated configs name)
 from models import keras_graph
 from models.keras2_config import (
     KERAS2_HARD_SIGMOID,
@@ -294,6 +295,7 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
             path,
             name,
         )
+    _reserve_layer_names(translated)
     try:
         model = keras.saving.deserialize_keras_object(translated, safe_mode=not allow_unsafe)
     except LegacyModelError:
@@ -322,6 +324,26 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     )
     note_renamed_layers(model, {saved_name: name for name, saved_name in saved_names.items()})
     return model
+
+
+def _reserve_layer_names(config: Config) -> None:
+    """Keeps Keras from giving an operation it names itself the name of one of the model's layers.
+
+    Keras 3 names the operations that compute a mask after their function, in a
+    count of its own (`concatenate`, then `concatenate_1`, ... for a Concatenate's
+    mask), and refuses a model where two operations share a name: a fresh process
+    refused a tf_keras model whose first Concatenate, named `concatenate`, joins
+    masked sequences ("The name "concatenate" is used 2 times in the model").
+    Each count is moved past the names the model's layers already use.
+    """
+    names = {str(item["name"]) for item in _config_dicts(config) if isinstance(item.get("name"), str)}
+    for name in names:
+        base, _, number = name.rpartition("_")
+        for prefix, used in ((name, 0), (base, int(number) if base and number.isdigit() else -1)):
+            # keras.backend.get_uid counts up and returns the count; the next name made from
+            # `prefix` is `prefix_COUNT`.
+            while used >= 0 and keras.backend.get_uid(prefix) <= used:
+                pass
 
 
 def _check_started_recurrent_layers_keep_masks(path: str, model: keras.Model) -> None:
