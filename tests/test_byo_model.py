@@ -550,6 +550,18 @@ def test_keras2_tokenizer_vocabulary_and_ids():
     assert no_oov.id_to_token() == {1: "the", 2: "value"}
 
 
+def test_a_keras2_tokenizers_get_config_saved_as_json_reads_as_its_to_json(keras2):
+    # json.dump(tokenizer.get_config(), f) holds every setting, yet was refused as "neither this
+    # package's tokenizer nor a Keras 2 Tokenizer.to_json() file".
+    directory, _, info = keras2
+    saved = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer, file_format = read_tokenizer(json.dumps(saved["config"]).encode())
+    assert file_format == FORMAT_KERAS2
+    with open(directory / "corpus.jsonl", encoding="utf-8") as handle:
+        texts = [json.loads(line)["content"] for line in handle]
+    assert [tokenizer.token_ids(text)[0] for text in texts] == info["sequences"]["content"]
+
+
 def test_a_keras2_word_index_saved_alone_is_refused_saying_to_save_the_whole_tokenizer():
     # json.dump(tokenizer.word_index, f) is a common way to keep a tokenizer; it lacks the settings
     # that say how a text becomes ids, so it is refused, saying what to save instead.
