@@ -34,6 +34,8 @@ SUPPORTED_LAYERS = (
     "SpatialDropout1D",
     "Activation",
     "Conv1D",
+    "SeparableConv1D",
+    "DepthwiseConv1D",
     "MaxPooling1D",
     "GlobalAveragePooling1D",
     "GlobalMaxPooling1D",
@@ -81,6 +83,7 @@ _BATCH_NORM_DEFAULTS = {"fused": None, "virtual_batch_size": None, "adjustment":
 # What Keras 2's MultiHeadAttention recorded of the shapes it was built with; Keras 3 builds it
 # from its call instead.
 _ATTENTION_BUILD_SHAPES = ("query_shape", "key_shape", "value_shape")
+_SEPARABLE_CONVOLUTIONS = ("SeparableConv1D", "SeparableConv2D", "DepthwiseConv1D", "DepthwiseConv2D")
 _LAMBDA_LEGACY_KEYS = ("module", "function_type", "output_shape_type", "output_shape_module")
 
 
@@ -383,6 +386,13 @@ def translate_layer_config(layer_config: Config) -> Config:
         config.pop("trainable", None)
     elif class_name == "Embedding":
         config.pop("input_length", None)
+    elif class_name in _SEPARABLE_CONVOLUTIONS:
+        # Keras 2 records its base convolution's arguments, which a depthwise or separable one never
+        # uses (its kernels are depthwise_* and pointwise_*); Keras 3 refuses them.
+        if config.pop("groups", 1) != 1:
+            raise LegacyModelError(f"{class_name} {name!r} sets groups, which Keras 3's {class_name} lacks.")
+        for key in ("kernel_initializer", "kernel_regularizer", "kernel_constraint"):
+            config.pop(key, None)
     elif class_name == "BatchNormalization":
         axis = config.get("axis")
         if isinstance(axis, list):

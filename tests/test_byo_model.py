@@ -58,7 +58,7 @@ from tf_keras.layers import (Input, Embedding, LSTM, GRU, SimpleRNN, Dense, Lamb
     TimeDistributed, Conv1D, MaxPooling1D, GlobalAveragePooling1D, GlobalMaxPooling1D, BatchNormalization,
     LayerNormalization, SpatialDropout1D, Dropout, Activation, Concatenate, Add, Average, Multiply, Masking,
     Flatten, Reshape, Attention, AdditiveAttention, MultiHeadAttention, Softmax, UnitNormalization, Subtract,
-    Maximum, Minimum, RNN, GRUCell, LSTMCell)
+    Maximum, Minimum, RNN, GRUCell, LSTMCell, SeparableConv1D, DepthwiseConv1D)
 from tf_keras.models import Model, Sequential
 from tf_keras.preprocessing.text import Tokenizer
 from tf_keras.preprocessing.sequence import pad_sequences
@@ -249,6 +249,9 @@ started = Model([first, second], Concatenate()([
     Bidirectional(LSTM(3))(Embedding(50, 6)(second), initial_state=encoder_states),
     RNN(LSTMCell(3))(Embedding(50, 6)(second), initial_state=[state_h, state_c]),
     RNN([GRUCell(3), LSTMCell(2)])(query)]))
+# Depthwise and separable convolutions: Keras 3 refused the base convolution's arguments Keras 2 records.
+convolutions = Model(inp, GlobalAveragePooling1D()(DepthwiseConv1D(3, padding="same")(
+    SeparableConv1D(4, 3, padding="same", depth_multiplier=2)(Embedding(50, 6)(inp)))))
 # Layer names with '/' (Keras 2 allows them, Keras 3 does not), in a nested model and a Bidirectional
 # too, beside a layer already named as the first '/' one becomes.
 enc_input = Input((12,))
@@ -264,7 +267,7 @@ backwards = Model(inp, [Bidirectional(GRU(3, go_backwards=True), name="bi_vector
                             reading_back)])
 for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op),
                     ("attention", attention), ("started_masked", started_masked), ("axes", axes),
-                    ("masks", masks), ("started", started),
+                    ("masks", masks), ("started", started), ("convolutions", convolutions),
                     ("slashed", slashed), ("backwards", backwards)):
     # Random weights, all different from their initial values (variances stay positive).
     model.set_weights([
@@ -578,7 +581,7 @@ def test_legacy_layers_match_tf_keras(keras2):
     # Keras's name counts as in a fresh process, where a model whose masked Concatenate is named
     # "concatenate" was refused: Keras 3 gave the operation computing its mask that name too.
     keras.backend.clear_session()
-    for name in ("masks", "many", "sequential", "nested", "attention", "axes", "started"):
+    for name in ("masks", "many", "sequential", "nested", "attention", "axes", "started", "convolutions"):
         model = load_model_file(str(directory / f"zoo_{name}.h5"))
         calls = layer_calls(model)
         inputs = ids if len(model.inputs) == 1 else [ids, ids[:, :8]]
