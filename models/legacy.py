@@ -275,7 +275,13 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
         raise unsafe_error(lambdas)
     if version.startswith("3."):
         # Keras 3 reads its own legacy-format files.
-        model = keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+        try:
+            model = keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+        except ValueError as error:
+            refusal = _keras3_operation_error(path, error)
+            if refusal is None:
+                raise
+            raise refusal from None
         check_vocabularies(
             path, model, "Save the model as .keras (model.save('model.keras')) and pass that file."
         )
@@ -324,6 +330,27 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     )
     note_renamed_layers(model, {saved_name: name for name, saved_name in saved_names.items()})
     return model
+
+
+def _keras3_operation_error(path: str, error: ValueError) -> LegacyModelError | None:
+    """The error for a Keras 3 `.h5` file holding an operation its own `.h5` reader cannot rebuild, else None.
+
+    Keras 3 writes the mask of an `Embedding(mask_zero=True)` (or `Masking`) into
+    the graph as a `keras.ops.not_equal` operation, and its `.h5` reader looks
+    that up among the layers: "Unknown layer: 'NotEqual'", with advice about
+    custom objects that the model does not have.
+    """
+    found = re.search(r"Unknown layer: '(\w+)'", str(error))
+    if found is None:
+        return None
+    function = re.sub(r"(?<!^)(?=[A-Z])", "_", found.group(1)).lower()
+    if not callable(getattr(keras.ops, function, None)):
+        return None
+    return LegacyModelError(
+        f"{path} was written by Keras 3 as .h5 with the operation keras.ops.{function} in its graph (the "
+        "mask of an Embedding(mask_zero=True) or a Masking layer is one), which Keras 3 cannot read back "
+        "from .h5. Save the model as .keras (model.save('model.keras')) and pass that file."
+    )
 
 
 def _reserve_layer_names(config: Config) -> None:

@@ -682,6 +682,20 @@ def test_keras3_h5_file_loads(tmp_path):
     )
 
 
+def test_a_keras3_h5_file_of_a_masked_model_is_refused_saying_to_save_it_as_keras(tmp_path):
+    # Keras 3 writes the mask as a keras.ops.not_equal operation that its own .h5 reader cannot
+    # rebuild: "Unknown layer: 'NotEqual'. Please ensure you are using a custom_object_scope ...".
+    inputs = keras.Input((5,), dtype="int32", name="ids")
+    embedded = keras.layers.Embedding(20, 4, mask_zero=True, name="emb")(inputs)
+    path = str(tmp_path / "model.h5")
+    keras.Model(inputs, keras.layers.LSTM(3, name="lstm")(embedded)).save(path)
+    with pytest.raises(LegacyModelError) as refused:
+        load_model_file(path)
+    message = str(refused.value)
+    assert "keras.ops.not_equal" in message and "custom_object_scope" not in message
+    assert message.endswith("Save the model as .keras (model.save('model.keras')) and pass that file.")
+
+
 def test_an_h5_file_that_lost_its_vectorizers_vocabulary_is_refused_in_one_line(tmp_path):
     # Keras 3 writes .h5 without the vocabulary adapt() learnt, and without a word; loaded, the
     # layer fails on every text ("Table not initialized").
