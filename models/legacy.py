@@ -353,6 +353,10 @@ def _keras3_operation_error(path: str, error: ValueError) -> LegacyModelError | 
     )
 
 
+# The largest name count `_reserve_layer_names` moves a count past.
+_NAME_COUNT_LIMIT = 10_000
+
+
 def _reserve_layer_names(config: Config) -> None:
     """Keeps Keras from giving an operation it names itself the name of one of the model's layers.
 
@@ -366,10 +370,13 @@ def _reserve_layer_names(config: Config) -> None:
     names = {str(item["name"]) for item in _config_dicts(config) if isinstance(item.get("name"), str)}
     for name in names:
         base, _, number = name.rpartition("_")
-        for prefix, used in ((name, 0), (base, int(number) if base and number.isdigit() else -1)):
+        used = int(number) if base and number.isdigit() else -1
+        # A count reaches N only after N names made from it in this process: one of a name like
+        # `block_20240101` (a date) is never reached, and counting up to it would take minutes.
+        for prefix, last in ((name, 0), (base, used if used < _NAME_COUNT_LIMIT else -1)):
             # keras.backend.get_uid counts up and returns the count; the next name made from
             # `prefix` is `prefix_COUNT`.
-            while used >= 0 and keras.backend.get_uid(prefix) <= used:
+            while last >= 0 and keras.backend.get_uid(prefix) <= last:
                 pass
 
 
