@@ -34,6 +34,8 @@ SUPPORTED_LAYERS = (
     "SpatialDropout1D",
     "Activation",
     "Conv1D",
+    "SeparableConv1D",
+    "DepthwiseConv1D",
     "MaxPooling1D",
     "GlobalAveragePooling1D",
     "GlobalMaxPooling1D",
@@ -42,10 +44,14 @@ SUPPORTED_LAYERS = (
     "Attention",
     "AdditiveAttention",
     "MultiHeadAttention",
+    "RNN",
     "Add",
+    "Subtract",
     "Concatenate",
     "Average",
     "Multiply",
+    "Maximum",
+    "Minimum",
     "Masking",
     "Flatten",
     "Reshape",
@@ -66,7 +72,7 @@ TF_OP_LAYERS = (
     "ClassMethod",
 )
 
-RNN_LAYERS = ("LSTM", "GRU", "SimpleRNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
+RNN_LAYERS = ("LSTM", "GRU", "SimpleRNN", "RNN", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
 WRAPPERS = ("Bidirectional", "TimeDistributed")
 MODELS = ("Functional", "Model", "Sequential")
 LAMBDA = "Lambda"
@@ -77,6 +83,7 @@ _BATCH_NORM_DEFAULTS = {"fused": None, "virtual_batch_size": None, "adjustment":
 # What Keras 2's MultiHeadAttention recorded of the shapes it was built with; Keras 3 builds it
 # from its call instead.
 _ATTENTION_BUILD_SHAPES = ("query_shape", "key_shape", "value_shape")
+_SEPARABLE_CONVOLUTIONS = ("SeparableConv1D", "SeparableConv2D", "DepthwiseConv1D", "DepthwiseConv2D")
 _LAMBDA_LEGACY_KEYS = ("module", "function_type", "output_shape_type", "output_shape_module")
 
 
@@ -90,6 +97,11 @@ _KERAS2_HARD_SIGMOID_CONFIG = {
     "registered_name": "function",
 }
 _ACTIVATION_KEYS = ("activation", "recurrent_activation")
+
+# Keras 2 merge layers whose masks Keras 3 computes otherwise; a translated config names the class of
+# `models.keras2_layers` that computes as Keras 2 did, registered in this package.
+KERAS2_MERGE_LAYERS = ("Add", "Subtract", "Average", "Multiply", "Maximum", "Minimum", "Concatenate")
+KERAS2_LAYERS_PACKAGE = "embexport_keras2"
 
 
 class LegacyModelError(ValueError):
@@ -108,6 +120,9 @@ def _walk_layers(config: Config) -> Iterator[Config]:
     for key in ("layer", "backward_layer", "cell"):
         if isinstance(inner.get(key), dict) and "class_name" in inner[key]:
             yield from _walk_layers(inner[key])
+    for cell in inner.get("cells", []) if isinstance(inner.get("cells"), list) else []:
+        if isinstance(cell, dict) and "class_name" in cell:
+            yield from _walk_layers(cell)
 
 
 def lambda_layer_names(config: Config) -> list[str]:
@@ -275,6 +290,10 @@ def _revive_call_tensors(model_config: Config) -> None:
             inputs = [_revived(list(reference[:3]), names) for reference in node]
             kwargs = _revived(kwargs, names)
             if with_states:
+                # Keras 2 records a Bidirectional's call with `constants`, which Keras 3's lacks.
+                kwargs = {
+                    key: value for key, value in kwargs.items() if key != "constants" or value is not None
+                }
                 inputs, kwargs = inputs[:1], {**kwargs, "initial_state": inputs[1:]}
             nodes[index] = {"args": [inputs[0] if len(inputs) == 1 else inputs], "kwargs": kwargs}
 
@@ -346,8 +365,15 @@ def translate_layer_config(layer_config: Config) -> Config:
                 f"Layer {name!r} ({class_name}) was built with time_major=True, which Keras 3 does "
                 "not support. Rebuild it with time_major=False (the default)."
             )
-        if isinstance(config.get("cell"), dict):
-            translate_layer_config(config["cell"])
+        cell = config.get("cell")
+        if isinstance(cell, dict):
+            translate_layer_config(cell)
+            # The cells of `RNN([GRUCell(...), LSTMCell(...)])`.
+            for inner in (
+                cell.get("config", {}).get("cells", []) if isinstance(cell.get("config"), dict) else []
+            ):
+                if isinstance(inner, dict):
+                    translate_layer_config(inner)
     elif class_name in WRAPPERS:
         _spell_out_backward_layer(class_name, config)
         for key in ("layer", "backward_layer"):
@@ -360,6 +386,13 @@ def translate_layer_config(layer_config: Config) -> Config:
         config.pop("trainable", None)
     elif class_name == "Embedding":
         config.pop("input_length", None)
+    elif class_name in _SEPARABLE_CONVOLUTIONS:
+        # Keras 2 records its base convolution's arguments, which a depthwise or separable one never
+        # uses (its kernels are depthwise_* and pointwise_*); Keras 3 refuses them.
+        if config.pop("groups", 1) != 1:
+            raise LegacyModelError(f"{class_name} {name!r} sets groups, which Keras 3's {class_name} lacks.")
+        for key in ("kernel_initializer", "kernel_regularizer", "kernel_constraint"):
+            config.pop(key, None)
     elif class_name == "BatchNormalization":
         axis = config.get("axis")
         if isinstance(axis, list):
@@ -392,12 +425,20 @@ def translate_layer_config(layer_config: Config) -> Config:
     elif class_name == "MultiHeadAttention":
         for key in _ATTENTION_BUILD_SHAPES:
             config.pop(key, None)
+        # Dropout does nothing at inference, but with it Keras 3 takes a path whose softmax zeroes a
+        # query step that sees no unmasked key (a padding step), where Keras 2 attends uniformly.
+        config["dropout"] = 0.0
         if config.pop("softmax_robust_masking", False):
             raise LegacyModelError(
                 f"MultiHeadAttention {name!r} uses softmax_robust_masking=True, which Keras 3 lacks."
             )
     elif class_name == LAMBDA:
         _translate_lambda(config, name)
+    elif class_name in KERAS2_MERGE_LAYERS:
+        # Keras 3 gives a merge of masked sequences the OR of the masks (none where an input has
+        # none), Keras 2 the AND: a pooling or LSTM after a residual Add read the padding.
+        layer_config["module"] = None
+        layer_config["registered_name"] = f"{KERAS2_LAYERS_PACKAGE}>{class_name}"
     if isinstance(config.get("axis"), list) and len(config["axis"]) > 1 and class_name not in MODELS:
         # Keras 3's legacy loader keeps an axis only when it is one number: LayerNormalization(axis=[1, 2])
         # fell back to axis=-1, silently where the layer has no weights (UnitNormalization, Softmax).

@@ -376,6 +376,9 @@ def _read_tokenizer(data: bytes, padding: str | None, truncating: str | None) ->
                     truncating=truncating or tokenizer.truncating,
                 )
             return tokenizer, FORMAT_EMBEXPORT
+        if isinstance(config, dict) and {"word_index", "num_words", "filters"} <= config.keys():
+            # `json.dump(tokenizer.get_config(), f)`: what to_json() holds as its "config", settings and all.
+            config = {"class_name": "Tokenizer", "config": config}
         if is_keras2_tokenizer_config(config):
             return Keras2Tokenizer.from_json(config, padding or "pre", truncating or "pre"), FORMAT_KERAS2
         if _is_word_index(config):

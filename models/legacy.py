@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import keras
 import numpy as np
 
+import models.keras2_layers  # noqa: F401  (registers the layers that translated configs name)
 from models import keras_graph
 from models.keras2_config import (
     KERAS2_HARD_SIGMOID,
@@ -274,7 +275,13 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
         raise unsafe_error(lambdas)
     if version.startswith("3."):
         # Keras 3 reads its own legacy-format files.
-        model = keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+        try:
+            model = keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
+        except ValueError as error:
+            refusal = _keras3_operation_error(path, error)
+            if refusal is None:
+                raise
+            raise refusal from None
         check_vocabularies(
             path, model, "Save the model as .keras (model.save('model.keras')) and pass that file."
         )
@@ -294,6 +301,7 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
             path,
             name,
         )
+    _reserve_layer_names(translated)
     try:
         model = keras.saving.deserialize_keras_object(translated, safe_mode=not allow_unsafe)
     except LegacyModelError:
@@ -322,6 +330,54 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     )
     note_renamed_layers(model, {saved_name: name for name, saved_name in saved_names.items()})
     return model
+
+
+def _keras3_operation_error(path: str, error: ValueError) -> LegacyModelError | None:
+    """The error for a Keras 3 `.h5` file holding an operation its own `.h5` reader cannot rebuild, else None.
+
+    Keras 3 writes the mask of an `Embedding(mask_zero=True)` (or `Masking`) into
+    the graph as a `keras.ops.not_equal` operation, and its `.h5` reader looks
+    that up among the layers: "Unknown layer: 'NotEqual'", with advice about
+    custom objects that the model does not have.
+    """
+    found = re.search(r"Unknown layer: '(\w+)'", str(error))
+    if found is None:
+        return None
+    function = re.sub(r"(?<!^)(?=[A-Z])", "_", found.group(1)).lower()
+    if not callable(getattr(keras.ops, function, None)):
+        return None
+    return LegacyModelError(
+        f"{path} was written by Keras 3 as .h5 with the operation keras.ops.{function} in its graph (the "
+        "mask of an Embedding(mask_zero=True) or a Masking layer is one), which Keras 3 cannot read back "
+        "from .h5. Save the model as .keras (model.save('model.keras')) and pass that file."
+    )
+
+
+# The largest name count `_reserve_layer_names` moves a count past.
+_NAME_COUNT_LIMIT = 10_000
+
+
+def _reserve_layer_names(config: Config) -> None:
+    """Keeps Keras from giving an operation it names itself the name of one of the model's layers.
+
+    Keras 3 names the operations that compute a mask after their function, in a
+    count of its own (`concatenate`, then `concatenate_1`, ... for a Concatenate's
+    mask), and refuses a model where two operations share a name: a fresh process
+    refused a tf_keras model whose first Concatenate, named `concatenate`, joins
+    masked sequences ("The name "concatenate" is used 2 times in the model").
+    Each count is moved past the names the model's layers already use.
+    """
+    names = {str(item["name"]) for item in _config_dicts(config) if isinstance(item.get("name"), str)}
+    for name in names:
+        base, _, number = name.rpartition("_")
+        used = int(number) if base and number.isdigit() else -1
+        # A count reaches N only after N names made from it in this process: one of a name like
+        # `block_20240101` (a date) is never reached, and counting up to it would take minutes.
+        for prefix, last in ((name, 0), (base, used if used < _NAME_COUNT_LIMIT else -1)):
+            # keras.backend.get_uid counts up and returns the count; the next name made from
+            # `prefix` is `prefix_COUNT`.
+            while last >= 0 and keras.backend.get_uid(prefix) <= last:
+                pass
 
 
 def _check_started_recurrent_layers_keep_masks(path: str, model: keras.Model) -> None:

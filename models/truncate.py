@@ -167,7 +167,9 @@ def resolve_layer(
     if isinstance(tensor, (list, tuple)):
         raise ValueError(
             f"Layer {spec.layer!r} returns {len(tensor)} tensors per call; only layers "
-            "with one output tensor can be exported."
+            "with one output tensor can be exported. To export one of them, add a layer that reads it to "
+            "the model (keras.layers.Identity(name='NAME')(tensor); for a Bidirectional(merge_mode=None), "
+            "keras.layers.Concatenate(name='NAME')(outputs)), save the model and pass --layer NAME."
         )
     return tensor
 

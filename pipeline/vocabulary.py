@@ -99,6 +99,13 @@ def embedding_table(model: keras.Model, layer_name: str) -> np.ndarray:
     listed = ", ".join(repr(name) for name in embeddings) or "none"
     layers = {layer.name: layer for layer in iterate_layers(model)}
     if layer_name not in layers:
+        named, _, call = layer_name.rpartition(":")
+        if named in layers and call.isdigit():
+            # An export's --layer emb:1 names a call; a table is the layer's, the same for each call.
+            raise ValueError(
+                f"--layer {layer_name} names call {call} of the layer {named!r}, but its token table "
+                f"is the same for every call: pass --layer {named}."
+            )
         raise ValueError(
             f"The model has no layer named {layer_name!r}. Its Embedding layers are: {listed}; "
             "pass one of them as --layer."

@@ -174,6 +174,11 @@ def test_vocabulary_refuses_a_layer_that_is_not_an_embedding(bundle):
         vocabulary.embedding_table(bundle.model, "lstm_title")
     with pytest.raises(ValueError, match=r"no layer named 'embedding'.*'emb'"):
         vocabulary.embedding_table(bundle.model, "embedding")
+    # An export's spelling of the title call: "no layer named 'emb:1'", though emb is the Embedding.
+    with pytest.raises(
+        ValueError, match=r"names call 1 of the layer 'emb'.*same for every call: pass --layer emb\.$"
+    ):
+        vocabulary.embedding_table(bundle.model, "emb:1")
 
 
 def test_vocabulary_overwrite_never_removes_a_directory_or_writes_into_a_file(tmp_path, capsys):

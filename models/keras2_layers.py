@@ -1,0 +1,110 @@
+"""Keras 3 layers that compute what their Keras 2 namesakes computed, where Keras 3 changed it.
+
+A translated Keras 2 (tf_keras) `.h5` model (`models.legacy`) is built with
+these in place of Keras 3's own merge layers. Keras 2 gave a merge (`Add`,
+`Concatenate`, ...) of masked sequences the AND of the masks its inputs carry,
+an unmasked input counting as all true, and merged the values as they are;
+Keras 3 takes the OR, drops the mask when one input has none (`Concatenate`
+keeps a step any input keeps), and its `Multiply`, `Maximum` and `Minimum`
+rewrite the values at masked steps. So a `GlobalAveragePooling1D` or an `LSTM`
+after a residual `Add([embedded, Conv1D(embedded)])` would read the padding that
+Keras 2 skips.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import keras
+from keras import ops
+
+from models.keras2_config import KERAS2_LAYERS_PACKAGE as PACKAGE
+
+
+def _and_of_masks(masks: typing.Sequence[typing.Any]) -> typing.Any:
+    """Keras 2's mask of a merge: the AND of the masks there are, or None where there is none."""
+    present = [mask for mask in masks if mask is not None]
+    if not present:
+        return None
+    merged = present[0]
+    for mask in present[1:]:
+        merged = ops.logical_and(merged, mask)
+    return merged
+
+
+class _Keras2Merge:
+    """Keras 2's masking for an elementwise merge layer (mixed into Keras 3's layer class)."""
+
+    def compute_mask(self, inputs: typing.Any, mask: typing.Any = None) -> typing.Any:
+        if mask is None:
+            return None
+        return _and_of_masks(list(mask))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Add")
+class Add(_Keras2Merge, keras.layers.Add):
+    """`keras.layers.Add` with Keras 2's output mask."""
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Subtract")
+class Subtract(_Keras2Merge, keras.layers.Subtract):
+    """`keras.layers.Subtract` with Keras 2's output mask."""
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Average")
+class Average(_Keras2Merge, keras.layers.Average):
+    """`keras.layers.Average` with Keras 2's output mask."""
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Multiply")
+class Multiply(_Keras2Merge, keras.layers.Multiply):
+    """`keras.layers.Multiply` with Keras 2's output mask and values (the product at masked steps too)."""
+
+    def _merge_function(self, inputs: typing.Sequence[typing.Any]) -> typing.Any:
+        output = inputs[0]
+        for value in inputs[1:]:
+            output = ops.multiply(output, value)
+        return output
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Maximum")
+class Maximum(_Keras2Merge, keras.layers.Maximum):
+    """`keras.layers.Maximum` with Keras 2's output mask and values (the maximum at masked steps too)."""
+
+    def _merge_function(self, inputs: typing.Sequence[typing.Any]) -> typing.Any:
+        output = inputs[0]
+        for value in inputs[1:]:
+            output = ops.maximum(output, value)
+        return output
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Minimum")
+class Minimum(_Keras2Merge, keras.layers.Minimum):
+    """`keras.layers.Minimum` with Keras 2's output mask and values (the minimum at masked steps too)."""
+
+    def _merge_function(self, inputs: typing.Sequence[typing.Any]) -> typing.Any:
+        output = inputs[0]
+        for value in inputs[1:]:
+            output = ops.minimum(output, value)
+        return output
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Concatenate")
+class Concatenate(keras.layers.Concatenate):
+    """`keras.layers.Concatenate` with Keras 2's output mask: a step is kept where every input keeps it."""
+
+    def compute_mask(self, inputs: typing.Any, mask: typing.Any = None) -> typing.Any:
+        if mask is None or all(each is None for each in mask):
+            return None
+        masks = []
+        for value, each in zip(inputs, mask, strict=True):
+            if each is None:
+                masks.append(ops.ones_like(value, dtype="bool"))
+            elif len(each.shape) < len(value.shape):
+                # Broadcast to the input's shape, as Keras 3 does, so that inputs concatenated
+                # along the steps may have other widths.
+                expanded = ops.expand_dims(each, axis=-1)
+                masks.append(ops.logical_or(expanded, ops.zeros_like(value, dtype="bool")))
+            else:
+                masks.append(each)
+        return ops.all(ops.concatenate(masks, axis=self.axis), axis=-1)
