@@ -791,6 +791,37 @@ def test_a_worker_that_connects_after_its_connection_was_closed_is_told_there_is
     assert worker_handlers.ControlConnection.close.__name__ == "close"  # Beam's own, put back.
 
 
+def test_local_worker_processes_get_the_runs_filesystem_flags():
+    """docs/dataflow.md's MinIO command: Beam's FnApiRunner gives its worker processes no pipeline options,
+    so each worker's S3 filesystem had neither --s3_endpoint_url nor the keys; the launch checks passed,
+    then the workers retried "Unable to locate credentials" for minutes and the run failed without a row."""
+    from apache_beam.options.pipeline_options import PipelineOptions, S3Options
+    from apache_beam.runners.portability import local_job_service
+    from apache_beam.runners.worker import sdk_worker_main
+
+    from pipeline.running import local_workers
+    from pipeline.running.runners import filesystem_options
+
+    options = PipelineOptions(
+        ["--s3_endpoint_url=http://127.0.0.1:9", "--s3_access_key_id=KEY", "--s3_secret_access_key=SECRET"]
+    )
+    # What Beam's SubprocessSdkWorker gives a worker: no options. The worker says what it got.
+    environment = dict(os.environ, PIPELINE_OPTIONS="{}")
+    with local_workers.ignoring_ctrl_c(filesystem_options(options)):
+        worker = local_job_service.subprocess.Popen(
+            'printf %s "$PIPELINE_OPTIONS"', shell=True, env=environment, stdout=subprocess.PIPE
+        )
+        got = worker.stdout.read()  # Its stderr is the launcher's to copy (`_copy_stderr`).
+        worker.wait(timeout=60)
+    # As Beam's worker main reads them, for its filesystems (`create_harness`).
+    s3 = sdk_worker_main._parse_pipeline_options(got.decode()).view_as(S3Options)
+    assert (s3.s3_endpoint_url, s3.s3_access_key_id, s3.s3_secret_access_key) == (
+        "http://127.0.0.1:9",
+        "KEY",
+        "SECRET",
+    )
+
+
 def test_a_worker_that_failed_as_its_run_ended_does_not_stop_the_next_runs_workers(monkeypatch):
     """A worker of one in-process run exited with an error at its shutdown; 15 s later its timer
     SIGKILLed the next run's workers: that run failed "a worker process was killed (SIGKILL)"."""

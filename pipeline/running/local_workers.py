@@ -25,6 +25,7 @@ group still reaches them.
 import collections
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -42,6 +43,10 @@ _IGNORE_CTRL_C = "trap '' INT HUP; exec "
 # without the interpreter's teardown (see `pipeline.running.sdk_worker_main`).
 _BEAM_WORKER = " -m apache_beam.runners.worker.sdk_worker_main"
 _WORKER = " -m pipeline.running.sdk_worker_main"
+# The run's filesystem options (--s3_endpoint_url, --s3_access_key_id, ...) while `ignoring_ctrl_c` is
+# active: Beam's FnApiRunner gives its worker processes none (PIPELINE_OPTIONS "{}"), so their S3
+# filesystem went to AWS without the flags' endpoint or credentials, retrying for minutes.
+_worker_options: list[dict[str, Any]] = [{}]
 _started: list[subprocess.Popen[bytes]] = []
 # The signals that killed workers of this process's runs (the OOM killer's SIGKILL, ...).
 _killed_by: list[int] = []
@@ -109,6 +114,8 @@ class _Subprocess:
             args = _IGNORE_CTRL_C + (
                 args[: -len(_BEAM_WORKER)] + _WORKER if args.endswith(_BEAM_WORKER) else args
             )
+        if kwargs.get("env") is not None and _worker_options[0]:
+            kwargs["env"] = _with_options(kwargs["env"], _worker_options[0])
         copied = kwargs.get("stderr") is None
         if copied:
             kwargs["stderr"] = subprocess.PIPE
@@ -118,6 +125,18 @@ class _Subprocess:
         if copied and process.stderr is not None:
             threading.Thread(target=_copy_stderr, args=(process.stderr, process), daemon=True).start()
         return process
+
+
+def _with_options(env: dict[str, str], options: dict[str, Any]) -> dict[str, str]:
+    """The worker's environment, its PIPELINE_OPTIONS (what Beam's worker main gives its filesystems)
+    holding `options` where Beam gave none."""
+    try:
+        given = json.loads(env.get("PIPELINE_OPTIONS") or "{}")
+    except ValueError:
+        given = None
+    if given != {}:  # Options of Beam's own (a later FnApiRunner that passes them): left as they are.
+        return env
+    return dict(env, PIPELINE_OPTIONS=json.dumps({"options": options}))
 
 
 def _copy_stderr(stream: IO[bytes], process: subprocess.Popen[bytes] | None = None) -> None:
@@ -367,17 +386,20 @@ def let_held_tracebacks_through() -> None:
 
 
 @contextlib.contextmanager
-def ignoring_ctrl_c() -> Iterator[None]:
-    """While active, the local worker processes Beam starts ignore SIGINT (see the module docstring)."""
+def ignoring_ctrl_c(worker_options: dict[str, Any] | None = None) -> Iterator[None]:
+    """While active, the local worker processes Beam starts ignore SIGINT (see the module docstring),
+    and get `worker_options` (pipeline options: `filesystem_options`) as their own."""
     from apache_beam.runners.portability import local_job_service
 
     before = local_job_service.subprocess
     # setattr: the module attribute is replaced by a stand-in on purpose, for the duration only.
     setattr(local_job_service, "subprocess", _Subprocess())  # noqa: B010
+    _worker_options[0] = dict(worker_options or {})
     try:
         yield
     finally:
         local_job_service.subprocess = before
+        _worker_options[0] = {}
         # Beam waited for the workers of a run that ended normally; an interrupted run's
         # may still be stopping and stay listed for `kill_workers`.
         with _lock:
