@@ -1049,6 +1049,52 @@ def test_a_run_that_stands_still_before_its_first_count_stalls_but_its_start_up_
     assert len(calls) == 1 and calls[0][1] == 0.5, calls
 
 
+# A worker waiting on slow writes: 128 kB every 50 ms (a mount at 2.5 MB/s), asleep in between.
+_SLOW_WRITER = """
+import os, time
+out = os.open(os.devnull, os.O_WRONLY)
+while True:
+    os.write(out, bytes(128 << 10))
+    time.sleep(0.05)
+"""
+
+
+def test_a_worker_reading_or_writing_slowly_is_at_work_and_a_stopped_one_is_not(tmp_path, monkeypatch):
+    """A worker copying its model from object storage (16 MB a read), reading a slow mount or writing a row
+    group to NFS counts nothing and hardly computes: a healthy run was ended as a stall, and so was each
+    rerun, at the same download."""
+    from pipeline.running import local_workers
+    from pipeline.running import progress as progress_lib
+
+    calls = []
+    monitor = progress_lib.ProgressMonitor(
+        str(tmp_path),
+        1000,
+        stall_seconds=0.5,
+        on_stall=lambda *args: calls.append(args),
+        io_bytes=local_workers.io_bytes,
+    )
+    nothing = progress_lib.read_totals(str(tmp_path))
+    writing = subprocess.Popen([sys.executable, "-S", "-c", _SLOW_WRITER])
+    stopped = subprocess.Popen([sys.executable, "-S", "-c", _SLOW_WRITER])
+    try:
+        monkeypatch.setattr(local_workers, "_started", [writing])
+        for _ in range(8):
+            monitor._watch_for_stall(nothing, look=0.1)
+            time.sleep(0.15)
+        assert calls == []
+        stopped.send_signal(signal.SIGSTOP)
+        monkeypatch.setattr(local_workers, "_started", [stopped])
+        for _ in range(8):
+            monitor._watch_for_stall(nothing, look=0.1)
+            time.sleep(0.15)
+    finally:
+        for process in (writing, stopped):
+            process.kill()
+            process.wait()
+    assert len(calls) == 1, calls
+
+
 def _spinners(count, cpu):
     """`count` processes spinning on the one core `cpu`: each runs 1/count of the time and waits the rest."""
     code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from models.start_lines import has_gpu_device, is_start_line
+from pipeline.running.progress import ThreadTimes
 
 # The shell of `shell=True` sets SIGINT and SIGHUP to ignored, then becomes the worker.
 _IGNORE_CTRL_C = "trap '' INT HUP; exec "
@@ -251,7 +252,7 @@ def stalled(seconds: float, limit: float) -> None:
             on_failure()
 
 
-def scheduler_times() -> dict[tuple[int, str], tuple[float, float, int]]:
+def scheduler_times() -> dict[tuple[int, str], ThreadTimes]:
     """What the scheduler says of each thread of this process and of each worker process still running:
     {(pid, thread id): (seconds on a CPU, seconds waiting, ready, for one, time slices run)}
     (`_thread_times`; `progress.work_seconds` tells computing from polling with them)."""
@@ -264,7 +265,7 @@ def scheduler_times() -> dict[tuple[int, str], tuple[float, float, int]]:
     return times
 
 
-def _thread_times(pid: int) -> dict[tuple[int, str], tuple[float, float, int]]:
+def _thread_times(pid: int) -> dict[tuple[int, str], ThreadTimes]:
     """{(pid, thread id): (seconds on a CPU, seconds ready on a run queue, time slices)} for each thread of
     the process; where the kernel keeps no schedstat, {(pid, ""): (its CPU seconds, 0, 0)}; {} where the
     process is gone or /proc cannot say.
@@ -287,6 +288,25 @@ def _thread_times(pid: int) -> dict[tuple[int, str], tuple[float, float, int]]:
         return {(pid, ""): ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 0.0, 0)}
     except (IndexError, ValueError):
         return {}
+
+
+def io_bytes() -> dict[int, int]:
+    """{pid: the bytes it has read and written} of each running worker process (`progress.IO_WORK_BYTES`).
+
+    /proc/PID/io's rchar and wchar: files, pipes and mounts (FUSE, NFS), not sockets; nothing for a
+    process /proc cannot say of.
+    """
+    with _lock:
+        pids = [process.pid for process in _started if process.poll() is None]
+    moved = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io", encoding="ascii") as handle:
+                fields = dict(line.split(": ", 1) for line in handle.read().splitlines())
+            moved[pid] = int(fields["rchar"]) + int(fields["wchar"])
+        except (OSError, ValueError, KeyError):  # Gone meanwhile, or no /proc.
+            continue
+    return moved
 
 
 def _tasks(pid: int) -> list[str]:
