@@ -822,6 +822,34 @@ def test_local_worker_processes_get_the_runs_filesystem_flags():
     )
 
 
+def test_a_library_users_ctrl_c_stops_the_workers_at_once(monkeypatch):
+    """In-process (a notebook's interrupt, a service's Ctrl-C) there is no stop handler of pipeline.run's:
+    the KeyboardInterrupt took 20 to 35 s to return, Beam's unwinding waiting for each worker to finish
+    starting and its bundle. Its workers are SIGKILLed at once now, as the command's are."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.running import local_workers
+    from pipeline.running.runners import worker_package_path
+
+    monkeypatch.setattr(local_workers, "_started", [])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a notebook.
+    worker = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    options = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    try:
+        with pytest.raises(KeyboardInterrupt), worker_package_path(options):
+            local_workers._started.append(worker)  # As Beam starts one.
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Put back.
+        worker.wait(timeout=10)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        worker.kill()
+        worker.wait()
+        local_workers.hold_tracebacks()  # The next run starts with no stop remembered.
+        local_workers.let_held_tracebacks_through()
+    assert worker.returncode == -signal.SIGKILL
+
+
 def test_a_worker_that_failed_as_its_run_ended_does_not_stop_the_next_runs_workers(monkeypatch):
     """A worker of one in-process run exited with an error at its shutdown; 15 s later its timer
     SIGKILLed the next run's workers: that run failed "a worker process was killed (SIGKILL)"."""

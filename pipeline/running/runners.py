@@ -358,7 +358,8 @@ def worker_package_path(options: PipelineOptions) -> Iterator[None]:
 
     They are started with this process's environment; PYTHONPATH is put back
     afterwards so that an export run in-process leaves its caller's environment alone.
-    They also ignore a terminal's Ctrl-C, which only the launcher handles (pipeline.running.local_workers).
+    They also ignore a terminal's Ctrl-C, which only the launcher handles (pipeline.running.local_workers),
+    stopping them first.
     """
     if (
         local_runner(options) is None
@@ -375,6 +376,7 @@ def worker_package_path(options: PipelineOptions) -> Iterator[None]:
         with (
             local_workers.ignoring_ctrl_c(filesystem_options(options)),
             local_workers.late_workers_stopped(),
+            local_workers.interrupt_stops_workers(),
         ):
             yield
     finally:
