@@ -19,7 +19,8 @@ hears of it, and when the failure becomes our one `error:` line
 let through when the run ends (`let_held_tracebacks_through`).  The workers stay in
 the terminal's process group: a background group would be stopped by SIGTTOU when
 it writes to a terminal set to `stty tostop`, and a SIGTERM or SIGKILL sent to the
-group still reaches them.
+group still reaches them.  They get the run's filesystem options (an S3 endpoint and
+keys), of which Beam's local runner gives them none.
 """
 
 import collections
