@@ -850,6 +850,29 @@ def test_a_library_users_ctrl_c_stops_the_workers_at_once(monkeypatch):
     assert worker.returncode == -signal.SIGKILL
 
 
+def test_a_run_on_another_thread_than_the_main_one_ends_at_its_stall(monkeypatch):
+    """A service running its exports on a thread: the wake needs the main thread's signal handler, so it
+    is not set, and the watchdog did nothing: a stopped worker held the run forever, whatever
+    --stall_timeout said. Its workers are killed now, which ends Beam's wait (the run tells the stall)."""
+    from pipeline.running import local_workers
+
+    worker = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(local_workers, "_started", [worker])
+    local_workers.hold_tracebacks()  # The run holds its tracebacks; no wake: it is not the main thread's.
+    try:
+        local_workers.stalled(12.0, 10.0)
+        stall = local_workers.stall()
+        worker.wait(timeout=10)
+    finally:
+        worker.kill()
+        worker.wait()
+        local_workers.let_held_tracebacks_through()
+        local_workers.hold_tracebacks()  # The next run starts with no stall remembered.
+        local_workers.let_held_tracebacks_through()
+    assert worker.returncode == -signal.SIGKILL
+    assert stall is not None and (stall.seconds, stall.limit) == (12.0, 10.0)
+
+
 def test_a_worker_that_failed_as_its_run_ended_does_not_stop_the_next_runs_workers(monkeypatch):
     """A worker of one in-process run exited with an error at its shutdown; 15 s later its timer
     SIGKILLed the next run's workers: that run failed "a worker process was killed (SIGKILL)"."""

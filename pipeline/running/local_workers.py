@@ -234,10 +234,13 @@ def stalled(seconds: float, limit: float) -> None:
     waits for it forever. So, during a run with worker processes, the workers are
     SIGKILLed (their closed row files are durable, the rerun continues from them) and the
     launcher's wait is ended as for a failed worker; the run ends with the stall's story (`stall`).
+    A run on another thread than the main one (a library user's) has no wake (`on_failure` is None:
+    only the main thread takes signals): its workers are killed all the same, which ends Beam's
+    wait as their connections close; it waited forever before.
     """
     with _lock:
         running = [process for process in _started if process.poll() is None]
-        if on_failure is None or _stopping[0] or _tracebacks != HOLD or not running or _stall:
+        if _stopping[0] or _tracebacks != HOLD or not running or _stall:
             return
         # Before they are killed: a stopped or blocked worker is what stalled the run.
         states = ((process.pid, _state(process.pid)) for process in running)
