@@ -163,6 +163,18 @@ def test_a_folder_of_model_files_named_models_is_no_package_in_the_way(command, 
             "error: --dry_run=False would still make a dry run (Beam takes any value of --dry_run as "
             "true): nothing would be exported. Leave --dry_run out for a real run, or pass --dry_run=True.",
         ),
+        # The local runner ignored both: a batch run, with worker processes of its own flags.
+        (
+            ["--streaming"],
+            "error: --streaming does nothing on the local runner, which reads the corpus (a bounded "
+            "input) in one batch run; leave it out.",
+        ),
+        (
+            ["--sdk_worker_parallelism", "4"],
+            "error: --sdk_worker_parallelism 4 does nothing on the local runner; for worker processes pass "
+            "--direct_running_mode multi_processing --direct_num_workers N (a corpus of 64 MB or more "
+            "gets one per core by itself).",
+        ),
     ],
 )
 def test_beam_flags_that_would_fail_the_started_run_are_refused_at_launch(flags, message, tmp_path, capsys):

@@ -792,6 +792,88 @@ def test_a_worker_that_connects_after_its_connection_was_closed_is_told_there_is
     assert worker_handlers.ControlConnection.close.__name__ == "close"  # Beam's own, put back.
 
 
+def test_local_worker_processes_get_the_runs_filesystem_flags():
+    """docs/dataflow.md's MinIO command: Beam's FnApiRunner gives its worker processes no pipeline options,
+    so each worker's S3 filesystem had neither --s3_endpoint_url nor the keys; the launch checks passed,
+    then the workers retried "Unable to locate credentials" for minutes and the run failed without a row."""
+    from apache_beam.options.pipeline_options import PipelineOptions, S3Options
+    from apache_beam.runners.portability import local_job_service
+    from apache_beam.runners.worker import sdk_worker_main
+
+    from pipeline.running import local_workers
+    from pipeline.running.runners import filesystem_options
+
+    options = PipelineOptions(
+        ["--s3_endpoint_url=http://127.0.0.1:9", "--s3_access_key_id=KEY", "--s3_secret_access_key=SECRET"]
+    )
+    # What Beam's SubprocessSdkWorker gives a worker: no options. The worker says what it got.
+    environment = dict(os.environ, PIPELINE_OPTIONS="{}")
+    with local_workers.ignoring_ctrl_c(filesystem_options(options)):
+        worker = local_job_service.subprocess.Popen(
+            'printf %s "$PIPELINE_OPTIONS"', shell=True, env=environment, stdout=subprocess.PIPE
+        )
+        got = worker.stdout.read()  # Its stderr is the launcher's to copy (`_copy_stderr`).
+        worker.wait(timeout=60)
+    # As Beam's worker main reads them, for its filesystems (`create_harness`).
+    s3 = sdk_worker_main._parse_pipeline_options(got.decode()).view_as(S3Options)
+    assert (s3.s3_endpoint_url, s3.s3_access_key_id, s3.s3_secret_access_key) == (
+        "http://127.0.0.1:9",
+        "KEY",
+        "SECRET",
+    )
+
+
+def test_a_library_users_ctrl_c_stops_the_workers_at_once(monkeypatch):
+    """In-process (a notebook's interrupt, a service's Ctrl-C) there is no stop handler of pipeline.run's:
+    the KeyboardInterrupt took 20 to 35 s to return, Beam's unwinding waiting for each worker to finish
+    starting and its bundle. Its workers are SIGKILLed at once now, as the command's are."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.running import local_workers
+    from pipeline.running.runners import worker_package_path
+
+    monkeypatch.setattr(local_workers, "_started", [])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a notebook.
+    worker = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    options = PipelineOptions(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    try:
+        with pytest.raises(KeyboardInterrupt), worker_package_path(options):
+            local_workers._started.append(worker)  # As Beam starts one.
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Put back.
+        worker.wait(timeout=10)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        worker.kill()
+        worker.wait()
+        local_workers.hold_tracebacks()  # The next run starts with no stop remembered.
+        local_workers.let_held_tracebacks_through()
+    assert worker.returncode == -signal.SIGKILL
+
+
+def test_a_run_on_another_thread_than_the_main_one_ends_at_its_stall(monkeypatch):
+    """A service running its exports on a thread: the wake needs the main thread's signal handler, so it
+    is not set, and the watchdog did nothing: a stopped worker held the run forever, whatever
+    --stall_timeout said. Its workers are killed now, which ends Beam's wait (the run tells the stall)."""
+    from pipeline.running import local_workers
+
+    worker = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(local_workers, "_started", [worker])
+    local_workers.hold_tracebacks()  # The run holds its tracebacks; no wake: it is not the main thread's.
+    try:
+        local_workers.stalled(12.0, 10.0)
+        stall = local_workers.stall()
+        worker.wait(timeout=10)
+    finally:
+        worker.kill()
+        worker.wait()
+        local_workers.let_held_tracebacks_through()
+        local_workers.hold_tracebacks()  # The next run starts with no stall remembered.
+        local_workers.let_held_tracebacks_through()
+    assert worker.returncode == -signal.SIGKILL
+    assert stall is not None and (stall.seconds, stall.limit) == (12.0, 10.0)
+
+
 def test_a_worker_that_failed_as_its_run_ended_does_not_stop_the_next_runs_workers(monkeypatch):
     """A worker of one in-process run exited with an error at its shutdown; 15 s later its timer
     SIGKILLed the next run's workers: that run failed "a worker process was killed (SIGKILL)"."""
@@ -1024,6 +1106,52 @@ def test_a_run_that_stands_still_before_its_first_count_stalls_but_its_start_up_
         monitor._watch_for_stall(nothing, look=0.05)
         time.sleep(0.1)
     assert len(calls) == 1 and calls[0][1] == 0.5, calls
+
+
+# A worker waiting on slow writes: 128 kB every 50 ms (a mount at 2.5 MB/s), asleep in between.
+_SLOW_WRITER = """
+import os, time
+out = os.open(os.devnull, os.O_WRONLY)
+while True:
+    os.write(out, bytes(128 << 10))
+    time.sleep(0.05)
+"""
+
+
+def test_a_worker_reading_or_writing_slowly_is_at_work_and_a_stopped_one_is_not(tmp_path, monkeypatch):
+    """A worker copying its model from object storage (16 MB a read), reading a slow mount or writing a row
+    group to NFS counts nothing and hardly computes: a healthy run was ended as a stall, and so was each
+    rerun, at the same download."""
+    from pipeline.running import local_workers
+    from pipeline.running import progress as progress_lib
+
+    calls = []
+    monitor = progress_lib.ProgressMonitor(
+        str(tmp_path),
+        1000,
+        stall_seconds=0.5,
+        on_stall=lambda *args: calls.append(args),
+        io_bytes=local_workers.io_bytes,
+    )
+    nothing = progress_lib.read_totals(str(tmp_path))
+    writing = subprocess.Popen([sys.executable, "-S", "-c", _SLOW_WRITER])
+    stopped = subprocess.Popen([sys.executable, "-S", "-c", _SLOW_WRITER])
+    try:
+        monkeypatch.setattr(local_workers, "_started", [writing])
+        for _ in range(8):
+            monitor._watch_for_stall(nothing, look=0.1)
+            time.sleep(0.15)
+        assert calls == []
+        stopped.send_signal(signal.SIGSTOP)
+        monkeypatch.setattr(local_workers, "_started", [stopped])
+        for _ in range(8):
+            monitor._watch_for_stall(nothing, look=0.1)
+            time.sleep(0.15)
+    finally:
+        for process in (writing, stopped):
+            process.kill()
+            process.wait()
+    assert len(calls) == 1, calls
 
 
 def _spinners(count, cpu):

@@ -13,7 +13,14 @@ import sys
 import typing
 from collections.abc import Mapping, Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, TestOptions, TypeOptions
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    PortableOptions,
+    SetupOptions,
+    StandardOptions,
+    TestOptions,
+    TypeOptions,
+)
 
 from pipeline.errors import ExportConfigError
 from pipeline.planning.introspection import EmbeddingLimits
@@ -21,6 +28,7 @@ from pipeline.planning.model_source import AnyTokenizer
 from pipeline.planning.options import DEFAULT_ID_FIELD, INPUT_FORMATS, ExportOptions
 from pipeline.planning.plan import IDS_INPUT, SEQUENCE, TEXT_FIELD, ColumnInfo, InputInfo, wants_no_tokenizer
 from pipeline.reading.corpus import OTHER_COMPRESSIONS, TAR_SUFFIXES
+from pipeline.running.portable import LOCAL_RUNNERS
 from pipeline.running.progress import STALL_LOOK_SECONDS
 from pipeline.writing import schema as schema_lib
 
@@ -174,7 +182,8 @@ def check_beam_flags(options: PipelineOptions) -> None:
         ExportConfigError: `--runtime_type_check`, which Beam's own file writer fails
             (its WriteImpl declares `str` and emits TimestampedValue: apache/beam PR
             #38155); `--pickle_library dill` without dill installed; `--dry_run=False`,
-            which Beam takes as a dry run.
+            which Beam takes as a dry run; on the local runner, `--streaming` and
+            `--sdk_worker_parallelism`, which it ignores (a batch run, its own worker processes).
     """
     if options.view_as(TypeOptions).runtime_type_check:
         raise ExportConfigError(
@@ -189,11 +198,29 @@ def check_beam_flags(options: PipelineOptions) -> None:
             f"--dry_run={dry_run} would still make a dry run (Beam takes any value of --dry_run as "
             "true): nothing would be exported. Leave --dry_run out for a real run, or pass --dry_run=True."
         )
+    if str(options.view_as(StandardOptions).runner or "").lower() in LOCAL_RUNNERS:
+        _check_local_runner_flags(options)
     library = options.view_as(SetupOptions).pickle_library
     if library in ("dill", "dill_unsafe") and importlib.util.find_spec("dill") is None:
         raise ExportConfigError(
             f"--pickle_library {library} needs the dill package, which is not installed; leave the "
             "flag out (Beam's default, cloudpickle) or install apache-beam[dill]."
+        )
+
+
+def _check_local_runner_flags(options: PipelineOptions) -> None:
+    """Refuses the Beam flags the local runner ignores: they were accepted, and silently did nothing."""
+    if options.view_as(StandardOptions).streaming:
+        raise ExportConfigError(
+            "--streaming does nothing on the local runner, which reads the corpus (a bounded input) in "
+            "one batch run; leave it out."
+        )
+    if "sdk_worker_parallelism" in options.get_all_options(drop_default=True):
+        parallelism = options.view_as(PortableOptions).sdk_worker_parallelism
+        raise ExportConfigError(
+            f"--sdk_worker_parallelism {parallelism} does nothing on the local runner; for worker "
+            "processes pass --direct_running_mode multi_processing --direct_num_workers N (a corpus of "
+            "64 MB or more gets one per core by itself)."
         )
 
 

@@ -486,6 +486,7 @@ def _run_pipeline(
             stall_seconds=export_options.stall_timeout if processes else 0.0,
             on_stall=local_workers.stalled,
             scheduler_times=local_workers.scheduler_times,
+            io_bytes=local_workers.io_bytes,
         )
         with beam_errors_held(export_options.resume), monitor, worker_package_path(options):
             result = pipeline.run()

@@ -19,12 +19,14 @@ hears of it, and when the failure becomes our one `error:` line
 let through when the run ends (`let_held_tracebacks_through`).  The workers stay in
 the terminal's process group: a background group would be stopped by SIGTTOU when
 it writes to a terminal set to `stty tostop`, and a SIGTERM or SIGKILL sent to the
-group still reaches them.
+group still reaches them.  They get the run's filesystem options (an S3 endpoint and
+keys), of which Beam's local runner gives them none.
 """
 
 import collections
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -32,9 +34,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import IO, Any
 
 from models.start_lines import has_gpu_device, is_start_line
+from pipeline.running.progress import ThreadTimes
 
 # The shell of `shell=True` sets SIGINT and SIGHUP to ignored, then becomes the worker.
 _IGNORE_CTRL_C = "trap '' INT HUP; exec "
@@ -42,6 +46,10 @@ _IGNORE_CTRL_C = "trap '' INT HUP; exec "
 # without the interpreter's teardown (see `pipeline.running.sdk_worker_main`).
 _BEAM_WORKER = " -m apache_beam.runners.worker.sdk_worker_main"
 _WORKER = " -m pipeline.running.sdk_worker_main"
+# The run's filesystem options (--s3_endpoint_url, --s3_access_key_id, ...) while `ignoring_ctrl_c` is
+# active: Beam's FnApiRunner gives its worker processes none (PIPELINE_OPTIONS "{}"), so their S3
+# filesystem went to AWS without the flags' endpoint or credentials, retrying for minutes.
+_worker_options: list[dict[str, Any]] = [{}]
 _started: list[subprocess.Popen[bytes]] = []
 # The signals that killed workers of this process's runs (the OOM killer's SIGKILL, ...).
 _killed_by: list[int] = []
@@ -109,6 +117,8 @@ class _Subprocess:
             args = _IGNORE_CTRL_C + (
                 args[: -len(_BEAM_WORKER)] + _WORKER if args.endswith(_BEAM_WORKER) else args
             )
+        if kwargs.get("env") is not None and _worker_options[0]:
+            kwargs["env"] = _with_options(kwargs["env"], _worker_options[0])
         copied = kwargs.get("stderr") is None
         if copied:
             kwargs["stderr"] = subprocess.PIPE
@@ -118,6 +128,18 @@ class _Subprocess:
         if copied and process.stderr is not None:
             threading.Thread(target=_copy_stderr, args=(process.stderr, process), daemon=True).start()
         return process
+
+
+def _with_options(env: dict[str, str], options: dict[str, Any]) -> dict[str, str]:
+    """The worker's environment, its PIPELINE_OPTIONS (what Beam's worker main gives its filesystems)
+    holding `options` where Beam gave none."""
+    try:
+        given = json.loads(env.get("PIPELINE_OPTIONS") or "{}")
+    except ValueError:
+        given = None
+    if given != {}:  # Options of Beam's own (a later FnApiRunner that passes them): left as they are.
+        return env
+    return dict(env, PIPELINE_OPTIONS=json.dumps({"options": options}))
 
 
 def _copy_stderr(stream: IO[bytes], process: subprocess.Popen[bytes] | None = None) -> None:
@@ -212,10 +234,13 @@ def stalled(seconds: float, limit: float) -> None:
     waits for it forever. So, during a run with worker processes, the workers are
     SIGKILLed (their closed row files are durable, the rerun continues from them) and the
     launcher's wait is ended as for a failed worker; the run ends with the stall's story (`stall`).
+    A run on another thread than the main one (a library user's) has no wake (`on_failure` is None:
+    only the main thread takes signals): its workers are killed all the same, which ends Beam's
+    wait as their connections close; it waited forever before.
     """
     with _lock:
         running = [process for process in _started if process.poll() is None]
-        if on_failure is None or _stopping[0] or _tracebacks != HOLD or not running or _stall:
+        if _stopping[0] or _tracebacks != HOLD or not running or _stall:
             return
         # Before they are killed: a stopped or blocked worker is what stalled the run.
         states = ((process.pid, _state(process.pid)) for process in running)
@@ -232,7 +257,7 @@ def stalled(seconds: float, limit: float) -> None:
             on_failure()
 
 
-def scheduler_times() -> dict[tuple[int, str], tuple[float, float, int]]:
+def scheduler_times() -> dict[tuple[int, str], ThreadTimes]:
     """What the scheduler says of each thread of this process and of each worker process still running:
     {(pid, thread id): (seconds on a CPU, seconds waiting, ready, for one, time slices run)}
     (`_thread_times`; `progress.work_seconds` tells computing from polling with them)."""
@@ -245,7 +270,7 @@ def scheduler_times() -> dict[tuple[int, str], tuple[float, float, int]]:
     return times
 
 
-def _thread_times(pid: int) -> dict[tuple[int, str], tuple[float, float, int]]:
+def _thread_times(pid: int) -> dict[tuple[int, str], ThreadTimes]:
     """{(pid, thread id): (seconds on a CPU, seconds ready on a run queue, time slices)} for each thread of
     the process; where the kernel keeps no schedstat, {(pid, ""): (its CPU seconds, 0, 0)}; {} where the
     process is gone or /proc cannot say.
@@ -268,6 +293,25 @@ def _thread_times(pid: int) -> dict[tuple[int, str], tuple[float, float, int]]:
         return {(pid, ""): ((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 0.0, 0)}
     except (IndexError, ValueError):
         return {}
+
+
+def io_bytes() -> dict[int, int]:
+    """{pid: the bytes it has read and written} of each running worker process (`progress.IO_WORK_BYTES`).
+
+    /proc/PID/io's rchar and wchar: files, pipes and mounts (FUSE, NFS), not sockets; nothing for a
+    process /proc cannot say of.
+    """
+    with _lock:
+        pids = [process.pid for process in _started if process.poll() is None]
+    moved = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io", encoding="ascii") as handle:
+                fields = dict(line.split(": ", 1) for line in handle.read().splitlines())
+            moved[pid] = int(fields["rchar"]) + int(fields["wchar"])
+        except (OSError, ValueError, KeyError):  # Gone meanwhile, or no /proc.
+            continue
+    return moved
 
 
 def _tasks(pid: int) -> list[str]:
@@ -367,17 +411,20 @@ def let_held_tracebacks_through() -> None:
 
 
 @contextlib.contextmanager
-def ignoring_ctrl_c() -> Iterator[None]:
-    """While active, the local worker processes Beam starts ignore SIGINT (see the module docstring)."""
+def ignoring_ctrl_c(worker_options: dict[str, Any] | None = None) -> Iterator[None]:
+    """While active, the local worker processes Beam starts ignore SIGINT (see the module docstring),
+    and get `worker_options` (pipeline options: `filesystem_options`) as their own."""
     from apache_beam.runners.portability import local_job_service
 
     before = local_job_service.subprocess
     # setattr: the module attribute is replaced by a stand-in on purpose, for the duration only.
     setattr(local_job_service, "subprocess", _Subprocess())  # noqa: B010
+    _worker_options[0] = dict(worker_options or {})
     try:
         yield
     finally:
         local_job_service.subprocess = before
+        _worker_options[0] = {}
         # Beam waited for the workers of a run that ended normally; an interrupted run's
         # may still be stopping and stay listed for `kill_workers`.
         with _lock:
@@ -450,3 +497,30 @@ def stop_workers() -> None:
     with _lock:
         _stopping[0] = True
     kill_workers()
+
+
+@contextlib.contextmanager
+def interrupt_stops_workers() -> Iterator[None]:
+    """While active, Python's own Ctrl-C (a library user's, a notebook's interrupt) first stops the workers.
+
+    `python -m pipeline.run` has a stop handler of its own, which does the same. In-process, the
+    KeyboardInterrupt alone took 20 to 35 s to return: Beam's unwinding waited for each worker to
+    finish starting and its bundle. Only where SIGINT has Python's default handler, in the main thread.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        # From a thread: the handler may have interrupted the holder of the workers' lock.
+        threading.Thread(target=stop_workers, name="stop-workers", daemon=True).start()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

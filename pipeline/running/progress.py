@@ -43,6 +43,11 @@ BUSY_SHARE = 0.25
 # back (0.5 to 4 ms measured, under a container's CPU quota too); a poller that wakes to find nothing
 # runs some 10 to 100 us, yet on a busy machine each of its wakes waits milliseconds for a CPU.
 COMPUTING_SLICE_SECONDS = 250e-6
+# Bytes a worker process reads or writes (files, pipes, mounts; `local_workers.io_bytes`) in one look that
+# make it at work where it neither counts nor computes: a read from a slow mount, a row group written to
+# NFS, a model copied from object storage (16 MB at a time). An idle or a stopped worker moves none (0 B
+# measured); the launcher, whose watchdog reads files at every look, is not asked.
+IO_WORK_BYTES = 64 << 10
 # What the scheduler says of a thread (`local_workers.scheduler_times`): seconds on a CPU, seconds
 # waiting, ready, for one, and how many times it was given one.
 ThreadTimes = tuple[float, float, int]
@@ -188,6 +193,8 @@ class ProgressMonitor:
         on_stall: what ends a stalled run (`local_workers.stalled`).
         scheduler_times: what the scheduler says of each thread of the run's processes so far
             (`local_workers.scheduler_times`; `work_seconds` tells which were at work).
+        io_bytes: the bytes each worker process has read and written so far (`local_workers.io_bytes`):
+            one that moved `IO_WORK_BYTES` since the last look is at work.
     """
 
     def __init__(
@@ -200,6 +207,7 @@ class ProgressMonitor:
         stall_seconds: float = 0.0,
         on_stall: Callable[[float, float], None] | None = None,
         scheduler_times: Callable[[], dict[tuple[int, str], ThreadTimes]] | None = None,
+        io_bytes: Callable[[], dict[int, int]] | None = None,
     ) -> None:
         self._directory = directory
         self._total = max(1, total_bytes)
@@ -216,6 +224,8 @@ class ProgressMonitor:
         self._moved_at = self._looked_at = self._started
         self._scheduler_times = scheduler_times
         self._times: dict[tuple[int, str], ThreadTimes] = {}
+        self._io_bytes = io_bytes
+        self._io: dict[int, int] = {}
         # Time to first row counts from the command's start (wall clock, as the workers record
         # their first row): imports and model loads included.
         self._command_started = time.time() - process_seconds()
@@ -287,6 +297,12 @@ class ProgressMonitor:
             for seconds in work_seconds(self._times, times).values()
         )
         self._times = times
+        # A worker waiting on a slow read or write (its thread sleeps: no CPU) moves bytes: at work too.
+        io = self._io_bytes() if self._io_bytes else {}
+        busy = busy or any(
+            moved - self._io[pid] >= IO_WORK_BYTES for pid, moved in io.items() if pid in self._io
+        )
+        self._io = io
         if busy or counts != self._counts or now - self._looked_at > 2 * look + 5:
             self._counts, self._moved_at = counts, now
         self._looked_at = now

@@ -1,5 +1,6 @@
 """Which runner runs an export, and how a local run uses the machine: processes, threads, ranges."""
 
+import argparse
 import contextlib
 import copy
 import logging
@@ -9,11 +10,14 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from apache_beam.options.pipeline_options import (
+    AzureOptions,
     DebugOptions,
     DirectOptions,
     FlinkRunnerOptions,
     GoogleCloudOptions,
+    HadoopFileSystemOptions,
     PipelineOptions,
+    S3Options,
     SetupOptions,
     StandardOptions,
     TestOptions,
@@ -354,7 +358,8 @@ def worker_package_path(options: PipelineOptions) -> Iterator[None]:
 
     They are started with this process's environment; PYTHONPATH is put back
     afterwards so that an export run in-process leaves its caller's environment alone.
-    They also ignore a terminal's Ctrl-C, which only the launcher handles (pipeline.running.local_workers).
+    They also ignore a terminal's Ctrl-C, which only the launcher handles (pipeline.running.local_workers),
+    stopping them first.
     """
     if (
         local_runner(options) is None
@@ -368,13 +373,43 @@ def worker_package_path(options: PipelineOptions) -> Iterator[None]:
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, *paths]))
     try:
-        with local_workers.ignoring_ctrl_c(), local_workers.late_workers_stopped():
+        with (
+            local_workers.ignoring_ctrl_c(filesystem_options(options)),
+            local_workers.late_workers_stopped(),
+            local_workers.interrupt_stops_workers(),
+        ):
             yield
     finally:
         if before is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = before
+
+
+# The options Beam's filesystems take (an S3 endpoint and keys, a Google service account to impersonate,
+# an Azure connection string, an HDFS host), which local worker processes need as the launcher does.
+_FILESYSTEM_OPTIONS = (S3Options, GoogleCloudOptions, AzureOptions, HadoopFileSystemOptions)
+# Dataflow's service options: `enable_google_cloud_profiler` makes Beam's worker main start a profiler
+# for a Dataflow job id that a local worker has not (a KeyError as it starts).
+_NOT_FOR_WORKERS = frozenset({"dataflow_service_options"})
+
+
+def filesystem_options(options: PipelineOptions) -> dict[str, object]:
+    """The filesystem options of `options` that were given ({name: value}), for local worker processes.
+
+    Only these: the workers' other behaviour (logging, profiling, experiments) stays as it was.
+    """
+    names: set[str] = set()
+    for view in _FILESYSTEM_OPTIONS:
+        parser = argparse.ArgumentParser()
+        view._add_argparse_args(parser)  # How Beam lists a view's options.
+        names.update(action.dest for action in parser._actions)
+    given = options.get_all_options(drop_default=True)
+    return {
+        name: value
+        for name, value in given.items()
+        if name in names and name not in _NOT_FOR_WORKERS and value is not None
+    }
 
 
 def split_bytes_for(options: PipelineOptions, total_bytes: int) -> int:

@@ -10,12 +10,16 @@ module by module took each worker 1.5-2 s of CPU, for which the launcher waited
 at the end of every run. A worker whose main raises ends as before (a traceback, status 1).
 """
 
+import logging
 import sys
 
 from apache_beam.runners.worker import sdk_worker_main
 
 
 def main() -> None:
+    # Beam's worker main logs its pipeline options at INFO, the filesystems' credentials the launcher
+    # gives its workers (`local_workers.ignoring_ctrl_c`) included: a library user's INFO log showed them.
+    logging.getLogger(sdk_worker_main.__name__).setLevel(logging.WARNING)
     sdk_worker_main.main(sys.argv)
     from pipeline.run import _leave
 
