@@ -32,6 +32,16 @@ def _and_of_masks(masks: typing.Sequence[typing.Any]) -> typing.Any:
     return merged
 
 
+def _folded(
+    operation: typing.Callable[[typing.Any, typing.Any], typing.Any], inputs: typing.Sequence[typing.Any]
+) -> typing.Any:
+    """`operation` applied from the left over every input, at every step (masked ones too, as in Keras 2)."""
+    output = inputs[0]
+    for value in inputs[1:]:
+        output = operation(output, value)
+    return output
+
+
 class _Keras2Merge:
     """Keras 2's masking for an elementwise merge layer (mixed into Keras 3's layer class)."""
 
@@ -61,10 +71,7 @@ class Multiply(_Keras2Merge, keras.layers.Multiply):
     """`keras.layers.Multiply` with Keras 2's output mask and values (the product at masked steps too)."""
 
     def _merge_function(self, inputs: typing.Sequence[typing.Any]) -> typing.Any:
-        output = inputs[0]
-        for value in inputs[1:]:
-            output = ops.multiply(output, value)
-        return output
+        return _folded(ops.multiply, inputs)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE, name="Maximum")
@@ -72,10 +79,7 @@ class Maximum(_Keras2Merge, keras.layers.Maximum):
     """`keras.layers.Maximum` with Keras 2's output mask and values (the maximum at masked steps too)."""
 
     def _merge_function(self, inputs: typing.Sequence[typing.Any]) -> typing.Any:
-        output = inputs[0]
-        for value in inputs[1:]:
-            output = ops.maximum(output, value)
-        return output
+        return _folded(ops.maximum, inputs)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE, name="Minimum")
@@ -83,10 +87,7 @@ class Minimum(_Keras2Merge, keras.layers.Minimum):
     """`keras.layers.Minimum` with Keras 2's output mask and values (the minimum at masked steps too)."""
 
     def _merge_function(self, inputs: typing.Sequence[typing.Any]) -> typing.Any:
-        output = inputs[0]
-        for value in inputs[1:]:
-            output = ops.minimum(output, value)
-        return output
+        return _folded(ops.minimum, inputs)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE, name="Concatenate")

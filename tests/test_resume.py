@@ -7,16 +7,19 @@ Arrow tables sorted by id (every column, every bit), dead letters as tables
 sorted by place, and the manifests' counts whole.
 """
 
+import contextlib
 import dataclasses
 import errno
 import glob
 import json
 import logging
 import os
+import pathlib
 import shutil
 import signal
 import sys
 import uuid
+from collections.abc import Iterator
 
 import forkserver
 import numpy as np
@@ -445,6 +448,22 @@ _REWRITES = {
 }
 
 
+@contextlib.contextmanager
+def _rewritten_in_place(corpus: str, tmp_path: pathlib.Path, old: str, new: str) -> Iterator[None]:
+    """The corpus with `old` replaced by `new`, at the same path, size and time; put back after."""
+    saved = str(tmp_path / "corpus.jsonl")
+    shutil.copy2(corpus, saved)
+    stat = os.stat(corpus)
+    try:
+        with open(saved, encoding="utf-8") as handle, open(corpus, "w", encoding="utf-8") as out:
+            out.write(handle.read().replace(old, new))
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        yield
+    finally:
+        shutil.copy2(saved, corpus)
+        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 # With two worker processes, a changed kept field is refused by the same worker code as changed
 # text (SkipKeptFn compares the row keys, raising the same error): text stands for both there.
 @pytest.mark.parametrize(
@@ -462,20 +481,9 @@ def test_a_corpus_rewritten_with_the_same_size_and_time_is_not_resumed(
     """tar, cp -p, touch -r: the listing is the same, the texts are not: rows of old text were kept."""
     output = str(tmp_path / "out")
     shutil.copytree(killed, output)
-    rewritten = str(tmp_path / "corpus.jsonl")
-    shutil.copy2(corpus, rewritten)
-    with open(rewritten, encoding="utf-8") as handle:
-        text = handle.read()
-    stat = os.stat(corpus)
-    try:
-        # The same bytes but other words, the same size and modification time, at the same path.
-        with open(corpus, "w", encoding="utf-8") as handle:
-            handle.write(text.replace(old, new))
-        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # The same bytes but other words, the same size and modification time, at the same path.
+    with _rewritten_in_place(corpus, tmp_path, old, new):
         code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS, *processes])
-    finally:
-        shutil.copy2(rewritten, corpus)
-        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     # Worker processes' stderr included: a worker's refusal printed its tracebacks first.
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -512,17 +520,8 @@ def test_a_resume_on_a_job_server_without_committed_counters(
         assert main(argv) == EXIT_ACCOUNTING_UNVERIFIED
         assert state_lib.read_manifest(output)["resumed"] and rows(output).equals(rows(reference))
         return
-    rewritten = str(tmp_path / "corpus.jsonl")
-    shutil.copy2(corpus, rewritten)
-    stat = os.stat(corpus)
-    try:
-        with open(rewritten, encoding="utf-8") as handle, open(corpus, "w", encoding="utf-8") as out:
-            out.write(handle.read().replace('"id": "doc', '"id": "dox'))
-        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with _rewritten_in_place(corpus, tmp_path, '"id": "doc', '"id": "dox'):
         code = main(argv)
-    finally:
-        shutil.copy2(rewritten, corpus)
-        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == EXIT_CONFIG_ERROR and len(lines) == 1, lines
     assert "corpus changed since the interrupted run" in lines[0] and ", only 0 have" in lines[0]
@@ -550,17 +549,8 @@ def test_a_kept_row_whose_id_is_gone_is_refused_though_a_retried_bundle_doubles_
         return counters_lib.RunCounters(values, False)
 
     monkeypatch.setattr(export_lib, "read_counters", retried)
-    rewritten = str(tmp_path / "corpus.jsonl")
-    shutil.copy2(corpus, rewritten)
-    stat = os.stat(corpus)
-    try:
-        with open(rewritten, encoding="utf-8") as handle, open(corpus, "w", encoding="utf-8") as out:
-            out.write(handle.read().replace(f'"id": "{gone}"', f'"id": "{gone.replace("doc", "dox")}"'))
-        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with _rewritten_in_place(corpus, tmp_path, f'"id": "{gone}"', f'"id": "{gone.replace("doc", "dox")}"'):
         code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
-    finally:
-        shutil.copy2(rewritten, corpus)
-        os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == EXIT_CONFIG_ERROR and len(lines) == 1, lines
     assert "corpus changed since the interrupted run" in lines[0] and ", only " in lines[0]
