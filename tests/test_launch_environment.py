@@ -121,6 +121,26 @@ def test_a_models_package_in_the_working_directory_is_named_in_one_line(command,
     ]
 
 
+@pytest.mark.parametrize(
+    ("command", "how"),
+    [
+        ("pipeline.run", {"PYTHONOPTIMIZE": "2"}),
+        ("pipeline.inspect", {"PYTHONOPTIMIZE": "2"}),
+        ("pipeline.vocabulary", {"PYTHONOPTIMIZE": "2"}),
+        ("pipeline.analyze", {}),  # `python -OO`
+    ],
+)
+def test_stripped_docstrings_are_one_error_line(command, how, tmp_path):
+    """Beam's import reads pandas' docstrings: under -OO every command was an AttributeError traceback."""
+    done = _fresh([*([] if how else ["-OO"]), "-m", command, "--help"], str(tmp_path), **how)
+    assert done.returncode == 2
+    fix = "unset PYTHONOPTIMIZE (or set it to 1)" if how else "run python without -OO"
+    assert done.stderr.splitlines() == [
+        "error: Python runs with its docstrings stripped (PYTHONOPTIMIZE=2 or python -OO), and Apache Beam "
+        f"cannot be imported so (it reads pandas' docstrings as it loads); {fix} and run the command again."
+    ]
+
+
 @pytest.mark.parametrize("command", ["pipeline.run", "pipeline.inspect", "pipeline.vocabulary"])
 def test_a_folder_of_model_files_named_models_is_no_package_in_the_way(command, tmp_path):
     """A project's `models/` folder holding model files (no __init__.py) was refused as another
