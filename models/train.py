@@ -67,7 +67,8 @@ def read_jsonl(path: str) -> list[Record]:
         ValueError: a line is not a JSON object, or the file is not UTF-8; naming the file and line.
     """
     documents: list[Record] = []
-    if not os.path.isfile(path):
+    # A pipe (`--corpus <(zcat corpus.jsonl.gz)`) is read as a file.
+    if os.path.isdir(path) or not os.path.exists(path):
         what = "is a directory" if os.path.isdir(path) else "does not exist"
         raise ValueError(f"--corpus {path!r} {what}; give it a JSONL file, one JSON object a line.")
     # utf-8-sig: a byte-order mark at the start is dropped, as the export's corpus reader drops it.

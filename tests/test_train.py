@@ -258,6 +258,27 @@ def test_a_corpus_train_cannot_read_is_one_error_line(corpus, message, tmp_path,
     assert not (tmp_path / "bundle").exists()
 
 
+def test_a_corpus_given_as_a_pipe_is_read(small_corpus, tmp_path):
+    """`--corpus <(zcat corpus.jsonl.gz)`: the refusal of a corpus that is no file must not refuse a pipe."""
+    import threading
+
+    corpus, _ = small_corpus
+    pipe = tmp_path / "corpus.fifo"
+    os.mkfifo(pipe)
+
+    def feed():
+        with open(corpus, "rb") as source, open(pipe, "wb") as sink:
+            sink.write(source.read())
+
+    feeder = threading.Thread(target=feed, daemon=True)  # a refusal never opens the pipe: no hang
+    feeder.start()
+    try:
+        assert main(["--corpus", str(pipe), "--output", str(tmp_path / "bundle"), *TINY_ARGS]) == 0
+    finally:
+        feeder.join(timeout=60)
+    assert load_bundle(str(tmp_path / "bundle")).manifest["training"]["corpus"] == "corpus.fifo"
+
+
 def test_the_help_needs_no_docstring(monkeypatch, capsys):
     """`python -OO` strips docstrings: `__doc__.split` was an AttributeError traceback (Keras imports so)."""
     monkeypatch.setattr(train_module, "__doc__", None)
