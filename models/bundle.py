@@ -193,8 +193,17 @@ def check_replaceable(directory: str) -> None:
     """Refuses a bundle target whose replacement would destroy something that is not a bundle.
 
     Raises:
-        BundleError: `directory` is a file or a link, or holds files other than a bundle's.
+        BundleError: `directory` is empty (it would stand for the working directory), holds the
+            working directory, is a file or a link, or holds files other than a bundle's.
     """
+    if not directory.strip():
+        # os.path.abspath("") is the working directory: the swap would put the bundle in its place.
+        raise BundleError("the bundle directory is empty (an unset shell variable?); give a new directory.")
+    if os.path.isdir(directory) and _holds_working_directory(directory):
+        raise BundleError(
+            f"{directory!r} is the working directory or holds it, which replacing by a bundle would remove "
+            "from under the shell; choose a new directory, e.g. a subdirectory of it."
+        )
     if os.path.islink(directory) or (os.path.lexists(directory) and not os.path.isdir(directory)):
         raise BundleError(
             f"{directory!r} is a file or a link, not a bundle directory; choose a new directory to write."
@@ -208,6 +217,15 @@ def check_replaceable(directory: str) -> None:
             f"{directory!r} holds files that are not a model bundle's{named}, which writing a bundle "
             "there would destroy; choose a new or empty directory."
         )
+
+
+def _holds_working_directory(directory: str) -> bool:
+    try:
+        here = os.path.realpath(os.getcwd())
+    except FileNotFoundError:  # A removed working directory is held by nothing.
+        return False
+    there = os.path.realpath(directory)
+    return here == there or here.startswith(there.rstrip(os.sep) + os.sep)
 
 
 def is_bundle(path: str) -> bool:

@@ -120,6 +120,22 @@ def repeated_message(repeated: Sequence[str]) -> str:
     )
 
 
+def without_switch_values(message: str) -> str:
+    """argparse's error `message`, told how to pass a switch when it was given a value (`--overwrite=False`).
+
+    argparse says only "argument --overwrite: ignored explicit argument 'False'", which
+    reads as if the value were ignored and the run went on.
+    """
+    flag, found, value = message.removeprefix("argument ").partition(": ignored explicit argument ")
+    if not found:
+        return message
+    value = value.rstrip(".").removeprefix("'").removesuffix("'")  # argparse quotes it as repr() does
+    return (
+        f"{flag}={value}: {flag} is a switch and takes no value; give {flag} alone to turn it on, or "
+        "leave it out to keep it off"
+    )
+
+
 class CommandParser(argparse.ArgumentParser):
     """An `argparse.ArgumentParser` that takes no abbreviated flags and no repeated one-value flag,
     and refuses in one `error:` line.
@@ -144,6 +160,7 @@ class CommandParser(argparse.ArgumentParser):
             if arg.startswith("-") and (match := difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1))
         ]
         hint = f"; {', '.join(close)}" if close else ""
+        message = without_switch_values(message)
         self.exit(2, f"error: {message.rstrip('.')}{hint}. `{self.prog} --help` explains each flag.\n")
 
     def parse_known_args(  # type: ignore[override]  # typeshed's overloads; the behaviour is argparse's

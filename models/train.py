@@ -67,6 +67,10 @@ def read_jsonl(path: str) -> list[Record]:
         ValueError: a line is not a JSON object, or the file is not UTF-8; naming the file and line.
     """
     documents: list[Record] = []
+    # A pipe (`--corpus <(zcat corpus.jsonl.gz)`) is read as a file.
+    if os.path.isdir(path) or not os.path.exists(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ValueError(f"--corpus {path!r} {what}; give it a JSONL file, one JSON object a line.")
     # utf-8-sig: a byte-order mark at the start is dropped, as the export's corpus reader drops it.
     with open(path, encoding="utf-8-sig") as handle:
         try:
@@ -88,6 +92,10 @@ def read_jsonl(path: str) -> list[Record]:
                 documents.append(document)
         except UnicodeDecodeError as error:
             raise ValueError(f"--corpus {path} is not UTF-8 text ({error}); save it as UTF-8.") from None
+    if not documents:
+        raise ValueError(
+            f"--corpus {path!r} holds no documents; give it a JSONL file, one JSON object a line."
+        )
     return documents
 
 
@@ -145,6 +153,15 @@ def train(args: argparse.Namespace) -> Manifest:
         missing = sum(1 for document in documents if field not in document)
         if missing:
             raise ValueError(f"{missing} documents of {args.corpus} have no field {field!r}.")
+    for flag, field in (("--content_field", args.content_field), ("--title_field", args.title_field)):
+        # The tokenizer reads text: a null, a number or a list was a TypeError traceback.
+        not_text = [document for document in documents if not isinstance(document[field], str)]
+        if not_text:
+            raise ValueError(
+                f"{len(not_text)} documents of {args.corpus} hold no text in {flag} {field!r} (the first, "
+                f"id {not_text[0].get(args.id_field)!r}, holds {json.dumps(not_text[0][field])[:40]}); "
+                "give each document a string there, or drop those documents."
+            )
     binary_classes = _labels(documents, args.binary_label)
     if len(binary_classes) != 2:
         raise ValueError(f"--binary_label {args.binary_label!r} must have 2 values; it has {binary_classes}.")
@@ -255,7 +272,8 @@ def train(args: argparse.Namespace) -> Manifest:
 # or asks for more memory than any machine has. The model's sizes stay within what fits;
 # the ones that fit alone but not together are caught when the model is built (`main`).
 INTEGER_FLAGS: dict[str, tuple[int, int]] = {
-    "vocabulary_size": (1, 1_000_000),
+    # Ids 0 and 1 are padding and out-of-vocabulary: a vocabulary needs one token more.
+    "vocabulary_size": (3, 1_000_000),
     "embedding_dim": (1, 100_000),
     "lstm_units": (1, 100_000),
     "content_length": (1, 100_000),
@@ -287,7 +305,7 @@ def _integer_in(flag: str) -> typing.Callable[[str], int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The training flags (`--help` lists them)."""
-    parser = CommandParser(prog="python -m models.train", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m models.train", description=(__doc__ or "").split("\n")[0])
     parser.add_argument(
         "--topology",
         choices=architectures.TOPOLOGIES,
@@ -350,14 +368,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _empty_flag(paths: dict[str, str]) -> str | None:
+    """Why the first of `paths` (flag -> value) given empty or blank cannot be used, else None.
+
+    An unset shell variable (`--output "$BUNDLE"`): os.path.abspath("") is the working
+    directory, which the bundle's swap would have replaced after the whole training.
+    """
+    for flag, value in paths.items():
+        if not value.strip():
+            what = "a new bundle directory" if flag == "--output" else "a JSONL file, or leave the flag out"
+            return f"{flag} is empty (an unset shell variable?); give it {what}."
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m models.train`: trains and writes the bundle; returns the exit status.
 
     A flag, corpus or output that cannot work is one `error:` line and status 2.
     """
     args = parse_args(argv)
-    refused = removed_working_directory() or unexpanded_home(
-        {"--corpus": args.corpus, "--output": args.output}
+    refused = (
+        removed_working_directory()
+        or _empty_flag({"--output": args.output, "--corpus": args.corpus})
+        or unexpanded_home({"--corpus": args.corpus, "--output": args.output})
     )
     if refused:
         print(f"error: {refused}", file=sys.stderr)

@@ -51,6 +51,25 @@ def _import_ours(ours: str) -> None:
         raise
 
 
+def _refuse_stripped_docstrings() -> None:
+    """Stops in one line under `python -OO` or PYTHONOPTIMIZE=2, where Apache Beam cannot be imported.
+
+    Beam's `textio` builds its docstrings from pandas' while it is imported: with docstrings
+    stripped, every command died on an AttributeError traceback ('NoneType' ... 'split').
+    """
+    if sys.flags.optimize < 2:
+        return
+    from_environment = os.environ.get("PYTHONOPTIMIZE")
+    how = "unset PYTHONOPTIMIZE (or set it to 1)" if from_environment else "run python without -OO"
+    sys.stderr.write(
+        "error: Python runs with its docstrings stripped (PYTHONOPTIMIZE=2 or python -OO), and Apache Beam "
+        f"cannot be imported so (it reads pandas' docstrings as it loads); {how} and run the command again.\n"
+    )
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+_refuse_stripped_docstrings()
 _refuse_a_foreign_models_package()
 
 import models  # noqa: E402, F401  Before anything imports Keras: pins its backend, keeps matplotlib out.

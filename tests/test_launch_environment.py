@@ -73,6 +73,20 @@ def test_a_flag_value_that_is_not_utf8_is_refused_in_the_equals_form(tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
+def test_a_utf8_name_that_python_read_as_ascii_is_told_how_to_run(tmp_path, monkeypatch, capsys):
+    """`PYTHONUTF8=0 LC_ALL=C`: Python decodes a UTF-8 `café.jsonl` as ASCII (surrogate escapes),
+    which was refused as "not UTF-8 text (a file or folder name in another encoding, such as Latin-1)"."""
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "ascii")
+    name = "café.jsonl".encode().decode("ascii", "surrogateescape")
+    assert main(["--input", str(tmp_path / name), "--output", str(tmp_path / "out")]) == EXIT_CONFIG_ERROR
+    line = _one_error_line(capsys)
+    assert line.startswith(
+        f"error: --input {ascii(str(tmp_path / 'café.jsonl'))} is UTF-8, but Python reads"
+    ), line
+    assert line.endswith("run the command with PYTHONUTF8=1 (or LC_ALL=C.UTF-8).")
+    assert os.listdir(tmp_path) == []
+
+
 def _fresh(args: list[str], cwd: str, **environment: str) -> subprocess.CompletedProcess:
     """`python ARGS` in a new interpreter (not the test's, which has Keras and TensorFlow loaded)."""
     env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME", "PYTHONPATH")}
@@ -118,6 +132,26 @@ def test_a_models_package_in_the_working_directory_is_named_in_one_line(command,
         f"({ours}): the current directory (first on Python's path with `python -m`) or "
         "PYTHONPATH holds another 'models' package. Run the command from another directory, or "
         "rename that package (or take its folder off PYTHONPATH)."
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "how"),
+    [
+        ("pipeline.run", {"PYTHONOPTIMIZE": "2"}),
+        ("pipeline.inspect", {"PYTHONOPTIMIZE": "2"}),
+        ("pipeline.vocabulary", {"PYTHONOPTIMIZE": "2"}),
+        ("pipeline.analyze", {}),  # `python -OO`
+    ],
+)
+def test_stripped_docstrings_are_one_error_line(command, how, tmp_path):
+    """Beam's import reads pandas' docstrings: under -OO every command was an AttributeError traceback."""
+    done = _fresh([*([] if how else ["-OO"]), "-m", command, "--help"], str(tmp_path), **how)
+    assert done.returncode == 2
+    fix = "unset PYTHONOPTIMIZE (or set it to 1)" if how else "run python without -OO"
+    assert done.stderr.splitlines() == [
+        "error: Python runs with its docstrings stripped (PYTHONOPTIMIZE=2 or python -OO), and Apache Beam "
+        f"cannot be imported so (it reads pandas' docstrings as it loads); {fix} and run the command again."
     ]
 
 

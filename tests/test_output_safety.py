@@ -788,7 +788,11 @@ def test_misspelled_flags_are_errors_with_a_suggestion(typo, suggestion, tmp_pat
     [
         (["--pooling", "NONE"], "argument --pooling: invalid choice: 'NONE' (choose from"),
         (["--dtype=fp16"], "argument --dtype: invalid choice"),
-        (["--overwrite=false"], "argument --overwrite: ignored explicit argument 'false'"),
+        # argparse's "argument --overwrite: ignored explicit argument 'false'" read as if the run went on.
+        (
+            ["--overwrite=false"],
+            "--overwrite=false: --overwrite is a switch and takes no value; give --overwrite",
+        ),
         (["--output", "out", "--limit"], "argument --limit: expected one argument"),
     ],
 )
@@ -853,6 +857,14 @@ def test_a_one_value_flag_given_twice_with_different_values_is_refused(flags, na
     assert ("glob pattern" in message) == (named == "--input")
 
 
+@pytest.mark.parametrize("model", ["", " "])
+def test_an_empty_model_is_named_empty_as_the_other_commands_do(model, tmp_path, capsys):
+    """`--model "$MODEL"` with $MODEL unset said "--model '' does not exist"."""
+    message = "error: --model is empty (an unset shell variable?); give it a model bundle or file, or leave"
+    _refused(capsys, [f"--model={model}", "--output", str(tmp_path / "out")], message)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -885,6 +897,17 @@ def test_a_double_dash_is_named_alone(flags, message, tmp_path, capsys, monkeypa
         ("models.train", ["--output", "{a}", "--over"], "unrecognized arguments: --over"),
         ("pipeline.inspect", ["{a}", "--layers", "emb"], "--layers (did you mean --layer?)"),
         ("pipeline.analyze", ["{a}", "neighbors", "--id", "x", "-k", "inf"], "argument -k: invalid int"),
+        # argparse said "argument --overwrite: ignored explicit argument 'False'", as if the run went on.
+        (
+            "pipeline.vocabulary",
+            ["--output", "{a}", "--overwrite=no"],
+            "error: --overwrite=no: --overwrite is a switch and takes no value; give --overwrite alone",
+        ),
+        (
+            "models.train",
+            ["--output", "{a}", "--overwrite=False"],
+            "error: --overwrite=False: --overwrite is",
+        ),
     ],
 )
 def test_the_other_commands_refuse_abbreviated_and_repeated_flags(command, flags, message, tmp_path, capsys):

@@ -357,6 +357,16 @@ def test_the_summarys_read_lines_call_the_runs_own_python_when_path_has_another(
         assert result.returncode == 0 and "row-b" in result.stdout, (line, result.stderr[-2000:])
 
 
+def test_the_summary_shows_an_output_name_holding_a_newline_escaped(tmp_path):
+    """`--output $'a\\nb'` printed its `output` line over two lines, the second one without its label."""
+    from pipeline.running.report import ExportSummary, format_summary
+
+    output = str(tmp_path / "a\nb\tc")
+    lines = format_summary(ExportSummary(output, 2, 2, 0, {}, 0, 0, 1.0, 0, "")).splitlines()
+    assert f"  output           {output!r}" in lines
+    assert not [line for line in lines if line.startswith("b")]
+
+
 def _run_read_line(line, cwd=None):
     """Runs a summary's `python -c ...` read line as bash runs it, pasted (in `cwd`); the CompletedProcess."""
     import shlex

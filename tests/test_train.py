@@ -6,10 +6,11 @@ import os
 
 import numpy as np
 import pytest
-from pipeline_fixtures import DEFAULT_LAYERS
+from pipeline_fixtures import DEFAULT_LAYERS, write_jsonl
 from sizes import LENGTHS, SIZES
 
 from models import architectures
+from models import train as train_module
 from models.bundle import load_bundle
 from models.tokenizer import Tokenizer
 from models.train import EXIT_CONFIG_ERROR, SAMPLE_CORPUS, is_held_out, main, read_jsonl
@@ -173,7 +174,9 @@ def test_train_needs_an_output_and_never_defaults_to_the_shipped_bundle(capsys):
         ("--lstm_units", "100001", " from 1 to 100,000, received 100,001"),
         ("--content_length", str(2**63), " from 1 to 100,000, received 9,223,372,036,854,775,808"),
         ("--title_length", "0", " from 1 to 100,000, received 0"),
-        ("--vocabulary_size", "1000001", " from 1 to 1,000,000, received 1,000,001"),
+        ("--vocabulary_size", "1000001", " from 3 to 1,000,000, received 1,000,001"),
+        # Ids 0 and 1 are padding and out-of-vocabulary: "vocabulary_size must be at least 3", without `--`.
+        ("--vocabulary_size", "2", " from 3 to 1,000,000, received 2"),
         ("--epochs", "-1", " from 1 to 100,000, received -1"),
         ("--seed", str(2**32), " from 0 to 4,294,967,295, received 4,294,967,296"),
         ("--batch_size", "inf", ", received 'inf'"),
@@ -202,6 +205,87 @@ def test_sizes_within_their_ranges_that_do_not_fit_in_memory_together_are_one_er
         "error: the model does not fit in memory (--vocabulary_size 1,000,000 x --embedding_dim 100,000"
     )
     assert not output.exists()
+
+
+@pytest.mark.parametrize(("output", "mine"), [("", True), (" ", True), (".", False)])
+def test_an_empty_output_or_the_working_directory_is_refused_and_nothing_in_it_touched(
+    output, mine, small_corpus, tmp_path, monkeypatch, capsys
+):
+    """`--output "$UNSET"`: os.path.abspath("") is the working directory, which the bundle's swap
+    replaced after the whole training, deleting every file in it (`.`: an empty one, from under the shell)."""
+    corpus, _ = small_corpus
+    here = tmp_path / "work"
+    here.mkdir()
+    if mine:
+        (here / "notes.txt").write_text("the user's own notes")
+    monkeypatch.chdir(here)
+    assert main(["--corpus", corpus, "--output", output, *TINY_ARGS]) == EXIT_CONFIG_ERROR
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --output is empty" if mine else "error: '.' is the working directory")
+    assert sorted(os.listdir(here)) == (["notes.txt"] if mine else [])
+    assert os.path.samefile(os.getcwd(), here)
+
+
+@pytest.mark.parametrize(
+    ("corpus", "message"),
+    [
+        ("", "--corpus is empty (an unset shell variable?); give it a JSONL file"),
+        ("folder", "is a directory; give it a JSONL file"),
+        ("nosuch.jsonl", "does not exist; give it a JSONL file"),
+        ("empty.jsonl", "holds no documents; give it a JSONL file"),
+        ("null_content.jsonl", "hold no text in --content_field 'content' (the first, id 'd0', holds null)"),
+        (
+            "list_title.jsonl",
+            """hold no text in --title_field 'title' (the first, id 'd0', holds ["a", "b"])""",
+        ),
+    ],
+)
+def test_a_corpus_train_cannot_read_is_one_error_line(corpus, message, tmp_path, monkeypatch, capsys):
+    """A null, number or list content was a TypeError traceback; a missing or folder corpus a raw
+    errno; an empty one blamed on --binary_label."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for name, field, value in (("null_content", "content", None), ("list_title", "title", ["a", "b"])):
+        documents = [
+            {"id": f"d{i}", "content": "a b", "title": "t", "kind": i % 2, "topic": "x"} for i in range(4)
+        ]
+        documents[0][field] = value
+        write_jsonl(tmp_path / f"{name}.jsonl", documents)
+    assert main(["--corpus", corpus, "--output", "bundle", *TINY_ARGS]) == EXIT_CONFIG_ERROR
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and message in line and "Errno" not in line, line
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_a_corpus_given_as_a_pipe_is_read(small_corpus, tmp_path):
+    """`--corpus <(zcat corpus.jsonl.gz)`: the refusal of a corpus that is no file must not refuse a pipe."""
+    import threading
+
+    corpus, _ = small_corpus
+    pipe = tmp_path / "corpus.fifo"
+    os.mkfifo(pipe)
+
+    def feed():
+        with open(corpus, "rb") as source, open(pipe, "wb") as sink:
+            sink.write(source.read())
+
+    feeder = threading.Thread(target=feed, daemon=True)  # a refusal never opens the pipe: no hang
+    feeder.start()
+    try:
+        assert main(["--corpus", str(pipe), "--output", str(tmp_path / "bundle"), *TINY_ARGS]) == 0
+    finally:
+        feeder.join(timeout=60)
+    assert load_bundle(str(tmp_path / "bundle")).manifest["training"]["corpus"] == "corpus.fifo"
+
+
+def test_the_help_needs_no_docstring(monkeypatch, capsys):
+    """`python -OO` strips docstrings: `__doc__.split` was an AttributeError traceback (Keras imports so)."""
+    monkeypatch.setattr(train_module, "__doc__", None)
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    assert "--vocabulary_size" in capsys.readouterr().out
 
 
 def test_train_never_replaces_a_users_files(small_corpus, tmp_path, capsys):

@@ -88,11 +88,13 @@ def check_numeric_flags(options: ExportOptions) -> None:
 
 
 def check_not_empty(options: ExportOptions) -> None:
-    """Refuses an empty --output, --reuse or --tokenizer (an unset shell variable), which read as not given.
+    """Refuses an empty --model, --output, --reuse or --tokenizer (an unset shell variable).
 
     Raises:
         ExportConfigError: naming the flag.
     """
+    # --model '' was "--model '' does not exist", where pipeline.vocabulary says it is empty.
+    check_flag_not_empty("--model", options.model, what="a model bundle or file")
     for flag in ("output", "reuse"):
         check_flag_not_empty(f"--{flag}", getattr(options, flag))
     check_flag_not_empty("--tokenizer", options.tokenizer, what=TOKENIZER_VALUE)
@@ -157,7 +159,26 @@ def check_text_arguments(argv: Sequence[str], paths: Mapping[str, str] = {}) -> 
             _refuse_name(flag, path)
 
 
+def _utf8_read_as_ascii(value: str) -> bool:
+    """Whether `value` is UTF-8 that Python decoded as ASCII: the C locale with PYTHONUTF8=0."""
+    if sys.getfilesystemencoding().lower().replace("-", "") == "utf8":
+        return False
+    try:
+        value.encode(sys.getfilesystemencoding(), "surrogateescape").decode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return False
+    return True
+
+
 def _refuse_name(flag: str, value: str) -> typing.NoReturn:
+    if _utf8_read_as_ascii(value):
+        # The name is right; Python's reading of it is not (PEP 538/540 turned off).
+        shown = value.encode(sys.getfilesystemencoding(), "surrogateescape").decode("utf-8")
+        raise ExportConfigError(
+            f"{flag} {ascii(shown)} is UTF-8, but Python reads names as {sys.getfilesystemencoding()} here "
+            "(the C or POSIX locale with PYTHONUTF8=0), so the manifest and Parquet metadata could not "
+            "record it; run the command with PYTHONUTF8=1 (or LC_ALL=C.UTF-8)."
+        )
     glob = (
         ", or match the file with a glob pattern such as 'DIR/*.jsonl' (the names of the files a "
         "pattern lists are recorded escaped)"

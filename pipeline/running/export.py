@@ -21,7 +21,12 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult
 
-from models.command_line import join_negative_numbers, parse_recording_repeats, repeated_message
+from models.command_line import (
+    join_negative_numbers,
+    parse_recording_repeats,
+    repeated_message,
+    without_switch_values,
+)
 from pipeline.errors import (
     EXIT_ACCOUNTING_UNVERIFIED,
     EXIT_OK,
@@ -214,7 +219,7 @@ def check_known_flags(argv: Sequence[str] | None) -> None:
 
     def refuse(message: str) -> typing.NoReturn:
         # argparse's own error() prints Beam's whole usage (some 140 lines) above its one line.
-        raise ExportConfigError(f"{message}. {_help_for(message)}.")
+        raise ExportConfigError(f"{without_switch_values(message)}. {_help_for(message)}.")
 
     parser.error = refuse  # type: ignore[method-assign]  # argparse's documented way to change it is a subclass
     argv = sys.argv[1:] if argv is None else list(argv)

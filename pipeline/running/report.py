@@ -189,7 +189,8 @@ def format_summary(summary: ExportSummary) -> str:
             for field in summary.kept_fields_never_found
         ),
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
-        f"  output           {output}",
+        # A newline or tab in the name, printed raw, split the line or hid what the name is.
+        f"  output           {output if output.isprintable() else repr(output)}",
         # Single-quoted for the shell: a $, ` or \\ in the path reaches Python as it is.
         f"  read it with     {python} -c {shlex.quote(duckdb_code)}",
         f"               or {python} -c {shlex.quote(pandas_code)}",
