@@ -332,6 +332,28 @@ def check_out_file(path: str, overwrite: bool) -> str:
     return resolved
 
 
+def check_out_is_not_queries(out: str, queries: str) -> None:
+    """Refuses a batch --out that is the --queries file itself: the answer would replace the queries.
+
+    "already exists; pass --overwrite" would lead the user to destroy their input, so this comes first.
+    """
+    if not (is_local(out) and is_local(queries)):
+        return
+    paths = [
+        urllib.parse.unquote(urllib.parse.urlsplit(p).path) if p.startswith("file:") else p
+        for p in (out, queries)
+    ]
+    try:
+        same = os.path.samefile(paths[0], paths[1])
+    except OSError:  # One of them does not exist (yet): nothing to replace.
+        return
+    if same:
+        raise AnalysisError(
+            f"--out {out!r} is the --queries file: the answer would replace the queries; "
+            "choose another --out."
+        )
+
+
 def _check_remote_out_path(path: str) -> str:
     """Refuses an object-store --out that names a bucket or has an empty part (`s3://b//f`); returns
     its bucket.  Beam's S3 client retries a bucket's root for minutes; pyarrow cannot upload either."""
@@ -426,6 +448,8 @@ def run_command(args: argparse.Namespace) -> str:
     """Runs the parsed command; returns the text to print."""
     out = ""
     if args.command == "plot" or (args.command == "neighbors" and args.queries is not None):
+        if args.command == "neighbors":
+            check_out_is_not_queries(args.out, args.queries)
         # Before any row is read: a path that cannot be written fails now, not after the work.
         out = check_out_file(args.out, args.overwrite)
         if args.command == "plot":

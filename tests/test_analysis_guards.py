@@ -1561,6 +1561,22 @@ def test_an_empty_queries_file_of_vectors_is_an_empty_answer(tmp_path, capsys):
     assert pq.read_table(out).num_rows == 0
 
 
+def test_a_batch_out_that_is_the_queries_file_is_refused_and_the_queries_kept(tmp_path, capsys):
+    """`--queries q.parquet --out q.parquet` said "already exists; pass --overwrite", and with it the
+    answer replaced the user's queries file; the same file through a link too."""
+    export = write_export(str(tmp_path / "e"), random_columns(10))
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"id": ["d001", "d002"]}), queries)
+    before = queries.read_bytes()
+    (tmp_path / "link.parquet").symlink_to(queries)
+    for out, flags in ((queries, []), (queries, ["--overwrite"]), (f"file://{queries}", ["--overwrite"])):
+        argv = [export, "neighbors", "--queries", str(tmp_path / "link.parquet"), "--out", str(out), *flags]
+        assert analyze.main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and "is the --queries file" in err[0], err
+    assert queries.read_bytes() == before
+
+
 def test_queries_files_as_other_tools_write_them_are_answered(tmp_path, capsys):
     """A BINARY id column (Hive, Impala, older Spark) made every id "b'd001'", which no row has; a
     pandas frame of integer lists (list<int64>) was "neither a vector column nor an id column"; and
