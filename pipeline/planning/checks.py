@@ -159,21 +159,21 @@ def check_text_arguments(argv: Sequence[str], paths: Mapping[str, str] = {}) -> 
             _refuse_name(flag, path)
 
 
-def _utf8_read_as_ascii(value: str) -> bool:
-    """Whether `value` is UTF-8 that Python decoded as ASCII: the C locale with PYTHONUTF8=0."""
+def _utf8_read_as_ascii(value: str) -> str | None:
+    """The name `value` is, where it is UTF-8 that Python decoded as ASCII (the C locale with
+    PYTHONUTF8=0); else None."""
     if sys.getfilesystemencoding().lower().replace("-", "") == "utf8":
-        return False
+        return None
     try:
-        value.encode(sys.getfilesystemencoding(), "surrogateescape").decode("utf-8")
+        return value.encode(sys.getfilesystemencoding(), "surrogateescape").decode("utf-8")
     except (UnicodeDecodeError, UnicodeEncodeError):
-        return False
-    return True
+        return None
 
 
 def _refuse_name(flag: str, value: str) -> typing.NoReturn:
-    if _utf8_read_as_ascii(value):
+    shown = _utf8_read_as_ascii(value)
+    if shown is not None:
         # The name is right; Python's reading of it is not (PEP 538/540 turned off).
-        shown = value.encode(sys.getfilesystemencoding(), "surrogateescape").decode("utf-8")
         raise ExportConfigError(
             f"{flag} {ascii(shown)} is UTF-8, but Python reads names as {sys.getfilesystemencoding()} here "
             "(the C or POSIX locale with PYTHONUTF8=0), so the manifest and Parquet metadata could not "

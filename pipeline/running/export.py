@@ -389,8 +389,8 @@ def _recovered_export(
         return None
     counts = manifest.get("counts") or {}
     dead = counts.get("dead_letters", 0)
-    counted = counts.get("records_read") or counts.get("rows_written", 0) + dead
-    if counted and dead / counted > max_error_fraction:
+    records = counts.get("records_read") or counts.get("rows_written", 0) + dead
+    if records and dead / records > max_error_fraction:
         return None
     resumed = manifest.get("resumed") or {}
     _LOGGER.warning(
@@ -402,7 +402,7 @@ def _recovered_export(
         output=plan.output,
         records_read=counts.get("records_read"),
         rows_written=counts.get("rows_written", 0),
-        dead_letters=counts.get("dead_letters", 0),
+        dead_letters=dead,
         errors_by_reason=counts.get("dead_letters_by_reason", {}),
         truncated=counts.get("documents_truncated", 0),
         oov_tokens=counts.get("oov_tokens", 0),
