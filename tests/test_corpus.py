@@ -387,6 +387,23 @@ def test_a_dos_end_of_file_mark_right_after_the_last_record_is_no_part_of_it(inp
     assert [item.texts for item in items] == [("x",), ("y",)]
 
 
+@pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
+def test_a_dos_end_of_file_mark_starting_a_joined_files_first_line_is_no_part_of_it(input_format):
+    """`copy /b a+b` of DOS files: a's closing Ctrl-Z, which no newline follows, starts b's first line. That
+    record was a malformed_json 'Expecting value', a CSV row of id '\\x1ab' (b's header a row of id
+    '\\x1aid'), or a text row starting with the mark; a line of nothing but marks stays its dead letter."""
+    data = {
+        "text": b"x\r\n\x1a" + text_lines.BOM + b"y\r\n\x1a\x1a\r\n",
+        "jsonl": b'{"id": "a", "content": "x"}\r\n\x1a{"id": "b", "content": "y"}\r\n\x1a\x1a\r\n',
+        "csv": b"id,content\r\na,x\r\n\x1aid,content\r\n\x1a\x1ab,y\r\n\x1a\r\n",
+    }[input_format]
+    items = _read(_plan(input_format, field="text" if input_format == "text" else "content"), data)
+    summary = [item.texts if isinstance(item, Document) else item["reason"] for item in items]
+    joined = ["repeated_header"] if input_format == "csv" else []
+    assert summary == [("x",), *joined, ("y",), "empty_record"]
+    assert [item.id for item in items if isinstance(item, Document)][-1] in ("b", "corpus:2")
+
+
 def test_compressed_data_whose_bytes_look_like_utf16_is_told_by_its_magic_number():
     """Binary data holds NULs: a zip of a UTF-16 file must be told zip data, not UTF-16 to convert."""
     (item,) = _read(_plan("jsonl"), b"PK\x03\x04" + "stored member".encode("utf-16-le"), path="c.jsonl")

@@ -25,7 +25,13 @@ from pipeline.reading.documents import (
     too_large,
     with_note,
 )
-from pipeline.reading.text_lines import SKIP_CHUNK, ByteStream, control_bytes, wide_line_row
+from pipeline.reading.text_lines import (
+    SKIP_CHUNK,
+    ByteStream,
+    control_bytes,
+    wide_line_row,
+    without_joining_marks,
+)
 from pipeline.writing import schema as schema_lib
 from pipeline.writing.schema import (
     AMBIGUOUS_HEADER,
@@ -95,12 +101,17 @@ class _CsvLines:
         if not line:
             self.ended_inside = True
             raise StopIteration
-        if not self.lines and line.startswith("\ufeff"):
-            # A byte-order mark starting a record is a joined file's (`cat a.csv b.csv`), no part of it:
-            # left there it would start the id ("\ufeffb1"), which then no other record of b1 matches.
-            line = line[1:]
-            if not queued and not line.endswith("\n"):  # The mark took a character of the read's room.
-                line += self._text.readline(1)
+        if not self.lines and line.startswith(("\ufeff", "\x1a")):
+            # A byte-order mark or DOS's Ctrl-Z starting a record is a joined file's (`cat a.csv b.csv`,
+            # `copy /b a.csv+b.csv`; `text_lines.without_joining_marks`), no part of it: left there it would
+            # start the id ("\ufeffb1"), which then no other record of b1 matches, or b's header ("\x1aid").
+            data = line.encode("utf-8", "surrogateescape")
+            kept = without_joining_marks(data)
+            if len(kept) < len(data):
+                marks = len(line) - len(kept.decode("utf-8", "surrogateescape"))
+                line = line[marks:]
+                if not queued and not line.endswith("\n"):  # The marks took characters of the read's room.
+                    line += self._text.readline(marks)
         if line.endswith("\x1a") and len(line) < self._limit + 2 and line.strip("\x1a"):
             # DOS's end-of-file mark right after the last record, which no line end follows (a line the read
             # limit cut would be longer): no part of it (`text_lines.DOS_END_OF_FILE`).

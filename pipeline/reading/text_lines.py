@@ -350,6 +350,22 @@ DOS_END_OF_FILE_MESSAGE = (
 )
 
 
+def without_joining_marks(line: bytes) -> bytes:
+    """`line` without the marks that joining files leaves at its start: a byte-order mark (`cat a.txt b.txt`
+    of files saved with one), DOS's end-of-file marks (`copy /b a.txt+b.txt` of DOS files: a's closing
+    Ctrl-Z, which no newline follows, starts b's first line), or both. Neither is part of the record.
+
+    A line of nothing but Ctrl-Z (and its line end) keeps them: it is its own dead letter (`wide_line_row`).
+    """
+    if line.startswith(BOM):
+        line = line[len(BOM) :]
+    if line.startswith(DOS_END_OF_FILE) and line.strip(DOS_END_OF_FILE + b"\r\n"):
+        line = line.lstrip(DOS_END_OF_FILE)
+        if line.startswith(BOM):
+            line = line[len(BOM) :]
+    return line
+
+
 def wide_line_row(
     source: str, number: int, controls: int, size: int, raw: str | bytes, line: bytes
 ) -> schema_lib.ErrorRow | None:
@@ -568,8 +584,7 @@ def line_records(
             check_encoding(line + _next_byte(stream))
         cut = len(line) == want and not line.endswith(b"\n")
         consumed = len(line)
-        if line.startswith(BOM):
-            line = line[len(BOM) :]
+        line = without_joining_marks(line)
         if not cut and line.endswith(DOS_END_OF_FILE) and line.strip(DOS_END_OF_FILE):
             # DOS's end-of-file mark right after the last record (`copy /a`): no part of it (a JSON object
             # would not parse); a line of nothing but the mark is its own dead letter (`wide_line_row`).
