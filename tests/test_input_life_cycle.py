@@ -217,7 +217,7 @@ def test_a_file_truncated_while_it_is_read_ends_in_a_read_error_where_it_broke(
 def test_a_csv_file_truncated_while_it_is_read_ends_in_a_read_error(
     tmp_path, tiny_bundle, monkeypatch, capsys
 ):
-    """CSV is read whole: the check after its last record finds the file shorter than listed."""
+    """CSV is read whole, to the size the launch listed: its data ending before that size breaks it there."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     lines = ["id,content,title\r\n"] + [f"doc-{i:04d},word1 word2,word3\r\n" for i in range(400)]
@@ -231,7 +231,7 @@ def test_a_csv_file_truncated_while_it_is_read_ends_in_a_read_error(
     assert _ids(tmp_path / "out") == [f"doc-{i:04d}" for i in range(200)]
     dead = _dead(tmp_path / "out")
     assert list(dead) == [("big.csv", 201)] and dead["big.csv", 201]["reason"] == "read_error"
-    assert "changed after the launch listed it" in dead["big.csv", 201]["message"]
+    assert f"the data ends at byte {cut}" in dead["big.csv", 201]["message"]
     _check_counts(tmp_path / "out", broken=1)
 
 
@@ -253,6 +253,71 @@ def test_a_range_that_ends_before_its_listed_end_is_a_read_error():
     assert items[4]["reason"] == "read_error" and items[4]["position"] == 5
     # The listed size reached: nothing more.
     assert len(list(corpus.read_records(plan, "f.jsonl", lambda: io.BytesIO(data), size=len(data)))) == 4
+
+
+@pytest.mark.parametrize("input_format", ["text", "jsonl", "csv"])
+def test_a_file_cut_inside_a_record_while_it_is_read_makes_no_row_of_part_of_it(tmp_path, input_format):
+    """A file cut mid-line after its check before reading (a writer's crash, `logrotate copytruncate`): the
+    cut line was a row of part of its text ('third line ', a CSV 'second li'), and the read_error named the
+    record after it; a line that runs past the listed end (appended to after a last line without newline)
+    was read with the new bytes."""
+    import contextlib
+    import functools
+    import types
+
+    from pipeline.planning.plan import InputInfo
+    from pipeline.reading import corpus, listing
+    from pipeline.reading.documents import Document
+
+    field = "text" if input_format == "text" else "content"
+    plan = types.SimpleNamespace(
+        input_format=input_format,
+        max_record_bytes=1000,
+        id_field="id",
+        keep_fields=(),
+        inputs=(InputInfo("content", field, 8),),
+        tokenizes=True,
+    )
+    records = {
+        "text": ["first line of text", "second line of text", "third line of text"],
+        "jsonl": [json.dumps({"id": f"d{i}", "content": "some words"}) + "  " for i in range(3)],
+        "csv": ["id,content", "a,first line", "b,second line", "c,third line"],
+    }[input_format]
+    path = tmp_path / f"c.{input_format}"
+    data = "".join(line + "\n" for line in records).encode()
+
+    def read(cut, grown=b""):
+        path.write_bytes(data if grown else data[:-1])  # the listed file: a last line without newline
+        (listed,), _ = listing.list_input(str(path))
+
+        @contextlib.contextmanager
+        def open_then_change():
+            with open(path, "rb") as handle:
+                if cut:
+                    os.truncate(path, cut)
+                else:
+                    path.write_bytes(data[:-1] + grown)
+                yield handle
+
+        splittable = corpus.is_splittable(input_format, str(path))
+        read = corpus.read_records(
+            plan,
+            str(path),
+            open_then_change,
+            claim=(lambda offset: offset < listed.size) if splittable else None,
+            verify=functools.partial(listing.check_unchanged, listed),
+            size=listed.size,
+        )
+        return [
+            item.texts[0] if isinstance(item, Document) else (item["position"], item["reason"])
+            for _, item in read
+        ]
+
+    # Records 1 and 2 are whole; record 3, the last, is cut (or grown).
+    whole = {"jsonl": ["some words"] * 2, "csv": ["first line", "second line"]}.get(input_format, records[:2])
+    assert read(len(data) - 6) == [*whole, (3, "read_error")]
+    if input_format != "csv":  # a file read whole is read to its listed size only (above)
+        assert read(0, grown=b" and more\n") == [*whole, (3, "read_error")]
 
 
 def test_symlinked_directories_are_followed_as_the_shell_does(tmp_path, tiny_bundle, capsys):

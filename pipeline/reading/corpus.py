@@ -32,6 +32,7 @@ from pipeline.reading.text_lines import (
     PARQUET_MAGIC,
     ByteStream,
     Claim,
+    InputShorter,
     LineRange,
     LinesBefore,
     check_start,
@@ -97,7 +98,9 @@ class _ListedBytes(io.RawIOBase):
 
     A file read whole (CSV, gzip) appended to while it is read would otherwise yield
     records the launch never listed, which the id scan never saw (their duplicate ids
-    included). The check after the read (`verify`) then finds the file changed.
+    included). The check after the read (`verify`) then finds the file changed. Data that
+    ends before `size` (a file cut while it is read) raises `InputShorter` there, so the
+    record it cut is the read error's, not a row of part of it.
     """
 
     def __init__(self, stream: typing.BinaryIO, size: int) -> None:
@@ -112,6 +115,11 @@ class _ListedBytes(io.RawIOBase):
         if remaining <= 0:
             return 0
         data = self._stream.read(min(len(buffer), remaining))
+        if not data:
+            # Cut while it was read: the record being read is not whole, so no row may be made of it.
+            raise InputShorter(
+                f"the data ends at byte {self._position}, but the launch listed {self._size} bytes"
+            )
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)

@@ -527,6 +527,32 @@ class InputShorter(Exception):
     """A file, or range of one, ended before the size the launch listed: it was cut while it was read."""
 
 
+class InputLonger(Exception):
+    """A line of a file ran past the size the launch listed: the file was appended to while it was read."""
+
+
+def _check_listed_end(number: int, ended: int, newline: bool, listed_size: int) -> None:
+    """Raises for line `number`, read up to byte `ended`, when it is not a line of the file as listed.
+
+    Such a line was cut by the end of the data before the listed size (no newline ends it), or runs
+    past that size: a row of it would be part of a record, or one the launch never listed, so the
+    read breaks there instead, and that line is the first record not read.
+
+    Raises:
+        InputShorter: the data ended inside the line.
+        InputLonger: the line runs past the listed end.
+    """
+    if ended < listed_size and not newline:
+        raise InputShorter(
+            f"the data ends at byte {ended}, inside line {number}, but the launch listed {listed_size} bytes"
+        )
+    if ended > listed_size:
+        raise InputLonger(
+            f"line {number} runs past byte {listed_size}, the end the launch listed: the file was appended "
+            "to while it was read"
+        )
+
+
 def _skip_line(stream: ByteStream) -> tuple[int, bytes]:
     """Reads to the end of the current line without keeping it: (bytes skipped, last chunk read)."""
     skipped, chunk = 0, b""
@@ -597,6 +623,8 @@ def line_records(
         size -= len(end) - len(end.rstrip(b"\r\n"))
         if on_newline is not None and end.endswith(b"\n"):
             on_newline(offset + consumed - 1)
+        if listed_size is not None:
+            _check_listed_end(number, offset + consumed, end.endswith(b"\n"), listed_size)
         item: Record
         # The only line of a file starts it, and nothing follows it.
         only_line = offset == 0 and (not end.endswith(b"\n") or _at_end(stream))
