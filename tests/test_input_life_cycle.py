@@ -118,6 +118,8 @@ def test_files_deleted_truncated_or_rewritten_after_launch_are_dead_letters(
     listed_size = os.path.getsize(corpus / "c.jsonl")
     _write(corpus / "d.jsonl", [f"swapped-{i}" for i in range(3)])
     _write(corpus / "e.jsonl", [f"piped-{i}" for i in range(3)])
+    _write(corpus / "f.jsonl", [f"same-{i}" for i in range(2)])
+    kept_time = os.stat(corpus / "f.jsonl")
 
     def change():
         os.remove(corpus / "b.jsonl")
@@ -128,6 +130,10 @@ def test_files_deleted_truncated_or_rewritten_after_launch_are_dead_letters(
         os.utime(corpus / "d.jsonl", (stat.st_atime, stat.st_mtime + 10))
         os.remove(corpus / "e.jsonl")
         os.mkfifo(corpus / "e.jsonl")  # opening it would block the reader forever
+        # Rewritten to the same size with its time kept (cp -p, rsync -t, touch -r): the id scan and the
+        # read pass could see two files, and an id two rows.
+        _write(corpus / "f.jsonl", ["kept-0", "kept-1"])
+        os.utime(corpus / "f.jsonl", ns=(kept_time.st_atime_ns, kept_time.st_mtime_ns))
 
     _after_listing(monkeypatch, change)
     watchdog = _unblock_later(corpus / "e.jsonl")
@@ -147,13 +153,15 @@ def test_files_deleted_truncated_or_rewritten_after_launch_are_dead_letters(
         ("c.jsonl", None): "unreadable_file",
         ("d.jsonl", None): "unreadable_file",
         ("e.jsonl", None): "unreadable_file",
+        ("f.jsonl", None): "unreadable_file",
     }
     assert "named pipe" in dead["e.jsonl", None]["message"]
+    assert "status change time is not" in dead["f.jsonl", None]["message"]
     assert "no longer exists" in dead["b.jsonl", None]["message"]
     assert f"listed {listed_size} bytes" in dead["c.jsonl", None]["message"]
     assert "now 10 bytes" in dead["c.jsonl", None]["message"]
     assert "changed after the launch listed it" in dead["d.jsonl", None]["message"]
-    _check_counts(tmp_path / "out", broken=4)
+    _check_counts(tmp_path / "out", broken=5)
 
 
 def _cut_while_reading(monkeypatch, path, keep_bytes, on_open):

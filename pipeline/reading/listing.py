@@ -2,9 +2,9 @@
 
 The launch listing is the corpus of the run: workers read exactly these files
 (no second listing at run time), and before and after reading a file or range
-of it they check that it still has the listed size and modification time, so a
-file truncated, replaced or deleted after launch becomes a dead letter instead
-of silently missing records.
+of it they check that it still has the listed size and modification time (and,
+locally, status change time), so a file truncated, replaced, rewritten or deleted
+after launch becomes a dead letter instead of silently missing or mixed records.
 
 Local patterns follow symbolic links to directories, as the shell and Python's
 `glob` do, with Beam's pattern meaning (`*` stays in a directory, `**` spans
@@ -50,6 +50,10 @@ class InputFile(typing.NamedTuple):
     # points, and why (the file is dead-lettered as unreadable).
     link_target: str | None = None
     problem: str = "which does not exist"
+    # A local file's status change time (st_ctime_ns), which the kernel sets on every write, rename,
+    # utime and chmod: a rewrite that keeps the size and modification time (cp -p, rsync -t, touch -r)
+    # changes it. None on object stores, whose last update time is per write.
+    changed_ns: int | None = None
 
 
 class UnreadableDirectory(OSError):
@@ -150,7 +154,7 @@ def _local_entry(path: str) -> InputFile | NonRegularFile:
         return InputFile(path, 0, None, target, problem)
     if not stat.S_ISREG(status.st_mode):
         return NonRegularFile(path, file_kind(status.st_mode))
-    return InputFile(path, status.st_size, status.st_mtime)
+    return InputFile(path, status.st_size, status.st_mtime, changed_ns=status.st_ctime_ns)
 
 
 def _zero_directory_variants(pattern: str) -> list[str]:
@@ -233,8 +237,10 @@ def _describe(size: int, mtime: float | None) -> str:
 def check_unchanged(listed: InputFile) -> None:
     """Raises `InputChanged` unless the file is still a regular file of the listed size and time.
 
-    Local files are checked with one `stat`; object stores with one metadata
-    request (size and last update time, which a new generation changes).
+    Local files are checked with one `stat` (their status change time too: a rewrite that
+    kept the size and modification time would have the scan and the read see two files);
+    object stores with one metadata request (size and last update time, which a new
+    generation changes).
     """
     if listed.link_target is not None:
         raise InputChanged(f"Symbolic link to {listed.link_target!r}, {listed.problem}.")
@@ -246,6 +252,16 @@ def check_unchanged(listed: InputFile) -> None:
         if not stat.S_ISREG(status.st_mode):
             raise InputChanged(f"{listed.path} is now {file_kind(status.st_mode)}, no longer a regular file.")
         size, mtime = status.st_size, status.st_mtime
+        if (
+            size == listed.size
+            and mtime == listed.mtime
+            and listed.changed_ns not in (None, status.st_ctime_ns)
+        ):
+            raise InputChanged(
+                f"{listed.path} changed after the launch listed it: its size and modification time are as "
+                "listed, but its status change time is not (rewritten with its time kept, as cp -p, rsync -t "
+                "or touch -r do, or its permissions or links changed); rerun to read it as it is now."
+            )
     else:
         try:
             metadata = FileSystems.get_filesystem(listed.path).metadata(listed.path)

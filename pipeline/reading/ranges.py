@@ -41,12 +41,14 @@ class FileRange(typing.NamedTuple):
     mtime: float | None = None
     link_target: str | None = None
     problem: str = ""
+    # The listing's status change time of a local file (`listing.InputFile.changed_ns`).
+    changed_ns: int | None = None
 
     @property
     def listed(self) -> listing.InputFile:
         """The file as the launch listed it, which the reader checks it still is."""
         if self.link_target is None:
-            return listing.InputFile(self.path, self.size, self.mtime)
+            return listing.InputFile(self.path, self.size, self.mtime, changed_ns=self.changed_ns)
         return listing.InputFile(self.path, self.size, self.mtime, self.link_target, self.problem)
 
 
@@ -61,12 +63,14 @@ class SplitFilesFn(beam.DoFn):
         path, size = listed.path, listed.size
         # A link to nothing is read whole, so that reading it makes its dead letter.
         if listed.link_target is not None or not corpus.is_splittable(self._plan.input_format, path):
-            yield FileRange(path, size, 0, 1, False, listed.mtime, listed.link_target, listed.problem)
+            yield FileRange(
+                path, size, 0, 1, False, listed.mtime, listed.link_target, listed.problem, listed.changed_ns
+            )
             return
         pieces = max(1, -(-size // self._split_bytes))
         bounds = [size * piece // pieces for piece in range(pieces + 1)]
         for start, stop in zip(bounds, bounds[1:], strict=False):
-            yield FileRange(path, size, start, stop, True, listed.mtime)
+            yield FileRange(path, size, start, stop, True, listed.mtime, changed_ns=listed.changed_ns)
 
 
 class FileRangeRestrictions(RestrictionProvider):
