@@ -419,6 +419,25 @@ def test_utf8_text_with_nuls_here_and_there_is_read():
     assert [item.position for item in items if isinstance(item, Document)] == [1, 2, 3, 4, 5, 6, 7]
 
 
+@pytest.mark.parametrize("input_format", ["text", "csv"])
+def test_a_short_utf8_line_with_a_stray_nul_is_text(input_format):
+    """One stray NUL in a line of a word or two was a quarter of its 'high bytes' read as UTF-16LE, and the
+    \r put back for an odd line another control byte: 'and\x00then', 'fox\x00', a CSV row 'b,x\x00y' were
+    invalid_utf8 dead letters calling them UTF-16LE text. Appended UTF-16LE of two letters stays one."""
+    first = "id,content\na,first line\n" if input_format == "csv" else "first line\n"
+    lines = [b"and\x00then", b"fox\x00", b"brown\x00\x00", b"x\x00y", b"over the\x00"]
+    if input_format == "csv":
+        lines = [b"b,x\x00y", b"c,fox\x00", b"d,a\x00b", b"e,and\x00then"]
+    items = _read(_plan(input_format), first.encode() + b"".join(line + b"\n" for line in lines))
+    assert all(isinstance(item, Document) for item in items), _summary(items)
+    assert [item.texts[0].encode() for item in items[1:]] == [line.split(b",")[-1] for line in lines]
+    items = _read(
+        _plan(input_format),
+        first.encode() + ("b,ok\r\n" if input_format == "csv" else "ok\n").encode("utf-16-le"),
+    )
+    assert not isinstance(items[-1], Document) and "UTF-16LE" in items[-1]["message"]
+
+
 def test_utf16_whose_first_character_is_nul_is_not_told_utf32():
     """FF FE, then U+0000 as 00 00, starts as UTF-32LE's mark does: it was told to convert with
     `iconv -f UTF-32LE`, which makes garbage of UTF-16."""

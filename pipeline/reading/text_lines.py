@@ -293,13 +293,15 @@ def utf16_line(line: bytes) -> bool:
 
     Such a line starts with the NUL ending the previous line's newline (0A 00), the first one of all
     (right after the last UTF-8 line) has a NUL or other C0 control byte as the high byte of a quarter
-    of its code units or more, a NUL among them (ASCII, spaces and digits between CJK; Devanagari's tab),
-    or ends with the CR unit 0D 00 (a Windows line end); and it decodes to text (`utf16_text`). UTF-8
-    text does neither: a stray NUL in it is read as text. A first line of CJK alone, ended by 0A 00,
-    holds no NUL: it is read as UTF-8 (mostly invalid_utf8).
+    of its code units or more, two NULs among them (ASCII, spaces and digits between CJK; Devanagari's
+    tab), or ends with the CR unit 0D 00 (a Windows line end); and it decodes to text (`utf16_text`).
+    UTF-8 text does neither: a stray NUL in it is read as text, in a short line too (where one NUL is a
+    quarter of the high bytes, and the \r put back below would be another control byte). A first line of
+    CJK alone, ended by 0A 00, holds no NUL: it is read as UTF-8 (mostly invalid_utf8).
     """
     if b"\x00" not in line:
         return False
+    own = line
     if len(line) % 2 != (line[0] == 0):
         line += b"\r"  # Taking off the \n took the 0x0D before it: a last character's high byte.
     if len(line) % 2:
@@ -308,7 +310,7 @@ def utf16_line(line: bytes) -> bool:
         body = line[1:]
     else:
         body = line
-        if not line.endswith(b"\r\x00") and not _wide_units(line, "utf-16-le"):
+        if not line.endswith(b"\r\x00") and not (_wide_units(own, "utf-16-le") and own[1::2].count(0) >= 2):
             return False
     return utf16_text(body, "utf-16-le")
 
