@@ -642,6 +642,21 @@ def test_the_header_of_a_joined_file_spelt_otherwise_or_with_other_columns_is_no
     assert _summary(_read(_plan("csv"), b"id,content\r\nID,one\r\n")) == [(1, ("one",))]
 
 
+def test_a_csv_row_holding_the_field_names_as_values_is_a_row_not_a_header():
+    """Under 'id,f1,content' the record 'b,id,content' was taken for a joined file's header with other
+    columns: a repeated_header, and every later row read by it ('c,y,two' got the id 'y'), exit 0. A joined
+    header of as many other columns has a column's name in the id's column ('content,id,kind'): still one."""
+    data = b"id,f1,content\r\na,x,one\r\nb,id,content\r\nc,y,two\r\n"
+    items = _read(_plan("csv"), data)
+    assert [(item.id, item.texts) for item in items] == [
+        ("a", ("one",)),
+        ("b", ("content",)),
+        ("c", ("two",)),
+    ]
+    items = _read(_plan("csv"), b"id,content,topic\r\na,one,t\r\ncontent,id,kind\r\ntwo,b,k\r\n")
+    assert _summary(items) == [(1, ("one",)), (2, "repeated_header"), (3, ("two",))] and items[2].id == "b"
+
+
 def test_a_byte_order_mark_starting_a_later_csv_record_is_dropped():
     """Joined files saved with a mark: the next file's first id was "\\ufeffb1", which no later record
     of b1 matched as its duplicate."""

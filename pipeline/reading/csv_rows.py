@@ -289,7 +289,8 @@ def _joined_header(
 
     Such a row is the header again in any order, or spelt otherwise (case, spaces: "ID, Content") or with
     other columns, naming the fields of the id and of a model input: a record holds those names as its
-    values by no chance. Read as a record, it was a row whose id is the id column's name (or, with another
+    values by no chance, unless it has as many fields as the header and its id is no column's name
+    (`_names_in_id_column`). Read as a record, it was a row whose id is the id column's name (or, with another
     column count, every row of that file a `wrong_field_count`). The rows after it are read by its names,
     each spelt as the header in force spells it, so that each field comes from its own column.
     """
@@ -308,12 +309,27 @@ def _joined_header(
         how = "spelt otherwise"
     elif sorted(spelt) == sorted(header):
         how = "in another order"
+    elif len(values) == len(header) and not _names_in_id_column(plan, header, values):
+        return None  # A record that holds those names as values: its id is no column's name.
     else:
         how = f"with other columns ({len(values)}; the header before it has {len(header)})"
     return spelt, (
         f"The row repeats the header {how}: {_JOINED}, and the rows after it are read by its order; join the "
         "files with a tool that matches columns by name (e.g. csvstack)."
     )
+
+
+def _names_in_id_column(plan: ExportPlan, header: Sequence[str], values: Sequence[str]) -> bool:
+    """Whether a row of as many fields as `header` holds a column's name (the header's, or a field the export
+    reads; case and spaces aside) in the id's column, as a header with other columns does.
+
+    A record holding the id field's and a model input's names as its values (`b,id,content` under
+    `id,f1,content`) has its own id there: read as a header, it would give every later row a wrong id.
+    """
+    if plan.id_field not in header:
+        return True  # No row of this header has an id: nothing is misread by taking it for one.
+    value = values[list(header).index(plan.id_field)].strip().casefold()
+    return value in {name.strip().casefold() for name in (*header, *read_fields(plan))}
 
 
 def _spelt_as(plan: ExportPlan, header: Sequence[str], values: Sequence[str]) -> list[str] | None:
