@@ -419,6 +419,20 @@ def test_utf8_text_with_nuls_here_and_there_is_read():
     assert [item.position for item in items if isinstance(item, Document)] == [1, 2, 3, 4, 5, 6, 7]
 
 
+@pytest.mark.parametrize("codec", ["utf-32-le", "utf-32-be"])
+def test_utf32_lines_after_utf8_ones_name_utf32_to_convert_from(codec):
+    """`cat a.txt b_utf32.txt`: each UTF-32 line was a dead letter saying to convert with iconv -f UTF-16LE,
+    which garbles UTF-32. A later line reads as either byte order: both are named."""
+    items = _read(_plan("text", field="text"), b"first line\n" + "second line\nthe third\n".encode(codec))
+    letters = [item for item in items[1:] if len(item["raw"]) > 4]
+    assert len(letters) == 2 and all(
+        "UTF-16" not in letter["message"].split("(e.g.")[1] for letter in letters
+    )
+    if codec == "utf-32-le":  # Its first line starts with its first letter, no NUL: little endian.
+        assert "iconv -f UTF-32LE -t UTF-8)" in letters[0]["message"]
+    assert all("UTF-32BE" in letter["message"] for letter in letters[1 if codec == "utf-32-le" else 0 :])
+
+
 @pytest.mark.parametrize("input_format", ["text", "csv"])
 def test_a_short_utf8_line_with_a_stray_nul_is_text(input_format):
     """One stray NUL in a line of a word or two was a quarter of its 'high bytes' read as UTF-16LE, and the

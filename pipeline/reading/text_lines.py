@@ -394,17 +394,33 @@ def wide_line_row(
     # 0A 04), so starting with its control high byte: '1^Aa^Ax', one-letter fields between Ctrl-A, is text.
     halves = b"\x00" in line or len(line) % 2 == 0 or line[:1] in CONTROL_BYTES
     if controls >= size * WIDE_LINE_CONTROLS and halves:
+        conversion = f"iconv -f {encoding} -t UTF-8"
+        utf32 = _utf32_line(line)
+        if utf32 is not None:
+            conversion = f"iconv -f {utf32} -t UTF-8" if utf32 else "iconv -f UTF-32LE -t UTF-8, or UTF-32BE"
         message = (
             f"{controls} of the record's {size} bytes are control bytes (NUL and the like): it is UTF-16 or "
             "UTF-32 text (a control byte between the letters: Windows PowerShell's >> appends UTF-16LE to a "
             "file), or zeros where data was never written, not UTF-8. Convert that part of the file to UTF-8 "
-            f"(e.g. iconv -f {encoding} -t UTF-8), or remove the zeros."
+            f"(e.g. {conversion}), or remove the zeros."
         )
     elif big_endian or utf16_line(line):
         message = _utf16_record(encoding)
     else:
         return None
     return schema_lib.error_row(source, number, None, INVALID_UTF8, message, raw)
+
+
+def _utf32_line(line: bytes) -> str | None:
+    """For a line of UTF-32 text cut at its 0A bytes (`wide_encoding` tells UTF-32 by its NULs), iconv's name
+    of its encoding, or "" when its byte order cannot be told; None for any other line.
+
+    The first line of UTF-32LE after UTF-8 ones starts with its first character; any other starts with
+    NULs (UTF-32BE's characters, or the newline before it: 0A 00 00 00) and reads as either byte order.
+    """
+    if len(line) < 4 or not any(wide_encoding(line[start:]) in ("UTF-32LE", "UTF-32BE") for start in (0, 3)):
+        return None
+    return "UTF-32LE" if line[0] else ""
 
 
 def _utf16_record(encoding: str) -> str:
