@@ -437,7 +437,8 @@ def test_utf32_lines_after_utf8_ones_name_utf32_to_convert_from(codec):
 def test_a_short_utf8_line_with_a_stray_nul_is_text(input_format):
     """One stray NUL in a line of a word or two was a quarter of its 'high bytes' read as UTF-16LE, and the
     \r put back for an odd line another control byte: 'and\x00then', 'fox\x00', a CSV row 'b,x\x00y' were
-    invalid_utf8 dead letters calling them UTF-16LE text. Appended UTF-16LE of two letters stays one."""
+    invalid_utf8 dead letters calling them UTF-16LE text. Appended UTF-16LE of two letters stays one, and
+    so does CJK with a space ('你 好' is 60 4F 20 00 7D 59: one NUL, in a space's unit)."""
     first = "id,content\na,first line\n" if input_format == "csv" else "first line\n"
     lines = [b"and\x00then", b"fox\x00", b"brown\x00\x00", b"x\x00y", b"over the\x00"]
     if input_format == "csv":
@@ -450,6 +451,9 @@ def test_a_short_utf8_line_with_a_stray_nul_is_text(input_format):
         first.encode() + ("b,ok\r\n" if input_format == "csv" else "ok\n").encode("utf-16-le"),
     )
     assert not isinstance(items[-1], Document) and "UTF-16LE" in items[-1]["message"]
+    if input_format == "text":
+        items = _read(_plan("text"), first.encode() + "你 好\n".encode("utf-16-le"))
+        assert not isinstance(items[1], Document) and "UTF-16LE" in items[1]["message"]
 
 
 def test_utf16_whose_first_character_is_nul_is_not_told_utf32():

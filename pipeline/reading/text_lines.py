@@ -288,16 +288,33 @@ def unmarked_utf16(head: bytes) -> str | None:
     return None
 
 
+# What a UTF-16LE code unit of NUL high byte is between CJK characters: a space, a digit.
+_SEPARATORS = frozenset(b" 0123456789")
+
+
+def _first_utf16_units(line: bytes) -> bool:
+    """Whether the high bytes of a line of even length (the first past a UTF-8 start: no NUL before it)
+    show UTF-16LE: a quarter or more of them C0 control bytes (`_wide_units`), with two NULs among them or
+    a NUL whose code unit is a space or digit (20 00, 31 00), as between CJK words ('你 好').
+
+    One NUL after a letter is a stray one in UTF-8 text ('and\x00then', 'fox\x00'): a quarter of a short
+    line's high bytes, but neither of those.
+    """
+    nul_units = [line[place] for place in range(0, len(line) - 1, 2) if line[place + 1] == 0]
+    separated = len(nul_units) >= 2 or any(low in _SEPARATORS for low in nul_units)
+    return separated and _wide_units(line, "utf-16-le")
+
+
 def utf16_line(line: bytes) -> bool:
     """Whether a line (without its \\n) of a UTF-8 file is UTF-16LE text appended to it, in any script.
 
     Such a line starts with the NUL ending the previous line's newline (0A 00), the first one of all
-    (right after the last UTF-8 line) has a NUL or other C0 control byte as the high byte of a quarter
-    of its code units or more, two NULs among them (ASCII, spaces and digits between CJK; Devanagari's
-    tab), or ends with the CR unit 0D 00 (a Windows line end); and it decodes to text (`utf16_text`).
-    UTF-8 text does neither: a stray NUL in it is read as text, in a short line too (where one NUL is a
-    quarter of the high bytes, and the \r put back below would be another control byte). A first line of
-    CJK alone, ended by 0A 00, holds no NUL: it is read as UTF-8 (mostly invalid_utf8).
+    (right after the last UTF-8 line) has high bytes that show it (`_first_utf16_units`: ASCII, spaces
+    and digits between CJK; Devanagari's tab), or ends with the CR unit 0D 00 (a Windows line end); and
+    it decodes to text (`utf16_text`). UTF-8 text does neither: a stray NUL in it is read as text, in a
+    short line too (where one NUL is a quarter of the high bytes, and the \r put back below would be
+    another control byte). A first line of CJK alone, ended by 0A 00, holds no NUL: it is read as UTF-8
+    (mostly invalid_utf8).
     """
     if b"\x00" not in line:
         return False
@@ -310,7 +327,7 @@ def utf16_line(line: bytes) -> bool:
         body = line[1:]
     else:
         body = line
-        if not line.endswith(b"\r\x00") and not (_wide_units(own, "utf-16-le") and own[1::2].count(0) >= 2):
+        if not line.endswith(b"\r\x00") and not _first_utf16_units(own):
             return False
     return utf16_text(body, "utf-16-le")
 
