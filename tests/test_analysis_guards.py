@@ -1577,6 +1577,31 @@ def test_a_batch_out_that_is_the_queries_file_is_refused_and_the_queries_kept(tm
     assert queries.read_bytes() == before
 
 
+def test_an_out_that_is_the_data_read_is_refused_and_the_rows_kept(tmp_path, capsys):
+    """OUTPUT_DIR as one .parquet file, or a directory of row files without a manifest (no marker of an
+    export): `--out` naming that file said "already exists; pass --overwrite", and with it the answer
+    replaced the rows it was computed from; a plot inside such a directory was written there too."""
+    single = tmp_path / "vectors.parquet"
+    pq.write_table(pa.table(random_columns(10)), single)
+    unfinished = write_export(str(tmp_path / "unfinished"), random_columns(10), manifest=False)
+    part = os.path.join(unfinished, SHARD)
+    queries = tmp_path / "q.txt"
+    queries.write_text("d001\n", encoding="utf-8")
+    before = {path: sha256(path) for path in (str(single), part)}
+    cases = [
+        [str(single), "neighbors", "--queries", str(queries), "--out", str(single)],
+        [unfinished, "neighbors", "--queries", str(queries), "--out", part],
+        [unfinished, "neighbors", "--queries", str(queries), "--out", f"file://{part}"],
+        [unfinished, "plot", "--out", os.path.join(unfinished, "plot.png")],
+    ]
+    for argv in cases:
+        assert analyze.main([*argv, "--overwrite"]) == 2
+        err = error_line(capsys)
+        assert "the data this command reads" in err and "choose a path outside it" in err, err
+    assert {path: sha256(path) for path in before} == before
+    assert not os.path.exists(os.path.join(unfinished, "plot.png"))
+
+
 def test_queries_files_as_other_tools_write_them_are_answered(tmp_path, capsys):
     """A BINARY id column (Hive, Impala, older Spark) made every id "b'd001'", which no row has; a
     pandas frame of integer lists (list<int64>) was "neither a vector column nor an id column"; and
