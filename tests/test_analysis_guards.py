@@ -1577,6 +1577,39 @@ def test_a_batch_out_that_is_the_queries_file_is_refused_and_the_queries_kept(tm
     assert queries.read_bytes() == before
 
 
+def test_a_batch_query_skips_every_row_of_its_own_id(tmp_path, capsys):
+    """Batch mode excluded only the first row of a query's id: a second row of that id (another tool's
+    export) was the query's own nearest neighbour, through the index and by the exact scan, where
+    `neighbors --id` skips every row of the id."""
+    columns = random_columns(30)
+    vectors = np.stack(columns["v"].to_numpy(zero_copy_only=False))
+    columns["id"][20] = "d010"
+    vectors[20] = vectors[10] + 0.01  # the nearest row to d010's first row, of the same id
+    columns["v"] = pa.array(list(vectors), pa.list_(pa.float32(), 4))
+    export = write_export(str(tmp_path / "e"), columns)
+    queries = tmp_path / "q.txt"
+    queries.write_text("d010\nd011\n", encoding="utf-8")
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    expected = {}
+    for query, first in (("d010", 10), ("d011", 11)):
+        similarities = unit @ unit[first]
+        similarities[[i for i, key in enumerate(columns["id"]) if key == query]] = -np.inf
+        expected[query] = [columns["id"][i] for i in np.argsort(-similarities)[:5]]
+    for label, flags in (("exact", ["--exact"]), ("index", [])):
+        if label == "index":
+            assert analyze.main([export, "index", "--column", "v"]) == 0
+        out = tmp_path / f"{label}.parquet"
+        argv = [export, "neighbors", "--queries", str(queries), "--column", "v", "-k", "5", "--out", str(out)]
+        assert analyze.main([*argv, *flags]) == 0, capsys.readouterr().err
+        answer = pq.read_table(out).to_pylist()
+        assert not [row for row in answer if row["problem"]], answer
+        for query in ("d010", "d011"):
+            found = [row["id"] for row in answer if row["query"] == query]
+            assert found == expected[query], (label, query, found)
+        single = find_neighbors(open_documents(export), "d010", "v", 5)[0]
+        assert [n.key for n in single] == expected["d010"]
+
+
 def test_an_out_that_is_the_data_read_is_refused_and_the_rows_kept(tmp_path, capsys):
     """OUTPUT_DIR as one .parquet file, or a directory of row files without a manifest (no marker of an
     export): `--out` naming that file said "already exists; pass --overwrite", and with it the answer

@@ -132,9 +132,25 @@ class LoadedIndex:
         found = pc.index_in(pa.array(keys, pa.string()), value_set=self.keys.column(0), skip_nulls=True)
         return [-1 if p is None else int(p) for p in found.to_pylist()]
 
+    def positions_by_key(self, keys: Sequence[str | None]) -> dict[str, np.ndarray]:
+        """Every position of each of `keys` (a key two rows share has both)."""
+        return positions_by_key(self.keys.column(0), keys)
+
     def take(self, positions: np.ndarray) -> pa.Table:
         """The key and detail columns of the rows at `positions`."""
         return self.keys.take(pa.array(np.asarray(positions, dtype=np.int64)))
+
+
+def positions_by_key(key_column: pa.ChunkedArray, keys: Sequence[str | None]) -> dict[str, np.ndarray]:
+    """Every position of `key_column` holding each of `keys` (nulls left out), in position order."""
+    wanted = pa.array([key for key in dict.fromkeys(keys) if key is not None], pa.string())
+    mask = pc.is_in(key_column, value_set=wanted, skip_nulls=True).fill_null(False)
+    positions = np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))
+    found: dict[str, list[int]] = {key: [] for key in wanted.to_pylist()}
+    keys_found = key_column.take(pa.array(positions, pa.int64())).to_pylist()
+    for position, key in zip(positions.tolist(), keys_found, strict=True):
+        found[str(key)].append(position)
+    return {key: np.asarray(places, dtype=np.int64) for key, places in found.items()}
 
 
 def search_index(
