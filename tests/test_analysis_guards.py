@@ -1645,6 +1645,31 @@ def test_a_batch_query_skips_every_row_of_its_own_id(tmp_path, capsys):
         assert [n.key for n in single] == expected["d010"]
 
 
+def test_the_temporary_file_of_a_killed_answer_is_removed_by_the_next_one(tmp_path, capsys):
+    """An answer killed while written (SIGKILL, the OOM killer) left its `.NAME.XXXXXXXX.tmp` beside --out
+    for good, one more per kill. The next answer to that --out removes the ones nobody holds; one a live
+    command holds (its flock), and a user's file of another name, stay."""
+    import fcntl
+
+    export = write_export(str(tmp_path / "e"), random_columns(10))
+    queries = tmp_path / "q.txt"
+    queries.write_text("d001\n", encoding="utf-8")
+    answers = tmp_path / "answers"
+    answers.mkdir()
+    dead, live, users = (
+        answers / name
+        for name in (".a.parquet.k1ll3d_x.tmp", ".a.parquet.w0rk1ng_.tmp", ".a.parquet.notes.tmp")
+    )
+    for path in (dead, live, users):
+        path.write_bytes(b"PAR1 half an answer")
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        argv = [export, "neighbors", "--queries", str(queries), "--out", str(answers / "a.parquet")]
+        assert analyze.main(argv) == 0, capsys.readouterr().err
+    assert sorted(os.listdir(answers)) == sorted([live.name, users.name, "a.parquet"])
+    assert pq.read_table(answers / "a.parquet").num_rows == 9
+
+
 def test_an_out_that_is_the_data_read_is_refused_and_the_rows_kept(tmp_path, capsys):
     """OUTPUT_DIR as one .parquet file, or a directory of row files without a manifest (no marker of an
     export): `--out` naming that file said "already exists; pass --overwrite", and with it the answer
