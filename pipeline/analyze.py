@@ -589,6 +589,24 @@ def run_command(args: argparse.Namespace) -> str:
     return format_knn_score(column, args.label, score, total)
 
 
+def key_not_utf8(args: argparse.Namespace) -> str | None:
+    """Why the --id or --word given cannot be any row's key (bytes that are not UTF-8: a terminal of
+    another encoding), else None. Parquet keys are UTF-8; pyarrow's comparison was a traceback."""
+    for flag, value in (("--id", getattr(args, "id", None)), ("--word", getattr(args, "word", None))):
+        if value is None:
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            received = value.encode("utf-8", "surrogateescape")
+            return (
+                f"{flag} {received!r} is not UTF-8 text (the terminal passed bytes of another encoding), "
+                "and every id and word of an export is UTF-8: set the terminal to UTF-8 (e.g. "
+                "LANG=C.UTF-8), or put the key in a UTF-8 .txt file and pass it as --queries."
+            )
+    return None
+
+
 def read_failure(args: argparse.Namespace, error: OSError | pa.ArrowException) -> AnalysisError:
     """The one-line error for a file that failed while the command read (or wrote) it.
 
@@ -621,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     paths = {"OUTPUT_DIR": args.directory, "--out": getattr(args, "out", None)}
     paths["--queries"] = getattr(args, "queries", None)
-    refused = removed_working_directory() or unexpanded_home(paths)
+    refused = removed_working_directory() or unexpanded_home(paths) or key_not_utf8(args)
     if refused:
         print(f"error: {refused}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -1670,6 +1670,17 @@ def test_the_temporary_file_of_a_killed_answer_is_removed_by_the_next_one(tmp_pa
     assert pq.read_table(answers / "a.parquet").num_rows == 9
 
 
+@pytest.mark.parametrize("flag", ["--id", "--word"])
+def test_a_key_that_is_not_utf8_is_one_error_line(tmp_path, capsys, flag):
+    """`--id $'caf\\xe9'` from a Latin-1 terminal reaches Python as a lone surrogate: pyarrow's comparison
+    with the ids was a traceback (TypeError by the scan, UnicodeEncodeError by --exact)."""
+    export = write_export(str(tmp_path / "e"), random_columns(10))
+    for flags in ([], ["--exact"]):
+        assert analyze.main([export, "neighbors", flag, "caf\udce9", *flags]) == 2
+        err = error_line(capsys)
+        assert f"{flag} b'caf\\xe9' is not UTF-8 text" in err and "LANG=C.UTF-8" in err, err
+
+
 def test_an_out_that_is_the_data_read_is_refused_and_the_rows_kept(tmp_path, capsys):
     """OUTPUT_DIR as one .parquet file, or a directory of row files without a manifest (no marker of an
     export): `--out` naming that file said "already exists; pass --overwrite", and with it the answer
