@@ -1681,6 +1681,21 @@ def test_a_key_that_is_not_utf8_is_one_error_line(tmp_path, capsys, flag):
         assert f"{flag} b'caf\\xe9' is not UTF-8 text" in err and "LANG=C.UTF-8" in err, err
 
 
+def test_a_per_token_column_with_no_pooled_one_beside_it_says_so(tmp_path, capsys):
+    """--column of a --pooling none (or token ids) column of an export with no pooled column said "Pick
+    a pooled column (none)" (or "pick a vector column (none)"): a choice of nothing."""
+    per_token = pa.array([[[1.0, 0.0]], [[0.0, 1.0], [1.0, 1.0]]], pa.list_(pa.list_(pa.float32(), 2)))
+    token_ids = pa.array([[2, 3], [4]], pa.list_(pa.int32()))
+    export = write_export(str(tmp_path / "e"), {"id": ["a", "b"], "emb": per_token, "ids": token_ids})
+    for column, said in (
+        ("emb", "The export has no pooled column: re-export it"),
+        ("ids", "this directory, or"),
+    ):
+        assert analyze.main([export, "neighbors", "--id", "a", "--column", column]) == 2
+        err = error_line(capsys)
+        assert said in err and "(none)" not in err, err
+
+
 def test_an_out_that_is_the_data_read_is_refused_and_the_rows_kept(tmp_path, capsys):
     """OUTPUT_DIR as one .parquet file, or a directory of row files without a manifest (no marker of an
     export): `--out` naming that file said "already exists; pass --overwrite", and with it the answer
