@@ -354,6 +354,49 @@ def check_out_is_not_queries(out: str, queries: str) -> None:
         )
 
 
+def check_out_is_not_data(out: str, location: str) -> None:
+    """Refuses an --out that is the data the command reads, or inside it: OUTPUT_DIR given as one Parquet
+    file, or a directory read as an export (a directory of row files without a `_MANIFEST.json` has
+    none of the markers `check_out_file` looks for). With --overwrite the answer would replace the rows.
+    """
+    if is_local(out) != is_local(location):
+        return
+    if not is_local(out):
+        base = location.rstrip("/")
+        if out == base or out.startswith(base + "/"):
+            raise AnalysisError(
+                f"--out {out!r} is inside OUTPUT_DIR {location!r}, the data this command reads: "
+                "choose a path outside it."
+            )
+        return
+    out_path, data_path = (
+        urllib.parse.unquote(urllib.parse.urlsplit(p).path) if p.startswith("file:") else p
+        for p in (out, location)
+    )
+    if not out_path or not data_path:
+        return
+    resolved_out = os.path.join(
+        os.path.realpath(os.path.dirname(os.path.abspath(out_path))), os.path.basename(out_path)
+    )
+    resolved_data = os.path.realpath(data_path)
+    holder = resolved_data if os.path.isdir(resolved_data) else os.path.dirname(resolved_data)
+    if any(os.path.lexists(os.path.join(holder, marker)) for marker in (MANIFEST, STAGING, VOCABULARY_FILE)):
+        return  # An export's or vocabulary's directory: `check_out_file` refuses all of it, and says so.
+    if os.path.isdir(resolved_data):
+        inside = resolved_out.startswith(resolved_data.rstrip(os.sep) + os.sep)
+    else:
+        try:
+            inside = os.path.samefile(resolved_out, resolved_data)
+        except OSError:  # --out does not exist (yet), or OUTPUT_DIR does not: nothing read is replaced.
+            inside = False
+    if inside:
+        what = "inside OUTPUT_DIR" if os.path.isdir(resolved_data) else "the OUTPUT_DIR file"
+        raise AnalysisError(
+            f"--out {out!r} is {what} {location!r}, the data this command reads: the answer would "
+            "replace its rows; choose a path outside it."
+        )
+
+
 def _check_remote_out_path(path: str) -> str:
     """Refuses an object-store --out that names a bucket or has an empty part (`s3://b//f`); returns
     its bucket.  Beam's S3 client retries a bucket's root for minutes; pyarrow cannot upload either."""
@@ -450,6 +493,7 @@ def run_command(args: argparse.Namespace) -> str:
     if args.command == "plot" or (args.command == "neighbors" and args.queries is not None):
         if args.command == "neighbors":
             check_out_is_not_queries(args.out, args.queries)
+        check_out_is_not_data(args.out, args.directory)
         # Before any row is read: a path that cannot be written fails now, not after the work.
         out = check_out_file(args.out, args.overwrite)
         if args.command == "plot":
@@ -545,6 +589,24 @@ def run_command(args: argparse.Namespace) -> str:
     return format_knn_score(column, args.label, score, total)
 
 
+def key_not_utf8(args: argparse.Namespace) -> str | None:
+    """Why the --id or --word given cannot be any row's key (bytes that are not UTF-8: a terminal of
+    another encoding), else None. Parquet keys are UTF-8; pyarrow's comparison was a traceback."""
+    for flag, value in (("--id", getattr(args, "id", None)), ("--word", getattr(args, "word", None))):
+        if value is None:
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            received = value.encode("utf-8", "surrogateescape")
+            return (
+                f"{flag} {received!r} is not UTF-8 text (the terminal passed bytes of another encoding), "
+                "and every id and word of an export is UTF-8: set the terminal to UTF-8 (e.g. "
+                "LANG=C.UTF-8), or put the key in a UTF-8 .txt file and pass it as --queries."
+            )
+    return None
+
+
 def read_failure(args: argparse.Namespace, error: OSError | pa.ArrowException) -> AnalysisError:
     """The one-line error for a file that failed while the command read (or wrote) it.
 
@@ -577,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     paths = {"OUTPUT_DIR": args.directory, "--out": getattr(args, "out", None)}
     paths["--queries"] = getattr(args, "queries", None)
-    refused = removed_working_directory() or unexpanded_home(paths)
+    refused = removed_working_directory() or unexpanded_home(paths) or key_not_utf8(args)
     if refused:
         print(f"error: {refused}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

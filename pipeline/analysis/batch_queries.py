@@ -22,7 +22,7 @@ from pipeline.analysis.dataset import (
     vectors_to_numpy,
 )
 from pipeline.analysis.exact import DEFAULT_METRIC, exact_top_k, row_count
-from pipeline.analysis.index_search import LoadedIndex
+from pipeline.analysis.index_search import LoadedIndex, positions_by_key
 from pipeline.analysis.neighbors import DEFAULT_K, display_score
 from pipeline.uris import is_local
 from pipeline.writing.schema import ID_COLUMN, TOKEN_COLUMN, VECTOR_COLUMN
@@ -55,6 +55,8 @@ class _Lookup(Protocol):
     def dim(self) -> int: ...
 
     def first_positions(self, keys: Sequence[str | None]) -> list[int]: ...
+
+    def positions_by_key(self, keys: Sequence[str | None]) -> dict[str, np.ndarray]: ...
 
     def vectors(self, positions: np.ndarray) -> np.ndarray: ...
 
@@ -243,13 +245,17 @@ def batch_neighbors(
     # No query has more neighbours than there are rows: a huge -k allocates nothing for it.
     k = max(1, min(k, loaded.metadata["indexed"] if loaded is not None else row_count(data)))
     problems: list[str | None] = [None] * len(labels)
-    exclude = np.full(len(labels), -1, dtype=np.int64)
+    # Per query, the rows of its own key: every one of them, as `neighbors --id` skips them (an export
+    # of another tool can hold two rows of one id).
+    own: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(labels)
     if ids is not None:
         first = np.asarray(lookup.first_positions(ids), dtype=np.int64)
         usable = np.flatnonzero(first >= 0)
         vectors = np.full((len(ids), lookup.dim), np.nan, dtype=np.float32)
         vectors[usable] = lookup.vectors(first[usable])
-        exclude[usable] = first[usable]
+        by_key = lookup.positions_by_key([ids[place] for place in usable.tolist()])
+        for place in usable.tolist():
+            own[place] = by_key[str(ids[place])]
         for missing in np.flatnonzero(first < 0):
             key = ids[int(missing)]
             problems[missing] = "its id is null" if key is None else f"no row has the key {key!r}"
@@ -278,11 +284,15 @@ def batch_neighbors(
     found = np.full((len(labels), k), -np.inf)
     if len(good):
         if loaded is not None:
-            excluded = [{int(e)} if e >= 0 else set() for e in exclude[good]]
+            excluded = [set(own[place].tolist()) for place in good.tolist()]
             positions[good], found[good] = loaded.search(vectors[good], k, exclude=excluded)
         else:
+            widest = max(1, *(len(own[place]) for place in good.tolist()))
+            exclude = np.full((len(good), widest), -1, dtype=np.int64)
+            for row, place in enumerate(good.tolist()):
+                exclude[row, : len(own[place])] = own[place]
             positions[good], found[good] = exact_top_k(
-                data, column, vectors[good], k, metric, exclude=exclude[good]
+                data, column, vectors[good], k, metric, exclude=exclude
             )
     score_name = {"cos": "similarity", "ip": "dot_product", "l2": "distance"}[metric]
     out: dict[str, list[str | int | float | None]] = {
@@ -311,7 +321,7 @@ def batch_neighbors(
             for c in details:
                 details[c].append(None)
             continue
-        shortfall = _shortfall(loaded, k, len(valid), int(exclude[i]))
+        shortfall = _shortfall(loaded, k, len(valid), own[i])
         short += shortfall is not None
         for rank, j in enumerate(valid, 1):
             row = next(taken)
@@ -337,15 +347,16 @@ def batch_neighbors(
     return BatchAnswer(len(labels), unanswered, short)
 
 
-def _shortfall(loaded: LoadedIndex | None, k: int, found: int, own: int) -> str | None:
-    """The `problem` of a query the index answered with fewer than the k neighbours it holds, else None.
+def _shortfall(loaded: LoadedIndex | None, k: int, found: int, own: np.ndarray) -> str | None:
+    """The `problem` of a query the index answered with fewer than the k neighbours it holds (less the
+    rows of its own key, `own`), else None.
 
     An approximate graph can leave rows unreachable; a short list must not pass
     for the top k.  The exact scan finds every row with a vector, so it is never short.
     """
     if loaded is None:
         return None
-    available = int(loaded.metadata["indexed"]) - (1 if own >= 0 and loaded.contains(own) else 0)
+    available = int(loaded.metadata["indexed"]) - sum(1 for p in own.tolist() if loaded.contains(p))
     wanted = min(k, available)
     if found >= wanted:
         return None
@@ -401,6 +412,9 @@ class _ExactLookup:
         # skip_nulls: a null key (of a .parquet file) is no row's, not a vocabulary's null-token row.
         found = pc.index_in(pa.array(keys, pa.string()), value_set=table, skip_nulls=True)
         return [-1 if p is None else int(p) for p in found.to_pylist()]
+
+    def positions_by_key(self, keys: Sequence[str | None]) -> dict[str, np.ndarray]:
+        return positions_by_key(self.data.dataset.to_table(columns=[self.data.key_column]).column(0), keys)
 
     def vectors(self, positions: np.ndarray) -> np.ndarray:
         if len(positions) == 0:

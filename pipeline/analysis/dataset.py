@@ -523,13 +523,20 @@ def check_vector_column(data: VectorDataset, column: str | None) -> str:
         raise AnalysisError(
             f"Column {column!r} holds the token ids of each document (exported with --token_storage "
             f"ids), not one vector per row; the vectors of the tokens are in {TABLES_DIR}/. Query "
-            f"words with `neighbors --word WORD` on this directory, pick a vector column ({listed}), "
-            "or re-export the layer with --pooling mean."
+            f"words with `neighbors --word WORD` on this directory, "
+            + (f"pick a vector column ({listed}), " if available else "")
+            + "or re-export the layer with --pooling mean."
         )
     if _is_list_type(arrow_type) and is_vector_type(arrow_type.value_type):
         raise AnalysisError(
             f"Column {column!r} holds one vector per token (exported with --pooling none), not one per "
-            f"row. Pick a pooled column ({listed}) or re-export it with --pooling mean."
+            "row. "
+            + (
+                f"Pick a pooled column ({listed}) or re-export"
+                if available
+                else "The export has no pooled column: re-export"
+            )
+            + " it with --pooling mean (or max, last)."
         )
     if not is_vector_type(arrow_type):
         raise AnalysisError(

@@ -156,7 +156,8 @@ def exact_top_k(
     """The exact `k` nearest rows of each query, streaming the export once (the index's reference).
 
     Args:
-        exclude: per query, a position not to return (the query's own row), or -1.
+        exclude: per query, a position not to return (the query's own row), or -1; or per query a row
+            of such positions (every row of the query's key), padded with -1.
 
     Returns:
         `(positions, scores)`, each (queries, min(k, rows)), best first; -1 / -inf where fewer
@@ -170,6 +171,7 @@ def exact_top_k(
     best_scores = np.full((count, k), -np.inf)
     best_keys = np.full((count, k), "", dtype=object)
     exclude = np.full(count, -1, dtype=np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+    exclude = exclude.reshape(count, -1)
     for batch in iter_vector_batches(data, column, batch_rows):
         if len(batch.positions) == 0:
             continue
@@ -179,7 +181,8 @@ def exact_top_k(
         for start in range(0, count, EXACT_QUERY_CHUNK):
             stop = min(start + EXACT_QUERY_CHUNK, count)
             chunk_scores = scores(metric, queries[start:stop], batch.vectors)
-            chunk_scores[batch.positions[None, :] == exclude[start:stop, None]] = -np.inf
+            for own in exclude[start:stop].T:
+                chunk_scores[batch.positions[None, :] == own[:, None]] = -np.inf
             chosen = _chosen(chunk_scores, batch.keys, k)
             merged_scores = np.concatenate(
                 [best_scores[start:stop], np.take_along_axis(chunk_scores, chosen, axis=1)], axis=1

