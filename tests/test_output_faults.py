@@ -823,6 +823,33 @@ def test_local_worker_processes_get_the_runs_filesystem_flags():
     )
 
 
+def test_a_worker_is_started_from_a_python_whose_path_holds_a_space(tmp_path, monkeypatch):
+    """Beam writes `sys.executable` into the worker's shell command unquoted: from a venv in "My Projects"
+    the shell ran "/.../My" (status 127), and every run with worker processes failed, its rerun too."""
+    from apache_beam.runners.portability import local_job_service
+
+    from pipeline.running import local_workers
+
+    folder = tmp_path / "My Projects $HOME"
+    folder.mkdir()
+    python = folder / "python"  # Stands in for the interpreter: says how it was started.
+    python.write_text('#!/bin/sh\nprintf "%s|" "$@"\n', encoding="utf-8")
+    python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(python))
+    monkeypatch.setattr(local_workers, "_started", [])
+    with local_workers.ignoring_ctrl_c():
+        # Beam's FnApiRunner's command for a worker, as it builds it.
+        worker = local_job_service.subprocess.Popen(
+            f"{sys.executable} -m apache_beam.runners.worker.sdk_worker_main",
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        said = worker.stdout.read()
+        worker.wait(timeout=60)
+    assert (worker.returncode, said) == (0, b"-m|pipeline.running.sdk_worker_main|")
+
+
 def test_a_library_users_ctrl_c_stops_the_workers_at_once(monkeypatch):
     """In-process (a notebook's interrupt, a service's Ctrl-C) there is no stop handler of pipeline.run's:
     the KeyboardInterrupt took 20 to 35 s to return, Beam's unwinding waiting for each worker to finish

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -114,9 +115,7 @@ class _Subprocess:
     ) -> subprocess.Popen[bytes]:  # as Beam calls it
         # Beam's command is one command line (`python -m ...sdk_worker_main`); `trap` is POSIX sh.
         if kwargs.get("shell") and isinstance(args, str) and os.name == "posix":
-            args = _IGNORE_CTRL_C + (
-                args[: -len(_BEAM_WORKER)] + _WORKER if args.endswith(_BEAM_WORKER) else args
-            )
+            args = _IGNORE_CTRL_C + _worker_command(args)
         if kwargs.get("env") is not None and _worker_options[0]:
             kwargs["env"] = _with_options(kwargs["env"], _worker_options[0])
         copied = kwargs.get("stderr") is None
@@ -128,6 +127,19 @@ class _Subprocess:
         if copied and process.stderr is not None:
             threading.Thread(target=_copy_stderr, args=(process.stderr, process), daemon=True).start()
         return process
+
+
+def _worker_command(command: str) -> str:
+    """Beam's shell command for a worker, running `_WORKER` in its place, its interpreter's path quoted.
+
+    Beam writes `sys.executable` into the command unquoted: from a Python whose path holds a space
+    (a venv in "My Projects") or a shell character, the shell ran another program ("/.../My: not
+    found", status 127) and every run with worker processes failed, its rerun too.
+    """
+    if not command.endswith(_BEAM_WORKER):
+        return command
+    interpreter = command[: -len(_BEAM_WORKER)]
+    return (shlex.quote(interpreter) if interpreter == sys.executable else interpreter) + _WORKER
 
 
 def _with_options(env: dict[str, str], options: dict[str, Any]) -> dict[str, str]:
