@@ -31,6 +31,7 @@ from pipeline.errors import (
     EXIT_TERMINATED,
     EXIT_TOO_MANY_ERRORS,
     EXIT_UNEXPECTED,
+    WorkerDiedError,
 )
 from pipeline.run import STOP_SIGNALS, main
 from pipeline.running.export import run_export
@@ -899,6 +900,53 @@ def test_a_run_on_another_thread_than_the_main_one_ends_at_its_stall(monkeypatch
         local_workers.let_held_tracebacks_through()
     assert worker.returncode == -signal.SIGKILL
     assert stall is not None and (stall.seconds, stall.limit) == (12.0, 10.0)
+
+
+@pytest.mark.parametrize("ended_by", ["failure", "stall"])
+def test_a_run_on_another_thread_ends_for_a_worker_that_died_before_it_connected(monkeypatch, ended_by):
+    """A service's run on a thread, whose worker died as it started (killed, out of memory): Beam waited
+    forever for the bundle queued to it. No failure timer was set without the main thread's wake, and the
+    stall's kills ended only the other workers' bundles: the run hung whatever --stall_timeout said.
+    The instructions its workers were sent, and any later one, are answered with the failure now."""
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    from pipeline.running import failures as failures_lib
+    from pipeline.running import local_workers
+
+    monkeypatch.setattr(local_workers, "FAILURE_GRACE_SECONDS", 0.1)
+    other = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(local_workers, "_started", [other])  # The run's other worker, which is killed.
+    answers = []
+
+    def run():  # What Beam's bundle thread waits for: the dead worker's answer.
+        with local_workers.failed_workers_answered():
+            connection = worker_handlers.ControlConnection()  # The worker never connected to it.
+            queued = connection.push(beam_fn_api_pb2.InstructionRequest(instruction_id="bundle_1"))
+            if ended_by == "failure":
+                local_workers._worker_failed(-signal.SIGKILL, [])  # As its stderr's end reports it.
+            else:
+                local_workers.stalled(12.0, 10.0)
+            answers.append(queued.get(timeout=10).error)
+            later = connection.push(beam_fn_api_pb2.InstructionRequest(instruction_id="bundle_2"))
+            answers.append(later.get(timeout=10).error)
+
+    local_workers.hold_tracebacks()
+    try:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(30)
+        told = failures_lib._told_in_one_line(RuntimeError(local_workers.WORKER_FAILED))
+    finally:
+        other.kill()
+        other.wait()
+        local_workers.let_held_tracebacks_through()
+        local_workers.hold_tracebacks()  # The next run starts with nothing remembered.
+        local_workers.let_held_tracebacks_through()
+    assert answers == [local_workers.WORKER_FAILED] * 2
+    assert worker_handlers.ControlConnection.push.__name__ == "push"  # Beam's own, put back.
+    said = "made no progress" if ended_by == "stall" else "was killed (SIGKILL"
+    assert isinstance(told, WorkerDiedError) and said in str(told), told
 
 
 def test_a_worker_that_failed_as_its_run_ended_does_not_stop_the_next_runs_workers(monkeypatch):
