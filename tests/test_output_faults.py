@@ -1229,6 +1229,43 @@ def test_a_worker_reading_or_writing_slowly_is_at_work_and_a_stopped_one_is_not(
     assert len(calls) == 1, calls
 
 
+def test_a_library_callers_own_busy_thread_is_not_the_runs_work(tmp_path, monkeypatch):
+    """Every thread of the launcher's process counted as the run's work: a library caller's own thread
+    that computes (a service's other work) made a run whose worker is stopped look busy, so
+    --stall_timeout never ended it. The thread that runs the export and those started for it count."""
+    from pipeline.running import local_workers
+    from pipeline.running import progress as progress_lib
+
+    done = threading.Event()
+
+    def compute():  # The caller's, started before the export.
+        while not done.is_set():
+            sum(range(1000))
+
+    threading.Thread(target=compute, daemon=True).start()
+    stopped = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    calls = []
+    try:
+        stopped.send_signal(signal.SIGSTOP)  # The run's one worker: the run makes no progress.
+        monkeypatch.setattr(local_workers, "_started", [stopped])
+        monitor = progress_lib.ProgressMonitor(
+            str(tmp_path),
+            1000,
+            stall_seconds=0.5,
+            on_stall=lambda *args: calls.append(args),
+            scheduler_times=local_workers.scheduler_times,
+        )
+        nothing = progress_lib.read_totals(str(tmp_path))
+        for _ in range(8):
+            monitor._watch_for_stall(nothing, look=0.1)
+            time.sleep(0.15)
+    finally:
+        done.set()
+        stopped.kill()
+        stopped.wait()
+    assert len(calls) == 1, calls
+
+
 def _spinners(count, cpu):
     """`count` processes spinning on the one core `cpu`: each runs 1/count of the time and waits the rest."""
     code = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
