@@ -735,6 +735,24 @@ def test_a_sigusr1_from_elsewhere_does_not_end_a_run_with_workers(tmp_path, tiny
     assert state_lib.read_manifest(output)["counts"]["rows_written"] == 3000
 
 
+def test_a_library_callers_sigusr1_handler_still_runs_during_an_export():
+    """In-process on the main thread, the run's wake for a failed worker replaced the caller's SIGUSR1
+    handler and dropped every SIGUSR1 that was no wake: a host's own (gunicorn and uwsgi reopen their
+    logs on it) never ran for one that arrived while an export ran."""
+    from pipeline.running import failures as failures_lib
+
+    calls = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+    try:
+        with failures_lib.beam_errors_held():  # What a local run does around its pipeline.
+            signal.raise_signal(signal.SIGUSR1)  # From elsewhere: no worker failed.
+        assert calls == [signal.SIGUSR1]
+        signal.raise_signal(signal.SIGUSR1)  # The caller's handler is back after the run.
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert calls == [signal.SIGUSR1] * 2
+
+
 _WAKE_WHILE_HOLDING_THE_LOCK = """
 import signal, threading
 from pipeline.errors import WorkerDiedError

@@ -79,6 +79,7 @@ def _wake_on_worker_failure(waiting: list[bool]) -> Any:
     if threading.current_thread() is not threading.main_thread():
         return None
     main = threading.main_thread().ident
+    previous = signal.getsignal(WAKE_SIGNAL)
 
     def raise_failure(signum: int, frame: FrameType | None) -> None:
         # Not once the run's own error is being told, nor for a SIGUSR1 from elsewhere (a host
@@ -87,8 +88,12 @@ def _wake_on_worker_failure(waiting: list[bool]) -> Any:
         if waiting[0] and local_workers.any_failed():
             waiting[0] = False
             raise local_workers.WorkerFailedError(local_workers.WORKER_FAILED)
+        if callable(previous):
+            # A host's own handler (gunicorn and uwsgi reopen their logs on SIGUSR1) still gets its
+            # signals; the default action (ending the process) and an ignored signal stay unused.
+            previous(signum, frame)
 
-    previous = signal.signal(WAKE_SIGNAL, raise_failure)
+    signal.signal(WAKE_SIGNAL, raise_failure)
     local_workers.wake_on_failure(lambda: signal.pthread_kill(main, WAKE_SIGNAL) if main else None)
     return previous
 
