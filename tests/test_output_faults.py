@@ -1561,6 +1561,38 @@ def test_a_temporary_folder_another_machine_made_is_left_to_it(tmp_path, monkeyp
     assert sorted(os.listdir(temporary)) == [elsewhere.name]
 
 
+def test_beams_own_temporary_folder_is_in_a_held_one_and_a_dry_run_leaves_none(
+    tmp_path, tiny_bundle, monkeypatch
+):
+    """Beam's Pipeline makes $TMPDIR/beam-pipeline-temp* when built and removes it at the end of its run()
+    only: each --dry_run, and each run a SIGKILL ended, left one for good."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.running import export as export_lib
+    from pipeline.scratch import HOLD_FILE
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    corpus = _corpus(tmp_path / "c.jsonl", IDS)
+    flags = [
+        "--model",
+        tiny_bundle[0],
+        "--input",
+        corpus,
+        "--output",
+        str(tmp_path / "out"),
+        "--dry_run=True",
+    ]
+    assert run_export(flags).dry_run
+    assert os.listdir(temporary) == []
+    with export_lib._beam_pipeline(PipelineOptions([])) as pipeline:  # A kill now leaves it in a held folder.
+        held = os.path.dirname(pipeline.local_tempdir)
+        assert os.path.isdir(pipeline.local_tempdir) and os.path.isfile(os.path.join(held, HOLD_FILE))
+        assert os.listdir(temporary) == [os.path.basename(held)]
+    assert os.listdir(temporary) == []
+
+
 def test_keras_forward_pass_writes_nothing_to_the_temporary_directory(tmp_path, monkeypatch):
     """TensorFlow's autograph wrote the forward function's converted source to $TMPDIR, removed by an exit
     function: each worker a stop signal SIGKILLs (a Ctrl-C) left its `__autograph_generated_file*.py`."""
