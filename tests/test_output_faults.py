@@ -1028,6 +1028,33 @@ def test_a_failed_workers_line_quotes_its_own_words_not_tensorflows_log(monkeypa
     assert "exited with status 1 (ValueError: the worker's own reason)" in str(told), told
 
 
+def test_a_failed_worker_is_told_by_its_own_status_not_by_the_kill_of_the_others(monkeypatch):
+    """A worker exited with status 1 (its own words on stderr) without Beam noticing; 15 s later the
+    launcher SIGKILLed the other to end the wait, and the line told that kill: "a worker process was
+    killed (SIGKILL, perhaps for want of memory) ... --direct_num_workers 1 if memory is short"."""
+    from pipeline.running import failures as failures_lib
+    from pipeline.running import local_workers
+
+    monkeypatch.setattr(local_workers, "FAILURE_GRACE_SECONDS", 0.1)
+    other = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(local_workers, "_started", [other])
+    woken = threading.Event()
+    local_workers.hold_tracebacks()
+    local_workers.wake_on_failure(woken.set)  # The main thread's wake.
+    try:
+        local_workers._worker_failed(1, [b"ValueError: the worker's own reason\n"])
+        assert woken.wait(10)
+        local_workers.wake_on_failure(None)
+        told = failures_lib._told_in_one_line(local_workers.WorkerFailedError(local_workers.WORKER_FAILED))
+    finally:
+        local_workers.wake_on_failure(None)
+        local_workers.let_held_tracebacks_through()
+        other.kill()
+        other.wait()
+    assert other.returncode == -signal.SIGKILL  # Killed to end the wait ...
+    assert "exited with status 1 (ValueError: the worker's own reason)" in str(told), told  # ... not told.
+
+
 def test_a_stall_is_told_in_one_line_naming_the_stopped_worker_not_the_kills_it_caused(monkeypatch):
     """The workers SIGKILLed for a stall are no story of their own ("killed (SIGKILL, perhaps for want of
     memory)" would send the user after memory)."""

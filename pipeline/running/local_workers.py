@@ -54,6 +54,9 @@ _worker_options: list[dict[str, Any]] = [{}]
 _started: list[subprocess.Popen[bytes]] = []
 # The signals that killed workers of this process's runs (the OOM killer's SIGKILL, ...).
 _killed_by: list[int] = []
+# The workers the launcher itself SIGKILLed to end the run's wait for a failed one (`_end_the_wait`):
+# their deaths are no story of the run's, which is the failed worker's.
+_ended_for_another: set[int] = set()
 _lock = threading.Lock()
 # A worker's stderr: a Python traceback begins here and goes on until a log line.
 _TRACEBACK = b"Traceback (most recent call last):"
@@ -225,6 +228,7 @@ def _end_the_wait(run: int) -> None:
     with _lock:
         if (on_failure is None and not _answering[0]) or _stopping[0] or run != _run[0]:
             return
+        _ended_for_another.update(process.pid for process in _started if process.poll() is None)
     kill_workers()
     _end_the_wait_now(WORKER_FAILED)
 
@@ -435,6 +439,7 @@ def hold_tracebacks() -> None:
         # SIGKILLed): their deaths are no story of this run's, which told a failure of its own as
         # "a worker process was killed (SIGKILL, perhaps for want of memory)".
         _killed_by.clear()
+        _ended_for_another.clear()
         _started[:] = [process for process in _started if process.poll() is None]
 
 
@@ -478,9 +483,7 @@ def ignoring_ctrl_c(worker_options: dict[str, Any] | None = None) -> Iterator[No
         # Beam waited for the workers of a run that ended normally; an interrupted run's
         # may still be stopping and stay listed for `kill_workers`.
         with _lock:
-            _killed_by.extend(
-                -code for process in _started if (code := process.poll()) is not None and code < 0
-            )
+            _killed_by.extend(_signals_of(_started))
             _started[:] = [process for process in _started if process.poll() is None]
 
 
@@ -562,11 +565,19 @@ def failed_workers_answered() -> Iterator[None]:
 def killed_by() -> list[int]:
     """The signals that killed worker processes of the run (a dead worker fails it), and forgets them."""
     with _lock:
-        signals = _killed_by + [
-            -code for process in _started if (code := process.poll()) is not None and code < 0
-        ]
+        signals = _killed_by + _signals_of(_started)
         _killed_by.clear()
     return signals
+
+
+def _signals_of(processes: list[subprocess.Popen[bytes]]) -> list[int]:
+    """The signals that killed those of `processes` that a signal ended, but not those the launcher killed
+    for a failed worker (`_ended_for_another`)."""
+    return [
+        -code
+        for process in processes
+        if (code := process.poll()) is not None and code < 0 and process.pid not in _ended_for_another
+    ]
 
 
 def kill_workers() -> None:
