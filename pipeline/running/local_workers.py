@@ -537,17 +537,26 @@ def failed_workers_answered() -> Iterator[None]:
     push = connection.push
 
     def push_or_answer(self: Any, request: Any) -> Any:
+        if request is worker_handlers.BeamFnControlServicer._DONE_MARKER:
+            return push(self, request)
+        # Beam's push is called without `_lock`: Beam's close holds its own lock as it pushes.
         with _lock:
-            if request is worker_handlers.BeamFnControlServicer._DONE_MARKER or not _answering[0]:
-                return push(self, request)
-            if self not in _connections:
+            if _answering[0] and self not in _connections:
                 _connections.append(self)
-            if not _answered:
-                return push(self, request)
+            answered = _answered[0] if _answered else None
+        if answered is not None:
             answer = beam_fn_api_pb2.InstructionResponse(
-                instruction_id=request.instruction_id, error=_answered[0]
+                instruction_id=request.instruction_id, error=answered
             )
             return worker_handlers.ControlFuture(request.instruction_id, answer)
+        future = push(self, request)
+        with _lock:  # Ended while it was pushed, maybe after its future was looked for: answered here.
+            answered = _answered[0] if _answered else None
+        if answered is not None and not future.is_done():
+            future.set(
+                beam_fn_api_pb2.InstructionResponse(instruction_id=request.instruction_id, error=answered)
+            )
+        return future
 
     # setattr: Beam's method is replaced on purpose, for the duration only.
     setattr(connection, "push", push_or_answer)  # noqa: B010
