@@ -221,6 +221,37 @@ def test_an_s3_models_local_copy_is_removed_once_loaded(s3_endpoint, export, mon
     assert os.listdir(tempfile.tempdir) == []
 
 
+def test_an_s3_model_whose_copy_does_not_fit_in_tmpdir_says_so(s3_endpoint, tmp_path, monkeypatch):
+    """A full $TMPDIR was "Could not read --model 's3://...': [Errno 28] No space left on device": the
+    user looked at the bucket, and a worker's such line was told as the --output disk that filled."""
+    import shutil
+    import tempfile
+
+    from pipeline.planning.model_source import load_model_source
+
+    small = tmp_path / "tmp"
+    small.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]).returncode:
+        pytest.skip("this machine does not let tests mount a tmpfs")
+    try:
+        s3 = client(s3_endpoint)
+        for name in sorted(os.listdir(DEFAULT_BUNDLE)):  # 6 MB: no room in 1 MB.
+            s3.upload_file(os.path.join(DEFAULT_BUNDLE, name), BUCKET, f"models/large/{name}")
+        monkeypatch.setattr(tempfile, "tempdir", str(small))
+        share_one_s3_client(monkeypatch, s3_endpoint)
+        FileSystems.set_options(PipelineOptions(s3_flags(s3_endpoint)))
+        with pytest.raises(ExportConfigError) as refused:
+            load_model_source(f"s3://{BUCKET}/models/large")
+        assert os.listdir(small) == []  # Its partial copy removed.
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    message = str(refused.value)
+    assert f"temporary directory {str(small)!r}, which is full" in message and "TMPDIR=" in message
+    assert "No space left on device" not in message, message  # Else told as the --output disk.
+
+
 def test_an_s3_models_local_copy_is_held_while_it_loads(s3_endpoint, export, monkeypatch):
     """A run killed while it loaded an s3:// model (a Ctrl-C SIGKILLs workers as they start, each loading
     its own copy) left the copy, the model's whole size, in $TMPDIR/embexport-model-* for good: no later

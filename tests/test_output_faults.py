@@ -31,6 +31,7 @@ from pipeline.errors import (
     EXIT_TERMINATED,
     EXIT_TOO_MANY_ERRORS,
     EXIT_UNEXPECTED,
+    WorkerDiedError,
 )
 from pipeline.run import STOP_SIGNALS, main
 from pipeline.running.export import run_export
@@ -734,6 +735,24 @@ def test_a_sigusr1_from_elsewhere_does_not_end_a_run_with_workers(tmp_path, tiny
     assert state_lib.read_manifest(output)["counts"]["rows_written"] == 3000
 
 
+def test_a_library_callers_sigusr1_handler_still_runs_during_an_export():
+    """In-process on the main thread, the run's wake for a failed worker replaced the caller's SIGUSR1
+    handler and dropped every SIGUSR1 that was no wake: a host's own (gunicorn and uwsgi reopen their
+    logs on it) never ran for one that arrived while an export ran."""
+    from pipeline.running import failures as failures_lib
+
+    calls = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+    try:
+        with failures_lib.beam_errors_held():  # What a local run does around its pipeline.
+            signal.raise_signal(signal.SIGUSR1)  # From elsewhere: no worker failed.
+        assert calls == [signal.SIGUSR1]
+        signal.raise_signal(signal.SIGUSR1)  # The caller's handler is back after the run.
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert calls == [signal.SIGUSR1] * 2
+
+
 _WAKE_WHILE_HOLDING_THE_LOCK = """
 import signal, threading
 from pipeline.errors import WorkerDiedError
@@ -823,6 +842,33 @@ def test_local_worker_processes_get_the_runs_filesystem_flags():
     )
 
 
+def test_a_worker_is_started_from_a_python_whose_path_holds_a_space(tmp_path, monkeypatch):
+    """Beam writes `sys.executable` into the worker's shell command unquoted: from a venv in "My Projects"
+    the shell ran "/.../My" (status 127), and every run with worker processes failed, its rerun too."""
+    from apache_beam.runners.portability import local_job_service
+
+    from pipeline.running import local_workers
+
+    folder = tmp_path / "My Projects $HOME"
+    folder.mkdir()
+    python = folder / "python"  # Stands in for the interpreter: says how it was started.
+    python.write_text('#!/bin/sh\nprintf "%s|" "$@"\n', encoding="utf-8")
+    python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(python))
+    monkeypatch.setattr(local_workers, "_started", [])
+    with local_workers.ignoring_ctrl_c():
+        # Beam's FnApiRunner's command for a worker, as it builds it.
+        worker = local_job_service.subprocess.Popen(
+            f"{sys.executable} -m apache_beam.runners.worker.sdk_worker_main",
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        said = worker.stdout.read()
+        worker.wait(timeout=60)
+    assert (worker.returncode, said) == (0, b"-m|pipeline.running.sdk_worker_main|")
+
+
 def test_a_library_users_ctrl_c_stops_the_workers_at_once(monkeypatch):
     """In-process (a notebook's interrupt, a service's Ctrl-C) there is no stop handler of pipeline.run's:
     the KeyboardInterrupt took 20 to 35 s to return, Beam's unwinding waiting for each worker to finish
@@ -872,6 +918,53 @@ def test_a_run_on_another_thread_than_the_main_one_ends_at_its_stall(monkeypatch
         local_workers.let_held_tracebacks_through()
     assert worker.returncode == -signal.SIGKILL
     assert stall is not None and (stall.seconds, stall.limit) == (12.0, 10.0)
+
+
+@pytest.mark.parametrize("ended_by", ["failure", "stall"])
+def test_a_run_on_another_thread_ends_for_a_worker_that_died_before_it_connected(monkeypatch, ended_by):
+    """A service's run on a thread, whose worker died as it started (killed, out of memory): Beam waited
+    forever for the bundle queued to it. No failure timer was set without the main thread's wake, and the
+    stall's kills ended only the other workers' bundles: the run hung whatever --stall_timeout said.
+    The instructions its workers were sent, and any later one, are answered with the failure now."""
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    from pipeline.running import failures as failures_lib
+    from pipeline.running import local_workers
+
+    monkeypatch.setattr(local_workers, "FAILURE_GRACE_SECONDS", 0.1)
+    other = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(local_workers, "_started", [other])  # The run's other worker, which is killed.
+    answers = []
+
+    def run():  # What Beam's bundle thread waits for: the dead worker's answer.
+        with local_workers.failed_workers_answered():
+            connection = worker_handlers.ControlConnection()  # The worker never connected to it.
+            queued = connection.push(beam_fn_api_pb2.InstructionRequest(instruction_id="bundle_1"))
+            if ended_by == "failure":
+                local_workers._worker_failed(-signal.SIGKILL, [])  # As its stderr's end reports it.
+            else:
+                local_workers.stalled(12.0, 10.0)
+            answers.append(queued.get(timeout=10).error)
+            later = connection.push(beam_fn_api_pb2.InstructionRequest(instruction_id="bundle_2"))
+            answers.append(later.get(timeout=10).error)
+
+    local_workers.hold_tracebacks()
+    try:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(30)
+        told = failures_lib._told_in_one_line(RuntimeError(local_workers.WORKER_FAILED))
+    finally:
+        other.kill()
+        other.wait()
+        local_workers.let_held_tracebacks_through()
+        local_workers.hold_tracebacks()  # The next run starts with nothing remembered.
+        local_workers.let_held_tracebacks_through()
+    assert answers == [local_workers.WORKER_FAILED] * 2
+    assert worker_handlers.ControlConnection.push.__name__ == "push"  # Beam's own, put back.
+    said = "made no progress" if ended_by == "stall" else "was killed (SIGKILL"
+    assert isinstance(told, WorkerDiedError) and said in str(told), told
 
 
 def test_a_worker_that_failed_as_its_run_ended_does_not_stop_the_next_runs_workers(monkeypatch):
@@ -933,6 +1026,33 @@ def test_a_failed_workers_line_quotes_its_own_words_not_tensorflows_log(monkeypa
     monkeypatch.setattr(local_workers, "killed_by", lambda: [])
     told = failures_lib._told_in_one_line(local_workers.WorkerFailedError("a worker process failed"))
     assert "exited with status 1 (ValueError: the worker's own reason)" in str(told), told
+
+
+def test_a_failed_worker_is_told_by_its_own_status_not_by_the_kill_of_the_others(monkeypatch):
+    """A worker exited with status 1 (its own words on stderr) without Beam noticing; 15 s later the
+    launcher SIGKILLed the other to end the wait, and the line told that kill: "a worker process was
+    killed (SIGKILL, perhaps for want of memory) ... --direct_num_workers 1 if memory is short"."""
+    from pipeline.running import failures as failures_lib
+    from pipeline.running import local_workers
+
+    monkeypatch.setattr(local_workers, "FAILURE_GRACE_SECONDS", 0.1)
+    other = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(local_workers, "_started", [other])
+    woken = threading.Event()
+    local_workers.hold_tracebacks()
+    local_workers.wake_on_failure(woken.set)  # The main thread's wake.
+    try:
+        local_workers._worker_failed(1, [b"ValueError: the worker's own reason\n"])
+        assert woken.wait(10)
+        local_workers.wake_on_failure(None)
+        told = failures_lib._told_in_one_line(local_workers.WorkerFailedError(local_workers.WORKER_FAILED))
+    finally:
+        local_workers.wake_on_failure(None)
+        local_workers.let_held_tracebacks_through()
+        other.kill()
+        other.wait()
+    assert other.returncode == -signal.SIGKILL  # Killed to end the wait ...
+    assert "exited with status 1 (ValueError: the worker's own reason)" in str(told), told  # ... not told.
 
 
 def test_a_stall_is_told_in_one_line_naming_the_stopped_worker_not_the_kills_it_caused(monkeypatch):
@@ -1151,6 +1271,43 @@ def test_a_worker_reading_or_writing_slowly_is_at_work_and_a_stopped_one_is_not(
         for process in (writing, stopped):
             process.kill()
             process.wait()
+    assert len(calls) == 1, calls
+
+
+def test_a_library_callers_own_busy_thread_is_not_the_runs_work(tmp_path, monkeypatch):
+    """Every thread of the launcher's process counted as the run's work: a library caller's own thread
+    that computes (a service's other work) made a run whose worker is stopped look busy, so
+    --stall_timeout never ended it. The thread that runs the export and those started for it count."""
+    from pipeline.running import local_workers
+    from pipeline.running import progress as progress_lib
+
+    done = threading.Event()
+
+    def compute():  # The caller's, started before the export.
+        while not done.is_set():
+            sum(range(1000))
+
+    threading.Thread(target=compute, daemon=True).start()
+    stopped = subprocess.Popen([sys.executable, "-S", "-c", "import time; time.sleep(60)"])
+    calls = []
+    try:
+        stopped.send_signal(signal.SIGSTOP)  # The run's one worker: the run makes no progress.
+        monkeypatch.setattr(local_workers, "_started", [stopped])
+        monitor = progress_lib.ProgressMonitor(
+            str(tmp_path),
+            1000,
+            stall_seconds=0.5,
+            on_stall=lambda *args: calls.append(args),
+            scheduler_times=local_workers.scheduler_times,
+        )
+        nothing = progress_lib.read_totals(str(tmp_path))
+        for _ in range(8):
+            monitor._watch_for_stall(nothing, look=0.1)
+            time.sleep(0.15)
+    finally:
+        done.set()
+        stopped.kill()
+        stopped.wait()
     assert len(calls) == 1, calls
 
 
@@ -1429,6 +1586,38 @@ def test_a_temporary_folder_another_machine_made_is_left_to_it(tmp_path, monkeyp
         this_machine = pathlib.Path(scratch, HOLD_FILE).read_text(encoding="utf-8")
         assert this_machine and this_machine != (elsewhere / HOLD_FILE).read_text()
     assert sorted(os.listdir(temporary)) == [elsewhere.name]
+
+
+def test_beams_own_temporary_folder_is_in_a_held_one_and_a_dry_run_leaves_none(
+    tmp_path, tiny_bundle, monkeypatch
+):
+    """Beam's Pipeline makes $TMPDIR/beam-pipeline-temp* when built and removes it at the end of its run()
+    only: each --dry_run, and each run a SIGKILL ended, left one for good."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.running import export as export_lib
+    from pipeline.scratch import HOLD_FILE
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    corpus = _corpus(tmp_path / "c.jsonl", IDS)
+    flags = [
+        "--model",
+        tiny_bundle[0],
+        "--input",
+        corpus,
+        "--output",
+        str(tmp_path / "out"),
+        "--dry_run=True",
+    ]
+    assert run_export(flags).dry_run
+    assert os.listdir(temporary) == []
+    with export_lib._beam_pipeline(PipelineOptions([])) as pipeline:  # A kill now leaves it in a held folder.
+        held = os.path.dirname(pipeline.local_tempdir)
+        assert os.path.isdir(pipeline.local_tempdir) and os.path.isfile(os.path.join(held, HOLD_FILE))
+        assert os.listdir(temporary) == [os.path.basename(held)]
+    assert os.listdir(temporary) == []
 
 
 def test_keras_forward_pass_writes_nothing_to_the_temporary_directory(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -147,12 +148,18 @@ def load_model_source(
         raise ExportConfigError(problem)
     location = _installed_default_bundle(model_uri.rstrip("/"))
     with contextlib.ExitStack() as stack:
-        # A remote model's local copy is needed only while it loads (each worker makes its own): in a
-        # held folder, which the next command removes if this process is killed meanwhile.
-        copy = None if is_local(location) else stack.enter_context(held_scratch_directory("embexport-model-"))
         try:
+            # A remote model's local copy is needed only while it loads (each worker makes its own): in a
+            # held folder, which the next command removes if this process is killed meanwhile.
+            copy = (
+                None
+                if is_local(location)
+                else stack.enter_context(held_scratch_directory("embexport-model-"))
+            )
             local = stage_locally(location, copy) if _exists(location) else None
         except Exception as error:  # No credentials, no such bucket, a failed copy, ...
+            if not is_local(location) and isinstance(error, OSError) and error.errno in _FULL:
+                raise ExportConfigError(_no_room_for_copy(model_uri)) from None
             raise ExportConfigError(f"Could not read --model {model_uri!r}: {error}") from None
         return _load_staged(
             model_uri,
@@ -163,6 +170,25 @@ def load_model_source(
             truncating,
             require_tokenizer,
         )
+
+
+# A full disk, or this user's quota there reached.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_room_for_copy(model_uri: str) -> str:
+    """Says that a remote model's local copy did not fit in the temporary directory.
+
+    "Could not read --model 's3://...': No space left on device" sent users to the bucket; from a
+    worker, whose words the launcher reads, it was told as the --output disk that filled. So the
+    words of a full disk are not used here.
+    """
+    return (
+        f"--model {model_uri!r} must be copied to this machine to load (Keras loads local files only), "
+        f"and the copy does not fit in the temporary directory {tempfile.gettempdir()!r}, which is full. "
+        "Point TMPDIR at a folder with room for the model (TMPDIR=/path/with/room python -m pipeline.run "
+        "...), or free space there; each worker process copies it too while it loads."
+    )
 
 
 def _check_unchanged(model_uri: str, path: str, sha256: str) -> None:

@@ -1,6 +1,7 @@
 """Launches one export: validate, stage, run the pipeline, check the accounting, commit."""
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -8,9 +9,10 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -19,7 +21,7 @@ from apache_beam.options.pipeline_options import (
     DirectOptions,
     PipelineOptions,
 )
-from apache_beam.runners.runner import PipelineResult
+from apache_beam.runners.runner import PipelineResult, PipelineRunner
 
 from models.command_line import (
     join_negative_numbers,
@@ -310,14 +312,14 @@ def run_export(argv: Sequence[str] | None = None) -> ExportSummary:
     use_local_cores(options, total_bytes, argv)
     plan = dataclasses.replace(plan, tf_threads=worker_tf_threads(options, export_options.tf_threads))
     if dry_run:
-        pipeline = beam.Pipeline(runner=local_runner(options), options=options)
-        build_pipeline(
-            pipeline,
-            plan,
-            *staging_prefixes(plan.output, new_run_id()),
-            **_graph_settings(options, total_bytes),
-        )
-        return _dry_run(pipeline, plan, options)
+        with _beam_pipeline(options, local_runner(options)) as pipeline:
+            build_pipeline(
+                pipeline,
+                plan,
+                *staging_prefixes(plan.output, new_run_id()),
+                **_graph_settings(options, total_bytes),
+            )
+            return _dry_run(pipeline, plan, options)
     plan = choose_forward_passes(plan, model_source)
     # Rows of the fast path and of Keras's forward pass never share a column, whatever the flags say.
     check_reuse_forward_passes(plan)
@@ -438,6 +440,26 @@ def _graph_settings(
     }
 
 
+@contextlib.contextmanager
+def _beam_pipeline(
+    options: PipelineOptions, runner: PipelineRunner | None = None, folder: str | None = None
+) -> Iterator[beam.Pipeline]:
+    """A Beam pipeline whose own temporary folder lies in `folder` (a held one of ours; None: a new one).
+
+    Beam's Pipeline makes `$TMPDIR/beam-pipeline-temp*` when it is built and removes it only at the end
+    of its run(): each --dry_run (never run), and each run a SIGKILL or the OOM killer ended, left one for
+    good. In a held folder it goes with it, and the next command removes one a dead process left
+    (`pipeline.scratch`).
+    """
+    with contextlib.ExitStack() as stack:
+        held = folder or stack.enter_context(held_scratch_directory("embexport-pipeline-"))
+        pipeline = beam.Pipeline(runner=runner, options=options)
+        with contextlib.suppress(OSError):
+            os.rmdir(pipeline.local_tempdir)
+        pipeline.local_tempdir = tempfile.mkdtemp(prefix="beam-pipeline-temp", dir=held)
+        yield pipeline
+
+
 def _run_pipeline(
     options: PipelineOptions,
     plan: ExportPlan,
@@ -450,30 +472,36 @@ def _run_pipeline(
     """Builds and runs the pipeline, reporting progress while it works; returns the result."""
     export_options = options.view_as(ExportOptions)
     if portable.is_portable(options):
-        pipeline = beam.Pipeline(options=options)
-        settings = _graph_settings(options, total_bytes, resumed=resumed, workers_dir=workers_dir)
-        build_pipeline(pipeline, plan, rows_prefix, errors_prefix, **settings)
-        return portable.run_job(
-            pipeline,
-            workers_dir,
-            options,
-            export_options.worker_start_timeout,
-            export_options.progress_seconds,
-            fresh=resumed is None,
-        )
+        with _beam_pipeline(options) as pipeline:
+            settings = _graph_settings(options, total_bytes, resumed=resumed, workers_dir=workers_dir)
+            build_pipeline(pipeline, plan, rows_prefix, errors_prefix, **settings)
+            return portable.run_job(
+                pipeline,
+                workers_dir,
+                options,
+                export_options.worker_start_timeout,
+                export_options.progress_seconds,
+                fresh=resumed is None,
+            )
     if local_runner(options) is None:
-        pipeline = beam.Pipeline(options=options)
-        build_pipeline(
-            pipeline, plan, rows_prefix, errors_prefix, **_graph_settings(options, total_bytes, None, resumed)
-        )
-        result = pipeline.run()
-        if is_dataflow(options):
-            poll_dataflow(result, options, export_options.progress_seconds)
-        result.wait_until_finish()
-        return result
+        with _beam_pipeline(options) as pipeline:
+            build_pipeline(
+                pipeline,
+                plan,
+                rows_prefix,
+                errors_prefix,
+                **_graph_settings(options, total_bytes, None, resumed),
+            )
+            result = pipeline.run()
+            if is_dataflow(options):
+                poll_dataflow(result, options, export_options.progress_seconds)
+            result.wait_until_finish()
+            return result
     # Held while the run lives; the next run removes it if a SIGKILL left it behind.
-    with held_scratch_directory("embexport-progress-") as progress_dir:
-        pipeline = beam.Pipeline(runner=local_runner(options), options=options)
+    with (
+        held_scratch_directory("embexport-progress-") as progress_dir,
+        _beam_pipeline(options, local_runner(options), progress_dir) as pipeline,
+    ):
         build_pipeline(
             pipeline,
             plan,

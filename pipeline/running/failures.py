@@ -79,6 +79,7 @@ def _wake_on_worker_failure(waiting: list[bool]) -> Any:
     if threading.current_thread() is not threading.main_thread():
         return None
     main = threading.main_thread().ident
+    previous = signal.getsignal(WAKE_SIGNAL)
 
     def raise_failure(signum: int, frame: FrameType | None) -> None:
         # Not once the run's own error is being told, nor for a SIGUSR1 from elsewhere (a host
@@ -86,9 +87,13 @@ def _wake_on_worker_failure(waiting: list[bool]) -> Any:
         # main thread, which may hold `local_workers`' lock as the signal lands.
         if waiting[0] and local_workers.any_failed():
             waiting[0] = False
-            raise local_workers.WorkerFailedError("a worker process failed")
+            raise local_workers.WorkerFailedError(local_workers.WORKER_FAILED)
+        if callable(previous):
+            # A host's own handler (gunicorn and uwsgi reopen their logs on SIGUSR1) still gets its
+            # signals; the default action (ending the process) and an ignored signal stay unused.
+            previous(signum, frame)
 
-    previous = signal.signal(WAKE_SIGNAL, raise_failure)
+    signal.signal(WAKE_SIGNAL, raise_failure)
     local_workers.wake_on_failure(lambda: signal.pthread_kill(main, WAKE_SIGNAL) if main else None)
     return previous
 
@@ -121,7 +126,7 @@ def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception |
             f"{rerun_to_finish(resume)}, with --direct_num_workers 1 (or a smaller --batch_size) if memory "
             "is short."
         )
-    if not signals and failed and isinstance(error, local_workers.WorkerFailedError):
+    if not signals and failed and _ended_for_a_failed_worker(error):
         code, last = failed[0]
         # Its own words, not TensorFlow's or absl's log lines (start-up notices about GPUs).
         said = [
@@ -144,6 +149,15 @@ def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception |
     return WorkerDiedError(
         f"a worker process was killed ({name}{why}); nothing was committed: "
         f"{rerun_to_finish(resume)}, with --direct_num_workers 1 if memory is short."
+    )
+
+
+def _ended_for_a_failed_worker(error: BaseException) -> bool:
+    """Whether the run's wait was ended for a failed worker: the main thread's wake, or (a run on another
+    thread) Beam's error from the instructions answered for it (`local_workers.WORKER_FAILED`)."""
+    return any(
+        isinstance(cause, local_workers.WorkerFailedError) or str(cause) == local_workers.WORKER_FAILED
+        for cause in _causes(error)
     )
 
 

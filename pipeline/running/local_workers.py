@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -53,6 +54,9 @@ _worker_options: list[dict[str, Any]] = [{}]
 _started: list[subprocess.Popen[bytes]] = []
 # The signals that killed workers of this process's runs (the OOM killer's SIGKILL, ...).
 _killed_by: list[int] = []
+# The workers the launcher itself SIGKILLed to end the run's wait for a failed one (`_end_the_wait`):
+# their deaths are no story of the run's, which is the failed worker's.
+_ended_for_another: set[int] = set()
 _lock = threading.Lock()
 # A worker's stderr: a Python traceback begins here and goes on until a log line.
 _TRACEBACK = b"Traceback (most recent call last):"
@@ -80,6 +84,15 @@ _run = [0]
 _stopping = [False]
 # The run's stall, once `stalled` ended it: what `stall` returns.
 _stall: list["Stall"] = []
+# While a run's pipeline runs under `failed_workers_answered`: whether it does, the control connections
+# Beam pushed its workers' instructions to, and the error they are answered with once a failed or
+# stalled worker ended the run off the main thread (`_answer_for_failed_workers`).
+_answering = [False]
+_connections: list[Any] = []
+_answered: list[str] = []
+# What the instructions of a run ended for a failed worker are answered with (Beam raises it as a
+# RuntimeError in the run's thread; `pipeline.running.failures` tells the failure in one line).
+WORKER_FAILED = "a worker process failed"
 # What a worker's state letter in /proc/PID/stat says of one that makes no progress.
 _STATES = {
     "T": "is stopped (SIGSTOP, SIGTSTP or a debugger)",
@@ -114,9 +127,7 @@ class _Subprocess:
     ) -> subprocess.Popen[bytes]:  # as Beam calls it
         # Beam's command is one command line (`python -m ...sdk_worker_main`); `trap` is POSIX sh.
         if kwargs.get("shell") and isinstance(args, str) and os.name == "posix":
-            args = _IGNORE_CTRL_C + (
-                args[: -len(_BEAM_WORKER)] + _WORKER if args.endswith(_BEAM_WORKER) else args
-            )
+            args = _IGNORE_CTRL_C + _worker_command(args)
         if kwargs.get("env") is not None and _worker_options[0]:
             kwargs["env"] = _with_options(kwargs["env"], _worker_options[0])
         copied = kwargs.get("stderr") is None
@@ -128,6 +139,19 @@ class _Subprocess:
         if copied and process.stderr is not None:
             threading.Thread(target=_copy_stderr, args=(process.stderr, process), daemon=True).start()
         return process
+
+
+def _worker_command(command: str) -> str:
+    """Beam's shell command for a worker, running `_WORKER` in its place, its interpreter's path quoted.
+
+    Beam writes `sys.executable` into the command unquoted: from a Python whose path holds a space
+    (a venv in "My Projects") or a shell character, the shell ran another program ("/.../My: not
+    found", status 127) and every run with worker processes failed, its rerun too.
+    """
+    if not command.endswith(_BEAM_WORKER):
+        return command
+    interpreter = command[: -len(_BEAM_WORKER)]
+    return (shlex.quote(interpreter) if interpreter == sys.executable else interpreter) + _WORKER
 
 
 def _with_options(env: dict[str, str], options: dict[str, Any]) -> dict[str, str]:
@@ -186,8 +210,9 @@ def _worker_failed(code: int, last: list[bytes]) -> None:
         return
     with _lock:
         _failed.append((code, last))
-        # Stopped by a signal (`stop_workers`): the run says it was interrupted, no more.
-        running = _tracebacks == HOLD and not _stopping[0] and on_failure is not None
+        # Stopped by a signal (`stop_workers`): the run says it was interrupted, no more. A run off the
+        # main thread has no wake: its wait is ended by answering its workers' instructions.
+        running = _tracebacks == HOLD and not _stopping[0] and (on_failure is not None or _answering[0])
     if running:
         timer = threading.Timer(FAILURE_GRACE_SECONDS, _end_the_wait, args=(_run[0],))
         timer.daemon = True  # A run that ended meanwhile does not wait for it.
@@ -201,12 +226,40 @@ def _end_the_wait(run: int) -> None:
     that failed at its shutdown as its run ended must not kill the next run's workers 15 s later.
     """
     with _lock:
-        if on_failure is None or _stopping[0] or run != _run[0]:
+        if (on_failure is None and not _answering[0]) or _stopping[0] or run != _run[0]:
             return
+        _ended_for_another.update(process.pid for process in _started if process.poll() is None)
     kill_workers()
+    _end_the_wait_now(WORKER_FAILED)
+
+
+def _end_the_wait_now(error: str) -> None:
+    """Ends the run's wait for its (killed) workers: the main thread's by its wake (`on_failure`), a run
+    on another thread by answering its workers' instructions with `error` (`_answer_for_failed_workers`)."""
     with _lock:  # `wake_on_failure(None)` takes the lock: no wake once the run stopped waiting.
-        if on_failure is not None and not _stopping[0]:
+        if _stopping[0]:
+            return
+        if on_failure is not None:
             on_failure()
+        elif _answering[0]:
+            _answer_for_failed_workers(error)
+
+
+def _answer_for_failed_workers(error: str) -> None:
+    """Answers every instruction the run's workers were sent and not answered, and every later one, with
+    `error` (under `_lock`).
+
+    Off the main thread there is no wake: a worker that died before it connected left Beam waiting
+    forever for the bundle queued to it (killing the other workers ends only their own bundles), the
+    run's thread with it, whatever --stall_timeout said. Beam then raises `error` in the run's thread.
+    """
+    from apache_beam.portability.api import beam_fn_api_pb2
+
+    _answered[:] = [error]
+    for connection in _connections:
+        for instruction_id, future in list(connection._futures_by_id.items()):
+            if not future.is_done():
+                future.set(beam_fn_api_pb2.InstructionResponse(instruction_id=instruction_id, error=error))
 
 
 def wake_on_failure(wake: Callable[[], None] | None) -> None:
@@ -235,8 +288,9 @@ def stalled(seconds: float, limit: float) -> None:
     SIGKILLed (their closed row files are durable, the rerun continues from them) and the
     launcher's wait is ended as for a failed worker; the run ends with the stall's story (`stall`).
     A run on another thread than the main one (a library user's) has no wake (`on_failure` is None:
-    only the main thread takes signals): its workers are killed all the same, which ends Beam's
-    wait as their connections close; it waited forever before.
+    only the main thread takes signals): its workers are killed all the same, and the instructions
+    they were sent are answered with an error (`_answer_for_failed_workers`), which ends Beam's wait
+    also for a worker that never connected; it waited forever before.
     """
     with _lock:
         running = [process for process in _started if process.poll() is None]
@@ -252,9 +306,7 @@ def stalled(seconds: float, limit: float) -> None:
             )
         )
     kill_workers()
-    with _lock:  # `wake_on_failure(None)` takes the lock: no wake once the run stopped waiting.
-        if on_failure is not None and not _stopping[0]:
-            on_failure()
+    _end_the_wait_now(WORKER_FAILED)
 
 
 def scheduler_times() -> dict[tuple[int, str], ThreadTimes]:
@@ -380,11 +432,14 @@ def hold_tracebacks() -> None:
         _held.clear()
         _failed.clear()
         _stall.clear()
+        _answered.clear()
+        _connections.clear()
         _stopping[0] = False
         # An earlier run's workers (one in the same process that a stop signal ended, its workers
         # SIGKILLed): their deaths are no story of this run's, which told a failure of its own as
         # "a worker process was killed (SIGKILL, perhaps for want of memory)".
         _killed_by.clear()
+        _ended_for_another.clear()
         _started[:] = [process for process in _started if process.poll() is None]
 
 
@@ -428,9 +483,7 @@ def ignoring_ctrl_c(worker_options: dict[str, Any] | None = None) -> Iterator[No
         # Beam waited for the workers of a run that ended normally; an interrupted run's
         # may still be stopping and stay listed for `kill_workers`.
         with _lock:
-            _killed_by.extend(
-                -code for process in _started if (code := process.poll()) is not None and code < 0
-            )
+            _killed_by.extend(_signals_of(_started))
             _started[:] = [process for process in _started if process.poll() is None]
 
 
@@ -469,14 +522,71 @@ def late_workers_stopped() -> Iterator[None]:
         setattr(connection, "close", close)  # noqa: B010
 
 
+@contextlib.contextmanager
+def failed_workers_answered() -> Iterator[None]:
+    """While active (the run's pipeline runs), a run without a wake (on another thread than the main one)
+    that a failed or stalled worker ended stops waiting for it (`_answer_for_failed_workers`).
+
+    Records each control connection Beam pushes an instruction to; once the run was ended, a later
+    instruction is answered at once with the same error, never sent to a worker that is gone.
+    """
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    connection = worker_handlers.ControlConnection
+    push = connection.push
+
+    def push_or_answer(self: Any, request: Any) -> Any:
+        if request is worker_handlers.BeamFnControlServicer._DONE_MARKER:
+            return push(self, request)
+        # Beam's push is called without `_lock`: Beam's close holds its own lock as it pushes.
+        with _lock:
+            if _answering[0] and self not in _connections:
+                _connections.append(self)
+            answered = _answered[0] if _answered else None
+        if answered is not None:
+            answer = beam_fn_api_pb2.InstructionResponse(
+                instruction_id=request.instruction_id, error=answered
+            )
+            return worker_handlers.ControlFuture(request.instruction_id, answer)
+        future = push(self, request)
+        with _lock:  # Ended while it was pushed, maybe after its future was looked for: answered here.
+            answered = _answered[0] if _answered else None
+        if answered is not None and not future.is_done():
+            future.set(
+                beam_fn_api_pb2.InstructionResponse(instruction_id=request.instruction_id, error=answered)
+            )
+        return future
+
+    # setattr: Beam's method is replaced on purpose, for the duration only.
+    setattr(connection, "push", push_or_answer)  # noqa: B010
+    with _lock:
+        _answering[0] = True
+    try:
+        yield
+    finally:
+        with _lock:
+            _answering[0] = False
+            _connections.clear()
+        setattr(connection, "push", push)  # noqa: B010
+
+
 def killed_by() -> list[int]:
     """The signals that killed worker processes of the run (a dead worker fails it), and forgets them."""
     with _lock:
-        signals = _killed_by + [
-            -code for process in _started if (code := process.poll()) is not None and code < 0
-        ]
+        signals = _killed_by + _signals_of(_started)
         _killed_by.clear()
     return signals
+
+
+def _signals_of(processes: list[subprocess.Popen[bytes]]) -> list[int]:
+    """The signals that killed those of `processes` that a signal ended, but not those the launcher killed
+    for a failed worker (`_ended_for_another`)."""
+    return [
+        -code
+        for process in processes
+        if (code := process.poll()) is not None and code < 0 and process.pid not in _ended_for_another
+    ]
 
 
 def kill_workers() -> None:

@@ -156,6 +156,17 @@ def work_seconds(
     return work
 
 
+def _threads_before_the_run() -> set[tuple[int, str]]:
+    """{(this process's pid, thread id)} of each of its threads but the calling one, as
+    `local_workers.scheduler_times` names them; empty where /proc cannot say."""
+    pid = os.getpid()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return set()
+    return {(pid, task) for task in tasks if task != str(threading.get_native_id())}
+
+
 def process_seconds() -> float:
     """Seconds since this process started (what a user has waited), or 0 where /proc cannot say."""
     try:
@@ -224,6 +235,10 @@ class ProgressMonitor:
         self._moved_at = self._looked_at = self._started
         self._scheduler_times = scheduler_times
         self._times: dict[tuple[int, str], ThreadTimes] = {}
+        # This process's threads that are not the run's: those that ran before it (a library caller's own,
+        # a service's), except the one that runs it. A caller's busy thread made the run look at work, so a
+        # stopped or deadlocked worker held it forever.
+        self._not_the_runs = _threads_before_the_run()
         self._io_bytes = io_bytes
         self._io: dict[int, int] = {}
         # Time to first row counts from the command's start (wall clock, as the workers record
@@ -292,6 +307,7 @@ class ProgressMonitor:
         # disk) is at work, also where a CPU limit or other work leaves it less than a quarter of a
         # core (its wait for one counts); an idle one polls at a few percent, a stopped one not at all.
         times = self._scheduler_times() if self._scheduler_times else {}
+        times = {thread: seen for thread, seen in times.items() if thread not in self._not_the_runs}
         busy = any(
             seconds >= BUSY_SHARE * (now - self._looked_at)
             for seconds in work_seconds(self._times, times).values()

@@ -376,6 +376,7 @@ def worker_package_path(options: PipelineOptions) -> Iterator[None]:
         with (
             local_workers.ignoring_ctrl_c(filesystem_options(options)),
             local_workers.late_workers_stopped(),
+            local_workers.failed_workers_answered(),
             local_workers.interrupt_stops_workers(),
         ):
             yield
