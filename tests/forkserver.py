@@ -6,7 +6,8 @@ server process per test worker imports them once (in the order the command
 does: `pipeline` first) and forks a child for each command, which then runs
 the module or script as `__main__` exactly as `python` would: fresh globals,
 `sys.argv`, `os.environ`, the working directory, its own stdin/stdout/stderr
-(passed over a Unix socket), its own session when asked, default signal
+(passed over a Unix socket), its own session when asked, root's power over file
+permissions dropped when asked (as under setpriv), default signal
 handlers, thread shutdown and `atexit` at its end, and an exit status as
 `subprocess.Popen` reports it (`-N` when killed by signal N). The child is a
 real process: tests kill it, signal its group and wait on it as before.
@@ -94,6 +95,44 @@ def _fresh_stdio(unbuffered=False):
     sys.stderr = sys.__stderr__ = stderr
 
 
+# The capabilities that let root read, write and search any file (capability.h), and their dropping.
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
+_PR_CAPBSET_DROP = 24
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# `setpriv --bounding-set=-dac_override,-dac_read_search --`: what a cold child is started under.
+WITHOUT_FILE_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def _drop_file_override():
+    """Drops root's power over file permissions from this process, as `WITHOUT_FILE_OVERRIDE` starts one.
+
+    setpriv takes the two capabilities out of the bounding set, so that the command it
+    execs never has them; a forked child, which execs nothing, also clears them from its
+    effective, permitted and inheritable sets (capset(2)).
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+
+    header, data = Header(_LINUX_CAPABILITY_VERSION_3, 0), (Data * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    kept = ~((1 << _CAP_DAC_OVERRIDE) | (1 << _CAP_DAC_READ_SEARCH)) & 0xFFFFFFFF
+    for name in ("effective", "permitted", "inheritable"):
+        setattr(data[0], name, getattr(data[0], name) & kept)
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
 def _run_child(request, fds, others):
     """In the forked child: becomes `python ARGV` and never returns."""
     status_socket, stdin, stdout, stderr = fds
@@ -107,6 +146,8 @@ def _run_child(request, fds, others):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for signum in request["ignored_signals"]:  # as inherited ignored across exec (`nohup`)
             signal.signal(signum, signal.SIG_IGN)
+        if request.get("without_file_override"):  # as `setpriv --bounding-set=-dac_override,...` does
+            _drop_file_override()
         if request["address_space"] is not None:  # as `prlimit --as=N` starts a command
             import resource
 
@@ -383,7 +424,7 @@ class ForkedProcess:
 FORKED_OPTIONS = {"cwd", "env", "stdin", "stdout", "stderr", "text", "start_new_session"}
 
 
-def popen(command, ignored_signals=(), address_space=None, **options):
+def popen(command, ignored_signals=(), address_space=None, without_file_override=False, **options):
     """`subprocess.Popen(command, **options)`, forked from the warm server when `command` runs Python code.
 
     `command` is `python -m MODULE ...`, `python -c CODE ...` or `python SCRIPT.py ...`
@@ -394,9 +435,13 @@ def popen(command, ignored_signals=(), address_space=None, **options):
     left by an earlier test's pipeline can abort the child before its exec). `address_space`: the bytes
     the child may map (RLIMIT_AS, soft and hard), as `prlimit --as=N` starts a command (cold: by
     prlimit itself); a forked child starts with the server's imports mapped, under the same limit.
+    `without_file_override`: root's child without its power over file permissions (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH), so that they apply to it as to an ordinary user (cold: under setpriv).
     """
     request = _python_argv(command)
     if request is None or set(options) - FORKED_OPTIONS:
+        if without_file_override:
+            command = [*WITHOUT_FILE_OVERRIDE, *command]
         if address_space is not None:
             command = ["prlimit", f"--as={address_space}", *command]
         if ignored_signals:
@@ -411,16 +456,34 @@ def popen(command, ignored_signals=(), address_space=None, **options):
         "new_session": options.get("start_new_session", False),
         "ignored_signals": [int(signum) for signum in ignored_signals],
         "address_space": address_space,
+        "without_file_override": without_file_override,
     }
     streams = (options.get(name) for name in ("stdin", "stdout", "stderr"))
     return ForkedProcess(command, request, *streams, options.get("text", False))
 
 
-def run(command, cwd=None, env=None, capture_output=False, text=False, timeout=None, address_space=None):
-    """`subprocess.run(command, ...)` through `popen`: a CompletedProcess (`address_space`: as `popen`'s)."""
+def run(
+    command,
+    cwd=None,
+    env=None,
+    capture_output=False,
+    text=False,
+    timeout=None,
+    address_space=None,
+    without_file_override=False,
+):
+    """`subprocess.run(command, ...)` through `popen`: a CompletedProcess (`address_space` and
+    `without_file_override`: as `popen`'s)."""
     pipe = subprocess.PIPE if capture_output else None
     process = popen(
-        command, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=text, address_space=address_space
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=pipe,
+        stderr=pipe,
+        text=text,
+        address_space=address_space,
+        without_file_override=without_file_override,
     )
     try:
         out, err = process.communicate(timeout=timeout)

@@ -36,8 +36,8 @@ from pipeline.writing import schema as schema_lib
 from pipeline.writing.reuse import ERRORS, REUSED, ReuseEarlierRowsFn
 
 TOLERANCE = 1e-5
-# Small files, closed often: a run of the large corpus is killed after a few of them.
-KILL_FLAGS = ("--batch_size", "8", "--checkpoint_seconds", "0.05")
+# Small files, closed often: a run of the large corpus (63 batches of 16) is killed after a few of them.
+KILL_FLAGS = ("--batch_size", "16", "--checkpoint_seconds", "0.05")
 # Blank texts each tokenizer here gives tokens: OOV words for Keras 2 (which splits on " "
 # only, and does not filter "\r" or NBSP), characters for the string model (spaces).
 BLANK_FIRST, BLANK_ONLY, BLANK_LAST = "\u00a0 ", "\t\r ", " \u00a0 "
@@ -229,7 +229,7 @@ def test_a_killed_run_with_blank_records_resumes_as_an_uninterrupted_one(model_n
     """A kill after x's row was kept: the rerun met x's blank record and refused ("the corpus changed")."""
     model, _, _ = request.getfixturevalue(model_name)
     corpus = tmp_path / "large.jsonl"
-    records = write_corpus(corpus, 2000)
+    records = write_corpus(corpus, 1000)
     reference = tmp_path / "reference"
     summary = _export(model, corpus, reference, *KILL_FLAGS)
     assert summary.exit_code == 0, summary.message

@@ -498,14 +498,14 @@ def test_an_unreadable_subdirectory_refuses_the_launch_naming_it(tmp_path, tiny_
     # A directory the pattern's files cannot be in (a mount's lost+found) is no reason to refuse.
     listing_code = f"from pipeline.reading import listing; print(listing.list_input({f'{corpus}/a*/*'!r}))"
     beside = [command[0], "-c", listing_code]
-    prefix = []
-    if os.geteuid() == 0:  # root reads any directory: run as an ordinary user would, without that power
-        if not shutil.which("setpriv"):
-            pytest.skip("needs setpriv to drop root's DAC capabilities")
-        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    # Root reads any directory: each child runs as an ordinary user would, without that power.
+    as_user = os.geteuid() == 0
+    if as_user and not forkserver.ENABLED and not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to drop root's DAC capabilities")
+    options = {"cwd": REPOSITORY, "capture_output": True, "text": True, "timeout": 120}
     try:
-        result = subprocess.run(prefix + command, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
-        listed = subprocess.run(prefix + beside, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+        result = forkserver.run(command, without_file_override=as_user, **options)
+        listed = forkserver.run(beside, without_file_override=as_user, **options)
     finally:
         os.chmod(corpus / "locked", 0o700)
     assert listed.returncode == 0 and "c.jsonl" in listed.stdout, listed.stderr[-2000:]

@@ -17,6 +17,8 @@ import tempfile
 import textwrap
 import threading
 import time
+import types
+from collections.abc import Callable
 
 import forkserver
 import pyarrow.parquet as pq
@@ -1147,23 +1149,39 @@ def test_a_stopped_worker_ends_the_run_after_stall_timeout_and_the_rerun_finishe
     assert state_lib.read_manifest(output)["resumed"] is not None
 
 
-def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_stopped(tmp_path):
+def _monitor_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
+    """The progress module's monotonic clock, moved by the test (`sleep`): the looks come at the times
+    the test names, not later where a loaded machine leaves this process waiting for a core."""
+    from pipeline.running import progress as progress_lib
+
+    now = [time.monotonic()]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], time=time.time)
+    monkeypatch.setattr(progress_lib, "time", clock)
+    return sleep
+
+
+def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_stopped(tmp_path, monkeypatch):
     """The watchdog's clock: no count moved for --stall_timeout seconds is a stall, said once; a look far
     later than due (the launcher itself stopped, Ctrl-Z) restarts it, since the run stood still with it."""
     from pipeline.running import progress as progress_lib
 
+    sleep = _monitor_clock(monkeypatch)
     calls = []
     monitor = progress_lib.ProgressMonitor(
         str(tmp_path), 1000, interval=0.05, stall_seconds=0.5, on_stall=lambda *args: calls.append(args)
     )
     totals = progress_lib.read_totals(str(tmp_path))
     monitor._watch_for_stall(totals, look=0.05)
-    time.sleep(0.3)
+    sleep(0.3)
     monitor._watch_for_stall({**totals, "records": 5}, look=0.05)  # A count moved: the clock restarts.
-    time.sleep(0.3)
+    sleep(0.3)
     monitor._watch_for_stall({**totals, "records": 5}, look=0.05)
     assert calls == []
-    time.sleep(0.3)
+    sleep(0.3)
     monitor._watch_for_stall({**totals, "records": 5}, look=1.0)  # 0.3 s late for a 1 s look: in time.
     assert len(calls) == 1 and calls[0][0] > 0.5 and calls[0][1] == 0.5, calls
     monitor._watch_for_stall({**totals, "records": 5}, look=0.05)
@@ -1178,13 +1196,13 @@ def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_sto
     )
     for _ in range(8):  # No count moves, but a process computes (a long batch): no stall.
         busy._watch_for_stall({**totals, "records": 5}, look=0.05)
-        time.sleep(0.1)
+        sleep(0.1)
         cpu[0] += 0.05
         cpu[2] += 10
     assert len(calls) == 1
     for _ in range(8):  # It idles, polling at 5 % of a core: a stall.
         busy._watch_for_stall({**totals, "records": 5}, look=0.05)
-        time.sleep(0.1)
+        sleep(0.1)
         cpu[0] += 0.005
         cpu[2] += 10
     assert len(calls) == 2
@@ -1198,12 +1216,15 @@ def test_the_progress_monitor_calls_a_stall_once_and_not_for_its_own_process_sto
     assert len(calls) == 2
 
 
-def test_a_run_that_stands_still_before_its_first_count_stalls_but_its_start_up_does_not(tmp_path):
+def test_a_run_that_stands_still_before_its_first_count_stalls_but_its_start_up_does_not(
+    tmp_path, monkeypatch
+):
     """The stall clock restarted at every look until something was counted: a worker stopped, deadlocked
     or on a hung mount as it started hung the run forever ("checking ids, 0% scanned" repeated). Its
     start-up counts nothing but computes (TensorFlow's import, the model's load), which is no stall."""
     from pipeline.running import progress as progress_lib
 
+    sleep = _monitor_clock(monkeypatch)
     calls = []
     thread = [0.0, 0.0, 0]  # Seconds on a CPU, seconds waiting for one, time slices.
     monitor = progress_lib.ProgressMonitor(
@@ -1217,14 +1238,14 @@ def test_a_run_that_stands_still_before_its_first_count_stalls_but_its_start_up_
     assert not any(nothing.values())
     for _ in range(8):  # Starting: importing, loading the model, on a tenth of a core.
         monitor._watch_for_stall(nothing, look=0.05)
-        time.sleep(0.1)
+        sleep(0.1)
         thread[0] += 0.01
         thread[1] += 0.09
         thread[2] += 10
     assert calls == []
     for _ in range(8):  # Stopped as it started: it neither runs nor waits.
         monitor._watch_for_stall(nothing, look=0.05)
-        time.sleep(0.1)
+        sleep(0.1)
     assert len(calls) == 1 and calls[0][1] == 0.5, calls
 
 

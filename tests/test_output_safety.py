@@ -459,23 +459,22 @@ def test_a_run_started_at_once_that_makes_the_new_output_first_is_no_unwritable_
 def _lock_as_a_user(*outputs):
     """Takes each of `outputs`' locks in turn, in one child process, as an ordinary user would (root
     without its power to write any file); returns what it said of each: "held" or the error."""
-    prefix = []
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("needs setpriv to drop root's DAC capabilities")
-        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    as_user = os.geteuid() == 0
+    if as_user and not forkserver.ENABLED and not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to drop root's DAC capabilities")
     code = (
         "import sys\nfrom pipeline.writing.lock import OutputLock\nfor output in sys.argv[1:]:\n"
         "    try:\n        with OutputLock(output):\n            print('held')\n"
         "    except Exception as error:\n        print(type(error).__name__, error)\n"
     )
-    result = subprocess.run(
-        [*prefix, sys.executable, "-c", code, *outputs],
+    result = forkserver.run(
+        [sys.executable, "-c", code, *outputs],
         cwd=REPOSITORY,
         env=dict(os.environ, PYTHONPATH=REPOSITORY),
         capture_output=True,
         text=True,
         timeout=120,
+        without_file_override=as_user,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.splitlines()

@@ -56,8 +56,9 @@ from pipeline.writing import state as state_lib
 from pipeline.writing.shards import TOKENIZER_COUNTS_KEY
 
 DOCUMENTS = 1000
-# Small files, closed often: the run is killed after a few of them, long before its end.
-FLAGS = ("--batch_size", "8", "--checkpoint_seconds", "0.05", "--keep_fields", "kind")
+# Small files, closed often: the run is killed after a few of them, long before its end (the corpus
+# is 63 batches of 16; a whole run closes a file every one to three of them).
+FLAGS = ("--batch_size", "16", "--checkpoint_seconds", "0.05", "--keep_fields", "kind")
 # A vector column of the tiny bundle's default layers.
 VECTOR_COLUMN = "lstm_content"
 TWO_PROCESSES = ("--direct_running_mode=multi_processing", "--direct_num_workers=2")
