@@ -319,6 +319,12 @@ def _spell_out_backward_layer(class_name: str, config: Config) -> None:
     config["backward_layer"] = backward
 
 
+def _keras2_class(layer_config: Config, class_name: str) -> None:
+    """Makes a layer config name the class of `models.keras2_layers` that computes as Keras 2's did."""
+    layer_config["module"] = None
+    layer_config["registered_name"] = f"{KERAS2_LAYERS_PACKAGE}>{class_name}"
+
+
 def translate_layer_config(layer_config: Config) -> Config:
     """Rewrites one Keras 2 layer config (and the layers nested in it) for Keras 3, in place.
 
@@ -428,6 +434,8 @@ def translate_layer_config(layer_config: Config) -> Config:
         # Dropout does nothing at inference, but with it Keras 3 takes a path whose softmax zeroes a
         # query step that sees no unmasked key (a padding step), where Keras 2 attends uniformly.
         config["dropout"] = 0.0
+        # Keras 3's deletes its inputs' masks, and gives a padding query step no attention weights.
+        _keras2_class(layer_config, class_name)
         if config.pop("softmax_robust_masking", False):
             raise LegacyModelError(
                 f"MultiHeadAttention {name!r} uses softmax_robust_masking=True, which Keras 3 lacks."
@@ -437,8 +445,7 @@ def translate_layer_config(layer_config: Config) -> Config:
     elif class_name in KERAS2_MERGE_LAYERS:
         # Keras 3 gives a merge of masked sequences the OR of the masks (none where an input has
         # none), Keras 2 the AND: a pooling or LSTM after a residual Add read the padding.
-        layer_config["module"] = None
-        layer_config["registered_name"] = f"{KERAS2_LAYERS_PACKAGE}>{class_name}"
+        _keras2_class(layer_config, class_name)
     if isinstance(config.get("axis"), list) and len(config["axis"]) > 1 and class_name not in MODELS:
         # Keras 3's legacy loader keeps an axis only when it is one number: LayerNormalization(axis=[1, 2])
         # fell back to axis=-1, silently where the layer has no weights (UnitNormalization, Softmax).

@@ -18,6 +18,7 @@ import typing
 import keras
 from keras import ops
 
+from models import keras_graph
 from models.keras2_config import KERAS2_LAYERS_PACKAGE as PACKAGE
 
 
@@ -109,3 +110,61 @@ class Concatenate(keras.layers.Concatenate):
             else:
                 masks.append(each)
         return ops.all(ops.concatenate(masks, axis=self.axis), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="MultiHeadAttention")
+class MultiHeadAttention(keras.layers.MultiHeadAttention):
+    """`keras.layers.MultiHeadAttention` with Keras 2's masks and its softmax over masked keys.
+
+    Keras 3's call deletes the Keras mask of the query, value and key tensors it is given: every
+    other layer that reads them afterwards (an `Attention`, a pooling of the same masked
+    `Embedding`) then read the padding that Keras 2 skips, and which layers did depended on the
+    order Keras ran them in, so on the other columns of an export. And where a query step sees
+    no unmasked key (a padding step), Keras 3's softmax gives it no weight at all, Keras 2's the
+    same weight on every key: its attention scores and output there differed.
+    """
+
+    def call(
+        self,
+        query: typing.Any,
+        value: typing.Any,
+        key: typing.Any = None,
+        query_mask: typing.Any = None,
+        value_mask: typing.Any = None,
+        key_mask: typing.Any = None,
+        attention_mask: typing.Any = None,
+        return_attention_scores: bool = False,
+        training: typing.Any = None,
+        use_causal_mask: bool = False,
+    ) -> typing.Any:
+        # The signature is Keras 3's own: Keras passes the `*_mask` arguments by their names.
+        tensors = [tensor for tensor in (query, value, key) if tensor is not None]
+        masks = [keras_graph.tensor_mask(tensor) for tensor in tensors]
+        try:
+            return super().call(
+                query,
+                value,
+                key=key,
+                query_mask=query_mask,
+                value_mask=value_mask,
+                key_mask=key_mask,
+                attention_mask=attention_mask,
+                return_attention_scores=return_attention_scores,
+                training=training,
+                use_causal_mask=use_causal_mask,
+            )
+        finally:
+            for tensor, mask in zip(tensors, masks, strict=True):
+                keras_graph.set_tensor_mask(tensor, mask)
+
+    def _masked_softmax(self, attention_scores: typing.Any, attention_mask: typing.Any = None) -> typing.Any:
+        if attention_mask is None:
+            return super()._masked_softmax(attention_scores, attention_mask)
+        # Keras 2's Softmax: a large negative number added at the masked keys, nothing zeroed after.
+        expansion_axis = -len(self._attention_axes) * 2 - 1
+        for _ in range(len(attention_scores.shape) - len(attention_mask.shape)):
+            attention_mask = ops.expand_dims(attention_mask, axis=expansion_axis)
+        dtype = attention_scores.dtype
+        large_negative = -32752.0 if keras.backend.standardize_dtype(dtype) == "float16" else -1e9
+        adder = (1.0 - ops.cast(attention_mask, dtype)) * ops.cast(large_negative, dtype)
+        return self._softmax(attention_scores + adder)

@@ -265,10 +265,21 @@ reading_back = Embedding(50, 4)(inp)
 backwards = Model(inp, [Bidirectional(GRU(3, go_backwards=True), name="bi_vector")(reading_back),
                         Bidirectional(LSTM(2, go_backwards=True, return_sequences=True), name="bi_sequence")(
                             reading_back)])
+# MultiHeadAttention on a masked sequence: Keras 3's deleted the masks of its inputs for the layers run
+# after it (the Attention beside this transformer block read the padding), and gave a padding query
+# step no attention weight, where Keras 2 spreads it evenly (its scores there, and a Dense over them).
+sequence = Embedding(50, 6, mask_zero=True)(inp)
+attended = MultiHeadAttention(num_heads=2, key_dim=3)(sequence, sequence)
+block = LayerNormalization()(Add()([sequence, attended]))
+scored, scores = MultiHeadAttention(num_heads=2, key_dim=3)(sequence, sequence, return_attention_scores=True)
+attention_masks = Model(inp, [
+    Concatenate(name="block_and_attention")([GlobalAveragePooling1D()(block),
+                                             GlobalAveragePooling1D()(Attention()([sequence, sequence]))]),
+    Dense(2, name="from_scores")(Concatenate()([Flatten()(scored), Flatten()(scores)]))])
 for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op),
                     ("attention", attention), ("started_masked", started_masked), ("axes", axes),
                     ("masks", masks), ("started", started), ("convolutions", convolutions),
-                    ("slashed", slashed), ("backwards", backwards)):
+                    ("slashed", slashed), ("backwards", backwards), ("attention_masks", attention_masks)):
     # Random weights, all different from their initial values (variances stay positive).
     model.set_weights([
         np.abs(value) + 0.5 if "moving_variance" in weight.name else value
@@ -284,7 +295,7 @@ for name, model in (("many", many), ("sequential", sequential), ("nested", neste
         calls = [i for i in nodes if f"{layer.name}_ib-{i}" in model._network_nodes]
         for call, node in enumerate(calls):
             tensor = layer.get_output_at(node)
-            if not isinstance(layer, tf_keras.layers.InputLayer) and not isinstance(tensor, list):
+            if not isinstance(layer, tf_keras.layers.InputLayer) and not isinstance(tensor, (list, tuple)):
                 keys.append(f"zoo|{name}|{layer.name}:{call}")
                 tensors.append(tensor)
     values = Model(model.inputs, tensors).predict(inputs, verbose=0)
@@ -581,7 +592,17 @@ def test_legacy_layers_match_tf_keras(keras2):
     # Keras's name counts as in a fresh process, where a model whose masked Concatenate is named
     # "concatenate" was refused: Keras 3 gave the operation computing its mask that name too.
     keras.backend.clear_session()
-    for name in ("masks", "many", "sequential", "nested", "attention", "axes", "started", "convolutions"):
+    for name in (
+        "masks",
+        "many",
+        "sequential",
+        "nested",
+        "attention",
+        "axes",
+        "started",
+        "convolutions",
+        "attention_masks",
+    ):
         model = load_model_file(str(directory / f"zoo_{name}.h5"))
         calls = layer_calls(model)
         inputs = ids if len(model.inputs) == 1 else [ids, ids[:, :8]]
@@ -600,6 +621,32 @@ def test_legacy_layers_match_tf_keras(keras2):
     # Rebuilt, it would read the padding Keras 2 skips.
     with pytest.raises(LegacyModelError, match="starts from initial_state and reads a masked sequence"):
         load_model_file(str(directory / "zoo_started_masked.h5"))
+
+
+def _zoo_output(directory, name, layer, allow_unsafe=False):
+    """Keras 3's forward pass of one layer of a zoo model, as an export of that layer alone runs it."""
+    model = load_model_file(str(directory / f"zoo_{name}.h5"), allow_unsafe=allow_unsafe)
+    tensor = layer_calls(model)[layer][0]
+    return keras.Model(model.inputs, tensor).predict(np.load(directory / "zoo_ids.npy"), verbose=0)
+
+
+def test_a_multi_head_attention_leaves_its_inputs_masks_to_the_layers_run_after_it(keras2):
+    # Keras 3's MultiHeadAttention deleted the mask of its query: the Attention beside the transformer
+    # block, which Keras runs after it, attended to the padding (0.07 off).
+    directory, references, _ = keras2
+    actual = _zoo_output(directory, "attention_masks", "block_and_attention")
+    expected = references["zoo|attention_masks|block_and_attention:0"]
+    np.testing.assert_allclose(actual, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_a_multi_head_attention_spreads_a_padding_query_step_over_every_key_as_keras2(keras2):
+    # Keras 3's softmax gave a query step that sees no unmasked key no weight at all; Keras 2 the
+    # same weight on every key: its scores and output there, and a Dense over them, differed.
+    directory, references, _ = keras2
+    actual = _zoo_output(directory, "attention_masks", "from_scores")
+    np.testing.assert_allclose(
+        actual, references["zoo|attention_masks|from_scores:0"], atol=TOLERANCE, rtol=0
+    )
 
 
 def test_keras2_layer_names_with_a_slash_load_with_an_underscore(keras2, caplog):
