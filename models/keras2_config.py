@@ -53,6 +53,9 @@ SUPPORTED_LAYERS = (
     "Maximum",
     "Minimum",
     "Masking",
+    "Identity",
+    "Rescaling",
+    "Normalization",
     "Flatten",
     "Reshape",
     "Lambda",
@@ -101,6 +104,9 @@ _ACTIVATION_KEYS = ("activation", "recurrent_activation")
 # Keras 2 merge layers whose masks Keras 3 computes otherwise; a translated config names the class of
 # `models.keras2_layers` that computes as Keras 2 did, registered in this package.
 KERAS2_MERGE_LAYERS = ("Add", "Subtract", "Average", "Multiply", "Maximum", "Minimum", "Concatenate")
+# Keras 2 layers that passed no mask on, where Keras 3's namesakes do (a pooling after them read the
+# padding in Keras 2): each is built as the class of `models.keras2_layers` that computes as Keras 2 did.
+KERAS2_UNMASKED_LAYERS = ("Identity", "Rescaling", "Normalization")
 KERAS2_LAYERS_PACKAGE = "embexport_keras2"
 
 
@@ -445,6 +451,8 @@ def translate_layer_config(layer_config: Config) -> Config:
     elif class_name in KERAS2_MERGE_LAYERS:
         # Keras 3 gives a merge of masked sequences the OR of the masks (none where an input has
         # none), Keras 2 the AND: a pooling or LSTM after a residual Add read the padding.
+        _keras2_class(layer_config, class_name)
+    elif class_name in KERAS2_UNMASKED_LAYERS:
         _keras2_class(layer_config, class_name)
     if isinstance(config.get("axis"), list) and len(config["axis"]) > 1 and class_name not in MODELS:
         # Keras 3's legacy loader keeps an axis only when it is one number: LayerNormalization(axis=[1, 2])

@@ -168,3 +168,33 @@ class MultiHeadAttention(keras.layers.MultiHeadAttention):
         large_negative = -32752.0 if keras.backend.standardize_dtype(dtype) == "float16" else -1e9
         adder = (1.0 - ops.cast(attention_mask, dtype)) * ops.cast(large_negative, dtype)
         return self._softmax(attention_scores + adder)
+
+
+class _WithoutMask:
+    """Keras 2's layer of this name passed no mask on (Keras 3's does): a later pooling reads every step."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.supports_masking = False
+
+    def compute_mask(self, inputs: typing.Any, mask: typing.Any = None) -> typing.Any:
+        return None
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Identity")
+class Identity(_WithoutMask, keras.layers.Identity):
+    """`keras.layers.Identity` without the mask of its input, as in Keras 2."""
+
+    def call(self, inputs: typing.Any) -> typing.Any:
+        # A new tensor: Keras 3's returns its input itself, and with it the mask that input carries.
+        return ops.copy(inputs)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Rescaling")
+class Rescaling(_WithoutMask, keras.layers.Rescaling):
+    """`keras.layers.Rescaling` without the mask of its input, as in Keras 2."""
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Normalization")
+class Normalization(_WithoutMask, keras.layers.Normalization):
+    """`keras.layers.Normalization` without the mask of its input, as in Keras 2."""

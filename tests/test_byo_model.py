@@ -58,7 +58,8 @@ from tf_keras.layers import (Input, Embedding, LSTM, GRU, SimpleRNN, Dense, Lamb
     TimeDistributed, Conv1D, MaxPooling1D, GlobalAveragePooling1D, GlobalMaxPooling1D, BatchNormalization,
     LayerNormalization, SpatialDropout1D, Dropout, Activation, Concatenate, Add, Average, Multiply, Masking,
     Flatten, Reshape, Attention, AdditiveAttention, MultiHeadAttention, Softmax, UnitNormalization, Subtract,
-    Maximum, Minimum, RNN, GRUCell, LSTMCell, SeparableConv1D, DepthwiseConv1D)
+    Maximum, Minimum, RNN, GRUCell, LSTMCell, SeparableConv1D, DepthwiseConv1D, Identity, Rescaling,
+    Normalization)
 from tf_keras.models import Model, Sequential
 from tf_keras.preprocessing.text import Tokenizer
 from tf_keras.preprocessing.sequence import pad_sequences
@@ -276,10 +277,17 @@ attention_masks = Model(inp, [
     Concatenate(name="block_and_attention")([GlobalAveragePooling1D()(block),
                                              GlobalAveragePooling1D()(Attention()([sequence, sequence]))]),
     Dense(2, name="from_scores")(Concatenate()([Flatten()(scored), Flatten()(scores)]))])
+# Keras 2's Identity, Rescaling and Normalization pass no mask on (the pooling after them reads the
+# padding).
+sequence = Embedding(50, 6, mask_zero=True)(inp)
+kept_off = (Identity(), Rescaling(2.0, 0.5), Normalization(mean=0.1, variance=2.0))
+unmasked = Model(inp, [GlobalAveragePooling1D(name=f"pooled_{index}")(layer(sequence))
+                       for index, layer in enumerate(kept_off)])
 for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op),
                     ("attention", attention), ("started_masked", started_masked), ("axes", axes),
                     ("masks", masks), ("started", started), ("convolutions", convolutions),
-                    ("slashed", slashed), ("backwards", backwards), ("attention_masks", attention_masks)):
+                    ("slashed", slashed), ("backwards", backwards), ("attention_masks", attention_masks),
+                    ("unmasked", unmasked)):
     # Random weights, all different from their initial values (variances stay positive).
     model.set_weights([
         np.abs(value) + 0.5 if "moving_variance" in weight.name else value
@@ -602,6 +610,7 @@ def test_legacy_layers_match_tf_keras(keras2):
         "started",
         "convolutions",
         "attention_masks",
+        "unmasked",
     ):
         model = load_model_file(str(directory / f"zoo_{name}.h5"))
         calls = layer_calls(model)
@@ -647,6 +656,14 @@ def test_a_multi_head_attention_spreads_a_padding_query_step_over_every_key_as_k
     np.testing.assert_allclose(
         actual, references["zoo|attention_masks|from_scores:0"], atol=TOLERANCE, rtol=0
     )
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["Identity", "Rescaling", "Normalization"])
+def test_a_keras2_layer_that_passed_no_mask_on_is_rebuilt_without_one(keras2, index):
+    # Keras 3's pass the mask on: the pooling after them averaged the real tokens only, Keras 2's every step.
+    directory, references, _ = keras2
+    actual = _zoo_output(directory, "unmasked", f"pooled_{index}")
+    np.testing.assert_allclose(actual, references[f"zoo|unmasked|pooled_{index}:0"], atol=TOLERANCE, rtol=0)
 
 
 def test_keras2_layer_names_with_a_slash_load_with_an_underscore(keras2, caplog):
