@@ -56,6 +56,7 @@ SUPPORTED_LAYERS = (
     "Identity",
     "Rescaling",
     "Normalization",
+    "ThresholdedReLU",
     "Flatten",
     "Reshape",
     "Lambda",
@@ -105,8 +106,10 @@ _ACTIVATION_KEYS = ("activation", "recurrent_activation")
 # `models.keras2_layers` that computes as Keras 2 did, registered in this package.
 KERAS2_MERGE_LAYERS = ("Add", "Subtract", "Average", "Multiply", "Maximum", "Minimum", "Concatenate")
 # Keras 2 layers that passed no mask on, where Keras 3's namesakes do (a pooling after them read the
-# padding in Keras 2): each is built as the class of `models.keras2_layers` that computes as Keras 2 did.
+# padding in Keras 2), and Keras 2's ThresholdedReLU, which Keras 3 lacks: each is built as the
+# class of `models.keras2_layers` that computes as Keras 2 did.
 KERAS2_UNMASKED_LAYERS = ("Identity", "Rescaling", "Normalization")
+KERAS2_ONLY_LAYERS = ("ThresholdedReLU",)
 KERAS2_LAYERS_PACKAGE = "embexport_keras2"
 
 
@@ -452,7 +455,7 @@ def translate_layer_config(layer_config: Config) -> Config:
         # Keras 3 gives a merge of masked sequences the OR of the masks (none where an input has
         # none), Keras 2 the AND: a pooling or LSTM after a residual Add read the padding.
         _keras2_class(layer_config, class_name)
-    elif class_name in KERAS2_UNMASKED_LAYERS:
+    elif class_name in KERAS2_UNMASKED_LAYERS or class_name in KERAS2_ONLY_LAYERS:
         _keras2_class(layer_config, class_name)
     if isinstance(config.get("axis"), list) and len(config["axis"]) > 1 and class_name not in MODELS:
         # Keras 3's legacy loader keeps an axis only when it is one number: LayerNormalization(axis=[1, 2])

@@ -198,3 +198,22 @@ class Rescaling(_WithoutMask, keras.layers.Rescaling):
 @keras.saving.register_keras_serializable(package=PACKAGE, name="Normalization")
 class Normalization(_WithoutMask, keras.layers.Normalization):
     """`keras.layers.Normalization` without the mask of its input, as in Keras 2."""
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="ThresholdedReLU")
+class ThresholdedReLU(keras.layers.Layer):
+    """Keras 2's `ThresholdedReLU` (`x` where `x > theta`, else 0), which Keras 3 no longer has."""
+
+    def __init__(self, theta: float = 1.0, **kwargs: typing.Any) -> None:
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.theta = float(theta)
+
+    def call(self, inputs: typing.Any) -> typing.Any:
+        return inputs * ops.cast(ops.greater(inputs, self.theta), inputs.dtype)
+
+    def compute_output_shape(self, input_shape: typing.Any) -> typing.Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, typing.Any]:
+        return {**super().get_config(), "theta": self.theta}

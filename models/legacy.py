@@ -307,6 +307,9 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     except LegacyModelError:
         raise
     except Exception as error:  # Keras raises TypeError/ValueError/KeyError for configs it cannot build.
+        unknown = _unknown_layer_error(path, error)
+        if unknown is not None:
+            raise unknown from None
         hint = ""
         if lambdas:
             hint = (
@@ -330,6 +333,25 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     )
     note_renamed_layers(model, {saved_name: name for name, saved_name in saved_names.items()})
     return model
+
+
+def _unknown_layer_error(path: str, error: Exception) -> CustomClassError | None:
+    """The error for a Keras 2 file naming a layer class Keras 3 does not have, else None.
+
+    Keras says "Unknown layer: 'NAME'. Please ensure you are using a
+    `keras.utils.custom_object_scope` ...": advice about code the export cannot be given.
+    """
+    found = re.search(r"Unknown layer: '([^']+)'", str(error))
+    if found is None:
+        return None
+    name = found.group(1)
+    label = f"{name.rpartition('>')[2]!r} (registered as {name!r})" if ">" in name else repr(name)
+    return CustomClassError(
+        f"{path} uses the layer class {label}, which Keras 3 does not have: a custom layer of the code "
+        "that trained the model, or a Keras 2 layer that Keras 3 removed (LocallyConnected1D, ...). "
+        "Rebuild the model in tf_keras from layers Keras 3 has (built-in layers, or a Lambda, computing "
+        "the same), copy the weights (new.set_weights(old.get_weights())) and save it as .h5 again."
+    )
 
 
 def _keras3_operation_error(path: str, error: ValueError) -> LegacyModelError | None:

@@ -59,7 +59,7 @@ from tf_keras.layers import (Input, Embedding, LSTM, GRU, SimpleRNN, Dense, Lamb
     LayerNormalization, SpatialDropout1D, Dropout, Activation, Concatenate, Add, Average, Multiply, Masking,
     Flatten, Reshape, Attention, AdditiveAttention, MultiHeadAttention, Softmax, UnitNormalization, Subtract,
     Maximum, Minimum, RNN, GRUCell, LSTMCell, SeparableConv1D, DepthwiseConv1D, Identity, Rescaling,
-    Normalization)
+    Normalization, ThresholdedReLU)
 from tf_keras.models import Model, Sequential
 from tf_keras.preprocessing.text import Tokenizer
 from tf_keras.preprocessing.sequence import pad_sequences
@@ -278,11 +278,16 @@ attention_masks = Model(inp, [
                                              GlobalAveragePooling1D()(Attention()([sequence, sequence]))]),
     Dense(2, name="from_scores")(Concatenate()([Flatten()(scored), Flatten()(scores)]))])
 # Keras 2's Identity, Rescaling and Normalization pass no mask on (the pooling after them reads the
-# padding).
+# padding); Keras 3 has no ThresholdedReLU.
 sequence = Embedding(50, 6, mask_zero=True)(inp)
-kept_off = (Identity(), Rescaling(2.0, 0.5), Normalization(mean=0.1, variance=2.0))
+kept_off = (Identity(), Rescaling(2.0, 0.5), Normalization(mean=0.1, variance=2.0), ThresholdedReLU(0.1))
 unmasked = Model(inp, [GlobalAveragePooling1D(name=f"pooled_{index}")(layer(sequence))
                        for index, layer in enumerate(kept_off)])
+# A layer class of the training script: Keras 3 has no such class.
+class Doubled(tf_keras.layers.Layer):
+    def call(self, inputs):
+        return inputs * 2.0
+Model(inp, Flatten()(Doubled()(Embedding(50, 4)(inp)))).save(os.path.join(out, "custom_class.h5"))
 for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op),
                     ("attention", attention), ("started_masked", started_masked), ("axes", axes),
                     ("masks", masks), ("started", started), ("convolutions", convolutions),
@@ -664,6 +669,19 @@ def test_a_keras2_layer_that_passed_no_mask_on_is_rebuilt_without_one(keras2, in
     directory, references, _ = keras2
     actual = _zoo_output(directory, "unmasked", f"pooled_{index}")
     np.testing.assert_allclose(actual, references[f"zoo|unmasked|pooled_{index}:0"], atol=TOLERANCE, rtol=0)
+
+
+def test_a_keras2_thresholded_relu_loads_and_a_class_keras3_lacks_is_one_line_saying_to_rebuild(keras2):
+    # Keras 3 has no ThresholdedReLU: both were refused with advice about keras.utils.custom_object_scope.
+    directory, references, _ = keras2
+    actual = _zoo_output(directory, "unmasked", "pooled_3")
+    np.testing.assert_allclose(actual, references["zoo|unmasked|pooled_3:0"], atol=TOLERANCE, rtol=0)
+    with pytest.raises(LegacyModelError) as refused:
+        load_model_file(str(directory / "custom_class.h5"))
+    message = str(refused.value)
+    assert "uses the layer class 'Doubled', which Keras 3 does not have" in message
+    assert "custom_object_scope" not in message and "\n" not in message
+    assert message.endswith("copy the weights (new.set_weights(old.get_weights())) and save it as .h5 again.")
 
 
 def test_keras2_layer_names_with_a_slash_load_with_an_underscore(keras2, caplog):
