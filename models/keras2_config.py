@@ -88,7 +88,14 @@ _BATCH_NORM_DEFAULTS = {"fused": None, "virtual_batch_size": None, "adjustment":
 # from its call instead.
 _ATTENTION_BUILD_SHAPES = ("query_shape", "key_shape", "value_shape")
 _SEPARABLE_CONVOLUTIONS = ("SeparableConv1D", "SeparableConv2D", "DepthwiseConv1D", "DepthwiseConv2D")
-_LAMBDA_LEGACY_KEYS = ("module", "function_type", "output_shape_type", "output_shape_module")
+_LAMBDA_LEGACY_KEYS = (
+    "module",
+    "function_type",
+    "output_shape_type",
+    "output_shape_module",
+    "mask_type",
+    "mask_module",
+)
 
 
 # Keras 2's hard_sigmoid is clip(0.2 x + 0.5, 0, 1), Keras 3's clip(x / 6 + 0.5, 0, 1): the name
@@ -173,10 +180,10 @@ def _policy_name(dtype: str | Config | None) -> str | Config | None:
     return dtype
 
 
-def _translate_lambda(config: Config, name: str) -> None:
+def _translate_lambda(layer_config: Config, config: Config, name: str) -> None:
     for key in _LAMBDA_LEGACY_KEYS:
         config.pop(key, None)
-    for key in ("function", "output_shape"):
+    for key in ("function", "output_shape", "mask"):
         value = config.get(key)
         if isinstance(value, list) and len(value) == 3 and isinstance(value[0], str):
             # Keras 2 stores (marshalled code, defaults, closure) as a list.
@@ -184,12 +191,17 @@ def _translate_lambda(config: Config, name: str) -> None:
                 "class_name": "__lambda__",
                 "config": {"code": value[0], "defaults": value[1], "closure": value[2]},
             }
-        elif key == "function" and isinstance(value, str):
+        elif key != "output_shape" and isinstance(value, str):
+            role = "calls" if key == "function" else "computes its mask with"
             raise LegacyModelError(
-                f"Lambda layer {name!r} calls the named Python function {value!r}, which the "
+                f"Lambda layer {name!r} {role} the named Python function {value!r}, which the "
                 "file does not contain. Rebuild the model with that function replaced by a "
                 "lambda or a built-in layer."
             )
+    if config.get("mask") is not None:
+        # `Lambda(f, mask=lambda inputs, mask: mask)`, which keeps the mask on: Keras 3's Lambda
+        # builds the function and output shape from such a config but not the mask.
+        _keras2_class(layer_config, LAMBDA)
     if isinstance(config.get("output_shape"), list):
         config["output_shape"] = [None if d is None else int(d) for d in config["output_shape"]]
 
@@ -450,7 +462,7 @@ def translate_layer_config(layer_config: Config) -> Config:
                 f"MultiHeadAttention {name!r} uses softmax_robust_masking=True, which Keras 3 lacks."
             )
     elif class_name == LAMBDA:
-        _translate_lambda(config, name)
+        _translate_lambda(layer_config, config, name)
     elif class_name in KERAS2_MERGE_LAYERS:
         # Keras 3 gives a merge of masked sequences the OR of the masks (none where an input has
         # none), Keras 2 the AND: a pooling or LSTM after a residual Add read the padding.

@@ -217,3 +217,23 @@ class ThresholdedReLU(keras.layers.Layer):
 
     def get_config(self) -> dict[str, typing.Any]:
         return {**super().get_config(), "theta": self.theta}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE, name="Lambda")
+class Lambda(keras.layers.Lambda):
+    """`keras.layers.Lambda` that also builds a mask function given as a Python lambda (Keras 2's `mask=`)."""
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, typing.Any], custom_objects: typing.Any = None, safe_mode: bool | None = None
+    ) -> Lambda:
+        mask = config.get("mask")
+        if isinstance(mask, dict):
+            # Keras 3's own loader, with its safe-mode check, builds the mask function as a layer's function.
+            config = {
+                **config,
+                "mask": keras.layers.Lambda.from_config({"function": mask}, safe_mode=safe_mode).function,
+            }
+        return typing.cast(
+            Lambda, super().from_config(config, custom_objects=custom_objects, safe_mode=safe_mode)
+        )

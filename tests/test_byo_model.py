@@ -288,11 +288,15 @@ class Doubled(tf_keras.layers.Layer):
     def call(self, inputs):
         return inputs * 2.0
 Model(inp, Flatten()(Doubled()(Embedding(50, 4)(inp)))).save(os.path.join(out, "custom_class.h5"))
+# A Lambda that keeps the mask on (Keras 2 stores its mask function beside its function).
+keeping = Lambda(lambda t: t * 2.0, mask=lambda _, mask: mask)
+kept = keeping(Embedding(50, 6, mask_zero=True)(inp))
+lambda_mask = Model(inp, GlobalAveragePooling1D(name="pooled")(kept))
 for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op),
                     ("attention", attention), ("started_masked", started_masked), ("axes", axes),
                     ("masks", masks), ("started", started), ("convolutions", convolutions),
                     ("slashed", slashed), ("backwards", backwards), ("attention_masks", attention_masks),
-                    ("unmasked", unmasked)):
+                    ("unmasked", unmasked), ("lambda_mask", lambda_mask)):
     # Random weights, all different from their initial values (variances stay positive).
     model.set_weights([
         np.abs(value) + 0.5 if "moving_variance" in weight.name else value
@@ -682,6 +686,13 @@ def test_a_keras2_thresholded_relu_loads_and_a_class_keras3_lacks_is_one_line_sa
     assert "uses the layer class 'Doubled', which Keras 3 does not have" in message
     assert "custom_object_scope" not in message and "\n" not in message
     assert message.endswith("copy the weights (new.set_weights(old.get_weights())) and save it as .h5 again.")
+
+
+def test_a_keras2_lambda_that_keeps_the_mask_on_loads(keras2):
+    # Keras 3 refused the keys of its mask function: "Unrecognized keyword arguments passed to Lambda".
+    directory, references, _ = keras2
+    actual = _zoo_output(directory, "lambda_mask", "pooled", allow_unsafe=True)
+    np.testing.assert_allclose(actual, references["zoo|lambda_mask|pooled:0"], atol=TOLERANCE, rtol=0)
 
 
 def test_keras2_layer_names_with_a_slash_load_with_an_underscore(keras2, caplog):
