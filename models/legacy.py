@@ -78,7 +78,11 @@ def custom_class_error(path: str, config: Config, error: Exception) -> CustomCla
         for item in _config_dicts(config)
         if item.get("class_name") == name and item.get("registered_name")
     ]
-    label = registered[0] if registered else name
+    return _custom_class(path, registered[0] if registered else name)
+
+
+def _custom_class(path: str, label: str) -> CustomClassError:
+    """The error for a Keras 3 model file that uses the class `label` of the code that trained it."""
     return CustomClassError(
         f"{path} uses the custom class {label!r} (a layer or a subclassed Model defined in the code that "
         "trained it), which Keras cannot rebuild without that code. Rebuild the model from built-in "
@@ -279,6 +283,10 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
             model = keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
         except ValueError as error:
             refusal = _keras3_operation_error(path, error)
+            unknown_class = re.search(r"Unknown layer: '([^']+)'", str(error))
+            if refusal is None and unknown_class is not None:
+                # Keras's own words were "Please ensure you are using a keras.utils.custom_object_scope".
+                refusal = _custom_class(path, unknown_class.group(1))
             if refusal is None:
                 raise
             raise refusal from None
