@@ -187,7 +187,7 @@ class Identity(_WithoutMask, keras.layers.Identity):
 
     def call(self, inputs: typing.Any) -> typing.Any:
         # A new tensor: Keras 3's returns its input itself, and with it the mask that input carries.
-        return ops.copy(inputs)
+        return keras.tree.map_structure(ops.copy, inputs)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE, name="Rescaling")
