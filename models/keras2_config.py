@@ -53,6 +53,10 @@ SUPPORTED_LAYERS = (
     "Maximum",
     "Minimum",
     "Masking",
+    "Identity",
+    "Rescaling",
+    "Normalization",
+    "ThresholdedReLU",
     "Flatten",
     "Reshape",
     "Lambda",
@@ -84,7 +88,14 @@ _BATCH_NORM_DEFAULTS = {"fused": None, "virtual_batch_size": None, "adjustment":
 # from its call instead.
 _ATTENTION_BUILD_SHAPES = ("query_shape", "key_shape", "value_shape")
 _SEPARABLE_CONVOLUTIONS = ("SeparableConv1D", "SeparableConv2D", "DepthwiseConv1D", "DepthwiseConv2D")
-_LAMBDA_LEGACY_KEYS = ("module", "function_type", "output_shape_type", "output_shape_module")
+_LAMBDA_LEGACY_KEYS = (
+    "module",
+    "function_type",
+    "output_shape_type",
+    "output_shape_module",
+    "mask_type",
+    "mask_module",
+)
 
 
 # Keras 2's hard_sigmoid is clip(0.2 x + 0.5, 0, 1), Keras 3's clip(x / 6 + 0.5, 0, 1): the name
@@ -101,6 +112,11 @@ _ACTIVATION_KEYS = ("activation", "recurrent_activation")
 # Keras 2 merge layers whose masks Keras 3 computes otherwise; a translated config names the class of
 # `models.keras2_layers` that computes as Keras 2 did, registered in this package.
 KERAS2_MERGE_LAYERS = ("Add", "Subtract", "Average", "Multiply", "Maximum", "Minimum", "Concatenate")
+# Keras 2 layers that passed no mask on, where Keras 3's namesakes do (a pooling after them read the
+# padding in Keras 2), and Keras 2's ThresholdedReLU, which Keras 3 lacks: each is built as the
+# class of `models.keras2_layers` that computes as Keras 2 did.
+KERAS2_UNMASKED_LAYERS = ("Identity", "Rescaling", "Normalization")
+KERAS2_ONLY_LAYERS = ("ThresholdedReLU",)
 KERAS2_LAYERS_PACKAGE = "embexport_keras2"
 
 
@@ -164,10 +180,10 @@ def _policy_name(dtype: str | Config | None) -> str | Config | None:
     return dtype
 
 
-def _translate_lambda(config: Config, name: str) -> None:
+def _translate_lambda(layer_config: Config, config: Config, name: str) -> None:
     for key in _LAMBDA_LEGACY_KEYS:
         config.pop(key, None)
-    for key in ("function", "output_shape"):
+    for key in ("function", "output_shape", "mask"):
         value = config.get(key)
         if isinstance(value, list) and len(value) == 3 and isinstance(value[0], str):
             # Keras 2 stores (marshalled code, defaults, closure) as a list.
@@ -175,12 +191,17 @@ def _translate_lambda(config: Config, name: str) -> None:
                 "class_name": "__lambda__",
                 "config": {"code": value[0], "defaults": value[1], "closure": value[2]},
             }
-        elif key == "function" and isinstance(value, str):
+        elif key != "output_shape" and isinstance(value, str):
+            role = "calls" if key == "function" else "computes its mask with"
             raise LegacyModelError(
-                f"Lambda layer {name!r} calls the named Python function {value!r}, which the "
+                f"Lambda layer {name!r} {role} the named Python function {value!r}, which the "
                 "file does not contain. Rebuild the model with that function replaced by a "
                 "lambda or a built-in layer."
             )
+    if config.get("mask") is not None:
+        # `Lambda(f, mask=lambda inputs, mask: mask)`, which keeps the mask on: Keras 3's Lambda
+        # builds the function and output shape from such a config but not the mask.
+        _keras2_class(layer_config, LAMBDA)
     if isinstance(config.get("output_shape"), list):
         config["output_shape"] = [None if d is None else int(d) for d in config["output_shape"]]
 
@@ -319,6 +340,12 @@ def _spell_out_backward_layer(class_name: str, config: Config) -> None:
     config["backward_layer"] = backward
 
 
+def _keras2_class(layer_config: Config, class_name: str) -> None:
+    """Makes a layer config name the class of `models.keras2_layers` that computes as Keras 2's did."""
+    layer_config["module"] = None
+    layer_config["registered_name"] = f"{KERAS2_LAYERS_PACKAGE}>{class_name}"
+
+
 def translate_layer_config(layer_config: Config) -> Config:
     """Rewrites one Keras 2 layer config (and the layers nested in it) for Keras 3, in place.
 
@@ -428,17 +455,20 @@ def translate_layer_config(layer_config: Config) -> Config:
         # Dropout does nothing at inference, but with it Keras 3 takes a path whose softmax zeroes a
         # query step that sees no unmasked key (a padding step), where Keras 2 attends uniformly.
         config["dropout"] = 0.0
+        # Keras 3's deletes its inputs' masks, and gives a padding query step no attention weights.
+        _keras2_class(layer_config, class_name)
         if config.pop("softmax_robust_masking", False):
             raise LegacyModelError(
                 f"MultiHeadAttention {name!r} uses softmax_robust_masking=True, which Keras 3 lacks."
             )
     elif class_name == LAMBDA:
-        _translate_lambda(config, name)
+        _translate_lambda(layer_config, config, name)
     elif class_name in KERAS2_MERGE_LAYERS:
         # Keras 3 gives a merge of masked sequences the OR of the masks (none where an input has
         # none), Keras 2 the AND: a pooling or LSTM after a residual Add read the padding.
-        layer_config["module"] = None
-        layer_config["registered_name"] = f"{KERAS2_LAYERS_PACKAGE}>{class_name}"
+        _keras2_class(layer_config, class_name)
+    elif class_name in KERAS2_UNMASKED_LAYERS or class_name in KERAS2_ONLY_LAYERS:
+        _keras2_class(layer_config, class_name)
     if isinstance(config.get("axis"), list) and len(config["axis"]) > 1 and class_name not in MODELS:
         # Keras 3's legacy loader keeps an axis only when it is one number: LayerNormalization(axis=[1, 2])
         # fell back to axis=-1, silently where the layer has no weights (UnitNormalization, Softmax).

@@ -73,8 +73,17 @@ def takes_training(operation: Operation) -> bool:
 
 
 def tensor_mask(tensor: keras.KerasTensor) -> keras.KerasTensor | None:
-    """The Keras mask that travels with a symbolic tensor, or None."""
-    return getattr(tensor, "_keras_mask", None)
+    """The Keras mask that travels with a tensor (symbolic, or one a layer computed), or None."""
+    from keras.src import backend
+
+    return backend.get_keras_mask(tensor)
+
+
+def set_tensor_mask(tensor: typing.Any, mask: typing.Any) -> None:
+    """Gives a tensor (symbolic, or one a layer computed) the Keras mask `mask` (None: no mask)."""
+    from keras.src import backend
+
+    backend.set_keras_mask(tensor, mask)
 
 
 def same_computation(first: typing.Any, second: typing.Any) -> bool:

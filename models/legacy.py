@@ -78,7 +78,11 @@ def custom_class_error(path: str, config: Config, error: Exception) -> CustomCla
         for item in _config_dicts(config)
         if item.get("class_name") == name and item.get("registered_name")
     ]
-    label = registered[0] if registered else name
+    return _custom_class(path, registered[0] if registered else name)
+
+
+def _custom_class(path: str, label: str) -> CustomClassError:
+    """The error for a Keras 3 model file that uses the class `label` of the code that trained it."""
     return CustomClassError(
         f"{path} uses the custom class {label!r} (a layer or a subclassed Model defined in the code that "
         "trained it), which Keras cannot rebuild without that code. Rebuild the model from built-in "
@@ -279,6 +283,10 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
             model = keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
         except ValueError as error:
             refusal = _keras3_operation_error(path, error)
+            unknown_class = re.search(r"Unknown layer: '([^']+)'", str(error))
+            if refusal is None and unknown_class is not None:
+                # Keras's own words were "Please ensure you are using a keras.utils.custom_object_scope".
+                refusal = _custom_class(path, unknown_class.group(1))
             if refusal is None:
                 raise
             raise refusal from None
@@ -307,6 +315,9 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     except LegacyModelError:
         raise
     except Exception as error:  # Keras raises TypeError/ValueError/KeyError for configs it cannot build.
+        unknown = _unknown_layer_error(path, error)
+        if unknown is not None:
+            raise unknown from None
         hint = ""
         if lambdas:
             hint = (
@@ -330,6 +341,25 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     )
     note_renamed_layers(model, {saved_name: name for name, saved_name in saved_names.items()})
     return model
+
+
+def _unknown_layer_error(path: str, error: Exception) -> CustomClassError | None:
+    """The error for a Keras 2 file naming a layer class Keras 3 does not have, else None.
+
+    Keras says "Unknown layer: 'NAME'. Please ensure you are using a
+    `keras.utils.custom_object_scope` ...": advice about code the export cannot be given.
+    """
+    found = re.search(r"Unknown layer: '([^']+)'", str(error))
+    if found is None:
+        return None
+    name = found.group(1)
+    label = f"{name.rpartition('>')[2]!r} (registered as {name!r})" if ">" in name else repr(name)
+    return CustomClassError(
+        f"{path} uses the layer class {label}, which Keras 3 does not have: a custom layer of the code "
+        "that trained the model, or a Keras 2 layer that Keras 3 removed (LocallyConnected1D, ...). "
+        "Rebuild the model in tf_keras from layers Keras 3 has (built-in layers, or a Lambda, computing "
+        "the same), copy the weights (new.set_weights(old.get_weights())) and save it as .h5 again."
+    )
 
 
 def _keras3_operation_error(path: str, error: ValueError) -> LegacyModelError | None:

@@ -58,7 +58,8 @@ from tf_keras.layers import (Input, Embedding, LSTM, GRU, SimpleRNN, Dense, Lamb
     TimeDistributed, Conv1D, MaxPooling1D, GlobalAveragePooling1D, GlobalMaxPooling1D, BatchNormalization,
     LayerNormalization, SpatialDropout1D, Dropout, Activation, Concatenate, Add, Average, Multiply, Masking,
     Flatten, Reshape, Attention, AdditiveAttention, MultiHeadAttention, Softmax, UnitNormalization, Subtract,
-    Maximum, Minimum, RNN, GRUCell, LSTMCell, SeparableConv1D, DepthwiseConv1D)
+    Maximum, Minimum, RNN, GRUCell, LSTMCell, SeparableConv1D, DepthwiseConv1D, Identity, Rescaling,
+    Normalization, ThresholdedReLU)
 from tf_keras.models import Model, Sequential
 from tf_keras.preprocessing.text import Tokenizer
 from tf_keras.preprocessing.sequence import pad_sequences
@@ -265,10 +266,37 @@ reading_back = Embedding(50, 4)(inp)
 backwards = Model(inp, [Bidirectional(GRU(3, go_backwards=True), name="bi_vector")(reading_back),
                         Bidirectional(LSTM(2, go_backwards=True, return_sequences=True), name="bi_sequence")(
                             reading_back)])
+# MultiHeadAttention on a masked sequence: Keras 3's deleted the masks of its inputs for the layers run
+# after it (the Attention beside this transformer block read the padding), and gave a padding query
+# step no attention weight, where Keras 2 spreads it evenly (its scores there, and a Dense over them).
+sequence = Embedding(50, 6, mask_zero=True)(inp)
+attended = MultiHeadAttention(num_heads=2, key_dim=3)(sequence, sequence)
+block = LayerNormalization()(Add()([sequence, attended]))
+scored, scores = MultiHeadAttention(num_heads=2, key_dim=3)(sequence, sequence, return_attention_scores=True)
+attention_masks = Model(inp, [
+    Concatenate(name="block_and_attention")([GlobalAveragePooling1D()(block),
+                                             GlobalAveragePooling1D()(Attention()([sequence, sequence]))]),
+    Dense(2, name="from_scores")(Concatenate()([Flatten()(scored), Flatten()(scores)]))])
+# Keras 2's Identity, Rescaling and Normalization pass no mask on (the pooling after them reads the
+# padding); Keras 3 has no ThresholdedReLU.
+sequence = Embedding(50, 6, mask_zero=True)(inp)
+kept_off = (Identity(), Rescaling(2.0, 0.5), Normalization(mean=0.1, variance=2.0), ThresholdedReLU(0.1))
+unmasked = Model(inp, [GlobalAveragePooling1D(name=f"pooled_{index}")(layer(sequence))
+                       for index, layer in enumerate(kept_off)])
+# A layer class of the training script: Keras 3 has no such class.
+class Doubled(tf_keras.layers.Layer):
+    def call(self, inputs):
+        return inputs * 2.0
+Model(inp, Flatten()(Doubled()(Embedding(50, 4)(inp)))).save(os.path.join(out, "custom_class.h5"))
+# A Lambda that keeps the mask on (Keras 2 stores its mask function beside its function).
+keeping = Lambda(lambda t: t * 2.0, mask=lambda _, mask: mask)
+kept = keeping(Embedding(50, 6, mask_zero=True)(inp))
+lambda_mask = Model(inp, GlobalAveragePooling1D(name="pooled")(kept))
 for name, model in (("many", many), ("sequential", sequential), ("nested", nested), ("tf_op", tf_op),
                     ("attention", attention), ("started_masked", started_masked), ("axes", axes),
                     ("masks", masks), ("started", started), ("convolutions", convolutions),
-                    ("slashed", slashed), ("backwards", backwards)):
+                    ("slashed", slashed), ("backwards", backwards), ("attention_masks", attention_masks),
+                    ("unmasked", unmasked), ("lambda_mask", lambda_mask)):
     # Random weights, all different from their initial values (variances stay positive).
     model.set_weights([
         np.abs(value) + 0.5 if "moving_variance" in weight.name else value
@@ -284,7 +312,7 @@ for name, model in (("many", many), ("sequential", sequential), ("nested", neste
         calls = [i for i in nodes if f"{layer.name}_ib-{i}" in model._network_nodes]
         for call, node in enumerate(calls):
             tensor = layer.get_output_at(node)
-            if not isinstance(layer, tf_keras.layers.InputLayer) and not isinstance(tensor, list):
+            if not isinstance(layer, tf_keras.layers.InputLayer) and not isinstance(tensor, (list, tuple)):
                 keys.append(f"zoo|{name}|{layer.name}:{call}")
                 tensors.append(tensor)
     values = Model(model.inputs, tensors).predict(inputs, verbose=0)
@@ -581,7 +609,18 @@ def test_legacy_layers_match_tf_keras(keras2):
     # Keras's name counts as in a fresh process, where a model whose masked Concatenate is named
     # "concatenate" was refused: Keras 3 gave the operation computing its mask that name too.
     keras.backend.clear_session()
-    for name in ("masks", "many", "sequential", "nested", "attention", "axes", "started", "convolutions"):
+    for name in (
+        "masks",
+        "many",
+        "sequential",
+        "nested",
+        "attention",
+        "axes",
+        "started",
+        "convolutions",
+        "attention_masks",
+        "unmasked",
+    ):
         model = load_model_file(str(directory / f"zoo_{name}.h5"))
         calls = layer_calls(model)
         inputs = ids if len(model.inputs) == 1 else [ids, ids[:, :8]]
@@ -600,6 +639,60 @@ def test_legacy_layers_match_tf_keras(keras2):
     # Rebuilt, it would read the padding Keras 2 skips.
     with pytest.raises(LegacyModelError, match="starts from initial_state and reads a masked sequence"):
         load_model_file(str(directory / "zoo_started_masked.h5"))
+
+
+def _zoo_output(directory, name, layer, allow_unsafe=False):
+    """Keras 3's forward pass of one layer of a zoo model, as an export of that layer alone runs it."""
+    model = load_model_file(str(directory / f"zoo_{name}.h5"), allow_unsafe=allow_unsafe)
+    tensor = layer_calls(model)[layer][0]
+    return keras.Model(model.inputs, tensor).predict(np.load(directory / "zoo_ids.npy"), verbose=0)
+
+
+def test_a_multi_head_attention_leaves_its_inputs_masks_to_the_layers_run_after_it(keras2):
+    # Keras 3's MultiHeadAttention deleted the mask of its query: the Attention beside the transformer
+    # block, which Keras runs after it, attended to the padding (0.07 off).
+    directory, references, _ = keras2
+    actual = _zoo_output(directory, "attention_masks", "block_and_attention")
+    expected = references["zoo|attention_masks|block_and_attention:0"]
+    np.testing.assert_allclose(actual, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_a_multi_head_attention_spreads_a_padding_query_step_over_every_key_as_keras2(keras2):
+    # Keras 3's softmax gave a query step that sees no unmasked key no weight at all; Keras 2 the
+    # same weight on every key: its scores and output there, and a Dense over them, differed.
+    directory, references, _ = keras2
+    actual = _zoo_output(directory, "attention_masks", "from_scores")
+    np.testing.assert_allclose(
+        actual, references["zoo|attention_masks|from_scores:0"], atol=TOLERANCE, rtol=0
+    )
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["Identity", "Rescaling", "Normalization"])
+def test_a_keras2_layer_that_passed_no_mask_on_is_rebuilt_without_one(keras2, index):
+    # Keras 3's pass the mask on: the pooling after them averaged the real tokens only, Keras 2's every step.
+    directory, references, _ = keras2
+    actual = _zoo_output(directory, "unmasked", f"pooled_{index}")
+    np.testing.assert_allclose(actual, references[f"zoo|unmasked|pooled_{index}:0"], atol=TOLERANCE, rtol=0)
+
+
+def test_a_keras2_thresholded_relu_loads_and_a_class_keras3_lacks_is_one_line_saying_to_rebuild(keras2):
+    # Keras 3 has no ThresholdedReLU: both were refused with advice about keras.utils.custom_object_scope.
+    directory, references, _ = keras2
+    actual = _zoo_output(directory, "unmasked", "pooled_3")
+    np.testing.assert_allclose(actual, references["zoo|unmasked|pooled_3:0"], atol=TOLERANCE, rtol=0)
+    with pytest.raises(LegacyModelError) as refused:
+        load_model_file(str(directory / "custom_class.h5"))
+    message = str(refused.value)
+    assert "uses the layer class 'Doubled', which Keras 3 does not have" in message
+    assert "custom_object_scope" not in message and "\n" not in message
+    assert message.endswith("copy the weights (new.set_weights(old.get_weights())) and save it as .h5 again.")
+
+
+def test_a_keras2_lambda_that_keeps_the_mask_on_loads(keras2):
+    # Keras 3 refused the keys of its mask function: "Unrecognized keyword arguments passed to Lambda".
+    directory, references, _ = keras2
+    actual = _zoo_output(directory, "lambda_mask", "pooled", allow_unsafe=True)
+    np.testing.assert_allclose(actual, references["zoo|lambda_mask|pooled:0"], atol=TOLERANCE, rtol=0)
 
 
 def test_keras2_layer_names_with_a_slash_load_with_an_underscore(keras2, caplog):

@@ -534,7 +534,9 @@ class Sub(keras.Model):
 
 ids = keras.Input((8,), dtype="int32", name="content")
 scaled = Scale(name="scale")(keras.layers.Embedding(40, 5, name="emb")(ids))
-keras.Model(ids, keras.layers.LSTM(4, name="lstm")(scaled)).save(sys.argv[1] + "/custom.keras")
+custom = keras.Model(ids, keras.layers.LSTM(4, name="lstm")(scaled))
+custom.save(sys.argv[1] + "/custom.keras")
+custom.save(sys.argv[1] + "/custom.h5")
 sub = Sub()
 sub(keras.ops.ones((1, 8), "int32"))
 sub.save(sys.argv[1] + "/subclassed.keras")
@@ -567,7 +569,12 @@ def custom_class_models(tmp_path_factory):
     return build_keras2_models(tmp_path_factory.mktemp("custom_classes"), CUSTOM_CLASSES_SCRIPT)[0]
 
 
-@pytest.mark.parametrize(("file", "label"), [("custom.keras", "'my>Scale'"), ("subclassed.keras", "'Sub'")])
+# The .h5 file was refused with Keras's "Unknown layer: 'my>Scale'. Please ensure you are using a
+# keras.utils.custom_object_scope ...".
+@pytest.mark.parametrize(
+    ("file", "label"),
+    [("custom.keras", "'my>Scale'"), ("custom.h5", "'my>Scale'"), ("subclassed.keras", "'Sub'")],
+)
 def test_a_model_of_custom_classes_is_one_error_saying_to_rebuild_it(
     custom_class_models, tmp_path, file, label
 ):
