@@ -370,6 +370,36 @@ def test_a_recovery_killed_at_any_step_is_finished_by_the_next_one(scenarios, tm
         assert _complete_export(directory) == sorted(NEW_IDS), recovery_steps[number - 1]
 
 
+def test_a_recovery_knows_the_run_whose_staging_removal_a_kill_cut_short(scenarios, tmp_path):
+    """Killed as the replay removed its staging (`_RUN.json` gone, the journal still there), the run's
+    signature was lost with it: the scheduler's retry of the same command was refused, or embedded again."""
+    template, run_id, facts, _ = scenarios["fresh"]
+    directory = str(tmp_path / "out")
+    shutil.copytree(template, directory)
+    run_file = os.path.join(directory, layout_lib.STAGING, run_id, "_RUN.json")
+    with open(run_file, encoding="utf-8") as handle:
+        signature = json.load(handle)["signature"]
+
+    def hook(action, relative):  # the removal of the staging got as far as its _RUN.json
+        if (action, relative) == ("delete", f"{layout_lib.STAGING}/{run_id}/"):
+            os.unlink(run_file)
+            raise Killed(relative)
+
+    files_lib.step_hook = hook
+    try:
+        with pytest.raises(Killed):
+            _commit(directory, run_id, facts)
+    finally:
+        files_lib.step_hook = None
+    assert commit_lib.has_pending_commit(directory) and not os.path.exists(run_file)
+    commit_phase_lib.reset_commit_phase()
+    assert commit_lib.finish_interrupted_commit(directory)
+    recovered = commit_phase_lib.recovered_run(directory)
+    assert recovered is not None and recovered[0] == signature
+    assert recovered[1] == state_lib.read_manifest(directory)
+    assert _complete_export(directory) == sorted(NEW_IDS)
+
+
 def test_a_damaged_journal_is_refused_and_nothing_is_deleted(scenarios, tmp_path):
     template, run_id, facts, _ = scenarios["overwrite"]
     directory = str(tmp_path / "out")
