@@ -175,7 +175,7 @@ def commit(
                 "finishes the commit. Check what it holds then.",
             ) from None
         except OSError as error:
-            if _journal_written(directory):
+            if journal_written(directory):
                 raise OutputWriteError(
                     f"The commit to --output {directory!r} stopped part-way: {_reason(error)}. Its "
                     f"journal {JOURNAL} keeps the new export recoverable: once the cause is fixed, the "
@@ -191,8 +191,9 @@ def commit(
     return manifest
 
 
-def _journal_written(directory: str) -> bool:
-    """Whether the journal is in place; if that cannot be told, assume so (never delete the staged export)."""
+def journal_written(directory: str) -> bool:
+    """Whether the journal is in place (the commit got past its commit point); if that cannot be told,
+    assume so (never delete the staged export, nor tell a half commit as one that did not start)."""
     try:
         return has_pending_commit(directory)
     except Exception:
