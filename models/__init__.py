@@ -50,6 +50,38 @@ def pin_backend() -> None:
 
 pin_backend()
 
+# Where Keras is sent to look for its config file when the user has none: a path below a device,
+# which no one can create, so Keras reads its defaults (as it would from no file) and writes nothing.
+NO_KERAS_HOME = os.path.join(os.devnull, "keras")
+
+
+def _keras_config_path() -> str:
+    """The config file Keras 3 reads (`keras/src/backend/config.py`): in $KERAS_HOME, else in ~/.keras,
+    else, where the home directory is not writable, in /tmp/.keras."""
+    home = os.environ.get("KERAS_HOME")
+    if not home:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    return os.path.join(os.path.expanduser(home), "keras.json")
+
+
+def keep_keras_from_writing_its_config() -> None:
+    """Keeps Keras from writing `~/.keras/keras.json` (or /tmp's) as it is first imported.
+
+    Keras 3 saves a config file of its defaults wherever none is found: every command
+    here, a refused one too, left `~/.keras/` in the user's home, where a run writes
+    nothing outside its output (docs/nothing_lost.md). A config file that is there is
+    read as before; without one, Keras is pointed at `NO_KERAS_HOME`, which it can
+    neither read nor create, so it runs on the defaults it would have written, in this
+    process and the worker processes it starts.
+    """
+    if "keras" in sys.modules or os.path.exists(_keras_config_path()):
+        return
+    os.environ["KERAS_HOME"] = NO_KERAS_HOME
+
+
+keep_keras_from_writing_its_config()
+
 
 class _NoMatplotlibForKeras(importlib.abc.MetaPathFinder):
     """Keeps matplotlib out of Keras's plotting helpers, which `import keras` loads when it is installed.

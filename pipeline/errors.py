@@ -7,7 +7,9 @@ EXIT_CONFIG_ERROR = 2  # a flag, the model, the input or the output cannot work;
 EXIT_ACCOUNTING_MISMATCH = 3  # records read != rows + dead letters (a bug: please report it)
 EXIT_TOO_MANY_ERRORS = 4  # more than --max_error_fraction of the records were dead-lettered
 EXIT_RECORDS_LOST = 5  # a file broke part-way: how many records it still held is unknown
-EXIT_OUTPUT_FAILED = 6  # the output could not be written (a full disk, ...); the earlier export is kept
+# The output could not be written (a full disk, ...): the earlier export is kept, unless the commit failed
+# past its commit point (its journal, which the next command on the output finishes, is left).
+EXIT_OUTPUT_FAILED = 6
 EXIT_ACCOUNTING_UNVERIFIED = 7  # the runner reported no committed counters: records read unknown
 EXIT_HANGUP = 129  # SIGHUP (the terminal closed; not when started under `nohup`), as shells report it
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it

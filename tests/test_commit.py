@@ -370,6 +370,36 @@ def test_a_recovery_killed_at_any_step_is_finished_by_the_next_one(scenarios, tm
         assert _complete_export(directory) == sorted(NEW_IDS), recovery_steps[number - 1]
 
 
+def test_a_recovery_knows_the_run_whose_staging_removal_a_kill_cut_short(scenarios, tmp_path):
+    """Killed as the replay removed its staging (`_RUN.json` gone, the journal still there), the run's
+    signature was lost with it: the scheduler's retry of the same command was refused, or embedded again."""
+    template, run_id, facts, _ = scenarios["fresh"]
+    directory = str(tmp_path / "out")
+    shutil.copytree(template, directory)
+    run_file = os.path.join(directory, layout_lib.STAGING, run_id, "_RUN.json")
+    with open(run_file, encoding="utf-8") as handle:
+        signature = json.load(handle)["signature"]
+
+    def hook(action, relative):  # the removal of the staging got as far as its _RUN.json
+        if (action, relative) == ("delete", f"{layout_lib.STAGING}/{run_id}/"):
+            os.unlink(run_file)
+            raise Killed(relative)
+
+    files_lib.step_hook = hook
+    try:
+        with pytest.raises(Killed):
+            _commit(directory, run_id, facts)
+    finally:
+        files_lib.step_hook = None
+    assert commit_lib.has_pending_commit(directory) and not os.path.exists(run_file)
+    commit_phase_lib.reset_commit_phase()
+    assert commit_lib.finish_interrupted_commit(directory)
+    recovered = commit_phase_lib.recovered_run(directory)
+    assert recovered is not None and recovered[0] == signature
+    assert recovered[1] == state_lib.read_manifest(directory)
+    assert _complete_export(directory) == sorted(NEW_IDS)
+
+
 def test_a_damaged_journal_is_refused_and_nothing_is_deleted(scenarios, tmp_path):
     template, run_id, facts, _ = scenarios["overwrite"]
     directory = str(tmp_path / "out")
@@ -547,7 +577,9 @@ def test_a_full_disk_during_the_commit_keeps_the_old_export(tmp_path, tiny_bundl
     assert process.returncode == EXIT_OUTPUT_FAILED, err[-3000:]
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "disk is full" in errors[0] and output in errors[0], err[-2000:]
+    # Told as a full disk in the pipeline is: how much space the export needed (docs/nothing_lost.md).
+    assert len(errors) == 1 and "ran out of space" in errors[0] and output in errors[0], err[-2000:]
+    assert "this export needs more than" in errors[0] and "--overwrite needs room for both" in errors[0]
     assert {k: v for k, v in snapshot(output).items() if not k.startswith(layout_lib.STAGING)} == before
     assert _complete_export(output) == sorted(OLD_IDS)
     # The finished run only lacked room for its journal: the rerun commits it without embedding again.

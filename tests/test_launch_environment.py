@@ -119,6 +119,17 @@ def test_another_keras_backend_is_ignored_in_one_line_and_the_model_runs_on_tens
     assert "Traceback" not in done.stderr
 
 
+def test_keras_writes_no_config_file_into_the_home_directory(tmp_path):
+    """Keras saves `~/.keras/keras.json` on its first import where none is there: every command, a
+    refused one too, wrote into the user's home, where nothing outside the output is written."""
+    home = tmp_path / "home"
+    home.mkdir()
+    done = _fresh(["-c", "import models, keras; print(keras.config.floatx())"], str(tmp_path), HOME=str(home))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["float32"]  # Keras's defaults, as from the file it would have written
+    assert os.listdir(home) == []
+
+
 @pytest.mark.parametrize("command", ["pipeline.run", "pipeline.inspect", "pipeline.vocabulary"])
 def test_a_models_package_in_the_working_directory_is_named_in_one_line(command, tmp_path):
     """A project's own `models/` (first on the path with `python -m`) was an ImportError traceback."""

@@ -988,6 +988,8 @@ def test_tokenizer_with_ids_beyond_the_embedding_is_refused(tmp_path, tiny_bundl
     "output, pattern",
     [
         ("file", "is a file"),
+        # The system reaches it only once `gone` exists: the run made it, outside the output, and left it.
+        ("gone/../out", "goes up ('..') out of"),
         ("out[1]", "which Beam's file matching takes as a pattern"),
         ("foo://bucket/out", "no filesystem serves the scheme 'foo://'"),
     ],

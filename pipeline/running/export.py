@@ -62,7 +62,9 @@ from pipeline.running.counters import (
 from pipeline.running.dataflow import poll_dataflow
 from pipeline.running.failures import (
     beam_errors_held,
+    is_disk_full,
     is_file_too_large,
+    out_of_space,
     out_of_space_reported,
     token_table_too_large,
     unchangeable_output_reported,
@@ -640,7 +642,14 @@ def _run_and_commit(
             commit_lib.set_aside_failed_run(plan.output, run_id, staged, manifest)
     else:
         held = lock.check_held if lock is not None else commit_lib.unguarded
-        commit_lib.commit(plan.output, run_id, staged, manifest, held)
+        try:
+            commit_lib.commit(plan.output, run_id, staged, manifest, held)
+        except OutputWriteError as error:
+            # A disk that filled before the commit point (the staged manifest, the journal) is told as one
+            # in the pipeline is: how much space the export needed, and what of it the rerun continues from.
+            if is_disk_full(error) and not commit_lib.journal_written(plan.output):
+                raise out_of_space(plan.output, run_id) from None
+            raise
     return ExportSummary(
         output=plan.output,
         records_read=accounting.read if accounting.exact else None,

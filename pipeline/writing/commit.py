@@ -23,7 +23,7 @@ import logging
 import os
 import posixpath
 from collections.abc import Callable
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from pipeline.errors import ExportConfigError, LockLostError, OutputWriteError
 from pipeline.uris import is_local
@@ -90,6 +90,10 @@ class Journal(TypedDict):
     delete: list[str]
     directories: list[str]
     renames: list[Rename]
+    # The run's signature (its `_RUN.json`'s, None where unreadable): the replay removes that file with
+    # the staging, and a recovery cut short there must still tell a retry of the same command. Journals
+    # written before it was recorded lack it.
+    signature: NotRequired[object]
 
 
 class ShardEntry(FileDigest):
@@ -171,7 +175,7 @@ def commit(
                 "finishes the commit. Check what it holds then.",
             ) from None
         except OSError as error:
-            if _journal_written(directory):
+            if journal_written(directory):
                 raise OutputWriteError(
                     f"The commit to --output {directory!r} stopped part-way: {_reason(error)}. Its "
                     f"journal {JOURNAL} keeps the new export recoverable: once the cause is fixed, the "
@@ -187,8 +191,9 @@ def commit(
     return manifest
 
 
-def _journal_written(directory: str) -> bool:
-    """Whether the journal is in place; if that cannot be told, assume so (never delete the staged export)."""
+def journal_written(directory: str) -> bool:
+    """Whether the journal is in place (the commit got past its commit point); if that cannot be told,
+    assume so (never delete the staged export, nor tell a half commit as one that did not start)."""
     try:
         return has_pending_commit(directory)
     except Exception:
@@ -281,6 +286,7 @@ def _prepare_commit(
         "delete": old,
         "directories": sorted({posixpath.dirname(r["to"]) for r in renames} - {""}),
         "renames": renames,
+        "signature": _run_signature(directory, run_id),
     }
     write_json(directory, posixpath.join(staging, JOURNAL), journal)
     return journal, manifest
@@ -422,8 +428,11 @@ def recover_interrupted_commit(directory: str) -> bool:
         directory,
         JOURNAL,
     )
-    # What the run was (its staging goes with the replay): a rerun of that same export need not embed again.
-    signature = _run_signature(directory, journal["run"])
+    # What the run was: a rerun of that same export need not embed again. The journal says it (a replay
+    # killed as it removed the staging took `_RUN.json` with it); an older journal's run, its `_RUN.json`.
+    signature = journal.get("signature")
+    if signature is None:
+        signature = _run_signature(directory, journal["run"])
     with committing():
         _replay(directory, journal)
         manifest = None

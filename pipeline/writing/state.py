@@ -276,14 +276,36 @@ def check_not_inside_an_export(directory: str) -> None:
             )
 
 
-def check_writable(directory: str) -> None:
-    """Refuses a local --output that cannot be made: below a file, or on a read-only path.
+def _check_no_climb_out_of_a_missing_directory(directory: str) -> None:
+    """Refuses a local --output that goes up ('..') out of a directory that does not exist (`x/../out`).
+
+    The system reaches such a path only once that directory exists: making the output would
+    make it first, a directory outside the output that nothing removes.
 
     Raises:
-        ExportConfigError: naming the file or the read-only directory.
+        ExportConfigError: naming the missing directory and the --output meant.
+    """
+    parts = directory.split("/")
+    for index, part in enumerate(parts):
+        above = "/".join(parts[:index]) or "/"
+        if part == ".." and index and not os.path.isdir(above):
+            raise ExportConfigError(
+                f"--output {directory!r} goes up ('..') out of {above!r}, which is no directory: it would "
+                f"be made, outside the output, to reach the path. Give --output without it, such as "
+                f"{os.path.normpath(directory)!r}."
+            )
+
+
+def check_writable(directory: str) -> None:
+    """Refuses a local --output that cannot be made: below a file, on a read-only path, or through a
+    directory that does not exist and that '..' leaves (it would be made outside the output).
+
+    Raises:
+        ExportConfigError: naming the file, the read-only or the missing directory.
     """
     if not is_local(directory):
         return
+    _check_no_climb_out_of_a_missing_directory(directory)
     existing = os.path.abspath(directory)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
