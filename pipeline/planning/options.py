@@ -135,9 +135,9 @@ class ExportOptions(PipelineOptions):
         )
         parser.add_argument(
             "--keep_fields",
-            default="",
+            default=None,
             help="Comma-separated record fields copied to the output as strings (for joins). Text "
-            "files have one field, 'text'.",
+            "files have one field, 'text'. Default: none.",
         )
         parser.add_argument(
             "--output",
