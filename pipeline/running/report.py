@@ -187,9 +187,13 @@ def format_summary(summary: ExportSummary) -> str:
         f"  documents read   {read}",
         f"  rows written     {summary.rows_written}",
         f"  dead letters     {summary.dead_letters} ({reasons})",
-        f"  truncated        {summary.truncated} documents longer than the model input"
-        if summary.truncated is not None
-        else f"  truncated        {_count(None)}",
+        f"  truncated        {_count(summary.truncated)}"
+        if summary.truncated is None
+        # The tokenizer's counts are of the documents embedded: a reused row is not tokenized again.
+        else f"  truncated        {summary.truncated} of the documents this run embedded were longer than "
+        "the model input (reused rows are not counted)"
+        if summary.reuse
+        else f"  truncated        {summary.truncated} documents longer than the model input",
         *(
             [
                 f"  reused           {summary.rows_reused} rows unchanged since {summary.reuse}; "
