@@ -382,3 +382,23 @@ def test_a_corpus_saved_with_a_byte_order_mark_is_read(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_bytes(b'\xef\xbb\xbf{"id": "1", "content": "x"}\r\n{"id": "2", "content": "y"}\n')
     assert read_jsonl(str(corpus)) == [{"id": "1", "content": "x"}, {"id": "2", "content": "y"}]
+
+
+def test_the_sample_corpus_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """`python -m models.make_sample_corpus` wrote its --output (the shipped corpus by default) in place:
+    an error or a kill part-way left it cut short, and `python -m pipeline.run` exported that part."""
+    from models import make_sample_corpus
+
+    corpus = tmp_path / "sample_corpus.jsonl"
+    corpus.write_text('{"id": "earlier"}\n')
+    docs = [{"id": "a", "title": "t", "content": "c", "kind": "class", "topic": "text"}] * 3
+    monkeypatch.setattr(make_sample_corpus, "collect_documents", lambda stdlib: docs)
+    monkeypatch.setattr(make_sample_corpus, "balance", lambda found, kind, topic: [*found, {"id": object()}])
+    with pytest.raises(TypeError, match="not JSON serializable"):  # The fourth line fails.
+        make_sample_corpus.main(["--output", str(corpus)])
+    assert corpus.read_text() == '{"id": "earlier"}\n' and os.listdir(tmp_path) == [corpus.name]
+    monkeypatch.setattr(make_sample_corpus, "balance", lambda found, kind, topic: found)
+    make_sample_corpus.main(["--output", str(corpus)])
+    assert [json.loads(line) for line in corpus.read_text().splitlines()] == docs
+    assert os.listdir(tmp_path) == [corpus.name] and oct(corpus.stat().st_mode & 0o777) != "0o600"
+    assert "wrote 3 documents" in capsys.readouterr().out
