@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import sysconfig
+import tempfile
 import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -315,6 +316,29 @@ def balance(docs: list[CorpusRow], max_kind_share: float, max_topic_share: float
             return docs
 
 
+def write_whole(path: Path, docs: Sequence[CorpusRow]) -> None:
+    """Writes `docs` as JSON Lines to `path` so that a reader sees the old file or the whole new one.
+
+    Through a temporary file beside it, renamed over it once complete: written in place, a kill or
+    an error part-way left the shipped sample corpus (the default --output) cut short, and the
+    no-argument `python -m pipeline.run` exported that part without a word.
+    """
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as out:
+            out.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
+            out.flush()
+            os.fsync(out.fileno())
+        # mkstemp's file is private (0600): the corpus gets the mode a plain open() gives.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m models.make_sample_corpus`: writes the sample corpus."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -346,8 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     docs = balance(collect_documents(stdlib), args.max_kind_share, args.max_topic_share)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w", encoding="utf-8", newline="\n") as out:
-        out.writelines(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
+    write_whole(args.output, docs)
 
     print(f"wrote {len(docs)} documents to {args.output}")
     for field in LABELS:

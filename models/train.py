@@ -325,45 +325,76 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="replace the bundle already at --output, as a whole (never a directory of other files).",
     )
-    parser.add_argument("--id_field", default="id", help="field used for the train/held-out split.")
-    parser.add_argument("--content_field", default="content", help="field read by the `content` input.")
-    parser.add_argument("--title_field", default="title", help="field read by the `title` input.")
     parser.add_argument(
-        "--binary_label", default="kind", help="two-valued label field (out_content / output)."
+        "--id_field", default="id", help="field used for the train/held-out split (default: %(default)s)."
     )
-    parser.add_argument("--class_label", default="topic", help="multi-class label field (out_title).")
+    parser.add_argument(
+        "--content_field", default="content", help="field read by the `content` input (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--title_field", default="title", help="field read by the `title` input (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--binary_label",
+        default="kind",
+        help="two-valued label field (out_content / output) (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--class_label", default="topic", help="multi-class label field (out_title) (default: %(default)s)."
+    )
     parser.add_argument(
         "--vocabulary_size",
         type=_integer_in("vocabulary_size"),
         default=4000,
-        help="embedding rows, ids 0 and 1 included.",
+        help="embedding rows, ids 0 and 1 included (default: %(default)s).",
     )
     parser.add_argument(
-        "--embedding_dim", type=_integer_in("embedding_dim"), default=300, help="values per embedding vector."
+        "--embedding_dim",
+        type=_integer_in("embedding_dim"),
+        default=300,
+        help="values per embedding vector (default: %(default)s).",
     )
     parser.add_argument(
-        "--lstm_units", type=_integer_in("lstm_units"), default=128, help="units of each LSTM."
+        "--lstm_units",
+        type=_integer_in("lstm_units"),
+        default=128,
+        help="units of each LSTM (default: %(default)s).",
     )
     parser.add_argument(
         "--content_length",
         type=_integer_in("content_length"),
         default=300,
-        help="token ids per content input.",
+        help="token ids per content input (default: %(default)s).",
     )
     parser.add_argument(
-        "--title_length", type=_integer_in("title_length"), default=20, help="token ids per title input."
+        "--title_length",
+        type=_integer_in("title_length"),
+        default=20,
+        help="token ids per title input (default: %(default)s).",
     )
     parser.add_argument(
-        "--epochs", type=_integer_in("epochs"), default=10, help="passes over the training set."
+        "--epochs",
+        type=_integer_in("epochs"),
+        default=10,
+        help="passes over the training set (default: %(default)s).",
     )
     parser.add_argument(
-        "--batch_size", type=_integer_in("batch_size"), default=64, help="documents per training step."
+        "--batch_size",
+        type=_integer_in("batch_size"),
+        default=64,
+        help="documents per training step (default: %(default)s).",
     )
     parser.add_argument(
-        "--holdout", type=float, default=0.2, help="fraction of documents held out, between 0 and 1."
+        "--holdout",
+        type=float,
+        default=0.2,
+        help="fraction of documents held out, between 0 and 1 (default: %(default)s).",
     )
     parser.add_argument(
-        "--seed", type=_integer_in("seed"), default=1337, help="seed of the weights and the shuffling."
+        "--seed",
+        type=_integer_in("seed"),
+        default=1337,
+        help="seed of the weights and the shuffling (default: %(default)s).",
     )
     return parser.parse_args(argv)
 

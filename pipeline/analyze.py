@@ -75,7 +75,7 @@ from pipeline.analysis.neighbors import (
     indexed_neighbors,
     open_index,
 )
-from pipeline.analysis.plot import plot_pca
+from pipeline.analysis.plot import MATPLOTLIB_MISSING, plot_pca
 from pipeline.errors import EXIT_CONFIG_ERROR, ExportConfigError
 from pipeline.uris import is_local
 from pipeline.writing.layout import MANIFEST, STAGING, TABLES_DIR
@@ -454,8 +454,16 @@ def _export_marker(prefix: str) -> str | None:
 
 
 def check_plot_format(path: str) -> None:
-    """Refuses a plot --out whose extension matplotlib cannot write, before any row is read."""
-    from matplotlib.figure import Figure
+    """Refuses a plot --out whose extension matplotlib cannot write, before any row is read.
+
+    Raises:
+        AnalysisError: that extension, or matplotlib not installed (a plain `pip install .`), which
+            was a ModuleNotFoundError traceback here, before `plot_pca`'s own refusal.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise AnalysisError(MATPLOTLIB_MISSING) from None
 
     supported = Figure().canvas.get_supported_filetypes()
     extension = os.path.splitext(path)[1].lstrip(".").lower()

@@ -264,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model is not None and args.model_option is not None and args.model != args.model_option:
         parser.error(f"MODEL {args.model!r} and --model {args.model_option!r} differ: give the model once")
+    # The spelling the user gave, for a refusal of its value: `inspect ''` never typed --model.
+    model_flag = "MODEL" if args.model is not None else "--model"
     args.model = args.model if args.model is not None else args.model_option
     if args.model is None:
         parser.error("the following arguments are required: MODEL (a bundle directory or .keras/.h5 file)")
@@ -281,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.planning.model_source import load_model_source
 
     try:
+        # An unset shell variable (`inspect "$MODEL"`) was "--model '' does not exist".
+        check_flag_not_empty(model_flag, args.model, optional=False, what="a model bundle directory or file")
         # An unset shell variable (`--tokenizer "$TOKENIZER"`) would silently mean the bundle's own.
         check_flag_not_empty("--tokenizer", args.tokenizer, what=TOKENIZER_VALUE)
         object_storage.configure_for({"MODEL": args.model, "--tokenizer": args.tokenizer})

@@ -103,3 +103,41 @@ def test_unknown_records_read_are_recorded_as_none():
     counts = manifest_counts(accounting(read=0, exact=False))
     assert counts["records_read"] is None and counts["counters"] == "attempted"
     assert counts["rows_written"] == 8 and counts["dead_letters"] == 2 and counts["oov_tokens"] == 3
+
+
+def _read_lines(text):
+    """The commands of a summary's `read it with` and `or` lines."""
+    return [
+        line.split("read it with", 1)[1].strip() if "read it with" in line else line.strip()[len("or ") :]
+        for line in text.splitlines()
+        if "read it with" in line or line.strip().startswith("or ")
+    ]
+
+
+def test_the_read_lines_name_only_readers_that_are_installed(tmp_path, monkeypatch):
+    """A plain `pip install .` has neither duckdb nor pandas (the [test] extra brings them): both
+    read lines of the summary, pasted, ended in ModuleNotFoundError. pyarrow's reader is in every install."""
+    import shlex
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.running import report
+
+    output = tmp_path / "export"
+    (output / "errors").mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["doc-a", "doc-b"]}), output / "part-00000-of-00001.parquet")
+    pq.write_table(pa.table({"source": ["dead-letter"]}), output / "errors" / "part-00000-of-00001.parquet")
+    (output / "_MANIFEST.json").write_text("{}")
+    summary = ExportSummary(str(output), 2, 2, 0, {}, 0, 0, 1.0, 0, "")
+    installed = _read_lines(format_summary(summary))
+    assert [line.count("import duckdb") + line.count("import pandas") for line in installed] == [1, 1]
+    monkeypatch.setattr(report, "_installed", lambda module: module not in ("duckdb", "pandas"))
+    (line,) = _read_lines(format_summary(summary))
+    argv = shlex.split(line)
+    assert argv[0] in ("python", sys.executable) and "pyarrow" in argv[2]
+    result = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert '["doc-a","doc-b"]' in result.stdout and "dead-letter" not in result.stdout

@@ -733,6 +733,19 @@ def test_a_plot_that_fails_while_drawing_leaves_the_earlier_file_and_nothing_els
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(tmp_path) == ["p.png"]
 
 
+def test_plot_where_matplotlib_is_not_installed_is_one_error_line(export_dir, tmp_path, monkeypatch, capsys):
+    """A plain `pip install .` has no matplotlib: the --out extension check imported it first, and
+    the command ended in a ModuleNotFoundError traceback instead of the install hint."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    out = tmp_path / "p.png"
+    status = analyze.main([str(export_dir), "plot", "--label", "topic", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: plot draws with matplotlib, which is not installed")
+    assert "pip install 'embexport[analysis]'" in err and not out.exists()
+
+
 @pytest.mark.parametrize("metric", ["cos", "l2"])
 def test_tied_rows_are_ranked_by_id_in_every_mode(tmp_path, capsys, metric):
     """Three modes gave three top-k lists when rows tied: ties went by position in the batch scan,

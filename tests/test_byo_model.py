@@ -1163,19 +1163,24 @@ def test_vocabulary_export_of_a_keras2_model_uses_its_tokenizer(keras2, tmp_path
     assert tokens[2:] == [index_word[i] for i in range(2, VOCABULARY)]
 
 
-@pytest.mark.parametrize("kind", ["directory", "empty file", "padding and [UNK] only", "shell <(...) pipe"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "directory", "empty file", "padding and [UNK] only", "shell <(...) pipe"]
+)
 def test_a_tokenizer_that_is_no_file_or_holds_no_words_is_refused_in_one_line(
     kind, tiny_bundle, tmp_path, capsys
 ):
-    """A directory ended run and inspect in an IsADirectoryError traceback (vocabulary blamed object-storage
-    credentials); `<(cat FILE)` passed the launch, then failed the run's workers ("changed after launch",
-    and so did every rerun); an empty file was a vocabulary of no words: vocabulary wrote a table of
-    null tokens (exit 0), and a run dead-lettered every record after all its work."""
+    """A missing file said only "does not exist."; a directory ended run and inspect in an
+    IsADirectoryError traceback (vocabulary blamed object-storage credentials); `<(cat FILE)` passed
+    the launch, then failed the run's workers ("changed after launch", and so did every rerun); an
+    empty file was a vocabulary of no words: vocabulary wrote a table of null tokens (exit 0), and a
+    run dead-lettered every record after all its work."""
     from pipeline import vocabulary
 
     directory, _, _ = tiny_bundle
     tokenizer = tmp_path / "tokenizer"
-    if kind == "directory":
+    if kind == "missing":  # A typo: "does not exist." said nothing of what to pass.
+        expected = "does not exist; pass the tokenizer file the model was trained with (this package's"
+    elif kind == "directory":
         tokenizer.mkdir()
         expected = "is a directory; pass the tokenizer file in it"
     elif kind == "shell <(...) pipe":

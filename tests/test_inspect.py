@@ -169,3 +169,13 @@ def test_a_layer_keras_cannot_run_on_a_sample_batch_is_said_refused(tmp_path, ca
     # The layer alone is checked alone: the embedding before it runs.
     assert main([str(tmp_path / "model.keras"), "--tokenizer", "none", "--layer", "emb"]) == 0
     assert " refused: " not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "flag"), [([""], "MODEL"), ([" "], "MODEL"), (["--model", ""], "--model")])
+def test_an_empty_model_is_said_to_be_empty_under_the_name_it_was_given(argv, flag, capsys):
+    """`inspect "$MODEL"` with the variable unset said "--model '' does not exist": a flag not typed,
+    and not the reason, where the other commands say the value is empty."""
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    expected = f"error: {flag} is empty (an unset shell variable?); give it a model bundle directory or file."
+    assert line == expected

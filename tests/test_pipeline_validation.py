@@ -433,6 +433,17 @@ def test_an_empty_output_or_reuse_is_refused(flag, bundle, corpus, tmp_path, mon
     assert not (tmp_path / "output").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["", " ", ",", " , "])
+def test_a_keep_fields_that_names_no_field_is_refused(value, bundle, corpus, tmp_path):
+    """`--keep_fields "$FIELDS"` with the variable unset exported without any kept field, exit 0,
+    without a word: the join the fields were for was impossible."""
+    output = tmp_path / "out"
+    argv = export_args(bundle, corpus, output, "--keep_fields", value, "--limit", "3")
+    with pytest.raises(ExportConfigError, match=rf"--keep_fields {value!r} names no field \(an unset shell"):
+        run_export(argv)
+    assert not output.exists()
+
+
 def test_every_numeric_flag_of_the_options_has_a_range():
     from pipeline.planning.checks import NUMERIC_FLAGS
     from pipeline.planning.options import ExportOptions, integer, number

@@ -25,6 +25,7 @@ from pipeline.inference import embedder as embedder_lib
 from pipeline.inference import forward_pass as forward_pass_lib
 from pipeline.planning.reuse import ROWS_VERSION
 from pipeline.running.export import run_export
+from pipeline.running.report import format_summary
 from pipeline.writing import files as files_lib
 from pipeline.writing import layout as layout_lib
 from pipeline.writing import state as state_lib
@@ -131,6 +132,11 @@ def test_reuse_equals_a_full_export_bit_for_bit_and_counts_what_it_did(versions,
     assert counts["earlier_rows_changed"] == len(versions["changed"])
     assert counts["earlier_rows_dropped"] == summary.earlier_rows_dropped == len(versions["deleted"])
     assert counts["records_read"] == counts["rows_written"] + counts["dead_letters"]
+    # The tokenizer's counts are of the embedded documents only: the summary says so (a reuse of an
+    # export with 118 truncated documents, all reused, said "truncated 0 documents longer than ...").
+    (truncated,) = [line for line in format_summary(summary).splitlines() if "truncated  " in line]
+    assert f"{counts['documents_truncated']} of the documents this run embedded were longer" in truncated
+    assert truncated.endswith("(reused rows are not counted)")
     ids = set(reused.column("id").to_pylist())
     assert not ids & versions["deleted"] and versions["new"] <= ids
     # Kept fields are the new corpus's, not the old rows'.

@@ -325,7 +325,7 @@ def test_the_summarys_lines_name_a_relative_output_absolutely(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path / "run")
     text = format_summary(ExportSummary("out", 2, 2, 0, {}, 0, 0, 1.0, 0, ""))
     assert f"  output           {tmp_path / 'run' / 'out'}" in text.splitlines()
-    lines = [line for line in text.splitlines() if "python -c" in line]
+    lines = [line for line in text.splitlines() if " -c " in line]
     assert len(lines) == 2
     for line in lines:
         result = _run_read_line(line, cwd=tmp_path / "elsewhere")
@@ -373,7 +373,10 @@ def _run_read_line(line, cwd=None):
     import subprocess
     import sys
 
-    command = line[line.index("python -c") :].replace("python", shlex.quote(sys.executable), 1)
+    # The line calls `python`, or this interpreter's path where that is not it (`.venv/bin/python3`
+    # under `.venv/bin/pytest`): either way, this interpreter runs it.
+    command = line.split("read it with", 1)[1] if "read it with" in line else line.strip().removeprefix("or ")
+    command = f"{shlex.quote(sys.executable)} -c {command.strip().split(' -c ', 1)[1]}"
     return subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=cwd)
 
 
@@ -388,7 +391,7 @@ def test_the_summarys_read_lines_run_for_a_path_with_shell_specials(tmp_path, na
     output.mkdir(parents=True)
     pq.write_table(pa.table({"id": ["row-a", "row-b"]}), output / "part-00000-of-00001.parquet")
     summary = ExportSummary(str(output), 2, 2, 0, {}, 0, 0, 1.0, 0, "")
-    lines = [line for line in format_summary(summary).splitlines() if "python -c" in line]
+    lines = [line for line in format_summary(summary).splitlines() if " -c " in line]
     assert len(lines) == 2
     for line in lines:
         result = _run_read_line(line, cwd=tmp_path)

@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -288,6 +289,19 @@ def test_the_help_needs_no_docstring(monkeypatch, capsys):
     assert "--vocabulary_size" in capsys.readouterr().out
 
 
+def test_the_help_gives_each_flags_default(capsys):
+    """`--help` said `--epochs EPOCHS  passes over the training set.` and no default for 14 of its 18
+    flags: what a run without them trains (10 epochs, 4000 ids, 300 x 300) was nowhere to be read."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    options = capsys.readouterr().out.split("options:", 1)[1]
+    blocks = {block.split()[0]: " ".join(block.split()) for block in re.split(r"\n  (?=--)", options)[1:]}
+    assert len(blocks) == 18 and blocks["--epochs"].endswith("(default: 10).")
+    without = [flag for flag, text in blocks.items() if "default" not in text and flag != "--overwrite"]
+    assert without == ["--output"], without  # Required: it has none.
+
+
 def test_train_never_replaces_a_users_files(small_corpus, tmp_path, capsys):
     corpus, _ = small_corpus
     mine = tmp_path / "my_models"
@@ -368,3 +382,23 @@ def test_a_corpus_saved_with_a_byte_order_mark_is_read(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_bytes(b'\xef\xbb\xbf{"id": "1", "content": "x"}\r\n{"id": "2", "content": "y"}\n')
     assert read_jsonl(str(corpus)) == [{"id": "1", "content": "x"}, {"id": "2", "content": "y"}]
+
+
+def test_the_sample_corpus_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """`python -m models.make_sample_corpus` wrote its --output (the shipped corpus by default) in place:
+    an error or a kill part-way left it cut short, and `python -m pipeline.run` exported that part."""
+    from models import make_sample_corpus
+
+    corpus = tmp_path / "sample_corpus.jsonl"
+    corpus.write_text('{"id": "earlier"}\n')
+    docs = [{"id": "a", "title": "t", "content": "c", "kind": "class", "topic": "text"}] * 3
+    monkeypatch.setattr(make_sample_corpus, "collect_documents", lambda stdlib: docs)
+    monkeypatch.setattr(make_sample_corpus, "balance", lambda found, kind, topic: [*found, {"id": object()}])
+    with pytest.raises(TypeError, match="not JSON serializable"):  # The fourth line fails.
+        make_sample_corpus.main(["--output", str(corpus)])
+    assert corpus.read_text() == '{"id": "earlier"}\n' and os.listdir(tmp_path) == [corpus.name]
+    monkeypatch.setattr(make_sample_corpus, "balance", lambda found, kind, topic: found)
+    make_sample_corpus.main(["--output", str(corpus)])
+    assert [json.loads(line) for line in corpus.read_text().splitlines()] == docs
+    assert os.listdir(tmp_path) == [corpus.name] and oct(corpus.stat().st_mode & 0o777) != "0o600"
+    assert "wrote 3 documents" in capsys.readouterr().out

@@ -20,6 +20,11 @@ from pipeline.analysis.dataset import (
 
 # Beyond this many label values the smallest share one "other" colour.
 MAX_PLOT_CLASSES = 20
+# The refusal of `plot` where matplotlib is missing: a plain `pip install .` has no [analysis] extra.
+MATPLOTLIB_MISSING = (
+    "plot draws with matplotlib, which is not installed in this Python environment; install it with "
+    "pip install 'embexport[analysis]' (or pip install matplotlib), then run the command again."
+)
 OTHER_LABEL = "(other)"
 MISSING_LABEL = "(missing)"
 
@@ -90,7 +95,7 @@ def plot_projection(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise AnalysisError("plot needs matplotlib: pip install 'embexport[analysis]'.") from None
+        raise AnalysisError(MATPLOTLIB_MISSING) from None
     figure = Figure(figsize=(10, 7), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.subplots()

@@ -19,6 +19,7 @@ from pipeline.planning.checks import (
     check_vocabulary_fits,
     detect_format,
     parse_input_map,
+    parse_keep_fields,
     resolve_input_map,
 )
 from pipeline.planning.introspection import (
@@ -52,7 +53,7 @@ def build_plan(options: ExportOptions, check_remote: bool = True) -> tuple[Expor
     check_id_field(options.id_field)
     input_files = check_locations(options, check_remote)
     input_format = detect_format(options.input, options.input_format)
-    keep_fields = tuple(f.strip() for f in options.keep_fields.split(",") if f.strip())
+    keep_fields = parse_keep_fields(options.keep_fields)
     check_text_fields(input_format, options.id_field, keep_fields)
     explicit_map = parse_input_map(options.input_map)
     model_source = load_model_source(

@@ -254,6 +254,22 @@ def check_id_field(id_field: str) -> None:
         )
 
 
+def parse_keep_fields(keep_fields: str | None) -> tuple[str, ...]:
+    """The fields of `--keep_fields` (None: not given, no field), each stripped of blanks.
+
+    Raises:
+        ExportConfigError: the flag given but naming no field (`''`, `' '`, `','`: an unset shell
+            variable in `--keep_fields "$FIELDS"`), which exported without any kept field, exit 0.
+    """
+    fields = tuple(field.strip() for field in (keep_fields or "").split(",") if field.strip())
+    if keep_fields is not None and not fields:
+        raise ExportConfigError(
+            f"--keep_fields {keep_fields!r} names no field (an unset shell variable?); give it the "
+            "comma-separated record fields to copy, e.g. --keep_fields kind,topic, or leave the flag out."
+        )
+    return fields
+
+
 def check_text_fields(input_format: str, id_field: str, keep_fields: Sequence[str]) -> None:
     """Refuses an --id_field or --keep_fields field that a text corpus (one document per line) cannot have.
 

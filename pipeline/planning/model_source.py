@@ -344,7 +344,11 @@ def load_tokenizer(
     if problem:
         raise ExportConfigError(problem)
     if not FileSystems.exists(uri):
-        raise ExportConfigError(f"--tokenizer {uri!r} does not exist.")
+        raise ExportConfigError(
+            f"--tokenizer {uri!r} does not exist; pass the tokenizer file the model was trained with (this "
+            "package's tokenizer.json, a Keras 2 Tokenizer.to_json() file, or a vocabulary file with one "
+            f"token per line), or --tokenizer {NO_TOKENIZER} if the corpus holds lists of token ids."
+        )
     if is_local(uri) and os.path.isdir(uri):
         raise ExportConfigError(
             f"--tokenizer {uri!r} is a directory; pass the tokenizer file in it, such as "

@@ -135,9 +135,9 @@ class ExportOptions(PipelineOptions):
         )
         parser.add_argument(
             "--keep_fields",
-            default="",
+            default=None,
             help="Comma-separated record fields copied to the output as strings (for joins). Text "
-            "files have one field, 'text'.",
+            "files have one field, 'text'. Default: none.",
         )
         parser.add_argument(
             "--output",
@@ -201,7 +201,7 @@ class ExportOptions(PipelineOptions):
             default=0,
             help="TensorFlow intra-op threads per worker process. 0 = cores / worker processes: 1 on "
             "Dataflow (one SDK process per vCPU), cores // --direct_num_workers with multi_processing, "
-            "TensorFlow's default for a single process.",
+            "TensorFlow's default for a single process. Default: %(default)s.",
         )
         parser.add_argument(
             "--limit",
@@ -209,7 +209,8 @@ class ExportOptions(PipelineOptions):
             default=None,
             metavar="N",
             help="A quick trial: read only the first N records (by file path, then position in the "
-            "file). The output is a finished export whose manifest says it was limited.",
+            "file). The output is a finished export whose manifest says it was limited. Default: every "
+            "record.",
         )
         parser.add_argument(
             "--shard_mb",

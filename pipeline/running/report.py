@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -133,6 +134,38 @@ def _python_command() -> str:
     return shlex.quote(sys.executable) if sys.executable else "python"
 
 
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported by this interpreter (duckdb and pandas come with [test] only)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def read_commands(output: str) -> list[str]:
+    """The Python code of the summary's read lines for `output`, one per reader installed here.
+
+    DuckDB and pandas where installed; else pyarrow's dataset reader, which every install has:
+    after a plain `pip install .` (no [test] extra) the DuckDB and pandas lines, pasted, ended in
+    ModuleNotFoundError.
+    """
+    # DuckDB reads a NAME=value directory as a hive partition, whose value would replace the column NAME.
+    hive = ", hive_partitioning=False" if "=" in output else ""
+    ignored = '["_", ".", "errors"]'
+    commands = []
+    if _installed("duckdb"):
+        pattern = _python_string(join(output, "part-*.parquet"))
+        commands.append(f"import duckdb; print(duckdb.read_parquet({pattern}{hive}).limit(5))")
+    if _installed("pandas"):
+        commands.append(
+            f"import pandas as pd; print(pd.read_parquet({_python_string(output)}, "
+            f"ignore_prefixes={ignored}).head())"
+        )
+    if not commands:
+        commands.append(
+            f"import pyarrow.dataset as ds; print(ds.dataset({_python_string(output)}, "
+            f'format="parquet", ignore_prefixes={ignored}).head(5))'
+        )
+    return commands
+
+
 def _count(value: int | None) -> str:
     return str(value) if value is not None else "unknown (no counters)"
 
@@ -145,24 +178,22 @@ def format_summary(summary: ExportSummary) -> str:
         return f"\nNothing exported (--dry_run): {summary.message}\n  output           {output}"
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.errors_by_reason.items())) or "none"
     read = summary.records_read if summary.records_read is not None else "unknown (no committed counters)"
-    # DuckDB reads a NAME=value directory as a hive partition, whose value would replace the column NAME.
-    hive = ", hive_partitioning=False" if "=" in output else ""
-    pattern = _python_string(join(output, "part-*.parquet"))
-    duckdb_code = f"import duckdb; print(duckdb.read_parquet({pattern}{hive}).limit(5))"
-    pandas_code = (
-        f"import pandas as pd; print(pd.read_parquet({_python_string(output)}, "
-        'ignore_prefixes=["_", ".", "errors"]).head())'
-    )
     python = _python_command()
+    # Single-quoted for the shell: a $, ` or \\ in the path reaches Python as it is.
+    read_lines = [f"{python} -c {shlex.quote(code)}" for code in read_commands(output)]
     lines = [
         "",
         "Export finished" if summary.exit_code == 0 else f"Export finished with problems: {summary.message}",
         f"  documents read   {read}",
         f"  rows written     {summary.rows_written}",
         f"  dead letters     {summary.dead_letters} ({reasons})",
-        f"  truncated        {summary.truncated} documents longer than the model input"
-        if summary.truncated is not None
-        else f"  truncated        {_count(None)}",
+        f"  truncated        {_count(summary.truncated)}"
+        if summary.truncated is None
+        # The tokenizer's counts are of the documents embedded: a reused row is not tokenized again.
+        else f"  truncated        {summary.truncated} of the documents this run embedded were longer than "
+        "the model input (reused rows are not counted)"
+        if summary.reuse
+        else f"  truncated        {summary.truncated} documents longer than the model input",
         *(
             [
                 f"  reused           {summary.rows_reused} rows unchanged since {summary.reuse}; "
@@ -191,9 +222,8 @@ def format_summary(summary: ExportSummary) -> str:
         f"  seconds          {summary.seconds:.1f} ({summary.docs_per_second:.0f} docs/s)",
         # A newline or tab in the name, printed raw, split the line or hid what the name is.
         f"  output           {output if output.isprintable() else repr(output)}",
-        # Single-quoted for the shell: a $, ` or \\ in the path reaches Python as it is.
-        f"  read it with     {python} -c {shlex.quote(duckdb_code)}",
-        f"               or {python} -c {shlex.quote(pandas_code)}",
+        f"  read it with     {read_lines[0]}",
+        *(f"               or {line}" for line in read_lines[1:]),
     ]
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         lines.append(f"  oov tokens       {_count(summary.oov_tokens)}")
