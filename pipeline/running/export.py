@@ -55,6 +55,7 @@ from pipeline.running.counters import (
     NAMESPACE,
     OOV_TOKENS,
     ROWS_KEPT,
+    RunCounters,
     read_counters,
 )
 from pipeline.running.dataflow import poll_dataflow
@@ -418,6 +419,30 @@ def _recovered_export(
     )
 
 
+def _kept_documents_met(resumed: Resumption, run_counters: RunCounters) -> int:
+    """How many of the corpus's documents have a row the resumed run kept.
+
+    Counted as the pipeline's data (`CountKeptDocuments`): exact on every runner, where attempted
+    counters (Spark's and Flink's job servers) count a retried bundle twice, which would cover a
+    kept row whose id is gone, and some runners report none.
+
+    Raises:
+        ExportConfigError: the count cannot be read and no committed counter can stand in for it.
+    """
+    try:
+        return read_kept_met(resumed.kept_ids_path)
+    except ValueError as error:
+        if run_counters.exact:
+            _LOGGER.warning("%s: the committed rows_kept counter counts the kept documents instead.", error)
+            return run_counters.values.get(ROWS_KEPT, 0)
+        raise ExportConfigError(
+            f"This resumed run cannot tell whether the documents of the {resumed.rows_kept:,} rows it kept "
+            f"are still in the corpus: its count of them, {error}, and the runner reports no committed "
+            "counters to count them instead. Nothing was committed; rerun the same command (it keeps those "
+            "rows again and counts anew), or rerun with --resume off to start from zero."
+        ) from None
+
+
 def _graph_settings(
     options: PipelineOptions,
     total_bytes: int,
@@ -543,18 +568,12 @@ def _run_and_commit(
 
     run_counters = read_counters(result, NAMESPACE)
     accounting = account(run_counters, staged, plan, resumed)
-    # The documents with a kept row, counted as the pipeline's data (`CountKeptDocuments`): exact on every
-    # runner, where attempted counters (Spark's and Flink's job servers) count a retried bundle twice,
-    # which would cover a kept row whose id is gone. The counter is the fallback of a run that left none.
-    kept_found = read_kept_met(resumed.kept_ids_path) if resumed else None
-    exact = kept_found is not None or run_counters.exact
-    kept_met = kept_found if kept_found is not None else run_counters.values.get(ROWS_KEPT, 0)
-    if resumed and (exact or run_counters.values) and kept_met < resumed.rows_kept:
+    kept_met = _kept_documents_met(resumed, run_counters) if resumed else 0
+    if resumed and kept_met < resumed.rows_kept:
         # A kept row whose id the corpus no longer has: rewritten with the same size and time.
-        met = f"{'only' if exact else 'at most'} {kept_met:,}"
         raise ExportConfigError(
             f"The corpus changed since the interrupted run this one resumes: of the {resumed.rows_kept:,} "
-            f"rows it kept, {met} have their document in the "
+            f"rows it kept, only {kept_met:,} have their document in the "
             "corpus now (a file was rewritten with the same size and modification time). Nothing was "
             "committed; rerun with --resume off."
         )
