@@ -103,3 +103,27 @@ def test_unknown_records_read_are_recorded_as_none():
     counts = manifest_counts(accounting(read=0, exact=False))
     assert counts["records_read"] is None and counts["counters"] == "attempted"
     assert counts["rows_written"] == 8 and counts["dead_letters"] == 2 and counts["oov_tokens"] == 3
+
+
+def test_attempted_reuse_counters_never_make_the_rows_embedded_negative():
+    """A job server's attempted counters count a retried bundle twice: 60 rows written, a bundle of 30
+    reused rows run twice (attempted rows_reused 80) was recorded as `rows_reused: 80, rows_embedded: -20`,
+    and the summary said "80 rows unchanged ...; -20 embedded"."""
+    from test_schema import VECTOR, make_plan
+
+    plan = dataclasses.replace(make_plan([VECTOR]), reuse="out/v1")
+    staged = {"rows": [("out/part", 60)], "errors": [], "tables": []}
+    attempted = manifest_counts(account(RunCounters({"rows_reused": 80}, False), staged, plan, None))
+    assert (attempted["rows_reused"], attempted["rows_embedded"]) == (60, None)
+    summary = ExportSummary("out", None, 60, 0, {}, 0, 0, 1.0, 7, "m", reuse="out/v1", rows_reused=60)
+    assert (
+        "  reused           at most 60 rows unchanged since out/v1 (attempted counters); embedded unknown; "
+        "0 earlier rows dropped (id gone)"
+    ) in format_summary(summary)
+    # Committed counters are exact: both stated.
+    committed = manifest_counts(account(RunCounters({"rows_reused": 50}, True), staged, plan, None))
+    assert (committed["rows_reused"], committed["rows_embedded"]) == (50, 10)
+    summary = dataclasses.replace(summary, records_read=60, rows_reused=50, exit_code=0)
+    assert (
+        "  reused           50 rows unchanged since out/v1; 10 embedded; 0 earlier rows dropped (id gone)"
+    ) in format_summary(summary)
