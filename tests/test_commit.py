@@ -690,6 +690,47 @@ def test_a_schedulers_retry_without_overwrite_of_a_run_killed_past_its_commit_po
     assert _complete_export(output) == sorted(NEW_IDS)
 
 
+def test_a_schedulers_retry_of_a_run_killed_in_its_commits_last_steps_exits_0(
+    scenarios, tmp_path, tiny_bundle, monkeypatch
+):
+    """Killed after its replay removed the staging directory (and its _RUN.json, where the recovery read the
+    run's signature), before it deleted the journal: the very same command was refused with exit 2, "Pass
+    --overwrite" (with --overwrite it embedded the whole corpus again). The journal holds the signature
+    too."""
+    from pipeline.running import export as export_lib
+
+    template, run_id, facts, _ = scenarios["fresh"]
+    output = str(tmp_path / "out")
+    shutil.copytree(template, output)
+    staging = os.path.join(output, layout_lib.STAGING, run_id)
+
+    def hook(action, relative):
+        if action == "delete" and relative == layout_lib.JOURNAL:
+            assert not os.path.exists(staging)  # the run's _RUN.json is gone with it
+            raise Killed(relative)
+
+    files_lib.step_hook = hook
+    try:
+        with pytest.raises(Killed):
+            _commit(output, run_id, facts)
+    finally:
+        files_lib.step_hook = None
+    assert commit_lib.has_pending_commit(output)
+    with open(os.path.join(output, layout_lib.MANIFEST), "rb") as handle:
+        committed = handle.read()
+
+    def embeds(*args, **kwargs):
+        raise Embedded
+
+    monkeypatch.setattr(export_lib, "_run_pipeline", embeds)
+    corpus = os.path.join(os.path.dirname(template), "new_bad.jsonl")
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
+    assert summary.exit_code == 0 and summary.rows_written == len(NEW_IDS) and summary.dead_letters == 1
+    with open(os.path.join(output, layout_lib.MANIFEST), "rb") as handle:
+        assert handle.read() == committed
+    assert _complete_export(output) == sorted(NEW_IDS)
+
+
 @pytest.mark.parametrize("change", ["stricter_max_error_fraction", "model_moved"])
 def test_an_overwrite_rerun_unlike_the_killed_run_past_its_commit_point_is_run_not_recovered(
     scenarios, tmp_path, tiny_bundle, monkeypatch, change

@@ -4,7 +4,7 @@ The commit is a journaled roll-forward (`commit`).  First, touching nothing of
 the old export, it does everything that needs space or may fail slowly: it
 hashes every staged file, stages the new manifest and writes the journal
 `OUTPUT/_COMMIT.json` (old files to delete, each staged -> final rename with
-its size and SHA-256).  Once the journal is in place the commit only deletes
+its size and SHA-256, the run's signature).  Once the journal is in place the commit only deletes
 and renames (no space needed), each step idempotent: the old manifest goes
 first, then the old files the new ones do not replace, then each rename, then
 the manifest's, then the staging directory and the journal.  Whatever ends the
@@ -23,7 +23,7 @@ import logging
 import os
 import posixpath
 from collections.abc import Callable
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from pipeline.errors import ExportConfigError, LockLostError, OutputWriteError
 from pipeline.uris import is_local
@@ -90,6 +90,10 @@ class Journal(TypedDict):
     delete: list[str]
     directories: list[str]
     renames: list[Rename]
+    # The run's signature (`pipeline.writing.resume.run_signature`), kept here as well as in its
+    # `_RUN.json`: the replay removes the staging directory before the journal, and a retry of the
+    # same command told by it ends at the recovered export (`pipeline.running.export`).
+    signature: NotRequired[object]
 
 
 class ShardEntry(FileDigest):
@@ -282,6 +286,9 @@ def _prepare_commit(
         "directories": sorted({posixpath.dirname(r["to"]) for r in renames} - {""}),
         "renames": renames,
     }
+    signature = _run_signature(directory, run_id)
+    if signature is not None:
+        journal["signature"] = signature
     write_json(directory, posixpath.join(staging, JOURNAL), journal)
     return journal, manifest
 
@@ -422,8 +429,12 @@ def recover_interrupted_commit(directory: str) -> bool:
         directory,
         JOURNAL,
     )
-    # What the run was (its staging goes with the replay): a rerun of that same export need not embed again.
-    signature = _run_signature(directory, journal["run"])
+    # What the run was: a rerun of that same export need not embed again. The journal says it (the replay
+    # removes the staging directory, and its `_RUN.json`, before the journal); one of an earlier version only
+    # in the run's `_RUN.json`.
+    signature = journal.get("signature")
+    if signature is None:
+        signature = _run_signature(directory, journal["run"])
     with committing():
         _replay(directory, journal)
         manifest = None
