@@ -31,6 +31,7 @@ from test_object_storage import BUCKET, client, s3_endpoint, s3_flags, share_one
 
 from pipeline.analysis.dataset import open_documents
 from pipeline.errors import (
+    EXIT_ACCOUNTING_UNVERIFIED,
     EXIT_CONFIG_ERROR,
     EXIT_OUTPUT_FAILED,
     ExportConfigError,
@@ -728,6 +729,38 @@ def test_a_schedulers_retry_of_a_run_killed_in_its_commits_last_steps_exits_0(
     assert summary.exit_code == 0 and summary.rows_written == len(NEW_IDS) and summary.dead_letters == 1
     with open(os.path.join(output, layout_lib.MANIFEST), "rb") as handle:
         assert handle.read() == committed
+    assert _complete_export(output) == sorted(NEW_IDS)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["without_overwrite", "with_overwrite"])
+def test_a_retry_on_a_runner_without_committed_counters_finds_the_export_it_asked_for(
+    scenarios, tmp_path, tiny_bundle, monkeypatch, overwrite
+):
+    """Spark's and Flink's job servers end every run with exit 7, "completed_with_errors" for its unverified
+    accounting alone. Only a "succeeded" export was taken as the one the retry asks for: without --overwrite
+    the retry was refused with exit 2 ("completed with errors ... Fix that, then pass --overwrite"), at every
+    retry, and with it the whole corpus was embedded again, to exit 7 again."""
+    from pipeline.running import export as export_lib
+
+    template, run_id, facts, _ = scenarios["fresh"]
+    output = str(tmp_path / "out")
+    shutil.copytree(template, output)
+    unverified = "Accounting unverified: the runner reported no committed counters, so ..."
+    counts = {**facts["counts"], "records_read": None, "counters": "attempted"}
+    facts = {**facts, "status": "completed_with_errors", "message": unverified, "counts": counts}
+    with _killed_at_the_first("delete"):
+        _commit(output, run_id, facts)
+
+    def embeds(*args, **kwargs):
+        raise Embedded
+
+    monkeypatch.setattr(export_lib, "_run_pipeline", embeds)
+    corpus = os.path.join(os.path.dirname(template), "new_bad.jsonl")
+    flags = ["--overwrite"] if overwrite else []
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *flags])
+    assert summary.exit_code == EXIT_ACCOUNTING_UNVERIFIED and summary.message == unverified
+    assert summary.rows_written == len(NEW_IDS) and summary.dead_letters == 1
+    assert state_lib.read_manifest(output)["status"] == "completed_with_errors"
     assert _complete_export(output) == sorted(NEW_IDS)
 
 

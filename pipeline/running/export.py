@@ -369,7 +369,8 @@ def _recovered_export(
     output: str, plan: ExportPlan, signature: dict[str, Any], max_error_fraction: float
 ) -> ExportSummary | None:
     """The summary of the export this command makes, where the launch just finished its commit: that of a
-    run killed past its commit point with this run's signature, which succeeded; else None.
+    run killed past its commit point with this run's signature, which succeeded (or, on a runner without
+    committed counters, ended with only its accounting unverified: exit 7 again); else None.
 
     A rerun that is to replace it (`--overwrite`) would embed the whole corpus again into the same rows,
     as a resumed run does not (with `--resume off` it does, as asked); one without `--overwrite` would be
@@ -382,13 +383,23 @@ def _recovered_export(
     with OutputLock(plan.output):  # Still that export: no other run replaced it since.
         if has_pending_commit(plan.output) or read_manifest(plan.output) != manifest:
             return None
-    if not isinstance(manifest, dict) or manifest.get("status") != "succeeded":
-        return None  # A failed export is made again: what failed may be fixed (a file given back).
+    if not isinstance(manifest, dict):
+        return None
+    counts = manifest.get("counts") or {}
+    # A runner without committed counters (Spark's, Flink's job servers) ends every run so (exit 7): the
+    # same command would again, over the same rows. Otherwise a failed export is made again: what failed
+    # may be fixed (a file given back).
+    unverified = (
+        manifest.get("status") == "completed_with_errors"
+        and counts.get("counters") in ("attempted", "none")
+        and not counts.get("files_broken")
+    )
+    if manifest.get("status") != "succeeded" and not unverified:
+        return None
     # The signature holds what the rows depend on, not the model's path (every row file names it, as
     # this command would) nor the share of dead letters this command calls a failure.
     if manifest.get("model_uri") != plan.model_uri:
         return None
-    counts = manifest.get("counts") or {}
     dead = counts.get("dead_letters", 0)
     records = counts.get("records_read") or counts.get("rows_written", 0) + dead
     if records and dead / records > max_error_fraction:
@@ -408,7 +419,7 @@ def _recovered_export(
         truncated=counts.get("documents_truncated", 0),
         oov_tokens=counts.get("oov_tokens", 0),
         seconds=float(manifest.get("seconds", 0.0)),
-        exit_code=EXIT_OK,
+        exit_code=EXIT_ACCOUNTING_UNVERIFIED if unverified else EXIT_OK,
         message=manifest.get("message", ""),
         reuse=plan.reuse,
         rows_reused=counts.get("rows_reused", 0),
