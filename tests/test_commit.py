@@ -511,6 +511,13 @@ def test_a_signal_while_finishing_an_earlier_commit_says_that_commit_was_finishe
     lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
     assert len(lines) == 1 and "nothing of this run was committed" in lines[0], err[-3000:]
     assert f"an earlier run's interrupted commit into {output} was finished" in lines[0]
+    # It said "Rerun the same command to start the export", which the finished export refuses (exit 2);
+    # the killed run was this very command, whose export is done.
+    assert "Rerun the same command" not in lines[0]
+    assert (
+        "If that run was this same command, its export is done; to replace it, rerun with --overwrite"
+        in lines[0]
+    )
     assert _complete_export(output) == sorted(NEW_IDS)
 
 
