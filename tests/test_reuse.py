@@ -290,6 +290,31 @@ def test_rows_of_the_other_onednn_setting_are_not_reused(versions, tmp_path, mon
     assert not os.path.exists(output)
 
 
+def test_an_export_of_token_ids_only_is_reused_whatever_the_onednn_setting(
+    tiny_bundle, tmp_path, monkeypatch
+):
+    """Columns stored as token ids run no forward pass: such an export recorded the oneDNN setting all the
+    same, and a --reuse of it under the other one was refused ("which changes the last bits of some rows"),
+    costing a full export for ids that have no last bits."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": f"d{i}", "content": f"word{i} word3", "title": "word1"}) + "\n"
+            for i in range(9)
+        )
+    )
+    flags = ["--model", tiny_bundle[0], "--input", str(corpus), "--layer", "emb:0", "--pooling", "none"]
+    flags += ["--token_storage", "ids"]
+    assert run_export([*flags, "--output", str(tmp_path / "v1")]).exit_code == 0
+    earlier = state_lib.read_manifest(str(tmp_path / "v1"))["reuse_signature"]["onednn"]
+    monkeypatch.setattr(embedder_lib, "onednn_enabled", lambda: not forward_pass_lib.onednn_enabled())
+    summary = run_export([*flags, "--output", str(tmp_path / "v2"), "--reuse", str(tmp_path / "v1")])
+    assert summary.exit_code == 0 and summary.rows_reused == 9, summary.message
+    assert (
+        earlier is None and state_lib.read_manifest(str(tmp_path / "v2"))["reuse_signature"]["onednn"] is None
+    )
+
+
 @pytest.mark.slow
 def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     # Five copies of the corpus with new ids: long enough to be killed part-way.
