@@ -137,12 +137,20 @@ def _interrupted(
             if recovered
             else ""
         )
-        if not _past_launch_checks():
+        if not _past_launch_checks() and recovered:
+            # The output now holds a finished export: the same command without --overwrite is refused there,
+            # and where the killed run was this very command (a retry stopped again), its export is done.
+            _tell(
+                f"interrupted: the run stopped during its launch checks ({signal.Signals(signum).name}), "
+                f"before this run wrote anything; {nothing}. Before it, an earlier run's interrupted commit "
+                f"into {recovered[0]} was finished: it holds that run's complete export. If that run was "
+                "this same command, its export is done; to replace it, rerun with --overwrite."
+            )
+        elif not _past_launch_checks():
             # Stopped while flags, model and locations were being checked: there are no rows to keep.
             _tell(
                 f"interrupted: the run stopped during its launch checks ({signal.Signals(signum).name}), "
                 f"before this run wrote anything; {nothing}. Rerun the same command to start the export."
-                f"{earlier}"
             )
         else:
             rerun = rerun_to_finish(resume, defaulted_output, "the rows this run made durable")

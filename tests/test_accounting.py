@@ -141,3 +141,27 @@ def test_the_read_lines_name_only_readers_that_are_installed(tmp_path, monkeypat
     result = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert '["doc-a","doc-b"]' in result.stdout and "dead-letter" not in result.stdout
+
+
+def test_attempted_reuse_counters_never_make_the_rows_embedded_negative():
+    """A job server's attempted counters count a retried bundle twice: 60 rows written, a bundle of 30
+    reused rows run twice (attempted rows_reused 80) was recorded as `rows_reused: 80, rows_embedded: -20`,
+    and the summary said "80 rows unchanged ...; -20 embedded"."""
+    from test_schema import VECTOR, make_plan
+
+    plan = dataclasses.replace(make_plan([VECTOR]), reuse="out/v1")
+    staged = {"rows": [("out/part", 60)], "errors": [], "tables": []}
+    attempted = manifest_counts(account(RunCounters({"rows_reused": 80}, False), staged, plan, None))
+    assert (attempted["rows_reused"], attempted["rows_embedded"]) == (60, None)
+    summary = ExportSummary("out", None, 60, 0, {}, 0, 0, 1.0, 7, "m", reuse="out/v1", rows_reused=60)
+    assert (
+        "  reused           at most 60 rows unchanged since out/v1 (attempted counters); embedded unknown; "
+        "0 earlier rows dropped (id gone)"
+    ) in format_summary(summary)
+    # Committed counters are exact: both stated.
+    committed = manifest_counts(account(RunCounters({"rows_reused": 50}, True), staged, plan, None))
+    assert (committed["rows_reused"], committed["rows_embedded"]) == (50, 10)
+    summary = dataclasses.replace(summary, records_read=60, rows_reused=50, exit_code=0)
+    assert (
+        "  reused           50 rows unchanged since out/v1; 10 embedded; 0 earlier rows dropped (id gone)"
+    ) in format_summary(summary)

@@ -31,6 +31,7 @@ from test_object_storage import BUCKET, client, s3_endpoint, s3_flags, share_one
 
 from pipeline.analysis.dataset import open_documents
 from pipeline.errors import (
+    EXIT_ACCOUNTING_UNVERIFIED,
     EXIT_CONFIG_ERROR,
     EXIT_OUTPUT_FAILED,
     ExportConfigError,
@@ -540,6 +541,13 @@ def test_a_signal_while_finishing_an_earlier_commit_says_that_commit_was_finishe
     lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
     assert len(lines) == 1 and "nothing of this run was committed" in lines[0], err[-3000:]
     assert f"an earlier run's interrupted commit into {output} was finished" in lines[0]
+    # It said "Rerun the same command to start the export", which the finished export refuses (exit 2);
+    # the killed run was this very command, whose export is done.
+    assert "Rerun the same command" not in lines[0]
+    assert (
+        "If that run was this same command, its export is done; to replace it, rerun with --overwrite"
+        in lines[0]
+    )
     assert _complete_export(output) == sorted(NEW_IDS)
 
 
@@ -719,6 +727,79 @@ def test_a_schedulers_retry_without_overwrite_of_a_run_killed_past_its_commit_po
     assert summary.exit_code == 0 and summary.rows_written == len(NEW_IDS) and summary.dead_letters == 1
     with open(os.path.join(output, layout_lib.MANIFEST), "rb") as handle:
         assert handle.read() == committed
+    assert _complete_export(output) == sorted(NEW_IDS)
+
+
+def test_a_schedulers_retry_of_a_run_killed_in_its_commits_last_steps_exits_0(
+    scenarios, tmp_path, tiny_bundle, monkeypatch
+):
+    """Killed after its replay removed the staging directory (and its _RUN.json, where the recovery read the
+    run's signature), before it deleted the journal: the very same command was refused with exit 2, "Pass
+    --overwrite" (with --overwrite it embedded the whole corpus again). The journal holds the signature
+    too."""
+    from pipeline.running import export as export_lib
+
+    template, run_id, facts, _ = scenarios["fresh"]
+    output = str(tmp_path / "out")
+    shutil.copytree(template, output)
+    staging = os.path.join(output, layout_lib.STAGING, run_id)
+
+    def hook(action, relative):
+        if action == "delete" and relative == layout_lib.JOURNAL:
+            assert not os.path.exists(staging)  # the run's _RUN.json is gone with it
+            raise Killed(relative)
+
+    files_lib.step_hook = hook
+    try:
+        with pytest.raises(Killed):
+            _commit(output, run_id, facts)
+    finally:
+        files_lib.step_hook = None
+    assert commit_lib.has_pending_commit(output)
+    with open(os.path.join(output, layout_lib.MANIFEST), "rb") as handle:
+        committed = handle.read()
+
+    def embeds(*args, **kwargs):
+        raise Embedded
+
+    monkeypatch.setattr(export_lib, "_run_pipeline", embeds)
+    corpus = os.path.join(os.path.dirname(template), "new_bad.jsonl")
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output])
+    assert summary.exit_code == 0 and summary.rows_written == len(NEW_IDS) and summary.dead_letters == 1
+    with open(os.path.join(output, layout_lib.MANIFEST), "rb") as handle:
+        assert handle.read() == committed
+    assert _complete_export(output) == sorted(NEW_IDS)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["without_overwrite", "with_overwrite"])
+def test_a_retry_on_a_runner_without_committed_counters_finds_the_export_it_asked_for(
+    scenarios, tmp_path, tiny_bundle, monkeypatch, overwrite
+):
+    """Spark's and Flink's job servers end every run with exit 7, "completed_with_errors" for its unverified
+    accounting alone. Only a "succeeded" export was taken as the one the retry asks for: without --overwrite
+    the retry was refused with exit 2 ("completed with errors ... Fix that, then pass --overwrite"), at every
+    retry, and with it the whole corpus was embedded again, to exit 7 again."""
+    from pipeline.running import export as export_lib
+
+    template, run_id, facts, _ = scenarios["fresh"]
+    output = str(tmp_path / "out")
+    shutil.copytree(template, output)
+    unverified = "Accounting unverified: the runner reported no committed counters, so ..."
+    counts = {**facts["counts"], "records_read": None, "counters": "attempted"}
+    facts = {**facts, "status": "completed_with_errors", "message": unverified, "counts": counts}
+    with _killed_at_the_first("delete"):
+        _commit(output, run_id, facts)
+
+    def embeds(*args, **kwargs):
+        raise Embedded
+
+    monkeypatch.setattr(export_lib, "_run_pipeline", embeds)
+    corpus = os.path.join(os.path.dirname(template), "new_bad.jsonl")
+    flags = ["--overwrite"] if overwrite else []
+    summary = run_export(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *flags])
+    assert summary.exit_code == EXIT_ACCOUNTING_UNVERIFIED and summary.message == unverified
+    assert summary.rows_written == len(NEW_IDS) and summary.dead_letters == 1
+    assert state_lib.read_manifest(output)["status"] == "completed_with_errors"
     assert _complete_export(output) == sorted(NEW_IDS)
 
 

@@ -1057,6 +1057,21 @@ def test_a_failed_worker_is_told_by_its_own_status_not_by_the_kill_of_the_others
     assert "exited with status 1 (ValueError: the worker's own reason)" in str(told), told  # ... not told.
 
 
+def test_out_of_memory_advice_says_a_smaller_batch_size_starts_from_zero(monkeypatch):
+    """It said to "rerun the same command to finish the export (it keeps the rows made durable), with
+    --direct_num_workers 1 (or a smaller --batch_size)": --batch_size is part of the run's signature, so
+    that rerun dropped every staged row and embedded the whole corpus again."""
+    from pipeline.running import failures as failures_lib
+    from pipeline.running import local_workers
+
+    monkeypatch.setattr(local_workers, "_failed", [])
+    monkeypatch.setattr(local_workers, "killed_by", lambda: [])
+    told = str(failures_lib._told_in_one_line(MemoryError("Unable to allocate 3.1 GiB")))
+    assert told.startswith("a worker process ran out of memory") and "--direct_num_workers 1" in told, told
+    assert "--batch_size is part of what a rerun must match: with another, the rerun starts from zero" in told
+    assert "(or a smaller --batch_size)" not in told
+
+
 def test_a_stall_is_told_in_one_line_naming_the_stopped_worker_not_the_kills_it_caused(monkeypatch):
     """The workers SIGKILLed for a stall are no story of their own ("killed (SIGKILL, perhaps for want of
     memory)" would send the user after memory)."""

@@ -41,6 +41,7 @@ from pipeline.errors import (
     EXIT_OUTPUT_FAILED,
     OutputWriteError,
 )
+from pipeline.inference import skip_kept as skip_kept_lib
 from pipeline.inference.features import DocumentTokenizer
 from pipeline.planning import locations as locations_lib
 from pipeline.reading.listing import list_input
@@ -555,6 +556,38 @@ def test_a_kept_row_whose_id_is_gone_is_refused_though_a_retried_bundle_doubles_
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == EXIT_CONFIG_ERROR and len(lines) == 1, lines
     assert "corpus changed since the interrupted run" in lines[0] and ", only " in lines[0]
+    assert state_lib.read_manifest(output) is None
+
+
+def test_an_unreadable_count_of_kept_documents_is_not_passed_over_where_no_committed_counter_stands_in(
+    killed, corpus, tiny_bundle, tmp_path, monkeypatch, capfd
+):
+    """`_KEPT_MET.json` damaged (truncated) or unreadable was taken as absent, without a word: the attempted
+    `rows_kept` counter stood in, a retried bundle doubled it, and the stale row of a kept id the corpus no
+    longer has was committed beside the new one (exit 7), the very row the count was added to catch."""
+    output = str(tmp_path / "out")
+    shutil.copytree(killed, output)
+    gone = sorted(ids_in(durable_files(output)))[0]
+    real = export_lib.read_counters
+
+    def retried(result, namespace=counters_lib.NAMESPACE):
+        values = dict(real(result, namespace).values)
+        values[counters_lib.ROWS_KEPT] *= 2
+        return counters_lib.RunCounters(values, False)
+
+    def truncated(count, kept_ids_path):
+        with open(skip_kept_lib.kept_met_path(kept_ids_path), "w", encoding="utf-8") as handle:
+            handle.write('{"documents": ')
+
+    monkeypatch.setattr(export_lib, "read_counters", retried)
+    monkeypatch.setattr(skip_kept_lib, "_record_kept_met", truncated)
+    with _rewritten_in_place(corpus, tmp_path, f'"id": "{gone}"', f'"id": "{gone.replace("doc", "dox")}"'):
+        code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_CONFIG_ERROR and len(lines) == 1, lines
+    assert "cannot tell whether the documents of the" in lines[0]
+    assert "_KEPT_MET.json cannot be read" in lines[0]
+    assert "rerun the same command" in lines[0] and "--resume off" in lines[0]
     assert state_lib.read_manifest(output) is None
 
 

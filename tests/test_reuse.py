@@ -296,6 +296,31 @@ def test_rows_of_the_other_onednn_setting_are_not_reused(versions, tmp_path, mon
     assert not os.path.exists(output)
 
 
+def test_an_export_of_token_ids_only_is_reused_whatever_the_onednn_setting(
+    tiny_bundle, tmp_path, monkeypatch
+):
+    """Columns stored as token ids run no forward pass: such an export recorded the oneDNN setting all the
+    same, and a --reuse of it under the other one was refused ("which changes the last bits of some rows"),
+    costing a full export for ids that have no last bits."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": f"d{i}", "content": f"word{i} word3", "title": "word1"}) + "\n"
+            for i in range(9)
+        )
+    )
+    flags = ["--model", tiny_bundle[0], "--input", str(corpus), "--layer", "emb:0", "--pooling", "none"]
+    flags += ["--token_storage", "ids"]
+    assert run_export([*flags, "--output", str(tmp_path / "v1")]).exit_code == 0
+    earlier = state_lib.read_manifest(str(tmp_path / "v1"))["reuse_signature"]["onednn"]
+    monkeypatch.setattr(embedder_lib, "onednn_enabled", lambda: not forward_pass_lib.onednn_enabled())
+    summary = run_export([*flags, "--output", str(tmp_path / "v2"), "--reuse", str(tmp_path / "v1")])
+    assert summary.exit_code == 0 and summary.rows_reused == 9, summary.message
+    assert (
+        earlier is None and state_lib.read_manifest(str(tmp_path / "v2"))["reuse_signature"]["onednn"] is None
+    )
+
+
 @pytest.mark.slow
 def test_killed_reuse_run_and_rerun_give_the_full_export(versions, tmp_path):
     # Five copies of the corpus with new ids: long enough to be killed part-way.
@@ -573,3 +598,32 @@ def test_a_reuse_export_being_committed_by_another_run_names_reuse(versions, tmp
     message = str(caught.value)
     assert message.startswith(f"--reuse {str(earlier)!r} is being committed by another run"), message
     assert "--output" not in message
+
+
+def test_on_keras_forward_pass_a_row_does_not_depend_on_how_many_documents_share_its_batch(
+    tiny_bundle, tmp_path
+):
+    """TensorFlow's kernels took other sums for the last row of a batch of odd size (~2e-9 off the same
+    document's row in an even batch), so on Keras's forward pass (--fast_path off, and every model the fast
+    path does not cover) a --reuse or resumed export was not bit for bit a full export: which documents
+    share a batch depends on what else the run embeds. Each row is now what it is in any other batch."""
+    import keras
+
+    from pipeline.inference.embedder import Embedder
+    from pipeline.planning.build import build_plan
+    from pipeline.planning.options import ExportOptions
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "content": "word1", "title": "word2"}\n')
+    flags = ["--model", tiny_bundle[0], "--input", str(corpus), "--output", str(tmp_path / "o")]
+    plan, model_source = build_plan(ExportOptions([*flags, "--fast_path", "off", "--layer", "lstm_content"]))
+    embedder = Embedder(plan, model_source)
+    rng = np.random.default_rng(0)
+    model = tiny_bundle[1]
+    features = {t.name: rng.integers(1, 50, (65, t.shape[1])).astype(np.int32) for t in model.inputs}
+    whole = embedder.keras_predict(features)["lstm_content"]
+    for size in (*range(1, 34, 2), 64):  # odd batches, whose last row was the odd one out
+        part = embedder.keras_predict({name: values[:size] for name, values in features.items()})
+        assert np.array_equal(part["lstm_content"], whole[:size]), size
+    expected = keras.Model(model.inputs, model.get_layer("lstm_content").output).predict(features, verbose=0)
+    np.testing.assert_allclose(whole, expected, atol=1e-5)

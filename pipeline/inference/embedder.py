@@ -21,6 +21,7 @@ import pyarrow as pa
 from models.fast_path import ForwardPass
 from pipeline.inference.features import stack_features
 from pipeline.inference.forward_pass import (
+    NO_FORWARD_PASS,
     ForwardPassRecords,
     Outputs,
     Predictor,
@@ -93,11 +94,14 @@ def choose_forward_passes(plan: ExportPlan, model_source: ModelSource) -> Export
     key = forward_pass_key(plan)
     same_model = next((e for launched, e in _LAUNCHED if forward_pass_key(_unchosen(launched)) == key), None)
     embedder = Embedder(plan, model_source, same_model=same_model)
+    records = embedder.forward_pass_records()
     chosen = dataclasses.replace(
         plan,
-        forward_passes=embedder.forward_pass_records(),
+        forward_passes=records,
         fast_path_checked_on=fast_path_environment(),
-        onednn=onednn_enabled(),
+        # Columns stored as token ids (no forward pass) have no last bits for oneDNN to change: an export
+        # of those only is not bound to the setting (None: not compared by --reuse, resume or the workers).
+        onednn=onednn_enabled() if any(engine != NO_FORWARD_PASS for _, engine, _ in records) else None,
     )
     embedder.plan = chosen
     _LAUNCHED[:] = [(chosen, embedder)]

@@ -77,14 +77,22 @@ def kept_met_path(kept_ids_path: str) -> str:
     return posixpath.join(posixpath.dirname(kept_ids_path), KEPT_MET_FILE)
 
 
-def read_kept_met(kept_ids_path: str) -> int | None:
-    """The count `CountKeptDocuments` recorded, or None where the run left none (unreadable, absent)."""
+def read_kept_met(kept_ids_path: str) -> int:
+    """The count `CountKeptDocuments` recorded.
+
+    Raises:
+        ValueError: naming the file and why it gives no count: absent, unreadable, or
+            not a count (truncated, damaged). The caller decides what stands in for it.
+    """
+    path = kept_met_path(kept_ids_path)
     try:
-        with FileSystems.open(kept_met_path(kept_ids_path)) as handle:
+        with FileSystems.open(path) as handle:
             count = json.loads(handle.read().decode("utf-8"))["documents"]
-    except Exception:  # Not written: the pipeline failed before, or a runner that dropped the step.
-        return None
-    return count if isinstance(count, int) else None
+    except Exception as error:  # Absent (a runner that dropped the step), unreadable, not JSON, ...
+        raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"{path} holds no count of documents ({count!r})")
+    return count
 
 
 def document_id(document: Document) -> str:

@@ -28,6 +28,10 @@ if typing.TYPE_CHECKING:
 
 # Model input name -> a batch's values: int32 ids (n, length), or texts for a text input.
 Features = Mapping[str, np.ndarray]
+# Keras's forward pass runs batches of a multiple of this many rows (`SubModel._whole_blocks_forward`):
+# a row's bits are then the same whatever the batch's size (TensorFlow's kernels take pairs of rows; 8
+# leaves room for wider ones).
+KERAS_BLOCK_ROWS = 8
 
 
 def configure_threads(threads: int) -> None:
@@ -41,6 +45,26 @@ def configure_threads(threads: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
     except RuntimeError:
         logging.info("TensorFlow already initialised; keeping its thread settings.")
+
+
+def _whole_blocks_forward(
+    forward: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]], features: Features
+) -> dict[str, np.ndarray]:
+    """`forward` (the traced sub-model) over a batch padded to whole blocks of `KERAS_BLOCK_ROWS` rows.
+
+    TensorFlow's CPU kernels compute the last row of a batch of odd size by a remainder
+    path, whose sums differ in the last bits: unpadded, a document's row would depend on
+    how many documents share its batch (which a --reuse or a resumed run changes). The
+    spare rows are copies of the last one (valid inputs of every model); their outputs
+    are dropped.
+    """
+    count = len(next(iter(features.values())))
+    spare = -count % KERAS_BLOCK_ROWS
+    padded = {
+        name: np.concatenate([values, np.repeat(values[-1:], spare, axis=0)]) if spare else values
+        for name, values in features.items()
+    }
+    return {name: value.numpy()[:count] for name, value in forward(padded).items()}
 
 
 class SubModel:
@@ -126,18 +150,18 @@ class SubModel:
 
     def keras_predict(self, features: Features) -> dict[str, np.ndarray]:
         """The sub-model's own forward pass: {input name: ids} -> {column: numpy array}."""
-        if self._forward is None:
+        forward = self._forward
+        if forward is None:
             return {}
         features = self.model_features(features)
         groups = self._same_padding_groups(features)
         if groups is None:
-            return {name: value.numpy() for name, value in self._forward(features).items()}
+            return _whole_blocks_forward(forward, features)
         outputs: dict[str, np.ndarray] = {}
         count = sum(len(rows) for rows in groups)
         for rows in groups:
-            part = self._forward({name: values[rows] for name, values in features.items()})
-            for name, value in part.items():
-                array = value.numpy()
+            part = _whole_blocks_forward(forward, {name: values[rows] for name, values in features.items()})
+            for name, array in part.items():
                 if name not in outputs:
                     outputs[name] = np.empty((count, *array.shape[1:]), array.dtype)
                 outputs[name][rows] = array

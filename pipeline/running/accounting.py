@@ -80,11 +80,15 @@ def account(
     reuse_counts: JsonObject = {}
     if plan.reuse:
         reused = counters.get(ROWS_REUSED, 0)
+        if not run_counters.exact:
+            # Attempted: a retried bundle of reused rows counts twice. An upper bound, never past the
+            # rows written; what is left of those rows for the embedded ones is then no count at all.
+            reused = min(reused, rows)
         reuse_counts = {
             "reused_from": plan.reuse,
             # Unknown without counters: 0 reused and every row embedded would be stated as facts.
             "rows_reused": reused if reported else None,
-            "rows_embedded": rows - reused if reported else None,
+            "rows_embedded": rows - reused if run_counters.exact else None,
             "earlier_rows_changed": counters.get(EARLIER_ROWS_CHANGED, 0) if reported else None,
             "earlier_rows_dropped": counters.get(EARLIER_ROWS_DROPPED, 0) if reported else None,
         }

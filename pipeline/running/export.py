@@ -57,6 +57,7 @@ from pipeline.running.counters import (
     NAMESPACE,
     OOV_TOKENS,
     ROWS_KEPT,
+    RunCounters,
     read_counters,
 )
 from pipeline.running.dataflow import poll_dataflow
@@ -372,7 +373,8 @@ def _recovered_export(
     output: str, plan: ExportPlan, signature: dict[str, Any], max_error_fraction: float
 ) -> ExportSummary | None:
     """The summary of the export this command makes, where the launch just finished its commit: that of a
-    run killed past its commit point with this run's signature, which succeeded; else None.
+    run killed past its commit point with this run's signature, which succeeded (or, on a runner without
+    committed counters, ended with only its accounting unverified: exit 7 again); else None.
 
     A rerun that is to replace it (`--overwrite`) would embed the whole corpus again into the same rows,
     as a resumed run does not (with `--resume off` it does, as asked); one without `--overwrite` would be
@@ -385,13 +387,23 @@ def _recovered_export(
     with OutputLock(plan.output):  # Still that export: no other run replaced it since.
         if has_pending_commit(plan.output) or read_manifest(plan.output) != manifest:
             return None
-    if not isinstance(manifest, dict) or manifest.get("status") != "succeeded":
-        return None  # A failed export is made again: what failed may be fixed (a file given back).
+    if not isinstance(manifest, dict):
+        return None
+    counts = manifest.get("counts") or {}
+    # A runner without committed counters (Spark's, Flink's job servers) ends every run so (exit 7): the
+    # same command would again, over the same rows. Otherwise a failed export is made again: what failed
+    # may be fixed (a file given back).
+    unverified = (
+        manifest.get("status") == "completed_with_errors"
+        and counts.get("counters") in ("attempted", "none")
+        and not counts.get("files_broken")
+    )
+    if manifest.get("status") != "succeeded" and not unverified:
+        return None
     # The signature holds what the rows depend on, not the model's path (every row file names it, as
     # this command would) nor the share of dead letters this command calls a failure.
     if manifest.get("model_uri") != plan.model_uri:
         return None
-    counts = manifest.get("counts") or {}
     dead = counts.get("dead_letters", 0)
     records = counts.get("records_read") or counts.get("rows_written", 0) + dead
     if records and dead / records > max_error_fraction:
@@ -411,7 +423,7 @@ def _recovered_export(
         truncated=counts.get("documents_truncated", 0),
         oov_tokens=counts.get("oov_tokens", 0),
         seconds=float(manifest.get("seconds", 0.0)),
-        exit_code=EXIT_OK,
+        exit_code=EXIT_ACCOUNTING_UNVERIFIED if unverified else EXIT_OK,
         message=manifest.get("message", ""),
         reuse=plan.reuse,
         rows_reused=counts.get("rows_reused", 0),
@@ -420,6 +432,30 @@ def _recovered_export(
         resumed_run=resumed.get("run", ""),
         rows_kept=resumed.get("rows_kept", 0),
     )
+
+
+def _kept_documents_met(resumed: Resumption, run_counters: RunCounters) -> int:
+    """How many of the corpus's documents have a row the resumed run kept.
+
+    Counted as the pipeline's data (`CountKeptDocuments`): exact on every runner, where attempted
+    counters (Spark's and Flink's job servers) count a retried bundle twice, which would cover a
+    kept row whose id is gone, and some runners report none.
+
+    Raises:
+        ExportConfigError: the count cannot be read and no committed counter can stand in for it.
+    """
+    try:
+        return read_kept_met(resumed.kept_ids_path)
+    except ValueError as error:
+        if run_counters.exact:
+            _LOGGER.warning("%s: the committed rows_kept counter counts the kept documents instead.", error)
+            return run_counters.values.get(ROWS_KEPT, 0)
+        raise ExportConfigError(
+            f"This resumed run cannot tell whether the documents of the {resumed.rows_kept:,} rows it kept "
+            f"are still in the corpus: its count of them, {error}, and the runner reports no committed "
+            "counters to count them instead. Nothing was committed; rerun the same command (it keeps those "
+            "rows again and counts anew), or rerun with --resume off to start from zero."
+        ) from None
 
 
 def _graph_settings(
@@ -573,18 +609,12 @@ def _run_and_commit(
 
     run_counters = read_counters(result, NAMESPACE)
     accounting = account(run_counters, staged, plan, resumed)
-    # The documents with a kept row, counted as the pipeline's data (`CountKeptDocuments`): exact on every
-    # runner, where attempted counters (Spark's and Flink's job servers) count a retried bundle twice,
-    # which would cover a kept row whose id is gone. The counter is the fallback of a run that left none.
-    kept_found = read_kept_met(resumed.kept_ids_path) if resumed else None
-    exact = kept_found is not None or run_counters.exact
-    kept_met = kept_found if kept_found is not None else run_counters.values.get(ROWS_KEPT, 0)
-    if resumed and (exact or run_counters.values) and kept_met < resumed.rows_kept:
+    kept_met = _kept_documents_met(resumed, run_counters) if resumed else 0
+    if resumed and kept_met < resumed.rows_kept:
         # A kept row whose id the corpus no longer has: rewritten with the same size and time.
-        met = f"{'only' if exact else 'at most'} {kept_met:,}"
         raise ExportConfigError(
             f"The corpus changed since the interrupted run this one resumes: of the {resumed.rows_kept:,} "
-            f"rows it kept, {met} have their document in the "
+            f"rows it kept, only {kept_met:,} have their document in the "
             "corpus now (a file was rewritten with the same size and modification time). Nothing was "
             "committed; rerun with --resume off."
         )

@@ -123,8 +123,9 @@ def _told_in_one_line(error: BaseException, resume: str = "auto") -> Exception |
     if short is not None:
         return WorkerDiedError(
             f"a worker process ran out of memory ({short}); nothing was committed: "
-            f"{rerun_to_finish(resume)}, with --direct_num_workers 1 (or a smaller --batch_size) if memory "
-            "is short."
+            f"{rerun_to_finish(resume)}, with --direct_num_workers 1 if memory is short (a smaller "
+            "--batch_size needs less too, but --batch_size is part of what a rerun must match: with "
+            "another, the rerun starts from zero)."
         )
     if not signals and failed and _ended_for_a_failed_worker(error):
         code, last = failed[0]

@@ -293,8 +293,9 @@ def explain_failure(error: BaseException, options: PipelineOptions) -> Exception
     if short is not None:  # A pool's SDK worker under a memory or address-space limit.
         return WorkerDiedError(
             f"the job's workers ran out of memory ({short}); nothing was committed. Give the worker "
-            "pool or the TaskManager more memory, or run fewer workers per machine or a smaller "
-            f"--batch_size, then {rerun_to_finish(_resume(options))}."
+            "pool or the TaskManager more memory, or run fewer workers per machine, then "
+            f"{rerun_to_finish(_resume(options))} (a smaller --batch_size needs less memory too, but "
+            "--batch_size is part of what a rerun must match: with another, the rerun starts from zero)."
         )
     gone = next((mark for mark in _WORKER_GONE_MARKS if mark in text), None)
     if gone is not None:

@@ -196,9 +196,15 @@ def format_summary(summary: ExportSummary) -> str:
         else f"  truncated        {summary.truncated} documents longer than the model input",
         *(
             [
-                f"  reused           {summary.rows_reused} rows unchanged since {summary.reuse}; "
-                f"{summary.rows_written - summary.rows_reused} embedded; "
-                f"{summary.earlier_rows_dropped} earlier rows dropped "
+                (
+                    f"  reused           {summary.rows_reused} rows unchanged since {summary.reuse}; "
+                    f"{summary.rows_written - summary.rows_reused} embedded; "
+                    if summary.records_read is not None
+                    # Attempted counters (a retried bundle counts twice): at most that many reused.
+                    else f"  reused           at most {summary.rows_reused} rows unchanged since "
+                    f"{summary.reuse} (attempted counters); embedded unknown; "
+                )
+                + f"{summary.earlier_rows_dropped} earlier rows dropped "
                 + ("(id gone, or past --limit)" if summary.limited else "(id gone)")
             ]
             if summary.reuse and summary.rows_reused is not None

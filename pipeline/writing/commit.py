@@ -4,7 +4,7 @@ The commit is a journaled roll-forward (`commit`).  First, touching nothing of
 the old export, it does everything that needs space or may fail slowly: it
 hashes every staged file, stages the new manifest and writes the journal
 `OUTPUT/_COMMIT.json` (old files to delete, each staged -> final rename with
-its size and SHA-256).  Once the journal is in place the commit only deletes
+its size and SHA-256, the run's signature).  Once the journal is in place the commit only deletes
 and renames (no space needed), each step idempotent: the old manifest goes
 first, then the old files the new ones do not replace, then each rename, then
 the manifest's, then the staging directory and the journal.  Whatever ends the
@@ -90,9 +90,9 @@ class Journal(TypedDict):
     delete: list[str]
     directories: list[str]
     renames: list[Rename]
-    # The run's signature (its `_RUN.json`'s, None where unreadable): the replay removes that file with
-    # the staging, and a recovery cut short there must still tell a retry of the same command. Journals
-    # written before it was recorded lack it.
+    # The run's signature (`pipeline.writing.resume.run_signature`), kept here as well as in its
+    # `_RUN.json`: the replay removes the staging directory before the journal, and a retry of the
+    # same command told by it ends at the recovered export (`pipeline.running.export`).
     signature: NotRequired[object]
 
 
@@ -286,8 +286,10 @@ def _prepare_commit(
         "delete": old,
         "directories": sorted({posixpath.dirname(r["to"]) for r in renames} - {""}),
         "renames": renames,
-        "signature": _run_signature(directory, run_id),
     }
+    signature = _run_signature(directory, run_id)
+    if signature is not None:
+        journal["signature"] = signature
     write_json(directory, posixpath.join(staging, JOURNAL), journal)
     return journal, manifest
 
@@ -428,8 +430,9 @@ def recover_interrupted_commit(directory: str) -> bool:
         directory,
         JOURNAL,
     )
-    # What the run was: a rerun of that same export need not embed again. The journal says it (a replay
-    # killed as it removed the staging took `_RUN.json` with it); an older journal's run, its `_RUN.json`.
+    # What the run was: a rerun of that same export need not embed again. The journal says it (the replay
+    # removes the staging directory, and its `_RUN.json`, before the journal); one of an earlier version only
+    # in the run's `_RUN.json`.
     signature = journal.get("signature")
     if signature is None:
         signature = _run_signature(directory, journal["run"])
