@@ -363,7 +363,8 @@ def check_out_is_not_data(out: str, location: str) -> None:
         return
     if not is_local(out):
         base = location.rstrip("/")
-        if out == base or out.startswith(base + "/"):
+        if (out == base or out.startswith(base + "/")) and not _export_marker(base):
+            # An export's or vocabulary's prefix is `check_out_file`'s to refuse, naming what it holds.
             raise AnalysisError(
                 f"--out {out!r} is inside OUTPUT_DIR {location!r}, the data this command reads: "
                 "choose a path outside it."
