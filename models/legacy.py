@@ -283,7 +283,7 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
             model = keras.saving.load_model(path, compile=False, safe_mode=not allow_unsafe)
         except ValueError as error:
             refusal = _keras3_operation_error(path, error)
-            unknown_class = re.search(r"Unknown layer: '([^']+)'", str(error))
+            unknown_class = _UNKNOWN_LAYER.search(str(error))
             if refusal is None and unknown_class is not None:
                 # Keras's own words were "Please ensure you are using a keras.utils.custom_object_scope".
                 refusal = _custom_class(path, unknown_class.group(1))
@@ -343,13 +343,17 @@ def load_h5_model(path: str, allow_unsafe: bool = False) -> keras.Model:
     return model
 
 
+# How Keras names a layer class it cannot find (a custom one, or one Keras 3 removed) in its error.
+_UNKNOWN_LAYER = re.compile(r"Unknown layer: '([^']+)'")
+
+
 def _unknown_layer_error(path: str, error: Exception) -> CustomClassError | None:
     """The error for a Keras 2 file naming a layer class Keras 3 does not have, else None.
 
     Keras says "Unknown layer: 'NAME'. Please ensure you are using a
     `keras.utils.custom_object_scope` ...": advice about code the export cannot be given.
     """
-    found = re.search(r"Unknown layer: '([^']+)'", str(error))
+    found = _UNKNOWN_LAYER.search(str(error))
     if found is None:
         return None
     name = found.group(1)

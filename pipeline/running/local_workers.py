@@ -245,6 +245,13 @@ def _end_the_wait_now(error: str) -> None:
             _answer_for_failed_workers(error)
 
 
+def _error_response(instruction_id: str, error: str) -> Any:
+    """Beam's answer to a worker instruction that failed with `error` (what a failing worker sends)."""
+    from apache_beam.portability.api import beam_fn_api_pb2
+
+    return beam_fn_api_pb2.InstructionResponse(instruction_id=instruction_id, error=error)
+
+
 def _answer_for_failed_workers(error: str) -> None:
     """Answers every instruction the run's workers were sent and not answered, and every later one, with
     `error` (under `_lock`).
@@ -253,13 +260,11 @@ def _answer_for_failed_workers(error: str) -> None:
     forever for the bundle queued to it (killing the other workers ends only their own bundles), the
     run's thread with it, whatever --stall_timeout said. Beam then raises `error` in the run's thread.
     """
-    from apache_beam.portability.api import beam_fn_api_pb2
-
     _answered[:] = [error]
     for connection in _connections:
         for instruction_id, future in list(connection._futures_by_id.items()):
             if not future.is_done():
-                future.set(beam_fn_api_pb2.InstructionResponse(instruction_id=instruction_id, error=error))
+                future.set(_error_response(instruction_id, error))
 
 
 def wake_on_failure(wake: Callable[[], None] | None) -> None:
@@ -530,7 +535,6 @@ def failed_workers_answered() -> Iterator[None]:
     Records each control connection Beam pushes an instruction to; once the run was ended, a later
     instruction is answered at once with the same error, never sent to a worker that is gone.
     """
-    from apache_beam.portability.api import beam_fn_api_pb2
     from apache_beam.runners.portability.fn_api_runner import worker_handlers
 
     connection = worker_handlers.ControlConnection
@@ -545,17 +549,14 @@ def failed_workers_answered() -> Iterator[None]:
                 _connections.append(self)
             answered = _answered[0] if _answered else None
         if answered is not None:
-            answer = beam_fn_api_pb2.InstructionResponse(
-                instruction_id=request.instruction_id, error=answered
+            return worker_handlers.ControlFuture(
+                request.instruction_id, _error_response(request.instruction_id, answered)
             )
-            return worker_handlers.ControlFuture(request.instruction_id, answer)
         future = push(self, request)
         with _lock:  # Ended while it was pushed, maybe after its future was looked for: answered here.
             answered = _answered[0] if _answered else None
         if answered is not None and not future.is_done():
-            future.set(
-                beam_fn_api_pb2.InstructionResponse(instruction_id=request.instruction_id, error=answered)
-            )
+            future.set(_error_response(request.instruction_id, answered))
         return future
 
     # setattr: Beam's method is replaced on purpose, for the duration only.
