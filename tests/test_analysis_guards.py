@@ -877,17 +877,23 @@ def test_hundreds_of_duplicate_rows_are_ranked_by_id_through_the_index(tmp_path,
     assert listed == expected[ids[0]]
 
 
-def test_a_tie_longer_than_the_widest_search_is_ranked_by_id_through_the_index(tmp_path, monkeypatch, capsys):
-    """More duplicates than TIE_SEARCH_ROWS (4,096): the index listed the first of them in its own order,
-    at similarity 1 like the rest, where --exact lists the first by id. A small cap stands for it here."""
-    monkeypatch.setattr(index_search, "TIE_SEARCH_ROWS", 64)
-    rng = np.random.default_rng(3)
+def _duplicated_export(tmp_path, seed):
+    """An export of 400 rows of 8-dim vectors, the first 300 one vector, under shuffled ids d0000-d0399
+    and labels a/b (`lab`): (its directory, the ids by position, the vectors by position)."""
+    rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(400, 8)).astype(np.float32)
     vectors[:300] = vectors[0]
     ids = [f"d{i:04d}" for i in rng.permutation(400)]
     labels = ["ab"[i % 2] for i in range(400)]
     columns = {"id": ids, "v": pa.array(list(vectors), pa.list_(pa.float32(), 8)), "lab": labels}
-    export = write_export(str(tmp_path / "dups"), columns)
+    return write_export(str(tmp_path / "dups"), columns), ids, vectors
+
+
+def test_a_tie_longer_than_the_widest_search_is_ranked_by_id_through_the_index(tmp_path, monkeypatch, capsys):
+    """More duplicates than TIE_SEARCH_ROWS (4,096): the index listed the first of them in its own order,
+    at similarity 1 like the rest, where --exact lists the first by id. A small cap stands for it here."""
+    monkeypatch.setattr(index_search, "TIE_SEARCH_ROWS", 64)
+    export, ids, vectors = _duplicated_export(tmp_path, seed=3)
     queries = tmp_path / "q.txt"
     queries.write_text("\n".join(ids[:3]) + "\n", encoding="utf-8")
 
@@ -1020,13 +1026,7 @@ def test_the_keys_that_break_ties_are_ordered_once_per_index(tmp_path, monkeypat
     minute, tens of thousands hours. The keys are put in order once per loaded index; the answers are
     still the exact scan's. A cap of 64 stands for TIE_SEARCH_ROWS, 300 duplicates for thousands."""
     monkeypatch.setattr(index_search, "TIE_SEARCH_ROWS", 64)
-    rng = np.random.default_rng(5)
-    vectors = rng.normal(size=(400, 8)).astype(np.float32)
-    vectors[:300] = vectors[0]
-    ids = [f"d{i:04d}" for i in rng.permutation(400)]
-    labels = ["ab"[i % 2] for i in range(400)]
-    columns = {"id": ids, "v": pa.array(list(vectors), pa.list_(pa.float32(), 8)), "lab": labels}
-    export = write_export(str(tmp_path / "dups"), columns)
+    export, ids, vectors = _duplicated_export(tmp_path, seed=5)
     assert analyze.main([export, "index", "--threads", "1", "--recall_queries", "0", *_exact_flags()]) == 0
     capsys.readouterr()
     assert analyze.main([export, "knn-score", "--label", "lab", "-k", "20"]) == 0

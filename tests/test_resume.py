@@ -530,6 +530,18 @@ def test_a_resume_on_a_job_server_without_committed_counters(
     assert state_lib.read_manifest(output) is None
 
 
+def _kept_counted_twice(read_counters):
+    """`read_counters` as a job server's attempted counters give it where a bundle of kept documents ran
+    twice: `rows_kept` doubled, and not committed."""
+
+    def retried(result, namespace=counters_lib.NAMESPACE):
+        values = dict(read_counters(result, namespace).values)
+        values[counters_lib.ROWS_KEPT] *= 2
+        return counters_lib.RunCounters(values, False)
+
+    return retried
+
+
 def test_a_kept_row_whose_id_is_gone_is_refused_though_a_retried_bundle_doubles_the_attempted_counters(
     killed, corpus, tiny_bundle, tmp_path, monkeypatch, capfd
 ):
@@ -543,14 +555,7 @@ def test_a_kept_row_whose_id_is_gone_is_refused_though_a_retried_bundle_doubles_
     output = str(tmp_path / "out")
     shutil.copytree(killed, output)
     gone = sorted(ids_in(durable_files(output)))[0]
-    real = export_lib.read_counters
-
-    def retried(result, namespace=counters_lib.NAMESPACE):
-        values = dict(real(result, namespace).values)
-        values[counters_lib.ROWS_KEPT] *= 2
-        return counters_lib.RunCounters(values, False)
-
-    monkeypatch.setattr(export_lib, "read_counters", retried)
+    monkeypatch.setattr(export_lib, "read_counters", _kept_counted_twice(export_lib.read_counters))
     with _rewritten_in_place(corpus, tmp_path, f'"id": "{gone}"', f'"id": "{gone.replace("doc", "dox")}"'):
         code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
@@ -568,18 +573,12 @@ def test_an_unreadable_count_of_kept_documents_is_not_passed_over_where_no_commi
     output = str(tmp_path / "out")
     shutil.copytree(killed, output)
     gone = sorted(ids_in(durable_files(output)))[0]
-    real = export_lib.read_counters
-
-    def retried(result, namespace=counters_lib.NAMESPACE):
-        values = dict(real(result, namespace).values)
-        values[counters_lib.ROWS_KEPT] *= 2
-        return counters_lib.RunCounters(values, False)
 
     def truncated(count, kept_ids_path):
         with open(skip_kept_lib.kept_met_path(kept_ids_path), "w", encoding="utf-8") as handle:
             handle.write('{"documents": ')
 
-    monkeypatch.setattr(export_lib, "read_counters", retried)
+    monkeypatch.setattr(export_lib, "read_counters", _kept_counted_twice(export_lib.read_counters))
     monkeypatch.setattr(skip_kept_lib, "_record_kept_met", truncated)
     with _rewritten_in_place(corpus, tmp_path, f'"id": "{gone}"', f'"id": "{gone.replace("doc", "dox")}"'):
         code = main(["--model", tiny_bundle[0], "--input", corpus, "--output", output, *FLAGS])
